@@ -1,0 +1,110 @@
+/* cake: an LLM inference engine for fast time-to-first-token on long, repeated
+ * prompts. This is the public C API: load a GGUF Llama-family model, create a
+ * per-sequence context (KV cache + scratch), run chunked prefill and decode,
+ * tokenize, sample.
+ *
+ * Conventions: functions return 0 on success and -1 on failure, with a one-line
+ * reason in the caller's `err` buffer; on failure, outputs are left NULL and no
+ * state changes. Ranges are half-open [p0, p1). Objects are opaque; every
+ * *_free accepts NULL. */
+#ifndef CAKE_H
+#define CAKE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef int32_t cake_token;
+typedef int32_t cake_pos;
+
+typedef struct cake_model cake_model;
+typedef struct cake_context cake_context;
+typedef struct cake_tokenizer cake_tokenizer;
+typedef struct cake_sampler cake_sampler;
+
+/* Architecture of a loaded model (GGUF `llama.*` keys). */
+typedef struct {
+    int n_vocab;
+    int n_ctx_train; /* llama.context_length */
+    int dim;         /* embedding_length */
+    int n_layers;
+    int n_heads;
+    int n_kv_heads;
+    int head_dim; /* dim / n_heads */
+    int ffn_dim;
+    float rms_eps;
+    float rope_theta;
+    float rope_freq_scale; /* 1 / linear scaling factor; 1 = none */
+    int weight_dtype;      /* dtype of the big matrices (cake_dtype numbering) */
+    bool tied_output;      /* output.weight absent: token_embd is reused */
+} cake_hparams;
+
+/* ---- model ---- */
+
+/* Maps and validates a GGUF file (architecture `llama`; F32/F16/BF16 weights).
+ * Weights stay in the read-only mapping. */
+int cake_model_load(const char *path, cake_model **out, char *err, size_t errlen);
+void cake_model_free(cake_model *m);
+const cake_hparams *cake_model_hparams(const cake_model *m);
+/* The model's tokenizer (owned by the model). */
+const cake_tokenizer *cake_model_tokenizer(const cake_model *m);
+/* Bytes of the weights file. */
+uint64_t cake_model_file_size(const cake_model *m);
+
+/* ---- context: one sequence's KV cache and scratch ---- */
+
+enum cake_kv_type { CAKE_KV_F16 = 0, CAKE_KV_F32 = 1 };
+enum cake_backend_kind { CAKE_BACKEND_CPU = 0, CAKE_BACKEND_CUDA = 1 };
+
+typedef struct {
+    int n_ctx;                 /* KV capacity in tokens; 0 = the model's context length */
+    int n_threads;             /* 0 = number of online CPUs */
+    int max_batch;             /* most tokens per forward pass; longer prefills are split; 0 = 512 */
+    enum cake_kv_type kv_type; /* default F16; the CUDA backend supports F16 only */
+    enum cake_backend_kind backend; /* default CPU */
+} cake_context_params;
+
+cake_context_params cake_context_default_params(void);
+int cake_context_init(const cake_model *m, cake_context_params p, cake_context **out, char *err,
+                      size_t errlen);
+void cake_context_free(cake_context *c);
+int cake_context_n_ctx(const cake_context *c);
+const cake_model *cake_context_model(const cake_context *c);
+int cake_context_n_threads(const cake_context *c);
+
+/* Computes positions [pos0, pos0 + n) for tokens[0..n), given that the KV cache
+ * already holds positions [0, pos0). Writes their K and V into the cache. If
+ * logits is not NULL, writes the n_vocab logits of the last token. Returns -1
+ * (with err) for a range outside the cache or a token id out of range; the
+ * cache beyond pos0 is then unspecified. The result for a position does not
+ * depend on how the prompt was split into calls. */
+int cake_forward(cake_context *c, const cake_token *tokens, int n, cake_pos pos0, float *logits,
+                 char *err, size_t errlen);
+
+/* Direct access to the KV cache of layer l (CPU backend), for the chunk store
+ * and loader: K and V are (n_ctx, n_kv_heads, head_dim) of f16 or f32 elements. */
+void *cake_context_k(cake_context *c, int layer);
+void *cake_context_v(cake_context *c, int layer);
+enum cake_kv_type cake_context_kv_type(const cake_context *c);
+
+/* ---- sampling ---- */
+
+typedef struct {
+    float temperature; /* <= 0: greedy (argmax; ties go to the lowest id) */
+    float top_p;       /* nucleus mass in (0, 1]; 1 = off */
+    uint64_t seed;     /* same seed, same logits: same tokens */
+} cake_sampler_params;
+
+cake_sampler *cake_sampler_init(cake_sampler_params p); /* NULL on out of memory */
+void cake_sampler_free(cake_sampler *s);
+/* Chooses a token from n_vocab logits (logits are not modified). */
+cake_token cake_sampler_sample(cake_sampler *s, const float *logits, int n_vocab);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

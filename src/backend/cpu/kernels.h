@@ -1,0 +1,75 @@
+/* CPU kernels. Each fast kernel has a plain reference version (suffix _ref)
+ * that states the maths; tests/test_kernels.c holds the fast ones equal to them.
+ *
+ * Threading: kernels that take a `cake_threadpool *` split work across its
+ * threads; passing NULL runs on the calling thread. Work is split so that each
+ * output element is computed by exactly one thread with a fixed reduction order,
+ * so results do not depend on the thread count.
+ */
+#ifndef CAKE_CPU_KERNELS_H
+#define CAKE_CPU_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "util/f16.h"
+#include "util/threadpool.h"
+
+/* ---- conversions (row of n values) ---- */
+void cake_f16_to_f32_row(const cake_f16 *x, float *y, size_t n);
+void cake_f32_to_f16_row(const float *x, cake_f16 *y, size_t n);
+void cake_bf16_to_f32_row(const cake_bf16 *x, float *y, size_t n);
+
+/* ---- RMSNorm: y[t, :] = x[t, :] / sqrt(mean(x[t,:]^2) + eps) * w[:] ----
+ * x, y: (n_tokens, dim); w: (dim). y may alias x. */
+void cake_rmsnorm(float *y, const float *x, const float *w, int n_tokens, int dim, float eps);
+void cake_rmsnorm_ref(float *y, const float *x, const float *w, int n_tokens, int dim,
+                      float eps);
+
+/* ---- RoPE (llama "normal" style: rotates adjacent pairs (2i, 2i+1)) ----
+ * x: (n_tokens, n_heads, head_dim), in place; token t is at position pos0 + t.
+ * freq_i = theta^(-2i/head_dim) * freq_scale. */
+void cake_rope(float *x, int n_tokens, int n_heads, int head_dim, int pos0, float theta,
+               float freq_scale);
+void cake_rope_ref(float *x, int n_tokens, int n_heads, int head_dim, int pos0, float theta,
+                   float freq_scale);
+
+/* ---- SwiGLU: h[i] = silu(g[i]) * u[i], i < n; h may alias g. ---- */
+void cake_swiglu(float *h, const float *g, const float *u, size_t n);
+void cake_swiglu_ref(float *h, const float *g, const float *u, size_t n);
+
+/* ---- Causal attention over a KV cache ----
+ * Queries for positions [pos0, pos0 + n_tokens) against keys/values at
+ * positions [0, pos0 + n_tokens): query t attends to keys 0..pos0+t.
+ *   q:   (n_tokens, n_heads, head_dim) f32
+ *   k,v: (n_ctx, n_kv_heads, head_dim), element type kv_f16 ? f16 : f32,
+ *        row stride = n_kv_heads * head_dim elements (one layer's cache)
+ *   out: (n_tokens, n_heads, head_dim) f32
+ * Head h uses KV head h / (n_heads / n_kv_heads) (grouped-query attention).
+ * Scores are scaled by 1/sqrt(head_dim); softmax in f32.
+ * The result for a query depends only on its position and the KV before it:
+ * never on n_tokens, pos0 or the thread count (chunked prefill relies on it). */
+typedef struct {
+    int n_tokens, pos0;
+    int n_heads, n_kv_heads, head_dim;
+    int kv_f16; /* 1: k, v are cake_f16; 0: float */
+    const float *q;
+    const void *k, *v;
+    float *out;
+} cake_attn_args;
+
+void cake_attention(const cake_attn_args *a, cake_threadpool *pool);
+void cake_attention_ref(const cake_attn_args *a);
+
+/* ---- Matrix multiply with weights in the file's dtype ----
+ * y (n_tokens, n_out) = x (n_tokens, n_in) . W^T, W: (n_out, n_in) row-major,
+ * dtype F32, F16 or BF16 (cake_dtype numbering). Large n_tokens go through
+ * OpenBLAS sgemm on f32 panels of W converted on the fly; small n_tokens
+ * (decode) use our own threaded dot-product kernels reading W directly.
+ * Returns 0, or -1 for an unsupported dtype. */
+int cake_matmul(float *y, const float *x, const void *w, int w_dtype, int n_tokens, int n_in,
+                int n_out, cake_threadpool *pool);
+int cake_matmul_ref(float *y, const float *x, const void *w, int w_dtype, int n_tokens, int n_in,
+                    int n_out);
+
+#endif

@@ -1,0 +1,48 @@
+/* The CUDA backend: the same Llama forward pass as the CPU backend, on one
+ * NVIDIA GPU. Weights are uploaded once (F16/BF16 as in the file; F32 files are
+ * converted to F16), the KV cache lives in GPU memory (F16), GEMMs run on tensor
+ * cores through cuBLAS, and our own kernels do RMSNorm, RoPE, SwiGLU, KV writes
+ * and attention (flash-attention style prefill, and decode).
+ *
+ * Built only when CMake finds nvcc (CAKE_HAVE_CUDA); without a GPU at run time,
+ * cake_cuda_init fails with a clear message. The functions are C-callable. */
+#ifndef CAKE_CUDA_BACKEND_H
+#define CAKE_CUDA_BACKEND_H
+
+#include <stddef.h>
+
+#include "cake.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct cake_cuda_state cake_cuda_state;
+
+/* 1 if a CUDA device is usable, else 0 with the reason in err. */
+int cake_cuda_available(char *err, size_t errlen);
+
+/* Uploads m's weights and allocates a KV cache of n_ctx positions and scratch
+ * for batches of up to max_batch tokens. 0 ok, -1 with err. */
+int cake_cuda_init(const cake_model *m, int n_ctx, int max_batch, cake_cuda_state **out,
+                   char *err, size_t errlen);
+void cake_cuda_free(cake_cuda_state *s); /* accepts NULL */
+
+/* Positions [pos0, pos0 + n) for tokens[0..n), n <= max_batch, given the KV of
+ * [0, pos0) in the GPU cache. If logits is not NULL, copies the last token's
+ * n_vocab f32 logits to it (host memory). 0 ok, -1 with err. */
+int cake_cuda_forward(cake_cuda_state *s, const cake_token *tokens, int n, int pos0,
+                      float *logits, char *err, size_t errlen);
+
+/* KV transfer for the chunk store/loader: copies positions [pos0, pos0 + n) of
+ * layer l between host memory (f16, (n, n_kv_heads, head_dim) for K and for V)
+ * and the GPU cache. Asynchronous variants come with the loader. */
+int cake_cuda_kv_write(cake_cuda_state *s, int layer, int pos0, int n, const void *k_f16,
+                       const void *v_f16, char *err, size_t errlen);
+int cake_cuda_kv_read(cake_cuda_state *s, int layer, int pos0, int n, void *k_f16, void *v_f16,
+                      char *err, size_t errlen);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,33 @@
+/* Shared pieces of the `cake` command line. Exit codes: 0 ok, 1 runtime
+ * failure, 2 usage error; errors are one line on stderr. */
+#ifndef CAKE_CLI_H
+#define CAKE_CLI_H
+
+#include <stddef.h>
+#include <stdio.h>
+
+#define CLI_OK      0
+#define CLI_FAIL    1
+#define CLI_USAGE   2
+
+int cmd_run(int argc, char **argv);
+int cmd_mkmodel(int argc, char **argv);
+int cmd_tokenize(int argc, char **argv);
+
+/* Prints "cake <cmd>: <message>" on stderr and returns code. */
+int cli_error(int code, const char *cmd, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
+/* Whole file into a NUL-terminated malloc'd buffer (len excludes the NUL).
+ * NULL with a message in err on failure. */
+char *cli_read_file(const char *path, size_t *len, char *err, size_t errlen);
+
+/* Strict numeric parsing of option values: the whole string must be a number in
+ * [lo, hi]. 0 ok, -1 otherwise. */
+int cli_parse_int(const char *s, long lo, long hi, long *out);
+int cli_parse_float(const char *s, double lo, double hi, double *out);
+int cli_parse_u64(const char *s, unsigned long long *out);
+
+/* Writes s[0..len) as a JSON string literal (with quotes). */
+void cli_json_string(FILE *f, const char *s, size_t len);
+
+#endif

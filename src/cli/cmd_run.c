@@ -1,0 +1,339 @@
+/* cake run: one request on a model, compute only until the chunk store lands. */
+#include <getopt.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "cake.h"
+#include "cli/cli.h"
+#include "engine/generate.h"
+#include "model/tokenizer.h"
+
+static const char *help =
+    "usage: cake run -m MODEL.gguf (-p TEXT | -f FILE | --tokens \"1 2 3\") [options]\n"
+    "Runs one request: prefill of the prompt in chunks, then generation. The generated\n"
+    "text goes to stdout, a summary to stderr.\n"
+    "  -m, --model FILE      GGUF model (architecture llama; F32/F16/BF16 weights)\n"
+    "  -p, --prompt TEXT     prompt text (BOS is prepended when the vocabulary asks)\n"
+    "  -f, --file FILE       read the prompt text from FILE\n"
+    "      --tokens \"IDS\"    the prompt as token ids, space-separated (no BOS added)\n"
+    "  -n, --n-predict N     tokens to generate (default 128; 0 = prefill only);\n"
+    "                        stops early at the model's EOS token\n"
+    "      --temp T          sampling temperature (default 0.8; 0 = greedy)\n"
+    "      --top-p P         nucleus sampling mass (default 0.95; 1 = off)\n"
+    "      --seed S          random seed (default: from the clock; printed in the summary)\n"
+    "      --threads N       CPU threads (default: all online CPUs)\n"
+    "      --chunk TOKENS    prefill chunk size (default 256)\n"
+    "      --kv-type TYPE    KV cache element type: f16 (default) or f32\n"
+    "      --store URI       chunk store (not available yet in this build)\n"
+    "      --mode MODE       cake | load | compute (needs --store)\n"
+    "      --dump-logits F   write the logits that chose the first generated token\n"
+    "                        (little-endian float32, n_vocab values)\n"
+    "      --json            print one JSON object on stdout instead of the text\n";
+
+typedef struct {
+    const char *model, *prompt, *file, *tokens, *store, *mode, *dump_logits;
+    long n_predict, threads, chunk;
+    double temp, top_p;
+    unsigned long long seed;
+    int seed_set, json;
+    enum cake_kv_type kv_type;
+} run_opts;
+
+/* Streams generated text to stdout as tokens arrive (not in --json mode). */
+typedef struct {
+    const cake_tokenizer *tok;
+    cake_token prev;
+    int print;
+    char *text; /* accumulated generated text, for --json */
+    size_t len, cap;
+} text_sink;
+
+static void sink_append(text_sink *s, const char *p, size_t n) {
+    if (s->len + n + 1 > s->cap) {
+        size_t cap = (s->cap ? s->cap * 2 : 256) + n;
+        char *t = realloc(s->text, cap);
+        if (!t) return; /* text is best effort; ids are exact */
+        s->text = t;
+        s->cap = cap;
+    }
+    memcpy(s->text + s->len, p, n);
+    s->len += n;
+    s->text[s->len] = '\0';
+}
+
+static void on_token(cake_token id, void *ud) {
+    text_sink *s = ud;
+    char piece[256];
+    int n = cake_token_to_piece(s->tok, s->prev, id, piece, sizeof(piece));
+    s->prev = id;
+    if (n <= 0) return;
+    if ((size_t)n > sizeof(piece)) n = sizeof(piece);
+    sink_append(s, piece, (size_t)n);
+    if (s->print) {
+        fwrite(piece, 1, (size_t)n, stdout);
+        fflush(stdout);
+    }
+}
+
+/* Parses "1 2 3" into ids; -1 on a non-number. */
+static int parse_token_list(const char *s, cake_token **out, int *n) {
+    size_t cap = 16;
+    int count = 0;
+    cake_token *ids = malloc(cap * sizeof(*ids));
+    if (!ids) return -1;
+    while (*s) {
+        while (*s == ' ' || *s == '\t' || *s == '\n' || *s == ',') s++;
+        if (!*s) break;
+        char *end;
+        long v = strtol(s, &end, 10);
+        if (end == s || v < 0 || v > INT32_MAX) {
+            free(ids);
+            return -1;
+        }
+        if ((size_t)count == cap) {
+            cake_token *t = realloc(ids, (cap *= 2) * sizeof(*ids));
+            if (!t) {
+                free(ids);
+                return -1;
+            }
+            ids = t;
+        }
+        ids[count++] = (cake_token)v;
+        s = end;
+    }
+    *out = ids;
+    *n = count;
+    return 0;
+}
+
+static int parse_args(int argc, char **argv, run_opts *o) {
+    static const struct option opts[] = {
+        {"model", required_argument, 0, 'm'},  {"prompt", required_argument, 0, 'p'},
+        {"file", required_argument, 0, 'f'},   {"tokens", required_argument, 0, 'T'},
+        {"n-predict", required_argument, 0, 'n'}, {"temp", required_argument, 0, 't'},
+        {"top-p", required_argument, 0, 'P'},  {"seed", required_argument, 0, 's'},
+        {"threads", required_argument, 0, 'j'}, {"chunk", required_argument, 0, 'c'},
+        {"kv-type", required_argument, 0, 'k'}, {"store", required_argument, 0, 'S'},
+        {"mode", required_argument, 0, 'M'},   {"dump-logits", required_argument, 0, 'D'},
+        {"json", no_argument, 0, 'J'},         {"help", no_argument, 0, 'h'},
+        {0, 0, 0, 0}};
+    *o = (run_opts){.n_predict = 128, .temp = 0.8, .top_p = 0.95, .chunk = 256};
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "m:p:f:n:h", opts, NULL)) != -1) {
+        switch (c) {
+        case 'm': o->model = optarg; break;
+        case 'p': o->prompt = optarg; break;
+        case 'f': o->file = optarg; break;
+        case 'T': o->tokens = optarg; break;
+        case 'n':
+            if (cli_parse_int(optarg, 0, 1 << 24, &o->n_predict))
+                return cli_error(CLI_USAGE, "run", "-n wants a count >= 0, got '%s'", optarg);
+            break;
+        case 't':
+            if (cli_parse_float(optarg, 0, 100, &o->temp))
+                return cli_error(CLI_USAGE, "run", "--temp wants a number in [0, 100], got '%s'",
+                                 optarg);
+            break;
+        case 'P':
+            if (cli_parse_float(optarg, 1e-6, 1, &o->top_p))
+                return cli_error(CLI_USAGE, "run", "--top-p wants a number in (0, 1], got '%s'",
+                                 optarg);
+            break;
+        case 's':
+            if (cli_parse_u64(optarg, &o->seed))
+                return cli_error(CLI_USAGE, "run", "--seed wants an unsigned integer, got '%s'",
+                                 optarg);
+            o->seed_set = 1;
+            break;
+        case 'j':
+            if (cli_parse_int(optarg, 1, 1024, &o->threads))
+                return cli_error(CLI_USAGE, "run", "--threads wants 1..1024, got '%s'", optarg);
+            break;
+        case 'c':
+            if (cli_parse_int(optarg, 1, 1 << 20, &o->chunk))
+                return cli_error(CLI_USAGE, "run", "--chunk wants a token count >= 1, got '%s'",
+                                 optarg);
+            break;
+        case 'k':
+            if (!strcmp(optarg, "f16")) o->kv_type = CAKE_KV_F16;
+            else if (!strcmp(optarg, "f32")) o->kv_type = CAKE_KV_F32;
+            else return cli_error(CLI_USAGE, "run", "--kv-type is f16 or f32, got '%s'", optarg);
+            break;
+        case 'S': o->store = optarg; break;
+        case 'M': o->mode = optarg; break;
+        case 'D': o->dump_logits = optarg; break;
+        case 'J': o->json = 1; break;
+        case 'h': fputs(help, stdout); return -1;
+        default: fputs(help, stderr); return CLI_USAGE;
+        }
+    }
+    if (optind < argc)
+        return cli_error(CLI_USAGE, "run", "unexpected argument '%s'", argv[optind]);
+    if (!o->model) return cli_error(CLI_USAGE, "run", "-m MODEL is required");
+    if (!!o->prompt + !!o->file + !!o->tokens != 1)
+        return cli_error(CLI_USAGE, "run", "give exactly one of -p TEXT, -f FILE, --tokens IDS");
+    if (o->mode && strcmp(o->mode, "cake") && strcmp(o->mode, "load") && strcmp(o->mode, "compute"))
+        return cli_error(CLI_USAGE, "run", "--mode is cake, load or compute, got '%s'", o->mode);
+    if (o->store)
+        return cli_error(CLI_USAGE, "run", "--store: the chunk store is not available in this build yet");
+    if (o->mode && strcmp(o->mode, "compute"))
+        return cli_error(CLI_USAGE, "run", "--mode %s needs --store", o->mode);
+    return 0;
+}
+
+static void json_ids(FILE *f, const char *name, const cake_token *ids, int n) {
+    fprintf(f, "\"%s\":[", name);
+    for (int i = 0; i < n; i++) fprintf(f, i ? ",%d" : "%d", ids[i]);
+    fputs("],", f);
+}
+
+static int write_logits(const char *path, const float *logits, int n, char *err, size_t errlen) {
+    FILE *f = fopen(path, "wb");
+    if (!f) return snprintf(err, errlen, "cannot write %s", path), -1;
+    /* Raw little-endian float32: this engine only builds for little-endian hosts. */
+    size_t w = fwrite(logits, sizeof(float), (size_t)n, f);
+    if (fclose(f) != 0 || w != (size_t)n) return snprintf(err, errlen, "cannot write %s", path), -1;
+    return 0;
+}
+
+int cmd_run(int argc, char **argv) {
+    run_opts o;
+    int rc = parse_args(argc, argv, &o);
+    if (rc) return rc < 0 ? CLI_OK : rc;
+
+    char err[512];
+    cake_model *model = NULL;
+    cake_context *ctx = NULL;
+    cake_sampler *sampler = NULL;
+    cake_token *prompt = NULL, *generated = NULL;
+    float *first_logits = NULL;
+    char *text = NULL;
+    text_sink sink = {0};
+    int n_prompt = 0;
+    rc = CLI_FAIL;
+
+    if (o.tokens && parse_token_list(o.tokens, &prompt, &n_prompt)) {
+        rc = cli_error(CLI_USAGE, "run", "--tokens wants space-separated ids, got '%s'", o.tokens);
+        goto done;
+    }
+    size_t text_len = 0;
+    if (o.file && !(text = cli_read_file(o.file, &text_len, err, sizeof(err)))) {
+        cli_error(CLI_FAIL, "run", "%s", err);
+        goto done;
+    }
+    if (cake_model_load(o.model, &model, err, sizeof(err))) {
+        cli_error(CLI_FAIL, "run", "%s", err);
+        goto done;
+    }
+    const cake_hparams *hp = cake_model_hparams(model);
+    const cake_tokenizer *tok = cake_model_tokenizer(model);
+    if (!o.tokens) {
+        const char *src = o.file ? text : o.prompt;
+        size_t len = o.file ? text_len : strlen(o.prompt);
+        bool bos = cake_tokenizer_add_bos(tok);
+        int64_t n = cake_tokenize(tok, src, len, bos, NULL, 0);
+        if (n < 0 || n > INT32_MAX || !(prompt = malloc((size_t)(n ? n : 1) * sizeof(*prompt))) ||
+            cake_tokenize(tok, src, len, bos, prompt, n) != n) {
+            cli_error(CLI_FAIL, "run", "tokenization failed (out of memory)");
+            goto done;
+        }
+        n_prompt = (int)n;
+    }
+    if (n_prompt == 0) {
+        rc = cli_error(CLI_USAGE, "run", "the prompt is empty (no tokens)");
+        goto done;
+    }
+    for (int i = 0; i < n_prompt; i++)
+        if (prompt[i] >= hp->n_vocab) {
+            rc = cli_error(CLI_USAGE, "run", "token id %d is not in the vocabulary (0..%d)",
+                           prompt[i], hp->n_vocab - 1);
+            goto done;
+        }
+    if (n_prompt > hp->n_ctx_train) {
+        cli_error(CLI_FAIL, "run", "the prompt has %d tokens, more than the model's context of %d",
+                  n_prompt, hp->n_ctx_train);
+        goto done;
+    }
+    if (n_prompt + o.n_predict > hp->n_ctx_train) {
+        fprintf(stderr, "cake run: generation capped at %d tokens by the model's context of %d\n",
+                hp->n_ctx_train - n_prompt, hp->n_ctx_train);
+        o.n_predict = hp->n_ctx_train - n_prompt;
+    }
+
+    cake_context_params cp = cake_context_default_params();
+    cp.n_ctx = n_prompt + (int)o.n_predict;
+    cp.n_threads = (int)o.threads;
+    cp.kv_type = o.kv_type;
+    if (cake_context_init(model, cp, &ctx, err, sizeof(err))) {
+        cli_error(CLI_FAIL, "run", "%s", err);
+        goto done;
+    }
+    if (!o.seed_set) o.seed = (unsigned long long)time(NULL);
+    sampler = cake_sampler_init((cake_sampler_params){
+        .temperature = (float)o.temp, .top_p = (float)o.top_p, .seed = o.seed});
+    generated = malloc((size_t)(o.n_predict ? o.n_predict : 1) * sizeof(*generated));
+    first_logits = malloc((size_t)hp->n_vocab * sizeof(float));
+    if (!sampler || !generated || !first_logits) {
+        cli_error(CLI_FAIL, "run", "out of memory");
+        goto done;
+    }
+
+    sink = (text_sink){.tok = tok, .prev = prompt[n_prompt - 1], .print = !o.json};
+    cake_request req = {
+        .prompt = prompt,
+        .n_prompt = n_prompt,
+        .n_predict = (int)o.n_predict,
+        .chunk = (int)o.chunk,
+        .eos = cake_tokenizer_eos(tok),
+        .sampler = sampler,
+        .first_logits = first_logits,
+        .on_token = on_token,
+        .ud = &sink,
+    };
+    cake_request_stats st;
+    if (cake_request_run(ctx, &req, generated, &st, err, sizeof(err))) {
+        cli_error(CLI_FAIL, "run", "%s", err);
+        goto done;
+    }
+    if (o.dump_logits && write_logits(o.dump_logits, first_logits, hp->n_vocab, err, sizeof(err))) {
+        cli_error(CLI_FAIL, "run", "%s", err);
+        goto done;
+    }
+
+    const double decode_tps =
+        st.n_generated > 1 && st.decode_ms > 0 ? (st.n_generated - 1) * 1e3 / st.decode_ms : 0;
+    const double prefill_tps = st.ttft_ms > 0 ? n_prompt * 1e3 / st.ttft_ms : 0;
+    if (o.json) {
+        printf("{\"prompt_tokens\":%d,", n_prompt);
+        json_ids(stdout, "prompt_ids", prompt, n_prompt);
+        json_ids(stdout, "generated_ids", generated, st.n_generated);
+        fputs("\"text\":", stdout);
+        cli_json_string(stdout, sink.text ? sink.text : "", sink.len);
+        printf(",\"ttft_ms\":%.3f,\"prefill_tok_s\":%.2f,\"decode_tok_s\":%.2f,"
+               "\"mode\":\"compute\",\"chunk\":%ld,\"chunks_total\":%d,\"chunks_computed\":%d,"
+               "\"chunks_loaded\":0,\"bytes_loaded\":0,\"meet_chunk\":null,"
+               "\"kv_type\":\"%s\",\"threads\":%d,\"seed\":%llu}\n",
+               st.ttft_ms, prefill_tps, decode_tps, o.chunk, st.chunks_total, st.chunks_total,
+               o.kv_type == CAKE_KV_F32 ? "f32" : "f16", cake_context_n_threads(ctx), o.seed);
+    } else {
+        putchar('\n');
+    }
+    fprintf(stderr,
+            "cake run: prompt %d tokens, generated %d; ttft %.1f ms (prefill %.1f tok/s, %d "
+            "chunks of %ld), decode %.1f tok/s; mode compute; seed %llu\n",
+            n_prompt, st.n_generated, st.ttft_ms, prefill_tps, st.chunks_total, o.chunk,
+            decode_tps, o.seed);
+    rc = CLI_OK;
+done:
+    free(sink.text);
+    free(first_logits);
+    free(generated);
+    free(prompt);
+    free(text);
+    cake_sampler_free(sampler);
+    cake_context_free(ctx);
+    cake_model_free(model);
+    return rc;
+}

@@ -1,0 +1,32 @@
+/* cake: one binary, subcommands. */
+#include <stdio.h>
+#include <string.h>
+
+#include "cli/cli.h"
+
+static const char *usage =
+    "usage: cake <command> [options]\n"
+    "\n"
+    "commands:\n"
+    "  run        run one request on a GGUF model (prefill + generation)\n"
+    "  mkmodel    write a GGUF model with random weights and a real architecture\n"
+    "  tokenize   print the token ids of a text\n"
+    "\n"
+    "`cake <command> --help` describes each command's options.\n";
+
+int main(int argc, char **argv) {
+    if (argc < 2) {
+        fputs(usage, stderr);
+        return CLI_USAGE;
+    }
+    const char *cmd = argv[1];
+    if (!strcmp(cmd, "--help") || !strcmp(cmd, "-h") || !strcmp(cmd, "help")) {
+        fputs(usage, stdout);
+        return CLI_OK;
+    }
+    if (!strcmp(cmd, "run")) return cmd_run(argc - 1, argv + 1);
+    if (!strcmp(cmd, "mkmodel")) return cmd_mkmodel(argc - 1, argv + 1);
+    if (!strcmp(cmd, "tokenize")) return cmd_tokenize(argc - 1, argv + 1);
+    fprintf(stderr, "cake: unknown command '%s'\n%s", cmd, usage);
+    return CLI_USAGE;
+}

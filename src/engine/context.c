@@ -1,0 +1,146 @@
+/* Context lifetime and the cake_forward entry point: validates the request and
+ * splits a long prefill into batches of at most max_batch tokens. */
+#include "engine/context.h"
+
+#include <stdlib.h>
+#include <unistd.h>
+
+#include "util/err.h"
+#ifdef CAKE_HAVE_CUDA
+#include "backend/cuda/cuda_backend.h"
+#endif
+
+cake_context_params cake_context_default_params(void) {
+    cake_context_params p = {0};
+    p.kv_type = CAKE_KV_F16;
+    return p;
+}
+
+static void scratch_free(cake_scratch *s) {
+    free(s->x);
+    free(s->xb);
+    free(s->q);
+    free(s->k);
+    free(s->v);
+    free(s->att);
+    free(s->g);
+    free(s->u);
+}
+
+void cake_context_free(cake_context *c) {
+    if (!c) return;
+#ifdef CAKE_HAVE_CUDA
+    cake_cuda_free(c->cuda);
+#endif
+    scratch_free(&c->s);
+    cake_kv_cache_free(&c->kv);
+    cake_threadpool_free(c->pool);
+    free(c);
+}
+
+int cake_context_init(const cake_model *m, cake_context_params p, cake_context **out, char *err,
+                      size_t errlen) {
+    *out = NULL;
+    const cake_hparams *hp = &m->hp;
+    if (p.n_ctx <= 0) p.n_ctx = hp->n_ctx_train;
+    if (p.n_threads <= 0) p.n_threads = (int)sysconf(_SC_NPROCESSORS_ONLN);
+    if (p.n_threads <= 0) p.n_threads = 1;
+    if (p.max_batch <= 0) p.max_batch = 512;
+    if (p.kv_type != CAKE_KV_F16 && p.kv_type != CAKE_KV_F32)
+        return cake_err(err, errlen, "unknown KV cache type %d", (int)p.kv_type);
+
+    if (p.backend == CAKE_BACKEND_CUDA && p.kv_type != CAKE_KV_F16)
+        return cake_err(err, errlen, "the CUDA backend keeps its KV cache in f16 only");
+#ifndef CAKE_HAVE_CUDA
+    if (p.backend == CAKE_BACKEND_CUDA)
+        return cake_err(err, errlen, "this build has no CUDA backend (nvcc was not found)");
+#endif
+
+    cake_context *c = calloc(1, sizeof(*c));
+    if (!c) return cake_err(err, errlen, "out of memory");
+    c->model = m;
+    c->params = p;
+#ifdef CAKE_HAVE_CUDA
+    if (p.backend == CAKE_BACKEND_CUDA &&
+        cake_cuda_init(m, p.n_ctx, p.max_batch, &c->cuda, err, errlen))
+        goto fail;
+#endif
+    const size_t T = (size_t)p.max_batch, dim = (size_t)hp->dim,
+                 kv_dim = (size_t)hp->n_kv_heads * (size_t)hp->head_dim, ffn = (size_t)hp->ffn_dim;
+    if (cake_kv_cache_init(&c->kv, hp->n_layers, p.n_ctx, (int)kv_dim, p.kv_type, err, errlen))
+        goto fail;
+    if (!(c->pool = cake_threadpool_create(p.n_threads))) {
+        cake_err(err, errlen, "cannot start %d threads", p.n_threads);
+        goto fail;
+    }
+    cake_scratch *s = &c->s;
+    s->x = malloc(T * dim * sizeof(float));
+    s->xb = malloc(T * dim * sizeof(float));
+    s->q = malloc(T * dim * sizeof(float));
+    s->k = malloc(T * kv_dim * sizeof(float));
+    s->v = malloc(T * kv_dim * sizeof(float));
+    s->att = malloc(T * dim * sizeof(float));
+    s->g = malloc(T * ffn * sizeof(float));
+    s->u = malloc(T * ffn * sizeof(float));
+    if (!s->x || !s->xb || !s->q || !s->k || !s->v || !s->att || !s->g || !s->u) {
+        cake_err(err, errlen, "out of memory for a batch of %zu tokens", T);
+        goto fail;
+    }
+    *out = c;
+    return 0;
+fail:
+    cake_context_free(c);
+    return -1;
+}
+
+int cake_context_n_ctx(const cake_context *c) {
+    return c->params.n_ctx;
+}
+
+void *cake_context_k(cake_context *c, int layer) {
+    return cake_kv_k(&c->kv, layer);
+}
+
+void *cake_context_v(cake_context *c, int layer) {
+    return cake_kv_v(&c->kv, layer);
+}
+
+enum cake_kv_type cake_context_kv_type(const cake_context *c) {
+    return c->params.kv_type;
+}
+
+int cake_forward(cake_context *c, const cake_token *tokens, int n, cake_pos pos0, float *logits,
+                 char *err, size_t errlen) {
+    if (n <= 0) return cake_err(err, errlen, "forward: no tokens");
+    if (pos0 < 0 || (int64_t)pos0 + n > c->params.n_ctx)
+        return cake_err(err, errlen, "forward: positions [%d, %lld) exceed the context of %d",
+                        pos0, (long long)pos0 + n, c->params.n_ctx);
+    const int n_vocab = c->model->hp.n_vocab;
+    for (int i = 0; i < n; i++)
+        if (tokens[i] < 0 || tokens[i] >= n_vocab)
+            return cake_err(err, errlen, "forward: token id %d at position %d is not in [0, %d)",
+                            tokens[i], pos0 + i, n_vocab);
+    for (int done = 0; done < n;) {
+        int b = n - done < c->params.max_batch ? n - done : c->params.max_batch;
+        float *out = done + b == n ? logits : NULL;
+#ifdef CAKE_HAVE_CUDA
+        if (c->cuda) {
+            if (cake_cuda_forward(c->cuda, tokens + done, b, pos0 + done, out, err, errlen))
+                return -1;
+            done += b;
+            continue;
+        }
+#endif
+        cake_cpu_forward_batch(c, tokens + done, b, pos0 + done, out);
+        done += b;
+    }
+    return 0;
+}
+
+const cake_model *cake_context_model(const cake_context *c) {
+    return c->model;
+}
+
+int cake_context_n_threads(const cake_context *c) {
+    return c->params.n_threads;
+}

@@ -1,0 +1,55 @@
+#include "engine/generate.h"
+
+#include <stdlib.h>
+#include <time.h>
+
+#include "util/err.h"
+
+static double now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
+}
+
+int cake_request_run(cake_context *c, const cake_request *r, cake_token *generated,
+                     cake_request_stats *st, char *err, size_t errlen) {
+    *st = (cake_request_stats){0};
+    if (r->n_prompt < 1 || r->chunk < 1 || r->n_predict < 0)
+        return cake_err(err, errlen, "request: empty prompt or bad chunk size");
+    if ((int64_t)r->n_prompt + r->n_predict > cake_context_n_ctx(c))
+        return cake_err(err, errlen, "request: %d prompt + %d new tokens exceed the context of %d",
+                        r->n_prompt, r->n_predict, cake_context_n_ctx(c));
+    const int n_vocab = cake_model_hparams(cake_context_model(c))->n_vocab;
+    float *logits = malloc((size_t)n_vocab * sizeof(float));
+    if (!logits) return cake_err(err, errlen, "out of memory");
+
+    const double t0 = now_ms();
+    int rc = 0;
+    for (int pos = 0; pos < r->n_prompt; pos += r->chunk) {
+        int n = r->n_prompt - pos < r->chunk ? r->n_prompt - pos : r->chunk;
+        int last = pos + n == r->n_prompt;
+        if ((rc = cake_forward(c, r->prompt + pos, n, pos, last ? logits : NULL, err, errlen)))
+            goto done;
+        st->chunks_total++;
+    }
+    if (r->first_logits)
+        for (int i = 0; i < n_vocab; i++) r->first_logits[i] = logits[i];
+    if (r->n_predict == 0) {
+        st->ttft_ms = now_ms() - t0;
+        goto done;
+    }
+    cake_token tok = cake_sampler_sample(r->sampler, logits, n_vocab);
+    st->ttft_ms = now_ms() - t0;
+    const double t1 = now_ms();
+    for (int i = 0;; i++) {
+        generated[st->n_generated++] = tok;
+        if (r->on_token) r->on_token(tok, r->ud);
+        if (tok == r->eos || i + 1 == r->n_predict) break;
+        if ((rc = cake_forward(c, &tok, 1, r->n_prompt + i, logits, err, errlen))) goto done;
+        tok = cake_sampler_sample(r->sampler, logits, n_vocab);
+    }
+    st->decode_ms = now_ms() - t1;
+done:
+    free(logits);
+    return rc;
+}

@@ -1,0 +1,34 @@
+/* One request: chunked prefill of a prompt, the first token, then decode.
+ * This is the compute-only path; the Cake loader (later) replaces the prefill
+ * part with compute-from-the-front / load-from-the-back. */
+#ifndef CAKE_GENERATE_H
+#define CAKE_GENERATE_H
+
+#include "cake.h"
+
+typedef struct {
+    const cake_token *prompt;
+    int n_prompt;  /* >= 1 */
+    int n_predict; /* tokens to generate; 0 = prefill only */
+    int chunk;     /* prefill chunk in tokens (> 0) */
+    cake_token eos; /* stop after generating this id (-1: never) */
+    cake_sampler *sampler;
+    float *first_logits; /* optional out: n_vocab logits that chose the first token */
+    /* optional: called with each generated token as soon as it is chosen */
+    void (*on_token)(cake_token id, void *ud);
+    void *ud;
+} cake_request;
+
+typedef struct {
+    double ttft_ms;    /* prefill + choosing the first token */
+    double decode_ms;  /* everything after the first token */
+    int n_generated;   /* tokens in generated[] */
+    int chunks_total;  /* prefill chunks */
+} cake_request_stats;
+
+/* Runs r on c, whose KV cache must hold n_prompt + n_predict positions.
+ * generated (capacity n_predict) receives the new ids. 0 ok, -1 with err. */
+int cake_request_run(cake_context *c, const cake_request *r, cake_token *generated,
+                     cake_request_stats *stats, char *err, size_t errlen);
+
+#endif

@@ -1,0 +1,109 @@
+/* Token sampling: greedy, temperature and top-p (nucleus), with a seeded
+ * generator so that the same seed and logits give the same tokens. */
+#include <math.h>
+#include <stdlib.h>
+
+#include "cake.h"
+
+struct cake_sampler {
+    cake_sampler_params p;
+    uint64_t rng;
+    int cap; /* capacity of the two work arrays */
+    float *prob;
+    int *idx;
+};
+
+/* splitmix64: small, fast, good enough for sampling, identical everywhere. */
+static uint64_t next_u64(uint64_t *s) {
+    uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+static float next_uniform(uint64_t *s) { /* [0, 1) */
+    return (float)(next_u64(s) >> 40) * (1.0f / 16777216.0f);
+}
+
+cake_sampler *cake_sampler_init(cake_sampler_params p) {
+    cake_sampler *s = calloc(1, sizeof(*s));
+    if (!s) return NULL;
+    s->p = p;
+    s->rng = p.seed;
+    return s;
+}
+
+void cake_sampler_free(cake_sampler *s) {
+    if (!s) return;
+    free(s->prob);
+    free(s->idx);
+    free(s);
+}
+
+static int argmax(const float *x, int n) {
+    int best = 0;
+    for (int i = 1; i < n; i++)
+        if (x[i] > x[best]) best = i;
+    return best;
+}
+
+static int by_prob_desc(const void *a, const void *b, void *ctx) {
+    const float *prob = ctx;
+    float pa = prob[*(const int *)a], pb = prob[*(const int *)b];
+    if (pa != pb) return pa < pb ? 1 : -1;
+    return *(const int *)a - *(const int *)b; /* stable order for equal probabilities */
+}
+
+cake_token cake_sampler_sample(cake_sampler *s, const float *logits, int n) {
+    if (s->p.temperature <= 0.0f || n == 1) return argmax(logits, n);
+    if (n > s->cap) {
+        float *prob = realloc(s->prob, (size_t)n * sizeof(float));
+        if (prob) s->prob = prob;
+        int *idx = realloc(s->idx, (size_t)n * sizeof(int));
+        if (idx) s->idx = idx;
+        if (!prob || !idx) return argmax(logits, n); /* out of memory: degrade to greedy */
+        s->cap = n;
+    }
+    float *prob = s->prob;
+    const float maxl = logits[argmax(logits, n)];
+    double sum = 0;
+    for (int i = 0; i < n; i++) {
+        prob[i] = expf((logits[i] - maxl) / s->p.temperature);
+        sum += prob[i];
+    }
+    for (int i = 0; i < n; i++) prob[i] = (float)(prob[i] / sum);
+
+    const float r = next_uniform(&s->rng);
+    if (s->p.top_p <= 0.0f || s->p.top_p >= 1.0f) {
+        float cdf = 0;
+        for (int i = 0; i < n; i++) {
+            cdf += prob[i];
+            if (r < cdf) return i;
+        }
+        return n - 1; /* rounding */
+    }
+
+    /* Nucleus: the smallest set of most likely tokens whose mass reaches top_p.
+     * Tokens below (1 - top_p) / (n - 1) can never be in it, so sort only the rest. */
+    const float cutoff = (1.0f - s->p.top_p) / (float)(n - 1);
+    int m = 0;
+    for (int i = 0; i < n; i++)
+        if (prob[i] >= cutoff) s->idx[m++] = i;
+    qsort_r(s->idx, (size_t)m, sizeof(int), by_prob_desc, prob);
+    float mass = 0;
+    int last = m - 1;
+    for (int i = 0; i < m; i++) {
+        mass += prob[s->idx[i]];
+        if (mass >= s->p.top_p) {
+            last = i;
+            break;
+        }
+    }
+    const float target = r * mass;
+    float cdf = 0;
+    for (int i = 0; i <= last; i++) {
+        cdf += prob[s->idx[i]];
+        if (target < cdf) return s->idx[i];
+    }
+    return s->idx[last];
+}

@@ -1,0 +1,265 @@
+/* Loading a GGUF Llama model: read the architecture keys, check every tensor's
+ * presence, dtype and shape, and point at the weights inside the mapping. */
+#include "model/model.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "model/tokenizer.h"
+#include "util/err.h"
+#include "util/f16.h"
+
+static int str_eq(cake_gguf_str s, const char *c) {
+    return s.len == strlen(c) && memcmp(s.ptr, c, s.len) == 0;
+}
+
+/* Required (or defaulted) u32 key, checked to lie in [lo, hi]. */
+static int get_u32_in(const cake_gguf *g, const char *key, int required, uint32_t def, uint32_t lo,
+                      uint32_t hi, int *out, char *err, size_t errlen) {
+    uint32_t v = def;
+    int rc = cake_gguf_get_u32(g, key, &v, err, errlen);
+    if (rc == -2) return -1;
+    if (rc == -1) {
+        if (required) return cake_err(err, errlen, "missing metadata key '%s'", key);
+        v = def;
+    }
+    if (v < lo || v > hi)
+        return cake_err(err, errlen, "metadata key '%s' = %u is out of range [%u, %u]", key, v, lo,
+                        hi);
+    *out = (int)v;
+    return 0;
+}
+
+static int get_f32_or(const cake_gguf *g, const char *key, float def, float *out, char *err,
+                      size_t errlen) {
+    int rc = cake_gguf_get_f32(g, key, out, err, errlen);
+    if (rc == -2) return -1;
+    if (rc == -1) *out = def;
+    if (!isfinite(*out)) return cake_err(err, errlen, "metadata key '%s' is not finite", key);
+    return 0;
+}
+
+static int is_matrix_dtype(int t) {
+    return t == CAKE_DTYPE_F32 || t == CAKE_DTYPE_F16 || t == CAKE_DTYPE_BF16;
+}
+
+/* A 2-D weight with ne = [n_in, n_out] (GGUF lists the row length first). */
+static int find_weight(const cake_gguf *g, const char *name, int n_in, int n_out, int optional,
+                       cake_weight *w, char *err, size_t errlen) {
+    const cake_gguf_tensor *t = cake_gguf_find_tensor(g, name);
+    if (!t) {
+        if (optional) return 1;
+        return cake_err(err, errlen, "tensor '%s' is missing", name);
+    }
+    if (!is_matrix_dtype(t->type))
+        return cake_err(err, errlen,
+                        "tensor '%s': dtype %s is not supported for weights (F32, F16, BF16 are)",
+                        name, cake_dtype_name(t->type));
+    if (t->n_dims != 2 || t->ne[0] != (uint64_t)n_in || t->ne[1] != (uint64_t)n_out)
+        return cake_err(err, errlen,
+                        "tensor '%s': shape [%llu, %llu] (%u dims), expected [%d, %d]", name,
+                        (unsigned long long)t->ne[0], (unsigned long long)t->ne[1], t->n_dims,
+                        n_in, n_out);
+    w->data = t->data;
+    w->dtype = (int)t->type;
+    w->n_in = n_in;
+    w->n_out = n_out;
+    return 0;
+}
+
+/* A norm vector of length n, returned as an f32 copy (it is tiny). */
+static float *load_norm(const cake_gguf *g, const char *name, int n, char *err, size_t errlen) {
+    const cake_gguf_tensor *t = cake_gguf_find_tensor(g, name);
+    if (!t) {
+        cake_err(err, errlen, "tensor '%s' is missing", name);
+        return NULL;
+    }
+    if (t->n_dims != 1 || t->ne[0] != (uint64_t)n || !is_matrix_dtype(t->type)) {
+        cake_err(err, errlen, "tensor '%s': expected an F32/F16/BF16 vector of %d, got %s [%llu]",
+                 name, n, cake_dtype_name(t->type), (unsigned long long)t->ne[0]);
+        return NULL;
+    }
+    float *v = malloc((size_t)n * sizeof(float));
+    if (!v) {
+        cake_err(err, errlen, "out of memory");
+        return NULL;
+    }
+    for (int i = 0; i < n; i++) {
+        if (t->type == CAKE_DTYPE_F32) {
+            memcpy(&v[i], (const char *)t->data + 4 * (size_t)i, 4);
+        } else {
+            uint16_t h;
+            memcpy(&h, (const char *)t->data + 2 * (size_t)i, 2);
+            v[i] = t->type == CAKE_DTYPE_F16 ? cake_f16_to_f32(h) : cake_bf16_to_f32(h);
+        }
+    }
+    return v;
+}
+
+static int read_hparams(const cake_gguf *g, cake_hparams *hp, char *err, size_t errlen) {
+    cake_gguf_str arch;
+    int rc = cake_gguf_get_str(g, "general.architecture", &arch, err, errlen);
+    if (rc == -1) return cake_err(err, errlen, "missing metadata key 'general.architecture'");
+    if (rc < 0) return -1;
+    if (!str_eq(arch, "llama"))
+        return cake_err(err, errlen, "architecture '%.*s' is not supported (only 'llama' is)",
+                        (int)(arch.len > 64 ? 64 : arch.len), arch.ptr);
+
+    if (get_u32_in(g, "llama.embedding_length", 1, 0, 1, 1 << 16, &hp->dim, err, errlen) ||
+        get_u32_in(g, "llama.block_count", 1, 0, 1, 1024, &hp->n_layers, err, errlen) ||
+        get_u32_in(g, "llama.attention.head_count", 1, 0, 1, 1024, &hp->n_heads, err, errlen) ||
+        get_u32_in(g, "llama.attention.head_count_kv", 0, (uint32_t)hp->n_heads, 1, 1024,
+                   &hp->n_kv_heads, err, errlen) ||
+        get_u32_in(g, "llama.feed_forward_length", 1, 0, 1, 1 << 20, &hp->ffn_dim, err, errlen) ||
+        get_u32_in(g, "llama.context_length", 1, 0, 1, 1 << 24, &hp->n_ctx_train, err, errlen))
+        return -1;
+    if (hp->dim % hp->n_heads)
+        return cake_err(err, errlen, "embedding_length %d is not a multiple of head_count %d",
+                        hp->dim, hp->n_heads);
+    if (hp->n_heads % hp->n_kv_heads)
+        return cake_err(err, errlen, "head_count %d is not a multiple of head_count_kv %d",
+                        hp->n_heads, hp->n_kv_heads);
+    hp->head_dim = hp->dim / hp->n_heads;
+    if (hp->head_dim % 2)
+        return cake_err(err, errlen, "head dimension %d is odd (RoPE rotates pairs)", hp->head_dim);
+
+    int rope_dims;
+    if (get_u32_in(g, "llama.rope.dimension_count", 0, (uint32_t)hp->head_dim, 0, 1 << 16,
+                   &rope_dims, err, errlen))
+        return -1;
+    if (rope_dims != hp->head_dim)
+        return cake_err(err, errlen,
+                        "llama.rope.dimension_count %d != head dimension %d (partial RoPE is not "
+                        "supported)",
+                        rope_dims, hp->head_dim);
+    if (get_f32_or(g, "llama.attention.layer_norm_rms_epsilon", 1e-5f, &hp->rms_eps, err, errlen) ||
+        get_f32_or(g, "llama.rope.freq_base", 10000.0f, &hp->rope_theta, err, errlen))
+        return -1;
+    if (hp->rms_eps <= 0 || hp->rope_theta <= 0)
+        return cake_err(err, errlen, "rms epsilon and rope.freq_base must be positive");
+
+    /* RoPE scaling: none and linear are supported; anything else changes the
+     * positions' meaning and is refused rather than silently ignored. */
+    hp->rope_freq_scale = 1.0f;
+    cake_gguf_str scaling;
+    rc = cake_gguf_get_str(g, "llama.rope.scaling.type", &scaling, err, errlen);
+    if (rc == -2) return -1;
+    if (rc == 0 && !str_eq(scaling, "none")) {
+        if (!str_eq(scaling, "linear"))
+            return cake_err(err, errlen,
+                            "rope scaling type '%.*s' is not supported (none and linear are)",
+                            (int)(scaling.len > 32 ? 32 : scaling.len), scaling.ptr);
+        float factor = 1.0f;
+        if (get_f32_or(g, "llama.rope.scaling.factor", 1.0f, &factor, err, errlen)) return -1;
+        if (factor < 1.0f)
+            return cake_err(err, errlen, "llama.rope.scaling.factor %g must be >= 1", factor);
+        hp->rope_freq_scale = 1.0f / factor;
+    }
+    if (cake_gguf_find_tensor(g, "rope_freqs.weight"))
+        return cake_err(err, errlen,
+                        "tensor 'rope_freqs.weight' (Llama 3.1 rope scaling) is not supported");
+    return 0;
+}
+
+static void free_layers(cake_model *m) {
+    if (!m->layers) return;
+    for (int l = 0; l < m->hp.n_layers; l++) {
+        free(m->layers[l].attn_norm);
+        free(m->layers[l].ffn_norm);
+    }
+    free(m->layers);
+    m->layers = NULL;
+}
+
+void cake_model_free(cake_model *m) {
+    if (!m) return;
+    free_layers(m);
+    free(m->output_norm);
+    cake_tokenizer_free(m->tokenizer);
+    cake_gguf_close(m->gguf);
+    free(m);
+}
+
+int cake_model_load(const char *path, cake_model **out, char *err, size_t errlen) {
+    *out = NULL;
+    cake_model *m = calloc(1, sizeof(*m));
+    if (!m) return cake_err(err, errlen, "out of memory");
+    char why[512] = "";
+    if (cake_gguf_open(path, &m->gguf, why, sizeof(why))) {
+        cake_err(err, errlen, "%s: %s", path, why);
+        goto fail;
+    }
+    const cake_gguf *g = m->gguf;
+    cake_hparams *hp = &m->hp;
+    if (read_hparams(g, hp, why, sizeof(why))) goto fail_why;
+    if (cake_tokenizer_init(g, &m->tokenizer, why, sizeof(why))) goto fail_why;
+
+    const cake_gguf_tensor *embd = cake_gguf_find_tensor(g, "token_embd.weight");
+    if (!embd) {
+        snprintf(why, sizeof(why), "tensor 'token_embd.weight' is missing");
+        goto fail_why;
+    }
+    hp->n_vocab = (int)(embd->n_dims == 2 && embd->ne[1] < (1u << 24) ? embd->ne[1] : 0);
+    if (hp->n_vocab != cake_tokenizer_n_vocab(m->tokenizer)) {
+        snprintf(why, sizeof(why),
+                 "tensor 'token_embd.weight' has %d rows but the vocabulary has %d tokens",
+                 hp->n_vocab, cake_tokenizer_n_vocab(m->tokenizer));
+        goto fail_why;
+    }
+    const int dim = hp->dim, kv_dim = hp->n_kv_heads * hp->head_dim, ffn = hp->ffn_dim;
+    if (find_weight(g, "token_embd.weight", dim, hp->n_vocab, 0, &m->tok_embd, why, sizeof(why)))
+        goto fail_why;
+    int rc = find_weight(g, "output.weight", dim, hp->n_vocab, 1, &m->output, why, sizeof(why));
+    if (rc < 0) goto fail_why;
+    hp->tied_output = rc == 1;
+    if (hp->tied_output) m->output = m->tok_embd;
+    if (!(m->output_norm = load_norm(g, "output_norm.weight", dim, why, sizeof(why))))
+        goto fail_why;
+
+    m->layers = calloc((size_t)hp->n_layers, sizeof(cake_layer));
+    if (!m->layers) {
+        snprintf(why, sizeof(why), "out of memory");
+        goto fail_why;
+    }
+    for (int l = 0; l < hp->n_layers; l++) {
+        cake_layer *L = &m->layers[l];
+        char name[96];
+#define LAYER_NAME(suffix) (snprintf(name, sizeof(name), "blk.%d." suffix, l), name)
+        if (!(L->attn_norm = load_norm(g, LAYER_NAME("attn_norm.weight"), dim, why, sizeof(why))) ||
+            !(L->ffn_norm = load_norm(g, LAYER_NAME("ffn_norm.weight"), dim, why, sizeof(why))) ||
+            find_weight(g, LAYER_NAME("attn_q.weight"), dim, dim, 0, &L->wq, why, sizeof(why)) ||
+            find_weight(g, LAYER_NAME("attn_k.weight"), dim, kv_dim, 0, &L->wk, why, sizeof(why)) ||
+            find_weight(g, LAYER_NAME("attn_v.weight"), dim, kv_dim, 0, &L->wv, why, sizeof(why)) ||
+            find_weight(g, LAYER_NAME("attn_output.weight"), dim, dim, 0, &L->wo, why,
+                        sizeof(why)) ||
+            find_weight(g, LAYER_NAME("ffn_gate.weight"), dim, ffn, 0, &L->w_gate, why,
+                        sizeof(why)) ||
+            find_weight(g, LAYER_NAME("ffn_up.weight"), dim, ffn, 0, &L->w_up, why, sizeof(why)) ||
+            find_weight(g, LAYER_NAME("ffn_down.weight"), ffn, dim, 0, &L->w_down, why,
+                        sizeof(why)))
+            goto fail_why;
+#undef LAYER_NAME
+    }
+    hp->weight_dtype = m->layers[0].wq.dtype;
+    *out = m;
+    return 0;
+
+fail_why:
+    cake_err(err, errlen, "%s: %s", path, why);
+fail:
+    cake_model_free(m);
+    return -1;
+}
+
+const cake_hparams *cake_model_hparams(const cake_model *m) {
+    return &m->hp;
+}
+
+const cake_tokenizer *cake_model_tokenizer(const cake_model *m) {
+    return m->tokenizer;
+}
+
+uint64_t cake_model_file_size(const cake_model *m) {
+    return m->gguf->size;
+}

@@ -1,0 +1,39 @@
+/* The in-memory Llama model: hyperparameters, the tokenizer, and pointers to
+ * each weight inside the mapped GGUF file (nothing is copied except the small
+ * norm vectors, which are kept as f32). */
+#ifndef CAKE_MODEL_H
+#define CAKE_MODEL_H
+
+#include "cake.h"
+#include "model/gguf.h"
+
+/* A weight matrix (n_out, n_in), row-major, in the file's dtype. */
+typedef struct {
+    const void *data;
+    int dtype; /* cake_dtype */
+    int n_in, n_out;
+} cake_weight;
+
+typedef struct {
+    float *attn_norm; /* (dim) */
+    cake_weight wq;   /* (dim, dim) */
+    cake_weight wk;   /* (kv_dim, dim) */
+    cake_weight wv;   /* (kv_dim, dim) */
+    cake_weight wo;   /* (dim, dim) */
+    float *ffn_norm;  /* (dim) */
+    cake_weight w_gate; /* (ffn, dim) */
+    cake_weight w_up;   /* (ffn, dim) */
+    cake_weight w_down; /* (dim, ffn) */
+} cake_layer;
+
+struct cake_model {
+    cake_gguf *gguf; /* owns the mapping the weights point into */
+    cake_hparams hp;
+    cake_tokenizer *tokenizer;
+    cake_weight tok_embd; /* (n_vocab, dim): row t is token t's embedding */
+    float *output_norm;   /* (dim) */
+    cake_weight output;   /* (n_vocab, dim); == tok_embd when tied */
+    cake_layer *layers;   /* (n_layers) */
+};
+
+#endif

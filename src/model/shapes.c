@@ -1,0 +1,20 @@
+#include "model/shapes.h"
+
+#include <string.h>
+
+const cake_shape cake_shapes[] = {
+    {"tiny", 64, 2, 4, 2, 192, 4096, 32000, 10000.0f, 1e-5f, "a few MB, for tests"},
+    {"mha-160m", 768, 12, 12, 12, 2048, 16384, 32000, 10000.0f, 1e-5f,
+     "MHA, KV-heavy like LongAlpaca; 134M parameters"},
+    {"llama-1b", 2048, 16, 32, 8, 8192, 8192, 32000, 500000.0f, 1e-5f, "Llama-3.2-1B dims"},
+    {"llama-8b", 4096, 32, 32, 8, 14336, 32768, 32000, 500000.0f, 1e-5f, "Llama-3.1-8B dims"},
+    {"longalpaca-13b", 5120, 40, 40, 40, 13824, 32768, 32000, 10000.0f, 1e-5f,
+     "Llama-2-13B dims with MHA"},
+    {0},
+};
+
+const cake_shape *cake_shape_find(const char *name) {
+    for (const cake_shape *s = cake_shapes; s->name; s++)
+        if (!strcmp(s->name, name)) return s;
+    return NULL;
+}

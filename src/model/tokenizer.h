@@ -1,0 +1,55 @@
+/* SentencePiece-style (tokenizer.ggml.model = "llama") tokenizer read from GGUF
+ * metadata: scores, token types, byte fallback, BOS/EOS. It reproduces
+ * llama.cpp's llm_tokenizer_spm exactly (its test vectors are our tests). */
+#ifndef CAKE_TOKENIZER_H
+#define CAKE_TOKENIZER_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "model/gguf.h"
+
+typedef int32_t cake_token;
+
+/* tokenizer.ggml.token_type values (llama.cpp numbering). */
+enum cake_token_type {
+    CAKE_TOKEN_UNDEFINED = 0,
+    CAKE_TOKEN_NORMAL = 1,
+    CAKE_TOKEN_UNKNOWN = 2,
+    CAKE_TOKEN_CONTROL = 3,
+    CAKE_TOKEN_USER_DEFINED = 4,
+    CAKE_TOKEN_UNUSED = 5,
+    CAKE_TOKEN_BYTE = 6,
+};
+
+typedef struct cake_tokenizer cake_tokenizer;
+
+/* Builds a tokenizer from g's tokenizer.ggml.* keys. The tokenizer copies what it
+ * needs, so g may be closed afterwards. -1 with a reason in err when the keys are
+ * missing, of the wrong type, or the model is not "llama". */
+int cake_tokenizer_init(const cake_gguf *g, cake_tokenizer **out, char *err, size_t errlen);
+void cake_tokenizer_free(cake_tokenizer *t); /* accepts NULL */
+
+int32_t cake_tokenizer_n_vocab(const cake_tokenizer *t);
+cake_token cake_tokenizer_bos(const cake_tokenizer *t); /* -1 if none */
+cake_token cake_tokenizer_eos(const cake_tokenizer *t); /* -1 if none */
+/* Whether BOS is prepended by default (tokenizer.ggml.add_bos_token, default true). */
+bool cake_tokenizer_add_bos(const cake_tokenizer *t);
+
+/* Tokenizes len bytes of text. Control-token strings in the text are plain text.
+ * add_bos prepends BOS when the vocabulary has one. Writes at most cap ids to out
+ * and returns the total number of ids the text needs (call again with a bigger
+ * buffer if it is > cap), or -1 on failure (out of memory). */
+int64_t cake_tokenize(const cake_tokenizer *t, const char *text, size_t len, bool add_bos,
+                      cake_token *out, int64_t cap);
+
+/* The text of one token as it should be printed: "▁" becomes a space, byte
+ * tokens <0xNN> become that raw byte, control tokens print nothing. Writes at
+ * most cap bytes and returns the full length, or -1 for an id out of range.
+ * prev is the preceding token (-1 if none): following llama.cpp/SentencePiece,
+ * the leading space of the first piece after BOS is dropped. */
+int cake_token_to_piece(const cake_tokenizer *t, cake_token prev, cake_token id, char *out,
+                        size_t cap);
+
+#endif

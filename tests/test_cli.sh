@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# Integration tests of the real `cake` binary: the golden run of a peer
+# implementation, the JSON contract, exit codes, and malformed model files.
+set -u
+CAKE=${1:?usage: test_cli.sh path/to/cake}
+MODELS=${CAKE_TEST_MODELS:-$(dirname "$0")/../../shared/models}
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+fails=0
+pass() { echo "ok   $*"; }
+fail() { echo "FAIL $*"; fails=$((fails + 1)); }
+# expect_exit CODE DESC -- CMD...: runs CMD, checks its exit code and that stderr is one line.
+expect_exit() {
+    local want=$1 desc=$2
+    shift 3
+    "$@" >"$tmp/out" 2>"$tmp/err"
+    local got=$?
+    local lines
+    lines=$(wc -l <"$tmp/err")
+    if [ "$got" -eq "$want" ] && { [ "$want" -eq 0 ] || [ "$lines" -ge 1 ]; }; then
+        pass "$desc (exit $got${lines:+, $(head -c 150 "$tmp/err" | head -1)})"
+    else
+        fail "$desc: exit $got, want $want; stderr: $(head -c 300 "$tmp/err")"
+    fi
+}
+json_field() { # crude extraction of a scalar or array field from one-line JSON
+    sed -n "s/.*\"$1\":\(\[[^]]*\]\|[^,}]*\).*/\1/p" "$2"
+}
+
+# --- usage errors: exit 2
+expect_exit 2 "no arguments" -- "$CAKE"
+expect_exit 2 "unknown command" -- "$CAKE" frobnicate
+expect_exit 2 "run without -m" -- "$CAKE" run -p hi
+expect_exit 2 "run with bad -n" -- "$CAKE" run -m x.gguf -p hi -n -3
+expect_exit 2 "run with bad --kv-type" -- "$CAKE" run -m x.gguf -p hi --kv-type q4
+expect_exit 2 "mkmodel unknown shape" -- "$CAKE" mkmodel --shape huge -o "$tmp/x.gguf"
+expect_exit 0 "run --help" -- "$CAKE" run --help
+grep -q -- "--dump-logits" "$tmp/out" && pass "run --help lists options" || fail "run --help"
+
+# --- runtime errors: exit 1
+expect_exit 1 "missing model file" -- "$CAKE" run -m "$tmp/nope.gguf" -p hi
+printf 'not a gguf file at all' >"$tmp/junk.gguf"
+expect_exit 1 "junk model file" -- "$CAKE" run -m "$tmp/junk.gguf" -p hi
+
+# --- mkmodel + run on the tiny shape (F16 and F32 weights)
+for dt in f16 f32; do
+    expect_exit 0 "mkmodel tiny $dt" -- "$CAKE" mkmodel --shape tiny --dtype $dt -o "$tmp/tiny-$dt.gguf"
+    expect_exit 0 "run tiny $dt --json" -- "$CAKE" run -m "$tmp/tiny-$dt.gguf" -p "Hello world" -n 8 --temp 0 --json
+    n=$(json_field generated_ids "$tmp/out" | tr -cd ',' | wc -c)
+    [ "$(json_field prompt_tokens "$tmp/out")" -ge 2 ] && [ "$n" -eq 7 ] &&
+        pass "tiny $dt JSON has prompt and 8 generated ids" || fail "tiny $dt JSON: $(cat "$tmp/out")"
+done
+"$CAKE" mkmodel --shape tiny --dtype f16 -o "$tmp/tiny-again.gguf" 2>/dev/null
+cmp -s "$tmp/tiny-f16.gguf" "$tmp/tiny-again.gguf" && pass "mkmodel is deterministic" || fail "mkmodel not deterministic"
+
+# Malformed GGUF: truncations of a valid model at many offsets all fail cleanly.
+size=$(stat -c %s "$tmp/tiny-f16.gguf")
+for off in 0 3 4 8 16 23 24 40 100 1000 10000 100000 300000 $((size / 2)) $((size - 1)); do
+    head -c "$off" "$tmp/tiny-f16.gguf" >"$tmp/trunc.gguf"
+    "$CAKE" run -m "$tmp/trunc.gguf" -p hi -n 1 >/dev/null 2>"$tmp/err"
+    rc=$?
+    if [ $rc -eq 1 ] && [ "$(wc -l <"$tmp/err")" -eq 1 ]; then :; else
+        fail "truncated at $off: exit $rc, stderr $(head -c 300 "$tmp/err")"
+    fi
+done
+pass "truncated models give exit 1 and one error line ($(cat "$tmp/err"))"
+
+# -n 0: prefill only, logits still dumped
+expect_exit 0 "run -n 0 with --dump-logits" -- "$CAKE" run -m "$tmp/tiny-f16.gguf" -p "Hello" -n 0 --json --dump-logits "$tmp/l0.f32"
+[ "$(stat -c %s "$tmp/l0.f32")" -eq $((32000 * 4)) ] && pass "-n 0 dumps 32000 logits" || fail "-n 0 logits size"
+[ "$(json_field generated_ids "$tmp/out")" = "[]" ] && pass "-n 0 generates nothing" || fail "-n 0: $(cat "$tmp/out")"
+
+# --tokens: the same ids as the text give the same output
+ids=$("$CAKE" tokenize -m "$tmp/tiny-f16.gguf" -p "Hello world")
+"$CAKE" run -m "$tmp/tiny-f16.gguf" -p "Hello world" -n 6 --temp 0 --json >"$tmp/a" 2>/dev/null
+"$CAKE" run -m "$tmp/tiny-f16.gguf" --tokens "$ids" -n 6 --temp 0 --json >"$tmp/b" 2>/dev/null
+[ "$(json_field generated_ids "$tmp/a")" = "$(json_field generated_ids "$tmp/b")" ] &&
+    pass "--tokens equals the text's ids" || fail "--tokens differs: $(cat "$tmp/a") vs $(cat "$tmp/b")"
+expect_exit 2 "--tokens out of vocabulary" -- "$CAKE" run -m "$tmp/tiny-f16.gguf" --tokens "1 99999" -n 1
+
+# sampling: same seed, same tokens
+"$CAKE" run -m "$tmp/tiny-f16.gguf" -p "Hello" -n 12 --temp 1.0 --seed 7 --json >"$tmp/s1" 2>/dev/null
+"$CAKE" run -m "$tmp/tiny-f16.gguf" -p "Hello" -n 12 --temp 1.0 --seed 7 --json >"$tmp/s2" 2>/dev/null
+[ "$(json_field generated_ids "$tmp/s1")" = "$(json_field generated_ids "$tmp/s2")" ] &&
+    pass "same seed, same sample" || fail "seeded sampling not reproducible"
+
+# --- the golden run of llama2.c on stories260K
+if [ -f "$MODELS/stories260K.gguf" ] && [ -f "$MODELS/golden/stories260K-greedy.txt" ]; then
+    want=$(sed -n 's/^greedy_ids //p' "$MODELS/golden/stories260K-greedy.txt" | tr ' ' ',')
+    for kv in f16 f32; do
+        expect_exit 0 "stories260K greedy kv $kv" -- "$CAKE" run -m "$MODELS/stories260K.gguf" -p "Once upon a time" -n 36 --temp 0 --kv-type $kv --json
+        got=$(json_field generated_ids "$tmp/out" | tr -d '[]')
+        [ "$got" = "$want" ] && pass "stories260K greedy ids (kv $kv) match llama2.c" ||
+            fail "stories260K kv $kv: got $got want $want"
+    done
+    [ "$(json_field prompt_ids "$tmp/out")" = "[1,403,407,261,378]" ] && pass "prompt ids" || fail "prompt ids"
+    "$CAKE" run -m "$MODELS/stories260K.gguf" -p "Once upon a time" -n 36 --temp 0 2>/dev/null >"$tmp/text"
+    grep -q "there was a little girl named Lily" "$tmp/text" && pass "stories260K text" || fail "text: $(cat "$tmp/text")"
+    expect_exit 0 "tokenize command" -- "$CAKE" tokenize -m "$MODELS/stories260K.gguf" -p "Once upon a time"
+    [ "$(cat "$tmp/out")" = "1 403 407 261 378" ] && pass "tokenize ids" || fail "tokenize: $(cat "$tmp/out")"
+else
+    echo "skip: stories260K.gguf or its golden file not in $MODELS"
+fi
+if [ -f "$MODELS/ggml-vocab-llama-spm.gguf" ]; then
+    expect_exit 0 "tokenize on a vocab-only file" -- "$CAKE" tokenize -m "$MODELS/ggml-vocab-llama-spm.gguf" -p " Hello world" --no-bos
+    [ "$(cat "$tmp/out")" = "29871 15043 3186" ] && pass "vocab-only tokenize" || fail "vocab-only: $(cat "$tmp/out")"
+    expect_exit 1 "run on a vocab-only file" -- "$CAKE" run -m "$MODELS/ggml-vocab-llama-spm.gguf" -p hi
+fi
+
+[ $fails -eq 0 ] && echo "all passed" || echo "$fails failed"
+[ $fails -eq 0 ]
