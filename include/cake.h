@@ -54,6 +54,11 @@ const cake_hparams *cake_model_hparams(const cake_model *m);
 const cake_tokenizer *cake_model_tokenizer(const cake_model *m);
 /* Bytes of the weights file. */
 uint64_t cake_model_file_size(const cake_model *m);
+/* A 16-byte identity of the model: XXH3-128 over the architecture, every
+ * tensor's name, shape and dtype, and the weight bytes. The same file gives the
+ * same fingerprint on every machine. Computed on first use (it reads every
+ * weight once), then cached; thread-safe. */
+void cake_model_fingerprint(const cake_model *m, uint8_t out[16]);
 
 /* ---- context: one sequence's KV cache and scratch ---- */
 

@@ -8,6 +8,7 @@ packages=(
     libopenblas-dev     # GEMMs on the CPU backend
     libxxhash-dev       # chunk keys and checksums
     libcmocka-dev       # unit tests
+    libhiredis-dev redis-server  # the Redis chunk store and its tests (a real server on loopback)
     clang libclang-rt-14-dev  # fuzz target (libFuzzer) and sanitizer runtimes
 )
 

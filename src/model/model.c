@@ -3,6 +3,7 @@
 #include "model/model.h"
 
 #include <math.h>
+#include <xxhash.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -185,6 +186,7 @@ int cake_model_load(const char *path, cake_model **out, char *err, size_t errlen
     *out = NULL;
     cake_model *m = calloc(1, sizeof(*m));
     if (!m) return cake_err(err, errlen, "out of memory");
+    m->fingerprint_once = (pthread_once_t)PTHREAD_ONCE_INIT;
     char why[512] = "";
     if (cake_gguf_open(path, &m->gguf, why, sizeof(why))) {
         cake_err(err, errlen, "%s: %s", path, why);
@@ -262,4 +264,54 @@ const cake_tokenizer *cake_model_tokenizer(const cake_model *m) {
 
 uint64_t cake_model_file_size(const cake_model *m) {
     return m->gguf->size;
+}
+
+/* pthread_once takes no argument: the model being fingerprinted is passed
+ * through a thread-local. */
+static _Thread_local cake_model *fingerprint_target;
+
+static void hash_u64(XXH3_state_t *st, uint64_t v) {
+    uint8_t b[8];
+    for (int i = 0; i < 8; i++) b[i] = (uint8_t)(v >> (8 * i)); /* little-endian on every host */
+    XXH3_128bits_update(st, b, 8);
+}
+
+static void compute_fingerprint(void) {
+    cake_model *m = fingerprint_target;
+    const cake_hparams *hp = &m->hp;
+    XXH3_state_t *st = XXH3_createState();
+    XXH128_canonical_t c;
+    if (!st) { /* out of memory: a fingerprint of the architecture alone would be unsafe */
+        memset(m->fingerprint, 0xff, 16);
+        return;
+    }
+    XXH3_128bits_reset(st);
+    XXH3_128bits_update(st, "cake-model-v1", 13);
+    const int64_t arch[] = {hp->n_vocab, hp->dim, hp->n_layers, hp->n_heads, hp->n_kv_heads,
+                            hp->head_dim, hp->ffn_dim, hp->tied_output};
+    for (size_t i = 0; i < sizeof(arch) / sizeof(arch[0]); i++) hash_u64(st, (uint64_t)arch[i]);
+    hash_u64(st, cake_bits_from_f32(hp->rms_eps));
+    hash_u64(st, cake_bits_from_f32(hp->rope_theta));
+    hash_u64(st, cake_bits_from_f32(hp->rope_freq_scale));
+    const cake_gguf *g = m->gguf;
+    for (uint64_t i = 0; i < g->n_tensors; i++) {
+        const cake_gguf_tensor *t = &g->tensors[i];
+        hash_u64(st, t->name.len);
+        XXH3_128bits_update(st, t->name.ptr, (size_t)t->name.len);
+        hash_u64(st, t->n_dims);
+        for (uint32_t d = 0; d < t->n_dims; d++) hash_u64(st, t->ne[d]);
+        hash_u64(st, (uint64_t)t->type);
+        hash_u64(st, t->nbytes);
+        XXH3_128bits_update(st, t->data, (size_t)t->nbytes);
+    }
+    XXH128_canonicalFromHash(&c, XXH3_128bits_digest(st));
+    memcpy(m->fingerprint, c.digest, 16);
+    XXH3_freeState(st);
+}
+
+void cake_model_fingerprint(const cake_model *m, uint8_t out[16]) {
+    cake_model *mm = (cake_model *)m; /* the cached value is the only mutable part */
+    fingerprint_target = mm;
+    pthread_once(&mm->fingerprint_once, compute_fingerprint);
+    memcpy(out, mm->fingerprint, 16);
 }

@@ -4,6 +4,8 @@
 #ifndef CAKE_MODEL_H
 #define CAKE_MODEL_H
 
+#include <pthread.h>
+
 #include "cake.h"
 #include "model/gguf.h"
 
@@ -34,6 +36,8 @@ struct cake_model {
     float *output_norm;   /* (dim) */
     cake_weight output;   /* (n_vocab, dim); == tok_embd when tied */
     cake_layer *layers;   /* (n_layers) */
+    pthread_once_t fingerprint_once;
+    uint8_t fingerprint[16]; /* valid after fingerprint_once ran */
 };
 
 #endif

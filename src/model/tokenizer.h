@@ -31,6 +31,23 @@ typedef struct cake_tokenizer cake_tokenizer;
 int cake_tokenizer_init(const cake_gguf *g, cake_tokenizer **out, char *err, size_t errlen);
 void cake_tokenizer_free(cake_tokenizer *t); /* accepts NULL */
 
+/* The same tokenizer from plain arrays (what init reads from the GGUF keys), for
+ * tests and tools that have a vocabulary in memory (see synth_vocab.h). */
+typedef struct {
+    int32_t n_vocab;
+    const char *const *tokens; /* [n_vocab] NUL-terminated token texts */
+    const float *scores;       /* [n_vocab] merge scores, or NULL: all 0 */
+    const int32_t *types;      /* [n_vocab] enum cake_token_type, or NULL: all NORMAL */
+    cake_token bos, eos, unk;  /* -1: none */
+    bool add_bos;              /* tokenizer.ggml.add_bos_token */
+    bool add_space_prefix;     /* tokenizer.ggml.add_space_prefix */
+} cake_vocab_arrays;
+
+/* Copies what it needs from v. 0, or -1 with a reason in err (empty vocabulary,
+ * duplicate token, special id out of range). */
+int cake_tokenizer_init_arrays(const cake_vocab_arrays *v, cake_tokenizer **out, char *err,
+                               size_t errlen);
+
 int32_t cake_tokenizer_n_vocab(const cake_tokenizer *t);
 cake_token cake_tokenizer_bos(const cake_tokenizer *t); /* -1 if none */
 cake_token cake_tokenizer_eos(const cake_tokenizer *t); /* -1 if none */
@@ -45,10 +62,14 @@ int64_t cake_tokenize(const cake_tokenizer *t, const char *text, size_t len, boo
                       cake_token *out, int64_t cap);
 
 /* The text of one token as it should be printed: "▁" becomes a space, byte
- * tokens <0xNN> become that raw byte, control tokens print nothing. Writes at
- * most cap bytes and returns the full length, or -1 for an id out of range.
- * prev is the preceding token (-1 if none): following llama.cpp/SentencePiece,
- * the leading space of the first piece after BOS is dropped. */
+ * tokens <0xNN> become that raw byte, control, unknown and unused tokens print
+ * nothing, user-defined tokens print verbatim (llama.cpp's token_to_piece with
+ * special = false). Writes at most cap bytes and returns the full length, or -1
+ * for an id out of range. prev is the preceding token (-1 if none): when the
+ * vocabulary adds a space prefix, the leading space of the first piece of a
+ * sequence (prev -1) and of the first piece after BOS is dropped, as llama2.c
+ * and SentencePiece's decoder do. So concatenating the pieces of
+ * cake_tokenize(text) gives back text (when text is valid UTF-8). */
 int cake_token_to_piece(const cake_tokenizer *t, cake_token prev, cake_token id, char *out,
                         size_t cap);
 

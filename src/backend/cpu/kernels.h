@@ -60,6 +60,12 @@ typedef struct {
 
 void cake_attention(const cake_attn_args *a, cake_threadpool *pool);
 void cake_attention_ref(const cake_attn_args *a);
+/* The exact per-query arithmetic of cake_attention, in portable scalar code
+ * (also the kernel of builds without AVX-512, or head_dim > 256): 16-lane dot
+ * products folded by a fixed tree, online softmax over key blocks of 64 at
+ * absolute positions, the exp polynomial of backend/cpu/simd.h. cake_attention
+ * gives bit-identical results (attention.c spells out the order). */
+void cake_attention_lanes(const cake_attn_args *a);
 
 /* ---- Matrix multiply with weights in the file's dtype ----
  * y (n_tokens, n_out) = x (n_tokens, n_in) . W^T, W: (n_out, n_in) row-major,
@@ -71,5 +77,12 @@ int cake_matmul(float *y, const float *x, const void *w, int w_dtype, int n_toke
                 int n_out, cake_threadpool *pool);
 int cake_matmul_ref(float *y, const float *x, const void *w, int w_dtype, int n_tokens, int n_in,
                     int n_out);
+/* The exact reduction order cake_matmul uses, in portable scalar code (also the
+ * kernel of builds without AVX-512): each output is 16 lanes, lane l an FMA
+ * chain over k = l, l+16, ... in increasing k, then the lanes summed by the tree
+ * ((l, l+8), then +4, +2, +1). cake_matmul gives bit-identical results for any
+ * n_tokens, thread count and build. Returns 0, or -1 for an unsupported dtype. */
+int cake_matmul_lanes(float *y, const float *x, const void *w, int w_dtype, int n_tokens,
+                      int n_in, int n_out);
 
 #endif

@@ -42,6 +42,17 @@ int cake_cuda_kv_write(cake_cuda_state *s, int layer, int pos0, int n, const voi
 int cake_cuda_kv_read(cake_cuda_state *s, int layer, int pos0, int n, void *k_f16, void *v_f16,
                       char *err, size_t errlen);
 
+/* Test hook for the attention kernels: runs one of them on random f16 data
+ * (q uniform in [-q_scale, q_scale], K and V in [-1, 1]) for queries at
+ * positions [pos0, pos0 + n) over a cache of pos0 + n positions, with f32
+ * output, and compares with a double-precision reference on the host.
+ * path: 0 what the forward pass picks, 1 tensor-core flash attention (head_dim
+ * 64 or 128), 2 the plain kernel, 3 the plain kernel split over 64-key ranges
+ * (n <= 8). 0 with *max_err = max |out - reference| (inf for NaN), -1 with
+ * err. Uses the current device; needs no model. */
+int cake_cuda_attention_check(int path, int head_dim, int n_heads, int n_kv_heads, int pos0, int n,
+                              float q_scale, double *max_err, char *err, size_t errlen);
+
 #ifdef __cplusplus
 }
 #endif

@@ -1,0 +1,136 @@
+/* Causal attention over the f16 KV cache, three ways:
+ *
+ *  - MMA (prefill, head_dim 64 or 128): flash attention on tensor cores
+ *    (mma.sync m16n8k16, f16 inputs, f32 accumulation). A block of 4 warps
+ *    takes 64 queries of one head (16 per warp) and walks the keys [0, kv_len)
+ *    in tiles of 64, double-buffered in shared memory with cp.async; S = Q K^T
+ *    and O += P V stay in registers, with the online softmax in between. The
+ *    score matrix is never stored. The key tiles start at multiples of 64 from
+ *    position 0 whatever pos0 is, so a query's result does not depend on how
+ *    the prompt was split into batches.
+ *  - SIMT (the plain reference, any even head_dim <= 256): one block per
+ *    (query, head); scores one key per thread, softmax and P V in f32.
+ *  - SPLIT (decode, few queries): the SIMT kernel over fixed ranges of
+ *    split_len keys, one block per (query, head, range), then a combine kernel
+ *    that merges the ranges in order (flash-decoding).
+ *
+ * All three are deterministic: fixed tiles, fixed reduction orders, no atomics.
+ *
+ * Fragment layouts (PTX ISA, mma.m16n8k16 with .f16 inputs; g = lane / 4,
+ * q = lane % 4):
+ *   A (16x16, row):  reg0 = A[g][2q..2q+1]   reg1 = A[g+8][2q..2q+1]
+ *                    reg2 = A[g][2q+8..+9]   reg3 = A[g+8][2q+8..+9]
+ *   B (16x8, col):   reg0 = B[2q..2q+1][g]   reg1 = B[2q+8..+9][g]
+ *   C (16x8, f32):   c0,c1 = C[g][2q..2q+1]  c2,c3 = C[g+8][2q..2q+1]
+ * ldmatrix.x4 loads four 8x8 f16 matrices whose row addresses come from lanes
+ * 8i..8i+7 (matrix i); lane l receives M_i[l/4][2(l%4)..+1] in register i, or
+ * with .trans M_i[2(l%4)..+1][l/4]. */
+#include "backend/cuda/attention_kernels.cuh"
+
+#include "model/gguf.h"
+
+using namespace cake_attn;
+
+namespace {
+
+/* ------------------------------------------------------------- dispatching */
+
+template <int HD, typename OutT>
+cudaError_t launch_mma(const cake_attn_launch *a, OutT *out, cudaStream_t st) {
+    const dim3 grid((unsigned)((a->n + MMA_BM - 1) / MMA_BM), (unsigned)a->n_heads);
+    const float scale_log2 = 1.4426950408889634f / sqrtf((float)HD);
+    attn_mma_kernel<HD, OutT><<<grid, MMA_WARPS * 32, mma_smem_bytes<HD>(), st>>>(
+        a->q, a->k, a->v, out, a->n, a->pos0, a->n_heads, a->n_kv_heads, scale_log2);
+    return cudaGetLastError();
+}
+
+template <typename OutT>
+cudaError_t launch_simt(const cake_attn_launch *a, OutT *out, int split, cudaStream_t st) {
+    const float scale = 1.0f / sqrtf((float)a->head_dim);
+    const size_t smem = (size_t)simt_smem_floats(a->head_dim) * sizeof(float);
+    if (!split) {
+        /* One range holding every key of every query of the batch. */
+        const int all = a->pos0 + a->n;
+        const dim3 grid((unsigned)a->n, (unsigned)a->n_heads, 1);
+        attn_simt_kernel<OutT><<<grid, SIMT_THREADS, smem, st>>>(
+            a->q, a->k, a->v, out, a->part, a->pos0, a->n_heads, a->n_kv_heads, a->head_dim, all,
+            1, scale);
+        return cudaGetLastError();
+    }
+    const int n_splits = (a->pos0 + a->n + a->split_len - 1) / a->split_len;
+    if (a->n > CAKE_ATTN_SPLIT_MAX_N || n_splits > a->n_splits_max || !a->part)
+        return cudaErrorInvalidValue;
+    const dim3 grid((unsigned)a->n, (unsigned)a->n_heads, (unsigned)n_splits);
+    attn_simt_kernel<OutT><<<grid, SIMT_THREADS, smem, st>>>(
+        a->q, a->k, a->v, out, a->part, a->pos0, a->n_heads, a->n_kv_heads, a->head_dim,
+        a->split_len, n_splits, scale);
+    cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) return e;
+    /* With one range the kernel above has written the output already. */
+    if (n_splits > 1) {
+        attn_combine_kernel<OutT><<<dim3((unsigned)a->n, (unsigned)a->n_heads), SIMT_THREADS, 0,
+                                    st>>>(a->part, out, a->pos0, a->n_heads, a->head_dim,
+                                          a->split_len, n_splits);
+        e = cudaGetLastError();
+    }
+    return e;
+}
+
+template <typename OutT>
+cudaError_t dispatch(const cake_attn_launch *a, int path, OutT *out, cudaStream_t st) {
+    if (path == CAKE_ATTN_AUTO) {
+        if (a->n <= CAKE_ATTN_SPLIT_MAX_N && a->part) path = CAKE_ATTN_SPLIT;
+        else if (cake_cuda_attention_supported(CAKE_ATTN_MMA, a->head_dim)) path = CAKE_ATTN_MMA;
+        else path = CAKE_ATTN_SIMT;
+    }
+    if (!cake_cuda_attention_supported(path, a->head_dim)) return cudaErrorInvalidValue;
+    switch (path) {
+    case CAKE_ATTN_MMA:
+        return a->head_dim == 64 ? launch_mma<64, OutT>(a, out, st)
+                                 : launch_mma<128, OutT>(a, out, st);
+    case CAKE_ATTN_SIMT: return launch_simt<OutT>(a, out, 0, st);
+    case CAKE_ATTN_SPLIT: return launch_simt<OutT>(a, out, 1, st);
+    default: return cudaErrorInvalidValue;
+    }
+}
+
+template <int HD> cudaError_t setup_mma() {
+    const int bytes = (int)mma_smem_bytes<HD>();
+    cudaError_t e;
+    if ((e = cudaFuncSetAttribute(attn_mma_kernel<HD, float>,
+                                  cudaFuncAttributeMaxDynamicSharedMemorySize, bytes)) ||
+        (e = cudaFuncSetAttribute(attn_mma_kernel<HD, __half>,
+                                  cudaFuncAttributeMaxDynamicSharedMemorySize, bytes)) ||
+        (e = cudaFuncSetAttribute(attn_mma_kernel<HD, __nv_bfloat16>,
+                                  cudaFuncAttributeMaxDynamicSharedMemorySize, bytes)))
+        return e;
+    return cudaSuccess;
+}
+
+} // namespace
+
+cudaError_t cake_cuda_attention_setup(void) {
+    cudaError_t e = setup_mma<64>();
+    if (e != cudaSuccess) return e;
+    return setup_mma<128>();
+}
+
+int cake_cuda_attention_supported(int path, int head_dim) {
+    if (head_dim < 2 || head_dim % 2) return 0;
+    switch (path) {
+    case CAKE_ATTN_AUTO: return head_dim <= SIMT_MAX_HD;
+    case CAKE_ATTN_MMA: return head_dim == 64 || head_dim == 128;
+    case CAKE_ATTN_SIMT:
+    case CAKE_ATTN_SPLIT: return head_dim <= SIMT_MAX_HD;
+    default: return 0;
+    }
+}
+
+cudaError_t cake_cuda_attention(const cake_attn_launch *a, int path, cudaStream_t st) {
+    switch (a->out_dtype) {
+    case CAKE_DTYPE_F32: return dispatch<float>(a, path, (float *)a->out, st);
+    case CAKE_DTYPE_F16: return dispatch<__half>(a, path, (__half *)a->out, st);
+    case CAKE_DTYPE_BF16: return dispatch<__nv_bfloat16>(a, path, (__nv_bfloat16 *)a->out, st);
+    default: return cudaErrorInvalidValue;
+    }
+}

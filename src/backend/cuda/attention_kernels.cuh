@@ -1,0 +1,376 @@
+/* The attention kernels (device code); attention.cu launches them. See
+ * attention.cu for the design and the fragment layouts.
+ *
+ * The PTX wrappers below (cp.async, ldmatrix, mma) are the only inline
+ * assembly; a host build that defines CAKE_CUDA_EMULATE supplies its own
+ * versions of them, which lets the kernel logic be run on a CPU with emulated
+ * warps (a debugging aid, not part of the build). */
+#ifndef CAKE_CUDA_ATTENTION_KERNELS_CUH
+#define CAKE_CUDA_ATTENTION_KERNELS_CUH
+
+#include "backend/cuda/common.cuh"
+
+namespace cake_attn {
+
+
+/* ---------------------------------------------------------------- MMA path */
+
+constexpr int MMA_WARPS = 4;
+constexpr int MMA_BM = 16 * MMA_WARPS; /* queries per block */
+constexpr int MMA_BN = 64;             /* keys per tile */
+
+#ifndef CAKE_CUDA_EMULATE
+__device__ __forceinline__ uint32_t smem_addr(const void *p) {
+    return (uint32_t)__cvta_generic_to_shared(p);
+}
+
+__device__ __forceinline__ void cp_async16(void *smem, const void *gmem) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(smem)), "l"(gmem)
+                 : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void *p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p))
+                 : "memory");
+}
+
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void *p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p))
+                 : "memory");
+}
+
+/* d += a * b for one m16n8k16 tile. */
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                          uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+#endif
+
+/* Two floats as f16x2: lo in the low half (the lower k index). */
+__device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t *>(&h);
+}
+
+template <int HD> __host__ __device__ constexpr int mma_ld() {
+    return HD + 8; /* row pitch in halves: 16 bytes of padding spread ldmatrix rows over all banks */
+}
+
+template <int HD> __host__ __device__ constexpr size_t mma_smem_bytes() {
+    return (size_t)(MMA_BM + 4 * MMA_BN) * (size_t)mma_ld<HD>() * sizeof(__half);
+}
+
+/* grid (ceil(n / 64), n_heads), block 128, dynamic smem mma_smem_bytes<HD>().
+ * scale_log2 = log2(e) / sqrt(head_dim): the softmax runs in base 2. */
+template <int HD, typename OutT>
+__global__ void __launch_bounds__(MMA_WARPS * 32, (HD <= 64 ? 3 : 2))
+    attn_mma_kernel(const __half *__restrict__ q, const __half *__restrict__ kc,
+                    const __half *__restrict__ vc, OutT *__restrict__ out, int n, int pos0,
+                    int n_heads, int n_kv_heads, float scale_log2) {
+    constexpr int LD = mma_ld<HD>();
+    constexpr int CH = HD / 8;         /* 16-byte chunks per row */
+    constexpr int NT = MMA_BN / 8;     /* n-tiles of S per key tile */
+    constexpr int DT = HD / 8;         /* n-tiles of O */
+    extern __shared__ uint4 smem_u4[]; /* uint4: 16-byte alignment for cp.async and ldmatrix */
+    __half *sQ = reinterpret_cast<__half *>(smem_u4); /* [MMA_BM][LD] */
+    __half *sK = sQ + MMA_BM * LD;                    /* [2][MMA_BN][LD] */
+    __half *sV = sK + 2 * MMA_BN * LD;                /* [2][MMA_BN][LD] */
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, tq = lane & 3;
+    /* The last query blocks have the most keys: start them first. */
+    const int m0 = ((int)gridDim.x - 1 - (int)blockIdx.x) * MMA_BM;
+    const int h = blockIdx.y, kvh = h / (n_heads / n_kv_heads);
+    const int rows = min(MMA_BM, n - m0);
+    const int kv_len = pos0 + m0 + rows; /* keys [0, kv_len) */
+    const int n_tiles = (kv_len + MMA_BN - 1) / MMA_BN;
+    const size_t q_stride = (size_t)n_heads * HD, kv_stride = (size_t)n_kv_heads * HD;
+    const __half *kbase = kc + (size_t)kvh * HD, *vbase = vc + (size_t)kvh * HD;
+
+    /* Q tile; rows past the batch are zero (their results are not written). */
+    for (int c = tid; c < MMA_BM * CH; c += MMA_WARPS * 32) {
+        const int r = c / CH, cc = c % CH;
+        __half *dst = sQ + r * LD + cc * 8;
+        if (r < rows) cp_async16(dst, q + (size_t)(m0 + r) * q_stride + (size_t)h * HD + cc * 8);
+        else *reinterpret_cast<uint4 *>(dst) = make_uint4(0, 0, 0, 0);
+    }
+    /* K/V tile `tile` into buffer `buf`. Keys at or past kv_len are zero-filled:
+     * they are masked out of the softmax, but a masked P of 0 times a garbage V
+     * (possibly NaN) would still poison O. */
+    auto load_kv = [&](int tile, int buf) {
+        __half *dk = sK + buf * MMA_BN * LD, *dv = sV + buf * MMA_BN * LD;
+        for (int c = tid; c < MMA_BN * CH; c += MMA_WARPS * 32) {
+            const int r = c / CH, cc = c % CH;
+            const int j = tile * MMA_BN + r;
+            if (j < kv_len) {
+                cp_async16(dk + r * LD + cc * 8, kbase + (size_t)j * kv_stride + cc * 8);
+                cp_async16(dv + r * LD + cc * 8, vbase + (size_t)j * kv_stride + cc * 8);
+            } else {
+                *reinterpret_cast<uint4 *>(dk + r * LD + cc * 8) = make_uint4(0, 0, 0, 0);
+                *reinterpret_cast<uint4 *>(dv + r * LD + cc * 8) = make_uint4(0, 0, 0, 0);
+            }
+        }
+    };
+    load_kv(0, 0);
+    cp_async_commit();
+
+    /* This thread's two query rows (within the block) and their positions. */
+    const int r_lo = warp * 16 + g, r_hi = r_lo + 8;
+    const int pq_lo = pos0 + m0 + r_lo, pq_hi = pos0 + m0 + r_hi;
+
+    float o[DT][4];
+#pragma unroll
+    for (int dt = 0; dt < DT; dt++) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.0f;
+    float m_lo = -INFINITY, m_hi = -INFINITY; /* running max (base-2 scaled scores) */
+    float l_lo = 0.0f, l_hi = 0.0f;           /* this thread's part of the running sums */
+    uint32_t qf[HD / 16][4];                  /* Q fragments, loaded once */
+
+    for (int it = 0; it < n_tiles; it++) {
+        if (it + 1 < n_tiles) {
+            load_kv(it + 1, (it + 1) & 1);
+            cp_async_commit();
+            cp_async_wait<1>(); /* everything but the newest group (tile it + 1) is in */
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        if (it == 0) {
+#pragma unroll
+            for (int ks = 0; ks < HD / 16; ks++)
+                ldsm_x4(qf[ks], sQ + (warp * 16 + (lane & 15)) * LD + ks * 16 + (lane >> 4) * 8);
+        }
+        const __half *tk = sK + (it & 1) * MMA_BN * LD, *tv = sV + (it & 1) * MMA_BN * LD;
+
+        /* S = Q K^T: B[k = d][n = key] = K[key][d], i.e. K's rows as stored. */
+        float s[NT][4];
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+#pragma unroll
+            for (int kk = 0; kk < HD / 32; kk++) {
+                uint32_t b[4]; /* d blocks kk*32 + {0, 8, 16, 24} of keys nt*8..+7 */
+                ldsm_x4(b, tk + (nt * 8 + (lane & 7)) * LD + kk * 32 + (lane >> 3) * 8);
+                mma_16816(s[nt], qf[2 * kk], b[0], b[1]);
+                mma_16816(s[nt], qf[2 * kk + 1], b[2], b[3]);
+            }
+        }
+
+        /* Scale and mask: query at position pq sees keys j <= pq. Only tiles
+         * reaching past the block's first query need the test. */
+        const int kbeg = it * MMA_BN;
+        const bool need_mask = kbeg + MMA_BN - 1 > pos0 + m0;
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int j = kbeg + nt * 8 + 2 * tq + (e & 1);
+                const int pq = e < 2 ? pq_lo : pq_hi;
+                float v = s[nt][e] * scale_log2;
+                if (need_mask && j > pq) v = -INFINITY;
+                s[nt][e] = v;
+            }
+        }
+
+        /* Online softmax. Key 0 is in tile 0 and visible to every row, so the
+         * running max is finite from the first tile on (no inf - inf). */
+        float mx_lo = -INFINITY, mx_hi = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+            mx_lo = fmaxf(mx_lo, fmaxf(s[nt][0], s[nt][1]));
+            mx_hi = fmaxf(mx_hi, fmaxf(s[nt][2], s[nt][3]));
+        }
+        /* The 4 threads of a quad hold the same two rows. */
+        mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));
+        mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
+        mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
+        mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
+        const float mn_lo = fmaxf(m_lo, mx_lo), mn_hi = fmaxf(m_hi, mx_hi);
+        const float a_lo = exp2f(m_lo - mn_lo), a_hi = exp2f(m_hi - mn_hi); /* 0 on the first tile */
+        m_lo = mn_lo;
+        m_hi = mn_hi;
+
+        /* P = exp2(S - m), packed straight into A fragments for P V: the k-step
+         * kj covers keys kj*16..+15 = S n-tiles 2kj (regs 0, 1) and 2kj+1 (2, 3). */
+        uint32_t pa[MMA_BN / 16][4];
+        float ls_lo = 0.0f, ls_hi = 0.0f;
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+            const float p0 = exp2f(s[nt][0] - mn_lo), p1 = exp2f(s[nt][1] - mn_lo);
+            const float p2 = exp2f(s[nt][2] - mn_hi), p3 = exp2f(s[nt][3] - mn_hi);
+            ls_lo += p0 + p1;
+            ls_hi += p2 + p3;
+            pa[nt / 2][(nt & 1) * 2 + 0] = pack_half2(p0, p1);
+            pa[nt / 2][(nt & 1) * 2 + 1] = pack_half2(p2, p3);
+        }
+        l_lo = l_lo * a_lo + ls_lo;
+        l_hi = l_hi * a_hi + ls_hi;
+#pragma unroll
+        for (int dt = 0; dt < DT; dt++) {
+            o[dt][0] *= a_lo;
+            o[dt][1] *= a_lo;
+            o[dt][2] *= a_hi;
+            o[dt][3] *= a_hi;
+        }
+
+        /* O += P V: B[k = key][n = d] = V[key][d], loaded transposed. */
+#pragma unroll
+        for (int kj = 0; kj < MMA_BN / 16; kj++) {
+#pragma unroll
+            for (int dt = 0; dt < DT; dt += 2) {
+                uint32_t b[4]; /* (keys lo, d dt), (keys hi, d dt), (lo, dt+1), (hi, dt+1) */
+                ldsm_x4_trans(b, tv + (kj * 16 + (lane & 15)) * LD + dt * 8 + (lane >> 4) * 8);
+                mma_16816(o[dt], pa[kj], b[0], b[1]);
+                mma_16816(o[dt + 1], pa[kj], b[2], b[3]);
+            }
+        }
+        __syncthreads(); /* the next iteration refills the buffer read here */
+    }
+
+    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 1);
+    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 2);
+    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 1);
+    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 2);
+    const float inv_lo = 1.0f / l_lo, inv_hi = 1.0f / l_hi;
+    OutT *orow_lo = out + (size_t)(m0 + r_lo) * q_stride + (size_t)h * HD;
+    OutT *orow_hi = out + (size_t)(m0 + r_hi) * q_stride + (size_t)h * HD;
+#pragma unroll
+    for (int dt = 0; dt < DT; dt++) {
+        const int d = dt * 8 + 2 * tq;
+        if (r_lo < rows) cake_store2(orow_lo + d, o[dt][0] * inv_lo, o[dt][1] * inv_lo);
+        if (r_hi < rows) cake_store2(orow_hi + d, o[dt][2] * inv_hi, o[dt][3] * inv_hi);
+    }
+}
+
+/* --------------------------------------------------------------- SIMT path */
+
+constexpr int SIMT_THREADS = 128; /* keys per step; also covers head_dim <= 256 in 2 slots */
+constexpr int SIMT_MAX_HD = 2 * SIMT_THREADS;
+
+__host__ __device__ constexpr int simt_smem_floats(int head_dim) {
+    return head_dim + SIMT_THREADS + 64;
+}
+
+/* grid (n, n_heads, n_splits), block SIMT_THREADS, dynamic smem
+ * simt_smem_floats(head_dim) floats. Query t (position p = pos0 + t) attends
+ * keys [s * split_len, min(p + 1, (s + 1) * split_len)). With n_splits == 1
+ * (split_len >= p + 1) it writes the normalised output; otherwise the
+ * unnormalised partial (o[head_dim], max, sum) of its range to `part`. */
+template <typename OutT>
+__global__ void __launch_bounds__(SIMT_THREADS)
+    attn_simt_kernel(const __half *__restrict__ q, const __half *__restrict__ kc,
+                     const __half *__restrict__ vc, OutT *__restrict__ out,
+                     float *__restrict__ part, int pos0, int n_heads, int n_kv_heads,
+                     int head_dim, int split_len, int n_splits, float scale) {
+    extern __shared__ float sm[];
+    float *qs = sm;                      /* [head_dim] */
+    float *ps = qs + head_dim;           /* [SIMT_THREADS] probabilities of the current step */
+    float *red_max = ps + SIMT_THREADS;  /* [32] block reductions */
+    float *red_sum = red_max + 32;       /* [32] */
+    const int t = blockIdx.x, h = blockIdx.y, sp = blockIdx.z, tid = threadIdx.x;
+    const int p = pos0 + t;
+    const int k_begin = sp * split_len;
+    const int k_end = min(p + 1, k_begin + split_len);
+    if (k_begin >= k_end) return; /* uniform over the block: a range past this query */
+
+    const int kvh = h / (n_heads / n_kv_heads);
+    const size_t kv_stride = (size_t)n_kv_heads * head_dim;
+    const __half *qrow = q + ((size_t)t * n_heads + h) * head_dim;
+    for (int d = tid; d < head_dim; d += SIMT_THREADS) qs[d] = __half2float(qrow[d]);
+    __syncthreads();
+    const __half *kb = kc + (size_t)kvh * head_dim, *vb = vc + (size_t)kvh * head_dim;
+
+    float m = -INFINITY, l = 0.0f, o0 = 0.0f, o1 = 0.0f; /* o for d = tid, tid + 128 */
+    for (int j0 = k_begin; j0 < k_end; j0 += SIMT_THREADS) {
+        const int j = j0 + tid;
+        float sc = -INFINITY;
+        if (j < k_end) {
+            const __half2 *kr = reinterpret_cast<const __half2 *>(kb + (size_t)j * kv_stride);
+            float acc = 0.0f;
+            for (int d2 = 0; d2 < head_dim / 2; d2++) {
+                const float2 kf = __half22float2(kr[d2]);
+                acc += qs[2 * d2] * kf.x + qs[2 * d2 + 1] * kf.y;
+            }
+            sc = acc * scale;
+        }
+        const float mt = cake_block_max(sc, red_max);
+        const float mn = fmaxf(m, mt); /* finite: key j0 is valid */
+        const float alpha = __expf(m - mn);
+        const float pj = j < k_end ? __expf(sc - mn) : 0.0f;
+        ps[tid] = pj;
+        const float st = cake_block_sum(pj, red_sum); /* its barrier also publishes ps */
+        l = l * alpha + st;
+        m = mn;
+        const int cnt = min(SIMT_THREADS, k_end - j0);
+        if (tid < head_dim) {
+            float acc = 0.0f;
+            for (int jj = 0; jj < cnt; jj++)
+                acc += ps[jj] * __half2float(vb[(size_t)(j0 + jj) * kv_stride + tid]);
+            o0 = o0 * alpha + acc;
+        }
+        if (tid + SIMT_THREADS < head_dim) {
+            float acc = 0.0f;
+            for (int jj = 0; jj < cnt; jj++)
+                acc += ps[jj] *
+                       __half2float(vb[(size_t)(j0 + jj) * kv_stride + tid + SIMT_THREADS]);
+            o1 = o1 * alpha + acc;
+        }
+        __syncthreads(); /* ps, red_max and red_sum are rewritten in the next step */
+    }
+
+    if (n_splits == 1) {
+        OutT *orow = out + ((size_t)t * n_heads + h) * head_dim;
+        if (tid < head_dim) orow[tid] = cake_from_f32<OutT>(o0 / l);
+        if (tid + SIMT_THREADS < head_dim) orow[tid + SIMT_THREADS] = cake_from_f32<OutT>(o1 / l);
+    } else {
+        float *pp = part + (((size_t)t * n_heads + h) * n_splits + sp) * (size_t)(head_dim + 2);
+        if (tid < head_dim) pp[tid] = o0;
+        if (tid + SIMT_THREADS < head_dim) pp[tid + SIMT_THREADS] = o1;
+        if (tid == 0) {
+            pp[head_dim] = m;
+            pp[head_dim + 1] = l;
+        }
+    }
+}
+
+/* grid (n, n_heads), block SIMT_THREADS: merges the ranges of query t in order. */
+template <typename OutT>
+__global__ void attn_combine_kernel(const float *__restrict__ part, OutT *__restrict__ out,
+                                    int pos0, int n_heads, int head_dim, int split_len,
+                                    int n_splits) {
+    const int t = blockIdx.x, h = blockIdx.y;
+    const int n_valid = (pos0 + t + 1 + split_len - 1) / split_len; /* ranges with keys */
+    const size_t pitch = (size_t)head_dim + 2;
+    const float *base = part + ((size_t)t * n_heads + h) * n_splits * pitch;
+    float mx = -INFINITY;
+    for (int s = 0; s < n_valid; s++) mx = fmaxf(mx, base[s * pitch + head_dim]);
+    float l = 0.0f;
+    for (int s = 0; s < n_valid; s++)
+        l += base[s * pitch + head_dim + 1] * __expf(base[s * pitch + head_dim] - mx);
+    OutT *orow = out + ((size_t)t * n_heads + h) * head_dim;
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float acc = 0.0f;
+        for (int s = 0; s < n_valid; s++)
+            acc += base[s * pitch + d] * __expf(base[s * pitch + head_dim] - mx);
+        orow[d] = cake_from_f32<OutT>(acc / l);
+    }
+}
+
+} // namespace cake_attn
+
+#endif

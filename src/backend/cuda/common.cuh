@@ -1,0 +1,145 @@
+/* Private helpers of the CUDA backend: element types, conversions, block
+ * reductions, and the launch wrappers of our kernels (kernels.cu, attention.cu).
+ *
+ * Element types: every matrix on the GPU has one type per model (f32, f16 or
+ * bf16, the type of the file's layer weights), named by a cake_dtype value. The
+ * residual stream, GEMM outputs and softmax are f32; GEMM inputs are in the
+ * weight type; Q, K and V for attention are f16.
+ *
+ * Determinism: every reduction below runs in a fixed order (warp butterflies,
+ * then the warps' partials summed in index order), no float atomics anywhere,
+ * so the same launch gives bit-identical results run to run. */
+#ifndef CAKE_CUDA_COMMON_CUH
+#define CAKE_CUDA_COMMON_CUH
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdint.h>
+
+/* ---- element conversions ---- */
+
+__device__ __forceinline__ float cake_to_f32(float v) {
+    return v;
+}
+__device__ __forceinline__ float cake_to_f32(__half v) {
+    return __half2float(v);
+}
+__device__ __forceinline__ float cake_to_f32(__nv_bfloat16 v) {
+    return __bfloat162float(v);
+}
+
+template <typename T> __device__ __forceinline__ T cake_from_f32(float v);
+template <> __device__ __forceinline__ float cake_from_f32<float>(float v) {
+    return v;
+}
+template <> __device__ __forceinline__ __half cake_from_f32<__half>(float v) {
+    return __float2half_rn(v);
+}
+template <> __device__ __forceinline__ __nv_bfloat16 cake_from_f32<__nv_bfloat16>(float v) {
+    return __float2bfloat16_rn(v);
+}
+
+/* Stores two adjacent elements p[0], p[1] (p is 2-element aligned). */
+__device__ __forceinline__ void cake_store2(float *p, float a, float b) {
+    *reinterpret_cast<float2 *>(p) = make_float2(a, b);
+}
+__device__ __forceinline__ void cake_store2(__half *p, float a, float b) {
+    *reinterpret_cast<__half2 *>(p) = __floats2half2_rn(a, b);
+}
+__device__ __forceinline__ void cake_store2(__nv_bfloat16 *p, float a, float b) {
+    *reinterpret_cast<__nv_bfloat162 *>(p) = __floats2bfloat162_rn(a, b);
+}
+
+/* ---- block reductions (fixed order; every thread gets the same value) ----
+ * scratch: at least 32 floats of shared memory, not in use by another
+ * reduction until a __syncthreads() after this one returns. */
+
+__device__ __forceinline__ float cake_warp_sum(float v) {
+    /* Butterfly: lanes i and i^k add the same two numbers (commutative), so all
+     * lanes end with bitwise the same sum. */
+    for (int k = 16; k > 0; k >>= 1) v += __shfl_xor_sync(0xffffffffu, v, k);
+    return v;
+}
+
+__device__ __forceinline__ float cake_warp_max(float v) {
+    for (int k = 16; k > 0; k >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, k));
+    return v;
+}
+
+__device__ __forceinline__ float cake_block_sum(float v, float *scratch) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, n_warps = blockDim.x >> 5;
+    v = cake_warp_sum(v);
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float s = 0.0f;
+    for (int w = 0; w < n_warps; w++) s += scratch[w];
+    return s;
+}
+
+__device__ __forceinline__ float cake_block_max(float v, float *scratch) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, n_warps = blockDim.x >> 5;
+    v = cake_warp_max(v);
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float m = -INFINITY;
+    for (int w = 0; w < n_warps; w++) m = fmaxf(m, scratch[w]);
+    return m;
+}
+
+/* ---- launch wrappers (return the launch's error, cudaSuccess if none) ----
+ * `dtype` arguments are cake_dtype values (0 F32, 1 F16, 30 BF16) naming the
+ * element type of the untyped pointer next to them. */
+
+/* x[t, :] = embd[tokens[t], :] as f32. x: (n, dim); embd: (n_vocab, dim). */
+cudaError_t cake_cuda_embed(float *x, const void *embd, int dtype, const int32_t *tokens, int n,
+                            int dim, cudaStream_t st);
+
+/* y[t, :] = x[t, :] / sqrt(mean(x[t, :]^2) + eps) * w, written as `dtype`. */
+cudaError_t cake_cuda_rmsnorm(void *y, int dtype, const float *x, const float *w, int n, int dim,
+                              float eps, cudaStream_t st);
+
+/* From qkv (n, dim + 2 kv_dim) f32 rows [q | k | v] of tokens at positions
+ * pos0 + t: q16 (n, dim) = rope(q) as f16; k_cache[pos0 + t] = rope(k) and
+ * v_cache[pos0 + t] = v as f16 (rows of kv_dim). inv_freq: (head_dim / 2)
+ * doubles, theta^(-2i/head_dim) * freq_scale. */
+cudaError_t cake_cuda_rope_kv(const float *qkv, __half *q16, __half *k_cache, __half *v_cache,
+                              const double *inv_freq, int n, int pos0, int n_heads, int n_kv_heads,
+                              int head_dim, cudaStream_t st);
+
+/* h[t, i] = silu(gu[t, i]) * gu[t, ffn + i] as `dtype`. gu: (n, 2 ffn); h: (n, ffn). */
+cudaError_t cake_cuda_swiglu(void *h, int dtype, const float *gu, int n, int ffn, cudaStream_t st);
+
+/* ---- attention (attention.cu) ---- */
+
+enum cake_attn_path {
+    CAKE_ATTN_AUTO = 0,  /* what the forward pass uses */
+    CAKE_ATTN_MMA = 1,   /* tensor-core flash attention (head_dim 64 or 128) */
+    CAKE_ATTN_SIMT = 2,  /* plain kernel, one block per (query, head) */
+    CAKE_ATTN_SPLIT = 3, /* plain kernel split over keys + combine (decode) */
+};
+
+typedef struct {
+    const __half *q;       /* (n, n_heads, head_dim) */
+    const __half *k, *v;   /* one layer's cache: (n_ctx, n_kv_heads, head_dim) */
+    void *out;             /* (n, n_heads, head_dim) of out_dtype */
+    int out_dtype;         /* cake_dtype */
+    int n, pos0;           /* queries at positions [pos0, pos0 + n); keys [0, pos0 + n) */
+    int n_heads, n_kv_heads, head_dim;
+    float *part;           /* split partials: split_max_n * n_heads * n_splits_max * (head_dim + 2) */
+    int split_len;         /* keys per split (split path) */
+    int n_splits_max;      /* capacity of part in splits */
+} cake_attn_launch;
+
+/* Most queries per call that take the split (decode) path in AUTO mode, and
+ * the capacity that `part` must have in queries. */
+#define CAKE_ATTN_SPLIT_MAX_N 8
+
+/* Sets up the kernels' shared-memory limits; call once per device. */
+cudaError_t cake_cuda_attention_setup(void);
+/* 1 if `path` can run head_dim hd with out_dtype. */
+int cake_cuda_attention_supported(int path, int head_dim);
+cudaError_t cake_cuda_attention(const cake_attn_launch *a, int path, cudaStream_t st);
+
+#endif

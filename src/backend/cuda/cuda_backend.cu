@@ -1,0 +1,820 @@
+/* The CUDA backend: state, weight upload, the forward pass, KV transfers.
+ *
+ * Memory on the GPU (T = max_batch):
+ *   weights, one element type for all (wtype = the file's layer dtype; a matrix
+ *     stored in another dtype is converted on the host while uploading):
+ *     tok_embd (n_vocab, dim); output (n_vocab, dim), the same buffer when tied;
+ *     per layer wqkv (dim + 2 kv_dim, dim) = [wq; wk; wv] stacked so one GEMM
+ *     makes q, k and v; wo (dim, dim); wgu (2 ffn, dim) = [w_gate; w_up];
+ *     wdown (dim, ffn); norms as f32.
+ *     F16 and BF16 stay as they are. F32 files stay F32 (GEMMs in plain FP32,
+ *     no TF32): such files are small test models, and keeping them exact keeps
+ *     the GPU within the CPU's tolerance of the llama2.c golden outputs.
+ *   KV cache: k_cache, v_cache (n_layers, n_ctx, kv_dim) f16, zeroed at init.
+ *   scratch: x (T, dim) f32 residual stream; xh (T, max(dim, ffn)) wtype, the
+ *     GEMM input (normed x, then attention output, then silu(g) * u); qkv
+ *     (T, dim + 2 kv_dim) f32; q16 (T, dim) f16 roped queries; gu (T, 2 ffn)
+ *     f32; logits (n_vocab) f32; part, the decode attention's split partials.
+ *
+ * One layer: xh = rmsnorm(x); qkv = xh Wqkv^T; rope + KV write; xh = attn;
+ * x += xh Wo^T (cuBLAS beta = 1 does the residual add); xh = rmsnorm(x);
+ * gu = xh Wgu^T; xh = silu(g) * u; x += xh Wdown^T.
+ *
+ * GEMMs are cublasGemmEx with f32 accumulation and f32 output (tensor cores for
+ * f16/bf16). Row-major y (T, n_out) = x (T, n_in) W^T is, seen column-major,
+ * y^T (n_out, T) = W (n_in, n_out)^T x^T (n_in, T): op(A) = T on W, op(B) = N.
+ *
+ * Everything runs on one stream; cake_cuda_forward synchronises before it
+ * returns, so a failed kernel is reported by the call that launched it. */
+#include "backend/cuda/cuda_backend.h"
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <thread>
+
+#include "backend/cuda/common.cuh"
+#include "model/model.h"
+#include "util/err.h"
+#include "util/f16.h"
+
+namespace {
+
+struct dev_layer {
+    float *attn_norm, *ffn_norm; /* (dim) */
+    void *wqkv;                  /* (dim + 2 kv_dim, dim) */
+    void *wo;                    /* (dim, dim) */
+    void *wgu;                   /* (2 ffn, dim) */
+    void *wdown;                 /* (dim, ffn) */
+};
+
+/* Profiling (env CAKE_CUDA_PROFILE=1): events at the phase boundaries of each
+ * layer of batches of at least PROF_MIN_N tokens; the time between two marks
+ * goes to the phase that ends at the second one. */
+enum {
+    PH_NORM,
+    PH_QKV,
+    PH_ROPE,
+    PH_ATTN,
+    PH_WO,
+    PH_GU,
+    PH_SWIGLU,
+    PH_DOWN,
+    PH_OTHER,
+    PH_COUNT
+};
+const char *const phase_names[PH_COUNT] = {"norms", "qkv", "rope+kv", "attention", "wo",
+                                           "gate+up", "swiglu", "down", "embed+logits"};
+constexpr int PROF_MIN_N = 64;
+
+constexpr size_t STAGE_BYTES = 64u << 20; /* pinned upload buffers, two of them */
+constexpr size_t BLAS_WS_BYTES = 32u << 20;
+
+} // namespace
+
+struct cake_cuda_state {
+    cake_hparams hp;
+    int n_ctx, max_batch;
+    int kv_dim, qkv_dim, xh_cols;
+    int wtype;    /* cake_dtype of every matrix on the GPU */
+    size_t welem; /* its size in bytes */
+    int attn_path;
+    cudaStream_t stream;
+    cublasHandle_t blas;
+
+    void *tok_embd, *output;
+    float *output_norm;
+    dev_layer *layers;
+    __half *k_cache, *v_cache; /* (n_layers, n_ctx, kv_dim) */
+    double *inv_freq;          /* (head_dim / 2) */
+    int32_t *tokens;           /* (T) */
+    float *x, *qkv, *gu, *logits, *part;
+    void *xh;
+    __half *q16;
+    int split_len, n_splits_max;
+
+    void **allocs; /* every cudaMalloc, freed together */
+    int n_allocs, cap_allocs;
+
+    void *stage[2]; /* pinned, only during init */
+    cudaEvent_t stage_ev[2];
+    int stage_next;
+
+    int prof;                 /* profiling on */
+    cudaEvent_t *prof_ev;     /* marks of one forward pass */
+    int n_prof_ev, prof_used; /* capacity, used in this pass */
+    int prof_phase[1024];     /* phase ending at mark i */
+};
+
+namespace {
+
+int cuda_fail(char *err, size_t errlen, const char *what, cudaError_t e) {
+    return cake_err(err, errlen, "cuda: %s failed: %s (%s)", what, cudaGetErrorString(e),
+                    cudaGetErrorName(e));
+}
+
+#define CK(call, what)                                                                             \
+    do {                                                                                           \
+        cudaError_t e_ = (call);                                                                   \
+        if (e_ != cudaSuccess) return cuda_fail(err, errlen, what, e_);                            \
+    } while (0)
+
+size_t dtype_size(int t) {
+    return t == CAKE_DTYPE_F32 ? 4 : 2;
+}
+
+const char *dtype_label(int t) {
+    return t == CAKE_DTYPE_F32 ? "F32" : t == CAKE_DTYPE_F16 ? "F16" : "BF16";
+}
+
+double gib(size_t b) {
+    return (double)b / (1024.0 * 1024.0 * 1024.0);
+}
+
+int dev_alloc(cake_cuda_state *s, void **p, size_t bytes, const char *what, char *err,
+              size_t errlen) {
+    *p = NULL;
+    if (s->n_allocs == s->cap_allocs) {
+        int cap = s->cap_allocs ? 2 * s->cap_allocs : 64;
+        void **a = (void **)realloc(s->allocs, (size_t)cap * sizeof(void *));
+        if (!a) return cake_err(err, errlen, "out of host memory");
+        s->allocs = a;
+        s->cap_allocs = cap;
+    }
+    cudaError_t e = cudaMalloc(p, bytes ? bytes : 1);
+    if (e != cudaSuccess) {
+        *p = NULL;
+        return cake_err(err, errlen, "cuda: cannot allocate %.3f GiB of GPU memory for %s: %s",
+                        gib(bytes), what, cudaGetErrorString(e));
+    }
+    s->allocs[s->n_allocs++] = *p;
+    return 0;
+}
+
+/* ---- host-side conversion for the upload ---- */
+
+void convert_range(void *dst, int dt, const void *src, int st, size_t n) {
+    if (dt == st) {
+        memcpy(dst, src, n * dtype_size(dt));
+        return;
+    }
+    for (size_t i = 0; i < n; i++) {
+        float v;
+        if (st == CAKE_DTYPE_F32) v = ((const float *)src)[i];
+        else if (st == CAKE_DTYPE_F16) v = cake_f16_to_f32(((const cake_f16 *)src)[i]);
+        else v = cake_bf16_to_f32(((const cake_bf16 *)src)[i]);
+        if (dt == CAKE_DTYPE_F32) ((float *)dst)[i] = v;
+        else if (dt == CAKE_DTYPE_F16) ((cake_f16 *)dst)[i] = cake_f32_to_f16(v);
+        else ((cake_bf16 *)dst)[i] = cake_f32_to_bf16(v);
+    }
+}
+
+/* The same over a few threads: reading the mapped file (page faults) and
+ * converting is the slow side of the upload, the DMA is faster. */
+void convert_parallel(void *dst, int dt, const void *src, int st, size_t n) {
+    constexpr int MAX_THREADS = 8;
+    unsigned hw = std::thread::hardware_concurrency();
+    size_t nt = hw < 1 ? 1 : hw > MAX_THREADS ? MAX_THREADS : hw;
+    const size_t min_per_thread = (size_t)1 << 20;
+    if (n / min_per_thread < nt) nt = n / min_per_thread;
+    if (nt < 1) nt = 1;
+    std::thread th[MAX_THREADS];
+    bool started[MAX_THREADS] = {false};
+    const size_t per = (n + nt - 1) / nt;
+    const size_t ds = dtype_size(dt), ss = dtype_size(st);
+    for (size_t k = 1; k < nt; k++) {
+        const size_t b = k * per, e = b + per < n ? b + per : n;
+        if (b >= e) break;
+        try {
+            th[k] = std::thread(convert_range, (char *)dst + b * ds, dt,
+                                (const char *)src + b * ss, st, e - b);
+            started[k] = true;
+        } catch (...) {
+            convert_range((char *)dst + b * ds, dt, (const char *)src + b * ss, st, e - b);
+        }
+    }
+    convert_range(dst, dt, src, st, per < n ? per : n);
+    for (size_t k = 1; k < nt; k++)
+        if (started[k]) th[k].join();
+}
+
+/* Copies n elements of dtype src_type at src (host) to dst (device, wtype),
+ * through the two pinned buffers so that conversion and DMA overlap. */
+int upload(cake_cuda_state *s, void *dst, const void *src, int src_type, size_t n,
+           const char *what, char *err, size_t errlen) {
+    const size_t piece = STAGE_BYTES / s->welem, ss = dtype_size(src_type);
+    for (size_t off = 0; off < n; off += piece) {
+        const size_t cnt = n - off < piece ? n - off : piece;
+        const int b = s->stage_next;
+        s->stage_next ^= 1;
+        CK(cudaEventSynchronize(s->stage_ev[b]), what); /* its previous copy is done */
+        convert_parallel(s->stage[b], s->wtype, (const char *)src + off * ss, src_type, cnt);
+        CK(cudaMemcpyAsync((char *)dst + off * s->welem, s->stage[b], cnt * s->welem,
+                           cudaMemcpyHostToDevice, s->stream),
+           what);
+        CK(cudaEventRecord(s->stage_ev[b], s->stream), what);
+    }
+    return 0;
+}
+
+int upload_weight(cake_cuda_state *s, void *dst, const cake_weight *w, const char *name, int layer,
+                  char *err, size_t errlen) {
+    char what[96];
+    if (layer >= 0) snprintf(what, sizeof(what), "uploading layer %d %s", layer, name);
+    else snprintf(what, sizeof(what), "uploading %s", name);
+    return upload(s, dst, w->data, w->dtype, (size_t)w->n_in * (size_t)w->n_out, what, err,
+                  errlen);
+}
+
+int upload_f32(cake_cuda_state *s, float **dst, const float *src, size_t n, const char *what,
+               char *err, size_t errlen) {
+    if (dev_alloc(s, (void **)dst, n * sizeof(float), what, err, errlen)) return -1;
+    /* Small (norm vectors): a plain synchronous copy. */
+    CK(cudaMemcpy(*dst, src, n * sizeof(float), cudaMemcpyHostToDevice), what);
+    return 0;
+}
+
+/* ---- forward helpers ---- */
+
+int gemm(cake_cuda_state *s, const void *w, const void *x, float *y, int n, int n_in, int n_out,
+         float beta, const char *what, int layer, char *err, size_t errlen) {
+    const float alpha = 1.0f;
+    const cudaDataType_t t = s->wtype == CAKE_DTYPE_F32   ? CUDA_R_32F
+                             : s->wtype == CAKE_DTYPE_F16 ? CUDA_R_16F
+                                                          : CUDA_R_16BF;
+    cublasStatus_t st =
+        cublasGemmEx(s->blas, CUBLAS_OP_T, CUBLAS_OP_N, n_out, n, n_in, &alpha, w, t, n_in, x, t,
+                     n_in, &beta, y, CUDA_R_32F, n_out, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+    if (st != CUBLAS_STATUS_SUCCESS)
+        return cake_err(err, errlen,
+                        "cuda: cublasGemmEx for %s of layer %d (%d tokens, %d -> %d, %s) failed: "
+                        "%s",
+                        what, layer, n, n_in, n_out, dtype_label(s->wtype),
+                        cublasGetStatusString(st));
+    return 0;
+}
+
+int kernel_check(cudaError_t e, const char *what, int layer, char *err, size_t errlen) {
+    if (e == cudaSuccess) return 0;
+    return cake_err(err, errlen, "cuda: launching %s (layer %d) failed: %s (%s)", what, layer,
+                    cudaGetErrorString(e), cudaGetErrorName(e));
+}
+
+void prof_mark(cake_cuda_state *s, int on, int phase) {
+    if (!on || s->prof_used >= s->n_prof_ev) return;
+    s->prof_phase[s->prof_used] = phase;
+    cudaEventRecord(s->prof_ev[s->prof_used++], s->stream);
+}
+
+void prof_report(cake_cuda_state *s, int n, int pos0) {
+    float t[PH_COUNT] = {0}, total = 0;
+    for (int i = 1; i < s->prof_used; i++) {
+        float ms = 0;
+        if (cudaEventElapsedTime(&ms, s->prof_ev[i - 1], s->prof_ev[i]) != cudaSuccess) return;
+        t[s->prof_phase[i]] += ms;
+        total += ms;
+    }
+    fprintf(stderr, "cake cuda profile: %d tokens at %d: %.2f ms =", n, pos0, total);
+    for (int p = 0; p < PH_COUNT; p++) fprintf(stderr, " %s %.2f", phase_names[p], t[p]);
+    fprintf(stderr, "\n");
+}
+
+__global__ void probe_kernel(int *p) {
+    if (p) *p = 1;
+}
+
+int init_state(cake_cuda_state *s, const cake_model *m, int n_ctx, int max_batch, char *err,
+               size_t errlen) {
+    const cake_hparams *hp = &m->hp;
+    s->hp = *hp;
+    s->n_ctx = n_ctx;
+    s->max_batch = max_batch;
+    const int dim = hp->dim, ffn = hp->ffn_dim, hd = hp->head_dim, L = hp->n_layers;
+    s->kv_dim = hp->n_kv_heads * hd;
+    s->qkv_dim = dim + 2 * s->kv_dim;
+    s->xh_cols = ffn > dim ? ffn : dim;
+    s->wtype = hp->weight_dtype;
+    if (s->wtype != CAKE_DTYPE_F32 && s->wtype != CAKE_DTYPE_F16 && s->wtype != CAKE_DTYPE_BF16)
+        return cake_err(err, errlen, "cuda: weight dtype %d is not supported (F32, F16, BF16 are)",
+                        s->wtype);
+    s->welem = dtype_size(s->wtype);
+    if (n_ctx < 1 || max_batch < 1)
+        return cake_err(err, errlen, "cuda: bad context size %d or batch %d", n_ctx, max_batch);
+
+    const char *path = getenv("CAKE_CUDA_ATTN");
+    s->attn_path = CAKE_ATTN_AUTO;
+    if (path && *path && strcmp(path, "auto")) {
+        if (!strcmp(path, "mma")) s->attn_path = CAKE_ATTN_MMA;
+        else if (!strcmp(path, "simt")) s->attn_path = CAKE_ATTN_SIMT;
+        else if (!strcmp(path, "split")) s->attn_path = CAKE_ATTN_SPLIT;
+        else
+            return cake_err(err, errlen,
+                            "cuda: CAKE_CUDA_ATTN='%s' (auto, mma, simt or split expected)", path);
+    }
+    if (!cake_cuda_attention_supported(s->attn_path, hd))
+        return cake_err(err, errlen,
+                        "cuda: head dimension %d is not supported by attention path %s (the "
+                        "plain kernel takes even sizes up to 256, the tensor-core one 64 and 128)",
+                        hd, path ? path : "auto");
+    if (s->attn_path == CAKE_ATTN_SPLIT && max_batch > CAKE_ATTN_SPLIT_MAX_N)
+        return cake_err(err, errlen, "cuda: CAKE_CUDA_ATTN=split takes batches of at most %d",
+                        CAKE_ATTN_SPLIT_MAX_N);
+
+    /* Decode splits: 256 keys each, more for huge contexts so that there are
+     * never more than 256 splits. */
+    s->split_len = 256 * ((n_ctx + 256 * 256 - 1) / (256 * 256));
+    s->n_splits_max = (n_ctx + s->split_len - 1) / s->split_len;
+
+    /* The whole plan first, so that a model that does not fit says so at once. */
+    const size_t T = (size_t)max_batch, V = (size_t)hp->n_vocab;
+    const size_t w_layer = ((size_t)s->qkv_dim * dim + (size_t)dim * dim + 2 * (size_t)ffn * dim +
+                            (size_t)dim * ffn) *
+                           s->welem;
+    const size_t w_bytes = (size_t)L * w_layer + (hp->tied_output ? 1 : 2) * V * dim * s->welem +
+                           (size_t)(2 * L + 1) * dim * sizeof(float);
+    const size_t kv_bytes = 2 * (size_t)L * (size_t)n_ctx * (size_t)s->kv_dim * sizeof(__half);
+    const size_t part_elems = (size_t)CAKE_ATTN_SPLIT_MAX_N * hp->n_heads * s->n_splits_max *
+                              (size_t)(hd + 2);
+    const size_t scratch_bytes = T * dim * sizeof(float) + T * s->xh_cols * s->welem +
+                                 T * s->qkv_dim * sizeof(float) + T * dim * sizeof(__half) +
+                                 T * 2 * ffn * sizeof(float) + V * sizeof(float) +
+                                 part_elems * sizeof(float) + T * sizeof(int32_t) + BLAS_WS_BYTES;
+    size_t free_b = 0, total_b = 0;
+    CK(cudaMemGetInfo(&free_b, &total_b), "querying GPU memory");
+    const size_t need = w_bytes + kv_bytes + scratch_bytes;
+    const size_t margin = (size_t)512 << 20; /* cuBLAS and the CUDA context allocate too */
+    if (need + margin > free_b)
+        return cake_err(err, errlen,
+                        "cuda: the model needs %.2f GiB of GPU memory (weights %.2f, KV cache of "
+                        "%d positions %.2f, scratch for batches of %d tokens %.2f) but only "
+                        "%.2f GiB are free",
+                        gib(need), gib(w_bytes), n_ctx, gib(kv_bytes), max_batch,
+                        gib(scratch_bytes), gib(free_b));
+
+    CK(cudaStreamCreateWithFlags(&s->stream, cudaStreamNonBlocking), "creating a stream");
+    cublasStatus_t bst = cublasCreate(&s->blas);
+    if (bst != CUBLAS_STATUS_SUCCESS) {
+        s->blas = NULL;
+        return cake_err(err, errlen, "cuda: cublasCreate failed: %s", cublasGetStatusString(bst));
+    }
+    void *ws;
+    if (dev_alloc(s, &ws, BLAS_WS_BYTES, "the cuBLAS workspace", err, errlen)) return -1;
+    if ((bst = cublasSetStream(s->blas, s->stream)) != CUBLAS_STATUS_SUCCESS ||
+        (bst = cublasSetWorkspace(s->blas, ws, BLAS_WS_BYTES)) != CUBLAS_STATUS_SUCCESS)
+        return cake_err(err, errlen, "cuda: setting up cuBLAS failed: %s",
+                        cublasGetStatusString(bst));
+    CK(cake_cuda_attention_setup(), "setting the attention kernels' shared memory");
+
+    /* ---- weights ---- */
+    for (int b = 0; b < 2; b++) {
+        CK(cudaHostAlloc(&s->stage[b], STAGE_BYTES, cudaHostAllocDefault),
+           "allocating pinned upload buffers");
+        CK(cudaEventCreateWithFlags(&s->stage_ev[b], cudaEventDisableTiming),
+           "creating upload events");
+    }
+    const size_t VD = V * (size_t)dim;
+    if (dev_alloc(s, &s->tok_embd, VD * s->welem, "token_embd", err, errlen) ||
+        upload_weight(s, s->tok_embd, &m->tok_embd, "token_embd", -1, err, errlen))
+        return -1;
+    if (hp->tied_output) {
+        s->output = s->tok_embd;
+    } else if (dev_alloc(s, &s->output, VD * s->welem, "output", err, errlen) ||
+               upload_weight(s, s->output, &m->output, "output", -1, err, errlen)) {
+        return -1;
+    }
+    if (upload_f32(s, &s->output_norm, m->output_norm, (size_t)dim, "uploading output_norm", err,
+                   errlen))
+        return -1;
+    s->layers = (dev_layer *)calloc((size_t)L, sizeof(dev_layer));
+    if (!s->layers) return cake_err(err, errlen, "out of host memory");
+    for (int l = 0; l < L; l++) {
+        const cake_layer *ml = &m->layers[l];
+        dev_layer *dl = &s->layers[l];
+        const size_t dd = (size_t)dim * dim, kd = (size_t)s->kv_dim * dim, fd = (size_t)ffn * dim;
+        char *wqkv, *wgu;
+        if (upload_f32(s, &dl->attn_norm, ml->attn_norm, (size_t)dim, "uploading attn_norm", err,
+                       errlen) ||
+            upload_f32(s, &dl->ffn_norm, ml->ffn_norm, (size_t)dim, "uploading ffn_norm", err,
+                       errlen) ||
+            dev_alloc(s, &dl->wqkv, (dd + 2 * kd) * s->welem, "attn_qkv", err, errlen) ||
+            dev_alloc(s, &dl->wo, dd * s->welem, "attn_output", err, errlen) ||
+            dev_alloc(s, &dl->wgu, 2 * fd * s->welem, "ffn_gate_up", err, errlen) ||
+            dev_alloc(s, &dl->wdown, fd * s->welem, "ffn_down", err, errlen))
+            return -1;
+        wqkv = (char *)dl->wqkv;
+        wgu = (char *)dl->wgu;
+        if (upload_weight(s, wqkv, &ml->wq, "attn_q", l, err, errlen) ||
+            upload_weight(s, wqkv + dd * s->welem, &ml->wk, "attn_k", l, err, errlen) ||
+            upload_weight(s, wqkv + (dd + kd) * s->welem, &ml->wv, "attn_v", l, err, errlen) ||
+            upload_weight(s, dl->wo, &ml->wo, "attn_output", l, err, errlen) ||
+            upload_weight(s, wgu, &ml->w_gate, "ffn_gate", l, err, errlen) ||
+            upload_weight(s, wgu + fd * s->welem, &ml->w_up, "ffn_up", l, err, errlen) ||
+            upload_weight(s, dl->wdown, &ml->w_down, "ffn_down", l, err, errlen))
+            return -1;
+    }
+    CK(cudaStreamSynchronize(s->stream), "uploading the weights");
+    for (int b = 0; b < 2; b++) {
+        cudaEventDestroy(s->stage_ev[b]);
+        cudaFreeHost(s->stage[b]);
+        s->stage_ev[b] = NULL;
+        s->stage[b] = NULL;
+    }
+
+    /* ---- KV cache and scratch ---- */
+    const size_t kv_half = kv_bytes / 2;
+    if (dev_alloc(s, (void **)&s->k_cache, kv_half, "the K cache", err, errlen) ||
+        dev_alloc(s, (void **)&s->v_cache, kv_half, "the V cache", err, errlen))
+        return -1;
+    /* Zeroed so that reading positions nobody wrote gives zeros, never NaN. */
+    CK(cudaMemsetAsync(s->k_cache, 0, kv_half, s->stream), "clearing the K cache");
+    CK(cudaMemsetAsync(s->v_cache, 0, kv_half, s->stream), "clearing the V cache");
+    if (dev_alloc(s, (void **)&s->x, T * dim * sizeof(float), "scratch x", err, errlen) ||
+        dev_alloc(s, &s->xh, T * s->xh_cols * s->welem, "scratch xh", err, errlen) ||
+        dev_alloc(s, (void **)&s->qkv, T * s->qkv_dim * sizeof(float), "scratch qkv", err,
+                  errlen) ||
+        dev_alloc(s, (void **)&s->q16, T * dim * sizeof(__half), "scratch q16", err, errlen) ||
+        dev_alloc(s, (void **)&s->gu, T * 2 * ffn * sizeof(float), "scratch gate/up", err,
+                  errlen) ||
+        dev_alloc(s, (void **)&s->logits, V * sizeof(float), "logits", err, errlen) ||
+        dev_alloc(s, (void **)&s->part, part_elems * sizeof(float), "attention partials", err,
+                  errlen) ||
+        dev_alloc(s, (void **)&s->tokens, T * sizeof(int32_t), "token ids", err, errlen))
+        return -1;
+
+    /* RoPE frequencies in double: theta^(-2i/head_dim) * freq_scale. */
+    double *inv = (double *)malloc((size_t)(hd / 2) * sizeof(double));
+    if (!inv) return cake_err(err, errlen, "out of host memory");
+    for (int i = 0; i < hd / 2; i++)
+        inv[i] = pow((double)hp->rope_theta, -2.0 * i / (double)hd) * (double)hp->rope_freq_scale;
+    int rc = dev_alloc(s, (void **)&s->inv_freq, (size_t)(hd / 2) * sizeof(double), "RoPE table",
+                       err, errlen);
+    if (!rc) {
+        cudaError_t e = cudaMemcpy(s->inv_freq, inv, (size_t)(hd / 2) * sizeof(double),
+                                   cudaMemcpyHostToDevice);
+        if (e != cudaSuccess) rc = cuda_fail(err, errlen, "uploading the RoPE table", e);
+    }
+    free(inv);
+    if (rc) return -1;
+
+    const char *prof = getenv("CAKE_CUDA_PROFILE");
+    if (prof && *prof && strcmp(prof, "0")) {
+        s->n_prof_ev = 9 * L + 8;
+        if (s->n_prof_ev > 1024) s->n_prof_ev = 1024;
+        s->prof_ev = (cudaEvent_t *)calloc((size_t)s->n_prof_ev, sizeof(cudaEvent_t));
+        if (!s->prof_ev) return cake_err(err, errlen, "out of host memory");
+        for (int i = 0; i < s->n_prof_ev; i++)
+            CK(cudaEventCreate(&s->prof_ev[i]), "creating profiling events");
+        s->prof = 1;
+    }
+    CK(cudaStreamSynchronize(s->stream), "initialising the CUDA backend");
+    return 0;
+}
+
+} // namespace
+
+extern "C" int cake_cuda_available(char *err, size_t errlen) {
+    int count = 0;
+    cudaError_t e = cudaGetDeviceCount(&count);
+    if (e != cudaSuccess) {
+        cuda_fail(err, errlen, "looking for a GPU", e);
+        return 0;
+    }
+    if (count < 1) {
+        cake_err(err, errlen, "cuda: no CUDA device");
+        return 0;
+    }
+    int dev = 0;
+    cudaDeviceProp prop;
+    if ((e = cudaGetDevice(&dev)) != cudaSuccess ||
+        (e = cudaGetDeviceProperties(&prop, dev)) != cudaSuccess) {
+        cuda_fail(err, errlen, "reading the device properties", e);
+        return 0;
+    }
+    if (prop.major < 8) {
+        cake_err(err, errlen, "cuda: %s (compute capability %d.%d) is too old: 8.0 or newer needed",
+                 prop.name, prop.major, prop.minor);
+        return 0;
+    }
+    /* The kernels were compiled for the architectures CMake named (sm_90 by
+     * default): make sure this device can run them. */
+    cudaFuncAttributes fa;
+    if ((e = cudaFuncGetAttributes(&fa, probe_kernel)) != cudaSuccess) {
+        cake_err(err, errlen, "cuda: this build has no kernels for %s (compute capability %d.%d): %s",
+                 prop.name, prop.major, prop.minor, cudaGetErrorString(e));
+        return 0;
+    }
+    return 1;
+}
+
+extern "C" void cake_cuda_free(cake_cuda_state *s) {
+    if (!s) return;
+    if (s->stream) cudaStreamSynchronize(s->stream);
+    for (int i = 0; i < s->n_allocs; i++) cudaFree(s->allocs[i]);
+    free(s->allocs);
+    for (int b = 0; b < 2; b++) {
+        if (s->stage_ev[b]) cudaEventDestroy(s->stage_ev[b]);
+        if (s->stage[b]) cudaFreeHost(s->stage[b]);
+    }
+    if (s->prof_ev) {
+        for (int i = 0; i < s->n_prof_ev; i++)
+            if (s->prof_ev[i]) cudaEventDestroy(s->prof_ev[i]);
+        free(s->prof_ev);
+    }
+    if (s->blas) cublasDestroy(s->blas);
+    if (s->stream) cudaStreamDestroy(s->stream);
+    free(s->layers);
+    free(s);
+}
+
+extern "C" int cake_cuda_init(const cake_model *m, int n_ctx, int max_batch,
+                              cake_cuda_state **out, char *err, size_t errlen) {
+    *out = NULL;
+    if (!cake_cuda_available(err, errlen)) return -1;
+    cake_cuda_state *s = (cake_cuda_state *)calloc(1, sizeof(*s));
+    if (!s) return cake_err(err, errlen, "out of host memory");
+    if (init_state(s, m, n_ctx, max_batch, err, errlen)) {
+        cake_cuda_free(s);
+        return -1;
+    }
+    *out = s;
+    return 0;
+}
+
+extern "C" int cake_cuda_forward(cake_cuda_state *s, const cake_token *tokens, int n, int pos0,
+                                 float *logits, char *err, size_t errlen) {
+    const cake_hparams *hp = &s->hp;
+    if (n < 1 || n > s->max_batch)
+        return cake_err(err, errlen, "cuda forward: %d tokens (1 to %d per call)", n,
+                        s->max_batch);
+    if (pos0 < 0 || (long long)pos0 + n > s->n_ctx)
+        return cake_err(err, errlen, "cuda forward: positions [%d, %lld) exceed the context of %d",
+                        pos0, (long long)pos0 + n, s->n_ctx);
+    for (int i = 0; i < n; i++)
+        if (tokens[i] < 0 || tokens[i] >= hp->n_vocab)
+            return cake_err(err, errlen,
+                            "cuda forward: token id %d at position %d is not in [0, %d)",
+                            tokens[i], pos0 + i, hp->n_vocab);
+    cudaStream_t st = s->stream;
+    const int dim = hp->dim, ffn = hp->ffn_dim;
+    const int prof = s->prof && n >= PROF_MIN_N;
+    s->prof_used = 0;
+    prof_mark(s, prof, PH_OTHER);
+
+    CK(cudaMemcpyAsync(s->tokens, tokens, (size_t)n * sizeof(int32_t), cudaMemcpyHostToDevice, st),
+       "copying the token ids to the GPU");
+    if (kernel_check(cake_cuda_embed(s->x, s->tok_embd, s->wtype, s->tokens, n, dim, st),
+                     "the embedding gather", -1, err, errlen))
+        return -1;
+    prof_mark(s, prof, PH_OTHER);
+
+    const size_t layer_kv = (size_t)s->n_ctx * (size_t)s->kv_dim;
+    for (int l = 0; l < hp->n_layers; l++) {
+        const dev_layer *L = &s->layers[l];
+        __half *kc = s->k_cache + (size_t)l * layer_kv, *vc = s->v_cache + (size_t)l * layer_kv;
+
+        if (kernel_check(cake_cuda_rmsnorm(s->xh, s->wtype, s->x, L->attn_norm, n, dim,
+                                           hp->rms_eps, st),
+                         "rmsnorm", l, err, errlen))
+            return -1;
+        prof_mark(s, prof, PH_NORM);
+        if (gemm(s, L->wqkv, s->xh, s->qkv, n, dim, s->qkv_dim, 0.0f, "q/k/v", l, err, errlen))
+            return -1;
+        prof_mark(s, prof, PH_QKV);
+        if (kernel_check(cake_cuda_rope_kv(s->qkv, s->q16, kc, vc, s->inv_freq, n, pos0,
+                                           hp->n_heads, hp->n_kv_heads, hp->head_dim, st),
+                         "rope/kv write", l, err, errlen))
+            return -1;
+        prof_mark(s, prof, PH_ROPE);
+
+        cake_attn_launch a;
+        a.q = s->q16;
+        a.k = kc;
+        a.v = vc;
+        a.out = s->xh;
+        a.out_dtype = s->wtype;
+        a.n = n;
+        a.pos0 = pos0;
+        a.n_heads = hp->n_heads;
+        a.n_kv_heads = hp->n_kv_heads;
+        a.head_dim = hp->head_dim;
+        a.part = s->part;
+        a.split_len = s->split_len;
+        a.n_splits_max = s->n_splits_max;
+        if (kernel_check(cake_cuda_attention(&a, s->attn_path, st), "attention", l, err, errlen))
+            return -1;
+        prof_mark(s, prof, PH_ATTN);
+        if (gemm(s, L->wo, s->xh, s->x, n, dim, dim, 1.0f, "attn_output", l, err, errlen))
+            return -1;
+        prof_mark(s, prof, PH_WO);
+
+        if (kernel_check(cake_cuda_rmsnorm(s->xh, s->wtype, s->x, L->ffn_norm, n, dim,
+                                           hp->rms_eps, st),
+                         "rmsnorm", l, err, errlen))
+            return -1;
+        prof_mark(s, prof, PH_NORM);
+        if (gemm(s, L->wgu, s->xh, s->gu, n, dim, 2 * ffn, 0.0f, "ffn gate/up", l, err, errlen))
+            return -1;
+        prof_mark(s, prof, PH_GU);
+        if (kernel_check(cake_cuda_swiglu(s->xh, s->wtype, s->gu, n, ffn, st), "swiglu", l, err,
+                         errlen))
+            return -1;
+        prof_mark(s, prof, PH_SWIGLU);
+        if (gemm(s, L->wdown, s->xh, s->x, n, ffn, dim, 1.0f, "ffn_down", l, err, errlen))
+            return -1;
+        prof_mark(s, prof, PH_DOWN);
+    }
+
+    if (logits) {
+        const float *last = s->x + (size_t)(n - 1) * (size_t)dim;
+        if (kernel_check(cake_cuda_rmsnorm(s->xh, s->wtype, last, s->output_norm, 1, dim,
+                                           hp->rms_eps, st),
+                         "the output rmsnorm", -1, err, errlen) ||
+            gemm(s, s->output, s->xh, s->logits, 1, dim, hp->n_vocab, 0.0f, "output", -1, err,
+                 errlen))
+            return -1;
+        CK(cudaMemcpyAsync(logits, s->logits, (size_t)hp->n_vocab * sizeof(float),
+                           cudaMemcpyDeviceToHost, st),
+           "copying the logits back");
+    }
+    prof_mark(s, prof, PH_OTHER);
+    CK(cudaStreamSynchronize(st), "the forward pass");
+    if (prof) prof_report(s, n, pos0);
+    return 0;
+}
+
+static int kv_check(const cake_cuda_state *s, int layer, int pos0, int n, char *err,
+                    size_t errlen) {
+    if (layer < 0 || layer >= s->hp.n_layers)
+        return cake_err(err, errlen, "cuda kv: layer %d is not in [0, %d)", layer,
+                        s->hp.n_layers);
+    if (pos0 < 0 || n < 0 || (long long)pos0 + n > s->n_ctx)
+        return cake_err(err, errlen, "cuda kv: positions [%d, %lld) exceed the context of %d",
+                        pos0, (long long)pos0 + n, s->n_ctx);
+    return 0;
+}
+
+extern "C" int cake_cuda_kv_write(cake_cuda_state *s, int layer, int pos0, int n,
+                                  const void *k_f16, const void *v_f16, char *err,
+                                  size_t errlen) {
+    if (kv_check(s, layer, pos0, n, err, errlen)) return -1;
+    if (n == 0) return 0;
+    const size_t off = ((size_t)layer * s->n_ctx + (size_t)pos0) * (size_t)s->kv_dim;
+    const size_t bytes = (size_t)n * (size_t)s->kv_dim * sizeof(__half);
+    CK(cudaMemcpyAsync(s->k_cache + off, k_f16, bytes, cudaMemcpyHostToDevice, s->stream),
+       "copying K to the GPU");
+    CK(cudaMemcpyAsync(s->v_cache + off, v_f16, bytes, cudaMemcpyHostToDevice, s->stream),
+       "copying V to the GPU");
+    CK(cudaStreamSynchronize(s->stream), "the KV write");
+    return 0;
+}
+
+extern "C" int cake_cuda_kv_read(cake_cuda_state *s, int layer, int pos0, int n, void *k_f16,
+                                 void *v_f16, char *err, size_t errlen) {
+    if (kv_check(s, layer, pos0, n, err, errlen)) return -1;
+    if (n == 0) return 0;
+    const size_t off = ((size_t)layer * s->n_ctx + (size_t)pos0) * (size_t)s->kv_dim;
+    const size_t bytes = (size_t)n * (size_t)s->kv_dim * sizeof(__half);
+    CK(cudaMemcpyAsync(k_f16, s->k_cache + off, bytes, cudaMemcpyDeviceToHost, s->stream),
+       "copying K from the GPU");
+    CK(cudaMemcpyAsync(v_f16, s->v_cache + off, bytes, cudaMemcpyDeviceToHost, s->stream),
+       "copying V from the GPU");
+    CK(cudaStreamSynchronize(s->stream), "the KV read");
+    return 0;
+}
+
+/* ---- attention check (a test hook, see cuda_backend.h) ---- */
+
+namespace {
+
+struct check_bufs {
+    __half *hq, *hk, *hv; /* host */
+    float *hout;
+    __half *q, *k, *v; /* device */
+    float *out, *part;
+};
+
+void check_bufs_free(check_bufs *b) {
+    free(b->hq);
+    free(b->hk);
+    free(b->hv);
+    free(b->hout);
+    cudaFree(b->q);
+    cudaFree(b->k);
+    cudaFree(b->v);
+    cudaFree(b->out);
+    cudaFree(b->part);
+}
+
+float rand_unit(uint64_t *x) { /* uniform in [-1, 1) */
+    *x = *x * 6364136223846793005ull + 1442695040888963407ull;
+    return (float)(*x >> 40) * (2.0f / 16777216.0f) - 1.0f;
+}
+
+int check_run(check_bufs *b, int path, int head_dim, int n_heads, int n_kv_heads, int pos0, int n,
+              float q_scale, double *max_err, char *err, size_t errlen) {
+    const int n_ctx = pos0 + n, split_len = 64, n_splits_max = (n_ctx + split_len - 1) / split_len;
+    const size_t nq = (size_t)n * n_heads * head_dim, nkv = (size_t)n_ctx * n_kv_heads * head_dim;
+    const size_t n_part =
+        (size_t)CAKE_ATTN_SPLIT_MAX_N * n_heads * n_splits_max * (size_t)(head_dim + 2);
+    b->hq = (__half *)malloc(nq * sizeof(__half));
+    b->hk = (__half *)malloc(nkv * sizeof(__half));
+    b->hv = (__half *)malloc(nkv * sizeof(__half));
+    b->hout = (float *)malloc(nq * sizeof(float));
+    if (!b->hq || !b->hk || !b->hv || !b->hout) return cake_err(err, errlen, "out of host memory");
+    uint64_t x = 0x5eed ^ ((uint64_t)head_dim << 32) ^ ((uint64_t)pos0 << 8) ^ (uint64_t)n;
+    for (size_t i = 0; i < nq; i++) b->hq[i] = __float2half(q_scale * rand_unit(&x));
+    for (size_t i = 0; i < nkv; i++) b->hk[i] = __float2half(rand_unit(&x));
+    for (size_t i = 0; i < nkv; i++) b->hv[i] = __float2half(rand_unit(&x));
+
+    CK(cudaMalloc((void **)&b->q, nq * sizeof(__half)), "allocating the check's queries");
+    CK(cudaMalloc((void **)&b->k, nkv * sizeof(__half)), "allocating the check's keys");
+    CK(cudaMalloc((void **)&b->v, nkv * sizeof(__half)), "allocating the check's values");
+    CK(cudaMalloc((void **)&b->out, nq * sizeof(float)), "allocating the check's output");
+    CK(cudaMalloc((void **)&b->part, n_part * sizeof(float)), "allocating the check's partials");
+    CK(cudaMemcpy(b->q, b->hq, nq * sizeof(__half), cudaMemcpyHostToDevice), "uploading queries");
+    CK(cudaMemcpy(b->k, b->hk, nkv * sizeof(__half), cudaMemcpyHostToDevice), "uploading keys");
+    CK(cudaMemcpy(b->v, b->hv, nkv * sizeof(__half), cudaMemcpyHostToDevice), "uploading values");
+    CK(cudaMemset(b->out, 0xff, nq * sizeof(float)), "clearing the output"); /* NaN if unwritten */
+    CK(cake_cuda_attention_setup(), "setting the attention kernels' shared memory");
+
+    cake_attn_launch a;
+    a.q = b->q;
+    a.k = b->k;
+    a.v = b->v;
+    a.out = b->out;
+    a.out_dtype = CAKE_DTYPE_F32;
+    a.n = n;
+    a.pos0 = pos0;
+    a.n_heads = n_heads;
+    a.n_kv_heads = n_kv_heads;
+    a.head_dim = head_dim;
+    a.part = b->part;
+    a.split_len = split_len;
+    a.n_splits_max = n_splits_max;
+    CK(cake_cuda_attention(&a, path, 0), "launching the attention kernel");
+    CK(cudaDeviceSynchronize(), "running the attention kernel");
+    CK(cudaMemcpy(b->hout, b->out, nq * sizeof(float), cudaMemcpyDeviceToHost),
+       "copying the attention output back");
+
+    /* Reference in double on the same f16 inputs. */
+    double worst = 0.0;
+    double *w = (double *)malloc((size_t)n_ctx * sizeof(double));
+    if (!w) return cake_err(err, errlen, "out of host memory");
+    const int group = n_heads / n_kv_heads;
+    for (int t = 0; t < n; t++) {
+        for (int h = 0; h < n_heads; h++) {
+            const __half *qr = b->hq + ((size_t)t * n_heads + h) * head_dim;
+            const int kvh = h / group, p = pos0 + t;
+            double mx = -INFINITY, sum = 0.0;
+            for (int j = 0; j <= p; j++) {
+                const __half *kr = b->hk + ((size_t)j * n_kv_heads + kvh) * head_dim;
+                double d = 0.0;
+                for (int i = 0; i < head_dim; i++)
+                    d += (double)__half2float(qr[i]) * (double)__half2float(kr[i]);
+                w[j] = d / sqrt((double)head_dim);
+                if (w[j] > mx) mx = w[j];
+            }
+            for (int j = 0; j <= p; j++) sum += (w[j] = exp(w[j] - mx));
+            for (int i = 0; i < head_dim; i++) {
+                double o = 0.0;
+                for (int j = 0; j <= p; j++)
+                    o += w[j] * (double)__half2float(
+                                    b->hv[((size_t)j * n_kv_heads + kvh) * head_dim + i]);
+                const double got = b->hout[((size_t)t * n_heads + h) * head_dim + i];
+                double e = fabs(got - o / sum);
+                if (e != e) e = INFINITY; /* NaN: an unwritten or poisoned output */
+                if (e > worst) worst = e;
+            }
+        }
+    }
+    free(w);
+    *max_err = worst;
+    return 0;
+}
+
+} // namespace
+
+extern "C" int cake_cuda_attention_check(int path, int head_dim, int n_heads, int n_kv_heads,
+                                         int pos0, int n, float q_scale, double *max_err,
+                                         char *err, size_t errlen) {
+    *max_err = 0.0;
+    if (!cake_cuda_available(err, errlen)) return -1;
+    if (n < 1 || pos0 < 0 || n_heads < 1 || n_kv_heads < 1 || n_heads % n_kv_heads)
+        return cake_err(err, errlen, "attention check: bad shape (n %d, pos0 %d, heads %d/%d)", n,
+                        pos0, n_heads, n_kv_heads);
+    if (!cake_cuda_attention_supported(path, head_dim))
+        return cake_err(err, errlen, "attention check: path %d does not take head_dim %d", path,
+                        head_dim);
+    if (path == CAKE_ATTN_SPLIT && n > CAKE_ATTN_SPLIT_MAX_N)
+        return cake_err(err, errlen, "attention check: the split path takes at most %d queries",
+                        CAKE_ATTN_SPLIT_MAX_N);
+    check_bufs b;
+    memset(&b, 0, sizeof(b));
+    int rc = check_run(&b, path, head_dim, n_heads, n_kv_heads, pos0, n, q_scale, max_err, err,
+                       errlen);
+    check_bufs_free(&b);
+    return rc;
+}

@@ -1,0 +1,619 @@
+/* The store front: URI parsing, the emulated link, counters, verification.
+ *
+ * The emulated link (bw=) models a link shared fairly by every transfer in
+ * flight, like TCP flows on one wire: generalized processor sharing. A virtual
+ * clock V counts the bytes that each active transfer has been served; it
+ * advances at bw / n_active while n_active transfers are in flight. A
+ * transfer of S bytes that starts when the clock reads V0 is done when V
+ * reaches V0 + S. So a lone transfer takes S / bw, and N concurrent ones each
+ * progress at bw / N. A transfer registers with the link before the backend
+ * does the real work (its size is set once known), so the real I/O overlaps
+ * the emulated time instead of adding to it: a transfer takes max(real,
+ * emulated). lat= is slept before the transfer joins the link (request
+ * latency does not occupy the wire). Reads and writes use separate links. */
+#include "store/store.h"
+
+#include <errno.h>
+#include <math.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <time.h>
+
+#include "store/store_impl.h"
+#include "util/err.h"
+
+/* ---- time ---- */
+
+uint64_t cake_store_now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static void sleep_ns(uint64_t ns) {
+    struct timespec ts = {(time_t)(ns / 1000000000ull), (long)(ns % 1000000000ull)};
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
+    }
+}
+
+/* ---- the emulated link ---- */
+
+typedef struct {
+    double bytes_per_ns; /* 0 = unlimited */
+    pthread_mutex_t mu;
+    pthread_cond_t cv;   /* on CLOCK_MONOTONIC */
+    double vclock;       /* bytes served to each active transfer so far */
+    uint64_t t_last;     /* real time of the last vclock update */
+    uint64_t idle_since; /* when the link last went idle (exact), 0 = never */
+    int n_active;
+} emu_link;
+
+/* A transfer that joins an idle link within this long after the previous one
+ * ended starts at that end: the gap is our own wake-up and scheduling delay
+ * (or the caller's turnaround), which a back-to-back client on a real link
+ * would not leave. Without it a lone stream reaches only 95-97% of bw= on a
+ * busy machine. */
+#define LINK_GRACE_NS 2000000ull
+
+static int link_init(emu_link *l, double bytes_per_s) {
+    memset(l, 0, sizeof(*l));
+    l->bytes_per_ns = bytes_per_s / 1e9;
+    pthread_condattr_t ca;
+    if (pthread_condattr_init(&ca)) return -1;
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    int rc = pthread_cond_init(&l->cv, &ca);
+    pthread_condattr_destroy(&ca);
+    if (rc) return -1;
+    if (pthread_mutex_init(&l->mu, NULL)) {
+        pthread_cond_destroy(&l->cv);
+        return -1;
+    }
+    return 0;
+}
+
+static void link_destroy(emu_link *l) {
+    pthread_mutex_destroy(&l->mu);
+    pthread_cond_destroy(&l->cv);
+}
+
+/* Under l->mu. */
+static void link_advance(emu_link *l, uint64_t now) {
+    if (l->n_active > 0 && now > l->t_last)
+        l->vclock += (double)(now - l->t_last) * l->bytes_per_ns / l->n_active;
+    l->t_last = now;
+}
+
+/* Joins the link; returns the virtual time of arrival. */
+static double link_join(emu_link *l) {
+    pthread_mutex_lock(&l->mu);
+    uint64_t now = cake_store_now_ns();
+    if (l->n_active == 0)
+        l->t_last = l->idle_since && now - l->idle_since < LINK_GRACE_NS ? l->idle_since : now;
+    else
+        link_advance(l, now);
+    l->n_active++;
+    double v0 = l->vclock;
+    pthread_mutex_unlock(&l->mu);
+    return v0;
+}
+
+/* Waits until the transfer that joined at v0 has been carried (bytes may be
+ * 0: it then just leaves), then leaves the link. */
+static void link_finish(emu_link *l, double v0, uint64_t bytes) {
+    double done = v0 + (double)bytes, pv;
+    uint64_t pt;
+    pthread_mutex_lock(&l->mu);
+    for (;;) {
+        uint64_t now = cake_store_now_ns();
+        pv = l->vclock;
+        pt = l->t_last;
+        link_advance(l, now);
+        if (l->vclock >= done) break;
+        /* When it would finish if nobody joins or leaves; a leaver wakes us
+         * early (broadcast), a joiner makes us wake early and wait again. */
+        double wait = (done - l->vclock) * l->n_active / l->bytes_per_ns;
+        uint64_t until = now + (uint64_t)ceil(wait);
+        struct timespec ts = {(time_t)(until / 1000000000ull), (long)(until % 1000000000ull)};
+        pthread_cond_timedwait(&l->cv, &l->mu, &ts);
+    }
+    /* We woke late. When the clock crossed `done` within its last step, leave
+     * at that exact moment: the others get the larger share from then on,
+     * and the link's idle time starts then. */
+    if (pv <= done && l->vclock > pv) {
+        double f = (done - pv) / (l->vclock - pv);
+        l->t_last = pt + (uint64_t)(f * (double)(l->t_last - pt));
+        l->vclock = done;
+    }
+    l->n_active--;
+    if (l->n_active == 0) l->idle_since = l->t_last;
+    pthread_cond_broadcast(&l->cv);
+    pthread_mutex_unlock(&l->mu);
+}
+
+/* ---- the store object ---- */
+
+struct cake_store {
+    const cake_store_ops *ops;
+    void *b;
+    char *uri;
+    int emulate; /* bw > 0 */
+    uint64_t lat_ns;
+    emu_link rd, wr;
+    cake_store_atomic_counters ctr;
+};
+
+static const char *default_dir(char *buf, size_t n) {
+    const char *x = getenv("XDG_CACHE_HOME"), *home = getenv("HOME");
+    if (x && *x == '/')
+        snprintf(buf, n, "%s/cake", x);
+    else if (home && *home)
+        snprintf(buf, n, "%s/.cache/cake", home);
+    else
+        return NULL;
+    return buf;
+}
+
+int cake_parse_size(const char *s, uint64_t *bytes) {
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (errno || end == s || !(v >= 0) || !isfinite(v)) return -1;
+    static const struct {
+        const char *suf;
+        double mul;
+    } units[] = {
+        {"", 1},
+        {"B", 1},
+        {"K", 1e3},
+        {"KB", 1e3},
+        {"KiB", 1024},
+        {"M", 1e6},
+        {"MB", 1e6},
+        {"MiB", 1048576.0},
+        {"G", 1e9},
+        {"GB", 1e9},
+        {"GiB", 1073741824.0},
+        {"T", 1e12},
+        {"TB", 1e12},
+        {"TiB", 1099511627776.0},
+    };
+    for (size_t i = 0; i < sizeof(units) / sizeof(units[0]); i++) {
+        if (!strcasecmp(end, units[i].suf)) {
+            double b = v * units[i].mul;
+            if (b >= 1.8e19) return -1;
+            *bytes = (uint64_t)llround(b);
+            return 0;
+        }
+    }
+    return -1;
+}
+
+int cake_parse_rate(const char *s, double *bytes_per_second) {
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (errno || end == s || !(v > 0) || !isfinite(v)) return -1;
+    char unit[32];
+    size_t n = strlen(end);
+    if (n >= sizeof(unit)) return -1;
+    memcpy(unit, end, n + 1);
+    if (n >= 2 && !strcmp(unit + n - 2, "/s")) unit[n - 2] = '\0';
+    /* Decimal prefix, then the unit: bits unless it says B (bytes). */
+    static const struct {
+        char c;
+        double dec, bin;
+    } prefixes[] = {{'k', 1e3, 1024.0},
+                    {'m', 1e6, 1048576.0},
+                    {'g', 1e9, 1073741824.0},
+                    {'t', 1e12, 1099511627776.0}};
+    const char *u = unit;
+    double dec = 1, bin = 0;
+    for (size_t i = 0; i < 4; i++) {
+        if ((*u | 0x20) == prefixes[i].c) {
+            dec = prefixes[i].dec;
+            bin = prefixes[i].bin;
+            u++;
+            break;
+        }
+    }
+    double mul;
+    if (!*u || !strcmp(u, "b") || !strcasecmp(u, "bit") || !strcasecmp(u, "bits") ||
+        !strcasecmp(u, "bps"))
+        mul = dec / 8; /* bits/s; a plain number is bits/s too */
+    else if (!strcmp(u, "B") || !strcmp(u, "Bps"))
+        mul = dec;
+    else if (!strcmp(u, "iB") && bin > 0)
+        mul = bin;
+    else
+        return -1;
+    *bytes_per_second = v * mul;
+    return 0;
+}
+
+static int parse_bool(const char *v, int *out) {
+    if (!strcmp(v, "1") || !strcmp(v, "true") || !strcmp(v, "yes"))
+        *out = 1;
+    else if (!strcmp(v, "0") || !strcmp(v, "false") || !strcmp(v, "no"))
+        *out = 0;
+    else
+        return -1;
+    return 0;
+}
+
+static int parse_param(cake_store_params *p, const char *name, const char *val, const char *uri,
+                       char *err, size_t errlen) {
+    int is_file = !strcmp(p->kind, "file"), is_redis = !strcmp(p->kind, "redis");
+    char *end;
+    if (!strcmp(name, "bw")) {
+        if (cake_parse_rate(val, &p->bw))
+            return cake_err(err, errlen,
+                            "store %s: bad bw=%s (a rate such as 25Gbit, 500Mbit, "
+                            "1.6GB)",
+                            uri, val);
+    } else if (!strcmp(name, "lat")) {
+        errno = 0;
+        p->lat_ms = strtod(val, &end);
+        if (errno || end == val || *end || !(p->lat_ms >= 0) || p->lat_ms > 1e6)
+            return cake_err(err, errlen, "store %s: bad lat=%s (milliseconds)", uri, val);
+    } else if (!strcmp(name, "capacity")) {
+        if (is_redis)
+            return cake_err(err, errlen,
+                            "store %s: capacity= is not supported by redis stores "
+                            "(set Redis's maxmemory instead)",
+                            uri);
+        if (cake_parse_size(val, &p->capacity) || !p->capacity)
+            return cake_err(err, errlen, "store %s: bad capacity=%s (a size such as 10G, 512MiB)",
+                            uri, val);
+    } else if (!strcmp(name, "direct") || !strcmp(name, "fsync")) {
+        if (!is_file)
+            return cake_err(err, errlen, "store %s: %s= is only for file stores", uri, name);
+        if (parse_bool(val, !strcmp(name, "direct") ? &p->direct : &p->fsync))
+            return cake_err(err, errlen, "store %s: bad %s=%s (0 or 1)", uri, name, val);
+    } else if (!strcmp(name, "timeout")) {
+        if (!is_redis)
+            return cake_err(err, errlen, "store %s: timeout= is only for redis stores", uri);
+        long t = strtol(val, &end, 10);
+        if (end == val || *end || t < 1 || t > 3600000)
+            return cake_err(err, errlen, "store %s: bad timeout=%s (milliseconds)", uri, val);
+        p->timeout_ms = (int)t;
+    } else {
+        return cake_err(err, errlen,
+                        "store %s: unknown parameter '%s' (known: bw, lat, capacity, "
+                        "direct, fsync, timeout)",
+                        uri, name);
+    }
+    return 0;
+}
+
+int cake_store_parse_uri(const char *uri, cake_store_params *p, char *err, size_t errlen) {
+    memset(p, 0, sizeof(*p));
+    p->direct = 1;
+    p->timeout_ms = 1000;
+    p->port = 6379;
+    char base[4352];
+    const char *q = strchr(uri, '?');
+    size_t blen = q ? (size_t)(q - uri) : strlen(uri);
+    if (blen >= sizeof(base)) return cake_err(err, errlen, "store URI too long");
+    memcpy(base, uri, blen);
+    base[blen] = '\0';
+
+    if (!strncmp(base, "file:", 5)) {
+        strcpy(p->kind, "file");
+        const char *path = base + 5;
+        if (!strncmp(path, "//", 2)) path += 2; /* file:///abs/path */
+        if (!*path && !(path = default_dir(p->path, sizeof(p->path))))
+            return cake_err(err, errlen,
+                            "store %s: no default directory (neither XDG_CACHE_HOME "
+                            "nor HOME is set)",
+                            uri);
+        if (strlen(path) >= sizeof(p->path))
+            return cake_err(err, errlen, "store %s: path too long", uri);
+        if (path != p->path) strcpy(p->path, path);
+    } else if (!strncmp(base, "redis://", 8)) {
+        strcpy(p->kind, "redis");
+        const char *h = base + 8, *slash = strchr(h, '/'), *colon;
+        size_t hlen = slash ? (size_t)(slash - h) : strlen(h);
+        colon = memchr(h, ':', hlen);
+        size_t host_len = colon ? (size_t)(colon - h) : hlen;
+        if (!host_len || host_len >= sizeof(p->host))
+            return cake_err(err, errlen, "store %s: expected redis://HOST:PORT[/DB]", uri);
+        memcpy(p->host, h, host_len);
+        p->host[host_len] = '\0';
+        char num[16];
+        if (colon) {
+            size_t plen = hlen - host_len - 1;
+            char *end;
+            if (!plen || plen >= sizeof(num))
+                return cake_err(err, errlen, "store %s: bad port", uri);
+            memcpy(num, colon + 1, plen);
+            num[plen] = '\0';
+            long port = strtol(num, &end, 10);
+            if (*end || port < 1 || port > 65535)
+                return cake_err(err, errlen, "store %s: bad port '%s'", uri, num);
+            p->port = (int)port;
+        }
+        if (slash && slash[1]) {
+            char *end;
+            long db = strtol(slash + 1, &end, 10);
+            if (*end || db < 0 || db > 1000000 || end == slash + 1)
+                return cake_err(err, errlen, "store %s: bad database number '%s'", uri, slash + 1);
+            p->db = (int)db;
+        }
+    } else if (!strcmp(base, "mem:")) {
+        strcpy(p->kind, "mem");
+    } else {
+        return cake_err(err, errlen,
+                        "store '%s': unknown kind (use file:PATH, "
+                        "redis://HOST:PORT[/DB] or mem:)",
+                        uri);
+    }
+
+    if (q) {
+        char params[1024];
+        if (strlen(q + 1) >= sizeof(params))
+            return cake_err(err, errlen, "store %s: parameters too long", uri);
+        strcpy(params, q + 1);
+        char *save = NULL;
+        for (char *kv = strtok_r(params, "&", &save); kv; kv = strtok_r(NULL, "&", &save)) {
+            char *eq = strchr(kv, '=');
+            if (!eq || eq == kv)
+                return cake_err(err, errlen, "store %s: parameter '%s' is not NAME=VALUE", uri, kv);
+            *eq = '\0';
+            if (parse_param(p, kv, eq + 1, uri, err, errlen)) return -1;
+        }
+    }
+    return 0;
+}
+
+static void ignore_if_default(int sig) {
+    struct sigaction old;
+    if (sigaction(sig, NULL, &old) == 0 && !(old.sa_flags & SA_SIGINFO) &&
+        old.sa_handler == SIG_DFL)
+        signal(sig, SIG_IGN);
+}
+
+int cake_store_open(const char *uri, cake_store **out, char *err, size_t errlen) {
+    *out = NULL;
+    cake_store_params p;
+    if (cake_store_parse_uri(uri, &p, err, errlen)) return -1;
+    cake_store *s = calloc(1, sizeof(*s));
+    if (!s || !(s->uri = strdup(uri))) {
+        free(s);
+        return cake_err(err, errlen, "store %s: out of memory", uri);
+    }
+    ignore_if_default(SIGPIPE);
+    ignore_if_default(SIGXFSZ);
+    s->emulate = p.bw > 0;
+    s->lat_ns = (uint64_t)llround(p.lat_ms * 1e6);
+    if (link_init(&s->rd, p.bw) || (link_init(&s->wr, p.bw) && (link_destroy(&s->rd), 1))) {
+        free(s->uri);
+        free(s);
+        return cake_err(err, errlen, "store %s: cannot create the link emulation", uri);
+    }
+    int rc;
+    if (!strcmp(p.kind, "file")) {
+        s->ops = &cake_store_file_ops;
+        rc = cake_store_file_open(&p, &s->ctr, &s->b, err, errlen);
+    } else if (!strcmp(p.kind, "redis")) {
+        s->ops = &cake_store_redis_ops;
+        rc = cake_store_redis_open(&p, &s->ctr, &s->b, err, errlen);
+    } else {
+        s->ops = &cake_store_mem_ops;
+        rc = cake_store_mem_open(&p, &s->ctr, &s->b, err, errlen);
+    }
+    if (rc) {
+        s->ops = NULL;
+        cake_store_close(s);
+        return -1;
+    }
+    *out = s;
+    return 0;
+}
+
+void cake_store_close(cake_store *s) {
+    if (!s) return;
+    if (s->ops) s->ops->close(s->b);
+    link_destroy(&s->rd);
+    link_destroy(&s->wr);
+    free(s->uri);
+    free(s);
+}
+
+const char *cake_store_kind(const cake_store *s) {
+    return s->ops->kind;
+}
+
+const char *cake_store_uri(const cake_store *s) {
+    return s->uri;
+}
+
+/* ---- buffers ---- */
+
+#define CAKE_STORE_ALIGN 4096
+
+size_t cake_store_buffer_size(size_t blob_size) {
+    return (blob_size + CAKE_STORE_ALIGN - 1) / CAKE_STORE_ALIGN * CAKE_STORE_ALIGN;
+}
+
+void *cake_store_alloc_buffer(size_t size) {
+    void *p = NULL;
+    size_t n = cake_store_buffer_size(size ? size : 1);
+    return posix_memalign(&p, CAKE_STORE_ALIGN, n) == 0 ? p : NULL;
+}
+
+void cake_store_free_buffer(void *p) {
+    free(p);
+}
+
+/* ---- calls ---- */
+
+static void add(_Atomic uint64_t *c, uint64_t v) {
+    atomic_fetch_add_explicit(c, v, memory_order_relaxed);
+}
+
+static void request_latency(cake_store *s) {
+    if (s->lat_ns) sleep_ns(s->lat_ns);
+}
+
+/* The backend get, inside the emulated link. Counts nothing. */
+static int emulated_get(cake_store *s, const cake_chunk_key *key, void *buf, size_t cap,
+                        size_t *len, char *err, size_t errlen) {
+    request_latency(s);
+    double v0 = s->emulate ? link_join(&s->rd) : 0;
+    *len = 0;
+    int rc = s->ops->get(s->b, key, buf, cap, len, err, errlen);
+    if (s->emulate) link_finish(&s->rd, v0, rc == 0 ? *len : 0);
+    return rc;
+}
+
+int cake_store_get(cake_store *s, const cake_chunk_key *key, void *buf, size_t cap, size_t *len,
+                   char *err, size_t errlen) {
+    uint64_t t0 = cake_store_now_ns();
+    if (err && errlen) err[0] = '\0';
+    int rc = emulated_get(s, key, buf, cap, len, err, errlen);
+    if (rc == 0) {
+        add(&s->ctr.hits, 1);
+        add(&s->ctr.bytes_read, *len);
+    } else if (rc != -1) { /* -1: the caller's buffer is too small; not a lookup result */
+        add(&s->ctr.misses, 1);
+        if (rc == CAKE_STORE_GET_FAILED) {
+            add(&s->ctr.errors, 1);
+            rc = 1;
+        }
+    }
+    add(&s->ctr.read_ns, cake_store_now_ns() - t0);
+    return rc;
+}
+
+int cake_store_get_verified(cake_store *s, const cake_chunk_header *expect, void *buf, size_t cap,
+                            size_t *len, char *err, size_t errlen) {
+    uint64_t t0 = cake_store_now_ns();
+    if (err && errlen) err[0] = '\0';
+    size_t want = cake_chunk_blob_size(expect);
+    if (!want) return cake_err(err, errlen, "get: the expected chunk has an invalid shape");
+    if (cap < want)
+        return cake_err(err, errlen, "get: buffer of %zu bytes is smaller than the %zu-byte chunk",
+                        cap, want);
+    int rc = emulated_get(s, &expect->key, buf, cap, len, err, errlen);
+    if (rc == 0 && cake_chunk_verify(buf, *len, expect, NULL, err, errlen) != 0) rc = -1;
+    if (rc == 0) {
+        add(&s->ctr.hits, 1);
+        add(&s->ctr.bytes_read, *len);
+    } else {
+        add(&s->ctr.misses, 1);
+        if (rc == CAKE_STORE_GET_FAILED) {
+            add(&s->ctr.errors, 1);
+        } else if (rc == -1) {
+            /* Bad bytes under this key (or a blob too big to be this chunk):
+             * never returned; removed so that the write-back replaces it. */
+            add(&s->ctr.corrupt, 1);
+            char e2[64];
+            s->ops->del(s->b, &expect->key, e2, sizeof(e2));
+        }
+        rc = 1;
+        *len = 0;
+    }
+    add(&s->ctr.read_ns, cake_store_now_ns() - t0);
+    return rc;
+}
+
+int cake_store_load(cake_store *s, const cake_chunk_header *expect, void *buf, size_t cap,
+                    cake_kv_cache *kv, int pos0, char *err, size_t errlen) {
+    /* Check the fit first: a chunk that cannot go into kv is the caller's
+     * mistake, not a corrupt chunk to delete. */
+    if (!kv || !kv->base || expect->n_layers != (uint32_t)kv->n_layers ||
+        (uint64_t)expect->n_kv_heads * expect->head_dim != (uint64_t)kv->kv_dim ||
+        expect->dtype != (uint32_t)kv->type || pos0 < 0 ||
+        (uint64_t)pos0 + expect->n_tokens > (uint64_t)kv->n_ctx)
+        return cake_err(err, errlen, "load: chunk %u does not fit the KV cache at position %d",
+                        expect->index, pos0);
+    size_t len;
+    int rc = cake_store_get_verified(s, expect, buf, cap, &len, err, errlen);
+    if (rc != 0) return rc;
+    return cake_chunk_copy_into(buf, expect, kv, pos0, err, errlen);
+}
+
+int cake_store_put(cake_store *s, const cake_chunk_key *key, const void *blob, size_t len,
+                   char *err, size_t errlen) {
+    request_latency(s);
+    double v0 = s->emulate ? link_join(&s->wr) : 0;
+    int rc = s->ops->put(s->b, key, blob, len, err, errlen);
+    if (s->emulate) link_finish(&s->wr, v0, rc == 0 ? len : 0);
+    if (rc == 0) {
+        add(&s->ctr.puts, 1);
+        add(&s->ctr.bytes_written, len);
+    } else {
+        add(&s->ctr.errors, 1);
+    }
+    return rc;
+}
+
+int cake_store_save(cake_store *s, cake_chunk_header *h, const cake_kv_cache *kv, int pos0,
+                    void *buf, size_t cap, char *err, size_t errlen) {
+    if (cake_chunk_encode(h, kv, pos0, buf, cap, err, errlen)) return -1;
+    return cake_store_put(s, &h->key, buf, cake_chunk_blob_size(h), err, errlen);
+}
+
+int cake_store_exists(cake_store *s, const cake_chunk_key *keys, size_t n, uint8_t *present,
+                      char *err, size_t errlen) {
+    memset(present, 0, n);
+    if (!n) return 0;
+    request_latency(s);
+    int rc = s->ops->exists(s->b, keys, n, present, err, errlen);
+    if (rc) {
+        memset(present, 0, n);
+        add(&s->ctr.errors, 1);
+    }
+    return rc;
+}
+
+int cake_store_del(cake_store *s, const cake_chunk_key *key, char *err, size_t errlen) {
+    request_latency(s);
+    int rc = s->ops->del(s->b, key, err, errlen);
+    if (rc < 0) add(&s->ctr.errors, 1);
+    return rc;
+}
+
+int cake_store_head(cake_store *s, const cake_chunk_key *key, void *buf, size_t n, size_t *len,
+                    uint64_t *total, char *err, size_t errlen) {
+    *len = 0;
+    *total = 0;
+    int rc = s->ops->head(s->b, key, buf, n, len, total, err, errlen);
+    if (rc < 0) add(&s->ctr.errors, 1);
+    return rc;
+}
+
+int cake_store_iterate(cake_store *s, cake_store_iter_fn fn, void *ctx, char *err, size_t errlen) {
+    return s->ops->iterate(s->b, fn, ctx, err, errlen);
+}
+
+int cake_store_usage_get(cake_store *s, cake_store_usage *u, char *err, size_t errlen) {
+    memset(u, 0, sizeof(*u));
+    return s->ops->usage(s->b, u, err, errlen);
+}
+
+int cake_store_gc(cake_store *s, uint64_t target, uint64_t *n_evicted, uint64_t *bytes_freed,
+                  char *err, size_t errlen) {
+    uint64_t n = 0, b = 0;
+    int rc = s->ops->gc(s->b, target, &n, &b, err, errlen);
+    add(&s->ctr.evictions, n);
+    if (n_evicted) *n_evicted = n;
+    if (bytes_freed) *bytes_freed = b;
+    return rc;
+}
+
+void cake_store_counters_get(const cake_store *s, cake_store_counters *o) {
+    cake_store_atomic_counters *c = (cake_store_atomic_counters *)&s->ctr;
+    o->hits = atomic_load(&c->hits);
+    o->misses = atomic_load(&c->misses);
+    o->corrupt = atomic_load(&c->corrupt);
+    o->errors = atomic_load(&c->errors);
+    o->bytes_read = atomic_load(&c->bytes_read);
+    o->bytes_written = atomic_load(&c->bytes_written);
+    o->read_ns = atomic_load(&c->read_ns);
+    o->puts = atomic_load(&c->puts);
+    o->evictions = atomic_load(&c->evictions);
+}

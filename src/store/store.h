@@ -1,0 +1,165 @@
+/* The KV chunk store: where computed chunks are kept and loaded from.
+ *
+ * One interface over several backends, chosen by URI (DESIGN.md section 3):
+ *
+ *     file:PATH                one file per chunk under PATH (file: alone =
+ *                              $XDG_CACHE_HOME/cake or ~/.cache/cake)
+ *     redis://HOST:PORT[/DB]   a Redis server, shareable between machines
+ *     mem:                     in-process RAM
+ *
+ * Query parameters (any backend unless noted), e.g. file:/data/kv?bw=25Gbit&lat=0.2:
+ *     bw=RATE        emulate a link of RATE: every transfer (get and put, each
+ *                    direction its own link, like a full-duplex network) is
+ *                    held until a fair-shared link of RATE has carried it, so
+ *                    N concurrent transfers each get about RATE/N. RATE is
+ *                    bits/s by default: 25Gbit, 500Mbit, 100000; bytes with
+ *                    B: 1.6GB, 800MB, 1GiB.
+ *     lat=MS         add MS milliseconds (float) to every request.
+ *     capacity=SIZE  (file, mem) most bytes kept; least recently used chunks
+ *                    are evicted to make room. 10G, 512MiB, ...
+ *     direct=0|1     (file) read with O_DIRECT (default 1; falls back to
+ *                    buffered reads where the filesystem refuses it).
+ *     fsync=0|1      (file) fsync each chunk before publishing it (default 0).
+ *     timeout=MS     (redis) read/write timeout, default 1000; connect
+ *                    timeout is min(200, MS).
+ * Unknown parameters are an error that names them.
+ *
+ * Trust: a lookup never returns a wrong chunk. The verified calls
+ * (cake_store_get_verified, cake_store_load) check the whole blob (see
+ * chunk.h) and turn any failure into a miss, counted as `corrupt`, and remove
+ * the bad chunk so that it gets rewritten. A failing backend (Redis down or
+ * hung, a file vanishing, an I/O error) is also a miss, within the timeout:
+ * the caller computes instead.
+ *
+ * Threads: a store may be used by several threads at once (the loader's I/O
+ * workers); the file backend uses one fd per call, Redis a pool of
+ * connections (one per concurrent caller), mem a mutex around its index.
+ *
+ * Opening a store sets SIGPIPE and SIGXFSZ to SIG_IGN when they are at their
+ * defaults, so that a closed socket or a file-size limit is an error code, not
+ * the death of the process. */
+#ifndef CAKE_STORE_H
+#define CAKE_STORE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kv/kv_cache.h"
+#include "store/chunk.h"
+#include "store/key.h"
+
+typedef struct cake_store cake_store;
+
+/* What the engine exports (later as Prometheus metrics). Monotonic. */
+typedef struct {
+    uint64_t hits;          /* gets that returned a chunk (verified ones for the verified calls) */
+    uint64_t misses;        /* gets that returned none: absent, corrupt or failed */
+    uint64_t corrupt;       /* chunks that failed verification (also counted in misses) */
+    uint64_t errors;        /* backend failures: I/O errors, Redis down, failed puts */
+    uint64_t bytes_read;    /* blob bytes returned by hits */
+    uint64_t bytes_written; /* blob bytes of successful puts */
+    uint64_t read_ns;       /* wall time spent in get calls, emulated link time included */
+    uint64_t puts;          /* successful puts */
+    uint64_t evictions;     /* chunks removed to respect capacity (or by gc) */
+} cake_store_counters;
+
+typedef struct {
+    cake_chunk_key key;
+    uint64_t size;     /* blob bytes */
+    int64_t last_used; /* unix seconds of the last read or write; 0 = unknown */
+} cake_store_entry;
+
+typedef struct {
+    uint64_t n_chunks;
+    uint64_t bytes;
+    uint64_t capacity; /* 0 = no limit set */
+} cake_store_usage;
+
+/* Opens (and for file:, creates) the store named by uri. A Redis store opens
+ * even when the server is down: its lookups then miss until it is back. */
+int cake_store_open(const char *uri, cake_store **out, char *err, size_t errlen);
+void cake_store_close(cake_store *s);             /* accepts NULL */
+const char *cake_store_kind(const cake_store *s); /* "file", "redis" or "mem" */
+const char *cake_store_uri(const cake_store *s);
+
+/* Buffers for gets. The file backend reads straight into the caller's buffer
+ * with O_DIRECT only when it is 4096-aligned and has room for the blob rounded
+ * up to 4096 bytes (the last block is read whole); other buffers are read
+ * through the page cache. cake_store_buffer_size(blob) gives that rounded
+ * size; cake_store_alloc_buffer returns such a buffer (free with
+ * cake_store_free_buffer), NULL when out of memory. */
+size_t cake_store_buffer_size(size_t blob_size);
+void *cake_store_alloc_buffer(size_t size);
+void cake_store_free_buffer(void *p);
+
+/* Raw get: copies the blob stored under key into buf (cap bytes) and sets
+ * *len. Returns 0 on a hit, 1 on a miss (absent, or the backend failed: then
+ * err says why and `errors` is counted), -1 when the blob does not fit in cap
+ * (err says so). Does not verify the blob. */
+int cake_store_get(cake_store *s, const cake_chunk_key *key, void *buf, size_t cap, size_t *len,
+                   char *err, size_t errlen);
+
+/* Get + full verification against expect (fingerprint, key, index, n_tokens,
+ * n_layers, n_kv_heads, head_dim, dtype). 0: buf holds a valid blob of *len
+ * bytes. 1: miss; when the chunk was there but bad, it is counted as corrupt,
+ * removed from the store, and err names the failed check (err is "" for a
+ * plain absence). -1: cap is smaller than the blob expect describes. */
+int cake_store_get_verified(cake_store *s, const cake_chunk_header *expect, void *buf, size_t cap,
+                            size_t *len, char *err, size_t errlen);
+
+/* cake_store_get_verified, then the copy of the chunk into kv at positions
+ * [pos0, pos0 + n_tokens). buf (cap bytes) is the caller's staging buffer.
+ * Same return codes; -1 also when the chunk does not fit kv. kv is only
+ * written on 0. */
+int cake_store_load(cake_store *s, const cake_chunk_header *expect, void *buf, size_t cap,
+                    cake_kv_cache *kv, int pos0, char *err, size_t errlen);
+
+/* Stores a blob under key (replacing any). Readers see the old blob or the new
+ * one, never a part. 0 ok, -1 on failure (no space, Redis down...). */
+int cake_store_put(cake_store *s, const cake_chunk_key *key, const void *blob, size_t len,
+                   char *err, size_t errlen);
+
+/* cake_chunk_encode of positions [pos0, pos0 + h->n_tokens) of kv into buf
+ * (cap bytes), then cake_store_put under h->key. */
+int cake_store_save(cake_store *s, cake_chunk_header *h, const cake_kv_cache *kv, int pos0,
+                    void *buf, size_t cap, char *err, size_t errlen);
+
+/* present[i] = 1 when keys[i] is in the store, for i < n, in one round trip
+ * where the backend allows (pipelined on Redis). present is always filled:
+ * on a backend failure every entry is 0 and the call returns -1 with err, so
+ * callers may simply treat the result as misses. */
+int cake_store_exists(cake_store *s, const cake_chunk_key *keys, size_t n, uint8_t *present,
+                      char *err, size_t errlen);
+
+/* 0 removed, 1 was absent, -1 failure. */
+int cake_store_del(cake_store *s, const cake_chunk_key *key, char *err, size_t errlen);
+
+/* The first min(n, blob size) bytes of a blob (for listing headers) in buf,
+ * *total = the blob's size. 0 / 1 (absent) / -1. */
+int cake_store_head(cake_store *s, const cake_chunk_key *key, void *buf, size_t n, size_t *len,
+                    uint64_t *total, char *err, size_t errlen);
+
+/* Calls fn for every chunk, in no particular order, until fn returns nonzero.
+ * fn may call other functions of the same store. Chunks written or removed
+ * meanwhile may or may not be seen. 0 ok, -1 failure. */
+typedef int (*cake_store_iter_fn)(const cake_store_entry *e, void *ctx);
+int cake_store_iterate(cake_store *s, cake_store_iter_fn fn, void *ctx, char *err, size_t errlen);
+
+int cake_store_usage_get(cake_store *s, cake_store_usage *u, char *err, size_t errlen);
+
+/* Maintenance: removes leftovers of interrupted writes (file), then evicts
+ * least recently used chunks until at most target bytes remain (UINT64_MAX =
+ * evict nothing). Counts what it evicted. */
+int cake_store_gc(cake_store *s, uint64_t target, uint64_t *n_evicted, uint64_t *bytes_freed,
+                  char *err, size_t errlen);
+
+void cake_store_counters_get(const cake_store *s, cake_store_counters *out);
+
+/* Parsers shared with the command line. 0 ok, -1 when s is not a valid value.
+ * Sizes: a number with an optional K/M/G/T (powers of 1000, B optional) or
+ * KiB/MiB/GiB/TiB suffix. Rates: bits/s by default or with bit / bps; bytes/s
+ * with B (KB, MB, GB, KiB...); a "/s" may follow. */
+int cake_parse_size(const char *s, uint64_t *bytes);
+int cake_parse_rate(const char *s, double *bytes_per_second);
+
+#endif

@@ -1,0 +1,595 @@
+/* file: one file per chunk, ROOT/ab/cd/<32 hex>.chunk (ab, cd = the key's
+ * first two bytes: 65536 folders keep directories small at any store size).
+ *
+ * Publishing: a put writes ROOT/tmp/<host>.<pid>.<seq>.tmp and renames it over
+ * the final name. rename() is atomic, so a reader (in this process or another,
+ * even one that opened the file a moment before a replacement) sees the old
+ * blob or the new one, never a part, and a writer killed mid-write leaves only
+ * its temporary file, which the next open (or `cake store gc`) removes once its
+ * writer is dead. No fsync by default: after a power loss a chunk may be lost
+ * or read back short, which verification turns into a miss; fsync=1 makes a
+ * put durable when it returns, at a large cost in write speed.
+ *
+ * Reads: with direct=1 (default) a get reads with O_DIRECT into the caller's
+ * buffer when it is 4096-aligned and has room for the file rounded up to
+ * 4096 bytes (the last block is requested whole and comes back short at end
+ * of file); the page cache is bypassed, so what is measured is the disk. Other
+ * buffers, and filesystems that refuse O_DIRECT (tmpfs), get buffered reads.
+ *
+ * Recency and capacity: a read sets the file's atime (at most once a minute
+ * per file, with futimens, so noatime mounts work too); last use =
+ * max(atime, mtime) survives restarts with no index on disk. With capacity=,
+ * open scans the store once to build an in-memory LRU index (a startup cost;
+ * gets, exists and puts never scan), and a put that would exceed the capacity
+ * first removes the least recently used files. Before removing a file the
+ * index thinks is oldest, its atime is checked, in case another process has
+ * used it since. Several processes sharing a directory each enforce the
+ * capacity over what they know; `cake store gc` enforces it exactly. */
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "store/lru.h"
+#include "store/store_impl.h"
+#include "util/err.h"
+
+#define ALIGN           4096
+#define TMP_MAX_AGE_S   3600 /* temporary files of any writer older than this are leftovers */
+#define ATIME_REFRESH_S 60
+
+void (*cake_store_file_mid_write_hook)(void) = NULL;
+
+typedef struct {
+    char root[4096];
+    char host[64];
+    int fsync;
+    _Atomic int direct;
+    _Atomic uint64_t tmp_seq;
+    uint64_t capacity;
+    cake_store_atomic_counters *ctr;
+    pthread_mutex_t mu; /* guards lru and pending (capacity only) */
+    cake_lru lru;       /* node->stamp = last use (unix seconds) */
+    uint64_t pending;   /* bytes of puts in progress */
+} file_store;
+
+static int path_of(const file_store *f, const cake_chunk_key *k, char *buf, size_t n) {
+    char hex[33];
+    cake_key_hex(k, hex);
+    int w = snprintf(buf, n, "%s/%.2s/%.2s/%s.chunk", f->root, hex, hex + 2, hex);
+    return w > 0 && (size_t)w < n ? 0 : -1;
+}
+
+static int mkdir_p(const char *path) {
+    char tmp[4200];
+    size_t len = strlen(path);
+    if (len >= sizeof(tmp)) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    memcpy(tmp, path, len + 1);
+    for (char *p = tmp + 1; *p; p++) {
+        if (*p != '/') continue;
+        *p = '\0';
+        if (mkdir(tmp, 0755) != 0 && errno != EEXIST) return -1;
+        *p = '/';
+    }
+    if (mkdir(tmp, 0755) != 0 && errno != EEXIST) return -1;
+    return 0;
+}
+
+static int64_t last_use(const struct stat *st) {
+    return st->st_atime > st->st_mtime ? (int64_t)st->st_atime : (int64_t)st->st_mtime;
+}
+
+/* Parses "<32 hex>.chunk". */
+static int chunk_name(const char *name, cake_chunk_key *k) {
+    char hex[33];
+    if (strlen(name) != 38 || strcmp(name + 32, ".chunk")) return -1;
+    memcpy(hex, name, 32);
+    hex[32] = '\0';
+    return cake_key_parse(hex, k);
+}
+
+static int is_hex2(const char *s) {
+    return strlen(s) == 2 && strspn(s, "0123456789abcdef") == 2;
+}
+
+/* Calls fn for every chunk file (fn returns nonzero to stop). */
+static int scan(file_store *f, cake_store_iter_fn fn, void *ctx, char *err, size_t errlen) {
+    DIR *d0 = opendir(f->root);
+    if (!d0) return cake_err(err, errlen, "file store %s: %s", f->root, strerror(errno));
+    int stop = 0;
+    struct dirent *e0, *e1, *e2;
+    while (!stop && (e0 = readdir(d0))) {
+        if (!is_hex2(e0->d_name)) continue;
+        char p1[4400];
+        snprintf(p1, sizeof(p1), "%s/%s", f->root, e0->d_name);
+        DIR *d1 = opendir(p1);
+        if (!d1) continue;
+        while (!stop && (e1 = readdir(d1))) {
+            if (!is_hex2(e1->d_name)) continue;
+            char p2[4700];
+            snprintf(p2, sizeof(p2), "%s/%s", p1, e1->d_name);
+            DIR *d2 = opendir(p2);
+            if (!d2) continue;
+            while (!stop && (e2 = readdir(d2))) {
+                cake_store_entry ent;
+                struct stat st;
+                if (chunk_name(e2->d_name, &ent.key)) continue;
+                if (fstatat(dirfd(d2), e2->d_name, &st, 0) != 0 || !S_ISREG(st.st_mode)) continue;
+                ent.size = (uint64_t)st.st_size;
+                ent.last_used = last_use(&st);
+                stop = fn(&ent, ctx);
+            }
+            closedir(d2);
+        }
+        closedir(d1);
+    }
+    closedir(d0);
+    return 0;
+}
+
+/* ---- temporary files ---- */
+
+static void tmp_dir(const file_store *f, char *buf, size_t n) {
+    snprintf(buf, n, "%s/tmp", f->root);
+}
+
+/* A temporary file is a leftover when its writer is gone: same host and the
+ * pid is dead, or it is older than TMP_MAX_AGE_S (another host, or a reused
+ * pid). Names are <host>.<pid>.<seq>.tmp; hosts have no '.' (see open). */
+static int tmp_is_stale(const file_store *f, const char *name, const struct stat *st) {
+    if (time(NULL) - st->st_mtime > TMP_MAX_AGE_S) return 1;
+    const char *dot = strchr(name, '.');
+    if (!dot || (size_t)(dot - name) != strlen(f->host) || strncmp(name, f->host, strlen(f->host)))
+        return 0;
+    char *end;
+    long pid = strtol(dot + 1, &end, 10);
+    if (end == dot + 1 || *end != '.' || pid <= 0 || pid > INT_MAX) return 0;
+    return kill((pid_t)pid, 0) != 0 && errno == ESRCH;
+}
+
+static void clean_tmp(file_store *f) {
+    char dir[4200];
+    tmp_dir(f, dir, sizeof(dir));
+    DIR *d = opendir(dir);
+    if (!d) return;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        size_t n = strlen(e->d_name);
+        struct stat st;
+        if (n < 5 || strcmp(e->d_name + n - 4, ".tmp")) continue;
+        if (fstatat(dirfd(d), e->d_name, &st, 0) != 0 || !S_ISREG(st.st_mode)) continue;
+        if (tmp_is_stale(f, e->d_name, &st)) unlinkat(dirfd(d), e->d_name, 0);
+    }
+    closedir(d);
+}
+
+/* ---- capacity index ---- */
+
+static void index_note(file_store *f, const cake_chunk_key *k, uint64_t size, int64_t stamp) {
+    if (!f->capacity) return;
+    pthread_mutex_lock(&f->mu);
+    cake_lru_node *n = cake_lru_find(&f->lru, k);
+    if (n) {
+        cake_lru_resize(&f->lru, n, size);
+        cake_lru_touch(&f->lru, n);
+        n->stamp = stamp;
+    } else {
+        cake_lru_insert(&f->lru, k, size, stamp, NULL); /* out of memory: just not tracked */
+    }
+    pthread_mutex_unlock(&f->mu);
+}
+
+static void index_forget(file_store *f, const cake_chunk_key *k) {
+    if (!f->capacity) return;
+    pthread_mutex_lock(&f->mu);
+    cake_lru_node *n = cake_lru_find(&f->lru, k);
+    if (n) cake_lru_remove(&f->lru, n);
+    pthread_mutex_unlock(&f->mu);
+}
+
+/* Under f->mu: removes the least recently used chunk other than keep.
+ * Returns 0 when there is nothing left to remove. */
+static int evict_one(file_store *f, const cake_chunk_key *keep) {
+    for (size_t tries = f->lru.n; tries > 0; tries--) {
+        cake_lru_node *v = cake_lru_oldest(&f->lru);
+        if (!v) return 0;
+        char path[4400];
+        struct stat st;
+        path_of(f, &v->key, path, sizeof(path));
+        if (cake_key_equal(&v->key, keep) || (stat(path, &st) == 0 && last_use(&st) > v->stamp)) {
+            /* Being replaced, or used by another process since we looked. */
+            if (!cake_key_equal(&v->key, keep)) v->stamp = last_use(&st);
+            cake_lru_touch(&f->lru, v);
+            continue;
+        }
+        if (unlink(path) == 0) atomic_fetch_add(&f->ctr->evictions, 1);
+        cake_lru_remove(&f->lru, v);
+        return 1;
+    }
+    return 0;
+}
+
+/* ---- operations ---- */
+
+static int file_get(void *st_, const cake_chunk_key *k, void *buf, size_t cap, size_t *len,
+                    char *err, size_t errlen) {
+    file_store *f = st_;
+    char path[4400];
+    if (path_of(f, k, path, sizeof(path)))
+        return cake_err(err, errlen, "file store: path too long");
+    int direct =
+        atomic_load_explicit(&f->direct, memory_order_relaxed) && ((uintptr_t)buf % ALIGN) == 0;
+    int fd = open(path, O_RDONLY | O_CLOEXEC | (direct ? O_DIRECT : 0));
+    if (fd < 0 && direct && errno == EINVAL) { /* filesystem without O_DIRECT */
+        atomic_store(&f->direct, 0);
+        direct = 0;
+        fd = open(path, O_RDONLY | O_CLOEXEC);
+    }
+    if (fd < 0) {
+        if (errno == ENOENT || errno == ENOTDIR) return 1;
+        cake_err(err, errlen, "file store: open %s: %s", path, strerror(errno));
+        return CAKE_STORE_GET_FAILED;
+    }
+    struct stat st;
+    int rc = 0;
+    if (fstat(fd, &st) != 0) {
+        cake_err(err, errlen, "file store: stat %s: %s", path, strerror(errno));
+        rc = CAKE_STORE_GET_FAILED;
+        goto done;
+    }
+    size_t size = (size_t)st.st_size;
+    if (size > cap) {
+        rc = cake_err(err, errlen, "file store: %s is %zu bytes, buffer has %zu", path, size, cap);
+        goto done;
+    }
+    if (direct && cake_store_buffer_size(size) > cap) {
+        fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_DIRECT);
+        direct = 0;
+    }
+    size_t done = 0;
+    while (done < size) {
+        size_t want = size - done;
+        if (direct) want = cake_store_buffer_size(want);
+        ssize_t n = pread(fd, (char *)buf + done, want, (off_t)done);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            if (errno == EINVAL && direct) { /* refused after all: read through the cache */
+                fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_DIRECT);
+                atomic_store(&f->direct, 0);
+                direct = 0;
+                continue;
+            }
+            cake_err(err, errlen, "file store: read %s: %s", path, strerror(errno));
+            rc = CAKE_STORE_GET_FAILED;
+            goto done;
+        }
+        if (n == 0) break; /* shorter than it was: verification will say so */
+        done += (size_t)n;
+    }
+    *len = done;
+    time_t now = time(NULL);
+    if (st.st_atime + ATIME_REFRESH_S < now) {
+        const struct timespec ts[2] = {{now, 0}, {0, UTIME_OMIT}};
+        futimens(fd, ts); /* best effort: a read-only store still serves */
+    }
+    index_note(f, k, size, (int64_t)now);
+done:
+    close(fd);
+    return rc;
+}
+
+static int file_head(void *st_, const cake_chunk_key *k, void *buf, size_t n, size_t *len,
+                     uint64_t *total, char *err, size_t errlen) {
+    file_store *f = st_;
+    char path[4400];
+    if (path_of(f, k, path, sizeof(path)))
+        return cake_err(err, errlen, "file store: path too long");
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        if (errno == ENOENT || errno == ENOTDIR) return 1;
+        return cake_err(err, errlen, "file store: open %s: %s", path, strerror(errno));
+    }
+    struct stat st;
+    ssize_t got = 0;
+    if (fstat(fd, &st) == 0) {
+        *total = (uint64_t)st.st_size;
+        do got = pread(fd, buf, n, 0);
+        while (got < 0 && errno == EINTR);
+    }
+    int e = errno;
+    close(fd);
+    if (got < 0) return cake_err(err, errlen, "file store: read %s: %s", path, strerror(e));
+    *len = (size_t)got;
+    return 0;
+}
+
+static int write_all(int fd, const char *p, size_t len) {
+    while (len) {
+        ssize_t n = write(fd, p, len);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            return -1;
+        }
+        if (n == 0) {
+            errno = ENOSPC;
+            return -1;
+        }
+        p += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+static int file_put(void *st_, const cake_chunk_key *k, const void *blob, size_t len, char *err,
+                    size_t errlen) {
+    file_store *f = st_;
+    char path[4400], tmp[4400], hex[33];
+    cake_key_hex(k, hex);
+    if (path_of(f, k, path, sizeof(path)))
+        return cake_err(err, errlen, "file store: path too long");
+    if (f->capacity) {
+        if (len > f->capacity)
+            return cake_err(err, errlen,
+                            "file store %s: chunk %s (%zu bytes) exceeds the capacity "
+                            "(%llu)",
+                            f->root, hex, len, (unsigned long long)f->capacity);
+        pthread_mutex_lock(&f->mu);
+        cake_lru_node *old = cake_lru_find(&f->lru, k);
+        uint64_t old_size = old ? old->size : 0;
+        while (f->lru.bytes - old_size + f->pending + len > f->capacity && evict_one(f, k)) {
+        }
+        f->pending += len;
+        pthread_mutex_unlock(&f->mu);
+    }
+    snprintf(tmp, sizeof(tmp), "%s/tmp/%s.%ld.%llu.tmp", f->root, f->host, (long)getpid(),
+             (unsigned long long)atomic_fetch_add(&f->tmp_seq, 1));
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (fd < 0 && errno == ENOENT) { /* tmp/ was removed: recreate it */
+        char dir[4200];
+        tmp_dir(f, dir, sizeof(dir));
+        mkdir_p(dir);
+        fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    }
+    int rc = 0;
+    const char *what = "create";
+    if (fd < 0) goto fail;
+    what = "write";
+    if (cake_store_file_mid_write_hook) {
+        size_t half = len / 2;
+        if (write_all(fd, blob, half)) goto fail;
+        cake_store_file_mid_write_hook();
+        if (write_all(fd, (const char *)blob + half, len - half)) goto fail;
+    } else if (write_all(fd, blob, len)) {
+        goto fail;
+    }
+    what = "fsync";
+    if (f->fsync && fsync(fd) != 0) goto fail;
+    what = "close";
+    int c = close(fd);
+    fd = -1;
+    if (c != 0) goto fail;
+    what = "rename";
+    if (rename(tmp, path) != 0) {
+        if (errno != ENOENT) goto fail;
+        char dir[4400];
+        snprintf(dir, sizeof(dir), "%s/%.2s/%.2s", f->root, hex, hex + 2);
+        if (mkdir_p(dir) != 0 || rename(tmp, path) != 0) goto fail;
+    }
+    if (f->fsync) { /* make the rename itself durable */
+        char dir[4400];
+        snprintf(dir, sizeof(dir), "%s/%.2s/%.2s", f->root, hex, hex + 2);
+        int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (dfd >= 0) {
+            fsync(dfd);
+            close(dfd);
+        }
+    }
+    goto out;
+fail:;
+    int e = errno;
+    if (fd >= 0) close(fd);
+    unlink(tmp);
+    rc = cake_err(err, errlen, "file store %s: chunk %s: %s %s: %s", f->root, hex, what, tmp,
+                  strerror(e));
+out:
+    if (f->capacity) {
+        pthread_mutex_lock(&f->mu);
+        f->pending -= len;
+        pthread_mutex_unlock(&f->mu);
+        if (rc == 0) index_note(f, k, len, (int64_t)time(NULL));
+    }
+    return rc;
+}
+
+static int file_exists(void *st_, const cake_chunk_key *keys, size_t n, uint8_t *present, char *err,
+                       size_t errlen) {
+    file_store *f = st_;
+    for (size_t i = 0; i < n; i++) {
+        char path[4400];
+        struct stat st;
+        if (path_of(f, &keys[i], path, sizeof(path)))
+            return cake_err(err, errlen, "file store: path too long");
+        present[i] =
+            stat(path, &st) == 0 && S_ISREG(st.st_mode) && st.st_size >= CAKE_CHUNK_HEADER_SIZE;
+    }
+    return 0;
+}
+
+static int file_del(void *st_, const cake_chunk_key *k, char *err, size_t errlen) {
+    file_store *f = st_;
+    char path[4400];
+    if (path_of(f, k, path, sizeof(path)))
+        return cake_err(err, errlen, "file store: path too long");
+    index_forget(f, k);
+    if (unlink(path) == 0) return 0;
+    if (errno == ENOENT || errno == ENOTDIR) return 1;
+    return cake_err(err, errlen, "file store: remove %s: %s", path, strerror(errno));
+}
+
+static int file_iterate(void *st_, cake_store_iter_fn fn, void *ctx, char *err, size_t errlen) {
+    return scan(st_, fn, ctx, err, errlen);
+}
+
+typedef struct {
+    cake_store_entry *e;
+    size_t n, cap;
+    uint64_t bytes;
+    int oom;
+} entry_list;
+
+static int collect(const cake_store_entry *e, void *ctx) {
+    entry_list *l = ctx;
+    if (l->n == l->cap) {
+        size_t nc = l->cap ? 2 * l->cap : 1024;
+        cake_store_entry *ne = realloc(l->e, nc * sizeof(*ne));
+        if (!ne) {
+            l->oom = 1;
+            return 1;
+        }
+        l->e = ne;
+        l->cap = nc;
+    }
+    l->e[l->n++] = *e;
+    l->bytes += e->size;
+    return 0;
+}
+
+static int sum_sizes(const cake_store_entry *e, void *ctx) {
+    uint64_t *u = ctx;
+    u[0]++;
+    u[1] += e->size;
+    return 0;
+}
+
+static int file_usage(void *st_, cake_store_usage *u, char *err, size_t errlen) {
+    file_store *f = st_;
+    uint64_t sums[2] = {0, 0};
+    if (scan(f, sum_sizes, sums, err, errlen)) return -1;
+    u->n_chunks = sums[0];
+    u->bytes = sums[1];
+    u->capacity = f->capacity;
+    return 0;
+}
+
+static int by_last_use(const void *a, const void *b) {
+    const cake_store_entry *x = a, *y = b;
+    if (x->last_used != y->last_used) return x->last_used < y->last_used ? -1 : 1;
+    return memcmp(x->key.b, y->key.b, 16);
+}
+
+static int file_gc(void *st_, uint64_t target, uint64_t *n_evicted, uint64_t *bytes_freed,
+                   char *err, size_t errlen) {
+    file_store *f = st_;
+    clean_tmp(f);
+    if (target == UINT64_MAX) return 0;
+    entry_list l = {0};
+    if (scan(f, collect, &l, err, errlen)) return -1;
+    if (l.oom) {
+        free(l.e);
+        return cake_err(err, errlen, "file store %s: out of memory listing chunks", f->root);
+    }
+    if (l.n) qsort(l.e, l.n, sizeof(*l.e), by_last_use);
+    for (size_t i = 0; i < l.n && l.bytes > target; i++) {
+        char path[4400];
+        path_of(f, &l.e[i].key, path, sizeof(path));
+        index_forget(f, &l.e[i].key);
+        if (unlink(path) == 0) {
+            (*n_evicted)++;
+            *bytes_freed += l.e[i].size;
+        }
+        l.bytes -= l.e[i].size;
+    }
+    free(l.e);
+    return 0;
+}
+
+static void file_close(void *st_) {
+    file_store *f = st_;
+    if (!f) return;
+    if (f->capacity) {
+        cake_lru_free(&f->lru, NULL);
+        pthread_mutex_destroy(&f->mu);
+    }
+    free(f);
+}
+
+int cake_store_file_open(const cake_store_params *p, cake_store_atomic_counters *ctr, void **out,
+                         char *err, size_t errlen) {
+    file_store *f = calloc(1, sizeof(*f));
+    if (!f) return cake_err(err, errlen, "file store: out of memory");
+    size_t n = strlen(p->path);
+    while (n > 1 && p->path[n - 1] == '/') n--; /* "dir/" and "dir" are one store */
+    memcpy(f->root, p->path, n);
+    f->root[n] = '\0';
+    f->fsync = p->fsync;
+    atomic_init(&f->direct, p->direct);
+    atomic_init(&f->tmp_seq, 0);
+    f->capacity = p->capacity;
+    f->ctr = ctr;
+    if (gethostname(f->host, sizeof(f->host)) != 0 || !f->host[0]) strcpy(f->host, "localhost");
+    f->host[sizeof(f->host) - 1] = '\0';
+    for (char *c = f->host; *c; c++)
+        if (*c == '.' || *c == '/') *c = '_';
+
+    char dir[4200];
+    struct stat st;
+    tmp_dir(f, dir, sizeof(dir));
+    if (mkdir_p(f->root) != 0 && !(stat(f->root, &st) == 0 && S_ISDIR(st.st_mode))) {
+        int e = errno;
+        free(f);
+        return cake_err(err, errlen, "file store %s: cannot create the directory: %s", p->path,
+                        strerror(e));
+    }
+    if (stat(f->root, &st) != 0 || !S_ISDIR(st.st_mode)) {
+        free(f);
+        return cake_err(err, errlen, "file store %s: not a directory", p->path);
+    }
+    mkdir(dir, 0755); /* may fail on a read-only store: gets still work */
+    clean_tmp(f);
+
+    if (f->capacity) {
+        if (cake_lru_init(&f->lru)) {
+            free(f);
+            return cake_err(err, errlen, "file store: out of memory");
+        }
+        pthread_mutex_init(&f->mu, NULL);
+        entry_list l = {0};
+        if (scan(f, collect, &l, err, errlen) || l.oom) {
+            free(l.e);
+            file_close(f);
+            return l.oom ? cake_err(err, errlen, "file store %s: out of memory", p->path) : -1;
+        }
+        /* Newest first into the "oldest" end would invert; insert oldest
+         * first as most recent, so the newest ends up most recent. */
+        if (l.n) qsort(l.e, l.n, sizeof(*l.e), by_last_use);
+        for (size_t i = 0; i < l.n; i++)
+            cake_lru_insert(&f->lru, &l.e[i].key, l.e[i].size, l.e[i].last_used, NULL);
+        free(l.e);
+    }
+    *out = f;
+    return 0;
+}
+
+const cake_store_ops cake_store_file_ops = {
+    .kind = "file",
+    .get = file_get,
+    .head = file_head,
+    .put = file_put,
+    .exists = file_exists,
+    .del = file_del,
+    .iterate = file_iterate,
+    .usage = file_usage,
+    .gc = file_gc,
+    .close = file_close,
+};

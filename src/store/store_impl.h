@@ -1,0 +1,79 @@
+/* The backend side of the store: what store.c needs from each backend.
+ *
+ * Like Redis's rio, a backend is a table of functions plus its own state
+ * (void *b). store.c wraps every call with the emulated link, the counters and
+ * the verification; backends only move bytes. Return codes follow store.h:
+ * get/head/del 0 found, 1 absent, -1 failure (with err). For get, a failure
+ * that the caller should treat as a miss (connection lost, I/O error) is
+ * returned as -2 so that store.c can count it as an error and a miss, while -1
+ * is kept for "does not fit in cap". */
+#ifndef CAKE_STORE_IMPL_H
+#define CAKE_STORE_IMPL_H
+
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "store/store.h"
+
+#define CAKE_STORE_GET_FAILED (-2)
+
+typedef struct {
+    _Atomic uint64_t hits, misses, corrupt, errors, bytes_read, bytes_written, read_ns, puts,
+        evictions;
+} cake_store_atomic_counters;
+
+/* Everything parsed from a URI. */
+typedef struct {
+    char kind[8];      /* "file", "redis", "mem" */
+    char path[4096];   /* file: root directory */
+    char host[256];    /* redis */
+    int port;          /* redis */
+    int db;            /* redis */
+    uint64_t capacity; /* file, mem: 0 = unlimited */
+    int direct;        /* file: O_DIRECT reads */
+    int fsync;         /* file: fsync before rename */
+    int timeout_ms;    /* redis: read/write timeout */
+    double bw;         /* bytes per second, 0 = no emulation */
+    double lat_ms;     /* per request */
+} cake_store_params;
+
+/* Parses a URI (see store.h). */
+int cake_store_parse_uri(const char *uri, cake_store_params *p, char *err, size_t errlen);
+
+typedef struct {
+    const char *kind;
+    int (*get)(void *b, const cake_chunk_key *k, void *buf, size_t cap, size_t *len, char *err,
+               size_t errlen);
+    int (*head)(void *b, const cake_chunk_key *k, void *buf, size_t n, size_t *len, uint64_t *total,
+                char *err, size_t errlen);
+    int (*put)(void *b, const cake_chunk_key *k, const void *blob, size_t len, char *err,
+               size_t errlen);
+    int (*exists)(void *b, const cake_chunk_key *keys, size_t n, uint8_t *present, char *err,
+                  size_t errlen);
+    int (*del)(void *b, const cake_chunk_key *k, char *err, size_t errlen);
+    int (*iterate)(void *b, cake_store_iter_fn fn, void *ctx, char *err, size_t errlen);
+    int (*usage)(void *b, cake_store_usage *u, char *err, size_t errlen);
+    int (*gc)(void *b, uint64_t target, uint64_t *n_evicted, uint64_t *bytes_freed, char *err,
+              size_t errlen);
+    void (*close)(void *b);
+} cake_store_ops;
+
+/* Each backend's constructor. ctr outlives the backend (evictions are counted there). */
+int cake_store_file_open(const cake_store_params *p, cake_store_atomic_counters *ctr, void **out,
+                         char *err, size_t errlen);
+int cake_store_mem_open(const cake_store_params *p, cake_store_atomic_counters *ctr, void **out,
+                        char *err, size_t errlen);
+int cake_store_redis_open(const cake_store_params *p, cake_store_atomic_counters *ctr, void **out,
+                          char *err, size_t errlen);
+extern const cake_store_ops cake_store_file_ops, cake_store_mem_ops, cake_store_redis_ops;
+
+/* Test hook of the file backend: when set, put writes half of the blob into
+ * its temporary file, calls the hook, then writes the rest. Lets the tests
+ * kill a writer mid-write deterministically. */
+extern void (*cake_store_file_mid_write_hook)(void);
+
+/* CLOCK_MONOTONIC in ns, shared by the backends and the emulation. */
+uint64_t cake_store_now_ns(void);
+
+#endif

@@ -1,0 +1,449 @@
+/* Chunk keys and the chunk blob format: layout, determinism, and every way a
+ * blob can be wrong (each must be rejected, naming the failed check, with the
+ * KV cache untouched). */
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#define XXH_STATIC_LINKING_ONLY
+#include <xxhash.h>
+
+#include "test_store_common.h"
+
+/* ---- keys ---- */
+
+static void put32(uint8_t *p, uint32_t v) {
+    for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i));
+}
+
+static void hash128(const void *in, size_t n, uint8_t out[16]) {
+    XXH128_canonical_t c;
+    XXH128_canonicalFromHash(&c, XXH3_128bits(in, n));
+    memcpy(out, c.digest, 16);
+}
+
+/* The documented byte layouts, rebuilt here by hand. */
+static void test_key_layout(void **state) {
+    (void)state;
+    uint8_t in[28], want[16];
+    memcpy(in, T_FP, 16);
+    put32(in + 16, 256);
+    put32(in + 20, CAKE_KV_F16);
+    put32(in + 24, CAKE_CHUNK_FORMAT_VERSION);
+    hash128(in, sizeof(in), want);
+    cake_chunk_key root;
+    cake_key_root(T_FP, 256, CAKE_KV_F16, &root);
+    assert_memory_equal(root.b, want, 16);
+
+    cake_token toks[5] = {1, -2, 300000, 0x7fffffff, 42};
+    uint8_t in2[16 + 20];
+    memcpy(in2, root.b, 16);
+    for (int i = 0; i < 5; i++) put32(in2 + 16 + 4 * i, (uint32_t)toks[i]);
+    hash128(in2, sizeof(in2), want);
+    cake_chunk_key k0;
+    cake_key_next(&root, toks, 5, &k0);
+    assert_memory_equal(k0.b, want, 16);
+}
+
+/* Keys are part of the on-disk contract: a pinned value catches an accidental
+ * change of the scheme (XXH3 itself is a fixed, specified function). */
+static void test_key_pinned(void **state) {
+    (void)state;
+    uint8_t fp[16];
+    for (int i = 0; i < 16; i++) fp[i] = (uint8_t)i;
+    cake_token toks[8] = {1, 2, 3, 4, 5, 6, 7, 8};
+    cake_chunk_key keys[2];
+    assert_int_equal(cake_key_chain(fp, 4, CAKE_KV_F16, toks, 8, keys), 2);
+    char hex[33];
+    cake_key_hex(&keys[1], hex);
+    /* Recomputed by hand from the XXH3 primitives with the documented layout. */
+    uint8_t in[28], r[16], in2[32], k0[16], k1[16];
+    memcpy(in, fp, 16);
+    put32(in + 16, 4);
+    put32(in + 20, 0);
+    put32(in + 24, CAKE_CHUNK_FORMAT_VERSION);
+    hash128(in, 28, r);
+    memcpy(in2, r, 16);
+    for (int i = 0; i < 4; i++) put32(in2 + 16 + 4 * i, (uint32_t)toks[i]);
+    hash128(in2, 32, k0);
+    memcpy(in2, k0, 16);
+    for (int i = 0; i < 4; i++) put32(in2 + 16 + 4 * i, (uint32_t)toks[4 + i]);
+    hash128(in2, 32, k1);
+    assert_memory_equal(keys[0].b, k0, 16);
+    assert_memory_equal(keys[1].b, k1, 16);
+    print_message("pinned key of chunk 1: %s\n", hex);
+    assert_string_equal(hex, "e476198c18b1f94109778ca0decbdaa7");
+}
+
+static void test_key_chain_change(void **state) {
+    (void)state;
+    enum { N = 10 * T_CHUNK + 5 };
+    cake_token toks[N];
+    for (int i = 0; i < N; i++) toks[i] = i * 7 + 1;
+    cake_chunk_key a[10], b[10];
+    assert_int_equal(cake_key_chain(T_FP, T_CHUNK, CAKE_KV_F16, toks, N, a), 10);
+    assert_int_equal(cake_key_chain(T_FP, T_CHUNK, CAKE_KV_F16, toks, N, NULL), 10);
+    for (int ci = 0; ci < 10; ci += 3) {
+        cake_token saved = toks[ci * T_CHUNK + 5];
+        toks[ci * T_CHUNK + 5] = saved + 1;
+        cake_key_chain(T_FP, T_CHUNK, CAKE_KV_F16, toks, N, b);
+        toks[ci * T_CHUNK + 5] = saved;
+        for (int j = 0; j < 10; j++) {
+            if (j < ci)
+                assert_true(cake_key_equal(&a[j], &b[j]));
+            else
+                assert_false(cake_key_equal(&a[j], &b[j]));
+        }
+    }
+    /* A token in the partial tail changes nothing. */
+    toks[N - 1]++;
+    cake_key_chain(T_FP, T_CHUNK, CAKE_KV_F16, toks, N, b);
+    assert_memory_equal(a, b, sizeof(a));
+    /* Every root input matters. */
+    cake_chunk_key r0, r1;
+    cake_key_root(T_FP, T_CHUNK, CAKE_KV_F16, &r0);
+    cake_key_root(T_FP, T_CHUNK + 1, CAKE_KV_F16, &r1);
+    assert_false(cake_key_equal(&r0, &r1));
+    cake_key_root(T_FP, T_CHUNK, CAKE_KV_F32, &r1);
+    assert_false(cake_key_equal(&r0, &r1));
+    uint8_t fp2[16];
+    memcpy(fp2, T_FP, 16);
+    fp2[15] ^= 1;
+    cake_key_root(fp2, T_CHUNK, CAKE_KV_F16, &r1);
+    assert_false(cake_key_equal(&r0, &r1));
+    assert_int_equal(cake_key_chain(T_FP, 0, CAKE_KV_F16, toks, N, b), 0);
+}
+
+static void test_key_hex(void **state) {
+    (void)state;
+    cake_chunk_key k, k2;
+    for (int i = 0; i < 16; i++) k.b[i] = (uint8_t)(i * 17 + 3);
+    char hex[33];
+    cake_key_hex(&k, hex);
+    assert_int_equal(strlen(hex), 32);
+    assert_int_equal(cake_key_parse(hex, &k2), 0);
+    assert_true(cake_key_equal(&k, &k2));
+    assert_int_equal(cake_key_parse("00112233445566778899AABBCCDDEEFF", &k2), 0);
+    assert_int_equal(k2.b[10], 0xaa);
+    assert_int_equal(cake_key_parse("00112233445566778899aabbccddeef", &k2), -1);   /* short */
+    assert_int_equal(cake_key_parse("00112233445566778899aabbccddeeff0", &k2), -1); /* long */
+    assert_int_equal(cake_key_parse("00112233445566778899aabbccddeefg", &k2), -1);
+    assert_int_equal(cake_key_parse("", &k2), -1);
+}
+
+/* Keys printed by this same program run as a separate process. */
+static void print_keys(void) {
+    enum { N = 4 * T_CHUNK };
+    cake_token toks[N];
+    for (int i = 0; i < N; i++) toks[i] = (i * 2654435761u) % 32000;
+    cake_chunk_key k[4];
+    cake_key_chain(T_FP, T_CHUNK, CAKE_KV_F16, toks, N, k);
+    char hex[33];
+    for (int i = 0; i < 4; i++) printf("%s\n", cake_key_hex(&k[i], hex));
+}
+
+static void read_child_keys(char *out, size_t n) {
+    int fds[2];
+    assert_int_equal(pipe(fds), 0);
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        dup2(fds[1], 1);
+        close(fds[0]);
+        execl("/proc/self/exe", "test_store_chunk", "--print-keys", (char *)NULL);
+        _exit(127);
+    }
+    close(fds[1]);
+    size_t got = 0;
+    ssize_t r;
+    while (got < n - 1 && (r = read(fds[0], out + got, n - 1 - got)) > 0) got += (size_t)r;
+    out[got] = '\0';
+    close(fds[0]);
+    int st;
+    waitpid(pid, &st, 0);
+    assert_true(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+}
+
+static void test_key_two_processes(void **state) {
+    (void)state;
+    char a[512], b[512];
+    read_child_keys(a, sizeof(a));
+    read_child_keys(b, sizeof(b));
+    assert_int_equal(strlen(a), 4 * 33);
+    assert_string_equal(a, b);
+    /* and the same as in this process */
+    fflush(stdout);
+    enum { N = 4 * T_CHUNK };
+    cake_token toks[N];
+    for (int i = 0; i < N; i++) toks[i] = (i * 2654435761u) % 32000;
+    cake_chunk_key k[4];
+    cake_key_chain(T_FP, T_CHUNK, CAKE_KV_F16, toks, N, k);
+    char hex[33];
+    assert_memory_equal(a, cake_key_hex(&k[0], hex), 32);
+    assert_memory_equal(a + 3 * 33, cake_key_hex(&k[3], hex), 32);
+}
+
+/* ---- chunk blobs ---- */
+
+static void roundtrip(enum cake_kv_type type) {
+    cake_kv_cache src, dst;
+    assert_int_equal(t_kv_init(&src, type), 0);
+    assert_int_equal(t_kv_init(&dst, type), 0);
+    t_fill_kv(&src, 1);
+    t_fill_kv(&dst, 2);
+    cake_chunk_header h = t_header(2, 9, type);
+    size_t len;
+    void *blob = t_blob(&h, &src, 2 * T_CHUNK, &len);
+    size_t es = type == CAKE_KV_F32 ? 4 : 2;
+    assert_int_equal(len, CAKE_CHUNK_HEADER_SIZE + 2 * T_LAYERS * T_CHUNK * T_HEADS * T_HDIM * es);
+    assert_int_equal(h.payload_len, len - CAKE_CHUNK_HEADER_SIZE);
+    assert_true(h.created > 0);
+    /* The payload is the cache's bytes, K then V per layer. */
+    size_t run = T_CHUNK * T_HEADS * T_HDIM * es;
+    const char *p = (const char *)blob + CAKE_CHUNK_HEADER_SIZE;
+    assert_memory_equal(p, (char *)cake_kv_k(&src, 0) + 2 * run, run);
+    assert_memory_equal(p + run, (char *)cake_kv_v(&src, 0) + 2 * run, run);
+    assert_memory_equal(p + 5 * run, (char *)cake_kv_v(&src, 2) + 2 * run, run);
+
+    char err[256];
+    cake_chunk_header got;
+    assert_int_equal(cake_chunk_verify(blob, len, &h, &got, err, sizeof(err)), 0);
+    assert_int_equal(got.payload_hash, h.payload_hash);
+    assert_int_equal(cake_chunk_verify(blob, len, NULL, NULL, err, sizeof(err)), 0);
+    assert_int_equal(cake_chunk_decode_into(blob, len, &h, &dst, 2 * T_CHUNK, err, sizeof(err)), 0);
+    assert_int_equal(t_kv_cmp_range(&src, 2 * T_CHUNK, &dst, 2 * T_CHUNK, T_CHUNK), 0);
+    /* neighbours untouched */
+    cake_kv_cache ref;
+    assert_int_equal(t_kv_init(&ref, type), 0);
+    t_fill_kv(&ref, 2);
+    assert_int_equal(t_kv_cmp_range(&ref, 0, &dst, 0, 2 * T_CHUNK), 0);
+    assert_int_equal(t_kv_cmp_range(&ref, 3 * T_CHUNK, &dst, 3 * T_CHUNK, T_CTX - 3 * T_CHUNK), 0);
+    cake_kv_cache_free(&ref);
+    cake_store_free_buffer(blob);
+    cake_kv_cache_free(&src);
+    cake_kv_cache_free(&dst);
+}
+
+static void test_chunk_roundtrip_f16(void **state) {
+    (void)state;
+    roundtrip(CAKE_KV_F16);
+}
+static void test_chunk_roundtrip_f32(void **state) {
+    (void)state;
+    roundtrip(CAKE_KV_F32);
+}
+
+typedef struct {
+    cake_kv_cache src, dst;
+    void *snap; /* copy of dst's memory */
+    cake_chunk_header h;
+    void *blob;
+    size_t len;
+} fixture;
+
+static int fx_setup(void **state) {
+    fixture *f = calloc(1, sizeof(*f));
+    if (t_kv_init(&f->src, CAKE_KV_F16) || t_kv_init(&f->dst, CAKE_KV_F16)) return -1;
+    t_fill_kv(&f->src, 1);
+    t_fill_kv(&f->dst, 2);
+    f->snap = malloc(f->dst.map_bytes);
+    memcpy(f->snap, f->dst.base, f->dst.map_bytes);
+    f->h = t_header(1, 5, CAKE_KV_F16);
+    f->blob = t_blob(&f->h, &f->src, T_CHUNK, &f->len);
+    *state = f;
+    return 0;
+}
+
+static int fx_teardown(void **state) {
+    fixture *f = *state;
+    cake_kv_cache_free(&f->src);
+    cake_kv_cache_free(&f->dst);
+    free(f->snap);
+    cake_store_free_buffer(f->blob);
+    free(f);
+    return 0;
+}
+
+/* Decoding buf must fail with `want` in the message and leave dst as it was. */
+static void expect_reject(fixture *f, const void *buf, size_t len, const char *want) {
+    char err[512] = "";
+    int rc = cake_chunk_decode_into(buf, len, &f->h, &f->dst, T_CHUNK, err, sizeof(err));
+    if (rc == 0 || (want && !strstr(err, want)))
+        fail_msg("expected a rejection mentioning '%s', got rc %d: %s", want ? want : "", rc, err);
+    assert_memory_equal(f->dst.base, f->snap, f->dst.map_bytes);
+}
+
+static void test_chunk_flip_header_bytes(void **state) {
+    fixture *f = *state;
+    uint8_t *b = f->blob;
+    for (int i = 0; i < CAKE_CHUNK_HEADER_SIZE; i++) {
+        for (int bit = 0; bit < 8; bit += 7) {
+            b[i] ^= (uint8_t)(1 << bit);
+            expect_reject(f, b, f->len, NULL);
+            b[i] ^= (uint8_t)(1 << bit);
+        }
+    }
+    /* Named checks for the fields before the checksum is even looked at. */
+    b[0] ^= 1;
+    expect_reject(f, b, f->len, "magic");
+    b[0] ^= 1;
+    b[8] ^= 1;
+    expect_reject(f, b, f->len, "version");
+    b[8] ^= 1;
+    b[12] ^= 1;
+    expect_reject(f, b, f->len, "header size");
+    b[12] ^= 1;
+    for (int off = 16; off < 128; off += 4) {
+        b[off] ^= 0x10;
+        expect_reject(f, b, f->len, "header checksum");
+        b[off] ^= 0x10;
+    }
+    char err[256];
+    assert_int_equal(cake_chunk_decode_into(b, f->len, &f->h, &f->dst, T_CHUNK, err, sizeof(err)),
+                     0);
+}
+
+static void test_chunk_flip_payload(void **state) {
+    fixture *f = *state;
+    uint8_t *b = f->blob;
+    size_t offs[] = {CAKE_CHUNK_HEADER_SIZE, CAKE_CHUNK_HEADER_SIZE + 1, f->len / 2, f->len - 1};
+    for (size_t i = 0; i < 4; i++) {
+        b[offs[i]] ^= 0x80;
+        expect_reject(f, b, f->len, "payload checksum");
+        b[offs[i]] ^= 0x80;
+    }
+}
+
+static void test_chunk_truncated(void **state) {
+    fixture *f = *state;
+    size_t cuts[] = {0, 1, 8, 64, 119, 127, 128, 129, 1000, f->len / 2, f->len - 1};
+    for (size_t i = 0; i < sizeof(cuts) / sizeof(cuts[0]); i++)
+        expect_reject(f, f->blob, cuts[i], "truncated");
+    /* and a trailing byte */
+    uint8_t *longer = malloc(f->len + 1);
+    memcpy(longer, f->blob, f->len);
+    longer[f->len] = 0;
+    expect_reject(f, longer, f->len + 1, "trailing");
+    free(longer);
+}
+
+/* A valid blob, sealed, with one field changed. */
+static void *variant(fixture *f, cake_chunk_header h, size_t *len) {
+    cake_kv_cache kv;
+    char err[256];
+    int n_layers = (int)h.n_layers, kv_dim = (int)(h.n_kv_heads * h.head_dim);
+    assert_int_equal(cake_kv_cache_init(&kv, n_layers, T_CTX, kv_dim, h.dtype, err, sizeof(err)),
+                     0);
+    t_fill_kv(&kv, 3);
+    void *b = t_blob(&h, &kv, 0, len);
+    cake_kv_cache_free(&kv);
+    (void)f;
+    return b;
+}
+
+static void test_chunk_mismatches(void **state) {
+    fixture *f = *state;
+    /* what the rejection must name, for each changed field */
+    const char *want[8] = {"fingerprint", "key",     "chunk index", "token count",
+                           "layer count", "KV head", "head dim",    "dtype"};
+    for (int c = 0; c < 8; c++) {
+        cake_chunk_header h = f->h;
+        h.created = 0;
+        switch (c) {
+        case 0:
+            h.fingerprint[3] ^= 0x40;
+            break; /* a chunk of another model */
+        case 1:
+            h.key.b[15] ^= 1;
+            break;
+        case 2:
+            h.index++;
+            break;
+        case 3:
+            h.n_tokens = T_CHUNK / 2;
+            break; /* another chunk size */
+        case 4:
+            h.n_layers++;
+            break;
+        case 5:
+            h.n_kv_heads = 1;
+            h.head_dim = 16;
+            break; /* same row width */
+        case 6:
+            h.head_dim = 2 * T_HDIM;
+            break;
+        case 7:
+            h.dtype = CAKE_KV_F32;
+            break;
+        }
+        size_t len;
+        void *b = variant(f, h, &len);
+        expect_reject(f, b, len, want[c]);
+        cake_store_free_buffer(b);
+    }
+}
+
+static void test_chunk_kv_misfit(void **state) {
+    fixture *f = *state;
+    char err[256];
+    /* valid chunk, positions past the cache */
+    assert_int_equal(
+        cake_chunk_decode_into(f->blob, f->len, &f->h, &f->dst, T_CTX - 3, err, sizeof(err)), -1);
+    assert_non_null(strstr(err, "outside"));
+    assert_int_equal(cake_chunk_decode_into(f->blob, f->len, &f->h, &f->dst, -1, err, sizeof(err)),
+                     -1);
+    assert_memory_equal(f->dst.base, f->snap, f->dst.map_bytes);
+    /* a cache of another dtype */
+    cake_kv_cache other;
+    assert_int_equal(t_kv_init(&other, CAKE_KV_F32), 0);
+    assert_int_equal(cake_chunk_decode_into(f->blob, f->len, &f->h, &other, 0, err, sizeof(err)),
+                     -1);
+    assert_non_null(strstr(err, "dtype"));
+    /* encode refuses a header that does not match the cache */
+    cake_chunk_header h = f->h;
+    h.n_layers = 2;
+    void *buf = malloc(f->len);
+    assert_int_equal(cake_chunk_encode(&h, &f->src, 0, buf, f->len, err, sizeof(err)), -1);
+    assert_non_null(strstr(err, "layers"));
+    h = f->h;
+    assert_int_equal(cake_chunk_encode(&h, &f->src, 0, buf, f->len - 1, err, sizeof(err)), -1);
+    h.dtype = 7;
+    assert_int_equal(cake_chunk_encode(&h, &f->src, 0, buf, f->len, err, sizeof(err)), -1);
+    assert_non_null(strstr(err, "invalid shape"));
+    free(buf);
+    cake_kv_cache_free(&other);
+    assert_int_equal(cake_chunk_payload_size(1u << 30, 1u << 30, 1u << 30, 1u << 30, 0), 0);
+    /* the header of a model's chunk, from its hparams: llama-1b, 256 tokens, f16 = 8 MiB */
+    cake_hparams hp = {.n_layers = 16, .n_heads = 32, .n_kv_heads = 8, .head_dim = 64};
+    h = cake_chunk_header_for(T_FP, &f->h.key, 7, 256, &hp, CAKE_KV_F16);
+    assert_memory_equal(h.fingerprint, T_FP, 16);
+    assert_int_equal(h.index, 7);
+    assert_int_equal(h.n_kv_heads, 8);
+    assert_int_equal(h.head_dim, 64);
+    assert_int_equal(cake_chunk_blob_size(&h), CAKE_CHUNK_HEADER_SIZE + 8u * 1024 * 1024);
+    assert_int_equal(cake_chunk_payload_size(0, 1, 1, 1, 0), 0);
+}
+
+int main(int argc, char **argv) {
+    if (argc > 1 && !strcmp(argv[1], "--print-keys")) {
+        print_keys();
+        return 0;
+    }
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_key_layout),
+        cmocka_unit_test(test_key_pinned),
+        cmocka_unit_test(test_key_chain_change),
+        cmocka_unit_test(test_key_hex),
+        cmocka_unit_test(test_key_two_processes),
+        cmocka_unit_test(test_chunk_roundtrip_f16),
+        cmocka_unit_test(test_chunk_roundtrip_f32),
+        cmocka_unit_test_setup_teardown(test_chunk_flip_header_bytes, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_chunk_flip_payload, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_chunk_truncated, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_chunk_mismatches, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_chunk_kv_misfit, fx_setup, fx_teardown),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

@@ -1,0 +1,284 @@
+/* Store URIs (every form and parameter, and the errors) and the emulated link
+ * (bw=, lat=): a lone transfer takes size/bw, N concurrent ones share the link
+ * (each about bw/N, the aggregate about bw), and lat adds per request. */
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <pthread.h>
+
+#include "store/store_impl.h"
+#include "test_store_common.h"
+
+static void test_parse_rate(void **state) {
+    (void)state;
+    struct {
+        const char *s;
+        double bytes;
+    } ok[] = {
+        {"25Gbit", 25e9 / 8}, {"500Mbit", 500e6 / 8}, {"1.6GB", 1.6e9},   {"100000", 12500},
+        {"7Gbps", 7e9 / 8},   {"56gbit/s", 7e9},      {"800MB/s", 800e6}, {"1GiB", 1073741824.0},
+        {"10Kbit", 1250},     {"3kB", 3000},          {"2G", 2e9 / 8},    {"1e9", 1.25e8},
+    };
+    for (size_t i = 0; i < sizeof(ok) / sizeof(ok[0]); i++) {
+        double b = 0;
+        if (cake_parse_rate(ok[i].s, &b)) fail_msg("rate '%s' refused", ok[i].s);
+        if (fabs(b - ok[i].bytes) > 1e-9 * ok[i].bytes)
+            fail_msg("rate '%s': %g bytes/s, want %g", ok[i].s, b, ok[i].bytes);
+    }
+    const char *bad[] = {"", "abc", "-1", "0", "10Xbit", "Gbit", "5 Gbit", "1.6Gb/h", "nan"};
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        double b;
+        if (!cake_parse_rate(bad[i], &b)) fail_msg("rate '%s' accepted", bad[i]);
+    }
+}
+
+static void test_parse_size(void **state) {
+    (void)state;
+    struct {
+        const char *s;
+        uint64_t b;
+    } ok[] = {{"1000", 1000},
+              {"10G", 10000000000ull},
+              {"512MiB", 536870912ull},
+              {"1.5K", 1500},
+              {"2GB", 2000000000ull},
+              {"1TiB", 1099511627776ull},
+              {"64kib", 65536},
+              {"0", 0},
+              {"7B", 7}};
+    for (size_t i = 0; i < sizeof(ok) / sizeof(ok[0]); i++) {
+        uint64_t b = 1;
+        if (cake_parse_size(ok[i].s, &b) || b != ok[i].b)
+            fail_msg("size '%s': got %llu, want %llu", ok[i].s, (unsigned long long)b,
+                     (unsigned long long)ok[i].b);
+    }
+    const char *bad[] = {"", "x", "-5", "10Q", "1e30"};
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        uint64_t b;
+        if (!cake_parse_size(bad[i], &b)) fail_msg("size '%s' accepted", bad[i]);
+    }
+}
+
+static void test_parse_uri(void **state) {
+    (void)state;
+    cake_store_params p;
+    char err[512];
+    assert_int_equal(cake_store_parse_uri("file:/data/kv", &p, err, sizeof(err)), 0);
+    assert_string_equal(p.kind, "file");
+    assert_string_equal(p.path, "/data/kv");
+    assert_int_equal(p.direct, 1);
+    assert_int_equal(p.fsync, 0);
+    assert_true(p.bw == 0 && p.lat_ms == 0 && p.capacity == 0);
+    assert_int_equal(cake_store_parse_uri("file:///abs/x", &p, err, sizeof(err)), 0);
+    assert_string_equal(p.path, "/abs/x");
+    assert_int_equal(cake_store_parse_uri("file:rel/dir?direct=0&fsync=1&capacity=2GiB&bw=1.6GB"
+                                          "&lat=0.25",
+                                          &p, err, sizeof(err)),
+                     0);
+    assert_string_equal(p.path, "rel/dir");
+    assert_int_equal(p.direct, 0);
+    assert_int_equal(p.fsync, 1);
+    assert_int_equal(p.capacity, 2147483648ull);
+    assert_true(fabs(p.bw - 1.6e9) < 1);
+    assert_true(fabs(p.lat_ms - 0.25) < 1e-12);
+    /* file: alone: the XDG cache, else ~/.cache */
+    char *old_xdg = getenv("XDG_CACHE_HOME") ? strdup(getenv("XDG_CACHE_HOME")) : NULL;
+    char *old_home = getenv("HOME") ? strdup(getenv("HOME")) : NULL;
+    setenv("XDG_CACHE_HOME", "/xdg", 1);
+    assert_int_equal(cake_store_parse_uri("file:", &p, err, sizeof(err)), 0);
+    assert_string_equal(p.path, "/xdg/cake");
+    unsetenv("XDG_CACHE_HOME");
+    setenv("HOME", "/home/u", 1);
+    assert_int_equal(cake_store_parse_uri("file:?bw=1Gbit", &p, err, sizeof(err)), 0);
+    assert_string_equal(p.path, "/home/u/.cache/cake");
+    if (old_xdg) setenv("XDG_CACHE_HOME", old_xdg, 1);
+    if (old_home) setenv("HOME", old_home, 1);
+    free(old_xdg);
+    free(old_home);
+
+    assert_int_equal(
+        cake_store_parse_uri("redis://10.0.0.5:6380/3?timeout=250&bw=25Gbit", &p, err, sizeof(err)),
+        0);
+    assert_string_equal(p.kind, "redis");
+    assert_string_equal(p.host, "10.0.0.5");
+    assert_int_equal(p.port, 6380);
+    assert_int_equal(p.db, 3);
+    assert_int_equal(p.timeout_ms, 250);
+    assert_int_equal(cake_store_parse_uri("redis://cachehost", &p, err, sizeof(err)), 0);
+    assert_string_equal(p.host, "cachehost");
+    assert_int_equal(p.port, 6379);
+    assert_int_equal(p.db, 0);
+    assert_int_equal(cake_store_parse_uri("mem:?capacity=1G&lat=2", &p, err, sizeof(err)), 0);
+    assert_string_equal(p.kind, "mem");
+    assert_int_equal(p.capacity, 1000000000ull);
+
+    struct {
+        const char *uri, *want;
+    } bad[] = {
+        {"/just/a/path", "unknown kind"},   {"s3://bucket", "unknown kind"},
+        {"mem:x", "unknown kind"},          {"file:/x?color=blue", "unknown parameter 'color'"},
+        {"file:/x?bw", "NAME=VALUE"},       {"file:/x?bw=fast", "bw=fast"},
+        {"file:/x?lat=-1", "lat=-1"},       {"file:/x?capacity=0", "capacity=0"},
+        {"file:/x?direct=2", "direct=2"},   {"file:/x?timeout=5", "only for redis"},
+        {"mem:?direct=1", "only for file"}, {"redis://h:6379?capacity=1G", "maxmemory"},
+        {"redis://h:0", "bad port"},        {"redis://h:99999", "bad port"},
+        {"redis://h:12x", "bad port"},      {"redis://:6379", "HOST:PORT"},
+        {"redis://h:6379/x", "database"},   {"redis://h:6379?timeout=0", "timeout=0"},
+    };
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        err[0] = '\0';
+        if (cake_store_parse_uri(bad[i].uri, &p, err, sizeof(err)) == 0)
+            fail_msg("URI '%s' accepted", bad[i].uri);
+        if (!strstr(err, bad[i].want))
+            fail_msg("URI '%s': error should mention '%s': %s", bad[i].uri, bad[i].want, err);
+    }
+    cake_store *s;
+    assert_int_equal(cake_store_open("file:/x?zap=1", &s, err, sizeof(err)), -1);
+    assert_non_null(strstr(err, "zap"));
+}
+
+/* ---- the link ---- */
+
+#define BLOB (200 * 1000) /* bytes per transfer */
+
+typedef struct {
+    cake_store *s;
+    cake_chunk_key key;
+    int n_gets;
+    double elapsed;
+    pthread_barrier_t *start; /* NULL: start at once */
+} getter;
+
+static void *do_gets(void *arg) {
+    getter *g = arg;
+    void *buf = malloc(BLOB);
+    if (g->start) pthread_barrier_wait(g->start);
+    char err[256];
+    size_t len;
+    double t0 = t_now();
+    for (int i = 0; i < g->n_gets; i++)
+        if (cake_store_get(g->s, &g->key, buf, BLOB, &len, err, sizeof(err)) != 0 || len != BLOB)
+            abort();
+    g->elapsed = t_now() - t0;
+    free(buf);
+    return NULL;
+}
+
+static cake_store *open_with_blob(const char *uri, cake_chunk_key *key) {
+    cake_store *s;
+    char err[256];
+    if (cake_store_open(uri, &s, err, sizeof(err))) fail_msg("%s", err);
+    memset(key, 0x5a, sizeof(*key));
+    void *blob = calloc(1, BLOB);
+    if (cake_store_put(s, key, blob, BLOB, err, sizeof(err))) fail_msg("%s", err);
+    free(blob);
+    return s;
+}
+
+/* Timing bounds: never faster than the link allows (small slack for clock
+ * granularity); slower only by scheduling noise (loose, the machine is shared;
+ * bench_store measures the precision). */
+static void check_time(const char *what, double got, double want) {
+    print_message("%-34s %7.1f ms (link model: %.1f ms)\n", what, got * 1e3, want * 1e3);
+    if (got < want * 0.97 || got > want * 1.35 + 0.010)
+        fail_msg("%s took %.1f ms, the link model says %.1f ms", what, got * 1e3, want * 1e3);
+}
+
+static void test_bw_alone(void **state) {
+    (void)state;
+    /* 64 Mbit/s = 8 MB/s: 25 ms per 200 kB transfer */
+    cake_chunk_key key;
+    cake_store *s = open_with_blob("mem:?bw=64Mbit", &key);
+    getter g = {s, key, 6, 0, NULL};
+    do_gets(&g);
+    check_time("6 sequential gets", g.elapsed, 6 * 0.025);
+    cake_store_counters c;
+    cake_store_counters_get(s, &c);
+    assert_true(c.read_ns >= 6 * 25000000ull * 97 / 100);
+    cake_store_close(s);
+}
+
+static void test_bw_shared(void **state) {
+    (void)state;
+    cake_chunk_key key;
+    cake_store *s = open_with_blob("mem:?bw=64Mbit", &key);
+    enum { N = 4, GETS = 3 };
+    getter g[N];
+    pthread_t th[N];
+    pthread_barrier_t start;
+    pthread_barrier_init(&start, NULL, N + 1);
+    for (int i = 0; i < N; i++) {
+        g[i] = (getter){s, key, GETS, 0, &start};
+        pthread_create(&th[i], NULL, do_gets, &g[i]);
+    }
+    pthread_barrier_wait(&start);
+    double t0 = t_now();
+    for (int i = 0; i < N; i++) pthread_join(th[i], NULL);
+    double total = t_now() - t0;
+    pthread_barrier_destroy(&start);
+    /* 12 transfers over one 8 MB/s link: 300 ms in all, never less. */
+    check_time("4 streams x 3 gets, aggregate", total, N * GETS * 0.025);
+    /* Each stream, sharing with 3 others, gets about a quarter of the link
+     * (loosely: a stream the scheduler starts late shares less). */
+    for (int i = 0; i < N; i++) {
+        print_message("  one stream: %.1f ms\n", g[i].elapsed * 1e3);
+        assert_true(g[i].elapsed > 0.8 * N * GETS * 0.025);
+        assert_true(g[i].elapsed < 1.35 * N * GETS * 0.025 + 0.010);
+    }
+    cake_store_close(s);
+}
+
+static void test_lat(void **state) {
+    (void)state;
+    cake_chunk_key key;
+    cake_store *s = open_with_blob("mem:?lat=20", &key);
+    getter g = {s, key, 3, 0, NULL};
+    do_gets(&g);
+    check_time("3 gets with lat=20", g.elapsed, 3 * 0.020);
+    cake_store_close(s);
+    /* lat + bw: the latency does not occupy the link */
+    s = open_with_blob("mem:?lat=10&bw=64Mbit", &key);
+    g = (getter){s, key, 2, 0, NULL};
+    do_gets(&g);
+    check_time("2 gets with lat=10, bw=64Mbit", g.elapsed, 2 * 0.035);
+    /* a miss pays the latency but no transfer */
+    char err[256];
+    size_t len;
+    void *buf = malloc(BLOB);
+    cake_chunk_key other;
+    memset(&other, 1, sizeof(other));
+    double t0 = t_now();
+    assert_int_equal(cake_store_get(s, &other, buf, BLOB, &len, err, sizeof(err)), 1);
+    check_time("a miss with lat=10", t_now() - t0, 0.010);
+    free(buf);
+    cake_store_close(s);
+}
+
+static void test_bw_put(void **state) {
+    (void)state;
+    cake_store *s;
+    char err[256];
+    assert_int_equal(cake_store_open("mem:?bw=64Mbit", &s, err, sizeof(err)), 0);
+    void *blob = calloc(1, BLOB);
+    cake_chunk_key key;
+    memset(&key, 3, sizeof(key));
+    double t0 = t_now();
+    for (int i = 0; i < 3; i++)
+        assert_int_equal(cake_store_put(s, &key, blob, BLOB, err, sizeof(err)), 0);
+    check_time("3 puts", t_now() - t0, 3 * 0.025);
+    free(blob);
+    cake_store_close(s);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_parse_rate), cmocka_unit_test(test_parse_size),
+        cmocka_unit_test(test_parse_uri),  cmocka_unit_test(test_bw_alone),
+        cmocka_unit_test(test_bw_shared),  cmocka_unit_test(test_lat),
+        cmocka_unit_test(test_bw_put),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

@@ -1,0 +1,364 @@
+/* The Redis store against a real redis-server that this test starts on a free
+ * loopback port (and kills at the end): round trips, pipelined EXISTS, SCAN
+ * listings, databases, concurrent threads, and the failures: Redis killed
+ * between exists and get, Redis down from the start, Redis hung (SIGSTOP),
+ * Redis restarted (the store reconnects). A failure is a miss within the
+ * timeout, never a hang, a crash or wrong data. Skipped (with a message) when
+ * redis-server is not installed. */
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <pthread.h>
+
+#include "test_store_common.h"
+
+static t_redis g_redis; /* killed by the group teardown and at exit */
+
+static void kill_redis_at_exit(void) {
+    t_redis_stop(&g_redis);
+}
+
+static int group_setup(void **state) {
+    (void)state;
+    if (!t_redis_available()) return 0;
+    atexit(kill_redis_at_exit);
+    if (t_redis_start(&g_redis, 0)) {
+        fprintf(stderr, "cannot start redis-server\n");
+        return -1;
+    }
+    return 0;
+}
+
+static int group_teardown(void **state) {
+    (void)state;
+    t_redis_stop(&g_redis);
+    return 0;
+}
+
+typedef struct {
+    cake_store *s;
+    cake_kv_cache kv;
+    cake_chunk_header h[8];
+    void *blob[8];
+    size_t len, cap;
+    void *buf;
+} fx;
+
+static int setup(void **state) {
+    if (!t_redis_available()) return 0;
+    if (!g_redis.pid && t_redis_start(&g_redis, 0)) return -1; /* a test killed it */
+    fx *f = calloc(1, sizeof(*f));
+    char err[512], uri[256];
+    snprintf(uri, sizeof(uri), "%s?timeout=500", g_redis.uri);
+    if (cake_store_open(uri, &f->s, err, sizeof(err))) {
+        fprintf(stderr, "%s\n", err);
+        return -1;
+    }
+    if (t_kv_init(&f->kv, CAKE_KV_F16)) return -1;
+    t_fill_kv(&f->kv, 21);
+    for (int i = 0; i < 8; i++) {
+        f->h[i] = t_header((uint32_t)i, 3, CAKE_KV_F16);
+        f->blob[i] = t_blob(&f->h[i], &f->kv, i * T_CHUNK, &f->len);
+    }
+    f->cap = cake_store_buffer_size(f->len);
+    f->buf = cake_store_alloc_buffer(f->cap);
+    /* start empty */
+    for (int i = 0; i < 8; i++) cake_store_del(f->s, &f->h[i].key, err, sizeof(err));
+    *state = f;
+    return 0;
+}
+
+static int teardown(void **state) {
+    fx *f = *state;
+    if (!f) return 0;
+    cake_store_close(f->s);
+    for (int i = 0; i < 8; i++) cake_store_free_buffer(f->blob[i]);
+    cake_store_free_buffer(f->buf);
+    cake_kv_cache_free(&f->kv);
+    free(f);
+    return 0;
+}
+
+#define NEED_REDIS()                                                                               \
+    do {                                                                                           \
+        if (!t_redis_available()) {                                                                \
+            print_message("skip: redis-server not installed\n");                                   \
+            skip();                                                                                \
+        }                                                                                          \
+    } while (0)
+
+static void put_ok(fx *f, int i) {
+    char err[512];
+    if (cake_store_put(f->s, &f->h[i].key, f->blob[i], f->len, err, sizeof(err)))
+        fail_msg("put %d: %s", i, err);
+}
+
+static int get(fx *f, int i, char *err, size_t errlen) {
+    size_t len = 0;
+    int rc = cake_store_get_verified(f->s, &f->h[i], f->buf, f->cap, &len, err, errlen);
+    if (rc == 0) {
+        assert_int_equal(len, f->len);
+        assert_memory_equal(f->buf, f->blob[i], f->len);
+    }
+    return rc;
+}
+
+static void test_redis_roundtrip(void **state) {
+    NEED_REDIS();
+    fx *f = *state;
+    char err[512];
+    assert_string_equal(cake_store_kind(f->s), "redis");
+    assert_int_equal(get(f, 0, err, sizeof(err)), 1);
+    assert_string_equal(err, "");
+    for (int i = 0; i < 5; i++) put_ok(f, i);
+    for (int i = 0; i < 5; i++) assert_int_equal(get(f, i, err, sizeof(err)), 0);
+
+    /* pipelined EXISTS over many keys, more than one batch */
+    enum { N = 700 };
+    cake_chunk_key *keys = malloc(N * sizeof(*keys));
+    uint8_t *present = malloc(N);
+    for (int i = 0; i < N; i++)
+        memset(&keys[i], i & 0xff, sizeof(keys[i])), keys[i].b[0] = 0xee,
+                                                     keys[i].b[1] = (uint8_t)(i >> 8);
+    for (int i = 0; i < 5; i++) keys[i * 100 + 7] = f->h[i].key;
+    assert_int_equal(cake_store_exists(f->s, keys, N, present, err, sizeof(err)), 0);
+    for (int i = 0; i < N; i++) assert_int_equal(present[i], i % 100 == 7 && i < 500);
+    free(keys);
+    free(present);
+
+    /* load into a cache */
+    cake_kv_cache out;
+    assert_int_equal(t_kv_init(&out, CAKE_KV_F16), 0);
+    assert_int_equal(
+        cake_store_load(f->s, &f->h[4], f->buf, f->cap, &out, 4 * T_CHUNK, err, sizeof(err)), 0);
+    assert_int_equal(t_kv_cmp_range(&f->kv, 4 * T_CHUNK, &out, 4 * T_CHUNK, T_CHUNK), 0);
+    cake_kv_cache_free(&out);
+
+    /* header reads and listings */
+    uint8_t hdr[CAKE_CHUNK_HEADER_SIZE];
+    size_t len;
+    uint64_t total;
+    assert_int_equal(
+        cake_store_head(f->s, &f->h[2].key, hdr, sizeof(hdr), &len, &total, err, sizeof(err)), 0);
+    assert_int_equal(len, sizeof(hdr));
+    assert_int_equal(total, f->len);
+    assert_int_equal(
+        cake_store_head(f->s, &f->h[7].key, hdr, sizeof(hdr), &len, &total, err, sizeof(err)), 1);
+    cake_store_usage u;
+    assert_int_equal(cake_store_usage_get(f->s, &u, err, sizeof(err)), 0);
+    assert_int_equal(u.n_chunks, 5);
+    assert_int_equal(u.bytes, 5 * f->len);
+
+    /* del, and a corrupt value: a miss, counted, removed */
+    assert_int_equal(cake_store_del(f->s, &f->h[0].key, err, sizeof(err)), 0);
+    assert_int_equal(cake_store_del(f->s, &f->h[0].key, err, sizeof(err)), 1);
+    uint8_t *bad = malloc(f->len);
+    memcpy(bad, f->blob[1], f->len);
+    bad[60] ^= 2; /* a header field */
+    assert_int_equal(cake_store_put(f->s, &f->h[1].key, bad, f->len, err, sizeof(err)), 0);
+    assert_int_equal(get(f, 1, err, sizeof(err)), 1);
+    assert_non_null(strstr(err, "checksum"));
+    assert_int_equal(get(f, 1, err, sizeof(err)), 1);
+    assert_string_equal(err, ""); /* removed: now simply absent */
+    free(bad);
+
+    /* gc to a size: least recently used first */
+    usleep(1100000); /* OBJECT IDLETIME has 1 s resolution: make 4 the most recent */
+    assert_int_equal(get(f, 4, err, sizeof(err)), 0);
+    uint64_t n, b;
+    assert_int_equal(cake_store_gc(f->s, f->len, &n, &b, err, sizeof(err)), 0);
+    assert_int_equal(n, 2);
+    assert_int_equal(get(f, 4, err, sizeof(err)), 0);
+
+    cake_store_counters c;
+    cake_store_counters_get(f->s, &c);
+    assert_int_equal(c.corrupt, 1);
+    assert_int_equal(c.errors, 0);
+    assert_int_equal(c.evictions, 2);
+}
+
+static void test_redis_db(void **state) {
+    NEED_REDIS();
+    fx *f = *state;
+    char err[512], uri[256];
+    cake_store *s2;
+    snprintf(uri, sizeof(uri), "%s/2", g_redis.uri);
+    assert_int_equal(cake_store_open(uri, &s2, err, sizeof(err)), 0);
+    put_ok(f, 6);
+    uint8_t present = 9;
+    assert_int_equal(cake_store_exists(s2, &f->h[6].key, 1, &present, err, sizeof(err)), 0);
+    assert_int_equal(present, 0);
+    assert_int_equal(cake_store_put(s2, &f->h[6].key, f->blob[6], f->len, err, sizeof(err)), 0);
+    assert_int_equal(cake_store_exists(s2, &f->h[6].key, 1, &present, err, sizeof(err)), 0);
+    assert_int_equal(present, 1);
+    assert_int_equal(cake_store_del(s2, &f->h[6].key, err, sizeof(err)), 0);
+    cake_store_close(s2);
+    assert_int_equal(get(f, 6, err, sizeof(err)), 0);
+}
+
+typedef struct {
+    fx *f;
+    int id, bad;
+} worker;
+
+static void *work(void *arg) {
+    worker *w = arg;
+    fx *f = w->f;
+    char err[512];
+    size_t len;
+    void *buf = cake_store_alloc_buffer(f->cap);
+    for (int it = 0; it < 100; it++) {
+        int i = (it * 3 + w->id) % 8;
+        if (it % 4 == w->id % 4) {
+            if (cake_store_put(f->s, &f->h[i].key, f->blob[i], f->len, err, sizeof(err))) w->bad++;
+        } else {
+            int rc = cake_store_get_verified(f->s, &f->h[i], buf, f->cap, &len, err, sizeof(err));
+            if (rc < 0 || (rc == 0 && memcmp(buf, f->blob[i], f->len))) w->bad++;
+        }
+    }
+    cake_store_free_buffer(buf);
+    return NULL;
+}
+
+static void test_redis_threads(void **state) {
+    NEED_REDIS();
+    fx *f = *state;
+    pthread_t th[4];
+    worker w[4];
+    for (int i = 0; i < 4; i++) {
+        w[i] = (worker){f, i, 0};
+        pthread_create(&th[i], NULL, work, &w[i]);
+    }
+    for (int i = 0; i < 4; i++) {
+        pthread_join(th[i], NULL);
+        assert_int_equal(w[i].bad, 0);
+    }
+    cake_store_counters c;
+    cake_store_counters_get(f->s, &c);
+    assert_int_equal(c.errors, 0);
+    assert_int_equal(c.corrupt, 0);
+}
+
+static void test_redis_killed_between_exists_and_get(void **state) {
+    NEED_REDIS();
+    fx *f = *state;
+    char err[512];
+    put_ok(f, 3);
+    uint8_t present;
+    assert_int_equal(cake_store_exists(f->s, &f->h[3].key, 1, &present, err, sizeof(err)), 0);
+    assert_int_equal(present, 1);
+    int port = g_redis.port;
+    t_redis_stop(&g_redis);
+    double t0 = t_now();
+    assert_int_equal(get(f, 3, err, sizeof(err)), 1);
+    double dt = t_now() - t0;
+    print_message("get with Redis just killed: miss in %.1f ms: %s\n", dt * 1e3, err);
+    assert_true(dt < 0.6);
+    assert_true(strlen(err) > 0);
+    /* while down: misses, fast; puts fail; exists says absent */
+    t0 = t_now();
+    for (int i = 0; i < 20; i++) assert_int_equal(get(f, i % 8, err, sizeof(err)), 1);
+    assert_int_equal(cake_store_exists(f->s, &f->h[3].key, 1, &present, err, sizeof(err)), -1);
+    assert_int_equal(present, 0);
+    assert_int_equal(cake_store_put(f->s, &f->h[2].key, f->blob[2], f->len, err, sizeof(err)), -1);
+    dt = t_now() - t0;
+    print_message("20 gets + exists + put with Redis down: %.1f ms\n", dt * 1e3);
+    assert_true(dt < 1.0);
+    cake_store_counters c;
+    cake_store_counters_get(f->s, &c);
+    assert_true(c.errors >= 22);
+    assert_int_equal(c.corrupt, 0);
+
+    /* Redis comes back (empty: no persistence): the store reconnects */
+    assert_int_equal(t_redis_start(&g_redis, port), 0);
+    int ok = 0;
+    for (int i = 0; i < 40 && !ok; i++) { /* within the retry interval (500 ms) */
+        ok = cake_store_put(f->s, &f->h[2].key, f->blob[2], f->len, err, sizeof(err)) == 0;
+        if (!ok) usleep(50000);
+    }
+    assert_true(ok);
+    assert_int_equal(get(f, 2, err, sizeof(err)), 0);
+    assert_int_equal(get(f, 3, err, sizeof(err)), 1); /* gone with the restart */
+}
+
+static void test_redis_down_from_start(void **state) {
+    NEED_REDIS();
+    (void)state;
+    int port = t_free_port(); /* nothing listens there */
+    char uri[128], err[512];
+    snprintf(uri, sizeof(uri), "redis://127.0.0.1:%d?timeout=300", port);
+    cake_store *s;
+    double t0 = t_now();
+    assert_int_equal(cake_store_open(uri, &s, err, sizeof(err)), 0);
+    cake_chunk_header h = t_header(0, 1, CAKE_KV_F16);
+    size_t len = cake_chunk_blob_size(&h);
+    void *buf = cake_store_alloc_buffer(len);
+    for (int i = 0; i < 10; i++) {
+        size_t got;
+        assert_int_equal(cake_store_get_verified(s, &h, buf, len, &got, err, sizeof(err)), 1);
+        assert_non_null(strstr(err, "redis"));
+    }
+    uint8_t present = 7;
+    assert_int_equal(cake_store_exists(s, &h.key, 1, &present, err, sizeof(err)), -1);
+    assert_int_equal(present, 0);
+    cake_store_usage u;
+    assert_int_equal(cake_store_usage_get(s, &u, err, sizeof(err)), -1);
+    double dt = t_now() - t0;
+    print_message("Redis down: open + 10 gets + exists: %.1f ms (%s)\n", dt * 1e3, err);
+    assert_true(dt < 1.0);
+    cake_store_counters c;
+    cake_store_counters_get(s, &c);
+    assert_int_equal(c.misses, 10);
+    assert_int_equal(c.hits, 0);
+    cake_store_free_buffer(buf);
+    cake_store_close(s);
+
+    /* an address that does not answer at all: the connect timeout bounds it */
+    assert_int_equal(cake_store_open("redis://10.255.255.1:6379?timeout=150", &s, err, sizeof(err)),
+                     0);
+    t0 = t_now();
+    size_t got;
+    void *b2 = cake_store_alloc_buffer(len);
+    assert_int_equal(cake_store_get_verified(s, &h, b2, len, &got, err, sizeof(err)), 1);
+    dt = t_now() - t0;
+    print_message("unroutable Redis: miss in %.1f ms (%s)\n", dt * 1e3, err);
+    assert_true(dt < 1.0);
+    cake_store_free_buffer(b2);
+    cake_store_close(s);
+}
+
+static void test_redis_hung(void **state) {
+    NEED_REDIS();
+    fx *f = *state;
+    char err[512];
+    put_ok(f, 5);
+    kill(g_redis.pid, SIGSTOP);
+    double t0 = t_now();
+    int rc = get(f, 5, err, sizeof(err));
+    double dt = t_now() - t0;
+    kill(g_redis.pid, SIGCONT);
+    print_message("get from a stopped Redis (timeout=500): %d in %.1f ms: %s\n", rc, dt * 1e3, err);
+    assert_int_equal(rc, 1);
+    assert_true(dt >= 0.4 && dt < 1.5);
+    /* it answers again: after the retry interval the store is back */
+    int ok = 0;
+    for (int i = 0; i < 40 && !ok; i++) {
+        ok = get(f, 5, err, sizeof(err)) == 0;
+        if (!ok) usleep(50000);
+    }
+    assert_true(ok);
+}
+
+int main(void) {
+    if (!t_redis_available()) fprintf(stderr, "skip: redis-server not installed\n");
+#define T(fn) cmocka_unit_test_setup_teardown(fn, setup, teardown)
+    const struct CMUnitTest tests[] = {
+        T(test_redis_roundtrip),       T(test_redis_db),
+        T(test_redis_threads),         T(test_redis_killed_between_exists_and_get),
+        T(test_redis_down_from_start), T(test_redis_hung),
+    };
+    return cmocka_run_group_tests(tests, group_setup, group_teardown);
+}
