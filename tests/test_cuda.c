@@ -303,9 +303,13 @@ static void test_stories_golden(void **state) {
     REQUIRE_GPU();
     cake_token golden[MAX_STEPS];
     const int n_golden = read_golden_ids(golden, MAX_STEPS);
-    const char *path = test_model_path("stories260K.gguf");
-    const char *ref_path = test_model_path("golden/stories260K-once-upon-a-time.last-prompt-logits.f32");
-    if (n_golden < 0 || !path || !ref_path) {
+    /* test_model_path returns a static buffer: keep copies. */
+    char path[1024] = "", ref_path[1024] = "";
+    const char *p = test_model_path("stories260K.gguf");
+    if (p) snprintf(path, sizeof(path), "%s", p);
+    p = test_model_path("golden/stories260K-once-upon-a-time.last-prompt-logits.f32");
+    if (p) snprintf(ref_path, sizeof(ref_path), "%s", p);
+    if (n_golden < 0 || !path[0] || !ref_path[0]) {
         printf("skip: stories260K.gguf or its golden files are not in %s\n", test_models_dir());
         skip();
     }

@@ -179,39 +179,52 @@ static cake_store *open_with_blob(const char *uri, cake_chunk_key *key) {
 }
 
 /* Timing bounds: never faster than the link allows (small slack for clock
- * granularity); slower only by scheduling noise (loose, the machine is shared;
- * bench_store measures the precision). */
-static void check_time(const char *what, double got, double want) {
+ * granularity): that must hold on every run. Slower only by scheduling noise:
+ * a loaded machine makes some runs slow, never fast, so the upper bound (loose)
+ * must hold on one of up to 3 runs. bench_store measures the precision. */
+static int check_time(const char *what, double got, double want) {
     print_message("%-34s %7.1f ms (link model: %.1f ms)\n", what, got * 1e3, want * 1e3);
-    if (got < want * 0.97 || got > want * 1.35 + 0.010)
-        fail_msg("%s took %.1f ms, the link model says %.1f ms", what, got * 1e3, want * 1e3);
+    if (got < want * 0.97)
+        fail_msg("%s took %.1f ms, faster than the link model's %.1f ms", what, got * 1e3,
+                 want * 1e3);
+    return got <= want * 1.35 + 0.010;
 }
+
+#define TIMED(what, want, ...)                                                                     \
+    do {                                                                                           \
+        for (int attempt_ = 0;; attempt_++) {                                                      \
+            double got_;                                                                           \
+            __VA_ARGS__;                                                                           \
+            if (check_time(what, got_, want)) break;                                               \
+            if (attempt_ == 2) fail_msg("%s: slower than the link model in 3 runs", what);         \
+        }                                                                                          \
+    } while (0)
 
 static void test_bw_alone(void **state) {
     (void)state;
     /* 64 Mbit/s = 8 MB/s: 25 ms per 200 kB transfer */
     cake_chunk_key key;
     cake_store *s = open_with_blob("mem:?bw=64Mbit", &key);
-    getter g = {s, key, 6, 0, NULL};
-    do_gets(&g);
-    check_time("6 sequential gets", g.elapsed, 6 * 0.025);
+    TIMED("6 sequential gets", 6 * 0.025, {
+        getter g = {s, key, 6, 0, NULL};
+        do_gets(&g);
+        got_ = g.elapsed;
+    });
     cake_store_counters c;
     cake_store_counters_get(s, &c);
     assert_true(c.read_ns >= 6 * 25000000ull * 97 / 100);
     cake_store_close(s);
 }
 
-static void test_bw_shared(void **state) {
-    (void)state;
-    cake_chunk_key key;
-    cake_store *s = open_with_blob("mem:?bw=64Mbit", &key);
+/* 4 threads x 3 gets at once; returns the aggregate time, per-stream times in each[]. */
+static double shared_run(cake_store *s, const cake_chunk_key *key, double each[4]) {
     enum { N = 4, GETS = 3 };
     getter g[N];
     pthread_t th[N];
     pthread_barrier_t start;
     pthread_barrier_init(&start, NULL, N + 1);
     for (int i = 0; i < N; i++) {
-        g[i] = (getter){s, key, GETS, 0, &start};
+        g[i] = (getter){s, *key, GETS, 0, &start};
         pthread_create(&th[i], NULL, do_gets, &g[i]);
     }
     pthread_barrier_wait(&start);
@@ -219,15 +232,59 @@ static void test_bw_shared(void **state) {
     for (int i = 0; i < N; i++) pthread_join(th[i], NULL);
     double total = t_now() - t0;
     pthread_barrier_destroy(&start);
+    for (int i = 0; i < N; i++) each[i] = g[i].elapsed;
+    return total;
+}
+
+static void test_bw_shared(void **state) {
+    (void)state;
+    cake_chunk_key key;
+    cake_store *s = open_with_blob("mem:?bw=64Mbit", &key);
+    double each[4];
     /* 12 transfers over one 8 MB/s link: 300 ms in all, never less. */
-    check_time("4 streams x 3 gets, aggregate", total, N * GETS * 0.025);
+    TIMED("4 streams x 3 gets, aggregate", 12 * 0.025, got_ = shared_run(s, &key, each));
     /* Each stream, sharing with 3 others, gets about a quarter of the link
      * (loosely: a stream the scheduler starts late shares less). */
-    for (int i = 0; i < N; i++) {
-        print_message("  one stream: %.1f ms\n", g[i].elapsed * 1e3);
-        assert_true(g[i].elapsed > 0.8 * N * GETS * 0.025);
-        assert_true(g[i].elapsed < 1.35 * N * GETS * 0.025 + 0.010);
+    for (int i = 0; i < 4; i++) {
+        print_message("  one stream: %.1f ms\n", each[i] * 1e3);
+        assert_true(each[i] > 0.8 * 12 * 0.025);
     }
+    cake_store_close(s);
+}
+
+static void test_bw_get_many(void **state) {
+    (void)state;
+    /* 4 chunks in one call share the link: 100 ms at 8 MB/s, plus one lat */
+    cake_store *s;
+    char err[256];
+    assert_int_equal(cake_store_open("mem:?bw=64Mbit&lat=5", &s, err, sizeof(err)), 0);
+    cake_chunk_header h[4];
+    void *bufs[4];
+    size_t lens[4], len = 0;
+    int rc[4];
+    cake_kv_cache kv;
+    char e2[256];
+    /* chunks of 200 kB: 50 layers x 2 x 16 tokens x 64 x f16 = 204800 bytes */
+    assert_int_equal(cake_kv_cache_init(&kv, 50, 64, 64, CAKE_KV_F16, e2, sizeof(e2)), 0);
+    t_fill_kv(&kv, 1);
+    for (int i = 0; i < 4; i++) {
+        h[i] = t_header((uint32_t)i, 4, CAKE_KV_F16);
+        h[i].n_layers = 50;
+        h[i].n_kv_heads = 4;
+        h[i].head_dim = 16;
+        void *b = t_blob(&h[i], &kv, 0, &len);
+        assert_int_equal(cake_store_put(s, &h[i].key, b, len, err, sizeof(err)), 0);
+        cake_store_free_buffer(b);
+        bufs[i] = cake_store_alloc_buffer(len);
+    }
+    TIMED("get_many of 4 chunks", 0.005 + 4 * len / 8e6, {
+        double t0 = t_now();
+        assert_int_equal(
+            cake_store_get_many_verified(s, h, 4, bufs, len, lens, rc, err, sizeof(err)), 4);
+        got_ = t_now() - t0;
+    });
+    for (int i = 0; i < 4; i++) cake_store_free_buffer(bufs[i]);
+    cake_kv_cache_free(&kv);
     cake_store_close(s);
 }
 
@@ -235,24 +292,30 @@ static void test_lat(void **state) {
     (void)state;
     cake_chunk_key key;
     cake_store *s = open_with_blob("mem:?lat=20", &key);
-    getter g = {s, key, 3, 0, NULL};
-    do_gets(&g);
-    check_time("3 gets with lat=20", g.elapsed, 3 * 0.020);
+    TIMED("3 gets with lat=20", 3 * 0.020, {
+        getter g = {s, key, 3, 0, NULL};
+        do_gets(&g);
+        got_ = g.elapsed;
+    });
     cake_store_close(s);
     /* lat + bw: the latency does not occupy the link */
     s = open_with_blob("mem:?lat=10&bw=64Mbit", &key);
-    g = (getter){s, key, 2, 0, NULL};
-    do_gets(&g);
-    check_time("2 gets with lat=10, bw=64Mbit", g.elapsed, 2 * 0.035);
+    TIMED("2 gets with lat=10, bw=64Mbit", 2 * 0.035, {
+        getter g = {s, key, 2, 0, NULL};
+        do_gets(&g);
+        got_ = g.elapsed;
+    });
     /* a miss pays the latency but no transfer */
     char err[256];
     size_t len;
     void *buf = malloc(BLOB);
     cake_chunk_key other;
     memset(&other, 1, sizeof(other));
-    double t0 = t_now();
-    assert_int_equal(cake_store_get(s, &other, buf, BLOB, &len, err, sizeof(err)), 1);
-    check_time("a miss with lat=10", t_now() - t0, 0.010);
+    TIMED("a miss with lat=10", 0.010, {
+        double t0 = t_now();
+        assert_int_equal(cake_store_get(s, &other, buf, BLOB, &len, err, sizeof(err)), 1);
+        got_ = t_now() - t0;
+    });
     free(buf);
     cake_store_close(s);
 }
@@ -265,10 +328,12 @@ static void test_bw_put(void **state) {
     void *blob = calloc(1, BLOB);
     cake_chunk_key key;
     memset(&key, 3, sizeof(key));
-    double t0 = t_now();
-    for (int i = 0; i < 3; i++)
-        assert_int_equal(cake_store_put(s, &key, blob, BLOB, err, sizeof(err)), 0);
-    check_time("3 puts", t_now() - t0, 3 * 0.025);
+    TIMED("3 puts", 3 * 0.025, {
+        double t0 = t_now();
+        for (int i = 0; i < 3; i++)
+            assert_int_equal(cake_store_put(s, &key, blob, BLOB, err, sizeof(err)), 0);
+        got_ = t_now() - t0;
+    });
     free(blob);
     cake_store_close(s);
 }
@@ -278,7 +343,7 @@ int main(void) {
         cmocka_unit_test(test_parse_rate), cmocka_unit_test(test_parse_size),
         cmocka_unit_test(test_parse_uri),  cmocka_unit_test(test_bw_alone),
         cmocka_unit_test(test_bw_shared),  cmocka_unit_test(test_lat),
-        cmocka_unit_test(test_bw_put),
+        cmocka_unit_test(test_bw_put),     cmocka_unit_test(test_bw_get_many),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

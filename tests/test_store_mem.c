@@ -87,6 +87,18 @@ static void test_mem_roundtrip(void **state) {
         cake_store_load(s, &f->h[6], f->buf, f->cap, &out, T_CTX - 1, err, sizeof(err)), -1);
     assert_int_equal(get(f, s, 6), 0);
     cake_kv_cache_free(&out);
+    /* several at once (the generic path: one get after the other) */
+    void *bufs[8];
+    size_t lens[8];
+    int rcs[8];
+    for (int i = 0; i < 8; i++) bufs[i] = cake_store_alloc_buffer(f->cap);
+    assert_int_equal(
+        cake_store_get_many_verified(s, f->h, 8, bufs, f->cap, lens, rcs, err, sizeof(err)), 6);
+    for (int i = 0; i < 8; i++) {
+        assert_int_equal(rcs[i], i == 3 || i == 5);
+        if (!rcs[i]) assert_memory_equal(bufs[i], f->blob[i], f->len);
+    }
+    for (int i = 0; i < 8; i++) cake_store_free_buffer(bufs[i]);
     cake_store_counters c;
     cake_store_counters_get(s, &c);
     assert_int_equal(c.corrupt, 1);

@@ -180,6 +180,53 @@ static void test_redis_roundtrip(void **state) {
     assert_int_equal(c.evictions, 2);
 }
 
+static void test_redis_get_many(void **state) {
+    NEED_REDIS();
+    fx *f = *state;
+    char err[512];
+    for (int i = 0; i < 6; i++) put_ok(f, i);
+    uint8_t *bad = malloc(f->len);
+    memcpy(bad, f->blob[2], f->len);
+    bad[f->len - 1] ^= 1;
+    assert_int_equal(cake_store_put(f->s, &f->h[2].key, bad, f->len, err, sizeof(err)), 0);
+    free(bad);
+    void *bufs[8];
+    size_t lens[8];
+    int rc[8];
+    for (int i = 0; i < 8; i++) bufs[i] = cake_store_alloc_buffer(f->cap);
+    /* chunks 0..7: 6 and 7 absent, 2 corrupt */
+    assert_int_equal(
+        cake_store_get_many_verified(f->s, f->h, 8, bufs, f->cap, lens, rc, err, sizeof(err)), 5);
+    for (int i = 0; i < 8; i++) {
+        assert_int_equal(rc[i], i == 2 || i >= 6);
+        if (rc[i] == 0) {
+            assert_int_equal(lens[i], f->len);
+            assert_memory_equal(bufs[i], f->blob[i], f->len);
+        }
+    }
+    assert_non_null(strstr(err, "checksum"));
+    cake_store_counters c;
+    cake_store_counters_get(f->s, &c);
+    assert_int_equal(c.hits, 5);
+    assert_int_equal(c.misses, 3);
+    assert_int_equal(c.corrupt, 1);
+    /* too small a buffer: nothing fetched */
+    assert_int_equal(
+        cake_store_get_many_verified(f->s, f->h, 8, bufs, f->len - 1, lens, rc, err, sizeof(err)),
+        -1);
+    /* Redis gone: all misses, quickly */
+    int port = g_redis.port;
+    t_redis_stop(&g_redis);
+    double t0 = t_now();
+    assert_int_equal(
+        cake_store_get_many_verified(f->s, f->h, 8, bufs, f->cap, lens, rc, err, sizeof(err)), 0);
+    for (int i = 0; i < 8; i++) assert_int_equal(rc[i], 1);
+    assert_true(t_now() - t0 < 0.6);
+    assert_non_null(strstr(err, "redis"));
+    for (int i = 0; i < 8; i++) cake_store_free_buffer(bufs[i]);
+    assert_int_equal(t_redis_start(&g_redis, port), 0);
+}
+
 static void test_redis_db(void **state) {
     NEED_REDIS();
     fx *f = *state;
@@ -356,9 +403,13 @@ int main(void) {
     if (!t_redis_available()) fprintf(stderr, "skip: redis-server not installed\n");
 #define T(fn) cmocka_unit_test_setup_teardown(fn, setup, teardown)
     const struct CMUnitTest tests[] = {
-        T(test_redis_roundtrip),       T(test_redis_db),
-        T(test_redis_threads),         T(test_redis_killed_between_exists_and_get),
-        T(test_redis_down_from_start), T(test_redis_hung),
+        T(test_redis_roundtrip),
+        T(test_redis_get_many),
+        T(test_redis_db),
+        T(test_redis_threads),
+        T(test_redis_killed_between_exists_and_get),
+        T(test_redis_down_from_start),
+        T(test_redis_hung),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }

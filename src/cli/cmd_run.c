@@ -7,6 +7,8 @@
 #include "cake.h"
 #include "cli/cli.h"
 #include "engine/generate.h"
+#include "loader/loader.h"
+#include "store/store.h"
 #include "model/tokenizer.h"
 
 static const char *help =
@@ -23,17 +25,25 @@ static const char *help =
     "      --top-p P         nucleus sampling mass (default 0.95; 1 = off)\n"
     "      --seed S          random seed (default: from the clock; printed in the summary)\n"
     "      --threads N       CPU threads (default: all online CPUs)\n"
-    "      --chunk TOKENS    prefill chunk size (default 256)\n"
+    "      --chunk TOKENS    prefill chunk size = the store's chunk size (default 256)\n"
     "      --kv-type TYPE    KV cache element type: f16 (default) or f32\n"
-    "      --store URI       chunk store (not available yet in this build)\n"
-    "      --mode MODE       cake | load | compute (needs --store)\n"
+    "      --store URI       KV chunk store: file:PATH, redis://HOST:PORT[/DB] or mem:\n"
+    "                        (?bw=25Gbit&lat=1 emulate a link). Cached chunks are\n"
+    "                        loaded, newly computed full chunks written back\n"
+    "      --mode MODE       cake (default with --store): compute from the front while\n"
+    "                        loading from the back; load: load every cached chunk,\n"
+    "                        then compute the rest; compute: ignore cached chunks\n"
+    "      --io-depth N      loads in flight (default 4)\n"
+    "      --trace FILE      write the prefill timeline as Chrome trace-event JSON\n"
+    "                        (open in Perfetto or chrome://tracing)\n"
     "      --dump-logits F   write the logits that chose the first generated token\n"
     "                        (little-endian float32, n_vocab values)\n"
     "      --json            print one JSON object on stdout instead of the text\n";
 
 typedef struct {
-    const char *model, *prompt, *file, *tokens, *store, *mode, *dump_logits;
-    long n_predict, threads, chunk;
+    const char *model, *prompt, *file, *tokens, *store, *dump_logits, *trace;
+    cake_mode mode;
+    long n_predict, threads, chunk, io_depth;
     double temp, top_p;
     unsigned long long seed;
     int seed_set, json;
@@ -117,8 +127,11 @@ static int parse_args(int argc, char **argv, run_opts *o) {
         {"kv-type", required_argument, 0, 'k'}, {"store", required_argument, 0, 'S'},
         {"mode", required_argument, 0, 'M'},   {"dump-logits", required_argument, 0, 'D'},
         {"json", no_argument, 0, 'J'},         {"help", no_argument, 0, 'h'},
+        {"io-depth", required_argument, 0, 'I'}, {"trace", required_argument, 0, 'R'},
         {0, 0, 0, 0}};
-    *o = (run_opts){.n_predict = 128, .temp = 0.8, .top_p = 0.95, .chunk = 256};
+    *o = (run_opts){.n_predict = 128, .temp = 0.8, .top_p = 0.95, .chunk = 256,
+                    .io_depth = CAKE_DEFAULT_IO_DEPTH, .mode = CAKE_MODE_CAKE};
+    int mode_set = 0;
     int c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "m:p:f:n:h", opts, NULL)) != -1) {
@@ -162,7 +175,17 @@ static int parse_args(int argc, char **argv, run_opts *o) {
             else return cli_error(CLI_USAGE, "run", "--kv-type is f16 or f32, got '%s'", optarg);
             break;
         case 'S': o->store = optarg; break;
-        case 'M': o->mode = optarg; break;
+        case 'M':
+            if (cake_mode_parse(optarg, &o->mode))
+                return cli_error(CLI_USAGE, "run", "--mode is cake, load or compute, got '%s'",
+                                 optarg);
+            mode_set = 1;
+            break;
+        case 'I':
+            if (cli_parse_int(optarg, 1, 64, &o->io_depth))
+                return cli_error(CLI_USAGE, "run", "--io-depth wants 1..64, got '%s'", optarg);
+            break;
+        case 'R': o->trace = optarg; break;
         case 'D': o->dump_logits = optarg; break;
         case 'J': o->json = 1; break;
         case 'h': fputs(help, stdout); return -1;
@@ -174,12 +197,9 @@ static int parse_args(int argc, char **argv, run_opts *o) {
     if (!o->model) return cli_error(CLI_USAGE, "run", "-m MODEL is required");
     if (!!o->prompt + !!o->file + !!o->tokens != 1)
         return cli_error(CLI_USAGE, "run", "give exactly one of -p TEXT, -f FILE, --tokens IDS");
-    if (o->mode && strcmp(o->mode, "cake") && strcmp(o->mode, "load") && strcmp(o->mode, "compute"))
-        return cli_error(CLI_USAGE, "run", "--mode is cake, load or compute, got '%s'", o->mode);
-    if (o->store)
-        return cli_error(CLI_USAGE, "run", "--store: the chunk store is not available in this build yet");
-    if (o->mode && strcmp(o->mode, "compute"))
-        return cli_error(CLI_USAGE, "run", "--mode %s needs --store", o->mode);
+    if (mode_set && o->mode != CAKE_MODE_COMPUTE && !o->store)
+        return cli_error(CLI_USAGE, "run", "--mode %s needs --store", cake_mode_name(o->mode));
+    if (!o->store) o->mode = CAKE_MODE_COMPUTE;
     return 0;
 }
 
@@ -204,6 +224,8 @@ int cmd_run(int argc, char **argv) {
     if (rc) return rc < 0 ? CLI_OK : rc;
 
     char err[512];
+    cake_store *store = NULL;
+    cake_writeback *wb = NULL;
     cake_model *model = NULL;
     cake_context *ctx = NULL;
     cake_sampler *sampler = NULL;
@@ -222,6 +244,16 @@ int cmd_run(int argc, char **argv) {
     if (o.file && !(text = cli_read_file(o.file, &text_len, err, sizeof(err)))) {
         cli_error(CLI_FAIL, "run", "%s", err);
         goto done;
+    }
+    if (o.store) {
+        if (cake_store_open(o.store, &store, err, sizeof(err))) {
+            cli_error(CLI_FAIL, "run", "--store %s: %s", o.store, err);
+            goto done;
+        }
+        if (!(wb = cake_writeback_create(store, 1024, err, sizeof(err)))) {
+            cli_error(CLI_FAIL, "run", "%s", err);
+            goto done;
+        }
     }
     if (cake_model_load(o.model, &model, err, sizeof(err))) {
         cli_error(CLI_FAIL, "run", "%s", err);
@@ -281,7 +313,13 @@ int cmd_run(int argc, char **argv) {
     }
 
     sink = (text_sink){.tok = tok, .prev = prompt[n_prompt - 1], .print = !o.json};
+    cake_prefill_params lp = {.store = store,
+                              .writeback = wb,
+                              .mode = o.mode,
+                              .io_depth = (int)o.io_depth,
+                              .trace_path = o.trace};
     cake_request req = {
+        .loader = &lp,
         .prompt = prompt,
         .n_prompt = n_prompt,
         .n_predict = (int)o.n_predict,
@@ -297,6 +335,10 @@ int cmd_run(int argc, char **argv) {
         cli_error(CLI_FAIL, "run", "%s", err);
         goto done;
     }
+    /* The next run should find this one's chunks: wait (bounded) for the writes. */
+    int wb_dropped = wb ? cake_writeback_drain(wb, 60000) : 0;
+    cake_writeback_counters wbc = {0};
+    if (wb) cake_writeback_counters_get(wb, &wbc);
     if (o.dump_logits && write_logits(o.dump_logits, first_logits, hp->n_vocab, err, sizeof(err))) {
         cli_error(CLI_FAIL, "run", "%s", err);
         goto done;
@@ -305,6 +347,7 @@ int cmd_run(int argc, char **argv) {
     const double decode_tps =
         st.n_generated > 1 && st.decode_ms > 0 ? (st.n_generated - 1) * 1e3 / st.decode_ms : 0;
     const double prefill_tps = st.ttft_ms > 0 ? n_prompt * 1e3 / st.ttft_ms : 0;
+    const cake_prefill_stats *ps = &st.prefill;
     if (o.json) {
         printf("{\"prompt_tokens\":%d,", n_prompt);
         json_ids(stdout, "prompt_ids", prompt, n_prompt);
@@ -312,19 +355,39 @@ int cmd_run(int argc, char **argv) {
         fputs("\"text\":", stdout);
         cli_json_string(stdout, sink.text ? sink.text : "", sink.len);
         printf(",\"ttft_ms\":%.3f,\"prefill_tok_s\":%.2f,\"decode_tok_s\":%.2f,"
-               "\"mode\":\"compute\",\"chunk\":%ld,\"chunks_total\":%d,\"chunks_computed\":%d,"
-               "\"chunks_loaded\":0,\"bytes_loaded\":0,\"meet_chunk\":null,"
+               "\"mode\":\"%s\",\"chunk\":%ld,\"io_depth\":%d,\"chunks_total\":%d,"
+               "\"chunks_computed\":%d,\"chunks_loaded\":%d,\"chunks_missing\":%d,"
+               "\"chunks_corrupt\":%d,\"chunks_discarded\":%d,\"meet_chunk\":%d,"
+               "\"bytes_loaded\":%llu,\"load_gbit_s\":%.3f,\"lookup_ms\":%.3f,"
+               "\"compute_ms\":%.3f,\"compute_wait_ms\":%.3f,\"load_ms\":%.3f,"
+               "\"writeback_queued\":%d,\"writeback_dropped\":%d,\"writeback_written\":%llu,"
+               "\"writeback_failed\":%llu,"
                "\"kv_type\":\"%s\",\"threads\":%d,\"seed\":%llu}\n",
-               st.ttft_ms, prefill_tps, decode_tps, o.chunk, st.chunks_total, st.chunks_total,
-               o.kv_type == CAKE_KV_F32 ? "f32" : "f16", cake_context_n_threads(ctx), o.seed);
+               st.ttft_ms, prefill_tps, decode_tps, cake_mode_name(ps->mode), o.chunk,
+               ps->io_depth, ps->chunks_total, ps->chunks_computed, ps->chunks_loaded,
+               ps->chunks_missing, ps->chunks_corrupt, ps->chunks_discarded, ps->meet_chunk,
+               (unsigned long long)ps->bytes_loaded, ps->load_gbit_s, ps->lookup_ms,
+               ps->compute_ms, ps->compute_wait_ms, ps->load_ms, ps->writeback_queued,
+               ps->writeback_dropped + wb_dropped, (unsigned long long)wbc.written,
+               (unsigned long long)wbc.failed, o.kv_type == CAKE_KV_F32 ? "f32" : "f16",
+               cake_context_n_threads(ctx), o.seed);
     } else {
         putchar('\n');
     }
     fprintf(stderr,
-            "cake run: prompt %d tokens, generated %d; ttft %.1f ms (prefill %.1f tok/s, %d "
-            "chunks of %ld), decode %.1f tok/s; mode compute; seed %llu\n",
-            n_prompt, st.n_generated, st.ttft_ms, prefill_tps, st.chunks_total, o.chunk,
-            decode_tps, o.seed);
+            "cake run: prompt %d tokens, generated %d; ttft %.1f ms (prefill %.1f tok/s), "
+            "decode %.1f tok/s; seed %llu\n",
+            n_prompt, st.n_generated, st.ttft_ms, prefill_tps, decode_tps, o.seed);
+    if (store)
+        fprintf(stderr,
+                "cake run: mode %s, %d chunks of %ld: %d computed, %d loaded (%.1f MB at %.2f "
+                "Gbit/s), %d missing, %d corrupt; meet at chunk %d; compute %.1f ms, waited "
+                "%.1f ms; write-back %llu written, %llu failed, %d dropped\n",
+                cake_mode_name(ps->mode), ps->chunks_total, o.chunk, ps->chunks_computed,
+                ps->chunks_loaded, (double)ps->bytes_loaded / 1e6, ps->load_gbit_s,
+                ps->chunks_missing, ps->chunks_corrupt, ps->meet_chunk, ps->compute_ms,
+                ps->compute_wait_ms, (unsigned long long)wbc.written,
+                (unsigned long long)wbc.failed, ps->writeback_dropped + wb_dropped);
     rc = CLI_OK;
 done:
     free(sink.text);
@@ -333,7 +396,9 @@ done:
     free(prompt);
     free(text);
     cake_sampler_free(sampler);
+    cake_writeback_free(wb); /* before the context: it may still read its KV */
     cake_context_free(ctx);
     cake_model_free(model);
+    cake_store_close(store);
     return rc;
 }

@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <unistd.h>
 
+#include "loader/loader.h"
 #include "util/err.h"
 #ifdef CAKE_HAVE_CUDA
 #include "backend/cuda/cuda_backend.h"
@@ -143,4 +144,59 @@ const cake_model *cake_context_model(const cake_context *c) {
 
 int cake_context_n_threads(const cake_context *c) {
     return c->params.n_threads;
+}
+
+/* ---- the loader's view of a context (loader/loader.h) ---- */
+
+static int engine_compute(void *self, const cake_token *tokens, int n, int pos0, float *logits,
+                          char *err, size_t errlen) {
+    return cake_forward(self, tokens, n, pos0, logits, err, errlen);
+}
+
+/* A chunk blob's payload is, per layer, K rows then V rows of h->n_tokens
+ * positions: on the CPU one memcpy each into the cache, on the GPU one copy each. */
+static int engine_install(void *self, const void *blob, const cake_chunk_header *h, int pos0,
+                          char *err, size_t errlen) {
+    cake_context *c = self;
+#ifdef CAKE_HAVE_CUDA
+    if (c->cuda) {
+        const size_t run = (size_t)h->n_tokens * h->n_kv_heads * h->head_dim * 2;
+        const char *p = (const char *)blob + CAKE_CHUNK_HEADER_SIZE;
+        for (uint32_t l = 0; l < h->n_layers; l++, p += 2 * run)
+            if (cake_cuda_kv_write(c->cuda, (int)l, pos0, (int)h->n_tokens, p, p + run, err, errlen))
+                return -1;
+        return 0;
+    }
+#endif
+    return cake_chunk_copy_into(blob, h, &c->kv, pos0, err, errlen);
+}
+
+static int engine_extract(void *self, cake_chunk_header *h, int pos0, void *blob, size_t cap,
+                          char *err, size_t errlen) {
+    cake_context *c = self;
+#ifdef CAKE_HAVE_CUDA
+    if (c->cuda) {
+        const size_t run = (size_t)h->n_tokens * h->n_kv_heads * h->head_dim * 2;
+        if (cap < cake_chunk_blob_size(h)) return cake_err(err, errlen, "extract: buffer too small");
+        char *p = (char *)blob + CAKE_CHUNK_HEADER_SIZE;
+        for (uint32_t l = 0; l < h->n_layers; l++, p += 2 * run)
+            if (cake_cuda_kv_read(c->cuda, (int)l, pos0, (int)h->n_tokens, p, p + run, err, errlen))
+                return -1;
+        return cake_chunk_seal(h, blob, err, errlen);
+    }
+#endif
+    return cake_chunk_encode(h, &c->kv, pos0, blob, cap, err, errlen);
+}
+
+void cake_context_loader_engine(cake_context *c, int with_fingerprint, cake_loader_engine *out) {
+    *out = (cake_loader_engine){
+        .self = c,
+        .compute = engine_compute,
+        .install = engine_install,
+        .extract = engine_extract,
+        .hp = &c->model->hp,
+        .kv_type = c->params.kv_type,
+        .compute_ns_per_token = &c->compute_ns_per_token,
+    };
+    if (with_fingerprint) cake_model_fingerprint(c->model, out->fingerprint);
 }

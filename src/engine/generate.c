@@ -23,15 +23,17 @@ int cake_request_run(cake_context *c, const cake_request *r, cake_token *generat
     float *logits = malloc((size_t)n_vocab * sizeof(float));
     if (!logits) return cake_err(err, errlen, "out of memory");
 
+    cake_prefill_params pp = r->loader ? *r->loader : (cake_prefill_params){0};
+    pp.chunk = r->chunk;
+    const int use_store = pp.store || pp.writeback;
+    cake_loader_engine engine;
+    cake_context_loader_engine(c, use_store, &engine); /* outside TTFT: done once per model */
+    cake_prefill_job *pending = NULL;
+
     const double t0 = now_ms();
-    int rc = 0;
-    for (int pos = 0; pos < r->n_prompt; pos += r->chunk) {
-        int n = r->n_prompt - pos < r->chunk ? r->n_prompt - pos : r->chunk;
-        int last = pos + n == r->n_prompt;
-        if ((rc = cake_forward(c, r->prompt + pos, n, pos, last ? logits : NULL, err, errlen)))
-            goto done;
-        st->chunks_total++;
-    }
+    int rc = cake_prefill(&engine, r->prompt, r->n_prompt, &pp, logits, &st->prefill, &pending,
+                          err, errlen);
+    if (rc) goto done;
     if (r->first_logits)
         for (int i = 0; i < n_vocab; i++) r->first_logits[i] = logits[i];
     if (r->n_predict == 0) {
@@ -40,6 +42,8 @@ int cake_request_run(cake_context *c, const cake_request *r, cake_token *generat
     }
     cake_token tok = cake_sampler_sample(r->sampler, logits, n_vocab);
     st->ttft_ms = now_ms() - t0;
+    cake_prefill_finish(pending); /* loads that compute overtook: joined after the first token */
+    pending = NULL;
     const double t1 = now_ms();
     for (int i = 0;; i++) {
         generated[st->n_generated++] = tok;
@@ -50,6 +54,7 @@ int cake_request_run(cake_context *c, const cake_request *r, cake_token *generat
     }
     st->decode_ms = now_ms() - t1;
 done:
+    cake_prefill_finish(pending);
     free(logits);
     return rc;
 }

@@ -5,12 +5,17 @@
 #define CAKE_GENERATE_H
 
 #include "cake.h"
+#include "loader/loader.h"
 
 typedef struct {
     const cake_token *prompt;
     int n_prompt;  /* >= 1 */
     int n_predict; /* tokens to generate; 0 = prefill only */
     int chunk;     /* prefill chunk in tokens (> 0) */
+    /* optional: the store, mode, write-back queue, I/O depth and trace of the
+     * Cake loader (its chunk field is ignored: chunk above is used). NULL =
+     * compute only. */
+    const cake_prefill_params *loader;
     cake_token eos; /* stop after generating this id (-1: never) */
     cake_sampler *sampler;
     float *first_logits; /* optional out: n_vocab logits that chose the first token */
@@ -23,7 +28,7 @@ typedef struct {
     double ttft_ms;    /* prefill + choosing the first token */
     double decode_ms;  /* everything after the first token */
     int n_generated;   /* tokens in generated[] */
-    int chunks_total;  /* prefill chunks */
+    cake_prefill_stats prefill;
 } cake_request_stats;
 
 /* Runs r on c, whose KV cache must hold n_prompt + n_predict positions.

@@ -67,8 +67,8 @@ static void list_after(cake_lru_node *at, cake_lru_node *n) {
     at->next = n;
 }
 
-static cake_lru_node *insert(cake_lru *l, const cake_chunk_key *k, uint64_t size, int64_t stamp,
-                             void *data, int newest) {
+cake_lru_node *cake_lru_insert(cake_lru *l, const cake_chunk_key *k, uint64_t size, int64_t stamp,
+                               void *data) {
     cake_lru_node *n = calloc(1, sizeof(*n));
     if (!n) return NULL;
     if (l->n >= l->n_buckets) grow(l);
@@ -79,20 +79,10 @@ static cake_lru_node *insert(cake_lru *l, const cake_chunk_key *k, uint64_t size
     size_t j = bucket_of(l, k);
     n->hnext = l->buckets[j];
     l->buckets[j] = n;
-    list_after(newest ? &l->head : l->head.prev, n);
+    list_after(&l->head, n);
     l->n++;
     l->bytes += size;
     return n;
-}
-
-cake_lru_node *cake_lru_insert(cake_lru *l, const cake_chunk_key *k, uint64_t size, int64_t stamp,
-                               void *data) {
-    return insert(l, k, size, stamp, data, 1);
-}
-
-cake_lru_node *cake_lru_insert_oldest(cake_lru *l, const cake_chunk_key *k, uint64_t size,
-                                      int64_t stamp, void *data) {
-    return insert(l, k, size, stamp, data, 0);
 }
 
 void cake_lru_touch(cake_lru *l, cake_lru_node *n) {

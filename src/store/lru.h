@@ -33,9 +33,6 @@ cake_lru_node *cake_lru_find(const cake_lru *l, const cake_chunk_key *k);
 /* Adds a new node (the key must be absent) as the most recent. NULL when out of memory. */
 cake_lru_node *cake_lru_insert(cake_lru *l, const cake_chunk_key *k, uint64_t size, int64_t stamp,
                                void *data);
-/* Adds as the least recent (for building the index oldest-last from a scan). */
-cake_lru_node *cake_lru_insert_oldest(cake_lru *l, const cake_chunk_key *k, uint64_t size,
-                                      int64_t stamp, void *data);
 void cake_lru_touch(cake_lru *l, cake_lru_node *n); /* make most recent */
 void cake_lru_resize(cake_lru *l, cake_lru_node *n, uint64_t size);
 /* Unlinks n and frees the node (not its data). */

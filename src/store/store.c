@@ -488,36 +488,92 @@ int cake_store_get(cake_store *s, const cake_chunk_key *key, void *buf, size_t c
     return rc;
 }
 
-int cake_store_get_verified(cake_store *s, const cake_chunk_header *expect, void *buf, size_t cap,
-                            size_t *len, char *err, size_t errlen) {
-    uint64_t t0 = cake_store_now_ns();
-    if (err && errlen) err[0] = '\0';
+/* After a backend get of expect's key (rc as the backend returned it):
+ * verification, counters, removal of a bad chunk. Returns 0 hit / 1 miss. */
+static int settle_verified(cake_store *s, const cake_chunk_header *expect, const void *buf, int rc,
+                           size_t *len, char *err, size_t errlen) {
+    if (rc == 0 && cake_chunk_verify(buf, *len, expect, NULL, err, errlen) != 0) rc = -1;
+    if (rc == 0) {
+        add(&s->ctr.hits, 1);
+        add(&s->ctr.bytes_read, *len);
+        return 0;
+    }
+    add(&s->ctr.misses, 1);
+    if (rc == CAKE_STORE_GET_FAILED) {
+        add(&s->ctr.errors, 1);
+    } else if (rc == -1) {
+        /* Bad bytes under this key (or a blob too big to be this chunk): never
+         * returned; removed so that the write-back replaces it. */
+        add(&s->ctr.corrupt, 1);
+        char e2[64];
+        s->ops->del(s->b, &expect->key, e2, sizeof(e2));
+    }
+    *len = 0;
+    return 1;
+}
+
+static int check_room(const cake_chunk_header *expect, size_t cap, char *err, size_t errlen) {
     size_t want = cake_chunk_blob_size(expect);
     if (!want) return cake_err(err, errlen, "get: the expected chunk has an invalid shape");
     if (cap < want)
         return cake_err(err, errlen, "get: buffer of %zu bytes is smaller than the %zu-byte chunk",
                         cap, want);
+    return 0;
+}
+
+int cake_store_get_verified(cake_store *s, const cake_chunk_header *expect, void *buf, size_t cap,
+                            size_t *len, char *err, size_t errlen) {
+    uint64_t t0 = cake_store_now_ns();
+    if (err && errlen) err[0] = '\0';
+    if (check_room(expect, cap, err, errlen)) return -1;
     int rc = emulated_get(s, &expect->key, buf, cap, len, err, errlen);
-    if (rc == 0 && cake_chunk_verify(buf, *len, expect, NULL, err, errlen) != 0) rc = -1;
-    if (rc == 0) {
-        add(&s->ctr.hits, 1);
-        add(&s->ctr.bytes_read, *len);
-    } else {
-        add(&s->ctr.misses, 1);
-        if (rc == CAKE_STORE_GET_FAILED) {
-            add(&s->ctr.errors, 1);
-        } else if (rc == -1) {
-            /* Bad bytes under this key (or a blob too big to be this chunk):
-             * never returned; removed so that the write-back replaces it. */
-            add(&s->ctr.corrupt, 1);
-            char e2[64];
-            s->ops->del(s->b, &expect->key, e2, sizeof(e2));
-        }
-        rc = 1;
-        *len = 0;
-    }
+    rc = settle_verified(s, expect, buf, rc, len, err, errlen);
     add(&s->ctr.read_ns, cake_store_now_ns() - t0);
     return rc;
+}
+
+int cake_store_get_many_verified(cake_store *s, const cake_chunk_header *expect, size_t n,
+                                 void *const *bufs, size_t cap, size_t *lens, int *results,
+                                 char *err, size_t errlen) {
+    uint64_t t0 = cake_store_now_ns();
+    if (err && errlen) err[0] = '\0';
+    for (size_t i = 0; i < n; i++) {
+        results[i] = 1;
+        lens[i] = 0;
+        if (check_room(&expect[i], cap, err, errlen)) return -1;
+    }
+    if (!n) return 0;
+    cake_chunk_key stack_keys[16], *keys = n <= 16 ? stack_keys : malloc(n * sizeof(*keys));
+    double stack_v0[16], *v0 = n <= 16 ? stack_v0 : malloc(n * sizeof(*v0));
+    if (!keys || !v0) {
+        if (keys != stack_keys) free(keys);
+        if (v0 != stack_v0) free(v0);
+        return cake_err(err, errlen, "get: out of memory for %zu keys", n);
+    }
+    for (size_t i = 0; i < n; i++) keys[i] = expect[i].key;
+    request_latency(s); /* one round trip for all */
+    if (s->emulate)
+        for (size_t i = 0; i < n; i++) v0[i] = link_join(&s->rd);
+    char e1[256] = "";
+    if (s->ops->get_many) {
+        s->ops->get_many(s->b, keys, n, bufs, cap, lens, results, e1, sizeof(e1));
+    } else {
+        for (size_t i = 0; i < n; i++)
+            results[i] = s->ops->get(s->b, &keys[i], bufs[i], cap, &lens[i], e1, sizeof(e1));
+    }
+    if (s->emulate)
+        for (size_t i = 0; i < n; i++) link_finish(&s->rd, v0[i], results[i] == 0 ? lens[i] : 0);
+    int hits = 0;
+    for (size_t i = 0; i < n; i++) {
+        char e2[256] = "";
+        results[i] = settle_verified(s, &expect[i], bufs[i], results[i], &lens[i], e2, sizeof(e2));
+        hits += results[i] == 0;
+        if (results[i] && err && errlen && !err[0]) snprintf(err, errlen, "%s", e2[0] ? e2 : e1);
+    }
+    if (keys != stack_keys) free(keys);
+    if (v0 != stack_v0) free(v0);
+    add(&s->ctr.read_ns, cake_store_now_ns() - t0);
+    return hits;
 }
 
 int cake_store_load(cake_store *s, const cake_chunk_header *expect, void *buf, size_t cap,

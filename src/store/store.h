@@ -107,6 +107,15 @@ int cake_store_get(cake_store *s, const cake_chunk_key *key, void *buf, size_t c
 int cake_store_get_verified(cake_store *s, const cake_chunk_header *expect, void *buf, size_t cap,
                             size_t *len, char *err, size_t errlen);
 
+/* n cake_store_get_verified in one round trip where the backend allows it
+ * (pipelined GETs on Redis; one after the other elsewhere): chunk i goes to
+ * bufs[i] (cap bytes each), results[i] = 0 hit / 1 miss, lens[i] its length.
+ * Returns the number of hits, or -1 (nothing fetched) when cap is smaller
+ * than one of the chunks. err describes the first miss that had a reason. */
+int cake_store_get_many_verified(cake_store *s, const cake_chunk_header *expect, size_t n,
+                                 void *const *bufs, size_t cap, size_t *lens, int *results,
+                                 char *err, size_t errlen);
+
 /* cake_store_get_verified, then the copy of the chunk into kv at positions
  * [pos0, pos0 + n_tokens). buf (cap bytes) is the caller's staging buffer.
  * Same return codes; -1 also when the chunk does not fit kv. kv is only

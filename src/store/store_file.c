@@ -570,8 +570,7 @@ int cake_store_file_open(const cake_store_params *p, cake_store_atomic_counters 
             file_close(f);
             return l.oom ? cake_err(err, errlen, "file store %s: out of memory", p->path) : -1;
         }
-        /* Newest first into the "oldest" end would invert; insert oldest
-         * first as most recent, so the newest ends up most recent. */
+        /* Oldest first, each as the most recent: the newest ends up first. */
         if (l.n) qsort(l.e, l.n, sizeof(*l.e), by_last_use);
         for (size_t i = 0; i < l.n; i++)
             cake_lru_insert(&f->lru, &l.e[i].key, l.e[i].size, l.e[i].last_used, NULL);

@@ -45,6 +45,10 @@ typedef struct {
     const char *kind;
     int (*get)(void *b, const cake_chunk_key *k, void *buf, size_t cap, size_t *len, char *err,
                size_t errlen);
+    /* Optional (NULL: store.c loops over get): n gets in one round trip,
+     * rc[i] and lens[i] per key as get returns them. */
+    int (*get_many)(void *b, const cake_chunk_key *keys, size_t n, void *const *bufs, size_t cap,
+                    size_t *lens, int *rc, char *err, size_t errlen);
     int (*head)(void *b, const cake_chunk_key *k, void *buf, size_t n, size_t *len, uint64_t *total,
                 char *err, size_t errlen);
     int (*put)(void *b, const cake_chunk_key *k, const void *blob, size_t len, char *err,

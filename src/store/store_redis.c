@@ -202,6 +202,57 @@ static int redis_get(void *st, const cake_chunk_key *k, void *buf, size_t cap, s
     return g.found ? 0 : 1;
 }
 
+/* ---- GET, pipelined ---- */
+
+typedef struct {
+    const cake_chunk_key *keys;
+    size_t n;
+    void *const *bufs;
+    size_t cap, *lens;
+    int *rc;
+} get_many_ctx;
+
+static int cmd_get_many(redisContext *c, void *ctx_, char *err, size_t errlen) {
+    get_many_ctx *g = ctx_;
+    for (size_t i = 0; i < g->n; i++) g->rc[i] = CAKE_STORE_GET_FAILED;
+    enum { GET_BATCH = 16 }; /* replies are megabytes: bound what is in flight */
+    for (size_t i0 = 0; i0 < g->n; i0 += GET_BATCH) {
+        size_t m = g->n - i0 < GET_BATCH ? g->n - i0 : GET_BATCH;
+        for (size_t i = 0; i < m; i++) {
+            char key[KEY_LEN + 1];
+            key_name(&g->keys[i0 + i], key);
+            redisAppendCommand(c, "GET %b", key, (size_t)KEY_LEN);
+        }
+        for (size_t i = 0; i < m; i++) {
+            size_t k = i0 + i;
+            redisReply *rep;
+            if (redisGetReply(c, (void **)&rep) != REDIS_OK) return 1;
+            if (rep->type == REDIS_REPLY_NIL) {
+                g->rc[k] = 1;
+            } else if (rep->type == REDIS_REPLY_STRING && rep->len > g->cap) {
+                g->rc[k] = cake_err(err, errlen, "redis: chunk %zu is %zu bytes, buffer has %zu", k,
+                                    rep->len, g->cap);
+            } else if (rep->type == REDIS_REPLY_STRING) {
+                memcpy(g->bufs[k], rep->str, rep->len);
+                g->lens[k] = rep->len;
+                g->rc[k] = 0;
+            } else {
+                cake_err(err, errlen, "redis: GET: %s",
+                         rep->type == REDIS_REPLY_ERROR ? rep->str : "unexpected reply type");
+            }
+            freeReplyObject(rep);
+        }
+    }
+    return 0;
+}
+
+static int redis_get_many(void *st, const cake_chunk_key *keys, size_t n, void *const *bufs,
+                          size_t cap, size_t *lens, int *rc, char *err, size_t errlen) {
+    get_many_ctx g = {keys, n, bufs, cap, lens, rc};
+    for (size_t i = 0; i < n; i++) rc[i] = CAKE_STORE_GET_FAILED; /* if it never runs */
+    return run_cmd(st, "GET", cmd_get_many, &g, err, errlen) ? -1 : 0;
+}
+
 /* ---- GETRANGE + STRLEN (headers for listings) ---- */
 
 typedef struct {
@@ -519,6 +570,7 @@ int cake_store_redis_open(const cake_store_params *p, cake_store_atomic_counters
 const cake_store_ops cake_store_redis_ops = {
     .kind = "redis",
     .get = redis_get,
+    .get_many = redis_get_many,
     .head = redis_head,
     .put = redis_put,
     .exists = redis_exists,

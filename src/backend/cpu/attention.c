@@ -3,43 +3,54 @@
  * The contract that shapes everything here: the output for a query depends
  * only on its position and the keys/values before it, bit for bit, whatever
  * the batch (n_tokens), chunk start (pos0) or thread count. Chunked prefill and
- * the Cake loader rely on it. So each query's arithmetic is fixed:
+ * the Cake loader rely on it. So each query's arithmetic is fixed, as scalar
+ * operations in a fixed order:
  *
- *   q' = q * (1/sqrt(head_dim))                          (elementwise)
- *   s_j = fold16(16 lanes, lane l an FMA chain over d = l, l+16, ...)   (q'.k_j)
- *   keys are taken in blocks of 64 at absolute positions [64b, 64b + 64);
- *   per block (only keys j <= the query's position):
+ *   q'[d] = q[d] * (1/sqrt(head_dim))
+ *   s_j   = FMA chain over d = 0, 1, ..., head_dim-1 of q'[d] * k_j[d], from 0
+ *   keys in blocks of 64 at absolute positions [64b, 64b + 64); per block,
+ *   over the keys j <= the query's position only:
  *       m' = max(m, max_j s_j);  alpha = exp(m - m');  p_j = exp(s_j - m')
- *       l  = l * alpha + fold16(lane l: ((p_l + p_16+l) + p_32+l) + p_48+l)
+ *       l  = l * alpha, then l = l + p_j for j ascending
  *       o[d] = o[d] * alpha, then o[d] = fma(p_j, v_j[d], o[d]) for j ascending
- *   out = o * (1 / l)
+ *   out[d] = o[d] * (1 / l)
  *
- * (exp is the polynomial in simd.h; fold16 the tree there.) Nothing in that
- * list depends on which other queries are processed alongside, so batches are
- * free to group queries any way they like. cake_attention_lanes() is the same
- * list in scalar C; the tests hold the fast kernel bit-identical to it.
+ * (exp is the polynomial of simd.h.) Each score, sum and output element is a
+ * sequential chain, so it can be computed with the query rows in the vector
+ * lanes or with the keys in the lanes and give the same bits; that freedom is
+ * what makes both prefill and decode fast:
  *
- * The fast kernel (AVX-512): one task per (KV head, block of query tokens),
- * static striding over tasks. A task converts each 64-key block of its KV head
- * to f32 once (f16 KV) into per-thread scratch, then runs every query row of
- * the group (all tokens of the block x the n_heads/n_kv_heads heads sharing the
- * KV head) over it: 16 keys at a time, 16 accumulators folded together into a
- * vector of 16 scores; online softmax per block; P.V with o in registers. The
- * per-row state (o, m, l) lives in scratch between key blocks. Decode (one
- * token) is the same code with one token per task. */
+ *  - prefill (>= 16 query rows per task): rows in lanes. A task is (KV head,
+ *    block of query tokens); its rows are all tokens x the heads sharing the KV
+ *    head. Q is transposed once per task to [d][row]; per key block the scores
+ *    S^T[key][row] come from broadcasts of k_j[d] times Q^T rows (a 8-key x
+ *    32-row register tile), the softmax runs down the key axis with no
+ *    horizontal reductions, and the causal mask is a lane mask on every update
+ *    (masked FMAs leave a row's state untouched, not "add zero").
+ *  - decode / few rows: keys in lanes. The task converts each 64-key block
+ *    of K to f32 transposed ([d][key], a 16x16 in-register transpose), so 64
+ *    scores of a row are 4 vectors of FMA chains; P.V runs with o in
+ *    registers over the row's valid keys only.
+ *
+ * cake_attention_lanes() is the list above in scalar C; the tests hold the
+ * fast kernel bit-identical to it for every batch, chunking and thread count.
+ * The only inputs where bits may differ are NaNs in an f16 cache (the hardware
+ * conversion quiets signalling NaNs); the output is NaN either way. */
 #ifdef __clang__
 #pragma STDC FP_CONTRACT OFF
 #endif
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "backend/cpu/kernels.h"
 #include "backend/cpu/simd.h"
 
-#define ATT_BK        64    /* keys per softmax block, aligned to absolute positions */
-#define ATT_MAX_HDP   256   /* largest head_dim (rounded up to 16) of the fast kernel */
-#define ATT_ROW_FLOATS 16384 /* query rows x padded head_dim per task (64 KiB) */
+#define ATT_BK         64    /* keys per softmax block, aligned to absolute positions */
+#define ATT_MAX_HD     256   /* largest head_dim of the fast kernel */
+#define ATT_ROW_FLOATS 16384 /* query rows x head_dim per task (64 KiB) */
+#define ATT_ROWS_MIN_B 16    /* tasks with at least this many rows put rows in lanes */
 
 static float kv_at(const cake_attn_args *a, const void *base, int pos, int kvh, int d) {
     const size_t i = ((size_t)pos * a->n_kv_heads + kvh) * (size_t)a->head_dim + (size_t)d;
@@ -63,21 +74,17 @@ void cake_attention_ref(const cake_attn_args *a) {
             const float *q = a->q + ((size_t)t * a->n_heads + h) * (size_t)hd;
             float *out = a->out + ((size_t)t * a->n_heads + h) * (size_t)hd;
             const int kvh = h / group;
-            /* two passes over the keys, so no buffer of n_ctx scores is needed */
+            /* softmax(q.k / sqrt(hd)) . v in double, in two passes over the keys
+             * (max, then sums) so no buffer of n_ctx scores is needed */
             double mx = -INFINITY;
             for (int j = 0; j <= pos; j++) {
                 double s = 0.0;
                 for (int d = 0; d < hd; d++) s += (double)q[d] * kv_at(a, a->k, j, kvh, d);
                 if (s * scale > mx) mx = s * scale;
             }
-            double sum = 0.0;
-            for (int d = 0; d < hd; d++) out[d] = 0.0f;
-            double acc[ATT_MAX_HDP];
-            const int chunk = hd < ATT_MAX_HDP ? hd : ATT_MAX_HDP;
-            for (int d0 = 0; d0 < hd; d0 += chunk) {
-                const int d1 = d0 + chunk < hd ? d0 + chunk : hd;
-                for (int d = d0; d < d1; d++) acc[d - d0] = 0.0;
-                sum = 0.0;
+            for (int d0 = 0; d0 < hd; d0 += 64) { /* 64 outputs at a time */
+                const int d1 = d0 + 64 < hd ? d0 + 64 : hd;
+                double acc[64] = {0}, sum = 0.0;
                 for (int j = 0; j <= pos; j++) {
                     double s = 0.0;
                     for (int d = 0; d < hd; d++) s += (double)q[d] * kv_at(a, a->k, j, kvh, d);
@@ -103,37 +110,25 @@ static void lanes_row(const cake_attn_args *a, int t, int h) {
     float m = -INFINITY, l = 0.0f;
     for (int d = 0; d < hd; d++) out[d] = 0.0f; /* o accumulates in place */
     for (int kb0 = 0; kb0 <= pos; kb0 += ATT_BK) {
-        const int nvalid = pos - kb0 + 1 < ATT_BK ? pos - kb0 + 1 : ATT_BK;
+        const int nv = pos - kb0 + 1 < ATT_BK ? pos - kb0 + 1 : ATT_BK;
         float s[ATT_BK], p[ATT_BK];
         float mb = -INFINITY;
-        for (int j = 0; j < nvalid; j++) {
-            float lane[16] = {0};
-            for (int d0 = 0; d0 < hd; d0 += 16)
-                for (int li = 0; li < 16; li++) {
-                    const int d = d0 + li;
-                    const float qv = d < hd ? q[d] * scale : 0.0f;
-                    const float kv = d < hd ? kv_at(a, a->k, kb0 + j, kvh, d) : 0.0f;
-                    lane[li] = fmaf(qv, kv, lane[li]);
-                }
-            s[j] = cake_fold16_lanes(lane);
-            mb = s[j] > mb ? s[j] : mb;
+        for (int j = 0; j < nv; j++) {
+            float acc = 0.0f;
+            for (int d = 0; d < hd; d++) acc = fmaf(q[d] * scale, kv_at(a, a->k, kb0 + j, kvh, d), acc);
+            s[j] = acc;
+            mb = acc > mb ? acc : mb;
         }
         const float mn = m > mb ? m : mb;
         const float alpha = cake_exp_lanes(m - mn);
-        for (int j = 0; j < ATT_BK; j++) p[j] = j < nvalid ? cake_exp_lanes(s[j] - mn) : 0.0f;
-        float sv[16];
-        for (int li = 0; li < 16; li++) {
-            float x = p[li];
-            x = x + p[16 + li];
-            x = x + p[32 + li];
-            x = x + p[48 + li];
-            sv[li] = x;
-        }
         l = l * alpha;
-        l = l + cake_fold16_lanes(sv);
+        for (int j = 0; j < nv; j++) {
+            p[j] = cake_exp_lanes(s[j] - mn);
+            l = l + p[j];
+        }
         for (int d = 0; d < hd; d++) {
             float o = out[d] * alpha;
-            for (int j = 0; j < nvalid; j++) o = fmaf(p[j], kv_at(a, a->v, kb0 + j, kvh, d), o);
+            for (int j = 0; j < nv; j++) o = fmaf(p[j], kv_at(a, a->v, kb0 + j, kvh, d), o);
             out[d] = o;
         }
         m = mn;
@@ -152,11 +147,9 @@ void cake_attention_lanes(const cake_attn_args *a) {
 
 typedef struct {
     const cake_attn_args *a;
-    int group;   /* query heads per KV head */
-    int bq;      /* query tokens per task */
-    int n_qb;    /* query blocks */
-    int hdp;     /* head_dim rounded up to 16 */
-    float *sc;   /* per-thread scratch (fast kernel), sc_floats each */
+    int group;  /* query heads per KV head */
+    int bq;     /* query tokens per task */
+    float *sc;  /* per-thread scratch (fast kernel), sc_floats each, 64-byte aligned */
     size_t sc_floats;
 } att_job;
 
@@ -164,7 +157,7 @@ static void lanes_task(void *ctx, int task, int tid) {
     (void)tid;
     const att_job *j = ctx;
     const cake_attn_args *a = j->a;
-    /* task = (token, KV head): each does the heads of one group */
+    /* task = (token, KV head): the heads of one group */
     const int t = task / a->n_kv_heads, kvh = task % a->n_kv_heads;
     for (int hh = 0; hh < j->group; hh++) lanes_row(a, t, kvh * j->group + hh);
 }
@@ -172,114 +165,420 @@ static void lanes_task(void *ctx, int task, int tid) {
 #ifdef CAKE_AVX512
 
 #define UNROLL _Pragma("GCC unroll 16")
+#define KEEP(v) __asm__("" : "+v"(v)) /* keep a vector in a register (see matmul.c) */
 
-/* Copies keys/values [kb0, kb0 + nk) of KV head kvh into dst[64][hdp] as f32,
- * zero-padding d >= head_dim and rows nk..63 (their scores are computed with
- * the others and then masked). */
-static void load_kv_block(float *dst, const cake_attn_args *a, const void *base, int kvh, int kb0,
-                          int nk, int hdp) {
-    const int hd = a->head_dim;
+/* 16 f32 values of a cache row from element d (masked past n: zeros). */
+CAKE_INLINE __m512 kv_load16(const cake_attn_args *a, const void *base, size_t off, int n) {
+    const __mmask16 m = cake_tail_mask(n < 16 ? n : 16);
+    if (a->kv_f16) return cake_maskload_f16((const cake_f16 *)base + off, m);
+    return _mm512_maskz_loadu_ps(m, (const float *)base + off);
+}
+
+/* Keys/values [kb0, kb0 + nk) of KV head kvh as f32 rows dst[64][ld] (ld >=
+ * head_dim; columns past head_dim and rows past nk are zero). */
+static void load_rows(float *dst, int ld, const cake_attn_args *a, const void *base, int kvh,
+                      int kb0, int nk) {
+    const int hd = a->head_dim, dfull = hd & ~15;
     const size_t stride = (size_t)a->n_kv_heads * hd;
     for (int r = 0; r < ATT_BK; r++) {
-        float *o = dst + (size_t)r * hdp;
-        if (r >= nk) {
-            for (int d = 0; d < hdp; d += 16) _mm512_store_ps(o + d, _mm512_setzero_ps());
-            continue;
-        }
-        const size_t off = (size_t)(kb0 + r) * stride + (size_t)kvh * hd;
+        float *o = dst + (size_t)r * ld;
         int d = 0;
-        if (a->kv_f16) {
-            const cake_f16 *src = (const cake_f16 *)base + off;
-            for (; d + 16 <= hd; d += 16) _mm512_store_ps(o + d, cake_load_f16(src + d));
-            if (d < hd) _mm512_store_ps(o + d, cake_maskload_f16(src + d, cake_tail_mask(hd - d)));
-        } else {
-            const float *src = (const float *)base + off;
-            for (; d + 16 <= hd; d += 16) _mm512_store_ps(o + d, _mm512_loadu_ps(src + d));
-            if (d < hd) _mm512_store_ps(o + d, _mm512_maskz_loadu_ps(cake_tail_mask(hd - d), src + d));
+        if (r < nk) {
+            const size_t off = (size_t)(kb0 + r) * stride + (size_t)kvh * hd;
+            if (a->kv_f16) {
+                const cake_f16 *src = (const cake_f16 *)base + off;
+                for (; d < dfull; d += 16) _mm512_storeu_ps(o + d, cake_load_f16(src + d));
+            } else {
+                const float *src = (const float *)base + off;
+                for (; d < dfull; d += 16) _mm512_storeu_ps(o + d, _mm512_loadu_ps(src + d));
+            }
+            if (d < hd) {
+                const __m512 v = kv_load16(a, base, off + (size_t)d, hd - d);
+                _mm512_mask_storeu_ps(o + d, cake_tail_mask(ld - d < 16 ? ld - d : 16), v);
+                d += 16;
+            }
+        }
+        for (; d < ld; d += 16)
+            _mm512_mask_storeu_ps(o + d, cake_tail_mask(ld - d < 16 ? ld - d : 16), _mm512_setzero_ps());
+    }
+}
+
+/* In-register transpose of 16 rows of 16 floats. */
+CAKE_INLINE void transpose16(__m512 r[16]) {
+    __m512 t[16];
+    UNROLL for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    UNROLL for (int i = 0; i < 4; i++) {
+        const __m512d a0 = _mm512_castps_pd(t[4 * i]), a1 = _mm512_castps_pd(t[4 * i + 1]);
+        const __m512d a2 = _mm512_castps_pd(t[4 * i + 2]), a3 = _mm512_castps_pd(t[4 * i + 3]);
+        r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a0, a2));
+        r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a0, a2));
+        r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(a1, a3));
+        r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(a1, a3));
+    }
+    /* r[4i + k], 128-bit lane L: rows 4i..4i+3 at column 4L + k */
+    UNROLL for (int k = 0; k < 4; k++) {
+        const __m512 a = _mm512_shuffle_f32x4(r[k], r[4 + k], 0x88);
+        const __m512 b = _mm512_shuffle_f32x4(r[k], r[4 + k], 0xdd);
+        const __m512 c = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0x88);
+        const __m512 e = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0xdd);
+        t[k] = _mm512_shuffle_f32x4(a, c, 0x88);
+        t[8 + k] = _mm512_shuffle_f32x4(a, c, 0xdd);
+        t[4 + k] = _mm512_shuffle_f32x4(b, e, 0x88);
+        t[12 + k] = _mm512_shuffle_f32x4(b, e, 0xdd);
+    }
+    UNROLL for (int i = 0; i < 16; i++) r[i] = t[i];
+}
+
+/* Keys [kb0, kb0 + nk) of KV head kvh transposed: dst[d][64] (keys >= nk zero). */
+static void load_keys_transposed(float *dst, const cake_attn_args *a, int kvh, int kb0, int nk) {
+    const int hd = a->head_dim;
+    const size_t stride = (size_t)a->n_kv_heads * hd;
+    for (int j0 = 0; j0 < ATT_BK; j0 += 16)
+        for (int d0 = 0; d0 < hd; d0 += 16) {
+            __m512 r[16];
+            UNROLL for (int i = 0; i < 16; i++) {
+                const size_t off = (size_t)(kb0 + j0 + i) * stride + (size_t)kvh * hd + (size_t)d0;
+                r[i] = j0 + i < nk ? kv_load16(a, a->k, off, hd - d0) : _mm512_setzero_ps();
+            }
+            transpose16(r);
+            const int nd = hd - d0 < 16 ? hd - d0 : 16;
+            for (int i = 0; i < nd; i++) _mm512_store_ps(dst + (size_t)(d0 + i) * ATT_BK + j0, r[i]);
+        }
+}
+
+/* ---------- rows in lanes (prefill) ---------- */
+
+/* S^T[j][row] for keys [0, nkv) of the block and NRV (1 or 2) vectors of 16
+ * rows from rv0: 8 keys x NRV vectors per register tile, the chain over d. */
+CAKE_INLINE void rows_scores(float *sT, int Rp, const float *Qt, const float *kf, int hd, int rv0,
+                             int nkv, const int NRV) {
+    for (int j0 = 0; j0 < nkv; j0 += 8) {
+        __m512 acc[8][2];
+        UNROLL for (int jj = 0; jj < 8; jj++) UNROLL for (int v = 0; v < NRV; v++) acc[jj][v] =
+            _mm512_setzero_ps();
+        const float *kr = kf + (size_t)j0 * hd;
+        for (int d = 0; d < hd; d++) {
+            __m512 qv[2];
+            UNROLL for (int v = 0; v < NRV; v++) {
+                qv[v] = _mm512_load_ps(Qt + (size_t)d * Rp + (size_t)(rv0 + v) * 16);
+                KEEP(qv[v]);
+            }
+            UNROLL for (int jj = 0; jj < 8; jj++) {
+                const __m512 kb = _mm512_set1_ps(kr[(size_t)jj * hd + d]);
+                UNROLL for (int v = 0; v < NRV; v++) acc[jj][v] = _mm512_fmadd_ps(qv[v], kb, acc[jj][v]);
+            }
+        }
+        UNROLL for (int jj = 0; jj < 8; jj++) UNROLL for (int v = 0; v < NRV; v++)
+            _mm512_store_ps(sT + (size_t)(j0 + jj) * Rp + (size_t)(rv0 + v) * 16, acc[jj][v]);
+    }
+}
+
+/* oT[d][row] = oT * alpha, then masked FMAs with p_j v_j[d] for the ND
+ * columns from d0 and NRV row vectors from rv0. */
+CAKE_INLINE void rows_pv(float *oT, int Rp, const float *sT, const __mmask16 *msk, int nrv_all,
+                         const float *vf, int hd, const __m512 *alpha, int rv0, int d0, int nkv,
+                         const int NRV, const int ND) {
+    __m512 acc[8][2];
+    UNROLL for (int dd = 0; dd < ND; dd++) UNROLL for (int v = 0; v < NRV; v++) acc[dd][v] =
+        _mm512_mul_ps(_mm512_load_ps(oT + (size_t)(d0 + dd) * Rp + (size_t)(rv0 + v) * 16),
+                      alpha[v]);
+    for (int j = 0; j < nkv; j++) {
+        __m512 pv[2];
+        __mmask16 mv[2];
+        UNROLL for (int v = 0; v < NRV; v++) {
+            pv[v] = _mm512_load_ps(sT + (size_t)j * Rp + (size_t)(rv0 + v) * 16);
+            KEEP(pv[v]);
+            mv[v] = msk[(size_t)j * nrv_all + rv0 + v];
+        }
+        const float *vr = vf + (size_t)j * hd + d0;
+        UNROLL for (int dd = 0; dd < ND; dd++) {
+            const __m512 vb = _mm512_set1_ps(vr[dd]);
+            UNROLL for (int v = 0; v < NRV; v++) acc[dd][v] =
+                _mm512_mask3_fmadd_ps(pv[v], vb, acc[dd][v], mv[v]);
+        }
+    }
+    UNROLL for (int dd = 0; dd < ND; dd++) UNROLL for (int v = 0; v < NRV; v++)
+        _mm512_store_ps(oT + (size_t)(d0 + dd) * Rp + (size_t)(rv0 + v) * 16, acc[dd][v]);
+}
+
+#define PV_CASES(NRV)                                                                              \
+    switch (nd) {                                                                                  \
+    case 8: rows_pv(oT, Rp, sT, msk, nrv, vf, hd, alpha, rv, d0, nkv, NRV, 8); break;             \
+    case 7: rows_pv(oT, Rp, sT, msk, nrv, vf, hd, alpha, rv, d0, nkv, NRV, 7); break;             \
+    case 6: rows_pv(oT, Rp, sT, msk, nrv, vf, hd, alpha, rv, d0, nkv, NRV, 6); break;             \
+    case 5: rows_pv(oT, Rp, sT, msk, nrv, vf, hd, alpha, rv, d0, nkv, NRV, 5); break;             \
+    case 4: rows_pv(oT, Rp, sT, msk, nrv, vf, hd, alpha, rv, d0, nkv, NRV, 4); break;             \
+    case 3: rows_pv(oT, Rp, sT, msk, nrv, vf, hd, alpha, rv, d0, nkv, NRV, 3); break;             \
+    case 2: rows_pv(oT, Rp, sT, msk, nrv, vf, hd, alpha, rv, d0, nkv, NRV, 2); break;             \
+    default: rows_pv(oT, Rp, sT, msk, nrv, vf, hd, alpha, rv, d0, nkv, NRV, 1); break;            \
+    }
+
+/* The task's rows (tokens t0..t1-1 x G heads, row r = (t - t0) * G + head)
+ * with the rows in vector lanes. */
+static void task_rows_in_lanes(const att_job *job, int kvh, int t0, int t1, float *sc) {
+    const cake_attn_args *a = job->a;
+    const int G = job->group, hd = a->head_dim;
+    const int R = (t1 - t0) * G, Rp = (R + 15) / 16 * 16, nrv = Rp / 16;
+    float *Qt = sc;                               /* [hd][Rp] */
+    float *oT = Qt + (size_t)hd * Rp;             /* [hd][Rp] */
+    float *sT = oT + (size_t)hd * Rp;             /* [64][Rp] scores, then p */
+    float *kf = sT + (size_t)ATT_BK * Rp;         /* [64][hd] */
+    float *vf = kf + (size_t)ATT_BK * hd;         /* [64][hd] */
+    float *ms = vf + (size_t)ATT_BK * hd;         /* [Rp] */
+    float *ls = ms + Rp;                          /* [Rp] */
+    int32_t *pos = (int32_t *)(ls + Rp);          /* [Rp] position of each row */
+    __mmask16 *msk = (__mmask16 *)(pos + Rp);     /* [64][nrv] */
+
+    /* Q^T, scaled, 16 rows x 16 columns at a time; padding rows are zero */
+    const __m512 scale = _mm512_set1_ps(1.0f / sqrtf((float)hd));
+    for (int r0 = 0; r0 < Rp; r0 += 16)
+        for (int d0 = 0; d0 < hd; d0 += 16) {
+            const int nd = hd - d0 < 16 ? hd - d0 : 16;
+            __m512 x[16];
+            UNROLL for (int i = 0; i < 16; i++) {
+                const int r = r0 + i, t = t0 + r / G, hh = r % G;
+                x[i] = r < R ? _mm512_mul_ps(_mm512_maskz_loadu_ps(
+                                                 cake_tail_mask(nd),
+                                                 a->q + ((size_t)t * a->n_heads + (size_t)kvh * G + hh) * hd + d0),
+                                             scale)
+                             : _mm512_setzero_ps();
+            }
+            transpose16(x);
+            for (int i = 0; i < nd; i++) {
+                _mm512_store_ps(Qt + (size_t)(d0 + i) * Rp + r0, x[i]);
+                _mm512_store_ps(oT + (size_t)(d0 + i) * Rp + r0, _mm512_setzero_ps());
+            }
+        }
+    for (int r = 0; r < Rp; r++) {
+        /* padding rows: no valid key ever (pos -1), state that stays finite */
+        pos[r] = r < R ? a->pos0 + t0 + r / G : -1;
+        ms[r] = r < R ? -INFINITY : 0.0f;
+        ls[r] = 0.0f;
+    }
+
+    const int kv_end = a->pos0 + t1;
+    for (int kb0 = 0; kb0 < kv_end; kb0 += ATT_BK) {
+        const int nk = kv_end - kb0 < ATT_BK ? kv_end - kb0 : ATT_BK;
+        load_rows(kf, hd, a, a->k, kvh, kb0, nk);
+        load_rows(vf, hd, a, a->v, kvh, kb0, nk);
+        /* Rows are in position order. Vectors whose last row is before kb0 sit
+         * this block out; each pair of vectors needs the keys up to its last
+         * row's position. (A row before kb0 inside a working vector gets only
+         * masked updates and alpha = exp(0) = 1: its state is unchanged.) */
+        int rv_first = 0;
+        while (pos[(rv_first * 16 + 15 < R ? rv_first * 16 + 15 : R - 1)] < kb0) rv_first++;
+        for (int rv = rv_first; rv < nrv; rv += 2) {
+            const int nv2 = nrv - rv < 2 ? 1 : 2;
+            const int last = pos[(rv + nv2) * 16 - 1 < R ? (rv + nv2) * 16 - 1 : R - 1];
+            const int nkv = last - kb0 + 1 < nk ? last - kb0 + 1 : nk;
+            if (nv2 == 2) rows_scores(sT, Rp, Qt, kf, hd, rv, nkv, 2);
+            else rows_scores(sT, Rp, Qt, kf, hd, rv, nkv, 1);
+
+            __m512 alpha[2];
+            for (int v = 0; v < nv2; v++) {
+                const int r0 = (rv + v) * 16;
+                const __m512i lim =
+                    _mm512_sub_epi32(_mm512_loadu_si512(pos + r0), _mm512_set1_epi32(kb0));
+                __m512 mx = _mm512_set1_ps(-INFINITY);
+                for (int j = 0; j < nkv; j++) {
+                    const __mmask16 mk = _mm512_cmpge_epi32_mask(lim, _mm512_set1_epi32(j));
+                    msk[(size_t)j * nrv + rv + v] = mk;
+                    mx = _mm512_mask_max_ps(mx, mk, mx, _mm512_load_ps(sT + (size_t)j * Rp + r0));
+                }
+                const __m512 mo = _mm512_load_ps(ms + r0);
+                const __m512 mn = _mm512_max_ps(mo, mx);
+                alpha[v] = cake_exp512(_mm512_sub_ps(mo, mn));
+                __m512 l = _mm512_mul_ps(_mm512_load_ps(ls + r0), alpha[v]);
+                for (int j = 0; j < nkv; j++) {
+                    const __mmask16 mk = msk[(size_t)j * nrv + rv + v];
+                    float *sp = sT + (size_t)j * Rp + r0;
+                    const __m512 p = _mm512_maskz_mov_ps(mk, cake_exp512(_mm512_sub_ps(_mm512_load_ps(sp), mn)));
+                    _mm512_store_ps(sp, p);
+                    l = _mm512_mask_add_ps(l, mk, l, p);
+                }
+                _mm512_store_ps(ls + r0, l);
+                _mm512_store_ps(ms + r0, mn);
+            }
+            for (int d0 = 0; d0 < hd; d0 += 8) {
+                const int nd = hd - d0 < 8 ? hd - d0 : 8;
+                if (nv2 == 2) {
+                    PV_CASES(2)
+                } else {
+                    PV_CASES(1)
+                }
+            }
+        }
+    }
+
+    /* out = o * (1 / l), transposed back 16 x 16 at a time */
+    for (int r0 = 0; r0 < Rp; r0 += 16) {
+        const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_load_ps(ls + r0));
+        for (int d0 = 0; d0 < hd; d0 += 16) {
+            const int nd = hd - d0 < 16 ? hd - d0 : 16;
+            __m512 x[16];
+            UNROLL for (int i = 0; i < 16; i++) x[i] =
+                i < nd ? _mm512_mul_ps(_mm512_load_ps(oT + (size_t)(d0 + i) * Rp + r0), inv)
+                       : _mm512_setzero_ps();
+            transpose16(x);
+            for (int i = 0; i < 16 && r0 + i < R; i++) {
+                const int r = r0 + i, t = t0 + r / G, hh = r % G;
+                _mm512_mask_storeu_ps(a->out + ((size_t)t * a->n_heads + (size_t)kvh * G + hh) * hd + d0,
+                                      cake_tail_mask(nd), x[i]);
+            }
         }
     }
 }
 
-/* Scores of one query row against 16 consecutive keys of the block. */
-CAKE_INLINE __m512 scores16(const float *qs, const float *kf, int nds, int hdp) {
-    __m512 acc[16];
-    UNROLL for (int jj = 0; jj < 16; jj++) acc[jj] = _mm512_setzero_ps();
-    for (int ds = 0; ds < nds; ds++) {
-        const __m512 qv = _mm512_load_ps(qs + ds * 16);
-        UNROLL for (int jj = 0; jj < 16; jj++) acc[jj] =
-            _mm512_fmadd_ps(qv, _mm512_load_ps(kf + (size_t)jj * hdp + ds * 16), acc[jj]);
-    }
-    return cake_fold16(acc);
-}
+/* ---------- keys in lanes (decode, few rows) ---------- */
 
-/* o = o * alpha, then o = fma(p_j, v_j, o) for j < nv; NDS vectors of o kept in
- * registers (NDS a constant), or, for NDS == 0, a loop over d outside j. */
-CAKE_INLINE void pv_accum(float *o, const float *vf, const float *p, int nv, __m512 alpha, int nds,
-                          int hdp, const int NDS) {
-    if (NDS > 0) {
-        __m512 acc[16];
-        UNROLL for (int ds = 0; ds < NDS; ds++) acc[ds] =
-            _mm512_mul_ps(_mm512_load_ps(o + ds * 16), alpha);
-        for (int jv = 0; jv < nv; jv++) {
-            const __m512 pj = _mm512_set1_ps(p[jv]);
-            const float *vr = vf + (size_t)jv * hdp;
-            UNROLL for (int ds = 0; ds < NDS; ds++) acc[ds] =
-                _mm512_fmadd_ps(pj, _mm512_load_ps(vr + ds * 16), acc[ds]);
+/* NR query rows of one token (same position, so the same nv valid keys of
+ * the block) against the block: scores with the keys in lanes (NC vectors of
+ * 16 keys, a constant, or 0 for "ncv, at run time"), softmax, P.V with o for
+ * the NR rows in registers, 4 vectors of head_dim at a time, reading V from
+ * the cache directly (F16: a constant, the cache's type). */
+CAKE_INLINE void keys_rows(const float *qs, int hd, const float *kt, const void *v, size_t vstride,
+                           size_t vbase, int hdp, float *o, float *ms, float *ls, float *pbuf,
+                           int nv, const int NR, const int NC, const int F16) {
+    const int ncv = NC ? NC : (nv + 15) / 16;
+    __m512 s[4][4];
+    UNROLL for (int i = 0; i < NR; i++) UNROLL for (int c = 0; c < 4; c++) s[i][c] =
+        _mm512_setzero_ps();
+    for (int d = 0; d < hd; d++) {
+        const float *kr = kt + (size_t)d * ATT_BK;
+        __m512 kv[4];
+        UNROLL for (int c = 0; c < 4; c++) {
+            kv[c] = (NC ? c < NC : c < ncv) ? _mm512_load_ps(kr + c * 16) : _mm512_setzero_ps();
+            KEEP(kv[c]);
         }
-        UNROLL for (int ds = 0; ds < NDS; ds++) _mm512_store_ps(o + ds * 16, acc[ds]);
-    } else {
-        for (int ds = 0; ds < nds; ds++) {
-            __m512 acc = _mm512_mul_ps(_mm512_load_ps(o + ds * 16), alpha);
-            for (int jv = 0; jv < nv; jv++)
-                acc = _mm512_fmadd_ps(_mm512_set1_ps(p[jv]),
-                                      _mm512_load_ps(vf + (size_t)jv * hdp + ds * 16), acc);
-            _mm512_store_ps(o + ds * 16, acc);
+        UNROLL for (int i = 0; i < NR; i++) {
+            const __m512 qb = _mm512_set1_ps(qs[(size_t)i * hd + d]);
+            UNROLL for (int c = 0; c < 4; c++) if (NC ? c < NC : c < ncv) s[i][c] =
+                _mm512_fmadd_ps(qb, kv[c], s[i][c]);
         }
     }
-}
-
-/* One query row over one key block with nv valid keys (1..64). */
-static void row_block(const float *qs, float *o, float *m, float *l, const float *kf,
-                      const float *vf, float *pbuf, int nv, int nds, int hdp) {
-    __m512 s[4];
-    const int ng = (nv + 15) / 16;
-    __m512 mx = _mm512_set1_ps(-INFINITY);
-    for (int c = 0; c < ng; c++) {
-        const int cnt = nv - c * 16 < 16 ? nv - c * 16 : 16;
-        const __mmask16 mk = cake_tail_mask(cnt);
-        s[c] = scores16(qs, kf + (size_t)c * 16 * hdp, nds, hdp);
-        mx = _mm512_mask_max_ps(mx, mk, mx, s[c]);
-    }
-    const float mb = _mm512_reduce_max_ps(mx);
-    const float mo = *m;
-    const float mn = mo > mb ? mo : mb;
-    const float alpha = cake_exp_lanes(mo - mn);
-    const __m512 mnv = _mm512_set1_ps(mn);
-    __m512 sum = _mm512_setzero_ps();
-    for (int c = 0; c < 4; c++) {
-        __m512 p = _mm512_setzero_ps();
-        if (c < ng) {
+    float alpha[4], l[4];
+    UNROLL for (int i = 0; i < NR; i++) {
+        __m512 mx = _mm512_set1_ps(-INFINITY);
+        UNROLL for (int c = 0; c < 4; c++) if (NC ? c < NC : c < ncv) {
             const int cnt = nv - c * 16 < 16 ? nv - c * 16 : 16;
-            p = _mm512_maskz_mov_ps(cake_tail_mask(cnt), cake_exp512(_mm512_sub_ps(s[c], mnv)));
+            mx = _mm512_mask_max_ps(mx, cake_tail_mask(cnt), mx, s[i][c]);
         }
-        _mm512_store_ps(pbuf + c * 16, p);
-        sum = c == 0 ? p : _mm512_add_ps(sum, p);
+        const float mb = _mm512_reduce_max_ps(mx), mo = ms[i];
+        const float mn = mo > mb ? mo : mb;
+        alpha[i] = cake_exp_lanes(mo - mn);
+        const __m512 mnv = _mm512_set1_ps(mn);
+        UNROLL for (int c = 0; c < 4; c++) if (NC ? c < NC : c < ncv)
+            _mm512_store_ps(pbuf + i * ATT_BK + c * 16, cake_exp512(_mm512_sub_ps(s[i][c], mnv)));
+        ms[i] = mn;
+        l[i] = ls[i] * alpha[i];
     }
-    float lv = *l * alpha;
-    lv = lv + _mm_cvtss_f32(cake_fold4(sum, sum, sum, sum));
-    *l = lv;
-    *m = mn;
-    const __m512 av = _mm512_set1_ps(alpha);
-    switch (nds) {
-    case 1: pv_accum(o, vf, pbuf, nv, av, nds, hdp, 1); break;
-    case 2: pv_accum(o, vf, pbuf, nv, av, nds, hdp, 2); break;
-    case 3: pv_accum(o, vf, pbuf, nv, av, nds, hdp, 3); break;
-    case 4: pv_accum(o, vf, pbuf, nv, av, nds, hdp, 4); break;
-    case 5: pv_accum(o, vf, pbuf, nv, av, nds, hdp, 5); break;
-    case 6: pv_accum(o, vf, pbuf, nv, av, nds, hdp, 6); break;
-    case 7: pv_accum(o, vf, pbuf, nv, av, nds, hdp, 7); break;
-    case 8: pv_accum(o, vf, pbuf, nv, av, nds, hdp, 8); break;
-    default: pv_accum(o, vf, pbuf, nv, av, nds, hdp, 0); break;
+    /* o in groups of 4 vectors; the sums l ride along in the first group (an
+     * add per key next to the FMAs hides the add chain's latency) */
+    const int nds = hdp / 16;
+    for (int ds = 0; ds < nds; ds += 4) {
+        const int ng = nds - ds < 4 ? nds - ds : 4;
+        __mmask16 cm[4];
+        UNROLL for (int g = 0; g < 4; g++) {
+            const int left = hd - (ds + g) * 16;
+            cm[g] = cake_tail_mask(left < 0 ? 0 : left < 16 ? left : 16);
+        }
+        __m512 acc[4][4];
+        UNROLL for (int i = 0; i < NR; i++) {
+            const __m512 av = _mm512_set1_ps(alpha[i]);
+            UNROLL for (int g = 0; g < 4; g++) acc[i][g] =
+                g < ng ? _mm512_mul_ps(_mm512_load_ps(o + (size_t)i * hdp + (ds + g) * 16), av)
+                       : _mm512_setzero_ps();
+        }
+        for (int j = 0; j < nv; j++) {
+            const size_t vr = (size_t)j * vstride + vbase + (size_t)ds * 16;
+            __m512 vv[4];
+            UNROLL for (int g = 0; g < 4; g++) {
+                if (g >= ng) vv[g] = _mm512_setzero_ps();
+                else if (F16) vv[g] = cake_maskload_f16((const cake_f16 *)v + vr + g * 16, cm[g]);
+                else vv[g] = _mm512_maskz_loadu_ps(cm[g], (const float *)v + vr + g * 16);
+                KEEP(vv[g]);
+            }
+            UNROLL for (int i = 0; i < NR; i++) {
+                const float pj = pbuf[i * ATT_BK + j];
+                if (ds == 0) l[i] = l[i] + pj;
+                const __m512 pb = _mm512_set1_ps(pj);
+                UNROLL for (int g = 0; g < 4; g++) if (g < ng) acc[i][g] =
+                    _mm512_fmadd_ps(pb, vv[g], acc[i][g]);
+            }
+        }
+        UNROLL for (int i = 0; i < NR; i++) UNROLL for (int g = 0; g < 4; g++) if (g < ng)
+            _mm512_store_ps(o + (size_t)i * hdp + (ds + g) * 16, acc[i][g]);
+    }
+    UNROLL for (int i = 0; i < NR; i++) ls[i] = l[i];
+}
+
+#define KEYS_ROWS_F(NR, NC, F16)                                                                   \
+    keys_rows(qs + (size_t)r * hd, hd, kt, a->v, vstride, vbase, hdp, o + (size_t)r * hdp, ms + r, \
+              ls + r, p, nv, NR, NC, F16)
+#define KEYS_ROWS(NR)                                                                              \
+    do {                                                                                           \
+        if (a->kv_f16) {                                                                           \
+            if (nv == ATT_BK) KEYS_ROWS_F(NR, 4, 1);                                               \
+            else KEYS_ROWS_F(NR, 0, 1);                                                            \
+        } else {                                                                                   \
+            if (nv == ATT_BK) KEYS_ROWS_F(NR, 4, 0);                                               \
+            else KEYS_ROWS_F(NR, 0, 0);                                                            \
+        }                                                                                          \
+    } while (0)
+
+static void task_keys_in_lanes(const att_job *job, int kvh, int t0, int t1, float *sc) {
+    const cake_attn_args *a = job->a;
+    const int G = job->group, hd = a->head_dim, hdp = (hd + 15) / 16 * 16;
+    const int R = (t1 - t0) * G;
+    float *qs = sc;                                  /* [R][hd] scaled queries */
+    float *o = qs + ((size_t)R * hd + 15) / 16 * 16; /* [R][hdp] */
+    float *kt = o + (size_t)R * hdp;                 /* [hd][64] */
+    float *p = kt + (size_t)hd * ATT_BK;             /* [4][64] */
+    float *ms = p + 4 * ATT_BK;                      /* [R] */
+    float *ls = ms + R;                              /* [R] */
+    /* every region starts 64-byte aligned (sizes are multiples of 16 floats) */
+
+    const float scale = 1.0f / sqrtf((float)hd);
+    for (int r = 0; r < R; r++) {
+        const int t = t0 + r / G, hh = r % G;
+        const float *q = a->q + ((size_t)t * a->n_heads + (size_t)kvh * G + hh) * hd;
+        for (int d = 0; d < hd; d++) qs[(size_t)r * hd + d] = q[d] * scale;
+        for (int d = 0; d < hdp; d++) o[(size_t)r * hdp + d] = 0.0f;
+        ms[r] = -INFINITY;
+        ls[r] = 0.0f;
+    }
+
+    const int kv_end = a->pos0 + t1;
+    for (int kb0 = 0; kb0 < kv_end; kb0 += ATT_BK) {
+        const int nk = kv_end - kb0 < ATT_BK ? kv_end - kb0 : ATT_BK;
+        load_keys_transposed(kt, a, kvh, kb0, nk);
+        const size_t vstride = (size_t)a->n_kv_heads * hd;
+        const size_t vbase = (size_t)kb0 * vstride + (size_t)kvh * hd;
+        for (int t = t0; t < t1; t++) {
+            const int pos = a->pos0 + t;
+            if (pos < kb0) continue;
+            const int nv = pos - kb0 + 1 < nk ? pos - kb0 + 1 : nk;
+            /* the token's G rows, up to 4 at a time */
+            for (int hh = 0; hh < G; hh += 4) {
+                const int r = (t - t0) * G + hh;
+                switch (G - hh < 4 ? G - hh : 4) {
+                case 4: KEYS_ROWS(4); break;
+                case 3: KEYS_ROWS(3); break;
+                case 2: KEYS_ROWS(2); break;
+                default: KEYS_ROWS(1); break;
+                }
+            }
+        }
+    }
+
+    for (int r = 0; r < R; r++) {
+        const int t = t0 + r / G, hh = r % G;
+        float *out = a->out + ((size_t)t * a->n_heads + (size_t)kvh * G + hh) * hd;
+        const float inv = 1.0f / ls[r];
+        for (int d = 0; d < hd; d++) out[d] = o[(size_t)r * hdp + d] * inv;
     }
 }
 
@@ -287,63 +586,22 @@ static void fast_task(void *ctx, int task, int tid) {
     const att_job *j = ctx;
     const cake_attn_args *a = j->a;
     const int kvh = task % a->n_kv_heads, qb = task / a->n_kv_heads;
-    const int G = j->group, hd = a->head_dim, hdp = j->hdp, nds = hdp / 16;
     const int t0 = qb * j->bq;
     const int t1 = t0 + j->bq < a->n_tokens ? t0 + j->bq : a->n_tokens;
-    const int rows = (t1 - t0) * G;
+    float *sc = j->sc + (size_t)tid * j->sc_floats;
+    if ((t1 - t0) * j->group >= ATT_ROWS_MIN_B) task_rows_in_lanes(j, kvh, t0, t1, sc);
+    else task_keys_in_lanes(j, kvh, t0, t1, sc);
+}
 
-    float *qs = j->sc + (size_t)tid * j->sc_floats; /* [rows][hdp] */
-    float *o = qs + (size_t)rows * hdp;              /* [rows][hdp] */
-    float *kf = o + (size_t)rows * hdp;              /* [64][hdp] */
-    float *vf = kf + (size_t)ATT_BK * hdp;           /* [64][hdp] */
-    float *pbuf = vf + (size_t)ATT_BK * hdp;         /* [64] */
-    float *ms = pbuf + ATT_BK;                       /* [rows] */
-    float *ls = ms + rows;                           /* [rows] */
-
-    const float scale = 1.0f / sqrtf((float)hd);
-    const __m512 sv = _mm512_set1_ps(scale);
-    for (int t = t0; t < t1; t++)
-        for (int hh = 0; hh < G; hh++) {
-            const int r = (t - t0) * G + hh;
-            const float *q = a->q + ((size_t)t * a->n_heads + (size_t)kvh * G + hh) * hd;
-            float *qr = qs + (size_t)r * hdp;
-            for (int d = 0; d < hdp; d += 16) {
-                const __mmask16 mk = cake_tail_mask(hd - d < 16 ? hd - d : 16);
-                _mm512_store_ps(qr + d, _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, q + d), sv));
-                _mm512_store_ps(o + (size_t)r * hdp + d, _mm512_setzero_ps());
-            }
-            ms[r] = -INFINITY;
-            ls[r] = 0.0f;
-        }
-
-    const int kv_end = a->pos0 + t1;
-    for (int kb0 = 0; kb0 < kv_end; kb0 += ATT_BK) {
-        const int nk = kv_end - kb0 < ATT_BK ? kv_end - kb0 : ATT_BK;
-        load_kv_block(kf, a, a->k, kvh, kb0, nk, hdp);
-        load_kv_block(vf, a, a->v, kvh, kb0, nk, hdp);
-        const int tfirst = kb0 - a->pos0 > t0 ? kb0 - a->pos0 : t0;
-        for (int t = tfirst; t < t1; t++) {
-            const int pos = a->pos0 + t;
-            const int nv = pos - kb0 + 1 < nk ? pos - kb0 + 1 : nk;
-            for (int hh = 0; hh < G; hh++) {
-                const int r = (t - t0) * G + hh;
-                row_block(qs + (size_t)r * hdp, o + (size_t)r * hdp, ms + r, ls + r, kf, vf, pbuf,
-                          nv, nds, hdp);
-            }
-        }
-    }
-
-    for (int t = t0; t < t1; t++)
-        for (int hh = 0; hh < G; hh++) {
-            const int r = (t - t0) * G + hh;
-            float *out = a->out + ((size_t)t * a->n_heads + (size_t)kvh * G + hh) * hd;
-            const __m512 inv = _mm512_set1_ps(1.0f / ls[r]);
-            for (int d = 0; d < hd; d += 16) {
-                const __mmask16 mk = cake_tail_mask(hd - d < 16 ? hd - d : 16);
-                _mm512_mask_storeu_ps(out + d, mk,
-                                      _mm512_mul_ps(_mm512_load_ps(o + (size_t)r * hdp + d), inv));
-            }
-        }
+/* Scratch floats per thread for tasks of R rows (the larger of the two kinds). */
+static size_t scratch_floats(int R, int hd) {
+    const size_t Rp = (size_t)(R + 15) / 16 * 16, hdp = (size_t)(hd + 15) / 16 * 16;
+    const size_t rows_b = 2 * hd * Rp + ATT_BK * Rp + 2 * ATT_BK * (size_t)hd + 3 * Rp +
+                          (ATT_BK * (Rp / 16) + 1) / 2;
+    const size_t keys_a = ((size_t)R * hd + 15) / 16 * 16 + (size_t)R * hdp + 2 * ATT_BK * hdp +
+                          4 * ATT_BK + 2 * (size_t)R;
+    const size_t n = rows_b > keys_a ? rows_b : keys_a;
+    return (n + 15) / 16 * 16 + 16;
 }
 
 #endif /* CAKE_AVX512 */
@@ -351,25 +609,23 @@ static void fast_task(void *ctx, int task, int tid) {
 void cake_attention(const cake_attn_args *a, cake_threadpool *pool) {
     if (!args_ok(a)) return;
     att_job j = {.a = a, .group = a->n_heads / a->n_kv_heads};
-    j.hdp = (a->head_dim + 15) / 16 * 16;
 #ifdef CAKE_AVX512
-    if (j.hdp <= ATT_MAX_HDP) {
-        int bq = ATT_ROW_FLOATS / (j.group * j.hdp);
+    if (a->head_dim <= ATT_MAX_HD) {
+        const int hdp = (a->head_dim + 15) / 16 * 16;
+        int bq = ATT_ROW_FLOATS / (j.group * hdp);
         bq = bq < 1 ? 1 : bq > 64 ? 64 : bq;
         j.bq = bq < a->n_tokens ? bq : a->n_tokens;
-        j.n_qb = (a->n_tokens + j.bq - 1) / j.bq;
-        const size_t rows = (size_t)j.bq * j.group;
-        j.sc_floats = 2 * rows * j.hdp + 2 * (size_t)ATT_BK * j.hdp + ATT_BK + 2 * rows;
-        j.sc_floats = (j.sc_floats + 15) / 16 * 16; /* keep each thread's part 64-byte aligned */
+        const int n_qb = (a->n_tokens + j.bq - 1) / j.bq;
+        j.sc_floats = scratch_floats(j.bq * j.group, a->head_dim);
         const int n_threads = cake_threadpool_size(pool);
         j.sc = aligned_alloc(64, j.sc_floats * sizeof(float) * (size_t)n_threads);
         if (j.sc) {
-            cake_threadpool_run(pool, j.n_qb * a->n_kv_heads, fast_task, &j);
+            cake_threadpool_run(pool, n_qb * a->n_kv_heads, fast_task, &j);
             free(j.sc);
             return;
         }
     }
 #endif
-    /* portable build, head_dim > 256, or no memory for scratch: same bits, slower */
+    /* portable build, head_dim > 256 or no memory for scratch: same bits, slower */
     cake_threadpool_run(pool, a->n_tokens * a->n_kv_heads, lanes_task, &j);
 }

@@ -1,0 +1,303 @@
+/* Micro-benchmark of the CPU kernels on llama-1b shapes (dim 2048, ffn 8192,
+ * vocab 32000, 32 heads / 8 KV heads, head_dim 64), plus mha-160m attention.
+ *
+ *   bench_kernels [--threads N] [--quick] [--only matmul|attention|misc]
+ *
+ * Each figure is the best of several runs (the machine is shared; the best run
+ * is the one least disturbed). Matmul: GFLOP/s = 2*T*n_out*n_in / time, and for
+ * T = 1 the weight bytes streamed per second; OpenBLAS sgemm on f32 weights is
+ * timed alongside for comparison. Attention: one layer's call; GFLOP/s counts
+ * the causal half, 4*n_heads*head_dim*sum(keys per query). */
+#include <cblas.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "backend/cpu/kernels.h"
+#include "model/gguf.h"
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static uint64_t rng = 88172645463325252ull;
+static float rnd(void) {
+    rng ^= rng << 13;
+    rng ^= rng >> 7;
+    rng ^= rng << 17;
+    return (float)(rng >> 40) * (1.0f / 16777216.0f) * 2.0f - 1.0f;
+}
+
+static void *xmalloc(size_t n) {
+    void *p = malloc(n);
+    if (!p) {
+        fprintf(stderr, "bench_kernels: out of memory (%zu bytes)\n", n);
+        exit(1);
+    }
+    return p;
+}
+
+/* best time of runs within a budget: one warm-up, then at least `min_runs` */
+typedef void (*bench_fn)(void *ctx);
+static double best_time(bench_fn fn, void *ctx, double budget_s, int min_runs) {
+    fn(ctx);
+    double best = 1e30;
+    const double end = now_s() + budget_s;
+    for (int r = 0; r < min_runs || now_s() < end; r++) {
+        const double t0 = now_s();
+        fn(ctx);
+        const double dt = now_s() - t0;
+        if (dt < best) best = dt;
+        if (r > 1000) break;
+    }
+    return best;
+}
+
+/* ===================== matmul ===================== */
+
+typedef struct {
+    float *y;
+    const float *x;
+    const void *w;
+    int dtype, T, n_in, n_out;
+    cake_threadpool *pool;
+} mm_ctx;
+
+static void run_matmul(void *p) {
+    mm_ctx *c = p;
+    if (cake_matmul(c->y, c->x, c->w, c->dtype, c->T, c->n_in, c->n_out, c->pool)) {
+        fprintf(stderr, "bench_kernels: cake_matmul failed\n");
+        exit(1);
+    }
+}
+
+static void run_sgemm(void *p) {
+    mm_ctx *c = p;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, c->T, c->n_out, c->n_in, 1.0f, c->x,
+                c->n_in, (const float *)c->w, c->n_in, 0.0f, c->y, c->n_out);
+}
+
+static void bench_matmul(cake_threadpool *pool, int n_threads, int quick) {
+    const int shapes[][2] = {{2048, 2048}, {8192, 2048}, {2048, 8192}, {32000, 2048}};
+    const int Ts[] = {1, 512, 2048};
+    const int n_shapes = quick ? 3 : 4, n_T = quick ? 2 : 3;
+    size_t max_w = 0, max_x = 0, max_y = 0;
+    for (int s = 0; s < n_shapes; s++) {
+        const size_t nw = (size_t)shapes[s][0] * shapes[s][1];
+        if (nw > max_w) max_w = nw;
+        const size_t nx = (size_t)Ts[n_T - 1] * shapes[s][1], ny = (size_t)Ts[n_T - 1] * shapes[s][0];
+        if (nx > max_x) max_x = nx;
+        if (ny > max_y) max_y = ny;
+    }
+    float *x = xmalloc(max_x * 4), *y = xmalloc(max_y * 4), *w32 = xmalloc(max_w * 4);
+    cake_f16 *w16 = xmalloc(max_w * 2);
+    for (size_t i = 0; i < max_x; i++) x[i] = rnd();
+    for (size_t i = 0; i < max_w; i++) {
+        w32[i] = rnd() * 0.05f;
+        w16[i] = cake_f32_to_f16(w32[i]);
+    }
+    openblas_set_num_threads(n_threads);
+    printf("== matmul y(T, n_out) = x(T, n_in) W^T, %d threads ==\n", n_threads);
+    printf("%-6s %-12s %5s %10s %9s %9s | %s\n", "W", "n_out x n_in", "T", "ms", "GFLOP/s",
+           "W GB/s", "openblas sgemm (f32 W) ms, GFLOP/s");
+    for (int di = 0; di < 2; di++) {
+        const int dtype = di == 0 ? CAKE_DTYPE_F16 : CAKE_DTYPE_F32;
+        for (int s = 0; s < n_shapes; s++)
+            for (int ti = 0; ti < n_T; ti++) {
+                const int n_out = shapes[s][0], n_in = shapes[s][1], T = Ts[ti];
+                mm_ctx c = {y, x, dtype == CAKE_DTYPE_F16 ? (const void *)w16 : (const void *)w32,
+                            dtype, T, n_in, n_out, pool};
+                const double flop = 2.0 * T * n_out * n_in;
+                const double budget = T == 1 ? 0.5 : 1.0;
+                const double t = best_time(run_matmul, &c, budget, 2);
+                const double wbytes = (double)n_out * n_in * (dtype == CAKE_DTYPE_F16 ? 2 : 4);
+                printf("%-6s %5d x %-5d %5d %10.3f %9.1f %9.1f", dtype == CAKE_DTYPE_F16 ? "f16" : "f32",
+                       n_out, n_in, T, t * 1e3, flop / t * 1e-9, wbytes / t * 1e-9);
+                if (dtype == CAKE_DTYPE_F32) {
+                    mm_ctx b = c;
+                    b.w = w32;
+                    const double tb = best_time(run_sgemm, &b, budget, 2);
+                    printf(" | %9.3f %7.1f", tb * 1e3, flop / tb * 1e-9);
+                }
+                printf("\n");
+                fflush(stdout);
+            }
+    }
+    free(x);
+    free(y);
+    free(w32);
+    free(w16);
+}
+
+/* ===================== attention ===================== */
+
+typedef struct {
+    cake_attn_args a;
+    cake_threadpool *pool;
+    int chunk; /* > 0: run the prefill in chunks of this many tokens */
+} att_ctx;
+
+static void run_attention(void *p) {
+    att_ctx *c = p;
+    if (c->chunk <= 0) {
+        cake_attention(&c->a, c->pool);
+        return;
+    }
+    const size_t row = (size_t)c->a.n_heads * c->a.head_dim;
+    for (int p0 = 0; p0 < c->a.n_tokens; p0 += c->chunk) {
+        cake_attn_args b = c->a;
+        b.pos0 = c->a.pos0 + p0;
+        b.n_tokens = c->a.n_tokens - p0 < c->chunk ? c->a.n_tokens - p0 : c->chunk;
+        b.q = c->a.q + (size_t)p0 * row;
+        b.out = c->a.out + (size_t)p0 * row;
+        cake_attention(&b, c->pool);
+    }
+}
+
+static void bench_attention_shape(const char *name, int n_heads, int n_kv_heads, int n_layers,
+                                  cake_threadpool *pool, int quick) {
+    const int hd = 64, n_max = 2048;
+    const size_t nq = (size_t)n_max * n_heads * hd, nkv = (size_t)n_max * n_kv_heads * hd;
+    float *q = xmalloc(nq * 4), *out = xmalloc(nq * 4);
+    cake_f16 *k = xmalloc(nkv * 2), *v = xmalloc(nkv * 2);
+    for (size_t i = 0; i < nq; i++) q[i] = rnd();
+    for (size_t i = 0; i < nkv; i++) {
+        k[i] = cake_f32_to_f16(rnd());
+        v[i] = cake_f32_to_f16(rnd());
+    }
+    const int Ns[] = {512, 2048};
+    for (int ni = 0; ni < 2; ni++) {
+        const int N = Ns[ni];
+        att_ctx c = {{.n_tokens = N, .pos0 = 0, .n_heads = n_heads, .n_kv_heads = n_kv_heads,
+                      .head_dim = hd, .kv_f16 = 1, .q = q, .k = k, .v = v, .out = out},
+                     pool, 0};
+        const double flop = 4.0 * n_heads * hd * ((double)N * (N + 1) / 2);
+        double t = best_time(run_attention, &c, quick ? 0.5 : 1.5, 2);
+        printf("%-9s prefill %4d tokens, all at once: %8.2f ms/layer %7.1f GFLOP/s  (x%d layers: "
+               "%.2f s)\n",
+               name, N, t * 1e3, flop / t * 1e-9, n_layers, t * n_layers);
+        c.chunk = 512;
+        if (N > 512) {
+            t = best_time(run_attention, &c, quick ? 0.5 : 1.5, 2);
+            printf("%-9s prefill %4d tokens, chunks of 512: %7.2f ms/layer %7.1f GFLOP/s\n", name, N,
+                   t * 1e3, flop / t * 1e-9);
+        }
+        att_ctx d = c;
+        d.chunk = 0;
+        d.a.n_tokens = 1;
+        d.a.pos0 = N - 1;
+        d.a.q = q + (size_t)(N - 1) * n_heads * hd;
+        t = best_time(run_attention, &d, 0.3, 5);
+        printf("%-9s decode at context %4d: %8.1f us/layer, KV read %5.1f GB/s  (x%d layers: %.2f "
+               "ms)\n",
+               name, N, t * 1e6, 2.0 * N * n_kv_heads * hd * 2 / t * 1e-9, n_layers,
+               t * n_layers * 1e3);
+        fflush(stdout);
+    }
+    free(q);
+    free(out);
+    free(k);
+    free(v);
+}
+
+/* ===================== misc ===================== */
+
+static void empty_task(void *ctx, int task, int tid) {
+    (void)ctx;
+    (void)task;
+    (void)tid;
+}
+
+typedef struct {
+    cake_threadpool *pool;
+    int n;
+} disp_ctx;
+
+static void run_dispatch(void *p) {
+    disp_ctx *c = p;
+    for (int i = 0; i < c->n; i++) cake_threadpool_run(c->pool, 2, empty_task, NULL);
+}
+
+typedef struct {
+    float *a, *b, *w;
+    int T, dim;
+} ew_ctx;
+
+static void run_rmsnorm(void *p) {
+    ew_ctx *c = p;
+    cake_rmsnorm(c->b, c->a, c->w, c->T, c->dim, 1e-5f);
+}
+static void run_rope(void *p) {
+    ew_ctx *c = p;
+    cake_rope(c->a, c->T, 32, 64, 1000, 500000.0f, 1.0f);
+}
+static void run_swiglu(void *p) {
+    ew_ctx *c = p;
+    cake_swiglu(c->b, c->a, c->w, (size_t)c->T * c->dim);
+}
+static void run_f16(void *p) {
+    ew_ctx *c = p;
+    cake_f32_to_f16_row(c->a, (cake_f16 *)c->b, (size_t)c->T * c->dim);
+    cake_f16_to_f32_row((const cake_f16 *)c->b, c->w, (size_t)c->T * c->dim);
+}
+
+static void bench_misc(cake_threadpool *pool) {
+    printf("== misc ==\n");
+    disp_ctx dc = {pool, 10000};
+    double t = best_time(run_dispatch, &dc, 0.5, 3);
+    printf("threadpool dispatch (2 empty tasks): %.2f us per run\n", t / dc.n * 1e6);
+    const int T = 512, dim = 2048, ffn = 8192;
+    float *a = xmalloc((size_t)T * ffn * 4), *b = xmalloc((size_t)T * ffn * 4),
+          *w = xmalloc((size_t)T * ffn * 4);
+    for (size_t i = 0; i < (size_t)T * ffn; i++) {
+        a[i] = rnd();
+        w[i] = rnd();
+    }
+    ew_ctx c = {a, b, w, T, dim};
+    t = best_time(run_rmsnorm, &c, 0.3, 3);
+    printf("rmsnorm %d x %d: %.3f ms\n", T, dim, t * 1e3);
+    t = best_time(run_rope, &c, 0.3, 3);
+    printf("rope %d tokens x 32 heads x 64: %.3f ms\n", T, t * 1e3);
+    c.dim = ffn;
+    t = best_time(run_swiglu, &c, 0.3, 3);
+    printf("swiglu %d x %d: %.3f ms\n", T, ffn, t * 1e3);
+    c.dim = dim;
+    t = best_time(run_f16, &c, 0.3, 3);
+    printf("f32->f16->f32 rows, %d values: %.3f ms\n", T * dim, t * 1e3);
+    free(a);
+    free(b);
+    free(w);
+}
+
+int main(int argc, char **argv) {
+    int n_threads = 2, quick = 0;
+    const char *only = NULL;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--threads") && i + 1 < argc) n_threads = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--quick")) quick = 1;
+        else if (!strcmp(argv[i], "--only") && i + 1 < argc) only = argv[++i];
+        else {
+            fprintf(stderr, "usage: %s [--threads N] [--quick] [--only matmul|attention|misc]\n",
+                    argv[0]);
+            return 2;
+        }
+    }
+    if (n_threads < 1) n_threads = 1;
+    cake_threadpool *pool = cake_threadpool_create(n_threads);
+    if (!pool) {
+        fprintf(stderr, "bench_kernels: cannot start %d threads\n", n_threads);
+        return 1;
+    }
+    if (!only || !strcmp(only, "misc")) bench_misc(pool);
+    if (!only || !strcmp(only, "attention")) {
+        printf("== attention (f16 KV, head_dim 64, %d threads) ==\n", n_threads);
+        bench_attention_shape("llama-1b", 32, 8, 16, pool, quick);
+        bench_attention_shape("mha-160m", 12, 12, 12, pool, quick);
+    }
+    if (!only || !strcmp(only, "matmul")) bench_matmul(pool, n_threads, quick);
+    cake_threadpool_free(pool);
+    return 0;
+}

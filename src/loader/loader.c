@@ -1,0 +1,490 @@
+/* The Cake loader: compute from the front, load from the back, meet in the middle.
+ *
+ * A prompt of N tokens is cut into chunks of C tokens. The full chunks
+ * before the last prompt token, [0, L) with L = (N - 1) / C, are "loadable":
+ * they may come from the store. The rest, the tail (1..C tokens, the last
+ * prompt token always among them), is always computed, because its logits
+ * choose the first token. Keeping the tail out of the loadable range also
+ * means every mode runs exactly the same forward calls on exactly the same
+ * chunks, so the KV bits (and the first token's logits) are identical
+ * whichever way each chunk arrived.
+ *
+ * Threads and ownership. The calling thread is the compute side. A request
+ * starts io_depth I/O workers (threads) that live for the prefill; each owns
+ * one staging buffer (aligned for O_DIRECT) into which it fetches a blob. One
+ * mutex guards the per-chunk states and the statistics; a condition variable
+ * tells the compute side that a load finished.
+ *
+ * Claiming. Every loadable chunk is in exactly one state:
+ *     ABSENT    the store does not have it: compute must
+ *     PRESENT   the store has it, nobody has claimed it yet
+ *     FETCHING  claimed by an I/O worker, transfer in flight
+ *     COPYING   fetched and verified, being copied into the KV cache
+ *     LOADED    in the KV cache
+ *     COMPUTING / COMPUTED  claimed by the compute side
+ * A worker claims the highest PRESENT chunk (cake mode; lowest in load
+ * mode), the compute side claims chunks in order 0, 1, 2, ... A chunk is
+ * claimed under the mutex, so it is claimed by exactly one side.
+ *
+ * The meet. The compute side walks i = 0, 1, ...: a LOADED chunk is skipped;
+ * an ABSENT or PRESENT one is claimed and computed (forward over its C
+ * tokens; the KV of every chunk before it is already in place). When it
+ * reaches a chunk a worker is FETCHING, the two sides have met. It then either
+ * waits for that load or takes the chunk over and computes it, whichever it
+ * expects to finish sooner: the load's expected end is its start plus the
+ * mean duration of this request's finished loads, the compute estimate is the
+ * last chunk's compute time. It never waits longer than one compute estimate,
+ * so a slow or stuck store costs at most one chunk's compute time per meet.
+ * A taken-over load is discarded when it arrives: the worker sees that the
+ * chunk is no longer FETCHING and never touches the KV cache. A COPYING
+ * chunk is always waited for (a copy is short and already committed).
+ *
+ * Failures. A load that misses (corrupt blob, vanished file, Redis down) puts
+ * its chunk back to ABSENT and the compute side computes it when it gets
+ * there: holes and bad chunks are covered by compute, the output never
+ * changes. The key lookup (exists) failing makes every chunk ABSENT.
+ *
+ * Cancellation. Once the compute side has passed every loadable chunk, no
+ * worker can claim anything (nothing is PRESENT below the compute front, and
+ * above it everything is done or in flight). Workers still fetching finish
+ * their transfer and discard it; they are joined after the first token's
+ * logits are out, so they never delay them.
+ *
+ * Load mode (the LMCache way) uses the same machinery: workers take PRESENT
+ * chunks lowest first, and the compute side waits until no chunk is PRESENT
+ * or in flight before computing what is left, in order. Compute mode never
+ * looks into the store.
+ *
+ * Write-back. Computed full chunks that the store lacks are queued on the
+ * bounded write-back queue (see writeback.c); the queue never blocks the
+ * compute side. */
+#include "loader/loader.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "util/err.h"
+
+enum chunk_state { ABSENT, PRESENT, FETCHING, COPYING, LOADED, COMPUTING, COMPUTED };
+
+struct io_worker;
+
+typedef struct {
+    int tid; /* 0 = compute, 1.. = I/O worker */
+    int chunk;
+    const char *what;
+    uint64_t t0, t1;
+} trace_event;
+
+typedef struct prefill_job {
+    const cake_loader_engine *e;
+    const cake_prefill_params *p;
+    const cake_token *prompt;
+    int n_loadable;
+    cake_chunk_header *expect; /* (n_loadable) the header each chunk must have */
+    size_t blob_size, buf_size;
+
+    pthread_mutex_t mu;
+    pthread_cond_t cv; /* a load finished or failed */
+    enum chunk_state *state;
+    uint64_t *claimed_at; /* ns; for FETCHING chunks */
+    uint64_t load_ns_sum;
+    int loads_done;
+    int stop;      /* set when the compute side no longer needs loads */
+    uint64_t t_start, first_claim, last_load;
+
+    cake_prefill_stats *st; /* the caller's; written until cake_prefill_finish */
+    trace_event *trace;
+    int n_trace, cap_trace;
+
+    cake_prefill_params params; /* copy: the job outlives the call */
+    struct io_worker *workers;
+    pthread_t *threads;
+    int n_started;
+    int ok;
+} prefill_job;
+
+const char *cake_mode_name(cake_mode m) {
+    return m == CAKE_MODE_LOAD ? "load" : m == CAKE_MODE_CAKE ? "cake" : "compute";
+}
+
+int cake_mode_parse(const char *s, cake_mode *out) {
+    if (!strcmp(s, "compute")) *out = CAKE_MODE_COMPUTE;
+    else if (!strcmp(s, "load")) *out = CAKE_MODE_LOAD;
+    else if (!strcmp(s, "cake")) *out = CAKE_MODE_CAKE;
+    else return -1;
+    return 0;
+}
+
+static uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* Records a span for --trace (under the mutex). Tracing stops quietly when out of memory. */
+static void trace_add(prefill_job *j, int tid, int chunk, const char *what, uint64_t t0,
+                      uint64_t t1) {
+    if (!j->p->trace_path) return;
+    if (j->n_trace == j->cap_trace) {
+        int cap = j->cap_trace ? 2 * j->cap_trace : 64;
+        trace_event *t = realloc(j->trace, (size_t)cap * sizeof(*t));
+        if (!t) return;
+        j->trace = t;
+        j->cap_trace = cap;
+    }
+    j->trace[j->n_trace++] = (trace_event){tid, chunk, what, t0, t1};
+}
+
+/* The next chunk for a worker to fetch, or -1 (under the mutex). */
+static int claim_for_load(prefill_job *j) {
+    if (j->stop) return -1;
+    if (j->p->mode == CAKE_MODE_LOAD) {
+        for (int i = 0; i < j->n_loadable; i++)
+            if (j->state[i] == PRESENT) return i;
+    } else {
+        for (int i = j->n_loadable - 1; i >= 0; i--)
+            if (j->state[i] == PRESENT) return i;
+            else if (j->state[i] == COMPUTING || j->state[i] == COMPUTED) break;
+    }
+    return -1;
+}
+
+typedef struct io_worker {
+    prefill_job *j;
+    int tid;
+    void *buf; /* staging buffer for one blob, owned by this worker */
+} io_worker;
+
+static void *io_worker_main(void *arg) {
+    io_worker *w = arg;
+    prefill_job *j = w->j;
+    char err[256];
+    pthread_mutex_lock(&j->mu);
+    for (;;) {
+        int i = claim_for_load(j);
+        if (i < 0) break;
+        j->state[i] = FETCHING;
+        const uint64_t t0 = now_ns();
+        j->claimed_at[i] = t0;
+        if (!j->first_claim) j->first_claim = t0;
+        pthread_mutex_unlock(&j->mu);
+
+        size_t len = 0;
+        int rc = cake_store_get_verified(j->p->store, &j->expect[i], w->buf, j->buf_size, &len,
+                                         err, sizeof(err));
+        const uint64_t t1 = now_ns();
+
+        pthread_mutex_lock(&j->mu);
+        trace_add(j, w->tid, i, rc == 0 ? "load" : "load failed", t0, t1);
+        if (j->state[i] != FETCHING) { /* the compute side took it over meanwhile */
+            j->st->chunks_discarded++;
+            pthread_cond_broadcast(&j->cv);
+            continue;
+        }
+        if (rc != 0) {
+            j->state[i] = ABSENT; /* compute covers it */
+            j->st->chunks_corrupt++;
+            pthread_cond_broadcast(&j->cv);
+            continue;
+        }
+        j->state[i] = COPYING;
+        j->load_ns_sum += t1 - t0;
+        j->loads_done++;
+        pthread_mutex_unlock(&j->mu);
+
+        /* The chunk's positions belong to this worker now: no lock needed. */
+        int irc = j->e->install(j->e->self, w->buf, &j->expect[i], i * j->p->chunk, err,
+                                sizeof(err));
+        const uint64_t t2 = now_ns();
+
+        pthread_mutex_lock(&j->mu);
+        trace_add(j, w->tid, i, "copy", t1, t2);
+        if (irc == 0) {
+            j->state[i] = LOADED;
+            j->st->chunks_loaded++;
+            j->st->bytes_loaded += len;
+            j->last_load = t2;
+        } else {
+            j->state[i] = ABSENT; /* shape mismatch cannot pass verification; be safe anyway */
+            j->st->chunks_corrupt++;
+        }
+        pthread_cond_broadcast(&j->cv);
+    }
+    pthread_mutex_unlock(&j->mu);
+    return NULL;
+}
+
+/* Waits on the condition variable for at most ns (under the mutex). */
+static void wait_ns(prefill_job *j, uint64_t ns) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    uint64_t t = (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec + ns;
+    ts.tv_sec = (time_t)(t / 1000000000ull);
+    ts.tv_nsec = (long)(t % 1000000000ull);
+    pthread_cond_timedwait(&j->cv, &j->mu, &ts);
+}
+
+/* Decides, at a chunk in flight, whether the compute side waits for it
+ * (returns the time to wait, > 0) or takes it over (0). Under the mutex. */
+static uint64_t wait_budget(const prefill_job *j, int i, uint64_t last_compute_ns,
+                            uint64_t waited_ns) {
+    if (j->p->mode == CAKE_MODE_LOAD) return 1000000000ull; /* load mode always waits */
+    if (!last_compute_ns && j->e->compute_ns_per_token)
+        last_compute_ns = *j->e->compute_ns_per_token * (uint64_t)j->p->chunk;
+    if (!last_compute_ns) return 1000000; /* no estimate at all (first request): poll the load */
+    if (waited_ns >= last_compute_ns) return 0;
+    if (!j->loads_done) return 0; /* no evidence the store is fast: compute */
+    const uint64_t mean = j->load_ns_sum / (uint64_t)j->loads_done;
+    const uint64_t expected_end = j->claimed_at[i] + mean, now = now_ns();
+    const uint64_t remaining = expected_end > now ? expected_end - now : 0;
+    if (remaining > last_compute_ns) return 0;
+    /* Wait for the expected end (re-checked on every wake-up), but never beyond
+     * one compute estimate in total. */
+    uint64_t budget = last_compute_ns - waited_ns;
+    return remaining + 200000 < budget ? remaining + 200000 : budget;
+}
+
+static void queue_writeback(prefill_job *j, int i, int known_absent) {
+    if (!j->p->writeback) return;
+    if (cake_writeback_enqueue(j->p->writeback, j->e, &j->expect[i], i * j->p->chunk,
+                               known_absent) == 0)
+        j->st->writeback_queued++;
+    else
+        j->st->writeback_dropped++;
+}
+
+/* The compute side over the loadable chunks. Returns 0, or -1 on an engine failure. */
+static int compute_side(prefill_job *j, char *err, size_t errlen) {
+    const int C = j->p->chunk;
+    uint64_t last_compute_ns = 0;
+    int rc = 0;
+    pthread_mutex_lock(&j->mu);
+    if (j->p->mode == CAKE_MODE_LOAD) { /* LMCache way: all loads first */
+        const uint64_t t0 = now_ns();
+        for (;;) {
+            int busy = 0;
+            for (int i = 0; i < j->n_loadable; i++)
+                busy |= j->state[i] == PRESENT || j->state[i] == FETCHING || j->state[i] == COPYING;
+            if (!busy) break;
+            wait_ns(j, 50000000);
+        }
+        const uint64_t t1 = now_ns();
+        j->st->compute_wait_ms += (double)(t1 - t0) / 1e6;
+        if (t1 > t0) trace_add(j, 0, -1, "wait for loads", t0, t1);
+    }
+    for (int i = 0; i < j->n_loadable; i++) {
+        uint64_t waited = 0;
+        const uint64_t wait_start = now_ns();
+        for (;;) {
+            enum chunk_state s = j->state[i];
+            if (s == LOADED || s == ABSENT || s == PRESENT) break;
+            /* FETCHING or COPYING: the sides have met at chunk i */
+            if (j->st->meet_chunk < 0) j->st->meet_chunk = i;
+            uint64_t budget = s == COPYING ? 1000000 : wait_budget(j, i, last_compute_ns, waited);
+            if (!budget) break;
+            wait_ns(j, budget);
+            waited = now_ns() - wait_start;
+        }
+        if (waited) {
+            j->st->compute_wait_ms += (double)waited / 1e6;
+            trace_add(j, 0, i, "wait", wait_start, wait_start + waited);
+        }
+        if (j->state[i] == LOADED) {
+            if (j->st->meet_chunk < 0) j->st->meet_chunk = i;
+            continue;
+        }
+        const int was_absent = j->state[i] == ABSENT;
+        j->state[i] = COMPUTING; /* from ABSENT, PRESENT or a taken-over FETCHING */
+        pthread_mutex_unlock(&j->mu);
+
+        const uint64_t t0 = now_ns();
+        rc = j->e->compute(j->e->self, j->prompt + (size_t)i * C, C, i * C, NULL, err, errlen);
+        const uint64_t t1 = now_ns();
+        last_compute_ns = t1 - t0;
+        if (j->e->compute_ns_per_token) /* remembered for the next request's first meet */
+            *j->e->compute_ns_per_token = last_compute_ns / (uint64_t)C;
+
+        pthread_mutex_lock(&j->mu);
+        trace_add(j, 0, i, "compute", t0, t1);
+        j->st->compute_ms += (double)(t1 - t0) / 1e6;
+        if (rc) break;
+        j->state[i] = COMPUTED;
+        j->st->chunks_computed++;
+        /* Chunks the lookup did not find, or that failed to load, go back to the store. */
+        if (was_absent && j->p->mode != CAKE_MODE_COMPUTE) queue_writeback(j, i, 1);
+        else if (j->p->mode == CAKE_MODE_COMPUTE) queue_writeback(j, i, 0);
+    }
+    j->stop = 1; /* nothing below the front is claimable; stop the workers early */
+    pthread_mutex_unlock(&j->mu);
+    return rc;
+}
+
+static int write_trace(const prefill_job *j, const char *path) {
+    FILE *f = fopen(path, "w");
+    if (!f) return -1;
+    fputs("{\"traceEvents\":[\n", f);
+    fprintf(f, "{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":1,\"tid\":0,"
+               "\"args\":{\"name\":\"compute\"}}");
+    for (int w = 1; w <= j->st->io_depth; w++)
+        fprintf(f, ",\n{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":1,\"tid\":%d,"
+                   "\"args\":{\"name\":\"io worker %d\"}}", w, w);
+    for (int k = 0; k < j->n_trace; k++) {
+        const trace_event *t = &j->trace[k];
+        fprintf(f, ",\n{\"name\":\"%s %d\",\"cat\":\"%s\",\"ph\":\"X\",\"pid\":1,\"tid\":%d,"
+                   "\"ts\":%.3f,\"dur\":%.3f,\"args\":{\"chunk\":%d}}",
+                t->what, t->chunk, t->what, t->tid, (double)(t->t0 - j->t_start) / 1e3,
+                (double)(t->t1 - t->t0) / 1e3, t->chunk);
+    }
+    fputs("\n]}\n", f);
+    return fclose(f) == 0 ? 0 : -1;
+}
+
+/* Joins the I/O workers (they may still be finishing discarded transfers),
+ * finishes the statistics and frees the job. */
+static void job_finish(prefill_job *j) {
+    pthread_mutex_lock(&j->mu);
+    j->stop = 1;
+    pthread_mutex_unlock(&j->mu);
+    for (int w = 0; w < j->n_started; w++) pthread_join(j->threads[w], NULL);
+    for (int w = 0; w < j->n_started; w++) cake_store_free_buffer(j->workers[w].buf);
+    cake_prefill_stats *st = j->st;
+    if (j->first_claim && j->last_load > j->first_claim) {
+        st->load_ms = (double)(j->last_load - j->first_claim) / 1e6;
+        st->load_gbit_s = (double)st->bytes_loaded * 8 / (st->load_ms * 1e6);
+    }
+    if (j->ok && j->p->trace_path && write_trace(j, j->p->trace_path))
+        fprintf(stderr, "cake: cannot write trace %s: %s\n", j->p->trace_path, strerror(errno));
+    free(j->workers);
+    free(j->threads);
+    free(j->trace);
+    free(j->expect);
+    free(j->state);
+    free(j->claimed_at);
+    pthread_cond_destroy(&j->cv);
+    pthread_mutex_destroy(&j->mu);
+    free(j);
+}
+
+void cake_prefill_finish(cake_prefill_job *job) {
+    if (job) job_finish(job);
+}
+
+int cake_prefill(const cake_loader_engine *e, const cake_token *prompt, int n_prompt,
+                 const cake_prefill_params *p, float *logits, cake_prefill_stats *st,
+                 cake_prefill_job **pending, char *err, size_t errlen) {
+    const int C = p->chunk;
+    *st = (cake_prefill_stats){0};
+    st->meet_chunk = -1;
+    st->mode = p->store ? p->mode : CAKE_MODE_COMPUTE;
+    st->chunk = C;
+    st->io_depth = st->mode == CAKE_MODE_COMPUTE ? 0 : p->io_depth > 0 ? p->io_depth
+                                                                       : CAKE_DEFAULT_IO_DEPTH;
+    if (n_prompt < 1 || C < 1) return cake_err(err, errlen, "prefill: empty prompt or chunk < 1");
+    st->chunks_total = (n_prompt + C - 1) / C;
+
+    if (pending) *pending = NULL;
+    prefill_job *jp = calloc(1, sizeof(*jp));
+    if (!jp) return cake_err(err, errlen, "prefill: out of memory");
+    prefill_job *const j = jp;
+    *j = (prefill_job){.e = e, .prompt = prompt, .st = st};
+    j->params = *p; /* the job may outlive the caller's params */
+    j->params.mode = st->mode;
+    j->params.io_depth = st->io_depth;
+    j->p = &j->params;
+    j->t_start = now_ns();
+    j->n_loadable = (n_prompt - 1) / C;
+    const int n_full = n_prompt / C; /* the tail is full when n_prompt % C == 0 */
+    int rc = -1;
+    cake_chunk_key *keys = NULL;
+    uint8_t *present = NULL;
+    pthread_mutex_init(&j->mu, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&j->cv, &ca);
+    pthread_condattr_destroy(&ca);
+
+    const int n_keys = (p->store || p->writeback) ? n_full : 0;
+    j->expect = calloc((size_t)n_full + 1, sizeof(*j->expect));
+    j->state = calloc((size_t)n_full + 1, sizeof(*j->state));
+    j->claimed_at = calloc((size_t)n_full + 1, sizeof(*j->claimed_at));
+    keys = calloc((size_t)n_full + 1, sizeof(*keys));
+    present = calloc((size_t)n_full + 1, 1);
+    if (!j->expect || !j->state || !j->claimed_at || !keys || !present) {
+        cake_err(err, errlen, "prefill: out of memory");
+        goto done;
+    }
+
+    /* Lookup: keys of the full chunks and which of them the store has. */
+    if (n_keys) {
+        cake_key_chain(e->fingerprint, (uint32_t)C, (uint32_t)e->kv_type, prompt,
+                       (size_t)n_prompt, keys);
+        for (int i = 0; i < n_full; i++)
+            j->expect[i] = cake_chunk_header_for(e->fingerprint, &keys[i], (uint32_t)i,
+                                                (uint32_t)C, e->hp, e->kv_type);
+        if (st->mode != CAKE_MODE_COMPUTE) {
+            char why[256];
+            (void)cake_store_exists(p->store, keys, (size_t)n_full, present, why, sizeof(why));
+        }
+    }
+    for (int i = 0; i < j->n_loadable; i++) {
+        j->state[i] = present[i] ? PRESENT : ABSENT;
+        if (!present[i]) st->chunks_missing++;
+    }
+    st->lookup_ms = (double)(now_ns() - j->t_start) / 1e6;
+
+    /* I/O workers, only when there is something to load. */
+    int n_present = j->n_loadable - st->chunks_missing;
+    if (st->mode != CAKE_MODE_COMPUTE && n_present > 0) {
+        int n_workers = st->io_depth < n_present ? st->io_depth : n_present;
+        j->blob_size = cake_chunk_blob_size(&j->expect[0]);
+        j->buf_size = cake_store_buffer_size(j->blob_size);
+        j->workers = calloc((size_t)n_workers, sizeof(*j->workers));
+        j->threads = calloc((size_t)n_workers, sizeof(*j->threads));
+        if (!j->workers || !j->threads) {
+            cake_err(err, errlen, "prefill: out of memory");
+            goto done;
+        }
+        for (int w = 0; w < n_workers; w++) {
+            io_worker *iw = &j->workers[w];
+            *iw = (io_worker){.j = j, .tid = w + 1, .buf = cake_store_alloc_buffer(j->buf_size)};
+            if (!iw->buf || pthread_create(&j->threads[w], NULL, io_worker_main, iw)) {
+                cake_store_free_buffer(iw->buf);
+                break; /* fewer workers; compute covers the rest */
+            }
+            j->n_started++;
+        }
+    }
+
+    if (compute_side(j, err, errlen)) goto done;
+
+    /* The tail: always computed, its logits choose the first token. */
+    {
+        const int pos = j->n_loadable * C;
+        const uint64_t t0 = now_ns();
+        if (e->compute(e->self, prompt + pos, n_prompt - pos, pos, logits, err, errlen)) goto done;
+        const uint64_t t1 = now_ns();
+        pthread_mutex_lock(&j->mu);
+        trace_add(j, 0, j->n_loadable, "compute tail", t0, t1);
+        pthread_mutex_unlock(&j->mu);
+        st->compute_ms += (double)(t1 - t0) / 1e6;
+        st->chunks_computed++;
+        if (n_full > j->n_loadable) /* a full tail chunk is worth storing too */
+            queue_writeback(j, j->n_loadable, 0);
+    }
+    rc = 0;
+
+done:
+    free(keys);
+    free(present);
+    j->ok = rc == 0;
+    if (rc == 0 && st->meet_chunk < 0) st->meet_chunk = j->n_loadable;
+    if (pending && rc == 0) *pending = j; /* joined later, after the first token */
+    else job_finish(j);
+    return rc;
+}

@@ -1,0 +1,113 @@
+/* The Cake loader: prefill of one prompt by computing chunks from the front
+ * while I/O workers load cached chunks from the back (see loader.c for the
+ * design). Also the two baselines: compute-only and load-only (LMCache-style). */
+#ifndef CAKE_LOADER_H
+#define CAKE_LOADER_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "cake.h"
+#include "store/store.h"
+
+typedef enum { CAKE_MODE_COMPUTE = 0, CAKE_MODE_LOAD = 1, CAKE_MODE_CAKE = 2 } cake_mode;
+
+const char *cake_mode_name(cake_mode m);
+int cake_mode_parse(const char *s, cake_mode *out); /* 0 ok, -1 unknown */
+
+/* What the loader needs from an engine, so that any backend can use it:
+ * compute positions [pos0, pos0 + n) (logits of the last one when asked),
+ * install a verified chunk blob into the KV cache at pos0, and extract
+ * positions [pos0, pos0 + h->n_tokens) of the KV cache into a blob. */
+typedef struct {
+    void *self;
+    int (*compute)(void *self, const cake_token *tokens, int n, int pos0, float *logits, char *err,
+                   size_t errlen);
+    int (*install)(void *self, const void *blob, const cake_chunk_header *h, int pos0, char *err,
+                   size_t errlen);
+    int (*extract)(void *self, cake_chunk_header *h, int pos0, void *blob, size_t cap, char *err,
+                   size_t errlen);
+    const cake_hparams *hp;
+    enum cake_kv_type kv_type;
+    uint8_t fingerprint[16];
+    /* Compute time per token of the last computed chunk, kept by the engine
+     * across requests: the first meet of a request uses it (may be NULL). */
+    uint64_t *compute_ns_per_token;
+} cake_loader_engine;
+
+/* The engine ops of a context (CPU or CUDA backend). with_fingerprint: fill
+ * in the model fingerprint, needed for store keys (the first call hashes
+ * every weight; later calls reuse it). */
+void cake_context_loader_engine(cake_context *c, int with_fingerprint, cake_loader_engine *out);
+
+typedef struct cake_writeback cake_writeback;
+
+typedef struct {
+    cake_store *store;       /* NULL: nothing is cached; compute only */
+    cake_writeback *writeback; /* NULL: computed chunks are not stored */
+    cake_mode mode;          /* ignored (compute) when store is NULL */
+    int chunk;               /* tokens per chunk (the store's chunk size) */
+    int io_depth;            /* loads in flight (I/O workers); 0 = default */
+    const char *trace_path;  /* optional Chrome trace-event JSON of the prefill */
+} cake_prefill_params;
+
+#define CAKE_DEFAULT_IO_DEPTH 4
+
+typedef struct {
+    cake_mode mode;
+    int chunk, io_depth;
+    int chunks_total;    /* ceil(n_prompt / chunk) */
+    int chunks_computed; /* including the partial tail */
+    int chunks_loaded;
+    int chunks_missing;  /* loadable chunks the store did not have */
+    int chunks_corrupt;  /* present at lookup but failed to load (corrupt, vanished, store down) */
+    int chunks_discarded; /* loads finished or cancelled after compute had taken the chunk */
+    int meet_chunk;      /* first chunk index of the loaded region where compute stopped; -1: none */
+    uint64_t bytes_loaded;
+    double lookup_ms;       /* key hashing + exists */
+    double compute_ms;      /* time in forward passes */
+    double compute_wait_ms; /* time the compute side waited for loads */
+    double load_ms;         /* first claim to last load done */
+    double load_gbit_s;     /* bytes_loaded over load_ms */
+    int writeback_queued, writeback_dropped;
+} cake_prefill_stats;
+
+typedef struct prefill_job cake_prefill_job;
+
+/* Prefill of prompt[0..n_prompt) into e's KV cache; writes the last position's
+ * logits. Any chunk that fails to load is computed instead: the result never
+ * depends on the store. 0 ok; -1 with err only for engine failures.
+ * I/O workers may still be finishing transfers that compute overtook: with
+ * pending == NULL they are joined before returning; otherwise *pending gets
+ * the job, and the caller calls cake_prefill_finish(*pending) once the first
+ * token is out (st, e and p->store must stay valid until then; st's
+ * load_ms, load_gbit_s and chunks_discarded are final only after it). */
+int cake_prefill(const cake_loader_engine *e, const cake_token *prompt, int n_prompt,
+                 const cake_prefill_params *p, float *logits, cake_prefill_stats *st,
+                 cake_prefill_job **pending, char *err, size_t errlen);
+void cake_prefill_finish(cake_prefill_job *job); /* accepts NULL */
+
+/* ---- asynchronous write-back of computed chunks ----
+ * A bounded queue served by one thread: cake_prefill enqueues (never blocks;
+ * when the queue is full, the chunk is dropped and counted), the thread
+ * extracts the chunk from the engine's KV cache and puts it in the store.
+ * The engine's KV positions of queued chunks must stay unchanged until
+ * cake_writeback_drain returns. */
+cake_writeback *cake_writeback_create(cake_store *store, int capacity, char *err, size_t errlen);
+/* Waits until the queue is empty (at most timeout_ms; then the rest is
+ * dropped). Returns the number of chunks dropped by the timeout. */
+int cake_writeback_drain(cake_writeback *w, int timeout_ms);
+void cake_writeback_free(cake_writeback *w); /* drains without a limit; accepts NULL */
+
+typedef struct {
+    uint64_t queued, written, dropped_full, dropped_timeout, already_present, failed;
+} cake_writeback_counters;
+void cake_writeback_counters_get(cake_writeback *w, cake_writeback_counters *out);
+
+/* Internal to the loader: queue a chunk. present = 1: known absent from the
+ * store; 0: unknown (the writer checks first). Returns 0 queued, -1 dropped. */
+int cake_writeback_enqueue(cake_writeback *w, const cake_loader_engine *e,
+                           const cake_chunk_header *h, int pos0, int known_absent);
+
+#endif

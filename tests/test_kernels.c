@@ -1,0 +1,590 @@
+/* CPU kernels: every fast kernel against its reference on awkward sizes, plus
+ * the determinism contracts the engine relies on:
+ *  - conversions: bit-exact against util/f16.h over all 65536 f16/bf16 values
+ *    and a sweep of f32 bit patterns;
+ *  - RoPE: bit-exact against the reference (same products, same rounding);
+ *  - RMSNorm, SwiGLU: within stated tolerances (different summation order, a
+ *    polynomial exp);
+ *  - matmul and attention: bit-exact against their portable "lanes" twins
+ *    (which define the reduction order) for every batch size, thread count and
+ *    chunking, and within stated tolerances of the plain double-precision
+ *    references.
+ * Supported attention head dims: any; 1..256 take the AVX-512 kernel, larger
+ * ones the portable kernel (both are tested). */
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend/cpu/kernels.h"
+#include "backend/cpu/simd.h"
+#include "model/gguf.h"
+#include "util/f16.h"
+
+/* ---- deterministic random numbers (xorshift) ---- */
+static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
+static uint32_t rnd_u32(void) {
+    rng_state ^= rng_state << 13;
+    rng_state ^= rng_state >> 7;
+    rng_state ^= rng_state << 17;
+    return (uint32_t)(rng_state >> 32);
+}
+static float rnd_f(float lo, float hi) { /* uniform in [lo, hi) */
+    return lo + (hi - lo) * (float)(rnd_u32() >> 8) * (1.0f / 16777216.0f);
+}
+
+static void *xmalloc(size_t n) {
+    void *p = malloc(n ? n : 1);
+    assert_non_null(p);
+    return p;
+}
+
+static cake_threadpool *pools[4]; /* NULL, 1, 2, 3 threads */
+
+static int setup_pools(void **state) {
+    (void)state;
+    pools[0] = NULL;
+    for (int i = 1; i < 4; i++)
+        if (!(pools[i] = cake_threadpool_create(i))) return -1;
+    return 0;
+}
+
+static int teardown_pools(void **state) {
+    (void)state;
+    for (int i = 1; i < 4; i++) cake_threadpool_free(pools[i]);
+    return 0;
+}
+
+/* ===================== conversions ===================== */
+
+static void test_f16_to_f32_all_values(void **state) {
+    (void)state;
+    /* all 65536 values, in rows of awkward lengths starting at odd offsets, so
+     * both the vector body and the masked tail see every value */
+    cake_f16 *h = xmalloc(65536 * sizeof(cake_f16));
+    float *f = xmalloc(65536 * sizeof(float));
+    for (uint32_t i = 0; i < 65536; i++) h[i] = (cake_f16)i;
+    const size_t lens[] = {65536, 1, 15, 17, 33, 1000};
+    for (size_t li = 0; li < sizeof(lens) / sizeof(lens[0]); li++) {
+        memset(f, 0xff, 65536 * sizeof(float));
+        for (size_t s = 0; s < 65536; s += lens[li]) {
+            const size_t n = 65536 - s < lens[li] ? 65536 - s : lens[li];
+            cake_f16_to_f32_row(h + s, f + s, n);
+        }
+        for (uint32_t i = 0; i < 65536; i++) {
+            const uint32_t want = cake_bits_from_f32(cake_f16_to_f32((cake_f16)i));
+            if (cake_bits_from_f32(f[i]) != want)
+                fail_msg("f16 0x%04x: row gives 0x%08x, reference 0x%08x", i,
+                         cake_bits_from_f32(f[i]), want);
+        }
+    }
+    free(h);
+    free(f);
+}
+
+static void test_f16_round_trip_all_values(void **state) {
+    (void)state;
+    /* f16 -> f32 -> f16 with the row kernels gives the reference's bits */
+    cake_f16 *h = xmalloc(65536 * sizeof(cake_f16)), *back = xmalloc(65536 * sizeof(cake_f16));
+    float *f = xmalloc(65536 * sizeof(float));
+    for (uint32_t i = 0; i < 65536; i++) h[i] = (cake_f16)i;
+    cake_f16_to_f32_row(h, f, 65536);
+    cake_f32_to_f16_row(f, back, 65536);
+    for (uint32_t i = 0; i < 65536; i++) {
+        const cake_f16 want = cake_f32_to_f16(cake_f16_to_f32((cake_f16)i));
+        if (back[i] != want) fail_msg("f16 0x%04x round trip: 0x%04x, want 0x%04x", i, back[i], want);
+        /* and every non-NaN value survives the round trip unchanged */
+        if ((i & 0x7c00) != 0x7c00 || (i & 0x3ff) == 0) assert_int_equal(back[i], i);
+    }
+    free(h);
+    free(back);
+    free(f);
+}
+
+static void test_f32_to_f16_bit_patterns(void **state) {
+    (void)state;
+    /* a stride through all 2^32 f32 bit patterns (every exponent, NaN payloads,
+     * subnormals), plus the halfway points between neighbouring f16 values
+     * (ties to even) */
+    enum { N = 1 << 20 };
+    float *f = xmalloc(N * sizeof(float));
+    cake_f16 *h = xmalloc(N * sizeof(cake_f16));
+    size_t n = 0;
+    for (uint64_t u = 0; u <= 0xffffffffull && n < N - 70000; u += 65521) f[n++] = cake_f32_from_bits((uint32_t)u);
+    for (uint32_t i = 0; i < 0x7c00 && n < N; i++) { /* midpoints above each positive f16 */
+        const float a = cake_f16_to_f32((cake_f16)i), b = cake_f16_to_f32((cake_f16)(i + 1));
+        f[n++] = (float)(((double)a + (double)b) / 2);
+    }
+    cake_f32_to_f16_row(f, h, n);
+    for (size_t i = 0; i < n; i++) {
+        const cake_f16 want = cake_f32_to_f16(f[i]);
+        if (h[i] != want)
+            fail_msg("f32 0x%08x: row gives 0x%04x, reference 0x%04x", cake_bits_from_f32(f[i]),
+                     h[i], want);
+    }
+    free(f);
+    free(h);
+}
+
+static void test_bf16_to_f32_all_values(void **state) {
+    (void)state;
+    cake_bf16 *h = xmalloc(65536 * sizeof(cake_bf16));
+    float *f = xmalloc(65536 * sizeof(float));
+    for (uint32_t i = 0; i < 65536; i++) h[i] = (cake_bf16)i;
+    cake_bf16_to_f32_row(h, f, 65535); /* odd length: a tail */
+    f[65535] = 0.0f;
+    cake_bf16_to_f32_row(h + 65535, f + 65535, 1);
+    for (uint32_t i = 0; i < 65536; i++)
+        assert_int_equal(cake_bits_from_f32(f[i]), cake_bits_from_f32(cake_bf16_to_f32((cake_bf16)i)));
+    free(h);
+    free(f);
+}
+
+/* ===================== exp and the fold tree (simd.h) ===================== */
+
+static void test_exp_twins(void **state) {
+    (void)state;
+    /* accuracy of the polynomial against libm over the range softmax and SiLU
+     * use: <= 2 ulp-ish (2.5e-7 relative) where the result is normal */
+    for (float x = -87.0f; x < 88.0f; x += 0.0137f) {
+        const double want = exp((double)x);
+        const double got = cake_exp_lanes(x);
+        assert_true(fabs(got - want) <= 2.5e-7 * want);
+    }
+    assert_true(cake_exp_lanes(-INFINITY) == 0.0f);
+    assert_true(cake_exp_lanes(-200.0f) == 0.0f);
+    assert_true(isinf(cake_exp_lanes(100.0f)));
+    assert_true(cake_exp_lanes(0.0f) == 1.0f);
+#ifdef CAKE_AVX512
+    /* the vector form gives the scalar form's bits for every input class */
+    float in[16], out[16];
+    for (uint64_t u = 0; u <= 0xffffffffull; u += 16 * 40009) {
+        for (int l = 0; l < 16; l++) in[l] = cake_f32_from_bits((uint32_t)(u + (uint64_t)l * 40009));
+        _mm512_storeu_ps(out, cake_exp512(_mm512_loadu_ps(in)));
+        for (int l = 0; l < 16; l++)
+            if (cake_bits_from_f32(out[l]) != cake_bits_from_f32(cake_exp_lanes(in[l])))
+                fail_msg("exp(0x%08x): vector 0x%08x, scalar 0x%08x", cake_bits_from_f32(in[l]),
+                         cake_bits_from_f32(out[l]), cake_bits_from_f32(cake_exp_lanes(in[l])));
+    }
+    /* fold16 / fold4 give the scalar tree's bits */
+    for (int rep = 0; rep < 2000; rep++) {
+        float v[16][16];
+        __m512 vv[16];
+        for (int i = 0; i < 16; i++) {
+            for (int l = 0; l < 16; l++) v[i][l] = rnd_f(-1, 1) * (float)(1 << (rnd_u32() % 24));
+            vv[i] = _mm512_loadu_ps(v[i]);
+        }
+        float o16[16], o4[4];
+        _mm512_storeu_ps(o16, cake_fold16(vv));
+        _mm_storeu_ps(o4, cake_fold4(vv[0], vv[1], vv[2], vv[3]));
+        for (int i = 0; i < 16; i++) {
+            const float want = cake_fold16_lanes(v[i]);
+            assert_int_equal(cake_bits_from_f32(o16[i]), cake_bits_from_f32(want));
+            if (i < 4) assert_int_equal(cake_bits_from_f32(o4[i]), cake_bits_from_f32(want));
+        }
+    }
+#endif
+}
+
+/* ===================== RMSNorm ===================== */
+
+static void test_rmsnorm(void **state) {
+    (void)state;
+    const int dims[] = {1, 7, 15, 16, 17, 63, 64, 65, 100, 2051};
+    for (size_t di = 0; di < sizeof(dims) / sizeof(dims[0]); di++)
+        for (int T = 1; T <= 3; T++) {
+            const int dim = dims[di];
+            const size_t n = (size_t)T * dim;
+            float *x = xmalloc(n * 4), *w = xmalloc((size_t)dim * 4), *y = xmalloc(n * 4),
+                  *yr = xmalloc(n * 4), *xa = xmalloc(n * 4);
+            for (size_t i = 0; i < n; i++) x[i] = rnd_f(-4, 4);
+            for (int i = 0; i < dim; i++) w[i] = rnd_f(-2, 2);
+            cake_rmsnorm(y, x, w, T, dim, 1e-5f);
+            cake_rmsnorm_ref(yr, x, w, T, dim, 1e-5f);
+            /* 1e-5 relative to |y|: the f32 sum of squares (64 lanes + tree) is
+             * within ~dim/64 * 2^-24 relative of the double one; the scale and
+             * two products add a few ulp. */
+            for (size_t i = 0; i < n; i++) assert_true(fabsf(y[i] - yr[i]) <= 1e-5f * fabsf(yr[i]) + 1e-30f);
+            /* in place (y aliases x) gives the same bits */
+            memcpy(xa, x, n * 4);
+            cake_rmsnorm(xa, xa, w, T, dim, 1e-5f);
+            assert_memory_equal(xa, y, n * 4);
+            /* a token's row does not depend on the rest of the batch */
+            cake_rmsnorm(xa, x + (size_t)(T - 1) * dim, w, 1, dim, 1e-5f);
+            assert_memory_equal(xa, y + (size_t)(T - 1) * dim, (size_t)dim * 4);
+            free(x);
+            free(w);
+            free(y);
+            free(yr);
+            free(xa);
+        }
+}
+
+/* ===================== RoPE ===================== */
+
+static void test_rope(void **state) {
+    (void)state;
+    const int hds[] = {2, 8, 30, 48, 64, 128};
+    const int pos0s[] = {0, 5, 4093, 100000};
+    for (size_t hi = 0; hi < sizeof(hds) / sizeof(hds[0]); hi++)
+        for (size_t pi = 0; pi < sizeof(pos0s) / sizeof(pos0s[0]); pi++) {
+            const int hd = hds[hi], nh = 3, T = 4, pos0 = pos0s[pi];
+            const size_t n = (size_t)T * nh * hd;
+            float *a = xmalloc(n * 4), *b = xmalloc(n * 4), *c = xmalloc(n * 4);
+            for (size_t i = 0; i < n; i++) a[i] = b[i] = c[i] = rnd_f(-3, 3);
+            cake_rope(a, T, nh, hd, pos0, 500000.0f, 1.0f);
+            cake_rope_ref(b, T, nh, hd, pos0, 500000.0f, 1.0f);
+            assert_memory_equal(a, b, n * 4); /* same products, same rounding */
+            /* chunk invariance: token by token at its own position */
+            for (int t = 0; t < T; t++) cake_rope(c + (size_t)t * nh * hd, 1, nh, hd, pos0 + t, 500000.0f, 1.0f);
+            assert_memory_equal(a, c, n * 4);
+            /* position 0 is the identity */
+            if (pos0 == 0) {
+                float *d = xmalloc((size_t)nh * hd * 4);
+                for (int i = 0; i < nh * hd; i++) d[i] = rnd_f(-1, 1);
+                float *e = xmalloc((size_t)nh * hd * 4);
+                memcpy(e, d, (size_t)nh * hd * 4);
+                cake_rope(d, 1, nh, hd, 0, 10000.0f, 1.0f);
+                assert_memory_equal(d, e, (size_t)nh * hd * 4);
+                free(d);
+                free(e);
+            }
+            free(a);
+            free(b);
+            free(c);
+        }
+    /* a rotation keeps each pair's norm */
+    float v[64], w[64];
+    for (int i = 0; i < 64; i++) v[i] = w[i] = rnd_f(-1, 1);
+    cake_rope(v, 1, 1, 64, 1234, 10000.0f, 0.5f);
+    for (int i = 0; i < 32; i++) {
+        const double n0 = hypot(w[2 * i], w[2 * i + 1]), n1 = hypot(v[2 * i], v[2 * i + 1]);
+        assert_true(fabs(n0 - n1) <= 1e-6 * (n0 + 1e-30));
+    }
+}
+
+/* ===================== SwiGLU ===================== */
+
+static void test_swiglu(void **state) {
+    (void)state;
+    const size_t lens[] = {1, 15, 16, 17, 100, 1027};
+    for (size_t li = 0; li < sizeof(lens) / sizeof(lens[0]); li++) {
+        const size_t n = lens[li];
+        float *g = xmalloc(n * 4), *u = xmalloc(n * 4), *h = xmalloc(n * 4), *hr = xmalloc(n * 4);
+        for (size_t i = 0; i < n; i++) {
+            g[i] = i % 7 == 3 ? rnd_f(-120, 120) : rnd_f(-8, 8);
+            u[i] = rnd_f(-3, 3);
+        }
+        cake_swiglu(h, g, u, n);
+        cake_swiglu_ref(hr, g, u, n);
+        /* 1e-6 relative: the exp polynomial is within ~1.5 ulp of expf's result
+         * (itself <1 ulp), then one add, one divide, one multiply; far from 0 the
+         * value is tiny and the absolute term covers it */
+        for (size_t i = 0; i < n; i++) assert_true(fabsf(h[i] - hr[i]) <= 1e-6f * fabsf(hr[i]) + 1e-35f);
+        /* in place (h aliases g) */
+        cake_swiglu(g, g, u, n);
+        assert_memory_equal(g, h, n * 4);
+        free(g);
+        free(u);
+        free(h);
+        free(hr);
+    }
+}
+
+/* ===================== matmul ===================== */
+
+static void *make_weights(int dtype, size_t n, float *as_f32) {
+    const size_t es = dtype == CAKE_DTYPE_F32 ? 4 : 2;
+    void *w = xmalloc(n * es);
+    for (size_t i = 0; i < n; i++) {
+        const float v = rnd_f(-1, 1);
+        if (dtype == CAKE_DTYPE_F32) {
+            ((float *)w)[i] = v;
+            as_f32[i] = v;
+        } else if (dtype == CAKE_DTYPE_F16) {
+            ((cake_f16 *)w)[i] = cake_f32_to_f16(v);
+            as_f32[i] = cake_f16_to_f32(((cake_f16 *)w)[i]);
+        } else {
+            ((cake_bf16 *)w)[i] = cake_f32_to_bf16(v);
+            as_f32[i] = cake_bf16_to_f32(((cake_bf16 *)w)[i]);
+        }
+    }
+    return w;
+}
+
+static void check_matmul_shape(int dtype, int T, int n_in, int n_out) {
+    const size_t nx = (size_t)T * n_in, nw = (size_t)n_out * n_in, ny = (size_t)T * n_out;
+    float *x = xmalloc(nx * 4), *wf = xmalloc(nw * 4);
+    for (size_t i = 0; i < nx; i++) x[i] = rnd_f(-2, 2);
+    void *w = make_weights(dtype, nw, wf);
+    float *y = xmalloc(ny * 4), *yl = xmalloc(ny * 4), *yr = xmalloc(ny * 4), *y1 = xmalloc((size_t)n_out * 4);
+
+    assert_int_equal(cake_matmul_lanes(yl, x, w, dtype, T, n_in, n_out), 0);
+    assert_int_equal(cake_matmul_ref(yr, x, w, dtype, T, n_in, n_out), 0);
+    /* Against the double-precision reference: 1e-5 of sum |x_k w_k|. The f32
+     * result is 16 FMA chains of n_in/16 terms plus a 4-level tree, so its
+     * error is at most ~(n_in/16 + 4) * 2^-24 of that sum (3e-5 at n_in 8192,
+     * worst case); random signs make it ~sqrt of that in practice. */
+    for (int t = 0; t < T; t++)
+        for (int n = 0; n < n_out; n++) {
+            double mag = 0;
+            for (int k = 0; k < n_in; k++) mag += fabs((double)x[(size_t)t * n_in + k] * wf[(size_t)n * n_in + k]);
+            const double d = fabs((double)yl[(size_t)t * n_out + n] - yr[(size_t)t * n_out + n]);
+            if (d > 1e-5 * mag + 1e-30)
+                fail_msg("matmul dtype %d T %d n_in %d n_out %d: y[%d][%d] %g vs ref %g", dtype, T,
+                         n_in, n_out, t, n, yl[(size_t)t * n_out + n], yr[(size_t)t * n_out + n]);
+        }
+    /* the fast kernel equals the lanes kernel bit for bit, for every thread count */
+    for (int p = 0; p < 4; p++) {
+        memset(y, 0, ny * 4);
+        assert_int_equal(cake_matmul(y, x, w, dtype, T, n_in, n_out, pools[p]), 0);
+        if (memcmp(y, yl, ny * 4))
+            fail_msg("matmul dtype %d T %d n_in %d n_out %d threads %d: differs from lanes", dtype, T,
+                     n_in, n_out, p);
+    }
+    /* and a token's row does not depend on the batch it came in */
+    for (int t = 0; t < T; t += (T > 4 ? 3 : 1)) {
+        assert_int_equal(cake_matmul(y1, x + (size_t)t * n_in, w, dtype, 1, n_in, n_out, pools[2]), 0);
+        assert_memory_equal(y1, yl + (size_t)t * n_out, (size_t)n_out * 4);
+    }
+    free(x);
+    free(wf);
+    free(w);
+    free(y);
+    free(yl);
+    free(yr);
+    free(y1);
+}
+
+static void test_matmul(void **state) {
+    (void)state;
+    const int dtypes[] = {CAKE_DTYPE_F32, CAKE_DTYPE_F16, CAKE_DTYPE_BF16};
+    /* T around the decode/GEMM switch and the 6-token tile; n_in around 16;
+     * n_out around the 4-row tile and the 64-row panel */
+    const int shapes[][3] = {{1, 1, 1},    {1, 16, 4},    {2, 15, 5},    {3, 17, 3},
+                             {5, 33, 7},   {6, 64, 8},    {7, 100, 13},  {8, 16, 4},
+                             {9, 31, 65},  {13, 257, 67}, {31, 48, 130}, {64, 130, 9},
+                             {20, 2048, 6}, {7, 1000, 129}};
+    for (size_t di = 0; di < 3; di++)
+        for (size_t si = 0; si < sizeof(shapes) / sizeof(shapes[0]); si++)
+            check_matmul_shape(dtypes[di], shapes[si][0], shapes[si][1], shapes[si][2]);
+}
+
+static void test_matmul_bad_dtype(void **state) {
+    (void)state;
+    float x[4] = {1, 2, 3, 4}, y[1] = {0};
+    const uint8_t w[8] = {0};
+    assert_int_equal(cake_matmul(y, x, w, CAKE_DTYPE_Q8_0, 1, 4, 1, NULL), -1);
+    assert_int_equal(cake_matmul(y, x, w, 12345, 1, 4, 1, pools[2]), -1);
+    assert_int_equal(cake_matmul_ref(y, x, w, CAKE_DTYPE_Q8_0, 1, 4, 1), -1);
+    assert_int_equal(cake_matmul_lanes(y, x, w, 7, 1, 4, 1), -1);
+}
+
+/* ===================== attention ===================== */
+
+typedef struct {
+    int n_ctx, n_heads, n_kv_heads, head_dim, kv_f16;
+    float *q;     /* (n_ctx, n_heads, head_dim): the queries of every position */
+    float *kf, *vf; /* the cache contents as f32 */
+    void *k, *v;  /* the cache in its dtype */
+} attn_case;
+
+static attn_case make_case(int n_ctx, int n_heads, int n_kv_heads, int hd, int kv_f16) {
+    attn_case c = {n_ctx, n_heads, n_kv_heads, hd, kv_f16, NULL, NULL, NULL, NULL, NULL};
+    const size_t nq = (size_t)n_ctx * n_heads * hd, nkv = (size_t)n_ctx * n_kv_heads * hd;
+    c.q = xmalloc(nq * 4);
+    c.kf = xmalloc(nkv * 4);
+    c.vf = xmalloc(nkv * 4);
+    c.k = xmalloc(nkv * 4);
+    c.v = xmalloc(nkv * 4);
+    /* scores of a few units, so the softmax is neither flat nor one-hot */
+    for (size_t i = 0; i < nq; i++) c.q[i] = rnd_f(-1.5f, 1.5f);
+    for (size_t i = 0; i < nkv; i++) {
+        float kv = rnd_f(-1.5f, 1.5f), vv = rnd_f(-1, 1);
+        if (kv_f16) {
+            ((cake_f16 *)c.k)[i] = cake_f32_to_f16(kv);
+            ((cake_f16 *)c.v)[i] = cake_f32_to_f16(vv);
+            kv = cake_f16_to_f32(((cake_f16 *)c.k)[i]);
+            vv = cake_f16_to_f32(((cake_f16 *)c.v)[i]);
+        } else {
+            ((float *)c.k)[i] = kv;
+            ((float *)c.v)[i] = vv;
+        }
+        c.kf[i] = kv;
+        c.vf[i] = vv;
+    }
+    return c;
+}
+
+static void free_case(attn_case *c) {
+    free(c->q);
+    free(c->kf);
+    free(c->vf);
+    free(c->k);
+    free(c->v);
+}
+
+static cake_attn_args case_args(const attn_case *c, int pos0, int n, const void *k, const void *v,
+                                float *out) {
+    cake_attn_args a = {.n_tokens = n,
+                        .pos0 = pos0,
+                        .n_heads = c->n_heads,
+                        .n_kv_heads = c->n_kv_heads,
+                        .head_dim = c->head_dim,
+                        .kv_f16 = c->kv_f16,
+                        .q = c->q + (size_t)pos0 * c->n_heads * c->head_dim,
+                        .k = k,
+                        .v = v,
+                        .out = out};
+    return a;
+}
+
+/* Prefill in chunks of `chunk` tokens, the cache filled progressively: before
+ * each chunk only positions [0, pos0 + n) hold data; the rest is NaN, so any
+ * read past the chunk's end would show in the output. */
+static void run_chunked(const attn_case *c, int chunk, cake_threadpool *pool, float *out) {
+    const size_t es = c->kv_f16 ? 2 : 4;
+    const size_t row = (size_t)c->n_kv_heads * c->head_dim * es;
+    uint8_t *k = xmalloc((size_t)c->n_ctx * row), *v = xmalloc((size_t)c->n_ctx * row);
+    memset(k, 0xff, (size_t)c->n_ctx * row); /* 0xffff.. is a NaN in f16 and f32 */
+    memset(v, 0xff, (size_t)c->n_ctx * row);
+    const size_t orow = (size_t)c->n_heads * c->head_dim;
+    for (int p0 = 0; p0 < c->n_ctx; p0 += chunk) {
+        const int n = c->n_ctx - p0 < chunk ? c->n_ctx - p0 : chunk;
+        memcpy(k + (size_t)p0 * row, (const uint8_t *)c->k + (size_t)p0 * row, (size_t)n * row);
+        memcpy(v + (size_t)p0 * row, (const uint8_t *)c->v + (size_t)p0 * row, (size_t)n * row);
+        cake_attn_args a = case_args(c, p0, n, k, v, out + (size_t)p0 * orow);
+        cake_attention(&a, pool);
+    }
+    free(k);
+    free(v);
+}
+
+static void check_attention_case(int n_ctx, int n_heads, int n_kv_heads, int hd, int kv_f16) {
+    attn_case c = make_case(n_ctx, n_heads, n_kv_heads, hd, kv_f16);
+    const size_t nout = (size_t)n_ctx * n_heads * hd;
+    float *lanes = xmalloc(nout * 4), *ref = xmalloc(nout * 4), *out = xmalloc(nout * 4);
+
+    cake_attn_args a = case_args(&c, 0, n_ctx, c.k, c.v, lanes);
+    cake_attention_lanes(&a);
+    a.out = ref;
+    cake_attention_ref(&a);
+    /* Against the double-precision reference: 1e-5 absolute (outputs are
+     * convex combinations of |v| <= 1). The f32 kernel's errors: ~1e-7
+     * relative in each score (a 16-lane dot product of head_dim terms, scores
+     * of a few units, so ~1e-6 absolute in the exponent), 1-2 ulp per exp, and
+     * sums over <= n_ctx/64 blocks of 64. */
+    for (size_t i = 0; i < nout; i++)
+        if (!(fabsf(lanes[i] - ref[i]) <= 1e-5f))
+            fail_msg("attention n_ctx %d heads %d/%d hd %d f16 %d: out[%zu] %g vs ref %g", n_ctx,
+                     n_heads, n_kv_heads, hd, kv_f16, i, lanes[i], ref[i]);
+
+    /* fast == lanes, bit for bit, whatever the thread count */
+    for (int p = 0; p < 4; p++) {
+        memset(out, 0, nout * 4);
+        a.out = out;
+        cake_attention(&a, pools[p]);
+        if (memcmp(out, lanes, nout * 4))
+            fail_msg("attention n_ctx %d heads %d/%d hd %d f16 %d threads %d: differs from lanes",
+                     n_ctx, n_heads, n_kv_heads, hd, kv_f16, p);
+    }
+    /* ... and whatever the chunking (progressively filled cache) */
+    const int chunks[] = {1, 7, 64};
+    for (size_t ci = 0; ci < 3; ci++) {
+        memset(out, 0, nout * 4);
+        run_chunked(&c, chunks[ci], pools[(ci % 3) + 1], out);
+        if (memcmp(out, lanes, nout * 4))
+            fail_msg("attention n_ctx %d heads %d/%d hd %d f16 %d: chunks of %d differ", n_ctx,
+                     n_heads, n_kv_heads, hd, kv_f16, chunks[ci]);
+    }
+    free(lanes);
+    free(ref);
+    free(out);
+    free_case(&c);
+}
+
+static void test_attention_gqa_and_head_dims(void **state) {
+    (void)state;
+    /* GQA ratios 1, 2, 4, 8; head dims 64, 128, and odd ones (8, 48, 100) */
+    check_attention_case(70, 4, 4, 64, 1);
+    check_attention_case(70, 4, 4, 64, 0);
+    check_attention_case(150, 8, 2, 64, 1);
+    check_attention_case(131, 8, 2, 128, 1);
+    check_attention_case(65, 4, 1, 128, 0);
+    check_attention_case(40, 8, 1, 8, 1);
+    check_attention_case(67, 3, 3, 48, 1);
+    check_attention_case(33, 2, 1, 100, 0);
+    check_attention_case(20, 16, 2, 64, 1);
+}
+
+static void test_attention_long_context(void **state) {
+    (void)state;
+    /* several key blocks, chunks that straddle block boundaries */
+    check_attention_case(300, 4, 1, 64, 1);
+}
+
+static void test_attention_large_head_dim(void **state) {
+    (void)state;
+    /* 256 is the fast kernel's largest; 272 goes to the portable kernel */
+    check_attention_case(24, 2, 1, 256, 1);
+    check_attention_case(18, 2, 2, 272, 0);
+}
+
+static void test_attention_decode_matches_prefill(void **state) {
+    (void)state;
+    /* a single query at position p (decode) equals the same query inside a
+     * long prefill, for p on and around block boundaries */
+    attn_case c = make_case(200, 8, 2, 64, 1);
+    const size_t orow = (size_t)c.n_heads * c.head_dim;
+    float *all = xmalloc((size_t)c.n_ctx * orow * 4), *one = xmalloc(orow * 4);
+    cake_attn_args a = case_args(&c, 0, c.n_ctx, c.k, c.v, all);
+    cake_attention(&a, pools[2]);
+    const int ps[] = {0, 1, 62, 63, 64, 65, 127, 128, 199};
+    for (size_t i = 0; i < sizeof(ps) / sizeof(ps[0]); i++) {
+        cake_attn_args d = case_args(&c, ps[i], 1, c.k, c.v, one);
+        cake_attention(&d, pools[1 + i % 3]);
+        assert_memory_equal(one, all + (size_t)ps[i] * orow, orow * 4);
+    }
+    free(all);
+    free(one);
+    free_case(&c);
+}
+
+static void test_attention_single_key(void **state) {
+    (void)state;
+    /* position 0 attends only to itself: out = v_0 exactly */
+    attn_case c = make_case(1, 4, 2, 64, 0);
+    float out[4 * 64];
+    cake_attn_args a = case_args(&c, 0, 1, c.k, c.v, out);
+    cake_attention(&a, pools[2]);
+    for (int h = 0; h < 4; h++)
+        for (int d = 0; d < 64; d++) assert_true(out[h * 64 + d] == c.vf[(h / 2) * 64 + d]);
+    free_case(&c);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_f16_to_f32_all_values),
+        cmocka_unit_test(test_f16_round_trip_all_values),
+        cmocka_unit_test(test_f32_to_f16_bit_patterns),
+        cmocka_unit_test(test_bf16_to_f32_all_values),
+        cmocka_unit_test(test_exp_twins),
+        cmocka_unit_test(test_rmsnorm),
+        cmocka_unit_test(test_rope),
+        cmocka_unit_test(test_swiglu),
+        cmocka_unit_test(test_matmul),
+        cmocka_unit_test(test_matmul_bad_dtype),
+        cmocka_unit_test(test_attention_gqa_and_head_dims),
+        cmocka_unit_test(test_attention_long_context),
+        cmocka_unit_test(test_attention_large_head_dim),
+        cmocka_unit_test(test_attention_decode_matches_prefill),
+        cmocka_unit_test(test_attention_single_key),
+    };
+    return cmocka_run_group_tests(tests, setup_pools, teardown_pools);
+}
