@@ -93,8 +93,7 @@ fi
 
 # ---- build ----
 # Keep going (-k) past a target that fails (someone's test, say): the others may
-# still be built. CMAKE_CUDA_ARCHITECTURES on the command line: the top-level
-# CMakeLists.txt sets it only after creating cakecore, which CMake rejects.
+# still be built. sm_90 is CMake's default here too; named to be sure.
 if command -v make >/dev/null; then
     GEN="Unix Makefiles" KEEP="-k"
 else

@@ -458,7 +458,8 @@ static void test_kv_transfer(void **state) {
     assert_memory_equal(k, k2, part * 2);
     assert_memory_equal(v, v2, part * 2);
     /* Out of range: refused with a message. */
-    assert_int_equal(cake_cuda_kv_read(gpu->cuda, hp->n_layers, 0, 1, k2, v2, err, sizeof(err)), -1);
+    assert_int_equal(cake_cuda_kv_read(gpu->cuda, hp->n_layers, 0, 1, k2, v2, err, sizeof(err)),
+                     -1);
     assert_int_equal(cake_cuda_kv_write(gpu->cuda, 0, 100, 29, k, v, err, sizeof(err)), -1);
     printf("refused as expected: %s\n", err);
     free(k);
@@ -510,7 +511,8 @@ static void test_attention_kernels(void **state) {
         if (rc) fprintf(stderr, "%s\n", err);
         assert_int_equal(rc, 0);
         /* f16 P on tensor cores: |P - f16(P)| <= 2^-11 P, so |dO| <= 2^-11 max|V|. */
-        const double tol = cases[i].path == 1 || (cases[i].path == 0 && cases[i].n > 8) ? 2e-3 : 1e-4;
+        const double tol =
+            cases[i].path == 1 || (cases[i].path == 0 && cases[i].n > 8) ? 2e-3 : 1e-4;
         printf("attention path %d, head_dim %d, heads %d/%d, pos0 %d, n %d: max error %.3g (tol "
                "%.0e)\n",
                cases[i].path, cases[i].hd, cases[i].heads, cases[i].kv, cases[i].pos0, cases[i].n,

@@ -37,7 +37,7 @@ namespace {
 
 template <int HD, typename OutT>
 cudaError_t launch_mma(const cake_attn_launch *a, OutT *out, cudaStream_t st) {
-    const dim3 grid((unsigned)((a->n + MMA_BM - 1) / MMA_BM), (unsigned)a->n_heads);
+    const dim3 grid((unsigned)a->n_heads, (unsigned)((a->n + MMA_BM - 1) / MMA_BM));
     const float scale_log2 = 1.4426950408889634f / sqrtf((float)HD);
     attn_mma_kernel<HD, OutT><<<grid, MMA_WARPS * 32, mma_smem_bytes<HD>(), st>>>(
         a->q, a->k, a->v, out, a->n, a->pos0, a->n_heads, a->n_kv_heads, scale_log2);
@@ -52,9 +52,9 @@ cudaError_t launch_simt(const cake_attn_launch *a, OutT *out, int split, cudaStr
         /* One range holding every key of every query of the batch. */
         const int all = a->pos0 + a->n;
         const dim3 grid((unsigned)a->n, (unsigned)a->n_heads, 1);
-        attn_simt_kernel<OutT><<<grid, SIMT_THREADS, smem, st>>>(
-            a->q, a->k, a->v, out, a->part, a->pos0, a->n_heads, a->n_kv_heads, a->head_dim, all,
-            1, scale);
+        attn_simt_kernel<OutT><<<grid, SIMT_THREADS, smem, st>>>(a->q, a->k, a->v, out, a->part,
+                                                                 a->pos0, a->n_heads, a->n_kv_heads,
+                                                                 a->head_dim, all, 1, scale);
         return cudaGetLastError();
     }
     const int n_splits = (a->pos0 + a->n + a->split_len - 1) / a->split_len;
@@ -68,9 +68,9 @@ cudaError_t launch_simt(const cake_attn_launch *a, OutT *out, int split, cudaStr
     if (e != cudaSuccess) return e;
     /* With one range the kernel above has written the output already. */
     if (n_splits > 1) {
-        attn_combine_kernel<OutT><<<dim3((unsigned)a->n, (unsigned)a->n_heads), SIMT_THREADS, 0,
-                                    st>>>(a->part, out, a->pos0, a->n_heads, a->head_dim,
-                                          a->split_len, n_splits);
+        attn_combine_kernel<OutT>
+            <<<dim3((unsigned)a->n, (unsigned)a->n_heads), SIMT_THREADS, 0, st>>>(
+                a->part, out, a->pos0, a->n_heads, a->head_dim, a->split_len, n_splits);
         e = cudaGetLastError();
     }
     return e;
@@ -79,18 +79,24 @@ cudaError_t launch_simt(const cake_attn_launch *a, OutT *out, int split, cudaStr
 template <typename OutT>
 cudaError_t dispatch(const cake_attn_launch *a, int path, OutT *out, cudaStream_t st) {
     if (path == CAKE_ATTN_AUTO) {
-        if (a->n <= CAKE_ATTN_SPLIT_MAX_N && a->part) path = CAKE_ATTN_SPLIT;
-        else if (cake_cuda_attention_supported(CAKE_ATTN_MMA, a->head_dim)) path = CAKE_ATTN_MMA;
-        else path = CAKE_ATTN_SIMT;
+        if (a->n <= CAKE_ATTN_SPLIT_MAX_N && a->part)
+            path = CAKE_ATTN_SPLIT;
+        else if (cake_cuda_attention_supported(CAKE_ATTN_MMA, a->head_dim))
+            path = CAKE_ATTN_MMA;
+        else
+            path = CAKE_ATTN_SIMT;
     }
     if (!cake_cuda_attention_supported(path, a->head_dim)) return cudaErrorInvalidValue;
     switch (path) {
     case CAKE_ATTN_MMA:
         return a->head_dim == 64 ? launch_mma<64, OutT>(a, out, st)
                                  : launch_mma<128, OutT>(a, out, st);
-    case CAKE_ATTN_SIMT: return launch_simt<OutT>(a, out, 0, st);
-    case CAKE_ATTN_SPLIT: return launch_simt<OutT>(a, out, 1, st);
-    default: return cudaErrorInvalidValue;
+    case CAKE_ATTN_SIMT:
+        return launch_simt<OutT>(a, out, 0, st);
+    case CAKE_ATTN_SPLIT:
+        return launch_simt<OutT>(a, out, 1, st);
+    default:
+        return cudaErrorInvalidValue;
     }
 }
 
@@ -118,19 +124,27 @@ cudaError_t cake_cuda_attention_setup(void) {
 int cake_cuda_attention_supported(int path, int head_dim) {
     if (head_dim < 2 || head_dim % 2) return 0;
     switch (path) {
-    case CAKE_ATTN_AUTO: return head_dim <= SIMT_MAX_HD;
-    case CAKE_ATTN_MMA: return head_dim == 64 || head_dim == 128;
+    case CAKE_ATTN_AUTO:
+        return head_dim <= SIMT_MAX_HD;
+    case CAKE_ATTN_MMA:
+        return head_dim == 64 || head_dim == 128;
     case CAKE_ATTN_SIMT:
-    case CAKE_ATTN_SPLIT: return head_dim <= SIMT_MAX_HD;
-    default: return 0;
+    case CAKE_ATTN_SPLIT:
+        return head_dim <= SIMT_MAX_HD;
+    default:
+        return 0;
     }
 }
 
 cudaError_t cake_cuda_attention(const cake_attn_launch *a, int path, cudaStream_t st) {
     switch (a->out_dtype) {
-    case CAKE_DTYPE_F32: return dispatch<float>(a, path, (float *)a->out, st);
-    case CAKE_DTYPE_F16: return dispatch<__half>(a, path, (__half *)a->out, st);
-    case CAKE_DTYPE_BF16: return dispatch<__nv_bfloat16>(a, path, (__nv_bfloat16 *)a->out, st);
-    default: return cudaErrorInvalidValue;
+    case CAKE_DTYPE_F32:
+        return dispatch<float>(a, path, (float *)a->out, st);
+    case CAKE_DTYPE_F16:
+        return dispatch<__half>(a, path, (__half *)a->out, st);
+    case CAKE_DTYPE_BF16:
+        return dispatch<__nv_bfloat16>(a, path, (__nv_bfloat16 *)a->out, st);
+    default:
+        return cudaErrorInvalidValue;
     }
 }

@@ -12,7 +12,6 @@
 
 namespace cake_attn {
 
-
 /* ---------------------------------------------------------------- MMA path */
 
 constexpr int MMA_WARPS = 4;
@@ -68,15 +67,19 @@ __device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
     return *reinterpret_cast<uint32_t *>(&h);
 }
 
+/* Row pitch in halves: 16 bytes of padding spread ldmatrix's 8 rows over all banks. */
 template <int HD> __host__ __device__ constexpr int mma_ld() {
-    return HD + 8; /* row pitch in halves: 16 bytes of padding spread ldmatrix rows over all banks */
+    return HD + 8;
 }
 
 template <int HD> __host__ __device__ constexpr size_t mma_smem_bytes() {
     return (size_t)(MMA_BM + 4 * MMA_BN) * (size_t)mma_ld<HD>() * sizeof(__half);
 }
 
-/* grid (ceil(n / 64), n_heads), block 128, dynamic smem mma_smem_bytes<HD>().
+/* grid (n_heads, ceil(n / 64)), block 128, dynamic smem mma_smem_bytes<HD>().
+ * Heads vary fastest so that the heads of a KV group run side by side (their
+ * K/V tiles stay in L2), and query blocks are taken last first: the last ones
+ * see the most keys, and starting them first shortens the tail.
  * scale_log2 = log2(e) / sqrt(head_dim): the softmax runs in base 2. */
 template <int HD, typename OutT>
 __global__ void __launch_bounds__(MMA_WARPS * 32, (HD <= 64 ? 3 : 2))
@@ -94,9 +97,8 @@ __global__ void __launch_bounds__(MMA_WARPS * 32, (HD <= 64 ? 3 : 2))
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, tq = lane & 3;
-    /* The last query blocks have the most keys: start them first. */
-    const int m0 = ((int)gridDim.x - 1 - (int)blockIdx.x) * MMA_BM;
-    const int h = blockIdx.y, kvh = h / (n_heads / n_kv_heads);
+    const int m0 = ((int)gridDim.y - 1 - (int)blockIdx.y) * MMA_BM;
+    const int h = blockIdx.x, kvh = h / (n_heads / n_kv_heads);
     const int rows = min(MMA_BM, n - m0);
     const int kv_len = pos0 + m0 + rows; /* keys [0, kv_len) */
     const int n_tiles = (kv_len + MMA_BN - 1) / MMA_BN;
@@ -107,8 +109,10 @@ __global__ void __launch_bounds__(MMA_WARPS * 32, (HD <= 64 ? 3 : 2))
     for (int c = tid; c < MMA_BM * CH; c += MMA_WARPS * 32) {
         const int r = c / CH, cc = c % CH;
         __half *dst = sQ + r * LD + cc * 8;
-        if (r < rows) cp_async16(dst, q + (size_t)(m0 + r) * q_stride + (size_t)h * HD + cc * 8);
-        else *reinterpret_cast<uint4 *>(dst) = make_uint4(0, 0, 0, 0);
+        if (r < rows)
+            cp_async16(dst, q + (size_t)(m0 + r) * q_stride + (size_t)h * HD + cc * 8);
+        else
+            *reinterpret_cast<uint4 *>(dst) = make_uint4(0, 0, 0, 0);
     }
     /* K/V tile `tile` into buffer `buf`. Keys at or past kv_len are zero-filled:
      * they are masked out of the softmax, but a masked P of 0 times a garbage V
@@ -201,7 +205,8 @@ __global__ void __launch_bounds__(MMA_WARPS * 32, (HD <= 64 ? 3 : 2))
         mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
         mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
         const float mn_lo = fmaxf(m_lo, mx_lo), mn_hi = fmaxf(m_hi, mx_hi);
-        const float a_lo = exp2f(m_lo - mn_lo), a_hi = exp2f(m_hi - mn_hi); /* 0 on the first tile */
+        /* Rescale factors of the old sums: 0 on the first tile (m = -inf). */
+        const float a_lo = exp2f(m_lo - mn_lo), a_hi = exp2f(m_hi - mn_hi);
         m_lo = mn_lo;
         m_hi = mn_hi;
 
@@ -275,13 +280,13 @@ template <typename OutT>
 __global__ void __launch_bounds__(SIMT_THREADS)
     attn_simt_kernel(const __half *__restrict__ q, const __half *__restrict__ kc,
                      const __half *__restrict__ vc, OutT *__restrict__ out,
-                     float *__restrict__ part, int pos0, int n_heads, int n_kv_heads,
-                     int head_dim, int split_len, int n_splits, float scale) {
+                     float *__restrict__ part, int pos0, int n_heads, int n_kv_heads, int head_dim,
+                     int split_len, int n_splits, float scale) {
     extern __shared__ float sm[];
-    float *qs = sm;                      /* [head_dim] */
-    float *ps = qs + head_dim;           /* [SIMT_THREADS] probabilities of the current step */
-    float *red_max = ps + SIMT_THREADS;  /* [32] block reductions */
-    float *red_sum = red_max + 32;       /* [32] */
+    float *qs = sm;                     /* [head_dim] */
+    float *ps = qs + head_dim;          /* [SIMT_THREADS] probabilities of the current step */
+    float *red_max = ps + SIMT_THREADS; /* [32] block reductions */
+    float *red_sum = red_max + 32;      /* [32] */
     const int t = blockIdx.x, h = blockIdx.y, sp = blockIdx.z, tid = threadIdx.x;
     const int p = pos0 + t;
     const int k_begin = sp * split_len;
@@ -326,8 +331,8 @@ __global__ void __launch_bounds__(SIMT_THREADS)
         if (tid + SIMT_THREADS < head_dim) {
             float acc = 0.0f;
             for (int jj = 0; jj < cnt; jj++)
-                acc += ps[jj] *
-                       __half2float(vb[(size_t)(j0 + jj) * kv_stride + tid + SIMT_THREADS]);
+                acc +=
+                    ps[jj] * __half2float(vb[(size_t)(j0 + jj) * kv_stride + tid + SIMT_THREADS]);
             o1 = o1 * alpha + acc;
         }
         __syncthreads(); /* ps, red_max and red_sum are rewritten in the next step */

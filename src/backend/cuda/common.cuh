@@ -121,15 +121,15 @@ enum cake_attn_path {
 };
 
 typedef struct {
-    const __half *q;       /* (n, n_heads, head_dim) */
-    const __half *k, *v;   /* one layer's cache: (n_ctx, n_kv_heads, head_dim) */
-    void *out;             /* (n, n_heads, head_dim) of out_dtype */
-    int out_dtype;         /* cake_dtype */
-    int n, pos0;           /* queries at positions [pos0, pos0 + n); keys [0, pos0 + n) */
+    const __half *q;     /* (n, n_heads, head_dim) */
+    const __half *k, *v; /* one layer's cache: (n_ctx, n_kv_heads, head_dim) */
+    void *out;           /* (n, n_heads, head_dim) of out_dtype */
+    int out_dtype;       /* cake_dtype */
+    int n, pos0;         /* queries at positions [pos0, pos0 + n); keys [0, pos0 + n) */
     int n_heads, n_kv_heads, head_dim;
-    float *part;           /* split partials: split_max_n * n_heads * n_splits_max * (head_dim + 2) */
-    int split_len;         /* keys per split (split path) */
-    int n_splits_max;      /* capacity of part in splits */
+    float *part;      /* split partials: split_max_n * n_heads * n_splits_max * (head_dim + 2) */
+    int split_len;    /* keys per split (split path) */
+    int n_splits_max; /* capacity of part in splits */
 } cake_attn_launch;
 
 /* Most queries per call that take the split (decode) path in AUTO mode, and

@@ -54,20 +54,9 @@ struct dev_layer {
 /* Profiling (env CAKE_CUDA_PROFILE=1): events at the phase boundaries of each
  * layer of batches of at least PROF_MIN_N tokens; the time between two marks
  * goes to the phase that ends at the second one. */
-enum {
-    PH_NORM,
-    PH_QKV,
-    PH_ROPE,
-    PH_ATTN,
-    PH_WO,
-    PH_GU,
-    PH_SWIGLU,
-    PH_DOWN,
-    PH_OTHER,
-    PH_COUNT
-};
-const char *const phase_names[PH_COUNT] = {"norms", "qkv", "rope+kv", "attention", "wo",
-                                           "gate+up", "swiglu", "down", "embed+logits"};
+enum { PH_NORM, PH_QKV, PH_ROPE, PH_ATTN, PH_WO, PH_GU, PH_SWIGLU, PH_DOWN, PH_OTHER, PH_COUNT };
+const char *const phase_names[PH_COUNT] = {"norms",   "qkv",    "rope+kv", "attention",   "wo",
+                                           "gate+up", "swiglu", "down",    "embed+logits"};
 constexpr int PROF_MIN_N = 64;
 
 constexpr size_t STAGE_BYTES = 64u << 20; /* pinned upload buffers, two of them */
@@ -163,12 +152,18 @@ void convert_range(void *dst, int dt, const void *src, int st, size_t n) {
     }
     for (size_t i = 0; i < n; i++) {
         float v;
-        if (st == CAKE_DTYPE_F32) v = ((const float *)src)[i];
-        else if (st == CAKE_DTYPE_F16) v = cake_f16_to_f32(((const cake_f16 *)src)[i]);
-        else v = cake_bf16_to_f32(((const cake_bf16 *)src)[i]);
-        if (dt == CAKE_DTYPE_F32) ((float *)dst)[i] = v;
-        else if (dt == CAKE_DTYPE_F16) ((cake_f16 *)dst)[i] = cake_f32_to_f16(v);
-        else ((cake_bf16 *)dst)[i] = cake_f32_to_bf16(v);
+        if (st == CAKE_DTYPE_F32)
+            v = ((const float *)src)[i];
+        else if (st == CAKE_DTYPE_F16)
+            v = cake_f16_to_f32(((const cake_f16 *)src)[i]);
+        else
+            v = cake_bf16_to_f32(((const cake_bf16 *)src)[i]);
+        if (dt == CAKE_DTYPE_F32)
+            ((float *)dst)[i] = v;
+        else if (dt == CAKE_DTYPE_F16)
+            ((cake_f16 *)dst)[i] = cake_f32_to_f16(v);
+        else
+            ((cake_bf16 *)dst)[i] = cake_f32_to_bf16(v);
     }
 }
 
@@ -189,8 +184,8 @@ void convert_parallel(void *dst, int dt, const void *src, int st, size_t n) {
         const size_t b = k * per, e = b + per < n ? b + per : n;
         if (b >= e) break;
         try {
-            th[k] = std::thread(convert_range, (char *)dst + b * ds, dt,
-                                (const char *)src + b * ss, st, e - b);
+            th[k] = std::thread(convert_range, (char *)dst + b * ds, dt, (const char *)src + b * ss,
+                                st, e - b);
             started[k] = true;
         } catch (...) {
             convert_range((char *)dst + b * ds, dt, (const char *)src + b * ss, st, e - b);
@@ -203,8 +198,8 @@ void convert_parallel(void *dst, int dt, const void *src, int st, size_t n) {
 
 /* Copies n elements of dtype src_type at src (host) to dst (device, wtype),
  * through the two pinned buffers so that conversion and DMA overlap. */
-int upload(cake_cuda_state *s, void *dst, const void *src, int src_type, size_t n,
-           const char *what, char *err, size_t errlen) {
+int upload(cake_cuda_state *s, void *dst, const void *src, int src_type, size_t n, const char *what,
+           char *err, size_t errlen) {
     const size_t piece = STAGE_BYTES / s->welem, ss = dtype_size(src_type);
     for (size_t off = 0; off < n; off += piece) {
         const size_t cnt = n - off < piece ? n - off : piece;
@@ -223,10 +218,11 @@ int upload(cake_cuda_state *s, void *dst, const void *src, int src_type, size_t 
 int upload_weight(cake_cuda_state *s, void *dst, const cake_weight *w, const char *name, int layer,
                   char *err, size_t errlen) {
     char what[96];
-    if (layer >= 0) snprintf(what, sizeof(what), "uploading layer %d %s", layer, name);
-    else snprintf(what, sizeof(what), "uploading %s", name);
-    return upload(s, dst, w->data, w->dtype, (size_t)w->n_in * (size_t)w->n_out, what, err,
-                  errlen);
+    if (layer >= 0)
+        snprintf(what, sizeof(what), "uploading layer %d %s", layer, name);
+    else
+        snprintf(what, sizeof(what), "uploading %s", name);
+    return upload(s, dst, w->data, w->dtype, (size_t)w->n_in * (size_t)w->n_out, what, err, errlen);
 }
 
 int upload_f32(cake_cuda_state *s, float **dst, const float *src, size_t n, const char *what,
@@ -307,9 +303,12 @@ int init_state(cake_cuda_state *s, const cake_model *m, int n_ctx, int max_batch
     const char *path = getenv("CAKE_CUDA_ATTN");
     s->attn_path = CAKE_ATTN_AUTO;
     if (path && *path && strcmp(path, "auto")) {
-        if (!strcmp(path, "mma")) s->attn_path = CAKE_ATTN_MMA;
-        else if (!strcmp(path, "simt")) s->attn_path = CAKE_ATTN_SIMT;
-        else if (!strcmp(path, "split")) s->attn_path = CAKE_ATTN_SPLIT;
+        if (!strcmp(path, "mma"))
+            s->attn_path = CAKE_ATTN_MMA;
+        else if (!strcmp(path, "simt"))
+            s->attn_path = CAKE_ATTN_SIMT;
+        else if (!strcmp(path, "split"))
+            s->attn_path = CAKE_ATTN_SPLIT;
         else
             return cake_err(err, errlen,
                             "cuda: CAKE_CUDA_ATTN='%s' (auto, mma, simt or split expected)", path);
@@ -330,14 +329,14 @@ int init_state(cake_cuda_state *s, const cake_model *m, int n_ctx, int max_batch
 
     /* The whole plan first, so that a model that does not fit says so at once. */
     const size_t T = (size_t)max_batch, V = (size_t)hp->n_vocab;
-    const size_t w_layer = ((size_t)s->qkv_dim * dim + (size_t)dim * dim + 2 * (size_t)ffn * dim +
-                            (size_t)dim * ffn) *
-                           s->welem;
+    const size_t w_layer =
+        ((size_t)s->qkv_dim * dim + (size_t)dim * dim + 2 * (size_t)ffn * dim + (size_t)dim * ffn) *
+        s->welem;
     const size_t w_bytes = (size_t)L * w_layer + (hp->tied_output ? 1 : 2) * V * dim * s->welem +
                            (size_t)(2 * L + 1) * dim * sizeof(float);
     const size_t kv_bytes = 2 * (size_t)L * (size_t)n_ctx * (size_t)s->kv_dim * sizeof(__half);
-    const size_t part_elems = (size_t)CAKE_ATTN_SPLIT_MAX_N * hp->n_heads * s->n_splits_max *
-                              (size_t)(hd + 2);
+    const size_t part_elems =
+        (size_t)CAKE_ATTN_SPLIT_MAX_N * hp->n_heads * s->n_splits_max * (size_t)(hd + 2);
     const size_t scratch_bytes = T * dim * sizeof(float) + T * s->xh_cols * s->welem +
                                  T * s->qkv_dim * sizeof(float) + T * dim * sizeof(__half) +
                                  T * 2 * ffn * sizeof(float) + V * sizeof(float) +
@@ -452,8 +451,8 @@ int init_state(cake_cuda_state *s, const cake_model *m, int n_ctx, int max_batch
     int rc = dev_alloc(s, (void **)&s->inv_freq, (size_t)(hd / 2) * sizeof(double), "RoPE table",
                        err, errlen);
     if (!rc) {
-        cudaError_t e = cudaMemcpy(s->inv_freq, inv, (size_t)(hd / 2) * sizeof(double),
-                                   cudaMemcpyHostToDevice);
+        cudaError_t e =
+            cudaMemcpy(s->inv_freq, inv, (size_t)(hd / 2) * sizeof(double), cudaMemcpyHostToDevice);
         if (e != cudaSuccess) rc = cuda_fail(err, errlen, "uploading the RoPE table", e);
     }
     free(inv);
@@ -502,8 +501,9 @@ extern "C" int cake_cuda_available(char *err, size_t errlen) {
      * default): make sure this device can run them. */
     cudaFuncAttributes fa;
     if ((e = cudaFuncGetAttributes(&fa, probe_kernel)) != cudaSuccess) {
-        cake_err(err, errlen, "cuda: this build has no kernels for %s (compute capability %d.%d): %s",
-                 prop.name, prop.major, prop.minor, cudaGetErrorString(e));
+        cake_err(err, errlen,
+                 "cuda: this build has no kernels for %s (compute capability %d.%d): %s", prop.name,
+                 prop.major, prop.minor, cudaGetErrorString(e));
         return 0;
     }
     return 1;
@@ -529,8 +529,8 @@ extern "C" void cake_cuda_free(cake_cuda_state *s) {
     free(s);
 }
 
-extern "C" int cake_cuda_init(const cake_model *m, int n_ctx, int max_batch,
-                              cake_cuda_state **out, char *err, size_t errlen) {
+extern "C" int cake_cuda_init(const cake_model *m, int n_ctx, int max_batch, cake_cuda_state **out,
+                              char *err, size_t errlen) {
     *out = NULL;
     if (!cake_cuda_available(err, errlen)) return -1;
     cake_cuda_state *s = (cake_cuda_state *)calloc(1, sizeof(*s));
@@ -547,16 +547,15 @@ extern "C" int cake_cuda_forward(cake_cuda_state *s, const cake_token *tokens, i
                                  float *logits, char *err, size_t errlen) {
     const cake_hparams *hp = &s->hp;
     if (n < 1 || n > s->max_batch)
-        return cake_err(err, errlen, "cuda forward: %d tokens (1 to %d per call)", n,
-                        s->max_batch);
+        return cake_err(err, errlen, "cuda forward: %d tokens (1 to %d per call)", n, s->max_batch);
     if (pos0 < 0 || (long long)pos0 + n > s->n_ctx)
         return cake_err(err, errlen, "cuda forward: positions [%d, %lld) exceed the context of %d",
                         pos0, (long long)pos0 + n, s->n_ctx);
     for (int i = 0; i < n; i++)
         if (tokens[i] < 0 || tokens[i] >= hp->n_vocab)
             return cake_err(err, errlen,
-                            "cuda forward: token id %d at position %d is not in [0, %d)",
-                            tokens[i], pos0 + i, hp->n_vocab);
+                            "cuda forward: token id %d at position %d is not in [0, %d)", tokens[i],
+                            pos0 + i, hp->n_vocab);
     cudaStream_t st = s->stream;
     const int dim = hp->dim, ffn = hp->ffn_dim;
     const int prof = s->prof && n >= PROF_MIN_N;
@@ -575,9 +574,9 @@ extern "C" int cake_cuda_forward(cake_cuda_state *s, const cake_token *tokens, i
         const dev_layer *L = &s->layers[l];
         __half *kc = s->k_cache + (size_t)l * layer_kv, *vc = s->v_cache + (size_t)l * layer_kv;
 
-        if (kernel_check(cake_cuda_rmsnorm(s->xh, s->wtype, s->x, L->attn_norm, n, dim,
-                                           hp->rms_eps, st),
-                         "rmsnorm", l, err, errlen))
+        if (kernel_check(
+                cake_cuda_rmsnorm(s->xh, s->wtype, s->x, L->attn_norm, n, dim, hp->rms_eps, st),
+                "rmsnorm", l, err, errlen))
             return -1;
         prof_mark(s, prof, PH_NORM);
         if (gemm(s, L->wqkv, s->xh, s->qkv, n, dim, s->qkv_dim, 0.0f, "q/k/v", l, err, errlen))
@@ -610,9 +609,9 @@ extern "C" int cake_cuda_forward(cake_cuda_state *s, const cake_token *tokens, i
             return -1;
         prof_mark(s, prof, PH_WO);
 
-        if (kernel_check(cake_cuda_rmsnorm(s->xh, s->wtype, s->x, L->ffn_norm, n, dim,
-                                           hp->rms_eps, st),
-                         "rmsnorm", l, err, errlen))
+        if (kernel_check(
+                cake_cuda_rmsnorm(s->xh, s->wtype, s->x, L->ffn_norm, n, dim, hp->rms_eps, st),
+                "rmsnorm", l, err, errlen))
             return -1;
         prof_mark(s, prof, PH_NORM);
         if (gemm(s, L->wgu, s->xh, s->gu, n, dim, 2 * ffn, 0.0f, "ffn gate/up", l, err, errlen))
@@ -629,9 +628,9 @@ extern "C" int cake_cuda_forward(cake_cuda_state *s, const cake_token *tokens, i
 
     if (logits) {
         const float *last = s->x + (size_t)(n - 1) * (size_t)dim;
-        if (kernel_check(cake_cuda_rmsnorm(s->xh, s->wtype, last, s->output_norm, 1, dim,
-                                           hp->rms_eps, st),
-                         "the output rmsnorm", -1, err, errlen) ||
+        if (kernel_check(
+                cake_cuda_rmsnorm(s->xh, s->wtype, last, s->output_norm, 1, dim, hp->rms_eps, st),
+                "the output rmsnorm", -1, err, errlen) ||
             gemm(s, s->output, s->xh, s->logits, 1, dim, hp->n_vocab, 0.0f, "output", -1, err,
                  errlen))
             return -1;
@@ -648,17 +647,15 @@ extern "C" int cake_cuda_forward(cake_cuda_state *s, const cake_token *tokens, i
 static int kv_check(const cake_cuda_state *s, int layer, int pos0, int n, char *err,
                     size_t errlen) {
     if (layer < 0 || layer >= s->hp.n_layers)
-        return cake_err(err, errlen, "cuda kv: layer %d is not in [0, %d)", layer,
-                        s->hp.n_layers);
+        return cake_err(err, errlen, "cuda kv: layer %d is not in [0, %d)", layer, s->hp.n_layers);
     if (pos0 < 0 || n < 0 || (long long)pos0 + n > s->n_ctx)
-        return cake_err(err, errlen, "cuda kv: positions [%d, %lld) exceed the context of %d",
-                        pos0, (long long)pos0 + n, s->n_ctx);
+        return cake_err(err, errlen, "cuda kv: positions [%d, %lld) exceed the context of %d", pos0,
+                        (long long)pos0 + n, s->n_ctx);
     return 0;
 }
 
-extern "C" int cake_cuda_kv_write(cake_cuda_state *s, int layer, int pos0, int n,
-                                  const void *k_f16, const void *v_f16, char *err,
-                                  size_t errlen) {
+extern "C" int cake_cuda_kv_write(cake_cuda_state *s, int layer, int pos0, int n, const void *k_f16,
+                                  const void *v_f16, char *err, size_t errlen) {
     if (kv_check(s, layer, pos0, n, err, errlen)) return -1;
     if (n == 0) return 0;
     const size_t off = ((size_t)layer * s->n_ctx + (size_t)pos0) * (size_t)s->kv_dim;
@@ -781,8 +778,8 @@ int check_run(check_bufs *b, int path, int head_dim, int n_heads, int n_kv_heads
             for (int i = 0; i < head_dim; i++) {
                 double o = 0.0;
                 for (int j = 0; j <= p; j++)
-                    o += w[j] * (double)__half2float(
-                                    b->hv[((size_t)j * n_kv_heads + kvh) * head_dim + i]);
+                    o += w[j] *
+                         (double)__half2float(b->hv[((size_t)j * n_kv_heads + kvh) * head_dim + i]);
                 const double got = b->hout[((size_t)t * n_heads + h) * head_dim + i];
                 double e = fabs(got - o / sum);
                 if (e != e) e = INFINITY; /* NaN: an unwritten or poisoned output */
@@ -798,8 +795,8 @@ int check_run(check_bufs *b, int path, int head_dim, int n_heads, int n_kv_heads
 } // namespace
 
 extern "C" int cake_cuda_attention_check(int path, int head_dim, int n_heads, int n_kv_heads,
-                                         int pos0, int n, float q_scale, double *max_err,
-                                         char *err, size_t errlen) {
+                                         int pos0, int n, float q_scale, double *max_err, char *err,
+                                         size_t errlen) {
     *max_err = 0.0;
     if (!cake_cuda_available(err, errlen)) return -1;
     if (n < 1 || pos0 < 0 || n_heads < 1 || n_kv_heads < 1 || n_heads % n_kv_heads)
@@ -813,8 +810,8 @@ extern "C" int cake_cuda_attention_check(int path, int head_dim, int n_heads, in
                         CAKE_ATTN_SPLIT_MAX_N);
     check_bufs b;
     memset(&b, 0, sizeof(b));
-    int rc = check_run(&b, path, head_dim, n_heads, n_kv_heads, pos0, n, q_scale, max_err, err,
-                       errlen);
+    int rc =
+        check_run(&b, path, head_dim, n_heads, n_kv_heads, pos0, n, q_scale, max_err, err, errlen);
     check_bufs_free(&b);
     return rc;
 }

@@ -29,7 +29,8 @@ __global__ void rmsnorm_kernel(T *__restrict__ y, const float *__restrict__ x,
     for (int i = threadIdx.x; i < dim; i += blockDim.x) ss += xr[i] * xr[i];
     ss = cake_block_sum(ss, scratch);
     const float r = rsqrtf(ss / (float)dim + eps);
-    for (int i = threadIdx.x; i < dim; i += blockDim.x) y[row + i] = cake_from_f32<T>(xr[i] * r * w[i]);
+    for (int i = threadIdx.x; i < dim; i += blockDim.x)
+        y[row + i] = cake_from_f32<T>(xr[i] * r * w[i]);
 }
 
 /* One block per token. The angles are computed in double: at positions in the
@@ -101,7 +102,8 @@ cudaError_t cake_cuda_embed(float *x, const void *embd, int dtype, const int32_t
     case CAKE_DTYPE_BF16:
         embed_kernel<<<n, ROW_THREADS, 0, st>>>(x, (const __nv_bfloat16 *)embd, tokens, dim);
         break;
-    default: return cudaErrorInvalidValue;
+    default:
+        return cudaErrorInvalidValue;
     }
     return cudaGetLastError();
 }
@@ -118,7 +120,8 @@ cudaError_t cake_cuda_rmsnorm(void *y, int dtype, const float *x, const float *w
     case CAKE_DTYPE_BF16:
         rmsnorm_kernel<<<n, ROW_THREADS, 0, st>>>((__nv_bfloat16 *)y, x, w, dim, eps);
         break;
-    default: return cudaErrorInvalidValue;
+    default:
+        return cudaErrorInvalidValue;
     }
     return cudaGetLastError();
 }
@@ -128,7 +131,7 @@ cudaError_t cake_cuda_rope_kv(const float *qkv, __half *q16, __half *k_cache, __
                               int head_dim, cudaStream_t st) {
     const size_t smem = (size_t)head_dim * sizeof(float);
     rope_kv_kernel<<<n, ROW_THREADS, smem, st>>>(qkv, q16, k_cache, v_cache, inv_freq, pos0,
-                                                  n_heads, n_kv_heads, head_dim);
+                                                 n_heads, n_kv_heads, head_dim);
     return cudaGetLastError();
 }
 
@@ -145,7 +148,8 @@ cudaError_t cake_cuda_swiglu(void *h, int dtype, const float *gu, int n, int ffn
     case CAKE_DTYPE_BF16:
         swiglu_kernel<<<blocks, ROW_THREADS, 0, st>>>((__nv_bfloat16 *)h, gu, ffn, total);
         break;
-    default: return cudaErrorInvalidValue;
+    default:
+        return cudaErrorInvalidValue;
     }
     return cudaGetLastError();
 }

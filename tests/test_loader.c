@@ -1,0 +1,351 @@
+/* The Cake loader: first-token logits bit-identical across compute, load and
+ * cake modes, with holes, corrupt chunks, a dead or dying Redis, and a stress
+ * run of random chunk presence, link speeds and faults. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <pthread.h>
+
+#include "cake.h"
+#include "engine/generate.h"
+#include "loader/loader.h"
+#include "test_store_common.h"
+#include "testutil.h"
+
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define SANITIZED 1
+#else
+#define SANITIZED 0
+#endif
+
+typedef struct {
+    cake_model *m;
+    cake_context *c;
+    int n_vocab;
+} fixture;
+
+static int fixture_init(fixture *f, const char *path, int n_ctx) {
+    char err[512];
+    memset(f, 0, sizeof(*f));
+    if (cake_model_load(path, &f->m, err, sizeof(err))) {
+        fprintf(stderr, "%s\n", err);
+        return -1;
+    }
+    cake_context_params cp = cake_context_default_params();
+    cp.n_ctx = n_ctx;
+    cp.n_threads = 2;
+    if (cake_context_init(f->m, cp, &f->c, err, sizeof(err))) {
+        fprintf(stderr, "%s\n", err);
+        return -1;
+    }
+    f->n_vocab = cake_model_hparams(f->m)->n_vocab;
+    return 0;
+}
+
+static void fixture_free(fixture *f) {
+    cake_context_free(f->c);
+    cake_model_free(f->m);
+}
+
+/* One request (prefill + 1 greedy token); logits (n_vocab) of the first token. */
+static cake_prefill_stats run(fixture *f, const cake_token *prompt, int n, int chunk,
+                              cake_store *store, cake_writeback *wb, cake_mode mode, float *logits,
+                              cake_token *first) {
+    cake_sampler *s = cake_sampler_init((cake_sampler_params){.temperature = 0});
+    cake_prefill_params lp = {.store = store, .writeback = wb, .mode = mode, .io_depth = 3};
+    cake_request r = {.prompt = prompt,
+                      .n_prompt = n,
+                      .n_predict = 1,
+                      .chunk = chunk,
+                      .eos = -1,
+                      .sampler = s,
+                      .first_logits = logits,
+                      .loader = &lp};
+    cake_request_stats st;
+    char err[256];
+    int rc = cake_request_run(f->c, &r, first, &st, err, sizeof(err));
+    if (rc) fprintf(stderr, "%s\n", err);
+    assert_int_equal(rc, 0);
+    if (wb) cake_writeback_drain(wb, 30000);
+    cake_sampler_free(s);
+    return st.prefill;
+}
+
+static void random_prompt(cake_token *t, int n, int n_vocab, uint64_t seed) {
+    t[0] = 1;
+    for (int i = 1; i < n; i++) {
+        seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+        t[i] = 3 + (cake_token)((seed >> 33) % (uint64_t)(n_vocab - 3));
+    }
+}
+
+static cake_store *open_store(const char *uri) {
+    cake_store *s = NULL;
+    char err[256];
+    if (cake_store_open(uri, &s, err, sizeof(err))) fprintf(stderr, "%s: %s\n", uri, err);
+    assert_non_null(s);
+    return s;
+}
+
+/* Keys of a prompt's full chunks, as the loader computes them. */
+static void prompt_keys(fixture *f, const cake_token *p, int n, int chunk, cake_chunk_key *keys) {
+    uint8_t fp[16];
+    cake_model_fingerprint(f->m, fp);
+    cake_key_chain(fp, (uint32_t)chunk, CAKE_KV_F16, p, (size_t)n, keys);
+}
+
+static void assert_same(const float *a, const float *b, int n, const char *what) {
+    if (memcmp(a, b, (size_t)n * sizeof(float))) {
+        fprintf(stderr, "logits differ: %s\n", what);
+        fail();
+    }
+}
+
+/* compute-only (no store) vs compute/cake/load against a store that was
+ * filled by the compute run's write-back; then with a hole and a corrupt chunk. */
+static void check_modes(fixture *f, const char *uri, int n, int chunk) {
+    cake_token *p = malloc((size_t)n * sizeof(cake_token));
+    random_prompt(p, n, f->n_vocab, (uint64_t)n * 31 + (uint64_t)chunk);
+    float *base = malloc((size_t)f->n_vocab * sizeof(float));
+    float *got = malloc((size_t)f->n_vocab * sizeof(float));
+    cake_token t0, t;
+    run(f, p, n, chunk, NULL, NULL, CAKE_MODE_COMPUTE, base, &t0);
+
+    cake_store *s = open_store(uri);
+    char err[256];
+    cake_writeback *wb = cake_writeback_create(s, 256, err, sizeof(err));
+    assert_non_null(wb);
+    const int n_loadable = (n - 1) / chunk;
+    cake_prefill_stats st = run(f, p, n, chunk, s, wb, CAKE_MODE_COMPUTE, got, &t);
+    assert_same(base, got, f->n_vocab, "compute with a store");
+    cake_writeback_counters wc;
+    cake_writeback_counters_get(wb, &wc);
+    assert_true(wc.written + wc.already_present >= (uint64_t)n_loadable);
+
+    const cake_mode modes[] = {CAKE_MODE_LOAD, CAKE_MODE_CAKE};
+    for (int k = 0; k < 2; k++) {
+        st = run(f, p, n, chunk, s, wb, modes[k], got, &t);
+        printf("%s %s: %d computed, %d loaded, meet %d\n", uri, cake_mode_name(modes[k]),
+               st.chunks_computed, st.chunks_loaded, st.meet_chunk);
+        assert_same(base, got, f->n_vocab, cake_mode_name(modes[k]));
+        assert_int_equal(t, t0);
+        assert_int_equal(st.chunks_computed + st.chunks_loaded, st.chunks_total);
+        assert_int_equal(st.chunks_missing, 0);
+        if (modes[k] == CAKE_MODE_LOAD) assert_int_equal(st.chunks_loaded, n_loadable);
+    }
+
+    /* A hole at chunk 2 and a corrupt chunk 4 (one flipped payload byte). */
+    cake_chunk_key *keys = calloc((size_t)n / chunk + 1, sizeof(*keys));
+    prompt_keys(f, p, n, chunk, keys);
+    assert_int_equal(cake_store_del(s, &keys[2], err, sizeof(err)), 0);
+    size_t cap = 64 << 20, len = 0;
+    uint8_t *blob = malloc(cap);
+    assert_int_equal(cake_store_get(s, &keys[4], blob, cap, &len, err, sizeof(err)), 0);
+    blob[len - 7] ^= 0x10;
+    assert_int_equal(cake_store_put(s, &keys[4], blob, len, err, sizeof(err)), 0);
+    st = run(f, p, n, chunk, s, NULL, CAKE_MODE_LOAD, got, &t);
+    assert_same(base, got, f->n_vocab, "load with a hole and a corrupt chunk");
+    assert_int_equal(st.chunks_missing, 1);
+    assert_int_equal(st.chunks_corrupt, 1);
+    assert_int_equal(st.chunks_loaded, n_loadable - 2);
+    /* The corrupt chunk was removed by the store; put a hole and a corrupt one again for cake. */
+    assert_int_equal(cake_store_get(s, &keys[n_loadable - 1], blob, cap, &len, err, sizeof(err)), 0);
+    blob[40] ^= 1; /* a header byte */
+    assert_int_equal(cake_store_put(s, &keys[n_loadable - 1], blob, len, err, sizeof(err)), 0);
+    st = run(f, p, n, chunk, s, NULL, CAKE_MODE_CAKE, got, &t);
+    assert_same(base, got, f->n_vocab, "cake with holes and a corrupt chunk");
+    assert_int_equal(t, t0);
+
+    free(blob);
+    free(keys);
+    cake_writeback_free(wb);
+    cake_store_close(s);
+    free(p);
+    free(base);
+    free(got);
+}
+
+static void test_stories_modes(void **state) {
+    (void)state;
+    const char *path = test_model_path("stories260K.gguf");
+    if (!path) skip();
+    fixture f;
+    assert_int_equal(fixture_init(&f, path, 512), 0);
+    check_modes(&f, "mem:", 470, 32);
+    char *dir = t_mkdtemp(), uri[512];
+    snprintf(uri, sizeof(uri), "file:%s", dir);
+    check_modes(&f, uri, 470, 32);
+    t_rm_rf(dir);
+    free(dir);
+    fixture_free(&f);
+}
+
+/* The mha-160m shape (MHA, 12 layers) with a 4096-token prompt and chunk 256
+ * (1024 tokens under sanitizers, which run ~10x slower). */
+static void test_mha160m_modes(void **state) {
+    (void)state;
+    char path[] = "/tmp/cake-test-mha-XXXXXX";
+    int fd = mkstemp(path);
+    close(fd);
+    char cmd[512];
+    snprintf(cmd, sizeof(cmd), "%s mkmodel --shape mha-160m -o %s 2>/dev/null", CAKE_BIN, path);
+    assert_int_equal(system(cmd), 0);
+    fixture f;
+    const int n = SANITIZED ? 1024 : 4096;
+    assert_int_equal(fixture_init(&f, path, n + 8), 0);
+    char *dir = t_mkdtemp(), uri[512];
+    snprintf(uri, sizeof(uri), "file:%s", dir);
+    check_modes(&f, uri, n, 256);
+    t_rm_rf(dir);
+    free(dir);
+    fixture_free(&f);
+    unlink(path);
+}
+
+typedef struct {
+    t_redis *r;
+    int after_ms;
+} killer;
+
+static void *kill_later(void *arg) {
+    killer *k = arg;
+    usleep((useconds_t)k->after_ms * 1000);
+    t_redis_stop(k->r);
+    return NULL;
+}
+
+/* Redis down from the start, and Redis killed in the middle of a request. */
+static void test_redis_faults(void **state) {
+    (void)state;
+    const char *path = test_model_path("stories260K.gguf");
+    if (!path || !t_redis_available()) {
+        fprintf(stderr, "skip: stories260K.gguf or redis-server missing\n");
+        skip();
+    }
+    fixture f;
+    assert_int_equal(fixture_init(&f, path, 512), 0);
+    const int n = 470, chunk = 32;
+    cake_token p[470], t0, t;
+    random_prompt(p, n, f.n_vocab, 99);
+    float *base = malloc((size_t)f.n_vocab * sizeof(float));
+    float *got = malloc((size_t)f.n_vocab * sizeof(float));
+    run(&f, p, n, chunk, NULL, NULL, CAKE_MODE_COMPUTE, base, &t0);
+
+    /* Down from the start: a port nobody listens on. */
+    char uri[384];
+    snprintf(uri, sizeof(uri), "redis://127.0.0.1:%d?timeout=200", t_free_port());
+    cake_store *dead = open_store(uri);
+    char err[256];
+    cake_writeback *wb = cake_writeback_create(dead, 64, err, sizeof(err));
+    cake_prefill_stats st = run(&f, p, n, chunk, dead, wb, CAKE_MODE_CAKE, got, &t);
+    assert_same(base, got, f.n_vocab, "redis down");
+    assert_int_equal(st.chunks_loaded, 0);
+    cake_writeback_free(wb);
+    cake_store_close(dead);
+
+    /* Killed mid-request: fill it, then load over a slow emulated link and kill it. */
+    t_redis r = {0};
+    assert_int_equal(t_redis_start(&r, 0), 0);
+    snprintf(uri, sizeof(uri), "%s?timeout=300", r.uri);
+    cake_store *s = open_store(uri);
+    wb = cake_writeback_create(s, 64, err, sizeof(err));
+    run(&f, p, n, chunk, s, wb, CAKE_MODE_COMPUTE, got, &t);
+    cake_writeback_free(wb);
+    cake_store_close(s);
+    snprintf(uri, sizeof(uri), "%s?timeout=300&bw=20Mbit", r.uri); /* ~8 ms per chunk */
+    s = open_store(uri);
+    killer k = {&r, 30};
+    pthread_t th;
+    pthread_create(&th, NULL, kill_later, &k);
+    st = run(&f, p, n, chunk, s, NULL, CAKE_MODE_LOAD, got, &t);
+    pthread_join(th, NULL);
+    printf("redis killed mid-request: %d loaded, %d corrupt/failed, %d computed\n",
+           st.chunks_loaded, st.chunks_corrupt, st.chunks_computed);
+    assert_same(base, got, f.n_vocab, "redis killed mid-request");
+    assert_int_equal(t, t0);
+    assert_true(st.chunks_loaded < (n - 1) / chunk);
+    cake_store_close(s);
+    t_redis_stop(&r);
+    free(base);
+    free(got);
+    fixture_free(&f);
+}
+
+/* 1,000 requests on a tiny GQA model: random prompts sharing prefixes, random
+ * chunk presence (evictions), random corrupt chunks, random link speeds and
+ * I/O depths, random modes. Every first token's logits must equal compute-only. */
+static void test_stress(void **state) {
+    (void)state;
+    char path[] = "/tmp/cake-test-stress-XXXXXX";
+    int fd = mkstemp(path);
+    close(fd);
+    char cmd[512];
+    snprintf(cmd, sizeof(cmd), "%s mkmodel --shape tiny -o %s 2>/dev/null", CAKE_BIN, path);
+    assert_int_equal(system(cmd), 0);
+    fixture f;
+    assert_int_equal(fixture_init(&f, path, 256), 0);
+    const int chunk = 8, n_requests = SANITIZED ? 200 : 1000;
+    const char *uris[] = {"mem:", "mem:?bw=2Gbit", "mem:?bw=200Mbit&lat=0.2", "mem:?bw=50Mbit"};
+    cake_store *stores[4];
+    for (int i = 0; i < 4; i++) stores[i] = open_store(uris[i]);
+    char err[256];
+    float *base = malloc((size_t)f.n_vocab * sizeof(float));
+    float *got = malloc((size_t)f.n_vocab * sizeof(float));
+    uint8_t *blob = malloc(1 << 20);
+    uint64_t rng = 7;
+    int loaded = 0, corrupt = 0;
+    for (int q = 0; q < n_requests; q++) {
+        rng = rng * 6364136223846793005ull + 1442695040888963407ull;
+        const int si = (int)((rng >> 33) % 4), n = 9 + (int)((rng >> 40) % 120);
+        cake_store *s = stores[si];
+        cake_token p[128], t, t0;
+        random_prompt(p, n, f.n_vocab, (rng >> 50) % 5); /* 5 prompt families: shared prefixes */
+        cake_writeback *wb = cake_writeback_create(s, 8, err, sizeof(err));
+        /* faults: evict or corrupt a random chunk of this prompt */
+        cake_chunk_key keys[16];
+        prompt_keys(&f, p, n, chunk, keys);
+        const int nk = n / chunk, victim = nk ? (int)((rng >> 20) % (uint64_t)nk) : 0;
+        if (nk && (rng & 3) == 0) cake_store_del(s, &keys[victim], err, sizeof(err));
+        size_t len;
+        if (nk && (rng & 3) == 1 &&
+            cake_store_get(s, &keys[victim], blob, 1 << 20, &len, err, sizeof(err)) == 0) {
+            blob[(rng >> 8) % len] ^= (uint8_t)(1 + (rng >> 16) % 255);
+            cake_store_put(s, &keys[victim], blob, len, err, sizeof(err));
+        }
+        const cake_mode mode = (cake_mode)((rng >> 12) % 3);
+        cake_prefill_stats st = run(&f, p, n, chunk, s, wb, mode, got, &t);
+        run(&f, p, n, chunk, NULL, NULL, CAKE_MODE_COMPUTE, base, &t0);
+        if (memcmp(base, got, (size_t)f.n_vocab * sizeof(float))) {
+            fprintf(stderr, "request %d (%s, %s, %d tokens): logits differ\n", q, uris[si],
+                    cake_mode_name(mode), n);
+            fail();
+        }
+        assert_int_equal(t, t0);
+        loaded += st.chunks_loaded;
+        corrupt += st.chunks_corrupt;
+        cake_writeback_free(wb);
+    }
+    printf("stress: %d requests, %d chunks loaded, %d corrupt chunks caught\n", n_requests, loaded,
+           corrupt);
+    assert_true(loaded > 0);
+    assert_true(corrupt > 0);
+    for (int i = 0; i < 4; i++) cake_store_close(stores[i]);
+    free(blob);
+    free(base);
+    free(got);
+    fixture_free(&f);
+    unlink(path);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_stories_modes),
+        cmocka_unit_test(test_mha160m_modes),
+        cmocka_unit_test(test_redis_faults),
+        cmocka_unit_test(test_stress),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
