@@ -86,7 +86,6 @@ typedef struct prefill_job {
     const cake_token *prompt;
     int n_loadable;
     cake_chunk_header *expect; /* (n_loadable) the header each chunk must have */
-    size_t blob_size, buf_size;
 
     pthread_mutex_t mu;
     pthread_cond_t cv; /* a load finished or failed */
@@ -96,6 +95,8 @@ typedef struct prefill_job {
     int loads_done;
     int stop;      /* set when the compute side no longer needs loads */
     uint64_t t_start, first_claim, last_load;
+    size_t blob_size, buf_size;
+    double rate_hint; /* bytes/ns the store delivered in earlier requests; 0 = unknown */
 
     cake_prefill_stats *st; /* the caller's; written until cake_prefill_finish */
     trace_event *trace;
@@ -229,23 +230,37 @@ static void wait_ns(prefill_job *j, uint64_t ns) {
     pthread_cond_timedwait(&j->cv, &j->mu, &ts);
 }
 
-/* Decides, at a chunk in flight, whether the compute side waits for it
- * (returns the time to wait, > 0) or takes it over (0). Under the mutex. */
-static uint64_t wait_budget(const prefill_job *j, int i, uint64_t last_compute_ns,
+/* Expected time until the I/O workers have loaded every chunk in [i, n) that
+ * is not in the cache yet, at the aggregate load rate seen so far in this
+ * request (or, before the first load finishes, the store's rate from earlier
+ * requests). UINT64_MAX when there is no rate to go by. Under the mutex. */
+static uint64_t remaining_load_ns(const prefill_job *j, int i) {
+    double bytes_per_ns = 0;
+    const uint64_t now = now_ns();
+    if (j->loads_done && now > j->first_claim)
+        bytes_per_ns = (double)j->loads_done * (double)j->blob_size / (double)(now - j->first_claim);
+    else
+        bytes_per_ns = j->rate_hint;
+    if (bytes_per_ns <= 0) return UINT64_MAX;
+    int pending = 0;
+    for (int k = i; k < j->n_loadable; k++)
+        pending += j->state[k] == PRESENT || j->state[k] == FETCHING || j->state[k] == COPYING;
+    return (uint64_t)((double)pending * (double)j->blob_size / bytes_per_ns);
+}
+
+/* At chunk i, which the store has (PRESENT, or FETCHING by a worker): how
+ * long the compute side should wait for the loads instead of computing it;
+ * 0 = compute it now. Computing chunk i pays off only if it takes less than
+ * what the workers still have to load from i up (they would load chunk i too
+ * meanwhile); otherwise the loads finish first. The wait is re-decided on
+ * every wake-up and never exceeds one chunk's compute time in total, so a
+ * stalled store costs at most that. Under the mutex. */
+static uint64_t wait_budget(const prefill_job *j, int i, uint64_t est_compute_ns,
                             uint64_t waited_ns) {
-    if (j->p->mode == CAKE_MODE_LOAD) return 1000000000ull; /* load mode always waits */
-    if (!last_compute_ns && j->e->compute_ns_per_token)
-        last_compute_ns = *j->e->compute_ns_per_token * (uint64_t)j->p->chunk;
-    if (!last_compute_ns) return 1000000; /* no estimate at all (first request): poll the load */
-    if (waited_ns >= last_compute_ns) return 0;
-    if (!j->loads_done) return 0; /* no evidence the store is fast: compute */
-    const uint64_t mean = j->load_ns_sum / (uint64_t)j->loads_done;
-    const uint64_t expected_end = j->claimed_at[i] + mean, now = now_ns();
-    const uint64_t remaining = expected_end > now ? expected_end - now : 0;
-    if (remaining > last_compute_ns) return 0;
-    /* Wait for the expected end (re-checked on every wake-up), but never beyond
-     * one compute estimate in total. */
-    uint64_t budget = last_compute_ns - waited_ns;
+    if (!est_compute_ns || waited_ns >= est_compute_ns) return 0;
+    const uint64_t remaining = remaining_load_ns(j, i);
+    if (remaining >= est_compute_ns) return 0;
+    const uint64_t budget = est_compute_ns - waited_ns;
     return remaining + 200000 < budget ? remaining + 200000 : budget;
 }
 
@@ -280,13 +295,17 @@ static int compute_side(prefill_job *j, char *err, size_t errlen) {
     for (int i = 0; i < j->n_loadable; i++) {
         uint64_t waited = 0;
         const uint64_t wait_start = now_ns();
+        /* Compute time of chunk i: the last chunk's, or the engine's memory of it. */
+        uint64_t est_compute = last_compute_ns;
+        if (!est_compute && j->e->compute_ns_per_token)
+            est_compute = *j->e->compute_ns_per_token * (uint64_t)C;
         for (;;) {
             enum chunk_state s = j->state[i];
-            if (s == LOADED || s == ABSENT || s == PRESENT) break;
-            /* FETCHING or COPYING: the sides have met at chunk i */
-            if (j->st->meet_chunk < 0) j->st->meet_chunk = i;
-            uint64_t budget = s == COPYING ? 1000000 : wait_budget(j, i, last_compute_ns, waited);
+            if (s == LOADED || s == ABSENT) break;
+            uint64_t budget = s == COPYING ? 1000000 /* short and committed: wait */
+                                           : wait_budget(j, i, est_compute, waited);
             if (!budget) break;
+            if (j->st->meet_chunk < 0) j->st->meet_chunk = i; /* compute stops here */
             wait_ns(j, budget);
             waited = now_ns() - wait_start;
         }
@@ -444,6 +463,11 @@ int cake_prefill(const cake_loader_engine *e, const cake_token *prompt, int n_pr
         int n_workers = st->io_depth < n_present ? st->io_depth : n_present;
         j->blob_size = cake_chunk_blob_size(&j->expect[0]);
         j->buf_size = cake_store_buffer_size(j->blob_size);
+        /* Each earlier get ran alongside about io_depth others: aggregate rate. */
+        cake_store_counters ctr;
+        cake_store_counters_get(p->store, &ctr);
+        if (ctr.read_ns && ctr.bytes_read)
+            j->rate_hint = (double)ctr.bytes_read / (double)ctr.read_ns * st->io_depth;
         j->workers = calloc((size_t)n_workers, sizeof(*j->workers));
         j->threads = calloc((size_t)n_workers, sizeof(*j->threads));
         if (!j->workers || !j->threads) {

@@ -1,0 +1,465 @@
+/* cake bench ttft: the paper's TTFT table, with the oracle in every cell.
+ *
+ * For each context length: a synthetic prompt, a file store filled by a cold
+ * run, the standalone compute curve Comp(t) (every chunk timed on its own),
+ * then per GPU share and bandwidth: compute-only, load-only and Cake TTFTs,
+ * the load rate (from the load-only run: all chunks through the emulated
+ * link) and the oracle T* = min_t max(Comp(t), Load(N - t)) + tail.
+ *
+ * Share emulation: a request that gets a share s of each step's compute (the
+ * rest going to other requests) takes 1/s as long per chunk. The bench wraps
+ * the engine's compute op: after each forward pass it sleeps (1/s - 1) times
+ * the pass's duration. Loads are not affected (the paper's I/O side keeps
+ * running regardless). */
+#include <errno.h>
+#include <getopt.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "cake.h"
+#include "cli/cli.h"
+#include "loader/loader.h"
+#include "store/store.h"
+
+#define MAX_LIST 16
+
+static const char *help =
+    "usage: cake bench ttft -m MODEL.gguf [options]\n"
+    "Measures TTFT of compute-only, load-only and Cake prefill over an emulated link,\n"
+    "with the oracle split T* from curves measured in the same run.\n"
+    "  --ctx LIST        prompt lengths in tokens (default 1024,2048,4096)\n"
+    "  --bw LIST         link bandwidths in Gbit/s (default 0.05,0.1,0.2,0.5,1,2)\n"
+    "  --modes LIST      of compute,load,cake (default all three)\n"
+    "  --share LIST      compute shares in (0, 1] (default 1)\n"
+    "  --chunk N         chunk size in tokens (default 256)\n"
+    "  --repeat R        runs per cell; the median is reported (default 1)\n"
+    "  --io-depth N      loads in flight (default 4)\n"
+    "  --threads N       CPU threads (default: all)\n"
+    "  --store-dir DIR   where the file store lives (default: a temporary folder under\n"
+    "                    --out, removed afterwards)\n"
+    "  --out DIR         results: ttft.csv, ttft.md, plots (default out/bench-ttft)\n";
+
+typedef struct {
+    cake_loader_engine inner;
+    double share;
+} throttled_engine;
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static void sleep_s(double s) {
+    if (s <= 0) return;
+    struct timespec ts = {(time_t)s, (long)((s - floor(s)) * 1e9)};
+    while (nanosleep(&ts, &ts)) {
+    }
+}
+
+static int throttled_compute(void *self, const cake_token *t, int n, int pos0, float *logits,
+                             char *err, size_t errlen) {
+    throttled_engine *e = self;
+    double t0 = now_s();
+    int rc = e->inner.compute(e->inner.self, t, n, pos0, logits, err, errlen);
+    if (e->share < 1) sleep_s((now_s() - t0) * (1 / e->share - 1));
+    return rc;
+}
+
+static int throttled_install(void *self, const void *blob, const cake_chunk_header *h, int pos0,
+                             char *err, size_t errlen) {
+    throttled_engine *e = self;
+    return e->inner.install(e->inner.self, blob, h, pos0, err, errlen);
+}
+
+static int throttled_extract(void *self, cake_chunk_header *h, int pos0, void *blob, size_t cap,
+                             char *err, size_t errlen) {
+    throttled_engine *e = self;
+    return e->inner.extract(e->inner.self, h, pos0, blob, cap, err, errlen);
+}
+
+/* Parses "a,b,c" into doubles; -1 on a bad entry. */
+static int parse_list(const char *s, double *out, int *n) {
+    *n = 0;
+    char *copy = strdup(s), *save = NULL;
+    if (!copy) return -1;
+    for (char *tok = strtok_r(copy, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
+        if (*n == MAX_LIST || cli_parse_float(tok, 1e-9, 1e12, &out[*n])) {
+            free(copy);
+            return -1;
+        }
+        (*n)++;
+    }
+    free(copy);
+    return *n ? 0 : -1;
+}
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+typedef struct {
+    double med, min, max;
+    cake_prefill_stats last;
+} timing;
+
+typedef struct {
+    cake_model *model;
+    cake_context *ctx;
+    throttled_engine te;
+    cake_loader_engine engine; /* the throttled view the loader sees */
+    float *logits;
+    int n_vocab, chunk, io_depth, repeat;
+} bench;
+
+/* One prefill + first-token choice; TTFT in ms, or < 0 on failure. */
+static double one_request(bench *b, const cake_token *prompt, int n, cake_store *store,
+                          cake_writeback *wb, cake_mode mode, cake_prefill_stats *st) {
+    cake_prefill_params p = {.store = store, .writeback = wb, .mode = mode, .chunk = b->chunk,
+                             .io_depth = b->io_depth};
+    char err[256];
+    cake_prefill_job *pending = NULL;
+    double t0 = now_s();
+    if (cake_prefill(&b->engine, prompt, n, &p, b->logits, st, &pending, err, sizeof(err))) {
+        fprintf(stderr, "cake bench: %s\n", err);
+        return -1;
+    }
+    /* TTFT ends when the first token is chosen (greedy here). */
+    volatile int first = 0;
+    for (int i = 1; i < b->n_vocab; i++)
+        if (b->logits[i] > b->logits[first]) first = i;
+    double ttft = (now_s() - t0) * 1e3;
+    cake_prefill_finish(pending);
+    return ttft;
+}
+
+static int measure(bench *b, const cake_token *prompt, int n, cake_store *store, cake_mode mode,
+                   timing *t) {
+    double v[64];
+    int r = b->repeat < 64 ? b->repeat : 64;
+    for (int i = 0; i < r; i++)
+        if ((v[i] = one_request(b, prompt, n, store, NULL, mode, &t->last)) < 0) return -1;
+    qsort(v, (size_t)r, sizeof(double), cmp_double);
+    t->med = v[r / 2];
+    t->min = v[0];
+    t->max = v[r - 1];
+    return 0;
+}
+
+/* Standalone compute curve at share 1: comp[k] = ms to compute chunks [0, k),
+ * k = 0..n_chunks; tail_ms = the rest of the prompt after them. */
+static int compute_curve(bench *b, const cake_token *prompt, int n, double *comp,
+                         double *tail_ms) {
+    const int C = b->chunk, n_chunks = (n - 1) / C;
+    char err[256];
+    comp[0] = 0;
+    for (int k = 0; k < n_chunks; k++) {
+        double t0 = now_s();
+        if (cake_forward(b->ctx, prompt + (size_t)k * C, C, k * C, NULL, err, sizeof(err)))
+            return fprintf(stderr, "cake bench: %s\n", err), -1;
+        comp[k + 1] = comp[k] + (now_s() - t0) * 1e3;
+    }
+    double t0 = now_s();
+    if (cake_forward(b->ctx, prompt + (size_t)n_chunks * C, n - n_chunks * C, n_chunks * C,
+                     b->logits, err, sizeof(err)))
+        return fprintf(stderr, "cake bench: %s\n", err), -1;
+    *tail_ms = (now_s() - t0) * 1e3;
+    return 0;
+}
+
+static int has_mode(const char *modes, const char *m) {
+    return strstr(modes, m) != NULL;
+}
+
+static void write_plots(const char *out, const double *ctxs, int n_ctx) {
+    if (system("command -v gnuplot >/dev/null 2>&1") != 0) {
+        fprintf(stderr, "cake bench: gnuplot not found; no plots (apt-get install gnuplot-nox)\n");
+        return;
+    }
+    char path[1024];
+    snprintf(path, sizeof(path), "%s/plots.gp", out);
+    FILE *f = fopen(path, "w");
+    if (!f) return;
+    fprintf(f, "set datafile separator ','\nset key autotitle columnhead\n"
+               "set logscale x\nset xlabel 'link bandwidth (Gbit/s)'\nset grid\n");
+    const char *term[2][2] = {{"pngcairo size 1000,700", "png"}, {"svg size 1000,700", "svg"}};
+    for (int t = 0; t < 2; t++) {
+        fprintf(f, "set terminal %s\n", term[t][0]);
+        for (int c = 0; c < n_ctx; c++) {
+            int ctx = (int)ctxs[c];
+            fprintf(f,
+                    "set output '%s/ttft-ctx%d.%s'\nset ylabel 'TTFT (ms)'\n"
+                    "set title 'TTFT vs bandwidth, %d-token prompt (median)'\n"
+                    "plot for [s in system(\"awk -F, 'NR>1{print $3}' %s/ttft.csv | sort -u\")] "
+                    "'%s/ttft.csv' using ($1==%d && $3==s+0 ? $2 : 1/0):4 with linespoints "
+                    "title 'compute, share '.s, "
+                    "for [s in system(\"awk -F, 'NR>1{print $3}' %s/ttft.csv | sort -u\")] '' "
+                    "using ($1==%d && $3==s+0 ? $2 : 1/0):5 with linespoints title 'load, share '.s, "
+                    "for [s in system(\"awk -F, 'NR>1{print $3}' %s/ttft.csv | sort -u\")] '' "
+                    "using ($1==%d && $3==s+0 ? $2 : 1/0):6 with linespoints title 'cake, share '.s, "
+                    "for [s in system(\"awk -F, 'NR>1{print $3}' %s/ttft.csv | sort -u\")] '' "
+                    "using ($1==%d && $3==s+0 ? $2 : 1/0):7 with lines dashtype 2 title 'T*, share '.s\n",
+                    out, ctx, term[t][1], ctx, out, out, ctx, out, ctx, out, ctx, out, ctx);
+        }
+        fprintf(f,
+                "set output '%s/efficiency.%s'\nset ylabel 'efficiency T*/T_cake'\n"
+                "set yrange [0:1.2]\nset title 'Cake efficiency per cell (goal >= 0.95)'\n"
+                "plot for [c in system(\"awk -F, 'NR>1{print $1}' %s/ttft.csv | sort -un\")] "
+                "'%s/ttft.csv' using ($1==c+0 ? $2 : 1/0):8 with linespoints "
+                "title 'ctx '.c, 0.95 with lines dashtype 2 title 'goal'\nunset yrange\n",
+                out, term[t][1], out, out);
+    }
+    fclose(f);
+    char cmd[1200];
+    snprintf(cmd, sizeof(cmd), "gnuplot %s/plots.gp 2>%s/gnuplot.log", out, out);
+    if (system(cmd) != 0) fprintf(stderr, "cake bench: gnuplot failed (see %s/gnuplot.log)\n", out);
+}
+
+static int bench_ttft(int argc, char **argv) {
+    static const struct option opts[] = {
+        {"model", required_argument, 0, 'm'},  {"ctx", required_argument, 0, 'c'},
+        {"bw", required_argument, 0, 'b'},     {"modes", required_argument, 0, 'M'},
+        {"share", required_argument, 0, 's'},  {"chunk", required_argument, 0, 'C'},
+        {"repeat", required_argument, 0, 'r'}, {"io-depth", required_argument, 0, 'I'},
+        {"threads", required_argument, 0, 't'}, {"store-dir", required_argument, 0, 'S'},
+        {"out", required_argument, 0, 'o'},    {"help", no_argument, 0, 'h'},
+        {0, 0, 0, 0}};
+    const char *model = NULL, *modes = "compute,load,cake", *out = "out/bench-ttft",
+               *store_dir = NULL;
+    double ctxs[MAX_LIST] = {1024, 2048, 4096}, bws[MAX_LIST] = {0.05, 0.1, 0.2, 0.5, 1, 2},
+           shares[MAX_LIST] = {1};
+    int n_ctx = 3, n_bw = 6, n_share = 1, c;
+    long chunk = 256, repeat = 1, io_depth = CAKE_DEFAULT_IO_DEPTH, threads = 0;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "m:o:h", opts, NULL)) != -1) {
+        switch (c) {
+        case 'm': model = optarg; break;
+        case 'c':
+            if (parse_list(optarg, ctxs, &n_ctx))
+                return cli_error(CLI_USAGE, "bench", "--ctx wants a list of token counts");
+            break;
+        case 'b':
+            if (parse_list(optarg, bws, &n_bw))
+                return cli_error(CLI_USAGE, "bench", "--bw wants a list of Gbit/s values");
+            break;
+        case 's':
+            if (parse_list(optarg, shares, &n_share))
+                return cli_error(CLI_USAGE, "bench", "--share wants a list of fractions");
+            for (int i = 0; i < n_share; i++)
+                if (shares[i] > 1) return cli_error(CLI_USAGE, "bench", "--share values are <= 1");
+            break;
+        case 'M': modes = optarg; break;
+        case 'C':
+            if (cli_parse_int(optarg, 1, 1 << 16, &chunk))
+                return cli_error(CLI_USAGE, "bench", "--chunk wants a token count");
+            break;
+        case 'r':
+            if (cli_parse_int(optarg, 1, 64, &repeat))
+                return cli_error(CLI_USAGE, "bench", "--repeat wants 1..64");
+            break;
+        case 'I':
+            if (cli_parse_int(optarg, 1, 64, &io_depth))
+                return cli_error(CLI_USAGE, "bench", "--io-depth wants 1..64");
+            break;
+        case 't':
+            if (cli_parse_int(optarg, 1, 1024, &threads))
+                return cli_error(CLI_USAGE, "bench", "--threads wants 1..1024");
+            break;
+        case 'S': store_dir = optarg; break;
+        case 'o': out = optarg; break;
+        case 'h': fputs(help, stdout); return CLI_OK;
+        default: fputs(help, stderr); return CLI_USAGE;
+        }
+    }
+    if (!model) return cli_error(CLI_USAGE, "bench", "-m MODEL is required");
+    int max_ctx = 0;
+    for (int i = 0; i < n_ctx; i++) {
+        if (ctxs[i] < 2 || ctxs[i] != floor(ctxs[i]))
+            return cli_error(CLI_USAGE, "bench", "--ctx values are token counts >= 2");
+        if (ctxs[i] > max_ctx) max_ctx = (int)ctxs[i];
+    }
+
+    char err[512], dir[1024], path[1100];
+    if (mkdir(out, 0755) && errno != EEXIST)
+        return cli_error(CLI_FAIL, "bench", "cannot create %s: %s", out, strerror(errno));
+    int own_dir = !store_dir;
+    if (own_dir) {
+        snprintf(dir, sizeof(dir), "%s/store-XXXXXX", out);
+        if (!mkdtemp(dir)) return cli_error(CLI_FAIL, "bench", "cannot create a store folder");
+    } else {
+        snprintf(dir, sizeof(dir), "%s", store_dir);
+    }
+
+    bench b = {.chunk = (int)chunk, .io_depth = (int)io_depth, .repeat = (int)repeat};
+    int rc = CLI_FAIL;
+    cake_token *prompt = NULL;
+    double *comp = NULL;
+    FILE *csv = NULL, *md = NULL;
+    if (cake_model_load(model, &b.model, err, sizeof(err))) {
+        cli_error(CLI_FAIL, "bench", "%s", err);
+        goto done;
+    }
+    const cake_hparams *hp = cake_model_hparams(b.model);
+    b.n_vocab = hp->n_vocab;
+    cake_context_params cp = cake_context_default_params();
+    cp.n_ctx = max_ctx;
+    cp.n_threads = (int)threads;
+    if (max_ctx > hp->n_ctx_train) {
+        cli_error(CLI_USAGE, "bench", "--ctx %d exceeds the model's context %d", max_ctx,
+                  hp->n_ctx_train);
+        goto done;
+    }
+    if (cake_context_init(b.model, cp, &b.ctx, err, sizeof(err))) {
+        cli_error(CLI_FAIL, "bench", "%s", err);
+        goto done;
+    }
+    cake_context_loader_engine(b.ctx, 1, &b.te.inner);
+    b.engine = b.te.inner;
+    b.engine.self = &b.te;
+    b.engine.compute = throttled_compute;
+    b.engine.install = throttled_install;
+    b.engine.extract = throttled_extract;
+    b.logits = malloc((size_t)b.n_vocab * sizeof(float));
+    prompt = malloc((size_t)max_ctx * sizeof(cake_token));
+    comp = malloc(((size_t)max_ctx / (size_t)chunk + 2) * sizeof(double));
+    snprintf(path, sizeof(path), "%s/ttft.csv", out);
+    csv = fopen(path, "w");
+    snprintf(path, sizeof(path), "%s/ttft.md", out);
+    md = fopen(path, "w");
+    if (!b.logits || !prompt || !comp || !csv || !md) {
+        cli_error(CLI_FAIL, "bench", "cannot allocate or open the result files in %s", out);
+        goto done;
+    }
+    fprintf(csv, "ctx,bw_gbit,share,ttft_compute_ms,ttft_load_ms,ttft_cake_ms,tstar_ms,"
+                 "efficiency,speedup_vs_load,speedup_vs_compute,meet_chunk,split_chunk,"
+                 "chunks_loaded,compute_min_ms,compute_max_ms,load_min_ms,load_max_ms,"
+                 "cake_min_ms,cake_max_ms,load_gbit_s\n");
+    const char *head = "| ctx | Gbit/s | share | compute ms | load ms | cake ms | T* ms | "
+                       "efficiency | speedup load\\compute | meet / t* (chunks) |\n"
+                       "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+    printf("model %s, chunk %ld, io depth %ld, repeat %ld\n\n%s", model, chunk, io_depth,
+           repeat, head);
+    fprintf(md, "model %s, chunk %ld, io depth %ld, repeat %ld (median TTFT)\n\n%s", model,
+            chunk, io_depth, repeat, head);
+
+    const int total_cells = n_ctx * n_share * n_bw;
+    int cell = 0;
+    const double t_start = now_s();
+    for (int ci = 0; ci < n_ctx; ci++) {
+        const int n = (int)ctxs[ci], C = (int)chunk, n_chunks = (n - 1) / C;
+        uint64_t x = 0x5eed0000ull + (uint64_t)n;
+        prompt[0] = 1;
+        for (int i = 1; i < n; i++) {
+            x = x * 6364136223846793005ull + 1442695040888963407ull;
+            prompt[i] = 3 + (cake_token)((x >> 33) % (uint64_t)(b.n_vocab - 3));
+        }
+        /* Cold run: fills the store (and warms up every weight page). */
+        cake_store *plain = NULL;
+        snprintf(path, sizeof(path), "file:%s", dir);
+        if (cake_store_open(path, &plain, err, sizeof(err))) {
+            cli_error(CLI_FAIL, "bench", "%s: %s", path, err);
+            goto done;
+        }
+        cake_writeback *wb = cake_writeback_create(plain, 4096, err, sizeof(err));
+        cake_prefill_stats st;
+        b.te.share = 1;
+        fprintf(stderr, "[ctx %d] filling the store...\n", n);
+        double cold = wb ? one_request(&b, prompt, n, plain, wb, CAKE_MODE_COMPUTE, &st) : -1;
+        int dropped = wb ? cake_writeback_drain(wb, 600000) : 1;
+        cake_writeback_free(wb);
+        cake_store_close(plain);
+        if (cold < 0 || dropped) {
+            cli_error(CLI_FAIL, "bench", "could not fill the store in %s", dir);
+            goto done;
+        }
+        double tail_ms;
+        if (compute_curve(&b, prompt, n, comp, &tail_ms)) goto done;
+
+        for (int si = 0; si < n_share; si++) {
+            const double share = shares[si];
+            b.te.share = share;
+            timing tc = {0};
+            if (has_mode(modes, "compute") && measure(&b, prompt, n, NULL, CAKE_MODE_COMPUTE, &tc))
+                goto done;
+            for (int bi = 0; bi < n_bw; bi++) {
+                cell++;
+                fprintf(stderr, "[%d/%d, %.0f s] ctx %d, share %g, %g Gbit/s\n", cell,
+                        total_cells, now_s() - t_start, n, share, bws[bi]);
+                cake_store *s = NULL;
+                snprintf(path, sizeof(path), "file:%s?bw=%.6gGbit", dir, bws[bi]);
+                if (cake_store_open(path, &s, err, sizeof(err))) {
+                    cli_error(CLI_FAIL, "bench", "%s: %s", path, err);
+                    goto done;
+                }
+                timing tl = {0}, tk = {0};
+                /* Load-only always runs: it is also the standalone Load curve. */
+                int bad = measure(&b, prompt, n, s, CAKE_MODE_LOAD, &tl);
+                if (!bad && has_mode(modes, "cake")) bad = measure(&b, prompt, n, s, CAKE_MODE_CAKE, &tk);
+                cake_store_close(s);
+                if (bad) goto done;
+                /* The oracle from the standalone curves: Comp at this share, Load
+                 * linear in the chunks loaded (from the load-only run). */
+                const double load_per_chunk = n_chunks ? tl.last.load_ms / n_chunks : 0;
+                double best = INFINITY;
+                int split = 0;
+                for (int k = 0; k <= n_chunks; k++) {
+                    double v = fmax(comp[k] / share, (n_chunks - k) * load_per_chunk);
+                    if (v < best) best = v, split = k;
+                }
+                const double tstar = best + tail_ms / share + tk.last.lookup_ms;
+                const double eff = tk.med > 0 ? tstar / tk.med : 0;
+                const double comp_ms = has_mode(modes, "compute") ? tc.med : NAN;
+                fprintf(csv, "%d,%g,%g,%.3f,%.3f,%.3f,%.3f,%.4f,%.3f,%.3f,%d,%d,%d,%.3f,%.3f,"
+                             "%.3f,%.3f,%.3f,%.3f,%.4f\n",
+                        n, bws[bi], share, comp_ms, tl.med, tk.med, tstar, eff, tl.med / tk.med,
+                        comp_ms / tk.med, tk.last.meet_chunk, split, tk.last.chunks_loaded,
+                        tc.min, tc.max, tl.min, tl.max, tk.min, tk.max, tl.last.load_gbit_s);
+                fflush(csv);
+                char row[512];
+                snprintf(row, sizeof(row),
+                         "| %d | %g | %g | %.0f | %.0f | %.0f | %.0f | %.3f | %.2f\\%.2f | %d / %d |\n",
+                         n, bws[bi], share, comp_ms, tl.med, tk.med, tstar, eff, tl.med / tk.med,
+                         comp_ms / tk.med, tk.last.meet_chunk, split);
+                fputs(row, stdout);
+                fputs(row, md);
+                fflush(stdout);
+            }
+        }
+    }
+    fprintf(stderr, "cake bench: done in %.0f s; results in %s/ttft.csv and ttft.md\n",
+            now_s() - t_start, out);
+    fclose(csv);
+    csv = NULL;
+    fclose(md);
+    md = NULL;
+    write_plots(out, ctxs, n_ctx);
+    rc = CLI_OK;
+done:
+    if (csv) fclose(csv);
+    if (md) fclose(md);
+    if (own_dir) {
+        char cmd[1200];
+        snprintf(cmd, sizeof(cmd), "rm -rf '%s'", dir);
+        if (system(cmd) != 0) fprintf(stderr, "cake bench: could not remove %s\n", dir);
+    }
+    free(prompt);
+    free(comp);
+    free(b.logits);
+    cake_context_free(b.ctx);
+    cake_model_free(b.model);
+    return rc;
+}
+
+int cmd_bench(int argc, char **argv) {
+    if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) {
+        fputs(help, argc < 2 ? stderr : stdout);
+        return argc < 2 ? CLI_USAGE : CLI_OK;
+    }
+    if (!strcmp(argv[1], "ttft")) return bench_ttft(argc - 1, argv + 1);
+    return cli_error(CLI_USAGE, "bench", "unknown benchmark '%s' (ttft)", argv[1]);
+}
