@@ -26,18 +26,21 @@
  * mode), the compute side claims chunks in order 0, 1, 2, ... A chunk is
  * claimed under the mutex, so it is claimed by exactly one side.
  *
- * The meet. The compute side walks i = 0, 1, ...: a LOADED chunk is skipped;
- * an ABSENT or PRESENT one is claimed and computed (forward over its C
- * tokens; the KV of every chunk before it is already in place). When it
- * reaches a chunk a worker is FETCHING, the two sides have met. It then either
- * waits for that load or takes the chunk over and computes it, whichever it
- * expects to finish sooner: the load's expected end is its start plus the
- * mean duration of this request's finished loads, the compute estimate is the
- * last chunk's compute time. It never waits longer than one compute estimate,
- * so a slow or stuck store costs at most one chunk's compute time per meet.
- * A taken-over load is discarded when it arrives: the worker sees that the
- * chunk is no longer FETCHING and never touches the KV cache. A COPYING
- * chunk is always waited for (a copy is short and already committed).
+ * The meet. The compute side walks i = 0, 1, ...: a LOADED chunk is skipped,
+ * an ABSENT one is computed. For a chunk the store has (PRESENT, or FETCHING
+ * by a worker) it compares two estimates: c, the time to compute chunk i (the
+ * last chunk's compute time; at a request's start, the engine's memory of it),
+ * and R, the time the workers still need to load every chunk from i up that is
+ * not in the cache yet (at the aggregate rate seen so far in this request, or
+ * before the first load completes, the store's rate in earlier requests). If
+ * c < R, computing chunk i moves the meeting point up and shortens the whole:
+ * it claims and computes it (a FETCHING chunk is taken over; its transfer is
+ * discarded on arrival, the worker never touches the KV cache). Otherwise the
+ * loads will be done first: this is the meet. It waits, re-deciding on every
+ * load completion, but never longer than c in total, so a stalled store costs
+ * at most one chunk's compute time. With no estimate at all (the first request
+ * of a process), it computes: the paper's plain rule. A COPYING chunk is
+ * always waited for (a copy is short and already committed).
  *
  * Failures. A load that misses (corrupt blob, vanished file, Redis down) puts
  * its chunk back to ABSENT and the compute side computes it when it gets
