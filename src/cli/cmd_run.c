@@ -374,6 +374,7 @@ int cmd_run(int argc, char **argv) {
     } else {
         putchar('\n');
     }
+    fflush(stdout); /* the text first, then the summary on stderr */
     fprintf(stderr,
             "cake run: prompt %d tokens, generated %d; ttft %.1f ms (prefill %.1f tok/s), "
             "decode %.1f tok/s; seed %llu\n",
