@@ -4,10 +4,10 @@
  *   bench_kernels [--threads N] [--quick] [--only matmul|attention|misc]
  *
  * Each figure is the best of several runs (the machine is shared; the best run
- * is the one least disturbed). Matmul: GFLOP/s = 2*T*n_out*n_in / time, and for
- * T = 1 the weight bytes streamed per second; OpenBLAS sgemm on f32 weights is
- * timed alongside for comparison. Attention: one layer's call; GFLOP/s counts
- * the causal half, 4*n_heads*head_dim*sum(keys per query). */
+ * is the one least disturbed). Matmul: GFLOP/s = 2*T*n_out*n_in / time, and the
+ * weight bytes streamed per second (for T = 1 from memory, not the L3 cache);
+ * OpenBLAS sgemm on f32 weights is timed alongside for comparison. Attention: one layer's call;
+ * GFLOP/s counts the causal half, 4*n_heads*head_dim*sum(keys per query). */
 #include <cblas.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -64,14 +64,19 @@ typedef struct {
     const void *w;
     int dtype, T, n_in, n_out;
     cake_threadpool *pool;
+    int n_rot;         /* matmuls per timed run, each on W at a different offset */
+    size_t rot_stride; /* elements between those offsets */
 } mm_ctx;
 
 static void run_matmul(void *p) {
     mm_ctx *c = p;
-    if (cake_matmul(c->y, c->x, c->w, c->dtype, c->T, c->n_in, c->n_out, c->pool)) {
-        fprintf(stderr, "bench_kernels: cake_matmul failed\n");
-        exit(1);
-    }
+    const size_t es = c->dtype == CAKE_DTYPE_F32 ? 4 : 2;
+    for (int i = 0; i < c->n_rot; i++)
+        if (cake_matmul(c->y, c->x, (const char *)c->w + (size_t)i * c->rot_stride * es, c->dtype,
+                        c->T, c->n_in, c->n_out, c->pool)) {
+            fprintf(stderr, "bench_kernels: cake_matmul failed\n");
+            exit(1);
+        }
 }
 
 static void run_sgemm(void *p) {
@@ -88,7 +93,8 @@ static void bench_matmul(cake_threadpool *pool, int n_threads, int quick) {
     for (int s = 0; s < n_shapes; s++) {
         const size_t nw = (size_t)shapes[s][0] * shapes[s][1];
         if (nw > max_w) max_w = nw;
-        const size_t nx = (size_t)Ts[n_T - 1] * shapes[s][1], ny = (size_t)Ts[n_T - 1] * shapes[s][0];
+        const size_t nx = (size_t)Ts[n_T - 1] * shapes[s][1],
+                     ny = (size_t)Ts[n_T - 1] * shapes[s][0];
         if (nx > max_x) max_x = nx;
         if (ny > max_y) max_y = ny;
     }
@@ -108,18 +114,30 @@ static void bench_matmul(cake_threadpool *pool, int n_threads, int quick) {
         for (int s = 0; s < n_shapes; s++)
             for (int ti = 0; ti < n_T; ti++) {
                 const int n_out = shapes[s][0], n_in = shapes[s][1], T = Ts[ti];
-                mm_ctx c = {y, x, dtype == CAKE_DTYPE_F16 ? (const void *)w16 : (const void *)w32,
-                            dtype, T, n_in, n_out, pool};
+                mm_ctx c = {
+                    y,     x,    dtype == CAKE_DTYPE_F16 ? (const void *)w16 : (const void *)w32,
+                    dtype, T,    n_in,
+                    n_out, pool, 1,
+                    0};
+                /* decode: 8 matmuls on W at offsets spread over the whole weight
+                 * buffer (>= 128 MiB), so W streams from memory as in a model
+                 * rather than from the L3 cache */
+                const size_t nw = (size_t)n_out * n_in;
+                if (T == 1 && max_w > nw) {
+                    c.n_rot = 8;
+                    c.rot_stride = (max_w - nw) / 7;
+                }
                 const double flop = 2.0 * T * n_out * n_in;
                 const double budget = T == 1 ? 0.5 : 1.0;
-                const double t = best_time(run_matmul, &c, budget, 2);
+                const double t = best_time(run_matmul, &c, budget, 2) / c.n_rot;
                 const double wbytes = (double)n_out * n_in * (dtype == CAKE_DTYPE_F16 ? 2 : 4);
-                printf("%-6s %5d x %-5d %5d %10.3f %9.1f %9.1f", dtype == CAKE_DTYPE_F16 ? "f16" : "f32",
-                       n_out, n_in, T, t * 1e3, flop / t * 1e-9, wbytes / t * 1e-9);
+                printf("%-6s %5d x %-5d %5d %10.3f %9.1f %9.1f",
+                       dtype == CAKE_DTYPE_F16 ? "f16" : "f32", n_out, n_in, T, t * 1e3,
+                       flop / t * 1e-9, wbytes / t * 1e-9);
                 if (dtype == CAKE_DTYPE_F32) {
                     mm_ctx b = c;
                     b.w = w32;
-                    const double tb = best_time(run_sgemm, &b, budget, 2);
+                    const double tb = best_time(run_sgemm, &b, budget, 2); /* one W: cached */
                     printf(" | %9.3f %7.1f", tb * 1e3, flop / tb * 1e-9);
                 }
                 printf("\n");
@@ -171,9 +189,18 @@ static void bench_attention_shape(const char *name, int n_heads, int n_kv_heads,
     const int Ns[] = {512, 2048};
     for (int ni = 0; ni < 2; ni++) {
         const int N = Ns[ni];
-        att_ctx c = {{.n_tokens = N, .pos0 = 0, .n_heads = n_heads, .n_kv_heads = n_kv_heads,
-                      .head_dim = hd, .kv_f16 = 1, .q = q, .k = k, .v = v, .out = out},
-                     pool, 0};
+        att_ctx c = {{.n_tokens = N,
+                      .pos0 = 0,
+                      .n_heads = n_heads,
+                      .n_kv_heads = n_kv_heads,
+                      .head_dim = hd,
+                      .kv_f16 = 1,
+                      .q = q,
+                      .k = k,
+                      .v = v,
+                      .out = out},
+                     pool,
+                     0};
         const double flop = 4.0 * n_heads * hd * ((double)N * (N + 1) / 2);
         double t = best_time(run_attention, &c, quick ? 0.5 : 1.5, 2);
         printf("%-9s prefill %4d tokens, all at once: %8.2f ms/layer %7.1f GFLOP/s  (x%d layers: "
@@ -182,8 +209,8 @@ static void bench_attention_shape(const char *name, int n_heads, int n_kv_heads,
         c.chunk = 512;
         if (N > 512) {
             t = best_time(run_attention, &c, quick ? 0.5 : 1.5, 2);
-            printf("%-9s prefill %4d tokens, chunks of 512: %7.2f ms/layer %7.1f GFLOP/s\n", name, N,
-                   t * 1e3, flop / t * 1e-9);
+            printf("%-9s prefill %4d tokens, chunks of 512: %7.2f ms/layer %7.1f GFLOP/s\n", name,
+                   N, t * 1e3, flop / t * 1e-9);
         }
         att_ctx d = c;
         d.chunk = 0;
@@ -276,9 +303,12 @@ int main(int argc, char **argv) {
     int n_threads = 2, quick = 0;
     const char *only = NULL;
     for (int i = 1; i < argc; i++) {
-        if (!strcmp(argv[i], "--threads") && i + 1 < argc) n_threads = atoi(argv[++i]);
-        else if (!strcmp(argv[i], "--quick")) quick = 1;
-        else if (!strcmp(argv[i], "--only") && i + 1 < argc) only = argv[++i];
+        if (!strcmp(argv[i], "--threads") && i + 1 < argc)
+            n_threads = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--quick"))
+            quick = 1;
+        else if (!strcmp(argv[i], "--only") && i + 1 < argc)
+            only = argv[++i];
         else {
             fprintf(stderr, "usage: %s [--threads N] [--quick] [--only matmul|attention|misc]\n",
                     argv[0]);

@@ -98,7 +98,8 @@ static void test_f16_round_trip_all_values(void **state) {
     cake_f32_to_f16_row(f, back, 65536);
     for (uint32_t i = 0; i < 65536; i++) {
         const cake_f16 want = cake_f32_to_f16(cake_f16_to_f32((cake_f16)i));
-        if (back[i] != want) fail_msg("f16 0x%04x round trip: 0x%04x, want 0x%04x", i, back[i], want);
+        if (back[i] != want)
+            fail_msg("f16 0x%04x round trip: 0x%04x, want 0x%04x", i, back[i], want);
         /* and every non-NaN value survives the round trip unchanged */
         if ((i & 0x7c00) != 0x7c00 || (i & 0x3ff) == 0) assert_int_equal(back[i], i);
     }
@@ -116,7 +117,8 @@ static void test_f32_to_f16_bit_patterns(void **state) {
     float *f = xmalloc(N * sizeof(float));
     cake_f16 *h = xmalloc(N * sizeof(cake_f16));
     size_t n = 0;
-    for (uint64_t u = 0; u <= 0xffffffffull && n < N - 70000; u += 65521) f[n++] = cake_f32_from_bits((uint32_t)u);
+    for (uint64_t u = 0; u <= 0xffffffffull && n < N - 70000; u += 65521)
+        f[n++] = cake_f32_from_bits((uint32_t)u);
     for (uint32_t i = 0; i < 0x7c00 && n < N; i++) { /* midpoints above each positive f16 */
         const float a = cake_f16_to_f32((cake_f16)i), b = cake_f16_to_f32((cake_f16)(i + 1));
         f[n++] = (float)(((double)a + (double)b) / 2);
@@ -141,7 +143,8 @@ static void test_bf16_to_f32_all_values(void **state) {
     f[65535] = 0.0f;
     cake_bf16_to_f32_row(h + 65535, f + 65535, 1);
     for (uint32_t i = 0; i < 65536; i++)
-        assert_int_equal(cake_bits_from_f32(f[i]), cake_bits_from_f32(cake_bf16_to_f32((cake_bf16)i)));
+        assert_int_equal(cake_bits_from_f32(f[i]),
+                         cake_bits_from_f32(cake_bf16_to_f32((cake_bf16)i)));
     free(h);
     free(f);
 }
@@ -165,7 +168,8 @@ static void test_exp_twins(void **state) {
     /* the vector form gives the scalar form's bits for every input class */
     float in[16], out[16];
     for (uint64_t u = 0; u <= 0xffffffffull; u += 16 * 40009) {
-        for (int l = 0; l < 16; l++) in[l] = cake_f32_from_bits((uint32_t)(u + (uint64_t)l * 40009));
+        for (int l = 0; l < 16; l++)
+            in[l] = cake_f32_from_bits((uint32_t)(u + (uint64_t)l * 40009));
         _mm512_storeu_ps(out, cake_exp512(_mm512_loadu_ps(in)));
         for (int l = 0; l < 16; l++)
             if (cake_bits_from_f32(out[l]) != cake_bits_from_f32(cake_exp_lanes(in[l])))
@@ -210,7 +214,8 @@ static void test_rmsnorm(void **state) {
             /* 1e-5 relative to |y|: the f32 sum of squares (64 lanes + tree) is
              * within ~dim/64 * 2^-24 relative of the double one; the scale and
              * two products add a few ulp. */
-            for (size_t i = 0; i < n; i++) assert_true(fabsf(y[i] - yr[i]) <= 1e-5f * fabsf(yr[i]) + 1e-30f);
+            for (size_t i = 0; i < n; i++)
+                assert_true(fabsf(y[i] - yr[i]) <= 1e-5f * fabsf(yr[i]) + 1e-30f);
             /* in place (y aliases x) gives the same bits */
             memcpy(xa, x, n * 4);
             cake_rmsnorm(xa, xa, w, T, dim, 1e-5f);
@@ -242,7 +247,8 @@ static void test_rope(void **state) {
             cake_rope_ref(b, T, nh, hd, pos0, 500000.0f, 1.0f);
             assert_memory_equal(a, b, n * 4); /* same products, same rounding */
             /* chunk invariance: token by token at its own position */
-            for (int t = 0; t < T; t++) cake_rope(c + (size_t)t * nh * hd, 1, nh, hd, pos0 + t, 500000.0f, 1.0f);
+            for (int t = 0; t < T; t++)
+                cake_rope(c + (size_t)t * nh * hd, 1, nh, hd, pos0 + t, 500000.0f, 1.0f);
             assert_memory_equal(a, c, n * 4);
             /* position 0 is the identity */
             if (pos0 == 0) {
@@ -286,7 +292,8 @@ static void test_swiglu(void **state) {
         /* 1e-6 relative: the exp polynomial is within ~1.5 ulp of expf's result
          * (itself <1 ulp), then one add, one divide, one multiply; far from 0 the
          * value is tiny and the absolute term covers it */
-        for (size_t i = 0; i < n; i++) assert_true(fabsf(h[i] - hr[i]) <= 1e-6f * fabsf(hr[i]) + 1e-35f);
+        for (size_t i = 0; i < n; i++)
+            assert_true(fabsf(h[i] - hr[i]) <= 1e-6f * fabsf(hr[i]) + 1e-35f);
         /* in place (h aliases g) */
         cake_swiglu(g, g, u, n);
         assert_memory_equal(g, h, n * 4);
@@ -323,7 +330,8 @@ static void check_matmul_shape(int dtype, int T, int n_in, int n_out) {
     float *x = xmalloc(nx * 4), *wf = xmalloc(nw * 4);
     for (size_t i = 0; i < nx; i++) x[i] = rnd_f(-2, 2);
     void *w = make_weights(dtype, nw, wf);
-    float *y = xmalloc(ny * 4), *yl = xmalloc(ny * 4), *yr = xmalloc(ny * 4), *y1 = xmalloc((size_t)n_out * 4);
+    float *y = xmalloc(ny * 4), *yl = xmalloc(ny * 4), *yr = xmalloc(ny * 4),
+          *y1 = xmalloc((size_t)n_out * 4);
 
     assert_int_equal(cake_matmul_lanes(yl, x, w, dtype, T, n_in, n_out), 0);
     assert_int_equal(cake_matmul_ref(yr, x, w, dtype, T, n_in, n_out), 0);
@@ -334,7 +342,8 @@ static void check_matmul_shape(int dtype, int T, int n_in, int n_out) {
     for (int t = 0; t < T; t++)
         for (int n = 0; n < n_out; n++) {
             double mag = 0;
-            for (int k = 0; k < n_in; k++) mag += fabs((double)x[(size_t)t * n_in + k] * wf[(size_t)n * n_in + k]);
+            for (int k = 0; k < n_in; k++)
+                mag += fabs((double)x[(size_t)t * n_in + k] * wf[(size_t)n * n_in + k]);
             const double d = fabs((double)yl[(size_t)t * n_out + n] - yr[(size_t)t * n_out + n]);
             if (d > 1e-5 * mag + 1e-30)
                 fail_msg("matmul dtype %d T %d n_in %d n_out %d: y[%d][%d] %g vs ref %g", dtype, T,
@@ -345,12 +354,13 @@ static void check_matmul_shape(int dtype, int T, int n_in, int n_out) {
         memset(y, 0, ny * 4);
         assert_int_equal(cake_matmul(y, x, w, dtype, T, n_in, n_out, pools[p]), 0);
         if (memcmp(y, yl, ny * 4))
-            fail_msg("matmul dtype %d T %d n_in %d n_out %d threads %d: differs from lanes", dtype, T,
-                     n_in, n_out, p);
+            fail_msg("matmul dtype %d T %d n_in %d n_out %d threads %d: differs from lanes", dtype,
+                     T, n_in, n_out, p);
     }
     /* and a token's row does not depend on the batch it came in */
     for (int t = 0; t < T; t += (T > 4 ? 3 : 1)) {
-        assert_int_equal(cake_matmul(y1, x + (size_t)t * n_in, w, dtype, 1, n_in, n_out, pools[2]), 0);
+        assert_int_equal(cake_matmul(y1, x + (size_t)t * n_in, w, dtype, 1, n_in, n_out, pools[2]),
+                         0);
         assert_memory_equal(y1, yl + (size_t)t * n_out, (size_t)n_out * 4);
     }
     free(x);
@@ -367,10 +377,10 @@ static void test_matmul(void **state) {
     const int dtypes[] = {CAKE_DTYPE_F32, CAKE_DTYPE_F16, CAKE_DTYPE_BF16};
     /* T around the decode/GEMM switch and the 6-token tile; n_in around 16;
      * n_out around the 4-row tile and the 64-row panel */
-    const int shapes[][3] = {{1, 1, 1},    {1, 16, 4},    {2, 15, 5},    {3, 17, 3},
-                             {5, 33, 7},   {6, 64, 8},    {7, 100, 13},  {8, 16, 4},
-                             {9, 31, 65},  {13, 257, 67}, {31, 48, 130}, {64, 130, 9},
-                             {20, 2048, 6}, {7, 1000, 129}};
+    const int shapes[][3] = {
+        {1, 1, 1},     {1, 16, 4},     {2, 15, 5},     {3, 17, 3},    {5, 33, 7},    {6, 64, 8},
+        {7, 100, 13},  {8, 16, 4},     {9, 31, 65},    {13, 257, 67}, {31, 48, 130}, {64, 130, 9},
+        {20, 2048, 6}, {7, 1000, 129}, {40, 1100, 70}, {33, 2048, 5}, {2, 4100, 9}};
     for (size_t di = 0; di < 3; di++)
         for (size_t si = 0; si < sizeof(shapes) / sizeof(shapes[0]); si++)
             check_matmul_shape(dtypes[di], shapes[si][0], shapes[si][1], shapes[si][2]);
@@ -390,9 +400,9 @@ static void test_matmul_bad_dtype(void **state) {
 
 typedef struct {
     int n_ctx, n_heads, n_kv_heads, head_dim, kv_f16;
-    float *q;     /* (n_ctx, n_heads, head_dim): the queries of every position */
+    float *q;       /* (n_ctx, n_heads, head_dim): the queries of every position */
     float *kf, *vf; /* the cache contents as f32 */
-    void *k, *v;  /* the cache in its dtype */
+    void *k, *v;    /* the cache in its dtype */
 } attn_case;
 
 static attn_case make_case(int n_ctx, int n_heads, int n_kv_heads, int hd, int kv_f16) {
@@ -511,7 +521,7 @@ static void check_attention_case(int n_ctx, int n_heads, int n_kv_heads, int hd,
 
 static void test_attention_gqa_and_head_dims(void **state) {
     (void)state;
-    /* GQA ratios 1, 2, 4, 8; head dims 64, 128, and odd ones (8, 48, 100) */
+    /* GQA ratios 1, 2, 3, 4, 8; head dims 64, 128, and odd ones (8, 48, 100) */
     check_attention_case(70, 4, 4, 64, 1);
     check_attention_case(70, 4, 4, 64, 0);
     check_attention_case(150, 8, 2, 64, 1);
@@ -521,6 +531,7 @@ static void test_attention_gqa_and_head_dims(void **state) {
     check_attention_case(67, 3, 3, 48, 1);
     check_attention_case(33, 2, 1, 100, 0);
     check_attention_case(20, 16, 2, 64, 1);
+    check_attention_case(50, 6, 2, 64, 1); /* 3 heads per KV head */
 }
 
 static void test_attention_long_context(void **state) {

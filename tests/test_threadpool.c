@@ -1,7 +1,8 @@
 /* Thread pool: every task runs exactly once, on the thread that static striding
  * names, across many back-to-back jobs (the spin path), jobs separated by idle
  * time (the sleep/wake path), slow workers (the caller's sleep path), nested
- * and concurrent calls (serial fallback). Run under TSan too (-DCAKE_TSAN=ON). */
+ * and concurrent calls (serial fallback), and dynamic jobs. Run under TSan too
+ * (-DCAKE_TSAN=ON). */
 #include <stdarg.h>
 #include <stddef.h>
 #include <setjmp.h>
@@ -221,12 +222,49 @@ static void test_results_visible(void **state) {
     cake_threadpool_free(p);
 }
 
+/* Dynamic jobs: every task exactly once, on some thread of the pool, across
+ * many jobs (mixed with static ones) and with one slow thread. */
+static void test_dynamic(void **state) {
+    (void)state;
+    static record r;
+    for (int n = 1; n <= 3; n++) {
+        cake_threadpool *p = cake_threadpool_create(n);
+        assert_non_null(p);
+        for (int job = 0; job < 300; job++) {
+            const int n_tasks = job % 50;
+            record_init(&r, n);
+            if (job % 3 == 2)
+                cake_threadpool_run(p, n_tasks, record_task, &r);
+            else
+                cake_threadpool_run_dynamic(p, n_tasks, record_task, &r);
+            for (int i = 0; i < MAX_TASKS; i++) {
+                assert_int_equal(atomic_load(&r.count[i]), i < n_tasks ? 1 : 0);
+                if (i < n_tasks) {
+                    const int tid = atomic_load(&r.thread_of[i]);
+                    assert_true(tid >= 0 && tid < n);
+                }
+            }
+        }
+        /* a slow worker: the others take its share */
+        record_init(&r, n);
+        cake_threadpool_run_dynamic(p, 12, slow_task, &r);
+        for (int i = 0; i < 12; i++) assert_int_equal(atomic_load(&r.count[i]), 1);
+        cake_threadpool_free(p);
+    }
+    cake_threadpool_run_dynamic(NULL, 5, record_task, &r); /* NULL pool: serial */
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_sizes_and_striding), cmocka_unit_test(test_null_pool_runs_serially),
-        cmocka_unit_test(test_many_jobs),          cmocka_unit_test(test_sleep_and_wake),
-        cmocka_unit_test(test_slow_worker),        cmocka_unit_test(test_nested_run),
-        cmocka_unit_test(test_concurrent_callers), cmocka_unit_test(test_results_visible),
+        cmocka_unit_test(test_sizes_and_striding),
+        cmocka_unit_test(test_null_pool_runs_serially),
+        cmocka_unit_test(test_many_jobs),
+        cmocka_unit_test(test_sleep_and_wake),
+        cmocka_unit_test(test_slow_worker),
+        cmocka_unit_test(test_nested_run),
+        cmocka_unit_test(test_concurrent_callers),
+        cmocka_unit_test(test_results_visible),
+        cmocka_unit_test(test_dynamic),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

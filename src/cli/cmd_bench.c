@@ -39,8 +39,12 @@ static const char *help =
     "  --repeat R        runs per cell; the median is reported (default 1)\n"
     "  --io-depth N      loads in flight (default 4)\n"
     "  --threads N       CPU threads (default: all)\n"
+    "  --backend B       cpu (default) or cuda\n"
     "  --store-dir DIR   where the file store lives (default: a temporary folder under\n"
     "                    --out, removed afterwards)\n"
+    "  --store URI       use this store instead (file:PATH, redis://..., mem:); each\n"
+    "                    cell adds bw=RATE to its parameters. A mem: store is copied\n"
+    "                    into each cell's store (untimed, about size / bw per cell)\n"
     "  --out DIR         results: ttft.csv, ttft.md, plots (default out/bench-ttft)\n";
 
 typedef struct {
@@ -80,6 +84,56 @@ static int throttled_extract(void *self, cake_chunk_header *h, int pos0, void *b
                              char *err, size_t errlen) {
     throttled_engine *e = self;
     return e->inner.extract(e->inner.self, h, pos0, blob, cap, err, errlen);
+}
+
+/* mem: stores live only while open, so each cell's store (opened with its own
+ * bw=) starts empty: copy the filled one into it. The puts go through the
+ * cell's emulated link, so this takes about size / bw; it is outside every
+ * timed request. */
+typedef struct {
+    cake_store_entry *e;
+    size_t n, cap;
+} entry_list;
+
+static int collect_entry(const cake_store_entry *e, void *ctx) {
+    entry_list *l = ctx;
+    if (l->n == l->cap) {
+        size_t cap = l->cap ? 2 * l->cap : 64;
+        cake_store_entry *p = realloc(l->e, cap * sizeof(*p));
+        if (!p) return 1;
+        l->e = p;
+        l->cap = cap;
+    }
+    l->e[l->n++] = *e;
+    return 0;
+}
+
+static int copy_store(cake_store *from, cake_store *to, char *err, size_t errlen) {
+    entry_list l = {0};
+    void *buf = NULL;
+    size_t cap = 0;
+    int rc = cake_store_iterate(from, collect_entry, &l, err, errlen);
+    double t0 = now_s();
+    for (size_t i = 0; !rc && i < l.n; i++) {
+        if (l.e[i].size > cap) {
+            free(buf);
+            cap = l.e[i].size;
+            if (!(buf = malloc(cap))) {
+                snprintf(err, errlen, "out of memory copying the store");
+                rc = -1;
+                break;
+            }
+        }
+        size_t len;
+        if (cake_store_get(from, &l.e[i].key, buf, cap, &len, err, errlen) ||
+            cake_store_put(to, &l.e[i].key, buf, len, err, errlen))
+            rc = -1;
+    }
+    if (!rc) fprintf(stderr, "copied %zu chunks into %s in %.1f s\n", l.n, cake_store_uri(to),
+                     now_s() - t0);
+    free(buf);
+    free(l.e);
+    return rc;
 }
 
 /* Parses "a,b,c" into doubles; -1 on a bad entry. */
@@ -228,9 +282,11 @@ static int bench_ttft(int argc, char **argv) {
         {"repeat", required_argument, 0, 'r'}, {"io-depth", required_argument, 0, 'I'},
         {"threads", required_argument, 0, 't'}, {"store-dir", required_argument, 0, 'S'},
         {"out", required_argument, 0, 'o'},    {"help", no_argument, 0, 'h'},
+        {"backend", required_argument, 0, 'B'}, {"store", required_argument, 0, 'U'},
         {0, 0, 0, 0}};
     const char *model = NULL, *modes = "compute,load,cake", *out = "out/bench-ttft",
-               *store_dir = NULL;
+               *store_dir = NULL, *store_uri = NULL;
+    enum cake_backend_kind backend = CAKE_BACKEND_CPU;
     double ctxs[MAX_LIST] = {1024, 2048, 4096}, bws[MAX_LIST] = {0.05, 0.1, 0.2, 0.5, 1, 2},
            shares[MAX_LIST] = {1};
     int n_ctx = 3, n_bw = 6, n_share = 1, c;
@@ -271,12 +327,20 @@ static int bench_ttft(int argc, char **argv) {
                 return cli_error(CLI_USAGE, "bench", "--threads wants 1..1024");
             break;
         case 'S': store_dir = optarg; break;
+        case 'U': store_uri = optarg; break;
+        case 'B':
+            if (!strcmp(optarg, "cpu")) backend = CAKE_BACKEND_CPU;
+            else if (!strcmp(optarg, "cuda")) backend = CAKE_BACKEND_CUDA;
+            else return cli_error(CLI_USAGE, "bench", "--backend is cpu or cuda, got '%s'", optarg);
+            break;
         case 'o': out = optarg; break;
         case 'h': fputs(help, stdout); return CLI_OK;
         default: fputs(help, stderr); return CLI_USAGE;
         }
     }
     if (!model) return cli_error(CLI_USAGE, "bench", "-m MODEL is required");
+    if (store_dir && store_uri)
+        return cli_error(CLI_USAGE, "bench", "give --store-dir or --store, not both");
     int max_ctx = 0;
     for (int i = 0; i < n_ctx; i++) {
         if (ctxs[i] < 2 || ctxs[i] != floor(ctxs[i]))
@@ -284,16 +348,23 @@ static int bench_ttft(int argc, char **argv) {
         if (ctxs[i] > max_ctx) max_ctx = (int)ctxs[i];
     }
 
-    char err[512], dir[1024], path[1100];
+    char err[512], dir[1024], path[1100], base[1100], uri[1200];
     if (mkdir(out, 0755) && errno != EEXIST)
         return cli_error(CLI_FAIL, "bench", "cannot create %s: %s", out, strerror(errno));
-    int own_dir = !store_dir;
-    if (own_dir) {
+    int own_dir = !store_dir && !store_uri;
+    if (store_uri) {
+        snprintf(dir, sizeof(dir), "%s", store_uri); /* named in messages */
+    } else if (own_dir) {
         snprintf(dir, sizeof(dir), "%s/store-XXXXXX", out);
         if (!mkdtemp(dir)) return cli_error(CLI_FAIL, "bench", "cannot create a store folder");
     } else {
         snprintf(dir, sizeof(dir), "%s", store_dir);
     }
+    if (store_uri)
+        snprintf(base, sizeof(base), "%s", store_uri);
+    else
+        snprintf(base, sizeof(base), "file:%s", dir);
+    cake_store *master = NULL; /* the filled store, kept open when it is mem: */
 
     bench b = {.chunk = (int)chunk, .io_depth = (int)io_depth, .repeat = (int)repeat};
     int rc = CLI_FAIL;
@@ -309,6 +380,7 @@ static int bench_ttft(int argc, char **argv) {
     cake_context_params cp = cake_context_default_params();
     cp.n_ctx = max_ctx;
     cp.n_threads = (int)threads;
+    cp.backend = backend;
     if (max_ctx > hp->n_ctx_train) {
         cli_error(CLI_USAGE, "bench", "--ctx %d exceeds the model's context %d", max_ctx,
                   hp->n_ctx_train);
@@ -360,9 +432,8 @@ static int bench_ttft(int argc, char **argv) {
         }
         /* Cold run: fills the store (and warms up every weight page). */
         cake_store *plain = NULL;
-        snprintf(path, sizeof(path), "file:%s", dir);
-        if (cake_store_open(path, &plain, err, sizeof(err))) {
-            cli_error(CLI_FAIL, "bench", "%s: %s", path, err);
+        if (cake_store_open(base, &plain, err, sizeof(err))) {
+            cli_error(CLI_FAIL, "bench", "%s: %s", base, err);
             goto done;
         }
         cake_writeback *wb = cake_writeback_create(plain, 4096, err, sizeof(err));
@@ -372,7 +443,12 @@ static int bench_ttft(int argc, char **argv) {
         double cold = wb ? one_request(&b, prompt, n, plain, wb, CAKE_MODE_COMPUTE, &st) : -1;
         int dropped = wb ? cake_writeback_drain(wb, 600000) : 1;
         cake_writeback_free(wb);
-        cake_store_close(plain);
+        cake_store_close(master);
+        master = NULL;
+        if (!strcmp(cake_store_kind(plain), "mem"))
+            master = plain;
+        else
+            cake_store_close(plain);
         if (cold < 0 || dropped) {
             cli_error(CLI_FAIL, "bench", "could not fill the store in %s", dir);
             goto done;
@@ -391,9 +467,15 @@ static int bench_ttft(int argc, char **argv) {
                 fprintf(stderr, "[%d/%d, %.0f s] ctx %d, share %g, %g Gbit/s\n", cell,
                         total_cells, now_s() - t_start, n, share, bws[bi]);
                 cake_store *s = NULL;
-                snprintf(path, sizeof(path), "file:%s?bw=%.6gGbit", dir, bws[bi]);
-                if (cake_store_open(path, &s, err, sizeof(err))) {
-                    cli_error(CLI_FAIL, "bench", "%s: %s", path, err);
+                snprintf(uri, sizeof(uri), "%s%cbw=%.6gGbit", base, strchr(base, '?') ? '&' : '?',
+                         bws[bi]);
+                if (cake_store_open(uri, &s, err, sizeof(err))) {
+                    cli_error(CLI_FAIL, "bench", "%s: %s", uri, err);
+                    goto done;
+                }
+                if (master && copy_store(master, s, err, sizeof(err))) {
+                    cake_store_close(s);
+                    cli_error(CLI_FAIL, "bench", "copying the store into %s: %s", uri, err);
                     goto done;
                 }
                 timing tl = {0}, tk = {0};
@@ -440,6 +522,7 @@ static int bench_ttft(int argc, char **argv) {
     write_plots(out, ctxs, n_ctx);
     rc = CLI_OK;
 done:
+    cake_store_close(master);
     if (csv) fclose(csv);
     if (md) fclose(md);
     if (own_dir) {

@@ -27,6 +27,7 @@ static const char *help =
     "      --threads N       CPU threads (default: all online CPUs)\n"
     "      --chunk TOKENS    prefill chunk size = the store's chunk size (default 256)\n"
     "      --kv-type TYPE    KV cache element type: f16 (default) or f32\n"
+    "      --backend B       cpu (default) or cuda (one NVIDIA GPU; f16 KV only)\n"
     "      --store URI       KV chunk store: file:PATH, redis://HOST:PORT[/DB] or mem:\n"
     "                        (?bw=25Gbit&lat=1 emulate a link). Cached chunks are\n"
     "                        loaded, newly computed full chunks written back\n"
@@ -48,6 +49,7 @@ typedef struct {
     unsigned long long seed;
     int seed_set, json;
     enum cake_kv_type kv_type;
+    enum cake_backend_kind backend;
 } run_opts;
 
 /* Streams generated text to stdout as tokens arrive (not in --json mode). */
@@ -128,6 +130,7 @@ static int parse_args(int argc, char **argv, run_opts *o) {
         {"mode", required_argument, 0, 'M'},   {"dump-logits", required_argument, 0, 'D'},
         {"json", no_argument, 0, 'J'},         {"help", no_argument, 0, 'h'},
         {"io-depth", required_argument, 0, 'I'}, {"trace", required_argument, 0, 'R'},
+        {"backend", required_argument, 0, 'B'},
         {0, 0, 0, 0}};
     *o = (run_opts){.n_predict = 128, .temp = 0.8, .top_p = 0.95, .chunk = 256,
                     .io_depth = CAKE_DEFAULT_IO_DEPTH, .mode = CAKE_MODE_CAKE};
@@ -175,6 +178,11 @@ static int parse_args(int argc, char **argv, run_opts *o) {
             else return cli_error(CLI_USAGE, "run", "--kv-type is f16 or f32, got '%s'", optarg);
             break;
         case 'S': o->store = optarg; break;
+        case 'B':
+            if (!strcmp(optarg, "cpu")) o->backend = CAKE_BACKEND_CPU;
+            else if (!strcmp(optarg, "cuda")) o->backend = CAKE_BACKEND_CUDA;
+            else return cli_error(CLI_USAGE, "run", "--backend is cpu or cuda, got '%s'", optarg);
+            break;
         case 'M':
             if (cake_mode_parse(optarg, &o->mode))
                 return cli_error(CLI_USAGE, "run", "--mode is cake, load or compute, got '%s'",
@@ -298,6 +306,7 @@ int cmd_run(int argc, char **argv) {
     cp.n_ctx = n_prompt + (int)o.n_predict;
     cp.n_threads = (int)o.threads;
     cp.kv_type = o.kv_type;
+    cp.backend = o.backend;
     if (cake_context_init(model, cp, &ctx, err, sizeof(err))) {
         cli_error(CLI_FAIL, "run", "%s", err);
         goto done;

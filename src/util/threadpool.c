@@ -14,10 +14,12 @@
  * checks the announcement and only then takes the mutex. One of the two always
  * sees the other, so no wake-up is lost and the fast path never locks.
  *
- * Tasks are assigned by static striding (thread j runs j, j + n, ...), so which
- * thread runs a task never depends on timing. One job at a time: a second
- * concurrent (or nested) call finds the pool busy and runs its tasks serially
- * on its own thread instead of deadlocking. */
+ * cake_threadpool_run assigns tasks by static striding (thread j runs j,
+ * j + n, ...), so which thread runs a task never depends on timing;
+ * cake_threadpool_run_dynamic hands out tasks from an atomic counter instead,
+ * which evens out threads running at different speeds. One job at a time: a
+ * second concurrent (or nested) call finds the pool busy and runs its tasks
+ * serially on its own thread instead of deadlocking. */
 #include "util/threadpool.h"
 
 #include <pthread.h>
@@ -55,6 +57,8 @@ struct cake_threadpool {
     cake_task_fn fn;
     void *ctx;
     int n_tasks;
+    int dynamic;     /* tasks taken from `next` instead of by striding */
+    atomic_int next; /* next task of a dynamic job */
 
     atomic_uint gen;            /* job generation */
     atomic_int n_done;          /* workers that finished the current job */
@@ -67,8 +71,14 @@ struct cake_threadpool {
     pthread_cond_t work_cv, done_cv;
 };
 
-static void run_share(cake_task_fn fn, void *ctx, int n_tasks, int id, int n_threads) {
-    for (int i = id; i < n_tasks; i += n_threads) fn(ctx, i, id);
+static void run_share(cake_threadpool *p, int id) {
+    if (p->dynamic) {
+        for (int i;
+             (i = atomic_fetch_add_explicit(&p->next, 1, memory_order_relaxed)) < p->n_tasks;)
+            p->fn(p->ctx, i, id);
+        return;
+    }
+    for (int i = id; i < p->n_tasks; i += p->n_threads) p->fn(p->ctx, i, id);
 }
 
 static void *worker_main(void *arg) {
@@ -93,7 +103,7 @@ static void *worker_main(void *arg) {
         }
         if (g == seen) break; /* woken by stop, no new job */
         seen = g;
-        run_share(p->fn, p->ctx, p->n_tasks, id, p->n_threads);
+        run_share(p, id);
         if (atomic_fetch_add(&p->n_done, 1) + 1 == p->n_threads - 1 &&
             atomic_load(&p->caller_sleeping)) {
             pthread_mutex_lock(&p->mu);
@@ -123,6 +133,7 @@ cake_threadpool *cake_threadpool_create(int n_threads) {
     atomic_init(&p->n_sleeping, 0);
     atomic_init(&p->caller_sleeping, 0);
     atomic_init(&p->stop, 0);
+    atomic_init(&p->next, 0);
     atomic_flag_clear(&p->busy);
     if (pthread_mutex_init(&p->mu, NULL)) {
         free(p);
@@ -179,18 +190,20 @@ int cake_threadpool_size(const cake_threadpool *p) {
     return p ? p->n_threads : 1;
 }
 
-void cake_threadpool_run(cake_threadpool *p, int n_tasks, cake_task_fn fn, void *ctx) {
+static void run_job(cake_threadpool *p, int n_tasks, cake_task_fn fn, void *ctx, int dynamic) {
     if (n_tasks <= 0) return;
     /* Serial cases: no pool, one thread, a single task (not worth a wake-up),
      * or the pool is already running a job (a nested or concurrent call). */
     if (!p || p->n_threads == 1 || n_tasks == 1 || atomic_flag_test_and_set(&p->busy)) {
-        run_share(fn, ctx, n_tasks, 0, 1);
+        for (int i = 0; i < n_tasks; i++) fn(ctx, i, 0);
         return;
     }
     const int n_workers = p->n_threads - 1;
     p->fn = fn;
     p->ctx = ctx;
     p->n_tasks = n_tasks;
+    p->dynamic = dynamic;
+    atomic_store(&p->next, 0);
     atomic_store(&p->n_done, 0);
     atomic_fetch_add(&p->gen, 1);
     if (atomic_load(&p->n_sleeping) > 0) {
@@ -199,7 +212,7 @@ void cake_threadpool_run(cake_threadpool *p, int n_tasks, cake_task_fn fn, void 
         pthread_mutex_unlock(&p->mu);
     }
 
-    run_share(fn, ctx, n_tasks, 0, p->n_threads);
+    run_share(p, 0);
 
     for (int spin = 0; spin < SPIN_ITERS; spin++) {
         if (atomic_load_explicit(&p->n_done, memory_order_acquire) == n_workers) goto done;
@@ -212,4 +225,12 @@ void cake_threadpool_run(cake_threadpool *p, int n_tasks, cake_task_fn fn, void 
     pthread_mutex_unlock(&p->mu);
 done:
     atomic_flag_clear(&p->busy);
+}
+
+void cake_threadpool_run(cake_threadpool *p, int n_tasks, cake_task_fn fn, void *ctx) {
+    run_job(p, n_tasks, fn, ctx, 0);
+}
+
+void cake_threadpool_run_dynamic(cake_threadpool *p, int n_tasks, cake_task_fn fn, void *ctx) {
+    run_job(p, n_tasks, fn, ctx, 1);
 }

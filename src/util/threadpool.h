@@ -15,5 +15,11 @@ void cake_threadpool_free(cake_threadpool *p); /* accepts NULL */
 int cake_threadpool_size(const cake_threadpool *p); /* 1 for NULL */
 /* pool may be NULL: runs every task on the calling thread. */
 void cake_threadpool_run(cake_threadpool *p, int n_tasks, cake_task_fn fn, void *ctx);
+/* Like cake_threadpool_run, but each thread takes the next unclaimed task
+ * until none is left, so faster threads do more: which thread runs a task
+ * depends on timing. For kernels whose results do not depend on it (each
+ * output computed by one task with a fixed order), it evens out threads that
+ * run at different speeds (a shared machine, memory contention). */
+void cake_threadpool_run_dynamic(cake_threadpool *p, int n_tasks, cake_task_fn fn, void *ctx);
 
 #endif

@@ -29,8 +29,10 @@
  *    (masked FMAs leave a row's state untouched, not "add zero").
  *  - decode / few rows: keys in lanes. The task converts each 64-key block
  *    of K to f32 transposed ([d][key], a 16x16 in-register transpose), so 64
- *    scores of a row are 4 vectors of FMA chains; P.V runs with o in
- *    registers over the row's valid keys only.
+ *    scores of a row are 4 vectors of FMA chains (the rows of one token, up
+ *    to 4, share the loads); P.V runs with o in registers over the row's
+ *    valid keys only, reading V from the cache directly.
+ * Tasks are handed out dynamically, the longest (last query blocks) first.
  *
  * cake_attention_lanes() is the list above in scalar C; the tests hold the
  * fast kernel bit-identical to it for every batch, chunking and thread count.
@@ -115,7 +117,8 @@ static void lanes_row(const cake_attn_args *a, int t, int h) {
         float mb = -INFINITY;
         for (int j = 0; j < nv; j++) {
             float acc = 0.0f;
-            for (int d = 0; d < hd; d++) acc = fmaf(q[d] * scale, kv_at(a, a->k, kb0 + j, kvh, d), acc);
+            for (int d = 0; d < hd; d++)
+                acc = fmaf(q[d] * scale, kv_at(a, a->k, kb0 + j, kvh, d), acc);
             s[j] = acc;
             mb = acc > mb ? acc : mb;
         }
@@ -147,9 +150,10 @@ void cake_attention_lanes(const cake_attn_args *a) {
 
 typedef struct {
     const cake_attn_args *a;
-    int group;  /* query heads per KV head */
-    int bq;     /* query tokens per task */
-    float *sc;  /* per-thread scratch (fast kernel), sc_floats each, 64-byte aligned */
+    int group; /* query heads per KV head */
+    int bq;    /* query tokens per task */
+    int n_qb;  /* query blocks */
+    float *sc; /* per-thread scratch (fast kernel), sc_floats each, 64-byte aligned */
     size_t sc_floats;
 } att_job;
 
@@ -164,7 +168,7 @@ static void lanes_task(void *ctx, int task, int tid) {
 
 #ifdef CAKE_AVX512
 
-#define UNROLL _Pragma("GCC unroll 16")
+#define UNROLL  _Pragma("GCC unroll 16")
 #define KEEP(v) __asm__("" : "+v"(v)) /* keep a vector in a register (see matmul.c) */
 
 /* 16 f32 values of a cache row from element d (masked past n: zeros). */
@@ -199,7 +203,8 @@ static void load_rows(float *dst, int ld, const cake_attn_args *a, const void *b
             }
         }
         for (; d < ld; d += 16)
-            _mm512_mask_storeu_ps(o + d, cake_tail_mask(ld - d < 16 ? ld - d : 16), _mm512_setzero_ps());
+            _mm512_mask_storeu_ps(o + d, cake_tail_mask(ld - d < 16 ? ld - d : 16),
+                                  _mm512_setzero_ps());
     }
 }
 
@@ -232,20 +237,39 @@ CAKE_INLINE void transpose16(__m512 r[16]) {
     UNROLL for (int i = 0; i < 16; i++) r[i] = t[i];
 }
 
-/* Keys [kb0, kb0 + nk) of KV head kvh transposed: dst[d][64] (keys >= nk zero). */
+/* Keys [kb0, kb0 + nk) of KV head kvh transposed: dst[d][64] (keys >= nk zero).
+ * Full 16x16 tiles (the common case) take a branch-free path that keeps the
+ * tile in registers. */
 static void load_keys_transposed(float *dst, const cake_attn_args *a, int kvh, int kb0, int nk) {
     const int hd = a->head_dim;
     const size_t stride = (size_t)a->n_kv_heads * hd;
+    const size_t base = (size_t)kb0 * stride + (size_t)kvh * hd;
     for (int j0 = 0; j0 < ATT_BK; j0 += 16)
         for (int d0 = 0; d0 < hd; d0 += 16) {
             __m512 r[16];
-            UNROLL for (int i = 0; i < 16; i++) {
-                const size_t off = (size_t)(kb0 + j0 + i) * stride + (size_t)kvh * hd + (size_t)d0;
-                r[i] = j0 + i < nk ? kv_load16(a, a->k, off, hd - d0) : _mm512_setzero_ps();
+            const size_t off = base + (size_t)j0 * stride + (size_t)d0;
+            if (j0 + 16 <= nk && d0 + 16 <= hd) {
+                if (a->kv_f16) {
+                    const cake_f16 *src = (const cake_f16 *)a->k + off;
+                    UNROLL for (int i = 0; i < 16; i++) r[i] =
+                        cake_load_f16(src + (size_t)i * stride);
+                } else {
+                    const float *src = (const float *)a->k + off;
+                    UNROLL for (int i = 0; i < 16; i++) r[i] =
+                        _mm512_loadu_ps(src + (size_t)i * stride);
+                }
+                transpose16(r);
+                UNROLL for (int i = 0; i < 16; i++)
+                    _mm512_store_ps(dst + (size_t)(d0 + i) * ATT_BK + j0, r[i]);
+                continue;
             }
+            for (int i = 0; i < 16; i++)
+                r[i] = j0 + i < nk ? kv_load16(a, a->k, off + (size_t)i * stride, hd - d0)
+                                   : _mm512_setzero_ps();
             transpose16(r);
             const int nd = hd - d0 < 16 ? hd - d0 : 16;
-            for (int i = 0; i < nd; i++) _mm512_store_ps(dst + (size_t)(d0 + i) * ATT_BK + j0, r[i]);
+            for (int i = 0; i < nd; i++)
+                _mm512_store_ps(dst + (size_t)(d0 + i) * ATT_BK + j0, r[i]);
         }
 }
 
@@ -268,7 +292,8 @@ CAKE_INLINE void rows_scores(float *sT, int Rp, const float *Qt, const float *kf
             }
             UNROLL for (int jj = 0; jj < 8; jj++) {
                 const __m512 kb = _mm512_set1_ps(kr[(size_t)jj * hd + d]);
-                UNROLL for (int v = 0; v < NRV; v++) acc[jj][v] = _mm512_fmadd_ps(qv[v], kb, acc[jj][v]);
+                UNROLL for (int v = 0; v < NRV; v++) acc[jj][v] =
+                    _mm512_fmadd_ps(qv[v], kb, acc[jj][v]);
             }
         }
         UNROLL for (int jj = 0; jj < 8; jj++) UNROLL for (int v = 0; v < NRV; v++)
@@ -306,14 +331,30 @@ CAKE_INLINE void rows_pv(float *oT, int Rp, const float *sT, const __mmask16 *ms
 
 #define PV_CASES(NRV)                                                                              \
     switch (nd) {                                                                                  \
-    case 8: rows_pv(oT, Rp, sT, msk, nrv, vf, hd, alpha, rv, d0, nkv, NRV, 8); break;             \
-    case 7: rows_pv(oT, Rp, sT, msk, nrv, vf, hd, alpha, rv, d0, nkv, NRV, 7); break;             \
-    case 6: rows_pv(oT, Rp, sT, msk, nrv, vf, hd, alpha, rv, d0, nkv, NRV, 6); break;             \
-    case 5: rows_pv(oT, Rp, sT, msk, nrv, vf, hd, alpha, rv, d0, nkv, NRV, 5); break;             \
-    case 4: rows_pv(oT, Rp, sT, msk, nrv, vf, hd, alpha, rv, d0, nkv, NRV, 4); break;             \
-    case 3: rows_pv(oT, Rp, sT, msk, nrv, vf, hd, alpha, rv, d0, nkv, NRV, 3); break;             \
-    case 2: rows_pv(oT, Rp, sT, msk, nrv, vf, hd, alpha, rv, d0, nkv, NRV, 2); break;             \
-    default: rows_pv(oT, Rp, sT, msk, nrv, vf, hd, alpha, rv, d0, nkv, NRV, 1); break;            \
+    case 8:                                                                                        \
+        rows_pv(oT, Rp, sT, msk, nrv, vf, hd, alpha, rv, d0, nkv, NRV, 8);                         \
+        break;                                                                                     \
+    case 7:                                                                                        \
+        rows_pv(oT, Rp, sT, msk, nrv, vf, hd, alpha, rv, d0, nkv, NRV, 7);                         \
+        break;                                                                                     \
+    case 6:                                                                                        \
+        rows_pv(oT, Rp, sT, msk, nrv, vf, hd, alpha, rv, d0, nkv, NRV, 6);                         \
+        break;                                                                                     \
+    case 5:                                                                                        \
+        rows_pv(oT, Rp, sT, msk, nrv, vf, hd, alpha, rv, d0, nkv, NRV, 5);                         \
+        break;                                                                                     \
+    case 4:                                                                                        \
+        rows_pv(oT, Rp, sT, msk, nrv, vf, hd, alpha, rv, d0, nkv, NRV, 4);                         \
+        break;                                                                                     \
+    case 3:                                                                                        \
+        rows_pv(oT, Rp, sT, msk, nrv, vf, hd, alpha, rv, d0, nkv, NRV, 3);                         \
+        break;                                                                                     \
+    case 2:                                                                                        \
+        rows_pv(oT, Rp, sT, msk, nrv, vf, hd, alpha, rv, d0, nkv, NRV, 2);                         \
+        break;                                                                                     \
+    default:                                                                                       \
+        rows_pv(oT, Rp, sT, msk, nrv, vf, hd, alpha, rv, d0, nkv, NRV, 1);                         \
+        break;                                                                                     \
     }
 
 /* The task's rows (tokens t0..t1-1 x G heads, row r = (t - t0) * G + head)
@@ -322,15 +363,15 @@ static void task_rows_in_lanes(const att_job *job, int kvh, int t0, int t1, floa
     const cake_attn_args *a = job->a;
     const int G = job->group, hd = a->head_dim;
     const int R = (t1 - t0) * G, Rp = (R + 15) / 16 * 16, nrv = Rp / 16;
-    float *Qt = sc;                               /* [hd][Rp] */
-    float *oT = Qt + (size_t)hd * Rp;             /* [hd][Rp] */
-    float *sT = oT + (size_t)hd * Rp;             /* [64][Rp] scores, then p */
-    float *kf = sT + (size_t)ATT_BK * Rp;         /* [64][hd] */
-    float *vf = kf + (size_t)ATT_BK * hd;         /* [64][hd] */
-    float *ms = vf + (size_t)ATT_BK * hd;         /* [Rp] */
-    float *ls = ms + Rp;                          /* [Rp] */
-    int32_t *pos = (int32_t *)(ls + Rp);          /* [Rp] position of each row */
-    __mmask16 *msk = (__mmask16 *)(pos + Rp);     /* [64][nrv] */
+    float *Qt = sc;                           /* [hd][Rp] */
+    float *oT = Qt + (size_t)hd * Rp;         /* [hd][Rp] */
+    float *sT = oT + (size_t)hd * Rp;         /* [64][Rp] scores, then p */
+    float *kf = sT + (size_t)ATT_BK * Rp;     /* [64][hd] */
+    float *vf = kf + (size_t)ATT_BK * hd;     /* [64][hd] */
+    float *ms = vf + (size_t)ATT_BK * hd;     /* [Rp] */
+    float *ls = ms + Rp;                      /* [Rp] */
+    int32_t *pos = (int32_t *)(ls + Rp);      /* [Rp] position of each row */
+    __mmask16 *msk = (__mmask16 *)(pos + Rp); /* [64][nrv] */
 
     /* Q^T, scaled, 16 rows x 16 columns at a time; padding rows are zero */
     const __m512 scale = _mm512_set1_ps(1.0f / sqrtf((float)hd));
@@ -340,11 +381,14 @@ static void task_rows_in_lanes(const att_job *job, int kvh, int t0, int t1, floa
             __m512 x[16];
             UNROLL for (int i = 0; i < 16; i++) {
                 const int r = r0 + i, t = t0 + r / G, hh = r % G;
-                x[i] = r < R ? _mm512_mul_ps(_mm512_maskz_loadu_ps(
-                                                 cake_tail_mask(nd),
-                                                 a->q + ((size_t)t * a->n_heads + (size_t)kvh * G + hh) * hd + d0),
-                                             scale)
-                             : _mm512_setzero_ps();
+                x[i] =
+                    r < R
+                        ? _mm512_mul_ps(
+                              _mm512_maskz_loadu_ps(
+                                  cake_tail_mask(nd),
+                                  a->q + ((size_t)t * a->n_heads + (size_t)kvh * G + hh) * hd + d0),
+                              scale)
+                        : _mm512_setzero_ps();
             }
             transpose16(x);
             for (int i = 0; i < nd; i++) {
@@ -374,8 +418,10 @@ static void task_rows_in_lanes(const att_job *job, int kvh, int t0, int t1, floa
             const int nv2 = nrv - rv < 2 ? 1 : 2;
             const int last = pos[(rv + nv2) * 16 - 1 < R ? (rv + nv2) * 16 - 1 : R - 1];
             const int nkv = last - kb0 + 1 < nk ? last - kb0 + 1 : nk;
-            if (nv2 == 2) rows_scores(sT, Rp, Qt, kf, hd, rv, nkv, 2);
-            else rows_scores(sT, Rp, Qt, kf, hd, rv, nkv, 1);
+            if (nv2 == 2)
+                rows_scores(sT, Rp, Qt, kf, hd, rv, nkv, 2);
+            else
+                rows_scores(sT, Rp, Qt, kf, hd, rv, nkv, 1);
 
             __m512 alpha[2];
             for (int v = 0; v < nv2; v++) {
@@ -395,7 +441,8 @@ static void task_rows_in_lanes(const att_job *job, int kvh, int t0, int t1, floa
                 for (int j = 0; j < nkv; j++) {
                     const __mmask16 mk = msk[(size_t)j * nrv + rv + v];
                     float *sp = sT + (size_t)j * Rp + r0;
-                    const __m512 p = _mm512_maskz_mov_ps(mk, cake_exp512(_mm512_sub_ps(_mm512_load_ps(sp), mn)));
+                    const __m512 p =
+                        _mm512_maskz_mov_ps(mk, cake_exp512(_mm512_sub_ps(_mm512_load_ps(sp), mn)));
                     _mm512_store_ps(sp, p);
                     l = _mm512_mask_add_ps(l, mk, l, p);
                 }
@@ -425,7 +472,8 @@ static void task_rows_in_lanes(const att_job *job, int kvh, int t0, int t1, floa
             transpose16(x);
             for (int i = 0; i < 16 && r0 + i < R; i++) {
                 const int r = r0 + i, t = t0 + r / G, hh = r % G;
-                _mm512_mask_storeu_ps(a->out + ((size_t)t * a->n_heads + (size_t)kvh * G + hh) * hd + d0,
+                _mm512_mask_storeu_ps(a->out +
+                                          ((size_t)t * a->n_heads + (size_t)kvh * G + hh) * hd + d0,
                                       cake_tail_mask(nd), x[i]);
             }
         }
@@ -496,9 +544,12 @@ CAKE_INLINE void keys_rows(const float *qs, int hd, const float *kt, const void 
             const size_t vr = (size_t)j * vstride + vbase + (size_t)ds * 16;
             __m512 vv[4];
             UNROLL for (int g = 0; g < 4; g++) {
-                if (g >= ng) vv[g] = _mm512_setzero_ps();
-                else if (F16) vv[g] = cake_maskload_f16((const cake_f16 *)v + vr + g * 16, cm[g]);
-                else vv[g] = _mm512_maskz_loadu_ps(cm[g], (const float *)v + vr + g * 16);
+                if (g >= ng)
+                    vv[g] = _mm512_setzero_ps();
+                else if (F16)
+                    vv[g] = cake_maskload_f16((const cake_f16 *)v + vr + g * 16, cm[g]);
+                else
+                    vv[g] = _mm512_maskz_loadu_ps(cm[g], (const float *)v + vr + g * 16);
                 KEEP(vv[g]);
             }
             UNROLL for (int i = 0; i < NR; i++) {
@@ -521,11 +572,15 @@ CAKE_INLINE void keys_rows(const float *qs, int hd, const float *kt, const void 
 #define KEYS_ROWS(NR)                                                                              \
     do {                                                                                           \
         if (a->kv_f16) {                                                                           \
-            if (nv == ATT_BK) KEYS_ROWS_F(NR, 4, 1);                                               \
-            else KEYS_ROWS_F(NR, 0, 1);                                                            \
+            if (nv == ATT_BK)                                                                      \
+                KEYS_ROWS_F(NR, 4, 1);                                                             \
+            else                                                                                   \
+                KEYS_ROWS_F(NR, 0, 1);                                                             \
         } else {                                                                                   \
-            if (nv == ATT_BK) KEYS_ROWS_F(NR, 4, 0);                                               \
-            else KEYS_ROWS_F(NR, 0, 0);                                                            \
+            if (nv == ATT_BK)                                                                      \
+                KEYS_ROWS_F(NR, 4, 0);                                                             \
+            else                                                                                   \
+                KEYS_ROWS_F(NR, 0, 0);                                                             \
         }                                                                                          \
     } while (0)
 
@@ -565,10 +620,18 @@ static void task_keys_in_lanes(const att_job *job, int kvh, int t0, int t1, floa
             for (int hh = 0; hh < G; hh += 4) {
                 const int r = (t - t0) * G + hh;
                 switch (G - hh < 4 ? G - hh : 4) {
-                case 4: KEYS_ROWS(4); break;
-                case 3: KEYS_ROWS(3); break;
-                case 2: KEYS_ROWS(2); break;
-                default: KEYS_ROWS(1); break;
+                case 4:
+                    KEYS_ROWS(4);
+                    break;
+                case 3:
+                    KEYS_ROWS(3);
+                    break;
+                case 2:
+                    KEYS_ROWS(2);
+                    break;
+                default:
+                    KEYS_ROWS(1);
+                    break;
                 }
             }
         }
@@ -585,20 +648,26 @@ static void task_keys_in_lanes(const att_job *job, int kvh, int t0, int t1, floa
 static void fast_task(void *ctx, int task, int tid) {
     const att_job *j = ctx;
     const cake_attn_args *a = j->a;
-    const int kvh = task % a->n_kv_heads, qb = task / a->n_kv_heads;
+    /* the last query blocks (the most keys) first, so the dynamic schedule
+     * ends with small tasks */
+    const int kvh = task % a->n_kv_heads, qb = j->n_qb - 1 - task / a->n_kv_heads;
     const int t0 = qb * j->bq;
     const int t1 = t0 + j->bq < a->n_tokens ? t0 + j->bq : a->n_tokens;
     float *sc = j->sc + (size_t)tid * j->sc_floats;
-    if ((t1 - t0) * j->group >= ATT_ROWS_MIN_B) task_rows_in_lanes(j, kvh, t0, t1, sc);
-    else task_keys_in_lanes(j, kvh, t0, t1, sc);
+    if ((t1 - t0) * j->group >= ATT_ROWS_MIN_B)
+        task_rows_in_lanes(j, kvh, t0, t1, sc);
+    else
+        task_keys_in_lanes(j, kvh, t0, t1, sc);
 }
 
 /* Scratch floats per thread for tasks of R rows (the larger of the two kinds). */
 static size_t scratch_floats(int R, int hd) {
     const size_t Rp = (size_t)(R + 15) / 16 * 16, hdp = (size_t)(hd + 15) / 16 * 16;
-    const size_t rows_b = 2 * hd * Rp + ATT_BK * Rp + 2 * ATT_BK * (size_t)hd + 3 * Rp +
-                          (ATT_BK * (Rp / 16) + 1) / 2;
-    const size_t keys_a = ((size_t)R * hd + 15) / 16 * 16 + (size_t)R * hdp + 2 * ATT_BK * hdp +
+    /* rows in lanes: Qt, oT, sT, kf, vf, ms, ls, pos, msk (see task_rows_in_lanes) */
+    const size_t rows_b =
+        2 * hd * Rp + ATT_BK * Rp + 2 * ATT_BK * (size_t)hd + 3 * Rp + (ATT_BK * (Rp / 16) + 1) / 2;
+    /* keys in lanes: qs (padded), o, kt, p, ms, ls (see task_keys_in_lanes) */
+    const size_t keys_a = ((size_t)R * hd + 15) / 16 * 16 + (size_t)R * hdp + (size_t)hd * ATT_BK +
                           4 * ATT_BK + 2 * (size_t)R;
     const size_t n = rows_b > keys_a ? rows_b : keys_a;
     return (n + 15) / 16 * 16 + 16;
@@ -615,17 +684,17 @@ void cake_attention(const cake_attn_args *a, cake_threadpool *pool) {
         int bq = ATT_ROW_FLOATS / (j.group * hdp);
         bq = bq < 1 ? 1 : bq > 64 ? 64 : bq;
         j.bq = bq < a->n_tokens ? bq : a->n_tokens;
-        const int n_qb = (a->n_tokens + j.bq - 1) / j.bq;
+        j.n_qb = (a->n_tokens + j.bq - 1) / j.bq;
         j.sc_floats = scratch_floats(j.bq * j.group, a->head_dim);
         const int n_threads = cake_threadpool_size(pool);
         j.sc = aligned_alloc(64, j.sc_floats * sizeof(float) * (size_t)n_threads);
         if (j.sc) {
-            cake_threadpool_run(pool, n_qb * a->n_kv_heads, fast_task, &j);
+            cake_threadpool_run_dynamic(pool, j.n_qb * a->n_kv_heads, fast_task, &j);
             free(j.sc);
             return;
         }
     }
 #endif
     /* portable build, head_dim > 256 or no memory for scratch: same bits, slower */
-    cake_threadpool_run(pool, a->n_tokens * a->n_kv_heads, lanes_task, &j);
+    cake_threadpool_run_dynamic(pool, a->n_tokens * a->n_kv_heads, lanes_task, &j);
 }

@@ -29,10 +29,9 @@
 CAKE_INLINE __m512 f16_to_f32_exact(__m256i h) {
     __m512 f = _mm512_cvtph_ps(h);
     __m512i hi = _mm512_cvtepu16_epi32(h);
-    __mmask16 snan =
-        _mm512_cmpeq_epi32_mask(_mm512_and_si512(hi, _mm512_set1_epi32(0x7e00)),
-                                _mm512_set1_epi32(0x7c00)) &
-        _mm512_test_epi32_mask(hi, _mm512_set1_epi32(0x1ff));
+    __mmask16 snan = _mm512_cmpeq_epi32_mask(_mm512_and_si512(hi, _mm512_set1_epi32(0x7e00)),
+                                             _mm512_set1_epi32(0x7c00)) &
+                     _mm512_test_epi32_mask(hi, _mm512_set1_epi32(0x1ff));
     return _mm512_castsi512_ps(_mm512_mask_xor_epi32(
         _mm512_castps_si512(f), snan, _mm512_castps_si512(f), _mm512_set1_epi32(0x400000)));
 }
@@ -78,9 +77,8 @@ void cake_f32_to_f16_row(const float *x, cake_f16 *y, size_t n) {
                             _mm512_cvtps_ph(_mm512_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
     if (i < n) {
         __mmask16 m = cake_tail_mask((int)(n - i));
-        _mm256_mask_storeu_epi16(y + i, m,
-                                 _mm512_cvtps_ph(_mm512_maskz_loadu_ps(m, x + i),
-                                                 _MM_FROUND_TO_NEAREST_INT));
+        _mm256_mask_storeu_epi16(
+            y + i, m, _mm512_cvtps_ph(_mm512_maskz_loadu_ps(m, x + i), _MM_FROUND_TO_NEAREST_INT));
         i = n;
     }
 #elif defined(CAKE_F16C_AVX2)
@@ -94,8 +92,7 @@ void cake_f32_to_f16_row(const float *x, cake_f16 *y, size_t n) {
 void cake_bf16_to_f32_row(const cake_bf16 *x, float *y, size_t n) {
     size_t i = 0;
 #if defined(CAKE_AVX512)
-    for (; i + 16 <= n; i += 16)
-        _mm512_storeu_ps(y + i, cake_load_bf16(x + i));
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, cake_load_bf16(x + i));
 #elif defined(__AVX2__)
     for (; i + 8 <= n; i += 8) {
         __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(x + i)));

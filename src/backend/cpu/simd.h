@@ -20,8 +20,7 @@
 
 #include "util/f16.h"
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) &&                     \
-    defined(__AVX512DQ__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
 #define CAKE_AVX512 1
 #include <immintrin.h>
 #endif

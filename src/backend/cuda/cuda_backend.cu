@@ -24,8 +24,20 @@
  * f16/bf16). Row-major y (T, n_out) = x (T, n_in) W^T is, seen column-major,
  * y^T (n_out, T) = W (n_in, n_out)^T x^T (n_in, T): op(A) = T on W, op(B) = N.
  *
- * Everything runs on one stream; cake_cuda_forward synchronises before it
- * returns, so a failed kernel is reported by the call that launched it. */
+ * The forward pass runs on one stream; cake_cuda_forward synchronises before
+ * it returns, so a failed kernel is reported by the call that launched it.
+ *
+ * KV transfers (cake_cuda_kv_write/read) come from the loader's I/O workers
+ * and write-back thread while the compute thread is inside a forward pass, so
+ * they must not queue behind it: each call borrows one of a few transfer
+ * slots (its own non-blocking stream and two pinned bounce buffers, created on
+ * first use) and synchronises only that stream. The bounce buffers make the
+ * copies plain DMA that runs beside the kernels and lets several callers copy
+ * at once (a pageable cudaMemcpyAsync goes through the driver's own staging);
+ * the host copy of one piece overlaps the DMA of the previous one. Ordering
+ * needs no events between the streams: the loader lets compute read a chunk's
+ * positions only after kv_write returned, and kv_read only reads positions of
+ * forward passes that returned (each synchronises its stream). */
 #include "backend/cuda/cuda_backend.h"
 
 #include <cublas_v2.h>
@@ -33,8 +45,10 @@
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <pthread.h>
 #include <string.h>
 #include <thread>
+#include <vector>
 
 #include "backend/cuda/common.cuh"
 #include "model/model.h"
@@ -61,6 +75,19 @@ constexpr int PROF_MIN_N = 64;
 
 constexpr size_t STAGE_BYTES = 64u << 20; /* pinned upload buffers, two of them */
 constexpr size_t BLAS_WS_BYTES = 32u << 20;
+
+/* KV transfer slots: as many as the loader's I/O workers plus the write-back
+ * thread (more callers wait for a free slot); 2 x 4 MiB pinned per slot. */
+constexpr int XFER_SLOTS = 8;
+constexpr size_t XFER_PIECE = 4u << 20;
+
+struct xfer_slot {
+    cudaStream_t stream;
+    void *pin[2];
+    cudaEvent_t ev[2]; /* the last DMA of pin[b] */
+    int next;          /* the bounce buffer the next upload piece uses */
+    bool ready, busy;
+};
 
 } // namespace
 
@@ -91,6 +118,11 @@ struct cake_cuda_state {
     void *stage[2]; /* pinned, only during init */
     cudaEvent_t stage_ev[2];
     int stage_next;
+
+    pthread_mutex_t xfer_mu; /* guards the slots' ready and busy flags */
+    pthread_cond_t xfer_cv;  /* a slot was released */
+    bool xfer_init;
+    xfer_slot xfer[XFER_SLOTS];
 
     int prof;                 /* profiling on */
     cudaEvent_t *prof_ev;     /* marks of one forward pass */
@@ -474,6 +506,150 @@ int init_state(cake_cuda_state *s, const cake_model *m, int n_ctx, int max_batch
 
 } // namespace
 
+/* ---- KV transfers on their own streams (see the top of this file) ---- */
+
+namespace {
+
+void xfer_slot_release_resources(xfer_slot *x) {
+    if (x->stream) {
+        cudaStreamSynchronize(x->stream);
+        cudaStreamDestroy(x->stream);
+    }
+    for (int b = 0; b < 2; b++) {
+        if (x->ev[b]) cudaEventDestroy(x->ev[b]);
+        if (x->pin[b]) cudaFreeHost(x->pin[b]);
+    }
+    memset(x, 0, sizeof(*x));
+}
+
+/* Creates a slot's stream, events and bounce buffers (outside the mutex: the
+ * slot is marked busy, so nobody else touches it). */
+int xfer_slot_setup(xfer_slot *x, char *err, size_t errlen) {
+    cudaError_t e = cudaStreamCreateWithFlags(&x->stream, cudaStreamNonBlocking);
+    for (int b = 0; b < 2 && e == cudaSuccess; b++) {
+        e = cudaEventCreateWithFlags(&x->ev[b], cudaEventDisableTiming);
+        if (e == cudaSuccess) e = cudaHostAlloc(&x->pin[b], XFER_PIECE, cudaHostAllocDefault);
+    }
+    if (e != cudaSuccess) {
+        xfer_slot_release_resources(x); /* clears busy too: the caller resets it anyway */
+        return cuda_fail(err, errlen, "creating a KV transfer stream and its pinned buffers", e);
+    }
+    x->next = 0;
+    x->ready = true;
+    return 0;
+}
+
+/* A free slot, ready ones first; waits while all are busy. -1 with err when
+ * a new slot cannot be set up. */
+int xfer_acquire(cake_cuda_state *s, char *err, size_t errlen) {
+    pthread_mutex_lock(&s->xfer_mu);
+    int i;
+    for (;;) {
+        int fresh = -1;
+        for (i = 0; i < XFER_SLOTS; i++) {
+            if (s->xfer[i].busy) continue;
+            if (s->xfer[i].ready) break;
+            if (fresh < 0) fresh = i;
+        }
+        if (i == XFER_SLOTS) i = fresh;
+        if (i >= 0) break;
+        pthread_cond_wait(&s->xfer_cv, &s->xfer_mu);
+    }
+    s->xfer[i].busy = true;
+    const bool ready = s->xfer[i].ready;
+    pthread_mutex_unlock(&s->xfer_mu);
+    if (!ready && xfer_slot_setup(&s->xfer[i], err, errlen)) {
+        pthread_mutex_lock(&s->xfer_mu);
+        s->xfer[i].busy = false;
+        pthread_cond_signal(&s->xfer_cv);
+        pthread_mutex_unlock(&s->xfer_mu);
+        return -1;
+    }
+    return i;
+}
+
+void xfer_release(cake_cuda_state *s, int i) {
+    pthread_mutex_lock(&s->xfer_mu);
+    s->xfer[i].busy = false;
+    pthread_cond_signal(&s->xfer_cv);
+    pthread_mutex_unlock(&s->xfer_mu);
+}
+
+struct xfer_seg {
+    __half *dev;
+    char *host;
+    size_t bytes;
+};
+
+/* One piece of a segment, at most XFER_PIECE bytes. */
+struct xfer_piece {
+    char *dev, *host;
+    size_t bytes;
+};
+
+/* Host -> GPU: each piece is copied into a bounce buffer (once that buffer's
+ * previous DMA is done) and its DMA queued; the host copy of the next piece
+ * overlaps that DMA. */
+int xfer_h2d(xfer_slot *x, const std::vector<xfer_piece> &pc, char *err, size_t errlen) {
+    for (const xfer_piece &p : pc) {
+        const int b = x->next;
+        x->next ^= 1;
+        CK(cudaEventSynchronize(x->ev[b]), "waiting for a KV upload buffer");
+        memcpy(x->pin[b], p.host, p.bytes);
+        CK(cudaMemcpyAsync(p.dev, x->pin[b], p.bytes, cudaMemcpyHostToDevice, x->stream),
+           "copying KV to the GPU");
+        CK(cudaEventRecord(x->ev[b], x->stream), "recording a KV upload");
+    }
+    CK(cudaStreamSynchronize(x->stream), "the KV write");
+    return 0;
+}
+
+/* GPU -> host: the DMA of piece k + 1 runs while piece k is copied out. */
+int xfer_d2h(xfer_slot *x, const std::vector<xfer_piece> &pc, char *err, size_t errlen) {
+    const size_t n = pc.size();
+    for (size_t j = 0; j < n && j < 2; j++) {
+        CK(cudaMemcpyAsync(x->pin[j], pc[j].dev, pc[j].bytes, cudaMemcpyDeviceToHost, x->stream),
+           "copying KV from the GPU");
+        CK(cudaEventRecord(x->ev[j], x->stream), "recording a KV download");
+    }
+    for (size_t k = 0; k < n; k++) {
+        const int b = (int)(k & 1);
+        CK(cudaEventSynchronize(x->ev[b]), "the KV read");
+        memcpy(pc[k].host, x->pin[b], pc[k].bytes);
+        if (k + 2 < n) { /* buffer b is free again: queue piece k + 2 into it */
+            CK(cudaMemcpyAsync(x->pin[b], pc[k + 2].dev, pc[k + 2].bytes, cudaMemcpyDeviceToHost,
+                               x->stream),
+               "copying KV from the GPU");
+            CK(cudaEventRecord(x->ev[b], x->stream), "recording a KV download");
+        }
+    }
+    return 0;
+}
+
+int kv_transfer(cake_cuda_state *s, const xfer_seg *seg, int n_seg, bool to_gpu, char *err,
+                size_t errlen) {
+    std::vector<xfer_piece> pc;
+    try {
+        for (int i = 0; i < n_seg; i++)
+            for (size_t o = 0; o < seg[i].bytes; o += XFER_PIECE)
+                pc.push_back({(char *)seg[i].dev + o, seg[i].host + o,
+                              seg[i].bytes - o < XFER_PIECE ? seg[i].bytes - o : XFER_PIECE});
+    } catch (...) {
+        return cake_err(err, errlen, "out of host memory");
+    }
+    const int i = xfer_acquire(s, err, errlen);
+    if (i < 0) return -1;
+    xfer_slot *x = &s->xfer[i];
+    int rc = to_gpu ? xfer_h2d(x, pc, err, errlen) : xfer_d2h(x, pc, err, errlen);
+    /* After a failure, copies may still be queued on the bounce buffers: let
+     * them finish before someone else reuses the slot. */
+    if (rc) cudaStreamSynchronize(x->stream);
+    xfer_release(s, i);
+    return rc;
+}
+
+} // namespace
+
 extern "C" int cake_cuda_available(char *err, size_t errlen) {
     int count = 0;
     cudaError_t e = cudaGetDeviceCount(&count);
@@ -523,6 +699,11 @@ extern "C" void cake_cuda_free(cake_cuda_state *s) {
             if (s->prof_ev[i]) cudaEventDestroy(s->prof_ev[i]);
         free(s->prof_ev);
     }
+    for (int i = 0; i < XFER_SLOTS; i++) xfer_slot_release_resources(&s->xfer[i]);
+    if (s->xfer_init) {
+        pthread_cond_destroy(&s->xfer_cv);
+        pthread_mutex_destroy(&s->xfer_mu);
+    }
     if (s->blas) cublasDestroy(s->blas);
     if (s->stream) cudaStreamDestroy(s->stream);
     free(s->layers);
@@ -535,6 +716,16 @@ extern "C" int cake_cuda_init(const cake_model *m, int n_ctx, int max_batch, cak
     if (!cake_cuda_available(err, errlen)) return -1;
     cake_cuda_state *s = (cake_cuda_state *)calloc(1, sizeof(*s));
     if (!s) return cake_err(err, errlen, "out of host memory");
+    if (pthread_mutex_init(&s->xfer_mu, NULL)) {
+        free(s);
+        return cake_err(err, errlen, "cuda: cannot create a mutex");
+    }
+    if (pthread_cond_init(&s->xfer_cv, NULL)) {
+        pthread_mutex_destroy(&s->xfer_mu);
+        free(s);
+        return cake_err(err, errlen, "cuda: cannot create a condition variable");
+    }
+    s->xfer_init = true;
     if (init_state(s, m, n_ctx, max_batch, err, errlen)) {
         cake_cuda_free(s);
         return -1;
@@ -660,12 +851,9 @@ extern "C" int cake_cuda_kv_write(cake_cuda_state *s, int layer, int pos0, int n
     if (n == 0) return 0;
     const size_t off = ((size_t)layer * s->n_ctx + (size_t)pos0) * (size_t)s->kv_dim;
     const size_t bytes = (size_t)n * (size_t)s->kv_dim * sizeof(__half);
-    CK(cudaMemcpyAsync(s->k_cache + off, k_f16, bytes, cudaMemcpyHostToDevice, s->stream),
-       "copying K to the GPU");
-    CK(cudaMemcpyAsync(s->v_cache + off, v_f16, bytes, cudaMemcpyHostToDevice, s->stream),
-       "copying V to the GPU");
-    CK(cudaStreamSynchronize(s->stream), "the KV write");
-    return 0;
+    const xfer_seg seg[2] = {{s->k_cache + off, (char *)k_f16, bytes},
+                             {s->v_cache + off, (char *)v_f16, bytes}};
+    return kv_transfer(s, seg, 2, true, err, errlen);
 }
 
 extern "C" int cake_cuda_kv_read(cake_cuda_state *s, int layer, int pos0, int n, void *k_f16,
@@ -674,12 +862,9 @@ extern "C" int cake_cuda_kv_read(cake_cuda_state *s, int layer, int pos0, int n,
     if (n == 0) return 0;
     const size_t off = ((size_t)layer * s->n_ctx + (size_t)pos0) * (size_t)s->kv_dim;
     const size_t bytes = (size_t)n * (size_t)s->kv_dim * sizeof(__half);
-    CK(cudaMemcpyAsync(k_f16, s->k_cache + off, bytes, cudaMemcpyDeviceToHost, s->stream),
-       "copying K from the GPU");
-    CK(cudaMemcpyAsync(v_f16, s->v_cache + off, bytes, cudaMemcpyDeviceToHost, s->stream),
-       "copying V from the GPU");
-    CK(cudaStreamSynchronize(s->stream), "the KV read");
-    return 0;
+    const xfer_seg seg[2] = {{s->k_cache + off, (char *)k_f16, bytes},
+                             {s->v_cache + off, (char *)v_f16, bytes}};
+    return kv_transfer(s, seg, 2, false, err, errlen);
 }
 
 /* ---- attention check (a test hook, see cuda_backend.h) ---- */
