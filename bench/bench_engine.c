@@ -27,8 +27,10 @@ static int argmax(const float *x, int n) {
 
 int main(int argc, char **argv) {
     if (argc < 2) {
-        fprintf(stderr, "usage: %s MODEL.gguf [--threads N] [--prompt 512,2048] [--decode 32] "
-                        "[--kv f16|f32]\n", argv[0]);
+        fprintf(stderr,
+                "usage: %s MODEL.gguf [--threads N] [--prompt 512,2048] [--decode 32] "
+                "[--kv f16|f32]\n",
+                argv[0]);
         return 2;
     }
     const char *path = argv[1], *prompts = "512,2048";
@@ -36,14 +38,20 @@ int main(int argc, char **argv) {
     enum cake_backend_kind backend = CAKE_BACKEND_CPU;
     enum cake_kv_type kv = CAKE_KV_F16;
     for (int i = 2; i + 1 < argc; i += 2) {
-        if (!strcmp(argv[i], "--threads")) threads = atoi(argv[i + 1]);
-        else if (!strcmp(argv[i], "--prompt")) prompts = argv[i + 1];
-        else if (!strcmp(argv[i], "--decode")) n_decode = atoi(argv[i + 1]);
-        else if (!strcmp(argv[i], "--batch")) batch = atoi(argv[i + 1]);
+        if (!strcmp(argv[i], "--threads"))
+            threads = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--prompt"))
+            prompts = argv[i + 1];
+        else if (!strcmp(argv[i], "--decode"))
+            n_decode = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--batch"))
+            batch = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--backend"))
             backend = strcmp(argv[i + 1], "cuda") ? CAKE_BACKEND_CPU : CAKE_BACKEND_CUDA;
-        else if (!strcmp(argv[i], "--kv")) kv = strcmp(argv[i + 1], "f32") ? CAKE_KV_F16 : CAKE_KV_F32;
-        else return fprintf(stderr, "unknown option %s\n", argv[i]), 2;
+        else if (!strcmp(argv[i], "--kv"))
+            kv = strcmp(argv[i + 1], "f32") ? CAKE_KV_F16 : CAKE_KV_F32;
+        else
+            return fprintf(stderr, "unknown option %s\n", argv[i]), 2;
     }
     char err[512];
     cake_model *m = NULL;
@@ -76,14 +84,17 @@ int main(int argc, char **argv) {
         tok[i] = 3 + (cake_token)((x >> 33) % (uint64_t)(hp->n_vocab - 3));
     }
     /* Warm-up: touches every weight page once, like llama-bench's warm-up run. */
-    if (cake_forward(c, tok, 16, 0, logits, err, sizeof(err))) return fprintf(stderr, "%s\n", err), 1;
+    if (cake_forward(c, tok, 16, 0, logits, err, sizeof(err)))
+        return fprintf(stderr, "%s\n", err), 1;
 
     const int kv_elem = kv == CAKE_KV_F32 ? 4 : 2;
     const double kv_per_tok = 2.0 * hp->n_layers * hp->n_kv_heads * hp->head_dim * kv_elem;
     printf("model %s: dim %d, %d layers, %d/%d heads, ffn %d, vocab %d, weights %s, kv %s, "
            "%d threads, batch %d, backend %s\n",
            path, hp->dim, hp->n_layers, hp->n_heads, hp->n_kv_heads, hp->ffn_dim, hp->n_vocab,
-           hp->weight_dtype == 0 ? "F32" : hp->weight_dtype == 1 ? "F16" : "BF16",
+           hp->weight_dtype == 0   ? "F32"
+           : hp->weight_dtype == 1 ? "F16"
+                                   : "BF16",
            kv == CAKE_KV_F32 ? "f32" : "f16", threads, batch,
            backend == CAKE_BACKEND_CUDA ? "cuda" : "cpu");
     for (int i = 0; i < n_lens; i++) {

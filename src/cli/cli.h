@@ -6,9 +6,9 @@
 #include <stddef.h>
 #include <stdio.h>
 
-#define CLI_OK      0
-#define CLI_FAIL    1
-#define CLI_USAGE   2
+#define CLI_OK    0
+#define CLI_FAIL  1
+#define CLI_USAGE 2
 
 int cmd_run(int argc, char **argv);
 int cmd_mkmodel(int argc, char **argv);
@@ -17,7 +17,8 @@ int cmd_store(int argc, char **argv);
 int cmd_bench(int argc, char **argv);
 
 /* Prints "cake <cmd>: <message>" on stderr and returns code. */
-int cli_error(int code, const char *cmd, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+int cli_error(int code, const char *cmd, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
 
 /* Whole file into a NUL-terminated malloc'd buffer (len excludes the NUL).
  * NULL with a message in err on failure. */

@@ -75,14 +75,26 @@ void cli_json_string(FILE *f, const char *s, size_t len) {
     for (size_t i = 0; i < len; i++) {
         unsigned char ch = (unsigned char)s[i];
         switch (ch) {
-        case '"': fputs("\\\"", f); break;
-        case '\\': fputs("\\\\", f); break;
-        case '\n': fputs("\\n", f); break;
-        case '\r': fputs("\\r", f); break;
-        case '\t': fputs("\\t", f); break;
+        case '"':
+            fputs("\\\"", f);
+            break;
+        case '\\':
+            fputs("\\\\", f);
+            break;
+        case '\n':
+            fputs("\\n", f);
+            break;
+        case '\r':
+            fputs("\\r", f);
+            break;
+        case '\t':
+            fputs("\\t", f);
+            break;
         default:
-            if (ch < 0x20 || ch == 0x7f) fprintf(f, "\\u%04x", ch);
-            else fputc(ch, f);
+            if (ch < 0x20 || ch == 0x7f)
+                fprintf(f, "\\u%04x", ch);
+            else
+                fputc(ch, f);
         }
     }
     fputc('"', f);

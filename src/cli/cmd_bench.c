@@ -129,8 +129,9 @@ static int copy_store(cake_store *from, cake_store *to, char *err, size_t errlen
             cake_store_put(to, &l.e[i].key, buf, len, err, errlen))
             rc = -1;
     }
-    if (!rc) fprintf(stderr, "copied %zu chunks into %s in %.1f s\n", l.n, cake_store_uri(to),
-                     now_s() - t0);
+    if (!rc)
+        fprintf(stderr, "copied %zu chunks into %s in %.1f s\n", l.n, cake_store_uri(to),
+                now_s() - t0);
     free(buf);
     free(l.e);
     return rc;
@@ -174,8 +175,8 @@ typedef struct {
 /* One prefill + first-token choice; TTFT in ms, or < 0 on failure. */
 static double one_request(bench *b, const cake_token *prompt, int n, cake_store *store,
                           cake_writeback *wb, cake_mode mode, cake_prefill_stats *st) {
-    cake_prefill_params p = {.store = store, .writeback = wb, .mode = mode, .chunk = b->chunk,
-                             .io_depth = b->io_depth};
+    cake_prefill_params p = {
+        .store = store, .writeback = wb, .mode = mode, .chunk = b->chunk, .io_depth = b->io_depth};
     char err[256];
     cake_prefill_job *pending = NULL;
     double t0 = now_s();
@@ -207,8 +208,7 @@ static int measure(bench *b, const cake_token *prompt, int n, cake_store *store,
 
 /* Standalone compute curve at share 1: comp[k] = ms to compute chunks [0, k),
  * k = 0..n_chunks; tail_ms = the rest of the prompt after them. */
-static int compute_curve(bench *b, const cake_token *prompt, int n, double *comp,
-                         double *tail_ms) {
+static int compute_curve(bench *b, const cake_token *prompt, int n, double *comp, double *tail_ms) {
     const int C = b->chunk, n_chunks = (n - 1) / C;
     char err[256];
     comp[0] = 0;
@@ -246,19 +246,21 @@ static void write_plots(const char *out, const double *ctxs, int n_ctx) {
         fprintf(f, "set terminal %s\n", term[t][0]);
         for (int c = 0; c < n_ctx; c++) {
             int ctx = (int)ctxs[c];
-            fprintf(f,
-                    "set output '%s/ttft-ctx%d.%s'\nset ylabel 'TTFT (ms)'\n"
-                    "set title 'TTFT vs bandwidth, %d-token prompt (median)'\n"
-                    "plot for [s in system(\"awk -F, 'NR>1{print $3}' %s/ttft.csv | sort -u\")] "
-                    "'%s/ttft.csv' using ($1==%d && $3==s+0 ? $2 : 1/0):4 with linespoints "
-                    "title 'compute, share '.s, "
-                    "for [s in system(\"awk -F, 'NR>1{print $3}' %s/ttft.csv | sort -u\")] '' "
-                    "using ($1==%d && $3==s+0 ? $2 : 1/0):5 with linespoints title 'load, share '.s, "
-                    "for [s in system(\"awk -F, 'NR>1{print $3}' %s/ttft.csv | sort -u\")] '' "
-                    "using ($1==%d && $3==s+0 ? $2 : 1/0):6 with linespoints title 'cake, share '.s, "
-                    "for [s in system(\"awk -F, 'NR>1{print $3}' %s/ttft.csv | sort -u\")] '' "
-                    "using ($1==%d && $3==s+0 ? $2 : 1/0):7 with lines dashtype 2 title 'T*, share '.s\n",
-                    out, ctx, term[t][1], ctx, out, out, ctx, out, ctx, out, ctx, out, ctx);
+            fprintf(
+                f,
+                "set output '%s/ttft-ctx%d.%s'\nset ylabel 'TTFT (ms)'\n"
+                "set title 'TTFT vs bandwidth, %d-token prompt (median)'\n"
+                "plot for [s in system(\"awk -F, 'NR>1{print $3}' %s/ttft.csv | sort -u\")] "
+                "'%s/ttft.csv' using ($1==%d && $3==s+0 ? $2 : 1/0):4 with linespoints "
+                "title 'compute, share '.s, "
+                "for [s in system(\"awk -F, 'NR>1{print $3}' %s/ttft.csv | sort -u\")] '' "
+                "using ($1==%d && $3==s+0 ? $2 : 1/0):5 with linespoints title 'load, share '.s, "
+                "for [s in system(\"awk -F, 'NR>1{print $3}' %s/ttft.csv | sort -u\")] '' "
+                "using ($1==%d && $3==s+0 ? $2 : 1/0):6 with linespoints title 'cake, share '.s, "
+                "for [s in system(\"awk -F, 'NR>1{print $3}' %s/ttft.csv | sort -u\")] '' "
+                "using ($1==%d && $3==s+0 ? $2 : 1/0):7 with lines dashtype 2 title 'T*, share "
+                "'.s\n",
+                out, ctx, term[t][1], ctx, out, out, ctx, out, ctx, out, ctx, out, ctx);
         }
         fprintf(f,
                 "set output '%s/efficiency.%s'\nset ylabel 'efficiency T*/T_cake'\n"
@@ -275,15 +277,21 @@ static void write_plots(const char *out, const double *ctxs, int n_ctx) {
 }
 
 static int bench_ttft(int argc, char **argv) {
-    static const struct option opts[] = {
-        {"model", required_argument, 0, 'm'},  {"ctx", required_argument, 0, 'c'},
-        {"bw", required_argument, 0, 'b'},     {"modes", required_argument, 0, 'M'},
-        {"share", required_argument, 0, 's'},  {"chunk", required_argument, 0, 'C'},
-        {"repeat", required_argument, 0, 'r'}, {"io-depth", required_argument, 0, 'I'},
-        {"threads", required_argument, 0, 't'}, {"store-dir", required_argument, 0, 'S'},
-        {"out", required_argument, 0, 'o'},    {"help", no_argument, 0, 'h'},
-        {"backend", required_argument, 0, 'B'}, {"store", required_argument, 0, 'U'},
-        {0, 0, 0, 0}};
+    static const struct option opts[] = {{"model", required_argument, 0, 'm'},
+                                         {"ctx", required_argument, 0, 'c'},
+                                         {"bw", required_argument, 0, 'b'},
+                                         {"modes", required_argument, 0, 'M'},
+                                         {"share", required_argument, 0, 's'},
+                                         {"chunk", required_argument, 0, 'C'},
+                                         {"repeat", required_argument, 0, 'r'},
+                                         {"io-depth", required_argument, 0, 'I'},
+                                         {"threads", required_argument, 0, 't'},
+                                         {"store-dir", required_argument, 0, 'S'},
+                                         {"out", required_argument, 0, 'o'},
+                                         {"help", no_argument, 0, 'h'},
+                                         {"backend", required_argument, 0, 'B'},
+                                         {"store", required_argument, 0, 'U'},
+                                         {0, 0, 0, 0}};
     const char *model = NULL, *modes = "compute,load,cake", *out = "out/bench-ttft",
                *store_dir = NULL, *store_uri = NULL;
     enum cake_backend_kind backend = CAKE_BACKEND_CPU;
@@ -294,7 +302,9 @@ static int bench_ttft(int argc, char **argv) {
     optind = 1;
     while ((c = getopt_long(argc, argv, "m:o:h", opts, NULL)) != -1) {
         switch (c) {
-        case 'm': model = optarg; break;
+        case 'm':
+            model = optarg;
+            break;
         case 'c':
             if (parse_list(optarg, ctxs, &n_ctx))
                 return cli_error(CLI_USAGE, "bench", "--ctx wants a list of token counts");
@@ -309,7 +319,9 @@ static int bench_ttft(int argc, char **argv) {
             for (int i = 0; i < n_share; i++)
                 if (shares[i] > 1) return cli_error(CLI_USAGE, "bench", "--share values are <= 1");
             break;
-        case 'M': modes = optarg; break;
+        case 'M':
+            modes = optarg;
+            break;
         case 'C':
             if (cli_parse_int(optarg, 1, 1 << 16, &chunk))
                 return cli_error(CLI_USAGE, "bench", "--chunk wants a token count");
@@ -326,16 +338,29 @@ static int bench_ttft(int argc, char **argv) {
             if (cli_parse_int(optarg, 1, 1024, &threads))
                 return cli_error(CLI_USAGE, "bench", "--threads wants 1..1024");
             break;
-        case 'S': store_dir = optarg; break;
-        case 'U': store_uri = optarg; break;
-        case 'B':
-            if (!strcmp(optarg, "cpu")) backend = CAKE_BACKEND_CPU;
-            else if (!strcmp(optarg, "cuda")) backend = CAKE_BACKEND_CUDA;
-            else return cli_error(CLI_USAGE, "bench", "--backend is cpu or cuda, got '%s'", optarg);
+        case 'S':
+            store_dir = optarg;
             break;
-        case 'o': out = optarg; break;
-        case 'h': fputs(help, stdout); return CLI_OK;
-        default: fputs(help, stderr); return CLI_USAGE;
+        case 'U':
+            store_uri = optarg;
+            break;
+        case 'B':
+            if (!strcmp(optarg, "cpu"))
+                backend = CAKE_BACKEND_CPU;
+            else if (!strcmp(optarg, "cuda"))
+                backend = CAKE_BACKEND_CUDA;
+            else
+                return cli_error(CLI_USAGE, "bench", "--backend is cpu or cuda, got '%s'", optarg);
+            break;
+        case 'o':
+            out = optarg;
+            break;
+        case 'h':
+            fputs(help, stdout);
+            return CLI_OK;
+        default:
+            fputs(help, stderr);
+            return CLI_USAGE;
         }
     }
     if (!model) return cli_error(CLI_USAGE, "bench", "-m MODEL is required");
@@ -414,10 +439,10 @@ static int bench_ttft(int argc, char **argv) {
     const char *head = "| ctx | Gbit/s | share | compute ms | load ms | cake ms | T* ms | "
                        "efficiency | speedup load\\compute | meet / t* (chunks) |\n"
                        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
-    printf("model %s, chunk %ld, io depth %ld, repeat %ld\n\n%s", model, chunk, io_depth,
-           repeat, head);
-    fprintf(md, "model %s, chunk %ld, io depth %ld, repeat %ld (median TTFT)\n\n%s", model,
-            chunk, io_depth, repeat, head);
+    printf("model %s, chunk %ld, io depth %ld, repeat %ld\n\n%s", model, chunk, io_depth, repeat,
+           head);
+    fprintf(md, "model %s, chunk %ld, io depth %ld, repeat %ld (median TTFT)\n\n%s", model, chunk,
+            io_depth, repeat, head);
 
     const int total_cells = n_ctx * n_share * n_bw;
     int cell = 0;
@@ -464,8 +489,8 @@ static int bench_ttft(int argc, char **argv) {
                 goto done;
             for (int bi = 0; bi < n_bw; bi++) {
                 cell++;
-                fprintf(stderr, "[%d/%d, %.0f s] ctx %d, share %g, %g Gbit/s\n", cell,
-                        total_cells, now_s() - t_start, n, share, bws[bi]);
+                fprintf(stderr, "[%d/%d, %.0f s] ctx %d, share %g, %g Gbit/s\n", cell, total_cells,
+                        now_s() - t_start, n, share, bws[bi]);
                 cake_store *s = NULL;
                 snprintf(uri, sizeof(uri), "%s%cbw=%.6gGbit", base, strchr(base, '?') ? '&' : '?',
                          bws[bi]);
@@ -481,7 +506,8 @@ static int bench_ttft(int argc, char **argv) {
                 timing tl = {0}, tk = {0};
                 /* Load-only always runs: it is also the standalone Load curve. */
                 int bad = measure(&b, prompt, n, s, CAKE_MODE_LOAD, &tl);
-                if (!bad && has_mode(modes, "cake")) bad = measure(&b, prompt, n, s, CAKE_MODE_CAKE, &tk);
+                if (!bad && has_mode(modes, "cake"))
+                    bad = measure(&b, prompt, n, s, CAKE_MODE_CAKE, &tk);
                 cake_store_close(s);
                 if (bad) goto done;
                 /* The oracle from the standalone curves: Comp at this share, Load
@@ -496,17 +522,19 @@ static int bench_ttft(int argc, char **argv) {
                 const double tstar = best + tail_ms / share + tk.last.lookup_ms;
                 const double eff = tk.med > 0 ? tstar / tk.med : 0;
                 const double comp_ms = has_mode(modes, "compute") ? tc.med : NAN;
-                fprintf(csv, "%d,%g,%g,%.3f,%.3f,%.3f,%.3f,%.4f,%.3f,%.3f,%d,%d,%d,%.3f,%.3f,"
-                             "%.3f,%.3f,%.3f,%.3f,%.4f\n",
+                fprintf(csv,
+                        "%d,%g,%g,%.3f,%.3f,%.3f,%.3f,%.4f,%.3f,%.3f,%d,%d,%d,%.3f,%.3f,"
+                        "%.3f,%.3f,%.3f,%.3f,%.4f\n",
                         n, bws[bi], share, comp_ms, tl.med, tk.med, tstar, eff, tl.med / tk.med,
-                        comp_ms / tk.med, tk.last.meet_chunk, split, tk.last.chunks_loaded,
-                        tc.min, tc.max, tl.min, tl.max, tk.min, tk.max, tl.last.load_gbit_s);
+                        comp_ms / tk.med, tk.last.meet_chunk, split, tk.last.chunks_loaded, tc.min,
+                        tc.max, tl.min, tl.max, tk.min, tk.max, tl.last.load_gbit_s);
                 fflush(csv);
                 char row[512];
-                snprintf(row, sizeof(row),
-                         "| %d | %g | %g | %.0f | %.0f | %.0f | %.0f | %.3f | %.2f\\%.2f | %d / %d |\n",
-                         n, bws[bi], share, comp_ms, tl.med, tk.med, tstar, eff, tl.med / tk.med,
-                         comp_ms / tk.med, tk.last.meet_chunk, split);
+                snprintf(
+                    row, sizeof(row),
+                    "| %d | %g | %g | %.0f | %.0f | %.0f | %.0f | %.3f | %.2f\\%.2f | %d / %d |\n",
+                    n, bws[bi], share, comp_ms, tl.med, tk.med, tstar, eff, tl.med / tk.med,
+                    comp_ms / tk.med, tk.last.meet_chunk, split);
                 fputs(row, stdout);
                 fputs(row, md);
                 fflush(stdout);

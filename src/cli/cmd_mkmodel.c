@@ -20,8 +20,11 @@ static void print_help(FILE *f) {
           "  --shape NAME     one of:\n",
           f);
     for (const cake_shape *s = cake_shapes; s->name; s++)
-        fprintf(f, "                     %-15s dim %d, %d layers, %d heads, %d KV heads, ffn %d, ctx %d (%s)\n",
-                s->name, s->dim, s->n_layers, s->n_heads, s->n_kv_heads, s->ffn_dim, s->n_ctx, s->about);
+        fprintf(f,
+                "                     %-15s dim %d, %d layers, %d heads, %d KV heads, ffn %d, ctx "
+                "%d (%s)\n",
+                s->name, s->dim, s->n_layers, s->n_heads, s->n_kv_heads, s->ffn_dim, s->n_ctx,
+                s->about);
     fputs("  -o, --output F   file to write (written to F.tmp, then renamed)\n"
           "  --seed S         weight seed (default 1)\n"
           "  --dtype T        f16 (default) or f32 for the matrices; norms are always f32\n",
@@ -65,8 +68,10 @@ static void *fill_pieces(void *arg) {
             float v = j->is_norm ? 1.0f
                                  : ((float)(splitmix(&state) >> 40) * (2.0f / 16777216.0f) - 1.0f) *
                                        j->fc->scale;
-            if (j->f32) ((float *)j->buf)[k] = v;
-            else ((cake_f16 *)j->buf)[k] = cake_f32_to_f16(v);
+            if (j->f32)
+                ((float *)j->buf)[k] = v;
+            else
+                ((cake_f16 *)j->buf)[k] = cake_f32_to_f16(v);
         }
     }
     return NULL;
@@ -74,7 +79,10 @@ static void *fill_pieces(void *arg) {
 
 static int fill_tensor(uint64_t i, void *buf, uint64_t nbytes, void *ud) {
     const fill_ctx *fc = ud;
-    fill_job base = {.fc = fc, .tensor = i, .buf = buf, .f32 = fc->dtype[i] == CAKE_DTYPE_F32,
+    fill_job base = {.fc = fc,
+                     .tensor = i,
+                     .buf = buf,
+                     .f32 = fc->dtype[i] == CAKE_DTYPE_F32,
                      .is_norm = fc->is_norm[i]};
     base.n = nbytes / (base.f32 ? 4 : 2);
     base.n_pieces = (base.n + PIECE - 1) / PIECE;
@@ -103,31 +111,41 @@ static int fill_tensor(uint64_t i, void *buf, uint64_t nbytes, void *ud) {
 }
 
 int cmd_mkmodel(int argc, char **argv) {
-    static const struct option opts[] = {{"shape", required_argument, 0, 's'},
-                                         {"output", required_argument, 0, 'o'},
-                                         {"seed", required_argument, 0, 'S'},
-                                         {"dtype", required_argument, 0, 'd'},
-                                         {"help", no_argument, 0, 'h'},
-                                         {0, 0, 0, 0}};
+    static const struct option opts[] = {
+        {"shape", required_argument, 0, 's'}, {"output", required_argument, 0, 'o'},
+        {"seed", required_argument, 0, 'S'},  {"dtype", required_argument, 0, 'd'},
+        {"help", no_argument, 0, 'h'},        {0, 0, 0, 0}};
     const char *shape_name = NULL, *out = NULL;
     unsigned long long seed = 1;
     int dtype = CAKE_DTYPE_F16, c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "o:h", opts, NULL)) != -1) {
         switch (c) {
-        case 's': shape_name = optarg; break;
-        case 'o': out = optarg; break;
+        case 's':
+            shape_name = optarg;
+            break;
+        case 'o':
+            out = optarg;
+            break;
         case 'S':
             if (cli_parse_u64(optarg, &seed))
-                return cli_error(CLI_USAGE, "mkmodel", "--seed wants an unsigned integer, got '%s'", optarg);
+                return cli_error(CLI_USAGE, "mkmodel", "--seed wants an unsigned integer, got '%s'",
+                                 optarg);
             break;
         case 'd':
-            if (!strcmp(optarg, "f16")) dtype = CAKE_DTYPE_F16;
-            else if (!strcmp(optarg, "f32")) dtype = CAKE_DTYPE_F32;
-            else return cli_error(CLI_USAGE, "mkmodel", "--dtype is f16 or f32, got '%s'", optarg);
+            if (!strcmp(optarg, "f16"))
+                dtype = CAKE_DTYPE_F16;
+            else if (!strcmp(optarg, "f32"))
+                dtype = CAKE_DTYPE_F32;
+            else
+                return cli_error(CLI_USAGE, "mkmodel", "--dtype is f16 or f32, got '%s'", optarg);
             break;
-        case 'h': print_help(stdout); return CLI_OK;
-        default: print_help(stderr); return CLI_USAGE;
+        case 'h':
+            print_help(stdout);
+            return CLI_OK;
+        default:
+            print_help(stderr);
+            return CLI_USAGE;
         }
     }
     if (optind < argc)
@@ -179,21 +197,23 @@ int cmd_mkmodel(int argc, char **argv) {
     cake_gguf_writer_add_bool(w, "tokenizer.ggml.add_bos_token", true);
 
     int nt = 0;
-#define ADD(nm, norm, n_in, n_out)                                                               \
-    do {                                                                                         \
-        uint64_t ne_[2] = {(uint64_t)(n_in), (uint64_t)(n_out)};                                 \
-        dtypes[nt] = (norm) ? CAKE_DTYPE_F32 : dtype;                                            \
-        is_norm[nt] = (norm);                                                                    \
-        cake_gguf_writer_add_tensor(w, nm, dtypes[nt], (norm) ? 1 : 2, ne_);                     \
-        nt++;                                                                                    \
+#define ADD(nm, norm, n_in, n_out)                                                                 \
+    do {                                                                                           \
+        uint64_t ne_[2] = {(uint64_t)(n_in), (uint64_t)(n_out)};                                   \
+        dtypes[nt] = (norm) ? CAKE_DTYPE_F32 : dtype;                                              \
+        is_norm[nt] = (norm);                                                                      \
+        cake_gguf_writer_add_tensor(w, nm, dtypes[nt], (norm) ? 1 : 2, ne_);                       \
+        nt++;                                                                                      \
     } while (0)
     ADD("token_embd.weight", 0, sh->dim, sh->n_vocab);
     for (int l = 0; l < sh->n_layers; l++) {
-        static const char *const suffix[] = {"attn_norm", "attn_q", "attn_k", "attn_v",
-                                             "attn_output", "ffn_norm", "ffn_gate", "ffn_up",
-                                             "ffn_down"};
-        const int n_in[] = {sh->dim, sh->dim, sh->dim, sh->dim, sh->dim, sh->dim, sh->dim, sh->dim, sh->ffn_dim};
-        const int n_out[] = {1, sh->dim, kv_dim, kv_dim, sh->dim, 1, sh->ffn_dim, sh->ffn_dim, sh->dim};
+        static const char *const suffix[] = {"attn_norm", "attn_q",      "attn_k",
+                                             "attn_v",    "attn_output", "ffn_norm",
+                                             "ffn_gate",  "ffn_up",      "ffn_down"};
+        const int n_in[] = {sh->dim, sh->dim, sh->dim, sh->dim,    sh->dim,
+                            sh->dim, sh->dim, sh->dim, sh->ffn_dim};
+        const int n_out[] = {1, sh->dim,     kv_dim,      kv_dim, sh->dim,
+                             1, sh->ffn_dim, sh->ffn_dim, sh->dim};
         for (int k = 0; k < 9; k++) {
             snprintf(name, sizeof(name), "blk.%d.%s.weight", l, suffix[k]);
             ADD(name, n_out[k] == 1, n_in[k], n_out[k]);

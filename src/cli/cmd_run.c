@@ -120,29 +120,49 @@ static int parse_token_list(const char *s, cake_token **out, int *n) {
 }
 
 static int parse_args(int argc, char **argv, run_opts *o) {
-    static const struct option opts[] = {
-        {"model", required_argument, 0, 'm'},  {"prompt", required_argument, 0, 'p'},
-        {"file", required_argument, 0, 'f'},   {"tokens", required_argument, 0, 'T'},
-        {"n-predict", required_argument, 0, 'n'}, {"temp", required_argument, 0, 't'},
-        {"top-p", required_argument, 0, 'P'},  {"seed", required_argument, 0, 's'},
-        {"threads", required_argument, 0, 'j'}, {"chunk", required_argument, 0, 'c'},
-        {"kv-type", required_argument, 0, 'k'}, {"store", required_argument, 0, 'S'},
-        {"mode", required_argument, 0, 'M'},   {"dump-logits", required_argument, 0, 'D'},
-        {"json", no_argument, 0, 'J'},         {"help", no_argument, 0, 'h'},
-        {"io-depth", required_argument, 0, 'I'}, {"trace", required_argument, 0, 'R'},
-        {"backend", required_argument, 0, 'B'},
-        {0, 0, 0, 0}};
-    *o = (run_opts){.n_predict = 128, .temp = 0.8, .top_p = 0.95, .chunk = 256,
-                    .io_depth = CAKE_DEFAULT_IO_DEPTH, .mode = CAKE_MODE_CAKE};
+    static const struct option opts[] = {{"model", required_argument, 0, 'm'},
+                                         {"prompt", required_argument, 0, 'p'},
+                                         {"file", required_argument, 0, 'f'},
+                                         {"tokens", required_argument, 0, 'T'},
+                                         {"n-predict", required_argument, 0, 'n'},
+                                         {"temp", required_argument, 0, 't'},
+                                         {"top-p", required_argument, 0, 'P'},
+                                         {"seed", required_argument, 0, 's'},
+                                         {"threads", required_argument, 0, 'j'},
+                                         {"chunk", required_argument, 0, 'c'},
+                                         {"kv-type", required_argument, 0, 'k'},
+                                         {"store", required_argument, 0, 'S'},
+                                         {"mode", required_argument, 0, 'M'},
+                                         {"dump-logits", required_argument, 0, 'D'},
+                                         {"json", no_argument, 0, 'J'},
+                                         {"help", no_argument, 0, 'h'},
+                                         {"io-depth", required_argument, 0, 'I'},
+                                         {"trace", required_argument, 0, 'R'},
+                                         {"backend", required_argument, 0, 'B'},
+                                         {0, 0, 0, 0}};
+    *o = (run_opts){.n_predict = 128,
+                    .temp = 0.8,
+                    .top_p = 0.95,
+                    .chunk = 256,
+                    .io_depth = CAKE_DEFAULT_IO_DEPTH,
+                    .mode = CAKE_MODE_CAKE};
     int mode_set = 0;
     int c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "m:p:f:n:h", opts, NULL)) != -1) {
         switch (c) {
-        case 'm': o->model = optarg; break;
-        case 'p': o->prompt = optarg; break;
-        case 'f': o->file = optarg; break;
-        case 'T': o->tokens = optarg; break;
+        case 'm':
+            o->model = optarg;
+            break;
+        case 'p':
+            o->prompt = optarg;
+            break;
+        case 'f':
+            o->file = optarg;
+            break;
+        case 'T':
+            o->tokens = optarg;
+            break;
         case 'n':
             if (cli_parse_int(optarg, 0, 1 << 24, &o->n_predict))
                 return cli_error(CLI_USAGE, "run", "-n wants a count >= 0, got '%s'", optarg);
@@ -173,15 +193,23 @@ static int parse_args(int argc, char **argv, run_opts *o) {
                                  optarg);
             break;
         case 'k':
-            if (!strcmp(optarg, "f16")) o->kv_type = CAKE_KV_F16;
-            else if (!strcmp(optarg, "f32")) o->kv_type = CAKE_KV_F32;
-            else return cli_error(CLI_USAGE, "run", "--kv-type is f16 or f32, got '%s'", optarg);
+            if (!strcmp(optarg, "f16"))
+                o->kv_type = CAKE_KV_F16;
+            else if (!strcmp(optarg, "f32"))
+                o->kv_type = CAKE_KV_F32;
+            else
+                return cli_error(CLI_USAGE, "run", "--kv-type is f16 or f32, got '%s'", optarg);
             break;
-        case 'S': o->store = optarg; break;
+        case 'S':
+            o->store = optarg;
+            break;
         case 'B':
-            if (!strcmp(optarg, "cpu")) o->backend = CAKE_BACKEND_CPU;
-            else if (!strcmp(optarg, "cuda")) o->backend = CAKE_BACKEND_CUDA;
-            else return cli_error(CLI_USAGE, "run", "--backend is cpu or cuda, got '%s'", optarg);
+            if (!strcmp(optarg, "cpu"))
+                o->backend = CAKE_BACKEND_CPU;
+            else if (!strcmp(optarg, "cuda"))
+                o->backend = CAKE_BACKEND_CUDA;
+            else
+                return cli_error(CLI_USAGE, "run", "--backend is cpu or cuda, got '%s'", optarg);
             break;
         case 'M':
             if (cake_mode_parse(optarg, &o->mode))
@@ -193,15 +221,24 @@ static int parse_args(int argc, char **argv, run_opts *o) {
             if (cli_parse_int(optarg, 1, 64, &o->io_depth))
                 return cli_error(CLI_USAGE, "run", "--io-depth wants 1..64, got '%s'", optarg);
             break;
-        case 'R': o->trace = optarg; break;
-        case 'D': o->dump_logits = optarg; break;
-        case 'J': o->json = 1; break;
-        case 'h': fputs(help, stdout); return -1;
-        default: fputs(help, stderr); return CLI_USAGE;
+        case 'R':
+            o->trace = optarg;
+            break;
+        case 'D':
+            o->dump_logits = optarg;
+            break;
+        case 'J':
+            o->json = 1;
+            break;
+        case 'h':
+            fputs(help, stdout);
+            return -1;
+        default:
+            fputs(help, stderr);
+            return CLI_USAGE;
         }
     }
-    if (optind < argc)
-        return cli_error(CLI_USAGE, "run", "unexpected argument '%s'", argv[optind]);
+    if (optind < argc) return cli_error(CLI_USAGE, "run", "unexpected argument '%s'", argv[optind]);
     if (!o->model) return cli_error(CLI_USAGE, "run", "-m MODEL is required");
     if (!!o->prompt + !!o->file + !!o->tokens != 1)
         return cli_error(CLI_USAGE, "run", "give exactly one of -p TEXT, -f FILE, --tokens IDS");
@@ -372,11 +409,11 @@ int cmd_run(int argc, char **argv) {
                "\"writeback_queued\":%d,\"writeback_dropped\":%d,\"writeback_written\":%llu,"
                "\"writeback_failed\":%llu,"
                "\"kv_type\":\"%s\",\"threads\":%d,\"seed\":%llu}\n",
-               st.ttft_ms, prefill_tps, decode_tps, cake_mode_name(ps->mode), o.chunk,
-               ps->io_depth, ps->chunks_total, ps->chunks_computed, ps->chunks_loaded,
-               ps->chunks_missing, ps->chunks_corrupt, ps->chunks_discarded, ps->meet_chunk,
-               (unsigned long long)ps->bytes_loaded, ps->load_gbit_s, ps->lookup_ms,
-               ps->compute_ms, ps->compute_wait_ms, ps->load_ms, ps->writeback_queued,
+               st.ttft_ms, prefill_tps, decode_tps, cake_mode_name(ps->mode), o.chunk, ps->io_depth,
+               ps->chunks_total, ps->chunks_computed, ps->chunks_loaded, ps->chunks_missing,
+               ps->chunks_corrupt, ps->chunks_discarded, ps->meet_chunk,
+               (unsigned long long)ps->bytes_loaded, ps->load_gbit_s, ps->lookup_ms, ps->compute_ms,
+               ps->compute_wait_ms, ps->load_ms, ps->writeback_queued,
                ps->writeback_dropped + wb_dropped, (unsigned long long)wbc.written,
                (unsigned long long)wbc.failed, o.kv_type == CAKE_KV_F32 ? "f32" : "f16",
                cake_context_n_threads(ctx), o.seed);

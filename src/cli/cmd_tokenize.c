@@ -18,26 +18,37 @@ static const char *help =
     "      --no-bos        do not prepend BOS\n";
 
 int cmd_tokenize(int argc, char **argv) {
-    static const struct option opts[] = {{"model", required_argument, 0, 'm'},
-                                         {"prompt", required_argument, 0, 'p'},
-                                         {"file", required_argument, 0, 'f'},
-                                         {"no-bos", no_argument, 0, 'B'},
-                                         {"help", no_argument, 0, 'h'},
-                                         {0, 0, 0, 0}};
+    static const struct option opts[] = {
+        {"model", required_argument, 0, 'm'}, {"prompt", required_argument, 0, 'p'},
+        {"file", required_argument, 0, 'f'},  {"no-bos", no_argument, 0, 'B'},
+        {"help", no_argument, 0, 'h'},        {0, 0, 0, 0}};
     const char *model = NULL, *prompt = NULL, *file = NULL;
     int no_bos = 0, c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "m:p:f:h", opts, NULL)) != -1) {
         switch (c) {
-        case 'm': model = optarg; break;
-        case 'p': prompt = optarg; break;
-        case 'f': file = optarg; break;
-        case 'B': no_bos = 1; break;
-        case 'h': fputs(help, stdout); return CLI_OK;
-        default: fputs(help, stderr); return CLI_USAGE;
+        case 'm':
+            model = optarg;
+            break;
+        case 'p':
+            prompt = optarg;
+            break;
+        case 'f':
+            file = optarg;
+            break;
+        case 'B':
+            no_bos = 1;
+            break;
+        case 'h':
+            fputs(help, stdout);
+            return CLI_OK;
+        default:
+            fputs(help, stderr);
+            return CLI_USAGE;
         }
     }
-    if (optind < argc) return cli_error(CLI_USAGE, "tokenize", "unexpected argument '%s'", argv[optind]);
+    if (optind < argc)
+        return cli_error(CLI_USAGE, "tokenize", "unexpected argument '%s'", argv[optind]);
     if (!model) return cli_error(CLI_USAGE, "tokenize", "-m MODEL is required");
     if (!!prompt + !!file != 1)
         return cli_error(CLI_USAGE, "tokenize", "give exactly one of -p TEXT and -f FILE");

@@ -114,8 +114,8 @@ int cake_forward(cake_context *c, const cake_token *tokens, int n, cake_pos pos0
                  char *err, size_t errlen) {
     if (n <= 0) return cake_err(err, errlen, "forward: no tokens");
     if (pos0 < 0 || (int64_t)pos0 + n > c->params.n_ctx)
-        return cake_err(err, errlen, "forward: positions [%d, %lld) exceed the context of %d",
-                        pos0, (long long)pos0 + n, c->params.n_ctx);
+        return cake_err(err, errlen, "forward: positions [%d, %lld) exceed the context of %d", pos0,
+                        (long long)pos0 + n, c->params.n_ctx);
     const int n_vocab = c->model->hp.n_vocab;
     for (int i = 0; i < n; i++)
         if (tokens[i] < 0 || tokens[i] >= n_vocab)
@@ -163,7 +163,8 @@ static int engine_install(void *self, const void *blob, const cake_chunk_header 
         const size_t run = (size_t)h->n_tokens * h->n_kv_heads * h->head_dim * 2;
         const char *p = (const char *)blob + CAKE_CHUNK_HEADER_SIZE;
         for (uint32_t l = 0; l < h->n_layers; l++, p += 2 * run)
-            if (cake_cuda_kv_write(c->cuda, (int)l, pos0, (int)h->n_tokens, p, p + run, err, errlen))
+            if (cake_cuda_kv_write(c->cuda, (int)l, pos0, (int)h->n_tokens, p, p + run, err,
+                                   errlen))
                 return -1;
         return 0;
     }
@@ -177,7 +178,8 @@ static int engine_extract(void *self, cake_chunk_header *h, int pos0, void *blob
 #ifdef CAKE_HAVE_CUDA
     if (c->cuda) {
         const size_t run = (size_t)h->n_tokens * h->n_kv_heads * h->head_dim * 2;
-        if (cap < cake_chunk_blob_size(h)) return cake_err(err, errlen, "extract: buffer too small");
+        if (cap < cake_chunk_blob_size(h))
+            return cake_err(err, errlen, "extract: buffer too small");
         char *p = (char *)blob + CAKE_CHUNK_HEADER_SIZE;
         for (uint32_t l = 0; l < h->n_layers; l++, p += 2 * run)
             if (cake_cuda_kv_read(c->cuda, (int)l, pos0, (int)h->n_tokens, p, p + run, err, errlen))

@@ -26,7 +26,7 @@ struct cake_context {
     cake_kv_cache kv;
     cake_threadpool *pool;
     cake_scratch s;
-    struct cake_cuda_state *cuda; /* non-NULL: the CUDA backend runs the forward pass */
+    struct cake_cuda_state *cuda;  /* non-NULL: the CUDA backend runs the forward pass */
     uint64_t compute_ns_per_token; /* the loader's estimate, kept across requests */
 };
 

@@ -31,8 +31,8 @@ int cake_request_run(cake_context *c, const cake_request *r, cake_token *generat
     cake_prefill_job *pending = NULL;
 
     const double t0 = now_ms();
-    int rc = cake_prefill(&engine, r->prompt, r->n_prompt, &pp, logits, &st->prefill, &pending,
-                          err, errlen);
+    int rc = cake_prefill(&engine, r->prompt, r->n_prompt, &pp, logits, &st->prefill, &pending, err,
+                          errlen);
     if (rc) goto done;
     if (r->first_logits)
         for (int i = 0; i < n_vocab; i++) r->first_logits[i] = logits[i];

@@ -25,9 +25,9 @@ typedef struct {
 } cake_request;
 
 typedef struct {
-    double ttft_ms;    /* prefill + choosing the first token */
-    double decode_ms;  /* everything after the first token */
-    int n_generated;   /* tokens in generated[] */
+    double ttft_ms;   /* prefill + choosing the first token */
+    double decode_ms; /* everything after the first token */
+    int n_generated;  /* tokens in generated[] */
     cake_prefill_stats prefill;
 } cake_request_stats;
 

@@ -19,7 +19,8 @@ int cake_kv_cache_init(cake_kv_cache *kv, int n_layers, int n_ctx, int kv_dim,
     kv->elem_size = type == CAKE_KV_F32 ? 4 : 2;
     kv->layer_bytes = (size_t)n_ctx * (size_t)kv_dim * kv->elem_size;
     kv->map_bytes = kv->layer_bytes * 2 * (size_t)n_layers;
-    kv->base = mmap(NULL, kv->map_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    kv->base =
+        mmap(NULL, kv->map_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (kv->base == MAP_FAILED) {
         kv->base = NULL;
         return cake_err(err, errlen, "KV cache: cannot allocate %zu bytes: %s", kv->map_bytes,

@@ -96,7 +96,7 @@ typedef struct prefill_job {
     uint64_t *claimed_at; /* ns; for FETCHING chunks */
     uint64_t load_ns_sum;
     int loads_done;
-    int stop;      /* set when the compute side no longer needs loads */
+    int stop; /* set when the compute side no longer needs loads */
     uint64_t t_start, first_claim, last_load;
     size_t blob_size, buf_size;
     double rate_hint; /* bytes/ns the store delivered in earlier requests; 0 = unknown */
@@ -117,10 +117,14 @@ const char *cake_mode_name(cake_mode m) {
 }
 
 int cake_mode_parse(const char *s, cake_mode *out) {
-    if (!strcmp(s, "compute")) *out = CAKE_MODE_COMPUTE;
-    else if (!strcmp(s, "load")) *out = CAKE_MODE_LOAD;
-    else if (!strcmp(s, "cake")) *out = CAKE_MODE_CAKE;
-    else return -1;
+    if (!strcmp(s, "compute"))
+        *out = CAKE_MODE_COMPUTE;
+    else if (!strcmp(s, "load"))
+        *out = CAKE_MODE_LOAD;
+    else if (!strcmp(s, "cake"))
+        *out = CAKE_MODE_CAKE;
+    else
+        return -1;
     return 0;
 }
 
@@ -152,8 +156,10 @@ static int claim_for_load(prefill_job *j) {
             if (j->state[i] == PRESENT) return i;
     } else {
         for (int i = j->n_loadable - 1; i >= 0; i--)
-            if (j->state[i] == PRESENT) return i;
-            else if (j->state[i] == COMPUTING || j->state[i] == COMPUTED) break;
+            if (j->state[i] == PRESENT)
+                return i;
+            else if (j->state[i] == COMPUTING || j->state[i] == COMPUTED)
+                break;
     }
     return -1;
 }
@@ -179,8 +185,8 @@ static void *io_worker_main(void *arg) {
         pthread_mutex_unlock(&j->mu);
 
         size_t len = 0;
-        int rc = cake_store_get_verified(j->p->store, &j->expect[i], w->buf, j->buf_size, &len,
-                                         err, sizeof(err));
+        int rc = cake_store_get_verified(j->p->store, &j->expect[i], w->buf, j->buf_size, &len, err,
+                                         sizeof(err));
         const uint64_t t1 = now_ns();
 
         pthread_mutex_lock(&j->mu);
@@ -202,8 +208,8 @@ static void *io_worker_main(void *arg) {
         pthread_mutex_unlock(&j->mu);
 
         /* The chunk's positions belong to this worker now: no lock needed. */
-        int irc = j->e->install(j->e->self, w->buf, &j->expect[i], i * j->p->chunk, err,
-                                sizeof(err));
+        int irc =
+            j->e->install(j->e->self, w->buf, &j->expect[i], i * j->p->chunk, err, sizeof(err));
         const uint64_t t2 = now_ns();
 
         pthread_mutex_lock(&j->mu);
@@ -241,7 +247,8 @@ static uint64_t remaining_load_ns(const prefill_job *j, int i) {
     double bytes_per_ns = 0;
     const uint64_t now = now_ns();
     if (j->loads_done && now > j->first_claim)
-        bytes_per_ns = (double)j->loads_done * (double)j->blob_size / (double)(now - j->first_claim);
+        bytes_per_ns =
+            (double)j->loads_done * (double)j->blob_size / (double)(now - j->first_claim);
     else
         bytes_per_ns = j->rate_hint;
     if (bytes_per_ns <= 0) return UINT64_MAX;
@@ -338,8 +345,10 @@ static int compute_side(prefill_job *j, char *err, size_t errlen) {
         j->state[i] = COMPUTED;
         j->st->chunks_computed++;
         /* Chunks the lookup did not find, or that failed to load, go back to the store. */
-        if (was_absent && j->p->mode != CAKE_MODE_COMPUTE) queue_writeback(j, i, 1);
-        else if (j->p->mode == CAKE_MODE_COMPUTE) queue_writeback(j, i, 0);
+        if (was_absent && j->p->mode != CAKE_MODE_COMPUTE)
+            queue_writeback(j, i, 1);
+        else if (j->p->mode == CAKE_MODE_COMPUTE)
+            queue_writeback(j, i, 0);
     }
     j->stop = 1; /* nothing below the front is claimable; stop the workers early */
     pthread_mutex_unlock(&j->mu);
@@ -353,12 +362,15 @@ static int write_trace(const prefill_job *j, const char *path) {
     fprintf(f, "{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":1,\"tid\":0,"
                "\"args\":{\"name\":\"compute\"}}");
     for (int w = 1; w <= j->st->io_depth; w++)
-        fprintf(f, ",\n{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":1,\"tid\":%d,"
-                   "\"args\":{\"name\":\"io worker %d\"}}", w, w);
+        fprintf(f,
+                ",\n{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":1,\"tid\":%d,"
+                "\"args\":{\"name\":\"io worker %d\"}}",
+                w, w);
     for (int k = 0; k < j->n_trace; k++) {
         const trace_event *t = &j->trace[k];
-        fprintf(f, ",\n{\"name\":\"%s %d\",\"cat\":\"%s\",\"ph\":\"X\",\"pid\":1,\"tid\":%d,"
-                   "\"ts\":%.3f,\"dur\":%.3f,\"args\":{\"chunk\":%d}}",
+        fprintf(f,
+                ",\n{\"name\":\"%s %d\",\"cat\":\"%s\",\"ph\":\"X\",\"pid\":1,\"tid\":%d,"
+                "\"ts\":%.3f,\"dur\":%.3f,\"args\":{\"chunk\":%d}}",
                 t->what, t->chunk, t->what, t->tid, (double)(t->t0 - j->t_start) / 1e3,
                 (double)(t->t1 - t->t0) / 1e3, t->chunk);
     }
@@ -404,8 +416,9 @@ int cake_prefill(const cake_loader_engine *e, const cake_token *prompt, int n_pr
     st->meet_chunk = -1;
     st->mode = p->store ? p->mode : CAKE_MODE_COMPUTE;
     st->chunk = C;
-    st->io_depth = st->mode == CAKE_MODE_COMPUTE ? 0 : p->io_depth > 0 ? p->io_depth
-                                                                       : CAKE_DEFAULT_IO_DEPTH;
+    st->io_depth = st->mode == CAKE_MODE_COMPUTE ? 0
+                   : p->io_depth > 0             ? p->io_depth
+                                                 : CAKE_DEFAULT_IO_DEPTH;
     if (n_prompt < 1 || C < 1) return cake_err(err, errlen, "prefill: empty prompt or chunk < 1");
     st->chunks_total = (n_prompt + C - 1) / C;
 
@@ -444,11 +457,11 @@ int cake_prefill(const cake_loader_engine *e, const cake_token *prompt, int n_pr
 
     /* Lookup: keys of the full chunks and which of them the store has. */
     if (n_keys) {
-        cake_key_chain(e->fingerprint, (uint32_t)C, (uint32_t)e->kv_type, prompt,
-                       (size_t)n_prompt, keys);
+        cake_key_chain(e->fingerprint, (uint32_t)C, (uint32_t)e->kv_type, prompt, (size_t)n_prompt,
+                       keys);
         for (int i = 0; i < n_full; i++)
-            j->expect[i] = cake_chunk_header_for(e->fingerprint, &keys[i], (uint32_t)i,
-                                                (uint32_t)C, e->hp, e->kv_type);
+            j->expect[i] = cake_chunk_header_for(e->fingerprint, &keys[i], (uint32_t)i, (uint32_t)C,
+                                                 e->hp, e->kv_type);
         if (st->mode != CAKE_MODE_COMPUTE) {
             char why[256];
             (void)cake_store_exists(p->store, keys, (size_t)n_full, present, why, sizeof(why));
@@ -511,7 +524,9 @@ done:
     free(present);
     j->ok = rc == 0;
     if (rc == 0 && st->meet_chunk < 0) st->meet_chunk = j->n_loadable;
-    if (pending && rc == 0) *pending = j; /* joined later, after the first token */
-    else job_finish(j);
+    if (pending && rc == 0)
+        *pending = j; /* joined later, after the first token */
+    else
+        job_finish(j);
     return rc;
 }

@@ -44,12 +44,12 @@ void cake_context_loader_engine(cake_context *c, int with_fingerprint, cake_load
 typedef struct cake_writeback cake_writeback;
 
 typedef struct {
-    cake_store *store;       /* NULL: nothing is cached; compute only */
+    cake_store *store;         /* NULL: nothing is cached; compute only */
     cake_writeback *writeback; /* NULL: computed chunks are not stored */
-    cake_mode mode;          /* ignored (compute) when store is NULL */
-    int chunk;               /* tokens per chunk (the store's chunk size) */
-    int io_depth;            /* loads in flight (I/O workers); 0 = default */
-    const char *trace_path;  /* optional Chrome trace-event JSON of the prefill */
+    cake_mode mode;            /* ignored (compute) when store is NULL */
+    int chunk;                 /* tokens per chunk (the store's chunk size) */
+    int io_depth;              /* loads in flight (I/O workers); 0 = default */
+    const char *trace_path;    /* optional Chrome trace-event JSON of the prefill */
 } cake_prefill_params;
 
 #define CAKE_DEFAULT_IO_DEPTH 4
@@ -60,10 +60,10 @@ typedef struct {
     int chunks_total;    /* ceil(n_prompt / chunk) */
     int chunks_computed; /* including the partial tail */
     int chunks_loaded;
-    int chunks_missing;  /* loadable chunks the store did not have */
-    int chunks_corrupt;  /* present at lookup but failed to load (corrupt, vanished, store down) */
+    int chunks_missing;   /* loadable chunks the store did not have */
+    int chunks_corrupt;   /* present at lookup but failed to load (corrupt, vanished, store down) */
     int chunks_discarded; /* loads finished or cancelled after compute had taken the chunk */
-    int meet_chunk;      /* first chunk index of the loaded region where compute stopped; -1: none */
+    int meet_chunk; /* first chunk index of the loaded region where compute stopped; -1: none */
     uint64_t bytes_loaded;
     double lookup_ms;       /* key hashing + exists */
     double compute_ms;      /* time in forward passes */

@@ -67,9 +67,12 @@ static void *writer_main(void *arg) {
         }
 
         pthread_mutex_lock(&w->mu);
-        if (outcome == 0) w->ctr.written++;
-        else if (outcome == 1) w->ctr.already_present++;
-        else w->ctr.failed++;
+        if (outcome == 0)
+            w->ctr.written++;
+        else if (outcome == 1)
+            w->ctr.already_present++;
+        else
+            w->ctr.failed++;
         w->busy = 0;
         if (!w->count) pthread_cond_broadcast(&w->idle_cv);
     }

@@ -58,9 +58,8 @@ static int find_weight(const cake_gguf *g, const char *name, int n_in, int n_out
                         "tensor '%s': dtype %s is not supported for weights (F32, F16, BF16 are)",
                         name, cake_dtype_name(t->type));
     if (t->n_dims != 2 || t->ne[0] != (uint64_t)n_in || t->ne[1] != (uint64_t)n_out)
-        return cake_err(err, errlen,
-                        "tensor '%s': shape [%llu, %llu] (%u dims), expected [%d, %d]", name,
-                        (unsigned long long)t->ne[0], (unsigned long long)t->ne[1], t->n_dims,
+        return cake_err(err, errlen, "tensor '%s': shape [%llu, %llu] (%u dims), expected [%d, %d]",
+                        name, (unsigned long long)t->ne[0], (unsigned long long)t->ne[1], t->n_dims,
                         n_in, n_out);
     w->data = t->data;
     w->dtype = (int)t->type;
@@ -287,8 +286,8 @@ static void compute_fingerprint(void) {
     }
     XXH3_128bits_reset(st);
     XXH3_128bits_update(st, "cake-model-v1", 13);
-    const int64_t arch[] = {hp->n_vocab, hp->dim, hp->n_layers, hp->n_heads, hp->n_kv_heads,
-                            hp->head_dim, hp->ffn_dim, hp->tied_output};
+    const int64_t arch[] = {hp->n_vocab,    hp->dim,      hp->n_layers, hp->n_heads,
+                            hp->n_kv_heads, hp->head_dim, hp->ffn_dim,  hp->tied_output};
     for (size_t i = 0; i < sizeof(arch) / sizeof(arch[0]); i++) hash_u64(st, (uint64_t)arch[i]);
     hash_u64(st, cake_bits_from_f32(hp->rms_eps));
     hash_u64(st, cake_bits_from_f32(hp->rope_theta));

@@ -43,7 +43,8 @@ static inline cake_f16 cake_f32_to_f16(float f) {
     uint32_t sign = (x >> 16) & 0x8000;
     uint32_t absx = x & 0x7fffffffu;
     if (absx >= 0x7f800000u) /* inf or NaN (keep a quiet NaN) */
-        return (cake_f16)(sign | 0x7c00 | (absx > 0x7f800000u ? 0x200 | ((absx >> 13) & 0x3ff) : 0));
+        return (cake_f16)(sign | 0x7c00 |
+                          (absx > 0x7f800000u ? 0x200 | ((absx >> 13) & 0x3ff) : 0));
     if (absx >= 0x477ff000u) return (cake_f16)(sign | 0x7c00); /* rounds to inf */
     if (absx < 0x38800000u) {                                  /* subnormal or zero in f16 */
         if (absx < 0x33000000u) return (cake_f16)sign;         /* < 2^-25 rounds to 0 */

@@ -11,7 +11,7 @@ typedef void (*cake_task_fn)(void *ctx, int task, int thread_id);
 
 /* n_threads >= 1 (the caller counts as one). NULL on failure. */
 cake_threadpool *cake_threadpool_create(int n_threads);
-void cake_threadpool_free(cake_threadpool *p); /* accepts NULL */
+void cake_threadpool_free(cake_threadpool *p);      /* accepts NULL */
 int cake_threadpool_size(const cake_threadpool *p); /* 1 for NULL */
 /* pool may be NULL: runs every task on the calling thread. */
 void cake_threadpool_run(cake_threadpool *p, int n_tasks, cake_task_fn fn, void *ctx);

@@ -23,9 +23,15 @@ static void embed_rows(const cake_weight *w, const cake_token *tokens, int n, fl
         const size_t row = (size_t)tokens[t] * dim;
         float *dst = x + (size_t)t * dim;
         switch (w->dtype) {
-        case CAKE_DTYPE_F32: memcpy(dst, (const float *)w->data + row, dim * sizeof(float)); break;
-        case CAKE_DTYPE_F16: cake_f16_to_f32_row((const cake_f16 *)w->data + row, dst, dim); break;
-        default: cake_bf16_to_f32_row((const cake_bf16 *)w->data + row, dst, dim); break;
+        case CAKE_DTYPE_F32:
+            memcpy(dst, (const float *)w->data + row, dim * sizeof(float));
+            break;
+        case CAKE_DTYPE_F16:
+            cake_f16_to_f32_row((const cake_f16 *)w->data + row, dst, dim);
+            break;
+        default:
+            cake_bf16_to_f32_row((const cake_bf16 *)w->data + row, dst, dim);
+            break;
         }
     }
 }
@@ -67,8 +73,7 @@ void cake_cpu_forward_batch(cake_context *c, const cake_token *tokens, int n, ca
         matmul(s->k, s->xb, &L->wk, n, pool);
         matmul(s->v, s->xb, &L->wv, n, pool);
         cake_rope(s->q, n, hp->n_heads, hp->head_dim, pos0, hp->rope_theta, hp->rope_freq_scale);
-        cake_rope(s->k, n, hp->n_kv_heads, hp->head_dim, pos0, hp->rope_theta,
-                  hp->rope_freq_scale);
+        cake_rope(s->k, n, hp->n_kv_heads, hp->head_dim, pos0, hp->rope_theta, hp->rope_freq_scale);
         store_kv(&c->kv, l, s->k, s->v, n, pos0);
 
         cake_attn_args a = {

@@ -23,8 +23,7 @@ void cake_bf16_to_f32_row(const cake_bf16 *x, float *y, size_t n);
 /* ---- RMSNorm: y[t, :] = x[t, :] / sqrt(mean(x[t,:]^2) + eps) * w[:] ----
  * x, y: (n_tokens, dim); w: (dim). y may alias x. */
 void cake_rmsnorm(float *y, const float *x, const float *w, int n_tokens, int dim, float eps);
-void cake_rmsnorm_ref(float *y, const float *x, const float *w, int n_tokens, int dim,
-                      float eps);
+void cake_rmsnorm_ref(float *y, const float *x, const float *w, int n_tokens, int dim, float eps);
 
 /* ---- RoPE (llama "normal" style: rotates adjacent pairs (2i, 2i+1)) ----
  * x: (n_tokens, n_heads, head_dim), in place; token t is at position pos0 + t.
@@ -83,7 +82,7 @@ int cake_matmul_ref(float *y, const float *x, const void *w, int w_dtype, int n_
  * chain over k = l, l+16, ... in increasing k, then the lanes summed by the tree
  * ((l, l+8), then +4, +2, +1). cake_matmul gives bit-identical results for any
  * n_tokens, thread count and build. Returns 0, or -1 for an unsupported dtype. */
-int cake_matmul_lanes(float *y, const float *x, const void *w, int w_dtype, int n_tokens,
-                      int n_in, int n_out);
+int cake_matmul_lanes(float *y, const float *x, const void *w, int w_dtype, int n_tokens, int n_in,
+                      int n_out);
 
 #endif

@@ -24,15 +24,15 @@ int cake_cuda_available(char *err, size_t errlen);
 
 /* Uploads m's weights and allocates a KV cache of n_ctx positions and scratch
  * for batches of up to max_batch tokens. 0 ok, -1 with err. */
-int cake_cuda_init(const cake_model *m, int n_ctx, int max_batch, cake_cuda_state **out,
-                   char *err, size_t errlen);
+int cake_cuda_init(const cake_model *m, int n_ctx, int max_batch, cake_cuda_state **out, char *err,
+                   size_t errlen);
 void cake_cuda_free(cake_cuda_state *s); /* accepts NULL */
 
 /* Positions [pos0, pos0 + n) for tokens[0..n), n <= max_batch, given the KV of
  * [0, pos0) in the GPU cache. If logits is not NULL, copies the last token's
  * n_vocab f32 logits to it (host memory). 0 ok, -1 with err. */
-int cake_cuda_forward(cake_cuda_state *s, const cake_token *tokens, int n, int pos0,
-                      float *logits, char *err, size_t errlen);
+int cake_cuda_forward(cake_cuda_state *s, const cake_token *tokens, int n, int pos0, float *logits,
+                      char *err, size_t errlen);
 
 /* KV transfer for the chunk store/loader: copies positions [pos0, pos0 + n) of
  * layer l between host memory (f16, (n, n_kv_heads, head_dim) for K and for V)
