@@ -45,7 +45,9 @@ static const char *help =
     "  --store URI       use this store instead (file:PATH, redis://..., mem:); each\n"
     "                    cell adds bw=RATE to its parameters. A mem: store is copied\n"
     "                    into each cell's store (untimed, about size / bw per cell)\n"
-    "  --out DIR         results: ttft.csv, ttft.md, plots (default out/bench-ttft)\n";
+    "  --out DIR         results: ttft.csv, ttft.md, plots (default out/bench-ttft)\n"
+    "  --trace           also write each cell's Cake timeline (its last run) as\n"
+    "                    DIR/trace-ctxN-bwB-shareS.json (Chrome trace-event JSON)\n";
 
 typedef struct {
     cake_loader_engine inner;
@@ -170,13 +172,19 @@ typedef struct {
     cake_loader_engine engine; /* the throttled view the loader sees */
     float *logits;
     int n_vocab, chunk, io_depth, repeat;
+    const char *trace_path; /* where the next requests write their timeline; NULL: nowhere */
 } bench;
 
 /* One prefill + first-token choice; TTFT in ms, or < 0 on failure. */
 static double one_request(bench *b, const cake_token *prompt, int n, cake_store *store,
                           cake_writeback *wb, cake_mode mode, cake_prefill_stats *st) {
     cake_prefill_params p = {
-        .store = store, .writeback = wb, .mode = mode, .chunk = b->chunk, .io_depth = b->io_depth};
+        .store = store,
+        .writeback = wb,
+        .mode = mode,
+        .chunk = b->chunk,
+        .io_depth = b->io_depth,
+        .trace_path = b->trace_path};
     char err[256];
     cake_prefill_job *pending = NULL;
     double t0 = now_s();
@@ -207,22 +215,36 @@ static int measure(bench *b, const cake_token *prompt, int n, cake_store *store,
 }
 
 /* Standalone compute curve at share 1: comp[k] = ms to compute chunks [0, k),
- * k = 0..n_chunks; tail_ms = the rest of the prompt after them. */
+ * k = 0..n_chunks; tail_ms = the rest of the prompt after them. Each chunk's
+ * time is the median of `repeat` runs, as the TTFTs are. */
 static int compute_curve(bench *b, const cake_token *prompt, int n, double *comp, double *tail_ms) {
-    const int C = b->chunk, n_chunks = (n - 1) / C;
+    const int C = b->chunk, n_chunks = (n - 1) / C, r = b->repeat < 64 ? b->repeat : 64;
     char err[256];
-    comp[0] = 0;
-    for (int k = 0; k < n_chunks; k++) {
-        double t0 = now_s();
-        if (cake_forward(b->ctx, prompt + (size_t)k * C, C, k * C, NULL, err, sizeof(err)))
-            return fprintf(stderr, "cake bench: %s\n", err), -1;
-        comp[k + 1] = comp[k] + (now_s() - t0) * 1e3;
+    double *runs = malloc((size_t)(n_chunks + 1) * (size_t)r * sizeof(double)), v[64];
+    if (!runs) return fprintf(stderr, "cake bench: out of memory\n"), -1;
+    for (int rep = 0; rep < r; rep++) {
+        double *row = runs + (size_t)rep * (size_t)(n_chunks + 1); /* row[n_chunks] = tail */
+        for (int k = 0; k <= n_chunks; k++) {
+            const int len = k < n_chunks ? C : n - n_chunks * C;
+            double t0 = now_s();
+            if (cake_forward(b->ctx, prompt + (size_t)k * C, len, k * C,
+                             k < n_chunks ? NULL : b->logits, err, sizeof(err))) {
+                free(runs);
+                return fprintf(stderr, "cake bench: %s\n", err), -1;
+            }
+            row[k] = (now_s() - t0) * 1e3;
+        }
     }
-    double t0 = now_s();
-    if (cake_forward(b->ctx, prompt + (size_t)n_chunks * C, n - n_chunks * C, n_chunks * C,
-                     b->logits, err, sizeof(err)))
-        return fprintf(stderr, "cake bench: %s\n", err), -1;
-    *tail_ms = (now_s() - t0) * 1e3;
+    comp[0] = 0;
+    for (int k = 0; k <= n_chunks; k++) {
+        for (int rep = 0; rep < r; rep++) v[rep] = runs[(size_t)rep * (size_t)(n_chunks + 1) + k];
+        qsort(v, (size_t)r, sizeof(double), cmp_double);
+        if (k < n_chunks)
+            comp[k + 1] = comp[k] + v[r / 2];
+        else
+            *tail_ms = v[r / 2];
+    }
+    free(runs);
     return 0;
 }
 
@@ -291,13 +313,14 @@ static int bench_ttft(int argc, char **argv) {
                                          {"help", no_argument, 0, 'h'},
                                          {"backend", required_argument, 0, 'B'},
                                          {"store", required_argument, 0, 'U'},
+                                         {"trace", no_argument, 0, 'T'},
                                          {0, 0, 0, 0}};
     const char *model = NULL, *modes = "compute,load,cake", *out = "out/bench-ttft",
                *store_dir = NULL, *store_uri = NULL;
     enum cake_backend_kind backend = CAKE_BACKEND_CPU;
     double ctxs[MAX_LIST] = {1024, 2048, 4096}, bws[MAX_LIST] = {0.05, 0.1, 0.2, 0.5, 1, 2},
            shares[MAX_LIST] = {1};
-    int n_ctx = 3, n_bw = 6, n_share = 1, c;
+    int n_ctx = 3, n_bw = 6, n_share = 1, c, trace = 0;
     long chunk = 256, repeat = 1, io_depth = CAKE_DEFAULT_IO_DEPTH, threads = 0;
     optind = 1;
     while ((c = getopt_long(argc, argv, "m:o:h", opts, NULL)) != -1) {
@@ -354,6 +377,9 @@ static int bench_ttft(int argc, char **argv) {
             break;
         case 'o':
             out = optarg;
+            break;
+        case 'T':
+            trace = 1;
             break;
         case 'h':
             fputs(help, stdout);
@@ -478,7 +504,7 @@ static int bench_ttft(int argc, char **argv) {
             cli_error(CLI_FAIL, "bench", "could not fill the store in %s", dir);
             goto done;
         }
-        double tail_ms;
+        double tail_ms = 0;
         if (compute_curve(&b, prompt, n, comp, &tail_ms)) goto done;
 
         for (int si = 0; si < n_share; si++) {
@@ -506,8 +532,13 @@ static int bench_ttft(int argc, char **argv) {
                 timing tl = {0}, tk = {0};
                 /* Load-only always runs: it is also the standalone Load curve. */
                 int bad = measure(&b, prompt, n, s, CAKE_MODE_LOAD, &tl);
-                if (!bad && has_mode(modes, "cake"))
+                if (!bad && has_mode(modes, "cake")) {
+                    snprintf(path, sizeof(path), "%s/trace-ctx%d-bw%g-share%g.json", out, n,
+                             bws[bi], share);
+                    b.trace_path = trace ? path : NULL;
                     bad = measure(&b, prompt, n, s, CAKE_MODE_CAKE, &tk);
+                    b.trace_path = NULL;
+                }
                 cake_store_close(s);
                 if (bad) goto done;
                 /* The oracle from the standalone curves: Comp at this share, Load
@@ -519,7 +550,10 @@ static int bench_ttft(int argc, char **argv) {
                     double v = fmax(comp[k] / share, (n_chunks - k) * load_per_chunk);
                     if (v < best) best = v, split = k;
                 }
-                const double tstar = best + tail_ms / share + tk.last.lookup_ms;
+                /* The two ends of the curve were measured directly: use those. */
+                double tstar = best + tail_ms / share + tk.last.lookup_ms;
+                if (has_mode(modes, "compute") && tc.med < tstar) tstar = tc.med, split = n_chunks;
+                if (tl.med < tstar) tstar = tl.med, split = 0;
                 const double eff = tk.med > 0 ? tstar / tk.med : 0;
                 const double comp_ms = has_mode(modes, "compute") ? tc.med : NAN;
                 fprintf(csv,

@@ -24,16 +24,35 @@
  *     COMPUTING / COMPUTED  claimed by the compute side
  * A worker claims the highest PRESENT chunk (cake mode; lowest in load
  * mode), the compute side claims chunks in order 0, 1, 2, ... A chunk is
- * claimed under the mutex, so it is claimed by exactly one side.
+ * claimed under the mutex, so it is claimed by exactly one side. In cake mode
+ * a worker leaves a chunk alone while the link model says it would arrive
+ * more than one chunk's compute time after the compute side gets there: the
+ * compute side would compute it anyway, and on a shared link the wasted
+ * transfer would slow down the chunks above it (the transfer of a chunk that
+ * compute took over runs to its end; a read cannot be recalled). Such a
+ * worker re-decides whenever a load or a computed chunk changes the picture,
+ * and claims freely once the compute side waits at the meet.
+ *
+ * The link model. Transfers in flight share the store's link, modelled as
+ * processor sharing: n transfers in flight each progress at B / n, B the
+ * aggregate rate. That is a bandwidth-bound link (bw=, a network) exactly, and
+ * with B measured at the concurrency in use, a latency-bound device too (n
+ * transfers of S bytes each taking about L: B = n S / L). Two running
+ * integrals make the model exact: Σn = ∫ n dt gives the mean concurrency a
+ * transfer saw, hence B = S n̄ / d from each finished one; Σ1/n = ∫ dt / n
+ * gives how far a transfer in flight has got: B Δ(Σ1/n) bytes. Before the
+ * first load of a request finishes, B is the store's rate in earlier requests.
+ * Counting transfers as whole chunks until they finish would make the loads
+ * look up to io_depth chunks slower than they are, and the meet land high.
  *
  * The meet. The compute side walks i = 0, 1, ...: a LOADED chunk is skipped,
  * an ABSENT one is computed. For a chunk the store has (PRESENT, or FETCHING
  * by a worker) it compares two estimates: c, the time to compute chunk i (the
  * last chunk's compute time; at a request's start, the engine's memory of it),
- * and R, the time the workers still need to load every chunk from i up that is
- * not in the cache yet (at the aggregate rate seen so far in this request, or
- * before the first load completes, the store's rate in earlier requests). If
- * c < R, computing chunk i moves the meeting point up and shortens the whole:
+ * and R, the time the link needs until every chunk from i up is in (from the
+ * link model: what is left of the transfers in flight, plus the chunks not yet
+ * claimed). If c < R, computing chunk i moves the meeting point up and
+ * shortens the whole:
  * it claims and computes it (a FETCHING chunk is taken over; its transfer is
  * discarded on arrival, the worker never touches the KV cache). Otherwise the
  * loads will be done first: this is the meet. It waits, re-deciding on every
@@ -64,6 +83,7 @@
 #include "loader/loader.h"
 
 #include <errno.h>
+#include <math.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -74,7 +94,18 @@
 
 enum chunk_state { ABSENT, PRESENT, FETCHING, COPYING, LOADED, COMPUTING, COMPUTED };
 
-struct io_worker;
+struct prefill_job;
+
+typedef struct io_worker {
+    struct prefill_job *j;
+    int tid;
+    void *buf;       /* staging buffer for one blob, owned by this worker */
+    int busy;        /* a transfer is in flight */
+    int chunk;       /* of that transfer */
+    uint64_t t0;     /* its start */
+    double sum_n0;   /* the link integrals at its start */
+    double sum_inv0;
+} io_worker;
 
 typedef struct {
     int tid; /* 0 = compute, 1.. = I/O worker */
@@ -93,13 +124,24 @@ typedef struct prefill_job {
     pthread_mutex_t mu;
     pthread_cond_t cv; /* a load finished or failed */
     enum chunk_state *state;
-    uint64_t *claimed_at; /* ns; for FETCHING chunks */
-    uint64_t load_ns_sum;
-    int loads_done;
     int stop; /* set when the compute side no longer needs loads */
     uint64_t t_start, first_claim, last_load;
     size_t blob_size, buf_size;
     double rate_hint; /* bytes/ns the store delivered in earlier requests; 0 = unknown */
+
+    /* The link model (see the top): transfers in flight and the integrals. */
+    int link_n;           /* transfers in flight, discarded ones included */
+    uint64_t link_t;      /* when the integrals were last advanced */
+    double link_sum_n;    /* ∫ n dt, ns */
+    double link_sum_inv;  /* ∫ dt / n while n > 0, ns */
+    double rate_weighted; /* Σ S n̄ over finished transfers, bytes */
+    double rate_time;     /* Σ d over finished transfers, ns */
+
+    /* Where the compute side is, for the workers' claim decisions. */
+    int front;           /* the chunk being computed or decided on */
+    uint64_t front_t0;   /* when its compute (or decision) began */
+    uint64_t est_c;      /* expected compute time per chunk, ns; 0 = unknown */
+    int compute_waits;   /* the compute side waits for loads at the meet */
 
     cake_prefill_stats *st; /* the caller's; written until cake_prefill_finish */
     trace_event *trace;
@@ -148,27 +190,122 @@ static void trace_add(prefill_job *j, int tid, int chunk, const char *what, uint
     j->trace[j->n_trace++] = (trace_event){tid, chunk, what, t0, t1};
 }
 
-/* The next chunk for a worker to fetch, or -1 (under the mutex). */
+/* Waits on the condition variable for at most ns (under the mutex). */
+static void wait_ns(prefill_job *j, uint64_t ns) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    uint64_t t = (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec + ns;
+    ts.tv_sec = (time_t)(t / 1000000000ull);
+    ts.tv_nsec = (long)(t % 1000000000ull);
+    pthread_cond_timedwait(&j->cv, &j->mu, &ts);
+}
+
+/* ---- the link model (see the top) ---- */
+
+/* Advances the integrals to now (under the mutex). */
+static void link_advance(prefill_job *j, uint64_t now) {
+    if (j->link_n > 0 && now > j->link_t) {
+        const double dt = (double)(now - j->link_t);
+        j->link_sum_n += dt * j->link_n;
+        j->link_sum_inv += dt / j->link_n;
+    }
+    j->link_t = now;
+}
+
+static void link_start(prefill_job *j, io_worker *w, uint64_t now) {
+    link_advance(j, now);
+    j->link_n++;
+    w->busy = 1;
+    w->t0 = now;
+    w->sum_n0 = j->link_sum_n;
+    w->sum_inv0 = j->link_sum_inv;
+}
+
+/* A transfer ended; one that delivered `bytes` also measures B = S n̄ / d. */
+static void link_end(prefill_job *j, io_worker *w, uint64_t now, size_t bytes) {
+    link_advance(j, now);
+    j->link_n--;
+    w->busy = 0;
+    const double d = (double)(now - w->t0);
+    if (bytes && d > 0) {
+        j->rate_weighted += (double)bytes * (j->link_sum_n - w->sum_n0) / d;
+        j->rate_time += d;
+    }
+}
+
+/* B, the aggregate rate in bytes/ns; 0 when unknown. */
+static double link_rate(const prefill_job *j) {
+    return j->rate_time > 0 ? j->rate_weighted / j->rate_time : j->rate_hint;
+}
+
+/* Bytes still to come of worker w's transfer (under the mutex, after link_advance). */
+static double link_left(const prefill_job *j, const io_worker *w, double rate) {
+    const double left = (double)j->blob_size - rate * (j->link_sum_inv - w->sum_inv0);
+    return left > 0 ? left : 0;
+}
+
+/* Expected time until every chunk from i up is in the cache; 0 when none is
+ * pending, UINT64_MAX when there is no rate to go by. Under processor sharing
+ * the last of them ends when every transfer on the link has been served up
+ * to what that last one has left (or all of its bytes, when it is a chunk
+ * not claimed yet). Under the mutex. */
+static uint64_t remaining_load_ns(prefill_job *j, int i) {
+    const double rate = link_rate(j);
+    int waiting = 0, pending = 0;
+    for (int k = i; k < j->n_loadable; k++) {
+        waiting += j->state[k] == PRESENT;
+        pending += j->state[k] == PRESENT || j->state[k] == FETCHING || j->state[k] == COPYING;
+    }
+    if (!pending) return 0;
+    if (rate <= 0) return UINT64_MAX;
+    link_advance(j, now_ns());
+    /* What the last chunk we need has left: a whole blob when one is unclaimed. */
+    double last = waiting ? (double)j->blob_size : 0;
+    for (int w = 0; w < j->n_started; w++)
+        if (j->workers[w].busy && j->workers[w].chunk >= i && j->state[j->workers[w].chunk] == FETCHING)
+            last = fmax(last, link_left(j, &j->workers[w], rate));
+    double bytes = (double)waiting * (double)j->blob_size;
+    for (int w = 0; w < j->n_started; w++)
+        if (j->workers[w].busy) bytes += fmin(link_left(j, &j->workers[w], rate), last);
+    return (uint64_t)(bytes / rate);
+}
+
+/* Whether a worker should fetch chunk k now (cake mode, under the mutex): yes
+ * unless the link model says it would arrive more than one chunk's compute
+ * time after the compute side reaches k. Fetching it then would only take
+ * link time from the chunks above it. */
+static int worth_fetching(prefill_job *j, int k) {
+    const double rate = link_rate(j);
+    if (j->compute_waits || !j->est_c || rate <= 0) return 1;
+    const uint64_t now = now_ns();
+    link_advance(j, now);
+    /* A new transfer has the most left, so it ends when the link has served everything. */
+    double bytes = (double)j->blob_size;
+    for (int w = 0; w < j->n_started; w++)
+        if (j->workers[w].busy) bytes += link_left(j, &j->workers[w], rate);
+    const double arrival = (double)now + bytes / rate;
+    int to_compute = 0; /* chunks the compute side still computes before reaching k */
+    for (int m = j->front; m < k; m++) to_compute += j->state[m] != LOADED;
+    const double reach = (double)j->front_t0 + (double)to_compute * (double)j->est_c;
+    return arrival <= reach + (double)j->est_c;
+}
+
+/* The next chunk for a worker to fetch; -1: nothing left to fetch, -2: nothing
+ * worth fetching now (under the mutex). */
 static int claim_for_load(prefill_job *j) {
     if (j->stop) return -1;
     if (j->p->mode == CAKE_MODE_LOAD) {
         for (int i = 0; i < j->n_loadable; i++)
             if (j->state[i] == PRESENT) return i;
-    } else {
-        for (int i = j->n_loadable - 1; i >= 0; i--)
-            if (j->state[i] == PRESENT)
-                return i;
-            else if (j->state[i] == COMPUTING || j->state[i] == COMPUTED)
-                break;
+        return -1;
     }
+    for (int i = j->n_loadable - 1; i >= 0; i--)
+        if (j->state[i] == PRESENT)
+            return worth_fetching(j, i) ? i : -2;
+        else if (j->state[i] == COMPUTING || j->state[i] == COMPUTED)
+            break;
     return -1;
 }
-
-typedef struct io_worker {
-    prefill_job *j;
-    int tid;
-    void *buf; /* staging buffer for one blob, owned by this worker */
-} io_worker;
 
 static void *io_worker_main(void *arg) {
     io_worker *w = arg;
@@ -177,10 +314,15 @@ static void *io_worker_main(void *arg) {
     pthread_mutex_lock(&j->mu);
     for (;;) {
         int i = claim_for_load(j);
-        if (i < 0) break;
+        if (i == -1) break;
+        if (i == -2) { /* re-decide when a load or a computed chunk changes the picture */
+            wait_ns(j, j->est_c / 2 + 1000000);
+            continue;
+        }
         j->state[i] = FETCHING;
         const uint64_t t0 = now_ns();
-        j->claimed_at[i] = t0;
+        w->chunk = i;
+        link_start(j, w, t0);
         if (!j->first_claim) j->first_claim = t0;
         pthread_mutex_unlock(&j->mu);
 
@@ -190,6 +332,7 @@ static void *io_worker_main(void *arg) {
         const uint64_t t1 = now_ns();
 
         pthread_mutex_lock(&j->mu);
+        link_end(j, w, t1, rc == 0 ? len : 0);
         trace_add(j, w->tid, i, rc == 0 ? "load" : "load failed", t0, t1);
         if (j->state[i] != FETCHING) { /* the compute side took it over meanwhile */
             j->st->chunks_discarded++;
@@ -203,8 +346,6 @@ static void *io_worker_main(void *arg) {
             continue;
         }
         j->state[i] = COPYING;
-        j->load_ns_sum += t1 - t0;
-        j->loads_done++;
         pthread_mutex_unlock(&j->mu);
 
         /* The chunk's positions belong to this worker now: no lock needed. */
@@ -229,35 +370,6 @@ static void *io_worker_main(void *arg) {
     return NULL;
 }
 
-/* Waits on the condition variable for at most ns (under the mutex). */
-static void wait_ns(prefill_job *j, uint64_t ns) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    uint64_t t = (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec + ns;
-    ts.tv_sec = (time_t)(t / 1000000000ull);
-    ts.tv_nsec = (long)(t % 1000000000ull);
-    pthread_cond_timedwait(&j->cv, &j->mu, &ts);
-}
-
-/* Expected time until the I/O workers have loaded every chunk in [i, n) that
- * is not in the cache yet, at the aggregate load rate seen so far in this
- * request (or, before the first load finishes, the store's rate from earlier
- * requests). UINT64_MAX when there is no rate to go by. Under the mutex. */
-static uint64_t remaining_load_ns(const prefill_job *j, int i) {
-    double bytes_per_ns = 0;
-    const uint64_t now = now_ns();
-    if (j->loads_done && now > j->first_claim)
-        bytes_per_ns =
-            (double)j->loads_done * (double)j->blob_size / (double)(now - j->first_claim);
-    else
-        bytes_per_ns = j->rate_hint;
-    if (bytes_per_ns <= 0) return UINT64_MAX;
-    int pending = 0;
-    for (int k = i; k < j->n_loadable; k++)
-        pending += j->state[k] == PRESENT || j->state[k] == FETCHING || j->state[k] == COPYING;
-    return (uint64_t)((double)pending * (double)j->blob_size / bytes_per_ns);
-}
-
 /* At chunk i, which the store has (PRESENT, or FETCHING by a worker): how
  * long the compute side should wait for the loads instead of computing it;
  * 0 = compute it now. Computing chunk i pays off only if it takes less than
@@ -265,7 +377,7 @@ static uint64_t remaining_load_ns(const prefill_job *j, int i) {
  * meanwhile); otherwise the loads finish first. The wait is re-decided on
  * every wake-up and never exceeds one chunk's compute time in total, so a
  * stalled store costs at most that. Under the mutex. */
-static uint64_t wait_budget(const prefill_job *j, int i, uint64_t est_compute_ns,
+static uint64_t wait_budget(prefill_job *j, int i, uint64_t est_compute_ns,
                             uint64_t waited_ns) {
     if (!est_compute_ns || waited_ns >= est_compute_ns) return 0;
     const uint64_t remaining = remaining_load_ns(j, i);
@@ -309,6 +421,9 @@ static int compute_side(prefill_job *j, char *err, size_t errlen) {
         uint64_t est_compute = last_compute_ns;
         if (!est_compute && j->e->compute_ns_per_token)
             est_compute = *j->e->compute_ns_per_token * (uint64_t)C;
+        j->front = i;
+        j->front_t0 = wait_start;
+        j->est_c = est_compute;
         for (;;) {
             enum chunk_state s = j->state[i];
             if (s == LOADED || s == ABSENT) break;
@@ -316,9 +431,14 @@ static int compute_side(prefill_job *j, char *err, size_t errlen) {
                                            : wait_budget(j, i, est_compute, waited);
             if (!budget) break;
             if (j->st->meet_chunk < 0) j->st->meet_chunk = i; /* compute stops here */
+            if (!j->compute_waits) { /* workers may now fetch whatever is left */
+                j->compute_waits = 1;
+                pthread_cond_broadcast(&j->cv);
+            }
             wait_ns(j, budget);
             waited = now_ns() - wait_start;
         }
+        j->compute_waits = 0;
         if (waited) {
             j->st->compute_wait_ms += (double)waited / 1e6;
             trace_add(j, 0, i, "wait", wait_start, wait_start + waited);
@@ -329,9 +449,10 @@ static int compute_side(prefill_job *j, char *err, size_t errlen) {
         }
         const int was_absent = j->state[i] == ABSENT;
         j->state[i] = COMPUTING; /* from ABSENT, PRESENT or a taken-over FETCHING */
+        const uint64_t t0 = now_ns();
+        j->front_t0 = t0;
         pthread_mutex_unlock(&j->mu);
 
-        const uint64_t t0 = now_ns();
         rc = j->e->compute(j->e->self, j->prompt + (size_t)i * C, C, i * C, NULL, err, errlen);
         const uint64_t t1 = now_ns();
         last_compute_ns = t1 - t0;
@@ -343,6 +464,10 @@ static int compute_side(prefill_job *j, char *err, size_t errlen) {
         j->st->compute_ms += (double)(t1 - t0) / 1e6;
         if (rc) break;
         j->state[i] = COMPUTED;
+        j->front = i + 1;
+        j->front_t0 = t1;
+        j->est_c = last_compute_ns;
+        pthread_cond_broadcast(&j->cv); /* workers holding back re-decide */
         j->st->chunks_computed++;
         /* Chunks the lookup did not find, or that failed to load, go back to the store. */
         if (was_absent && j->p->mode != CAKE_MODE_COMPUTE)
@@ -387,6 +512,7 @@ static void job_finish(prefill_job *j) {
     for (int w = 0; w < j->n_started; w++) pthread_join(j->threads[w], NULL);
     for (int w = 0; w < j->n_started; w++) cake_store_free_buffer(j->workers[w].buf);
     cake_prefill_stats *st = j->st;
+    if (j->rate_time > 0) cake_store_set_rate_hint(j->p->store, link_rate(j));
     if (j->first_claim && j->last_load > j->first_claim) {
         st->load_ms = (double)(j->last_load - j->first_claim) / 1e6;
         st->load_gbit_s = (double)st->bytes_loaded * 8 / (st->load_ms * 1e6);
@@ -398,7 +524,6 @@ static void job_finish(prefill_job *j) {
     free(j->trace);
     free(j->expect);
     free(j->state);
-    free(j->claimed_at);
     pthread_cond_destroy(&j->cv);
     pthread_mutex_destroy(&j->mu);
     free(j);
@@ -447,10 +572,9 @@ int cake_prefill(const cake_loader_engine *e, const cake_token *prompt, int n_pr
     const int n_keys = (p->store || p->writeback) ? n_full : 0;
     j->expect = calloc((size_t)n_full + 1, sizeof(*j->expect));
     j->state = calloc((size_t)n_full + 1, sizeof(*j->state));
-    j->claimed_at = calloc((size_t)n_full + 1, sizeof(*j->claimed_at));
     keys = calloc((size_t)n_full + 1, sizeof(*keys));
     present = calloc((size_t)n_full + 1, 1);
-    if (!j->expect || !j->state || !j->claimed_at || !keys || !present) {
+    if (!j->expect || !j->state || !keys || !present) {
         cake_err(err, errlen, "prefill: out of memory");
         goto done;
     }
@@ -479,11 +603,16 @@ int cake_prefill(const cake_loader_engine *e, const cake_token *prompt, int n_pr
         int n_workers = st->io_depth < n_present ? st->io_depth : n_present;
         j->blob_size = cake_chunk_blob_size(&j->expect[0]);
         j->buf_size = cake_store_buffer_size(j->blob_size);
-        /* Each earlier get ran alongside about io_depth others: aggregate rate. */
+        /* The rate the last request measured; failing that, assume the
+         * earlier gets ran about io_depth at a time. */
+        j->rate_hint = cake_store_rate_hint(p->store);
         cake_store_counters ctr;
         cake_store_counters_get(p->store, &ctr);
-        if (ctr.read_ns && ctr.bytes_read)
+        if (!j->rate_hint && ctr.read_ns && ctr.bytes_read)
             j->rate_hint = (double)ctr.bytes_read / (double)ctr.read_ns * st->io_depth;
+        if (j->e->compute_ns_per_token) /* the workers' view until compute starts */
+            j->est_c = *j->e->compute_ns_per_token * (uint64_t)C;
+        j->front_t0 = j->t_start;
         j->workers = calloc((size_t)n_workers, sizeof(*j->workers));
         j->threads = calloc((size_t)n_workers, sizeof(*j->threads));
         if (!j->workers || !j->threads) {

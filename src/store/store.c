@@ -143,6 +143,7 @@ struct cake_store {
     uint64_t lat_ns;
     emu_link rd, wr;
     cake_store_atomic_counters ctr;
+    _Atomic double rate_hint; /* bytes/ns; see cake_store_rate_hint */
 };
 
 static const char *default_dir(char *buf, size_t n) {
@@ -659,6 +660,14 @@ int cake_store_gc(cake_store *s, uint64_t target, uint64_t *n_evicted, uint64_t 
     if (n_evicted) *n_evicted = n;
     if (bytes_freed) *bytes_freed = b;
     return rc;
+}
+
+double cake_store_rate_hint(const cake_store *s) {
+    return atomic_load(&((cake_store *)s)->rate_hint);
+}
+
+void cake_store_set_rate_hint(cake_store *s, double bytes_per_ns) {
+    atomic_store(&s->rate_hint, bytes_per_ns);
 }
 
 void cake_store_counters_get(const cake_store *s, cake_store_counters *o) {

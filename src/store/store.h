@@ -164,6 +164,11 @@ int cake_store_gc(cake_store *s, uint64_t target, uint64_t *n_evicted, uint64_t 
 
 void cake_store_counters_get(const cake_store *s, cake_store_counters *out);
 
+/* The aggregate read rate (bytes/ns) the loader measured on this store in its
+ * last request, for the next request's first estimates; 0 = none yet. */
+double cake_store_rate_hint(const cake_store *s);
+void cake_store_set_rate_hint(cake_store *s, double bytes_per_ns);
+
 /* Parsers shared with the command line. 0 ok, -1 when s is not a valid value.
  * Sizes: a number with an optional K/M/G/T (powers of 1000, B optional) or
  * KiB/MiB/GiB/TiB suffix. Rates: bits/s by default or with bit / bps; bytes/s
