@@ -33,7 +33,8 @@ static const char *help =
     "with the oracle split T* from curves measured in the same run.\n"
     "  --ctx LIST        prompt lengths in tokens (default 1024,2048,4096)\n"
     "  --bw LIST         link bandwidths in Gbit/s (default 0.05,0.1,0.2,0.5,1,2)\n"
-    "  --modes LIST      of compute,load,cake (default all three)\n"
+    "  --modes LIST      of compute,load,cake (default all three); compute and load\n"
+    "                    always run, as they give the curves T* comes from\n"
     "  --share LIST      compute shares in (0, 1] (default 1)\n"
     "  --chunk N         chunk size in tokens (default 256)\n"
     "  --repeat R        runs per cell; the median is reported (default 1)\n"
@@ -49,9 +50,13 @@ static const char *help =
     "  --trace           also write each cell's Cake timeline (its last run) as\n"
     "                    DIR/trace-ctxN-bwB-shareS.json (Chrome trace-event JSON)\n";
 
+/* The engine the loader sees: the real one, throttled to a compute share,
+ * and recording each compute call's time when asked (the Comp curve). */
 typedef struct {
     cake_loader_engine inner;
     double share;
+    double *record; /* NULL, or ms per chunk index (pos0 / chunk) of the next request */
+    int chunk;
 } throttled_engine;
 
 static double now_s(void) {
@@ -73,6 +78,7 @@ static int throttled_compute(void *self, const cake_token *t, int n, int pos0, f
     double t0 = now_s();
     int rc = e->inner.compute(e->inner.self, t, n, pos0, logits, err, errlen);
     if (e->share < 1) sleep_s((now_s() - t0) * (1 / e->share - 1));
+    if (e->record) e->record[pos0 / e->chunk] = (now_s() - t0) * 1e3;
     return rc;
 }
 
@@ -201,48 +207,64 @@ static double one_request(bench *b, const cake_token *prompt, int n, cake_store 
     return ttft;
 }
 
-static int measure(bench *b, const cake_token *prompt, int n, cake_store *store, cake_mode mode,
-                   timing *t) {
-    double v[64];
+static double median(double *v, int n) {
+    qsort(v, (size_t)n, sizeof(double), cmp_double);
+    return v[n / 2];
+}
+
+/* Load-only and (when cake_too) Cake TTFT of one cell, their runs taken in
+ * turns so that both see the same noise of a shared machine. */
+static int measure_cell(bench *b, const cake_token *prompt, int n, cake_store *store,
+                        int cake_too, const char *cake_trace, timing *tl, timing *tk) {
+    double vl[64], vk[64];
     int r = b->repeat < 64 ? b->repeat : 64;
-    for (int i = 0; i < r; i++)
-        if ((v[i] = one_request(b, prompt, n, store, NULL, mode, &t->last)) < 0) return -1;
-    qsort(v, (size_t)r, sizeof(double), cmp_double);
-    t->med = v[r / 2];
-    t->min = v[0];
-    t->max = v[r - 1];
+    for (int i = 0; i < r; i++) {
+        if ((vl[i] = one_request(b, prompt, n, store, NULL, CAKE_MODE_LOAD, &tl->last)) < 0)
+            return -1;
+        if (!cake_too) continue;
+        b->trace_path = cake_trace; /* the last run's timeline stays */
+        vk[i] = one_request(b, prompt, n, store, NULL, CAKE_MODE_CAKE, &tk->last);
+        b->trace_path = NULL;
+        if (vk[i] < 0) return -1;
+    }
+    tl->med = median(vl, r);
+    tl->min = vl[0];
+    tl->max = vl[r - 1];
+    if (cake_too) {
+        tk->med = median(vk, r);
+        tk->min = vk[0];
+        tk->max = vk[r - 1];
+    }
     return 0;
 }
 
-/* Standalone compute curve at share 1: comp[k] = ms to compute chunks [0, k),
- * k = 0..n_chunks; tail_ms = the rest of the prompt after them. Each chunk's
- * time is the median of `repeat` runs, as the TTFTs are. */
-static int compute_curve(bench *b, const cake_token *prompt, int n, double *comp, double *tail_ms) {
-    const int C = b->chunk, n_chunks = (n - 1) / C, r = b->repeat < 64 ? b->repeat : 64;
-    char err[256];
-    double *runs = malloc((size_t)(n_chunks + 1) * (size_t)r * sizeof(double)), v[64];
+/* Compute-only TTFT, and with it the standalone compute curve at the current
+ * share: comp[k] = ms to compute chunks [0, k), k = 0..n_chunks, and tail_ms
+ * for the rest of the prompt. Each chunk's time is its median over the runs. */
+static int measure_compute(bench *b, const cake_token *prompt, int n, timing *t, double *comp,
+                           double *tail_ms) {
+    const int n_chunks = (n - 1) / b->chunk, r = b->repeat < 64 ? b->repeat : 64;
+    double *runs = malloc((size_t)(n_chunks + 1) * (size_t)r * sizeof(double)), v[64], ttft[64];
     if (!runs) return fprintf(stderr, "cake bench: out of memory\n"), -1;
-    for (int rep = 0; rep < r; rep++) {
-        double *row = runs + (size_t)rep * (size_t)(n_chunks + 1); /* row[n_chunks] = tail */
-        for (int k = 0; k <= n_chunks; k++) {
-            const int len = k < n_chunks ? C : n - n_chunks * C;
-            double t0 = now_s();
-            if (cake_forward(b->ctx, prompt + (size_t)k * C, len, k * C,
-                             k < n_chunks ? NULL : b->logits, err, sizeof(err))) {
-                free(runs);
-                return fprintf(stderr, "cake bench: %s\n", err), -1;
-            }
-            row[k] = (now_s() - t0) * 1e3;
+    for (int i = 0; i < r; i++) {
+        b->te.record = runs + (size_t)i * (size_t)(n_chunks + 1); /* [n_chunks] = the tail */
+        ttft[i] = one_request(b, prompt, n, NULL, NULL, CAKE_MODE_COMPUTE, &t->last);
+        b->te.record = NULL;
+        if (ttft[i] < 0) {
+            free(runs);
+            return -1;
         }
     }
+    t->med = median(ttft, r);
+    t->min = ttft[0];
+    t->max = ttft[r - 1];
     comp[0] = 0;
     for (int k = 0; k <= n_chunks; k++) {
-        for (int rep = 0; rep < r; rep++) v[rep] = runs[(size_t)rep * (size_t)(n_chunks + 1) + k];
-        qsort(v, (size_t)r, sizeof(double), cmp_double);
+        for (int i = 0; i < r; i++) v[i] = runs[(size_t)i * (size_t)(n_chunks + 1) + k];
         if (k < n_chunks)
-            comp[k + 1] = comp[k] + v[r / 2];
+            comp[k + 1] = comp[k] + median(v, r);
         else
-            *tail_ms = v[r / 2];
+            *tail_ms = median(v, r);
     }
     free(runs);
     return 0;
@@ -443,6 +465,7 @@ static int bench_ttft(int argc, char **argv) {
     }
     cake_context_loader_engine(b.ctx, 1, &b.te.inner);
     b.engine = b.te.inner;
+    b.te.chunk = (int)chunk;
     b.engine.self = &b.te;
     b.engine.compute = throttled_compute;
     b.engine.install = throttled_install;
@@ -504,15 +527,13 @@ static int bench_ttft(int argc, char **argv) {
             cli_error(CLI_FAIL, "bench", "could not fill the store in %s", dir);
             goto done;
         }
-        double tail_ms = 0;
-        if (compute_curve(&b, prompt, n, comp, &tail_ms)) goto done;
-
         for (int si = 0; si < n_share; si++) {
             const double share = shares[si];
             b.te.share = share;
+            /* Compute-only always runs: it is also the standalone Comp curve. */
             timing tc = {0};
-            if (has_mode(modes, "compute") && measure(&b, prompt, n, NULL, CAKE_MODE_COMPUTE, &tc))
-                goto done;
+            double tail_ms = 0;
+            if (measure_compute(&b, prompt, n, &tc, comp, &tail_ms)) goto done;
             for (int bi = 0; bi < n_bw; bi++) {
                 cell++;
                 fprintf(stderr, "[%d/%d, %.0f s] ctx %d, share %g, %g Gbit/s\n", cell, total_cells,
@@ -531,31 +552,28 @@ static int bench_ttft(int argc, char **argv) {
                 }
                 timing tl = {0}, tk = {0};
                 /* Load-only always runs: it is also the standalone Load curve. */
-                int bad = measure(&b, prompt, n, s, CAKE_MODE_LOAD, &tl);
-                if (!bad && has_mode(modes, "cake")) {
-                    snprintf(path, sizeof(path), "%s/trace-ctx%d-bw%g-share%g.json", out, n,
-                             bws[bi], share);
-                    b.trace_path = trace ? path : NULL;
-                    bad = measure(&b, prompt, n, s, CAKE_MODE_CAKE, &tk);
-                    b.trace_path = NULL;
-                }
+                snprintf(path, sizeof(path), "%s/trace-ctx%d-bw%g-share%g.json", out, n, bws[bi],
+                         share);
+                int bad = measure_cell(&b, prompt, n, s, has_mode(modes, "cake"),
+                                       trace ? path : NULL, &tl, &tk);
                 cake_store_close(s);
                 if (bad) goto done;
-                /* The oracle from the standalone curves: Comp at this share, Load
-                 * linear in the chunks loaded (from the load-only run). */
+                /* The oracle from the standalone curves: Comp at this share (from
+                 * the compute-only runs), Load linear in the chunks loaded (from
+                 * the load-only run). */
                 const double load_per_chunk = n_chunks ? tl.last.load_ms / n_chunks : 0;
                 double best = INFINITY;
                 int split = 0;
                 for (int k = 0; k <= n_chunks; k++) {
-                    double v = fmax(comp[k] / share, (n_chunks - k) * load_per_chunk);
+                    double v = fmax(comp[k], (n_chunks - k) * load_per_chunk);
                     if (v < best) best = v, split = k;
                 }
                 /* The two ends of the curve were measured directly: use those. */
-                double tstar = best + tail_ms / share + tk.last.lookup_ms;
-                if (has_mode(modes, "compute") && tc.med < tstar) tstar = tc.med, split = n_chunks;
+                double tstar = best + tail_ms + tk.last.lookup_ms;
+                if (tc.med < tstar) tstar = tc.med, split = n_chunks;
                 if (tl.med < tstar) tstar = tl.med, split = 0;
                 const double eff = tk.med > 0 ? tstar / tk.med : 0;
-                const double comp_ms = has_mode(modes, "compute") ? tc.med : NAN;
+                const double comp_ms = tc.med;
                 fprintf(csv,
                         "%d,%g,%g,%.3f,%.3f,%.3f,%.3f,%.4f,%.3f,%.3f,%d,%d,%d,%.3f,%.3f,"
                         "%.3f,%.3f,%.3f,%.3f,%.4f\n",

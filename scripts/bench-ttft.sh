@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The CPU TTFT sweep of docs/BENCHMARKS.md: `cake bench ttft` on the mha-160m
+# shape, 2 threads, prompts of 1024 and 2048 tokens, links emulated at
+# 0.05-2 Gbit/s (they bracket the compute/load crossover on a 2-core machine),
+# compute shares 1 and 0.125, median of 3. About 10 minutes.
+# Usage: scripts/bench-ttft.sh [OUT_DIR [more cake bench ttft options]]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p out
+bash scripts/build.sh build >out/build.log 2>&1 || { tail -30 out/build.log; exit 1; }
+model=out/mha-160m.gguf
+[ -f "$model" ] || ./build/cake mkmodel --shape mha-160m -o "$model"
+out=${1:-out/bench-ttft-cpu}
+shift || true
+exec ./build/cake bench ttft -m "$model" --ctx 1024,2048 --bw 0.05,0.1,0.2,0.5,1,2 \
+    --share 1,0.125 --repeat 3 --threads 2 --out "$out" --trace "$@"
