@@ -114,9 +114,9 @@ else
 fi
 step configure 120 cmake -S . -B build-gpu -G "$GEN" -DCMAKE_BUILD_TYPE=Release \
     -DCMAKE_CUDA_ARCHITECTURES=90
-step build 240 cmake --build build-gpu -j16 --target cake test_cuda test_loader -- $KEEP
+step build 240 cmake --build build-gpu -j16 --target cake cake_cuda test_cuda test_loader -- $KEEP
 CAKE=build-gpu/cake
-for b in $CAKE build-gpu/tests/test_cuda build-gpu/tests/test_loader; do
+for b in $CAKE build-gpu/libcake_cuda.so build-gpu/tests/test_cuda build-gpu/tests/test_loader; do
     [ -x "$b" ] || note "not built: $b"
 done
 

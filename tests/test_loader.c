@@ -12,6 +12,7 @@
 #include "cake.h"
 #include "engine/generate.h"
 #include "loader/loader.h"
+#include "store/chunk.h"
 #include "test_store_common.h"
 #include "testutil.h"
 
@@ -343,12 +344,125 @@ static void test_stress(void **state) {
     unlink(path);
 }
 
+/* ---- the claim decisions, on a fake engine whose compute takes a fixed time ---- */
+
+typedef struct {
+    cake_hparams hp;
+    uint64_t ns_per_token; /* the engine's memory, read by the loader */
+    int compute_ms;        /* per call */
+} fake_engine;
+
+static int fake_compute(void *self, const cake_token *t, int n, int pos0, float *logits, char *err,
+                        size_t errlen) {
+    (void)t, (void)n, (void)pos0, (void)err, (void)errlen;
+    const fake_engine *e = self;
+    struct timespec ts = {0, (long)e->compute_ms * 1000000L};
+    nanosleep(&ts, NULL);
+    if (logits) logits[0] = 0;
+    return 0;
+}
+
+static int fake_install(void *self, const void *blob, const cake_chunk_header *h, int pos0,
+                        char *err, size_t errlen) {
+    (void)self, (void)blob, (void)h, (void)pos0, (void)err, (void)errlen;
+    return 0;
+}
+
+static int fake_extract(void *self, cake_chunk_header *h, int pos0, void *blob, size_t cap,
+                        char *err, size_t errlen) {
+    (void)self, (void)pos0, (void)cap;
+    memset((char *)blob + CAKE_CHUNK_HEADER_SIZE, 0x5a,
+           cake_chunk_blob_size(h) - CAKE_CHUNK_HEADER_SIZE);
+    return cake_chunk_seal(h, blob, err, errlen);
+}
+
+static cake_loader_engine fake_ops(fake_engine *fe) {
+    cake_loader_engine e = {.self = fe,
+                            .compute = fake_compute,
+                            .install = fake_install,
+                            .extract = fake_extract,
+                            .hp = &fe->hp,
+                            .kv_type = CAKE_KV_F16,
+                            .compute_ns_per_token = &fe->ns_per_token};
+    memset(e.fingerprint, 0xfa, sizeof(e.fingerprint));
+    return e;
+}
+
+static cake_prefill_stats fake_prefill(const cake_loader_engine *e, const cake_token *p, int n,
+                                       int chunk, cake_store *s, cake_writeback *wb,
+                                       cake_mode mode) {
+    cake_prefill_params lp = {
+        .store = s, .writeback = wb, .mode = mode, .chunk = chunk, .io_depth = 3};
+    cake_prefill_stats st;
+    cake_prefill_job *job = NULL;
+    float logit;
+    char err[256];
+    int rc = cake_prefill(e, p, n, &lp, &logit, &st, &job, err, sizeof(err));
+    if (rc) fprintf(stderr, "%s\n", err);
+    assert_int_equal(rc, 0);
+    cake_prefill_finish(job);
+    return st;
+}
+
+/* Workers leave alone the chunks the compute side will reach before they
+ * could arrive (a fetch there would only be discarded, and on a shared link
+ * slow down the chunks above it); they fetch freely when loads are what pays. */
+static void test_claims(void **state) {
+    (void)state;
+    fake_engine fe = {.hp = {.n_layers = 2, .n_kv_heads = 2, .head_dim = 64}};
+    const cake_loader_engine e = fake_ops(&fe);
+    const int chunk = 16, n = 8 * chunk + 1; /* 8 loadable chunks */
+    cake_token p[8 * 16 + 1];
+    for (int i = 0; i < n; i++) p[i] = 3 + i;
+    char *dir = t_mkdtemp(), uri[4200], err[256];
+
+    /* Fill the store: a compute run with write-back. */
+    snprintf(uri, sizeof(uri), "file:%s", dir);
+    cake_store *fill = open_store(uri);
+    cake_writeback *wb = cake_writeback_create(fill, 16, err, sizeof(err));
+    assert_non_null(wb);
+    fe.compute_ms = 1;
+    fake_prefill(&e, p, n, chunk, fill, wb, CAKE_MODE_COMPUTE);
+    assert_int_equal(cake_writeback_drain(wb, 30000), 0);
+    cake_writeback_free(wb);
+    cake_store_close(fill);
+
+    /* A slow link: a chunk takes a second to load, computing all of them 80 ms.
+     * Nothing is worth fetching: no transfer starts, none is discarded. */
+    const size_t blob = CAKE_CHUNK_HEADER_SIZE + (size_t)chunk * 2 * 2 * 2 * 64 * 2;
+    snprintf(uri, sizeof(uri), "file:%s?bw=%zuB", dir, blob);
+    cake_store *slow = open_store(uri);
+    cake_store_set_rate_hint(slow, (double)blob / 1e9); /* as an earlier request measured */
+    fe.compute_ms = 10;
+    fe.ns_per_token = 10000000ull / (uint64_t)chunk;
+    cake_prefill_stats st = fake_prefill(&e, p, n, chunk, slow, NULL, CAKE_MODE_CAKE);
+    assert_int_equal(st.chunks_loaded, 0);
+    assert_int_equal(st.chunks_discarded, 0);
+    assert_int_equal(st.meet_chunk, 8);
+    cake_store_close(slow);
+
+    /* An unthrottled link and a slow compute: everything is loaded. */
+    snprintf(uri, sizeof(uri), "file:%s", dir);
+    cake_store *fast = open_store(uri);
+    fe.compute_ms = 100;
+    fe.ns_per_token = 100000000ull / (uint64_t)chunk;
+    st = fake_prefill(&e, p, n, chunk, fast, NULL, CAKE_MODE_CAKE); /* measures the rate */
+    assert_true(st.chunks_loaded >= 7);
+    st = fake_prefill(&e, p, n, chunk, fast, NULL, CAKE_MODE_CAKE);
+    assert_int_equal(st.chunks_loaded, 8);
+    assert_int_equal(st.meet_chunk, 0);
+    cake_store_close(fast);
+    t_rm_rf(dir);
+    free(dir);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_stories_modes),
         cmocka_unit_test(test_mha160m_modes),
         cmocka_unit_test(test_redis_faults),
         cmocka_unit_test(test_stress),
+        cmocka_unit_test(test_claims),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

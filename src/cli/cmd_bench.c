@@ -287,7 +287,7 @@ static void write_plots(const char *out, const double *ctxs, int n_ctx) {
                "set logscale x\nset xlabel 'link bandwidth (Gbit/s)'\nset grid\n");
     const char *term[2][2] = {{"pngcairo size 1000,700", "png"}, {"svg size 1000,700", "svg"}};
     for (int t = 0; t < 2; t++) {
-        fprintf(f, "set terminal %s\n", term[t][0]);
+        fprintf(f, "set terminal %s noenhanced\nset key outside right top\n", term[t][0]);
         for (int c = 0; c < n_ctx; c++) {
             int ctx = (int)ctxs[c];
             fprintf(
@@ -308,11 +308,13 @@ static void write_plots(const char *out, const double *ctxs, int n_ctx) {
         }
         fprintf(f,
                 "set output '%s/efficiency.%s'\nset ylabel 'efficiency T*/T_cake'\n"
-                "set yrange [0:1.2]\nset title 'Cake efficiency per cell (goal >= 0.95)'\n"
+                "set yrange [0.5:1.2]\nset title 'Cake efficiency per cell (goal >= 0.95)'\n"
                 "plot for [c in system(\"awk -F, 'NR>1{print $1}' %s/ttft.csv | sort -un\")] "
-                "'%s/ttft.csv' using ($1==c+0 ? $2 : 1/0):8 with linespoints "
-                "title 'ctx '.c, 0.95 with lines dashtype 2 title 'goal'\nunset yrange\n",
-                out, term[t][1], out, out);
+                "for [s in system(\"awk -F, 'NR>1{print $3}' %s/ttft.csv | sort -u\")] "
+                "'%s/ttft.csv' using ($1==c+0 && $3==s+0 ? $2 : 1/0):8 with linespoints "
+                "title 'ctx '.c.', share '.s, 0.95 with lines dashtype 2 title 'goal'\n"
+                "unset yrange\n",
+                out, term[t][1], out, out, out);
     }
     fclose(f);
     char cmd[1200];

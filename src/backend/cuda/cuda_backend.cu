@@ -650,7 +650,7 @@ int kv_transfer(cake_cuda_state *s, const xfer_seg *seg, int n_seg, bool to_gpu,
 
 } // namespace
 
-extern "C" int cake_cuda_available(char *err, size_t errlen) {
+static int cuda_available(char *err, size_t errlen) {
     int count = 0;
     cudaError_t e = cudaGetDeviceCount(&count);
     if (e != cudaSuccess) {
@@ -685,7 +685,7 @@ extern "C" int cake_cuda_available(char *err, size_t errlen) {
     return 1;
 }
 
-extern "C" void cake_cuda_free(cake_cuda_state *s) {
+static void cuda_free(cake_cuda_state *s) {
     if (!s) return;
     if (s->stream) cudaStreamSynchronize(s->stream);
     for (int i = 0; i < s->n_allocs; i++) cudaFree(s->allocs[i]);
@@ -710,10 +710,10 @@ extern "C" void cake_cuda_free(cake_cuda_state *s) {
     free(s);
 }
 
-extern "C" int cake_cuda_init(const cake_model *m, int n_ctx, int max_batch, cake_cuda_state **out,
+static int cuda_init(const cake_model *m, int n_ctx, int max_batch, cake_cuda_state **out,
                               char *err, size_t errlen) {
     *out = NULL;
-    if (!cake_cuda_available(err, errlen)) return -1;
+    if (!cuda_available(err, errlen)) return -1;
     cake_cuda_state *s = (cake_cuda_state *)calloc(1, sizeof(*s));
     if (!s) return cake_err(err, errlen, "out of host memory");
     if (pthread_mutex_init(&s->xfer_mu, NULL)) {
@@ -727,14 +727,14 @@ extern "C" int cake_cuda_init(const cake_model *m, int n_ctx, int max_batch, cak
     }
     s->xfer_init = true;
     if (init_state(s, m, n_ctx, max_batch, err, errlen)) {
-        cake_cuda_free(s);
+        cuda_free(s);
         return -1;
     }
     *out = s;
     return 0;
 }
 
-extern "C" int cake_cuda_forward(cake_cuda_state *s, const cake_token *tokens, int n, int pos0,
+static int cuda_forward(cake_cuda_state *s, const cake_token *tokens, int n, int pos0,
                                  float *logits, char *err, size_t errlen) {
     const cake_hparams *hp = &s->hp;
     if (n < 1 || n > s->max_batch)
@@ -845,7 +845,7 @@ static int kv_check(const cake_cuda_state *s, int layer, int pos0, int n, char *
     return 0;
 }
 
-extern "C" int cake_cuda_kv_write(cake_cuda_state *s, int layer, int pos0, int n, const void *k_f16,
+static int cuda_kv_write(cake_cuda_state *s, int layer, int pos0, int n, const void *k_f16,
                                   const void *v_f16, char *err, size_t errlen) {
     if (kv_check(s, layer, pos0, n, err, errlen)) return -1;
     if (n == 0) return 0;
@@ -856,7 +856,7 @@ extern "C" int cake_cuda_kv_write(cake_cuda_state *s, int layer, int pos0, int n
     return kv_transfer(s, seg, 2, true, err, errlen);
 }
 
-extern "C" int cake_cuda_kv_read(cake_cuda_state *s, int layer, int pos0, int n, void *k_f16,
+static int cuda_kv_read(cake_cuda_state *s, int layer, int pos0, int n, void *k_f16,
                                  void *v_f16, char *err, size_t errlen) {
     if (kv_check(s, layer, pos0, n, err, errlen)) return -1;
     if (n == 0) return 0;
@@ -979,11 +979,11 @@ int check_run(check_bufs *b, int path, int head_dim, int n_heads, int n_kv_heads
 
 } // namespace
 
-extern "C" int cake_cuda_attention_check(int path, int head_dim, int n_heads, int n_kv_heads,
+static int cuda_attention_check(int path, int head_dim, int n_heads, int n_kv_heads,
                                          int pos0, int n, float q_scale, double *max_err, char *err,
                                          size_t errlen) {
     *max_err = 0.0;
-    if (!cake_cuda_available(err, errlen)) return -1;
+    if (!cuda_available(err, errlen)) return -1;
     if (n < 1 || pos0 < 0 || n_heads < 1 || n_kv_heads < 1 || n_heads % n_kv_heads)
         return cake_err(err, errlen, "attention check: bad shape (n %d, pos0 %d, heads %d/%d)", n,
                         pos0, n_heads, n_kv_heads);
@@ -1000,3 +1000,9 @@ extern "C" int cake_cuda_attention_check(int path, int head_dim, int n_heads, in
     check_bufs_free(&b);
     return rc;
 }
+
+/* The module's one exported symbol: the table the core's cuda/module.c looks
+ * up after dlopen (everything else in the module has hidden visibility). */
+extern "C" __attribute__((visibility("default"))) const cake_cuda_ops cake_cuda_module_ops = {
+    CAKE_CUDA_MODULE_VERSION, cuda_available, cuda_init,    cuda_free,
+    cuda_forward,             cuda_kv_write,  cuda_kv_read, cuda_attention_check};

@@ -4,8 +4,12 @@
  * cores through cuBLAS, and our own kernels do RMSNorm, RoPE, SwiGLU, KV writes
  * and attention (flash-attention style prefill, and decode).
  *
- * Built only when CMake finds nvcc (CAKE_HAVE_CUDA); without a GPU at run time,
- * cake_cuda_init fails with a clear message. The functions are C-callable. */
+ * Built only when CMake finds nvcc (CAKE_HAVE_CUDA), as a module of its own,
+ * libcake_cuda.so, that the core loads with dlopen on the first call of any
+ * function below (backend/cuda/module.c). So CPU runs neither need the CUDA
+ * libraries nor pay for loading them (cuBLAS alone adds ~0.3 s to process
+ * start and ~140 MB to RSS). Without the module or a GPU at run time, the
+ * functions fail with a clear message. The functions are C-callable. */
 #ifndef CAKE_CUDA_BACKEND_H
 #define CAKE_CUDA_BACKEND_H
 
@@ -52,6 +56,25 @@ int cake_cuda_kv_read(cake_cuda_state *s, int layer, int pos0, int n, void *k_f1
  * err. Uses the current device; needs no model. */
 int cake_cuda_attention_check(int path, int head_dim, int n_heads, int n_kv_heads, int pos0, int n,
                               float q_scale, double *max_err, char *err, size_t errlen);
+
+/* The module's side: libcake_cuda.so exports one symbol, cake_cuda_module_ops,
+ * a table of the implementations of the functions above (same contracts). */
+#define CAKE_CUDA_MODULE_VERSION 1
+typedef struct {
+    int version; /* CAKE_CUDA_MODULE_VERSION: a module from another build is refused */
+    int (*available)(char *err, size_t errlen);
+    int (*init)(const cake_model *m, int n_ctx, int max_batch, cake_cuda_state **out, char *err,
+                size_t errlen);
+    void (*free)(cake_cuda_state *s);
+    int (*forward)(cake_cuda_state *s, const cake_token *tokens, int n, int pos0, float *logits,
+                   char *err, size_t errlen);
+    int (*kv_write)(cake_cuda_state *s, int layer, int pos0, int n, const void *k_f16,
+                    const void *v_f16, char *err, size_t errlen);
+    int (*kv_read)(cake_cuda_state *s, int layer, int pos0, int n, void *k_f16, void *v_f16,
+                   char *err, size_t errlen);
+    int (*attention_check)(int path, int head_dim, int n_heads, int n_kv_heads, int pos0, int n,
+                           float q_scale, double *max_err, char *err, size_t errlen);
+} cake_cuda_ops;
 
 #ifdef __cplusplus
 }
