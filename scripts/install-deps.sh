@@ -5,7 +5,7 @@ set -euo pipefail
 
 packages=(
     build-essential cmake pkg-config
-    libopenblas-dev     # GEMMs on the CPU backend
+    libopenblas-dev     # the sgemm yardstick of bench/bench_kernels.c
     libxxhash-dev       # chunk keys and checksums
     libcmocka-dev       # unit tests
     libhiredis-dev redis-server  # the Redis chunk store and its tests (a real server on loopback)

@@ -107,5 +107,28 @@ if [ -f "$MODELS/ggml-vocab-llama-spm.gguf" ]; then
     expect_exit 1 "run on a vocab-only file" -- "$CAKE" run -m "$MODELS/ggml-vocab-llama-spm.gguf" -p hi
 fi
 
+# --- cake bench ttft: the CSV contract, on a tiny model (2 links x 2 shares)
+if "$CAKE" mkmodel --shape tiny -o "$tmp/tiny.gguf" 2>/dev/null; then
+    expect_exit 2 "bench with --share 0" -- "$CAKE" bench ttft -m "$tmp/tiny.gguf" --share 0
+    expect_exit 0 "bench ttft" -- "$CAKE" bench ttft -m "$tmp/tiny.gguf" --ctx 97 --bw 0.05,5 \
+        --share 1,0.5 --chunk 16 --repeat 3 --out "$tmp/bench" --trace
+    csv="$tmp/bench/ttft.csv"
+    cols="ctx bw_gbit share ttft_compute_ms ttft_load_ms ttft_cake_ms tstar_ms efficiency meet_chunk split_chunk cake_vs_best"
+    missing=""
+    for c in $cols; do head -1 "$csv" | tr , '\n' | grep -qx "$c" || missing="$missing $c"; done
+    [ -z "$missing" ] && pass "bench CSV columns" || fail "bench CSV lacks:$missing"
+    # 4 rows; every TTFT positive; T* never above the measured compute-only or load-only TTFT
+    bad=$(awk -F, 'NR == 1 { for (i = 1; i <= NF; i++) col[$i] = i; next }
+        { rows++
+          c = $col["ttft_compute_ms"]; l = $col["ttft_load_ms"]; k = $col["ttft_cake_ms"]; t = $col["tstar_ms"]
+          if (!(c > 0 && l > 0 && k > 0 && t > 0) || t > c + 1e-3 || t > l + 1e-3) print "row " NR ": " $0 }
+        END { if (rows != 4) print rows " rows, want 4" }' "$csv")
+    [ -z "$bad" ] && pass "bench CSV rows" || fail "bench CSV: $bad"
+    [ "$(ls "$tmp/bench"/trace-ctx97-*.json 2>/dev/null | wc -l)" -eq 4 ] && pass "bench traces" ||
+        fail "bench traces: $(ls "$tmp/bench")"
+    grep -q "^| 97 | 5 | 0.5 |" "$tmp/bench/ttft.md" && pass "bench Markdown table" ||
+        fail "bench table: $(cat "$tmp/bench/ttft.md")"
+fi
+
 [ $fails -eq 0 ] && echo "all passed" || echo "$fails failed"
 [ $fails -eq 0 ]

@@ -476,6 +476,7 @@ static int compute_side(prefill_job *j, char *err, size_t errlen) {
             queue_writeback(j, i, 0);
     }
     j->stop = 1; /* nothing below the front is claimable; stop the workers early */
+    pthread_cond_broadcast(&j->cv); /* workers holding back wake up and leave */
     pthread_mutex_unlock(&j->mu);
     return rc;
 }
@@ -508,6 +509,7 @@ static int write_trace(const prefill_job *j, const char *path) {
 static void job_finish(prefill_job *j) {
     pthread_mutex_lock(&j->mu);
     j->stop = 1;
+    pthread_cond_broadcast(&j->cv);
     pthread_mutex_unlock(&j->mu);
     for (int w = 0; w < j->n_started; w++) pthread_join(j->threads[w], NULL);
     for (int w = 0; w < j->n_started; w++) cake_store_free_buffer(j->workers[w].buf);
