@@ -311,7 +311,7 @@ static void write_plots(const char *out, const double *ctxs, int n_ctx) {
     if (!f) return;
     fprintf(f, "set datafile separator ','\nset key autotitle columnhead\n"
                "set logscale x\nset xlabel 'link bandwidth (Gbit/s)'\nset grid\n");
-    const char *term[2][2] = {{"pngcairo size 1000,700", "png"}, {"svg size 1000,700", "svg"}};
+    const char *term[2][2] = {{"pngcairo size 1300,700", "png"}, {"svg size 1300,700", "svg"}};
     for (int t = 0; t < 2; t++) {
         fprintf(f, "set terminal %s noenhanced\nset key outside right top\n", term[t][0]);
         for (int c = 0; c < n_ctx; c++) {
