@@ -458,10 +458,8 @@ static void test_claims(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_stories_modes),
-        cmocka_unit_test(test_mha160m_modes),
-        cmocka_unit_test(test_redis_faults),
-        cmocka_unit_test(test_stress),
+        cmocka_unit_test(test_stories_modes), cmocka_unit_test(test_mha160m_modes),
+        cmocka_unit_test(test_redis_faults),  cmocka_unit_test(test_stress),
         cmocka_unit_test(test_claims),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -184,13 +184,12 @@ typedef struct {
 /* One prefill + first-token choice; TTFT in ms, or < 0 on failure. */
 static double one_request(bench *b, const cake_token *prompt, int n, cake_store *store,
                           cake_writeback *wb, cake_mode mode, cake_prefill_stats *st) {
-    cake_prefill_params p = {
-        .store = store,
-        .writeback = wb,
-        .mode = mode,
-        .chunk = b->chunk,
-        .io_depth = b->io_depth,
-        .trace_path = b->trace_path};
+    cake_prefill_params p = {.store = store,
+                             .writeback = wb,
+                             .mode = mode,
+                             .chunk = b->chunk,
+                             .io_depth = b->io_depth,
+                             .trace_path = b->trace_path};
     char err[256];
     cake_prefill_job *pending = NULL;
     double t0 = now_s();
@@ -214,8 +213,8 @@ static double median(double *v, int n) {
 
 /* Load-only and (when cake_too) Cake TTFT of one cell, their runs taken in
  * turns so that both see the same noise of a shared machine. */
-static int measure_cell(bench *b, const cake_token *prompt, int n, cake_store *store,
-                        int cake_too, const char *cake_trace, timing *tl, timing *tk) {
+static int measure_cell(bench *b, const cake_token *prompt, int n, cake_store *store, int cake_too,
+                        const char *cake_trace, timing *tl, timing *tk) {
     double vl[64], vk[64];
     int r = b->repeat < 64 ? b->repeat : 64;
     for (int i = 0; i < r; i++) {
@@ -353,22 +352,15 @@ static void write_plots(const char *out, const double *ctxs, int n_ctx) {
 }
 
 static int bench_ttft(int argc, char **argv) {
-    static const struct option opts[] = {{"model", required_argument, 0, 'm'},
-                                         {"ctx", required_argument, 0, 'c'},
-                                         {"bw", required_argument, 0, 'b'},
-                                         {"modes", required_argument, 0, 'M'},
-                                         {"share", required_argument, 0, 's'},
-                                         {"chunk", required_argument, 0, 'C'},
-                                         {"repeat", required_argument, 0, 'r'},
-                                         {"io-depth", required_argument, 0, 'I'},
-                                         {"threads", required_argument, 0, 't'},
-                                         {"store-dir", required_argument, 0, 'S'},
-                                         {"out", required_argument, 0, 'o'},
-                                         {"help", no_argument, 0, 'h'},
-                                         {"backend", required_argument, 0, 'B'},
-                                         {"store", required_argument, 0, 'U'},
-                                         {"trace", no_argument, 0, 'T'},
-                                         {0, 0, 0, 0}};
+    static const struct option opts[] = {
+        {"model", required_argument, 0, 'm'},   {"ctx", required_argument, 0, 'c'},
+        {"bw", required_argument, 0, 'b'},      {"modes", required_argument, 0, 'M'},
+        {"share", required_argument, 0, 's'},   {"chunk", required_argument, 0, 'C'},
+        {"repeat", required_argument, 0, 'r'},  {"io-depth", required_argument, 0, 'I'},
+        {"threads", required_argument, 0, 't'}, {"store-dir", required_argument, 0, 'S'},
+        {"out", required_argument, 0, 'o'},     {"help", no_argument, 0, 'h'},
+        {"backend", required_argument, 0, 'B'}, {"store", required_argument, 0, 'U'},
+        {"trace", no_argument, 0, 'T'},         {0, 0, 0, 0}};
     const char *model = NULL, *modes = "compute,load,cake", *out = "out/bench-ttft",
                *store_dir = NULL, *store_uri = NULL;
     enum cake_backend_kind backend = CAKE_BACKEND_CPU;

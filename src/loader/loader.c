@@ -99,11 +99,11 @@ struct prefill_job;
 typedef struct io_worker {
     struct prefill_job *j;
     int tid;
-    void *buf;       /* staging buffer for one blob, owned by this worker */
-    int busy;        /* a transfer is in flight */
-    int chunk;       /* of that transfer */
-    uint64_t t0;     /* its start */
-    double sum_n0;   /* the link integrals at its start */
+    void *buf;     /* staging buffer for one blob, owned by this worker */
+    int busy;      /* a transfer is in flight */
+    int chunk;     /* of that transfer */
+    uint64_t t0;   /* its start */
+    double sum_n0; /* the link integrals at its start */
     double sum_inv0;
 } io_worker;
 
@@ -138,10 +138,10 @@ typedef struct prefill_job {
     double rate_time;     /* Σ d over finished transfers, ns */
 
     /* Where the compute side is, for the workers' claim decisions. */
-    int front;           /* the chunk being computed or decided on */
-    uint64_t front_t0;   /* when its compute (or decision) began */
-    uint64_t est_c;      /* expected compute time per chunk, ns; 0 = unknown */
-    int compute_waits;   /* the compute side waits for loads at the meet */
+    int front;         /* the chunk being computed or decided on */
+    uint64_t front_t0; /* when its compute (or decision) began */
+    uint64_t est_c;    /* expected compute time per chunk, ns; 0 = unknown */
+    int compute_waits; /* the compute side waits for loads at the meet */
 
     cake_prefill_stats *st; /* the caller's; written until cake_prefill_finish */
     trace_event *trace;
@@ -262,7 +262,8 @@ static uint64_t remaining_load_ns(prefill_job *j, int i) {
     /* What the last chunk we need has left: a whole blob when one is unclaimed. */
     double last = waiting ? (double)j->blob_size : 0;
     for (int w = 0; w < j->n_started; w++)
-        if (j->workers[w].busy && j->workers[w].chunk >= i && j->state[j->workers[w].chunk] == FETCHING)
+        if (j->workers[w].busy && j->workers[w].chunk >= i &&
+            j->state[j->workers[w].chunk] == FETCHING)
             last = fmax(last, link_left(j, &j->workers[w], rate));
     double bytes = (double)waiting * (double)j->blob_size;
     for (int w = 0; w < j->n_started; w++)
@@ -377,8 +378,7 @@ static void *io_worker_main(void *arg) {
  * meanwhile); otherwise the loads finish first. The wait is re-decided on
  * every wake-up and never exceeds one chunk's compute time in total, so a
  * stalled store costs at most that. Under the mutex. */
-static uint64_t wait_budget(prefill_job *j, int i, uint64_t est_compute_ns,
-                            uint64_t waited_ns) {
+static uint64_t wait_budget(prefill_job *j, int i, uint64_t est_compute_ns, uint64_t waited_ns) {
     if (!est_compute_ns || waited_ns >= est_compute_ns) return 0;
     const uint64_t remaining = remaining_load_ns(j, i);
     if (remaining >= est_compute_ns) return 0;
@@ -621,15 +621,19 @@ int cake_prefill(const cake_loader_engine *e, const cake_token *prompt, int n_pr
             cake_err(err, errlen, "prefill: out of memory");
             goto done;
         }
+        /* Under the mutex: the workers read each other's entries (link model). */
+        pthread_mutex_lock(&j->mu);
         for (int w = 0; w < n_workers; w++) {
             io_worker *iw = &j->workers[w];
             *iw = (io_worker){.j = j, .tid = w + 1, .buf = cake_store_alloc_buffer(j->buf_size)};
             if (!iw->buf || pthread_create(&j->threads[w], NULL, io_worker_main, iw)) {
                 cake_store_free_buffer(iw->buf);
+                iw->buf = NULL;
                 break; /* fewer workers; compute covers the rest */
             }
             j->n_started++;
         }
+        pthread_mutex_unlock(&j->mu);
     }
 
     if (compute_side(j, err, errlen)) goto done;

@@ -27,14 +27,15 @@ static int try_open(const char *path) {
     void *h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
     const size_t used = strlen(load_error);
     if (!h) {
-        snprintf(load_error + used, sizeof(load_error) - used, "%s%s", used ? "; " : "",
-                 dlerror());
+        snprintf(load_error + used, sizeof(load_error) - used, "%s%s", used ? "; " : "", dlerror());
         return -1;
     }
     const cake_cuda_ops *t = dlsym(h, "cake_cuda_module_ops");
     if (!t || t->version != CAKE_CUDA_MODULE_VERSION) {
-        snprintf(load_error + used, sizeof(load_error) - used, "%s%s: not a cake CUDA module of "
-                 "this version", used ? "; " : "", path);
+        snprintf(load_error + used, sizeof(load_error) - used,
+                 "%s%s: not a cake CUDA module of "
+                 "this version",
+                 used ? "; " : "", path);
         dlclose(h);
         return -1;
     }
@@ -66,8 +67,7 @@ static void load_module(void) {
 
 static const cake_cuda_ops *get_ops(char *err, size_t errlen) {
     pthread_once(&load_once, load_module);
-    if (!ops)
-        cake_err(err, errlen, "cuda: cannot load the CUDA backend module (%s)", load_error);
+    if (!ops) cake_err(err, errlen, "cuda: cannot load the CUDA backend module (%s)", load_error);
     return ops;
 }
 
