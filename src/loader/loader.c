@@ -31,7 +31,8 @@
  * transfer would slow down the chunks above it (the transfer of a chunk that
  * compute took over runs to its end; a read cannot be recalled). Such a
  * worker re-decides whenever a load or a computed chunk changes the picture,
- * and claims freely once the compute side waits at the meet.
+ * and claims freely once the compute side waits at the meet. With no rate
+ * known yet (a process's first request) one transfer goes first, alone.
  *
  * The link model. Transfers in flight share the store's link, modelled as
  * processor sharing: n transfers in flight each progress at B / n, B the
@@ -301,9 +302,13 @@ static int claim_for_load(prefill_job *j) {
         return -1;
     }
     for (int i = j->n_loadable - 1; i >= 0; i--)
-        if (j->state[i] == PRESENT)
+        if (j->state[i] == PRESENT) {
+            /* No rate to go by yet (a process's first request): one transfer
+             * until it tells how fast the link is, so that on a slow link
+             * the top chunk does not share it with io_depth - 1 others. */
+            if (link_rate(j) <= 0 && j->link_n > 0) return -2;
             return worth_fetching(j, i) ? i : -2;
-        else if (j->state[i] == COMPUTING || j->state[i] == COMPUTED)
+        } else if (j->state[i] == COMPUTING || j->state[i] == COMPUTED)
             break;
     return -1;
 }
@@ -317,7 +322,7 @@ static void *io_worker_main(void *arg) {
         int i = claim_for_load(j);
         if (i == -1) break;
         if (i == -2) { /* re-decide when a load or a computed chunk changes the picture */
-            wait_ns(j, j->est_c / 2 + 1000000);
+            wait_ns(j, j->est_c / 2 + 5000000);
             continue;
         }
         j->state[i] = FETCHING;
