@@ -711,7 +711,7 @@ static void cuda_free(cake_cuda_state *s) {
 }
 
 static int cuda_init(const cake_model *m, int n_ctx, int max_batch, cake_cuda_state **out,
-                              char *err, size_t errlen) {
+                     char *err, size_t errlen) {
     *out = NULL;
     if (!cuda_available(err, errlen)) return -1;
     cake_cuda_state *s = (cake_cuda_state *)calloc(1, sizeof(*s));
@@ -735,7 +735,7 @@ static int cuda_init(const cake_model *m, int n_ctx, int max_batch, cake_cuda_st
 }
 
 static int cuda_forward(cake_cuda_state *s, const cake_token *tokens, int n, int pos0,
-                                 float *logits, char *err, size_t errlen) {
+                        float *logits, char *err, size_t errlen) {
     const cake_hparams *hp = &s->hp;
     if (n < 1 || n > s->max_batch)
         return cake_err(err, errlen, "cuda forward: %d tokens (1 to %d per call)", n, s->max_batch);
@@ -846,7 +846,7 @@ static int kv_check(const cake_cuda_state *s, int layer, int pos0, int n, char *
 }
 
 static int cuda_kv_write(cake_cuda_state *s, int layer, int pos0, int n, const void *k_f16,
-                                  const void *v_f16, char *err, size_t errlen) {
+                         const void *v_f16, char *err, size_t errlen) {
     if (kv_check(s, layer, pos0, n, err, errlen)) return -1;
     if (n == 0) return 0;
     const size_t off = ((size_t)layer * s->n_ctx + (size_t)pos0) * (size_t)s->kv_dim;
@@ -856,8 +856,8 @@ static int cuda_kv_write(cake_cuda_state *s, int layer, int pos0, int n, const v
     return kv_transfer(s, seg, 2, true, err, errlen);
 }
 
-static int cuda_kv_read(cake_cuda_state *s, int layer, int pos0, int n, void *k_f16,
-                                 void *v_f16, char *err, size_t errlen) {
+static int cuda_kv_read(cake_cuda_state *s, int layer, int pos0, int n, void *k_f16, void *v_f16,
+                        char *err, size_t errlen) {
     if (kv_check(s, layer, pos0, n, err, errlen)) return -1;
     if (n == 0) return 0;
     const size_t off = ((size_t)layer * s->n_ctx + (size_t)pos0) * (size_t)s->kv_dim;
@@ -979,9 +979,8 @@ int check_run(check_bufs *b, int path, int head_dim, int n_heads, int n_kv_heads
 
 } // namespace
 
-static int cuda_attention_check(int path, int head_dim, int n_heads, int n_kv_heads,
-                                         int pos0, int n, float q_scale, double *max_err, char *err,
-                                         size_t errlen) {
+static int cuda_attention_check(int path, int head_dim, int n_heads, int n_kv_heads, int pos0,
+                                int n, float q_scale, double *max_err, char *err, size_t errlen) {
     *max_err = 0.0;
     if (!cuda_available(err, errlen)) return -1;
     if (n < 1 || pos0 < 0 || n_heads < 1 || n_kv_heads < 1 || n_heads % n_kv_heads)
@@ -1003,6 +1002,12 @@ static int cuda_attention_check(int path, int head_dim, int n_heads, int n_kv_he
 
 /* The module's one exported symbol: the table the core's cuda/module.c looks
  * up after dlopen (everything else in the module has hidden visibility). */
-extern "C" __attribute__((visibility("default"))) const cake_cuda_ops cake_cuda_module_ops = {
-    CAKE_CUDA_MODULE_VERSION, cuda_available, cuda_init,    cuda_free,
-    cuda_forward,             cuda_kv_write,  cuda_kv_read, cuda_attention_check};
+extern "C" __attribute__((visibility("default")))
+const cake_cuda_ops cake_cuda_module_ops = {CAKE_CUDA_MODULE_VERSION,
+                                            cuda_available,
+                                            cuda_init,
+                                            cuda_free,
+                                            cuda_forward,
+                                            cuda_kv_write,
+                                            cuda_kv_read,
+                                            cuda_attention_check};
