@@ -6,10 +6,9 @@
 # Usage: scripts/bench-ttft.sh [OUT_DIR [more cake bench ttft options]]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-mkdir -p out
-bash scripts/build.sh build >out/build.log 2>&1 || { tail -30 out/build.log; exit 1; }
-model=out/mha-160m.gguf
-[ -f "$model" ] || ./build/cake mkmodel --shape mha-160m -o "$model"
+source scripts/lib.sh
+build_quietly
+model=$(mha_model)
 out=${1:-out/bench-ttft-cpu}
 shift || true
 exec ./build/cake bench ttft -m "$model" --ctx 1024,2048 --bw 0.05,0.1,0.2,0.5,1,2 \

@@ -7,10 +7,9 @@
 # where computing and loading take about as long on a 2-core CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-mkdir -p out
-bash scripts/build.sh build >out/build.log 2>&1 || { tail -30 out/build.log; exit 1; }
-model=out/mha-160m.gguf
-[ -f "$model" ] || ./build/cake mkmodel --shape mha-160m -o "$model"
+source scripts/lib.sh
+build_quietly
+model=$(mha_model)
 prompt=out/demo-prompt.txt
 for i in 1 2 3 4 5 6; do cat README.md docs/ENGINE.md; done >"$prompt.all"
 head -c 4500 "$prompt.all" >"$prompt" && rm -f "$prompt.all"

@@ -211,6 +211,13 @@ static double median(double *v, int n) {
     return v[n / 2];
 }
 
+/* Median, min and max of r run times (sorts v). */
+static void summarize(double *v, int r, timing *t) {
+    t->med = median(v, r);
+    t->min = v[0];
+    t->max = v[r - 1];
+}
+
 /* Load-only and (when cake_too) Cake TTFT of one cell, their runs taken in
  * turns so that both see the same noise of a shared machine. */
 static int measure_cell(bench *b, const cake_token *prompt, int n, cake_store *store, int cake_too,
@@ -226,14 +233,8 @@ static int measure_cell(bench *b, const cake_token *prompt, int n, cake_store *s
         b->trace_path = NULL;
         if (vk[i] < 0) return -1;
     }
-    tl->med = median(vl, r);
-    tl->min = vl[0];
-    tl->max = vl[r - 1];
-    if (cake_too) {
-        tk->med = median(vk, r);
-        tk->min = vk[0];
-        tk->max = vk[r - 1];
-    }
+    summarize(vl, r, tl);
+    if (cake_too) summarize(vk, r, tk);
     return 0;
 }
 
@@ -260,9 +261,7 @@ static int measure_compute(bench *b, const cake_token *prompt, int n, timing *t,
             return -1;
         }
     }
-    t->med = median(ttft, r);
-    t->min = ttft[0];
-    t->max = ttft[r - 1];
+    summarize(ttft, r, t);
     c->med[0] = c->min[0] = 0;
     for (int k = 0; k <= n_chunks; k++) {
         for (int i = 0; i < r; i++) v[i] = runs[(size_t)i * (size_t)(n_chunks + 1) + k];
