@@ -75,6 +75,14 @@ static cake_prefill_stats run(fixture *f, const cake_token *prompt, int n, int c
     return st.prefill;
 }
 
+/* Chunks of an n-token prompt the store may supply (the CPU engine is
+ * batch-invariant: a prompt that ends on a chunk boundary has all of them). */
+static int loadable(fixture *f, int n, int chunk) {
+    cake_loader_engine e;
+    cake_context_loader_engine(f->c, 0, &e);
+    return cake_prefill_loadable_chunks(&e, n, chunk);
+}
+
 static void random_prompt(cake_token *t, int n, int n_vocab, uint64_t seed) {
     t[0] = 1;
     for (int i = 1; i < n; i++) {
@@ -119,7 +127,7 @@ static void check_modes(fixture *f, const char *uri, int n, int chunk) {
     char err[256];
     cake_writeback *wb = cake_writeback_create(s, 256, err, sizeof(err));
     assert_non_null(wb);
-    const int n_loadable = (n - 1) / chunk;
+    const int n_loadable = loadable(f, n, chunk);
     cake_prefill_stats st = run(f, p, n, chunk, s, wb, CAKE_MODE_COMPUTE, got, &t);
     assert_same(base, got, f->n_vocab, "compute with a store");
     cake_writeback_counters wc;
@@ -136,6 +144,11 @@ static void check_modes(fixture *f, const char *uri, int n, int chunk) {
         assert_int_equal(st.chunks_computed + st.chunks_loaded, st.chunks_total);
         assert_int_equal(st.chunks_missing, 0);
         if (modes[k] == CAKE_MODE_LOAD) assert_int_equal(st.chunks_loaded, n_loadable);
+        /* After the loads, only what follows them is computed: the partial tail, or
+         * for a prompt that ends on a chunk boundary its last token, again. */
+        if (modes[k] == CAKE_MODE_LOAD)
+            assert_int_equal(st.chunks_computed, n_loadable * chunk == n ? 0 : 1);
+        assert_true(st.tail_ms > 0 || st.chunks_computed == st.chunks_total);
     }
 
     /* A hole and a corrupt chunk (one flipped payload byte) further up. */
@@ -179,6 +192,7 @@ static void test_stories_modes(void **state) {
     fixture f;
     assert_int_equal(fixture_init(&f, path, 512), 0);
     check_modes(&f, "mem:", 470, 32);
+    check_modes(&f, "mem:", 448, 32); /* ends on a chunk boundary */
     char *dir = t_mkdtemp(), uri[512];
     snprintf(uri, sizeof(uri), "file:%s", dir);
     check_modes(&f, uri, 470, 32);
@@ -272,7 +286,7 @@ static void test_redis_faults(void **state) {
            st.chunks_loaded, st.chunks_corrupt, st.chunks_computed);
     assert_same(base, got, f.n_vocab, "redis killed mid-request");
     assert_int_equal(t, t0);
-    assert_true(st.chunks_loaded < (n - 1) / chunk);
+    assert_true(st.chunks_loaded < loadable(&f, n, chunk));
     cake_store_close(s);
     t_redis_stop(&r);
     free(base);

@@ -168,6 +168,8 @@ static int cmp_double(const void *a, const void *b) {
 
 typedef struct {
     double med, min, max;
+    double tail_med, tail_min; /* the compute after the loadable chunks (load runs) */
+    double load_med;           /* first claim to last load, ms (load runs) */
     cake_prefill_stats last;
 } timing;
 
@@ -222,11 +224,13 @@ static void summarize(double *v, int r, timing *t) {
  * turns so that both see the same noise of a shared machine. */
 static int measure_cell(bench *b, const cake_token *prompt, int n, cake_store *store, int cake_too,
                         const char *cake_trace, timing *tl, timing *tk) {
-    double vl[64], vk[64];
+    double vl[64], vk[64], tail[64], load[64];
     int r = b->repeat < 64 ? b->repeat : 64;
     for (int i = 0; i < r; i++) {
         if ((vl[i] = one_request(b, prompt, n, store, NULL, CAKE_MODE_LOAD, &tl->last)) < 0)
             return -1;
+        tail[i] = tl->last.tail_ms;
+        load[i] = tl->last.load_ms;
         if (!cake_too) continue;
         b->trace_path = cake_trace; /* the last run's timeline stays */
         vk[i] = one_request(b, prompt, n, store, NULL, CAKE_MODE_CAKE, &tk->last);
@@ -234,14 +238,18 @@ static int measure_cell(bench *b, const cake_token *prompt, int n, cake_store *s
         if (vk[i] < 0) return -1;
     }
     summarize(vl, r, tl);
+    tl->tail_med = median(tail, r);
+    tl->tail_min = tail[0];
+    tl->load_med = median(load, r);
     if (cake_too) summarize(vk, r, tk);
     return 0;
 }
 
 /* The standalone compute curve at one share, from the compute-only runs:
- * comp[k] = ms to compute chunks [0, k), k = 0..n_chunks, and tail = ms for
- * the rest of the prompt; each chunk's median over the runs, and its minimum
- * (the least disturbed run of it, for the best-of figures). */
+ * comp[k] = ms to compute chunks [0, k), k = 0..n_chunks (the loadable ones),
+ * and tail = ms for the rest of the prompt (0 when the last loadable chunk
+ * ends it); each chunk's median over the runs, and its minimum (the least
+ * disturbed run of it, for the best-of figures). */
 typedef struct {
     double *med, *min; /* n_chunks + 1 each */
     double tail_med, tail_min;
@@ -249,8 +257,9 @@ typedef struct {
 
 /* Compute-only TTFT, and with it the curve at the current share. */
 static int measure_compute(bench *b, const cake_token *prompt, int n, timing *t, curve *c) {
-    const int n_chunks = (n - 1) / b->chunk, r = b->repeat < 64 ? b->repeat : 64;
-    double *runs = malloc((size_t)(n_chunks + 1) * (size_t)r * sizeof(double)), v[64], ttft[64];
+    const int n_chunks = cake_prefill_loadable_chunks(&b->engine, n, b->chunk),
+              r = b->repeat < 64 ? b->repeat : 64;
+    double *runs = calloc((size_t)(n_chunks + 1) * (size_t)r, sizeof(double)), v[64], ttft[64];
     if (!runs) return fprintf(stderr, "cake bench: out of memory\n"), -1;
     for (int i = 0; i < r; i++) {
         b->te.record = runs + (size_t)i * (size_t)(n_chunks + 1); /* [n_chunks] = the tail */
@@ -278,17 +287,23 @@ static int measure_compute(bench *b, const cake_token *prompt, int n, timing *t,
     return 0;
 }
 
-/* T* = min over splits k of max(Comp(k), Load(n_chunks - k)) + tail + lookup,
- * Load linear in the chunks loaded; the two ends (all computed, all loaded)
- * were measured directly, so those times bound it. Sets *split. */
-static double oracle(const double *comp, double tail, int n_chunks, double load_per_chunk,
-                     double lookup, double t_compute, double t_load, int *split) {
-    double best = INFINITY;
+/* T* = min over splits k of max(Comp(k), Load(n_chunks - k)) + tail(k) + lookup,
+ * Load linear in the chunks loaded; tail(k) is the compute after the loadable
+ * chunks: as in the compute-only runs when all are computed, as in the
+ * load-only runs otherwise (they differ when the last chunk ends the prompt:
+ * then a loaded prompt computes its last token again). The two ends (all
+ * computed, all loaded) were measured directly, so those times bound it.
+ * Sets *split. */
+static double oracle(const double *comp, double tail_computed, double tail_loaded, int n_chunks,
+                     double load_per_chunk, double lookup, double t_compute, double t_load,
+                     int *split) {
+    double tstar = INFINITY;
     for (int k = 0; k <= n_chunks; k++) {
-        const double v = fmax(comp[k], (n_chunks - k) * load_per_chunk);
-        if (v < best) best = v, *split = k;
+        const double v = fmax(comp[k], (n_chunks - k) * load_per_chunk) +
+                         (k == n_chunks ? tail_computed : tail_loaded);
+        if (v < tstar) tstar = v, *split = k;
     }
-    double tstar = best + tail + lookup;
+    tstar += lookup;
     if (t_compute < tstar) tstar = t_compute, *split = n_chunks;
     if (t_load < tstar) tstar = t_load, *split = 0;
     return tstar;
@@ -523,7 +538,8 @@ static int bench_ttft(int argc, char **argv) {
     int cell = 0;
     const double t_start = now_s();
     for (int ci = 0; ci < n_ctx; ci++) {
-        const int n = (int)ctxs[ci], C = (int)chunk, n_chunks = (n - 1) / C;
+        const int n = (int)ctxs[ci], C = (int)chunk,
+                  n_chunks = cake_prefill_loadable_chunks(&b.engine, n, C);
         uint64_t x = 0x5eed0000ull + (uint64_t)n;
         prompt[0] = 1;
         for (int i = 1; i < n; i++) {
@@ -586,12 +602,14 @@ static int bench_ttft(int argc, char **argv) {
                 /* The oracle from the standalone curves: Comp at this share (from
                  * the compute-only runs), Load linear in the chunks loaded (from
                  * the load-only run); once from medians, once from the best runs. */
-                const double load_per_chunk = n_chunks ? tl.last.load_ms / n_chunks : 0;
+                const double load_per_chunk = n_chunks ? tl.load_med / n_chunks : 0;
                 int split = 0, split_min = 0;
-                const double tstar = oracle(cv.med, cv.tail_med, n_chunks, load_per_chunk,
-                                            tk.last.lookup_ms, tc.med, tl.med, &split);
-                const double tstar_min = oracle(cv.min, cv.tail_min, n_chunks, load_per_chunk,
-                                                tk.last.lookup_ms, tc.min, tl.min, &split_min);
+                const double tstar =
+                    oracle(cv.med, cv.tail_med, tl.tail_med, n_chunks, load_per_chunk,
+                           tk.last.lookup_ms, tc.med, tl.med, &split);
+                const double tstar_min =
+                    oracle(cv.min, cv.tail_min, tl.tail_min, n_chunks, load_per_chunk,
+                           tk.last.lookup_ms, tc.min, tl.min, &split_min);
                 const double eff = tk.med > 0 ? tstar / tk.med : 0;
                 const double eff_min = tk.min > 0 ? tstar_min / tk.min : 0;
                 const double comp_ms = tc.med;

@@ -199,6 +199,9 @@ void cake_context_loader_engine(cake_context *c, int with_fingerprint, cake_load
         .hp = &c->model->hp,
         .kv_type = c->params.kv_type,
         .compute_ns_per_token = &c->compute_ns_per_token,
+        /* The CPU kernels keep one reduction order per token whatever the
+         * batch (matmul.c, attention.c); cuBLAS picks its kernels by shape. */
+        .batch_invariant = c->cuda == NULL,
     };
     if (with_fingerprint) cake_model_fingerprint(c->model, out->fingerprint);
 }

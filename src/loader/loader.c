@@ -4,10 +4,17 @@
  * before the last prompt token, [0, L) with L = (N - 1) / C, are "loadable":
  * they may come from the store. The rest, the tail (1..C tokens, the last
  * prompt token always among them), is always computed, because its logits
- * choose the first token. Keeping the tail out of the loadable range also
- * means every mode runs exactly the same forward calls on exactly the same
- * chunks, so the KV bits (and the first token's logits) are identical
- * whichever way each chunk arrived.
+ * choose the first token. Keeping the tail out of the loadable range means
+ * every mode runs exactly the same forward calls on exactly the same chunks,
+ * so the KV bits (and the first token's logits) are identical whichever way
+ * each chunk arrived, on any backend.
+ *
+ * A batch-invariant engine (the CPU backend: a token's results do not depend
+ * on how many tokens share its forward call) lifts that for a prompt that
+ * ends on a chunk boundary: all N / C chunks are loadable, and when the last
+ * one was loaded, only the last token is computed again, alone, for its
+ * logits (the way vLLM treats a full prefix-cache hit). A fully cached prompt
+ * then costs its loads and one token, not its loads and a whole chunk.
  *
  * Threads and ownership. The calling thread is the compute side. A request
  * starts io_depth I/O workers (threads) that live for the prefill; each owns
@@ -120,6 +127,8 @@ typedef struct prefill_job {
     const cake_prefill_params *p;
     const cake_token *prompt;
     int n_loadable;
+    float *last_logits; /* where the last loadable chunk's compute puts its logits when it ends
+                           the prompt (batch-invariant engines); NULL otherwise */
     cake_chunk_header *expect; /* (n_loadable) the header each chunk must have */
 
     pthread_mutex_t mu;
@@ -458,7 +467,8 @@ static int compute_side(prefill_job *j, char *err, size_t errlen) {
         j->front_t0 = t0;
         pthread_mutex_unlock(&j->mu);
 
-        rc = j->e->compute(j->e->self, j->prompt + (size_t)i * C, C, i * C, NULL, err, errlen);
+        float *logits = i == j->n_loadable - 1 ? j->last_logits : NULL;
+        rc = j->e->compute(j->e->self, j->prompt + (size_t)i * C, C, i * C, logits, err, errlen);
         const uint64_t t1 = now_ns();
         last_compute_ns = t1 - t0;
         if (j->e->compute_ns_per_token) /* remembered for the next request's first meet */
@@ -540,6 +550,10 @@ void cake_prefill_finish(cake_prefill_job *job) {
     if (job) job_finish(job);
 }
 
+int cake_prefill_loadable_chunks(const cake_loader_engine *e, int n_prompt, int chunk) {
+    return e->batch_invariant && n_prompt % chunk == 0 ? n_prompt / chunk : (n_prompt - 1) / chunk;
+}
+
 int cake_prefill(const cake_loader_engine *e, const cake_token *prompt, int n_prompt,
                  const cake_prefill_params *p, float *logits, cake_prefill_stats *st,
                  cake_prefill_job **pending, char *err, size_t errlen) {
@@ -564,8 +578,9 @@ int cake_prefill(const cake_loader_engine *e, const cake_token *prompt, int n_pr
     j->params.io_depth = st->io_depth;
     j->p = &j->params;
     j->t_start = now_ns();
-    j->n_loadable = (n_prompt - 1) / C;
+    j->n_loadable = cake_prefill_loadable_chunks(e, n_prompt, C);
     const int n_full = n_prompt / C; /* the tail is full when n_prompt % C == 0 */
+    if (j->n_loadable * C == n_prompt) j->last_logits = logits;
     int rc = -1;
     cake_chunk_key *keys = NULL;
     uint8_t *present = NULL;
@@ -643,17 +658,23 @@ int cake_prefill(const cake_loader_engine *e, const cake_token *prompt, int n_pr
 
     if (compute_side(j, err, errlen)) goto done;
 
-    /* The tail: always computed, its logits choose the first token. */
-    {
-        const int pos = j->n_loadable * C;
+    /* The tail: always computed, its logits choose the first token. Without
+     * one, the last chunk's compute gave them, or, if it was loaded, the last
+     * token is computed again, alone (its KV bits do not change). */
+    const int pos = j->n_loadable * C;
+    if (pos < n_prompt || j->state[j->n_loadable - 1] != COMPUTED) {
+        const int from = pos < n_prompt ? pos : n_prompt - 1;
         const uint64_t t0 = now_ns();
-        if (e->compute(e->self, prompt + pos, n_prompt - pos, pos, logits, err, errlen)) goto done;
+        if (e->compute(e->self, prompt + from, n_prompt - from, from, logits, err, errlen))
+            goto done;
         const uint64_t t1 = now_ns();
         pthread_mutex_lock(&j->mu);
-        trace_add(j, 0, j->n_loadable, "compute tail", t0, t1);
+        trace_add(j, 0, j->n_loadable, pos < n_prompt ? "compute tail" : "compute last token", t0,
+                  t1);
         pthread_mutex_unlock(&j->mu);
         st->compute_ms += (double)(t1 - t0) / 1e6;
-        st->chunks_computed++;
+        st->tail_ms = (double)(t1 - t0) / 1e6;
+        if (pos < n_prompt) st->chunks_computed++;
         if (n_full > j->n_loadable) /* a full tail chunk is worth storing too */
             queue_writeback(j, j->n_loadable, 0);
     }

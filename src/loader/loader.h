@@ -34,6 +34,9 @@ typedef struct {
     /* Compute time per token of the last computed chunk, kept by the engine
      * across requests: the first meet of a request uses it (may be NULL). */
     uint64_t *compute_ns_per_token;
+    /* A token's results (KV, logits) do not depend on how many tokens share
+     * its compute call: then a prompt's last full chunk is loadable too. */
+    bool batch_invariant;
 } cake_loader_engine;
 
 /* The engine ops of a context (CPU or CUDA backend). with_fingerprint: fill
@@ -58,7 +61,7 @@ typedef struct {
     cake_mode mode;
     int chunk, io_depth;
     int chunks_total;    /* ceil(n_prompt / chunk) */
-    int chunks_computed; /* including the partial tail */
+    int chunks_computed; /* including the partial tail (not a last token computed again) */
     int chunks_loaded;
     int chunks_missing;   /* loadable chunks the store did not have */
     int chunks_corrupt;   /* present at lookup but failed to load (corrupt, vanished, store down) */
@@ -67,6 +70,7 @@ typedef struct {
     uint64_t bytes_loaded;
     double lookup_ms;       /* key hashing + exists */
     double compute_ms;      /* time in forward passes */
+    double tail_ms;         /* of them, the pass after the loadable chunks (0: none) */
     double compute_wait_ms; /* time the compute side waited for loads */
     double load_ms;         /* first claim to last load done */
     double load_gbit_s;     /* bytes_loaded over load_ms */
@@ -83,6 +87,11 @@ typedef struct prefill_job cake_prefill_job;
  * the job, and the caller calls cake_prefill_finish(*pending) once the first
  * token is out (st, e and p->store must stay valid until then; st's
  * load_ms, load_gbit_s and chunks_discarded are final only after it). */
+/* How many of a prompt's chunks may come from the store: the full chunks
+ * before its last token, or, for a batch-invariant engine and a prompt that
+ * ends on a chunk boundary, all of them (see loader.c). */
+int cake_prefill_loadable_chunks(const cake_loader_engine *e, int n_prompt, int chunk);
+
 int cake_prefill(const cake_loader_engine *e, const cake_token *prompt, int n_prompt,
                  const cake_prefill_params *p, float *logits, cake_prefill_stats *st,
                  cake_prefill_job **pending, char *err, size_t errlen);
