@@ -364,8 +364,8 @@ static void test_stress(void **state) {
 
 typedef struct {
     cake_hparams hp;
-    uint64_t ns_per_token; /* the engine's memory, read by the loader */
-    int compute_ms;        /* per call */
+    double ns_per_flop; /* the engine's memory, read by the loader */
+    int compute_ms;     /* per call */
 } fake_engine;
 
 static int fake_compute(void *self, const cake_token *t, int n, int pos0, float *logits, char *err,
@@ -399,7 +399,7 @@ static cake_loader_engine fake_ops(fake_engine *fe) {
                             .extract = fake_extract,
                             .hp = &fe->hp,
                             .kv_type = CAKE_KV_F16,
-                            .compute_ns_per_token = &fe->ns_per_token};
+                            .compute_ns_per_flop = &fe->ns_per_flop};
     memset(e.fingerprint, 0xfa, sizeof(e.fingerprint));
     return e;
 }
@@ -425,7 +425,12 @@ static cake_prefill_stats fake_prefill(const cake_loader_engine *e, const cake_t
  * slow down the chunks above it); they fetch freely when loads are what pays. */
 static void test_claims(void **state) {
     (void)state;
-    fake_engine fe = {.hp = {.n_layers = 2, .n_kv_heads = 2, .head_dim = 64}};
+    fake_engine fe = {.hp = {.dim = 128,
+                             .n_layers = 2,
+                             .n_heads = 2,
+                             .n_kv_heads = 2,
+                             .head_dim = 64,
+                             .ffn_dim = 256}};
     const cake_loader_engine e = fake_ops(&fe);
     const int chunk = 16, n = 8 * chunk + 1; /* 8 loadable chunks */
     cake_token p[8 * 16 + 1];
@@ -450,7 +455,7 @@ static void test_claims(void **state) {
     cake_store *slow = open_store(uri);
     cake_store_set_rate_hint(slow, (double)blob / 1e9); /* as an earlier request measured */
     fe.compute_ms = 10;
-    fe.ns_per_token = 10000000ull / (uint64_t)chunk;
+    fe.ns_per_flop = 10e6 / cake_chunk_flops(&fe.hp, 0, chunk);
     cake_prefill_stats st = fake_prefill(&e, p, n, chunk, slow, NULL, CAKE_MODE_CAKE);
     assert_int_equal(st.chunks_loaded, 0);
     assert_int_equal(st.chunks_discarded, 0);
@@ -461,7 +466,7 @@ static void test_claims(void **state) {
     snprintf(uri, sizeof(uri), "file:%s", dir);
     cake_store *fast = open_store(uri);
     fe.compute_ms = 100;
-    fe.ns_per_token = 100000000ull / (uint64_t)chunk;
+    fe.ns_per_flop = 100e6 / cake_chunk_flops(&fe.hp, 0, chunk);
     st = fake_prefill(&e, p, n, chunk, fast, NULL, CAKE_MODE_CAKE); /* measures the rate */
     assert_true(st.chunks_loaded >= 7);
     st = fake_prefill(&e, p, n, chunk, fast, NULL, CAKE_MODE_CAKE);

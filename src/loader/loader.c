@@ -148,10 +148,10 @@ typedef struct prefill_job {
     double rate_time;     /* Σ d over finished transfers, ns */
 
     /* Where the compute side is, for the workers' claim decisions. */
-    int front;         /* the chunk being computed or decided on */
-    uint64_t front_t0; /* when its compute (or decision) began */
-    uint64_t est_c;    /* expected compute time per chunk, ns; 0 = unknown */
-    int compute_waits; /* the compute side waits for loads at the meet */
+    int front;          /* the chunk being computed or decided on */
+    uint64_t front_t0;  /* when its compute (or decision) began */
+    double ns_per_flop; /* compute speed (last computed chunk); 0 = unknown */
+    int compute_waits;  /* the compute side waits for loads at the meet */
 
     cake_prefill_stats *st; /* the caller's; written until cake_prefill_finish */
     trace_event *trace;
@@ -184,6 +184,22 @@ static uint64_t now_ns(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+double cake_chunk_flops(const cake_hparams *hp, int pos0, int n) {
+    const double q = (double)hp->n_heads * hp->head_dim, kv = (double)hp->n_kv_heads * hp->head_dim;
+    /* Per token: the matmuls (q, k, v, o, gate, up, down), then attention
+     * (QK and PV) over the keys 0..p for the token at position p. */
+    const double per_token =
+        2.0 * hp->n_layers * (hp->dim * (2 * q + 2 * kv) + 3.0 * hp->dim * hp->ffn_dim);
+    const double per_key = 4.0 * hp->n_layers * q;
+    return n * per_token + per_key * ((double)n * pos0 + (double)n * (n + 1) / 2);
+}
+
+/* Expected compute time of chunk i, ns; 0 = unknown. Under the mutex. */
+static double est_compute_ns(const prefill_job *j, int i) {
+    const int C = j->p->chunk;
+    return j->ns_per_flop * cake_chunk_flops(j->e->hp, i * C, C);
 }
 
 /* Records a span for --trace (under the mutex). Tracing stops quietly when out of memory. */
@@ -287,7 +303,7 @@ static uint64_t remaining_load_ns(prefill_job *j, int i) {
  * link time from the chunks above it. */
 static int worth_fetching(prefill_job *j, int k) {
     const double rate = link_rate(j);
-    if (j->compute_waits || !j->est_c || rate <= 0) return 1;
+    if (j->compute_waits || !j->ns_per_flop || rate <= 0) return 1;
     const uint64_t now = now_ns();
     link_advance(j, now);
     /* A new transfer has the most left, so it ends when the link has served everything. */
@@ -295,10 +311,10 @@ static int worth_fetching(prefill_job *j, int k) {
     for (int w = 0; w < j->n_started; w++)
         if (j->workers[w].busy) bytes += link_left(j, &j->workers[w], rate);
     const double arrival = (double)now + bytes / rate;
-    int to_compute = 0; /* chunks the compute side still computes before reaching k */
-    for (int m = j->front; m < k; m++) to_compute += j->state[m] != LOADED;
-    const double reach = (double)j->front_t0 + (double)to_compute * (double)j->est_c;
-    return arrival <= reach + (double)j->est_c;
+    double reach = (double)j->front_t0; /* when the compute side gets to k */
+    for (int m = j->front; m < k; m++)
+        if (j->state[m] != LOADED) reach += est_compute_ns(j, m);
+    return arrival <= reach + est_compute_ns(j, k);
 }
 
 /* The next chunk for a worker to fetch; -1: nothing left to fetch, -2: nothing
@@ -331,7 +347,7 @@ static void *io_worker_main(void *arg) {
         int i = claim_for_load(j);
         if (i == -1) break;
         if (i == -2) { /* re-decide when a load or a computed chunk changes the picture */
-            wait_ns(j, j->est_c / 2 + 5000000);
+            wait_ns(j, (uint64_t)est_compute_ns(j, j->front) / 2 + 5000000);
             continue;
         }
         j->state[i] = FETCHING;
@@ -412,7 +428,6 @@ static void queue_writeback(prefill_job *j, int i, int known_absent) {
 /* The compute side over the loadable chunks. Returns 0, or -1 on an engine failure. */
 static int compute_side(prefill_job *j, char *err, size_t errlen) {
     const int C = j->p->chunk;
-    uint64_t last_compute_ns = 0;
     int rc = 0;
     pthread_mutex_lock(&j->mu);
     if (j->p->mode == CAKE_MODE_LOAD) { /* LMCache way: all loads first */
@@ -431,13 +446,11 @@ static int compute_side(prefill_job *j, char *err, size_t errlen) {
     for (int i = 0; i < j->n_loadable; i++) {
         uint64_t waited = 0;
         const uint64_t wait_start = now_ns();
-        /* Compute time of chunk i: the last chunk's, or the engine's memory of it. */
-        uint64_t est_compute = last_compute_ns;
-        if (!est_compute && j->e->compute_ns_per_token)
-            est_compute = *j->e->compute_ns_per_token * (uint64_t)C;
+        /* Compute time of chunk i, at the speed of the last computed chunk (this
+         * request's, or the engine's memory of it). */
+        const uint64_t est_compute = (uint64_t)est_compute_ns(j, i);
         j->front = i;
         j->front_t0 = wait_start;
-        j->est_c = est_compute;
         for (;;) {
             enum chunk_state s = j->state[i];
             if (s == LOADED || s == ABSENT) break;
@@ -470,9 +483,9 @@ static int compute_side(prefill_job *j, char *err, size_t errlen) {
         float *logits = i == j->n_loadable - 1 ? j->last_logits : NULL;
         rc = j->e->compute(j->e->self, j->prompt + (size_t)i * C, C, i * C, logits, err, errlen);
         const uint64_t t1 = now_ns();
-        last_compute_ns = t1 - t0;
-        if (j->e->compute_ns_per_token) /* remembered for the next request's first meet */
-            *j->e->compute_ns_per_token = last_compute_ns / (uint64_t)C;
+        const double ns_per_flop = (double)(t1 - t0) / cake_chunk_flops(j->e->hp, i * C, C);
+        if (j->e->compute_ns_per_flop) /* remembered for the next request's first meet */
+            *j->e->compute_ns_per_flop = ns_per_flop;
 
         pthread_mutex_lock(&j->mu);
         trace_add(j, 0, i, "compute", t0, t1);
@@ -481,7 +494,7 @@ static int compute_side(prefill_job *j, char *err, size_t errlen) {
         j->state[i] = COMPUTED;
         j->front = i + 1;
         j->front_t0 = t1;
-        j->est_c = last_compute_ns;
+        j->ns_per_flop = ns_per_flop;
         pthread_cond_broadcast(&j->cv); /* workers holding back re-decide */
         j->st->chunks_computed++;
         /* Chunks the lookup did not find, or that failed to load, go back to the store. */
@@ -632,8 +645,8 @@ int cake_prefill(const cake_loader_engine *e, const cake_token *prompt, int n_pr
         cake_store_counters_get(p->store, &ctr);
         if (!j->rate_hint && ctr.read_ns && ctr.bytes_read)
             j->rate_hint = (double)ctr.bytes_read / (double)ctr.read_ns * st->io_depth;
-        if (j->e->compute_ns_per_token) /* the workers' view until compute starts */
-            j->est_c = *j->e->compute_ns_per_token * (uint64_t)C;
+        if (j->e->compute_ns_per_flop) /* until this request computes a chunk */
+            j->ns_per_flop = *j->e->compute_ns_per_flop;
         j->front_t0 = j->t_start;
         j->workers = calloc((size_t)n_workers, sizeof(*j->workers));
         j->threads = calloc((size_t)n_workers, sizeof(*j->threads));

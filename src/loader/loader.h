@@ -31,9 +31,10 @@ typedef struct {
     const cake_hparams *hp;
     enum cake_kv_type kv_type;
     uint8_t fingerprint[16];
-    /* Compute time per token of the last computed chunk, kept by the engine
-     * across requests: the first meet of a request uses it (may be NULL). */
-    uint64_t *compute_ns_per_token;
+    /* Compute speed of the last computed chunk, in ns per FLOP of
+     * cake_chunk_flops, kept by the engine across requests: the first meet
+     * of a request uses it (may be NULL). */
+    double *compute_ns_per_flop;
     /* A token's results (KV, logits) do not depend on how many tokens share
      * its compute call: then a prompt's last full chunk is loadable too. */
     bool batch_invariant;
@@ -87,6 +88,11 @@ typedef struct prefill_job cake_prefill_job;
  * the job, and the caller calls cake_prefill_finish(*pending) once the first
  * token is out (st, e and p->store must stay valid until then; st's
  * load_ms, load_gbit_s and chunks_discarded are final only after it). */
+/* FLOPs of a forward pass over positions [pos0, pos0 + n), without the output
+ * head: the matmuls, and attention that grows with the position. The loader
+ * scales one chunk's measured compute time to another's with it. */
+double cake_chunk_flops(const cake_hparams *hp, int pos0, int n);
+
 /* How many of a prompt's chunks may come from the store: the full chunks
  * before its last token, or, for a batch-invariant engine and a prompt that
  * ends on a chunk boundary, all of them (see loader.c). */
