@@ -8,9 +8,12 @@
  *
  * Share emulation: a request that gets a share s of each step's compute (the
  * rest going to other requests) takes 1/s as long per chunk. The bench wraps
- * the engine's compute op: after each forward pass it sleeps (1/s - 1) times
- * the pass's duration. Loads are not affected (the paper's I/O side keeps
- * running regardless). */
+ * the engine's compute op: after each forward pass it sleeps for the other
+ * requests' work, (1/s - 1) times the pass's typical duration (the median of
+ * the passes over the same positions so far). Their work does not stretch when
+ * ours is disturbed, so the sleep does not multiply this machine's noise by
+ * 1/s. Loads are not affected (the paper's I/O side keeps running
+ * regardless). */
 #include <errno.h>
 #include <getopt.h>
 #include <math.h>
@@ -50,6 +53,15 @@ static const char *help =
     "  --trace           also write each cell's Cake timeline (its last run) as\n"
     "                    DIR/trace-ctxN-bwB-shareS.json (Chrome trace-event JSON)\n";
 
+/* The durations of one kind of compute call (same first position, same
+ * token count): the last CALL_RUNS of them. */
+#define CALL_KINDS 256
+#define CALL_RUNS  9
+typedef struct {
+    int pos0, n, count;
+    double s[CALL_RUNS];
+} call_kind;
+
 /* The engine the loader sees: the real one, throttled to a compute share,
  * and recording each compute call's time when asked (the Comp curve). */
 typedef struct {
@@ -57,6 +69,8 @@ typedef struct {
     double share;
     double *record; /* NULL, or ms per chunk index (pos0 / chunk) of the next request */
     int chunk;
+    call_kind calls[CALL_KINDS];
+    int n_calls;
 } throttled_engine;
 
 static double now_s(void) {
@@ -72,12 +86,37 @@ static void sleep_s(double s) {
     }
 }
 
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Adds a call's duration to its kind; returns the kind's median (the call's
+ * own duration when the table is full). */
+static double typical_duration(throttled_engine *e, int pos0, int n, double took) {
+    call_kind *k = NULL;
+    for (int i = 0; i < e->n_calls && !k; i++)
+        if (e->calls[i].pos0 == pos0 && e->calls[i].n == n) k = &e->calls[i];
+    if (!k) {
+        if (e->n_calls == CALL_KINDS) return took;
+        k = &e->calls[e->n_calls++];
+        *k = (call_kind){.pos0 = pos0, .n = n};
+    }
+    k->s[k->count++ % CALL_RUNS] = took;
+    const int m = k->count < CALL_RUNS ? k->count : CALL_RUNS;
+    double v[CALL_RUNS];
+    memcpy(v, k->s, (size_t)m * sizeof(double));
+    qsort(v, (size_t)m, sizeof(double), cmp_double);
+    return v[m / 2];
+}
+
 static int throttled_compute(void *self, const cake_token *t, int n, int pos0, float *logits,
                              char *err, size_t errlen) {
     throttled_engine *e = self;
     double t0 = now_s();
     int rc = e->inner.compute(e->inner.self, t, n, pos0, logits, err, errlen);
-    if (e->share < 1) sleep_s((now_s() - t0) * (1 / e->share - 1));
+    const double typical = typical_duration(e, pos0, n, now_s() - t0);
+    if (e->share < 1) sleep_s(typical * (1 / e->share - 1));
     if (e->record) e->record[pos0 / e->chunk] = (now_s() - t0) * 1e3;
     return rc;
 }
@@ -159,11 +198,6 @@ static int parse_list(const char *s, double *out, int *n) {
     }
     free(copy);
     return *n ? 0 : -1;
-}
-
-static int cmp_double(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
 }
 
 typedef struct {
