@@ -364,8 +364,8 @@ static void test_stress(void **state) {
 
 typedef struct {
     cake_hparams hp;
-    double ns_per_flop; /* the engine's memory, read by the loader */
-    int compute_ms;     /* per call */
+    cake_compute_speed speed; /* the engine's memory, read by the loader */
+    int compute_ms;           /* per call */
 } fake_engine;
 
 static int fake_compute(void *self, const cake_token *t, int n, int pos0, float *logits, char *err,
@@ -399,7 +399,7 @@ static cake_loader_engine fake_ops(fake_engine *fe) {
                             .extract = fake_extract,
                             .hp = &fe->hp,
                             .kv_type = CAKE_KV_F16,
-                            .compute_ns_per_flop = &fe->ns_per_flop};
+                            .speed = &fe->speed};
     memset(e.fingerprint, 0xfa, sizeof(e.fingerprint));
     return e;
 }
@@ -455,7 +455,7 @@ static void test_claims(void **state) {
     cake_store *slow = open_store(uri);
     cake_store_set_rate_hint(slow, (double)blob / 1e9); /* as an earlier request measured */
     fe.compute_ms = 10;
-    fe.ns_per_flop = 10e6 / cake_chunk_flops(&fe.hp, 0, chunk);
+    fe.speed = (cake_compute_speed){{10e6 / cake_chunk_flops(&fe.hp, 0, chunk)}, 1};
     cake_prefill_stats st = fake_prefill(&e, p, n, chunk, slow, NULL, CAKE_MODE_CAKE);
     assert_int_equal(st.chunks_loaded, 0);
     assert_int_equal(st.chunks_discarded, 0);
@@ -466,7 +466,7 @@ static void test_claims(void **state) {
     snprintf(uri, sizeof(uri), "file:%s", dir);
     cake_store *fast = open_store(uri);
     fe.compute_ms = 100;
-    fe.ns_per_flop = 100e6 / cake_chunk_flops(&fe.hp, 0, chunk);
+    fe.speed = (cake_compute_speed){{100e6 / cake_chunk_flops(&fe.hp, 0, chunk)}, 1};
     st = fake_prefill(&e, p, n, chunk, fast, NULL, CAKE_MODE_CAKE); /* measures the rate */
     assert_true(st.chunks_loaded >= 7);
     st = fake_prefill(&e, p, n, chunk, fast, NULL, CAKE_MODE_CAKE);

@@ -198,7 +198,7 @@ void cake_context_loader_engine(cake_context *c, int with_fingerprint, cake_load
         .extract = engine_extract,
         .hp = &c->model->hp,
         .kv_type = c->params.kv_type,
-        .compute_ns_per_flop = &c->compute_ns_per_flop,
+        .speed = &c->compute_speed,
         /* The CPU kernels keep one reduction order per token whatever the
          * batch (matmul.c, attention.c); cuBLAS picks its kernels by shape. */
         .batch_invariant = c->cuda == NULL,

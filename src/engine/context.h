@@ -26,8 +26,8 @@ struct cake_context {
     cake_kv_cache kv;
     cake_threadpool *pool;
     cake_scratch s;
-    struct cake_cuda_state *cuda; /* non-NULL: the CUDA backend runs the forward pass */
-    double compute_ns_per_flop;   /* the loader's estimate, kept across requests */
+    struct cake_cuda_state *cuda;     /* non-NULL: the CUDA backend runs the forward pass */
+    cake_compute_speed compute_speed; /* the loader's estimate, kept across requests */
 };
 
 /* The CPU backend's forward pass over one batch (n <= max_batch), arguments

@@ -148,10 +148,11 @@ typedef struct prefill_job {
     double rate_time;     /* Σ d over finished transfers, ns */
 
     /* Where the compute side is, for the workers' claim decisions. */
-    int front;          /* the chunk being computed or decided on */
-    uint64_t front_t0;  /* when its compute (or decision) began */
-    double ns_per_flop; /* compute speed (last computed chunk); 0 = unknown */
-    int compute_waits;  /* the compute side waits for loads at the meet */
+    int front;                /* the chunk being computed or decided on */
+    uint64_t front_t0;        /* when its compute (or decision) began */
+    cake_compute_speed speed; /* this request's view: the engine's, plus its own chunks */
+    double ns_per_flop;       /* its median; 0 = unknown */
+    int compute_waits;        /* the compute side waits for loads at the meet */
 
     cake_prefill_stats *st; /* the caller's; written until cake_prefill_finish */
     trace_event *trace;
@@ -194,6 +195,22 @@ double cake_chunk_flops(const cake_hparams *hp, int pos0, int n) {
         2.0 * hp->n_layers * (hp->dim * (2 * q + 2 * kv) + 3.0 * hp->dim * hp->ffn_dim);
     const double per_key = 4.0 * hp->n_layers * q;
     return n * per_token + per_key * ((double)n * pos0 + (double)n * (n + 1) / 2);
+}
+
+static void speed_add(cake_compute_speed *s, double ns_per_flop) {
+    s->ns_per_flop[s->count++ % CAKE_SPEED_SAMPLES] = ns_per_flop;
+}
+
+/* The median of the samples; 0 when there are none. */
+static double speed_typical(const cake_compute_speed *s) {
+    const int n = s->count < CAKE_SPEED_SAMPLES ? (int)s->count : CAKE_SPEED_SAMPLES;
+    double v[CAKE_SPEED_SAMPLES];
+    for (int i = 0; i < n; i++) { /* insertion sort: at most 5 */
+        int k = i;
+        for (; k > 0 && v[k - 1] > s->ns_per_flop[i]; k--) v[k] = v[k - 1];
+        v[k] = s->ns_per_flop[i];
+    }
+    return n ? v[n / 2] : 0;
 }
 
 /* Expected compute time of chunk i, ns; 0 = unknown. Under the mutex. */
@@ -484,8 +501,8 @@ static int compute_side(prefill_job *j, char *err, size_t errlen) {
         rc = j->e->compute(j->e->self, j->prompt + (size_t)i * C, C, i * C, logits, err, errlen);
         const uint64_t t1 = now_ns();
         const double ns_per_flop = (double)(t1 - t0) / cake_chunk_flops(j->e->hp, i * C, C);
-        if (j->e->compute_ns_per_flop) /* remembered for the next request's first meet */
-            *j->e->compute_ns_per_flop = ns_per_flop;
+        if (j->e->speed) speed_add(j->e->speed, ns_per_flop); /* for the next request */
+        speed_add(&j->speed, ns_per_flop);
 
         pthread_mutex_lock(&j->mu);
         trace_add(j, 0, i, "compute", t0, t1);
@@ -494,7 +511,7 @@ static int compute_side(prefill_job *j, char *err, size_t errlen) {
         j->state[i] = COMPUTED;
         j->front = i + 1;
         j->front_t0 = t1;
-        j->ns_per_flop = ns_per_flop;
+        j->ns_per_flop = speed_typical(&j->speed);
         pthread_cond_broadcast(&j->cv); /* workers holding back re-decide */
         j->st->chunks_computed++;
         /* Chunks the lookup did not find, or that failed to load, go back to the store. */
@@ -591,6 +608,10 @@ int cake_prefill(const cake_loader_engine *e, const cake_token *prompt, int n_pr
     j->params.io_depth = st->io_depth;
     j->p = &j->params;
     j->t_start = now_ns();
+    if (e->speed) { /* until this request computes chunks of its own */
+        j->speed = *e->speed;
+        j->ns_per_flop = speed_typical(&j->speed);
+    }
     j->n_loadable = cake_prefill_loadable_chunks(e, n_prompt, C);
     const int n_full = n_prompt / C; /* the tail is full when n_prompt % C == 0 */
     if (j->n_loadable * C == n_prompt) j->last_logits = logits;
@@ -645,8 +666,6 @@ int cake_prefill(const cake_loader_engine *e, const cake_token *prompt, int n_pr
         cake_store_counters_get(p->store, &ctr);
         if (!j->rate_hint && ctr.read_ns && ctr.bytes_read)
             j->rate_hint = (double)ctr.bytes_read / (double)ctr.read_ns * st->io_depth;
-        if (j->e->compute_ns_per_flop) /* until this request computes a chunk */
-            j->ns_per_flop = *j->e->compute_ns_per_flop;
         j->front_t0 = j->t_start;
         j->workers = calloc((size_t)n_workers, sizeof(*j->workers));
         j->threads = calloc((size_t)n_workers, sizeof(*j->threads));

@@ -20,6 +20,15 @@ int cake_mode_parse(const char *s, cake_mode *out); /* 0 ok, -1 unknown */
  * compute positions [pos0, pos0 + n) (logits of the last one when asked),
  * install a verified chunk blob into the KV cache at pos0, and extract
  * positions [pos0, pos0 + h->n_tokens) of the KV cache into a blob. */
+/* Compute speed, in ns per FLOP of cake_chunk_flops, of the last
+ * CAKE_SPEED_SAMPLES chunks computed; their median is the estimate (one
+ * chunk's time on a shared machine is too noisy to go by alone). */
+#define CAKE_SPEED_SAMPLES 5
+typedef struct cake_compute_speed {
+    double ns_per_flop[CAKE_SPEED_SAMPLES];
+    unsigned count;
+} cake_compute_speed;
+
 typedef struct {
     void *self;
     int (*compute)(void *self, const cake_token *tokens, int n, int pos0, float *logits, char *err,
@@ -31,10 +40,9 @@ typedef struct {
     const cake_hparams *hp;
     enum cake_kv_type kv_type;
     uint8_t fingerprint[16];
-    /* Compute speed of the last computed chunk, in ns per FLOP of
-     * cake_chunk_flops, kept by the engine across requests: the first meet
-     * of a request uses it (may be NULL). */
-    double *compute_ns_per_flop;
+    /* The compute speed of the engine's last chunks, kept across requests:
+     * the first meet of a request uses it (may be NULL). */
+    struct cake_compute_speed *speed;
     /* A token's results (KV, logits) do not depend on how many tokens share
      * its compute call: then a prompt's last full chunk is loadable too. */
     bool batch_invariant;
