@@ -5,6 +5,7 @@
 
 #include "cake.h"
 #include "kv/kv_cache.h"
+#include "loader/loader.h"
 #include "model/model.h"
 #include "util/threadpool.h"
 
