@@ -202,8 +202,7 @@ static int parse_list(const char *s, double *out, int *n) {
 
 typedef struct {
     double med, min, max;
-    double tail_med, tail_min; /* the compute after the loadable chunks (load runs) */
-    double load_med;           /* first claim to last load, ms (load runs) */
+    double load_med; /* first claim to last load, ms (load runs) */
     cake_prefill_stats last;
 } timing;
 
@@ -242,9 +241,10 @@ static double one_request(bench *b, const cake_token *prompt, int n, cake_store 
     return ttft;
 }
 
+/* The median of v[0..n) (sorts v); an even n takes the mean of the middle two. */
 static double median(double *v, int n) {
     qsort(v, (size_t)n, sizeof(double), cmp_double);
-    return v[n / 2];
+    return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
 }
 
 /* Median, min and max of r run times (sorts v). */
@@ -254,32 +254,7 @@ static void summarize(double *v, int r, timing *t) {
     t->max = v[r - 1];
 }
 
-/* Load-only and (when cake_too) Cake TTFT of one cell, their runs taken in
- * turns so that both see the same noise of a shared machine. */
-static int measure_cell(bench *b, const cake_token *prompt, int n, cake_store *store, int cake_too,
-                        const char *cake_trace, timing *tl, timing *tk) {
-    double vl[64], vk[64], tail[64], load[64];
-    int r = b->repeat < 64 ? b->repeat : 64;
-    for (int i = 0; i < r; i++) {
-        if ((vl[i] = one_request(b, prompt, n, store, NULL, CAKE_MODE_LOAD, &tl->last)) < 0)
-            return -1;
-        tail[i] = tl->last.tail_ms;
-        load[i] = tl->last.load_ms;
-        if (!cake_too) continue;
-        b->trace_path = cake_trace; /* the last run's timeline stays */
-        vk[i] = one_request(b, prompt, n, store, NULL, CAKE_MODE_CAKE, &tk->last);
-        b->trace_path = NULL;
-        if (vk[i] < 0) return -1;
-    }
-    summarize(vl, r, tl);
-    tl->tail_med = median(tail, r);
-    tl->tail_min = tail[0];
-    tl->load_med = median(load, r);
-    if (cake_too) summarize(vk, r, tk);
-    return 0;
-}
-
-/* The standalone compute curve at one share, from the compute-only runs:
+/* The standalone compute curve at one share, from compute-only runs:
  * comp[k] = ms to compute chunks [0, k), k = 0..n_chunks (the loadable ones),
  * and tail = ms for the rest of the prompt (0 when the last loadable chunk
  * ends it); each chunk's median over the runs, and its minimum (the least
@@ -289,22 +264,19 @@ typedef struct {
     double tail_med, tail_min;
 } curve;
 
-/* Compute-only TTFT, and with it the curve at the current share. */
-static int measure_compute(bench *b, const cake_token *prompt, int n, timing *t, curve *c) {
-    const int n_chunks = cake_prefill_loadable_chunks(&b->engine, n, b->chunk),
-              r = b->repeat < 64 ? b->repeat : 64;
-    double *runs = calloc((size_t)(n_chunks + 1) * (size_t)r, sizeof(double)), v[64], ttft[64];
-    if (!runs) return fprintf(stderr, "cake bench: out of memory\n"), -1;
-    for (int i = 0; i < r; i++) {
-        b->te.record = runs + (size_t)i * (size_t)(n_chunks + 1); /* [n_chunks] = the tail */
-        ttft[i] = one_request(b, prompt, n, NULL, NULL, CAKE_MODE_COMPUTE, &t->last);
-        b->te.record = NULL;
-        if (ttft[i] < 0) {
-            free(runs);
-            return -1;
-        }
-    }
-    summarize(ttft, r, t);
+/* One compute-only run; rec gets each chunk's ms ([n_chunks] = the tail).
+ * TTFT in ms, or < 0 on failure. */
+static double compute_run(bench *b, const cake_token *prompt, int n, double *rec,
+                          cake_prefill_stats *st) {
+    b->te.record = rec;
+    const double ttft = one_request(b, prompt, n, NULL, NULL, CAKE_MODE_COMPUTE, st);
+    b->te.record = NULL;
+    return ttft;
+}
+
+/* The curve from r runs' per-chunk records (each n_chunks + 1 long). */
+static void build_curve(const double *runs, int r, int n_chunks, curve *c) {
+    double v[64];
     c->med[0] = c->min[0] = 0;
     for (int k = 0; k <= n_chunks; k++) {
         for (int i = 0; i < r; i++) v[i] = runs[(size_t)i * (size_t)(n_chunks + 1) + k];
@@ -317,8 +289,6 @@ static int measure_compute(bench *b, const cake_token *prompt, int n, timing *t,
             c->tail_min = v[0];
         }
     }
-    free(runs);
-    return 0;
 }
 
 /* T* = min over splits k of max(Comp(k), Load(n_chunks - k)) + tail(k) + lookup,
@@ -341,6 +311,108 @@ static double oracle(const double *comp, double tail_computed, double tail_loade
     if (t_compute < tstar) tstar = t_compute, *split = n_chunks;
     if (t_load < tstar) tstar = t_load, *split = 0;
     return tstar;
+}
+
+/* What a cell reports. */
+typedef struct {
+    timing tc, tl, tk;    /* compute-only, load-only, Cake TTFTs */
+    double tstar, eff;    /* medians over the repeats of T* and of efficiency */
+    double vs_best;       /* median of T_cake / min(T_compute, T_load) */
+    double tstar_min;     /* T* from the best runs */
+    int split, split_run; /* t* of the median T*, and the repeat it comes from */
+} cell_result;
+
+/* One cell: per repeat, a compute-only run (when paired; otherwise the
+ * share's curve cv and times tc stand in), a load-only run and a Cake run,
+ * back to back so that all three see the same noise of a shared machine.
+ * Each repeat gets its own T* (its compute curve, its load rate) and
+ * efficiency; the cell reports their medians. */
+static int measure_cell(bench *b, const cake_token *prompt, int n, cake_store *store, int paired,
+                        int cake_too, const char *cake_trace, const curve *cv, const timing *tc,
+                        curve *cell_cv, cell_result *res) {
+    const int n_chunks = cake_prefill_loadable_chunks(&b->engine, n, b->chunk);
+    const int r = b->repeat < 64 ? b->repeat : 64, stride = n_chunks + 1;
+    double vc[64], vl[64], vk[64], tail[64], load[64], lookup[64], ts[64], eff[64], vs[64], tmp[64];
+    int split[64];
+    double *runs = calloc((size_t)stride * (size_t)r, sizeof(double)), *comp = NULL;
+    if (!runs || !(comp = malloc((size_t)stride * sizeof(double)))) {
+        free(runs);
+        return fprintf(stderr, "cake bench: out of memory\n"), -1;
+    }
+    *res = (cell_result){.tc = *tc};
+    int rc = -1;
+    for (int i = 0; i < r; i++) {
+        double *rec = runs + (size_t)i * (size_t)stride;
+        if (paired && (vc[i] = compute_run(b, prompt, n, rec, &res->tc.last)) < 0) goto out;
+        if ((vl[i] = one_request(b, prompt, n, store, NULL, CAKE_MODE_LOAD, &res->tl.last)) < 0)
+            goto out;
+        tail[i] = res->tl.last.tail_ms;
+        load[i] = res->tl.last.load_ms;
+        if (!cake_too) continue;
+        b->trace_path = cake_trace; /* the last run's timeline stays */
+        vk[i] = one_request(b, prompt, n, store, NULL, CAKE_MODE_CAKE, &res->tk.last);
+        b->trace_path = NULL;
+        if (vk[i] < 0) goto out;
+        lookup[i] = res->tk.last.lookup_ms;
+        /* This repeat's oracle: its own compute curve when paired. */
+        const double *c = cv->med, tail_c = paired ? rec[n_chunks] : cv->tail_med;
+        if (paired) {
+            comp[0] = 0;
+            for (int k = 0; k < n_chunks; k++) comp[k + 1] = comp[k] + rec[k];
+            c = comp;
+        }
+        ts[i] = oracle(c, tail_c, tail[i], n_chunks, n_chunks ? load[i] / n_chunks : 0, lookup[i],
+                       paired ? vc[i] : tc->med, vl[i], &split[i]);
+        eff[i] = ts[i] / vk[i];
+        vs[i] = vk[i] / fmin(paired ? vc[i] : tc->med, vl[i]);
+    }
+    if (paired) {
+        summarize(vc, r, &res->tc);
+        build_curve(runs, r, n_chunks, cell_cv);
+        cv = cell_cv;
+    }
+    summarize(vl, r, &res->tl);
+    res->tl.load_med = median(load, r);
+    if (cake_too) {
+        summarize(vk, r, &res->tk);
+        memcpy(tmp, ts, (size_t)r * sizeof(double));
+        res->tstar = median(tmp, r);
+        for (int i = 0; i < r; i++) /* t* of the repeat whose T* is nearest the median */
+            if (fabs(ts[i] - res->tstar) < fabs(ts[res->split_run] - res->tstar))
+                res->split_run = i;
+        res->split = split[res->split_run];
+        res->eff = median(eff, r);
+        res->vs_best = median(vs, r);
+        /* The best runs: per-chunk minima of the curve, fastest of each mode. */
+        int s;
+        qsort(tail, (size_t)r, sizeof(double), cmp_double);
+        res->tstar_min = oracle(cv->min, cv->tail_min, tail[0], n_chunks,
+                                n_chunks ? res->tl.load_med / n_chunks : 0, median(lookup, r),
+                                res->tc.min, res->tl.min, &s);
+    }
+    rc = 0;
+out:
+    free(runs);
+    free(comp);
+    return rc;
+}
+
+/* Compute-only TTFT, and with it the curve at the current share. */
+static int measure_compute(bench *b, const cake_token *prompt, int n, timing *t, curve *c) {
+    const int n_chunks = cake_prefill_loadable_chunks(&b->engine, n, b->chunk),
+              r = b->repeat < 64 ? b->repeat : 64;
+    double *runs = calloc((size_t)(n_chunks + 1) * (size_t)r, sizeof(double)), ttft[64];
+    if (!runs) return fprintf(stderr, "cake bench: out of memory\n"), -1;
+    for (int i = 0; i < r; i++)
+        if ((ttft[i] = compute_run(b, prompt, n, runs + (size_t)i * (size_t)(n_chunks + 1),
+                                   &t->last)) < 0) {
+            free(runs);
+            return -1;
+        }
+    summarize(ttft, r, t);
+    build_curve(runs, r, n_chunks, c);
+    free(runs);
+    return 0;
 }
 
 static int has_mode(const char *modes, const char *m) {
@@ -514,7 +586,7 @@ static int bench_ttft(int argc, char **argv) {
     bench b = {.chunk = (int)chunk, .io_depth = (int)io_depth, .repeat = (int)repeat};
     int rc = CLI_FAIL;
     cake_token *prompt = NULL;
-    curve cv = {0};
+    curve cv = {0}, cell_cv = {0};
     FILE *csv = NULL, *md = NULL;
     if (cake_model_load(model, &b.model, err, sizeof(err))) {
         cli_error(CLI_FAIL, "bench", "%s", err);
@@ -546,11 +618,13 @@ static int bench_ttft(int argc, char **argv) {
     prompt = malloc((size_t)max_ctx * sizeof(cake_token));
     cv.med = malloc(((size_t)max_ctx / (size_t)chunk + 2) * sizeof(double));
     cv.min = malloc(((size_t)max_ctx / (size_t)chunk + 2) * sizeof(double));
+    cell_cv.med = malloc(((size_t)max_ctx / (size_t)chunk + 2) * sizeof(double));
+    cell_cv.min = malloc(((size_t)max_ctx / (size_t)chunk + 2) * sizeof(double));
     snprintf(path, sizeof(path), "%s/ttft.csv", out);
     csv = fopen(path, "w");
     snprintf(path, sizeof(path), "%s/ttft.md", out);
     md = fopen(path, "w");
-    if (!b.logits || !prompt || !cv.med || !cv.min || !csv || !md) {
+    if (!b.logits || !prompt || !cv.med || !cv.min || !cell_cv.med || !cell_cv.min || !csv || !md) {
         cli_error(CLI_FAIL, "bench", "cannot allocate or open the result files in %s", out);
         goto done;
     }
@@ -572,8 +646,7 @@ static int bench_ttft(int argc, char **argv) {
     int cell = 0;
     const double t_start = now_s();
     for (int ci = 0; ci < n_ctx; ci++) {
-        const int n = (int)ctxs[ci], C = (int)chunk,
-                  n_chunks = cake_prefill_loadable_chunks(&b.engine, n, C);
+        const int n = (int)ctxs[ci];
         uint64_t x = 0x5eed0000ull + (uint64_t)n;
         prompt[0] = 1;
         for (int i = 1; i < n; i++) {
@@ -606,9 +679,14 @@ static int bench_ttft(int argc, char **argv) {
         for (int si = 0; si < n_share; si++) {
             const double share = shares[si];
             b.te.share = share;
-            /* Compute-only always runs: it is also the standalone Comp curve. */
+            /* Compute-only always runs: it is also the standalone Comp curve.
+             * At share 1 it runs in every cell's repeats, paired with the
+             * load-only and Cake runs; at a lower share it takes 1/s as long,
+             * most of it the emulated other work that the machine's noise
+             * does not touch, so it is measured once per share. */
+            const int paired = share == 1;
             timing tc = {0};
-            if (measure_compute(&b, prompt, n, &tc, &cv)) goto done;
+            if (!paired && measure_compute(&b, prompt, n, &tc, &cv)) goto done;
             for (int bi = 0; bi < n_bw; bi++) {
                 cell++;
                 fprintf(stderr, "[%d/%d, %.0f s] ctx %d, share %g, %g Gbit/s\n", cell, total_cells,
@@ -625,43 +703,35 @@ static int bench_ttft(int argc, char **argv) {
                     cli_error(CLI_FAIL, "bench", "copying the store into %s: %s", uri, err);
                     goto done;
                 }
-                timing tl = {0}, tk = {0};
                 /* Load-only always runs: it is also the standalone Load curve. */
                 snprintf(path, sizeof(path), "%s/trace-ctx%d-bw%g-share%g.json", out, n, bws[bi],
                          share);
-                int bad = measure_cell(&b, prompt, n, s, has_mode(modes, "cake"),
-                                       trace ? path : NULL, &tl, &tk);
+                cell_result cr;
+                int bad = measure_cell(&b, prompt, n, s, paired, has_mode(modes, "cake"),
+                                       trace ? path : NULL, &cv, &tc, &cell_cv, &cr);
                 cake_store_close(s);
                 if (bad) goto done;
-                /* The oracle from the standalone curves: Comp at this share (from
-                 * the compute-only runs), Load linear in the chunks loaded (from
-                 * the load-only run); once from medians, once from the best runs. */
-                const double load_per_chunk = n_chunks ? tl.load_med / n_chunks : 0;
-                int split = 0, split_min = 0;
-                const double tstar =
-                    oracle(cv.med, cv.tail_med, tl.tail_med, n_chunks, load_per_chunk,
-                           tk.last.lookup_ms, tc.med, tl.med, &split);
-                const double tstar_min =
-                    oracle(cv.min, cv.tail_min, tl.tail_min, n_chunks, load_per_chunk,
-                           tk.last.lookup_ms, tc.min, tl.min, &split_min);
-                const double eff = tk.med > 0 ? tstar / tk.med : 0;
-                const double eff_min = tk.min > 0 ? tstar_min / tk.min : 0;
-                const double comp_ms = tc.med;
-                const double vs_best = tk.med / fmin(comp_ms, tl.med); /* goal <= 1.02 */
+                const timing *tl = &cr.tl, *tk = &cr.tk;
+                const double comp_ms = cr.tc.med, tstar = cr.tstar, eff = cr.eff;
+                const double eff_min = tk->min > 0 ? cr.tstar_min / tk->min : 0;
+                const int split = cr.split;
+                const timing *tc_ = &cr.tc;
                 fprintf(csv,
                         "%d,%g,%g,%.3f,%.3f,%.3f,%.3f,%.4f,%.3f,%.3f,%d,%d,%d,%.3f,%.3f,"
                         "%.3f,%.3f,%.3f,%.3f,%.4f,%.4f,%.3f,%.4f,%.4f\n",
-                        n, bws[bi], share, comp_ms, tl.med, tk.med, tstar, eff, tl.med / tk.med,
-                        comp_ms / tk.med, tk.last.meet_chunk, split, tk.last.chunks_loaded, tc.min,
-                        tc.max, tl.min, tl.max, tk.min, tk.max, tl.last.load_gbit_s, vs_best,
-                        tstar_min, eff_min, tk.min / fmin(tc.min, tl.min));
+                        n, bws[bi], share, comp_ms, tl->med, tk->med, tstar, eff, tl->med / tk->med,
+                        comp_ms / tk->med, tk->last.meet_chunk, split, tk->last.chunks_loaded,
+                        tc_->min, tc_->max, tl->min, tl->max, tk->min, tk->max,
+                        tl->last.load_gbit_s, cr.vs_best, cr.tstar_min, eff_min,
+                        tk->min / fmin(tc_->min, tl->min));
                 fflush(csv);
                 char row[512];
                 snprintf(row, sizeof(row),
                          "| %d | %g | %g | %.0f | %.0f | %.0f | %.0f | %.3f | %.3f | %.3f | "
                          "%.2f\\%.2f | %d / %d |\n",
-                         n, bws[bi], share, comp_ms, tl.med, tk.med, tstar, eff, eff_min, vs_best,
-                         tl.med / tk.med, comp_ms / tk.med, tk.last.meet_chunk, split);
+                         n, bws[bi], share, comp_ms, tl->med, tk->med, tstar, eff, eff_min,
+                         cr.vs_best, tl->med / tk->med, comp_ms / tk->med, tk->last.meet_chunk,
+                         split);
                 fputs(row, stdout);
                 fputs(row, md);
                 fflush(stdout);
@@ -688,6 +758,8 @@ done:
     free(prompt);
     free(cv.med);
     free(cv.min);
+    free(cell_cv.med);
+    free(cell_cv.min);
     free(b.logits);
     cake_context_free(b.ctx);
     cake_model_free(b.model);
