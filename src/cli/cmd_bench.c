@@ -344,16 +344,24 @@ static int measure_cell(bench *b, const cake_token *prompt, int n, cake_store *s
     for (int i = 0; i < r; i++) {
         double *rec = runs + (size_t)i * (size_t)stride;
         if (paired && (vc[i] = compute_run(b, prompt, n, rec, &res->tc.last)) < 0) goto out;
-        if ((vl[i] = one_request(b, prompt, n, store, NULL, CAKE_MODE_LOAD, &res->tl.last)) < 0)
-            goto out;
-        tail[i] = res->tl.last.tail_ms;
-        load[i] = res->tl.last.load_ms;
+        /* Load-only then Cake, or the other way round: a run after a long
+         * load-only run starts on an idle machine (cold caches, a vCPU the
+         * host has parked), so each mode goes second every other repeat. */
+        for (int turn = 0; turn < 2; turn++) {
+            if ((turn == 0) == (i % 2 == 0)) {
+                vl[i] = one_request(b, prompt, n, store, NULL, CAKE_MODE_LOAD, &res->tl.last);
+                if (vl[i] < 0) goto out;
+                tail[i] = res->tl.last.tail_ms;
+                load[i] = res->tl.last.load_ms;
+            } else if (cake_too) {
+                b->trace_path = cake_trace; /* the last run's timeline stays */
+                vk[i] = one_request(b, prompt, n, store, NULL, CAKE_MODE_CAKE, &res->tk.last);
+                b->trace_path = NULL;
+                if (vk[i] < 0) goto out;
+                lookup[i] = res->tk.last.lookup_ms;
+            }
+        }
         if (!cake_too) continue;
-        b->trace_path = cake_trace; /* the last run's timeline stays */
-        vk[i] = one_request(b, prompt, n, store, NULL, CAKE_MODE_CAKE, &res->tk.last);
-        b->trace_path = NULL;
-        if (vk[i] < 0) goto out;
-        lookup[i] = res->tk.last.lookup_ms;
         /* This repeat's oracle: its own compute curve when paired. */
         const double *c = cv->med, tail_c = paired ? rec[n_chunks] : cv->tail_med;
         if (paired) {
