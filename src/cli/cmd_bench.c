@@ -1,10 +1,12 @@
 /* cake bench ttft: the paper's TTFT table, with the oracle in every cell.
  *
  * For each context length: a synthetic prompt, a file store filled by a cold
- * run, the standalone compute curve Comp(t) (every chunk timed on its own),
- * then per GPU share and bandwidth: compute-only, load-only and Cake TTFTs,
- * the load rate (from the load-only run: all chunks through the emulated
- * link) and the oracle T* = min_t max(Comp(t), Load(N - t)) + tail.
+ * run, then per GPU share and bandwidth, R repeats of: a compute-only run
+ * (also the standalone compute curve Comp(t), every chunk timed on its own),
+ * a load-only run (also the load rate: all chunks through the emulated link)
+ * and a Cake run. Each repeat gets the oracle T* = min_t max(Comp(t),
+ * Load(N - t)) + tail from its own curves, and the cell reports medians
+ * (see measure_cell).
  *
  * Share emulation: a request that gets a share s of each step's compute (the
  * rest going to other requests) takes 1/s as long per chunk. The bench wraps
@@ -40,7 +42,8 @@ static const char *help =
     "                    always run, as they give the curves T* comes from\n"
     "  --share LIST      compute shares in (0, 1] (default 1)\n"
     "  --chunk N         chunk size in tokens (default 256)\n"
-    "  --repeat R        runs per cell; the median is reported (default 1)\n"
+    "  --repeat R        repeats per cell (compute-only, load-only and Cake runs);\n"
+    "                    medians are reported (default 1)\n"
     "  --io-depth N      loads in flight (default 4)\n"
     "  --threads N       CPU threads (default: all)\n"
     "  --backend B       cpu (default) or cuda\n"

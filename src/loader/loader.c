@@ -55,17 +55,15 @@
  *
  * The meet. The compute side walks i = 0, 1, ...: a LOADED chunk is skipped,
  * an ABSENT one is computed. For a chunk the store has (PRESENT, or FETCHING
- * by a worker) it compares two estimates: c, the time to compute chunk i (the
- * last chunk's compute time; at a request's start, the engine's memory of it),
- * and R, the time the link needs until every chunk from i up is in (from the
- * link model: what is left of the transfers in flight, plus the chunks not yet
- * claimed). If c < R, computing chunk i moves the meeting point up and
- * shortens the whole:
- * it claims and computes it (a FETCHING chunk is taken over; its transfer is
- * discarded on arrival, the worker never touches the KV cache). Otherwise the
- * loads will be done first: this is the meet. It waits, re-deciding on every
- * load completion, but never longer than c in total, so a stalled store costs
- * at most one chunk's compute time. With no estimate at all (the first request
+ * by a worker) it compares two estimates: c, the time to compute chunk i (its
+ * FLOPs, which grow with the position, at the median speed of the engine's
+ * last 5 chunks, this request's and earlier ones'), and R, the time the link needs until every
+ * chunk from i up is in (from the link model: what is left of the transfers in flight, plus the
+ * chunks not yet claimed). If c < R, computing chunk i moves the meeting point up and shortens the
+ * whole: it claims and computes it (a FETCHING chunk is taken over; its transfer is discarded on
+ * arrival, the worker never touches the KV cache). Otherwise the loads will be done first: this is
+ * the meet. It waits, re-deciding on every load completion, but never longer than c in total, so a
+ * stalled store costs at most one chunk's compute time. With no estimate at all (the first request
  * of a process), it computes: the paper's plain rule. A COPYING chunk is
  * always waited for (a copy is short and already committed).
  *
@@ -463,8 +461,7 @@ static int compute_side(prefill_job *j, char *err, size_t errlen) {
     for (int i = 0; i < j->n_loadable; i++) {
         uint64_t waited = 0;
         const uint64_t wait_start = now_ns();
-        /* Compute time of chunk i, at the speed of the last computed chunk (this
-         * request's, or the engine's memory of it). */
+        /* Compute time of chunk i, at the engine's recent speed. */
         const uint64_t est_compute = (uint64_t)est_compute_ns(j, i);
         j->front = i;
         j->front_t0 = wait_start;

@@ -16,10 +16,6 @@ typedef enum { CAKE_MODE_COMPUTE = 0, CAKE_MODE_LOAD = 1, CAKE_MODE_CAKE = 2 } c
 const char *cake_mode_name(cake_mode m);
 int cake_mode_parse(const char *s, cake_mode *out); /* 0 ok, -1 unknown */
 
-/* What the loader needs from an engine, so that any backend can use it:
- * compute positions [pos0, pos0 + n) (logits of the last one when asked),
- * install a verified chunk blob into the KV cache at pos0, and extract
- * positions [pos0, pos0 + h->n_tokens) of the KV cache into a blob. */
 /* Compute speed, in ns per FLOP of cake_chunk_flops, of the last
  * CAKE_SPEED_SAMPLES chunks computed; their median is the estimate (one
  * chunk's time on a shared machine is too noisy to go by alone). */
@@ -29,6 +25,10 @@ typedef struct cake_compute_speed {
     unsigned count;
 } cake_compute_speed;
 
+/* What the loader needs from an engine, so that any backend can use it:
+ * compute positions [pos0, pos0 + n) (logits of the last one when asked),
+ * install a verified chunk blob into the KV cache at pos0, and extract
+ * positions [pos0, pos0 + h->n_tokens) of the KV cache into a blob. */
 typedef struct {
     void *self;
     int (*compute)(void *self, const cake_token *tokens, int n, int pos0, float *logits, char *err,
@@ -42,7 +42,7 @@ typedef struct {
     uint8_t fingerprint[16];
     /* The compute speed of the engine's last chunks, kept across requests:
      * the first meet of a request uses it (may be NULL). */
-    struct cake_compute_speed *speed;
+    cake_compute_speed *speed;
     /* A token's results (KV, logits) do not depend on how many tokens share
      * its compute call: then a prompt's last full chunk is loadable too. */
     bool batch_invariant;
@@ -88,14 +88,6 @@ typedef struct {
 
 typedef struct prefill_job cake_prefill_job;
 
-/* Prefill of prompt[0..n_prompt) into e's KV cache; writes the last position's
- * logits. Any chunk that fails to load is computed instead: the result never
- * depends on the store. 0 ok; -1 with err only for engine failures.
- * I/O workers may still be finishing transfers that compute overtook: with
- * pending == NULL they are joined before returning; otherwise *pending gets
- * the job, and the caller calls cake_prefill_finish(*pending) once the first
- * token is out (st, e and p->store must stay valid until then; st's
- * load_ms, load_gbit_s and chunks_discarded are final only after it). */
 /* FLOPs of a forward pass over positions [pos0, pos0 + n), without the output
  * head: the matmuls, and attention that grows with the position. The loader
  * scales one chunk's measured compute time to another's with it. */
@@ -106,6 +98,14 @@ double cake_chunk_flops(const cake_hparams *hp, int pos0, int n);
  * ends on a chunk boundary, all of them (see loader.c). */
 int cake_prefill_loadable_chunks(const cake_loader_engine *e, int n_prompt, int chunk);
 
+/* Prefill of prompt[0..n_prompt) into e's KV cache; writes the last position's
+ * logits. Any chunk that fails to load is computed instead: the result never
+ * depends on the store. 0 ok; -1 with err only for engine failures.
+ * I/O workers may still be finishing transfers that compute overtook: with
+ * pending == NULL they are joined before returning; otherwise *pending gets
+ * the job, and the caller calls cake_prefill_finish(*pending) once the first
+ * token is out (st, e and p->store must stay valid until then; st's
+ * load_ms, load_gbit_s and chunks_discarded are final only after it). */
 int cake_prefill(const cake_loader_engine *e, const cake_token *prompt, int n_prompt,
                  const cake_prefill_params *p, float *logits, cake_prefill_stats *st,
                  cake_prefill_job **pending, char *err, size_t errlen);
