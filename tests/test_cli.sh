@@ -111,7 +111,7 @@ fi
 if "$CAKE" mkmodel --shape tiny -o "$tmp/tiny.gguf" 2>/dev/null; then
     expect_exit 2 "bench with --share 0" -- "$CAKE" bench ttft -m "$tmp/tiny.gguf" --share 0
     expect_exit 0 "bench ttft" -- "$CAKE" bench ttft -m "$tmp/tiny.gguf" --ctx 97 --bw 0.05,5 \
-        --share 1,0.5 --chunk 16 --repeat 3 --out "$tmp/bench" --trace
+        --share 1,0.5 --chunk 16 --repeat 3 --min-cell-time 0.3 --out "$tmp/bench" --trace
     csv="$tmp/bench/ttft.csv"
     cols="ctx bw_gbit share ttft_compute_ms ttft_load_ms ttft_cake_ms tstar_ms efficiency meet_chunk split_chunk cake_vs_best"
     missing=""
@@ -124,6 +124,10 @@ if "$CAKE" mkmodel --shape tiny -o "$tmp/tiny.gguf" 2>/dev/null; then
           if (!(c > 0 && l > 0 && k > 0 && t > 0) || t > c + 1e-3 || t > l + 1e-3) print "row " NR ": " $0 }
         END { if (rows != 4) print rows " rows, want 4" }' "$csv")
     [ -z "$bad" ] && pass "bench CSV rows" || fail "bench CSV: $bad"
+    # --min-cell-time: at least --repeat runs per cell, more where runs are short (here all)
+    bad=$(awk -F, 'NR == 1 { for (i = 1; i <= NF; i++) col[$i] = i; next }
+        { r = $col["repeats"]; if (!(r > 3 && r <= 64)) print "row " NR ": " r " repeats" }' "$csv")
+    [ -z "$bad" ] && pass "bench repeats until --min-cell-time" || fail "bench repeats: $bad"
     [ "$(ls "$tmp/bench"/trace-ctx97-*.json 2>/dev/null | wc -l)" -eq 4 ] && pass "bench traces" ||
         fail "bench traces: $(ls "$tmp/bench")"
     grep -q "^| 97 | 5 | 0.5 |" "$tmp/bench/ttft.md" && pass "bench Markdown table" ||

@@ -44,6 +44,8 @@ static const char *help =
     "  --chunk N         chunk size in tokens (default 256)\n"
     "  --repeat R        repeats per cell (compute-only, load-only and Cake runs);\n"
     "                    medians are reported (default 1)\n"
+    "  --min-cell-time S repeat a cell beyond R until its runs took S seconds (at most\n"
+    "                    64 repeats): cheap cells get more samples (default 0)\n"
     "  --io-depth N      loads in flight (default 4)\n"
     "  --threads N       CPU threads (default: all)\n"
     "  --backend B       cpu (default) or cuda\n"
@@ -216,6 +218,7 @@ typedef struct {
     cake_loader_engine engine; /* the throttled view the loader sees */
     float *logits;
     int n_vocab, chunk, io_depth, repeat;
+    double min_cell_s;      /* repeat a cell beyond `repeat` until its runs took this long */
     const char *trace_path; /* where the next requests write their timeline; NULL: nowhere */
 } bench;
 
@@ -318,10 +321,11 @@ static double oracle(const double *comp, double tail_computed, double tail_loade
 
 /* What a cell reports. */
 typedef struct {
-    timing tc, tl, tk;    /* compute-only, load-only, Cake TTFTs */
-    double tstar, eff;    /* medians over the repeats of T* and of efficiency */
-    double vs_best;       /* median of T_cake / min(T_compute, T_load) */
-    double tstar_min;     /* T* from the best runs */
+    timing tc, tl, tk; /* compute-only, load-only, Cake TTFTs */
+    double tstar, eff; /* medians over the repeats of T* and of efficiency */
+    double vs_best;    /* median of T_cake / min(T_compute, T_load) */
+    double tstar_min;  /* T* from the best runs */
+    int repeats;
     int split, split_run; /* t* of the median T*, and the repeat it comes from */
 } cell_result;
 
@@ -334,17 +338,19 @@ static int measure_cell(bench *b, const cake_token *prompt, int n, cake_store *s
                         int cake_too, const char *cake_trace, const curve *cv, const timing *tc,
                         curve *cell_cv, cell_result *res) {
     const int n_chunks = cake_prefill_loadable_chunks(&b->engine, n, b->chunk);
-    const int r = b->repeat < 64 ? b->repeat : 64, stride = n_chunks + 1;
+    const int stride = n_chunks + 1;
     double vc[64], vl[64], vk[64], tail[64], load[64], lookup[64], ts[64], eff[64], vs[64], tmp[64];
     int split[64];
-    double *runs = calloc((size_t)stride * (size_t)r, sizeof(double)), *comp = NULL;
+    double *runs = calloc((size_t)stride * 64, sizeof(double)), *comp = NULL;
     if (!runs || !(comp = malloc((size_t)stride * sizeof(double)))) {
         free(runs);
         return fprintf(stderr, "cake bench: out of memory\n"), -1;
     }
     *res = (cell_result){.tc = *tc};
-    int rc = -1;
-    for (int i = 0; i < r; i++) {
+    int rc = -1, r = 0;
+    const double t0 = now_s();
+    for (; r < 64 && (r < b->repeat || now_s() - t0 < b->min_cell_s); r++) {
+        const int i = r;
         double *rec = runs + (size_t)i * (size_t)stride;
         if (paired && (vc[i] = compute_run(b, prompt, n, rec, &res->tc.last)) < 0) goto out;
         /* Load-only then Cake, or the other way round: a run after a long
@@ -401,6 +407,7 @@ static int measure_cell(bench *b, const cake_token *prompt, int n, cake_store *s
                                 n_chunks ? res->tl.load_med / n_chunks : 0, median(lookup, r),
                                 res->tc.min, res->tl.min, &s);
     }
+    res->repeats = r;
     rc = 0;
 out:
     free(runs);
@@ -483,15 +490,23 @@ static void write_plots(const char *out, const double *ctxs, int n_ctx) {
 }
 
 static int bench_ttft(int argc, char **argv) {
-    static const struct option opts[] = {
-        {"model", required_argument, 0, 'm'},   {"ctx", required_argument, 0, 'c'},
-        {"bw", required_argument, 0, 'b'},      {"modes", required_argument, 0, 'M'},
-        {"share", required_argument, 0, 's'},   {"chunk", required_argument, 0, 'C'},
-        {"repeat", required_argument, 0, 'r'},  {"io-depth", required_argument, 0, 'I'},
-        {"threads", required_argument, 0, 't'}, {"store-dir", required_argument, 0, 'S'},
-        {"out", required_argument, 0, 'o'},     {"help", no_argument, 0, 'h'},
-        {"backend", required_argument, 0, 'B'}, {"store", required_argument, 0, 'U'},
-        {"trace", no_argument, 0, 'T'},         {0, 0, 0, 0}};
+    static const struct option opts[] = {{"model", required_argument, 0, 'm'},
+                                         {"ctx", required_argument, 0, 'c'},
+                                         {"bw", required_argument, 0, 'b'},
+                                         {"modes", required_argument, 0, 'M'},
+                                         {"share", required_argument, 0, 's'},
+                                         {"chunk", required_argument, 0, 'C'},
+                                         {"repeat", required_argument, 0, 'r'},
+                                         {"io-depth", required_argument, 0, 'I'},
+                                         {"threads", required_argument, 0, 't'},
+                                         {"store-dir", required_argument, 0, 'S'},
+                                         {"out", required_argument, 0, 'o'},
+                                         {"help", no_argument, 0, 'h'},
+                                         {"backend", required_argument, 0, 'B'},
+                                         {"store", required_argument, 0, 'U'},
+                                         {"trace", no_argument, 0, 'T'},
+                                         {"min-cell-time", required_argument, 0, 'L'},
+                                         {0, 0, 0, 0}};
     const char *model = NULL, *modes = "compute,load,cake", *out = "out/bench-ttft",
                *store_dir = NULL, *store_uri = NULL;
     enum cake_backend_kind backend = CAKE_BACKEND_CPU;
@@ -499,6 +514,7 @@ static int bench_ttft(int argc, char **argv) {
            shares[MAX_LIST] = {1};
     int n_ctx = 3, n_bw = 6, n_share = 1, c, trace = 0;
     long chunk = 256, repeat = 1, io_depth = CAKE_DEFAULT_IO_DEPTH, threads = 0;
+    double min_cell_s = 0;
     optind = 1;
     while ((c = getopt_long(argc, argv, "m:o:h", opts, NULL)) != -1) {
         switch (c) {
@@ -555,6 +571,10 @@ static int bench_ttft(int argc, char **argv) {
         case 'o':
             out = optarg;
             break;
+        case 'L':
+            if (cli_parse_float(optarg, 0, 3600, &min_cell_s))
+                return cli_error(CLI_USAGE, "bench", "--min-cell-time wants 0..3600 seconds");
+            break;
         case 'T':
             trace = 1;
             break;
@@ -594,7 +614,10 @@ static int bench_ttft(int argc, char **argv) {
         snprintf(base, sizeof(base), "file:%s", dir);
     cake_store *master = NULL; /* the filled store, kept open when it is mem: */
 
-    bench b = {.chunk = (int)chunk, .io_depth = (int)io_depth, .repeat = (int)repeat};
+    bench b = {.chunk = (int)chunk,
+               .io_depth = (int)io_depth,
+               .repeat = (int)repeat,
+               .min_cell_s = min_cell_s};
     int rc = CLI_FAIL;
     cake_token *prompt = NULL;
     curve cv = {0}, cell_cv = {0};
@@ -643,15 +666,18 @@ static int bench_ttft(int argc, char **argv) {
                  "efficiency,speedup_vs_load,speedup_vs_compute,meet_chunk,split_chunk,"
                  "chunks_loaded,compute_min_ms,compute_max_ms,load_min_ms,load_max_ms,"
                  "cake_min_ms,cake_max_ms,load_gbit_s,cake_vs_best,tstar_min_ms,efficiency_min,"
-                 "cake_vs_best_min\n");
+                 "cake_vs_best_min,repeats\n");
     const char *head = "| ctx | Gbit/s | share | compute ms | load ms | cake ms | T* ms | "
                        "efficiency | (best runs) | cake / best | speedup load\\compute | "
                        "meet / t* (chunks) |\n"
                        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
-    printf("model %s, chunk %ld, io depth %ld, repeat %ld\n\n%s", model, chunk, io_depth, repeat,
+    char reps[64];
+    snprintf(reps, sizeof(reps), min_cell_s > 0 ? "%ld+ (until %g s a cell)" : "%ld", repeat,
+             min_cell_s);
+    printf("model %s, chunk %ld, io depth %ld, repeat %s\n\n%s", model, chunk, io_depth, reps,
            head);
-    fprintf(md, "model %s, chunk %ld, io depth %ld, repeat %ld (median TTFT)\n\n%s", model, chunk,
-            io_depth, repeat, head);
+    fprintf(md, "model %s, chunk %ld, io depth %ld, repeat %s (medians)\n\n%s", model, chunk,
+            io_depth, reps, head);
 
     const int total_cells = n_ctx * n_share * n_bw;
     int cell = 0;
@@ -729,12 +755,12 @@ static int bench_ttft(int argc, char **argv) {
                 const timing *tc_ = &cr.tc;
                 fprintf(csv,
                         "%d,%g,%g,%.3f,%.3f,%.3f,%.3f,%.4f,%.3f,%.3f,%d,%d,%d,%.3f,%.3f,"
-                        "%.3f,%.3f,%.3f,%.3f,%.4f,%.4f,%.3f,%.4f,%.4f\n",
+                        "%.3f,%.3f,%.3f,%.3f,%.4f,%.4f,%.3f,%.4f,%.4f,%d\n",
                         n, bws[bi], share, comp_ms, tl->med, tk->med, tstar, eff, tl->med / tk->med,
                         comp_ms / tk->med, tk->last.meet_chunk, split, tk->last.chunks_loaded,
                         tc_->min, tc_->max, tl->min, tl->max, tk->min, tk->max,
                         tl->last.load_gbit_s, cr.vs_best, cr.tstar_min, eff_min,
-                        tk->min / fmin(tc_->min, tl->min));
+                        tk->min / fmin(tc_->min, tl->min), cr.repeats);
                 fflush(csv);
                 char row[512];
                 snprintf(row, sizeof(row),
