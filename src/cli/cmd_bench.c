@@ -362,6 +362,7 @@ static int measure_cell(bench *b, const cake_token *prompt, int n, cake_store *s
                 if (vl[i] < 0) goto out;
                 tail[i] = res->tl.last.tail_ms;
                 load[i] = res->tl.last.load_ms;
+                if (!cake_too) lookup[i] = res->tl.last.lookup_ms;
             } else if (cake_too) {
                 b->trace_path = cake_trace; /* the last run's timeline stays */
                 vk[i] = one_request(b, prompt, n, store, NULL, CAKE_MODE_CAKE, &res->tk.last);
@@ -370,7 +371,6 @@ static int measure_cell(bench *b, const cake_token *prompt, int n, cake_store *s
                 lookup[i] = res->tk.last.lookup_ms;
             }
         }
-        if (!cake_too) continue;
         /* This repeat's oracle: its own compute curve when paired. */
         const double *c = cv->med, tail_c = paired ? rec[n_chunks] : cv->tail_med;
         if (paired) {
@@ -380,8 +380,10 @@ static int measure_cell(bench *b, const cake_token *prompt, int n, cake_store *s
         }
         ts[i] = oracle(c, tail_c, tail[i], n_chunks, n_chunks ? load[i] / n_chunks : 0, lookup[i],
                        paired ? vc[i] : tc->med, vl[i], &split[i]);
-        eff[i] = ts[i] / vk[i];
-        vs[i] = vk[i] / fmin(paired ? vc[i] : tc->med, vl[i]);
+        if (cake_too) {
+            eff[i] = ts[i] / vk[i];
+            vs[i] = vk[i] / fmin(paired ? vc[i] : tc->med, vl[i]);
+        }
     }
     if (paired) {
         summarize(vc, r, &res->tc);
@@ -390,22 +392,21 @@ static int measure_cell(bench *b, const cake_token *prompt, int n, cake_store *s
     }
     summarize(vl, r, &res->tl);
     res->tl.load_med = median(load, r);
-    if (cake_too) {
+    memcpy(tmp, ts, (size_t)r * sizeof(double));
+    res->tstar = median(tmp, r);
+    for (int i = 0; i < r; i++) /* t* of the repeat whose T* is nearest the median */
+        if (fabs(ts[i] - res->tstar) < fabs(ts[res->split_run] - res->tstar)) res->split_run = i;
+    res->split = split[res->split_run];
+    /* The best runs: per-chunk minima of the curve, fastest of each mode. */
+    int s;
+    qsort(tail, (size_t)r, sizeof(double), cmp_double);
+    res->tstar_min =
+        oracle(cv->min, cv->tail_min, tail[0], n_chunks, n_chunks ? res->tl.load_med / n_chunks : 0,
+               median(lookup, r), res->tc.min, res->tl.min, &s);
+    if (cake_too) { /* without Cake runs (--modes), the Cake columns stay 0 */
         summarize(vk, r, &res->tk);
-        memcpy(tmp, ts, (size_t)r * sizeof(double));
-        res->tstar = median(tmp, r);
-        for (int i = 0; i < r; i++) /* t* of the repeat whose T* is nearest the median */
-            if (fabs(ts[i] - res->tstar) < fabs(ts[res->split_run] - res->tstar))
-                res->split_run = i;
-        res->split = split[res->split_run];
         res->eff = median(eff, r);
         res->vs_best = median(vs, r);
-        /* The best runs: per-chunk minima of the curve, fastest of each mode. */
-        int s;
-        qsort(tail, (size_t)r, sizeof(double), cmp_double);
-        res->tstar_min = oracle(cv->min, cv->tail_min, tail[0], n_chunks,
-                                n_chunks ? res->tl.load_med / n_chunks : 0, median(lookup, r),
-                                res->tc.min, res->tl.min, &s);
     }
     res->repeats = r;
     rc = 0;
@@ -752,12 +753,15 @@ static int bench_ttft(int argc, char **argv) {
                 const double comp_ms = cr.tc.med, tstar = cr.tstar, eff = cr.eff;
                 const double eff_min = tk->min > 0 ? cr.tstar_min / tk->min : 0;
                 const int split = cr.split;
+                /* Without Cake runs (--modes), the Cake columns stay 0. */
+                const double speedup_load = tk->med > 0 ? tl->med / tk->med : 0,
+                             speedup_compute = tk->med > 0 ? comp_ms / tk->med : 0;
                 const timing *tc_ = &cr.tc;
                 fprintf(csv,
                         "%d,%g,%g,%.3f,%.3f,%.3f,%.3f,%.4f,%.3f,%.3f,%d,%d,%d,%.3f,%.3f,"
                         "%.3f,%.3f,%.3f,%.3f,%.4f,%.4f,%.3f,%.4f,%.4f,%d\n",
-                        n, bws[bi], share, comp_ms, tl->med, tk->med, tstar, eff, tl->med / tk->med,
-                        comp_ms / tk->med, tk->last.meet_chunk, split, tk->last.chunks_loaded,
+                        n, bws[bi], share, comp_ms, tl->med, tk->med, tstar, eff, speedup_load,
+                        speedup_compute, tk->last.meet_chunk, split, tk->last.chunks_loaded,
                         tc_->min, tc_->max, tl->min, tl->max, tk->min, tk->max,
                         tl->last.load_gbit_s, cr.vs_best, cr.tstar_min, eff_min,
                         tk->min / fmin(tc_->min, tl->min), cr.repeats);
@@ -767,8 +771,7 @@ static int bench_ttft(int argc, char **argv) {
                          "| %d | %g | %g | %.0f | %.0f | %.0f | %.0f | %.3f | %.3f | %.3f | "
                          "%.2f\\%.2f | %d / %d |\n",
                          n, bws[bi], share, comp_ms, tl->med, tk->med, tstar, eff, eff_min,
-                         cr.vs_best, tl->med / tk->med, comp_ms / tk->med, tk->last.meet_chunk,
-                         split);
+                         cr.vs_best, speedup_load, speedup_compute, tk->last.meet_chunk, split);
                 fputs(row, stdout);
                 fputs(row, md);
                 fflush(stdout);
