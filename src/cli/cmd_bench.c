@@ -96,6 +96,12 @@ static int cmp_double(const void *a, const void *b) {
     return x < y ? -1 : x > y;
 }
 
+/* The median of v[0..n) (sorts v); an even n takes the mean of the middle two. */
+static double median(double *v, int n) {
+    qsort(v, (size_t)n, sizeof(double), cmp_double);
+    return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
+}
+
 /* Adds a call's duration to its kind; returns the kind's median (the call's
  * own duration when the table is full). */
 static double typical_duration(throttled_engine *e, int pos0, int n, double took) {
@@ -111,8 +117,7 @@ static double typical_duration(throttled_engine *e, int pos0, int n, double took
     const int m = k->count < CALL_RUNS ? k->count : CALL_RUNS;
     double v[CALL_RUNS];
     memcpy(v, k->s, (size_t)m * sizeof(double));
-    qsort(v, (size_t)m, sizeof(double), cmp_double);
-    return v[m / 2];
+    return median(v, m);
 }
 
 static int throttled_compute(void *self, const cake_token *t, int n, int pos0, float *logits,
@@ -247,12 +252,6 @@ static double one_request(bench *b, const cake_token *prompt, int n, cake_store 
     return ttft;
 }
 
-/* The median of v[0..n) (sorts v); an even n takes the mean of the middle two. */
-static double median(double *v, int n) {
-    qsort(v, (size_t)n, sizeof(double), cmp_double);
-    return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
-}
-
 /* Median, min and max of r run times (sorts v). */
 static void summarize(double *v, int r, timing *t) {
     t->med = median(v, r);
@@ -326,7 +325,7 @@ typedef struct {
     double vs_best;    /* median of T_cake / min(T_compute, T_load) */
     double tstar_min;  /* T* from the best runs */
     int repeats;
-    int split, split_run; /* t* of the median T*, and the repeat it comes from */
+    int split; /* t* of the repeat whose T* is nearest the median */
 } cell_result;
 
 /* One cell: per repeat, a compute-only run (when paired; otherwise the
@@ -394,9 +393,10 @@ static int measure_cell(bench *b, const cake_token *prompt, int n, cake_store *s
     res->tl.load_med = median(load, r);
     memcpy(tmp, ts, (size_t)r * sizeof(double));
     res->tstar = median(tmp, r);
-    for (int i = 0; i < r; i++) /* t* of the repeat whose T* is nearest the median */
-        if (fabs(ts[i] - res->tstar) < fabs(ts[res->split_run] - res->tstar)) res->split_run = i;
-    res->split = split[res->split_run];
+    int near = 0; /* the repeat whose T* is nearest the median */
+    for (int i = 1; i < r; i++)
+        if (fabs(ts[i] - res->tstar) < fabs(ts[near] - res->tstar)) near = i;
+    res->split = split[near];
     /* The best runs: per-chunk minima of the curve, fastest of each mode. */
     int s;
     qsort(tail, (size_t)r, sizeof(double), cmp_double);
@@ -651,10 +651,11 @@ static int bench_ttft(int argc, char **argv) {
     b.engine.extract = throttled_extract;
     b.logits = malloc((size_t)b.n_vocab * sizeof(float));
     prompt = malloc((size_t)max_ctx * sizeof(cake_token));
-    cv.med = malloc(((size_t)max_ctx / (size_t)chunk + 2) * sizeof(double));
-    cv.min = malloc(((size_t)max_ctx / (size_t)chunk + 2) * sizeof(double));
-    cell_cv.med = malloc(((size_t)max_ctx / (size_t)chunk + 2) * sizeof(double));
-    cell_cv.min = malloc(((size_t)max_ctx / (size_t)chunk + 2) * sizeof(double));
+    const size_t curve_len = (size_t)max_ctx / (size_t)chunk + 2; /* comp[0..n_chunks] */
+    cv.med = malloc(curve_len * sizeof(double));
+    cv.min = malloc(curve_len * sizeof(double));
+    cell_cv.med = malloc(curve_len * sizeof(double));
+    cell_cv.min = malloc(curve_len * sizeof(double));
     snprintf(path, sizeof(path), "%s/ttft.csv", out);
     csv = fopen(path, "w");
     snprintf(path, sizeof(path), "%s/ttft.md", out);
@@ -749,22 +750,21 @@ static int bench_ttft(int argc, char **argv) {
                                        trace ? path : NULL, &cv, &tc, &cell_cv, &cr);
                 cake_store_close(s);
                 if (bad) goto done;
-                const timing *tl = &cr.tl, *tk = &cr.tk;
-                const double comp_ms = cr.tc.med, tstar = cr.tstar, eff = cr.eff;
+                const timing *tcr = &cr.tc, *tl = &cr.tl, *tk = &cr.tk;
+                const double comp_ms = tcr->med, tstar = cr.tstar, eff = cr.eff;
                 const double eff_min = tk->min > 0 ? cr.tstar_min / tk->min : 0;
                 const int split = cr.split;
                 /* Without Cake runs (--modes), the Cake columns stay 0. */
                 const double speedup_load = tk->med > 0 ? tl->med / tk->med : 0,
                              speedup_compute = tk->med > 0 ? comp_ms / tk->med : 0;
-                const timing *tc_ = &cr.tc;
                 fprintf(csv,
                         "%d,%g,%g,%.3f,%.3f,%.3f,%.3f,%.4f,%.3f,%.3f,%d,%d,%d,%.3f,%.3f,"
                         "%.3f,%.3f,%.3f,%.3f,%.4f,%.4f,%.3f,%.4f,%.4f,%d\n",
                         n, bws[bi], share, comp_ms, tl->med, tk->med, tstar, eff, speedup_load,
                         speedup_compute, tk->last.meet_chunk, split, tk->last.chunks_loaded,
-                        tc_->min, tc_->max, tl->min, tl->max, tk->min, tk->max,
+                        tcr->min, tcr->max, tl->min, tl->max, tk->min, tk->max,
                         tl->last.load_gbit_s, cr.vs_best, cr.tstar_min, eff_min,
-                        tk->min / fmin(tc_->min, tl->min), cr.repeats);
+                        tk->min / fmin(tcr->min, tl->min), cr.repeats);
                 fflush(csv);
                 char row[512];
                 snprintf(row, sizeof(row),

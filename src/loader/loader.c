@@ -57,13 +57,15 @@
  * an ABSENT one is computed. For a chunk the store has (PRESENT, or FETCHING
  * by a worker) it compares two estimates: c, the time to compute chunk i (its
  * FLOPs, which grow with the position, at the median speed of the engine's
- * last 5 chunks, this request's and earlier ones'), and R, the time the link needs until every
- * chunk from i up is in (from the link model: what is left of the transfers in flight, plus the
- * chunks not yet claimed). If c < R, computing chunk i moves the meeting point up and shortens the
- * whole: it claims and computes it (a FETCHING chunk is taken over; its transfer is discarded on
- * arrival, the worker never touches the KV cache). Otherwise the loads will be done first: this is
- * the meet. It waits, re-deciding on every load completion, but never longer than c in total, so a
- * stalled store costs at most one chunk's compute time. With no estimate at all (the first request
+ * last 5 chunks, this request's and earlier ones'), and R, the time the link
+ * needs until every chunk from i up is in (from the link model: what is left
+ * of the transfers in flight, plus the chunks not yet claimed). If c < R,
+ * computing chunk i moves the meeting point up and shortens the whole: it
+ * claims and computes it (a FETCHING chunk is taken over; its transfer is
+ * discarded on arrival, the worker never touches the KV cache). Otherwise the
+ * loads will be done first: this is the meet. It waits, re-deciding on every
+ * load completion, but never longer than c in total, so a stalled store costs
+ * at most one chunk's compute time. With no estimate at all (the first request
  * of a process), it computes: the paper's plain rule. A COPYING chunk is
  * always waited for (a copy is short and already committed).
  *
@@ -146,11 +148,12 @@ typedef struct prefill_job {
     double rate_time;     /* Σ d over finished transfers, ns */
 
     /* Where the compute side is, for the workers' claim decisions. */
-    int front;                /* the chunk being computed or decided on */
-    uint64_t front_t0;        /* when its compute (or decision) began */
-    cake_compute_speed speed; /* this request's view: the engine's, plus its own chunks */
-    double ns_per_flop;       /* its median; 0 = unknown */
-    int compute_waits;        /* the compute side waits for loads at the meet */
+    int front;                 /* the chunk being computed or decided on */
+    uint64_t front_t0;         /* when its compute (or decision) began */
+    cake_compute_speed *speed; /* the engine's memory, or own_speed when it keeps none */
+    cake_compute_speed own_speed;
+    double ns_per_flop; /* speed's median; 0 = unknown */
+    int compute_waits;  /* the compute side waits for loads at the meet */
 
     cake_prefill_stats *st; /* the caller's; written until cake_prefill_finish */
     trace_event *trace;
@@ -498,8 +501,7 @@ static int compute_side(prefill_job *j, char *err, size_t errlen) {
         rc = j->e->compute(j->e->self, j->prompt + (size_t)i * C, C, i * C, logits, err, errlen);
         const uint64_t t1 = now_ns();
         const double ns_per_flop = (double)(t1 - t0) / cake_chunk_flops(j->e->hp, i * C, C);
-        if (j->e->speed) speed_add(j->e->speed, ns_per_flop); /* for the next request */
-        speed_add(&j->speed, ns_per_flop);
+        speed_add(j->speed, ns_per_flop); /* also for the next request's first meet */
 
         pthread_mutex_lock(&j->mu);
         trace_add(j, 0, i, "compute", t0, t1);
@@ -508,7 +510,7 @@ static int compute_side(prefill_job *j, char *err, size_t errlen) {
         j->state[i] = COMPUTED;
         j->front = i + 1;
         j->front_t0 = t1;
-        j->ns_per_flop = speed_typical(&j->speed);
+        j->ns_per_flop = speed_typical(j->speed);
         pthread_cond_broadcast(&j->cv); /* workers holding back re-decide */
         j->st->chunks_computed++;
         /* Chunks the lookup did not find, or that failed to load, go back to the store. */
@@ -605,10 +607,8 @@ int cake_prefill(const cake_loader_engine *e, const cake_token *prompt, int n_pr
     j->params.io_depth = st->io_depth;
     j->p = &j->params;
     j->t_start = now_ns();
-    if (e->speed) { /* until this request computes chunks of its own */
-        j->speed = *e->speed;
-        j->ns_per_flop = speed_typical(&j->speed);
-    }
+    j->speed = e->speed ? e->speed : &j->own_speed;
+    j->ns_per_flop = speed_typical(j->speed);
     j->n_loadable = cake_prefill_loadable_chunks(e, n_prompt, C);
     const int n_full = n_prompt / C; /* the tail is full when n_prompt % C == 0 */
     if (j->n_loadable * C == n_prompt) j->last_logits = logits;
