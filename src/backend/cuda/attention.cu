@@ -44,6 +44,15 @@ cudaError_t launch_mma(const cake_attn_launch *a, OutT *out, cudaStream_t st) {
     return cudaGetLastError();
 }
 
+template <int HD, int BN, typename OutT>
+cudaError_t launch_wide(const cake_attn_launch *a, OutT *out, cudaStream_t st) {
+    const dim3 grid((unsigned)a->n_heads, (unsigned)((a->n + WIDE_BM - 1) / WIDE_BM));
+    const float scale_log2 = 1.4426950408889634f / sqrtf((float)HD);
+    attn_wide_kernel<HD, BN, OutT><<<grid, WIDE_WARPS * 32, wide_smem_bytes<HD, BN>(), st>>>(
+        a->q, a->k, a->v, out, a->n, a->pos0, a->n_heads, a->n_kv_heads, scale_log2);
+    return cudaGetLastError();
+}
+
 template <typename OutT>
 cudaError_t launch_simt(const cake_attn_launch *a, OutT *out, int split, cudaStream_t st) {
     const float scale = 1.0f / sqrtf((float)a->head_dim);
@@ -81,8 +90,8 @@ cudaError_t dispatch(const cake_attn_launch *a, int path, OutT *out, cudaStream_
     if (path == CAKE_ATTN_AUTO) {
         if (a->n <= CAKE_ATTN_SPLIT_MAX_N && a->part)
             path = CAKE_ATTN_SPLIT;
-        else if (cake_cuda_attention_supported(CAKE_ATTN_MMA, a->head_dim))
-            path = CAKE_ATTN_MMA;
+        else if (cake_cuda_attention_supported(CAKE_ATTN_WIDE, a->head_dim))
+            path = CAKE_ATTN_WIDE;
         else
             path = CAKE_ATTN_SIMT;
     }
@@ -91,6 +100,12 @@ cudaError_t dispatch(const cake_attn_launch *a, int path, OutT *out, cudaStream_
     case CAKE_ATTN_MMA:
         return a->head_dim == 64 ? launch_mma<64, OutT>(a, out, st)
                                  : launch_mma<128, OutT>(a, out, st);
+    case CAKE_ATTN_WIDE:
+        return a->head_dim == 64 ? launch_wide<64, 64, OutT>(a, out, st)
+                                 : launch_wide<128, 64, OutT>(a, out, st);
+    case CAKE_ATTN_WIDE32:
+        return a->head_dim == 64 ? launch_wide<64, 32, OutT>(a, out, st)
+                                 : launch_wide<128, 32, OutT>(a, out, st);
     case CAKE_ATTN_SIMT:
         return launch_simt<OutT>(a, out, 0, st);
     case CAKE_ATTN_SPLIT:
@@ -101,14 +116,19 @@ cudaError_t dispatch(const cake_attn_launch *a, int path, OutT *out, cudaStream_
 }
 
 template <int HD> cudaError_t setup_mma() {
-    const int bytes = (int)mma_smem_bytes<HD>();
+    const int bytes = (int)mma_smem_bytes<HD>(), wide = (int)wide_smem_bytes<HD, 64>();
+    const int wide32 = (int)wide_smem_bytes<HD, 32>();
+    const cudaFuncAttribute attr = cudaFuncAttributeMaxDynamicSharedMemorySize;
     cudaError_t e;
-    if ((e = cudaFuncSetAttribute(attn_mma_kernel<HD, float>,
-                                  cudaFuncAttributeMaxDynamicSharedMemorySize, bytes)) ||
-        (e = cudaFuncSetAttribute(attn_mma_kernel<HD, __half>,
-                                  cudaFuncAttributeMaxDynamicSharedMemorySize, bytes)) ||
-        (e = cudaFuncSetAttribute(attn_mma_kernel<HD, __nv_bfloat16>,
-                                  cudaFuncAttributeMaxDynamicSharedMemorySize, bytes)))
+    if ((e = cudaFuncSetAttribute(attn_mma_kernel<HD, float>, attr, bytes)) ||
+        (e = cudaFuncSetAttribute(attn_mma_kernel<HD, __half>, attr, bytes)) ||
+        (e = cudaFuncSetAttribute(attn_mma_kernel<HD, __nv_bfloat16>, attr, bytes)) ||
+        (e = cudaFuncSetAttribute(attn_wide_kernel<HD, 64, float>, attr, wide)) ||
+        (e = cudaFuncSetAttribute(attn_wide_kernel<HD, 64, __half>, attr, wide)) ||
+        (e = cudaFuncSetAttribute(attn_wide_kernel<HD, 64, __nv_bfloat16>, attr, wide)) ||
+        (e = cudaFuncSetAttribute(attn_wide_kernel<HD, 32, float>, attr, wide32)) ||
+        (e = cudaFuncSetAttribute(attn_wide_kernel<HD, 32, __half>, attr, wide32)) ||
+        (e = cudaFuncSetAttribute(attn_wide_kernel<HD, 32, __nv_bfloat16>, attr, wide32)))
         return e;
     return cudaSuccess;
 }
@@ -127,6 +147,8 @@ int cake_cuda_attention_supported(int path, int head_dim) {
     case CAKE_ATTN_AUTO:
         return head_dim <= SIMT_MAX_HD;
     case CAKE_ATTN_MMA:
+    case CAKE_ATTN_WIDE:
+    case CAKE_ATTN_WIDE32:
         return head_dim == 64 || head_dim == 128;
     case CAKE_ATTN_SIMT:
     case CAKE_ATTN_SPLIT:

@@ -262,6 +262,227 @@ __global__ void __launch_bounds__(MMA_WARPS * 32, (HD <= 64 ? 3 : 2))
     }
 }
 
+/* ----------------------------------------------------------- wide MMA path */
+
+/* The same flash attention with 32 query rows per warp (two m16 tiles), 128
+ * per block. Each K or V fragment read from shared memory then feeds 4 MMAs
+ * instead of 2, which halves the ldmatrix traffic per MMA; Q no longer fits in
+ * registers beside O and S, so its fragments are re-read per k-step. */
+constexpr int WIDE_WARPS = 4;
+constexpr int WIDE_MT = 2;                         /* m16 tiles per warp */
+constexpr int WIDE_BM = 16 * WIDE_MT * WIDE_WARPS; /* queries per block */
+
+/* BN: keys per tile, 64 or 32. */
+template <int HD, int BN> __host__ __device__ constexpr size_t wide_smem_bytes() {
+    return (size_t)(WIDE_BM + 4 * BN) * (size_t)mma_ld<HD>() * sizeof(__half);
+}
+
+/* grid (n_heads, ceil(n / 128)), block 128, dynamic smem wide_smem_bytes<HD, BN>().
+ * Heads fastest, query blocks last first, as attn_mma_kernel. scale_log2 =
+ * log2(e) / sqrt(head_dim); the running max is kept in those scaled units, so
+ * that one FFMA gives the exponent: exp2(s * scale_log2 - m). */
+template <int HD, int BN, typename OutT>
+__global__ void __launch_bounds__(WIDE_WARPS * 32, (HD <= 64 ? 3 : 2))
+    attn_wide_kernel(const __half *__restrict__ q, const __half *__restrict__ kc,
+                     const __half *__restrict__ vc, OutT *__restrict__ out, int n, int pos0,
+                     int n_heads, int n_kv_heads, float scale_log2) {
+    constexpr int LD = mma_ld<HD>();
+    constexpr int CH = HD / 8; /* 16-byte chunks per row */
+    constexpr int NT = BN / 8; /* n-tiles of S per key tile */
+    constexpr int DT = HD / 8; /* n-tiles of O */
+    constexpr int MT = WIDE_MT;
+    constexpr int THREADS = WIDE_WARPS * 32;
+    extern __shared__ uint4 smem_u4[];
+    __half *sQ = reinterpret_cast<__half *>(smem_u4); /* [WIDE_BM][LD] */
+    __half *sK = sQ + WIDE_BM * LD;                   /* [2][BN][LD] */
+    __half *sV = sK + 2 * BN * LD;                    /* [2][BN][LD] */
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, tq = lane & 3;
+    const int m0 = ((int)gridDim.y - 1 - (int)blockIdx.y) * WIDE_BM;
+    const int h = blockIdx.x, kvh = h / (n_heads / n_kv_heads);
+    const int rows = min(WIDE_BM, n - m0);
+    const int kv_len = pos0 + m0 + rows; /* keys [0, kv_len) */
+    const int n_tiles = (kv_len + BN - 1) / BN;
+    const size_t q_stride = (size_t)n_heads * HD, kv_stride = (size_t)n_kv_heads * HD;
+    const __half *kbase = kc + (size_t)kvh * HD, *vbase = vc + (size_t)kvh * HD;
+
+    for (int c = tid; c < WIDE_BM * CH; c += THREADS) {
+        const int r = c / CH, cc = c % CH;
+        __half *dst = sQ + r * LD + cc * 8;
+        if (r < rows)
+            cp_async16(dst, q + (size_t)(m0 + r) * q_stride + (size_t)h * HD + cc * 8);
+        else
+            *reinterpret_cast<uint4 *>(dst) = make_uint4(0, 0, 0, 0);
+    }
+    /* Keys at or past kv_len are zero-filled (0 * NaN would poison O). */
+    auto load_kv = [&](int tile, int buf) {
+        __half *dk = sK + buf * BN * LD, *dv = sV + buf * BN * LD;
+        for (int c = tid; c < BN * CH; c += THREADS) {
+            const int r = c / CH, cc = c % CH;
+            const int j = tile * BN + r;
+            if (j < kv_len) {
+                cp_async16(dk + r * LD + cc * 8, kbase + (size_t)j * kv_stride + cc * 8);
+                cp_async16(dv + r * LD + cc * 8, vbase + (size_t)j * kv_stride + cc * 8);
+            } else {
+                *reinterpret_cast<uint4 *>(dk + r * LD + cc * 8) = make_uint4(0, 0, 0, 0);
+                *reinterpret_cast<uint4 *>(dv + r * LD + cc * 8) = make_uint4(0, 0, 0, 0);
+            }
+        }
+    };
+    load_kv(0, 0);
+    cp_async_commit();
+
+    /* Rows (within the block) of this thread: warp * 32 + mt * 16 + g (+ 8). */
+    int pq[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++) {
+        pq[mt][0] = pos0 + m0 + warp * 32 + mt * 16 + g;
+        pq[mt][1] = pq[mt][0] + 8;
+    }
+    const __half *qrow = sQ + (warp * 32 + (lane & 15)) * LD + (lane >> 4) * 8;
+
+    float o[MT][DT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int dt = 0; dt < DT; dt++)
+            o[mt][dt][0] = o[mt][dt][1] = o[mt][dt][2] = o[mt][dt][3] = 0.0f;
+    float m[MT][2], l[MT][2]; /* running max (scaled), this thread's part of the sums */
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++) m[mt][0] = m[mt][1] = -INFINITY, l[mt][0] = l[mt][1] = 0.0f;
+
+    for (int it = 0; it < n_tiles; it++) {
+        if (it + 1 < n_tiles) {
+            load_kv(it + 1, (it + 1) & 1);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        const __half *tk = sK + (it & 1) * BN * LD, *tv = sV + (it & 1) * BN * LD;
+
+        /* S = Q K^T, 32 head dims per step: Q fragments of both m-tiles, then
+         * each K fragment (8 keys x 32 dims) into 4 MMAs. */
+        float s[MT][NT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++)
+                s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < HD / 32; kk++) {
+            uint32_t qa[MT][2][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++) {
+                ldsm_x4(qa[mt][0], qrow + mt * 16 * LD + kk * 32);
+                ldsm_x4(qa[mt][1], qrow + mt * 16 * LD + kk * 32 + 16);
+            }
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++) {
+                uint32_t b[4];
+                ldsm_x4(b, tk + (nt * 8 + (lane & 7)) * LD + kk * 32 + (lane >> 3) * 8);
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++) {
+                    mma_16816(s[mt][nt], qa[mt][0], b[0], b[1]);
+                    mma_16816(s[mt][nt], qa[mt][1], b[2], b[3]);
+                }
+            }
+        }
+
+        /* Mask (tiles reaching past the block's first query) and row maxima. */
+        const int kbeg = it * BN;
+        const bool need_mask = kbeg + BN - 1 > pos0 + m0;
+        float a[MT][2]; /* rescale factors of the old sums */
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++) {
+            float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int j = kbeg + nt * 8 + 2 * tq + (e & 1);
+                    if (need_mask && j > pq[mt][e >> 1]) s[mt][nt][e] = -INFINITY;
+                }
+                mx0 = fmaxf(mx0, fmaxf(s[mt][nt][0], s[mt][nt][1]));
+                mx1 = fmaxf(mx1, fmaxf(s[mt][nt][2], s[mt][nt][3]));
+            }
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+            /* Key 0 is in tile 0 and visible to every row: finite from tile 0. */
+            const float mn0 = fmaxf(m[mt][0], mx0 * scale_log2);
+            const float mn1 = fmaxf(m[mt][1], mx1 * scale_log2);
+            a[mt][0] = exp2f(m[mt][0] - mn0); /* 0 on the first tile */
+            a[mt][1] = exp2f(m[mt][1] - mn1);
+            m[mt][0] = mn0;
+            m[mt][1] = mn1;
+            l[mt][0] *= a[mt][0];
+            l[mt][1] *= a[mt][1];
+#pragma unroll
+            for (int dt = 0; dt < DT; dt++) {
+                o[mt][dt][0] *= a[mt][0];
+                o[mt][dt][1] *= a[mt][0];
+                o[mt][dt][2] *= a[mt][1];
+                o[mt][dt][3] *= a[mt][1];
+            }
+        }
+
+        /* O += P V, 16 keys per step: P = exp2(S * scale - m) packed into A
+         * fragments (S n-tiles 2kj and 2kj+1), each V fragment into 4 MMAs. */
+#pragma unroll
+        for (int kj = 0; kj < BN / 16; kj++) {
+            uint32_t pa[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++) {
+#pragma unroll
+                for (int half = 0; half < 2; half++) {
+                    const int nt = 2 * kj + half;
+                    const float p0 = exp2f(fmaf(s[mt][nt][0], scale_log2, -m[mt][0]));
+                    const float p1 = exp2f(fmaf(s[mt][nt][1], scale_log2, -m[mt][0]));
+                    const float p2 = exp2f(fmaf(s[mt][nt][2], scale_log2, -m[mt][1]));
+                    const float p3 = exp2f(fmaf(s[mt][nt][3], scale_log2, -m[mt][1]));
+                    l[mt][0] += p0 + p1;
+                    l[mt][1] += p2 + p3;
+                    pa[mt][half * 2 + 0] = pack_half2(p0, p1);
+                    pa[mt][half * 2 + 1] = pack_half2(p2, p3);
+                }
+            }
+#pragma unroll
+            for (int dt = 0; dt < DT; dt += 2) {
+                uint32_t b[4];
+                ldsm_x4_trans(b, tv + (kj * 16 + (lane & 15)) * LD + dt * 8 + (lane >> 4) * 8);
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++) {
+                    mma_16816(o[mt][dt], pa[mt], b[0], b[1]);
+                    mma_16816(o[mt][dt + 1], pa[mt], b[2], b[3]);
+                }
+            }
+        }
+        __syncthreads(); /* the next iteration refills the buffer read here */
+    }
+
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++) {
+#pragma unroll
+        for (int hf = 0; hf < 2; hf++) {
+            float sum = l[mt][hf];
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            const float inv = 1.0f / sum;
+            const int r = warp * 32 + mt * 16 + g + 8 * hf;
+            if (r >= rows) continue;
+            OutT *orow = out + (size_t)(m0 + r) * q_stride + (size_t)h * HD;
+#pragma unroll
+            for (int dt = 0; dt < DT; dt++)
+                cake_store2(orow + dt * 8 + 2 * tq, o[mt][dt][2 * hf] * inv,
+                            o[mt][dt][2 * hf + 1] * inv);
+        }
+    }
+}
+
 /* --------------------------------------------------------------- SIMT path */
 
 constexpr int SIMT_THREADS = 128; /* keys per step; also covers head_dim <= 256 in 2 slots */

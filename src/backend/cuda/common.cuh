@@ -114,10 +114,12 @@ cudaError_t cake_cuda_swiglu(void *h, int dtype, const float *gu, int n, int ffn
 /* ---- attention (attention.cu) ---- */
 
 enum cake_attn_path {
-    CAKE_ATTN_AUTO = 0,  /* what the forward pass uses */
-    CAKE_ATTN_MMA = 1,   /* tensor-core flash attention (head_dim 64 or 128) */
-    CAKE_ATTN_SIMT = 2,  /* plain kernel, one block per (query, head) */
-    CAKE_ATTN_SPLIT = 3, /* plain kernel split over keys + combine (decode) */
+    CAKE_ATTN_AUTO = 0,   /* what the forward pass uses */
+    CAKE_ATTN_MMA = 1,    /* tensor-core flash attention (head_dim 64 or 128) */
+    CAKE_ATTN_SIMT = 2,   /* plain kernel, one block per (query, head) */
+    CAKE_ATTN_SPLIT = 3,  /* plain kernel split over keys + combine (decode) */
+    CAKE_ATTN_WIDE = 4,   /* tensor cores, 32 queries per warp (head_dim 64 or 128) */
+    CAKE_ATTN_WIDE32 = 5, /* the same with key tiles of 32 */
 };
 
 typedef struct {

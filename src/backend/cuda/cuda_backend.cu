@@ -337,13 +337,19 @@ int init_state(cake_cuda_state *s, const cake_model *m, int n_ctx, int max_batch
     if (path && *path && strcmp(path, "auto")) {
         if (!strcmp(path, "mma"))
             s->attn_path = CAKE_ATTN_MMA;
+        else if (!strcmp(path, "wide"))
+            s->attn_path = CAKE_ATTN_WIDE;
+        else if (!strcmp(path, "wide32"))
+            s->attn_path = CAKE_ATTN_WIDE32;
         else if (!strcmp(path, "simt"))
             s->attn_path = CAKE_ATTN_SIMT;
         else if (!strcmp(path, "split"))
             s->attn_path = CAKE_ATTN_SPLIT;
         else
-            return cake_err(err, errlen,
-                            "cuda: CAKE_CUDA_ATTN='%s' (auto, mma, simt or split expected)", path);
+            return cake_err(
+                err, errlen,
+                "cuda: CAKE_CUDA_ATTN='%s' (auto, wide, wide32, mma, simt or split expected)",
+                path);
     }
     if (!cake_cuda_attention_supported(s->attn_path, hd))
         return cake_err(err, errlen,

@@ -52,7 +52,7 @@ int cake_cuda_kv_read(cake_cuda_state *s, int layer, int pos0, int n, void *k_f1
  * output, and compares with a double-precision reference on the host.
  * path: 0 what the forward pass picks, 1 tensor-core flash attention (head_dim
  * 64 or 128), 2 the plain kernel, 3 the plain kernel split over 64-key ranges
- * (n <= 8). 0 with *max_err = max |out - reference| (inf for NaN), -1 with
+ * (n <= 8), 4 tensor-core flash attention with 32 queries per warp. 0 with *max_err = max |out - reference| (inf for NaN), -1 with
  * err. Uses the current device; needs no model. */
 int cake_cuda_attention_check(int path, int head_dim, int n_heads, int n_kv_heads, int pos0, int n,
                               float q_scale, double *max_err, char *err, size_t errlen);

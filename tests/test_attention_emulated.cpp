@@ -1,0 +1,357 @@
+/* The tensor-core attention kernels, run on the CPU with emulated warps, against
+ * a double-precision reference. The GPU test (test_cuda) needs a GPU; this one
+ * checks the kernels' logic (tiling, fragment layouts, masking, the online
+ * softmax) on any machine with the CUDA headers, so that a kernel change is
+ * tested before a GPU is at hand.
+ *
+ * How: attention_kernels.cuh is compiled as host C++ with CAKE_CUDA_EMULATE,
+ * which leaves out its inline PTX; this file supplies cp.async, ldmatrix, mma
+ * and the warp shuffle instead. Each CUDA thread of a block is a ucontext
+ * coroutine; all threads of the block run in lockstep rounds, one round per
+ * synchronisation point (__syncthreads, or each half of a warp collective: a
+ * lane publishes its operand, yields, reads the others', yields). The kernels'
+ * control flow around those points is uniform over the block, which the
+ * lockstep needs and checks (a thread that ends early while others still sync
+ * is an error). mma sums its products in f32, not in the tensor cores' order,
+ * hence the tolerance rather than bit equality against the GPU. */
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <ucontext.h>
+
+#include <algorithm>
+#include <functional>
+#include <vector>
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#define CAKE_CUDA_EMULATE 1
+
+/* ---- the emulated block ---- */
+
+namespace emu {
+
+constexpr int MAX_THREADS = 256;
+constexpr size_t STACK_BYTES = 256 * 1024;
+
+struct warp_buf {
+    const void *addr[32];
+    uint32_t a[32][4], b[32][2];
+    float f[32];
+};
+
+int n_threads, cur;
+ucontext_t sched_ctx, thread_ctx[MAX_THREADS];
+std::vector<char> stacks;
+bool done[MAX_THREADS];
+long yields[MAX_THREADS];
+warp_buf warps[MAX_THREADS / 32];
+std::function<void()> body;
+uint3 tid3, bid3;
+dim3 grid3, block3;
+
+void yield() {
+    yields[cur]++;
+    swapcontext(&thread_ctx[cur], &sched_ctx);
+}
+
+void entry() {
+    body();
+    done[cur] = true;
+}
+
+/* Runs body as one block of n threads; returns 0, or -1 if the threads did not
+ * pass the same number of synchronisation points. */
+int run_block(int n) {
+    n_threads = n;
+    block3 = dim3((unsigned)n, 1, 1);
+    stacks.resize((size_t)n * STACK_BYTES);
+    for (int t = 0; t < n; t++) {
+        done[t] = false;
+        yields[t] = 0;
+        getcontext(&thread_ctx[t]);
+        thread_ctx[t].uc_stack.ss_sp = stacks.data() + (size_t)t * STACK_BYTES;
+        thread_ctx[t].uc_stack.ss_size = STACK_BYTES;
+        thread_ctx[t].uc_link = &sched_ctx;
+        makecontext(&thread_ctx[t], entry, 0);
+    }
+    for (int left = n; left > 0;) {
+        left = 0;
+        for (int t = 0; t < n; t++) {
+            if (done[t]) continue;
+            cur = t;
+            tid3 = make_uint3((unsigned)t, 0, 0);
+            swapcontext(&sched_ctx, &thread_ctx[t]);
+            left += !done[t];
+        }
+    }
+    for (int t = 1; t < n; t++)
+        if (yields[t] != yields[0]) return -1;
+    return 0;
+}
+
+warp_buf &my_warp() {
+    return warps[cur / 32];
+}
+int my_lane() {
+    return cur % 32;
+}
+
+} // namespace emu
+
+#define threadIdx emu::tid3
+#define blockIdx  emu::bid3
+#define gridDim   emu::grid3
+#define blockDim  emu::block3
+#define __launch_bounds__(...)
+
+static inline void __syncthreads() {
+    emu::yield();
+}
+
+static inline float __shfl_xor_sync(unsigned, float v, int mask) {
+    emu::warp_buf &w = emu::my_warp();
+    w.f[emu::my_lane()] = v;
+    emu::yield();
+    const float r = w.f[emu::my_lane() ^ mask];
+    emu::yield();
+    return r;
+}
+
+using std::max;
+using std::min;
+
+/* cp.async: an immediate copy, so commit and wait have nothing to do. */
+static inline void cp_async16(void *smem, const void *gmem) {
+    memcpy(smem, gmem, 16);
+}
+static inline void cp_async_commit() {}
+template <int N> static inline void cp_async_wait() {}
+
+static inline uint16_t half_bits(const void *p) {
+    uint16_t v;
+    memcpy(&v, p, 2);
+    return v;
+}
+
+/* ldmatrix .x4: lanes 8i..8i+7 give the row addresses of matrix i; lane l gets
+ * M_i[l/4][2(l%4)..+1] in register i, or with trans M_i[2(l%4)..+1][l/4]. */
+static void ldsm(uint32_t (&r)[4], const void *p, bool trans) {
+    emu::warp_buf &w = emu::my_warp();
+    const int l = emu::my_lane();
+    w.addr[l] = p;
+    emu::yield();
+    for (int i = 0; i < 4; i++) {
+        uint16_t lo, hi;
+        if (!trans) {
+            const __half *row = (const __half *)w.addr[8 * i + l / 4];
+            lo = half_bits(row + 2 * (l % 4));
+            hi = half_bits(row + 2 * (l % 4) + 1);
+        } else {
+            lo = half_bits((const __half *)w.addr[8 * i + 2 * (l % 4)] + l / 4);
+            hi = half_bits((const __half *)w.addr[8 * i + 2 * (l % 4) + 1] + l / 4);
+        }
+        r[i] = (uint32_t)lo | (uint32_t)hi << 16;
+    }
+    emu::yield();
+}
+static inline void ldsm_x4(uint32_t (&r)[4], const void *p) {
+    ldsm(r, p, false);
+}
+static inline void ldsm_x4_trans(uint32_t (&r)[4], const void *p) {
+    ldsm(r, p, true);
+}
+
+static float half_of(uint32_t reg, int which) {
+    __half h;
+    const uint16_t bits = (uint16_t)(which ? reg >> 16 : reg & 0xffff);
+    memcpy(&h, &bits, 2);
+    return __half2float(h);
+}
+
+/* mma.m16n8k16 (f16 in, f32 accumulate), layouts as in attention.cu:
+ * A[r][k]: lane (r%8)*4 + (k%8)/2, register (r>=8) + 2(k>=8), half k%2;
+ * B[k][n]: lane n*4 + (k%8)/2, register k>=8, half k%2;
+ * C: c0,c1 = C[g][2q..+1], c2,c3 = C[g+8][2q..+1]. */
+static void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    emu::warp_buf &w = emu::my_warp();
+    const int l = emu::my_lane();
+    memcpy(w.a[l], a, sizeof(w.a[l]));
+    w.b[l][0] = b0;
+    w.b[l][1] = b1;
+    emu::yield();
+    const int g = l / 4, q = l % 4;
+    for (int e = 0; e < 4; e++) {
+        const int r = g + 8 * (e >> 1), c = 2 * q + (e & 1);
+        float acc = d[e];
+        for (int k = 0; k < 16; k++) {
+            const float av =
+                half_of(w.a[(r % 8) * 4 + (k % 8) / 2][(r >= 8) + 2 * (k >= 8)], k % 2);
+            const float bv = half_of(w.b[c * 4 + (k % 8) / 2][k >= 8], k % 2);
+            acc += av * bv;
+        }
+        d[e] = acc;
+    }
+    emu::yield();
+}
+
+#include "backend/cuda/attention_kernels.cuh"
+
+namespace cake_attn {
+uint4 smem_u4[(256 * 1024) / sizeof(uint4)]; /* the block's dynamic shared memory */
+} // namespace cake_attn
+
+using namespace cake_attn;
+
+/* ---- the check ---- */
+
+struct problem {
+    int hd, heads, kv_heads, pos0, n;
+    std::vector<__half> q, k, v; /* q (n, heads, hd); k, v (pos0 + n, kv_heads, hd) */
+};
+
+static uint64_t rng = 88172645463325252ull;
+static float uniform(float a) {
+    rng ^= rng << 13;
+    rng ^= rng >> 7;
+    rng ^= rng << 17;
+    return a * (2.0f * (float)(rng >> 11) / 9007199254740992.0f - 1.0f);
+}
+
+static problem make_problem(int hd, int heads, int kv_heads, int pos0, int n, float q_scale) {
+    problem p{hd, heads, kv_heads, pos0, n, {}, {}, {}};
+    for (int i = 0; i < n * heads * hd; i++) p.q.push_back(__float2half_rn(uniform(q_scale)));
+    for (int i = 0; i < (pos0 + n) * kv_heads * hd; i++) {
+        p.k.push_back(__float2half_rn(uniform(1.0f)));
+        p.v.push_back(__float2half_rn(uniform(1.0f)));
+    }
+    return p;
+}
+
+/* Queries [t0, t0 + n) of p (positions pos0 + t0 ...) through one launch. */
+static int launch(const problem &p, bool wide, int bn, int t0, int n, float *out) {
+    const int bm = wide ? WIDE_BM : MMA_BM;
+    const int blocks = (n + bm - 1) / bm, pos0 = p.pos0 + t0;
+    const __half *q = p.q.data() + (size_t)t0 * p.heads * p.hd;
+    emu::grid3 = dim3((unsigned)p.heads, (unsigned)blocks, 1);
+    const float scale_log2 = 1.4426950408889634f / sqrtf((float)p.hd);
+    const __half *k = p.k.data(), *v = p.v.data();
+    const int heads = p.heads, kvh = p.kv_heads;
+    if (p.hd == 64 && !wide) {
+        emu::body = [=] {
+            attn_mma_kernel<64, float>(q, k, v, out, n, pos0, heads, kvh, scale_log2);
+        };
+    } else if (p.hd == 128 && !wide) {
+        emu::body = [=] {
+            attn_mma_kernel<128, float>(q, k, v, out, n, pos0, heads, kvh, scale_log2);
+        };
+    } else if (p.hd == 64 && bn == 64) {
+        emu::body = [=] {
+            attn_wide_kernel<64, 64, float>(q, k, v, out, n, pos0, heads, kvh, scale_log2);
+        };
+    } else if (p.hd == 128 && bn == 64) {
+        emu::body = [=] {
+            attn_wide_kernel<128, 64, float>(q, k, v, out, n, pos0, heads, kvh, scale_log2);
+        };
+    } else if (p.hd == 64) {
+        emu::body = [=] {
+            attn_wide_kernel<64, 32, float>(q, k, v, out, n, pos0, heads, kvh, scale_log2);
+        };
+    } else {
+        emu::body = [=] {
+            attn_wide_kernel<128, 32, float>(q, k, v, out, n, pos0, heads, kvh, scale_log2);
+        };
+    }
+    memset(cake_attn::smem_u4, 0xff, sizeof(cake_attn::smem_u4)); /* NaN garbage */
+    for (int by = 0; by < blocks; by++)
+        for (int bx = 0; bx < p.heads; bx++) {
+            emu::bid3 = make_uint3((unsigned)bx, (unsigned)by, 0);
+            if (emu::run_block(wide ? WIDE_WARPS * 32 : MMA_WARPS * 32)) {
+                fprintf(stderr, "block (%d, %d): threads passed different numbers of barriers\n",
+                        bx, by);
+                return -1;
+            }
+        }
+    return 0;
+}
+
+static double max_error(const problem &p, const float *out) {
+    double worst = 0;
+    const int group = p.heads / p.kv_heads;
+    std::vector<double> w((size_t)(p.pos0 + p.n));
+    for (int t = 0; t < p.n; t++)
+        for (int h = 0; h < p.heads; h++) {
+            const __half *qr = p.q.data() + ((size_t)t * p.heads + h) * p.hd;
+            const int keys = p.pos0 + t + 1;
+            double mx = -INFINITY, sum = 0;
+            for (int j = 0; j < keys; j++) {
+                const __half *kr = p.k.data() + ((size_t)j * p.kv_heads + h / group) * p.hd;
+                double s = 0;
+                for (int d = 0; d < p.hd; d++)
+                    s += (double)__half2float(qr[d]) * (double)__half2float(kr[d]);
+                w[j] = s / sqrt((double)p.hd);
+                mx = fmax(mx, w[j]);
+            }
+            for (int j = 0; j < keys; j++) sum += (w[j] = exp(w[j] - mx));
+            for (int d = 0; d < p.hd; d++) {
+                double o = 0;
+                for (int j = 0; j < keys; j++)
+                    o += w[j] * __half2float(p.v[((size_t)j * p.kv_heads + h / group) * p.hd + d]);
+                const double e = fabs(o / sum - out[((size_t)t * p.heads + h) * p.hd + d]);
+                worst = isnan(e) ? INFINITY : fmax(worst, e);
+            }
+        }
+    return worst;
+}
+
+int main() {
+    struct {
+        bool wide;
+        int bn, hd, heads, kv, pos0, n;
+        float q_scale;
+    } cases[] = {
+        {false, 64, 128, 2, 1, 100, 77, 4.0f}, {false, 64, 64, 3, 3, 63, 65, 8.0f},
+        {true, 64, 128, 4, 1, 0, 200, 4.0f},   {true, 64, 128, 2, 2, 100, 77, 4.0f},
+        {true, 64, 128, 2, 1, 3, 1, 4.0f},     {true, 64, 128, 1, 1, 37, 300, 4.0f},
+        {true, 64, 64, 4, 2, 0, 64, 4.0f},     {true, 64, 64, 3, 3, 63, 65, 8.0f},
+        {true, 32, 128, 2, 1, 100, 77, 4.0f},  {true, 32, 64, 2, 1, 5, 257, 4.0f},
+    };
+    int failed = 0;
+    for (const auto &c : cases) {
+        problem p = make_problem(c.hd, c.heads, c.kv, c.pos0, c.n, c.q_scale);
+        std::vector<float> out((size_t)c.n * c.heads * c.hd, NAN);
+        const char *kind = c.wide ? (c.bn == 64 ? "wide" : "wide32") : "mma";
+        if (launch(p, c.wide, c.bn, 0, c.n, out.data())) {
+            failed++;
+            continue;
+        }
+        const double e = max_error(p, out.data());
+        /* f16 P on the tensor cores: |P - f16(P)| <= 2^-11 P, so |dO| <= 2^-11 max|V|. */
+        const bool ok = e <= 2e-3;
+        printf("%s: %s, head_dim %d, heads %d/%d, pos0 %d, n %d: max error %.3g (tol 2e-03)\n",
+               ok ? "ok" : "FAILED", kind, c.hd, c.heads, c.kv, c.pos0, c.n, e);
+        failed += !ok;
+
+        /* A query's result does not depend on how the queries are batched: the
+         * same queries in two launches, split at an unaligned point. */
+        if (c.n > 40) {
+            const int split = 37;
+            std::vector<float> out2(out.size(), NAN);
+            if (launch(p, c.wide, c.bn, 0, split, out2.data()) ||
+                launch(p, c.wide, c.bn, split, c.n - split,
+                       out2.data() + (size_t)split * c.heads * c.hd)) {
+                failed++;
+                continue;
+            }
+            const bool same = !memcmp(out.data(), out2.data(), out.size() * sizeof(float));
+            printf("%s: %s, batches of %d and %d give the same bits as one of %d\n",
+                   same ? "ok" : "FAILED", kind, split, c.n - split, c.n);
+            failed += !same;
+        }
+    }
+    if (failed) printf("%d check(s) failed\n", failed);
+    return failed ? 1 : 0;
+}
