@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The CUDA backend and the Cake loader on a GPU machine, in one go of under
-# 9 minutes: build, test_cuda and test_loader, a loader check on the GPU (the
+# 7 minutes: build, test_cuda and test_loader, a loader check on the GPU (the
 # first token's logits of compute, load and cake modes must be bit-identical),
 # 16K-token prefill speed of the longalpaca-13b shape (MHA, 800 KiB of KV per
-# token) with each tensor-core attention kernel, one-shot and in chunks of 512,
-# then the paper's Table 3 cells: `cake bench ttft --backend cuda` on that
-# shape at 16K tokens over emulated 7-100 Gbit/s links, GPU share 1 and 0.125,
-# with the faster kernel; last, if time is left, llama-8b prefill.
+# token), one-shot and in chunks of 512, then the paper's Table 3 cells:
+# `cake bench ttft --backend cuda` on that shape at 16K tokens over emulated
+# 7-100 Gbit/s links, GPU share 1 and 0.125; last, if time is left, llama-8b
+# prefill.
 #
 #   bash scripts/gpu-check.sh [RESULTS_DIR]      (default out/gpu)
 #
@@ -16,7 +16,7 @@
 # table), all.log (every step's full output), bench/ttft.csv and
 # bench/ttft.md, bench/traces.tgz (each cell's Cake timeline). Every step runs
 # under `timeout` and the bench gets whatever is left of CAKE_GPU_BUDGET
-# (default 480 s) but 60 s; it writes its rows as it goes. A
+# (default 400 s) but 60 s; it writes its rows as it goes. A
 # failed step is reported and the script goes on. Nothing is installed from
 # the network: if build libraries are missing and out/gpu-carry/debs (or
 # $CAKE_DEBS) holds Debian packages of them, they are unpacked into
@@ -35,7 +35,7 @@ OUT=$(cd "$OUT" && pwd)
 LOGS=/tmp/cake-gpu-logs
 rm -rf "$LOGS" && mkdir -p "$LOGS"
 T0=$(date +%s)
-BUDGET=${CAKE_GPU_BUDGET:-480} # seconds for the whole script
+BUDGET=${CAKE_GPU_BUDGET:-400} # seconds for the whole script
 SUMMARY="$LOGS/summary.txt"
 : >"$SUMMARY"
 : >"$OUT/all.log"
@@ -134,27 +134,12 @@ if [ -z "${CAKE_TEST_MODELS:-}" ]; then
         note "no stories260K.gguf: the golden tests skip"
     fi
 fi
-# The attention kernels that pass their check on this GPU (the forward pass
-# uses the default, "wide"; the steps below fall back to "mma" if it fails).
-KERNELS=""
 if [ -x build-gpu/tests/test_cuda ]; then
     step test_cuda 120 build-gpu/tests/test_cuda
     grep "^attention path" "$LOGS/test_cuda.log" | sed 's/^/  /' >>"$SUMMARY"
-    for k in "1 mma" "4 wide" "5 wide32"; do
-        set -- $k
-        grep -q "^attention path $1," "$LOGS/test_cuda.log" &&
-            ! grep -q "^attention path $1,.*FAIL" "$LOGS/test_cuda.log" && KERNELS+="$2 "
-    done
-    if ! grep -q "^\[  PASSED  \] 8 test" "$LOGS/test_cuda.log"; then
-        note "test_cuda failed with the default kernel: again with CAKE_CUDA_ATTN=mma"
-        export CAKE_CUDA_ATTN=mma
-        step test_cuda_mma 120 build-gpu/tests/test_cuda
-        KERNELS="mma"
-    fi
 fi
-note "attention kernels to measure: ${KERNELS:-none}"
 [ -x build-gpu/tests/test_loader ] && step test_loader 90 build-gpu/tests/test_loader
-for t in test_cuda test_cuda_mma test_loader; do
+for t in test_cuda test_loader; do
     [ -f "$LOGS/$t.log" ] || continue
     note "  $t: $(grep -E '^\[  (PASSED|FAILED)' "$LOGS/$t.log" | tr '\n' ' ')$(grep -c 'skip' "$LOGS/$t.log") lines mention a skip"
 done
@@ -205,20 +190,19 @@ check_modes() {
 }
 [ -x $CAKE ] && check_modes
 
-# ---- prefill speed per attention kernel ----
-# prefill SHAPE KERNEL MODE: bench_engine on a 16384-token prompt, twice (the
-# second is warm), one-shot or in chunks of 512, then 32 decode steps. Prints
-# the warm prefill's seconds on the last line of its log.
+# ---- prefill speed ----
+# prefill SHAPE MODE: bench_engine on a 16384-token prompt, twice (the second
+# is warm), one-shot or in chunks of 512, then 32 decode steps; the summary
+# gets the warm prefill's time and its phases summed over its forward passes.
 prefill() {
-    local shape=$1 kern=$2 mode=$3 f="$MODELS/$1.gguf" batch=16384
+    local shape=$1 mode=$2 f="$MODELS/$1.gguf" batch=16384
     [ "$mode" = chunk512 ] && batch=512
-    CAKE_CUDA_ATTN=$kern CAKE_CUDA_PROFILE=1 step "prefill_${shape}_${kern}_$mode" 90 \
+    CAKE_CUDA_PROFILE=1 step "prefill_${shape}_$mode" 90 \
         build-gpu/bench_engine "$f" --backend cuda --prompt 16384,16384 --batch $batch --decode 32
-    local log="$LOGS/prefill_${shape}_${kern}_$mode.log"
+    local log="$LOGS/prefill_${shape}_$mode.log"
     {
-        echo "  $shape $kern $mode: $(grep 'prefill 16384 tokens' "$log" | tail -1 | sed 's/^ *//')"
+        echo "  $shape $mode: $(grep 'prefill 16384 tokens' "$log" | tail -1 | sed 's/^ *//')"
         echo "    $(grep 'decode ' "$log" | tail -1 | sed 's/^ *//')"
-        # the warm prefill's phases, summed over its forward passes
         grep "cake cuda profile: $batch tokens at" "$log" | tail -n $((16384 / batch)) |
             awk '{ for (i = 1; i <= NF; i++) if ($i == "=") { tot += $(i - 2); for (j = i + 1; j < NF; j += 2) { ph[$j] += $(j + 1); if (!($j in seen)) { seen[$j] = 1; order[++n] = $j } } } }
                  END { if (n) { printf "    profile: %.1f ms =", tot; for (k = 1; k <= n; k++) printf " %s %.1f", order[k], ph[order[k]]; print "" } }'
@@ -226,13 +210,6 @@ prefill() {
     } | tee -a "$SUMMARY"
     cp "$SUMMARY" "$OUT/summary.txt"
 }
-# warm_seconds SHAPE KERNEL MODE: that run's warm prefill time, or 999.
-warm_seconds() {
-    local s=$(grep 'prefill 16384 tokens' "$LOGS/prefill_$1_$2_$3.log" 2>/dev/null | tail -1 |
-        awk '{print $4}')
-    echo "${s:-999}"
-}
-
 # ---- the paper's Table 3 cells ----
 bench_table3() {
     local f="$MODELS/longalpaca-13b.gguf" lim=$(($(left) - 60))
@@ -247,12 +224,12 @@ bench_table3() {
     else
         store="mem:"
     fi
-    note "bench store: $store (/dev/shm has ${shm_gb:-?} GB free); attention kernel $BEST"
+    note "bench store: $store (/dev/shm has ${shm_gb:-?} GB free)"
     mkdir -p "$OUT/bench"
     # Chunk 512: the paper's compute chunk (its engine's token budget); it also
     # keeps the GEMMs of a 13B model efficient on the GPU, which a 256-token
     # chunk would not.
-    CAKE_CUDA_ATTN=$BEST step bench_ttft $lim $CAKE bench ttft --backend cuda -m "$f" --ctx 16384 \
+    step bench_ttft $lim $CAKE bench ttft --backend cuda -m "$f" --ctx 16384 \
         --bw 7,25,32,56,100 --share 1,0.125 --chunk 512 --repeat 1 --store "$store" \
         --out "$OUT/bench" --trace
     rm -rf /dev/shm/cake-bench-store "$OUT/bench/plots.gp" "$OUT/bench/gnuplot.log" \
@@ -261,7 +238,7 @@ bench_table3() {
         rm -f trace-*.json)
     {
         echo
-        echo "== cake bench ttft, longalpaca-13b, 16384 tokens, chunk 512, attention $BEST, on" \
+        echo "== cake bench ttft, longalpaca-13b, 16384 tokens, chunk 512, on" \
             "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
         grep -E "^\||^model" "$LOGS/bench_ttft.log"
         echo
@@ -272,7 +249,6 @@ bench_table3() {
     cp "$SUMMARY" "$OUT/summary.txt"
 }
 
-BEST=mma
 F13="$MODELS/longalpaca-13b.gguf"
 free_gb=$(df -BG --output=avail "$MODELS" | tail -1 | tr -dc 0-9)
 if [ ! -x $CAKE ] || [ ! -x build-gpu/bench_engine ]; then
@@ -280,17 +256,8 @@ if [ ! -x $CAKE ] || [ ! -x build-gpu/bench_engine ]; then
 elif [ "${free_gb:-0}" -lt 28 ]; then
     note "longalpaca-13b: skipped, ${free_gb} GB free in $MODELS, 28 needed"
 elif step mkmodel_longalpaca13b 150 $CAKE mkmodel --shape longalpaca-13b -o "$F13"; then
-    best_t=999
-    for k in ${KERNELS:-mma}; do
-        prefill longalpaca-13b $k chunk512
-        t=$(warm_seconds longalpaca-13b $k chunk512)
-        if awk -v a="$t" -v b="$best_t" 'BEGIN { exit !(a < b) }'; then
-            best_t=$t
-            BEST=$k
-        fi
-    done
-    note "fastest in chunks of 512: $BEST (${best_t} s)"
-    for k in ${KERNELS:-mma}; do prefill longalpaca-13b $k oneshot; done
+    prefill longalpaca-13b oneshot
+    prefill longalpaca-13b chunk512
     bench_table3
     rm -f "$F13"
 fi
@@ -299,8 +266,8 @@ fi
 if [ -x build-gpu/bench_engine ] && [ "$(left)" -gt 70 ]; then
     F8="$MODELS/llama-8b.gguf"
     if step mkmodel_llama8b 60 $CAKE mkmodel --shape llama-8b -o "$F8"; then
-        prefill llama-8b $BEST oneshot
-        [ "$(left)" -gt 15 ] && prefill llama-8b $BEST chunk512
+        prefill llama-8b oneshot
+        [ "$(left)" -gt 15 ] && prefill llama-8b chunk512
     fi
     rm -f "$F8"
 else

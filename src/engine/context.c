@@ -17,6 +17,22 @@ cake_context_params cake_context_default_params(void) {
     return p;
 }
 
+/* Fetch buffers kept for the next request: one per I/O worker (io depth 4 by
+ * default), with room for a deeper one. */
+#define STAGING_KEPT 8
+
+#ifdef CAKE_HAVE_CUDA
+/* Pinned host memory, or ordinary memory if the driver refuses to pin more. */
+static void *pinned_alloc(size_t size) {
+    void *p = cake_cuda_host_alloc(size);
+    return p ? p : cake_store_alloc_buffer(size);
+}
+
+static void pinned_release(void *p) {
+    if (p && !cake_cuda_host_free(p)) cake_store_free_buffer(p);
+}
+#endif
+
 static void scratch_free(cake_scratch *s) {
     free(s->x);
     free(s->xb);
@@ -30,6 +46,7 @@ static void scratch_free(cake_scratch *s) {
 
 void cake_context_free(cake_context *c) {
     if (!c) return;
+    cake_staging_free(c->staging);
 #ifdef CAKE_HAVE_CUDA
     cake_cuda_free(c->cuda);
 #endif
@@ -65,7 +82,16 @@ int cake_context_init(const cake_model *m, cake_context_params p, cake_context *
     if (p.backend == CAKE_BACKEND_CUDA &&
         cake_cuda_init(m, p.n_ctx, p.max_batch, &c->cuda, err, errlen))
         goto fail;
+    /* On the GPU the fetch buffers are pinned: blobs go to the GPU by DMA. */
+    static const cake_staging_allocator pinned = {pinned_alloc, pinned_release};
+    c->staging = cake_staging_new(c->cuda ? &pinned : NULL, STAGING_KEPT);
+#else
+    c->staging = cake_staging_new(NULL, STAGING_KEPT);
 #endif
+    if (!c->staging) {
+        cake_err(err, errlen, "out of memory");
+        goto fail;
+    }
     const size_t T = (size_t)p.max_batch, dim = (size_t)hp->dim,
                  kv_dim = (size_t)hp->n_kv_heads * (size_t)hp->head_dim, ffn = (size_t)hp->ffn_dim;
     if (cake_kv_cache_init(&c->kv, hp->n_layers, p.n_ctx, (int)kv_dim, p.kv_type, err, errlen))
@@ -202,6 +228,7 @@ void cake_context_loader_engine(cake_context *c, int with_fingerprint, cake_load
         /* The CPU kernels keep one reduction order per token whatever the
          * batch (matmul.c, attention.c); cuBLAS picks its kernels by shape. */
         .batch_invariant = c->cuda == NULL,
+        .staging = c->staging,
     };
     if (with_fingerprint) cake_model_fingerprint(c->model, out->fingerprint);
 }

@@ -29,6 +29,7 @@ struct cake_context {
     cake_scratch s;
     struct cake_cuda_state *cuda;     /* non-NULL: the CUDA backend runs the forward pass */
     cake_compute_speed compute_speed; /* the loader's estimate, kept across requests */
+    cake_staging *staging;            /* the loader's fetch buffers, kept across requests */
 };
 
 /* The CPU backend's forward pass over one batch (n <= max_batch), arguments

@@ -548,6 +548,20 @@ static int write_trace(const prefill_job *j, const char *path) {
     return fclose(f) == 0 ? 0 : -1;
 }
 
+/* An I/O worker's fetch buffer: from the engine's staging pool when it keeps
+ * one (no page faults, and pinned on a GPU), else a new one. */
+static void *take_buffer(prefill_job *j) {
+    return j->e->staging ? cake_staging_take(j->e->staging, j->buf_size)
+                         : cake_store_alloc_buffer(j->buf_size);
+}
+
+static void release_buffer(prefill_job *j, void *buf) {
+    if (j->e->staging)
+        cake_staging_give(j->e->staging, buf, j->buf_size);
+    else
+        cake_store_free_buffer(buf);
+}
+
 /* Joins the I/O workers (they may still be finishing discarded transfers),
  * finishes the statistics and frees the job. */
 static void job_finish(prefill_job *j) {
@@ -556,7 +570,7 @@ static void job_finish(prefill_job *j) {
     pthread_cond_broadcast(&j->cv);
     pthread_mutex_unlock(&j->mu);
     for (int w = 0; w < j->n_started; w++) pthread_join(j->threads[w], NULL);
-    for (int w = 0; w < j->n_started; w++) cake_store_free_buffer(j->workers[w].buf);
+    for (int w = 0; w < j->n_started; w++) release_buffer(j, j->workers[w].buf);
     cake_prefill_stats *st = j->st;
     if (j->rate_time > 0) cake_store_set_rate_hint(j->p->store, link_rate(j));
     if (j->first_claim && j->last_load > j->first_claim) {
@@ -674,9 +688,9 @@ int cake_prefill(const cake_loader_engine *e, const cake_token *prompt, int n_pr
         pthread_mutex_lock(&j->mu);
         for (int w = 0; w < n_workers; w++) {
             io_worker *iw = &j->workers[w];
-            *iw = (io_worker){.j = j, .tid = w + 1, .buf = cake_store_alloc_buffer(j->buf_size)};
+            *iw = (io_worker){.j = j, .tid = w + 1, .buf = take_buffer(j)};
             if (!iw->buf || pthread_create(&j->threads[w], NULL, io_worker_main, iw)) {
-                cake_store_free_buffer(iw->buf);
+                release_buffer(j, iw->buf);
                 iw->buf = NULL;
                 break; /* fewer workers; compute covers the rest */
             }

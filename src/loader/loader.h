@@ -9,6 +9,7 @@
 #include <stdint.h>
 
 #include "cake.h"
+#include "loader/staging.h"
 #include "store/store.h"
 
 typedef enum { CAKE_MODE_COMPUTE = 0, CAKE_MODE_LOAD = 1, CAKE_MODE_CAKE = 2 } cake_mode;
@@ -46,6 +47,9 @@ typedef struct {
     /* A token's results (KV, logits) do not depend on how many tokens share
      * its compute call: then a prompt's last full chunk is loadable too. */
     bool batch_invariant;
+    /* Where the I/O workers' fetch buffers come from and go back to, kept
+     * across requests (NULL: allocated per request). */
+    cake_staging *staging;
 } cake_loader_engine;
 
 /* The engine ops of a context (CPU or CUDA backend). with_fingerprint: fill

@@ -2,19 +2,24 @@
  *
  *  - MMA (prefill, head_dim 64 or 128): flash attention on tensor cores
  *    (mma.sync m16n8k16, f16 inputs, f32 accumulation). A block of 4 warps
- *    takes 64 queries of one head (16 per warp) and walks the keys [0, kv_len)
+ *    takes 128 queries of one head (32 per warp, two m16 tiles, so that each
+ *    K or V fragment read from shared memory feeds 4 MMAs) and walks the keys
  *    in tiles of 64, double-buffered in shared memory with cp.async; S = Q K^T
  *    and O += P V stay in registers, with the online softmax in between. The
  *    score matrix is never stored. The key tiles start at multiples of 64 from
  *    position 0 whatever pos0 is, so a query's result does not depend on how
- *    the prompt was split into batches.
+ *    the prompt was split into batches. When a batch has too few query blocks
+ *    to fill the GPU (a chunk of 512 queries far into a long prompt: 4 blocks
+ *    per head), the keys are split into ranges, one block per (query block,
+ *    head, range), and a combine kernel merges the ranges in order.
  *  - SIMT (the plain reference, any even head_dim <= 256): one block per
  *    (query, head); scores one key per thread, softmax and P V in f32.
  *  - SPLIT (decode, few queries): the SIMT kernel over fixed ranges of
- *    split_len keys, one block per (query, head, range), then a combine kernel
- *    that merges the ranges in order (flash-decoding).
+ *    split_len keys, one block per (query, head, range), then the combine
+ *    kernel (flash-decoding).
  *
- * All three are deterministic: fixed tiles, fixed reduction orders, no atomics.
+ * All three are deterministic: fixed tiles and ranges (chosen from the batch's
+ * shape alone), fixed reduction orders, no atomics.
  *
  * Fragment layouts (PTX ISA, mma.m16n8k16 with .f16 inputs; g = lane / 4,
  * q = lane % 4):
@@ -24,7 +29,10 @@
  *   C (16x8, f32):   c0,c1 = C[g][2q..2q+1]  c2,c3 = C[g+8][2q..2q+1]
  * ldmatrix.x4 loads four 8x8 f16 matrices whose row addresses come from lanes
  * 8i..8i+7 (matrix i); lane l receives M_i[l/4][2(l%4)..+1] in register i, or
- * with .trans M_i[2(l%4)..+1][l/4]. */
+ * with .trans M_i[2(l%4)..+1][l/4].
+ *
+ * tests/test_attention_emulated.cpp runs the MMA kernel on the CPU with
+ * emulated warps; test_cuda runs every path on a GPU. */
 #include "backend/cuda/attention_kernels.cuh"
 
 #include "model/gguf.h"
@@ -35,22 +43,50 @@ namespace {
 
 /* ------------------------------------------------------------- dispatching */
 
-template <int HD, typename OutT>
-cudaError_t launch_mma(const cake_attn_launch *a, OutT *out, cudaStream_t st) {
-    const dim3 grid((unsigned)a->n_heads, (unsigned)((a->n + MMA_BM - 1) / MMA_BM));
-    const float scale_log2 = 1.4426950408889634f / sqrtf((float)HD);
-    attn_mma_kernel<HD, OutT><<<grid, MMA_WARPS * 32, mma_smem_bytes<HD>(), st>>>(
-        a->q, a->k, a->v, out, a->n, a->pos0, a->n_heads, a->n_kv_heads, scale_log2);
+/* Key ranges for a batch of MMA blocks: 1 when the batch has blocks enough
+ * to keep every SM busy with two (or its keys are few); else enough ranges for
+ * that, at most MMA_MAX_SPLITS, of at least MMA_MIN_SPLIT keys each (whole key
+ * tiles), if `part` has room. Depends on the shape alone (determinism). */
+constexpr int MMA_MAX_SPLITS = 4;
+constexpr int MMA_MIN_SPLIT = 1024;
+
+int mma_splits(const cake_attn_launch *a, int *split_len) {
+    const int blocks = a->n_heads * ((a->n + MMA_BM - 1) / MMA_BM);
+    const int keys = a->pos0 + a->n, want = 2 * a->n_sm;
+    *split_len = 0;
+    if (!a->part || blocks >= want || keys < 2 * MMA_MIN_SPLIT) return 1;
+    int n_splits = (want + blocks - 1) / blocks;
+    if (n_splits > MMA_MAX_SPLITS) n_splits = MMA_MAX_SPLITS;
+    if (n_splits > keys / MMA_MIN_SPLIT) n_splits = keys / MMA_MIN_SPLIT;
+    const int len = ((keys + n_splits - 1) / n_splits + MMA_BN - 1) / MMA_BN * MMA_BN;
+    n_splits = (keys + len - 1) / len;
+    const size_t need = (size_t)a->n * a->n_heads * n_splits * (size_t)(a->head_dim + 2);
+    if (n_splits < 2 || need > a->part_floats) return 1;
+    *split_len = len;
+    return n_splits;
+}
+
+template <typename OutT>
+cudaError_t launch_combine(const cake_attn_launch *a, OutT *out, int split_len, int n_splits,
+                           cudaStream_t st) {
+    attn_combine_kernel<OutT><<<dim3((unsigned)a->n, (unsigned)a->n_heads), SIMT_THREADS, 0, st>>>(
+        a->part, out, a->pos0, a->n_heads, a->head_dim, split_len, n_splits);
     return cudaGetLastError();
 }
 
-template <int HD, int BN, typename OutT>
-cudaError_t launch_wide(const cake_attn_launch *a, OutT *out, cudaStream_t st) {
-    const dim3 grid((unsigned)a->n_heads, (unsigned)((a->n + WIDE_BM - 1) / WIDE_BM));
+template <int HD, typename OutT>
+cudaError_t launch_mma(const cake_attn_launch *a, OutT *out, cudaStream_t st) {
+    int split_len;
+    const int n_splits = mma_splits(a, &split_len);
+    const dim3 grid((unsigned)a->n_heads, (unsigned)((a->n + MMA_BM - 1) / MMA_BM),
+                    (unsigned)n_splits);
     const float scale_log2 = 1.4426950408889634f / sqrtf((float)HD);
-    attn_wide_kernel<HD, BN, OutT><<<grid, WIDE_WARPS * 32, wide_smem_bytes<HD, BN>(), st>>>(
-        a->q, a->k, a->v, out, a->n, a->pos0, a->n_heads, a->n_kv_heads, scale_log2);
-    return cudaGetLastError();
+    attn_mma_kernel<HD, OutT><<<grid, MMA_WARPS * 32, mma_smem_bytes<HD>(), st>>>(
+        a->q, a->k, a->v, out, a->part, a->n, a->pos0, a->n_heads, a->n_kv_heads, scale_log2,
+        split_len);
+    cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess || n_splits == 1) return e;
+    return launch_combine<OutT>(a, out, split_len, n_splits, st);
 }
 
 template <typename OutT>
@@ -67,7 +103,8 @@ cudaError_t launch_simt(const cake_attn_launch *a, OutT *out, int split, cudaStr
         return cudaGetLastError();
     }
     const int n_splits = (a->pos0 + a->n + a->split_len - 1) / a->split_len;
-    if (a->n > CAKE_ATTN_SPLIT_MAX_N || n_splits > a->n_splits_max || !a->part)
+    const size_t need = (size_t)a->n * a->n_heads * n_splits * (size_t)(a->head_dim + 2);
+    if (a->n > CAKE_ATTN_SPLIT_MAX_N || need > a->part_floats || !a->part)
         return cudaErrorInvalidValue;
     const dim3 grid((unsigned)a->n, (unsigned)a->n_heads, (unsigned)n_splits);
     attn_simt_kernel<OutT><<<grid, SIMT_THREADS, smem, st>>>(
@@ -76,12 +113,7 @@ cudaError_t launch_simt(const cake_attn_launch *a, OutT *out, int split, cudaStr
     cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return e;
     /* With one range the kernel above has written the output already. */
-    if (n_splits > 1) {
-        attn_combine_kernel<OutT>
-            <<<dim3((unsigned)a->n, (unsigned)a->n_heads), SIMT_THREADS, 0, st>>>(
-                a->part, out, a->pos0, a->n_heads, a->head_dim, a->split_len, n_splits);
-        e = cudaGetLastError();
-    }
+    if (n_splits > 1) e = launch_combine<OutT>(a, out, a->split_len, n_splits, st);
     return e;
 }
 
@@ -90,8 +122,8 @@ cudaError_t dispatch(const cake_attn_launch *a, int path, OutT *out, cudaStream_
     if (path == CAKE_ATTN_AUTO) {
         if (a->n <= CAKE_ATTN_SPLIT_MAX_N && a->part)
             path = CAKE_ATTN_SPLIT;
-        else if (cake_cuda_attention_supported(CAKE_ATTN_WIDE, a->head_dim))
-            path = CAKE_ATTN_WIDE;
+        else if (cake_cuda_attention_supported(CAKE_ATTN_MMA, a->head_dim))
+            path = CAKE_ATTN_MMA;
         else
             path = CAKE_ATTN_SIMT;
     }
@@ -100,12 +132,6 @@ cudaError_t dispatch(const cake_attn_launch *a, int path, OutT *out, cudaStream_
     case CAKE_ATTN_MMA:
         return a->head_dim == 64 ? launch_mma<64, OutT>(a, out, st)
                                  : launch_mma<128, OutT>(a, out, st);
-    case CAKE_ATTN_WIDE:
-        return a->head_dim == 64 ? launch_wide<64, 64, OutT>(a, out, st)
-                                 : launch_wide<128, 64, OutT>(a, out, st);
-    case CAKE_ATTN_WIDE32:
-        return a->head_dim == 64 ? launch_wide<64, 32, OutT>(a, out, st)
-                                 : launch_wide<128, 32, OutT>(a, out, st);
     case CAKE_ATTN_SIMT:
         return launch_simt<OutT>(a, out, 0, st);
     case CAKE_ATTN_SPLIT:
@@ -116,19 +142,12 @@ cudaError_t dispatch(const cake_attn_launch *a, int path, OutT *out, cudaStream_
 }
 
 template <int HD> cudaError_t setup_mma() {
-    const int bytes = (int)mma_smem_bytes<HD>(), wide = (int)wide_smem_bytes<HD, 64>();
-    const int wide32 = (int)wide_smem_bytes<HD, 32>();
+    const int bytes = (int)mma_smem_bytes<HD>();
     const cudaFuncAttribute attr = cudaFuncAttributeMaxDynamicSharedMemorySize;
     cudaError_t e;
     if ((e = cudaFuncSetAttribute(attn_mma_kernel<HD, float>, attr, bytes)) ||
         (e = cudaFuncSetAttribute(attn_mma_kernel<HD, __half>, attr, bytes)) ||
-        (e = cudaFuncSetAttribute(attn_mma_kernel<HD, __nv_bfloat16>, attr, bytes)) ||
-        (e = cudaFuncSetAttribute(attn_wide_kernel<HD, 64, float>, attr, wide)) ||
-        (e = cudaFuncSetAttribute(attn_wide_kernel<HD, 64, __half>, attr, wide)) ||
-        (e = cudaFuncSetAttribute(attn_wide_kernel<HD, 64, __nv_bfloat16>, attr, wide)) ||
-        (e = cudaFuncSetAttribute(attn_wide_kernel<HD, 32, float>, attr, wide32)) ||
-        (e = cudaFuncSetAttribute(attn_wide_kernel<HD, 32, __half>, attr, wide32)) ||
-        (e = cudaFuncSetAttribute(attn_wide_kernel<HD, 32, __nv_bfloat16>, attr, wide32)))
+        (e = cudaFuncSetAttribute(attn_mma_kernel<HD, __nv_bfloat16>, attr, bytes)))
         return e;
     return cudaSuccess;
 }
@@ -147,8 +166,6 @@ int cake_cuda_attention_supported(int path, int head_dim) {
     case CAKE_ATTN_AUTO:
         return head_dim <= SIMT_MAX_HD;
     case CAKE_ATTN_MMA:
-    case CAKE_ATTN_WIDE:
-    case CAKE_ATTN_WIDE32:
         return head_dim == 64 || head_dim == 128;
     case CAKE_ATTN_SIMT:
     case CAKE_ATTN_SPLIT:

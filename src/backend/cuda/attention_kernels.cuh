@@ -15,8 +15,9 @@ namespace cake_attn {
 /* ---------------------------------------------------------------- MMA path */
 
 constexpr int MMA_WARPS = 4;
-constexpr int MMA_BM = 16 * MMA_WARPS; /* queries per block */
-constexpr int MMA_BN = 64;             /* keys per tile */
+constexpr int MMA_MT = 2;                       /* m16 tiles (16 query rows each) per warp */
+constexpr int MMA_BM = 16 * MMA_MT * MMA_WARPS; /* queries per block */
+constexpr int MMA_BN = 64;                      /* keys per tile */
 
 #ifndef CAKE_CUDA_EMULATE
 __device__ __forceinline__ uint32_t smem_addr(const void *p) {
@@ -76,20 +77,28 @@ template <int HD> __host__ __device__ constexpr size_t mma_smem_bytes() {
     return (size_t)(MMA_BM + 4 * MMA_BN) * (size_t)mma_ld<HD>() * sizeof(__half);
 }
 
-/* grid (n_heads, ceil(n / 64)), block 128, dynamic smem mma_smem_bytes<HD>().
- * Heads vary fastest so that the heads of a KV group run side by side (their
- * K/V tiles stay in L2), and query blocks are taken last first: the last ones
- * see the most keys, and starting them first shortens the tail.
- * scale_log2 = log2(e) / sqrt(head_dim): the softmax runs in base 2. */
+/* grid (n_heads, ceil(n / MMA_BM), n_splits), block 128, dynamic smem
+ * mma_smem_bytes<HD>(). Heads vary fastest so that the heads of a KV group run
+ * side by side (their K/V tiles stay in L2), and query blocks are taken last
+ * first: the last ones see the most keys, and starting them first shortens the
+ * tail. scale_log2 = log2(e) / sqrt(head_dim): the softmax runs in base 2, its
+ * running max in those scaled units, so that one FFMA gives the exponent.
+ *
+ * With n_splits == 1 the block walks all its keys and writes the normalised
+ * output. Otherwise block z walks only keys [z split_len, (z + 1) split_len)
+ * and writes its rows' unnormalised partial (o[HD], max in natural-log units,
+ * sum) to part, for attn_combine_kernel (split_len is a multiple of MMA_BN). */
 template <int HD, typename OutT>
 __global__ void __launch_bounds__(MMA_WARPS * 32, (HD <= 64 ? 3 : 2))
     attn_mma_kernel(const __half *__restrict__ q, const __half *__restrict__ kc,
-                    const __half *__restrict__ vc, OutT *__restrict__ out, int n, int pos0,
-                    int n_heads, int n_kv_heads, float scale_log2) {
+                    const __half *__restrict__ vc, OutT *__restrict__ out, float *__restrict__ part,
+                    int n, int pos0, int n_heads, int n_kv_heads, float scale_log2, int split_len) {
     constexpr int LD = mma_ld<HD>();
-    constexpr int CH = HD / 8;         /* 16-byte chunks per row */
-    constexpr int NT = MMA_BN / 8;     /* n-tiles of S per key tile */
-    constexpr int DT = HD / 8;         /* n-tiles of O */
+    constexpr int CH = HD / 8;     /* 16-byte chunks per row */
+    constexpr int NT = MMA_BN / 8; /* n-tiles of S per key tile */
+    constexpr int DT = HD / 8;     /* n-tiles of O */
+    constexpr int MT = MMA_MT;
+    constexpr int THREADS = MMA_WARPS * 32;
     extern __shared__ uint4 smem_u4[]; /* uint4: 16-byte alignment for cp.async and ldmatrix */
     __half *sQ = reinterpret_cast<__half *>(smem_u4); /* [MMA_BM][LD] */
     __half *sK = sQ + MMA_BM * LD;                    /* [2][MMA_BN][LD] */
@@ -101,12 +110,17 @@ __global__ void __launch_bounds__(MMA_WARPS * 32, (HD <= 64 ? 3 : 2))
     const int h = blockIdx.x, kvh = h / (n_heads / n_kv_heads);
     const int rows = min(MMA_BM, n - m0);
     const int kv_len = pos0 + m0 + rows; /* keys [0, kv_len) */
-    const int n_tiles = (kv_len + MMA_BN - 1) / MMA_BN;
+    const int n_splits = (int)gridDim.z, sp = (int)blockIdx.z;
+    const int tile0 = n_splits == 1 ? 0 : sp * (split_len / MMA_BN);
+    const int tile1 = n_splits == 1
+                          ? (kv_len + MMA_BN - 1) / MMA_BN
+                          : min((kv_len + MMA_BN - 1) / MMA_BN, tile0 + split_len / MMA_BN);
+    if (tile0 >= tile1) return; /* a range past this block's keys: the combine skips it */
     const size_t q_stride = (size_t)n_heads * HD, kv_stride = (size_t)n_kv_heads * HD;
     const __half *kbase = kc + (size_t)kvh * HD, *vbase = vc + (size_t)kvh * HD;
 
     /* Q tile; rows past the batch are zero (their results are not written). */
-    for (int c = tid; c < MMA_BM * CH; c += MMA_WARPS * 32) {
+    for (int c = tid; c < MMA_BM * CH; c += THREADS) {
         const int r = c / CH, cc = c % CH;
         __half *dst = sQ + r * LD + cc * 8;
         if (r < rows)
@@ -119,7 +133,7 @@ __global__ void __launch_bounds__(MMA_WARPS * 32, (HD <= 64 ? 3 : 2))
      * (possibly NaN) would still poison O. */
     auto load_kv = [&](int tile, int buf) {
         __half *dk = sK + buf * MMA_BN * LD, *dv = sV + buf * MMA_BN * LD;
-        for (int c = tid; c < MMA_BN * CH; c += MMA_WARPS * 32) {
+        for (int c = tid; c < MMA_BN * CH; c += THREADS) {
             const int r = c / CH, cc = c % CH;
             const int j = tile * MMA_BN + r;
             if (j < kv_len) {
@@ -131,210 +145,11 @@ __global__ void __launch_bounds__(MMA_WARPS * 32, (HD <= 64 ? 3 : 2))
             }
         }
     };
-    load_kv(0, 0);
+    load_kv(tile0, 0);
     cp_async_commit();
 
-    /* This thread's two query rows (within the block) and their positions. */
-    const int r_lo = warp * 16 + g, r_hi = r_lo + 8;
-    const int pq_lo = pos0 + m0 + r_lo, pq_hi = pos0 + m0 + r_hi;
-
-    float o[DT][4];
-#pragma unroll
-    for (int dt = 0; dt < DT; dt++) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.0f;
-    float m_lo = -INFINITY, m_hi = -INFINITY; /* running max (base-2 scaled scores) */
-    float l_lo = 0.0f, l_hi = 0.0f;           /* this thread's part of the running sums */
-    uint32_t qf[HD / 16][4];                  /* Q fragments, loaded once */
-
-    for (int it = 0; it < n_tiles; it++) {
-        if (it + 1 < n_tiles) {
-            load_kv(it + 1, (it + 1) & 1);
-            cp_async_commit();
-            cp_async_wait<1>(); /* everything but the newest group (tile it + 1) is in */
-        } else {
-            cp_async_wait<0>();
-        }
-        __syncthreads();
-        if (it == 0) {
-#pragma unroll
-            for (int ks = 0; ks < HD / 16; ks++)
-                ldsm_x4(qf[ks], sQ + (warp * 16 + (lane & 15)) * LD + ks * 16 + (lane >> 4) * 8);
-        }
-        const __half *tk = sK + (it & 1) * MMA_BN * LD, *tv = sV + (it & 1) * MMA_BN * LD;
-
-        /* S = Q K^T: B[k = d][n = key] = K[key][d], i.e. K's rows as stored. */
-        float s[NT][4];
-#pragma unroll
-        for (int nt = 0; nt < NT; nt++) {
-            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
-#pragma unroll
-            for (int kk = 0; kk < HD / 32; kk++) {
-                uint32_t b[4]; /* d blocks kk*32 + {0, 8, 16, 24} of keys nt*8..+7 */
-                ldsm_x4(b, tk + (nt * 8 + (lane & 7)) * LD + kk * 32 + (lane >> 3) * 8);
-                mma_16816(s[nt], qf[2 * kk], b[0], b[1]);
-                mma_16816(s[nt], qf[2 * kk + 1], b[2], b[3]);
-            }
-        }
-
-        /* Scale and mask: query at position pq sees keys j <= pq. Only tiles
-         * reaching past the block's first query need the test. */
-        const int kbeg = it * MMA_BN;
-        const bool need_mask = kbeg + MMA_BN - 1 > pos0 + m0;
-#pragma unroll
-        for (int nt = 0; nt < NT; nt++) {
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int j = kbeg + nt * 8 + 2 * tq + (e & 1);
-                const int pq = e < 2 ? pq_lo : pq_hi;
-                float v = s[nt][e] * scale_log2;
-                if (need_mask && j > pq) v = -INFINITY;
-                s[nt][e] = v;
-            }
-        }
-
-        /* Online softmax. Key 0 is in tile 0 and visible to every row, so the
-         * running max is finite from the first tile on (no inf - inf). */
-        float mx_lo = -INFINITY, mx_hi = -INFINITY;
-#pragma unroll
-        for (int nt = 0; nt < NT; nt++) {
-            mx_lo = fmaxf(mx_lo, fmaxf(s[nt][0], s[nt][1]));
-            mx_hi = fmaxf(mx_hi, fmaxf(s[nt][2], s[nt][3]));
-        }
-        /* The 4 threads of a quad hold the same two rows. */
-        mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));
-        mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
-        mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
-        mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
-        const float mn_lo = fmaxf(m_lo, mx_lo), mn_hi = fmaxf(m_hi, mx_hi);
-        /* Rescale factors of the old sums: 0 on the first tile (m = -inf). */
-        const float a_lo = exp2f(m_lo - mn_lo), a_hi = exp2f(m_hi - mn_hi);
-        m_lo = mn_lo;
-        m_hi = mn_hi;
-
-        /* P = exp2(S - m), packed straight into A fragments for P V: the k-step
-         * kj covers keys kj*16..+15 = S n-tiles 2kj (regs 0, 1) and 2kj+1 (2, 3). */
-        uint32_t pa[MMA_BN / 16][4];
-        float ls_lo = 0.0f, ls_hi = 0.0f;
-#pragma unroll
-        for (int nt = 0; nt < NT; nt++) {
-            const float p0 = exp2f(s[nt][0] - mn_lo), p1 = exp2f(s[nt][1] - mn_lo);
-            const float p2 = exp2f(s[nt][2] - mn_hi), p3 = exp2f(s[nt][3] - mn_hi);
-            ls_lo += p0 + p1;
-            ls_hi += p2 + p3;
-            pa[nt / 2][(nt & 1) * 2 + 0] = pack_half2(p0, p1);
-            pa[nt / 2][(nt & 1) * 2 + 1] = pack_half2(p2, p3);
-        }
-        l_lo = l_lo * a_lo + ls_lo;
-        l_hi = l_hi * a_hi + ls_hi;
-#pragma unroll
-        for (int dt = 0; dt < DT; dt++) {
-            o[dt][0] *= a_lo;
-            o[dt][1] *= a_lo;
-            o[dt][2] *= a_hi;
-            o[dt][3] *= a_hi;
-        }
-
-        /* O += P V: B[k = key][n = d] = V[key][d], loaded transposed. */
-#pragma unroll
-        for (int kj = 0; kj < MMA_BN / 16; kj++) {
-#pragma unroll
-            for (int dt = 0; dt < DT; dt += 2) {
-                uint32_t b[4]; /* (keys lo, d dt), (keys hi, d dt), (lo, dt+1), (hi, dt+1) */
-                ldsm_x4_trans(b, tv + (kj * 16 + (lane & 15)) * LD + dt * 8 + (lane >> 4) * 8);
-                mma_16816(o[dt], pa[kj], b[0], b[1]);
-                mma_16816(o[dt + 1], pa[kj], b[2], b[3]);
-            }
-        }
-        __syncthreads(); /* the next iteration refills the buffer read here */
-    }
-
-    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 1);
-    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 2);
-    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 1);
-    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 2);
-    const float inv_lo = 1.0f / l_lo, inv_hi = 1.0f / l_hi;
-    OutT *orow_lo = out + (size_t)(m0 + r_lo) * q_stride + (size_t)h * HD;
-    OutT *orow_hi = out + (size_t)(m0 + r_hi) * q_stride + (size_t)h * HD;
-#pragma unroll
-    for (int dt = 0; dt < DT; dt++) {
-        const int d = dt * 8 + 2 * tq;
-        if (r_lo < rows) cake_store2(orow_lo + d, o[dt][0] * inv_lo, o[dt][1] * inv_lo);
-        if (r_hi < rows) cake_store2(orow_hi + d, o[dt][2] * inv_hi, o[dt][3] * inv_hi);
-    }
-}
-
-/* ----------------------------------------------------------- wide MMA path */
-
-/* The same flash attention with 32 query rows per warp (two m16 tiles), 128
- * per block. Each K or V fragment read from shared memory then feeds 4 MMAs
- * instead of 2, which halves the ldmatrix traffic per MMA; Q no longer fits in
- * registers beside O and S, so its fragments are re-read per k-step. */
-constexpr int WIDE_WARPS = 4;
-constexpr int WIDE_MT = 2;                         /* m16 tiles per warp */
-constexpr int WIDE_BM = 16 * WIDE_MT * WIDE_WARPS; /* queries per block */
-
-/* BN: keys per tile, 64 or 32. */
-template <int HD, int BN> __host__ __device__ constexpr size_t wide_smem_bytes() {
-    return (size_t)(WIDE_BM + 4 * BN) * (size_t)mma_ld<HD>() * sizeof(__half);
-}
-
-/* grid (n_heads, ceil(n / 128)), block 128, dynamic smem wide_smem_bytes<HD, BN>().
- * Heads fastest, query blocks last first, as attn_mma_kernel. scale_log2 =
- * log2(e) / sqrt(head_dim); the running max is kept in those scaled units, so
- * that one FFMA gives the exponent: exp2(s * scale_log2 - m). */
-template <int HD, int BN, typename OutT>
-__global__ void __launch_bounds__(WIDE_WARPS * 32, (HD <= 64 ? 3 : 2))
-    attn_wide_kernel(const __half *__restrict__ q, const __half *__restrict__ kc,
-                     const __half *__restrict__ vc, OutT *__restrict__ out, int n, int pos0,
-                     int n_heads, int n_kv_heads, float scale_log2) {
-    constexpr int LD = mma_ld<HD>();
-    constexpr int CH = HD / 8; /* 16-byte chunks per row */
-    constexpr int NT = BN / 8; /* n-tiles of S per key tile */
-    constexpr int DT = HD / 8; /* n-tiles of O */
-    constexpr int MT = WIDE_MT;
-    constexpr int THREADS = WIDE_WARPS * 32;
-    extern __shared__ uint4 smem_u4[];
-    __half *sQ = reinterpret_cast<__half *>(smem_u4); /* [WIDE_BM][LD] */
-    __half *sK = sQ + WIDE_BM * LD;                   /* [2][BN][LD] */
-    __half *sV = sK + 2 * BN * LD;                    /* [2][BN][LD] */
-
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int g = lane >> 2, tq = lane & 3;
-    const int m0 = ((int)gridDim.y - 1 - (int)blockIdx.y) * WIDE_BM;
-    const int h = blockIdx.x, kvh = h / (n_heads / n_kv_heads);
-    const int rows = min(WIDE_BM, n - m0);
-    const int kv_len = pos0 + m0 + rows; /* keys [0, kv_len) */
-    const int n_tiles = (kv_len + BN - 1) / BN;
-    const size_t q_stride = (size_t)n_heads * HD, kv_stride = (size_t)n_kv_heads * HD;
-    const __half *kbase = kc + (size_t)kvh * HD, *vbase = vc + (size_t)kvh * HD;
-
-    for (int c = tid; c < WIDE_BM * CH; c += THREADS) {
-        const int r = c / CH, cc = c % CH;
-        __half *dst = sQ + r * LD + cc * 8;
-        if (r < rows)
-            cp_async16(dst, q + (size_t)(m0 + r) * q_stride + (size_t)h * HD + cc * 8);
-        else
-            *reinterpret_cast<uint4 *>(dst) = make_uint4(0, 0, 0, 0);
-    }
-    /* Keys at or past kv_len are zero-filled (0 * NaN would poison O). */
-    auto load_kv = [&](int tile, int buf) {
-        __half *dk = sK + buf * BN * LD, *dv = sV + buf * BN * LD;
-        for (int c = tid; c < BN * CH; c += THREADS) {
-            const int r = c / CH, cc = c % CH;
-            const int j = tile * BN + r;
-            if (j < kv_len) {
-                cp_async16(dk + r * LD + cc * 8, kbase + (size_t)j * kv_stride + cc * 8);
-                cp_async16(dv + r * LD + cc * 8, vbase + (size_t)j * kv_stride + cc * 8);
-            } else {
-                *reinterpret_cast<uint4 *>(dk + r * LD + cc * 8) = make_uint4(0, 0, 0, 0);
-                *reinterpret_cast<uint4 *>(dv + r * LD + cc * 8) = make_uint4(0, 0, 0, 0);
-            }
-        }
-    };
-    load_kv(0, 0);
-    cp_async_commit();
-
-    /* Rows (within the block) of this thread: warp * 32 + mt * 16 + g (+ 8). */
-    int pq[MT][2];
+    /* This thread's rows (within the block): warp * 32 + mt * 16 + g (+ 8). */
+    int pq[MT][2]; /* their positions */
 #pragma unroll
     for (int mt = 0; mt < MT; mt++) {
         pq[mt][0] = pos0 + m0 + warp * 32 + mt * 16 + g;
@@ -352,19 +167,22 @@ __global__ void __launch_bounds__(WIDE_WARPS * 32, (HD <= 64 ? 3 : 2))
 #pragma unroll
     for (int mt = 0; mt < MT; mt++) m[mt][0] = m[mt][1] = -INFINITY, l[mt][0] = l[mt][1] = 0.0f;
 
-    for (int it = 0; it < n_tiles; it++) {
-        if (it + 1 < n_tiles) {
-            load_kv(it + 1, (it + 1) & 1);
+    for (int it = tile0; it < tile1; it++) {
+        const int buf = (it - tile0) & 1;
+        if (it + 1 < tile1) {
+            load_kv(it + 1, buf ^ 1);
             cp_async_commit();
-            cp_async_wait<1>();
+            cp_async_wait<1>(); /* everything but the newest group (tile it + 1) is in */
         } else {
             cp_async_wait<0>();
         }
         __syncthreads();
-        const __half *tk = sK + (it & 1) * BN * LD, *tv = sV + (it & 1) * BN * LD;
+        const __half *tk = sK + buf * MMA_BN * LD, *tv = sV + buf * MMA_BN * LD;
 
-        /* S = Q K^T, 32 head dims per step: Q fragments of both m-tiles, then
-         * each K fragment (8 keys x 32 dims) into 4 MMAs. */
+        /* S = Q K^T, 32 head dims per step: the Q fragments of both m-tiles
+         * (re-read from shared memory: registers hold O and S), then each K
+         * fragment (8 keys x 32 dims) into 4 MMAs. B[k = d][n = key] =
+         * K[key][d], i.e. K's rows as stored. */
         float s[MT][NT][4];
 #pragma unroll
         for (int mt = 0; mt < MT; mt++)
@@ -381,7 +199,7 @@ __global__ void __launch_bounds__(WIDE_WARPS * 32, (HD <= 64 ? 3 : 2))
             }
 #pragma unroll
             for (int nt = 0; nt < NT; nt++) {
-                uint32_t b[4];
+                uint32_t b[4]; /* d blocks kk*32 + {0, 8, 16, 24} of keys nt*8..+7 */
                 ldsm_x4(b, tk + (nt * 8 + (lane & 7)) * LD + kk * 32 + (lane >> 3) * 8);
 #pragma unroll
                 for (int mt = 0; mt < MT; mt++) {
@@ -391,10 +209,11 @@ __global__ void __launch_bounds__(WIDE_WARPS * 32, (HD <= 64 ? 3 : 2))
             }
         }
 
-        /* Mask (tiles reaching past the block's first query) and row maxima. */
-        const int kbeg = it * BN;
-        const bool need_mask = kbeg + BN - 1 > pos0 + m0;
-        float a[MT][2]; /* rescale factors of the old sums */
+        /* Mask (query at position pq sees keys j <= pq; only tiles reaching
+         * past the block's first query need the test), then the row maxima. */
+        const int kbeg = it * MMA_BN;
+        const bool need_mask = kbeg + MMA_BN - 1 > pos0 + m0;
+        float ref[MT][2]; /* the new max, or 0 while a row has seen no key */
 #pragma unroll
         for (int mt = 0; mt < MT; mt++) {
             float mx0 = -INFINITY, mx1 = -INFINITY;
@@ -408,42 +227,49 @@ __global__ void __launch_bounds__(WIDE_WARPS * 32, (HD <= 64 ? 3 : 2))
                 mx0 = fmaxf(mx0, fmaxf(s[mt][nt][0], s[mt][nt][1]));
                 mx1 = fmaxf(mx1, fmaxf(s[mt][nt][2], s[mt][nt][3]));
             }
+            /* The 4 threads of a quad hold the same two rows. */
             mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
             mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
             mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
             mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-            /* Key 0 is in tile 0 and visible to every row: finite from tile 0. */
             const float mn0 = fmaxf(m[mt][0], mx0 * scale_log2);
             const float mn1 = fmaxf(m[mt][1], mx1 * scale_log2);
-            a[mt][0] = exp2f(m[mt][0] - mn0); /* 0 on the first tile */
-            a[mt][1] = exp2f(m[mt][1] - mn1);
+            /* A row that has seen no key yet (possible in a split other than
+             * the first) keeps max -inf: exponents against 0 then give 0 for
+             * everything, where -inf - -inf would give NaN. */
+            ref[mt][0] = mn0 == -INFINITY ? 0.0f : mn0;
+            ref[mt][1] = mn1 == -INFINITY ? 0.0f : mn1;
+            const float a0 = exp2f(m[mt][0] - ref[mt][0]); /* rescales the old sums; 0 at first */
+            const float a1 = exp2f(m[mt][1] - ref[mt][1]);
             m[mt][0] = mn0;
             m[mt][1] = mn1;
-            l[mt][0] *= a[mt][0];
-            l[mt][1] *= a[mt][1];
+            l[mt][0] *= a0;
+            l[mt][1] *= a1;
 #pragma unroll
             for (int dt = 0; dt < DT; dt++) {
-                o[mt][dt][0] *= a[mt][0];
-                o[mt][dt][1] *= a[mt][0];
-                o[mt][dt][2] *= a[mt][1];
-                o[mt][dt][3] *= a[mt][1];
+                o[mt][dt][0] *= a0;
+                o[mt][dt][1] *= a0;
+                o[mt][dt][2] *= a1;
+                o[mt][dt][3] *= a1;
             }
         }
 
-        /* O += P V, 16 keys per step: P = exp2(S * scale - m) packed into A
-         * fragments (S n-tiles 2kj and 2kj+1), each V fragment into 4 MMAs. */
+        /* O += P V, 16 keys per step: P = exp2(S scale - max) packed straight
+         * into A fragments (keys kj*16..+15 are S n-tiles 2kj, regs 0 and 1,
+         * and 2kj+1, regs 2 and 3), each V fragment into 4 MMAs. B[k = key]
+         * [n = d] = V[key][d], loaded transposed. */
 #pragma unroll
-        for (int kj = 0; kj < BN / 16; kj++) {
+        for (int kj = 0; kj < MMA_BN / 16; kj++) {
             uint32_t pa[MT][4];
 #pragma unroll
             for (int mt = 0; mt < MT; mt++) {
 #pragma unroll
                 for (int half = 0; half < 2; half++) {
                     const int nt = 2 * kj + half;
-                    const float p0 = exp2f(fmaf(s[mt][nt][0], scale_log2, -m[mt][0]));
-                    const float p1 = exp2f(fmaf(s[mt][nt][1], scale_log2, -m[mt][0]));
-                    const float p2 = exp2f(fmaf(s[mt][nt][2], scale_log2, -m[mt][1]));
-                    const float p3 = exp2f(fmaf(s[mt][nt][3], scale_log2, -m[mt][1]));
+                    const float p0 = exp2f(fmaf(s[mt][nt][0], scale_log2, -ref[mt][0]));
+                    const float p1 = exp2f(fmaf(s[mt][nt][1], scale_log2, -ref[mt][0]));
+                    const float p2 = exp2f(fmaf(s[mt][nt][2], scale_log2, -ref[mt][1]));
+                    const float p3 = exp2f(fmaf(s[mt][nt][3], scale_log2, -ref[mt][1]));
                     l[mt][0] += p0 + p1;
                     l[mt][1] += p2 + p3;
                     pa[mt][half * 2 + 0] = pack_half2(p0, p1);
@@ -452,7 +278,7 @@ __global__ void __launch_bounds__(WIDE_WARPS * 32, (HD <= 64 ? 3 : 2))
             }
 #pragma unroll
             for (int dt = 0; dt < DT; dt += 2) {
-                uint32_t b[4];
+                uint32_t b[4]; /* (keys lo, d dt), (keys hi, d dt), (lo, dt+1), (hi, dt+1) */
                 ldsm_x4_trans(b, tv + (kj * 16 + (lane & 15)) * LD + dt * 8 + (lane >> 4) * 8);
 #pragma unroll
                 for (int mt = 0; mt < MT; mt++) {
@@ -471,14 +297,27 @@ __global__ void __launch_bounds__(WIDE_WARPS * 32, (HD <= 64 ? 3 : 2))
             float sum = l[mt][hf];
             sum += __shfl_xor_sync(0xffffffffu, sum, 1);
             sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-            const float inv = 1.0f / sum;
             const int r = warp * 32 + mt * 16 + g + 8 * hf;
             if (r >= rows) continue;
-            OutT *orow = out + (size_t)(m0 + r) * q_stride + (size_t)h * HD;
+            if (n_splits == 1) {
+                const float inv = 1.0f / sum;
+                OutT *orow = out + (size_t)(m0 + r) * q_stride + (size_t)h * HD;
 #pragma unroll
-            for (int dt = 0; dt < DT; dt++)
-                cake_store2(orow + dt * 8 + 2 * tq, o[mt][dt][2 * hf] * inv,
-                            o[mt][dt][2 * hf + 1] * inv);
+                for (int dt = 0; dt < DT; dt++)
+                    cake_store2(orow + dt * 8 + 2 * tq, o[mt][dt][2 * hf] * inv,
+                                o[mt][dt][2 * hf + 1] * inv);
+            } else {
+                float *pp =
+                    part + (((size_t)(m0 + r) * n_heads + h) * n_splits + sp) * (size_t)(HD + 2);
+#pragma unroll
+                for (int dt = 0; dt < DT; dt++)
+                    *reinterpret_cast<float2 *>(pp + dt * 8 + 2 * tq) =
+                        make_float2(o[mt][dt][2 * hf], o[mt][dt][2 * hf + 1]);
+                if (tq == 0) {
+                    pp[HD] = m[mt][hf] * 0.6931471805599453f; /* natural-log units */
+                    pp[HD + 1] = sum;
+                }
+            }
         }
     }
 }

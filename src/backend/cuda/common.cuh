@@ -114,12 +114,10 @@ cudaError_t cake_cuda_swiglu(void *h, int dtype, const float *gu, int n, int ffn
 /* ---- attention (attention.cu) ---- */
 
 enum cake_attn_path {
-    CAKE_ATTN_AUTO = 0,   /* what the forward pass uses */
-    CAKE_ATTN_MMA = 1,    /* tensor-core flash attention (head_dim 64 or 128) */
-    CAKE_ATTN_SIMT = 2,   /* plain kernel, one block per (query, head) */
-    CAKE_ATTN_SPLIT = 3,  /* plain kernel split over keys + combine (decode) */
-    CAKE_ATTN_WIDE = 4,   /* tensor cores, 32 queries per warp (head_dim 64 or 128) */
-    CAKE_ATTN_WIDE32 = 5, /* the same with key tiles of 32 */
+    CAKE_ATTN_AUTO = 0,  /* what the forward pass uses */
+    CAKE_ATTN_MMA = 1,   /* tensor-core flash attention (head_dim 64 or 128) */
+    CAKE_ATTN_SIMT = 2,  /* plain kernel, one block per (query, head) */
+    CAKE_ATTN_SPLIT = 3, /* plain kernel split over keys + combine (decode) */
 };
 
 typedef struct {
@@ -129,9 +127,10 @@ typedef struct {
     int out_dtype;       /* cake_dtype */
     int n, pos0;         /* queries at positions [pos0, pos0 + n); keys [0, pos0 + n) */
     int n_heads, n_kv_heads, head_dim;
-    float *part;      /* split partials: split_max_n * n_heads * n_splits_max * (head_dim + 2) */
-    int split_len;    /* keys per split (split path) */
-    int n_splits_max; /* capacity of part in splits */
+    float *part;        /* partials of split ranges: (n, n_heads, ranges, head_dim + 2) */
+    size_t part_floats; /* part's capacity; NULL part: the MMA path does not split */
+    int split_len;      /* keys per range (split path) */
+    int n_sm;           /* the GPU's multiprocessors (when the MMA path splits) */
 } cake_attn_launch;
 
 /* Most queries per call that take the split (decode) path in AUTO mode, and

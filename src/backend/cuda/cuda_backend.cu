@@ -110,7 +110,9 @@ struct cake_cuda_state {
     float *x, *qkv, *gu, *logits, *part;
     void *xh;
     __half *q16;
-    int split_len, n_splits_max;
+    int split_len, n_splits_max; /* decode's key ranges */
+    size_t part_floats;
+    int n_sm; /* multiprocessors */
 
     void **allocs; /* every cudaMalloc, freed together */
     int n_allocs, cap_allocs;
@@ -337,10 +339,6 @@ int init_state(cake_cuda_state *s, const cake_model *m, int n_ctx, int max_batch
     if (path && *path && strcmp(path, "auto")) {
         if (!strcmp(path, "mma"))
             s->attn_path = CAKE_ATTN_MMA;
-        else if (!strcmp(path, "wide"))
-            s->attn_path = CAKE_ATTN_WIDE;
-        else if (!strcmp(path, "wide32"))
-            s->attn_path = CAKE_ATTN_WIDE32;
         else if (!strcmp(path, "simt"))
             s->attn_path = CAKE_ATTN_SIMT;
         else if (!strcmp(path, "split"))
@@ -348,7 +346,7 @@ int init_state(cake_cuda_state *s, const cake_model *m, int n_ctx, int max_batch
         else
             return cake_err(
                 err, errlen,
-                "cuda: CAKE_CUDA_ATTN='%s' (auto, wide, wide32, mma, simt or split expected)",
+                "cuda: CAKE_CUDA_ATTN='%s' (auto, mma, simt or split expected)",
                 path);
     }
     if (!cake_cuda_attention_supported(s->attn_path, hd))
@@ -362,6 +360,9 @@ int init_state(cake_cuda_state *s, const cake_model *m, int n_ctx, int max_batch
 
     /* Decode splits: 256 keys each, more for huge contexts so that there are
      * never more than 256 splits. */
+    int dev = 0;
+    CK(cudaGetDevice(&dev), "finding the device");
+    CK(cudaDeviceGetAttribute(&s->n_sm, cudaDevAttrMultiProcessorCount, dev), "counting its SMs");
     s->split_len = 256 * ((n_ctx + 256 * 256 - 1) / (256 * 256));
     s->n_splits_max = (n_ctx + s->split_len - 1) / s->split_len;
 
@@ -373,8 +374,13 @@ int init_state(cake_cuda_state *s, const cake_model *m, int n_ctx, int max_batch
     const size_t w_bytes = (size_t)L * w_layer + (hp->tied_output ? 1 : 2) * V * dim * s->welem +
                            (size_t)(2 * L + 1) * dim * sizeof(float);
     const size_t kv_bytes = 2 * (size_t)L * (size_t)n_ctx * (size_t)s->kv_dim * sizeof(__half);
-    const size_t part_elems =
-        (size_t)CAKE_ATTN_SPLIT_MAX_N * hp->n_heads * s->n_splits_max * (size_t)(hd + 2);
+    /* Split partials: decode's ranges, or those of a prefill batch of up to
+     * 1024 tokens (attention.cu splits bigger ones never: they fill the GPU). */
+    const size_t part_decode = (size_t)CAKE_ATTN_SPLIT_MAX_N * s->n_splits_max;
+    const size_t part_prefill = (size_t)(max_batch < 1024 ? max_batch : 1024) * 4;
+    const size_t part_elems = (part_decode > part_prefill ? part_decode : part_prefill) *
+                              hp->n_heads * (size_t)(hd + 2);
+    s->part_floats = part_elems;
     const size_t scratch_bytes = T * dim * sizeof(float) + T * s->xh_cols * s->welem +
                                  T * s->qkv_dim * sizeof(float) + T * dim * sizeof(__half) +
                                  T * 2 * ffn * sizeof(float) + V * sizeof(float) +
@@ -632,8 +638,39 @@ int xfer_d2h(xfer_slot *x, const std::vector<xfer_piece> &pc, char *err, size_t 
     return 0;
 }
 
+bool host_is_pinned(const void *p) {
+    cudaPointerAttributes a;
+    if (cudaPointerGetAttributes(&a, p) != cudaSuccess) {
+        cudaGetLastError(); /* not sticky: clear it */
+        return false;
+    }
+    return a.type == cudaMemoryTypeHost;
+}
+
+/* Host -> GPU from pinned memory (the loader's staging buffers): plain DMA on
+ * the slot's stream, no bounce buffers. */
+int xfer_h2d_pinned(xfer_slot *x, const xfer_seg *seg, int n_seg, char *err, size_t errlen) {
+    for (int i = 0; i < n_seg; i++)
+        CK(cudaMemcpyAsync(seg[i].dev, seg[i].host, seg[i].bytes, cudaMemcpyHostToDevice,
+                           x->stream),
+           "copying KV to the GPU");
+    CK(cudaStreamSynchronize(x->stream), "the KV write");
+    return 0;
+}
+
 int kv_transfer(cake_cuda_state *s, const xfer_seg *seg, int n_seg, bool to_gpu, char *err,
                 size_t errlen) {
+    bool pinned = to_gpu;
+    for (int i = 0; i < n_seg && pinned; i++) pinned = host_is_pinned(seg[i].host);
+    if (pinned) {
+        const int i = xfer_acquire(s, err, errlen);
+        if (i < 0) return -1;
+        xfer_slot *x = &s->xfer[i];
+        int rc = xfer_h2d_pinned(x, seg, n_seg, err, errlen);
+        if (rc) cudaStreamSynchronize(x->stream);
+        xfer_release(s, i);
+        return rc;
+    }
     std::vector<xfer_piece> pc;
     try {
         for (int i = 0; i < n_seg; i++)
@@ -797,8 +834,9 @@ static int cuda_forward(cake_cuda_state *s, const cake_token *tokens, int n, int
         a.n_kv_heads = hp->n_kv_heads;
         a.head_dim = hp->head_dim;
         a.part = s->part;
+        a.part_floats = s->part_floats;
         a.split_len = s->split_len;
-        a.n_splits_max = s->n_splits_max;
+        a.n_sm = s->n_sm;
         if (kernel_check(cake_cuda_attention(&a, s->attn_path, st), "attention", l, err, errlen))
             return -1;
         prof_mark(s, prof, PH_ATTN);
@@ -873,6 +911,21 @@ static int cuda_kv_read(cake_cuda_state *s, int layer, int pos0, int n, void *k_
     return kv_transfer(s, seg, 2, false, err, errlen);
 }
 
+static void *cuda_host_alloc(size_t size) {
+    void *p = NULL;
+    if (cudaHostAlloc(&p, size, cudaHostAllocPortable) != cudaSuccess) {
+        cudaGetLastError();
+        return NULL;
+    }
+    return p;
+}
+
+static int cuda_host_free(void *p) {
+    if (!host_is_pinned(p)) return 0;
+    cudaFreeHost(p);
+    return 1;
+}
+
 /* ---- attention check (a test hook, see cuda_backend.h) ---- */
 
 namespace {
@@ -905,8 +958,14 @@ int check_run(check_bufs *b, int path, int head_dim, int n_heads, int n_kv_heads
               float q_scale, double *max_err, char *err, size_t errlen) {
     const int n_ctx = pos0 + n, split_len = 64, n_splits_max = (n_ctx + split_len - 1) / split_len;
     const size_t nq = (size_t)n * n_heads * head_dim, nkv = (size_t)n_ctx * n_kv_heads * head_dim;
-    const size_t n_part =
-        (size_t)CAKE_ATTN_SPLIT_MAX_N * n_heads * n_splits_max * (size_t)(head_dim + 2);
+    /* Room for the decode path's ranges and for the MMA path's (4 at most). */
+    const size_t rows = (size_t)CAKE_ATTN_SPLIT_MAX_N * n_splits_max > (size_t)n * 4
+                            ? (size_t)CAKE_ATTN_SPLIT_MAX_N * n_splits_max
+                            : (size_t)n * 4;
+    const size_t n_part = rows * n_heads * (size_t)(head_dim + 2);
+    int dev = 0, n_sm = 0;
+    CK(cudaGetDevice(&dev), "finding the device");
+    CK(cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, dev), "counting its SMs");
     b->hq = (__half *)malloc(nq * sizeof(__half));
     b->hk = (__half *)malloc(nkv * sizeof(__half));
     b->hv = (__half *)malloc(nkv * sizeof(__half));
@@ -940,8 +999,9 @@ int check_run(check_bufs *b, int path, int head_dim, int n_heads, int n_kv_heads
     a.n_kv_heads = n_kv_heads;
     a.head_dim = head_dim;
     a.part = b->part;
+    a.part_floats = n_part;
     a.split_len = split_len;
-    a.n_splits_max = n_splits_max;
+    a.n_sm = n_sm;
     CK(cake_cuda_attention(&a, path, 0), "launching the attention kernel");
     CK(cudaDeviceSynchronize(), "running the attention kernel");
     CK(cudaMemcpy(b->hout, b->out, nq * sizeof(float), cudaMemcpyDeviceToHost),
@@ -1016,4 +1076,6 @@ const cake_cuda_ops cake_cuda_module_ops = {CAKE_CUDA_MODULE_VERSION,
                                             cuda_forward,
                                             cuda_kv_write,
                                             cuda_kv_read,
-                                            cuda_attention_check};
+                                            cuda_attention_check,
+                                            cuda_host_alloc,
+                                            cuda_host_free};

@@ -46,6 +46,13 @@ int cake_cuda_kv_write(cake_cuda_state *s, int layer, int pos0, int n, const voi
 int cake_cuda_kv_read(cake_cuda_state *s, int layer, int pos0, int n, void *k_f16, void *v_f16,
                       char *err, size_t errlen);
 
+/* Pinned host memory (page-aligned) for the loader's fetch buffers: a KV
+ * write from it goes to the GPU by DMA, without the bounce buffers. NULL when
+ * the module or the driver cannot give it. */
+void *cake_cuda_host_alloc(size_t size);
+/* Frees p and returns 1 if it came from cake_cuda_host_alloc; else 0. */
+int cake_cuda_host_free(void *p);
+
 /* Test hook for the attention kernels: runs one of them on random f16 data
  * (q uniform in [-q_scale, q_scale], K and V in [-1, 1]) for queries at
  * positions [pos0, pos0 + n) over a cache of pos0 + n positions, with f32
@@ -59,7 +66,7 @@ int cake_cuda_attention_check(int path, int head_dim, int n_heads, int n_kv_head
 
 /* The module's side: libcake_cuda.so exports one symbol, cake_cuda_module_ops,
  * a table of the implementations of the functions above (same contracts). */
-#define CAKE_CUDA_MODULE_VERSION 1
+#define CAKE_CUDA_MODULE_VERSION 2
 typedef struct {
     int version; /* CAKE_CUDA_MODULE_VERSION: a module from another build is refused */
     int (*available)(char *err, size_t errlen);
@@ -74,6 +81,8 @@ typedef struct {
                    char *err, size_t errlen);
     int (*attention_check)(int path, int head_dim, int n_heads, int n_kv_heads, int pos0, int n,
                            float q_scale, double *max_err, char *err, size_t errlen);
+    void *(*host_alloc)(size_t size);
+    int (*host_free)(void *p);
 } cake_cuda_ops;
 
 #ifdef __cplusplus

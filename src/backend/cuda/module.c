@@ -102,6 +102,16 @@ int cake_cuda_kv_read(cake_cuda_state *s, int layer, int pos0, int n, void *k_f1
     return ops->kv_read(s, layer, pos0, n, k_f16, v_f16, err, errlen);
 }
 
+void *cake_cuda_host_alloc(size_t size) {
+    char err[256];
+    const cake_cuda_ops *o = get_ops(err, sizeof(err));
+    return o ? o->host_alloc(size) : NULL;
+}
+
+int cake_cuda_host_free(void *p) {
+    return ops && p ? ops->host_free(p) : 0; /* pinned memory exists only once it is loaded */
+}
+
 int cake_cuda_attention_check(int path, int head_dim, int n_heads, int n_kv_heads, int pos0, int n,
                               float q_scale, double *max_err, char *err, size_t errlen) {
     const cake_cuda_ops *o = get_ops(err, errlen);
