@@ -18,7 +18,8 @@
  *
  * Threads and ownership. The calling thread is the compute side. A request
  * starts io_depth I/O workers (threads) that live for the prefill; each owns
- * one staging buffer (aligned for O_DIRECT) into which it fetches a blob. One
+ * one staging buffer (aligned for O_DIRECT) into which it fetches a blob,
+ * taken from the engine's pool and given back at the end (staging.h). One
  * mutex guards the per-chunk states and the statistics; a condition variable
  * tells the compute side that a load finished.
  *

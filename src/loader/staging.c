@@ -26,8 +26,9 @@ cake_staging *cake_staging_new(const cake_staging_allocator *a, int max_kept) {
         return NULL;
     }
     s->max_kept = max_kept;
-    s->a = a && a->alloc ? *a
-                         : (cake_staging_allocator){cake_store_alloc_buffer, cake_store_free_buffer};
+    s->a = a && a->alloc
+               ? *a
+               : (cake_staging_allocator){cake_store_alloc_buffer, cake_store_free_buffer};
     pthread_mutex_init(&s->mu, NULL);
     return s;
 }

@@ -344,10 +344,8 @@ int init_state(cake_cuda_state *s, const cake_model *m, int n_ctx, int max_batch
         else if (!strcmp(path, "split"))
             s->attn_path = CAKE_ATTN_SPLIT;
         else
-            return cake_err(
-                err, errlen,
-                "cuda: CAKE_CUDA_ATTN='%s' (auto, mma, simt or split expected)",
-                path);
+            return cake_err(err, errlen,
+                            "cuda: CAKE_CUDA_ATTN='%s' (auto, mma, simt or split expected)", path);
     }
     if (!cake_cuda_attention_supported(s->attn_path, hd))
         return cake_err(err, errlen,
@@ -378,8 +376,8 @@ int init_state(cake_cuda_state *s, const cake_model *m, int n_ctx, int max_batch
      * 1024 tokens (attention.cu splits bigger ones never: they fill the GPU). */
     const size_t part_decode = (size_t)CAKE_ATTN_SPLIT_MAX_N * s->n_splits_max;
     const size_t part_prefill = (size_t)(max_batch < 1024 ? max_batch : 1024) * 4;
-    const size_t part_elems = (part_decode > part_prefill ? part_decode : part_prefill) *
-                              hp->n_heads * (size_t)(hd + 2);
+    const size_t part_elems =
+        (part_decode > part_prefill ? part_decode : part_prefill) * hp->n_heads * (size_t)(hd + 2);
     s->part_floats = part_elems;
     const size_t scratch_bytes = T * dim * sizeof(float) + T * s->xh_cols * s->welem +
                                  T * s->qkv_dim * sizeof(float) + T * dim * sizeof(__half) +

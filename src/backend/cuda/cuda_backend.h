@@ -58,8 +58,9 @@ int cake_cuda_host_free(void *p);
  * positions [pos0, pos0 + n) over a cache of pos0 + n positions, with f32
  * output, and compares with a double-precision reference on the host.
  * path: 0 what the forward pass picks, 1 tensor-core flash attention (head_dim
- * 64 or 128), 2 the plain kernel, 3 the plain kernel split over 64-key ranges
- * (n <= 8), 4 tensor-core flash attention with 32 queries per warp. 0 with *max_err = max |out - reference| (inf for NaN), -1 with
+ * 64 or 128; keys split into ranges when the batch has few query blocks and
+ * many keys), 2 the plain kernel, 3 the plain kernel split over 64-key ranges
+ * (n <= 8). 0 with *max_err = max |out - reference| (inf for NaN), -1 with
  * err. Uses the current device; needs no model. */
 int cake_cuda_attention_check(int path, int head_dim, int n_heads, int n_kv_heads, int pos0, int n,
                               float q_scale, double *max_err, char *err, size_t errlen);
