@@ -3,8 +3,8 @@
  *
  * The PTX wrappers below (cp.async, ldmatrix, mma) are the only inline
  * assembly; a host build that defines CAKE_CUDA_EMULATE supplies its own
- * versions of them, which lets the kernel logic be run on a CPU with emulated
- * warps (a debugging aid, not part of the build). */
+ * versions of them: tests/test_attention_emulated.cpp runs the kernels' logic
+ * on a CPU with emulated warps that way. */
 #ifndef CAKE_CUDA_ATTENTION_KERNELS_CUH
 #define CAKE_CUDA_ATTENTION_KERNELS_CUH
 
