@@ -10,6 +10,9 @@
 #
 #   bash scripts/gpu-check.sh [RESULTS_DIR]      (default out/gpu)
 #
+# CAKE_GPU_QUICK=1: only the build, test_cuda and the longalpaca-13b prefill
+# (about 2 minutes), to check a kernel change when little device time is left.
+#
 # RESULTS_DIR gets few, small files (it may travel over a network with a limit
 # on their number), updated after every step so that a run cut short still
 # leaves them: summary.txt (a line per step, the check's verdict, the bench
@@ -138,7 +141,8 @@ if [ -x build-gpu/tests/test_cuda ]; then
     step test_cuda 120 build-gpu/tests/test_cuda
     grep "^attention path" "$LOGS/test_cuda.log" | sed 's/^/  /' >>"$SUMMARY"
 fi
-[ -x build-gpu/tests/test_loader ] && step test_loader 90 build-gpu/tests/test_loader
+QUICK=${CAKE_GPU_QUICK:-0}
+[ "$QUICK" = 1 ] || [ ! -x build-gpu/tests/test_loader ] || step test_loader 90 build-gpu/tests/test_loader
 for t in test_cuda test_loader; do
     [ -f "$LOGS/$t.log" ] || continue
     note "  $t: $(grep -E '^\[  (PASSED|FAILED)' "$LOGS/$t.log" | tr '\n' ' ')$(grep -c 'skip' "$LOGS/$t.log") lines mention a skip"
@@ -188,7 +192,7 @@ check_modes() {
     fi
     rm -rf "$st" "$f"
 }
-[ -x $CAKE ] && check_modes
+[ -x $CAKE ] && [ "$QUICK" != 1 ] && check_modes
 
 # ---- prefill speed ----
 # prefill SHAPE MODE: bench_engine on a 16384-token prompt, twice (the second
@@ -256,14 +260,16 @@ if [ ! -x $CAKE ] || [ ! -x build-gpu/bench_engine ]; then
 elif [ "${free_gb:-0}" -lt 28 ]; then
     note "longalpaca-13b: skipped, ${free_gb} GB free in $MODELS, 28 needed"
 elif step mkmodel_longalpaca13b 150 $CAKE mkmodel --shape longalpaca-13b -o "$F13"; then
-    prefill longalpaca-13b oneshot
     prefill longalpaca-13b chunk512
-    bench_table3
+    prefill longalpaca-13b oneshot
+    [ "$QUICK" = 1 ] || bench_table3
     rm -f "$F13"
 fi
 
 # ---- llama-8b prefill, if time is left ----
-if [ -x build-gpu/bench_engine ] && [ "$(left)" -gt 70 ]; then
+if [ "$QUICK" = 1 ]; then
+    : # no llama-8b
+elif [ -x build-gpu/bench_engine ] && [ "$(left)" -gt 70 ]; then
     F8="$MODELS/llama-8b.gguf"
     if step mkmodel_llama8b 60 $CAKE mkmodel --shape llama-8b -o "$F8"; then
         prefill llama-8b oneshot

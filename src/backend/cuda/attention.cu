@@ -43,27 +43,59 @@ namespace {
 
 /* ------------------------------------------------------------- dispatching */
 
-/* Key ranges for a batch of MMA blocks: 1 when the batch has blocks enough
- * to keep every SM busy with two (or its keys are few); else enough ranges for
- * that, at most MMA_MAX_SPLITS, of at least MMA_MIN_SPLIT keys each (whole key
- * tiles), if `part` has room. Depends on the shape alone (determinism). */
-constexpr int MMA_MAX_SPLITS = 4;
-constexpr int MMA_MIN_SPLIT = 1024;
+/* Key ranges for a batch of MMA blocks. A chunk of 512 queries far into a
+ * long prompt is 4 query blocks per head, a few hundred blocks for ~130 SMs
+ * that each run `resident` at once, and every block walks all the keys: the
+ * last round leaves SMs idle, or running a lone block that gets only ~2/3 of
+ * an SM's tensor throughput. Splitting the keys into n ranges makes n times as
+ * many, n times shorter blocks. The n taken is the one with the shortest
+ * modelled makespan (the busiest SM's blocks, run `resident` at a time), plus
+ * 2% of a block's time per range for the combine pass and the extra
+ * prologues. Ranges are whole key tiles of at least MMA_MIN_SPLIT keys; batches
+ * with blocks enough for every SM four times over are not split. The choice
+ * depends on the shape alone, so results stay deterministic. */
+constexpr int MMA_MIN_SPLIT = 512;
 
-int mma_splits(const cake_attn_launch *a, int *split_len) {
+int mma_splits(const cake_attn_launch *a, int resident, int *split_len) {
     const int blocks = a->n_heads * ((a->n + MMA_BM - 1) / MMA_BM);
-    const int keys = a->pos0 + a->n, want = 2 * a->n_sm;
+    const int keys = a->pos0 + a->n;
     *split_len = 0;
-    if (!a->part || blocks >= want || keys < 2 * MMA_MIN_SPLIT) return 1;
-    int n_splits = (want + blocks - 1) / blocks;
-    if (n_splits > MMA_MAX_SPLITS) n_splits = MMA_MAX_SPLITS;
-    if (n_splits > keys / MMA_MIN_SPLIT) n_splits = keys / MMA_MIN_SPLIT;
-    const int len = ((keys + n_splits - 1) / n_splits + MMA_BN - 1) / MMA_BN * MMA_BN;
-    n_splits = (keys + len - 1) / len;
-    const size_t need = (size_t)a->n * a->n_heads * n_splits * (size_t)(a->head_dim + 2);
-    if (n_splits < 2 || need > a->part_floats) return 1;
-    *split_len = len;
-    return n_splits;
+    if (!a->part || a->n_sm < 1 || resident < 1 || blocks >= 4 * a->n_sm) return 1;
+    int best_n = 1;
+    double best = 1e30;
+    for (int n = 1; n <= CAKE_ATTN_MMA_MAX_SPLITS; n++) {
+        const int len = ((keys + n - 1) / n + MMA_BN - 1) / MMA_BN * MMA_BN;
+        if (n > 1 && (len < MMA_MIN_SPLIT || (keys + len - 1) / len != n)) continue;
+        const size_t need = (size_t)a->n * a->n_heads * n * (size_t)(a->head_dim + 2);
+        if (n > 1 && need > a->part_floats) break;
+        /* The busiest SM's k blocks, in units of one block's time when
+         * `resident` share an SM: full rounds, then a last partial one. */
+        const int k = (blocks * n + a->n_sm - 1) / a->n_sm;
+        const int rest = k % resident;
+        const double rounds = (double)(k - rest) + (rest == 1 ? 1.5 : (double)rest);
+        const double cost = rounds / n + 0.02 * n; /* in units of an unsplit block's time */
+        if (cost < best) {
+            best = cost;
+            best_n = n;
+            *split_len = n > 1 ? len : 0;
+        }
+    }
+    return best_n;
+}
+
+/* Blocks of the MMA kernel an SM runs at once (registers and shared memory). */
+template <int HD, typename OutT> int mma_resident() {
+    static const int r = [] {
+        int n = 0;
+        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, attn_mma_kernel<HD, OutT>,
+                                                          MMA_WARPS * 32,
+                                                          mma_smem_bytes<HD>()) != cudaSuccess) {
+            cudaGetLastError();
+            n = 0; /* unknown: no split */
+        }
+        return n;
+    }();
+    return r;
 }
 
 template <typename OutT>
@@ -77,7 +109,7 @@ cudaError_t launch_combine(const cake_attn_launch *a, OutT *out, int split_len, 
 template <int HD, typename OutT>
 cudaError_t launch_mma(const cake_attn_launch *a, OutT *out, cudaStream_t st) {
     int split_len;
-    const int n_splits = mma_splits(a, &split_len);
+    const int n_splits = mma_splits(a, mma_resident<HD, OutT>(), &split_len);
     const dim3 grid((unsigned)a->n_heads, (unsigned)((a->n + MMA_BM - 1) / MMA_BM),
                     (unsigned)n_splits);
     const float scale_log2 = 1.4426950408889634f / sqrtf((float)HD);

@@ -137,6 +137,11 @@ typedef struct {
  * the capacity that `part` must have in queries. */
 #define CAKE_ATTN_SPLIT_MAX_N 8
 
+/* The MMA path splits the keys of batches of up to CAKE_ATTN_MMA_SPLIT_MAX_N
+ * queries into at most CAKE_ATTN_MMA_MAX_SPLITS ranges, as `part` has room. */
+#define CAKE_ATTN_MMA_SPLIT_MAX_N 1024
+#define CAKE_ATTN_MMA_MAX_SPLITS  8
+
 /* Sets up the kernels' shared-memory limits; call once per device. */
 cudaError_t cake_cuda_attention_setup(void);
 /* 1 if `path` can run head_dim hd with out_dtype. */
