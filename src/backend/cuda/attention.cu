@@ -7,11 +7,12 @@
  *    in tiles of 64, double-buffered in shared memory with cp.async; S = Q K^T
  *    and O += P V stay in registers, with the online softmax in between. The
  *    score matrix is never stored. The key tiles start at multiples of 64 from
- *    position 0 whatever pos0 is, so a query's result does not depend on how
- *    the prompt was split into batches. When a batch has too few query blocks
- *    to fill the GPU (a chunk of 512 queries far into a long prompt: 4 blocks
- *    per head), the keys are split into ranges, one block per (query block,
- *    head, range), and a combine kernel merges the ranges in order.
+ *    position 0 whatever pos0 is, so without key ranges a query's result does
+ *    not depend on how the prompt was split into batches. When a batch has
+ *    too few query blocks to fill the GPU (a chunk of 512 queries far into a
+ *    long prompt: 4 blocks per head), the keys are split into ranges, one
+ *    block per (query block, head, range), and a combine kernel merges the
+ *    ranges in order.
  *  - SIMT (the plain reference, any even head_dim <= 256): one block per
  *    (query, head); scores one key per thread, softmax and P V in f32.
  *  - SPLIT (decode, few queries): the SIMT kernel over fixed ranges of
@@ -19,7 +20,7 @@
  *    kernel (flash-decoding).
  *
  * All three are deterministic: fixed tiles and ranges (chosen from the batch's
- * shape alone), fixed reduction orders, no atomics.
+ * shape and the GPU's SM count alone), fixed reduction orders, no atomics.
  *
  * Fragment layouts (PTX ISA, mma.m16n8k16 with .f16 inputs; g = lane / 4,
  * q = lane % 4):
@@ -53,7 +54,7 @@ namespace {
  * 2% of a block's time per range for the combine pass and the extra
  * prologues. Ranges are whole key tiles of at least MMA_MIN_SPLIT keys; batches
  * with blocks enough for every SM four times over are not split. The choice
- * depends on the shape alone, so results stay deterministic. */
+ * depends on the shape and the GPU alone, so results stay deterministic. */
 constexpr int MMA_MIN_SPLIT = 512;
 
 int mma_splits(const cake_attn_launch *a, int resident, int *split_len) {
