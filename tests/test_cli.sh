@@ -124,9 +124,12 @@ if "$CAKE" mkmodel --shape tiny -o "$tmp/tiny.gguf" 2>/dev/null; then
           if (!(c > 0 && l > 0 && k > 0 && t > 0) || t > c + 1e-3 || t > l + 1e-3) print "row " NR ": " $0 }
         END { if (rows != 4) print rows " rows, want 4" }' "$csv")
     [ -z "$bad" ] && pass "bench CSV rows" || fail "bench CSV: $bad"
-    # --min-cell-time: at least --repeat runs per cell, more where runs are short (here all)
+    # --min-cell-time: at least --repeat runs per cell, more where runs are short. The
+    # 5 Gbit/s cells take well under 0.3 s per round even under sanitizers; the
+    # 0.05 Gbit/s ones may not on a busy machine, so only they may stop at 3.
     bad=$(awk -F, 'NR == 1 { for (i = 1; i <= NF; i++) col[$i] = i; next }
-        { r = $col["repeats"]; if (!(r > 3 && r <= 64)) print "row " NR ": " r " repeats" }' "$csv")
+        { r = $col["repeats"]; fast = $col["bw_gbit"] + 0 >= 5
+          if (!(r >= 3 && r <= 64) || (fast && r <= 3)) print "row " NR ": " r " repeats" }' "$csv")
     [ -z "$bad" ] && pass "bench repeats until --min-cell-time" || fail "bench repeats: $bad"
     [ "$(ls "$tmp/bench"/trace-ctx97-*.json 2>/dev/null | wc -l)" -eq 4 ] && pass "bench traces" ||
         fail "bench traces: $(ls "$tmp/bench")"
