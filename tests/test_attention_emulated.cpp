@@ -43,7 +43,7 @@ struct warp_buf {
     float f[32];
 };
 
-int n_threads, cur;
+int cur; /* the thread running now */
 ucontext_t sched_ctx, thread_ctx[MAX_THREADS];
 std::vector<char> stacks;
 bool done[MAX_THREADS];
@@ -66,7 +66,6 @@ void entry() {
 /* Runs body as one block of n threads; returns 0, or -1 if the threads did not
  * pass the same number of synchronisation points. */
 int run_block(int n) {
-    n_threads = n;
     block3 = dim3((unsigned)n, 1, 1);
     stacks.resize((size_t)n * STACK_BYTES);
     for (int t = 0; t < n; t++) {
