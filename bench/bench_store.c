@@ -45,7 +45,9 @@ typedef struct {
     uint32_t layers, kv_heads, head_dim;
 } shape;
 
-static const shape SHAPES[] = {{"llama-1b", 16, 8, 64}, {"mha-160m", 12, 12, 64}};
+static const shape SHAPES[] = {
+    {"llama-1b", 16, 8, 64}, {"mha-160m", 12, 12, 64}, {"longalpaca-13b", 40, 40, 128}};
+static int TOKENS = 256; /* per chunk (--tokens) */
 static const int INFLIGHT[] = {1, 2, 4};
 
 static double now_s(void) {
@@ -78,14 +80,14 @@ static void make_chunks(chunk_set *c, const shape *sh, int n) {
     for (int i = 0; i < n; i++) {
         cake_chunk_header *h = &c->h[i];
         memset(h->fingerprint, 0xab, 16);
-        cake_token toks[256];
-        for (int t = 0; t < 256; t++) toks[t] = i * 256 + t;
+        cake_token toks[4096];
+        for (int t = 0; t < TOKENS; t++) toks[t] = i * TOKENS + t;
         cake_chunk_key root;
-        cake_key_root(h->fingerprint, 256, CAKE_KV_F16, &root);
-        cake_key_next(&root, toks, 256, &h->key);
+        cake_key_root(h->fingerprint, TOKENS, CAKE_KV_F16, &root);
+        cake_key_next(&root, toks, TOKENS, &h->key);
         h->key.b[0] ^= (uint8_t)(sh->layers); /* distinct per shape */
         h->index = (uint32_t)i;
-        h->n_tokens = 256;
+        h->n_tokens = (uint32_t)TOKENS;
         h->n_layers = sh->layers;
         h->n_kv_heads = sh->kv_heads;
         h->head_dim = sh->head_dim;
@@ -184,9 +186,13 @@ static double run_loads(cake_store *s, chunk_set *c, int threads, int verify, do
 
 /* ---- dd ---- */
 
-/* Reads [skip, skip+count) blocks of bs from path with dd iflag=direct; T
- * of them at once over disjoint ranges. Bytes/s. */
+/* Reads [skip, skip+count) blocks of bs from path with dd iflag=direct
+ * (through the page cache where the filesystem refuses O_DIRECT, as the file
+ * store then does); T of them at once over disjoint ranges. Bytes/s. */
 static double dd_direct(const char *path, size_t bs, long blocks, int threads, int passes) {
+    int probe = open(path, O_RDONLY | O_DIRECT);
+    const int direct = probe >= 0;
+    if (probe >= 0) close(probe);
     long per = blocks / threads;
     double t0 = now_s();
     for (int pass = 0; pass < passes; pass++) {
@@ -199,8 +205,8 @@ static double dd_direct(const char *path, size_t bs, long blocks, int threads, i
             snprintf(a_count, sizeof(a_count), "count=%ld", per);
             pids[t] = fork();
             if (pids[t] == 0) {
-                execlp("dd", "dd", a_if, "of=/dev/null", a_bs, a_skip, a_count, "iflag=direct",
-                       "status=none", (char *)NULL);
+                execlp("dd", "dd", a_if, "of=/dev/null", a_bs, a_skip, a_count,
+                       direct ? "iflag=direct" : "iflag=fullblock", "status=none", (char *)NULL);
                 _exit(127);
             }
         }
@@ -292,10 +298,13 @@ static double median(double *v, int n) {
 
 static void usage(void) {
     fputs("usage: bench_store [--dir DIR] [--mb MB] [--seconds S] [--no-file] [--no-redis]\n"
-          "                   [--no-emul] [--shape llama-1b|mha-160m]\n"
+          "                   [--no-emul] [--shape llama-1b|mha-160m|longalpaca-13b]\n"
+          "                   [--tokens N]\n"
           "  --dir DIR     where the file store and the dd file go (default ./bench-store.tmp;\n"
           "                removed at the end): put it on the disk to measure\n"
           "  --mb MB       bytes of chunks per shape for the file part (default 768)\n"
+          "  --tokens N    tokens per chunk (default 256; 512 with longalpaca-13b makes\n"
+          "                419 MB blobs, which the file store reads with several threads)\n"
           "  --seconds S   duration of each measurement (default 2)\n"
           "  --rounds R    measurements per cell, alternating store and reference tool;\n"
           "                the median is reported (default 3, at most 9)\n",
@@ -303,12 +312,17 @@ static void usage(void) {
 }
 
 int main(int argc, char **argv) {
-    static const struct option opts[] = {
-        {"dir", required_argument, 0, 'd'},     {"mb", required_argument, 0, 'm'},
-        {"seconds", required_argument, 0, 's'}, {"no-file", no_argument, 0, 'F'},
-        {"no-redis", no_argument, 0, 'R'},      {"no-emul", no_argument, 0, 'E'},
-        {"shape", required_argument, 0, 'S'},   {"rounds", required_argument, 0, 'r'},
-        {"help", no_argument, 0, 'h'},          {0, 0, 0, 0}};
+    static const struct option opts[] = {{"dir", required_argument, 0, 'd'},
+                                         {"mb", required_argument, 0, 'm'},
+                                         {"seconds", required_argument, 0, 's'},
+                                         {"no-file", no_argument, 0, 'F'},
+                                         {"no-redis", no_argument, 0, 'R'},
+                                         {"no-emul", no_argument, 0, 'E'},
+                                         {"shape", required_argument, 0, 'S'},
+                                         {"rounds", required_argument, 0, 'r'},
+                                         {"tokens", required_argument, 0, 't'},
+                                         {"help", no_argument, 0, 'h'},
+                                         {0, 0, 0, 0}};
     const char *dir = "bench-store.tmp", *only = NULL;
     double seconds = 2;
     int mb = 768, rounds = 3, do_file = 1, do_redis = 1, do_emul = 1, c;
@@ -338,32 +352,36 @@ int main(int argc, char **argv) {
         case 'r':
             rounds = atoi(optarg);
             break;
+        case 't':
+            TOKENS = atoi(optarg);
+            break;
         default:
             usage();
             return c == 'h' ? 0 : 2;
         }
     }
-    if (mb < 64 || seconds <= 0 || rounds < 1 || rounds > 9) {
+    if (mb < 64 || seconds <= 0 || rounds < 1 || rounds > 9 || TOKENS < 1 || TOKENS > 4096) {
         usage();
         return 2;
     }
     char err[512], uri[4300], big[4300];
     mkdir(dir, 0755);
-    printf("bench_store: 256-token f16 chunks; %g s per measurement, median of %d; in flight = "
+    printf("bench_store: %d-token f16 chunks; %g s per measurement, median of %d; in flight = "
            "threads\n",
-           seconds, rounds);
+           TOKENS, seconds, rounds);
 
     for (size_t si = 0; si < sizeof(SHAPES) / sizeof(SHAPES[0]); si++) {
         const shape *sh = &SHAPES[si];
         if (only && strcmp(only, sh->name)) continue;
         chunk_set cs;
-        cake_chunk_header probe = {.n_tokens = 256,
+        cake_chunk_header probe = {.n_tokens = (uint32_t)TOKENS,
                                    .n_layers = sh->layers,
                                    .n_kv_heads = sh->kv_heads,
                                    .head_dim = sh->head_dim,
                                    .dtype = CAKE_KV_F16};
         size_t blob = cake_chunk_blob_size(&probe);
         int n = (int)((size_t)mb * 1048576 / blob);
+        if (n < 2) n = 2;
         printf("\n== %s: %u layers x %u KV heads x %u, chunk blob %zu bytes (%.2f MiB)\n", sh->name,
                sh->layers, sh->kv_heads, sh->head_dim, blob, blob / 1048576.0);
 
@@ -373,6 +391,11 @@ int main(int argc, char **argv) {
             cake_store *s;
             if (cake_store_open(uri, &s, err, sizeof(err))) die("open", err);
             put_all(s, &cs);
+            /* the same store read by one thread per blob, beside the default */
+            char uri1[4400];
+            snprintf(uri1, sizeof(uri1), "%s?readers=1", uri);
+            cake_store *s1;
+            if (cake_store_open(uri1, &s1, err, sizeof(err))) die("open", err);
             /* the same bytes as one file, for dd */
             snprintf(big, sizeof(big), "%s/%s.dd", dir, sh->name);
             int fd = open(big, O_WRONLY | O_CREAT | O_TRUNC, 0644);
@@ -387,16 +410,17 @@ int main(int argc, char **argv) {
             sync();
             printf("file store %s: %d chunks (%.0f MiB); dd file: bs=%zu\n", uri, n,
                    (double)n * blob / 1048576, bs);
-            printf("  %-9s %12s %12s %12s %8s\n", "in flight", "store MB/s", "+verify MB/s",
-                   "dd MB/s", "ratio");
+            printf("  %-9s %12s %14s %12s %12s %8s\n", "in flight", "store MB/s", "1 reader MB/s",
+                   "+verify MB/s", "dd MB/s", "ratio");
             int passes = 1;
             for (size_t t = 0; t < 3; t++) {
                 int T = INFLIGHT[t];
-                double got[9], ver[9], dd[9];
+                double got[9], one[9], ver[9], dd[9];
                 /* alternate the contenders so that drifts of the medium
                  * (a shared VM disk) hit both alike; report medians */
                 for (int r = 0; r < rounds; r++) {
                     got[r] = run_loads(s, &cs, T, 0, seconds, NULL);
+                    one[r] = run_loads(s1, &cs, T, 0, seconds, NULL);
                     ver[r] = run_loads(s, &cs, T, 1, seconds, NULL);
                     dd[r] = dd_direct(big, bs, n, T, passes);
                     if (n * (double)blob * passes / dd[r] < seconds * 0.7) {
@@ -404,14 +428,17 @@ int main(int argc, char **argv) {
                         dd[r] = dd_direct(big, bs, n, T, passes); /* about as long as ours */
                     }
                 }
-                double g = median(got, rounds), v = median(ver, rounds), d = median(dd, rounds);
-                printf("  %-9d %12.0f %12.0f %12.0f %8.2f\n", T, g / 1e6, v / 1e6, d / 1e6, g / d);
+                double g = median(got, rounds), o = median(one, rounds), v = median(ver, rounds),
+                       d = median(dd, rounds);
+                printf("  %-9d %12.0f %14.0f %12.0f %12.0f %8.2f\n", T, g / 1e6, o / 1e6, v / 1e6,
+                       d / 1e6, g / d);
             }
             cake_store_counters ctr;
             cake_store_counters_get(s, &ctr);
             printf("  counters: %llu hits, %llu misses, %llu corrupt, %.0f MB read\n",
                    (unsigned long long)ctr.hits, (unsigned long long)ctr.misses,
                    (unsigned long long)ctr.corrupt, ctr.bytes_read / 1e6);
+            cake_store_close(s1);
             cake_store_close(s);
             unlink(big);
             char rm[4400];

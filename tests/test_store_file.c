@@ -730,6 +730,70 @@ static void test_open_errors(void **state) {
     assert_non_null(strstr(err, "capacity"));
 }
 
+/* A blob big enough to be read in parallel segments (32 MiB each): it comes
+ * back whole, through O_DIRECT and through the page cache, and a cut or a
+ * flipped byte in any segment is still a miss. */
+static void test_big_blob_segments(void **state) {
+    fx *f = *state;
+    cake_chunk_header h = f->h[0];
+    h.n_tokens = 512;
+    h.n_layers = 24;
+    h.n_kv_heads = 16;
+    h.head_dim = 128;
+    h.created = 0;
+    const size_t len = cake_chunk_blob_size(&h); /* 96 MiB + the header: 3 segments */
+    assert_true(len > 3 * (32u << 20));
+    const size_t cap = cake_store_buffer_size(len);
+    uint8_t *blob = cake_store_alloc_buffer(cap), *buf = cake_store_alloc_buffer(cap);
+    assert_non_null(blob);
+    assert_non_null(buf);
+    uint64_t x = 0x9e3779b97f4a7c15ull;
+    for (size_t k = CAKE_CHUNK_HEADER_SIZE; k + 8 <= len; k += 8) {
+        x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+        memcpy(blob + k, &x, 8);
+    }
+    char err[512], path[4400];
+    assert_int_equal(cake_chunk_seal(&h, blob, err, sizeof(err)), 0);
+    chunk_path(f, &h.key, path, sizeof(path));
+    for (int direct = 1; direct >= 0; direct--) {
+        char uri[4300];
+        snprintf(uri, sizeof(uri), "file:%s/store?direct=%d&readers=3", f->dir, direct);
+        cake_store *s;
+        assert_int_equal(cake_store_open(uri, &s, err, sizeof(err)), 0);
+        assert_int_equal(cake_store_put(s, &h.key, blob, len, err, sizeof(err)), 0);
+        size_t got = 0;
+        memset(buf, 0, cap);
+        if (cake_store_get_verified(s, &h, buf, cap, &got, err, sizeof(err)) != 0)
+            fail_msg("direct=%d: %s", direct, err);
+        assert_int_equal(got, len);
+        assert_memory_equal(buf, blob, len);
+        /* cut inside the first, the second and the last segment */
+        const size_t cuts[] = {1000, (32u << 20) + 4096 + 17, len - 1};
+        for (size_t c = 0; c < sizeof(cuts) / sizeof(cuts[0]); c++) {
+            FILE *fp = fopen(path, "wb");
+            assert_non_null(fp);
+            assert_int_equal(fwrite(blob, 1, cuts[c], fp), cuts[c]);
+            fclose(fp);
+            got = 1;
+            assert_int_equal(cake_store_get_verified(s, &h, buf, cap, &got, err, sizeof(err)), 1);
+            assert_int_equal(got, 0);
+            assert_non_null(strstr(err, "truncated"));
+        }
+        /* one flipped byte in the last segment */
+        blob[len - 5] ^= 1;
+        FILE *fp = fopen(path, "wb");
+        assert_non_null(fp);
+        assert_int_equal(fwrite(blob, 1, len, fp), len);
+        fclose(fp);
+        blob[len - 5] ^= 1;
+        assert_int_equal(cake_store_get_verified(s, &h, buf, cap, &got, err, sizeof(err)), 1);
+        assert_non_null(strstr(err, "payload checksum"));
+        cake_store_close(s);
+    }
+    cake_store_free_buffer(blob);
+    cake_store_free_buffer(buf);
+}
+
 int main(void) {
 #define T(fn) cmocka_unit_test_setup_teardown(fn, setup, teardown)
     const struct CMUnitTest tests[] = {
@@ -745,6 +809,7 @@ int main(void) {
         T(test_gc),
         T(test_threads),
         T(test_open_errors),
+        T(test_big_blob_segments),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -59,9 +59,12 @@ static const char *help =
     "                    DIR/trace-ctxN-bwB-shareS.json (Chrome trace-event JSON)\n";
 
 /* The durations of one kind of compute call (same first position, same
- * token count): the last CALL_RUNS of them. */
+ * token count): the last CALL_RUNS of them. A long window keeps the median
+ * steady from one run to the next: a one-token pass on this VM takes 12-45 ms,
+ * and with the last 9 the median (times 7 at share 0.125) moved the sleep by
+ * up to 45 ms between consecutive runs of one cell. */
 #define CALL_KINDS 256
-#define CALL_RUNS  9
+#define CALL_RUNS  64
 typedef struct {
     int pos0, n, count;
     double s[CALL_RUNS];

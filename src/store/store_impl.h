@@ -23,6 +23,9 @@ typedef struct {
         evictions;
 } cake_store_atomic_counters;
 
+/* At most this many threads read one blob (readers=). */
+#define CAKE_STORE_READERS_MAX 16
+
 /* Everything parsed from a URI. */
 typedef struct {
     char kind[8];      /* "file", "redis", "mem" */
@@ -33,6 +36,7 @@ typedef struct {
     uint64_t capacity; /* file, mem: 0 = unlimited */
     int direct;        /* file: O_DIRECT reads */
     int fsync;         /* file: fsync before rename */
+    int readers;       /* file: threads reading one big blob; 0 = min(CPUs, 4) */
     int timeout_ms;    /* redis: read/write timeout */
     double bw;         /* bytes per second, 0 = no emulation */
     double lat_ms;     /* per request */
