@@ -100,12 +100,17 @@ cudaError_t cake_cuda_embed(float *x, const void *embd, int dtype, const int32_t
 cudaError_t cake_cuda_rmsnorm(void *y, int dtype, const float *x, const float *w, int n, int dim,
                               float eps, cudaStream_t st);
 
+/* The RoPE table: cs (n_pos, half_hd) = (cos, sin) of p * inv_freq[i], for
+ * inv_freq (half_hd doubles) = theta^(-2i/head_dim) * freq_scale. */
+cudaError_t cake_cuda_rope_table(float2 *cs, const double *inv_freq, int n_pos, int half_hd,
+                                 cudaStream_t st);
+
 /* From qkv (n, dim + 2 kv_dim) f32 rows [q | k | v] of tokens at positions
  * pos0 + t: q16 (n, dim) = rope(q) as f16; k_cache[pos0 + t] = rope(k) and
- * v_cache[pos0 + t] = v as f16 (rows of kv_dim). inv_freq: (head_dim / 2)
- * doubles, theta^(-2i/head_dim) * freq_scale. */
+ * v_cache[pos0 + t] = v as f16 (rows of kv_dim). rope_cs: the RoPE table
+ * (cake_cuda_rope_table) of at least pos0 + n positions. */
 cudaError_t cake_cuda_rope_kv(const float *qkv, __half *q16, __half *k_cache, __half *v_cache,
-                              const double *inv_freq, int n, int pos0, int n_heads, int n_kv_heads,
+                              const float2 *rope_cs, int n, int pos0, int n_heads, int n_kv_heads,
                               int head_dim, cudaStream_t st);
 
 /* h[t, i] = silu(gu[t, i]) * gu[t, ffn + i] as `dtype`. gu: (n, 2 ffn); h: (n, ffn). */

@@ -11,6 +11,7 @@
  *     no TF32): such files are small test models, and keeping them exact keeps
  *     the GPU within the CPU's tolerance of the llama2.c golden outputs.
  *   KV cache: k_cache, v_cache (n_layers, n_ctx, kv_dim) f16, zeroed at init.
+ *   RoPE table: rope_cs (n_ctx, head_dim / 2) (cos, sin) f32, made at init.
  *   scratch: x (T, dim) f32 residual stream; xh (T, max(dim, ffn)) wtype, the
  *     GEMM input (normed x, then attention output, then silu(g) * u); qkv
  *     (T, dim + 2 kv_dim) f32; q16 (T, dim) f16 roped queries; gu (T, 2 ffn)
@@ -105,7 +106,7 @@ struct cake_cuda_state {
     float *output_norm;
     dev_layer *layers;
     __half *k_cache, *v_cache; /* (n_layers, n_ctx, kv_dim) */
-    double *inv_freq;          /* (head_dim / 2) */
+    float2 *rope_cs;           /* (n_ctx, head_dim / 2) (cos, sin) */
     int32_t *tokens;           /* (T) */
     float *x, *qkv, *gu, *logits, *part;
     void *xh;
@@ -371,7 +372,9 @@ int init_state(cake_cuda_state *s, const cake_model *m, int n_ctx, int max_batch
         s->welem;
     const size_t w_bytes = (size_t)L * w_layer + (hp->tied_output ? 1 : 2) * V * dim * s->welem +
                            (size_t)(2 * L + 1) * dim * sizeof(float);
-    const size_t kv_bytes = 2 * (size_t)L * (size_t)n_ctx * (size_t)s->kv_dim * sizeof(__half);
+    /* The KV cache, and the RoPE table of as many positions. */
+    const size_t kv_bytes = 2 * (size_t)L * (size_t)n_ctx * (size_t)s->kv_dim * sizeof(__half) +
+                            (size_t)n_ctx * (size_t)(hd / 2) * sizeof(float2);
     /* Split partials: decode's ranges, or those of a prefill batch (attention.cu
      * splits only small ones: big ones fill the GPU). */
     const size_t part_decode = (size_t)CAKE_ATTN_SPLIT_MAX_N * s->n_splits_max;
@@ -487,20 +490,26 @@ int init_state(cake_cuda_state *s, const cake_model *m, int n_ctx, int max_batch
         dev_alloc(s, (void **)&s->tokens, T * sizeof(int32_t), "token ids", err, errlen))
         return -1;
 
-    /* RoPE frequencies in double: theta^(-2i/head_dim) * freq_scale. */
-    double *inv = (double *)malloc((size_t)(hd / 2) * sizeof(double));
+    /* RoPE: frequencies in double, theta^(-2i/head_dim) * freq_scale, and from
+     * them the (cos, sin) table of every position of the context. */
+    double *inv = (double *)malloc((size_t)(hd / 2) * sizeof(double)), *inv_dev;
     if (!inv) return cake_err(err, errlen, "out of host memory");
     for (int i = 0; i < hd / 2; i++)
         inv[i] = pow((double)hp->rope_theta, -2.0 * i / (double)hd) * (double)hp->rope_freq_scale;
-    int rc = dev_alloc(s, (void **)&s->inv_freq, (size_t)(hd / 2) * sizeof(double), "RoPE table",
-                       err, errlen);
-    if (!rc) {
-        cudaError_t e =
-            cudaMemcpy(s->inv_freq, inv, (size_t)(hd / 2) * sizeof(double), cudaMemcpyHostToDevice);
-        if (e != cudaSuccess) rc = cuda_fail(err, errlen, "uploading the RoPE table", e);
+    if (dev_alloc(s, (void **)&s->rope_cs, (size_t)n_ctx * (size_t)(hd / 2) * sizeof(float2),
+                  "the RoPE table", err, errlen) ||
+        dev_alloc(s, (void **)&inv_dev, (size_t)(hd / 2) * sizeof(double), "RoPE frequencies", err,
+                  errlen)) {
+        free(inv);
+        return -1;
     }
+    const cudaError_t up =
+        cudaMemcpy(inv_dev, inv, (size_t)(hd / 2) * sizeof(double), cudaMemcpyHostToDevice);
     free(inv);
-    if (rc) return -1;
+    CK(up, "uploading the RoPE frequencies");
+    CK(cake_cuda_rope_table(s->rope_cs, inv_dev, n_ctx, hd / 2, s->stream),
+       "making the RoPE table");
+    CK(cudaStreamSynchronize(s->stream), "making the RoPE table");
 
     const char *prof = getenv("CAKE_CUDA_PROFILE");
     if (prof && *prof && strcmp(prof, "0")) {
@@ -816,8 +825,8 @@ static int cuda_forward(cake_cuda_state *s, const cake_token *tokens, int n, int
         if (gemm(s, L->wqkv, s->xh, s->qkv, n, dim, s->qkv_dim, 0.0f, "q/k/v", l, err, errlen))
             return -1;
         prof_mark(s, prof, PH_QKV);
-        if (kernel_check(cake_cuda_rope_kv(s->qkv, s->q16, kc, vc, s->inv_freq, n, pos0,
-                                           hp->n_heads, hp->n_kv_heads, hp->head_dim, st),
+        if (kernel_check(cake_cuda_rope_kv(s->qkv, s->q16, kc, vc, s->rope_cs, n, pos0, hp->n_heads,
+                                           hp->n_kv_heads, hp->head_dim, st),
                          "rope/kv write", l, err, errlen))
             return -1;
         prof_mark(s, prof, PH_ROPE);

@@ -1,0 +1,151 @@
+/* The element-wise kernels (device code): embedding gather, RMSNorm, the RoPE
+ * table, RoPE with the KV-cache write, SwiGLU; kernels.cu launches them. They
+ * are memory-bound: what matters is bytes in flight. A chunk of 512 rows gives
+ * one block per row only half a wave on an H100, so the row kernels load 8 or
+ * 16 bytes at a time and issue a row's loads before they use them.
+ *
+ * A host build that defines CAKE_CUDA_EMULATE runs them on the CPU with
+ * emulated blocks (tests/test_row_kernels_emulated.cpp). */
+#ifndef CAKE_CUDA_ROW_KERNELS_CUH
+#define CAKE_CUDA_ROW_KERNELS_CUH
+
+#include "backend/cuda/common.cuh"
+
+namespace cake_rows {
+
+constexpr int ROW_THREADS = 256;
+/* rmsnorm_vec_kernel holds its row in registers: RMS_VEC float4 per thread. */
+constexpr int RMS_VEC = 8;
+
+/* Whether rmsnorm_vec_kernel takes rows of dim floats (else rmsnorm_kernel). */
+__host__ __device__ constexpr bool rmsnorm_vec_fits(int dim) {
+    return dim % 4 == 0 && dim <= 4 * ROW_THREADS * RMS_VEC;
+}
+
+/* grid n, block ROW_THREADS: x[t, :] = embd[tokens[t], :] as f32. */
+template <typename T>
+__global__ void embed_kernel(float *__restrict__ x, const T *__restrict__ embd,
+                             const int32_t *__restrict__ tokens, int dim) {
+    const int t = blockIdx.x;
+    const T *src = embd + (size_t)tokens[t] * (size_t)dim;
+    float *dst = x + (size_t)t * (size_t)dim;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) dst[i] = cake_to_f32(src[i]);
+}
+
+/* grid n, block ROW_THREADS, any dim: x is read twice (the second time from L2). */
+template <typename T>
+__global__ void rmsnorm_kernel(T *__restrict__ y, const float *__restrict__ x,
+                               const float *__restrict__ w, int dim, float eps) {
+    __shared__ float scratch[32];
+    const size_t row = (size_t)blockIdx.x * (size_t)dim;
+    const float *xr = x + row;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) ss += xr[i] * xr[i];
+    ss = cake_block_sum(ss, scratch);
+    const float r = rsqrtf(ss / (float)dim + eps);
+    for (int i = threadIdx.x; i < dim; i += blockDim.x)
+        y[row + i] = cake_from_f32<T>(xr[i] * r * w[i]);
+}
+
+/* grid n, block ROW_THREADS, rmsnorm_vec_fits(dim): the row is read once, in
+ * float4 loads that all go out before the reduction. Same maths as
+ * rmsnorm_kernel; only the order of the sum of squares differs (fixed, and per
+ * row, so a row's bits do not depend on the batch). */
+template <typename T>
+__global__ void __launch_bounds__(ROW_THREADS)
+    rmsnorm_vec_kernel(T *__restrict__ y, const float *__restrict__ x, const float *__restrict__ w,
+                       int dim, float eps) {
+    __shared__ float scratch[32];
+    const int n4 = dim / 4;
+    const float4 *xr = reinterpret_cast<const float4 *>(x + (size_t)blockIdx.x * (size_t)dim);
+    float4 v[RMS_VEC];
+    float ss = 0.0f;
+#pragma unroll
+    for (int k = 0; k < RMS_VEC; k++) {
+        const int i = (int)threadIdx.x + k * ROW_THREADS;
+        if (i < n4) {
+            v[k] = xr[i];
+            ss += v[k].x * v[k].x + v[k].y * v[k].y + v[k].z * v[k].z + v[k].w * v[k].w;
+        }
+    }
+    const float r = rsqrtf(cake_block_sum(ss, scratch) / (float)dim + eps);
+    const float4 *w4 = reinterpret_cast<const float4 *>(w);
+    T *yr = y + (size_t)blockIdx.x * (size_t)dim;
+#pragma unroll
+    for (int k = 0; k < RMS_VEC; k++) {
+        const int i = (int)threadIdx.x + k * ROW_THREADS;
+        if (i < n4) {
+            const float4 g = w4[i];
+            cake_store2(yr + 4 * i, v[k].x * r * g.x, v[k].y * r * g.y);
+            cake_store2(yr + 4 * i + 2, v[k].z * r * g.z, v[k].w * r * g.w);
+        }
+    }
+}
+
+/* Grid-stride over n_pos * half_hd: cs[p * half_hd + i] = (cos, sin) of
+ * p * inv_freq[i], computed in double and rounded to f32: at positions in the
+ * tens of thousands an f32 angle (or the fast-math __sinf) would be off by
+ * more than the f16 rounding of the result. Run once, for the whole context. */
+__global__ void rope_table_kernel(float2 *__restrict__ cs, const double *__restrict__ inv_freq,
+                                  int n_pos, int half_hd) {
+    const size_t total = (size_t)n_pos * (size_t)half_hd;
+    const size_t stride = (size_t)gridDim.x * blockDim.x;
+    for (size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += stride) {
+        double s, c;
+        sincos((double)(idx / (size_t)half_hd) * inv_freq[idx % (size_t)half_hd], &s, &c);
+        cs[idx] = make_float2((float)c, (float)s);
+    }
+}
+
+/* grid n, block ROW_THREADS. Row t of qkv is [q (dim) | k (kv_dim) | v
+ * (kv_dim)] f32, at position pos0 + t: q16[t] = rope(q), k_cache[pos] =
+ * rope(k), v_cache[pos] = v, as f16. Each element pair (2p, 2p + 1), which
+ * RoPE rotates together, comes in as a float2 and goes out as a half2. */
+__global__ void __launch_bounds__(ROW_THREADS)
+    rope_kv_kernel(const float *__restrict__ qkv, __half *__restrict__ q16,
+                   __half *__restrict__ k_cache, __half *__restrict__ v_cache,
+                   const float2 *__restrict__ rope_cs, int pos0, int n_heads, int n_kv_heads,
+                   int head_dim) {
+    const int t = blockIdx.x, half_hd = head_dim / 2, pos = pos0 + t;
+    const int q_pairs = n_heads * half_hd, kv_pairs = n_kv_heads * half_hd;
+    const float2 *cs = rope_cs + (size_t)pos * (size_t)half_hd;
+    const float2 *row =
+        reinterpret_cast<const float2 *>(qkv) + (size_t)t * (q_pairs + 2 * kv_pairs);
+    __half2 *qdst = reinterpret_cast<__half2 *>(q16) + (size_t)t * q_pairs;
+    __half2 *kdst = reinterpret_cast<__half2 *>(k_cache) + (size_t)pos * kv_pairs;
+    __half2 *vdst = reinterpret_cast<__half2 *>(v_cache) + (size_t)pos * kv_pairs;
+#pragma unroll 4
+    for (int p = threadIdx.x; p < q_pairs + 2 * kv_pairs; p += ROW_THREADS) {
+        const float2 x = row[p];
+        if (p < q_pairs + kv_pairs) { /* q or k: rotate (heads start at multiples of half_hd) */
+            const float2 r = cs[p % half_hd]; /* (cos, sin) */
+            const __half2 h = __floats2half2_rn(x.x * r.x - x.y * r.y, x.x * r.y + x.y * r.x);
+            if (p < q_pairs)
+                qdst[p] = h;
+            else
+                kdst[p - q_pairs] = h;
+        } else {
+            vdst[p - q_pairs - kv_pairs] = __floats2half2_rn(x.x, x.y);
+        }
+    }
+}
+
+/* Most rows one swiglu launch covers in its y dimension (a grid limit). */
+constexpr int SWIGLU_MAX_Y = 65535;
+
+/* grid (ceil(ffn / ROW_THREADS), min(n, SWIGLU_MAX_Y)), block ROW_THREADS:
+ * h[t, i] = silu(gu[t, i]) * gu[t, ffn + i], one element per thread and row. */
+template <typename T>
+__global__ void swiglu_kernel(T *__restrict__ h, const float *__restrict__ gu, int n, int ffn) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= ffn) return;
+    for (int t = blockIdx.y; t < n; t += gridDim.y) {
+        const float *g = gu + (size_t)t * 2 * (size_t)ffn;
+        const float gv = g[i], u = g[ffn + i];
+        h[(size_t)t * ffn + i] = cake_from_f32<T>(gv / (1.0f + __expf(-gv)) * u);
+    }
+}
+
+} // namespace cake_rows
+
+#endif

@@ -1,0 +1,151 @@
+/* A CUDA block emulator for kernel tests on machines without a GPU: kernels
+ * written for CUDA (device code in a .cuh) are compiled as host C++ and run
+ * here, block after block. Each CUDA thread of a block is a ucontext
+ * coroutine; all threads of the block run in lockstep rounds, one round per
+ * synchronisation point (__syncthreads, or each half of a warp collective: a
+ * lane publishes its operand, yields, reads the others', yields). The kernels'
+ * control flow around those points must be uniform over the block, which the
+ * lockstep needs and checks (a thread that ends early while others still sync
+ * is an error).
+ *
+ * Include it before the kernels' header. A kernel's static __shared__ arrays
+ * must be shared by the block's threads: a test that runs such kernels
+ * defines __shared__ as static after the CUDA headers (blocks run one at a
+ * time, so one copy is the block's). */
+#ifndef CAKE_TEST_CUDA_EMULATOR_H
+#define CAKE_TEST_CUDA_EMULATOR_H
+
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <ucontext.h>
+
+#include <algorithm>
+#include <functional>
+#include <vector>
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#define CAKE_CUDA_EMULATE 1
+
+/* ---- the emulated block ---- */
+
+namespace emu {
+
+constexpr int MAX_THREADS = 256;
+constexpr size_t STACK_BYTES = 256 * 1024;
+
+struct warp_buf {
+    const void *addr[32];
+    uint32_t a[32][4], b[32][2];
+    float f[32];
+};
+
+int cur; /* the thread running now */
+ucontext_t sched_ctx, thread_ctx[MAX_THREADS];
+std::vector<char> stacks;
+bool done[MAX_THREADS];
+long yields[MAX_THREADS];
+warp_buf warps[MAX_THREADS / 32];
+std::function<void()> body;
+uint3 tid3, bid3;
+dim3 grid3, block3;
+
+void yield() {
+    yields[cur]++;
+    swapcontext(&thread_ctx[cur], &sched_ctx);
+}
+
+void entry() {
+    body();
+    done[cur] = true;
+}
+
+/* Runs body as one block of n threads; returns 0, or -1 if the threads did not
+ * pass the same number of synchronisation points. */
+int run_block(int n) {
+    block3 = dim3((unsigned)n, 1, 1);
+    stacks.resize((size_t)n * STACK_BYTES);
+    for (int t = 0; t < n; t++) {
+        done[t] = false;
+        yields[t] = 0;
+        getcontext(&thread_ctx[t]);
+        thread_ctx[t].uc_stack.ss_sp = stacks.data() + (size_t)t * STACK_BYTES;
+        thread_ctx[t].uc_stack.ss_size = STACK_BYTES;
+        thread_ctx[t].uc_link = &sched_ctx;
+        makecontext(&thread_ctx[t], entry, 0);
+    }
+    for (int left = n; left > 0;) {
+        left = 0;
+        for (int t = 0; t < n; t++) {
+            if (done[t]) continue;
+            cur = t;
+            tid3 = make_uint3((unsigned)t, 0, 0);
+            swapcontext(&sched_ctx, &thread_ctx[t]);
+            left += !done[t];
+        }
+    }
+    for (int t = 1; t < n; t++)
+        if (yields[t] != yields[0]) return -1;
+    return 0;
+}
+
+warp_buf &my_warp() {
+    return warps[cur / 32];
+}
+int my_lane() {
+    return cur % 32;
+}
+
+} // namespace emu
+
+#define threadIdx emu::tid3
+#define blockIdx  emu::bid3
+#define gridDim   emu::grid3
+#define blockDim  emu::block3
+#define __launch_bounds__(...)
+
+static inline void __syncthreads() {
+    emu::yield();
+}
+
+static inline float __shfl_xor_sync(unsigned, float v, int mask) {
+    emu::warp_buf &w = emu::my_warp();
+    w.f[emu::my_lane()] = v;
+    emu::yield();
+    const float r = w.f[emu::my_lane() ^ mask];
+    emu::yield();
+    return r;
+}
+
+using std::max;
+using std::min;
+
+/* The device intrinsic; declared by the CUDA headers for the host, not defined. */
+extern "C" float __expf(float x) {
+    return expf(x);
+}
+
+/* Runs body on every block of grid (block threads each); -1 if a block's
+ * threads passed different numbers of synchronisation points. */
+static int run_grid(dim3 grid, int threads) {
+    emu::grid3 = grid;
+    for (unsigned z = 0; z < grid.z; z++)
+        for (unsigned y = 0; y < grid.y; y++)
+            for (unsigned x = 0; x < grid.x; x++) {
+                emu::bid3 = make_uint3(x, y, z);
+                if (emu::run_block(threads)) {
+                    fprintf(stderr,
+                            "block (%u, %u, %u): threads passed different numbers of "
+                            "barriers\n",
+                            x, y, z);
+                    return -1;
+                }
+            }
+    return 0;
+}
+
+#endif

@@ -1,0 +1,226 @@
+/* The CUDA backend's element-wise kernels (row_kernels.cuh: RMSNorm, the RoPE
+ * table, RoPE with the KV write, SwiGLU), run on the CPU with the block
+ * emulator of cuda_emulator.h, against references written here from the
+ * maths. Like test_attention_emulated, it checks the kernels' indexing and
+ * vector layouts on any machine with the CUDA headers; test_cuda checks them
+ * on a GPU. */
+#include "cuda_emulator.h"
+
+#include <stdarg.h>
+
+#include <cuda_bf16.h>
+
+/* A block's static __shared__ arrays: one copy, shared by the emulated
+ * threads (blocks run one at a time). */
+#undef __shared__
+#define __shared__ static
+
+/* Device intrinsics the CUDA headers declare for the host but do not define. */
+extern "C" float rsqrtf(float x) {
+    return 1.0f / sqrtf(x);
+}
+
+#include "backend/cuda/row_kernels.cuh"
+
+using namespace cake_rows;
+
+static uint64_t rng = 0x9e3779b97f4a7c15ull;
+static float uniform(float a) {
+    rng ^= rng << 13;
+    rng ^= rng >> 7;
+    rng ^= rng << 17;
+    return a * (2.0f * (float)(rng >> 11) / 9007199254740992.0f - 1.0f);
+}
+
+static int failed;
+
+static void check(bool ok, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void check(bool ok, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    printf("%s: ", ok ? "ok" : "FAILED");
+    vprintf(fmt, ap);
+    printf("\n");
+    va_end(ap);
+    failed += !ok;
+}
+
+static float to_f32(float v) {
+    return v;
+}
+static float to_f32(__half v) {
+    return __half2float(v);
+}
+static float to_f32(__nv_bfloat16 v) {
+    return __bfloat162float(v);
+}
+
+/* ---- RMSNorm ---- */
+
+/* Relative error allowed for T's rounding of the result (half an ulp) plus the
+ * f32 arithmetic before it. */
+template <typename T> static double tolerance();
+template <> double tolerance<float>() {
+    return 1e-5;
+}
+template <> double tolerance<__half>() {
+    return 1.0 / 2048 + 1e-5;
+}
+template <> double tolerance<__nv_bfloat16>() {
+    return 1.0 / 256 + 1e-5;
+}
+
+template <typename T> static void test_rmsnorm(int n, int dim, const char *type) {
+    std::vector<float> x((size_t)n * dim), w(dim);
+    for (auto &v : x) v = uniform(3.0f);
+    for (auto &v : w) v = 1.0f + uniform(0.5f);
+    std::vector<T> y((size_t)n * dim);
+    const float eps = 1e-5f;
+    const bool vec = rmsnorm_vec_fits(dim);
+    T *yp = y.data();
+    const float *xp = x.data(), *wp = w.data();
+    if (vec)
+        emu::body = [=] { rmsnorm_vec_kernel<T>(yp, xp, wp, dim, eps); };
+    else
+        emu::body = [=] { rmsnorm_kernel<T>(yp, xp, wp, dim, eps); };
+    if (run_grid(dim3((unsigned)n), ROW_THREADS)) {
+        failed++;
+        return;
+    }
+    double worst = 0;
+    for (int t = 0; t < n; t++) {
+        double ss = 0;
+        for (int i = 0; i < dim; i++) ss += (double)x[(size_t)t * dim + i] * x[(size_t)t * dim + i];
+        const double r = 1.0 / sqrt(ss / dim + eps);
+        for (int i = 0; i < dim; i++) {
+            const double want = x[(size_t)t * dim + i] * r * w[i];
+            const double got = to_f32(y[(size_t)t * dim + i]);
+            const double e = fabs(got - want) / (fabs(want) + 1e-3);
+            worst = isnan(e) ? INFINITY : fmax(worst, e);
+        }
+    }
+    check(worst <= tolerance<T>(),
+          "rmsnorm%s %s, %d rows of %d: max relative error %.3g (tol %.3g)", vec ? " (float4)" : "",
+          type, n, dim, worst, tolerance<T>());
+}
+
+/* ---- RoPE ---- */
+
+/* The table and the rotation, against the same maths on the host: the same
+ * (cos, sin) from double, the same f32 products, so within one f16 rounding
+ * (the order of an f32 multiply-add can differ). */
+static void test_rope(int n_heads, int n_kv_heads, int head_dim, int pos0, int n) {
+    const int half_hd = head_dim / 2, n_pos = pos0 + n;
+    const int dim = n_heads * head_dim, kv_dim = n_kv_heads * head_dim;
+    std::vector<double> inv(half_hd);
+    for (int i = 0; i < half_hd; i++) inv[i] = pow(500000.0, -2.0 * i / head_dim);
+    std::vector<float2> cs((size_t)n_pos * half_hd);
+    float2 *csp = cs.data();
+    const double *invp = inv.data();
+    emu::body = [=] { rope_table_kernel(csp, invp, n_pos, half_hd); };
+    if (run_grid(dim3(7), ROW_THREADS)) { /* a grid smaller than the table: the loop strides */
+        failed++;
+        return;
+    }
+    int bad_table = 0;
+    for (int p = 0; p < n_pos; p++)
+        for (int i = 0; i < half_hd; i++) {
+            const float2 c = cs[(size_t)p * half_hd + i];
+            bad_table += c.x != (float)cos(p * inv[i]) || c.y != (float)sin(p * inv[i]);
+        }
+    check(!bad_table, "rope table, %d positions x %d: %d entries differ from cos/sin in double",
+          n_pos, half_hd, bad_table);
+
+    std::vector<float> qkv((size_t)n * (dim + 2 * kv_dim));
+    for (auto &v : qkv) v = uniform(4.0f);
+    std::vector<__half> q16((size_t)n * dim), kc((size_t)n_pos * kv_dim),
+        vc((size_t)n_pos * kv_dim);
+    const float *qp = qkv.data();
+    __half *q16p = q16.data(), *kp = kc.data(), *vp = vc.data();
+    const float2 *csc = cs.data();
+    emu::body = [=] { rope_kv_kernel(qp, q16p, kp, vp, csc, pos0, n_heads, n_kv_heads, head_dim); };
+    if (run_grid(dim3((unsigned)n), ROW_THREADS)) {
+        failed++;
+        return;
+    }
+    double worst = 0;
+    int v_bad = 0;
+    for (int t = 0; t < n; t++) {
+        const int pos = pos0 + t;
+        const float *row = qkv.data() + (size_t)t * (dim + 2 * kv_dim);
+        for (int part = 0; part < 2; part++) { /* q, then k */
+            const int width = part ? kv_dim : dim;
+            const float *src = row + (part ? dim : 0);
+            const __half *dst =
+                part ? kc.data() + (size_t)pos * kv_dim : q16.data() + (size_t)t * dim;
+            for (int j = 0; j < width; j += 2) {
+                const int i = (j % head_dim) / 2;
+                const double c = (float)cos(pos * inv[i]), s = (float)sin(pos * inv[i]);
+                const double want0 = src[j] * c - src[j + 1] * s,
+                             want1 = src[j] * s + src[j + 1] * c;
+                const double e0 = fabs(__half2float(dst[j]) - want0) / (fabs(want0) + 1e-2);
+                const double e1 = fabs(__half2float(dst[j + 1]) - want1) / (fabs(want1) + 1e-2);
+                worst = fmax(worst, isnan(e0) || isnan(e1) ? INFINITY : fmax(e0, e1));
+            }
+        }
+        for (int j = 0; j < kv_dim; j++) /* v: copied, rounded once */
+            v_bad += __half2float(vc[(size_t)pos * kv_dim + j]) !=
+                     __half2float(__float2half_rn(row[dim + kv_dim + j]));
+    }
+    const double tol = 1.0 / 1024;
+    check(worst <= tol && !v_bad,
+          "rope+kv, heads %d/%d of %d, positions %d..%d: max relative error %.3g (tol %.3g), %d v "
+          "values differ",
+          n_heads, n_kv_heads, head_dim, pos0, pos0 + n - 1, worst, tol, v_bad);
+}
+
+/* ---- SwiGLU ---- */
+
+template <typename T> static void test_swiglu(int n, int ffn, int grid_y, const char *type) {
+    std::vector<float> gu((size_t)n * 2 * ffn);
+    for (auto &v : gu) v = uniform(6.0f);
+    std::vector<T> h((size_t)n * ffn);
+    T *hp = h.data();
+    const float *gp = gu.data();
+    emu::body = [=] { swiglu_kernel<T>(hp, gp, n, ffn); };
+    if (run_grid(dim3((unsigned)((ffn + ROW_THREADS - 1) / ROW_THREADS), (unsigned)grid_y),
+                 ROW_THREADS)) {
+        failed++;
+        return;
+    }
+    double worst = 0;
+    for (int t = 0; t < n; t++)
+        for (int i = 0; i < ffn; i++) {
+            const double g = gu[(size_t)t * 2 * ffn + i], u = gu[(size_t)t * 2 * ffn + ffn + i];
+            const double want = g / (1.0 + exp(-g)) * u;
+            const double e = fabs(to_f32(h[(size_t)t * ffn + i]) - want) / (fabs(want) + 1e-3);
+            worst = isnan(e) ? INFINITY : fmax(worst, e);
+        }
+    check(worst <= tolerance<T>(), "swiglu %s, %d rows of %d (grid y %d): max relative error %.3g",
+          type, n, ffn, grid_y, worst);
+}
+
+int main() {
+    /* float4 path: dims of the shapes (768, 5120), one float4 per thread
+     * (1024), partial last loads (100), the largest row it takes (8192) */
+    for (int dim : {768, 5120, 1024, 100, 8192}) {
+        test_rmsnorm<float>(3, dim, "f32");
+        test_rmsnorm<__half>(3, dim, "f16");
+        test_rmsnorm<__nv_bfloat16>(2, dim, "bf16");
+    }
+    /* the plain kernel: rows that are not whole float4s, or too long */
+    for (int dim : {6, 258, 8196}) test_rmsnorm<__half>(2, dim, "f16");
+    check(!rmsnorm_vec_fits(8196) && !rmsnorm_vec_fits(258) && rmsnorm_vec_fits(8192),
+          "rmsnorm picks the plain kernel for rows of 258 and 8196 floats");
+
+    test_rope(4, 2, 128, 0, 3);
+    test_rope(3, 3, 64, 30000, 2); /* far positions: the angles need double */
+    test_rope(8, 1, 16, 100, 2);
+
+    test_swiglu<__half>(3, 300, 3, "f16");
+    test_swiglu<float>(5, 256, 2, "f32"); /* rows strided over grid y */
+    test_swiglu<__nv_bfloat16>(2, 13824 / 8, 2, "bf16");
+
+    if (failed) printf("%d check(s) failed\n", failed);
+    return failed ? 1 : 0;
+}
