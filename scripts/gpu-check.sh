@@ -6,7 +6,7 @@
 # token), one-shot and in chunks of 512, then the paper's Table 3 cells:
 # `cake bench ttft --backend cuda` on that shape at 16K tokens over emulated
 # 7-100 Gbit/s links, GPU share 1 and 0.125; last, if time is left, llama-8b
-# prefill.
+# prefill and the file store's read rate for 419 MB blobs (bench_store).
 #
 #   bash scripts/gpu-check.sh [RESULTS_DIR]      (default out/gpu)
 #
@@ -120,7 +120,7 @@ else
 fi
 step configure 120 cmake -S . -B build-gpu -G "$GEN" -DCMAKE_BUILD_TYPE=Release \
     -DCMAKE_CUDA_ARCHITECTURES=90
-step build 240 cmake --build build-gpu -j16 --target cake cake_cuda bench_engine test_cuda test_loader -- $KEEP
+step build 240 cmake --build build-gpu -j16 --target cake cake_cuda bench_engine bench_store test_cuda test_loader -- $KEEP
 CAKE=build-gpu/cake
 for b in $CAKE build-gpu/libcake_cuda.so build-gpu/bench_engine build-gpu/tests/test_cuda \
     build-gpu/tests/test_loader; do
@@ -280,6 +280,19 @@ else
     note "llama-8b: skipped, $(left)s left"
 fi
 rm -rf "$MODELS"
+
+# ---- the file store with 419 MB blobs on this many-core host, if time is left ----
+if [ "$QUICK" = 1 ]; then
+    : # no store bench
+elif [ -x build-gpu/bench_store ] && [ "$(left)" -gt 45 ]; then
+    step bench_store_13b 60 build-gpu/bench_store --dir /dev/shm/cake-bench-blobs \
+        --shape longalpaca-13b --tokens 512 --mb 2100 --no-redis --no-emul --seconds 1 --rounds 1
+    rm -rf /dev/shm/cake-bench-blobs
+    grep -A5 "in flight" "$LOGS/bench_store_13b.log" | tee -a "$SUMMARY"
+    cp "$SUMMARY" "$OUT/summary.txt"
+else
+    note "bench_store: skipped, $(left)s left"
+fi
 
 note ""
 note "total $(elapsed)s"

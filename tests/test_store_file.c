@@ -730,10 +730,12 @@ static void test_open_errors(void **state) {
     assert_non_null(strstr(err, "capacity"));
 }
 
-/* A blob big enough to be read in parallel segments (32 MiB each): it comes
- * back whole, through O_DIRECT and through the page cache, and a cut or a
- * flipped byte in any segment is still a miss. */
-static void test_big_blob_segments(void **state) {
+/* A blob of several pieces (16 MiB each), read by helper threads while the
+ * caller hashes the pieces in order: it comes back whole, through O_DIRECT
+ * and through the page cache, and a cut or a flipped byte anywhere (in a
+ * piece hashed during the read, or in the last one, hashed after it) is still
+ * a miss. */
+static void test_big_blob_pieces(void **state) {
     fx *f = *state;
     cake_chunk_header h = f->h[0];
     h.n_tokens = 512;
@@ -741,8 +743,8 @@ static void test_big_blob_segments(void **state) {
     h.n_kv_heads = 16;
     h.head_dim = 128;
     h.created = 0;
-    const size_t len = cake_chunk_blob_size(&h); /* 96 MiB + the header: 3 segments */
-    assert_true(len > 3 * (32u << 20));
+    const size_t len = cake_chunk_blob_size(&h); /* 96 MiB + the header: 7 pieces */
+    assert_true(len > 6 * (16u << 20));
     const size_t cap = cake_store_buffer_size(len);
     uint8_t *blob = cake_store_alloc_buffer(cap), *buf = cake_store_alloc_buffer(cap);
     assert_non_null(blob);
@@ -755,19 +757,21 @@ static void test_big_blob_segments(void **state) {
     char err[512], path[4400];
     assert_int_equal(cake_chunk_seal(&h, blob, err, sizeof(err)), 0);
     chunk_path(f, &h.key, path, sizeof(path));
-    for (int direct = 1; direct >= 0; direct--) {
+    /* readers=3: two threads read while this one hashes; readers=2: both read */
+    for (int run = 0; run < 4; run++) {
+        const int direct = run < 2, readers = run % 2 ? 2 : 3;
         char uri[4300];
-        snprintf(uri, sizeof(uri), "file:%s/store?direct=%d&readers=3", f->dir, direct);
+        snprintf(uri, sizeof(uri), "file:%s/store?direct=%d&readers=%d", f->dir, direct, readers);
         cake_store *s;
         assert_int_equal(cake_store_open(uri, &s, err, sizeof(err)), 0);
         assert_int_equal(cake_store_put(s, &h.key, blob, len, err, sizeof(err)), 0);
         size_t got = 0;
         memset(buf, 0, cap);
         if (cake_store_get_verified(s, &h, buf, cap, &got, err, sizeof(err)) != 0)
-            fail_msg("direct=%d: %s", direct, err);
+            fail_msg("direct=%d, readers=%d: %s", direct, readers, err);
         assert_int_equal(got, len);
         assert_memory_equal(buf, blob, len);
-        /* cut inside the first, the second and the last segment */
+        /* cut inside the first, the third and the last piece */
         const size_t cuts[] = {1000, (32u << 20) + 4096 + 17, len - 1};
         for (size_t c = 0; c < sizeof(cuts) / sizeof(cuts[0]); c++) {
             FILE *fp = fopen(path, "wb");
@@ -779,15 +783,23 @@ static void test_big_blob_segments(void **state) {
             assert_int_equal(got, 0);
             assert_non_null(strstr(err, "truncated"));
         }
-        /* one flipped byte in the last segment */
-        blob[len - 5] ^= 1;
-        FILE *fp = fopen(path, "wb");
-        assert_non_null(fp);
-        assert_int_equal(fwrite(blob, 1, len, fp), len);
-        fclose(fp);
-        blob[len - 5] ^= 1;
-        assert_int_equal(cake_store_get_verified(s, &h, buf, cap, &got, err, sizeof(err)), 1);
-        assert_non_null(strstr(err, "payload checksum"));
+        /* one flipped byte in the first, the third and the last piece */
+        const size_t flips[] = {1000, (32u << 20) + 7, len - 5};
+        for (size_t b = 0; b < sizeof(flips) / sizeof(flips[0]); b++) {
+            blob[flips[b]] ^= 1;
+            FILE *fp = fopen(path, "wb");
+            assert_non_null(fp);
+            assert_int_equal(fwrite(blob, 1, len, fp), len);
+            fclose(fp);
+            blob[flips[b]] ^= 1;
+            assert_int_equal(cake_store_get_verified(s, &h, buf, cap, &got, err, sizeof(err)), 1);
+            assert_non_null(strstr(err, "payload checksum"));
+        }
+        /* and whole again: a hit, hashed in pieces */
+        assert_int_equal(cake_store_put(s, &h.key, blob, len, err, sizeof(err)), 0);
+        if (cake_store_get_verified(s, &h, buf, cap, &got, err, sizeof(err)) != 0)
+            fail_msg("direct=%d, readers=%d, after the faults: %s", direct, readers, err);
+        assert_memory_equal(buf, blob, len);
         cake_store_close(s);
     }
     cake_store_free_buffer(blob);
@@ -809,7 +821,7 @@ int main(void) {
         T(test_gc),
         T(test_threads),
         T(test_open_errors),
-        T(test_big_blob_segments),
+        T(test_big_blob_pieces),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -209,8 +209,30 @@ int cake_chunk_parse_header(const void *blob, size_t len, cake_chunk_header *out
     return 0;
 }
 
+_Static_assert(sizeof(XXH3_state_t) <= sizeof(((cake_payload_hash *)0)->state) &&
+                   _Alignof(XXH3_state_t) <= 64,
+               "cake_payload_hash has no room for the XXH3 state");
+
+void cake_payload_hash_init(cake_payload_hash *h) {
+    XXH3_64bits_reset((XXH3_state_t *)h->state);
+    h->fed = CAKE_CHUNK_HEADER_SIZE;
+}
+
+void cake_payload_hash_feed(cake_payload_hash *h, const void *blob, size_t from, size_t to) {
+    if (from < CAKE_CHUNK_HEADER_SIZE) from = CAKE_CHUNK_HEADER_SIZE;
+    if (from != h->fed || to <= from) return;
+    XXH3_64bits_update((XXH3_state_t *)h->state, (const uint8_t *)blob + from, to - from);
+    h->fed = to;
+}
+
 int cake_chunk_verify(const void *blob, size_t len, const cake_chunk_header *expect,
                       cake_chunk_header *out, char *err, size_t errlen) {
+    return cake_chunk_verify_fed(blob, len, expect, NULL, out, err, errlen);
+}
+
+int cake_chunk_verify_fed(const void *blob, size_t len, const cake_chunk_header *expect,
+                          cake_payload_hash *fed, cake_chunk_header *out, char *err,
+                          size_t errlen) {
     cake_chunk_header h;
     char name[80], a[33], b[33];
     if (cake_chunk_parse_header(blob, len, &h, err, errlen)) {
@@ -259,7 +281,14 @@ int cake_chunk_verify(const void *blob, size_t len, const cake_chunk_header *exp
                         (uint64_t)len - CAKE_CHUNK_HEADER_SIZE < want ? "truncated"
                                                                       : "trailing bytes",
                         len, want + CAKE_CHUNK_HEADER_SIZE);
-    uint64_t hash = XXH3_64bits((const uint8_t *)blob + CAKE_CHUNK_HEADER_SIZE, (size_t)want);
+    /* len is the header's size plus want here, so fed bytes are payload bytes. */
+    uint64_t hash;
+    if (fed) {
+        cake_payload_hash_feed(fed, blob, fed->fed, len);
+        hash = XXH3_64bits_digest((XXH3_state_t *)fed->state);
+    } else {
+        hash = XXH3_64bits((const uint8_t *)blob + CAKE_CHUNK_HEADER_SIZE, (size_t)want);
+    }
     if (hash != h.payload_hash)
         return cake_err(err, errlen, "%s: payload checksum mismatch",
                         chunk_name(nm, name, sizeof(name)));

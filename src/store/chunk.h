@@ -97,6 +97,25 @@ int cake_chunk_parse_header(const void *blob, size_t len, cake_chunk_header *out
 int cake_chunk_verify(const void *blob, size_t len, const cake_chunk_header *expect,
                       cake_chunk_header *out, char *err, size_t errlen);
 
+/* The payload checksum of a blob fed in pieces, in order, while the rest of
+ * the blob is still being read (the file store does this for big blobs). */
+typedef struct {
+    _Alignas(64) unsigned char state[640]; /* the hash state (XXH3) */
+    size_t fed;                            /* blob bytes [0, fed) are in */
+} cake_payload_hash;
+
+void cake_payload_hash_init(cake_payload_hash *h);
+
+/* Feeds blob bytes [from, to); from must be h->fed (anything else is
+ * ignored, and the verification then hashes those bytes itself). The
+ * header's bytes are skipped: the checksum covers the payload. */
+void cake_payload_hash_feed(cake_payload_hash *h, const void *blob, size_t from, size_t to);
+
+/* cake_chunk_verify, taking the bytes that h was fed as already hashed (h
+ * may be NULL: plain cake_chunk_verify). */
+int cake_chunk_verify_fed(const void *blob, size_t len, const cake_chunk_header *expect,
+                          cake_payload_hash *h, cake_chunk_header *out, char *err, size_t errlen);
+
 /* cake_chunk_verify against expect, then a check that the chunk fits kv at
  * pos0 (layers, kv_dim, dtype, positions), and only then the copy. On failure
  * kv is untouched. */

@@ -467,28 +467,15 @@ static void request_latency(cake_store *s) {
     if (s->lat_ns) sleep_ns(s->lat_ns);
 }
 
-/* A blob the backend returned, checked against what the caller expects:
- * -1 when it fails (bad bytes under the key), else rc unchanged. */
-static int check_blob(int rc, const cake_chunk_header *expect, const void *buf, size_t len,
-                      char *err, size_t errlen) {
-    if (rc == 0 && expect && cake_chunk_verify(buf, len, expect, NULL, err, errlen) != 0) return -1;
-    return rc;
-}
-
-/* The backend get, inside the emulated link; with expect, also the check of
- * the blob (-1: bad bytes). The check runs inside the link's window: a client
- * on a real link hashes the bytes as they arrive (XXH3 at 14+ GB/s outpaces
- * any link emulated here), so its check ends with the transfer, not a hash's
- * time after it. Counts nothing. */
-static int emulated_get(cake_store *s, const cake_chunk_key *key, const cake_chunk_header *expect,
+/* The backend get, inside the emulated link. hash: see cake_store_ops.get.
+ * Counts nothing. */
+static int emulated_get(cake_store *s, const cake_chunk_key *key, cake_payload_hash *hash,
                         void *buf, size_t cap, size_t *len, char *err, size_t errlen) {
     request_latency(s);
     double v0 = s->emulate ? link_join(&s->rd) : 0;
     *len = 0;
-    int rc = s->ops->get(s->b, key, buf, cap, len, err, errlen);
-    const size_t carried = rc == 0 ? *len : 0;
-    rc = check_blob(rc, expect, buf, *len, err, errlen);
-    if (s->emulate) link_finish(&s->rd, v0, carried);
+    int rc = s->ops->get(s->b, key, buf, cap, len, hash, err, errlen);
+    if (s->emulate) link_finish(&s->rd, v0, rc == 0 ? *len : 0);
     return rc;
 }
 
@@ -511,9 +498,13 @@ int cake_store_get(cake_store *s, const cake_chunk_key *key, void *buf, size_t c
     return rc;
 }
 
-/* After a checked get of expect's key (rc from check_blob): counters,
- * removal of a bad chunk. Returns 0 hit / 1 miss. */
-static int settle_verified(cake_store *s, const cake_chunk_header *expect, int rc, size_t *len) {
+/* After a backend get of expect's key (rc as the backend returned it):
+ * verification (of what hash, if not NULL, was not fed), counters, removal of
+ * a bad chunk. The check comes after the transfer: it needs the last bytes.
+ * Returns 0 hit / 1 miss. */
+static int settle_verified(cake_store *s, const cake_chunk_header *expect, cake_payload_hash *hash,
+                           const void *buf, int rc, size_t *len, char *err, size_t errlen) {
+    if (rc == 0 && cake_chunk_verify_fed(buf, *len, expect, hash, NULL, err, errlen) != 0) rc = -1;
     if (rc == 0) {
         add(&s->ctr.hits, 1);
         add(&s->ctr.bytes_read, *len);
@@ -547,8 +538,10 @@ int cake_store_get_verified(cake_store *s, const cake_chunk_header *expect, void
     uint64_t t0 = cake_store_now_ns();
     if (err && errlen) err[0] = '\0';
     if (check_room(expect, cap, err, errlen)) return -1;
-    int rc = emulated_get(s, &expect->key, expect, buf, cap, len, err, errlen);
-    rc = settle_verified(s, expect, rc, len);
+    cake_payload_hash hash;
+    cake_payload_hash_init(&hash);
+    int rc = emulated_get(s, &expect->key, &hash, buf, cap, len, err, errlen);
+    rc = settle_verified(s, expect, &hash, buf, rc, len, err, errlen);
     add(&s->ctr.read_ns, cake_store_now_ns() - t0);
     return rc;
 }
@@ -580,22 +573,17 @@ int cake_store_get_many_verified(cake_store *s, const cake_chunk_header *expect,
         s->ops->get_many(s->b, keys, n, bufs, cap, lens, results, e1, sizeof(e1));
     } else {
         for (size_t i = 0; i < n; i++)
-            results[i] = s->ops->get(s->b, &keys[i], bufs[i], cap, &lens[i], e1, sizeof(e1));
-    }
-    /* Checked inside the link's window, as in emulated_get; err tells the first miss. */
-    for (size_t i = 0; i < n; i++) {
-        const size_t carried = results[i] == 0 ? lens[i] : 0;
-        char e2[256] = "";
-        results[i] = check_blob(results[i], &expect[i], bufs[i], lens[i], e2, sizeof(e2));
-        lens[i] = carried; /* for link_finish; settle_verified zeroes a miss's */
-        if (results[i] && err && errlen && !err[0]) snprintf(err, errlen, "%s", e2[0] ? e2 : e1);
+            results[i] = s->ops->get(s->b, &keys[i], bufs[i], cap, &lens[i], NULL, e1, sizeof(e1));
     }
     if (s->emulate)
-        for (size_t i = 0; i < n; i++) link_finish(&s->rd, v0[i], lens[i]);
+        for (size_t i = 0; i < n; i++) link_finish(&s->rd, v0[i], results[i] == 0 ? lens[i] : 0);
     int hits = 0;
     for (size_t i = 0; i < n; i++) {
-        results[i] = settle_verified(s, &expect[i], results[i], &lens[i]);
+        char e2[256] = "";
+        results[i] =
+            settle_verified(s, &expect[i], NULL, bufs[i], results[i], &lens[i], e2, sizeof(e2));
         hits += results[i] == 0;
+        if (results[i] && err && errlen && !err[0]) snprintf(err, errlen, "%s", e2[0] ? e2 : e1);
     }
     if (keys != stack_keys) free(keys);
     if (v0 != stack_v0) free(v0);

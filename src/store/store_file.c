@@ -53,7 +53,7 @@ typedef struct {
     char host[64];
     int fsync;
     _Atomic int direct;
-    int read_segments; /* a big blob is read by up to this many threads at once */
+    int readers; /* threads that read one big blob (readers=); 0: from the CPUs */
     int n_cpu;
     _Atomic int reading; /* gets reading a blob now */
     _Atomic uint64_t tmp_seq;
@@ -226,96 +226,144 @@ static int evict_one(file_store *f, const cake_chunk_key *keep) {
 /* ---- reading a blob ---- */
 
 /* One thread copies a page-cache-resident blob at 3-6 GB/s, slower than the
- * fast links cake is meant for (56-100 Gbit/s = 7-12.5 GB/s; a 13B chunk of
- * 512 tokens is 419 MB). Big blobs are therefore read in segments by several
- * threads at once (up to readers=, and no more than the CPUs left to each of
- * the gets in progress): 6 -> 9 GB/s on a 2-core VM's tmpfs, and more requests
- * in flight for a disk. A thread per segment costs tens of microseconds
- * against the 10+ ms a segment takes. */
-#define SEGMENT_MIN      (32u << 20)
-#define SEGMENTS_DEFAULT 4 /* beyond it, a 2-16 core host gains little */
+ * links cake is meant for (56-100 Gbit/s = 7-12.5 GB/s; a 13B chunk of 512
+ * tokens is 419 MB), and the check (XXH3 of the payload, ~15 GB/s) comes on
+ * top. A blob of two pieces or more is therefore read by several threads that
+ * take the pieces in order: the CPUs left to each of the gets in progress, at
+ * most 4, or readers=. With three readers or more, the calling
+ * thread instead feeds the finished pieces to the payload hash, in order, as
+ * they land. The last piece is left to the store front, which hashes it after
+ * the (emulated) transfer: the work that remains once the last byte is in. A
+ * thread costs tens of microseconds against the milliseconds a piece takes. */
+#define PIECE           (16u << 20) /* a multiple of ALIGN, for O_DIRECT */
+#define READERS_DEFAULT 4           /* beyond it, a 2-16 core host gains little */
 
 typedef struct {
-    int fd, direct;
-    char *buf; /* the whole blob's buffer */
-    size_t off, end;
-    size_t got;  /* bytes read from off on */
-    int err;     /* errno of a failed read, 0 */
-    int refused; /* the filesystem refused O_DIRECT; read through the cache */
-} read_segment;
+    int fd;
+    char *buf;
+    size_t size;
+    int n_pieces;
+    atomic_int next;   /* the next piece to read */
+    atomic_int direct; /* O_DIRECT reads (cleared if the filesystem refuses them) */
+    atomic_int refused;
+    pthread_mutex_t mu; /* guards the rest; cv: a piece is done */
+    pthread_cond_t cv;
+    size_t *got; /* per piece: bytes read */
+    char *done;  /* per piece: read (got says how much) */
+    int err;     /* errno of the first failed read */
+} blob_read;
 
-/* Reads [off, end) of the file, or up to end of file; O_DIRECT reads ask for
- * whole blocks (the last one comes back short at end of file). A filesystem
- * that refuses O_DIRECT after all is read through the page cache. */
-static void *read_segment_run(void *arg) {
-    read_segment *s = arg;
-    while (s->off + s->got < s->end) {
-        size_t want = s->end - s->off - s->got;
-        if (s->direct) want = cake_store_buffer_size(want);
-        ssize_t n = pread(s->fd, s->buf + s->off + s->got, want, (off_t)(s->off + s->got));
+static size_t piece_end(const blob_read *r, int i) {
+    const size_t end = (size_t)(i + 1) * PIECE;
+    return end < r->size ? end : r->size;
+}
+
+/* Reads piece i, or up to end of file; O_DIRECT reads ask for whole blocks
+ * (the last one comes back short at end of file). */
+static void read_piece(blob_read *r, int i) {
+    const size_t off = (size_t)i * PIECE, end = piece_end(r, i);
+    size_t got = 0;
+    int err = 0;
+    while (off + got < end) {
+        const int direct = atomic_load(&r->direct);
+        size_t want = end - off - got;
+        if (direct) want = cake_store_buffer_size(want);
+        ssize_t n = pread(r->fd, r->buf + off + got, want, (off_t)(off + got));
         if (n < 0) {
             if (errno == EINTR) continue;
-            if (errno == EINVAL && s->direct) {
-                fcntl(s->fd, F_SETFL, fcntl(s->fd, F_GETFL) & ~O_DIRECT);
-                s->direct = 0;
-                s->refused = 1;
+            if (errno == EINVAL && direct) { /* refused after all: read through the cache */
+                fcntl(r->fd, F_SETFL, fcntl(r->fd, F_GETFL) & ~O_DIRECT);
+                atomic_store(&r->direct, 0);
+                atomic_store(&r->refused, 1);
                 continue;
             }
-            s->err = errno;
+            err = errno;
             break;
         }
         if (n == 0) break; /* shorter than it was: verification will say so */
-        s->got += (size_t)n;
+        got += (size_t)n;
     }
+    pthread_mutex_lock(&r->mu);
+    r->got[i] = got;
+    r->done[i] = 1;
+    if (err && !r->err) r->err = err;
+    pthread_cond_broadcast(&r->cv);
+    pthread_mutex_unlock(&r->mu);
+}
+
+static void *reader_main(void *arg) {
+    blob_read *r = arg;
+    for (int i; (i = atomic_fetch_add(&r->next, 1)) < r->n_pieces;) read_piece(r, i);
     return NULL;
 }
 
-/* Reads the size-byte file into buf, in up to max_segments parallel segments
- * when it is big. *len = the bytes read from the start with no gap;
- * *refused_direct is set when the filesystem refused O_DIRECT after all.
- * Returns 0 or the errno of a failed read. */
-static int read_blob(int fd, char *buf, size_t size, int direct, int max_segments, size_t *len,
-                     int *refused_direct) {
-    size_t n = size / SEGMENT_MIN;
-    if (n > (size_t)max_segments) n = (size_t)max_segments;
-    if (n < 1) n = 1;
-    /* Segment bounds on block boundaries, for O_DIRECT. */
-    const size_t step = (size / n + ALIGN - 1) / ALIGN * ALIGN;
-    read_segment seg[CAKE_STORE_READERS_MAX];
+/* Feeds pieces 0 .. n_pieces - 2 to hash as they land, stopping at a short one. */
+static void hash_pieces(blob_read *r, cake_payload_hash *hash) {
+    for (int i = 0; i + 1 < r->n_pieces; i++) {
+        pthread_mutex_lock(&r->mu);
+        while (!r->done[i]) pthread_cond_wait(&r->cv, &r->mu);
+        const int whole = !r->err && r->got[i] == piece_end(r, i) - (size_t)i * PIECE;
+        pthread_mutex_unlock(&r->mu);
+        if (!whole) return;
+        cake_payload_hash_feed(hash, r->buf, (size_t)i * PIECE, piece_end(r, i));
+    }
+}
+
+/* Reads the size-byte file into buf (see above); hash may be NULL. *len = the
+ * bytes read from the start with no gap; *refused_direct is set when the
+ * filesystem refused O_DIRECT after all. Returns 0, ENOMEM, or the errno of a
+ * failed read. */
+static int read_blob(int fd, char *buf, size_t size, int direct, int readers,
+                     cake_payload_hash *hash, size_t *len, int *refused_direct) {
+    blob_read r = {.fd = fd, .buf = buf, .size = size};
+    r.n_pieces = size ? (int)((size + PIECE - 1) / PIECE) : 1;
+    atomic_init(&r.next, 0);
+    atomic_init(&r.direct, direct);
+    atomic_init(&r.refused, 0);
+    r.got = calloc((size_t)r.n_pieces, sizeof(*r.got));
+    r.done = calloc((size_t)r.n_pieces, 1);
+    if (!r.got || !r.done || pthread_mutex_init(&r.mu, NULL)) {
+        free(r.got);
+        free(r.done);
+        return ENOMEM;
+    }
+    if (pthread_cond_init(&r.cv, NULL)) {
+        pthread_mutex_destroy(&r.mu);
+        free(r.got);
+        free(r.done);
+        return ENOMEM;
+    }
+    /* readers - 1 helpers; this thread hashes, or reads too. Hashing while
+     * reading pays when at least two threads still read: with fewer CPUs,
+     * reading with all of them and hashing after is as fast (2-core VM). */
+    const int hashing = hash && r.n_pieces > 1 && readers >= 3;
+    int want = r.n_pieces < 2 ? 0 : readers - 1;
+    if (want > r.n_pieces) want = r.n_pieces;
     pthread_t th[CAKE_STORE_READERS_MAX];
-    int started[CAKE_STORE_READERS_MAX] = {0};
-    for (size_t i = 0; i < n; i++) {
-        const size_t off = i * step < size ? i * step : size;
-        seg[i] = (read_segment){.fd = fd,
-                                .direct = direct,
-                                .buf = buf,
-                                .off = off,
-                                .end = i + 1 == n || off + step > size ? size : off + step};
-    }
-    for (size_t i = 1; i < n; i++)
-        started[i] = pthread_create(&th[i], NULL, read_segment_run, &seg[i]) == 0;
-    read_segment_run(&seg[0]);
-    for (size_t i = 1; i < n; i++) {
-        if (started[i])
-            pthread_join(th[i], NULL);
-        else /* no thread to spare: read it here */
-            read_segment_run(&seg[i]);
-    }
+    int started = 0;
+    while (started < want && pthread_create(&th[started], NULL, reader_main, &r) == 0) started++;
+    if (hashing && started) hash_pieces(&r, hash);
+    reader_main(&r); /* whatever no helper has taken yet (all of it without helpers) */
+    for (int i = 0; i < started; i++) pthread_join(th[i], NULL);
+
+    *refused_direct |= atomic_load(&r.refused);
     *len = 0;
-    for (size_t i = 0; i < n; i++) *refused_direct |= seg[i].refused;
-    for (size_t i = 0; i < n; i++)
-        if (seg[i].err) return seg[i].err;
-    for (size_t i = 0; i < n; i++) {
-        *len = seg[i].off + seg[i].got;
-        if (seg[i].off + seg[i].got < seg[i].end) break; /* a gap from here on */
+    for (int i = 0; i < r.n_pieces; i++) {
+        *len = (size_t)i * PIECE + r.got[i];
+        if (*len < piece_end(&r, i)) break; /* a gap from here on */
     }
-    return 0;
+    const int err = r.err;
+    pthread_cond_destroy(&r.cv);
+    pthread_mutex_destroy(&r.mu);
+    free(r.got);
+    free(r.done);
+    return err;
 }
 
 /* ---- operations ---- */
 
 static int file_get(void *st_, const cake_chunk_key *k, void *buf, size_t cap, size_t *len,
-                    char *err, size_t errlen) {
+                    cake_payload_hash *hash, char *err, size_t errlen) {
     file_store *f = st_;
     char path[4400];
     if (path_of(f, k, path, sizeof(path)))
@@ -351,11 +399,12 @@ static int file_get(void *st_, const cake_chunk_key *k, void *buf, size_t cap, s
     }
     /* Threads beyond the CPUs only add switching: concurrent gets share them. */
     const int active = atomic_fetch_add(&f->reading, 1) + 1;
-    int segments = f->n_cpu / active;
-    if (segments > f->read_segments) segments = f->read_segments;
+    int readers = f->n_cpu / active;
+    if (readers > READERS_DEFAULT) readers = READERS_DEFAULT;
+    if (f->readers) readers = f->readers; /* readers= decides */
     size_t done = 0;
     int refused = 0;
-    int e = read_blob(fd, buf, size, direct, segments > 1 ? segments : 1, &done, &refused);
+    int e = read_blob(fd, buf, size, direct, readers > 1 ? readers : 1, hash, &done, &refused);
     atomic_fetch_sub(&f->reading, 1);
     if (refused) atomic_store(&f->direct, 0); /* refused after all: remember */
     if (e) {
@@ -622,7 +671,7 @@ int cake_store_file_open(const cake_store_params *p, cake_store_atomic_counters 
     atomic_init(&f->direct, p->direct);
     const long n_cpu = sysconf(_SC_NPROCESSORS_ONLN);
     f->n_cpu = n_cpu < 1 ? 1 : n_cpu > 1024 ? 1024 : (int)n_cpu;
-    f->read_segments = p->readers ? p->readers : SEGMENTS_DEFAULT;
+    f->readers = p->readers;
     atomic_init(&f->reading, 0);
     atomic_init(&f->tmp_seq, 0);
     f->capacity = p->capacity;

@@ -47,8 +47,10 @@ int cake_store_parse_uri(const char *uri, cake_store_params *p, char *err, size_
 
 typedef struct {
     const char *kind;
-    int (*get)(void *b, const cake_chunk_key *k, void *buf, size_t cap, size_t *len, char *err,
-               size_t errlen);
+    /* hash: NULL, or the payload hash that a backend reading in pieces may
+     * feed with the pieces it has while it still reads (optional). */
+    int (*get)(void *b, const cake_chunk_key *k, void *buf, size_t cap, size_t *len,
+               cake_payload_hash *hash, char *err, size_t errlen);
     /* Optional (NULL: store.c loops over get): n gets in one round trip,
      * rc[i] and lens[i] per key as get returns them. */
     int (*get_many)(void *b, const cake_chunk_key *keys, size_t n, void *const *bufs, size_t cap,
