@@ -135,6 +135,12 @@ if "$CAKE" mkmodel --shape tiny -o "$tmp/tiny.gguf" 2>/dev/null; then
         fail "bench traces: $(ls "$tmp/bench")"
     grep -q "^| 97 | 5 | 0.5 |" "$tmp/bench/ttft.md" && pass "bench Markdown table" ||
         fail "bench table: $(cat "$tmp/bench/ttft.md")"
+    # a mem: store lives in the process: each cell gets a copy of the filled one
+    # (97 tokens in chunks of 16: 6 full chunks, all before the last token)
+    expect_exit 0 "bench ttft on mem:" -- "$CAKE" bench ttft -m "$tmp/tiny.gguf" --ctx 97 --bw 5 \
+        --chunk 16 --store mem: --out "$tmp/bench-mem"
+    grep -q "copied 6 chunks into mem:?bw=5Gbit" "$tmp/err" && pass "bench copies a mem: store per cell" ||
+        fail "bench on mem: $(grep -i copied "$tmp/err")"
 fi
 
 [ $fails -eq 0 ] && echo "all passed" || echo "$fails failed"

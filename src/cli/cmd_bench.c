@@ -150,34 +150,17 @@ static int throttled_extract(void *self, cake_chunk_header *h, int pos0, void *b
  * bw=) starts empty: copy the filled one into it. The puts go through the
  * cell's emulated link, so this takes about size / bw; it is outside every
  * timed request. */
-typedef struct {
-    cake_store_entry *e;
-    size_t n, cap;
-} entry_list;
-
-static int collect_entry(const cake_store_entry *e, void *ctx) {
-    entry_list *l = ctx;
-    if (l->n == l->cap) {
-        size_t cap = l->cap ? 2 * l->cap : 64;
-        cake_store_entry *p = realloc(l->e, cap * sizeof(*p));
-        if (!p) return 1;
-        l->e = p;
-        l->cap = cap;
-    }
-    l->e[l->n++] = *e;
-    return 0;
-}
-
 static int copy_store(cake_store *from, cake_store *to, char *err, size_t errlen) {
-    entry_list l = {0};
+    cake_store_entry *e;
+    size_t n;
     void *buf = NULL;
     size_t cap = 0;
-    int rc = cake_store_iterate(from, collect_entry, &l, err, errlen);
+    int rc = cake_store_list(from, &e, &n, err, errlen);
     double t0 = now_s();
-    for (size_t i = 0; !rc && i < l.n; i++) {
-        if (l.e[i].size > cap) {
+    for (size_t i = 0; !rc && i < n; i++) {
+        if (e[i].size > cap) {
             free(buf);
-            cap = l.e[i].size;
+            cap = e[i].size;
             if (!(buf = malloc(cap))) {
                 snprintf(err, errlen, "out of memory copying the store");
                 rc = -1;
@@ -185,15 +168,15 @@ static int copy_store(cake_store *from, cake_store *to, char *err, size_t errlen
             }
         }
         size_t len;
-        if (cake_store_get(from, &l.e[i].key, buf, cap, &len, err, errlen) ||
-            cake_store_put(to, &l.e[i].key, buf, len, err, errlen))
+        if (cake_store_get(from, &e[i].key, buf, cap, &len, err, errlen) ||
+            cake_store_put(to, &e[i].key, buf, len, err, errlen))
             rc = -1;
     }
     if (!rc)
-        fprintf(stderr, "copied %zu chunks into %s in %.1f s\n", l.n, cake_store_uri(to),
+        fprintf(stderr, "copied %zu chunks into %s in %.1f s\n", n, cake_store_uri(to),
                 now_s() - t0);
     free(buf);
-    free(l.e);
+    free(e);
     return rc;
 }
 

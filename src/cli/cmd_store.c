@@ -78,24 +78,8 @@ typedef struct {
 typedef struct {
     cake_store *s;
     item *v;
-    size_t n, cap;
-    int oom;
+    size_t n;
 } item_list;
-
-static int add_item(const cake_store_entry *e, void *ctx) {
-    item_list *l = ctx;
-    if (l->n == l->cap) {
-        size_t nc = l->cap ? 2 * l->cap : 256;
-        item *nv = realloc(l->v, nc * sizeof(*nv));
-        if (!nv) return l->oom = 1;
-        l->v = nv;
-        l->cap = nc;
-    }
-    item *it = &l->v[l->n++];
-    memset(it, 0, sizeof(*it));
-    it->e = *e;
-    return 0;
-}
 
 static void read_headers(item_list *l) {
     for (size_t i = 0; i < l->n; i++) {
@@ -135,11 +119,18 @@ static int model_matches(const item *it, const char *hex) {
 static int list_all(cake_store *s, item_list *l, int headers, char *err, size_t errlen) {
     memset(l, 0, sizeof(*l));
     l->s = s;
-    if (cake_store_iterate(s, add_item, l, err, errlen)) return -1;
-    if (l->oom) {
+    cake_store_entry *e;
+    size_t n;
+    if (cake_store_list(s, &e, &n, err, errlen)) return -1;
+    l->v = calloc(n ? n : 1, sizeof(*l->v));
+    if (!l->v) {
+        free(e);
         snprintf(err, errlen, "out of memory listing the store");
         return -1;
     }
+    for (size_t i = 0; i < n; i++) l->v[i].e = e[i];
+    l->n = n;
+    free(e);
     if (headers) {
         read_headers(l);
         if (l->n) qsort(l->v, l->n, sizeof(*l->v), by_model_index);

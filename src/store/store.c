@@ -661,6 +661,38 @@ int cake_store_iterate(cake_store *s, cake_store_iter_fn fn, void *ctx, char *er
     return s->ops->iterate(s->b, fn, ctx, err, errlen);
 }
 
+typedef struct {
+    cake_store_entry *v;
+    size_t n, cap;
+    int oom;
+} entry_list;
+
+static int add_entry(const cake_store_entry *e, void *ctx) {
+    entry_list *l = ctx;
+    if (l->n == l->cap) {
+        const size_t cap = l->cap ? 2 * l->cap : 256;
+        cake_store_entry *v = realloc(l->v, cap * sizeof(*v));
+        if (!v) return l->oom = 1;
+        l->v = v;
+        l->cap = cap;
+    }
+    l->v[l->n++] = *e;
+    return 0;
+}
+
+int cake_store_list(cake_store *s, cake_store_entry **out, size_t *n, char *err, size_t errlen) {
+    entry_list l = {0};
+    *out = NULL;
+    *n = 0;
+    if (cake_store_iterate(s, add_entry, &l, err, errlen) || l.oom) {
+        free(l.v);
+        return l.oom ? cake_err(err, errlen, "out of memory listing the store") : -1;
+    }
+    *out = l.v;
+    *n = l.n;
+    return 0;
+}
+
 int cake_store_usage_get(cake_store *s, cake_store_usage *u, char *err, size_t errlen) {
     memset(u, 0, sizeof(*u));
     return s->ops->usage(s->b, u, err, errlen);

@@ -154,6 +154,10 @@ int cake_store_head(cake_store *s, const cake_chunk_key *key, void *buf, size_t 
 typedef int (*cake_store_iter_fn)(const cake_store_entry *e, void *ctx);
 int cake_store_iterate(cake_store *s, cake_store_iter_fn fn, void *ctx, char *err, size_t errlen);
 
+/* Every chunk, as cake_store_iterate sees them, in one malloc'd array (*out,
+ * *n entries; free(*out)). 0 ok, -1 failure (out of memory included). */
+int cake_store_list(cake_store *s, cake_store_entry **out, size_t *n, char *err, size_t errlen);
+
 int cake_store_usage_get(cake_store *s, cake_store_usage *u, char *err, size_t errlen);
 
 /* Maintenance: removes leftovers of interrupted writes (file), then evicts
