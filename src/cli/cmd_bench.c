@@ -316,7 +316,8 @@ typedef struct {
 
 /* One cell: per repeat, a compute-only run (when paired; otherwise the
  * share's curve cv and times tc stand in), a load-only run and a Cake run,
- * back to back so that all three see the same noise of a shared machine.
+ * back to back so that all three see the same noise of a shared machine
+ * (Cake next to the better baseline).
  * Each repeat gets its own T* (its compute curve, its load rate) and
  * efficiency; the cell reports their medians. */
 static int measure_cell(bench *b, const cake_token *prompt, int n, cake_store *store, int paired,
@@ -337,12 +338,27 @@ static int measure_cell(bench *b, const cake_token *prompt, int n, cake_store *s
     for (; r < 64 && (r < b->repeat || now_s() - t0 < b->min_cell_s); r++) {
         const int i = r;
         double *rec = runs + (size_t)i * (size_t)stride;
-        if (paired && (vc[i] = compute_run(b, prompt, n, rec, &res->tc.last)) < 0) goto out;
-        /* Load-only then Cake, or the other way round: a run after a long
-         * load-only run starts on an idle machine (cold caches, a vCPU the
-         * host has parked), so each mode goes second every other repeat. */
-        for (int turn = 0; turn < 2; turn++) {
-            if ((turn == 0) == (i % 2 == 0)) {
+        /* The order of the runs. Cake and the better baseline (by the first
+         * repeat) run back to back, so that they see the same moment of this
+         * noisy machine; the slower baseline goes first. The two compared runs
+         * take turns going first: a run after a long load-only run starts on
+         * an idle machine (cold caches, a vCPU the host has parked). */
+        cake_mode order[3];
+        int n_runs = 0;
+        const int odd = i % 2;
+        if (paired && i > 0 && vl[0] > vc[0]) {
+            order[n_runs++] = CAKE_MODE_LOAD;
+            order[n_runs++] = odd ? CAKE_MODE_COMPUTE : CAKE_MODE_CAKE;
+            order[n_runs++] = odd ? CAKE_MODE_CAKE : CAKE_MODE_COMPUTE;
+        } else {
+            if (paired) order[n_runs++] = CAKE_MODE_COMPUTE;
+            order[n_runs++] = odd ? CAKE_MODE_CAKE : CAKE_MODE_LOAD;
+            order[n_runs++] = odd ? CAKE_MODE_LOAD : CAKE_MODE_CAKE;
+        }
+        for (int k = 0; k < n_runs; k++) {
+            if (order[k] == CAKE_MODE_COMPUTE) {
+                if ((vc[i] = compute_run(b, prompt, n, rec, &res->tc.last)) < 0) goto out;
+            } else if (order[k] == CAKE_MODE_LOAD) {
                 vl[i] = one_request(b, prompt, n, store, NULL, CAKE_MODE_LOAD, &res->tl.last);
                 if (vl[i] < 0) goto out;
                 tail[i] = res->tl.last.tail_ms;
