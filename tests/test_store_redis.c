@@ -399,6 +399,37 @@ static void test_redis_hung(void **state) {
     assert_true(ok);
 }
 
+/* A chunk over the server's proto-max-bulk-len (here lowered to 1 MiB):
+ * Redis would drop the connection of a client that sends it; the store
+ * refuses the put with an error that names the limit, and the next calls
+ * work at once (the store is not marked down). */
+static void test_redis_chunk_over_max_bulk(void **state) {
+    NEED_REDIS();
+    fx *f = *state;
+    char cmd[256], err[512] = "";
+    snprintf(cmd, sizeof(cmd), "redis-cli -p %d CONFIG SET proto-max-bulk-len 1mb >/dev/null 2>&1",
+             g_redis.port);
+    if (system(cmd) != 0) skip(); /* no redis-cli */
+    cake_store *s;
+    assert_int_equal(cake_store_open(g_redis.uri, &s, err, sizeof(err)), 0);
+    const size_t big = 2u << 20;
+    void *blob = calloc(1, big);
+    assert_int_equal(cake_store_put(s, &f->h[0].key, blob, big, err, sizeof(err)), -1);
+    if (!strstr(err, "proto-max-bulk-len")) fail_msg("the error should name the limit: %s", err);
+    assert_int_equal(cake_store_put(s, &f->h[1].key, f->blob[1], f->len, err, sizeof(err)), 0);
+    size_t len;
+    assert_int_equal(cake_store_get_verified(s, &f->h[1], f->buf, f->cap, &len, err, sizeof(err)),
+                     0);
+    cake_store_counters c;
+    cake_store_counters_get(s, &c);
+    assert_int_equal(c.errors, 1);
+    free(blob);
+    cake_store_close(s);
+    snprintf(cmd, sizeof(cmd),
+             "redis-cli -p %d CONFIG SET proto-max-bulk-len 512mb >/dev/null 2>&1", g_redis.port);
+    assert_int_equal(system(cmd), 0);
+}
+
 int main(void) {
     if (!t_redis_available()) fprintf(stderr, "skip: redis-server not installed\n");
 #define T(fn) cmocka_unit_test_setup_teardown(fn, setup, teardown)
@@ -410,6 +441,7 @@ int main(void) {
         T(test_redis_killed_between_exists_and_get),
         T(test_redis_down_from_start),
         T(test_redis_hung),
+        T(test_redis_chunk_over_max_bulk),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }

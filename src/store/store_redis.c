@@ -13,7 +13,12 @@
  * call fails at once (a lookup is a miss) instead of paying a connect timeout
  * each; after that the next call tries again. Reads and writes time out after
  * timeout= ms (default 1000), connects after min(200, timeout) ms. So a dead
- * or hung Redis costs at most about one timeout, never a hang. */
+ * or hung Redis costs at most about one timeout, never a hang.
+ *
+ * Size: Redis drops the connection of a client that sends a value over its
+ * proto-max-bulk-len (512 MB unless raised; a 13B model's chunk of 1024
+ * tokens is 838 MB). The first connection asks for it, and a put of a bigger
+ * chunk fails with an error that says so, without touching the connection. */
 #include <hiredis/hiredis.h>
 #include <pthread.h>
 #include <stdlib.h>
@@ -24,10 +29,11 @@
 #include "store/store_impl.h"
 #include "util/err.h"
 
-#define POOL_MAX 16
-#define RETRY_MS 500
-#define KEY_LEN  37  /* "cake:" + 32 hex */
-#define BATCH    256 /* commands per pipelined round trip */
+#define POOL_MAX         16
+#define RETRY_MS         500
+#define KEY_LEN          37             /* "cake:" + 32 hex */
+#define BATCH            256            /* commands per pipelined round trip */
+#define DEFAULT_MAX_BULK (512ull << 20) /* Redis's default proto-max-bulk-len */
 
 typedef struct {
     char host[256];
@@ -38,6 +44,7 @@ typedef struct {
     redisContext *idle[POOL_MAX];
     int n_idle;
     uint64_t down_until; /* monotonic ns; under mu */
+    uint64_t max_bulk;   /* the server's proto-max-bulk-len, 0 = not asked yet; under mu */
     char down_reason[160];
     cake_store_atomic_counters *ctr;
 } redis_store;
@@ -55,6 +62,23 @@ static void mark_down(redis_store *r, const char *why) {
     snprintf(r->down_reason, sizeof(r->down_reason), "%s", why);
     for (int i = 0; i < r->n_idle; i++) redisFree(r->idle[i]);
     r->n_idle = 0;
+}
+
+/* The server's proto-max-bulk-len. A server that refuses CONFIG (renamed,
+ * ACLs, a managed service) is taken to have the default. 0: the connection
+ * broke. */
+static uint64_t ask_max_bulk(redisContext *c) {
+    redisReply *rep = redisCommand(c, "CONFIG GET proto-max-bulk-len");
+    if (!rep) return 0;
+    uint64_t v = DEFAULT_MAX_BULK;
+    if (rep->type == REDIS_REPLY_ARRAY && rep->elements == 2 &&
+        rep->element[1]->type == REDIS_REPLY_STRING) {
+        char *end;
+        unsigned long long x = strtoull(rep->element[1]->str, &end, 10);
+        if (end != rep->element[1]->str && !*end && x > 0) v = x;
+    }
+    freeReplyObject(rep);
+    return v;
 }
 
 static redisContext *connect_new(redis_store *r, char *err, size_t errlen) {
@@ -81,8 +105,21 @@ static redisContext *connect_new(redis_store *r, char *err, size_t errlen) {
         if (rep) freeReplyObject(rep);
     }
     if (!why[0]) {
-        c->reader->maxbuf = 0; /* keep the read buffer: chunks are megabytes, every time */
-        return c;
+        pthread_mutex_lock(&r->mu);
+        const int ask = !r->max_bulk;
+        pthread_mutex_unlock(&r->mu);
+        const uint64_t max_bulk = ask ? ask_max_bulk(c) : 1;
+        if (!max_bulk) {
+            snprintf(why, sizeof(why), "CONFIG GET: %s", c->errstr);
+        } else {
+            if (ask) {
+                pthread_mutex_lock(&r->mu);
+                r->max_bulk = max_bulk;
+                pthread_mutex_unlock(&r->mu);
+            }
+            c->reader->maxbuf = 0; /* keep the read buffer: chunks are megabytes, every time */
+            return c;
+        }
     }
     if (c) redisFree(c);
     pthread_mutex_lock(&r->mu);
@@ -304,6 +341,7 @@ static int redis_head(void *st, const cake_chunk_key *k, void *buf, size_t n, si
 /* ---- SET ---- */
 
 typedef struct {
+    redis_store *r;
     const cake_chunk_key *key;
     const void *blob;
     size_t len;
@@ -313,6 +351,15 @@ static int cmd_put(redisContext *c, void *ctx_, char *err, size_t errlen) {
     put_ctx *p = ctx_;
     char key[KEY_LEN + 1];
     key_name(p->key, key);
+    pthread_mutex_lock(&p->r->mu);
+    const uint64_t max_bulk = p->r->max_bulk; /* known: c is connected */
+    pthread_mutex_unlock(&p->r->mu);
+    if (p->len > max_bulk)
+        return cake_err(err, errlen,
+                        "redis: SET %s: the chunk is %.1f MiB, over the server's "
+                        "proto-max-bulk-len of %.1f MiB; raise it (CONFIG SET "
+                        "proto-max-bulk-len 2gb) or use smaller chunks",
+                        key, p->len / 1048576.0, max_bulk / 1048576.0);
     redisReply *rep = redisCommand(c, "SET %b %b", key, (size_t)KEY_LEN, p->blob, p->len);
     if (!rep) return 1;
     int rc = 0;
@@ -325,7 +372,7 @@ static int cmd_put(redisContext *c, void *ctx_, char *err, size_t errlen) {
 
 static int redis_put(void *st, const cake_chunk_key *k, const void *blob, size_t len, char *err,
                      size_t errlen) {
-    put_ctx p = {k, blob, len};
+    put_ctx p = {st, k, blob, len};
     return run_cmd(st, "SET", cmd_put, &p, err, errlen) ? -1 : 0;
 }
 
