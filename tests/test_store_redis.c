@@ -2,7 +2,8 @@
  * loopback port (and kills at the end): round trips, pipelined EXISTS, SCAN
  * listings, databases, concurrent threads, and the failures: Redis killed
  * between exists and get, Redis down from the start, Redis hung (SIGSTOP),
- * Redis restarted (the store reconnects). A failure is a miss within the
+ * Redis restarted (the store reconnects), a chunk over the server's size
+ * limit. A failure is a miss within the
  * timeout, never a hang, a crash or wrong data. Skipped (with a message) when
  * redis-server is not installed. */
 #include <stdarg.h>
