@@ -38,6 +38,8 @@ namespace emu {
 constexpr int MAX_THREADS = 256;
 constexpr size_t STACK_BYTES = 256 * 1024;
 
+/* What the lanes of a warp publish in a collective: addresses (ldmatrix) and
+ * operands (mma) for the attention test, floats for the shuffle. */
 struct warp_buf {
     const void *addr[32];
     uint32_t a[32][4], b[32][2];

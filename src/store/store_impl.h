@@ -36,7 +36,7 @@ typedef struct {
     uint64_t capacity; /* file, mem: 0 = unlimited */
     int direct;        /* file: O_DIRECT reads */
     int fsync;         /* file: fsync before rename */
-    int readers;       /* file: threads reading one big blob; 0 = min(CPUs, 4) */
+    int readers;       /* file: threads reading one big blob; 0 = CPUs per get, at most 4 */
     int timeout_ms;    /* redis: read/write timeout */
     double bw;         /* bytes per second, 0 = no emulation */
     double lat_ms;     /* per request */

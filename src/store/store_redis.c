@@ -106,13 +106,13 @@ static redisContext *connect_new(redis_store *r, char *err, size_t errlen) {
     }
     if (!why[0]) {
         pthread_mutex_lock(&r->mu);
-        const int ask = !r->max_bulk;
+        const int known = r->max_bulk != 0;
         pthread_mutex_unlock(&r->mu);
-        const uint64_t max_bulk = ask ? ask_max_bulk(c) : 1;
-        if (!max_bulk) {
+        const uint64_t max_bulk = known ? 0 : ask_max_bulk(c);
+        if (!known && !max_bulk) {
             snprintf(why, sizeof(why), "CONFIG GET: %s", c->errstr);
         } else {
-            if (ask) {
+            if (!known) {
                 pthread_mutex_lock(&r->mu);
                 r->max_bulk = max_bulk;
                 pthread_mutex_unlock(&r->mu);
