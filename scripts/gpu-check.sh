@@ -3,7 +3,8 @@
 # 7 minutes: build, test_cuda and test_loader, a loader check on the GPU (the
 # first token's logits of compute, load and cake modes must be bit-identical),
 # 16K-token prefill speed of the longalpaca-13b shape (MHA, 800 KiB of KV per
-# token), one-shot and in chunks of 512, then the paper's Table 3 cells:
+# token), one-shot and in chunks of 512 (also with CAKE_CUDA_RMSNORM=plain, the
+# float4 RMSNorm's baseline), then the paper's Table 3 cells:
 # `cake bench ttft --backend cuda` on that shape at 16K tokens over emulated
 # 7-100 Gbit/s links, GPU share 1 and 0.125; last, if time is left, llama-8b
 # prefill and the file store's read rate for 419 MB blobs (bench_store).
@@ -195,17 +196,19 @@ check_modes() {
 [ -x $CAKE ] && [ "$QUICK" != 1 ] && check_modes
 
 # ---- prefill speed ----
-# prefill SHAPE MODE: bench_engine on a 16384-token prompt, twice (the second
-# is warm), one-shot or in chunks of 512, then 32 decode steps; the summary
-# gets the warm prefill's time and its phases summed over its forward passes.
+# prefill SHAPE MODE [TAG]: bench_engine on a 16384-token prompt, twice (the
+# second is warm), one-shot or in chunks of 512, then 32 decode steps; the
+# summary gets the warm prefill's time and its phases summed over its forward
+# passes. TAG names a variant run with some CAKE_CUDA_* setting in the caller's
+# environment.
 prefill() {
-    local shape=$1 mode=$2 f="$MODELS/$1.gguf" batch=16384
+    local shape=$1 mode=$2 f="$MODELS/$1.gguf" batch=16384 name="prefill_$1_$2${3:+_$3}"
     [ "$mode" = chunk512 ] && batch=512
-    CAKE_CUDA_PROFILE=1 step "prefill_${shape}_$mode" 90 \
+    CAKE_CUDA_PROFILE=1 step "$name" 90 \
         build-gpu/bench_engine "$f" --backend cuda --prompt 16384,16384 --batch $batch --decode 32
-    local log="$LOGS/prefill_${shape}_$mode.log"
+    local log="$LOGS/$name.log"
     {
-        echo "  $shape $mode: $(grep 'prefill 16384 tokens' "$log" | tail -1 | sed 's/^ *//')"
+        echo "  $shape $mode${3:+ ($3)}: $(grep 'prefill 16384 tokens' "$log" | tail -1 | sed 's/^ *//')"
         echo "    $(grep 'decode ' "$log" | tail -1 | sed 's/^ *//')"
         grep "cake cuda profile: $batch tokens at" "$log" | tail -n $((16384 / batch)) |
             awk '{ for (i = 1; i <= NF; i++) if ($i == "=") { tot += $(i - 2); for (j = i + 1; j < NF; j += 2) { ph[$j] += $(j + 1); if (!($j in seen)) { seen[$j] = 1; order[++n] = $j } } } }
@@ -261,6 +264,8 @@ elif [ "${free_gb:-0}" -lt 28 ]; then
     note "longalpaca-13b: skipped, ${free_gb} GB free in $MODELS, 28 needed"
 elif step mkmodel_longalpaca13b 150 $CAKE mkmodel --shape longalpaca-13b -o "$F13"; then
     prefill longalpaca-13b chunk512
+    # the float4 RMSNorm against the plain one, same run (norms in the profile)
+    CAKE_CUDA_RMSNORM=plain prefill longalpaca-13b chunk512 plain-rmsnorm
     prefill longalpaca-13b oneshot
     [ "$QUICK" = 1 ] || bench_table3
     rm -f "$F13"

@@ -3,6 +3,9 @@
  * the CPU backend's (src/backend/cpu/kernels.h). */
 #include "backend/cuda/row_kernels.cuh"
 
+#include <stdlib.h>
+#include <string.h>
+
 #include "model/gguf.h"
 
 namespace {
@@ -15,10 +18,21 @@ unsigned grid_for(size_t total, int threads) {
     return (unsigned)(blocks < 1 ? 1 : blocks > cap ? cap : blocks);
 }
 
+/* CAKE_CUDA_RMSNORM=plain: the plain kernel for every row, to measure the
+ * float4 one against it in one run (read once; the forward pass is one thread). */
+bool rmsnorm_plain() {
+    static int plain = -1;
+    if (plain < 0) {
+        const char *e = getenv("CAKE_CUDA_RMSNORM");
+        plain = e && !strcmp(e, "plain");
+    }
+    return plain;
+}
+
 template <typename T>
 void launch_rmsnorm(T *y, const float *x, const float *w, int n, int dim, float eps,
                     cudaStream_t st) {
-    if (rmsnorm_vec_fits(dim))
+    if (rmsnorm_vec_fits(dim) && !rmsnorm_plain())
         rmsnorm_vec_kernel<<<n, ROW_THREADS, 0, st>>>(y, x, w, dim, eps);
     else
         rmsnorm_kernel<<<n, ROW_THREADS, 0, st>>>(y, x, w, dim, eps);
