@@ -1,5 +1,6 @@
 /* The tensor-core attention kernels, run on the CPU with emulated warps, against
- * a double-precision reference. The GPU test (test_cuda) needs a GPU; this one
+ * a double-precision reference (the MMA kernel of prefill, and the SIMT kernel
+ * of decode and the plain path). The GPU test (test_cuda) needs a GPU; this one
  * checks the kernels' logic (tiling, fragment layouts, masking, the online
  * softmax) on any machine with the CUDA headers, so that a kernel change is
  * tested before a GPU is at hand.
@@ -89,7 +90,8 @@ static void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32
 #include "backend/cuda/attention_kernels.cuh"
 
 namespace cake_attn {
-uint4 smem_u4[(256 * 1024) / sizeof(uint4)]; /* the block's dynamic shared memory */
+uint4 smem_u4[(256 * 1024) / sizeof(uint4)]; /* the MMA kernel's dynamic shared memory */
+float sm[simt_smem_floats(SIMT_MAX_HD)];     /* the SIMT kernel's */
 } // namespace cake_attn
 
 using namespace cake_attn;
@@ -142,6 +144,27 @@ static int launch(const problem &p, int n_splits, int split_len, int t0, int n, 
     if (run_grid(dim3((unsigned)heads, q_blocks, (unsigned)n_splits), MMA_WARPS * 32)) return -1;
     if (n_splits == 1) return 0;
     emu::body = [=] { attn_combine_kernel<float>(pp, out, pos0, heads, hd, split_len, n_splits); };
+    return run_grid(dim3((unsigned)n, (unsigned)heads, 1), SIMT_THREADS);
+}
+
+/* All queries of p through the SIMT kernel (decode's, and the plain path):
+ * one range of every key, or (split_len > 0) ranges of split_len keys merged
+ * by the combine kernel, as attention.cu launches them. */
+static int launch_simt(const problem &p, int split_len, float *out) {
+    const int hd = p.hd, heads = p.heads, kvh = p.kv_heads, pos0 = p.pos0, n = p.n;
+    const __half *q = p.q.data(), *k = p.k.data(), *v = p.v.data();
+    const float scale = 1.0f / sqrtf((float)hd);
+    const int len = split_len ? split_len : pos0 + n;
+    const int n_splits = (pos0 + n + len - 1) / len;
+    std::vector<float> part((size_t)n * heads * n_splits * (hd + 2), NAN);
+    float *pp = part.data();
+    emu::body = [=] {
+        attn_simt_kernel<float>(q, k, v, out, pp, pos0, heads, kvh, hd, len, n_splits, scale);
+    };
+    for (float &x : cake_attn::sm) x = NAN; /* garbage */
+    if (run_grid(dim3((unsigned)n, (unsigned)heads, (unsigned)n_splits), SIMT_THREADS)) return -1;
+    if (n_splits == 1) return 0;
+    emu::body = [=] { attn_combine_kernel<float>(pp, out, pos0, heads, hd, len, n_splits); };
     return run_grid(dim3((unsigned)n, (unsigned)heads, 1), SIMT_THREADS);
 }
 
@@ -219,6 +242,30 @@ int main() {
                    same ? "ok" : "FAILED", split, c.n - split, c.n);
             failed += !same;
         }
+    }
+
+    /* The SIMT kernel: plain (one range), and split over keys for decode. */
+    struct {
+        int hd, heads, kv, pos0, n, split_len; /* 0: one range */
+    } simt_cases[] = {
+        {128, 4, 1, 0, 5, 0},     {64, 2, 2, 300, 3, 0},  {6, 2, 1, 40, 4, 0},
+        {128, 2, 1, 700, 1, 256}, {64, 4, 2, 130, 8, 64}, {256, 1, 1, 20, 2, 16},
+    };
+    for (const auto &c : simt_cases) {
+        problem p = make_problem(c.hd, c.heads, c.kv, c.pos0, c.n, 4.0f);
+        std::vector<float> out((size_t)c.n * c.heads * c.hd, NAN);
+        if (launch_simt(p, c.split_len, out.data())) {
+            failed++;
+            continue;
+        }
+        /* f32 all the way: only the order of the sums differs from the reference */
+        const double e = max_error(p, out.data());
+        const bool ok = e <= 1e-4;
+        printf(
+            "%s: SIMT, head_dim %d, heads %d/%d, pos0 %d, n %d, %s: max error %.3g (tol 1e-04)\n",
+            ok ? "ok" : "FAILED", c.hd, c.heads, c.kv, c.pos0, c.n,
+            c.split_len ? "key ranges (decode)" : "one range", e);
+        failed += !ok;
     }
     if (failed) printf("%d check(s) failed\n", failed);
     return failed ? 1 : 0;
