@@ -228,40 +228,42 @@ static int evict_one(file_store *f, const cake_chunk_key *keep) {
 /* One thread copies a page-cache-resident blob at 3-6 GB/s, slower than the
  * links cake is meant for (56-100 Gbit/s = 7-12.5 GB/s; a 13B chunk of 512
  * tokens is 419 MB), and the check (XXH3 of the payload, ~15 GB/s) comes on
- * top. A blob of two pieces or more is therefore read by several threads that
- * take the pieces in order: the CPUs left to each of the gets in progress, at
- * most 4, or readers=. With three readers or more, the calling
- * thread instead feeds the finished pieces to the payload hash, in order, as
- * they land. The last piece is left to the store front, which hashes it after
- * the (emulated) transfer: the work that remains once the last byte is in. A
- * thread costs tens of microseconds against the milliseconds a piece takes. */
-#define PIECE           (16u << 20) /* a multiple of ALIGN, for O_DIRECT */
+ * top. Pieces are 16 MiB, or 1/64 of a blob over 1 GiB. A blob of two pieces
+ * or more is therefore read by several threads that take the pieces in order:
+ * the CPUs left to each of the gets in progress, at most 4, or readers=. With
+ * three readers or more, the calling thread instead feeds the finished pieces
+ * to the payload hash, in order, as they land. The last piece is left to the
+ * store front, which hashes it after the (emulated) transfer: the work that
+ * remains once the last byte is in. A thread costs tens of microseconds
+ * against the milliseconds a piece takes. */
+#define PIECE_MIN       (16u << 20) /* a multiple of ALIGN, for O_DIRECT */
+#define PIECES_MAX      64          /* bigger blobs get bigger pieces */
 #define READERS_DEFAULT 4           /* beyond it, a 2-16 core host gains little */
 
 typedef struct {
     int fd;
     char *buf;
-    size_t size;
+    size_t size, piece; /* piece: bytes per piece, a multiple of ALIGN */
     int n_pieces;
     atomic_int next;   /* the next piece to read */
     atomic_int direct; /* O_DIRECT reads (cleared if the filesystem refuses them) */
     atomic_int refused;
     pthread_mutex_t mu; /* guards the rest; cv: a piece is done */
     pthread_cond_t cv;
-    size_t *got; /* per piece: bytes read */
-    char *done;  /* per piece: read (got says how much) */
-    int err;     /* errno of the first failed read */
+    size_t got[PIECES_MAX]; /* per piece: bytes read */
+    char done[PIECES_MAX];  /* per piece: read (got says how much) */
+    int err;                /* errno of the first failed read */
 } blob_read;
 
 static size_t piece_end(const blob_read *r, int i) {
-    const size_t end = (size_t)(i + 1) * PIECE;
+    const size_t end = (size_t)(i + 1) * r->piece;
     return end < r->size ? end : r->size;
 }
 
 /* Reads piece i, or up to end of file; O_DIRECT reads ask for whole blocks
  * (the last one comes back short at end of file). */
 static void read_piece(blob_read *r, int i) {
-    const size_t off = (size_t)i * PIECE, end = piece_end(r, i);
+    const size_t off = (size_t)i * r->piece, end = piece_end(r, i);
     size_t got = 0;
     int err = 0;
     while (off + got < end) {
@@ -302,37 +304,30 @@ static void hash_pieces(blob_read *r, cake_payload_hash *hash) {
     for (int i = 0; i + 1 < r->n_pieces; i++) {
         pthread_mutex_lock(&r->mu);
         while (!r->done[i]) pthread_cond_wait(&r->cv, &r->mu);
-        const int whole = !r->err && r->got[i] == piece_end(r, i) - (size_t)i * PIECE;
+        const int whole = !r->err && r->got[i] == piece_end(r, i) - (size_t)i * r->piece;
         pthread_mutex_unlock(&r->mu);
         if (!whole) return;
-        cake_payload_hash_feed(hash, r->buf, (size_t)i * PIECE, piece_end(r, i));
+        cake_payload_hash_feed(hash, r->buf, (size_t)i * r->piece, piece_end(r, i));
     }
 }
 
 /* Reads the size-byte file into buf (see above); hash may be NULL. *len = the
  * bytes read from the start with no gap; *refused_direct is set when the
- * filesystem refused O_DIRECT after all. Returns 0, ENOMEM, or the errno of a
- * failed read. */
+ * filesystem refused O_DIRECT after all. Returns 0 or the errno of a failed
+ * read. */
 static int read_blob(int fd, char *buf, size_t size, int direct, int readers,
                      cake_payload_hash *hash, size_t *len, int *refused_direct) {
-    blob_read r = {.fd = fd, .buf = buf, .size = size};
-    r.n_pieces = size ? (int)((size + PIECE - 1) / PIECE) : 1;
+    blob_read r = {.fd = fd,
+                   .buf = buf,
+                   .size = size,
+                   .mu = PTHREAD_MUTEX_INITIALIZER,
+                   .cv = PTHREAD_COND_INITIALIZER};
+    const size_t per = ((size + PIECES_MAX - 1) / PIECES_MAX + ALIGN - 1) / ALIGN * ALIGN;
+    r.piece = per > PIECE_MIN ? per : PIECE_MIN;
+    r.n_pieces = size ? (int)((size + r.piece - 1) / r.piece) : 1;
     atomic_init(&r.next, 0);
     atomic_init(&r.direct, direct);
     atomic_init(&r.refused, 0);
-    r.got = calloc((size_t)r.n_pieces, sizeof(*r.got));
-    r.done = calloc((size_t)r.n_pieces, 1);
-    if (!r.got || !r.done || pthread_mutex_init(&r.mu, NULL)) {
-        free(r.got);
-        free(r.done);
-        return ENOMEM;
-    }
-    if (pthread_cond_init(&r.cv, NULL)) {
-        pthread_mutex_destroy(&r.mu);
-        free(r.got);
-        free(r.done);
-        return ENOMEM;
-    }
     /* readers - 1 helpers; this thread hashes, or reads too. Hashing while
      * reading pays when at least two threads still read: with fewer CPUs,
      * reading with all of them and hashing after is as fast (2-core VM). */
@@ -349,15 +344,12 @@ static int read_blob(int fd, char *buf, size_t size, int direct, int readers,
     *refused_direct |= atomic_load(&r.refused);
     *len = 0;
     for (int i = 0; i < r.n_pieces; i++) {
-        *len = (size_t)i * PIECE + r.got[i];
+        *len = (size_t)i * r.piece + r.got[i];
         if (*len < piece_end(&r, i)) break; /* a gap from here on */
     }
-    const int err = r.err;
     pthread_cond_destroy(&r.cv);
     pthread_mutex_destroy(&r.mu);
-    free(r.got);
-    free(r.done);
-    return err;
+    return r.err;
 }
 
 /* ---- operations ---- */
