@@ -131,6 +131,15 @@ extern "C" float __expf(float x) {
     return expf(x);
 }
 
+/* Test inputs: uniform in [-a, a], from a fixed xorshift sequence. */
+static uint64_t rng = 88172645463325252ull;
+static float uniform(float a) {
+    rng ^= rng << 13;
+    rng ^= rng >> 7;
+    rng ^= rng << 17;
+    return a * (2.0f * (float)(rng >> 11) / 9007199254740992.0f - 1.0f);
+}
+
 /* Runs body on every block of grid (block threads each); -1 if a block's
  * threads passed different numbers of synchronisation points. */
 static int run_grid(dim3 grid, int threads) {

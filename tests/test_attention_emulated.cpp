@@ -103,14 +103,6 @@ struct problem {
     std::vector<__half> q, k, v; /* q (n, heads, hd); k, v (pos0 + n, kv_heads, hd) */
 };
 
-static uint64_t rng = 88172645463325252ull;
-static float uniform(float a) {
-    rng ^= rng << 13;
-    rng ^= rng >> 7;
-    rng ^= rng << 17;
-    return a * (2.0f * (float)(rng >> 11) / 9007199254740992.0f - 1.0f);
-}
-
 static problem make_problem(int hd, int heads, int kv_heads, int pos0, int n, float q_scale) {
     problem p{hd, heads, kv_heads, pos0, n, {}, {}, {}};
     for (int i = 0; i < n * heads * hd; i++) p.q.push_back(__float2half_rn(uniform(q_scale)));

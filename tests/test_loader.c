@@ -480,21 +480,8 @@ static void test_claims(void **state) {
 
 /* The I/O workers' buffers come from the engine's staging pool and go back
  * to it: a second load request allocates none. */
-static atomic_int staging_allocs, staging_releases;
-
-static void *counting_alloc(size_t size) {
-    atomic_fetch_add(&staging_allocs, 1);
-    return cake_store_alloc_buffer(size);
-}
-
-static void counting_release(void *p) {
-    atomic_fetch_add(&staging_releases, 1);
-    cake_store_free_buffer(p);
-}
-
 static void test_staging_reuse(void **state) {
     (void)state;
-    static const cake_staging_allocator counting = {counting_alloc, counting_release};
     fake_engine fe = {.hp = {.dim = 64,
                              .n_layers = 2,
                              .n_heads = 2,
@@ -502,7 +489,7 @@ static void test_staging_reuse(void **state) {
                              .head_dim = 32,
                              .ffn_dim = 128}};
     cake_loader_engine e = fake_ops(&fe);
-    e.staging = cake_staging_new(&counting, 8);
+    e.staging = cake_staging_new(&test_counting_allocator, 8);
     assert_non_null(e.staging);
     const int chunk = 8, n = 6 * chunk + 1; /* 6 loadable chunks and a 1-token tail */
     cake_token p[6 * 8 + 1];
@@ -514,19 +501,19 @@ static void test_staging_reuse(void **state) {
     fake_prefill(&e, p, n, chunk, store, wb, CAKE_MODE_COMPUTE);
     assert_int_equal(cake_writeback_drain(wb, 30000), 0);
     cake_writeback_free(wb);
-    assert_int_equal(atomic_load(&staging_allocs), 0); /* compute mode fetches nothing */
+    assert_int_equal(atomic_load(&test_counted_allocs), 0); /* compute mode fetches nothing */
 
     cake_prefill_stats st = fake_prefill(&e, p, n, chunk, store, NULL, CAKE_MODE_LOAD);
     assert_int_equal(st.chunks_loaded, 6);
-    const int first = atomic_load(&staging_allocs);
+    const int first = atomic_load(&test_counted_allocs);
     assert_true(first >= 1 && first <= 3); /* one per I/O worker */
     st = fake_prefill(&e, p, n, chunk, store, NULL, CAKE_MODE_LOAD);
     assert_int_equal(st.chunks_loaded, 6);
-    assert_int_equal(atomic_load(&staging_allocs), first); /* the kept ones, no new ones */
-    assert_int_equal(atomic_load(&staging_releases), 0);
+    assert_int_equal(atomic_load(&test_counted_allocs), first); /* the kept ones, no new ones */
+    assert_int_equal(atomic_load(&test_counted_releases), 0);
     cake_store_close(store);
     cake_staging_free(e.staging);
-    assert_int_equal(atomic_load(&staging_releases), first);
+    assert_int_equal(atomic_load(&test_counted_releases), first);
 }
 
 int main(void) {

@@ -24,14 +24,6 @@ extern "C" float rsqrtf(float x) {
 
 using namespace cake_rows;
 
-static uint64_t rng = 0x9e3779b97f4a7c15ull;
-static float uniform(float a) {
-    rng ^= rng << 13;
-    rng ^= rng >> 7;
-    rng ^= rng << 17;
-    return a * (2.0f * (float)(rng >> 11) / 9007199254740992.0f - 1.0f);
-}
-
 static int failed;
 
 static void check(bool ok, const char *fmt, ...) __attribute__((format(printf, 2, 3)));

@@ -14,31 +14,17 @@
 #include <string.h>
 
 #include "loader/staging.h"
-#include "store/store.h"
-
-static atomic_int n_alloc, n_release;
-
-static void *counting_alloc(size_t size) {
-    atomic_fetch_add(&n_alloc, 1);
-    return cake_store_alloc_buffer(size);
-}
-
-static void counting_release(void *p) {
-    atomic_fetch_add(&n_release, 1);
-    cake_store_free_buffer(p);
-}
-
-static const cake_staging_allocator counting = {counting_alloc, counting_release};
+#include "testutil.h"
 
 static void reset_counts(void) {
-    atomic_store(&n_alloc, 0);
-    atomic_store(&n_release, 0);
+    atomic_store(&test_counted_allocs, 0);
+    atomic_store(&test_counted_releases, 0);
 }
 
 static void test_reuse(void **state) {
     (void)state;
     reset_counts();
-    cake_staging *s = cake_staging_new(&counting, 2);
+    cake_staging *s = cake_staging_new(&test_counting_allocator, 2);
     assert_non_null(s);
     void *a = cake_staging_take(s, 8192), *b = cake_staging_take(s, 8192);
     assert_non_null(a);
@@ -49,23 +35,23 @@ static void test_reuse(void **state) {
     cake_staging_give(s, b, 8192);
     void *c = cake_staging_take(s, 8192), *d = cake_staging_take(s, 8192);
     assert_true((c == a && d == b) || (c == b && d == a)); /* the same two, no new ones */
-    assert_int_equal(atomic_load(&n_alloc), 2);
+    assert_int_equal(atomic_load(&test_counted_allocs), 2);
     /* A third given back while two are kept: freed, not kept. */
     void *e = cake_staging_take(s, 8192);
-    assert_int_equal(atomic_load(&n_alloc), 3);
+    assert_int_equal(atomic_load(&test_counted_allocs), 3);
     cake_staging_give(s, c, 8192);
     cake_staging_give(s, d, 8192);
     cake_staging_give(s, e, 8192);
-    assert_int_equal(atomic_load(&n_release), 1);
+    assert_int_equal(atomic_load(&test_counted_releases), 1);
     /* Another size: the kept ones are freed, a new one is made. */
     void *f = cake_staging_take(s, 4096);
     assert_non_null(f);
-    assert_int_equal(atomic_load(&n_release), 3);
-    assert_int_equal(atomic_load(&n_alloc), 4);
+    assert_int_equal(atomic_load(&test_counted_releases), 3);
+    assert_int_equal(atomic_load(&test_counted_allocs), 4);
     cake_staging_give(s, f, 4096);
     cake_staging_give(s, NULL, 4096); /* accepted, nothing happens */
     cake_staging_free(s);
-    assert_int_equal(atomic_load(&n_release), 4); /* everything allocated is freed */
+    assert_int_equal(atomic_load(&test_counted_releases), 4); /* everything allocated is freed */
 }
 
 enum { THREADS = 4, ROUNDS = 2000 };
@@ -87,7 +73,7 @@ static void *churn(void *arg) {
 static void test_concurrent(void **state) {
     (void)state;
     reset_counts();
-    cake_staging *s = cake_staging_new(&counting, THREADS);
+    cake_staging *s = cake_staging_new(&test_counting_allocator, THREADS);
     pthread_t t[THREADS];
     for (int i = 0; i < THREADS; i++) assert_int_equal(pthread_create(&t[i], NULL, churn, s), 0);
     for (int i = 0; i < THREADS; i++) {
@@ -96,8 +82,8 @@ static void test_concurrent(void **state) {
         assert_null(r);
     }
     cake_staging_free(s);
-    assert_int_equal(atomic_load(&n_alloc), atomic_load(&n_release));
-    assert_true(atomic_load(&n_alloc) <= THREADS * 2); /* reused, not made per round */
+    assert_int_equal(atomic_load(&test_counted_allocs), atomic_load(&test_counted_releases));
+    assert_true(atomic_load(&test_counted_allocs) <= THREADS * 2); /* reused, not made per round */
 }
 
 int main(void) {

@@ -4,6 +4,8 @@
 #include <stdlib.h>
 #include <unistd.h>
 
+#include "store/store.h"
+
 const char *test_models_dir(void) {
     const char *env = getenv("CAKE_TEST_MODELS");
     return env && *env ? env : CAKE_TEST_MODELS;
@@ -34,3 +36,17 @@ void *test_read_file(const char *path, size_t *size) {
     if (buf && size) *size = (size_t)n;
     return buf;
 }
+
+atomic_int test_counted_allocs, test_counted_releases;
+
+static void *counting_alloc(size_t size) {
+    atomic_fetch_add(&test_counted_allocs, 1);
+    return cake_store_alloc_buffer(size);
+}
+
+static void counting_release(void *p) {
+    atomic_fetch_add(&test_counted_releases, 1);
+    cake_store_free_buffer(p);
+}
+
+const cake_staging_allocator test_counting_allocator = {counting_alloc, counting_release};

@@ -2,7 +2,10 @@
 #ifndef CAKE_TESTUTIL_H
 #define CAKE_TESTUTIL_H
 
+#include <stdatomic.h>
 #include <stddef.h>
+
+#include "loader/staging.h"
 
 /* Directory of the shared test models (env CAKE_TEST_MODELS, else the build's
  * default ../shared/models). */
@@ -12,5 +15,9 @@ const char *test_models_dir(void);
 const char *test_model_path(const char *name);
 /* Reads a whole file; caller frees. NULL on failure. */
 void *test_read_file(const char *path, size_t *size);
+
+/* A staging allocator (the store's aligned buffers) that counts its calls. */
+extern const cake_staging_allocator test_counting_allocator;
+extern atomic_int test_counted_allocs, test_counted_releases;
 
 #endif
