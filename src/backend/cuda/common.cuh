@@ -147,6 +147,16 @@ typedef struct {
 #define CAKE_ATTN_MMA_SPLIT_MAX_N 1024
 #define CAKE_ATTN_MMA_MAX_SPLITS  8
 
+/* The floats `part` needs for batches of up to max_n queries: the decode
+ * path's n_splits_max ranges or the MMA path's, whichever is more. */
+static inline size_t cake_attn_part_floats(int max_n, int n_splits_max, int n_heads, int head_dim) {
+    const size_t decode = (size_t)CAKE_ATTN_SPLIT_MAX_N * (size_t)n_splits_max;
+    const size_t mma =
+        (size_t)(max_n < CAKE_ATTN_MMA_SPLIT_MAX_N ? max_n : CAKE_ATTN_MMA_SPLIT_MAX_N) *
+        CAKE_ATTN_MMA_MAX_SPLITS;
+    return (decode > mma ? decode : mma) * (size_t)n_heads * (size_t)(head_dim + 2);
+}
+
 /* Sets up the kernels' shared-memory limits; call once per device. */
 cudaError_t cake_cuda_attention_setup(void);
 /* 1 if `path` can run head_dim hd with out_dtype. */

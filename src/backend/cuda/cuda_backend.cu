@@ -377,12 +377,7 @@ int init_state(cake_cuda_state *s, const cake_model *m, int n_ctx, int max_batch
                             (size_t)n_ctx * (size_t)(hd / 2) * sizeof(float2);
     /* Split partials: decode's ranges, or those of a prefill batch (attention.cu
      * splits only small ones: big ones fill the GPU). */
-    const size_t part_decode = (size_t)CAKE_ATTN_SPLIT_MAX_N * s->n_splits_max;
-    const size_t part_prefill =
-        (size_t)(max_batch < CAKE_ATTN_MMA_SPLIT_MAX_N ? max_batch : CAKE_ATTN_MMA_SPLIT_MAX_N) *
-        CAKE_ATTN_MMA_MAX_SPLITS;
-    const size_t part_elems =
-        (part_decode > part_prefill ? part_decode : part_prefill) * hp->n_heads * (size_t)(hd + 2);
+    const size_t part_elems = cake_attn_part_floats(max_batch, s->n_splits_max, hp->n_heads, hd);
     s->part_floats = part_elems;
     const size_t scratch_bytes = T * dim * sizeof(float) + T * s->xh_cols * s->welem +
                                  T * s->qkv_dim * sizeof(float) + T * dim * sizeof(__half) +
@@ -967,12 +962,7 @@ int check_run(check_bufs *b, int path, int head_dim, int n_heads, int n_kv_heads
               float q_scale, double *max_err, char *err, size_t errlen) {
     const int n_ctx = pos0 + n, split_len = 64, n_splits_max = (n_ctx + split_len - 1) / split_len;
     const size_t nq = (size_t)n * n_heads * head_dim, nkv = (size_t)n_ctx * n_kv_heads * head_dim;
-    /* Room for the decode path's ranges and for the MMA path's. */
-    const size_t rows =
-        (size_t)CAKE_ATTN_SPLIT_MAX_N * n_splits_max > (size_t)n * CAKE_ATTN_MMA_MAX_SPLITS
-            ? (size_t)CAKE_ATTN_SPLIT_MAX_N * n_splits_max
-            : (size_t)n * CAKE_ATTN_MMA_MAX_SPLITS;
-    const size_t n_part = rows * n_heads * (size_t)(head_dim + 2);
+    const size_t n_part = cake_attn_part_floats(n, n_splits_max, n_heads, head_dim);
     int dev = 0, n_sm = 0;
     CK(cudaGetDevice(&dev), "finding the device");
     CK(cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, dev), "counting its SMs");
