@@ -626,6 +626,29 @@ static void test_capacity_lru(void **state) {
     cake_store_close(s2);
 }
 
+/* A store with room for one chunk, written A, B, A, B, ... for 1.5 s: each
+ * put must evict the other chunk, also across the turn of a second, when a
+ * just-written file's mtime can already read a second later than time()
+ * (fine-grained file times); a chunk then looked used by another process
+ * since and was kept, over the capacity. */
+static void test_capacity_across_seconds(void **state) {
+    fx *f = *state;
+    char err[512], uri[4300];
+    cake_store_close(f->s);
+    snprintf(uri, sizeof(uri), "%s?capacity=%zu", f->uri, f->len * 3 / 2);
+    assert_int_equal(cake_store_open(uri, &f->s, err, sizeof(err)), 0);
+    const double t0 = t_now();
+    long puts = 0;
+    while (t_now() - t0 < 1.5) {
+        const int i = (int)(puts++ % 2);
+        put_ok(f, i);
+        uint8_t present;
+        assert_int_equal(cake_store_exists(f->s, &f->h[1 - i].key, 1, &present, err, sizeof(err)),
+                         0);
+        if (present && puts > 1) fail_msg("put %ld kept chunk %d beside chunk %d", puts, 1 - i, i);
+    }
+}
+
 static void test_gc(void **state) {
     fx *f = *state;
     char err[512], tmpdir[4200], p[4400];
@@ -818,6 +841,7 @@ int main(void) {
         T(test_concurrent_writers_same_key),
         T(test_writer_killed_mid_write),
         T(test_capacity_lru),
+        T(test_capacity_across_seconds),
         T(test_gc),
         T(test_threads),
         T(test_open_errors),

@@ -89,6 +89,16 @@ static int mkdir_p(const char *path) {
     return 0;
 }
 
+/* Unix seconds, from the clock that file times come from. time() reads a
+ * coarse clock that can be a second behind the mtime of a file written just
+ * before (Linux's fine-grained file times): a chunk we had just written then
+ * looked used by another process since we noted it. */
+static int64_t wall_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec;
+}
+
 static int64_t last_use(const struct stat *st) {
     return st->st_atime > st->st_mtime ? (int64_t)st->st_atime : (int64_t)st->st_mtime;
 }
@@ -405,7 +415,7 @@ static int file_get(void *st_, const cake_chunk_key *k, void *buf, size_t cap, s
         goto done;
     }
     *len = done;
-    time_t now = time(NULL);
+    const time_t now = (time_t)wall_seconds();
     if (st.st_atime + ATIME_REFRESH_S < now) {
         const struct timespec ts[2] = {{now, 0}, {0, UTIME_OMIT}};
         futimens(fd, ts); /* best effort: a read-only store still serves */
@@ -534,7 +544,7 @@ out:
         pthread_mutex_lock(&f->mu);
         f->pending -= len;
         pthread_mutex_unlock(&f->mu);
-        if (rc == 0) index_note(f, k, len, (int64_t)time(NULL));
+        if (rc == 0) index_note(f, k, len, wall_seconds());
     }
     return rc;
 }
