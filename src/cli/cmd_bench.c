@@ -44,8 +44,10 @@ static const char *help =
     "  --chunk N         chunk size in tokens (default 256)\n"
     "  --repeat R        repeats per cell (compute-only, load-only and Cake runs);\n"
     "                    medians are reported (default 1)\n"
-    "  --min-cell-time S repeat a cell beyond R until its runs took S seconds (at most\n"
-    "                    64 repeats): cheap cells get more samples (default 0)\n"
+    "  --min-cell-time S repeat a cell beyond R until its Cake runs and those of the\n"
+    "                    faster baseline took S seconds in all (at most 64 repeats);\n"
+    "                    these extra repeats skip a baseline that was over 1.25x slower\n"
+    "                    in all of the first R (default 0)\n"
     "  --io-depth N      loads in flight (default 4)\n"
     "  --threads N       CPU threads (default: all)\n"
     "  --backend B       cpu (default) or cuda\n"
@@ -209,7 +211,7 @@ typedef struct {
     cake_loader_engine engine; /* the throttled view the loader sees */
     float *logits;
     int n_vocab, chunk, io_depth, repeat;
-    double min_cell_s;      /* repeat a cell beyond `repeat` until its runs took this long */
+    double min_cell_s;      /* extra repeats until the compared runs took this long */
     const char *trace_path; /* where the next requests write their timeline; NULL: nowhere */
 } bench;
 
@@ -306,20 +308,43 @@ static double oracle(const double *comp, double tail_computed, double tail_loade
 
 /* What a cell reports. */
 typedef struct {
-    timing tc, tl, tk; /* compute-only, load-only, Cake TTFTs */
-    double tstar, eff; /* medians over the repeats of T* and of efficiency */
-    double vs_best;    /* median of T_cake / min(T_compute, T_load) */
-    double tstar_min;  /* T* from the best runs */
-    int repeats;
-    int split; /* t* of the repeat whose T* is nearest the median */
+    timing tc, tl, tk;                    /* compute-only, load-only, Cake TTFTs */
+    double tstar, eff;                    /* medians over the repeats of T* and of efficiency */
+    double vs_best;                       /* median of T_cake / min(T_compute, T_load) */
+    double tstar_min;                     /* T* from the best runs */
+    int repeats, compute_runs, load_runs; /* a slower baseline skips the extra repeats */
+    int split;                            /* t* of the repeat whose T* is nearest the median */
 } cell_result;
+
+/* The median of v[0..n) without reordering v. */
+static double median_of(const double *v, int n) {
+    double tmp[64];
+    memcpy(tmp, v, (size_t)n * sizeof(double));
+    return median(tmp, n);
+}
+
+/* Whether the fastest run in a[0..n) took more than 1.25 times the median of
+ * b[0..m): a baseline that far behind is not the better one of a repeat. */
+static int clearly_slower(const double *a, int n, const double *b, int m) {
+    double fastest = a[0];
+    for (int i = 1; i < n; i++) fastest = fmin(fastest, a[i]);
+    return fastest > 1.25 * median_of(b, m);
+}
 
 /* One cell: per repeat, a compute-only run (when paired; otherwise the
  * share's curve cv and times tc stand in), a load-only run and a Cake run,
  * back to back so that all three see the same noise of a shared machine
  * (Cake next to the better baseline).
  * Each repeat gets its own T* (its compute curve, its load rate) and
- * efficiency; the cell reports their medians. */
+ * efficiency; the cell reports their medians.
+ *
+ * The first R repeats run all three. Repeats beyond R (--min-cell-time, until
+ * Cake and the better baseline ran S seconds in all) skip a baseline whose
+ * fastest run was more than 1.25x the other's median: it is not the better one,
+ * and in cells where Cake does what the better baseline does (loads nothing,
+ * or everything) their ratio is what the cell's noise is about. A skipped
+ * baseline's medians over the first R repeats stand in for it in those
+ * repeats' T*; its own columns report its R runs. */
 static int measure_cell(bench *b, const cake_token *prompt, int n, cake_store *store, int paired,
                         int cake_too, const char *cake_trace, const curve *cv, const timing *tc,
                         curve *cell_cv, cell_result *res) {
@@ -334,10 +359,17 @@ static int measure_cell(bench *b, const cake_token *prompt, int n, cake_store *s
     }
     *res = (cell_result){.tc = *tc};
     int rc = -1, r = 0;
-    const double t0 = now_s();
-    for (; r < 64 && (r < b->repeat || now_s() - t0 < b->min_cell_s); r++) {
+    int n_c = 0, n_l = 0; /* compute-only and load-only runs made */
+    int skip_compute = 0, skip_load = 0;
+    double compared_s = 0; /* time in Cake runs and in the better baseline's */
+    for (; r < 64 && (r < b->repeat || compared_s < b->min_cell_s); r++) {
         const int i = r;
         double *rec = runs + (size_t)i * (size_t)stride;
+        if (i == b->repeat) { /* the extra repeats begin */
+            skip_compute = paired && clearly_slower(vc, n_c, vl, n_l);
+            skip_load = clearly_slower(vl, n_l, paired ? vc : &tc->med, paired ? n_c : 1);
+            if (skip_compute) build_curve(runs, n_c, n_chunks, cell_cv);
+        }
         /* The order of the runs. Cake and the better baseline (by the first
          * repeat) run back to back, so that they see the same moment of this
          * noisy machine; the slower baseline goes first. The two compared runs
@@ -347,52 +379,67 @@ static int measure_cell(bench *b, const cake_token *prompt, int n, cake_store *s
         int n_runs = 0;
         const int odd = i % 2;
         if (paired && i > 0 && vl[0] > vc[0]) {
-            order[n_runs++] = CAKE_MODE_LOAD;
+            if (!skip_load) order[n_runs++] = CAKE_MODE_LOAD;
             order[n_runs++] = odd ? CAKE_MODE_COMPUTE : CAKE_MODE_CAKE;
             order[n_runs++] = odd ? CAKE_MODE_CAKE : CAKE_MODE_COMPUTE;
         } else {
-            if (paired) order[n_runs++] = CAKE_MODE_COMPUTE;
+            if (paired && !skip_compute) order[n_runs++] = CAKE_MODE_COMPUTE;
             order[n_runs++] = odd ? CAKE_MODE_CAKE : CAKE_MODE_LOAD;
             order[n_runs++] = odd ? CAKE_MODE_LOAD : CAKE_MODE_CAKE;
         }
         for (int k = 0; k < n_runs; k++) {
             if (order[k] == CAKE_MODE_COMPUTE) {
                 if ((vc[i] = compute_run(b, prompt, n, rec, &res->tc.last)) < 0) goto out;
-            } else if (order[k] == CAKE_MODE_LOAD) {
+                n_c++;
+            } else if (order[k] == CAKE_MODE_LOAD && !skip_load) {
                 vl[i] = one_request(b, prompt, n, store, NULL, CAKE_MODE_LOAD, &res->tl.last);
                 if (vl[i] < 0) goto out;
                 tail[i] = res->tl.last.tail_ms;
                 load[i] = res->tl.last.load_ms;
                 if (!cake_too) lookup[i] = res->tl.last.lookup_ms;
-            } else if (cake_too) {
+                n_l++;
+            } else if (order[k] == CAKE_MODE_CAKE && cake_too) {
                 b->trace_path = cake_trace; /* the last run's timeline stays */
                 vk[i] = one_request(b, prompt, n, store, NULL, CAKE_MODE_CAKE, &res->tk.last);
                 b->trace_path = NULL;
                 if (vk[i] < 0) goto out;
                 lookup[i] = res->tk.last.lookup_ms;
+                compared_s += vk[i] / 1e3;
             }
         }
+        if (skip_load) { /* its first R runs stand in */
+            vl[i] = median_of(vl, n_l);
+            tail[i] = median_of(tail, n_l);
+            load[i] = median_of(load, n_l);
+            if (!cake_too) lookup[i] = median_of(lookup, n_l);
+        }
+        const double t_compute = !paired ? tc->med : skip_compute ? median_of(vc, n_c) : vc[i];
+        compared_s += fmin(t_compute, vl[i]) / 1e3;
         /* This repeat's oracle: its own compute curve when paired. */
-        const double *c = cv->med, tail_c = paired ? rec[n_chunks] : cv->tail_med;
-        if (paired) {
+        const double *c = cv->med;
+        double tail_c = paired ? rec[n_chunks] : cv->tail_med;
+        if (skip_compute) {
+            c = cell_cv->med;
+            tail_c = cell_cv->tail_med;
+        } else if (paired) {
             comp[0] = 0;
             for (int k = 0; k < n_chunks; k++) comp[k + 1] = comp[k] + rec[k];
             c = comp;
         }
         ts[i] = oracle(c, tail_c, tail[i], n_chunks, n_chunks ? load[i] / n_chunks : 0, lookup[i],
-                       paired ? vc[i] : tc->med, vl[i], &split[i]);
+                       t_compute, vl[i], &split[i]);
         if (cake_too) {
             eff[i] = ts[i] / vk[i];
-            vs[i] = vk[i] / fmin(paired ? vc[i] : tc->med, vl[i]);
+            vs[i] = vk[i] / fmin(t_compute, vl[i]);
         }
     }
     if (paired) {
-        summarize(vc, r, &res->tc);
-        build_curve(runs, r, n_chunks, cell_cv);
+        summarize(vc, n_c, &res->tc);
+        build_curve(runs, n_c, n_chunks, cell_cv);
         cv = cell_cv;
     }
-    summarize(vl, r, &res->tl);
-    res->tl.load_med = median(load, r);
+    summarize(vl, n_l, &res->tl);
+    res->tl.load_med = median(load, n_l);
     memcpy(tmp, ts, (size_t)r * sizeof(double));
     res->tstar = median(tmp, r);
     int near = 0; /* the repeat whose T* is nearest the median */
@@ -401,7 +448,7 @@ static int measure_cell(bench *b, const cake_token *prompt, int n, cake_store *s
     res->split = split[near];
     /* The best runs: per-chunk minima of the curve, fastest of each mode. */
     int s;
-    qsort(tail, (size_t)r, sizeof(double), cmp_double);
+    qsort(tail, (size_t)n_l, sizeof(double), cmp_double);
     res->tstar_min =
         oracle(cv->min, cv->tail_min, tail[0], n_chunks, n_chunks ? res->tl.load_med / n_chunks : 0,
                median(lookup, r), res->tc.min, res->tl.min, &s);
@@ -411,6 +458,8 @@ static int measure_cell(bench *b, const cake_token *prompt, int n, cake_store *s
         res->vs_best = median(vs, r);
     }
     res->repeats = r;
+    res->compute_runs = paired ? n_c : 0;
+    res->load_runs = n_l;
     rc = 0;
 out:
     free(runs);
@@ -670,7 +719,7 @@ static int bench_ttft(int argc, char **argv) {
                  "efficiency,speedup_vs_load,speedup_vs_compute,meet_chunk,split_chunk,"
                  "chunks_loaded,compute_min_ms,compute_max_ms,load_min_ms,load_max_ms,"
                  "cake_min_ms,cake_max_ms,load_gbit_s,cake_vs_best,tstar_min_ms,efficiency_min,"
-                 "cake_vs_best_min,repeats\n");
+                 "cake_vs_best_min,repeats,compute_runs,load_runs\n");
     const char *head = "| ctx | Gbit/s | share | compute ms | load ms | cake ms | T* ms | "
                        "efficiency | (best runs) | cake / best | speedup load\\compute | "
                        "meet / t* (chunks) |\n"
@@ -764,12 +813,13 @@ static int bench_ttft(int argc, char **argv) {
                              speedup_compute = tk->med > 0 ? comp_ms / tk->med : 0;
                 fprintf(csv,
                         "%d,%g,%g,%.3f,%.3f,%.3f,%.3f,%.4f,%.3f,%.3f,%d,%d,%d,%.3f,%.3f,"
-                        "%.3f,%.3f,%.3f,%.3f,%.4f,%.4f,%.3f,%.4f,%.4f,%d\n",
+                        "%.3f,%.3f,%.3f,%.3f,%.4f,%.4f,%.3f,%.4f,%.4f,%d,%d,%d\n",
                         n, bws[bi], share, comp_ms, tl->med, tk->med, tstar, eff, speedup_load,
                         speedup_compute, tk->last.meet_chunk, split, tk->last.chunks_loaded,
                         tcr->min, tcr->max, tl->min, tl->max, tk->min, tk->max,
                         tl->last.load_gbit_s, cr.vs_best, cr.tstar_min, eff_min,
-                        tk->min / fmin(tcr->min, tl->min), cr.repeats);
+                        tk->min / fmin(tcr->min, tl->min), cr.repeats, cr.compute_runs,
+                        cr.load_runs);
                 fflush(csv);
                 char row[512];
                 snprintf(row, sizeof(row),
