@@ -45,9 +45,9 @@ static const char *help =
     "  --repeat R        repeats per cell (compute-only, load-only and Cake runs);\n"
     "                    medians are reported (default 1)\n"
     "  --min-cell-time S repeat a cell beyond R until its Cake runs and those of the\n"
-    "                    faster baseline took S seconds in all (at most 64 repeats);\n"
-    "                    these extra repeats skip a baseline that was over 1.25x slower\n"
-    "                    in all of the first R (default 0)\n"
+    "                    faster baseline took S seconds in all, or the extra repeats\n"
+    "                    S/2 (at most 64 repeats); these skip a baseline that cannot\n"
+    "                    matter (over 1.25x slower) (default 0)\n"
     "  --io-depth N      loads in flight (default 4)\n"
     "  --threads N       CPU threads (default: all)\n"
     "  --backend B       cpu (default) or cuda\n"
@@ -338,13 +338,16 @@ static int clearly_slower(const double *a, int n, const double *b, int m) {
  * Each repeat gets its own T* (its compute curve, its load rate) and
  * efficiency; the cell reports their medians.
  *
- * The first R repeats run all three. Repeats beyond R (--min-cell-time, until
- * Cake and the better baseline ran S seconds in all) skip a baseline whose
- * fastest run was more than 1.25x the other's median: it is not the better one,
- * and in cells where Cake does what the better baseline does (loads nothing,
- * or everything) their ratio is what the cell's noise is about. A skipped
- * baseline's medians over the first R repeats stand in for it in those
- * repeats' T*; its own columns report its R runs. */
+ * The first R repeats run all three. Repeats beyond R (--min-cell-time S)
+ * follow until Cake and the faster baseline ran S seconds in all, or the
+ * extra repeats took S/2. They skip a baseline that cannot matter: load-only
+ * when its fastest run took over 1.25x compute-only's median (the emulated
+ * link holds its rate steady), compute-only when its first chunk alone did
+ * against load-only's median (T* then loads everything). In cells where Cake
+ * does what the faster baseline does, their ratio is what the cell's noise
+ * is about, and these repeats give it samples cheaply. A skipped baseline's
+ * medians over the first R repeats stand in for it in those repeats' T*; its
+ * own columns report its R runs. */
 static int measure_cell(bench *b, const cake_token *prompt, int n, cake_store *store, int paired,
                         int cake_too, const char *cake_trace, const curve *cv, const timing *tc,
                         curve *cell_cv, cell_result *res) {
@@ -360,16 +363,14 @@ static int measure_cell(bench *b, const cake_token *prompt, int n, cake_store *s
     *res = (cell_result){.tc = *tc};
     int rc = -1, r = 0;
     int n_c = 0, n_l = 0; /* compute-only and load-only runs made */
-    int skip_compute = 0, skip_load = 0;
+    int skip_load = 0, skip_compute = 0;
     double compared_s = 0; /* time in Cake runs and in the better baseline's */
-    for (; r < 64 && (r < b->repeat || compared_s < b->min_cell_s); r++) {
+    double extra_t0 = 0;   /* when the extra repeats began */
+    for (; r < 64 && (r < b->repeat ||
+                      (compared_s < b->min_cell_s && now_s() - extra_t0 < b->min_cell_s / 2));
+         r++) {
         const int i = r;
         double *rec = runs + (size_t)i * (size_t)stride;
-        if (i == b->repeat) { /* the extra repeats begin */
-            skip_compute = paired && clearly_slower(vc, n_c, vl, n_l);
-            skip_load = clearly_slower(vl, n_l, paired ? vc : &tc->med, paired ? n_c : 1);
-            if (skip_compute) build_curve(runs, n_c, n_chunks, cell_cv);
-        }
         /* The order of the runs. Cake and the better baseline (by the first
          * repeat) run back to back, so that they see the same moment of this
          * noisy machine; the slower baseline goes first. The two compared runs
@@ -431,6 +432,16 @@ static int measure_cell(bench *b, const cake_token *prompt, int n, cake_store *s
         if (cake_too) {
             eff[i] = ts[i] / vk[i];
             vs[i] = vk[i] / fmin(t_compute, vl[i]);
+        }
+        if (i == b->repeat - 1) { /* the first R are done: what the extra ones skip */
+            extra_t0 = now_s();
+            skip_load = clearly_slower(vl, n_l, paired ? vc : &tc->med, paired ? n_c : 1);
+            /* Compute-only gives T* its curve, unless its first chunk alone
+             * took longer than loading everything. */
+            double first[64] = {0};
+            for (int k = 0; k < n_c; k++) first[k] = runs[(size_t)k * (size_t)stride];
+            skip_compute = paired && n_chunks && clearly_slower(first, n_c, vl, n_l);
+            if (skip_compute) build_curve(runs, n_c, n_chunks, cell_cv);
         }
     }
     if (paired) {
