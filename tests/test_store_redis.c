@@ -3,9 +3,9 @@
  * listings, databases, concurrent threads, and the failures: Redis killed
  * between exists and get, Redis down from the start, Redis hung (SIGSTOP),
  * Redis restarted (the store reconnects), a chunk over the server's size
- * limit. A failure is a miss within the
- * timeout, never a hang, a crash or wrong data. Skipped (with a message) when
- * redis-server is not installed. */
+ * limit, a big chunk read straight into the buffer, whole or corrupt. A failure is a miss within
+ * the timeout, never a hang, a crash or wrong data. Skipped (with a message) when redis-server is
+ * not installed. */
 #include <stdarg.h>
 #include <stddef.h>
 #include <setjmp.h>
@@ -431,6 +431,71 @@ static void test_redis_chunk_over_max_bulk(void **state) {
     assert_int_equal(system(cmd), 0);
 }
 
+/* A chunk of 25 MiB, read from the socket straight into the caller's buffer
+ * over many reads, its payload hashed as it arrives: whole, with a byte
+ * flipped early, in the middle or at the end, cut short by one byte, and
+ * too long (trailing bytes, or too big for the buffer: left unread, that
+ * connection dropped, the next get works at once). */
+static void test_redis_big_chunk(void **state) {
+    NEED_REDIS();
+    fx *f = *state;
+    cake_chunk_header h = f->h[0];
+    h.n_tokens = 256;
+    h.n_layers = 12;
+    h.n_kv_heads = 16;
+    h.head_dim = 128;
+    h.created = 0;
+    const size_t len = cake_chunk_blob_size(&h), cap = cake_store_buffer_size(len);
+    assert_true(len > (24u << 20));
+    uint8_t *blob = malloc(cap + 8192), *buf = cake_store_alloc_buffer(cap);
+    assert_non_null(blob);
+    assert_non_null(buf);
+    uint64_t x = 0x9e3779b97f4a7c15ull;
+    for (size_t k = CAKE_CHUNK_HEADER_SIZE; k + 8 <= cap + 8192; k += 8) {
+        x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+        memcpy(blob + k, &x, 8);
+    }
+    char err[512];
+    assert_int_equal(cake_chunk_seal(&h, blob, err, sizeof(err)), 0);
+    size_t got = 0;
+    assert_int_equal(cake_store_put(f->s, &h.key, blob, len, err, sizeof(err)), 0);
+    if (cake_store_get_verified(f->s, &h, buf, cap, &got, err, sizeof(err)) != 0)
+        fail_msg("get: %s", err);
+    assert_int_equal(got, len);
+    assert_memory_equal(buf, blob, len);
+
+    const size_t flips[] = {CAKE_CHUNK_HEADER_SIZE + 3, len / 2 + 1, len - 1};
+    for (size_t b = 0; b < sizeof(flips) / sizeof(flips[0]); b++) {
+        blob[flips[b]] ^= 0x40;
+        assert_int_equal(cake_store_put(f->s, &h.key, blob, len, err, sizeof(err)), 0);
+        blob[flips[b]] ^= 0x40;
+        assert_int_equal(cake_store_get_verified(f->s, &h, buf, cap, &got, err, sizeof(err)), 1);
+        if (!strstr(err, "payload checksum")) fail_msg("flip at %zu: %s", flips[b], err);
+    }
+    const struct {
+        size_t n;
+        const char *why;
+    } bad[] = {{len - 1, "truncated"},
+               {len + 5, cap >= len + 5 ? "trailing bytes" : "buffer has"},
+               {cap + 8192, "buffer has"}};
+    for (size_t b = 0; b < sizeof(bad) / sizeof(bad[0]); b++) {
+        assert_int_equal(cake_store_put(f->s, &h.key, blob, bad[b].n, err, sizeof(err)), 0);
+        assert_int_equal(cake_store_get_verified(f->s, &h, buf, cap, &got, err, sizeof(err)), 1);
+        if (!strstr(err, bad[b].why)) fail_msg("%zu bytes: %s", bad[b].n, err);
+    }
+    assert_int_equal(cake_store_put(f->s, &h.key, blob, len, err, sizeof(err)), 0);
+    memset(buf, 0, cap);
+    if (cake_store_get_verified(f->s, &h, buf, cap, &got, err, sizeof(err)) != 0)
+        fail_msg("get after the bad ones: %s", err);
+    assert_memory_equal(buf, blob, len);
+    cake_store_counters c;
+    cake_store_counters_get(f->s, &c);
+    assert_int_equal(c.corrupt, 6);
+    assert_int_equal(c.errors, 0);
+    free(blob);
+    cake_store_free_buffer(buf);
+}
+
 int main(void) {
     if (!t_redis_available()) fprintf(stderr, "skip: redis-server not installed\n");
 #define T(fn) cmocka_unit_test_setup_teardown(fn, setup, teardown)
@@ -443,6 +508,7 @@ int main(void) {
         T(test_redis_down_from_start),
         T(test_redis_hung),
         T(test_redis_chunk_over_max_bulk),
+        T(test_redis_big_chunk),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }

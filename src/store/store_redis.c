@@ -19,12 +19,16 @@
  * proto-max-bulk-len (512 MB unless raised; a 13B model's chunk of 1024
  * tokens is 838 MB). The first connection asks for it, and a put of a bigger
  * chunk fails with an error that says so, without touching the connection. */
+#include <errno.h>
 #include <hiredis/hiredis.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/time.h>
+#include <sys/uio.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "store/store_impl.h"
 #include "util/err.h"
@@ -117,7 +121,6 @@ static redisContext *connect_new(redis_store *r, char *err, size_t errlen) {
                 r->max_bulk = max_bulk;
                 pthread_mutex_unlock(&r->mu);
             }
-            c->reader->maxbuf = 0; /* keep the read buffer: chunks are megabytes, every time */
             return c;
         }
     }
@@ -196,32 +199,59 @@ static int run_cmd(redis_store *r, const char *what, redis_cmd_fn fn, void *ctx,
 
 /* ---- GET ---- */
 
+/* A chunk goes from the socket straight into the caller's buffer. hiredis
+ * would gather the whole value in its read buffer, copy it into a reply
+ * object, and we from there into the buffer: two more copies of up to
+ * hundreds of MB, and two allocations of that size, per get. Only a value
+ * is read here; any other reply (nil, an error) goes to hiredis's reader with
+ * the bytes read so far. A value too big for the buffer is left unread, and
+ * its connection dropped.
+ * The payload hash is fed as the value arrives, while its bytes are in cache. */
+
 typedef struct {
     const cake_chunk_key *key;
     void *buf;
     size_t cap, *len;
+    cake_payload_hash *hash; /* may be NULL */
     int found;
 } get_ctx;
 
-static int cmd_get(redisContext *c, void *ctx_, char *err, size_t errlen) {
-    get_ctx *g = ctx_;
-    char key[KEY_LEN + 1];
-    key_name(g->key, key);
-    redisReply *rep = redisCommand(c, "GET %b", key, (size_t)KEY_LEN);
-    if (!rep) return 1;
+/* A transport failure on c, as hiredis reports one (conn_give then drops c). */
+static int sock_failed(redisContext *c, int type, const char *why) {
+    c->err = type;
+    snprintf(c->errstr, sizeof(c->errstr), "%s", why);
+    return 1;
+}
+
+/* One read from c's socket, whose receive timeout is the store's. The bytes
+ * read; 0 with c->err set on EOF, an error or the timeout. */
+static size_t sock_read(redisContext *c, void *p, size_t n) {
+    for (;;) {
+        const ssize_t k = read(c->fd, p, n);
+        if (k > 0) return (size_t)k;
+        if (k < 0 && errno == EINTR) continue;
+        sock_failed(c, k == 0 ? REDIS_ERR_EOF : REDIS_ERR_IO,
+                    k == 0                                    ? "server closed the connection"
+                    : errno == EAGAIN || errno == EWOULDBLOCK ? "read timed out"
+                                                              : strerror(errno));
+        return 0;
+    }
+}
+
+/* The GET reply through hiredis's reader (nil, an error, a value too big). */
+static int get_reply(redisContext *c, get_ctx *g, const char *key, char *err, size_t errlen) {
+    redisReply *rep;
+    if (redisGetReply(c, (void **)&rep) != REDIS_OK) return 1;
     int rc = 0;
     if (rep->type == REDIS_REPLY_NIL) {
         g->found = 0;
-    } else if (rep->type == REDIS_REPLY_STRING) {
-        if (rep->len > g->cap) {
-            rc = cake_err(err, errlen, "redis: %s is %zu bytes, buffer has %zu", key, rep->len,
-                          g->cap);
-            g->found = -1;
-        } else {
-            memcpy(g->buf, rep->str, rep->len);
-            *g->len = rep->len;
-            g->found = 1;
-        }
+    } else if (rep->type == REDIS_REPLY_STRING && rep->len > g->cap) {
+        rc = cake_err(err, errlen, "redis: %s is %zu bytes, buffer has %zu", key, rep->len, g->cap);
+        g->found = -1;
+    } else if (rep->type == REDIS_REPLY_STRING) { /* fits: only when read whole before */
+        memcpy(g->buf, rep->str, rep->len);
+        *g->len = rep->len;
+        g->found = 1;
     } else {
         rc = cake_err(err, errlen, "redis: GET %s: %s", key,
                       rep->type == REDIS_REPLY_ERROR ? rep->str : "unexpected reply type");
@@ -230,10 +260,77 @@ static int cmd_get(redisContext *c, void *ctx_, char *err, size_t errlen) {
     return rc;
 }
 
+/* Whether head[0..n) starts with the line "$<len>\r\n" of a bulk string;
+ * *len and *body (the offset after the line) when it does. */
+static int bulk_line(const char *head, size_t n, size_t *len, size_t *body) {
+    if (n < 4 || head[0] != '$') return 0;
+    size_t v = 0, i = 1;
+    for (; i < n && head[i] >= '0' && head[i] <= '9' && i < 20; i++)
+        v = v * 10 + (size_t)(head[i] - '0');
+    if (i == 1 || i + 1 >= n || head[i] != '\r' || head[i + 1] != '\n') return 0;
+    *len = v;
+    *body = i + 2;
+    return 1;
+}
+
+static int cmd_get(redisContext *c, void *ctx_, char *err, size_t errlen) {
+    get_ctx *g = ctx_;
+    char key[KEY_LEN + 1];
+    key_name(g->key, key);
+    if (redisAppendCommand(c, "GET %b", key, (size_t)KEY_LEN) != REDIS_OK) return 1;
+    if (c->reader->pos < c->reader->len) /* hiredis holds unread bytes: let it read */
+        return get_reply(c, g, key, err, errlen);
+    for (int done = 0; !done;)
+        if (redisBufferWrite(c, &done) != REDIS_OK) return 1;
+
+    /* The reply's first line, and the start of the value that came with it. */
+    char head[4096];
+    size_t got = 0, n = 0, body = 0;
+    while (got < sizeof(head) && !memchr(head, '\n', got)) {
+        const size_t k = sock_read(c, head + got, sizeof(head) - got);
+        if (!k) return 1;
+        got += k;
+    }
+    if (!bulk_line(head, got, &n, &body)) { /* nil, an error: hiredis reads it */
+        if (redisReaderFeed(c->reader, head, got) != REDIS_OK) return 1;
+        return get_reply(c, g, key, err, errlen);
+    }
+    if (n > g->cap) { /* not a chunk of ours: leave it unread, drop the connection */
+        g->found = -1;
+        sock_failed(c, REDIS_ERR_OTHER, "value too big; left unread");
+        return cake_err(err, errlen, "redis: %s is %zu bytes, buffer has %zu", key, n, g->cap);
+    }
+    /* The value, then its "\r\n": `at` bytes of the two are in. */
+    char *const dst = g->buf;
+    char crlf[2];
+    size_t at = got - body;
+    if (at > n + 2) return sock_failed(c, REDIS_ERR_PROTOCOL, "GET: reply longer than its value");
+    const size_t in_value = at < n ? at : n;
+    memcpy(dst, head + body, in_value);
+    memcpy(crlf, head + body + in_value, at - in_value);
+    if (g->hash) cake_payload_hash_init(g->hash); /* this try's bytes only */
+    while (at < n) {
+        if (g->hash) cake_payload_hash_feed(g->hash, dst, g->hash->fed, at);
+        const size_t k = sock_read(c, dst + at, n - at);
+        if (!k) return 1;
+        at += k;
+    }
+    if (g->hash) cake_payload_hash_feed(g->hash, dst, g->hash->fed, n);
+    while (at < n + 2) {
+        const size_t k = sock_read(c, crlf + (at - n), n + 2 - at);
+        if (!k) return 1;
+        at += k;
+    }
+    if (crlf[0] != '\r' || crlf[1] != '\n')
+        return sock_failed(c, REDIS_ERR_PROTOCOL, "GET: value not followed by CRLF");
+    *g->len = n;
+    g->found = 1;
+    return 0;
+}
+
 static int redis_get(void *st, const cake_chunk_key *k, void *buf, size_t cap, size_t *len,
                      cake_payload_hash *hash, char *err, size_t errlen) {
-    (void)hash; /* a reply arrives whole */
-    get_ctx g = {k, buf, cap, len, 0};
+    get_ctx g = {k, buf, cap, len, hash, 0};
     int rc = run_cmd(st, "GET", cmd_get, &g, err, errlen);
     if (g.found < 0) return -1;                /* does not fit */
     if (rc != 0) return CAKE_STORE_GET_FAILED; /* down, lost, or a server error */
@@ -347,6 +444,27 @@ typedef struct {
     size_t len;
 } put_ctx;
 
+/* Sends all of iov on c's socket, whose send timeout is the store's; 0, or 1
+ * with c->err set. MSG_NOSIGNAL: a closed peer is an error, not a SIGPIPE. */
+static int sock_write_all(redisContext *c, struct iovec *iov, int n) {
+    while (n > 0) {
+        struct msghdr m = {.msg_iov = iov, .msg_iovlen = (size_t)n};
+        const ssize_t k = sendmsg(c->fd, &m, MSG_NOSIGNAL);
+        if (k < 0 && errno == EINTR) continue;
+        if (k < 0)
+            return sock_failed(c, REDIS_ERR_IO,
+                               errno == EAGAIN || errno == EWOULDBLOCK ? "write timed out"
+                                                                       : strerror(errno));
+        size_t left = (size_t)k;
+        for (; n > 0 && left >= iov->iov_len; iov++, n--) left -= iov->iov_len;
+        if (n > 0) {
+            iov->iov_base = (char *)iov->iov_base + left;
+            iov->iov_len -= left;
+        }
+    }
+    return 0;
+}
+
 static int cmd_put(redisContext *c, void *ctx_, char *err, size_t errlen) {
     put_ctx *p = ctx_;
     char key[KEY_LEN + 1];
@@ -360,8 +478,17 @@ static int cmd_put(redisContext *c, void *ctx_, char *err, size_t errlen) {
                         "proto-max-bulk-len of %.1f MiB; raise it (CONFIG SET "
                         "proto-max-bulk-len 2gb) or use smaller chunks",
                         key, p->len / 1048576.0, max_bulk / 1048576.0);
-    redisReply *rep = redisCommand(c, "SET %b %b", key, (size_t)KEY_LEN, p->blob, p->len);
-    if (!rep) return 1;
+    /* The command goes out from the caller's blob: hiredis would first copy
+     * it into its output buffer. */
+    if (c->reader->pos < c->reader->len) /* hiredis holds unread bytes: desynced */
+        return sock_failed(c, REDIS_ERR_PROTOCOL, "SET: unread reply bytes");
+    char head[96];
+    const int n = snprintf(head, sizeof(head), "*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%zu\r\n", KEY_LEN,
+                           key, p->len);
+    struct iovec iov[3] = {{head, (size_t)n}, {(void *)p->blob, p->len}, {"\r\n", 2}};
+    if (sock_write_all(c, iov, 3)) return 1;
+    redisReply *rep;
+    if (redisGetReply(c, (void **)&rep) != REDIS_OK) return 1;
     int rc = 0;
     if (rep->type != REDIS_REPLY_STATUS)
         rc = cake_err(err, errlen, "redis: SET %s: %s", key,
