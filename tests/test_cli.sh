@@ -6,6 +6,7 @@ CAKE=${1:?usage: test_cli.sh path/to/cake}
 MODELS=${CAKE_TEST_MODELS:-$(dirname "$0")/../../shared/models}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
+export CAKE_HINTS="$tmp/hints" # never the user's ~/.cache/cake/hints
 fails=0
 pass() { echo "ok   $*"; }
 fail() { echo "FAIL $*"; fails=$((fails + 1)); }
@@ -83,6 +84,47 @@ expect_exit 2 "--tokens out of vocabulary" -- "$CAKE" run -m "$tmp/tiny-f16.gguf
 "$CAKE" run -m "$tmp/tiny-f16.gguf" -p "Hello" -n 12 --temp 1.0 --seed 7 --json >"$tmp/s2" 2>/dev/null
 [ "$(json_field generated_ids "$tmp/s1")" = "$(json_field generated_ids "$tmp/s2")" ] &&
     pass "same seed, same sample" || fail "seeded sampling not reproducible"
+
+# --- run with a store: a cold run fills it, warm runs load from it; the greedy ids
+# are the same in every mode. Each run leaves its compute speed and load rate in
+# $CAKE_HINTS for the next one (97 tokens in chunks of 16: 6 loadable chunks).
+ids=$(seq 3 99 | tr '\n' ' ')
+st="file:$tmp/kv"
+run_store() { # MODE: one greedy run on the store, JSON in $tmp/out
+    "$CAKE" run -m "$tmp/tiny-f16.gguf" --tokens "$ids" -n 6 --temp 0 --chunk 16 \
+        --store "$st" --mode "$1" --json >"$tmp/out" 2>"$tmp/err"
+}
+fields() { # the JSON fields that tell what a run did
+    for f in generated_ids chunks_computed chunks_loaded knew_speed knew_rate; do
+        printf '%s=%s ' "$f" "$(json_field $f "$tmp/out")"
+    done
+}
+run_store cake && cold=$(json_field generated_ids "$tmp/out")
+[ -n "${cold:-}" ] && [ "$(json_field chunks_computed "$tmp/out")" = 7 ] &&
+    [ "$(json_field knew_speed "$tmp/out")" = false ] && pass "cold run with a store" ||
+    fail "cold run: $(fields) $(cat "$tmp/err")"
+run_store load
+[ "$(json_field generated_ids "$tmp/out")" = "$cold" ] && [ "$(json_field chunks_loaded "$tmp/out")" = 6 ] &&
+    [ "$(json_field knew_speed "$tmp/out")" = true ] && [ "$(json_field knew_rate "$tmp/out")" = false ] &&
+    pass "warm load-only run: same ids, 6 chunks loaded, the speed from hints" ||
+    fail "warm load run: $(fields) want ids $cold"
+run_store cake
+[ "$(json_field generated_ids "$tmp/out")" = "$cold" ] && [ "$(json_field knew_speed "$tmp/out")" = true ] &&
+    [ "$(json_field knew_rate "$tmp/out")" = true ] && pass "warm Cake run: same ids, speed and rate from hints" ||
+    fail "warm Cake run: $(fields) want ids $cold"
+[ "$(grep -c "^speed [0-9a-f]\{32\}/cpu/[0-9]*t/16 [1-9][0-9]* " "$CAKE_HINTS")" = 1 ] &&
+    [ "$(grep -c "^rate $st [0-9.e+-]*$" "$CAKE_HINTS")" = 1 ] && pass "hints file" ||
+    fail "hints file: $(cat "$CAKE_HINTS")"
+# a damaged hints file is ignored, and the next run writes a good one
+printf 'rate %s -5\nspeed %s\n\001\002 junk\nrate %s nan\n' "$st" "$st" "$st" >"$CAKE_HINTS"
+run_store load
+[ "$(json_field generated_ids "$tmp/out")" = "$cold" ] && [ "$(json_field knew_rate "$tmp/out")" = false ] &&
+    [ "$(grep -c "^rate $st [0-9.e+-]*$" "$CAKE_HINTS")" = 1 ] && [ "$(wc -l <"$CAKE_HINTS")" = 1 ] &&
+    pass "a damaged hints file is ignored and replaced" || fail "damaged hints: $(fields) $(cat -v "$CAKE_HINTS")"
+# CAKE_HINTS set and empty: no hints file anywhere
+CAKE_HINTS= XDG_CACHE_HOME="$tmp/xdg" run_store cake
+[ ! -e "$tmp/xdg" ] && [ "$(json_field knew_rate "$tmp/out")" = false ] && pass "CAKE_HINTS= turns hints off" ||
+    fail "CAKE_HINTS=: $(fields) $(ls -R "$tmp/xdg" 2>&1)"
 
 # --- the golden run of llama2.c on stories260K
 if [ -f "$MODELS/stories260K.gguf" ] && [ -f "$MODELS/golden/stories260K-greedy.txt" ]; then

@@ -6,8 +6,10 @@
 
 #include "cake.h"
 #include "cli/cli.h"
+#include "cli/hints.h"
 #include "engine/generate.h"
 #include "loader/loader.h"
+#include "store/key.h"
 #include "store/store.h"
 #include "model/tokenizer.h"
 
@@ -348,6 +350,20 @@ int cmd_run(int argc, char **argv) {
         cli_error(CLI_FAIL, "run", "%s", err);
         goto done;
     }
+    /* The last run's compute speed and load rate, so that the loader's first
+     * decisions need not guess (cli/hints.c). */
+    char speed_key[96] = "";
+    cake_compute_speed *speed = NULL;
+    if (store) {
+        cake_loader_engine le;
+        cake_context_loader_engine(ctx, 1, &le);
+        char fp[33];
+        snprintf(speed_key, sizeof(speed_key), "%s/%s/%dt/%ld", cake_hex16(le.fingerprint, fp),
+                 o.backend == CAKE_BACKEND_CUDA ? "cuda" : "cpu", cake_context_n_threads(ctx),
+                 o.chunk);
+        speed = le.speed;
+        cli_hints_load(speed_key, speed, o.store, store);
+    }
     if (!o.seed_set) o.seed = (unsigned long long)time(NULL);
     sampler = cake_sampler_init((cake_sampler_params){
         .temperature = (float)o.temp, .top_p = (float)o.top_p, .seed = o.seed});
@@ -383,6 +399,7 @@ int cmd_run(int argc, char **argv) {
     }
     /* The next run should find this one's chunks: wait (bounded) for the writes. */
     int wb_dropped = wb ? cake_writeback_drain(wb, 60000) : 0;
+    if (store) cli_hints_save(speed_key, speed, o.store, store);
     cake_writeback_counters wbc = {0};
     if (wb) cake_writeback_counters_get(wb, &wbc);
     if (o.dump_logits && write_logits(o.dump_logits, first_logits, hp->n_vocab, err, sizeof(err))) {
@@ -407,7 +424,7 @@ int cmd_run(int argc, char **argv) {
                "\"bytes_loaded\":%llu,\"load_gbit_s\":%.3f,\"lookup_ms\":%.3f,"
                "\"compute_ms\":%.3f,\"compute_wait_ms\":%.3f,\"load_ms\":%.3f,"
                "\"writeback_queued\":%d,\"writeback_dropped\":%d,\"writeback_written\":%llu,"
-               "\"writeback_failed\":%llu,"
+               "\"writeback_failed\":%llu,\"knew_speed\":%s,\"knew_rate\":%s,"
                "\"kv_type\":\"%s\",\"threads\":%d,\"seed\":%llu}\n",
                st.ttft_ms, prefill_tps, decode_tps, cake_mode_name(ps->mode), o.chunk, ps->io_depth,
                ps->chunks_total, ps->chunks_computed, ps->chunks_loaded, ps->chunks_missing,
@@ -415,7 +432,8 @@ int cmd_run(int argc, char **argv) {
                (unsigned long long)ps->bytes_loaded, ps->load_gbit_s, ps->lookup_ms, ps->compute_ms,
                ps->compute_wait_ms, ps->load_ms, ps->writeback_queued,
                ps->writeback_dropped + wb_dropped, (unsigned long long)wbc.written,
-               (unsigned long long)wbc.failed, o.kv_type == CAKE_KV_F32 ? "f32" : "f16",
+               (unsigned long long)wbc.failed, ps->knew_speed ? "true" : "false",
+               ps->knew_rate ? "true" : "false", o.kv_type == CAKE_KV_F32 ? "f32" : "f16",
                cake_context_n_threads(ctx), o.seed);
     } else {
         putchar('\n');

@@ -624,6 +624,7 @@ int cake_prefill(const cake_loader_engine *e, const cake_token *prompt, int n_pr
     j->t_start = now_ns();
     j->speed = e->speed ? e->speed : &j->own_speed;
     j->ns_per_flop = speed_typical(j->speed);
+    st->knew_speed = j->ns_per_flop > 0;
     j->n_loadable = cake_prefill_loadable_chunks(e, n_prompt, C);
     const int n_full = n_prompt / C; /* the tail is full when n_prompt % C == 0 */
     if (j->n_loadable * C == n_prompt) j->last_logits = logits;
@@ -678,6 +679,7 @@ int cake_prefill(const cake_loader_engine *e, const cake_token *prompt, int n_pr
         cake_store_counters_get(p->store, &ctr);
         if (!j->rate_hint && ctr.read_ns && ctr.bytes_read)
             j->rate_hint = (double)ctr.bytes_read / (double)ctr.read_ns * st->io_depth;
+        st->knew_rate = j->rate_hint > 0;
         j->front_t0 = j->t_start;
         j->workers = calloc((size_t)n_workers, sizeof(*j->workers));
         j->threads = calloc((size_t)n_workers, sizeof(*j->threads));

@@ -88,6 +88,10 @@ typedef struct {
     double load_ms;         /* first claim to last load done */
     double load_gbit_s;     /* bytes_loaded over load_ms */
     int writeback_queued, writeback_dropped;
+    /* The request began with a compute-speed estimate, and (when it had
+     * chunks to load) a load rate: from earlier requests, or hints. Without
+     * them the first decisions fall back to the plain rules (loader.c). */
+    bool knew_speed, knew_rate;
 } cake_prefill_stats;
 
 typedef struct prefill_job cake_prefill_job;

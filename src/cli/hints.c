@@ -1,0 +1,141 @@
+/* Hints kept across runs of `cake run`: the loader's compute speed and the
+ * store's load rate.
+ *
+ * A process's first request knows neither. The loader then computes the
+ * first chunk whatever the store's speed, and sends one transfer alone until
+ * it has a rate (docs/LOADER.md). Every `cake run` is a process's first
+ * request: on a fast store, a warm Cake run took 1.7x as long as load-only
+ * (~520 against ~300 ms for 2389 tokens of mha-160m from a local disk). So
+ * each run leaves what it measured in a small text file, and the next run
+ * starts from it:
+ *
+ *     speed <model fingerprint>/<backend>/<threads>t/<chunk> <count> <ns/FLOP> x5
+ *     rate <store URI> <bytes/ns>
+ *
+ * newest first, at most MAX_LINES. The file is $CAKE_HINTS, else
+ * $XDG_CACHE_HOME/cake/hints, else $HOME/.cache/cake/hints; CAKE_HINTS set
+ * and empty turns hints off. It is written whole under another name, then
+ * renamed, so a reader never sees half of it. A missing, unreadable or
+ * malformed file (or line) is ignored: it costs only the first request's
+ * guesses. A hint is only a starting point: the loader's estimates move with
+ * what each request measures. */
+#include "cli/hints.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#define MAX_LINES 64
+#define LINE_MAX_ 1200
+
+/* The file's path; 0, or -1 when hints are off or there is no home. */
+static int hints_path(char *out, size_t n) {
+    const char *env = getenv("CAKE_HINTS");
+    if (env) return *env && snprintf(out, n, "%s", env) < (int)n ? 0 : -1;
+    const char *xdg = getenv("XDG_CACHE_HOME"), *home = getenv("HOME");
+    int k = xdg && *xdg     ? snprintf(out, n, "%s/cake/hints", xdg)
+            : home && *home ? snprintf(out, n, "%s/.cache/cake/hints", home)
+                            : -1;
+    return k > 0 && (size_t)k < n ? 0 : -1;
+}
+
+/* Creates the folders above path (mkdir -p of its dirname). */
+static void make_parents(const char *path) {
+    char dir[1024];
+    if (snprintf(dir, sizeof(dir), "%s", path) >= (int)sizeof(dir)) return;
+    for (char *p = dir + 1; *p; p++)
+        if (*p == '/') {
+            *p = '\0';
+            if (mkdir(dir, 0755) && errno != EEXIST) return;
+            *p = '/';
+        }
+}
+
+/* A key fits a line's one field: no blanks, not empty, not too long. */
+static int key_ok(const char *key) {
+    return key && *key && strlen(key) < 1024 && !strpbrk(key, " \t\r\n");
+}
+
+/* One line of the file: 1 and its parts when it is a well-formed hint. */
+static int parse_line(const char *line, char kind[8], char key[1024], cake_compute_speed *speed,
+                      double *rate) {
+    if (!strchr(line, '\n') || sscanf(line, "%7s %1023s", kind, key) != 2) return 0;
+    if (!strcmp(kind, "rate"))
+        return sscanf(line, "%*s %*s %lf", rate) == 1 && *rate > 0 && *rate < 1e6;
+    unsigned count;
+    cake_compute_speed s = {0};
+    if (strcmp(kind, "speed") ||
+        sscanf(line, "%*s %*s %u %lf %lf %lf %lf %lf", &count, &s.ns_per_flop[0], &s.ns_per_flop[1],
+               &s.ns_per_flop[2], &s.ns_per_flop[3], &s.ns_per_flop[4]) != 1 + CAKE_SPEED_SAMPLES ||
+        count == 0)
+        return 0;
+    for (unsigned i = 0; i < CAKE_SPEED_SAMPLES && i < count; i++)
+        if (!(s.ns_per_flop[i] > 0 && s.ns_per_flop[i] < 1e9)) return 0;
+    s.count = count;
+    *speed = s;
+    return 1;
+}
+
+void cli_hints_load(const char *speed_key, cake_compute_speed *speed, const char *rate_key,
+                    cake_store *store) {
+    char path[1024], line[LINE_MAX_], kind[8], key[1024];
+    if (hints_path(path, sizeof(path))) return;
+    FILE *f = fopen(path, "r");
+    if (!f) return;
+    int have_speed = 0, have_rate = 0;
+    cake_compute_speed s;
+    double rate;
+    while (fgets(line, sizeof(line), f)) {
+        if (!parse_line(line, kind, key, &s, &rate)) continue;
+        if (!have_speed && !strcmp(kind, "speed") && key_ok(speed_key) && !strcmp(key, speed_key)) {
+            *speed = s;
+            have_speed = 1;
+        } else if (!have_rate && !strcmp(kind, "rate") && store && key_ok(rate_key) &&
+                   !strcmp(key, rate_key)) {
+            cake_store_set_rate_hint(store, rate);
+            have_rate = 1;
+        }
+    }
+    fclose(f);
+}
+
+void cli_hints_save(const char *speed_key, const cake_compute_speed *speed, const char *rate_key,
+                    const cake_store *store) {
+    char path[1024], tmp[1100], line[LINE_MAX_], kind[8], key[1024];
+    if (hints_path(path, sizeof(path))) return;
+    const int put_speed = key_ok(speed_key) && speed && speed->count > 0;
+    const double rate = store ? cake_store_rate_hint(store) : 0;
+    const int put_rate = key_ok(rate_key) && rate > 0;
+    if (!put_speed && !put_rate) return;
+    make_parents(path);
+    snprintf(tmp, sizeof(tmp), "%s.%ld.tmp", path, (long)getpid());
+    FILE *out = fopen(tmp, "w");
+    if (!out) return;
+    int n = 0;
+    if (put_speed) {
+        fprintf(out, "speed %s %u", speed_key, speed->count);
+        for (int i = 0; i < CAKE_SPEED_SAMPLES; i++) fprintf(out, " %.9g", speed->ns_per_flop[i]);
+        fputc('\n', out);
+        n++;
+    }
+    if (put_rate) {
+        fprintf(out, "rate %s %.9g\n", rate_key, rate);
+        n++;
+    }
+    FILE *in = fopen(path, "r");
+    cake_compute_speed s;
+    double r;
+    while (in && n < MAX_LINES && fgets(line, sizeof(line), in)) {
+        if (!parse_line(line, kind, key, &s, &r)) continue; /* damaged: dropped */
+        if ((put_speed && !strcmp(kind, "speed") && !strcmp(key, speed_key)) ||
+            (put_rate && !strcmp(kind, "rate") && !strcmp(key, rate_key)))
+            continue; /* replaced above */
+        fputs(line, out);
+        n++;
+    }
+    if (in) fclose(in);
+    if (fclose(out) != 0 || rename(tmp, path) != 0) remove(tmp);
+}
