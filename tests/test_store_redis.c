@@ -12,6 +12,7 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include <poll.h>
 #include <pthread.h>
 
 #include "test_store_common.h"
@@ -496,6 +497,142 @@ static void test_redis_big_chunk(void **state) {
     cake_store_free_buffer(buf);
 }
 
+/* ---- a scripted server: what a real Redis never sends ---- */
+
+/* A loopback server that speaks just enough RESP for the store (CONFIG GET,
+ * DEL) and answers every GET with `reply` (reply_len bytes), then closes the
+ * connection or, with stall, keeps it open and silent. */
+typedef struct {
+    int listen_fd, port;
+    volatile int stop;
+    const char *reply;
+    size_t reply_len;
+    int stall; /* after the reply: 1 = stay silent, 0 = close */
+    pthread_t thread;
+} fake_redis;
+
+/* Reads one RESP command (an array of bulk strings) into buf; its name, or
+ * NULL when the client closed. */
+static const char *fake_read_command(int fd, char *buf, size_t cap) {
+    size_t got = 0;
+    for (;;) {
+        /* complete when it has 1 + 2 * N lines, N from the "*N" line */
+        int lines = 0;
+        for (size_t i = 0; i + 1 < got; i++) lines += buf[i] == '\r' && buf[i + 1] == '\n';
+        if (got && buf[0] == '*' && lines >= 1 + 2 * atoi(buf + 1)) break;
+        ssize_t k = read(fd, buf + got, cap - 1 - got);
+        if (k <= 0) return NULL;
+        got += (size_t)k;
+    }
+    buf[got] = '\0';
+    char *name = strstr(buf, "\r\n$"); /* the first argument's line */
+    name = name ? strstr(name + 3, "\r\n") : NULL;
+    return name ? name + 2 : NULL;
+}
+
+static void *fake_redis_main(void *arg) {
+    fake_redis *f = arg;
+    char buf[4096];
+    while (!f->stop) {
+        struct pollfd p = {.fd = f->listen_fd, .events = POLLIN};
+        if (poll(&p, 1, 50) <= 0) continue;
+        const int c = accept(f->listen_fd, NULL, NULL);
+        if (c < 0) continue;
+        const char *cmd;
+        while ((cmd = fake_read_command(c, buf, sizeof(buf)))) {
+            if (!strncmp(cmd, "CONFIG", 6)) {
+                const char *r = "*2\r\n$18\r\nproto-max-bulk-len\r\n$9\r\n536870912\r\n";
+                (void)!write(c, r, strlen(r));
+            } else if (!strncmp(cmd, "DEL", 3)) {
+                (void)!write(c, ":1\r\n", 4);
+            } else if (!strncmp(cmd, "GET", 3)) {
+                (void)!write(c, f->reply, f->reply_len);
+                if (!f->stall) break;
+            } else {
+                (void)!write(c, "-ERR unknown\r\n", 14);
+            }
+        }
+        if (cmd && f->stall) /* silent until the client gives up */
+            while (!f->stop && read(c, buf, sizeof(buf)) > 0) {
+            }
+        close(c);
+    }
+    return NULL;
+}
+
+static int fake_redis_start(fake_redis *f) {
+    f->listen_fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t n = sizeof(a);
+    if (f->listen_fd < 0 || bind(f->listen_fd, (struct sockaddr *)&a, sizeof(a)) ||
+        listen(f->listen_fd, 8) || getsockname(f->listen_fd, (struct sockaddr *)&a, &n))
+        return -1;
+    f->port = ntohs(a.sin_port);
+    return pthread_create(&f->thread, NULL, fake_redis_main, f);
+}
+
+static void fake_redis_stop(fake_redis *f) {
+    f->stop = 1;
+    pthread_join(f->thread, NULL);
+    close(f->listen_fd);
+}
+
+/* Replies a real Redis never sends, or sends cut short: each is a miss within
+ * the timeout (counted as an error, or as a corrupt chunk when the bytes
+ * arrived whole but are not the chunk), never a hang, a crash or wrong data. */
+static void test_redis_bad_replies(void **state) {
+    fx *f = *state;
+    (void)f;
+    static char value[100 + 2];
+    memset(value, 'x', 100);
+    memcpy(value + 100, "\r\n", 2);
+    char whole[200], cut[200], bad_crlf[200], stall[200];
+    int nw = snprintf(whole, sizeof(whole), "$100\r\n%.*s\r\n", 100, value);
+    int nc = snprintf(cut, sizeof(cut), "$100\r\n%.*s", 50, value);
+    int nb = snprintf(bad_crlf, sizeof(bad_crlf), "$100\r\n%.*sXY", 100, value);
+    int ns = snprintf(stall, sizeof(stall), "$100\r\n%.*s", 10, value);
+    const struct {
+        const char *what, *reply;
+        int len, stall;
+        int errors, corrupt; /* counters after the get */
+    } cases[] = {
+        {"a value that is not a chunk", whole, nw, 0, 0, 1},
+        {"a value cut short, then EOF", cut, nc, 0, 1, 0},
+        {"a value not followed by CRLF", bad_crlf, nb, 0, 1, 0},
+        {"a value cut short, then silence", stall, ns, 1, 1, 0},
+        {"nil", "$-1\r\n", 5, 0, 0, 0},
+        {"an error reply", "-ERR out of luck\r\n", 18, 0, 1, 0},
+        {"a malformed length", "$12x\r\n", 6, 0, 1, 0},
+        {"an unexpected type", ":42\r\n", 5, 0, 1, 0},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        fake_redis fr = {
+            .reply = cases[i].reply, .reply_len = (size_t)cases[i].len, .stall = cases[i].stall};
+        assert_int_equal(fake_redis_start(&fr), 0);
+        char uri[128], err[512] = "";
+        snprintf(uri, sizeof(uri), "redis://127.0.0.1:%d?timeout=300", fr.port);
+        cake_store *s;
+        assert_int_equal(cake_store_open(uri, &s, err, sizeof(err)), 0);
+        cake_chunk_header h = t_header(0, 1, CAKE_KV_F16);
+        const size_t cap = cake_store_buffer_size(cake_chunk_blob_size(&h));
+        void *buf = cake_store_alloc_buffer(cap);
+        size_t len = 1;
+        const double t0 = t_now();
+        const int rc = cake_store_get_verified(s, &h, buf, cap, &len, err, sizeof(err));
+        const double dt = t_now() - t0;
+        cake_store_counters c;
+        cake_store_counters_get(s, &c);
+        print_message("%s: miss in %.0f ms (%s)\n", cases[i].what, dt * 1e3, err);
+        if (rc != 1 || len != 0 || dt > 2.0 || (int)c.errors != cases[i].errors ||
+            (int)c.corrupt != cases[i].corrupt)
+            fail_msg("%s: rc %d, len %zu, %.3f s, errors %d, corrupt %d", cases[i].what, rc, len,
+                     dt, (int)c.errors, (int)c.corrupt);
+        cake_store_free_buffer(buf);
+        cake_store_close(s);
+        fake_redis_stop(&fr);
+    }
+}
+
 int main(void) {
     if (!t_redis_available()) fprintf(stderr, "skip: redis-server not installed\n");
 #define T(fn) cmocka_unit_test_setup_teardown(fn, setup, teardown)
@@ -509,6 +646,7 @@ int main(void) {
         T(test_redis_hung),
         T(test_redis_chunk_over_max_bulk),
         T(test_redis_big_chunk),
+        T(test_redis_bad_replies),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }

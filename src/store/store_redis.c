@@ -304,7 +304,7 @@ static int cmd_get(redisContext *c, void *ctx_, char *err, size_t errlen) {
     char *const dst = g->buf;
     char crlf[2];
     size_t at = got - body;
-    if (at > n + 2) return sock_failed(c, REDIS_ERR_PROTOCOL, "GET: reply longer than its value");
+    if (at > n + 2) return sock_failed(c, REDIS_ERR_PROTOCOL, "reply longer than its value");
     const size_t in_value = at < n ? at : n;
     memcpy(dst, head + body, in_value);
     memcpy(crlf, head + body + in_value, at - in_value);
@@ -322,7 +322,7 @@ static int cmd_get(redisContext *c, void *ctx_, char *err, size_t errlen) {
         at += k;
     }
     if (crlf[0] != '\r' || crlf[1] != '\n')
-        return sock_failed(c, REDIS_ERR_PROTOCOL, "GET: value not followed by CRLF");
+        return sock_failed(c, REDIS_ERR_PROTOCOL, "value not followed by CRLF");
     *g->len = n;
     g->found = 1;
     return 0;
@@ -481,7 +481,7 @@ static int cmd_put(redisContext *c, void *ctx_, char *err, size_t errlen) {
     /* The command goes out from the caller's blob: hiredis would first copy
      * it into its output buffer. */
     if (c->reader->pos < c->reader->len) /* hiredis holds unread bytes: desynced */
-        return sock_failed(c, REDIS_ERR_PROTOCOL, "SET: unread reply bytes");
+        return sock_failed(c, REDIS_ERR_PROTOCOL, "unread reply bytes");
     char head[96];
     const int n = snprintf(head, sizeof(head), "*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%zu\r\n", KEY_LEN,
                            key, p->len);
