@@ -13,6 +13,7 @@
 #include <cmocka.h>
 
 #include <poll.h>
+#include <stdatomic.h>
 #include <pthread.h>
 
 #include "test_store_common.h"
@@ -504,7 +505,7 @@ static void test_redis_big_chunk(void **state) {
  * connection or, with stall, keeps it open and silent. */
 typedef struct {
     int listen_fd, port;
-    volatile int stop;
+    atomic_int stop;
     const char *reply;
     size_t reply_len;
     int stall; /* after the reply: 1 = stay silent, 0 = close */
