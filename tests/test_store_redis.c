@@ -548,14 +548,11 @@ static void *fake_redis_main(void *arg) {
                 (void)!write(c, ":1\r\n", 4);
             } else if (!strncmp(cmd, "GET", 3)) {
                 (void)!write(c, f->reply, f->reply_len);
-                if (!f->stall) break;
+                if (!f->stall) break; /* else silent until the client gives up */
             } else {
                 (void)!write(c, "-ERR unknown\r\n", 14);
             }
         }
-        if (cmd && f->stall) /* silent until the client gives up */
-            while (!f->stop && read(c, buf, sizeof(buf)) > 0) {
-            }
         close(c);
     }
     return NULL;
