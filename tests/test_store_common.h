@@ -95,6 +95,35 @@ static inline cake_chunk_header t_header(uint32_t index, uint32_t seed, enum cak
     return h;
 }
 
+/* A big sealed chunk: h becomes a chunk of n_tokens x n_layers x 16 KV heads
+ * of dim 128 (f16), its payload pseudo-random. The buffer has extra bytes
+ * past cake_store_buffer_size(*len), random too (for values longer than the
+ * chunk). Caller frees with cake_store_free_buffer. */
+static inline uint8_t *t_big_blob(cake_chunk_header *h, uint32_t n_tokens, uint32_t n_layers,
+                                  size_t extra, size_t *len) {
+    h->n_tokens = n_tokens;
+    h->n_layers = n_layers;
+    h->n_kv_heads = 16;
+    h->head_dim = 128;
+    h->created = 0;
+    *len = cake_chunk_blob_size(h);
+    const size_t room = cake_store_buffer_size(*len) + extra;
+    uint8_t *blob = cake_store_alloc_buffer(room);
+    if (!blob) return NULL;
+    uint64_t x = 0x9e3779b97f4a7c15ull;
+    for (size_t k = CAKE_CHUNK_HEADER_SIZE; k + 8 <= room; k += 8) {
+        x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+        memcpy(blob + k, &x, 8);
+    }
+    char err[256];
+    if (cake_chunk_seal(h, blob, err, sizeof(err))) {
+        fprintf(stderr, "t_big_blob: %s\n", err);
+        cake_store_free_buffer(blob);
+        return NULL;
+    }
+    return blob;
+}
+
 /* A sealed blob for h from kv positions [pos0, pos0 + T_CHUNK). Caller frees. */
 static inline void *t_blob(cake_chunk_header *h, const cake_kv_cache *kv, int pos0, size_t *len) {
     char err[256];

@@ -761,24 +761,14 @@ static void test_open_errors(void **state) {
 static void test_big_blob_pieces(void **state) {
     fx *f = *state;
     cake_chunk_header h = f->h[0];
-    h.n_tokens = 512;
-    h.n_layers = 24;
-    h.n_kv_heads = 16;
-    h.head_dim = 128;
-    h.created = 0;
-    const size_t len = cake_chunk_blob_size(&h); /* 96 MiB + the header: 7 pieces */
+    size_t len;
+    uint8_t *blob = t_big_blob(&h, 512, 24, 0, &len); /* 96 MiB + the header: 7 pieces */
+    assert_non_null(blob);
     assert_true(len > 6 * (16u << 20));
     const size_t cap = cake_store_buffer_size(len);
-    uint8_t *blob = cake_store_alloc_buffer(cap), *buf = cake_store_alloc_buffer(cap);
-    assert_non_null(blob);
+    uint8_t *buf = cake_store_alloc_buffer(cap);
     assert_non_null(buf);
-    uint64_t x = 0x9e3779b97f4a7c15ull;
-    for (size_t k = CAKE_CHUNK_HEADER_SIZE; k + 8 <= len; k += 8) {
-        x ^= x << 13, x ^= x >> 7, x ^= x << 17;
-        memcpy(blob + k, &x, 8);
-    }
     char err[512], path[4400];
-    assert_int_equal(cake_chunk_seal(&h, blob, err, sizeof(err)), 0);
     chunk_path(f, &h.key, path, sizeof(path));
     /* readers=3: two threads read while this one hashes; readers=2: both read */
     for (int run = 0; run < 4; run++) {

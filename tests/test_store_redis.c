@@ -442,23 +442,14 @@ static void test_redis_big_chunk(void **state) {
     NEED_REDIS();
     fx *f = *state;
     cake_chunk_header h = f->h[0];
-    h.n_tokens = 256;
-    h.n_layers = 12;
-    h.n_kv_heads = 16;
-    h.head_dim = 128;
-    h.created = 0;
-    const size_t len = cake_chunk_blob_size(&h), cap = cake_store_buffer_size(len);
-    assert_true(len > (24u << 20));
-    uint8_t *blob = malloc(cap + 8192), *buf = cake_store_alloc_buffer(cap);
+    size_t len;
+    uint8_t *blob = t_big_blob(&h, 256, 12, 8192, &len); /* room for too-long values */
     assert_non_null(blob);
+    assert_true(len > (24u << 20));
+    const size_t cap = cake_store_buffer_size(len);
+    uint8_t *buf = cake_store_alloc_buffer(cap);
     assert_non_null(buf);
-    uint64_t x = 0x9e3779b97f4a7c15ull;
-    for (size_t k = CAKE_CHUNK_HEADER_SIZE; k + 8 <= cap + 8192; k += 8) {
-        x ^= x << 13, x ^= x >> 7, x ^= x << 17;
-        memcpy(blob + k, &x, 8);
-    }
     char err[512];
-    assert_int_equal(cake_chunk_seal(&h, blob, err, sizeof(err)), 0);
     size_t got = 0;
     assert_int_equal(cake_store_put(f->s, &h.key, blob, len, err, sizeof(err)), 0);
     if (cake_store_get_verified(f->s, &h, buf, cap, &got, err, sizeof(err)) != 0)
@@ -494,7 +485,7 @@ static void test_redis_big_chunk(void **state) {
     cake_store_counters_get(f->s, &c);
     assert_int_equal(c.corrupt, 6);
     assert_int_equal(c.errors, 0);
-    free(blob);
+    cake_store_free_buffer(blob);
     cake_store_free_buffer(buf);
 }
 

@@ -21,12 +21,12 @@
  * what each request measures. */
 #include "cli/hints.h"
 
-#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <unistd.h>
+
+#include "util/fs.h"
 
 #define MAX_LINES 64
 #define LINE_MAX_ 1200
@@ -42,16 +42,14 @@ static int hints_path(char *out, size_t n) {
     return k > 0 && (size_t)k < n ? 0 : -1;
 }
 
-/* Creates the folders above path (mkdir -p of its dirname). */
+/* Creates the folder that path is in. */
 static void make_parents(const char *path) {
     char dir[1024];
     if (snprintf(dir, sizeof(dir), "%s", path) >= (int)sizeof(dir)) return;
-    for (char *p = dir + 1; *p; p++)
-        if (*p == '/') {
-            *p = '\0';
-            if (mkdir(dir, 0755) && errno != EEXIST) return;
-            *p = '/';
-        }
+    char *slash = strrchr(dir, '/');
+    if (!slash || slash == dir) return;
+    *slash = '\0';
+    (void)cake_mkdir_p(dir);
 }
 
 /* A key fits a line's one field: no blanks, not empty, not too long. */

@@ -40,6 +40,7 @@
 
 #include "store/lru.h"
 #include "store/store_impl.h"
+#include "util/fs.h"
 #include "util/err.h"
 
 #define ALIGN           4096
@@ -69,24 +70,6 @@ static int path_of(const file_store *f, const cake_chunk_key *k, char *buf, size
     cake_key_hex(k, hex);
     int w = snprintf(buf, n, "%s/%.2s/%.2s/%s.chunk", f->root, hex, hex + 2, hex);
     return w > 0 && (size_t)w < n ? 0 : -1;
-}
-
-static int mkdir_p(const char *path) {
-    char tmp[4200];
-    size_t len = strlen(path);
-    if (len >= sizeof(tmp)) {
-        errno = ENAMETOOLONG;
-        return -1;
-    }
-    memcpy(tmp, path, len + 1);
-    for (char *p = tmp + 1; *p; p++) {
-        if (*p != '/') continue;
-        *p = '\0';
-        if (mkdir(tmp, 0755) != 0 && errno != EEXIST) return -1;
-        *p = '/';
-    }
-    if (mkdir(tmp, 0755) != 0 && errno != EEXIST) return -1;
-    return 0;
 }
 
 /* Unix seconds, from the clock that file times come from. time() reads a
@@ -495,7 +478,7 @@ static int file_put(void *st_, const cake_chunk_key *k, const void *blob, size_t
     if (fd < 0 && errno == ENOENT) { /* tmp/ was removed: recreate it */
         char dir[4200];
         tmp_dir(f, dir, sizeof(dir));
-        mkdir_p(dir);
+        cake_mkdir_p(dir);
         fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
     }
     int rc = 0;
@@ -521,7 +504,7 @@ static int file_put(void *st_, const cake_chunk_key *k, const void *blob, size_t
         if (errno != ENOENT) goto fail;
         char dir[4400];
         snprintf(dir, sizeof(dir), "%s/%.2s/%.2s", f->root, hex, hex + 2);
-        if (mkdir_p(dir) != 0 || rename(tmp, path) != 0) goto fail;
+        if (cake_mkdir_p(dir) != 0 || rename(tmp, path) != 0) goto fail;
     }
     if (f->fsync) { /* make the rename itself durable */
         char dir[4400];
@@ -686,7 +669,7 @@ int cake_store_file_open(const cake_store_params *p, cake_store_atomic_counters 
     char dir[4200];
     struct stat st;
     tmp_dir(f, dir, sizeof(dir));
-    if (mkdir_p(f->root) != 0 && !(stat(f->root, &st) == 0 && S_ISDIR(st.st_mode))) {
+    if (cake_mkdir_p(f->root) != 0 && !(stat(f->root, &st) == 0 && S_ISDIR(st.st_mode))) {
         int e = errno;
         free(f);
         return cake_err(err, errlen, "file store %s: cannot create the directory: %s", p->path,
