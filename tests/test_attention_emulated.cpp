@@ -87,10 +87,108 @@ static void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32
     emu::yield();
 }
 
-#include "backend/cuda/attention_kernels.cuh"
+/* ---- wgmma (the Hopper kernel), emulated ----
+ *
+ * Shared-memory addresses are offsets into the kernels' dynamic shared memory
+ * (smem_u4), so that descriptors can be decoded and the 128-byte swizzle
+ * applied to them as the hardware does (XOR of address bits 4-6 with 7-9).
+ * A wgmma is executed when its group is waited for, not when it is issued:
+ * the latest moment the hardware may read its A registers and write its
+ * accumulators, so that a kernel reading S before the wait, or overwriting P
+ * while its product runs, gets wrong results here. */
+namespace cake_attn {
+extern uint4 smem_u4[];
+}
+
+static inline uint32_t smem_addr(const void *p) {
+    return (uint32_t)((const char *)p - (const char *)cake_attn::smem_u4);
+}
+
+struct wg_op {
+    float *d;          /* the issuing thread's accumulators */
+    const uint32_t *a; /* ... and A fragment (read when executed) */
+    uint64_t desc;
+    int n, trans_b, accumulate; /* N of m64nNk16; B MN-major; D += (else D =) */
+};
+struct wg_queue {
+    std::vector<wg_op> ops;
+    std::vector<size_t> group_end; /* ops.size() at each commit */
+};
+static wg_queue wg_queues[emu::MAX_THREADS];
+static const wg_queue *wg_pub[emu::MAX_THREADS];
+
+static inline void wg_fence() {}
+static inline void fence_proxy_async() {}
+template <int N> static inline void wg_pin(float (&)[N]) {}
+template <int N> static inline void wg_pin(uint32_t (&)[N][4]) {}
+static inline void wg_commit() {
+    wg_queue &q = wg_queues[emu::cur];
+    q.group_end.push_back(q.ops.size());
+}
+static inline void wgmma_s(float (&d)[32], const uint32_t (&a)[4], uint64_t desc, int acc) {
+    wg_queues[emu::cur].ops.push_back({d, a, desc, 64, 0, acc});
+}
+static inline void wgmma_o(float (&d)[64], const uint32_t (&a)[4], uint64_t desc, int acc) {
+    wg_queues[emu::cur].ops.push_back({d, a, desc, 128, 1, acc});
+}
+
+/* B[k][n] of a 128-byte-swizzled operand (k < 16 along K, n along N). */
+static float wg_b(uint64_t desc, int trans_b, int k, int n) {
+    const uint32_t start = (uint32_t)(desc & 0x3FFF) << 4;
+    const uint32_t lbo = (uint32_t)(desc >> 16 & 0x3FFF) << 4;
+    const uint32_t sbo = (uint32_t)(desc >> 32 & 0x3FFF) << 4;
+    if (desc >> 62 != 1) {
+        fprintf(stderr, "emulated wgmma: only the 128-byte swizzle is emulated\n");
+        abort();
+    }
+    uint32_t off = trans_b ? start + (uint32_t)(n / 64) * lbo + (uint32_t)(k / 8) * sbo +
+                                 (uint32_t)(k % 8) * 128 + (uint32_t)(n % 64) * 2
+                           : start + (uint32_t)(n / 8) * sbo + (uint32_t)(n % 8) * 128 +
+                                 (uint32_t)k * 2;
+    off ^= (off >> 7 & 7) << 4;
+    return half_of(half_bits((const char *)cake_attn::smem_u4 + off), 0);
+}
+
+/* wgmma.wait_group N: runs this warpgroup's committed groups but the newest N. */
+template <int N> static void wg_wait() {
+    wg_queue &mine = wg_queues[emu::cur];
+    const int wg0 = emu::cur / 128 * 128, me = emu::cur - wg0;
+    wg_pub[emu::cur] = &mine;
+    emu::yield();
+    const size_t groups = mine.group_end.size();
+    const size_t n_ops = groups > (size_t)N ? mine.group_end[groups - 1 - N] : 0;
+    const int w = me / 32, g = me % 32 / 4, q = me % 4;
+    for (size_t i = 0; i < n_ops; i++) {
+        const wg_op &op = mine.ops[i];
+        for (int t = 0; t < 128; t++) { /* the warpgroup issued the same thing */
+            const wg_queue *o = wg_pub[wg0 + t];
+            if (o->ops.size() < n_ops || o->ops[i].desc != op.desc || o->ops[i].n != op.n) {
+                fprintf(stderr, "emulated wgmma: the warpgroup's threads disagree\n");
+                abort();
+            }
+        }
+        for (int e = 0; e < op.n / 2; e++) {
+            const int row = g + 8 * (e % 4 >> 1), col = 8 * (e / 4) + 2 * q + (e & 1);
+            float acc = op.accumulate ? op.d[e] : 0.0f;
+            for (int k = 0; k < 16; k++) {
+                /* A[row][k] of this warp's 16 rows: mma.m16n8k16's A layout */
+                const int lane = row % 8 * 4 + k % 8 / 2, reg = (row >= 8) + 2 * (k >= 8);
+                const uint32_t areg = wg_pub[wg0 + w * 32 + lane]->ops[i].a[reg];
+                acc += half_of(areg, k % 2) * wg_b(op.desc, op.trans_b, k, col);
+            }
+            op.d[e] = acc;
+        }
+    }
+    emu::yield(); /* all have read the others' A fragments */
+    mine.ops.erase(mine.ops.begin(), mine.ops.begin() + (long)n_ops);
+    mine.group_end.erase(mine.group_end.begin(), mine.group_end.begin() + (long)(groups - std::min(groups, (size_t)N)));
+    for (size_t &end : mine.group_end) end -= n_ops;
+}
+
+#include "backend/cuda/attention_wgmma.cuh"
 
 namespace cake_attn {
-uint4 smem_u4[(256 * 1024) / sizeof(uint4)]; /* the MMA kernel's dynamic shared memory */
+alignas(1024) uint4 smem_u4[(256 * 1024) / sizeof(uint4)]; /* the MMA kernels' dynamic shared memory */
 float sm[simt_smem_floats(SIMT_MAX_HD)];     /* the SIMT kernel's */
 } // namespace cake_attn
 
@@ -113,15 +211,22 @@ static problem make_problem(int hd, int heads, int kv_heads, int pos0, int n, fl
     return p;
 }
 
-/* Queries [t0, t0 + n) of p (positions pos0 + t0 ...) through the MMA kernel,
- * its keys in n_splits ranges of split_len (then the combine kernel). */
-static int launch(const problem &p, int n_splits, int split_len, int t0, int n, float *out) {
+/* Queries [t0, t0 + n) of p (positions pos0 + t0 ...) through the MMA kernel
+ * (or the WGMMA one), its keys in n_splits ranges of split_len (then the
+ * combine kernel). */
+static int launch(const problem &p, bool wgmma, int n_splits, int split_len, int t0, int n,
+                  float *out) {
     const int pos0 = p.pos0 + t0, heads = p.heads, kvh = p.kv_heads, hd = p.hd;
     const __half *q = p.q.data() + (size_t)t0 * heads * hd, *k = p.k.data(), *v = p.v.data();
     const float scale_log2 = 1.4426950408889634f / sqrtf((float)hd);
     std::vector<float> part((size_t)n * heads * n_splits * (hd + 2), NAN);
     float *pp = n_splits > 1 ? part.data() : nullptr;
-    if (hd == 64)
+    if (wgmma)
+        emu::body = [=] {
+            attn_wgmma_kernel<float>(q, k, v, out, pp, n, pos0, heads, kvh, scale_log2,
+                                     split_len);
+        };
+    else if (hd == 64)
         emu::body = [=] {
             attn_mma_kernel<64, float>(q, k, v, out, pp, n, pos0, heads, kvh, scale_log2,
                                        split_len);
@@ -133,7 +238,9 @@ static int launch(const problem &p, int n_splits, int split_len, int t0, int n, 
         };
     memset(cake_attn::smem_u4, 0xff, sizeof(cake_attn::smem_u4)); /* NaN garbage */
     const unsigned q_blocks = (unsigned)((n + MMA_BM - 1) / MMA_BM);
-    if (run_grid(dim3((unsigned)heads, q_blocks, (unsigned)n_splits), MMA_WARPS * 32)) return -1;
+    if (run_grid(dim3((unsigned)heads, q_blocks, (unsigned)n_splits),
+                 wgmma ? WG_THREADS : MMA_WARPS * 32))
+        return -1;
     if (n_splits == 1) return 0;
     emu::body = [=] { attn_combine_kernel<float>(pp, out, pos0, heads, hd, split_len, n_splits); };
     return run_grid(dim3((unsigned)n, (unsigned)heads, 1), SIMT_THREADS);
@@ -202,39 +309,44 @@ int main() {
         {64, 2, 2, 250, 100, 4.0f, 2, 256}, {128, 1, 1, 0, 200, 4.0f, 4, 64},
     };
     int failed = 0;
-    for (const auto &c : cases) {
-        problem p = make_problem(c.hd, c.heads, c.kv, c.pos0, c.n, c.q_scale);
-        std::vector<float> out((size_t)c.n * c.heads * c.hd, NAN);
-        char what[64];
-        snprintf(what, sizeof(what), "%d key range(s) of %d", c.n_splits, c.split_len);
-        if (launch(p, c.n_splits, c.split_len, 0, c.n, out.data())) {
-            failed++;
-            continue;
-        }
-        const double e = max_error(p, out.data());
-        /* f16 P on the tensor cores: |P - f16(P)| <= 2^-11 P, so |dO| <= 2^-11 max|V|. */
-        const bool ok = e <= 2e-3;
-        printf("%s: head_dim %d, heads %d/%d, pos0 %d, n %d, %s: max error %.3g (tol 2e-03)\n",
-               ok ? "ok" : "FAILED", c.hd, c.heads, c.kv, c.pos0, c.n, what, e);
-        failed += !ok;
-
-        /* Unsplit, a query's result does not depend on how the queries are
-         * batched: the same queries in two launches, split at an unaligned
-         * point, give the same bits. */
-        if (c.n > 40 && c.n_splits == 1) {
-            const int split = 37;
-            std::vector<float> out2(out.size(), NAN);
-            if (launch(p, 1, 0, 0, split, out2.data()) ||
-                launch(p, 1, 0, split, c.n - split, out2.data() + (size_t)split * c.heads * c.hd)) {
+    for (int wgmma = 0; wgmma < 2; wgmma++)
+        for (const auto &c : cases) {
+            if (wgmma && c.hd != WG_HD) continue;
+            const char *kernel = wgmma ? "WGMMA" : "MMA";
+            problem p = make_problem(c.hd, c.heads, c.kv, c.pos0, c.n, c.q_scale);
+            std::vector<float> out((size_t)c.n * c.heads * c.hd, NAN);
+            char what[64];
+            snprintf(what, sizeof(what), "%d key range(s) of %d", c.n_splits, c.split_len);
+            if (launch(p, wgmma, c.n_splits, c.split_len, 0, c.n, out.data())) {
                 failed++;
                 continue;
             }
-            const bool same = !memcmp(out.data(), out2.data(), out.size() * sizeof(float));
-            printf("%s: batches of %d and %d give the same bits as one of %d\n",
-                   same ? "ok" : "FAILED", split, c.n - split, c.n);
-            failed += !same;
+            const double e = max_error(p, out.data());
+            /* f16 P on the tensor cores: |P - f16(P)| <= 2^-11 P, so |dO| <= 2^-11 max|V|. */
+            const bool ok = e <= 2e-3;
+            printf("%s: %s, head_dim %d, heads %d/%d, pos0 %d, n %d, %s: max error %.3g (tol "
+                   "2e-03)\n",
+                   ok ? "ok" : "FAILED", kernel, c.hd, c.heads, c.kv, c.pos0, c.n, what, e);
+            failed += !ok;
+
+            /* Unsplit, a query's result does not depend on how the queries are
+             * batched: the same queries in two launches, split at an unaligned
+             * point, give the same bits. */
+            if (c.n > 40 && c.n_splits == 1) {
+                const int split = 37;
+                std::vector<float> out2(out.size(), NAN);
+                if (launch(p, wgmma, 1, 0, 0, split, out2.data()) ||
+                    launch(p, wgmma, 1, 0, split, c.n - split,
+                           out2.data() + (size_t)split * c.heads * c.hd)) {
+                    failed++;
+                    continue;
+                }
+                const bool same = !memcmp(out.data(), out2.data(), out.size() * sizeof(float));
+                printf("%s: %s, batches of %d and %d give the same bits as one of %d\n",
+                       same ? "ok" : "FAILED", kernel, split, c.n - split, c.n);
+                failed += !same;
+            }
         }
-    }
 
     /* The SIMT kernel: plain (one range), and split over keys for decode. */
     struct {

@@ -1,4 +1,10 @@
-/* Causal attention over the f16 KV cache, three ways:
+/* Causal attention over the f16 KV cache, four ways:
+ *
+ *  - WGMMA (prefill, head_dim 128, Hopper): the MMA path's tiling and key
+ *    ranges on warpgroup MMA, two warpgroups of 64 queries per block, the
+ *    P V product of one key tile overlapping the softmax of the next. See
+ *    attention_wgmma.cuh. Built only for sm_90a ("90a" in
+ *    CMAKE_CUDA_ARCHITECTURES) and taken only on a compute-capability 9.0 GPU.
  *
  *  - MMA (prefill, head_dim 64 or 128): flash attention on tensor cores
  *    (mma.sync m16n8k16, f16 inputs, f32 accumulation). A block of 4 warps
@@ -19,7 +25,7 @@
  *    split_len keys, one block per (query, head, range), then the combine
  *    kernel (flash-decoding).
  *
- * All three are deterministic: fixed tiles and ranges (chosen from the batch's
+ * All four are deterministic: fixed tiles and ranges (chosen from the batch's
  * shape and the GPU's SM count alone), fixed reduction orders, no atomics.
  *
  * Fragment layouts (PTX ISA, mma.m16n8k16 with .f16 inputs; g = lane / 4,
@@ -35,6 +41,7 @@
  * tests/test_attention_emulated.cpp runs the MMA kernel on the CPU with
  * emulated warps; test_cuda runs every path on a GPU. */
 #include "backend/cuda/attention_kernels.cuh"
+#include "backend/cuda/attention_wgmma.cuh"
 
 #include "model/gguf.h"
 
@@ -99,6 +106,40 @@ template <int HD, typename OutT> int mma_resident() {
     return r;
 }
 
+/* Blocks of the WGMMA kernel an SM runs at once (1, by its launch bounds). */
+template <typename OutT> int wgmma_resident() {
+    static const int r = [] {
+        int n = 0;
+        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, attn_wgmma_kernel<OutT>, WG_THREADS,
+                                                          wg_smem_bytes()) != cudaSuccess) {
+            cudaGetLastError();
+            n = 0;
+        }
+        return n;
+    }();
+    return r;
+}
+
+/* 1 if this build has the WGMMA kernel and the current GPU can run it. */
+int wgmma_available() {
+#ifdef CAKE_CUDA_SM90A
+    static const int ok = [] {
+        int dev = 0, major = 0, minor = 0;
+        if (cudaGetDevice(&dev) != cudaSuccess ||
+            cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) !=
+                cudaSuccess ||
+            cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) {
+            cudaGetLastError();
+            return 0;
+        }
+        return (int)(major == 9 && minor == 0); /* sm_90a code runs on 9.0 alone */
+    }();
+    return ok;
+#else
+    return 0;
+#endif
+}
+
 template <typename OutT>
 cudaError_t launch_combine(const cake_attn_launch *a, OutT *out, int split_len, int n_splits,
                            cudaStream_t st) {
@@ -115,6 +156,21 @@ cudaError_t launch_mma(const cake_attn_launch *a, OutT *out, cudaStream_t st) {
                     (unsigned)n_splits);
     const float scale_log2 = 1.4426950408889634f / sqrtf((float)HD);
     attn_mma_kernel<HD, OutT><<<grid, MMA_WARPS * 32, mma_smem_bytes<HD>(), st>>>(
+        a->q, a->k, a->v, out, a->part, a->n, a->pos0, a->n_heads, a->n_kv_heads, scale_log2,
+        split_len);
+    cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess || n_splits == 1) return e;
+    return launch_combine<OutT>(a, out, split_len, n_splits, st);
+}
+
+template <typename OutT>
+cudaError_t launch_wgmma(const cake_attn_launch *a, OutT *out, cudaStream_t st) {
+    int split_len;
+    const int n_splits = mma_splits(a, wgmma_resident<OutT>(), &split_len);
+    const dim3 grid((unsigned)a->n_heads, (unsigned)((a->n + WG_BM - 1) / WG_BM),
+                    (unsigned)n_splits);
+    const float scale_log2 = 1.4426950408889634f / sqrtf((float)WG_HD);
+    attn_wgmma_kernel<OutT><<<grid, WG_THREADS, wg_smem_bytes(), st>>>(
         a->q, a->k, a->v, out, a->part, a->n, a->pos0, a->n_heads, a->n_kv_heads, scale_log2,
         split_len);
     cudaError_t e = cudaGetLastError();
@@ -155,6 +211,8 @@ cudaError_t dispatch(const cake_attn_launch *a, int path, OutT *out, cudaStream_
     if (path == CAKE_ATTN_AUTO) {
         if (a->n <= CAKE_ATTN_SPLIT_MAX_N && a->part)
             path = CAKE_ATTN_SPLIT;
+        else if (cake_cuda_attention_supported(CAKE_ATTN_WGMMA, a->head_dim))
+            path = CAKE_ATTN_WGMMA;
         else if (cake_cuda_attention_supported(CAKE_ATTN_MMA, a->head_dim))
             path = CAKE_ATTN_MMA;
         else
@@ -165,6 +223,8 @@ cudaError_t dispatch(const cake_attn_launch *a, int path, OutT *out, cudaStream_
     case CAKE_ATTN_MMA:
         return a->head_dim == 64 ? launch_mma<64, OutT>(a, out, st)
                                  : launch_mma<128, OutT>(a, out, st);
+    case CAKE_ATTN_WGMMA:
+        return launch_wgmma<OutT>(a, out, st);
     case CAKE_ATTN_SIMT:
         return launch_simt<OutT>(a, out, 0, st);
     case CAKE_ATTN_SPLIT:
@@ -190,7 +250,14 @@ template <int HD> cudaError_t setup_mma() {
 cudaError_t cake_cuda_attention_setup(void) {
     cudaError_t e = setup_mma<64>();
     if (e != cudaSuccess) return e;
-    return setup_mma<128>();
+    if ((e = setup_mma<128>()) != cudaSuccess || !wgmma_available()) return e;
+    const cudaFuncAttribute attr = cudaFuncAttributeMaxDynamicSharedMemorySize;
+    const int bytes = (int)wg_smem_bytes();
+    if ((e = cudaFuncSetAttribute(attn_wgmma_kernel<float>, attr, bytes)) ||
+        (e = cudaFuncSetAttribute(attn_wgmma_kernel<__half>, attr, bytes)) ||
+        (e = cudaFuncSetAttribute(attn_wgmma_kernel<__nv_bfloat16>, attr, bytes)))
+        return e;
+    return cudaSuccess;
 }
 
 int cake_cuda_attention_supported(int path, int head_dim) {
@@ -200,6 +267,8 @@ int cake_cuda_attention_supported(int path, int head_dim) {
         return head_dim <= SIMT_MAX_HD;
     case CAKE_ATTN_MMA:
         return head_dim == 64 || head_dim == 128;
+    case CAKE_ATTN_WGMMA:
+        return head_dim == WG_HD && wgmma_available();
     case CAKE_ATTN_SIMT:
     case CAKE_ATTN_SPLIT:
         return head_dim <= SIMT_MAX_HD;

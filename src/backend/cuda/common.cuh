@@ -123,6 +123,7 @@ enum cake_attn_path {
     CAKE_ATTN_MMA = 1,   /* tensor-core flash attention (head_dim 64 or 128) */
     CAKE_ATTN_SIMT = 2,  /* plain kernel, one block per (query, head) */
     CAKE_ATTN_SPLIT = 3, /* plain kernel split over keys + combine (decode) */
+    CAKE_ATTN_WGMMA = 4, /* warpgroup-MMA flash attention (head_dim 128, sm_90a builds, H100) */
 };
 
 typedef struct {

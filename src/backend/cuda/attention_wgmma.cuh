@@ -1,0 +1,362 @@
+/* The Hopper attention kernel for prefill (device code; attention.cu launches
+ * it): flash attention on warpgroup MMA (wgmma, sm_90a), head_dim 128. The
+ * same contract as attn_mma_kernel (grid, key tiles, key ranges, partials),
+ * so that the dispatch can take either; see attention.cu.
+ *
+ * A block of two warpgroups (256 threads) takes 128 queries of one head, 64
+ * per warpgroup, and walks the keys in tiles of 64. Each warpgroup holds its
+ * queries as wgmma A fragments in registers (loaded once), and per tile:
+ *   S = Q K^T     8 wgmma m64n64k16, K from shared memory (K-major)
+ *   O += P V      4 wgmma m64n128k16, P from registers, V from shared memory
+ *                 (MN-major, the "transposed B" form)
+ * The P V product of tile t - 1 runs while the softmax of tile t is
+ * computed: each iteration issues S(t) and then O += P(t-1) V(t-1), waits for
+ * S(t) only, takes its row maxima and exponents, then waits for O before
+ * rescaling it. K/V tiles stream through 4 shared-memory stages with cp.async,
+ * two tiles ahead.
+ *
+ * Shared memory layout of a K or V tile (64 rows of 128 halves): two regions of
+ * 64 rows x 128 bytes (head dims 0-63, 64-127), each row's eight 16-byte
+ * chunks permuted as wgmma's 128-byte swizzle expects (chunk c of row r at
+ * c ^ (r % 8)); regions are 1024-byte aligned. Descriptors (PTX ISA, "matrix
+ * descriptor"): start address, leading byte offset (LBO), stride byte offset
+ * (SBO), swizzle mode 1 (128 B):
+ *   K (K-major):  rows = keys, 8-row groups SBO = 1024 apart; a 16-dim step
+ *                 starts 32 bytes further along the row (second region from
+ *                 dim 64); LBO unused.
+ *   V (MN-major): rows = keys, 8-key groups SBO = 1024 apart, the two 64-dim
+ *                 regions LBO = 8192 apart; a 16-key step starts 2048 bytes on.
+ * Register layouts (wgmma m64nNk16, warp w of the warpgroup, g = lane / 4,
+ * q = lane % 4): accumulator d[4i..4i+3] = rows 16w + g (d0, d1) and 16w + g
+ * + 8 (d2, d3), columns 8i + 2q, +1; the A fragment of a 16-wide k step is
+ * mma.m16n8k16's A layout on rows 16w..16w+15, so S's d[8j..8j+7] packed to
+ * f16 pairs are P's A fragment for keys 16j..16j+15.
+ *
+ * A host build that defines CAKE_CUDA_EMULATE supplies the PTX wrappers
+ * (tests/test_attention_emulated.cpp emulates wgmma, descriptors and swizzle
+ * included, and runs this kernel on the CPU). */
+#ifndef CAKE_CUDA_ATTENTION_WGMMA_CUH
+#define CAKE_CUDA_ATTENTION_WGMMA_CUH
+
+#include "backend/cuda/attention_kernels.cuh"
+
+/* Device code for wgmma exists only in sm_90a builds (CMake's "90a"). */
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(CAKE_CUDA_EMULATE)
+#define CAKE_ATTN_WGMMA_BODY 1
+#endif
+
+namespace cake_attn {
+
+constexpr int WG_HD = 128;                 /* the one head size it takes */
+constexpr int WG_BM = 128;                 /* queries per block: 2 warpgroups x 64 */
+constexpr int WG_BN = 64;                  /* keys per tile */
+constexpr int WG_THREADS = 256;
+constexpr int WG_STAGES = 4;               /* K/V tiles in shared memory */
+constexpr int WG_LDQ = WG_HD + 8;          /* Q rows (ldmatrix), padded */
+constexpr int WG_REGION = WG_BN * 128;     /* bytes: 64 rows x 64 dims */
+constexpr int WG_TILE = 2 * WG_REGION;     /* bytes of one K or V tile */
+constexpr int WG_Q_BYTES = WG_BM * WG_LDQ * 2; /* 34816, a multiple of 1024 */
+static_assert(WG_Q_BYTES % 1024 == 0, "tiles after Q must stay 1024-byte aligned");
+static_assert(WG_BM == MMA_BM && WG_BN == MMA_BN, "the dispatch's split rule assumes equal tiles");
+
+__host__ __device__ constexpr size_t wg_smem_bytes() {
+    return 1024 /* alignment slack */ + WG_Q_BYTES + (size_t)WG_STAGES * 2 * WG_TILE;
+}
+
+/* Byte offset of 16-byte chunk c (0..15) of row r in a swizzled tile. */
+__host__ __device__ constexpr int wg_chunk_offset(int r, int c) {
+    return (c >> 3) * WG_REGION + r * 128 + (((c & 7) ^ (r & 7)) << 4);
+}
+
+/* A shared-memory matrix descriptor with 128-byte swizzle. */
+__host__ __device__ constexpr uint64_t wg_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+    return (uint64_t)((addr & 0x3FFFF) >> 4) | (uint64_t)((lbo & 0x3FFFF) >> 4) << 16 |
+           (uint64_t)((sbo & 0x3FFFF) >> 4) << 32 | 1ull << 62;
+}
+
+#ifndef CAKE_CUDA_EMULATE
+__device__ __forceinline__ void wg_fence() {
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void wg_commit() {
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+template <int N> __device__ __forceinline__ void wg_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+/* Makes this thread's generic-proxy writes to shared memory (cp.async, st)
+ * visible to wgmma's operand reads (the async proxy). */
+__device__ __forceinline__ void fence_proxy_async() {
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+/* Keeps the compiler from moving accesses of registers that an in-flight
+ * wgmma reads or writes across the fence/commit/wait points. */
+template <int N> __device__ __forceinline__ void wg_pin(float (&r)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; i++) asm volatile("" : "+f"(r[i])::"memory");
+}
+template <int N> __device__ __forceinline__ void wg_pin(uint32_t (&r)[N][4]) {
+#pragma unroll
+    for (int i = 0; i < N; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++) asm volatile("" : "+r"(r[i][j])::"memory");
+}
+
+/* S (+)= Q K^T for one m64n64k16 step: A (64 queries x 16 dims) in registers,
+ * B = K (64 keys x 16 dims) K-major in shared memory. */
+__device__ __forceinline__ void wgmma_s(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b,
+                                    int accumulate) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {"
+                 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+                 "}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+                   "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate)
+                 : "memory");
+}
+
+/* O (+)= P V for one m64n128k16 step: A (64 queries x 16 keys) in registers,
+ * B = V (16 keys x 128 dims) MN-major in shared memory (transposed B). */
+__device__ __forceinline__ void wgmma_o(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b,
+                                    int accumulate) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {"
+                 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+                 "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+                 "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+                 "}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+                   "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+                   "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+                   "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+                   "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+                   "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate)
+                 : "memory");
+}
+
+#endif
+
+/* grid (n_heads, ceil(n / WG_BM), n_splits), block WG_THREADS, dynamic smem
+ * wg_smem_bytes(); arguments and output as attn_mma_kernel's. */
+template <typename OutT>
+__global__ void __launch_bounds__(WG_THREADS, 1)
+    attn_wgmma_kernel(const __half *__restrict__ q, const __half *__restrict__ kc,
+                      const __half *__restrict__ vc, OutT *__restrict__ out,
+                      float *__restrict__ part, int n, int pos0, int n_heads, int n_kv_heads,
+                      float scale_log2, int split_len) {
+#ifdef CAKE_ATTN_WGMMA_BODY
+    constexpr int HD = WG_HD, CH = HD / 8, NT = WG_BN / 8, DT = HD / 8;
+    extern __shared__ uint4 smem_u4[];
+    /* Swizzle atoms are 1024 bytes: align the tiles to that. */
+    uint8_t *raw = reinterpret_cast<uint8_t *>(smem_u4);
+    uint8_t *base = raw + ((1024u - (smem_addr(raw) & 1023u)) & 1023u);
+    __half *sQ = reinterpret_cast<__half *>(base); /* [WG_BM][WG_LDQ] */
+    uint8_t *sKV = base + WG_Q_BYTES;              /* stage s: K at 2s WG_TILE, V after */
+
+    const int tid = threadIdx.x, wg = tid >> 7, wl = (tid >> 5) & 3, lane = tid & 31;
+    const int g = lane >> 2, tq = lane & 3;
+    const int m0 = ((int)gridDim.y - 1 - (int)blockIdx.y) * WG_BM;
+    const int h = blockIdx.x, kvh = h / (n_heads / n_kv_heads);
+    const int rows = min(WG_BM, n - m0);
+    const int kv_len = pos0 + m0 + rows; /* keys [0, kv_len) */
+    const int n_splits = (int)gridDim.z, sp = (int)blockIdx.z;
+    const int tile0 = n_splits == 1 ? 0 : sp * (split_len / WG_BN);
+    const int tile1 = n_splits == 1
+                          ? (kv_len + WG_BN - 1) / WG_BN
+                          : min((kv_len + WG_BN - 1) / WG_BN, tile0 + split_len / WG_BN);
+    if (tile0 >= tile1) return; /* a range past this block's keys: the combine skips it */
+    const size_t q_stride = (size_t)n_heads * HD, kv_stride = (size_t)n_kv_heads * HD;
+    const __half *kbase = kc + (size_t)kvh * HD, *vbase = vc + (size_t)kvh * HD;
+
+    /* Q tile (plain rows, for ldmatrix); rows past the batch are zero. */
+    for (int c = tid; c < WG_BM * CH; c += WG_THREADS) {
+        const int r = c / CH, cc = c % CH;
+        __half *dst = sQ + r * WG_LDQ + cc * 8;
+        if (r < rows)
+            cp_async16(dst, q + (size_t)(m0 + r) * q_stride + (size_t)h * HD + cc * 8);
+        else
+            *reinterpret_cast<uint4 *>(dst) = make_uint4(0, 0, 0, 0);
+    }
+    /* K/V tile `tile` into its stage, swizzled. Keys at or past kv_len are
+     * zero (masked out of the softmax, but 0 x a NaN in V would poison O). */
+    auto load_kv = [&](int tile) {
+        uint8_t *dk = sKV + (size_t)(tile % WG_STAGES) * 2 * WG_TILE, *dv = dk + WG_TILE;
+        for (int c = tid; c < WG_BN * CH; c += WG_THREADS) {
+            const int r = c / CH, cc = c % CH, off = wg_chunk_offset(r, cc);
+            const int j = tile * WG_BN + r;
+            if (j < kv_len) {
+                cp_async16(dk + off, kbase + (size_t)j * kv_stride + cc * 8);
+                cp_async16(dv + off, vbase + (size_t)j * kv_stride + cc * 8);
+            } else {
+                *reinterpret_cast<uint4 *>(dk + off) = make_uint4(0, 0, 0, 0);
+                *reinterpret_cast<uint4 *>(dv + off) = make_uint4(0, 0, 0, 0);
+            }
+        }
+    };
+    /* cp.async groups: (Q, tile0), (tile0 + 1), then one per iteration (empty
+     * past the end), so that waiting for all but the newest one always means
+     * "tile it is in". */
+    load_kv(tile0);
+    cp_async_commit();
+    if (tile0 + 1 < tile1) load_kv(tile0 + 1);
+    cp_async_commit();
+
+    /* This thread's rows (within the block): 64 wg + 16 wl + g (+ 8). */
+    const int r0 = wg * 64 + wl * 16 + g;
+    const int pq0 = pos0 + m0 + r0, pq1 = pq0 + 8;
+
+    uint32_t qa[HD / 16][4]; /* Q as A fragments, one per 16-dim step */
+    float s[NT * 4];         /* S of the current tile, then its exponents */
+    uint32_t pa[WG_BN / 16][4]; /* P of the previous tile, f16 A fragments */
+    float o[DT * 4];
+#pragma unroll
+    for (int i = 0; i < DT * 4; i++) o[i] = 0.0f;
+    float m_0 = -INFINITY, m_1 = -INFINITY, l_0 = 0.0f, l_1 = 0.0f;
+
+    for (int it = tile0; it < tile1; it++) {
+        cp_async_wait<1>();  /* tile it is in (only tile it + 1 may be pending) */
+        fence_proxy_async(); /* ... and visible to wgmma */
+        __syncthreads();     /* everyone's part of it; everyone done with tile it - 2 */
+        if (it + 2 < tile1) load_kv(it + 2);
+        cp_async_commit();
+        if (it == tile0) {
+            const __half *qrow = sQ + (wg * 64 + wl * 16 + (lane & 15)) * WG_LDQ + (lane >> 4) * 8;
+#pragma unroll
+            for (int kk = 0; kk < HD / 16; kk++) ldsm_x4(qa[kk], qrow + kk * 16);
+        }
+        const uint32_t k_addr = smem_addr(sKV + (size_t)(it % WG_STAGES) * 2 * WG_TILE);
+        const uint32_t v_prev = smem_addr(sKV + (size_t)((it + WG_STAGES - 1) % WG_STAGES) * 2 *
+                                                    WG_TILE + WG_TILE);
+
+        /* Issue S = Q K^T, then (from the second tile) O += P V of the
+         * previous tile, as two groups. */
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++)
+            wgmma_s(s, qa[kk], wg_desc(k_addr + (kk >> 2) * WG_REGION + (kk & 3) * 32, 16, 1024),
+                    kk > 0);
+        wg_commit();
+        if (it > tile0) {
+#pragma unroll
+            for (int kj = 0; kj < WG_BN / 16; kj++)
+                wgmma_o(o, pa[kj], wg_desc(v_prev + kj * 2048, WG_REGION, 1024), 1);
+            wg_commit();
+            wg_wait<1>(); /* S is done; P V may still run */
+        } else {
+            wg_wait<0>();
+        }
+        wg_pin(s);
+
+        /* Mask (query at position pq sees keys j <= pq; only tiles reaching
+         * past the block's first query need the test), row maxima. */
+        const int kbeg = it * WG_BN;
+        const bool need_mask = kbeg + WG_BN - 1 > pos0 + m0;
+        float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int j = kbeg + nt * 8 + 2 * tq + (e & 1);
+                if (need_mask && j > ((e >> 1) ? pq1 : pq0)) s[nt * 4 + e] = -INFINITY;
+            }
+            mx0 = fmaxf(mx0, fmaxf(s[nt * 4 + 0], s[nt * 4 + 1]));
+            mx1 = fmaxf(mx1, fmaxf(s[nt * 4 + 2], s[nt * 4 + 3]));
+        }
+        /* The 4 threads of a quad hold the same two rows. */
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        const float mn0 = fmaxf(m_0, mx0 * scale_log2), mn1 = fmaxf(m_1, mx1 * scale_log2);
+        /* A row that has seen no key yet keeps max -inf (see attn_mma_kernel). */
+        const float ref0 = mn0 == -INFINITY ? 0.0f : mn0, ref1 = mn1 == -INFINITY ? 0.0f : mn1;
+        const float a0 = exp2f(m_0 - ref0), a1 = exp2f(m_1 - ref1);
+        m_0 = mn0;
+        m_1 = mn1;
+        float sum0 = 0.0f, sum1 = 0.0f;
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+            s[nt * 4 + 0] = exp2f(fmaf(s[nt * 4 + 0], scale_log2, -ref0));
+            s[nt * 4 + 1] = exp2f(fmaf(s[nt * 4 + 1], scale_log2, -ref0));
+            s[nt * 4 + 2] = exp2f(fmaf(s[nt * 4 + 2], scale_log2, -ref1));
+            s[nt * 4 + 3] = exp2f(fmaf(s[nt * 4 + 3], scale_log2, -ref1));
+            sum0 += s[nt * 4 + 0] + s[nt * 4 + 1];
+            sum1 += s[nt * 4 + 2] + s[nt * 4 + 3];
+        }
+        l_0 = l_0 * a0 + sum0;
+        l_1 = l_1 * a1 + sum1;
+
+        /* O (with the previous tile's P V in it) to the new maxima, then this
+         * tile's P as f16 A fragments. */
+        wg_wait<0>();
+        wg_pin(o);
+        wg_pin(pa);
+#pragma unroll
+        for (int dt = 0; dt < DT; dt++) {
+            o[dt * 4 + 0] *= a0;
+            o[dt * 4 + 1] *= a0;
+            o[dt * 4 + 2] *= a1;
+            o[dt * 4 + 3] *= a1;
+        }
+#pragma unroll
+        for (int kj = 0; kj < WG_BN / 16; kj++) {
+            pa[kj][0] = pack_half2(s[kj * 8 + 0], s[kj * 8 + 1]);
+            pa[kj][1] = pack_half2(s[kj * 8 + 2], s[kj * 8 + 3]);
+            pa[kj][2] = pack_half2(s[kj * 8 + 4], s[kj * 8 + 5]);
+            pa[kj][3] = pack_half2(s[kj * 8 + 6], s[kj * 8 + 7]);
+        }
+    }
+    /* The last tile's P V. Its V stage is not reloaded: no loads are left. */
+    {
+        const uint32_t v_last = smem_addr(sKV + (size_t)((tile1 - 1) % WG_STAGES) * 2 * WG_TILE +
+                                          WG_TILE);
+        wg_fence();
+#pragma unroll
+        for (int kj = 0; kj < WG_BN / 16; kj++)
+            wgmma_o(o, pa[kj], wg_desc(v_last + kj * 2048, WG_REGION, 1024), 1);
+        wg_commit();
+        wg_wait<0>();
+        wg_pin(o);
+    }
+
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++) {
+        float sum = hf ? l_1 : l_0;
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        const int r = r0 + 8 * hf;
+        if (r >= rows) continue;
+        if (n_splits == 1) {
+            const float inv = 1.0f / sum;
+            OutT *orow = out + (size_t)(m0 + r) * q_stride + (size_t)h * HD;
+#pragma unroll
+            for (int dt = 0; dt < DT; dt++)
+                cake_store2(orow + dt * 8 + 2 * tq, o[dt * 4 + 2 * hf] * inv,
+                            o[dt * 4 + 2 * hf + 1] * inv);
+        } else {
+            float *pp =
+                part + (((size_t)(m0 + r) * n_heads + h) * n_splits + sp) * (size_t)(HD + 2);
+#pragma unroll
+            for (int dt = 0; dt < DT; dt++)
+                *reinterpret_cast<float2 *>(pp + dt * 8 + 2 * tq) =
+                    make_float2(o[dt * 4 + 2 * hf], o[dt * 4 + 2 * hf + 1]);
+            if (tq == 0) {
+                pp[HD] = (hf ? m_1 : m_0) * 0.6931471805599453f; /* natural-log units */
+                pp[HD + 1] = sum;
+            }
+        }
+    }
+#endif
+}
+
+} // namespace cake_attn
+
+#endif
