@@ -13,6 +13,8 @@
  * the GPU. */
 #include "cuda_emulator.h"
 
+#include <type_traits>
+
 /* cp.async: an immediate copy, so commit and wait have nothing to do. */
 static inline void cp_async16(void *smem, const void *gmem) {
     memcpy(smem, gmem, 16);
@@ -98,7 +100,8 @@ static void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32
  * while its product runs, gets wrong results here. */
 namespace cake_attn {
 extern uint4 smem_u4[];
-}
+struct wg_b_mn;
+} // namespace cake_attn
 
 static inline uint32_t smem_addr(const void *p) {
     return (uint32_t)((const char *)p - (const char *)cake_attn::smem_u4);
@@ -106,8 +109,9 @@ static inline uint32_t smem_addr(const void *p) {
 
 struct wg_op {
     float *d;          /* the issuing thread's accumulators */
-    const uint32_t *a; /* ... and A fragment (read when executed) */
-    uint64_t desc;
+    const uint32_t *a; /* ... and A fragment (read when executed), or NULL: */
+    uint64_t desc_a;   /* A (64 x 16, K-major) in shared memory */
+    uint64_t desc_b;
     int n, trans_b, accumulate; /* N of m64nNk16; B MN-major; D += (else D =) */
 };
 struct wg_queue {
@@ -125,11 +129,16 @@ static inline void wg_commit() {
     wg_queue &q = wg_queues[emu::cur];
     q.group_end.push_back(q.ops.size());
 }
-static inline void wgmma_s(float (&d)[32], const uint32_t (&a)[4], uint64_t desc, int acc) {
-    wg_queues[emu::cur].ops.push_back({d, a, desc, 64, 0, acc});
+/* B_MAJOR: the kernel's tag, cake_attn::wg_b_k or wg_b_mn (B MN-major). */
+template <int ND, typename B_MAJOR>
+static inline void wgmma_rs(float (&d)[ND], const uint32_t (&a)[4], uint64_t desc, int acc,
+                            B_MAJOR) {
+    const int mn = std::is_same<B_MAJOR, cake_attn::wg_b_mn>::value;
+    wg_queues[emu::cur].ops.push_back({d, a, 0, desc, 2 * ND, mn, acc});
 }
-static inline void wgmma_o(float (&d)[64], const uint32_t (&a)[4], uint64_t desc, int acc) {
-    wg_queues[emu::cur].ops.push_back({d, a, desc, 128, 1, acc});
+template <int ND>
+static inline void wgmma_ss(float (&d)[ND], uint64_t desc_a, uint64_t desc_b, int acc) {
+    wg_queues[emu::cur].ops.push_back({d, nullptr, desc_a, desc_b, 2 * ND, 0, acc});
 }
 
 /* B[k][n] of a 128-byte-swizzled operand (k < 16 along K, n along N). */
@@ -141,10 +150,10 @@ static float wg_b(uint64_t desc, int trans_b, int k, int n) {
         fprintf(stderr, "emulated wgmma: only the 128-byte swizzle is emulated\n");
         abort();
     }
-    uint32_t off = trans_b ? start + (uint32_t)(n / 64) * lbo + (uint32_t)(k / 8) * sbo +
-                                 (uint32_t)(k % 8) * 128 + (uint32_t)(n % 64) * 2
-                           : start + (uint32_t)(n / 8) * sbo + (uint32_t)(n % 8) * 128 +
-                                 (uint32_t)k * 2;
+    uint32_t off =
+        trans_b ? start + (uint32_t)(n / 64) * lbo + (uint32_t)(k / 8) * sbo +
+                      (uint32_t)(k % 8) * 128 + (uint32_t)(n % 64) * 2
+                : start + (uint32_t)(n / 8) * sbo + (uint32_t)(n % 8) * 128 + (uint32_t)k * 2;
     off ^= (off >> 7 & 7) << 4;
     return half_of(half_bits((const char *)cake_attn::smem_u4 + off), 0);
 }
@@ -162,7 +171,8 @@ template <int N> static void wg_wait() {
         const wg_op &op = mine.ops[i];
         for (int t = 0; t < 128; t++) { /* the warpgroup issued the same thing */
             const wg_queue *o = wg_pub[wg0 + t];
-            if (o->ops.size() < n_ops || o->ops[i].desc != op.desc || o->ops[i].n != op.n) {
+            if (o->ops.size() < n_ops || o->ops[i].desc_b != op.desc_b ||
+                o->ops[i].desc_a != op.desc_a || o->ops[i].n != op.n) {
                 fprintf(stderr, "emulated wgmma: the warpgroup's threads disagree\n");
                 abort();
             }
@@ -171,25 +181,31 @@ template <int N> static void wg_wait() {
             const int row = g + 8 * (e % 4 >> 1), col = 8 * (e / 4) + 2 * q + (e & 1);
             float acc = op.accumulate ? op.d[e] : 0.0f;
             for (int k = 0; k < 16; k++) {
-                /* A[row][k] of this warp's 16 rows: mma.m16n8k16's A layout */
-                const int lane = row % 8 * 4 + k % 8 / 2, reg = (row >= 8) + 2 * (k >= 8);
-                const uint32_t areg = wg_pub[wg0 + w * 32 + lane]->ops[i].a[reg];
-                acc += half_of(areg, k % 2) * wg_b(op.desc, op.trans_b, k, col);
+                float av;
+                if (op.a) { /* A[row][k] of this warp's 16 rows: mma.m16n8k16's A layout */
+                    const int lane = row % 8 * 4 + k % 8 / 2, reg = (row >= 8) + 2 * (k >= 8);
+                    av = half_of(wg_pub[wg0 + w * 32 + lane]->ops[i].a[reg], k % 2);
+                } else { /* warp w's rows of the 64: K-major, as B's rows */
+                    av = wg_b(op.desc_a, 0, k, 16 * w + row);
+                }
+                acc += av * wg_b(op.desc_b, op.trans_b, k, col);
             }
             op.d[e] = acc;
         }
     }
     emu::yield(); /* all have read the others' A fragments */
     mine.ops.erase(mine.ops.begin(), mine.ops.begin() + (long)n_ops);
-    mine.group_end.erase(mine.group_end.begin(), mine.group_end.begin() + (long)(groups - std::min(groups, (size_t)N)));
+    mine.group_end.erase(mine.group_end.begin(),
+                         mine.group_end.begin() + (long)(groups - std::min(groups, (size_t)N)));
     for (size_t &end : mine.group_end) end -= n_ops;
 }
 
 #include "backend/cuda/attention_wgmma.cuh"
 
 namespace cake_attn {
-alignas(1024) uint4 smem_u4[(256 * 1024) / sizeof(uint4)]; /* the MMA kernels' dynamic shared memory */
-float sm[simt_smem_floats(SIMT_MAX_HD)];     /* the SIMT kernel's */
+alignas(
+    1024) uint4 smem_u4[(256 * 1024) / sizeof(uint4)]; /* the MMA kernels' dynamic shared memory */
+float sm[simt_smem_floats(SIMT_MAX_HD)];               /* the SIMT kernel's */
 } // namespace cake_attn
 
 using namespace cake_attn;
@@ -212,19 +228,30 @@ static problem make_problem(int hd, int heads, int kv_heads, int pos0, int n, fl
 }
 
 /* Queries [t0, t0 + n) of p (positions pos0 + t0 ...) through the MMA kernel
- * (or the WGMMA one), its keys in n_splits ranges of split_len (then the
- * combine kernel). */
-static int launch(const problem &p, bool wgmma, int n_splits, int split_len, int t0, int n,
+ * (kernel -1) or a WGMMA one (kernel = its wg_variant), its keys in n_splits
+ * ranges of split_len (then the combine kernel). */
+static int launch(const problem &p, int kernel, int n_splits, int split_len, int t0, int n,
                   float *out) {
+    const bool wgmma = kernel >= 0;
     const int pos0 = p.pos0 + t0, heads = p.heads, kvh = p.kv_heads, hd = p.hd;
     const __half *q = p.q.data() + (size_t)t0 * heads * hd, *k = p.k.data(), *v = p.v.data();
     const float scale_log2 = 1.4426950408889634f / sqrtf((float)hd);
     std::vector<float> part((size_t)n * heads * n_splits * (hd + 2), NAN);
     float *pp = n_splits > 1 ? part.data() : nullptr;
-    if (wgmma)
+    if (kernel == WG_BN64)
         emu::body = [=] {
-            attn_wgmma_kernel<float>(q, k, v, out, pp, n, pos0, heads, kvh, scale_log2,
-                                     split_len);
+            attn_wgmma_kernel<float, 64, false>(q, k, v, out, pp, n, pos0, heads, kvh, scale_log2,
+                                                split_len);
+        };
+    else if (kernel == WG_BN128)
+        emu::body = [=] {
+            attn_wgmma_kernel<float, 128, false>(q, k, v, out, pp, n, pos0, heads, kvh, scale_log2,
+                                                 split_len);
+        };
+    else if (kernel == WG_BN128_QSMEM)
+        emu::body = [=] {
+            attn_wgmma_kernel<float, 128, true>(q, k, v, out, pp, n, pos0, heads, kvh, scale_log2,
+                                                split_len);
         };
     else if (hd == 64)
         emu::body = [=] {
@@ -302,22 +329,25 @@ int main() {
         float q_scale;
         int n_splits, split_len; /* key ranges (1: none) */
     } cases[] = {
-        {128, 4, 1, 0, 200, 4.0f, 1, 0},    {128, 2, 2, 100, 77, 4.0f, 1, 0},
-        {128, 2, 1, 3, 1, 4.0f, 1, 0},      {128, 1, 1, 37, 300, 4.0f, 1, 0},
-        {64, 4, 2, 0, 64, 4.0f, 1, 0},      {64, 3, 3, 63, 65, 8.0f, 1, 0},
-        {64, 2, 1, 5, 257, 4.0f, 1, 0},     {128, 2, 1, 300, 140, 4.0f, 3, 192},
-        {64, 2, 2, 250, 100, 4.0f, 2, 256}, {128, 1, 1, 0, 200, 4.0f, 4, 64},
+        {128, 4, 1, 0, 200, 4.0f, 1, 0},     {128, 2, 2, 100, 77, 4.0f, 1, 0},
+        {128, 2, 1, 3, 1, 4.0f, 1, 0},       {128, 1, 1, 37, 300, 4.0f, 1, 0},
+        {64, 4, 2, 0, 64, 4.0f, 1, 0},       {64, 3, 3, 63, 65, 8.0f, 1, 0},
+        {64, 2, 1, 5, 257, 4.0f, 1, 0},      {128, 2, 1, 300, 140, 4.0f, 3, 192},
+        {64, 2, 2, 250, 100, 4.0f, 2, 256},  {128, 1, 1, 0, 200, 4.0f, 4, 64},
+        {128, 2, 1, 200, 300, 4.0f, 2, 256}, {128, 2, 2, 1000, 77, 2.0f, 3, 384},
     };
     int failed = 0;
-    for (int wgmma = 0; wgmma < 2; wgmma++)
+    const char *kernels[] = {"MMA", "WGMMA bn64", "WGMMA bn128", "WGMMA bn128-qsmem"};
+    for (int kernel = -1; kernel <= WG_BN128_QSMEM; kernel++)
         for (const auto &c : cases) {
-            if (wgmma && c.hd != WG_HD) continue;
-            const char *kernel = wgmma ? "WGMMA" : "MMA";
+            const int tile = kernel == WG_BN64 || kernel < 0 ? 64 : 128;
+            if (kernel >= 0 && (c.hd != WG_HD || c.split_len % tile)) continue;
+            const char *name = kernels[kernel + 1];
             problem p = make_problem(c.hd, c.heads, c.kv, c.pos0, c.n, c.q_scale);
             std::vector<float> out((size_t)c.n * c.heads * c.hd, NAN);
             char what[64];
             snprintf(what, sizeof(what), "%d key range(s) of %d", c.n_splits, c.split_len);
-            if (launch(p, wgmma, c.n_splits, c.split_len, 0, c.n, out.data())) {
+            if (launch(p, kernel, c.n_splits, c.split_len, 0, c.n, out.data())) {
                 failed++;
                 continue;
             }
@@ -326,7 +356,7 @@ int main() {
             const bool ok = e <= 2e-3;
             printf("%s: %s, head_dim %d, heads %d/%d, pos0 %d, n %d, %s: max error %.3g (tol "
                    "2e-03)\n",
-                   ok ? "ok" : "FAILED", kernel, c.hd, c.heads, c.kv, c.pos0, c.n, what, e);
+                   ok ? "ok" : "FAILED", name, c.hd, c.heads, c.kv, c.pos0, c.n, what, e);
             failed += !ok;
 
             /* Unsplit, a query's result does not depend on how the queries are
@@ -335,15 +365,15 @@ int main() {
             if (c.n > 40 && c.n_splits == 1) {
                 const int split = 37;
                 std::vector<float> out2(out.size(), NAN);
-                if (launch(p, wgmma, 1, 0, 0, split, out2.data()) ||
-                    launch(p, wgmma, 1, 0, split, c.n - split,
+                if (launch(p, kernel, 1, 0, 0, split, out2.data()) ||
+                    launch(p, kernel, 1, 0, split, c.n - split,
                            out2.data() + (size_t)split * c.heads * c.hd)) {
                     failed++;
                     continue;
                 }
                 const bool same = !memcmp(out.data(), out2.data(), out.size() * sizeof(float));
                 printf("%s: %s, batches of %d and %d give the same bits as one of %d\n",
-                       same ? "ok" : "FAILED", kernel, split, c.n - split, c.n);
+                       same ? "ok" : "FAILED", name, split, c.n - split, c.n);
                 failed += !same;
             }
         }

@@ -530,6 +530,8 @@ static void test_attention_kernels(void **state) {
         /* what the forward pass picks */
         {0, 64, 2, 1, 500, 4, 4.0f},
         {0, 128, 2, 1, 500, 40, 4.0f},
+        {0, 128, 4, 1, 3000, 1, 4.0f},
+        {0, 8, 8, 4, 130, 5, 4.0f},
     };
     /* Every case runs (a failure is counted, not fatal), so that one run shows
      * which kernels work. */
@@ -547,10 +549,10 @@ static void test_attention_kernels(void **state) {
         }
         if (rc) fprintf(stderr, "%s\n", err);
         /* f16 P on tensor cores: |P - f16(P)| <= 2^-11 P, so |dO| <= 2^-11 max|V|. */
-        const double tol =
-            cases[i].path == 1 || cases[i].path == 4 || (cases[i].path == 0 && cases[i].n > 8)
-                ? 2e-3
-                : 1e-4;
+        const double tol = cases[i].path == 1 || cases[i].path == 4 ||
+                                   (cases[i].path == 0 && (cases[i].hd == 64 || cases[i].hd == 128))
+                               ? 2e-3
+                               : 1e-4;
         const int ok = rc == 0 && e <= tol;
         printf("attention path %d, head_dim %d, heads %d/%d, pos0 %d, n %d: max error %.3g (tol "
                "%.0e)%s\n",
@@ -568,6 +570,10 @@ int main(void) {
         cmocka_unit_test(test_mha160m_vs_cpu),    cmocka_unit_test(test_chunked_prefill),
         cmocka_unit_test(test_deterministic),     cmocka_unit_test(test_kv_transfer),
     };
+    /* CAKE_TEST_FILTER=NAME runs the tests whose names match (cmocka's
+     * pattern), e.g. the attention kernels alone under each CAKE_CUDA_WGMMA. */
+    const char *filter = getenv("CAKE_TEST_FILTER");
+    if (filter && *filter) cmocka_set_test_filter(filter);
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
 

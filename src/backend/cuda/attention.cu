@@ -21,9 +21,10 @@
  *    ranges in order.
  *  - SIMT (the plain reference, any even head_dim <= 256): one block per
  *    (query, head); scores one key per thread, softmax and P V in f32.
- *  - SPLIT (decode, few queries): the SIMT kernel over fixed ranges of
- *    split_len keys, one block per (query, head, range), then the combine
- *    kernel (flash-decoding).
+ *  - SPLIT (decode, few queries, head sizes the MMA kernel does not take):
+ *    the SIMT kernel over fixed ranges of split_len keys, one block per
+ *    (query, head, range), then the combine kernel (flash-decoding). Decode
+ *    with head_dim 64 or 128 takes the MMA kernel over key ranges.
  *
  * All four are deterministic: fixed tiles and ranges (chosen from the batch's
  * shape and the GPU's SM count alone), fixed reduction orders, no atomics.
@@ -45,6 +46,8 @@
 
 #include "model/gguf.h"
 
+#include <string.h>
+
 using namespace cake_attn;
 
 namespace {
@@ -59,12 +62,12 @@ namespace {
  * many, n times shorter blocks. The n taken is the one with the shortest
  * modelled makespan (the busiest SM's blocks, run `resident` at a time), plus
  * 2% of a block's time per range for the combine pass and the extra
- * prologues. Ranges are whole key tiles of at least MMA_MIN_SPLIT keys; batches
+ * prologues. Ranges are whole key tiles (`tile` keys) of at least MMA_MIN_SPLIT keys; batches
  * with blocks enough for every SM four times over are not split. The choice
  * depends on the shape and the GPU alone, so results stay deterministic. */
 constexpr int MMA_MIN_SPLIT = 512;
 
-int mma_splits(const cake_attn_launch *a, int resident, int *split_len) {
+int mma_splits(const cake_attn_launch *a, int resident, int tile, int *split_len) {
     const int blocks = a->n_heads * ((a->n + MMA_BM - 1) / MMA_BM);
     const int keys = a->pos0 + a->n;
     *split_len = 0;
@@ -72,7 +75,7 @@ int mma_splits(const cake_attn_launch *a, int resident, int *split_len) {
     int best_n = 1;
     double best = 1e30;
     for (int n = 1; n <= CAKE_ATTN_MMA_MAX_SPLITS; n++) {
-        const int len = ((keys + n - 1) / n + MMA_BN - 1) / MMA_BN * MMA_BN;
+        const int len = ((keys + n - 1) / n + tile - 1) / tile * tile;
         if (n > 1 && (len < MMA_MIN_SPLIT || (keys + len - 1) / len != n)) continue;
         const size_t need = (size_t)a->n * a->n_heads * n * (size_t)(a->head_dim + 2);
         if (n > 1 && need > a->part_floats) break;
@@ -106,12 +109,13 @@ template <int HD, typename OutT> int mma_resident() {
     return r;
 }
 
-/* Blocks of the WGMMA kernel an SM runs at once (1, by its launch bounds). */
-template <typename OutT> int wgmma_resident() {
+/* Blocks of a WGMMA kernel an SM runs at once (1, by its launch bounds). */
+template <typename OutT, int BN, bool QS> int wgmma_resident() {
     static const int r = [] {
         int n = 0;
-        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, attn_wgmma_kernel<OutT>, WG_THREADS,
-                                                          wg_smem_bytes()) != cudaSuccess) {
+        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, attn_wgmma_kernel<OutT, BN, QS>,
+                                                          WG_THREADS,
+                                                          wg_smem_bytes<BN>()) != cudaSuccess) {
             cudaGetLastError();
             n = 0;
         }
@@ -120,14 +124,26 @@ template <typename OutT> int wgmma_resident() {
     return r;
 }
 
+/* CAKE_CUDA_WGMMA=bn64|bn128|bn128-qsmem picks the WGMMA kernel's variant
+ * (key tile width; Q for S from registers or shared memory), to measure them
+ * side by side; default bn64. Read once. */
+int wgmma_variant() {
+    static const int v = [] {
+        const char *e = getenv("CAKE_CUDA_WGMMA");
+        if (e && !strcmp(e, "bn128")) return (int)WG_BN128;
+        if (e && !strcmp(e, "bn128-qsmem")) return (int)WG_BN128_QSMEM;
+        return (int)WG_BN64;
+    }();
+    return v;
+}
+
 /* 1 if this build has the WGMMA kernel and the current GPU can run it. */
 int wgmma_available() {
 #ifdef CAKE_CUDA_SM90A
     static const int ok = [] {
         int dev = 0, major = 0, minor = 0;
         if (cudaGetDevice(&dev) != cudaSuccess ||
-            cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) !=
-                cudaSuccess ||
+            cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
             cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) {
             cudaGetLastError();
             return 0;
@@ -151,7 +167,7 @@ cudaError_t launch_combine(const cake_attn_launch *a, OutT *out, int split_len, 
 template <int HD, typename OutT>
 cudaError_t launch_mma(const cake_attn_launch *a, OutT *out, cudaStream_t st) {
     int split_len;
-    const int n_splits = mma_splits(a, mma_resident<HD, OutT>(), &split_len);
+    const int n_splits = mma_splits(a, mma_resident<HD, OutT>(), MMA_BN, &split_len);
     const dim3 grid((unsigned)a->n_heads, (unsigned)((a->n + MMA_BM - 1) / MMA_BM),
                     (unsigned)n_splits);
     const float scale_log2 = 1.4426950408889634f / sqrtf((float)HD);
@@ -163,19 +179,31 @@ cudaError_t launch_mma(const cake_attn_launch *a, OutT *out, cudaStream_t st) {
     return launch_combine<OutT>(a, out, split_len, n_splits, st);
 }
 
-template <typename OutT>
+template <typename OutT, int BN, bool QS>
 cudaError_t launch_wgmma(const cake_attn_launch *a, OutT *out, cudaStream_t st) {
     int split_len;
-    const int n_splits = mma_splits(a, wgmma_resident<OutT>(), &split_len);
+    const int n_splits = mma_splits(a, wgmma_resident<OutT, BN, QS>(), BN, &split_len);
     const dim3 grid((unsigned)a->n_heads, (unsigned)((a->n + WG_BM - 1) / WG_BM),
                     (unsigned)n_splits);
     const float scale_log2 = 1.4426950408889634f / sqrtf((float)WG_HD);
-    attn_wgmma_kernel<OutT><<<grid, WG_THREADS, wg_smem_bytes(), st>>>(
+    attn_wgmma_kernel<OutT, BN, QS><<<grid, WG_THREADS, wg_smem_bytes<BN>(), st>>>(
         a->q, a->k, a->v, out, a->part, a->n, a->pos0, a->n_heads, a->n_kv_heads, scale_log2,
         split_len);
     cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess || n_splits == 1) return e;
     return launch_combine<OutT>(a, out, split_len, n_splits, st);
+}
+
+template <typename OutT>
+cudaError_t launch_wgmma(const cake_attn_launch *a, OutT *out, cudaStream_t st) {
+    switch (wgmma_variant()) {
+    case WG_BN128:
+        return launch_wgmma<OutT, 128, false>(a, out, st);
+    case WG_BN128_QSMEM:
+        return launch_wgmma<OutT, 128, true>(a, out, st);
+    default:
+        return launch_wgmma<OutT, 64, false>(a, out, st);
+    }
 }
 
 template <typename OutT>
@@ -209,8 +237,12 @@ cudaError_t launch_simt(const cake_attn_launch *a, OutT *out, int split, cudaStr
 template <typename OutT>
 cudaError_t dispatch(const cake_attn_launch *a, int path, OutT *out, cudaStream_t st) {
     if (path == CAKE_ATTN_AUTO) {
+        /* Decode (a few queries): the MMA kernel over key ranges where it
+         * takes the head size (on an H100, 13B shape after 16K tokens: 57
+         * tokens/s against the SIMT split path's 40), else the SIMT split. */
         if (a->n <= CAKE_ATTN_SPLIT_MAX_N && a->part)
-            path = CAKE_ATTN_SPLIT;
+            path = cake_cuda_attention_supported(CAKE_ATTN_MMA, a->head_dim) ? CAKE_ATTN_MMA
+                                                                             : CAKE_ATTN_SPLIT;
         else if (cake_cuda_attention_supported(CAKE_ATTN_WGMMA, a->head_dim))
             path = CAKE_ATTN_WGMMA;
         else if (cake_cuda_attention_supported(CAKE_ATTN_MMA, a->head_dim))
@@ -245,17 +277,25 @@ template <int HD> cudaError_t setup_mma() {
     return cudaSuccess;
 }
 
+template <int BN, bool QS> cudaError_t setup_wgmma() {
+    const int bytes = (int)wg_smem_bytes<BN>();
+    const cudaFuncAttribute attr = cudaFuncAttributeMaxDynamicSharedMemorySize;
+    cudaError_t e;
+    if ((e = cudaFuncSetAttribute(attn_wgmma_kernel<float, BN, QS>, attr, bytes)) ||
+        (e = cudaFuncSetAttribute(attn_wgmma_kernel<__half, BN, QS>, attr, bytes)) ||
+        (e = cudaFuncSetAttribute(attn_wgmma_kernel<__nv_bfloat16, BN, QS>, attr, bytes)))
+        return e;
+    return cudaSuccess;
+}
+
 } // namespace
 
 cudaError_t cake_cuda_attention_setup(void) {
     cudaError_t e = setup_mma<64>();
     if (e != cudaSuccess) return e;
     if ((e = setup_mma<128>()) != cudaSuccess || !wgmma_available()) return e;
-    const cudaFuncAttribute attr = cudaFuncAttributeMaxDynamicSharedMemorySize;
-    const int bytes = (int)wg_smem_bytes();
-    if ((e = cudaFuncSetAttribute(attn_wgmma_kernel<float>, attr, bytes)) ||
-        (e = cudaFuncSetAttribute(attn_wgmma_kernel<__half>, attr, bytes)) ||
-        (e = cudaFuncSetAttribute(attn_wgmma_kernel<__nv_bfloat16>, attr, bytes)))
+    if ((e = setup_wgmma<64, false>()) || (e = setup_wgmma<128, false>()) ||
+        (e = setup_wgmma<128, true>()))
         return e;
     return cudaSuccess;
 }

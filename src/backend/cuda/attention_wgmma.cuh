@@ -1,31 +1,34 @@
 /* The Hopper attention kernel for prefill (device code; attention.cu launches
  * it): flash attention on warpgroup MMA (wgmma, sm_90a), head_dim 128. The
- * same contract as attn_mma_kernel (grid, key tiles, key ranges, partials),
- * so that the dispatch can take either; see attention.cu.
+ * same contract as attn_mma_kernel (grid, key tiles from position 0, key
+ * ranges, partials), so that the dispatch can take either; see attention.cu.
  *
  * A block of two warpgroups (256 threads) takes 128 queries of one head, 64
- * per warpgroup, and walks the keys in tiles of 64. Each warpgroup holds its
- * queries as wgmma A fragments in registers (loaded once), and per tile:
- *   S = Q K^T     8 wgmma m64n64k16, K from shared memory (K-major)
- *   O += P V      4 wgmma m64n128k16, P from registers, V from shared memory
- *                 (MN-major, the "transposed B" form)
+ * per warpgroup, and walks the keys in tiles of BN (64 or 128). Per tile, each
+ * warpgroup computes
+ *   S = Q K^T     8 wgmma m64nBNk16 over the head dims; Q as A fragments in
+ *                 registers (loaded once), or (Q_SMEM) from shared memory
+ *   O += P V      BN/16 wgmma m64n128k16, P from registers, V from shared
+ *                 memory (MN-major, the "transposed B" form)
  * The P V product of tile t - 1 runs while the softmax of tile t is
  * computed: each iteration issues S(t) and then O += P(t-1) V(t-1), waits for
  * S(t) only, takes its row maxima and exponents, then waits for O before
- * rescaling it. K/V tiles stream through 4 shared-memory stages with cp.async,
- * two tiles ahead.
+ * rescaling it. K/V tiles stream through shared-memory stages with cp.async,
+ * issued by all threads, STAGES - 2 tiles ahead (the stage of tile t - 1 is
+ * still read by the P V product in flight).
  *
- * Shared memory layout of a K or V tile (64 rows of 128 halves): two regions of
- * 64 rows x 128 bytes (head dims 0-63, 64-127), each row's eight 16-byte
- * chunks permuted as wgmma's 128-byte swizzle expects (chunk c of row r at
- * c ^ (r % 8)); regions are 1024-byte aligned. Descriptors (PTX ISA, "matrix
- * descriptor"): start address, leading byte offset (LBO), stride byte offset
- * (SBO), swizzle mode 1 (128 B):
- *   K (K-major):  rows = keys, 8-row groups SBO = 1024 apart; a 16-dim step
- *                 starts 32 bytes further along the row (second region from
- *                 dim 64); LBO unused.
+ * Shared memory: Q and every K or V tile are rows of 128 halves stored as two
+ * regions of rows x 128 bytes (head dims 0-63, 64-127), each row's eight
+ * 16-byte chunks permuted as wgmma's 128-byte swizzle expects (chunk c of row r
+ * at c ^ (r % 8)); regions are 1024-byte aligned. Descriptors (PTX ISA,
+ * "matrix descriptor"): start address, leading byte offset (LBO), stride byte
+ * offset (SBO), swizzle mode 1 (128 B):
+ *   Q, K (K-major): 8-row groups SBO = 1024 apart; a 16-dim step starts 32
+ *                 bytes further along the row (in the second region from dim
+ *                 64); LBO unused.
  *   V (MN-major): rows = keys, 8-key groups SBO = 1024 apart, the two 64-dim
- *                 regions LBO = 8192 apart; a 16-key step starts 2048 bytes on.
+ *                 regions LBO = BN * 128 apart; a 16-key step starts 2048
+ *                 bytes on.
  * Register layouts (wgmma m64nNk16, warp w of the warpgroup, g = lane / 4,
  * q = lane % 4): accumulator d[4i..4i+3] = rows 16w + g (d0, d1) and 16w + g
  * + 8 (d2, d3), columns 8i + 2q, +1; the A fragment of a 16-wide k step is
@@ -47,25 +50,31 @@
 
 namespace cake_attn {
 
-constexpr int WG_HD = 128;                 /* the one head size it takes */
-constexpr int WG_BM = 128;                 /* queries per block: 2 warpgroups x 64 */
-constexpr int WG_BN = 64;                  /* keys per tile */
+constexpr int WG_HD = 128; /* the one head size it takes */
+constexpr int WG_BM = 128; /* queries per block: 2 warpgroups x 64 */
 constexpr int WG_THREADS = 256;
-constexpr int WG_STAGES = 4;               /* K/V tiles in shared memory */
-constexpr int WG_LDQ = WG_HD + 8;          /* Q rows (ldmatrix), padded */
-constexpr int WG_REGION = WG_BN * 128;     /* bytes: 64 rows x 64 dims */
-constexpr int WG_TILE = 2 * WG_REGION;     /* bytes of one K or V tile */
-constexpr int WG_Q_BYTES = WG_BM * WG_LDQ * 2; /* 34816, a multiple of 1024 */
-static_assert(WG_Q_BYTES % 1024 == 0, "tiles after Q must stay 1024-byte aligned");
-static_assert(WG_BM == MMA_BM && WG_BN == MMA_BN, "the dispatch's split rule assumes equal tiles");
+constexpr int WG_Q_BYTES = WG_BM * WG_HD * 2;
 
-__host__ __device__ constexpr size_t wg_smem_bytes() {
-    return 1024 /* alignment slack */ + WG_Q_BYTES + (size_t)WG_STAGES * 2 * WG_TILE;
+/* Kernel variants (tile width, where S's A operand comes from), as the
+ * dispatch names them. */
+enum wg_variant { WG_BN64 = 0, WG_BN128 = 1, WG_BN128_QSMEM = 2 };
+
+template <int BN> __host__ __device__ constexpr int wg_stages() {
+    return BN == 64 ? 4 : 3; /* what fits in 227 KB beside Q */
 }
+template <int BN> __host__ __device__ constexpr int wg_tile_bytes() {
+    return BN * WG_HD * 2; /* one K or V tile */
+}
+template <int BN> __host__ __device__ constexpr size_t wg_smem_bytes() {
+    return 1024 /* alignment slack */ + WG_Q_BYTES +
+           (size_t)wg_stages<BN>() * 2 * (size_t)wg_tile_bytes<BN>();
+}
+static_assert(wg_smem_bytes<128>() <= 232448, "over the H100's 227 KB per block");
 
-/* Byte offset of 16-byte chunk c (0..15) of row r in a swizzled tile. */
-__host__ __device__ constexpr int wg_chunk_offset(int r, int c) {
-    return (c >> 3) * WG_REGION + r * 128 + (((c & 7) ^ (r & 7)) << 4);
+/* Byte offset of 16-byte chunk c (0..15) of row r in a swizzled Q, K or V
+ * buffer of `rows` rows. */
+__host__ __device__ constexpr int wg_chunk_offset(int rows, int r, int c) {
+    return (c >> 3) * rows * 128 + r * 128 + (((c & 7) ^ (r & 7)) << 4);
 }
 
 /* A shared-memory matrix descriptor with 128-byte swizzle. */
@@ -73,6 +82,10 @@ __host__ __device__ constexpr uint64_t wg_desc(uint32_t addr, uint32_t lbo, uint
     return (uint64_t)((addr & 0x3FFFF) >> 4) | (uint64_t)((lbo & 0x3FFFF) >> 4) << 16 |
            (uint64_t)((sbo & 0x3FFFF) >> 4) << 32 | 1ull << 62;
 }
+
+/* Which major-ness a register-A wgmma's B has (overload tags). */
+struct wg_b_k {};
+struct wg_b_mn {};
 
 #ifndef CAKE_CUDA_EMULATE
 __device__ __forceinline__ void wg_fence() {
@@ -102,27 +115,52 @@ template <int N> __device__ __forceinline__ void wg_pin(uint32_t (&r)[N][4]) {
         for (int j = 0; j < 4; j++) asm volatile("" : "+r"(r[i][j])::"memory");
 }
 
-/* S (+)= Q K^T for one m64n64k16 step: A (64 queries x 16 dims) in registers,
- * B = K (64 keys x 16 dims) K-major in shared memory. */
-__device__ __forceinline__ void wgmma_s(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b,
-                                    int accumulate) {
+/* m64n64k16, A in registers, B K-major in shared memory. */
+__device__ __forceinline__ void wgmma_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b,
+                                         int accumulate, wg_b_k) {
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
                  "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {"
                  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
                  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
                  "}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-                   "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
+                   "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
+                   "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),
+                   "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
+                   "+f"(d[30]), "+f"(d[31])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate)
                  : "memory");
 }
 
-/* O (+)= P V for one m64n128k16 step: A (64 queries x 16 keys) in registers,
- * B = V (16 keys x 128 dims) MN-major in shared memory (transposed B). */
-__device__ __forceinline__ void wgmma_o(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b,
-                                    int accumulate) {
+/* m64n128k16, A in registers, B K-major in shared memory. */
+__device__ __forceinline__ void wgmma_rs(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b,
+                                         int accumulate, wg_b_k) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {"
+                 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+                 "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+                 "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+                 "}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
+                   "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
+                   "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),
+                   "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
+                   "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
+                   "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
+                   "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+                   "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]),
+                   "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]),
+                   "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate)
+                 : "memory");
+}
+
+/* m64n128k16, A in registers, B MN-major in shared memory (transposed B). */
+__device__ __forceinline__ void wgmma_rs(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b,
+                                         int accumulate, wg_b_mn) {
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
                  "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {"
                  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
@@ -130,36 +168,84 @@ __device__ __forceinline__ void wgmma_o(float (&d)[64], const uint32_t (&a)[4], 
                  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
                  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
                  "}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-                   "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-                   "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-                   "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-                   "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-                   "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
+                   "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
+                   "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),
+                   "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
+                   "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
+                   "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
+                   "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+                   "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]),
+                   "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]),
+                   "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate)
+                 : "memory");
+}
+
+/* m64n64k16, A and B K-major in shared memory. */
+__device__ __forceinline__ void wgmma_ss(float (&d)[32], uint64_t desc_a, uint64_t desc_b,
+                                         int accumulate) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {"
+                 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+                 "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
+                   "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
+                   "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),
+                   "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
+                   "+f"(d[30]), "+f"(d[31])
+                 : "l"(desc_a), "l"(desc_b), "r"(accumulate)
+                 : "memory");
+}
+
+/* m64n128k16, A and B K-major in shared memory. */
+__device__ __forceinline__ void wgmma_ss(float (&d)[64], uint64_t desc_a, uint64_t desc_b,
+                                         int accumulate) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {"
+                 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+                 "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+                 "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+                 "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
+                   "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
+                   "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),
+                   "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
+                   "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
+                   "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
+                   "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+                   "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]),
+                   "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]),
+                   "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                 : "l"(desc_a), "l"(desc_b), "r"(accumulate)
                  : "memory");
 }
 
 #endif
 
 /* grid (n_heads, ceil(n / WG_BM), n_splits), block WG_THREADS, dynamic smem
- * wg_smem_bytes(); arguments and output as attn_mma_kernel's. */
-template <typename OutT>
+ * wg_smem_bytes<BN>(); arguments and output as attn_mma_kernel's (split_len a
+ * multiple of BN). */
+template <typename OutT, int BN, bool Q_SMEM>
 __global__ void __launch_bounds__(WG_THREADS, 1)
     attn_wgmma_kernel(const __half *__restrict__ q, const __half *__restrict__ kc,
                       const __half *__restrict__ vc, OutT *__restrict__ out,
                       float *__restrict__ part, int n, int pos0, int n_heads, int n_kv_heads,
                       float scale_log2, int split_len) {
 #ifdef CAKE_ATTN_WGMMA_BODY
-    constexpr int HD = WG_HD, CH = HD / 8, NT = WG_BN / 8, DT = HD / 8;
+    constexpr int HD = WG_HD, CH = HD / 8, NT = BN / 8, DT = HD / 8;
+    constexpr int STAGES = wg_stages<BN>(), AHEAD = STAGES - 2, TILE = wg_tile_bytes<BN>();
+    constexpr int LOADS = BN * CH / WG_THREADS; /* 16-byte chunks per thread per K (or V) tile */
     extern __shared__ uint4 smem_u4[];
-    /* Swizzle atoms are 1024 bytes: align the tiles to that. */
+    /* Swizzle atoms are 1024 bytes: align the buffers to that. */
     uint8_t *raw = reinterpret_cast<uint8_t *>(smem_u4);
-    uint8_t *base = raw + ((1024u - (smem_addr(raw) & 1023u)) & 1023u);
-    __half *sQ = reinterpret_cast<__half *>(base); /* [WG_BM][WG_LDQ] */
-    uint8_t *sKV = base + WG_Q_BYTES;              /* stage s: K at 2s WG_TILE, V after */
+    uint8_t *sQ = raw + ((1024u - (smem_addr(raw) & 1023u)) & 1023u);
+    uint8_t *sKV = sQ + WG_Q_BYTES; /* stage s: K at 2 s TILE, V after it */
 
     const int tid = threadIdx.x, wg = tid >> 7, wl = (tid >> 5) & 3, lane = tid & 31;
     const int g = lane >> 2, tq = lane & 3;
@@ -168,86 +254,104 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
     const int rows = min(WG_BM, n - m0);
     const int kv_len = pos0 + m0 + rows; /* keys [0, kv_len) */
     const int n_splits = (int)gridDim.z, sp = (int)blockIdx.z;
-    const int tile0 = n_splits == 1 ? 0 : sp * (split_len / WG_BN);
-    const int tile1 = n_splits == 1
-                          ? (kv_len + WG_BN - 1) / WG_BN
-                          : min((kv_len + WG_BN - 1) / WG_BN, tile0 + split_len / WG_BN);
+    const int tile0 = n_splits == 1 ? 0 : sp * (split_len / BN);
+    const int tile1 = n_splits == 1 ? (kv_len + BN - 1) / BN
+                                    : min((kv_len + BN - 1) / BN, tile0 + split_len / BN);
     if (tile0 >= tile1) return; /* a range past this block's keys: the combine skips it */
     const size_t q_stride = (size_t)n_heads * HD, kv_stride = (size_t)n_kv_heads * HD;
-    const __half *kbase = kc + (size_t)kvh * HD, *vbase = vc + (size_t)kvh * HD;
 
-    /* Q tile (plain rows, for ldmatrix); rows past the batch are zero. */
+    /* Q, swizzled; rows past the batch are zero. */
     for (int c = tid; c < WG_BM * CH; c += WG_THREADS) {
         const int r = c / CH, cc = c % CH;
-        __half *dst = sQ + r * WG_LDQ + cc * 8;
+        uint8_t *dst = sQ + wg_chunk_offset(WG_BM, r, cc);
         if (r < rows)
             cp_async16(dst, q + (size_t)(m0 + r) * q_stride + (size_t)h * HD + cc * 8);
         else
             *reinterpret_cast<uint4 *>(dst) = make_uint4(0, 0, 0, 0);
     }
-    /* K/V tile `tile` into its stage, swizzled. Keys at or past kv_len are
-     * zero (masked out of the softmax, but 0 x a NaN in V would poison O). */
+    /* This thread's K/V chunks: the same rows and columns of every tile. */
+    int ld_row[LOADS], ld_off[LOADS];
+#pragma unroll
+    for (int i = 0; i < LOADS; i++) {
+        const int c = tid + i * WG_THREADS;
+        ld_row[i] = c / CH;
+        ld_off[i] = wg_chunk_offset(BN, c / CH, c % CH);
+    }
+    const __half *kbase = kc + (size_t)kvh * HD + (tid % CH) * 8;
+    const __half *vbase = vc + (size_t)kvh * HD + (tid % CH) * 8;
+    static_assert(WG_THREADS % CH == 0, "a thread keeps its column across its chunks");
+    /* K/V tile `tile` into its stage. Keys at or past kv_len are zero (masked
+     * out of the softmax, but 0 x a NaN in V would poison O). */
     auto load_kv = [&](int tile) {
-        uint8_t *dk = sKV + (size_t)(tile % WG_STAGES) * 2 * WG_TILE, *dv = dk + WG_TILE;
-        for (int c = tid; c < WG_BN * CH; c += WG_THREADS) {
-            const int r = c / CH, cc = c % CH, off = wg_chunk_offset(r, cc);
-            const int j = tile * WG_BN + r;
+        uint8_t *dk = sKV + (size_t)(tile % STAGES) * 2 * TILE, *dv = dk + TILE;
+#pragma unroll
+        for (int i = 0; i < LOADS; i++) {
+            const int j = tile * BN + ld_row[i];
             if (j < kv_len) {
-                cp_async16(dk + off, kbase + (size_t)j * kv_stride + cc * 8);
-                cp_async16(dv + off, vbase + (size_t)j * kv_stride + cc * 8);
+                cp_async16(dk + ld_off[i], kbase + (size_t)j * kv_stride);
+                cp_async16(dv + ld_off[i], vbase + (size_t)j * kv_stride);
             } else {
-                *reinterpret_cast<uint4 *>(dk + off) = make_uint4(0, 0, 0, 0);
-                *reinterpret_cast<uint4 *>(dv + off) = make_uint4(0, 0, 0, 0);
+                *reinterpret_cast<uint4 *>(dk + ld_off[i]) = make_uint4(0, 0, 0, 0);
+                *reinterpret_cast<uint4 *>(dv + ld_off[i]) = make_uint4(0, 0, 0, 0);
             }
         }
     };
-    /* cp.async groups: (Q, tile0), (tile0 + 1), then one per iteration (empty
-     * past the end), so that waiting for all but the newest one always means
-     * "tile it is in". */
-    load_kv(tile0);
-    cp_async_commit();
-    if (tile0 + 1 < tile1) load_kv(tile0 + 1);
-    cp_async_commit();
+    /* cp.async groups: Q with the first tile, then one per tile (empty past the
+     * end), so that waiting for all but the newest AHEAD - 1 groups always
+     * means "tile it is in". */
+#pragma unroll
+    for (int a = 0; a < AHEAD; a++) {
+        if (tile0 + a < tile1) load_kv(tile0 + a);
+        cp_async_commit();
+    }
 
     /* This thread's rows (within the block): 64 wg + 16 wl + g (+ 8). */
     const int r0 = wg * 64 + wl * 16 + g;
     const int pq0 = pos0 + m0 + r0, pq1 = pq0 + 8;
+    const uint32_t q_addr = smem_addr(sQ) + wg * 64 * 128; /* this warpgroup's rows */
 
-    uint32_t qa[HD / 16][4]; /* Q as A fragments, one per 16-dim step */
-    float s[NT * 4];         /* S of the current tile, then its exponents */
-    uint32_t pa[WG_BN / 16][4]; /* P of the previous tile, f16 A fragments */
+    uint32_t qa[Q_SMEM ? 1 : HD / 16][4]; /* Q as A fragments, one per 16-dim step */
+    float s[NT * 4];                      /* S of the current tile, then its exponents */
+    uint32_t pa[BN / 16][4];              /* P of the previous tile, f16 A fragments */
     float o[DT * 4];
 #pragma unroll
     for (int i = 0; i < DT * 4; i++) o[i] = 0.0f;
     float m_0 = -INFINITY, m_1 = -INFINITY, l_0 = 0.0f, l_1 = 0.0f;
 
     for (int it = tile0; it < tile1; it++) {
-        cp_async_wait<1>();  /* tile it is in (only tile it + 1 may be pending) */
-        fence_proxy_async(); /* ... and visible to wgmma */
-        __syncthreads();     /* everyone's part of it; everyone done with tile it - 2 */
-        if (it + 2 < tile1) load_kv(it + 2);
+        cp_async_wait<AHEAD - 1>(); /* tile it is in */
+        fence_proxy_async();        /* ... and visible to wgmma */
+        __syncthreads();            /* everyone's part of it; all done with tile it - AHEAD */
+        if (it + AHEAD < tile1) load_kv(it + AHEAD);
         cp_async_commit();
-        if (it == tile0) {
-            const __half *qrow = sQ + (wg * 64 + wl * 16 + (lane & 15)) * WG_LDQ + (lane >> 4) * 8;
+        if (!Q_SMEM && it == tile0) {
+            /* ldmatrix rows: this warp's 16, chunk (lane >> 4) of each 16-dim step */
+            const int r = wg * 64 + wl * 16 + (lane & 15);
 #pragma unroll
-            for (int kk = 0; kk < HD / 16; kk++) ldsm_x4(qa[kk], qrow + kk * 16);
+            for (int kk = 0; kk < (Q_SMEM ? 0 : HD / 16); kk++)
+                ldsm_x4(qa[kk], sQ + wg_chunk_offset(WG_BM, r, 2 * kk + (lane >> 4)));
         }
-        const uint32_t k_addr = smem_addr(sKV + (size_t)(it % WG_STAGES) * 2 * WG_TILE);
-        const uint32_t v_prev = smem_addr(sKV + (size_t)((it + WG_STAGES - 1) % WG_STAGES) * 2 *
-                                                    WG_TILE + WG_TILE);
+        const uint32_t k_addr = smem_addr(sKV + (size_t)(it % STAGES) * 2 * TILE);
+        const uint32_t v_prev =
+            smem_addr(sKV + (size_t)((it + STAGES - 1) % STAGES) * 2 * TILE + TILE);
 
         /* Issue S = Q K^T, then (from the second tile) O += P V of the
          * previous tile, as two groups. */
         wg_fence();
 #pragma unroll
-        for (int kk = 0; kk < HD / 16; kk++)
-            wgmma_s(s, qa[kk], wg_desc(k_addr + (kk >> 2) * WG_REGION + (kk & 3) * 32, 16, 1024),
-                    kk > 0);
+        for (int kk = 0; kk < HD / 16; kk++) {
+            const uint32_t step = (kk & 3) * 32; /* within the 64-dim region */
+            const uint64_t kd = wg_desc(k_addr + (kk >> 2) * BN * 128 + step, 16, 1024);
+            if (Q_SMEM)
+                wgmma_ss(s, wg_desc(q_addr + (kk >> 2) * WG_BM * 128 + step, 16, 1024), kd, kk > 0);
+            else
+                wgmma_rs(s, qa[Q_SMEM ? 0 : kk], kd, kk > 0, wg_b_k());
+        }
         wg_commit();
         if (it > tile0) {
 #pragma unroll
-            for (int kj = 0; kj < WG_BN / 16; kj++)
-                wgmma_o(o, pa[kj], wg_desc(v_prev + kj * 2048, WG_REGION, 1024), 1);
+            for (int kj = 0; kj < BN / 16; kj++)
+                wgmma_rs(o, pa[kj], wg_desc(v_prev + kj * 2048, BN * 128, 1024), 1, wg_b_mn());
             wg_commit();
             wg_wait<1>(); /* S is done; P V may still run */
         } else {
@@ -257,15 +361,17 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
 
         /* Mask (query at position pq sees keys j <= pq; only tiles reaching
          * past the block's first query need the test), row maxima. */
-        const int kbeg = it * WG_BN;
-        const bool need_mask = kbeg + WG_BN - 1 > pos0 + m0;
+        const int kbeg = it * BN;
+        const bool need_mask = kbeg + BN - 1 > pos0 + m0;
         float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
         for (int nt = 0; nt < NT; nt++) {
+            if (need_mask) {
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int j = kbeg + nt * 8 + 2 * tq + (e & 1);
-                if (need_mask && j > ((e >> 1) ? pq1 : pq0)) s[nt * 4 + e] = -INFINITY;
+                for (int e = 0; e < 4; e++) {
+                    const int j = kbeg + nt * 8 + 2 * tq + (e & 1);
+                    if (j > ((e >> 1) ? pq1 : pq0)) s[nt * 4 + e] = -INFINITY;
+                }
             }
             mx0 = fmaxf(mx0, fmaxf(s[nt * 4 + 0], s[nt * 4 + 1]));
             mx1 = fmaxf(mx1, fmaxf(s[nt * 4 + 2], s[nt * 4 + 3]));
@@ -307,7 +413,7 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
             o[dt * 4 + 3] *= a1;
         }
 #pragma unroll
-        for (int kj = 0; kj < WG_BN / 16; kj++) {
+        for (int kj = 0; kj < BN / 16; kj++) {
             pa[kj][0] = pack_half2(s[kj * 8 + 0], s[kj * 8 + 1]);
             pa[kj][1] = pack_half2(s[kj * 8 + 2], s[kj * 8 + 3]);
             pa[kj][2] = pack_half2(s[kj * 8 + 4], s[kj * 8 + 5]);
@@ -316,12 +422,11 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
     }
     /* The last tile's P V. Its V stage is not reloaded: no loads are left. */
     {
-        const uint32_t v_last = smem_addr(sKV + (size_t)((tile1 - 1) % WG_STAGES) * 2 * WG_TILE +
-                                          WG_TILE);
+        const uint32_t v_last = smem_addr(sKV + (size_t)((tile1 - 1) % STAGES) * 2 * TILE + TILE);
         wg_fence();
 #pragma unroll
-        for (int kj = 0; kj < WG_BN / 16; kj++)
-            wgmma_o(o, pa[kj], wg_desc(v_last + kj * 2048, WG_REGION, 1024), 1);
+        for (int kj = 0; kj < BN / 16; kj++)
+            wgmma_rs(o, pa[kj], wg_desc(v_last + kj * 2048, BN * 128, 1024), 1, wg_b_mn());
         wg_commit();
         wg_wait<0>();
         wg_pin(o);

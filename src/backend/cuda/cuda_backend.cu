@@ -352,11 +352,12 @@ int init_state(cake_cuda_state *s, const cake_model *m, int n_ctx, int max_batch
                             path);
     }
     if (!cake_cuda_attention_supported(s->attn_path, hd))
-        return cake_err(err, errlen,
-                        "cuda: head dimension %d is not supported by attention path %s (the "
-                        "plain kernel takes even sizes up to 256, the tensor-core one 64 and 128, wgmma 128 "
-                        "in an sm_90a build on an H100)",
-                        hd, path ? path : "auto");
+        return cake_err(
+            err, errlen,
+            "cuda: head dimension %d is not supported by attention path %s (the "
+            "plain kernel takes even sizes up to 256, the tensor-core one 64 and 128, wgmma 128 "
+            "in an sm_90a build on an H100)",
+            hd, path ? path : "auto");
     if (s->attn_path == CAKE_ATTN_SPLIT && max_batch > CAKE_ATTN_SPLIT_MAX_N)
         return cake_err(err, errlen, "cuda: CAKE_CUDA_ATTN=split takes batches of at most %d",
                         CAKE_ATTN_SPLIT_MAX_N);
