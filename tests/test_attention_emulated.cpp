@@ -200,6 +200,77 @@ template <int N> static void wg_wait() {
     for (size_t &end : mine.group_end) end -= n_ops;
 }
 
+/* ---- mbarriers and TMA, emulated ----
+ * A TMA copy completes at once; an mbarrier is a phase bit, arrivals pending
+ * and bytes pending. A wait for a phase that has not completed would never
+ * end here (the copies are done when issued): it is reported as a hang. The
+ * tensor map is this file's own encoding (emu_tmap) in CUtensorMap's bytes. */
+#include <cuda.h>
+
+struct emu_tmap {
+    const __half *base;
+    long dims[3];    /* elements: head dim, KV heads, positions */
+    long strides[2]; /* elements between KV heads, between positions */
+    int box[3];
+};
+static_assert(sizeof(emu_tmap) <= sizeof(CUtensorMap), "the map's bytes hold it");
+
+struct emu_mbar {
+    int count, pending, phase;
+    long tx;
+};
+static std::vector<std::pair<const void *, emu_mbar>> emu_mbars;
+static emu_mbar &mbar_of(const void *bar) {
+    for (auto &b : emu_mbars)
+        if (b.first == bar) return b.second;
+    emu_mbars.push_back({bar, emu_mbar{0, 0, 0, 0}});
+    return emu_mbars.back().second;
+}
+static void mbar_settle(emu_mbar &b) {
+    if (b.pending == 0 && b.tx == 0) {
+        b.phase ^= 1;
+        b.pending = b.count;
+    }
+}
+static inline void mbar_init(uint64_t *bar, int count) {
+    mbar_of(bar) = emu_mbar{count, count, 0, 0};
+}
+static inline void mbar_expect_tx(uint64_t *bar, uint32_t bytes) {
+    emu_mbar &b = mbar_of(bar);
+    b.tx += bytes;
+    b.pending--;
+    mbar_settle(b);
+}
+static inline void mbar_wait(uint64_t *bar, int parity) {
+    if (mbar_of(bar).phase == parity) {
+        fprintf(stderr, "emulated mbarrier: waiting for a phase that never completes\n");
+        abort();
+    }
+}
+/* The box at (c0, c1, c2) into dst as 128-byte-swizzled rows; outside the
+ * tensor, zeros. */
+static inline void tma_load_3d(void *dst, const CUtensorMap *map, int c0, int c1, int c2,
+                               uint64_t *bar) {
+    emu_tmap m;
+    memcpy(&m, map, sizeof(m));
+    if (m.box[0] * 2 != 128 || m.box[1] != 1) {
+        fprintf(stderr, "emulated TMA: only boxes of 128-byte rows are emulated\n");
+        abort();
+    }
+    uint8_t *d = (uint8_t *)dst;
+    for (int r = 0; r < m.box[2]; r++)
+        for (int c = 0; c < 8; c++) {
+            uint8_t chunk[16] = {0};
+            const long pos = (long)c2 + r, head = c1, dim = (long)c0 + c * 8;
+            if (pos < m.dims[2] && head < m.dims[1] && dim < m.dims[0])
+                memcpy(chunk, m.base + pos * m.strides[1] + head * m.strides[0] + dim, 16);
+            memcpy(d + r * 128 + ((c ^ (r & 7)) << 4), chunk, 16);
+        }
+    emu_mbar &b = mbar_of(bar);
+    b.tx -= (long)m.box[2] * 128;
+    mbar_settle(b);
+}
+
 #include "backend/cuda/attention_wgmma.cuh"
 
 namespace cake_attn {
@@ -227,46 +298,63 @@ static problem make_problem(int hd, int heads, int kv_heads, int pos0, int n, fl
     return p;
 }
 
+/* The WGMMA variants, as attention.cu names them. */
+struct wgmma_case {
+    const char *name;
+    int tile;
+    void (*kernel)(const __half *, const __half *, const __half *, float *, float *, int, int, int,
+                   int, float, int, const CUtensorMap, const CUtensorMap);
+};
+static const wgmma_case wgmma_kernels[] = {
+    {"bn64", 64, attn_wgmma_kernel<float, wg_bn64>},
+    {"bn64-deep", 64, attn_wgmma_kernel<float, wg_bn64_deep>},
+    {"bn64-tma", 64, attn_wgmma_kernel<float, wg_bn64_tma>},
+    {"bn64-tma-deep", 64, attn_wgmma_kernel<float, wg_bn64_tma_deep>},
+    {"bn128", 128, attn_wgmma_kernel<float, wg_bn128>},
+    {"bn128-qsmem", 128, attn_wgmma_kernel<float, wg_bn128_qsmem>},
+    {"bn128-tma", 128, attn_wgmma_kernel<float, wg_bn128_tma>},
+};
+
+/* What make_kv_map in attention.cu encodes, in emu_tmap's form. */
+static CUtensorMap emu_kv_map(const __half *cache, int kv_heads, int hd, int rows, int bn) {
+    emu_tmap m{cache, {hd, kv_heads, rows}, {hd, (long)kv_heads * hd}, {64, 1, bn}};
+    CUtensorMap map;
+    memset(&map, 0, sizeof(map));
+    memcpy(&map, &m, sizeof(m));
+    return map;
+}
+
 /* Queries [t0, t0 + n) of p (positions pos0 + t0 ...) through the MMA kernel
- * (kernel -1) or a WGMMA one (kernel = its wg_variant), its keys in n_splits
- * ranges of split_len (then the combine kernel). */
-static int launch(const problem &p, int kernel, int n_splits, int split_len, int t0, int n,
-                  float *out) {
-    const bool wgmma = kernel >= 0;
+ * (wg NULL) or a WGMMA variant, its keys in n_splits ranges of split_len
+ * (then the combine kernel). */
+static int launch(const problem &p, const wgmma_case *wg, int n_splits, int split_len, int t0,
+                  int n, float *out) {
     const int pos0 = p.pos0 + t0, heads = p.heads, kvh = p.kv_heads, hd = p.hd;
     const __half *q = p.q.data() + (size_t)t0 * heads * hd, *k = p.k.data(), *v = p.v.data();
     const float scale_log2 = 1.4426950408889634f / sqrtf((float)hd);
     std::vector<float> part((size_t)n * heads * n_splits * (hd + 2), NAN);
     float *pp = n_splits > 1 ? part.data() : nullptr;
-    if (kernel == WG_BN64)
+    if (wg) {
+        const CUtensorMap tk = emu_kv_map(k, kvh, hd, pos0 + n, wg->tile);
+        const CUtensorMap tv = emu_kv_map(v, kvh, hd, pos0 + n, wg->tile);
         emu::body = [=] {
-            attn_wgmma_kernel<float, 64, false>(q, k, v, out, pp, n, pos0, heads, kvh, scale_log2,
-                                                split_len);
+            wg->kernel(q, k, v, out, pp, n, pos0, heads, kvh, scale_log2, split_len, tk, tv);
         };
-    else if (kernel == WG_BN128)
-        emu::body = [=] {
-            attn_wgmma_kernel<float, 128, false>(q, k, v, out, pp, n, pos0, heads, kvh, scale_log2,
-                                                 split_len);
-        };
-    else if (kernel == WG_BN128_QSMEM)
-        emu::body = [=] {
-            attn_wgmma_kernel<float, 128, true>(q, k, v, out, pp, n, pos0, heads, kvh, scale_log2,
-                                                split_len);
-        };
-    else if (hd == 64)
+    } else if (hd == 64) {
         emu::body = [=] {
             attn_mma_kernel<64, float>(q, k, v, out, pp, n, pos0, heads, kvh, scale_log2,
                                        split_len);
         };
-    else
+    } else {
         emu::body = [=] {
             attn_mma_kernel<128, float>(q, k, v, out, pp, n, pos0, heads, kvh, scale_log2,
                                         split_len);
         };
+    }
     memset(cake_attn::smem_u4, 0xff, sizeof(cake_attn::smem_u4)); /* NaN garbage */
     const unsigned q_blocks = (unsigned)((n + MMA_BM - 1) / MMA_BM);
     if (run_grid(dim3((unsigned)heads, q_blocks, (unsigned)n_splits),
-                 wgmma ? WG_THREADS : MMA_WARPS * 32))
+                 wg ? WG_THREADS : MMA_WARPS * 32))
         return -1;
     if (n_splits == 1) return 0;
     emu::body = [=] { attn_combine_kernel<float>(pp, out, pos0, heads, hd, split_len, n_splits); };
@@ -337,17 +425,18 @@ int main() {
         {128, 2, 1, 200, 300, 4.0f, 2, 256}, {128, 2, 2, 1000, 77, 2.0f, 3, 384},
     };
     int failed = 0;
-    const char *kernels[] = {"MMA", "WGMMA bn64", "WGMMA bn128", "WGMMA bn128-qsmem"};
-    for (int kernel = -1; kernel <= WG_BN128_QSMEM; kernel++)
+    const int n_wgmma = (int)(sizeof(wgmma_kernels) / sizeof(wgmma_kernels[0]));
+    for (int kernel = -1; kernel < n_wgmma; kernel++)
         for (const auto &c : cases) {
-            const int tile = kernel == WG_BN64 || kernel < 0 ? 64 : 128;
-            if (kernel >= 0 && (c.hd != WG_HD || c.split_len % tile)) continue;
-            const char *name = kernels[kernel + 1];
+            const wgmma_case *wg = kernel >= 0 ? &wgmma_kernels[kernel] : nullptr;
+            if (wg && (c.hd != WG_HD || c.split_len % wg->tile)) continue;
+            char name[64];
+            snprintf(name, sizeof(name), "%s%s", wg ? "WGMMA " : "MMA", wg ? wg->name : "");
             problem p = make_problem(c.hd, c.heads, c.kv, c.pos0, c.n, c.q_scale);
             std::vector<float> out((size_t)c.n * c.heads * c.hd, NAN);
             char what[64];
             snprintf(what, sizeof(what), "%d key range(s) of %d", c.n_splits, c.split_len);
-            if (launch(p, kernel, c.n_splits, c.split_len, 0, c.n, out.data())) {
+            if (launch(p, wg, c.n_splits, c.split_len, 0, c.n, out.data())) {
                 failed++;
                 continue;
             }
@@ -365,8 +454,8 @@ int main() {
             if (c.n > 40 && c.n_splits == 1) {
                 const int split = 37;
                 std::vector<float> out2(out.size(), NAN);
-                if (launch(p, kernel, 1, 0, 0, split, out2.data()) ||
-                    launch(p, kernel, 1, 0, split, c.n - split,
+                if (launch(p, wg, 1, 0, 0, split, out2.data()) ||
+                    launch(p, wg, 1, 0, split, c.n - split,
                            out2.data() + (size_t)split * c.heads * c.hd)) {
                     failed++;
                     continue;

@@ -46,6 +46,7 @@
 
 #include "model/gguf.h"
 
+#include <cudaTypedefs.h> /* PFN_cuTensorMapEncodeTiled */
 #include <string.h>
 
 using namespace cake_attn;
@@ -110,12 +111,11 @@ template <int HD, typename OutT> int mma_resident() {
 }
 
 /* Blocks of a WGMMA kernel an SM runs at once (1, by its launch bounds). */
-template <typename OutT, int BN, bool QS> int wgmma_resident() {
+template <typename OutT, typename C> int wgmma_resident() {
     static const int r = [] {
         int n = 0;
-        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, attn_wgmma_kernel<OutT, BN, QS>,
-                                                          WG_THREADS,
-                                                          wg_smem_bytes<BN>()) != cudaSuccess) {
+        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, attn_wgmma_kernel<OutT, C>,
+                                                          WG_THREADS, C::SMEM) != cudaSuccess) {
             cudaGetLastError();
             n = 0;
         }
@@ -124,17 +124,62 @@ template <typename OutT, int BN, bool QS> int wgmma_resident() {
     return r;
 }
 
-/* CAKE_CUDA_WGMMA=bn64|bn128|bn128-qsmem picks the WGMMA kernel's variant
- * (key tile width; Q for S from registers or shared memory), to measure them
- * side by side; default bn64. Read once. */
+/* The WGMMA kernel's variant, from CAKE_CUDA_WGMMA (read once), to measure
+ * them side by side: bn64 (the default: key tiles of 64, 4 stages of cp.async
+ * loads), bn64-deep (6 stages, loads 4 tiles ahead), bn64-tma and
+ * bn64-tma-deep (loads by TMA), bn128 (tiles of 128, 3 stages), bn128-qsmem
+ * (and S's A operand from shared memory), bn128-tma. */
+enum {
+    WG_BN64,
+    WG_BN64_DEEP,
+    WG_BN64_TMA,
+    WG_BN64_TMA_DEEP,
+    WG_BN128,
+    WG_BN128_QSMEM,
+    WG_BN128_TMA
+};
 int wgmma_variant() {
     static const int v = [] {
         const char *e = getenv("CAKE_CUDA_WGMMA");
-        if (e && !strcmp(e, "bn128")) return (int)WG_BN128;
-        if (e && !strcmp(e, "bn128-qsmem")) return (int)WG_BN128_QSMEM;
+        const char *names[] = {"bn64",  "bn64-deep",   "bn64-tma", "bn64-tma-deep",
+                               "bn128", "bn128-qsmem", "bn128-tma"};
+        for (int i = 0; e && i < (int)(sizeof(names) / sizeof(names[0])); i++)
+            if (!strcmp(e, names[i])) return i;
         return (int)WG_BN64;
     }();
     return v;
+}
+
+/* cuTensorMapEncodeTiled, from the driver (the runtime has no wrapper). */
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+    static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+        void *p = nullptr;
+        cudaDriverEntryPointQueryResult q;
+        if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault,
+                                             &q) != cudaSuccess ||
+            q != cudaDriverEntryPointSuccess) {
+            cudaGetLastError();
+            p = nullptr;
+        }
+        return (PFN_cuTensorMapEncodeTiled_v12000)p;
+    }();
+    return fn;
+}
+
+/* A TMA map of one layer's K or V cache, rows [0, rows): (head dim, KV head,
+ * position), boxes of 64 dims x 1 head x bn positions, 128-byte swizzle (the
+ * layout the wgmma kernel's descriptors read); positions past `rows` read as
+ * zeros. */
+bool make_kv_map(CUtensorMap *map, const __half *cache, int n_kv_heads, int rows, int bn) {
+    const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
+    if (!encode) return false;
+    const cuuint64_t dims[3] = {(cuuint64_t)WG_HD, (cuuint64_t)n_kv_heads, (cuuint64_t)rows};
+    const cuuint64_t strides[2] = {(cuuint64_t)WG_HD * 2, (cuuint64_t)n_kv_heads * WG_HD * 2};
+    const cuuint32_t box[3] = {64, 1, (cuuint32_t)bn}, elem[3] = {1, 1, 1};
+    return encode(map, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 3, (void *)cache, dims, strides, box, elem,
+                  CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                  CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                  CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
 /* 1 if this build has the WGMMA kernel and the current GPU can run it. */
@@ -179,16 +224,23 @@ cudaError_t launch_mma(const cake_attn_launch *a, OutT *out, cudaStream_t st) {
     return launch_combine<OutT>(a, out, split_len, n_splits, st);
 }
 
-template <typename OutT, int BN, bool QS>
+template <typename OutT, typename C>
 cudaError_t launch_wgmma(const cake_attn_launch *a, OutT *out, cudaStream_t st) {
     int split_len;
-    const int n_splits = mma_splits(a, wgmma_resident<OutT, BN, QS>(), BN, &split_len);
+    const int n_splits = mma_splits(a, wgmma_resident<OutT, C>(), C::BN, &split_len);
     const dim3 grid((unsigned)a->n_heads, (unsigned)((a->n + WG_BM - 1) / WG_BM),
                     (unsigned)n_splits);
     const float scale_log2 = 1.4426950408889634f / sqrtf((float)WG_HD);
-    attn_wgmma_kernel<OutT, BN, QS><<<grid, WG_THREADS, wg_smem_bytes<BN>(), st>>>(
+    CUtensorMap tm_k, tm_v;
+    memset(&tm_k, 0, sizeof(tm_k));
+    memset(&tm_v, 0, sizeof(tm_v));
+    if (C::LOAD == WG_LOAD_TMA &&
+        (!make_kv_map(&tm_k, a->k, a->n_kv_heads, a->pos0 + a->n, C::BN) ||
+         !make_kv_map(&tm_v, a->v, a->n_kv_heads, a->pos0 + a->n, C::BN)))
+        return cudaErrorInvalidValue;
+    attn_wgmma_kernel<OutT, C><<<grid, WG_THREADS, C::SMEM, st>>>(
         a->q, a->k, a->v, out, a->part, a->n, a->pos0, a->n_heads, a->n_kv_heads, scale_log2,
-        split_len);
+        split_len, tm_k, tm_v);
     cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess || n_splits == 1) return e;
     return launch_combine<OutT>(a, out, split_len, n_splits, st);
@@ -197,12 +249,20 @@ cudaError_t launch_wgmma(const cake_attn_launch *a, OutT *out, cudaStream_t st) 
 template <typename OutT>
 cudaError_t launch_wgmma(const cake_attn_launch *a, OutT *out, cudaStream_t st) {
     switch (wgmma_variant()) {
+    case WG_BN64_DEEP:
+        return launch_wgmma<OutT, wg_bn64_deep>(a, out, st);
+    case WG_BN64_TMA:
+        return launch_wgmma<OutT, wg_bn64_tma>(a, out, st);
+    case WG_BN64_TMA_DEEP:
+        return launch_wgmma<OutT, wg_bn64_tma_deep>(a, out, st);
+    case WG_BN128_TMA:
+        return launch_wgmma<OutT, wg_bn128_tma>(a, out, st);
     case WG_BN128:
-        return launch_wgmma<OutT, 128, false>(a, out, st);
+        return launch_wgmma<OutT, wg_bn128>(a, out, st);
     case WG_BN128_QSMEM:
-        return launch_wgmma<OutT, 128, true>(a, out, st);
+        return launch_wgmma<OutT, wg_bn128_qsmem>(a, out, st);
     default:
-        return launch_wgmma<OutT, 64, false>(a, out, st);
+        return launch_wgmma<OutT, wg_bn64>(a, out, st);
     }
 }
 
@@ -277,13 +337,12 @@ template <int HD> cudaError_t setup_mma() {
     return cudaSuccess;
 }
 
-template <int BN, bool QS> cudaError_t setup_wgmma() {
-    const int bytes = (int)wg_smem_bytes<BN>();
+template <typename C> cudaError_t setup_wgmma() {
     const cudaFuncAttribute attr = cudaFuncAttributeMaxDynamicSharedMemorySize;
     cudaError_t e;
-    if ((e = cudaFuncSetAttribute(attn_wgmma_kernel<float, BN, QS>, attr, bytes)) ||
-        (e = cudaFuncSetAttribute(attn_wgmma_kernel<__half, BN, QS>, attr, bytes)) ||
-        (e = cudaFuncSetAttribute(attn_wgmma_kernel<__nv_bfloat16, BN, QS>, attr, bytes)))
+    if ((e = cudaFuncSetAttribute(attn_wgmma_kernel<float, C>, attr, (int)C::SMEM)) ||
+        (e = cudaFuncSetAttribute(attn_wgmma_kernel<__half, C>, attr, (int)C::SMEM)) ||
+        (e = cudaFuncSetAttribute(attn_wgmma_kernel<__nv_bfloat16, C>, attr, (int)C::SMEM)))
         return e;
     return cudaSuccess;
 }
@@ -294,8 +353,10 @@ cudaError_t cake_cuda_attention_setup(void) {
     cudaError_t e = setup_mma<64>();
     if (e != cudaSuccess) return e;
     if ((e = setup_mma<128>()) != cudaSuccess || !wgmma_available()) return e;
-    if ((e = setup_wgmma<64, false>()) || (e = setup_wgmma<128, false>()) ||
-        (e = setup_wgmma<128, true>()))
+    if ((e = setup_wgmma<wg_bn64>()) || (e = setup_wgmma<wg_bn64_deep>()) ||
+        (e = setup_wgmma<wg_bn64_tma>()) || (e = setup_wgmma<wg_bn64_tma_deep>()) ||
+        (e = setup_wgmma<wg_bn128>()) || (e = setup_wgmma<wg_bn128_qsmem>()) ||
+        (e = setup_wgmma<wg_bn128_tma>()))
         return e;
     return cudaSuccess;
 }

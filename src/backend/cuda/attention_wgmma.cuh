@@ -43,6 +43,8 @@
 
 #include "backend/cuda/attention_kernels.cuh"
 
+#include <cuda.h> /* CUtensorMap */
+
 /* Device code for wgmma exists only in sm_90a builds (CMake's "90a"). */
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(CAKE_CUDA_EMULATE)
 #define CAKE_ATTN_WGMMA_BODY 1
@@ -55,21 +57,32 @@ constexpr int WG_BM = 128; /* queries per block: 2 warpgroups x 64 */
 constexpr int WG_THREADS = 256;
 constexpr int WG_Q_BYTES = WG_BM * WG_HD * 2;
 
-/* Kernel variants (tile width, where S's A operand comes from), as the
- * dispatch names them. */
-enum wg_variant { WG_BN64 = 0, WG_BN128 = 1, WG_BN128_QSMEM = 2 };
+/* How K/V tiles reach shared memory: cp.async by every thread, then the proxy
+ * fence that makes them visible to wgmma (the PTX memory model asks for it);
+ * or TMA (cp.async.bulk.tensor, one thread, completion on an mbarrier per
+ * stage; the tensor copy engine writes through the async proxy, as wgmma
+ * reads, and swizzles by itself). */
+enum wg_load { WG_LOAD_CP_ASYNC, WG_LOAD_TMA };
 
-template <int BN> __host__ __device__ constexpr int wg_stages() {
-    return BN == 64 ? 4 : 3; /* what fits in 227 KB beside Q */
-}
-template <int BN> __host__ __device__ constexpr int wg_tile_bytes() {
-    return BN * WG_HD * 2; /* one K or V tile */
-}
-template <int BN> __host__ __device__ constexpr size_t wg_smem_bytes() {
-    return 1024 /* alignment slack */ + WG_Q_BYTES +
-           (size_t)wg_stages<BN>() * 2 * (size_t)wg_tile_bytes<BN>();
-}
-static_assert(wg_smem_bytes<128>() <= 232448, "over the H100's 227 KB per block");
+/* A kernel variant: key tile width BN, Q for S from shared memory (else from
+ * registers), K/V stages in shared memory, how tiles are loaded. */
+template <int BN_, bool Q_SMEM_, int STAGES_, int LOAD_> struct wg_cfg {
+    static constexpr int BN = BN_, STAGES = STAGES_, LOAD = LOAD_;
+    static constexpr bool Q_SMEM = Q_SMEM_;
+    static constexpr int TILE = BN * WG_HD * 2; /* bytes of one K or V tile */
+    static constexpr size_t SMEM = 1024 /* alignment slack */ + WG_Q_BYTES +
+                                   (size_t)STAGES * 2 * (size_t)TILE + 8 * STAGES /* mbarriers */;
+    static_assert(SMEM <= 232448, "over the H100's 227 KB per block");
+    static_assert(STAGES >= 3, "the P V product in flight holds the previous tile's stage");
+};
+/* The variants, as CAKE_CUDA_WGMMA names them (see attention.cu). */
+using wg_bn64 = wg_cfg<64, false, 4, WG_LOAD_CP_ASYNC>;
+using wg_bn64_deep = wg_cfg<64, false, 6, WG_LOAD_CP_ASYNC>;
+using wg_bn64_tma = wg_cfg<64, false, 4, WG_LOAD_TMA>;
+using wg_bn64_tma_deep = wg_cfg<64, false, 6, WG_LOAD_TMA>;
+using wg_bn128 = wg_cfg<128, false, 3, WG_LOAD_CP_ASYNC>;
+using wg_bn128_qsmem = wg_cfg<128, true, 3, WG_LOAD_CP_ASYNC>;
+using wg_bn128_tma = wg_cfg<128, false, 3, WG_LOAD_TMA>;
 
 /* Byte offset of 16-byte chunk c (0..15) of row r in a swizzled Q, K or V
  * buffer of `rows` rows. */
@@ -101,6 +114,44 @@ template <int N> __device__ __forceinline__ void wg_wait() {
  * visible to wgmma's operand reads (the async proxy). */
 __device__ __forceinline__ void fence_proxy_async() {
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+/* mbarriers (in shared memory) and the TMA tensor load. */
+__device__ __forceinline__ void mbar_init(uint64_t *bar, int count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count)
+                 : "memory");
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+/* One arrival that also expects `bytes` of transfers before the phase ends. */
+__device__ __forceinline__ void mbar_expect_tx(uint64_t *bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)),
+                 "r"(bytes)
+                 : "memory");
+}
+/* Waits until the phase of parity `parity` has completed. A wait of over
+ * ~1 s (a copy that never arrives) traps, so that the launch fails with an
+ * error instead of hanging the GPU. */
+__device__ __forceinline__ void mbar_wait(uint64_t *bar, int parity) {
+    const long long t0 = clock64();
+    for (;;) {
+        uint32_t done;
+        asm volatile("{\n.reg .pred p;\n"
+                     "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+                     "selp.u32 %0, 1, 0, p;\n}\n"
+                     : "=r"(done)
+                     : "r"(smem_addr(bar)), "r"(parity)
+                     : "memory");
+        if (done) return;
+        if (clock64() - t0 > 2000000000ll) __trap();
+    }
+}
+/* The box of `map` at coordinates (c0, c1, c2) into dst, completing on bar. */
+__device__ __forceinline__ void tma_load_3d(void *dst, const CUtensorMap *map, int c0, int c1,
+                                            int c2, uint64_t *bar) {
+    asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+                 " [%0], [%1, {%2, %3, %4}], [%5];\n" ::"r"(smem_addr(dst)),
+                 "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2),
+                 "r"(smem_addr(bar))
+                 : "memory");
 }
 /* Keeps the compiler from moving accesses of registers that an in-flight
  * wgmma reads or writes across the fence/commit/wait points. */
@@ -229,17 +280,21 @@ __device__ __forceinline__ void wgmma_ss(float (&d)[64], uint64_t desc_a, uint64
 #endif
 
 /* grid (n_heads, ceil(n / WG_BM), n_splits), block WG_THREADS, dynamic smem
- * wg_smem_bytes<BN>(); arguments and output as attn_mma_kernel's (split_len a
- * multiple of BN). */
-template <typename OutT, int BN, bool Q_SMEM>
+ * C::SMEM; arguments and output as attn_mma_kernel's (split_len a multiple of
+ * C::BN). With TMA loads, tm_k and tm_v map the K and V caches as (head dim,
+ * KV head, position) with boxes of (64, 1, BN) and the 128-byte swizzle
+ * (make_kv_map in attention.cu); other variants ignore them. */
+template <typename OutT, typename C>
 __global__ void __launch_bounds__(WG_THREADS, 1)
     attn_wgmma_kernel(const __half *__restrict__ q, const __half *__restrict__ kc,
                       const __half *__restrict__ vc, OutT *__restrict__ out,
                       float *__restrict__ part, int n, int pos0, int n_heads, int n_kv_heads,
-                      float scale_log2, int split_len) {
+                      float scale_log2, int split_len, const __grid_constant__ CUtensorMap tm_k,
+                      const __grid_constant__ CUtensorMap tm_v) {
 #ifdef CAKE_ATTN_WGMMA_BODY
-    constexpr int HD = WG_HD, CH = HD / 8, NT = BN / 8, DT = HD / 8;
-    constexpr int STAGES = wg_stages<BN>(), AHEAD = STAGES - 2, TILE = wg_tile_bytes<BN>();
+    constexpr int HD = WG_HD, CH = HD / 8, BN = C::BN, NT = BN / 8, DT = HD / 8;
+    constexpr int STAGES = C::STAGES, AHEAD = STAGES - 2, TILE = C::TILE;
+    constexpr bool Q_SMEM = C::Q_SMEM;
     constexpr int LOADS = BN * CH / WG_THREADS; /* 16-byte chunks per thread per K (or V) tile */
     extern __shared__ uint4 smem_u4[];
     /* Swizzle atoms are 1024 bytes: align the buffers to that. */
@@ -296,13 +351,37 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
             }
         }
     };
-    /* cp.async groups: Q with the first tile, then one per tile (empty past the
-     * end), so that waiting for all but the newest AHEAD - 1 groups always
-     * means "tile it is in". */
+    /* TMA: an mbarrier per stage, armed by thread 0 with the tile's bytes. The
+     * n-th use of stage it % STAGES (n = (it - tile0) / STAGES) completes
+     * phase n, so its waiters ask for parity n & 1. */
+    uint64_t *bars = reinterpret_cast<uint64_t *>(sKV + (size_t)STAGES * 2 * TILE);
+    auto issue_tma = [&](int tile) {
+        uint64_t *bar = &bars[tile % STAGES];
+        uint8_t *dk = sKV + (size_t)(tile % STAGES) * 2 * TILE, *dv = dk + TILE;
+        mbar_expect_tx(bar, 2 * TILE);
+        tma_load_3d(dk, &tm_k, 0, kvh, tile * BN, bar);
+        tma_load_3d(dk + BN * 128, &tm_k, 64, kvh, tile * BN, bar);
+        tma_load_3d(dv, &tm_v, 0, kvh, tile * BN, bar);
+        tma_load_3d(dv + BN * 128, &tm_v, 64, kvh, tile * BN, bar);
+    };
+    if constexpr (C::LOAD == WG_LOAD_TMA) {
+        if (tid == 0) {
+            for (int st = 0; st < STAGES; st++) mbar_init(&bars[st], 1);
+            for (int a = 0; a < AHEAD && tile0 + a < tile1; a++) issue_tma(tile0 + a);
+        }
+        cp_async_commit(); /* Q */
+        cp_async_wait<0>();
+        fence_proxy_async(); /* Q, for wgmma */
+        __syncthreads();     /* Q in; the mbarriers initialised */
+    } else {
+        /* cp.async groups: Q with the first tile, then one per tile (empty
+         * past the end), so that waiting for all but the newest AHEAD - 1
+         * groups always means "tile it is in". */
 #pragma unroll
-    for (int a = 0; a < AHEAD; a++) {
-        if (tile0 + a < tile1) load_kv(tile0 + a);
-        cp_async_commit();
+        for (int a = 0; a < AHEAD; a++) {
+            if (tile0 + a < tile1) load_kv(tile0 + a);
+            cp_async_commit();
+        }
     }
 
     /* This thread's rows (within the block): 64 wg + 16 wl + g (+ 8). */
@@ -319,11 +398,17 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
     float m_0 = -INFINITY, m_1 = -INFINITY, l_0 = 0.0f, l_1 = 0.0f;
 
     for (int it = tile0; it < tile1; it++) {
-        cp_async_wait<AHEAD - 1>(); /* tile it is in */
-        fence_proxy_async();        /* ... and visible to wgmma */
-        __syncthreads();            /* everyone's part of it; all done with tile it - AHEAD */
-        if (it + AHEAD < tile1) load_kv(it + AHEAD);
-        cp_async_commit();
+        if constexpr (C::LOAD == WG_LOAD_TMA) {
+            __syncthreads(); /* all done with tile it - 2, whose stage is refilled */
+            if (tid == 0 && it + AHEAD < tile1) issue_tma(it + AHEAD);
+            mbar_wait(&bars[it % STAGES], ((it - tile0) / STAGES) & 1); /* tile it is in */
+        } else {
+            cp_async_wait<AHEAD - 1>(); /* tile it is in */
+            fence_proxy_async();        /* ... and visible to wgmma */
+            __syncthreads();            /* everyone's part of it; all done with tile it - 2 */
+            if (it + AHEAD < tile1) load_kv(it + AHEAD);
+            cp_async_commit();
+        }
         if (!Q_SMEM && it == tile0) {
             /* ldmatrix rows: this warp's 16, chunk (lane >> 4) of each 16-dim step */
             const int r = wg * 64 + wl * 16 + (lane & 15);
