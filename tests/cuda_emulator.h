@@ -80,9 +80,13 @@ int run_block(int n) {
         thread_ctx[t].uc_link = &sched_ctx;
         makecontext(&thread_ctx[t], entry, 0);
     }
+    /* Each round runs the threads last to first: thread 0, which issues the
+     * TMA copies in the Hopper attention kernel, then sees every other
+     * thread's progress up to the same synchronisation point (an mbarrier it
+     * waits on has had all the round's arrivals). */
     for (int left = n; left > 0;) {
         left = 0;
-        for (int t = 0; t < n; t++) {
+        for (int t = n - 1; t >= 0; t--) {
             if (done[t]) continue;
             cur = t;
             tid3 = make_uint3((unsigned)t, 0, 0);
@@ -113,6 +117,9 @@ int my_lane() {
 static inline void __syncthreads() {
     emu::yield();
 }
+
+/* The lanes of a warp run in lockstep here already. */
+static inline void __syncwarp(unsigned = 0xffffffffu) {}
 
 static inline float __shfl_xor_sync(unsigned, float v, int mask) {
     emu::warp_buf &w = emu::my_warp();

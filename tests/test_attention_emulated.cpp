@@ -235,6 +235,11 @@ static void mbar_settle(emu_mbar &b) {
 static inline void mbar_init(uint64_t *bar, int count) {
     mbar_of(bar) = emu_mbar{count, count, 0, 0};
 }
+static inline void mbar_arrive(uint64_t *bar) {
+    emu_mbar &b = mbar_of(bar);
+    b.pending--;
+    mbar_settle(b);
+}
 static inline void mbar_expect_tx(uint64_t *bar, uint32_t bytes) {
     emu_mbar &b = mbar_of(bar);
     b.tx += bytes;
@@ -313,6 +318,8 @@ static const wgmma_case wgmma_kernels[] = {
     {"bn128", 128, attn_wgmma_kernel<float, wg_bn128>},
     {"bn128-qsmem", 128, attn_wgmma_kernel<float, wg_bn128_qsmem>},
     {"bn128-tma", 128, attn_wgmma_kernel<float, wg_bn128_tma>},
+    {"bn64-free", 64, attn_wgmma_kernel<float, wg_bn64_free>},
+    {"bn128-free", 128, attn_wgmma_kernel<float, wg_bn128_free>},
 };
 
 /* What make_kv_map in attention.cu encodes, in emu_tmap's form. */
@@ -423,6 +430,7 @@ int main() {
         {64, 2, 1, 5, 257, 4.0f, 1, 0},      {128, 2, 1, 300, 140, 4.0f, 3, 192},
         {64, 2, 2, 250, 100, 4.0f, 2, 256},  {128, 1, 1, 0, 200, 4.0f, 4, 64},
         {128, 2, 1, 200, 300, 4.0f, 2, 256}, {128, 2, 2, 1000, 77, 2.0f, 3, 384},
+        {128, 1, 1, 900, 100, 4.0f, 1, 0}, /* more key tiles than stages, in one range */
     };
     int failed = 0;
     const int n_wgmma = (int)(sizeof(wgmma_kernels) / sizeof(wgmma_kernels[0]));

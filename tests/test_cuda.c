@@ -516,6 +516,8 @@ static void test_attention_kernels(void **state) {
         {4, 128, 2, 2, 37, 300, 4.0f},
         {4, 128, 4, 1, 3000, 130, 4.0f},
         {4, 128, 2, 2, 5000, 512, 2.0f},
+        {4, 128, 2, 2, 2000, 200, 4.0f},
+        {4, 128, 1, 1, 0, 1500, 4.0f},
         /* the plain kernel, including the tiny models' head sizes */
         {2, 8, 8, 4, 0, 40, 4.0f},
         {2, 16, 4, 2, 50, 70, 4.0f},

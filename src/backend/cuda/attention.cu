@@ -128,7 +128,9 @@ template <typename OutT, typename C> int wgmma_resident() {
  * them side by side: bn64 (the default: key tiles of 64, 4 stages of cp.async
  * loads), bn64-deep (6 stages, loads 4 tiles ahead), bn64-tma and
  * bn64-tma-deep (loads by TMA), bn128 (tiles of 128, 3 stages), bn128-qsmem
- * (and S's A operand from shared memory), bn128-tma. */
+ * (and S's A operand from shared memory), bn128-tma, and bn64-free,
+ * bn128-free (TMA without block-wide barriers, so that the warpgroups drift
+ * apart; 6 stages loaded 3 ahead, 3 stages loaded 1 ahead). */
 enum {
     WG_BN64,
     WG_BN64_DEEP,
@@ -136,13 +138,15 @@ enum {
     WG_BN64_TMA_DEEP,
     WG_BN128,
     WG_BN128_QSMEM,
-    WG_BN128_TMA
+    WG_BN128_TMA,
+    WG_BN64_FREE,
+    WG_BN128_FREE
 };
 int wgmma_variant() {
     static const int v = [] {
         const char *e = getenv("CAKE_CUDA_WGMMA");
-        const char *names[] = {"bn64",  "bn64-deep",   "bn64-tma", "bn64-tma-deep",
-                               "bn128", "bn128-qsmem", "bn128-tma"};
+        const char *names[] = {"bn64",        "bn64-deep", "bn64-tma",  "bn64-tma-deep", "bn128",
+                               "bn128-qsmem", "bn128-tma", "bn64-free", "bn128-free"};
         for (int i = 0; e && i < (int)(sizeof(names) / sizeof(names[0])); i++)
             if (!strcmp(e, names[i])) return i;
         return (int)WG_BN64;
@@ -234,7 +238,7 @@ cudaError_t launch_wgmma(const cake_attn_launch *a, OutT *out, cudaStream_t st) 
     CUtensorMap tm_k, tm_v;
     memset(&tm_k, 0, sizeof(tm_k));
     memset(&tm_v, 0, sizeof(tm_v));
-    if (C::LOAD == WG_LOAD_TMA &&
+    if (C::LOAD != WG_LOAD_CP_ASYNC &&
         (!make_kv_map(&tm_k, a->k, a->n_kv_heads, a->pos0 + a->n, C::BN) ||
          !make_kv_map(&tm_v, a->v, a->n_kv_heads, a->pos0 + a->n, C::BN)))
         return cudaErrorInvalidValue;
@@ -257,6 +261,10 @@ cudaError_t launch_wgmma(const cake_attn_launch *a, OutT *out, cudaStream_t st) 
         return launch_wgmma<OutT, wg_bn64_tma_deep>(a, out, st);
     case WG_BN128_TMA:
         return launch_wgmma<OutT, wg_bn128_tma>(a, out, st);
+    case WG_BN64_FREE:
+        return launch_wgmma<OutT, wg_bn64_free>(a, out, st);
+    case WG_BN128_FREE:
+        return launch_wgmma<OutT, wg_bn128_free>(a, out, st);
     case WG_BN128:
         return launch_wgmma<OutT, wg_bn128>(a, out, st);
     case WG_BN128_QSMEM:
@@ -356,7 +364,8 @@ cudaError_t cake_cuda_attention_setup(void) {
     if ((e = setup_wgmma<wg_bn64>()) || (e = setup_wgmma<wg_bn64_deep>()) ||
         (e = setup_wgmma<wg_bn64_tma>()) || (e = setup_wgmma<wg_bn64_tma_deep>()) ||
         (e = setup_wgmma<wg_bn128>()) || (e = setup_wgmma<wg_bn128_qsmem>()) ||
-        (e = setup_wgmma<wg_bn128_tma>()))
+        (e = setup_wgmma<wg_bn128_tma>()) || (e = setup_wgmma<wg_bn64_free>()) ||
+        (e = setup_wgmma<wg_bn128_free>()))
         return e;
     return cudaSuccess;
 }

@@ -61,19 +61,25 @@ constexpr int WG_Q_BYTES = WG_BM * WG_HD * 2;
  * fence that makes them visible to wgmma (the PTX memory model asks for it);
  * or TMA (cp.async.bulk.tensor, one thread, completion on an mbarrier per
  * stage; the tensor copy engine writes through the async proxy, as wgmma
- * reads, and swizzles by itself). */
-enum wg_load { WG_LOAD_CP_ASYNC, WG_LOAD_TMA };
+ * reads, and swizzles by itself), issued by thread 0 either between
+ * block-wide barriers or, decoupled, as soon as every warp has released the
+ * stage (an "empty" mbarrier per stage) with no block-wide barrier at all: the
+ * warpgroups then drift up to a tile or two apart, so that one's softmax can
+ * run while the other's products do. */
+enum wg_load { WG_LOAD_CP_ASYNC, WG_LOAD_TMA, WG_LOAD_TMA_DECOUPLED };
 
 /* A kernel variant: key tile width BN, Q for S from shared memory (else from
  * registers), K/V stages in shared memory, how tiles are loaded. */
-template <int BN_, bool Q_SMEM_, int STAGES_, int LOAD_> struct wg_cfg {
+template <int BN_, bool Q_SMEM_, int STAGES_, int LOAD_, int AHEAD_ = STAGES_ - 2> struct wg_cfg {
     static constexpr int BN = BN_, STAGES = STAGES_, LOAD = LOAD_;
+    static constexpr int AHEAD = AHEAD_; /* tiles loaded ahead of the one computed */
     static constexpr bool Q_SMEM = Q_SMEM_;
     static constexpr int TILE = BN * WG_HD * 2; /* bytes of one K or V tile */
     static constexpr size_t SMEM = 1024 /* alignment slack */ + WG_Q_BYTES +
-                                   (size_t)STAGES * 2 * (size_t)TILE + 8 * STAGES /* mbarriers */;
+                                   (size_t)STAGES * 2 * (size_t)TILE + 16 * STAGES /* mbarriers */;
     static_assert(SMEM <= 232448, "over the H100's 227 KB per block");
-    static_assert(STAGES >= 3, "the P V product in flight holds the previous tile's stage");
+    static_assert(AHEAD >= 1 && STAGES >= AHEAD + 2,
+                  "the P V product in flight holds the previous tile's stage");
 };
 /* The variants, as CAKE_CUDA_WGMMA names them (see attention.cu). */
 using wg_bn64 = wg_cfg<64, false, 4, WG_LOAD_CP_ASYNC>;
@@ -83,6 +89,8 @@ using wg_bn64_tma_deep = wg_cfg<64, false, 6, WG_LOAD_TMA>;
 using wg_bn128 = wg_cfg<128, false, 3, WG_LOAD_CP_ASYNC>;
 using wg_bn128_qsmem = wg_cfg<128, true, 3, WG_LOAD_CP_ASYNC>;
 using wg_bn128_tma = wg_cfg<128, false, 3, WG_LOAD_TMA>;
+using wg_bn64_free = wg_cfg<64, false, 6, WG_LOAD_TMA_DECOUPLED, 3>;
+using wg_bn128_free = wg_cfg<128, false, 3, WG_LOAD_TMA_DECOUPLED, 1>;
 
 /* Byte offset of 16-byte chunk c (0..15) of row r in a swizzled Q, K or V
  * buffer of `rows` rows. */
@@ -126,6 +134,9 @@ __device__ __forceinline__ void mbar_expect_tx(uint64_t *bar, uint32_t bytes) {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)),
                  "r"(bytes)
                  : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t *bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
 }
 /* Waits until the phase of parity `parity` has completed. A wait of over
  * ~1 s (a copy that never arrives) traps, so that the launch fails with an
@@ -293,7 +304,7 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
                       const __grid_constant__ CUtensorMap tm_v) {
 #ifdef CAKE_ATTN_WGMMA_BODY
     constexpr int HD = WG_HD, CH = HD / 8, BN = C::BN, NT = BN / 8, DT = HD / 8;
-    constexpr int STAGES = C::STAGES, AHEAD = STAGES - 2, TILE = C::TILE;
+    constexpr int STAGES = C::STAGES, AHEAD = C::AHEAD, TILE = C::TILE;
     constexpr bool Q_SMEM = C::Q_SMEM;
     constexpr int LOADS = BN * CH / WG_THREADS; /* 16-byte chunks per thread per K (or V) tile */
     extern __shared__ uint4 smem_u4[];
@@ -351,12 +362,15 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
             }
         }
     };
-    /* TMA: an mbarrier per stage, armed by thread 0 with the tile's bytes. The
-     * n-th use of stage it % STAGES (n = (it - tile0) / STAGES) completes
-     * phase n, so its waiters ask for parity n & 1. */
-    uint64_t *bars = reinterpret_cast<uint64_t *>(sKV + (size_t)STAGES * 2 * TILE);
+    /* TMA: a "full" mbarrier per stage, armed with the tile's bytes by thread
+     * 0, which issues its copies. The n-th use of stage t % STAGES (n = (t -
+     * tile0) / STAGES) completes phase n, so its waiters ask for parity n & 1.
+     * Decoupled, an "empty" mbarrier per stage as well, which each warp
+     * arrives at once done with the stage's tile. */
+    uint64_t *full = reinterpret_cast<uint64_t *>(sKV + (size_t)STAGES * 2 * TILE);
+    uint64_t *empty = full + STAGES;
     auto issue_tma = [&](int tile) {
-        uint64_t *bar = &bars[tile % STAGES];
+        uint64_t *bar = &full[tile % STAGES];
         uint8_t *dk = sKV + (size_t)(tile % STAGES) * 2 * TILE, *dv = dk + TILE;
         mbar_expect_tx(bar, 2 * TILE);
         tma_load_3d(dk, &tm_k, 0, kvh, tile * BN, bar);
@@ -364,9 +378,12 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
         tma_load_3d(dv, &tm_v, 0, kvh, tile * BN, bar);
         tma_load_3d(dv + BN * 128, &tm_v, 64, kvh, tile * BN, bar);
     };
-    if constexpr (C::LOAD == WG_LOAD_TMA) {
+    if constexpr (C::LOAD != WG_LOAD_CP_ASYNC) {
         if (tid == 0) {
-            for (int st = 0; st < STAGES; st++) mbar_init(&bars[st], 1);
+            for (int st = 0; st < STAGES; st++) {
+                mbar_init(&full[st], 1);
+                mbar_init(&empty[st], WG_THREADS / 32);
+            }
             for (int a = 0; a < AHEAD && tile0 + a < tile1; a++) issue_tma(tile0 + a);
         }
         cp_async_commit(); /* Q */
@@ -398,10 +415,20 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
     float m_0 = -INFINITY, m_1 = -INFINITY, l_0 = 0.0f, l_1 = 0.0f;
 
     for (int it = tile0; it < tile1; it++) {
-        if constexpr (C::LOAD == WG_LOAD_TMA) {
+        if constexpr (C::LOAD == WG_LOAD_TMA_DECOUPLED) {
+            /* Tile it + AHEAD goes where tile it + AHEAD - STAGES was, once every
+             * warp has released that one (in its iteration it + AHEAD - STAGES
+             * + 1 <= it - 1). */
+            const int next = it + AHEAD, prev = next - STAGES;
+            if (tid == 0 && next < tile1) {
+                if (prev >= tile0) mbar_wait(&empty[prev % STAGES], ((prev - tile0) / STAGES) & 1);
+                issue_tma(next);
+            }
+            mbar_wait(&full[it % STAGES], ((it - tile0) / STAGES) & 1); /* tile it is in */
+        } else if constexpr (C::LOAD == WG_LOAD_TMA) {
             __syncthreads(); /* all done with tile it - 2, whose stage is refilled */
             if (tid == 0 && it + AHEAD < tile1) issue_tma(it + AHEAD);
-            mbar_wait(&bars[it % STAGES], ((it - tile0) / STAGES) & 1); /* tile it is in */
+            mbar_wait(&full[it % STAGES], ((it - tile0) / STAGES) & 1); /* tile it is in */
         } else {
             cp_async_wait<AHEAD - 1>(); /* tile it is in */
             fence_proxy_async();        /* ... and visible to wgmma */
@@ -490,6 +517,14 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
         wg_wait<0>();
         wg_pin(o);
         wg_pin(pa);
+        if constexpr (C::LOAD == WG_LOAD_TMA_DECOUPLED) {
+            /* This warp is done with tile it - 1 (K in S(it - 1), V in the P V
+             * product just waited for): its stage may be refilled. */
+            if (it > tile0) {
+                __syncwarp();
+                if (lane == 0) mbar_arrive(&empty[(it - 1) % STAGES]);
+            }
+        }
 #pragma unroll
         for (int dt = 0; dt < DT; dt++) {
             o[dt * 4 + 0] *= a0;
