@@ -165,7 +165,7 @@ fi
 WGMMA_OK=""
 if [ -x build-gpu/tests/test_cuda ] && [ "${CAKE_CUDA_ATTN:-}" != mma ]; then
     tma_ok=1
-    for v in bn64-tma bn64-deep bn64-tma-deep bn64-free bn128 bn128-qsmem bn128-tma bn128-free; do
+    for v in bn64-tma bn128-tma bn128 bn64; do
         if [[ $v == *tma* && $tma_ok == 0 ]]; then
             note "WGMMA $v: not run (bn64-tma failed)"
             continue

@@ -109,8 +109,7 @@ static inline uint32_t smem_addr(const void *p) {
 
 struct wg_op {
     float *d;          /* the issuing thread's accumulators */
-    const uint32_t *a; /* ... and A fragment (read when executed), or NULL: */
-    uint64_t desc_a;   /* A (64 x 16, K-major) in shared memory */
+    const uint32_t *a; /* ... and A fragment (read when executed) */
     uint64_t desc_b;
     int n, trans_b, accumulate; /* N of m64nNk16; B MN-major; D += (else D =) */
 };
@@ -134,11 +133,7 @@ template <int ND, typename B_MAJOR>
 static inline void wgmma_rs(float (&d)[ND], const uint32_t (&a)[4], uint64_t desc, int acc,
                             B_MAJOR) {
     const int mn = std::is_same<B_MAJOR, cake_attn::wg_b_mn>::value;
-    wg_queues[emu::cur].ops.push_back({d, a, 0, desc, 2 * ND, mn, acc});
-}
-template <int ND>
-static inline void wgmma_ss(float (&d)[ND], uint64_t desc_a, uint64_t desc_b, int acc) {
-    wg_queues[emu::cur].ops.push_back({d, nullptr, desc_a, desc_b, 2 * ND, 0, acc});
+    wg_queues[emu::cur].ops.push_back({d, a, desc, 2 * ND, mn, acc});
 }
 
 /* B[k][n] of a 128-byte-swizzled operand (k < 16 along K, n along N). */
@@ -171,8 +166,7 @@ template <int N> static void wg_wait() {
         const wg_op &op = mine.ops[i];
         for (int t = 0; t < 128; t++) { /* the warpgroup issued the same thing */
             const wg_queue *o = wg_pub[wg0 + t];
-            if (o->ops.size() < n_ops || o->ops[i].desc_b != op.desc_b ||
-                o->ops[i].desc_a != op.desc_a || o->ops[i].n != op.n) {
+            if (o->ops.size() < n_ops || o->ops[i].desc_b != op.desc_b || o->ops[i].n != op.n) {
                 fprintf(stderr, "emulated wgmma: the warpgroup's threads disagree\n");
                 abort();
             }
@@ -181,13 +175,9 @@ template <int N> static void wg_wait() {
             const int row = g + 8 * (e % 4 >> 1), col = 8 * (e / 4) + 2 * q + (e & 1);
             float acc = op.accumulate ? op.d[e] : 0.0f;
             for (int k = 0; k < 16; k++) {
-                float av;
-                if (op.a) { /* A[row][k] of this warp's 16 rows: mma.m16n8k16's A layout */
-                    const int lane = row % 8 * 4 + k % 8 / 2, reg = (row >= 8) + 2 * (k >= 8);
-                    av = half_of(wg_pub[wg0 + w * 32 + lane]->ops[i].a[reg], k % 2);
-                } else { /* warp w's rows of the 64: K-major, as B's rows */
-                    av = wg_b(op.desc_a, 0, k, 16 * w + row);
-                }
+                /* A[row][k] of this warp's 16 rows: mma.m16n8k16's A layout */
+                const int lane = row % 8 * 4 + k % 8 / 2, reg = (row >= 8) + 2 * (k >= 8);
+                const float av = half_of(wg_pub[wg0 + w * 32 + lane]->ops[i].a[reg], k % 2);
                 acc += av * wg_b(op.desc_b, op.trans_b, k, col);
             }
             op.d[e] = acc;
@@ -311,15 +301,11 @@ struct wgmma_case {
                    int, float, int, const CUtensorMap, const CUtensorMap);
 };
 static const wgmma_case wgmma_kernels[] = {
-    {"bn64", 64, attn_wgmma_kernel<float, wg_bn64>},
-    {"bn64-deep", 64, attn_wgmma_kernel<float, wg_bn64_deep>},
-    {"bn64-tma", 64, attn_wgmma_kernel<float, wg_bn64_tma>},
-    {"bn64-tma-deep", 64, attn_wgmma_kernel<float, wg_bn64_tma_deep>},
-    {"bn128", 128, attn_wgmma_kernel<float, wg_bn128>},
-    {"bn128-qsmem", 128, attn_wgmma_kernel<float, wg_bn128_qsmem>},
-    {"bn128-tma", 128, attn_wgmma_kernel<float, wg_bn128_tma>},
-    {"bn64-free", 64, attn_wgmma_kernel<float, wg_bn64_free>},
     {"bn128-free", 128, attn_wgmma_kernel<float, wg_bn128_free>},
+    {"bn128-tma", 128, attn_wgmma_kernel<float, wg_bn128_tma>},
+    {"bn128", 128, attn_wgmma_kernel<float, wg_bn128>},
+    {"bn64-tma", 64, attn_wgmma_kernel<float, wg_bn64_tma>},
+    {"bn64", 64, attn_wgmma_kernel<float, wg_bn64>},
 };
 
 /* What make_kv_map in attention.cu encodes, in emu_tmap's form. */

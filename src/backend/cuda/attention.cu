@@ -125,31 +125,20 @@ template <typename OutT, typename C> int wgmma_resident() {
 }
 
 /* The WGMMA kernel's variant, from CAKE_CUDA_WGMMA (read once), to measure
- * them side by side: bn64 (the default: key tiles of 64, 4 stages of cp.async
- * loads), bn64-deep (6 stages, loads 4 tiles ahead), bn64-tma and
- * bn64-tma-deep (loads by TMA), bn128 (tiles of 128, 3 stages), bn128-qsmem
- * (and S's A operand from shared memory), bn128-tma, and bn64-free,
- * bn128-free (TMA without block-wide barriers, so that the warpgroups drift
- * apart; 6 stages loaded 3 ahead, 3 stages loaded 1 ahead). */
-enum {
-    WG_BN64,
-    WG_BN64_DEEP,
-    WG_BN64_TMA,
-    WG_BN64_TMA_DEEP,
-    WG_BN128,
-    WG_BN128_QSMEM,
-    WG_BN128_TMA,
-    WG_BN64_FREE,
-    WG_BN128_FREE
-};
+ * them side by side: bn128-free (the default: key tiles of 128, loaded by TMA
+ * with no block-wide barrier per tile), bn128-tma (a barrier per tile),
+ * bn128 (cp.async by every thread, a barrier per tile; also what the default
+ * falls back to where no tensor map can be made), bn64-tma, bn64 (tiles of
+ * 64, 4 stages). On an H100, 13B shape, 16K tokens in one pass, attention
+ * took 242, 254, 306, 283 and 333 ms (docs/BENCHMARKS.md). */
+enum { WG_BN128_FREE, WG_BN128_TMA, WG_BN128, WG_BN64_TMA, WG_BN64 };
 int wgmma_variant() {
     static const int v = [] {
         const char *e = getenv("CAKE_CUDA_WGMMA");
-        const char *names[] = {"bn64",        "bn64-deep", "bn64-tma",  "bn64-tma-deep", "bn128",
-                               "bn128-qsmem", "bn128-tma", "bn64-free", "bn128-free"};
+        const char *names[] = {"bn128-free", "bn128-tma", "bn128", "bn64-tma", "bn64"};
         for (int i = 0; e && i < (int)(sizeof(names) / sizeof(names[0])); i++)
             if (!strcmp(e, names[i])) return i;
-        return (int)WG_BN64;
+        return (int)WG_BN128_FREE;
     }();
     return v;
 }
@@ -252,25 +241,18 @@ cudaError_t launch_wgmma(const cake_attn_launch *a, OutT *out, cudaStream_t st) 
 
 template <typename OutT>
 cudaError_t launch_wgmma(const cake_attn_launch *a, OutT *out, cudaStream_t st) {
-    switch (wgmma_variant()) {
-    case WG_BN64_DEEP:
-        return launch_wgmma<OutT, wg_bn64_deep>(a, out, st);
-    case WG_BN64_TMA:
-        return launch_wgmma<OutT, wg_bn64_tma>(a, out, st);
-    case WG_BN64_TMA_DEEP:
-        return launch_wgmma<OutT, wg_bn64_tma_deep>(a, out, st);
+    const int v = wgmma_variant();
+    if (v == WG_BN128 || (v != WG_BN64 && !tensor_map_encoder()))
+        return launch_wgmma<OutT, wg_bn128>(a, out, st);
+    switch (v) {
     case WG_BN128_TMA:
         return launch_wgmma<OutT, wg_bn128_tma>(a, out, st);
-    case WG_BN64_FREE:
-        return launch_wgmma<OutT, wg_bn64_free>(a, out, st);
-    case WG_BN128_FREE:
-        return launch_wgmma<OutT, wg_bn128_free>(a, out, st);
-    case WG_BN128:
-        return launch_wgmma<OutT, wg_bn128>(a, out, st);
-    case WG_BN128_QSMEM:
-        return launch_wgmma<OutT, wg_bn128_qsmem>(a, out, st);
-    default:
+    case WG_BN64_TMA:
+        return launch_wgmma<OutT, wg_bn64_tma>(a, out, st);
+    case WG_BN64:
         return launch_wgmma<OutT, wg_bn64>(a, out, st);
+    default:
+        return launch_wgmma<OutT, wg_bn128_free>(a, out, st);
     }
 }
 
@@ -361,11 +343,9 @@ cudaError_t cake_cuda_attention_setup(void) {
     cudaError_t e = setup_mma<64>();
     if (e != cudaSuccess) return e;
     if ((e = setup_mma<128>()) != cudaSuccess || !wgmma_available()) return e;
-    if ((e = setup_wgmma<wg_bn64>()) || (e = setup_wgmma<wg_bn64_deep>()) ||
-        (e = setup_wgmma<wg_bn64_tma>()) || (e = setup_wgmma<wg_bn64_tma_deep>()) ||
-        (e = setup_wgmma<wg_bn128>()) || (e = setup_wgmma<wg_bn128_qsmem>()) ||
-        (e = setup_wgmma<wg_bn128_tma>()) || (e = setup_wgmma<wg_bn64_free>()) ||
-        (e = setup_wgmma<wg_bn128_free>()))
+    if ((e = setup_wgmma<wg_bn128_free>()) || (e = setup_wgmma<wg_bn128_tma>()) ||
+        (e = setup_wgmma<wg_bn128>()) || (e = setup_wgmma<wg_bn64_tma>()) ||
+        (e = setup_wgmma<wg_bn64>()))
         return e;
     return cudaSuccess;
 }

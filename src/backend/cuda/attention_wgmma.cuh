@@ -6,8 +6,8 @@
  * A block of two warpgroups (256 threads) takes 128 queries of one head, 64
  * per warpgroup, and walks the keys in tiles of BN (64 or 128). Per tile, each
  * warpgroup computes
- *   S = Q K^T     8 wgmma m64nBNk16 over the head dims; Q as A fragments in
- *                 registers (loaded once), or (Q_SMEM) from shared memory
+ *   S = Q K^T     8 wgmma m64nBNk16 over the head dims, Q as A fragments in
+ *                 registers (loaded once)
  *   O += P V      BN/16 wgmma m64n128k16, P from registers, V from shared
  *                 memory (MN-major, the "transposed B" form)
  * The P V product of tile t - 1 runs while the softmax of tile t is
@@ -23,7 +23,7 @@
  * at c ^ (r % 8)); regions are 1024-byte aligned. Descriptors (PTX ISA,
  * "matrix descriptor"): start address, leading byte offset (LBO), stride byte
  * offset (SBO), swizzle mode 1 (128 B):
- *   Q, K (K-major): 8-row groups SBO = 1024 apart; a 16-dim step starts 32
+ *   K (K-major):  8-row groups SBO = 1024 apart; a 16-dim step starts 32
  *                 bytes further along the row (in the second region from dim
  *                 64); LBO unused.
  *   V (MN-major): rows = keys, 8-key groups SBO = 1024 apart, the two 64-dim
@@ -70,10 +70,9 @@ enum wg_load { WG_LOAD_CP_ASYNC, WG_LOAD_TMA, WG_LOAD_TMA_DECOUPLED };
 
 /* A kernel variant: key tile width BN, Q for S from shared memory (else from
  * registers), K/V stages in shared memory, how tiles are loaded. */
-template <int BN_, bool Q_SMEM_, int STAGES_, int LOAD_, int AHEAD_ = STAGES_ - 2> struct wg_cfg {
+template <int BN_, int STAGES_, int LOAD_, int AHEAD_ = STAGES_ - 2> struct wg_cfg {
     static constexpr int BN = BN_, STAGES = STAGES_, LOAD = LOAD_;
-    static constexpr int AHEAD = AHEAD_; /* tiles loaded ahead of the one computed */
-    static constexpr bool Q_SMEM = Q_SMEM_;
+    static constexpr int AHEAD = AHEAD_;        /* tiles loaded ahead of the one computed */
     static constexpr int TILE = BN * WG_HD * 2; /* bytes of one K or V tile */
     static constexpr size_t SMEM = 1024 /* alignment slack */ + WG_Q_BYTES +
                                    (size_t)STAGES * 2 * (size_t)TILE + 16 * STAGES /* mbarriers */;
@@ -82,15 +81,11 @@ template <int BN_, bool Q_SMEM_, int STAGES_, int LOAD_, int AHEAD_ = STAGES_ - 
                   "the P V product in flight holds the previous tile's stage");
 };
 /* The variants, as CAKE_CUDA_WGMMA names them (see attention.cu). */
-using wg_bn64 = wg_cfg<64, false, 4, WG_LOAD_CP_ASYNC>;
-using wg_bn64_deep = wg_cfg<64, false, 6, WG_LOAD_CP_ASYNC>;
-using wg_bn64_tma = wg_cfg<64, false, 4, WG_LOAD_TMA>;
-using wg_bn64_tma_deep = wg_cfg<64, false, 6, WG_LOAD_TMA>;
-using wg_bn128 = wg_cfg<128, false, 3, WG_LOAD_CP_ASYNC>;
-using wg_bn128_qsmem = wg_cfg<128, true, 3, WG_LOAD_CP_ASYNC>;
-using wg_bn128_tma = wg_cfg<128, false, 3, WG_LOAD_TMA>;
-using wg_bn64_free = wg_cfg<64, false, 6, WG_LOAD_TMA_DECOUPLED, 3>;
-using wg_bn128_free = wg_cfg<128, false, 3, WG_LOAD_TMA_DECOUPLED, 1>;
+using wg_bn128_free = wg_cfg<128, 3, WG_LOAD_TMA_DECOUPLED, 1>; /* the default */
+using wg_bn128_tma = wg_cfg<128, 3, WG_LOAD_TMA>;
+using wg_bn128 = wg_cfg<128, 3, WG_LOAD_CP_ASYNC>; /* where no tensor map can be made */
+using wg_bn64_tma = wg_cfg<64, 4, WG_LOAD_TMA>;
+using wg_bn64 = wg_cfg<64, 4, WG_LOAD_CP_ASYNC>;
 
 /* Byte offset of 16-byte chunk c (0..15) of row r in a swizzled Q, K or V
  * buffer of `rows` rows. */
@@ -245,49 +240,6 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[64], const uint32_t (&a)[4],
                  : "memory");
 }
 
-/* m64n64k16, A and B K-major in shared memory. */
-__device__ __forceinline__ void wgmma_ss(float (&d)[32], uint64_t desc_a, uint64_t desc_b,
-                                         int accumulate) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {"
-                 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
-                 "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
-                   "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
-                   "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),
-                   "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
-                   "+f"(d[30]), "+f"(d[31])
-                 : "l"(desc_a), "l"(desc_b), "r"(accumulate)
-                 : "memory");
-}
-
-/* m64n128k16, A and B K-major in shared memory. */
-__device__ __forceinline__ void wgmma_ss(float (&d)[64], uint64_t desc_a, uint64_t desc_b,
-                                         int accumulate) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {"
-                 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-                 "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-                 "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-                 "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
-                   "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
-                   "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),
-                   "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
-                   "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
-                   "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
-                   "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-                   "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]),
-                   "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]),
-                   "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-                 : "l"(desc_a), "l"(desc_b), "r"(accumulate)
-                 : "memory");
-}
-
 #endif
 
 /* grid (n_heads, ceil(n / WG_BM), n_splits), block WG_THREADS, dynamic smem
@@ -305,7 +257,6 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
 #ifdef CAKE_ATTN_WGMMA_BODY
     constexpr int HD = WG_HD, CH = HD / 8, BN = C::BN, NT = BN / 8, DT = HD / 8;
     constexpr int STAGES = C::STAGES, AHEAD = C::AHEAD, TILE = C::TILE;
-    constexpr bool Q_SMEM = C::Q_SMEM;
     constexpr int LOADS = BN * CH / WG_THREADS; /* 16-byte chunks per thread per K (or V) tile */
     extern __shared__ uint4 smem_u4[];
     /* Swizzle atoms are 1024 bytes: align the buffers to that. */
@@ -404,11 +355,10 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
     /* This thread's rows (within the block): 64 wg + 16 wl + g (+ 8). */
     const int r0 = wg * 64 + wl * 16 + g;
     const int pq0 = pos0 + m0 + r0, pq1 = pq0 + 8;
-    const uint32_t q_addr = smem_addr(sQ) + wg * 64 * 128; /* this warpgroup's rows */
 
-    uint32_t qa[Q_SMEM ? 1 : HD / 16][4]; /* Q as A fragments, one per 16-dim step */
-    float s[NT * 4];                      /* S of the current tile, then its exponents */
-    uint32_t pa[BN / 16][4];              /* P of the previous tile, f16 A fragments */
+    uint32_t qa[HD / 16][4]; /* Q as A fragments, one per 16-dim step */
+    float s[NT * 4];         /* S of the current tile, then its exponents */
+    uint32_t pa[BN / 16][4]; /* P of the previous tile, f16 A fragments */
     float o[DT * 4];
 #pragma unroll
     for (int i = 0; i < DT * 4; i++) o[i] = 0.0f;
@@ -436,11 +386,11 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
             if (it + AHEAD < tile1) load_kv(it + AHEAD);
             cp_async_commit();
         }
-        if (!Q_SMEM && it == tile0) {
+        if (it == tile0) {
             /* ldmatrix rows: this warp's 16, chunk (lane >> 4) of each 16-dim step */
             const int r = wg * 64 + wl * 16 + (lane & 15);
 #pragma unroll
-            for (int kk = 0; kk < (Q_SMEM ? 0 : HD / 16); kk++)
+            for (int kk = 0; kk < HD / 16; kk++)
                 ldsm_x4(qa[kk], sQ + wg_chunk_offset(WG_BM, r, 2 * kk + (lane >> 4)));
         }
         const uint32_t k_addr = smem_addr(sKV + (size_t)(it % STAGES) * 2 * TILE);
@@ -451,14 +401,9 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
          * previous tile, as two groups. */
         wg_fence();
 #pragma unroll
-        for (int kk = 0; kk < HD / 16; kk++) {
-            const uint32_t step = (kk & 3) * 32; /* within the 64-dim region */
-            const uint64_t kd = wg_desc(k_addr + (kk >> 2) * BN * 128 + step, 16, 1024);
-            if (Q_SMEM)
-                wgmma_ss(s, wg_desc(q_addr + (kk >> 2) * WG_BM * 128 + step, 16, 1024), kd, kk > 0);
-            else
-                wgmma_rs(s, qa[Q_SMEM ? 0 : kk], kd, kk > 0, wg_b_k());
-        }
+        for (int kk = 0; kk < HD / 16; kk++) /* 32 bytes on per step, a region per 64 dims */
+            wgmma_rs(s, qa[kk], wg_desc(k_addr + (kk >> 2) * BN * 128 + (kk & 3) * 32, 16, 1024),
+                     kk > 0, wg_b_k());
         wg_commit();
         if (it > tile0) {
 #pragma unroll
