@@ -3,10 +3,9 @@
 # 7 minutes: build, test_cuda and test_loader, a loader check on the GPU (the
 # first token's logits of compute, load and cake modes must be bit-identical),
 # 16K-token prefill speed of the longalpaca-13b shape (MHA, 800 KiB of KV per
-# token), one-shot and in chunks of 512, with each variant of the Hopper
-# (wgmma) attention kernel that passes its test (CAKE_CUDA_WGMMA) and with the
-# mma.sync kernel (CAKE_CUDA_ATTN=mma); the fastest wgmma variant runs the rest.
-# Then the paper's Table 3 cells:
+# token), one-shot and in chunks of 512, and one-shot with the mma.sync
+# attention kernel (CAKE_CUDA_ATTN=mma) beside it; then the paper's Table 3
+# cells:
 # `cake bench ttft --backend cuda` on that shape at 16K tokens over emulated
 # 7-100 Gbit/s links, GPU share 1 and 0.125; last, if time is left, llama-8b
 # prefill and the file store's read rate for 419 MB blobs (bench_store).
@@ -14,13 +13,17 @@
 #   bash scripts/gpu-check.sh [RESULTS_DIR]      (default out/gpu)
 #
 # CAKE_GPU_QUICK=1: only the build, test_cuda and the longalpaca-13b prefill
-# (about 3 minutes), to check a kernel change when little device time is left.
+# (about 2.5 minutes), to check a kernel change when little device time is left.
 # CAKE_GPU_SKIP="STEP ...": steps (as the summary names them) not to run, e.g.
 # "test_loader bench_store_13b" when this run has nothing new for them.
 #
 # If test_cuda finds the wgmma attention kernel wrong, every later step runs
-# with CAKE_CUDA_ATTN=mma, so that its numbers stay those of a correct kernel;
-# a variant whose test fails is not measured.
+# with CAKE_CUDA_ATTN=mma, so that its numbers stay those of a correct kernel.
+#
+# CAKE_GPU_VARIANTS="bn128-tma bn128 ..." (names of CAKE_CUDA_WGMMA, see
+# src/backend/cuda/attention.cu): also test each of these variants of the
+# wgmma kernel (~25 s each) and measure its one-shot prefill (~5 s); the
+# fastest one that passes then runs the rest. Not in quick mode.
 #
 # RESULTS_DIR gets few, small files (it may travel over a network with a limit
 # on their number), updated after every step so that a run cut short still
@@ -163,19 +166,14 @@ if [ -x build-gpu/tests/test_cuda ]; then
 fi
 # the other variants of the wgmma kernel: the attention test alone under each
 WGMMA_OK=""
-if [ -x build-gpu/tests/test_cuda ] && [ "${CAKE_CUDA_ATTN:-}" != mma ]; then
-    tma_ok=1
-    for v in bn64-tma bn128-tma bn128 bn64; do
-        if [[ $v == *tma* && $tma_ok == 0 ]]; then
-            note "WGMMA $v: not run (bn64-tma failed)"
-            continue
-        fi
+if [ -x build-gpu/tests/test_cuda ] && [ "${CAKE_CUDA_ATTN:-}" != mma ] &&
+    [ "${CAKE_GPU_QUICK:-0}" != 1 ]; then
+    for v in ${CAKE_GPU_VARIANTS:-}; do
         CAKE_CUDA_WGMMA=$v CAKE_TEST_FILTER=test_attention_kernels \
             step "test_attention_$v" 45 build-gpu/tests/test_cuda
         if grep -q "^attention path 4.*FAILED" "$LOGS/test_attention_$v.log" ||
             ! grep -q "^attention path 4.*max error" "$LOGS/test_attention_$v.log"; then
             note "WGMMA $v: FAIL"
-            [ "$v" = bn64-tma ] && tma_ok=0
             grep "^attention path 4" "$LOGS/test_attention_$v.log" | sed 's/^/  /' >>"$SUMMARY"
         else
             note "WGMMA $v: PASS (every path 4 case)"
@@ -311,8 +309,8 @@ elif step mkmodel_longalpaca13b 150 $CAKE mkmodel --shape longalpaca-13b -o "$F1
     prefill longalpaca-13b chunk512
     prefill longalpaca-13b oneshot
     if [ "${CAKE_CUDA_ATTN:-}" != mma ]; then
-        # the wgmma kernel's variants (one-shot) and the mma.sync kernel, same
-        # run; the rest runs with the variant of the shortest one-shot prefill
+        # the wgmma kernel's variants that passed (one-shot) and the mma.sync
+        # kernel, same run; the rest runs with the shortest one-shot prefill
         best=default
         best_ms=$(cat "$LOGS/prefill_longalpaca-13b_oneshot.ms")
         for v in $WGMMA_OK; do
@@ -323,10 +321,11 @@ elif step mkmodel_longalpaca13b 150 $CAKE mkmodel --shape longalpaca-13b -o "$F1
             fi
         done
         [ "$best" != default ] && CAKE_CUDA_WGMMA=$best prefill longalpaca-13b chunk512 "wgmma-$best"
-        CAKE_CUDA_ATTN=mma prefill longalpaca-13b chunk512 mma-attention
         CAKE_CUDA_ATTN=mma prefill longalpaca-13b oneshot mma-attention
-        [ "$best" != default ] && export CAKE_CUDA_WGMMA=$best
-        note "fastest wgmma variant: $best ($best_ms ms one-shot); the rest runs with it"
+        if [ -n "$WGMMA_OK" ]; then
+            [ "$best" != default ] && export CAKE_CUDA_WGMMA=$best
+            note "fastest wgmma variant: $best ($best_ms ms one-shot); the rest runs with it"
+        fi
     fi
     [ "$QUICK" = 1 ] || bench_table3
     rm -f "$F13"

@@ -13,9 +13,9 @@
  * The P V product of tile t - 1 runs while the softmax of tile t is
  * computed: each iteration issues S(t) and then O += P(t-1) V(t-1), waits for
  * S(t) only, takes its row maxima and exponents, then waits for O before
- * rescaling it. K/V tiles stream through shared-memory stages with cp.async,
- * issued by all threads, STAGES - 2 tiles ahead (the stage of tile t - 1 is
- * still read by the P V product in flight).
+ * rescaling it. K/V tiles stream through shared-memory stages, loaded a tile
+ * or more ahead (never into the stage of tile t - 1, which the P V product in
+ * flight still reads), by TMA or by cp.async (wg_load below).
  *
  * Shared memory: Q and every K or V tile are rows of 128 halves stored as two
  * regions of rows x 128 bytes (head dims 0-63, 64-127), each row's eight
@@ -64,12 +64,12 @@ constexpr int WG_Q_BYTES = WG_BM * WG_HD * 2;
  * reads, and swizzles by itself), issued by thread 0 either between
  * block-wide barriers or, decoupled, as soon as every warp has released the
  * stage (an "empty" mbarrier per stage) with no block-wide barrier at all: the
- * warpgroups then drift up to a tile or two apart, so that one's softmax can
- * run while the other's products do. */
+ * warpgroups then drift up to a tile apart, so that one's softmax can run
+ * while the other's products do. */
 enum wg_load { WG_LOAD_CP_ASYNC, WG_LOAD_TMA, WG_LOAD_TMA_DECOUPLED };
 
-/* A kernel variant: key tile width BN, Q for S from shared memory (else from
- * registers), K/V stages in shared memory, how tiles are loaded. */
+/* A kernel variant: key tile width BN, K/V stages in shared memory, how tiles
+ * are loaded, and how many tiles ahead. */
 template <int BN_, int STAGES_, int LOAD_, int AHEAD_ = STAGES_ - 2> struct wg_cfg {
     static constexpr int BN = BN_, STAGES = STAGES_, LOAD = LOAD_;
     static constexpr int AHEAD = AHEAD_;        /* tiles loaded ahead of the one computed */
