@@ -1,8 +1,9 @@
 /* Causal attention over the f16 KV cache, four ways:
  *
- *  - WGMMA (prefill, head_dim 128, Hopper): the MMA path's tiling and key
- *    ranges on warpgroup MMA, two warpgroups of 64 queries per block, the
- *    P V product of one key tile overlapping the softmax of the next. See
+ *  - WGMMA (prefill, head_dim 128, Hopper): the MMA path's query blocks and
+ *    key ranges on warpgroup MMA, two warpgroups of 64 queries per block,
+ *    K/V tiles loaded by TMA, the P V product of one key tile overlapping the
+ *    softmax of the next. See
  *    attention_wgmma.cuh. Built only for sm_90a ("90a" in
  *    CMAKE_CUDA_ARCHITECTURES) and taken only on a compute-capability 9.0 GPU.
  *
@@ -39,8 +40,8 @@
  * 8i..8i+7 (matrix i); lane l receives M_i[l/4][2(l%4)..+1] in register i, or
  * with .trans M_i[2(l%4)..+1][l/4].
  *
- * tests/test_attention_emulated.cpp runs the MMA kernel on the CPU with
- * emulated warps; test_cuda runs every path on a GPU. */
+ * tests/test_attention_emulated.cpp runs the MMA and WGMMA kernels on the CPU
+ * with emulated warps; test_cuda runs every path on a GPU. */
 #include "backend/cuda/attention_kernels.cuh"
 #include "backend/cuda/attention_wgmma.cuh"
 
@@ -63,8 +64,9 @@ namespace {
  * many, n times shorter blocks. The n taken is the one with the shortest
  * modelled makespan (the busiest SM's blocks, run `resident` at a time), plus
  * 2% of a block's time per range for the combine pass and the extra
- * prologues. Ranges are whole key tiles (`tile` keys) of at least MMA_MIN_SPLIT keys; batches
- * with blocks enough for every SM four times over are not split. The choice
+ * prologues. Ranges are whole key tiles (`tile` keys) of at least
+ * MMA_MIN_SPLIT keys; batches with blocks enough for every SM four times over
+ * are not split (the WGMMA kernel's blocks take the same queries). The choice
  * depends on the shape and the GPU alone, so results stay deterministic. */
 constexpr int MMA_MIN_SPLIT = 512;
 
