@@ -13,8 +13,6 @@
  * the GPU. */
 #include "cuda_emulator.h"
 
-#include <type_traits>
-
 /* cp.async: an immediate copy, so commit and wait have nothing to do. */
 static inline void cp_async16(void *smem, const void *gmem) {
     memcpy(smem, gmem, 16);
@@ -100,7 +98,6 @@ static void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32
  * while its product runs, gets wrong results here. */
 namespace cake_attn {
 extern uint4 smem_u4[];
-struct wg_b_mn;
 } // namespace cake_attn
 
 static inline uint32_t smem_addr(const void *p) {
@@ -128,12 +125,9 @@ static inline void wg_commit() {
     wg_queue &q = wg_queues[emu::cur];
     q.group_end.push_back(q.ops.size());
 }
-/* B_MAJOR: the kernel's tag, cake_attn::wg_b_k or wg_b_mn (B MN-major). */
-template <int ND, typename B_MAJOR>
-static inline void wgmma_rs(float (&d)[ND], const uint32_t (&a)[4], uint64_t desc, int acc,
-                            B_MAJOR) {
-    const int mn = std::is_same<B_MAJOR, cake_attn::wg_b_mn>::value;
-    wg_queues[emu::cur].ops.push_back({d, a, desc, 2 * ND, mn, acc});
+template <int TRANS_B, int ND>
+static inline void wgmma_rs(float (&d)[ND], const uint32_t (&a)[4], uint64_t desc, int acc) {
+    wg_queues[emu::cur].ops.push_back({d, a, desc, 2 * ND, TRANS_B, acc});
 }
 
 /* B[k][n] of a 128-byte-swizzled operand (k < 16 along K, n along N). */
@@ -269,9 +263,9 @@ static inline void tma_load_3d(void *dst, const CUtensorMap *map, int c0, int c1
 #include "backend/cuda/attention_wgmma.cuh"
 
 namespace cake_attn {
-alignas(
-    1024) uint4 smem_u4[(256 * 1024) / sizeof(uint4)]; /* the MMA kernels' dynamic shared memory */
-float sm[simt_smem_floats(SIMT_MAX_HD)];               /* the SIMT kernel's */
+/* the MMA kernels' dynamic shared memory, and the SIMT kernel's */
+alignas(1024) uint4 smem_u4[(256 * 1024) / sizeof(uint4)];
+float sm[simt_smem_floats(SIMT_MAX_HD)];
 } // namespace cake_attn
 
 using namespace cake_attn;

@@ -97,27 +97,13 @@ int mma_splits(const cake_attn_launch *a, int resident, int tile, int *split_len
     return best_n;
 }
 
-/* Blocks of the MMA kernel an SM runs at once (registers and shared memory). */
-template <int HD, typename OutT> int mma_resident() {
-    static const int r = [] {
+/* Blocks of KERNEL an SM runs at once (registers and shared memory), asked
+ * once per kernel; 0 when unknown (then the batch is not split). */
+template <auto KERNEL> int resident_blocks(int threads, size_t smem) {
+    static const int r = [&] {
         int n = 0;
-        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, attn_mma_kernel<HD, OutT>,
-                                                          MMA_WARPS * 32,
-                                                          mma_smem_bytes<HD>()) != cudaSuccess) {
-            cudaGetLastError();
-            n = 0; /* unknown: no split */
-        }
-        return n;
-    }();
-    return r;
-}
-
-/* Blocks of a WGMMA kernel an SM runs at once (1, by its launch bounds). */
-template <typename OutT, typename C> int wgmma_resident() {
-    static const int r = [] {
-        int n = 0;
-        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, attn_wgmma_kernel<OutT, C>,
-                                                          WG_THREADS, C::SMEM) != cudaSuccess) {
+        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, KERNEL, threads, smem) !=
+            cudaSuccess) {
             cudaGetLastError();
             n = 0;
         }
@@ -207,7 +193,9 @@ cudaError_t launch_combine(const cake_attn_launch *a, OutT *out, int split_len, 
 template <int HD, typename OutT>
 cudaError_t launch_mma(const cake_attn_launch *a, OutT *out, cudaStream_t st) {
     int split_len;
-    const int n_splits = mma_splits(a, mma_resident<HD, OutT>(), MMA_BN, &split_len);
+    const int resident =
+        resident_blocks<attn_mma_kernel<HD, OutT>>(MMA_WARPS * 32, mma_smem_bytes<HD>());
+    const int n_splits = mma_splits(a, resident, MMA_BN, &split_len);
     const dim3 grid((unsigned)a->n_heads, (unsigned)((a->n + MMA_BM - 1) / MMA_BM),
                     (unsigned)n_splits);
     const float scale_log2 = 1.4426950408889634f / sqrtf((float)HD);
@@ -222,7 +210,8 @@ cudaError_t launch_mma(const cake_attn_launch *a, OutT *out, cudaStream_t st) {
 template <typename OutT, typename C>
 cudaError_t launch_wgmma(const cake_attn_launch *a, OutT *out, cudaStream_t st) {
     int split_len;
-    const int n_splits = mma_splits(a, wgmma_resident<OutT, C>(), C::BN, &split_len);
+    const int resident = resident_blocks<attn_wgmma_kernel<OutT, C>>(WG_THREADS, C::SMEM);
+    const int n_splits = mma_splits(a, resident, C::BN, &split_len);
     const dim3 grid((unsigned)a->n_heads, (unsigned)((a->n + WG_BM - 1) / WG_BM),
                     (unsigned)n_splits);
     const float scale_log2 = 1.4426950408889634f / sqrtf((float)WG_HD);

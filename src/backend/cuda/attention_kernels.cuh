@@ -77,6 +77,33 @@ template <int HD> __host__ __device__ constexpr size_t mma_smem_bytes() {
     return (size_t)(MMA_BM + 4 * MMA_BN) * (size_t)mma_ld<HD>() * sizeof(__half);
 }
 
+/* The queries and key tiles of this block of a tensor-core kernel (MMA or
+ * WGMMA): grid (n_heads, ceil(n / bm), n_splits), query blocks taken last
+ * first. Block z of n_splits walks the key tiles [tile0, tile1) of its range
+ * [z split_len, (z + 1) split_len), or all of them when unsplit; tile0 >=
+ * tile1 when the range lies past the block's keys (the combine skips it). */
+struct attn_block {
+    int m0, rows; /* queries [m0, m0 + rows) of the batch */
+    int kv_len;   /* keys [0, kv_len) */
+    int tile0, tile1;
+};
+__device__ __forceinline__ attn_block attn_block_range(int bm, int bn, int n, int pos0,
+                                                       int split_len) {
+    attn_block b;
+    b.m0 = ((int)gridDim.y - 1 - (int)blockIdx.y) * bm;
+    b.rows = min(bm, n - b.m0);
+    b.kv_len = pos0 + b.m0 + b.rows;
+    const int tiles = (b.kv_len + bn - 1) / bn;
+    if (gridDim.z == 1) {
+        b.tile0 = 0;
+        b.tile1 = tiles;
+    } else {
+        b.tile0 = (int)blockIdx.z * (split_len / bn);
+        b.tile1 = min(tiles, b.tile0 + split_len / bn);
+    }
+    return b;
+}
+
 /* grid (n_heads, ceil(n / MMA_BM), n_splits), block 128, dynamic smem
  * mma_smem_bytes<HD>(). Heads vary fastest so that the heads of a KV group run
  * side by side (their K/V tiles stay in L2), and query blocks are taken last
@@ -106,16 +133,12 @@ __global__ void __launch_bounds__(MMA_WARPS * 32, (HD <= 64 ? 3 : 2))
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, tq = lane & 3;
-    const int m0 = ((int)gridDim.y - 1 - (int)blockIdx.y) * MMA_BM;
-    const int h = blockIdx.x, kvh = h / (n_heads / n_kv_heads);
-    const int rows = min(MMA_BM, n - m0);
-    const int kv_len = pos0 + m0 + rows; /* keys [0, kv_len) */
-    const int n_splits = (int)gridDim.z, sp = (int)blockIdx.z;
-    const int tile0 = n_splits == 1 ? 0 : sp * (split_len / MMA_BN);
-    const int tile1 = n_splits == 1
-                          ? (kv_len + MMA_BN - 1) / MMA_BN
-                          : min((kv_len + MMA_BN - 1) / MMA_BN, tile0 + split_len / MMA_BN);
+    const attn_block blk = attn_block_range(MMA_BM, MMA_BN, n, pos0, split_len);
+    const int m0 = blk.m0, rows = blk.rows, kv_len = blk.kv_len;
+    const int tile0 = blk.tile0, tile1 = blk.tile1;
     if (tile0 >= tile1) return; /* a range past this block's keys: the combine skips it */
+    const int h = blockIdx.x, kvh = h / (n_heads / n_kv_heads);
+    const int n_splits = (int)gridDim.z, sp = (int)blockIdx.z;
     const size_t q_stride = (size_t)n_heads * HD, kv_stride = (size_t)n_kv_heads * HD;
     const __half *kbase = kc + (size_t)kvh * HD, *vbase = vc + (size_t)kvh * HD;
 
