@@ -3,8 +3,10 @@
 # 7 minutes: build, test_cuda and test_loader, a loader check on the GPU (the
 # first token's logits of compute, load and cake modes must be bit-identical),
 # 16K-token prefill speed of the longalpaca-13b shape (MHA, 800 KiB of KV per
-# token), one-shot and in chunks of 512, and one-shot with the mma.sync
-# attention kernel (CAKE_CUDA_ATTN=mma) beside it; then the paper's Table 3
+# token), one-shot and in chunks of 512, and beside them one-shot with the
+# mma.sync attention kernel (CAKE_CUDA_ATTN=mma), in chunks with the separate
+# combine kernel (CAKE_CUDA_COMBINE=launch), one-shot with f32 GEMM outputs
+# (CAKE_CUDA_GEMM_OUT=f32); then the paper's Table 3
 # cells:
 # `cake bench ttft --backend cuda` on that shape at 16K tokens over emulated
 # 7-100 Gbit/s links, GPU share 1 and 0.125; last, if time is left, llama-8b
@@ -158,8 +160,17 @@ if [ -x build-gpu/tests/test_cuda ]; then
     grep "^attention path" "$LOGS/test_cuda.log" | sed 's/^/  /' >>"$SUMMARY"
     if grep -q "^attention path 4.*FAILED" "$LOGS/test_cuda.log" ||
         ! grep -q "^attention path 4.*max error" "$LOGS/test_cuda.log"; then
-        export CAKE_CUDA_ATTN=mma
-        note "WGMMA KERNEL: failed or did not run; the steps below use CAKE_CUDA_ATTN=mma"
+        # the kernels merging their own key ranges, or the kernel itself?
+        CAKE_CUDA_COMBINE=launch CAKE_TEST_FILTER=test_attention_kernels \
+            step test_attention_combine_launch 45 build-gpu/tests/test_cuda
+        if grep -q "^attention path 4.*max error" "$LOGS/test_attention_combine_launch.log" &&
+            ! grep -q "FAILED" "$LOGS/test_attention_combine_launch.log"; then
+            export CAKE_CUDA_COMBINE=launch
+            note "WGMMA KERNEL: passes only with the combine kernel; the steps below use CAKE_CUDA_COMBINE=launch"
+        else
+            export CAKE_CUDA_ATTN=mma CAKE_CUDA_COMBINE=launch
+            note "WGMMA KERNEL: failed or did not run; the steps below use CAKE_CUDA_ATTN=mma CAKE_CUDA_COMBINE=launch"
+        fi
     else
         note "WGMMA KERNEL: PASS (every path 4 case)"
     fi
@@ -322,6 +333,13 @@ elif step mkmodel_longalpaca13b 150 $CAKE mkmodel --shape longalpaca-13b -o "$F1
         done
         [ "$best" != default ] && CAKE_CUDA_WGMMA=$best prefill longalpaca-13b chunk512 "wgmma-$best"
         CAKE_CUDA_ATTN=mma prefill longalpaca-13b oneshot mma-attention
+        # what stop 15 changed, against the way before, same run: the split
+        # attention's combine kernel instead of the blocks merging their own
+        # ranges (chunks), and f32 q/k/v and gate/up GEMM outputs (one-shot)
+        if [ "${CAKE_CUDA_COMBINE:-}" != launch ]; then
+            CAKE_CUDA_COMBINE=launch prefill longalpaca-13b chunk512 combine-launch
+        fi
+        CAKE_CUDA_GEMM_OUT=f32 prefill longalpaca-13b oneshot gemm-f32
         if [ -n "$WGMMA_OK" ]; then
             [ "$best" != default ] && export CAKE_CUDA_WGMMA=$best
             note "fastest wgmma variant: $best ($best_ms ms one-shot); the rest runs with it"

@@ -130,6 +130,21 @@ static inline float __shfl_xor_sync(unsigned, float v, int mask) {
     return r;
 }
 
+/* Blocks run one at a time, and a block's threads one at a time: memory is
+ * coherent and an atomic is a plain read-modify-write. */
+static inline int atomicAdd(int *p, int v) {
+    const int old = *p;
+    *p = old + v;
+    return old;
+}
+static inline void __threadfence() {}
+static inline float __ldcg(const float *p) {
+    return *p;
+}
+static inline float2 __ldcg(const float2 *p) {
+    return *p;
+}
+
 using std::max;
 using std::min;
 
@@ -147,22 +162,22 @@ static float uniform(float a) {
     return a * (2.0f * (float)(rng >> 11) / 9007199254740992.0f - 1.0f);
 }
 
-/* Runs body on every block of grid (block threads each); -1 if a block's
- * threads passed different numbers of synchronisation points. */
-static int run_grid(dim3 grid, int threads) {
+/* Runs body on every block of grid (block threads each), in the order of
+ * their index or (backwards) the reverse; -1 if a block's threads passed
+ * different numbers of synchronisation points. */
+static int run_grid(dim3 grid, int threads, bool backwards = false) {
     emu::grid3 = grid;
-    for (unsigned z = 0; z < grid.z; z++)
-        for (unsigned y = 0; y < grid.y; y++)
-            for (unsigned x = 0; x < grid.x; x++) {
-                emu::bid3 = make_uint3(x, y, z);
-                if (emu::run_block(threads)) {
-                    fprintf(stderr,
-                            "block (%u, %u, %u): threads passed different numbers of "
-                            "barriers\n",
-                            x, y, z);
-                    return -1;
-                }
-            }
+    const unsigned blocks = grid.x * grid.y * grid.z;
+    for (unsigned i = 0; i < blocks; i++) {
+        const unsigned b = backwards ? blocks - 1 - i : i;
+        const unsigned x = b % grid.x, y = b / grid.x % grid.y, z = b / (grid.x * grid.y);
+        emu::bid3 = make_uint3(x, y, z);
+        if (emu::run_block(threads)) {
+            fprintf(stderr, "block (%u, %u, %u): threads passed different numbers of barriers\n", x,
+                    y, z);
+            return -1;
+        }
+    }
     return 0;
 }
 

@@ -291,8 +291,8 @@ static problem make_problem(int hd, int heads, int kv_heads, int pos0, int n, fl
 struct wgmma_case {
     const char *name;
     int tile;
-    void (*kernel)(const __half *, const __half *, const __half *, float *, float *, int, int, int,
-                   int, float, int, const CUtensorMap, const CUtensorMap);
+    void (*kernel)(const __half *, const __half *, const __half *, float *, float *, int *, int,
+                   int, int, int, float, int, const CUtensorMap, const CUtensorMap);
 };
 static const wgmma_case wgmma_kernels[] = {
     {"bn128-free", 128, attn_wgmma_kernel<float, wg_bn128_free>},
@@ -311,39 +311,51 @@ static CUtensorMap emu_kv_map(const __half *cache, int kv_heads, int hd, int row
     return map;
 }
 
+/* How a split launch merges its key ranges: the combine kernel after it, or
+ * the last block of each query block and head, with the blocks run in the
+ * order of their index (the last range merges) or backwards (the first). */
+enum merge_mode { COMBINE_KERNEL, MERGE_LAST, MERGE_LAST_BACKWARDS };
+
 /* Queries [t0, t0 + n) of p (positions pos0 + t0 ...) through the MMA kernel
- * (wg NULL) or a WGMMA variant, its keys in n_splits ranges of split_len
- * (then the combine kernel). */
+ * (wg NULL) or a WGMMA variant, its keys in n_splits ranges of split_len,
+ * merged as `merge` says. */
 static int launch(const problem &p, const wgmma_case *wg, int n_splits, int split_len, int t0,
-                  int n, float *out) {
+                  int n, float *out, merge_mode merge = COMBINE_KERNEL) {
     const int pos0 = p.pos0 + t0, heads = p.heads, kvh = p.kv_heads, hd = p.hd;
     const __half *q = p.q.data() + (size_t)t0 * heads * hd, *k = p.k.data(), *v = p.v.data();
     const float scale_log2 = 1.4426950408889634f / sqrtf((float)hd);
     std::vector<float> part((size_t)n * heads * n_splits * (hd + 2), NAN);
     float *pp = n_splits > 1 ? part.data() : nullptr;
+    const unsigned q_blocks = (unsigned)((n + MMA_BM - 1) / MMA_BM);
+    std::vector<int> counters((size_t)q_blocks * heads, 0);
+    int *cp = merge == COMBINE_KERNEL ? nullptr : counters.data();
     if (wg) {
         const CUtensorMap tk = emu_kv_map(k, kvh, hd, pos0 + n, wg->tile);
         const CUtensorMap tv = emu_kv_map(v, kvh, hd, pos0 + n, wg->tile);
         emu::body = [=] {
-            wg->kernel(q, k, v, out, pp, n, pos0, heads, kvh, scale_log2, split_len, tk, tv);
+            wg->kernel(q, k, v, out, pp, cp, n, pos0, heads, kvh, scale_log2, split_len, tk, tv);
         };
     } else if (hd == 64) {
         emu::body = [=] {
-            attn_mma_kernel<64, float>(q, k, v, out, pp, n, pos0, heads, kvh, scale_log2,
+            attn_mma_kernel<64, float>(q, k, v, out, pp, cp, n, pos0, heads, kvh, scale_log2,
                                        split_len);
         };
     } else {
         emu::body = [=] {
-            attn_mma_kernel<128, float>(q, k, v, out, pp, n, pos0, heads, kvh, scale_log2,
+            attn_mma_kernel<128, float>(q, k, v, out, pp, cp, n, pos0, heads, kvh, scale_log2,
                                         split_len);
         };
     }
     memset(cake_attn::smem_u4, 0xff, sizeof(cake_attn::smem_u4)); /* NaN garbage */
-    const unsigned q_blocks = (unsigned)((n + MMA_BM - 1) / MMA_BM);
     if (run_grid(dim3((unsigned)heads, q_blocks, (unsigned)n_splits),
-                 wg ? WG_THREADS : MMA_WARPS * 32))
+                 wg ? WG_THREADS : MMA_WARPS * 32, merge == MERGE_LAST_BACKWARDS))
         return -1;
-    if (n_splits == 1) return 0;
+    for (int c : counters)
+        if (c) {
+            fprintf(stderr, "a merge counter was left at %d\n", c);
+            return -1;
+        }
+    if (n_splits == 1 || merge != COMBINE_KERNEL) return 0;
     emu::body = [=] { attn_combine_kernel<float>(pp, out, pos0, heads, hd, split_len, n_splits); };
     return run_grid(dim3((unsigned)n, (unsigned)heads, 1), SIMT_THREADS);
 }
@@ -435,6 +447,23 @@ int main() {
                    "2e-03)\n",
                    ok ? "ok" : "FAILED", name, c.hd, c.heads, c.kv, c.pos0, c.n, what, e);
             failed += !ok;
+
+            /* Split, the blocks that merge their own ranges give the combine
+             * kernel's bits, whichever block of a query block comes last (the
+             * MMA kernel and the default WGMMA variant: the others' merge is
+             * the same code after the same epilogue). */
+            for (merge_mode m : {MERGE_LAST, MERGE_LAST_BACKWARDS}) {
+                if (c.n_splits == 1 || (wg && wg != &wgmma_kernels[0])) break;
+                std::vector<float> out2(out.size(), NAN);
+                if (launch(p, wg, c.n_splits, c.split_len, 0, c.n, out2.data(), m)) {
+                    failed++;
+                    continue;
+                }
+                const bool same = !memcmp(out.data(), out2.data(), out.size() * sizeof(float));
+                printf("%s: %s, %s, merged by the %s block: the combine kernel's bits\n",
+                       same ? "ok" : "FAILED", name, what, m == MERGE_LAST ? "last" : "first");
+                failed += !same;
+            }
 
             /* Unsplit, a query's result does not depend on how the queries are
              * batched: the same queries in two launches, split at an unaligned

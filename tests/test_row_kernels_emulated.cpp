@@ -47,6 +47,17 @@ static float to_f32(__nv_bfloat16 v) {
     return __bfloat162float(v);
 }
 
+template <typename T> static T from_f32(float v);
+template <> float from_f32<float>(float v) {
+    return v;
+}
+template <> __half from_f32<__half>(float v) {
+    return __float2half_rn(v);
+}
+template <> __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
+    return __float2bfloat16_rn(v);
+}
+
 /* ---- RMSNorm ---- */
 
 /* Relative error allowed for T's rounding of the result (half an ulp) plus the
@@ -100,8 +111,11 @@ template <typename T> static void test_rmsnorm(int n, int dim, const char *type)
 
 /* The table and the rotation, against the same maths on the host: the same
  * (cos, sin) from double, the same f32 products, so within one f16 rounding
- * (the order of an f32 multiply-add can differ). */
-static void test_rope(int n_heads, int n_kv_heads, int head_dim, int pos0, int n) {
+ * (the order of an f32 multiply-add can differ). q/k/v come in as TIn, the
+ * type the GEMM before it wrote. */
+template <typename TIn>
+static void test_rope(int n_heads, int n_kv_heads, int head_dim, int pos0, int n,
+                      const char *type) {
     const int half_hd = head_dim / 2, n_pos = pos0 + n;
     const int dim = n_heads * head_dim, kv_dim = n_kv_heads * head_dim;
     std::vector<double> inv(half_hd);
@@ -123,11 +137,15 @@ static void test_rope(int n_heads, int n_kv_heads, int head_dim, int pos0, int n
     check(!bad_table, "rope table, %d positions x %d: %d entries differ from cos/sin in double",
           n_pos, half_hd, bad_table);
 
-    std::vector<float> qkv((size_t)n * (dim + 2 * kv_dim));
-    for (auto &v : qkv) v = uniform(4.0f);
+    std::vector<TIn> qkv_in((size_t)n * (dim + 2 * kv_dim));
+    std::vector<float> qkv(qkv_in.size()); /* the same values, as the reference reads them */
+    for (size_t i = 0; i < qkv.size(); i++) {
+        qkv_in[i] = from_f32<TIn>(uniform(4.0f));
+        qkv[i] = to_f32(qkv_in[i]);
+    }
     std::vector<__half> q16((size_t)n * dim), kc((size_t)n_pos * kv_dim),
         vc((size_t)n_pos * kv_dim);
-    const float *qp = qkv.data();
+    const TIn *qp = qkv_in.data();
     __half *q16p = q16.data(), *kp = kc.data(), *vp = vc.data();
     const float2 *csc = cs.data();
     emu::body = [=] { rope_kv_kernel(qp, q16p, kp, vp, csc, pos0, n_heads, n_kv_heads, head_dim); };
@@ -161,20 +179,26 @@ static void test_rope(int n_heads, int n_kv_heads, int head_dim, int pos0, int n
     }
     const double tol = 1.0 / 1024;
     check(worst <= tol && !v_bad,
-          "rope+kv, heads %d/%d of %d, positions %d..%d: max relative error %.3g (tol %.3g), %d v "
-          "values differ",
-          n_heads, n_kv_heads, head_dim, pos0, pos0 + n - 1, worst, tol, v_bad);
+          "rope+kv from %s, heads %d/%d of %d, positions %d..%d: max relative error %.3g (tol "
+          "%.3g), %d v values differ",
+          type, n_heads, n_kv_heads, head_dim, pos0, pos0 + n - 1, worst, tol, v_bad);
 }
 
 /* ---- SwiGLU ---- */
 
-template <typename T> static void test_swiglu(int n, int ffn, int grid_y, const char *type) {
-    std::vector<float> gu((size_t)n * 2 * ffn);
-    for (auto &v : gu) v = uniform(6.0f);
+/* gate/up come in as TIn: f32, or T as the GEMM wrote them. */
+template <typename T, typename TIn>
+static void test_swiglu(int n, int ffn, int grid_y, const char *type) {
+    std::vector<TIn> gu_in((size_t)n * 2 * ffn);
+    std::vector<float> gu(gu_in.size());
+    for (size_t i = 0; i < gu.size(); i++) {
+        gu_in[i] = from_f32<TIn>(uniform(6.0f));
+        gu[i] = to_f32(gu_in[i]);
+    }
     std::vector<T> h((size_t)n * ffn);
     T *hp = h.data();
-    const float *gp = gu.data();
-    emu::body = [=] { swiglu_kernel<T>(hp, gp, n, ffn); };
+    const TIn *gp = gu_in.data();
+    emu::body = [=] { swiglu_kernel<T, TIn>(hp, gp, n, ffn); };
     if (run_grid(dim3((unsigned)((ffn + ROW_THREADS - 1) / ROW_THREADS), (unsigned)grid_y),
                  ROW_THREADS)) {
         failed++;
@@ -205,13 +229,17 @@ int main() {
     check(!rmsnorm_vec_fits(8196) && !rmsnorm_vec_fits(258) && rmsnorm_vec_fits(8192),
           "rmsnorm picks the plain kernel for rows of 258 and 8196 floats");
 
-    test_rope(4, 2, 128, 0, 3);
-    test_rope(3, 3, 64, 30000, 2); /* far positions: the angles need double */
-    test_rope(8, 1, 16, 100, 2);
+    test_rope<float>(4, 2, 128, 0, 3, "f32");
+    test_rope<float>(3, 3, 64, 30000, 2, "f32"); /* far positions: the angles need double */
+    test_rope<float>(8, 1, 16, 100, 2, "f32");
+    test_rope<__half>(4, 2, 128, 500, 3, "f16");
+    test_rope<__nv_bfloat16>(3, 3, 64, 30000, 2, "bf16");
 
-    test_swiglu<__half>(3, 300, 3, "f16");
-    test_swiglu<float>(5, 256, 2, "f32"); /* rows strided over grid y */
-    test_swiglu<__nv_bfloat16>(2, 13824 / 8, 2, "bf16");
+    test_swiglu<__half, float>(3, 300, 3, "f16 from f32");
+    test_swiglu<float, float>(5, 256, 2, "f32"); /* rows strided over grid y */
+    test_swiglu<__nv_bfloat16, float>(2, 13824 / 8, 2, "bf16 from f32");
+    test_swiglu<__half, __half>(3, 300, 2, "f16");
+    test_swiglu<__nv_bfloat16, __nv_bfloat16>(2, 13824 / 8, 2, "bf16");
 
     if (failed) printf("%d check(s) failed\n", failed);
     return failed ? 1 : 0;

@@ -190,6 +190,19 @@ cudaError_t launch_combine(const cake_attn_launch *a, OutT *out, int split_len, 
     return cudaGetLastError();
 }
 
+/* The counters a split launch of `grid` merges its ranges with, or NULL when
+ * the combine kernel is to do it: no counters, too few, or
+ * CAKE_CUDA_COMBINE=launch (read once; to measure the two side by side). */
+int *merge_counters(const cake_attn_launch *a, dim3 grid) {
+    static const bool launch = [] {
+        const char *e = getenv("CAKE_CUDA_COMBINE");
+        return e && !strcmp(e, "launch");
+    }();
+    if (launch || grid.z == 1 || !a->counters || (size_t)grid.x * grid.y > a->counter_ints)
+        return nullptr;
+    return a->counters;
+}
+
 template <int HD, typename OutT>
 cudaError_t launch_mma(const cake_attn_launch *a, OutT *out, cudaStream_t st) {
     int split_len;
@@ -199,11 +212,12 @@ cudaError_t launch_mma(const cake_attn_launch *a, OutT *out, cudaStream_t st) {
     const dim3 grid((unsigned)a->n_heads, (unsigned)((a->n + MMA_BM - 1) / MMA_BM),
                     (unsigned)n_splits);
     const float scale_log2 = 1.4426950408889634f / sqrtf((float)HD);
+    int *counters = merge_counters(a, grid);
     attn_mma_kernel<HD, OutT><<<grid, MMA_WARPS * 32, mma_smem_bytes<HD>(), st>>>(
-        a->q, a->k, a->v, out, a->part, a->n, a->pos0, a->n_heads, a->n_kv_heads, scale_log2,
-        split_len);
+        a->q, a->k, a->v, out, a->part, counters, a->n, a->pos0, a->n_heads, a->n_kv_heads,
+        scale_log2, split_len);
     cudaError_t e = cudaGetLastError();
-    if (e != cudaSuccess || n_splits == 1) return e;
+    if (e != cudaSuccess || n_splits == 1 || counters) return e;
     return launch_combine<OutT>(a, out, split_len, n_splits, st);
 }
 
@@ -222,11 +236,12 @@ cudaError_t launch_wgmma(const cake_attn_launch *a, OutT *out, cudaStream_t st) 
         (!make_kv_map(&tm_k, a->k, a->n_kv_heads, a->pos0 + a->n, C::BN) ||
          !make_kv_map(&tm_v, a->v, a->n_kv_heads, a->pos0 + a->n, C::BN)))
         return cudaErrorInvalidValue;
+    int *counters = merge_counters(a, grid);
     attn_wgmma_kernel<OutT, C><<<grid, WG_THREADS, C::SMEM, st>>>(
-        a->q, a->k, a->v, out, a->part, a->n, a->pos0, a->n_heads, a->n_kv_heads, scale_log2,
-        split_len, tm_k, tm_v);
+        a->q, a->k, a->v, out, a->part, counters, a->n, a->pos0, a->n_heads, a->n_kv_heads,
+        scale_log2, split_len, tm_k, tm_v);
     cudaError_t e = cudaGetLastError();
-    if (e != cudaSuccess || n_splits == 1) return e;
+    if (e != cudaSuccess || n_splits == 1 || counters) return e;
     return launch_combine<OutT>(a, out, split_len, n_splits, st);
 }
 

@@ -104,6 +104,61 @@ __device__ __forceinline__ attn_block attn_block_range(int bm, int bn, int n, in
     return b;
 }
 
+/* The combine, fused into a split launch (counters not NULL): each block of a
+ * key range writes its rows' partials, and the last block of its (query block,
+ * head) to finish merges that query block's ranges into the output, in range
+ * order, so the result does not depend on which block came last. This saves
+ * the combine launch, which read every partial back from memory in small
+ * blocks after the whole grid had drained. counter: the (query block, head)'s
+ * arrivals; zero before the launch, and the merging block leaves it zero for
+ * the next one. n_ranges: the block's ranges that have keys. last: an int of
+ * shared memory that no thread uses any more. Called by every thread of the
+ * block (it synchronises the block). */
+template <typename OutT>
+__device__ void attn_merge_if_last(const float *__restrict__ part, OutT *__restrict__ out,
+                                   int *counter, int n_ranges, int m0, int rows, int pos0,
+                                   int n_heads, int h, int head_dim, int split_len, int n_splits,
+                                   int *last) {
+    __threadfence(); /* this thread's partials, before the block's arrival */
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        *last = atomicAdd(counter, 1) == n_ranges - 1;
+        if (*last) *counter = 0; /* every range has arrived */
+    }
+    __syncthreads();
+    if (!*last) return;
+    __threadfence(); /* the other blocks' partials, after their arrivals */
+    const size_t pitch = (size_t)head_dim + 2;
+    const int warps = (int)blockDim.x / 32, lane = (int)threadIdx.x % 32;
+    for (int r = (int)threadIdx.x / 32; r < rows; r += warps) { /* a warp per query */
+        const int t = m0 + r;
+        const int n_valid = (pos0 + t + 1 + split_len - 1) / split_len; /* ranges with keys */
+        const float *base = part + ((size_t)t * n_heads + h) * n_splits * pitch;
+        float mx = -INFINITY, l = 0.0f;
+        for (int s = 0; s < n_valid; s++) mx = fmaxf(mx, __ldcg(base + s * pitch + head_dim));
+        for (int s = 0; s < n_valid; s++)
+            l += __ldcg(base + s * pitch + head_dim + 1) *
+                 __expf(__ldcg(base + s * pitch + head_dim) - mx);
+        OutT *orow = out + ((size_t)t * n_heads + h) * head_dim;
+        for (int d = 2 * lane; d < head_dim; d += 64) {
+            float a0 = 0.0f, a1 = 0.0f;
+            for (int s = 0; s < n_valid; s++) {
+                const float w = __expf(__ldcg(base + s * pitch + head_dim) - mx);
+                const float2 v = __ldcg(reinterpret_cast<const float2 *>(base + s * pitch + d));
+                a0 += v.x * w;
+                a1 += v.y * w;
+            }
+            cake_store2(orow + d, a0 / l, a1 / l);
+        }
+    }
+}
+
+/* Ranges with keys of this block's query block (tiles of bn keys). */
+__device__ __forceinline__ int attn_block_ranges(const attn_block &b, int bn, int split_len) {
+    const int tiles = (b.kv_len + bn - 1) / bn, per = split_len / bn;
+    return (tiles + per - 1) / per;
+}
+
 /* grid (n_heads, ceil(n / MMA_BM), n_splits), block 128, dynamic smem
  * mma_smem_bytes<HD>(). Heads vary fastest so that the heads of a KV group run
  * side by side (their K/V tiles stay in L2), and query blocks are taken last
@@ -114,12 +169,15 @@ __device__ __forceinline__ attn_block attn_block_range(int bm, int bn, int n, in
  * With n_splits == 1 the block walks all its keys and writes the normalised
  * output. Otherwise block z walks only keys [z split_len, (z + 1) split_len)
  * and writes its rows' unnormalised partial (o[HD], max in natural-log units,
- * sum) to part, for attn_combine_kernel (split_len is a multiple of MMA_BN). */
+ * sum) to part (split_len is a multiple of MMA_BN); with counters (one int per
+ * block of a range, zeroed) the last block of each query block and head merges
+ * them (attn_merge_if_last), without, attn_combine_kernel does after. */
 template <int HD, typename OutT>
 __global__ void __launch_bounds__(MMA_WARPS * 32, (HD <= 64 ? 3 : 2))
     attn_mma_kernel(const __half *__restrict__ q, const __half *__restrict__ kc,
                     const __half *__restrict__ vc, OutT *__restrict__ out, float *__restrict__ part,
-                    int n, int pos0, int n_heads, int n_kv_heads, float scale_log2, int split_len) {
+                    int *__restrict__ counters, int n, int pos0, int n_heads, int n_kv_heads,
+                    float scale_log2, int split_len) {
     constexpr int LD = mma_ld<HD>();
     constexpr int CH = HD / 8;     /* 16-byte chunks per row */
     constexpr int NT = MMA_BN / 8; /* n-tiles of S per key tile */
@@ -343,6 +401,10 @@ __global__ void __launch_bounds__(MMA_WARPS * 32, (HD <= 64 ? 3 : 2))
             }
         }
     }
+    if (n_splits > 1 && counters)
+        attn_merge_if_last(part, out, counters + blockIdx.y * gridDim.x + blockIdx.x,
+                           attn_block_ranges(blk, MMA_BN, split_len), m0, rows, pos0, n_heads, h,
+                           HD, split_len, n_splits, reinterpret_cast<int *>(smem_u4));
 }
 
 /* --------------------------------------------------------------- SIMT path */

@@ -225,8 +225,9 @@ template <typename OutT, typename C>
 __global__ void __launch_bounds__(WG_THREADS, 1)
     attn_wgmma_kernel(const __half *__restrict__ q, const __half *__restrict__ kc,
                       const __half *__restrict__ vc, OutT *__restrict__ out,
-                      float *__restrict__ part, int n, int pos0, int n_heads, int n_kv_heads,
-                      float scale_log2, int split_len, const __grid_constant__ CUtensorMap tm_k,
+                      float *__restrict__ part, int *__restrict__ counters, int n, int pos0,
+                      int n_heads, int n_kv_heads, float scale_log2, int split_len,
+                      const __grid_constant__ CUtensorMap tm_k,
                       const __grid_constant__ CUtensorMap tm_v) {
 #ifdef CAKE_ATTN_WGMMA_BODY
     constexpr int HD = WG_HD, CH = HD / 8, BN = C::BN, NT = BN / 8, DT = HD / 8;
@@ -495,6 +496,10 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
             }
         }
     }
+    if (n_splits > 1 && counters)
+        attn_merge_if_last(part, out, counters + blockIdx.y * gridDim.x + blockIdx.x,
+                           attn_block_ranges(blk, BN, split_len), m0, rows, pos0, n_heads, h, HD,
+                           split_len, n_splits, reinterpret_cast<int *>(smem_u4));
 #endif
 }
 

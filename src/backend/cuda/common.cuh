@@ -41,6 +41,17 @@ template <> __device__ __forceinline__ __nv_bfloat16 cake_from_f32<__nv_bfloat16
     return __float2bfloat16_rn(v);
 }
 
+/* Loads two adjacent elements p[0], p[1] (p is 2-element aligned) as f32. */
+__device__ __forceinline__ float2 cake_load2(const float *p) {
+    return *reinterpret_cast<const float2 *>(p);
+}
+__device__ __forceinline__ float2 cake_load2(const __half *p) {
+    return __half22float2(*reinterpret_cast<const __half2 *>(p));
+}
+__device__ __forceinline__ float2 cake_load2(const __nv_bfloat16 *p) {
+    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(p));
+}
+
 /* Stores two adjacent elements p[0], p[1] (p is 2-element aligned). */
 __device__ __forceinline__ void cake_store2(float *p, float a, float b) {
     *reinterpret_cast<float2 *>(p) = make_float2(a, b);
@@ -105,16 +116,18 @@ cudaError_t cake_cuda_rmsnorm(void *y, int dtype, const float *x, const float *w
 cudaError_t cake_cuda_rope_table(float2 *cs, const double *inv_freq, int n_pos, int half_hd,
                                  cudaStream_t st);
 
-/* From qkv (n, dim + 2 kv_dim) f32 rows [q | k | v] of tokens at positions
- * pos0 + t: q16 (n, dim) = rope(q) as f16; k_cache[pos0 + t] = rope(k) and
- * v_cache[pos0 + t] = v as f16 (rows of kv_dim). rope_cs: the RoPE table
- * (cake_cuda_rope_table) of at least pos0 + n positions. */
-cudaError_t cake_cuda_rope_kv(const float *qkv, __half *q16, __half *k_cache, __half *v_cache,
-                              const float2 *rope_cs, int n, int pos0, int n_heads, int n_kv_heads,
-                              int head_dim, cudaStream_t st);
+/* From qkv (n, dim + 2 kv_dim) rows [q | k | v] (qkv_dtype: f32, f16 or bf16) of tokens at
+ * positions pos0 + t: q16 (n, dim) = rope(q) as f16; k_cache[pos0 + t] = rope(k) and v_cache[pos0 +
+ * t] = v as f16 (rows of kv_dim). rope_cs: the RoPE table (cake_cuda_rope_table) of at least pos0 +
+ * n positions. */
+cudaError_t cake_cuda_rope_kv(const void *qkv, int qkv_dtype, __half *q16, __half *k_cache,
+                              __half *v_cache, const float2 *rope_cs, int n, int pos0, int n_heads,
+                              int n_kv_heads, int head_dim, cudaStream_t st);
 
-/* h[t, i] = silu(gu[t, i]) * gu[t, ffn + i] as `dtype`. gu: (n, 2 ffn); h: (n, ffn). */
-cudaError_t cake_cuda_swiglu(void *h, int dtype, const float *gu, int n, int ffn, cudaStream_t st);
+/* h[t, i] = silu(gu[t, i]) * gu[t, ffn + i] as `dtype`. gu: (n, 2 ffn) f32 or
+ * `dtype`; h: (n, ffn). */
+cudaError_t cake_cuda_swiglu(void *h, int dtype, const void *gu, int gu_dtype, int n, int ffn,
+                             cudaStream_t st);
 
 /* ---- attention (attention.cu) ---- */
 
@@ -133,10 +146,12 @@ typedef struct {
     int out_dtype;       /* cake_dtype */
     int n, pos0;         /* queries at positions [pos0, pos0 + n); keys [0, pos0 + n) */
     int n_heads, n_kv_heads, head_dim;
-    float *part;        /* partials of split ranges: (n, n_heads, ranges, head_dim + 2) */
-    size_t part_floats; /* part's capacity; NULL part: the MMA path does not split */
-    int split_len;      /* keys per range (split path) */
-    int n_sm;           /* the GPU's multiprocessors (when the MMA path splits) */
+    float *part;         /* partials of split ranges: (n, n_heads, ranges, head_dim + 2) */
+    size_t part_floats;  /* part's capacity; NULL part: the MMA path does not split */
+    int split_len;       /* keys per range (split path) */
+    int n_sm;            /* the GPU's multiprocessors (when the MMA path splits) */
+    int *counters;       /* zeroed, for the tensor-core kernels to merge their own key ranges; */
+    size_t counter_ints; /* NULL (or too few for a batch): a combine kernel merges them after */
 } cake_attn_launch;
 
 /* Most queries per call that take the split (decode) path in AUTO mode, and
@@ -156,6 +171,13 @@ static inline size_t cake_attn_part_floats(int max_n, int n_splits_max, int n_he
         (size_t)(max_n < CAKE_ATTN_MMA_SPLIT_MAX_N ? max_n : CAKE_ATTN_MMA_SPLIT_MAX_N) *
         CAKE_ATTN_MMA_MAX_SPLITS;
     return (decode > mma ? decode : mma) * (size_t)n_heads * (size_t)(head_dim + 2);
+}
+
+/* The ints `counters` needs for batches of up to max_n queries: one per
+ * (query block, head) of a batch the MMA paths split (blocks of >= 64 queries). */
+static inline size_t cake_attn_counter_ints(int max_n, int n_heads) {
+    const int n = max_n < CAKE_ATTN_MMA_SPLIT_MAX_N ? max_n : CAKE_ATTN_MMA_SPLIT_MAX_N;
+    return (size_t)((n + 63) / 64) * (size_t)n_heads;
 }
 
 /* Sets up the kernels' shared-memory limits; call once per device. */

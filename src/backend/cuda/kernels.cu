@@ -38,7 +38,8 @@ void launch_rmsnorm(T *y, const float *x, const float *w, int n, int dim, float 
         rmsnorm_kernel<<<n, ROW_THREADS, 0, st>>>(y, x, w, dim, eps);
 }
 
-template <typename T> void launch_swiglu(T *h, const float *gu, int n, int ffn, cudaStream_t st) {
+template <typename T, typename TIn>
+void launch_swiglu(T *h, const TIn *gu, int n, int ffn, cudaStream_t st) {
     const dim3 grid((unsigned)((ffn + ROW_THREADS - 1) / ROW_THREADS),
                     (unsigned)(n < SWIGLU_MAX_Y ? n : SWIGLU_MAX_Y));
     swiglu_kernel<<<grid, ROW_THREADS, 0, st>>>(h, gu, n, ffn);
@@ -89,24 +90,48 @@ cudaError_t cake_cuda_rope_table(float2 *cs, const double *inv_freq, int n_pos, 
     return cudaGetLastError();
 }
 
-cudaError_t cake_cuda_rope_kv(const float *qkv, __half *q16, __half *k_cache, __half *v_cache,
-                              const float2 *rope_cs, int n, int pos0, int n_heads, int n_kv_heads,
-                              int head_dim, cudaStream_t st) {
-    rope_kv_kernel<<<n, ROW_THREADS, 0, st>>>(qkv, q16, k_cache, v_cache, rope_cs, pos0, n_heads,
-                                              n_kv_heads, head_dim);
+cudaError_t cake_cuda_rope_kv(const void *qkv, int qkv_dtype, __half *q16, __half *k_cache,
+                              __half *v_cache, const float2 *rope_cs, int n, int pos0, int n_heads,
+                              int n_kv_heads, int head_dim, cudaStream_t st) {
+    switch (qkv_dtype) {
+    case CAKE_DTYPE_F32:
+        rope_kv_kernel<<<n, ROW_THREADS, 0, st>>>((const float *)qkv, q16, k_cache, v_cache,
+                                                  rope_cs, pos0, n_heads, n_kv_heads, head_dim);
+        break;
+    case CAKE_DTYPE_F16:
+        rope_kv_kernel<<<n, ROW_THREADS, 0, st>>>((const __half *)qkv, q16, k_cache, v_cache,
+                                                  rope_cs, pos0, n_heads, n_kv_heads, head_dim);
+        break;
+    case CAKE_DTYPE_BF16:
+        rope_kv_kernel<<<n, ROW_THREADS, 0, st>>>((const __nv_bfloat16 *)qkv, q16, k_cache, v_cache,
+                                                  rope_cs, pos0, n_heads, n_kv_heads, head_dim);
+        break;
+    default:
+        return cudaErrorInvalidValue;
+    }
     return cudaGetLastError();
 }
 
-cudaError_t cake_cuda_swiglu(void *h, int dtype, const float *gu, int n, int ffn, cudaStream_t st) {
+/* gu is f32, or of h's own type (the GEMM wrote it so). */
+cudaError_t cake_cuda_swiglu(void *h, int dtype, const void *gu, int gu_dtype, int n, int ffn,
+                             cudaStream_t st) {
+    if (gu_dtype != CAKE_DTYPE_F32 && gu_dtype != dtype) return cudaErrorInvalidValue;
+    const bool f32_in = gu_dtype == CAKE_DTYPE_F32;
     switch (dtype) {
     case CAKE_DTYPE_F32:
-        launch_swiglu((float *)h, gu, n, ffn, st);
+        launch_swiglu((float *)h, (const float *)gu, n, ffn, st);
         break;
     case CAKE_DTYPE_F16:
-        launch_swiglu((__half *)h, gu, n, ffn, st);
+        if (f32_in)
+            launch_swiglu((__half *)h, (const float *)gu, n, ffn, st);
+        else
+            launch_swiglu((__half *)h, (const __half *)gu, n, ffn, st);
         break;
     case CAKE_DTYPE_BF16:
-        launch_swiglu((__nv_bfloat16 *)h, gu, n, ffn, st);
+        if (f32_in)
+            launch_swiglu((__nv_bfloat16 *)h, (const float *)gu, n, ffn, st);
+        else
+            launch_swiglu((__nv_bfloat16 *)h, (const __nv_bfloat16 *)gu, n, ffn, st);
         break;
     default:
         return cudaErrorInvalidValue;

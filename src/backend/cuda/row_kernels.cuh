@@ -98,25 +98,26 @@ __global__ void rope_table_kernel(float2 *__restrict__ cs, const double *__restr
 }
 
 /* grid n, block ROW_THREADS. Row t of qkv is [q (dim) | k (kv_dim) | v
- * (kv_dim)] f32, at position pos0 + t: q16[t] = rope(q), k_cache[pos] =
- * rope(k), v_cache[pos] = v, as f16. Each element pair (2p, 2p + 1), which
- * RoPE rotates together, comes in as a float2 and goes out as a half2. */
+ * (kv_dim)] (f32, or f16/bf16 straight from the GEMM), at position pos0 + t:
+ * q16[t] = rope(q), k_cache[pos] = rope(k), v_cache[pos] = v, as f16. Each
+ * element pair (2p, 2p + 1), which RoPE rotates together, comes in as a pair
+ * and goes out as a half2. */
+template <typename TIn>
 __global__ void __launch_bounds__(ROW_THREADS)
-    rope_kv_kernel(const float *__restrict__ qkv, __half *__restrict__ q16,
+    rope_kv_kernel(const TIn *__restrict__ qkv, __half *__restrict__ q16,
                    __half *__restrict__ k_cache, __half *__restrict__ v_cache,
                    const float2 *__restrict__ rope_cs, int pos0, int n_heads, int n_kv_heads,
                    int head_dim) {
     const int t = blockIdx.x, half_hd = head_dim / 2, pos = pos0 + t;
     const int q_pairs = n_heads * half_hd, kv_pairs = n_kv_heads * half_hd;
     const float2 *cs = rope_cs + (size_t)pos * (size_t)half_hd;
-    const float2 *row =
-        reinterpret_cast<const float2 *>(qkv) + (size_t)t * (q_pairs + 2 * kv_pairs);
+    const TIn *row = qkv + (size_t)t * 2 * (q_pairs + 2 * kv_pairs);
     __half2 *qdst = reinterpret_cast<__half2 *>(q16) + (size_t)t * q_pairs;
     __half2 *kdst = reinterpret_cast<__half2 *>(k_cache) + (size_t)pos * kv_pairs;
     __half2 *vdst = reinterpret_cast<__half2 *>(v_cache) + (size_t)pos * kv_pairs;
 #pragma unroll 4
     for (int p = threadIdx.x; p < q_pairs + 2 * kv_pairs; p += ROW_THREADS) {
-        const float2 x = row[p];
+        const float2 x = cake_load2(row + 2 * p);
         if (p < q_pairs + kv_pairs) { /* q or k: rotate (heads start at multiples of half_hd) */
             const float2 r = cs[p % half_hd]; /* (cos, sin) */
             const __half2 h = __floats2half2_rn(x.x * r.x - x.y * r.y, x.x * r.y + x.y * r.x);
@@ -135,13 +136,13 @@ constexpr int SWIGLU_MAX_Y = 65535;
 
 /* grid (ceil(ffn / ROW_THREADS), min(n, SWIGLU_MAX_Y)), block ROW_THREADS:
  * h[t, i] = silu(gu[t, i]) * gu[t, ffn + i], one element per thread and row. */
-template <typename T>
-__global__ void swiglu_kernel(T *__restrict__ h, const float *__restrict__ gu, int n, int ffn) {
+template <typename T, typename TIn>
+__global__ void swiglu_kernel(T *__restrict__ h, const TIn *__restrict__ gu, int n, int ffn) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= ffn) return;
     for (int t = blockIdx.y; t < n; t += gridDim.y) {
-        const float *g = gu + (size_t)t * 2 * (size_t)ffn;
-        const float gv = g[i], u = g[ffn + i];
+        const TIn *g = gu + (size_t)t * 2 * (size_t)ffn;
+        const float gv = cake_to_f32(g[i]), u = cake_to_f32(g[ffn + i]);
         h[(size_t)t * ffn + i] = cake_from_f32<T>(gv / (1.0f + __expf(-gv)) * u);
     }
 }
