@@ -250,11 +250,12 @@ check_modes() {
 # second is warm), one-shot or in chunks of 512, then 32 decode steps; the
 # summary gets the warm prefill's time and its phases summed over its forward
 # passes. TAG names a variant run with some CAKE_CUDA_* setting in the caller's
-# environment.
+# environment. PROFILE=0: no phases, whose events sit between the kernels:
+# ~360 per forward pass, so 32 times as many in chunks of 512 as one-shot.
 prefill() {
     local shape=$1 mode=$2 f="$MODELS/$1.gguf" batch=16384 name="prefill_$1_$2${3:+_$3}"
     [ "$mode" = chunk512 ] && batch=512
-    CAKE_CUDA_PROFILE=1 step "$name" 90 \
+    CAKE_CUDA_PROFILE=${PROFILE:-1} step "$name" 90 \
         build-gpu/bench_engine "$f" --backend cuda --prompt 16384,16384 --batch $batch --decode 32
     local log="$LOGS/$name.log"
     {
@@ -319,6 +320,8 @@ elif [ "${free_gb:-0}" -lt 28 ]; then
 elif step mkmodel_longalpaca13b 150 $CAKE mkmodel --shape longalpaca-13b -o "$F13"; then
     prefill longalpaca-13b chunk512
     prefill longalpaca-13b oneshot
+    PROFILE=0 prefill longalpaca-13b chunk512 unprofiled
+    PROFILE=0 prefill longalpaca-13b oneshot unprofiled
     if [ "${CAKE_CUDA_ATTN:-}" != mma ]; then
         # the wgmma kernel's variants that passed (one-shot) and the mma.sync
         # kernel, same run; the rest runs with the shortest one-shot prefill

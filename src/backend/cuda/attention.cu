@@ -18,8 +18,9 @@
  *    not depend on how the prompt was split into batches. When a batch has
  *    too few query blocks to fill the GPU (a chunk of 512 queries far into a
  *    long prompt: 4 blocks per head), the keys are split into ranges, one
- *    block per (query block, head, range), and a combine kernel merges the
- *    ranges in order.
+ *    block per (query block, head, range); the last of a (query block,
+ *    head)'s blocks to finish merges its ranges in order (attn_merge_if_last;
+ *    with CAKE_CUDA_COMBINE=launch a combine kernel does, after the grid).
  *  - SIMT (the plain reference, any even head_dim <= 256): one block per
  *    (query, head); scores one key per thread, softmax and P V in f32.
  *  - SPLIT (decode, few queries, head sizes the MMA kernel does not take):
