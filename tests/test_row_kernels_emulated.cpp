@@ -114,7 +114,7 @@ template <typename T> static void test_rmsnorm(int n, int dim, const char *type)
  * (the order of an f32 multiply-add can differ). q/k/v come in as TIn, the
  * type the GEMM before it wrote. */
 template <typename TIn>
-static void test_rope(int n_heads, int n_kv_heads, int head_dim, int pos0, int n,
+static void test_rope(int n_heads, int n_kv_heads, int head_dim, int pos0, int n, int slices,
                       const char *type) {
     const int half_hd = head_dim / 2, n_pos = pos0 + n;
     const int dim = n_heads * head_dim, kv_dim = n_kv_heads * head_dim;
@@ -149,7 +149,7 @@ static void test_rope(int n_heads, int n_kv_heads, int head_dim, int pos0, int n
     __half *q16p = q16.data(), *kp = kc.data(), *vp = vc.data();
     const float2 *csc = cs.data();
     emu::body = [=] { rope_kv_kernel(qp, q16p, kp, vp, csc, pos0, n_heads, n_kv_heads, head_dim); };
-    if (run_grid(dim3((unsigned)n), ROW_THREADS)) {
+    if (run_grid(dim3((unsigned)n, (unsigned)slices), ROW_THREADS)) {
         failed++;
         return;
     }
@@ -179,9 +179,9 @@ static void test_rope(int n_heads, int n_kv_heads, int head_dim, int pos0, int n
     }
     const double tol = 1.0 / 1024;
     check(worst <= tol && !v_bad,
-          "rope+kv from %s, heads %d/%d of %d, positions %d..%d: max relative error %.3g (tol "
-          "%.3g), %d v values differ",
-          type, n_heads, n_kv_heads, head_dim, pos0, pos0 + n - 1, worst, tol, v_bad);
+          "rope+kv from %s, heads %d/%d of %d, positions %d..%d, %d slice(s) a row: max relative "
+          "error %.3g (tol %.3g), %d v values differ",
+          type, n_heads, n_kv_heads, head_dim, pos0, pos0 + n - 1, slices, worst, tol, v_bad);
 }
 
 /* ---- SwiGLU ---- */
@@ -229,11 +229,12 @@ int main() {
     check(!rmsnorm_vec_fits(8196) && !rmsnorm_vec_fits(258) && rmsnorm_vec_fits(8192),
           "rmsnorm picks the plain kernel for rows of 258 and 8196 floats");
 
-    test_rope<float>(4, 2, 128, 0, 3, "f32");
-    test_rope<float>(3, 3, 64, 30000, 2, "f32"); /* far positions: the angles need double */
-    test_rope<float>(8, 1, 16, 100, 2, "f32");
-    test_rope<__half>(4, 2, 128, 500, 3, "f16");
-    test_rope<__nv_bfloat16>(3, 3, 64, 30000, 2, "bf16");
+    test_rope<float>(4, 2, 128, 0, 3, 1, "f32");
+    test_rope<float>(3, 3, 64, 30000, 2, 1, "f32"); /* far positions: the angles need double */
+    test_rope<float>(8, 1, 16, 100, 2, 1, "f32");
+    test_rope<__half>(4, 2, 128, 500, 3, 3, "f16"); /* 512 pairs in slices of 171 */
+    test_rope<__nv_bfloat16>(3, 3, 64, 30000, 2, 2, "bf16");
+    test_rope<float>(2, 1, 16, 7, 2, 5, "f32"); /* 32 pairs: slices of 7, the last short */
 
     test_swiglu<__half, float>(3, 300, 3, "f16 from f32");
     test_swiglu<float, float>(5, 256, 2, "f32"); /* rows strided over grid y */

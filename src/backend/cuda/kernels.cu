@@ -93,18 +93,25 @@ cudaError_t cake_cuda_rope_table(float2 *cs, const double *inv_freq, int n_pos, 
 cudaError_t cake_cuda_rope_kv(const void *qkv, int qkv_dtype, __half *q16, __half *k_cache,
                               __half *v_cache, const float2 *rope_cs, int n, int pos0, int n_heads,
                               int n_kv_heads, int head_dim, cudaStream_t st) {
+    /* Row slices so that a batch has ~2048 blocks (8 per SM of an H100) where
+     * its rows allow: a chunk of 512 rows is 4 slices, decode's 1 row all of
+     * its ROW_THREADS-pair steps; a long batch is one block per row. */
+    const int steps = ((n_heads + 2 * n_kv_heads) * (head_dim / 2) + ROW_THREADS - 1) / ROW_THREADS;
+    const int want = (2048 + n - 1) / n;
+    const dim3 grid((unsigned)n, (unsigned)(want < steps ? want : steps));
     switch (qkv_dtype) {
     case CAKE_DTYPE_F32:
-        rope_kv_kernel<<<n, ROW_THREADS, 0, st>>>((const float *)qkv, q16, k_cache, v_cache,
-                                                  rope_cs, pos0, n_heads, n_kv_heads, head_dim);
+        rope_kv_kernel<<<grid, ROW_THREADS, 0, st>>>((const float *)qkv, q16, k_cache, v_cache,
+                                                     rope_cs, pos0, n_heads, n_kv_heads, head_dim);
         break;
     case CAKE_DTYPE_F16:
-        rope_kv_kernel<<<n, ROW_THREADS, 0, st>>>((const __half *)qkv, q16, k_cache, v_cache,
-                                                  rope_cs, pos0, n_heads, n_kv_heads, head_dim);
+        rope_kv_kernel<<<grid, ROW_THREADS, 0, st>>>((const __half *)qkv, q16, k_cache, v_cache,
+                                                     rope_cs, pos0, n_heads, n_kv_heads, head_dim);
         break;
     case CAKE_DTYPE_BF16:
-        rope_kv_kernel<<<n, ROW_THREADS, 0, st>>>((const __nv_bfloat16 *)qkv, q16, k_cache, v_cache,
-                                                  rope_cs, pos0, n_heads, n_kv_heads, head_dim);
+        rope_kv_kernel<<<grid, ROW_THREADS, 0, st>>>((const __nv_bfloat16 *)qkv, q16, k_cache,
+                                                     v_cache, rope_cs, pos0, n_heads, n_kv_heads,
+                                                     head_dim);
         break;
     default:
         return cudaErrorInvalidValue;

@@ -97,11 +97,13 @@ __global__ void rope_table_kernel(float2 *__restrict__ cs, const double *__restr
     }
 }
 
-/* grid n, block ROW_THREADS. Row t of qkv is [q (dim) | k (kv_dim) | v
- * (kv_dim)] (f32, or f16/bf16 straight from the GEMM), at position pos0 + t:
+/* grid (n, slices), block ROW_THREADS. Row t of qkv is [q (dim) | k (kv_dim) |
+ * v (kv_dim)] (f32, or f16/bf16 straight from the GEMM), at position pos0 + t:
  * q16[t] = rope(q), k_cache[pos] = rope(k), v_cache[pos] = v, as f16. Each
  * element pair (2p, 2p + 1), which RoPE rotates together, comes in as a pair
- * and goes out as a half2. */
+ * and goes out as a half2. Block y takes the y-th of `slices` equal parts of
+ * the row's pairs: a batch of few rows still gets enough blocks to keep the
+ * memory system busy. */
 template <typename TIn>
 __global__ void __launch_bounds__(ROW_THREADS)
     rope_kv_kernel(const TIn *__restrict__ qkv, __half *__restrict__ q16,
@@ -115,8 +117,10 @@ __global__ void __launch_bounds__(ROW_THREADS)
     __half2 *qdst = reinterpret_cast<__half2 *>(q16) + (size_t)t * q_pairs;
     __half2 *kdst = reinterpret_cast<__half2 *>(k_cache) + (size_t)pos * kv_pairs;
     __half2 *vdst = reinterpret_cast<__half2 *>(v_cache) + (size_t)pos * kv_pairs;
+    const int pairs = q_pairs + 2 * kv_pairs, per = (pairs + gridDim.y - 1) / gridDim.y;
+    const int p_end = min(pairs, ((int)blockIdx.y + 1) * per);
 #pragma unroll 4
-    for (int p = threadIdx.x; p < q_pairs + 2 * kv_pairs; p += ROW_THREADS) {
+    for (int p = (int)blockIdx.y * per + threadIdx.x; p < p_end; p += ROW_THREADS) {
         const float2 x = cake_load2(row + 2 * p);
         if (p < q_pairs + kv_pairs) { /* q or k: rotate (heads start at multiples of half_hd) */
             const float2 r = cs[p % half_hd]; /* (cos, sin) */
