@@ -138,7 +138,7 @@ else
 fi
 step configure 120 cmake -S . -B build-gpu -G "$GEN" -DCMAKE_BUILD_TYPE=Release \
     -DCMAKE_CUDA_ARCHITECTURES=90a
-step build 240 cmake --build build-gpu -j16 --target cake cake_cuda bench_engine bench_store test_cuda test_loader -- $KEEP
+step build 240 cmake --build build-gpu -j16 --target cake cake_cuda bench_engine bench_store bench_gemm test_cuda test_loader -- $KEEP
 CAKE=build-gpu/cake
 for b in $CAKE build-gpu/libcake_cuda.so build-gpu/bench_engine build-gpu/tests/test_cuda \
     build-gpu/tests/test_loader; do
@@ -343,6 +343,9 @@ elif step mkmodel_longalpaca13b 150 $CAKE mkmodel --shape longalpaca-13b -o "$F1
             CAKE_CUDA_COMBINE=launch prefill longalpaca-13b chunk512 combine-launch
         fi
         CAKE_CUDA_GEMM_OUT=f32 prefill longalpaca-13b oneshot gemm-f32
+        # cuBLAS's default against cublasLt's other algorithms, chunk and one-shot
+        step bench_gemm_13b 60 build-gpu/bench_gemm --shape longalpaca-13b --tokens 512,16384 \
+            --algos 8 --reps 10 && grep -E '^[a-z]|best:' "$LOGS/bench_gemm_13b.log" >>"$SUMMARY"
         if [ -n "$WGMMA_OK" ]; then
             [ "$best" != default ] && export CAKE_CUDA_WGMMA=$best
             note "fastest wgmma variant: $best ($best_ms ms one-shot); the rest runs with it"
