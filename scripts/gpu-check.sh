@@ -6,7 +6,8 @@
 # token), one-shot and in chunks of 512, and beside them one-shot with the
 # mma.sync attention kernel (CAKE_CUDA_ATTN=mma), in chunks with the separate
 # combine kernel (CAKE_CUDA_COMBINE=launch), one-shot with f32 GEMM outputs
-# (CAKE_CUDA_GEMM_OUT=f32); then the paper's Table 3
+# (CAKE_CUDA_GEMM_OUT=f32), and cublasLt's GEMM algorithms on the 13B shapes
+# against cuBLAS's default (bench_gemm); then the paper's Table 3
 # cells:
 # `cake bench ttft --backend cuda` on that shape at 16K tokens over emulated
 # 7-100 Gbit/s links, GPU share 1 and 0.125; last, if time is left, llama-8b
