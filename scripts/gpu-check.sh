@@ -26,7 +26,8 @@
 # CAKE_GPU_VARIANTS="bn128-tma bn128 ..." (names of CAKE_CUDA_WGMMA, see
 # src/backend/cuda/attention.cu): also test each of these variants of the
 # wgmma kernel (~25 s each) and measure its one-shot prefill (~5 s); the
-# fastest one that passes then runs the rest. Not in quick mode.
+# fastest one that passes then runs the rest. Not in quick mode. Unset, it is
+# "bn128-pingpong" (new in stop 15, not yet run on a GPU); "" tries none.
 #
 # RESULTS_DIR gets few, small files (it may travel over a network with a limit
 # on their number), updated after every step so that a run cut short still
@@ -180,7 +181,7 @@ fi
 WGMMA_OK=""
 if [ -x build-gpu/tests/test_cuda ] && [ "${CAKE_CUDA_ATTN:-}" != mma ] &&
     [ "${CAKE_GPU_QUICK:-0}" != 1 ]; then
-    for v in ${CAKE_GPU_VARIANTS:-}; do
+    for v in ${CAKE_GPU_VARIANTS-bn128-pingpong}; do
         CAKE_CUDA_WGMMA=$v CAKE_TEST_FILTER=test_attention_kernels \
             step "test_attention_$v" 45 build-gpu/tests/test_cuda
         if grep -q "^attention path 4.*FAILED" "$LOGS/test_attention_$v.log" ||

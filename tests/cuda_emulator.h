@@ -6,7 +6,10 @@
  * lane publishes its operand, yields, reads the others', yields). The kernels'
  * control flow around those points must be uniform over the block, which the
  * lockstep needs and checks (a thread that ends early while others still sync
- * is an error).
+ * is an error). A thread may also wait for another (an mbarrier phase, a
+ * named barrier) with block(), which passes no synchronisation point: it
+ * gives up its turn until the round in which what it waits for has happened;
+ * a round in which every thread waits is a deadlock, reported as an error.
  *
  * Include it before the kernels' header. A kernel's static __shared__ arrays
  * must be shared by the block's threads: a test that runs such kernels
@@ -46,7 +49,8 @@ struct warp_buf {
     float f[32];
 };
 
-int cur; /* the thread running now */
+int cur;       /* the thread running now */
+bool progress; /* some thread passed a synchronisation point or ended this round */
 ucontext_t sched_ctx, thread_ctx[MAX_THREADS];
 std::vector<char> stacks;
 bool done[MAX_THREADS];
@@ -58,7 +62,26 @@ dim3 grid3, block3;
 
 void yield() {
     yields[cur]++;
+    progress = true;
     swapcontext(&thread_ctx[cur], &sched_ctx);
+}
+
+/* Gives up this round's turn while waiting for another thread. */
+void block() {
+    swapcontext(&thread_ctx[cur], &sched_ctx);
+}
+
+/* For a collective (two yields: publish, then read), between its yields: the
+ * threads [first, first + n) (a warp, a warpgroup) are all in it, none a round
+ * behind or ahead (a wait let some run on). Those after this one in the round
+ * order (higher numbers run first) have read already and yielded again. */
+void check_in_step(int first, int n) {
+    for (int t = first; t < first + n && t < (int)block3.x; t++)
+        if (!done[t] && yields[t] != yields[cur] + (t > cur)) {
+            fprintf(stderr, "emulator: thread %d is out of step with thread %d in a collective\n",
+                    t, cur);
+            abort();
+        }
 }
 
 void entry() {
@@ -66,8 +89,9 @@ void entry() {
     done[cur] = true;
 }
 
-/* Runs body as one block of n threads; returns 0, or -1 if the threads did not
- * pass the same number of synchronisation points. */
+/* Runs body as one block of n threads; returns 0, or -1 (with a message) if
+ * the threads did not pass the same number of synchronisation points or
+ * deadlocked. */
 int run_block(int n) {
     block3 = dim3((unsigned)n, 1, 1);
     stacks.resize((size_t)n * STACK_BYTES);
@@ -86,16 +110,26 @@ int run_block(int n) {
      * waits on has had all the round's arrivals). */
     for (int left = n; left > 0;) {
         left = 0;
+        progress = false;
         for (int t = n - 1; t >= 0; t--) {
             if (done[t]) continue;
             cur = t;
             tid3 = make_uint3((unsigned)t, 0, 0);
             swapcontext(&sched_ctx, &thread_ctx[t]);
+            progress |= done[t];
             left += !done[t];
+        }
+        if (left && !progress) {
+            fprintf(stderr, "emulator: every thread of the block waits for another (a deadlock)\n");
+            return -1;
         }
     }
     for (int t = 1; t < n; t++)
-        if (yields[t] != yields[0]) return -1;
+        if (yields[t] != yields[0]) {
+            fprintf(stderr, "emulator: threads 0 and %d passed %ld and %ld barriers\n", t,
+                    yields[0], yields[t]);
+            return -1;
+        }
     return 0;
 }
 
@@ -125,6 +159,7 @@ static inline float __shfl_xor_sync(unsigned, float v, int mask) {
     emu::warp_buf &w = emu::my_warp();
     w.f[emu::my_lane()] = v;
     emu::yield();
+    emu::check_in_step(emu::cur / 32 * 32, 32);
     const float r = w.f[emu::my_lane() ^ mask];
     emu::yield();
     return r;
@@ -163,8 +198,7 @@ static float uniform(float a) {
 }
 
 /* Runs body on every block of grid (block threads each), in the order of
- * their index or (backwards) the reverse; -1 if a block's threads passed
- * different numbers of synchronisation points. */
+ * their index or (backwards) the reverse; -1 if a block failed (run_block). */
 static int run_grid(dim3 grid, int threads, bool backwards = false) {
     emu::grid3 = grid;
     const unsigned blocks = grid.x * grid.y * grid.z;
@@ -173,8 +207,7 @@ static int run_grid(dim3 grid, int threads, bool backwards = false) {
         const unsigned x = b % grid.x, y = b / grid.x % grid.y, z = b / (grid.x * grid.y);
         emu::bid3 = make_uint3(x, y, z);
         if (emu::run_block(threads)) {
-            fprintf(stderr, "block (%u, %u, %u): threads passed different numbers of barriers\n", x,
-                    y, z);
+            fprintf(stderr, "block (%u, %u, %u) failed\n", x, y, z);
             return -1;
         }
     }

@@ -33,6 +33,7 @@ static void ldsm(uint32_t (&r)[4], const void *p, bool trans) {
     const int l = emu::my_lane();
     w.addr[l] = p;
     emu::yield();
+    emu::check_in_step(emu::cur / 32 * 32, 32);
     for (int i = 0; i < 4; i++) {
         uint16_t lo, hi;
         if (!trans) {
@@ -72,6 +73,7 @@ static void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32
     w.b[l][0] = b0;
     w.b[l][1] = b1;
     emu::yield();
+    emu::check_in_step(emu::cur / 32 * 32, 32);
     const int g = l / 4, q = l % 4;
     for (int e = 0; e < 4; e++) {
         const int r = g + 8 * (e >> 1), c = 2 * q + (e & 1);
@@ -153,6 +155,7 @@ template <int N> static void wg_wait() {
     const int wg0 = emu::cur / 128 * 128, me = emu::cur - wg0;
     wg_pub[emu::cur] = &mine;
     emu::yield();
+    emu::check_in_step(wg0, 128);
     const size_t groups = mine.group_end.size();
     const size_t n_ops = groups > (size_t)N ? mine.group_end[groups - 1 - N] : 0;
     const int w = me / 32, g = me % 32 / 4, q = me % 4;
@@ -211,6 +214,7 @@ static emu_mbar &mbar_of(const void *bar) {
     return emu_mbars.back().second;
 }
 static void mbar_settle(emu_mbar &b) {
+    emu::progress = true; /* an arrival: waiters may go on next round */
     if (b.pending == 0 && b.tx == 0) {
         b.phase ^= 1;
         b.pending = b.count;
@@ -230,11 +234,33 @@ static inline void mbar_expect_tx(uint64_t *bar, uint32_t bytes) {
     b.pending--;
     mbar_settle(b);
 }
+/* A phase that never completes leaves every thread waiting: the emulator
+ * reports the deadlock. */
 static inline void mbar_wait(uint64_t *bar, int parity) {
-    if (mbar_of(bar).phase == parity) {
-        fprintf(stderr, "emulated mbarrier: waiting for a phase that never completes\n");
-        abort();
+    while (mbar_of(bar).phase == parity) emu::block();
+}
+
+/* Named barriers (bar.sync / bar.arrive with an id and a thread count). A
+ * sync waits at least until the next round, even when its arrival completes
+ * the barrier, so that all its waiters go on together. */
+struct emu_named_bar {
+    int arrived;
+    long generation;
+};
+static emu_named_bar named_bars[16];
+static inline void named_bar_arrive(int id, int count) {
+    emu_named_bar &b = named_bars[id];
+    emu::progress = true; /* waiters may go on next round */
+    if (++b.arrived == count) {
+        b.arrived = 0;
+        b.generation++;
     }
+}
+static inline void named_bar_sync(int id, int count) {
+    const long g = named_bars[id].generation;
+    named_bar_arrive(id, count);
+    do emu::block();
+    while (named_bars[id].generation == g);
 }
 /* The box at (c0, c1, c2) into dst as 128-byte-swizzled rows; outside the
  * tensor, zeros. */
@@ -300,6 +326,7 @@ static const wgmma_case wgmma_kernels[] = {
     {"bn128", 128, attn_wgmma_kernel<float, wg_bn128>},
     {"bn64-tma", 64, attn_wgmma_kernel<float, wg_bn64_tma>},
     {"bn64", 64, attn_wgmma_kernel<float, wg_bn64>},
+    {"bn128-pingpong", 128, attn_wgmma_kernel<float, wg_bn128_pingpong>},
 };
 
 /* What make_kv_map in attention.cu encodes, in emu_tmap's form. */
@@ -353,6 +380,12 @@ static int launch(const problem &p, const wgmma_case *wg, int n_splits, int spli
     for (int c : counters)
         if (c) {
             fprintf(stderr, "a merge counter was left at %d\n", c);
+            return -1;
+        }
+    for (emu_named_bar &b : named_bars)
+        if (b.arrived) {
+            fprintf(stderr, "a named barrier was left with %d arrivals\n", b.arrived);
+            b.arrived = 0;
             return -1;
         }
     if (n_splits == 1 || merge != COMBINE_KERNEL) return 0;

@@ -119,12 +119,15 @@ template <auto KERNEL> int resident_blocks(int threads, size_t smem) {
  * bn128 (cp.async by every thread, a barrier per tile; also what the default
  * falls back to where no tensor map can be made), bn64-tma, bn64 (tiles of
  * 64, 4 stages). On an H100, 13B shape, 16K tokens in one pass, attention
- * took 242, 254, 306, 283 and 333 ms (docs/BENCHMARKS.md). */
-enum { WG_BN128_FREE, WG_BN128_TMA, WG_BN128, WG_BN64_TMA, WG_BN64 };
+ * took 242, 254, 306, 283 and 333 ms (docs/BENCHMARKS.md). bn128-pingpong:
+ * bn128-free with the warpgroups taking turns to issue their products (not
+ * yet measured on a GPU). */
+enum { WG_BN128_FREE, WG_BN128_TMA, WG_BN128, WG_BN64_TMA, WG_BN64, WG_BN128_PINGPONG };
 int wgmma_variant() {
     static const int v = [] {
         const char *e = getenv("CAKE_CUDA_WGMMA");
-        const char *names[] = {"bn128-free", "bn128-tma", "bn128", "bn64-tma", "bn64"};
+        const char *names[] = {"bn128-free", "bn128-tma", "bn128",
+                               "bn64-tma",   "bn64",      "bn128-pingpong"};
         for (int i = 0; e && i < (int)(sizeof(names) / sizeof(names[0])); i++)
             if (!strcmp(e, names[i])) return i;
         return (int)WG_BN128_FREE;
@@ -258,6 +261,8 @@ cudaError_t launch_wgmma(const cake_attn_launch *a, OutT *out, cudaStream_t st) 
         return launch_wgmma<OutT, wg_bn64_tma>(a, out, st);
     case WG_BN64:
         return launch_wgmma<OutT, wg_bn64>(a, out, st);
+    case WG_BN128_PINGPONG:
+        return launch_wgmma<OutT, wg_bn128_pingpong>(a, out, st);
     default:
         return launch_wgmma<OutT, wg_bn128_free>(a, out, st);
     }
@@ -352,7 +357,7 @@ cudaError_t cake_cuda_attention_setup(void) {
     if ((e = setup_mma<128>()) != cudaSuccess || !wgmma_available()) return e;
     if ((e = setup_wgmma<wg_bn128_free>()) || (e = setup_wgmma<wg_bn128_tma>()) ||
         (e = setup_wgmma<wg_bn128>()) || (e = setup_wgmma<wg_bn64_tma>()) ||
-        (e = setup_wgmma<wg_bn64>()))
+        (e = setup_wgmma<wg_bn64>()) || (e = setup_wgmma<wg_bn128_pingpong>()))
         return e;
     return cudaSuccess;
 }

@@ -69,9 +69,14 @@ constexpr int WG_Q_BYTES = WG_BM * WG_HD * 2;
 enum wg_load { WG_LOAD_CP_ASYNC, WG_LOAD_TMA, WG_LOAD_TMA_DECOUPLED };
 
 /* A kernel variant: key tile width BN, K/V stages in shared memory, how tiles
- * are loaded, and how many tiles ahead. */
-template <int BN_, int STAGES_, int LOAD_, int AHEAD_ = STAGES_ - 2> struct wg_cfg {
+ * are loaded, how many tiles ahead, and ping-pong: the two warpgroups take
+ * turns issuing their products (FlashAttention-3's scheduling), so that one's
+ * softmax runs while the other's products keep the tensor cores busy, instead
+ * of both waiting for the same tile and issuing together. */
+template <int BN_, int STAGES_, int LOAD_, int AHEAD_ = STAGES_ - 2, bool PINGPONG_ = false>
+struct wg_cfg {
     static constexpr int BN = BN_, STAGES = STAGES_, LOAD = LOAD_;
+    static constexpr bool PINGPONG = PINGPONG_;
     static constexpr int AHEAD = AHEAD_;        /* tiles loaded ahead of the one computed */
     static constexpr int TILE = BN * WG_HD * 2; /* bytes of one K or V tile */
     static constexpr size_t SMEM = 1024 /* alignment slack */ + WG_Q_BYTES +
@@ -79,9 +84,12 @@ template <int BN_, int STAGES_, int LOAD_, int AHEAD_ = STAGES_ - 2> struct wg_c
     static_assert(SMEM <= 232448, "over the H100's 227 KB per block");
     static_assert(AHEAD >= 1 && STAGES >= AHEAD + 2,
                   "the P V product in flight holds the previous tile's stage");
+    static_assert(!PINGPONG || LOAD == WG_LOAD_TMA_DECOUPLED,
+                  "ping-pong needs warpgroups free of block-wide barriers");
 };
 /* The variants, as CAKE_CUDA_WGMMA names them (see attention.cu). */
 using wg_bn128_free = wg_cfg<128, 3, WG_LOAD_TMA_DECOUPLED, 1>; /* the default */
+using wg_bn128_pingpong = wg_cfg<128, 3, WG_LOAD_TMA_DECOUPLED, 1, true>;
 using wg_bn128_tma = wg_cfg<128, 3, WG_LOAD_TMA>;
 using wg_bn128 = wg_cfg<128, 3, WG_LOAD_CP_ASYNC>; /* where no tensor map can be made */
 using wg_bn64_tma = wg_cfg<64, 4, WG_LOAD_TMA>;
@@ -108,6 +116,14 @@ __device__ __forceinline__ void wg_commit() {
 }
 template <int N> __device__ __forceinline__ void wg_wait() {
     asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+/* Named barrier `id` (1-15; __syncthreads has 0) of `count` threads: sync
+ * waits until `count` have arrived, itself included; arrive does not wait. */
+__device__ __forceinline__ void named_bar_sync(int id, int count) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+__device__ __forceinline__ void named_bar_arrive(int id, int count) {
+    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
 }
 /* Makes this thread's generic-proxy writes to shared memory (cp.async, st)
  * visible to wgmma's operand reads (the async proxy). */
@@ -336,6 +352,13 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
     for (int i = 0; i < DT * 4; i++) o[i] = 0.0f;
     float m_0 = -INFINITY, m_1 = -INFINITY, l_0 = 0.0f, l_1 = 0.0f;
 
+    /* Ping-pong: named barrier 1 + w is warpgroup w's turn to issue; each
+     * hands the turn to the other once its products are issued. Warpgroup 0
+     * starts, and warpgroup 1 does not hand over after its last tile, so that
+     * every arrival has its wait. */
+    if constexpr (C::PINGPONG)
+        if (wg == 1) named_bar_arrive(1, WG_THREADS);
+
     for (int it = tile0; it < tile1; it++) {
         if constexpr (C::LOAD == WG_LOAD_TMA_DECOUPLED) {
             /* Tile it + AHEAD goes where tile it + AHEAD - STAGES was, once every
@@ -371,6 +394,7 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
 
         /* Issue S = Q K^T, then (from the second tile) O += P V of the
          * previous tile, as two groups. */
+        if constexpr (C::PINGPONG) named_bar_sync(1 + wg, WG_THREADS);
         wg_fence();
 #pragma unroll
         for (int kk = 0; kk < HD / 16; kk++) /* 32 bytes on per step, a region per 64 dims */
@@ -382,10 +406,13 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
             for (int kj = 0; kj < BN / 16; kj++)
                 wgmma_rs<1>(o, pa[kj], wg_desc(v_prev + kj * 2048, BN * 128, 1024), 1);
             wg_commit();
-            wg_wait<1>(); /* S is done; P V may still run */
-        } else {
-            wg_wait<0>();
         }
+        if constexpr (C::PINGPONG)
+            if (wg == 0 || it + 1 < tile1) named_bar_arrive(2 - wg, WG_THREADS);
+        if (it > tile0)
+            wg_wait<1>(); /* S is done; P V may still run */
+        else
+            wg_wait<0>();
         wg_pin(s);
 
         /* Mask (query at position pq sees keys j <= pq; only tiles reaching
