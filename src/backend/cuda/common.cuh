@@ -116,10 +116,11 @@ cudaError_t cake_cuda_rmsnorm(void *y, int dtype, const float *x, const float *w
 cudaError_t cake_cuda_rope_table(float2 *cs, const double *inv_freq, int n_pos, int half_hd,
                                  cudaStream_t st);
 
-/* From qkv (n, dim + 2 kv_dim) rows [q | k | v] (qkv_dtype: f32, f16 or bf16) of tokens at
- * positions pos0 + t: q16 (n, dim) = rope(q) as f16; k_cache[pos0 + t] = rope(k) and v_cache[pos0 +
- * t] = v as f16 (rows of kv_dim). rope_cs: the RoPE table (cake_cuda_rope_table) of at least pos0 +
- * n positions. */
+/* From qkv (n, dim + 2 kv_dim) rows [q | k | v] (qkv_dtype: f32, f16 or
+ * bf16) of tokens at positions pos0 + t: q16 (n, dim) = rope(q) as f16;
+ * k_cache[pos0 + t] = rope(k) and v_cache[pos0 + t] = v as f16 (rows of
+ * kv_dim). rope_cs: the RoPE table (cake_cuda_rope_table) of at least pos0 + n
+ * positions. */
 cudaError_t cake_cuda_rope_kv(const void *qkv, int qkv_dtype, __half *q16, __half *k_cache,
                               __half *v_cache, const float2 *rope_cs, int n, int pos0, int n_heads,
                               int n_kv_heads, int head_dim, cudaStream_t st);
@@ -146,12 +147,14 @@ typedef struct {
     int out_dtype;       /* cake_dtype */
     int n, pos0;         /* queries at positions [pos0, pos0 + n); keys [0, pos0 + n) */
     int n_heads, n_kv_heads, head_dim;
-    float *part;         /* partials of split ranges: (n, n_heads, ranges, head_dim + 2) */
-    size_t part_floats;  /* part's capacity; NULL part: the MMA path does not split */
-    int split_len;       /* keys per range (split path) */
-    int n_sm;            /* the GPU's multiprocessors (when the MMA path splits) */
-    int *counters;       /* zeroed, for the tensor-core kernels to merge their own key ranges; */
-    size_t counter_ints; /* NULL (or too few for a batch): a combine kernel merges them after */
+    float *part;        /* partials of split ranges: (n, n_heads, ranges, head_dim + 2) */
+    size_t part_floats; /* part's capacity; NULL part: the MMA path does not split */
+    int split_len;      /* keys per range (split path) */
+    int n_sm;           /* the GPU's multiprocessors (when the MMA path splits) */
+    /* Zeroed ints with which the tensor-core kernels merge their own key
+     * ranges; NULL, or too few for a batch: a combine kernel merges them. */
+    int *counters;
+    size_t counter_ints;
 } cake_attn_launch;
 
 /* Most queries per call that take the split (decode) path in AUTO mode, and

@@ -16,7 +16,8 @@
  *     GEMM input (normed x, then attention output, then silu(g) * u); qkv
  *     (T, dim + 2 kv_dim) atype; q16 (T, dim) f16 roped queries; gu (T, 2 ffn)
  *     atype; logits (n_vocab) f32; part, the decode attention's split partials.
- *     atype, the type q/k/v and gate/up leave their GEMMs in, is wtype.
+ *     atype, the type q/k/v and gate/up leave their GEMMs in, is wtype
+ *     (f32 with CAKE_CUDA_GEMM_OUT=f32).
  *
  * One layer: xh = rmsnorm(x); qkv = xh Wqkv^T; rope + KV write; xh = attn;
  * x += xh Wo^T (cuBLAS beta = 1 does the residual add); xh = rmsnorm(x);
@@ -345,8 +346,8 @@ int init_state(cake_cuda_state *s, const cake_model *m, int n_ctx, int max_batch
     s->welem = dtype_size(s->wtype);
     /* q/k/v and gate/up leave their GEMMs in the weights' type, as PyTorch's
      * bf16 layers do: the row kernels after them then read half the bytes
-     * (13B shape, 16K tokens: 2.8 GB less written and read per layer). CAKE_CUDA_GEMM_OUT=f32
-     * keeps them f32, to measure the two side by side. */
+     * (13B shape, 16K tokens: 2.8 GB less written and read per layer).
+     * CAKE_CUDA_GEMM_OUT=f32 keeps them f32, to measure the two side by side. */
     const char *gemm_out = getenv("CAKE_CUDA_GEMM_OUT");
     s->atype = gemm_out && !strcmp(gemm_out, "f32") ? CAKE_DTYPE_F32 : s->wtype;
     s->aelem = dtype_size(s->atype);
