@@ -142,6 +142,8 @@ step configure 120 cmake -S . -B build-gpu -G "$GEN" -DCMAKE_BUILD_TYPE=Release 
     -DCMAKE_CUDA_ARCHITECTURES=90a
 step build 240 cmake --build build-gpu -j16 --target cake cake_cuda bench_engine bench_store bench_gemm test_cuda test_loader -- $KEEP
 CAKE=build-gpu/cake
+grep -q 'wgmma.mma_async instructions are serialized' "$LOGS/build.log" 2>/dev/null &&
+    note "PTXAS serialised wgmma products (all.log): that kernel variant runs far below its speed"
 for b in $CAKE build-gpu/libcake_cuda.so build-gpu/bench_engine build-gpu/tests/test_cuda \
     build-gpu/tests/test_loader; do
     [ -x "$b" ] || note "not built: $b"

@@ -240,6 +240,11 @@ static inline void mbar_wait(uint64_t *bar, int parity) {
     while (mbar_of(bar).phase == parity) emu::block();
 }
 
+/* The lanes of a warp hold the same value already. */
+static inline int warp_uniform(int v) {
+    return v;
+}
+
 /* Named barriers (bar.sync / bar.arrive with an id and a thread count). A
  * sync waits at least until the next round, even when its arrival completes
  * the barrier, so that all its waiters go on together. */

@@ -125,6 +125,9 @@ __device__ __forceinline__ void named_bar_sync(int id, int count) {
 __device__ __forceinline__ void named_bar_arrive(int id, int count) {
     asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
 }
+__device__ __forceinline__ int warp_uniform(int v) {
+    return __shfl_sync(0xffffffffu, v, 0);
+}
 /* Makes this thread's generic-proxy writes to shared memory (cp.async, st)
  * visible to wgmma's operand reads (the async proxy). */
 __device__ __forceinline__ void fence_proxy_async() {
@@ -255,7 +258,10 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
     uint8_t *sQ = raw + ((1024u - (smem_addr(raw) & 1023u)) & 1023u);
     uint8_t *sKV = sQ + WG_Q_BYTES; /* stage s: K at 2 s TILE, V after it */
 
-    const int tid = threadIdx.x, wg = tid >> 7, wl = (tid >> 5) & 3, lane = tid & 31;
+    /* wg from lane 0: the compiler then knows that branches on it do not
+     * diverge within a warp, and keeps the products in flight across them
+     * (else ptxas serialises them: its warning C7520). */
+    const int tid = threadIdx.x, wg = warp_uniform(tid >> 7), wl = (tid >> 5) & 3, lane = tid & 31;
     const int g = lane >> 2, tq = lane & 3;
     const attn_block blk = attn_block_range(WG_BM, BN, n, pos0, split_len);
     const int m0 = blk.m0, rows = blk.rows, kv_len = blk.kv_len;
@@ -406,13 +412,14 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
             for (int kj = 0; kj < BN / 16; kj++)
                 wgmma_rs<1>(o, pa[kj], wg_desc(v_prev + kj * 2048, BN * 128, 1024), 1);
             wg_commit();
-        }
-        if constexpr (C::PINGPONG)
-            if (wg == 0 || it + 1 < tile1) named_bar_arrive(2 - wg, WG_THREADS);
-        if (it > tile0)
+            if constexpr (C::PINGPONG)
+                if (wg == 0 || it + 1 < tile1) named_bar_arrive(2 - wg, WG_THREADS);
             wg_wait<1>(); /* S is done; P V may still run */
-        else
+        } else {
+            if constexpr (C::PINGPONG)
+                if (wg == 0 || it + 1 < tile1) named_bar_arrive(2 - wg, WG_THREADS);
             wg_wait<0>();
+        }
         wg_pin(s);
 
         /* Mask (query at position pq sees keys j <= pq; only tiles reaching
