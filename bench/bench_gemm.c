@@ -10,7 +10,7 @@
  *
  * Per GEMM of a layer (q/k/v, attention output, gate/up, down) and batch: the
  * default's time per call, then each heuristic algorithm's time, its config
- * (tile, stages, split-K, swizzle, cluster shape as cublasLt.h numbers them),
+ * (tile, and stages, split-K, swizzle, cluster shape as cublasLt.h numbers them),
  * the heuristic's wavesCount, and its largest difference from the default's
  * output over the first 4M outputs (relative to their largest magnitude). Needs a GPU; weights
  * and inputs are random f16. */
@@ -134,12 +134,35 @@ static int run_lt(bench *b, void *p) {
                    "cublasLtMatmul");
 }
 
+/* A config attribute of 4 bytes (or 2: the cluster shape), -1 if unreadable. */
 static int algo_attr(const cublasLtMatmulAlgo_t *a, cublasLtMatmulAlgoConfigAttributes_t attr) {
-    uint32_t v = 0; /* every attribute read here fits 32 bits */
+    uint32_t v = 0;
+    uint16_t v16 = 0;
     size_t got = 0;
-    if (cublasLtMatmulAlgoConfigGetAttribute(a, attr, &v, sizeof(v), &got) != CUBLAS_STATUS_SUCCESS)
+    const int small = attr == CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID;
+    if (cublasLtMatmulAlgoConfigGetAttribute(a, attr, small ? (void *)&v16 : (void *)&v,
+                                             small ? sizeof(v16) : sizeof(v),
+                                             &got) != CUBLAS_STATUS_SUCCESS)
         return -1;
-    return (int)v;
+    return small ? (int)v16 : (int)v;
+}
+
+/* The common tiles' names (cublasLtMatmulTile_t has hundreds); else the id. */
+static const char *tile_name(int id, char *buf, size_t len) {
+#define TILE(m, n)                                                                                 \
+    { CUBLASLT_MATMUL_TILE_##m##x##n, #m "x" #n }
+    static const struct {
+        int id;
+        const char *name;
+    } tiles[] = {TILE(64, 64),  TILE(64, 128),  TILE(128, 64),  TILE(64, 256),  TILE(128, 128),
+                 TILE(256, 64), TILE(128, 256), TILE(256, 128), TILE(64, 96),   TILE(96, 64),
+                 TILE(96, 128), TILE(128, 160), TILE(160, 128), TILE(192, 128), TILE(128, 192),
+                 TILE(128, 96), TILE(32, 256),  TILE(256, 32)};
+#undef TILE
+    for (size_t i = 0; i < sizeof(tiles) / sizeof(tiles[0]); i++)
+        if (tiles[i].id == id) return tiles[i].name;
+    snprintf(buf, len, "#%d", id);
+    return buf;
 }
 
 static void bench_one(bench *b, const char *name, int m, int n_out, int n_in, int f16_out,
@@ -195,10 +218,11 @@ static void bench_one(bench *b, const char *name, int m, int n_out, int n_in, in
         const double t = time_calls(b, run_lt, &g);
         if (t < 0 || !fetch(got, g.y, ny, f16_out)) continue;
         const cublasLtMatmulAlgo_t *a = &res[i].algo;
-        printf("    lt #%-2d %8.1f us %5.2fx  algo %d tile %d stages %d splitK %d swizzle %d "
+        char tile_buf[16];
+        printf("    lt #%-2d %8.1f us %5.2fx  algo %d tile %s stages %d splitK %d swizzle %d "
                "cluster %d waves %.2f  diff %.1e\n",
                i, t * 1e3, t0 / t, algo_attr(a, CUBLASLT_ALGO_CONFIG_ID),
-               algo_attr(a, CUBLASLT_ALGO_CONFIG_TILE_ID),
+               tile_name(algo_attr(a, CUBLASLT_ALGO_CONFIG_TILE_ID), tile_buf, sizeof(tile_buf)),
                algo_attr(a, CUBLASLT_ALGO_CONFIG_STAGES_ID),
                algo_attr(a, CUBLASLT_ALGO_CONFIG_SPLITK_NUM),
                algo_attr(a, CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING),
