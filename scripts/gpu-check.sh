@@ -17,6 +17,8 @@
 #
 # CAKE_GPU_QUICK=1: only the build, test_cuda and the longalpaca-13b prefill
 # (about 2.5 minutes), to check a kernel change when little device time is left.
+# CAKE_GPU_SPLITS="1 2 4 8": also the chunked 13B prefill with the attention's
+# key ranges forced to each count (CAKE_CUDA_ATTN_SPLITS; ~5 s each).
 # CAKE_GPU_SKIP="STEP ...": steps (as the summary names them) not to run, e.g.
 # "test_loader bench_store_13b" when this run has nothing new for them.
 #
@@ -347,6 +349,9 @@ elif step mkmodel_longalpaca13b 150 $CAKE mkmodel --shape longalpaca-13b -o "$F1
             CAKE_CUDA_COMBINE=launch prefill longalpaca-13b chunk512 combine-launch
         fi
         CAKE_CUDA_GEMM_OUT=f32 prefill longalpaca-13b oneshot gemm-f32
+        for n in ${CAKE_GPU_SPLITS:-}; do # key ranges forced, against the model's choice
+            CAKE_CUDA_ATTN_SPLITS=$n prefill longalpaca-13b chunk512 "splits-$n"
+        done
         # cuBLAS's default against cublasLt's other algorithms, chunk and one-shot
         step bench_gemm_13b 60 build-gpu/bench_gemm --shape longalpaca-13b --tokens 512,16384 \
             --algos 8 --reps 10 && grep -E '^[a-z]|best:' "$LOGS/bench_gemm_13b.log" >>"$SUMMARY"

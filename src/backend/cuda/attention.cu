@@ -64,12 +64,23 @@ namespace {
  * an SM's tensor throughput. Splitting the keys into n ranges makes n times as
  * many, n times shorter blocks. The n taken is the one with the shortest
  * modelled makespan (the busiest SM's blocks, run `resident` at a time), plus
- * 2% of a block's time per range for the combine pass and the extra
+ * 2% of a block's time per range for merging the ranges and the extra
  * prologues. Ranges are whole key tiles (`tile` keys) of at least
  * MMA_MIN_SPLIT keys; batches with blocks enough for every SM four times over
  * are not split (the WGMMA kernel's blocks take the same queries). The choice
  * depends on the shape and the GPU alone, so results stay deterministic. */
 constexpr int MMA_MIN_SPLIT = 512;
+
+/* CAKE_CUDA_ATTN_SPLITS=N (read once): N ranges wherever the model above would
+ * consider splitting and N is possible, to measure its choice against others. */
+int forced_splits() {
+    static const int n = [] {
+        const char *e = getenv("CAKE_CUDA_ATTN_SPLITS");
+        const int v = e ? atoi(e) : 0;
+        return v >= 1 && v <= CAKE_ATTN_MMA_MAX_SPLITS ? v : 0;
+    }();
+    return n;
+}
 
 int mma_splits(const cake_attn_launch *a, int resident, int tile, int *split_len) {
     const int blocks = a->n_heads * ((a->n + MMA_BM - 1) / MMA_BM);
@@ -89,6 +100,10 @@ int mma_splits(const cake_attn_launch *a, int resident, int tile, int *split_len
         const int rest = k % resident;
         const double rounds = (double)(k - rest) + (rest == 1 ? 1.5 : (double)rest);
         const double cost = rounds / n + 0.02 * n; /* in units of an unsplit block's time */
+        if (forced_splits() == n) {
+            *split_len = n > 1 ? len : 0;
+            return n;
+        }
         if (cost < best) {
             best = cost;
             best_n = n;
