@@ -7,8 +7,9 @@
  *
  * Tolerances (why they are what they are):
  *  - GPU vs CPU logits, F16 weights: the GPU rounds every GEMM input to f16
- *    (the CPU keeps activations in f32) and rounds P to f16 in the tensor-core
- *    attention: ~1e-3 of max |logit| expected, TOL_F16 = 1e-2 asserted.
+ *    (the CPU keeps activations in f32), the q/k/v and gate/up GEMM outputs
+ *    too, and rounds P to f16 in the tensor-core attention: ~1e-3 of max
+ *    |logit| expected, TOL_F16 = 1e-2 asserted.
  *  - F32 weights: GEMMs in FP32 on both sides, Q rounded to f16 for attention
  *    on the GPU only: TOL_F32 = 2e-3.
  *  - chunked vs one-shot on the GPU: cuBLAS picks kernels by shape, and a
