@@ -109,16 +109,18 @@ __device__ __forceinline__ attn_block attn_block_range(int bm, int bn, int n, in
  * head) to finish merges that query block's ranges into the output, in range
  * order, so the result does not depend on which block came last. This saves
  * the combine launch, which read every partial back from memory in small
- * blocks after the whole grid had drained. counter: the (query block, head)'s
- * arrivals; zero before the launch, and the merging block leaves it zero for
- * the next one. n_ranges: the block's ranges that have keys. last: an int of
- * shared memory that no thread uses any more. Called by every thread of the
- * block (it synchronises the block). */
+ * blocks after the whole grid had drained. counters: one per (query block,
+ * head) of the grid, counting its arrivals; zero before the launch, and each
+ * merging block leaves its own zero for the next one. blk, bn: the block and
+ * its key tile width. last: an int of shared memory that no thread uses any
+ * more. Called by every thread of the block (it synchronises the block). */
 template <typename OutT>
 __device__ void attn_merge_if_last(const float *__restrict__ part, OutT *__restrict__ out,
-                                   int *counter, int n_ranges, int m0, int rows, int pos0,
-                                   int n_heads, int h, int head_dim, int split_len, int n_splits,
-                                   int *last) {
+                                   int *counters, const attn_block &blk, int bn, int pos0,
+                                   int n_heads, int head_dim, int split_len, int *last) {
+    const int m0 = blk.m0, rows = blk.rows, h = (int)blockIdx.x, n_splits = (int)gridDim.z;
+    const int per = split_len / bn, n_ranges = ((blk.kv_len + bn - 1) / bn + per - 1) / per;
+    int *counter = counters + blockIdx.y * gridDim.x + blockIdx.x;
     __threadfence(); /* this thread's partials, before the block's arrival */
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -151,12 +153,6 @@ __device__ void attn_merge_if_last(const float *__restrict__ part, OutT *__restr
             cake_store2(orow + d, a0 / l, a1 / l);
         }
     }
-}
-
-/* Ranges with keys of this block's query block (tiles of bn keys). */
-__device__ __forceinline__ int attn_block_ranges(const attn_block &b, int bn, int split_len) {
-    const int tiles = (b.kv_len + bn - 1) / bn, per = split_len / bn;
-    return (tiles + per - 1) / per;
 }
 
 /* grid (n_heads, ceil(n / MMA_BM), n_splits), block 128, dynamic smem
@@ -402,9 +398,8 @@ __global__ void __launch_bounds__(MMA_WARPS * 32, (HD <= 64 ? 3 : 2))
         }
     }
     if (n_splits > 1 && counters)
-        attn_merge_if_last(part, out, counters + blockIdx.y * gridDim.x + blockIdx.x,
-                           attn_block_ranges(blk, MMA_BN, split_len), m0, rows, pos0, n_heads, h,
-                           HD, split_len, n_splits, reinterpret_cast<int *>(smem_u4));
+        attn_merge_if_last(part, out, counters, blk, MMA_BN, pos0, n_heads, HD, split_len,
+                           reinterpret_cast<int *>(smem_u4));
 }
 
 /* --------------------------------------------------------------- SIMT path */

@@ -531,9 +531,8 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
         }
     }
     if (n_splits > 1 && counters)
-        attn_merge_if_last(part, out, counters + blockIdx.y * gridDim.x + blockIdx.x,
-                           attn_block_ranges(blk, BN, split_len), m0, rows, pos0, n_heads, h, HD,
-                           split_len, n_splits, reinterpret_cast<int *>(smem_u4));
+        attn_merge_if_last(part, out, counters, blk, BN, pos0, n_heads, HD, split_len,
+                           reinterpret_cast<int *>(smem_u4));
 #endif
 }
 

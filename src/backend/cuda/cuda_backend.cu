@@ -102,7 +102,6 @@ struct cake_cuda_state {
     int wtype;    /* cake_dtype of every matrix on the GPU */
     size_t welem; /* its size in bytes */
     int atype;    /* cake_dtype of qkv and gu, the GEMM outputs the row kernels read */
-    size_t aelem;
     int attn_path;
     cudaStream_t stream;
     cublasHandle_t blas;
@@ -350,7 +349,6 @@ int init_state(cake_cuda_state *s, const cake_model *m, int n_ctx, int max_batch
      * CAKE_CUDA_GEMM_OUT=f32 keeps them f32, to measure the two side by side. */
     const char *gemm_out = getenv("CAKE_CUDA_GEMM_OUT");
     s->atype = gemm_out && !strcmp(gemm_out, "f32") ? CAKE_DTYPE_F32 : s->wtype;
-    s->aelem = dtype_size(s->atype);
     if (n_ctx < 1 || max_batch < 1)
         return cake_err(err, errlen, "cuda: bad context size %d or batch %d", n_ctx, max_batch);
 
@@ -405,8 +403,8 @@ int init_state(cake_cuda_state *s, const cake_model *m, int n_ctx, int max_batch
     s->part_floats = part_elems;
     s->counter_ints = cake_attn_counter_ints(max_batch, hp->n_heads);
     const size_t scratch_bytes = T * dim * sizeof(float) + T * s->xh_cols * s->welem +
-                                 T * s->qkv_dim * s->aelem + T * dim * sizeof(__half) +
-                                 T * 2 * ffn * s->aelem + V * sizeof(float) +
+                                 T * s->qkv_dim * dtype_size(s->atype) + T * dim * sizeof(__half) +
+                                 T * 2 * ffn * dtype_size(s->atype) + V * sizeof(float) +
                                  part_elems * sizeof(float) + s->counter_ints * sizeof(int) +
                                  T * sizeof(int32_t) + BLAS_WS_BYTES;
     size_t free_b = 0, total_b = 0;
@@ -500,9 +498,9 @@ int init_state(cake_cuda_state *s, const cake_model *m, int n_ctx, int max_batch
     CK(cudaMemsetAsync(s->v_cache, 0, kv_half, s->stream), "clearing the V cache");
     if (dev_alloc(s, (void **)&s->x, T * dim * sizeof(float), "scratch x", err, errlen) ||
         dev_alloc(s, &s->xh, T * s->xh_cols * s->welem, "scratch xh", err, errlen) ||
-        dev_alloc(s, &s->qkv, T * s->qkv_dim * s->aelem, "scratch qkv", err, errlen) ||
+        dev_alloc(s, &s->qkv, T * s->qkv_dim * dtype_size(s->atype), "scratch qkv", err, errlen) ||
         dev_alloc(s, (void **)&s->q16, T * dim * sizeof(__half), "scratch q16", err, errlen) ||
-        dev_alloc(s, &s->gu, T * 2 * ffn * s->aelem, "scratch gate/up", err, errlen) ||
+        dev_alloc(s, &s->gu, T * 2 * ffn * dtype_size(s->atype), "scratch gate/up", err, errlen) ||
         dev_alloc(s, (void **)&s->logits, V * sizeof(float), "logits", err, errlen) ||
         dev_alloc(s, (void **)&s->part, part_elems * sizeof(float), "attention partials", err,
                   errlen) ||
