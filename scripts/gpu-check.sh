@@ -5,8 +5,10 @@
 # 16K-token prefill speed of the longalpaca-13b shape (MHA, 800 KiB of KV per
 # token), one-shot and in chunks of 512, and beside them one-shot with the
 # mma.sync attention kernel (CAKE_CUDA_ATTN=mma), in chunks with the separate
-# combine kernel (CAKE_CUDA_COMBINE=launch), one-shot with f32 GEMM outputs
-# (CAKE_CUDA_GEMM_OUT=f32); then the paper's Table 3 cells:
+# combine kernel (CAKE_CUDA_COMBINE=launch), in chunks on the stream schedule
+# (CAKE_CUDA_ATTN_SCHED=stream, which then runs the rest if it is faster),
+# one-shot with f32 GEMM outputs (CAKE_CUDA_GEMM_OUT=f32); then the paper's
+# Table 3 cells:
 # `cake bench ttft --backend cuda` on that shape at 16K tokens over emulated
 # 7-100 Gbit/s links, GPU share 1 and 0.125; last, if time is left, llama-8b
 # prefill, cublasLt's GEMM algorithms on the 13B shapes against cuBLAS's
@@ -252,6 +254,22 @@ check_modes() {
 [ -x $CAKE ] && [ "$QUICK" != 1 ] && check_modes
 
 # ---- prefill speed ----
+# the stream schedule of the wgmma kernel (new in stop 16): the attention test
+# alone under it
+STREAM_OK=0
+if [ -x build-gpu/tests/test_cuda ] && [ "${CAKE_CUDA_ATTN:-}" != mma ] &&
+    [ "${CAKE_GPU_QUICK:-0}" != 1 ]; then
+    CAKE_CUDA_ATTN_SCHED=stream CAKE_TEST_FILTER=test_attention_kernels \
+        step test_attention_stream 45 build-gpu/tests/test_cuda
+    if grep -q "^attention path 4.*FAILED" "$LOGS/test_attention_stream.log" ||
+        ! grep -q "^attention path 4.*max error" "$LOGS/test_attention_stream.log"; then
+        note "WGMMA stream schedule: FAIL"
+        grep "^attention path 4" "$LOGS/test_attention_stream.log" | sed 's/^/  /' >>"$SUMMARY"
+    else
+        note "WGMMA stream schedule: PASS (every path 4 case)"
+        STREAM_OK=1
+    fi
+fi
 # prefill SHAPE MODE [TAG]: bench_engine on a 16384-token prompt, twice (the
 # second is warm), one-shot or in chunks of 512, then 32 decode steps; the
 # summary gets the warm prefill's time and its phases summed over its forward
@@ -349,6 +367,20 @@ elif step mkmodel_longalpaca13b 150 $CAKE mkmodel --shape longalpaca-13b -o "$F1
             CAKE_CUDA_COMBINE=launch prefill longalpaca-13b chunk512 combine-launch
         fi
         CAKE_CUDA_GEMM_OUT=f32 prefill longalpaca-13b oneshot gemm-f32
+        # chunks on the stream schedule (stop 16), profiled and not, against
+        # the grid of key ranges above; the faster runs the rest
+        if [ "$STREAM_OK" = 1 ]; then
+            CAKE_CUDA_ATTN_SCHED=stream prefill longalpaca-13b chunk512 stream
+            CAKE_CUDA_ATTN_SCHED=stream PROFILE=0 prefill longalpaca-13b chunk512 stream-unprofiled
+            grid_ms=$(cat "$LOGS/prefill_longalpaca-13b_chunk512.ms")
+            stream_ms=$(cat "$LOGS/prefill_longalpaca-13b_chunk512_stream.ms")
+            if awk -v a="$stream_ms" -v b="$grid_ms" 'BEGIN { exit !(a > 0 && a < b) }'; then
+                export CAKE_CUDA_ATTN_SCHED=stream
+                note "stream schedule: $stream_ms ms in chunks against the grid's $grid_ms; the rest runs with it"
+            else
+                note "stream schedule: $stream_ms ms in chunks against the grid's $grid_ms; the rest keeps the grid"
+            fi
+        fi
         for n in ${CAKE_GPU_SPLITS:-}; do # key ranges forced, against the model's choice
             CAKE_CUDA_ATTN_SPLITS=$n prefill longalpaca-13b chunk512 "splits-$n"
         done

@@ -323,15 +323,16 @@ struct wgmma_case {
     const char *name;
     int tile;
     void (*kernel)(const __half *, const __half *, const __half *, float *, float *, int *, int,
-                   int, int, int, float, int, const CUtensorMap, const CUtensorMap);
+                   int, int, int, float, int, int, const CUtensorMap, const CUtensorMap);
+    bool stream; /* takes the stream schedule (decoupled TMA loads) */
 };
 static const wgmma_case wgmma_kernels[] = {
-    {"bn128-free", 128, attn_wgmma_kernel<float, wg_bn128_free>},
-    {"bn128-tma", 128, attn_wgmma_kernel<float, wg_bn128_tma>},
-    {"bn128", 128, attn_wgmma_kernel<float, wg_bn128>},
-    {"bn64-tma", 64, attn_wgmma_kernel<float, wg_bn64_tma>},
-    {"bn64", 64, attn_wgmma_kernel<float, wg_bn64>},
-    {"bn128-pingpong", 128, attn_wgmma_kernel<float, wg_bn128_pingpong>},
+    {"bn128-free", 128, attn_wgmma_kernel<float, wg_bn128_free>, true},
+    {"bn128-tma", 128, attn_wgmma_kernel<float, wg_bn128_tma>, false},
+    {"bn128", 128, attn_wgmma_kernel<float, wg_bn128>, false},
+    {"bn64-tma", 64, attn_wgmma_kernel<float, wg_bn64_tma>, false},
+    {"bn64", 64, attn_wgmma_kernel<float, wg_bn64>, false},
+    {"bn128-pingpong", 128, attn_wgmma_kernel<float, wg_bn128_pingpong>, true},
 };
 
 /* What make_kv_map in attention.cu encodes, in emu_tmap's form. */
@@ -350,22 +351,26 @@ enum merge_mode { COMBINE_KERNEL, MERGE_LAST, MERGE_LAST_BACKWARDS };
 
 /* Queries [t0, t0 + n) of p (positions pos0 + t0 ...) through the MMA kernel
  * (wg NULL) or a WGMMA variant, its keys in n_splits ranges of split_len,
- * merged as `merge` says. */
+ * merged as `merge` says; or (runs > 0) a WGMMA variant on the stream
+ * schedule, in that many blocks. */
 static int launch(const problem &p, const wgmma_case *wg, int n_splits, int split_len, int t0,
-                  int n, float *out, merge_mode merge = COMBINE_KERNEL) {
+                  int n, float *out, merge_mode merge = COMBINE_KERNEL, int runs = 0) {
     const int pos0 = p.pos0 + t0, heads = p.heads, kvh = p.kv_heads, hd = p.hd;
     const __half *q = p.q.data() + (size_t)t0 * heads * hd, *k = p.k.data(), *v = p.v.data();
     const float scale_log2 = 1.4426950408889634f / sqrtf((float)hd);
-    std::vector<float> part((size_t)n * heads * n_splits * (hd + 2), NAN);
-    float *pp = n_splits > 1 ? part.data() : nullptr;
+    const size_t part_rows = runs ? (size_t)runs * 2 * WG_BM : (size_t)n * heads * n_splits;
+    std::vector<float> part(part_rows * (hd + 2), NAN);
+    float *pp = n_splits > 1 || runs ? part.data() : nullptr;
     const unsigned q_blocks = (unsigned)((n + MMA_BM - 1) / MMA_BM);
     std::vector<int> counters((size_t)q_blocks * heads, 0);
-    int *cp = merge == COMBINE_KERNEL ? nullptr : counters.data();
+    int *cp = merge == COMBINE_KERNEL && !runs ? nullptr : counters.data();
+    const int stream_tiles = runs ? wg_stream_tiles(n, pos0, heads, wg->tile) : 0;
     if (wg) {
         const CUtensorMap tk = emu_kv_map(k, kvh, hd, pos0 + n, wg->tile);
         const CUtensorMap tv = emu_kv_map(v, kvh, hd, pos0 + n, wg->tile);
         emu::body = [=] {
-            wg->kernel(q, k, v, out, pp, cp, n, pos0, heads, kvh, scale_log2, split_len, tk, tv);
+            wg->kernel(q, k, v, out, pp, cp, n, pos0, heads, kvh, scale_log2, split_len,
+                       stream_tiles, tk, tv);
         };
     } else if (hd == 64) {
         emu::body = [=] {
@@ -379,9 +384,9 @@ static int launch(const problem &p, const wgmma_case *wg, int n_splits, int spli
         };
     }
     memset(cake_attn::smem_u4, 0xff, sizeof(cake_attn::smem_u4)); /* NaN garbage */
-    if (run_grid(dim3((unsigned)heads, q_blocks, (unsigned)n_splits),
-                 wg ? WG_THREADS : MMA_WARPS * 32, merge == MERGE_LAST_BACKWARDS))
-        return -1;
+    const dim3 grid =
+        runs ? dim3((unsigned)runs) : dim3((unsigned)heads, q_blocks, (unsigned)n_splits);
+    if (run_grid(grid, wg ? WG_THREADS : MMA_WARPS * 32, merge == MERGE_LAST_BACKWARDS)) return -1;
     for (int c : counters)
         if (c) {
             fprintf(stderr, "a merge counter was left at %d\n", c);
@@ -393,7 +398,7 @@ static int launch(const problem &p, const wgmma_case *wg, int n_splits, int spli
             b.arrived = 0;
             return -1;
         }
-    if (n_splits == 1 || merge != COMBINE_KERNEL) return 0;
+    if (n_splits == 1 || merge != COMBINE_KERNEL || runs) return 0;
     emu::body = [=] { attn_combine_kernel<float>(pp, out, pos0, heads, hd, split_len, n_splits); };
     return run_grid(dim3((unsigned)n, (unsigned)heads, 1), SIMT_THREADS);
 }
@@ -501,6 +506,31 @@ int main() {
                 printf("%s: %s, %s, merged by the %s block: the combine kernel's bits\n",
                        same ? "ok" : "FAILED", name, what, m == MERGE_LAST ? "last" : "first");
                 failed += !same;
+            }
+
+            /* The stream schedule (instead of the case's key ranges): one block
+             * for all, three (items cut mid-run), and a block per tile; three
+             * also in reverse order (the merging block comes first). Ping-pong
+             * shares the schedule's code: three blocks only. */
+            const int all_tiles = wg ? wg_stream_tiles(c.n, c.pos0, c.heads, wg->tile) : 0;
+            for (int runs : {3, 1, all_tiles}) {
+                if (!wg || !wg->stream || (runs != 3 && wg != &wgmma_kernels[0])) break;
+                if (runs > all_tiles) continue;
+                for (merge_mode m : {MERGE_LAST, MERGE_LAST_BACKWARDS}) {
+                    if (m == MERGE_LAST_BACKWARDS && (runs != 3 || wg != &wgmma_kernels[0]))
+                        continue;
+                    std::vector<float> out2(out.size(), NAN);
+                    if (launch(p, wg, 1, 0, 0, c.n, out2.data(), m, runs)) {
+                        failed++;
+                        continue;
+                    }
+                    const double e2 = max_error(p, out2.data());
+                    const bool ok2 = e2 <= 2e-3;
+                    printf("%s: %s, stream schedule in %d block(s)%s: max error %.3g (tol 2e-03)\n",
+                           ok2 ? "ok" : "FAILED", name, runs,
+                           m == MERGE_LAST_BACKWARDS ? ", run backwards" : "", e2);
+                    failed += !ok2;
+                }
             }
 
             /* Unsplit, a query's result does not depend on how the queries are

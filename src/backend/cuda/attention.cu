@@ -6,6 +6,9 @@
  *    softmax of the next. See
  *    attention_wgmma.cuh. Built only for sm_90a ("90a" in
  *    CMAKE_CUDA_ARCHITECTURES) and taken only on a compute-capability 9.0 GPU.
+ *    Where the MMA path would split keys into ranges, its decoupled variants
+ *    can instead run a "stream" of the batch's key tiles cut into one equal
+ *    run per SM (CAKE_CUDA_ATTN_SCHED=stream).
  *
  *  - MMA (prefill, head_dim 64 or 128): flash attention on tensor cores
  *    (mma.sync m16n8k16, f16 inputs, f32 accumulation). A block of 4 warps
@@ -29,7 +32,8 @@
  *    with head_dim 64 or 128 takes the MMA kernel over key ranges.
  *
  * All four are deterministic: fixed tiles and ranges (chosen from the batch's
- * shape and the GPU's SM count alone), fixed reduction orders, no atomics.
+ * shape and the GPU's SM count alone), fixed reduction orders; atomics only
+ * pick which block merges, never the order of a sum.
  *
  * Fragment layouts (PTX ISA, mma.m16n8k16 with .f16 inputs; g = lane / 4,
  * q = lane % 4):
@@ -240,13 +244,42 @@ cudaError_t launch_mma(const cake_attn_launch *a, OutT *out, cudaStream_t st) {
     return launch_combine<OutT>(a, out, split_len, n_splits, st);
 }
 
+/* CAKE_CUDA_ATTN_SCHED=stream (read once): the decoupled WGMMA variants take
+ * the stream schedule (attention_wgmma.cuh) where a grid would be split into
+ * key ranges; "grid" (the default) keeps the grid. To measure the two side by
+ * side. */
+bool stream_schedule() {
+    static const bool on = [] {
+        const char *e = getenv("CAKE_CUDA_ATTN_SCHED");
+        return e && !strcmp(e, "stream");
+    }();
+    return on;
+}
+
+/* The blocks of a stream launch of a batch: one per resident slot (fewer
+ * where `part` has not the room for their two slots each), or 0 where the
+ * batch fills the GPU (it runs as a grid) or there are no counters. */
+int stream_runs(const cake_attn_launch *a, int resident, int bn) {
+    const int q_blocks = (a->n + WG_BM - 1) / WG_BM;
+    if (!stream_schedule() || !a->part || !a->counters || a->n_sm < 1 || resident < 1 ||
+        q_blocks * a->n_heads >= 4 * a->n_sm || (size_t)q_blocks * a->n_heads > a->counter_ints)
+        return 0;
+    const size_t room = a->part_floats / (2 * WG_BM * (WG_HD + 2));
+    size_t runs = (size_t)a->n_sm * (size_t)resident;
+    runs = runs < room ? runs : room;
+    const size_t tiles = (size_t)wg_stream_tiles(a->n, a->pos0, a->n_heads, bn);
+    return (int)(runs < tiles ? runs : tiles);
+}
+
 template <typename OutT, typename C>
 cudaError_t launch_wgmma(const cake_attn_launch *a, OutT *out, cudaStream_t st) {
-    int split_len;
+    int split_len = 0, n_splits = 1;
     const int resident = resident_blocks<attn_wgmma_kernel<OutT, C>>(WG_THREADS, C::SMEM);
-    const int n_splits = mma_splits(a, resident, C::BN, &split_len);
-    const dim3 grid((unsigned)a->n_heads, (unsigned)((a->n + WG_BM - 1) / WG_BM),
-                    (unsigned)n_splits);
+    const int runs = C::LOAD == WG_LOAD_TMA_DECOUPLED ? stream_runs(a, resident, C::BN) : 0;
+    if (!runs) n_splits = mma_splits(a, resident, C::BN, &split_len);
+    const dim3 grid = runs ? dim3((unsigned)runs)
+                           : dim3((unsigned)a->n_heads, (unsigned)((a->n + WG_BM - 1) / WG_BM),
+                                  (unsigned)n_splits);
     const float scale_log2 = 1.4426950408889634f / sqrtf((float)WG_HD);
     CUtensorMap tm_k, tm_v;
     memset(&tm_k, 0, sizeof(tm_k));
@@ -255,10 +288,11 @@ cudaError_t launch_wgmma(const cake_attn_launch *a, OutT *out, cudaStream_t st) 
         (!make_kv_map(&tm_k, a->k, a->n_kv_heads, a->pos0 + a->n, C::BN) ||
          !make_kv_map(&tm_v, a->v, a->n_kv_heads, a->pos0 + a->n, C::BN)))
         return cudaErrorInvalidValue;
-    int *counters = merge_counters(a, grid);
+    int *counters = runs ? a->counters : merge_counters(a, grid);
+    const int stream_tiles = runs ? wg_stream_tiles(a->n, a->pos0, a->n_heads, C::BN) : 0;
     attn_wgmma_kernel<OutT, C><<<grid, WG_THREADS, C::SMEM, st>>>(
         a->q, a->k, a->v, out, a->part, counters, a->n, a->pos0, a->n_heads, a->n_kv_heads,
-        scale_log2, split_len, tm_k, tm_v);
+        scale_log2, split_len, stream_tiles, tm_k, tm_v);
     cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess || n_splits == 1 || counters) return e;
     return launch_combine<OutT>(a, out, split_len, n_splits, st);
@@ -392,6 +426,10 @@ int cake_cuda_attention_supported(int path, int head_dim) {
     default:
         return 0;
     }
+}
+
+int cake_cuda_attention_stream(void) {
+    return stream_schedule();
 }
 
 cudaError_t cake_cuda_attention(const cake_attn_launch *a, int path, cudaStream_t st) {

@@ -109,50 +109,104 @@ __device__ __forceinline__ attn_block attn_block_range(int bm, int bn, int n, in
  * head) to finish merges that query block's ranges into the output, in range
  * order, so the result does not depend on which block came last. This saves
  * the combine launch, which read every partial back from memory in small
- * blocks after the whole grid had drained. counters: one per (query block,
- * head) of the grid, counting its arrivals; zero before the launch, and each
- * merging block leaves its own zero for the next one. blk, bn: the block and
- * its key tile width. last: an int of shared memory that no thread uses any
- * more. Called by every thread of the block (it synchronises the block). */
+ * blocks after the whole grid had drained.
+ *
+ * attn_last_arrival takes the block's ticket once its partials are written:
+ * true in the block whose arrival is the n_arrivals-th, which also zeroes the
+ * counter for the next launch (counters start at zero). last: an int of shared
+ * memory that no thread uses any more. Called by every thread of the block (it
+ * synchronises the block). */
+__device__ __forceinline__ bool attn_last_arrival(int *counter, int n_arrivals, int *last) {
+    __threadfence(); /* this thread's partials, before the block's arrival */
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        *last = atomicAdd(counter, 1) == n_arrivals - 1;
+        if (*last) *counter = 0; /* every part has arrived */
+    }
+    __syncthreads();
+    if (!*last) return false;
+    __threadfence(); /* the other blocks' partials, after their arrivals */
+    return true;
+}
+
+/* Merges the partials of queries [m0, m0 + rows) of head h into `out`, in
+ * part order: part_row(s, r) is part s of row r (o[head_dim], max in
+ * natural-log units, sum), parts_of(r) how many parts row r has; head_dim <=
+ * 128. A warp per query, each lane two pairs of dims. The merging block is
+ * the last of its query block to finish, so its merge adds to the launch's
+ * time: a row's loads, up to 8 parts, are issued together before any math
+ * (one trip to L2 per row instead of one per part and sum), and each sum
+ * still runs in part order, as in attn_combine_kernel. */
+template <typename OutT, typename PartRow, typename PartsOf>
+__device__ void attn_merge_rows(PartRow part_row, PartsOf parts_of, OutT *__restrict__ out, int m0,
+                                int rows, int h, int n_heads, int head_dim) {
+    constexpr int BATCH = 8;
+    const int warps = (int)blockDim.x / 32, lane = (int)threadIdx.x % 32;
+    const int d0 = 2 * lane, d1 = d0 + 64;
+    for (int r = (int)threadIdx.x / 32; r < rows; r += warps) {
+        const int n_parts = parts_of(r);
+        float m[BATCH], ls[BATCH];
+        float2 v0[BATCH], v1[BATCH];
+        auto load = [&](int s0) {
+#pragma unroll
+            for (int k = 0; k < BATCH; k++) {
+                m[k] = -INFINITY;
+                ls[k] = 0.0f;
+                v0[k] = v1[k] = make_float2(0.0f, 0.0f);
+                if (s0 + k >= n_parts) continue;
+                const float *p = part_row(s0 + k, r);
+                m[k] = __ldcg(p + head_dim);
+                ls[k] = __ldcg(p + head_dim + 1);
+                if (d0 < head_dim) v0[k] = __ldcg(reinterpret_cast<const float2 *>(p + d0));
+                if (d1 < head_dim) v1[k] = __ldcg(reinterpret_cast<const float2 *>(p + d1));
+            }
+        };
+        load(0);
+        float mx = -INFINITY;
+#pragma unroll
+        for (int k = 0; k < BATCH; k++) mx = fmaxf(mx, m[k]);
+        for (int s0 = BATCH; s0 < n_parts; s0 += BATCH) { /* more parts: the maxima first */
+#pragma unroll
+            for (int k = 0; k < BATCH && s0 + k < n_parts; k++)
+                mx = fmaxf(mx, __ldcg(part_row(s0 + k, r) + head_dim));
+        }
+        float l = 0.0f, a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+        for (int s0 = 0; s0 < n_parts; s0 += BATCH) {
+            if (s0 > 0) load(s0);
+#pragma unroll
+            for (int k = 0; k < BATCH; k++) {
+                if (s0 + k >= n_parts) break;
+                const float w = __expf(m[k] - mx);
+                l += ls[k] * w;
+                a0 += v0[k].x * w;
+                a1 += v0[k].y * w;
+                a2 += v1[k].x * w;
+                a3 += v1[k].y * w;
+            }
+        }
+        OutT *orow = out + ((size_t)(m0 + r) * n_heads + h) * head_dim;
+        if (d0 < head_dim) cake_store2(orow + d0, a0 / l, a1 / l);
+        if (d1 < head_dim) cake_store2(orow + d1, a2 / l, a3 / l);
+    }
+}
+
+/* The merge of a split grid (n_heads, query blocks, ranges): the partials at
+ * part[(query, head, range)], ranges that hold keys of a query merged. blk,
+ * bn: the block and its key tile width. */
 template <typename OutT>
 __device__ void attn_merge_if_last(const float *__restrict__ part, OutT *__restrict__ out,
                                    int *counters, const attn_block &blk, int bn, int pos0,
                                    int n_heads, int head_dim, int split_len, int *last) {
-    const int m0 = blk.m0, rows = blk.rows, h = (int)blockIdx.x, n_splits = (int)gridDim.z;
+    const int m0 = blk.m0, h = (int)blockIdx.x, n_splits = (int)gridDim.z;
     const int per = split_len / bn, n_ranges = ((blk.kv_len + bn - 1) / bn + per - 1) / per;
-    int *counter = counters + blockIdx.y * gridDim.x + blockIdx.x;
-    __threadfence(); /* this thread's partials, before the block's arrival */
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        *last = atomicAdd(counter, 1) == n_ranges - 1;
-        if (*last) *counter = 0; /* every range has arrived */
-    }
-    __syncthreads();
-    if (!*last) return;
-    __threadfence(); /* the other blocks' partials, after their arrivals */
+    if (!attn_last_arrival(counters + blockIdx.y * gridDim.x + blockIdx.x, n_ranges, last)) return;
     const size_t pitch = (size_t)head_dim + 2;
-    const int warps = (int)blockDim.x / 32, lane = (int)threadIdx.x % 32;
-    for (int r = (int)threadIdx.x / 32; r < rows; r += warps) { /* a warp per query */
-        const int t = m0 + r;
-        const int n_valid = (pos0 + t + 1 + split_len - 1) / split_len; /* ranges with keys */
-        const float *base = part + ((size_t)t * n_heads + h) * n_splits * pitch;
-        float mx = -INFINITY, l = 0.0f;
-        for (int s = 0; s < n_valid; s++) mx = fmaxf(mx, __ldcg(base + s * pitch + head_dim));
-        for (int s = 0; s < n_valid; s++)
-            l += __ldcg(base + s * pitch + head_dim + 1) *
-                 __expf(__ldcg(base + s * pitch + head_dim) - mx);
-        OutT *orow = out + ((size_t)t * n_heads + h) * head_dim;
-        for (int d = 2 * lane; d < head_dim; d += 64) {
-            float a0 = 0.0f, a1 = 0.0f;
-            for (int s = 0; s < n_valid; s++) {
-                const float w = __expf(__ldcg(base + s * pitch + head_dim) - mx);
-                const float2 v = __ldcg(reinterpret_cast<const float2 *>(base + s * pitch + d));
-                a0 += v.x * w;
-                a1 += v.y * w;
-            }
-            cake_store2(orow + d, a0 / l, a1 / l);
-        }
-    }
+    attn_merge_rows(
+        [&](int s, int r) {
+            return part + (((size_t)(m0 + r) * n_heads + h) * n_splits + s) * pitch;
+        },
+        [&](int r) { return (pos0 + m0 + r + 1 + split_len - 1) / split_len; }, /* with keys */
+        out, m0, blk.rows, h, n_heads, head_dim);
 }
 
 /* grid (n_heads, ceil(n / MMA_BM), n_splits), block 128, dynamic smem

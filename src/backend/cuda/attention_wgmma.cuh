@@ -235,18 +235,72 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[64], const uint32_t (&a)[4],
 
 #endif
 
-/* grid (n_heads, ceil(n / WG_BM), n_splits), block WG_THREADS, dynamic smem
- * C::SMEM; arguments and output as attn_mma_kernel's (split_len a multiple of
- * C::BN). With TMA loads, tm_k and tm_v map the K and V caches as (head dim,
- * KV head, position) with boxes of (64, 1, BN) and the 128-byte swizzle
- * (make_kv_map in attention.cu); other variants ignore them. */
+/* The stream schedule (the kernel's stream_tiles > 0; decoupled TMA loads
+ * only). The launch's work is one sequence of key tiles: its items (query
+ * block, head), query blocks last first and heads fastest as the grid takes
+ * them, each item's tiles from key 0. Block g of gridDim.x takes the g-th of
+ * equal runs of it, so that every block has the same number of tiles however
+ * long the items are (a grid of key ranges rounds up to whole waves of
+ * blocks), and one block walks item after item with its K/V pipeline kept
+ * full across them (a grid block starts its pipeline empty). An item cut
+ * between blocks is merged by the last of them to finish, from partials in two
+ * slots per block: slot 0 for its run's first item, 1 for its last. */
+struct wg_item {
+    int mi, h;       /* query block mi (last first: m0 = (blocks - 1 - mi) WG_BM), head h */
+    int tile, tiles; /* the next key tile, and the item's tile count */
+};
+__host__ __device__ inline int wg_item_tiles(int mi, int n, int pos0, int bn) {
+    const int m0 = ((n + WG_BM - 1) / WG_BM - 1 - mi) * WG_BM;
+    const int rows = n - m0 < WG_BM ? n - m0 : WG_BM;
+    return (pos0 + m0 + rows + bn - 1) / bn;
+}
+/* The launch's tiles: the stream's length. */
+__host__ __device__ inline int wg_stream_tiles(int n, int pos0, int n_heads, int bn) {
+    int total = 0;
+    for (int mi = 0; mi < (n + WG_BM - 1) / WG_BM; mi++)
+        total += n_heads * wg_item_tiles(mi, n, pos0, bn);
+    return total;
+}
+/* Where run g of `runs` over `total` tiles starts, and the run holding tile t. */
+__host__ __device__ inline int wg_run_start(int g, int total, int runs) {
+    const int per = total / runs, rem = total % runs;
+    return g * per + (g < rem ? g : rem);
+}
+__device__ inline int wg_run_of(int t, int total, int runs) {
+    const int per = total / runs, rem = total % runs, big = rem * (per + 1);
+    return t < big ? t / (per + 1) : rem + (t - big) / per;
+}
+/* The item and tile of stream tile t, and the step to the next tile. */
+__device__ inline wg_item wg_item_at(int t, int n, int pos0, int n_heads, int bn) {
+    for (int mi = 0;; mi++) {
+        const int tiles = wg_item_tiles(mi, n, pos0, bn);
+        if (t < n_heads * tiles) return wg_item{mi, t / tiles, t % tiles, tiles};
+        t -= n_heads * tiles;
+    }
+}
+__device__ inline void wg_next_tile(wg_item &c, int n, int pos0, int n_heads, int bn) {
+    if (++c.tile < c.tiles) return;
+    c.tile = 0;
+    if (++c.h < n_heads) return;
+    c.h = 0;
+    c.tiles = wg_item_tiles(++c.mi, n, pos0, bn);
+}
+
+/* Grid (stream_tiles == 0): (n_heads, ceil(n / WG_BM), n_splits), as
+ * attn_mma_kernel's, arguments and output as its (split_len a multiple of
+ * C::BN). Stream (stream_tiles = wg_stream_tiles(...) > 0, decoupled TMA
+ * variants): (runs, 1, 1), partials in `part` at [block][slot][row], a
+ * counter per item. Block WG_THREADS, dynamic smem C::SMEM. With TMA loads,
+ * tm_k and tm_v map the K and V caches as (head dim, KV head, position) with
+ * boxes of (64, 1, BN) and the 128-byte swizzle (make_kv_map in attention.cu);
+ * other variants ignore them. */
 template <typename OutT, typename C>
 __global__ void __launch_bounds__(WG_THREADS, 1)
     attn_wgmma_kernel(const __half *__restrict__ q, const __half *__restrict__ kc,
                       const __half *__restrict__ vc, OutT *__restrict__ out,
                       float *__restrict__ part, int *__restrict__ counters, int n, int pos0,
                       int n_heads, int n_kv_heads, float scale_log2, int split_len,
-                      const __grid_constant__ CUtensorMap tm_k,
+                      int stream_tiles, const __grid_constant__ CUtensorMap tm_k,
                       const __grid_constant__ CUtensorMap tm_v) {
 #ifdef CAKE_ATTN_WGMMA_BODY
     constexpr int HD = WG_HD, CH = HD / 8, BN = C::BN, NT = BN / 8, DT = HD / 8;
@@ -263,23 +317,43 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
      * (else ptxas serialises them: its warning C7520). */
     const int tid = threadIdx.x, wg = warp_uniform(tid >> 7), wl = (tid >> 5) & 3, lane = tid & 31;
     const int g = lane >> 2, tq = lane & 3;
-    const attn_block blk = attn_block_range(WG_BM, BN, n, pos0, split_len);
-    const int m0 = blk.m0, rows = blk.rows, kv_len = blk.kv_len;
-    const int tile0 = blk.tile0, tile1 = blk.tile1;
-    if (tile0 >= tile1) return; /* a range past this block's keys: the combine skips it */
-    const int h = blockIdx.x, kvh = h / (n_heads / n_kv_heads);
-    const int n_splits = (int)gridDim.z, sp = (int)blockIdx.z;
+    const bool stream = C::LOAD == WG_LOAD_TMA_DECOUPLED && stream_tiles > 0;
+    const int group = n_heads / n_kv_heads, n_qblocks = (n + WG_BM - 1) / WG_BM;
     const size_t q_stride = (size_t)n_heads * HD, kv_stride = (size_t)n_kv_heads * HD;
 
-    /* Q, swizzled; rows past the batch are zero. */
-    for (int c = tid; c < WG_BM * CH; c += WG_THREADS) {
-        const int r = c / CH, cc = c % CH;
-        uint8_t *dst = sQ + wg_chunk_offset(WG_BM, r, cc);
-        if (r < rows)
-            cp_async16(dst, q + (size_t)(m0 + r) * q_stride + (size_t)h * HD + cc * 8);
-        else
-            *reinterpret_cast<uint4 *>(dst) = make_uint4(0, 0, 0, 0);
+    /* This block's run of key tiles: a range of one item (grid), or its share
+     * of the stream; `item` is where the next segment (an item's tiles within
+     * the run) starts. */
+    wg_item item;
+    int run0 = 0, run_len;
+    if (stream) {
+        run0 = wg_run_start(blockIdx.x, stream_tiles, gridDim.x);
+        run_len = wg_run_start(blockIdx.x + 1, stream_tiles, gridDim.x) - run0;
+        item = wg_item_at(run0, n, pos0, n_heads, BN);
+    } else {
+        const attn_block blk = attn_block_range(WG_BM, BN, n, pos0, split_len);
+        if (blk.tile0 >= blk.tile1)
+            return; /* a range past this block's keys: the combine skips it */
+        item = wg_item{(int)blockIdx.y, (int)blockIdx.x, blk.tile0, (blk.kv_len + BN - 1) / BN};
+        run_len = blk.tile1 - blk.tile0;
     }
+    /* The segment's query block and head; the cp.async loads take the first
+     * segment's (their variants run grids: one segment per block). */
+    int m0 = (n_qblocks - 1 - item.mi) * WG_BM, rows = min(WG_BM, n - m0), h = item.h;
+    int kv_len = pos0 + m0 + rows;
+
+    /* Q, swizzled; rows past the batch are zero. */
+    auto load_q = [&] {
+        for (int c = tid; c < WG_BM * CH; c += WG_THREADS) {
+            const int r = c / CH, cc = c % CH;
+            uint8_t *dst = sQ + wg_chunk_offset(WG_BM, r, cc);
+            if (r < rows)
+                cp_async16(dst, q + (size_t)(m0 + r) * q_stride + (size_t)h * HD + cc * 8);
+            else
+                *reinterpret_cast<uint4 *>(dst) = make_uint4(0, 0, 0, 0);
+        }
+    };
+    load_q();
     /* This thread's K/V chunks: the same rows and columns of every tile. */
     int ld_row[LOADS], ld_off[LOADS];
 #pragma unroll
@@ -288,13 +362,13 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
         ld_row[i] = c / CH;
         ld_off[i] = wg_chunk_offset(BN, c / CH, c % CH);
     }
-    const __half *kbase = kc + (size_t)kvh * HD + (tid % CH) * 8;
-    const __half *vbase = vc + (size_t)kvh * HD + (tid % CH) * 8;
+    const __half *kbase = kc + (size_t)(h / group) * HD + (tid % CH) * 8;
+    const __half *vbase = vc + (size_t)(h / group) * HD + (tid % CH) * 8;
     static_assert(WG_THREADS % CH == 0, "a thread keeps its column across its chunks");
-    /* K/V tile `tile` into its stage. Keys at or past kv_len are zero (masked
+    /* K/V tile `tile` into stage `st`. Keys at or past kv_len are zero (masked
      * out of the softmax, but 0 x a NaN in V would poison O). */
-    auto load_kv = [&](int tile) {
-        uint8_t *dk = sKV + (size_t)(tile % STAGES) * 2 * TILE, *dv = dk + TILE;
+    auto load_kv = [&](int tile, int st) {
+        uint8_t *dk = sKV + (size_t)st * 2 * TILE, *dv = dk + TILE;
 #pragma unroll
         for (int i = 0; i < LOADS; i++) {
             const int j = tile * BN + ld_row[i];
@@ -308,20 +382,26 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
         }
     };
     /* TMA: a "full" mbarrier per stage, armed with the tile's bytes by thread
-     * 0, which issues its copies. The n-th use of stage t % STAGES (n = (t -
-     * tile0) / STAGES) completes phase n, so its waiters ask for parity n & 1.
-     * Decoupled, an "empty" mbarrier per stage as well, which each warp
-     * arrives at once done with the stage's tile. */
+     * 0, which issues its copies. Tile i of the run (its i-th) goes to stage i
+     * % STAGES, whose (i / STAGES)-th phase it completes: its waiters ask for
+     * parity (i / STAGES) & 1. Decoupled, an "empty" mbarrier per stage as
+     * well, which each warp arrives at once done with the stage's tile.
+     * Thread 0 walks the run's tiles ahead of the computation with its own
+     * cursor, across items. */
     uint64_t *full = reinterpret_cast<uint64_t *>(sKV + (size_t)STAGES * 2 * TILE);
     uint64_t *empty = full + STAGES;
-    auto issue_tma = [&](int tile) {
-        uint64_t *bar = &full[tile % STAGES];
-        uint8_t *dk = sKV + (size_t)(tile % STAGES) * 2 * TILE, *dv = dk + TILE;
+    wg_item ahead = item;
+    int issued = 0;
+    auto issue_tma = [&] {
+        uint64_t *bar = &full[issued % STAGES];
+        uint8_t *dk = sKV + (size_t)(issued % STAGES) * 2 * TILE, *dv = dk + TILE;
+        const int kvh = ahead.h / group, key = ahead.tile * BN;
         mbar_expect_tx(bar, 2 * TILE);
-        tma_load_3d(dk, &tm_k, 0, kvh, tile * BN, bar);
-        tma_load_3d(dk + BN * 128, &tm_k, 64, kvh, tile * BN, bar);
-        tma_load_3d(dv, &tm_v, 0, kvh, tile * BN, bar);
-        tma_load_3d(dv + BN * 128, &tm_v, 64, kvh, tile * BN, bar);
+        tma_load_3d(dk, &tm_k, 0, kvh, key, bar);
+        tma_load_3d(dk + BN * 128, &tm_k, 64, kvh, key, bar);
+        tma_load_3d(dv, &tm_v, 0, kvh, key, bar);
+        tma_load_3d(dv + BN * 128, &tm_v, 64, kvh, key, bar);
+        if (++issued < run_len) wg_next_tile(ahead, n, pos0, n_heads, BN);
     };
     if constexpr (C::LOAD != WG_LOAD_CP_ASYNC) {
         if (tid == 0) {
@@ -329,7 +409,7 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
                 mbar_init(&full[st], 1);
                 mbar_init(&empty[st], WG_THREADS / 32);
             }
-            for (int a = 0; a < AHEAD && tile0 + a < tile1; a++) issue_tma(tile0 + a);
+            while (issued < AHEAD && issued < run_len) issue_tma();
         }
         cp_async_commit(); /* Q */
         cp_async_wait<0>();
@@ -341,198 +421,248 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
          * groups always means "tile it is in". */
 #pragma unroll
         for (int a = 0; a < AHEAD; a++) {
-            if (tile0 + a < tile1) load_kv(tile0 + a);
+            if (a < run_len) load_kv(item.tile + a, a);
             cp_async_commit();
         }
     }
-
-    /* This thread's rows (within the block): 64 wg + 16 wl + g (+ 8). */
-    const int r0 = wg * 64 + wl * 16 + g;
-    const int pq0 = pos0 + m0 + r0, pq1 = pq0 + 8;
 
     uint32_t qa[HD / 16][4]; /* Q as A fragments, one per 16-dim step */
     float s[NT * 4];         /* S of the current tile, then its exponents */
     uint32_t pa[BN / 16][4]; /* P of the previous tile, f16 A fragments */
     float o[DT * 4];
-#pragma unroll
-    for (int i = 0; i < DT * 4; i++) o[i] = 0.0f;
-    float m_0 = -INFINITY, m_1 = -INFINITY, l_0 = 0.0f, l_1 = 0.0f;
+    /* This thread's rows (within the block): 64 wg + 16 wl + g (+ 8). */
+    const int r0 = wg * 64 + wl * 16 + g;
 
-    /* Ping-pong: named barrier 1 + w is warpgroup w's turn to issue; each
-     * hands the turn to the other once its products are issued. Warpgroup 0
-     * starts, and warpgroup 1 does not hand over after its last tile, so that
-     * every arrival has its wait. */
-    if constexpr (C::PINGPONG)
-        if (wg == 1) named_bar_arrive(1, WG_THREADS);
-
-    for (int it = tile0; it < tile1; it++) {
-        if constexpr (C::LOAD == WG_LOAD_TMA_DECOUPLED) {
-            /* Tile it + AHEAD goes where tile it + AHEAD - STAGES was, once every
-             * warp has released that one (in its iteration it + AHEAD - STAGES
-             * + 1 <= it - 1). */
-            const int next = it + AHEAD, prev = next - STAGES;
-            if (tid == 0 && next < tile1) {
-                if (prev >= tile0) mbar_wait(&empty[prev % STAGES], ((prev - tile0) / STAGES) & 1);
-                issue_tma(next);
-            }
-            mbar_wait(&full[it % STAGES], ((it - tile0) / STAGES) & 1); /* tile it is in */
-        } else if constexpr (C::LOAD == WG_LOAD_TMA) {
-            __syncthreads(); /* all done with tile it - 2, whose stage is refilled */
-            if (tid == 0 && it + AHEAD < tile1) issue_tma(it + AHEAD);
-            mbar_wait(&full[it % STAGES], ((it - tile0) / STAGES) & 1); /* tile it is in */
-        } else {
-            cp_async_wait<AHEAD - 1>(); /* tile it is in */
-            fence_proxy_async();        /* ... and visible to wgmma */
-            __syncthreads();            /* everyone's part of it; all done with tile it - 2 */
-            if (it + AHEAD < tile1) load_kv(it + AHEAD);
+    for (int seq = 0; seq < run_len;) { /* a segment: item's tiles [tile0, tile1) */
+        const int tile0 = item.tile, tile1 = min(item.tiles, tile0 + run_len - seq), seq0 = seq;
+        if (seq0 > 0) { /* the stream's next item */
+            m0 = (n_qblocks - 1 - item.mi) * WG_BM;
+            rows = min(WG_BM, n - m0);
+            h = item.h;
+            __syncthreads(); /* every warp is done with the last item's Q and merge */
+            load_q();
             cp_async_commit();
+            cp_async_wait<0>();
+            fence_proxy_async();
+            __syncthreads();
         }
-        if (it == tile0) {
-            /* ldmatrix rows: this warp's 16, chunk (lane >> 4) of each 16-dim step */
-            const int r = wg * 64 + wl * 16 + (lane & 15);
+        const int pq0 = pos0 + m0 + r0, pq1 = pq0 + 8;
 #pragma unroll
-            for (int kk = 0; kk < HD / 16; kk++)
-                ldsm_x4(qa[kk], sQ + wg_chunk_offset(WG_BM, r, 2 * kk + (lane >> 4)));
-        }
-        const uint32_t k_addr = smem_addr(sKV + (size_t)(it % STAGES) * 2 * TILE);
-        const uint32_t v_prev =
-            smem_addr(sKV + (size_t)((it + STAGES - 1) % STAGES) * 2 * TILE + TILE);
+        for (int i = 0; i < DT * 4; i++) o[i] = 0.0f;
+        float m_0 = -INFINITY, m_1 = -INFINITY, l_0 = 0.0f, l_1 = 0.0f;
 
-        /* Issue S = Q K^T, then (from the second tile) O += P V of the
-         * previous tile, as two groups. */
-        if constexpr (C::PINGPONG) named_bar_sync(1 + wg, WG_THREADS);
-        wg_fence();
+        /* Ping-pong: named barrier 1 + w is warpgroup w's turn to issue; each
+         * hands the turn to the other once its products are issued. Warpgroup
+         * 0 starts, and warpgroup 1 does not hand over after the segment's
+         * last tile, so that every arrival has its wait. */
+        if constexpr (C::PINGPONG)
+            if (wg == 1) named_bar_arrive(1, WG_THREADS);
+
+        for (int it = tile0; it < tile1; it++, seq++) {
+            const int stage = seq % STAGES;
+            if constexpr (C::LOAD == WG_LOAD_TMA_DECOUPLED) {
+                /* Tile seq + AHEAD goes where tile seq + AHEAD - STAGES was,
+                 * once every warp has released that one (in its iteration
+                 * seq + AHEAD - STAGES + 1 <= seq - 1, or the end of its
+                 * segment). */
+                const int prev = seq + AHEAD - STAGES;
+                if (tid == 0 && seq + AHEAD < run_len) {
+                    if (prev >= 0) mbar_wait(&empty[prev % STAGES], (prev / STAGES) & 1);
+                    issue_tma();
+                }
+                mbar_wait(&full[stage], (seq / STAGES) & 1); /* tile it is in */
+            } else if constexpr (C::LOAD == WG_LOAD_TMA) {
+                __syncthreads(); /* all done with tile it - 2, whose stage is refilled */
+                if (tid == 0 && seq + AHEAD < run_len) issue_tma();
+                mbar_wait(&full[stage], (seq / STAGES) & 1); /* tile it is in */
+            } else {
+                cp_async_wait<AHEAD - 1>(); /* tile it is in */
+                fence_proxy_async();        /* ... and visible to wgmma */
+                __syncthreads();            /* everyone's part of it; all done with tile it - 2 */
+                if (seq + AHEAD < run_len) load_kv(it + AHEAD, (seq + AHEAD) % STAGES);
+                cp_async_commit();
+            }
+            if (it == tile0) {
+                /* ldmatrix rows: this warp's 16, chunk (lane >> 4) of each 16-dim step */
+                const int r = wg * 64 + wl * 16 + (lane & 15);
 #pragma unroll
-        for (int kk = 0; kk < HD / 16; kk++) /* 32 bytes on per step, a region per 64 dims */
-            wgmma_rs<0>(s, qa[kk], wg_desc(k_addr + (kk >> 2) * BN * 128 + (kk & 3) * 32, 16, 1024),
-                        kk > 0);
-        wg_commit();
-        if (it > tile0) {
+                for (int kk = 0; kk < HD / 16; kk++)
+                    ldsm_x4(qa[kk], sQ + wg_chunk_offset(WG_BM, r, 2 * kk + (lane >> 4)));
+            }
+            const uint32_t k_addr = smem_addr(sKV + (size_t)stage * 2 * TILE);
+            const uint32_t v_prev =
+                smem_addr(sKV + (size_t)((seq + STAGES - 1) % STAGES) * 2 * TILE + TILE);
+
+            /* Issue S = Q K^T, then (from the second tile) O += P V of the
+             * previous tile, as two groups. */
+            if constexpr (C::PINGPONG) named_bar_sync(1 + wg, WG_THREADS);
+            wg_fence();
 #pragma unroll
-            for (int kj = 0; kj < BN / 16; kj++)
-                wgmma_rs<1>(o, pa[kj], wg_desc(v_prev + kj * 2048, BN * 128, 1024), 1);
+            for (int kk = 0; kk < HD / 16; kk++) /* 32 bytes on per step, a region per 64 dims */
+                wgmma_rs<0>(s, qa[kk],
+                            wg_desc(k_addr + (kk >> 2) * BN * 128 + (kk & 3) * 32, 16, 1024),
+                            kk > 0);
             wg_commit();
-            if constexpr (C::PINGPONG)
-                if (wg == 0 || it + 1 < tile1) named_bar_arrive(2 - wg, WG_THREADS);
-            wg_wait<1>(); /* S is done; P V may still run */
-        } else {
-            if constexpr (C::PINGPONG)
-                if (wg == 0 || it + 1 < tile1) named_bar_arrive(2 - wg, WG_THREADS);
-            wg_wait<0>();
-        }
-        wg_pin(s);
+            if (it > tile0) {
+#pragma unroll
+                for (int kj = 0; kj < BN / 16; kj++)
+                    wgmma_rs<1>(o, pa[kj], wg_desc(v_prev + kj * 2048, BN * 128, 1024), 1);
+                wg_commit();
+                if constexpr (C::PINGPONG)
+                    if (wg == 0 || it + 1 < tile1) named_bar_arrive(2 - wg, WG_THREADS);
+                wg_wait<1>(); /* S is done; P V may still run */
+            } else {
+                if constexpr (C::PINGPONG)
+                    if (wg == 0 || it + 1 < tile1) named_bar_arrive(2 - wg, WG_THREADS);
+                wg_wait<0>();
+            }
+            wg_pin(s);
 
-        /* Mask (query at position pq sees keys j <= pq; only tiles reaching
-         * past the block's first query need the test), row maxima. */
-        const int kbeg = it * BN;
-        const bool need_mask = kbeg + BN - 1 > pos0 + m0;
-        float mx0 = -INFINITY, mx1 = -INFINITY;
+            /* Mask (query at position pq sees keys j <= pq; only tiles reaching
+             * past the block's first query need the test), row maxima. */
+            const int kbeg = it * BN;
+            const bool need_mask = kbeg + BN - 1 > pos0 + m0;
+            float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
-        for (int nt = 0; nt < NT; nt++) {
-            if (need_mask) {
+            for (int nt = 0; nt < NT; nt++) {
+                if (need_mask) {
 #pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const int j = kbeg + nt * 8 + 2 * tq + (e & 1);
-                    if (j > ((e >> 1) ? pq1 : pq0)) s[nt * 4 + e] = -INFINITY;
+                    for (int e = 0; e < 4; e++) {
+                        const int j = kbeg + nt * 8 + 2 * tq + (e & 1);
+                        if (j > ((e >> 1) ? pq1 : pq0)) s[nt * 4 + e] = -INFINITY;
+                    }
+                }
+                mx0 = fmaxf(mx0, fmaxf(s[nt * 4 + 0], s[nt * 4 + 1]));
+                mx1 = fmaxf(mx1, fmaxf(s[nt * 4 + 2], s[nt * 4 + 3]));
+            }
+            /* The 4 threads of a quad hold the same two rows. */
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+            const float mn0 = fmaxf(m_0, mx0 * scale_log2), mn1 = fmaxf(m_1, mx1 * scale_log2);
+            /* A row that has seen no key yet keeps max -inf (see attn_mma_kernel). */
+            const float ref0 = mn0 == -INFINITY ? 0.0f : mn0, ref1 = mn1 == -INFINITY ? 0.0f : mn1;
+            const float a0 = exp2f(m_0 - ref0), a1 = exp2f(m_1 - ref1);
+            m_0 = mn0;
+            m_1 = mn1;
+            float sum0 = 0.0f, sum1 = 0.0f;
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++) {
+                s[nt * 4 + 0] = exp2f(fmaf(s[nt * 4 + 0], scale_log2, -ref0));
+                s[nt * 4 + 1] = exp2f(fmaf(s[nt * 4 + 1], scale_log2, -ref0));
+                s[nt * 4 + 2] = exp2f(fmaf(s[nt * 4 + 2], scale_log2, -ref1));
+                s[nt * 4 + 3] = exp2f(fmaf(s[nt * 4 + 3], scale_log2, -ref1));
+                sum0 += s[nt * 4 + 0] + s[nt * 4 + 1];
+                sum1 += s[nt * 4 + 2] + s[nt * 4 + 3];
+            }
+            l_0 = l_0 * a0 + sum0;
+            l_1 = l_1 * a1 + sum1;
+
+            /* O (with the previous tile's P V in it) to the new maxima, then
+             * this tile's P as f16 A fragments. */
+            wg_wait<0>();
+            wg_pin(o);
+            wg_pin(pa);
+            if constexpr (C::LOAD == WG_LOAD_TMA_DECOUPLED) {
+                /* This warp is done with tile seq - 1 (K in S(seq - 1), V in
+                 * the P V product just waited for): its stage may be refilled. */
+                if (it > tile0) {
+                    __syncwarp();
+                    if (lane == 0) mbar_arrive(&empty[(seq + STAGES - 1) % STAGES]);
                 }
             }
-            mx0 = fmaxf(mx0, fmaxf(s[nt * 4 + 0], s[nt * 4 + 1]));
-            mx1 = fmaxf(mx1, fmaxf(s[nt * 4 + 2], s[nt * 4 + 3]));
-        }
-        /* The 4 threads of a quad hold the same two rows. */
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-        const float mn0 = fmaxf(m_0, mx0 * scale_log2), mn1 = fmaxf(m_1, mx1 * scale_log2);
-        /* A row that has seen no key yet keeps max -inf (see attn_mma_kernel). */
-        const float ref0 = mn0 == -INFINITY ? 0.0f : mn0, ref1 = mn1 == -INFINITY ? 0.0f : mn1;
-        const float a0 = exp2f(m_0 - ref0), a1 = exp2f(m_1 - ref1);
-        m_0 = mn0;
-        m_1 = mn1;
-        float sum0 = 0.0f, sum1 = 0.0f;
 #pragma unroll
-        for (int nt = 0; nt < NT; nt++) {
-            s[nt * 4 + 0] = exp2f(fmaf(s[nt * 4 + 0], scale_log2, -ref0));
-            s[nt * 4 + 1] = exp2f(fmaf(s[nt * 4 + 1], scale_log2, -ref0));
-            s[nt * 4 + 2] = exp2f(fmaf(s[nt * 4 + 2], scale_log2, -ref1));
-            s[nt * 4 + 3] = exp2f(fmaf(s[nt * 4 + 3], scale_log2, -ref1));
-            sum0 += s[nt * 4 + 0] + s[nt * 4 + 1];
-            sum1 += s[nt * 4 + 2] + s[nt * 4 + 3];
+            for (int dt = 0; dt < DT; dt++) {
+                o[dt * 4 + 0] *= a0;
+                o[dt * 4 + 1] *= a0;
+                o[dt * 4 + 2] *= a1;
+                o[dt * 4 + 3] *= a1;
+            }
+#pragma unroll
+            for (int kj = 0; kj < BN / 16; kj++) {
+                pa[kj][0] = pack_half2(s[kj * 8 + 0], s[kj * 8 + 1]);
+                pa[kj][1] = pack_half2(s[kj * 8 + 2], s[kj * 8 + 3]);
+                pa[kj][2] = pack_half2(s[kj * 8 + 4], s[kj * 8 + 5]);
+                pa[kj][3] = pack_half2(s[kj * 8 + 6], s[kj * 8 + 7]);
+            }
         }
-        l_0 = l_0 * a0 + sum0;
-        l_1 = l_1 * a1 + sum1;
-
-        /* O (with the previous tile's P V in it) to the new maxima, then this
-         * tile's P as f16 A fragments. */
-        wg_wait<0>();
-        wg_pin(o);
-        wg_pin(pa);
-        if constexpr (C::LOAD == WG_LOAD_TMA_DECOUPLED) {
-            /* This warp is done with tile it - 1 (K in S(it - 1), V in the P V
-             * product just waited for): its stage may be refilled. */
-            if (it > tile0) {
+        /* The last tile's P V; then its stage is free (decoupled: the next
+         * segment's loads wait for that). */
+        {
+            const int last = (seq + STAGES - 1) % STAGES;
+            const uint32_t v_last = smem_addr(sKV + (size_t)last * 2 * TILE + TILE);
+            wg_fence();
+#pragma unroll
+            for (int kj = 0; kj < BN / 16; kj++)
+                wgmma_rs<1>(o, pa[kj], wg_desc(v_last + kj * 2048, BN * 128, 1024), 1);
+            wg_commit();
+            wg_wait<0>();
+            wg_pin(o);
+            if constexpr (C::LOAD == WG_LOAD_TMA_DECOUPLED) {
                 __syncwarp();
-                if (lane == 0) mbar_arrive(&empty[(it - 1) % STAGES]);
+                if (lane == 0) mbar_arrive(&empty[last]);
             }
         }
-#pragma unroll
-        for (int dt = 0; dt < DT; dt++) {
-            o[dt * 4 + 0] *= a0;
-            o[dt * 4 + 1] *= a0;
-            o[dt * 4 + 2] *= a1;
-            o[dt * 4 + 3] *= a1;
-        }
-#pragma unroll
-        for (int kj = 0; kj < BN / 16; kj++) {
-            pa[kj][0] = pack_half2(s[kj * 8 + 0], s[kj * 8 + 1]);
-            pa[kj][1] = pack_half2(s[kj * 8 + 2], s[kj * 8 + 3]);
-            pa[kj][2] = pack_half2(s[kj * 8 + 4], s[kj * 8 + 5]);
-            pa[kj][3] = pack_half2(s[kj * 8 + 6], s[kj * 8 + 7]);
-        }
-    }
-    /* The last tile's P V. Its V stage is not reloaded: no loads are left. */
-    {
-        const uint32_t v_last = smem_addr(sKV + (size_t)((tile1 - 1) % STAGES) * 2 * TILE + TILE);
-        wg_fence();
-#pragma unroll
-        for (int kj = 0; kj < BN / 16; kj++)
-            wgmma_rs<1>(o, pa[kj], wg_desc(v_last + kj * 2048, BN * 128, 1024), 1);
-        wg_commit();
-        wg_wait<0>();
-        wg_pin(o);
-    }
 
+        /* Whole (a grid's unsplit block, or an item inside the run): the
+         * normalised output. Otherwise the rows' partials: at (query, head,
+         * range) in a grid, in slot (seq0 > 0) of this block in the stream. */
+        const bool whole = stream ? tile0 == 0 && tile1 == item.tiles : gridDim.z == 1;
 #pragma unroll
-    for (int hf = 0; hf < 2; hf++) {
-        float sum = hf ? l_1 : l_0;
-        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-        const int r = r0 + 8 * hf;
-        if (r >= rows) continue;
-        if (n_splits == 1) {
-            const float inv = 1.0f / sum;
-            OutT *orow = out + (size_t)(m0 + r) * q_stride + (size_t)h * HD;
+        for (int hf = 0; hf < 2; hf++) {
+            float sum = hf ? l_1 : l_0;
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            const int r = r0 + 8 * hf;
+            if (r >= rows) continue;
+            if (whole) {
+                const float inv = 1.0f / sum;
+                OutT *orow = out + (size_t)(m0 + r) * q_stride + (size_t)h * HD;
 #pragma unroll
-            for (int dt = 0; dt < DT; dt++)
-                cake_store2(orow + dt * 8 + 2 * tq, o[dt * 4 + 2 * hf] * inv,
-                            o[dt * 4 + 2 * hf + 1] * inv);
-        } else {
-            float *pp =
-                part + (((size_t)(m0 + r) * n_heads + h) * n_splits + sp) * (size_t)(HD + 2);
+                for (int dt = 0; dt < DT; dt++)
+                    cake_store2(orow + dt * 8 + 2 * tq, o[dt * 4 + 2 * hf] * inv,
+                                o[dt * 4 + 2 * hf + 1] * inv);
+            } else {
+                const size_t at = stream
+                                      ? ((size_t)(blockIdx.x * 2 + (seq0 > 0)) * WG_BM + r)
+                                      : ((size_t)(m0 + r) * n_heads + h) * gridDim.z + blockIdx.z;
+                float *pp = part + at * (HD + 2);
 #pragma unroll
-            for (int dt = 0; dt < DT; dt++)
-                *reinterpret_cast<float2 *>(pp + dt * 8 + 2 * tq) =
-                    make_float2(o[dt * 4 + 2 * hf], o[dt * 4 + 2 * hf + 1]);
-            if (tq == 0) {
-                pp[HD] = (hf ? m_1 : m_0) * 0.6931471805599453f; /* natural-log units */
-                pp[HD + 1] = sum;
+                for (int dt = 0; dt < DT; dt++)
+                    *reinterpret_cast<float2 *>(pp + dt * 8 + 2 * tq) =
+                        make_float2(o[dt * 4 + 2 * hf], o[dt * 4 + 2 * hf + 1]);
+                if (tq == 0) {
+                    pp[HD] = (hf ? m_1 : m_0) * 0.6931471805599453f; /* natural-log units */
+                    pp[HD + 1] = sum;
+                }
             }
         }
+        int *last_flag = reinterpret_cast<int *>(smem_u4); /* sQ's, or unused: Q is in registers */
+        if (!whole && !stream && counters) {
+            attn_merge_if_last(part, out, counters, attn_block_range(WG_BM, BN, n, pos0, split_len),
+                               BN, pos0, n_heads, HD, split_len, last_flag);
+        } else if (!whole && stream) {
+            /* The blocks whose runs hold the item's tiles; the first one's
+             * part is in slot 1 unless the item starts its run. */
+            const int first = run0 + seq0 - tile0; /* the item's tile 0 in the stream */
+            const int b0 = wg_run_of(first, stream_tiles, gridDim.x);
+            const int b1 = wg_run_of(first + item.tiles - 1, stream_tiles, gridDim.x);
+            const int slot0 = first == wg_run_start(b0, stream_tiles, gridDim.x) ? 0 : 1;
+            if (attn_last_arrival(counters + item.mi * n_heads + h, b1 - b0 + 1, last_flag))
+                attn_merge_rows(
+                    [&](int p, int r) {
+                        const int slot = (b0 + p) * 2 + (p ? 0 : slot0);
+                        return part + ((size_t)slot * WG_BM + r) * (HD + 2);
+                    },
+                    [&](int) { return b1 - b0 + 1; }, out, m0, rows, h, n_heads, HD);
+        }
+        item.tile = tile1;
+        if (tile1 == item.tiles && seq < run_len) {
+            item.tile = item.tiles - 1;
+            wg_next_tile(item, n, pos0, n_heads, BN);
+        }
     }
-    if (n_splits > 1 && counters)
-        attn_merge_if_last(part, out, counters, blk, BN, pos0, n_heads, HD, split_len,
-                           reinterpret_cast<int *>(smem_u4));
 #endif
 }
 

@@ -188,5 +188,7 @@ cudaError_t cake_cuda_attention_setup(void);
 /* 1 if `path` can run head_dim hd with out_dtype. */
 int cake_cuda_attention_supported(int path, int head_dim);
 cudaError_t cake_cuda_attention(const cake_attn_launch *a, int path, cudaStream_t st);
+/* 1 if split WGMMA launches take the stream schedule (CAKE_CUDA_ATTN_SCHED=stream). */
+int cake_cuda_attention_stream(void);
 
 #endif
