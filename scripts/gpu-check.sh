@@ -5,8 +5,9 @@
 # 16K-token prefill speed of the longalpaca-13b shape (MHA, 800 KiB of KV per
 # token), one-shot and in chunks of 512, and beside them one-shot with the
 # mma.sync attention kernel (CAKE_CUDA_ATTN=mma), in chunks with the separate
-# combine kernel (CAKE_CUDA_COMBINE=launch), in chunks on the stream schedule
-# (CAKE_CUDA_ATTN_SCHED=stream, which then runs the rest if it is faster),
+# combine kernel (CAKE_CUDA_COMBINE=launch), on the attention's stream
+# schedule (CAKE_CUDA_ATTN_SCHED=stream in chunks, stream-all one-shot; the
+# faster schedule runs the rest),
 # one-shot with f32 GEMM outputs (CAKE_CUDA_GEMM_OUT=f32); then the paper's
 # Table 3 cells:
 # `cake bench ttft --backend cuda` on that shape at 16K tokens over emulated
@@ -255,11 +256,12 @@ check_modes() {
 
 # ---- prefill speed ----
 # the stream schedule of the wgmma kernel (new in stop 16): the attention test
-# alone under it
+# alone under it, for every batch (stream-all: the split ones as with
+# "stream", and the one that fills the GPU)
 STREAM_OK=0
 if [ -x build-gpu/tests/test_cuda ] && [ "${CAKE_CUDA_ATTN:-}" != mma ] &&
     [ "${CAKE_GPU_QUICK:-0}" != 1 ]; then
-    CAKE_CUDA_ATTN_SCHED=stream CAKE_TEST_FILTER=test_attention_kernels \
+    CAKE_CUDA_ATTN_SCHED=stream-all CAKE_TEST_FILTER=test_attention_kernels \
         step test_attention_stream 45 build-gpu/tests/test_cuda
     if grep -q "^attention path 4.*FAILED" "$LOGS/test_attention_stream.log" ||
         ! grep -q "^attention path 4.*max error" "$LOGS/test_attention_stream.log"; then
@@ -367,19 +369,22 @@ elif step mkmodel_longalpaca13b 150 $CAKE mkmodel --shape longalpaca-13b -o "$F1
             CAKE_CUDA_COMBINE=launch prefill longalpaca-13b chunk512 combine-launch
         fi
         CAKE_CUDA_GEMM_OUT=f32 prefill longalpaca-13b oneshot gemm-f32
-        # chunks on the stream schedule (stop 16), profiled and not, against
-        # the grid of key ranges above; the faster runs the rest
+        # the stream schedule (stop 16) against the grid above: in chunks
+        # (profiled and not), and for every batch (one-shot too); the faster
+        # runs the rest
         if [ "$STREAM_OK" = 1 ]; then
             CAKE_CUDA_ATTN_SCHED=stream prefill longalpaca-13b chunk512 stream
             CAKE_CUDA_ATTN_SCHED=stream PROFILE=0 prefill longalpaca-13b chunk512 stream-unprofiled
-            grid_ms=$(cat "$LOGS/prefill_longalpaca-13b_chunk512.ms")
-            stream_ms=$(cat "$LOGS/prefill_longalpaca-13b_chunk512_stream.ms")
-            if awk -v a="$stream_ms" -v b="$grid_ms" 'BEGIN { exit !(a > 0 && a < b) }'; then
-                export CAKE_CUDA_ATTN_SCHED=stream
-                note "stream schedule: $stream_ms ms in chunks against the grid's $grid_ms; the rest runs with it"
-            else
-                note "stream schedule: $stream_ms ms in chunks against the grid's $grid_ms; the rest keeps the grid"
+            CAKE_CUDA_ATTN_SCHED=stream-all prefill longalpaca-13b oneshot stream-all
+            faster() { awk -v a="$(cat "$LOGS/$1.ms")" -v b="$(cat "$LOGS/$2.ms")" 'BEGIN { exit !(a > 0 && a < b) }'; }
+            sched=grid
+            if faster prefill_longalpaca-13b_chunk512_stream prefill_longalpaca-13b_chunk512; then
+                sched=stream
+                faster prefill_longalpaca-13b_oneshot_stream-all prefill_longalpaca-13b_oneshot &&
+                    sched=stream-all
             fi
+            [ "$sched" != grid ] && export CAKE_CUDA_ATTN_SCHED=$sched
+            note "attention schedule: $sched runs the rest (chunks: grid $(cat "$LOGS/prefill_longalpaca-13b_chunk512.ms") ms, stream $(cat "$LOGS/prefill_longalpaca-13b_chunk512_stream.ms"); one-shot: grid $(cat "$LOGS/prefill_longalpaca-13b_oneshot.ms"), stream-all $(cat "$LOGS/prefill_longalpaca-13b_oneshot_stream-all.ms"))"
         fi
         for n in ${CAKE_GPU_SPLITS:-}; do # key ranges forced, against the model's choice
             CAKE_CUDA_ATTN_SPLITS=$n prefill longalpaca-13b chunk512 "splits-$n"

@@ -362,7 +362,7 @@ static int launch(const problem &p, const wgmma_case *wg, int n_splits, int spli
     std::vector<float> part(part_rows * (hd + 2), NAN);
     float *pp = n_splits > 1 || runs ? part.data() : nullptr;
     const unsigned q_blocks = (unsigned)((n + MMA_BM - 1) / MMA_BM);
-    std::vector<int> counters((size_t)q_blocks * heads, 0);
+    std::vector<int> counters(runs ? (size_t)runs * 2 : (size_t)q_blocks * heads, 0);
     int *cp = merge == COMBINE_KERNEL && !runs ? nullptr : counters.data();
     const int stream_tiles = runs ? wg_stream_tiles(n, pos0, heads, wg->tile) : 0;
     if (wg) {

@@ -519,6 +519,9 @@ static void test_attention_kernels(void **state) {
         {4, 128, 2, 2, 5000, 512, 2.0f},
         {4, 128, 2, 2, 2000, 200, 4.0f},
         {4, 128, 1, 1, 0, 1500, 4.0f},
+        /* ... blocks enough to fill an H100 four times (an unsplit grid; the
+         * stream schedule's with CAKE_CUDA_ATTN_SCHED=stream-all) */
+        {4, 128, 264, 8, 0, 256, 4.0f},
         /* the plain kernel, including the tiny models' head sizes */
         {2, 8, 8, 4, 0, 40, 4.0f},
         {2, 16, 4, 2, 50, 70, 4.0f},

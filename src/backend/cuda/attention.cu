@@ -244,27 +244,32 @@ cudaError_t launch_mma(const cake_attn_launch *a, OutT *out, cudaStream_t st) {
     return launch_combine<OutT>(a, out, split_len, n_splits, st);
 }
 
-/* CAKE_CUDA_ATTN_SCHED=stream (read once): the decoupled WGMMA variants take
- * the stream schedule (attention_wgmma.cuh) where a grid would be split into
- * key ranges; "grid" (the default) keeps the grid. To measure the two side by
- * side. */
-bool stream_schedule() {
-    static const bool on = [] {
+/* CAKE_CUDA_ATTN_SCHED (read once): "stream": the decoupled WGMMA variants
+ * take the stream schedule (attention_wgmma.cuh) where a grid would be split
+ * into key ranges; "stream-all": for every batch; "grid" (the default): the
+ * grid. To measure them side by side. */
+enum { SCHED_GRID, SCHED_STREAM, SCHED_STREAM_ALL };
+int stream_schedule() {
+    static const int v = [] {
         const char *e = getenv("CAKE_CUDA_ATTN_SCHED");
-        return e && !strcmp(e, "stream");
+        return !e                         ? SCHED_GRID
+               : !strcmp(e, "stream")     ? SCHED_STREAM
+               : !strcmp(e, "stream-all") ? SCHED_STREAM_ALL
+                                          : SCHED_GRID;
     }();
-    return on;
+    return v;
 }
 
 /* The blocks of a stream launch of a batch: one per resident slot (fewer
- * where `part` has not the room for their two slots each), or 0 where the
- * batch fills the GPU (it runs as a grid) or there are no counters. */
+ * where `part` or the counters have not the room for two slots each), or 0
+ * where the batch runs as a grid. */
 int stream_runs(const cake_attn_launch *a, int resident, int bn) {
-    const int q_blocks = (a->n + WG_BM - 1) / WG_BM;
-    if (!stream_schedule() || !a->part || !a->counters || a->n_sm < 1 || resident < 1 ||
-        q_blocks * a->n_heads >= 4 * a->n_sm || (size_t)q_blocks * a->n_heads > a->counter_ints)
+    const int sched = stream_schedule(), q_blocks = (a->n + WG_BM - 1) / WG_BM;
+    if (sched == SCHED_GRID || !a->part || !a->counters || a->n_sm < 1 || resident < 1 ||
+        (sched == SCHED_STREAM && q_blocks * a->n_heads >= 4 * a->n_sm))
         return 0;
-    const size_t room = a->part_floats / (2 * WG_BM * (WG_HD + 2));
+    const size_t part_room = a->part_floats / (2 * WG_BM * (WG_HD + 2));
+    const size_t room = part_room < a->counter_ints / 2 ? part_room : a->counter_ints / 2;
     size_t runs = (size_t)a->n_sm * (size_t)resident;
     runs = runs < room ? runs : room;
     const size_t tiles = (size_t)wg_stream_tiles(a->n, a->pos0, a->n_heads, bn);
@@ -429,7 +434,7 @@ int cake_cuda_attention_supported(int path, int head_dim) {
 }
 
 int cake_cuda_attention_stream(void) {
-    return stream_schedule();
+    return stream_schedule() != SCHED_GRID;
 }
 
 cudaError_t cake_cuda_attention(const cake_attn_launch *a, int path, cudaStream_t st) {

@@ -244,7 +244,10 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[64], const uint32_t (&a)[4],
  * blocks), and one block walks item after item with its K/V pipeline kept
  * full across them (a grid block starts its pipeline empty). An item cut
  * between blocks is merged by the last of them to finish, from partials in two
- * slots per block: slot 0 for its run's first item, 1 for its last. */
+ * slots per block: slot 0 for its run's first item, 1 for its last. Such an
+ * item is the last of at most one run that it starts inside of, or the first
+ * of the one it starts, so its first part's block and slot name its counter:
+ * 2 per block. */
 struct wg_item {
     int mi, h;       /* query block mi (last first: m0 = (blocks - 1 - mi) WG_BM), head h */
     int tile, tiles; /* the next key tile, and the item's tile count */
@@ -289,8 +292,8 @@ __device__ inline void wg_next_tile(wg_item &c, int n, int pos0, int n_heads, in
 /* Grid (stream_tiles == 0): (n_heads, ceil(n / WG_BM), n_splits), as
  * attn_mma_kernel's, arguments and output as its (split_len a multiple of
  * C::BN). Stream (stream_tiles = wg_stream_tiles(...) > 0, decoupled TMA
- * variants): (runs, 1, 1), partials in `part` at [block][slot][row], a
- * counter per item. Block WG_THREADS, dynamic smem C::SMEM. With TMA loads,
+ * variants): (runs, 1, 1), partials in `part` at [block][slot][row], and
+ * counters likewise [block][slot]. Block WG_THREADS, dynamic smem C::SMEM. With TMA loads,
  * tm_k and tm_v map the K and V caches as (head dim, KV head, position) with
  * boxes of (64, 1, BN) and the 128-byte swizzle (make_kv_map in attention.cu);
  * other variants ignore them. */
@@ -649,7 +652,7 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
             const int b0 = wg_run_of(first, stream_tiles, gridDim.x);
             const int b1 = wg_run_of(first + item.tiles - 1, stream_tiles, gridDim.x);
             const int slot0 = first == wg_run_start(b0, stream_tiles, gridDim.x) ? 0 : 1;
-            if (attn_last_arrival(counters + item.mi * n_heads + h, b1 - b0 + 1, last_flag))
+            if (attn_last_arrival(counters + b0 * 2 + slot0, b1 - b0 + 1, last_flag))
                 attn_merge_rows(
                     [&](int p, int r) {
                         const int slot = (b0 + p) * 2 + (p ? 0 : slot0);
