@@ -164,16 +164,33 @@ if [ -z "${CAKE_TEST_MODELS:-}" ]; then
         note "no stories260K.gguf: the golden tests skip"
     fi
 fi
+# wgmma_passed LOG: every path 4 (wgmma kernel) case of a test_cuda log ran
+# and passed.
+wgmma_passed() {
+    grep -q "^attention path 4.*max error" "$1" && ! grep -q "^attention path 4.*FAILED" "$1"
+}
+# attention_test NAME LABEL [VAR=VALUE ...]: test_cuda's attention test alone
+# with those settings; notes "LABEL: PASS", or FAIL with its path 4 lines, and
+# returns 0 on PASS.
+attention_test() {
+    local name=$1 label=$2
+    shift 2
+    step "$name" 45 env "$@" CAKE_TEST_FILTER=test_attention_kernels build-gpu/tests/test_cuda
+    if wgmma_passed "$LOGS/$name.log"; then
+        note "$label: PASS (every path 4 case)"
+        return 0
+    fi
+    note "$label: FAIL"
+    grep "^attention path 4" "$LOGS/$name.log" | sed 's/^/  /' >>"$SUMMARY"
+    return 1
+}
 if [ -x build-gpu/tests/test_cuda ]; then
     step test_cuda 120 build-gpu/tests/test_cuda
     grep "^attention path" "$LOGS/test_cuda.log" | sed 's/^/  /' >>"$SUMMARY"
-    if grep -q "^attention path 4.*FAILED" "$LOGS/test_cuda.log" ||
-        ! grep -q "^attention path 4.*max error" "$LOGS/test_cuda.log"; then
+    if ! wgmma_passed "$LOGS/test_cuda.log"; then
         # the kernels merging their own key ranges, or the kernel itself?
-        CAKE_CUDA_COMBINE=launch CAKE_TEST_FILTER=test_attention_kernels \
-            step test_attention_combine_launch 45 build-gpu/tests/test_cuda
-        if grep -q "^attention path 4.*max error" "$LOGS/test_attention_combine_launch.log" &&
-            ! grep -q "FAILED" "$LOGS/test_attention_combine_launch.log"; then
+        if attention_test test_attention_combine_launch "WGMMA with the combine kernel" \
+            CAKE_CUDA_COMBINE=launch; then
             export CAKE_CUDA_COMBINE=launch
             note "WGMMA KERNEL: passes only with the combine kernel; the steps below use CAKE_CUDA_COMBINE=launch"
         else
@@ -189,16 +206,7 @@ WGMMA_OK=""
 if [ -x build-gpu/tests/test_cuda ] && [ "${CAKE_CUDA_ATTN:-}" != mma ] &&
     [ "${CAKE_GPU_QUICK:-0}" != 1 ]; then
     for v in ${CAKE_GPU_VARIANTS-bn128-pingpong}; do
-        CAKE_CUDA_WGMMA=$v CAKE_TEST_FILTER=test_attention_kernels \
-            step "test_attention_$v" 45 build-gpu/tests/test_cuda
-        if grep -q "^attention path 4.*FAILED" "$LOGS/test_attention_$v.log" ||
-            ! grep -q "^attention path 4.*max error" "$LOGS/test_attention_$v.log"; then
-            note "WGMMA $v: FAIL"
-            grep "^attention path 4" "$LOGS/test_attention_$v.log" | sed 's/^/  /' >>"$SUMMARY"
-        else
-            note "WGMMA $v: PASS (every path 4 case)"
-            WGMMA_OK+=" $v"
-        fi
+        attention_test "test_attention_$v" "WGMMA $v" CAKE_CUDA_WGMMA=$v && WGMMA_OK+=" $v"
     done
 fi
 QUICK=${CAKE_GPU_QUICK:-0}
@@ -261,16 +269,8 @@ check_modes() {
 STREAM_OK=0
 if [ -x build-gpu/tests/test_cuda ] && [ "${CAKE_CUDA_ATTN:-}" != mma ] &&
     [ "${CAKE_GPU_QUICK:-0}" != 1 ]; then
-    CAKE_CUDA_ATTN_SCHED=stream-all CAKE_TEST_FILTER=test_attention_kernels \
-        step test_attention_stream 45 build-gpu/tests/test_cuda
-    if grep -q "^attention path 4.*FAILED" "$LOGS/test_attention_stream.log" ||
-        ! grep -q "^attention path 4.*max error" "$LOGS/test_attention_stream.log"; then
-        note "WGMMA stream schedule: FAIL"
-        grep "^attention path 4" "$LOGS/test_attention_stream.log" | sed 's/^/  /' >>"$SUMMARY"
-    else
-        note "WGMMA stream schedule: PASS (every path 4 case)"
+    attention_test test_attention_stream "WGMMA stream schedule" CAKE_CUDA_ATTN_SCHED=stream-all &&
         STREAM_OK=1
-    fi
 fi
 # prefill SHAPE MODE [TAG]: bench_engine on a 16384-token prompt, twice (the
 # second is warm), one-shot or in chunks of 512, then 32 decode steps; the

@@ -463,11 +463,14 @@ static void test_claims(void **state) {
     assert_int_equal(st.meet_chunk, 8);
     cake_store_close(slow);
 
-    /* An unthrottled link and a slow compute: everything is loaded. */
+    /* An unthrottled link and a slow compute: everything is loaded. The
+     * compute is slow enough (400 ms a chunk) that 16 KB reads under TSan on
+     * a busy 2-core machine still look faster: with 100 ms, one CI run
+     * computed chunk 0. */
     snprintf(uri, sizeof(uri), "file:%s", dir);
     cake_store *fast = open_store(uri);
-    fe.compute_ms = 100;
-    fe.speed = (cake_compute_speed){{100e6 / cake_chunk_flops(&fe.hp, 0, chunk)}, 1};
+    fe.compute_ms = 400;
+    fe.speed = (cake_compute_speed){{400e6 / cake_chunk_flops(&fe.hp, 0, chunk)}, 1};
     st = fake_prefill(&e, p, n, chunk, fast, NULL, CAKE_MODE_CAKE); /* measures the rate */
     assert_true(st.chunks_loaded >= 7);
     st = fake_prefill(&e, p, n, chunk, fast, NULL, CAKE_MODE_CAKE);
