@@ -1,38 +1,40 @@
 #!/usr/bin/env bash
 # The CUDA backend and the Cake loader on a GPU machine, in one go of about
-# 8 minutes: build, test_cuda and test_loader, a loader check on the GPU (the
+# 5.5 minutes: build, test_cuda and test_loader, a loader check on the GPU (the
 # first token's logits of compute, load and cake modes must be bit-identical),
 # 16K-token prefill speed of the longalpaca-13b shape (MHA, 800 KiB of KV per
-# token), one-shot and in chunks of 512, and beside them one-shot with the
-# mma.sync attention kernel (CAKE_CUDA_ATTN=mma), in chunks with the separate
-# combine kernel (CAKE_CUDA_COMBINE=launch), on the attention's stream
-# schedule (CAKE_CUDA_ATTN_SCHED=stream in chunks, stream-all one-shot; the
-# faster schedule runs the rest), one-shot with f32 GEMM outputs
-# (CAKE_CUDA_GEMM_OUT=f32); then the paper's Table 3 cells:
+# token), one-shot and in chunks of 512, then the paper's Table 3 cells:
 # `cake bench ttft --backend cuda` on that shape at 16K tokens over emulated
 # 7-100 Gbit/s links, GPU share 1 and 0.125, each cell repeated for up to
 # CAKE_GPU_CELL_TIME / 2 seconds (default 6) past its first repeat; last, if
-# time is left, llama-8b
-# prefill, cublasLt's GEMM algorithms on the 13B shapes against cuBLAS's
-# default (bench_gemm), and the file store's read rate for 419 MB blobs
-# (bench_store).
+# time is left, llama-8b prefill.
 #
 #   bash scripts/gpu-check.sh [RESULTS_DIR]      (default out/gpu)
 #
+# CAKE_GPU_COMPARE=1 (about 2 minutes more): also the alternatives that the
+# CUDA_* knobs keep, side by side with the defaults, to decide them: the
+# variants of the wgmma kernel in CAKE_GPU_VARIANTS (tested, then one-shot),
+# the mma.sync attention kernel (CAKE_CUDA_ATTN=mma), chunks with the
+# separate combine kernel (CAKE_CUDA_COMBINE=launch), the attention's stream
+# schedule (CAKE_CUDA_ATTN_SCHED=stream in chunks, stream-all one-shot;
+# tested first), one-shot with f32 GEMM outputs (CAKE_CUDA_GEMM_OUT=f32); the
+# fastest variant and schedule run the rest. After llama-8b: cublasLt's GEMM
+# algorithms on the 13B shapes against cuBLAS's default (bench_gemm), and the
+# file store's read rate for 419 MB blobs (bench_store).
 # CAKE_GPU_QUICK=1: only the build, test_cuda and the longalpaca-13b prefill
 # (about 2.5 minutes), to check a kernel change when little device time is left.
-# CAKE_GPU_SPLITS="1 2 4 8": also the chunked 13B prefill with the attention's
-# key ranges forced to each count (CAKE_CUDA_ATTN_SPLITS; ~5 s each).
+# CAKE_GPU_SPLITS="1 2 4 8", with CAKE_GPU_COMPARE=1: also the chunked 13B
+# prefill with the attention's key ranges forced to each count
+# (CAKE_CUDA_ATTN_SPLITS; ~5 s each).
 # CAKE_GPU_SKIP="STEP ...": steps (as the summary names them) not to run, e.g.
-# "test_loader bench_store_13b" when this run has nothing new for them.
+# "test_loader" when this run has nothing new for it.
 #
 # If test_cuda finds the wgmma attention kernel wrong, every later step runs
 # with CAKE_CUDA_ATTN=mma, so that its numbers stay those of a correct kernel.
 #
 # CAKE_GPU_VARIANTS="bn128-tma bn128 ..." (names of CAKE_CUDA_WGMMA, see
-# src/backend/cuda/attention.cu): also test each of these variants of the
-# wgmma kernel (~25 s each) and measure its one-shot prefill (~5 s); the
-# fastest one that passes then runs the rest. Not in quick mode. Unset, it is
+# src/backend/cuda/attention.cu), with CAKE_GPU_COMPARE=1: the variants of the
+# wgmma kernel to test (~25 s each) and time one-shot (~5 s). Unset, it is
 # "bn128-pingpong" (new in stop 15, not yet run on a GPU); "" tries none.
 #
 # RESULTS_DIR gets few, small files (it may travel over a network with a limit
@@ -58,6 +60,9 @@ OUT=${1:-out/gpu}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 LOGS=/tmp/cake-gpu-logs
+COMPARE=${CAKE_GPU_COMPARE:-0}
+QUICK=${CAKE_GPU_QUICK:-0}
+[ "$QUICK" = 1 ] && COMPARE=0
 rm -rf "$LOGS" && mkdir -p "$LOGS"
 T0=$(date +%s)
 BUDGET=${CAKE_GPU_BUDGET:-400} # seconds for the whole script
@@ -204,13 +209,11 @@ if [ -x build-gpu/tests/test_cuda ]; then
 fi
 # the other variants of the wgmma kernel: the attention test alone under each
 WGMMA_OK=""
-if [ -x build-gpu/tests/test_cuda ] && [ "${CAKE_CUDA_ATTN:-}" != mma ] &&
-    [ "${CAKE_GPU_QUICK:-0}" != 1 ]; then
+if [ -x build-gpu/tests/test_cuda ] && [ "${CAKE_CUDA_ATTN:-}" != mma ] && [ "$COMPARE" = 1 ]; then
     for v in ${CAKE_GPU_VARIANTS-bn128-pingpong}; do
         attention_test "test_attention_$v" "WGMMA $v" CAKE_CUDA_WGMMA=$v && WGMMA_OK+=" $v"
     done
 fi
-QUICK=${CAKE_GPU_QUICK:-0}
 [ "$QUICK" = 1 ] || [ ! -x build-gpu/tests/test_loader ] || step test_loader 90 build-gpu/tests/test_loader
 for t in test_cuda test_loader; do
     [ -f "$LOGS/$t.log" ] || continue
@@ -268,8 +271,7 @@ check_modes() {
 # alone under it, for every batch (stream-all: the split ones as with
 # "stream", and the one that fills the GPU)
 STREAM_OK=0
-if [ -x build-gpu/tests/test_cuda ] && [ "${CAKE_CUDA_ATTN:-}" != mma ] &&
-    [ "${CAKE_GPU_QUICK:-0}" != 1 ]; then
+if [ -x build-gpu/tests/test_cuda ] && [ "${CAKE_CUDA_ATTN:-}" != mma ] && [ "$COMPARE" = 1 ]; then
     attention_test test_attention_stream "WGMMA stream schedule" CAKE_CUDA_ATTN_SCHED=stream-all &&
         STREAM_OK=1
 fi
@@ -352,7 +354,7 @@ elif step mkmodel_longalpaca13b 150 $CAKE mkmodel --shape longalpaca-13b -o "$F1
     prefill longalpaca-13b oneshot
     PROFILE=0 prefill longalpaca-13b chunk512 unprofiled
     PROFILE=0 prefill longalpaca-13b oneshot unprofiled
-    if [ "${CAKE_CUDA_ATTN:-}" != mma ]; then
+    if [ "${CAKE_CUDA_ATTN:-}" != mma ] && [ "$COMPARE" = 1 ]; then
         # the wgmma kernel's variants that passed (one-shot) and the mma.sync
         # kernel, same run; the rest runs with the shortest one-shot prefill
         best=default
@@ -419,7 +421,9 @@ rm -rf "$MODELS"
 
 # ---- cuBLAS's default GEMM against cublasLt's other algorithms (13B shapes,
 # chunk and one-shot batches; ~15 s), if time is left ----
-if [ -x build-gpu/bench_gemm ] && [ "$(left)" -gt 40 ]; then
+if [ "$COMPARE" != 1 ]; then
+    : # no bench_gemm
+elif [ -x build-gpu/bench_gemm ] && [ "$(left)" -gt 40 ]; then
     step bench_gemm_13b 60 build-gpu/bench_gemm --shape longalpaca-13b --tokens 512,16384 \
         --algos 8 --reps 10 && grep -E '^[a-z]|best:' "$LOGS/bench_gemm_13b.log" >>"$SUMMARY"
     cp "$SUMMARY" "$OUT/summary.txt"
@@ -428,7 +432,7 @@ else
 fi
 
 # ---- the file store with 419 MB blobs on this many-core host, if time is left ----
-if [ "$QUICK" = 1 ]; then
+if [ "$COMPARE" != 1 ]; then
     : # no store bench
 elif [ -x build-gpu/bench_store ] && [ "$(left)" -gt 45 ]; then
     step bench_store_13b 60 build-gpu/bench_store --dir /dev/shm/cake-bench-blobs \
