@@ -2,6 +2,8 @@
  * it): flash attention on warpgroup MMA (wgmma, sm_90a), head_dim 128. The
  * same contract as attn_mma_kernel (grid, key tiles from position 0, key
  * ranges, partials), so that the dispatch can take either; see attention.cu.
+ * Or, instead of a grid, the stream schedule: a block per SM walking an equal
+ * run of the batch's key tiles across (query block, head) items (below).
  *
  * A block of two warpgroups (256 threads) takes 128 queries of one head, 64
  * per warpgroup, and walks the keys in tiles of BN (64 or 128). Per tile, each
