@@ -12,7 +12,7 @@
 #   bash scripts/gpu-check.sh [RESULTS_DIR]      (default out/gpu)
 #
 # CAKE_GPU_COMPARE=1 (about 2 minutes more): also the alternatives that the
-# CUDA_* knobs keep, side by side with the defaults, to decide them: the
+# CAKE_CUDA_* knobs keep, side by side with the defaults, to decide them: the
 # variants of the wgmma kernel in CAKE_GPU_VARIANTS (tested, then one-shot),
 # the mma.sync attention kernel (CAKE_CUDA_ATTN=mma), chunks with the
 # separate combine kernel (CAKE_CUDA_COMBINE=launch), the attention's stream
@@ -214,6 +214,14 @@ if [ -x build-gpu/tests/test_cuda ] && [ "${CAKE_CUDA_ATTN:-}" != mma ] && [ "$C
         attention_test "test_attention_$v" "WGMMA $v" CAKE_CUDA_WGMMA=$v && WGMMA_OK+=" $v"
     done
 fi
+# the stream schedule of the wgmma kernel (new in stop 16): the attention test
+# alone under it, for every batch (stream-all: the split ones as with
+# "stream", and the one that fills the GPU)
+STREAM_OK=0
+if [ -x build-gpu/tests/test_cuda ] && [ "${CAKE_CUDA_ATTN:-}" != mma ] && [ "$COMPARE" = 1 ]; then
+    attention_test test_attention_stream "WGMMA stream schedule" CAKE_CUDA_ATTN_SCHED=stream-all &&
+        STREAM_OK=1
+fi
 [ "$QUICK" = 1 ] || [ ! -x build-gpu/tests/test_loader ] || step test_loader 90 build-gpu/tests/test_loader
 for t in test_cuda test_loader; do
     [ -f "$LOGS/$t.log" ] || continue
@@ -267,14 +275,6 @@ check_modes() {
 [ -x $CAKE ] && [ "$QUICK" != 1 ] && check_modes
 
 # ---- prefill speed ----
-# the stream schedule of the wgmma kernel (new in stop 16): the attention test
-# alone under it, for every batch (stream-all: the split ones as with
-# "stream", and the one that fills the GPU)
-STREAM_OK=0
-if [ -x build-gpu/tests/test_cuda ] && [ "${CAKE_CUDA_ATTN:-}" != mma ] && [ "$COMPARE" = 1 ]; then
-    attention_test test_attention_stream "WGMMA stream schedule" CAKE_CUDA_ATTN_SCHED=stream-all &&
-        STREAM_OK=1
-fi
 # prefill SHAPE MODE [TAG]: bench_engine on a 16384-token prompt, twice (the
 # second is warm), one-shot or in chunks of 512, then 32 decode steps; the
 # summary gets the warm prefill's time and its phases summed over its forward
