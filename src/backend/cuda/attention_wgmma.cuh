@@ -345,7 +345,7 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
     /* The segment's query block and head; the cp.async loads take the first
      * segment's (their variants run grids: one segment per block). */
     int m0 = (n_qblocks - 1 - item.mi) * WG_BM, rows = min(WG_BM, n - m0), h = item.h;
-    int kv_len = pos0 + m0 + rows;
+    const int kv_len = pos0 + m0 + rows; /* the first segment's, for the cp.async loads */
 
     /* Q, swizzled; rows past the batch are zero. */
     auto load_q = [&] {
