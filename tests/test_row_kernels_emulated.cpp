@@ -37,27 +37,6 @@ static void check(bool ok, const char *fmt, ...) {
     failed += !ok;
 }
 
-static float to_f32(float v) {
-    return v;
-}
-static float to_f32(__half v) {
-    return __half2float(v);
-}
-static float to_f32(__nv_bfloat16 v) {
-    return __bfloat162float(v);
-}
-
-template <typename T> static T from_f32(float v);
-template <> float from_f32<float>(float v) {
-    return v;
-}
-template <> __half from_f32<__half>(float v) {
-    return __float2half_rn(v);
-}
-template <> __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
-    return __float2bfloat16_rn(v);
-}
-
 /* ---- RMSNorm ---- */
 
 /* Relative error allowed for T's rounding of the result (half an ulp) plus the
@@ -97,7 +76,7 @@ template <typename T> static void test_rmsnorm(int n, int dim, const char *type)
         const double r = 1.0 / sqrt(ss / dim + eps);
         for (int i = 0; i < dim; i++) {
             const double want = x[(size_t)t * dim + i] * r * w[i];
-            const double got = to_f32(y[(size_t)t * dim + i]);
+            const double got = cake_to_f32(y[(size_t)t * dim + i]);
             const double e = fabs(got - want) / (fabs(want) + 1e-3);
             worst = isnan(e) ? INFINITY : fmax(worst, e);
         }
@@ -140,8 +119,8 @@ static void test_rope(int n_heads, int n_kv_heads, int head_dim, int pos0, int n
     std::vector<TIn> qkv_in((size_t)n * (dim + 2 * kv_dim));
     std::vector<float> qkv(qkv_in.size()); /* the same values, as the reference reads them */
     for (size_t i = 0; i < qkv.size(); i++) {
-        qkv_in[i] = from_f32<TIn>(uniform(4.0f));
-        qkv[i] = to_f32(qkv_in[i]);
+        qkv_in[i] = cake_from_f32<TIn>(uniform(4.0f));
+        qkv[i] = cake_to_f32(qkv_in[i]);
     }
     std::vector<__half> q16((size_t)n * dim), kc((size_t)n_pos * kv_dim),
         vc((size_t)n_pos * kv_dim);
@@ -192,8 +171,8 @@ static void test_swiglu(int n, int ffn, int grid_y, const char *type) {
     std::vector<TIn> gu_in((size_t)n * 2 * ffn);
     std::vector<float> gu(gu_in.size());
     for (size_t i = 0; i < gu.size(); i++) {
-        gu_in[i] = from_f32<TIn>(uniform(6.0f));
-        gu[i] = to_f32(gu_in[i]);
+        gu_in[i] = cake_from_f32<TIn>(uniform(6.0f));
+        gu[i] = cake_to_f32(gu_in[i]);
     }
     std::vector<T> h((size_t)n * ffn);
     T *hp = h.data();
@@ -209,7 +188,7 @@ static void test_swiglu(int n, int ffn, int grid_y, const char *type) {
         for (int i = 0; i < ffn; i++) {
             const double g = gu[(size_t)t * 2 * ffn + i], u = gu[(size_t)t * 2 * ffn + ffn + i];
             const double want = g / (1.0 + exp(-g)) * u;
-            const double e = fabs(to_f32(h[(size_t)t * ffn + i]) - want) / (fabs(want) + 1e-3);
+            const double e = fabs(cake_to_f32(h[(size_t)t * ffn + i]) - want) / (fabs(want) + 1e-3);
             worst = isnan(e) ? INFINITY : fmax(worst, e);
         }
     check(worst <= tolerance<T>(), "swiglu %s, %d rows of %d (grid y %d): max relative error %.3g",

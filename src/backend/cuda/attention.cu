@@ -75,6 +75,16 @@ namespace {
  * depends on the shape and the GPU alone, so results stay deterministic. */
 constexpr int MMA_MIN_SPLIT = 512;
 
+/* The index in names of environment variable var's value; 0 (the default,
+ * names[0]) when it is unset or names none of them. For the knobs below,
+ * each read once. */
+template <int N> int env_choice(const char *var, const char *const (&names)[N]) {
+    const char *e = getenv(var);
+    for (int i = 0; e && i < N; i++)
+        if (!strcmp(e, names[i])) return i;
+    return 0;
+}
+
 /* CAKE_CUDA_ATTN_SPLITS=N (read once): N ranges wherever the model above would
  * consider splitting and N is possible, to measure its choice against others. */
 int forced_splits() {
@@ -143,14 +153,9 @@ template <auto KERNEL> int resident_blocks(int threads, size_t smem) {
  * yet measured on a GPU). */
 enum { WG_BN128_FREE, WG_BN128_TMA, WG_BN128, WG_BN64_TMA, WG_BN64, WG_BN128_PINGPONG };
 int wgmma_variant() {
-    static const int v = [] {
-        const char *e = getenv("CAKE_CUDA_WGMMA");
-        const char *names[] = {"bn128-free", "bn128-tma", "bn128",
-                               "bn64-tma",   "bn64",      "bn128-pingpong"};
-        for (int i = 0; e && i < (int)(sizeof(names) / sizeof(names[0])); i++)
-            if (!strcmp(e, names[i])) return i;
-        return (int)WG_BN128_FREE;
-    }();
+    static const char *const names[] = {"bn128-free", "bn128-tma", "bn128",
+                                        "bn64-tma",   "bn64",      "bn128-pingpong"};
+    static const int v = env_choice("CAKE_CUDA_WGMMA", names);
     return v;
 }
 
@@ -217,10 +222,8 @@ cudaError_t launch_combine(const cake_attn_launch *a, OutT *out, int split_len, 
  * the combine kernel is to do it: no counters, too few, or
  * CAKE_CUDA_COMBINE=launch (read once; to measure the two side by side). */
 int *merge_counters(const cake_attn_launch *a, dim3 grid) {
-    static const bool launch = [] {
-        const char *e = getenv("CAKE_CUDA_COMBINE");
-        return e && !strcmp(e, "launch");
-    }();
+    static const char *const names[] = {"merged", "launch"};
+    static const bool launch = env_choice("CAKE_CUDA_COMBINE", names) == 1;
     if (launch || grid.z == 1 || !a->counters || (size_t)grid.x * grid.y > a->counter_ints)
         return nullptr;
     return a->counters;
@@ -250,38 +253,40 @@ cudaError_t launch_mma(const cake_attn_launch *a, OutT *out, cudaStream_t st) {
  * grid. To measure them side by side. */
 enum { SCHED_GRID, SCHED_STREAM, SCHED_STREAM_ALL };
 int stream_schedule() {
-    static const int v = [] {
-        const char *e = getenv("CAKE_CUDA_ATTN_SCHED");
-        return !e                         ? SCHED_GRID
-               : !strcmp(e, "stream")     ? SCHED_STREAM
-               : !strcmp(e, "stream-all") ? SCHED_STREAM_ALL
-                                          : SCHED_GRID;
-    }();
+    static const char *const names[] = {"grid", "stream", "stream-all"};
+    static const int v = env_choice("CAKE_CUDA_ATTN_SCHED", names);
     return v;
 }
 
-/* The blocks of a stream launch of a batch: one per resident slot (fewer
- * where `part` or the counters have not the room for two slots each), or 0
- * where the batch runs as a grid. */
-int stream_runs(const cake_attn_launch *a, int resident, int bn) {
+/* The blocks of a stream launch of a batch of `tiles` key tiles, the
+ * schedule being on: one per resident slot (fewer where `part` or the
+ * counters have not the room for two slots each), or 0 where the batch runs
+ * as a grid. */
+int stream_runs(const cake_attn_launch *a, int resident, int tiles) {
     const int sched = stream_schedule(), q_blocks = (a->n + WG_BM - 1) / WG_BM;
-    if (sched == SCHED_GRID || !a->part || !a->counters || a->n_sm < 1 || resident < 1 ||
+    if (!a->part || !a->counters || a->n_sm < 1 || resident < 1 ||
         (sched == SCHED_STREAM && q_blocks * a->n_heads >= 4 * a->n_sm))
         return 0;
     const size_t part_room = a->part_floats / (2 * WG_BM * (WG_HD + 2));
     const size_t room = part_room < a->counter_ints / 2 ? part_room : a->counter_ints / 2;
     size_t runs = (size_t)a->n_sm * (size_t)resident;
     runs = runs < room ? runs : room;
-    const size_t tiles = (size_t)wg_stream_tiles(a->n, a->pos0, a->n_heads, bn);
-    return (int)(runs < tiles ? runs : tiles);
+    return (int)(runs < (size_t)tiles ? runs : (size_t)tiles);
 }
 
 template <typename OutT, typename C>
 cudaError_t launch_wgmma(const cake_attn_launch *a, OutT *out, cudaStream_t st) {
     int split_len = 0, n_splits = 1;
     const int resident = resident_blocks<attn_wgmma_kernel<OutT, C>>(WG_THREADS, C::SMEM);
-    const int runs = C::LOAD == WG_LOAD_TMA_DECOUPLED ? stream_runs(a, resident, C::BN) : 0;
-    if (!runs) n_splits = mma_splits(a, resident, C::BN, &split_len);
+    int stream_tiles = 0, runs = 0;
+    if (C::LOAD == WG_LOAD_TMA_DECOUPLED && stream_schedule() != SCHED_GRID) {
+        stream_tiles = wg_stream_tiles(a->n, a->pos0, a->n_heads, C::BN);
+        runs = stream_runs(a, resident, stream_tiles);
+    }
+    if (!runs) {
+        stream_tiles = 0;
+        n_splits = mma_splits(a, resident, C::BN, &split_len);
+    }
     const dim3 grid = runs ? dim3((unsigned)runs)
                            : dim3((unsigned)a->n_heads, (unsigned)((a->n + WG_BM - 1) / WG_BM),
                                   (unsigned)n_splits);
@@ -294,7 +299,6 @@ cudaError_t launch_wgmma(const cake_attn_launch *a, OutT *out, cudaStream_t st) 
          !make_kv_map(&tm_v, a->v, a->n_kv_heads, a->pos0 + a->n, C::BN)))
         return cudaErrorInvalidValue;
     int *counters = runs ? a->counters : merge_counters(a, grid);
-    const int stream_tiles = runs ? wg_stream_tiles(a->n, a->pos0, a->n_heads, C::BN) : 0;
     attn_wgmma_kernel<OutT, C><<<grid, WG_THREADS, C::SMEM, st>>>(
         a->q, a->k, a->v, out, a->part, counters, a->n, a->pos0, a->n_heads, a->n_kv_heads,
         scale_log2, split_len, stream_tiles, tm_k, tm_v);

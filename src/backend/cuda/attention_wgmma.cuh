@@ -254,10 +254,16 @@ struct wg_item {
     int mi, h;       /* query block mi (last first: m0 = (blocks - 1 - mi) WG_BM), head h */
     int tile, tiles; /* the next key tile, and the item's tile count */
 };
+/* Query block mi's first query, and its query count. */
+__host__ __device__ inline int wg_qblock_m0(int mi, int n) {
+    return ((n + WG_BM - 1) / WG_BM - 1 - mi) * WG_BM;
+}
+__host__ __device__ inline int wg_qblock_rows(int m0, int n) {
+    return n - m0 < WG_BM ? n - m0 : WG_BM;
+}
 __host__ __device__ inline int wg_item_tiles(int mi, int n, int pos0, int bn) {
-    const int m0 = ((n + WG_BM - 1) / WG_BM - 1 - mi) * WG_BM;
-    const int rows = n - m0 < WG_BM ? n - m0 : WG_BM;
-    return (pos0 + m0 + rows + bn - 1) / bn;
+    const int m0 = wg_qblock_m0(mi, n);
+    return (pos0 + m0 + wg_qblock_rows(m0, n) + bn - 1) / bn;
 }
 /* The launch's tiles: the stream's length. */
 __host__ __device__ inline int wg_stream_tiles(int n, int pos0, int n_heads, int bn) {
@@ -323,7 +329,7 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
     const int tid = threadIdx.x, wg = warp_uniform(tid >> 7), wl = (tid >> 5) & 3, lane = tid & 31;
     const int g = lane >> 2, tq = lane & 3;
     const bool stream = C::LOAD == WG_LOAD_TMA_DECOUPLED && stream_tiles > 0;
-    const int group = n_heads / n_kv_heads, n_qblocks = (n + WG_BM - 1) / WG_BM;
+    const int group = n_heads / n_kv_heads;
     const size_t q_stride = (size_t)n_heads * HD, kv_stride = (size_t)n_kv_heads * HD;
 
     /* This block's run of key tiles: a range of one item (grid), or its share
@@ -344,7 +350,13 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
     }
     /* The segment's query block and head; the cp.async loads take the first
      * segment's (their variants run grids: one segment per block). */
-    int m0 = (n_qblocks - 1 - item.mi) * WG_BM, rows = min(WG_BM, n - m0), h = item.h;
+    int m0, rows, h;
+    auto enter_item = [&] {
+        m0 = wg_qblock_m0(item.mi, n);
+        rows = wg_qblock_rows(m0, n);
+        h = item.h;
+    };
+    enter_item();
     const int kv_len = pos0 + m0 + rows; /* the first segment's, for the cp.async loads */
 
     /* Q, swizzled; rows past the batch are zero. */
@@ -441,9 +453,7 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
     for (int seq = 0; seq < run_len;) { /* a segment: item's tiles [tile0, tile1) */
         const int tile0 = item.tile, tile1 = min(item.tiles, tile0 + run_len - seq), seq0 = seq;
         if (seq0 > 0) { /* the stream's next item */
-            m0 = (n_qblocks - 1 - item.mi) * WG_BM;
-            rows = min(WG_BM, n - m0);
-            h = item.h;
+            enter_item();
             __syncthreads(); /* every warp is done with the last item's Q and merge */
             load_q();
             cp_async_commit();
@@ -645,6 +655,8 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
         }
         int *last_flag = reinterpret_cast<int *>(smem_u4); /* sQ's, or unused: Q is in registers */
         if (!whole && !stream && counters) {
+            /* The grid block's range again: kept live across the loop, it
+             * cost registers. */
             attn_merge_if_last(part, out, counters, attn_block_range(WG_BM, BN, n, pos0, split_len),
                                BN, pos0, n_heads, HD, split_len, last_flag);
         } else if (!whole && stream) {

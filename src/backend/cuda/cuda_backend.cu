@@ -1024,7 +1024,6 @@ int check_run(check_bufs *b, int path, int head_dim, int n_heads, int n_kv_heads
     CK(cudaMemcpy(b->q, b->hq, nq * sizeof(__half), cudaMemcpyHostToDevice), "uploading queries");
     CK(cudaMemcpy(b->k, b->hk, nkv * sizeof(__half), cudaMemcpyHostToDevice), "uploading keys");
     CK(cudaMemcpy(b->v, b->hv, nkv * sizeof(__half), cudaMemcpyHostToDevice), "uploading values");
-    CK(cudaMemset(b->out, 0xff, nq * sizeof(float)), "clearing the output"); /* NaN if unwritten */
     CK(cake_cuda_attention_setup(), "setting the attention kernels' shared memory");
 
     cake_attn_launch a;
@@ -1042,33 +1041,31 @@ int check_run(check_bufs *b, int path, int head_dim, int n_heads, int n_kv_heads
     a.part_floats = n_part;
     a.split_len = split_len;
     a.n_sm = n_sm;
-    a.counters = b->counters;
     a.counter_ints = n_counters;
-    CK(cake_cuda_attention(&a, path, 0), "launching the attention kernel");
-    CK(cudaDeviceSynchronize(), "running the attention kernel");
-    CK(cudaMemcpy(b->hout, b->out, nq * sizeof(float), cudaMemcpyDeviceToHost),
-       "copying the attention output back");
 
-    /* Where the kernel merged its own key ranges: again, which needs the
-     * counters left at zero, then with the combine kernel instead. Both must
-     * give the first run's result (the same operations in the same order),
-     * but for the stream schedule, which needs the counters: without, its
-     * batches run as a grid of key ranges, whose sums are cut elsewhere. */
+    /* Three runs, the output NaN where unwritten: the first, checked against
+     * the reference below; where the kernel merged its own key ranges, again
+     * (which needs the counters left at zero), then with the combine kernel
+     * instead. Both must give the first run's result (the same operations in
+     * the same order), but for the stream schedule, which needs the counters:
+     * without, its batches run as a grid of key ranges, whose sums are cut
+     * elsewhere. */
     const float grid_tol =
         path != CAKE_ATTN_MMA && cake_cuda_attention_stream() ? 1e-5f : 1e-6f; /* WGMMA, AUTO */
-    for (int again = 0; again < 2; again++) {
-        a.counters = again ? NULL : b->counters;
+    for (int run = 0; run < 3; run++) {
+        float *host = run ? b->hout2 : b->hout;
+        a.counters = run == 2 ? NULL : b->counters;
         CK(cudaMemset(b->out, 0xff, nq * sizeof(float)), "clearing the output");
         CK(cake_cuda_attention(&a, path, 0), "launching the attention kernel");
         CK(cudaDeviceSynchronize(), "running the attention kernel");
-        CK(cudaMemcpy(b->hout2, b->out, nq * sizeof(float), cudaMemcpyDeviceToHost),
+        CK(cudaMemcpy(host, b->out, nq * sizeof(float), cudaMemcpyDeviceToHost),
            "copying the attention output back");
-        for (size_t i = 0; i < nq; i++) {
+        for (size_t i = 0; run && i < nq; i++) {
             const float d = fabsf(b->hout2[i] - b->hout[i]);
-            if (!(d <= (again ? grid_tol : 1e-6f)))
+            if (!(d <= (run == 2 ? grid_tol : 1e-6f)))
                 return cake_err(
                     err, errlen, "attention check: %s gives %g at output %zu, the first run %g",
-                    again ? "the combine kernel" : "a second run", b->hout2[i], i, b->hout[i]);
+                    run == 2 ? "the combine kernel" : "a second run", b->hout2[i], i, b->hout[i]);
         }
     }
 

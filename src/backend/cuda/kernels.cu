@@ -45,19 +45,18 @@ void launch_swiglu(T *h, const TIn *gu, int n, int ffn, cudaStream_t st) {
     swiglu_kernel<<<grid, ROW_THREADS, 0, st>>>(h, gu, n, ffn);
 }
 
-} // namespace
-
-cudaError_t cake_cuda_embed(float *x, const void *embd, int dtype, const int32_t *tokens, int n,
-                            int dim, cudaStream_t st) {
+/* Calls f(T()) with T the element type of `dtype` (f32, f16 or bf16), then
+ * returns the launch's error; cudaErrorInvalidValue for any other dtype. */
+template <typename F> cudaError_t with_dtype(int dtype, F &&f) {
     switch (dtype) {
     case CAKE_DTYPE_F32:
-        embed_kernel<<<n, ROW_THREADS, 0, st>>>(x, (const float *)embd, tokens, dim);
+        f(float());
         break;
     case CAKE_DTYPE_F16:
-        embed_kernel<<<n, ROW_THREADS, 0, st>>>(x, (const __half *)embd, tokens, dim);
+        f(__half());
         break;
     case CAKE_DTYPE_BF16:
-        embed_kernel<<<n, ROW_THREADS, 0, st>>>(x, (const __nv_bfloat16 *)embd, tokens, dim);
+        f(__nv_bfloat16());
         break;
     default:
         return cudaErrorInvalidValue;
@@ -65,22 +64,19 @@ cudaError_t cake_cuda_embed(float *x, const void *embd, int dtype, const int32_t
     return cudaGetLastError();
 }
 
+} // namespace
+
+cudaError_t cake_cuda_embed(float *x, const void *embd, int dtype, const int32_t *tokens, int n,
+                            int dim, cudaStream_t st) {
+    return with_dtype(dtype, [&](auto t) {
+        embed_kernel<<<n, ROW_THREADS, 0, st>>>(x, (const decltype(t) *)embd, tokens, dim);
+    });
+}
+
 cudaError_t cake_cuda_rmsnorm(void *y, int dtype, const float *x, const float *w, int n, int dim,
                               float eps, cudaStream_t st) {
-    switch (dtype) {
-    case CAKE_DTYPE_F32:
-        launch_rmsnorm((float *)y, x, w, n, dim, eps, st);
-        break;
-    case CAKE_DTYPE_F16:
-        launch_rmsnorm((__half *)y, x, w, n, dim, eps, st);
-        break;
-    case CAKE_DTYPE_BF16:
-        launch_rmsnorm((__nv_bfloat16 *)y, x, w, n, dim, eps, st);
-        break;
-    default:
-        return cudaErrorInvalidValue;
-    }
-    return cudaGetLastError();
+    return with_dtype(dtype,
+                      [&](auto t) { launch_rmsnorm((decltype(t) *)y, x, w, n, dim, eps, st); });
 }
 
 cudaError_t cake_cuda_rope_table(float2 *cs, const double *inv_freq, int n_pos, int half_hd,
@@ -99,49 +95,22 @@ cudaError_t cake_cuda_rope_kv(const void *qkv, int qkv_dtype, __half *q16, __hal
     const int steps = ((n_heads + 2 * n_kv_heads) * (head_dim / 2) + ROW_THREADS - 1) / ROW_THREADS;
     const int want = (2048 + n - 1) / n;
     const dim3 grid((unsigned)n, (unsigned)(want < steps ? want : steps));
-    switch (qkv_dtype) {
-    case CAKE_DTYPE_F32:
-        rope_kv_kernel<<<grid, ROW_THREADS, 0, st>>>((const float *)qkv, q16, k_cache, v_cache,
-                                                     rope_cs, pos0, n_heads, n_kv_heads, head_dim);
-        break;
-    case CAKE_DTYPE_F16:
-        rope_kv_kernel<<<grid, ROW_THREADS, 0, st>>>((const __half *)qkv, q16, k_cache, v_cache,
-                                                     rope_cs, pos0, n_heads, n_kv_heads, head_dim);
-        break;
-    case CAKE_DTYPE_BF16:
-        rope_kv_kernel<<<grid, ROW_THREADS, 0, st>>>((const __nv_bfloat16 *)qkv, q16, k_cache,
+    return with_dtype(qkv_dtype, [&](auto t) {
+        rope_kv_kernel<<<grid, ROW_THREADS, 0, st>>>((const decltype(t) *)qkv, q16, k_cache,
                                                      v_cache, rope_cs, pos0, n_heads, n_kv_heads,
                                                      head_dim);
-        break;
-    default:
-        return cudaErrorInvalidValue;
-    }
-    return cudaGetLastError();
+    });
 }
 
 /* gu is f32, or of h's own type (the GEMM wrote it so). */
 cudaError_t cake_cuda_swiglu(void *h, int dtype, const void *gu, int gu_dtype, int n, int ffn,
                              cudaStream_t st) {
     if (gu_dtype != CAKE_DTYPE_F32 && gu_dtype != dtype) return cudaErrorInvalidValue;
-    const bool f32_in = gu_dtype == CAKE_DTYPE_F32;
-    switch (dtype) {
-    case CAKE_DTYPE_F32:
-        launch_swiglu((float *)h, (const float *)gu, n, ffn, st);
-        break;
-    case CAKE_DTYPE_F16:
-        if (f32_in)
-            launch_swiglu((__half *)h, (const float *)gu, n, ffn, st);
+    return with_dtype(dtype, [&](auto t) {
+        using T = decltype(t);
+        if (gu_dtype == CAKE_DTYPE_F32)
+            launch_swiglu((T *)h, (const float *)gu, n, ffn, st);
         else
-            launch_swiglu((__half *)h, (const __half *)gu, n, ffn, st);
-        break;
-    case CAKE_DTYPE_BF16:
-        if (f32_in)
-            launch_swiglu((__nv_bfloat16 *)h, (const float *)gu, n, ffn, st);
-        else
-            launch_swiglu((__nv_bfloat16 *)h, (const __nv_bfloat16 *)gu, n, ffn, st);
-        break;
-    default:
-        return cudaErrorInvalidValue;
-    }
-    return cudaGetLastError();
+            launch_swiglu((T *)h, (const T *)gu, n, ffn, st);
+    });
 }
