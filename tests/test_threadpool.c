@@ -1,8 +1,9 @@
-/* Thread pool: every task runs exactly once, on the thread that static striding
- * names, across many back-to-back jobs (the spin path), jobs separated by idle
- * time (the sleep/wake path), slow workers (the caller's sleep path), nested
- * and concurrent calls (serial fallback), and dynamic jobs. Run under TSan too
- * (-DCAKE_TSAN=ON). */
+/* Thread pool: every task runs exactly once, on a thread of the pool, across
+ * many back-to-back jobs (the spin path), jobs separated by idle time (the
+ * sleep/wake path), slow workers (the caller's sleep path), nested and
+ * concurrent calls (serial fallback), jobs past one job word's 65535 tasks,
+ * and more threads than cores (workers that join a job late, or never). Run
+ * under TSan too (-DCAKE_TSAN=ON). */
 #include <stdarg.h>
 #include <stddef.h>
 #include <setjmp.h>
@@ -44,21 +45,27 @@ static void sleep_ms(int ms) {
     nanosleep(&ts, NULL);
 }
 
+/* Every task of the job ran once, on a thread of the pool; no other task ran. */
+static void check_record(record *r, int n_tasks) {
+    for (int i = 0; i < MAX_TASKS; i++) {
+        assert_int_equal(atomic_load(&r->count[i]), i < n_tasks ? 1 : 0);
+        if (i < n_tasks) {
+            const int tid = atomic_load(&r->thread_of[i]);
+            assert_true(tid >= 0 && tid < r->n_threads);
+        }
+    }
+}
+
 static void check_job(cake_threadpool *p, int n_threads, int n_tasks) {
     static record r;
     record_init(&r, n_threads);
     cake_threadpool_run(p, n_tasks, record_task, &r);
-    for (int i = 0; i < n_tasks; i++) {
-        assert_int_equal(atomic_load(&r.count[i]), 1);
-        /* Static striding: task i on thread i % n. Single-task jobs run on the
-         * caller (thread 0) without waking anyone. */
-        const int expect = n_tasks == 1 ? 0 : i % n_threads;
-        assert_int_equal(atomic_load(&r.thread_of[i]), expect);
-    }
-    for (int i = n_tasks; i < MAX_TASKS; i++) assert_int_equal(atomic_load(&r.count[i]), 0);
+    check_record(&r, n_tasks);
+    /* A single task runs on the caller without waking anyone. */
+    if (n_tasks == 1) assert_int_equal(atomic_load(&r.thread_of[0]), 0);
 }
 
-static void test_sizes_and_striding(void **state) {
+static void test_sizes(void **state) {
     (void)state;
     assert_int_equal(cake_threadpool_size(NULL), 1);
     assert_null(cake_threadpool_create(0));
@@ -132,10 +139,7 @@ static void test_slow_worker(void **state) {
     for (int rep = 0; rep < 3; rep++) {
         record_init(&r, 3);
         cake_threadpool_run(p, 6, slow_task, &r);
-        for (int i = 0; i < 6; i++) {
-            assert_int_equal(atomic_load(&r.count[i]), 1);
-            assert_int_equal(atomic_load(&r.thread_of[i]), i % 3);
-        }
+        check_record(&r, 6);
     }
     cake_threadpool_free(p);
 }
@@ -222,41 +226,49 @@ static void test_results_visible(void **state) {
     cake_threadpool_free(p);
 }
 
-/* Dynamic jobs: every task exactly once, on some thread of the pool, across
- * many jobs (mixed with static ones) and with one slow thread. */
-static void test_dynamic(void **state) {
+/* More threads than this machine has cores, many short jobs: workers that
+ * were not scheduled in time join a job late or not at all, and one that
+ * wakes up on a stale job must claim nothing of it. Also a slow thread. */
+static void test_oversubscribed(void **state) {
     (void)state;
     static record r;
-    for (int n = 1; n <= 3; n++) {
-        cake_threadpool *p = cake_threadpool_create(n);
-        assert_non_null(p);
-        for (int job = 0; job < 300; job++) {
-            const int n_tasks = job % 50;
-            record_init(&r, n);
-            if (job % 3 == 2)
-                cake_threadpool_run(p, n_tasks, record_task, &r);
-            else
-                cake_threadpool_run_dynamic(p, n_tasks, record_task, &r);
-            for (int i = 0; i < MAX_TASKS; i++) {
-                assert_int_equal(atomic_load(&r.count[i]), i < n_tasks ? 1 : 0);
-                if (i < n_tasks) {
-                    const int tid = atomic_load(&r.thread_of[i]);
-                    assert_true(tid >= 0 && tid < n);
-                }
-            }
-        }
-        /* a slow worker: the others take its share */
-        record_init(&r, n);
-        cake_threadpool_run_dynamic(p, 12, slow_task, &r);
-        for (int i = 0; i < 12; i++) assert_int_equal(atomic_load(&r.count[i]), 1);
-        cake_threadpool_free(p);
+    cake_threadpool *p = cake_threadpool_create(16);
+    assert_non_null(p);
+    for (int job = 0; job < 3000; job++) {
+        const int n_tasks = job % 50;
+        record_init(&r, 16);
+        cake_threadpool_run(p, n_tasks, record_task, &r);
+        check_record(&r, n_tasks);
     }
-    cake_threadpool_run_dynamic(NULL, 5, record_task, &r); /* NULL pool: serial */
+    record_init(&r, 16);
+    cake_threadpool_run(p, 40, slow_task, &r); /* threads other than 0 sleep */
+    check_record(&r, 40);
+    cake_threadpool_free(p);
+}
+
+/* A job of more tasks than one job word holds runs as several. */
+static void count_task(void *ctx, int task, int tid) {
+    (void)tid;
+    atomic_uchar *seen = ctx;
+    atomic_fetch_add(&seen[task], 1);
+}
+
+static void test_large_job(void **state) {
+    (void)state;
+    enum { N = 200000 };
+    atomic_uchar *seen = calloc(N, sizeof(*seen));
+    assert_non_null(seen);
+    cake_threadpool *p = cake_threadpool_create(3);
+    assert_non_null(p);
+    cake_threadpool_run(p, N, count_task, seen);
+    for (int i = 0; i < N; i++) assert_int_equal(atomic_load(&seen[i]), 1);
+    cake_threadpool_free(p);
+    free(seen);
 }
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_sizes_and_striding),
+        cmocka_unit_test(test_sizes),
         cmocka_unit_test(test_null_pool_runs_serially),
         cmocka_unit_test(test_many_jobs),
         cmocka_unit_test(test_sleep_and_wake),
@@ -264,7 +276,8 @@ int main(void) {
         cmocka_unit_test(test_nested_run),
         cmocka_unit_test(test_concurrent_callers),
         cmocka_unit_test(test_results_visible),
-        cmocka_unit_test(test_dynamic),
+        cmocka_unit_test(test_oversubscribed),
+        cmocka_unit_test(test_large_job),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

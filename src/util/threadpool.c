@@ -2,11 +2,26 @@
  *
  * Decode issues ~100+ parallel-fors per token, each only tens of microseconds
  * long, so handing out a job must be cheap. The caller publishes a job by
- * writing (fn, ctx, n_tasks) and bumping an atomic generation counter; workers
- * that finished the previous job spin on that counter for a short while
- * (~0.1 ms) and only then sleep on a condition variable. The caller runs its
- * own share of the tasks (it is thread 0), then waits for the workers the same
- * way: spin on an atomic "done" counter, then sleep.
+ * writing its payload (fn, ctx, base) and then one atomic word, `job`, that
+ * holds the job's generation, its task count and the next unclaimed task.
+ * Every thread, the caller included (it is thread 0), claims tasks by
+ * compare-and-swap on that word until none is left. Workers that finished a
+ * job spin on the word for a short while (~0.1 ms) and only then sleep on a
+ * condition variable.
+ *
+ * The caller returns once every task has finished, not once every worker has
+ * checked in. On a shared machine a worker's vCPU can be parked for
+ * milliseconds. The pool used to wait for every worker at the end of every
+ * parallel-for, and a one-token pass of 12-15 ms then took 23-50 ms in one
+ * run of ten; now the threads that do run do the work (docs/BENCHMARKS.md).
+ *
+ * Why a late worker is safe: it reads the payload after it sees a new
+ * generation, then claims with a compare-and-swap that expects that same
+ * word. A successful claim means the job still had an unclaimed task, so the
+ * caller had not yet moved on to write the next job's payload (it does so
+ * only after every task has been claimed and finished). A worker that read a
+ * newer payload finds the word changed and claims nothing. The generation is
+ * 32 bits: a worker would have to stall through 2^32 jobs to be fooled.
  *
  * Sleeping uses the Dekker pattern on sequentially consistent atomics: a
  * sleeper first announces itself (n_sleeping / caller_sleeping), then re-checks
@@ -14,17 +29,14 @@
  * checks the announcement and only then takes the mutex. One of the two always
  * sees the other, so no wake-up is lost and the fast path never locks.
  *
- * cake_threadpool_run assigns tasks by static striding (thread j runs j,
- * j + n, ...), so which thread runs a task never depends on timing;
- * cake_threadpool_run_dynamic hands out tasks from an atomic counter instead,
- * which evens out threads running at different speeds. One job at a time: a
- * second concurrent (or nested) call finds the pool busy and runs its tasks
- * serially on its own thread instead of deadlocking. */
+ * One job at a time: a second concurrent (or nested) call finds the pool busy
+ * and runs its tasks serially on its own thread instead of deadlocking. */
 #include "util/threadpool.h"
 
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
+#include <stdint.h>
 #include <stdlib.h>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -41,6 +53,23 @@
  * one forward pass, shorter than anything a user would notice as busy CPU. */
 enum { SPIN_ITERS = 1 << 13 };
 
+/* The job word: generation (32 bits) | task count (16) | next task (16). A
+ * parallel-for of more tasks runs as several jobs of at most MAX_JOB_TASKS. */
+enum { MAX_JOB_TASKS = 0xffff };
+
+static uint64_t job_word(uint32_t gen, int n_tasks, int next) {
+    return (uint64_t)gen << 32 | (uint64_t)n_tasks << 16 | (uint64_t)next;
+}
+static uint32_t job_gen(uint64_t w) {
+    return (uint32_t)(w >> 32);
+}
+static int job_tasks(uint64_t w) {
+    return (int)(w >> 16 & 0xffff);
+}
+static int job_next(uint64_t w) {
+    return (int)(w & 0xffff);
+}
+
 typedef struct {
     cake_threadpool *pool;
     int id; /* 1..n_threads-1; the caller is 0 */
@@ -52,16 +81,15 @@ struct cake_threadpool {
     pthread_t *threads;
     worker_arg *args;
 
-    /* The current job: written by the caller before it bumps `gen`, read by the
-     * workers after they see the new `gen`. */
-    cake_task_fn fn;
-    void *ctx;
-    int n_tasks;
-    int dynamic;     /* tasks taken from `next` instead of by striding */
-    atomic_int next; /* next task of a dynamic job */
+    /* The current job's payload, written before `job` publishes it. Atomic
+     * only because a late worker may read it while the next job's is being
+     * written; such a worker's claim then fails (see the top). */
+    _Atomic(cake_task_fn) fn;
+    _Atomic(void *) ctx;
+    atomic_int base; /* task index of the job's first task */
 
-    atomic_uint gen;            /* job generation */
-    atomic_int n_done;          /* workers that finished the current job */
+    _Atomic uint64_t job;       /* generation | task count | next task */
+    atomic_int n_finished;      /* tasks of the current job that have run */
     atomic_int n_sleeping;      /* workers blocked (or about to block) on work_cv */
     atomic_int caller_sleeping; /* the caller is blocked (or about to) on done_cv */
     atomic_int stop;
@@ -71,45 +99,50 @@ struct cake_threadpool {
     pthread_cond_t work_cv, done_cv;
 };
 
-static void run_share(cake_threadpool *p, int id) {
-    if (p->dynamic) {
-        for (int i;
-             (i = atomic_fetch_add_explicit(&p->next, 1, memory_order_relaxed)) < p->n_tasks;)
-            p->fn(p->ctx, i, id);
-        return;
+/* Claims and runs tasks of the job in word w until none is left or a newer
+ * job replaced it; returns the last word seen. */
+static uint64_t run_tasks(cake_threadpool *p, uint64_t w, int id) {
+    const cake_task_fn fn = atomic_load(&p->fn);
+    void *const ctx = atomic_load(&p->ctx);
+    const int base = atomic_load(&p->base);
+    const uint32_t gen = job_gen(w);
+    while (job_gen(w) == gen && job_next(w) < job_tasks(w)) {
+        if (!atomic_compare_exchange_weak(&p->job, &w, w + 1)) continue; /* w reloaded */
+        fn(ctx, base + job_next(w), id);
+        if (atomic_fetch_add(&p->n_finished, 1) + 1 == job_tasks(w) &&
+            atomic_load(&p->caller_sleeping)) {
+            pthread_mutex_lock(&p->mu);
+            pthread_cond_signal(&p->done_cv);
+            pthread_mutex_unlock(&p->mu);
+        }
+        w = atomic_load(&p->job);
     }
-    for (int i = id; i < p->n_tasks; i += p->n_threads) p->fn(p->ctx, i, id);
+    return w;
 }
 
 static void *worker_main(void *arg) {
     const worker_arg *wa = arg;
     cake_threadpool *p = wa->pool;
     const int id = wa->id;
-    unsigned seen = 0;
+    uint32_t seen = 0; /* the last job this worker took part in */
+    uint64_t w = atomic_load(&p->job);
     for (;;) {
-        unsigned g = atomic_load_explicit(&p->gen, memory_order_acquire);
-        for (int spin = 0; g == seen && spin < SPIN_ITERS; spin++) {
+        for (int spin = 0; job_gen(w) == seen && spin < SPIN_ITERS; spin++) {
             if (atomic_load_explicit(&p->stop, memory_order_relaxed)) break;
             cpu_relax();
-            g = atomic_load_explicit(&p->gen, memory_order_acquire);
+            w = atomic_load(&p->job);
         }
-        if (g == seen) {
+        if (job_gen(w) == seen) {
             pthread_mutex_lock(&p->mu);
             atomic_fetch_add(&p->n_sleeping, 1);
-            while ((g = atomic_load(&p->gen)) == seen && !atomic_load(&p->stop))
+            while (job_gen(w = atomic_load(&p->job)) == seen && !atomic_load(&p->stop))
                 pthread_cond_wait(&p->work_cv, &p->mu);
             atomic_fetch_sub(&p->n_sleeping, 1);
             pthread_mutex_unlock(&p->mu);
         }
-        if (g == seen) break; /* woken by stop, no new job */
-        seen = g;
-        run_share(p, id);
-        if (atomic_fetch_add(&p->n_done, 1) + 1 == p->n_threads - 1 &&
-            atomic_load(&p->caller_sleeping)) {
-            pthread_mutex_lock(&p->mu);
-            pthread_cond_signal(&p->done_cv);
-            pthread_mutex_unlock(&p->mu);
-        }
+        if (job_gen(w) == seen) break; /* woken by stop, no new job */
+        seen = job_gen(w);
+        w = run_tasks(p, w, id); /* a newer job by now: the loop takes it at once */
     }
     return NULL;
 }
@@ -128,12 +161,14 @@ cake_threadpool *cake_threadpool_create(int n_threads) {
     cake_threadpool *p = calloc(1, sizeof(*p));
     if (!p) return NULL;
     p->n_threads = n_threads;
-    atomic_init(&p->gen, 0);
-    atomic_init(&p->n_done, 0);
+    atomic_init(&p->fn, NULL);
+    atomic_init(&p->ctx, NULL);
+    atomic_init(&p->base, 0);
+    atomic_init(&p->job, job_word(0, 0, 0));
+    atomic_init(&p->n_finished, 0);
     atomic_init(&p->n_sleeping, 0);
     atomic_init(&p->caller_sleeping, 0);
     atomic_init(&p->stop, 0);
-    atomic_init(&p->next, 0);
     atomic_flag_clear(&p->busy);
     if (pthread_mutex_init(&p->mu, NULL)) {
         free(p);
@@ -190,7 +225,35 @@ int cake_threadpool_size(const cake_threadpool *p) {
     return p ? p->n_threads : 1;
 }
 
-static void run_job(cake_threadpool *p, int n_tasks, cake_task_fn fn, void *ctx, int dynamic) {
+/* Publishes tasks [base, base + n_tasks), takes part, and waits until all of
+ * them have run. */
+static void run_job(cake_threadpool *p, int base, int n_tasks, cake_task_fn fn, void *ctx) {
+    atomic_store(&p->fn, fn);
+    atomic_store(&p->ctx, ctx);
+    atomic_store(&p->base, base);
+    atomic_store(&p->n_finished, 0);
+    const uint64_t w = job_word(job_gen(atomic_load(&p->job)) + 1, n_tasks, 0);
+    atomic_store(&p->job, w);
+    if (atomic_load(&p->n_sleeping) > 0) {
+        pthread_mutex_lock(&p->mu);
+        pthread_cond_broadcast(&p->work_cv);
+        pthread_mutex_unlock(&p->mu);
+    }
+
+    run_tasks(p, w, 0);
+
+    for (int spin = 0; spin < SPIN_ITERS; spin++) {
+        if (atomic_load(&p->n_finished) == n_tasks) return;
+        cpu_relax();
+    }
+    pthread_mutex_lock(&p->mu);
+    atomic_store(&p->caller_sleeping, 1);
+    while (atomic_load(&p->n_finished) != n_tasks) pthread_cond_wait(&p->done_cv, &p->mu);
+    atomic_store(&p->caller_sleeping, 0);
+    pthread_mutex_unlock(&p->mu);
+}
+
+void cake_threadpool_run(cake_threadpool *p, int n_tasks, cake_task_fn fn, void *ctx) {
     if (n_tasks <= 0) return;
     /* Serial cases: no pool, one thread, a single task (not worth a wake-up),
      * or the pool is already running a job (a nested or concurrent call). */
@@ -198,39 +261,7 @@ static void run_job(cake_threadpool *p, int n_tasks, cake_task_fn fn, void *ctx,
         for (int i = 0; i < n_tasks; i++) fn(ctx, i, 0);
         return;
     }
-    const int n_workers = p->n_threads - 1;
-    p->fn = fn;
-    p->ctx = ctx;
-    p->n_tasks = n_tasks;
-    p->dynamic = dynamic;
-    atomic_store(&p->next, 0);
-    atomic_store(&p->n_done, 0);
-    atomic_fetch_add(&p->gen, 1);
-    if (atomic_load(&p->n_sleeping) > 0) {
-        pthread_mutex_lock(&p->mu);
-        pthread_cond_broadcast(&p->work_cv);
-        pthread_mutex_unlock(&p->mu);
-    }
-
-    run_share(p, 0);
-
-    for (int spin = 0; spin < SPIN_ITERS; spin++) {
-        if (atomic_load_explicit(&p->n_done, memory_order_acquire) == n_workers) goto done;
-        cpu_relax();
-    }
-    pthread_mutex_lock(&p->mu);
-    atomic_store(&p->caller_sleeping, 1);
-    while (atomic_load(&p->n_done) != n_workers) pthread_cond_wait(&p->done_cv, &p->mu);
-    atomic_store(&p->caller_sleeping, 0);
-    pthread_mutex_unlock(&p->mu);
-done:
+    for (int base = 0; base < n_tasks; base += MAX_JOB_TASKS)
+        run_job(p, base, n_tasks - base < MAX_JOB_TASKS ? n_tasks - base : MAX_JOB_TASKS, fn, ctx);
     atomic_flag_clear(&p->busy);
-}
-
-void cake_threadpool_run(cake_threadpool *p, int n_tasks, cake_task_fn fn, void *ctx) {
-    run_job(p, n_tasks, fn, ctx, 0);
-}
-
-void cake_threadpool_run_dynamic(cake_threadpool *p, int n_tasks, cake_task_fn fn, void *ctx) {
-    run_job(p, n_tasks, fn, ctx, 1);
 }

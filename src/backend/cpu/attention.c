@@ -689,12 +689,12 @@ void cake_attention(const cake_attn_args *a, cake_threadpool *pool) {
         const int n_threads = cake_threadpool_size(pool);
         j.sc = aligned_alloc(64, j.sc_floats * sizeof(float) * (size_t)n_threads);
         if (j.sc) {
-            cake_threadpool_run_dynamic(pool, j.n_qb * a->n_kv_heads, fast_task, &j);
+            cake_threadpool_run(pool, j.n_qb * a->n_kv_heads, fast_task, &j);
             free(j.sc);
             return;
         }
     }
 #endif
     /* portable build, head_dim > 256 or no memory for scratch: same bits, slower */
-    cake_threadpool_run_dynamic(pool, a->n_tokens * a->n_kv_heads, lanes_task, &j);
+    cake_threadpool_run(pool, a->n_tokens * a->n_kv_heads, lanes_task, &j);
 }

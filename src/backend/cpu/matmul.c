@@ -299,9 +299,9 @@ int cake_matmul(float *y, const float *x, const void *w, int w_dtype, int n_toke
     const int n_tasks = (n_out + MM_PANEL - 1) / MM_PANEL;
 #ifdef CAKE_AVX512
     j.np = n_tokens >= MM_PANEL_MIN_TOKENS ? MM_PANEL : MM_NR;
-    cake_threadpool_run_dynamic(pool, n_tasks, mm_task, &j);
+    cake_threadpool_run(pool, n_tasks, mm_task, &j);
 #else
-    cake_threadpool_run_dynamic(pool, n_tasks, lanes_task, &j);
+    cake_threadpool_run(pool, n_tasks, lanes_task, &j);
 #endif
     return 0;
 }
