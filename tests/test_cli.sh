@@ -190,6 +190,12 @@ if "$CAKE" mkmodel --shape tiny -o "$tmp/tiny.gguf" 2>/dev/null; then
         fail "bench traces: $(ls "$tmp/bench")"
     grep -q "^| 97 | 5 | 0.5 |" "$tmp/bench/ttft.md" && pass "bench Markdown table" ||
         fail "bench table: $(cat "$tmp/bench/ttft.md")"
+    # the summary under the table counts the cells that meet each goal, as the CSV has them
+    want=$(awk -F, 'NR == 1 { for (i = 1; i <= NF; i++) col[$i] = i; next }
+        { n++; e += $col["efficiency"] >= 0.95; v += $col["cake_vs_best"] <= 1.02 }
+        END { printf "Efficiency >= 0.95 in %d of %d cells .*; Cake within 1.02x of the better baseline in %d of %d ", e, n, v, n }' "$csv")
+    grep -q "^$want" "$tmp/bench/ttft.md" && pass "bench summary counts the goals" ||
+        fail "bench summary: want '$want', got: $(tail -1 "$tmp/bench/ttft.md")"
     # a mem: store lives in the process: each cell gets a copy of the filled one
     # (97 tokens in chunks of 16: 6 full chunks, all before the last token)
     expect_exit 0 "bench ttft on mem:" -- "$CAKE" bench ttft -m "$tmp/tiny.gguf" --ctx 97 --bw 5 \
