@@ -849,15 +849,15 @@ static int bench_ttft(int argc, char **argv) {
                 fflush(stdout);
                 n_eff_ok += eff >= goal_eff;
                 n_vs_ok += cr.vs_best <= goal_vs_best;
+                char where[96];
+                snprintf(where, sizeof(where), "%d tokens, %g Gbit/s, share %g", n, bws[bi], share);
                 if (eff < worst_eff) {
                     worst_eff = eff;
-                    snprintf(worst_eff_cell, sizeof(worst_eff_cell),
-                             "%d tokens, %g Gbit/s, share %g", n, bws[bi], share);
+                    memcpy(worst_eff_cell, where, sizeof(where));
                 }
                 if (cr.vs_best > worst_vs) {
                     worst_vs = cr.vs_best;
-                    snprintf(worst_vs_cell, sizeof(worst_vs_cell), "%d tokens, %g Gbit/s, share %g",
-                             n, bws[bi], share);
+                    memcpy(worst_vs_cell, where, sizeof(where));
                 }
             }
         }
