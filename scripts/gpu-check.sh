@@ -242,35 +242,48 @@ done
 mkdir -p "$MODELS"
 
 # ---- the loader on the GPU: compute, load and cake give the same bits ----
-# A 2000-token prompt of random ids on mha-160m, chunks of 256 (7 loadable
-# chunks), a file store (it must outlive each process): the compute run fills
-# it, load and cake read it over an emulated 4 Gbit/s link so that cake mode
-# meets somewhere inside the prompt.
-check_modes() {
-    local f="$MODELS/mha-160m.gguf" st=/tmp/cake-check-store
-    step mkmodel_mha160m 60 $CAKE mkmodel --shape mha-160m -o "$f" || return
+# Prompts of random ids on mha-160m, chunks of 256, a file store (it must
+# outlive each process): the compute run fills it, load and cake read it over
+# an emulated 4 Gbit/s link so that cake mode meets somewhere inside the
+# prompt. 2000 tokens: 7 loadable chunks and a computed tail. 2048 tokens: a
+# prompt that ends on a chunk boundary, so every mode computes its last token
+# again, alone, and puts the chunk's KV back after it (src/loader/loader.c);
+# the 4 generated tokens, which read that KV, must agree too.
+check_prompt() {
+    local f=$1 n=$2 st=/tmp/cake-check-store ok=1 m uri
     RANDOM=4242
     local toks="" i
-    for ((i = 0; i < 2000; i++)); do toks+="$(((RANDOM * 32768 + RANDOM) % 31997 + 3)) "; done
+    for ((i = 0; i < n; i++)); do toks+="$(((RANDOM * 32768 + RANDOM) % 31997 + 3)) "; done
     rm -rf "$st"
-    local ok=1 m uri
     for m in compute load cake; do
         uri="file:$st"
         [ $m != compute ] && uri="file:$st?bw=4Gbit"
-        step "check_$m" 60 $CAKE run -m "$f" --backend cuda --tokens "$toks" -n 0 --chunk 256 \
-            --store "$uri" --mode $m --dump-logits "$LOGS/logits_$m.bin" --json || ok=0
+        step "check_${n}_$m" 60 $CAKE run -m "$f" --backend cuda --tokens "$toks" -n 4 --temp 0 \
+            --chunk 256 --store "$uri" --mode $m --dump-logits "$LOGS/logits_${n}_$m.bin" --json ||
+            ok=0
+        local log="$LOGS/check_${n}_$m.log"
+        grep -o '"generated_ids":\[[0-9,]*\]' "$log" >"$LOGS/ids_${n}_$m.txt"
         local j=$(grep -o '"ttft_ms":[0-9.]*\|"chunks_computed":[0-9]*\|"chunks_loaded":[0-9]*\|"meet_chunk":-\?[0-9]*' \
-            "$LOGS/check_$m.log" | tr '\n' ' ')
-        note "  $m: $j"
+            "$log" | tr '\n' ' ')
+        note "  $n tokens, $m: $j$(cat "$LOGS/ids_${n}_$m.txt")"
     done
-    if [ $ok = 1 ] && [ -s "$LOGS/logits_compute.bin" ] &&
-        cmp "$LOGS/logits_compute.bin" "$LOGS/logits_load.bin" &&
-        cmp "$LOGS/logits_compute.bin" "$LOGS/logits_cake.bin"; then
-        note "LOADER CHECK: PASS (compute, load and cake logits bit-identical)"
+    rm -rf "$st"
+    for m in load cake; do
+        [ -s "$LOGS/logits_${n}_compute.bin" ] && [ -s "$LOGS/ids_${n}_compute.txt" ] &&
+            cmp -s "$LOGS/logits_${n}_compute.bin" "$LOGS/logits_${n}_$m.bin" &&
+            cmp -s "$LOGS/ids_${n}_compute.txt" "$LOGS/ids_${n}_$m.txt" || ok=0
+    done
+    [ $ok = 1 ]
+}
+check_modes() {
+    local f="$MODELS/mha-160m.gguf"
+    step mkmodel_mha160m 60 $CAKE mkmodel --shape mha-160m -o "$f" || return
+    if check_prompt "$f" 2000 && check_prompt "$f" 2048; then
+        note "LOADER CHECK: PASS (compute, load and cake: logits bit-identical, same tokens; 2000 and 2048 tokens)"
     else
-        note "LOADER CHECK: FAIL (a run failed or the logits differ)"
+        note "LOADER CHECK: FAIL (a run failed, or the logits or tokens differ)"
     fi
-    rm -rf "$st" "$f"
+    rm -f "$f"
 }
 [ -x $CAKE ] && [ "$QUICK" != 1 ] && check_modes
 

@@ -7,6 +7,7 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include <math.h>
 #include <pthread.h>
 #include <stdatomic.h>
 
@@ -76,14 +77,6 @@ static cake_prefill_stats run(fixture *f, const cake_token *prompt, int n, int c
     return st.prefill;
 }
 
-/* Chunks of an n-token prompt the store may supply (the CPU engine is
- * batch-invariant: a prompt that ends on a chunk boundary has all of them). */
-static int loadable(fixture *f, int n, int chunk) {
-    cake_loader_engine e;
-    cake_context_loader_engine(f->c, 0, &e);
-    return cake_prefill_loadable_chunks(&e, n, chunk);
-}
-
 static void random_prompt(cake_token *t, int n, int n_vocab, uint64_t seed) {
     t[0] = 1;
     for (int i = 1; i < n; i++) {
@@ -128,7 +121,7 @@ static void check_modes(fixture *f, const char *uri, int n, int chunk) {
     char err[256];
     cake_writeback *wb = cake_writeback_create(s, 256, err, sizeof(err));
     assert_non_null(wb);
-    const int n_loadable = loadable(f, n, chunk);
+    const int n_loadable = cake_prefill_loadable_chunks(n, chunk);
     cake_prefill_stats st = run(f, p, n, chunk, s, wb, CAKE_MODE_COMPUTE, got, &t);
     assert_same(base, got, f->n_vocab, "compute with a store");
     cake_writeback_counters wc;
@@ -287,7 +280,7 @@ static void test_redis_faults(void **state) {
            st.chunks_loaded, st.chunks_corrupt, st.chunks_computed);
     assert_same(base, got, f.n_vocab, "redis killed mid-request");
     assert_int_equal(t, t0);
-    assert_true(st.chunks_loaded < loadable(&f, n, chunk));
+    assert_true(st.chunks_loaded < cake_prefill_loadable_chunks(n, chunk));
     cake_store_close(s);
     t_redis_stop(&r);
     free(base);
@@ -359,6 +352,144 @@ static void test_stress(void **state) {
     free(got);
     fixture_free(&f);
     unlink(path);
+}
+
+/* ---- a prompt that ends on a chunk boundary, on an engine that is not
+ * batch-invariant: the CPU engine, made to give a token computed alone other
+ * bits (the lowest bit of its K and V flipped, its logits nudged up), as
+ * cuBLAS may on the GPU. ---- */
+
+typedef struct {
+    cake_loader_engine inner;
+    int alone_calls; /* compute calls of one token */
+    int hold_ms;     /* how long such a call keeps its own bits in the KV cache */
+} variant_engine;
+
+static int variant_install(void *self, const void *blob, const cake_chunk_header *h, int pos0,
+                           char *err, size_t errlen) {
+    const variant_engine *v = self;
+    return v->inner.install(v->inner.self, blob, h, pos0, err, errlen);
+}
+
+static int variant_extract(void *self, cake_chunk_header *h, int pos0, void *blob, size_t cap,
+                           char *err, size_t errlen) {
+    const variant_engine *v = self;
+    return v->inner.extract(v->inner.self, h, pos0, blob, cap, err, errlen);
+}
+
+/* The KV of positions [pos0, pos0 + n) as a blob (malloc'ed). */
+static uint8_t *kv_blob(const cake_loader_engine *e, int pos0, int n, size_t *size) {
+    cake_chunk_header h = cake_chunk_header_for(e->fingerprint, &(cake_chunk_key){{0}}, 0,
+                                                (uint32_t)n, e->hp, e->kv_type);
+    *size = cake_chunk_blob_size(&h);
+    uint8_t *blob = malloc(*size);
+    char err[256];
+    assert_non_null(blob);
+    assert_int_equal(e->extract(e->self, &h, pos0, blob, *size, err, sizeof(err)), 0);
+    return blob;
+}
+
+static int variant_compute(void *self, const cake_token *t, int n, int pos0, float *logits,
+                           char *err, size_t errlen) {
+    variant_engine *v = self;
+    if (v->inner.compute(v->inner.self, t, n, pos0, logits, err, errlen)) return -1;
+    if (n > 1) return 0;
+    v->alone_calls++;
+    size_t size;
+    uint8_t *blob = kv_blob(&v->inner, pos0, 1, &size);
+    for (size_t b = CAKE_CHUNK_HEADER_SIZE; b < size; b += 2) blob[b] ^= 1; /* f16, little-endian */
+    cake_chunk_header h;
+    assert_int_equal(cake_chunk_parse_header(blob, size, &h, err, errlen), 0);
+    const int rc = v->inner.install(v->inner.self, blob, &h, pos0, err, errlen);
+    free(blob);
+    nanosleep(&(struct timespec){0, v->hold_ms * 1000000L}, NULL);
+    if (logits)
+        for (int i = 0; i < v->inner.hp->n_vocab; i++) logits[i] = nextafterf(logits[i], INFINITY);
+    return rc;
+}
+
+static void variant_prefill(const cake_loader_engine *e, const cake_token *p, int n, int chunk,
+                            cake_store *s, cake_writeback *wb, cake_mode mode, float *logits,
+                            cake_prefill_stats *st) {
+    cake_prefill_params lp = {
+        .store = s, .writeback = wb, .mode = mode, .chunk = chunk, .io_depth = 3};
+    char err[256];
+    const int rc = cake_prefill(e, p, n, &lp, logits, st, NULL, err, sizeof(err));
+    if (rc) fprintf(stderr, "%s\n", err);
+    assert_int_equal(rc, 0);
+    if (wb) assert_int_equal(cake_writeback_drain(wb, 30000), 0);
+}
+
+/* Every mode computes the last token again, alone, and takes the logits from
+ * that call; the KV cache and the store keep the chunk's own bits. */
+static void test_batch_variant_boundary(void **state) {
+    (void)state;
+    const char *path = test_model_path("stories260K.gguf");
+    if (!path) skip();
+    fixture f;
+    const int chunk = 32, n = 14 * chunk;
+    assert_int_equal(fixture_init(&f, path, 512), 0);
+    cake_token p[14 * 32];
+    random_prompt(p, n, f.n_vocab, 77);
+    const size_t nv = (size_t)f.n_vocab;
+    float *base = malloc(nv * sizeof(float)), *first = malloc(nv * sizeof(float)),
+          *got = malloc(nv * sizeof(float));
+    variant_engine v = {0};
+    cake_context_loader_engine(f.c, 1, &v.inner);
+    assert_true(v.inner.batch_invariant);
+    cake_loader_engine e = v.inner;
+    e.self = &v;
+    e.compute = variant_compute;
+    e.install = variant_install;
+    e.extract = variant_extract;
+    e.batch_invariant = false;
+
+    /* The CPU engine as it is: the chunks' KV and the logits of the last chunk. */
+    cake_prefill_stats st;
+    variant_prefill(&v.inner, p, n, chunk, NULL, NULL, CAKE_MODE_COMPUTE, base, &st);
+    size_t kv_size, size;
+    uint8_t *kv = kv_blob(&v.inner, 0, n, &kv_size), *now;
+
+    /* The store's 5 ms a request keep the write-back busy with the first
+     * chunks while the last token's pass holds its own bits (400 ms): a
+     * write-back of the last chunk queued before that pass would store them. */
+    char err[256];
+    cake_store *s = open_store("mem:?lat=5");
+    cake_writeback *wb = cake_writeback_create(s, 64, err, sizeof(err));
+    assert_non_null(wb);
+    const cake_mode modes[] = {CAKE_MODE_COMPUTE, CAKE_MODE_LOAD, CAKE_MODE_CAKE};
+    for (int k = 0; k < 3; k++) {
+        const int calls = v.alone_calls;
+        v.hold_ms = modes[k] == CAKE_MODE_COMPUTE ? 400 : 0;
+        variant_prefill(&e, p, n, chunk, s, modes[k] == CAKE_MODE_COMPUTE ? wb : NULL, modes[k],
+                        k ? got : first, &st);
+        printf("batch-variant %s: %d computed, %d loaded, tail %.2f ms\n", cake_mode_name(modes[k]),
+               st.chunks_computed, st.chunks_loaded, st.tail_ms);
+        assert_int_equal(v.alone_calls, calls + 1);
+        assert_true(st.tail_ms > 0);
+        if (k) assert_same(first, got, f.n_vocab, cake_mode_name(modes[k]));
+        if (modes[k] == CAKE_MODE_LOAD) {
+            assert_int_equal(st.chunks_loaded, n / chunk);
+            assert_int_equal(st.chunks_computed, 0);
+        }
+        /* The last token's own bits are gone again; the chunk's are back (in
+         * load mode, from the store: the write-back stored the chunk's). */
+        now = kv_blob(&v.inner, 0, n, &size);
+        assert_int_equal(memcmp(now + CAKE_CHUNK_HEADER_SIZE, kv + CAKE_CHUNK_HEADER_SIZE,
+                                kv_size - CAKE_CHUNK_HEADER_SIZE),
+                         0);
+        free(now);
+    }
+    /* The logits came from the nudged one-token call, not from the chunk. */
+    for (size_t i = 0; i < nv; i++) assert_true(first[i] == nextafterf(base[i], INFINITY));
+
+    cake_writeback_free(wb);
+    cake_store_close(s);
+    free(kv);
+    free(base);
+    free(first);
+    free(got);
+    fixture_free(&f);
 }
 
 /* ---- the claim decisions, on a fake engine whose compute takes a fixed time ---- */
@@ -521,9 +652,13 @@ static void test_staging_reuse(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_stories_modes), cmocka_unit_test(test_mha160m_modes),
-        cmocka_unit_test(test_redis_faults),  cmocka_unit_test(test_stress),
-        cmocka_unit_test(test_claims),        cmocka_unit_test(test_staging_reuse),
+        cmocka_unit_test(test_stories_modes),
+        cmocka_unit_test(test_mha160m_modes),
+        cmocka_unit_test(test_redis_faults),
+        cmocka_unit_test(test_stress),
+        cmocka_unit_test(test_claims),
+        cmocka_unit_test(test_staging_reuse),
+        cmocka_unit_test(test_batch_variant_boundary),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -77,7 +77,7 @@ typedef struct {
 typedef struct {
     cake_loader_engine inner;
     double share;
-    double *record; /* NULL, or ms per chunk index (pos0 / chunk) of the next request */
+    double *record; /* NULL, or ms per chunk index of the next request (see throttled_compute) */
     int chunk;
     call_kind calls[CALL_KINDS];
     int n_calls;
@@ -132,7 +132,9 @@ static int throttled_compute(void *self, const cake_token *t, int n, int pos0, f
     int rc = e->inner.compute(e->inner.self, t, n, pos0, logits, err, errlen);
     const double typical = typical_duration(e, pos0, n, now_s() - t0);
     if (e->share < 1) sleep_s(typical * (1 / e->share - 1));
-    if (e->record) e->record[pos0 / e->chunk] = (now_s() - t0) * 1e3;
+    /* A chunk starts on a boundary; a prompt's last token computed again
+     * (pos0 just before one) is its tail, after the last chunk. */
+    if (e->record) e->record[(pos0 + e->chunk - 1) / e->chunk] = (now_s() - t0) * 1e3;
     return rc;
 }
 
@@ -351,7 +353,7 @@ static int clearly_slower(const double *a, int n, const double *b, int m) {
 static int measure_cell(bench *b, const cake_token *prompt, int n, cake_store *store, int paired,
                         int cake_too, const char *cake_trace, const curve *cv, const timing *tc,
                         curve *cell_cv, cell_result *res) {
-    const int n_chunks = cake_prefill_loadable_chunks(&b->engine, n, b->chunk);
+    const int n_chunks = cake_prefill_loadable_chunks(n, b->chunk);
     const int stride = n_chunks + 1;
     double vc[64], vl[64], vk[64], tail[64], load[64], lookup[64], ts[64], eff[64], vs[64], tmp[64];
     int split[64];
@@ -480,7 +482,7 @@ out:
 
 /* Compute-only TTFT, and with it the curve at the current share. */
 static int measure_compute(bench *b, const cake_token *prompt, int n, timing *t, curve *c) {
-    const int n_chunks = cake_prefill_loadable_chunks(&b->engine, n, b->chunk),
+    const int n_chunks = cake_prefill_loadable_chunks(n, b->chunk),
               r = b->repeat < 64 ? b->repeat : 64;
     double *runs = calloc((size_t)(n_chunks + 1) * (size_t)r, sizeof(double)), ttft[64];
     if (!runs) return fprintf(stderr, "cake bench: out of memory\n"), -1;

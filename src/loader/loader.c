@@ -9,12 +9,19 @@
  * so the KV bits (and the first token's logits) are identical whichever way
  * each chunk arrived, on any backend.
  *
- * A batch-invariant engine (the CPU backend: a token's results do not depend
- * on how many tokens share its forward call) lifts that for a prompt that
- * ends on a chunk boundary: all N / C chunks are loadable, and when the last
- * one was loaded, only the last token is computed again, alone, for its
- * logits (the way vLLM treats a full prefix-cache hit). A fully cached prompt
- * then costs its loads and one token, not its loads and a whole chunk.
+ * A prompt that ends on a chunk boundary is the exception: all N / C chunks
+ * are loadable, and when the last one was loaded, only the last token is
+ * computed again, alone, for its logits (the way vLLM treats a full
+ * prefix-cache hit). A fully cached prompt then costs its loads and one
+ * token, not its loads and a whole chunk. On a batch-invariant engine (the
+ * CPU backend: a token's results do not depend on how many tokens share its
+ * forward call) that token alone gives the bits its chunk gives, so a last
+ * chunk that was computed gives the logits itself. On any other engine (the
+ * GPU: cuBLAS picks its kernels by shape) the last token is computed again,
+ * alone, in every mode, so that every mode takes the logits from the same
+ * call; that pass also writes the token's KV with its own bits, so the
+ * chunk's bits (those of the store) are saved before it and put back after
+ * it, and the last chunk's write-back waits until they are back.
  *
  * Threads and ownership. The calling thread is the compute side. A request
  * starts io_depth I/O workers (threads) that live for the prefill; each owns
@@ -128,8 +135,12 @@ typedef struct prefill_job {
     const cake_prefill_params *p;
     const cake_token *prompt;
     int n_loadable;
-    float *last_logits; /* where the last loadable chunk's compute puts its logits when it ends
-                           the prompt (batch-invariant engines); NULL otherwise */
+    float *last_logits;     /* where the last loadable chunk's compute puts its logits when it ends
+                               the prompt (batch-invariant engines); NULL otherwise */
+    int last_token_alone;   /* the prompt ends on a chunk boundary and the engine is not
+                               batch-invariant: its last token is computed again in every mode */
+    int deferred_writeback; /* the last chunk's write-back, until that pass is over: 0 none,
+                               else known_absent + 1 */
     cake_chunk_header *expect; /* (n_loadable) the header each chunk must have */
 
     pthread_mutex_t mu;
@@ -514,11 +525,16 @@ static int compute_side(prefill_job *j, char *err, size_t errlen) {
         j->ns_per_flop = speed_typical(j->speed);
         pthread_cond_broadcast(&j->cv); /* workers holding back re-decide */
         j->st->chunks_computed++;
-        /* Chunks the lookup did not find, or that failed to load, go back to the store. */
-        if (was_absent && j->p->mode != CAKE_MODE_COMPUTE)
-            queue_writeback(j, i, 1);
-        else if (j->p->mode == CAKE_MODE_COMPUTE)
-            queue_writeback(j, i, 0);
+        /* Chunks the lookup did not find, or that failed to load, go back to
+         * the store (compute mode did not look). The last one waits while the
+         * last token's pass rewrites its KV (last_token_alone). */
+        if (was_absent || j->p->mode == CAKE_MODE_COMPUTE) {
+            const int known_absent = j->p->mode != CAKE_MODE_COMPUTE;
+            if (j->last_token_alone && i == j->n_loadable - 1)
+                j->deferred_writeback = known_absent + 1;
+            else
+                queue_writeback(j, i, known_absent);
+        }
     }
     j->stop = 1; /* nothing below the front is claimable; stop the workers early */
     pthread_cond_broadcast(&j->cv); /* workers holding back wake up and leave */
@@ -594,8 +610,28 @@ void cake_prefill_finish(cake_prefill_job *job) {
     if (job) job_finish(job);
 }
 
-int cake_prefill_loadable_chunks(const cake_loader_engine *e, int n_prompt, int chunk) {
-    return e->batch_invariant && n_prompt % chunk == 0 ? n_prompt / chunk : (n_prompt - 1) / chunk;
+int cake_prefill_loadable_chunks(int n_prompt, int chunk) {
+    return n_prompt % chunk == 0 ? n_prompt / chunk : (n_prompt - 1) / chunk;
+}
+
+/* The last token's pass of a batch-variant engine (see the top of this file):
+ * the KV of position pos, saved into a one-token blob before it (*blob
+ * allocated here), put back after it (restore != 0; frees *blob). */
+static int keep_kv_position(prefill_job *j, int pos, int restore, void **blob, char *err,
+                            size_t errlen) {
+    const cake_loader_engine *e = j->e;
+    cake_chunk_header h =
+        cake_chunk_header_for(e->fingerprint, &j->expect[j->n_loadable - 1].key,
+                              (uint32_t)(j->n_loadable - 1), 1, e->hp, e->kv_type);
+    const size_t size = cake_chunk_blob_size(&h);
+    if (restore) {
+        const int rc = e->install(e->self, *blob, &h, pos, err, errlen);
+        free(*blob);
+        *blob = NULL;
+        return rc;
+    }
+    if (!(*blob = malloc(size))) return cake_err(err, errlen, "prefill: out of memory");
+    return e->extract(e->self, &h, pos, *blob, size, err, errlen);
 }
 
 int cake_prefill(const cake_loader_engine *e, const cake_token *prompt, int n_prompt,
@@ -625,9 +661,15 @@ int cake_prefill(const cake_loader_engine *e, const cake_token *prompt, int n_pr
     j->speed = e->speed ? e->speed : &j->own_speed;
     j->ns_per_flop = speed_typical(j->speed);
     st->knew_speed = j->ns_per_flop > 0;
-    j->n_loadable = cake_prefill_loadable_chunks(e, n_prompt, C);
+    j->n_loadable = cake_prefill_loadable_chunks(n_prompt, C);
     const int n_full = n_prompt / C; /* the tail is full when n_prompt % C == 0 */
-    if (j->n_loadable * C == n_prompt) j->last_logits = logits;
+    if (j->n_loadable * C == n_prompt) {
+        if (e->batch_invariant)
+            j->last_logits = logits;
+        else
+            j->last_token_alone = 1;
+    }
+    void *kept_kv = NULL; /* the last token's KV while it is computed again, alone */
     int rc = -1;
     cake_chunk_key *keys = NULL;
     uint8_t *present = NULL;
@@ -705,14 +747,17 @@ int cake_prefill(const cake_loader_engine *e, const cake_token *prompt, int n_pr
     if (compute_side(j, err, errlen)) goto done;
 
     /* The tail: always computed, its logits choose the first token. Without
-     * one, the last chunk's compute gave them, or, if it was loaded, the last
-     * token is computed again, alone (its KV bits do not change). */
+     * one, the last chunk's compute gave them, or, if it was loaded or the
+     * engine is not batch-invariant, the last token is computed again, alone. */
     const int pos = j->n_loadable * C;
-    if (pos < n_prompt || j->state[j->n_loadable - 1] != COMPUTED) {
+    if (pos < n_prompt || j->last_token_alone || j->state[j->n_loadable - 1] != COMPUTED) {
         const int from = pos < n_prompt ? pos : n_prompt - 1;
         const uint64_t t0 = now_ns();
+        if (j->last_token_alone && keep_kv_position(j, from, 0, &kept_kv, err, errlen)) goto done;
         if (e->compute(e->self, prompt + from, n_prompt - from, from, logits, err, errlen))
             goto done;
+        if (j->last_token_alone && keep_kv_position(j, from, 1, &kept_kv, err, errlen)) goto done;
+        if (j->deferred_writeback) queue_writeback(j, j->n_loadable - 1, j->deferred_writeback - 1);
         const uint64_t t1 = now_ns();
         pthread_mutex_lock(&j->mu);
         trace_add(j, 0, j->n_loadable, pos < n_prompt ? "compute tail" : "compute last token", t0,
@@ -727,6 +772,7 @@ int cake_prefill(const cake_loader_engine *e, const cake_token *prompt, int n_pr
     rc = 0;
 
 done:
+    free(kept_kv);
     free(keys);
     free(present);
     j->ok = rc == 0;

@@ -45,7 +45,9 @@ typedef struct {
      * the first meet of a request uses it (may be NULL). */
     cake_compute_speed *speed;
     /* A token's results (KV, logits) do not depend on how many tokens share
-     * its compute call: then a prompt's last full chunk is loadable too. */
+     * its compute call. Then a prompt's last chunk, when computed, gives the
+     * logits itself; otherwise a prompt that ends on a chunk boundary has
+     * its last token computed again, alone, in every mode (loader.c). */
     bool batch_invariant;
     /* Where the I/O workers' fetch buffers come from and go back to, kept
      * across requests (NULL: allocated per request). */
@@ -102,9 +104,9 @@ typedef struct prefill_job cake_prefill_job;
 double cake_chunk_flops(const cake_hparams *hp, int pos0, int n);
 
 /* How many of a prompt's chunks may come from the store: the full chunks
- * before its last token, or, for a batch-invariant engine and a prompt that
- * ends on a chunk boundary, all of them (see loader.c). */
-int cake_prefill_loadable_chunks(const cake_loader_engine *e, int n_prompt, int chunk);
+ * before its last token, or, for a prompt that ends on a chunk boundary, all
+ * of them (see loader.c). */
+int cake_prefill_loadable_chunks(int n_prompt, int chunk);
 
 /* Prefill of prompt[0..n_prompt) into e's KV cache; writes the last position's
  * logits. Any chunk that fails to load is computed instead: the result never
