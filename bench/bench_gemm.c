@@ -22,11 +22,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "backend/cuda/cuda_backend.h"
 #include "model/shapes.h"
 #include "util/f16.h"
 
-#define WS_BYTES   ((size_t)32 << 20) /* the backend's cuBLAS workspace */
-#define DIFF_ELEMS ((size_t)1 << 22)  /* outputs compared between algorithms (the first) */
+#define DIFF_ELEMS ((size_t)1 << 22) /* outputs compared between algorithms (the first) */
 
 static int cuda_ok(cudaError_t e, const char *what) {
     if (e == cudaSuccess) return 1;
@@ -130,7 +130,8 @@ static int run_lt(bench *b, void *p) {
     const gemm_ctx *g = (const gemm_ctx *)p;
     const float alpha = 1, beta = 0;
     return blas_ok(cublasLtMatmul(b->lt, g->op, &alpha, g->w, g->la, g->x, g->lb, &beta, g->y,
-                                  g->lc, g->y, g->lc, g->algo, b->ws, WS_BYTES, b->st),
+                                  g->lc, g->y, g->lc, g->algo, b->ws, CAKE_CUDA_BLAS_WS_BYTES,
+                                  b->st),
                    "cublasLtMatmul");
 }
 
@@ -202,7 +203,7 @@ static void bench_one(bench *b, const char *name, int m, int n_out, int n_in, in
         !blas_ok(cublasLtMatrixLayoutCreate(&g.lc, yt, n_out, m, n_out), "layout y") ||
         !blas_ok(cublasLtMatmulPreferenceCreate(&pref), "preference"))
         goto lt_out;
-    size_t ws = WS_BYTES;
+    size_t ws = CAKE_CUDA_BLAS_WS_BYTES;
     if (!blas_ok(cublasLtMatmulPreferenceSetAttribute(
                      pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)),
                  "workspace") ||
@@ -291,10 +292,10 @@ int main(int argc, char **argv) {
     if (!cuda_ok(cudaStreamCreate(&b.st), "a stream (is there a GPU?)") ||
         !cuda_ok(cudaEventCreate(&b.ev[0]), "events") ||
         !cuda_ok(cudaEventCreate(&b.ev[1]), "events") ||
-        !cuda_ok(cudaMalloc(&b.ws, WS_BYTES), "the workspace") ||
+        !cuda_ok(cudaMalloc(&b.ws, CAKE_CUDA_BLAS_WS_BYTES), "the workspace") ||
         !blas_ok(cublasCreate(&b.blas), "cublasCreate") ||
         !blas_ok(cublasSetStream(b.blas, b.st), "cublasSetStream") ||
-        !blas_ok(cublasSetWorkspace(b.blas, b.ws, WS_BYTES), "cublasSetWorkspace") ||
+        !blas_ok(cublasSetWorkspace(b.blas, b.ws, CAKE_CUDA_BLAS_WS_BYTES), "cublasSetWorkspace") ||
         !blas_ok(cublasLtCreate(&b.lt), "cublasLtCreate"))
         return 1;
     const int dim = sh->dim, kv_dim = sh->dim / sh->n_heads * sh->n_kv_heads, ffn = sh->ffn_dim;

@@ -78,7 +78,6 @@ const char *const phase_names[PH_COUNT] = {"norms",   "qkv",    "rope+kv", "atte
 constexpr int PROF_MIN_N = 64;
 
 constexpr size_t STAGE_BYTES = 64u << 20; /* pinned upload buffers, two of them */
-constexpr size_t BLAS_WS_BYTES = 32u << 20;
 
 /* KV transfer slots: as many as the loader's I/O workers plus the write-back
  * thread (more callers wait for a free slot); 2 x 4 MiB pinned per slot. */
@@ -406,7 +405,7 @@ int init_state(cake_cuda_state *s, const cake_model *m, int n_ctx, int max_batch
                                  T * s->qkv_dim * dtype_size(s->atype) + T * dim * sizeof(__half) +
                                  T * 2 * ffn * dtype_size(s->atype) + V * sizeof(float) +
                                  part_elems * sizeof(float) + s->counter_ints * sizeof(int) +
-                                 T * sizeof(int32_t) + BLAS_WS_BYTES;
+                                 T * sizeof(int32_t) + CAKE_CUDA_BLAS_WS_BYTES;
     size_t free_b = 0, total_b = 0;
     CK(cudaMemGetInfo(&free_b, &total_b), "querying GPU memory");
     const size_t need = w_bytes + kv_bytes + scratch_bytes;
@@ -426,9 +425,9 @@ int init_state(cake_cuda_state *s, const cake_model *m, int n_ctx, int max_batch
         return cake_err(err, errlen, "cuda: cublasCreate failed: %s", cublasGetStatusString(bst));
     }
     void *ws;
-    if (dev_alloc(s, &ws, BLAS_WS_BYTES, "the cuBLAS workspace", err, errlen)) return -1;
+    if (dev_alloc(s, &ws, CAKE_CUDA_BLAS_WS_BYTES, "the cuBLAS workspace", err, errlen)) return -1;
     if ((bst = cublasSetStream(s->blas, s->stream)) != CUBLAS_STATUS_SUCCESS ||
-        (bst = cublasSetWorkspace(s->blas, ws, BLAS_WS_BYTES)) != CUBLAS_STATUS_SUCCESS)
+        (bst = cublasSetWorkspace(s->blas, ws, CAKE_CUDA_BLAS_WS_BYTES)) != CUBLAS_STATUS_SUCCESS)
         return cake_err(err, errlen, "cuda: setting up cuBLAS failed: %s",
                         cublasGetStatusString(bst));
     CK(cake_cuda_attention_setup(), "setting the attention kernels' shared memory");

@@ -23,6 +23,10 @@ extern "C" {
 
 typedef struct cake_cuda_state cake_cuda_state;
 
+/* The cuBLAS workspace the backend gives its handle (bench_gemm times the
+ * same). */
+#define CAKE_CUDA_BLAS_WS_BYTES ((size_t)32 << 20)
+
 /* 1 if a CUDA device is usable, else 0 with the reason in err. */
 int cake_cuda_available(char *err, size_t errlen);
 
