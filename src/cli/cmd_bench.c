@@ -290,9 +290,9 @@ static void build_curve(const double *runs, int r, int n_chunks, curve *c) {
  * Load linear in the chunks loaded; tail(k) is the compute after the loadable
  * chunks: as in the compute-only runs when all are computed, as in the
  * load-only runs otherwise (they differ when the last chunk ends the prompt:
- * then a loaded prompt computes its last token again). The two ends (all
- * computed, all loaded) were measured directly, so those times bound it.
- * Sets *split. */
+ * a loaded prompt then computes its last token again, a computed one only on
+ * a batch-variant engine). The two ends (all computed, all loaded) were
+ * measured directly, so those times bound it. Sets *split. */
 static double oracle(const double *comp, double tail_computed, double tail_loaded, int n_chunks,
                      double load_per_chunk, double lookup, double t_compute, double t_load,
                      int *split) {
