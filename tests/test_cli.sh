@@ -110,8 +110,26 @@ run_store load
     fail "warm load run: $(fields) want ids $cold"
 run_store cake
 [ "$(json_field generated_ids "$tmp/out")" = "$cold" ] && [ "$(json_field knew_speed "$tmp/out")" = true ] &&
-    [ "$(json_field knew_rate "$tmp/out")" = true ] && pass "warm Cake run: same ids, speed and rate from hints" ||
+    [ "$(json_field knew_rate "$tmp/out")" = true ] && [ "$(json_field store_error "$tmp/out")" = null ] &&
+    pass "warm Cake run: same ids, speed and rate from hints, no store error" ||
     fail "warm Cake run: $(fields) want ids $cold"
+# a corrupt chunk, and a Redis that is down: the same ids, and the reason said
+blob=$(find "$tmp/kv" -name '*.chunk' | head -1)
+printf '\377' | dd of="$blob" bs=1 seek=200 conv=notrunc status=none
+run_store load
+[ "$(json_field generated_ids "$tmp/out")" = "$cold" ] &&
+    json_field store_error "$tmp/out" | grep -q '^"chunk [0-9]*: .*checksum' &&
+    grep -q "^cake run: store $st: chunk [0-9]*: .*(computed instead)$" "$tmp/err" &&
+    pass "a corrupt chunk: same ids, store_error names it" ||
+    fail "corrupt chunk: $(fields) store_error=$(json_field store_error "$tmp/out") $(cat "$tmp/err")"
+"$CAKE" run -m "$tmp/tiny-f16.gguf" --tokens "$ids" -n 6 --temp 0 --chunk 16 \
+    --store "redis://127.0.0.1:1?timeout=200" --json >"$tmp/out" 2>"$tmp/err"
+[ "$(json_field generated_ids "$tmp/out")" = "$cold" ] &&
+    json_field store_error "$tmp/out" | grep -q '^"lookup: .*unreachable' &&
+    json_field writeback_error "$tmp/out" | grep -q '^"chunk 0: .*unreachable' &&
+    grep -q "(computed instead)$" "$tmp/err" && grep -q "write-back chunk 0: .*(not stored)$" "$tmp/err" &&
+    pass "Redis down: same ids, the lookup and write-back errors said" ||
+    fail "Redis down: $(fields) $(cat "$tmp/out") $(cat "$tmp/err")"
 [ "$(grep -c "^speed [0-9a-f]\{32\}/cpu/[0-9]*t/16 [1-9][0-9]* " "$CAKE_HINTS")" = 1 ] &&
     [ "$(grep -c "^rate $st [0-9.e+-]*$" "$CAKE_HINTS")" = 1 ] && pass "hints file" ||
     fail "hints file: $(cat "$CAKE_HINTS")"

@@ -137,6 +137,7 @@ static void check_modes(fixture *f, const char *uri, int n, int chunk) {
         assert_int_equal(t, t0);
         assert_int_equal(st.chunks_computed + st.chunks_loaded, st.chunks_total);
         assert_int_equal(st.chunks_missing, 0);
+        assert_string_equal(st.store_error, "");
         if (modes[k] == CAKE_MODE_LOAD) assert_int_equal(st.chunks_loaded, n_loadable);
         /* After the loads, only what follows them is computed: the partial tail, or
          * for a prompt that ends on a chunk boundary its last token, again. */
@@ -161,6 +162,9 @@ static void check_modes(fixture *f, const char *uri, int n, int chunk) {
     assert_int_equal(st.chunks_missing, 1);
     assert_int_equal(st.chunks_corrupt, 1);
     assert_int_equal(st.chunks_loaded, n_loadable - 2);
+    char want[32];
+    snprintf(want, sizeof(want), "chunk %d: ", bad);
+    assert_non_null(strstr(st.store_error, want)); /* the reason is kept */
     /* The corrupt chunk was removed by the store; put a hole and a corrupt one again for cake. */
     const int bad2 = n_loadable - 1 != bad ? n_loadable - 1 : 0;
     assert_int_equal(cake_store_get(s, &keys[bad2], blob, cap, &len, err, sizeof(err)), 0);
@@ -257,6 +261,12 @@ static void test_redis_faults(void **state) {
     cake_prefill_stats st = run(&f, p, n, chunk, dead, wb, CAKE_MODE_CAKE, got, &t);
     assert_same(base, got, f.n_vocab, "redis down");
     assert_int_equal(st.chunks_loaded, 0);
+    assert_non_null(strstr(st.store_error, "lookup: "));
+    cake_writeback_drain(wb, 30000);
+    cake_writeback_counters wc;
+    cake_writeback_counters_get(wb, &wc);
+    assert_true(wc.failed > 0);
+    assert_true(wc.first_error[0] != '\0');
     cake_writeback_free(wb);
     cake_store_close(dead);
 

@@ -250,6 +250,15 @@ static int parse_args(int argc, char **argv, run_opts *o) {
     return 0;
 }
 
+/* "name":"why", or "name":null when why is empty. */
+static void json_error(FILE *f, const char *name, const char *why) {
+    fprintf(f, "\"%s\":", name);
+    if (why[0])
+        cli_json_string(f, why, strlen(why));
+    else
+        fputs("null", f);
+}
+
 static void json_ids(FILE *f, const char *name, const cake_token *ids, int n) {
     fprintf(f, "\"%s\":[", name);
     for (int i = 0; i < n; i++) fprintf(f, i ? ",%d" : "%d", ids[i]);
@@ -425,7 +434,7 @@ int cmd_run(int argc, char **argv) {
                "\"compute_ms\":%.3f,\"compute_wait_ms\":%.3f,\"load_ms\":%.3f,"
                "\"writeback_queued\":%d,\"writeback_dropped\":%d,\"writeback_written\":%llu,"
                "\"writeback_failed\":%llu,\"knew_speed\":%s,\"knew_rate\":%s,"
-               "\"kv_type\":\"%s\",\"threads\":%d,\"seed\":%llu}\n",
+               "\"kv_type\":\"%s\",\"threads\":%d,\"seed\":%llu,",
                st.ttft_ms, prefill_tps, decode_tps, cake_mode_name(ps->mode), o.chunk, ps->io_depth,
                ps->chunks_total, ps->chunks_computed, ps->chunks_loaded, ps->chunks_missing,
                ps->chunks_corrupt, ps->chunks_discarded, ps->meet_chunk,
@@ -435,6 +444,10 @@ int cmd_run(int argc, char **argv) {
                (unsigned long long)wbc.failed, ps->knew_speed ? "true" : "false",
                ps->knew_rate ? "true" : "false", o.kv_type == CAKE_KV_F32 ? "f32" : "f16",
                cake_context_n_threads(ctx), o.seed);
+        json_error(stdout, "store_error", ps->store_error);
+        putchar(',');
+        json_error(stdout, "writeback_error", wbc.first_error);
+        puts("}");
     } else {
         putchar('\n');
     }
@@ -453,6 +466,12 @@ int cmd_run(int argc, char **argv) {
                 ps->chunks_missing, ps->chunks_corrupt, ps->meet_chunk, ps->compute_ms,
                 ps->compute_wait_ms, (unsigned long long)wbc.written,
                 (unsigned long long)wbc.failed, ps->writeback_dropped + wb_dropped);
+    /* The output never depends on the store; still, say why it did not help. */
+    if (ps->store_error[0])
+        fprintf(stderr, "cake run: store %s: %s (computed instead)\n", o.store, ps->store_error);
+    if (wbc.first_error[0])
+        fprintf(stderr, "cake run: store %s: write-back %s (not stored)\n", o.store,
+                wbc.first_error);
     rc = CLI_OK;
 done:
     free(sink.text);

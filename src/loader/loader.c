@@ -403,6 +403,8 @@ static void *io_worker_main(void *arg) {
         if (rc != 0) {
             j->state[i] = ABSENT; /* compute covers it */
             j->st->chunks_corrupt++;
+            if (!j->st->store_error[0])
+                snprintf(j->st->store_error, sizeof(j->st->store_error), "chunk %d: %s", i, err);
             pthread_cond_broadcast(&j->cv);
             continue;
         }
@@ -699,7 +701,8 @@ int cake_prefill(const cake_loader_engine *e, const cake_token *prompt, int n_pr
                                                  e->hp, e->kv_type);
         if (st->mode != CAKE_MODE_COMPUTE) {
             char why[256];
-            (void)cake_store_exists(p->store, keys, (size_t)n_full, present, why, sizeof(why));
+            if (cake_store_exists(p->store, keys, (size_t)n_full, present, why, sizeof(why)))
+                snprintf(st->store_error, sizeof(st->store_error), "lookup: %s", why);
         }
     }
     for (int i = 0; i < j->n_loadable; i++) {

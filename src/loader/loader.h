@@ -94,6 +94,10 @@ typedef struct {
      * chunks to load) a load rate: from earlier requests, or hints. Without
      * them the first decisions fall back to the plain rules (loader.c). */
     bool knew_speed, knew_rate;
+    /* The request's first store failure (the lookup, or a load: a store
+     * that is down, a corrupt chunk); "" when there was none. The chunks it
+     * kept from loading were computed instead. */
+    char store_error[160];
 } cake_prefill_stats;
 
 typedef struct prefill_job cake_prefill_job;
@@ -135,6 +139,7 @@ void cake_writeback_free(cake_writeback *w); /* drains without a limit; accepts 
 
 typedef struct {
     uint64_t queued, written, dropped_full, dropped_timeout, already_present, failed;
+    char first_error[160]; /* why the first failed chunk failed; "" when none did */
 } cake_writeback_counters;
 void cake_writeback_counters_get(cake_writeback *w, cake_writeback_counters *out);
 

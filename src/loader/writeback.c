@@ -60,9 +60,11 @@ static void *writer_main(void *arg) {
                 w->buf = malloc(need);
                 w->buf_size = w->buf ? need : 0;
             }
-            if (!w->buf ||
-                en.e.extract(en.e.self, &en.h, en.pos0, w->buf, w->buf_size, err, sizeof(err)) ||
-                cake_store_put(w->store, &en.h.key, w->buf, need, err, sizeof(err)))
+            if (!w->buf)
+                outcome = cake_err(err, sizeof(err), "out of memory for a %zu-byte chunk", need);
+            else if (en.e.extract(en.e.self, &en.h, en.pos0, w->buf, w->buf_size, err,
+                                  sizeof(err)) ||
+                     cake_store_put(w->store, &en.h.key, w->buf, need, err, sizeof(err)))
                 outcome = -1;
         }
 
@@ -71,8 +73,9 @@ static void *writer_main(void *arg) {
             w->ctr.written++;
         else if (outcome == 1)
             w->ctr.already_present++;
-        else
-            w->ctr.failed++;
+        else if (w->ctr.failed++ == 0)
+            snprintf(w->ctr.first_error, sizeof(w->ctr.first_error), "chunk %u: %s", en.h.index,
+                     err);
         w->busy = 0;
         if (!w->count) pthread_cond_broadcast(&w->idle_cv);
     }
