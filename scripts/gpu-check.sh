@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The CUDA backend and the Cake loader on a GPU machine, in one go of about
 # 5.5 minutes: build, test_cuda and test_loader, a loader check on the GPU (the
-# first token's logits of compute, load and cake modes must be bit-identical),
+# first token's logits of compute, load and cake modes must be bit-identical,
+# and the tokens after it the same, for a prompt with a tail and one that ends
+# on a chunk boundary),
 # 16K-token prefill speed of the longalpaca-13b shape (MHA, 800 KiB of KV per
 # token), one-shot and in chunks of 512, then the paper's Table 3 cells:
 # `cake bench ttft --backend cuda` on that shape at 16K tokens over emulated
