@@ -404,7 +404,8 @@ static void *io_worker_main(void *arg) {
             j->state[i] = ABSENT; /* compute covers it */
             j->st->chunks_corrupt++;
             if (!j->st->store_error[0])
-                snprintf(j->st->store_error, sizeof(j->st->store_error), "chunk %d: %s", i, err);
+                snprintf(j->st->store_error, sizeof(j->st->store_error), "chunk %d: %.140s", i,
+                         err);
             pthread_cond_broadcast(&j->cv);
             continue;
         }
@@ -616,24 +617,14 @@ int cake_prefill_loadable_chunks(int n_prompt, int chunk) {
     return n_prompt % chunk == 0 ? n_prompt / chunk : (n_prompt - 1) / chunk;
 }
 
-/* The last token's pass of a batch-variant engine (see the top of this file):
- * the KV of position pos, saved into a one-token blob before it (*blob
- * allocated here), put back after it (restore != 0; frees *blob). */
-static int keep_kv_position(prefill_job *j, int pos, int restore, void **blob, char *err,
-                            size_t errlen) {
+/* The header of one position's KV as a blob: the last chunk's, for one
+ * token. A batch-variant engine's last-token pass keeps the chunk's bits of
+ * that position in such a blob (see the top of this file). */
+static cake_chunk_header one_position_header(const prefill_job *j) {
     const cake_loader_engine *e = j->e;
-    cake_chunk_header h =
-        cake_chunk_header_for(e->fingerprint, &j->expect[j->n_loadable - 1].key,
-                              (uint32_t)(j->n_loadable - 1), 1, e->hp, e->kv_type);
-    const size_t size = cake_chunk_blob_size(&h);
-    if (restore) {
-        const int rc = e->install(e->self, *blob, &h, pos, err, errlen);
-        free(*blob);
-        *blob = NULL;
-        return rc;
-    }
-    if (!(*blob = malloc(size))) return cake_err(err, errlen, "prefill: out of memory");
-    return e->extract(e->self, &h, pos, *blob, size, err, errlen);
+    const int last = j->n_loadable - 1;
+    return cake_chunk_header_for(e->fingerprint, &j->expect[last].key, (uint32_t)last, 1, e->hp,
+                                 e->kv_type);
 }
 
 int cake_prefill(const cake_loader_engine *e, const cake_token *prompt, int n_prompt,
@@ -702,7 +693,7 @@ int cake_prefill(const cake_loader_engine *e, const cake_token *prompt, int n_pr
         if (st->mode != CAKE_MODE_COMPUTE) {
             char why[256];
             if (cake_store_exists(p->store, keys, (size_t)n_full, present, why, sizeof(why)))
-                snprintf(st->store_error, sizeof(st->store_error), "lookup: %s", why);
+                snprintf(st->store_error, sizeof(st->store_error), "lookup: %.150s", why);
         }
     }
     for (int i = 0; i < j->n_loadable; i++) {
@@ -756,10 +747,20 @@ int cake_prefill(const cake_loader_engine *e, const cake_token *prompt, int n_pr
     if (pos < n_prompt || j->last_token_alone || j->state[j->n_loadable - 1] != COMPUTED) {
         const int from = pos < n_prompt ? pos : n_prompt - 1;
         const uint64_t t0 = now_ns();
-        if (j->last_token_alone && keep_kv_position(j, from, 0, &kept_kv, err, errlen)) goto done;
+        cake_chunk_header kept_h;
+        if (j->last_token_alone) { /* the chunk's bits of the position, kept */
+            kept_h = one_position_header(j);
+            const size_t size = cake_chunk_blob_size(&kept_h);
+            if (!(kept_kv = malloc(size))) {
+                cake_err(err, errlen, "prefill: out of memory");
+                goto done;
+            }
+            if (e->extract(e->self, &kept_h, from, kept_kv, size, err, errlen)) goto done;
+        }
         if (e->compute(e->self, prompt + from, n_prompt - from, from, logits, err, errlen))
             goto done;
-        if (j->last_token_alone && keep_kv_position(j, from, 1, &kept_kv, err, errlen)) goto done;
+        if (j->last_token_alone && e->install(e->self, kept_kv, &kept_h, from, err, errlen))
+            goto done;
         if (j->deferred_writeback) queue_writeback(j, j->n_loadable - 1, j->deferred_writeback - 1);
         const uint64_t t1 = now_ns();
         pthread_mutex_lock(&j->mu);
