@@ -9,6 +9,7 @@ packages=(
     libxxhash-dev       # chunk keys and checksums
     libcmocka-dev       # unit tests
     libhiredis-dev redis-server  # the Redis chunk store and its tests (a real server on loopback)
+    libpcre2-dev        # the byte-level BPE (Llama 3) pre-tokenizer: Unicode-property regexes
     gnuplot-nox         # `cake bench ttft` plots
     clang libclang-rt-14-dev  # fuzz target (libFuzzer) and sanitizer runtimes
 )

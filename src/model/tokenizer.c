@@ -1,9 +1,15 @@
-/* SentencePiece BPE tokenizer for GGUF vocabularies with tokenizer.ggml.model =
- * "llama", ported from llama.cpp's llm_tokenizer_spm so that both engines give
- * the same ids for the same text (llama.cpp's own test vectors are our tests).
+/* The two tokenizers of Llama-family GGUF files, ported from llama.cpp so that
+ * both engines give the same ids for the same text (llama.cpp's own test
+ * vectors are our tests):
+ *   - SentencePiece BPE, tokenizer.ggml.model = "llama" (Llama 1/2, TinyLlama,
+ *     Mistral): llm_tokenizer_spm;
+ *   - byte-level BPE, tokenizer.ggml.model = "gpt2" (Llama 3, Qwen2):
+ *     llm_tokenizer_bpe, with the pre-tokenizer of tokenizer.ggml.pre.
+ * Both merge adjacent symbols by priority with the same loop (steps 3-4
+ * below); they differ in how the text is cut before and how symbols become
+ * ids after.
  *
- * How llama.cpp tokenizes (and so do we), for a text without special-token
- * parsing:
+ * SentencePiece, for a text without special-token parsing:
  *   1. An empty text gives no ids (only BOS when asked).
  *   2. Otherwise one space is prepended (tokenizer.ggml.add_space_prefix, true
  *      by default) and every ' ' (0x20 only) becomes U+2581 "▁".
@@ -22,16 +28,43 @@
  *      symbols that are not vocabulary entries; merged symbols always are, so
  *      that branch only ever sees single characters, which are never in it.)
  *
- * Lookups go through an open-addressing hash of the token texts, so tokenizing
- * is O(n log n) in the text length. */
+ * Byte-level BPE (GPT-2's scheme, as Llama 3 uses it):
+ *   1. The text is read as UTF-8 the way llama.cpp reads it (lead byte decides
+ *      the length, continuation bytes must be 10xxxxxx, no overlong check);
+ *      each invalid byte becomes U+FFFD, as in llama.cpp.
+ *   2. A pre-tokenizer regex (PCRE2, Unicode properties) cuts the text into
+ *      words: its matches, and any text between them. Merges never cross a
+ *      word boundary.
+ *   3. Each byte of a word becomes one printable character (GPT-2's
+ *      bytes_to_unicode: the printable Latin-1 bytes stand for themselves, the
+ *      other 68 get U+0100 upwards, so ' ' is "Ġ"). Token texts and merges are
+ *      written in these characters.
+ *   4. With ignore_merges (the Llama 3 pre-tokenizer), a word that is itself a
+ *      vocabulary entry is that token. Otherwise the word starts as one symbol
+ *      per character and the merge loop runs with a pair's priority = minus its
+ *      rank in tokenizer.ggml.merges (first merges first; ties leftmost).
+ *   5. Each symbol is emitted as its id; one that is not in the vocabulary (a
+ *      malformed vocabulary) as its single bytes that are, like llama.cpp.
+ *   Decoding maps the characters back to bytes.
+ *
+ * Lookups go through open-addressing hashes of the token texts and of the
+ * merge pairs, so tokenizing is O(n log n) in the text length. */
 #include "model/tokenizer.h"
 
 #include <limits.h>
+#define PCRE2_CODE_UNIT_WIDTH 8
+#include <pcre2.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "util/err.h"
+
+/* One merge rule "left right" of a byte-level BPE vocabulary. */
+typedef struct {
+    size_t left, right;        /* offsets into merge_text */
+    uint32_t left_n, right_n;  /* bytes */
+} bpe_merge;
 
 struct cake_tokenizer {
     int32_t n_vocab;
@@ -47,6 +80,17 @@ struct cake_tokenizer {
     cake_token byte_tok[256]; /* id of byte b for byte fallback, -1 if none */
     cake_token bos, eos, unk; /* -1: none */
     bool add_bos, add_space_prefix;
+
+    /* Byte-level BPE only (bpe = true) */
+    bool bpe;
+    bool ignore_merges;     /* a word that is a token is that token */
+    pcre2_code *pre;        /* the pre-tokenizer's word pattern */
+    char *merge_text;       /* merge pairs' texts back to back */
+    bpe_merge *merges;      /* [n_merges], rank = index */
+    int32_t *merge_hash;    /* [merge_mask + 1] rank + 1, 0 = empty slot */
+    uint32_t merge_mask;
+    char byte_char[256][2]; /* byte b as its UTF-8 character (1 or 2 bytes) */
+    uint8_t byte_char_len[256];
 };
 
 /* ---- vocabulary hash ---- */
@@ -71,6 +115,188 @@ static cake_token tok_lookup(const cake_tokenizer *t, const char *p, size_t n) {
     }
 }
 
+/* ---- byte-level BPE: characters, merges, pre-tokenizers ---- */
+
+/* GPT-2's bytes_to_unicode: the printable Latin-1 bytes stand for themselves,
+ * the other 68 bytes, in order, for U+0100 upwards. */
+static bool byte_is_printable(int b) {
+    return (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || b >= 174;
+}
+
+enum { BPE_CHARS = 256 + 68 }; /* code points that stand for a byte */
+
+/* byte_of_cp[cp] = the byte that code point cp stands for, -1 for none. */
+static void bpe_byte_table(int16_t byte_of_cp[BPE_CHARS]) {
+    for (int cp = 0; cp < BPE_CHARS; cp++) byte_of_cp[cp] = -1;
+    int extra = 0;
+    for (int b = 0; b < 256; b++) byte_of_cp[byte_is_printable(b) ? b : 256 + extra++] = (int16_t)b;
+}
+
+/* One code point at s[0..n) (n >= 1), read as llama.cpp's unicode_cpt_from_utf8
+ * reads it: the lead byte gives the length, the continuation bytes must be
+ * 10xxxxxx, overlong forms are accepted. Returns its length, or 0 when the
+ * bytes there are not a character. */
+static size_t utf8_next(const unsigned char *s, size_t n, uint32_t *cp) {
+    const unsigned c = s[0];
+    if (!(c & 0x80)) {
+        *cp = c;
+        return 1;
+    }
+    const size_t len = !(c & 0x40) ? 0 : !(c & 0x20) ? 2 : !(c & 0x10) ? 3 : !(c & 0x08) ? 4 : 0;
+    if (len == 0 || len > n) return 0;
+    uint32_t v = c & (0x7fu >> len);
+    for (size_t i = 1; i < len; i++) {
+        if ((s[i] & 0xc0) != 0x80) return 0;
+        v = v << 6 | (s[i] & 0x3fu);
+    }
+    *cp = v;
+    return len;
+}
+
+/* Writes cp as UTF-8 (1-4 bytes) and returns the length. Surrogates and code
+ * points past U+10FFFF, which are not characters, become U+FFFD. */
+static size_t utf8_put(uint32_t cp, char *dst) {
+    if ((cp >= 0xd800 && cp <= 0xdfff) || cp > 0x10ffff) cp = 0xfffd;
+    if (cp < 0x80) {
+        dst[0] = (char)cp;
+        return 1;
+    }
+    if (cp < 0x800) {
+        dst[0] = (char)(0xc0 | cp >> 6);
+        dst[1] = (char)(0x80 | (cp & 0x3f));
+        return 2;
+    }
+    if (cp < 0x10000) {
+        dst[0] = (char)(0xe0 | cp >> 12);
+        dst[1] = (char)(0x80 | (cp >> 6 & 0x3f));
+        dst[2] = (char)(0x80 | (cp & 0x3f));
+        return 3;
+    }
+    dst[0] = (char)(0xf0 | cp >> 18);
+    dst[1] = (char)(0x80 | (cp >> 12 & 0x3f));
+    dst[2] = (char)(0x80 | (cp >> 6 & 0x3f));
+    dst[3] = (char)(0x80 | (cp & 0x3f));
+    return 4;
+}
+
+static uint32_t pair_hash(const char *l, size_t ln, const char *r, size_t rn) {
+    uint32_t h = hash_bytes(l, ln);
+    for (size_t i = 0; i < rn; i++) {
+        h ^= (unsigned char)r[i];
+        h *= 16777619u;
+    }
+    return h ^ (uint32_t)ln; /* "ab"+"c" and "a"+"bc" land apart */
+}
+
+/* Rank of the merge rule (l, r) (its index in tokenizer.ggml.merges), or -1. */
+static int32_t merge_rank(const cake_tokenizer *t, const char *l, size_t ln, const char *r,
+                          size_t rn) {
+    for (uint32_t h = pair_hash(l, ln, r, rn) & t->merge_mask;; h = (h + 1) & t->merge_mask) {
+        const int32_t v = t->merge_hash[h];
+        if (v == 0) return -1;
+        const bpe_merge *m = &t->merges[v - 1];
+        if (m->left_n == ln && m->right_n == rn && memcmp(t->merge_text + m->left, l, ln) == 0 &&
+            memcmp(t->merge_text + m->right, r, rn) == 0)
+            return v - 1;
+    }
+}
+
+/* The pre-tokenizers of tokenizer.ggml.pre that we know: llama.cpp's patterns
+ * (its llm_tokenizer_bpe), which spell out the case-insensitive contractions
+ * of the originals in tokenizer.json. llama.cpp sets ignore_merges and a
+ * default add_bos for the Llama 3 one only. */
+static const struct {
+    const char *names[4]; /* as tokenizer.ggml.pre spells them */
+    const char *pattern;
+    bool ignore_merges, add_bos;
+} k_pretokenizers[] = {
+    {{"llama3", "llama-v3", "llama-bpe", "falcon3"},
+     "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|"
+     "\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+",
+     true, true},
+    {{"qwen2", "deepseek-r1-qwen"},
+     "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|"
+     "\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+",
+     false, false},
+};
+enum { N_PRETOKENIZERS = sizeof(k_pretokenizers) / sizeof(k_pretokenizers[0]) };
+
+/* Index in k_pretokenizers of the one named name[0..n), or -1. */
+static int find_pretokenizer(const char *name, size_t n) {
+    for (int i = 0; i < N_PRETOKENIZERS; i++)
+        for (int j = 0; j < 4 && k_pretokenizers[i].names[j]; j++)
+            if (strlen(k_pretokenizers[i].names[j]) == n &&
+                memcmp(k_pretokenizers[i].names[j], name, n) == 0)
+                return i;
+    return -1;
+}
+
+static int unknown_pretokenizer(const char *name, size_t n, char *err, size_t errlen) {
+    return cake_err(err, errlen,
+                    "tokenizer.ggml.pre is '%.*s': the supported byte-level BPE pre-tokenizers "
+                    "are llama-bpe (Llama 3) and qwen2",
+                    (int)(n < 64 ? n : 64), name);
+}
+
+/* Reads the merge rules "left right" (split at the first space after the first
+ * byte, as llama.cpp does; a rule without one can never apply) into t's table.
+ * A repeated pair keeps its first rank. */
+static int build_merges(cake_tokenizer *t, const cake_gguf_str *rules, int32_t n, char *err,
+                        size_t errlen) {
+    if (n > (1 << 24)) /* ranks must be exact as float priorities (merge loop) */
+        return cake_err(err, errlen, "tokenizer.ggml.merges: %d rules is too many", n);
+    size_t total = 0;
+    for (int32_t i = 0; i < n; i++) total += rules[i].len;
+    uint32_t cap = 1;
+    while (cap < 2u * (uint32_t)n + 2) cap <<= 1;
+    t->merge_mask = cap - 1;
+    t->merge_text = malloc(total ? total : 1);
+    t->merges = malloc(((size_t)n + 1) * sizeof(*t->merges));
+    t->merge_hash = calloc(cap, sizeof(*t->merge_hash));
+    if (!t->merge_text || !t->merges || !t->merge_hash)
+        return cake_err(err, errlen, "out of memory reading %d merge rules", n);
+    size_t off = 0;
+    for (int32_t i = 0; i < n; i++) {
+        const char *s = rules[i].ptr;
+        const size_t len = rules[i].len;
+        memcpy(t->merge_text + off, s, len);
+        const char *sp = len > 1 ? memchr(s + 1, ' ', len - 1) : NULL;
+        bpe_merge *m = &t->merges[i];
+        const size_t ln = sp ? (size_t)(sp - s) : 0;
+        *m = (bpe_merge){off, off + ln + 1, (uint32_t)ln, sp ? (uint32_t)(len - ln - 1) : 0};
+        off += len;
+        if (!sp) continue;
+        const char *l = t->merge_text + m->left, *r = t->merge_text + m->right;
+        uint32_t h = pair_hash(l, m->left_n, r, m->right_n) & t->merge_mask;
+        bool repeated = false;
+        for (; t->merge_hash[h] && !repeated; h = (h + 1) & t->merge_mask) {
+            const bpe_merge *o = &t->merges[t->merge_hash[h] - 1];
+            repeated = o->left_n == m->left_n && o->right_n == m->right_n &&
+                       memcmp(t->merge_text + o->left, l, m->left_n) == 0 &&
+                       memcmp(t->merge_text + o->right, r, m->right_n) == 0;
+        }
+        if (!repeated) t->merge_hash[h] = i + 1;
+    }
+    return 0;
+}
+
+/* Compiles pre-tokenizer `pre` (an index in k_pretokenizers) for t. */
+static int build_pretokenizer(cake_tokenizer *t, int pre, char *err, size_t errlen) {
+    int code;
+    PCRE2_SIZE at;
+    t->pre = pcre2_compile((PCRE2_SPTR)k_pretokenizers[pre].pattern, PCRE2_ZERO_TERMINATED,
+                           PCRE2_UTF | PCRE2_UCP, &code, &at, NULL);
+    if (!t->pre) {
+        PCRE2_UCHAR msg[128];
+        pcre2_get_error_message(code, msg, sizeof(msg));
+        return cake_err(err, errlen, "pre-tokenizer %s: %s at %zu", k_pretokenizers[pre].names[0],
+                        (const char *)msg, (size_t)at);
+    }
+    pcre2_jit_compile(t->pre, PCRE2_JIT_COMPLETE); /* where JIT is missing, it interprets */
+    t->ignore_merges = k_pretokenizers[pre].ignore_merges;
+    return 0;
+}
+
 /* ---- construction ---- */
 
 static size_t hex_digit(char c) {
@@ -80,12 +306,12 @@ static size_t hex_digit(char c) {
     return 16;
 }
 
-/* What token_to_piece prints for a token, as llama.cpp's token_to_piece with
- * special = false: NORMAL tokens with "▁" turned into ' ', BYTE tokens <0xNN>
- * as the raw byte, USER_DEFINED tokens verbatim, and nothing for CONTROL,
- * UNKNOWN, UNUSED and UNDEFINED tokens. Writes into dst (room for n bytes) and
- * returns the length. */
-static size_t token_piece(int32_t type, const char *s, size_t n, char *dst) {
+/* What token_to_piece prints for a SentencePiece token, as llama.cpp's
+ * token_to_piece with special = false: NORMAL tokens with "▁" turned into ' ',
+ * BYTE tokens <0xNN> as the raw byte, USER_DEFINED tokens verbatim, and
+ * nothing for CONTROL, UNKNOWN, UNUSED and UNDEFINED tokens. Writes into dst
+ * (room for n bytes) and returns the length. */
+static size_t spm_piece(int32_t type, const char *s, size_t n, char *dst) {
     switch (type) {
     case CAKE_TOKEN_NORMAL: {
         size_t k = 0;
@@ -117,23 +343,61 @@ static size_t token_piece(int32_t type, const char *s, size_t n, char *dst) {
     }
 }
 
-/* Builds the tokenizer from token texts (views, not NUL-terminated), optional
- * scores and types (NULL: 0 and NORMAL), and special ids (-1: none). Names the
- * GGUF key in errors because that is where the arrays come from. */
-static int tok_build(int32_t n, const cake_gguf_str *strs, const float *scores,
-                     const int32_t *types, cake_token bos, cake_token eos, cake_token unk,
-                     bool add_bos, bool add_space_prefix, cake_tokenizer **out, char *err,
-                     size_t errlen) {
+/* The same for a byte-level BPE token: NORMAL tokens with each character
+ * turned back into the byte it stands for (one that stands for none is
+ * printed as it is), USER_DEFINED tokens verbatim, nothing for the others
+ * (llama.cpp prints no other type of a BPE vocabulary either). */
+static size_t bpe_piece(int32_t type, const char *s, size_t n, const int16_t *byte_of_cp,
+                        char *dst) {
+    if (type == CAKE_TOKEN_USER_DEFINED) {
+        memcpy(dst, s, n);
+        return n;
+    }
+    if (type != CAKE_TOKEN_NORMAL) return 0;
+    size_t k = 0;
+    for (size_t i = 0; i < n;) {
+        uint32_t cp;
+        size_t len = utf8_next((const unsigned char *)s + i, n - i, &cp);
+        if (len && cp < BPE_CHARS && byte_of_cp[cp] >= 0) {
+            dst[k++] = (char)byte_of_cp[cp];
+        } else {
+            if (!len) len = 1;
+            memcpy(dst + k, s + i, len);
+            k += len;
+        }
+        i += len;
+    }
+    return k;
+}
+
+/* What a tokenizer is built from: the GGUF keys' arrays, or the caller's. */
+typedef struct {
+    int32_t n;                  /* tokens */
+    const cake_gguf_str *strs;  /* [n] token texts (views, not NUL-terminated) */
+    const float *scores;        /* [n] or NULL: all 0 */
+    const int32_t *types;       /* [n] or NULL: all NORMAL */
+    cake_token bos, eos, unk;   /* -1: none */
+    bool add_bos, add_space_prefix;
+    int pre;                    /* byte-level BPE: index in k_pretokenizers; -1: SentencePiece */
+    const cake_gguf_str *merges; /* [n_merges] BPE merge rules */
+    int32_t n_merges;
+} vocab_source;
+
+/* Builds the tokenizer. Names the GGUF key in errors because that is where
+ * the arrays come from. */
+static int tok_build(const vocab_source *v, cake_tokenizer **out, char *err, size_t errlen) {
     *out = NULL;
+    const int32_t n = v->n;
+    const cake_gguf_str *strs = v->strs;
     if (n <= 0) return cake_err(err, errlen, "tokenizer.ggml.tokens: empty vocabulary");
     if (n > (1 << 28)) /* keeps the hash size in range; real vocabularies are < 1M */
         return cake_err(err, errlen, "tokenizer.ggml.tokens: %d tokens is too many", n);
     const struct {
         const char *key;
         cake_token id;
-    } ids[] = {{"tokenizer.ggml.bos_token_id", bos},
-               {"tokenizer.ggml.eos_token_id", eos},
-               {"tokenizer.ggml.unknown_token_id", unk}};
+    } ids[] = {{"tokenizer.ggml.bos_token_id", v->bos},
+               {"tokenizer.ggml.eos_token_id", v->eos},
+               {"tokenizer.ggml.unknown_token_id", v->unk}};
     for (size_t i = 0; i < sizeof(ids) / sizeof(ids[0]); i++)
         if (ids[i].id < -1 || ids[i].id >= n)
             return cake_err(err, errlen, "%s = %d is out of range (vocabulary has %d tokens)",
@@ -142,12 +406,25 @@ static int tok_build(int32_t n, const cake_gguf_str *strs, const float *scores,
     cake_tokenizer *t = calloc(1, sizeof(*t));
     if (!t) return cake_err(err, errlen, "out of memory building the tokenizer");
     t->n_vocab = n;
-    t->bos = bos;
-    t->eos = eos;
-    t->unk = unk;
-    t->add_bos = add_bos;
-    t->add_space_prefix = add_space_prefix;
-
+    t->bos = v->bos;
+    t->eos = v->eos;
+    t->unk = v->unk;
+    t->add_bos = v->add_bos;
+    t->bpe = v->pre >= 0;
+    t->add_space_prefix = v->add_space_prefix && !t->bpe; /* SentencePiece's only */
+    int16_t byte_of_cp[BPE_CHARS];
+    if (t->bpe) {
+        bpe_byte_table(byte_of_cp);
+        for (int cp = 0; cp < BPE_CHARS; cp++)
+            if (byte_of_cp[cp] >= 0)
+                t->byte_char_len[byte_of_cp[cp]] =
+                    (uint8_t)utf8_put((uint32_t)cp, t->byte_char[byte_of_cp[cp]]);
+        if (build_merges(t, v->merges, v->n_merges, err, errlen) ||
+            build_pretokenizer(t, v->pre, err, errlen)) {
+            cake_tokenizer_free(t);
+            return -1;
+        }
+    }
     /* llama.cpp renames empty tokens to "[EMPTY_<id>]"; do the same so that
      * lookups and duplicate detection agree with it. */
     char empty_name[32];
@@ -182,12 +459,13 @@ static int tok_build(int32_t n, const cake_gguf_str *strs, const float *scores,
         }
         memcpy(t->text + off, s, len);
         t->text_off[i] = off;
-        int32_t type = types ? types[i] : CAKE_TOKEN_NORMAL;
+        int32_t type = v->types ? v->types[i] : CAKE_TOKEN_NORMAL;
         if (type < CAKE_TOKEN_UNDEFINED || type > CAKE_TOKEN_BYTE) type = CAKE_TOKEN_UNDEFINED;
         t->types[i] = type;
-        t->scores[i] = scores ? scores[i] : 0.0f;
+        t->scores[i] = v->scores ? v->scores[i] : 0.0f;
         t->piece_off[i] = poff;
-        poff += token_piece(type, t->text + off, len, t->piece + poff);
+        poff += t->bpe ? bpe_piece(type, t->text + off, len, byte_of_cp, t->piece + poff)
+                       : spm_piece(type, t->text + off, len, t->piece + poff);
         off += len;
         if (len > t->max_token_len) t->max_token_len = len;
     }
@@ -228,23 +506,58 @@ static int tok_build(int32_t n, const cake_gguf_str *strs, const float *scores,
     return 0;
 }
 
+/* Views of n NUL-terminated strings; NULL (with the reason in err) when one
+ * is NULL or memory runs out. what names the array in errors. */
+static cake_gguf_str *string_views(const char *const *a, int32_t n, const char *what, char *err,
+                                   size_t errlen) {
+    cake_gguf_str *v = malloc(((size_t)n + 1) * sizeof(*v));
+    if (!v) {
+        cake_err(err, errlen, "out of memory building the tokenizer");
+        return NULL;
+    }
+    for (int32_t i = 0; i < n; i++) {
+        if (!a[i]) {
+            free(v);
+            cake_err(err, errlen, "tokenizer: %s %d is NULL", what, i);
+            return NULL;
+        }
+        v[i] = (cake_gguf_str){a[i], strlen(a[i])};
+    }
+    return v;
+}
+
 int cake_tokenizer_init_arrays(const cake_vocab_arrays *v, cake_tokenizer **out, char *err,
                                size_t errlen) {
     *out = NULL;
     if (!v || v->n_vocab <= 0 || !v->tokens)
         return cake_err(err, errlen, "tokenizer: no vocabulary given");
-    cake_gguf_str *strs = malloc((size_t)v->n_vocab * sizeof(*strs));
-    if (!strs) return cake_err(err, errlen, "out of memory building the tokenizer");
-    for (int32_t i = 0; i < v->n_vocab; i++) {
-        if (!v->tokens[i]) {
-            free(strs);
-            return cake_err(err, errlen, "tokenizer: token %d is NULL", i);
-        }
-        strs[i] = (cake_gguf_str){v->tokens[i], strlen(v->tokens[i])};
+    vocab_source src = {.n = v->n_vocab,
+                        .scores = v->scores,
+                        .types = v->types,
+                        .bos = v->bos,
+                        .eos = v->eos,
+                        .unk = v->unk,
+                        .add_bos = v->add_bos,
+                        .add_space_prefix = v->add_space_prefix,
+                        .pre = -1,
+                        .n_merges = v->merges ? v->n_merges : 0};
+    if (v->merges) {
+        const char *pre = v->pre ? v->pre : "";
+        src.pre = find_pretokenizer(pre, strlen(pre));
+        if (src.pre < 0) return unknown_pretokenizer(pre, strlen(pre), err, errlen);
+        if (v->n_merges < 0) return cake_err(err, errlen, "tokenizer: %d merges", v->n_merges);
     }
-    int rc = tok_build(v->n_vocab, strs, v->scores, v->types, v->bos, v->eos, v->unk, v->add_bos,
-                       v->add_space_prefix, out, err, errlen);
+    cake_gguf_str *strs = string_views(v->tokens, v->n_vocab, "token", err, errlen);
+    cake_gguf_str *merges =
+        v->merges ? string_views(v->merges, v->n_merges, "merge", err, errlen) : NULL;
+    int rc = -1;
+    if (strs && (merges || !v->merges)) {
+        src.strs = strs;
+        src.merges = merges;
+        rc = tok_build(&src, out, err, errlen);
+    }
     free(strs);
+    free(merges);
     return rc;
 }
 
@@ -282,10 +595,38 @@ int cake_tokenizer_init(const cake_gguf *g, cake_tokenizer **out, char *err, siz
     int rc = cake_gguf_get_str(g, "tokenizer.ggml.model", &model, err, errlen);
     if (rc == -1) return cake_err(err, errlen, "missing key tokenizer.ggml.model");
     if (rc != 0) return -1;
-    if (model.len != 5 || memcmp(model.ptr, "llama", 5) != 0)
+    const bool spm = model.len == 5 && memcmp(model.ptr, "llama", 5) == 0;
+    const bool bpe = model.len == 4 && memcmp(model.ptr, "gpt2", 4) == 0;
+    if (!spm && !bpe)
         return cake_err(err, errlen,
-                        "tokenizer.ggml.model is '%.*s': only 'llama' (SentencePiece) is supported",
+                        "tokenizer.ggml.model is '%.*s': 'llama' (SentencePiece) and 'gpt2' "
+                        "(byte-level BPE) are supported",
                         (int)(model.len < 64 ? model.len : 64), model.ptr);
+
+    /* Byte-level BPE: the pre-tokenizer's name and the merge rules. */
+    int pre = -1;
+    const cake_gguf_kv *mk = NULL;
+    if (bpe) {
+        cake_gguf_str name;
+        rc = cake_gguf_get_str(g, "tokenizer.ggml.pre", &name, err, errlen);
+        if (rc == -1)
+            return cake_err(err, errlen,
+                            "missing key tokenizer.ggml.pre (which pre-tokenizer a byte-level BPE "
+                            "vocabulary needs; files from llama.cpp's current converter have it)");
+        if (rc != 0) return -1;
+        pre = find_pretokenizer(name.ptr, name.len);
+        if (pre < 0) return unknown_pretokenizer(name.ptr, name.len, err, errlen);
+        mk = cake_gguf_find_kv(g, "tokenizer.ggml.merges");
+        if (!mk) return cake_err(err, errlen, "missing key tokenizer.ggml.merges");
+        if (mk->type != CAKE_GGUF_ARRAY || mk->arr_type != CAKE_GGUF_STRING)
+            return cake_err(err, errlen,
+                            "tokenizer.ggml.merges has type %s, expected an array of string",
+                            mk->type == CAKE_GGUF_ARRAY ? cake_gguf_type_name(mk->arr_type)
+                                                        : cake_gguf_type_name(mk->type));
+        if (mk->arr_n > INT32_MAX)
+            return cake_err(err, errlen, "tokenizer.ggml.merges has %llu entries",
+                            (unsigned long long)mk->arr_n);
+    }
 
     const cake_gguf_kv *tk = cake_gguf_find_kv(g, "tokenizer.ggml.tokens");
     if (!tk) return cake_err(err, errlen, "missing key tokenizer.ggml.tokens");
@@ -324,10 +665,14 @@ int cake_tokenizer_init(const cake_gguf *g, cake_tokenizer **out, char *err, siz
 
     cake_token bos, eos, unk;
     bool add_bos, add_space_prefix;
-    if (read_id(g, "tokenizer.ggml.bos_token_id", 1, n, &bos, err, errlen) ||
-        read_id(g, "tokenizer.ggml.eos_token_id", 2, n, &eos, err, errlen) ||
-        read_id(g, "tokenizer.ggml.unknown_token_id", 0, n, &unk, err, errlen) ||
-        read_bool(g, "tokenizer.ggml.add_bos_token", true, &add_bos, err, errlen) ||
+    /* SentencePiece's defaults are llama.cpp's; a BPE vocabulary without the
+     * keys has no BOS, EOS or unk (llama.cpp's default of 11 for both is a
+     * token of no meaning), and adds BOS by its pre-tokenizer's default. */
+    if (read_id(g, "tokenizer.ggml.bos_token_id", spm ? 1 : -1, n, &bos, err, errlen) ||
+        read_id(g, "tokenizer.ggml.eos_token_id", spm ? 2 : -1, n, &eos, err, errlen) ||
+        read_id(g, "tokenizer.ggml.unknown_token_id", spm ? 0 : -1, n, &unk, err, errlen) ||
+        read_bool(g, "tokenizer.ggml.add_bos_token", spm || k_pretokenizers[pre].add_bos, &add_bos,
+                  err, errlen) ||
         read_bool(g, "tokenizer.ggml.add_space_prefix", true, &add_space_prefix, err, errlen))
         return -1;
 
@@ -350,8 +695,19 @@ int cake_tokenizer_init(const cake_gguf *g, cake_tokenizer **out, char *err, siz
     }
     if (yk) memcpy(types, yk->arr_data, (size_t)n * sizeof(*types));
 
-    rc = tok_build(n, tk->arr_strs, scores, types, bos, eos, unk, add_bos, add_space_prefix, out,
-                   err, errlen);
+    const vocab_source src = {.n = n,
+                              .strs = tk->arr_strs,
+                              .scores = scores,
+                              .types = types,
+                              .bos = bos,
+                              .eos = eos,
+                              .unk = unk,
+                              .add_bos = add_bos,
+                              .add_space_prefix = add_space_prefix,
+                              .pre = pre,
+                              .merges = mk ? mk->arr_strs : NULL,
+                              .n_merges = mk ? (int32_t)mk->arr_n : 0};
+    rc = tok_build(&src, out, err, errlen);
     free(scores);
     free(types);
     return rc;
@@ -366,6 +722,10 @@ void cake_tokenizer_free(cake_tokenizer *t) {
     free(t->scores);
     free(t->types);
     free(t->hash);
+    pcre2_code_free(t->pre);
+    free(t->merge_text);
+    free(t->merges);
+    free(t->merge_hash);
     free(t);
 }
 
@@ -388,28 +748,28 @@ typedef struct {
     int prev, next; /* neighbours in the live chain, -1 at the ends */
     size_t off;     /* into the escaped text */
     size_t n;       /* bytes; 0 once merged into its left neighbour */
-} spm_sym;
+} symbol;
 
 typedef struct {
     int left, right;
     float score;
     size_t size; /* bytes of left + right when pushed: detects stale entries */
-} spm_bigram;
+} bigram;
 
 typedef struct {
-    spm_bigram *v;
+    bigram *v;
     size_t n, cap;
-} spm_heap;
+} bigram_heap;
 
 /* llama.cpp's order: higher score first, then the leftmost pair. */
-static bool bigram_before(const spm_bigram *a, const spm_bigram *b) {
+static bool bigram_before(const bigram *a, const bigram *b) {
     return a->score > b->score || (a->score == b->score && a->left < b->left);
 }
 
-static int heap_push(spm_heap *h, spm_bigram b) {
+static int heap_push(bigram_heap *h, bigram b) {
     if (h->n == h->cap) {
         size_t cap = h->cap ? h->cap * 2 : 64;
-        spm_bigram *v = realloc(h->v, cap * sizeof(*v));
+        bigram *v = realloc(h->v, cap * sizeof(*v));
         if (!v) return -1;
         h->v = v;
         h->cap = cap;
@@ -425,9 +785,9 @@ static int heap_push(spm_heap *h, spm_bigram b) {
     return 0;
 }
 
-static spm_bigram heap_pop(spm_heap *h) {
-    spm_bigram top = h->v[0];
-    spm_bigram last = h->v[--h->n];
+static bigram heap_pop(bigram_heap *h) {
+    bigram top = h->v[0];
+    bigram last = h->v[--h->n];
     size_t i = 0;
     for (;;) {
         size_t c = 2 * i + 1;
@@ -443,18 +803,60 @@ static spm_bigram heap_pop(spm_heap *h) {
 
 typedef struct {
     const cake_tokenizer *t;
-    const char *buf; /* escaped text */
-    spm_sym *sym;
-    spm_heap heap;
-} spm_session;
+    char *buf;   /* the text being merged */
+    symbol *sym; /* room for one per byte of buf */
+    size_t room; /* bytes of buf (BPE: grown to the longest word) */
+    bigram_heap heap;
+} merge_session;
 
-static int try_add_bigram(spm_session *s, int left, int right) {
+/* Pushes the pair (left, right) when it can merge: SentencePiece, when their
+ * concatenation is a token (priority: its score); BPE, when they are a merge
+ * rule (priority: minus its rank, exact in a float below 2^24 rules). */
+static int try_add_bigram(merge_session *s, int left, int right) {
     if (left < 0 || right < 0) return 0;
-    size_t size = s->sym[left].n + s->sym[right].n;
-    if (size > s->t->max_token_len) return 0;
-    cake_token id = tok_lookup(s->t, s->buf + s->sym[left].off, size);
-    if (id < 0) return 0;
-    return heap_push(&s->heap, (spm_bigram){left, right, s->t->scores[id], size});
+    const symbol *l = &s->sym[left], *r = &s->sym[right];
+    const size_t size = l->n + r->n;
+    float priority;
+    if (s->t->bpe) {
+        const int32_t rank = merge_rank(s->t, s->buf + l->off, l->n, s->buf + r->off, r->n);
+        if (rank < 0) return 0;
+        priority = -(float)rank;
+    } else {
+        if (size > s->t->max_token_len) return 0;
+        const cake_token id = tok_lookup(s->t, s->buf + l->off, size);
+        if (id < 0) return 0;
+        priority = s->t->scores[id];
+    }
+    return heap_push(&s->heap, (bigram){left, right, priority, size});
+}
+
+/* Steps 3-4: cuts buf[0..n) (n >= 1) into one symbol per UTF-8 character (by
+ * lead byte, clamped at the end) and merges the best pair until none can.
+ * The symbols left are the chain from s->sym[0]. -1 when out of memory. */
+static int merge_symbols(merge_session *s, size_t n) {
+    static const unsigned char utf8_len[16] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 3, 4};
+    int nsym = 0;
+    for (size_t off = 0; off < n;) {
+        size_t l = utf8_len[(unsigned char)s->buf[off] >> 4];
+        if (l > n - off) l = n - off;
+        s->sym[nsym] = (symbol){nsym - 1, off + l == n ? -1 : nsym + 1, off, l};
+        off += l;
+        nsym++;
+    }
+    s->heap.n = 0;
+    for (int i = 1; i < nsym; i++)
+        if (try_add_bigram(s, i - 1, i)) return -1;
+    while (s->heap.n) {
+        bigram b = heap_pop(&s->heap);
+        symbol *l = &s->sym[b.left], *r = &s->sym[b.right];
+        if (l->n == 0 || r->n == 0 || l->n + r->n != b.size) continue; /* stale */
+        l->n += r->n;
+        r->n = 0;
+        l->next = r->next;
+        if (r->next >= 0) s->sym[r->next].prev = b.left;
+        if (try_add_bigram(s, l->prev, b.left) || try_add_bigram(s, b.left, l->next)) return -1;
+    }
+    return 0;
 }
 
 static void emit(cake_token id, cake_token *out, int64_t cap, int64_t *count) {
@@ -462,19 +864,16 @@ static void emit(cake_token id, cake_token *out, int64_t cap, int64_t *count) {
     (*count)++;
 }
 
-int64_t cake_tokenize(const cake_tokenizer *t, const char *text, size_t len, bool add_bos,
-                      cake_token *out, int64_t cap) {
-    int64_t count = 0;
-    if (!out) cap = 0;
-    if (add_bos && t->bos >= 0) emit(t->bos, out, cap, &count);
-    if (len == 0) return count;
+/* SentencePiece, steps 2-5 above, for len >= 1 bytes of text. */
+static int spm_tokenize(const cake_tokenizer *t, const char *text, size_t len, cake_token *out,
+                        int64_t cap, int64_t *count) {
     /* Symbol indices are ints, like llama.cpp's. */
     if (len > (size_t)(INT_MAX - 3) / 3) return -1;
-
     /* 2. escape: optional leading "▁", every ' ' -> "▁" */
     char *buf = malloc(3 * len + 3);
-    spm_session s = {.t = t, .buf = buf};
-    if (!buf) return -1;
+    merge_session s = {.t = t, .buf = buf, .sym = malloc((3 * len + 3) * sizeof(symbol))};
+    int rc = -1;
+    if (!buf || !s.sym) goto done;
     size_t n = 0;
     if (t->add_space_prefix) {
         memcpy(buf, "\xe2\x96\x81", 3);
@@ -488,57 +887,126 @@ int64_t cake_tokenize(const cake_tokenizer *t, const char *text, size_t len, boo
             buf[n++] = text[i];
         }
     }
-
-    /* 3. one symbol per UTF-8 character (by lead byte, clamped at the end) */
-    static const unsigned char utf8_len[16] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 3, 4};
-    s.sym = malloc(n * sizeof(*s.sym));
-    if (!s.sym) goto oom;
-    int nsym = 0;
-    for (size_t off = 0; off < n;) {
-        size_t l = utf8_len[(unsigned char)buf[off] >> 4];
-        if (l > n - off) l = n - off;
-        s.sym[nsym] = (spm_sym){nsym - 1, off + l == n ? -1 : nsym + 1, off, l};
-        off += l;
-        nsym++;
-    }
-
-    /* 4. merge the best-scoring adjacent pair until none is in the vocabulary */
-    for (int i = 1; i < nsym; i++)
-        if (try_add_bigram(&s, i - 1, i)) goto oom;
-    while (s.heap.n) {
-        spm_bigram b = heap_pop(&s.heap);
-        spm_sym *l = &s.sym[b.left], *r = &s.sym[b.right];
-        if (l->n == 0 || r->n == 0 || l->n + r->n != b.size) continue; /* stale */
-        l->n += r->n;
-        r->n = 0;
-        l->next = r->next;
-        if (r->next >= 0) s.sym[r->next].prev = b.left;
-        if (try_add_bigram(&s, l->prev, b.left) || try_add_bigram(&s, b.left, l->next)) goto oom;
-    }
+    if (merge_symbols(&s, n)) goto done;
 
     /* 5. emit: vocabulary entry, else byte tokens, else unk */
     for (int i = 0; i != -1; i = s.sym[i].next) {
-        const spm_sym *sy = &s.sym[i];
+        const symbol *sy = &s.sym[i];
         cake_token id = tok_lookup(t, buf + sy->off, sy->n);
         if (id >= 0) {
-            emit(id, out, cap, &count);
+            emit(id, out, cap, count);
             continue;
         }
         for (size_t j = 0; j < sy->n; j++) {
             cake_token b = t->byte_tok[(unsigned char)buf[sy->off + j]];
             if (b < 0) b = t->unk;
-            if (b >= 0) emit(b, out, cap, &count); /* no byte token and no unk: dropped */
+            if (b >= 0) emit(b, out, cap, count); /* no byte token and no unk: dropped */
         }
     }
+    rc = 0;
+done:
     free(s.heap.v);
     free(s.sym);
     free(buf);
-    return count;
-oom:
+    return rc;
+}
+
+/* Byte-level BPE, steps 3-5 above, for one word of n >= 1 bytes. */
+static int bpe_word(merge_session *s, const char *word, size_t n, cake_token *out, int64_t cap,
+                    int64_t *count) {
+    const cake_tokenizer *t = s->t;
+    if (2 * n > s->room) { /* a character per byte, 2 bytes at most */
+        char *buf = realloc(s->buf, 2 * n);
+        if (buf) s->buf = buf;
+        symbol *sym = realloc(s->sym, 2 * n * sizeof(*sym));
+        if (sym) s->sym = sym;
+        if (!buf || !sym) return -1;
+        s->room = 2 * n;
+    }
+    char *enc = s->buf;
+    size_t m = 0;
+    for (size_t i = 0; i < n; i++) {
+        const unsigned char b = (unsigned char)word[i];
+        memcpy(enc + m, t->byte_char[b], t->byte_char_len[b]);
+        m += t->byte_char_len[b];
+    }
+    if (t->ignore_merges) {
+        const cake_token id = tok_lookup(t, enc, m);
+        if (id >= 0) {
+            emit(id, out, cap, count);
+            return 0;
+        }
+    }
+    if (merge_symbols(s, m)) return -1;
+    for (int i = 0; i != -1; i = s->sym[i].next) {
+        const symbol *sy = &s->sym[i];
+        const cake_token id = tok_lookup(t, enc + sy->off, sy->n);
+        if (id >= 0) {
+            emit(id, out, cap, count);
+            continue;
+        }
+        for (size_t j = 0; j < sy->n; j++) { /* a malformed vocabulary: as llama.cpp */
+            const cake_token b = tok_lookup(t, enc + sy->off + j, 1);
+            if (b >= 0) emit(b, out, cap, count);
+        }
+    }
+    return 0;
+}
+
+/* Byte-level BPE, steps 1-5 above, for len >= 1 bytes of text. */
+static int bpe_tokenize(const cake_tokenizer *t, const char *text, size_t len, cake_token *out,
+                        int64_t cap, int64_t *count) {
+    if (len > (size_t)(INT_MAX - 3) / 3) return -1;
+    /* 1. valid UTF-8: each byte that is not part of a character becomes U+FFFD */
+    char *clean = malloc(3 * len);
+    merge_session s = {.t = t};
+    pcre2_match_data *md = pcre2_match_data_create_from_pattern(t->pre, NULL);
+    int rc = -1;
+    if (!clean || !md) goto done;
+    size_t n = 0;
+    for (size_t i = 0; i < len;) {
+        uint32_t cp = 0xfffd;
+        size_t l = utf8_next((const unsigned char *)text + i, len - i, &cp);
+        n += utf8_put(cp, clean + n);
+        i += l ? l : 1;
+    }
+
+    /* 2. words: the pattern's matches and the text between them */
+    const PCRE2_SIZE *ov = pcre2_get_ovector_pointer(md);
+    for (size_t at = 0; at < n;) {
+        size_t ms = n, me = n;
+        const int m = pcre2_match(t->pre, (PCRE2_SPTR)clean, n, at,
+                                  PCRE2_NO_UTF_CHECK | PCRE2_NOTEMPTY, md, NULL);
+        if (m >= 0) {
+            ms = ov[0];
+            me = ov[1];
+        } else if (m != PCRE2_ERROR_NOMATCH) {
+            goto done; /* the matcher ran out of memory or hit its limits */
+        }
+        if ((ms > at && bpe_word(&s, clean + at, ms - at, out, cap, count)) ||
+            (me > ms && bpe_word(&s, clean + ms, me - ms, out, cap, count)))
+            goto done;
+        at = me;
+    }
+    rc = 0;
+done:
+    pcre2_match_data_free(md);
     free(s.heap.v);
     free(s.sym);
-    free(buf);
-    return -1;
+    free(s.buf);
+    free(clean);
+    return rc;
+}
+
+int64_t cake_tokenize(const cake_tokenizer *t, const char *text, size_t len, bool add_bos,
+                      cake_token *out, int64_t cap) {
+    int64_t count = 0;
+    if (!out) cap = 0;
+    if (add_bos && t->bos >= 0) emit(t->bos, out, cap, &count);
+    if (len == 0) return count;
+    const int rc = t->bpe ? bpe_tokenize(t, text, len, out, cap, &count)
+                          : spm_tokenize(t, text, len, out, cap, &count);
+    return rc ? -1 : count;
 }
 
 /* ---- detokenization ---- */

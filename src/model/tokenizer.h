@@ -1,6 +1,9 @@
-/* SentencePiece-style (tokenizer.ggml.model = "llama") tokenizer read from GGUF
- * metadata: scores, token types, byte fallback, BOS/EOS. It reproduces
- * llama.cpp's llm_tokenizer_spm exactly (its test vectors are our tests). */
+/* The tokenizer of a GGUF vocabulary, read from its tokenizer.ggml.* keys:
+ * SentencePiece BPE (model "llama": scores, token types, byte fallback) or
+ * byte-level BPE (model "gpt2": merges and the pre-tokenizer of
+ * tokenizer.ggml.pre, "llama-bpe" for Llama 3 or "qwen2"). It reproduces
+ * llama.cpp's llm_tokenizer_spm and llm_tokenizer_bpe (their test vectors are
+ * our tests). */
 #ifndef CAKE_TOKENIZER_H
 #define CAKE_TOKENIZER_H
 
@@ -27,7 +30,8 @@ typedef struct cake_tokenizer cake_tokenizer;
 
 /* Builds a tokenizer from g's tokenizer.ggml.* keys. The tokenizer copies what it
  * needs, so g may be closed afterwards. -1 with a reason in err when the keys are
- * missing, of the wrong type, or the model is not "llama". */
+ * missing or of the wrong type, or the model or pre-tokenizer is not one of
+ * those above. */
 int cake_tokenizer_init(const cake_gguf *g, cake_tokenizer **out, char *err, size_t errlen);
 void cake_tokenizer_free(cake_tokenizer *t); /* accepts NULL */
 
@@ -40,7 +44,12 @@ typedef struct {
     const int32_t *types;      /* [n_vocab] enum cake_token_type, or NULL: all NORMAL */
     cake_token bos, eos, unk;  /* -1: none */
     bool add_bos;              /* tokenizer.ggml.add_bos_token */
-    bool add_space_prefix;     /* tokenizer.ggml.add_space_prefix */
+    bool add_space_prefix;     /* tokenizer.ggml.add_space_prefix (SentencePiece only) */
+    /* Byte-level BPE when merges is not NULL: tokens are then written in
+     * GPT-2's byte characters ("Ġ" for ' '), scores are unused. */
+    const char *const *merges; /* [n_merges] "left right", first merges first */
+    int32_t n_merges;
+    const char *pre;           /* pre-tokenizer name, as tokenizer.ggml.pre */
 } cake_vocab_arrays;
 
 /* Copies what it needs from v. 0, or -1 with a reason in err (empty vocabulary,
@@ -55,6 +64,8 @@ cake_token cake_tokenizer_eos(const cake_tokenizer *t); /* -1 if none */
 bool cake_tokenizer_add_bos(const cake_tokenizer *t);
 
 /* Tokenizes len bytes of text. Control-token strings in the text are plain text.
+ * (Byte-level BPE reads the text as UTF-8: an invalid byte is taken as U+FFFD,
+ * as llama.cpp does, so only valid UTF-8 comes back unchanged.)
  * add_bos prepends BOS when the vocabulary has one. Writes at most cap ids to out
  * and returns the total number of ids the text needs (call again with a bigger
  * buffer if it is > cap), or -1 on failure (out of memory). */
@@ -62,8 +73,9 @@ int64_t cake_tokenize(const cake_tokenizer *t, const char *text, size_t len, boo
                       cake_token *out, int64_t cap);
 
 /* The text of one token as it should be printed: "▁" becomes a space, byte
- * tokens <0xNN> become that raw byte, control, unknown and unused tokens print
- * nothing, user-defined tokens print verbatim (llama.cpp's token_to_piece with
+ * tokens <0xNN> become that raw byte (byte-level BPE: each character becomes
+ * the byte it stands for), control, unknown and unused tokens print nothing,
+ * user-defined tokens print verbatim (llama.cpp's token_to_piece with
  * special = false). Writes at most cap bytes and returns the full length, or -1
  * for an id out of range. prev is the preceding token (-1 if none): when the
  * vocabulary adds a space prefix, the leading space of the first piece of a
