@@ -1,6 +1,8 @@
 /* Tokenizer tests: llama.cpp's own test vectors for the Llama 2 SentencePiece
- * vocabulary, llama2.c's prompt ids for stories260K, detokenization, robustness
- * on malformed input, speed, and the synthetic vocabulary of `cake mkmodel`. */
+ * vocabulary (and for Llama 3's byte-level BPE one, where the models folder
+ * has it), llama2.c's prompt ids for stories260K, detokenization, robustness
+ * on malformed input, speed, the synthetic vocabulary of `cake mkmodel`, and
+ * byte-level BPE on small vocabularies built here. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -129,13 +131,16 @@ typedef struct {
  * separated by "\n__ggml_vocab_test__\n" (so a case never includes the newline
  * before the separator, and the file ends with a separator); the .out file has
  * one line of space-separated ids per case. */
-static bool read_cases(vocab_cases *c) {
-    const char *pin = test_model_path("ggml-vocab-llama-spm.gguf.inp");
+static bool read_cases(const char *vocab, vocab_cases *c) {
+    char name[128];
+    snprintf(name, sizeof(name), "%s.inp", vocab);
+    const char *pin = test_model_path(name);
     if (!pin) return false;
     size_t n_inp;
     c->inp = test_read_file(pin, &n_inp);
     assert_non_null(c->inp);
-    const char *pout = test_model_path("ggml-vocab-llama-spm.gguf.out");
+    snprintf(name, sizeof(name), "%s.out", vocab);
+    const char *pout = test_model_path(name);
     if (!pout) return false;
     size_t n_out;
     c->out = test_read_file(pout, &n_out);
@@ -181,17 +186,18 @@ static void free_cases(vocab_cases *c) {
     free(c->expect);
 }
 
-static void test_llama_spm_vectors(void **state) {
-    (void)state;
+/* Runs llama.cpp's test vectors of one vocabulary; false when its files are
+ * absent. */
+static bool run_vectors(const char *vocab, int32_t n_vocab) {
     loaded l;
     vocab_cases c;
-    if (!load_vocab("ggml-vocab-llama-spm.gguf", &l)) skip();
-    if (!read_cases(&c)) {
+    if (!load_vocab(vocab, &l)) return false;
+    if (!read_cases(vocab, &c)) {
         unload(&l);
-        skip();
+        return false;
     }
-    assert_int_equal(cake_tokenizer_n_vocab(l.t), 32000);
-    assert_true(c.n >= 40); /* 46 at the time of writing */
+    assert_int_equal(cake_tokenizer_n_vocab(l.t), n_vocab);
+    assert_true(c.n >= 40); /* 46-47 at the time of writing */
     int failed = 0;
     for (int i = 0; i < c.n; i++) {
         cake_token want[4096];
@@ -213,15 +219,28 @@ static void test_llama_spm_vectors(void **state) {
         }
         free(got);
     }
-    fprintf(stderr, "llama-spm vectors: %d of %d cases pass\n", c.n - failed, c.n);
+    fprintf(stderr, "%s vectors: %d of %d cases pass\n", vocab, c.n - failed, c.n);
     assert_int_equal(failed, 0);
 
     /* Every case also detokenizes back to its text: SentencePiece with byte
-     * fallback is lossless for valid UTF-8 (the prepended space is dropped
-     * from the first piece). */
+     * fallback and byte-level BPE are lossless for valid UTF-8 (the space
+     * SentencePiece prepends is dropped from the first piece). */
     for (int i = 0; i < c.n; i++) assert_round_trip(l.t, c.text[i], c.len[i]);
     free_cases(&c);
     unload(&l);
+    return true;
+}
+
+static void test_llama_spm_vectors(void **state) {
+    (void)state;
+    if (!run_vectors("ggml-vocab-llama-spm.gguf", 32000)) skip();
+}
+
+/* Llama 3's vocabulary is not in ../shared/models; where a models folder has
+ * llama.cpp's ggml-vocab-llama-bpe.gguf with its .inp/.out, it is checked too. */
+static void test_llama_bpe_vectors(void **state) {
+    (void)state;
+    if (!run_vectors("ggml-vocab-llama-bpe.gguf", 128256)) skip();
 }
 
 /* ---- specials, BOS, detokenization ---- */
@@ -556,7 +575,7 @@ static void test_speed_100k(void **state) {
     loaded l;
     vocab_cases c;
     if (!load_vocab("ggml-vocab-llama-spm.gguf", &l)) skip();
-    if (!read_cases(&c)) {
+    if (!read_cases("ggml-vocab-llama-spm.gguf", &c)) {
         unload(&l);
         skip();
     }
@@ -654,6 +673,193 @@ static void test_stories260k(void **state) {
     unload(&l);
 }
 
+/* ---- byte-level BPE on small vocabularies ---- */
+
+/* GPT-2's character for byte b (the printable Latin-1 bytes stand for
+ * themselves, the other 68 for U+0100 upwards, in order), as UTF-8. Written
+ * here again from the scheme, not taken from the tokenizer. */
+static const char *byte_char(int b) {
+    static char chars[256][3];
+    int cp = b, extra = 0;
+    for (int i = 0; i < 256; i++) {
+        bool printable = (i >= 33 && i <= 126) || (i >= 161 && i <= 172) || i >= 174;
+        if (i == b && !printable) cp = 256 + extra;
+        if (!printable) extra++;
+    }
+    char *c = chars[b];
+    if (cp < 0x80) {
+        c[0] = (char)cp;
+        c[1] = '\0';
+    } else {
+        c[0] = (char)(0xc0 | cp >> 6);
+        c[1] = (char)(0x80 | (cp & 0x3f));
+        c[2] = '\0';
+    }
+    return c;
+}
+
+enum { BPE_EXTRA = 8 };
+
+/* A byte-level vocabulary: ids 0-255 are the bytes' characters, then the
+ * extra tokens (in GPT-2 characters), with merge rules and a pre-tokenizer. */
+static cake_tokenizer *bpe_vocab(const char *pre, const char *const *extra, int n_extra,
+                                 const int32_t *extra_types, const char *const *merges,
+                                 int n_merges) {
+    const char *tokens[256 + BPE_EXTRA];
+    int32_t types[256 + BPE_EXTRA];
+    assert_true(n_extra <= BPE_EXTRA);
+    for (int b = 0; b < 256; b++) {
+        tokens[b] = byte_char(b);
+        types[b] = CAKE_TOKEN_NORMAL;
+    }
+    for (int i = 0; i < n_extra; i++) {
+        tokens[256 + i] = extra[i];
+        types[256 + i] = extra_types ? extra_types[i] : CAKE_TOKEN_NORMAL;
+    }
+    cake_vocab_arrays v = {.n_vocab = 256 + n_extra,
+                           .tokens = tokens,
+                           .types = types,
+                           .bos = -1,
+                           .eos = -1,
+                           .unk = -1,
+                           .merges = merges,
+                           .n_merges = n_merges,
+                           .pre = pre};
+    cake_tokenizer *t = NULL;
+    char err[256];
+    int rc = cake_tokenizer_init_arrays(&v, &t, err, sizeof(err));
+    if (rc) fprintf(stderr, "bpe vocab: %s\n", err);
+    assert_int_equal(rc, 0);
+    return t;
+}
+
+static void assert_ids(const cake_tokenizer *t, const char *text, size_t len,
+                       const cake_token *want, int64_t n_want) {
+    int64_t n;
+    cake_token *got = tokenize(t, text, len, false, &n);
+    if (n != n_want || memcmp(got, want, (size_t)n * sizeof(*got)) != 0) {
+        fprintf(stderr, "'%.*s':\n", (int)len, text);
+        print_ids("expected", want, n_want);
+        print_ids("got     ", got, n);
+        fail();
+    }
+    free(got);
+}
+#define ASSERT_IDS(t, text, ...)                                                                   \
+    do {                                                                                           \
+        const cake_token want_[] = {__VA_ARGS__};                                                  \
+        assert_ids(t, text, sizeof(text) - 1, want_, sizeof(want_) / sizeof(want_[0]));            \
+    } while (0)
+
+/* Merges apply by rank, not by position, and equal pairs leftmost first. */
+static void test_bpe_merge_order(void **state) {
+    (void)state;
+    static const char *const extra[] = {"bc", "ab", "aa"};
+    static const char *const merges[] = {"b c", "a b", "a a"};
+    cake_tokenizer *t = bpe_vocab("qwen2", extra, 3, NULL, merges, 3);
+    ASSERT_IDS(t, "abc", 'a', 256); /* "b c" (rank 0) before "a b" (rank 1) */
+    ASSERT_IDS(t, "ab", 257);       /* only "a b" applies */
+    ASSERT_IDS(t, "aaa", 258, 'a'); /* "a a" twice: the left pair first */
+    ASSERT_IDS(t, "aaaa", 258, 258);
+    cake_tokenizer_free(t);
+
+    /* The same rules in the other order: "a b" now wins in "abc". */
+    static const char *const swapped[] = {"a b", "b c", "a a"};
+    t = bpe_vocab("qwen2", extra, 3, NULL, swapped, 3);
+    ASSERT_IDS(t, "abc", 257, 'c');
+    cake_tokenizer_free(t);
+}
+
+/* The Llama 3 pre-tokenizer's words, made visible by ignore_merges: a word
+ * that is a token comes out as that one token, whatever the merges. */
+static void test_bpe_llama3_words(void **state) {
+    (void)state;
+    /* "Ġ" is ' ', "Ċ" is '\n' in GPT-2's characters */
+    static const char *const extra[] = {"'m",        "123", "45", "\xc4\xa0ok", "\xc4\x8a\xc4\x8a",
+                                        "\xc4\xa0x", "xyz", "'M"};
+    cake_tokenizer *t = bpe_vocab("llama-bpe", extra, 8, NULL, NULL, 0);
+    /* words: "I" "'m" " " "123" "45" " ok" "\n\n" */
+    ASSERT_IDS(t, "I'm 12345 ok\n\n", 'I', 256, ' ', 257, 258, 259, 260);
+    /* two spaces before a letter: "\s+(?!\S)" keeps the last space for the word */
+    ASSERT_IDS(t, "  x", ' ', 261);
+    /* "xyz" is a token with no merge rules: ignore_merges finds it */
+    ASSERT_IDS(t, "xyz", 262);
+    /* the contractions in either case */
+    ASSERT_IDS(t, "I'M", 'I', 263);
+    cake_tokenizer_free(t);
+
+    /* Qwen2 has no ignore_merges and takes digits one by one. */
+    static const char *const merges[] = {"1 2"};
+    static const char *const extra2[] = {"12", "xyz"};
+    t = bpe_vocab("qwen2", extra2, 2, NULL, merges, 1);
+    ASSERT_IDS(t, "12", '1', '2'); /* two words: the rule cannot apply */
+    ASSERT_IDS(t, "xyz", 'x', 'y', 'z');
+    cake_tokenizer_free(t);
+    t = bpe_vocab("llama-bpe", extra2, 2, NULL, merges, 1);
+    ASSERT_IDS(t, "12", 256); /* one word ("\p{N}{1,3}"): the rule applies */
+    cake_tokenizer_free(t);
+}
+
+/* Every byte is a character: valid UTF-8 of any bytes comes back exactly;
+ * invalid UTF-8 reads as U+FFFD, as llama.cpp reads it. */
+static void test_bpe_bytes(void **state) {
+    (void)state;
+    cake_tokenizer *t = bpe_vocab("llama-bpe", NULL, 0, NULL, NULL, 0);
+    char all[160];
+    size_t n = 0;
+    for (int b = 0; b < 128; b++) all[n++] = (char)b; /* NUL and control bytes included */
+    const char *more = "\xc3\xa9\xc2\xa0\xc2\xad\xe6\x97\xa5\xf0\x9f\x98\x80 \t\r\n";
+    memcpy(all + n, more, strlen(more));
+    n += strlen(more);
+    assert_round_trip(t, all, n);
+    int64_t k;
+    cake_token *ids = tokenize(t, all, n, false, &k);
+    assert_int_equal(k, (int64_t)n); /* no merges: one token per byte */
+    for (size_t i = 0; i < n; i++) assert_int_equal(ids[i], (unsigned char)all[i]);
+    free(ids);
+
+    /* a stray byte, a truncated character and a lone continuation byte */
+    ASSERT_IDS(t, "a\xff", 'a', 0xef, 0xbf, 0xbd);
+    ASSERT_IDS(t, "\xe6\x97", 0xef, 0xbf, 0xbd, 0xef, 0xbf, 0xbd);
+    /* an overlong NUL is read as NUL, as llama.cpp does */
+    ASSERT_IDS(t, "\xc0\x80", 0);
+    cake_tokenizer_free(t);
+}
+
+/* Pieces: characters back to bytes; user-defined verbatim; control nothing. */
+static void test_bpe_pieces(void **state) {
+    (void)state;
+    static const char *const extra[] = {"\xc4\xa0hello", "<|eot|>", "<tool>"};
+    static const int32_t types[] = {CAKE_TOKEN_NORMAL, CAKE_TOKEN_CONTROL, CAKE_TOKEN_USER_DEFINED};
+    cake_tokenizer *t = bpe_vocab("llama-bpe", extra, 3, types, NULL, 0);
+    char buf[32];
+    assert_int_equal(cake_token_to_piece(t, -1, 256, buf, sizeof(buf)), 6);
+    assert_memory_equal(buf, " hello", 6); /* no SentencePiece-style space drop */
+    assert_int_equal(cake_token_to_piece(t, -1, 257, buf, sizeof(buf)), 0);
+    assert_int_equal(cake_token_to_piece(t, -1, 258, buf, sizeof(buf)), 6);
+    assert_memory_equal(buf, "<tool>", 6);
+    assert_int_equal(cake_token_to_piece(t, -1, 0x0a, buf, sizeof(buf)), 1); /* "Ċ" */
+    assert_int_equal(buf[0], '\n');
+    /* control strings in the text stay text */
+    ASSERT_IDS(t, "<|eot|>", '<', '|', 'e', 'o', 't', '|', '>');
+    cake_tokenizer_free(t);
+
+    /* an unknown pre-tokenizer is refused by name */
+    const char *tokens[] = {"a"};
+    const char *merges[] = {"a a"};
+    cake_vocab_arrays v = {.n_vocab = 1,
+                           .tokens = tokens,
+                           .bos = -1,
+                           .eos = -1,
+                           .unk = -1,
+                           .merges = merges,
+                           .n_merges = 1,
+                           .pre = "gpt-4o"};
+    char err[256];
+    assert_int_equal(cake_tokenizer_init_arrays(&v, &t, err, sizeof(err)), -1);
+    assert_non_null(strstr(err, "gpt-4o"));
+}
+
 /* ---- GGUF key handling ---- */
 
 /* Writes a vocabulary-only GGUF with the keys that `build` adds; returns the
@@ -706,8 +912,36 @@ static void build_minimal(cake_gguf_writer *w) { /* no scores, no types, no ids 
     cake_gguf_writer_add_bool(w, "tokenizer.ggml.add_bos_token", false);
     cake_gguf_writer_add_bool(w, "tokenizer.ggml.add_space_prefix", false);
 }
-static void build_gpt2(cake_gguf_writer *w) {
+static void build_gpt2_no_pre(cake_gguf_writer *w) {
     cake_gguf_writer_add_str(w, "tokenizer.ggml.model", "gpt2");
+    add_tokens(w);
+}
+static const char *const k_merges[] = {"a b"};
+static void build_gpt2(cake_gguf_writer *w) { /* "Ġ" is ' ' */
+    static const char *const tokens[] = {"a", "b", "ab", "\xc4\xa0", "<|begin_of_text|>"};
+    cake_gguf_writer_add_str(w, "tokenizer.ggml.model", "gpt2");
+    cake_gguf_writer_add_str(w, "tokenizer.ggml.pre", "llama-bpe");
+    cake_gguf_writer_add_arr_str(w, "tokenizer.ggml.tokens", tokens, 5);
+    cake_gguf_writer_add_arr_str(w, "tokenizer.ggml.merges", k_merges, 1);
+    cake_gguf_writer_add_u32(w, "tokenizer.ggml.bos_token_id", 4);
+}
+static void build_gpt2_other_pre(cake_gguf_writer *w) {
+    cake_gguf_writer_add_str(w, "tokenizer.ggml.model", "gpt2");
+    cake_gguf_writer_add_str(w, "tokenizer.ggml.pre", "starcoder");
+    add_tokens(w);
+    cake_gguf_writer_add_arr_str(w, "tokenizer.ggml.merges", k_merges, 1);
+}
+static void build_gpt2_no_merges(cake_gguf_writer *w) {
+    cake_gguf_writer_add_str(w, "tokenizer.ggml.model", "gpt2");
+    cake_gguf_writer_add_str(w, "tokenizer.ggml.pre", "llama-bpe");
+    add_tokens(w);
+}
+static void build_gpt2_merges_f32(cake_gguf_writer *w) {
+    build_gpt2_no_merges(w);
+    cake_gguf_writer_add_arr_f32(w, "tokenizer.ggml.merges", k_small_scores, 2);
+}
+static void build_t5(cake_gguf_writer *w) {
+    cake_gguf_writer_add_str(w, "tokenizer.ggml.model", "t5");
     add_tokens(w);
 }
 static void build_no_model(cake_gguf_writer *w) {
@@ -792,11 +1026,27 @@ static void test_gguf_keys(void **state) {
     assert_int_equal(cake_token_to_piece(t, -1, 1, buf, sizeof(buf)), 3);
     cake_tokenizer_free(t);
 
+    /* Byte-level BPE: Llama 3's pre-tokenizer adds BOS by default. */
+    assert_int_equal(open_and_init(build_gpt2, &t, err, sizeof(err)), 0);
+    assert_true(cake_tokenizer_add_bos(t));
+    assert_int_equal(cake_tokenizer_bos(t), 4);
+    assert_int_equal(cake_tokenizer_eos(t), -1); /* no key: none */
+    assert_int_equal(cake_tokenize(t, "ab ab", 5, true, ids, 8), 4);
+    assert_int_equal(ids[0], 4);
+    assert_int_equal(ids[1], 2); /* "ab" */
+    assert_int_equal(ids[2], 3); /* " ab" is one word, "Ġ" "ab" in tokens */
+    assert_int_equal(ids[3], 2);
+    cake_tokenizer_free(t);
+
     static const struct {
         void (*build)(cake_gguf_writer *w);
         const char *key;
     } bad[] = {
-        {build_gpt2, "tokenizer.ggml.model"},
+        {build_t5, "tokenizer.ggml.model"},
+        {build_gpt2_no_pre, "tokenizer.ggml.pre"},
+        {build_gpt2_other_pre, "starcoder"},
+        {build_gpt2_no_merges, "tokenizer.ggml.merges"},
+        {build_gpt2_merges_f32, "tokenizer.ggml.merges"},
         {build_no_model, "tokenizer.ggml.model"},
         {build_no_tokens, "tokenizer.ggml.tokens"},
         {build_tokens_f32, "tokenizer.ggml.tokens"},
@@ -944,11 +1194,21 @@ static void test_synth_vocab(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_llama_spm_vectors), cmocka_unit_test(test_bos_and_plain_specials),
-        cmocka_unit_test(test_empty_text),        cmocka_unit_test(test_capacity),
-        cmocka_unit_test(test_token_to_piece),    cmocka_unit_test(test_invalid_utf8_and_nul),
-        cmocka_unit_test(test_matches_reference), cmocka_unit_test(test_speed_100k),
-        cmocka_unit_test(test_stories260k),       cmocka_unit_test(test_gguf_keys),
+        cmocka_unit_test(test_llama_spm_vectors),
+        cmocka_unit_test(test_llama_bpe_vectors),
+        cmocka_unit_test(test_bpe_merge_order),
+        cmocka_unit_test(test_bpe_llama3_words),
+        cmocka_unit_test(test_bpe_bytes),
+        cmocka_unit_test(test_bpe_pieces),
+        cmocka_unit_test(test_bos_and_plain_specials),
+        cmocka_unit_test(test_empty_text),
+        cmocka_unit_test(test_capacity),
+        cmocka_unit_test(test_token_to_piece),
+        cmocka_unit_test(test_invalid_utf8_and_nul),
+        cmocka_unit_test(test_matches_reference),
+        cmocka_unit_test(test_speed_100k),
+        cmocka_unit_test(test_stories260k),
+        cmocka_unit_test(test_gguf_keys),
         cmocka_unit_test(test_synth_vocab),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -62,8 +62,8 @@
 
 /* One merge rule "left right" of a byte-level BPE vocabulary. */
 typedef struct {
-    size_t left, right;        /* offsets into merge_text */
-    uint32_t left_n, right_n;  /* bytes */
+    size_t left, right;       /* offsets into merge_text */
+    uint32_t left_n, right_n; /* bytes */
 } bpe_merge;
 
 struct cake_tokenizer {
@@ -83,11 +83,11 @@ struct cake_tokenizer {
 
     /* Byte-level BPE only (bpe = true) */
     bool bpe;
-    bool ignore_merges;     /* a word that is a token is that token */
-    pcre2_code *pre;        /* the pre-tokenizer's word pattern */
-    char *merge_text;       /* merge pairs' texts back to back */
-    bpe_merge *merges;      /* [n_merges], rank = index */
-    int32_t *merge_hash;    /* [merge_mask + 1] rank + 1, 0 = empty slot */
+    bool ignore_merges;  /* a word that is a token is that token */
+    pcre2_code *pre;     /* the pre-tokenizer's word pattern */
+    char *merge_text;    /* merge pairs' texts back to back */
+    bpe_merge *merges;   /* [n_merges], rank = index */
+    int32_t *merge_hash; /* [merge_mask + 1] rank + 1, 0 = empty slot */
     uint32_t merge_mask;
     char byte_char[256][2]; /* byte b as its UTF-8 character (1 or 2 bytes) */
     uint8_t byte_char_len[256];
@@ -210,14 +210,18 @@ static const struct {
     const char *pattern;
     bool ignore_merges, add_bos;
 } k_pretokenizers[] = {
-    {{"llama3", "llama-v3", "llama-bpe", "falcon3"},
-     "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|"
-     "\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+",
-     true, true},
-    {{"qwen2", "deepseek-r1-qwen"},
-     "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|"
-     "\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+",
-     false, false},
+    {.names = {"llama3", "llama-v3", "llama-bpe", "falcon3"},
+     .pattern =
+         "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|"
+         "\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+",
+     .ignore_merges = true,
+     .add_bos = true},
+    {.names = {"qwen2", "deepseek-r1-qwen"},
+     .pattern =
+         "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|"
+         "\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+",
+     .ignore_merges = false,
+     .add_bos = false},
 };
 enum { N_PRETOKENIZERS = sizeof(k_pretokenizers) / sizeof(k_pretokenizers[0]) };
 
@@ -372,13 +376,13 @@ static size_t bpe_piece(int32_t type, const char *s, size_t n, const int16_t *by
 
 /* What a tokenizer is built from: the GGUF keys' arrays, or the caller's. */
 typedef struct {
-    int32_t n;                  /* tokens */
-    const cake_gguf_str *strs;  /* [n] token texts (views, not NUL-terminated) */
-    const float *scores;        /* [n] or NULL: all 0 */
-    const int32_t *types;       /* [n] or NULL: all NORMAL */
-    cake_token bos, eos, unk;   /* -1: none */
+    int32_t n;                 /* tokens */
+    const cake_gguf_str *strs; /* [n] token texts (views, not NUL-terminated) */
+    const float *scores;       /* [n] or NULL: all 0 */
+    const int32_t *types;      /* [n] or NULL: all NORMAL */
+    cake_token bos, eos, unk;  /* -1: none */
     bool add_bos, add_space_prefix;
-    int pre;                    /* byte-level BPE: index in k_pretokenizers; -1: SentencePiece */
+    int pre;                     /* byte-level BPE: index in k_pretokenizers; -1: SentencePiece */
     const cake_gguf_str *merges; /* [n_merges] BPE merge rules */
     int32_t n_merges;
 } vocab_source;
@@ -540,18 +544,18 @@ int cake_tokenizer_init_arrays(const cake_vocab_arrays *v, cake_tokenizer **out,
                         .add_bos = v->add_bos,
                         .add_space_prefix = v->add_space_prefix,
                         .pre = -1,
-                        .n_merges = v->merges ? v->n_merges : 0};
-    if (v->merges) {
-        const char *pre = v->pre ? v->pre : "";
-        src.pre = find_pretokenizer(pre, strlen(pre));
-        if (src.pre < 0) return unknown_pretokenizer(pre, strlen(pre), err, errlen);
-        if (v->n_merges < 0) return cake_err(err, errlen, "tokenizer: %d merges", v->n_merges);
+                        .n_merges = v->pre ? v->n_merges : 0};
+    if (v->pre) {
+        src.pre = find_pretokenizer(v->pre, strlen(v->pre));
+        if (src.pre < 0) return unknown_pretokenizer(v->pre, strlen(v->pre), err, errlen);
+        if (v->n_merges < 0 || (v->n_merges > 0 && !v->merges))
+            return cake_err(err, errlen, "tokenizer: %d merges, %s", v->n_merges,
+                            v->merges ? "given" : "none given");
     }
     cake_gguf_str *strs = string_views(v->tokens, v->n_vocab, "token", err, errlen);
-    cake_gguf_str *merges =
-        v->merges ? string_views(v->merges, v->n_merges, "merge", err, errlen) : NULL;
+    cake_gguf_str *merges = string_views(v->merges, src.n_merges, "merge", err, errlen);
     int rc = -1;
-    if (strs && (merges || !v->merges)) {
+    if (strs && merges) {
         src.strs = strs;
         src.merges = merges;
         rc = tok_build(&src, out, err, errlen);

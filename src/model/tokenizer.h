@@ -49,7 +49,7 @@ typedef struct {
      * GPT-2's byte characters ("Ġ" for ' '), scores are unused. */
     const char *const *merges; /* [n_merges] "left right", first merges first */
     int32_t n_merges;
-    const char *pre;           /* pre-tokenizer name, as tokenizer.ggml.pre */
+    const char *pre; /* pre-tokenizer name, as tokenizer.ggml.pre */
 } cake_vocab_arrays;
 
 /* Copies what it needs from v. 0, or -1 with a reason in err (empty vocabulary,
