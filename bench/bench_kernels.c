@@ -11,6 +11,7 @@
  * twice: with the KV in the caches (calls back to back), and with it in memory, as in a
  * model, where the weights read since the layer's last call have evicted it. */
 #include <cblas.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -279,6 +280,7 @@ static void run_dispatch(void *p) {
 typedef struct {
     float *a, *b, *w;
     int T, dim;
+    double rope_freqs[32]; /* head_dim 64, theta 500000 */
 } ew_ctx;
 
 static void run_rmsnorm(void *p) {
@@ -287,7 +289,7 @@ static void run_rmsnorm(void *p) {
 }
 static void run_rope(void *p) {
     ew_ctx *c = p;
-    cake_rope(c->a, c->T, 32, 64, 1000, 500000.0f, 1.0f);
+    cake_rope(c->a, c->T, 32, 64, 1000, c->rope_freqs);
 }
 static void run_swiglu(void *p) {
     ew_ctx *c = p;
@@ -311,7 +313,8 @@ static void bench_misc(cake_threadpool *pool) {
         a[i] = rnd();
         w[i] = rnd();
     }
-    ew_ctx c = {a, b, w, T, dim};
+    ew_ctx c = {a, b, w, T, dim, {0}};
+    for (int i = 0; i < 32; i++) c.rope_freqs[i] = pow(500000.0, -2.0 * i / 64);
     t = best_time(run_rmsnorm, &c, 0.3, 3);
     printf("rmsnorm %d x %d: %.3f ms\n", T, dim, t * 1e3);
     t = best_time(run_rope, &c, 0.3, 3);

@@ -233,6 +233,13 @@ static void test_rmsnorm(void **state) {
 
 /* ===================== RoPE ===================== */
 
+/* RoPE frequencies theta^(-2i/hd) * scale, as the model computes them. */
+static double *rope_freqs(int hd, double theta, double scale) {
+    double *f = xmalloc((size_t)(hd / 2) * sizeof(*f));
+    for (int i = 0; i < hd / 2; i++) f[i] = pow(theta, -2.0 * i / hd) * scale;
+    return f;
+}
+
 static void test_rope(void **state) {
     (void)state;
     const int hds[] = {2, 8, 30, 48, 64, 128};
@@ -241,14 +248,15 @@ static void test_rope(void **state) {
         for (size_t pi = 0; pi < sizeof(pos0s) / sizeof(pos0s[0]); pi++) {
             const int hd = hds[hi], nh = 3, T = 4, pos0 = pos0s[pi];
             const size_t n = (size_t)T * nh * hd;
+            double *freqs = rope_freqs(hd, 500000.0, 1.0);
             float *a = xmalloc(n * 4), *b = xmalloc(n * 4), *c = xmalloc(n * 4);
             for (size_t i = 0; i < n; i++) a[i] = b[i] = c[i] = rnd_f(-3, 3);
-            cake_rope(a, T, nh, hd, pos0, 500000.0f, 1.0f);
-            cake_rope_ref(b, T, nh, hd, pos0, 500000.0f, 1.0f);
+            cake_rope(a, T, nh, hd, pos0, freqs);
+            cake_rope_ref(b, T, nh, hd, pos0, freqs);
             assert_memory_equal(a, b, n * 4); /* same products, same rounding */
             /* chunk invariance: token by token at its own position */
             for (int t = 0; t < T; t++)
-                cake_rope(c + (size_t)t * nh * hd, 1, nh, hd, pos0 + t, 500000.0f, 1.0f);
+                cake_rope(c + (size_t)t * nh * hd, 1, nh, hd, pos0 + t, freqs);
             assert_memory_equal(a, c, n * 4);
             /* position 0 is the identity */
             if (pos0 == 0) {
@@ -256,22 +264,30 @@ static void test_rope(void **state) {
                 for (int i = 0; i < nh * hd; i++) d[i] = rnd_f(-1, 1);
                 float *e = xmalloc((size_t)nh * hd * 4);
                 memcpy(e, d, (size_t)nh * hd * 4);
-                cake_rope(d, 1, nh, hd, 0, 10000.0f, 1.0f);
+                cake_rope(d, 1, nh, hd, 0, freqs);
                 assert_memory_equal(d, e, (size_t)nh * hd * 4);
                 free(d);
                 free(e);
             }
+            free(freqs);
             free(a);
             free(b);
             free(c);
         }
-    /* a rotation keeps each pair's norm */
+    /* a rotation keeps each pair's norm, and turns pair i by pos * freqs[i]
+     * (per-pair frequencies as Llama 3.1's scaled ones: any values) */
+    double freqs[32];
+    for (int i = 0; i < 32; i++) freqs[i] = pow(10000.0, -2.0 * i / 64) / (1.0 + (i % 5));
     float v[64], w[64];
     for (int i = 0; i < 64; i++) v[i] = w[i] = rnd_f(-1, 1);
-    cake_rope(v, 1, 1, 64, 1234, 10000.0f, 0.5f);
+    cake_rope(v, 1, 1, 64, 1234, freqs);
     for (int i = 0; i < 32; i++) {
         const double n0 = hypot(w[2 * i], w[2 * i + 1]), n1 = hypot(v[2 * i], v[2 * i + 1]);
         assert_true(fabs(n0 - n1) <= 1e-6 * (n0 + 1e-30));
+        const double a = 1234.0 * freqs[i];
+        const double x0 = w[2 * i] * cos(a) - w[2 * i + 1] * sin(a);
+        const double x1 = w[2 * i] * sin(a) + w[2 * i + 1] * cos(a);
+        assert_true(fabs(v[2 * i] - x0) <= 1e-6 && fabs(v[2 * i + 1] - x1) <= 1e-6);
     }
 }
 

@@ -156,10 +156,33 @@ static int read_hparams(const cake_gguf *g, cake_hparams *hp, char *err, size_t 
             return cake_err(err, errlen, "llama.rope.scaling.factor %g must be >= 1", factor);
         hp->rope_freq_scale = 1.0f / factor;
     }
-    if (cake_gguf_find_tensor(g, "rope_freqs.weight"))
-        return cake_err(err, errlen,
-                        "tensor 'rope_freqs.weight' (Llama 3.1 rope scaling) is not supported");
     return 0;
+}
+
+/* Each RoPE pair's frequency (cake_model.rope_freqs), with Llama 3.1's per-pair
+ * factors from rope_freqs.weight when the file has them (llama.cpp divides the
+ * angle by them the same way). */
+static double *rope_frequencies(const cake_gguf *g, const cake_hparams *hp, char *err,
+                                size_t errlen) {
+    const int half = hp->head_dim / 2;
+    float *factor = NULL;
+    if (cake_gguf_find_tensor(g, "rope_freqs.weight")) {
+        if (!(factor = load_norm(g, "rope_freqs.weight", half, err, errlen))) return NULL;
+        for (int i = 0; i < half; i++)
+            if (!(factor[i] > 0 && factor[i] < INFINITY)) {
+                cake_err(err, errlen, "tensor 'rope_freqs.weight': factor %d is %g, not positive",
+                         i, factor[i]);
+                free(factor);
+                return NULL;
+            }
+    }
+    double *f = malloc((size_t)half * sizeof(*f));
+    if (!f) cake_err(err, errlen, "out of memory");
+    for (int i = 0; f && i < half; i++)
+        f[i] = pow((double)hp->rope_theta, -2.0 * i / hp->head_dim) * (double)hp->rope_freq_scale /
+               (factor ? (double)factor[i] : 1.0);
+    free(factor);
+    return f;
 }
 
 static void free_layers(cake_model *m) {
@@ -176,6 +199,7 @@ void cake_model_free(cake_model *m) {
     if (!m) return;
     free_layers(m);
     free(m->output_norm);
+    free(m->rope_freqs);
     cake_tokenizer_free(m->tokenizer);
     cake_gguf_close(m->gguf);
     free(m);
@@ -193,7 +217,9 @@ int cake_model_load(const char *path, cake_model **out, char *err, size_t errlen
     }
     const cake_gguf *g = m->gguf;
     cake_hparams *hp = &m->hp;
-    if (read_hparams(g, hp, why, sizeof(why))) goto fail_why;
+    if (read_hparams(g, hp, why, sizeof(why)) ||
+        !(m->rope_freqs = rope_frequencies(g, hp, why, sizeof(why))))
+        goto fail_why;
     if (cake_tokenizer_init(g, &m->tokenizer, why, sizeof(why))) goto fail_why;
 
     const cake_gguf_tensor *embd = cake_gguf_find_tensor(g, "token_embd.weight");

@@ -36,6 +36,11 @@ struct cake_model {
     float *output_norm;   /* (dim) */
     cake_weight output;   /* (n_vocab, dim); == tok_embd when tied */
     cake_layer *layers;   /* (n_layers) */
+    /* (head_dim / 2): the angle per position of RoPE pair i,
+     * rope_theta^(-2i / head_dim) * rope_freq_scale / rope_freqs.weight[i]
+     * (the last factor is Llama 3.1's rope scaling; 1 when the tensor is
+     * absent). Both backends rotate by these. */
+    double *rope_freqs;
     pthread_once_t fingerprint_once;
     uint8_t fingerprint[16]; /* valid after fingerprint_once ran */
 };

@@ -165,11 +165,9 @@ void cake_rmsnorm(float *y, const float *x, const float *w, int n_tokens, int di
  * angle reaches ~10^4 rad at long context, where a float angle would already be
  * off by ~10^-3 rad. Shared by the fast kernel and the reference, so the two
  * rotate by identical floats. */
-static void rope_cos_sin(int pos, int head_dim, double theta, double freq_scale, float *c,
-                         float *s) {
+static void rope_cos_sin(int pos, int head_dim, const double *freqs, float *c, float *s) {
     for (int i = 0; i < head_dim / 2; i++) {
-        const double freq = pow(theta, -2.0 * i / head_dim) * freq_scale;
-        const double a = (double)pos * freq;
+        const double a = (double)pos * freqs[i];
         c[i] = (float)cos(a);
         s[i] = (float)sin(a);
     }
@@ -177,13 +175,13 @@ static void rope_cos_sin(int pos, int head_dim, double theta, double freq_scale,
 
 enum { ROPE_MAX_HALF = 512 }; /* head_dim up to 1024 */
 
-void cake_rope_ref(float *x, int n_tokens, int n_heads, int head_dim, int pos0, float theta,
-                   float freq_scale) {
+void cake_rope_ref(float *x, int n_tokens, int n_heads, int head_dim, int pos0,
+                   const double *freqs) {
     float c[ROPE_MAX_HALF], s[ROPE_MAX_HALF];
     const int half = head_dim / 2;
     if (half > ROPE_MAX_HALF) return;
     for (int t = 0; t < n_tokens; t++) {
-        rope_cos_sin(pos0 + t, head_dim, theta, freq_scale, c, s);
+        rope_cos_sin(pos0 + t, head_dim, freqs, c, s);
         for (int h = 0; h < n_heads; h++) {
             float *v = x + ((size_t)t * (size_t)n_heads + (size_t)h) * (size_t)head_dim;
             for (int i = 0; i < half; i++) {
@@ -195,8 +193,7 @@ void cake_rope_ref(float *x, int n_tokens, int n_heads, int head_dim, int pos0, 
     }
 }
 
-void cake_rope(float *x, int n_tokens, int n_heads, int head_dim, int pos0, float theta,
-               float freq_scale) {
+void cake_rope(float *x, int n_tokens, int n_heads, int head_dim, int pos0, const double *freqs) {
     /* cc/ss hold each cos/sin twice, (c0 c0 c1 c1 ...), to match the pairs. */
     float c[ROPE_MAX_HALF], s[ROPE_MAX_HALF];
     float cc[2 * ROPE_MAX_HALF] __attribute__((aligned(64)));
@@ -204,7 +201,7 @@ void cake_rope(float *x, int n_tokens, int n_heads, int head_dim, int pos0, floa
     const int half = head_dim / 2;
     if (half > ROPE_MAX_HALF) return;
     for (int t = 0; t < n_tokens; t++) {
-        rope_cos_sin(pos0 + t, head_dim, theta, freq_scale, c, s);
+        rope_cos_sin(pos0 + t, head_dim, freqs, c, s);
         for (int i = 0; i < half; i++) {
             cc[2 * i] = cc[2 * i + 1] = c[i];
             ss[2 * i] = ss[2 * i + 1] = s[i];

@@ -27,11 +27,11 @@ void cake_rmsnorm_ref(float *y, const float *x, const float *w, int n_tokens, in
 
 /* ---- RoPE (llama "normal" style: rotates adjacent pairs (2i, 2i+1)) ----
  * x: (n_tokens, n_heads, head_dim), in place; token t is at position pos0 + t.
- * freq_i = theta^(-2i/head_dim) * freq_scale. */
-void cake_rope(float *x, int n_tokens, int n_heads, int head_dim, int pos0, float theta,
-               float freq_scale);
-void cake_rope_ref(float *x, int n_tokens, int n_heads, int head_dim, int pos0, float theta,
-                   float freq_scale);
+ * Pair i turns by position * freqs[i] (freqs: head_dim / 2 values, the
+ * model's rope_freqs). */
+void cake_rope(float *x, int n_tokens, int n_heads, int head_dim, int pos0, const double *freqs);
+void cake_rope_ref(float *x, int n_tokens, int n_heads, int head_dim, int pos0,
+                   const double *freqs);
 
 /* ---- SwiGLU: h[i] = silu(g[i]) * u[i], i < n; h may alias g. ---- */
 void cake_swiglu(float *h, const float *g, const float *u, size_t n);

@@ -510,23 +510,17 @@ int init_state(cake_cuda_state *s, const cake_model *m, int n_ctx, int max_batch
     CK(cudaMemsetAsync(s->counters, 0, s->counter_ints * sizeof(int), s->stream),
        "clearing the attention counters");
 
-    /* RoPE: frequencies in double, theta^(-2i/head_dim) * freq_scale, and from
+    /* RoPE: the model's frequencies (double, as the CPU backend's), and from
      * them the (cos, sin) table of every position of the context. */
-    double *inv = (double *)malloc((size_t)(hd / 2) * sizeof(double)), *inv_dev;
-    if (!inv) return cake_err(err, errlen, "out of host memory");
-    for (int i = 0; i < hd / 2; i++)
-        inv[i] = pow((double)hp->rope_theta, -2.0 * i / (double)hd) * (double)hp->rope_freq_scale;
+    double *inv_dev;
     if (dev_alloc(s, (void **)&s->rope_cs, (size_t)n_ctx * (size_t)(hd / 2) * sizeof(float2),
                   "the RoPE table", err, errlen) ||
         dev_alloc(s, (void **)&inv_dev, (size_t)(hd / 2) * sizeof(double), "RoPE frequencies", err,
-                  errlen)) {
-        free(inv);
+                  errlen))
         return -1;
-    }
-    const cudaError_t up =
-        cudaMemcpy(inv_dev, inv, (size_t)(hd / 2) * sizeof(double), cudaMemcpyHostToDevice);
-    free(inv);
-    CK(up, "uploading the RoPE frequencies");
+    CK(cudaMemcpy(inv_dev, m->rope_freqs, (size_t)(hd / 2) * sizeof(double),
+                  cudaMemcpyHostToDevice),
+       "uploading the RoPE frequencies");
     CK(cake_cuda_rope_table(s->rope_cs, inv_dev, n_ctx, hd / 2, s->stream),
        "making the RoPE table");
     CK(cudaStreamSynchronize(s->stream), "making the RoPE table");
