@@ -26,10 +26,10 @@ typedef struct cake_context cake_context;
 typedef struct cake_tokenizer cake_tokenizer;
 typedef struct cake_sampler cake_sampler;
 
-/* Architecture of a loaded model (GGUF `llama.*` keys). */
+/* Architecture of a loaded model (GGUF `llama.*` or `qwen2.*` keys). */
 typedef struct {
     int n_vocab;
-    int n_ctx_train; /* llama.context_length */
+    int n_ctx_train; /* context_length */
     int dim;         /* embedding_length */
     int n_layers;
     int n_heads;
@@ -41,11 +41,14 @@ typedef struct {
     float rope_freq_scale; /* 1 / linear scaling factor; 1 = none */
     int weight_dtype;      /* dtype of the big matrices (cake_dtype numbering) */
     bool tied_output;      /* output.weight absent: token_embd is reused */
+    bool rope_neox;        /* RoPE turns pairs (i, i + head_dim/2) (qwen2), not (2i, 2i+1) */
+    bool qkv_bias;         /* some layer adds a bias to q, k or v */
 } cake_hparams;
 
 /* ---- model ---- */
 
-/* Maps and validates a GGUF file (architecture `llama`; F32/F16/BF16 weights).
+/* Maps and validates a GGUF file (architecture `llama` or `qwen2`; F32/F16/BF16
+ * weights).
  * Weights stay in the read-only mapping. */
 int cake_model_load(const char *path, cake_model **out, char *err, size_t errlen);
 void cake_model_free(cake_model *m);

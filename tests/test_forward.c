@@ -206,14 +206,53 @@ static void test_chunked_prefill_mkmodel(void **state) {
 
 /* ---- Llama 3.1's rope scaling ---- */
 
+/* What write_variant changes in a copy of a model. */
+typedef struct {
+    const float *rope_factors; /* rope_freqs.weight, n_factors values; NULL: none */
+    int n_factors;
+    float linear; /* linear RoPE scaling by this factor; 0: none */
+    /* qwen2: architecture and keys renamed, each head's q/k rows put back in
+     * the NeoX order that llama.cpp's converter permutes Llama's out of
+     * (llama row 2i + b is qwen2 row b * head_dim/2 + i). */
+    bool qwen2;
+    float bias; /* q/k/v biases of (j % 7 - 3) * bias at index j; 0: none */
+} model_variant;
+
 typedef struct {
     const cake_gguf *g;
-    const float *factors;
+    const model_variant *v;
+    int head_dim;
 } variant_fill;
 
+static bool name_ends(cake_gguf_str name, const char *suffix) {
+    const size_t n = strlen(suffix);
+    return name.len >= n && memcmp(name.ptr + name.len - n, suffix, n) == 0;
+}
+
 static int fill_variant(uint64_t i, void *buf, uint64_t nbytes, void *ctx) {
-    const variant_fill *v = ctx;
-    memcpy(buf, i < v->g->n_tensors ? v->g->tensors[i].data : (const void *)v->factors, nbytes);
+    const variant_fill *f = ctx;
+    const uint64_t n_src = f->g->n_tensors;
+    if (i >= n_src + (f->v->rope_factors != NULL)) { /* a bias */
+        for (uint64_t j = 0; j < nbytes / 4; j++)
+            ((float *)buf)[j] = (float)((int)(j % 7) - 3) * f->v->bias;
+        return 0;
+    }
+    if (i == n_src) {
+        memcpy(buf, f->v->rope_factors, nbytes);
+        return 0;
+    }
+    const cake_gguf_tensor *t = &f->g->tensors[i];
+    if (!f->v->qwen2 ||
+        !(name_ends(t->name, "attn_q.weight") || name_ends(t->name, "attn_k.weight"))) {
+        memcpy(buf, t->data, nbytes);
+        return 0;
+    }
+    const size_t row = nbytes / t->ne[1], half = (size_t)f->head_dim / 2;
+    for (uint64_t r = 0; r < t->ne[1]; r++) { /* r = head, 2i + b in llama order */
+        const uint64_t head = r / (2 * half), within = r % (2 * half);
+        const uint64_t to = head * 2 * half + (within % 2) * half + within / 2;
+        memcpy((char *)buf + to * row, (const char *)t->data + r * row, row);
+    }
     return 0;
 }
 
@@ -225,18 +264,30 @@ static char *str_copy(cake_gguf_str s) {
     return c;
 }
 
-/* Copies the GGUF at src to dst, adding rope_freqs.weight = factors[0..n)
- * when factors is not NULL, and linear rope scaling by `linear` when > 0.
- * Takes the key types that `cake mkmodel` writes. */
-static void write_variant(const char *src, const char *dst, const float *factors, int n,
-                          float linear) {
+/* Copies the GGUF at src to dst with the changes of v. Takes the key types
+ * that `cake mkmodel` writes. */
+static void write_variant(const char *src, const char *dst, const model_variant *v) {
     cake_gguf *g = NULL;
     char err[256];
     assert_int_equal(cake_gguf_open(src, &g, err, sizeof(err)), 0);
     cake_gguf_writer *w = cake_gguf_writer_init();
+    uint32_t head_dim = 0, dim = 0, n_heads = 0, n_kv = 0, n_layers = 0;
+    assert_int_equal(cake_gguf_get_u32(g, "llama.embedding_length", &dim, err, sizeof(err)), 0);
+    assert_int_equal(cake_gguf_get_u32(g, "llama.attention.head_count", &n_heads, err, sizeof(err)),
+                     0);
+    assert_int_equal(cake_gguf_get_u32(g, "llama.attention.head_count_kv", &n_kv, err, sizeof(err)),
+                     0);
+    assert_int_equal(cake_gguf_get_u32(g, "llama.block_count", &n_layers, err, sizeof(err)), 0);
+    head_dim = dim / n_heads;
     for (uint64_t i = 0; i < g->n_kv; i++) {
         const cake_gguf_kv *kv = &g->kv[i];
         char *key = str_copy(kv->key);
+        if (v->qwen2 && !strncmp(key, "llama.", 6)) {
+            char *renamed = malloc(strlen(key) + 2);
+            sprintf(renamed, "qwen2.%s", key + 6);
+            free(key);
+            key = renamed;
+        }
         if (kv->type == CAKE_GGUF_UINT32) {
             cake_gguf_writer_add_u32(w, key, (uint32_t)kv->v.u64);
         } else if (kv->type == CAKE_GGUF_FLOAT32) {
@@ -244,33 +295,34 @@ static void write_variant(const char *src, const char *dst, const float *factors
         } else if (kv->type == CAKE_GGUF_BOOL) {
             cake_gguf_writer_add_bool(w, key, kv->v.u64 != 0);
         } else if (kv->type == CAKE_GGUF_STRING) {
-            char *v = str_copy(kv->v.str);
-            cake_gguf_writer_add_str(w, key, v);
-            free(v);
+            char *val = str_copy(kv->v.str);
+            const bool arch = !strcmp(key, "general.architecture");
+            cake_gguf_writer_add_str(w, key, arch && v->qwen2 ? "qwen2" : val);
+            free(val);
         } else if (kv->type == CAKE_GGUF_ARRAY && kv->arr_type == CAKE_GGUF_STRING) {
-            char **v = malloc(kv->arr_n * sizeof(*v));
-            for (uint64_t j = 0; j < kv->arr_n; j++) v[j] = str_copy(kv->arr_strs[j]);
-            cake_gguf_writer_add_arr_str(w, key, (const char *const *)v, kv->arr_n);
-            for (uint64_t j = 0; j < kv->arr_n; j++) free(v[j]);
-            free(v);
+            char **a = malloc(kv->arr_n * sizeof(*a));
+            for (uint64_t j = 0; j < kv->arr_n; j++) a[j] = str_copy(kv->arr_strs[j]);
+            cake_gguf_writer_add_arr_str(w, key, (const char *const *)a, kv->arr_n);
+            for (uint64_t j = 0; j < kv->arr_n; j++) free(a[j]);
+            free(a);
         } else if (kv->type == CAKE_GGUF_ARRAY &&
                    (kv->arr_type == CAKE_GGUF_FLOAT32 || kv->arr_type == CAKE_GGUF_INT32)) {
-            void *v = malloc(kv->arr_n * 4);
-            memcpy(v, kv->arr_data, kv->arr_n * 4);
+            void *a = malloc(kv->arr_n * 4);
+            memcpy(a, kv->arr_data, kv->arr_n * 4);
             if (kv->arr_type == CAKE_GGUF_FLOAT32)
-                cake_gguf_writer_add_arr_f32(w, key, v, kv->arr_n);
+                cake_gguf_writer_add_arr_f32(w, key, a, kv->arr_n);
             else
-                cake_gguf_writer_add_arr_i32(w, key, v, kv->arr_n);
-            free(v);
+                cake_gguf_writer_add_arr_i32(w, key, a, kv->arr_n);
+            free(a);
         } else {
             fprintf(stderr, "write_variant: key %s has a type this copy does not take\n", key);
             fail();
         }
         free(key);
     }
-    if (linear > 0) {
+    if (v->linear > 0) {
         cake_gguf_writer_add_str(w, "llama.rope.scaling.type", "linear");
-        cake_gguf_writer_add_f32(w, "llama.rope.scaling.factor", linear);
+        cake_gguf_writer_add_f32(w, "llama.rope.scaling.factor", v->linear);
     }
     for (uint64_t i = 0; i < g->n_tensors; i++) {
         const cake_gguf_tensor *t = &g->tensors[i];
@@ -278,11 +330,20 @@ static void write_variant(const char *src, const char *dst, const float *factors
         cake_gguf_writer_add_tensor(w, name, t->type, t->n_dims, t->ne);
         free(name);
     }
-    if (factors) {
-        const uint64_t ne[1] = {(uint64_t)n};
+    if (v->rope_factors) {
+        const uint64_t ne[1] = {(uint64_t)v->n_factors};
         cake_gguf_writer_add_tensor(w, "rope_freqs.weight", CAKE_DTYPE_F32, 1, ne);
     }
-    variant_fill fill = {g, factors};
+    for (uint32_t l = 0; v->bias != 0 && l < n_layers; l++) {
+        static const char *const which[] = {"q", "k", "v"};
+        for (int k = 0; k < 3; k++) {
+            char name[64];
+            snprintf(name, sizeof(name), "blk.%u.attn_%s.bias", l, which[k]);
+            const uint64_t ne[1] = {k == 0 ? dim : n_kv * head_dim};
+            cake_gguf_writer_add_tensor(w, name, CAKE_DTYPE_F32, 1, ne);
+        }
+    }
+    variant_fill fill = {g, v, (int)head_dim};
     int rc = cake_gguf_writer_write_file(w, dst, fill_variant, &fill, err, sizeof(err));
     if (rc) fprintf(stderr, "write_variant: %s\n", err);
     assert_int_equal(rc, 0);
@@ -328,13 +389,13 @@ static void test_rope_freqs(void **state) {
         llama31[i] = i < half / 4 ? 1.0f : i < half / 2 ? 1.0f + (float)i / half : 8.0f;
     }
     float *plain = first_logits(base);
-    write_variant(base, variant, NULL, 0, 2.0f);
+    write_variant(base, variant, &(model_variant){.linear = 2.0f});
     float *linear2 = first_logits(variant);
-    write_variant(base, variant, twos, half, 0);
+    write_variant(base, variant, &(model_variant){.rope_factors = twos, .n_factors = half});
     float *factor2 = first_logits(variant);
-    write_variant(base, variant, ones, half, 0);
+    write_variant(base, variant, &(model_variant){.rope_factors = ones, .n_factors = half});
     float *factor1 = first_logits(variant);
-    write_variant(base, variant, llama31, half, 0);
+    write_variant(base, variant, &(model_variant){.rope_factors = llama31, .n_factors = half});
     float *scaled = first_logits(variant);
     const size_t bytes = (size_t)n_vocab * sizeof(float);
     assert_memory_equal(factor2, linear2, bytes);
@@ -345,10 +406,10 @@ static void test_rope_freqs(void **state) {
 
     /* a zero factor, and one factor too few */
     twos[1] = 0.0f;
-    write_variant(base, variant, twos, half, 0);
+    write_variant(base, variant, &(model_variant){.rope_factors = twos, .n_factors = half});
     assert_int_equal(cake_model_load(variant, &m, err, sizeof(err)), -1);
     assert_non_null(strstr(err, "rope_freqs.weight"));
-    write_variant(base, variant, ones, half - 1, 0);
+    write_variant(base, variant, &(model_variant){.rope_factors = ones, .n_factors = half - 1});
     assert_int_equal(cake_model_load(variant, &m, err, sizeof(err)), -1);
     assert_non_null(strstr(err, "rope_freqs.weight"));
 
@@ -361,12 +422,247 @@ static void test_rope_freqs(void **state) {
     unlink(base);
 }
 
+/* ---- qwen2: biases and NeoX RoPE ---- */
+
+/* A qwen2 copy of a llama model (q/k rows in NeoX order, no biases) is the
+ * same model: the same logits up to rounding (the attention's dot products
+ * add a head's dimensions in the other order). */
+static void test_qwen2_matches_llama(void **state) {
+    (void)state;
+    const char *base = make_tiny();
+    char variant[96];
+    snprintf(variant, sizeof(variant), "%s.qwen2", base);
+    write_variant(base, variant, &(model_variant){.qwen2 = true});
+    cake_model *m = NULL;
+    char err[512];
+    assert_int_equal(cake_model_load(variant, &m, err, sizeof(err)), 0);
+    assert_true(cake_model_hparams(m)->rope_neox);
+    assert_false(cake_model_hparams(m)->qkv_bias);
+    /* the CUDA backend refuses it (whether or not this build has one) */
+    cake_context_params cp = cake_context_default_params();
+    cp.n_ctx = 64;
+    cp.backend = CAKE_BACKEND_CUDA;
+    cake_context *c = NULL;
+    assert_int_equal(cake_context_init(m, cp, &c, err, sizeof(err)), -1);
+#ifdef CAKE_HAVE_CUDA
+    assert_non_null(strstr(err, "qwen2"));
+#endif
+    const int n_vocab = cake_model_hparams(m)->n_vocab;
+    cake_model_free(m);
+    float *llama = first_logits(base), *qwen2 = first_logits(variant);
+    const float d = max_rel_diff(llama, qwen2, n_vocab);
+    printf("qwen2 copy vs llama: logits rel diff %.3g\n", d);
+    assert_true(d <= 1e-5f);
+    free(llama);
+    free(qwen2);
+    unlink(variant);
+    unlink(base);
+}
+
+/* Tensor `what` of layer `layer` (blk.N.what; layer < 0: what itself) of an
+ * F32 model, or NULL when absent. */
+static const float *f32_tensor(const cake_gguf *g, int layer, const char *what) {
+    char name[96];
+    if (layer < 0)
+        snprintf(name, sizeof(name), "%s", what);
+    else
+        snprintf(name, sizeof(name), "blk.%d.%s", layer, what);
+    const cake_gguf_tensor *t = cake_gguf_find_tensor(g, name);
+    if (t) assert_int_equal(t->type, CAKE_DTYPE_F32);
+    return t ? t->data : NULL;
+}
+
+/* y = W x + b (W: n_out rows of n_in; b may be NULL), in double. */
+static void ref_linear(double *y, const float *w, const float *b, const double *x, int n_in,
+                       int n_out) {
+    for (int o = 0; o < n_out; o++) {
+        double acc = b ? b[o] : 0;
+        for (int i = 0; i < n_in; i++) acc += (double)w[(size_t)o * n_in + i] * x[i];
+        y[o] = acc;
+    }
+}
+
+static void ref_rmsnorm(double *y, const double *x, const float *w, int n, double eps) {
+    double ss = 0;
+    for (int i = 0; i < n; i++) ss += x[i] * x[i];
+    const double s = 1.0 / sqrt(ss / n + eps);
+    for (int i = 0; i < n; i++) y[i] = x[i] * s * w[i];
+}
+
+/* Turns each head of x by position pos: pairs (2i, 2i+1), or (i, i + hd/2)
+ * when neox. */
+static void ref_rope(double *x, int n_heads, int hd, int pos, double theta, bool neox) {
+    for (int h = 0; h < n_heads; h++)
+        for (int i = 0; i < hd / 2; i++) {
+            const double a = pos * pow(theta, -2.0 * i / hd);
+            double *p0 = x + h * hd + (neox ? i : 2 * i), *p1 = neox ? p0 + hd / 2 : p0 + 1;
+            const double x0 = *p0, x1 = *p1;
+            *p0 = x0 * cos(a) - x1 * sin(a);
+            *p1 = x0 * sin(a) + x1 * cos(a);
+        }
+}
+
+/* The last position's logits of an F32 llama/qwen2 model at path, computed
+ * plainly in double from the formulas (llama.cpp's llm_build_llama and
+ * llm_build_qwen2): a reference written apart from the engine. */
+static double *reference_logits(const char *path, const cake_token *prompt, int n) {
+    cake_gguf *g = NULL;
+    char err[256];
+    assert_int_equal(cake_gguf_open(path, &g, err, sizeof(err)), 0);
+    cake_gguf_str arch;
+    assert_int_equal(cake_gguf_get_str(g, "general.architecture", &arch, err, sizeof(err)), 0);
+    const bool neox = arch.len == 5 && !memcmp(arch.ptr, "qwen2", 5);
+    char key[96];
+    uint32_t dim, n_layers, nh, nkv, ffn;
+    float theta = 10000.0f;
+#define KEY(s) (snprintf(key, sizeof(key), "%s.%s", neox ? "qwen2" : "llama", s), key)
+    assert_int_equal(cake_gguf_get_u32(g, KEY("embedding_length"), &dim, err, sizeof(err)), 0);
+    assert_int_equal(cake_gguf_get_u32(g, KEY("block_count"), &n_layers, err, sizeof(err)), 0);
+    assert_int_equal(cake_gguf_get_u32(g, KEY("attention.head_count"), &nh, err, sizeof(err)), 0);
+    assert_int_equal(cake_gguf_get_u32(g, KEY("attention.head_count_kv"), &nkv, err, sizeof(err)),
+                     0);
+    assert_int_equal(cake_gguf_get_u32(g, KEY("feed_forward_length"), &ffn, err, sizeof(err)), 0);
+    cake_gguf_get_f32(g, KEY("rope.freq_base"), &theta, err, sizeof(err));
+#undef KEY
+    const int hd = (int)(dim / nh), kvd = (int)nkv * hd,
+              nv = (int)cake_gguf_find_tensor(g, "token_embd.weight")->ne[1];
+    const double eps = 1e-5;
+    double *x = calloc((size_t)n * dim, sizeof(double)), *xn = malloc(dim * sizeof(double));
+    double *q = malloc(dim * sizeof(double)), *o = malloc(dim * sizeof(double));
+    double *k = malloc((size_t)n * kvd * sizeof(double)),
+           *v = malloc((size_t)n * kvd * sizeof(double));
+    double *gate = malloc(ffn * sizeof(double)), *up = malloc(ffn * sizeof(double)),
+           *tmp = malloc((dim > ffn ? dim : ffn) * sizeof(double));
+    double *sc = malloc((size_t)n * sizeof(double));
+    const float *embd = f32_tensor(g, -1, "token_embd.weight");
+    for (int t = 0; t < n; t++)
+        for (uint32_t i = 0; i < dim; i++)
+            x[(size_t)t * dim + i] = embd[(size_t)prompt[t] * dim + i];
+    for (uint32_t l = 0; l < n_layers; l++) {
+        const int L = (int)l;
+        for (int t = 0; t < n; t++) { /* keys and values of every position first */
+            ref_rmsnorm(xn, x + (size_t)t * dim, f32_tensor(g, L, "attn_norm.weight"), dim, eps);
+            ref_linear(k + (size_t)t * kvd, f32_tensor(g, L, "attn_k.weight"),
+                       f32_tensor(g, L, "attn_k.bias"), xn, dim, kvd);
+            ref_linear(v + (size_t)t * kvd, f32_tensor(g, L, "attn_v.weight"),
+                       f32_tensor(g, L, "attn_v.bias"), xn, dim, kvd);
+            ref_rope(k + (size_t)t * kvd, (int)nkv, hd, t, theta, neox);
+        }
+        for (int t = 0; t < n; t++) {
+            double *xt = x + (size_t)t * dim;
+            ref_rmsnorm(xn, xt, f32_tensor(g, L, "attn_norm.weight"), dim, eps);
+            ref_linear(q, f32_tensor(g, L, "attn_q.weight"), f32_tensor(g, L, "attn_q.bias"), xn,
+                       dim, dim);
+            ref_rope(q, (int)nh, hd, t, theta, neox);
+            for (int h = 0; h < (int)nh; h++) {
+                const int kh = h / (int)(nh / nkv);
+                double mx = -1e300, sum = 0;
+                for (int j = 0; j <= t; j++) {
+                    double d = 0;
+                    for (int i = 0; i < hd; i++)
+                        d += q[h * hd + i] * k[(size_t)j * kvd + kh * hd + i];
+                    sc[j] = d / sqrt(hd);
+                    if (sc[j] > mx) mx = sc[j];
+                }
+                for (int j = 0; j <= t; j++) sum += sc[j] = exp(sc[j] - mx);
+                for (int i = 0; i < hd; i++) {
+                    double acc = 0;
+                    for (int j = 0; j <= t; j++) acc += sc[j] * v[(size_t)j * kvd + kh * hd + i];
+                    o[h * hd + i] = acc / sum;
+                }
+            }
+            ref_linear(tmp, f32_tensor(g, L, "attn_output.weight"), NULL, o, dim, dim);
+            for (uint32_t i = 0; i < dim; i++) xt[i] += tmp[i];
+        }
+        for (int t = 0; t < n; t++) {
+            double *xt = x + (size_t)t * dim;
+            ref_rmsnorm(xn, xt, f32_tensor(g, L, "ffn_norm.weight"), dim, eps);
+            ref_linear(gate, f32_tensor(g, L, "ffn_gate.weight"), NULL, xn, dim, ffn);
+            ref_linear(up, f32_tensor(g, L, "ffn_up.weight"), NULL, xn, dim, ffn);
+            for (uint32_t i = 0; i < ffn; i++) gate[i] = gate[i] / (1 + exp(-gate[i])) * up[i];
+            ref_linear(tmp, f32_tensor(g, L, "ffn_down.weight"), NULL, gate, ffn, dim);
+            for (uint32_t i = 0; i < dim; i++) xt[i] += tmp[i];
+        }
+    }
+    ref_rmsnorm(xn, x + (size_t)(n - 1) * dim, f32_tensor(g, -1, "output_norm.weight"), dim, eps);
+    double *logits = malloc((size_t)nv * sizeof(double));
+    const float *out = f32_tensor(g, -1, "output.weight");
+    ref_linear(logits, out ? out : embd, NULL, xn, dim, nv);
+    free(x);
+    free(xn);
+    free(q);
+    free(o);
+    free(k);
+    free(v);
+    free(gate);
+    free(up);
+    free(tmp);
+    free(sc);
+    cake_gguf_close(g);
+    return logits;
+}
+
+/* Largest |a - ref| over the vector, relative to its largest |ref|. */
+static double rel_to_ref(const float *a, const double *ref, int n) {
+    double scale = 0, d = 0;
+    for (int i = 0; i < n; i++) scale = fmax(scale, fabs(ref[i]));
+    for (int i = 0; i < n; i++) d = fmax(d, fabs(a[i] - ref[i]));
+    return d / scale;
+}
+
+/* The engine against the reference: the llama model (checks the reference),
+ * and its qwen2 copy with q/k/v biases. */
+static void test_qwen2_reference(void **state) {
+    (void)state;
+    char base[] = "/tmp/cake-test-tiny32-XXXXXX";
+    int fd = mkstemp(base);
+    assert_true(fd >= 0);
+    close(fd);
+    char cmd[512];
+    snprintf(cmd, sizeof(cmd), "%s mkmodel --shape tiny --dtype f32 -o %s 2>/dev/null", CAKE_BIN,
+             base);
+    assert_int_equal(system(cmd), 0);
+    char variant[96];
+    snprintf(variant, sizeof(variant), "%s.qwen2", base);
+    write_variant(base, variant, &(model_variant){.qwen2 = true, .bias = 0.05f});
+
+    cake_token prompt[40];
+    for (int i = 0; i < 40; i++) prompt[i] = 3 + (cake_token)(i * 7919 % 1000);
+    const char *paths[] = {base, variant};
+    float *got[2];
+    for (int k = 0; k < 2; k++) {
+        cake_model *m = NULL;
+        char err[512];
+        assert_int_equal(cake_model_load(paths[k], &m, err, sizeof(err)), 0);
+        assert_int_equal(cake_model_hparams(m)->qkv_bias, k == 1);
+        const int nv = cake_model_hparams(m)->n_vocab;
+        run_result r;
+        run_greedy(m, prompt, 40, 1, 16, CAKE_KV_F32, 2, &r);
+        cake_model_free(m);
+        double *ref = reference_logits(paths[k], prompt, 40);
+        const double d = rel_to_ref(r.logits, ref, nv);
+        printf("%s: logits vs the reference: %.3g (tolerance 1e-5)\n",
+               k ? "qwen2 with biases" : "llama", d);
+        assert_true(d <= 1e-5);
+        free(ref);
+        got[k] = r.logits;
+    }
+    /* the biases matter */
+    assert_memory_not_equal(got[0], got[1], 1000 * sizeof(float));
+    free(got[0]);
+    free(got[1]);
+    unlink(variant);
+    unlink(base);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_golden_greedy_and_logits),
         cmocka_unit_test(test_chunked_prefill_stories),
         cmocka_unit_test(test_chunked_prefill_mkmodel),
         cmocka_unit_test(test_rope_freqs),
+        cmocka_unit_test(test_qwen2_matches_llama),
+        cmocka_unit_test(test_qwen2_reference),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -269,6 +269,22 @@ static void test_rope(void **state) {
                 free(d);
                 free(e);
             }
+            /* NeoX style: the same turns of pairs (i, i + hd/2), to the bit */
+            float *x = xmalloc(n * 4);
+            for (size_t i = 0; i < n; i++) x[i] = rnd_f(-3, 3);
+            for (size_t r = 0; r < n / hd; r++)
+                for (int i = 0; i < hd / 2; i++) {
+                    c[r * hd + 2 * i] = x[r * hd + i];
+                    c[r * hd + 2 * i + 1] = x[r * hd + hd / 2 + i];
+                }
+            cake_rope(c, T, nh, hd, pos0, freqs);
+            cake_rope_neox(x, T, nh, hd, pos0, freqs);
+            for (size_t r = 0; r < n / hd; r++)
+                for (int i = 0; i < hd / 2; i++) {
+                    assert_memory_equal(&x[r * hd + i], &c[r * hd + 2 * i], 4);
+                    assert_memory_equal(&x[r * hd + hd / 2 + i], &c[r * hd + 2 * i + 1], 4);
+                }
+            free(x);
             free(freqs);
             free(a);
             free(b);

@@ -1,5 +1,12 @@
-/* Loading a GGUF Llama model: read the architecture keys, check every tensor's
- * presence, dtype and shape, and point at the weights inside the mapping. */
+/* Loading a GGUF Llama-family model: read the architecture keys, check every
+ * tensor's presence, dtype and shape, and point at the weights inside the
+ * mapping.
+ *
+ * Two architectures share the layers: `llama`, and `qwen2` (Qwen2/2.5), which
+ * is the same block with biases on q, k and v and RoPE rotating the two
+ * halves of a head (NeoX style) instead of adjacent pairs. llama.cpp's
+ * converter permutes Llama's q/k rows so that adjacent pairs work, but not
+ * Qwen2's. Optional q/k/v biases are taken on either, as llama.cpp does. */
 #include "model/model.h"
 
 #include <math.h>
@@ -102,17 +109,23 @@ static int read_hparams(const cake_gguf *g, cake_hparams *hp, char *err, size_t 
     int rc = cake_gguf_get_str(g, "general.architecture", &arch, err, errlen);
     if (rc == -1) return cake_err(err, errlen, "missing metadata key 'general.architecture'");
     if (rc < 0) return -1;
-    if (!str_eq(arch, "llama"))
-        return cake_err(err, errlen, "architecture '%.*s' is not supported (only 'llama' is)",
+    if (!str_eq(arch, "llama") && !str_eq(arch, "qwen2"))
+        return cake_err(err, errlen,
+                        "architecture '%.*s' is not supported ('llama' and 'qwen2' are)",
                         (int)(arch.len > 64 ? 64 : arch.len), arch.ptr);
+    hp->rope_neox = str_eq(arch, "qwen2");
+    /* The keys are named after the architecture: llama.block_count, ... */
+    char key[96];
+#define KEY(suffix) (snprintf(key, sizeof(key), "%.*s." suffix, (int)arch.len, arch.ptr), key)
 
-    if (get_u32_in(g, "llama.embedding_length", 1, 0, 1, 1 << 16, &hp->dim, err, errlen) ||
-        get_u32_in(g, "llama.block_count", 1, 0, 1, 1024, &hp->n_layers, err, errlen) ||
-        get_u32_in(g, "llama.attention.head_count", 1, 0, 1, 1024, &hp->n_heads, err, errlen) ||
-        get_u32_in(g, "llama.attention.head_count_kv", 0, (uint32_t)hp->n_heads, 1, 1024,
+    if (get_u32_in(g, KEY("embedding_length"), 1, 0, 1, 1 << 16, &hp->dim, err, errlen) ||
+        get_u32_in(g, KEY("block_count"), 1, 0, 1, 1024, &hp->n_layers, err, errlen) ||
+        get_u32_in(g, KEY("attention.head_count"), 1, 0, 1, 1024, &hp->n_heads, err, errlen))
+        return -1;
+    if (get_u32_in(g, KEY("attention.head_count_kv"), 0, (uint32_t)hp->n_heads, 1, 1024,
                    &hp->n_kv_heads, err, errlen) ||
-        get_u32_in(g, "llama.feed_forward_length", 1, 0, 1, 1 << 20, &hp->ffn_dim, err, errlen) ||
-        get_u32_in(g, "llama.context_length", 1, 0, 1, 1 << 24, &hp->n_ctx_train, err, errlen))
+        get_u32_in(g, KEY("feed_forward_length"), 1, 0, 1, 1 << 20, &hp->ffn_dim, err, errlen) ||
+        get_u32_in(g, KEY("context_length"), 1, 0, 1, 1 << 24, &hp->n_ctx_train, err, errlen))
         return -1;
     if (hp->dim % hp->n_heads)
         return cake_err(err, errlen, "embedding_length %d is not a multiple of head_count %d",
@@ -125,16 +138,14 @@ static int read_hparams(const cake_gguf *g, cake_hparams *hp, char *err, size_t 
         return cake_err(err, errlen, "head dimension %d is odd (RoPE rotates pairs)", hp->head_dim);
 
     int rope_dims;
-    if (get_u32_in(g, "llama.rope.dimension_count", 0, (uint32_t)hp->head_dim, 0, 1 << 16,
+    if (get_u32_in(g, KEY("rope.dimension_count"), 0, (uint32_t)hp->head_dim, 0, 1 << 16,
                    &rope_dims, err, errlen))
         return -1;
     if (rope_dims != hp->head_dim)
-        return cake_err(err, errlen,
-                        "llama.rope.dimension_count %d != head dimension %d (partial RoPE is not "
-                        "supported)",
-                        rope_dims, hp->head_dim);
-    if (get_f32_or(g, "llama.attention.layer_norm_rms_epsilon", 1e-5f, &hp->rms_eps, err, errlen) ||
-        get_f32_or(g, "llama.rope.freq_base", 10000.0f, &hp->rope_theta, err, errlen))
+        return cake_err(err, errlen, "%s %d != head dimension %d (partial RoPE is not supported)",
+                        KEY("rope.dimension_count"), rope_dims, hp->head_dim);
+    if (get_f32_or(g, KEY("attention.layer_norm_rms_epsilon"), 1e-5f, &hp->rms_eps, err, errlen) ||
+        get_f32_or(g, KEY("rope.freq_base"), 10000.0f, &hp->rope_theta, err, errlen))
         return -1;
     if (hp->rms_eps <= 0 || hp->rope_theta <= 0)
         return cake_err(err, errlen, "rms epsilon and rope.freq_base must be positive");
@@ -143,7 +154,7 @@ static int read_hparams(const cake_gguf *g, cake_hparams *hp, char *err, size_t 
      * positions' meaning and is refused rather than silently ignored. */
     hp->rope_freq_scale = 1.0f;
     cake_gguf_str scaling;
-    rc = cake_gguf_get_str(g, "llama.rope.scaling.type", &scaling, err, errlen);
+    rc = cake_gguf_get_str(g, KEY("rope.scaling.type"), &scaling, err, errlen);
     if (rc == -2) return -1;
     if (rc == 0 && !str_eq(scaling, "none")) {
         if (!str_eq(scaling, "linear"))
@@ -151,12 +162,22 @@ static int read_hparams(const cake_gguf *g, cake_hparams *hp, char *err, size_t 
                             "rope scaling type '%.*s' is not supported (none and linear are)",
                             (int)(scaling.len > 32 ? 32 : scaling.len), scaling.ptr);
         float factor = 1.0f;
-        if (get_f32_or(g, "llama.rope.scaling.factor", 1.0f, &factor, err, errlen)) return -1;
-        if (factor < 1.0f)
-            return cake_err(err, errlen, "llama.rope.scaling.factor %g must be >= 1", factor);
+        if (get_f32_or(g, KEY("rope.scaling.factor"), 1.0f, &factor, err, errlen)) return -1;
+        if (factor < 1.0f) return cake_err(err, errlen, "%s %g must be >= 1", key, factor);
         hp->rope_freq_scale = 1.0f / factor;
     }
+#undef KEY
     return 0;
+}
+
+/* An optional bias vector of length n: NULL when absent (*failed stays 0),
+ * else as load_norm (*failed = 1 when it is malformed). */
+static float *load_bias(const cake_gguf *g, const char *name, int n, int *failed, char *err,
+                        size_t errlen) {
+    if (*failed || !cake_gguf_find_tensor(g, name)) return NULL;
+    float *b = load_norm(g, name, n, err, errlen);
+    *failed = !b;
+    return b;
 }
 
 /* Each RoPE pair's frequency (cake_model.rope_freqs), with Llama 3.1's per-pair
@@ -190,6 +211,9 @@ static void free_layers(cake_model *m) {
     for (int l = 0; l < m->hp.n_layers; l++) {
         free(m->layers[l].attn_norm);
         free(m->layers[l].ffn_norm);
+        free(m->layers[l].bq);
+        free(m->layers[l].bk);
+        free(m->layers[l].bv);
     }
     free(m->layers);
     m->layers = NULL;
@@ -266,6 +290,12 @@ int cake_model_load(const char *path, cake_model **out, char *err, size_t errlen
             find_weight(g, LAYER_NAME("ffn_down.weight"), ffn, dim, 0, &L->w_down, why,
                         sizeof(why)))
             goto fail_why;
+        int failed = 0;
+        L->bq = load_bias(g, LAYER_NAME("attn_q.bias"), dim, &failed, why, sizeof(why));
+        L->bk = load_bias(g, LAYER_NAME("attn_k.bias"), kv_dim, &failed, why, sizeof(why));
+        L->bv = load_bias(g, LAYER_NAME("attn_v.bias"), kv_dim, &failed, why, sizeof(why));
+        if (failed) goto fail_why;
+        if (L->bq || L->bk || L->bv) hp->qkv_bias = true;
 #undef LAYER_NAME
     }
     hp->weight_dtype = m->layers[0].wq.dtype;
@@ -315,6 +345,9 @@ static void compute_fingerprint(void) {
     const int64_t arch[] = {hp->n_vocab,    hp->dim,      hp->n_layers, hp->n_heads,
                             hp->n_kv_heads, hp->head_dim, hp->ffn_dim,  hp->tied_output};
     for (size_t i = 0; i < sizeof(arch) / sizeof(arch[0]); i++) hash_u64(st, (uint64_t)arch[i]);
+    /* NeoX RoPE turns other pairs of the same weights; hashed only when set,
+     * so that every llama model keeps the fingerprint (and store) it had. */
+    if (hp->rope_neox) hash_u64(st, 0x6e656f78u);
     hash_u64(st, cake_bits_from_f32(hp->rms_eps));
     hash_u64(st, cake_bits_from_f32(hp->rope_theta));
     hash_u64(st, cake_bits_from_f32(hp->rope_freq_scale));

@@ -17,15 +17,16 @@ typedef struct {
 } cake_weight;
 
 typedef struct {
-    float *attn_norm;   /* (dim) */
-    cake_weight wq;     /* (dim, dim) */
-    cake_weight wk;     /* (kv_dim, dim) */
-    cake_weight wv;     /* (kv_dim, dim) */
-    cake_weight wo;     /* (dim, dim) */
-    float *ffn_norm;    /* (dim) */
-    cake_weight w_gate; /* (ffn, dim) */
-    cake_weight w_up;   /* (ffn, dim) */
-    cake_weight w_down; /* (dim, ffn) */
+    float *attn_norm;    /* (dim) */
+    cake_weight wq;      /* (dim, dim) */
+    cake_weight wk;      /* (kv_dim, dim) */
+    cake_weight wv;      /* (kv_dim, dim) */
+    cake_weight wo;      /* (dim, dim) */
+    float *bq, *bk, *bv; /* (dim), (kv_dim), (kv_dim) biases; NULL when absent */
+    float *ffn_norm;     /* (dim) */
+    cake_weight w_gate;  /* (ffn, dim) */
+    cake_weight w_up;    /* (ffn, dim) */
+    cake_weight w_down;  /* (dim, ffn) */
 } cake_layer;
 
 struct cake_model {

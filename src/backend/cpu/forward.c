@@ -72,8 +72,16 @@ void cake_cpu_forward_batch(cake_context *c, const cake_token *tokens, int n, ca
         matmul(s->q, s->xb, &L->wq, n, pool);
         matmul(s->k, s->xb, &L->wk, n, pool);
         matmul(s->v, s->xb, &L->wv, n, pool);
-        cake_rope(s->q, n, hp->n_heads, hp->head_dim, pos0, m->rope_freqs);
-        cake_rope(s->k, n, hp->n_kv_heads, hp->head_dim, pos0, m->rope_freqs);
+        if (L->bq) cake_add_bias(s->q, L->bq, n, dim);
+        if (L->bk) cake_add_bias(s->k, L->bk, n, hp->n_kv_heads * hp->head_dim);
+        if (L->bv) cake_add_bias(s->v, L->bv, n, hp->n_kv_heads * hp->head_dim);
+        if (hp->rope_neox) {
+            cake_rope_neox(s->q, n, hp->n_heads, hp->head_dim, pos0, m->rope_freqs);
+            cake_rope_neox(s->k, n, hp->n_kv_heads, hp->head_dim, pos0, m->rope_freqs);
+        } else {
+            cake_rope(s->q, n, hp->n_heads, hp->head_dim, pos0, m->rope_freqs);
+            cake_rope(s->k, n, hp->n_kv_heads, hp->head_dim, pos0, m->rope_freqs);
+        }
         store_kv(&c->kv, l, s->k, s->v, n, pos0);
 
         cake_attn_args a = {

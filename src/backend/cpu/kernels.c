@@ -231,6 +231,36 @@ void cake_rope(float *x, int n_tokens, int n_heads, int head_dim, int pos0, cons
     }
 }
 
+/* NeoX style: pair i is (i, i + half), so both halves are contiguous runs
+ * and the plain loop vectorises; the products and sums are those of the
+ * adjacent-pair kernel, so a head whose halves are interleaved into pairs
+ * turns into the same floats. */
+void cake_rope_neox(float *x, int n_tokens, int n_heads, int head_dim, int pos0,
+                    const double *freqs) {
+    float c[ROPE_MAX_HALF], s[ROPE_MAX_HALF];
+    const int half = head_dim / 2;
+    if (half > ROPE_MAX_HALF) return;
+    for (int t = 0; t < n_tokens; t++) {
+        rope_cos_sin(pos0 + t, head_dim, freqs, c, s);
+        for (int h = 0; h < n_heads; h++) {
+            float *lo = x + ((size_t)t * (size_t)n_heads + (size_t)h) * (size_t)head_dim;
+            float *hi = lo + half;
+            for (int i = 0; i < half; i++) {
+                const float x0 = lo[i], x1 = hi[i];
+                lo[i] = x0 * c[i] - x1 * s[i];
+                hi[i] = x0 * s[i] + x1 * c[i];
+            }
+        }
+    }
+}
+
+void cake_add_bias(float *x, const float *b, int n_rows, int n) {
+    for (int r = 0; r < n_rows; r++) {
+        float *row = x + (size_t)r * (size_t)n;
+        for (int i = 0; i < n; i++) row[i] += b[i];
+    }
+}
+
 /* ===================== SwiGLU ===================== */
 
 void cake_swiglu_ref(float *h, const float *g, const float *u, size_t n) {

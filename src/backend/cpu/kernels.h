@@ -32,6 +32,12 @@ void cake_rmsnorm_ref(float *y, const float *x, const float *w, int n_tokens, in
 void cake_rope(float *x, int n_tokens, int n_heads, int head_dim, int pos0, const double *freqs);
 void cake_rope_ref(float *x, int n_tokens, int n_heads, int head_dim, int pos0,
                    const double *freqs);
+/* The same turning pairs (i, i + head_dim/2) instead (NeoX style, qwen2). */
+void cake_rope_neox(float *x, int n_tokens, int n_heads, int head_dim, int pos0,
+                    const double *freqs);
+
+/* ---- bias: x[r][i] += b[i] for n_rows rows of n ---- */
+void cake_add_bias(float *x, const float *b, int n_rows, int n);
 
 /* ---- SwiGLU: h[i] = silu(g[i]) * u[i], i < n; h may alias g. ---- */
 void cake_swiglu(float *h, const float *g, const float *u, size_t n);
