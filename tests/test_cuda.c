@@ -74,21 +74,13 @@ static char tiny_path[64], tiny32_path[64], mha_path[64]; /* "" when not made */
 
 /* ---- models ---- */
 
-static int make_model(char *path, size_t size, const char *shape, const char *dtype) {
-    snprintf(path, size, "/tmp/cake-test-cuda-XXXXXX");
-    int fd = mkstemp(path);
-    if (fd < 0) return -1;
-    close(fd);
-    char cmd[512];
-    snprintf(cmd, sizeof(cmd), "%s mkmodel --shape %s --dtype %s -o %s 2>/dev/null", CAKE_BIN,
-             shape, dtype, path);
-    if (system(cmd) != 0) {
-        fprintf(stderr, "'%s' failed\n", cmd);
-        unlink(path);
-        path[0] = '\0';
-        return -1;
-    }
-    return 0;
+/* test_make_model, leaving path empty when it fails. */
+static int make_model(char path[64], const char *shape, const char *dtype) {
+    if (test_make_model(shape, dtype, path) == 0) return 0;
+    fprintf(stderr, "cake mkmodel --shape %s --dtype %s failed\n", shape, dtype);
+    unlink(path);
+    path[0] = '\0';
+    return -1;
 }
 
 static int group_setup(void **state) {
@@ -96,9 +88,9 @@ static int group_setup(void **state) {
     gpu_ok = cake_cuda_available(gpu_why, sizeof(gpu_why));
     if (!gpu_ok) return 0; /* every test skips; no need for models */
     /* A failure here leaves the path empty and the test using it fails. */
-    make_model(tiny_path, sizeof(tiny_path), "tiny", "f16");
-    make_model(tiny32_path, sizeof(tiny32_path), "tiny", "f32");
-    make_model(mha_path, sizeof(mha_path), "mha-160m", "f16");
+    make_model(tiny_path, "tiny", "f16");
+    make_model(tiny32_path, "tiny", "f32");
+    make_model(mha_path, "mha-160m", "f16");
     return 0;
 }
 
@@ -363,6 +355,22 @@ static void test_tiny_f32_vs_cpu(void **state) {
     check_vs_cpu(tiny32_path, 150, 8, 512, TOL_F32, "tiny F32, GPU vs CPU");
 }
 
+/* qwen2: the tiny model's qwen2 copy with q/k/v biases (NeoX RoPE, the
+ * biases added in the RoPE/KV kernel). */
+static void test_qwen2_vs_cpu(void **state) {
+    (void)state;
+    REQUIRE_GPU();
+    char path[96], err[256];
+    snprintf(path, sizeof(path), "%s.qwen2", tiny_path);
+    const test_model_variant v = {.qwen2 = true, .bias = 0.05f};
+    const int rc = test_write_variant(tiny_path, path, &v, err, sizeof(err));
+    if (rc) fprintf(stderr, "%s\n", err);
+    assert_int_equal(rc, 0);
+    check_vs_cpu(path, 150, 8, 512, TOL_F16, "tiny qwen2 with biases, GPU vs CPU");
+    check_vs_cpu(path, 150, 8, 40, TOL_F16, "tiny qwen2 with biases in chunks of 40, GPU vs CPU");
+    unlink(path);
+}
+
 static void test_mha160m_vs_cpu(void **state) {
     (void)state;
     REQUIRE_GPU();
@@ -573,8 +581,9 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_attention_kernels), cmocka_unit_test(test_stories_golden),
         cmocka_unit_test(test_tiny_f16_vs_cpu),   cmocka_unit_test(test_tiny_f32_vs_cpu),
-        cmocka_unit_test(test_mha160m_vs_cpu),    cmocka_unit_test(test_chunked_prefill),
-        cmocka_unit_test(test_deterministic),     cmocka_unit_test(test_kv_transfer),
+        cmocka_unit_test(test_qwen2_vs_cpu),      cmocka_unit_test(test_mha160m_vs_cpu),
+        cmocka_unit_test(test_chunked_prefill),   cmocka_unit_test(test_deterministic),
+        cmocka_unit_test(test_kv_transfer),
     };
     /* CAKE_TEST_FILTER=NAME runs the tests whose names match (cmocka's
      * pattern), e.g. the attention kernels alone under each CAKE_CUDA_WGMMA. */

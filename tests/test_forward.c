@@ -179,14 +179,8 @@ static void test_chunked_prefill_stories(void **state) {
 
 /* A `cake mkmodel --shape tiny` file at a temp path (static buffer). */
 static const char *make_tiny(void) {
-    static char path[] = "/tmp/cake-test-tiny-XXXXXX";
-    strcpy(path + strlen(path) - 6, "XXXXXX");
-    int fd = mkstemp(path);
-    assert_true(fd >= 0);
-    close(fd);
-    char cmd[512];
-    snprintf(cmd, sizeof(cmd), "%s mkmodel --shape tiny -o %s 2>/dev/null", CAKE_BIN, path);
-    assert_int_equal(system(cmd), 0);
+    static char path[64];
+    assert_int_equal(test_make_model("tiny", "f16", path), 0);
     return path;
 }
 
@@ -206,149 +200,11 @@ static void test_chunked_prefill_mkmodel(void **state) {
 
 /* ---- Llama 3.1's rope scaling ---- */
 
-/* What write_variant changes in a copy of a model. */
-typedef struct {
-    const float *rope_factors; /* rope_freqs.weight, n_factors values; NULL: none */
-    int n_factors;
-    float linear; /* linear RoPE scaling by this factor; 0: none */
-    /* qwen2: architecture and keys renamed, each head's q/k rows put back in
-     * the NeoX order that llama.cpp's converter permutes Llama's out of
-     * (llama row 2i + b is qwen2 row b * head_dim/2 + i). */
-    bool qwen2;
-    float bias; /* q/k/v biases of (j % 7 - 3) * bias at index j; 0: none */
-} model_variant;
-
-typedef struct {
-    const cake_gguf *g;
-    const model_variant *v;
-    int head_dim;
-} variant_fill;
-
-static bool name_ends(cake_gguf_str name, const char *suffix) {
-    const size_t n = strlen(suffix);
-    return name.len >= n && memcmp(name.ptr + name.len - n, suffix, n) == 0;
-}
-
-static int fill_variant(uint64_t i, void *buf, uint64_t nbytes, void *ctx) {
-    const variant_fill *f = ctx;
-    const uint64_t n_src = f->g->n_tensors;
-    if (i >= n_src + (f->v->rope_factors != NULL)) { /* a bias */
-        for (uint64_t j = 0; j < nbytes / 4; j++)
-            ((float *)buf)[j] = (float)((int)(j % 7) - 3) * f->v->bias;
-        return 0;
-    }
-    if (i == n_src) {
-        memcpy(buf, f->v->rope_factors, nbytes);
-        return 0;
-    }
-    const cake_gguf_tensor *t = &f->g->tensors[i];
-    if (!f->v->qwen2 ||
-        !(name_ends(t->name, "attn_q.weight") || name_ends(t->name, "attn_k.weight"))) {
-        memcpy(buf, t->data, nbytes);
-        return 0;
-    }
-    const size_t row = nbytes / t->ne[1], half = (size_t)f->head_dim / 2;
-    for (uint64_t r = 0; r < t->ne[1]; r++) { /* r = head, 2i + b in llama order */
-        const uint64_t head = r / (2 * half), within = r % (2 * half);
-        const uint64_t to = head * 2 * half + (within % 2) * half + within / 2;
-        memcpy((char *)buf + to * row, (const char *)t->data + r * row, row);
-    }
-    return 0;
-}
-
-static char *str_copy(cake_gguf_str s) {
-    char *c = malloc(s.len + 1);
-    assert_non_null(c);
-    memcpy(c, s.ptr, s.len);
-    c[s.len] = '\0';
-    return c;
-}
-
-/* Copies the GGUF at src to dst with the changes of v. Takes the key types
- * that `cake mkmodel` writes. */
-static void write_variant(const char *src, const char *dst, const model_variant *v) {
-    cake_gguf *g = NULL;
+static void write_variant(const char *src, const char *dst, const test_model_variant *v) {
     char err[256];
-    assert_int_equal(cake_gguf_open(src, &g, err, sizeof(err)), 0);
-    cake_gguf_writer *w = cake_gguf_writer_init();
-    uint32_t head_dim = 0, dim = 0, n_heads = 0, n_kv = 0, n_layers = 0;
-    assert_int_equal(cake_gguf_get_u32(g, "llama.embedding_length", &dim, err, sizeof(err)), 0);
-    assert_int_equal(cake_gguf_get_u32(g, "llama.attention.head_count", &n_heads, err, sizeof(err)),
-                     0);
-    assert_int_equal(cake_gguf_get_u32(g, "llama.attention.head_count_kv", &n_kv, err, sizeof(err)),
-                     0);
-    assert_int_equal(cake_gguf_get_u32(g, "llama.block_count", &n_layers, err, sizeof(err)), 0);
-    head_dim = dim / n_heads;
-    for (uint64_t i = 0; i < g->n_kv; i++) {
-        const cake_gguf_kv *kv = &g->kv[i];
-        char *key = str_copy(kv->key);
-        if (v->qwen2 && !strncmp(key, "llama.", 6)) {
-            char *renamed = malloc(strlen(key) + 2);
-            sprintf(renamed, "qwen2.%s", key + 6);
-            free(key);
-            key = renamed;
-        }
-        if (kv->type == CAKE_GGUF_UINT32) {
-            cake_gguf_writer_add_u32(w, key, (uint32_t)kv->v.u64);
-        } else if (kv->type == CAKE_GGUF_FLOAT32) {
-            cake_gguf_writer_add_f32(w, key, (float)kv->v.f64);
-        } else if (kv->type == CAKE_GGUF_BOOL) {
-            cake_gguf_writer_add_bool(w, key, kv->v.u64 != 0);
-        } else if (kv->type == CAKE_GGUF_STRING) {
-            char *val = str_copy(kv->v.str);
-            const bool arch = !strcmp(key, "general.architecture");
-            cake_gguf_writer_add_str(w, key, arch && v->qwen2 ? "qwen2" : val);
-            free(val);
-        } else if (kv->type == CAKE_GGUF_ARRAY && kv->arr_type == CAKE_GGUF_STRING) {
-            char **a = malloc(kv->arr_n * sizeof(*a));
-            for (uint64_t j = 0; j < kv->arr_n; j++) a[j] = str_copy(kv->arr_strs[j]);
-            cake_gguf_writer_add_arr_str(w, key, (const char *const *)a, kv->arr_n);
-            for (uint64_t j = 0; j < kv->arr_n; j++) free(a[j]);
-            free(a);
-        } else if (kv->type == CAKE_GGUF_ARRAY &&
-                   (kv->arr_type == CAKE_GGUF_FLOAT32 || kv->arr_type == CAKE_GGUF_INT32)) {
-            void *a = malloc(kv->arr_n * 4);
-            memcpy(a, kv->arr_data, kv->arr_n * 4);
-            if (kv->arr_type == CAKE_GGUF_FLOAT32)
-                cake_gguf_writer_add_arr_f32(w, key, a, kv->arr_n);
-            else
-                cake_gguf_writer_add_arr_i32(w, key, a, kv->arr_n);
-            free(a);
-        } else {
-            fprintf(stderr, "write_variant: key %s has a type this copy does not take\n", key);
-            fail();
-        }
-        free(key);
-    }
-    if (v->linear > 0) {
-        cake_gguf_writer_add_str(w, "llama.rope.scaling.type", "linear");
-        cake_gguf_writer_add_f32(w, "llama.rope.scaling.factor", v->linear);
-    }
-    for (uint64_t i = 0; i < g->n_tensors; i++) {
-        const cake_gguf_tensor *t = &g->tensors[i];
-        char *name = str_copy(t->name);
-        cake_gguf_writer_add_tensor(w, name, t->type, t->n_dims, t->ne);
-        free(name);
-    }
-    if (v->rope_factors) {
-        const uint64_t ne[1] = {(uint64_t)v->n_factors};
-        cake_gguf_writer_add_tensor(w, "rope_freqs.weight", CAKE_DTYPE_F32, 1, ne);
-    }
-    for (uint32_t l = 0; v->bias != 0 && l < n_layers; l++) {
-        static const char *const which[] = {"q", "k", "v"};
-        for (int k = 0; k < 3; k++) {
-            char name[64];
-            snprintf(name, sizeof(name), "blk.%u.attn_%s.bias", l, which[k]);
-            const uint64_t ne[1] = {k == 0 ? dim : n_kv * head_dim};
-            cake_gguf_writer_add_tensor(w, name, CAKE_DTYPE_F32, 1, ne);
-        }
-    }
-    variant_fill fill = {g, v, (int)head_dim};
-    int rc = cake_gguf_writer_write_file(w, dst, fill_variant, &fill, err, sizeof(err));
-    if (rc) fprintf(stderr, "write_variant: %s\n", err);
+    const int rc = test_write_variant(src, dst, v, err, sizeof(err));
+    if (rc) fprintf(stderr, "%s\n", err);
     assert_int_equal(rc, 0);
-    cake_gguf_writer_free(w);
-    cake_gguf_close(g);
 }
 
 /* First-token logits of a fixed 40-token prompt on the model at path. */
@@ -389,13 +245,13 @@ static void test_rope_freqs(void **state) {
         llama31[i] = i < half / 4 ? 1.0f : i < half / 2 ? 1.0f + (float)i / half : 8.0f;
     }
     float *plain = first_logits(base);
-    write_variant(base, variant, &(model_variant){.linear = 2.0f});
+    write_variant(base, variant, &(test_model_variant){.linear = 2.0f});
     float *linear2 = first_logits(variant);
-    write_variant(base, variant, &(model_variant){.rope_factors = twos, .n_factors = half});
+    write_variant(base, variant, &(test_model_variant){.rope_factors = twos, .n_factors = half});
     float *factor2 = first_logits(variant);
-    write_variant(base, variant, &(model_variant){.rope_factors = ones, .n_factors = half});
+    write_variant(base, variant, &(test_model_variant){.rope_factors = ones, .n_factors = half});
     float *factor1 = first_logits(variant);
-    write_variant(base, variant, &(model_variant){.rope_factors = llama31, .n_factors = half});
+    write_variant(base, variant, &(test_model_variant){.rope_factors = llama31, .n_factors = half});
     float *scaled = first_logits(variant);
     const size_t bytes = (size_t)n_vocab * sizeof(float);
     assert_memory_equal(factor2, linear2, bytes);
@@ -406,10 +262,11 @@ static void test_rope_freqs(void **state) {
 
     /* a zero factor, and one factor too few */
     twos[1] = 0.0f;
-    write_variant(base, variant, &(model_variant){.rope_factors = twos, .n_factors = half});
+    write_variant(base, variant, &(test_model_variant){.rope_factors = twos, .n_factors = half});
     assert_int_equal(cake_model_load(variant, &m, err, sizeof(err)), -1);
     assert_non_null(strstr(err, "rope_freqs.weight"));
-    write_variant(base, variant, &(model_variant){.rope_factors = ones, .n_factors = half - 1});
+    write_variant(base, variant,
+                  &(test_model_variant){.rope_factors = ones, .n_factors = half - 1});
     assert_int_equal(cake_model_load(variant, &m, err, sizeof(err)), -1);
     assert_non_null(strstr(err, "rope_freqs.weight"));
 
@@ -432,21 +289,12 @@ static void test_qwen2_matches_llama(void **state) {
     const char *base = make_tiny();
     char variant[96];
     snprintf(variant, sizeof(variant), "%s.qwen2", base);
-    write_variant(base, variant, &(model_variant){.qwen2 = true});
+    write_variant(base, variant, &(test_model_variant){.qwen2 = true});
     cake_model *m = NULL;
     char err[512];
     assert_int_equal(cake_model_load(variant, &m, err, sizeof(err)), 0);
     assert_true(cake_model_hparams(m)->rope_neox);
     assert_false(cake_model_hparams(m)->qkv_bias);
-    /* the CUDA backend refuses it (whether or not this build has one) */
-    cake_context_params cp = cake_context_default_params();
-    cp.n_ctx = 64;
-    cp.backend = CAKE_BACKEND_CUDA;
-    cake_context *c = NULL;
-    assert_int_equal(cake_context_init(m, cp, &c, err, sizeof(err)), -1);
-#ifdef CAKE_HAVE_CUDA
-    assert_non_null(strstr(err, "qwen2"));
-#endif
     const int n_vocab = cake_model_hparams(m)->n_vocab;
     cake_model_free(m);
     float *llama = first_logits(base), *qwen2 = first_logits(variant);
@@ -614,17 +462,11 @@ static double rel_to_ref(const float *a, const double *ref, int n) {
  * and its qwen2 copy with q/k/v biases. */
 static void test_qwen2_reference(void **state) {
     (void)state;
-    char base[] = "/tmp/cake-test-tiny32-XXXXXX";
-    int fd = mkstemp(base);
-    assert_true(fd >= 0);
-    close(fd);
-    char cmd[512];
-    snprintf(cmd, sizeof(cmd), "%s mkmodel --shape tiny --dtype f32 -o %s 2>/dev/null", CAKE_BIN,
-             base);
-    assert_int_equal(system(cmd), 0);
+    char base[64];
+    assert_int_equal(test_make_model("tiny", "f32", base), 0);
     char variant[96];
     snprintf(variant, sizeof(variant), "%s.qwen2", base);
-    write_variant(base, variant, &(model_variant){.qwen2 = true, .bias = 0.05f});
+    write_variant(base, variant, &(test_model_variant){.qwen2 = true, .bias = 0.05f});
 
     cake_token prompt[40];
     for (int i = 0; i < 40; i++) prompt[i] = 3 + (cake_token)(i * 7919 % 1000);

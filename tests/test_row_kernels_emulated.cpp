@@ -92,9 +92,10 @@ template <typename T> static void test_rmsnorm(int n, int dim, const char *type)
  * (cos, sin) from double, the same f32 products, so within one f16 rounding
  * (the order of an f32 multiply-add can differ). q/k/v come in as TIn, the
  * type the GEMM before it wrote. */
+/* neox: RoPE turns pairs (i, i + head_dim/2) (qwen2); bias: add q/k/v biases. */
 template <typename TIn>
 static void test_rope(int n_heads, int n_kv_heads, int head_dim, int pos0, int n, int slices,
-                      const char *type) {
+                      const char *type, bool neox = false, bool bias = false) {
     const int half_hd = head_dim / 2, n_pos = pos0 + n;
     const int dim = n_heads * head_dim, kv_dim = n_kv_heads * head_dim;
     std::vector<double> inv(half_hd);
@@ -122,12 +123,24 @@ static void test_rope(int n_heads, int n_kv_heads, int head_dim, int pos0, int n
         qkv_in[i] = cake_from_f32<TIn>(uniform(4.0f));
         qkv[i] = cake_to_f32(qkv_in[i]);
     }
+    std::vector<float> b(bias ? dim + 2 * kv_dim : 0);
+    for (float &x : b) x = uniform(1.0f);
     std::vector<__half> q16((size_t)n * dim), kc((size_t)n_pos * kv_dim),
         vc((size_t)n_pos * kv_dim);
     const TIn *qp = qkv_in.data();
+    const float *bp = bias ? b.data() : nullptr;
     __half *q16p = q16.data(), *kp = kc.data(), *vp = vc.data();
     const float2 *csc = cs.data();
-    emu::body = [=] { rope_kv_kernel(qp, q16p, kp, vp, csc, pos0, n_heads, n_kv_heads, head_dim); };
+    if (neox)
+        emu::body = [=] {
+            rope_kv_kernel<TIn, true>(qp, bp, q16p, kp, vp, csc, pos0, n_heads, n_kv_heads,
+                                      head_dim);
+        };
+    else
+        emu::body = [=] {
+            rope_kv_kernel<TIn, false>(qp, bp, q16p, kp, vp, csc, pos0, n_heads, n_kv_heads,
+                                       head_dim);
+        };
     if (run_grid(dim3((unsigned)n, (unsigned)slices), ROW_THREADS)) {
         failed++;
         return;
@@ -136,21 +149,25 @@ static void test_rope(int n_heads, int n_kv_heads, int head_dim, int pos0, int n
     int v_bad = 0;
     for (int t = 0; t < n; t++) {
         const int pos = pos0 + t;
-        const float *row = qkv.data() + (size_t)t * (dim + 2 * kv_dim);
+        std::vector<float> row(qkv.begin() + (ptrdiff_t)t * (dim + 2 * kv_dim),
+                               qkv.begin() + (ptrdiff_t)(t + 1) * (dim + 2 * kv_dim));
+        for (size_t j = 0; j < b.size(); j++) row[j] += b[j];
         for (int part = 0; part < 2; part++) { /* q, then k */
             const int width = part ? kv_dim : dim;
-            const float *src = row + (part ? dim : 0);
+            const float *src = row.data() + (part ? dim : 0);
             const __half *dst =
                 part ? kc.data() + (size_t)pos * kv_dim : q16.data() + (size_t)t * dim;
-            for (int j = 0; j < width; j += 2) {
-                const int i = (j % head_dim) / 2;
-                const double c = (float)cos(pos * inv[i]), s = (float)sin(pos * inv[i]);
-                const double want0 = src[j] * c - src[j + 1] * s,
-                             want1 = src[j] * s + src[j + 1] * c;
-                const double e0 = fabs(__half2float(dst[j]) - want0) / (fabs(want0) + 1e-2);
-                const double e1 = fabs(__half2float(dst[j + 1]) - want1) / (fabs(want1) + 1e-2);
-                worst = fmax(worst, isnan(e0) || isnan(e1) ? INFINITY : fmax(e0, e1));
-            }
+            for (int h = 0; h < width / head_dim; h++)
+                for (int i = 0; i < head_dim / 2; i++) { /* pair i of head h */
+                    const int j0 = h * head_dim + (neox ? i : 2 * i);
+                    const int j1 = neox ? j0 + head_dim / 2 : j0 + 1;
+                    const double c = (float)cos(pos * inv[i]), s = (float)sin(pos * inv[i]);
+                    const double want0 = src[j0] * c - src[j1] * s,
+                                 want1 = src[j0] * s + src[j1] * c;
+                    const double e0 = fabs(__half2float(dst[j0]) - want0) / (fabs(want0) + 1e-2);
+                    const double e1 = fabs(__half2float(dst[j1]) - want1) / (fabs(want1) + 1e-2);
+                    worst = fmax(worst, isnan(e0) || isnan(e1) ? INFINITY : fmax(e0, e1));
+                }
         }
         for (int j = 0; j < kv_dim; j++) /* v: copied, rounded once */
             v_bad += __half2float(vc[(size_t)pos * kv_dim + j]) !=
@@ -158,9 +175,10 @@ static void test_rope(int n_heads, int n_kv_heads, int head_dim, int pos0, int n
     }
     const double tol = 1.0 / 1024;
     check(worst <= tol && !v_bad,
-          "rope+kv from %s, heads %d/%d of %d, positions %d..%d, %d slice(s) a row: max relative "
-          "error %.3g (tol %.3g), %d v values differ",
-          type, n_heads, n_kv_heads, head_dim, pos0, pos0 + n - 1, slices, worst, tol, v_bad);
+          "rope+kv%s%s from %s, heads %d/%d of %d, positions %d..%d, %d slice(s) a row: max "
+          "relative error %.3g (tol %.3g), %d v values differ",
+          neox ? " (neox)" : "", bias ? " with biases" : "", type, n_heads, n_kv_heads, head_dim,
+          pos0, pos0 + n - 1, slices, worst, tol, v_bad);
 }
 
 /* ---- SwiGLU ---- */
@@ -214,6 +232,11 @@ int main() {
     test_rope<__half>(4, 2, 128, 500, 3, 3, "f16"); /* 512 pairs in slices of 171 */
     test_rope<__nv_bfloat16>(3, 3, 64, 30000, 2, 2, "bf16");
     test_rope<float>(2, 1, 16, 7, 2, 5, "f32"); /* 32 pairs: slices of 7, the last short */
+    /* qwen2: NeoX pairs and q/k/v biases */
+    test_rope<float>(4, 2, 128, 500, 3, 1, "f32", true, true);
+    test_rope<__half>(14, 2, 64, 30000, 2, 3, "f16", true, true);
+    test_rope<__nv_bfloat16>(2, 1, 16, 7, 2, 5, "bf16", true, false);
+    test_rope<float>(3, 3, 64, 100, 2, 2, "f32", false, true);
 
     test_swiglu<__half, float>(3, 300, 3, "f16 from f32");
     test_swiglu<float, float>(5, 256, 2, "f32"); /* rows strided over grid y */

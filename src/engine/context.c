@@ -69,11 +69,6 @@ int cake_context_init(const cake_model *m, cake_context_params p, cake_context *
 
     if (p.backend == CAKE_BACKEND_CUDA && p.kv_type != CAKE_KV_F16)
         return cake_err(err, errlen, "the CUDA backend keeps its KV cache in f16 only");
-    /* Not yet built into the CUDA layer; refused rather than run wrong. */
-    if (p.backend == CAKE_BACKEND_CUDA && (hp->rope_neox || hp->qkv_bias))
-        return cake_err(err, errlen,
-                        "the CUDA backend does not run q/k/v biases or NeoX RoPE yet (qwen2 "
-                        "models): use the CPU backend");
 #ifndef CAKE_HAVE_CUDA
     if (p.backend == CAKE_BACKEND_CUDA)
         return cake_err(err, errlen, "this build has no CUDA backend (nvcc was not found)");

@@ -117,13 +117,15 @@ cudaError_t cake_cuda_rope_table(float2 *cs, const double *inv_freq, int n_pos, 
                                  cudaStream_t st);
 
 /* From qkv (n, dim + 2 kv_dim) rows [q | k | v] (qkv_dtype: f32, f16 or
- * bf16) of tokens at positions pos0 + t: q16 (n, dim) = rope(q) as f16;
- * k_cache[pos0 + t] = rope(k) and v_cache[pos0 + t] = v as f16 (rows of
- * kv_dim). rope_cs: the RoPE table (cake_cuda_rope_table) of at least pos0 + n
- * positions. */
-cudaError_t cake_cuda_rope_kv(const void *qkv, int qkv_dtype, __half *q16, __half *k_cache,
-                              __half *v_cache, const float2 *rope_cs, int n, int pos0, int n_heads,
-                              int n_kv_heads, int head_dim, cudaStream_t st);
+ * bf16) of tokens at positions pos0 + t, plus bias (one f32 row of the q, k
+ * and v biases, or NULL): q16 (n, dim) = rope(q) as f16; k_cache[pos0 + t] =
+ * rope(k) and v_cache[pos0 + t] = v as f16 (rows of kv_dim). RoPE turns pairs
+ * (2i, 2i + 1) of each head, or (i, i + head_dim / 2) when neox. rope_cs: the
+ * RoPE table (cake_cuda_rope_table) of at least pos0 + n positions. */
+cudaError_t cake_cuda_rope_kv(const void *qkv, int qkv_dtype, const float *bias, bool neox,
+                              __half *q16, __half *k_cache, __half *v_cache, const float2 *rope_cs,
+                              int n, int pos0, int n_heads, int n_kv_heads, int head_dim,
+                              cudaStream_t st);
 
 /* h[t, i] = silu(gu[t, i]) * gu[t, ffn + i] as `dtype`. gu: (n, 2 ffn) f32 or
  * `dtype`; h: (n, ffn). */

@@ -63,6 +63,7 @@ namespace {
 
 struct dev_layer {
     float *attn_norm, *ffn_norm; /* (dim) */
+    float *bqkv;                 /* (dim + 2 kv_dim) q/k/v biases (0 where absent); NULL: none */
     void *wqkv;                  /* (dim + 2 kv_dim, dim) */
     void *wo;                    /* (dim, dim) */
     void *wgu;                   /* (2 ffn, dim) */
@@ -275,6 +276,24 @@ int upload_f32(cake_cuda_state *s, float **dst, const float *src, size_t n, cons
 
 /* ---- forward helpers ---- */
 
+/* A layer's q, k and v biases as the one f32 row the RoPE/KV kernel adds to
+ * its [q | k | v] row, zeros for an absent one. */
+int upload_biases(cake_cuda_state *s, dev_layer *dl, const cake_layer *ml, char *err,
+                  size_t errlen) {
+    const int dim = s->hp.dim, kv = s->kv_dim;
+    std::vector<float> row;
+    try {
+        row.assign((size_t)dim + 2 * (size_t)kv, 0.0f);
+    } catch (...) {
+        return cake_err(err, errlen, "out of host memory");
+    }
+    if (ml->bq) memcpy(row.data(), ml->bq, (size_t)dim * sizeof(float));
+    if (ml->bk) memcpy(row.data() + dim, ml->bk, (size_t)kv * sizeof(float));
+    if (ml->bv) memcpy(row.data() + dim + kv, ml->bv, (size_t)kv * sizeof(float));
+    return upload_f32(s, &dl->bqkv, row.data(), row.size(), "uploading the q/k/v biases", err,
+                      errlen);
+}
+
 cudaDataType_t blas_type(int dtype) {
     return dtype == CAKE_DTYPE_F32   ? CUDA_R_32F
            : dtype == CAKE_DTYPE_F16 ? CUDA_R_16F
@@ -468,6 +487,7 @@ int init_state(cake_cuda_state *s, const cake_model *m, int n_ctx, int max_batch
             dev_alloc(s, &dl->wgu, 2 * fd * s->welem, "ffn_gate_up", err, errlen) ||
             dev_alloc(s, &dl->wdown, fd * s->welem, "ffn_down", err, errlen))
             return -1;
+        if ((ml->bq || ml->bk || ml->bv) && upload_biases(s, dl, ml, err, errlen)) return -1;
         wqkv = (char *)dl->wqkv;
         wgu = (char *)dl->wgu;
         if (upload_weight(s, wqkv, &ml->wq, "attn_q", l, err, errlen) ||
@@ -840,8 +860,9 @@ static int cuda_forward(cake_cuda_state *s, const cake_token *tokens, int n, int
                  errlen))
             return -1;
         prof_mark(s, prof, PH_QKV);
-        if (kernel_check(cake_cuda_rope_kv(s->qkv, s->atype, s->q16, kc, vc, s->rope_cs, n, pos0,
-                                           hp->n_heads, hp->n_kv_heads, hp->head_dim, st),
+        if (kernel_check(cake_cuda_rope_kv(s->qkv, s->atype, L->bqkv, hp->rope_neox, s->q16, kc, vc,
+                                           s->rope_cs, n, pos0, hp->n_heads, hp->n_kv_heads,
+                                           hp->head_dim, st),
                          "rope/kv write", l, err, errlen))
             return -1;
         prof_mark(s, prof, PH_ROPE);

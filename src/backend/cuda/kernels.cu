@@ -86,9 +86,10 @@ cudaError_t cake_cuda_rope_table(float2 *cs, const double *inv_freq, int n_pos, 
     return cudaGetLastError();
 }
 
-cudaError_t cake_cuda_rope_kv(const void *qkv, int qkv_dtype, __half *q16, __half *k_cache,
-                              __half *v_cache, const float2 *rope_cs, int n, int pos0, int n_heads,
-                              int n_kv_heads, int head_dim, cudaStream_t st) {
+cudaError_t cake_cuda_rope_kv(const void *qkv, int qkv_dtype, const float *bias, bool neox,
+                              __half *q16, __half *k_cache, __half *v_cache, const float2 *rope_cs,
+                              int n, int pos0, int n_heads, int n_kv_heads, int head_dim,
+                              cudaStream_t st) {
     /* Row slices so that a batch has ~2048 blocks (8 per SM of an H100) where
      * its rows allow: a chunk of 512 rows is 4 slices, decode's 1 row all of
      * its ROW_THREADS-pair steps; a long batch is one block per row. */
@@ -96,9 +97,15 @@ cudaError_t cake_cuda_rope_kv(const void *qkv, int qkv_dtype, __half *q16, __hal
     const int want = (2048 + n - 1) / n;
     const dim3 grid((unsigned)n, (unsigned)(want < steps ? want : steps));
     return with_dtype(qkv_dtype, [&](auto t) {
-        rope_kv_kernel<<<grid, ROW_THREADS, 0, st>>>((const decltype(t) *)qkv, q16, k_cache,
-                                                     v_cache, rope_cs, pos0, n_heads, n_kv_heads,
-                                                     head_dim);
+        using T = decltype(t);
+        if (neox)
+            rope_kv_kernel<T, true><<<grid, ROW_THREADS, 0, st>>>((const T *)qkv, bias, q16,
+                                                                  k_cache, v_cache, rope_cs, pos0,
+                                                                  n_heads, n_kv_heads, head_dim);
+        else
+            rope_kv_kernel<T, false><<<grid, ROW_THREADS, 0, st>>>((const T *)qkv, bias, q16,
+                                                                   k_cache, v_cache, rope_cs, pos0,
+                                                                   n_heads, n_kv_heads, head_dim);
     });
 }
 

@@ -99,38 +99,54 @@ __global__ void rope_table_kernel(float2 *__restrict__ cs, const double *__restr
 
 /* grid (n, slices), block ROW_THREADS. Row t of qkv is [q (dim) | k (kv_dim) |
  * v (kv_dim)] (f32, or f16/bf16 straight from the GEMM), at position pos0 + t:
- * q16[t] = rope(q), k_cache[pos] = rope(k), v_cache[pos] = v, as f16. Each
- * element pair (2p, 2p + 1), which RoPE rotates together, comes in as a pair
- * and goes out as a half2. Block y takes the y-th of `slices` equal parts of
- * the row's pairs: a batch of few rows still gets enough blocks to keep the
- * memory system busy. */
-template <typename TIn>
+ * q16[t] = rope(q + bq), k_cache[pos] = rope(k + bk), v_cache[pos] = v + bv, as
+ * f16 (bias: the model's q/k/v biases as one f32 row, or NULL). RoPE turns
+ * the pairs (2i, 2i + 1) of each head, or with NEOX the pairs (i, i + half);
+ * thread step p takes pair p either way (heads start at multiples of
+ * half_hd pairs), and v's elements in pairs as they lie. Block y takes the
+ * y-th of `slices` equal parts of the row's pairs: a batch of few rows still
+ * gets enough blocks to keep the memory system busy. */
+template <typename TIn, bool NEOX>
 __global__ void __launch_bounds__(ROW_THREADS)
-    rope_kv_kernel(const TIn *__restrict__ qkv, __half *__restrict__ q16,
-                   __half *__restrict__ k_cache, __half *__restrict__ v_cache,
-                   const float2 *__restrict__ rope_cs, int pos0, int n_heads, int n_kv_heads,
-                   int head_dim) {
+    rope_kv_kernel(const TIn *__restrict__ qkv, const float *__restrict__ bias,
+                   __half *__restrict__ q16, __half *__restrict__ k_cache,
+                   __half *__restrict__ v_cache, const float2 *__restrict__ rope_cs, int pos0,
+                   int n_heads, int n_kv_heads, int head_dim) {
     const int t = blockIdx.x, half_hd = head_dim / 2, pos = pos0 + t;
     const int q_pairs = n_heads * half_hd, kv_pairs = n_kv_heads * half_hd;
     const float2 *cs = rope_cs + (size_t)pos * (size_t)half_hd;
     const TIn *row = qkv + (size_t)t * 2 * (q_pairs + 2 * kv_pairs);
-    __half2 *qdst = reinterpret_cast<__half2 *>(q16) + (size_t)t * q_pairs;
-    __half2 *kdst = reinterpret_cast<__half2 *>(k_cache) + (size_t)pos * kv_pairs;
-    __half2 *vdst = reinterpret_cast<__half2 *>(v_cache) + (size_t)pos * kv_pairs;
+    __half *qdst = q16 + (size_t)t * 2 * q_pairs;
+    __half *kdst = k_cache + (size_t)pos * 2 * kv_pairs;
+    __half *vdst = v_cache + (size_t)pos * 2 * kv_pairs;
     const int pairs = q_pairs + 2 * kv_pairs, per = (pairs + gridDim.y - 1) / gridDim.y;
     const int p_end = min(pairs, ((int)blockIdx.y + 1) * per);
 #pragma unroll 4
     for (int p = (int)blockIdx.y * per + threadIdx.x; p < p_end; p += ROW_THREADS) {
-        const float2 x = cake_load2(row + 2 * p);
-        if (p < q_pairs + kv_pairs) { /* q or k: rotate (heads start at multiples of half_hd) */
-            const float2 r = cs[p % half_hd]; /* (cos, sin) */
-            const __half2 h = __floats2half2_rn(x.x * r.x - x.y * r.y, x.x * r.y + x.y * r.x);
-            if (p < q_pairs)
-                qdst[p] = h;
-            else
-                kdst[p - q_pairs] = h;
+        const bool rotate = p < q_pairs + kv_pairs;
+        /* the pair's two elements in the row */
+        const int e0 = NEOX && rotate ? p / half_hd * head_dim + p % half_hd : 2 * p;
+        const int e1 = NEOX && rotate ? e0 + half_hd : e0 + 1;
+        float2 x = NEOX && rotate ? make_float2(cake_to_f32(row[e0]), cake_to_f32(row[e1]))
+                                  : cake_load2(row + 2 * p);
+        if (bias) {
+            x.x += bias[e0];
+            x.y += bias[e1];
+        }
+        if (!rotate) {
+            reinterpret_cast<__half2 *>(vdst)[p - q_pairs - kv_pairs] = __floats2half2_rn(x.x, x.y);
+            continue;
+        }
+        const float2 r = cs[p % half_hd]; /* (cos, sin) */
+        const float y0 = x.x * r.x - x.y * r.y, y1 = x.x * r.y + x.y * r.x;
+        const bool is_q = p < q_pairs;
+        __half *dst = is_q ? qdst : kdst;
+        const int first = is_q ? 0 : 2 * q_pairs; /* k's elements follow q's in the row */
+        if (NEOX) {
+            dst[e0 - first] = __float2half_rn(y0);
+            dst[e1 - first] = __float2half_rn(y1);
         } else {
-            vdst[p - q_pairs - kv_pairs] = __floats2half2_rn(x.x, x.y);
+            reinterpret_cast<__half2 *>(dst)[p - first / 2] = __floats2half2_rn(y0, y1);
         }
     }
 }
