@@ -808,8 +808,8 @@ static bigram heap_pop(bigram_heap *h) {
 typedef struct {
     const cake_tokenizer *t;
     char *buf;   /* the text being merged */
-    symbol *sym; /* room for one per byte of buf */
-    size_t room; /* bytes of buf (BPE: grown to the longest word) */
+    symbol *sym; /* room for one per character of buf */
+    size_t room; /* BPE: bytes of a word buf and sym take (grown to the longest) */
     bigram_heap heap;
 } merge_session;
 
@@ -919,13 +919,13 @@ done:
 static int bpe_word(merge_session *s, const char *word, size_t n, cake_token *out, int64_t cap,
                     int64_t *count) {
     const cake_tokenizer *t = s->t;
-    if (2 * n > s->room) { /* a character per byte, 2 bytes at most */
+    if (n > s->room) { /* a character per byte, of 2 bytes at most */
         char *buf = realloc(s->buf, 2 * n);
         if (buf) s->buf = buf;
-        symbol *sym = realloc(s->sym, 2 * n * sizeof(*sym));
+        symbol *sym = realloc(s->sym, n * sizeof(*sym));
         if (sym) s->sym = sym;
         if (!buf || !sym) return -1;
-        s->room = 2 * n;
+        s->room = n;
     }
     char *enc = s->buf;
     size_t m = 0;
