@@ -120,9 +120,8 @@ static int read_hparams(const cake_gguf *g, cake_hparams *hp, char *err, size_t 
 
     if (get_u32_in(g, KEY("embedding_length"), 1, 0, 1, 1 << 16, &hp->dim, err, errlen) ||
         get_u32_in(g, KEY("block_count"), 1, 0, 1, 1024, &hp->n_layers, err, errlen) ||
-        get_u32_in(g, KEY("attention.head_count"), 1, 0, 1, 1024, &hp->n_heads, err, errlen))
-        return -1;
-    if (get_u32_in(g, KEY("attention.head_count_kv"), 0, (uint32_t)hp->n_heads, 1, 1024,
+        get_u32_in(g, KEY("attention.head_count"), 1, 0, 1, 1024, &hp->n_heads, err, errlen) ||
+        get_u32_in(g, KEY("attention.head_count_kv"), 0, (uint32_t)hp->n_heads, 1, 1024,
                    &hp->n_kv_heads, err, errlen) ||
         get_u32_in(g, KEY("feed_forward_length"), 1, 0, 1, 1 << 20, &hp->ffn_dim, err, errlen) ||
         get_u32_in(g, KEY("context_length"), 1, 0, 1, 1 << 24, &hp->n_ctx_train, err, errlen))

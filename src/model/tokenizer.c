@@ -756,8 +756,8 @@ typedef struct {
 
 typedef struct {
     int left, right;
-    float score;
-    size_t size; /* bytes of left + right when pushed: detects stale entries */
+    float priority; /* higher merges first */
+    size_t size;    /* bytes of left + right when pushed: detects stale entries */
 } bigram;
 
 typedef struct {
@@ -765,9 +765,9 @@ typedef struct {
     size_t n, cap;
 } bigram_heap;
 
-/* llama.cpp's order: higher score first, then the leftmost pair. */
+/* llama.cpp's order: higher priority first, then the leftmost pair. */
 static bool bigram_before(const bigram *a, const bigram *b) {
-    return a->score > b->score || (a->score == b->score && a->left < b->left);
+    return a->priority > b->priority || (a->priority == b->priority && a->left < b->left);
 }
 
 static int heap_push(bigram_heap *h, bigram b) {
