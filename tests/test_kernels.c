@@ -338,7 +338,23 @@ static void test_swiglu(void **state) {
 
 /* ===================== matmul ===================== */
 
+/* Weights in dtype, and their values as f32 in as_f32 (Q8_0: n a multiple of
+ * 32; blocks of an f16 scale and 32 int8, value d * q, as ggml lays them out,
+ * written here from that layout). */
 static void *make_weights(int dtype, size_t n, float *as_f32) {
+    if (dtype == CAKE_DTYPE_Q8_0) {
+        uint8_t *w = xmalloc(n / 32 * 34);
+        for (size_t b = 0; b < n / 32; b++) {
+            const cake_f16 d = cake_f32_to_f16(rnd_f(0.001f, 0.02f));
+            memcpy(w + b * 34, &d, 2);
+            for (int j = 0; j < 32; j++) {
+                const int q = (int)rnd_f(-127.99f, 127.99f);
+                w[b * 34 + 2 + j] = (uint8_t)(int8_t)q;
+                as_f32[b * 32 + j] = (float)((double)cake_f16_to_f32(d) * q);
+            }
+        }
+        return w;
+    }
     const size_t es = dtype == CAKE_DTYPE_F32 ? 4 : 2;
     void *w = xmalloc(n * es);
     for (size_t i = 0; i < n; i++) {
@@ -367,6 +383,19 @@ static void check_matmul_shape(int dtype, int T, int n_in, int n_out) {
 
     assert_int_equal(cake_matmul_lanes(yl, x, w, dtype, T, n_in, n_out), 0);
     assert_int_equal(cake_matmul_ref(yr, x, w, dtype, T, n_in, n_out), 0);
+    /* the reference reads the weights as make_weights wrote them */
+    for (int t = 0; t < T; t++)
+        for (int n = 0; n < n_out; n++) {
+            double s = 0, mag = 0;
+            for (int k = 0; k < n_in; k++) {
+                const double p = (double)x[(size_t)t * n_in + k] * wf[(size_t)n * n_in + k];
+                s += p;
+                mag += fabs(p);
+            }
+            if (fabs(s - yr[(size_t)t * n_out + n]) > 1e-6 * mag + 1e-30)
+                fail_msg("matmul_ref dtype %d: y[%d][%d] %g, from the weights' values %g", dtype, t,
+                         n, yr[(size_t)t * n_out + n], s);
+        }
     /* Against the double-precision reference: 1e-5 of sum |x_k w_k|. The f32
      * result is 16 FMA chains of n_in/16 terms plus a 4-level tree, so its
      * error is at most ~(n_in/16 + 4) * 2^-24 of that sum (3e-5 at n_in 8192,
@@ -416,12 +445,20 @@ static void test_matmul(void **state) {
     for (size_t di = 0; di < 3; di++)
         for (size_t si = 0; si < sizeof(shapes) / sizeof(shapes[0]); si++)
             check_matmul_shape(dtypes[di], shapes[si][0], shapes[si][1], shapes[si][2]);
+    /* Q8_0: rows of whole blocks of 32; past n_in 4096 the interleaved
+     * one-token loop */
+    const int q8_shapes[][3] = {{1, 32, 1},     {1, 64, 4},    {2, 96, 5},    {6, 64, 8},
+                                {7, 256, 13},   {13, 512, 67}, {31, 1024, 9}, {20, 2048, 6},
+                                {40, 1088, 70}, {33, 2048, 5}, {1, 4128, 9},  {2, 4096, 3}};
+    for (size_t si = 0; si < sizeof(q8_shapes) / sizeof(q8_shapes[0]); si++)
+        check_matmul_shape(CAKE_DTYPE_Q8_0, q8_shapes[si][0], q8_shapes[si][1], q8_shapes[si][2]);
 }
 
 static void test_matmul_bad_dtype(void **state) {
     (void)state;
     float x[4] = {1, 2, 3, 4}, y[1] = {0};
     const uint8_t w[8] = {0};
+    /* Q8_0 rows must be whole blocks of 32 */
     assert_int_equal(cake_matmul(y, x, w, CAKE_DTYPE_Q8_0, 1, 4, 1, NULL), -1);
     assert_int_equal(cake_matmul(y, x, w, 12345, 1, 4, 1, pools[2]), -1);
     assert_int_equal(cake_matmul_ref(y, x, w, CAKE_DTYPE_Q8_0, 1, 4, 1), -1);

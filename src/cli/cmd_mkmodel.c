@@ -13,9 +13,10 @@
 #include "model/shapes.h"
 #include "model/synth_vocab.h"
 #include "util/f16.h"
+#include "util/q8_0.h"
 
 static void print_help(FILE *f) {
-    fputs("usage: cake mkmodel --shape NAME -o FILE.gguf [--seed S] [--dtype f32|f16]\n"
+    fputs("usage: cake mkmodel --shape NAME -o FILE.gguf [--seed S] [--dtype f32|f16|q8_0]\n"
           "Writes a GGUF with random weights and a real Llama architecture.\n"
           "  --shape NAME     one of:\n",
           f);
@@ -27,7 +28,8 @@ static void print_help(FILE *f) {
                 s->about);
     fputs("  -o, --output F   file to write (written to F.tmp, then renamed)\n"
           "  --seed S         weight seed (default 1)\n"
-          "  --dtype T        f16 (default) or f32 for the matrices; norms are always f32\n",
+          "  --dtype T        f16 (default), f32 or q8_0 for the matrices (q8_0: the f16\n"
+          "                   model's values quantized as llama.cpp does); norms are always f32\n",
           f);
 }
 
@@ -55,7 +57,7 @@ typedef struct {
     const fill_ctx *fc;
     uint64_t tensor, n, n_pieces;
     void *buf;
-    int f32, is_norm, n_threads, tid;
+    int dtype, is_norm, n_threads, tid;
 } fill_job;
 
 static void *fill_pieces(void *arg) {
@@ -63,15 +65,22 @@ static void *fill_pieces(void *arg) {
     for (uint64_t p = (uint64_t)j->tid; p < j->n_pieces; p += (uint64_t)j->n_threads) {
         uint64_t state = (j->fc->seed * 0x100000001b3ull + j->tensor) * 0x9e3779b97f4a7c15ull + p;
         const uint64_t end = (p + 1) * PIECE < j->n ? (p + 1) * PIECE : j->n;
+        float block[CAKE_Q8_0_BLOCK]; /* Q8_0: the values of the block being made */
         for (uint64_t k = p * PIECE; k < end; k++) {
             /* norms are 1; weights uniform in [-scale, scale) from 24 random bits */
             float v = j->is_norm ? 1.0f
                                  : ((float)(splitmix(&state) >> 40) * (2.0f / 16777216.0f) - 1.0f) *
                                        j->fc->scale;
-            if (j->f32)
+            if (j->dtype == CAKE_DTYPE_F32) {
                 ((float *)j->buf)[k] = v;
-            else
+            } else if (j->dtype == CAKE_DTYPE_F16) {
                 ((cake_f16 *)j->buf)[k] = cake_f32_to_f16(v);
+            } else { /* pieces are whole blocks */
+                block[k % CAKE_Q8_0_BLOCK] = cake_f16_to_f32(cake_f32_to_f16(v));
+                if (k % CAKE_Q8_0_BLOCK == CAKE_Q8_0_BLOCK - 1)
+                    cake_q8_0_quantize_block(block, (uint8_t *)j->buf +
+                                                        k / CAKE_Q8_0_BLOCK * CAKE_Q8_0_BYTES);
+            }
         }
     }
     return NULL;
@@ -79,12 +88,10 @@ static void *fill_pieces(void *arg) {
 
 static int fill_tensor(uint64_t i, void *buf, uint64_t nbytes, void *ud) {
     const fill_ctx *fc = ud;
-    fill_job base = {.fc = fc,
-                     .tensor = i,
-                     .buf = buf,
-                     .f32 = fc->dtype[i] == CAKE_DTYPE_F32,
-                     .is_norm = fc->is_norm[i]};
-    base.n = nbytes / (base.f32 ? 4 : 2);
+    fill_job base = {
+        .fc = fc, .tensor = i, .buf = buf, .dtype = fc->dtype[i], .is_norm = fc->is_norm[i]};
+    base.n = base.dtype == CAKE_DTYPE_Q8_0 ? nbytes / CAKE_Q8_0_BYTES * CAKE_Q8_0_BLOCK
+                                           : nbytes / (base.dtype == CAKE_DTYPE_F32 ? 4 : 2);
     base.n_pieces = (base.n + PIECE - 1) / PIECE;
     long cpus = sysconf(_SC_NPROCESSORS_ONLN);
     int n_threads = cpus < 1 ? 1 : cpus > 64 ? 64 : (int)cpus;
@@ -137,8 +144,11 @@ int cmd_mkmodel(int argc, char **argv) {
                 dtype = CAKE_DTYPE_F16;
             else if (!strcmp(optarg, "f32"))
                 dtype = CAKE_DTYPE_F32;
+            else if (!strcmp(optarg, "q8_0"))
+                dtype = CAKE_DTYPE_Q8_0;
             else
-                return cli_error(CLI_USAGE, "mkmodel", "--dtype is f16 or f32, got '%s'", optarg);
+                return cli_error(CLI_USAGE, "mkmodel", "--dtype is f16, f32 or q8_0, got '%s'",
+                                 optarg);
             break;
         case 'h':
             print_help(stdout);
@@ -175,7 +185,11 @@ int cmd_mkmodel(int argc, char **argv) {
     char name[128];
     snprintf(name, sizeof(name), "cake-%s-random", sh->name);
     cake_gguf_writer_add_str(w, "general.name", name);
-    cake_gguf_writer_add_u32(w, "general.file_type", dtype == CAKE_DTYPE_F32 ? 0 : 1);
+    /* llama.cpp's file types: all F32, mostly F16, mostly Q8_0 */
+    cake_gguf_writer_add_u32(w, "general.file_type",
+                             dtype == CAKE_DTYPE_F32   ? 0
+                             : dtype == CAKE_DTYPE_F16 ? 1
+                                                       : 7);
     cake_gguf_writer_add_u32(w, "llama.context_length", (uint32_t)sh->n_ctx);
     cake_gguf_writer_add_u32(w, "llama.embedding_length", (uint32_t)sh->dim);
     cake_gguf_writer_add_u32(w, "llama.block_count", (uint32_t)sh->n_layers);
@@ -231,7 +245,9 @@ int cmd_mkmodel(int argc, char **argv) {
         goto done;
     }
     fprintf(stderr, "cake mkmodel: wrote %s (shape %s, %s)\n", out, sh->name,
-            dtype == CAKE_DTYPE_F32 ? "f32" : "f16");
+            dtype == CAKE_DTYPE_F32   ? "f32"
+            : dtype == CAKE_DTYPE_F16 ? "f16"
+                                      : "q8_0");
     rc = CLI_OK;
 done:
     free(is_norm);

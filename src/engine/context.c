@@ -56,6 +56,18 @@ void cake_context_free(cake_context *c) {
     free(c);
 }
 
+/* Whether every matrix is F32, F16 or BF16 (else Q8_0): the CUDA backend
+ * converts them to one of these on upload, and takes no other. */
+static bool float_weights(const cake_model *m) {
+    bool ok = m->tok_embd.dtype != CAKE_DTYPE_Q8_0 && m->output.dtype != CAKE_DTYPE_Q8_0;
+    for (int l = 0; ok && l < m->hp.n_layers; l++) {
+        const cake_layer *L = &m->layers[l];
+        const cake_weight *w[] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->w_gate, &L->w_up, &L->w_down};
+        for (int i = 0; i < 7; i++) ok = ok && w[i]->dtype != CAKE_DTYPE_Q8_0;
+    }
+    return ok;
+}
+
 int cake_context_init(const cake_model *m, cake_context_params p, cake_context **out, char *err,
                       size_t errlen) {
     *out = NULL;
@@ -69,6 +81,10 @@ int cake_context_init(const cake_model *m, cake_context_params p, cake_context *
 
     if (p.backend == CAKE_BACKEND_CUDA && p.kv_type != CAKE_KV_F16)
         return cake_err(err, errlen, "the CUDA backend keeps its KV cache in f16 only");
+    if (p.backend == CAKE_BACKEND_CUDA && !float_weights(m))
+        return cake_err(err, errlen,
+                        "the CUDA backend takes F32, F16 and BF16 weights (Q8_0 models run on "
+                        "the CPU backend)");
 #ifndef CAKE_HAVE_CUDA
     if (p.backend == CAKE_BACKEND_CUDA)
         return cake_err(err, errlen, "this build has no CUDA backend (nvcc was not found)");

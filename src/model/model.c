@@ -48,8 +48,14 @@ static int get_f32_or(const cake_gguf *g, const char *key, float def, float *out
     return 0;
 }
 
-static int is_matrix_dtype(int t) {
+static int is_float_dtype(int t) {
     return t == CAKE_DTYPE_F32 || t == CAKE_DTYPE_F16 || t == CAKE_DTYPE_BF16;
+}
+
+/* The big matrices may also be Q8_0 (the GGUF reader checked that their rows
+ * are whole blocks of 32). */
+static int is_weight_dtype(int t) {
+    return is_float_dtype(t) || t == CAKE_DTYPE_Q8_0;
 }
 
 /* A 2-D weight with ne = [n_in, n_out] (GGUF lists the row length first). */
@@ -60,9 +66,10 @@ static int find_weight(const cake_gguf *g, const char *name, int n_in, int n_out
         if (optional) return 1;
         return cake_err(err, errlen, "tensor '%s' is missing", name);
     }
-    if (!is_matrix_dtype(t->type))
+    if (!is_weight_dtype(t->type))
         return cake_err(err, errlen,
-                        "tensor '%s': dtype %s is not supported for weights (F32, F16, BF16 are)",
+                        "tensor '%s': dtype %s is not supported for weights (F32, F16, BF16, Q8_0 "
+                        "are)",
                         name, cake_dtype_name(t->type));
     if (t->n_dims != 2 || t->ne[0] != (uint64_t)n_in || t->ne[1] != (uint64_t)n_out)
         return cake_err(err, errlen, "tensor '%s': shape [%llu, %llu] (%u dims), expected [%d, %d]",
@@ -82,7 +89,7 @@ static float *load_norm(const cake_gguf *g, const char *name, int n, char *err, 
         cake_err(err, errlen, "tensor '%s' is missing", name);
         return NULL;
     }
-    if (t->n_dims != 1 || t->ne[0] != (uint64_t)n || !is_matrix_dtype(t->type)) {
+    if (t->n_dims != 1 || t->ne[0] != (uint64_t)n || !is_float_dtype(t->type)) {
         cake_err(err, errlen, "tensor '%s': expected an F32/F16/BF16 vector of %d, got %s [%llu]",
                  name, n, cake_dtype_name(t->type), (unsigned long long)t->ne[0]);
         return NULL;

@@ -16,6 +16,7 @@
 #include "backend/cpu/kernels.h"
 #include "engine/context.h"
 #include "util/f16.h"
+#include "util/q8_0.h"
 
 static void embed_rows(const cake_weight *w, const cake_token *tokens, int n, float *x) {
     const size_t dim = (size_t)w->n_in;
@@ -28,6 +29,9 @@ static void embed_rows(const cake_weight *w, const cake_token *tokens, int n, fl
             break;
         case CAKE_DTYPE_F16:
             cake_f16_to_f32_row((const cake_f16 *)w->data + row, dst, dim);
+            break;
+        case CAKE_DTYPE_Q8_0:
+            cake_q8_0_to_f32_row(w->data, row, dst, dim);
             break;
         default:
             cake_bf16_to_f32_row((const cake_bf16 *)w->data + row, dst, dim);

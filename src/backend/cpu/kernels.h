@@ -74,11 +74,11 @@ void cake_attention_lanes(const cake_attn_args *a);
 
 /* ---- Matrix multiply with weights in the file's dtype ----
  * y (n_tokens, n_out) = x (n_tokens, n_in) . W^T, W: (n_out, n_in) row-major,
- * dtype F32, F16 or BF16 (cake_dtype numbering), read in place (f16/bf16 are
- * converted in registers; nothing is copied). A threaded AVX-512 dot-product
- * kernel for every batch size (matmul.c explains why not sgemm); a token's
- * output row is bit-identical whatever n_tokens and the thread count.
- * Returns 0, or -1 for an unsupported dtype. */
+ * dtype F32, F16, BF16 or Q8_0 (cake_dtype numbering; Q8_0 when n_in is a
+ * multiple of 32), read in place (converted in registers; nothing is copied).
+ * A threaded AVX-512 dot-product kernel for every batch size (matmul.c
+ * explains why not sgemm); a token's output row is bit-identical whatever
+ * n_tokens and the thread count. Returns 0, or -1 for an unsupported dtype. */
 int cake_matmul(float *y, const float *x, const void *w, int w_dtype, int n_tokens, int n_in,
                 int n_out, cake_threadpool *pool);
 int cake_matmul_ref(float *y, const float *x, const void *w, int w_dtype, int n_tokens, int n_in,

@@ -1,4 +1,5 @@
-/* y (T, n_out) = x (T, n_in) . W^T with W (n_out, n_in) in F32, F16 or BF16,
+/* y (T, n_out) = x (T, n_in) . W^T with W (n_out, n_in) in F32, F16, BF16 or
+ * Q8_0 (n_in a multiple of 32; each weight d * q, exact in f32: util/q8_0.h),
  * read in place from the (read-only, mmapped) model file: nothing is converted
  * or copied up front, so memory stays at the file's size.
  *
@@ -39,6 +40,7 @@
 #include "backend/cpu/kernels.h"
 #include "backend/cpu/simd.h"
 #include "model/gguf.h"
+#include "util/q8_0.h"
 
 /* Kernel shape and blocking (see the top of the file). */
 #define MM_MR               6    /* tokens per register tile */
@@ -47,8 +49,9 @@
 #define MM_PANEL            64   /* W rows per panel for large batches */
 #define MM_SEQ_MAX_IN       4096 /* one token: rows one by one up to this n_in */
 
-static int dtype_ok(int dt) {
-    return dt == CAKE_DTYPE_F32 || dt == CAKE_DTYPE_F16 || dt == CAKE_DTYPE_BF16;
+static int dtype_ok(int dt, int n_in) {
+    return dt == CAKE_DTYPE_F32 || dt == CAKE_DTYPE_F16 || dt == CAKE_DTYPE_BF16 ||
+           (dt == CAKE_DTYPE_Q8_0 && n_in % CAKE_Q8_0_BLOCK == 0);
 }
 
 static float w_at(const void *w, int dt, size_t i) {
@@ -57,6 +60,8 @@ static float w_at(const void *w, int dt, size_t i) {
         return ((const float *)w)[i];
     case CAKE_DTYPE_F16:
         return cake_f16_to_f32(((const cake_f16 *)w)[i]);
+    case CAKE_DTYPE_Q8_0:
+        return cake_q8_0_at(w, i);
     default:
         return cake_bf16_to_f32(((const cake_bf16 *)w)[i]);
     }
@@ -66,7 +71,7 @@ static float w_at(const void *w, int dt, size_t i) {
 
 int cake_matmul_ref(float *y, const float *x, const void *w, int w_dtype, int n_tokens, int n_in,
                     int n_out) {
-    if (!dtype_ok(w_dtype)) return -1;
+    if (!dtype_ok(w_dtype, n_in)) return -1;
     for (int t = 0; t < n_tokens; t++)
         for (int n = 0; n < n_out; n++) {
             double s = 0.0;
@@ -103,7 +108,7 @@ static void lanes_rows(float *y, const float *x, const void *w, int dt, int n_to
 
 int cake_matmul_lanes(float *y, const float *x, const void *w, int w_dtype, int n_tokens, int n_in,
                       int n_out) {
-    if (!dtype_ok(w_dtype)) return -1;
+    if (!dtype_ok(w_dtype, n_in)) return -1;
     lanes_rows(y, x, w, w_dtype, n_tokens, n_in, n_out, 0, n_out);
     return 0;
 }
@@ -133,12 +138,25 @@ static void lanes_task(void *ctx, int task, int tid) {
 
 #define UNROLL _Pragma("GCC unroll 8")
 
+/* 16 Q8_0 weights from element off (a multiple of 16; rows start on blocks):
+ * the 16 int8 as f32 times the block's scale, the exact products. */
+CAKE_INLINE __m512 w_load_q8_0(const void *w, size_t off, __mmask16 m) {
+    const uint8_t *b = (const uint8_t *)w + off / CAKE_Q8_0_BLOCK * CAKE_Q8_0_BYTES;
+    cake_f16 d;
+    memcpy(&d, b, 2);
+    const __m128i q = _mm_maskz_loadu_epi8(m, b + 2 + off % CAKE_Q8_0_BLOCK);
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)),
+                         _mm512_set1_ps(cake_f16_to_f32(d)));
+}
+
 CAKE_INLINE __m512 w_load(const void *w, int dt, size_t off) {
     switch (dt) {
     case CAKE_DTYPE_F32:
         return _mm512_loadu_ps((const float *)w + off);
     case CAKE_DTYPE_F16:
         return cake_load_f16((const cake_f16 *)w + off);
+    case CAKE_DTYPE_Q8_0:
+        return w_load_q8_0(w, off, 0xffff);
     default:
         return cake_load_bf16((const cake_bf16 *)w + off);
     }
@@ -150,6 +168,8 @@ CAKE_INLINE __m512 w_maskload(const void *w, int dt, size_t off, __mmask16 m) {
         return _mm512_maskz_loadu_ps(m, (const float *)w + off);
     case CAKE_DTYPE_F16:
         return cake_maskload_f16((const cake_f16 *)w + off, m);
+    case CAKE_DTYPE_Q8_0: /* never taken: Q8_0 rows are whole blocks of 32 */
+        return w_load_q8_0(w, off, m);
     default:
         return cake_maskload_bf16((const cake_bf16 *)w + off, m);
     }
@@ -276,6 +296,9 @@ static void mm_task(void *ctx, int task, int tid) {
     case CAKE_DTYPE_F16:
         mm_rows(j, r0, r1, CAKE_DTYPE_F16);
         break;
+    case CAKE_DTYPE_Q8_0:
+        mm_rows(j, r0, r1, CAKE_DTYPE_Q8_0);
+        break;
     default:
         mm_rows(j, r0, r1, CAKE_DTYPE_BF16);
         break;
@@ -286,7 +309,7 @@ static void mm_task(void *ctx, int task, int tid) {
 
 int cake_matmul(float *y, const float *x, const void *w, int w_dtype, int n_tokens, int n_in,
                 int n_out, cake_threadpool *pool) {
-    if (!dtype_ok(w_dtype)) return -1;
+    if (!dtype_ok(w_dtype, n_in)) return -1;
     if (n_tokens <= 0 || n_out <= 0) return 0;
     if (n_in <= 0) {
         memset(y, 0, (size_t)n_tokens * n_out * sizeof(float));

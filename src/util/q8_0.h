@@ -1,0 +1,42 @@
+/* Q8_0, GGUF's 8-bit weights (ggml's block_q8_0): blocks of 32 values, each
+ * stored as an f16 scale d and 32 int8 q, value j = d * q[j]. The product is
+ * exact in f32 (11 + 8 significant bits), so every kernel that reads a Q8_0
+ * weight as f32 gets the same float, and the CPU matmul keeps one reduction
+ * order for all weight types. */
+#ifndef CAKE_Q8_0_H
+#define CAKE_Q8_0_H
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "util/f16.h"
+
+enum { CAKE_Q8_0_BLOCK = 32, CAKE_Q8_0_BYTES = 34 };
+
+/* Weight i of a Q8_0 array (blocks back to back). */
+static inline float cake_q8_0_at(const void *w, size_t i) {
+    const uint8_t *b = (const uint8_t *)w + i / CAKE_Q8_0_BLOCK * CAKE_Q8_0_BYTES;
+    cake_f16 d;
+    memcpy(&d, b, 2);
+    return cake_f16_to_f32(d) * (float)(int8_t)b[2 + i % CAKE_Q8_0_BLOCK];
+}
+
+/* dst[0..n) = weights first..first+n of a Q8_0 array. */
+static inline void cake_q8_0_to_f32_row(const void *w, size_t first, float *dst, size_t n) {
+    for (size_t i = 0; i < n; i++) dst[i] = cake_q8_0_at(w, first + i);
+}
+
+/* Quantizes 32 values into one block as llama.cpp's quantize_row_q8_0_ref
+ * does: d = max |x| / 127, q = round(x / d). */
+static inline void cake_q8_0_quantize_block(const float *x, uint8_t *dst) {
+    float amax = 0.0f;
+    for (int j = 0; j < CAKE_Q8_0_BLOCK; j++) amax = fmaxf(amax, fabsf(x[j]));
+    const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+    const cake_f16 h = cake_f32_to_f16(d);
+    memcpy(dst, &h, 2);
+    for (int j = 0; j < CAKE_Q8_0_BLOCK; j++) dst[2 + j] = (uint8_t)(int8_t)roundf(x[j] * id);
+}
+
+#endif
