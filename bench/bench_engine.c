@@ -94,6 +94,7 @@ int main(int argc, char **argv) {
            path, hp->dim, hp->n_layers, hp->n_heads, hp->n_kv_heads, hp->ffn_dim, hp->n_vocab,
            hp->weight_dtype == 0   ? "F32"
            : hp->weight_dtype == 1 ? "F16"
+           : hp->weight_dtype == 8 ? "Q8_0"
                                    : "BF16",
            kv == CAKE_KV_F32 ? "f32" : "f16", threads, batch,
            backend == CAKE_BACKEND_CUDA ? "cuda" : "cpu");

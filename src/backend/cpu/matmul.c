@@ -138,15 +138,25 @@ static void lanes_task(void *ctx, int task, int tid) {
 
 #define UNROLL _Pragma("GCC unroll 8")
 
-/* 16 Q8_0 weights from element off (a multiple of 16; rows start on blocks):
- * the 16 int8 as f32 times the block's scale, the exact products. */
+/* A Q8_0 block's scale in every lane, converted by F16C (exact, as
+ * cake_f16_to_f32). */
+CAKE_INLINE __m512 q8_0_scale(const uint8_t *block) {
+    cake_f16 d;
+    memcpy(&d, block, 2);
+    return _mm512_cvtph_ps(_mm256_set1_epi16((short)d));
+}
+
+/* Half h (0 or 1) of a Q8_0 block: its 16 int8 as f32 times the scale, the
+ * exact products. */
+CAKE_INLINE __m512 q8_0_half(const uint8_t *block, int h, __m512 scale, __mmask16 m) {
+    const __m128i q = _mm_maskz_loadu_epi8(m, block + 2 + 16 * h);
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), scale);
+}
+
+/* 16 Q8_0 weights from element off (a multiple of 16; rows start on blocks). */
 CAKE_INLINE __m512 w_load_q8_0(const void *w, size_t off, __mmask16 m) {
     const uint8_t *b = (const uint8_t *)w + off / CAKE_Q8_0_BLOCK * CAKE_Q8_0_BYTES;
-    cake_f16 d;
-    memcpy(&d, b, 2);
-    const __m128i q = _mm_maskz_loadu_epi8(m, b + 2 + off % CAKE_Q8_0_BLOCK);
-    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)),
-                         _mm512_set1_ps(cake_f16_to_f32(d)));
+    return q8_0_half(b, (int)(off % CAKE_Q8_0_BLOCK) / 16, q8_0_scale(b), m);
 }
 
 CAKE_INLINE __m512 w_load(const void *w, int dt, size_t off) {
@@ -190,7 +200,42 @@ CAKE_INLINE void mm_tile(float *y, int n_out, const float *x, int n_in, const vo
         _mm512_setzero_ps();
     const size_t wr = (size_t)r * n_in;
     const int kf = n_in & ~15;
-    if (SEQ && MT == 1) {
+    if (dt == CAKE_DTYPE_Q8_0) {
+        /* A block (two 16-lane steps) at a time, its scales converted once:
+         * the same FMAs in the same order as the loops below. */
+        const uint8_t *b0 = (const uint8_t *)w + wr / CAKE_Q8_0_BLOCK * CAKE_Q8_0_BYTES;
+        const size_t row_bytes = (size_t)n_in / CAKE_Q8_0_BLOCK * CAKE_Q8_0_BYTES;
+        if (SEQ && MT == 1) {
+            UNROLL for (int j = 0; j < NR; j++) {
+                const uint8_t *b = b0 + (size_t)j * row_bytes;
+                for (int k = 0; k < n_in; k += 32, b += CAKE_Q8_0_BYTES) {
+                    const __m512 s = q8_0_scale(b);
+                    acc[0][j] = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), q8_0_half(b, 0, s, 0xffff),
+                                                acc[0][j]);
+                    acc[0][j] = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16),
+                                                q8_0_half(b, 1, s, 0xffff), acc[0][j]);
+                }
+            }
+        } else
+            for (int k = 0; k < n_in; k += 32) {
+                const size_t bo = (size_t)k / CAKE_Q8_0_BLOCK * CAKE_Q8_0_BYTES;
+                __m512 s[MM_NR];
+                UNROLL for (int j = 0; j < MM_NR; j++) s[j] =
+                    j < NR ? q8_0_scale(b0 + (size_t)j * row_bytes + bo) : _mm512_setzero_ps();
+                UNROLL for (int h = 0; h < 2; h++) {
+                    __m512 wv[MM_NR];
+                    UNROLL for (int j = 0; j < MM_NR; j++) wv[j] =
+                        j < NR ? q8_0_half(b0 + (size_t)j * row_bytes + bo, h, s[j], 0xffff)
+                               : _mm512_setzero_ps();
+                    UNROLL for (int i = 0; i < MT; i++) {
+                        __m512 xv = _mm512_loadu_ps(x + (size_t)i * n_in + k + 16 * h);
+                        KEEP(xv);
+                        UNROLL for (int j = 0; j < NR; j++) acc[i][j] =
+                            _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
+                    }
+                }
+            }
+    } else if (SEQ && MT == 1) {
         /* One token, few tokens in the batch: the 4 rows one after another,
          * so W is read as a single sequential stream. This machine's hardware
          * prefetcher follows one stream far better than 4 interleaved ones
