@@ -43,8 +43,8 @@ expect_exit 1 "missing model file" -- "$CAKE" run -m "$tmp/nope.gguf" -p hi
 printf 'not a gguf file at all' >"$tmp/junk.gguf"
 expect_exit 1 "junk model file" -- "$CAKE" run -m "$tmp/junk.gguf" -p hi
 
-# --- mkmodel + run on the tiny shape (F16 and F32 weights)
-for dt in f16 f32; do
+# --- mkmodel + run on the tiny shape (F16, F32 and Q8_0 weights)
+for dt in f16 f32 q8_0; do
     expect_exit 0 "mkmodel tiny $dt" -- "$CAKE" mkmodel --shape tiny --dtype $dt -o "$tmp/tiny-$dt.gguf"
     expect_exit 0 "run tiny $dt --json" -- "$CAKE" run -m "$tmp/tiny-$dt.gguf" -p "Hello world" -n 8 --temp 0 --json
     n=$(json_field generated_ids "$tmp/out" | tr -cd ',' | wc -c)
