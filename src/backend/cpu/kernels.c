@@ -10,6 +10,7 @@
 #pragma STDC FP_CONTRACT OFF
 #endif
 #include <math.h>
+#include <stdbool.h>
 #include <string.h>
 
 #include "backend/cpu/kernels.h"
@@ -175,8 +176,10 @@ static void rope_cos_sin(int pos, int head_dim, const double *freqs, float *c, f
 
 enum { ROPE_MAX_HALF = 512 }; /* head_dim up to 1024 */
 
-void cake_rope_ref(float *x, int n_tokens, int n_heads, int head_dim, int pos0,
-                   const double *freqs) {
+/* The plain rotation of each head's pairs: (2i, 2i + 1), or (i, i + half)
+ * when neox. The reference, and the NeoX kernel. */
+static void rope_pairs(float *x, int n_tokens, int n_heads, int head_dim, int pos0,
+                       const double *freqs, bool neox) {
     float c[ROPE_MAX_HALF], s[ROPE_MAX_HALF];
     const int half = head_dim / 2;
     if (half > ROPE_MAX_HALF) return;
@@ -185,12 +188,18 @@ void cake_rope_ref(float *x, int n_tokens, int n_heads, int head_dim, int pos0,
         for (int h = 0; h < n_heads; h++) {
             float *v = x + ((size_t)t * (size_t)n_heads + (size_t)h) * (size_t)head_dim;
             for (int i = 0; i < half; i++) {
-                const float x0 = v[2 * i], x1 = v[2 * i + 1];
-                v[2 * i] = x0 * c[i] - x1 * s[i];
-                v[2 * i + 1] = x0 * s[i] + x1 * c[i];
+                float *p0 = v + (neox ? i : 2 * i), *p1 = neox ? p0 + half : p0 + 1;
+                const float x0 = *p0, x1 = *p1;
+                *p0 = x0 * c[i] - x1 * s[i];
+                *p1 = x0 * s[i] + x1 * c[i];
             }
         }
     }
+}
+
+void cake_rope_ref(float *x, int n_tokens, int n_heads, int head_dim, int pos0,
+                   const double *freqs) {
+    rope_pairs(x, n_tokens, n_heads, head_dim, pos0, freqs, false);
 }
 
 void cake_rope(float *x, int n_tokens, int n_heads, int head_dim, int pos0, const double *freqs) {
@@ -231,27 +240,12 @@ void cake_rope(float *x, int n_tokens, int n_heads, int head_dim, int pos0, cons
     }
 }
 
-/* NeoX style: pair i is (i, i + half), so both halves are contiguous runs
- * and the plain loop vectorises; the products and sums are those of the
- * adjacent-pair kernel, so a head whose halves are interleaved into pairs
- * turns into the same floats. */
+/* NeoX style: the products and sums are those of the adjacent-pair kernel,
+ * so a head whose halves are interleaved into pairs turns into the same
+ * floats. */
 void cake_rope_neox(float *x, int n_tokens, int n_heads, int head_dim, int pos0,
                     const double *freqs) {
-    float c[ROPE_MAX_HALF], s[ROPE_MAX_HALF];
-    const int half = head_dim / 2;
-    if (half > ROPE_MAX_HALF) return;
-    for (int t = 0; t < n_tokens; t++) {
-        rope_cos_sin(pos0 + t, head_dim, freqs, c, s);
-        for (int h = 0; h < n_heads; h++) {
-            float *lo = x + ((size_t)t * (size_t)n_heads + (size_t)h) * (size_t)head_dim;
-            float *hi = lo + half;
-            for (int i = 0; i < half; i++) {
-                const float x0 = lo[i], x1 = hi[i];
-                lo[i] = x0 * c[i] - x1 * s[i];
-                hi[i] = x0 * s[i] + x1 * c[i];
-            }
-        }
-    }
+    rope_pairs(x, n_tokens, n_heads, head_dim, pos0, freqs, true);
 }
 
 void cake_add_bias(float *x, const float *b, int n_rows, int n) {
