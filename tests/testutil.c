@@ -181,8 +181,12 @@ int test_write_variant(const char *src, const char *dst, const test_model_varian
         free(key);
     }
     if (!rc && v->linear > 0) {
-        cake_gguf_writer_add_str(w, "llama.rope.scaling.type", "linear");
-        cake_gguf_writer_add_f32(w, "llama.rope.scaling.factor", v->linear);
+        const char *arch = v->qwen2 ? "qwen2" : "llama";
+        char key[64];
+        snprintf(key, sizeof(key), "%s.rope.scaling.type", arch);
+        cake_gguf_writer_add_str(w, key, "linear");
+        snprintf(key, sizeof(key), "%s.rope.scaling.factor", arch);
+        cake_gguf_writer_add_f32(w, key, v->linear);
     }
     for (uint64_t i = 0; !rc && i < g->n_tensors; i++) {
         const cake_gguf_tensor *t = &g->tensors[i];
