@@ -53,7 +53,10 @@
 # failed step is reported and the script goes on. Nothing is installed from
 # the network: if build libraries are missing and out/gpu-carry/debs (or
 # $CAKE_DEBS) holds Debian packages of them, they are unpacked into
-# /tmp/cake-deps and used from there. Test models: $CAKE_TEST_MODELS, else
+# /tmp/cake-deps and used from there (made here by `apt-get download` of
+# libcmocka-dev libcmocka0 libhiredis-dev libhiredis0.14 libxxhash-dev
+# libxxhash0 libopenblas-pthread-dev libopenblas0-pthread libgfortran5
+# libquadmath0 libpcre2-dev libpcre2-8-0). Test models: $CAKE_TEST_MODELS, else
 # out/gpu-carry/models, else ../shared/models.
 #
 # The bench's store lives in RAM (13.4 GB of KV for the 16K prompt; the disk
@@ -137,6 +140,7 @@ missing=()
 pkg-config --exists openblas 2>/dev/null || missing+=(openblas)
 pkg-config --exists cmocka 2>/dev/null || missing+=(cmocka)
 pkg-config --exists hiredis 2>/dev/null || missing+=(hiredis)
+pkg-config --exists libpcre2-8 2>/dev/null || missing+=(pcre2)
 [ -f /usr/include/xxhash.h ] || pkg-config --exists libxxhash 2>/dev/null || missing+=(xxhash)
 command -v cmake >/dev/null || missing+=(cmake)
 command -v gcc >/dev/null || missing+=(gcc)
