@@ -514,7 +514,7 @@ static int fake_compute(void *self, const cake_token *t, int n, int pos0, float 
                         size_t errlen) {
     (void)t, (void)n, (void)pos0, (void)err, (void)errlen;
     const fake_engine *e = self;
-    struct timespec ts = {0, (long)e->compute_ms * 1000000L};
+    struct timespec ts = {e->compute_ms / 1000, (long)(e->compute_ms % 1000) * 1000000L};
     nanosleep(&ts, NULL);
     if (logits) logits[0] = 0;
     return 0;
@@ -605,13 +605,14 @@ static void test_claims(void **state) {
     cake_store_close(slow);
 
     /* An unthrottled link and a slow compute: everything is loaded. The
-     * compute is slow enough (400 ms a chunk) that 16 KB reads under TSan on
+     * compute is slow enough (1.5 s a chunk) that 16 KB reads under TSan on
      * a busy 2-core machine still look faster: with 100 ms, one CI run
-     * computed chunk 0. */
+     * computed chunk 0, and with 400 ms one run of the TSan suite with other
+     * tests beside it (stop 19). */
     snprintf(uri, sizeof(uri), "file:%s", dir);
     cake_store *fast = open_store(uri);
-    fe.compute_ms = 400;
-    fe.speed = (cake_compute_speed){{400e6 / cake_chunk_flops(&fe.hp, 0, chunk)}, 1};
+    fe.compute_ms = 1500;
+    fe.speed = (cake_compute_speed){{1500e6 / cake_chunk_flops(&fe.hp, 0, chunk)}, 1};
     st = fake_prefill(&e, p, n, chunk, fast, NULL, CAKE_MODE_CAKE); /* measures the rate */
     assert_true(st.chunks_loaded >= 7);
     st = fake_prefill(&e, p, n, chunk, fast, NULL, CAKE_MODE_CAKE);
