@@ -208,15 +208,22 @@ static void write_variant(const char *src, const char *dst, const test_model_var
     assert_int_equal(rc, 0);
 }
 
-/* First-token logits of a fixed 40-token prompt on the model at path. */
-static float *first_logits(const char *path) {
+/* The 40 token ids the model tests below run. */
+static void fixed_prompt(cake_token prompt[40]) {
+    for (int i = 0; i < 40; i++) prompt[i] = 3 + (cake_token)(i * 7919 % 1000);
+}
+
+/* First-token logits of the fixed prompt on the model at path, and its
+ * hyperparameters into *hp when hp is not NULL. */
+static float *first_logits(const char *path, cake_hparams *hp) {
     cake_model *m = NULL;
     char err[512];
     int rc = cake_model_load(path, &m, err, sizeof(err));
     if (rc) fprintf(stderr, "%s\n", err);
     assert_int_equal(rc, 0);
+    if (hp) *hp = *cake_model_hparams(m);
     cake_token prompt[40];
-    for (int i = 0; i < 40; i++) prompt[i] = 3 + (cake_token)(i * 7919 % 1000);
+    fixed_prompt(prompt);
     run_result r;
     run_greedy(m, prompt, 40, 1, 16, CAKE_KV_F32, 2, &r);
     cake_model_free(m);
@@ -245,15 +252,15 @@ static void test_rope_freqs(void **state) {
         ones[i] = 1.0f;
         llama31[i] = i < half / 4 ? 1.0f : i < half / 2 ? 1.0f + (float)i / half : 8.0f;
     }
-    float *plain = first_logits(base);
+    float *plain = first_logits(base, NULL);
     write_variant(base, variant, &(test_model_variant){.linear = 2.0f});
-    float *linear2 = first_logits(variant);
+    float *linear2 = first_logits(variant, NULL);
     write_variant(base, variant, &(test_model_variant){.rope_factors = twos, .n_factors = half});
-    float *factor2 = first_logits(variant);
+    float *factor2 = first_logits(variant, NULL);
     write_variant(base, variant, &(test_model_variant){.rope_factors = ones, .n_factors = half});
-    float *factor1 = first_logits(variant);
+    float *factor1 = first_logits(variant, NULL);
     write_variant(base, variant, &(test_model_variant){.rope_factors = llama31, .n_factors = half});
-    float *scaled = first_logits(variant);
+    float *scaled = first_logits(variant, NULL);
     const size_t bytes = (size_t)n_vocab * sizeof(float);
     assert_memory_equal(factor2, linear2, bytes);
     assert_memory_equal(factor1, plain, bytes);
@@ -298,7 +305,7 @@ static void test_qwen2_matches_llama(void **state) {
     assert_false(cake_model_hparams(m)->qkv_bias);
     const int n_vocab = cake_model_hparams(m)->n_vocab;
     cake_model_free(m);
-    float *llama = first_logits(base), *qwen2 = first_logits(variant);
+    float *llama = first_logits(base, NULL), *qwen2 = first_logits(variant, NULL);
     const float d = max_rel_diff(llama, qwen2, n_vocab);
     printf("qwen2 copy vs llama: logits rel diff %.3g\n", d);
     assert_true(d <= 1e-5f);
@@ -498,6 +505,20 @@ static double rel_to_ref(const float *a, const double *ref, int n) {
     return d / scale;
 }
 
+/* The engine's first-token logits of the fixed prompt on the model at path,
+ * checked against the reference (1e-5 relative); hyperparameters into *hp. */
+static float *check_vs_reference(const char *path, const char *what, cake_hparams *hp) {
+    float *got = first_logits(path, hp);
+    cake_token prompt[40];
+    fixed_prompt(prompt);
+    double *ref = reference_logits(path, prompt, 40);
+    const double d = rel_to_ref(got, ref, hp->n_vocab);
+    printf("%s: logits vs the reference: %.3g (tolerance 1e-5)\n", what, d);
+    assert_true(d <= 1e-5);
+    free(ref);
+    return got;
+}
+
 /* The engine against the reference: the llama model (checks the reference),
  * and its qwen2 copy with q/k/v biases. */
 static void test_qwen2_reference(void **state) {
@@ -508,26 +529,12 @@ static void test_qwen2_reference(void **state) {
     snprintf(variant, sizeof(variant), "%s.qwen2", base);
     write_variant(base, variant, &(test_model_variant){.qwen2 = true, .bias = 0.05f});
 
-    cake_token prompt[40];
-    for (int i = 0; i < 40; i++) prompt[i] = 3 + (cake_token)(i * 7919 % 1000);
     const char *paths[] = {base, variant};
     float *got[2];
     for (int k = 0; k < 2; k++) {
-        cake_model *m = NULL;
-        char err[512];
-        assert_int_equal(cake_model_load(paths[k], &m, err, sizeof(err)), 0);
-        assert_int_equal(cake_model_hparams(m)->qkv_bias, k == 1);
-        const int nv = cake_model_hparams(m)->n_vocab;
-        run_result r;
-        run_greedy(m, prompt, 40, 1, 16, CAKE_KV_F32, 2, &r);
-        cake_model_free(m);
-        double *ref = reference_logits(paths[k], prompt, 40);
-        const double d = rel_to_ref(r.logits, ref, nv);
-        printf("%s: logits vs the reference: %.3g (tolerance 1e-5)\n",
-               k ? "qwen2 with biases" : "llama", d);
-        assert_true(d <= 1e-5);
-        free(ref);
-        got[k] = r.logits;
+        cake_hparams hp;
+        got[k] = check_vs_reference(paths[k], k ? "qwen2 with biases" : "llama", &hp);
+        assert_int_equal(hp.qkv_bias, k == 1);
     }
     /* the biases matter */
     assert_memory_not_equal(got[0], got[1], 1000 * sizeof(float));
@@ -549,16 +556,8 @@ static void test_q8_0(void **state) {
     if (rc) fprintf(stderr, "%s\n", err);
     assert_int_equal(rc, 0);
     assert_int_equal(cake_model_hparams(m)->weight_dtype, CAKE_DTYPE_Q8_0);
-    cake_token prompt[40];
-    for (int i = 0; i < 40; i++) prompt[i] = 3 + (cake_token)(i * 7919 % 1000);
-    run_result r;
-    run_greedy(m, prompt, 40, 1, 16, CAKE_KV_F32, 2, &r);
-    double *ref = reference_logits(path, prompt, 40);
-    const double d = rel_to_ref(r.logits, ref, cake_model_hparams(m)->n_vocab);
-    printf("q8_0: logits vs the reference: %.3g (tolerance 1e-5)\n", d);
-    assert_true(d <= 1e-5);
-    free(ref);
-    free(r.logits);
+    cake_hparams hp;
+    free(check_vs_reference(path, "q8_0", &hp));
     check_chunk_invariance(m, 200, 8);
     /* the CUDA backend refuses it (whether or not this build has one) */
     cake_context_params cp = cake_context_default_params();

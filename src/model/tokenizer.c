@@ -593,6 +593,28 @@ static int read_bool(const cake_gguf *g, const char *key, bool def, bool *out, c
     return rc == 0 ? 0 : -1;
 }
 
+/* Key `key`, an array of strings with at least min_n and at most INT32_MAX
+ * entries; NULL with the reason in err otherwise. */
+static const cake_gguf_kv *string_array(const cake_gguf *g, const char *key, uint64_t min_n,
+                                        char *err, size_t errlen) {
+    const cake_gguf_kv *kv = cake_gguf_find_kv(g, key);
+    if (!kv) {
+        cake_err(err, errlen, "missing key %s", key);
+        return NULL;
+    }
+    if (kv->type != CAKE_GGUF_ARRAY || kv->arr_type != CAKE_GGUF_STRING) {
+        cake_err(err, errlen, "%s has type %s, expected an array of string", key,
+                 kv->type == CAKE_GGUF_ARRAY ? cake_gguf_type_name(kv->arr_type)
+                                             : cake_gguf_type_name(kv->type));
+        return NULL;
+    }
+    if (kv->arr_n < min_n || kv->arr_n > INT32_MAX) {
+        cake_err(err, errlen, "%s has %llu entries", key, (unsigned long long)kv->arr_n);
+        return NULL;
+    }
+    return kv;
+}
+
 int cake_tokenizer_init(const cake_gguf *g, cake_tokenizer **out, char *err, size_t errlen) {
     *out = NULL;
     cake_gguf_str model;
@@ -620,28 +642,11 @@ int cake_tokenizer_init(const cake_gguf *g, cake_tokenizer **out, char *err, siz
         if (rc != 0) return -1;
         pre = find_pretokenizer(name.ptr, name.len);
         if (pre < 0) return unknown_pretokenizer(name.ptr, name.len, err, errlen);
-        mk = cake_gguf_find_kv(g, "tokenizer.ggml.merges");
-        if (!mk) return cake_err(err, errlen, "missing key tokenizer.ggml.merges");
-        if (mk->type != CAKE_GGUF_ARRAY || mk->arr_type != CAKE_GGUF_STRING)
-            return cake_err(err, errlen,
-                            "tokenizer.ggml.merges has type %s, expected an array of string",
-                            mk->type == CAKE_GGUF_ARRAY ? cake_gguf_type_name(mk->arr_type)
-                                                        : cake_gguf_type_name(mk->type));
-        if (mk->arr_n > INT32_MAX)
-            return cake_err(err, errlen, "tokenizer.ggml.merges has %llu entries",
-                            (unsigned long long)mk->arr_n);
+        if (!(mk = string_array(g, "tokenizer.ggml.merges", 0, err, errlen))) return -1;
     }
 
-    const cake_gguf_kv *tk = cake_gguf_find_kv(g, "tokenizer.ggml.tokens");
-    if (!tk) return cake_err(err, errlen, "missing key tokenizer.ggml.tokens");
-    if (tk->type != CAKE_GGUF_ARRAY || tk->arr_type != CAKE_GGUF_STRING)
-        return cake_err(err, errlen,
-                        "tokenizer.ggml.tokens has type %s, expected an array of string",
-                        tk->type == CAKE_GGUF_ARRAY ? cake_gguf_type_name(tk->arr_type)
-                                                    : cake_gguf_type_name(tk->type));
-    if (tk->arr_n == 0 || tk->arr_n > INT32_MAX)
-        return cake_err(err, errlen, "tokenizer.ggml.tokens has %llu entries",
-                        (unsigned long long)tk->arr_n);
+    const cake_gguf_kv *tk = string_array(g, "tokenizer.ggml.tokens", 1, err, errlen);
+    if (!tk) return -1;
     const int32_t n = (int32_t)tk->arr_n;
 
     /* Scores and types: optional, at least one per token (llama.cpp accepts

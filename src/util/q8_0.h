@@ -23,9 +23,17 @@ static inline float cake_q8_0_at(const void *w, size_t i) {
     return cake_f16_to_f32(d) * (float)(int8_t)b[2 + i % CAKE_Q8_0_BLOCK];
 }
 
-/* dst[0..n) = weights first..first+n of a Q8_0 array. */
+/* dst[0..n) = weights first..first+n of a Q8_0 array (first a multiple of
+ * 32: a row of whole blocks), each block's scale converted once. */
 static inline void cake_q8_0_to_f32_row(const void *w, size_t first, float *dst, size_t n) {
-    for (size_t i = 0; i < n; i++) dst[i] = cake_q8_0_at(w, first + i);
+    const uint8_t *b = (const uint8_t *)w + first / CAKE_Q8_0_BLOCK * CAKE_Q8_0_BYTES;
+    for (size_t i = 0; i < n; i += CAKE_Q8_0_BLOCK, b += CAKE_Q8_0_BYTES) {
+        cake_f16 h;
+        memcpy(&h, b, 2);
+        const float d = cake_f16_to_f32(h);
+        for (size_t j = 0; j < CAKE_Q8_0_BLOCK && i + j < n; j++)
+            dst[i + j] = d * (float)(int8_t)b[2 + j];
+    }
 }
 
 /* Quantizes 32 values into one block as llama.cpp's quantize_row_q8_0_ref

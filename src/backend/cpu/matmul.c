@@ -148,15 +148,9 @@ CAKE_INLINE __m512 q8_0_scale(const uint8_t *block) {
 
 /* Half h (0 or 1) of a Q8_0 block: its 16 int8 as f32 times the scale, the
  * exact products. */
-CAKE_INLINE __m512 q8_0_half(const uint8_t *block, int h, __m512 scale, __mmask16 m) {
-    const __m128i q = _mm_maskz_loadu_epi8(m, block + 2 + 16 * h);
+CAKE_INLINE __m512 q8_0_half(const uint8_t *block, int h, __m512 scale) {
+    const __m128i q = _mm_loadu_si128((const __m128i *)(block + 2 + 16 * h));
     return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), scale);
-}
-
-/* 16 Q8_0 weights from element off (a multiple of 16; rows start on blocks). */
-CAKE_INLINE __m512 w_load_q8_0(const void *w, size_t off, __mmask16 m) {
-    const uint8_t *b = (const uint8_t *)w + off / CAKE_Q8_0_BLOCK * CAKE_Q8_0_BYTES;
-    return q8_0_half(b, (int)(off % CAKE_Q8_0_BLOCK) / 16, q8_0_scale(b), m);
 }
 
 CAKE_INLINE __m512 w_load(const void *w, int dt, size_t off) {
@@ -165,8 +159,6 @@ CAKE_INLINE __m512 w_load(const void *w, int dt, size_t off) {
         return _mm512_loadu_ps((const float *)w + off);
     case CAKE_DTYPE_F16:
         return cake_load_f16((const cake_f16 *)w + off);
-    case CAKE_DTYPE_Q8_0:
-        return w_load_q8_0(w, off, 0xffff);
     default:
         return cake_load_bf16((const cake_bf16 *)w + off);
     }
@@ -178,8 +170,6 @@ CAKE_INLINE __m512 w_maskload(const void *w, int dt, size_t off, __mmask16 m) {
         return _mm512_maskz_loadu_ps(m, (const float *)w + off);
     case CAKE_DTYPE_F16:
         return cake_maskload_f16((const cake_f16 *)w + off, m);
-    case CAKE_DTYPE_Q8_0: /* never taken: Q8_0 rows are whole blocks of 32 */
-        return w_load_q8_0(w, off, m);
     default:
         return cake_maskload_bf16((const cake_bf16 *)w + off, m);
     }
@@ -210,10 +200,10 @@ CAKE_INLINE void mm_tile(float *y, int n_out, const float *x, int n_in, const vo
                 const uint8_t *b = b0 + (size_t)j * row_bytes;
                 for (int k = 0; k < n_in; k += 32, b += CAKE_Q8_0_BYTES) {
                     const __m512 s = q8_0_scale(b);
-                    acc[0][j] = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), q8_0_half(b, 0, s, 0xffff),
-                                                acc[0][j]);
-                    acc[0][j] = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16),
-                                                q8_0_half(b, 1, s, 0xffff), acc[0][j]);
+                    acc[0][j] =
+                        _mm512_fmadd_ps(_mm512_loadu_ps(x + k), q8_0_half(b, 0, s), acc[0][j]);
+                    acc[0][j] =
+                        _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16), q8_0_half(b, 1, s), acc[0][j]);
                 }
             }
         } else
@@ -225,7 +215,7 @@ CAKE_INLINE void mm_tile(float *y, int n_out, const float *x, int n_in, const vo
                 UNROLL for (int h = 0; h < 2; h++) {
                     __m512 wv[MM_NR];
                     UNROLL for (int j = 0; j < MM_NR; j++) wv[j] =
-                        j < NR ? q8_0_half(b0 + (size_t)j * row_bytes + bo, h, s[j], 0xffff)
+                        j < NR ? q8_0_half(b0 + (size_t)j * row_bytes + bo, h, s[j])
                                : _mm512_setzero_ps();
                     UNROLL for (int i = 0; i < MT; i++) {
                         __m512 xv = _mm512_loadu_ps(x + (size_t)i * n_in + k + 16 * h);
@@ -257,7 +247,9 @@ CAKE_INLINE void mm_tile(float *y, int n_out, const float *x, int n_in, const vo
                     _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
             }
         }
-    if (kf < n_in) { /* n_in % 16 != 0: the masked last step (both operands 0 past n_in) */
+    if (dt != CAKE_DTYPE_Q8_0 && kf < n_in) {
+        /* n_in % 16 != 0 (never with Q8_0's whole blocks): the masked last
+         * step, both operands 0 past n_in */
         const __mmask16 m = cake_tail_mask(n_in - kf);
         __m512 wv[MM_NR];
         UNROLL for (int j = 0; j < MM_NR; j++) wv[j] =
