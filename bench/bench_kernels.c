@@ -19,6 +19,7 @@
 
 #include "backend/cpu/kernels.h"
 #include "model/gguf.h"
+#include "util/q8_0.h"
 
 static double now_s(void) {
     struct timespec ts;
@@ -67,16 +68,15 @@ typedef struct {
     const void *w;
     int dtype, T, n_in, n_out;
     cake_threadpool *pool;
-    int n_rot;         /* matmuls per timed run, each on W at a different offset */
-    size_t rot_stride; /* elements between those offsets */
+    int n_rot;        /* matmuls per timed run, each on W at a different offset */
+    size_t rot_bytes; /* bytes between those offsets */
 } mm_ctx;
 
 static void run_matmul(void *p) {
     mm_ctx *c = p;
-    const size_t es = c->dtype == CAKE_DTYPE_F32 ? 4 : 2;
     for (int i = 0; i < c->n_rot; i++)
-        if (cake_matmul(c->y, c->x, (const char *)c->w + (size_t)i * c->rot_stride * es, c->dtype,
-                        c->T, c->n_in, c->n_out, c->pool)) {
+        if (cake_matmul(c->y, c->x, (const char *)c->w + (size_t)i * c->rot_bytes, c->dtype, c->T,
+                        c->n_in, c->n_out, c->pool)) {
             fprintf(stderr, "bench_kernels: cake_matmul failed\n");
             exit(1);
         }
@@ -103,40 +103,53 @@ static void bench_matmul(cake_threadpool *pool, int n_threads, int quick) {
     }
     float *x = xmalloc(max_x * 4), *y = xmalloc(max_y * 4), *w32 = xmalloc(max_w * 4);
     cake_f16 *w16 = xmalloc(max_w * 2);
+    uint8_t *wq = xmalloc(max_w / CAKE_Q8_0_BLOCK * CAKE_Q8_0_BYTES),
+            *wx16 = xmalloc(max_w / CAKE_Q8_0_BLOCK * CAKE_Q8_0_BYTES + 16 * 8192 * 2);
     for (size_t i = 0; i < max_x; i++) x[i] = rnd();
     for (size_t i = 0; i < max_w; i++) {
         w32[i] = rnd() * 0.05f;
         w16[i] = cake_f32_to_f16(w32[i]);
     }
+    for (size_t b = 0; b < max_w / CAKE_Q8_0_BLOCK; b++)
+        cake_q8_0_quantize_block(w32 + b * CAKE_Q8_0_BLOCK, wq + b * CAKE_Q8_0_BYTES);
     openblas_set_num_threads(n_threads);
     printf("== matmul y(T, n_out) = x(T, n_in) W^T, %d threads ==\n", n_threads);
     printf("%-6s %-12s %5s %10s %9s %9s | %s\n", "W", "n_out x n_in", "T", "ms", "GFLOP/s",
            "W GB/s", "openblas sgemm (f32 W) ms, GFLOP/s");
-    for (int di = 0; di < 2; di++) {
-        const int dtype = di == 0 ? CAKE_DTYPE_F16 : CAKE_DTYPE_F32;
-        for (int s = 0; s < n_shapes; s++)
+    const int dtypes[] = {CAKE_DTYPE_Q8_0_X16, CAKE_DTYPE_F16, CAKE_DTYPE_F32};
+    for (int di = 0; di < 3; di++) {
+        const int dtype = dtypes[di];
+        for (int s = 0; s < n_shapes; s++) {
+            const int n_out = shapes[s][0], n_in = shapes[s][1];
+            /* The whole weight buffer as rows of n_in; Q8_0 repacked for it. */
+            const size_t rows = max_w / (size_t)n_in;
+            const void *w = dtype == CAKE_DTYPE_F16 ? (const void *)w16 : (const void *)w32;
+            const double es = dtype == CAKE_DTYPE_F32   ? 4
+                              : dtype == CAKE_DTYPE_F16 ? 2
+                                                        : (double)CAKE_Q8_0_BYTES / CAKE_Q8_0_BLOCK;
+            if (dtype == CAKE_DTYPE_Q8_0_X16) {
+                cake_q8_0_pack_x16(wx16, wq, (int)rows, n_in);
+                w = wx16;
+            }
             for (int ti = 0; ti < n_T; ti++) {
-                const int n_out = shapes[s][0], n_in = shapes[s][1], T = Ts[ti];
-                mm_ctx c = {
-                    y,     x,    dtype == CAKE_DTYPE_F16 ? (const void *)w16 : (const void *)w32,
-                    dtype, T,    n_in,
-                    n_out, pool, 1,
-                    0};
+                const int T = Ts[ti];
+                mm_ctx c = {y, x, w, dtype, T, n_in, n_out, pool, 1, 0};
                 /* decode: 8 matmuls on W at offsets spread over the whole weight
                  * buffer (>= 128 MiB), so W streams from memory as in a model
-                 * rather than from the L3 cache */
-                const size_t nw = (size_t)n_out * n_in;
-                if (T == 1 && max_w > nw) {
+                 * rather than from the L3 cache (offsets in whole 16-row groups) */
+                if (T == 1 && rows > (size_t)n_out) {
                     c.n_rot = 8;
-                    c.rot_stride = (max_w - nw) / 7;
+                    c.rot_bytes = (size_t)((double)((rows - n_out) / 7 / 16 * 16) * n_in * es);
                 }
                 const double flop = 2.0 * T * n_out * n_in;
                 const double budget = T == 1 ? 0.5 : 1.0;
                 const double t = best_time(run_matmul, &c, budget, 2) / c.n_rot;
-                const double wbytes = (double)n_out * n_in * (dtype == CAKE_DTYPE_F16 ? 2 : 4);
+                const double wbytes = (double)n_out * n_in * es;
                 printf("%-6s %5d x %-5d %5d %10.3f %9.1f %9.1f",
-                       dtype == CAKE_DTYPE_F16 ? "f16" : "f32", n_out, n_in, T, t * 1e3,
-                       flop / t * 1e-9, wbytes / t * 1e-9);
+                       dtype == CAKE_DTYPE_F32   ? "f32"
+                       : dtype == CAKE_DTYPE_F16 ? "f16"
+                                                 : "q8_0",
+                       n_out, n_in, T, t * 1e3, flop / t * 1e-9, wbytes / t * 1e-9);
                 if (dtype == CAKE_DTYPE_F32) {
                     mm_ctx b = c;
                     b.w = w32;
@@ -146,11 +159,14 @@ static void bench_matmul(cake_threadpool *pool, int n_threads, int quick) {
                 printf("\n");
                 fflush(stdout);
             }
+        }
     }
     free(x);
     free(y);
     free(w32);
     free(w16);
+    free(wq);
+    free(wx16);
 }
 
 /* ===================== attention ===================== */

@@ -53,11 +53,10 @@
 # failed step is reported and the script goes on. Nothing is installed from
 # the network: if build libraries are missing and out/gpu-carry/debs (or
 # $CAKE_DEBS) holds Debian packages of them, they are unpacked into
-# /tmp/cake-deps and used from there (made here by `apt-get download` of
-# libcmocka-dev libcmocka0 libhiredis-dev libhiredis0.14 libxxhash-dev
-# libxxhash0 libopenblas-pthread-dev libopenblas0-pthread libgfortran5
-# libquadmath0 libpcre2-dev libpcre2-8-0). Test models: $CAKE_TEST_MODELS, else
-# out/gpu-carry/models, else ../shared/models.
+# /tmp/cake-deps and used from there. scripts/gpu-carry.sh makes
+# out/gpu-carry (the packages, by `apt-get download`, and the test models);
+# out/ is not in the repo, so run it first in a fresh checkout. Test models:
+# $CAKE_TEST_MODELS, else out/gpu-carry/models, else ../shared/models.
 #
 # The bench's store lives in RAM (13.4 GB of KV for the 16K prompt; the disk
 # also holds the 26 GB model): a file store on /dev/shm when it has room (each

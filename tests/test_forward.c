@@ -322,6 +322,7 @@ typedef struct {
     const cake_gguf_tensor *t[512];
     float *f[512];
     int n;
+    bool q8_0; /* the matrices are Q8_0: their inputs are quantized */
 } ref_tensors;
 
 /* Tensor `what` of layer `layer` (blk.N.what; layer < 0: what itself), or
@@ -365,14 +366,27 @@ static const float *f32_tensor(ref_tensors *r, int layer, const char *what) {
     return f;
 }
 
-/* y = W x + b (W: n_out rows of n_in; b may be NULL), in double. */
+/* y = W x + b (W: n_out rows of n_in; b may be NULL), in double. With Q8_0
+ * weights x is first rounded as llama.cpp rounds the activations it
+ * multiplies them with: per block of 32, d = max |x| / 127, q = round(x / d)
+ * (quantize_row_q8_0), x becomes q * d. */
 static void ref_linear(double *y, const float *w, const float *b, const double *x, int n_in,
-                       int n_out) {
+                       int n_out, bool q8_0) {
+    double *xq = malloc((size_t)n_in * sizeof(double));
+    assert_non_null(xq);
+    for (int i = 0; i < n_in; i++) xq[i] = x[i];
+    for (int k0 = 0; q8_0 && k0 < n_in; k0 += 32) {
+        double amax = 0;
+        for (int i = k0; i < k0 + 32; i++) amax = fmax(amax, fabs(x[i]));
+        const double d = amax / 127;
+        for (int i = k0; i < k0 + 32; i++) xq[i] = d > 0 ? nearbyint(x[i] / d) * d : 0;
+    }
     for (int o = 0; o < n_out; o++) {
         double acc = b ? b[o] : 0;
-        for (int i = 0; i < n_in; i++) acc += (double)w[(size_t)o * n_in + i] * x[i];
+        for (int i = 0; i < n_in; i++) acc += (double)w[(size_t)o * n_in + i] * xq[i];
         y[o] = acc;
     }
+    free(xq);
 }
 
 static void ref_rmsnorm(double *y, const double *x, const float *w, int n, double eps) {
@@ -406,6 +420,7 @@ static double *reference_logits(const char *path, const cake_token *prompt, int 
     assert_int_equal(cake_gguf_get_str(g, "general.architecture", &arch, err, sizeof(err)), 0);
     const bool neox = arch.len == 5 && !memcmp(arch.ptr, "qwen2", 5);
     ref_tensors w = {.g = g};
+    w.q8_0 = cake_gguf_find_tensor(g, "blk.0.attn_q.weight")->type == CAKE_DTYPE_Q8_0;
     char key[96];
     uint32_t dim, n_layers, nh, nkv, ffn;
     float theta = 10000.0f;
@@ -437,16 +452,16 @@ static double *reference_logits(const char *path, const cake_token *prompt, int 
         for (int t = 0; t < n; t++) { /* keys and values of every position first */
             ref_rmsnorm(xn, x + (size_t)t * dim, f32_tensor(&w, L, "attn_norm.weight"), dim, eps);
             ref_linear(k + (size_t)t * kvd, f32_tensor(&w, L, "attn_k.weight"),
-                       f32_tensor(&w, L, "attn_k.bias"), xn, dim, kvd);
+                       f32_tensor(&w, L, "attn_k.bias"), xn, dim, kvd, w.q8_0);
             ref_linear(v + (size_t)t * kvd, f32_tensor(&w, L, "attn_v.weight"),
-                       f32_tensor(&w, L, "attn_v.bias"), xn, dim, kvd);
+                       f32_tensor(&w, L, "attn_v.bias"), xn, dim, kvd, w.q8_0);
             ref_rope(k + (size_t)t * kvd, (int)nkv, hd, t, theta, neox);
         }
         for (int t = 0; t < n; t++) {
             double *xt = x + (size_t)t * dim;
             ref_rmsnorm(xn, xt, f32_tensor(&w, L, "attn_norm.weight"), dim, eps);
             ref_linear(q, f32_tensor(&w, L, "attn_q.weight"), f32_tensor(&w, L, "attn_q.bias"), xn,
-                       dim, dim);
+                       dim, dim, w.q8_0);
             ref_rope(q, (int)nh, hd, t, theta, neox);
             for (int h = 0; h < (int)nh; h++) {
                 const int kh = h / (int)(nh / nkv);
@@ -465,23 +480,23 @@ static double *reference_logits(const char *path, const cake_token *prompt, int 
                     o[h * hd + i] = acc / sum;
                 }
             }
-            ref_linear(tmp, f32_tensor(&w, L, "attn_output.weight"), NULL, o, dim, dim);
+            ref_linear(tmp, f32_tensor(&w, L, "attn_output.weight"), NULL, o, dim, dim, w.q8_0);
             for (uint32_t i = 0; i < dim; i++) xt[i] += tmp[i];
         }
         for (int t = 0; t < n; t++) {
             double *xt = x + (size_t)t * dim;
             ref_rmsnorm(xn, xt, f32_tensor(&w, L, "ffn_norm.weight"), dim, eps);
-            ref_linear(gate, f32_tensor(&w, L, "ffn_gate.weight"), NULL, xn, dim, ffn);
-            ref_linear(up, f32_tensor(&w, L, "ffn_up.weight"), NULL, xn, dim, ffn);
+            ref_linear(gate, f32_tensor(&w, L, "ffn_gate.weight"), NULL, xn, dim, ffn, w.q8_0);
+            ref_linear(up, f32_tensor(&w, L, "ffn_up.weight"), NULL, xn, dim, ffn, w.q8_0);
             for (uint32_t i = 0; i < ffn; i++) gate[i] = gate[i] / (1 + exp(-gate[i])) * up[i];
-            ref_linear(tmp, f32_tensor(&w, L, "ffn_down.weight"), NULL, gate, ffn, dim);
+            ref_linear(tmp, f32_tensor(&w, L, "ffn_down.weight"), NULL, gate, ffn, dim, w.q8_0);
             for (uint32_t i = 0; i < dim; i++) xt[i] += tmp[i];
         }
     }
     ref_rmsnorm(xn, x + (size_t)(n - 1) * dim, f32_tensor(&w, -1, "output_norm.weight"), dim, eps);
     double *logits = malloc((size_t)nv * sizeof(double));
     const float *out = f32_tensor(&w, -1, "output.weight");
-    ref_linear(logits, out ? out : embd, NULL, xn, dim, nv);
+    ref_linear(logits, out ? out : embd, NULL, xn, dim, nv, w.q8_0);
     free(x);
     free(xn);
     free(q);

@@ -373,11 +373,43 @@ static void *make_weights(int dtype, size_t n, float *as_f32) {
     return w;
 }
 
+/* The activations the Q8_0 matmul multiplies: x rounded per block of 32 as
+ * llama.cpp's quantize_row_q8_0 (d = max |x| / 127, q = round(x * (1 / d))),
+ * written here apart from the kernel, as the values q * d. */
+static float *q8_0_activations(const float *x, size_t n) {
+    float *xq = xmalloc(n * 4);
+    for (size_t b = 0; b < n; b += 32) {
+        float amax = 0;
+        for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(x[b + j]));
+        const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        for (int j = 0; j < 32; j++) {
+            const float q = nearbyintf(x[b + j] * id);
+            xq[b + j] = (float)((double)q * d);
+            /* each value within half a step of x, so the product is within
+             * sum |w| d / 2 of the exact one */
+            if (fabs(x[b + j] - xq[b + j]) > 0.5 * d * (1 + 1e-6))
+                fail_msg("activation %g quantized to %g (step %g)", x[b + j], xq[b + j], d);
+        }
+    }
+    return xq;
+}
+
 static void check_matmul_shape(int dtype, int T, int n_in, int n_out) {
     const size_t nx = (size_t)T * n_in, nw = (size_t)n_out * n_in, ny = (size_t)T * n_out;
     float *x = xmalloc(nx * 4), *wf = xmalloc(nw * 4);
     for (size_t i = 0; i < nx; i++) x[i] = rnd_f(-2, 2);
     void *w = make_weights(dtype, nw, wf);
+    /* The values the weights multiply: x itself, or for Q8_0 x quantized. */
+    float *xv = x;
+    if (dtype == CAKE_DTYPE_Q8_0) {           /* repacked, as the model does at load */
+        if (n_in >= 64) memset(x, 0, 32 * 4); /* a block of zeros: d = 0 */
+        void *packed = xmalloc(cake_q8_0_x16_size(n_out, n_in));
+        cake_q8_0_pack_x16(packed, w, n_out, n_in);
+        free(w);
+        w = packed;
+        dtype = CAKE_DTYPE_Q8_0_X16;
+        xv = q8_0_activations(x, nx);
+    }
     float *y = xmalloc(ny * 4), *yl = xmalloc(ny * 4), *yr = xmalloc(ny * 4),
           *y1 = xmalloc((size_t)n_out * 4);
 
@@ -386,25 +418,34 @@ static void check_matmul_shape(int dtype, int T, int n_in, int n_out) {
     /* the reference reads the weights as make_weights wrote them */
     for (int t = 0; t < T; t++)
         for (int n = 0; n < n_out; n++) {
-            double s = 0, mag = 0;
+            double s = 0, mag = 0, exact = 0, wsum = 0;
             for (int k = 0; k < n_in; k++) {
-                const double p = (double)x[(size_t)t * n_in + k] * wf[(size_t)n * n_in + k];
+                const double wk = wf[(size_t)n * n_in + k],
+                             p = (double)xv[(size_t)t * n_in + k] * wk;
                 s += p;
                 mag += fabs(p);
+                exact += (double)x[(size_t)t * n_in + k] * wk;
+                wsum += fabs(wk) * fabs(x[(size_t)t * n_in + k] - xv[(size_t)t * n_in + k]);
             }
             if (fabs(s - yr[(size_t)t * n_out + n]) > 1e-6 * mag + 1e-30)
                 fail_msg("matmul_ref dtype %d: y[%d][%d] %g, from the weights' values %g", dtype, t,
                          n, yr[(size_t)t * n_out + n], s);
+            /* Q8_0: the activations' rounding is all that separates the result
+             * from the exact product */
+            if (fabs(exact - yr[(size_t)t * n_out + n]) > wsum * (1 + 1e-6) + 1e-6 * mag + 1e-30)
+                fail_msg("matmul_ref dtype %d: y[%d][%d] %g, exact %g, more than the rounding",
+                         dtype, t, n, yr[(size_t)t * n_out + n], exact);
         }
     /* Against the double-precision reference: 1e-5 of sum |x_k w_k|. The f32
      * result is 16 FMA chains of n_in/16 terms plus a 4-level tree, so its
      * error is at most ~(n_in/16 + 4) * 2^-24 of that sum (3e-5 at n_in 8192,
-     * worst case); random signs make it ~sqrt of that in practice. */
+     * worst case); random signs make it ~sqrt of that in practice. (Q8_0: one
+     * chain of n_in/32 exact block sums.) */
     for (int t = 0; t < T; t++)
         for (int n = 0; n < n_out; n++) {
             double mag = 0;
             for (int k = 0; k < n_in; k++)
-                mag += fabs((double)x[(size_t)t * n_in + k] * wf[(size_t)n * n_in + k]);
+                mag += fabs((double)xv[(size_t)t * n_in + k] * wf[(size_t)n * n_in + k]);
             const double d = fabs((double)yl[(size_t)t * n_out + n] - yr[(size_t)t * n_out + n]);
             if (d > 1e-5 * mag + 1e-30)
                 fail_msg("matmul dtype %d T %d n_in %d n_out %d: y[%d][%d] %g vs ref %g", dtype, T,
@@ -424,6 +465,7 @@ static void check_matmul_shape(int dtype, int T, int n_in, int n_out) {
                          0);
         assert_memory_equal(y1, yl + (size_t)t * n_out, (size_t)n_out * 4);
     }
+    if (xv != x) free(xv);
     free(x);
     free(wf);
     free(w);
@@ -445,11 +487,11 @@ static void test_matmul(void **state) {
     for (size_t di = 0; di < 3; di++)
         for (size_t si = 0; si < sizeof(shapes) / sizeof(shapes[0]); si++)
             check_matmul_shape(dtypes[di], shapes[si][0], shapes[si][1], shapes[si][2]);
-    /* Q8_0: rows of whole blocks of 32; past n_in 4096 the interleaved
-     * one-token loop */
-    const int q8_shapes[][3] = {{1, 32, 1},     {1, 64, 4},    {2, 96, 5},    {6, 64, 8},
+    /* Q8_0: rows of whole blocks of 32; n_out around the 16-row groups, the
+     * 2-group tile and the 128-row task; T around the 6-token tile */
+    const int q8_shapes[][3] = {{1, 32, 1},     {1, 64, 16},   {2, 96, 17},   {6, 64, 33},
                                 {7, 256, 13},   {13, 512, 67}, {31, 1024, 9}, {20, 2048, 6},
-                                {40, 1088, 70}, {33, 2048, 5}, {1, 4128, 9},  {2, 4096, 3}};
+                                {40, 1088, 70}, {12, 64, 300}, {1, 4128, 9},  {5, 4096, 129}};
     for (size_t si = 0; si < sizeof(q8_shapes) / sizeof(q8_shapes[0]); si++)
         check_matmul_shape(CAKE_DTYPE_Q8_0, q8_shapes[si][0], q8_shapes[si][1], q8_shapes[si][2]);
 }
@@ -459,10 +501,15 @@ static void test_matmul_bad_dtype(void **state) {
     float x[4] = {1, 2, 3, 4}, y[1] = {0};
     const uint8_t w[8] = {0};
     /* Q8_0 rows must be whole blocks of 32 */
-    assert_int_equal(cake_matmul(y, x, w, CAKE_DTYPE_Q8_0, 1, 4, 1, NULL), -1);
+    assert_int_equal(cake_matmul(y, x, w, CAKE_DTYPE_Q8_0_X16, 1, 4, 1, NULL), -1);
     assert_int_equal(cake_matmul(y, x, w, 12345, 1, 4, 1, pools[2]), -1);
-    assert_int_equal(cake_matmul_ref(y, x, w, CAKE_DTYPE_Q8_0, 1, 4, 1), -1);
+    assert_int_equal(cake_matmul_ref(y, x, w, CAKE_DTYPE_Q8_0_X16, 1, 4, 1), -1);
     assert_int_equal(cake_matmul_lanes(y, x, w, 7, 1, 4, 1), -1);
+    /* Q8_0 in the file's layout is repacked first, never read as it is */
+    float x32[32] = {0};
+    const uint8_t w34[34] = {0};
+    assert_int_equal(cake_matmul(y, x32, w34, CAKE_DTYPE_Q8_0, 1, 32, 1, NULL), -1);
+    assert_int_equal(cake_matmul_lanes(y, x32, w34, CAKE_DTYPE_Q8_0, 1, 32, 1), -1);
 }
 
 /* ===================== attention ===================== */

@@ -56,14 +56,19 @@ void cake_context_free(cake_context *c) {
     free(c);
 }
 
-/* Whether every matrix is F32, F16 or BF16 (else Q8_0): the CUDA backend
- * converts them to one of these on upload, and takes no other. */
+static bool float_dtype(int t) {
+    return t == CAKE_DTYPE_F32 || t == CAKE_DTYPE_F16 || t == CAKE_DTYPE_BF16;
+}
+
+/* Whether every matrix is F32, F16 or BF16 (else Q8_0, in the file's layout
+ * or repacked): the CUDA backend converts them to one of these on upload, and
+ * takes no other. */
 static bool float_weights(const cake_model *m) {
-    bool ok = m->tok_embd.dtype != CAKE_DTYPE_Q8_0 && m->output.dtype != CAKE_DTYPE_Q8_0;
+    bool ok = float_dtype(m->tok_embd.dtype) && float_dtype(m->output.dtype);
     for (int l = 0; ok && l < m->hp.n_layers; l++) {
         const cake_layer *L = &m->layers[l];
         const cake_weight *w[] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->w_gate, &L->w_up, &L->w_down};
-        for (int i = 0; i < 7; i++) ok = ok && w[i]->dtype != CAKE_DTYPE_Q8_0;
+        for (int i = 0; i < 7; i++) ok = ok && float_dtype(w[i]->dtype);
     }
     return ok;
 }

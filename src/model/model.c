@@ -10,13 +10,18 @@
 #include "model/model.h"
 
 #include <math.h>
-#include <xxhash.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+#include <xxhash.h>
+
+#include "backend/cpu/kernels.h"
 
 #include "model/tokenizer.h"
 #include "util/err.h"
 #include "util/f16.h"
+#include "util/q8_0.h"
 
 static int str_eq(cake_gguf_str s, const char *c) {
     return s.len == strlen(c) && memcmp(s.ptr, c, s.len) == 0;
@@ -212,6 +217,56 @@ static double *rope_frequencies(const cake_gguf *g, const cake_hparams *hp, char
     return f;
 }
 
+/* The matrices the matmul reads: 7 per layer, then the output. */
+static int matmul_weights(cake_model *m, cake_weight **w) {
+    int n = 0;
+    for (int l = 0; l < m->hp.n_layers; l++) {
+        cake_layer *L = &m->layers[l];
+        cake_weight *lw[] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->w_gate, &L->w_up, &L->w_down};
+        for (int i = 0; i < 7; i++) w[n++] = lw[i];
+    }
+    w[n++] = &m->output;
+    return n;
+}
+
+/* Q8_0 matrices are repacked once into the CPU matmul's layout
+ * (CAKE_DTYPE_Q8_0_X16, backend/cpu/matmul_q8_0.c), all in one allocation the
+ * model owns; the token embedding stays in the file (it is read by rows).
+ * The file's pages of a repacked matrix are released from this process
+ * (they stay in the page cache; the fingerprint reads them again). */
+static int pack_q8_0(cake_model *m, char *err, size_t errlen) {
+    cake_weight **w = malloc(((size_t)m->hp.n_layers * 7 + 1) * sizeof(*w));
+    if (!w) return cake_err(err, errlen, "out of memory");
+    const int n = matmul_weights(m, w);
+    size_t total = 0;
+    for (int i = 0; i < n; i++)
+        if (w[i]->dtype == CAKE_DTYPE_Q8_0) total += cake_q8_0_x16_size(w[i]->n_out, w[i]->n_in);
+    if (total && !(m->packed = aligned_alloc(64, (total + 63) / 64 * 64))) {
+        free(w);
+        return cake_err(err, errlen, "out of memory for the %zu MiB of repacked Q8_0 weights",
+                        total >> 20);
+    }
+    const uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    uint8_t *dst = m->packed;
+    for (int i = 0; i < n; i++) {
+        if (w[i]->dtype != CAKE_DTYPE_Q8_0) continue;
+        const int rows = w[i]->n_out, cols = w[i]->n_in;
+        cake_q8_0_pack_x16(dst, w[i]->data, rows, cols);
+        if (w[i]->data != m->tok_embd.data) {
+            const uintptr_t a = (uintptr_t)w[i]->data;
+            const uintptr_t lo = (a + page - 1) / page * page,
+                            hi = (a + (size_t)rows * cols / CAKE_Q8_0_BLOCK * CAKE_Q8_0_BYTES) /
+                                 page * page;
+            if (hi > lo) (void)madvise((void *)lo, hi - lo, MADV_DONTNEED);
+        }
+        w[i]->data = dst;
+        w[i]->dtype = CAKE_DTYPE_Q8_0_X16;
+        dst += cake_q8_0_x16_size(rows, cols);
+    }
+    free(w);
+    return 0;
+}
+
 static void free_layers(cake_model *m) {
     if (!m->layers) return;
     for (int l = 0; l < m->hp.n_layers; l++) {
@@ -230,6 +285,7 @@ void cake_model_free(cake_model *m) {
     free_layers(m);
     free(m->output_norm);
     free(m->rope_freqs);
+    free(m->packed);
     cake_tokenizer_free(m->tokenizer);
     cake_gguf_close(m->gguf);
     free(m);
@@ -305,6 +361,7 @@ int cake_model_load(const char *path, cake_model **out, char *err, size_t errlen
 #undef LAYER_NAME
     }
     hp->weight_dtype = m->layers[0].wq.dtype;
+    if (pack_q8_0(m, why, sizeof(why))) goto fail_why;
     *out = m;
     return 0;
 
@@ -354,6 +411,9 @@ static void compute_fingerprint(void) {
     /* NeoX RoPE turns other pairs of the same weights; hashed only when set,
      * so that every llama model keeps the fingerprint (and store) it had. */
     if (hp->rope_neox) hash_u64(st, 0x6e656f78u);
+    /* Q8_0 matrices multiply 8-bit activations since the x16 kernel; KV
+     * computed before that (exact f32 activations) is not the same bits. */
+    if (m->packed) hash_u64(st, 0x71385f30783136u);
     hash_u64(st, cake_bits_from_f32(hp->rms_eps));
     hash_u64(st, cake_bits_from_f32(hp->rope_theta));
     hash_u64(st, cake_bits_from_f32(hp->rope_freq_scale));

@@ -9,7 +9,9 @@
 #include "cake.h"
 #include "model/gguf.h"
 
-/* A weight matrix (n_out, n_in), row-major, in the file's dtype. */
+/* A weight matrix (n_out, n_in), row-major, in the file's dtype; Q8_0
+ * matrices that the matmul reads are repacked at load into its layout
+ * (CAKE_DTYPE_Q8_0_X16, backend/cpu/kernels.h), which the model owns. */
 typedef struct {
     const void *data;
     int dtype; /* cake_dtype */
@@ -42,6 +44,7 @@ struct cake_model {
      * (the last factor is Llama 3.1's rope scaling; 1 when the tensor is
      * absent). Both backends rotate by these. */
     double *rope_freqs;
+    void *packed; /* the repacked Q8_0 matrices (one allocation), or NULL */
     pthread_once_t fingerprint_once;
     uint8_t fingerprint[16]; /* valid after fingerprint_once ran */
 };

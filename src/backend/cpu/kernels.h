@@ -72,10 +72,22 @@ void cake_attention_ref(const cake_attn_args *a);
  * gives bit-identical results (attention.c spells out the order). */
 void cake_attention_lanes(const cake_attn_args *a);
 
+/* ---- Q8_0 weights, repacked for the matmul (matmul_q8_0.c) ----
+ * The matmul takes a Q8_0 matrix (n_out, n_in), n_in a multiple of 32, in
+ * its own layout: rows in groups of 16, made once (at model load) from the
+ * file's blocks by cake_q8_0_pack_x16 into cake_q8_0_x16_size bytes (the
+ * blocks' own size, plus padding rows when n_out % 16 != 0). Not a GGUF
+ * type. */
+enum { CAKE_DTYPE_Q8_0_X16 = 1008 };
+size_t cake_q8_0_x16_size(int n_out, int n_in);
+void cake_q8_0_pack_x16(void *dst, const void *q8_0, int n_out, int n_in);
+
 /* ---- Matrix multiply with weights in the file's dtype ----
  * y (n_tokens, n_out) = x (n_tokens, n_in) . W^T, W: (n_out, n_in) row-major,
- * dtype F32, F16, BF16 or Q8_0 (cake_dtype numbering; Q8_0 when n_in is a
- * multiple of 32), read in place (converted in registers; nothing is copied).
+ * dtype F32, F16 or BF16 (cake_dtype numbering), read in place (converted in
+ * registers; nothing is copied), or CAKE_DTYPE_Q8_0_X16 (n_in a multiple of
+ * 32; x is quantized to 8 bits per block of 32, as llama.cpp does for Q8_0,
+ * and multiplied in integers: matmul_q8_0.c).
  * A threaded AVX-512 dot-product kernel for every batch size (matmul.c
  * explains why not sgemm); a token's output row is bit-identical whatever
  * n_tokens and the thread count. Returns 0, or -1 for an unsupported dtype. */
@@ -90,5 +102,15 @@ int cake_matmul_ref(float *y, const float *x, const void *w, int w_dtype, int n_
  * n_tokens, thread count and build. Returns 0, or -1 for an unsupported dtype. */
 int cake_matmul_lanes(float *y, const float *x, const void *w, int w_dtype, int n_tokens, int n_in,
                       int n_out);
+/* CAKE_DTYPE_Q8_0_X16's three, which the three above call: the kernel, the
+ * reference in double (on the same quantized activations), and the scalar
+ * twin of the kernel's order (each output an FMA chain over the blocks of
+ * isum * (d_w * d_x)). */
+void cake_matmul_q8_0(float *y, const float *x, const void *w, int n_tokens, int n_in, int n_out,
+                      cake_threadpool *pool);
+int cake_matmul_q8_0_ref(float *y, const float *x, const void *w, int n_tokens, int n_in,
+                         int n_out);
+void cake_matmul_q8_0_lanes(float *y, const float *x, const void *w, int n_tokens, int n_in,
+                            int n_out);
 
 #endif

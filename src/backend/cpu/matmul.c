@@ -1,7 +1,7 @@
-/* y (T, n_out) = x (T, n_in) . W^T with W (n_out, n_in) in F32, F16, BF16 or
- * Q8_0 (n_in a multiple of 32; each weight d * q, exact in f32: util/q8_0.h),
+/* y (T, n_out) = x (T, n_in) . W^T with W (n_out, n_in) in F32, F16 or BF16,
  * read in place from the (read-only, mmapped) model file: nothing is converted
- * or copied up front, so memory stays at the file's size.
+ * or copied up front, so memory stays at the file's size. Q8_0 weights take
+ * a path of their own (integer dot products), at the end of this file.
  *
  * One reduction order for every path. Each output is
  *     lane[l] = FMA chain over k = l, l+16, l+32, ... (k < n_in) of x[k]*w[k]
@@ -51,7 +51,7 @@
 
 static int dtype_ok(int dt, int n_in) {
     return dt == CAKE_DTYPE_F32 || dt == CAKE_DTYPE_F16 || dt == CAKE_DTYPE_BF16 ||
-           (dt == CAKE_DTYPE_Q8_0 && n_in % CAKE_Q8_0_BLOCK == 0);
+           (dt == CAKE_DTYPE_Q8_0_X16 && n_in % CAKE_Q8_0_BLOCK == 0);
 }
 
 static float w_at(const void *w, int dt, size_t i) {
@@ -60,8 +60,6 @@ static float w_at(const void *w, int dt, size_t i) {
         return ((const float *)w)[i];
     case CAKE_DTYPE_F16:
         return cake_f16_to_f32(((const cake_f16 *)w)[i]);
-    case CAKE_DTYPE_Q8_0:
-        return cake_q8_0_at(w, i);
     default:
         return cake_bf16_to_f32(((const cake_bf16 *)w)[i]);
     }
@@ -72,6 +70,7 @@ static float w_at(const void *w, int dt, size_t i) {
 int cake_matmul_ref(float *y, const float *x, const void *w, int w_dtype, int n_tokens, int n_in,
                     int n_out) {
     if (!dtype_ok(w_dtype, n_in)) return -1;
+    if (w_dtype == CAKE_DTYPE_Q8_0_X16) return cake_matmul_q8_0_ref(y, x, w, n_tokens, n_in, n_out);
     for (int t = 0; t < n_tokens; t++)
         for (int n = 0; n < n_out; n++) {
             double s = 0.0;
@@ -109,7 +108,10 @@ static void lanes_rows(float *y, const float *x, const void *w, int dt, int n_to
 int cake_matmul_lanes(float *y, const float *x, const void *w, int w_dtype, int n_tokens, int n_in,
                       int n_out) {
     if (!dtype_ok(w_dtype, n_in)) return -1;
-    lanes_rows(y, x, w, w_dtype, n_tokens, n_in, n_out, 0, n_out);
+    if (w_dtype == CAKE_DTYPE_Q8_0_X16)
+        cake_matmul_q8_0_lanes(y, x, w, n_tokens, n_in, n_out);
+    else
+        lanes_rows(y, x, w, w_dtype, n_tokens, n_in, n_out, 0, n_out);
     return 0;
 }
 
@@ -137,21 +139,6 @@ static void lanes_task(void *ctx, int task, int tid) {
 #ifdef CAKE_AVX512
 
 #define UNROLL _Pragma("GCC unroll 8")
-
-/* A Q8_0 block's scale in every lane, converted by F16C (exact, as
- * cake_f16_to_f32). */
-CAKE_INLINE __m512 q8_0_scale(const uint8_t *block) {
-    cake_f16 d;
-    memcpy(&d, block, 2);
-    return _mm512_cvtph_ps(_mm256_set1_epi16((short)d));
-}
-
-/* Half h (0 or 1) of a Q8_0 block: its 16 int8 as f32 times the scale, the
- * exact products. */
-CAKE_INLINE __m512 q8_0_half(const uint8_t *block, int h, __m512 scale) {
-    const __m128i q = _mm_loadu_si128((const __m128i *)(block + 2 + 16 * h));
-    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), scale);
-}
 
 CAKE_INLINE __m512 w_load(const void *w, int dt, size_t off) {
     switch (dt) {
@@ -190,42 +177,7 @@ CAKE_INLINE void mm_tile(float *y, int n_out, const float *x, int n_in, const vo
         _mm512_setzero_ps();
     const size_t wr = (size_t)r * n_in;
     const int kf = n_in & ~15;
-    if (dt == CAKE_DTYPE_Q8_0) {
-        /* A block (two 16-lane steps) at a time, its scales converted once:
-         * the same FMAs in the same order as the loops below. */
-        const uint8_t *b0 = (const uint8_t *)w + wr / CAKE_Q8_0_BLOCK * CAKE_Q8_0_BYTES;
-        const size_t row_bytes = (size_t)n_in / CAKE_Q8_0_BLOCK * CAKE_Q8_0_BYTES;
-        if (SEQ && MT == 1) {
-            UNROLL for (int j = 0; j < NR; j++) {
-                const uint8_t *b = b0 + (size_t)j * row_bytes;
-                for (int k = 0; k < n_in; k += 32, b += CAKE_Q8_0_BYTES) {
-                    const __m512 s = q8_0_scale(b);
-                    acc[0][j] =
-                        _mm512_fmadd_ps(_mm512_loadu_ps(x + k), q8_0_half(b, 0, s), acc[0][j]);
-                    acc[0][j] =
-                        _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16), q8_0_half(b, 1, s), acc[0][j]);
-                }
-            }
-        } else
-            for (int k = 0; k < n_in; k += 32) {
-                const size_t bo = (size_t)k / CAKE_Q8_0_BLOCK * CAKE_Q8_0_BYTES;
-                __m512 s[MM_NR];
-                UNROLL for (int j = 0; j < MM_NR; j++) s[j] =
-                    j < NR ? q8_0_scale(b0 + (size_t)j * row_bytes + bo) : _mm512_setzero_ps();
-                UNROLL for (int h = 0; h < 2; h++) {
-                    __m512 wv[MM_NR];
-                    UNROLL for (int j = 0; j < MM_NR; j++) wv[j] =
-                        j < NR ? q8_0_half(b0 + (size_t)j * row_bytes + bo, h, s[j])
-                               : _mm512_setzero_ps();
-                    UNROLL for (int i = 0; i < MT; i++) {
-                        __m512 xv = _mm512_loadu_ps(x + (size_t)i * n_in + k + 16 * h);
-                        KEEP(xv);
-                        UNROLL for (int j = 0; j < NR; j++) acc[i][j] =
-                            _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
-                    }
-                }
-            }
-    } else if (SEQ && MT == 1) {
+    if (SEQ && MT == 1) {
         /* One token, few tokens in the batch: the 4 rows one after another,
          * so W is read as a single sequential stream. This machine's hardware
          * prefetcher follows one stream far better than 4 interleaved ones
@@ -247,9 +199,8 @@ CAKE_INLINE void mm_tile(float *y, int n_out, const float *x, int n_in, const vo
                     _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
             }
         }
-    if (dt != CAKE_DTYPE_Q8_0 && kf < n_in) {
-        /* n_in % 16 != 0 (never with Q8_0's whole blocks): the masked last
-         * step, both operands 0 past n_in */
+    if (kf < n_in) {
+        /* n_in % 16 != 0: the masked last step, both operands 0 past n_in */
         const __mmask16 m = cake_tail_mask(n_in - kf);
         __m512 wv[MM_NR];
         UNROLL for (int j = 0; j < MM_NR; j++) wv[j] =
@@ -333,9 +284,6 @@ static void mm_task(void *ctx, int task, int tid) {
     case CAKE_DTYPE_F16:
         mm_rows(j, r0, r1, CAKE_DTYPE_F16);
         break;
-    case CAKE_DTYPE_Q8_0:
-        mm_rows(j, r0, r1, CAKE_DTYPE_Q8_0);
-        break;
     default:
         mm_rows(j, r0, r1, CAKE_DTYPE_BF16);
         break;
@@ -350,6 +298,10 @@ int cake_matmul(float *y, const float *x, const void *w, int w_dtype, int n_toke
     if (n_tokens <= 0 || n_out <= 0) return 0;
     if (n_in <= 0) {
         memset(y, 0, (size_t)n_tokens * n_out * sizeof(float));
+        return 0;
+    }
+    if (w_dtype == CAKE_DTYPE_Q8_0_X16) {
+        cake_matmul_q8_0(y, x, w, n_tokens, n_in, n_out, pool);
         return 0;
     }
     mm_job j = {.y = y, .x = x, .w = w, .dt = w_dtype, .T = n_tokens, .n_in = n_in, .n_out = n_out};

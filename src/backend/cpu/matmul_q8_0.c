@@ -1,0 +1,368 @@
+/* The CPU matmul for Q8_0 weights: integer dot products, as llama.cpp runs
+ * Q8_0 on a CPU.
+ *
+ * A Q8_0 weight row is blocks of 32: an f16 scale d_w and 32 int8 q_w. Each
+ * token's activations are quantized the same way per block of 32 (llama.cpp's
+ * quantize_row_q8_0: d_x = max |x| / 127, q_x = round(x / d_x)), so a block
+ * contributes d_w * d_x * isum with isum = sum of q_w * q_x, an exact integer.
+ * Each output is
+ *     y = FMA chain over blocks b = 0, 1, ... of (float)isum_b * (d_w,b * d_x,b)
+ * with the scales' product rounded to f32 first. The integer sums have no order
+ * to depend on and the chain is per output, so a token's row is the same bits
+ * whatever the batch, the tiles and the threads (chunked prefill, decode and a
+ * whole prompt agree), and the scalar twin below gives the same bits.
+ *
+ * Why quantize the activations: AVX512-VNNI's vpdpbusd does 64 u8 x s8
+ * multiply-adds into int32 lanes in one instruction, where f32 FMAs on the
+ * converted weights do 16 and spend more on the conversion. On this project's
+ * machine the GEMM runs ~6x the f32 kernel on the same weights (bench_kernels
+ * prints both). The cost is the activations' rounding, at most d_x / 2 per
+ * element, the same that llama.cpp's Q8_0 results carry.
+ *
+ * The weights are repacked once, at model load (cake_q8_0_pack_x16), into
+ * CAKE_DTYPE_Q8_0_X16: rows in groups of 16 (the last padded with zero rows),
+ * and per group and block 544 bytes, as many as the 16 rows' Q8_0 blocks:
+ *     16 f16 scales d_w (32 bytes),
+ *     then for k4 = 0..7, for row i = 0..15: q_w[i][4 k4 .. 4 k4 + 3] + 128.
+ * One 64-byte load holds 4 consecutive weights of 16 rows; vpdpbusd against
+ * 4 activation bytes broadcast adds the 16 rows' partial sums in 16 lanes, so
+ * the rows are the lanes and nothing is summed across lanes. The +128 makes
+ * the weights vpdpbusd's unsigned operand; 128 times the block's sum of q_x,
+ * computed once per token and block, takes it off again. */
+#ifdef __clang__
+#pragma STDC FP_CONTRACT OFF
+#endif
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend/cpu/kernels.h"
+#include "backend/cpu/simd.h"
+#include "util/q8_0.h"
+
+#if defined(CAKE_AVX512) && defined(__AVX512VNNI__)
+#define Q8_VNNI 1
+#endif
+
+enum {
+    Q8_ROWS = 16,                               /* rows per group: the lanes */
+    Q8_GROUP_BLOCK = Q8_ROWS * CAKE_Q8_0_BYTES, /* 544 bytes */
+    Q8_QOFF = Q8_ROWS * 2,                      /* the int8 after the scales */
+    Q8_MT = 6,                                  /* tokens per register tile */
+    Q8_NG = 2,                                  /* row groups per register tile */
+    Q8_TASK_GROUPS = 8,                         /* row groups per task (128 rows) */
+    Q8_QUANT_TOKENS = 16,                       /* tokens per quantization task */
+};
+
+size_t cake_q8_0_x16_size(int n_out, int n_in) {
+    return (size_t)((n_out + Q8_ROWS - 1) / Q8_ROWS) * (size_t)(n_in / CAKE_Q8_0_BLOCK) *
+           Q8_GROUP_BLOCK;
+}
+
+void cake_q8_0_pack_x16(void *dst, const void *q8_0, int n_out, int n_in) {
+    const int nb = n_in / CAKE_Q8_0_BLOCK, ng = (n_out + Q8_ROWS - 1) / Q8_ROWS;
+    const size_t row_bytes = (size_t)nb * CAKE_Q8_0_BYTES;
+    uint8_t *d = dst;
+    for (int g = 0; g < ng; g++)
+        for (int b = 0; b < nb; b++, d += Q8_GROUP_BLOCK)
+            for (int i = 0; i < Q8_ROWS; i++) {
+                const int r = g * Q8_ROWS + i;
+                if (r >= n_out) { /* padding: scale 0, weights 0 (stored as 128) */
+                    memset(d + 2 * i, 0, 2);
+                    for (int k = 0; k < CAKE_Q8_0_BLOCK; k++)
+                        d[Q8_QOFF + k / 4 * 64 + i * 4 + k % 4] = 0x80;
+                    continue;
+                }
+                const uint8_t *blk =
+                    (const uint8_t *)q8_0 + (size_t)r * row_bytes + (size_t)b * CAKE_Q8_0_BYTES;
+                memcpy(d + 2 * i, blk, 2);
+                for (int k = 0; k < CAKE_Q8_0_BLOCK; k++) /* q + 128 as a byte: flip the sign bit */
+                    d[Q8_QOFF + k / 4 * 64 + i * 4 + k % 4] = blk[2 + k] ^ 0x80;
+            }
+}
+
+/* Weight k of row r in the packed layout, and its block's scale. */
+static int q8_weight(const uint8_t *w, int nb, int r, int k) {
+    const uint8_t *gb =
+        w + ((size_t)(r / Q8_ROWS) * nb + (size_t)(k / CAKE_Q8_0_BLOCK)) * Q8_GROUP_BLOCK;
+    const int kk = k % CAKE_Q8_0_BLOCK;
+    return (int)gb[Q8_QOFF + kk / 4 * 64 + (r % Q8_ROWS) * 4 + kk % 4] - 128;
+}
+
+static float q8_scale(const uint8_t *w, int nb, int r, int b) {
+    cake_f16 h;
+    memcpy(&h, w + ((size_t)(r / Q8_ROWS) * nb + (size_t)b) * Q8_GROUP_BLOCK + 2 * (r % Q8_ROWS),
+           2);
+    return cake_f16_to_f32(h);
+}
+
+/* ===================== activations ===================== */
+
+/* One block of 32 activations: q (int8), d (the scale) and c = 128 * sum q.
+ * NaN inputs count as 0 in max |x| and quantize to -127, in both forms. */
+static void quantize_block_lanes(const float *x, int8_t *q, float *d, int32_t *c) {
+    float amax = 0.0f;
+    for (int j = 0; j < CAKE_Q8_0_BLOCK; j++) {
+        const float a = fabsf(x[j]);
+        amax = a > amax ? a : amax; /* as _mm512_max_ps(a, amax) */
+    }
+    const float dd = amax / 127.0f, id = dd != 0.0f ? 1.0f / dd : 0.0f;
+    int sum = 0;
+    for (int j = 0; j < CAKE_Q8_0_BLOCK; j++) {
+        float v = x[j] * id;
+        v = v > -127.0f ? v : -127.0f; /* NaN -> -127, as _mm512_max_ps(v, -127) */
+        v = v < 127.0f ? v : 127.0f;
+        const int qi = (int)nearbyintf(v); /* half to even, as vcvtps2dq */
+        q[j] = (int8_t)qi;
+        sum += qi;
+    }
+    *d = dd;
+    *c = 128 * sum;
+}
+
+#ifdef Q8_VNNI
+CAKE_INLINE void quantize_block(const float *x, int8_t *q, float *d, int32_t *c) {
+    const __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 16);
+    __m512 m = _mm512_max_ps(_mm512_abs_ps(x0), _mm512_setzero_ps());
+    m = _mm512_max_ps(_mm512_abs_ps(x1), m);
+    const float amax = _mm512_reduce_max_ps(m);
+    const float dd = amax / 127.0f, id = dd != 0.0f ? 1.0f / dd : 0.0f;
+    const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+    const __m512 vid = _mm512_set1_ps(id);
+    const __m512i q0 =
+        _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(x0, vid), lo), hi));
+    const __m512i q1 =
+        _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(x1, vid), lo), hi));
+    _mm_storeu_si128((__m128i *)q, _mm512_cvtepi32_epi8(q0));
+    _mm_storeu_si128((__m128i *)(q + 16), _mm512_cvtepi32_epi8(q1));
+    *d = dd;
+    *c = 128 * _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+}
+#else
+#define quantize_block quantize_block_lanes
+#endif
+
+/* ===================== reference and scalar twin ===================== */
+
+int cake_matmul_q8_0_ref(float *y, const float *x, const void *w, int n_tokens, int n_in,
+                         int n_out) {
+    const int nb = n_in / CAKE_Q8_0_BLOCK;
+    for (int t = 0; t < n_tokens; t++)
+        for (int n = 0; n < n_out; n++) {
+            double s = 0.0;
+            for (int b = 0; b < nb; b++) {
+                int8_t q[CAKE_Q8_0_BLOCK];
+                float dx;
+                int32_t c;
+                quantize_block_lanes(x + (size_t)t * n_in + (size_t)b * CAKE_Q8_0_BLOCK, q, &dx,
+                                     &c);
+                long isum = 0;
+                for (int k = 0; k < CAKE_Q8_0_BLOCK; k++)
+                    isum += (long)q8_weight(w, nb, n, b * CAKE_Q8_0_BLOCK + k) * q[k];
+                s += (double)q8_scale(w, nb, n, b) * (double)dx * (double)isum;
+            }
+            y[(size_t)t * n_out + n] = (float)s;
+        }
+    return 0;
+}
+
+/* Rows [r0, r1) of every token in the kernel's order: per token and block,
+ * the block is quantized once and each row's chain takes one FMA (y holds
+ * the chains). */
+static void lanes_rows_q8(float *y, const float *x, const uint8_t *w, int n_tokens, int n_in,
+                          int n_out, int r0, int r1) {
+    const int nb = n_in / CAKE_Q8_0_BLOCK;
+    for (int t = 0; t < n_tokens; t++) {
+        float *yt = y + (size_t)t * n_out;
+        for (int n = r0; n < r1; n++) yt[n] = 0.0f;
+        for (int b = 0; b < nb; b++) {
+            int8_t q[CAKE_Q8_0_BLOCK];
+            float dx;
+            int32_t c;
+            quantize_block_lanes(x + (size_t)t * n_in + (size_t)b * CAKE_Q8_0_BLOCK, q, &dx, &c);
+            for (int n = r0; n < r1; n++) {
+                int isum = 0;
+                for (int k = 0; k < CAKE_Q8_0_BLOCK; k++)
+                    isum += q8_weight(w, nb, n, b * CAKE_Q8_0_BLOCK + k) * q[k];
+                yt[n] = fmaf((float)isum, q8_scale(w, nb, n, b) * dx, yt[n]);
+            }
+        }
+    }
+}
+
+void cake_matmul_q8_0_lanes(float *y, const float *x, const void *w, int n_tokens, int n_in,
+                            int n_out) {
+    lanes_rows_q8(y, x, w, n_tokens, n_in, n_out, 0, n_out);
+}
+
+/* ===================== the threaded kernel ===================== */
+
+typedef struct {
+    float *y;
+    const float *x;
+    const uint8_t *w;
+    int T, n_in, n_out, nb;
+    int8_t *xq;  /* (T, n_in) quantized activations */
+    float *xd;   /* (T, nb) their scales */
+    int32_t *xc; /* (T, nb) 128 * each block's sum */
+} q8_job;
+
+#ifdef Q8_VNNI
+
+#define UNROLL _Pragma("GCC unroll 8")
+
+static void quantize_task(void *ctx, int task, int tid) {
+    (void)tid;
+    const q8_job *j = ctx;
+    const int t1 = (task + 1) * Q8_QUANT_TOKENS < j->T ? (task + 1) * Q8_QUANT_TOKENS : j->T;
+    for (int t = task * Q8_QUANT_TOKENS; t < t1; t++)
+        for (int b = 0; b < j->nb; b++) {
+            const size_t i = (size_t)t * j->nb + b;
+            quantize_block(j->x + i * CAKE_Q8_0_BLOCK, j->xq + i * CAKE_Q8_0_BLOCK, &j->xd[i],
+                           &j->xc[i]);
+        }
+}
+
+/* MT tokens (t0..) x NG row groups (g0..): per block, 8 vpdpbusd steps into
+ * integer accumulators that start at -128 * sum q_x, then each lane's chain
+ * takes one FMA with the block's scales. One token (decode) runs the even and
+ * odd steps in two accumulators, added at the end: integer sums, so the same
+ * bits, and two dependency chains instead of one (decode 0.23 -> 0.14 ms on
+ * a 2048 x 2048 matrix). */
+CAKE_INLINE void q8_tile(const q8_job *j, int t0, int g0, const int MT, const int NG) {
+    const int nb = j->nb, n_in = j->n_in;
+    __m512 f[Q8_MT][Q8_NG];
+    UNROLL for (int i = 0; i < MT; i++) UNROLL for (int g = 0; g < NG; g++) f[i][g] =
+        _mm512_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *wb[Q8_NG];
+        __m512 sc[Q8_NG];
+        UNROLL for (int g = 0; g < NG; g++) {
+            wb[g] = j->w + ((size_t)(g0 + g) * nb + b) * Q8_GROUP_BLOCK;
+            sc[g] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)wb[g]));
+        }
+        __m512i acc[Q8_MT][Q8_NG], odd[Q8_NG];
+        UNROLL for (int g = 0; g < NG; g++) odd[g] = _mm512_setzero_si512();
+        UNROLL for (int i = 0; i < MT; i++) {
+            const __m512i c = _mm512_set1_epi32(-j->xc[(size_t)(t0 + i) * nb + b]);
+            UNROLL for (int g = 0; g < NG; g++) acc[i][g] = c;
+        }
+        const int8_t *xb = j->xq + (size_t)t0 * n_in + (size_t)b * CAKE_Q8_0_BLOCK;
+        UNROLL for (int s = 0; s < 8; s++) {
+            __m512i wv[Q8_NG];
+            UNROLL for (int g = 0; g < NG; g++) wv[g] =
+                _mm512_loadu_si512(wb[g] + Q8_QOFF + 64 * s);
+            UNROLL for (int i = 0; i < MT; i++) {
+                int32_t four;
+                memcpy(&four, xb + (size_t)i * n_in + 4 * s, 4);
+                const __m512i xv = _mm512_set1_epi32(four);
+                UNROLL for (int g = 0; g < NG; g++) {
+                    if (MT == 1 && (s & 1))
+                        odd[g] = _mm512_dpbusd_epi32(odd[g], wv[g], xv);
+                    else
+                        acc[i][g] = _mm512_dpbusd_epi32(acc[i][g], wv[g], xv);
+                }
+            }
+        }
+        if (MT == 1)
+            UNROLL for (int g = 0; g < NG; g++) acc[0][g] = _mm512_add_epi32(acc[0][g], odd[g]);
+        UNROLL for (int i = 0; i < MT; i++) {
+            const __m512 dx = _mm512_set1_ps(j->xd[(size_t)(t0 + i) * nb + b]);
+            UNROLL for (int g = 0; g < NG; g++) f[i][g] =
+                _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][g]), _mm512_mul_ps(sc[g], dx), f[i][g]);
+        }
+    }
+    UNROLL for (int i = 0; i < MT; i++) UNROLL for (int g = 0; g < NG; g++) {
+        const int r = (g0 + g) * Q8_ROWS, left = j->n_out - r;
+        float *dst = j->y + (size_t)(t0 + i) * j->n_out + r;
+        if (left >= Q8_ROWS)
+            _mm512_storeu_ps(dst, f[i][g]);
+        else /* the padded rows of the last group are not stored */
+            _mm512_mask_storeu_ps(dst, cake_tail_mask(left), f[i][g]);
+    }
+}
+
+CAKE_INLINE void q8_tile_any(const q8_job *j, int t0, int g0, int mt, int ng) {
+#define Q8_TILE_NG(MT)                                                                             \
+    if (ng == 2)                                                                                   \
+        q8_tile(j, t0, g0, MT, 2);                                                                 \
+    else                                                                                           \
+        q8_tile(j, t0, g0, MT, 1);
+    switch (mt) {
+    case 6:
+        Q8_TILE_NG(6)
+        break;
+    case 5:
+        Q8_TILE_NG(5)
+        break;
+    case 4:
+        Q8_TILE_NG(4)
+        break;
+    case 3:
+        Q8_TILE_NG(3)
+        break;
+    case 2:
+        Q8_TILE_NG(2)
+        break;
+    default:
+        Q8_TILE_NG(1)
+        break;
+    }
+#undef Q8_TILE_NG
+}
+
+/* A task: Q8_TASK_GROUPS row groups (a panel that stays in L2) for every
+ * token, a 6-token tile at a time across the panel. */
+static void q8_task(void *ctx, int task, int tid) {
+    (void)tid;
+    const q8_job *j = ctx;
+    const int n_groups = (j->n_out + Q8_ROWS - 1) / Q8_ROWS;
+    const int g0 = task * Q8_TASK_GROUPS;
+    const int g1 = g0 + Q8_TASK_GROUPS < n_groups ? g0 + Q8_TASK_GROUPS : n_groups;
+    for (int t0 = 0; t0 < j->T; t0 += Q8_MT) {
+        const int mt = j->T - t0 < Q8_MT ? j->T - t0 : Q8_MT;
+        for (int g = g0; g < g1; g += Q8_NG) q8_tile_any(j, t0, g, mt, g1 - g < Q8_NG ? 1 : Q8_NG);
+    }
+}
+
+#else /* no VNNI: the scalar twin, in tasks of rows */
+
+static void q8_task(void *ctx, int task, int tid) {
+    (void)tid;
+    const q8_job *j = ctx;
+    const int r0 = task * Q8_TASK_GROUPS * Q8_ROWS;
+    const int r1 =
+        r0 + Q8_TASK_GROUPS * Q8_ROWS < j->n_out ? r0 + Q8_TASK_GROUPS * Q8_ROWS : j->n_out;
+    lanes_rows_q8(j->y, j->x, j->w, j->T, j->n_in, j->n_out, r0, r1);
+}
+
+#endif
+
+void cake_matmul_q8_0(float *y, const float *x, const void *w, int n_tokens, int n_in, int n_out,
+                      cake_threadpool *pool) {
+    q8_job j = {.y = y,
+                .x = x,
+                .w = w,
+                .T = n_tokens,
+                .n_in = n_in,
+                .n_out = n_out,
+                .nb = n_in / CAKE_Q8_0_BLOCK};
+    const int n_tasks = (n_out + Q8_TASK_GROUPS * Q8_ROWS - 1) / (Q8_TASK_GROUPS * Q8_ROWS);
+#ifdef Q8_VNNI
+    const size_t nblk = (size_t)n_tokens * j.nb;
+    void *buf = malloc(nblk * (CAKE_Q8_0_BLOCK + sizeof(float) + sizeof(int32_t)));
+    if (!buf) { /* out of memory: the scalar twin needs no buffer and gives the same bits */
+        cake_matmul_q8_0_lanes(y, x, w, n_tokens, n_in, n_out);
+        return;
+    }
+    j.xd = buf;
+    j.xc = (int32_t *)(j.xd + nblk);
+    j.xq = (int8_t *)(j.xc + nblk);
+    cake_threadpool_run(pool, (n_tokens + Q8_QUANT_TOKENS - 1) / Q8_QUANT_TOKENS, quantize_task,
+                        &j);
+    cake_threadpool_run(pool, n_tasks, q8_task, &j);
+    free(buf);
+#else
+    cake_threadpool_run(pool, n_tasks, q8_task, &j);
+#endif
+}
