@@ -44,7 +44,8 @@ struct cake_model {
      * (the last factor is Llama 3.1's rope scaling; 1 when the tensor is
      * absent). Both backends rotate by these. */
     double *rope_freqs;
-    void *packed; /* the repacked Q8_0 matrices (one allocation), or NULL */
+    void *packed; /* the repacked Q8_0 matrices (one mapping), or NULL */
+    size_t packed_size;
     pthread_once_t fingerprint_once;
     uint8_t fingerprint[16]; /* valid after fingerprint_once ran */
 };

@@ -62,22 +62,23 @@ size_t cake_q8_0_x16_size(int n_out, int n_in) {
 void cake_q8_0_pack_x16(void *dst, const void *q8_0, int n_out, int n_in) {
     const int nb = n_in / CAKE_Q8_0_BLOCK, ng = (n_out + Q8_ROWS - 1) / Q8_ROWS;
     const size_t row_bytes = (size_t)nb * CAKE_Q8_0_BYTES;
+    static const uint8_t zero_block[CAKE_Q8_0_BYTES]; /* padding rows: scale 0, weights 0 */
     uint8_t *d = dst;
     for (int g = 0; g < ng; g++)
         for (int b = 0; b < nb; b++, d += Q8_GROUP_BLOCK)
             for (int i = 0; i < Q8_ROWS; i++) {
                 const int r = g * Q8_ROWS + i;
-                if (r >= n_out) { /* padding: scale 0, weights 0 (stored as 128) */
-                    memset(d + 2 * i, 0, 2);
-                    for (int k = 0; k < CAKE_Q8_0_BLOCK; k++)
-                        d[Q8_QOFF + k / 4 * 64 + i * 4 + k % 4] = 0x80;
-                    continue;
-                }
-                const uint8_t *blk =
-                    (const uint8_t *)q8_0 + (size_t)r * row_bytes + (size_t)b * CAKE_Q8_0_BYTES;
+                const uint8_t *blk = r < n_out ? (const uint8_t *)q8_0 + (size_t)r * row_bytes +
+                                                     (size_t)b * CAKE_Q8_0_BYTES
+                                               : zero_block;
                 memcpy(d + 2 * i, blk, 2);
-                for (int k = 0; k < CAKE_Q8_0_BLOCK; k++) /* q + 128 as a byte: flip the sign bit */
-                    d[Q8_QOFF + k / 4 * 64 + i * 4 + k % 4] = blk[2 + k] ^ 0x80;
+                for (int s = 0; s < 8;
+                     s++) { /* 4 weights at a time, + 128: each sign bit flipped */
+                    uint32_t four;
+                    memcpy(&four, blk + 2 + 4 * s, 4);
+                    four ^= 0x80808080u;
+                    memcpy(d + Q8_QOFF + 64 * s + 4 * i, &four, 4);
+                }
             }
 }
 
