@@ -587,6 +587,26 @@ static void test_q8_0(void **state) {
     unlink(path);
 }
 
+/* Tied output (no output.weight; Llama 3.2 1B/3B and small Qwen2.5 models):
+ * the token embedding is the output matrix too. With Q8_0 the output is a
+ * repacked copy while the lookups read the file's blocks. */
+static void test_tied_output(void **state) {
+    (void)state;
+    const char *dtypes[] = {"f32", "q8_0"};
+    for (int k = 0; k < 2; k++) {
+        char base[64], tied[96];
+        assert_int_equal(test_make_model("tiny", dtypes[k], base), 0);
+        snprintf(tied, sizeof(tied), "%s.tied", base);
+        write_variant(base, tied, &(test_model_variant){.tied = true});
+        cake_hparams hp;
+        float *got = check_vs_reference(tied, dtypes[k], &hp);
+        assert_true(hp.tied_output);
+        free(got);
+        unlink(tied);
+        unlink(base);
+    }
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_golden_greedy_and_logits),
@@ -596,6 +616,7 @@ int main(void) {
         cmocka_unit_test(test_qwen2_matches_llama),
         cmocka_unit_test(test_qwen2_reference),
         cmocka_unit_test(test_q8_0),
+        cmocka_unit_test(test_tied_output),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

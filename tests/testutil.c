@@ -71,6 +71,8 @@ typedef struct {
     const cake_gguf *g;
     const test_model_variant *v;
     int head_dim;
+    const uint64_t *src; /* tensor i of the copy is the source's src[i] */
+    uint64_t n_src;      /* how many of the source's are copied */
 } variant_fill;
 
 static bool name_ends(cake_gguf_str name, const char *suffix) {
@@ -78,11 +80,11 @@ static bool name_ends(cake_gguf_str name, const char *suffix) {
     return name.len >= n && memcmp(name.ptr + name.len - n, suffix, n) == 0;
 }
 
-/* Tensor i of the copy: the source's (q/k rows reordered for qwen2), then
- * rope_freqs.weight, then the biases. */
+/* Tensor i of the copy: the source's (q/k rows reordered for qwen2; without
+ * output.weight when tied), then rope_freqs.weight, then the biases. */
 static int fill_variant(uint64_t i, void *buf, uint64_t nbytes, void *ctx) {
     const variant_fill *f = ctx;
-    const uint64_t n_src = f->g->n_tensors;
+    const uint64_t n_src = f->n_src;
     if (i >= n_src + (f->v->rope_factors != NULL)) { /* a bias */
         for (uint64_t j = 0; j < nbytes / 4; j++)
             ((float *)buf)[j] = (float)((int)(j % 7) - 3) * f->v->bias;
@@ -92,7 +94,7 @@ static int fill_variant(uint64_t i, void *buf, uint64_t nbytes, void *ctx) {
         memcpy(buf, f->v->rope_factors, nbytes);
         return 0;
     }
-    const cake_gguf_tensor *t = &f->g->tensors[i];
+    const cake_gguf_tensor *t = &f->g->tensors[f->src[i]];
     if (!f->v->qwen2 ||
         !(name_ends(t->name, "attn_q.weight") || name_ends(t->name, "attn_k.weight"))) {
         memcpy(buf, t->data, nbytes);
@@ -188,14 +190,18 @@ int test_write_variant(const char *src, const char *dst, const test_model_varian
         snprintf(key, sizeof(key), "%s.rope.scaling.factor", arch);
         cake_gguf_writer_add_f32(w, key, v->linear);
     }
+    uint64_t *copied = calloc(g->n_tensors + 1, sizeof(*copied)), n_copied = 0;
+    if (!copied) rc = cake_err(err, errlen, "out of memory");
     for (uint64_t i = 0; !rc && i < g->n_tensors; i++) {
         const cake_gguf_tensor *t = &g->tensors[i];
+        if (v->tied && name_ends(t->name, "output.weight") && t->name.len == 13) continue;
         char *name = str_copy("", t->name);
         if (!name)
             rc = cake_err(err, errlen, "out of memory");
         else
             cake_gguf_writer_add_tensor(w, name, t->type, t->n_dims, t->ne);
         free(name);
+        copied[n_copied++] = i;
     }
     if (!rc && v->rope_factors) {
         const uint64_t ne[1] = {(uint64_t)v->n_factors};
@@ -210,8 +216,9 @@ int test_write_variant(const char *src, const char *dst, const test_model_varian
             cake_gguf_writer_add_tensor(w, name, CAKE_DTYPE_F32, 1, ne);
         }
     }
-    variant_fill fill = {g, v, (int)head_dim};
+    variant_fill fill = {g, v, (int)head_dim, copied, n_copied};
     if (!rc) rc = cake_gguf_writer_write_file(w, dst, fill_variant, &fill, err, errlen);
+    free(copied);
     cake_gguf_writer_free(w);
     cake_gguf_close(g);
     return rc;

@@ -31,6 +31,7 @@ typedef struct {
      * (llama row 2i + b is qwen2 row b * head_dim/2 + i). */
     bool qwen2;
     float bias; /* q/k/v biases of (j % 7 - 3) * bias at index j; 0: none */
+    bool tied;  /* without output.weight: the output is the token embedding */
 } test_model_variant;
 
 /* Copies the GGUF at src (a llama model with the key types `cake mkmodel`
