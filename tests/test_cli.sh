@@ -170,8 +170,8 @@ fi
 # --- cake bench ttft: the CSV contract, on a tiny model (2 links x 2 shares)
 if "$CAKE" mkmodel --shape tiny -o "$tmp/tiny.gguf" 2>/dev/null; then
     expect_exit 2 "bench with --share 0" -- "$CAKE" bench ttft -m "$tmp/tiny.gguf" --share 0
-    expect_exit 0 "bench ttft" -- "$CAKE" bench ttft -m "$tmp/tiny.gguf" --ctx 97 --bw 0.001,5 \
-        --share 1,0.5 --chunk 16 --repeat 3 --min-cell-time 1 --out "$tmp/bench" --trace
+    expect_exit 0 "bench ttft" -- "$CAKE" bench ttft -m "$tmp/tiny.gguf" --ctx 97 --bw 0.0003,5 \
+        --share 1,0.5 --chunk 16 --repeat 3 --min-cell-time 3 --out "$tmp/bench" --trace
     csv="$tmp/bench/ttft.csv"
     cols="ctx bw_gbit share ttft_compute_ms ttft_load_ms ttft_cake_ms tstar_ms efficiency meet_chunk split_chunk cake_vs_best"
     missing=""
@@ -184,11 +184,12 @@ if "$CAKE" mkmodel --shape tiny -o "$tmp/tiny.gguf" 2>/dev/null; then
           if (!(c > 0 && l > 0 && k > 0 && t > 0) || t > c + 1e-3 || t > l + 1e-3) print "row " NR ": " $0 }
         END { if (rows != 4) print rows " rows, want 4" }' "$csv")
     [ -z "$bad" ] && pass "bench CSV rows" || fail "bench CSV: $bad"
-    # --min-cell-time: at least --repeat runs per cell, more where runs are short. The
-    # 5 Gbit/s cells take well under 1/3 s per round even under sanitizers on a busy
-    # machine (0.1 s was not: a CI run under ASan beside test_loader stopped at 3).
-    # At 0.001 Gbit/s a load-only run takes ~220 ms, far more than the tiny model's
-    # compute (a few ms, tens under sanitizers): the extra repeats skip it, so those
+    # --min-cell-time: at least --repeat runs per cell, more where runs are short.
+    # Under ASan the tiny model's compute takes ~100 ms (~200 at share 0.5, on a
+    # slow day, alone), so a round of Cake and compute-only stays under 1 s even
+    # on a busy machine (a minimum of 1 s stopped a share 0.5 cell at 3 rounds).
+    # At 0.0003 Gbit/s a load-only run takes ~750 ms, far more than that compute
+    # (0.001 Gbit/s's ~230 ms was too close that day): the extra repeats skip it, so those
     # cells repeat too; never where load-only beat compute-only's fastest run (the
     # skip is decided on the first --repeat runs; their compute-only median can
     # sit below the final one, as at 5 Gbit/s, where both take under 1 ms and a
@@ -199,7 +200,7 @@ if "$CAKE" mkmodel --shape tiny -o "$tmp/tiny.gguf" 2>/dev/null; then
           far = $col["load_min_ms"] > 1.25 * $col["ttft_compute_ms"]
           if (!(r > 3 && r <= 64)) print "row " NR ": " r " repeats"
           if (slow && far && l != 3) print "row " NR ": " l " load-only runs in " r " repeats"
-          if (slow && !far) print "row " NR ": compute-only as slow as a 0.001 Gbit/s load"
+          if (slow && !far) print "row " NR ": compute-only as slow as a 0.0003 Gbit/s load"
           if (l < r && $col["load_min_ms"] < $col["compute_min_ms"])
               print "row " NR ": load-only skipped, yet faster than compute-only"
           if (slow && paired && c != r) print "row " NR ": " c " compute-only runs in " r }' "$csv")

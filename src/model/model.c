@@ -17,12 +17,11 @@
 #include <xxhash.h>
 
 #include "backend/cpu/kernels.h"
-#include "util/threadpool.h"
-
 #include "model/tokenizer.h"
 #include "util/err.h"
 #include "util/f16.h"
 #include "util/q8_0.h"
+#include "util/threadpool.h"
 
 static int str_eq(cake_gguf_str s, const char *c) {
     return s.len == strlen(c) && memcmp(s.ptr, c, s.len) == 0;
@@ -230,12 +229,6 @@ static int matmul_weights(cake_model *m, cake_weight **w) {
     return n;
 }
 
-/* Q8_0 matrices are repacked once into the CPU matmul's layout
- * (CAKE_DTYPE_Q8_0_X16, backend/cpu/matmul_q8_0.c), all in one mapping the
- * model owns, on every core and in huge pages where the kernel gives them:
- * most of the time is the kernel zeroing fresh pages (llama-1b: 3.4 s on one
- * thread in 4 KiB pages, 0.5 s now). The token embedding stays in the file
- * (it is read by rows). */
 typedef struct {
     cake_weight **w;  /* the Q8_0 matrices */
     uint8_t **dst;    /* where each goes */
@@ -257,6 +250,12 @@ static void pack_task(void *ctx, int i, int tid) {
     if (hi > lo) (void)madvise((void *)lo, hi - lo, MADV_DONTNEED);
 }
 
+/* Q8_0 matrices are repacked once into the CPU matmul's layout
+ * (CAKE_DTYPE_Q8_0_X16, backend/cpu/matmul_q8_0.c), all in one mapping the
+ * model owns, on every core and in huge pages where the kernel gives them:
+ * most of the time is the kernel zeroing fresh pages (llama-1b: 3.4 s on one
+ * thread in 4 KiB pages, 0.5 s this way). The token embedding stays in the
+ * file (it is read by rows; a tied output gets its own repacked copy). */
 static int pack_q8_0(cake_model *m, char *err, size_t errlen) {
     cake_weight **w = malloc(((size_t)m->hp.n_layers * 7 + 1) * sizeof(*w));
     if (!w) return cake_err(err, errlen, "out of memory");
@@ -264,18 +263,19 @@ static int pack_q8_0(cake_model *m, char *err, size_t errlen) {
     size_t total = 0;
     for (int i = 0; i < n; i++)
         if (w[i]->dtype == CAKE_DTYPE_Q8_0) total += cake_q8_0_x16_size(w[i]->n_out, w[i]->n_in);
-    if (total) {
-        void *p = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-        if (p == MAP_FAILED) {
-            free(w);
-            return cake_err(err, errlen, "out of memory for the %zu MiB of repacked Q8_0 weights",
-                            total >> 20);
-        }
-        (void)madvise(p, total, MADV_HUGEPAGE);
-        m->packed = p;
-        m->packed_size = total;
+    if (!total) { /* no Q8_0 matrices */
+        free(w);
+        return 0;
     }
-    /* the matrices on every core (the zeroing of fresh pages too) */
+    void *p = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) {
+        free(w);
+        return cake_err(err, errlen, "out of memory for the %zu MiB of repacked Q8_0 weights",
+                        total >> 20);
+    }
+    (void)madvise(p, total, MADV_HUGEPAGE);
+    m->packed = p;
+    m->packed_size = total;
     int n_q8 = 0;
     uint8_t **dst = malloc((size_t)n * sizeof(*dst)), *next = m->packed;
     if (!dst) {

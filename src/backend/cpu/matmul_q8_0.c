@@ -15,9 +15,10 @@
  * Why quantize the activations: AVX512-VNNI's vpdpbusd does 64 u8 x s8
  * multiply-adds into int32 lanes in one instruction, where f32 FMAs on the
  * converted weights do 16 and spend more on the conversion. On this project's
- * machine the GEMM runs ~6x the f32 kernel on the same weights (bench_kernels
- * prints both). The cost is the activations' rounding, at most d_x / 2 per
- * element, the same that llama.cpp's Q8_0 results carry.
+ * machine the GEMM runs ~4x the F16 kernel (bench_kernels prints both), and
+ * a llama-1b prefill ~4x the kernel it replaced (f32 activations times the
+ * exact d * q; docs/BENCHMARKS.md). The cost is the activations' rounding, at
+ * most d_x / 2 per element, the same that llama.cpp's Q8_0 results carry.
  *
  * The weights are repacked once, at model load (cake_q8_0_pack_x16), into
  * CAKE_DTYPE_Q8_0_X16: rows in groups of 16 (the last padded with zero rows),
@@ -72,8 +73,8 @@ void cake_q8_0_pack_x16(void *dst, const void *q8_0, int n_out, int n_in) {
                                                      (size_t)b * CAKE_Q8_0_BYTES
                                                : zero_block;
                 memcpy(d + 2 * i, blk, 2);
-                for (int s = 0; s < 8;
-                     s++) { /* 4 weights at a time, + 128: each sign bit flipped */
+                /* 4 weights at a time, + 128: each one's sign bit flipped */
+                for (int s = 0; s < 8; s++) {
                     uint32_t four;
                     memcpy(&four, blk + 2 + 4 * s, 4);
                     four ^= 0x80808080u;
