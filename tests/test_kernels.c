@@ -488,7 +488,7 @@ static void test_matmul(void **state) {
         for (size_t si = 0; si < sizeof(shapes) / sizeof(shapes[0]); si++)
             check_matmul_shape(dtypes[di], shapes[si][0], shapes[si][1], shapes[si][2]);
     /* Q8_0: rows of whole blocks of 32; n_out around the 16-row groups, the
-     * 2-group tile and the 128-row task; T around the 6-token tile */
+     * 2-group tile and the 64-row task; T around the 6-token tile */
     const int q8_shapes[][3] = {{1, 32, 1},     {1, 64, 16},   {2, 96, 17},   {6, 64, 33},
                                 {7, 256, 13},   {13, 512, 67}, {31, 1024, 9}, {20, 2048, 6},
                                 {40, 1088, 70}, {12, 64, 300}, {1, 4128, 9},  {5, 4096, 129}};
