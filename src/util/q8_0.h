@@ -1,8 +1,7 @@
 /* Q8_0, GGUF's 8-bit weights (ggml's block_q8_0): blocks of 32 values, each
- * stored as an f16 scale d and 32 int8 q, value j = d * q[j]. The product is
- * exact in f32 (11 + 8 significant bits), so every kernel that reads a Q8_0
- * weight as f32 gets the same float, and the CPU matmul keeps one reduction
- * order for all weight types. */
+ * stored as an f16 scale d and 32 int8 q, value j = d * q[j] (exact in f32:
+ * 11 + 8 significant bits). The CPU matmul reads them repacked
+ * (backend/cpu/matmul_q8_0.c); these helpers are for rows and for writing. */
 #ifndef CAKE_Q8_0_H
 #define CAKE_Q8_0_H
 
@@ -14,14 +13,6 @@
 #include "util/f16.h"
 
 enum { CAKE_Q8_0_BLOCK = 32, CAKE_Q8_0_BYTES = 34 };
-
-/* Weight i of a Q8_0 array (blocks back to back). */
-static inline float cake_q8_0_at(const void *w, size_t i) {
-    const uint8_t *b = (const uint8_t *)w + i / CAKE_Q8_0_BLOCK * CAKE_Q8_0_BYTES;
-    cake_f16 d;
-    memcpy(&d, b, 2);
-    return cake_f16_to_f32(d) * (float)(int8_t)b[2 + i % CAKE_Q8_0_BLOCK];
-}
 
 /* dst[0..n) = weights first..first+n of a Q8_0 array (first a multiple of
  * 32: a row of whole blocks), each block's scale converted once. */
