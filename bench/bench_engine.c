@@ -11,6 +11,7 @@
 #include <time.h>
 
 #include "cake.h"
+#include "model/gguf.h"
 
 static double now_s(void) {
     struct timespec ts;
@@ -92,12 +93,8 @@ int main(int argc, char **argv) {
     printf("model %s: dim %d, %d layers, %d/%d heads, ffn %d, vocab %d, weights %s, kv %s, "
            "%d threads, batch %d, backend %s\n",
            path, hp->dim, hp->n_layers, hp->n_heads, hp->n_kv_heads, hp->ffn_dim, hp->n_vocab,
-           hp->weight_dtype == 0   ? "F32"
-           : hp->weight_dtype == 1 ? "F16"
-           : hp->weight_dtype == 8 ? "Q8_0"
-                                   : "BF16",
-           kv == CAKE_KV_F32 ? "f32" : "f16", threads, batch,
-           backend == CAKE_BACKEND_CUDA ? "cuda" : "cpu");
+           cake_dtype_name((uint32_t)hp->weight_dtype), kv == CAKE_KV_F32 ? "f32" : "f16", threads,
+           batch, backend == CAKE_BACKEND_CUDA ? "cuda" : "cpu");
     for (int i = 0; i < n_lens; i++) {
         double t0 = now_s();
         if (cake_forward(c, tok, lens[i], 0, logits, err, sizeof(err)))

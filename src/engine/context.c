@@ -56,23 +56,6 @@ void cake_context_free(cake_context *c) {
     free(c);
 }
 
-static bool float_dtype(int t) {
-    return t == CAKE_DTYPE_F32 || t == CAKE_DTYPE_F16 || t == CAKE_DTYPE_BF16;
-}
-
-/* Whether every matrix is F32, F16 or BF16 (else Q8_0, in the file's layout
- * or repacked): the CUDA backend converts them to one of these on upload, and
- * takes no other. */
-static bool float_weights(const cake_model *m) {
-    bool ok = float_dtype(m->tok_embd.dtype) && float_dtype(m->output.dtype);
-    for (int l = 0; ok && l < m->hp.n_layers; l++) {
-        const cake_layer *L = &m->layers[l];
-        const cake_weight *w[] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->w_gate, &L->w_up, &L->w_down};
-        for (int i = 0; i < 7; i++) ok = ok && float_dtype(w[i]->dtype);
-    }
-    return ok;
-}
-
 int cake_context_init(const cake_model *m, cake_context_params p, cake_context **out, char *err,
                       size_t errlen) {
     *out = NULL;
@@ -86,7 +69,8 @@ int cake_context_init(const cake_model *m, cake_context_params p, cake_context *
 
     if (p.backend == CAKE_BACKEND_CUDA && p.kv_type != CAKE_KV_F16)
         return cake_err(err, errlen, "the CUDA backend keeps its KV cache in f16 only");
-    if (p.backend == CAKE_BACKEND_CUDA && !float_weights(m))
+    /* the CUDA backend converts weights to f16/bf16 on upload, floats only */
+    if (p.backend == CAKE_BACKEND_CUDA && !cake_model_float_weights(m))
         return cake_err(err, errlen,
                         "the CUDA backend takes F32, F16 and BF16 weights (Q8_0 models run on "
                         "the CPU backend)");

@@ -260,10 +260,14 @@ static int pack_q8_0(cake_model *m, char *err, size_t errlen) {
     cake_weight **w = malloc(((size_t)m->hp.n_layers * 7 + 1) * sizeof(*w));
     if (!w) return cake_err(err, errlen, "out of memory");
     const int n = matmul_weights(m, w);
+    int n_q8 = 0; /* w[0..n_q8): the Q8_0 ones */
     size_t total = 0;
     for (int i = 0; i < n; i++)
-        if (w[i]->dtype == CAKE_DTYPE_Q8_0) total += cake_q8_0_x16_size(w[i]->n_out, w[i]->n_in);
-    if (!total) { /* no Q8_0 matrices */
+        if (w[i]->dtype == CAKE_DTYPE_Q8_0) {
+            total += cake_q8_0_x16_size(w[i]->n_out, w[i]->n_in);
+            w[n_q8++] = w[i];
+        }
+    if (!n_q8) {
         free(w);
         return 0;
     }
@@ -276,18 +280,15 @@ static int pack_q8_0(cake_model *m, char *err, size_t errlen) {
     (void)madvise(p, total, MADV_HUGEPAGE);
     m->packed = p;
     m->packed_size = total;
-    int n_q8 = 0;
-    uint8_t **dst = malloc((size_t)n * sizeof(*dst)), *next = m->packed;
+    uint8_t **dst = malloc((size_t)n_q8 * sizeof(*dst)), *next = m->packed;
     if (!dst) {
         free(w);
         return cake_err(err, errlen, "out of memory");
     }
-    for (int i = 0; i < n; i++)
-        if (w[i]->dtype == CAKE_DTYPE_Q8_0) {
-            w[n_q8] = w[i];
-            dst[n_q8++] = next;
-            next += cake_q8_0_x16_size(w[i]->n_out, w[i]->n_in);
-        }
+    for (int i = 0; i < n_q8; i++) {
+        dst[i] = next;
+        next += cake_q8_0_x16_size(w[i]->n_out, w[i]->n_in);
+    }
     long cores = sysconf(_SC_NPROCESSORS_ONLN);
     cake_threadpool *pool = cake_threadpool_create(cores > 1 ? (int)cores : 1);
     /* a NULL pool (no threads to be had) runs every task here */
@@ -405,6 +406,12 @@ fail_why:
 fail:
     cake_model_free(m);
     return -1;
+}
+
+/* Matrices are float or Q8_0 (find_weight), and every Q8_0 one the matmul
+ * reads was repacked. */
+bool cake_model_float_weights(const cake_model *m) {
+    return is_float_dtype(m->tok_embd.dtype) && !m->packed;
 }
 
 const cake_hparams *cake_model_hparams(const cake_model *m) {
