@@ -478,12 +478,15 @@ static void check_matmul_shape(int dtype, int T, int n_in, int n_out) {
 static void test_matmul(void **state) {
     (void)state;
     const int dtypes[] = {CAKE_DTYPE_F32, CAKE_DTYPE_F16, CAKE_DTYPE_BF16};
-    /* T around the decode/GEMM switch and the 6-token tile; n_in around 16;
-     * n_out around the 4-row tile and the 64-row panel */
-    const int shapes[][3] = {
-        {1, 1, 1},     {1, 16, 4},     {2, 15, 5},     {3, 17, 3},    {5, 33, 7},    {6, 64, 8},
-        {7, 100, 13},  {8, 16, 4},     {9, 31, 65},    {13, 257, 67}, {31, 48, 130}, {64, 130, 9},
-        {20, 2048, 6}, {7, 1000, 129}, {40, 1100, 70}, {33, 2048, 5}, {2, 4100, 9}};
+    /* T around the decode/GEMM switch, the 6-token tile and the 24-token
+     * block; n_in around 16 and the 512-element K block (1030: a last block
+     * of only the masked tail); n_out around the 4-row tile and the 64-row
+     * panel */
+    const int shapes[][3] = {{1, 1, 1},     {1, 16, 4},      {2, 15, 5},     {3, 17, 3},
+                             {5, 33, 7},    {6, 64, 8},      {7, 100, 13},   {8, 16, 4},
+                             {9, 31, 65},   {13, 257, 67},   {31, 48, 130},  {64, 130, 9},
+                             {20, 2048, 6}, {7, 1000, 129},  {40, 1100, 70}, {33, 2048, 5},
+                             {2, 4100, 9},  {50, 1030, 131}, {48, 512, 66},  {32, 528, 4}};
     for (size_t di = 0; di < 3; di++)
         for (size_t si = 0; si < sizeof(shapes) / sizeof(shapes[0]); si++)
             check_matmul_shape(dtypes[di], shapes[si][0], shapes[si][1], shapes[si][2]);

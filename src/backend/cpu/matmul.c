@@ -1,5 +1,5 @@
 /* y (T, n_out) = x (T, n_in) . W^T with W (n_out, n_in) in F32, F16 or BF16,
- * read in place from the (read-only, mmapped) model file: nothing is converted
+ * read in place from the (read-only, mmapped) model file: W is not converted
  * or copied up front, so memory stays at the file's size. Q8_0 weights take
  * a path of their own (integer dot products), at the end of this file.
  *
@@ -21,16 +21,18 @@
  * sgemm's speed on this machine (bench/bench_kernels.c prints both).
  *
  * The kernel: a 6-token x 4-row register tile (24 accumulators), per 16-element
- * k step 4 W loads (converted in registers) and 6 x loads for 24 FMAs, each
- * tile over all of K, then folded and stored. Threads take tasks of 64 W rows
- * (dynamically), walked in panels:
- *  - few tokens (decode, small chunks): panels of 4 rows. Each 4-row group is
- *    read from memory once and stays in L1/L2 while every 6-token tile passes
- *    over it; decode streams W at memory speed.
- *  - 32 tokens or more: panels of 64 rows; for each 6-token tile, all 16
- *    groups of the panel. The tile's x rows (6 x n_in f32) stay in L2 across
- *    the panel, so x is read from L3/memory once per 64 rows of W, and the
- *    panel's W (64 x n_in) is re-read from L2/L3. ~93% of the FMA peak. */
+ * k step 4 W loads (converted in registers) and 6 x loads for 24 FMAs; folded
+ * and stored at the end of K. Threads take tasks of 64 W rows (dynamically):
+ *  - few tokens (decode, small chunks): each 4-row group against every
+ *    6-token tile, over all of K. The group is read from memory once and
+ *    stays in L1/L2 for the later tiles; decode streams W at memory speed.
+ *  - 32 tokens or more: blocks of 24 tokens x 512 elements of K. For each
+ *    6-token tile, its x block is packed (12 KiB, stays in L1) and passes over
+ *    the task's 16 groups, whose W slices stay in L2 for the block's other
+ *    tiles; the accumulators wait in memory between K blocks (the same
+ *    chains). ~93% of the FMA peak on a Zen 4; on a Xeon (two FMA units, a
+ *    32 KiB L1 whose sets the unpacked rows n_in apart all fell into) packing
+ *    took it from ~0.6 to ~0.9 of OpenBLAS sgemm's speed. */
 #ifdef __clang__
 #pragma STDC FP_CONTRACT OFF
 #endif
@@ -43,11 +45,17 @@
 #include "util/q8_0.h"
 
 /* Kernel shape and blocking (see the top of the file). */
-#define MM_MR               6    /* tokens per register tile */
-#define MM_NR               4    /* W rows per register tile */
-#define MM_PANEL_MIN_TOKENS 32   /* from this batch size on, panels of MM_PANEL rows */
-#define MM_PANEL            64   /* W rows per panel for large batches */
-#define MM_SEQ_MAX_IN       4096 /* one token: rows one by one up to this n_in */
+#define MM_MR               6   /* tokens per register tile */
+#define MM_NR               4   /* W rows per register tile */
+#define MM_PANEL_MIN_TOKENS 32  /* from this batch size on, panels of MM_PANEL rows */
+#define MM_PANEL            64  /* W rows per panel (task) */
+#define MM_TB               24  /* tokens per block for large batches (4 tiles) */
+#define MM_KB               512 /* K elements per block for large batches */
+/* accumulators of one block: MM_TB / MM_MR tiles x MM_PANEL / MM_NR groups */
+#define MM_ACC_VECS ((MM_TB / MM_MR) * (MM_PANEL / MM_NR) * MM_MR * MM_NR)
+/* per thread: the accumulators, then one tile's packed x (MM_MR x MM_KB f32) */
+#define MM_SCRATCH_VECS (MM_ACC_VECS + MM_MR * MM_KB / 16)
+#define MM_SEQ_MAX_IN   4096 /* one token: rows one by one up to this n_in */
 
 static int dtype_ok(int dt, int n_in) {
     return dt == CAKE_DTYPE_F32 || dt == CAKE_DTYPE_F16 || dt == CAKE_DTYPE_BF16 ||
@@ -122,11 +130,12 @@ typedef struct {
     const float *x;
     const void *w;
     int dt, T, n_in, n_out;
-    int rows_per_task; /* W rows per task (a multiple of the panel size) */
-    int np;            /* rows per panel: MM_NR or MM_PANEL */
+    int rows_per_task; /* W rows per task: MM_PANEL */
+#ifdef CAKE_AVX512
+    __m512 *acc; /* many tokens: MM_SCRATCH_VECS of scratch per thread */
+#endif
 } mm_job;
 
-#ifndef CAKE_AVX512
 static void lanes_task(void *ctx, int task, int tid) {
     (void)tid;
     const mm_job *j = ctx;
@@ -134,7 +143,6 @@ static void lanes_task(void *ctx, int task, int tid) {
     const int r1 = r0 + j->rows_per_task < j->n_out ? r0 + j->rows_per_task : j->n_out;
     lanes_rows(j->y, j->x, j->w, j->dt, j->T, j->n_in, j->n_out, r0, r1);
 }
-#endif
 
 #ifdef CAKE_AVX512
 
@@ -166,17 +174,32 @@ CAKE_INLINE __m512 w_maskload(const void *w, int dt, size_t off, __mmask16 m) {
  * every FMA that uses it, re-reading it from L1 once per W row. */
 #define KEEP(v) __asm__("" : "+v"(v))
 
+/* Where the tile finds x: token i's elements k..k+15 at
+ * x + i * ti + (k - k0) / 16 * tk (k0 the start of the tile's K range). The
+ * rows of the batch: ti = n_in, tk = 16. A packed block: ti = 16, tk = 16 * MM_MR. */
+typedef struct {
+    const float *x;
+    size_t ti, tk;
+} mm_x;
+
+CAKE_INLINE const float *x_at(mm_x x, int i, int k, int k0) {
+    return x.x + (size_t)i * x.ti + (size_t)((k - k0) / 16) * x.tk;
+}
+
 /* ---- the register tile: MT tokens x NR rows of W (rows r..r+NR-1) ----
- * 24 accumulators, each a 16-lane FMA chain over all of K; then each token's
- * 4 rows are folded together and stored. W is converted to f32 in registers:
- * nothing is packed or copied. */
-CAKE_INLINE void mm_tile(float *y, int n_out, const float *x, int n_in, const void *w, const int dt,
-                         int r, const int MT, const int NR, const int SEQ) {
+ * 24 accumulators, each a 16-lane FMA chain over k in [k0, k1); then, at the
+ * end of K, each token's 4 rows are folded together and stored. A tile that
+ * runs over K in blocks (acc != NULL) keeps its chains in acc between blocks:
+ * the same FMAs in the same order, so the same bits. W is converted to f32 in
+ * registers. */
+CAKE_INLINE void mm_tile(float *y, int n_out, mm_x x, int n_in, const void *w, const int dt, int r,
+                         int k0, int k1, __m512 *acc_mem, const int MT, const int NR,
+                         const int SEQ) {
     __m512 acc[MM_MR][MM_NR];
     UNROLL for (int i = 0; i < MM_MR; i++) UNROLL for (int j = 0; j < MM_NR; j++) acc[i][j] =
-        _mm512_setzero_ps();
+        acc_mem && k0 > 0 && i < MT && j < NR ? acc_mem[i * MM_NR + j] : _mm512_setzero_ps();
     const size_t wr = (size_t)r * n_in;
-    const int kf = n_in & ~15;
+    const int kf = n_in & ~15, ke = k1 < kf ? k1 : kf;
     if (SEQ && MT == 1) {
         /* One token, few tokens in the batch: the 4 rows one after another,
          * so W is read as a single sequential stream. This machine's hardware
@@ -184,21 +207,26 @@ CAKE_INLINE void mm_tile(float *y, int n_out, const float *x, int n_in, const vo
          * (decode: ~29 vs ~18 GB/s per thread at n_in 2048); the FMA chains
          * are the same. Once x outgrows L1 (n_in > 4096) reading it 4 times
          * costs more than that gains, and the interleaved loop runs. */
-        UNROLL for (int j = 0; j < NR; j++) for (int k = 0; k < kf; k += 16) acc[0][j] =
-            _mm512_fmadd_ps(_mm512_loadu_ps(x + k), w_load(w, dt, wr + (size_t)j * n_in + k),
-                            acc[0][j]);
+        UNROLL for (int j = 0; j < NR; j++) for (int k = k0; k < ke; k += 16) acc[0][j] =
+            _mm512_fmadd_ps(_mm512_loadu_ps(x_at(x, 0, k, k0)),
+                            w_load(w, dt, wr + (size_t)j * n_in + k), acc[0][j]);
     } else
-        for (int k = 0; k < kf; k += 16) {
+        for (int k = k0; k < ke; k += 16) {
             __m512 wv[MM_NR];
             UNROLL for (int j = 0; j < MM_NR; j++) wv[j] =
                 j < NR ? w_load(w, dt, wr + (size_t)j * n_in + k) : _mm512_setzero_ps();
             UNROLL for (int i = 0; i < MT; i++) {
-                __m512 xv = _mm512_loadu_ps(x + (size_t)i * n_in + k);
+                __m512 xv = _mm512_loadu_ps(x_at(x, i, k, k0));
                 KEEP(xv);
                 UNROLL for (int j = 0; j < NR; j++) acc[i][j] =
                     _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
             }
         }
+    if (k1 < n_in) { /* more blocks of K to come */
+        UNROLL for (int i = 0; i < MT; i++) UNROLL for (int j = 0; j < NR; j++)
+            acc_mem[i * MM_NR + j] = acc[i][j];
+        return;
+    }
     if (kf < n_in) {
         /* n_in % 16 != 0: the masked last step, both operands 0 past n_in */
         const __mmask16 m = cake_tail_mask(n_in - kf);
@@ -206,7 +234,7 @@ CAKE_INLINE void mm_tile(float *y, int n_out, const float *x, int n_in, const vo
         UNROLL for (int j = 0; j < MM_NR; j++) wv[j] =
             j < NR ? w_maskload(w, dt, wr + (size_t)j * n_in + kf, m) : _mm512_setzero_ps();
         UNROLL for (int i = 0; i < MT; i++) {
-            const __m512 xv = _mm512_maskz_loadu_ps(m, x + (size_t)i * n_in + kf);
+            const __m512 xv = _mm512_maskz_loadu_ps(m, x_at(x, i, kf, k0));
             UNROLL for (int j = 0; j < NR; j++) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
         }
     }
@@ -215,9 +243,10 @@ CAKE_INLINE void mm_tile(float *y, int n_out, const float *x, int n_in, const vo
         y + (size_t)i * n_out + r, sm, cake_fold4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]));
 }
 
-CAKE_INLINE void mm_tile_any(float *y, int n_out, const float *x, int n_in, const void *w,
-                             const int dt, int r, int mt, int nr, const int SEQ) {
-#define MM_TILE(MT, NR) mm_tile(y, n_out, x, n_in, w, dt, r, MT, NR, SEQ)
+CAKE_INLINE void mm_tile_any(float *y, int n_out, mm_x x, int n_in, const void *w, const int dt,
+                             int r, int k0, int k1, __m512 *acc_mem, int mt, int nr,
+                             const int SEQ) {
+#define MM_TILE(MT, NR) mm_tile(y, n_out, x, n_in, w, dt, r, k0, k1, acc_mem, MT, NR, SEQ)
 #define MM_TILE_NR(MT)                                                                             \
     if (nr == 4)                                                                                   \
         MM_TILE(MT, 4);                                                                            \
@@ -244,48 +273,100 @@ CAKE_INLINE void mm_tile_any(float *y, int n_out, const float *x, int n_in, cons
 #undef MM_TILE
 }
 
-/* Rows [r0, r1) for all tokens, in panels of `np` rows: for each panel, every
- * 6-token tile against each 4-row group of the panel. np = 4 (few tokens):
- * a group's W rows are read from memory once and stay in L1/L2 for the later
- * token tiles. np = 64 (many tokens): the token tile's x rows stay in L2
- * across the panel's 16 groups, so x comes from L3/memory once per 64 rows
- * of W instead of once per 4. */
-CAKE_INLINE void mm_rows(const mm_job *j, int r0, int r1, const int dt) {
-    const int n_in = j->n_in, np = j->np;
+/* Few tokens (decode, small chunks): rows [r0, r1) in groups of 4, each
+ * group against every 6-token tile; the group's W rows are read from memory
+ * once and stay in L1/L2 for the later token tiles. */
+CAKE_INLINE void mm_rows_few(const mm_job *j, int r0, int r1, const int dt) {
+    const int n_in = j->n_in;
     /* single-stream rows for one token (see mm_tile) while x (n_in f32) stays
      * in L1 beside the stream; past that, 4 interleaved rows read x once */
-    const int seq = np == MM_NR && n_in <= MM_SEQ_MAX_IN;
-    for (int p0 = r0; p0 < r1; p0 += np) {
-        const int p1 = p0 + np < r1 ? p0 + np : r1;
+    const int seq = n_in <= MM_SEQ_MAX_IN;
+    for (int r = r0; r < r1; r += MM_NR) {
+        const int nr = r1 - r < MM_NR ? r1 - r : MM_NR;
         for (int t0 = 0; t0 < j->T; t0 += MM_MR) {
             const int mt = j->T - t0 < MM_MR ? j->T - t0 : MM_MR;
-            for (int r = p0; r < p1; r += MM_NR) {
+            float *yt = j->y + (size_t)t0 * j->n_out;
+            const mm_x xt = {j->x + (size_t)t0 * n_in, (size_t)n_in, 16};
+            if (seq)
+                mm_tile_any(yt, j->n_out, xt, n_in, j->w, dt, r, 0, n_in, NULL, mt, nr, 1);
+            else
+                mm_tile_any(yt, j->n_out, xt, n_in, j->w, dt, r, 0, n_in, NULL, mt, nr, 0);
+        }
+    }
+}
+
+/* x rows [t0, t0 + mt) x [k0, k1) packed as xp[(k - k0) / 16][i][16], zero
+ * past n_in and for missing tokens: one tile's x for one K block, contiguous. */
+static void pack_x(float *xp, const float *x, int n_in, int t0, int mt, int k0, int k1) {
+    for (int k = k0; k < k1; k += 16) {
+        const __mmask16 m = cake_tail_mask(n_in - k < 16 ? n_in - k : 16);
+        for (int i = 0; i < MM_MR; i++)
+            _mm512_store_ps(xp + i * 16,
+                            i < mt ? _mm512_maskz_loadu_ps(m, x + (size_t)(t0 + i) * n_in + k)
+                                   : _mm512_setzero_ps());
+        xp += 16 * MM_MR;
+    }
+}
+
+/* Many tokens: the panel of rows [r0, r1) (up to MM_PANEL) in blocks of
+ * MM_TB tokens x MM_KB elements of K. Within a block, each 6-token tile's x
+ * is packed (6 x MM_KB f32, 12 KiB) and stays in L1 while it passes over the
+ * panel's 4-row groups, whose W slices (MM_PANEL x MM_KB) stay in L2 for the
+ * block's other tiles; the tiles' accumulators wait in acc between K blocks.
+ * Read in place over all of K (rows n_in apart), a tile's 6 x rows and 4 W
+ * rows fell in one L1 set whenever n_in * 4 was a multiple of 4 KiB, and x
+ * came from L2 on every step: about half of sgemm's speed on a Xeon. */
+CAKE_INLINE void mm_rows_panel(const mm_job *j, int r0, int r1, __m512 *acc, float *xp,
+                               const int dt) {
+    const int n_in = j->n_in;
+    for (int tb0 = 0; tb0 < j->T; tb0 += MM_TB) {
+        const int tb1 = tb0 + MM_TB < j->T ? tb0 + MM_TB : j->T;
+        for (int k0 = 0; k0 < n_in; k0 += MM_KB) {
+            const int k1 = k0 + MM_KB < n_in ? k0 + MM_KB : n_in;
+            __m512 *a = acc;
+            for (int t0 = tb0; t0 < tb1; t0 += MM_MR) {
+                const int mt = tb1 - t0 < MM_MR ? tb1 - t0 : MM_MR;
                 float *yt = j->y + (size_t)t0 * j->n_out;
-                const float *xt = j->x + (size_t)t0 * n_in;
-                const int nr = p1 - r < MM_NR ? p1 - r : MM_NR;
-                if (seq)
-                    mm_tile_any(yt, j->n_out, xt, n_in, j->w, dt, r, mt, nr, 1);
-                else
-                    mm_tile_any(yt, j->n_out, xt, n_in, j->w, dt, r, mt, nr, 0);
+                pack_x(xp, j->x, n_in, t0, mt, k0, k1);
+                const mm_x xt = {xp, 16, 16 * MM_MR};
+                for (int r = r0; r < r1; r += MM_NR, a += MM_MR * MM_NR) {
+                    const int nr = r1 - r < MM_NR ? r1 - r : MM_NR;
+                    mm_tile_any(yt, j->n_out, xt, n_in, j->w, dt, r, k0, k1, a, mt, nr, 0);
+                }
             }
         }
     }
 }
 
 static void mm_task(void *ctx, int task, int tid) {
-    (void)tid;
     const mm_job *j = ctx;
     const int r0 = task * j->rows_per_task;
     const int r1 = r0 + j->rows_per_task < j->n_out ? r0 + j->rows_per_task : j->n_out;
+    if (j->T < MM_PANEL_MIN_TOKENS) {
+        switch (j->dt) {
+        case CAKE_DTYPE_F32:
+            mm_rows_few(j, r0, r1, CAKE_DTYPE_F32);
+            break;
+        case CAKE_DTYPE_F16:
+            mm_rows_few(j, r0, r1, CAKE_DTYPE_F16);
+            break;
+        default:
+            mm_rows_few(j, r0, r1, CAKE_DTYPE_BF16);
+            break;
+        }
+        return;
+    }
+    __m512 *acc = j->acc + (size_t)tid * MM_SCRATCH_VECS;
+    float *xp = (float *)(acc + MM_ACC_VECS);
     switch (j->dt) {
     case CAKE_DTYPE_F32:
-        mm_rows(j, r0, r1, CAKE_DTYPE_F32);
+        mm_rows_panel(j, r0, r1, acc, xp, CAKE_DTYPE_F32);
         break;
     case CAKE_DTYPE_F16:
-        mm_rows(j, r0, r1, CAKE_DTYPE_F16);
+        mm_rows_panel(j, r0, r1, acc, xp, CAKE_DTYPE_F16);
         break;
     default:
-        mm_rows(j, r0, r1, CAKE_DTYPE_BF16);
+        mm_rows_panel(j, r0, r1, acc, xp, CAKE_DTYPE_BF16);
         break;
     }
 }
@@ -310,8 +391,16 @@ int cake_matmul(float *y, const float *x, const void *w, int w_dtype, int n_toke
     j.rows_per_task = MM_PANEL;
     const int n_tasks = (n_out + MM_PANEL - 1) / MM_PANEL;
 #ifdef CAKE_AVX512
-    j.np = n_tokens >= MM_PANEL_MIN_TOKENS ? MM_PANEL : MM_NR;
+    if (n_tokens >= MM_PANEL_MIN_TOKENS) {
+        const size_t bytes = MM_SCRATCH_VECS * sizeof(__m512) * (size_t)cake_threadpool_size(pool);
+        j.acc = aligned_alloc(64, bytes);
+        if (!j.acc) { /* no memory for the accumulators: the same bits, slower */
+            cake_threadpool_run(pool, n_tasks, lanes_task, &j);
+            return 0;
+        }
+    }
     cake_threadpool_run(pool, n_tasks, mm_task, &j);
+    free(j.acc);
 #else
     cake_threadpool_run(pool, n_tasks, lanes_task, &j);
 #endif
