@@ -1,7 +1,8 @@
 /* The CUDA backend against the CPU backend and the llama2.c golden outputs:
  * greedy ids and logits on stories260K (F32, head_dim 8), on `cake mkmodel`
- * models (tiny: F16, GQA, head_dim 16; tiny F32; mha-160m: F16, head_dim 64,
- * the tensor-core attention), chunked prefill against one-shot prefill,
+ * models (tiny: F16, GQA, head_dim 16; tiny F32; tiny Q8_0 against its f32
+ * twin; mha-160m: F16, head_dim 64, the tensor-core attention), chunked
+ * prefill against one-shot prefill,
  * run-to-run determinism, the KV transfer functions, and each attention kernel
  * against a double-precision reference (head_dim 8 to 256).
  *
@@ -12,6 +13,8 @@
  *    |logit| expected, TOL_F16 = 1e-2 asserted.
  *  - F32 weights: GEMMs in FP32 on both sides, Q rounded to f16 for attention
  *    on the GPU only: TOL_F32 = 2e-3.
+ *  - Q8_0 on the GPU (weights d * q rounded to f16, 2^-12 relative) against
+ *    the CPU on exact d * q in f32: as F16, TOL_F16.
  *  - chunked vs one-shot on the GPU: cuBLAS picks kernels by shape, and a
  *    batch of <= 8 tokens takes the f32 split attention, a longer one the f16-P
  *    tensor-core kernel: TOL_CHUNK = 5e-3.
@@ -217,10 +220,11 @@ static void trace_free(trace *t) {
     t->logits = NULL;
 }
 
-/* GPU vs CPU on one model, both fed the CPU's greedy tokens. */
-static void check_vs_cpu(const char *path, int n_prompt, int n_steps, int chunk, float tol,
-                         const char *what) {
-    cake_model *m = load(path);
+/* The GPU on the model at gpu_path vs the CPU on cpu_path (the same model,
+ * or its float twin), both fed the CPU's greedy tokens. */
+static void check_gpu_vs_cpu(const char *gpu_path, const char *cpu_path, int n_prompt, int n_steps,
+                             int chunk, float tol, const char *what) {
+    cake_model *m = load(cpu_path);
     cake_token *prompt = malloc((size_t)n_prompt * sizeof(cake_token));
     assert_non_null(prompt);
     random_prompt(m, prompt, n_prompt, 12345);
@@ -229,6 +233,10 @@ static void check_vs_cpu(const char *path, int n_prompt, int n_steps, int chunk,
     trace ref;
     run_trace(cpu, prompt, n_prompt, chunk, n_steps, NULL, &ref);
     cake_context_free(cpu);
+    if (strcmp(gpu_path, cpu_path)) {
+        cake_model_free(m);
+        m = load(gpu_path);
+    }
     cake_context *gpu = make_ctx(m, CAKE_BACKEND_CUDA, n_ctx, 512);
     trace got;
     run_trace(gpu, prompt, n_prompt, chunk, n_steps, ref.ids, &got);
@@ -238,6 +246,12 @@ static void check_vs_cpu(const char *path, int n_prompt, int n_steps, int chunk,
     trace_free(&got);
     free(prompt);
     cake_model_free(m);
+}
+
+/* GPU vs CPU on one model. */
+static void check_vs_cpu(const char *path, int n_prompt, int n_steps, int chunk, float tol,
+                         const char *what) {
+    check_gpu_vs_cpu(path, path, n_prompt, n_steps, chunk, tol, what);
 }
 
 /* One-shot prefill vs chunks of 1, 7, 64 and 100 on the GPU (the chunked runs
@@ -369,6 +383,27 @@ static void test_qwen2_vs_cpu(void **state) {
     check_vs_cpu(path, 150, 8, 512, TOL_F16, "tiny qwen2 with biases, GPU vs CPU");
     check_vs_cpu(path, 150, 8, 40, TOL_F16, "tiny qwen2 with biases in chunks of 40, GPU vs CPU");
     unlink(path);
+}
+
+/* Q8_0: the GPU dequantizes to f16 on upload (each d * q rounded once); the
+ * CPU multiplies Q8_0 with quantized activations (a 2% move on this model),
+ * so the reference is the CPU on the float twin (every weight exactly d * q). */
+static void test_q8_0_vs_cpu(void **state) {
+    (void)state;
+    REQUIRE_GPU();
+    char q8[64], twin[96], err[256];
+    assert_int_equal(make_model(q8, "tiny", "q8_0"), 0);
+    snprintf(twin, sizeof(twin), "%s.f32", q8);
+    const test_model_variant v = {.dequantize = true};
+    const int rc = test_write_variant(q8, twin, &v, err, sizeof(err));
+    if (rc) fprintf(stderr, "%s\n", err);
+    assert_int_equal(rc, 0);
+    check_gpu_vs_cpu(q8, twin, 150, 8, 512, TOL_F16,
+                     "tiny Q8_0 on the GPU vs its f32 twin on the CPU");
+    check_gpu_vs_cpu(q8, twin, 150, 8, 40, TOL_F16,
+                     "tiny Q8_0 in chunks of 40 on the GPU vs its f32 twin on the CPU");
+    unlink(twin);
+    unlink(q8);
 }
 
 static void test_mha160m_vs_cpu(void **state) {
@@ -583,7 +618,7 @@ int main(void) {
         cmocka_unit_test(test_tiny_f16_vs_cpu),   cmocka_unit_test(test_tiny_f32_vs_cpu),
         cmocka_unit_test(test_qwen2_vs_cpu),      cmocka_unit_test(test_mha160m_vs_cpu),
         cmocka_unit_test(test_chunked_prefill),   cmocka_unit_test(test_deterministic),
-        cmocka_unit_test(test_kv_transfer),
+        cmocka_unit_test(test_kv_transfer),       cmocka_unit_test(test_q8_0_vs_cpu),
     };
     /* CAKE_TEST_FILTER=NAME runs the tests whose names match (cmocka's
      * pattern), e.g. the attention kernels alone under each CAKE_CUDA_WGMMA. */

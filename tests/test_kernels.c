@@ -499,6 +499,41 @@ static void test_matmul(void **state) {
         check_matmul_shape(CAKE_DTYPE_Q8_0, q8_shapes[si][0], q8_shapes[si][1], q8_shapes[si][2]);
 }
 
+/* Q8_0 read back as floats (embedding rows; the CUDA backend's upload, in
+ * pieces that start anywhere), from the file's blocks and from the repacked
+ * layout: the values make_weights computed, for any range of elements. */
+static void test_q8_0_to_f32(void **state) {
+    (void)state;
+    const int n_out = 37, n_in = 96; /* 3 groups of 16 rows, the last padded */
+    const size_t n = (size_t)n_out * n_in;
+    float *want = xmalloc(n * 4), *got = xmalloc(n * 4);
+    void *raw = make_weights(CAKE_DTYPE_Q8_0, n, want);
+    void *packed = xmalloc(cake_q8_0_x16_size(n_out, n_in));
+    cake_q8_0_pack_x16(packed, raw, n_out, n_in);
+    const size_t ranges[][2] = {{0, n},           {5, 70},    {95, 3}, {103, 500},
+                                {16 * 96 - 1, 2}, {n - 1, 1}, {0, 0}};
+    for (size_t ri = 0; ri < sizeof(ranges) / sizeof(ranges[0]); ri++) {
+        const size_t first = ranges[ri][0], cnt = ranges[ri][1];
+        for (int layout = 0; layout < 2; layout++) {
+            for (size_t i = 0; i < n; i++) got[i] = -1e30f;
+            if (layout == 0)
+                cake_q8_0_to_f32(raw, first, got + first, cnt);
+            else
+                cake_q8_0_x16_to_f32(packed, n_in, first, got + first, cnt);
+            for (size_t i = 0; i < n; i++) {
+                const float expect = i >= first && i < first + cnt ? want[i] : -1e30f;
+                if (got[i] != expect)
+                    fail_msg("%s, elements [%zu, %zu): element %zu is %g, not %g",
+                             layout ? "Q8_0_X16" : "Q8_0", first, first + cnt, i, got[i], expect);
+            }
+        }
+    }
+    free(want);
+    free(got);
+    free(raw);
+    free(packed);
+}
+
 static void test_matmul_bad_dtype(void **state) {
     (void)state;
     float x[4] = {1, 2, 3, 4}, y[1] = {0};
@@ -710,6 +745,7 @@ int main(void) {
         cmocka_unit_test(test_swiglu),
         cmocka_unit_test(test_matmul),
         cmocka_unit_test(test_matmul_bad_dtype),
+        cmocka_unit_test(test_q8_0_to_f32),
         cmocka_unit_test(test_attention_gqa_and_head_dims),
         cmocka_unit_test(test_attention_long_context),
         cmocka_unit_test(test_attention_large_head_dim),

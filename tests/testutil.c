@@ -8,6 +8,7 @@
 #include "model/gguf.h"
 #include "store/store.h"
 #include "util/err.h"
+#include "util/q8_0.h"
 
 const char *test_models_dir(void) {
     const char *env = getenv("CAKE_TEST_MODELS");
@@ -95,6 +96,10 @@ static int fill_variant(uint64_t i, void *buf, uint64_t nbytes, void *ctx) {
         return 0;
     }
     const cake_gguf_tensor *t = &f->g->tensors[f->src[i]];
+    if (f->v->dequantize && t->type == CAKE_DTYPE_Q8_0) {
+        cake_q8_0_to_f32(t->data, 0, buf, nbytes / 4);
+        return 0;
+    }
     if (!f->v->qwen2 ||
         !(name_ends(t->name, "attn_q.weight") || name_ends(t->name, "attn_k.weight"))) {
         memcpy(buf, t->data, nbytes);
@@ -199,7 +204,10 @@ int test_write_variant(const char *src, const char *dst, const test_model_varian
         if (!name)
             rc = cake_err(err, errlen, "out of memory");
         else
-            cake_gguf_writer_add_tensor(w, name, t->type, t->n_dims, t->ne);
+            cake_gguf_writer_add_tensor(w, name,
+                                        v->dequantize && t->type == CAKE_DTYPE_Q8_0 ? CAKE_DTYPE_F32
+                                                                                    : (int)t->type,
+                                        t->n_dims, t->ne);
         free(name);
         copied[n_copied++] = i;
     }

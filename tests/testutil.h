@@ -32,6 +32,9 @@ typedef struct {
     bool qwen2;
     float bias; /* q/k/v biases of (j % 7 - 3) * bias at index j; 0: none */
     bool tied;  /* without output.weight: the output is the token embedding */
+    /* Q8_0 tensors written as F32 with their exact values d * q: the same
+     * model in floats (not with qwen2) */
+    bool dequantize;
 } test_model_variant;
 
 /* Copies the GGUF at src (a llama model with the key types `cake mkmodel`

@@ -69,11 +69,6 @@ int cake_context_init(const cake_model *m, cake_context_params p, cake_context *
 
     if (p.backend == CAKE_BACKEND_CUDA && p.kv_type != CAKE_KV_F16)
         return cake_err(err, errlen, "the CUDA backend keeps its KV cache in f16 only");
-    /* the CUDA backend converts weights to f16/bf16 on upload, floats only */
-    if (p.backend == CAKE_BACKEND_CUDA && !cake_model_float_weights(m))
-        return cake_err(err, errlen,
-                        "the CUDA backend takes F32, F16 and BF16 weights (Q8_0 models run on "
-                        "the CPU backend)");
 #ifndef CAKE_HAVE_CUDA
     if (p.backend == CAKE_BACKEND_CUDA)
         return cake_err(err, errlen, "this build has no CUDA backend (nvcc was not found)");

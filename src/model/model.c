@@ -408,12 +408,6 @@ fail:
     return -1;
 }
 
-/* Matrices are float or Q8_0 (find_weight), and every Q8_0 one the matmul
- * reads was repacked. */
-bool cake_model_float_weights(const cake_model *m) {
-    return is_float_dtype(m->tok_embd.dtype) && !m->packed;
-}
-
 const cake_hparams *cake_model_hparams(const cake_model *m) {
     return &m->hp;
 }

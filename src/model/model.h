@@ -50,7 +50,4 @@ struct cake_model {
     uint8_t fingerprint[16]; /* valid after fingerprint_once ran */
 };
 
-/* Whether every matrix is F32, F16 or BF16 (none is Q8_0). */
-bool cake_model_float_weights(const cake_model *m);
-
 #endif

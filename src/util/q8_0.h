@@ -1,7 +1,9 @@
 /* Q8_0, GGUF's 8-bit weights (ggml's block_q8_0): blocks of 32 values, each
  * stored as an f16 scale d and 32 int8 q, value j = d * q[j] (exact in f32:
- * 11 + 8 significant bits). The CPU matmul reads them repacked
- * (backend/cpu/matmul_q8_0.c); these helpers are for rows and for writing. */
+ * 11 + 8 significant bits). The CPU matmul reads them repacked at model load
+ * into CAKE_DTYPE_Q8_0_X16 (below; backend/cpu/matmul_q8_0.c packs and
+ * multiplies); these helpers read either layout back as floats (embedding
+ * rows, the CUDA backend's upload) and write blocks. */
 #ifndef CAKE_Q8_0_H
 #define CAKE_Q8_0_H
 
@@ -14,16 +16,51 @@
 
 enum { CAKE_Q8_0_BLOCK = 32, CAKE_Q8_0_BYTES = 34 };
 
-/* dst[0..n) = weights first..first+n of a Q8_0 array (first a multiple of
- * 32: a row of whole blocks), each block's scale converted once. */
-static inline void cake_q8_0_to_f32_row(const void *w, size_t first, float *dst, size_t n) {
-    const uint8_t *b = (const uint8_t *)w + first / CAKE_Q8_0_BLOCK * CAKE_Q8_0_BYTES;
-    for (size_t i = 0; i < n; i += CAKE_Q8_0_BLOCK, b += CAKE_Q8_0_BYTES) {
+/* CAKE_DTYPE_Q8_0_X16 (not a GGUF type): a Q8_0 matrix (n_out, n_in) with
+ * its rows in groups of 16 (the last padded with zero rows), and per group
+ * and block of 32 columns 544 bytes, as many as the 16 rows' Q8_0 blocks:
+ *     16 f16 scales d (32 bytes),
+ *     then for k4 = 0..7, for row i = 0..15: q[i][4 k4 .. 4 k4 + 3] + 128.
+ * One 64-byte load holds 4 consecutive weights of 16 rows, the operand of
+ * AVX512-VNNI's vpdpbusd with the rows in the lanes (matmul_q8_0.c). */
+enum {
+    CAKE_DTYPE_Q8_0_X16 = 1008,
+    CAKE_Q8_0_X16_ROWS = 16,
+    CAKE_Q8_0_X16_GROUP_BLOCK = CAKE_Q8_0_X16_ROWS * CAKE_Q8_0_BYTES, /* 544 bytes */
+    CAKE_Q8_0_X16_QOFF = CAKE_Q8_0_X16_ROWS * 2, /* the weights after the scales */
+};
+
+/* dst[0..n) = elements first..first+n of a Q8_0 array (row-major, so
+ * element e is row e / n_in, column e % n_in; rows are whole blocks). */
+static inline void cake_q8_0_to_f32(const void *w, size_t first, float *dst, size_t n) {
+    for (size_t i = 0; i < n;) {
+        const size_t e = first + i, j0 = e % CAKE_Q8_0_BLOCK;
+        const uint8_t *b = (const uint8_t *)w + e / CAKE_Q8_0_BLOCK * CAKE_Q8_0_BYTES;
         cake_f16 h;
         memcpy(&h, b, 2);
         const float d = cake_f16_to_f32(h);
-        for (size_t j = 0; j < CAKE_Q8_0_BLOCK && i + j < n; j++)
-            dst[i + j] = d * (float)(int8_t)b[2 + j];
+        for (size_t j = j0; j < CAKE_Q8_0_BLOCK && i < n; j++, i++)
+            dst[i] = d * (float)(int8_t)b[2 + j];
+    }
+}
+
+/* The same for a CAKE_DTYPE_Q8_0_X16 matrix of rows n_in wide: elements
+ * first..first+n in row-major order, the same values as the Q8_0 rows it was
+ * packed from. */
+static inline void cake_q8_0_x16_to_f32(const void *w, int n_in, size_t first, float *dst,
+                                        size_t n) {
+    const size_t nb = (size_t)n_in / CAKE_Q8_0_BLOCK;
+    for (size_t i = 0; i < n;) {
+        const size_t e = first + i, r = e / (size_t)n_in, k = e % (size_t)n_in;
+        const size_t lane = r % CAKE_Q8_0_X16_ROWS, j0 = k % CAKE_Q8_0_BLOCK;
+        const uint8_t *gb =
+            (const uint8_t *)w +
+            ((r / CAKE_Q8_0_X16_ROWS) * nb + k / CAKE_Q8_0_BLOCK) * CAKE_Q8_0_X16_GROUP_BLOCK;
+        cake_f16 h;
+        memcpy(&h, gb + 2 * lane, 2);
+        const float d = cake_f16_to_f32(h);
+        for (size_t j = j0; j < CAKE_Q8_0_BLOCK && i < n; j++, i++)
+            dst[i] = d * (float)(gb[CAKE_Q8_0_X16_QOFF + j / 4 * 64 + lane * 4 + j % 4] - 128);
     }
 }
 

@@ -31,7 +31,7 @@ static void embed_rows(const cake_weight *w, const cake_token *tokens, int n, fl
             cake_f16_to_f32_row((const cake_f16 *)w->data + row, dst, dim);
             break;
         case CAKE_DTYPE_Q8_0:
-            cake_q8_0_to_f32_row(w->data, row, dst, dim);
+            cake_q8_0_to_f32(w->data, row, dst, dim);
             break;
         default:
             cake_bf16_to_f32_row((const cake_bf16 *)w->data + row, dst, dim);

@@ -21,11 +21,9 @@
  * most d_x / 2 per element, the same that llama.cpp's Q8_0 results carry.
  *
  * The weights are repacked once, at model load (cake_q8_0_pack_x16), into
- * CAKE_DTYPE_Q8_0_X16: rows in groups of 16 (the last padded with zero rows),
- * and per group and block 544 bytes, as many as the 16 rows' Q8_0 blocks:
- *     16 f16 scales d_w (32 bytes),
- *     then for k4 = 0..7, for row i = 0..15: q_w[i][4 k4 .. 4 k4 + 3] + 128.
- * One 64-byte load holds 4 consecutive weights of 16 rows; vpdpbusd against
+ * CAKE_DTYPE_Q8_0_X16 (util/q8_0.h spells out the layout): rows in groups of
+ * 16, per group and block the 16 scales d_w, then 4 weights of each row in
+ * turn, + 128. One 64-byte load holds 4 consecutive weights of 16 rows; vpdpbusd against
  * 4 activation bytes broadcast adds the 16 rows' partial sums in 16 lanes, so
  * the rows are the lanes and nothing is summed across lanes. The +128 makes
  * the weights vpdpbusd's unsigned operand; 128 times the block's sum of q_x,
@@ -46,9 +44,9 @@
 #endif
 
 enum {
-    Q8_ROWS = 16,                               /* rows per group: the lanes */
-    Q8_GROUP_BLOCK = Q8_ROWS * CAKE_Q8_0_BYTES, /* 544 bytes */
-    Q8_QOFF = Q8_ROWS * 2,                      /* the int8 after the scales */
+    Q8_ROWS = CAKE_Q8_0_X16_ROWS,               /* rows per group: the lanes */
+    Q8_GROUP_BLOCK = CAKE_Q8_0_X16_GROUP_BLOCK, /* 544 bytes */
+    Q8_QOFF = CAKE_Q8_0_X16_QOFF,               /* the int8 after the scales */
     Q8_MT = 6,                                  /* tokens per register tile */
     Q8_NG = 2,                                  /* row groups per register tile */
     Q8_TASK_GROUPS = 4,                         /* row groups per task (64 rows) */

@@ -1,8 +1,9 @@
 /* The CUDA backend: state, weight upload, the forward pass, KV transfers.
  *
  * Memory on the GPU (T = max_batch):
- *   weights, one element type for all (wtype = the file's layer dtype; a matrix
- *     stored in another dtype is converted on the host while uploading):
+ *   weights, one element type for all (wtype = the file's layer dtype, F16
+ *     for Q8_0; a matrix stored in another dtype is converted on the host
+ *     while uploading):
  *     tok_embd (n_vocab, dim); output (n_vocab, dim), the same buffer when tied;
  *     per layer wqkv (dim + 2 kv_dim, dim) = [wq; wk; wv] stacked so one GEMM
  *     makes q, k and v; wo (dim, dim); wgu (2 ffn, dim) = [w_gate; w_up];
@@ -58,6 +59,7 @@
 #include "model/model.h"
 #include "util/err.h"
 #include "util/f16.h"
+#include "util/q8_0.h"
 
 namespace {
 
@@ -186,31 +188,58 @@ int dev_alloc(cake_cuda_state *s, void **p, size_t bytes, const char *what, char
 
 /* ---- host-side conversion for the upload ---- */
 
-void convert_range(void *dst, int dt, const void *src, int st, size_t n) {
+/* A matrix as the upload reads it: row-major (n_out, n_in) elements of
+ * dtype F32, F16, BF16, Q8_0 (the token embedding of a Q8_0 model) or
+ * Q8_0_X16 (its other matrices, repacked by the model for the CPU). */
+struct src_matrix {
+    const void *data;
+    int dtype, n_in;
+};
+
+void store_as(void *dst, int dt, size_t i, float v) {
+    if (dt == CAKE_DTYPE_F32)
+        ((float *)dst)[i] = v;
+    else if (dt == CAKE_DTYPE_F16)
+        ((cake_f16 *)dst)[i] = cake_f32_to_f16(v);
+    else
+        ((cake_bf16 *)dst)[i] = cake_f32_to_bf16(v);
+}
+
+/* dst[0..n) (dtype dt) = elements first..first+n of src. */
+void convert_range(void *dst, int dt, src_matrix src, size_t first, size_t n) {
+    const int st = src.dtype;
+    if (st == CAKE_DTYPE_Q8_0 || st == CAKE_DTYPE_Q8_0_X16) {
+        float buf[256];
+        for (size_t i = 0; i < n; i += 256) {
+            const size_t cnt = n - i < 256 ? n - i : 256;
+            if (st == CAKE_DTYPE_Q8_0)
+                cake_q8_0_to_f32(src.data, first + i, buf, cnt);
+            else
+                cake_q8_0_x16_to_f32(src.data, src.n_in, first + i, buf, cnt);
+            for (size_t j = 0; j < cnt; j++) store_as(dst, dt, i + j, buf[j]);
+        }
+        return;
+    }
+    const char *from = (const char *)src.data + first * dtype_size(st);
     if (dt == st) {
-        memcpy(dst, src, n * dtype_size(dt));
+        memcpy(dst, from, n * dtype_size(dt));
         return;
     }
     for (size_t i = 0; i < n; i++) {
         float v;
         if (st == CAKE_DTYPE_F32)
-            v = ((const float *)src)[i];
+            v = ((const float *)from)[i];
         else if (st == CAKE_DTYPE_F16)
-            v = cake_f16_to_f32(((const cake_f16 *)src)[i]);
+            v = cake_f16_to_f32(((const cake_f16 *)from)[i]);
         else
-            v = cake_bf16_to_f32(((const cake_bf16 *)src)[i]);
-        if (dt == CAKE_DTYPE_F32)
-            ((float *)dst)[i] = v;
-        else if (dt == CAKE_DTYPE_F16)
-            ((cake_f16 *)dst)[i] = cake_f32_to_f16(v);
-        else
-            ((cake_bf16 *)dst)[i] = cake_f32_to_bf16(v);
+            v = cake_bf16_to_f32(((const cake_bf16 *)from)[i]);
+        store_as(dst, dt, i, v);
     }
 }
 
 /* The same over a few threads: reading the mapped file (page faults) and
  * converting is the slow side of the upload, the DMA is faster. */
-void convert_parallel(void *dst, int dt, const void *src, int st, size_t n) {
+void convert_parallel(void *dst, int dt, src_matrix src, size_t first, size_t n) {
     constexpr int MAX_THREADS = 8;
     unsigned hw = std::thread::hardware_concurrency();
     size_t nt = hw < 1 ? 1 : hw > MAX_THREADS ? MAX_THREADS : hw;
@@ -220,34 +249,33 @@ void convert_parallel(void *dst, int dt, const void *src, int st, size_t n) {
     std::thread th[MAX_THREADS];
     bool started[MAX_THREADS] = {false};
     const size_t per = (n + nt - 1) / nt;
-    const size_t ds = dtype_size(dt), ss = dtype_size(st);
+    const size_t ds = dtype_size(dt);
     for (size_t k = 1; k < nt; k++) {
         const size_t b = k * per, e = b + per < n ? b + per : n;
         if (b >= e) break;
         try {
-            th[k] = std::thread(convert_range, (char *)dst + b * ds, dt, (const char *)src + b * ss,
-                                st, e - b);
+            th[k] = std::thread(convert_range, (char *)dst + b * ds, dt, src, first + b, e - b);
             started[k] = true;
         } catch (...) {
-            convert_range((char *)dst + b * ds, dt, (const char *)src + b * ss, st, e - b);
+            convert_range((char *)dst + b * ds, dt, src, first + b, e - b);
         }
     }
-    convert_range(dst, dt, src, st, per < n ? per : n);
+    convert_range(dst, dt, src, first, per < n ? per : n);
     for (size_t k = 1; k < nt; k++)
         if (started[k]) th[k].join();
 }
 
-/* Copies n elements of dtype src_type at src (host) to dst (device, wtype),
- * through the two pinned buffers so that conversion and DMA overlap. */
-int upload(cake_cuda_state *s, void *dst, const void *src, int src_type, size_t n, const char *what,
-           char *err, size_t errlen) {
-    const size_t piece = STAGE_BYTES / s->welem, ss = dtype_size(src_type);
+/* Copies the n elements of src (host) to dst (device, wtype), through the
+ * two pinned buffers so that conversion and DMA overlap. */
+int upload(cake_cuda_state *s, void *dst, src_matrix src, size_t n, const char *what, char *err,
+           size_t errlen) {
+    const size_t piece = STAGE_BYTES / s->welem;
     for (size_t off = 0; off < n; off += piece) {
         const size_t cnt = n - off < piece ? n - off : piece;
         const int b = s->stage_next;
         s->stage_next ^= 1;
         CK(cudaEventSynchronize(s->stage_ev[b]), what); /* its previous copy is done */
-        convert_parallel(s->stage[b], s->wtype, (const char *)src + off * ss, src_type, cnt);
+        convert_parallel(s->stage[b], s->wtype, src, off, cnt);
         CK(cudaMemcpyAsync((char *)dst + off * s->welem, s->stage[b], cnt * s->welem,
                            cudaMemcpyHostToDevice, s->stream),
            what);
@@ -263,7 +291,8 @@ int upload_weight(cake_cuda_state *s, void *dst, const cake_weight *w, const cha
         snprintf(what, sizeof(what), "uploading layer %d %s", layer, name);
     else
         snprintf(what, sizeof(what), "uploading %s", name);
-    return upload(s, dst, w->data, w->dtype, (size_t)w->n_in * (size_t)w->n_out, what, err, errlen);
+    const src_matrix src = {w->data, w->dtype, w->n_in};
+    return upload(s, dst, src, (size_t)w->n_in * (size_t)w->n_out, what, err, errlen);
 }
 
 int upload_f32(cake_cuda_state *s, float **dst, const float *src, size_t n, const char *what,
@@ -356,9 +385,13 @@ int init_state(cake_cuda_state *s, const cake_model *m, int n_ctx, int max_batch
     s->kv_dim = hp->n_kv_heads * hd;
     s->qkv_dim = dim + 2 * s->kv_dim;
     s->xh_cols = ffn > dim ? ffn : dim;
-    s->wtype = hp->weight_dtype;
+    /* Q8_0 weights go up as f16 (each d * q rounded once, to 11 bits): the
+     * GEMMs then run on tensor cores as for an F16 file, in twice the memory
+     * of the blocks. */
+    s->wtype = hp->weight_dtype == CAKE_DTYPE_Q8_0 ? CAKE_DTYPE_F16 : hp->weight_dtype;
     if (s->wtype != CAKE_DTYPE_F32 && s->wtype != CAKE_DTYPE_F16 && s->wtype != CAKE_DTYPE_BF16)
-        return cake_err(err, errlen, "cuda: weight dtype %d is not supported (F32, F16, BF16 are)",
+        return cake_err(err, errlen,
+                        "cuda: weight dtype %d is not supported (F32, F16, BF16, Q8_0 are)",
                         s->wtype);
     s->welem = dtype_size(s->wtype);
     /* q/k/v and gate/up leave their GEMMs in the weights' type, as PyTorch's
