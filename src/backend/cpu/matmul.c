@@ -30,9 +30,9 @@
  *    6-token tile, its x block is packed (12 KiB, stays in L1) and passes over
  *    the task's 16 groups, whose W slices stay in L2 for the block's other
  *    tiles; the accumulators wait in memory between K blocks (the same
- *    chains). ~93% of the FMA peak on a Zen 4; on a Xeon (two FMA units, a
- *    32 KiB L1 whose sets the unpacked rows n_in apart all fell into) packing
- *    took it from ~0.6 to ~0.9 of OpenBLAS sgemm's speed. */
+ *    chains). ~93% of the FMA peak on a Zen 4; on a Xeon VM (two FMA units,
+ *    where a tile's rows read in place, n_in apart, all fell in one L1 set)
+ *    packing took one thread from ~0.6 to ~0.85 of OpenBLAS sgemm's speed. */
 #ifdef __clang__
 #pragma STDC FP_CONTRACT OFF
 #endif
@@ -314,8 +314,8 @@ static void pack_x(float *xp, const float *x, int n_in, int t0, int mt, int k0, 
  * panel's 4-row groups, whose W slices (MM_PANEL x MM_KB) stay in L2 for the
  * block's other tiles; the tiles' accumulators wait in acc between K blocks.
  * Read in place over all of K (rows n_in apart), a tile's 6 x rows and 4 W
- * rows fell in one L1 set whenever n_in * 4 was a multiple of 4 KiB, and x
- * came from L2 on every step: about half of sgemm's speed on a Xeon. */
+ * rows fell in one L1 set at n_in 2048, and x came from L2 on every step:
+ * ~0.6 of sgemm's speed on a Xeon VM. */
 CAKE_INLINE void mm_rows_panel(const mm_job *j, int r0, int r1, __m512 *acc, float *xp,
                                const int dt) {
     const int n_in = j->n_in;
