@@ -686,6 +686,8 @@ static void test_attention_gqa_and_head_dims(void **state) {
     check_attention_case(33, 2, 1, 100, 0);
     check_attention_case(20, 16, 2, 64, 1);
     check_attention_case(50, 6, 2, 64, 1); /* 3 heads per KV head */
+    /* 5 KV heads: decode tasks of 3 + 2 heads on 2 threads, 2 + 2 + 1 on 3 */
+    check_attention_case(90, 5, 5, 64, 1);
 }
 
 static void test_attention_long_context(void **state) {

@@ -153,6 +153,7 @@ typedef struct {
     int group; /* query heads per KV head */
     int bq;    /* query tokens per task */
     int n_qb;  /* query blocks */
+    int hg;    /* KV heads per task: 1 with rows in lanes */
     float *sc; /* per-thread scratch (fast kernel), sc_floats each, 64-byte aligned */
     size_t sc_floats;
 } att_job;
@@ -584,21 +585,41 @@ CAKE_INLINE void keys_rows(const float *qs, int hd, const float *kt, const void 
         }                                                                                          \
     } while (0)
 
-static void task_keys_in_lanes(const att_job *job, int kvh, int t0, int t1, float *sc) {
+/* Prefetches what the block [kb0, kb0 + nk) reads of KV heads [h0, h1): per
+ * position one run of (h1 - h0) * head_dim elements, in K and in V. */
+static void prefetch_block(const cake_attn_args *a, int h0, int h1, int kb0, int nk) {
+    const size_t esz = a->kv_f16 ? 2 : 4, head = (size_t)a->head_dim * esz;
+    const size_t stride = (size_t)a->n_kv_heads * head, run = (size_t)(h1 - h0) * head;
+    const size_t off = (size_t)kb0 * stride + (size_t)h0 * head;
+    for (int j = 0; j < nk; j++)
+        for (size_t b = 0; b < run; b += 64) {
+            _mm_prefetch((const char *)a->k + off + (size_t)j * stride + b, _MM_HINT_T0);
+            _mm_prefetch((const char *)a->v + off + (size_t)j * stride + b, _MM_HINT_T0);
+        }
+}
+
+/* Tokens [t0, t1) of KV heads [h0, h1): each head's rows against its keys
+ * block by block, every head of the range within one block before the next
+ * block. A head alone reads 128 bytes of every position (head_dim 64, f16):
+ * ~5 GB/s from memory on a 2-core VM that reads 512-byte runs at ~11 and
+ * whole rows at ~18. So a decode task takes several heads, and the next
+ * block's runs are prefetched while this one computes. */
+static void task_keys_in_lanes(const att_job *job, int h0, int h1, int t0, int t1, float *sc) {
     const cake_attn_args *a = job->a;
     const int G = job->group, hd = a->head_dim, hdp = (hd + 15) / 16 * 16;
-    const int R = (t1 - t0) * G;
-    float *qs = sc;                                  /* [R][hd] scaled queries */
-    float *o = qs + ((size_t)R * hd + 15) / 16 * 16; /* [R][hdp] */
-    float *kt = o + (size_t)R * hdp;                 /* [hd][64] */
-    float *p = kt + (size_t)hd * ATT_BK;             /* [4][64] */
-    float *ms = p + 4 * ATT_BK;                      /* [R] */
-    float *ls = ms + R;                              /* [R] */
-    /* every region starts 64-byte aligned (sizes are multiples of 16 floats) */
+    const int Rh = (t1 - t0) * G, R = Rh * (h1 - h0); /* rows per head, in all */
+    float *qs = sc;                                   /* [R][hd] scaled queries */
+    float *o = qs + ((size_t)R * hd + 15) / 16 * 16;  /* [R][hdp] */
+    float *kt = o + (size_t)R * hdp;                  /* [hd][64] */
+    float *p = kt + (size_t)hd * ATT_BK;              /* [4][64] */
+    float *ms = p + 4 * ATT_BK;                       /* [R] */
+    float *ls = ms + R;                               /* [R] */
+    /* every region starts 64-byte aligned (sizes are multiples of 16 floats);
+     * head kvh's rows are (kvh - h0) * Rh + (t - t0) * G + hh */
 
     const float scale = 1.0f / sqrtf((float)hd);
     for (int r = 0; r < R; r++) {
-        const int t = t0 + r / G, hh = r % G;
+        const int kvh = h0 + r / Rh, t = t0 + r % Rh / G, hh = r % G;
         const float *q = a->q + ((size_t)t * a->n_heads + (size_t)kvh * G + hh) * hd;
         for (int d = 0; d < hd; d++) qs[(size_t)r * hd + d] = q[d] * scale;
         for (int d = 0; d < hdp; d++) o[(size_t)r * hdp + d] = 0.0f;
@@ -607,38 +628,43 @@ static void task_keys_in_lanes(const att_job *job, int kvh, int t0, int t1, floa
     }
 
     const int kv_end = a->pos0 + t1;
+    const size_t vstride = (size_t)a->n_kv_heads * hd;
     for (int kb0 = 0; kb0 < kv_end; kb0 += ATT_BK) {
         const int nk = kv_end - kb0 < ATT_BK ? kv_end - kb0 : ATT_BK;
-        load_keys_transposed(kt, a, kvh, kb0, nk);
-        const size_t vstride = (size_t)a->n_kv_heads * hd;
-        const size_t vbase = (size_t)kb0 * vstride + (size_t)kvh * hd;
-        for (int t = t0; t < t1; t++) {
-            const int pos = a->pos0 + t;
-            if (pos < kb0) continue;
-            const int nv = pos - kb0 + 1 < nk ? pos - kb0 + 1 : nk;
-            /* the token's G rows, up to 4 at a time */
-            for (int hh = 0; hh < G; hh += 4) {
-                const int r = (t - t0) * G + hh;
-                switch (G - hh < 4 ? G - hh : 4) {
-                case 4:
-                    KEYS_ROWS(4);
-                    break;
-                case 3:
-                    KEYS_ROWS(3);
-                    break;
-                case 2:
-                    KEYS_ROWS(2);
-                    break;
-                default:
-                    KEYS_ROWS(1);
-                    break;
+        if (kb0 + ATT_BK < kv_end)
+            prefetch_block(a, h0, h1, kb0 + ATT_BK,
+                           kv_end - kb0 - ATT_BK < ATT_BK ? kv_end - kb0 - ATT_BK : ATT_BK);
+        for (int kvh = h0; kvh < h1; kvh++) {
+            load_keys_transposed(kt, a, kvh, kb0, nk);
+            const size_t vbase = (size_t)kb0 * vstride + (size_t)kvh * hd;
+            for (int t = t0; t < t1; t++) {
+                const int pos = a->pos0 + t;
+                if (pos < kb0) continue;
+                const int nv = pos - kb0 + 1 < nk ? pos - kb0 + 1 : nk;
+                /* the token's G rows, up to 4 at a time */
+                for (int hh = 0; hh < G; hh += 4) {
+                    const int r = (kvh - h0) * Rh + (t - t0) * G + hh;
+                    switch (G - hh < 4 ? G - hh : 4) {
+                    case 4:
+                        KEYS_ROWS(4);
+                        break;
+                    case 3:
+                        KEYS_ROWS(3);
+                        break;
+                    case 2:
+                        KEYS_ROWS(2);
+                        break;
+                    default:
+                        KEYS_ROWS(1);
+                        break;
+                    }
                 }
             }
         }
     }
 
     for (int r = 0; r < R; r++) {
-        const int t = t0 + r / G, hh = r % G;
+        const int kvh = h0 + r / Rh, t = t0 + r % Rh / G, hh = r % G;
         float *out = a->out + ((size_t)t * a->n_heads + (size_t)kvh * G + hh) * hd;
         const float inv = 1.0f / ls[r];
         for (int d = 0; d < hd; d++) out[d] = o[(size_t)r * hdp + d] * inv;
@@ -650,14 +676,16 @@ static void fast_task(void *ctx, int task, int tid) {
     const cake_attn_args *a = j->a;
     /* the last query blocks (the most keys) first, so the dynamic schedule
      * ends with small tasks */
-    const int kvh = task % a->n_kv_heads, qb = j->n_qb - 1 - task / a->n_kv_heads;
+    const int n_hg = (a->n_kv_heads + j->hg - 1) / j->hg;
+    const int h0 = task % n_hg * j->hg, qb = j->n_qb - 1 - task / n_hg;
+    const int h1 = h0 + j->hg < a->n_kv_heads ? h0 + j->hg : a->n_kv_heads;
     const int t0 = qb * j->bq;
     const int t1 = t0 + j->bq < a->n_tokens ? t0 + j->bq : a->n_tokens;
     float *sc = j->sc + (size_t)tid * j->sc_floats;
-    if ((t1 - t0) * j->group >= ATT_ROWS_MIN_B)
-        task_rows_in_lanes(j, kvh, t0, t1, sc);
+    if (j->hg == 1 && (t1 - t0) * j->group >= ATT_ROWS_MIN_B)
+        task_rows_in_lanes(j, h0, t0, t1, sc);
     else
-        task_keys_in_lanes(j, kvh, t0, t1, sc);
+        task_keys_in_lanes(j, h0, h1, t0, t1, sc);
 }
 
 /* Scratch floats per thread for tasks of R rows (the larger of the two kinds). */
@@ -685,11 +713,15 @@ void cake_attention(const cake_attn_args *a, cake_threadpool *pool) {
         bq = bq < 1 ? 1 : bq > 64 ? 64 : bq;
         j.bq = bq < a->n_tokens ? bq : a->n_tokens;
         j.n_qb = (a->n_tokens + j.bq - 1) / j.bq;
-        j.sc_floats = scratch_floats(j.bq * j.group, a->head_dim);
         const int n_threads = cake_threadpool_size(pool);
+        /* every task puts keys in lanes (decode, small batches): as many KV
+         * heads per task as leave one task per thread (task_keys_in_lanes) */
+        j.hg = 1;
+        if (j.bq * j.group < ATT_ROWS_MIN_B) j.hg = (a->n_kv_heads + n_threads - 1) / n_threads;
+        j.sc_floats = scratch_floats(j.bq * j.group * j.hg, a->head_dim);
         j.sc = aligned_alloc(64, j.sc_floats * sizeof(float) * (size_t)n_threads);
         if (j.sc) {
-            cake_threadpool_run(pool, j.n_qb * a->n_kv_heads, fast_task, &j);
+            cake_threadpool_run(pool, j.n_qb * ((a->n_kv_heads + j.hg - 1) / j.hg), fast_task, &j);
             free(j.sc);
             return;
         }
