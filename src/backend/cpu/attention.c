@@ -31,7 +31,10 @@
  *    of K to f32 transposed ([d][key], a 16x16 in-register transpose), so 64
  *    scores of a row are 4 vectors of FMA chains (the rows of one token, up
  *    to 4, share the loads); P.V runs with o in registers over the row's
- *    valid keys only, reading V from the cache directly.
+ *    valid keys only, reading V from the cache directly. A task takes a range
+ *    of KV heads (one task per thread) and prefetches the next block's
+ *    contiguous runs of them: one head alone reads 128 bytes of every
+ *    position, which memory serves at a third of a sequential read's rate.
  * Tasks are handed out dynamically, the longest (last query blocks) first.
  *
  * cake_attention_lanes() is the list above in scalar C; the tests hold the
