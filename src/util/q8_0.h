@@ -44,23 +44,35 @@ static inline void cake_q8_0_to_f32(const void *w, size_t first, float *dst, siz
     }
 }
 
-/* The same for a CAKE_DTYPE_Q8_0_X16 matrix of rows n_in wide: elements
- * first..first+n in row-major order, the same values as the Q8_0 rows it was
- * packed from. */
+/* Row r's block b of a CAKE_DTYPE_Q8_0_X16 matrix with nb blocks per row:
+ * its scale, and its weight k (k = column, b = k / 32). */
+static inline float cake_q8_0_x16_scale(const void *w, size_t nb, size_t r, size_t b) {
+    cake_f16 h;
+    memcpy(&h,
+           (const uint8_t *)w + ((r / CAKE_Q8_0_X16_ROWS) * nb + b) * CAKE_Q8_0_X16_GROUP_BLOCK +
+               2 * (r % CAKE_Q8_0_X16_ROWS),
+           2);
+    return cake_f16_to_f32(h);
+}
+
+static inline int cake_q8_0_x16_weight(const void *w, size_t nb, size_t r, size_t k) {
+    const uint8_t *gb = (const uint8_t *)w + ((r / CAKE_Q8_0_X16_ROWS) * nb + k / CAKE_Q8_0_BLOCK) *
+                                                 CAKE_Q8_0_X16_GROUP_BLOCK;
+    const size_t j = k % CAKE_Q8_0_BLOCK;
+    return (int)gb[CAKE_Q8_0_X16_QOFF + j / 4 * 64 + (r % CAKE_Q8_0_X16_ROWS) * 4 + j % 4] - 128;
+}
+
+/* The same as cake_q8_0_to_f32 for a CAKE_DTYPE_Q8_0_X16 matrix of rows n_in
+ * wide: elements first..first+n in row-major order, the same values as the
+ * Q8_0 rows it was packed from. */
 static inline void cake_q8_0_x16_to_f32(const void *w, int n_in, size_t first, float *dst,
                                         size_t n) {
     const size_t nb = (size_t)n_in / CAKE_Q8_0_BLOCK;
     for (size_t i = 0; i < n;) {
         const size_t e = first + i, r = e / (size_t)n_in, k = e % (size_t)n_in;
-        const size_t lane = r % CAKE_Q8_0_X16_ROWS, j0 = k % CAKE_Q8_0_BLOCK;
-        const uint8_t *gb =
-            (const uint8_t *)w +
-            ((r / CAKE_Q8_0_X16_ROWS) * nb + k / CAKE_Q8_0_BLOCK) * CAKE_Q8_0_X16_GROUP_BLOCK;
-        cake_f16 h;
-        memcpy(&h, gb + 2 * lane, 2);
-        const float d = cake_f16_to_f32(h);
-        for (size_t j = j0; j < CAKE_Q8_0_BLOCK && i < n; j++, i++)
-            dst[i] = d * (float)(gb[CAKE_Q8_0_X16_QOFF + j / 4 * 64 + lane * 4 + j % 4] - 128);
+        const float d = cake_q8_0_x16_scale(w, nb, r, k / CAKE_Q8_0_BLOCK);
+        for (size_t j = k % CAKE_Q8_0_BLOCK; j < CAKE_Q8_0_BLOCK && i < n; j++, i++)
+            dst[i] = d * (float)cake_q8_0_x16_weight(w, nb, r, k - k % CAKE_Q8_0_BLOCK + j);
     }
 }
 

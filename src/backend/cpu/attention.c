@@ -603,10 +603,8 @@ static void prefetch_block(const cake_attn_args *a, int h0, int h1, int kb0, int
 
 /* Tokens [t0, t1) of KV heads [h0, h1): each head's rows against its keys
  * block by block, every head of the range within one block before the next
- * block. A head alone reads 128 bytes of every position (head_dim 64, f16):
- * ~5 GB/s from memory on a 2-core VM that reads 512-byte runs at ~11 and
- * whole rows at ~18. So a decode task takes several heads, and the next
- * block's runs are prefetched while this one computes. */
+ * block, whose runs are prefetched meanwhile (why: the top of the file;
+ * docs/ENGINE.md has the read rates). */
 static void task_keys_in_lanes(const att_job *job, int h0, int h1, int t0, int t1, float *sc) {
     const cake_attn_args *a = job->a;
     const int G = job->group, hd = a->head_dim, hdp = (hd + 15) / 16 * 16;

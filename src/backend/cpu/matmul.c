@@ -338,35 +338,29 @@ CAKE_INLINE void mm_rows_panel(const mm_job *j, int r0, int r1, __m512 *acc, flo
     }
 }
 
+/* Rows [r0, r1) for all tokens, by batch size (dt a constant in each copy). */
+CAKE_INLINE void mm_rows(const mm_job *j, int r0, int r1, int tid, const int dt) {
+    if (j->T < MM_PANEL_MIN_TOKENS) {
+        mm_rows_few(j, r0, r1, dt);
+        return;
+    }
+    __m512 *acc = j->acc + (size_t)tid * MM_SCRATCH_VECS;
+    mm_rows_panel(j, r0, r1, acc, (float *)(acc + MM_ACC_VECS), dt);
+}
+
 static void mm_task(void *ctx, int task, int tid) {
     const mm_job *j = ctx;
     const int r0 = task * j->rows_per_task;
     const int r1 = r0 + j->rows_per_task < j->n_out ? r0 + j->rows_per_task : j->n_out;
-    if (j->T < MM_PANEL_MIN_TOKENS) {
-        switch (j->dt) {
-        case CAKE_DTYPE_F32:
-            mm_rows_few(j, r0, r1, CAKE_DTYPE_F32);
-            break;
-        case CAKE_DTYPE_F16:
-            mm_rows_few(j, r0, r1, CAKE_DTYPE_F16);
-            break;
-        default:
-            mm_rows_few(j, r0, r1, CAKE_DTYPE_BF16);
-            break;
-        }
-        return;
-    }
-    __m512 *acc = j->acc + (size_t)tid * MM_SCRATCH_VECS;
-    float *xp = (float *)(acc + MM_ACC_VECS);
     switch (j->dt) {
     case CAKE_DTYPE_F32:
-        mm_rows_panel(j, r0, r1, acc, xp, CAKE_DTYPE_F32);
+        mm_rows(j, r0, r1, tid, CAKE_DTYPE_F32);
         break;
     case CAKE_DTYPE_F16:
-        mm_rows_panel(j, r0, r1, acc, xp, CAKE_DTYPE_F16);
+        mm_rows(j, r0, r1, tid, CAKE_DTYPE_F16);
         break;
     default:
-        mm_rows_panel(j, r0, r1, acc, xp, CAKE_DTYPE_BF16);
+        mm_rows(j, r0, r1, tid, CAKE_DTYPE_BF16);
         break;
     }
 }

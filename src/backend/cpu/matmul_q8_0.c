@@ -81,21 +81,6 @@ void cake_q8_0_pack_x16(void *dst, const void *q8_0, int n_out, int n_in) {
             }
 }
 
-/* Weight k of row r in the packed layout, and its block's scale. */
-static int q8_weight(const uint8_t *w, int nb, int r, int k) {
-    const uint8_t *gb =
-        w + ((size_t)(r / Q8_ROWS) * nb + (size_t)(k / CAKE_Q8_0_BLOCK)) * Q8_GROUP_BLOCK;
-    const int kk = k % CAKE_Q8_0_BLOCK;
-    return (int)gb[Q8_QOFF + kk / 4 * 64 + (r % Q8_ROWS) * 4 + kk % 4] - 128;
-}
-
-static float q8_scale(const uint8_t *w, int nb, int r, int b) {
-    cake_f16 h;
-    memcpy(&h, w + ((size_t)(r / Q8_ROWS) * nb + (size_t)b) * Q8_GROUP_BLOCK + 2 * (r % Q8_ROWS),
-           2);
-    return cake_f16_to_f32(h);
-}
-
 /* ===================== activations ===================== */
 
 /* One block of 32 activations: q (int8), d (the scale) and c = 128 * sum q.
@@ -158,8 +143,8 @@ int cake_matmul_q8_0_ref(float *y, const float *x, const void *w, int n_tokens, 
                                      &c);
                 long isum = 0;
                 for (int k = 0; k < CAKE_Q8_0_BLOCK; k++)
-                    isum += (long)q8_weight(w, nb, n, b * CAKE_Q8_0_BLOCK + k) * q[k];
-                s += (double)q8_scale(w, nb, n, b) * (double)dx * (double)isum;
+                    isum += (long)cake_q8_0_x16_weight(w, nb, n, b * CAKE_Q8_0_BLOCK + k) * q[k];
+                s += (double)cake_q8_0_x16_scale(w, nb, n, b) * (double)dx * (double)isum;
             }
             y[(size_t)t * n_out + n] = (float)s;
         }
@@ -183,8 +168,8 @@ static void lanes_rows_q8(float *y, const float *x, const uint8_t *w, int n_toke
             for (int n = r0; n < r1; n++) {
                 int isum = 0;
                 for (int k = 0; k < CAKE_Q8_0_BLOCK; k++)
-                    isum += q8_weight(w, nb, n, b * CAKE_Q8_0_BLOCK + k) * q[k];
-                yt[n] = fmaf((float)isum, q8_scale(w, nb, n, b) * dx, yt[n]);
+                    isum += cake_q8_0_x16_weight(w, nb, n, b * CAKE_Q8_0_BLOCK + k) * q[k];
+                yt[n] = fmaf((float)isum, cake_q8_0_x16_scale(w, nb, n, b) * dx, yt[n]);
             }
         }
     }
