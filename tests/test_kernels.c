@@ -694,6 +694,10 @@ static void test_attention_long_context(void **state) {
     (void)state;
     /* several key blocks, chunks that straddle block boundaries */
     check_attention_case(300, 4, 1, 64, 1);
+    /* MHA: tasks of 256 rows (1 and 2 threads) and 128 (3 threads), row
+     * groups of 3 vectors with tails of 1 and 2, unmasked blocks below the
+     * diagonal, a last block of 88 rows with padding */
+    check_attention_case(600, 2, 2, 64, 1);
 }
 
 static void test_attention_large_head_dim(void **state) {
