@@ -42,6 +42,8 @@ grep -q -- "--dump-logits" "$tmp/out" && pass "run --help lists options" || fail
 expect_exit 1 "missing model file" -- "$CAKE" run -m "$tmp/nope.gguf" -p hi
 printf 'not a gguf file at all' >"$tmp/junk.gguf"
 expect_exit 1 "junk model file" -- "$CAKE" run -m "$tmp/junk.gguf" -p hi
+[ "$(grep -o "$tmp/junk.gguf" "$tmp/err" | wc -l)" -eq 1 ] &&
+    pass "the error names the file once" || fail "the file named other than once: $(cat "$tmp/err")"
 
 # --- mkmodel + run on the tiny shape (F16, F32 and Q8_0 weights)
 for dt in f16 f32 q8_0; do

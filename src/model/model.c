@@ -333,10 +333,7 @@ int cake_model_load(const char *path, cake_model **out, char *err, size_t errlen
     if (!m) return cake_err(err, errlen, "out of memory");
     m->fingerprint_once = (pthread_once_t)PTHREAD_ONCE_INIT;
     char why[512] = "";
-    if (cake_gguf_open(path, &m->gguf, why, sizeof(why))) {
-        cake_err(err, errlen, "%s: %s", path, why);
-        goto fail;
-    }
+    if (cake_gguf_open(path, &m->gguf, err, errlen)) goto fail; /* its message names the file */
     const cake_gguf *g = m->gguf;
     cake_hparams *hp = &m->hp;
     if (read_hparams(g, hp, why, sizeof(why)) ||
