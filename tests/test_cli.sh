@@ -44,6 +44,9 @@ printf 'not a gguf file at all' >"$tmp/junk.gguf"
 expect_exit 1 "junk model file" -- "$CAKE" run -m "$tmp/junk.gguf" -p hi
 [ "$(grep -o "$tmp/junk.gguf" "$tmp/err" | wc -l)" -eq 1 ] &&
     pass "the error names the file once" || fail "the file named other than once: $(cat "$tmp/err")"
+expect_exit 1 "tokenize on a junk file" -- "$CAKE" tokenize -m "$tmp/junk.gguf" -p hi
+[ "$(grep -o "$tmp/junk.gguf" "$tmp/err" | wc -l)" -eq 1 ] &&
+    pass "tokenize's error names the file once" || fail "tokenize: $(cat "$tmp/err")"
 
 # --- mkmodel + run on the tiny shape (F16, F32 and Q8_0 weights)
 for dt in f16 f32 q8_0; do

@@ -64,8 +64,8 @@ int cmd_tokenize(int argc, char **argv) {
     cake_tokenizer *tok = NULL;
     cake_token *ids = NULL;
     int rc = CLI_FAIL;
-    if (cake_gguf_open(model, &g, err, sizeof(err))) {
-        cli_error(CLI_FAIL, "tokenize", "%s: %s", model, err);
+    if (cake_gguf_open(model, &g, err, sizeof(err))) { /* its message names the file */
+        cli_error(CLI_FAIL, "tokenize", "%s", err);
         goto done;
     }
     if (cake_tokenizer_init(g, &tok, err, sizeof(err))) {
