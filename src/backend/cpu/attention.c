@@ -342,7 +342,7 @@ CAKE_INLINE void rows_pv(float *oT, int ldr, const float *sT, const __mmask16 *m
 
 /* A task's working state with rows in lanes (task_rows_in_lanes lays it out). */
 typedef struct {
-    int R, ldr, nrv, hd, ldv;
+    int ldr, nrv, hd, ldv;
     float *Qt, *oT, *sT, *kf, *vf, *ms, *ls;
     int32_t *pos;
     __mmask16 *msk;
@@ -408,7 +408,7 @@ static void task_rows_in_lanes(const att_job *job, int kvh, int t0, int t1, floa
      * other. V and o get head_dim rounded up to 8 (zero columns), P.V's tile
      * width. */
     const int ldr = (nrv | 1) * 16, ldv = (hd + 7) / 8 * 8;
-    rows_state st = {.R = R, .ldr = ldr, .nrv = nrv, .hd = hd, .ldv = ldv};
+    rows_state st = {.ldr = ldr, .nrv = nrv, .hd = hd, .ldv = ldv};
     st.Qt = sc;                           /* [hd][ldr] */
     st.oT = st.Qt + (size_t)hd * ldr;     /* [ldv][ldr] */
     st.sT = st.oT + (size_t)ldv * ldr;    /* [64][ldr] scores, then p */
@@ -467,7 +467,7 @@ static void task_rows_in_lanes(const att_job *job, int kvh, int t0, int t1, floa
             /* full: every row of the vectors is real and sees every key of
              * the block (all but the blocks on the diagonal): no masks */
             const int full = (rv + nv) * 16 <= R && pos[rv * 16] >= kb0 + nk - 1;
-            switch (nv * 2 + full) {
+            switch (nv * 2 + full) { /* nv and full as constants in each copy */
             case 7:
                 rows_group(&st, rv, kb0, nkv, 3, 1);
                 break;
