@@ -84,6 +84,17 @@ ids=$("$CAKE" tokenize -m "$tmp/tiny-f16.gguf" -p "Hello world")
     pass "--tokens equals the text's ids" || fail "--tokens differs: $(cat "$tmp/a") vs $(cat "$tmp/b")"
 expect_exit 2 "--tokens out of vocabulary" -- "$CAKE" run -m "$tmp/tiny-f16.gguf" --tokens "1 99999" -n 1
 
+# -f: a file, standard input (-) and a pipe give the text's ids and output
+printf 'Hello world' >"$tmp/prompt.txt"
+[ "$("$CAKE" tokenize -m "$tmp/tiny-f16.gguf" -f "$tmp/prompt.txt")" = "$ids" ] &&
+    [ "$(printf 'Hello world' | "$CAKE" tokenize -m "$tmp/tiny-f16.gguf" -f -)" = "$ids" ] &&
+    [ "$("$CAKE" tokenize -m "$tmp/tiny-f16.gguf" -f <(printf 'Hello world'))" = "$ids" ] &&
+    pass "tokenize -f FILE, -f - and -f <(pipe) give the text's ids" || fail "tokenize -f differs from -p"
+printf 'Hello world' | "$CAKE" run -m "$tmp/tiny-f16.gguf" -f - -n 6 --temp 0 --json >"$tmp/c" 2>/dev/null
+[ "$(json_field generated_ids "$tmp/a")" = "$(json_field generated_ids "$tmp/c")" ] &&
+    pass "run -f - reads the prompt from standard input" || fail "run -f -: $(cat "$tmp/c")"
+expect_exit 1 "run -f on a directory" -- "$CAKE" run -m "$tmp/tiny-f16.gguf" -f "$tmp" -n 1
+
 # sampling: same seed, same tokens
 "$CAKE" run -m "$tmp/tiny-f16.gguf" -p "Hello" -n 12 --temp 1.0 --seed 7 --json >"$tmp/s1" 2>/dev/null
 "$CAKE" run -m "$tmp/tiny-f16.gguf" -p "Hello" -n 12 --temp 1.0 --seed 7 --json >"$tmp/s2" 2>/dev/null

@@ -20,8 +20,9 @@ int cmd_bench(int argc, char **argv);
 int cli_error(int code, const char *cmd, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 
-/* Whole file into a NUL-terminated malloc'd buffer (len excludes the NUL).
- * NULL with a message in err on failure. */
+/* The whole of a file, a pipe or, for "-", standard input, into a
+ * NUL-terminated malloc'd buffer (len excludes the NUL). NULL with a message
+ * in err on failure. */
 char *cli_read_file(const char *path, size_t *len, char *err, size_t errlen);
 
 /* Strict numeric parsing of option values: the whole string must be a number in

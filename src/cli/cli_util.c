@@ -17,23 +17,44 @@ int cli_error(int code, const char *cmd, const char *fmt, ...) {
 }
 
 char *cli_read_file(const char *path, size_t *len, char *err, size_t errlen) {
-    FILE *f = fopen(path, "rb");
+    const int from_stdin = strcmp(path, "-") == 0;
+    FILE *f = from_stdin ? stdin : fopen(path, "rb");
     if (!f) {
         snprintf(err, errlen, "cannot open %s: %s", path, strerror(errno));
         return NULL;
     }
     struct stat st;
-    if (fstat(fileno(f), &st) != 0 || !S_ISREG(st.st_mode)) {
-        snprintf(err, errlen, "%s is not a regular file", path);
-        fclose(f);
+    const int have_stat = fstat(fileno(f), &st) == 0;
+    if (have_stat && S_ISDIR(st.st_mode)) {
+        snprintf(err, errlen, "%s is a directory", path);
+        if (!from_stdin) fclose(f);
         return NULL;
     }
-    char *buf = malloc((size_t)st.st_size + 1);
-    size_t n = buf ? fread(buf, 1, (size_t)st.st_size, f) : 0;
-    int bad = !buf || ferror(f) || n != (size_t)st.st_size;
-    fclose(f);
+    /* a regular file's size is known; a pipe is read until its end */
+    size_t cap = have_stat && S_ISREG(st.st_mode) ? (size_t)st.st_size + 1 : (size_t)1 << 16;
+    size_t n = 0;
+    char *buf = malloc(cap);
+    while (buf) {
+        n += fread(buf + n, 1, cap - 1 - n, f);
+        if (n < cap - 1) break; /* the end, or an error */
+        const int c = getc(f);  /* full: is there more? */
+        if (c == EOF) break;
+        char *grown = realloc(buf, cap * 2);
+        if (!grown) {
+            free(buf);
+            buf = NULL;
+            break;
+        }
+        buf = grown;
+        cap *= 2;
+        buf[n++] = (char)c;
+    }
+    const int bad = !buf || ferror(f);
+    const int read_errno = errno;
+    if (!from_stdin) fclose(f);
     if (bad) {
-        snprintf(err, errlen, "cannot read %s", path);
+        snprintf(err, errlen, "cannot read %s: %s", from_stdin ? "standard input" : path,
+                 buf ? strerror(read_errno) : "out of memory");
         free(buf);
         return NULL;
     }

@@ -14,7 +14,7 @@ static const char *help =
     "vocabulary-only GGUF files.\n"
     "  -m, --model FILE    GGUF file with a tokenizer.ggml.* vocabulary\n"
     "  -p, --prompt TEXT   text to tokenize\n"
-    "  -f, --file FILE     read the text from FILE (bytes as they are)\n"
+    "  -f, --file FILE     read the text from FILE, bytes as they are (- = stdin)\n"
     "      --no-bos        do not prepend BOS\n";
 
 int cmd_tokenize(int argc, char **argv) {
