@@ -16,6 +16,7 @@
 #include "cake.h"
 #include "engine/generate.h"
 #include "model/gguf.h"
+#include "model/model.h"
 #include "model/tokenizer.h"
 #include "testutil.h"
 #include "util/f16.h"
@@ -607,9 +608,18 @@ static void test_q8_0(void **state) {
     if (rc) fprintf(stderr, "%s\n", err);
     assert_int_equal(rc, 0);
     assert_int_equal(cake_model_hparams(m)->weight_dtype, CAKE_DTYPE_Q8_0);
+    /* the CPU's repacked copies are made by the first CPU context, not at
+     * load (a GPU run never needs them) */
+    assert_null(m->packed);
+    assert_null(m->layers[0].wq.x16);
     cake_hparams hp;
     free(check_vs_reference(path, "q8_0", &hp));
     check_chunk_invariance(m, 200, 8);
+    assert_non_null(m->packed);
+    assert_non_null(m->layers[0].wq.x16);
+    assert_non_null(m->output.x16);
+    assert_ptr_equal(m->layers[0].wq.data,
+                     cake_gguf_find_tensor(m->gguf, "blk.0.attn_q.weight")->data);
     cake_model_free(m);
     char twin[96];
     snprintf(twin, sizeof(twin), "%s.f32", path);

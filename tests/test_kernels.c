@@ -499,9 +499,20 @@ static void test_matmul(void **state) {
         check_matmul_shape(CAKE_DTYPE_Q8_0, q8_shapes[si][0], q8_shapes[si][1], q8_shapes[si][2]);
 }
 
+/* Elements first..first+n of a CAKE_DTYPE_Q8_0_X16 matrix of rows n_in wide,
+ * row-major, read through util/q8_0.h's lookups. */
+static void x16_to_f32(const void *w, int n_in, size_t first, float *dst, size_t n) {
+    const size_t nb = (size_t)n_in / CAKE_Q8_0_BLOCK;
+    for (size_t i = 0; i < n; i++) {
+        const size_t e = first + i, r = e / (size_t)n_in, k = e % (size_t)n_in;
+        dst[i] = cake_q8_0_x16_scale(w, nb, r, k / CAKE_Q8_0_BLOCK) *
+                 (float)cake_q8_0_x16_weight(w, nb, r, k);
+    }
+}
+
 /* Q8_0 read back as floats (embedding rows; the CUDA backend's upload, in
- * pieces that start anywhere), from the file's blocks and from the repacked
- * layout: the values make_weights computed, for any range of elements. */
+ * pieces that start anywhere) from the file's blocks, and the repacked
+ * layout's values: those make_weights computed, for any range of elements. */
 static void test_q8_0_to_f32(void **state) {
     (void)state;
     const int n_out = 37, n_in = 96; /* 3 groups of 16 rows, the last padded */
@@ -519,7 +530,7 @@ static void test_q8_0_to_f32(void **state) {
             if (layout == 0)
                 cake_q8_0_to_f32(raw, first, got + first, cnt);
             else
-                cake_q8_0_x16_to_f32(packed, n_in, first, got + first, cnt);
+                x16_to_f32(packed, n_in, first, got + first, cnt);
             for (size_t i = 0; i < n; i++) {
                 const float expect = i >= first && i < first + cnt ? want[i] : -1e30f;
                 if (got[i] != expect)

@@ -73,6 +73,7 @@ int cake_context_init(const cake_model *m, cake_context_params p, cake_context *
     if (p.backend == CAKE_BACKEND_CUDA)
         return cake_err(err, errlen, "this build has no CUDA backend (nvcc was not found)");
 #endif
+    if (p.backend != CAKE_BACKEND_CUDA && cake_model_prepare_cpu(m, err, errlen)) return -1;
 
     cake_context *c = calloc(1, sizeof(*c));
     if (!c) return cake_err(err, errlen, "out of memory");

@@ -217,16 +217,17 @@ static double *rope_frequencies(const cake_gguf *g, const cake_hparams *hp, char
     return f;
 }
 
-/* The matrices the matmul reads: 7 per layer, then the output. */
-static int matmul_weights(cake_model *m, cake_weight **w) {
-    int n = 0;
-    for (int l = 0; l < m->hp.n_layers; l++) {
-        cake_layer *L = &m->layers[l];
-        cake_weight *lw[] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->w_gate, &L->w_up, &L->w_down};
-        for (int i = 0; i < 7; i++) w[n++] = lw[i];
-    }
-    w[n++] = &m->output;
-    return n;
+/* The matrices the matmul reads, i < n_matmul_weights(m): 7 per layer, then
+ * the output. */
+static int n_matmul_weights(const cake_model *m) {
+    return m->hp.n_layers * 7 + 1;
+}
+
+static cake_weight *matmul_weight(cake_model *m, int i) {
+    if (i == m->hp.n_layers * 7) return &m->output;
+    cake_layer *L = &m->layers[i / 7];
+    cake_weight *lw[] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->w_gate, &L->w_up, &L->w_down};
+    return lw[i % 7];
 }
 
 typedef struct {
@@ -254,19 +255,20 @@ static void pack_task(void *ctx, int i, int tid) {
  * (CAKE_DTYPE_Q8_0_X16, backend/cpu/matmul_q8_0.c), all in one mapping the
  * model owns, on every core and in huge pages where the kernel gives them:
  * most of the time is the kernel zeroing fresh pages (llama-1b: 3.4 s on one
- * thread in 4 KiB pages, 0.5 s this way). The token embedding stays in the
- * file (it is read by rows; a tied output gets its own repacked copy). */
+ * thread in 4 KiB pages, 0.5 s this way). The token embedding is read from
+ * the file (by rows; a tied output gets its own repacked copy). */
 static int pack_q8_0(cake_model *m, char *err, size_t errlen) {
-    cake_weight **w = malloc(((size_t)m->hp.n_layers * 7 + 1) * sizeof(*w));
+    const int n = n_matmul_weights(m);
+    cake_weight **w = malloc((size_t)n * sizeof(*w));
     if (!w) return cake_err(err, errlen, "out of memory");
-    const int n = matmul_weights(m, w);
     int n_q8 = 0; /* w[0..n_q8): the Q8_0 ones */
     size_t total = 0;
-    for (int i = 0; i < n; i++)
-        if (w[i]->dtype == CAKE_DTYPE_Q8_0) {
-            total += cake_q8_0_x16_size(w[i]->n_out, w[i]->n_in);
-            w[n_q8++] = w[i];
-        }
+    for (int i = 0; i < n; i++) {
+        cake_weight *wi = matmul_weight(m, i);
+        if (wi->dtype != CAKE_DTYPE_Q8_0) continue;
+        total += cake_q8_0_x16_size(wi->n_out, wi->n_in);
+        w[n_q8++] = wi;
+    }
     if (!n_q8) {
         free(w);
         return 0;
@@ -294,13 +296,34 @@ static int pack_q8_0(cake_model *m, char *err, size_t errlen) {
     /* a NULL pool (no threads to be had) runs every task here */
     cake_threadpool_run(pool, n_q8, pack_task, &(pack_job){w, dst, m->tok_embd.data});
     cake_threadpool_free(pool);
-    for (int i = 0; i < n_q8; i++) {
-        w[i]->data = dst[i];
-        w[i]->dtype = CAKE_DTYPE_Q8_0_X16;
-    }
+    for (int i = 0; i < n_q8; i++) w[i]->x16 = dst[i];
     free(dst);
     free(w);
     return 0;
+}
+
+/* Whether some matrix the matmul reads is Q8_0. */
+static bool has_q8_0(cake_model *m) {
+    for (int i = 0; i < n_matmul_weights(m); i++)
+        if (matmul_weight(m, i)->dtype == CAKE_DTYPE_Q8_0) return true;
+    return false;
+}
+
+/* pthread_once takes no argument: the model is passed in a thread-local. */
+static _Thread_local cake_model *pack_target;
+
+static void pack_once(void) {
+    cake_model *m = pack_target;
+    if (pack_q8_0(m, m->pack_err, sizeof(m->pack_err)) && !m->pack_err[0])
+        snprintf(m->pack_err, sizeof(m->pack_err), "cannot repack the Q8_0 weights");
+}
+
+int cake_model_prepare_cpu(const cake_model *m, char *err, size_t errlen) {
+    if (!m->has_q8_0) return 0;
+    cake_model *mm = (cake_model *)m; /* the repacked copies are a cache */
+    pack_target = mm;
+    pthread_once(&mm->pack_once, pack_once);
+    return m->pack_err[0] ? cake_err(err, errlen, "%s", m->pack_err) : 0;
 }
 
 static void free_layers(cake_model *m) {
@@ -394,15 +417,16 @@ int cake_model_load(const char *path, cake_model **out, char *err, size_t errlen
 #undef LAYER_NAME
     }
     hp->weight_dtype = m->layers[0].wq.dtype;
-    if (pack_q8_0(m, why, sizeof(why))) goto fail_why;
+    m->has_q8_0 = has_q8_0(m);
+    m->pack_once = (pthread_once_t)PTHREAD_ONCE_INIT;
     /* Weights read in place: have the kernel start reading the file now, in
      * large sequential reads, or a model that is not in the page cache comes
      * in fault by fault during the first forward pass (llama-1b F16, cold
      * page cache, `cake run -n 4`, four runs each: 2.4-3.3 -> 2.1-3.0 s, TTFT
-     * 1.7-2.5 -> 1.3-2.1 s). Not after a repack: its reads went through the
-     * whole file, and read-ahead would fetch the pages it let go again (Q8_0:
-     * +0.26 s in three runs of three). */
-    if (!m->packed) (void)madvise(g->map, g->map_size, MADV_WILLNEED);
+     * 1.7-2.5 -> 1.3-2.1 s). Not for Q8_0: the CPU's repack reads the whole
+     * file, and read-ahead would fetch the pages it let go again (+0.26 s in
+     * three runs of three). */
+    if (!m->has_q8_0) (void)madvise(g->map, g->map_size, MADV_WILLNEED);
     *out = m;
     return 0;
 
@@ -454,7 +478,7 @@ static void compute_fingerprint(void) {
     if (hp->rope_neox) hash_u64(st, 0x6e656f78u);
     /* Q8_0 matrices multiply 8-bit activations since the x16 kernel; KV
      * computed before that (exact f32 activations) is not the same bits. */
-    if (m->packed) hash_u64(st, 0x71385f30783136u);
+    if (m->has_q8_0) hash_u64(st, 0x71385f30783136u);
     hash_u64(st, cake_bits_from_f32(hp->rms_eps));
     hash_u64(st, cake_bits_from_f32(hp->rope_theta));
     hash_u64(st, cake_bits_from_f32(hp->rope_freq_scale));

@@ -5,17 +5,20 @@
 #define CAKE_MODEL_H
 
 #include <pthread.h>
+#include <stdbool.h>
 
 #include "cake.h"
 #include "model/gguf.h"
 
-/* A weight matrix (n_out, n_in), row-major, in the file's dtype; Q8_0
- * matrices that the matmul reads are repacked at load into its layout
- * (CAKE_DTYPE_Q8_0_X16, backend/cpu/kernels.h), which the model owns. */
+/* A weight matrix (n_out, n_in), row-major, in the file's dtype. A Q8_0
+ * matrix that the CPU matmul reads also gets a copy in its layout
+ * (CAKE_DTYPE_Q8_0_X16, backend/cpu/kernels.h), which the model owns, once a
+ * CPU context asks for it (cake_model_prepare_cpu). */
 typedef struct {
-    const void *data;
-    int dtype; /* cake_dtype */
+    const void *data; /* in the file's mapping */
+    int dtype;        /* cake_dtype */
     int n_in, n_out;
+    const void *x16; /* Q8_0: the repacked copy, or NULL before */
 } cake_weight;
 
 typedef struct {
@@ -44,10 +47,19 @@ struct cake_model {
      * (the last factor is Llama 3.1's rope scaling; 1 when the tensor is
      * absent). Both backends rotate by these. */
     double *rope_freqs;
-    void *packed; /* the repacked Q8_0 matrices (one mapping), or NULL */
+    bool has_q8_0; /* some matrix the matmul reads is Q8_0 */
+    void *packed;  /* their repacked copies (one mapping), or NULL */
     size_t packed_size;
+    pthread_once_t pack_once;
+    char pack_err[160]; /* why the repack failed, after pack_once ran; "" if it did not */
     pthread_once_t fingerprint_once;
     uint8_t fingerprint[16]; /* valid after fingerprint_once ran */
 };
+
+/* Makes the model ready for the CPU backend: repacks its Q8_0 matrices into
+ * the CPU matmul's layout, once (the first call does it, on every core; the
+ * others wait for it). The CUDA backend reads the file's blocks, so a GPU
+ * run neither waits for this nor holds the copies. 0, or -1 with err. */
+int cake_model_prepare_cpu(const cake_model *m, char *err, size_t errlen);
 
 #endif

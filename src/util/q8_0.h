@@ -1,9 +1,10 @@
 /* Q8_0, GGUF's 8-bit weights (ggml's block_q8_0): blocks of 32 values, each
  * stored as an f16 scale d and 32 int8 q, value j = d * q[j] (exact in f32:
- * 11 + 8 significant bits). The CPU matmul reads them repacked at model load
- * into CAKE_DTYPE_Q8_0_X16 (below; backend/cpu/matmul_q8_0.c packs and
- * multiplies); these helpers read either layout back as floats (embedding
- * rows, the CUDA backend's upload) and write blocks. */
+ * 11 + 8 significant bits). The CPU matmul reads a copy repacked into
+ * CAKE_DTYPE_Q8_0_X16 (below; backend/cpu/matmul_q8_0.c packs and
+ * multiplies); these helpers read the file's blocks back as floats (embedding
+ * rows, the CUDA backend's upload), look into the repacked layout and write
+ * blocks. */
 #ifndef CAKE_Q8_0_H
 #define CAKE_Q8_0_H
 
@@ -60,20 +61,6 @@ static inline int cake_q8_0_x16_weight(const void *w, size_t nb, size_t r, size_
                                                  CAKE_Q8_0_X16_GROUP_BLOCK;
     const size_t j = k % CAKE_Q8_0_BLOCK;
     return (int)gb[CAKE_Q8_0_X16_QOFF + j / 4 * 64 + (r % CAKE_Q8_0_X16_ROWS) * 4 + j % 4] - 128;
-}
-
-/* The same as cake_q8_0_to_f32 for a CAKE_DTYPE_Q8_0_X16 matrix of rows n_in
- * wide: elements first..first+n in row-major order, the same values as the
- * Q8_0 rows it was packed from. */
-static inline void cake_q8_0_x16_to_f32(const void *w, int n_in, size_t first, float *dst,
-                                        size_t n) {
-    const size_t nb = (size_t)n_in / CAKE_Q8_0_BLOCK;
-    for (size_t i = 0; i < n;) {
-        const size_t e = first + i, r = e / (size_t)n_in, k = e % (size_t)n_in;
-        const float d = cake_q8_0_x16_scale(w, nb, r, k / CAKE_Q8_0_BLOCK);
-        for (size_t j = k % CAKE_Q8_0_BLOCK; j < CAKE_Q8_0_BLOCK && i < n; j++, i++)
-            dst[i] = d * (float)cake_q8_0_x16_weight(w, nb, r, k - k % CAKE_Q8_0_BLOCK + j);
-    }
 }
 
 /* Quantizes 32 values into one block as llama.cpp's quantize_row_q8_0_ref

@@ -41,8 +41,12 @@ static void embed_rows(const cake_weight *w, const cake_token *tokens, int n, fl
 }
 
 static void matmul(float *y, const float *x, const cake_weight *w, int n, cake_threadpool *pool) {
-    /* The dtype was checked at model load, so this cannot fail. */
-    (void)cake_matmul(y, x, w->data, w->dtype, n, w->n_in, w->n_out, pool);
+    /* The dtype was checked at model load, and a Q8_0 matrix has its CPU copy
+     * (cake_model_prepare_cpu ran at context init), so this cannot fail. */
+    if (w->x16)
+        (void)cake_matmul(y, x, w->x16, CAKE_DTYPE_Q8_0_X16, n, w->n_in, w->n_out, pool);
+    else
+        (void)cake_matmul(y, x, w->data, w->dtype, n, w->n_in, w->n_out, pool);
 }
 
 /* Writes n rows of new keys/values (f32) into the cache at position pos0. */

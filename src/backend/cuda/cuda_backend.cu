@@ -188,12 +188,12 @@ int dev_alloc(cake_cuda_state *s, void **p, size_t bytes, const char *what, char
 
 /* ---- host-side conversion for the upload ---- */
 
-/* A matrix as the upload reads it: row-major (n_out, n_in) elements of
- * dtype F32, F16, BF16, Q8_0 (the token embedding of a Q8_0 model) or
- * Q8_0_X16 (its other matrices, repacked by the model for the CPU). */
+/* A matrix as the upload reads it: row-major elements of dtype F32, F16,
+ * BF16 or Q8_0, as in the file (the CPU's repacked Q8_0 copies are not made
+ * for a GPU run: cake_model_prepare_cpu). */
 struct src_matrix {
     const void *data;
-    int dtype, n_in;
+    int dtype;
 };
 
 void store_as(void *dst, int dt, size_t i, float v) {
@@ -208,14 +208,11 @@ void store_as(void *dst, int dt, size_t i, float v) {
 /* dst[0..n) (dtype dt) = elements first..first+n of src. */
 void convert_range(void *dst, int dt, src_matrix src, size_t first, size_t n) {
     const int st = src.dtype;
-    if (st == CAKE_DTYPE_Q8_0 || st == CAKE_DTYPE_Q8_0_X16) {
+    if (st == CAKE_DTYPE_Q8_0) {
         float buf[256];
         for (size_t i = 0; i < n; i += 256) {
             const size_t cnt = n - i < 256 ? n - i : 256;
-            if (st == CAKE_DTYPE_Q8_0)
-                cake_q8_0_to_f32(src.data, first + i, buf, cnt);
-            else
-                cake_q8_0_x16_to_f32(src.data, src.n_in, first + i, buf, cnt);
+            cake_q8_0_to_f32(src.data, first + i, buf, cnt);
             for (size_t j = 0; j < cnt; j++) store_as(dst, dt, i + j, buf[j]);
         }
         return;
@@ -291,7 +288,7 @@ int upload_weight(cake_cuda_state *s, void *dst, const cake_weight *w, const cha
         snprintf(what, sizeof(what), "uploading layer %d %s", layer, name);
     else
         snprintf(what, sizeof(what), "uploading %s", name);
-    const src_matrix src = {w->data, w->dtype, w->n_in};
+    const src_matrix src = {w->data, w->dtype};
     return upload(s, dst, src, (size_t)w->n_in * (size_t)w->n_out, what, err, errlen);
 }
 
