@@ -76,7 +76,7 @@ void cake_attention_lanes(const cake_attn_args *a);
 /* ---- Q8_0 weights, repacked for the matmul (matmul_q8_0.c) ----
  * The matmul takes a Q8_0 matrix (n_out, n_in), n_in a multiple of 32, in
  * its own layout, CAKE_DTYPE_Q8_0_X16 (util/q8_0.h): rows in groups of 16,
- * made once (at model load) from the file's blocks by cake_q8_0_pack_x16
+ * made once (by the first CPU context) from the file's blocks by cake_q8_0_pack_x16
  * into cake_q8_0_x16_size bytes (the blocks' own size, plus padding rows when
  * n_out % 16 != 0). */
 size_t cake_q8_0_x16_size(int n_out, int n_in);

@@ -130,7 +130,6 @@ typedef struct {
     const float *x;
     const void *w;
     int dt, T, n_in, n_out;
-    int rows_per_task; /* W rows per task: MM_PANEL */
 #ifdef CAKE_AVX512
     __m512 *acc; /* many tokens: MM_SCRATCH_VECS of scratch per thread */
 #endif
@@ -139,8 +138,8 @@ typedef struct {
 static void lanes_task(void *ctx, int task, int tid) {
     (void)tid;
     const mm_job *j = ctx;
-    const int r0 = task * j->rows_per_task;
-    const int r1 = r0 + j->rows_per_task < j->n_out ? r0 + j->rows_per_task : j->n_out;
+    const int r0 = task * MM_PANEL;
+    const int r1 = r0 + MM_PANEL < j->n_out ? r0 + MM_PANEL : j->n_out;
     lanes_rows(j->y, j->x, j->w, j->dt, j->T, j->n_in, j->n_out, r0, r1);
 }
 
@@ -350,8 +349,8 @@ CAKE_INLINE void mm_rows(const mm_job *j, int r0, int r1, int tid, const int dt)
 
 static void mm_task(void *ctx, int task, int tid) {
     const mm_job *j = ctx;
-    const int r0 = task * j->rows_per_task;
-    const int r1 = r0 + j->rows_per_task < j->n_out ? r0 + j->rows_per_task : j->n_out;
+    const int r0 = task * MM_PANEL;
+    const int r1 = r0 + MM_PANEL < j->n_out ? r0 + MM_PANEL : j->n_out;
     switch (j->dt) {
     case CAKE_DTYPE_F32:
         mm_rows(j, r0, r1, tid, CAKE_DTYPE_F32);
@@ -380,9 +379,8 @@ int cake_matmul(float *y, const float *x, const void *w, int w_dtype, int n_toke
         return 0;
     }
     mm_job j = {.y = y, .x = x, .w = w, .dt = w_dtype, .T = n_tokens, .n_in = n_in, .n_out = n_out};
-    /* Tasks of 64 rows, taken dynamically: threads that run slower (memory
-     * contention, a shared machine) simply take fewer. */
-    j.rows_per_task = MM_PANEL;
+    /* Tasks of MM_PANEL rows, taken dynamically: threads that run slower
+     * (memory contention, a shared machine) simply take fewer. */
     const int n_tasks = (n_out + MM_PANEL - 1) / MM_PANEL;
 #ifdef CAKE_AVX512
     if (n_tokens >= MM_PANEL_MIN_TOKENS) {

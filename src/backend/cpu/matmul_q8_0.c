@@ -20,7 +20,8 @@
  * exact d * q; docs/BENCHMARKS.md). The cost is the activations' rounding, at
  * most d_x / 2 per element, the same that llama.cpp's Q8_0 results carry.
  *
- * The weights are repacked once, at model load (cake_q8_0_pack_x16), into
+ * The weights are repacked once, for the first CPU context
+ * (cake_model_prepare_cpu calls cake_q8_0_pack_x16), into
  * CAKE_DTYPE_Q8_0_X16 (util/q8_0.h spells out the layout): rows in groups of
  * 16, per group and block the 16 scales d_w, then 4 weights of each row in
  * turn, + 128. One 64-byte load holds 4 consecutive weights of 16 rows; vpdpbusd against
