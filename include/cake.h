@@ -93,8 +93,9 @@ int cake_context_n_threads(const cake_context *c);
 int cake_forward(cake_context *c, const cake_token *tokens, int n, cake_pos pos0, float *logits,
                  char *err, size_t errlen);
 
-/* Direct access to the KV cache of layer l (CPU backend), for the chunk store
- * and loader: K and V are (n_ctx, n_kv_heads, head_dim) of f16 or f32 elements. */
+/* Direct access to the KV cache of layer l (CPU backend): K and V are
+ * (n_kv_heads, n_ctx, head_dim) of f16 or f32 elements, head-major
+ * (src/kv/kv_cache.h). */
 void *cake_context_k(cake_context *c, int layer);
 void *cake_context_v(cake_context *c, int layer);
 enum cake_kv_type cake_context_kv_type(const cake_context *c);

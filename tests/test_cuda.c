@@ -475,13 +475,17 @@ static void test_kv_transfer(void **state) {
         int rc = cake_cuda_kv_read(gpu->cuda, l, 0, n, k, v, err, sizeof(err));
         if (rc) fprintf(stderr, "%s\n", err);
         assert_int_equal(rc, 0);
+        /* the GPU's rows are position-major, the CPU cache head-major */
         const cake_f16 *ck = cake_context_k(cpu, l), *cv = cake_context_v(cpu, l);
+        const int hd = hp->head_dim, n_ctx = cake_context_n_ctx(cpu);
         float kmax = 0, vmax = 0, kd = 0, vd = 0;
         for (size_t i = 0; i < count; i++) {
-            kmax = fmaxf(kmax, fabsf(cake_f16_to_f32(ck[i])));
-            vmax = fmaxf(vmax, fabsf(cake_f16_to_f32(cv[i])));
-            kd = fmaxf(kd, fabsf(cake_f16_to_f32(ck[i]) - cake_f16_to_f32(k[i])));
-            vd = fmaxf(vd, fabsf(cake_f16_to_f32(cv[i]) - cake_f16_to_f32(v[i])));
+            const size_t p = i / (size_t)kv_dim, h = i % (size_t)kv_dim / (size_t)hd;
+            const size_t c = (h * (size_t)n_ctx + p) * (size_t)hd + i % (size_t)hd;
+            kmax = fmaxf(kmax, fabsf(cake_f16_to_f32(ck[c])));
+            vmax = fmaxf(vmax, fabsf(cake_f16_to_f32(cv[c])));
+            kd = fmaxf(kd, fabsf(cake_f16_to_f32(ck[c]) - cake_f16_to_f32(k[i])));
+            vd = fmaxf(vd, fabsf(cake_f16_to_f32(cv[c]) - cake_f16_to_f32(v[i])));
         }
         printf("layer %d: K differs by %.3g of %.3g, V by %.3g of %.3g\n", l, kd, kmax, vd, vmax);
         assert_true(kd <= TOL_F16 * kmax);

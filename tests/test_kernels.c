@@ -567,7 +567,7 @@ typedef struct {
     int n_ctx, n_heads, n_kv_heads, head_dim, kv_f16;
     float *q;       /* (n_ctx, n_heads, head_dim): the queries of every position */
     float *kf, *vf; /* the cache contents as f32 */
-    void *k, *v;    /* the cache in its dtype */
+    void *k, *v;    /* the cache in its dtype: (n_kv_heads, n_ctx, head_dim) */
 } attn_case;
 
 static attn_case make_case(int n_ctx, int n_heads, int n_kv_heads, int hd, int kv_f16) {
@@ -613,6 +613,7 @@ static cake_attn_args case_args(const attn_case *c, int pos0, int n, const void 
                         .n_kv_heads = c->n_kv_heads,
                         .head_dim = c->head_dim,
                         .kv_f16 = c->kv_f16,
+                        .kv_ctx = c->n_ctx,
                         .q = c->q + (size_t)pos0 * c->n_heads * c->head_dim,
                         .k = k,
                         .v = v,
@@ -622,19 +623,27 @@ static cake_attn_args case_args(const attn_case *c, int pos0, int n, const void 
 
 /* Prefill in chunks of `chunk` tokens, the cache filled progressively: before
  * each chunk only positions [0, pos0 + n) hold data; the rest is NaN, so any
- * read past the chunk's end would show in the output. */
+ * read past the chunk's end would show in the output. The cache has room for
+ * a few more positions than the case uses (a model's holds its whole context),
+ * so a head found by the wrong stride shows too. */
 static void run_chunked(const attn_case *c, int chunk, cake_threadpool *pool, float *out) {
-    const size_t es = c->kv_f16 ? 2 : 4;
-    const size_t row = (size_t)c->n_kv_heads * c->head_dim * es;
-    uint8_t *k = xmalloc((size_t)c->n_ctx * row), *v = xmalloc((size_t)c->n_ctx * row);
-    memset(k, 0xff, (size_t)c->n_ctx * row); /* 0xffff.. is a NaN in f16 and f32 */
-    memset(v, 0xff, (size_t)c->n_ctx * row);
+    const size_t es = c->kv_f16 ? 2 : 4, cap = (size_t)c->n_ctx + 5;
+    const size_t pos_bytes = (size_t)c->head_dim * es, head_bytes = cap * pos_bytes;
+    const size_t all = (size_t)c->n_kv_heads * head_bytes;
+    uint8_t *k = xmalloc(all), *v = xmalloc(all);
+    memset(k, 0xff, all); /* 0xffff.. is a NaN in f16 and f32 */
+    memset(v, 0xff, all);
     const size_t orow = (size_t)c->n_heads * c->head_dim;
     for (int p0 = 0; p0 < c->n_ctx; p0 += chunk) {
         const int n = c->n_ctx - p0 < chunk ? c->n_ctx - p0 : chunk;
-        memcpy(k + (size_t)p0 * row, (const uint8_t *)c->k + (size_t)p0 * row, (size_t)n * row);
-        memcpy(v + (size_t)p0 * row, (const uint8_t *)c->v + (size_t)p0 * row, (size_t)n * row);
+        for (int h = 0; h < c->n_kv_heads; h++) {
+            const size_t dst = h * head_bytes + p0 * pos_bytes;
+            const size_t src = ((size_t)h * c->n_ctx + p0) * pos_bytes;
+            memcpy(k + dst, (const uint8_t *)c->k + src, (size_t)n * pos_bytes);
+            memcpy(v + dst, (const uint8_t *)c->v + src, (size_t)n * pos_bytes);
+        }
         cake_attn_args a = case_args(c, p0, n, k, v, out + (size_t)p0 * orow);
+        a.kv_ctx = (int)cap;
         cake_attention(&a, pool);
     }
     free(k);
@@ -740,13 +749,14 @@ static void test_attention_decode_matches_prefill(void **state) {
 
 static void test_attention_single_key(void **state) {
     (void)state;
-    /* position 0 attends only to itself: out = v_0 exactly */
-    attn_case c = make_case(1, 4, 2, 64, 0);
+    /* position 0 attends only to itself: out = v_0 exactly (the case's cache
+     * has 3 positions; query head h reads KV head h / 2) */
+    attn_case c = make_case(3, 4, 2, 64, 0);
     float out[4 * 64];
     cake_attn_args a = case_args(&c, 0, 1, c.k, c.v, out);
     cake_attention(&a, pools[2]);
     for (int h = 0; h < 4; h++)
-        for (int d = 0; d < 64; d++) assert_true(out[h * 64 + d] == c.vf[(h / 2) * 64 + d]);
+        for (int d = 0; d < 64; d++) assert_true(out[h * 64 + d] == c.vf[(h / 2) * 3 * 64 + d]);
     free_case(&c);
 }
 

@@ -33,8 +33,8 @@
 
 static uint8_t T_FP[16] = {0xde, 0xad, 0xbe, 0xef, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12};
 
-/* Distinct, recognizable bits for every (layer, K/V, position, element):
- * any misplaced copy shows up. */
+/* Distinct, recognizable bits for every (layer, K/V, position, element of
+ * the position's row): any misplaced copy shows up. */
 static inline uint32_t t_pattern(int layer, int is_v, int pos, int e, uint32_t salt) {
     uint32_t x = (uint32_t)(layer * 7919 + is_v * 104729 + pos * 131 + e) ^ salt;
     x ^= x >> 13;
@@ -49,7 +49,7 @@ static inline void t_fill_kv(cake_kv_cache *kv, uint32_t salt) {
             for (int p = 0; p < kv->n_ctx; p++)
                 for (int e = 0; e < kv->kv_dim; e++) {
                     uint32_t x = t_pattern(l, v, p, e, salt);
-                    size_t i = (size_t)p * kv->kv_dim + e;
+                    size_t i = cake_kv_at(kv, e / kv->head_dim, p) + (size_t)(e % kv->head_dim);
                     if (kv->type == CAKE_KV_F32)
                         ((uint32_t *)base)[i] = x;
                     else
@@ -60,19 +60,20 @@ static inline void t_fill_kv(cake_kv_cache *kv, uint32_t salt) {
 
 static inline int t_kv_init(cake_kv_cache *kv, enum cake_kv_type type) {
     char err[256];
-    return cake_kv_cache_init(kv, T_LAYERS, T_CTX, T_HEADS * T_HDIM, type, err, sizeof(err));
+    return cake_kv_cache_init(kv, T_LAYERS, T_CTX, T_HEADS, T_HDIM, type, err, sizeof(err));
 }
 
 /* Compares positions [p0, p0+n) of two caches, all layers; 0 when equal. */
 static inline int t_kv_cmp_range(const cake_kv_cache *a, int pa, const cake_kv_cache *b, int pb,
                                  int n) {
-    size_t row = (size_t)a->kv_dim * a->elem_size;
-    for (int l = 0; l < a->n_layers; l++) {
-        if (memcmp((char *)cake_kv_k(a, l) + pa * row, (char *)cake_kv_k(b, l) + pb * row, n * row))
-            return 1;
-        if (memcmp((char *)cake_kv_v(a, l) + pa * row, (char *)cake_kv_v(b, l) + pb * row, n * row))
-            return 1;
-    }
+    const size_t es = a->elem_size, run = (size_t)n * (size_t)a->head_dim * es;
+    for (int l = 0; l < a->n_layers; l++)
+        for (int h = 0; h < a->n_kv_heads; h++) {
+            const size_t oa = cake_kv_at(a, h, pa) * es, ob = cake_kv_at(b, h, pb) * es;
+            if (memcmp((char *)cake_kv_k(a, l) + oa, (char *)cake_kv_k(b, l) + ob, run) ||
+                memcmp((char *)cake_kv_v(a, l) + oa, (char *)cake_kv_v(b, l) + ob, run))
+                return 1;
+        }
     return 0;
 }
 

@@ -269,7 +269,7 @@ static void test_bw_get_many(void **state) {
     cake_kv_cache kv;
     char e2[256];
     /* chunks of 200 kB: 50 layers x 2 x 16 tokens x 64 x f16 = 204800 bytes */
-    assert_int_equal(cake_kv_cache_init(&kv, 50, 64, 64, CAKE_KV_F16, e2, sizeof(e2)), 0);
+    assert_int_equal(cake_kv_cache_init(&kv, 50, 64, 4, 16, CAKE_KV_F16, e2, sizeof(e2)), 0);
     t_fill_kv(&kv, 1);
     for (int i = 0; i < 4; i++) {
         h[i] = t_header((uint32_t)i, 4, CAKE_KV_F16);

@@ -379,7 +379,7 @@ static void test_fault_no_space(void **state) {
         /* Chunks of 256 KiB (8 layers, 64 tokens, kv_dim 128): a few fit in 1 MiB.
          * tmpfs refuses O_DIRECT: the store falls back to buffered reads. */
         cake_kv_cache kv;
-        if (cake_kv_cache_init(&kv, 8, 64 * 8, 128, CAKE_KV_F16, err, sizeof(err))) _exit(9);
+        if (cake_kv_cache_init(&kv, 8, 64 * 8, 2, 64, CAKE_KV_F16, err, sizeof(err))) _exit(9);
         t_fill_kv(&kv, 3);
         cake_chunk_header h[8];
         void *blobs[8];

@@ -95,7 +95,8 @@ int cake_context_init(const cake_model *m, cake_context_params p, cake_context *
     }
     const size_t T = (size_t)p.max_batch, dim = (size_t)hp->dim,
                  kv_dim = (size_t)hp->n_kv_heads * (size_t)hp->head_dim, ffn = (size_t)hp->ffn_dim;
-    if (cake_kv_cache_init(&c->kv, hp->n_layers, p.n_ctx, (int)kv_dim, p.kv_type, err, errlen))
+    if (cake_kv_cache_init(&c->kv, hp->n_layers, p.n_ctx, hp->n_kv_heads, hp->head_dim, p.kv_type,
+                           err, errlen))
         goto fail;
     if (!(c->pool = cake_threadpool_create(p.n_threads))) {
         cake_err(err, errlen, "cannot start %d threads", p.n_threads);

@@ -118,12 +118,12 @@ static int check_kv_fit(const cake_chunk_header *h, const cake_kv_cache *kv, int
     if (h->n_layers != (uint32_t)kv->n_layers)
         return cake_err(err, errlen, "%s: %s %" PRIu32 " layers, KV cache has %d",
                         chunk_name(h, name, sizeof(name)), what, h->n_layers, kv->n_layers);
-    if ((uint64_t)h->n_kv_heads * h->head_dim != (uint64_t)kv->kv_dim)
+    if (h->n_kv_heads != (uint32_t)kv->n_kv_heads || h->head_dim != (uint32_t)kv->head_dim)
         return cake_err(err, errlen,
                         "%s: %s %" PRIu32 " KV heads x %" PRIu32 " head dim, KV cache "
-                        "rows are %d wide",
+                        "has %d x %d",
                         chunk_name(h, name, sizeof(name)), what, h->n_kv_heads, h->head_dim,
-                        kv->kv_dim);
+                        kv->n_kv_heads, kv->head_dim);
     if (h->dtype != (uint32_t)kv->type)
         return cake_err(err, errlen, "%s: %s dtype %" PRIu32 ", KV cache has dtype %d",
                         chunk_name(h, name, sizeof(name)), what, h->dtype, (int)kv->type);
@@ -163,11 +163,9 @@ int cake_chunk_encode(cake_chunk_header *h, const cake_kv_cache *kv, int pos0, v
         return cake_err(err, errlen, "%s: blob needs %zu bytes, buffer has %zu",
                         chunk_name(h, name, sizeof(name)), need, cap);
     size_t run = (size_t)h->n_tokens * (size_t)kv->kv_dim * kv->elem_size;
-    size_t off = (size_t)pos0 * (size_t)kv->kv_dim * kv->elem_size;
     uint8_t *p = (uint8_t *)out + CAKE_CHUNK_HEADER_SIZE;
     for (int l = 0; l < kv->n_layers; l++) {
-        memcpy(p, (const char *)cake_kv_k(kv, l) + off, run);
-        memcpy(p + run, (const char *)cake_kv_v(kv, l) + off, run);
+        cake_kv_get(kv, l, pos0, (int)h->n_tokens, p, p + run);
         p += 2 * run;
     }
     return cake_chunk_seal(h, out, err, errlen);
@@ -300,11 +298,9 @@ int cake_chunk_copy_into(const void *blob, const cake_chunk_header *h, cake_kv_c
                          char *err, size_t errlen) {
     if (check_kv_fit(h, kv, pos0, "has", err, errlen)) return -1;
     size_t run = (size_t)h->n_tokens * (size_t)kv->kv_dim * kv->elem_size;
-    size_t off = (size_t)pos0 * (size_t)kv->kv_dim * kv->elem_size;
     const uint8_t *p = (const uint8_t *)blob + CAKE_CHUNK_HEADER_SIZE;
     for (int l = 0; l < kv->n_layers; l++) {
-        memcpy((char *)cake_kv_k(kv, l) + off, p, run);
-        memcpy((char *)cake_kv_v(kv, l) + off, p + run, run);
+        cake_kv_put(kv, l, pos0, (int)h->n_tokens, p, p + run);
         p += 2 * run;
     }
     return 0;

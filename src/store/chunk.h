@@ -25,10 +25,11 @@
  * the fields that are not compared against an expectation.
  *
  * Payload, for layer l = 0 .. n_layers-1: the K rows of the chunk's positions
- * (n_tokens x kv_dim elements, kv_dim = n_kv_heads * head_dim, position-major
- * exactly like cake_kv_cache), then the V rows. Each run is one memcpy into
- * the KV cache: loading is a copy, not a transform. Elements are stored in the
- * host's byte order, which must be little-endian (x86-64, aarch64).
+ * (n_tokens x kv_dim elements, kv_dim = n_kv_heads * head_dim, position-major),
+ * then the V rows. Loading is a copy, not a transform: the CUDA cache is
+ * position-major and takes each run as it is; the CPU cache keeps each head's
+ * positions together (kv_cache.h), so each row's head pieces go to their runs. Elements are stored
+ * in the host's byte order, which must be little-endian (x86-64, aarch64).
  *
  * Every load verifies everything before the first byte reaches the cache; a
  * failed check is reported with the field that failed, and the cache is left

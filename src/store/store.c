@@ -596,9 +596,9 @@ int cake_store_load(cake_store *s, const cake_chunk_header *expect, void *buf, s
     /* Check the fit first: a chunk that cannot go into kv is the caller's
      * mistake, not a corrupt chunk to delete. */
     if (!kv || !kv->base || expect->n_layers != (uint32_t)kv->n_layers ||
-        (uint64_t)expect->n_kv_heads * expect->head_dim != (uint64_t)kv->kv_dim ||
-        expect->dtype != (uint32_t)kv->type || pos0 < 0 ||
-        (uint64_t)pos0 + expect->n_tokens > (uint64_t)kv->n_ctx)
+        expect->n_kv_heads != (uint32_t)kv->n_kv_heads ||
+        expect->head_dim != (uint32_t)kv->head_dim || expect->dtype != (uint32_t)kv->type ||
+        pos0 < 0 || (uint64_t)pos0 + expect->n_tokens > (uint64_t)kv->n_ctx)
         return cake_err(err, errlen, "load: chunk %u does not fit the KV cache at position %d",
                         expect->index, pos0);
     size_t len;

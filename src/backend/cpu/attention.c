@@ -33,9 +33,11 @@
  *    scores of a row are 4 vectors of FMA chains (the rows of one token, up
  *    to 4, share the loads); P.V runs with o in registers over the row's
  *    valid keys only, reading V from the cache directly. A task takes a range
- *    of KV heads (one task per thread) and prefetches the next block's
- *    contiguous runs of them: one head alone reads 128 bytes of every
- *    position, which memory serves at a third of a sequential read's rate.
+ *    of KV heads (one task per thread), one head after another; the cache
+ *    keeps each head's positions in one run (kv_cache.h), so every thread
+ *    reads one sequential stream of K and one of V at a time, which the
+ *    hardware prefetchers serve at memory speed (software prefetches only
+ *    slowed them down).
  * Tasks are handed out dynamically, the longest (last query blocks) first.
  *
  * cake_attention_lanes() is the list above in scalar C; the tests hold the
@@ -59,14 +61,20 @@
 #define ATT_MAX_ROWS   256   /* query rows per task at most (small head_dim) */
 #define ATT_ROWS_MIN_B 16    /* tasks with at least this many rows put rows in lanes */
 
+/* Element offset of KV head kvh at position pos (the cache is head-major). */
+static size_t kv_off(const cake_attn_args *a, int kvh, int pos) {
+    return ((size_t)kvh * (size_t)a->kv_ctx + (size_t)pos) * (size_t)a->head_dim;
+}
+
 static float kv_at(const cake_attn_args *a, const void *base, int pos, int kvh, int d) {
-    const size_t i = ((size_t)pos * a->n_kv_heads + kvh) * (size_t)a->head_dim + (size_t)d;
+    const size_t i = kv_off(a, kvh, pos) + (size_t)d;
     return a->kv_f16 ? cake_f16_to_f32(((const cake_f16 *)base)[i]) : ((const float *)base)[i];
 }
 
 static int args_ok(const cake_attn_args *a) {
     return a->n_tokens > 0 && a->pos0 >= 0 && a->n_heads > 0 && a->n_kv_heads > 0 &&
-           a->head_dim > 0 && a->n_heads % a->n_kv_heads == 0;
+           a->head_dim > 0 && a->n_heads % a->n_kv_heads == 0 &&
+           (long long)a->pos0 + a->n_tokens <= a->kv_ctx;
 }
 
 /* ===================== reference ===================== */
@@ -189,12 +197,11 @@ CAKE_INLINE __m512 kv_load16(const cake_attn_args *a, const void *base, size_t o
 static void load_rows(float *dst, int ld, const cake_attn_args *a, const void *base, int kvh,
                       int kb0, int nk) {
     const int hd = a->head_dim, dfull = hd & ~15;
-    const size_t stride = (size_t)a->n_kv_heads * hd;
     for (int r = 0; r < ATT_BK; r++) {
         float *o = dst + (size_t)r * ld;
         int d = 0;
         if (r < nk) {
-            const size_t off = (size_t)(kb0 + r) * stride + (size_t)kvh * hd;
+            const size_t off = kv_off(a, kvh, kb0 + r);
             if (a->kv_f16) {
                 const cake_f16 *src = (const cake_f16 *)base + off;
                 for (; d < dfull; d += 16) _mm512_storeu_ps(o + d, cake_load_f16(src + d));
@@ -248,8 +255,7 @@ CAKE_INLINE void transpose16(__m512 r[16]) {
  * tile in registers. */
 static void load_keys_transposed(float *dst, const cake_attn_args *a, int kvh, int kb0, int nk) {
     const int hd = a->head_dim;
-    const size_t stride = (size_t)a->n_kv_heads * hd;
-    const size_t base = (size_t)kb0 * stride + (size_t)kvh * hd;
+    const size_t stride = (size_t)hd, base = kv_off(a, kvh, kb0);
     for (int j0 = 0; j0 < ATT_BK; j0 += 16)
         for (int d0 = 0; d0 < hd; d0 += 16) {
             __m512 r[16];
@@ -614,23 +620,9 @@ CAKE_INLINE void keys_rows(const float *qs, int hd, const float *kt, const void 
         }                                                                                          \
     } while (0)
 
-/* Prefetches what the block [kb0, kb0 + nk) reads of KV heads [h0, h1): per
- * position one run of (h1 - h0) * head_dim elements, in K and in V. */
-static void prefetch_block(const cake_attn_args *a, int h0, int h1, int kb0, int nk) {
-    const size_t esz = a->kv_f16 ? 2 : 4, head = (size_t)a->head_dim * esz;
-    const size_t stride = (size_t)a->n_kv_heads * head, run = (size_t)(h1 - h0) * head;
-    const size_t off = (size_t)kb0 * stride + (size_t)h0 * head;
-    for (int j = 0; j < nk; j++)
-        for (size_t b = 0; b < run; b += 64) {
-            _mm_prefetch((const char *)a->k + off + (size_t)j * stride + b, _MM_HINT_T0);
-            _mm_prefetch((const char *)a->v + off + (size_t)j * stride + b, _MM_HINT_T0);
-        }
-}
-
-/* Tokens [t0, t1) of KV heads [h0, h1): each head's rows against its keys
- * block by block, every head of the range within one block before the next
- * block, whose runs are prefetched meanwhile (why: the top of the file;
- * docs/ENGINE.md has the read rates). */
+/* Tokens [t0, t1) of KV heads [h0, h1): one head after another, its rows
+ * against its keys block by block, so that the task reads one sequential
+ * stream at a time (why: the top of the file; docs/ENGINE.md has the rates). */
 static void task_keys_in_lanes(const att_job *job, int h0, int h1, int t0, int t1, float *sc) {
     const cake_attn_args *a = job->a;
     const int G = job->group, hd = a->head_dim, hdp = (hd + 15) / 16 * 16;
@@ -655,15 +647,12 @@ static void task_keys_in_lanes(const att_job *job, int h0, int h1, int t0, int t
     }
 
     const int kv_end = a->pos0 + t1;
-    const size_t vstride = (size_t)a->n_kv_heads * hd;
-    for (int kb0 = 0; kb0 < kv_end; kb0 += ATT_BK) {
-        const int nk = kv_end - kb0 < ATT_BK ? kv_end - kb0 : ATT_BK;
-        if (kb0 + ATT_BK < kv_end)
-            prefetch_block(a, h0, h1, kb0 + ATT_BK,
-                           kv_end - kb0 - ATT_BK < ATT_BK ? kv_end - kb0 - ATT_BK : ATT_BK);
-        for (int kvh = h0; kvh < h1; kvh++) {
+    const size_t vstride = (size_t)hd;
+    for (int kvh = h0; kvh < h1; kvh++)
+        for (int kb0 = 0; kb0 < kv_end; kb0 += ATT_BK) {
+            const int nk = kv_end - kb0 < ATT_BK ? kv_end - kb0 : ATT_BK;
             load_keys_transposed(kt, a, kvh, kb0, nk);
-            const size_t vbase = (size_t)kb0 * vstride + (size_t)kvh * hd;
+            const size_t vbase = kv_off(a, kvh, kb0);
             for (int t = t0; t < t1; t++) {
                 const int pos = a->pos0 + t;
                 if (pos < kb0) continue;
@@ -688,7 +677,6 @@ static void task_keys_in_lanes(const att_job *job, int h0, int h1, int t0, int t
                 }
             }
         }
-    }
 
     for (int r = 0; r < R; r++) {
         const int kvh = h0 + r / Rh, t = t0 + r % Rh / G, hh = r % G;

@@ -49,18 +49,23 @@ static void matmul(float *y, const float *x, const cake_weight *w, int n, cake_t
         (void)cake_matmul(y, x, w->data, w->dtype, n, w->n_in, w->n_out, pool);
 }
 
-/* Writes n rows of new keys/values (f32) into the cache at position pos0. */
+/* Writes n position-major rows of new keys/values (f32) into the cache at
+ * position pos0: one run per KV head (the cache is head-major, kv_cache.h). */
 static void store_kv(const cake_kv_cache *kv, int layer, const float *k, const float *v, int n,
                      cake_pos pos0) {
-    const size_t count = (size_t)n * (size_t)kv->kv_dim;
-    const size_t offset = (size_t)pos0 * (size_t)kv->kv_dim;
-    if (kv->type == CAKE_KV_F16) {
-        cake_f32_to_f16_row(k, (cake_f16 *)cake_kv_k(kv, layer) + offset, count);
-        cake_f32_to_f16_row(v, (cake_f16 *)cake_kv_v(kv, layer) + offset, count);
-    } else {
-        memcpy((float *)cake_kv_k(kv, layer) + offset, k, count * sizeof(float));
-        memcpy((float *)cake_kv_v(kv, layer) + offset, v, count * sizeof(float));
-    }
+    const size_t hd = (size_t)kv->head_dim;
+    for (int h = 0; h < kv->n_kv_heads; h++)
+        for (int t = 0; t < n; t++) {
+            const size_t src = (size_t)t * (size_t)kv->kv_dim + (size_t)h * hd;
+            const size_t dst = cake_kv_at(kv, h, pos0 + t);
+            if (kv->type == CAKE_KV_F16) {
+                cake_f32_to_f16_row(k + src, (cake_f16 *)cake_kv_k(kv, layer) + dst, hd);
+                cake_f32_to_f16_row(v + src, (cake_f16 *)cake_kv_v(kv, layer) + dst, hd);
+            } else {
+                memcpy((float *)cake_kv_k(kv, layer) + dst, k + src, hd * sizeof(float));
+                memcpy((float *)cake_kv_v(kv, layer) + dst, v + src, hd * sizeof(float));
+            }
+        }
 }
 
 void cake_cpu_forward_batch(cake_context *c, const cake_token *tokens, int n, cake_pos pos0,
@@ -99,6 +104,7 @@ void cake_cpu_forward_batch(cake_context *c, const cake_token *tokens, int n, ca
             .n_kv_heads = hp->n_kv_heads,
             .head_dim = hp->head_dim,
             .kv_f16 = c->kv.type == CAKE_KV_F16,
+            .kv_ctx = c->kv.n_ctx,
             .q = s->q,
             .k = cake_kv_k(&c->kv, l),
             .v = cake_kv_v(&c->kv, l),

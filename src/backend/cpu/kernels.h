@@ -48,8 +48,8 @@ void cake_swiglu_ref(float *h, const float *g, const float *u, size_t n);
  * Queries for positions [pos0, pos0 + n_tokens) against keys/values at
  * positions [0, pos0 + n_tokens): query t attends to keys 0..pos0+t.
  *   q:   (n_tokens, n_heads, head_dim) f32
- *   k,v: (n_ctx, n_kv_heads, head_dim), element type kv_f16 ? f16 : f32,
- *        row stride = n_kv_heads * head_dim elements (one layer's cache)
+ *   k,v: (n_kv_heads, kv_ctx, head_dim), element type kv_f16 ? f16 : f32:
+ *        one layer's cache, head-major (kv/kv_cache.h); kv_ctx >= pos0 + n_tokens
  *   out: (n_tokens, n_heads, head_dim) f32
  * Head h uses KV head h / (n_heads / n_kv_heads) (grouped-query attention).
  * Scores are scaled by 1/sqrt(head_dim); softmax in f32.
@@ -59,6 +59,7 @@ typedef struct {
     int n_tokens, pos0;
     int n_heads, n_kv_heads, head_dim;
     int kv_f16; /* 1: k, v are cake_f16; 0: float */
+    int kv_ctx; /* positions per KV head in k and v */
     const float *q;
     const void *k, *v;
     float *out;
