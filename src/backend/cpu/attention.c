@@ -29,7 +29,7 @@
  *    (masked FMAs leave a row's state untouched, not "add zero") in the blocks
  *    on the diagonal; below it, plain FMAs do the same arithmetic.
  *  - decode / few rows: keys in lanes. The task converts each 64-key block
- *    of K to f32 transposed ([d][key], a 16x16 in-register transpose), so 64
+ *    of K to f32 transposed ([d][key], an in-register transpose), so 64
  *    scores of a row are 4 vectors of FMA chains (the rows of one token, up
  *    to 4, share the loads); P.V runs with o in registers over the row's
  *    valid keys only, reading V from the cache directly. A task takes a range
@@ -250,14 +250,61 @@ CAKE_INLINE void transpose16(__m512 r[16]) {
     UNROLL for (int i = 0; i < 16; i++) r[i] = t[i];
 }
 
+/* 16 f16 keys x 32 dims, transposed while still 16-bit (a register holds 32
+ * of them, so each shuffle moves twice what it moves after conversion), then
+ * converted: dst[d][0..15] for d in [0, 32), rows ATT_BK floats apart. */
+CAKE_INLINE void keys_f16_transposed32(float *dst, const cake_f16 *src, size_t stride) {
+    __m512i r[16], t[16];
+    UNROLL for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_si512(src + (size_t)i * stride);
+    /* in each 128-bit lane L (dims 8L..8L+7): t[2i] has 32-bit pairs of keys
+     * (2i, 2i+1) at dims c = 0..3 of the lane, t[2i + 1] at c = 4..7 */
+    UNROLL for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_epi16(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi16(r[2 * i], r[2 * i + 1]);
+    }
+    /* r[4i + m]: 64-bit quads of keys 4i..4i+3 at c = 2m, 2m + 1 */
+    UNROLL for (int i = 0; i < 4; i++) UNROLL for (int x = 0; x < 2; x++) {
+        r[4 * i + 2 * x] = _mm512_unpacklo_epi32(t[4 * i + x], t[4 * i + 2 + x]);
+        r[4 * i + 2 * x + 1] = _mm512_unpackhi_epi32(t[4 * i + x], t[4 * i + 2 + x]);
+    }
+    /* t[8g + c]: lane L holds keys 8g..8g+7 at dim 8L + c */
+    UNROLL for (int g = 0; g < 2; g++) UNROLL for (int m = 0; m < 4; m++) {
+        t[8 * g + 2 * m] = _mm512_unpacklo_epi64(r[8 * g + m], r[8 * g + 4 + m]);
+        t[8 * g + 2 * m + 1] = _mm512_unpackhi_epi64(r[8 * g + m], r[8 * g + 4 + m]);
+    }
+    /* keys 0..7 and 8..15 of a dim side by side: 256-bit halves of dims c,
+     * 8 + c (lo) and 16 + c, 24 + c (hi) */
+    const __m512i lo = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);
+    const __m512i hi = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
+    UNROLL for (int c = 0; c < 8; c++) {
+        const __m512i a = _mm512_permutex2var_epi64(t[c], lo, t[8 + c]);
+        const __m512i b = _mm512_permutex2var_epi64(t[c], hi, t[8 + c]);
+        _mm512_store_ps(dst + (size_t)c * ATT_BK, _mm512_cvtph_ps(_mm512_castsi512_si256(a)));
+        _mm512_store_ps(dst + (size_t)(8 + c) * ATT_BK,
+                        _mm512_cvtph_ps(_mm512_extracti64x4_epi64(a, 1)));
+        _mm512_store_ps(dst + (size_t)(16 + c) * ATT_BK,
+                        _mm512_cvtph_ps(_mm512_castsi512_si256(b)));
+        _mm512_store_ps(dst + (size_t)(24 + c) * ATT_BK,
+                        _mm512_cvtph_ps(_mm512_extracti64x4_epi64(b, 1)));
+    }
+}
+
 /* Keys [kb0, kb0 + nk) of KV head kvh transposed: dst[d][64] (keys >= nk zero).
- * Full 16x16 tiles (the common case) take a branch-free path that keeps the
- * tile in registers. */
+ * An f16 cache's full tiles of 16 keys x 32 dims (the common case) are
+ * transposed before conversion (keys_f16_transposed32: ~30% fewer shuffles,
+ * +5% decode of mha-160m after 4096 tokens); the rest go 16 x 16 in f32,
+ * full tiles on a branch-free path that keeps the tile in registers. */
 static void load_keys_transposed(float *dst, const cake_attn_args *a, int kvh, int kb0, int nk) {
     const int hd = a->head_dim;
     const size_t stride = (size_t)hd, base = kv_off(a, kvh, kb0);
-    for (int j0 = 0; j0 < ATT_BK; j0 += 16)
-        for (int d0 = 0; d0 < hd; d0 += 16) {
+    for (int j0 = 0; j0 < ATT_BK; j0 += 16) {
+        int d0 = 0;
+        if (a->kv_f16 && j0 + 16 <= nk)
+            for (; d0 + 32 <= hd; d0 += 32)
+                keys_f16_transposed32(dst + (size_t)d0 * ATT_BK + j0,
+                                      (const cake_f16 *)a->k + base + (size_t)j0 * stride + d0,
+                                      stride);
+        for (; d0 < hd; d0 += 16) {
             __m512 r[16];
             const size_t off = base + (size_t)j0 * stride + (size_t)d0;
             if (j0 + 16 <= nk && d0 + 16 <= hd) {
@@ -283,6 +330,7 @@ static void load_keys_transposed(float *dst, const cake_attn_args *a, int kvh, i
             for (int i = 0; i < nd; i++)
                 _mm512_store_ps(dst + (size_t)(d0 + i) * ATT_BK + j0, r[i]);
         }
+    }
 }
 
 /* ---------- rows in lanes (prefill) ---------- */
