@@ -4,11 +4,10 @@
  *     (n_kv_heads, n_ctx, head_dim)   -- head-major
  * with elements f16 (default) or f32: head h's keys at positions 0, 1, 2, ...
  * are one contiguous run, K_l + (h * n_ctx + p) * head_dim. Why head-major:
- * decode reads each head's keys from position 0 on, one head per thread at a
- * time; in a position-major cache each thread would read a slice of every
- * position's row, and the hardware prefetchers fetch whole rows into each
- * core, so two threads read from memory at about 60% of the rate of whole
- * runs (docs/ENGINE.md has the numbers).
+ * decode reads each head's keys from position 0 on, its heads split over the
+ * threads; in a position-major cache each thread reads a slice of every
+ * position's row, which memory serves at ~60% of the rate of whole runs
+ * (two threads on the Xeon VM; decode 1.25x faster head-major: docs/ENGINE.md).
  *
  * Outside the cache (new rows from the forward pass, stored chunks) KV rows
  * are position-major, (n, n_kv_heads * head_dim): cake_kv_put and
