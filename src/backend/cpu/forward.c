@@ -70,8 +70,8 @@ static void store_kv(const cake_kv_cache *kv, int layer, const float *k, const f
 
 /* The per-token steps between the matmuls run over the thread pool in tasks
  * of token rows: each token's arithmetic is the same whatever the split, so
- * the bits are too. (Left on one thread they took ~5% of a two-thread
- * prefill, and would take ~30% with 16 threads.) */
+ * the bits are too. (Left on one thread they were ~3% of a two-thread
+ * prefill's CPU time, which would cost 16 threads ~30% of their speed.) */
 #define ROWS_PER_TASK 8
 
 typedef enum {
@@ -144,13 +144,10 @@ void cake_cpu_forward_batch(cake_context *c, const cake_token *tokens, int n, ca
     const cake_scratch *s = &c->s;
     cake_threadpool *pool = c->pool;
     const int dim = hp->dim;
-    const rows_job base = {.c = c, .n = n, .pos0 = pos0};
 
     embed_rows(&m->tok_embd, tokens, n, s->x);
-    rows_job r = base;
-    r.step = ROWS_ADD_NORM;
-    r.norm = m->layers[0].attn_norm;
-    run_rows(r); /* xb = rmsnorm(x) for layer 0 */
+    /* xb = rmsnorm(x) for layer 0 */
+    run_rows((rows_job){.c = c, .n = n, .step = ROWS_ADD_NORM, .norm = m->layers[0].attn_norm});
 
     for (int l = 0; l < hp->n_layers; l++) {
         const cake_layer *L = &m->layers[l];
@@ -158,11 +155,7 @@ void cake_cpu_forward_batch(cake_context *c, const cake_token *tokens, int n, ca
         matmul(s->q, s->xb, &L->wq, n, pool);
         matmul(s->k, s->xb, &L->wk, n, pool);
         matmul(s->v, s->xb, &L->wv, n, pool);
-        r = base;
-        r.step = ROWS_QKV;
-        r.L = L;
-        r.layer = l;
-        run_rows(r);
+        run_rows((rows_job){.c = c, .L = L, .layer = l, .n = n, .pos0 = pos0, .step = ROWS_QKV});
 
         cake_attn_args a = {
             .n_tokens = n,
@@ -179,23 +172,16 @@ void cake_cpu_forward_batch(cake_context *c, const cake_token *tokens, int n, ca
         };
         cake_attention(&a, pool);
         matmul(s->xb, s->att, &L->wo, n, pool);
-        r = base;
-        r.step = ROWS_ADD_NORM;
-        r.add = 1;
-        r.norm = L->ffn_norm;
-        run_rows(r); /* x += attention out; xb = rmsnorm(x) */
+        /* x += attention out; xb = rmsnorm(x) */
+        run_rows((rows_job){.c = c, .n = n, .step = ROWS_ADD_NORM, .add = 1, .norm = L->ffn_norm});
 
         matmul(s->g, s->xb, &L->w_gate, n, pool);
         matmul(s->u, s->xb, &L->w_up, n, pool);
-        r = base;
-        r.step = ROWS_SWIGLU;
-        run_rows(r);
+        run_rows((rows_job){.c = c, .n = n, .step = ROWS_SWIGLU});
         matmul(s->xb, s->g, &L->w_down, n, pool);
-        r = base;
-        r.step = ROWS_ADD_NORM;
-        r.add = 1;
-        r.norm = l + 1 < hp->n_layers ? m->layers[l + 1].attn_norm : NULL;
-        run_rows(r); /* x += ffn out; xb = the next layer's rmsnorm(x) */
+        /* x += ffn out; xb = the next layer's rmsnorm(x) (none after the last) */
+        const float *next_norm = l + 1 < hp->n_layers ? m->layers[l + 1].attn_norm : NULL;
+        run_rows((rows_job){.c = c, .n = n, .step = ROWS_ADD_NORM, .add = 1, .norm = next_norm});
     }
 
     if (logits) {
