@@ -566,6 +566,37 @@ static void task_rows_in_lanes(const att_job *job, int kvh, int t0, int t1, floa
 
 /* ---------- keys in lanes (decode, few rows) ---------- */
 
+/* P.V of NR rows for one group of 4 vectors of head_dim (ng of them real, cm
+ * their masks): acc += p_j v_j for the nv keys in order, and, with SUM_L,
+ * the rows' sums l += p_j. WHOLE: 4 real vectors with no tail, known at
+ * compile time, so the loop has no per-key checks or masked loads. */
+CAKE_INLINE void keys_pv(__m512 acc[4][4], float l[4], const void *v, size_t vr0, size_t vstride,
+                         const float *pbuf, int nv, int ng, const __mmask16 cm[4], const int NR,
+                         const int SUM_L, const int WHOLE, const int F16) {
+    for (int j = 0; j < nv; j++) {
+        const size_t vr = vr0 + (size_t)j * vstride;
+        __m512 vv[4];
+        UNROLL for (int g = 0; g < 4; g++) {
+            if (!WHOLE && g >= ng)
+                vv[g] = _mm512_setzero_ps();
+            else if (F16)
+                vv[g] = WHOLE ? cake_load_f16((const cake_f16 *)v + vr + g * 16)
+                              : cake_maskload_f16((const cake_f16 *)v + vr + g * 16, cm[g]);
+            else
+                vv[g] = WHOLE ? _mm512_loadu_ps((const float *)v + vr + g * 16)
+                              : _mm512_maskz_loadu_ps(cm[g], (const float *)v + vr + g * 16);
+            KEEP(vv[g]);
+        }
+        UNROLL for (int i = 0; i < NR; i++) {
+            const float pj = pbuf[i * ATT_BK + j];
+            if (SUM_L) l[i] = l[i] + pj;
+            const __m512 pb = _mm512_set1_ps(pj);
+            UNROLL for (int g = 0; g < 4; g++) if (WHOLE || g < ng) acc[i][g] =
+                _mm512_fmadd_ps(pb, vv[g], acc[i][g]);
+        }
+    }
+}
+
 /* NR query rows of one token (same position, so the same nv valid keys of
  * the block) against the block: scores with the keys in lanes (NC vectors of
  * 16 keys, a constant, or 0 for "ncv, at run time"), softmax, P.V with o for
@@ -624,25 +655,14 @@ CAKE_INLINE void keys_rows(const float *qs, int hd, const float *kt, const void 
                 g < ng ? _mm512_mul_ps(_mm512_load_ps(o + (size_t)i * hdp + (ds + g) * 16), av)
                        : _mm512_setzero_ps();
         }
-        for (int j = 0; j < nv; j++) {
-            const size_t vr = (size_t)j * vstride + vbase + (size_t)ds * 16;
-            __m512 vv[4];
-            UNROLL for (int g = 0; g < 4; g++) {
-                if (g >= ng)
-                    vv[g] = _mm512_setzero_ps();
-                else if (F16)
-                    vv[g] = cake_maskload_f16((const cake_f16 *)v + vr + g * 16, cm[g]);
-                else
-                    vv[g] = _mm512_maskz_loadu_ps(cm[g], (const float *)v + vr + g * 16);
-                KEEP(vv[g]);
-            }
-            UNROLL for (int i = 0; i < NR; i++) {
-                const float pj = pbuf[i * ATT_BK + j];
-                if (ds == 0) l[i] = l[i] + pj;
-                const __m512 pb = _mm512_set1_ps(pj);
-                UNROLL for (int g = 0; g < 4; g++) if (g < ng) acc[i][g] =
-                    _mm512_fmadd_ps(pb, vv[g], acc[i][g]);
-            }
+        const size_t vr0 = vbase + (size_t)ds * 16;
+        if (ng == 4 && hd >= (ds + 4) * 16) { /* 4 whole vectors: no checks per key */
+            if (ds == 0)
+                keys_pv(acc, l, v, vr0, vstride, pbuf, nv, 4, cm, NR, 1, 1, F16);
+            else
+                keys_pv(acc, l, v, vr0, vstride, pbuf, nv, 4, cm, NR, 0, 1, F16);
+        } else {
+            keys_pv(acc, l, v, vr0, vstride, pbuf, nv, ng, cm, NR, ds == 0, 0, F16);
         }
         UNROLL for (int i = 0; i < NR; i++) UNROLL for (int g = 0; g < 4; g++) if (g < ng)
             _mm512_store_ps(o + (size_t)i * hdp + (ds + g) * 16, acc[i][g]);
