@@ -475,17 +475,20 @@ static void test_kv_transfer(void **state) {
         int rc = cake_cuda_kv_read(gpu->cuda, l, 0, n, k, v, err, sizeof(err));
         if (rc) fprintf(stderr, "%s\n", err);
         assert_int_equal(rc, 0);
-        /* the GPU's rows are position-major, the CPU cache head-major */
+        /* the GPU's rows are position-major, the CPU cache head-major with
+         * transposed key blocks (kv/kv_cache.h) */
         const cake_f16 *ck = cake_context_k(cpu, l), *cv = cake_context_v(cpu, l);
-        const int hd = hp->head_dim, n_ctx = cake_context_n_ctx(cpu);
+        const int hd = hp->head_dim, hc = cpu->kv.head_ctx;
         float kmax = 0, vmax = 0, kd = 0, vd = 0;
         for (size_t i = 0; i < count; i++) {
-            const size_t p = i / (size_t)kv_dim, h = i % (size_t)kv_dim / (size_t)hd;
-            const size_t c = (h * (size_t)n_ctx + p) * (size_t)hd + i % (size_t)hd;
-            kmax = fmaxf(kmax, fabsf(cake_f16_to_f32(ck[c])));
-            vmax = fmaxf(vmax, fabsf(cake_f16_to_f32(cv[c])));
-            kd = fmaxf(kd, fabsf(cake_f16_to_f32(ck[c]) - cake_f16_to_f32(k[i])));
-            vd = fmaxf(vd, fabsf(cake_f16_to_f32(cv[c]) - cake_f16_to_f32(v[i])));
+            const int p = (int)(i / (size_t)kv_dim), h = (int)(i % (size_t)kv_dim) / hd;
+            const int d = (int)(i % (size_t)hd);
+            const float kc = cake_f16_to_f32(ck[cake_kv_k_index(hc, hd, h, p, d)]);
+            const float vc = cake_f16_to_f32(cv[cake_kv_v_index(hc, hd, h, p, d)]);
+            kmax = fmaxf(kmax, fabsf(kc));
+            vmax = fmaxf(vmax, fabsf(vc));
+            kd = fmaxf(kd, fabsf(kc - cake_f16_to_f32(k[i])));
+            vd = fmaxf(vd, fabsf(vc - cake_f16_to_f32(v[i])));
         }
         printf("layer %d: K differs by %.3g of %.3g, V by %.3g of %.3g\n", l, kd, kmax, vd, vmax);
         assert_true(kd <= TOL_F16 * kmax);

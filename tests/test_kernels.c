@@ -23,6 +23,7 @@
 #include <string.h>
 
 #include "backend/cpu/kernels.h"
+#include "kv/kv_cache.h"
 #include "backend/cpu/simd.h"
 #include "model/gguf.h"
 #include "util/f16.h"
@@ -565,14 +566,16 @@ static void test_matmul_bad_dtype(void **state) {
 
 typedef struct {
     int n_ctx, n_heads, n_kv_heads, head_dim, kv_f16;
+    int head_ctx;   /* positions per head in k, v: n_ctx rounded up to a key block */
     float *q;       /* (n_ctx, n_heads, head_dim): the queries of every position */
     float *kf, *vf; /* the cache contents as f32 */
-    void *k, *v;    /* the cache in its dtype: (n_kv_heads, n_ctx, head_dim) */
+    void *k, *v;    /* the cache in its dtype, laid out as kv/kv_cache.h says */
 } attn_case;
 
 static attn_case make_case(int n_ctx, int n_heads, int n_kv_heads, int hd, int kv_f16) {
-    attn_case c = {n_ctx, n_heads, n_kv_heads, hd, kv_f16, NULL, NULL, NULL, NULL, NULL};
-    const size_t nq = (size_t)n_ctx * n_heads * hd, nkv = (size_t)n_ctx * n_kv_heads * hd;
+    const int head_ctx = (n_ctx + CAKE_KV_KBLOCK - 1) / CAKE_KV_KBLOCK * CAKE_KV_KBLOCK;
+    attn_case c = {n_ctx, n_heads, n_kv_heads, hd, kv_f16, head_ctx, NULL, NULL, NULL, NULL, NULL};
+    const size_t nq = (size_t)n_ctx * n_heads * hd, nkv = (size_t)head_ctx * n_kv_heads * hd;
     c.q = xmalloc(nq * 4);
     c.kf = xmalloc(nkv * 4);
     c.vf = xmalloc(nkv * 4);
@@ -613,7 +616,7 @@ static cake_attn_args case_args(const attn_case *c, int pos0, int n, const void 
                         .n_kv_heads = c->n_kv_heads,
                         .head_dim = c->head_dim,
                         .kv_f16 = c->kv_f16,
-                        .kv_ctx = c->n_ctx,
+                        .kv_ctx = c->head_ctx,
                         .q = c->q + (size_t)pos0 * c->n_heads * c->head_dim,
                         .k = k,
                         .v = v,
@@ -623,27 +626,31 @@ static cake_attn_args case_args(const attn_case *c, int pos0, int n, const void 
 
 /* Prefill in chunks of `chunk` tokens, the cache filled progressively: before
  * each chunk only positions [0, pos0 + n) hold data; the rest is NaN, so any
- * read past the chunk's end would show in the output. The cache has room for
- * a few more positions than the case uses (a model's holds its whole context),
+ * read past the chunk's end would show in the output. The cache has a key
+ * block more per head than the case uses (a model's holds its whole context),
  * so a head found by the wrong stride shows too. */
 static void run_chunked(const attn_case *c, int chunk, cake_threadpool *pool, float *out) {
-    const size_t es = c->kv_f16 ? 2 : 4, cap = (size_t)c->n_ctx + 5;
-    const size_t pos_bytes = (size_t)c->head_dim * es, head_bytes = cap * pos_bytes;
-    const size_t all = (size_t)c->n_kv_heads * head_bytes;
+    const size_t es = c->kv_f16 ? 2 : 4;
+    const int cap = c->head_ctx + CAKE_KV_KBLOCK, hd = c->head_dim;
+    const size_t all = (size_t)c->n_kv_heads * (size_t)cap * (size_t)hd * es;
     uint8_t *k = xmalloc(all), *v = xmalloc(all);
     memset(k, 0xff, all); /* 0xffff.. is a NaN in f16 and f32 */
     memset(v, 0xff, all);
     const size_t orow = (size_t)c->n_heads * c->head_dim;
     for (int p0 = 0; p0 < c->n_ctx; p0 += chunk) {
         const int n = c->n_ctx - p0 < chunk ? c->n_ctx - p0 : chunk;
-        for (int h = 0; h < c->n_kv_heads; h++) {
-            const size_t dst = h * head_bytes + p0 * pos_bytes;
-            const size_t src = ((size_t)h * c->n_ctx + p0) * pos_bytes;
-            memcpy(k + dst, (const uint8_t *)c->k + src, (size_t)n * pos_bytes);
-            memcpy(v + dst, (const uint8_t *)c->v + src, (size_t)n * pos_bytes);
-        }
+        for (int h = 0; h < c->n_kv_heads; h++)
+            for (int p = p0; p < p0 + n; p++)
+                for (int d = 0; d < hd; d++) {
+                    const size_t kd = cake_kv_k_index(cap, hd, h, p, d) * es;
+                    const size_t ks = cake_kv_k_index(c->head_ctx, hd, h, p, d) * es;
+                    const size_t vd = cake_kv_v_index(cap, hd, h, p, d) * es;
+                    const size_t vs = cake_kv_v_index(c->head_ctx, hd, h, p, d) * es;
+                    memcpy(k + kd, (const uint8_t *)c->k + ks, es);
+                    memcpy(v + vd, (const uint8_t *)c->v + vs, es);
+                }
         cake_attn_args a = case_args(c, p0, n, k, v, out + (size_t)p0 * orow);
-        a.kv_ctx = (int)cap;
+        a.kv_ctx = cap;
         cake_attention(&a, pool);
     }
     free(k);
@@ -749,14 +756,15 @@ static void test_attention_decode_matches_prefill(void **state) {
 
 static void test_attention_single_key(void **state) {
     (void)state;
-    /* position 0 attends only to itself: out = v_0 exactly (the case's cache
-     * has 3 positions; query head h reads KV head h / 2) */
+    /* position 0 attends only to itself: out = v_0 exactly (query head h
+     * reads KV head h / 2) */
     attn_case c = make_case(3, 4, 2, 64, 0);
     float out[4 * 64];
     cake_attn_args a = case_args(&c, 0, 1, c.k, c.v, out);
     cake_attention(&a, pools[2]);
     for (int h = 0; h < 4; h++)
-        for (int d = 0; d < 64; d++) assert_true(out[h * 64 + d] == c.vf[(h / 2) * 3 * 64 + d]);
+        for (int d = 0; d < 64; d++)
+            assert_true(out[h * 64 + d] == c.vf[cake_kv_v_index(c.head_ctx, 64, h / 2, 0, d)]);
     free_case(&c);
 }
 

@@ -250,6 +250,71 @@ static void roundtrip(enum cake_kv_type type) {
     cake_kv_cache_free(&dst);
 }
 
+/* cake_kv_put / cake_kv_get against the documented layout (kv_cache.h), for
+ * head dims that take the f16 tile path (64, 96) and one that does not (40),
+ * ranges that start and end inside 16-position tiles and cross key blocks,
+ * in both element types: every element lands where cake_kv_*_index says, and
+ * nothing outside the range is touched. */
+static void test_kv_put_get_layout(void **state) {
+    (void)state;
+    const int hds[] = {64, 96, 40}, ranges[][2] = {{11, 37}, {0, 64}, {48, 100}, {130, 3}};
+    for (int type = 0; type < 2; type++)
+        for (size_t hi = 0; hi < 3; hi++)
+            for (size_t ri = 0; ri < 4; ri++) {
+                const int hd = hds[hi], heads = 3, pos0 = ranges[ri][0], n = ranges[ri][1];
+                const enum cake_kv_type kt = type ? CAKE_KV_F32 : CAKE_KV_F16;
+                const size_t es = type ? 4 : 2, row = (size_t)heads * hd;
+                cake_kv_cache kv;
+                char err[256];
+                assert_int_equal(cake_kv_cache_init(&kv, 2, 150, heads, hd, kt, err, sizeof(err)),
+                                 0);
+                memset(kv.base, 0x5a, kv.map_bytes);
+                uint8_t *k = malloc((size_t)n * row * es), *v = malloc((size_t)n * row * es);
+                uint8_t *k2 = malloc((size_t)n * row * es), *v2 = malloc((size_t)n * row * es);
+                assert_non_null(k2);
+                for (int t = 0; t < n; t++)
+                    for (size_t e = 0; e < row; e++) {
+                        const uint32_t xk = t_pattern(1, 0, pos0 + t, (int)e, 7);
+                        const uint32_t xv = t_pattern(1, 1, pos0 + t, (int)e, 7);
+                        memcpy(k + ((size_t)t * row + e) * es, &xk, es);
+                        memcpy(v + ((size_t)t * row + e) * es, &xv, es);
+                    }
+                cake_kv_put(&kv, 1, pos0, n, k, v);
+                uint8_t *mine = calloc(kv.map_bytes, 1); /* bytes the range owns */
+                assert_non_null(mine);
+                for (int h = 0; h < heads; h++)
+                    for (int p = pos0; p < pos0 + n; p++)
+                        for (int d = 0; d < hd; d++) {
+                            const size_t e = ((size_t)(p - pos0) * row + (size_t)h * hd + d) * es;
+                            const size_t ko =
+                                (size_t)((const char *)cake_kv_k(&kv, 1) - (const char *)kv.base) +
+                                cake_kv_k_index(kv.head_ctx, hd, h, p, d) * es;
+                            const size_t vo =
+                                (size_t)((const char *)cake_kv_v(&kv, 1) - (const char *)kv.base) +
+                                cake_kv_v_index(kv.head_ctx, hd, h, p, d) * es;
+                            if (memcmp((const uint8_t *)kv.base + ko, k + e, es) ||
+                                memcmp((const uint8_t *)kv.base + vo, v + e, es))
+                                fail_msg("hd %d f32 %d [%d, %d): head %d position %d dim %d", hd,
+                                         type, pos0, pos0 + n, h, p, d);
+                            memset(mine + ko, 1, es);
+                            memset(mine + vo, 1, es);
+                        }
+                for (size_t i = 0; i < kv.map_bytes; i++)
+                    if (!mine[i] && ((const uint8_t *)kv.base)[i] != 0x5a)
+                        fail_msg("hd %d f32 %d [%d, %d): byte %zu outside the range written", hd,
+                                 type, pos0, pos0 + n, i);
+                free(mine);
+                cake_kv_get(&kv, 1, pos0, n, k2, v2);
+                assert_memory_equal(k2, k, (size_t)n * row * es);
+                assert_memory_equal(v2, v, (size_t)n * row * es);
+                free(k);
+                free(v);
+                free(k2);
+                free(v2);
+                cake_kv_cache_free(&kv);
+            }
+}
+
 static void test_chunk_roundtrip_f16(void **state) {
     (void)state;
     roundtrip(CAKE_KV_F16);
@@ -498,6 +563,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_key_two_processes),
         cmocka_unit_test(test_chunk_roundtrip_f16),
         cmocka_unit_test(test_chunk_roundtrip_f32),
+        cmocka_unit_test(test_kv_put_get_layout),
         cmocka_unit_test_setup_teardown(test_chunk_flip_header_bytes, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_chunk_flip_payload, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_chunk_verify_fed, fx_setup, fx_teardown),

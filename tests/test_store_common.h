@@ -49,7 +49,9 @@ static inline void t_fill_kv(cake_kv_cache *kv, uint32_t salt) {
             for (int p = 0; p < kv->n_ctx; p++)
                 for (int e = 0; e < kv->kv_dim; e++) {
                     uint32_t x = t_pattern(l, v, p, e, salt);
-                    size_t i = cake_kv_at(kv, e / kv->head_dim, p) + (size_t)(e % kv->head_dim);
+                    const int h = e / kv->head_dim, d = e % kv->head_dim;
+                    const size_t i = v ? cake_kv_v_index(kv->head_ctx, kv->head_dim, h, p, d)
+                                       : cake_kv_k_index(kv->head_ctx, kv->head_dim, h, p, d);
                     if (kv->type == CAKE_KV_F32)
                         ((uint32_t *)base)[i] = x;
                     else
@@ -66,15 +68,16 @@ static inline int t_kv_init(cake_kv_cache *kv, enum cake_kv_type type) {
 /* Compares positions [p0, p0+n) of two caches, all layers; 0 when equal. */
 static inline int t_kv_cmp_range(const cake_kv_cache *a, int pa, const cake_kv_cache *b, int pb,
                                  int n) {
-    const size_t es = a->elem_size, run = (size_t)n * (size_t)a->head_dim * es;
-    for (int l = 0; l < a->n_layers; l++)
-        for (int h = 0; h < a->n_kv_heads; h++) {
-            const size_t oa = cake_kv_at(a, h, pa) * es, ob = cake_kv_at(b, h, pb) * es;
-            if (memcmp((char *)cake_kv_k(a, l) + oa, (char *)cake_kv_k(b, l) + ob, run) ||
-                memcmp((char *)cake_kv_v(a, l) + oa, (char *)cake_kv_v(b, l) + ob, run))
-                return 1;
-        }
-    return 0;
+    const size_t rows = (size_t)n * (size_t)a->kv_dim * a->elem_size;
+    char *buf = malloc(4 * rows + 1);
+    int differ = buf == NULL;
+    for (int l = 0; l < a->n_layers && !differ; l++) {
+        cake_kv_get(a, l, pa, n, buf, buf + rows);
+        cake_kv_get(b, l, pb, n, buf + 2 * rows, buf + 3 * rows);
+        differ = memcmp(buf, buf + 2 * rows, 2 * rows) != 0;
+    }
+    free(buf);
+    return differ;
 }
 
 /* Expected header of chunk `index` with key derived from tokens seeded by `seed`. */

@@ -1,13 +1,20 @@
 /* The KV cache of one sequence.
  *
- * Layout, per layer l (0 <= l < n_layers), two arrays K_l and V_l of shape
- *     (n_kv_heads, n_ctx, head_dim)   -- head-major
- * with elements f16 (default) or f32: head h's keys at positions 0, 1, 2, ...
- * are one contiguous run, K_l + (h * n_ctx + p) * head_dim. Why head-major:
- * decode reads each head's keys from position 0 on, its heads split over the
- * threads; in a position-major cache each thread reads a slice of every
- * position's row, which memory serves at ~60% of the rate of whole runs
- * (two threads on the Xeon VM; decode 1.25x faster head-major: docs/ENGINE.md).
+ * Layout, per layer l (0 <= l < n_layers), two arrays K_l and V_l, head-major:
+ * each KV head has head_ctx positions (n_ctx rounded up to a whole key block
+ * of CAKE_KV_KBLOCK), elements f16 (default) or f32.
+ *   V_l: (n_kv_heads, head_ctx, head_dim): head h's values at positions 0, 1,
+ *        2, ... are one contiguous run.
+ *   K_l: (n_kv_heads, head_ctx / 64, head_dim, 64): the same runs, cut in
+ *        blocks of 64 positions, each block stored transposed (dim-major), so
+ *        64 positions of one dim are 64 consecutive elements.
+ * Why: decode reads each head's keys and values from position 0 on, its heads
+ * split over the threads. Head-major, every thread reads one sequential
+ * stream; position-major, each thread read a slice of every position's row,
+ * which memory serves at ~60% of the rate of whole runs (docs/ENGINE.md).
+ * And decode scores 64 keys at a time with the keys in vector lanes (one
+ * chain of FMAs per key, over d): transposed blocks are what that reads, so
+ * no transpose is left in decode (it was up to half of the kernel).
  *
  * Outside the cache (new rows from the forward pass, stored chunks) KV rows
  * are position-major, (n, n_kv_heads * head_dim): cake_kv_put and
@@ -22,9 +29,12 @@
 
 #include "cake.h"
 
+#define CAKE_KV_KBLOCK 64 /* positions per transposed key block */
+
 typedef struct {
     int n_layers, n_ctx, n_kv_heads, head_dim;
-    int kv_dim; /* n_kv_heads * head_dim: one position's row outside the cache */
+    int kv_dim;   /* n_kv_heads * head_dim: one position's row outside the cache */
+    int head_ctx; /* positions per head: n_ctx rounded up to CAKE_KV_KBLOCK */
     enum cake_kv_type type;
     size_t elem_size;   /* 2 or 4 bytes */
     size_t layer_bytes; /* bytes of one K_l (= one V_l) */
@@ -43,9 +53,15 @@ static inline void *cake_kv_v(const cake_kv_cache *kv, int layer) {
     return (char *)kv->base + ((size_t)layer * 2 + 1) * kv->layer_bytes;
 }
 
-/* Element offset of head h at position p within a layer's K or V. */
-static inline size_t cake_kv_at(const cake_kv_cache *kv, int h, int p) {
-    return ((size_t)h * (size_t)kv->n_ctx + (size_t)p) * (size_t)kv->head_dim;
+/* Element offsets of (head h, position p, dim d) in a layer's K and V, for
+ * head_ctx positions per head (the attention kernel reads the same layout). */
+static inline size_t cake_kv_k_index(int head_ctx, int head_dim, int h, int p, int d) {
+    const int j = p % CAKE_KV_KBLOCK;
+    return ((size_t)h * (size_t)head_ctx + (size_t)(p - j)) * (size_t)head_dim +
+           (size_t)d * CAKE_KV_KBLOCK + (size_t)j;
+}
+static inline size_t cake_kv_v_index(int head_ctx, int head_dim, int h, int p, int d) {
+    return ((size_t)h * (size_t)head_ctx + (size_t)p) * (size_t)head_dim + (size_t)d;
 }
 
 /* n position-major rows already in the cache's element type (a stored chunk's

@@ -23,13 +23,14 @@
  *  - prefill (>= 16 query rows per task): rows in lanes. A task is (KV head,
  *    block of query tokens); its rows are all tokens x the heads sharing the KV
  *    head. Q is transposed once per task to [d][row]; per key block the scores
- *    S^T[key][row] come from broadcasts of k_j[d] times Q^T rows (a 8-key x
+ *    S^T[key][row] come from broadcasts of k_j[d] (the block as the cache
+ *    keeps it, [d][key], converted to f32) times Q^T rows (a 8-key x
  *    48-row register tile), the softmax runs down the key axis with no
  *    horizontal reductions, and the causal mask is a lane mask on every update
  *    (masked FMAs leave a row's state untouched, not "add zero") in the blocks
  *    on the diagonal; below it, plain FMAs do the same arithmetic.
- *  - decode / few rows: keys in lanes. The task converts each 64-key block
- *    of K to f32 transposed ([d][key], an in-register transpose), so 64
+ *  - decode / few rows: keys in lanes. The cache keeps each 64-key block of
+ *    K transposed ([d][key], kv/kv_cache.h); the task converts it to f32, so 64
  *    scores of a row are 4 vectors of FMA chains (the rows of one token, up
  *    to 4, share the loads); P.V runs with o in registers over the row's
  *    valid keys only, reading V from the cache directly. A task takes a range
@@ -54,6 +55,7 @@
 
 #include "backend/cpu/kernels.h"
 #include "backend/cpu/simd.h"
+#include "kv/kv_cache.h"
 
 #define ATT_BK         64    /* keys per softmax block, aligned to absolute positions */
 #define ATT_MAX_HD     256   /* largest head_dim of the fast kernel */
@@ -61,20 +63,31 @@
 #define ATT_MAX_ROWS   256   /* query rows per task at most (small head_dim) */
 #define ATT_ROWS_MIN_B 16    /* tasks with at least this many rows put rows in lanes */
 
-/* Element offset of KV head kvh at position pos (the cache is head-major). */
-static size_t kv_off(const cake_attn_args *a, int kvh, int pos) {
-    return ((size_t)kvh * (size_t)a->kv_ctx + (size_t)pos) * (size_t)a->head_dim;
+_Static_assert(ATT_BK == CAKE_KV_KBLOCK, "softmax blocks are the cache's key blocks");
+
+/* Element offsets in the cache (kv_cache.h): the start of KV head kvh's key
+ * block at kb0 (a multiple of ATT_BK: [d][64]), and its value row at pos. */
+static inline size_t k_block(const cake_attn_args *a, int kvh, int kb0) {
+    return cake_kv_k_index(a->kv_ctx, a->head_dim, kvh, kb0, 0);
+}
+static inline size_t v_row(const cake_attn_args *a, int kvh, int pos) {
+    return cake_kv_v_index(a->kv_ctx, a->head_dim, kvh, pos, 0);
 }
 
-static float kv_at(const cake_attn_args *a, const void *base, int pos, int kvh, int d) {
-    const size_t i = kv_off(a, kvh, pos) + (size_t)d;
+static float elem(const cake_attn_args *a, const void *base, size_t i) {
     return a->kv_f16 ? cake_f16_to_f32(((const cake_f16 *)base)[i]) : ((const float *)base)[i];
+}
+static float k_at(const cake_attn_args *a, int pos, int kvh, int d) {
+    return elem(a, a->k, cake_kv_k_index(a->kv_ctx, a->head_dim, kvh, pos, d));
+}
+static float v_at(const cake_attn_args *a, int pos, int kvh, int d) {
+    return elem(a, a->v, v_row(a, kvh, pos) + (size_t)d);
 }
 
 static int args_ok(const cake_attn_args *a) {
     return a->n_tokens > 0 && a->pos0 >= 0 && a->n_heads > 0 && a->n_kv_heads > 0 &&
            a->head_dim > 0 && a->n_heads % a->n_kv_heads == 0 &&
-           (long long)a->pos0 + a->n_tokens <= a->kv_ctx;
+           (long long)a->pos0 + a->n_tokens <= a->kv_ctx && a->kv_ctx % ATT_BK == 0;
 }
 
 /* ===================== reference ===================== */
@@ -94,7 +107,7 @@ void cake_attention_ref(const cake_attn_args *a) {
             double mx = -INFINITY;
             for (int j = 0; j <= pos; j++) {
                 double s = 0.0;
-                for (int d = 0; d < hd; d++) s += (double)q[d] * kv_at(a, a->k, j, kvh, d);
+                for (int d = 0; d < hd; d++) s += (double)q[d] * k_at(a, j, kvh, d);
                 if (s * scale > mx) mx = s * scale;
             }
             for (int d0 = 0; d0 < hd; d0 += 64) { /* 64 outputs at a time */
@@ -102,10 +115,10 @@ void cake_attention_ref(const cake_attn_args *a) {
                 double acc[64] = {0}, sum = 0.0;
                 for (int j = 0; j <= pos; j++) {
                     double s = 0.0;
-                    for (int d = 0; d < hd; d++) s += (double)q[d] * kv_at(a, a->k, j, kvh, d);
+                    for (int d = 0; d < hd; d++) s += (double)q[d] * k_at(a, j, kvh, d);
                     const double p = exp(s * scale - mx);
                     sum += p;
-                    for (int d = d0; d < d1; d++) acc[d - d0] += p * kv_at(a, a->v, j, kvh, d);
+                    for (int d = d0; d < d1; d++) acc[d - d0] += p * v_at(a, j, kvh, d);
                 }
                 for (int d = d0; d < d1; d++) out[d] = (float)(acc[d - d0] / sum);
             }
@@ -130,8 +143,7 @@ static void lanes_row(const cake_attn_args *a, int t, int h) {
         float mb = -INFINITY;
         for (int j = 0; j < nv; j++) {
             float acc = 0.0f;
-            for (int d = 0; d < hd; d++)
-                acc = fmaf(q[d] * scale, kv_at(a, a->k, kb0 + j, kvh, d), acc);
+            for (int d = 0; d < hd; d++) acc = fmaf(q[d] * scale, k_at(a, kb0 + j, kvh, d), acc);
             s[j] = acc;
             mb = acc > mb ? acc : mb;
         }
@@ -144,7 +156,7 @@ static void lanes_row(const cake_attn_args *a, int t, int h) {
         }
         for (int d = 0; d < hd; d++) {
             float o = out[d] * alpha;
-            for (int j = 0; j < nv; j++) o = fmaf(p[j], kv_at(a, a->v, kb0 + j, kvh, d), o);
+            for (int j = 0; j < nv; j++) o = fmaf(p[j], v_at(a, kb0 + j, kvh, d), o);
             out[d] = o;
         }
         m = mn;
@@ -201,7 +213,7 @@ static void load_rows(float *dst, int ld, const cake_attn_args *a, const void *b
         float *o = dst + (size_t)r * ld;
         int d = 0;
         if (r < nk) {
-            const size_t off = kv_off(a, kvh, kb0 + r);
+            const size_t off = v_row(a, kvh, kb0 + r);
             if (a->kv_f16) {
                 const cake_f16 *src = (const cake_f16 *)base + off;
                 for (; d < dfull; d += 16) _mm512_storeu_ps(o + d, cake_load_f16(src + d));
@@ -250,85 +262,30 @@ CAKE_INLINE void transpose16(__m512 r[16]) {
     UNROLL for (int i = 0; i < 16; i++) r[i] = t[i];
 }
 
-/* 16 f16 keys x 32 dims, transposed while still 16-bit (a register holds 32
- * of them, so each shuffle moves twice what it moves after conversion), then
- * converted: dst[d][0..15] for d in [0, 32), rows ATT_BK floats apart. */
-CAKE_INLINE void keys_f16_transposed32(float *dst, const cake_f16 *src, size_t stride) {
-    __m512i r[16], t[16];
-    UNROLL for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_si512(src + (size_t)i * stride);
-    /* in each 128-bit lane L (dims 8L..8L+7): t[2i] has 32-bit pairs of keys
-     * (2i, 2i+1) at dims c = 0..3 of the lane, t[2i + 1] at c = 4..7 */
-    UNROLL for (int i = 0; i < 8; i++) {
-        t[2 * i] = _mm512_unpacklo_epi16(r[2 * i], r[2 * i + 1]);
-        t[2 * i + 1] = _mm512_unpackhi_epi16(r[2 * i], r[2 * i + 1]);
-    }
-    /* r[4i + m]: 64-bit quads of keys 4i..4i+3 at c = 2m, 2m + 1 */
-    UNROLL for (int i = 0; i < 4; i++) UNROLL for (int x = 0; x < 2; x++) {
-        r[4 * i + 2 * x] = _mm512_unpacklo_epi32(t[4 * i + x], t[4 * i + 2 + x]);
-        r[4 * i + 2 * x + 1] = _mm512_unpackhi_epi32(t[4 * i + x], t[4 * i + 2 + x]);
-    }
-    /* t[8g + c]: lane L holds keys 8g..8g+7 at dim 8L + c */
-    UNROLL for (int g = 0; g < 2; g++) UNROLL for (int m = 0; m < 4; m++) {
-        t[8 * g + 2 * m] = _mm512_unpacklo_epi64(r[8 * g + m], r[8 * g + 4 + m]);
-        t[8 * g + 2 * m + 1] = _mm512_unpackhi_epi64(r[8 * g + m], r[8 * g + 4 + m]);
-    }
-    /* keys 0..7 and 8..15 of a dim side by side: 256-bit halves of dims c,
-     * 8 + c (lo) and 16 + c, 24 + c (hi) */
-    const __m512i lo = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);
-    const __m512i hi = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
-    UNROLL for (int c = 0; c < 8; c++) {
-        const __m512i a = _mm512_permutex2var_epi64(t[c], lo, t[8 + c]);
-        const __m512i b = _mm512_permutex2var_epi64(t[c], hi, t[8 + c]);
-        _mm512_store_ps(dst + (size_t)c * ATT_BK, _mm512_cvtph_ps(_mm512_castsi512_si256(a)));
-        _mm512_store_ps(dst + (size_t)(8 + c) * ATT_BK,
-                        _mm512_cvtph_ps(_mm512_extracti64x4_epi64(a, 1)));
-        _mm512_store_ps(dst + (size_t)(16 + c) * ATT_BK,
-                        _mm512_cvtph_ps(_mm512_castsi512_si256(b)));
-        _mm512_store_ps(dst + (size_t)(24 + c) * ATT_BK,
-                        _mm512_cvtph_ps(_mm512_extracti64x4_epi64(b, 1)));
-    }
-}
-
-/* Keys [kb0, kb0 + nk) of KV head kvh transposed: dst[d][64] (keys >= nk zero).
- * An f16 cache's full tiles of 16 keys x 32 dims (the common case) are
- * transposed before conversion (keys_f16_transposed32: ~30% fewer shuffles,
- * +5% decode of mha-160m after 4096 tokens); the rest go 16 x 16 in f32,
- * full tiles on a branch-free path that keeps the tile in registers. */
-static void load_keys_transposed(float *dst, const cake_attn_args *a, int kvh, int kb0, int nk) {
-    const int hd = a->head_dim;
-    const size_t stride = (size_t)hd, base = kv_off(a, kvh, kb0);
-    for (int j0 = 0; j0 < ATT_BK; j0 += 16) {
-        int d0 = 0;
-        if (a->kv_f16 && j0 + 16 <= nk)
-            for (; d0 + 32 <= hd; d0 += 32)
-                keys_f16_transposed32(dst + (size_t)d0 * ATT_BK + j0,
-                                      (const cake_f16 *)a->k + base + (size_t)j0 * stride + d0,
-                                      stride);
-        for (; d0 < hd; d0 += 16) {
-            __m512 r[16];
-            const size_t off = base + (size_t)j0 * stride + (size_t)d0;
-            if (j0 + 16 <= nk && d0 + 16 <= hd) {
-                if (a->kv_f16) {
-                    const cake_f16 *src = (const cake_f16 *)a->k + off;
-                    UNROLL for (int i = 0; i < 16; i++) r[i] =
-                        cake_load_f16(src + (size_t)i * stride);
-                } else {
-                    const float *src = (const float *)a->k + off;
-                    UNROLL for (int i = 0; i < 16; i++) r[i] =
-                        _mm512_loadu_ps(src + (size_t)i * stride);
-                }
-                transpose16(r);
-                UNROLL for (int i = 0; i < 16; i++)
-                    _mm512_store_ps(dst + (size_t)(d0 + i) * ATT_BK + j0, r[i]);
-                continue;
+/* Keys [kb0, kb0 + nk) of KV head kvh as f32, dim-major: dst[d][64], keys
+ * >= nk zero. The cache holds the block transposed already (kv_cache.h): a
+ * conversion of head_dim x 64 consecutive elements. */
+static void load_keys(float *dst, const cake_attn_args *a, int kvh, int kb0, int nk) {
+    const size_t base = k_block(a, kvh, kb0);
+    __mmask16 m[4];
+    for (int c = 0; c < 4; c++)
+        m[c] = cake_tail_mask(nk - 16 * c < 0 ? 0 : nk - 16 * c < 16 ? nk - 16 * c : 16);
+    for (int d = 0; d < a->head_dim; d++) {
+        const size_t off = base + (size_t)d * ATT_BK;
+        float *o = dst + (size_t)d * ATT_BK;
+        if (a->kv_f16) {
+            const cake_f16 *src = (const cake_f16 *)a->k + off;
+            if (nk == ATT_BK) {
+                UNROLL for (int c = 0; c < 4; c++)
+                    _mm512_store_ps(o + 16 * c, cake_load_f16(src + 16 * c));
+            } else {
+                UNROLL for (int c = 0; c < 4; c++)
+                    _mm512_store_ps(o + 16 * c, cake_maskload_f16(src + 16 * c, m[c]));
             }
-            for (int i = 0; i < 16; i++)
-                r[i] = j0 + i < nk ? kv_load16(a, a->k, off + (size_t)i * stride, hd - d0)
-                                   : _mm512_setzero_ps();
-            transpose16(r);
-            const int nd = hd - d0 < 16 ? hd - d0 : 16;
-            for (int i = 0; i < nd; i++)
-                _mm512_store_ps(dst + (size_t)(d0 + i) * ATT_BK + j0, r[i]);
+        } else {
+            const float *src = (const float *)a->k + off;
+            UNROLL for (int c = 0; c < 4; c++)
+                _mm512_store_ps(o + 16 * c, _mm512_maskz_loadu_ps(m[c], src + 16 * c));
         }
     }
 }
@@ -345,15 +302,15 @@ CAKE_INLINE void rows_scores(float *sT, int ldr, const float *Qt, const float *k
         __m512 acc[8][ROWS_V];
         UNROLL for (int jj = 0; jj < 8; jj++) UNROLL for (int v = 0; v < NRV; v++) acc[jj][v] =
             _mm512_setzero_ps();
-        const float *kr = kf + (size_t)j0 * hd;
         for (int d = 0; d < hd; d++) {
+            const float *kr = kf + (size_t)d * ATT_BK + j0;
             __m512 qv[ROWS_V];
             UNROLL for (int v = 0; v < NRV; v++) {
                 qv[v] = _mm512_load_ps(Qt + (size_t)d * ldr + (size_t)(rv0 + v) * 16);
                 KEEP(qv[v]);
             }
             UNROLL for (int jj = 0; jj < 8; jj++) {
-                const __m512 kb = _mm512_set1_ps(kr[(size_t)jj * hd + d]);
+                const __m512 kb = _mm512_set1_ps(kr[jj]);
                 UNROLL for (int v = 0; v < NRV; v++) acc[jj][v] =
                     _mm512_fmadd_ps(qv[v], kb, acc[jj][v]);
             }
@@ -466,7 +423,7 @@ static void task_rows_in_lanes(const att_job *job, int kvh, int t0, int t1, floa
     st.Qt = sc;                           /* [hd][ldr] */
     st.oT = st.Qt + (size_t)hd * ldr;     /* [ldv][ldr] */
     st.sT = st.oT + (size_t)ldv * ldr;    /* [64][ldr] scores, then p */
-    st.kf = st.sT + (size_t)ATT_BK * ldr; /* [64][hd] */
+    st.kf = st.sT + (size_t)ATT_BK * ldr; /* [hd][64] */
     st.vf = st.kf + (size_t)ATT_BK * hd;  /* [64][ldv] */
     st.ms = st.vf + (size_t)ATT_BK * ldv; /* [Rp] */
     st.ls = st.ms + Rp;                   /* [Rp] */
@@ -506,7 +463,7 @@ static void task_rows_in_lanes(const att_job *job, int kvh, int t0, int t1, floa
     const int kv_end = a->pos0 + t1;
     for (int kb0 = 0; kb0 < kv_end; kb0 += ATT_BK) {
         const int nk = kv_end - kb0 < ATT_BK ? kv_end - kb0 : ATT_BK;
-        load_rows(st.kf, hd, a, a->k, kvh, kb0, nk);
+        load_keys(st.kf, a, kvh, kb0, nk);
         load_rows(st.vf, ldv, a, a->v, kvh, kb0, nk);
         /* Rows are in position order. Vectors whose last row is before kb0 sit
          * this block out; each group of vectors needs the keys up to its last
@@ -719,8 +676,8 @@ static void task_keys_in_lanes(const att_job *job, int h0, int h1, int t0, int t
     for (int kvh = h0; kvh < h1; kvh++)
         for (int kb0 = 0; kb0 < kv_end; kb0 += ATT_BK) {
             const int nk = kv_end - kb0 < ATT_BK ? kv_end - kb0 : ATT_BK;
-            load_keys_transposed(kt, a, kvh, kb0, nk);
-            const size_t vbase = kv_off(a, kvh, kb0);
+            load_keys(kt, a, kvh, kb0, nk);
+            const size_t vbase = v_row(a, kvh, kb0);
             for (int t = t0; t < t1; t++) {
                 const int pos = a->pos0 + t;
                 if (pos < kb0) continue;
