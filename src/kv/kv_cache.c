@@ -85,66 +85,60 @@ static void keys_into_block(uint16_t *dst, const uint16_t *src, size_t stride) {
 #define HAVE_KEYS_INTO_BLOCK 1
 #endif
 
-/* Copies n position-major rows in (put) or out of a layer's K and V. V goes
- * in runs of head_dim; K one element at a time, scattered into its
- * transposed blocks (stores of 2 or 4 bytes). */
-static void kv_copy(const cake_kv_cache *kv, int layer, int pos0, int n, void *k, void *v,
-                    int put) {
-    char *kc = cake_kv_k(kv, layer), *vc = cake_kv_v(kv, layer);
-    const int hd = kv->head_dim, hc = kv->head_ctx;
-    const size_t es = kv->elem_size, piece = (size_t)hd * es;
-    for (int t = 0; t < n; t++)
+/* Copies rows [t0, t1) of n position-major rows (k, v hold rows from pos0)
+ * in (put) or out of a layer's cache. Values go in runs of head_dim; keys
+ * one element at a time, scattered into their transposed blocks. */
+static void copy_values(const cake_kv_cache *kv, int layer, int pos0, int t0, int t1, void *v,
+                        int put) {
+    char *vc = cake_kv_v(kv, layer);
+    const size_t es = kv->elem_size, piece = (size_t)kv->head_dim * es;
+    for (int t = t0; t < t1; t++)
         for (int h = 0; h < kv->n_kv_heads; h++) {
-            const size_t row = (size_t)t * kv->kv_dim + (size_t)h * hd; /* element */
-            char *vo = vc + cake_kv_v_index(hc, hd, h, pos0 + t, 0) * es;
-            if (put)
-                memcpy(vo, (const char *)v + row * es, piece);
-            else
-                memcpy((char *)v + row * es, vo, piece);
-            for (int d = 0; d < hd; d++) {
-                char *ko = kc + cake_kv_k_index(hc, hd, h, pos0 + t, d) * es;
-                char *ro = (char *)k + (row + (size_t)d) * es;
-                if (put)
-                    memcpy(ko, ro, es);
-                else
-                    memcpy(ro, ko, es);
-            }
+            char *c = vc + cake_kv_v_index(kv->head_ctx, kv->head_dim, h, pos0 + t, 0) * es;
+            char *r = (char *)v + ((size_t)t * kv->kv_dim + (size_t)h * kv->head_dim) * es;
+            memcpy(put ? c : r, put ? r : c, piece);
+        }
+}
+
+static void copy_keys(const cake_kv_cache *kv, int layer, int pos0, int t0, int t1, void *k,
+                      int put) {
+    char *kc = cake_kv_k(kv, layer);
+    const size_t es = kv->elem_size;
+    for (int t = t0; t < t1; t++)
+        for (int e = 0; e < kv->kv_dim; e++) {
+            const int h = e / kv->head_dim, d = e % kv->head_dim;
+            char *c = kc + cake_kv_k_index(kv->head_ctx, kv->head_dim, h, pos0 + t, d) * es;
+            char *r = (char *)k + ((size_t)t * kv->kv_dim + (size_t)e) * es;
+            memcpy(put ? c : r, put ? r : c, es);
         }
 }
 
 void cake_kv_put(const cake_kv_cache *kv, int layer, int pos0, int n, const void *k,
                  const void *v) {
+    copy_values(kv, layer, pos0, 0, n, (void *)v, 1);
+    int t0 = n, t1 = n; /* rows whose keys go in whole 16 x 32 tiles */
 #ifdef HAVE_KEYS_INTO_BLOCK
-    /* f16 keys in whole tiles of 16 positions x 32 dims: transposed in
-     * registers (a stored chunk installs at ~4x the rate of the scalar copy) */
-    const int hd = kv->head_dim, hc = kv->head_ctx;
+    /* f16 keys transposed in registers: a stored chunk installs at ~4x the
+     * rate of the element-by-element copy */
+    const int hd = kv->head_dim;
     if (kv->type == CAKE_KV_F16 && hd % 32 == 0) {
-        int t = 0;
-        while (t < n && (pos0 + t) % 16) t++;
-        const int t_end = t + (n - t) / 16 * 16;
-        kv_copy(kv, layer, pos0, t, (void *)k, (void *)v, 1); /* the ragged ends */
-        kv_copy(kv, layer, pos0 + t_end, n - t_end, (char *)k + (size_t)t_end * kv->kv_dim * 2,
-                (char *)v + (size_t)t_end * kv->kv_dim * 2, 1);
-        char *vc = cake_kv_v(kv, layer);
+        t0 = (16 - pos0 % 16) % 16 < n ? (16 - pos0 % 16) % 16 : n;
+        t1 = t0 + (n - t0) / 16 * 16;
         uint16_t *kc = cake_kv_k(kv, layer);
-        const size_t piece = (size_t)hd * 2;
-        for (int h = 0; h < kv->n_kv_heads; h++) {
-            for (int tt = t; tt < t_end; tt++)
-                memcpy(vc + cake_kv_v_index(hc, hd, h, pos0 + tt, 0) * 2,
-                       (const char *)v + ((size_t)tt * kv->kv_dim + (size_t)h * hd) * 2, piece);
-            for (int tt = t; tt < t_end; tt += 16)
+        for (int h = 0; h < kv->n_kv_heads; h++)
+            for (int t = t0; t < t1; t += 16)
                 for (int d0 = 0; d0 < hd; d0 += 32)
-                    keys_into_block(kc + cake_kv_k_index(hc, hd, h, pos0 + tt, d0),
-                                    (const uint16_t *)k + (size_t)tt * kv->kv_dim + (size_t)h * hd +
+                    keys_into_block(kc + cake_kv_k_index(kv->head_ctx, hd, h, pos0 + t, d0),
+                                    (const uint16_t *)k + (size_t)t * kv->kv_dim + (size_t)h * hd +
                                         d0,
                                     (size_t)kv->kv_dim);
-        }
-        return;
     }
 #endif
-    kv_copy(kv, layer, pos0, n, (void *)k, (void *)v, 1);
+    copy_keys(kv, layer, pos0, 0, t0, (void *)k, 1); /* the ragged ends */
+    copy_keys(kv, layer, pos0, t1, n, (void *)k, 1);
 }
 
 void cake_kv_get(const cake_kv_cache *kv, int layer, int pos0, int n, void *k, void *v) {
-    kv_copy(kv, layer, pos0, n, k, v, 0);
+    copy_values(kv, layer, pos0, 0, n, v, 0);
+    copy_keys(kv, layer, pos0, 0, n, k, 0);
 }
