@@ -20,7 +20,8 @@
 # the mma.sync attention kernel (CAKE_CUDA_ATTN=mma), chunks with the
 # separate combine kernel (CAKE_CUDA_COMBINE=launch), the attention's stream
 # schedule (CAKE_CUDA_ATTN_SCHED=stream in chunks, stream-all one-shot;
-# tested first), one-shot with f32 GEMM outputs (CAKE_CUDA_GEMM_OUT=f32); the
+# tested first), one-shot with f32 GEMM outputs (CAKE_CUDA_GEMM_OUT=f32), the
+# plain element-wise kernels (CAKE_CUDA_ROWS=plain, one-shot and chunks); the
 # fastest variant and schedule run the rest. After llama-8b: cublasLt's GEMM
 # algorithms on the 13B shapes against cuBLAS's default (bench_gemm), and the
 # file store's read rate for 419 MB blobs (bench_store). Each comparison before
@@ -416,6 +417,10 @@ elif step mkmodel_longalpaca13b 150 $CAKE mkmodel --shape longalpaca-13b -o "$F1
             CAKE_CUDA_COMBINE=launch prefill longalpaca-13b chunk512 combine-launch
         fi
         spare 6 "oneshot gemm-f32" && CAKE_CUDA_GEMM_OUT=f32 prefill longalpaca-13b oneshot gemm-f32
+        # stop 24's wide element-wise kernels (16-byte loads: RoPE/KV, SwiGLU)
+        # against the plain ones, one-shot and in chunks
+        spare 6 "oneshot rows-plain" && CAKE_CUDA_ROWS=plain prefill longalpaca-13b oneshot rows-plain
+        spare 6 "chunk512 rows-plain" && CAKE_CUDA_ROWS=plain prefill longalpaca-13b chunk512 rows-plain
         # the stream schedule (stop 16) against the grid above: in chunks
         # (profiled and not), and for every batch (one-shot too); the faster
         # runs the rest

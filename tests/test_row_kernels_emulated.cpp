@@ -10,6 +10,8 @@
 
 #include <cuda_bf16.h>
 
+#include <type_traits>
+
 /* A block's static __shared__ arrays: one copy, shared by the emulated
  * threads (blocks run one at a time). */
 #undef __shared__
@@ -93,9 +95,10 @@ template <typename T> static void test_rmsnorm(int n, int dim, const char *type)
  * (the order of an f32 multiply-add can differ). q/k/v come in as TIn, the
  * type the GEMM before it wrote. */
 /* neox: RoPE turns pairs (i, i + head_dim/2) (qwen2); bias: add q/k/v biases. */
+/* wide: rope_kv_vec_kernel (4 pairs a thread step) instead of rope_kv_kernel. */
 template <typename TIn>
 static void test_rope(int n_heads, int n_kv_heads, int head_dim, int pos0, int n, int slices,
-                      const char *type, bool neox = false, bool bias = false) {
+                      const char *type, bool neox = false, bool bias = false, bool wide = false) {
     const int half_hd = head_dim / 2, n_pos = pos0 + n;
     const int dim = n_heads * head_dim, kv_dim = n_kv_heads * head_dim;
     std::vector<double> inv(half_hd);
@@ -131,12 +134,24 @@ static void test_rope(int n_heads, int n_kv_heads, int head_dim, int pos0, int n
     const float *bp = bias ? b.data() : nullptr;
     __half *q16p = q16.data(), *kp = kc.data(), *vp = vc.data();
     const float2 *csc = cs.data();
-    if (neox)
+    if constexpr (sizeof(TIn) == 2) {
+        if (wide && neox)
+            emu::body = [=] {
+                rope_kv_vec_kernel<TIn, true>(qp, bp, q16p, kp, vp, csc, pos0, n_heads, n_kv_heads,
+                                              head_dim);
+            };
+        else if (wide)
+            emu::body = [=] {
+                rope_kv_vec_kernel<TIn, false>(qp, bp, q16p, kp, vp, csc, pos0, n_heads, n_kv_heads,
+                                               head_dim);
+            };
+    }
+    if (!wide && neox)
         emu::body = [=] {
             rope_kv_kernel<TIn, true>(qp, bp, q16p, kp, vp, csc, pos0, n_heads, n_kv_heads,
                                       head_dim);
         };
-    else
+    else if (!wide)
         emu::body = [=] {
             rope_kv_kernel<TIn, false>(qp, bp, q16p, kp, vp, csc, pos0, n_heads, n_kv_heads,
                                        head_dim);
@@ -175,17 +190,18 @@ static void test_rope(int n_heads, int n_kv_heads, int head_dim, int pos0, int n
     }
     const double tol = 1.0 / 1024;
     check(worst <= tol && !v_bad,
-          "rope+kv%s%s from %s, heads %d/%d of %d, positions %d..%d, %d slice(s) a row: max "
+          "rope+kv%s%s%s from %s, heads %d/%d of %d, positions %d..%d, %d slice(s) a row: max "
           "relative error %.3g (tol %.3g), %d v values differ",
-          neox ? " (neox)" : "", bias ? " with biases" : "", type, n_heads, n_kv_heads, head_dim,
-          pos0, pos0 + n - 1, slices, worst, tol, v_bad);
+          wide ? " (wide)" : "", neox ? " (neox)" : "", bias ? " with biases" : "", type, n_heads,
+          n_kv_heads, head_dim, pos0, pos0 + n - 1, slices, worst, tol, v_bad);
 }
 
 /* ---- SwiGLU ---- */
 
 /* gate/up come in as TIn: f32, or T as the GEMM wrote them. */
+/* wide: swiglu_vec_kernel (8 elements a thread, a flat grid; grid_y unused). */
 template <typename T, typename TIn>
-static void test_swiglu(int n, int ffn, int grid_y, const char *type) {
+static void test_swiglu(int n, int ffn, int grid_y, const char *type, bool wide = false) {
     std::vector<TIn> gu_in((size_t)n * 2 * ffn);
     std::vector<float> gu(gu_in.size());
     for (size_t i = 0; i < gu.size(); i++) {
@@ -195,9 +211,15 @@ static void test_swiglu(int n, int ffn, int grid_y, const char *type) {
     std::vector<T> h((size_t)n * ffn);
     T *hp = h.data();
     const TIn *gp = gu_in.data();
+    dim3 grid((unsigned)((ffn + ROW_THREADS - 1) / ROW_THREADS), (unsigned)grid_y);
     emu::body = [=] { swiglu_kernel<T, TIn>(hp, gp, n, ffn); };
-    if (run_grid(dim3((unsigned)((ffn + ROW_THREADS - 1) / ROW_THREADS), (unsigned)grid_y),
-                 ROW_THREADS)) {
+    if constexpr (sizeof(T) == 2 && std::is_same_v<T, TIn>) {
+        if (wide) {
+            emu::body = [=] { swiglu_vec_kernel<T>(hp, gp, n, ffn); };
+            grid = dim3((unsigned)(((size_t)n * (ffn / 8) + ROW_THREADS - 1) / ROW_THREADS));
+        }
+    }
+    if (run_grid(grid, ROW_THREADS)) {
         failed++;
         return;
     }
@@ -209,8 +231,9 @@ static void test_swiglu(int n, int ffn, int grid_y, const char *type) {
             const double e = fabs(cake_to_f32(h[(size_t)t * ffn + i]) - want) / (fabs(want) + 1e-3);
             worst = isnan(e) ? INFINITY : fmax(worst, e);
         }
-    check(worst <= tolerance<T>(), "swiglu %s, %d rows of %d (grid y %d): max relative error %.3g",
-          type, n, ffn, grid_y, worst);
+    check(worst <= tolerance<T>(),
+          "swiglu%s %s, %d rows of %d (grid y %d): max relative error %.3g", wide ? " (wide)" : "",
+          type, n, ffn, wide ? 1 : grid_y, worst);
 }
 
 int main() {
@@ -237,12 +260,26 @@ int main() {
     test_rope<__half>(14, 2, 64, 30000, 2, 3, "f16", true, true);
     test_rope<__nv_bfloat16>(2, 1, 16, 7, 2, 5, "bf16", true, false);
     test_rope<float>(3, 3, 64, 100, 2, 2, "f32", false, true);
+    /* the wide kernel (4 pairs a step) for f16/bf16 rows, both pairings, with
+     * and without biases, slices that end inside a head */
+    test_rope<__half>(4, 2, 128, 500, 3, 3, "f16", false, false, true);
+    test_rope<__nv_bfloat16>(3, 3, 64, 30000, 2, 2, "bf16", false, true, true);
+    test_rope<__half>(14, 2, 64, 30000, 2, 3, "f16", true, true, true);
+    test_rope<__nv_bfloat16>(2, 1, 16, 7, 2, 5, "bf16", true, false, true);
+    test_rope<__half>(40, 40, 128, 16000, 2, 4, "f16", false, false, true); /* 13B's rows */
+    check(rope_kv_vec_fits(128) && rope_kv_vec_fits(64) && rope_kv_vec_fits(16) &&
+              !rope_kv_vec_fits(20),
+          "the wide RoPE kernel takes head dims that are multiples of 8");
 
     test_swiglu<__half, float>(3, 300, 3, "f16 from f32");
     test_swiglu<float, float>(5, 256, 2, "f32"); /* rows strided over grid y */
     test_swiglu<__nv_bfloat16, float>(2, 13824 / 8, 2, "bf16 from f32");
     test_swiglu<__half, __half>(3, 300, 2, "f16");
     test_swiglu<__nv_bfloat16, __nv_bfloat16>(2, 13824 / 8, 2, "bf16");
+    /* the wide kernel: rows that end inside a block, a row shorter than a block */
+    test_swiglu<__half, __half>(3, 13824 / 8, 1, "f16", true);
+    test_swiglu<__nv_bfloat16, __nv_bfloat16>(5, 296, 1, "bf16", true);
+    test_swiglu<__half, __half>(2, 4096, 1, "f16", true);
 
     if (failed) printf("%d check(s) failed\n", failed);
     return failed ? 1 : 0;

@@ -63,6 +63,66 @@ __device__ __forceinline__ void cake_store2(__nv_bfloat16 *p, float a, float b) 
     *reinterpret_cast<__nv_bfloat162 *>(p) = __floats2bfloat162_rn(a, b);
 }
 
+/* A 2-byte element from its bits and back (by value: the host build of the
+ * emulated tests would break type punning through pointers, strict aliasing). */
+template <typename T> __device__ __forceinline__ float cake_bits_to_f32(uint32_t b);
+template <> __device__ __forceinline__ float cake_bits_to_f32<__half>(uint32_t b) {
+    return __half2float(__ushort_as_half((unsigned short)b));
+}
+template <> __device__ __forceinline__ float cake_bits_to_f32<__nv_bfloat16>(uint32_t b) {
+    return __bfloat162float(__ushort_as_bfloat16((unsigned short)b));
+}
+template <typename T> __device__ __forceinline__ uint32_t cake_f32_to_bits(float v) {
+    return __half_as_ushort(__float2half_rn(v));
+}
+template <> __device__ __forceinline__ uint32_t cake_f32_to_bits<__nv_bfloat16>(float v) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+}
+
+/* N (4 or 8) consecutive 2-byte elements in one 8- or 16-byte access (p
+ * aligned to it), as f32 and back: the row kernels' wide loads. Element 2k is
+ * the low half of 32-bit word k (little-endian, as the GPU stores them). */
+template <int N> struct cake_wide;
+template <> struct cake_wide<4> {
+    using type = uint2;
+    static __device__ __forceinline__ uint32_t get(const uint2 &w, int k) {
+        return k ? w.y : w.x;
+    }
+    static __device__ __forceinline__ uint2 make(const uint32_t *v) {
+        return make_uint2(v[0], v[1]);
+    }
+};
+template <> struct cake_wide<8> {
+    using type = uint4;
+    static __device__ __forceinline__ uint32_t get(const uint4 &w, int k) {
+        return k == 0 ? w.x : k == 1 ? w.y : k == 2 ? w.z : w.w;
+    }
+    static __device__ __forceinline__ uint4 make(const uint32_t *v) {
+        return make_uint4(v[0], v[1], v[2], v[3]);
+    }
+};
+
+template <int N, typename T> __device__ __forceinline__ void cake_load_n(const T *p, float *f) {
+    static_assert(sizeof(T) == 2, "16-bit types only");
+    using W = cake_wide<N>;
+    const typename W::type w = *reinterpret_cast<const typename W::type *>(p);
+#pragma unroll
+    for (int k = 0; k < N / 2; k++) {
+        f[2 * k] = cake_bits_to_f32<T>(W::get(w, k) & 0xffffu);
+        f[2 * k + 1] = cake_bits_to_f32<T>(W::get(w, k) >> 16);
+    }
+}
+
+template <int N, typename T> __device__ __forceinline__ void cake_store_n(T *p, const float *f) {
+    static_assert(sizeof(T) == 2, "16-bit types only");
+    using W = cake_wide<N>;
+    uint32_t w[N / 2];
+#pragma unroll
+    for (int k = 0; k < N / 2; k++)
+        w[k] = cake_f32_to_bits<T>(f[2 * k]) | cake_f32_to_bits<T>(f[2 * k + 1]) << 16;
+    *reinterpret_cast<typename W::type *>(p) = W::make(w);
+}
+
 /* ---- block reductions (fixed order; every thread gets the same value) ----
  * scratch: at least 32 floats of shared memory, not in use by another
  * reduction until a __syncthreads() after this one returns. */

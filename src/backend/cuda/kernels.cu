@@ -6,6 +6,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <type_traits>
+
 #include "model/gguf.h"
 
 namespace {
@@ -18,12 +20,13 @@ unsigned grid_for(size_t total, int threads) {
     return (unsigned)(blocks < 1 ? 1 : blocks > cap ? cap : blocks);
 }
 
-/* CAKE_CUDA_RMSNORM=plain: the plain kernel for every row, to measure the
- * float4 one against it in one run (read once; the forward pass is one thread). */
-bool rmsnorm_plain() {
+/* CAKE_CUDA_ROWS=plain: the plain RMSNorm, RoPE/KV and SwiGLU kernels (one
+ * or two elements a thread) for every row, to measure the wide ones against
+ * them in one run (read once; the forward pass is one thread). */
+bool rows_plain() {
     static int plain = -1;
     if (plain < 0) {
-        const char *e = getenv("CAKE_CUDA_RMSNORM");
+        const char *e = getenv("CAKE_CUDA_ROWS");
         plain = e && !strcmp(e, "plain");
     }
     return plain;
@@ -32,7 +35,7 @@ bool rmsnorm_plain() {
 template <typename T>
 void launch_rmsnorm(T *y, const float *x, const float *w, int n, int dim, float eps,
                     cudaStream_t st) {
-    if (rmsnorm_vec_fits(dim) && !rmsnorm_plain())
+    if (rmsnorm_vec_fits(dim) && !rows_plain())
         rmsnorm_vec_kernel<<<n, ROW_THREADS, 0, st>>>(y, x, w, dim, eps);
     else
         rmsnorm_kernel<<<n, ROW_THREADS, 0, st>>>(y, x, w, dim, eps);
@@ -40,9 +43,42 @@ void launch_rmsnorm(T *y, const float *x, const float *w, int n, int dim, float 
 
 template <typename T, typename TIn>
 void launch_swiglu(T *h, const TIn *gu, int n, int ffn, cudaStream_t st) {
+    if constexpr (sizeof(T) == 2 && std::is_same_v<T, TIn>) {
+        if (ffn % 8 == 0 && !rows_plain()) {
+            const size_t groups = (size_t)n * (size_t)(ffn / 8);
+            swiglu_vec_kernel<<<(unsigned)((groups + ROW_THREADS - 1) / ROW_THREADS), ROW_THREADS,
+                                0, st>>>(h, gu, n, ffn);
+            return;
+        }
+    }
     const dim3 grid((unsigned)((ffn + ROW_THREADS - 1) / ROW_THREADS),
                     (unsigned)(n < SWIGLU_MAX_Y ? n : SWIGLU_MAX_Y));
     swiglu_kernel<<<grid, ROW_THREADS, 0, st>>>(h, gu, n, ffn);
+}
+
+template <typename TIn, bool NEOX>
+void launch_rope_kv(const TIn *qkv, const float *bias, __half *q16, __half *k_cache,
+                    __half *v_cache, const float2 *rope_cs, int n, int pos0, int n_heads,
+                    int n_kv_heads, int head_dim, cudaStream_t st) {
+    /* Row slices so that a batch has ~2048 blocks (8 per SM of an H100) where
+     * its rows allow: a chunk of 512 rows is 4 slices, decode's 1 row all of
+     * its thread steps; a long batch is one block per row. */
+    bool wide = false;
+    if constexpr (sizeof(TIn) == 2) wide = rope_kv_vec_fits(head_dim) && !rows_plain();
+    const int per_step = wide ? 4 : 1; /* pairs */
+    const int pairs = (n_heads + 2 * n_kv_heads) * (head_dim / 2);
+    const int steps = (pairs / per_step + ROW_THREADS - 1) / ROW_THREADS;
+    const int want = (2048 + n - 1) / n;
+    const dim3 grid((unsigned)n, (unsigned)(want < steps ? want : steps));
+    if constexpr (sizeof(TIn) == 2) {
+        if (wide) {
+            rope_kv_vec_kernel<TIn, NEOX><<<grid, ROW_THREADS, 0, st>>>(
+                qkv, bias, q16, k_cache, v_cache, rope_cs, pos0, n_heads, n_kv_heads, head_dim);
+            return;
+        }
+    }
+    rope_kv_kernel<TIn, NEOX><<<grid, ROW_THREADS, 0, st>>>(
+        qkv, bias, q16, k_cache, v_cache, rope_cs, pos0, n_heads, n_kv_heads, head_dim);
 }
 
 /* Calls f(T()) with T the element type of `dtype` (f32, f16 or bf16), then
@@ -90,22 +126,14 @@ cudaError_t cake_cuda_rope_kv(const void *qkv, int qkv_dtype, const float *bias,
                               __half *q16, __half *k_cache, __half *v_cache, const float2 *rope_cs,
                               int n, int pos0, int n_heads, int n_kv_heads, int head_dim,
                               cudaStream_t st) {
-    /* Row slices so that a batch has ~2048 blocks (8 per SM of an H100) where
-     * its rows allow: a chunk of 512 rows is 4 slices, decode's 1 row all of
-     * its ROW_THREADS-pair steps; a long batch is one block per row. */
-    const int steps = ((n_heads + 2 * n_kv_heads) * (head_dim / 2) + ROW_THREADS - 1) / ROW_THREADS;
-    const int want = (2048 + n - 1) / n;
-    const dim3 grid((unsigned)n, (unsigned)(want < steps ? want : steps));
     return with_dtype(qkv_dtype, [&](auto t) {
         using T = decltype(t);
         if (neox)
-            rope_kv_kernel<T, true><<<grid, ROW_THREADS, 0, st>>>((const T *)qkv, bias, q16,
-                                                                  k_cache, v_cache, rope_cs, pos0,
-                                                                  n_heads, n_kv_heads, head_dim);
+            launch_rope_kv<T, true>((const T *)qkv, bias, q16, k_cache, v_cache, rope_cs, n, pos0,
+                                    n_heads, n_kv_heads, head_dim, st);
         else
-            rope_kv_kernel<T, false><<<grid, ROW_THREADS, 0, st>>>((const T *)qkv, bias, q16,
-                                                                   k_cache, v_cache, rope_cs, pos0,
-                                                                   n_heads, n_kv_heads, head_dim);
+            launch_rope_kv<T, false>((const T *)qkv, bias, q16, k_cache, v_cache, rope_cs, n, pos0,
+                                     n_heads, n_kv_heads, head_dim, st);
     });
 }
 
