@@ -42,52 +42,54 @@ void cake_kv_cache_free(cake_kv_cache *kv) {
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 
-/* 16 positions x 32 dims of f16 keys (rows `stride` elements apart) into a
- * transposed key block: dst[d * 64 + 0..15] for d in [0, 32). Three rounds of
- * 16-, 32- and 64-bit interleaves within 128-bit lanes, then the 8-position
- * halves of each dim put side by side. */
-static void keys_into_block(uint16_t *dst, const uint16_t *src, size_t stride) {
+/* A 16 x 32 matrix of 16-bit elements (rows src_stride elements apart)
+ * transposed into 32 x 16 (rows dst_stride apart): cake_kv_put moves 16
+ * positions x 32 dims of f16 keys into a key block this way (dst_stride 64),
+ * cake_kv_get 16 dims x 32 positions of a block back out into rows. Three
+ * rounds of 16-, 32- and 64-bit interleaves within 128-bit lanes, then the
+ * 8-column halves of each output row put side by side. */
+static void transpose_16x32(uint16_t *dst, size_t dst_stride, const uint16_t *src,
+                            size_t src_stride) {
     __m512i r[16], t[16];
-    for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_si512(src + (size_t)i * stride);
-    /* lane L of t[2i] (dims 8L..8L+7): 32-bit pairs of positions (2i, 2i+1)
-     * at dims c = 0..3 of the lane; t[2i + 1]: c = 4..7 */
+    for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_si512(src + (size_t)i * src_stride);
+    /* lane L of t[2i] (columns 8L..8L+7): 32-bit pairs of rows (2i, 2i+1)
+     * at columns c = 0..3 of the lane; t[2i + 1]: c = 4..7 */
     for (int i = 0; i < 8; i++) {
         t[2 * i] = _mm512_unpacklo_epi16(r[2 * i], r[2 * i + 1]);
         t[2 * i + 1] = _mm512_unpackhi_epi16(r[2 * i], r[2 * i + 1]);
     }
-    /* r[4i + m]: 64-bit quads of positions 4i..4i+3 at c = 2m, 2m + 1 */
+    /* r[4i + m]: 64-bit quads of rows 4i..4i+3 at c = 2m, 2m + 1 */
     for (int i = 0; i < 4; i++)
         for (int x = 0; x < 2; x++) {
             r[4 * i + 2 * x] = _mm512_unpacklo_epi32(t[4 * i + x], t[4 * i + 2 + x]);
             r[4 * i + 2 * x + 1] = _mm512_unpackhi_epi32(t[4 * i + x], t[4 * i + 2 + x]);
         }
-    /* t[8g + c]: lane L holds positions 8g..8g+7 at dim 8L + c */
+    /* t[8g + c]: lane L holds rows 8g..8g+7 at column 8L + c */
     for (int g = 0; g < 2; g++)
         for (int m = 0; m < 4; m++) {
             t[8 * g + 2 * m] = _mm512_unpacklo_epi64(r[8 * g + m], r[8 * g + 4 + m]);
             t[8 * g + 2 * m + 1] = _mm512_unpackhi_epi64(r[8 * g + m], r[8 * g + 4 + m]);
         }
-    /* 256-bit halves: dims c, 8 + c (lo) and 16 + c, 24 + c (hi) */
+    /* 256-bit halves: columns c, 8 + c (lo) and 16 + c, 24 + c (hi) */
     const __m512i lo = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);
     const __m512i hi = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
     for (int c = 0; c < 8; c++) {
         const __m512i a = _mm512_permutex2var_epi64(t[c], lo, t[8 + c]);
         const __m512i b = _mm512_permutex2var_epi64(t[c], hi, t[8 + c]);
-        _mm256_storeu_si256((__m256i *)(dst + c * CAKE_KV_KBLOCK), _mm512_castsi512_si256(a));
-        _mm256_storeu_si256((__m256i *)(dst + (8 + c) * CAKE_KV_KBLOCK),
+        _mm256_storeu_si256((__m256i *)(dst + c * dst_stride), _mm512_castsi512_si256(a));
+        _mm256_storeu_si256((__m256i *)(dst + (8 + c) * dst_stride),
                             _mm512_extracti64x4_epi64(a, 1));
-        _mm256_storeu_si256((__m256i *)(dst + (16 + c) * CAKE_KV_KBLOCK),
-                            _mm512_castsi512_si256(b));
-        _mm256_storeu_si256((__m256i *)(dst + (24 + c) * CAKE_KV_KBLOCK),
+        _mm256_storeu_si256((__m256i *)(dst + (16 + c) * dst_stride), _mm512_castsi512_si256(b));
+        _mm256_storeu_si256((__m256i *)(dst + (24 + c) * dst_stride),
                             _mm512_extracti64x4_epi64(b, 1));
     }
 }
-#define HAVE_KEYS_INTO_BLOCK 1
+#define HAVE_TRANSPOSE_16X32 1
 #endif
 
-/* Copies rows [t0, t1) of n position-major rows (k, v hold rows from pos0)
- * in (put) or out of a layer's cache. Values go in runs of head_dim; keys
- * one element at a time, scattered into their transposed blocks. */
+/* Rows [t0, t1) of n position-major rows (k, v hold rows from pos0) in (put)
+ * or out of a layer's cache. Values go in pieces of head_dim, a row's heads
+ * one after another. */
 static void copy_values(const cake_kv_cache *kv, int layer, int pos0, int t0, int t1, void *v,
                         int put) {
     char *vc = cake_kv_v(kv, layer);
@@ -100,38 +102,65 @@ static void copy_values(const cake_kv_cache *kv, int layer, int pos0, int t0, in
         }
 }
 
+/* Keys element by element: per head, block and dim, a run of positions
+ * (consecutive in the block, kv_dim apart in the rows). */
+#define MOVE_KEY_RUN(T)                                                                            \
+    do {                                                                                           \
+        T *c_ = (T *)kc + c, *r_ = (T *)k + r;                                                     \
+        if (put)                                                                                   \
+            for (int i = 0; i < len; i++) c_[i] = r_[(size_t)i * kv->kv_dim];                      \
+        else                                                                                       \
+            for (int i = 0; i < len; i++) r_[(size_t)i * kv->kv_dim] = c_[i];                      \
+    } while (0)
+
 static void copy_keys(const cake_kv_cache *kv, int layer, int pos0, int t0, int t1, void *k,
                       int put) {
-    char *kc = cake_kv_k(kv, layer);
-    const size_t es = kv->elem_size;
-    for (int t = t0; t < t1; t++)
-        for (int e = 0; e < kv->kv_dim; e++) {
-            const int h = e / kv->head_dim, d = e % kv->head_dim;
-            char *c = kc + cake_kv_k_index(kv->head_ctx, kv->head_dim, h, pos0 + t, d) * es;
-            char *r = (char *)k + ((size_t)t * kv->kv_dim + (size_t)e) * es;
-            memcpy(put ? c : r, put ? r : c, es);
+    void *kc = cake_kv_k(kv, layer);
+    const int hd = kv->head_dim;
+    for (int h = 0; h < kv->n_kv_heads; h++)
+        for (int t = t0, len; t < t1; t += len) {
+            const int room = CAKE_KV_KBLOCK - (pos0 + t) % CAKE_KV_KBLOCK;
+            len = t1 - t < room ? t1 - t : room;
+            for (int d = 0; d < hd; d++) {
+                const size_t c = cake_kv_k_index(kv->head_ctx, hd, h, pos0 + t, d);
+                const size_t r = (size_t)t * kv->kv_dim + (size_t)h * hd + (size_t)d;
+                if (kv->elem_size == 2)
+                    MOVE_KEY_RUN(uint16_t);
+                else
+                    MOVE_KEY_RUN(float);
+            }
         }
+}
+#undef MOVE_KEY_RUN
+
+/* The rows [*t0, *t1) of [0, n) whose positions pos0 + t fill whole aligned
+ * runs of `align` positions (empty when there are none). */
+static void aligned_rows(int pos0, int n, int align, int *t0, int *t1) {
+    const int first = (align - pos0 % align) % align;
+    *t0 = first < n ? first : n;
+    *t1 = *t0 + (n - *t0) / align * align;
 }
 
 void cake_kv_put(const cake_kv_cache *kv, int layer, int pos0, int n, const void *k,
                  const void *v) {
     copy_values(kv, layer, pos0, 0, n, (void *)v, 1);
-    int t0 = n, t1 = n; /* rows whose keys go in whole 16 x 32 tiles */
-#ifdef HAVE_KEYS_INTO_BLOCK
-    /* f16 keys transposed in registers: a stored chunk installs at ~4x the
-     * rate of the element-by-element copy */
+    int t0 = n, t1 = n; /* rows whose keys go in whole tiles */
+#ifdef HAVE_TRANSPOSE_16X32
+    /* f16 keys transposed in registers, 16 positions x 32 dims a tile (~4x
+     * the rate of the element-by-element copy). Rows outermost, here as in
+     * get and copy_values: each row is read (written) whole before the next,
+     * 1.1-1.4x faster than a head at a time. */
     const int hd = kv->head_dim;
     if (kv->type == CAKE_KV_F16 && hd % 32 == 0) {
-        t0 = (16 - pos0 % 16) % 16 < n ? (16 - pos0 % 16) % 16 : n;
-        t1 = t0 + (n - t0) / 16 * 16;
+        aligned_rows(pos0, n, 16, &t0, &t1);
         uint16_t *kc = cake_kv_k(kv, layer);
-        for (int h = 0; h < kv->n_kv_heads; h++)
-            for (int t = t0; t < t1; t += 16)
+        for (int t = t0; t < t1; t += 16)
+            for (int h = 0; h < kv->n_kv_heads; h++)
                 for (int d0 = 0; d0 < hd; d0 += 32)
-                    keys_into_block(kc + cake_kv_k_index(kv->head_ctx, hd, h, pos0 + t, d0),
-                                    (const uint16_t *)k + (size_t)t * kv->kv_dim + (size_t)h * hd +
-                                        d0,
-                                    (size_t)kv->kv_dim);
+                    transpose_16x32(
+                        kc + cake_kv_k_index(kv->head_ctx, hd, h, pos0 + t, d0), CAKE_KV_KBLOCK,
+                        (const uint16_t *)k + (size_t)t * kv->kv_dim + (size_t)h * hd + d0,
+                        (size_t)kv->kv_dim);
     }
 #endif
     copy_keys(kv, layer, pos0, 0, t0, (void *)k, 1); /* the ragged ends */
@@ -140,5 +169,22 @@ void cake_kv_put(const cake_kv_cache *kv, int layer, int pos0, int n, const void
 
 void cake_kv_get(const cake_kv_cache *kv, int layer, int pos0, int n, void *k, void *v) {
     copy_values(kv, layer, pos0, 0, n, v, 0);
-    copy_keys(kv, layer, pos0, 0, n, k, 0);
+    int t0 = n, t1 = n;
+#ifdef HAVE_TRANSPOSE_16X32
+    /* the inverse: 16 dims x 32 positions of a block a tile, out to rows */
+    const int hd = kv->head_dim;
+    if (kv->type == CAKE_KV_F16 && hd % 16 == 0) {
+        aligned_rows(pos0, n, 32, &t0, &t1);
+        const uint16_t *kc = cake_kv_k(kv, layer);
+        for (int t = t0; t < t1; t += 32)
+            for (int h = 0; h < kv->n_kv_heads; h++)
+                for (int d0 = 0; d0 < hd; d0 += 16)
+                    transpose_16x32((uint16_t *)k + (size_t)t * kv->kv_dim + (size_t)h * hd + d0,
+                                    (size_t)kv->kv_dim,
+                                    kc + cake_kv_k_index(kv->head_ctx, hd, h, pos0 + t, d0),
+                                    CAKE_KV_KBLOCK);
+    }
+#endif
+    copy_keys(kv, layer, pos0, 0, t0, k, 0);
+    copy_keys(kv, layer, pos0, t1, n, k, 0);
 }
