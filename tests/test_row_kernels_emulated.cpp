@@ -95,7 +95,7 @@ template <typename T> static void test_rmsnorm(int n, int dim, const char *type)
  * (the order of an f32 multiply-add can differ). q/k/v come in as TIn, the
  * type the GEMM before it wrote. */
 /* neox: RoPE turns pairs (i, i + head_dim/2) (qwen2); bias: add q/k/v biases. */
-/* wide: rope_kv_vec_kernel (4 pairs a thread step) instead of rope_kv_kernel. */
+/* wide: rope_kv_kernel with 4 pairs a thread step (S = 4) instead of 1. */
 template <typename TIn>
 static void test_rope(int n_heads, int n_kv_heads, int head_dim, int pos0, int n, int slices,
                       const char *type, bool neox = false, bool bias = false, bool wide = false) {
@@ -137,24 +137,24 @@ static void test_rope(int n_heads, int n_kv_heads, int head_dim, int pos0, int n
     if constexpr (sizeof(TIn) == 2) {
         if (wide && neox)
             emu::body = [=] {
-                rope_kv_vec_kernel<TIn, true>(qp, bp, q16p, kp, vp, csc, pos0, n_heads, n_kv_heads,
-                                              head_dim);
+                rope_kv_kernel<TIn, true, 4>(qp, bp, q16p, kp, vp, csc, pos0, n_heads, n_kv_heads,
+                                             head_dim);
             };
         else if (wide)
             emu::body = [=] {
-                rope_kv_vec_kernel<TIn, false>(qp, bp, q16p, kp, vp, csc, pos0, n_heads, n_kv_heads,
-                                               head_dim);
+                rope_kv_kernel<TIn, false, 4>(qp, bp, q16p, kp, vp, csc, pos0, n_heads, n_kv_heads,
+                                              head_dim);
             };
     }
     if (!wide && neox)
         emu::body = [=] {
-            rope_kv_kernel<TIn, true>(qp, bp, q16p, kp, vp, csc, pos0, n_heads, n_kv_heads,
-                                      head_dim);
+            rope_kv_kernel<TIn, true, 1>(qp, bp, q16p, kp, vp, csc, pos0, n_heads, n_kv_heads,
+                                         head_dim);
         };
     else if (!wide)
         emu::body = [=] {
-            rope_kv_kernel<TIn, false>(qp, bp, q16p, kp, vp, csc, pos0, n_heads, n_kv_heads,
-                                       head_dim);
+            rope_kv_kernel<TIn, false, 1>(qp, bp, q16p, kp, vp, csc, pos0, n_heads, n_kv_heads,
+                                          head_dim);
         };
     if (run_grid(dim3((unsigned)n, (unsigned)slices), ROW_THREADS)) {
         failed++;
@@ -267,8 +267,8 @@ int main() {
     test_rope<__half>(14, 2, 64, 30000, 2, 3, "f16", true, true, true);
     test_rope<__nv_bfloat16>(2, 1, 16, 7, 2, 5, "bf16", true, false, true);
     test_rope<__half>(40, 40, 128, 16000, 2, 4, "f16", false, false, true); /* 13B's rows */
-    check(rope_kv_vec_fits(128) && rope_kv_vec_fits(64) && rope_kv_vec_fits(16) &&
-              !rope_kv_vec_fits(20),
+    check(rope_kv_wide_fits(128) && rope_kv_wide_fits(64) && rope_kv_wide_fits(16) &&
+              !rope_kv_wide_fits(20),
           "the wide RoPE kernel takes head dims that are multiples of 8");
 
     test_swiglu<__half, float>(3, 300, 3, "f16 from f32");

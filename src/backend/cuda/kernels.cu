@@ -64,20 +64,19 @@ void launch_rope_kv(const TIn *qkv, const float *bias, __half *q16, __half *k_ca
      * its rows allow: a chunk of 512 rows is 4 slices, decode's 1 row all of
      * its thread steps; a long batch is one block per row. */
     bool wide = false;
-    if constexpr (sizeof(TIn) == 2) wide = rope_kv_vec_fits(head_dim) && !rows_plain();
-    const int per_step = wide ? 4 : 1; /* pairs */
+    if constexpr (sizeof(TIn) == 2) wide = rope_kv_wide_fits(head_dim) && !rows_plain();
     const int pairs = (n_heads + 2 * n_kv_heads) * (head_dim / 2);
-    const int steps = (pairs / per_step + ROW_THREADS - 1) / ROW_THREADS;
+    const int steps = (pairs / (wide ? 4 : 1) + ROW_THREADS - 1) / ROW_THREADS;
     const int want = (2048 + n - 1) / n;
     const dim3 grid((unsigned)n, (unsigned)(want < steps ? want : steps));
     if constexpr (sizeof(TIn) == 2) {
         if (wide) {
-            rope_kv_vec_kernel<TIn, NEOX><<<grid, ROW_THREADS, 0, st>>>(
+            rope_kv_kernel<TIn, NEOX, 4><<<grid, ROW_THREADS, 0, st>>>(
                 qkv, bias, q16, k_cache, v_cache, rope_cs, pos0, n_heads, n_kv_heads, head_dim);
             return;
         }
     }
-    rope_kv_kernel<TIn, NEOX><<<grid, ROW_THREADS, 0, st>>>(
+    rope_kv_kernel<TIn, NEOX, 1><<<grid, ROW_THREADS, 0, st>>>(
         qkv, bias, q16, k_cache, v_cache, rope_cs, pos0, n_heads, n_kv_heads, head_dim);
 }
 

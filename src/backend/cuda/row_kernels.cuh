@@ -103,21 +103,55 @@ __global__ void rope_table_kernel(float2 *__restrict__ cs, const double *__restr
     }
 }
 
+/* N consecutive elements of a row (p aligned to N elements) as f32, and N
+ * floats out as f16: one element, a pair, or (2-byte types) 4 or 8 in one
+ * 8- or 16-byte access. */
+template <int N, typename T> __device__ __forceinline__ void load_run(const T *p, float *f) {
+    if constexpr (N == 1) {
+        f[0] = cake_to_f32(p[0]);
+    } else if constexpr (N == 2) {
+        const float2 v = cake_load2(p);
+        f[0] = v.x;
+        f[1] = v.y;
+    } else {
+        cake_load_n<N>(p, f);
+    }
+}
+template <int N> __device__ __forceinline__ void store_run(__half *p, const float *f) {
+    if constexpr (N == 1)
+        p[0] = __float2half_rn(f[0]);
+    else if constexpr (N == 2)
+        cake_store2(p, f[0], f[1]);
+    else
+        cake_store_n<N>(p, f);
+}
+
+/* Whether rope_kv_kernel can take S = 4 pairs a thread step (with 2-byte
+ * inputs): head_dim / 2 a multiple of 4, so that a step's pairs never
+ * straddle a head, or q, k and v. */
+__host__ __device__ constexpr bool rope_kv_wide_fits(int head_dim) {
+    return head_dim % 8 == 0;
+}
+
 /* grid (n, slices), block ROW_THREADS. Row t of qkv is [q (dim) | k (kv_dim) |
  * v (kv_dim)] (f32, or f16/bf16 straight from the GEMM), at position pos0 + t:
  * q16[t] = rope(q + bq), k_cache[pos] = rope(k + bk), v_cache[pos] = v + bv, as
  * f16 (bias: the model's q/k/v biases as one f32 row, or NULL). RoPE turns
- * the pairs (2i, 2i + 1) of each head, or with NEOX the pairs (i, i + half);
- * thread step p takes pair p either way (heads start at multiples of
- * half_hd pairs), and v's elements in pairs as they lie. Block y takes the
- * y-th of `slices` equal parts of the row's pairs: a batch of few rows still
+ * the pairs (2i, 2i + 1) of each head, or with NEOX the pairs (i, i + half).
+ * A thread step takes S pairs: S = 1, or S = 4 for 2-byte inputs where
+ * rope_kv_wide_fits (8 elements in one 16-byte load; with NEOX two 8-byte
+ * loads, i..i+3 and i + half..), stored as wide. One pair a step, 4-byte
+ * loads, kept an H100 at ~60% of its memory bandwidth (13B shape: 21.9 ms of
+ * rope+kv for 16K tokens against ~13 for the bytes moved). Block y takes the
+ * y-th of `slices` equal parts of the row's steps: a batch of few rows still
  * gets enough blocks to keep the memory system busy. */
-template <typename TIn, bool NEOX>
+template <typename TIn, bool NEOX, int S>
 __global__ void __launch_bounds__(ROW_THREADS)
     rope_kv_kernel(const TIn *__restrict__ qkv, const float *__restrict__ bias,
                    __half *__restrict__ q16, __half *__restrict__ k_cache,
                    __half *__restrict__ v_cache, const float2 *__restrict__ rope_cs, int pos0,
                    int n_heads, int n_kv_heads, int head_dim) {
+    static_assert(S == 1 || (S == 4 && sizeof(TIn) == 2), "wide steps for 16-bit inputs only");
     const int t = blockIdx.x, half_hd = head_dim / 2, pos = pos0 + t;
     const int q_pairs = n_heads * half_hd, kv_pairs = n_kv_heads * half_hd;
     const float2 *cs = rope_cs + (size_t)pos * (size_t)half_hd;
@@ -125,89 +159,32 @@ __global__ void __launch_bounds__(ROW_THREADS)
     __half *qdst = q16 + (size_t)t * 2 * q_pairs;
     __half *kdst = k_cache + (size_t)pos * 2 * kv_pairs;
     __half *vdst = v_cache + (size_t)pos * 2 * kv_pairs;
-    const int pairs = q_pairs + 2 * kv_pairs, per = (pairs + gridDim.y - 1) / gridDim.y;
-    const int p_end = min(pairs, ((int)blockIdx.y + 1) * per);
-#pragma unroll 4
-    for (int p = (int)blockIdx.y * per + threadIdx.x; p < p_end; p += ROW_THREADS) {
-        const bool rotate = p < q_pairs + kv_pairs;
-        /* the pair's two elements in the row */
-        const int e0 = NEOX && rotate ? p / half_hd * head_dim + p % half_hd : 2 * p;
-        const int e1 = NEOX && rotate ? e0 + half_hd : e0 + 1;
-        float2 x = NEOX && rotate ? make_float2(cake_to_f32(row[e0]), cake_to_f32(row[e1]))
-                                  : cake_load2(row + 2 * p);
-        if (bias) {
-            x.x += bias[e0];
-            x.y += bias[e1];
-        }
-        if (!rotate) {
-            reinterpret_cast<__half2 *>(vdst)[p - q_pairs - kv_pairs] = __floats2half2_rn(x.x, x.y);
-            continue;
-        }
-        const float2 r = cs[p % half_hd]; /* (cos, sin) */
-        const float y0 = x.x * r.x - x.y * r.y, y1 = x.x * r.y + x.y * r.x;
-        const bool is_q = p < q_pairs;
-        __half *dst = is_q ? qdst : kdst;
-        const int first = is_q ? 0 : 2 * q_pairs; /* k's elements follow q's in the row */
-        if (NEOX) {
-            dst[e0 - first] = __float2half_rn(y0);
-            dst[e1 - first] = __float2half_rn(y1);
-        } else {
-            reinterpret_cast<__half2 *>(dst)[p - first / 2] = __floats2half2_rn(y0, y1);
-        }
-    }
-}
-
-/* rope_kv_kernel for 2-byte inputs (the GEMM's f16/bf16 output) with
- * rope_kv_vec_fits(head_dim): same grid and maths, but a thread step takes 4
- * pairs, 8 elements in one 16-byte load (with NEOX two 8-byte loads, i..i+3
- * and i + half..), and stores them as wide. One pair per step, 4-byte loads,
- * kept an H100 at ~60% of its memory bandwidth (13B shape: 21.9 ms of rope+kv
- * for 16K tokens against ~13 for the bytes moved). Quads never straddle a
- * head, or q, k and v: head_dim / 2 is a multiple of 4. */
-__host__ __device__ constexpr bool rope_kv_vec_fits(int head_dim) {
-    return head_dim % 8 == 0;
-}
-
-template <typename TIn, bool NEOX>
-__global__ void __launch_bounds__(ROW_THREADS)
-    rope_kv_vec_kernel(const TIn *__restrict__ qkv, const float *__restrict__ bias,
-                       __half *__restrict__ q16, __half *__restrict__ k_cache,
-                       __half *__restrict__ v_cache, const float2 *__restrict__ rope_cs, int pos0,
-                       int n_heads, int n_kv_heads, int head_dim) {
-    static_assert(sizeof(TIn) == 2, "16-bit inputs only");
-    const int t = blockIdx.x, half_hd = head_dim / 2, pos = pos0 + t;
-    const int q_pairs = n_heads * half_hd, kv_pairs = n_kv_heads * half_hd;
-    const float2 *cs = rope_cs + (size_t)pos * (size_t)half_hd;
-    const TIn *row = qkv + (size_t)t * 2 * (q_pairs + 2 * kv_pairs);
-    __half *qdst = q16 + (size_t)t * 2 * q_pairs;
-    __half *kdst = k_cache + (size_t)pos * 2 * kv_pairs;
-    __half *vdst = v_cache + (size_t)pos * 2 * kv_pairs;
-    const int quads = (q_pairs + 2 * kv_pairs) / 4, per = (quads + gridDim.y - 1) / gridDim.y;
-    const int g_end = min(quads, ((int)blockIdx.y + 1) * per);
-#pragma unroll 2
+    const int steps = (q_pairs + 2 * kv_pairs) / S, per = (steps + gridDim.y - 1) / gridDim.y;
+    const int g_end = min(steps, ((int)blockIdx.y + 1) * per);
+#pragma unroll(S == 1 ? 4 : 2)
     for (int g = (int)blockIdx.y * per + threadIdx.x; g < g_end; g += ROW_THREADS) {
-        const int p = 4 * g; /* the first of the step's pairs */
+        const int p = S * g; /* the step's first pair */
         const bool rotate = p < q_pairs + kv_pairs;
         /* a[k], b[k]: the two elements of pair p + k; e0, e1: where a[0], b[0] lie */
-        float a[4], b[4];
+        float a[S], b[S];
         int e0 = 2 * p, e1 = e0 + 1;
         if (NEOX && rotate) {
             e0 = p / half_hd * head_dim + p % half_hd;
             e1 = e0 + half_hd;
-            cake_load_n<4>(row + e0, a);
-            cake_load_n<4>(row + e1, b);
+            load_run<S>(row + e0, a);
+            load_run<S>(row + e1, b);
             if (bias) {
 #pragma unroll
-                for (int k = 0; k < 4; k++) {
+                for (int k = 0; k < S; k++) {
                     a[k] += bias[e0 + k];
                     b[k] += bias[e1 + k];
                 }
             }
         } else {
-            float x[8];
-            cake_load_n<8>(row + e0, x);
+            float x[2 * S];
+            load_run<2 * S>(row + e0, x);
 #pragma unroll
-            for (int k = 0; k < 4; k++) {
+            for (int k = 0; k < S; k++) {
                 a[k] = x[2 * k] + (bias ? bias[e0 + 2 * k] : 0.0f);
                 b[k] = x[2 * k + 1] + (bias ? bias[e0 + 2 * k + 1] : 0.0f);
             }
@@ -215,7 +192,7 @@ __global__ void __launch_bounds__(ROW_THREADS)
         if (rotate) {
             const int i = p % half_hd;
 #pragma unroll
-            for (int k = 0; k < 4; k++) {
+            for (int k = 0; k < S; k++) {
                 const float2 r = cs[i + k]; /* (cos, sin) */
                 const float y0 = a[k] * r.x - b[k] * r.y, y1 = a[k] * r.y + b[k] * r.x;
                 a[k] = y0;
@@ -223,20 +200,20 @@ __global__ void __launch_bounds__(ROW_THREADS)
             }
         }
         const bool is_q = p < q_pairs;
-        /* the destination row and where this row's part starts in qkv */
+        /* the destination row, and where its part of the qkv row starts */
         __half *dst = !rotate ? vdst : is_q ? qdst : kdst;
         const int first = !rotate ? 2 * (q_pairs + kv_pairs) : is_q ? 0 : 2 * q_pairs;
         if (NEOX && rotate) {
-            cake_store_n<4>(dst + e0 - first, a);
-            cake_store_n<4>(dst + e1 - first, b);
+            store_run<S>(dst + e0 - first, a);
+            store_run<S>(dst + e1 - first, b);
         } else {
-            float y[8];
+            float y[2 * S];
 #pragma unroll
-            for (int k = 0; k < 4; k++) {
+            for (int k = 0; k < S; k++) {
                 y[2 * k] = a[k];
                 y[2 * k + 1] = b[k];
             }
-            cake_store_n<8>(dst + e0 - first, y);
+            store_run<2 * S>(dst + e0 - first, y);
         }
     }
 }
