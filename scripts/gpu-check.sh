@@ -333,7 +333,11 @@ prefill() {
         grep "cake cuda profile: $batch tokens at" "$log" | tail -n $((16384 / batch)) |
             awk '{ for (i = 1; i <= NF; i++) if ($i == "=") { tot += $(i - 2); for (j = i + 1; j < NF; j += 2) { ph[$j] += $(j + 1); if (!($j in seen)) { seen[$j] = 1; order[++n] = $j } } } }
                  END { if (n) { printf "    profile: %.1f ms =", tot; for (k = 1; k <= n; k++) printf " %s %.1f", order[k], ph[order[k]]; print "" } }'
-
+        # chunks: each forward pass's attention ms, first chunk to last (where
+        # the chunked attention loses against one-shot)
+        [ "$batch" -lt 16384 ] && grep "cake cuda profile: $batch tokens at" "$log" |
+            tail -n $((16384 / batch)) |
+            awk '{ for (i = 1; i <= NF; i++) if ($i == "attention") s = s " " $(i + 1) } END { if (s != "") print "    attention by chunk (ms):" s }'
     } | tee -a "$SUMMARY"
     cp "$SUMMARY" "$OUT/summary.txt"
     # the warm prefill's profiled total in ms, for picking a variant
