@@ -93,9 +93,11 @@ int cake_context_n_threads(const cake_context *c);
 int cake_forward(cake_context *c, const cake_token *tokens, int n, cake_pos pos0, float *logits,
                  char *err, size_t errlen);
 
-/* Direct access to the KV cache of layer l (CPU backend): K and V are
- * (n_kv_heads, n_ctx, head_dim) of f16 or f32 elements, head-major
- * (src/kv/kv_cache.h). */
+/* Direct access to the KV cache of layer l (CPU backend), f16 or f32
+ * elements, head-major: V is (n_kv_heads, head_ctx, head_dim) with head_ctx
+ * n_ctx rounded up to 64; K holds the same runs in blocks of 64 positions,
+ * each block stored transposed. cake_kv_k_index and cake_kv_v_index
+ * (src/kv/kv_cache.h) give an element's offset. */
 void *cake_context_k(cake_context *c, int layer);
 void *cake_context_v(cake_context *c, int layer);
 enum cake_kv_type cake_context_kv_type(const cake_context *c);
