@@ -3,7 +3,8 @@
  *
  * For 256-token f16 chunks of the llama-1b and mha-160m shapes (8 MiB and
  * 9 MiB blobs), with 1, 2 and 4 transfers in flight (threads):
- *   file   gets from a file store with O_DIRECT into aligned buffers, vs
+ *   file   gets from a file store with O_DIRECT into aligned buffers (cache=0:
+ *          all from the disk, never the page cache), vs
  *          `dd iflag=direct` of the same bytes (one file of all the blobs, in
  *          the same directory, bs = one blob, one dd per transfer in flight
  *          over disjoint ranges). Goal: ratio >= 0.9.
@@ -392,13 +393,15 @@ int main(int argc, char **argv) {
 
         if (do_file) {
             make_chunks(&cs, sh, n);
-            snprintf(uri, sizeof(uri), "file:%s/%s", dir, sh->name);
+            /* cache=0: every get from the disk, as dd's (the chunks just
+             * put are in the page cache, which a get would otherwise use) */
+            snprintf(uri, sizeof(uri), "file:%s/%s?cache=0", dir, sh->name);
             cake_store *s;
             if (cake_store_open(uri, &s, err, sizeof(err))) die("open", err);
             put_all(s, &cs);
             /* the same store read by one thread per blob, beside the default */
             char uri1[4400];
-            snprintf(uri1, sizeof(uri1), "%s?readers=1", uri);
+            snprintf(uri1, sizeof(uri1), "%s&readers=1", uri);
             cake_store *s1;
             if (cake_store_open(uri1, &s1, err, sizeof(err))) die("open", err);
             /* the same bytes as one file, for dd */

@@ -70,17 +70,19 @@ static void test_parse_uri(void **state) {
     assert_string_equal(p.kind, "file");
     assert_string_equal(p.path, "/data/kv");
     assert_int_equal(p.direct, 1);
+    assert_int_equal(p.cache, 1);
     assert_int_equal(p.fsync, 0);
     assert_int_equal(p.readers, 0);
     assert_true(p.bw == 0 && p.lat_ms == 0 && p.capacity == 0);
     assert_int_equal(cake_store_parse_uri("file:///abs/x", &p, err, sizeof(err)), 0);
     assert_string_equal(p.path, "/abs/x");
     assert_int_equal(cake_store_parse_uri("file:rel/dir?direct=0&fsync=1&capacity=2GiB&bw=1.6GB"
-                                          "&lat=0.25&readers=3",
+                                          "&lat=0.25&readers=3&cache=0",
                                           &p, err, sizeof(err)),
                      0);
     assert_string_equal(p.path, "rel/dir");
     assert_int_equal(p.direct, 0);
+    assert_int_equal(p.cache, 0);
     assert_int_equal(p.fsync, 1);
     assert_int_equal(p.readers, 3);
     assert_int_equal(p.capacity, 2147483648ull);
@@ -120,17 +122,29 @@ static void test_parse_uri(void **state) {
     struct {
         const char *uri, *want;
     } bad[] = {
-        {"/just/a/path", "unknown kind"},    {"s3://bucket", "unknown kind"},
-        {"mem:x", "unknown kind"},           {"file:/x?color=blue", "unknown parameter 'color'"},
-        {"file:/x?bw", "NAME=VALUE"},        {"file:/x?bw=fast", "bw=fast"},
-        {"file:/x?lat=-1", "lat=-1"},        {"file:/x?capacity=0", "capacity=0"},
-        {"file:/x?direct=2", "direct=2"},    {"file:/x?timeout=5", "only for redis"},
-        {"mem:?direct=1", "only for file"},  {"redis://h:6379?capacity=1G", "maxmemory"},
-        {"redis://h:0", "bad port"},         {"redis://h:99999", "bad port"},
-        {"redis://h:12x", "bad port"},       {"redis://:6379", "HOST:PORT"},
-        {"redis://h:6379/x", "database"},    {"redis://h:6379?timeout=0", "timeout=0"},
-        {"file:/x?readers=0", "readers=0"},  {"file:/x?readers=17", "readers=17"},
+        {"/just/a/path", "unknown kind"},
+        {"s3://bucket", "unknown kind"},
+        {"mem:x", "unknown kind"},
+        {"file:/x?color=blue", "unknown parameter 'color'"},
+        {"file:/x?bw", "NAME=VALUE"},
+        {"file:/x?bw=fast", "bw=fast"},
+        {"file:/x?lat=-1", "lat=-1"},
+        {"file:/x?capacity=0", "capacity=0"},
+        {"file:/x?direct=2", "direct=2"},
+        {"file:/x?timeout=5", "only for redis"},
+        {"mem:?direct=1", "only for file"},
+        {"redis://h:6379?capacity=1G", "maxmemory"},
+        {"redis://h:0", "bad port"},
+        {"redis://h:99999", "bad port"},
+        {"redis://h:12x", "bad port"},
+        {"redis://:6379", "HOST:PORT"},
+        {"redis://h:6379/x", "database"},
+        {"redis://h:6379?timeout=0", "timeout=0"},
+        {"file:/x?readers=0", "readers=0"},
+        {"file:/x?readers=17", "readers=17"},
         {"mem:?readers=2", "only for file"},
+        {"file:/x?cache=on", "cache=on"},
+        {"redis://h?cache=0", "only for file"},
     };
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
         err[0] = '\0';

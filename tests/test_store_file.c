@@ -13,6 +13,7 @@
 #include <dirent.h>
 #include <pthread.h>
 #include <sched.h>
+#include <sys/mman.h>
 #include <sys/mount.h>
 #include <sys/resource.h>
 
@@ -819,6 +820,96 @@ static void test_big_blob_pieces(void **state) {
     cake_store_free_buffer(buf);
 }
 
+/* Pages of the file at path in the page cache: *resident of *total. */
+static void cached_pages(const char *path, size_t *resident, size_t *total) {
+    const int fd = open(path, O_RDONLY);
+    assert_true(fd >= 0);
+    struct stat st;
+    assert_int_equal(fstat(fd, &st), 0);
+    const size_t page = (size_t)sysconf(_SC_PAGESIZE), n = ((size_t)st.st_size + page - 1) / page;
+    void *map = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_SHARED, fd, 0);
+    assert_true(map != MAP_FAILED);
+    unsigned char *vec = malloc(n);
+    assert_non_null(vec);
+    assert_int_equal(mincore(map, (size_t)st.st_size, vec), 0);
+    *resident = 0;
+    for (size_t i = 0; i < n; i++) *resident += vec[i] & 1;
+    *total = n;
+    free(vec);
+    munmap(map, (size_t)st.st_size);
+    close(fd);
+}
+
+/* Drops the file out of the page cache, then reads its first `keep` bytes
+ * back in (buffered, no readahead): a chunk of which only a prefix is cached. */
+static void cache_only_prefix(const char *path, size_t keep) {
+    const int fd = open(path, O_RDONLY);
+    assert_true(fd >= 0);
+    assert_int_equal(fdatasync(fd), 0); /* only clean pages can go */
+    assert_int_equal(posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED), 0);
+    assert_int_equal(posix_fadvise(fd, 0, 0, POSIX_FADV_RANDOM), 0);
+    char *tmp = malloc(keep + 1);
+    assert_non_null(tmp);
+    for (size_t got = 0; got < keep;) {
+        const ssize_t n = pread(fd, tmp + got, keep - got, (off_t)got);
+        assert_true(n > 0);
+        got += (size_t)n;
+    }
+    free(tmp);
+    close(fd);
+}
+
+/* With direct reads, a chunk wholly in the page cache is read through it
+ * (cache=1, the default), any other from the disk: a chunk all cached, one
+ * with only its first half cached, one not cached at all, and cache=0 all
+ * give the blob back, and a read from the disk adds nothing to the cache. */
+static void test_page_cache_first(void **state) {
+    fx *f = *state;
+    cake_chunk_header h = f->h[0];
+    size_t len;
+    uint8_t *blob = t_big_blob(&h, 64, 4, 0, &len); /* 2 MiB + the header */
+    assert_non_null(blob);
+    const size_t cap = cake_store_buffer_size(len);
+    uint8_t *buf = cake_store_alloc_buffer(cap);
+    assert_non_null(buf);
+    char err[512], path[4400];
+    chunk_path(f, &h.key, path, sizeof(path));
+    assert_int_equal(cake_store_put(f->s, &h.key, blob, len, err, sizeof(err)), 0);
+    /* whether this filesystem takes O_DIRECT (tmpfs does not: all buffered) */
+    const int dfd = open(path, O_RDONLY | O_DIRECT);
+    const int direct = dfd >= 0;
+    if (dfd >= 0) close(dfd);
+    const size_t prefixes[] = {len, 1u << 20, 0}; /* bytes left in the cache */
+    for (size_t i = 0; i < 3; i++) {
+        size_t before = 0, total = 0, after = 0;
+        if (prefixes[i] < len) cache_only_prefix(path, prefixes[i]);
+        cached_pages(path, &before, &total);
+        size_t got = 0;
+        memset(buf, 0, cap);
+        if (cake_store_get_verified(f->s, &h, buf, cap, &got, err, sizeof(err)) != 0)
+            fail_msg("%zu of %zu bytes cached: %s", prefixes[i], len, err);
+        assert_int_equal(got, len);
+        assert_memory_equal(buf, blob, len);
+        cached_pages(path, &after, &total);
+        printf("%zu of %zu bytes left cached: read back whole; pages cached %zu before, %zu "
+               "after, of %zu\n",
+               prefixes[i], len, before, after, total);
+        /* read from the disk: nothing added to the cache */
+        if (direct) assert_int_equal(after, before);
+    }
+    if (!direct) printf("no O_DIRECT on this filesystem: buffered reads only\n");
+    cake_store *s0;
+    char uri[4300];
+    snprintf(uri, sizeof(uri), "%s?cache=0", f->uri);
+    assert_int_equal(cake_store_open(uri, &s0, err, sizeof(err)), 0);
+    size_t got = 0;
+    assert_int_equal(cake_store_get_verified(s0, &h, buf, cap, &got, err, sizeof(err)), 0);
+    assert_memory_equal(buf, blob, len);
+    cake_store_close(s0);
+    cake_store_free_buffer(blob);
+    cake_store_free_buffer(buf);
+}
+
 int main(void) {
 #define T(fn) cmocka_unit_test_setup_teardown(fn, setup, teardown)
     const struct CMUnitTest tests[] = {
@@ -836,6 +927,7 @@ int main(void) {
         T(test_threads),
         T(test_open_errors),
         T(test_big_blob_pieces),
+        T(test_page_cache_first),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

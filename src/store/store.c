@@ -268,10 +268,13 @@ static int parse_param(cake_store_params *p, const char *name, const char *val, 
         if (cake_parse_size(val, &p->capacity) || !p->capacity)
             return cake_err(err, errlen, "store %s: bad capacity=%s (a size such as 10G, 512MiB)",
                             uri, val);
-    } else if (!strcmp(name, "direct") || !strcmp(name, "fsync")) {
+    } else if (!strcmp(name, "direct") || !strcmp(name, "cache") || !strcmp(name, "fsync")) {
         if (!is_file)
             return cake_err(err, errlen, "store %s: %s= is only for file stores", uri, name);
-        if (parse_bool(val, !strcmp(name, "direct") ? &p->direct : &p->fsync))
+        int *flag = !strcmp(name, "direct")  ? &p->direct
+                    : !strcmp(name, "cache") ? &p->cache
+                                             : &p->fsync;
+        if (parse_bool(val, flag))
             return cake_err(err, errlen, "store %s: bad %s=%s (0 or 1)", uri, name, val);
     } else if (!strcmp(name, "readers")) {
         if (!is_file)
@@ -291,7 +294,7 @@ static int parse_param(cake_store_params *p, const char *name, const char *val, 
     } else {
         return cake_err(err, errlen,
                         "store %s: unknown parameter '%s' (known: bw, lat, capacity, "
-                        "direct, fsync, readers, timeout)",
+                        "direct, cache, fsync, readers, timeout)",
                         uri, name);
     }
     return 0;
@@ -300,6 +303,7 @@ static int parse_param(cake_store_params *p, const char *name, const char *val, 
 int cake_store_parse_uri(const char *uri, cake_store_params *p, char *err, size_t errlen) {
     memset(p, 0, sizeof(*p));
     p->direct = 1;
+    p->cache = 1;
     p->timeout_ms = 1000;
     p->port = 6379;
     char base[4352];

@@ -19,6 +19,10 @@
  *                    are evicted to make room. 10G, 512MiB, ...
  *     direct=0|1     (file) read with O_DIRECT (default 1; falls back to
  *                    buffered reads where the filesystem refuses it).
+ *     cache=0|1      (file, direct=1) a chunk that the page cache holds
+ *                    whole (a recent put, a repeated prompt) is read through
+ *                    it, at memory speed (default 1; 0: every read from the
+ *                    disk, to measure it).
  *     fsync=0|1      (file) fsync each chunk before publishing it (default 0).
  *     timeout=MS     (redis) read/write timeout, default 1000; connect
  *                    timeout is min(200, MS).

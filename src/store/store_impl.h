@@ -35,6 +35,7 @@ typedef struct {
     int db;            /* redis */
     uint64_t capacity; /* file, mem: 0 = unlimited */
     int direct;        /* file: O_DIRECT reads */
+    int cache;         /* file, direct reads: what the page cache holds first */
     int fsync;         /* file: fsync before rename */
     int readers;       /* file: threads reading one big blob; 0 = CPUs per get, at most 4 */
     int timeout_ms;    /* redis: read/write timeout */
