@@ -69,7 +69,8 @@ enum cake_kv_type { CAKE_KV_F16 = 0, CAKE_KV_F32 = 1 };
 enum cake_backend_kind { CAKE_BACKEND_CPU = 0, CAKE_BACKEND_CUDA = 1 };
 
 typedef struct {
-    int n_ctx;     /* KV capacity in tokens; 0 = the model's context length */
+    int n_ctx;     /* KV capacity in tokens (the CPU backend commits its memory up
+                    * front); 0 = the model's context length, committed as used */
     int n_threads; /* 0 = number of online CPUs */
     int max_batch; /* most tokens per forward pass; longer prefills are split; 0 = 512 */
     enum cake_kv_type kv_type;      /* default F16; the CUDA backend supports F16 only */

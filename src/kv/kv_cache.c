@@ -34,6 +34,15 @@ int cake_kv_cache_init(cake_kv_cache *kv, int n_layers, int n_ctx, int n_kv_head
     return 0;
 }
 
+void cake_kv_cache_prefault(const cake_kv_cache *kv) {
+#ifdef MADV_POPULATE_WRITE
+    /* best effort: a kernel without it (< 5.14) faults the pages in later */
+    if (kv->base) (void)madvise(kv->base, kv->map_bytes, MADV_POPULATE_WRITE);
+#else
+    (void)kv;
+#endif
+}
+
 void cake_kv_cache_free(cake_kv_cache *kv) {
     if (kv && kv->base) munmap(kv->base, kv->map_bytes);
     if (kv) kv->base = NULL;

@@ -21,7 +21,8 @@
  * cake_kv_get (and the CPU forward pass's store of new rows) convert.
  *
  * Memory comes from an anonymous mapping, so pages are only committed for the
- * positions actually written. */
+ * positions actually written, unless cake_kv_cache_prefault commits them all
+ * up front (the CPU backend's contexts, sized to the request). */
 #ifndef CAKE_KV_CACHE_H
 #define CAKE_KV_CACHE_H
 
@@ -44,6 +45,10 @@ typedef struct {
 
 int cake_kv_cache_init(cake_kv_cache *kv, int n_layers, int n_ctx, int n_kv_heads, int head_dim,
                        enum cake_kv_type type, char *err, size_t errlen);
+/* Commits every page of the cache now (for a cache that will be filled:
+ * each first touch later, by a computed row or an installed chunk, would
+ * otherwise be a page fault inside the request). */
+void cake_kv_cache_prefault(const cake_kv_cache *kv);
 void cake_kv_cache_free(cake_kv_cache *kv);
 
 static inline void *cake_kv_k(const cake_kv_cache *kv, int layer) {
