@@ -895,7 +895,7 @@ static void test_page_cache_first(void **state) {
                "after, of %zu\n",
                prefixes[i], len, before, after, total);
         /* read from the disk: nothing added to the cache */
-        if (direct) assert_int_equal(after, before);
+        if (direct) assert_true(after <= before);
     }
     if (!direct) printf("no O_DIRECT on this filesystem: buffered reads only\n");
     cake_store *s0;

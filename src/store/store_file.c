@@ -354,7 +354,7 @@ static int read_blob(int fd, char *buf, size_t size, int direct, int readers,
 }
 
 /* Whether the page cache holds every page of the size-byte file fd (no I/O:
- * mincore on a mapping that is never touched). No where mincore cannot say
+ * mincore on a mapping that is never touched). 0 where mincore cannot say
  * (a file this process may not write reports only its own mapped pages). */
 static int whole_file_cached(int fd, size_t size) {
     const size_t page = (size_t)sysconf(_SC_PAGESIZE), n = (size + page - 1) / page;
