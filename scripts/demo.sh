@@ -18,7 +18,7 @@ rm -rf "$store"
 bw=${CAKE_DEMO_BW:-0.1Gbit}
 
 summary() { # prints the fields of cake run --json that tell the story
-    sed -n 's/.*"prompt_tokens":\([0-9]*\).*"ttft_ms":\([0-9.]*\).*"mode":"\([a-z]*\)".*"chunks_computed":\([0-9]*\),"chunks_loaded":\([0-9]*\).*"meet_chunk":\(-*[0-9]*\).*/\3: ttft \2 ms for \1 tokens; \4 chunks computed, \5 loaded; meet at chunk \6/p'
+    LC_ALL=C sed -n 's/.*"prompt_tokens":\([0-9]*\).*"ttft_ms":\([0-9.]*\).*"mode":"\([a-z]*\)".*"chunks_computed":\([0-9]*\),"chunks_loaded":\([0-9]*\).*"meet_chunk":\(-*[0-9]*\).*/\3: ttft \2 ms for \1 tokens; \4 chunks computed, \5 loaded; meet at chunk \6/p'
 }
 echo "== cold: compute the prompt and store its chunks (file:$store)"
 ./build/cake run -m "$model" -f "$prompt" -n 16 --seed 1 --store "file:$store" --json 2>/dev/null | summary

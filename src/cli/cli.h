@@ -31,7 +31,8 @@ int cli_parse_int(const char *s, long lo, long hi, long *out);
 int cli_parse_float(const char *s, double lo, double hi, double *out);
 int cli_parse_u64(const char *s, unsigned long long *out);
 
-/* Writes s[0..len) as a JSON string literal (with quotes). */
+/* Writes s[0..len) as a JSON string literal (with quotes); bytes that are not
+ * valid UTF-8 come out as U+FFFD, so that the output is valid JSON. */
 void cli_json_string(FILE *f, const char *s, size_t len);
 
 #endif

@@ -1,5 +1,6 @@
 #include <errno.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -91,6 +92,22 @@ int cli_parse_u64(const char *s, unsigned long long *out) {
     return 0;
 }
 
+/* The length of the valid UTF-8 character at s[0..n) (s[0] >= 0x80; RFC
+ * 3629: no overlong forms, no surrogates, at most U+10FFFF), or 0. */
+static size_t utf8_char_len(const unsigned char *s, size_t n) {
+    const unsigned c = s[0];
+    const size_t len = c < 0xc2 ? 0 : c < 0xe0 ? 2 : c < 0xf0 ? 3 : c < 0xf5 ? 4 : 0;
+    if (len == 0 || len > n) return 0;
+    uint32_t v = c & (0x7fu >> len);
+    for (size_t i = 1; i < len; i++) {
+        if ((s[i] & 0xc0) != 0x80) return 0;
+        v = v << 6 | (s[i] & 0x3fu);
+    }
+    const uint32_t min = len == 2 ? 0x80 : len == 3 ? 0x800 : 0x10000;
+    if (v < min || v > 0x10ffff || (v >= 0xd800 && v <= 0xdfff)) return 0;
+    return len;
+}
+
 void cli_json_string(FILE *f, const char *s, size_t len) {
     fputc('"', f);
     for (size_t i = 0; i < len; i++) {
@@ -112,10 +129,22 @@ void cli_json_string(FILE *f, const char *s, size_t len) {
             fputs("\\t", f);
             break;
         default:
-            if (ch < 0x20 || ch == 0x7f)
+            if (ch < 0x20 || ch == 0x7f) {
                 fprintf(f, "\\u%04x", ch);
-            else
+            } else if (ch < 0x80) {
                 fputc(ch, f);
+            } else {
+                /* JSON is UTF-8: a byte that starts no valid character (a
+                 * model can emit any bytes) becomes U+FFFD, as in
+                 * Python's errors="replace" */
+                const size_t l = utf8_char_len((const unsigned char *)s + i, len - i);
+                if (l) {
+                    fwrite(s + i, 1, l, f);
+                    i += l - 1;
+                } else {
+                    fputs("\\ufffd", f);
+                }
+            }
         }
     }
     fputc('"', f);
