@@ -96,14 +96,12 @@ static void transpose_16x32(uint16_t *dst, size_t dst_stride, const uint16_t *sr
 #define HAVE_TRANSPOSE_16X32 1
 #endif
 
-/* Rows [t0, t1) of n position-major rows (k, v hold rows from pos0) in (put)
- * or out of a layer's cache. Values go in pieces of head_dim, a row's heads
- * one after another. */
-static void copy_values(const cake_kv_cache *kv, int layer, int pos0, int t0, int t1, void *v,
-                        int put) {
+/* Values of n position-major rows (v holds rows from pos0) in (put) or out
+ * of a layer's cache, in pieces of head_dim, a row's heads one after another. */
+static void copy_values(const cake_kv_cache *kv, int layer, int pos0, int n, void *v, int put) {
     char *vc = cake_kv_v(kv, layer);
     const size_t es = kv->elem_size, piece = (size_t)kv->head_dim * es;
-    for (int t = t0; t < t1; t++)
+    for (int t = 0; t < n; t++)
         for (int h = 0; h < kv->n_kv_heads; h++) {
             char *c = vc + cake_kv_v_index(kv->head_ctx, kv->head_dim, h, pos0 + t, 0) * es;
             char *r = (char *)v + ((size_t)t * kv->kv_dim + (size_t)h * kv->head_dim) * es;
@@ -111,8 +109,9 @@ static void copy_values(const cake_kv_cache *kv, int layer, int pos0, int t0, in
         }
 }
 
-/* Keys element by element: per head, block and dim, a run of positions
- * (consecutive in the block, kv_dim apart in the rows). */
+/* Keys of rows [t0, t1) (k holds rows from pos0) element by element: per
+ * head, block and dim, a run of positions (consecutive in the block, kv_dim
+ * apart in the rows). */
 #define MOVE_KEY_RUN(T)                                                                            \
     do {                                                                                           \
         T *c_ = (T *)kc + c, *r_ = (T *)k + r;                                                     \
@@ -150,50 +149,42 @@ static void aligned_rows(int pos0, int n, int align, int *t0, int *t1) {
     *t1 = *t0 + (n - *t0) / align * align;
 }
 
-void cake_kv_put(const cake_kv_cache *kv, int layer, int pos0, int n, const void *k,
-                 const void *v) {
-    copy_values(kv, layer, pos0, 0, n, (void *)v, 1);
+/* Keys of rows [0, n), in (put) or out: f16 keys in whole tiles transposed
+ * in registers (put: 16 positions x 32 dims into a block; get: 16 dims x 32
+ * positions of a block out to rows; ~4x the element-by-element rate), the
+ * ragged ends and f32 keys by copy_keys. Rows outermost, as in copy_values:
+ * each row is read (written) whole before the next, 1.1-1.4x faster than a
+ * head at a time. */
+static void move_keys(const cake_kv_cache *kv, int layer, int pos0, int n, void *k, int put) {
     int t0 = n, t1 = n; /* rows whose keys go in whole tiles */
 #ifdef HAVE_TRANSPOSE_16X32
-    /* f16 keys transposed in registers, 16 positions x 32 dims a tile (~4x
-     * the rate of the element-by-element copy). Rows outermost, here as in
-     * get and copy_values: each row is read (written) whole before the next,
-     * 1.1-1.4x faster than a head at a time. */
-    const int hd = kv->head_dim;
-    if (kv->type == CAKE_KV_F16 && hd % 32 == 0) {
-        aligned_rows(pos0, n, 16, &t0, &t1);
+    const int hd = kv->head_dim, rows = put ? 16 : 32, dims = put ? 32 : 16;
+    if (kv->type == CAKE_KV_F16 && hd % dims == 0) {
+        aligned_rows(pos0, n, rows, &t0, &t1);
         uint16_t *kc = cake_kv_k(kv, layer);
-        for (int t = t0; t < t1; t += 16)
+        for (int t = t0; t < t1; t += rows)
             for (int h = 0; h < kv->n_kv_heads; h++)
-                for (int d0 = 0; d0 < hd; d0 += 32)
-                    transpose_16x32(
-                        kc + cake_kv_k_index(kv->head_ctx, hd, h, pos0 + t, d0), CAKE_KV_KBLOCK,
-                        (const uint16_t *)k + (size_t)t * kv->kv_dim + (size_t)h * hd + d0,
-                        (size_t)kv->kv_dim);
+                for (int d0 = 0; d0 < hd; d0 += dims) {
+                    uint16_t *c = kc + cake_kv_k_index(kv->head_ctx, hd, h, pos0 + t, d0);
+                    uint16_t *r = (uint16_t *)k + (size_t)t * kv->kv_dim + (size_t)h * hd + d0;
+                    if (put)
+                        transpose_16x32(c, CAKE_KV_KBLOCK, r, (size_t)kv->kv_dim);
+                    else
+                        transpose_16x32(r, (size_t)kv->kv_dim, c, CAKE_KV_KBLOCK);
+                }
     }
 #endif
-    copy_keys(kv, layer, pos0, 0, t0, (void *)k, 1); /* the ragged ends */
-    copy_keys(kv, layer, pos0, t1, n, (void *)k, 1);
+    copy_keys(kv, layer, pos0, 0, t0, k, put);
+    copy_keys(kv, layer, pos0, t1, n, k, put);
+}
+
+void cake_kv_put(const cake_kv_cache *kv, int layer, int pos0, int n, const void *k,
+                 const void *v) {
+    copy_values(kv, layer, pos0, n, (void *)v, 1);
+    move_keys(kv, layer, pos0, n, (void *)k, 1);
 }
 
 void cake_kv_get(const cake_kv_cache *kv, int layer, int pos0, int n, void *k, void *v) {
-    copy_values(kv, layer, pos0, 0, n, v, 0);
-    int t0 = n, t1 = n;
-#ifdef HAVE_TRANSPOSE_16X32
-    /* the inverse: 16 dims x 32 positions of a block a tile, out to rows */
-    const int hd = kv->head_dim;
-    if (kv->type == CAKE_KV_F16 && hd % 16 == 0) {
-        aligned_rows(pos0, n, 32, &t0, &t1);
-        const uint16_t *kc = cake_kv_k(kv, layer);
-        for (int t = t0; t < t1; t += 32)
-            for (int h = 0; h < kv->n_kv_heads; h++)
-                for (int d0 = 0; d0 < hd; d0 += 16)
-                    transpose_16x32((uint16_t *)k + (size_t)t * kv->kv_dim + (size_t)h * hd + d0,
-                                    (size_t)kv->kv_dim,
-                                    kc + cake_kv_k_index(kv->head_ctx, hd, h, pos0 + t, d0),
-                                    CAKE_KV_KBLOCK);
-    }
-#endif
-    copy_keys(kv, layer, pos0, 0, t0, k, 0);
-    copy_keys(kv, layer, pos0, t1, n, k, 0);
+    copy_values(kv, layer, pos0, n, v, 0);
+    move_keys(kv, layer, pos0, n, k, 0);
 }
