@@ -50,29 +50,28 @@ static void matmul(float *y, const float *x, const cake_weight *w, int n, cake_t
 }
 
 /* Writes n position-major rows of new keys/values (f32) into the cache at
- * position pos0 (layout: kv_cache.h): each value row is one run; a key row
- * is converted whole, then scattered into its transposed block. */
+ * position pos0 (layout: kv_cache.h). An f32 cache takes them as they are
+ * (cake_kv_put); for f16 each value row is converted into its run and a key
+ * row converted whole, then scattered into its transposed block (no f16
+ * copy of the rows in between). */
 static void store_kv(const cake_kv_cache *kv, int layer, const float *k, const float *v, int n,
                      cake_pos pos0) {
+    if (kv->type != CAKE_KV_F16) {
+        cake_kv_put(kv, layer, pos0, n, k, v);
+        return;
+    }
     const int hd = kv->head_dim, hc = kv->head_ctx;
-    const int f16 = kv->type == CAKE_KV_F16;
     for (int t = 0; t < n; t++)
         for (int h = 0; h < kv->n_kv_heads; h++) {
             const size_t src = (size_t)t * (size_t)kv->kv_dim + (size_t)h * hd;
             const size_t vo = cake_kv_v_index(hc, hd, h, pos0 + t, 0);
             const size_t ko = cake_kv_k_index(hc, hd, h, pos0 + t, 0); /* dim d: + 64 d */
-            if (f16) {
-                cake_f32_to_f16_row(v + src, (cake_f16 *)cake_kv_v(kv, layer) + vo, hd);
-                cake_f16 *kc = (cake_f16 *)cake_kv_k(kv, layer) + ko, kh[16];
-                for (int d0 = 0; d0 < hd; d0 += 16) {
-                    const int nd = hd - d0 < 16 ? hd - d0 : 16;
-                    cake_f32_to_f16_row(k + src + d0, kh, (size_t)nd);
-                    for (int d = 0; d < nd; d++) kc[(size_t)(d0 + d) * CAKE_KV_KBLOCK] = kh[d];
-                }
-            } else {
-                memcpy((float *)cake_kv_v(kv, layer) + vo, v + src, (size_t)hd * sizeof(float));
-                float *kc = (float *)cake_kv_k(kv, layer) + ko;
-                for (int d = 0; d < hd; d++) kc[(size_t)d * CAKE_KV_KBLOCK] = k[src + d];
+            cake_f32_to_f16_row(v + src, (cake_f16 *)cake_kv_v(kv, layer) + vo, hd);
+            cake_f16 *kc = (cake_f16 *)cake_kv_k(kv, layer) + ko, kh[16];
+            for (int d0 = 0; d0 < hd; d0 += 16) {
+                const int nd = hd - d0 < 16 ? hd - d0 : 16;
+                cake_f32_to_f16_row(k + src + d0, kh, (size_t)nd);
+                for (int d = 0; d < nd; d++) kc[(size_t)(d0 + d) * CAKE_KV_KBLOCK] = kh[d];
             }
         }
 }
