@@ -1,13 +1,17 @@
 #include "testutil.h"
 
+#include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
+#include "model/dequant.h"
 #include "model/gguf.h"
 #include "store/store.h"
 #include "util/err.h"
+#include "util/f16.h"
 #include "util/q8_0.h"
 
 const char *test_models_dir(void) {
@@ -230,4 +234,135 @@ int test_write_variant(const char *src, const char *dst, const test_model_varian
     cake_gguf_writer_free(w);
     cake_gguf_close(g);
     return rc;
+}
+
+/* ---- quantized blocks, written the way ggml lays them out ---- */
+
+static void put_f16(uint8_t *p, float v) {
+    const cake_f16 h = cake_f32_to_f16(v);
+    memcpy(p, &h, 2);
+}
+
+void test_encode_q4_q5(int type, float d, float m, const int *q, uint8_t *b) {
+    const bool five = type == CAKE_DTYPE_Q5_0 || type == CAKE_DTYPE_Q5_1,
+               with_min = type == CAKE_DTYPE_Q4_1 || type == CAKE_DTYPE_Q5_1;
+    put_f16(b, d);
+    if (with_min) put_f16(b + 2, m);
+    uint8_t *p = b + (with_min ? 4 : 2), *qs = five ? p + 4 : p;
+    uint32_t qh = 0;
+    for (int j = 0; j < 16; j++) {
+        qs[j] = (uint8_t)((q[j] & 0xF) | (q[j + 16] & 0xF) << 4);
+        qh |= (uint32_t)(q[j] >> 4 & 1) << j | (uint32_t)(q[j + 16] >> 4 & 1) << (j + 16);
+    }
+    if (five)
+        for (int k = 0; k < 4; k++) p[k] = (uint8_t)(qh >> (8 * k));
+}
+
+void test_encode_q4_q5_k(int type, float d, float dmin, const int *sc, const int *m, const int *q,
+                         uint8_t *b) {
+    const bool five = type == CAKE_DTYPE_Q5_K;
+    put_f16(b, d);
+    put_f16(b + 2, dmin);
+    uint8_t *s = b + 4, *qh = b + 16, *qs = b + (five ? 48 : 16);
+    for (int j = 0; j < 4; j++) { /* pairs 0..3 whole, 4..7 split */
+        s[j] = (uint8_t)(sc[j] | (sc[j + 4] >> 4) << 6);
+        s[j + 4] = (uint8_t)(m[j] | (m[j + 4] >> 4) << 6);
+        s[j + 8] = (uint8_t)((sc[j + 4] & 0xF) | (m[j + 4] & 0xF) << 4);
+    }
+    if (five) memset(qh, 0, 32);
+    for (int i = 0; i < 4; i++)
+        for (int l = 0; l < 32; l++) {
+            const int lo = q[64 * i + l], hi = q[64 * i + 32 + l];
+            qs[32 * i + l] = (uint8_t)((lo & 0xF) | (hi & 0xF) << 4);
+            if (five) qh[l] |= (uint8_t)((lo >> 4) << (2 * i) | (hi >> 4) << (2 * i + 1));
+        }
+}
+
+void test_encode_q6_k(float d, const int *sc, const int *q, uint8_t *b) {
+    uint8_t *ql = b, *qh = b + 128;
+    memset(b, 0, 192);
+    for (int v = 0; v < 256; v++) { /* v = 128 half + 32 k + l */
+        const int half = v / 128, k = v % 128 / 32, l = v % 32, u = q[v] + 32;
+        ql[64 * half + l + 32 * (k % 2)] |= (uint8_t)((u & 0xF) << (k < 2 ? 0 : 4));
+        qh[32 * half + l] |= (uint8_t)((u >> 4) << (2 * k));
+    }
+    for (int i = 0; i < 16; i++) b[192 + i] = (uint8_t)(int8_t)sc[i];
+    put_f16(b + 208, d);
+}
+
+static int clampi(float x, int lo, int hi) {
+    const int v = (int)lrintf(x);
+    return v < lo ? lo : v > hi ? hi : v;
+}
+
+/* Sub-block scales and mins (x = s q - mn, q in 0..top) as 6-bit multiples of
+ * d and dmin: the k-quants' two-level scales, rounded plainly. */
+static void k_scales(const float *x, int n_sub, int len, int top, float *d, float *dmin, int *sc,
+                     int *m) {
+    float s[16], mn[16], smax = 0, mmax = 0;
+    for (int i = 0; i < n_sub; i++) {
+        float lo = x[i * len], hi = lo;
+        for (int j = 1; j < len; j++) {
+            lo = fminf(lo, x[i * len + j]);
+            hi = fmaxf(hi, x[i * len + j]);
+        }
+        mn[i] = lo < 0 ? -lo : 0;
+        s[i] = (hi + mn[i]) / (float)top;
+        smax = fmaxf(smax, s[i]);
+        mmax = fmaxf(mmax, mn[i]);
+    }
+    *d = cake_f16_to_f32(cake_f32_to_f16(smax / 63));
+    *dmin = cake_f16_to_f32(cake_f32_to_f16(mmax / 63));
+    for (int i = 0; i < n_sub; i++) {
+        sc[i] = *d > 0 ? clampi(s[i] / *d, 1, 63) : 1;
+        m[i] = *dmin > 0 ? clampi(mn[i] / *dmin, 0, 63) : 0;
+    }
+}
+
+size_t test_quantize_row(int type, const float *x, size_t n, uint8_t *dst) {
+    const size_t be = cake_dequant_block_elems(type), bb = cake_dequant_block_bytes(type);
+    for (size_t b0 = 0; b0 < n; b0 += be, x += be, dst += bb) {
+        int q[256];
+        if (type == CAKE_DTYPE_Q8_0) {
+            cake_q8_0_quantize_block(x, dst);
+        } else if (type == CAKE_DTYPE_Q4_K || type == CAKE_DTYPE_Q5_K) {
+            const int top = type == CAKE_DTYPE_Q4_K ? 15 : 31;
+            int sc[8], m[8];
+            float d, dmin;
+            k_scales(x, 8, 32, top, &d, &dmin, sc, m);
+            for (int j = 0; j < 256; j++)
+                q[j] = clampi((x[j] + dmin * (float)m[j / 32]) / (d * (float)sc[j / 32]), 0, top);
+            test_encode_q4_q5_k(type, d, dmin, sc, m, q, dst);
+        } else if (type == CAKE_DTYPE_Q6_K) {
+            float amax = 0, s[16];
+            for (int i = 0; i < 16; i++) {
+                s[i] = 0;
+                for (int j = 0; j < 16; j++) s[i] = fmaxf(s[i], fabsf(x[16 * i + j]) / 31);
+                amax = fmaxf(amax, s[i]);
+            }
+            const float d = cake_f16_to_f32(cake_f32_to_f16(amax / 127));
+            int sc[16];
+            for (int i = 0; i < 16; i++) sc[i] = d > 0 ? clampi(s[i] / d, 1, 127) : 1;
+            for (int j = 0; j < 256; j++) q[j] = clampi(x[j] / (d * (float)sc[j / 16]), -32, 31);
+            test_encode_q6_k(d, sc, q, dst);
+        } else { /* Q4_0, Q4_1, Q5_0, Q5_1 */
+            const bool with_min = type == CAKE_DTYPE_Q4_1 || type == CAKE_DTYPE_Q5_1;
+            const int top = type == CAKE_DTYPE_Q4_0 || type == CAKE_DTYPE_Q4_1 ? 15 : 31;
+            float lo = x[0], hi = x[0];
+            for (int j = 1; j < 32; j++) {
+                lo = fminf(lo, x[j]);
+                hi = fmaxf(hi, x[j]);
+            }
+            /* symmetric: levels -(top + 1) / 2 .. top / 2 around 0 */
+            const float d = cake_f16_to_f32(
+                            cake_f32_to_f16(with_min ? (hi - lo) / (float)top
+                                                     : fmaxf(hi, -lo) / (float)((top + 1) / 2))),
+                        m = cake_f16_to_f32(cake_f32_to_f16(lo));
+            const int off = with_min ? 0 : (top + 1) / 2;
+            for (int j = 0; j < 32; j++)
+                q[j] = d > 0 ? clampi((x[j] - (with_min ? m : 0)) / d + (float)off, 0, top) : off;
+            test_encode_q4_q5(type, d, m, q, dst);
+        }
+    }
+    return n / be * bb;
 }

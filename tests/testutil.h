@@ -5,6 +5,7 @@
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #include "loader/staging.h"
 
@@ -41,6 +42,19 @@ typedef struct {
  * writes) to dst with the changes of v. 0, or -1 with the reason in err. */
 int test_write_variant(const char *src, const char *dst, const test_model_variant *v, char *err,
                        size_t errlen);
+
+/* Quantized blocks in ggml's layouts (model/dequant.h reads them), from
+ * their parts: Q4_0/Q4_1/Q5_0/Q5_1 from d, m (with a min) and 32 levels q
+ * (0..15 or 0..31); Q4_K/Q5_K from d, dmin, 8 6-bit scales and mins and 256
+ * levels; Q6_K from d, 16 int8 scales and 256 levels in -32..31. */
+void test_encode_q4_q5(int type, float d, float m, const int *q, uint8_t *b);
+void test_encode_q4_q5_k(int type, float d, float dmin, const int *sc, const int *m, const int *q,
+                         uint8_t *b);
+void test_encode_q6_k(float d, const int *sc, const int *q, uint8_t *b);
+
+/* x[0..n) (whole blocks) quantized to `type` into dst by plain rounding (not
+ * llama.cpp's search for the best scales); returns the bytes written. */
+size_t test_quantize_row(int type, const float *x, size_t n, uint8_t *dst);
 
 /* A staging allocator (the store's aligned buffers) that counts its calls. */
 extern const cake_staging_allocator test_counting_allocator;

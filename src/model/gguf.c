@@ -31,6 +31,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "model/dequant.h"
 #include "util/err.h"
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
@@ -77,13 +78,10 @@ size_t cake_dtype_block_bytes(uint32_t type) {
     case CAKE_DTYPE_F32:
         return 4;
     case CAKE_DTYPE_F16:
-        return 2;
     case CAKE_DTYPE_BF16:
         return 2;
-    case CAKE_DTYPE_Q8_0:
-        return 34; /* f16 scale + 32 int8 */
     default:
-        return 0;
+        return type <= INT32_MAX ? cake_dequant_block_bytes((int)type) : 0;
     }
 }
 
@@ -93,10 +91,8 @@ size_t cake_dtype_block_elems(uint32_t type) {
     case CAKE_DTYPE_F16:
     case CAKE_DTYPE_BF16:
         return 1;
-    case CAKE_DTYPE_Q8_0:
-        return 32;
     default:
-        return 0;
+        return type <= INT32_MAX ? cake_dequant_block_elems((int)type) : 0;
     }
 }
 
@@ -345,9 +341,11 @@ static int parse_tensor_info(reader *r, uint64_t i, uint64_t alignment, cake_ggu
     const uint32_t type = rd_u32(r);
     const size_t bb = cake_dtype_block_bytes(type), be = cake_dtype_block_elems(type);
     if (!bb)
-        return cake_err(r->err, r->errlen,
-                        "%s: dtype %s (%u) is not supported (F32, F16, BF16, Q8_0 are)", who,
-                        cake_dtype_name(type), type);
+        return cake_err(
+            r->err, r->errlen,
+            "%s: dtype %s (%u) is not supported (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, "
+            "Q5_1, Q4_K, Q5_K, Q6_K are)",
+            who, cake_dtype_name(type), type);
     t->type = (enum cake_dtype)type;
     if (t->ne[0] % be)
         return cake_err(r->err, r->errlen,

@@ -44,7 +44,14 @@ enum cake_gguf_type {
 enum cake_dtype {
     CAKE_DTYPE_F32 = 0,
     CAKE_DTYPE_F16 = 1,
+    CAKE_DTYPE_Q4_0 = 2,
+    CAKE_DTYPE_Q4_1 = 3,
+    CAKE_DTYPE_Q5_0 = 6,
+    CAKE_DTYPE_Q5_1 = 7,
     CAKE_DTYPE_Q8_0 = 8,
+    CAKE_DTYPE_Q4_K = 12,
+    CAKE_DTYPE_Q5_K = 13,
+    CAKE_DTYPE_Q6_K = 14,
     CAKE_DTYPE_BF16 = 30,
 };
 

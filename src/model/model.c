@@ -17,6 +17,7 @@
 #include <xxhash.h>
 
 #include "backend/cpu/kernels.h"
+#include "model/dequant.h"
 #include "model/tokenizer.h"
 #include "util/err.h"
 #include "util/f16.h"
@@ -57,10 +58,10 @@ static int is_float_dtype(int t) {
     return t == CAKE_DTYPE_F32 || t == CAKE_DTYPE_F16 || t == CAKE_DTYPE_BF16;
 }
 
-/* The big matrices may also be Q8_0 (the GGUF reader checked that their rows
- * are whole blocks of 32). */
+/* The big matrices may also be quantized (model/dequant.h; the GGUF reader
+ * checked that their rows are whole blocks). */
 static int is_weight_dtype(int t) {
-    return is_float_dtype(t) || t == CAKE_DTYPE_Q8_0;
+    return is_float_dtype(t) || cake_dequant_supported(t);
 }
 
 /* A 2-D weight with ne = [n_in, n_out] (GGUF lists the row length first). */
@@ -73,8 +74,8 @@ static int find_weight(const cake_gguf *g, const char *name, int n_in, int n_out
     }
     if (!is_weight_dtype(t->type))
         return cake_err(err, errlen,
-                        "tensor '%s': dtype %s is not supported for weights (F32, F16, BF16, Q8_0 "
-                        "are)",
+                        "tensor '%s': dtype %s is not supported for weights (F32, F16, BF16, Q8_0, "
+                        "Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K are)",
                         name, cake_dtype_name(t->type));
     if (t->n_dims != 2 || t->ne[0] != (uint64_t)n_in || t->ne[1] != (uint64_t)n_out)
         return cake_err(err, errlen, "tensor '%s': shape [%llu, %llu] (%u dims), expected [%d, %d]",
@@ -231,41 +232,76 @@ static cake_weight *matmul_weight(cake_model *m, int i) {
 }
 
 typedef struct {
-    cake_weight **w;  /* the Q8_0 matrices */
-    uint8_t **dst;    /* where each goes */
-    const void *keep; /* the token embedding, whose pages stay */
+    cake_weight **w;    /* the quantized matrices */
+    uint8_t **dst;      /* where each goes */
+    const void *keep;   /* the token embedding, whose pages stay */
+    _Atomic int no_mem; /* a requantization found no memory for its rows */
 } pack_job;
+
+/* A matrix of another quantized type goes into the same layout through Q8_0,
+ * 16 rows (one group) at a time: each row decoded to floats and requantized
+ * per block of 32 as llama.cpp quantizes activations (d = max |x| / 127).
+ * The error that adds is at most max |x| / 254 a value, a small part of the
+ * 4 to 6-bit steps its values already sit on (Q4_K: about a 17th). */
+static int requantize_x16(uint8_t *dst, const cake_weight *w) {
+    const size_t n_in = (size_t)w->n_in, nb = n_in / CAKE_Q8_0_BLOCK,
+                 row_bytes = nb * CAKE_Q8_0_BYTES;
+    float *row = malloc(n_in * sizeof(*row));
+    uint8_t *q8 = malloc(CAKE_Q8_0_X16_ROWS * row_bytes);
+    if (!row || !q8) {
+        free(row);
+        free(q8);
+        return -1;
+    }
+    for (int r0 = 0; r0 < w->n_out; r0 += CAKE_Q8_0_X16_ROWS) {
+        const int rows = w->n_out - r0 < CAKE_Q8_0_X16_ROWS ? w->n_out - r0 : CAKE_Q8_0_X16_ROWS;
+        for (int r = 0; r < rows; r++) {
+            cake_dequant_to_f32(w->dtype, w->data, (size_t)(r0 + r) * n_in, row, n_in);
+            for (size_t b = 0; b < nb; b++)
+                cake_q8_0_quantize_block(row + b * CAKE_Q8_0_BLOCK,
+                                         q8 + r * row_bytes + b * CAKE_Q8_0_BYTES);
+        }
+        cake_q8_0_pack_x16(dst + (size_t)(r0 / CAKE_Q8_0_X16_ROWS) * nb * CAKE_Q8_0_X16_GROUP_BLOCK,
+                           q8, rows, w->n_in);
+    }
+    free(row);
+    free(q8);
+    return 0;
+}
 
 /* Repacks matrix i, then releases its pages of the file from this process
  * (so that the peak stays near the model's size). */
 static void pack_task(void *ctx, int i, int tid) {
     (void)tid;
-    const pack_job *j = ctx;
+    pack_job *j = ctx;
     const cake_weight *w = j->w[i];
-    cake_q8_0_pack_x16(j->dst[i], w->data, w->n_out, w->n_in);
+    if (w->dtype == CAKE_DTYPE_Q8_0)
+        cake_q8_0_pack_x16(j->dst[i], w->data, w->n_out, w->n_in);
+    else if (requantize_x16(j->dst[i], w))
+        j->no_mem = 1;
     if (w->data == j->keep) return;
+    const size_t bytes = (size_t)w->n_out * (size_t)w->n_in / cake_dtype_block_elems(w->dtype) *
+                         cake_dtype_block_bytes(w->dtype);
     const uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE), a = (uintptr_t)w->data;
-    const uintptr_t lo = (a + page - 1) / page * page,
-                    hi = (a + (size_t)w->n_out * w->n_in / CAKE_Q8_0_BLOCK * CAKE_Q8_0_BYTES) /
-                         page * page;
+    const uintptr_t lo = (a + page - 1) / page * page, hi = (a + bytes) / page * page;
     if (hi > lo) (void)madvise((void *)lo, hi - lo, MADV_DONTNEED);
 }
 
-/* Q8_0 matrices are repacked once into the CPU matmul's layout
+/* Quantized matrices are repacked once into the CPU matmul's layout
  * (CAKE_DTYPE_Q8_0_X16, backend/cpu/matmul_q8_0.c), all in one mapping the
  * model owns, on every core and in huge pages where the kernel gives them:
  * most of the time is the kernel zeroing fresh pages (llama-1b: 3.4 s on one
  * thread in 4 KiB pages, 0.5 s this way). The token embedding is read from
  * the file (by rows; a tied output gets its own repacked copy). */
-static int pack_q8_0(cake_model *m, char *err, size_t errlen) {
+static int pack_quantized(cake_model *m, char *err, size_t errlen) {
     const int n = n_matmul_weights(m);
     cake_weight **w = malloc((size_t)n * sizeof(*w));
     if (!w) return cake_err(err, errlen, "out of memory");
-    int n_q8 = 0; /* w[0..n_q8): the Q8_0 ones */
+    int n_q8 = 0; /* w[0..n_q8): the quantized ones */
     size_t total = 0;
     for (int i = 0; i < n; i++) {
         cake_weight *wi = matmul_weight(m, i);
-        if (wi->dtype != CAKE_DTYPE_Q8_0) continue;
+        if (!cake_dequant_supported(wi->dtype)) continue;
         total += cake_q8_0_x16_size(wi->n_out, wi->n_in);
         w[n_q8++] = wi;
     }
@@ -276,7 +312,7 @@ static int pack_q8_0(cake_model *m, char *err, size_t errlen) {
     void *p = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED) {
         free(w);
-        return cake_err(err, errlen, "out of memory for the %zu MiB of repacked Q8_0 weights",
+        return cake_err(err, errlen, "out of memory for the %zu MiB of repacked weights",
                         total >> 20);
     }
     (void)madvise(p, total, MADV_HUGEPAGE);
@@ -294,18 +330,19 @@ static int pack_q8_0(cake_model *m, char *err, size_t errlen) {
     long cores = sysconf(_SC_NPROCESSORS_ONLN);
     cake_threadpool *pool = cake_threadpool_create(cores > 1 ? (int)cores : 1);
     /* a NULL pool (no threads to be had) runs every task here */
-    cake_threadpool_run(pool, n_q8, pack_task, &(pack_job){w, dst, m->tok_embd.data});
+    pack_job job = {w, dst, m->tok_embd.data, 0};
+    cake_threadpool_run(pool, n_q8, pack_task, &job);
     cake_threadpool_free(pool);
     for (int i = 0; i < n_q8; i++) w[i]->x16 = dst[i];
     free(dst);
     free(w);
-    return 0;
+    return job.no_mem ? cake_err(err, errlen, "out of memory requantizing the weights") : 0;
 }
 
-/* Whether some matrix the matmul reads is Q8_0. */
-static bool has_q8_0(cake_model *m) {
+/* Whether some matrix the matmul reads is quantized. */
+static bool has_quantized(cake_model *m) {
     for (int i = 0; i < n_matmul_weights(m); i++)
-        if (matmul_weight(m, i)->dtype == CAKE_DTYPE_Q8_0) return true;
+        if (cake_dequant_supported(matmul_weight(m, i)->dtype)) return true;
     return false;
 }
 
@@ -314,12 +351,12 @@ static _Thread_local cake_model *pack_target;
 
 static void pack_once(void) {
     cake_model *m = pack_target;
-    if (pack_q8_0(m, m->pack_err, sizeof(m->pack_err)) && !m->pack_err[0])
-        snprintf(m->pack_err, sizeof(m->pack_err), "cannot repack the Q8_0 weights");
+    if (pack_quantized(m, m->pack_err, sizeof(m->pack_err)) && !m->pack_err[0])
+        snprintf(m->pack_err, sizeof(m->pack_err), "cannot repack the quantized weights");
 }
 
 int cake_model_prepare_cpu(const cake_model *m, char *err, size_t errlen) {
-    if (!m->has_q8_0) return 0;
+    if (!m->quantized) return 0;
     cake_model *mm = (cake_model *)m; /* the repacked copies are a cache */
     pack_target = mm;
     pthread_once(&mm->pack_once, pack_once);
@@ -417,16 +454,16 @@ int cake_model_load(const char *path, cake_model **out, char *err, size_t errlen
 #undef LAYER_NAME
     }
     hp->weight_dtype = m->layers[0].wq.dtype;
-    m->has_q8_0 = has_q8_0(m);
+    m->quantized = has_quantized(m);
     m->pack_once = (pthread_once_t)PTHREAD_ONCE_INIT;
     /* Weights read in place: have the kernel start reading the file now, in
      * large sequential reads, or a model that is not in the page cache comes
      * in fault by fault during the first forward pass (llama-1b F16, cold
      * page cache, `cake run -n 4`, four runs each: 2.4-3.3 -> 2.1-3.0 s, TTFT
-     * 1.7-2.5 -> 1.3-2.1 s). Not for Q8_0: the CPU's repack reads the whole
+     * 1.7-2.5 -> 1.3-2.1 s). Not when quantized: the CPU's repack reads the whole
      * file, and read-ahead would fetch the pages it let go again (+0.26 s in
      * three runs of three). */
-    if (!m->has_q8_0) (void)madvise(g->map, g->map_size, MADV_WILLNEED);
+    if (!m->quantized) (void)madvise(g->map, g->map_size, MADV_WILLNEED);
     *out = m;
     return 0;
 
@@ -476,9 +513,9 @@ static void compute_fingerprint(void) {
     /* NeoX RoPE turns other pairs of the same weights; hashed only when set,
      * so that every llama model keeps the fingerprint (and store) it had. */
     if (hp->rope_neox) hash_u64(st, 0x6e656f78u);
-    /* Q8_0 matrices multiply 8-bit activations since the x16 kernel; KV
+    /* Quantized matrices multiply 8-bit activations since the x16 kernel; KV
      * computed before that (exact f32 activations) is not the same bits. */
-    if (m->has_q8_0) hash_u64(st, 0x71385f30783136u);
+    if (m->quantized) hash_u64(st, 0x71385f30783136u);
     hash_u64(st, cake_bits_from_f32(hp->rms_eps));
     hash_u64(st, cake_bits_from_f32(hp->rope_theta));
     hash_u64(st, cake_bits_from_f32(hp->rope_freq_scale));

@@ -18,7 +18,7 @@ typedef struct {
     const void *data; /* in the file's mapping */
     int dtype;        /* cake_dtype */
     int n_in, n_out;
-    const void *x16; /* Q8_0: the repacked copy, or NULL before */
+    const void *x16; /* quantized: the CPU's repacked Q8_0 copy, or NULL before */
 } cake_weight;
 
 typedef struct {
@@ -47,7 +47,7 @@ struct cake_model {
      * (the last factor is Llama 3.1's rope scaling; 1 when the tensor is
      * absent). Both backends rotate by these. */
     double *rope_freqs;
-    bool has_q8_0; /* some matrix the matmul reads is Q8_0 */
+    bool quantized; /* some matrix the matmul reads is quantized (the CPU: as Q8_0) */
     void *packed;  /* their repacked copies (one mapping), or NULL */
     size_t packed_size;
     pthread_once_t pack_once;

@@ -674,6 +674,7 @@ int cake_store_iterate(cake_store *s, cake_store_iter_fn fn, void *ctx, char *er
 typedef struct {
     cake_store_entry *v;
     size_t n, cap;
+    uint64_t bytes;
     int oom;
 } entry_list;
 
@@ -687,20 +688,61 @@ static int add_entry(const cake_store_entry *e, void *ctx) {
         l->cap = cap;
     }
     l->v[l->n++] = *e;
+    l->bytes += e->size;
+    return 0;
+}
+
+static int list_entries(const cake_store_ops *ops, void *b, entry_list *l, char *err,
+                        size_t errlen) {
+    *l = (entry_list){0};
+    if (ops->iterate(b, add_entry, l, err, errlen) || l->oom) {
+        free(l->v);
+        return l->oom ? cake_err(err, errlen, "out of memory listing the store") : -1;
+    }
     return 0;
 }
 
 int cake_store_list(cake_store *s, cake_store_entry **out, size_t *n, char *err, size_t errlen) {
-    entry_list l = {0};
+    entry_list l;
     *out = NULL;
     *n = 0;
-    if (cake_store_iterate(s, add_entry, &l, err, errlen) || l.oom) {
-        free(l.v);
-        return l.oom ? cake_err(err, errlen, "out of memory listing the store") : -1;
-    }
+    if (list_entries(s->ops, s->b, &l, err, errlen)) return -1;
     *out = l.v;
     *n = l.n;
     return 0;
+}
+
+static int by_last_use(const void *a, const void *b) {
+    const cake_store_entry *x = a, *y = b;
+    if (x->last_used != y->last_used) return x->last_used < y->last_used ? -1 : 1;
+    return memcmp(x->key.b, y->key.b, sizeof(x->key.b));
+}
+
+int cake_store_backend_by_age(const cake_store_ops *ops, void *b, cake_store_entry **out, size_t *n,
+                              uint64_t *bytes, char *err, size_t errlen) {
+    entry_list l;
+    *out = NULL;
+    *n = 0;
+    *bytes = 0;
+    if (list_entries(ops, b, &l, err, errlen)) return -1;
+    if (l.n) qsort(l.v, l.n, sizeof(*l.v), by_last_use);
+    *out = l.v;
+    *n = l.n;
+    *bytes = l.bytes;
+    return 0;
+}
+
+static int count_entry(const cake_store_entry *e, void *ctx) {
+    cake_store_usage *u = ctx;
+    u->n_chunks++;
+    u->bytes += e->size;
+    return 0;
+}
+
+int cake_store_backend_count(const cake_store_ops *ops, void *b, cake_store_usage *u, char *err,
+                             size_t errlen) {
+    u->n_chunks = u->bytes = 0;
+    return ops->iterate(b, count_entry, u, err, errlen) ? -1 : 0;
 }
 
 int cake_store_usage_get(cake_store *s, cake_store_usage *u, char *err, size_t errlen) {

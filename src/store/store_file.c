@@ -108,7 +108,8 @@ static int is_hex2(const char *s) {
 }
 
 /* Calls fn for every chunk file (fn returns nonzero to stop). */
-static int scan(file_store *f, cake_store_iter_fn fn, void *ctx, char *err, size_t errlen) {
+static int file_iterate(void *st_, cake_store_iter_fn fn, void *ctx, char *err, size_t errlen) {
+    file_store *f = st_;
     DIR *d0 = opendir(f->root);
     if (!d0) return cake_err(err, errlen, "file store %s: %s", f->root, strerror(errno));
     int stop = 0;
@@ -582,55 +583,10 @@ static int file_del(void *st_, const cake_chunk_key *k, char *err, size_t errlen
     return cake_err(err, errlen, "file store: remove %s: %s", path, strerror(errno));
 }
 
-static int file_iterate(void *st_, cake_store_iter_fn fn, void *ctx, char *err, size_t errlen) {
-    return scan(st_, fn, ctx, err, errlen);
-}
-
-typedef struct {
-    cake_store_entry *e;
-    size_t n, cap;
-    uint64_t bytes;
-    int oom;
-} entry_list;
-
-static int collect(const cake_store_entry *e, void *ctx) {
-    entry_list *l = ctx;
-    if (l->n == l->cap) {
-        size_t nc = l->cap ? 2 * l->cap : 1024;
-        cake_store_entry *ne = realloc(l->e, nc * sizeof(*ne));
-        if (!ne) {
-            l->oom = 1;
-            return 1;
-        }
-        l->e = ne;
-        l->cap = nc;
-    }
-    l->e[l->n++] = *e;
-    l->bytes += e->size;
-    return 0;
-}
-
-static int sum_sizes(const cake_store_entry *e, void *ctx) {
-    uint64_t *u = ctx;
-    u[0]++;
-    u[1] += e->size;
-    return 0;
-}
-
 static int file_usage(void *st_, cake_store_usage *u, char *err, size_t errlen) {
     file_store *f = st_;
-    uint64_t sums[2] = {0, 0};
-    if (scan(f, sum_sizes, sums, err, errlen)) return -1;
-    u->n_chunks = sums[0];
-    u->bytes = sums[1];
     u->capacity = f->capacity;
-    return 0;
-}
-
-static int by_last_use(const void *a, const void *b) {
-    const cake_store_entry *x = a, *y = b;
-    if (x->last_used != y->last_used) return x->last_used < y->last_used ? -1 : 1;
-    return memcmp(x->key.b, y->key.b, 16);
+    return cake_store_backend_count(&cake_store_file_ops, f, u, err, errlen);
 }
 
 static int file_gc(void *st_, uint64_t target, uint64_t *n_evicted, uint64_t *bytes_freed,
@@ -638,24 +594,21 @@ static int file_gc(void *st_, uint64_t target, uint64_t *n_evicted, uint64_t *by
     file_store *f = st_;
     clean_tmp(f);
     if (target == UINT64_MAX) return 0;
-    entry_list l = {0};
-    if (scan(f, collect, &l, err, errlen)) return -1;
-    if (l.oom) {
-        free(l.e);
-        return cake_err(err, errlen, "file store %s: out of memory listing chunks", f->root);
-    }
-    if (l.n) qsort(l.e, l.n, sizeof(*l.e), by_last_use);
-    for (size_t i = 0; i < l.n && l.bytes > target; i++) {
+    cake_store_entry *e;
+    size_t n;
+    uint64_t bytes;
+    if (cake_store_backend_by_age(&cake_store_file_ops, f, &e, &n, &bytes, err, errlen)) return -1;
+    for (size_t i = 0; i < n && bytes > target; i++) {
         char path[4400];
-        path_of(f, &l.e[i].key, path, sizeof(path));
-        index_forget(f, &l.e[i].key);
+        path_of(f, &e[i].key, path, sizeof(path));
+        index_forget(f, &e[i].key);
         if (unlink(path) == 0) {
             (*n_evicted)++;
-            *bytes_freed += l.e[i].size;
+            *bytes_freed += e[i].size;
         }
-        l.bytes -= l.e[i].size;
+        bytes -= e[i].size;
     }
-    free(l.e);
+    free(e);
     return 0;
 }
 
@@ -714,17 +667,17 @@ int cake_store_file_open(const cake_store_params *p, cake_store_atomic_counters 
             return cake_err(err, errlen, "file store: out of memory");
         }
         pthread_mutex_init(&f->mu, NULL);
-        entry_list l = {0};
-        if (scan(f, collect, &l, err, errlen) || l.oom) {
-            free(l.e);
+        cake_store_entry *e;
+        size_t n;
+        uint64_t bytes;
+        if (cake_store_backend_by_age(&cake_store_file_ops, f, &e, &n, &bytes, err, errlen)) {
             file_close(f);
-            return l.oom ? cake_err(err, errlen, "file store %s: out of memory", p->path) : -1;
+            return -1;
         }
         /* Oldest first, each as the most recent: the newest ends up first. */
-        if (l.n) qsort(l.e, l.n, sizeof(*l.e), by_last_use);
-        for (size_t i = 0; i < l.n; i++)
-            cake_lru_insert(&f->lru, &l.e[i].key, l.e[i].size, l.e[i].last_used, NULL);
-        free(l.e);
+        for (size_t i = 0; i < n; i++)
+            cake_lru_insert(&f->lru, &e[i].key, e[i].size, e[i].last_used, NULL);
+        free(e);
     }
     *out = f;
     return 0;

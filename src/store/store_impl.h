@@ -79,6 +79,16 @@ int cake_store_redis_open(const cake_store_params *p, cake_store_atomic_counters
                           char *err, size_t errlen);
 extern const cake_store_ops cake_store_file_ops, cake_store_mem_ops, cake_store_redis_ops;
 
+/* Every chunk a backend holds, least recently used first (ties by key), and
+ * their total size: what gc evicts first and an LRU is rebuilt from. *out is
+ * malloc'ed (NULL when empty). */
+int cake_store_backend_by_age(const cake_store_ops *ops, void *b, cake_store_entry **out, size_t *n,
+                              uint64_t *bytes, char *err, size_t errlen);
+
+/* Sets u->n_chunks and u->bytes by iterating the backend (leaves capacity). */
+int cake_store_backend_count(const cake_store_ops *ops, void *b, cake_store_usage *u, char *err,
+                             size_t errlen);
+
 /* Test hook of the file backend: when set, put writes half of the blob into
  * its temporary file, calls the hook, then writes the rest. Lets the tests
  * kill a writer mid-write deterministically. */

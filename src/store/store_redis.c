@@ -636,79 +636,33 @@ static int redis_iterate(void *st, cake_store_iter_fn fn, void *ctx, char *err, 
     return run_cmd(st, "SCAN", cmd_scan, &s, err, errlen) ? -1 : 0;
 }
 
-static int sum_sizes(const cake_store_entry *e, void *ctx) {
-    uint64_t *u = ctx;
-    u[0]++;
-    u[1] += e->size;
-    return 0;
-}
-
 static int redis_usage(void *st, cake_store_usage *u, char *err, size_t errlen) {
-    uint64_t sums[2] = {0, 0};
-    if (redis_iterate(st, sum_sizes, sums, err, errlen)) return -1;
-    u->n_chunks = sums[0];
-    u->bytes = sums[1];
     u->capacity = 0; /* Redis's own maxmemory governs */
-    return 0;
-}
-
-typedef struct {
-    cake_store_entry *e;
-    size_t n, cap;
-    uint64_t bytes;
-    int oom;
-} entry_list;
-
-static int collect(const cake_store_entry *e, void *ctx) {
-    entry_list *l = ctx;
-    if (l->n == l->cap) {
-        size_t nc = l->cap ? 2 * l->cap : 1024;
-        cake_store_entry *ne = realloc(l->e, nc * sizeof(*ne));
-        if (!ne) {
-            l->oom = 1;
-            return 1;
-        }
-        l->e = ne;
-        l->cap = nc;
-    }
-    l->e[l->n++] = *e;
-    l->bytes += e->size;
-    return 0;
-}
-
-static int by_last_use(const void *a, const void *b) {
-    const cake_store_entry *x = a, *y = b;
-    if (x->last_used != y->last_used) return x->last_used < y->last_used ? -1 : 1;
-    return memcmp(x->key.b, y->key.b, 16);
+    return cake_store_backend_count(&cake_store_redis_ops, st, u, err, errlen);
 }
 
 static int redis_gc(void *st, uint64_t target, uint64_t *n_evicted, uint64_t *bytes_freed,
                     char *err, size_t errlen) {
     if (target == UINT64_MAX) return 0;
-    entry_list l = {0};
-    if (redis_iterate(st, collect, &l, err, errlen)) {
-        free(l.e);
+    cake_store_entry *e;
+    size_t n;
+    uint64_t bytes;
+    if (cake_store_backend_by_age(&cake_store_redis_ops, st, &e, &n, &bytes, err, errlen))
         return -1;
-    }
-    if (l.oom) {
-        free(l.e);
-        return cake_err(err, errlen, "redis: out of memory listing chunks");
-    }
-    if (l.n) qsort(l.e, l.n, sizeof(*l.e), by_last_use);
     int rc = 0;
-    for (size_t i = 0; i < l.n && l.bytes > target; i++) {
-        int d = redis_del(st, &l.e[i].key, err, errlen);
+    for (size_t i = 0; i < n && bytes > target; i++) {
+        int d = redis_del(st, &e[i].key, err, errlen);
         if (d < 0) {
             rc = -1;
             break;
         }
         if (d == 0) {
             (*n_evicted)++;
-            *bytes_freed += l.e[i].size;
+            *bytes_freed += e[i].size;
         }
-        l.bytes -= l.e[i].size;
+        bytes -= e[i].size;
     }
-    free(l.e);
+    free(e);
     return rc;
 }
 

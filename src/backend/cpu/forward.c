@@ -15,8 +15,8 @@
 
 #include "backend/cpu/kernels.h"
 #include "engine/context.h"
+#include "model/dequant.h"
 #include "util/f16.h"
-#include "util/q8_0.h"
 
 static void embed_rows(const cake_weight *w, const cake_token *tokens, int n, float *x) {
     const size_t dim = (size_t)w->n_in;
@@ -30,18 +30,18 @@ static void embed_rows(const cake_weight *w, const cake_token *tokens, int n, fl
         case CAKE_DTYPE_F16:
             cake_f16_to_f32_row((const cake_f16 *)w->data + row, dst, dim);
             break;
-        case CAKE_DTYPE_Q8_0:
-            cake_q8_0_to_f32(w->data, row, dst, dim);
-            break;
-        default:
+        case CAKE_DTYPE_BF16:
             cake_bf16_to_f32_row((const cake_bf16 *)w->data + row, dst, dim);
+            break;
+        default: /* quantized */
+            cake_dequant_to_f32(w->dtype, w->data, row, dst, dim);
             break;
         }
     }
 }
 
 static void matmul(float *y, const float *x, const cake_weight *w, int n, cake_threadpool *pool) {
-    /* The dtype was checked at model load, and a Q8_0 matrix has its CPU copy
+    /* The dtype was checked at model load, and a quantized matrix has its CPU copy
      * (cake_model_prepare_cpu ran at context init), so this cannot fail. */
     if (w->x16)
         (void)cake_matmul(y, x, w->x16, CAKE_DTYPE_Q8_0_X16, n, w->n_in, w->n_out, pool);

@@ -2,7 +2,7 @@
  *
  * Memory on the GPU (T = max_batch):
  *   weights, one element type for all (wtype = the file's layer dtype, F16
- *     for Q8_0; a matrix stored in another dtype is converted on the host
+ *     for quantized ones; a matrix stored in another dtype is converted on the host
  *     while uploading):
  *     tok_embd (n_vocab, dim); output (n_vocab, dim), the same buffer when tied;
  *     per layer wqkv (dim + 2 kv_dim, dim) = [wq; wk; wv] stacked so one GEMM
@@ -56,10 +56,10 @@
 #include <vector>
 
 #include "backend/cuda/common.cuh"
+#include "model/dequant.h"
 #include "model/model.h"
 #include "util/err.h"
 #include "util/f16.h"
-#include "util/q8_0.h"
 
 namespace {
 
@@ -189,8 +189,8 @@ int dev_alloc(cake_cuda_state *s, void **p, size_t bytes, const char *what, char
 /* ---- host-side conversion for the upload ---- */
 
 /* A matrix as the upload reads it: row-major elements of dtype F32, F16,
- * BF16 or Q8_0, as in the file (the CPU's repacked Q8_0 copies are not made
- * for a GPU run: cake_model_prepare_cpu). */
+ * BF16 or a quantized type, as in the file (the CPU's repacked Q8_0 copies
+ * are not made for a GPU run: cake_model_prepare_cpu). */
 struct src_matrix {
     const void *data;
     int dtype;
@@ -208,11 +208,11 @@ void store_as(void *dst, int dt, size_t i, float v) {
 /* dst[0..n) (dtype dt) = elements first..first+n of src. */
 void convert_range(void *dst, int dt, src_matrix src, size_t first, size_t n) {
     const int st = src.dtype;
-    if (st == CAKE_DTYPE_Q8_0) {
+    if (cake_dequant_supported(st)) {
         float buf[256];
         for (size_t i = 0; i < n; i += 256) {
             const size_t cnt = n - i < 256 ? n - i : 256;
-            cake_q8_0_to_f32(src.data, first + i, buf, cnt);
+            cake_dequant_to_f32(st, src.data, first + i, buf, cnt);
             for (size_t j = 0; j < cnt; j++) store_as(dst, dt, i + j, buf[j]);
         }
         return;
@@ -382,14 +382,12 @@ int init_state(cake_cuda_state *s, const cake_model *m, int n_ctx, int max_batch
     s->kv_dim = hp->n_kv_heads * hd;
     s->qkv_dim = dim + 2 * s->kv_dim;
     s->xh_cols = ffn > dim ? ffn : dim;
-    /* Q8_0 weights go up as f16 (each d * q rounded once, to 11 bits): the
-     * GEMMs then run on tensor cores as for an F16 file, in twice the memory
-     * of the blocks. */
-    s->wtype = hp->weight_dtype == CAKE_DTYPE_Q8_0 ? CAKE_DTYPE_F16 : hp->weight_dtype;
+    /* Quantized weights go up as f16 (each value rounded once, to 11 bits):
+     * the GEMMs then run on tensor cores as for an F16 file, in more memory
+     * than the blocks (Q8_0: twice, Q4_K: 3.6 times). */
+    s->wtype = cake_dequant_supported(hp->weight_dtype) ? CAKE_DTYPE_F16 : hp->weight_dtype;
     if (s->wtype != CAKE_DTYPE_F32 && s->wtype != CAKE_DTYPE_F16 && s->wtype != CAKE_DTYPE_BF16)
-        return cake_err(err, errlen,
-                        "cuda: weight dtype %d is not supported (F32, F16, BF16, Q8_0 are)",
-                        s->wtype);
+        return cake_err(err, errlen, "cuda: weight dtype %d is not supported", s->wtype);
     s->welem = dtype_size(s->wtype);
     /* q/k/v and gate/up leave their GEMMs in the weights' type, as PyTorch's
      * bf16 layers do: the row kernels after them then read half the bytes

@@ -1,0 +1,198 @@
+/* See dequant.h. Each decoder turns one block into its floats; the k-quants
+ * (blocks of 256) keep per-32 (Q4_K, Q5_K) or per-16 (Q6_K) scales inside. */
+#include "model/dequant.h"
+
+#include <stdint.h>
+#include <string.h>
+
+#include "model/gguf.h"
+#include "util/f16.h"
+#include "util/q8_0.h"
+
+enum { QK = 32, QK_K = 256, MAX_BLOCK = QK_K };
+
+static float f16_at(const uint8_t *p) {
+    cake_f16 h;
+    memcpy(&h, p, 2);
+    return cake_f16_to_f32(h);
+}
+
+/* Q4_0: d, 16 bytes of nibbles; low nibbles are values 0..15, high 16..31. */
+static void q4_0(const uint8_t *b, float *y) {
+    const float d = f16_at(b);
+    const uint8_t *qs = b + 2;
+    for (int j = 0; j < QK / 2; j++) {
+        y[j] = (float)((qs[j] & 0xF) - 8) * d;
+        y[j + QK / 2] = (float)((qs[j] >> 4) - 8) * d;
+    }
+}
+
+/* Q4_1: d, m, nibbles; value = q d + m. */
+static void q4_1(const uint8_t *b, float *y) {
+    const float d = f16_at(b), m = f16_at(b + 2);
+    const uint8_t *qs = b + 4;
+    for (int j = 0; j < QK / 2; j++) {
+        y[j] = (float)(qs[j] & 0xF) * d + m;
+        y[j + QK / 2] = (float)(qs[j] >> 4) * d + m;
+    }
+}
+
+/* Q5_0 and Q5_1: as Q4_0/Q4_1 with a fifth bit per value in a 32-bit qh
+ * (bit j for value j). Q5_0 centres on 16, Q5_1 adds m. */
+static void q5(const uint8_t *b, float *y, bool has_min) {
+    const float d = f16_at(b), m = has_min ? f16_at(b + 2) : 0.0f;
+    const uint8_t *p = b + (has_min ? 4 : 2);
+    const uint32_t qh =
+        (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+    const uint8_t *qs = p + 4;
+    for (int j = 0; j < QK / 2; j++) {
+        const int lo = (qs[j] & 0xF) | (int)((qh >> j) << 4 & 0x10),
+                  hi = (qs[j] >> 4) | (int)(qh >> (j + 12) & 0x10);
+        if (has_min) {
+            y[j] = (float)lo * d + m;
+            y[j + QK / 2] = (float)hi * d + m;
+        } else {
+            y[j] = (float)(lo - 16) * d;
+            y[j + QK / 2] = (float)(hi - 16) * d;
+        }
+    }
+}
+
+/* The 6-bit scale and min of sub-block j (0..7) of a Q4_K/Q5_K block: 12
+ * bytes hold 8 pairs, the first four whole in the low 6 bits of bytes 0..7,
+ * the last four split between nibbles of bytes 8..11 and the top 2 bits of
+ * bytes 0..7. */
+static void k_scale_min(int j, const uint8_t *s, int *sc, int *m) {
+    if (j < 4) {
+        *sc = s[j] & 63;
+        *m = s[j + 4] & 63;
+    } else {
+        *sc = (s[j + 4] & 0xF) | (s[j - 4] >> 6) << 4;
+        *m = (s[j + 4] >> 4) | (s[j] >> 6) << 4;
+    }
+}
+
+/* Q4_K and Q5_K: d, dmin, 12 bytes of scales, (Q5_K: 32 bytes of fifth
+ * bits), 128 bytes of nibbles. Each 64 values share 32 bytes of nibbles:
+ * sub-block 2i the low ones, 2i + 1 the high ones; value = d sc q - dmin m. */
+static void qk_4_5(const uint8_t *b, float *y, bool five) {
+    const float d = f16_at(b), dmin = f16_at(b + 2);
+    const uint8_t *scales = b + 4, *qh = b + 16, *qs = b + (five ? 48 : 16);
+    for (int i = 0; i < 4; i++, qs += 32, y += 64) {
+        int sc, m;
+        k_scale_min(2 * i, scales, &sc, &m);
+        const float d1 = d * (float)sc, m1 = dmin * (float)m;
+        k_scale_min(2 * i + 1, scales, &sc, &m);
+        const float d2 = d * (float)sc, m2 = dmin * (float)m;
+        for (int l = 0; l < 32; l++) {
+            const int h1 = five && (qh[l] >> (2 * i) & 1) ? 16 : 0,
+                      h2 = five && (qh[l] >> (2 * i + 1) & 1) ? 16 : 0;
+            y[l] = d1 * (float)((qs[l] & 0xF) + h1) - m1;
+            y[l + 32] = d2 * (float)((qs[l] >> 4) + h2) - m2;
+        }
+    }
+}
+
+/* Q6_K: 128 bytes of low nibbles, 64 of high 2-bit pairs, 16 int8 scales (one
+ * per 16 values), then d. Each half of 128 values takes 64 bytes of ql and 32
+ * of qh: value l + 32 k (k = 0..3) has the low (k < 2) or high nibble of ql[l +
+ * 32 (k % 2)] and bits 2k, 2k + 1 of qh[l]; value = d sc (q - 32). */
+static void q6_k(const uint8_t *b, float *y) {
+    const uint8_t *ql = b, *qh = b + 128;
+    const int8_t *sc = (const int8_t *)(b + 192);
+    const float d = f16_at(b + 208);
+    for (int half = 0; half < 2; half++, ql += 64, qh += 32, sc += 8, y += 128)
+        for (int l = 0; l < 32; l++) {
+            const int is = l / 16;
+            const int q1 = ((ql[l] & 0xF) | (qh[l] >> 0 & 3) << 4) - 32,
+                      q2 = ((ql[l + 32] & 0xF) | (qh[l] >> 2 & 3) << 4) - 32,
+                      q3 = ((ql[l] >> 4) | (qh[l] >> 4 & 3) << 4) - 32,
+                      q4 = ((ql[l + 32] >> 4) | (qh[l] >> 6 & 3) << 4) - 32;
+            y[l] = d * (float)sc[is] * (float)q1;
+            y[l + 32] = d * (float)sc[is + 2] * (float)q2;
+            y[l + 64] = d * (float)sc[is + 4] * (float)q3;
+            y[l + 96] = d * (float)sc[is + 6] * (float)q4;
+        }
+}
+
+static void decode_block(int type, const uint8_t *b, float *y) {
+    switch (type) {
+    case CAKE_DTYPE_Q4_0:
+        q4_0(b, y);
+        break;
+    case CAKE_DTYPE_Q4_1:
+        q4_1(b, y);
+        break;
+    case CAKE_DTYPE_Q5_0:
+        q5(b, y, false);
+        break;
+    case CAKE_DTYPE_Q5_1:
+        q5(b, y, true);
+        break;
+    case CAKE_DTYPE_Q8_0:
+        cake_q8_0_to_f32(b, 0, y, QK);
+        break;
+    case CAKE_DTYPE_Q4_K:
+        qk_4_5(b, y, false);
+        break;
+    case CAKE_DTYPE_Q5_K:
+        qk_4_5(b, y, true);
+        break;
+    case CAKE_DTYPE_Q6_K:
+        q6_k(b, y);
+        break;
+    default:
+        memset(y, 0, MAX_BLOCK * sizeof(float));
+        break; /* callers check first */
+    }
+}
+
+/* Bytes and values per block; 0 for a type not read here. */
+size_t cake_dequant_block_bytes(int type) {
+    switch (type) {
+    case CAKE_DTYPE_Q4_0:
+        return 18; /* f16 d + 32 nibbles */
+    case CAKE_DTYPE_Q4_1:
+        return 20; /* f16 d and m + 32 nibbles */
+    case CAKE_DTYPE_Q5_0:
+        return 22; /* f16 d + 32 fifth bits + 32 nibbles */
+    case CAKE_DTYPE_Q5_1:
+        return 24; /* f16 d and m + fifth bits + nibbles */
+    case CAKE_DTYPE_Q8_0:
+        return 34; /* f16 d + 32 int8 */
+    case CAKE_DTYPE_Q4_K:
+        return 144; /* f16 d, dmin + 12 bytes of scales + 256 nibbles */
+    case CAKE_DTYPE_Q5_K:
+        return 176; /* as Q4_K + 256 fifth bits */
+    case CAKE_DTYPE_Q6_K:
+        return 210; /* 256 nibbles + 256 2-bit highs + 16 int8 scales + f16 d */
+    default:
+        return 0;
+    }
+}
+
+size_t cake_dequant_block_elems(int type) {
+    if (!cake_dequant_block_bytes(type)) return 0;
+    return type == CAKE_DTYPE_Q4_K || type == CAKE_DTYPE_Q5_K || type == CAKE_DTYPE_Q6_K ? QK_K
+                                                                                         : QK;
+}
+
+bool cake_dequant_supported(int type) {
+    return cake_dequant_block_bytes(type) != 0;
+}
+
+void cake_dequant_to_f32(int type, const void *src, size_t first, float *dst, size_t n) {
+    const size_t be = cake_dequant_block_elems(type), bb = cake_dequant_block_bytes(type);
+    float block[MAX_BLOCK];
+    for (size_t i = 0; i < n;) {
+        const size_t e = first + i, j0 = e % be, take = be - j0 < n - i ? be - j0 : n - i;
+        const uint8_t *b = (const uint8_t *)src + e / be * bb;
+        if (j0 == 0 && take == be) {
+            decode_block(type, b, dst + i); /* whole blocks straight into dst */
+        } else {
+            decode_block(type, b, block);
+            memcpy(dst + i, block + j0, take * sizeof(float));
+        }
+        i += take;
+    }
+}

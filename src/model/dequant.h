@@ -1,0 +1,36 @@
+/* GGUF's quantized weight types read back as floats: Q8_0 and the
+ * quantizations llama.cpp's users download most (Q4_0, Q4_1, Q5_0, Q5_1 and
+ * the k-quants Q4_K, Q5_K, Q6_K that make up Q4_K_M, Q5_K_M and Q6_K files).
+ * The block layouts are ggml's (ggml-common.h); the values are its
+ * dequantize_row_* ones, the same f32 operations in the same order.
+ *
+ * Cake multiplies none of these but Q8_0 directly: the CPU backend requantizes
+ * the others to Q8_0 once (model.c), the CUDA backend converts them to f16 as
+ * they go up. */
+#ifndef CAKE_DEQUANT_H
+#define CAKE_DEQUANT_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Whether GGUF type `type` is one of the quantized types above (Q8_0 too). */
+bool cake_dequant_supported(int type);
+
+/* A block of `type`: its bytes and its values (0 when not supported). */
+size_t cake_dequant_block_bytes(int type);
+size_t cake_dequant_block_elems(int type);
+
+/* dst[0..n) = elements first..first+n of a row-major array of `type` blocks
+ * (element e sits in block e / block size). Any range: a partial block at
+ * either end is decoded whole and the part asked for copied. */
+void cake_dequant_to_f32(int type, const void *src, size_t first, float *dst, size_t n);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

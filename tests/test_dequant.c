@@ -1,0 +1,177 @@
+/* Quantized GGUF blocks read back (model/dequant.c): for every type, blocks
+ * written from known parts (testutil's encoders, in ggml's layouts) must give
+ * exactly the values those parts mean; any range of a row gives the same
+ * values as the whole; and the plain quantizer the forward tests use stays
+ * within half a step of its input. The scales are chosen so that every
+ * product is exact in f32, so the comparisons are exact. */
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "model/dequant.h"
+#include "model/gguf.h"
+#include "testutil.h"
+
+static uint64_t rng = 0x2545f4914f6cdd1dull;
+static int rnd(int lo, int hi) { /* uniform in [lo, hi] */
+    rng ^= rng << 13;
+    rng ^= rng >> 7;
+    rng ^= rng << 17;
+    return lo + (int)((rng >> 33) % (uint64_t)(hi - lo + 1));
+}
+
+/* A power of two in [2^-12, 2^-4], so that d * sc * q stays exact. */
+static float rnd_scale(void) {
+    return ldexpf(1.0f, -rnd(4, 12));
+}
+
+enum { N_BLOCKS = 4 };
+
+/* One row of N_BLOCKS random blocks of `type` into raw, their values into want. */
+static void make_row(int type, uint8_t *raw, float *want) {
+    const size_t be = cake_dequant_block_elems(type), bb = cake_dequant_block_bytes(type);
+    for (int b = 0; b < N_BLOCKS; b++, raw += bb, want += be) {
+        int q[256], sc[16], m[16];
+        const float d = rnd_scale(), dm = rnd_scale();
+        switch (type) {
+        case CAKE_DTYPE_Q4_0:
+        case CAKE_DTYPE_Q4_1:
+        case CAKE_DTYPE_Q5_0:
+        case CAKE_DTYPE_Q5_1: {
+            const bool five = type == CAKE_DTYPE_Q5_0 || type == CAKE_DTYPE_Q5_1,
+                       with_min = type == CAKE_DTYPE_Q4_1 || type == CAKE_DTYPE_Q5_1;
+            const int top = five ? 31 : 15, centre = five ? 16 : 8;
+            for (int j = 0; j < 32; j++) {
+                q[j] = rnd(0, top);
+                want[j] = with_min ? (float)q[j] * d + dm : (float)(q[j] - centre) * d;
+            }
+            test_encode_q4_q5(type, d, dm, q, raw);
+            break;
+        }
+        case CAKE_DTYPE_Q4_K:
+        case CAKE_DTYPE_Q5_K: {
+            const int top = type == CAKE_DTYPE_Q5_K ? 31 : 15;
+            for (int i = 0; i < 8; i++) {
+                sc[i] = rnd(0, 63);
+                m[i] = rnd(0, 63);
+            }
+            for (int j = 0; j < 256; j++) {
+                q[j] = rnd(0, top);
+                want[j] = d * (float)sc[j / 32] * (float)q[j] - dm * (float)m[j / 32];
+            }
+            test_encode_q4_q5_k(type, d, dm, sc, m, q, raw);
+            break;
+        }
+        case CAKE_DTYPE_Q6_K:
+            for (int i = 0; i < 16; i++) sc[i] = rnd(-128, 127);
+            for (int j = 0; j < 256; j++) {
+                q[j] = rnd(-32, 31);
+                want[j] = d * (float)sc[j / 16] * (float)q[j];
+            }
+            test_encode_q6_k(d, sc, q, raw);
+            break;
+        default:
+            fail_msg("type %d", type);
+        }
+    }
+}
+
+static const int types[] = {CAKE_DTYPE_Q4_0, CAKE_DTYPE_Q4_1, CAKE_DTYPE_Q5_0, CAKE_DTYPE_Q5_1,
+                            CAKE_DTYPE_Q4_K, CAKE_DTYPE_Q5_K, CAKE_DTYPE_Q6_K};
+
+/* Every value of every type, whole rows and ranges that start and end inside
+ * blocks. */
+static void test_blocks_decode(void **state) {
+    (void)state;
+    for (size_t t = 0; t < sizeof(types) / sizeof(types[0]); t++) {
+        const int type = types[t];
+        assert_true(cake_dequant_supported(type));
+        const size_t n = N_BLOCKS * cake_dequant_block_elems(type);
+        uint8_t raw[N_BLOCKS * 210];
+        float want[N_BLOCKS * 256], got[N_BLOCKS * 256];
+        for (int round = 0; round < 50; round++) {
+            make_row(type, raw, want);
+            cake_dequant_to_f32(type, raw, 0, got, n);
+            for (size_t i = 0; i < n; i++)
+                if (got[i] != want[i])
+                    fail_msg("%s, round %d: value %zu is %.9g, not %.9g", cake_dtype_name(type),
+                             round, i, got[i], want[i]);
+            const size_t first = (size_t)rnd(0, (int)n - 1), cnt = (size_t)rnd(0, (int)(n - first));
+            for (size_t i = 0; i < n; i++) got[i] = -1e30f;
+            cake_dequant_to_f32(type, raw, first, got + first, cnt);
+            for (size_t i = 0; i < n; i++) {
+                const float expect = i >= first && i < first + cnt ? want[i] : -1e30f;
+                if (got[i] != expect)
+                    fail_msg("%s, values [%zu, %zu): value %zu is %g, not %g",
+                             cake_dtype_name(type), first, first + cnt, i, got[i], expect);
+            }
+        }
+    }
+}
+
+/* Block sizes agree with ggml's, and the GGUF reader uses them. */
+static void test_block_sizes(void **state) {
+    (void)state;
+    const struct {
+        int type;
+        size_t bytes, elems;
+    } want[] = {{CAKE_DTYPE_Q4_0, 18, 32},   {CAKE_DTYPE_Q4_1, 20, 32},
+                {CAKE_DTYPE_Q5_0, 22, 32},   {CAKE_DTYPE_Q5_1, 24, 32},
+                {CAKE_DTYPE_Q8_0, 34, 32},   {CAKE_DTYPE_Q4_K, 144, 256},
+                {CAKE_DTYPE_Q5_K, 176, 256}, {CAKE_DTYPE_Q6_K, 210, 256}};
+    for (size_t i = 0; i < sizeof(want) / sizeof(want[0]); i++) {
+        assert_int_equal(cake_dequant_block_bytes(want[i].type), want[i].bytes);
+        assert_int_equal(cake_dequant_block_elems(want[i].type), want[i].elems);
+        assert_int_equal(cake_dtype_block_bytes((uint32_t)want[i].type), want[i].bytes);
+        assert_int_equal(cake_dtype_block_elems((uint32_t)want[i].type), want[i].elems);
+    }
+    /* Q2_K, Q3_K, IQ types: not read */
+    const int no[] = {CAKE_DTYPE_F32, CAKE_DTYPE_F16, CAKE_DTYPE_BF16, 10, 11, 16, 4, 5, 9, 200};
+    for (size_t i = 0; i < sizeof(no) / sizeof(no[0]); i++) {
+        assert_false(cake_dequant_supported(no[i]));
+        assert_int_equal(cake_dequant_block_bytes(no[i]), 0);
+    }
+}
+
+/* testutil's quantizer (for the forward tests) round-trips within a step. */
+static void test_quantizer_roundtrip(void **state) {
+    (void)state;
+    float x[512], back[512];
+    uint8_t raw[2 * 210];
+    for (size_t t = 0; t < sizeof(types) / sizeof(types[0]); t++) {
+        const int type = types[t];
+        for (int i = 0; i < 512; i++) x[i] = (float)rnd(-1000, 1000) / 1000.0f * (i % 7 + 1);
+        const size_t n = 512, bytes = test_quantize_row(type, x, n, raw);
+        assert_int_equal(bytes,
+                         n / cake_dequant_block_elems(type) * cake_dequant_block_bytes(type));
+        cake_dequant_to_f32(type, raw, 0, back, n);
+        const int bits =
+            type == CAKE_DTYPE_Q6_K                                                         ? 6
+            : type == CAKE_DTYPE_Q5_0 || type == CAKE_DTYPE_Q5_1 || type == CAKE_DTYPE_Q5_K ? 5
+                                                                                            : 4;
+        double err = 0, amax = 0;
+        for (size_t i = 0; i < n; i++) {
+            err = fmax(err, fabs((double)back[i] - x[i]));
+            amax = fmax(amax, fabs(x[i]));
+        }
+        /* a step is at most 2 amax / 2^bits; rounded scales cost a little more */
+        printf("%s: max error %.4f of max |x| %.2f\n", cake_dtype_name(type), err, amax);
+        assert_true(err <= 1.5 * 2 * amax / (1 << bits));
+    }
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_blocks_decode),
+        cmocka_unit_test(test_block_sizes),
+        cmocka_unit_test(test_quantizer_roundtrip),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
