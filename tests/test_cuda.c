@@ -406,6 +406,35 @@ static void test_q8_0_vs_cpu(void **state) {
     unlink(q8);
 }
 
+static int to_f32(const char *name, int type) {
+    (void)name;
+    (void)type;
+    return CAKE_DTYPE_F32;
+}
+
+/* Other quantized types go up as f16 like Q8_0: the reference is the CPU on
+ * the float twin (every weight its exact decoded value). */
+static void test_other_quants_vs_cpu(void **state) {
+    (void)state;
+    REQUIRE_GPU();
+    char base[64], mixed[96], twin[96], err[256];
+    assert_int_equal(make_model(base, "tiny-256", "f32"), 0);
+    snprintf(mixed, sizeof(mixed), "%s.mixed", base);
+    snprintf(twin, sizeof(twin), "%s.f32", base);
+    int rc = test_write_variant(base, mixed, &(test_model_variant){.retype = test_mixed_quants},
+                                err, sizeof(err));
+    if (!rc)
+        rc = test_write_variant(mixed, twin, &(test_model_variant){.retype = to_f32}, err,
+                                sizeof(err));
+    if (rc) fprintf(stderr, "%s\n", err);
+    assert_int_equal(rc, 0);
+    check_gpu_vs_cpu(mixed, twin, 150, 8, 512, TOL_F16,
+                     "tiny-256 mixed quants on the GPU vs its f32 twin on the CPU");
+    unlink(twin);
+    unlink(mixed);
+    unlink(base);
+}
+
 static void test_mha160m_vs_cpu(void **state) {
     (void)state;
     REQUIRE_GPU();
@@ -621,11 +650,12 @@ static void test_attention_kernels(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_attention_kernels), cmocka_unit_test(test_stories_golden),
-        cmocka_unit_test(test_tiny_f16_vs_cpu),   cmocka_unit_test(test_tiny_f32_vs_cpu),
-        cmocka_unit_test(test_qwen2_vs_cpu),      cmocka_unit_test(test_mha160m_vs_cpu),
-        cmocka_unit_test(test_chunked_prefill),   cmocka_unit_test(test_deterministic),
-        cmocka_unit_test(test_kv_transfer),       cmocka_unit_test(test_q8_0_vs_cpu),
+        cmocka_unit_test(test_attention_kernels),   cmocka_unit_test(test_stories_golden),
+        cmocka_unit_test(test_tiny_f16_vs_cpu),     cmocka_unit_test(test_tiny_f32_vs_cpu),
+        cmocka_unit_test(test_qwen2_vs_cpu),        cmocka_unit_test(test_mha160m_vs_cpu),
+        cmocka_unit_test(test_chunked_prefill),     cmocka_unit_test(test_deterministic),
+        cmocka_unit_test(test_kv_transfer),         cmocka_unit_test(test_q8_0_vs_cpu),
+        cmocka_unit_test(test_other_quants_vs_cpu),
     };
     /* CAKE_TEST_FILTER=NAME runs the tests whose names match (cmocka's
      * pattern), e.g. the attention kernels alone under each CAKE_CUDA_WGMMA. */

@@ -18,6 +18,7 @@
 #include "model/dequant.h"
 #include "model/gguf.h"
 #include "testutil.h"
+#include "util/q8_0.h"
 
 static uint64_t rng = 0x2545f4914f6cdd1dull;
 static int rnd(int lo, int hi) { /* uniform in [lo, hi] */
@@ -167,11 +168,30 @@ static void test_quantizer_roundtrip(void **state) {
     }
 }
 
+/* The inline rounding the Q8_0 quantizer uses is roundf's, at every half,
+ * next to every half and on random values in the quantizer's range. */
+static void test_round_half_away(void **state) {
+    (void)state;
+    for (int k = -1000; k <= 1000; k++) {
+        const float h = (float)k / 2.0f, v[] = {h, nextafterf(h, -1e9f), nextafterf(h, 1e9f)};
+        for (int i = 0; i < 3; i++)
+            if (cake_round_half_away(v[i]) != roundf(v[i]))
+                fail_msg("%.9g rounds to %g, roundf says %g", v[i], cake_round_half_away(v[i]),
+                         roundf(v[i]));
+    }
+    for (int i = 0; i < 100000; i++) {
+        const float v = (float)rnd(-128000000, 128000000) / 1e6f;
+        assert_true(cake_round_half_away(v) == roundf(v));
+    }
+    assert_true(signbit(cake_round_half_away(-0.25f))); /* -0, as roundf */
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_blocks_decode),
         cmocka_unit_test(test_block_sizes),
         cmocka_unit_test(test_quantizer_roundtrip),
+        cmocka_unit_test(test_round_half_away),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

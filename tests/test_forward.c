@@ -630,6 +630,63 @@ static void test_q8_0(void **state) {
     unlink(path);
 }
 
+/* What the CPU makes of them: matrices as Q8_0 (requantized per block of
+ * 32), the embedding's rows as their exact values. */
+static int as_the_cpu_reads(const char *name, int type) {
+    if (!strcmp(name, "token_embd.weight")) return CAKE_DTYPE_F32;
+    return type == CAKE_DTYPE_F32 ? type : CAKE_DTYPE_Q8_0;
+}
+
+/* Quantized types besides Q8_0 (`tiny-256`: rows of whole k-quant blocks):
+ * the CPU requantizes each matrix to Q8_0, so the logits are the bits of the
+ * same model written with those Q8_0 matrices and an f32 embedding, a model
+ * the reference checks; chunked prefill matches one-shot. */
+static void test_other_quants(void **state) {
+    (void)state;
+    char base[64], mixed[96], twin[96];
+    assert_int_equal(test_make_model("tiny-256", "f32", base), 0);
+    snprintf(mixed, sizeof(mixed), "%s.mixed", base);
+    snprintf(twin, sizeof(twin), "%s.twin", base);
+    write_variant(base, mixed, &(test_model_variant){.retype = test_mixed_quants});
+    write_variant(mixed, twin, &(test_model_variant){.retype = as_the_cpu_reads});
+    cake_hparams hp;
+    float *got = first_logits(mixed, &hp);
+    assert_int_equal(hp.weight_dtype, CAKE_DTYPE_Q4_K);
+    cake_hparams twin_hp;
+    float *want = check_vs_reference(twin, "mixed quants as Q8_0", &twin_hp);
+    for (int i = 0; i < hp.n_vocab; i++)
+        if (memcmp(&got[i], &want[i], sizeof(float)))
+            fail_msg("logit %d: %.9g on the mixed model, %.9g on its Q8_0 twin", i, got[i],
+                     want[i]);
+    /* the quantized model is still the f32 one, roughly */
+    float *f32 = first_logits(base, NULL);
+    double diff = 0, norm = 0;
+    for (int i = 0; i < hp.n_vocab; i++) {
+        diff += ((double)got[i] - f32[i]) * ((double)got[i] - f32[i]);
+        norm += (double)f32[i] * f32[i];
+    }
+    printf("mixed quants vs f32: relative L2 %.3f\n", sqrt(diff / norm));
+    assert_true(sqrt(diff / norm) < 0.5);
+    cake_model *m = NULL;
+    char err[512];
+    assert_int_equal(cake_model_load(mixed, &m, err, sizeof(err)), 0);
+    int seen = 0; /* each type is in the file */
+    for (uint64_t i = 0; i < m->gguf->n_tensors; i++) seen |= 1 << m->gguf->tensors[i].type;
+    const int all = 1 << CAKE_DTYPE_Q4_0 | 1 << CAKE_DTYPE_Q4_1 | 1 << CAKE_DTYPE_Q5_0 |
+                    1 << CAKE_DTYPE_Q5_1 | 1 << CAKE_DTYPE_Q4_K | 1 << CAKE_DTYPE_Q5_K |
+                    1 << CAKE_DTYPE_Q6_K;
+    assert_int_equal(seen & all, all);
+    check_chunk_invariance(m, 100, 4);
+    assert_non_null(m->layers[1].w_down.x16);
+    cake_model_free(m);
+    free(got);
+    free(want);
+    free(f32);
+    unlink(twin);
+    unlink(mixed);
+    unlink(base);
+}
+
 /* Tied output (no output.weight; Llama 3.2 1B/3B and small Qwen2.5 models):
  * the token embedding is the output matrix too. With Q8_0 the output is a
  * repacked copy while the lookups read the file's blocks. */
@@ -659,6 +716,7 @@ int main(void) {
         cmocka_unit_test(test_qwen2_matches_llama),
         cmocka_unit_test(test_qwen2_reference),
         cmocka_unit_test(test_q8_0),
+        cmocka_unit_test(test_other_quants),
         cmocka_unit_test(test_tied_output),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

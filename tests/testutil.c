@@ -85,6 +85,34 @@ static bool name_ends(cake_gguf_str name, const char *suffix) {
     return name.len >= n && memcmp(name.ptr + name.len - n, suffix, n) == 0;
 }
 
+/* The type tensor t has in the copy. */
+static int variant_type(const test_model_variant *v, const cake_gguf_tensor *t) {
+    if (v->dequantize && t->type == CAKE_DTYPE_Q8_0) return CAKE_DTYPE_F32;
+    if (v->retype && t->n_dims == 2) {
+        char name[128];
+        snprintf(name, sizeof(name), "%.*s", (int)t->name.len, t->name.ptr);
+        return v->retype(name, (int)t->type);
+    }
+    return (int)t->type;
+}
+
+/* t's values as f32 into x (F32 or a quantized type), then as `type` into buf. */
+static int convert_tensor(const cake_gguf_tensor *t, int type, void *buf) {
+    size_t n = 1;
+    for (uint32_t d = 0; d < t->n_dims; d++) n *= t->ne[d];
+    float *x = type == CAKE_DTYPE_F32 ? buf : malloc(n * sizeof(float));
+    if (!x) return -1;
+    if (t->type == CAKE_DTYPE_F32)
+        memcpy(x, t->data, n * sizeof(float));
+    else
+        cake_dequant_to_f32((int)t->type, t->data, 0, x, n);
+    if (type != CAKE_DTYPE_F32) {
+        test_quantize_row(type, x, n, buf);
+        free(x);
+    }
+    return 0;
+}
+
 /* Tensor i of the copy: the source's (q/k rows reordered for qwen2; without
  * output.weight when tied), then rope_freqs.weight, then the biases. */
 static int fill_variant(uint64_t i, void *buf, uint64_t nbytes, void *ctx) {
@@ -100,10 +128,8 @@ static int fill_variant(uint64_t i, void *buf, uint64_t nbytes, void *ctx) {
         return 0;
     }
     const cake_gguf_tensor *t = &f->g->tensors[f->src[i]];
-    if (f->v->dequantize && t->type == CAKE_DTYPE_Q8_0) {
-        cake_q8_0_to_f32(t->data, 0, buf, nbytes / 4);
-        return 0;
-    }
+    const int type = variant_type(f->v, t);
+    if (type != (int)t->type) return convert_tensor(t, type, buf);
     if (!f->v->qwen2 ||
         !(name_ends(t->name, "attn_q.weight") || name_ends(t->name, "attn_k.weight"))) {
         memcpy(buf, t->data, nbytes);
@@ -208,10 +234,7 @@ int test_write_variant(const char *src, const char *dst, const test_model_varian
         if (!name)
             rc = cake_err(err, errlen, "out of memory");
         else
-            cake_gguf_writer_add_tensor(w, name,
-                                        v->dequantize && t->type == CAKE_DTYPE_Q8_0 ? CAKE_DTYPE_F32
-                                                                                    : (int)t->type,
-                                        t->n_dims, t->ne);
+            cake_gguf_writer_add_tensor(w, name, variant_type(v, t), t->n_dims, t->ne);
         free(name);
         copied[n_copied++] = i;
     }
@@ -365,4 +388,25 @@ size_t test_quantize_row(int type, const float *x, size_t n, uint8_t *dst) {
         }
     }
     return n / be * bb;
+}
+
+/* The types a Q4_K_M-like mix gets (each type somewhere; the embedding
+ * is read by rows, the output as the last matrix). */
+int test_mixed_quants(const char *name, int type) {
+    (void)type;
+    static const struct {
+        const char *suffix;
+        int type;
+    } mix[] = {/* attn_output before output: the first suffix that fits counts */
+               {"attn_output.weight", CAKE_DTYPE_Q4_0}, {"output.weight", CAKE_DTYPE_Q6_K},
+               {"token_embd.weight", CAKE_DTYPE_Q4_K},  {"attn_q.weight", CAKE_DTYPE_Q4_K},
+               {"attn_k.weight", CAKE_DTYPE_Q5_K},      {"attn_v.weight", CAKE_DTYPE_Q6_K},
+               {"ffn_gate.weight", CAKE_DTYPE_Q4_1},    {"ffn_up.weight", CAKE_DTYPE_Q5_0},
+               {"ffn_down.weight", CAKE_DTYPE_Q5_1}};
+    const size_t n = strlen(name);
+    for (size_t i = 0; i < sizeof(mix) / sizeof(mix[0]); i++) {
+        const size_t k = strlen(mix[i].suffix);
+        if (n >= k && !strcmp(name + n - k, mix[i].suffix)) return mix[i].type;
+    }
+    return type;
 }

@@ -36,6 +36,10 @@ typedef struct {
     /* Q8_0 tensors written as F32 with their exact values d * q: the same
      * model in floats (not with qwen2) */
     bool dequantize;
+    /* NULL, or the type each matrix (2-D tensor) gets, from its name and
+     * type: F32 or quantized sources only, converted through f32
+     * (test_quantize_row; not with qwen2) */
+    int (*retype)(const char *name, int type);
 } test_model_variant;
 
 /* Copies the GGUF at src (a llama model with the key types `cake mkmodel`
@@ -55,6 +59,11 @@ void test_encode_q6_k(float d, const int *sc, const int *q, uint8_t *b);
 /* x[0..n) (whole blocks) quantized to `type` into dst by plain rounding (not
  * llama.cpp's search for the best scales); returns the bytes written. */
 size_t test_quantize_row(int type, const float *x, size_t n, uint8_t *dst);
+
+/* For test_model_variant.retype: a Q4_K_M-like mix with each quantized type
+ * on some matrix (the token embedding Q4_K, the output Q6_K); needs rows of
+ * whole k-quant blocks (shape tiny-256). */
+int test_mixed_quants(const char *name, int type);
 
 /* A staging allocator (the store's aligned buffers) that counts its calls. */
 extern const cake_staging_allocator test_counting_allocator;

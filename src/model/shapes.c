@@ -4,6 +4,8 @@
 
 const cake_shape cake_shapes[] = {
     {"tiny", 64, 2, 4, 2, 192, 4096, 32000, 10000.0f, 1e-5f, "a few MB, for tests"},
+    {"tiny-256", 256, 2, 4, 2, 512, 4096, 32000, 10000.0f, 1e-5f,
+     "rows of 256 (k-quant blocks), for tests"},
     {"mha-160m", 768, 12, 12, 12, 2048, 16384, 32000, 10000.0f, 1e-5f,
      "MHA, KV-heavy like LongAlpaca; 134M parameters"},
     {"llama-1b", 2048, 16, 32, 8, 8192, 8192, 32000, 500000.0f, 1e-5f, "Llama-3.2-1B dims"},
