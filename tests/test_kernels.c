@@ -27,6 +27,7 @@
 #include "backend/cpu/simd.h"
 #include "model/gguf.h"
 #include "util/f16.h"
+#include "util/q8_0.h"
 
 /* ---- deterministic random numbers (xorshift) ---- */
 static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
@@ -514,6 +515,36 @@ static void x16_to_f32(const void *w, int n_in, size_t first, float *dst, size_t
 /* Q8_0 read back as floats (embedding rows; the CUDA backend's upload, in
  * pieces that start anywhere) from the file's blocks, and the repacked
  * layout's values: those make_weights computed, for any range of elements. */
+/* The row quantizer (SIMD where built) writes cake_q8_0_quantize_block's
+ * bytes: random rows, rows whose values land on halves of a step (rounded
+ * away from zero), zeros, -0 and a NaN. */
+static void test_q8_0_quantize_row(void **state) {
+    (void)state;
+    enum { N = 32 * 40 };
+    float x[N];
+    uint8_t got[N / 32 * CAKE_Q8_0_BYTES], want[N / 32 * CAKE_Q8_0_BYTES];
+    for (int round = 0; round < 20; round++) {
+        for (int i = 0; i < N; i++) {
+            const int b = i / 32, j = i % 32;
+            const float s = ldexpf(1.0f, (int)(rnd_u32() % 8) - 4);
+            if (b % 4 == 0) /* max 127 s, the rest on halves: q = j - 15.5 */
+                x[i] = j == 0 ? 127.0f * s : ((float)j - 15.5f) * s;
+            else if (b % 4 == 1)
+                x[i] = b == 1 && j < 16 ? (j % 2 ? -0.0f : 0.0f) : rnd_f(-3.0f, 3.0f);
+            else
+                x[i] = rnd_f(-1.0f, 1.0f) * s;
+        }
+        if (round == 0) x[70] = NAN; /* max |x| skips it, as fmaxf does */
+        cake_q8_0_quantize_row(x, got, N);
+        for (int b = 0; b < N / 32; b++)
+            cake_q8_0_quantize_block(x + 32 * b, want + b * CAKE_Q8_0_BYTES);
+        for (size_t k = 0; k < sizeof(got); k++)
+            if (got[k] != want[k])
+                fail_msg("round %d, block %zu byte %zu: %d, not %d", round, k / CAKE_Q8_0_BYTES,
+                         k % CAKE_Q8_0_BYTES, got[k], want[k]);
+    }
+}
+
 static void test_q8_0_to_f32(void **state) {
     (void)state;
     const int n_out = 37, n_in = 96; /* 3 groups of 16 rows, the last padded */
@@ -781,6 +812,7 @@ int main(void) {
         cmocka_unit_test(test_matmul),
         cmocka_unit_test(test_matmul_bad_dtype),
         cmocka_unit_test(test_q8_0_to_f32),
+        cmocka_unit_test(test_q8_0_quantize_row),
         cmocka_unit_test(test_attention_gqa_and_head_dims),
         cmocka_unit_test(test_attention_long_context),
         cmocka_unit_test(test_attention_large_head_dim),

@@ -257,9 +257,7 @@ static int requantize_x16(uint8_t *dst, const cake_weight *w) {
         const int rows = w->n_out - r0 < CAKE_Q8_0_X16_ROWS ? w->n_out - r0 : CAKE_Q8_0_X16_ROWS;
         for (int r = 0; r < rows; r++) {
             cake_dequant_to_f32(w->dtype, w->data, (size_t)(r0 + r) * n_in, row, n_in);
-            for (size_t b = 0; b < nb; b++)
-                cake_q8_0_quantize_block(row + b * CAKE_Q8_0_BLOCK,
-                                         q8 + r * row_bytes + b * CAKE_Q8_0_BYTES);
+            cake_q8_0_quantize_row(row, q8 + r * row_bytes, n_in);
         }
         cake_q8_0_pack_x16(dst + (size_t)(r0 / CAKE_Q8_0_X16_ROWS) * nb * CAKE_Q8_0_X16_GROUP_BLOCK,
                            q8, rows, w->n_in);

@@ -82,6 +82,10 @@ void cake_attention_lanes(const cake_attn_args *a);
  * n_out % 16 != 0). */
 size_t cake_q8_0_x16_size(int n_out, int n_in);
 void cake_q8_0_pack_x16(void *dst, const void *q8_0, int n_out, int n_in);
+/* n floats (whole blocks of 32) into Q8_0 blocks: the bytes of
+ * cake_q8_0_quantize_block (util/q8_0.h) block after block, 16 lanes at a
+ * time where AVX-512 is (requantizing other quantized types at repack). */
+void cake_q8_0_quantize_row(const float *x, uint8_t *dst, size_t n);
 
 /* ---- Matrix multiply with weights in the file's dtype ----
  * y (n_tokens, n_out) = x (n_tokens, n_in) . W^T, W: (n_out, n_in) row-major,

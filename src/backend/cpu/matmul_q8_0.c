@@ -82,6 +82,42 @@ void cake_q8_0_pack_x16(void *dst, const void *q8_0, int n_out, int n_in) {
             }
 }
 
+#ifdef CAKE_AVX512
+/* cake_q8_0_quantize_block in lanes: max_ps(a, m) is "a > m ? a : m" (the
+ * second operand when either is NaN), and the rounding is the same
+ * truncate-then-step; every operation is exact or the scalar's own. */
+static void quantize_block_avx512(const float *x, uint8_t *dst) {
+    const __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 16);
+    const __m512 m =
+        _mm512_max_ps(_mm512_abs_ps(x1), _mm512_max_ps(_mm512_abs_ps(x0), _mm512_setzero_ps()));
+    const float amax = _mm512_reduce_max_ps(m);
+    const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+    const cake_f16 h = cake_f32_to_f16(d);
+    memcpy(dst, &h, 2);
+    const __m512 vid = _mm512_set1_ps(id), half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f),
+                 sign = _mm512_set1_ps(-0.0f);
+    for (int k = 0; k < 2; k++) {
+        const __m512 v = _mm512_mul_ps(k ? x1 : x0, vid);
+        const __m512 t = _mm512_roundscale_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+        const __mmask16 up =
+            _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_sub_ps(v, t)), half, _CMP_GE_OQ);
+        const __m512 step = _mm512_maskz_mov_ps(up, one);
+        const __m512 r = _mm512_add_ps(t, _mm512_or_ps(step, _mm512_and_ps(v, sign)));
+        _mm_storeu_si128((__m128i *)(dst + 2 + 16 * k),
+                         _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(r)));
+    }
+}
+#endif
+
+void cake_q8_0_quantize_row(const float *x, uint8_t *dst, size_t n) {
+    for (size_t b = 0; b < n / CAKE_Q8_0_BLOCK; b++)
+#ifdef CAKE_AVX512
+        quantize_block_avx512(x + b * CAKE_Q8_0_BLOCK, dst + b * CAKE_Q8_0_BYTES);
+#else
+        cake_q8_0_quantize_block(x + b * CAKE_Q8_0_BLOCK, dst + b * CAKE_Q8_0_BYTES);
+#endif
+}
+
 /* ===================== activations ===================== */
 
 /* One block of 32 activations: q (int8), d (the scale) and c = 128 * sum q.
