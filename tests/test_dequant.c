@@ -99,11 +99,14 @@ static void test_blocks_decode(void **state) {
         float want[N_BLOCKS * 256], got[N_BLOCKS * 256];
         for (int round = 0; round < 50; round++) {
             make_row(type, raw, want);
-            cake_dequant_to_f32(type, raw, 0, got, n);
-            for (size_t i = 0; i < n; i++)
-                if (got[i] != want[i])
-                    fail_msg("%s, round %d: value %zu is %.9g, not %.9g", cake_dtype_name(type),
-                             round, i, got[i], want[i]);
+            for (int lanes = 0; lanes < 2; lanes++) {
+                (lanes ? cake_dequant_to_f32_lanes : cake_dequant_to_f32)(type, raw, 0, got, n);
+                for (size_t i = 0; i < n; i++)
+                    if (got[i] != want[i])
+                        fail_msg("%s%s, round %d: value %zu is %.9g, not %.9g",
+                                 cake_dtype_name(type), lanes ? " (portable)" : "", round, i,
+                                 got[i], want[i]);
+            }
             const size_t first = (size_t)rnd(0, (int)n - 1), cnt = (size_t)rnd(0, (int)(n - first));
             for (size_t i = 0; i < n; i++) got[i] = -1e30f;
             cake_dequant_to_f32(type, raw, first, got + first, cnt);

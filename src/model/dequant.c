@@ -101,7 +101,7 @@ static inline __m128i nibbles(__m128i q, int high) {
 /* Q4_K and Q5_K: d, dmin, 12 bytes of scales, (Q5_K: 32 bytes of fifth
  * bits), 128 bytes of nibbles. Each 64 values share 32 bytes of nibbles:
  * sub-block 2i the low ones, 2i + 1 the high ones; value = d sc q - dmin m. */
-static void qk_4_5(const uint8_t *b, float *y, bool five) {
+static void qk_4_5(const uint8_t *b, float *y, bool five, bool lanes) {
     const float d = f16_at(b), dmin = f16_at(b + 2);
     const uint8_t *scales = b + 4, *qh = b + 16, *qs = b + (five ? 48 : 16);
     for (int i = 0; i < 4; i++, qs += 32, y += 64) {
@@ -111,7 +111,7 @@ static void qk_4_5(const uint8_t *b, float *y, bool five) {
         k_scale_min(2 * i + 1, scales, &sc, &m);
         const float d2 = d * (float)sc, m2 = dmin * (float)m;
 #ifdef __AVX512F__
-        for (int k = 0; k < 2; k++) {
+        for (int k = 0; !lanes && k < 2; k++) {
             const __m128i q = _mm_loadu_si128((const __m128i *)(qs + 16 * k));
             __m128i lo = nibbles(q, 0), hi = nibbles(q, 1);
             if (five) {
@@ -122,14 +122,14 @@ static void qk_4_5(const uint8_t *b, float *y, bool five) {
             lanes16(y + 16 * k, lo, 0, d1, m1);
             lanes16(y + 32 + 16 * k, hi, 0, d2, m2);
         }
-#else
+        if (!lanes) continue;
+#endif
         for (int l = 0; l < 32; l++) {
             const int h1 = five && (qh[l] >> (2 * i) & 1) ? 16 : 0,
                       h2 = five && (qh[l] >> (2 * i + 1) & 1) ? 16 : 0;
             y[l] = d1 * (float)((qs[l] & 0xF) + h1) - m1;
             y[l + 32] = d2 * (float)((qs[l] >> 4) + h2) - m2;
         }
-#endif
     }
 }
 
@@ -137,13 +137,13 @@ static void qk_4_5(const uint8_t *b, float *y, bool five) {
  * per 16 values), then d. Each half of 128 values takes 64 bytes of ql and 32
  * of qh: value l + 32 k (k = 0..3) has the low (k < 2) or high nibble of ql[l +
  * 32 (k % 2)] and bits 2k, 2k + 1 of qh[l]; value = d sc (q - 32). */
-static void q6_k(const uint8_t *b, float *y) {
+static void q6_k(const uint8_t *b, float *y, bool lanes) {
     const uint8_t *ql = b, *qh = b + 128;
     const int8_t *sc = (const int8_t *)(b + 192);
     const float d = f16_at(b + 208);
     for (int half = 0; half < 2; half++, ql += 64, qh += 32, sc += 8, y += 128) {
 #ifdef __AVX512F__
-        for (int k = 0; k < 2; k++) { /* values l = 16 k .. 16 k + 15 of each quarter */
+        for (int k = 0; !lanes && k < 2; k++) { /* values 16 k .. 16 k + 15 of each quarter */
             const __m128i a = _mm_loadu_si128((const __m128i *)(ql + 16 * k)),
                           c = _mm_loadu_si128((const __m128i *)(ql + 32 + 16 * k)),
                           h = _mm_loadu_si128((const __m128i *)(qh + 16 * k));
@@ -156,7 +156,8 @@ static void q6_k(const uint8_t *b, float *y) {
             lanes16(y + 96 + 16 * k, _mm_or_si128(nibbles(c, 1), high_bits(h, 6, 3)), 32,
                     d * (float)sc[k + 6], 0.0f);
         }
-#else
+        if (!lanes) continue;
+#endif
         for (int l = 0; l < 32; l++) {
             const int is = l / 16;
             const int q1 = ((ql[l] & 0xF) | (qh[l] >> 0 & 3) << 4) - 32,
@@ -168,11 +169,10 @@ static void q6_k(const uint8_t *b, float *y) {
             y[l + 64] = d * (float)sc[is + 4] * (float)q3;
             y[l + 96] = d * (float)sc[is + 6] * (float)q4;
         }
-#endif
     }
 }
 
-static void decode_block(int type, const uint8_t *b, float *y) {
+static void decode_block(int type, const uint8_t *b, float *y, bool lanes) {
     switch (type) {
     case CAKE_DTYPE_Q4_0:
         q4_0(b, y);
@@ -190,13 +190,13 @@ static void decode_block(int type, const uint8_t *b, float *y) {
         cake_q8_0_to_f32(b, 0, y, QK);
         break;
     case CAKE_DTYPE_Q4_K:
-        qk_4_5(b, y, false);
+        qk_4_5(b, y, false, lanes);
         break;
     case CAKE_DTYPE_Q5_K:
-        qk_4_5(b, y, true);
+        qk_4_5(b, y, true, lanes);
         break;
     case CAKE_DTYPE_Q6_K:
-        q6_k(b, y);
+        q6_k(b, y, lanes);
         break;
     default:
         memset(y, 0, MAX_BLOCK * sizeof(float));
@@ -238,18 +238,27 @@ bool cake_dequant_supported(int type) {
     return cake_dequant_block_bytes(type) != 0;
 }
 
-void cake_dequant_to_f32(int type, const void *src, size_t first, float *dst, size_t n) {
+static void decode_range(int type, const void *src, size_t first, float *dst, size_t n,
+                         bool lanes) {
     const size_t be = cake_dequant_block_elems(type), bb = cake_dequant_block_bytes(type);
     float block[MAX_BLOCK];
     for (size_t i = 0; i < n;) {
         const size_t e = first + i, j0 = e % be, take = be - j0 < n - i ? be - j0 : n - i;
         const uint8_t *b = (const uint8_t *)src + e / be * bb;
         if (j0 == 0 && take == be) {
-            decode_block(type, b, dst + i); /* whole blocks straight into dst */
+            decode_block(type, b, dst + i, lanes); /* whole blocks straight into dst */
         } else {
-            decode_block(type, b, block);
+            decode_block(type, b, block, lanes);
             memcpy(dst + i, block + j0, take * sizeof(float));
         }
         i += take;
     }
+}
+
+void cake_dequant_to_f32(int type, const void *src, size_t first, float *dst, size_t n) {
+    decode_range(type, src, first, dst, n, false);
+}
+
+void cake_dequant_to_f32_lanes(int type, const void *src, size_t first, float *dst, size_t n) {
+    decode_range(type, src, first, dst, n, true);
 }
