@@ -77,7 +77,8 @@ static void k_scale_min(int j, const uint8_t *s, int *sc, int *m) {
 
 #ifdef __AVX512F__
 /* The k-quants decoded 16 values a step (loading a model requantizes every
- * matrix: 2 cores took ~1.3 s a billion values in scalar code). The levels
+ * matrix: llama-1b Q4_K_M, `cake run -n 1` on 2 cores, 2.0-2.4 s with the
+ * scalar decoders, 0.95-0.97 s with these). The levels
  * are put together bytewise, then y = s (q - c) - m in f32 lanes: the
  * scalar lines' operations (no FMA), so the same bits. */
 static inline void lanes16(float *y, __m128i q, int c, float s, float m) {
