@@ -36,7 +36,9 @@
 
 #include "cake.h"
 #include "engine/context.h"
+#include "loader/loader.h"
 #include "model/tokenizer.h"
+#include "store/key.h"
 #include "testutil.h"
 #include "util/f16.h"
 #ifdef CAKE_HAVE_CUDA
@@ -435,6 +437,28 @@ static void test_other_quants_vs_cpu(void **state) {
     unlink(base);
 }
 
+/* GPU KV is not the CPU's bits: a GPU context's chunks carry the model's
+ * fingerprint mixed with "cuda" (store/key.h), so that neither backend
+ * loads the other's from a shared store. */
+static void test_backend_fingerprint(void **state) {
+    (void)state;
+    REQUIRE_GPU();
+    cake_model *m = load(tiny_path);
+    cake_context *cpu = make_ctx(m, CAKE_BACKEND_CPU, 64, 64),
+                 *gpu = make_ctx(m, CAKE_BACKEND_CUDA, 64, 64);
+    cake_loader_engine a, b;
+    cake_context_loader_engine(cpu, 1, &a);
+    cake_context_loader_engine(gpu, 1, &b);
+    uint8_t model_fp[16], want[16];
+    cake_model_fingerprint(m, model_fp);
+    cake_key_backend_fingerprint(model_fp, "cuda", want);
+    assert_memory_equal(a.fingerprint, model_fp, 16);
+    assert_memory_equal(b.fingerprint, want, 16);
+    cake_context_free(gpu);
+    cake_context_free(cpu);
+    cake_model_free(m);
+}
+
 static void test_mha160m_vs_cpu(void **state) {
     (void)state;
     REQUIRE_GPU();
@@ -655,7 +679,7 @@ int main(void) {
         cmocka_unit_test(test_qwen2_vs_cpu),        cmocka_unit_test(test_mha160m_vs_cpu),
         cmocka_unit_test(test_chunked_prefill),     cmocka_unit_test(test_deterministic),
         cmocka_unit_test(test_kv_transfer),         cmocka_unit_test(test_q8_0_vs_cpu),
-        cmocka_unit_test(test_other_quants_vs_cpu),
+        cmocka_unit_test(test_other_quants_vs_cpu), cmocka_unit_test(test_backend_fingerprint),
     };
     /* CAKE_TEST_FILTER=NAME runs the tests whose names match (cmocka's
      * pattern), e.g. the attention kernels alone under each CAKE_CUDA_WGMMA. */

@@ -47,6 +47,25 @@ static void test_key_layout(void **state) {
     assert_memory_equal(k0.b, want, 16);
 }
 
+/* A backend's fingerprint: H(model fingerprint || tag), not the model's,
+ * and another for another tag. */
+static void test_backend_fingerprint(void **state) {
+    (void)state;
+    uint8_t in[20], want[16], got[16], other[16];
+    memcpy(in, T_FP, 16);
+    memcpy(in + 16, "cuda", 4);
+    hash128(in, sizeof(in), want);
+    cake_key_backend_fingerprint(T_FP, "cuda", got);
+    assert_memory_equal(got, want, 16);
+    assert_memory_not_equal(got, T_FP, 16);
+    cake_key_backend_fingerprint(T_FP, "rocm", other);
+    assert_memory_not_equal(got, other, 16);
+    /* in place, as the context does it */
+    memcpy(other, T_FP, 16);
+    cake_key_backend_fingerprint(other, "cuda", other);
+    assert_memory_equal(other, want, 16);
+}
+
 /* Keys are part of the on-disk contract: a pinned value catches an accidental
  * change of the scheme (XXH3 itself is a fixed, specified function). */
 static void test_key_pinned(void **state) {
@@ -558,6 +577,7 @@ int main(int argc, char **argv) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_key_layout),
         cmocka_unit_test(test_key_pinned),
+        cmocka_unit_test(test_backend_fingerprint),
         cmocka_unit_test(test_key_chain_change),
         cmocka_unit_test(test_key_hex),
         cmocka_unit_test(test_key_two_processes),

@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include "loader/loader.h"
+#include "store/key.h"
 #include "util/err.h"
 #ifdef CAKE_HAVE_CUDA
 #include "backend/cuda/cuda_backend.h"
@@ -239,5 +240,8 @@ void cake_context_loader_engine(cake_context *c, int with_fingerprint, cake_load
         .batch_invariant = c->cuda == NULL,
         .staging = c->staging,
     };
-    if (with_fingerprint) cake_model_fingerprint(c->model, out->fingerprint);
+    if (!with_fingerprint) return;
+    cake_model_fingerprint(c->model, out->fingerprint);
+    if (c->cuda) /* its KV is not the CPU's bits: chunks of its own (store/key.h) */
+        cake_key_backend_fingerprint(out->fingerprint, "cuda", out->fingerprint);
 }

@@ -18,6 +18,16 @@ static void key_from_hash(XXH128_hash_t h, cake_chunk_key *out) {
     memcpy(out->b, c.digest, 16);
 }
 
+void cake_key_backend_fingerprint(const uint8_t model_fp[16], const char *tag, uint8_t out[16]) {
+    uint8_t in[16 + 32];
+    const size_t n = strnlen(tag, 32);
+    memcpy(in, model_fp, 16);
+    memcpy(in + 16, tag, n);
+    cake_chunk_key k;
+    key_from_hash(XXH3_128bits(in, 16 + n), &k);
+    memcpy(out, k.b, 16);
+}
+
 void cake_key_root(const uint8_t fingerprint[16], uint32_t chunk_size, uint32_t kv_dtype,
                    cake_chunk_key *out) {
     uint8_t in[28];

@@ -27,6 +27,14 @@ typedef struct {
     uint8_t b[16]; /* canonical (big-endian) XXH3-128 */
 } cake_chunk_key;
 
+/* The fingerprint a backend's chunks carry in place of the model's: H(model
+ * fingerprint (16 bytes) || tag), tag naming the backend ("cuda"). The CPU
+ * backend uses the model's own. Another backend's KV is not the CPU's bits
+ * (f16 weights on tensor cores, unquantized activations), and the loader
+ * promises the same bits whichever way KV arrives; so a store shared by CPU
+ * and GPU servers keeps their chunks apart. */
+void cake_key_backend_fingerprint(const uint8_t model_fp[16], const char *tag, uint8_t out[16]);
+
 /* k_{-1} of a model + chunk size + KV dtype (enum cake_kv_type numbering). */
 void cake_key_root(const uint8_t fingerprint[16], uint32_t chunk_size, uint32_t kv_dtype,
                    cake_chunk_key *out);

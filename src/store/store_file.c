@@ -668,14 +668,15 @@ int cake_store_file_open(const cake_store_params *p, cake_store_atomic_counters 
         }
         pthread_mutex_init(&f->mu, NULL);
         cake_store_entry *e;
-        size_t n;
+        size_t n_entries;
         uint64_t bytes;
-        if (cake_store_backend_by_age(&cake_store_file_ops, f, &e, &n, &bytes, err, errlen)) {
+        if (cake_store_backend_by_age(&cake_store_file_ops, f, &e, &n_entries, &bytes, err,
+                                      errlen)) {
             file_close(f);
             return -1;
         }
         /* Oldest first, each as the most recent: the newest ends up first. */
-        for (size_t i = 0; i < n; i++)
+        for (size_t i = 0; i < n_entries; i++)
             cake_lru_insert(&f->lru, &e[i].key, e[i].size, e[i].last_used, NULL);
         free(e);
     }
