@@ -70,6 +70,35 @@ static void make_row(int type, uint8_t *raw, float *want) {
             test_encode_q4_q5_k(type, d, dm, sc, m, q, raw);
             break;
         }
+        case CAKE_DTYPE_Q2_K:
+        case CAKE_DTYPE_Q3_K: {
+            const bool three = type == CAKE_DTYPE_Q3_K;
+            for (int i = 0; i < 16; i++) {
+                sc[i] = three ? rnd(-32, 31) : rnd(0, 15);
+                m[i] = rnd(0, 15);
+            }
+            for (int j = 0; j < 256; j++) {
+                q[j] = three ? rnd(-4, 3) : rnd(0, 3);
+                want[j] = three ? d * (float)sc[j / 16] * (float)q[j]
+                                : d * (float)sc[j / 16] * (float)q[j] - dm * (float)m[j / 16];
+            }
+            test_encode_q2_q3_k(type, d, dm, sc, m, q, raw);
+            break;
+        }
+        case CAKE_DTYPE_IQ4_NL:
+        case CAKE_DTYPE_IQ4_XS: {
+            /* ggml's kvalues_iq4nl, written out here as the spec of the format */
+            static const int table[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
+                                          1,    13,   25,  38,  53,  69,  89,  113};
+            const int n = type == CAKE_DTYPE_IQ4_XS ? 256 : 32;
+            for (int i = 0; i < 8; i++) sc[i] = type == CAKE_DTYPE_IQ4_XS ? rnd(-32, 31) : 1;
+            for (int j = 0; j < n; j++) {
+                q[j] = rnd(0, 15);
+                want[j] = d * (float)sc[j / 32] * (float)table[q[j]];
+            }
+            test_encode_iq4(type, d, sc, q, raw);
+            break;
+        }
         case CAKE_DTYPE_Q6_K:
             for (int i = 0; i < 16; i++) sc[i] = rnd(-128, 127);
             for (int j = 0; j < 256; j++) {
@@ -84,15 +113,20 @@ static void make_row(int type, uint8_t *raw, float *want) {
     }
 }
 
+/* the types test_quantize_row writes, and the rest it does not */
 static const int types[] = {CAKE_DTYPE_Q4_0, CAKE_DTYPE_Q4_1, CAKE_DTYPE_Q5_0, CAKE_DTYPE_Q5_1,
-                            CAKE_DTYPE_Q4_K, CAKE_DTYPE_Q5_K, CAKE_DTYPE_Q6_K};
+                            CAKE_DTYPE_Q4_K, CAKE_DTYPE_Q5_K, CAKE_DTYPE_Q6_K},
+                 more_types[] = {CAKE_DTYPE_Q2_K, CAKE_DTYPE_Q3_K, CAKE_DTYPE_IQ4_NL,
+                                 CAKE_DTYPE_IQ4_XS};
 
 /* Every value of every type, whole rows and ranges that start and end inside
  * blocks. */
 static void test_blocks_decode(void **state) {
     (void)state;
-    for (size_t t = 0; t < sizeof(types) / sizeof(types[0]); t++) {
-        const int type = types[t];
+    const size_t n_types = sizeof(types) / sizeof(types[0]),
+                 n_more = sizeof(more_types) / sizeof(more_types[0]);
+    for (size_t t = 0; t < n_types + n_more; t++) {
+        const int type = t < n_types ? types[t] : more_types[t - n_types];
         assert_true(cake_dequant_supported(type));
         const size_t n = N_BLOCKS * cake_dequant_block_elems(type);
         uint8_t raw[N_BLOCKS * 210];
@@ -126,18 +160,20 @@ static void test_block_sizes(void **state) {
     const struct {
         int type;
         size_t bytes, elems;
-    } want[] = {{CAKE_DTYPE_Q4_0, 18, 32},   {CAKE_DTYPE_Q4_1, 20, 32},
-                {CAKE_DTYPE_Q5_0, 22, 32},   {CAKE_DTYPE_Q5_1, 24, 32},
-                {CAKE_DTYPE_Q8_0, 34, 32},   {CAKE_DTYPE_Q4_K, 144, 256},
-                {CAKE_DTYPE_Q5_K, 176, 256}, {CAKE_DTYPE_Q6_K, 210, 256}};
+    } want[] = {
+        {CAKE_DTYPE_Q4_0, 18, 32},   {CAKE_DTYPE_Q4_1, 20, 32},   {CAKE_DTYPE_Q5_0, 22, 32},
+        {CAKE_DTYPE_Q5_1, 24, 32},   {CAKE_DTYPE_Q8_0, 34, 32},   {CAKE_DTYPE_Q4_K, 144, 256},
+        {CAKE_DTYPE_Q5_K, 176, 256}, {CAKE_DTYPE_Q6_K, 210, 256}, {CAKE_DTYPE_Q2_K, 84, 256},
+        {CAKE_DTYPE_Q3_K, 110, 256}, {CAKE_DTYPE_IQ4_NL, 18, 32}, {CAKE_DTYPE_IQ4_XS, 136, 256}};
     for (size_t i = 0; i < sizeof(want) / sizeof(want[0]); i++) {
         assert_int_equal(cake_dequant_block_bytes(want[i].type), want[i].bytes);
         assert_int_equal(cake_dequant_block_elems(want[i].type), want[i].elems);
         assert_int_equal(cake_dtype_block_bytes((uint32_t)want[i].type), want[i].bytes);
         assert_int_equal(cake_dtype_block_elems((uint32_t)want[i].type), want[i].elems);
     }
-    /* Q2_K, Q3_K, IQ types: not read */
-    const int no[] = {CAKE_DTYPE_F32, CAKE_DTYPE_F16, CAKE_DTYPE_BF16, 10, 11, 16, 4, 5, 9, 200};
+    /* the other IQ types, retired ids, Q8_1 and Q8_K (not for files): not read */
+    const int no[] = {
+        CAKE_DTYPE_F32, CAKE_DTYPE_F16, CAKE_DTYPE_BF16, 16, 19, 21, 29, 4, 5, 9, 15, 200};
     for (size_t i = 0; i < sizeof(no) / sizeof(no[0]); i++) {
         assert_false(cake_dequant_supported(no[i]));
         assert_int_equal(cake_dequant_block_bytes(no[i]), 0);

@@ -255,7 +255,7 @@ static void test_dtype_tables(void **state) {
     assert_int_equal(cake_dtype_block_elems(CAKE_DTYPE_Q8_0), 32);
     assert_int_equal(cake_dtype_block_bytes(CAKE_DTYPE_F16), 2);
     assert_int_equal(cake_dtype_block_bytes(12), 144); /* Q4_K */
-    assert_int_equal(cake_dtype_block_bytes(11), 0);   /* Q3_K: not read */
+    assert_int_equal(cake_dtype_block_bytes(16), 0);   /* IQ2_XXS: not read */
     assert_string_equal(cake_gguf_type_name(CAKE_GGUF_FLOAT32), "FLOAT32");
     assert_string_equal(cake_gguf_type_name(CAKE_GGUF_FLOAT64), "FLOAT64");
     assert_string_equal(cake_gguf_type_name(13), "unknown");
@@ -567,7 +567,7 @@ static void test_writer_errors(void **state) {
         {"five dims", CAKE_DTYPE_F32, 5, {1, 1, 1, 1}, "n_dims"},
         {"zero dim", CAKE_DTYPE_F32, 2, {4, 0, 1, 1}, "dimension 1 is 0"},
         {"q8 row", CAKE_DTYPE_Q8_0, 1, {33, 1, 1, 1}, "block size 32"},
-        {"q3k", (enum cake_dtype)11, 1, {256, 1, 1, 1}, "Q3_K (11) is not supported"},
+        {"iq2xxs", (enum cake_dtype)16, 1, {256, 1, 1, 1}, "IQ2_XXS (16) is not supported"},
         {"overflow", CAKE_DTYPE_F32, 2, {UINT64_C(1) << 40, UINT64_C(1) << 40, 1, 1}, "overflow"},
     };
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
@@ -907,8 +907,8 @@ static void corrupt_fields(const uint8_t *data, size_t size) {
         patch_u64(&pt, ne, 0, name, "dimension 0 is 0");
         patch_u64(&pt, ne + 8 * (t->n_dims - 1), UINT64_C(1) << 62, name, NULL);
         patch_u64(&pt, ne, UINT64_MAX, name, NULL);
-        patch_u32(&pt, dtype, 11, name,
-                  "dtype Q3_K (11) is not supported (F32, F16, BF16, Q8_0, Q4_0");
+        patch_u32(&pt, dtype, 16, name,
+                  "dtype IQ2_XXS (16) is not supported (F32, F16, BF16, Q8_0, Q4_0");
         patch_u32(&pt, dtype, 200, name, "dtype unknown (200)");
         if (t->type != CAKE_DTYPE_Q8_0 && t->ne[0] % 32)
             patch_u32(&pt, dtype, CAKE_DTYPE_Q8_0, name, "block size 32");
@@ -1019,9 +1019,9 @@ static void test_handbuilt_invalid(void **state) {
         tb_pad(&b, 32);                                                                            \
         tb_put(&b, zeros, data_bytes);                                                             \
     } while (0)
-    ts[0] = (tspec){"blk.0.attn_q.weight", 2, 11, 256, 0};
-    TENSORS(1, 110);
-    expect_fail(&b, "tensor 'blk.0.attn_q.weight': dtype Q3_K (11) is not supported (F32, F16, "
+    ts[0] = (tspec){"blk.0.attn_q.weight", 2, 16, 256, 0};
+    TENSORS(1, 66);
+    expect_fail(&b, "tensor 'blk.0.attn_q.weight': dtype IQ2_XXS (16) is not supported (F32, F16, "
                     "BF16, Q8_0, Q4_0");
     ts[0] = (tspec){"w", 1, CAKE_DTYPE_F32, 8, 0};
     ts[1] = (tspec){"w", 1, CAKE_DTYPE_F32, 8, 32};

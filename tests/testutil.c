@@ -313,6 +313,50 @@ void test_encode_q6_k(float d, const int *sc, const int *q, uint8_t *b) {
     put_f16(b + 208, d);
 }
 
+void test_encode_q2_q3_k(int type, float d, float dmin, const int *sc, const int *m, const int *q,
+                         uint8_t *b) {
+    const bool three = type == CAKE_DTYPE_Q3_K;
+    uint8_t *hm = b, *qs = three ? b + 32 : b + 16, *s = three ? b + 96 : b;
+    memset(b, 0, three ? 108 : 80);
+    for (int v = 0; v < 256;
+         v++) { /* level bits: byte 32 (v / 128) + v % 32, bits 2 (v / 32 % 4) */
+        const int u = three ? q[v] + 4 : q[v];
+        qs[32 * (v / 128) + v % 32] |= (uint8_t)((u & 3) << (2 * (v / 32 % 4)));
+        if (three) hm[v % 32] |= (uint8_t)((u >> 2 & 1) << (v / 32));
+    }
+    for (int j = 0; j < 16; j++) {
+        if (!three) {
+            s[j] = (uint8_t)(sc[j] | m[j] << 4);
+            continue;
+        }
+        const int u = sc[j] + 32; /* 6 bits: low nibble in byte j % 8, the rest in byte 8 + j % 4 */
+        s[j % 8] |= (uint8_t)((u & 0xF) << (j < 8 ? 0 : 4));
+        s[8 + j % 4] |= (uint8_t)((u >> 4) << (2 * (j / 4)));
+    }
+    put_f16(b + (three ? 108 : 80), d);
+    if (!three) put_f16(b + 82, dmin);
+}
+
+void test_encode_iq4(int type, float d, const int *sc, const int *idx, uint8_t *b) {
+    put_f16(b, d);
+    const bool xs = type == CAKE_DTYPE_IQ4_XS;
+    uint8_t *qs = b + (xs ? 8 : 2);
+    if (xs) {
+        int high = 0;
+        memset(b + 4, 0, 4);
+        for (int i = 0; i < 8; i++) {
+            const int u = sc[i] + 32;
+            b[4 + i / 2] |= (uint8_t)((u & 0xF) << (4 * (i % 2)));
+            high |= (u >> 4) << (2 * i);
+        }
+        b[2] = (uint8_t)high;
+        b[3] = (uint8_t)(high >> 8);
+    }
+    for (int i = 0; i < (xs ? 8 : 1); i++)
+        for (int j = 0; j < 16; j++)
+            qs[16 * i + j] = (uint8_t)(idx[32 * i + j] | idx[32 * i + j + 16] << 4);
+}
+
 static int clampi(float x, int lo, int hi) {
     const int v = (int)lrintf(x);
     return v < lo ? lo : v > hi ? hi : v;

@@ -55,6 +55,13 @@ void test_encode_q4_q5(int type, float d, float m, const int *q, uint8_t *b);
 void test_encode_q4_q5_k(int type, float d, float dmin, const int *sc, const int *m, const int *q,
                          uint8_t *b);
 void test_encode_q6_k(float d, const int *sc, const int *q, uint8_t *b);
+/* Q2_K from d, dmin, 16 4-bit scales and mins, 256 levels 0..3; Q3_K from d,
+ * 16 scales in -32..31 and 256 levels in -4..3 (dmin, m unused). */
+void test_encode_q2_q3_k(int type, float d, float dmin, const int *sc, const int *m, const int *q,
+                         uint8_t *b);
+/* IQ4_NL (32 values) and IQ4_XS (256; 8 scales in -32..31) from d and 4-bit
+ * indices into ggml's kvalues_iq4nl table. */
+void test_encode_iq4(int type, float d, const int *sc, const int *idx, uint8_t *b);
 
 /* x[0..n) (whole blocks) quantized to `type` into dst by plain rounding (not
  * llama.cpp's search for the best scales); returns the bytes written. */

@@ -173,6 +173,64 @@ static void q6_k(const uint8_t *b, float *y, bool lanes) {
     }
 }
 
+/* Q2_K: 16 scale bytes (low nibble the scale, high the min, per 16 values),
+ * 64 bytes of 2-bit levels, d, dmin. Value v: level (qs[32 (v / 128) + v %
+ * 32] >> 2 (v / 32 % 4)) & 3, scale byte v / 16; value = d sc q - dmin m. */
+static void q2_k(const uint8_t *b, float *y) {
+    const uint8_t *scales = b, *qs = b + 16;
+    const float d = f16_at(b + 80), dmin = f16_at(b + 82);
+    for (int v = 0; v < QK_K; v += 16) {
+        const int sc = scales[v / 16];
+        const float dl = d * (float)(sc & 0xF), ml = dmin * (float)(sc >> 4);
+        const uint8_t *q = qs + 32 * (v / 128) + v % 32;
+        const int shift = 2 * (v / 32 % 4);
+        for (int l = 0; l < 16; l++) y[v + l] = dl * (float)(q[l] >> shift & 3) - ml;
+    }
+}
+
+/* Q3_K: 32 bytes of high bits (hmask), 64 of 2-bit levels, 12 of 6-bit
+ * scales, d. Value v: low bits as Q2_K's, high bit v / 32 of hmask[v % 32]
+ * (clear: the level drops by 4); scale j = v / 16 has its low nibble in byte
+ * j % 8 (j < 8: low, else high) and bits 4, 5 from byte 8 + j % 4 (shifted
+ * by 2 (j / 4)); value = d (scale - 32) q. */
+static void q3_k(const uint8_t *b, float *y) {
+    const uint8_t *hm = b, *qs = b + 32, *s = b + 96;
+    const float d = f16_at(b + 108);
+    for (int v = 0; v < QK_K; v += 16) {
+        const int j = v / 16, lo = j < 8 ? s[j] & 0xF : s[j - 8] >> 4,
+                  hi = s[8 + j % 4] >> (2 * (j / 4)) & 3;
+        const float dl = d * (float)((lo | hi << 4) - 32);
+        const uint8_t *q = qs + 32 * (v / 128) + v % 32, *h = hm + v % 32;
+        const int shift = 2 * (v / 32 % 4), bit = v / 32;
+        for (int l = 0; l < 16; l++)
+            y[v + l] = dl * (float)((q[l] >> shift & 3) - (h[l] >> bit & 1 ? 0 : 4));
+    }
+}
+
+/* IQ4_NL and IQ4_XS: 4-bit indices into a fixed non-uniform table (ggml's
+ * kvalues_iq4nl), packed as Q4_0's nibbles. IQ4_NL: d, 16 bytes per 32
+ * values. IQ4_XS: d, 16 bits of high scale pairs, 4 bytes of low scale
+ * nibbles, 128 bytes of indices; sub-block i of 32 has scale (low nibble i
+ * | high pair i << 4) - 32. Value = d scale table[index]. */
+static const int8_t iq4_table[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
+                                     1,    13,   25,  38,  53,  69,  89,  113};
+
+static void iq4_32(const uint8_t *qs, float dl, float *y) {
+    for (int j = 0; j < 16; j++) {
+        y[j] = dl * (float)iq4_table[qs[j] & 0xF];
+        y[j + 16] = dl * (float)iq4_table[qs[j] >> 4];
+    }
+}
+
+static void iq4_xs(const uint8_t *b, float *y) {
+    const float d = f16_at(b);
+    const int scales_h = b[2] | b[3] << 8;
+    for (int i = 0; i < 8; i++) {
+        const int ls = (b[4 + i / 2] >> (4 * (i % 2)) & 0xF) | (scales_h >> (2 * i) & 3) << 4;
+        iq4_32(b + 8 + 16 * i, d * (float)(ls - 32), y + 32 * i);
+    }
+}
+
 static void decode_block(int type, const uint8_t *b, float *y, bool lanes) {
     switch (type) {
     case CAKE_DTYPE_Q4_0:
@@ -199,6 +257,18 @@ static void decode_block(int type, const uint8_t *b, float *y, bool lanes) {
     case CAKE_DTYPE_Q6_K:
         q6_k(b, y, lanes);
         break;
+    case CAKE_DTYPE_Q2_K:
+        q2_k(b, y);
+        break;
+    case CAKE_DTYPE_Q3_K:
+        q3_k(b, y);
+        break;
+    case CAKE_DTYPE_IQ4_NL:
+        iq4_32(b + 2, f16_at(b), y);
+        break;
+    case CAKE_DTYPE_IQ4_XS:
+        iq4_xs(b, y);
+        break;
     default:
         memset(y, 0, MAX_BLOCK * sizeof(float));
         break; /* callers check first */
@@ -224,6 +294,14 @@ size_t cake_dequant_block_bytes(int type) {
         return 176; /* as Q4_K + 256 fifth bits */
     case CAKE_DTYPE_Q6_K:
         return 210; /* 256 nibbles + 256 2-bit highs + 16 int8 scales + f16 d */
+    case CAKE_DTYPE_Q2_K:
+        return 84; /* 16 scale/min bytes + 256 2-bit levels + f16 d, dmin */
+    case CAKE_DTYPE_Q3_K:
+        return 110; /* 256 high bits + 256 2-bit levels + 12 bytes of scales + f16 d */
+    case CAKE_DTYPE_IQ4_NL:
+        return 18; /* f16 d + 32 4-bit indices */
+    case CAKE_DTYPE_IQ4_XS:
+        return 136; /* f16 d + 2 + 4 bytes of scales + 256 4-bit indices */
     default:
         return 0;
     }
@@ -231,8 +309,10 @@ size_t cake_dequant_block_bytes(int type) {
 
 size_t cake_dequant_block_elems(int type) {
     if (!cake_dequant_block_bytes(type)) return 0;
-    return type == CAKE_DTYPE_Q4_K || type == CAKE_DTYPE_Q5_K || type == CAKE_DTYPE_Q6_K ? QK_K
-                                                                                         : QK;
+    return type == CAKE_DTYPE_Q4_0 || type == CAKE_DTYPE_Q4_1 || type == CAKE_DTYPE_Q5_0 ||
+                   type == CAKE_DTYPE_Q5_1 || type == CAKE_DTYPE_Q8_0 || type == CAKE_DTYPE_IQ4_NL
+               ? QK
+               : QK_K;
 }
 
 bool cake_dequant_supported(int type) {

@@ -1,8 +1,10 @@
-/* GGUF's quantized weight types read back as floats: Q8_0 and the
- * quantizations llama.cpp's users download most (Q4_0, Q4_1, Q5_0, Q5_1 and
- * the k-quants Q4_K, Q5_K, Q6_K that make up Q4_K_M, Q5_K_M and Q6_K files).
- * The block layouts are ggml's (ggml-common.h); the values are its
- * dequantize_row_* ones, the same f32 operations in the same order.
+/* GGUF's quantized weight types read back as floats: Q8_0, the older Q4_0,
+ * Q4_1, Q5_0, Q5_1, the k-quants Q2_K ... Q6_K and IQ4_NL, IQ4_XS: the types
+ * of llama.cpp's Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K, Q8_0, Q4_0 and
+ * IQ4_NL/XS files (and of the fallbacks its quantizer picks where rows are
+ * not whole k-quant blocks). The block layouts are ggml's (ggml-common.h);
+ * the values are its dequantize_row_* ones, the same f32 operations in the
+ * same order.
  *
  * Cake multiplies none of these but Q8_0 directly: the CPU backend requantizes
  * the others to Q8_0 once (model.c), the CUDA backend converts them to f16 as
@@ -16,6 +18,10 @@
 #ifdef __cplusplus
 extern "C" {
 #endif
+
+/* What errors about weight types list as readable. */
+#define CAKE_WEIGHT_DTYPES                                                                         \
+    "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS"
 
 /* Whether GGUF type `type` is one of the quantized types above (Q8_0 too). */
 bool cake_dequant_supported(int type);

@@ -341,11 +341,9 @@ static int parse_tensor_info(reader *r, uint64_t i, uint64_t alignment, cake_ggu
     const uint32_t type = rd_u32(r);
     const size_t bb = cake_dtype_block_bytes(type), be = cake_dtype_block_elems(type);
     if (!bb)
-        return cake_err(
-            r->err, r->errlen,
-            "%s: dtype %s (%u) is not supported (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, "
-            "Q5_1, Q4_K, Q5_K, Q6_K are)",
-            who, cake_dtype_name(type), type);
+        return cake_err(r->err, r->errlen,
+                        "%s: dtype %s (%u) is not supported (" CAKE_WEIGHT_DTYPES " are)", who,
+                        cake_dtype_name(type), type);
     t->type = (enum cake_dtype)type;
     if (t->ne[0] % be)
         return cake_err(r->err, r->errlen,

@@ -49,9 +49,13 @@ enum cake_dtype {
     CAKE_DTYPE_Q5_0 = 6,
     CAKE_DTYPE_Q5_1 = 7,
     CAKE_DTYPE_Q8_0 = 8,
+    CAKE_DTYPE_Q2_K = 10,
+    CAKE_DTYPE_Q3_K = 11,
     CAKE_DTYPE_Q4_K = 12,
     CAKE_DTYPE_Q5_K = 13,
     CAKE_DTYPE_Q6_K = 14,
+    CAKE_DTYPE_IQ4_NL = 20,
+    CAKE_DTYPE_IQ4_XS = 23,
     CAKE_DTYPE_BF16 = 30,
 };
 
@@ -83,7 +87,7 @@ typedef struct {
     uint32_t n_dims;
     uint64_t ne[CAKE_GGUF_MAX_DIMS]; /* ne[0] is the fastest-varying (row length); unused = 1 */
     enum cake_dtype type;
-    uint64_t offset; /* relative to the start of the data section */
+    uint64_t offset;  /* relative to the start of the data section */
     const void *data; /* into the mapping */
     uint64_t nbytes;
 } cake_gguf_tensor;
@@ -148,8 +152,7 @@ void cake_gguf_writer_add_str(cake_gguf_writer *w, const char *key, const char *
 /* Arrays: the writer copies the elements. */
 void cake_gguf_writer_add_arr_str(cake_gguf_writer *w, const char *key, const char *const *v,
                                   uint64_t n);
-void cake_gguf_writer_add_arr_f32(cake_gguf_writer *w, const char *key, const float *v,
-                                  uint64_t n);
+void cake_gguf_writer_add_arr_f32(cake_gguf_writer *w, const char *key, const float *v, uint64_t n);
 void cake_gguf_writer_add_arr_i32(cake_gguf_writer *w, const char *key, const int32_t *v,
                                   uint64_t n);
 void cake_gguf_writer_add_tensor(cake_gguf_writer *w, const char *name, enum cake_dtype type,

@@ -74,8 +74,8 @@ static int find_weight(const cake_gguf *g, const char *name, int n_in, int n_out
     }
     if (!is_weight_dtype(t->type))
         return cake_err(err, errlen,
-                        "tensor '%s': dtype %s is not supported for weights (F32, F16, BF16, Q8_0, "
-                        "Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K are)",
+                        "tensor '%s': dtype %s is not supported for weights (" CAKE_WEIGHT_DTYPES
+                        " are)",
                         name, cake_dtype_name(t->type));
     if (t->n_dims != 2 || t->ne[0] != (uint64_t)n_in || t->ne[1] != (uint64_t)n_out)
         return cake_err(err, errlen, "tensor '%s': shape [%llu, %llu] (%u dims), expected [%d, %d]",

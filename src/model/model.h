@@ -48,7 +48,7 @@ struct cake_model {
      * absent). Both backends rotate by these. */
     double *rope_freqs;
     bool quantized; /* some matrix the matmul reads is quantized (the CPU: as Q8_0) */
-    void *packed;  /* their repacked copies (one mapping), or NULL */
+    void *packed;   /* their repacked copies (one mapping), or NULL */
     size_t packed_size;
     pthread_once_t pack_once;
     char pack_err[160]; /* why the repack failed, after pack_once ran; "" if it did not */
