@@ -1,9 +1,10 @@
 /* Quantized GGUF blocks read back (model/dequant.c): for every type, blocks
  * written from known parts (testutil's encoders, in ggml's layouts) must give
- * exactly the values those parts mean; any range of a row gives the same
- * values as the whole; and the plain quantizer the forward tests use stays
- * within half a step of its input. The scales are chosen so that every
- * product is exact in f32, so the comparisons are exact. */
+ * exactly the values those parts mean, in the SIMD and the portable decoders;
+ * any range of a row gives the same values as the whole. The scales are
+ * chosen so that every product is exact in f32, so the comparisons are exact.
+ * Also: the plain quantizer the forward tests use stays within about a step
+ * of its input, and the Q8_0 quantizer's inline rounding is roundf's. */
 #include <stdarg.h>
 #include <stddef.h>
 #include <setjmp.h>

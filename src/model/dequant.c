@@ -1,5 +1,6 @@
-/* See dequant.h. Each decoder turns one block into its floats; the k-quants
- * (blocks of 256) keep per-32 (Q4_K, Q5_K) or per-16 (Q6_K) scales inside. */
+/* See dequant.h. Each decoder turns one block into its floats; the blocks of
+ * 256 keep scales for each 32 (Q4_K, Q5_K, IQ4_XS) or 16 (Q2_K, Q3_K, Q6_K)
+ * values inside. */
 #include "model/dequant.h"
 
 #include <stdint.h>
