@@ -96,8 +96,10 @@ static int variant_type(const test_model_variant *v, const cake_gguf_tensor *t) 
     return (int)t->type;
 }
 
-/* t's values as f32 into x (F32 or a quantized type), then as `type` into buf. */
+/* t's values (F32 or a quantized type; -1 for others) as f32 into x, then as
+ * `type` into buf. */
 static int convert_tensor(const cake_gguf_tensor *t, int type, void *buf) {
+    if (t->type != CAKE_DTYPE_F32 && !cake_dequant_supported((int)t->type)) return -1;
     size_t n = 1;
     for (uint32_t d = 0; d < t->n_dims; d++) n *= t->ne[d];
     float *x = type == CAKE_DTYPE_F32 ? buf : malloc(n * sizeof(float));
