@@ -77,22 +77,26 @@ static void k_scale_min(int j, const uint8_t *s, int *sc, int *m) {
 }
 
 #ifdef __AVX512F__
-/* The k-quants decoded 16 values a step (loading a model requantizes every
- * matrix: llama-1b Q4_K_M, `cake run -n 1` on 2 cores, 2.0-2.4 s with the
- * scalar decoders, 0.95-0.97 s with these). The levels
- * are put together bytewise, then y = s (q - c) - m in f32 lanes: the
- * scalar lines' operations (no FMA), so the same bits. */
+/* The k-quants and IQ4 decoded 16 values a step (loading a model requantizes
+ * every matrix: llama-1b Q4_K_M, `cake run -n 1` on 2 cores, 2.0-2.4 s with
+ * the scalar decoders, 0.95-0.97 s with these). The levels are put together
+ * bytewise as unsigned q with an offset c, then y = s (q - c) - m in f32
+ * lanes: the scalar lines' operations (no FMA; m = 0 where they have none,
+ * which changes no value), so the same bits. */
 static inline void lanes16(float *y, __m128i q, int c, float s, float m) {
     const __m512 v =
         _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(q), _mm512_set1_epi32(c)));
     _mm512_storeu_ps(y, _mm512_sub_ps(_mm512_mul_ps(_mm512_set1_ps(s), v), _mm512_set1_ps(m)));
 }
 
-/* The bits `mask` picks at bit n of each byte of h, moved up to bit 4. */
+/* The bits `mask` picks at bit n of each byte of h (shifted down to bit 0),
+ * and the same moved up to bit 4. */
+static inline __m128i bits_at(__m128i h, int n, int mask) {
+    return _mm_and_si128(_mm_srl_epi16(h, _mm_cvtsi32_si128(n)), _mm_set1_epi8((char)mask));
+}
+
 static inline __m128i high_bits(__m128i h, int n, int mask) {
-    const __m128i b =
-        _mm_and_si128(_mm_srl_epi16(h, _mm_cvtsi32_si128(n)), _mm_set1_epi8((char)mask));
-    return _mm_slli_epi16(b, 4);
+    return _mm_slli_epi16(bits_at(h, n, mask), 4);
 }
 
 static inline __m128i nibbles(__m128i q, int high) {
@@ -177,7 +181,7 @@ static void q6_k(const uint8_t *b, float *y, bool lanes) {
 /* Q2_K: 16 scale bytes (low nibble the scale, high the min, per 16 values),
  * 64 bytes of 2-bit levels, d, dmin. Value v: level (qs[32 (v / 128) + v %
  * 32] >> 2 (v / 32 % 4)) & 3, scale byte v / 16; value = d sc q - dmin m. */
-static void q2_k(const uint8_t *b, float *y) {
+static void q2_k(const uint8_t *b, float *y, bool lanes) {
     const uint8_t *scales = b, *qs = b + 16;
     const float d = f16_at(b + 80), dmin = f16_at(b + 82);
     for (int v = 0; v < QK_K; v += 16) {
@@ -185,6 +189,12 @@ static void q2_k(const uint8_t *b, float *y) {
         const float dl = d * (float)(sc & 0xF), ml = dmin * (float)(sc >> 4);
         const uint8_t *q = qs + 32 * (v / 128) + v % 32;
         const int shift = 2 * (v / 32 % 4);
+#ifdef __AVX512F__
+        if (!lanes) {
+            lanes16(y + v, bits_at(_mm_loadu_si128((const __m128i *)q), shift, 3), 0, dl, ml);
+            continue;
+        }
+#endif
         for (int l = 0; l < 16; l++) y[v + l] = dl * (float)(q[l] >> shift & 3) - ml;
     }
 }
@@ -194,7 +204,7 @@ static void q2_k(const uint8_t *b, float *y) {
  * (clear: the level drops by 4); scale j = v / 16 has its low nibble in byte
  * j % 8 (j < 8: low, else high) and bits 4, 5 from byte 8 + j % 4 (shifted
  * by 2 (j / 4)); value = d (scale - 32) q. */
-static void q3_k(const uint8_t *b, float *y) {
+static void q3_k(const uint8_t *b, float *y, bool lanes) {
     const uint8_t *hm = b, *qs = b + 32, *s = b + 96;
     const float d = f16_at(b + 108);
     for (int v = 0; v < QK_K; v += 16) {
@@ -203,6 +213,14 @@ static void q3_k(const uint8_t *b, float *y) {
         const float dl = d * (float)((lo | hi << 4) - 32);
         const uint8_t *q = qs + 32 * (v / 128) + v % 32, *h = hm + v % 32;
         const int shift = 2 * (v / 32 % 4), bit = v / 32;
+#ifdef __AVX512F__
+        if (!lanes) { /* level + 4 = low bits + 4 high bit, in 0..7 */
+            const __m128i low = bits_at(_mm_loadu_si128((const __m128i *)q), shift, 3),
+                          high = bits_at(_mm_loadu_si128((const __m128i *)h), bit, 1);
+            lanes16(y + v, _mm_or_si128(low, _mm_slli_epi16(high, 2)), 4, dl, 0.0f);
+            continue;
+        }
+#endif
         for (int l = 0; l < 16; l++)
             y[v + l] = dl * (float)((q[l] >> shift & 3) - (h[l] >> bit & 1 ? 0 : 4));
     }
@@ -216,19 +234,29 @@ static void q3_k(const uint8_t *b, float *y) {
 static const int8_t iq4_table[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
                                      1,    13,   25,  38,  53,  69,  89,  113};
 
-static void iq4_32(const uint8_t *qs, float dl, float *y) {
+static void iq4_32(const uint8_t *qs, float dl, float *y, bool lanes) {
+#ifdef __AVX512F__
+    if (!lanes) { /* the table + 128 (its sign bits flipped) as bytes, looked up 16 at a time */
+        const __m128i table =
+            _mm_xor_si128(_mm_loadu_si128((const __m128i *)iq4_table), _mm_set1_epi8((char)0x80));
+        const __m128i q = _mm_loadu_si128((const __m128i *)qs);
+        lanes16(y, _mm_shuffle_epi8(table, nibbles(q, 0)), 128, dl, 0.0f);
+        lanes16(y + 16, _mm_shuffle_epi8(table, nibbles(q, 1)), 128, dl, 0.0f);
+        return;
+    }
+#endif
     for (int j = 0; j < 16; j++) {
         y[j] = dl * (float)iq4_table[qs[j] & 0xF];
         y[j + 16] = dl * (float)iq4_table[qs[j] >> 4];
     }
 }
 
-static void iq4_xs(const uint8_t *b, float *y) {
+static void iq4_xs(const uint8_t *b, float *y, bool lanes) {
     const float d = f16_at(b);
     const int scales_h = b[2] | b[3] << 8;
     for (int i = 0; i < 8; i++) {
         const int ls = (b[4 + i / 2] >> (4 * (i % 2)) & 0xF) | (scales_h >> (2 * i) & 3) << 4;
-        iq4_32(b + 8 + 16 * i, d * (float)(ls - 32), y + 32 * i);
+        iq4_32(b + 8 + 16 * i, d * (float)(ls - 32), y + 32 * i, lanes);
     }
 }
 
@@ -259,16 +287,16 @@ static void decode_block(int type, const uint8_t *b, float *y, bool lanes) {
         q6_k(b, y, lanes);
         break;
     case CAKE_DTYPE_Q2_K:
-        q2_k(b, y);
+        q2_k(b, y, lanes);
         break;
     case CAKE_DTYPE_Q3_K:
-        q3_k(b, y);
+        q3_k(b, y, lanes);
         break;
     case CAKE_DTYPE_IQ4_NL:
-        iq4_32(b + 2, f16_at(b), y);
+        iq4_32(b + 2, f16_at(b), y, lanes);
         break;
     case CAKE_DTYPE_IQ4_XS:
-        iq4_xs(b, y);
+        iq4_xs(b, y, lanes);
         break;
     default:
         memset(y, 0, MAX_BLOCK * sizeof(float));

@@ -36,7 +36,7 @@ size_t cake_dequant_block_elems(int type);
 void cake_dequant_to_f32(int type, const void *src, size_t first, float *dst, size_t n);
 
 /* The same in portable code only: where the build has AVX-512, the k-quants
- * decode in lanes, and the tests hold those to this bit for bit. */
+ * and IQ4 decode in lanes, and the tests hold those to this bit for bit. */
 void cake_dequant_to_f32_lanes(int type, const void *src, size_t first, float *dst, size_t n);
 
 #ifdef __cplusplus
