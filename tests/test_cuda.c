@@ -49,7 +49,8 @@
 
 static void test_cuda_not_built(void **state) {
     (void)state;
-    printf("skip: this build has no CUDA backend (no nvcc, -DCAKE_CUDA=OFF or a sanitizer build)\n");
+    printf(
+        "skip: this build has no CUDA backend (no nvcc, -DCAKE_CUDA=OFF or a sanitizer build)\n");
     skip();
 }
 
