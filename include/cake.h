@@ -26,7 +26,7 @@ typedef struct cake_context cake_context;
 typedef struct cake_tokenizer cake_tokenizer;
 typedef struct cake_sampler cake_sampler;
 
-/* Architecture of a loaded model (GGUF `llama.*` or `qwen2.*` keys). */
+/* Architecture of a loaded model (GGUF `llama.*`, `qwen2.*` or `qwen3.*` keys). */
 typedef struct {
     int n_vocab;
     int n_ctx_train; /* context_length */
@@ -43,12 +43,13 @@ typedef struct {
     bool tied_output;      /* output.weight absent: token_embd is reused */
     bool rope_neox;        /* RoPE turns pairs (i, i + head_dim/2) (qwen2), not (2i, 2i+1) */
     bool qkv_bias;         /* some layer adds a bias to q, k or v */
+    bool qk_norm;          /* q and k are RMS-normed per head before RoPE (qwen3) */
 } cake_hparams;
 
 /* ---- model ---- */
 
-/* Maps and validates a GGUF file (architecture `llama` or `qwen2`; F32/F16/BF16
- * weights).
+/* Maps and validates a GGUF file (architecture `llama`, `qwen2` or `qwen3`;
+ * F32/F16/BF16 or quantized weights, model/dequant.h).
  * Weights stay in the read-only mapping. */
 int cake_model_load(const char *path, cake_model **out, char *err, size_t errlen);
 void cake_model_free(cake_model *m);

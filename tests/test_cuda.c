@@ -460,6 +460,27 @@ static void test_backend_fingerprint(void **state) {
     cake_model_free(m);
 }
 
+/* qwen3's per-head q/k norms are not on the GPU: a CUDA context says so
+ * (rather than computing without them). */
+static void test_qwen3_refused(void **state) {
+    (void)state;
+    REQUIRE_GPU();
+    char path[96], err[512];
+    snprintf(path, sizeof(path), "%s.qwen3", tiny32_path);
+    const test_model_variant v = {.qwen2 = true, .qk_norm = 0.2f};
+    assert_int_equal(test_write_variant(tiny32_path, path, &v, err, sizeof(err)), 0);
+    cake_model *m = load(path);
+    cake_context_params p = cake_context_default_params();
+    p.n_ctx = 64;
+    p.backend = CAKE_BACKEND_CUDA;
+    cake_context *c = NULL;
+    assert_int_not_equal(cake_context_init(m, p, &c, err, sizeof(err)), 0);
+    assert_null(c);
+    assert_non_null(strstr(err, "qwen3"));
+    cake_model_free(m);
+    unlink(path);
+}
+
 static void test_mha160m_vs_cpu(void **state) {
     (void)state;
     REQUIRE_GPU();
@@ -681,6 +702,7 @@ int main(void) {
         cmocka_unit_test(test_chunked_prefill),     cmocka_unit_test(test_deterministic),
         cmocka_unit_test(test_kv_transfer),         cmocka_unit_test(test_q8_0_vs_cpu),
         cmocka_unit_test(test_other_quants_vs_cpu), cmocka_unit_test(test_backend_fingerprint),
+        cmocka_unit_test(test_qwen3_refused),
     };
     /* CAKE_TEST_FILTER=NAME runs the tests whose names match (cmocka's
      * pattern), e.g. the attention kernels alone under each CAKE_CUDA_WGMMA. */

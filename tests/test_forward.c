@@ -398,6 +398,11 @@ static void ref_rmsnorm(double *y, const double *x, const float *w, int n, doubl
     for (int i = 0; i < n; i++) y[i] = x[i] * s * w[i];
 }
 
+/* qwen3: each of the n_heads heads of v RMS-normed with w (NULL: none). */
+static void ref_head_norms(double *v, const float *w, int n_heads, int hd, double eps) {
+    for (int h = 0; w && h < n_heads; h++) ref_rmsnorm(v + h * hd, v + h * hd, w, hd, eps);
+}
+
 /* Turns each head of x by position pos: pairs (2i, 2i+1), or (i, i + hd/2)
  * when neox. */
 static void ref_rope(double *x, int n_heads, int hd, int pos, double theta, bool neox) {
@@ -420,13 +425,13 @@ static double *reference_logits(const char *path, const cake_token *prompt, int 
     assert_int_equal(cake_gguf_open(path, &g, err, sizeof(err)), 0);
     cake_gguf_str arch;
     assert_int_equal(cake_gguf_get_str(g, "general.architecture", &arch, err, sizeof(err)), 0);
-    const bool neox = arch.len == 5 && !memcmp(arch.ptr, "qwen2", 5);
+    const bool neox = arch.len == 5 && !memcmp(arch.ptr, "qwen", 4); /* qwen2, qwen3 */
     ref_tensors w = {.g = g};
     w.q8_0 = cake_gguf_find_tensor(g, "blk.0.attn_q.weight")->type == CAKE_DTYPE_Q8_0;
     char key[96];
     uint32_t dim, n_layers, nh, nkv, ffn;
     float theta = 10000.0f;
-#define KEY(s) (snprintf(key, sizeof(key), "%s.%s", neox ? "qwen2" : "llama", s), key)
+#define KEY(s) (snprintf(key, sizeof(key), "%.*s.%s", (int)arch.len, arch.ptr, s), key)
     assert_int_equal(cake_gguf_get_u32(g, KEY("embedding_length"), &dim, err, sizeof(err)), 0);
     assert_int_equal(cake_gguf_get_u32(g, KEY("block_count"), &n_layers, err, sizeof(err)), 0);
     assert_int_equal(cake_gguf_get_u32(g, KEY("attention.head_count"), &nh, err, sizeof(err)), 0);
@@ -457,6 +462,8 @@ static double *reference_logits(const char *path, const cake_token *prompt, int 
                        f32_tensor(&w, L, "attn_k.bias"), xn, dim, kvd, w.q8_0);
             ref_linear(v + (size_t)t * kvd, f32_tensor(&w, L, "attn_v.weight"),
                        f32_tensor(&w, L, "attn_v.bias"), xn, dim, kvd, w.q8_0);
+            ref_head_norms(k + (size_t)t * kvd, f32_tensor(&w, L, "attn_k_norm.weight"), (int)nkv,
+                           hd, eps);
             ref_rope(k + (size_t)t * kvd, (int)nkv, hd, t, theta, neox);
         }
         for (int t = 0; t < n; t++) {
@@ -464,6 +471,7 @@ static double *reference_logits(const char *path, const cake_token *prompt, int 
             ref_rmsnorm(xn, xt, f32_tensor(&w, L, "attn_norm.weight"), dim, eps);
             ref_linear(q, f32_tensor(&w, L, "attn_q.weight"), f32_tensor(&w, L, "attn_q.bias"), xn,
                        dim, dim, w.q8_0);
+            ref_head_norms(q, f32_tensor(&w, L, "attn_q_norm.weight"), (int)nh, hd, eps);
             ref_rope(q, (int)nh, hd, t, theta, neox);
             for (int h = 0; h < (int)nh; h++) {
                 const int kh = h / (int)(nh / nkv);
@@ -558,6 +566,33 @@ static void test_qwen2_reference(void **state) {
     free(got[0]);
     free(got[1]);
     unlink(variant);
+    unlink(base);
+}
+
+/* qwen3 (qwen2's layout without biases, plus an RMSNorm of each q and k
+ * head before RoPE): the engine against the reference, the norms matter,
+ * and chunked prefill matches one-shot. */
+static void test_qwen3_reference(void **state) {
+    (void)state;
+    char base[64], qwen2[96], qwen3[96];
+    assert_int_equal(test_make_model("tiny", "f32", base), 0);
+    snprintf(qwen2, sizeof(qwen2), "%s.qwen2", base);
+    snprintf(qwen3, sizeof(qwen3), "%s.qwen3", base);
+    write_variant(base, qwen2, &(test_model_variant){.qwen2 = true});
+    write_variant(base, qwen3, &(test_model_variant){.qwen2 = true, .qk_norm = 0.2f});
+    cake_hparams hp;
+    float *plain = first_logits(qwen2, NULL), *got = check_vs_reference(qwen3, "qwen3", &hp);
+    assert_true(hp.qk_norm && hp.rope_neox && !hp.qkv_bias);
+    assert_memory_not_equal(plain, got, 1000 * sizeof(float));
+    cake_model *m = NULL;
+    char err[512];
+    assert_int_equal(cake_model_load(qwen3, &m, err, sizeof(err)), 0);
+    check_chunk_invariance(m, 100, 4);
+    cake_model_free(m);
+    free(plain);
+    free(got);
+    unlink(qwen3);
+    unlink(qwen2);
     unlink(base);
 }
 
@@ -715,6 +750,7 @@ int main(void) {
         cmocka_unit_test(test_rope_freqs),
         cmocka_unit_test(test_qwen2_matches_llama),
         cmocka_unit_test(test_qwen2_reference),
+        cmocka_unit_test(test_qwen3_reference),
         cmocka_unit_test(test_q8_0),
         cmocka_unit_test(test_other_quants),
         cmocka_unit_test(test_tied_output),

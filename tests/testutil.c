@@ -78,6 +78,7 @@ typedef struct {
     int head_dim;
     const uint64_t *src; /* tensor i of the copy is the source's src[i] */
     uint64_t n_src;      /* how many of the source's are copied */
+    uint64_t n_bias;     /* bias tensors after them (and rope_freqs.weight) */
 } variant_fill;
 
 static bool name_ends(cake_gguf_str name, const char *suffix) {
@@ -116,10 +117,16 @@ static int convert_tensor(const cake_gguf_tensor *t, int type, void *buf) {
 }
 
 /* Tensor i of the copy: the source's (q/k rows reordered for qwen2; without
- * output.weight when tied), then rope_freqs.weight, then the biases. */
+ * output.weight when tied), then rope_freqs.weight, then the biases, then
+ * the q/k norms. */
 static int fill_variant(uint64_t i, void *buf, uint64_t nbytes, void *ctx) {
     const variant_fill *f = ctx;
-    const uint64_t n_src = f->n_src;
+    const uint64_t n_src = f->n_src, first_norm = n_src + (f->v->rope_factors != NULL) + f->n_bias;
+    if (i >= first_norm) {
+        for (uint64_t j = 0; j < nbytes / 4; j++)
+            ((float *)buf)[j] = 1.0f + (float)((int)(j % 5) - 2) * f->v->qk_norm;
+        return 0;
+    }
     if (i >= n_src + (f->v->rope_factors != NULL)) { /* a bias */
         for (uint64_t j = 0; j < nbytes / 4; j++)
             ((float *)buf)[j] = (float)((int)(j % 7) - 3) * f->v->bias;
@@ -208,19 +215,21 @@ int test_write_variant(const char *src, const char *dst, const test_model_varian
         return cake_err(err, errlen, "%s: not a llama model from cake mkmodel", src);
     }
     const uint32_t head_dim = dim / n_heads;
+    const char *arch = !v->qwen2 ? "llama" : v->qk_norm != 0 ? "qwen3" : "qwen2";
     cake_gguf_writer *w = cake_gguf_writer_init();
     int rc = w ? 0 : cake_err(err, errlen, "out of memory");
     for (uint64_t i = 0; !rc && i < g->n_kv; i++) {
         const cake_gguf_kv *kv = &g->kv[i];
         const bool renamed = v->qwen2 && kv->key.len > 6 && !memcmp(kv->key.ptr, "llama.", 6);
-        char *key = renamed ? str_copy("qwen2.", (cake_gguf_str){kv->key.ptr + 6, kv->key.len - 6})
+        char prefix[8];
+        snprintf(prefix, sizeof(prefix), "%s.", arch);
+        char *key = renamed ? str_copy(prefix, (cake_gguf_str){kv->key.ptr + 6, kv->key.len - 6})
                             : str_copy("", kv->key);
-        if (!key || copy_kv(w, key, kv, v->qwen2 ? "qwen2" : "llama"))
+        if (!key || copy_kv(w, key, kv, arch))
             rc = cake_err(err, errlen, "%s: key %s could not be copied", src, key ? key : "?");
         free(key);
     }
     if (!rc && v->linear > 0) {
-        const char *arch = v->qwen2 ? "qwen2" : "llama";
         char key[64];
         snprintf(key, sizeof(key), "%s.rope.scaling.type", arch);
         cake_gguf_writer_add_str(w, key, "linear");
@@ -253,7 +262,15 @@ int test_write_variant(const char *src, const char *dst, const test_model_varian
             cake_gguf_writer_add_tensor(w, name, CAKE_DTYPE_F32, 1, ne);
         }
     }
-    variant_fill fill = {g, v, (int)head_dim, copied, n_copied};
+    for (uint32_t l = 0; !rc && v->qwen2 && v->qk_norm != 0 && l < n_layers; l++)
+        for (int k = 0; k < 2; k++) {
+            char name[64];
+            snprintf(name, sizeof(name), "blk.%u.attn_%s_norm.weight", l, k ? "k" : "q");
+            const uint64_t ne[1] = {head_dim};
+            cake_gguf_writer_add_tensor(w, name, CAKE_DTYPE_F32, 1, ne);
+        }
+    const uint64_t n_bias = v->bias != 0 ? 3 * (uint64_t)n_layers : 0;
+    variant_fill fill = {g, v, (int)head_dim, copied, n_copied, n_bias};
     if (!rc) rc = cake_gguf_writer_write_file(w, dst, fill_variant, &fill, err, errlen);
     free(copied);
     cake_gguf_writer_free(w);

@@ -122,11 +122,14 @@ static int read_hparams(const cake_gguf *g, cake_hparams *hp, char *err, size_t 
     int rc = cake_gguf_get_str(g, "general.architecture", &arch, err, errlen);
     if (rc == -1) return cake_err(err, errlen, "missing metadata key 'general.architecture'");
     if (rc < 0) return -1;
-    if (!str_eq(arch, "llama") && !str_eq(arch, "qwen2"))
+    if (!str_eq(arch, "llama") && !str_eq(arch, "qwen2") && !str_eq(arch, "qwen3"))
         return cake_err(err, errlen,
-                        "architecture '%.*s' is not supported ('llama' and 'qwen2' are)",
+                        "architecture '%.*s' is not supported ('llama', 'qwen2' and 'qwen3' are)",
                         (int)(arch.len > 64 ? 64 : arch.len), arch.ptr);
-    hp->rope_neox = str_eq(arch, "qwen2");
+    /* qwen2 and qwen3 files keep the NeoX pairing (llama.cpp's converter
+     * permutes only llama's q/k rows); qwen3 adds per-head q/k norms, found
+     * by their tensors. */
+    hp->rope_neox = !str_eq(arch, "llama");
     /* The keys are named after the architecture: llama.block_count, ... */
     char key[96];
 #define KEY(suffix) (snprintf(key, sizeof(key), "%.*s." suffix, (int)arch.len, arch.ptr), key)
@@ -146,6 +149,19 @@ static int read_hparams(const cake_gguf *g, cake_hparams *hp, char *err, size_t 
         return cake_err(err, errlen, "head_count %d is not a multiple of head_count_kv %d",
                         hp->n_heads, hp->n_kv_heads);
     hp->head_dim = hp->dim / hp->n_heads;
+    /* Some models (Qwen3 0.6B, 4B, 32B) have heads wider than dim / heads:
+     * their q is wider than x, which the engine does not handle yet. */
+    int key_length, value_length;
+    if (get_u32_in(g, KEY("attention.key_length"), 0, (uint32_t)hp->head_dim, 1, 1 << 16,
+                   &key_length, err, errlen) ||
+        get_u32_in(g, KEY("attention.value_length"), 0, (uint32_t)hp->head_dim, 1, 1 << 16,
+                   &value_length, err, errlen))
+        return -1;
+    if (key_length != hp->head_dim || value_length != hp->head_dim)
+        return cake_err(err, errlen,
+                        "heads of %d (key) and %d (value) values, not embedding_length / "
+                        "head_count = %d: query width != embedding width is not supported",
+                        key_length, value_length, hp->head_dim);
     if (hp->head_dim % 2)
         return cake_err(err, errlen, "head dimension %d is odd (RoPE rotates pairs)", hp->head_dim);
 
@@ -182,7 +198,7 @@ static int read_hparams(const cake_gguf *g, cake_hparams *hp, char *err, size_t 
     return 0;
 }
 
-/* An optional bias vector of length n: NULL when absent (*failed stays 0),
+/* An optional vector of length n (biases, qwen3's q/k norms): NULL when absent (*failed stays 0),
  * else as load_norm (*failed = 1 when it is malformed). */
 static float *load_bias(const cake_gguf *g, const char *name, int n, int *failed, char *err,
                         size_t errlen) {
@@ -369,6 +385,8 @@ static void free_layers(cake_model *m) {
         free(m->layers[l].bq);
         free(m->layers[l].bk);
         free(m->layers[l].bv);
+        free(m->layers[l].q_norm);
+        free(m->layers[l].k_norm);
     }
     free(m->layers);
     m->layers = NULL;
@@ -449,6 +467,16 @@ int cake_model_load(const char *path, cake_model **out, char *err, size_t errlen
         L->bv = load_bias(g, LAYER_NAME("attn_v.bias"), kv_dim, &failed, why, sizeof(why));
         if (failed) goto fail_why;
         if (L->bq || L->bk || L->bv) hp->qkv_bias = true;
+        L->q_norm =
+            load_bias(g, LAYER_NAME("attn_q_norm.weight"), hp->head_dim, &failed, why, sizeof(why));
+        L->k_norm =
+            load_bias(g, LAYER_NAME("attn_k_norm.weight"), hp->head_dim, &failed, why, sizeof(why));
+        if (failed) goto fail_why;
+        if (!L->q_norm != !L->k_norm) {
+            snprintf(why, sizeof(why), "layer %d has a norm for %s only", l, L->q_norm ? "q" : "k");
+            goto fail_why;
+        }
+        if (L->q_norm) hp->qk_norm = true;
 #undef LAYER_NAME
     }
     hp->weight_dtype = m->layers[0].wq.dtype;

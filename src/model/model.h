@@ -28,10 +28,12 @@ typedef struct {
     cake_weight wv;      /* (kv_dim, dim) */
     cake_weight wo;      /* (dim, dim) */
     float *bq, *bk, *bv; /* (dim), (kv_dim), (kv_dim) biases; NULL when absent */
-    float *ffn_norm;     /* (dim) */
-    cake_weight w_gate;  /* (ffn, dim) */
-    cake_weight w_up;    /* (ffn, dim) */
-    cake_weight w_down;  /* (dim, ffn) */
+    float *q_norm,
+        *k_norm;        /* (head_dim) each: per-head RMSNorm of q and k (qwen3); NULL when absent */
+    float *ffn_norm;    /* (dim) */
+    cake_weight w_gate; /* (ffn, dim) */
+    cake_weight w_up;   /* (ffn, dim) */
+    cake_weight w_down; /* (dim, ffn) */
 } cake_layer;
 
 struct cake_model {

@@ -111,6 +111,11 @@ static void rows_task(void *ctx, int task, int tid) {
         if (j->L->bq) cake_add_bias(q, j->L->bq, nt, (int)dim);
         if (j->L->bk) cake_add_bias(k, j->L->bk, nt, (int)kv_dim);
         if (j->L->bv) cake_add_bias(v, j->L->bv, nt, (int)kv_dim);
+        /* qwen3: each head of q and k RMS-normed (eps as the layers') before RoPE */
+        if (j->L->q_norm) {
+            cake_rmsnorm(q, q, j->L->q_norm, nt * hp->n_heads, hp->head_dim, hp->rms_eps);
+            cake_rmsnorm(k, k, j->L->k_norm, nt * hp->n_kv_heads, hp->head_dim, hp->rms_eps);
+        }
         const double *freqs = j->c->model->rope_freqs;
         if (hp->rope_neox) {
             cake_rope_neox(q, nt, hp->n_heads, hp->head_dim, j->pos0 + t0, freqs);
