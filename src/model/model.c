@@ -198,8 +198,9 @@ static int read_hparams(const cake_gguf *g, cake_hparams *hp, char *err, size_t 
     return 0;
 }
 
-/* An optional vector of length n (biases, qwen3's q/k norms): NULL when absent (*failed stays 0),
- * else as load_norm (*failed = 1 when it is malformed). */
+/* An optional vector of length n (biases, qwen3's q/k norms): NULL when
+ * absent (*failed stays 0), else as load_norm (*failed = 1 when it is
+ * malformed). */
 static float *load_bias(const cake_gguf *g, const char *name, int n, int *failed, char *err,
                         size_t errlen) {
     if (*failed || !cake_gguf_find_tensor(g, name)) return NULL;
