@@ -34,7 +34,9 @@ typedef struct {
     int n_layers;
     int n_heads;
     int n_kv_heads;
-    int head_dim; /* dim / n_heads */
+    int head_dim; /* attention.key_length, else dim / n_heads */
+    int q_dim;    /* n_heads * head_dim: q's and the attention output's width; dim
+                     except where heads are wider (Qwen3 0.6B, 4B, 32B) */
     int ffn_dim;
     float rms_eps;
     float rope_theta;

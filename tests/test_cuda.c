@@ -460,8 +460,8 @@ static void test_backend_fingerprint(void **state) {
     cake_model_free(m);
 }
 
-/* qwen3's per-head q/k norms are not on the GPU: a CUDA context says so
- * (rather than computing without them). */
+/* qwen3's per-head q/k norms and heads wider than dim / heads are not on
+ * the GPU: a CUDA context says so (rather than computing without them). */
 static void test_qwen3_refused(void **state) {
     (void)state;
     REQUIRE_GPU();
@@ -479,6 +479,14 @@ static void test_qwen3_refused(void **state) {
     assert_non_null(strstr(err, "qwen3"));
     cake_model_free(m);
     unlink(path);
+    /* and heads wider than dim / heads (Qwen3 0.6B's shape) */
+    char wide[64];
+    assert_int_equal(make_model(wide, "tiny-wide", "f32"), 0);
+    m = load(wide);
+    assert_int_not_equal(cake_context_init(m, p, &c, err, sizeof(err)), 0);
+    assert_non_null(strstr(err, "wider"));
+    cake_model_free(m);
+    unlink(wide);
 }
 
 static void test_mha160m_vs_cpu(void **state) {

@@ -439,12 +439,14 @@ static double *reference_logits(const char *path, const cake_token *prompt, int 
                      0);
     assert_int_equal(cake_gguf_get_u32(g, KEY("feed_forward_length"), &ffn, err, sizeof(err)), 0);
     cake_gguf_get_f32(g, KEY("rope.freq_base"), &theta, err, sizeof(err));
+    uint32_t key_length = dim / nh; /* a head's width: the file's key_length, else dim / nh */
+    cake_gguf_get_u32(g, KEY("attention.key_length"), &key_length, err, sizeof(err));
 #undef KEY
-    const int hd = (int)(dim / nh), kvd = (int)nkv * hd,
+    const int hd = (int)key_length, qd = (int)nh * hd, kvd = (int)nkv * hd,
               nv = (int)cake_gguf_find_tensor(g, "token_embd.weight")->ne[1];
     const double eps = 1e-5;
     double *x = calloc((size_t)n * dim, sizeof(double)), *xn = malloc(dim * sizeof(double));
-    double *q = malloc(dim * sizeof(double)), *o = malloc(dim * sizeof(double));
+    double *q = malloc(qd * sizeof(double)), *o = malloc(qd * sizeof(double));
     double *k = malloc((size_t)n * kvd * sizeof(double)),
            *v = malloc((size_t)n * kvd * sizeof(double));
     double *gate = malloc(ffn * sizeof(double)), *up = malloc(ffn * sizeof(double)),
@@ -470,7 +472,7 @@ static double *reference_logits(const char *path, const cake_token *prompt, int 
             double *xt = x + (size_t)t * dim;
             ref_rmsnorm(xn, xt, f32_tensor(&w, L, "attn_norm.weight"), dim, eps);
             ref_linear(q, f32_tensor(&w, L, "attn_q.weight"), f32_tensor(&w, L, "attn_q.bias"), xn,
-                       dim, dim, w.q8_0);
+                       dim, qd, w.q8_0);
             ref_head_norms(q, f32_tensor(&w, L, "attn_q_norm.weight"), (int)nh, hd, eps);
             ref_rope(q, (int)nh, hd, t, theta, neox);
             for (int h = 0; h < (int)nh; h++) {
@@ -490,7 +492,7 @@ static double *reference_logits(const char *path, const cake_token *prompt, int 
                     o[h * hd + i] = acc / sum;
                 }
             }
-            ref_linear(tmp, f32_tensor(&w, L, "attn_output.weight"), NULL, o, dim, dim, w.q8_0);
+            ref_linear(tmp, f32_tensor(&w, L, "attn_output.weight"), NULL, o, qd, dim, w.q8_0);
             for (uint32_t i = 0; i < dim; i++) xt[i] += tmp[i];
         }
         for (int t = 0; t < n; t++) {
@@ -571,18 +573,19 @@ static void test_qwen2_reference(void **state) {
 
 /* qwen3 (qwen2's layout without biases, plus an RMSNorm of each q and k
  * head before RoPE): the engine against the reference, the norms matter,
- * and chunked prefill matches one-shot. */
-static void test_qwen3_reference(void **state) {
-    (void)state;
+ * and chunked prefill matches one-shot; on heads of dim / heads and on
+ * wider ones (tiny-wide: q twice as wide as x, as Qwen3 0.6B's). */
+static void check_qwen3(const char *shape) {
     char base[64], qwen2[96], qwen3[96];
-    assert_int_equal(test_make_model("tiny", "f32", base), 0);
+    assert_int_equal(test_make_model(shape, "f32", base), 0);
     snprintf(qwen2, sizeof(qwen2), "%s.qwen2", base);
     snprintf(qwen3, sizeof(qwen3), "%s.qwen3", base);
     write_variant(base, qwen2, &(test_model_variant){.qwen2 = true});
     write_variant(base, qwen3, &(test_model_variant){.qwen2 = true, .qk_norm = 0.2f});
     cake_hparams hp;
-    float *plain = first_logits(qwen2, NULL), *got = check_vs_reference(qwen3, "qwen3", &hp);
+    float *plain = first_logits(qwen2, NULL), *got = check_vs_reference(qwen3, shape, &hp);
     assert_true(hp.qk_norm && hp.rope_neox && !hp.qkv_bias);
+    assert_int_equal(hp.q_dim, hp.n_heads * hp.head_dim);
     assert_memory_not_equal(plain, got, 1000 * sizeof(float));
     cake_model *m = NULL;
     char err[512];
@@ -594,6 +597,31 @@ static void test_qwen3_reference(void **state) {
     unlink(qwen3);
     unlink(qwen2);
     unlink(base);
+}
+
+static void test_qwen3_reference(void **state) {
+    (void)state;
+    check_qwen3("tiny");
+    check_qwen3("tiny-wide");
+}
+
+/* Heads wider than dim / heads (attention.key_length; Qwen3 0.6B, 4B, 32B
+ * have them): q and the attention output are wider than x. The engine
+ * against the reference, and chunked prefill. */
+static void test_wide_heads(void **state) {
+    (void)state;
+    char path[64];
+    assert_int_equal(test_make_model("tiny-wide", "f32", path), 0);
+    cake_hparams hp;
+    free(check_vs_reference(path, "tiny-wide", &hp));
+    assert_int_equal(hp.head_dim, 32);
+    assert_int_equal(hp.q_dim, 2 * hp.dim);
+    cake_model *m = NULL;
+    char err[512];
+    assert_int_equal(cake_model_load(path, &m, err, sizeof(err)), 0);
+    check_chunk_invariance(m, 100, 4);
+    cake_model_free(m);
+    unlink(path);
 }
 
 /* The float twin that test_cuda checks the GPU's Q8_0 upload against: each
@@ -751,6 +779,7 @@ int main(void) {
         cmocka_unit_test(test_qwen2_matches_llama),
         cmocka_unit_test(test_qwen2_reference),
         cmocka_unit_test(test_qwen3_reference),
+        cmocka_unit_test(test_wide_heads),
         cmocka_unit_test(test_q8_0),
         cmocka_unit_test(test_other_quants),
         cmocka_unit_test(test_tied_output),

@@ -214,7 +214,8 @@ int test_write_variant(const char *src, const char *dst, const test_model_varian
         cake_gguf_close(g);
         return cake_err(err, errlen, "%s: not a llama model from cake mkmodel", src);
     }
-    const uint32_t head_dim = dim / n_heads;
+    uint32_t head_dim = dim / n_heads; /* or the file's key_length (mkmodel's tiny-wide) */
+    (void)cake_gguf_get_u32(g, "llama.attention.key_length", &head_dim, err, errlen);
     const char *arch = !v->qwen2 ? "llama" : v->qk_norm != 0 ? "qwen3" : "qwen2";
     cake_gguf_writer *w = cake_gguf_writer_init();
     int rc = w ? 0 : cake_err(err, errlen, "out of memory");
@@ -258,7 +259,7 @@ int test_write_variant(const char *src, const char *dst, const test_model_varian
         for (int k = 0; k < 3; k++) {
             char name[64];
             snprintf(name, sizeof(name), "blk.%u.attn_%s.bias", l, which[k]);
-            const uint64_t ne[1] = {k == 0 ? dim : n_kv * head_dim};
+            const uint64_t ne[1] = {k == 0 ? n_heads * head_dim : n_kv * head_dim};
             cake_gguf_writer_add_tensor(w, name, CAKE_DTYPE_F32, 1, ne);
         }
     }

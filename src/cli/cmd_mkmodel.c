@@ -171,7 +171,8 @@ int cmd_mkmodel(int argc, char **argv) {
         return cli_error(CLI_FAIL, "mkmodel", "out of memory building the vocabulary");
 
     cake_gguf_writer *w = cake_gguf_writer_init();
-    const int head_dim = sh->dim / sh->n_heads, kv_dim = sh->n_kv_heads * head_dim;
+    const int head_dim = sh->head_dim ? sh->head_dim : sh->dim / sh->n_heads,
+              q_dim = sh->n_heads * head_dim, kv_dim = sh->n_kv_heads * head_dim;
     const int max_tensors = 3 + 9 * sh->n_layers;
     int *is_norm = calloc((size_t)max_tensors, sizeof(int));
     int *dtypes = calloc((size_t)max_tensors, sizeof(int));
@@ -197,6 +198,10 @@ int cmd_mkmodel(int argc, char **argv) {
     cake_gguf_writer_add_u32(w, "llama.attention.head_count", (uint32_t)sh->n_heads);
     cake_gguf_writer_add_u32(w, "llama.attention.head_count_kv", (uint32_t)sh->n_kv_heads);
     cake_gguf_writer_add_u32(w, "llama.rope.dimension_count", (uint32_t)head_dim);
+    if (sh->head_dim) {
+        cake_gguf_writer_add_u32(w, "llama.attention.key_length", (uint32_t)head_dim);
+        cake_gguf_writer_add_u32(w, "llama.attention.value_length", (uint32_t)head_dim);
+    }
     cake_gguf_writer_add_u32(w, "llama.vocab_size", (uint32_t)sh->n_vocab);
     cake_gguf_writer_add_f32(w, "llama.rope.freq_base", sh->rope_theta);
     cake_gguf_writer_add_f32(w, "llama.attention.layer_norm_rms_epsilon", sh->rms_eps);
@@ -224,9 +229,9 @@ int cmd_mkmodel(int argc, char **argv) {
         static const char *const suffix[] = {"attn_norm", "attn_q",      "attn_k",
                                              "attn_v",    "attn_output", "ffn_norm",
                                              "ffn_gate",  "ffn_up",      "ffn_down"};
-        const int n_in[] = {sh->dim, sh->dim, sh->dim, sh->dim,    sh->dim,
+        const int n_in[] = {sh->dim, sh->dim, sh->dim, sh->dim,    q_dim,
                             sh->dim, sh->dim, sh->dim, sh->ffn_dim};
-        const int n_out[] = {1, sh->dim,     kv_dim,      kv_dim, sh->dim,
+        const int n_out[] = {1, q_dim,       kv_dim,      kv_dim, sh->dim,
                              1, sh->ffn_dim, sh->ffn_dim, sh->dim};
         for (int k = 0; k < 9; k++) {
             snprintf(name, sizeof(name), "blk.%d.%s.weight", l, suffix[k]);

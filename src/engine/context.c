@@ -95,7 +95,7 @@ int cake_context_init(const cake_model *m, cake_context_params p, cake_context *
         cake_err(err, errlen, "out of memory");
         goto fail;
     }
-    const size_t T = (size_t)p.max_batch, dim = (size_t)hp->dim,
+    const size_t T = (size_t)p.max_batch, dim = (size_t)hp->dim, q_dim = (size_t)hp->q_dim,
                  kv_dim = (size_t)hp->n_kv_heads * (size_t)hp->head_dim, ffn = (size_t)hp->ffn_dim;
     if (cake_kv_cache_init(&c->kv, hp->n_layers, p.n_ctx, hp->n_kv_heads, hp->head_dim, p.kv_type,
                            err, errlen))
@@ -113,10 +113,10 @@ int cake_context_init(const cake_model *m, cake_context_params p, cake_context *
     cake_scratch *s = &c->s;
     s->x = malloc(T * dim * sizeof(float));
     s->xb = malloc(T * dim * sizeof(float));
-    s->q = malloc(T * dim * sizeof(float));
+    s->q = malloc(T * q_dim * sizeof(float));
     s->k = malloc(T * kv_dim * sizeof(float));
     s->v = malloc(T * kv_dim * sizeof(float));
-    s->att = malloc(T * dim * sizeof(float));
+    s->att = malloc(T * q_dim * sizeof(float));
     s->g = malloc(T * ffn * sizeof(float));
     s->u = malloc(T * ffn * sizeof(float));
     if (!s->x || !s->xb || !s->q || !s->k || !s->v || !s->att || !s->g || !s->u) {

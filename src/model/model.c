@@ -142,26 +142,25 @@ static int read_hparams(const cake_gguf *g, cake_hparams *hp, char *err, size_t 
         get_u32_in(g, KEY("feed_forward_length"), 1, 0, 1, 1 << 20, &hp->ffn_dim, err, errlen) ||
         get_u32_in(g, KEY("context_length"), 1, 0, 1, 1 << 24, &hp->n_ctx_train, err, errlen))
         return -1;
-    if (hp->dim % hp->n_heads)
-        return cake_err(err, errlen, "embedding_length %d is not a multiple of head_count %d",
-                        hp->dim, hp->n_heads);
     if (hp->n_heads % hp->n_kv_heads)
         return cake_err(err, errlen, "head_count %d is not a multiple of head_count_kv %d",
                         hp->n_heads, hp->n_kv_heads);
-    hp->head_dim = hp->dim / hp->n_heads;
-    /* Some models (Qwen3 0.6B, 4B, 32B) have heads wider than dim / heads:
-     * their q is wider than x, which the engine does not handle yet. */
+    /* A head is dim / n_heads wide unless the file says otherwise: Qwen3
+     * 0.6B, 4B and 32B have wider heads, so q (n_heads heads) is wider than
+     * x, and wq and wo are not square. */
     int key_length, value_length;
-    if (get_u32_in(g, KEY("attention.key_length"), 0, (uint32_t)hp->head_dim, 1, 1 << 16,
-                   &key_length, err, errlen) ||
-        get_u32_in(g, KEY("attention.value_length"), 0, (uint32_t)hp->head_dim, 1, 1 << 16,
+    if (get_u32_in(g, KEY("attention.key_length"), 0, 0, 0, 1 << 16, &key_length, err, errlen) ||
+        get_u32_in(g, KEY("attention.value_length"), 0, (uint32_t)key_length, 0, 1 << 16,
                    &value_length, err, errlen))
         return -1;
-    if (key_length != hp->head_dim || value_length != hp->head_dim)
-        return cake_err(err, errlen,
-                        "heads of %d (key) and %d (value) values, not embedding_length / "
-                        "head_count = %d: query width != embedding width is not supported",
-                        key_length, value_length, hp->head_dim);
+    if (value_length != key_length)
+        return cake_err(err, errlen, "key_length %d != value_length %d is not supported",
+                        key_length, value_length);
+    if (!key_length && hp->dim % hp->n_heads)
+        return cake_err(err, errlen, "embedding_length %d is not a multiple of head_count %d",
+                        hp->dim, hp->n_heads);
+    hp->head_dim = key_length ? key_length : hp->dim / hp->n_heads;
+    hp->q_dim = hp->n_heads * hp->head_dim;
     if (hp->head_dim % 2)
         return cake_err(err, errlen, "head dimension %d is odd (RoPE rotates pairs)", hp->head_dim);
 
@@ -430,7 +429,8 @@ int cake_model_load(const char *path, cake_model **out, char *err, size_t errlen
                  hp->n_vocab, cake_tokenizer_n_vocab(m->tokenizer));
         goto fail_why;
     }
-    const int dim = hp->dim, kv_dim = hp->n_kv_heads * hp->head_dim, ffn = hp->ffn_dim;
+    const int dim = hp->dim, q_dim = hp->q_dim, kv_dim = hp->n_kv_heads * hp->head_dim,
+              ffn = hp->ffn_dim;
     if (find_weight(g, "token_embd.weight", dim, hp->n_vocab, 0, &m->tok_embd, why, sizeof(why)))
         goto fail_why;
     int rc = find_weight(g, "output.weight", dim, hp->n_vocab, 1, &m->output, why, sizeof(why));
@@ -451,10 +451,10 @@ int cake_model_load(const char *path, cake_model **out, char *err, size_t errlen
 #define LAYER_NAME(suffix) (snprintf(name, sizeof(name), "blk.%d." suffix, l), name)
         if (!(L->attn_norm = load_norm(g, LAYER_NAME("attn_norm.weight"), dim, why, sizeof(why))) ||
             !(L->ffn_norm = load_norm(g, LAYER_NAME("ffn_norm.weight"), dim, why, sizeof(why))) ||
-            find_weight(g, LAYER_NAME("attn_q.weight"), dim, dim, 0, &L->wq, why, sizeof(why)) ||
+            find_weight(g, LAYER_NAME("attn_q.weight"), dim, q_dim, 0, &L->wq, why, sizeof(why)) ||
             find_weight(g, LAYER_NAME("attn_k.weight"), dim, kv_dim, 0, &L->wk, why, sizeof(why)) ||
             find_weight(g, LAYER_NAME("attn_v.weight"), dim, kv_dim, 0, &L->wv, why, sizeof(why)) ||
-            find_weight(g, LAYER_NAME("attn_output.weight"), dim, dim, 0, &L->wo, why,
+            find_weight(g, LAYER_NAME("attn_output.weight"), q_dim, dim, 0, &L->wo, why,
                         sizeof(why)) ||
             find_weight(g, LAYER_NAME("ffn_gate.weight"), dim, ffn, 0, &L->w_gate, why,
                         sizeof(why)) ||
@@ -463,7 +463,7 @@ int cake_model_load(const char *path, cake_model **out, char *err, size_t errlen
                         sizeof(why)))
             goto fail_why;
         int failed = 0;
-        L->bq = load_bias(g, LAYER_NAME("attn_q.bias"), dim, &failed, why, sizeof(why));
+        L->bq = load_bias(g, LAYER_NAME("attn_q.bias"), q_dim, &failed, why, sizeof(why));
         L->bk = load_bias(g, LAYER_NAME("attn_k.bias"), kv_dim, &failed, why, sizeof(why));
         L->bv = load_bias(g, LAYER_NAME("attn_v.bias"), kv_dim, &failed, why, sizeof(why));
         if (failed) goto fail_why;

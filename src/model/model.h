@@ -23,11 +23,11 @@ typedef struct {
 
 typedef struct {
     float *attn_norm;    /* (dim) */
-    cake_weight wq;      /* (dim, dim) */
+    cake_weight wq;      /* (q_dim, dim) */
     cake_weight wk;      /* (kv_dim, dim) */
     cake_weight wv;      /* (kv_dim, dim) */
-    cake_weight wo;      /* (dim, dim) */
-    float *bq, *bk, *bv; /* (dim), (kv_dim), (kv_dim) biases; NULL when absent */
+    cake_weight wo;      /* (dim, q_dim) */
+    float *bq, *bk, *bv; /* (q_dim), (kv_dim), (kv_dim) biases; NULL when absent */
     float *q_norm,
         *k_norm;        /* (head_dim) each: per-head RMSNorm of q and k (qwen3); NULL when absent */
     float *ffn_norm;    /* (dim) */

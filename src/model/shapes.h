@@ -8,6 +8,7 @@ typedef struct {
     int dim, n_layers, n_heads, n_kv_heads, ffn_dim, n_ctx, n_vocab;
     float rope_theta, rms_eps;
     const char *about;
+    int head_dim; /* 0: dim / n_heads; else written as attention.key_length */
 } cake_shape;
 
 /* NULL-terminated by a zero entry. */

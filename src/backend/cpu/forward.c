@@ -107,8 +107,9 @@ static void rows_task(void *ctx, int task, int tid) {
     const size_t dim = (size_t)hp->dim, kv_dim = (size_t)hp->n_kv_heads * hp->head_dim;
     switch (j->step) {
     case ROWS_QKV: {
-        float *q = s->q + t0 * dim, *k = s->k + t0 * kv_dim, *v = s->v + t0 * kv_dim;
-        if (j->L->bq) cake_add_bias(q, j->L->bq, nt, (int)dim);
+        const size_t q_dim = (size_t)hp->q_dim;
+        float *q = s->q + t0 * q_dim, *k = s->k + t0 * kv_dim, *v = s->v + t0 * kv_dim;
+        if (j->L->bq) cake_add_bias(q, j->L->bq, nt, (int)q_dim);
         if (j->L->bk) cake_add_bias(k, j->L->bk, nt, (int)kv_dim);
         if (j->L->bv) cake_add_bias(v, j->L->bv, nt, (int)kv_dim);
         /* qwen3: each head of q and k RMS-normed (eps as the layers') before RoPE */

@@ -388,6 +388,11 @@ int init_state(cake_cuda_state *s, const cake_model *m, int n_ctx, int max_batch
     s->wtype = cake_dequant_supported(hp->weight_dtype) ? CAKE_DTYPE_F16 : hp->weight_dtype;
     if (s->wtype != CAKE_DTYPE_F32 && s->wtype != CAKE_DTYPE_F16 && s->wtype != CAKE_DTYPE_BF16)
         return cake_err(err, errlen, "cuda: weight dtype %d is not supported", s->wtype);
+    if (hp->q_dim != hp->dim)
+        return cake_err(err, errlen,
+                        "cuda: heads wider than dim / heads (q of %d for dim %d) are not on the "
+                        "GPU yet; use the CPU backend",
+                        hp->q_dim, hp->dim);
     if (hp->qk_norm)
         return cake_err(err, errlen,
                         "cuda: per-head q/k norms (qwen3) are not on the GPU yet; use the CPU "
