@@ -380,9 +380,7 @@ static void test_qwen2_vs_cpu(void **state) {
     char path[96], err[256];
     snprintf(path, sizeof(path), "%s.qwen2", tiny_path);
     const test_model_variant v = {.qwen2 = true, .bias = 0.05f};
-    const int rc = test_write_variant(tiny_path, path, &v, err, sizeof(err));
-    if (rc) fprintf(stderr, "%s\n", err);
-    assert_int_equal(rc, 0);
+    assert_int_equal(test_write_variant(tiny_path, path, &v, err, sizeof(err)), 0);
     check_vs_cpu(path, 150, 8, 512, TOL_F16, "tiny qwen2 with biases, GPU vs CPU");
     check_vs_cpu(path, 150, 8, 40, TOL_F16, "tiny qwen2 with biases in chunks of 40, GPU vs CPU");
     unlink(path);
@@ -398,9 +396,7 @@ static void test_q8_0_vs_cpu(void **state) {
     assert_int_equal(make_model(q8, "tiny", "q8_0"), 0);
     snprintf(twin, sizeof(twin), "%s.f32", q8);
     const test_model_variant v = {.dequantize = true};
-    const int rc = test_write_variant(q8, twin, &v, err, sizeof(err));
-    if (rc) fprintf(stderr, "%s\n", err);
-    assert_int_equal(rc, 0);
+    assert_int_equal(test_write_variant(q8, twin, &v, err, sizeof(err)), 0);
     check_gpu_vs_cpu(q8, twin, 150, 8, 512, TOL_F16,
                      "tiny Q8_0 on the GPU vs its f32 twin on the CPU");
     check_gpu_vs_cpu(q8, twin, 150, 8, 40, TOL_F16,
@@ -424,13 +420,9 @@ static void test_other_quants_vs_cpu(void **state) {
     assert_int_equal(make_model(base, "tiny-256", "f32"), 0);
     snprintf(mixed, sizeof(mixed), "%s.mixed", base);
     snprintf(twin, sizeof(twin), "%s.f32", base);
-    int rc = test_write_variant(base, mixed, &(test_model_variant){.retype = test_mixed_quants},
-                                err, sizeof(err));
-    if (!rc)
-        rc = test_write_variant(mixed, twin, &(test_model_variant){.retype = to_f32}, err,
-                                sizeof(err));
-    if (rc) fprintf(stderr, "%s\n", err);
-    assert_int_equal(rc, 0);
+    const test_model_variant quantize = {.retype = test_mixed_quants}, back = {.retype = to_f32};
+    assert_int_equal(test_write_variant(base, mixed, &quantize, err, sizeof(err)), 0);
+    assert_int_equal(test_write_variant(mixed, twin, &back, err, sizeof(err)), 0);
     check_gpu_vs_cpu(mixed, twin, 150, 8, 512, TOL_F16,
                      "tiny-256 mixed quants on the GPU vs its f32 twin on the CPU");
     unlink(twin);

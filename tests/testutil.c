@@ -276,6 +276,7 @@ int test_write_variant(const char *src, const char *dst, const test_model_varian
     free(copied);
     cake_gguf_writer_free(w);
     cake_gguf_close(g);
+    if (rc) fprintf(stderr, "test_write_variant %s -> %s: %s\n", src, dst, err);
     return rc;
 }
 

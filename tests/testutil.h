@@ -46,7 +46,8 @@ typedef struct {
 } test_model_variant;
 
 /* Copies the GGUF at src (a llama model with the key types `cake mkmodel`
- * writes) to dst with the changes of v. 0, or -1 with the reason in err. */
+ * writes) to dst with the changes of v. 0, or -1 with the reason in err
+ * (also printed on stderr). */
 int test_write_variant(const char *src, const char *dst, const test_model_variant *v, char *err,
                        size_t errlen);
 

@@ -304,44 +304,38 @@ static void decode_block(int type, const uint8_t *b, float *y, bool lanes) {
     }
 }
 
-/* Bytes and values per block; 0 for a type not read here. */
+/* Each type's block: its values and bytes. */
+static const struct {
+    int type, elems, bytes;
+} blocks[] = {
+    {CAKE_DTYPE_Q4_0, QK, 18},      /* f16 d + 32 nibbles */
+    {CAKE_DTYPE_Q4_1, QK, 20},      /* f16 d and m + 32 nibbles */
+    {CAKE_DTYPE_Q5_0, QK, 22},      /* f16 d + 32 fifth bits + 32 nibbles */
+    {CAKE_DTYPE_Q5_1, QK, 24},      /* f16 d and m + fifth bits + nibbles */
+    {CAKE_DTYPE_Q8_0, QK, 34},      /* f16 d + 32 int8 */
+    {CAKE_DTYPE_IQ4_NL, QK, 18},    /* f16 d + 32 4-bit indices */
+    {CAKE_DTYPE_Q2_K, QK_K, 84},    /* 16 scale/min bytes + 256 2-bit levels + f16 d, dmin */
+    {CAKE_DTYPE_Q3_K, QK_K, 110},   /* 256 high bits + 256 2-bit levels + 12 scale bytes + d */
+    {CAKE_DTYPE_Q4_K, QK_K, 144},   /* f16 d, dmin + 12 bytes of scales + 256 nibbles */
+    {CAKE_DTYPE_Q5_K, QK_K, 176},   /* as Q4_K + 256 fifth bits */
+    {CAKE_DTYPE_Q6_K, QK_K, 210},   /* 256 nibbles + 256 2-bit highs + 16 int8 scales + d */
+    {CAKE_DTYPE_IQ4_XS, QK_K, 136}, /* f16 d + 2 + 4 bytes of scales + 256 4-bit indices */
+};
+
+static int block_index(int type) {
+    for (size_t i = 0; i < sizeof(blocks) / sizeof(blocks[0]); i++)
+        if (blocks[i].type == type) return (int)i;
+    return -1;
+}
+
 size_t cake_dequant_block_bytes(int type) {
-    switch (type) {
-    case CAKE_DTYPE_Q4_0:
-        return 18; /* f16 d + 32 nibbles */
-    case CAKE_DTYPE_Q4_1:
-        return 20; /* f16 d and m + 32 nibbles */
-    case CAKE_DTYPE_Q5_0:
-        return 22; /* f16 d + 32 fifth bits + 32 nibbles */
-    case CAKE_DTYPE_Q5_1:
-        return 24; /* f16 d and m + fifth bits + nibbles */
-    case CAKE_DTYPE_Q8_0:
-        return 34; /* f16 d + 32 int8 */
-    case CAKE_DTYPE_Q4_K:
-        return 144; /* f16 d, dmin + 12 bytes of scales + 256 nibbles */
-    case CAKE_DTYPE_Q5_K:
-        return 176; /* as Q4_K + 256 fifth bits */
-    case CAKE_DTYPE_Q6_K:
-        return 210; /* 256 nibbles + 256 2-bit highs + 16 int8 scales + f16 d */
-    case CAKE_DTYPE_Q2_K:
-        return 84; /* 16 scale/min bytes + 256 2-bit levels + f16 d, dmin */
-    case CAKE_DTYPE_Q3_K:
-        return 110; /* 256 high bits + 256 2-bit levels + 12 bytes of scales + f16 d */
-    case CAKE_DTYPE_IQ4_NL:
-        return 18; /* f16 d + 32 4-bit indices */
-    case CAKE_DTYPE_IQ4_XS:
-        return 136; /* f16 d + 2 + 4 bytes of scales + 256 4-bit indices */
-    default:
-        return 0;
-    }
+    const int i = block_index(type);
+    return i < 0 ? 0 : (size_t)blocks[i].bytes;
 }
 
 size_t cake_dequant_block_elems(int type) {
-    if (!cake_dequant_block_bytes(type)) return 0;
-    return type == CAKE_DTYPE_Q4_0 || type == CAKE_DTYPE_Q4_1 || type == CAKE_DTYPE_Q5_0 ||
-                   type == CAKE_DTYPE_Q5_1 || type == CAKE_DTYPE_Q8_0 || type == CAKE_DTYPE_IQ4_NL
-               ? QK
-               : QK_K;
+    const int i = block_index(type);
+    return i < 0 ? 0 : (size_t)blocks[i].elems;
 }
 
 bool cake_dequant_supported(int type) {
