@@ -1,9 +1,9 @@
 /* The CUDA backend's element-wise kernels (row_kernels.cuh: RMSNorm, the RoPE
- * table, RoPE with the KV write, SwiGLU), run on the CPU with the block
- * emulator of cuda_emulator.h, against references written here from the
- * maths. Like test_attention_emulated, it checks the kernels' indexing and
- * vector layouts on any machine with the CUDA headers; test_cuda checks them
- * on a GPU. */
+ * table, qwen3's q/k head norms, RoPE with the KV write, SwiGLU), run on the
+ * CPU with the block emulator of cuda_emulator.h, against references written
+ * here from the maths. Like test_attention_emulated, it checks the kernels'
+ * indexing and vector layouts on any machine with the CUDA headers; test_cuda
+ * checks them on a GPU. */
 #include "cuda_emulator.h"
 
 #include <stdarg.h>
@@ -196,6 +196,62 @@ static void test_rope(int n_heads, int n_kv_heads, int head_dim, int pos0, int n
           n_kv_heads, head_dim, pos0, pos0 + n - 1, slices, worst, tol, v_bad);
 }
 
+/* ---- qwen3's q/k head norms ---- */
+
+/* qk_norm_kernel in place on rows [q | k | v] of TIn, against the maths in
+ * double: each q and k head (plus its bias) RMS-normed with its weights; v
+ * untouched. More heads than a block has warps, so warps take two rounds. */
+template <typename T>
+static void test_qk_norm(int n_heads, int n_kv_heads, int head_dim, int n, bool bias,
+                         const char *type) {
+    const int qk = (n_heads + n_kv_heads) * head_dim, width = qk + n_kv_heads * head_dim;
+    std::vector<T> qkv((size_t)n * width);
+    for (auto &v : qkv) v = cake_from_f32<T>(uniform(4.0f));
+    const std::vector<T> before = qkv;
+    std::vector<float> b(bias ? qk : 0), wq(head_dim), wk(head_dim);
+    for (float &x : b) x = uniform(1.0f);
+    for (int i = 0; i < head_dim; i++) {
+        wq[i] = 1.0f + uniform(0.4f);
+        wk[i] = 1.0f + uniform(0.4f);
+    }
+    const float eps = 1e-6f;
+    T *p = qkv.data();
+    const float *bp = bias ? b.data() : nullptr, *wqp = wq.data(), *wkp = wk.data();
+    emu::body = [=] { qk_norm_kernel<T>(p, bp, wqp, wkp, n_heads, n_kv_heads, head_dim, eps); };
+    if (run_grid(dim3((unsigned)n), ROW_THREADS)) {
+        failed++;
+        return;
+    }
+    double worst = 0;
+    int v_changed = 0;
+    for (int t = 0; t < n; t++) {
+        const T *in = before.data() + (size_t)t * width, *out = qkv.data() + (size_t)t * width;
+        for (int h = 0; h < n_heads + n_kv_heads; h++) {
+            const float *w = h < n_heads ? wqp : wkp;
+            double ss = 0;
+            std::vector<double> x(head_dim);
+            for (int i = 0; i < head_dim; i++) {
+                const int j = h * head_dim + i;
+                x[i] = (double)cake_to_f32(in[j]) + (bias ? b[j] : 0.0f);
+                ss += x[i] * x[i];
+            }
+            const double r = 1.0 / sqrt(ss / head_dim + eps);
+            for (int i = 0; i < head_dim; i++) {
+                const double want = x[i] * r * w[i];
+                const double got = cake_to_f32(out[h * head_dim + i]);
+                const double e = fabs(got - want) / (fabs(want) + 1e-3);
+                worst = isnan(e) ? INFINITY : fmax(worst, e);
+            }
+        }
+        for (int j = qk; j < width; j++) v_changed += cake_to_f32(out[j]) != cake_to_f32(in[j]);
+    }
+    check(worst <= tolerance<T>() && !v_changed,
+          "q/k head norms%s %s, heads %d/%d of %d, %d rows: max relative error %.3g (tol %.3g), "
+          "%d v values changed",
+          bias ? " with biases" : "", type, n_heads, n_kv_heads, head_dim, n, worst, tolerance<T>(),
+          v_changed);
+}
+
 /* ---- SwiGLU ---- */
 
 /* gate/up come in as TIn: f32, or T as the GEMM wrote them. */
@@ -270,6 +326,13 @@ int main() {
     check(rope_kv_wide_fits(128) && rope_kv_wide_fits(64) && rope_kv_wide_fits(16) &&
               !rope_kv_wide_fits(20),
           "the wide RoPE kernel takes head dims that are multiples of 8");
+
+    /* Qwen3 0.6B's heads (16/8 of 128: 24 q/k heads, three rounds of 8
+     * warps), heads narrower than a warp, a last round with idle warps */
+    test_qk_norm<float>(16, 8, 128, 2, false, "f32");
+    test_qk_norm<__half>(16, 8, 128, 2, true, "f16");
+    test_qk_norm<__nv_bfloat16>(4, 2, 16, 3, false, "bf16");
+    test_qk_norm<float>(5, 5, 40, 2, true, "f32");
 
     test_swiglu<__half, float>(3, 300, 3, "f16 from f32");
     test_swiglu<float, float>(5, 256, 2, "f32"); /* rows strided over grid y */

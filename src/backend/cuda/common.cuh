@@ -176,9 +176,17 @@ cudaError_t cake_cuda_rmsnorm(void *y, int dtype, const float *x, const float *w
 cudaError_t cake_cuda_rope_table(float2 *cs, const double *inv_freq, int n_pos, int half_hd,
                                  cudaStream_t st);
 
-/* From qkv (n, dim + 2 kv_dim) rows [q | k | v] (qkv_dtype: f32, f16 or
- * bf16) of tokens at positions pos0 + t, plus bias (one f32 row of the q, k
- * and v biases, or NULL): q16 (n, dim) = rope(q) as f16; k_cache[pos0 + t] =
+/* qwen3: each q and k head of the rows of qkv (n, q_dim + 2 kv_dim; qkv_dtype
+ * f32, f16 or bf16), plus its part of bias (q and k biases as one f32 row, or
+ * NULL), RMS-normed in place with weights q_norm / k_norm (head_dim f32 each). */
+cudaError_t cake_cuda_qk_norm(void *qkv, int qkv_dtype, const float *bias, const float *q_norm,
+                              const float *k_norm, int n, int n_heads, int n_kv_heads, int head_dim,
+                              float eps, cudaStream_t st);
+
+/* From qkv (n, q_dim + 2 kv_dim) rows [q | k | v] (qkv_dtype: f32, f16 or
+ * bf16; q_dim = n_heads * head_dim) of tokens at positions pos0 + t, plus
+ * bias (one f32 row of the q, k and v biases, or NULL): q16 (n, q_dim) =
+ * rope(q) as f16; k_cache[pos0 + t] =
  * rope(k) and v_cache[pos0 + t] = v as f16 (rows of kv_dim). RoPE turns pairs
  * (2i, 2i + 1) of each head, or (i, i + head_dim / 2) when neox. rope_cs: the
  * RoPE table (cake_cuda_rope_table) of at least pos0 + n positions. */

@@ -5,22 +5,25 @@
  *     for quantized ones; a matrix stored in another dtype is converted on the host
  *     while uploading):
  *     tok_embd (n_vocab, dim); output (n_vocab, dim), the same buffer when tied;
- *     per layer wqkv (dim + 2 kv_dim, dim) = [wq; wk; wv] stacked so one GEMM
- *     makes q, k and v; wo (dim, dim); wgu (2 ffn, dim) = [w_gate; w_up];
+ *     per layer wqkv (q_dim + 2 kv_dim, dim) = [wq; wk; wv] stacked so one
+ *     GEMM makes q, k and v (q_dim = n_heads * head_dim, dim but for Qwen3's
+ *     wider heads); wo (dim, q_dim); wgu (2 ffn, dim) = [w_gate; w_up];
  *     wdown (dim, ffn); norms as f32.
  *     F16 and BF16 stay as they are. F32 files stay F32 (GEMMs in plain FP32,
  *     no TF32): such files are small test models, and keeping them exact keeps
  *     the GPU within the CPU's tolerance of the llama2.c golden outputs.
  *   KV cache: k_cache, v_cache (n_layers, n_ctx, kv_dim) f16, zeroed at init.
  *   RoPE table: rope_cs (n_ctx, head_dim / 2) (cos, sin) f32, made at init.
- *   scratch: x (T, dim) f32 residual stream; xh (T, max(dim, ffn)) wtype, the
- *     GEMM input (normed x, then attention output, then silu(g) * u); qkv
- *     (T, dim + 2 kv_dim) atype; q16 (T, dim) f16 roped queries; gu (T, 2 ffn)
+ *   scratch: x (T, dim) f32 residual stream; xh (T, max(dim, q_dim, ffn))
+ *     wtype, the GEMM input (normed x, then attention output, then
+ *     silu(g) * u); qkv (T, q_dim + 2 kv_dim) atype; q16 (T, q_dim) f16 roped
+ *     queries; gu (T, 2 ffn)
  *     atype; logits (n_vocab) f32; part, the decode attention's split partials.
  *     atype, the type q/k/v and gate/up leave their GEMMs in, is wtype
  *     (f32 with CAKE_CUDA_GEMM_OUT=f32).
  *
- * One layer: xh = rmsnorm(x); qkv = xh Wqkv^T; rope + KV write; xh = attn;
+ * One layer: xh = rmsnorm(x); qkv = xh Wqkv^T; (qwen3: q/k head norms);
+ * rope + KV write; xh = attn;
  * x += xh Wo^T (cuBLAS beta = 1 does the residual add); xh = rmsnorm(x);
  * gu = xh Wgu^T; xh = silu(g) * u; x += xh Wdown^T.
  *
@@ -52,6 +55,7 @@
 #include <stdlib.h>
 #include <pthread.h>
 #include <string.h>
+#include <algorithm>
 #include <thread>
 #include <vector>
 
@@ -65,11 +69,14 @@ namespace {
 
 struct dev_layer {
     float *attn_norm, *ffn_norm; /* (dim) */
-    float *bqkv;                 /* (dim + 2 kv_dim) q/k/v biases (0 where absent); NULL: none */
-    void *wqkv;                  /* (dim + 2 kv_dim, dim) */
-    void *wo;                    /* (dim, dim) */
-    void *wgu;                   /* (2 ffn, dim) */
-    void *wdown;                 /* (dim, ffn) */
+    float *bqkv;                 /* (q_dim + 2 kv_dim) q/k/v biases (0 where absent); NULL: none */
+    float *q_norm, *k_norm;      /* (head_dim) qwen3's head norms; NULL: none */
+    float *bqk;  /* with head norms: the q/k biases (q_dim + kv_dim) they come after (bqkv's
+                    are 0 then); NULL: none */
+    void *wqkv;  /* (q_dim + 2 kv_dim, dim) */
+    void *wo;    /* (dim, q_dim) */
+    void *wgu;   /* (2 ffn, dim) */
+    void *wdown; /* (dim, ffn) */
 };
 
 /* Profiling (env CAKE_CUDA_PROFILE=1): events at the phase boundaries of each
@@ -100,7 +107,7 @@ struct xfer_slot {
 struct cake_cuda_state {
     cake_hparams hp;
     int n_ctx, max_batch;
-    int kv_dim, qkv_dim, xh_cols;
+    int q_dim, kv_dim, qkv_dim, xh_cols;
     int wtype;    /* cake_dtype of every matrix on the GPU */
     size_t welem; /* its size in bytes */
     int atype;    /* cake_dtype of qkv and gu, the GEMM outputs the row kernels read */
@@ -303,19 +310,27 @@ int upload_f32(cake_cuda_state *s, float **dst, const float *src, size_t n, cons
 /* ---- forward helpers ---- */
 
 /* A layer's q, k and v biases as the one f32 row the RoPE/KV kernel adds to
- * its [q | k | v] row, zeros for an absent one. */
+ * its [q | k | v] row, zeros for an absent one. With head norms the q and k
+ * biases come before the norms: they go to bqk, for the norm kernel, and
+ * are zeros in bqkv (adding 0 changes no value). */
 int upload_biases(cake_cuda_state *s, dev_layer *dl, const cake_layer *ml, char *err,
                   size_t errlen) {
-    const int dim = s->hp.dim, kv = s->kv_dim;
+    const int qd = s->q_dim, kv = s->kv_dim;
     std::vector<float> row;
     try {
-        row.assign((size_t)dim + 2 * (size_t)kv, 0.0f);
+        row.assign((size_t)qd + 2 * (size_t)kv, 0.0f);
     } catch (...) {
         return cake_err(err, errlen, "out of host memory");
     }
-    if (ml->bq) memcpy(row.data(), ml->bq, (size_t)dim * sizeof(float));
-    if (ml->bk) memcpy(row.data() + dim, ml->bk, (size_t)kv * sizeof(float));
-    if (ml->bv) memcpy(row.data() + dim + kv, ml->bv, (size_t)kv * sizeof(float));
+    if (ml->bq) memcpy(row.data(), ml->bq, (size_t)qd * sizeof(float));
+    if (ml->bk) memcpy(row.data() + qd, ml->bk, (size_t)kv * sizeof(float));
+    if (ml->bv) memcpy(row.data() + qd + kv, ml->bv, (size_t)kv * sizeof(float));
+    if (ml->q_norm && (ml->bq || ml->bk)) {
+        if (upload_f32(s, &dl->bqk, row.data(), (size_t)qd + kv, "uploading the q/k biases", err,
+                       errlen))
+            return -1;
+        std::fill(row.begin(), row.begin() + qd + kv, 0.0f);
+    }
     return upload_f32(s, &dl->bqkv, row.data(), row.size(), "uploading the q/k/v biases", err,
                       errlen);
 }
@@ -379,24 +394,18 @@ int init_state(cake_cuda_state *s, const cake_model *m, int n_ctx, int max_batch
     s->n_ctx = n_ctx;
     s->max_batch = max_batch;
     const int dim = hp->dim, ffn = hp->ffn_dim, hd = hp->head_dim, L = hp->n_layers;
+    const int qd = hp->q_dim;
+    s->q_dim = qd;
     s->kv_dim = hp->n_kv_heads * hd;
-    s->qkv_dim = dim + 2 * s->kv_dim;
+    s->qkv_dim = qd + 2 * s->kv_dim;
     s->xh_cols = ffn > dim ? ffn : dim;
+    if (qd > s->xh_cols) s->xh_cols = qd;
     /* Quantized weights go up as f16 (each value rounded once, to 11 bits):
      * the GEMMs then run on tensor cores as for an F16 file, in more memory
      * than the blocks (Q8_0: twice, Q4_K: 3.6 times). */
     s->wtype = cake_dequant_supported(hp->weight_dtype) ? CAKE_DTYPE_F16 : hp->weight_dtype;
     if (s->wtype != CAKE_DTYPE_F32 && s->wtype != CAKE_DTYPE_F16 && s->wtype != CAKE_DTYPE_BF16)
         return cake_err(err, errlen, "cuda: weight dtype %d is not supported", s->wtype);
-    if (hp->q_dim != hp->dim)
-        return cake_err(err, errlen,
-                        "cuda: heads wider than dim / heads (q of %d for dim %d) are not on the "
-                        "GPU yet; use the CPU backend",
-                        hp->q_dim, hp->dim);
-    if (hp->qk_norm)
-        return cake_err(err, errlen,
-                        "cuda: per-head q/k norms (qwen3) are not on the GPU yet; use the CPU "
-                        "backend");
     s->welem = dtype_size(s->wtype);
     /* q/k/v and gate/up leave their GEMMs in the weights' type, as PyTorch's
      * bf16 layers do: the row kernels after them then read half the bytes
@@ -445,10 +454,11 @@ int init_state(cake_cuda_state *s, const cake_model *m, int n_ctx, int max_batch
     /* The whole plan first, so that a model that does not fit says so at once. */
     const size_t T = (size_t)max_batch, V = (size_t)hp->n_vocab;
     const size_t w_layer =
-        ((size_t)s->qkv_dim * dim + (size_t)dim * dim + 2 * (size_t)ffn * dim + (size_t)dim * ffn) *
+        ((size_t)s->qkv_dim * dim + (size_t)dim * qd + 2 * (size_t)ffn * dim + (size_t)dim * ffn) *
         s->welem;
     const size_t w_bytes = (size_t)L * w_layer + (hp->tied_output ? 1 : 2) * V * dim * s->welem +
-                           (size_t)(2 * L + 1) * dim * sizeof(float);
+                           (size_t)(2 * L + 1) * dim * sizeof(float) +
+                           (hp->qk_norm ? 2 * (size_t)L * hd * sizeof(float) : 0);
     /* The KV cache, and the RoPE table of as many positions. */
     const size_t kv_bytes = 2 * (size_t)L * (size_t)n_ctx * (size_t)s->kv_dim * sizeof(__half) +
                             (size_t)n_ctx * (size_t)(hd / 2) * sizeof(float2);
@@ -458,7 +468,7 @@ int init_state(cake_cuda_state *s, const cake_model *m, int n_ctx, int max_batch
     s->part_floats = part_elems;
     s->counter_ints = cake_attn_counter_ints(max_batch, hp->n_heads);
     const size_t scratch_bytes = T * dim * sizeof(float) + T * s->xh_cols * s->welem +
-                                 T * s->qkv_dim * dtype_size(s->atype) + T * dim * sizeof(__half) +
+                                 T * s->qkv_dim * dtype_size(s->atype) + T * qd * sizeof(__half) +
                                  T * 2 * ffn * dtype_size(s->atype) + V * sizeof(float) +
                                  part_elems * sizeof(float) + s->counter_ints * sizeof(int) +
                                  T * sizeof(int32_t) + CAKE_CUDA_BLAS_WS_BYTES;
@@ -513,23 +523,28 @@ int init_state(cake_cuda_state *s, const cake_model *m, int n_ctx, int max_batch
     for (int l = 0; l < L; l++) {
         const cake_layer *ml = &m->layers[l];
         dev_layer *dl = &s->layers[l];
-        const size_t dd = (size_t)dim * dim, kd = (size_t)s->kv_dim * dim, fd = (size_t)ffn * dim;
+        const size_t qd_w = (size_t)qd * dim, kd = (size_t)s->kv_dim * dim, fd = (size_t)ffn * dim;
         char *wqkv, *wgu;
         if (upload_f32(s, &dl->attn_norm, ml->attn_norm, (size_t)dim, "uploading attn_norm", err,
                        errlen) ||
             upload_f32(s, &dl->ffn_norm, ml->ffn_norm, (size_t)dim, "uploading ffn_norm", err,
                        errlen) ||
-            dev_alloc(s, &dl->wqkv, (dd + 2 * kd) * s->welem, "attn_qkv", err, errlen) ||
-            dev_alloc(s, &dl->wo, dd * s->welem, "attn_output", err, errlen) ||
+            dev_alloc(s, &dl->wqkv, (qd_w + 2 * kd) * s->welem, "attn_qkv", err, errlen) ||
+            dev_alloc(s, &dl->wo, qd_w * s->welem, "attn_output", err, errlen) ||
             dev_alloc(s, &dl->wgu, 2 * fd * s->welem, "ffn_gate_up", err, errlen) ||
             dev_alloc(s, &dl->wdown, fd * s->welem, "ffn_down", err, errlen))
             return -1;
         if ((ml->bq || ml->bk || ml->bv) && upload_biases(s, dl, ml, err, errlen)) return -1;
+        if (ml->q_norm && (upload_f32(s, &dl->q_norm, ml->q_norm, (size_t)hd,
+                                      "uploading attn_q_norm", err, errlen) ||
+                           upload_f32(s, &dl->k_norm, ml->k_norm, (size_t)hd,
+                                      "uploading attn_k_norm", err, errlen)))
+            return -1;
         wqkv = (char *)dl->wqkv;
         wgu = (char *)dl->wgu;
         if (upload_weight(s, wqkv, &ml->wq, "attn_q", l, err, errlen) ||
-            upload_weight(s, wqkv + dd * s->welem, &ml->wk, "attn_k", l, err, errlen) ||
-            upload_weight(s, wqkv + (dd + kd) * s->welem, &ml->wv, "attn_v", l, err, errlen) ||
+            upload_weight(s, wqkv + qd_w * s->welem, &ml->wk, "attn_k", l, err, errlen) ||
+            upload_weight(s, wqkv + (qd_w + kd) * s->welem, &ml->wv, "attn_v", l, err, errlen) ||
             upload_weight(s, dl->wo, &ml->wo, "attn_output", l, err, errlen) ||
             upload_weight(s, wgu, &ml->w_gate, "ffn_gate", l, err, errlen) ||
             upload_weight(s, wgu + fd * s->welem, &ml->w_up, "ffn_up", l, err, errlen) ||
@@ -555,7 +570,7 @@ int init_state(cake_cuda_state *s, const cake_model *m, int n_ctx, int max_batch
     if (dev_alloc(s, (void **)&s->x, T * dim * sizeof(float), "scratch x", err, errlen) ||
         dev_alloc(s, &s->xh, T * s->xh_cols * s->welem, "scratch xh", err, errlen) ||
         dev_alloc(s, &s->qkv, T * s->qkv_dim * dtype_size(s->atype), "scratch qkv", err, errlen) ||
-        dev_alloc(s, (void **)&s->q16, T * dim * sizeof(__half), "scratch q16", err, errlen) ||
+        dev_alloc(s, (void **)&s->q16, T * qd * sizeof(__half), "scratch q16", err, errlen) ||
         dev_alloc(s, &s->gu, T * 2 * ffn * dtype_size(s->atype), "scratch gate/up", err, errlen) ||
         dev_alloc(s, (void **)&s->logits, V * sizeof(float), "logits", err, errlen) ||
         dev_alloc(s, (void **)&s->part, part_elems * sizeof(float), "attention partials", err,
@@ -897,6 +912,11 @@ static int cuda_forward(cake_cuda_state *s, const cake_token *tokens, int n, int
                  errlen))
             return -1;
         prof_mark(s, prof, PH_QKV);
+        if (L->q_norm && kernel_check(cake_cuda_qk_norm(s->qkv, s->atype, L->bqk, L->q_norm,
+                                                        L->k_norm, n, hp->n_heads, hp->n_kv_heads,
+                                                        hp->head_dim, hp->rms_eps, st),
+                                      "q/k head norms", l, err, errlen))
+            return -1;
         if (kernel_check(cake_cuda_rope_kv(s->qkv, s->atype, L->bqkv, hp->rope_neox, s->q16, kc, vc,
                                            s->rope_cs, n, pos0, hp->n_heads, hp->n_kv_heads,
                                            hp->head_dim, st),
@@ -924,8 +944,8 @@ static int cuda_forward(cake_cuda_state *s, const cake_token *tokens, int n, int
         if (kernel_check(cake_cuda_attention(&a, s->attn_path, st), "attention", l, err, errlen))
             return -1;
         prof_mark(s, prof, PH_ATTN);
-        if (gemm(s, L->wo, s->xh, s->x, CAKE_DTYPE_F32, n, dim, dim, 1.0f, "attn_output", l, err,
-                 errlen))
+        if (gemm(s, L->wo, s->xh, s->x, CAKE_DTYPE_F32, n, s->q_dim, dim, 1.0f, "attn_output", l,
+                 err, errlen))
             return -1;
         prof_mark(s, prof, PH_WO);
 

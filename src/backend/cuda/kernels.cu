@@ -1,6 +1,6 @@
 /* Launchers of the CUDA backend's element-wise kernels (row_kernels.cuh):
- * embedding gather, RMSNorm, RoPE with the KV-cache write, SwiGLU. The maths is
- * the CPU backend's (src/backend/cpu/kernels.h). */
+ * embedding gather, RMSNorm, qwen3's q/k head norms, RoPE with the KV-cache
+ * write, SwiGLU. The maths is the CPU backend's (src/backend/cpu/kernels.h). */
 #include "backend/cuda/row_kernels.cuh"
 
 #include <stdlib.h>
@@ -119,6 +119,15 @@ cudaError_t cake_cuda_rope_table(float2 *cs, const double *inv_freq, int n_pos, 
     rope_table_kernel<<<grid_for((size_t)n_pos * (size_t)half_hd, ROW_THREADS), ROW_THREADS, 0,
                         st>>>(cs, inv_freq, n_pos, half_hd);
     return cudaGetLastError();
+}
+
+cudaError_t cake_cuda_qk_norm(void *qkv, int qkv_dtype, const float *bias, const float *q_norm,
+                              const float *k_norm, int n, int n_heads, int n_kv_heads, int head_dim,
+                              float eps, cudaStream_t st) {
+    return with_dtype(qkv_dtype, [&](auto t) {
+        qk_norm_kernel<<<n, ROW_THREADS, 0, st>>>((decltype(t) *)qkv, bias, q_norm, k_norm, n_heads,
+                                                  n_kv_heads, head_dim, eps);
+    });
 }
 
 cudaError_t cake_cuda_rope_kv(const void *qkv, int qkv_dtype, const float *bias, bool neox,

@@ -1,8 +1,8 @@
 /* The element-wise kernels (device code): embedding gather, RMSNorm, the RoPE
- * table, RoPE with the KV-cache write, SwiGLU; kernels.cu launches them. They
- * are memory-bound: what matters is bytes in flight. A chunk of 512 rows gives
- * one block per row only half a wave on an H100, so the row kernels load 8 or
- * 16 bytes at a time and issue a row's loads before they use them.
+ * table, qwen3's q/k head norms, RoPE with the KV-cache write, SwiGLU; kernels.cu launches them.
+ * They are memory-bound: what matters is bytes in flight. A chunk of 512 rows gives one block per
+ * row only half a wave on an H100, so the row kernels load 8 or 16 bytes at a time and issue a
+ * row's loads before they use them.
  *
  * A host build that defines CAKE_CUDA_EMULATE runs them on the CPU with
  * emulated blocks (tests/test_row_kernels_emulated.cpp). */
@@ -124,6 +124,42 @@ template <int N> __device__ __forceinline__ void store_run(__half *p, const floa
         cake_store2(p, f[0], f[1]);
     else
         cake_store_n<N>(p, f);
+}
+
+/* grid n, block ROW_THREADS: qwen3's per-head RMSNorm of q and k, in place
+ * in row t of qkv ([q (n_heads heads) | k (n_kv_heads heads) | v], of
+ * head_dim each) before rope_kv_kernel turns them: head x becomes
+ * (x + b) * r * w, r = 1 / sqrt(mean((x + b)^2) + eps), w = q_norm for q
+ * heads and k_norm for k heads, b the head's part of `bias` (the q and k
+ * biases as one row, or NULL), as the CPU backend does. One warp a head,
+ * every warp through the same number of rounds (the shuffles need whole
+ * warps). The result is rounded to T once more than on the CPU. */
+template <typename T>
+__global__ void __launch_bounds__(ROW_THREADS)
+    qk_norm_kernel(T *__restrict__ qkv, const float *__restrict__ bias,
+                   const float *__restrict__ q_norm, const float *__restrict__ k_norm, int n_heads,
+                   int n_kv_heads, int head_dim, float eps) {
+    constexpr int WARPS = ROW_THREADS / 32;
+    const int lane = (int)threadIdx.x % 32, heads = n_heads + n_kv_heads;
+    T *row = qkv + (size_t)blockIdx.x * (size_t)(heads + n_kv_heads) * (size_t)head_dim;
+    for (int h0 = 0; h0 < heads; h0 += WARPS) {
+        const int h = h0 + (int)threadIdx.x / 32;
+        const bool active = h < heads;
+        T *x = row + (size_t)h * (size_t)head_dim;
+        const float *b = bias ? bias + (size_t)h * (size_t)head_dim : nullptr;
+        float ss = 0.0f;
+        if (active)
+            for (int i = lane; i < head_dim; i += 32) {
+                const float v = cake_to_f32(x[i]) + (b ? b[i] : 0.0f);
+                ss += v * v;
+            }
+        ss = cake_warp_sum(ss);
+        if (!active) continue;
+        const float r = rsqrtf(ss / (float)head_dim + eps);
+        const float *w = h < n_heads ? q_norm : k_norm;
+        for (int i = lane; i < head_dim; i += 32)
+            x[i] = cake_from_f32<T>((cake_to_f32(x[i]) + (b ? b[i] : 0.0f)) * r * w[i]);
+    }
 }
 
 /* Whether rope_kv_kernel can take S = 4 pairs a thread step (with 2-byte
