@@ -699,6 +699,37 @@ static int as_the_cpu_reads(const char *name, int type) {
  * the CPU requantizes each matrix to Q8_0, so the logits are the bits of the
  * same model written with those Q8_0 matrices and an f32 embedding, a model
  * the reference checks; chunked prefill matches one-shot. */
+static int one_iq2_xxs(const char *name, int type) {
+    return strcmp(name, "blk.1.ffn_up.weight") ? type : 16; /* IQ2_XXS */
+}
+
+/* A matrix in a type cake does not compute with (IQ2_XXS): the file still
+ * opens, and its vocabulary works (`cake tokenize`); loading the model says
+ * which tensor and which type. */
+static void test_unsupported_weight_type(void **state) {
+    (void)state;
+    char base[64], path[96], err[512];
+    assert_int_equal(test_make_model("tiny-256", "f32", base), 0);
+    snprintf(path, sizeof(path), "%s.iq2", base);
+    write_variant(base, path, &(test_model_variant){.retype = one_iq2_xxs});
+    cake_gguf *g = NULL;
+    assert_int_equal(cake_gguf_open(path, &g, err, sizeof(err)), 0);
+    const cake_gguf_tensor *t = cake_gguf_find_tensor(g, "blk.1.ffn_up.weight");
+    assert_non_null(t);
+    assert_int_equal(t->type, 16);
+    cake_tokenizer *tok = NULL;
+    assert_int_equal(cake_tokenizer_init(g, &tok, err, sizeof(err)), 0);
+    cake_tokenizer_free(tok);
+    cake_gguf_close(g);
+    cake_model *m = NULL;
+    assert_int_not_equal(cake_model_load(path, &m, err, sizeof(err)), 0);
+    assert_null(m);
+    if (!strstr(err, "tensor 'blk.1.ffn_up.weight': dtype IQ2_XXS is not supported for weights"))
+        fail_msg("error: %s", err);
+    unlink(path);
+    unlink(base);
+}
+
 static void test_other_quants(void **state) {
     (void)state;
     char base[64], mixed[96], twin[96];
@@ -777,6 +808,7 @@ int main(void) {
         cmocka_unit_test(test_wide_heads),
         cmocka_unit_test(test_q8_0),
         cmocka_unit_test(test_other_quants),
+        cmocka_unit_test(test_unsupported_weight_type),
         cmocka_unit_test(test_tied_output),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

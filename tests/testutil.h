@@ -41,7 +41,8 @@ typedef struct {
     bool dequantize;
     /* NULL, or the type each matrix (2-D tensor) gets, from its name and
      * type: F32 or quantized sources only, converted through f32
-     * (test_quantize_row; not with qwen2) */
+     * (test_quantize_row; a type cake cannot compute with gets zero
+     * blocks; not with qwen2) */
     int (*retype)(const char *name, int type);
 } test_model_variant;
 

@@ -304,42 +304,33 @@ static void decode_block(int type, const uint8_t *b, float *y, bool lanes) {
     }
 }
 
-/* Each type's block: its values and bytes. */
-static const struct {
-    int type, elems, bytes;
-} blocks[] = {
-    {CAKE_DTYPE_Q4_0, QK, 18},      /* f16 d + 32 nibbles */
-    {CAKE_DTYPE_Q4_1, QK, 20},      /* f16 d and m + 32 nibbles */
-    {CAKE_DTYPE_Q5_0, QK, 22},      /* f16 d + 32 fifth bits + 32 nibbles */
-    {CAKE_DTYPE_Q5_1, QK, 24},      /* f16 d and m + fifth bits + nibbles */
-    {CAKE_DTYPE_Q8_0, QK, 34},      /* f16 d + 32 int8 */
-    {CAKE_DTYPE_IQ4_NL, QK, 18},    /* f16 d + 32 4-bit indices */
-    {CAKE_DTYPE_Q2_K, QK_K, 84},    /* 16 scale/min bytes + 256 2-bit levels + f16 d, dmin */
-    {CAKE_DTYPE_Q3_K, QK_K, 110},   /* 256 high bits + 256 2-bit levels + 12 scale bytes + d */
-    {CAKE_DTYPE_Q4_K, QK_K, 144},   /* f16 d, dmin + 12 bytes of scales + 256 nibbles */
-    {CAKE_DTYPE_Q5_K, QK_K, 176},   /* as Q4_K + 256 fifth bits */
-    {CAKE_DTYPE_Q6_K, QK_K, 210},   /* 256 nibbles + 256 2-bit highs + 16 int8 scales + d */
-    {CAKE_DTYPE_IQ4_XS, QK_K, 136}, /* f16 d + 2 + 4 bytes of scales + 256 4-bit indices */
-};
-
-static int block_index(int type) {
-    for (size_t i = 0; i < sizeof(blocks) / sizeof(blocks[0]); i++)
-        if (blocks[i].type == type) return (int)i;
-    return -1;
+bool cake_dequant_supported(int type) {
+    switch (type) {
+    case CAKE_DTYPE_Q4_0:
+    case CAKE_DTYPE_Q4_1:
+    case CAKE_DTYPE_Q5_0:
+    case CAKE_DTYPE_Q5_1:
+    case CAKE_DTYPE_Q8_0:
+    case CAKE_DTYPE_IQ4_NL:
+    case CAKE_DTYPE_Q2_K:
+    case CAKE_DTYPE_Q3_K:
+    case CAKE_DTYPE_Q4_K:
+    case CAKE_DTYPE_Q5_K:
+    case CAKE_DTYPE_Q6_K:
+    case CAKE_DTYPE_IQ4_XS:
+        return true;
+    default:
+        return false;
+    }
 }
 
+/* The sizes are the GGUF reader's (ggml's layouts). */
 size_t cake_dequant_block_bytes(int type) {
-    const int i = block_index(type);
-    return i < 0 ? 0 : (size_t)blocks[i].bytes;
+    return cake_dequant_supported(type) ? cake_dtype_block_bytes((uint32_t)type) : 0;
 }
 
 size_t cake_dequant_block_elems(int type) {
-    const int i = block_index(type);
-    return i < 0 ? 0 : (size_t)blocks[i].elems;
-}
-
-bool cake_dequant_supported(int type) {
-    return cake_dequant_block_bytes(type) != 0;
+    return cake_dequant_supported(type) ? cake_dtype_block_elems((uint32_t)type) : 0;
 }
 
 static void decode_range(int type, const void *src, size_t first, float *dst, size_t n,

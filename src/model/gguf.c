@@ -11,7 +11,8 @@
  * - arrays of arrays are rejected (llama.cpp writes none and its reader refuses them too);
  * - keys and tensor names must be non-empty and free of NUL bytes; string values
  *   may hold any bytes;
- * - every tensor must have 1..4 dims, no zero dim, a supported dtype, an offset
+ * - every tensor must have 1..4 dims, no zero dim, a dtype of known size (which
+ *   need not be one cake computes with: gguf_types.c), an offset
  *   that is a multiple of the alignment, and data that lies inside the file and
  *   overlaps no other tensor. Bytes after the last tensor are ignored.
  * - a file without tensors may end before the padded start of its (empty) data
@@ -31,7 +32,6 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "model/dequant.h"
 #include "util/err.h"
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
@@ -50,50 +50,6 @@ static const uint8_t gguf_type_size[CAKE_GGUF_TYPE_COUNT] = {1, 1, 2, 2, 4, 4, 4
 
 const char *cake_gguf_type_name(uint32_t type) {
     return type < CAKE_GGUF_TYPE_COUNT ? gguf_type_names[type] : "unknown";
-}
-
-/* ggml's type ids, so that a file using a type cake cannot read is named in the
- * error ("Q4_K (12)") rather than reported as a bare number. Gaps are ids that
- * ggml has retired. */
-static const char *const ggml_type_names[] = {
-    [0] = "F32",     [1] = "F16",         [2] = "Q4_0",        [3] = "Q4_1",        [4] = "Q4_2",
-    [5] = "Q4_3",    [6] = "Q5_0",        [7] = "Q5_1",        [8] = "Q8_0",        [9] = "Q8_1",
-    [10] = "Q2_K",   [11] = "Q3_K",       [12] = "Q4_K",       [13] = "Q5_K",       [14] = "Q6_K",
-    [15] = "Q8_K",   [16] = "IQ2_XXS",    [17] = "IQ2_XS",     [18] = "IQ3_XXS",    [19] = "IQ1_S",
-    [20] = "IQ4_NL", [21] = "IQ3_S",      [22] = "IQ2_S",      [23] = "IQ4_XS",     [24] = "I8",
-    [25] = "I16",    [26] = "I32",        [27] = "I64",        [28] = "F64",        [29] = "IQ1_M",
-    [30] = "BF16",   [31] = "Q4_0_4_4",   [32] = "Q4_0_4_8",   [33] = "Q4_0_8_8",   [34] = "TQ1_0",
-    [35] = "TQ2_0",  [36] = "IQ4_NL_4_4", [37] = "IQ4_NL_4_8", [38] = "IQ4_NL_8_8", [39] = "MXFP4",
-};
-
-const char *cake_dtype_name(uint32_t type) {
-    if (type < sizeof(ggml_type_names) / sizeof(ggml_type_names[0]) && ggml_type_names[type])
-        return ggml_type_names[type];
-    return "unknown";
-}
-
-/* Sizes are given only for the dtypes cake reads: a non-zero size means "supported". */
-size_t cake_dtype_block_bytes(uint32_t type) {
-    switch (type) {
-    case CAKE_DTYPE_F32:
-        return 4;
-    case CAKE_DTYPE_F16:
-    case CAKE_DTYPE_BF16:
-        return 2;
-    default:
-        return type <= INT32_MAX ? cake_dequant_block_bytes((int)type) : 0;
-    }
-}
-
-size_t cake_dtype_block_elems(uint32_t type) {
-    switch (type) {
-    case CAKE_DTYPE_F32:
-    case CAKE_DTYPE_F16:
-    case CAKE_DTYPE_BF16:
-        return 1;
-    default:
-        return type <= INT32_MAX ? cake_dequant_block_elems((int)type) : 0;
-    }
 }
 
 /* ---- the parser ---- */
@@ -341,15 +297,14 @@ static int parse_tensor_info(reader *r, uint64_t i, uint64_t alignment, cake_ggu
     const uint32_t type = rd_u32(r);
     const size_t bb = cake_dtype_block_bytes(type), be = cake_dtype_block_elems(type);
     if (!bb)
-        return cake_err(r->err, r->errlen,
-                        "%s: dtype %s (%u) is not supported (" CAKE_WEIGHT_DTYPES " are)", who,
-                        cake_dtype_name(type), type);
+        return cake_err(r->err, r->errlen, "%s: dtype %s (%u) is not a type cake knows the size of",
+                        who, cake_dtype_name(type), type);
     t->type = (enum cake_dtype)type;
     if (t->ne[0] % be)
         return cake_err(r->err, r->errlen,
                         "%s: ne[0] = %llu is not a multiple of the %s block size %zu", who,
                         (unsigned long long)t->ne[0], cake_dtype_name(type), be);
-    /* n_elems < 2^63 and bb/be <= 4, so only the byte count can still overflow. */
+    /* n_elems < 2^63, but bb/be is up to 8: the byte count can overflow. */
     const uint64_t blocks = n_elems / be;
     if (blocks > UINT64_MAX / bb)
         return cake_err(r->err, r->errlen, "%s: byte size overflows", who);

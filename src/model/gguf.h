@@ -39,8 +39,8 @@ enum cake_gguf_type {
     CAKE_GGUF_TYPE_COUNT
 };
 
-/* Tensor element types (ggml numbering). Only the ones cake can read are named;
- * any other id is reported as unsupported by name when known. */
+/* Tensor element types (ggml numbering). Only the ones cake computes with are
+ * named here; gguf_types.c has every ggml type's name and block size. */
 enum cake_dtype {
     CAKE_DTYPE_F32 = 0,
     CAKE_DTYPE_F16 = 1,
@@ -129,7 +129,8 @@ int cake_gguf_get_bool(const cake_gguf *g, const char *key, bool *out, char *err
 int cake_gguf_get_str(const cake_gguf *g, const char *key, cake_gguf_str *out, char *err,
                       size_t errlen);
 
-/* Bytes per element-block and elements per block of a dtype; 0 if unknown. */
+/* Bytes per element-block and elements per block of a dtype (any ggml type,
+ * also those cake cannot compute with); 0 if unknown. */
 size_t cake_dtype_block_bytes(uint32_t type);
 size_t cake_dtype_block_elems(uint32_t type);
 /* "F32", "F16", "Q4_K", ... or "unknown". */

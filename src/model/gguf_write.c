@@ -283,7 +283,7 @@ void cake_gguf_writer_add_tensor(cake_gguf_writer *w, const char *name, enum cak
         if (!strcmp(w->t[i].name, name)) FAIL("duplicate tensor name '%s'", name);
     const size_t bb = cake_dtype_block_bytes(type), be = cake_dtype_block_elems(type);
     if (!bb)
-        FAIL("tensor '%s': dtype %s (%u) is not supported (F32, F16, BF16, Q8_0 are)", name,
+        FAIL("tensor '%s': dtype %s (%u) is not a type cake knows the size of", name,
              cake_dtype_name(type), (unsigned)type);
     if (n_dims < 1 || n_dims > CAKE_GGUF_MAX_DIMS || !ne)
         FAIL("tensor '%s': n_dims = %u is out of range (1..%d)", name, n_dims, CAKE_GGUF_MAX_DIMS);
