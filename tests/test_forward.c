@@ -695,10 +695,6 @@ static int as_the_cpu_reads(const char *name, int type) {
     return type == CAKE_DTYPE_F32 ? type : CAKE_DTYPE_Q8_0;
 }
 
-/* Quantized types besides Q8_0 (`tiny-256`: rows of whole k-quant blocks):
- * the CPU requantizes each matrix to Q8_0, so the logits are the bits of the
- * same model written with those Q8_0 matrices and an f32 embedding, a model
- * the reference checks; chunked prefill matches one-shot. */
 static int one_iq2_xxs(const char *name, int type) {
     return strcmp(name, "blk.1.ffn_up.weight") ? type : 16; /* IQ2_XXS */
 }
@@ -730,6 +726,10 @@ static void test_unsupported_weight_type(void **state) {
     unlink(base);
 }
 
+/* Quantized types besides Q8_0 (`tiny-256`: rows of whole k-quant blocks):
+ * the CPU requantizes each matrix to Q8_0, so the logits are the bits of the
+ * same model written with those Q8_0 matrices and an f32 embedding, a model
+ * the reference checks; chunked prefill matches one-shot. */
 static void test_other_quants(void **state) {
     (void)state;
     char base[64], mixed[96], twin[96];
