@@ -76,6 +76,24 @@ static void k_scale_min(int j, const uint8_t *s, int *sc, int *m) {
     }
 }
 
+void cake_q4_k_unpack(const void *block, uint16_t *d, uint16_t *dmin, uint8_t sc[8], uint8_t m[8],
+                      uint8_t q[256]) {
+    const uint8_t *b = block, *qs = b + 16;
+    memcpy(d, b, 2);
+    memcpy(dmin, b + 2, 2);
+    for (int j = 0; j < 8; j++) {
+        int s, mm;
+        k_scale_min(j, b + 4, &s, &mm);
+        sc[j] = (uint8_t)s;
+        m[j] = (uint8_t)mm;
+    }
+    for (int i = 0; i < 4; i++, qs += 32)
+        for (int l = 0; l < 32; l++) {
+            q[64 * i + l] = qs[l] & 0xF;
+            q[64 * i + 32 + l] = qs[l] >> 4;
+        }
+}
+
 #ifdef __AVX512F__
 /* The k-quants and IQ4 decoded 16 values a step (loading a model requantizes
  * every matrix: llama-1b Q4_K_M, `cake run -n 1` on 2 cores, 2.0-2.4 s with

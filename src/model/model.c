@@ -291,6 +291,8 @@ static void pack_task(void *ctx, int i, int tid) {
     const cake_weight *w = j->w[i];
     if (w->dtype == CAKE_DTYPE_Q8_0)
         cake_q8_0_pack_x16(j->dst[i], w->data, w->n_out, w->n_in);
+    else if (w->dtype == CAKE_DTYPE_Q4_K)
+        cake_q4_k_pack_x16(j->dst[i], w->data, w->n_out, w->n_in);
     else if (requantize_x16(j->dst[i], w))
         j->no_mem = 1;
     if (w->data == j->keep) return;
@@ -301,8 +303,19 @@ static void pack_task(void *ctx, int i, int tid) {
     if (hi > lo) (void)madvise((void *)lo, hi - lo, MADV_DONTNEED);
 }
 
-/* Quantized matrices are repacked once into the CPU matmul's layout
- * (CAKE_DTYPE_Q8_0_X16, backend/cpu/matmul_q8_0.c), all in one mapping the
+/* The CPU matmul's layout of a quantized matrix: Q4_K keeps its 4-bit
+ * levels (matmul_q4_k.c), the others go to Q8_0 (matmul_q8_0.c). */
+static int packed_dtype(const cake_weight *w) {
+    return w->dtype == CAKE_DTYPE_Q4_K ? CAKE_DTYPE_Q4_K_X16 : CAKE_DTYPE_Q8_0_X16;
+}
+
+static size_t packed_size(const cake_weight *w) {
+    return packed_dtype(w) == CAKE_DTYPE_Q4_K_X16 ? cake_q4_k_x16_size(w->n_out, w->n_in)
+                                                  : cake_q8_0_x16_size(w->n_out, w->n_in);
+}
+
+/* Quantized matrices are repacked once into the CPU matmul's layouts
+ * (packed_dtype), all in one mapping the
  * model owns, on every core and in huge pages where the kernel gives them:
  * most of the time is the kernel zeroing fresh pages (llama-1b: 3.4 s on one
  * thread in 4 KiB pages, 0.5 s this way). The token embedding is read from
@@ -316,7 +329,7 @@ static int pack_quantized(cake_model *m, char *err, size_t errlen) {
     for (int i = 0; i < n; i++) {
         cake_weight *wi = matmul_weight(m, i);
         if (!cake_dequant_supported(wi->dtype)) continue;
-        total += cake_q8_0_x16_size(wi->n_out, wi->n_in);
+        total += packed_size(wi);
         w[n_q8++] = wi;
     }
     if (!n_q8) {
@@ -339,7 +352,7 @@ static int pack_quantized(cake_model *m, char *err, size_t errlen) {
     }
     for (int i = 0; i < n_q8; i++) {
         dst[i] = next;
-        next += cake_q8_0_x16_size(w[i]->n_out, w[i]->n_in);
+        next += packed_size(w[i]);
     }
     long cores = sysconf(_SC_NPROCESSORS_ONLN);
     cake_threadpool *pool = cake_threadpool_create(cores > 1 ? (int)cores : 1);
@@ -347,7 +360,10 @@ static int pack_quantized(cake_model *m, char *err, size_t errlen) {
     pack_job job = {w, dst, m->tok_embd.data, 0};
     cake_threadpool_run(pool, n_q8, pack_task, &job);
     cake_threadpool_free(pool);
-    for (int i = 0; i < n_q8; i++) w[i]->x16 = dst[i];
+    for (int i = 0; i < n_q8; i++) {
+        w[i]->x16 = dst[i];
+        w[i]->x16_dtype = packed_dtype(w[i]);
+    }
     free(dst);
     free(w);
     return job.no_mem ? cake_err(err, errlen, "out of memory requantizing the weights") : 0;
@@ -543,6 +559,13 @@ static void compute_fingerprint(void) {
     /* Quantized matrices multiply 8-bit activations since the x16 kernel; KV
      * computed before that (exact f32 activations) is not the same bits. */
     if (m->quantized) hash_u64(st, 0x71385f30783136u);
+    /* and Q4_K matrices keep their levels since the Q4_K kernel (they were
+     * requantized to Q8_0 before). */
+    for (int i = 0; i < n_matmul_weights(m); i++)
+        if (matmul_weight(m, i)->dtype == CAKE_DTYPE_Q4_K) {
+            hash_u64(st, 0x71345f6b783136u);
+            break;
+        }
     hash_u64(st, cake_bits_from_f32(hp->rms_eps));
     hash_u64(st, cake_bits_from_f32(hp->rope_theta));
     hash_u64(st, cake_bits_from_f32(hp->rope_freq_scale));

@@ -10,15 +10,17 @@
 #include "cake.h"
 #include "model/gguf.h"
 
-/* A weight matrix (n_out, n_in), row-major, in the file's dtype. A Q8_0
- * matrix that the CPU matmul reads also gets a copy in its layout
- * (CAKE_DTYPE_Q8_0_X16, backend/cpu/kernels.h), which the model owns, once a
- * CPU context asks for it (cake_model_prepare_cpu). */
+/* A weight matrix (n_out, n_in), row-major, in the file's dtype. A
+ * quantized matrix that the CPU matmul reads also gets a copy in its layout
+ * (CAKE_DTYPE_Q4_K_X16 for Q4_K, CAKE_DTYPE_Q8_0_X16 for the others:
+ * backend/cpu/kernels.h), which the model owns, once a CPU context asks for
+ * it (cake_model_prepare_cpu). */
 typedef struct {
     const void *data; /* in the file's mapping */
     int dtype;        /* cake_dtype */
     int n_in, n_out;
-    const void *x16; /* quantized: the CPU's repacked Q8_0 copy, or NULL before */
+    const void *x16; /* quantized: the CPU's repacked copy, or NULL before */
+    int x16_dtype;   /* its layout */
 } cake_weight;
 
 typedef struct {

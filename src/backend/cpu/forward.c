@@ -44,7 +44,7 @@ static void matmul(float *y, const float *x, const cake_weight *w, int n, cake_t
     /* The dtype was checked at model load, and a quantized matrix has its CPU copy
      * (cake_model_prepare_cpu ran at context init), so this cannot fail. */
     if (w->x16)
-        (void)cake_matmul(y, x, w->x16, CAKE_DTYPE_Q8_0_X16, n, w->n_in, w->n_out, pool);
+        (void)cake_matmul(y, x, w->x16, w->x16_dtype, n, w->n_in, w->n_out, pool);
     else
         (void)cake_matmul(y, x, w->data, w->dtype, n, w->n_in, w->n_out, pool);
 }

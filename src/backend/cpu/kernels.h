@@ -92,7 +92,8 @@ void cake_q8_0_quantize_row(const float *x, uint8_t *dst, size_t n);
  * dtype F32, F16 or BF16 (cake_dtype numbering), read in place (converted in
  * registers; nothing is copied), or CAKE_DTYPE_Q8_0_X16 (n_in a multiple of
  * 32; x is quantized to 8 bits per block of 32, as llama.cpp does for Q8_0,
- * and multiplied in integers: matmul_q8_0.c).
+ * and multiplied in integers: matmul_q8_0.c), or CAKE_DTYPE_Q4_K_X16 (n_in
+ * a multiple of 256; likewise: matmul_q4_k.c).
  * A threaded AVX-512 dot-product kernel for every batch size (matmul.c
  * explains why not sgemm); a token's output row is bit-identical whatever
  * n_tokens and the thread count. Returns 0, or -1 for an unsupported dtype. */
@@ -107,6 +108,22 @@ int cake_matmul_ref(float *y, const float *x, const void *w, int w_dtype, int n_
  * n_tokens, thread count and build. Returns 0, or -1 for an unsupported dtype. */
 int cake_matmul_lanes(float *y, const float *x, const void *w, int w_dtype, int n_tokens, int n_in,
                       int n_out);
+/* The integer kernels' activations (Q8_0, Q4_K): each token's row of n_in
+ * (a multiple of 32) quantized per block of 32 as llama.cpp's
+ * quantize_row_q8_0 does: q (n_tokens, n_in) int8, d (n_tokens, n_in / 32)
+ * the blocks' scales, c (likewise) 128 * each block's sum of q. make
+ * allocates (0, or -1 when out of memory) and quantizes on the pool, SIMD
+ * where there is; the lanes form of one block gives the same bits. */
+typedef struct {
+    int8_t *q;
+    float *d;
+    int32_t *c;
+} cake_q8_acts;
+int cake_q8_acts_make(cake_q8_acts *a, const float *x, int n_tokens, int n_in,
+                      cake_threadpool *pool);
+void cake_q8_acts_free(cake_q8_acts *a);
+void cake_q8_quantize_block_lanes(const float *x, int8_t *q, float *d, int32_t *c);
+
 /* CAKE_DTYPE_Q8_0_X16's three, which the three above call: the kernel, the
  * reference in double (on the same quantized activations), and the scalar
  * twin of the kernel's order (each output an FMA chain over the blocks of
@@ -117,5 +134,25 @@ int cake_matmul_q8_0_ref(float *y, const float *x, const void *w, int n_tokens, 
                          int n_out);
 void cake_matmul_q8_0_lanes(float *y, const float *x, const void *w, int n_tokens, int n_in,
                             int n_out);
+
+/* ---- Q4_K weights, kept 4-bit for the matmul (matmul_q4_k.c) ----
+ * CAKE_DTYPE_Q4_K_X16 (not a GGUF type; layout at the top of matmul_q4_k.c):
+ * a Q4_K matrix (n_out, n_in), n_in a multiple of 256, rows in groups of 16,
+ * made once from the file's blocks by cake_q4_k_pack_x16 into
+ * cake_q4_k_x16_size bytes (4.625 bits a weight). The kernel, the reference
+ * and the scalar twin as for Q8_0; the level (0..15), scale and min of row
+ * r, column k, for the tests (ns = n_in / 256). */
+enum { CAKE_DTYPE_Q4_K_X16 = 1012 };
+size_t cake_q4_k_x16_size(int n_out, int n_in);
+void cake_q4_k_pack_x16(void *dst, const void *q4_k, int n_out, int n_in);
+void cake_matmul_q4_k(float *y, const float *x, const void *w, int n_tokens, int n_in, int n_out,
+                      cake_threadpool *pool);
+int cake_matmul_q4_k_ref(float *y, const float *x, const void *w, int n_tokens, int n_in,
+                         int n_out);
+void cake_matmul_q4_k_lanes(float *y, const float *x, const void *w, int n_tokens, int n_in,
+                            int n_out);
+int cake_q4_k_x16_level(const void *w, size_t ns, size_t r, size_t k);
+float cake_q4_k_x16_scale(const void *w, size_t ns, size_t r, size_t k);
+float cake_q4_k_x16_min(const void *w, size_t ns, size_t r, size_t k);
 
 #endif

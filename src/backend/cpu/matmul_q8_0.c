@@ -122,7 +122,7 @@ void cake_q8_0_quantize_row(const float *x, uint8_t *dst, size_t n) {
 
 /* One block of 32 activations: q (int8), d (the scale) and c = 128 * sum q.
  * NaN inputs count as 0 in max |x| and quantize to -127, in both forms. */
-static void quantize_block_lanes(const float *x, int8_t *q, float *d, int32_t *c) {
+void cake_q8_quantize_block_lanes(const float *x, int8_t *q, float *d, int32_t *c) {
     float amax = 0.0f;
     for (int j = 0; j < CAKE_Q8_0_BLOCK; j++) {
         const float a = fabsf(x[j]);
@@ -161,7 +161,7 @@ CAKE_INLINE void quantize_block(const float *x, int8_t *q, float *d, int32_t *c)
     *c = 128 * _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
 }
 #else
-#define quantize_block quantize_block_lanes
+#define quantize_block cake_q8_quantize_block_lanes
 #endif
 
 /* ===================== reference and scalar twin ===================== */
@@ -176,8 +176,8 @@ int cake_matmul_q8_0_ref(float *y, const float *x, const void *w, int n_tokens, 
                 int8_t q[CAKE_Q8_0_BLOCK];
                 float dx;
                 int32_t c;
-                quantize_block_lanes(x + (size_t)t * n_in + (size_t)b * CAKE_Q8_0_BLOCK, q, &dx,
-                                     &c);
+                cake_q8_quantize_block_lanes(x + (size_t)t * n_in + (size_t)b * CAKE_Q8_0_BLOCK, q,
+                                             &dx, &c);
                 long isum = 0;
                 for (int k = 0; k < CAKE_Q8_0_BLOCK; k++)
                     isum += (long)cake_q8_0_x16_weight(w, nb, n, b * CAKE_Q8_0_BLOCK + k) * q[k];
@@ -201,7 +201,8 @@ static void lanes_rows_q8(float *y, const float *x, const uint8_t *w, int n_toke
             int8_t q[CAKE_Q8_0_BLOCK];
             float dx;
             int32_t c;
-            quantize_block_lanes(x + (size_t)t * n_in + (size_t)b * CAKE_Q8_0_BLOCK, q, &dx, &c);
+            cake_q8_quantize_block_lanes(x + (size_t)t * n_in + (size_t)b * CAKE_Q8_0_BLOCK, q, &dx,
+                                         &c);
             for (int n = r0; n < r1; n++) {
                 int isum = 0;
                 for (int k = 0; k < CAKE_Q8_0_BLOCK; k++)
@@ -219,6 +220,45 @@ void cake_matmul_q8_0_lanes(float *y, const float *x, const void *w, int n_token
 
 /* ===================== the threaded kernel ===================== */
 
+/* ===================== activations, quantized for a whole batch ===================== */
+
+typedef struct {
+    const float *x;
+    int T, nb;
+    cake_q8_acts *a;
+} acts_job;
+
+static void quantize_task(void *ctx, int task, int tid) {
+    (void)tid;
+    const acts_job *j = ctx;
+    const int t1 = (task + 1) * Q8_QUANT_TOKENS < j->T ? (task + 1) * Q8_QUANT_TOKENS : j->T;
+    for (int t = task * Q8_QUANT_TOKENS; t < t1; t++)
+        for (int b = 0; b < j->nb; b++) {
+            const size_t i = (size_t)t * j->nb + b;
+            quantize_block(j->x + i * CAKE_Q8_0_BLOCK, j->a->q + i * CAKE_Q8_0_BLOCK, &j->a->d[i],
+                           &j->a->c[i]);
+        }
+}
+
+int cake_q8_acts_make(cake_q8_acts *a, const float *x, int n_tokens, int n_in,
+                      cake_threadpool *pool) {
+    const int nb = n_in / CAKE_Q8_0_BLOCK;
+    const size_t nblk = (size_t)n_tokens * nb;
+    a->d = malloc(nblk * (CAKE_Q8_0_BLOCK + sizeof(float) + sizeof(int32_t)));
+    if (!a->d) return -1;
+    a->c = (int32_t *)(a->d + nblk);
+    a->q = (int8_t *)(a->c + nblk);
+    acts_job j = {x, n_tokens, nb, a};
+    cake_threadpool_run(pool, (n_tokens + Q8_QUANT_TOKENS - 1) / Q8_QUANT_TOKENS, quantize_task,
+                        &j);
+    return 0;
+}
+
+void cake_q8_acts_free(cake_q8_acts *a) {
+    free(a->d);
+    a->d = NULL;
+}
+
 typedef struct {
     float *y;
     const float *x;
@@ -232,18 +272,6 @@ typedef struct {
 #ifdef Q8_VNNI
 
 #define UNROLL _Pragma("GCC unroll 8")
-
-static void quantize_task(void *ctx, int task, int tid) {
-    (void)tid;
-    const q8_job *j = ctx;
-    const int t1 = (task + 1) * Q8_QUANT_TOKENS < j->T ? (task + 1) * Q8_QUANT_TOKENS : j->T;
-    for (int t = task * Q8_QUANT_TOKENS; t < t1; t++)
-        for (int b = 0; b < j->nb; b++) {
-            const size_t i = (size_t)t * j->nb + b;
-            quantize_block(j->x + i * CAKE_Q8_0_BLOCK, j->xq + i * CAKE_Q8_0_BLOCK, &j->xd[i],
-                           &j->xc[i]);
-        }
-}
 
 /* MT tokens (t0..) x NG row groups (g0..): per block, 8 vpdpbusd steps into
  * integer accumulators that start at -128 * sum q_x, then each lane's chain
@@ -373,19 +401,17 @@ void cake_matmul_q8_0(float *y, const float *x, const void *w, int n_tokens, int
                 .nb = n_in / CAKE_Q8_0_BLOCK};
     const int n_tasks = (n_out + Q8_TASK_GROUPS * Q8_ROWS - 1) / (Q8_TASK_GROUPS * Q8_ROWS);
 #ifdef Q8_VNNI
-    const size_t nblk = (size_t)n_tokens * j.nb;
-    void *buf = malloc(nblk * (CAKE_Q8_0_BLOCK + sizeof(float) + sizeof(int32_t)));
-    if (!buf) { /* out of memory: the scalar twin needs no buffer and gives the same bits */
+    cake_q8_acts a;
+    if (cake_q8_acts_make(&a, x, n_tokens, n_in, pool)) {
+        /* out of memory: the scalar twin needs no buffer and gives the same bits */
         cake_matmul_q8_0_lanes(y, x, w, n_tokens, n_in, n_out);
         return;
     }
-    j.xd = buf;
-    j.xc = (int32_t *)(j.xd + nblk);
-    j.xq = (int8_t *)(j.xc + nblk);
-    cake_threadpool_run(pool, (n_tokens + Q8_QUANT_TOKENS - 1) / Q8_QUANT_TOKENS, quantize_task,
-                        &j);
+    j.xq = a.q;
+    j.xd = a.d;
+    j.xc = a.c;
     cake_threadpool_run(pool, n_tasks, q8_task, &j);
-    free(buf);
+    cake_q8_acts_free(&a);
 #else
     cake_threadpool_run(pool, n_tasks, q8_task, &j);
 #endif
