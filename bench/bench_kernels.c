@@ -104,7 +104,16 @@ static void bench_matmul(cake_threadpool *pool, int n_threads, int quick) {
     float *x = xmalloc(max_x * 4), *y = xmalloc(max_y * 4), *w32 = xmalloc(max_w * 4);
     cake_f16 *w16 = xmalloc(max_w * 2);
     uint8_t *wq = xmalloc(max_w / CAKE_Q8_0_BLOCK * CAKE_Q8_0_BYTES),
-            *wx16 = xmalloc(max_w / CAKE_Q8_0_BLOCK * CAKE_Q8_0_BYTES + 16 * 8192 * 2);
+            *wx16 = xmalloc(max_w / CAKE_Q8_0_BLOCK * CAKE_Q8_0_BYTES + 16 * 8192 * 2),
+            *wq4 = xmalloc(max_w / 256 * 144);
+    /* Q4_K blocks: random levels and 6-bit scales under small d, dmin (the
+     * time depends on the shape, not on the values) */
+    for (size_t b = 0; b < max_w / 256; b++) {
+        const cake_f16 d = cake_f32_to_f16(0.001f), dmin = cake_f32_to_f16(0.004f);
+        memcpy(wq4 + b * 144, &d, 2);
+        memcpy(wq4 + b * 144 + 2, &dmin, 2);
+        for (int i = 4; i < 144; i++) wq4[b * 144 + i] = (uint8_t)(rnd() * 127.0f + 128.0f);
+    }
     for (size_t i = 0; i < max_x; i++) x[i] = rnd();
     for (size_t i = 0; i < max_w; i++) {
         w32[i] = rnd() * 0.05f;
@@ -116,8 +125,8 @@ static void bench_matmul(cake_threadpool *pool, int n_threads, int quick) {
     printf("== matmul y(T, n_out) = x(T, n_in) W^T, %d threads ==\n", n_threads);
     printf("%-6s %-12s %5s %10s %9s %9s | %s\n", "W", "n_out x n_in", "T", "ms", "GFLOP/s",
            "W GB/s", "openblas sgemm (f32 W) ms, GFLOP/s");
-    const int dtypes[] = {CAKE_DTYPE_Q8_0_X16, CAKE_DTYPE_F16, CAKE_DTYPE_F32};
-    for (int di = 0; di < 3; di++) {
+    const int dtypes[] = {CAKE_DTYPE_Q4_K_X16, CAKE_DTYPE_Q8_0_X16, CAKE_DTYPE_F16, CAKE_DTYPE_F32};
+    for (int di = 0; di < 4; di++) {
         const int dtype = dtypes[di];
         for (int s = 0; s < n_shapes; s++) {
             const int n_out = shapes[s][0], n_in = shapes[s][1];
@@ -126,9 +135,14 @@ static void bench_matmul(cake_threadpool *pool, int n_threads, int quick) {
             const void *w = dtype == CAKE_DTYPE_F16 ? (const void *)w16 : (const void *)w32;
             const double es = dtype == CAKE_DTYPE_F32   ? 4
                               : dtype == CAKE_DTYPE_F16 ? 2
-                                                        : (double)CAKE_Q8_0_BYTES / CAKE_Q8_0_BLOCK;
+                              : dtype == CAKE_DTYPE_Q4_K_X16
+                                  ? 4.625 / 8
+                                  : (double)CAKE_Q8_0_BYTES / CAKE_Q8_0_BLOCK;
             if (dtype == CAKE_DTYPE_Q8_0_X16) {
                 cake_q8_0_pack_x16(wx16, wq, (int)rows, n_in);
+                w = wx16;
+            } else if (dtype == CAKE_DTYPE_Q4_K_X16) { /* fits: 4.625 bits < Q8_0's 8.5 */
+                cake_q4_k_pack_x16(wx16, wq4, (int)rows, n_in);
                 w = wx16;
             }
             for (int ti = 0; ti < n_T; ti++) {
@@ -146,9 +160,10 @@ static void bench_matmul(cake_threadpool *pool, int n_threads, int quick) {
                 const double t = best_time(run_matmul, &c, budget, 2) / c.n_rot;
                 const double wbytes = (double)n_out * n_in * es;
                 printf("%-6s %5d x %-5d %5d %10.3f %9.1f %9.1f",
-                       dtype == CAKE_DTYPE_F32   ? "f32"
-                       : dtype == CAKE_DTYPE_F16 ? "f16"
-                                                 : "q8_0",
+                       dtype == CAKE_DTYPE_F32        ? "f32"
+                       : dtype == CAKE_DTYPE_F16      ? "f16"
+                       : dtype == CAKE_DTYPE_Q4_K_X16 ? "q4_k"
+                                                      : "q8_0",
                        n_out, n_in, T, t * 1e3, flop / t * 1e-9, wbytes / t * 1e-9);
                 if (dtype == CAKE_DTYPE_F32) {
                     mm_ctx b = c;
@@ -166,6 +181,7 @@ static void bench_matmul(cake_threadpool *pool, int n_threads, int quick) {
     free(w32);
     free(w16);
     free(wq);
+    free(wq4);
     free(wx16);
 }
 

@@ -151,23 +151,30 @@ static void lanes_rows_q4(float *y, const float *x, const uint8_t *w, int n_toke
     for (int t = 0; t < n_tokens; t++) {
         float *yt = y + (size_t)t * n_out;
         for (int n = r0; n < r1; n++) yt[n] = 0.0f;
-        for (int b = 0; b < nb; b++) {
+        for (int b = 0; b < nb; b++) { /* the scales' chain */
             int8_t q[CAKE_Q8_0_BLOCK];
             float dx;
             int32_t c;
             cake_q8_quantize_block_lanes(x + (size_t)t * n_in + (size_t)b * CAKE_Q8_0_BLOCK, q, &dx,
                                          &c);
-            const float sum_q = (float)(c / 128);
             const size_t k0 = (size_t)b * CAKE_Q8_0_BLOCK;
             for (int n = r0; n < r1; n++) {
                 int isum = 0;
                 for (int k = 0; k < CAKE_Q8_0_BLOCK; k++)
                     isum += cake_q4_k_x16_level(w, ns, n, k0 + k) * q[k];
-                const float s = cake_q4_k_x16_scale(w, ns, n, k0),
-                            m = cake_q4_k_x16_min(w, ns, n, k0);
-                yt[n] = fmaf((float)isum, s * dx, yt[n]);
-                yt[n] = fmaf(-(m * dx), sum_q, yt[n]);
+                yt[n] = fmaf((float)isum, cake_q4_k_x16_scale(w, ns, n, k0) * dx, yt[n]);
             }
+        }
+        for (int b = 0; b < nb; b++) { /* then the mins' */
+            int8_t q[CAKE_Q8_0_BLOCK];
+            float dx;
+            int32_t c;
+            cake_q8_quantize_block_lanes(x + (size_t)t * n_in + (size_t)b * CAKE_Q8_0_BLOCK, q, &dx,
+                                         &c);
+            const float dx_sum = dx * (float)(c / 128);
+            for (int n = r0; n < r1; n++)
+                yt[n] =
+                    fmaf(-cake_q4_k_x16_min(w, ns, n, (size_t)b * CAKE_Q8_0_BLOCK), dx_sum, yt[n]);
         }
     }
 }
@@ -185,18 +192,61 @@ typedef struct {
     const uint8_t *w;
     int T, n_in, n_out, nb, ns;
     cake_q8_acts a;
+    float *dx_sum;   /* (T, nb) each block's scale times its sum of q: the mins' factor */
+    uint8_t *panels; /* NULL, or per thread one task's levels as bytes (Q4K_PANEL_BYTES a group) */
 } q4_job;
 
 #ifdef Q4_VNNI
 
 #define UNROLL _Pragma("GCC unroll 8")
 
-/* MT tokens (t0..) x NG row groups (g0..): per sub-block, 4 loads of 64
- * bytes, each 2 vpdpbusd steps (low, then high nibbles) per token, then each
- * lane's chain takes its two FMAs. One token (decode) puts the high-nibble
- * steps in a second accumulator, added at the end (integers: the same bits,
- * two dependency chains instead of one). */
-CAKE_INLINE void q4_tile(const q4_job *j, int t0, int g0, const int MT, const int NG) {
+/* A batch of at least this many tokens unpacks each task's levels to bytes
+ * first (below); fewer read the nibbles where they are. */
+#define Q4K_UNPACK_MIN_TOKENS 16
+
+/* The 16 rows' scales s = d sc and mins m = dmin mn of sub-block `sub` of
+ * group-block gb, as f32 lanes. */
+CAKE_INLINE void scales_of(const uint8_t *gb, int sub, __m512 *s, __m512 *m) {
+    const uint8_t *sc = gb + Q4K_SCOFF + 32 * sub;
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)gb)),
+                 dmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(gb + 32)));
+    *s = _mm512_mul_ps(
+        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)sc))), d);
+    *m = _mm512_mul_ps(
+        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(sc + 16)))),
+        dmin);
+}
+
+/* One group's block of 256 unpacked: per sub-block 8 steps of 64 bytes (4
+ * consecutive levels of each of the 16 rows, as the Q8_0 layout has them,
+ * less its +128), then the 16 scales and the 16 mins as f32. */
+enum { Q4K_UNPACKED_SUB = 8 * 64 + 2 * 64, Q4K_UNPACKED_SUPER = Q4K_SUBS * Q4K_UNPACKED_SUB };
+
+static void unpack_block(uint8_t *dst, const uint8_t *gb) {
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    for (int sub = 0; sub < Q4K_SUBS; sub++, dst += Q4K_UNPACKED_SUB) {
+        for (int p = 0; p < 4; p++) {
+            const __m512i v = _mm512_loadu_si512(gb + Q4K_QOFF + 256 * sub + 64 * p);
+            _mm512_storeu_si512(dst + 64 * p, _mm512_and_si512(v, low4));
+            _mm512_storeu_si512(dst + 64 * (p + 4),
+                                _mm512_and_si512(_mm512_srli_epi16(v, 4), low4));
+        }
+        __m512 s, m;
+        scales_of(gb, sub, &s, &m);
+        _mm512_storeu_ps(dst + 512, s);
+        _mm512_storeu_ps(dst + 576, m);
+    }
+}
+
+/* MT tokens (t0..) x NG row groups (g0..): per sub-block 8 vpdpbusd steps
+ * per token, then each lane's chain takes its two FMAs. The levels come
+ * from lv[g] (unpacked: a group's bytes, block after block) or from the
+ * packed nibbles: 4 loads of 64 bytes, each 2 steps (low, then high
+ * nibbles); one token (decode) then puts the high-nibble steps in a second
+ * accumulator, added at the end (integers: the same bits, two dependency
+ * chains instead of one). */
+CAKE_INLINE void q4_tile(const q4_job *j, const uint8_t *const *lv, int t0, int g0, const int MT,
+                         const int NG, const bool unpacked) {
     const int ns = j->ns, nb = j->nb, n_in = j->n_in;
     const __m512i low4 = _mm512_set1_epi8(0x0F);
     __m512 f[Q4K_MT][Q4K_NG];
@@ -204,12 +254,9 @@ CAKE_INLINE void q4_tile(const q4_job *j, int t0, int g0, const int MT, const in
         _mm512_setzero_ps();
     for (int sb = 0; sb < ns; sb++) {
         const uint8_t *wb[Q4K_NG];
-        __m512 dd[Q4K_NG], dm[Q4K_NG];
-        UNROLL for (int g = 0; g < NG; g++) {
-            wb[g] = j->w + ((size_t)(g0 + g) * ns + sb) * Q4K_GROUP_SUPER;
-            dd[g] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)wb[g]));
-            dm[g] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wb[g] + 32)));
-        }
+        UNROLL for (int g = 0; g < NG; g++) wb[g] =
+            unpacked ? lv[g] + (size_t)sb * Q4K_UNPACKED_SUPER
+                     : j->w + ((size_t)(g0 + g) * ns + sb) * Q4K_GROUP_SUPER;
         for (int sub = 0; sub < Q4K_SUBS; sub++) {
             const int b = sb * Q4K_SUBS + sub;
             __m512i acc[Q4K_MT][Q4K_NG], hi_acc[Q4K_NG];
@@ -217,52 +264,80 @@ CAKE_INLINE void q4_tile(const q4_job *j, int t0, int g0, const int MT, const in
             UNROLL for (int i = 0; i < MT; i++) UNROLL for (int g = 0; g < NG; g++) acc[i][g] =
                 _mm512_setzero_si512();
             const int8_t *xb = j->a.q + (size_t)t0 * n_in + (size_t)b * CAKE_Q8_0_BLOCK;
-            UNROLL for (int p = 0; p < 4; p++) {
-                __m512i lo[Q4K_NG], hi[Q4K_NG];
-                UNROLL for (int g = 0; g < NG; g++) {
-                    const __m512i v = _mm512_loadu_si512(wb[g] + Q4K_QOFF + 256 * sub + 64 * p);
-                    lo[g] = _mm512_and_si512(v, low4);
-                    hi[g] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-                }
-                UNROLL for (int i = 0; i < MT; i++) {
-                    int32_t x_lo, x_hi;
-                    memcpy(&x_lo, xb + (size_t)i * n_in + 4 * p, 4);
-                    memcpy(&x_hi, xb + (size_t)i * n_in + 16 + 4 * p, 4);
-                    const __m512i vlo = _mm512_set1_epi32(x_lo), vhi = _mm512_set1_epi32(x_hi);
-                    UNROLL for (int g = 0; g < NG; g++) {
-                        acc[i][g] = _mm512_dpbusd_epi32(acc[i][g], lo[g], vlo);
-                        if (MT == 1)
-                            hi_acc[g] = _mm512_dpbusd_epi32(hi_acc[g], hi[g], vhi);
-                        else
-                            acc[i][g] = _mm512_dpbusd_epi32(acc[i][g], hi[g], vhi);
+            if (unpacked) {
+                UNROLL for (int st = 0; st < 8; st++) {
+                    __m512i wv[Q4K_NG];
+                    UNROLL for (int g = 0; g < NG; g++) wv[g] =
+                        _mm512_loadu_si512(wb[g] + Q4K_UNPACKED_SUB * sub + 64 * st);
+                    UNROLL for (int i = 0; i < MT; i++) {
+                        int32_t four;
+                        memcpy(&four, xb + (size_t)i * n_in + 4 * st, 4);
+                        const __m512i xv = _mm512_set1_epi32(four);
+                        UNROLL for (int g = 0; g < NG; g++) acc[i][g] =
+                            _mm512_dpbusd_epi32(acc[i][g], wv[g], xv);
                     }
                 }
+            } else {
+                UNROLL for (int p = 0; p < 4; p++) {
+                    __m512i lo[Q4K_NG], hi[Q4K_NG];
+                    UNROLL for (int g = 0; g < NG; g++) {
+                        const __m512i v = _mm512_loadu_si512(wb[g] + Q4K_QOFF + 256 * sub + 64 * p);
+                        lo[g] = _mm512_and_si512(v, low4);
+                        hi[g] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+                    }
+                    UNROLL for (int i = 0; i < MT; i++) {
+                        int32_t x_lo, x_hi;
+                        memcpy(&x_lo, xb + (size_t)i * n_in + 4 * p, 4);
+                        memcpy(&x_hi, xb + (size_t)i * n_in + 16 + 4 * p, 4);
+                        const __m512i vlo = _mm512_set1_epi32(x_lo), vhi = _mm512_set1_epi32(x_hi);
+                        UNROLL for (int g = 0; g < NG; g++) {
+                            acc[i][g] = _mm512_dpbusd_epi32(acc[i][g], lo[g], vlo);
+                            if (MT == 1)
+                                hi_acc[g] = _mm512_dpbusd_epi32(hi_acc[g], hi[g], vhi);
+                            else
+                                acc[i][g] = _mm512_dpbusd_epi32(acc[i][g], hi[g], vhi);
+                        }
+                    }
+                }
+                if (MT == 1)
+                    UNROLL for (int g = 0; g < NG; g++) acc[0][g] =
+                        _mm512_add_epi32(acc[0][g], hi_acc[g]);
             }
-            if (MT == 1)
-                UNROLL for (int g = 0; g < NG; g++) acc[0][g] =
-                    _mm512_add_epi32(acc[0][g], hi_acc[g]);
-            __m512 s[Q4K_NG], m[Q4K_NG];
+            __m512 s[Q4K_NG], m_unused;
             UNROLL for (int g = 0; g < NG; g++) {
-                const uint8_t *sc = wb[g] + Q4K_SCOFF + 32 * sub;
-                s[g] = _mm512_mul_ps(
-                    _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)sc))),
-                    dd[g]);
-                m[g] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
-                                         _mm_loadu_si128((const __m128i *)(sc + 16)))),
-                                     dm[g]);
+                if (unpacked)
+                    s[g] = _mm512_loadu_ps(wb[g] + Q4K_UNPACKED_SUB * sub + 512);
+                else
+                    scales_of(wb[g], sub, &s[g], &m_unused);
             }
             UNROLL for (int i = 0; i < MT; i++) {
-                const size_t xi = (size_t)(t0 + i) * nb + b;
-                const __m512 dx = _mm512_set1_ps(j->a.d[xi]);
-                const __m512 sum_q = _mm512_set1_ps((float)(j->a.c[xi] / 128));
-                UNROLL for (int g = 0; g < NG; g++) {
-                    f[i][g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][g]),
-                                              _mm512_mul_ps(s[g], dx), f[i][g]);
-                    f[i][g] = _mm512_fnmadd_ps(_mm512_mul_ps(m[g], dx), sum_q, f[i][g]);
-                }
+                const __m512 dx = _mm512_set1_ps(j->a.d[(size_t)(t0 + i) * nb + b]);
+                UNROLL for (int g = 0; g < NG; g++) f[i][g] = _mm512_fmadd_ps(
+                    _mm512_cvtepi32_ps(acc[i][g]), _mm512_mul_ps(s[g], dx), f[i][g]);
             }
         }
     }
+    /* then the mins' chain */
+    for (int sb = 0; sb < ns; sb++)
+        for (int sub = 0; sub < Q4K_SUBS; sub++) {
+            const int b = sb * Q4K_SUBS + sub;
+            __m512 m[Q4K_NG];
+            UNROLL for (int g = 0; g < NG; g++) {
+                if (unpacked) {
+                    m[g] = _mm512_loadu_ps(lv[g] + (size_t)sb * Q4K_UNPACKED_SUPER +
+                                           Q4K_UNPACKED_SUB * sub + 576);
+                } else {
+                    __m512 s_unused;
+                    scales_of(j->w + ((size_t)(g0 + g) * ns + sb) * Q4K_GROUP_SUPER, sub, &s_unused,
+                              &m[g]);
+                }
+            }
+            UNROLL for (int i = 0; i < MT; i++) {
+                const __m512 dx_sum = _mm512_set1_ps(j->dx_sum[(size_t)(t0 + i) * nb + b]);
+                UNROLL for (int g = 0; g < NG; g++) f[i][g] =
+                    _mm512_fnmadd_ps(m[g], dx_sum, f[i][g]);
+            }
+        }
     UNROLL for (int i = 0; i < MT; i++) UNROLL for (int g = 0; g < NG; g++) {
         const int r = (g0 + g) * Q4K_ROWS, left = j->n_out - r;
         float *dst = j->y + (size_t)(t0 + i) * j->n_out + r;
@@ -273,12 +348,17 @@ CAKE_INLINE void q4_tile(const q4_job *j, int t0, int g0, const int MT, const in
     }
 }
 
-CAKE_INLINE void q4_tile_any(const q4_job *j, int t0, int g0, int mt, int ng) {
+CAKE_INLINE void q4_tile_any(const q4_job *j, const uint8_t *const *lv, int t0, int g0, int mt,
+                             int ng, bool unpacked) {
 #define Q4_TILE_NG(MT)                                                                             \
-    if (ng == 2)                                                                                   \
-        q4_tile(j, t0, g0, MT, 2);                                                                 \
+    if (ng == 2 && unpacked)                                                                       \
+        q4_tile(j, lv, t0, g0, MT, 2, true);                                                       \
+    else if (ng == 2)                                                                              \
+        q4_tile(j, lv, t0, g0, MT, 2, false);                                                      \
+    else if (unpacked)                                                                             \
+        q4_tile(j, lv, t0, g0, MT, 1, true);                                                       \
     else                                                                                           \
-        q4_tile(j, t0, g0, MT, 1);
+        q4_tile(j, lv, t0, g0, MT, 1, false);
     switch (mt) {
     case 6:
         Q4_TILE_NG(6)
@@ -302,17 +382,34 @@ CAKE_INLINE void q4_tile_any(const q4_job *j, int t0, int g0, int mt, int ng) {
 #undef Q4_TILE_NG
 }
 
-/* A task: Q4K_TASK_GROUPS row groups for every token, a tile at a time. */
+/* A task: Q4K_TASK_GROUPS row groups for every token, a tile at a time. A
+ * batch of Q4K_UNPACK_MIN_TOKENS or more first unpacks the task's levels to
+ * bytes in the thread's panel (64 rows x n_in bytes, 512 KiB at n_in 8192,
+ * the size of the Q8_0 kernel's panels, so it stays in L2): the nibbles are
+ * then split once per task instead of once per tile of 6 tokens (llama-1b
+ * shapes, 512 tokens: ~335 -> ~ GOP/s). */
 static void q4_task(void *ctx, int task, int tid) {
-    (void)tid;
     const q4_job *j = ctx;
     const int n_groups = (j->n_out + Q4K_ROWS - 1) / Q4K_ROWS;
     const int g0 = task * Q4K_TASK_GROUPS;
     const int g1 = g0 + Q4K_TASK_GROUPS < n_groups ? g0 + Q4K_TASK_GROUPS : n_groups;
+    const uint8_t *lv[Q4K_TASK_GROUPS] = {NULL};
+    const bool unpacked = j->panels != NULL;
+    if (unpacked) {
+        const size_t group_bytes = (size_t)j->ns * Q4K_UNPACKED_SUPER;
+        uint8_t *panel = j->panels + (size_t)tid * Q4K_TASK_GROUPS * group_bytes;
+        for (int g = g0; g < g1; g++) {
+            uint8_t *dst = panel + (size_t)(g - g0) * group_bytes;
+            for (int sb = 0; sb < j->ns; sb++)
+                unpack_block(dst + (size_t)sb * Q4K_UNPACKED_SUPER,
+                             j->w + ((size_t)g * j->ns + sb) * Q4K_GROUP_SUPER);
+            lv[g - g0] = dst;
+        }
+    }
     for (int t0 = 0; t0 < j->T; t0 += Q4K_MT) {
         const int mt = j->T - t0 < Q4K_MT ? j->T - t0 : Q4K_MT;
         for (int g = g0; g < g1; g += Q4K_NG)
-            q4_tile_any(j, t0, g, mt, g1 - g < Q4K_NG ? 1 : Q4K_NG);
+            q4_tile_any(j, lv + (g - g0), t0, g, mt, g1 - g < Q4K_NG ? 1 : Q4K_NG, unpacked);
     }
 }
 
@@ -346,7 +443,21 @@ void cake_matmul_q4_k(float *y, const float *x, const void *w, int n_tokens, int
         cake_matmul_q4_k_lanes(y, x, w, n_tokens, n_in, n_out);
         return;
     }
+    const size_t nblk = (size_t)n_tokens * j.nb;
+    j.dx_sum = malloc(nblk * sizeof(float));
+    if (!j.dx_sum) {
+        cake_q8_acts_free(&j.a);
+        cake_matmul_q4_k_lanes(y, x, w, n_tokens, n_in, n_out);
+        return;
+    }
+    for (size_t i = 0; i < nblk; i++) j.dx_sum[i] = j.a.d[i] * (float)(j.a.c[i] / 128);
+    /* the panels (without them, the nibbles are read in place: the same bits) */
+    if (n_tokens >= Q4K_UNPACK_MIN_TOKENS)
+        j.panels = aligned_alloc(64, (size_t)cake_threadpool_size(pool) * Q4K_TASK_GROUPS *
+                                         (size_t)j.ns * Q4K_UNPACKED_SUPER);
     cake_threadpool_run(pool, n_tasks, q4_task, &j);
+    free(j.panels);
+    free(j.dx_sum);
     cake_q8_acts_free(&j.a);
 #else
     cake_threadpool_run(pool, n_tasks, q4_task, &j);
