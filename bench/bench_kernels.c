@@ -142,7 +142,7 @@ static void bench_matmul(cake_threadpool *pool, int n_threads, int quick) {
                 cake_q8_0_pack_x16(wx16, wq, (int)rows, n_in);
                 w = wx16;
             } else if (dtype == CAKE_DTYPE_Q4_K_X16) { /* fits: 4.625 bits < Q8_0's 8.5 */
-                cake_q4_k_pack_x16(wx16, wq4, (int)rows, n_in);
+                cake_kquant_pack_x16(CAKE_DTYPE_Q4_K_X16, wx16, wq4, (int)rows, n_in);
                 w = wx16;
             }
             for (int ti = 0; ti < n_T; ti++) {

@@ -76,9 +76,9 @@ static void k_scale_min(int j, const uint8_t *s, int *sc, int *m) {
     }
 }
 
-void cake_q4_k_unpack(const void *block, uint16_t *d, uint16_t *dmin, uint8_t sc[8], uint8_t m[8],
-                      uint8_t q[256]) {
-    const uint8_t *b = block, *qs = b + 16;
+void cake_q45_k_unpack(const void *block, bool five, uint16_t *d, uint16_t *dmin, uint8_t sc[8],
+                       uint8_t m[8], uint8_t q[256]) {
+    const uint8_t *b = block, *qh = b + 16, *qs = b + (five ? 48 : 16);
     memcpy(d, b, 2);
     memcpy(dmin, b + 2, 2);
     for (int j = 0; j < 8; j++) {
@@ -87,10 +87,11 @@ void cake_q4_k_unpack(const void *block, uint16_t *d, uint16_t *dmin, uint8_t sc
         sc[j] = (uint8_t)s;
         m[j] = (uint8_t)mm;
     }
-    for (int i = 0; i < 4; i++, qs += 32)
+    for (int i = 0; i < 4; i++, qs += 32) /* as qk_4_5 below */
         for (int l = 0; l < 32; l++) {
-            q[64 * i + l] = qs[l] & 0xF;
-            q[64 * i + 32 + l] = qs[l] >> 4;
+            q[64 * i + l] = (uint8_t)((qs[l] & 0xF) | (five && (qh[l] >> (2 * i) & 1) ? 16 : 0));
+            q[64 * i + 32 + l] =
+                (uint8_t)((qs[l] >> 4) | (five && (qh[l] >> (2 * i + 1) & 1) ? 16 : 0));
         }
 }
 

@@ -40,11 +40,11 @@ void cake_dequant_to_f32(int type, const void *src, size_t first, float *dst, si
  * and IQ4 decode in lanes, and the tests hold those to this bit for bit. */
 void cake_dequant_to_f32_lanes(int type, const void *src, size_t first, float *dst, size_t n);
 
-/* A Q4_K block's parts: d and dmin (f16 bits), the 6-bit scale and min of
- * each sub-block of 32, and the 256 levels 0..15; value k is
- * d * sc[k / 32] * q[k] - dmin * m[k / 32]. */
-void cake_q4_k_unpack(const void *block, uint16_t *d, uint16_t *dmin, uint8_t sc[8], uint8_t m[8],
-                      uint8_t q[256]);
+/* A Q4_K (five: Q5_K) block's parts: d and dmin (f16 bits), the 6-bit scale
+ * and min of each sub-block of 32, and the 256 levels 0..15 (0..31); value k
+ * is d * sc[k / 32] * q[k] - dmin * m[k / 32]. */
+void cake_q45_k_unpack(const void *block, bool five, uint16_t *d, uint16_t *dmin, uint8_t sc[8],
+                       uint8_t m[8], uint8_t q[256]);
 
 #ifdef __cplusplus
 }

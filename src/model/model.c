@@ -283,6 +283,20 @@ static int requantize_x16(uint8_t *dst, const cake_weight *w) {
     return 0;
 }
 
+/* The CPU matmul's layout of a quantized matrix: Q4_K and Q5_K keep their
+ * levels (matmul_kquant.c), the others go to Q8_0 (matmul_q8_0.c). */
+static int packed_dtype(const cake_weight *w) {
+    return w->dtype == CAKE_DTYPE_Q4_K   ? CAKE_DTYPE_Q4_K_X16
+           : w->dtype == CAKE_DTYPE_Q5_K ? CAKE_DTYPE_Q5_K_X16
+                                         : CAKE_DTYPE_Q8_0_X16;
+}
+
+static size_t packed_size(const cake_weight *w) {
+    const int pd = packed_dtype(w);
+    return pd == CAKE_DTYPE_Q8_0_X16 ? cake_q8_0_x16_size(w->n_out, w->n_in)
+                                     : cake_kquant_x16_size(pd, w->n_out, w->n_in);
+}
+
 /* Repacks matrix i, then releases its pages of the file from this process
  * (so that the peak stays near the model's size). */
 static void pack_task(void *ctx, int i, int tid) {
@@ -291,8 +305,8 @@ static void pack_task(void *ctx, int i, int tid) {
     const cake_weight *w = j->w[i];
     if (w->dtype == CAKE_DTYPE_Q8_0)
         cake_q8_0_pack_x16(j->dst[i], w->data, w->n_out, w->n_in);
-    else if (w->dtype == CAKE_DTYPE_Q4_K)
-        cake_q4_k_pack_x16(j->dst[i], w->data, w->n_out, w->n_in);
+    else if (packed_dtype(w) != CAKE_DTYPE_Q8_0_X16)
+        cake_kquant_pack_x16(packed_dtype(w), j->dst[i], w->data, w->n_out, w->n_in);
     else if (requantize_x16(j->dst[i], w))
         j->no_mem = 1;
     if (w->data == j->keep) return;
@@ -301,17 +315,6 @@ static void pack_task(void *ctx, int i, int tid) {
     const uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE), a = (uintptr_t)w->data;
     const uintptr_t lo = (a + page - 1) / page * page, hi = (a + bytes) / page * page;
     if (hi > lo) (void)madvise((void *)lo, hi - lo, MADV_DONTNEED);
-}
-
-/* The CPU matmul's layout of a quantized matrix: Q4_K keeps its 4-bit
- * levels (matmul_q4_k.c), the others go to Q8_0 (matmul_q8_0.c). */
-static int packed_dtype(const cake_weight *w) {
-    return w->dtype == CAKE_DTYPE_Q4_K ? CAKE_DTYPE_Q4_K_X16 : CAKE_DTYPE_Q8_0_X16;
-}
-
-static size_t packed_size(const cake_weight *w) {
-    return packed_dtype(w) == CAKE_DTYPE_Q4_K_X16 ? cake_q4_k_x16_size(w->n_out, w->n_in)
-                                                  : cake_q8_0_x16_size(w->n_out, w->n_in);
 }
 
 /* Quantized matrices are repacked once into the CPU matmul's layouts
@@ -559,10 +562,10 @@ static void compute_fingerprint(void) {
     /* Quantized matrices multiply 8-bit activations since the x16 kernel; KV
      * computed before that (exact f32 activations) is not the same bits. */
     if (m->quantized) hash_u64(st, 0x71385f30783136u);
-    /* and Q4_K matrices keep their levels since the Q4_K kernel (they were
-     * requantized to Q8_0 before). */
+    /* and Q4_K and Q5_K matrices keep their levels since the k-quant kernel
+     * (they were requantized to Q8_0 before). */
     for (int i = 0; i < n_matmul_weights(m); i++)
-        if (matmul_weight(m, i)->dtype == CAKE_DTYPE_Q4_K) {
+        if (packed_dtype(matmul_weight(m, i)) != CAKE_DTYPE_Q8_0_X16) {
             hash_u64(st, 0x71345f6b783136u);
             break;
         }

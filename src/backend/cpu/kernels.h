@@ -92,8 +92,8 @@ void cake_q8_0_quantize_row(const float *x, uint8_t *dst, size_t n);
  * dtype F32, F16 or BF16 (cake_dtype numbering), read in place (converted in
  * registers; nothing is copied), or CAKE_DTYPE_Q8_0_X16 (n_in a multiple of
  * 32; x is quantized to 8 bits per block of 32, as llama.cpp does for Q8_0,
- * and multiplied in integers: matmul_q8_0.c), or CAKE_DTYPE_Q4_K_X16 (n_in
- * a multiple of 256; likewise: matmul_q4_k.c).
+ * and multiplied in integers: matmul_q8_0.c), or CAKE_DTYPE_Q4_K_X16 or
+ * CAKE_DTYPE_Q5_K_X16 (n_in a multiple of 256; likewise: matmul_kquant.c).
  * A threaded AVX-512 dot-product kernel for every batch size (matmul.c
  * explains why not sgemm); a token's output row is bit-identical whatever
  * n_tokens and the thread count. Returns 0, or -1 for an unsupported dtype. */
@@ -135,24 +135,25 @@ int cake_matmul_q8_0_ref(float *y, const float *x, const void *w, int n_tokens, 
 void cake_matmul_q8_0_lanes(float *y, const float *x, const void *w, int n_tokens, int n_in,
                             int n_out);
 
-/* ---- Q4_K weights, kept 4-bit for the matmul (matmul_q4_k.c) ----
- * CAKE_DTYPE_Q4_K_X16 (not a GGUF type; layout at the top of matmul_q4_k.c):
- * a Q4_K matrix (n_out, n_in), n_in a multiple of 256, rows in groups of 16,
- * made once from the file's blocks by cake_q4_k_pack_x16 into
- * cake_q4_k_x16_size bytes (4.625 bits a weight). The kernel, the reference
- * and the scalar twin as for Q8_0; the level (0..15), scale and min of row
- * r, column k, for the tests (ns = n_in / 256). */
-enum { CAKE_DTYPE_Q4_K_X16 = 1012 };
-size_t cake_q4_k_x16_size(int n_out, int n_in);
-void cake_q4_k_pack_x16(void *dst, const void *q4_k, int n_out, int n_in);
-void cake_matmul_q4_k(float *y, const float *x, const void *w, int n_tokens, int n_in, int n_out,
-                      cake_threadpool *pool);
-int cake_matmul_q4_k_ref(float *y, const float *x, const void *w, int n_tokens, int n_in,
-                         int n_out);
-void cake_matmul_q4_k_lanes(float *y, const float *x, const void *w, int n_tokens, int n_in,
-                            int n_out);
-int cake_q4_k_x16_level(const void *w, size_t ns, size_t r, size_t k);
-float cake_q4_k_x16_scale(const void *w, size_t ns, size_t r, size_t k);
-float cake_q4_k_x16_min(const void *w, size_t ns, size_t r, size_t k);
+/* ---- Q4_K and Q5_K weights, kept at their bits (matmul_kquant.c) ----
+ * CAKE_DTYPE_Q4_K_X16 and CAKE_DTYPE_Q5_K_X16 (not GGUF types; layouts at
+ * the top of matmul_kquant.c): a Q4_K or Q5_K matrix (n_out, n_in), n_in a
+ * multiple of 256, rows in groups of 16, made once from the file's blocks
+ * by cake_kquant_pack_x16 into cake_kquant_x16_size bytes (4.625 or 5.625
+ * bits a weight). The kernel, the reference and the scalar twin as for
+ * Q8_0; the level (0..15 or 0..31), scale and min of row r, column k, for
+ * the tests (ns = n_in / 256). */
+enum { CAKE_DTYPE_Q4_K_X16 = 1012, CAKE_DTYPE_Q5_K_X16 = 1013 };
+size_t cake_kquant_x16_size(int x16_dtype, int n_out, int n_in);
+void cake_kquant_pack_x16(int x16_dtype, void *dst, const void *blocks, int n_out, int n_in);
+void cake_matmul_kquant(int x16_dtype, float *y, const float *x, const void *w, int n_tokens,
+                        int n_in, int n_out, cake_threadpool *pool);
+int cake_matmul_kquant_ref(int x16_dtype, float *y, const float *x, const void *w, int n_tokens,
+                           int n_in, int n_out);
+void cake_matmul_kquant_lanes(int x16_dtype, float *y, const float *x, const void *w, int n_tokens,
+                              int n_in, int n_out);
+int cake_kquant_x16_level(int x16_dtype, const void *w, size_t ns, size_t r, size_t k);
+float cake_kquant_x16_scale(int x16_dtype, const void *w, size_t ns, size_t r, size_t k);
+float cake_kquant_x16_min(int x16_dtype, const void *w, size_t ns, size_t r, size_t k);
 
 #endif

@@ -60,7 +60,7 @@
 static int dtype_ok(int dt, int n_in) {
     return dt == CAKE_DTYPE_F32 || dt == CAKE_DTYPE_F16 || dt == CAKE_DTYPE_BF16 ||
            (dt == CAKE_DTYPE_Q8_0_X16 && n_in % CAKE_Q8_0_BLOCK == 0) ||
-           (dt == CAKE_DTYPE_Q4_K_X16 && n_in % 256 == 0);
+           ((dt == CAKE_DTYPE_Q4_K_X16 || dt == CAKE_DTYPE_Q5_K_X16) && n_in % 256 == 0);
 }
 
 static float w_at(const void *w, int dt, size_t i) {
@@ -80,7 +80,8 @@ int cake_matmul_ref(float *y, const float *x, const void *w, int w_dtype, int n_
                     int n_out) {
     if (!dtype_ok(w_dtype, n_in)) return -1;
     if (w_dtype == CAKE_DTYPE_Q8_0_X16) return cake_matmul_q8_0_ref(y, x, w, n_tokens, n_in, n_out);
-    if (w_dtype == CAKE_DTYPE_Q4_K_X16) return cake_matmul_q4_k_ref(y, x, w, n_tokens, n_in, n_out);
+    if (w_dtype == CAKE_DTYPE_Q4_K_X16 || w_dtype == CAKE_DTYPE_Q5_K_X16)
+        return cake_matmul_kquant_ref(w_dtype, y, x, w, n_tokens, n_in, n_out);
     for (int t = 0; t < n_tokens; t++)
         for (int n = 0; n < n_out; n++) {
             double s = 0.0;
@@ -120,8 +121,8 @@ int cake_matmul_lanes(float *y, const float *x, const void *w, int w_dtype, int 
     if (!dtype_ok(w_dtype, n_in)) return -1;
     if (w_dtype == CAKE_DTYPE_Q8_0_X16)
         cake_matmul_q8_0_lanes(y, x, w, n_tokens, n_in, n_out);
-    else if (w_dtype == CAKE_DTYPE_Q4_K_X16)
-        cake_matmul_q4_k_lanes(y, x, w, n_tokens, n_in, n_out);
+    else if (w_dtype == CAKE_DTYPE_Q4_K_X16 || w_dtype == CAKE_DTYPE_Q5_K_X16)
+        cake_matmul_kquant_lanes(w_dtype, y, x, w, n_tokens, n_in, n_out);
     else
         lanes_rows(y, x, w, w_dtype, n_tokens, n_in, n_out, 0, n_out);
     return 0;
@@ -382,8 +383,8 @@ int cake_matmul(float *y, const float *x, const void *w, int w_dtype, int n_toke
         cake_matmul_q8_0(y, x, w, n_tokens, n_in, n_out, pool);
         return 0;
     }
-    if (w_dtype == CAKE_DTYPE_Q4_K_X16) {
-        cake_matmul_q4_k(y, x, w, n_tokens, n_in, n_out, pool);
+    if (w_dtype == CAKE_DTYPE_Q4_K_X16 || w_dtype == CAKE_DTYPE_Q5_K_X16) {
+        cake_matmul_kquant(w_dtype, y, x, w, n_tokens, n_in, n_out, pool);
         return 0;
     }
     mm_job j = {.y = y, .x = x, .w = w, .dt = w_dtype, .T = n_tokens, .n_in = n_in, .n_out = n_out};

@@ -1,0 +1,527 @@
+/* The CPU matmul for Q4_K and Q5_K weights, at their own bits (4.625 and
+ * 5.625 a weight here) instead of a Q8_0 copy (8.5): the integer kernel of
+ * matmul_q8_0.c with 4- or 5-bit weights.
+ *
+ * A Q4_K or Q5_K block is 256 values in 8 sub-blocks of 32; value k of
+ * sub-block j is s_j q_k - m_j with q_k in 0..15 (Q5_K: 0..31), s_j = d sc_j
+ * and m_j = dmin mn_j (d, dmin f16; sc_j, mn_j 6-bit; both products exact in
+ * f32). Activations are quantized per block of 32 as for Q8_0 (cake_q8_acts:
+ * dx, qx), so a sub-block contributes
+ *     s_j dx isum - m_j dx sum qx,   isum = sum q_k qx_k, exact integers,
+ * and each output is a chain over the blocks b = 0, 1, ... of
+ *     y = fma((float)isum_b, s_b * dx_b, y),
+ * then a second chain over them of y = fma(-m_b, dx_b * sum qx_b, y)
+ * (products rounded to f32 first; the mins' terms in the first chain cost
+ * ~20% of prefill, their own chain almost nothing). As for Q8_0 a token's row
+ * is the same bits whatever the batch, tiles and threads, and the scalar twin
+ * below gives the same bits. No weight is rounded: the result differs from
+ * the exact one by the activations' rounding only (a Q8_0 copy also rounds
+ * every weight to 8 bits).
+ *
+ * The layouts (CAKE_DTYPE_Q4_K_X16, CAKE_DTYPE_Q5_K_X16), made once from the
+ * file's blocks (cake_kquant_pack_x16): rows in groups of 16 (the last padded
+ * with zero rows), and per group and block of 256 columns
+ *     16 f16 d, then 16 f16 dmin (64 bytes);
+ *     per sub-block j = 0..7: 16 sc_j, then 16 mn_j (one byte each);
+ *     per sub-block j: for p = 0..3, for row i = 0..15, 4 bytes k = 0..3:
+ *         low nibble q[i][32 j + 4 p + k], high nibble q[i][32 j + 16 + 4 p + k]
+ *         (the levels' low 4 bits);
+ *     Q5_K only, per sub-block j: for p = 0..3 two 64-bit masks, bit 4 i + k
+ *         the fifth bit of the level the low (then the high) nibble above
+ *         holds;
+ * 2368 bytes (Q4_K) or 2880 (Q5_K). One 64-byte load holds 4 consecutive
+ * levels of 16 rows twice over: its low nibbles (AND 0x0F) and its high ones
+ * (shift, AND), each plus 16 where its mask bit says so, are two operands of
+ * vpdpbusd with the rows in the lanes, as in the Q8_0 kernel; the levels are
+ * unsigned already (no +128 to take off). */
+#ifdef __clang__
+#pragma STDC FP_CONTRACT OFF
+#endif
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend/cpu/kernels.h"
+#include "backend/cpu/simd.h"
+#include "model/dequant.h"
+#include "model/gguf.h"
+
+#if defined(CAKE_AVX512) && defined(__AVX512VNNI__)
+#define KQ_VNNI 1
+#endif
+
+enum {
+    KQ_ROWS = 16,                         /* rows per group: the lanes */
+    KQ_SUPER = 256,                       /* columns per block */
+    KQ_SUBS = 8,                          /* sub-blocks of 32 per block */
+    KQ_SCOFF = 64,                        /* the scales after the 16 d and 16 dmin */
+    KQ_QOFF = KQ_SCOFF + KQ_SUBS * 32,    /* the nibbles after the scales: 320 */
+    KQ_HOFF = KQ_QOFF + KQ_SUBS * 256,    /* Q5_K's fifth bits after them: 2368 */
+    KQ_GROUP_Q4 = KQ_HOFF,                /* bytes per group and block: Q4_K */
+    KQ_GROUP_Q5 = KQ_HOFF + KQ_SUBS * 64, /* Q5_K: 2880 */
+    KQ_MT = 6,                            /* tokens per register tile */
+    KQ_NG = 2,                            /* row groups per register tile */
+    KQ_TASK_GROUPS = 4,                   /* row groups per task (64 rows) */
+};
+
+static bool is_q5(int x16_dtype) {
+    return x16_dtype == CAKE_DTYPE_Q5_K_X16;
+}
+
+static size_t group_super(int x16_dtype) {
+    return is_q5(x16_dtype) ? KQ_GROUP_Q5 : KQ_GROUP_Q4;
+}
+
+size_t cake_kquant_x16_size(int x16_dtype, int n_out, int n_in) {
+    return (size_t)((n_out + KQ_ROWS - 1) / KQ_ROWS) * (size_t)(n_in / KQ_SUPER) *
+           group_super(x16_dtype);
+}
+
+void cake_kquant_pack_x16(int x16_dtype, void *dst, const void *blocks, int n_out, int n_in) {
+    const bool five = is_q5(x16_dtype);
+    const size_t gs = group_super(x16_dtype),
+                 block_bytes = cake_dequant_block_bytes(five ? CAKE_DTYPE_Q5_K : CAKE_DTYPE_Q4_K);
+    const int ns = n_in / KQ_SUPER, ng = (n_out + KQ_ROWS - 1) / KQ_ROWS;
+    uint8_t *d = dst;
+    for (int g = 0; g < ng; g++)
+        for (int sb = 0; sb < ns; sb++, d += gs) {
+            memset(d, 0, gs); /* padding rows: scales 0, levels 0 */
+            for (int i = 0; i < KQ_ROWS && g * KQ_ROWS + i < n_out; i++) {
+                const uint8_t *blk = (const uint8_t *)blocks +
+                                     ((size_t)(g * KQ_ROWS + i) * ns + (size_t)sb) * block_bytes;
+                uint16_t dd, dm;
+                uint8_t sc[8], mn[8], q[256];
+                cake_q45_k_unpack(blk, five, &dd, &dm, sc, mn, q);
+                memcpy(d + 2 * i, &dd, 2);
+                memcpy(d + 32 + 2 * i, &dm, 2);
+                for (int j = 0; j < KQ_SUBS; j++) {
+                    d[KQ_SCOFF + 32 * j + i] = sc[j];
+                    d[KQ_SCOFF + 32 * j + 16 + i] = mn[j];
+                    for (int p = 0; p < 4; p++)
+                        for (int k = 0; k < 4; k++) {
+                            const int lo = q[32 * j + 4 * p + k], hi = q[32 * j + 16 + 4 * p + k];
+                            d[KQ_QOFF + 256 * j + 64 * p + 4 * i + k] =
+                                (uint8_t)((lo & 15) | (hi & 15) << 4);
+                            const int bit = 4 * i + k; /* of the masks, little-endian */
+                            uint8_t *mask = d + KQ_HOFF + 64 * j + 16 * p;
+                            if (lo & 16) mask[bit / 8] |= (uint8_t)(1u << bit % 8);
+                            if (hi & 16) mask[8 + bit / 8] |= (uint8_t)(1u << bit % 8);
+                        }
+                }
+            }
+        }
+}
+
+/* Row r of such a matrix with ns blocks of 256 per row: the group-block
+ * holding column k, its level there, and the scale s and min m of the
+ * sub-block of 32 holding k. */
+static const uint8_t *group_block(int x16_dtype, const void *w, size_t ns, size_t r, size_t k) {
+    return (const uint8_t *)w + ((r / KQ_ROWS) * ns + k / KQ_SUPER) * group_super(x16_dtype);
+}
+
+int cake_kquant_x16_level(int x16_dtype, const void *w, size_t ns, size_t r, size_t k) {
+    const uint8_t *gb = group_block(x16_dtype, w, ns, r, k);
+    const size_t e = k % KQ_SUPER, j = e / 32, c = e % 32, p = c % 16 / 4,
+                 bit = 4 * (r % KQ_ROWS) + c % 4;
+    const uint8_t b = gb[KQ_QOFF + 256 * j + 64 * p + bit];
+    int q = c < 16 ? b & 0xF : b >> 4;
+    if (is_q5(x16_dtype)) {
+        const uint8_t *mask = gb + KQ_HOFF + 64 * j + 16 * p + (c < 16 ? 0 : 8);
+        q |= (mask[bit / 8] >> bit % 8 & 1) << 4;
+    }
+    return q;
+}
+
+static float f16_at(const uint8_t *p) {
+    cake_f16 h;
+    memcpy(&h, p, 2);
+    return cake_f16_to_f32(h);
+}
+
+float cake_kquant_x16_scale(int x16_dtype, const void *w, size_t ns, size_t r, size_t k) {
+    const uint8_t *gb = group_block(x16_dtype, w, ns, r, k);
+    const size_t i = r % KQ_ROWS, j = k % KQ_SUPER / 32;
+    return (float)gb[KQ_SCOFF + 32 * j + i] * f16_at(gb + 2 * i);
+}
+
+float cake_kquant_x16_min(int x16_dtype, const void *w, size_t ns, size_t r, size_t k) {
+    const uint8_t *gb = group_block(x16_dtype, w, ns, r, k);
+    const size_t i = r % KQ_ROWS, j = k % KQ_SUPER / 32;
+    return (float)gb[KQ_SCOFF + 32 * j + 16 + i] * f16_at(gb + 32 + i * 2);
+}
+
+/* ===================== reference and scalar twin ===================== */
+
+int cake_matmul_kquant_ref(int x16_dtype, float *y, const float *x, const void *w, int n_tokens,
+                           int n_in, int n_out) {
+    const int nb = n_in / CAKE_Q8_0_BLOCK, ns = n_in / KQ_SUPER;
+    for (int t = 0; t < n_tokens; t++)
+        for (int n = 0; n < n_out; n++) {
+            double s = 0.0;
+            for (int b = 0; b < nb; b++) {
+                int8_t q[CAKE_Q8_0_BLOCK];
+                float dx;
+                int32_t c;
+                cake_q8_quantize_block_lanes(x + (size_t)t * n_in + (size_t)b * CAKE_Q8_0_BLOCK, q,
+                                             &dx, &c);
+                const size_t k0 = (size_t)b * CAKE_Q8_0_BLOCK;
+                long isum = 0;
+                for (int k = 0; k < CAKE_Q8_0_BLOCK; k++)
+                    isum += (long)cake_kquant_x16_level(x16_dtype, w, ns, n, k0 + k) * q[k];
+                s += (double)dx *
+                     ((double)cake_kquant_x16_scale(x16_dtype, w, ns, n, k0) * (double)isum -
+                      (double)cake_kquant_x16_min(x16_dtype, w, ns, n, k0) * (double)(c / 128));
+            }
+            y[(size_t)t * n_out + n] = (float)s;
+        }
+    return 0;
+}
+
+/* Rows [r0, r1) of every token in the kernel's order. */
+static void lanes_rows(int x16_dtype, float *y, const float *x, const uint8_t *w, int n_tokens,
+                       int n_in, int n_out, int r0, int r1) {
+    const int nb = n_in / CAKE_Q8_0_BLOCK, ns = n_in / KQ_SUPER;
+    for (int t = 0; t < n_tokens; t++) {
+        float *yt = y + (size_t)t * n_out;
+        for (int n = r0; n < r1; n++) yt[n] = 0.0f;
+        for (int b = 0; b < nb; b++) { /* the scales' chain */
+            int8_t q[CAKE_Q8_0_BLOCK];
+            float dx;
+            int32_t c;
+            cake_q8_quantize_block_lanes(x + (size_t)t * n_in + (size_t)b * CAKE_Q8_0_BLOCK, q, &dx,
+                                         &c);
+            const size_t k0 = (size_t)b * CAKE_Q8_0_BLOCK;
+            for (int n = r0; n < r1; n++) {
+                int isum = 0;
+                for (int k = 0; k < CAKE_Q8_0_BLOCK; k++)
+                    isum += cake_kquant_x16_level(x16_dtype, w, ns, n, k0 + k) * q[k];
+                yt[n] =
+                    fmaf((float)isum, cake_kquant_x16_scale(x16_dtype, w, ns, n, k0) * dx, yt[n]);
+            }
+        }
+        for (int b = 0; b < nb; b++) { /* then the mins' */
+            int8_t q[CAKE_Q8_0_BLOCK];
+            float dx;
+            int32_t c;
+            cake_q8_quantize_block_lanes(x + (size_t)t * n_in + (size_t)b * CAKE_Q8_0_BLOCK, q, &dx,
+                                         &c);
+            const float dx_sum = dx * (float)(c / 128);
+            for (int n = r0; n < r1; n++)
+                yt[n] = fmaf(-cake_kquant_x16_min(x16_dtype, w, ns, n, (size_t)b * CAKE_Q8_0_BLOCK),
+                             dx_sum, yt[n]);
+        }
+    }
+}
+
+void cake_matmul_kquant_lanes(int x16_dtype, float *y, const float *x, const void *w, int n_tokens,
+                              int n_in, int n_out) {
+    lanes_rows(x16_dtype, y, x, w, n_tokens, n_in, n_out, 0, n_out);
+}
+
+/* ===================== the threaded kernel ===================== */
+
+typedef struct {
+    float *y;
+    const float *x;
+    const uint8_t *w;
+    int x16_dtype;
+    bool five;
+    size_t group_super;
+    int T, n_in, n_out, nb, ns;
+    cake_q8_acts a;
+    float *dx_sum;   /* (T, nb) each block's scale times its sum of q: the mins' factor */
+    uint8_t *panels; /* NULL, or per thread one task's blocks unpacked (unpack_block) */
+} kq_job;
+
+#ifdef KQ_VNNI
+
+#define UNROLL _Pragma("GCC unroll 8")
+
+/* A batch of at least this many tokens unpacks each task's levels to bytes
+ * first (below); fewer read the packed levels where they are. */
+#define KQ_UNPACK_MIN_TOKENS 16
+
+/* The 16 rows' scales s = d sc and mins m = dmin mn of sub-block `sub` of
+ * group-block gb, as f32 lanes. */
+CAKE_INLINE void scales_of(const uint8_t *gb, int sub, __m512 *s, __m512 *m) {
+    const uint8_t *sc = gb + KQ_SCOFF + 32 * sub;
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)gb)),
+                 dmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(gb + 32)));
+    *s = _mm512_mul_ps(
+        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)sc))), d);
+    *m = _mm512_mul_ps(
+        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(sc + 16)))),
+        dmin);
+}
+
+/* The levels of load p of sub-block `sub` of group-block gb: lo, the 4
+ * consecutive levels 4p.. of each row, hi those at 16 + 4p.. */
+CAKE_INLINE void levels_of(const uint8_t *gb, int sub, int p, bool five, __m512i *lo, __m512i *hi) {
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    const __m512i v = _mm512_loadu_si512(gb + KQ_QOFF + 256 * sub + 64 * p);
+    *lo = _mm512_and_si512(v, low4);
+    *hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+    if (five) {
+        const __m512i sixteen = _mm512_set1_epi8(16);
+        uint64_t k_lo, k_hi;
+        memcpy(&k_lo, gb + KQ_HOFF + 64 * sub + 16 * p, 8);
+        memcpy(&k_hi, gb + KQ_HOFF + 64 * sub + 16 * p + 8, 8);
+        *lo = _mm512_mask_add_epi8(*lo, k_lo, *lo, sixteen);
+        *hi = _mm512_mask_add_epi8(*hi, k_hi, *hi, sixteen);
+    }
+}
+
+/* One group's block of 256 unpacked: per sub-block 8 steps of 64 bytes (4
+ * consecutive levels of each of the 16 rows, as the Q8_0 layout has them,
+ * less its +128), then the 16 scales and the 16 mins as f32. */
+enum { KQ_UNPACKED_SUB = 8 * 64 + 2 * 64, KQ_UNPACKED_SUPER = KQ_SUBS * KQ_UNPACKED_SUB };
+
+static void unpack_block(uint8_t *dst, const uint8_t *gb, bool five) {
+    for (int sub = 0; sub < KQ_SUBS; sub++, dst += KQ_UNPACKED_SUB) {
+        for (int p = 0; p < 4; p++) {
+            __m512i lo, hi;
+            levels_of(gb, sub, p, five, &lo, &hi);
+            _mm512_storeu_si512(dst + 64 * p, lo);
+            _mm512_storeu_si512(dst + 64 * (p + 4), hi);
+        }
+        __m512 s, m;
+        scales_of(gb, sub, &s, &m);
+        _mm512_storeu_ps(dst + 512, s);
+        _mm512_storeu_ps(dst + 576, m);
+    }
+}
+
+/* MT tokens (t0..) x NG row groups (g0..): per sub-block 8 vpdpbusd steps
+ * per token, then each lane's chain its FMA; then the mins' chain. The
+ * levels come from lv[g] (unpacked: a group's blocks, one after another) or
+ * from the packed layout: 4 loads of 64 bytes, each 2 steps (low, then high
+ * nibbles); one token (decode) then puts the high nibbles' steps in a
+ * second accumulator, added at the end (integers: the same bits, two
+ * dependency chains instead of one). */
+CAKE_INLINE void kq_tile(const kq_job *j, const uint8_t *const *lv, int t0, int g0, const int MT,
+                         const int NG, const bool unpacked, const bool five) {
+    const int ns = j->ns, nb = j->nb, n_in = j->n_in;
+    __m512 f[KQ_MT][KQ_NG];
+    UNROLL for (int i = 0; i < MT; i++) UNROLL for (int g = 0; g < NG; g++) f[i][g] =
+        _mm512_setzero_ps();
+    for (int sb = 0; sb < ns; sb++) {
+        const uint8_t *wb[KQ_NG];
+        UNROLL for (int g = 0; g < NG; g++) wb[g] =
+            unpacked ? lv[g] + (size_t)sb * KQ_UNPACKED_SUPER
+                     : j->w + ((size_t)(g0 + g) * ns + sb) * j->group_super;
+        for (int sub = 0; sub < KQ_SUBS; sub++) {
+            const int b = sb * KQ_SUBS + sub;
+            __m512i acc[KQ_MT][KQ_NG], hi_acc[KQ_NG];
+            UNROLL for (int g = 0; g < NG; g++) hi_acc[g] = _mm512_setzero_si512();
+            UNROLL for (int i = 0; i < MT; i++) UNROLL for (int g = 0; g < NG; g++) acc[i][g] =
+                _mm512_setzero_si512();
+            const int8_t *xb = j->a.q + (size_t)t0 * n_in + (size_t)b * CAKE_Q8_0_BLOCK;
+            if (unpacked) {
+                UNROLL for (int st = 0; st < 8; st++) {
+                    __m512i wv[KQ_NG];
+                    UNROLL for (int g = 0; g < NG; g++) wv[g] =
+                        _mm512_loadu_si512(wb[g] + KQ_UNPACKED_SUB * sub + 64 * st);
+                    UNROLL for (int i = 0; i < MT; i++) {
+                        int32_t four;
+                        memcpy(&four, xb + (size_t)i * n_in + 4 * st, 4);
+                        const __m512i xv = _mm512_set1_epi32(four);
+                        UNROLL for (int g = 0; g < NG; g++) acc[i][g] =
+                            _mm512_dpbusd_epi32(acc[i][g], wv[g], xv);
+                    }
+                }
+            } else {
+                UNROLL for (int p = 0; p < 4; p++) {
+                    __m512i lo[KQ_NG], hi[KQ_NG];
+                    UNROLL for (int g = 0; g < NG; g++)
+                        levels_of(wb[g], sub, p, five, &lo[g], &hi[g]);
+                    UNROLL for (int i = 0; i < MT; i++) {
+                        int32_t x_lo, x_hi;
+                        memcpy(&x_lo, xb + (size_t)i * n_in + 4 * p, 4);
+                        memcpy(&x_hi, xb + (size_t)i * n_in + 16 + 4 * p, 4);
+                        const __m512i vlo = _mm512_set1_epi32(x_lo), vhi = _mm512_set1_epi32(x_hi);
+                        UNROLL for (int g = 0; g < NG; g++) {
+                            acc[i][g] = _mm512_dpbusd_epi32(acc[i][g], lo[g], vlo);
+                            if (MT == 1)
+                                hi_acc[g] = _mm512_dpbusd_epi32(hi_acc[g], hi[g], vhi);
+                            else
+                                acc[i][g] = _mm512_dpbusd_epi32(acc[i][g], hi[g], vhi);
+                        }
+                    }
+                }
+                if (MT == 1)
+                    UNROLL for (int g = 0; g < NG; g++) acc[0][g] =
+                        _mm512_add_epi32(acc[0][g], hi_acc[g]);
+            }
+            __m512 s[KQ_NG], m_unused;
+            UNROLL for (int g = 0; g < NG; g++) {
+                if (unpacked)
+                    s[g] = _mm512_loadu_ps(wb[g] + KQ_UNPACKED_SUB * sub + 512);
+                else
+                    scales_of(wb[g], sub, &s[g], &m_unused);
+            }
+            UNROLL for (int i = 0; i < MT; i++) {
+                const __m512 dx = _mm512_set1_ps(j->a.d[(size_t)(t0 + i) * nb + b]);
+                UNROLL for (int g = 0; g < NG; g++) f[i][g] = _mm512_fmadd_ps(
+                    _mm512_cvtepi32_ps(acc[i][g]), _mm512_mul_ps(s[g], dx), f[i][g]);
+            }
+        }
+    }
+    /* then the mins' chain */
+    for (int sb = 0; sb < ns; sb++)
+        for (int sub = 0; sub < KQ_SUBS; sub++) {
+            const int b = sb * KQ_SUBS + sub;
+            __m512 m[KQ_NG];
+            UNROLL for (int g = 0; g < NG; g++) {
+                if (unpacked) {
+                    m[g] = _mm512_loadu_ps(lv[g] + (size_t)sb * KQ_UNPACKED_SUPER +
+                                           KQ_UNPACKED_SUB * sub + 576);
+                } else {
+                    __m512 s_unused;
+                    scales_of(j->w + ((size_t)(g0 + g) * ns + sb) * j->group_super, sub, &s_unused,
+                              &m[g]);
+                }
+            }
+            UNROLL for (int i = 0; i < MT; i++) {
+                const __m512 dx_sum = _mm512_set1_ps(j->dx_sum[(size_t)(t0 + i) * nb + b]);
+                UNROLL for (int g = 0; g < NG; g++) f[i][g] =
+                    _mm512_fnmadd_ps(m[g], dx_sum, f[i][g]);
+            }
+        }
+    UNROLL for (int i = 0; i < MT; i++) UNROLL for (int g = 0; g < NG; g++) {
+        const int r = (g0 + g) * KQ_ROWS, left = j->n_out - r;
+        float *dst = j->y + (size_t)(t0 + i) * j->n_out + r;
+        if (left >= KQ_ROWS)
+            _mm512_storeu_ps(dst, f[i][g]);
+        else /* the padded rows of the last group are not stored */
+            _mm512_mask_storeu_ps(dst, cake_tail_mask(left), f[i][g]);
+    }
+}
+
+/* The tile for these sizes, unpacked or packed (Q4_K or Q5_K levels). */
+CAKE_INLINE void kq_tile_ng(const kq_job *j, const uint8_t *const *lv, int t0, int g0, const int MT,
+                            int ng, bool unpacked) {
+    if (unpacked) {
+        if (ng == 2)
+            kq_tile(j, lv, t0, g0, MT, 2, true, false);
+        else
+            kq_tile(j, lv, t0, g0, MT, 1, true, false);
+    } else if (j->five) {
+        if (ng == 2)
+            kq_tile(j, lv, t0, g0, MT, 2, false, true);
+        else
+            kq_tile(j, lv, t0, g0, MT, 1, false, true);
+    } else {
+        if (ng == 2)
+            kq_tile(j, lv, t0, g0, MT, 2, false, false);
+        else
+            kq_tile(j, lv, t0, g0, MT, 1, false, false);
+    }
+}
+
+CAKE_INLINE void kq_tile_any(const kq_job *j, const uint8_t *const *lv, int t0, int g0, int mt,
+                             int ng, bool unpacked) {
+    switch (mt) {
+    case 6:
+        kq_tile_ng(j, lv, t0, g0, 6, ng, unpacked);
+        break;
+    case 5:
+        kq_tile_ng(j, lv, t0, g0, 5, ng, unpacked);
+        break;
+    case 4:
+        kq_tile_ng(j, lv, t0, g0, 4, ng, unpacked);
+        break;
+    case 3:
+        kq_tile_ng(j, lv, t0, g0, 3, ng, unpacked);
+        break;
+    case 2:
+        kq_tile_ng(j, lv, t0, g0, 2, ng, unpacked);
+        break;
+    default:
+        kq_tile_ng(j, lv, t0, g0, 1, ng, unpacked);
+        break;
+    }
+}
+
+/* A task: KQ_TASK_GROUPS row groups for every token, a tile at a time. A
+ * batch of KQ_UNPACK_MIN_TOKENS or more first unpacks the task's blocks in
+ * the thread's panel (64 rows x n_in bytes of levels plus f32 scales and
+ * mins, 640 KiB at n_in 8192, about the Q8_0 kernel's panel, so it stays in
+ * L2): the levels are then taken apart once per task instead of once per
+ * tile of 6 tokens, and the tiles run the Q8_0 kernel's inner loop. */
+static void kq_task(void *ctx, int task, int tid) {
+    const kq_job *j = ctx;
+    const int n_groups = (j->n_out + KQ_ROWS - 1) / KQ_ROWS;
+    const int g0 = task * KQ_TASK_GROUPS;
+    const int g1 = g0 + KQ_TASK_GROUPS < n_groups ? g0 + KQ_TASK_GROUPS : n_groups;
+    const uint8_t *lv[KQ_TASK_GROUPS] = {NULL};
+    const bool unpacked = j->panels != NULL;
+    if (unpacked) {
+        const size_t group_bytes = (size_t)j->ns * KQ_UNPACKED_SUPER;
+        uint8_t *panel = j->panels + (size_t)tid * KQ_TASK_GROUPS * group_bytes;
+        for (int g = g0; g < g1; g++) {
+            uint8_t *dst = panel + (size_t)(g - g0) * group_bytes;
+            for (int sb = 0; sb < j->ns; sb++)
+                unpack_block(dst + (size_t)sb * KQ_UNPACKED_SUPER,
+                             j->w + ((size_t)g * j->ns + sb) * j->group_super, j->five);
+            lv[g - g0] = dst;
+        }
+    }
+    for (int t0 = 0; t0 < j->T; t0 += KQ_MT) {
+        const int mt = j->T - t0 < KQ_MT ? j->T - t0 : KQ_MT;
+        for (int g = g0; g < g1; g += KQ_NG)
+            kq_tile_any(j, lv + (g - g0), t0, g, mt, g1 - g < KQ_NG ? 1 : KQ_NG, unpacked);
+    }
+}
+
+#else /* no VNNI: the scalar twin, in tasks of rows */
+
+static void kq_task(void *ctx, int task, int tid) {
+    (void)tid;
+    const kq_job *j = ctx;
+    const int r0 = task * KQ_TASK_GROUPS * KQ_ROWS;
+    const int r1 =
+        r0 + KQ_TASK_GROUPS * KQ_ROWS < j->n_out ? r0 + KQ_TASK_GROUPS * KQ_ROWS : j->n_out;
+    lanes_rows(j->x16_dtype, j->y, j->x, j->w, j->T, j->n_in, j->n_out, r0, r1);
+}
+
+#endif
+
+void cake_matmul_kquant(int x16_dtype, float *y, const float *x, const void *w, int n_tokens,
+                        int n_in, int n_out, cake_threadpool *pool) {
+    kq_job j = {.y = y,
+                .x = x,
+                .w = w,
+                .x16_dtype = x16_dtype,
+                .five = is_q5(x16_dtype),
+                .group_super = group_super(x16_dtype),
+                .T = n_tokens,
+                .n_in = n_in,
+                .n_out = n_out,
+                .nb = n_in / CAKE_Q8_0_BLOCK,
+                .ns = n_in / KQ_SUPER};
+    const int n_tasks = (n_out + KQ_TASK_GROUPS * KQ_ROWS - 1) / (KQ_TASK_GROUPS * KQ_ROWS);
+#ifdef KQ_VNNI
+    if (cake_q8_acts_make(&j.a, x, n_tokens, n_in, pool)) {
+        /* out of memory: the scalar twin needs no buffer and gives the same bits */
+        cake_matmul_kquant_lanes(x16_dtype, y, x, w, n_tokens, n_in, n_out);
+        return;
+    }
+    const size_t nblk = (size_t)n_tokens * j.nb;
+    j.dx_sum = malloc(nblk * sizeof(float));
+    if (!j.dx_sum) {
+        cake_q8_acts_free(&j.a);
+        cake_matmul_kquant_lanes(x16_dtype, y, x, w, n_tokens, n_in, n_out);
+        return;
+    }
+    for (size_t i = 0; i < nblk; i++) j.dx_sum[i] = j.a.d[i] * (float)(j.a.c[i] / 128);
+    /* the panels (without them, the levels are read packed: the same bits) */
+    if (n_tokens >= KQ_UNPACK_MIN_TOKENS)
+        j.panels = aligned_alloc(64, (size_t)cake_threadpool_size(pool) * KQ_TASK_GROUPS *
+                                         (size_t)j.ns * KQ_UNPACKED_SUPER);
+    cake_threadpool_run(pool, n_tasks, kq_task, &j);
+    free(j.panels);
+    free(j.dx_sum);
+    cake_q8_acts_free(&j.a);
+#else
+    cake_threadpool_run(pool, n_tasks, kq_task, &j);
+#endif
+}
