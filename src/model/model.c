@@ -318,24 +318,24 @@ static void pack_task(void *ctx, int i, int tid) {
 }
 
 /* Quantized matrices are repacked once into the CPU matmul's layouts
- * (packed_dtype), all in one mapping the
- * model owns, on every core and in huge pages where the kernel gives them:
- * most of the time is the kernel zeroing fresh pages (llama-1b: 3.4 s on one
- * thread in 4 KiB pages, 0.5 s this way). The token embedding is read from
+ * (packed_dtype), all in one mapping the model owns, on every core and in
+ * huge pages where the kernel gives them: most of the time is the kernel
+ * zeroing fresh pages (llama-1b: 3.4 s on one thread in 4 KiB pages, 0.5 s
+ * this way). The token embedding is read from
  * the file (by rows; a tied output gets its own repacked copy). */
 static int pack_quantized(cake_model *m, char *err, size_t errlen) {
     const int n = n_matmul_weights(m);
     cake_weight **w = malloc((size_t)n * sizeof(*w));
     if (!w) return cake_err(err, errlen, "out of memory");
-    int n_q8 = 0; /* w[0..n_q8): the quantized ones */
+    int n_quant = 0; /* w[0..n_quant): the quantized ones */
     size_t total = 0;
     for (int i = 0; i < n; i++) {
         cake_weight *wi = matmul_weight(m, i);
         if (!cake_dequant_supported(wi->dtype)) continue;
         total += packed_size(wi);
-        w[n_q8++] = wi;
+        w[n_quant++] = wi;
     }
-    if (!n_q8) {
+    if (!n_quant) {
         free(w);
         return 0;
     }
@@ -348,12 +348,12 @@ static int pack_quantized(cake_model *m, char *err, size_t errlen) {
     (void)madvise(p, total, MADV_HUGEPAGE);
     m->packed = p;
     m->packed_size = total;
-    uint8_t **dst = malloc((size_t)n_q8 * sizeof(*dst)), *next = m->packed;
+    uint8_t **dst = malloc((size_t)n_quant * sizeof(*dst)), *next = m->packed;
     if (!dst) {
         free(w);
         return cake_err(err, errlen, "out of memory");
     }
-    for (int i = 0; i < n_q8; i++) {
+    for (int i = 0; i < n_quant; i++) {
         dst[i] = next;
         next += packed_size(w[i]);
     }
@@ -361,9 +361,9 @@ static int pack_quantized(cake_model *m, char *err, size_t errlen) {
     cake_threadpool *pool = cake_threadpool_create(cores > 1 ? (int)cores : 1);
     /* a NULL pool (no threads to be had) runs every task here */
     pack_job job = {w, dst, m->tok_embd.data, 0};
-    cake_threadpool_run(pool, n_q8, pack_task, &job);
+    cake_threadpool_run(pool, n_quant, pack_task, &job);
     cake_threadpool_free(pool);
-    for (int i = 0; i < n_q8; i++) {
+    for (int i = 0; i < n_quant; i++) {
         w[i]->x16 = dst[i];
         w[i]->x16_dtype = packed_dtype(w[i]);
     }
