@@ -324,14 +324,14 @@ static void test_qwen2_matches_llama(void **state) {
 
 /* The model's tensors as f32, each converted once: F32, F16, and Q8_0 read
  * here from ggml's block layout (an f16 scale, then 32 int8; value d * q);
- * Q4_K and Q5_K through the decoder (test_dequant holds it to the blocks'
- * parts). */
+ * Q4_K, Q5_K and IQ4_XS through the decoder (test_dequant holds it to the
+ * blocks' parts). */
 typedef struct {
     const cake_gguf *g;
     const cake_gguf_tensor *t[512];
     float *f[512];
     int n;
-    bool q8_0; /* the matrices are Q8_0, Q4_K or Q5_K: their inputs are quantized */
+    bool q8_0; /* the matrices are quantized: so are their inputs */
 } ref_tensors;
 
 /* Tensor `what` of layer `layer` (blk.N.what; layer < 0: what itself), or
@@ -351,7 +351,7 @@ static const float *f32_tensor(ref_tensors *r, int layer, const char *what) {
     float *f = malloc(n * sizeof(float));
     assert_non_null(f);
     const uint8_t *b = t->data;
-    const bool k_quant = t->type == CAKE_DTYPE_Q4_K || t->type == CAKE_DTYPE_Q5_K;
+    const bool k_quant = cake_kquant_x16_for((int)t->type) != 0;
     if (k_quant) cake_dequant_to_f32((int)t->type, b, 0, f, n);
     for (size_t i = 0; !k_quant && i < n; i++) {
         uint16_t h;
@@ -437,7 +437,7 @@ static double *reference_logits(const char *path, const cake_token *prompt, int 
     const bool neox = arch.len == 5 && !memcmp(arch.ptr, "qwen", 4); /* qwen2, qwen3 */
     ref_tensors w = {.g = g};
     const int wq_type = (int)cake_gguf_find_tensor(g, "blk.0.attn_q.weight")->type;
-    w.q8_0 = wq_type == CAKE_DTYPE_Q8_0 || wq_type == CAKE_DTYPE_Q4_K || wq_type == CAKE_DTYPE_Q5_K;
+    w.q8_0 = wq_type == CAKE_DTYPE_Q8_0 || cake_kquant_x16_for(wq_type);
     char key[96];
     uint32_t dim, n_layers, nh, nkv, ffn;
     float theta = 10000.0f;
@@ -695,13 +695,12 @@ static void test_q8_0(void **state) {
     unlink(path);
 }
 
-/* What the CPU makes of them: Q4_K and Q5_K matrices as they are (their
- * kernel keeps the levels), the others as Q8_0 (requantized per block of
- * 32), the embedding's rows as their exact values. */
+/* What the CPU makes of them: Q4_K, Q5_K and IQ4_XS matrices as they are
+ * (their kernel keeps the levels), the others as Q8_0 (requantized per
+ * block of 32), the embedding's rows as their exact values. */
 static int as_the_cpu_reads(const char *name, int type) {
     if (!strcmp(name, "token_embd.weight")) return CAKE_DTYPE_F32;
-    const bool kept = type == CAKE_DTYPE_F32 || type == CAKE_DTYPE_Q4_K || type == CAKE_DTYPE_Q5_K;
-    return kept ? type : CAKE_DTYPE_Q8_0;
+    return type == CAKE_DTYPE_F32 || cake_kquant_x16_for(type) ? type : CAKE_DTYPE_Q8_0;
 }
 
 static int one_iq2_xxs(const char *name, int type) {
@@ -736,9 +735,9 @@ static void test_unsupported_weight_type(void **state) {
 }
 
 /* Quantized types besides Q8_0 (`tiny-256`: rows of whole k-quant blocks):
- * the CPU multiplies Q4_K and Q5_K as they are and requantizes the other
- * matrices to Q8_0, so the logits are the bits of the same model written
- * with its Q4_K and Q5_K matrices, those Q8_0 matrices and an f32
+ * the CPU multiplies Q4_K, Q5_K and IQ4_XS as they are and requantizes the
+ * other matrices to Q8_0, so the logits are the bits of the same model
+ * written with those three as they are, the others as Q8_0 and an f32
  * embedding, a model the reference checks; chunked prefill matches one-shot. */
 static void test_other_quants(void **state) {
     (void)state;
@@ -752,7 +751,7 @@ static void test_other_quants(void **state) {
     float *got = first_logits(mixed, &hp);
     assert_int_equal(hp.weight_dtype, CAKE_DTYPE_Q4_K);
     cake_hparams twin_hp;
-    float *want = check_vs_reference(twin, "mixed quants as Q4_K, Q5_K and Q8_0", &twin_hp);
+    float *want = check_vs_reference(twin, "mixed quants as the CPU reads them", &twin_hp);
     for (int i = 0; i < hp.n_vocab; i++)
         if (memcmp(&got[i], &want[i], sizeof(float)))
             fail_msg("logit %d: %.9g on the mixed model, %.9g on its twin", i, got[i], want[i]);
@@ -772,13 +771,14 @@ static void test_other_quants(void **state) {
     for (uint64_t i = 0; i < m->gguf->n_tensors; i++) seen |= 1 << m->gguf->tensors[i].type;
     const int all = 1 << CAKE_DTYPE_Q4_0 | 1 << CAKE_DTYPE_Q4_1 | 1 << CAKE_DTYPE_Q5_0 |
                     1 << CAKE_DTYPE_Q5_1 | 1 << CAKE_DTYPE_Q4_K | 1 << CAKE_DTYPE_Q5_K |
-                    1 << CAKE_DTYPE_Q6_K;
+                    1 << CAKE_DTYPE_Q6_K | 1 << CAKE_DTYPE_IQ4_XS;
     assert_int_equal(seen & all, all);
     check_chunk_invariance(m, 100, 4);
     assert_non_null(m->layers[1].w_down.x16);
     assert_int_equal(m->layers[1].w_down.x16_dtype, CAKE_DTYPE_Q8_0_X16);
     assert_int_equal(m->layers[1].wq.x16_dtype, CAKE_DTYPE_Q4_K_X16);
     assert_int_equal(m->layers[1].wk.x16_dtype, CAKE_DTYPE_Q5_K_X16);
+    assert_int_equal(m->layers[1].w_up.x16_dtype, CAKE_DTYPE_IQ4_XS_X16);
     cake_model_free(m);
     free(got);
     free(want);

@@ -347,7 +347,7 @@ static void test_swiglu(void **state) {
  * under positive d and dmin, so every 6-bit scale and min occurs, the
  * values as the decoder gives them, which test_dequant holds to ggml's). */
 static void *make_weights(int dtype, size_t n, float *as_f32) {
-    if (dtype == CAKE_DTYPE_Q4_K || dtype == CAKE_DTYPE_Q5_K) {
+    if (dtype == CAKE_DTYPE_Q4_K || dtype == CAKE_DTYPE_Q5_K || dtype == CAKE_DTYPE_IQ4_XS) {
         const size_t bb = cake_dequant_block_bytes(dtype);
         uint8_t *w = xmalloc(n / 256 * bb);
         for (size_t b = 0; b < n / 256; b++) {
@@ -355,8 +355,10 @@ static void *make_weights(int dtype, size_t n, float *as_f32) {
             const cake_f16 d = cake_f32_to_f16(rnd_f(0.0002f, 0.002f)),
                            dmin = cake_f32_to_f16(rnd_f(0.0f, 0.01f));
             memcpy(blk, &d, 2);
-            memcpy(blk + 2, &dmin, 2);
+            memcpy(blk + 2, &dmin, 2); /* IQ4_XS: its scales' high bits, random too */
             for (size_t i = 4; i < bb; i++) blk[i] = (uint8_t)rnd_f(0, 255.99f);
+            if (dtype == CAKE_DTYPE_IQ4_XS)
+                for (int i = 2; i < 4; i++) blk[i] = (uint8_t)rnd_f(0, 255.99f);
         }
         cake_dequant_to_f32(dtype, w, 0, as_f32, n);
         return w;
@@ -422,12 +424,10 @@ static void check_matmul_shape(int dtype, int T, int n_in, int n_out) {
     void *w = make_weights(dtype, nw, wf);
     /* The values the weights multiply: x itself, or for Q8_0 x quantized. */
     float *xv = x;
-    if (dtype == CAKE_DTYPE_Q8_0 || dtype == CAKE_DTYPE_Q4_K || dtype == CAKE_DTYPE_Q5_K) {
+    if (dtype == CAKE_DTYPE_Q8_0 || cake_kquant_x16_for(dtype)) {
         /* repacked, as at load */
         if (n_in >= 64) memset(x, 0, 32 * 4); /* a block of zeros: d = 0 */
-        const int x16 = dtype == CAKE_DTYPE_Q4_K   ? CAKE_DTYPE_Q4_K_X16
-                        : dtype == CAKE_DTYPE_Q5_K ? CAKE_DTYPE_Q5_K_X16
-                                                   : CAKE_DTYPE_Q8_0_X16;
+        const int x16 = dtype == CAKE_DTYPE_Q8_0 ? CAKE_DTYPE_Q8_0_X16 : cake_kquant_x16_for(dtype);
         void *packed = xmalloc(x16 == CAKE_DTYPE_Q8_0_X16 ? cake_q8_0_x16_size(n_out, n_in)
                                                           : cake_kquant_x16_size(x16, n_out, n_in));
         if (x16 == CAKE_DTYPE_Q8_0_X16)
@@ -526,19 +526,21 @@ static void test_matmul(void **state) {
                                 {40, 1088, 70}, {12, 64, 300}, {1, 4128, 9},  {5, 4096, 129}};
     for (size_t si = 0; si < sizeof(q8_shapes) / sizeof(q8_shapes[0]); si++)
         check_matmul_shape(CAKE_DTYPE_Q8_0, q8_shapes[si][0], q8_shapes[si][1], q8_shapes[si][2]);
-    /* Q4_K and Q5_K: rows of whole blocks of 256 */
+    /* Q4_K, Q5_K and IQ4_XS: rows of whole blocks of 256 */
     const int q4_shapes[][3] = {{1, 256, 1},    {1, 256, 16},   {2, 512, 17},  {6, 256, 33},
                                 {7, 768, 13},   {13, 512, 67},  {20, 2048, 6}, {1, 4096, 9},
                                 {5, 4096, 129}, {12, 256, 300}, {40, 1024, 70}};
     for (size_t si = 0; si < sizeof(q4_shapes) / sizeof(q4_shapes[0]); si++) {
         check_matmul_shape(CAKE_DTYPE_Q4_K, q4_shapes[si][0], q4_shapes[si][1], q4_shapes[si][2]);
         check_matmul_shape(CAKE_DTYPE_Q5_K, q4_shapes[si][0], q4_shapes[si][1], q4_shapes[si][2]);
+        check_matmul_shape(CAKE_DTYPE_IQ4_XS, q4_shapes[si][0], q4_shapes[si][1], q4_shapes[si][2]);
     }
 }
 
-/* The Q4_K and Q5_K repacks keep every weight: level * scale - min through
- * the layout's lookups is the decoder's value, bit for bit (ggml's
- * d1 * q - m1), and the padding rows of the last group are zeros. */
+/* The Q4_K, Q5_K and IQ4_XS repacks keep every weight: scale * level - min
+ * through the layout's lookups, exact in double and rounded once, is the
+ * decoder's value bit for bit (ggml's d1 * q - m1, dl * table[q]: one
+ * rounding each), and the padding rows of the last group are zeros. */
 static void check_kquant_pack(int dtype, int x16, size_t group_bytes) {
     const int n_out = 21, n_in = 512;
     float *want = xmalloc((size_t)n_out * n_in * 4);
@@ -552,17 +554,20 @@ static void check_kquant_pack(int dtype, int x16, size_t group_bytes) {
         for (int k = 0; k < n_in; k++) {
             const int q = cake_kquant_x16_level(x16, packed, ns, r, k);
             const float s = cake_kquant_x16_scale(x16, packed, ns, r, k),
-                        m = cake_kquant_x16_min(x16, packed, ns, r, k), got = s * (float)q - m;
+                        m = cake_kquant_x16_min(x16, packed, ns, r, k),
+                        got = (float)((double)s * q - (double)m);
             high += q >= 16;
             if (r >= n_out) {
-                if (q || s != 0.0f || m != 0.0f) fail_msg("padding row %d col %d not zero", r, k);
-            } else if (memcmp(&got, &want[(size_t)r * n_in + k], 4)) {
+                const int zero = x16 == CAKE_DTYPE_IQ4_XS_X16 ? cake_iq4_values[0] + 128 : 0;
+                if (q != zero || s != 0.0f || m != 0.0f)
+                    fail_msg("padding row %d col %d not zero", r, k);
+            } else if (got != want[(size_t)r * n_in + k]) { /* (-0: IQ4_XS scale 0) */
                 fail_msg("%s row %d col %d: %g * %d - %g = %.9g, decoder %.9g",
                          cake_dtype_name((uint32_t)dtype), r, k, s, q, m, got,
                          want[(size_t)r * n_in + k]);
             }
         }
-    if (x16 == CAKE_DTYPE_Q5_K_X16 ? high < 1000 : high != 0)
+    if (x16 == CAKE_DTYPE_Q4_K_X16 ? high != 0 : high < 1000)
         fail_msg("%s: %d levels of 16 or more", cake_dtype_name((uint32_t)dtype), high);
     free(want);
     free(w);
@@ -573,6 +578,7 @@ static void test_kquant_pack(void **state) {
     (void)state;
     check_kquant_pack(CAKE_DTYPE_Q4_K, CAKE_DTYPE_Q4_K_X16, 2368);
     check_kquant_pack(CAKE_DTYPE_Q5_K, CAKE_DTYPE_Q5_K_X16, 2880);
+    check_kquant_pack(CAKE_DTYPE_IQ4_XS, CAKE_DTYPE_IQ4_XS_X16, 2368);
 }
 
 /* Elements first..first+n of a CAKE_DTYPE_Q8_0_X16 matrix of rows n_in wide,

@@ -418,6 +418,28 @@ size_t test_quantize_row(int type, const float *x, size_t n, uint8_t *dst) {
         int q[256];
         if (type == CAKE_DTYPE_Q8_0) {
             cake_q8_0_quantize_block(x, dst);
+        } else if (type == CAKE_DTYPE_IQ4_XS) {
+            /* per 32: a scale of max |x| / 127 (the table's reach) as d * sc,
+             * d = the largest / 31; each index the nearest table value */
+            float amax[8], top = 0;
+            for (int i = 0; i < 8; i++) {
+                amax[i] = 0;
+                for (int j = 0; j < 32; j++) amax[i] = fmaxf(amax[i], fabsf(x[32 * i + j]));
+                top = fmaxf(top, amax[i] / 127);
+            }
+            const float d = cake_f16_to_f32(cake_f32_to_f16(top / 31));
+            int sc[8];
+            for (int i = 0; i < 8; i++) sc[i] = d > 0 ? clampi(amax[i] / 127 / d, 1, 31) : 1;
+            for (int j = 0; j < 256; j++) {
+                const float dl = d * (float)sc[j / 32];
+                int best = 0;
+                for (int k = 1; k < 16; k++)
+                    if (fabsf(dl * cake_iq4_values[k] - x[j]) <
+                        fabsf(dl * cake_iq4_values[best] - x[j]))
+                        best = k;
+                q[j] = best;
+            }
+            test_encode_iq4(type, d, sc, q, dst);
         } else if (type == CAKE_DTYPE_Q4_K || type == CAKE_DTYPE_Q5_K) {
             const int top = type == CAKE_DTYPE_Q4_K ? 15 : 31;
             int sc[8], m[8];
@@ -468,11 +490,11 @@ int test_mixed_quants(const char *name, int type) {
         const char *suffix;
         int type;
     } mix[] = {/* attn_output before output: the first suffix that fits counts */
-               {"attn_output.weight", CAKE_DTYPE_Q4_0}, {"output.weight", CAKE_DTYPE_Q6_K},
-               {"token_embd.weight", CAKE_DTYPE_Q4_K},  {"attn_q.weight", CAKE_DTYPE_Q4_K},
-               {"attn_k.weight", CAKE_DTYPE_Q5_K},      {"attn_v.weight", CAKE_DTYPE_Q6_K},
-               {"ffn_gate.weight", CAKE_DTYPE_Q4_1},    {"ffn_up.weight", CAKE_DTYPE_Q5_0},
-               {"ffn_down.weight", CAKE_DTYPE_Q5_1}};
+               {"blk.1.ffn_up.weight", CAKE_DTYPE_IQ4_XS}, {"attn_output.weight", CAKE_DTYPE_Q4_0},
+               {"output.weight", CAKE_DTYPE_Q6_K},         {"token_embd.weight", CAKE_DTYPE_Q4_K},
+               {"attn_q.weight", CAKE_DTYPE_Q4_K},         {"attn_k.weight", CAKE_DTYPE_Q5_K},
+               {"attn_v.weight", CAKE_DTYPE_Q6_K},         {"ffn_gate.weight", CAKE_DTYPE_Q4_1},
+               {"ffn_up.weight", CAKE_DTYPE_Q5_0},         {"ffn_down.weight", CAKE_DTYPE_Q5_1}};
     const size_t n = strlen(name);
     for (size_t i = 0; i < sizeof(mix) / sizeof(mix[0]); i++) {
         const size_t k = strlen(mix[i].suffix);

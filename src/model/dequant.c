@@ -76,16 +76,32 @@ static void k_scale_min(int j, const uint8_t *s, int *sc, int *m) {
     }
 }
 
-void cake_q45_k_unpack(const void *block, bool five, uint16_t *d, uint16_t *dmin, uint8_t sc[8],
-                       uint8_t m[8], uint8_t q[256]) {
-    const uint8_t *b = block, *qh = b + 16, *qs = b + (five ? 48 : 16);
+void cake_kquant_unpack(int type, const void *block, uint16_t *d, uint16_t *dmin, int8_t sc[8],
+                        int8_t m[8], uint8_t q[256]) {
+    const uint8_t *b = block;
     memcpy(d, b, 2);
+    if (type == CAKE_DTYPE_IQ4_XS) {
+        const cake_f16 d128 = cake_f32_to_f16(f16_at(b) * 128.0f); /* exact: a power of 2 */
+        memcpy(dmin, &d128, 2);
+        const int scales_h = b[2] | b[3] << 8;
+        for (int i = 0; i < 8; i++) {
+            const int ls = (b[4 + i / 2] >> (4 * (i % 2)) & 0xF) | (scales_h >> (2 * i) & 3) << 4;
+            sc[i] = m[i] = (int8_t)(ls - 32);
+            for (int l = 0; l < 16; l++) {
+                q[32 * i + l] = b[8 + 16 * i + l] & 0xF;
+                q[32 * i + 16 + l] = b[8 + 16 * i + l] >> 4;
+            }
+        }
+        return;
+    }
+    const bool five = type == CAKE_DTYPE_Q5_K;
+    const uint8_t *qh = b + 16, *qs = b + (five ? 48 : 16);
     memcpy(dmin, b + 2, 2);
     for (int j = 0; j < 8; j++) {
         int s, mm;
         k_scale_min(j, b + 4, &s, &mm);
-        sc[j] = (uint8_t)s;
-        m[j] = (uint8_t)mm;
+        sc[j] = (int8_t)s;
+        m[j] = (int8_t)mm;
     }
     for (int i = 0; i < 4; i++, qs += 32) /* as qk_4_5 below */
         for (int l = 0; l < 32; l++) {
@@ -250,14 +266,14 @@ static void q3_k(const uint8_t *b, float *y, bool lanes) {
  * values. IQ4_XS: d, 16 bits of high scale pairs, 4 bytes of low scale
  * nibbles, 128 bytes of indices; sub-block i of 32 has scale (low nibble i
  * | high pair i << 4) - 32. Value = d scale table[index]. */
-static const int8_t iq4_table[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
-                                     1,    13,   25,  38,  53,  69,  89,  113};
+const int8_t cake_iq4_values[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
+                                    1,    13,   25,  38,  53,  69,  89,  113};
 
 static void iq4_32(const uint8_t *qs, float dl, float *y, bool lanes) {
 #ifdef __AVX512F__
     if (!lanes) { /* the table + 128 (its sign bits flipped) as bytes, looked up 16 at a time */
-        const __m128i table =
-            _mm_xor_si128(_mm_loadu_si128((const __m128i *)iq4_table), _mm_set1_epi8((char)0x80));
+        const __m128i table = _mm_xor_si128(_mm_loadu_si128((const __m128i *)cake_iq4_values),
+                                            _mm_set1_epi8((char)0x80));
         const __m128i q = _mm_loadu_si128((const __m128i *)qs);
         lanes16(y, _mm_shuffle_epi8(table, nibbles(q, 0)), 128, dl, 0.0f);
         lanes16(y + 16, _mm_shuffle_epi8(table, nibbles(q, 1)), 128, dl, 0.0f);
@@ -265,8 +281,8 @@ static void iq4_32(const uint8_t *qs, float dl, float *y, bool lanes) {
     }
 #endif
     for (int j = 0; j < 16; j++) {
-        y[j] = dl * (float)iq4_table[qs[j] & 0xF];
-        y[j + 16] = dl * (float)iq4_table[qs[j] >> 4];
+        y[j] = dl * (float)cake_iq4_values[qs[j] & 0xF];
+        y[j + 16] = dl * (float)cake_iq4_values[qs[j] >> 4];
     }
 }
 

@@ -40,11 +40,19 @@ void cake_dequant_to_f32(int type, const void *src, size_t first, float *dst, si
  * and IQ4 decode in lanes, and the tests hold those to this bit for bit. */
 void cake_dequant_to_f32_lanes(int type, const void *src, size_t first, float *dst, size_t n);
 
-/* A Q4_K (five: Q5_K) block's parts: d and dmin (f16 bits), the 6-bit scale
- * and min of each sub-block of 32, and the 256 levels 0..15 (0..31); value k
- * is d * sc[k / 32] * q[k] - dmin * m[k / 32]. */
-void cake_q45_k_unpack(const void *block, bool five, uint16_t *d, uint16_t *dmin, uint8_t sc[8],
-                       uint8_t m[8], uint8_t q[256]);
+/* ggml's kvalues_iq4nl: the values IQ4_NL's and IQ4_XS's 4-bit indices
+ * stand for. */
+extern const int8_t cake_iq4_values[16];
+
+/* A Q4_K, Q5_K or IQ4_XS block's parts as the CPU's k-quant layouts hold
+ * them (backend/cpu/matmul_kquant.c): d and dmin (f16 bits), a scale and a
+ * min for each sub-block of 32, and 256 levels, so that value k is
+ * d * sc[k / 32] * L(q[k]) - dmin * m[k / 32]. Q4_K and Q5_K: their 6-bit
+ * scales and mins, levels 0..15 (Q5_K 0..31), L(q) = q. IQ4_XS: scales
+ * ls - 32, dmin 128 d and the mins the scales, levels the 4-bit indices,
+ * L(q) = cake_iq4_values[q] + 128 (so the mins take the 128 off). */
+void cake_kquant_unpack(int type, const void *block, uint16_t *d, uint16_t *dmin, int8_t sc[8],
+                        int8_t m[8], uint8_t q[256]);
 
 #ifdef __cplusplus
 }

@@ -283,12 +283,11 @@ static int requantize_x16(uint8_t *dst, const cake_weight *w) {
     return 0;
 }
 
-/* The CPU matmul's layout of a quantized matrix: Q4_K and Q5_K keep their
- * levels (matmul_kquant.c), the others go to Q8_0 (matmul_q8_0.c). */
+/* The CPU matmul's layout of a quantized matrix: Q4_K, Q5_K and IQ4_XS keep
+ * their levels (matmul_kquant.c), the others go to Q8_0 (matmul_q8_0.c). */
 static int packed_dtype(const cake_weight *w) {
-    return w->dtype == CAKE_DTYPE_Q4_K   ? CAKE_DTYPE_Q4_K_X16
-           : w->dtype == CAKE_DTYPE_Q5_K ? CAKE_DTYPE_Q5_K_X16
-                                         : CAKE_DTYPE_Q8_0_X16;
+    const int kq = cake_kquant_x16_for(w->dtype);
+    return kq ? kq : CAKE_DTYPE_Q8_0_X16;
 }
 
 static size_t packed_size(const cake_weight *w) {
@@ -562,8 +561,8 @@ static void compute_fingerprint(void) {
     /* Quantized matrices multiply 8-bit activations since the x16 kernel; KV
      * computed before that (exact f32 activations) is not the same bits. */
     if (m->quantized) hash_u64(st, 0x71385f30783136u);
-    /* and Q4_K and Q5_K matrices keep their levels since the k-quant kernel
-     * (they were requantized to Q8_0 before). */
+    /* and Q4_K, Q5_K and IQ4_XS matrices keep their levels since the k-quant
+     * kernel (they were requantized to Q8_0 before). */
     for (int i = 0; i < n_matmul_weights(m); i++)
         if (packed_dtype(matmul_weight(m, i)) != CAKE_DTYPE_Q8_0_X16) {
             hash_u64(st, 0x71345f6b783136u);

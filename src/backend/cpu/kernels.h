@@ -135,15 +135,18 @@ int cake_matmul_q8_0_ref(float *y, const float *x, const void *w, int n_tokens, 
 void cake_matmul_q8_0_lanes(float *y, const float *x, const void *w, int n_tokens, int n_in,
                             int n_out);
 
-/* ---- Q4_K and Q5_K weights, kept at their bits (matmul_kquant.c) ----
- * CAKE_DTYPE_Q4_K_X16 and CAKE_DTYPE_Q5_K_X16 (not GGUF types; layouts at
- * the top of matmul_kquant.c): a Q4_K or Q5_K matrix (n_out, n_in), n_in a
+/* ---- Q4_K, Q5_K and IQ4_XS weights, kept at their bits (matmul_kquant.c) ----
+ * CAKE_DTYPE_Q4_K_X16, _Q5_K_X16 and _IQ4_XS_X16 (not GGUF types; layouts
+ * at the top of matmul_kquant.c): such a matrix (n_out, n_in), n_in a
  * multiple of 256, rows in groups of 16, made once from the file's blocks
- * by cake_kquant_pack_x16 into cake_kquant_x16_size bytes (4.625 or 5.625
- * bits a weight). The kernel, the reference and the scalar twin as for
- * Q8_0; the level (0..15 or 0..31), scale and min of row r, column k, for
- * the tests (ns = n_in / 256). */
-enum { CAKE_DTYPE_Q4_K_X16 = 1012, CAKE_DTYPE_Q5_K_X16 = 1013 };
+ * by cake_kquant_pack_x16 into cake_kquant_x16_size bytes (4.625, 5.625 and
+ * 4.625 bits a weight). The kernel, the reference and the scalar twin as
+ * for Q8_0; the level (0..15, 0..31, 1..241), scale and min of row r,
+ * column k, for the tests (ns = n_in / 256; value = scale * level - min). */
+enum { CAKE_DTYPE_Q4_K_X16 = 1012, CAKE_DTYPE_Q5_K_X16 = 1013, CAKE_DTYPE_IQ4_XS_X16 = 1014 };
+/* The layout the CPU keeps a matrix of GGUF type `type` in: one of the
+ * three above, or 0 (it goes to Q8_0). */
+int cake_kquant_x16_for(int type);
 size_t cake_kquant_x16_size(int x16_dtype, int n_out, int n_in);
 void cake_kquant_pack_x16(int x16_dtype, void *dst, const void *blocks, int n_out, int n_in);
 void cake_matmul_kquant(int x16_dtype, float *y, const float *x, const void *w, int n_tokens,

@@ -57,10 +57,15 @@
 #define MM_SCRATCH_VECS (MM_ACC_VECS + MM_MR * MM_KB / 16)
 #define MM_SEQ_MAX_IN   4096 /* one token: rows one by one up to this n_in */
 
+/* The layouts of matmul_kquant.c. */
+static bool is_kquant(int dt) {
+    return dt == CAKE_DTYPE_Q4_K_X16 || dt == CAKE_DTYPE_Q5_K_X16 || dt == CAKE_DTYPE_IQ4_XS_X16;
+}
+
 static int dtype_ok(int dt, int n_in) {
     return dt == CAKE_DTYPE_F32 || dt == CAKE_DTYPE_F16 || dt == CAKE_DTYPE_BF16 ||
            (dt == CAKE_DTYPE_Q8_0_X16 && n_in % CAKE_Q8_0_BLOCK == 0) ||
-           ((dt == CAKE_DTYPE_Q4_K_X16 || dt == CAKE_DTYPE_Q5_K_X16) && n_in % 256 == 0);
+           (is_kquant(dt) && n_in % 256 == 0);
 }
 
 static float w_at(const void *w, int dt, size_t i) {
@@ -80,8 +85,7 @@ int cake_matmul_ref(float *y, const float *x, const void *w, int w_dtype, int n_
                     int n_out) {
     if (!dtype_ok(w_dtype, n_in)) return -1;
     if (w_dtype == CAKE_DTYPE_Q8_0_X16) return cake_matmul_q8_0_ref(y, x, w, n_tokens, n_in, n_out);
-    if (w_dtype == CAKE_DTYPE_Q4_K_X16 || w_dtype == CAKE_DTYPE_Q5_K_X16)
-        return cake_matmul_kquant_ref(w_dtype, y, x, w, n_tokens, n_in, n_out);
+    if (is_kquant(w_dtype)) return cake_matmul_kquant_ref(w_dtype, y, x, w, n_tokens, n_in, n_out);
     for (int t = 0; t < n_tokens; t++)
         for (int n = 0; n < n_out; n++) {
             double s = 0.0;
@@ -121,7 +125,7 @@ int cake_matmul_lanes(float *y, const float *x, const void *w, int w_dtype, int 
     if (!dtype_ok(w_dtype, n_in)) return -1;
     if (w_dtype == CAKE_DTYPE_Q8_0_X16)
         cake_matmul_q8_0_lanes(y, x, w, n_tokens, n_in, n_out);
-    else if (w_dtype == CAKE_DTYPE_Q4_K_X16 || w_dtype == CAKE_DTYPE_Q5_K_X16)
+    else if (is_kquant(w_dtype))
         cake_matmul_kquant_lanes(w_dtype, y, x, w, n_tokens, n_in, n_out);
     else
         lanes_rows(y, x, w, w_dtype, n_tokens, n_in, n_out, 0, n_out);
@@ -383,7 +387,7 @@ int cake_matmul(float *y, const float *x, const void *w, int w_dtype, int n_toke
         cake_matmul_q8_0(y, x, w, n_tokens, n_in, n_out, pool);
         return 0;
     }
-    if (w_dtype == CAKE_DTYPE_Q4_K_X16 || w_dtype == CAKE_DTYPE_Q5_K_X16) {
+    if (is_kquant(w_dtype)) {
         cake_matmul_kquant(w_dtype, y, x, w, n_tokens, n_in, n_out, pool);
         return 0;
     }

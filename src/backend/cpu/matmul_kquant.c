@@ -1,11 +1,15 @@
-/* The CPU matmul for Q4_K and Q5_K weights, at their own bits (4.625 and
- * 5.625 a weight here) instead of a Q8_0 copy (8.5): the integer kernel of
- * matmul_q8_0.c with 4- or 5-bit weights.
+/* The CPU matmul for Q4_K, Q5_K and IQ4_XS weights, at their own bits
+ * (4.625, 5.625 and 4.625 a weight here) instead of a Q8_0 copy (8.5): the
+ * integer kernel of matmul_q8_0.c with 4- or 5-bit weights.
  *
  * A Q4_K or Q5_K block is 256 values in 8 sub-blocks of 32; value k of
  * sub-block j is s_j q_k - m_j with q_k in 0..15 (Q5_K: 0..31), s_j = d sc_j
  * and m_j = dmin mn_j (d, dmin f16; sc_j, mn_j 6-bit; both products exact in
- * f32). Activations are quantized per block of 32 as for Q8_0 (cake_q8_acts:
+ * f32). IQ4_XS fits the same form: its value is s_j T[q_k] with s_j =
+ * d (ls_j - 32) and T ggml's 16-value table; taking T[q] + 128 as the
+ * (unsigned) level and m_j = 128 s_j (dmin = 128 d, exact; mn_j = ls_j -
+ * 32), it is s_j (T[q] + 128) - m_j. Activations are quantized per block of
+ * 32 as for Q8_0 (cake_q8_acts:
  * dx, qx), so a sub-block contributes
  *     s_j dx isum - m_j dx sum qx,   isum = sum q_k qx_k, exact integers,
  * and each output is a chain over the blocks b = 0, 1, ... of
@@ -18,22 +22,23 @@
  * the exact one by the activations' rounding only (a Q8_0 copy also rounds
  * every weight to 8 bits).
  *
- * The layouts (CAKE_DTYPE_Q4_K_X16, CAKE_DTYPE_Q5_K_X16), made once from the
- * file's blocks (cake_kquant_pack_x16): rows in groups of 16 (the last padded
- * with zero rows), and per group and block of 256 columns
+ * The layouts (CAKE_DTYPE_Q4_K_X16, _Q5_K_X16, _IQ4_XS_X16), made once from
+ * the file's blocks (cake_kquant_pack_x16, from cake_kquant_unpack's parts):
+ * rows in groups of 16 (the last padded with zero rows), and per group and
+ * block of 256 columns
  *     16 f16 d, then 16 f16 dmin (64 bytes);
- *     per sub-block j = 0..7: 16 sc_j, then 16 mn_j (one byte each);
+ *     per sub-block j = 0..7: 16 sc_j, then 16 mn_j (signed bytes);
  *     per sub-block j: for p = 0..3, for row i = 0..15, 4 bytes k = 0..3:
  *         low nibble q[i][32 j + 4 p + k], high nibble q[i][32 j + 16 + 4 p + k]
- *         (the levels' low 4 bits);
+ *         (the levels' low 4 bits; IQ4_XS: the table indices);
  *     Q5_K only, per sub-block j: for p = 0..3 two 64-bit masks, bit 4 i + k
  *         the fifth bit of the level the low (then the high) nibble above
  *         holds;
  * 2368 bytes (Q4_K) or 2880 (Q5_K). One 64-byte load holds 4 consecutive
  * levels of 16 rows twice over: its low nibbles (AND 0x0F) and its high ones
- * (shift, AND), each plus 16 where its mask bit says so, are two operands of
- * vpdpbusd with the rows in the lanes, as in the Q8_0 kernel; the levels are
- * unsigned already (no +128 to take off). */
+ * (shift, AND), each plus 16 where its mask bit says so (Q5_K) or looked up
+ * in the table (IQ4_XS: vpshufb), are two operands of vpdpbusd with the rows
+ * in the lanes, as in the Q8_0 kernel, unsigned as vpdpbusd wants them. */
 #ifdef __clang__
 #pragma STDC FP_CONTRACT OFF
 #endif
@@ -61,14 +66,35 @@ enum {
     KQ_MT = 6,                            /* tokens per register tile */
     KQ_NG = 2,                            /* row groups per register tile */
     KQ_TASK_GROUPS = 4,                   /* row groups per task (64 rows) */
+    KQ_K4 = 0,                            /* kinds of packed levels: Q4_K, */
+    KQ_K5,                                /* Q5_K, */
+    KQ_IQ4,                               /* IQ4_XS */
 };
 
 static bool is_q5(int x16_dtype) {
     return x16_dtype == CAKE_DTYPE_Q5_K_X16;
 }
 
+static bool is_iq4(int x16_dtype) {
+    return x16_dtype == CAKE_DTYPE_IQ4_XS_X16;
+}
+
 static size_t group_super(int x16_dtype) {
     return is_q5(x16_dtype) ? KQ_GROUP_Q5 : KQ_GROUP_Q4;
+}
+
+/* The file's type of a layout, and back. */
+static int gguf_type(int x16_dtype) {
+    return is_q5(x16_dtype)    ? CAKE_DTYPE_Q5_K
+           : is_iq4(x16_dtype) ? CAKE_DTYPE_IQ4_XS
+                               : CAKE_DTYPE_Q4_K;
+}
+
+int cake_kquant_x16_for(int type) {
+    return type == CAKE_DTYPE_Q4_K     ? CAKE_DTYPE_Q4_K_X16
+           : type == CAKE_DTYPE_Q5_K   ? CAKE_DTYPE_Q5_K_X16
+           : type == CAKE_DTYPE_IQ4_XS ? CAKE_DTYPE_IQ4_XS_X16
+                                       : 0;
 }
 
 size_t cake_kquant_x16_size(int x16_dtype, int n_out, int n_in) {
@@ -77,9 +103,8 @@ size_t cake_kquant_x16_size(int x16_dtype, int n_out, int n_in) {
 }
 
 void cake_kquant_pack_x16(int x16_dtype, void *dst, const void *blocks, int n_out, int n_in) {
-    const bool five = is_q5(x16_dtype);
     const size_t gs = group_super(x16_dtype),
-                 block_bytes = cake_dequant_block_bytes(five ? CAKE_DTYPE_Q5_K : CAKE_DTYPE_Q4_K);
+                 block_bytes = cake_dequant_block_bytes(gguf_type(x16_dtype));
     const int ns = n_in / KQ_SUPER, ng = (n_out + KQ_ROWS - 1) / KQ_ROWS;
     uint8_t *d = dst;
     for (int g = 0; g < ng; g++)
@@ -89,13 +114,14 @@ void cake_kquant_pack_x16(int x16_dtype, void *dst, const void *blocks, int n_ou
                 const uint8_t *blk = (const uint8_t *)blocks +
                                      ((size_t)(g * KQ_ROWS + i) * ns + (size_t)sb) * block_bytes;
                 uint16_t dd, dm;
-                uint8_t sc[8], mn[8], q[256];
-                cake_q45_k_unpack(blk, five, &dd, &dm, sc, mn, q);
+                int8_t sc[8], mn[8];
+                uint8_t q[256];
+                cake_kquant_unpack(gguf_type(x16_dtype), blk, &dd, &dm, sc, mn, q);
                 memcpy(d + 2 * i, &dd, 2);
                 memcpy(d + 32 + 2 * i, &dm, 2);
                 for (int j = 0; j < KQ_SUBS; j++) {
-                    d[KQ_SCOFF + 32 * j + i] = sc[j];
-                    d[KQ_SCOFF + 32 * j + 16 + i] = mn[j];
+                    d[KQ_SCOFF + 32 * j + i] = (uint8_t)sc[j];
+                    d[KQ_SCOFF + 32 * j + 16 + i] = (uint8_t)mn[j];
                     for (int p = 0; p < 4; p++)
                         for (int k = 0; k < 4; k++) {
                             const int lo = q[32 * j + 4 * p + k], hi = q[32 * j + 16 + 4 * p + k];
@@ -128,7 +154,7 @@ int cake_kquant_x16_level(int x16_dtype, const void *w, size_t ns, size_t r, siz
         const uint8_t *mask = gb + KQ_HOFF + 64 * j + 16 * p + (c < 16 ? 0 : 8);
         q |= (mask[bit / 8] >> bit % 8 & 1) << 4;
     }
-    return q;
+    return is_iq4(x16_dtype) ? cake_iq4_values[q] + 128 : q;
 }
 
 static float f16_at(const uint8_t *p) {
@@ -140,13 +166,13 @@ static float f16_at(const uint8_t *p) {
 float cake_kquant_x16_scale(int x16_dtype, const void *w, size_t ns, size_t r, size_t k) {
     const uint8_t *gb = group_block(x16_dtype, w, ns, r, k);
     const size_t i = r % KQ_ROWS, j = k % KQ_SUPER / 32;
-    return (float)gb[KQ_SCOFF + 32 * j + i] * f16_at(gb + 2 * i);
+    return (float)(int8_t)gb[KQ_SCOFF + 32 * j + i] * f16_at(gb + 2 * i);
 }
 
 float cake_kquant_x16_min(int x16_dtype, const void *w, size_t ns, size_t r, size_t k) {
     const uint8_t *gb = group_block(x16_dtype, w, ns, r, k);
     const size_t i = r % KQ_ROWS, j = k % KQ_SUPER / 32;
-    return (float)gb[KQ_SCOFF + 32 * j + 16 + i] * f16_at(gb + 32 + i * 2);
+    return (float)(int8_t)gb[KQ_SCOFF + 32 * j + 16 + i] * f16_at(gb + 32 + i * 2);
 }
 
 /* ===================== reference and scalar twin ===================== */
@@ -224,7 +250,7 @@ typedef struct {
     const float *x;
     const uint8_t *w;
     int x16_dtype;
-    bool five;
+    int kind; /* KQ_K4, KQ_K5 or KQ_IQ4: how the packed levels are read */
     size_t group_super;
     int T, n_in, n_out, nb, ns;
     cake_q8_acts a;
@@ -247,20 +273,27 @@ CAKE_INLINE void scales_of(const uint8_t *gb, int sub, __m512 *s, __m512 *m) {
     const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)gb)),
                  dmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(gb + 32)));
     *s = _mm512_mul_ps(
-        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)sc))), d);
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)sc))), d);
     *m = _mm512_mul_ps(
-        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(sc + 16)))),
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(sc + 16)))),
         dmin);
 }
 
 /* The levels of load p of sub-block `sub` of group-block gb: lo, the 4
  * consecutive levels 4p.. of each row, hi those at 16 + 4p.. */
-CAKE_INLINE void levels_of(const uint8_t *gb, int sub, int p, bool five, __m512i *lo, __m512i *hi) {
+CAKE_INLINE void levels_of(const uint8_t *gb, int sub, int p, const int kind, __m512i *lo,
+                           __m512i *hi) {
     const __m512i low4 = _mm512_set1_epi8(0x0F);
     const __m512i v = _mm512_loadu_si512(gb + KQ_QOFF + 256 * sub + 64 * p);
     *lo = _mm512_and_si512(v, low4);
     *hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-    if (five) {
+    if (kind == KQ_IQ4) { /* the table + 128 (sign bits flipped), in each 128-bit lane */
+        const __m512i table = _mm512_broadcast_i32x4(_mm_xor_si128(
+            _mm_loadu_si128((const __m128i *)cake_iq4_values), _mm_set1_epi8((char)0x80)));
+        *lo = _mm512_shuffle_epi8(table, *lo);
+        *hi = _mm512_shuffle_epi8(table, *hi);
+    }
+    if (kind == KQ_K5) {
         const __m512i sixteen = _mm512_set1_epi8(16);
         uint64_t k_lo, k_hi;
         memcpy(&k_lo, gb + KQ_HOFF + 64 * sub + 16 * p, 8);
@@ -275,11 +308,16 @@ CAKE_INLINE void levels_of(const uint8_t *gb, int sub, int p, bool five, __m512i
  * less its +128), then the 16 scales and the 16 mins as f32. */
 enum { KQ_UNPACKED_SUB = 8 * 64 + 2 * 64, KQ_UNPACKED_SUPER = KQ_SUBS * KQ_UNPACKED_SUB };
 
-static void unpack_block(uint8_t *dst, const uint8_t *gb, bool five) {
+static void unpack_block(uint8_t *dst, const uint8_t *gb, int kind) {
     for (int sub = 0; sub < KQ_SUBS; sub++, dst += KQ_UNPACKED_SUB) {
         for (int p = 0; p < 4; p++) {
             __m512i lo, hi;
-            levels_of(gb, sub, p, five, &lo, &hi);
+            if (kind == KQ_K5)
+                levels_of(gb, sub, p, KQ_K5, &lo, &hi);
+            else if (kind == KQ_IQ4)
+                levels_of(gb, sub, p, KQ_IQ4, &lo, &hi);
+            else
+                levels_of(gb, sub, p, KQ_K4, &lo, &hi);
             _mm512_storeu_si512(dst + 64 * p, lo);
             _mm512_storeu_si512(dst + 64 * (p + 4), hi);
         }
@@ -298,7 +336,7 @@ static void unpack_block(uint8_t *dst, const uint8_t *gb, bool five) {
  * second accumulator, added at the end (integers: the same bits, two
  * dependency chains instead of one). */
 CAKE_INLINE void kq_tile(const kq_job *j, const uint8_t *const *lv, int t0, int g0, const int MT,
-                         const int NG, const bool unpacked, const bool five) {
+                         const int NG, const bool unpacked, const int kind) {
     const int ns = j->ns, nb = j->nb, n_in = j->n_in;
     __m512 f[KQ_MT][KQ_NG];
     UNROLL for (int i = 0; i < MT; i++) UNROLL for (int g = 0; g < NG; g++) f[i][g] =
@@ -332,7 +370,7 @@ CAKE_INLINE void kq_tile(const kq_job *j, const uint8_t *const *lv, int t0, int 
                 UNROLL for (int p = 0; p < 4; p++) {
                     __m512i lo[KQ_NG], hi[KQ_NG];
                     UNROLL for (int g = 0; g < NG; g++)
-                        levels_of(wb[g], sub, p, five, &lo[g], &hi[g]);
+                        levels_of(wb[g], sub, p, kind, &lo[g], &hi[g]);
                     UNROLL for (int i = 0; i < MT; i++) {
                         int32_t x_lo, x_hi;
                         memcpy(&x_lo, xb + (size_t)i * n_in + 4 * p, 4);
@@ -396,25 +434,24 @@ CAKE_INLINE void kq_tile(const kq_job *j, const uint8_t *const *lv, int t0, int 
     }
 }
 
-/* The tile for these sizes, unpacked or packed (Q4_K or Q5_K levels). */
+/* The tile for these sizes, unpacked, or packed of the job's kind. */
 CAKE_INLINE void kq_tile_ng(const kq_job *j, const uint8_t *const *lv, int t0, int g0, const int MT,
                             int ng, bool unpacked) {
+#define KQ_TILE_NG(UNPACKED, KIND)                                                                 \
+    if (ng == 2)                                                                                   \
+        kq_tile(j, lv, t0, g0, MT, 2, UNPACKED, KIND);                                             \
+    else                                                                                           \
+        kq_tile(j, lv, t0, g0, MT, 1, UNPACKED, KIND);
     if (unpacked) {
-        if (ng == 2)
-            kq_tile(j, lv, t0, g0, MT, 2, true, false);
-        else
-            kq_tile(j, lv, t0, g0, MT, 1, true, false);
-    } else if (j->five) {
-        if (ng == 2)
-            kq_tile(j, lv, t0, g0, MT, 2, false, true);
-        else
-            kq_tile(j, lv, t0, g0, MT, 1, false, true);
+        KQ_TILE_NG(true, KQ_K4) /* unpacked levels are bytes whatever the kind */
+    } else if (j->kind == KQ_K5) {
+        KQ_TILE_NG(false, KQ_K5)
+    } else if (j->kind == KQ_IQ4) {
+        KQ_TILE_NG(false, KQ_IQ4)
     } else {
-        if (ng == 2)
-            kq_tile(j, lv, t0, g0, MT, 2, false, false);
-        else
-            kq_tile(j, lv, t0, g0, MT, 1, false, false);
+        KQ_TILE_NG(false, KQ_K4)
     }
+#undef KQ_TILE_NG
 }
 
 CAKE_INLINE void kq_tile_any(const kq_job *j, const uint8_t *const *lv, int t0, int g0, int mt,
@@ -461,7 +498,7 @@ static void kq_task(void *ctx, int task, int tid) {
             uint8_t *dst = panel + (size_t)(g - g0) * group_bytes;
             for (int sb = 0; sb < j->ns; sb++)
                 unpack_block(dst + (size_t)sb * KQ_UNPACKED_SUPER,
-                             j->w + ((size_t)g * j->ns + sb) * j->group_super, j->five);
+                             j->w + ((size_t)g * j->ns + sb) * j->group_super, j->kind);
             lv[g - g0] = dst;
         }
     }
@@ -491,7 +528,9 @@ void cake_matmul_kquant(int x16_dtype, float *y, const float *x, const void *w, 
                 .x = x,
                 .w = w,
                 .x16_dtype = x16_dtype,
-                .five = is_q5(x16_dtype),
+                .kind = is_q5(x16_dtype)    ? KQ_K5
+                        : is_iq4(x16_dtype) ? KQ_IQ4
+                                            : KQ_K4,
                 .group_super = group_super(x16_dtype),
                 .T = n_tokens,
                 .n_in = n_in,
