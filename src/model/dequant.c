@@ -76,39 +76,46 @@ static void k_scale_min(int j, const uint8_t *s, int *sc, int *m) {
     }
 }
 
-void cake_kquant_unpack(int type, const void *block, uint16_t *d, uint16_t *dmin, int8_t sc[8],
-                        int8_t m[8], uint8_t q[256]) {
+void cake_kquant_unpack(int type, const void *block, cake_kquant_parts *p) {
     const uint8_t *b = block;
-    memcpy(d, b, 2);
-    if (type == CAKE_DTYPE_IQ4_XS) {
-        const cake_f16 d128 = cake_f32_to_f16(f16_at(b) * 128.0f); /* exact: a power of 2 */
-        memcpy(dmin, &d128, 2);
+    memcpy(&p->d, b, 2);
+    memset(p->fifth, 0, sizeof(p->fifth));
+    if (type == CAKE_DTYPE_IQ4_XS) { /* its indices are already pairs (t, 16 + t) */
+        p->dmin = cake_f32_to_f16(f16_at(b) * 128.0f); /* exact: a power of 2 */
         const int scales_h = b[2] | b[3] << 8;
-        for (int i = 0; i < 8; i++) {
-            const int ls = (b[4 + i / 2] >> (4 * (i % 2)) & 0xF) | (scales_h >> (2 * i) & 3) << 4;
-            sc[i] = m[i] = (int8_t)(ls - 32);
-            for (int l = 0; l < 16; l++) {
-                q[32 * i + l] = b[8 + 16 * i + l] & 0xF;
-                q[32 * i + 16 + l] = b[8 + 16 * i + l] >> 4;
-            }
+        for (int j = 0; j < 8; j++) {
+            const int ls = (b[4 + j / 2] >> (4 * (j % 2)) & 0xF) | (scales_h >> (2 * j) & 3) << 4;
+            p->sc[j] = p->m[j] = (int8_t)(ls - 32);
         }
+        memcpy(p->pairs, b + 8, 128);
         return;
     }
     const bool five = type == CAKE_DTYPE_Q5_K;
     const uint8_t *qh = b + 16, *qs = b + (five ? 48 : 16);
-    memcpy(dmin, b + 2, 2);
+    memcpy(&p->dmin, b + 2, 2);
     for (int j = 0; j < 8; j++) {
         int s, mm;
         k_scale_min(j, b + 4, &s, &mm);
-        sc[j] = (int8_t)s;
-        m[j] = (int8_t)mm;
+        p->sc[j] = (int8_t)s;
+        p->m[j] = (int8_t)mm;
     }
-    for (int i = 0; i < 4; i++, qs += 32) /* as qk_4_5 below */
-        for (int l = 0; l < 32; l++) {
-            q[64 * i + l] = (uint8_t)((qs[l] & 0xF) | (five && (qh[l] >> (2 * i) & 1) ? 16 : 0));
-            q[64 * i + 32 + l] =
-                (uint8_t)((qs[l] >> 4) | (five && (qh[l] >> (2 * i + 1) & 1) ? 16 : 0));
+    /* 32 bytes hold sub-blocks 2c (low nibbles) and 2c + 1 (high), as in
+     * qk_4_5 below */
+    for (int c = 0; c < 4; c++, qs += 32)
+        for (int t = 0; t < 16; t++) {
+            p->pairs[2 * c][t] = (uint8_t)((qs[t] & 0xF) | (qs[16 + t] & 0xF) << 4);
+            p->pairs[2 * c + 1][t] = (uint8_t)((qs[t] >> 4) | (qs[16 + t] & 0xF0));
         }
+    if (!five) return;
+#ifdef __AVX512F__
+    /* bit j of byte l to bit l: shifted to the byte's top, then movemask */
+    const __m256i h = _mm256_loadu_si256((const __m256i *)qh);
+    for (int j = 0; j < 8; j++)
+        p->fifth[j] = (uint32_t)_mm256_movemask_epi8(_mm256_sll_epi16(h, _mm_cvtsi32_si128(7 - j)));
+#else
+    for (int l = 0; l < 32; l++)
+        for (int j = 0; j < 8; j++) p->fifth[j] |= (uint32_t)(qh[l] >> j & 1) << l;
+#endif
 }
 
 #ifdef __AVX512F__

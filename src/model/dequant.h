@@ -46,13 +46,21 @@ extern const int8_t cake_iq4_values[16];
 
 /* A Q4_K, Q5_K or IQ4_XS block's parts as the CPU's k-quant layouts hold
  * them (backend/cpu/matmul_kquant.c): d and dmin (f16 bits), a scale and a
- * min for each sub-block of 32, and 256 levels, so that value k is
- * d * sc[k / 32] * L(q[k]) - dmin * m[k / 32]. Q4_K and Q5_K: their 6-bit
+ * min for each sub-block j of 32, and its 32 levels q_j,t, so that value
+ * 32 j + t is d * sc[j] * L(q_j,t) - dmin * m[j]. Q4_K and Q5_K: their 6-bit
  * scales and mins, levels 0..15 (Q5_K 0..31), L(q) = q. IQ4_XS: scales
  * ls - 32, dmin 128 d and the mins the scales, levels the 4-bit indices,
- * L(q) = cake_iq4_values[q] + 128 (so the mins take the 128 off). */
-void cake_kquant_unpack(int type, const void *block, uint16_t *d, uint16_t *dmin, int8_t sc[8],
-                        int8_t m[8], uint8_t q[256]);
+ * L(q) = cake_iq4_values[q] + 128 (so the mins take the 128 off). The
+ * levels' low 4 bits in pairs: byte t of pairs[j] holds q_j,t in its low
+ * nibble and q_j,16+t in its high one; bit t of fifth[j] is q_j,t's fifth
+ * bit (Q5_K; 0 for the others). */
+typedef struct {
+    uint16_t d, dmin;
+    int8_t sc[8], m[8];
+    uint8_t pairs[8][16];
+    uint32_t fifth[8];
+} cake_kquant_parts;
+void cake_kquant_unpack(int type, const void *block, cake_kquant_parts *p);
 
 #ifdef __cplusplus
 }

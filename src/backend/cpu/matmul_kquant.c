@@ -113,24 +113,25 @@ void cake_kquant_pack_x16(int x16_dtype, void *dst, const void *blocks, int n_ou
             for (int i = 0; i < KQ_ROWS && g * KQ_ROWS + i < n_out; i++) {
                 const uint8_t *blk = (const uint8_t *)blocks +
                                      ((size_t)(g * KQ_ROWS + i) * ns + (size_t)sb) * block_bytes;
-                uint16_t dd, dm;
-                int8_t sc[8], mn[8];
-                uint8_t q[256];
-                cake_kquant_unpack(gguf_type(x16_dtype), blk, &dd, &dm, sc, mn, q);
-                memcpy(d + 2 * i, &dd, 2);
-                memcpy(d + 32 + 2 * i, &dm, 2);
+                cake_kquant_parts parts;
+                cake_kquant_unpack(gguf_type(x16_dtype), blk, &parts);
+                memcpy(d + 2 * i, &parts.d, 2);
+                memcpy(d + 32 + 2 * i, &parts.dmin, 2);
                 for (int j = 0; j < KQ_SUBS; j++) {
-                    d[KQ_SCOFF + 32 * j + i] = (uint8_t)sc[j];
-                    d[KQ_SCOFF + 32 * j + 16 + i] = (uint8_t)mn[j];
+                    d[KQ_SCOFF + 32 * j + i] = (uint8_t)parts.sc[j];
+                    d[KQ_SCOFF + 32 * j + 16 + i] = (uint8_t)parts.m[j];
+                    /* the pairs' bytes 4p..4p+3 are the row's 4 bytes of load p */
                     for (int p = 0; p < 4; p++)
-                        for (int k = 0; k < 4; k++) {
-                            const int lo = q[32 * j + 4 * p + k], hi = q[32 * j + 16 + 4 * p + k];
-                            d[KQ_QOFF + 256 * j + 64 * p + 4 * i + k] =
-                                (uint8_t)((lo & 15) | (hi & 15) << 4);
-                            const int bit = 4 * i + k; /* of the masks, little-endian */
-                            uint8_t *mask = d + KQ_HOFF + 64 * j + 16 * p;
-                            if (lo & 16) mask[bit / 8] |= (uint8_t)(1u << bit % 8);
-                            if (hi & 16) mask[8 + bit / 8] |= (uint8_t)(1u << bit % 8);
+                        memcpy(d + KQ_QOFF + 256 * j + 64 * p + 4 * i, parts.pairs[j] + 4 * p, 4);
+                    /* Q5_K: load p's masks get the fifth bits of levels 4p..
+                     * (low) and 16 + 4p.. (high) at bits 4i.. */
+                    for (int p = 0; parts.fifth[j] && p < 4; p++)
+                        for (int h = 0; h < 2; h++) {
+                            uint8_t *at = d + KQ_HOFF + 64 * j + 16 * p + 8 * h;
+                            uint64_t mask;
+                            memcpy(&mask, at, 8);
+                            mask |= (uint64_t)(parts.fifth[j] >> (16 * h + 4 * p) & 0xF) << (4 * i);
+                            memcpy(at, &mask, 8);
                         }
                 }
             }
