@@ -9,8 +9,7 @@
  * d (ls_j - 32) and T ggml's 16-value table; taking T[q] + 128 as the
  * (unsigned) level and m_j = 128 s_j (dmin = 128 d, exact; mn_j = ls_j -
  * 32), it is s_j (T[q] + 128) - m_j. Activations are quantized per block of
- * 32 as for Q8_0 (cake_q8_acts:
- * dx, qx), so a sub-block contributes
+ * 32 as for Q8_0 (cake_q8_acts: dx, qx), so a sub-block contributes
  *     s_j dx isum - m_j dx sum qx,   isum = sum q_k qx_k, exact integers,
  * and each output is a chain over the blocks b = 0, 1, ... of
  *     y = fma((float)isum_b, s_b * dx_b, y),
@@ -34,7 +33,7 @@
  *     Q5_K only, per sub-block j: for p = 0..3 two 64-bit masks, bit 4 i + k
  *         the fifth bit of the level the low (then the high) nibble above
  *         holds;
- * 2368 bytes (Q4_K) or 2880 (Q5_K). One 64-byte load holds 4 consecutive
+ * 2368 bytes (Q4_K, IQ4_XS) or 2880 (Q5_K). One 64-byte load holds 4 consecutive
  * levels of 16 rows twice over: its low nibbles (AND 0x0F) and its high ones
  * (shift, AND), each plus 16 where its mask bit says so (Q5_K) or looked up
  * in the table (IQ4_XS: vpshufb), are two operands of vpdpbusd with the rows
