@@ -3,8 +3,9 @@
  * models (tiny: F16, GQA, head_dim 16; tiny F32; tiny Q8_0 and other
  * quantized types against f32 twins; qwen2 and qwen3 copies; tiny-wide, heads
  * wider than dim / heads; mha-160m: F16, head_dim 64, the tensor-core
- * attention), chunked prefill against one-shot prefill, run-to-run determinism, the KV transfer
- * functions, and each attention kernel against a double-precision reference (head_dim 8 to 256).
+ * attention), chunked prefill against one-shot prefill, run-to-run
+ * determinism, the KV transfer functions, and each attention kernel against a
+ * double-precision reference (head_dim 8 to 256).
  *
  * Tolerances (why they are what they are):
  *  - GPU vs CPU logits, F16 weights: the GPU rounds every GEMM input to f16
