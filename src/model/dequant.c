@@ -76,17 +76,20 @@ static void k_scale_min(int j, const uint8_t *s, int *sc, int *m) {
     }
 }
 
+/* The 6-bit scale of sub-block j (0..7) of an IQ4_XS block b: its low
+ * nibble in byte 4 + j / 2, its top two bits in the 16-bit word at b + 2. */
+static int iq4_xs_scale(const uint8_t *b, int j) {
+    const int scales_h = b[2] | b[3] << 8;
+    return (b[4 + j / 2] >> (4 * (j % 2)) & 0xF) | (scales_h >> (2 * j) & 3) << 4;
+}
+
 void cake_kquant_unpack(int type, const void *block, cake_kquant_parts *p) {
     const uint8_t *b = block;
     memcpy(&p->d, b, 2);
     memset(p->fifth, 0, sizeof(p->fifth));
     if (type == CAKE_DTYPE_IQ4_XS) { /* its indices are already pairs (t, 16 + t) */
         p->dmin = cake_f32_to_f16(f16_at(b) * 128.0f); /* exact: a power of 2 */
-        const int scales_h = b[2] | b[3] << 8;
-        for (int j = 0; j < 8; j++) {
-            const int ls = (b[4 + j / 2] >> (4 * (j % 2)) & 0xF) | (scales_h >> (2 * j) & 3) << 4;
-            p->sc[j] = p->m[j] = (int8_t)(ls - 32);
-        }
+        for (int j = 0; j < 8; j++) p->sc[j] = p->m[j] = (int8_t)(iq4_xs_scale(b, j) - 32);
         memcpy(p->pairs, b + 8, 128);
         return;
     }
@@ -295,11 +298,8 @@ static void iq4_32(const uint8_t *qs, float dl, float *y, bool lanes) {
 
 static void iq4_xs(const uint8_t *b, float *y, bool lanes) {
     const float d = f16_at(b);
-    const int scales_h = b[2] | b[3] << 8;
-    for (int i = 0; i < 8; i++) {
-        const int ls = (b[4 + i / 2] >> (4 * (i % 2)) & 0xF) | (scales_h >> (2 * i) & 3) << 4;
-        iq4_32(b + 8 + 16 * i, d * (float)(ls - 32), y + 32 * i, lanes);
-    }
+    for (int i = 0; i < 8; i++)
+        iq4_32(b + 8 + 16 * i, d * (float)(iq4_xs_scale(b, i) - 32), y + 32 * i, lanes);
 }
 
 static void decode_block(int type, const uint8_t *b, float *y, bool lanes) {

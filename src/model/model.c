@@ -302,10 +302,11 @@ static void pack_task(void *ctx, int i, int tid) {
     (void)tid;
     pack_job *j = ctx;
     const cake_weight *w = j->w[i];
+    const int kq = cake_kquant_x16_for(w->dtype);
     if (w->dtype == CAKE_DTYPE_Q8_0)
         cake_q8_0_pack_x16(j->dst[i], w->data, w->n_out, w->n_in);
-    else if (packed_dtype(w) != CAKE_DTYPE_Q8_0_X16)
-        cake_kquant_pack_x16(packed_dtype(w), j->dst[i], w->data, w->n_out, w->n_in);
+    else if (kq)
+        cake_kquant_pack_x16(kq, j->dst[i], w->data, w->n_out, w->n_in);
     else if (requantize_x16(j->dst[i], w))
         j->no_mem = 1;
     if (w->data == j->keep) return;
@@ -320,8 +321,8 @@ static void pack_task(void *ctx, int i, int tid) {
  * (packed_dtype), all in one mapping the model owns, on every core and in
  * huge pages where the kernel gives them: most of the time is the kernel
  * zeroing fresh pages (llama-1b: 3.4 s on one thread in 4 KiB pages, 0.5 s
- * this way). The token embedding is read from
- * the file (by rows; a tied output gets its own repacked copy). */
+ * this way). The token embedding is read from the file (by rows; a tied
+ * output gets its own repacked copy). */
 static int pack_quantized(cake_model *m, char *err, size_t errlen) {
     const int n = n_matmul_weights(m);
     cake_weight **w = malloc((size_t)n * sizeof(*w));
@@ -561,10 +562,10 @@ static void compute_fingerprint(void) {
     /* Quantized matrices multiply 8-bit activations since the x16 kernel; KV
      * computed before that (exact f32 activations) is not the same bits. */
     if (m->quantized) hash_u64(st, 0x71385f30783136u);
-    /* and Q4_K, Q5_K and IQ4_XS matrices keep their levels since the k-quant
-     * kernel (they were requantized to Q8_0 before). */
+    /* and Q4_K, Q5_K and IQ4_XS matrices keep their levels since the
+     * k-quant kernel (they were requantized to Q8_0 before). */
     for (int i = 0; i < n_matmul_weights(m); i++)
-        if (packed_dtype(matmul_weight(m, i)) != CAKE_DTYPE_Q8_0_X16) {
+        if (cake_kquant_x16_for(matmul_weight(m, i)->dtype)) {
             hash_u64(st, 0x71345f6b783136u);
             break;
         }

@@ -266,17 +266,13 @@ typedef struct {
  * first (below); fewer read the packed levels where they are. */
 #define KQ_UNPACK_MIN_TOKENS 16
 
-/* The 16 rows' scales s = d sc and mins m = dmin mn of sub-block `sub` of
- * group-block gb, as f32 lanes. */
-CAKE_INLINE void scales_of(const uint8_t *gb, int sub, __m512 *s, __m512 *m) {
-    const uint8_t *sc = gb + KQ_SCOFF + 32 * sub;
-    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)gb)),
-                 dmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(gb + 32)));
-    *s = _mm512_mul_ps(
-        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)sc))), d);
-    *m = _mm512_mul_ps(
-        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(sc + 16)))),
-        dmin);
+/* The 16 rows' scales s = d sc (mins false) or mins m = dmin mn (mins true)
+ * of sub-block `sub` of group-block gb, as f32 lanes. */
+CAKE_INLINE __m512 scale_lanes(const uint8_t *gb, int sub, bool mins) {
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(gb + (mins ? 32 : 0))));
+    const __m128i b =
+        _mm_loadu_si128((const __m128i *)(gb + KQ_SCOFF + 32 * sub + (mins ? 16 : 0)));
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), d);
 }
 
 /* The levels of load p of sub-block `sub` of group-block gb: lo, the 4
@@ -321,10 +317,8 @@ static void unpack_block(uint8_t *dst, const uint8_t *gb, int kind) {
             _mm512_storeu_si512(dst + 64 * p, lo);
             _mm512_storeu_si512(dst + 64 * (p + 4), hi);
         }
-        __m512 s, m;
-        scales_of(gb, sub, &s, &m);
-        _mm512_storeu_ps(dst + 512, s);
-        _mm512_storeu_ps(dst + 576, m);
+        _mm512_storeu_ps(dst + 512, scale_lanes(gb, sub, false));
+        _mm512_storeu_ps(dst + 576, scale_lanes(gb, sub, true));
     }
 }
 
@@ -389,13 +383,10 @@ CAKE_INLINE void kq_tile(const kq_job *j, const uint8_t *const *lv, int t0, int 
                     UNROLL for (int g = 0; g < NG; g++) acc[0][g] =
                         _mm512_add_epi32(acc[0][g], hi_acc[g]);
             }
-            __m512 s[KQ_NG], m_unused;
-            UNROLL for (int g = 0; g < NG; g++) {
-                if (unpacked)
-                    s[g] = _mm512_loadu_ps(wb[g] + KQ_UNPACKED_SUB * sub + 512);
-                else
-                    scales_of(wb[g], sub, &s[g], &m_unused);
-            }
+            __m512 s[KQ_NG];
+            UNROLL for (int g = 0; g < NG; g++) s[g] =
+                unpacked ? _mm512_loadu_ps(wb[g] + KQ_UNPACKED_SUB * sub + 512)
+                         : scale_lanes(wb[g], sub, false);
             UNROLL for (int i = 0; i < MT; i++) {
                 const __m512 dx = _mm512_set1_ps(j->a.d[(size_t)(t0 + i) * nb + b]);
                 UNROLL for (int g = 0; g < NG; g++) f[i][g] = _mm512_fmadd_ps(
@@ -408,16 +399,11 @@ CAKE_INLINE void kq_tile(const kq_job *j, const uint8_t *const *lv, int t0, int 
         for (int sub = 0; sub < KQ_SUBS; sub++) {
             const int b = sb * KQ_SUBS + sub;
             __m512 m[KQ_NG];
-            UNROLL for (int g = 0; g < NG; g++) {
-                if (unpacked) {
-                    m[g] = _mm512_loadu_ps(lv[g] + (size_t)sb * KQ_UNPACKED_SUPER +
-                                           KQ_UNPACKED_SUB * sub + 576);
-                } else {
-                    __m512 s_unused;
-                    scales_of(j->w + ((size_t)(g0 + g) * ns + sb) * j->group_super, sub, &s_unused,
-                              &m[g]);
-                }
-            }
+            UNROLL for (int g = 0; g < NG; g++) m[g] =
+                unpacked
+                    ? _mm512_loadu_ps(lv[g] + (size_t)sb * KQ_UNPACKED_SUPER +
+                                      KQ_UNPACKED_SUB * sub + 576)
+                    : scale_lanes(j->w + ((size_t)(g0 + g) * ns + sb) * j->group_super, sub, true);
             UNROLL for (int i = 0; i < MT; i++) {
                 const __m512 dx_sum = _mm512_set1_ps(j->dx_sum[(size_t)(t0 + i) * nb + b]);
                 UNROLL for (int g = 0; g < NG; g++) f[i][g] =

@@ -218,8 +218,6 @@ void cake_matmul_q8_0_lanes(float *y, const float *x, const void *w, int n_token
     lanes_rows_q8(y, x, w, n_tokens, n_in, n_out, 0, n_out);
 }
 
-/* ===================== the threaded kernel ===================== */
-
 /* ===================== activations, quantized for a whole batch ===================== */
 
 typedef struct {
@@ -259,14 +257,14 @@ void cake_q8_acts_free(cake_q8_acts *a) {
     a->d = NULL;
 }
 
+/* ===================== the threaded kernel ===================== */
+
 typedef struct {
     float *y;
     const float *x;
     const uint8_t *w;
     int T, n_in, n_out, nb;
-    int8_t *xq;  /* (T, n_in) quantized activations */
-    float *xd;   /* (T, nb) their scales */
-    int32_t *xc; /* (T, nb) 128 * each block's sum */
+    cake_q8_acts a; /* the quantized activations */
 } q8_job;
 
 #ifdef Q8_VNNI
@@ -294,10 +292,10 @@ CAKE_INLINE void q8_tile(const q8_job *j, int t0, int g0, const int MT, const in
         __m512i acc[Q8_MT][Q8_NG], odd[Q8_NG];
         UNROLL for (int g = 0; g < NG; g++) odd[g] = _mm512_setzero_si512();
         UNROLL for (int i = 0; i < MT; i++) {
-            const __m512i c = _mm512_set1_epi32(-j->xc[(size_t)(t0 + i) * nb + b]);
+            const __m512i c = _mm512_set1_epi32(-j->a.c[(size_t)(t0 + i) * nb + b]);
             UNROLL for (int g = 0; g < NG; g++) acc[i][g] = c;
         }
-        const int8_t *xb = j->xq + (size_t)t0 * n_in + (size_t)b * CAKE_Q8_0_BLOCK;
+        const int8_t *xb = j->a.q + (size_t)t0 * n_in + (size_t)b * CAKE_Q8_0_BLOCK;
         UNROLL for (int s = 0; s < 8; s++) {
             __m512i wv[Q8_NG];
             UNROLL for (int g = 0; g < NG; g++) wv[g] =
@@ -317,7 +315,7 @@ CAKE_INLINE void q8_tile(const q8_job *j, int t0, int g0, const int MT, const in
         if (MT == 1)
             UNROLL for (int g = 0; g < NG; g++) acc[0][g] = _mm512_add_epi32(acc[0][g], odd[g]);
         UNROLL for (int i = 0; i < MT; i++) {
-            const __m512 dx = _mm512_set1_ps(j->xd[(size_t)(t0 + i) * nb + b]);
+            const __m512 dx = _mm512_set1_ps(j->a.d[(size_t)(t0 + i) * nb + b]);
             UNROLL for (int g = 0; g < NG; g++) f[i][g] =
                 _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][g]), _mm512_mul_ps(sc[g], dx), f[i][g]);
         }
@@ -401,17 +399,13 @@ void cake_matmul_q8_0(float *y, const float *x, const void *w, int n_tokens, int
                 .nb = n_in / CAKE_Q8_0_BLOCK};
     const int n_tasks = (n_out + Q8_TASK_GROUPS * Q8_ROWS - 1) / (Q8_TASK_GROUPS * Q8_ROWS);
 #ifdef Q8_VNNI
-    cake_q8_acts a;
-    if (cake_q8_acts_make(&a, x, n_tokens, n_in, pool)) {
+    if (cake_q8_acts_make(&j.a, x, n_tokens, n_in, pool)) {
         /* out of memory: the scalar twin needs no buffer and gives the same bits */
         cake_matmul_q8_0_lanes(y, x, w, n_tokens, n_in, n_out);
         return;
     }
-    j.xq = a.q;
-    j.xd = a.d;
-    j.xc = a.c;
     cake_threadpool_run(pool, n_tasks, q8_task, &j);
-    cake_q8_acts_free(&a);
+    cake_q8_acts_free(&j.a);
 #else
     cake_threadpool_run(pool, n_tasks, q8_task, &j);
 #endif
