@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole test suite: a release build, then the same tests under
+# The whole test suite: a release build, the maths tests in a portable
+# build, then the same tests under
 # AddressSanitizer + UndefinedBehaviorSanitizer, then the threaded modules
 # under ThreadSanitizer. Installs what is missing first (Debian 12, as root).
 set -euo pipefail
@@ -17,6 +18,13 @@ if grep -E 'wgmma.mma_async instructions are serialized' /tmp/cake-build.log; th
     exit 1
 fi
 ctest --test-dir build --output-on-failure -j"$jobs"
+
+# Builds without AVX-512 (not -march=native) run the portable twins as the
+# kernels and decoders: the maths tests hold those to the references too.
+echo "== portable build + maths tests"
+cmake -S . -B build-portable -DCMAKE_BUILD_TYPE=Release -DCAKE_NATIVE=OFF -DCAKE_CUDA=OFF >/dev/null
+cmake --build build-portable -j"$jobs" --target test_kernels test_dequant test_forward
+ctest --test-dir build-portable --output-on-failure -j"$jobs" -R '^test_(kernels|dequant|forward)$'
 
 echo "== ASan + UBSan build + tests"
 bash scripts/build.sh build-asan -DCAKE_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo

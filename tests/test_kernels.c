@@ -347,6 +347,17 @@ static void test_swiglu(void **state) {
  * under positive d and dmin, so every 6-bit scale and min occurs, the
  * values as the decoder gives them, which test_dequant holds to ggml's). */
 static void *make_weights(int dtype, size_t n, float *as_f32) {
+    if (dtype == CAKE_DTYPE_Q6_K) { /* random bytes (int8 scales -128..127), then d */
+        uint8_t *w = xmalloc(n / 256 * 210);
+        for (size_t b = 0; b < n / 256; b++) {
+            uint8_t *blk = w + b * 210;
+            for (size_t i = 0; i < 208; i++) blk[i] = (uint8_t)rnd_f(0, 255.99f);
+            const cake_f16 d = cake_f32_to_f16(rnd_f(0.00002f, 0.0002f));
+            memcpy(blk + 208, &d, 2);
+        }
+        cake_dequant_to_f32(dtype, w, 0, as_f32, n);
+        return w;
+    }
     if (dtype == CAKE_DTYPE_Q4_K || dtype == CAKE_DTYPE_Q5_K || dtype == CAKE_DTYPE_IQ4_XS) {
         const size_t bb = cake_dequant_block_bytes(dtype);
         uint8_t *w = xmalloc(n / 256 * bb);
@@ -526,21 +537,23 @@ static void test_matmul(void **state) {
                                 {40, 1088, 70}, {12, 64, 300}, {1, 4128, 9},  {5, 4096, 129}};
     for (size_t si = 0; si < sizeof(q8_shapes) / sizeof(q8_shapes[0]); si++)
         check_matmul_shape(CAKE_DTYPE_Q8_0, q8_shapes[si][0], q8_shapes[si][1], q8_shapes[si][2]);
-    /* Q4_K, Q5_K and IQ4_XS: rows of whole blocks of 256 */
+    /* Q4_K, Q5_K, Q6_K and IQ4_XS: rows of whole blocks of 256 */
     const int q4_shapes[][3] = {{1, 256, 1},    {1, 256, 16},   {2, 512, 17},  {6, 256, 33},
                                 {7, 768, 13},   {13, 512, 67},  {20, 2048, 6}, {1, 4096, 9},
                                 {5, 4096, 129}, {12, 256, 300}, {40, 1024, 70}};
     for (size_t si = 0; si < sizeof(q4_shapes) / sizeof(q4_shapes[0]); si++) {
         check_matmul_shape(CAKE_DTYPE_Q4_K, q4_shapes[si][0], q4_shapes[si][1], q4_shapes[si][2]);
         check_matmul_shape(CAKE_DTYPE_Q5_K, q4_shapes[si][0], q4_shapes[si][1], q4_shapes[si][2]);
+        check_matmul_shape(CAKE_DTYPE_Q6_K, q4_shapes[si][0], q4_shapes[si][1], q4_shapes[si][2]);
         check_matmul_shape(CAKE_DTYPE_IQ4_XS, q4_shapes[si][0], q4_shapes[si][1], q4_shapes[si][2]);
     }
 }
 
-/* The Q4_K, Q5_K and IQ4_XS repacks keep every weight: scale * level - min
- * through the layout's lookups, exact in double and rounded once, is the
- * decoder's value bit for bit (ggml's d1 * q - m1, dl * table[q]: one
- * rounding each), and the padding rows of the last group are zeros. */
+/* The Q4_K, Q5_K, Q6_K and IQ4_XS repacks keep every weight: scale * level -
+ * min through the layout's lookups, exact in double and rounded once, is the
+ * decoder's value bit for bit (ggml's d1 * q - m1, d sc (q - 32), dl *
+ * table[q]: one rounding each), and the padding rows of the last group are
+ * zeros. */
 static void check_kquant_pack(int dtype, int x16, size_t group_bytes) {
     const int n_out = 21, n_in = 512;
     float *want = xmalloc((size_t)n_out * n_in * 4);
@@ -549,7 +562,7 @@ static void check_kquant_pack(int dtype, int x16, size_t group_bytes) {
     assert_int_equal(cake_kquant_x16_size(x16, n_out, n_in), 2 * 2 * group_bytes);
     cake_kquant_pack_x16(x16, packed, w, n_out, n_in);
     const size_t ns = n_in / 256;
-    int high = 0; /* levels of 16 and more (Q5_K's fifth bit) */
+    int high = 0, higher = 0; /* levels of 16 and more (bit 4), of 32 and more (bit 5) */
     for (int r = 0; r < 32; r++)
         for (int k = 0; k < n_in; k++) {
             const int q = cake_kquant_x16_level(x16, packed, ns, r, k);
@@ -557,6 +570,7 @@ static void check_kquant_pack(int dtype, int x16, size_t group_bytes) {
                         m = cake_kquant_x16_min(x16, packed, ns, r, k),
                         got = (float)((double)s * q - (double)m);
             high += q >= 16;
+            higher += q >= 32;
             if (r >= n_out) {
                 const int zero = x16 == CAKE_DTYPE_IQ4_XS_X16 ? cake_iq4_values[0] + 128 : 0;
                 if (q != zero || s != 0.0f || m != 0.0f)
@@ -569,6 +583,8 @@ static void check_kquant_pack(int dtype, int x16, size_t group_bytes) {
         }
     if (x16 == CAKE_DTYPE_Q4_K_X16 ? high != 0 : high < 1000)
         fail_msg("%s: %d levels of 16 or more", cake_dtype_name((uint32_t)dtype), high);
+    if (x16 == CAKE_DTYPE_Q6_K_X16 ? higher < 1000 : x16 != CAKE_DTYPE_IQ4_XS_X16 && higher)
+        fail_msg("%s: %d levels of 32 or more", cake_dtype_name((uint32_t)dtype), higher);
     free(want);
     free(w);
     free(packed);
@@ -578,6 +594,7 @@ static void test_kquant_pack(void **state) {
     (void)state;
     check_kquant_pack(CAKE_DTYPE_Q4_K, CAKE_DTYPE_Q4_K_X16, 2368);
     check_kquant_pack(CAKE_DTYPE_Q5_K, CAKE_DTYPE_Q5_K_X16, 2880);
+    check_kquant_pack(CAKE_DTYPE_Q6_K, CAKE_DTYPE_Q6_K_X16, 3392);
     check_kquant_pack(CAKE_DTYPE_IQ4_XS, CAKE_DTYPE_IQ4_XS_X16, 2368);
 }
 

@@ -141,6 +141,7 @@ static void copy_keys(const cake_kv_cache *kv, int layer, int pos0, int t0, int 
 }
 #undef MOVE_KEY_RUN
 
+#ifdef HAVE_TRANSPOSE_16X32
 /* The rows [*t0, *t1) of [0, n) whose positions pos0 + t fill whole aligned
  * runs of `align` positions (empty when there are none). */
 static void aligned_rows(int pos0, int n, int align, int *t0, int *t1) {
@@ -148,6 +149,7 @@ static void aligned_rows(int pos0, int n, int align, int *t0, int *t1) {
     *t0 = first < n ? first : n;
     *t1 = *t0 + (n - *t0) / align * align;
 }
+#endif
 
 /* Keys of rows [0, n), in (put) or out: f16 keys in whole tiles transposed
  * in registers (put: 16 positions x 32 dims into a block; get: 16 dims x 32

@@ -83,13 +83,66 @@ static int iq4_xs_scale(const uint8_t *b, int j) {
     return (b[4 + j / 2] >> (4 * (j % 2)) & 0xF) | (scales_h >> (2 * j) & 3) << 4;
 }
 
+/* Q6_K's levels of sub-block j (values 32 j .. 32 j + 31, the quarter k = j
+ * % 4 of half h = j / 4): low 4 bits in the low (k < 2) or high nibbles of
+ * ql[64 h + 32 (k % 2) + l], high 2 bits in bits 2k, 2k + 1 of qh[32 h + l]
+ * (the layout q6_k below decodes). */
+static void q6_k_parts(const uint8_t *b, cake_kquant_parts *p) {
+    const int8_t *sc = (const int8_t *)(b + 192);
+    memcpy(&p->d, b + 208, 2);
+    p->dmin = 0;
+    memset(p->m, 0, sizeof(p->m));
+    for (int j = 0; j < 8; j++) {
+        const int h = j / 4, k = j % 4;
+        const uint8_t *ql = b + 64 * h + 32 * (k % 2), *qh = b + 128 + 32 * h;
+        p->sc[j] = sc[2 * j];
+        p->sc_hi[j] = sc[2 * j + 1];
+#ifdef __AVX512F__
+        const __m256i low4 = _mm256_set1_epi8(0x0F),
+                      nib =
+                          _mm256_and_si256(_mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)ql),
+                                                            _mm_cvtsi32_si128(4 * (k / 2))),
+                                           low4),
+                      top =
+                          _mm256_and_si256(_mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)qh),
+                                                            _mm_cvtsi32_si128(2 * k)),
+                                           _mm256_set1_epi8(3));
+        /* nibbles < 16: shifting the 16-bit words by 4 carries nothing across bytes */
+        _mm_storeu_si128((__m128i *)p->pairs[j],
+                         _mm_or_si128(_mm256_castsi256_si128(nib),
+                                      _mm_slli_epi16(_mm256_extracti128_si256(nib, 1), 4)));
+        /* bit 4 (bit 5) of each level to its byte's top, then movemask */
+        const __m256i lev = _mm256_or_si256(nib, _mm256_slli_epi16(top, 4));
+        p->fifth[j] = (uint32_t)_mm256_movemask_epi8(_mm256_slli_epi16(lev, 3));
+        p->sixth[j] = (uint32_t)_mm256_movemask_epi8(_mm256_slli_epi16(lev, 2));
+#else
+        p->fifth[j] = p->sixth[j] = 0;
+        for (int t = 0; t < 32; t++) {
+            const int q = (ql[t] >> 4 * (k / 2) & 0xF) | (qh[t] >> 2 * k & 3) << 4;
+            if (t < 16)
+                p->pairs[j][t] = (uint8_t)(q & 0xF);
+            else
+                p->pairs[j][t - 16] |= (uint8_t)((q & 0xF) << 4);
+            p->fifth[j] |= (uint32_t)(q >> 4 & 1) << t;
+            p->sixth[j] |= (uint32_t)(q >> 5 & 1) << t;
+        }
+#endif
+    }
+}
+
 void cake_kquant_unpack(int type, const void *block, cake_kquant_parts *p) {
     const uint8_t *b = block;
+    if (type == CAKE_DTYPE_Q6_K) {
+        q6_k_parts(b, p);
+        return;
+    }
     memcpy(&p->d, b, 2);
     memset(p->fifth, 0, sizeof(p->fifth));
+    memset(p->sixth, 0, sizeof(p->sixth));
     if (type == CAKE_DTYPE_IQ4_XS) { /* its indices are already pairs (t, 16 + t) */
         p->dmin = cake_f32_to_f16(f16_at(b) * 128.0f); /* exact: a power of 2 */
-        for (int j = 0; j < 8; j++) p->sc[j] = p->m[j] = (int8_t)(iq4_xs_scale(b, j) - 32);
+        for (int j = 0; j < 8; j++)
+            p->sc[j] = p->sc_hi[j] = p->m[j] = (int8_t)(iq4_xs_scale(b, j) - 32);
         memcpy(p->pairs, b + 8, 128);
         return;
     }
@@ -99,7 +152,7 @@ void cake_kquant_unpack(int type, const void *block, cake_kquant_parts *p) {
     for (int j = 0; j < 8; j++) {
         int s, mm;
         k_scale_min(j, b + 4, &s, &mm);
-        p->sc[j] = (int8_t)s;
+        p->sc[j] = p->sc_hi[j] = (int8_t)s;
         p->m[j] = (int8_t)mm;
     }
     /* 32 bytes hold sub-blocks 2c (low nibbles) and 2c + 1 (high), as in
@@ -153,6 +206,7 @@ static inline __m128i nibbles(__m128i q, int high) {
  * bits), 128 bytes of nibbles. Each 64 values share 32 bytes of nibbles:
  * sub-block 2i the low ones, 2i + 1 the high ones; value = d sc q - dmin m. */
 static void qk_4_5(const uint8_t *b, float *y, bool five, bool lanes) {
+    (void)lanes; /* without AVX-512 every path is the portable one */
     const float d = f16_at(b), dmin = f16_at(b + 2);
     const uint8_t *scales = b + 4, *qh = b + 16, *qs = b + (five ? 48 : 16);
     for (int i = 0; i < 4; i++, qs += 32, y += 64) {
@@ -189,6 +243,7 @@ static void qk_4_5(const uint8_t *b, float *y, bool five, bool lanes) {
  * of qh: value l + 32 k (k = 0..3) has the low (k < 2) or high nibble of ql[l +
  * 32 (k % 2)] and bits 2k, 2k + 1 of qh[l]; value = d sc (q - 32). */
 static void q6_k(const uint8_t *b, float *y, bool lanes) {
+    (void)lanes; /* without AVX-512 every path is the portable one */
     const uint8_t *ql = b, *qh = b + 128;
     const int8_t *sc = (const int8_t *)(b + 192);
     const float d = f16_at(b + 208);
@@ -227,6 +282,7 @@ static void q6_k(const uint8_t *b, float *y, bool lanes) {
  * 64 bytes of 2-bit levels, d, dmin. Value v: level (qs[32 (v / 128) + v %
  * 32] >> 2 (v / 32 % 4)) & 3, scale byte v / 16; value = d sc q - dmin m. */
 static void q2_k(const uint8_t *b, float *y, bool lanes) {
+    (void)lanes; /* without AVX-512 every path is the portable one */
     const uint8_t *scales = b, *qs = b + 16;
     const float d = f16_at(b + 80), dmin = f16_at(b + 82);
     for (int v = 0; v < QK_K; v += 16) {
@@ -250,6 +306,7 @@ static void q2_k(const uint8_t *b, float *y, bool lanes) {
  * j % 8 (j < 8: low, else high) and bits 4, 5 from byte 8 + j % 4 (shifted
  * by 2 (j / 4)); value = d (scale - 32) q. */
 static void q3_k(const uint8_t *b, float *y, bool lanes) {
+    (void)lanes; /* without AVX-512 every path is the portable one */
     const uint8_t *hm = b, *qs = b + 32, *s = b + 96;
     const float d = f16_at(b + 108);
     for (int v = 0; v < QK_K; v += 16) {
@@ -280,6 +337,7 @@ const int8_t cake_iq4_values[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
                                     1,    13,   25,  38,  53,  69,  89,  113};
 
 static void iq4_32(const uint8_t *qs, float dl, float *y, bool lanes) {
+    (void)lanes; /* without AVX-512 every path is the portable one */
 #ifdef __AVX512F__
     if (!lanes) { /* the table + 128 (its sign bits flipped) as bytes, looked up 16 at a time */
         const __m128i table = _mm_xor_si128(_mm_loadu_si128((const __m128i *)cake_iq4_values),

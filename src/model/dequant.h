@@ -6,8 +6,9 @@
  * the values are its dequantize_row_* ones, the same f32 operations in the
  * same order.
  *
- * Cake multiplies none of these but Q8_0 directly: the CPU backend requantizes
- * the others to Q8_0 once (model.c), the CUDA backend converts them to f16 as
+ * The CPU backend multiplies Q8_0, Q4_K, Q5_K, Q6_K and IQ4_XS at their own
+ * bits (matmul_q8_0.c, matmul_kquant.c, from repacked copies) and requantizes
+ * the others to Q8_0 once (model.c); the CUDA backend converts them to f16 as
  * they go up. */
 #ifndef CAKE_DEQUANT_H
 #define CAKE_DEQUANT_H
@@ -44,21 +45,24 @@ void cake_dequant_to_f32_lanes(int type, const void *src, size_t first, float *d
  * stand for. */
 extern const int8_t cake_iq4_values[16];
 
-/* A Q4_K, Q5_K or IQ4_XS block's parts as the CPU's k-quant layouts hold
- * them (backend/cpu/matmul_kquant.c): d and dmin (f16 bits), a scale and a
- * min for each sub-block j of 32, and its 32 levels q_j,t, so that value
- * 32 j + t is d * sc[j] * L(q_j,t) - dmin * m[j]. Q4_K and Q5_K: their 6-bit
- * scales and mins, levels 0..15 (Q5_K 0..31), L(q) = q. IQ4_XS: scales
- * ls - 32, dmin 128 d and the mins the scales, levels the 4-bit indices,
- * L(q) = cake_iq4_values[q] + 128 (so the mins take the 128 off). The
- * levels' low 4 bits in pairs: byte t of pairs[j] holds q_j,t in its low
- * nibble and q_j,16+t in its high one; bit t of fifth[j] is q_j,t's fifth
- * bit (Q5_K; 0 for the others). */
+/* A Q4_K, Q5_K, Q6_K or IQ4_XS block's parts as the CPU's k-quant layouts
+ * hold them (backend/cpu/matmul_kquant.c): d and dmin (f16 bits), for each
+ * sub-block j of 32 a scale for its first 16 values (sc), one for its last
+ * 16 (sc_hi; the same but in Q6_K) and a min, and its 32 levels q_j,t, so
+ * that value 32 j + t is d * (t < 16 ? sc : sc_hi)[j] * L(q_j,t) - dmin *
+ * m[j]. Q4_K and Q5_K: their 6-bit scales and mins, levels 0..15 (Q5_K
+ * 0..31), L(q) = q. Q6_K: its int8 scales, levels 0..63, L(q) = q - 32, dmin
+ * and mins 0 (the kernel takes the 32 off). IQ4_XS: scales ls - 32, dmin
+ * 128 d and the mins the scales, levels the 4-bit indices, L(q) =
+ * cake_iq4_values[q] + 128 (so the mins take the 128 off). The levels' low
+ * 4 bits in pairs: byte t of pairs[j] holds q_j,t in its low nibble and
+ * q_j,16+t in its high one; bit t of fifth[j] (sixth[j]) is q_j,t's bit 4
+ * (bit 5), 0 where the type has none. */
 typedef struct {
     uint16_t d, dmin;
-    int8_t sc[8], m[8];
+    int8_t sc[8], sc_hi[8], m[8];
     uint8_t pairs[8][16];
-    uint32_t fifth[8];
+    uint32_t fifth[8], sixth[8];
 } cake_kquant_parts;
 void cake_kquant_unpack(int type, const void *block, cake_kquant_parts *p);
 

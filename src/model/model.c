@@ -283,8 +283,8 @@ static int requantize_x16(uint8_t *dst, const cake_weight *w) {
     return 0;
 }
 
-/* The CPU matmul's layout of a quantized matrix: Q4_K, Q5_K and IQ4_XS keep
- * their levels (matmul_kquant.c), the others go to Q8_0 (matmul_q8_0.c). */
+/* The CPU matmul's layout of a quantized matrix: Q4_K, Q5_K, Q6_K and IQ4_XS
+ * keep their levels (matmul_kquant.c), the others go to Q8_0 (matmul_q8_0.c). */
 static int packed_dtype(const cake_weight *w) {
     const int kq = cake_kquant_x16_for(w->dtype);
     return kq ? kq : CAKE_DTYPE_Q8_0_X16;
@@ -567,6 +567,12 @@ static void compute_fingerprint(void) {
     for (int i = 0; i < n_matmul_weights(m); i++)
         if (cake_kquant_x16_for(matmul_weight(m, i)->dtype)) {
             hash_u64(st, 0x71345f6b783136u);
+            break;
+        }
+    /* and Q6_K matrices since they joined them */
+    for (int i = 0; i < n_matmul_weights(m); i++)
+        if (matmul_weight(m, i)->dtype == CAKE_DTYPE_Q6_K) {
+            hash_u64(st, 0x71365f6b783136u);
             break;
         }
     hash_u64(st, cake_bits_from_f32(hp->rms_eps));

@@ -12,10 +12,10 @@
 
 /* A weight matrix (n_out, n_in), row-major, in the file's dtype. A
  * quantized matrix that the CPU matmul reads also gets a copy in its layout
- * (CAKE_DTYPE_Q4_K_X16, _Q5_K_X16, _IQ4_XS_X16 for Q4_K, Q5_K, IQ4_XS;
- * CAKE_DTYPE_Q8_0_X16 for the others:
- * backend/cpu/kernels.h), which the model owns, once a CPU context asks for
- * it (cake_model_prepare_cpu). */
+ * (CAKE_DTYPE_Q4_K_X16, _Q5_K_X16, _Q6_K_X16, _IQ4_XS_X16 for Q4_K, Q5_K,
+ * Q6_K, IQ4_XS; CAKE_DTYPE_Q8_0_X16 for the others: backend/cpu/kernels.h),
+ * which the model owns, once a CPU context asks for it
+ * (cake_model_prepare_cpu). */
 typedef struct {
     const void *data; /* in the file's mapping */
     int dtype;        /* cake_dtype */

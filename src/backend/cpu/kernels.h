@@ -92,8 +92,8 @@ void cake_q8_0_quantize_row(const float *x, uint8_t *dst, size_t n);
  * dtype F32, F16 or BF16 (cake_dtype numbering), read in place (converted in
  * registers; nothing is copied), or CAKE_DTYPE_Q8_0_X16 (n_in a multiple of
  * 32; x is quantized to 8 bits per block of 32, as llama.cpp does for Q8_0,
- * and multiplied in integers: matmul_q8_0.c), or CAKE_DTYPE_Q4_K_X16 or
- * CAKE_DTYPE_Q5_K_X16 (n_in a multiple of 256; likewise: matmul_kquant.c).
+ * and multiplied in integers: matmul_q8_0.c), or one of the k-quant layouts
+ * below (n_in a multiple of 256; likewise: matmul_kquant.c).
  * A threaded AVX-512 dot-product kernel for every batch size (matmul.c
  * explains why not sgemm); a token's output row is bit-identical whatever
  * n_tokens and the thread count. Returns 0, or -1 for an unsupported dtype. */
@@ -108,7 +108,7 @@ int cake_matmul_ref(float *y, const float *x, const void *w, int w_dtype, int n_
  * n_tokens, thread count and build. Returns 0, or -1 for an unsupported dtype. */
 int cake_matmul_lanes(float *y, const float *x, const void *w, int w_dtype, int n_tokens, int n_in,
                       int n_out);
-/* The integer kernels' activations (Q8_0, Q4_K): each token's row of n_in
+/* The integer kernels' activations (Q8_0, the k-quants): each token's row of n_in
  * (a multiple of 32) quantized per block of 32 as llama.cpp's
  * quantize_row_q8_0 does: q (n_tokens, n_in) int8, d (n_tokens, n_in / 32)
  * the blocks' scales, c (likewise) 128 * each block's sum of q. make
@@ -135,17 +135,23 @@ int cake_matmul_q8_0_ref(float *y, const float *x, const void *w, int n_tokens, 
 void cake_matmul_q8_0_lanes(float *y, const float *x, const void *w, int n_tokens, int n_in,
                             int n_out);
 
-/* ---- Q4_K, Q5_K and IQ4_XS weights, kept at their bits (matmul_kquant.c) ----
- * CAKE_DTYPE_Q4_K_X16, _Q5_K_X16 and _IQ4_XS_X16 (not GGUF types; layouts
- * at the top of matmul_kquant.c): such a matrix (n_out, n_in), n_in a
- * multiple of 256, rows in groups of 16, made once from the file's blocks
- * by cake_kquant_pack_x16 into cake_kquant_x16_size bytes (4.625, 5.625 and
- * 4.625 bits a weight). The kernel, the reference and the scalar twin as
- * for Q8_0; the level (0..15, 0..31, 1..241), scale and min of row r,
- * column k, for the tests (ns = n_in / 256; value = scale * level - min). */
-enum { CAKE_DTYPE_Q4_K_X16 = 1012, CAKE_DTYPE_Q5_K_X16 = 1013, CAKE_DTYPE_IQ4_XS_X16 = 1014 };
+/* ---- Q4_K, Q5_K, Q6_K and IQ4_XS weights, kept at their bits (matmul_kquant.c) ----
+ * CAKE_DTYPE_Q4_K_X16, _Q5_K_X16, _Q6_K_X16 and _IQ4_XS_X16 (not GGUF
+ * types; layouts at the top of matmul_kquant.c): such a matrix (n_out,
+ * n_in), n_in a multiple of 256, rows in groups of 16, made once from the
+ * file's blocks by cake_kquant_pack_x16 into cake_kquant_x16_size bytes
+ * (4.625, 5.625, 6.625 and 4.625 bits a weight). The kernel, the reference
+ * and the scalar twin as for Q8_0; the level (0..15, 0..31, 0..63,
+ * 1..241), scale and min of row r, column k, for the tests (ns = n_in /
+ * 256; value = scale * level - min). */
+enum {
+    CAKE_DTYPE_Q4_K_X16 = 1012,
+    CAKE_DTYPE_Q5_K_X16 = 1013,
+    CAKE_DTYPE_IQ4_XS_X16 = 1014,
+    CAKE_DTYPE_Q6_K_X16 = 1015,
+};
 /* The layout the CPU keeps a matrix of GGUF type `type` in: one of the
- * three above, or 0 (it goes to Q8_0). */
+ * four above, or 0 (it goes to Q8_0). */
 int cake_kquant_x16_for(int type);
 size_t cake_kquant_x16_size(int x16_dtype, int n_out, int n_in);
 void cake_kquant_pack_x16(int x16_dtype, void *dst, const void *blocks, int n_out, int n_in);

@@ -1,6 +1,6 @@
-/* The CPU matmul for Q4_K, Q5_K and IQ4_XS weights, at their own bits
- * (4.625, 5.625 and 4.625 a weight here) instead of a Q8_0 copy (8.5): the
- * integer kernel of matmul_q8_0.c with 4- or 5-bit weights.
+/* The CPU matmul for Q4_K, Q5_K, Q6_K and IQ4_XS weights, at their own bits
+ * (4.625, 5.625, 6.625 and 4.625 a weight here) instead of a Q8_0 copy
+ * (8.5): the integer kernel of matmul_q8_0.c with 4- to 6-bit weights.
  *
  * A Q4_K or Q5_K block is 256 values in 8 sub-blocks of 32; value k of
  * sub-block j is s_j q_k - m_j with q_k in 0..15 (Q5_K: 0..31), s_j = d sc_j
@@ -15,29 +15,38 @@
  *     y = fma((float)isum_b, s_b * dx_b, y),
  * then a second chain over them of y = fma(-m_b, dx_b * sum qx_b, y)
  * (products rounded to f32 first; the mins' terms in the first chain cost
- * ~20% of prefill, their own chain almost nothing). As for Q8_0 a token's row
+ * ~20% of prefill, their own chain almost nothing).
+ *
+ * Q6_K has a scale per 16 values and no min: value k of a 16 is
+ * s (q_k - 32), q_k in 0..63, s = d sc (sc int8). Each half of an activation
+ * block has its own integer sum, started at -32 times the half's sum of qx
+ * so that it is sum (q_k - 32) qx_k (|.| < 2^16, exact in f32), and the chain
+ * takes two steps a block, y = fma((float)isum_lo, s_lo dx, y), then the
+ * same with the second half's; no second chain. As for Q8_0 a token's row
  * is the same bits whatever the batch, tiles and threads, and the scalar twin
  * below gives the same bits. No weight is rounded: the result differs from
  * the exact one by the activations' rounding only (a Q8_0 copy also rounds
  * every weight to 8 bits).
  *
- * The layouts (CAKE_DTYPE_Q4_K_X16, _Q5_K_X16, _IQ4_XS_X16), made once from
- * the file's blocks (cake_kquant_pack_x16, from cake_kquant_unpack's parts):
- * rows in groups of 16 (the last padded with zero rows), and per group and
- * block of 256 columns
- *     16 f16 d, then 16 f16 dmin (64 bytes);
- *     per sub-block j = 0..7: 16 sc_j, then 16 mn_j (signed bytes);
+ * The layouts (CAKE_DTYPE_Q4_K_X16, _Q5_K_X16, _Q6_K_X16, _IQ4_XS_X16), made
+ * once from the file's blocks (cake_kquant_pack_x16, from cake_kquant_unpack's
+ * parts): rows in groups of 16 (the last padded with zero rows), and per
+ * group and block of 256 columns
+ *     16 f16 d, then 16 f16 dmin (64 bytes; Q6_K: dmin 0);
+ *     per sub-block j = 0..7: 16 sc_j, then 16 mn_j (signed bytes; Q6_K:
+ *         the scales of the sub-block's first 16 values, then its last 16's);
  *     per sub-block j: for p = 0..3, for row i = 0..15, 4 bytes k = 0..3:
  *         low nibble q[i][32 j + 4 p + k], high nibble q[i][32 j + 16 + 4 p + k]
  *         (the levels' low 4 bits; IQ4_XS: the table indices);
- *     Q5_K only, per sub-block j: for p = 0..3 two 64-bit masks, bit 4 i + k
- *         the fifth bit of the level the low (then the high) nibble above
- *         holds;
- * 2368 bytes (Q4_K, IQ4_XS) or 2880 (Q5_K). One 64-byte load holds 4 consecutive
- * levels of 16 rows twice over: its low nibbles (AND 0x0F) and its high ones
- * (shift, AND), each plus 16 where its mask bit says so (Q5_K) or looked up
- * in the table (IQ4_XS: vpshufb), are two operands of vpdpbusd with the rows
- * in the lanes, as in the Q8_0 kernel, unsigned as vpdpbusd wants them. */
+ *     Q5_K and Q6_K, per sub-block j: for p = 0..3 two 64-bit masks, bit
+ *         4 i + k bit 4 of the level the low (then the high) nibble above
+ *         holds; Q6_K then the same for bit 5;
+ * 2368 bytes (Q4_K, IQ4_XS), 2880 (Q5_K) or 3392 (Q6_K). One 64-byte load
+ * holds 4 consecutive levels of 16 rows twice over: its low nibbles (AND
+ * 0x0F) and its high ones (shift, AND), each plus 16 (and 32) where its mask
+ * bits say so (Q5_K, Q6_K) or looked up in the table (IQ4_XS: vpshufb), are
+ * two operands of vpdpbusd with the rows in the lanes, as in the Q8_0
+ * kernel, unsigned as vpdpbusd wants them. */
 #ifdef __clang__
 #pragma STDC FP_CONTRACT OFF
 #endif
@@ -59,39 +68,49 @@ enum {
     KQ_SUBS = 8,                          /* sub-blocks of 32 per block */
     KQ_SCOFF = 64,                        /* the scales after the 16 d and 16 dmin */
     KQ_QOFF = KQ_SCOFF + KQ_SUBS * 32,    /* the nibbles after the scales: 320 */
-    KQ_HOFF = KQ_QOFF + KQ_SUBS * 256,    /* Q5_K's fifth bits after them: 2368 */
+    KQ_HOFF = KQ_QOFF + KQ_SUBS * 256,    /* bits 4 (and 5) after them: 2368 */
+    KQ_PLANE = KQ_SUBS * 64,              /* bytes of one such bit */
     KQ_GROUP_Q4 = KQ_HOFF,                /* bytes per group and block: Q4_K */
-    KQ_GROUP_Q5 = KQ_HOFF + KQ_SUBS * 64, /* Q5_K: 2880 */
+    KQ_GROUP_Q5 = KQ_HOFF + KQ_PLANE,     /* Q5_K: 2880 */
+    KQ_GROUP_Q6 = KQ_HOFF + 2 * KQ_PLANE, /* Q6_K: 3392 */
     KQ_MT = 6,                            /* tokens per register tile */
     KQ_NG = 2,                            /* row groups per register tile */
     KQ_TASK_GROUPS = 4,                   /* row groups per task (64 rows) */
     KQ_K4 = 0,                            /* kinds of packed levels: Q4_K, */
     KQ_K5,                                /* Q5_K, */
+    KQ_K6,                                /* Q6_K, */
     KQ_IQ4,                               /* IQ4_XS */
 };
 
-static bool is_q5(int x16_dtype) {
-    return x16_dtype == CAKE_DTYPE_Q5_K_X16;
+static bool is_q6(int x16_dtype) {
+    return x16_dtype == CAKE_DTYPE_Q6_K_X16;
 }
 
 static bool is_iq4(int x16_dtype) {
     return x16_dtype == CAKE_DTYPE_IQ4_XS_X16;
 }
 
+/* How many high bits (4, then 5) the levels keep beside their nibbles. */
+static int high_bits(int x16_dtype) {
+    return x16_dtype == CAKE_DTYPE_Q5_K_X16 ? 1 : is_q6(x16_dtype) ? 2 : 0;
+}
+
 static size_t group_super(int x16_dtype) {
-    return is_q5(x16_dtype) ? KQ_GROUP_Q5 : KQ_GROUP_Q4;
+    return KQ_HOFF + (size_t)high_bits(x16_dtype) * KQ_PLANE;
 }
 
 /* The file's type of a layout, and back. */
 static int gguf_type(int x16_dtype) {
-    return is_q5(x16_dtype)    ? CAKE_DTYPE_Q5_K
-           : is_iq4(x16_dtype) ? CAKE_DTYPE_IQ4_XS
-                               : CAKE_DTYPE_Q4_K;
+    return x16_dtype == CAKE_DTYPE_Q5_K_X16 ? CAKE_DTYPE_Q5_K
+           : is_q6(x16_dtype)               ? CAKE_DTYPE_Q6_K
+           : is_iq4(x16_dtype)              ? CAKE_DTYPE_IQ4_XS
+                                            : CAKE_DTYPE_Q4_K;
 }
 
 int cake_kquant_x16_for(int type) {
     return type == CAKE_DTYPE_Q4_K     ? CAKE_DTYPE_Q4_K_X16
            : type == CAKE_DTYPE_Q5_K   ? CAKE_DTYPE_Q5_K_X16
+           : type == CAKE_DTYPE_Q6_K   ? CAKE_DTYPE_Q6_K_X16
            : type == CAKE_DTYPE_IQ4_XS ? CAKE_DTYPE_IQ4_XS_X16
                                        : 0;
 }
@@ -104,7 +123,8 @@ size_t cake_kquant_x16_size(int x16_dtype, int n_out, int n_in) {
 void cake_kquant_pack_x16(int x16_dtype, void *dst, const void *blocks, int n_out, int n_in) {
     const size_t gs = group_super(x16_dtype),
                  block_bytes = cake_dequant_block_bytes(gguf_type(x16_dtype));
-    const int ns = n_in / KQ_SUPER, ng = (n_out + KQ_ROWS - 1) / KQ_ROWS;
+    const int ns = n_in / KQ_SUPER, ng = (n_out + KQ_ROWS - 1) / KQ_ROWS,
+              planes = high_bits(x16_dtype);
     uint8_t *d = dst;
     for (int g = 0; g < ng; g++)
         for (int sb = 0; sb < ns; sb++, d += gs) {
@@ -118,20 +138,24 @@ void cake_kquant_pack_x16(int x16_dtype, void *dst, const void *blocks, int n_ou
                 memcpy(d + 32 + 2 * i, &parts.dmin, 2);
                 for (int j = 0; j < KQ_SUBS; j++) {
                     d[KQ_SCOFF + 32 * j + i] = (uint8_t)parts.sc[j];
-                    d[KQ_SCOFF + 32 * j + 16 + i] = (uint8_t)parts.m[j];
+                    d[KQ_SCOFF + 32 * j + 16 + i] =
+                        (uint8_t)(is_q6(x16_dtype) ? parts.sc_hi[j] : parts.m[j]);
                     /* the pairs' bytes 4p..4p+3 are the row's 4 bytes of load p */
                     for (int p = 0; p < 4; p++)
                         memcpy(d + KQ_QOFF + 256 * j + 64 * p + 4 * i, parts.pairs[j] + 4 * p, 4);
-                    /* Q5_K: load p's masks get the fifth bits of levels 4p..
-                     * (low) and 16 + 4p.. (high) at bits 4i.. */
-                    for (int p = 0; parts.fifth[j] && p < 4; p++)
-                        for (int h = 0; h < 2; h++) {
-                            uint8_t *at = d + KQ_HOFF + 64 * j + 16 * p + 8 * h;
-                            uint64_t mask;
-                            memcpy(&mask, at, 8);
-                            mask |= (uint64_t)(parts.fifth[j] >> (16 * h + 4 * p) & 0xF) << (4 * i);
-                            memcpy(at, &mask, 8);
-                        }
+                    /* Q5_K, Q6_K: load p's masks get bit 4 (then 5) of
+                     * levels 4p.. (low) and 16 + 4p.. (high) at bits 4i.. */
+                    for (int b = 0; b < planes; b++) {
+                        const uint32_t bits = b ? parts.sixth[j] : parts.fifth[j];
+                        for (int p = 0; bits && p < 4; p++)
+                            for (int h = 0; h < 2; h++) {
+                                uint8_t *at = d + KQ_HOFF + KQ_PLANE * b + 64 * j + 16 * p + 8 * h;
+                                uint64_t mask;
+                                memcpy(&mask, at, 8);
+                                mask |= (uint64_t)(bits >> (16 * h + 4 * p) & 0xF) << (4 * i);
+                                memcpy(at, &mask, 8);
+                            }
+                    }
                 }
             }
         }
@@ -150,9 +174,9 @@ int cake_kquant_x16_level(int x16_dtype, const void *w, size_t ns, size_t r, siz
                  bit = 4 * (r % KQ_ROWS) + c % 4;
     const uint8_t b = gb[KQ_QOFF + 256 * j + 64 * p + bit];
     int q = c < 16 ? b & 0xF : b >> 4;
-    if (is_q5(x16_dtype)) {
-        const uint8_t *mask = gb + KQ_HOFF + 64 * j + 16 * p + (c < 16 ? 0 : 8);
-        q |= (mask[bit / 8] >> bit % 8 & 1) << 4;
+    for (int h = 0; h < high_bits(x16_dtype); h++) {
+        const uint8_t *mask = gb + KQ_HOFF + KQ_PLANE * h + 64 * j + 16 * p + (c < 16 ? 0 : 8);
+        q |= (mask[bit / 8] >> bit % 8 & 1) << (4 + h);
     }
     return is_iq4(x16_dtype) ? cake_iq4_values[q] + 128 : q;
 }
@@ -165,11 +189,14 @@ static float f16_at(const uint8_t *p) {
 
 float cake_kquant_x16_scale(int x16_dtype, const void *w, size_t ns, size_t r, size_t k) {
     const uint8_t *gb = group_block(x16_dtype, w, ns, r, k);
-    const size_t i = r % KQ_ROWS, j = k % KQ_SUPER / 32;
-    return (float)(int8_t)gb[KQ_SCOFF + 32 * j + i] * f16_at(gb + 2 * i);
+    const size_t i = r % KQ_ROWS, j = k % KQ_SUPER / 32,
+                 half = is_q6(x16_dtype) && k % 32 >= 16 ? 16 : 0;
+    return (float)(int8_t)gb[KQ_SCOFF + 32 * j + half + i] * f16_at(gb + 2 * i);
 }
 
 float cake_kquant_x16_min(int x16_dtype, const void *w, size_t ns, size_t r, size_t k) {
+    if (is_q6(x16_dtype)) /* the level's offset of 32: exact */
+        return 32.0f * cake_kquant_x16_scale(x16_dtype, w, ns, r, k);
     const uint8_t *gb = group_block(x16_dtype, w, ns, r, k);
     const size_t i = r % KQ_ROWS, j = k % KQ_SUPER / 32;
     return (float)(int8_t)gb[KQ_SCOFF + 32 * j + 16 + i] * f16_at(gb + 32 + i * 2);
@@ -189,13 +216,19 @@ int cake_matmul_kquant_ref(int x16_dtype, float *y, const float *x, const void *
                 int32_t c;
                 cake_q8_quantize_block_lanes(x + (size_t)t * n_in + (size_t)b * CAKE_Q8_0_BLOCK, q,
                                              &dx, &c);
-                const size_t k0 = (size_t)b * CAKE_Q8_0_BLOCK;
-                long isum = 0;
-                for (int k = 0; k < CAKE_Q8_0_BLOCK; k++)
-                    isum += (long)cake_kquant_x16_level(x16_dtype, w, ns, n, k0 + k) * q[k];
-                s += (double)dx *
-                     ((double)cake_kquant_x16_scale(x16_dtype, w, ns, n, k0) * (double)isum -
-                      (double)cake_kquant_x16_min(x16_dtype, w, ns, n, k0) * (double)(c / 128));
+                (void)c;
+                for (int h = 0; h < 2; h++) { /* halves of 16: Q6_K's scales */
+                    const size_t k0 = (size_t)b * CAKE_Q8_0_BLOCK + 16 * (size_t)h;
+                    long isum = 0, qsum = 0;
+                    for (int k = 0; k < 16; k++) {
+                        isum += (long)cake_kquant_x16_level(x16_dtype, w, ns, n, k0 + k) *
+                                q[16 * h + k];
+                        qsum += q[16 * h + k];
+                    }
+                    s += (double)dx *
+                         ((double)cake_kquant_x16_scale(x16_dtype, w, ns, n, k0) * (double)isum -
+                          (double)cake_kquant_x16_min(x16_dtype, w, ns, n, k0) * (double)qsum);
+                }
             }
             y[(size_t)t * n_out + n] = (float)s;
         }
@@ -217,6 +250,18 @@ static void lanes_rows(int x16_dtype, float *y, const float *x, const uint8_t *w
                                          &c);
             const size_t k0 = (size_t)b * CAKE_Q8_0_BLOCK;
             for (int n = r0; n < r1; n++) {
+                if (is_q6(x16_dtype)) { /* a step per half, each (q - 32) qx */
+                    for (int h = 0; h < 2; h++) {
+                        int isum = 0;
+                        for (int k = 16 * h; k < 16 * h + 16; k++)
+                            isum +=
+                                (cake_kquant_x16_level(x16_dtype, w, ns, n, k0 + k) - 32) * q[k];
+                        yt[n] = fmaf((float)isum,
+                                     cake_kquant_x16_scale(x16_dtype, w, ns, n, k0 + 16 * h) * dx,
+                                     yt[n]);
+                    }
+                    continue;
+                }
                 int isum = 0;
                 for (int k = 0; k < CAKE_Q8_0_BLOCK; k++)
                     isum += cake_kquant_x16_level(x16_dtype, w, ns, n, k0 + k) * q[k];
@@ -224,7 +269,7 @@ static void lanes_rows(int x16_dtype, float *y, const float *x, const uint8_t *w
                     fmaf((float)isum, cake_kquant_x16_scale(x16_dtype, w, ns, n, k0) * dx, yt[n]);
             }
         }
-        for (int b = 0; b < nb; b++) { /* then the mins' */
+        for (int b = 0; !is_q6(x16_dtype) && b < nb; b++) { /* then the mins' */
             int8_t q[CAKE_Q8_0_BLOCK];
             float dx;
             int32_t c;
@@ -250,11 +295,12 @@ typedef struct {
     const float *x;
     const uint8_t *w;
     int x16_dtype;
-    int kind; /* KQ_K4, KQ_K5 or KQ_IQ4: how the packed levels are read */
+    int kind; /* KQ_K4, KQ_K5, KQ_K6 or KQ_IQ4: how the packed levels are read */
     size_t group_super;
     int T, n_in, n_out, nb, ns;
     cake_q8_acts a;
     float *dx_sum;   /* (T, nb) each block's scale times its sum of q: the mins' factor */
+    int32_t *q6_off; /* Q6_K instead: (T, nb, 2) -32 times each half-block's sum of q */
     uint8_t *panels; /* NULL, or per thread one task's blocks unpacked (unpack_block) */
 } kq_job;
 
@@ -266,12 +312,14 @@ typedef struct {
  * first (below); fewer read the packed levels where they are. */
 #define KQ_UNPACK_MIN_TOKENS 16
 
-/* The 16 rows' scales s = d sc (mins false) or mins m = dmin mn (mins true)
- * of sub-block `sub` of group-block gb, as f32 lanes. */
-CAKE_INLINE __m512 scale_lanes(const uint8_t *gb, int sub, bool mins) {
-    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(gb + (mins ? 32 : 0))));
+/* The 16 rows' scales s = d sc of sub-block `sub` of group-block gb (second
+ * false), or (second true) its mins m = dmin mn (Q6_K: the scales of its
+ * last 16 values, d sc_hi), as f32 lanes. */
+CAKE_INLINE __m512 scale_lanes(const uint8_t *gb, int sub, bool second, const int kind) {
+    const int d_at = second && kind != KQ_K6 ? 32 : 0;
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(gb + d_at)));
     const __m128i b =
-        _mm_loadu_si128((const __m128i *)(gb + KQ_SCOFF + 32 * sub + (mins ? 16 : 0)));
+        _mm_loadu_si128((const __m128i *)(gb + KQ_SCOFF + 32 * sub + (second ? 16 : 0)));
     return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), d);
 }
 
@@ -289,19 +337,20 @@ CAKE_INLINE void levels_of(const uint8_t *gb, int sub, int p, const int kind, __
         *lo = _mm512_shuffle_epi8(table, *lo);
         *hi = _mm512_shuffle_epi8(table, *hi);
     }
-    if (kind == KQ_K5) {
-        const __m512i sixteen = _mm512_set1_epi8(16);
+    for (int b = 0; b < (kind == KQ_K6 ? 2 : kind == KQ_K5 ? 1 : 0); b++) {
+        const __m512i bit = _mm512_set1_epi8((char)(16 << b));
         uint64_t k_lo, k_hi;
-        memcpy(&k_lo, gb + KQ_HOFF + 64 * sub + 16 * p, 8);
-        memcpy(&k_hi, gb + KQ_HOFF + 64 * sub + 16 * p + 8, 8);
-        *lo = _mm512_mask_add_epi8(*lo, k_lo, *lo, sixteen);
-        *hi = _mm512_mask_add_epi8(*hi, k_hi, *hi, sixteen);
+        memcpy(&k_lo, gb + KQ_HOFF + KQ_PLANE * b + 64 * sub + 16 * p, 8);
+        memcpy(&k_hi, gb + KQ_HOFF + KQ_PLANE * b + 64 * sub + 16 * p + 8, 8);
+        *lo = _mm512_mask_add_epi8(*lo, k_lo, *lo, bit);
+        *hi = _mm512_mask_add_epi8(*hi, k_hi, *hi, bit);
     }
 }
 
 /* One group's block of 256 unpacked: per sub-block 8 steps of 64 bytes (4
  * consecutive levels of each of the 16 rows, as the Q8_0 layout has them,
- * less its +128), then the 16 scales and the 16 mins as f32. */
+ * less its +128), then the 16 scales and the 16 mins (Q6_K: second scales)
+ * as f32. */
 enum { KQ_UNPACKED_SUB = 8 * 64 + 2 * 64, KQ_UNPACKED_SUPER = KQ_SUBS * KQ_UNPACKED_SUB };
 
 static void unpack_block(uint8_t *dst, const uint8_t *gb, int kind) {
@@ -310,6 +359,8 @@ static void unpack_block(uint8_t *dst, const uint8_t *gb, int kind) {
             __m512i lo, hi;
             if (kind == KQ_K5)
                 levels_of(gb, sub, p, KQ_K5, &lo, &hi);
+            else if (kind == KQ_K6)
+                levels_of(gb, sub, p, KQ_K6, &lo, &hi);
             else if (kind == KQ_IQ4)
                 levels_of(gb, sub, p, KQ_IQ4, &lo, &hi);
             else
@@ -317,21 +368,46 @@ static void unpack_block(uint8_t *dst, const uint8_t *gb, int kind) {
             _mm512_storeu_si512(dst + 64 * p, lo);
             _mm512_storeu_si512(dst + 64 * (p + 4), hi);
         }
-        _mm512_storeu_ps(dst + 512, scale_lanes(gb, sub, false));
-        _mm512_storeu_ps(dst + 576, scale_lanes(gb, sub, true));
+        _mm512_storeu_ps(dst + 512, scale_lanes(gb, sub, false, kind));
+        _mm512_storeu_ps(dst + 576, scale_lanes(gb, sub, true, kind));
+    }
+}
+
+/* Each lane's chain its step for the accumulators acc of block b: f +=
+ * (float)acc * (s dx). */
+CAKE_INLINE void chain_step(const kq_job *j, __m512 f[KQ_MT][KQ_NG], __m512i acc[KQ_MT][KQ_NG],
+                            const __m512 *s, int t0, int b, const int MT, const int NG) {
+    UNROLL for (int i = 0; i < MT; i++) {
+        const __m512 dx = _mm512_set1_ps(j->a.d[(size_t)(t0 + i) * j->nb + b]);
+        UNROLL for (int g = 0; g < NG; g++) f[i][g] =
+            _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][g]), _mm512_mul_ps(s[g], dx), f[i][g]);
+    }
+}
+
+/* The accumulators' start for block b: 0, or (Q6_K) -32 x the sum of q of
+ * its half `half`, so that they sum (q - 32) qx. */
+CAKE_INLINE void start_acc(const kq_job *j, __m512i acc[KQ_MT][KQ_NG], int t0, int b, int half,
+                           const int MT, const int NG, const int kind) {
+    UNROLL for (int i = 0; i < MT; i++) {
+        const __m512i a0 =
+            kind == KQ_K6 ? _mm512_set1_epi32(j->q6_off[((size_t)(t0 + i) * j->nb + b) * 2 + half])
+                          : _mm512_setzero_si512();
+        UNROLL for (int g = 0; g < NG; g++) acc[i][g] = a0;
     }
 }
 
 /* MT tokens (t0..) x NG row groups (g0..): per sub-block 8 vpdpbusd steps
- * per token, then each lane's chain its FMA; then the mins' chain. The
- * levels come from lv[g] (unpacked: a group's blocks, one after another) or
- * from the packed layout: 4 loads of 64 bytes, each 2 steps (low, then high
- * nibbles); one token (decode) then puts the high nibbles' steps in a
- * second accumulator, added at the end (integers: the same bits, two
- * dependency chains instead of one). */
+ * per token, then each lane's chain its FMA (Q6_K: one per half, after steps
+ * 4 and 8); then the mins' chain. The levels come from lv[g] (unpacked: a
+ * group's blocks, one after another) or from the packed layout: 4 loads of
+ * 64 bytes, each 2 steps (low, then high nibbles); one token (decode), and
+ * Q6_K always, then puts the high nibbles' steps in second accumulators,
+ * added at the end (integers: the same bits, two dependency chains instead
+ * of one) or (Q6_K) chained after the first. */
 CAKE_INLINE void kq_tile(const kq_job *j, const uint8_t *const *lv, int t0, int g0, const int MT,
                          const int NG, const bool unpacked, const int kind) {
-    const int ns = j->ns, nb = j->nb, n_in = j->n_in;
+    const int ns = j->ns, n_in = j->n_in;
+    const bool split = MT == 1 || kind == KQ_K6;
     __m512 f[KQ_MT][KQ_NG];
     UNROLL for (int i = 0; i < MT; i++) UNROLL for (int g = 0; g < NG; g++) f[i][g] =
         _mm512_setzero_ps();
@@ -342,13 +418,19 @@ CAKE_INLINE void kq_tile(const kq_job *j, const uint8_t *const *lv, int t0, int 
                      : j->w + ((size_t)(g0 + g) * ns + sb) * j->group_super;
         for (int sub = 0; sub < KQ_SUBS; sub++) {
             const int b = sb * KQ_SUBS + sub;
-            __m512i acc[KQ_MT][KQ_NG], hi_acc[KQ_NG];
-            UNROLL for (int g = 0; g < NG; g++) hi_acc[g] = _mm512_setzero_si512();
-            UNROLL for (int i = 0; i < MT; i++) UNROLL for (int g = 0; g < NG; g++) acc[i][g] =
-                _mm512_setzero_si512();
+            __m512i acc[KQ_MT][KQ_NG], hi_acc[KQ_MT][KQ_NG];
+            __m512 s[KQ_NG];
+            start_acc(j, acc, t0, b, 0, MT, NG, kind);
+            if (split && !unpacked) start_acc(j, hi_acc, t0, b, 1, MT, NG, kind);
             const int8_t *xb = j->a.q + (size_t)t0 * n_in + (size_t)b * CAKE_Q8_0_BLOCK;
             if (unpacked) {
                 UNROLL for (int st = 0; st < 8; st++) {
+                    if (kind == KQ_K6 && st == 4) { /* the first half's step */
+                        UNROLL for (int g = 0; g < NG; g++) s[g] =
+                            _mm512_loadu_ps(wb[g] + KQ_UNPACKED_SUB * sub + 512);
+                        chain_step(j, f, acc, s, t0, b, MT, NG);
+                        start_acc(j, acc, t0, b, 1, MT, NG, kind);
+                    }
                     __m512i wv[KQ_NG];
                     UNROLL for (int g = 0; g < NG; g++) wv[g] =
                         _mm512_loadu_si512(wb[g] + KQ_UNPACKED_SUB * sub + 64 * st);
@@ -372,40 +454,43 @@ CAKE_INLINE void kq_tile(const kq_job *j, const uint8_t *const *lv, int t0, int 
                         const __m512i vlo = _mm512_set1_epi32(x_lo), vhi = _mm512_set1_epi32(x_hi);
                         UNROLL for (int g = 0; g < NG; g++) {
                             acc[i][g] = _mm512_dpbusd_epi32(acc[i][g], lo[g], vlo);
-                            if (MT == 1)
-                                hi_acc[g] = _mm512_dpbusd_epi32(hi_acc[g], hi[g], vhi);
+                            if (split)
+                                hi_acc[i][g] = _mm512_dpbusd_epi32(hi_acc[i][g], hi[g], vhi);
                             else
                                 acc[i][g] = _mm512_dpbusd_epi32(acc[i][g], hi[g], vhi);
                         }
                     }
                 }
-                if (MT == 1)
-                    UNROLL for (int g = 0; g < NG; g++) acc[0][g] =
-                        _mm512_add_epi32(acc[0][g], hi_acc[g]);
+                if (kind == KQ_K6) { /* the first half's step, then the second's below */
+                    UNROLL for (int g = 0; g < NG; g++) s[g] = scale_lanes(wb[g], sub, false, kind);
+                    chain_step(j, f, acc, s, t0, b, MT, NG);
+                    UNROLL for (int i = 0; i < MT; i++) UNROLL for (int g = 0; g < NG; g++)
+                        acc[i][g] = hi_acc[i][g];
+                } else if (split) {
+                    UNROLL for (int i = 0; i < MT; i++) UNROLL for (int g = 0; g < NG; g++)
+                        acc[i][g] = _mm512_add_epi32(acc[i][g], hi_acc[i][g]);
+                }
             }
-            __m512 s[KQ_NG];
+            /* the block's scales (Q6_K: its second half's) */
+            const bool second = kind == KQ_K6;
             UNROLL for (int g = 0; g < NG; g++) s[g] =
-                unpacked ? _mm512_loadu_ps(wb[g] + KQ_UNPACKED_SUB * sub + 512)
-                         : scale_lanes(wb[g], sub, false);
-            UNROLL for (int i = 0; i < MT; i++) {
-                const __m512 dx = _mm512_set1_ps(j->a.d[(size_t)(t0 + i) * nb + b]);
-                UNROLL for (int g = 0; g < NG; g++) f[i][g] = _mm512_fmadd_ps(
-                    _mm512_cvtepi32_ps(acc[i][g]), _mm512_mul_ps(s[g], dx), f[i][g]);
-            }
+                unpacked ? _mm512_loadu_ps(wb[g] + KQ_UNPACKED_SUB * sub + (second ? 576 : 512))
+                         : scale_lanes(wb[g], sub, second, kind);
+            chain_step(j, f, acc, s, t0, b, MT, NG);
         }
     }
-    /* then the mins' chain */
-    for (int sb = 0; sb < ns; sb++)
+    /* then the mins' chain (Q6_K has none) */
+    for (int sb = 0; kind != KQ_K6 && sb < ns; sb++)
         for (int sub = 0; sub < KQ_SUBS; sub++) {
             const int b = sb * KQ_SUBS + sub;
             __m512 m[KQ_NG];
             UNROLL for (int g = 0; g < NG; g++) m[g] =
-                unpacked
-                    ? _mm512_loadu_ps(lv[g] + (size_t)sb * KQ_UNPACKED_SUPER +
-                                      KQ_UNPACKED_SUB * sub + 576)
-                    : scale_lanes(j->w + ((size_t)(g0 + g) * ns + sb) * j->group_super, sub, true);
+                unpacked ? _mm512_loadu_ps(lv[g] + (size_t)sb * KQ_UNPACKED_SUPER +
+                                           KQ_UNPACKED_SUB * sub + 576)
+                         : scale_lanes(j->w + ((size_t)(g0 + g) * ns + sb) * j->group_super, sub,
+                                       true, kind);
             UNROLL for (int i = 0; i < MT; i++) {
-                const __m512 dx_sum = _mm512_set1_ps(j->dx_sum[(size_t)(t0 + i) * nb + b]);
+                const __m512 dx_sum = _mm512_set1_ps(j->dx_sum[(size_t)(t0 + i) * j->nb + b]);
                 UNROLL for (int g = 0; g < NG; g++) f[i][g] =
                     _mm512_fnmadd_ps(m[g], dx_sum, f[i][g]);
             }
@@ -428,8 +513,14 @@ CAKE_INLINE void kq_tile_ng(const kq_job *j, const uint8_t *const *lv, int t0, i
         kq_tile(j, lv, t0, g0, MT, 2, UNPACKED, KIND);                                             \
     else                                                                                           \
         kq_tile(j, lv, t0, g0, MT, 1, UNPACKED, KIND);
-    if (unpacked) {
-        KQ_TILE_NG(true, KQ_K4) /* unpacked levels are bytes whatever the kind */
+    if (unpacked) { /* unpacked levels are bytes whatever the kind; Q6_K's scales differ */
+        if (j->kind == KQ_K6) {
+            KQ_TILE_NG(true, KQ_K6)
+        } else {
+            KQ_TILE_NG(true, KQ_K4)
+        }
+    } else if (j->kind == KQ_K6) {
+        KQ_TILE_NG(false, KQ_K6)
     } else if (j->kind == KQ_K5) {
         KQ_TILE_NG(false, KQ_K5)
     } else if (j->kind == KQ_IQ4) {
@@ -514,9 +605,10 @@ void cake_matmul_kquant(int x16_dtype, float *y, const float *x, const void *w, 
                 .x = x,
                 .w = w,
                 .x16_dtype = x16_dtype,
-                .kind = is_q5(x16_dtype)    ? KQ_K5
-                        : is_iq4(x16_dtype) ? KQ_IQ4
-                                            : KQ_K4,
+                .kind = x16_dtype == CAKE_DTYPE_Q5_K_X16 ? KQ_K5
+                        : is_q6(x16_dtype)               ? KQ_K6
+                        : is_iq4(x16_dtype)              ? KQ_IQ4
+                                                         : KQ_K4,
                 .group_super = group_super(x16_dtype),
                 .T = n_tokens,
                 .n_in = n_in,
@@ -531,13 +623,22 @@ void cake_matmul_kquant(int x16_dtype, float *y, const float *x, const void *w, 
         return;
     }
     const size_t nblk = (size_t)n_tokens * j.nb;
-    j.dx_sum = malloc(nblk * sizeof(float));
-    if (!j.dx_sum) {
+    if (j.kind == KQ_K6)
+        j.q6_off = malloc(nblk * 2 * sizeof(int32_t));
+    else
+        j.dx_sum = malloc(nblk * sizeof(float));
+    if (!j.dx_sum && !j.q6_off) {
         cake_q8_acts_free(&j.a);
         cake_matmul_kquant_lanes(x16_dtype, y, x, w, n_tokens, n_in, n_out);
         return;
     }
-    for (size_t i = 0; i < nblk; i++) j.dx_sum[i] = j.a.d[i] * (float)(j.a.c[i] / 128);
+    for (size_t i = 0; j.dx_sum && i < nblk; i++) j.dx_sum[i] = j.a.d[i] * (float)(j.a.c[i] / 128);
+    for (size_t i = 0; j.q6_off && i < nblk; i++) {
+        int32_t lo = 0;
+        for (int k = 0; k < 16; k++) lo += j.a.q[i * CAKE_Q8_0_BLOCK + (size_t)k];
+        j.q6_off[2 * i] = -32 * lo;
+        j.q6_off[2 * i + 1] = -32 * (j.a.c[i] / 128 - lo);
+    }
     /* the panels (without them, the levels are read packed: the same bits) */
     if (n_tokens >= KQ_UNPACK_MIN_TOKENS)
         j.panels = aligned_alloc(64, (size_t)cake_threadpool_size(pool) * KQ_TASK_GROUPS *
@@ -545,6 +646,7 @@ void cake_matmul_kquant(int x16_dtype, float *y, const float *x, const void *w, 
     cake_threadpool_run(pool, n_tasks, kq_task, &j);
     free(j.panels);
     free(j.dx_sum);
+    free(j.q6_off);
     cake_q8_acts_free(&j.a);
 #else
     cake_threadpool_run(pool, n_tasks, kq_task, &j);
