@@ -92,6 +92,7 @@ static void q6_k_parts(const uint8_t *b, cake_kquant_parts *p) {
     memcpy(&p->d, b + 208, 2);
     p->dmin = 0;
     memset(p->m, 0, sizeof(p->m));
+    memset(p->fifth, 0, sizeof(p->fifth));
     for (int j = 0; j < 8; j++) {
         const int h = j / 4, k = j % 4;
         const uint8_t *ql = b + 64 * h + 32 * (k % 2), *qh = b + 128 + 32 * h;
@@ -111,20 +112,15 @@ static void q6_k_parts(const uint8_t *b, cake_kquant_parts *p) {
         _mm_storeu_si128((__m128i *)p->pairs[j],
                          _mm_or_si128(_mm256_castsi256_si128(nib),
                                       _mm_slli_epi16(_mm256_extracti128_si256(nib, 1), 4)));
-        /* bit 4 (bit 5) of each level to its byte's top, then movemask */
-        const __m256i lev = _mm256_or_si256(nib, _mm256_slli_epi16(top, 4));
-        p->fifth[j] = (uint32_t)_mm256_movemask_epi8(_mm256_slli_epi16(lev, 3));
-        p->sixth[j] = (uint32_t)_mm256_movemask_epi8(_mm256_slli_epi16(lev, 2));
+        _mm256_storeu_si256((__m256i *)p->top2[j], top);
 #else
-        p->fifth[j] = p->sixth[j] = 0;
         for (int t = 0; t < 32; t++) {
-            const int q = (ql[t] >> 4 * (k / 2) & 0xF) | (qh[t] >> 2 * k & 3) << 4;
+            const int nib = ql[t] >> 4 * (k / 2) & 0xF;
             if (t < 16)
-                p->pairs[j][t] = (uint8_t)(q & 0xF);
+                p->pairs[j][t] = (uint8_t)nib;
             else
-                p->pairs[j][t - 16] |= (uint8_t)((q & 0xF) << 4);
-            p->fifth[j] |= (uint32_t)(q >> 4 & 1) << t;
-            p->sixth[j] |= (uint32_t)(q >> 5 & 1) << t;
+                p->pairs[j][t - 16] |= (uint8_t)(nib << 4);
+            p->top2[j][t] = (uint8_t)(qh[t] >> 2 * k & 3);
         }
 #endif
     }
@@ -138,7 +134,7 @@ void cake_kquant_unpack(int type, const void *block, cake_kquant_parts *p) {
     }
     memcpy(&p->d, b, 2);
     memset(p->fifth, 0, sizeof(p->fifth));
-    memset(p->sixth, 0, sizeof(p->sixth));
+    memset(p->top2, 0, sizeof(p->top2));
     if (type == CAKE_DTYPE_IQ4_XS) { /* its indices are already pairs (t, 16 + t) */
         p->dmin = cake_f32_to_f16(f16_at(b) * 128.0f); /* exact: a power of 2 */
         for (int j = 0; j < 8; j++)

@@ -56,13 +56,14 @@ extern const int8_t cake_iq4_values[16];
  * 128 d and the mins the scales, levels the 4-bit indices, L(q) =
  * cake_iq4_values[q] + 128 (so the mins take the 128 off). The levels' low
  * 4 bits in pairs: byte t of pairs[j] holds q_j,t in its low nibble and
- * q_j,16+t in its high one; bit t of fifth[j] (sixth[j]) is q_j,t's bit 4
- * (bit 5), 0 where the type has none. */
+ * q_j,16+t in its high one; bit t of fifth[j] is q_j,t's fifth bit (Q5_K;
+ * 0 for the others), top2[j][t] its bits 4-5 (Q6_K; q_j,t >> 4). */
 typedef struct {
     uint16_t d, dmin;
     int8_t sc[8], sc_hi[8], m[8];
     uint8_t pairs[8][16];
-    uint32_t fifth[8], sixth[8];
+    uint32_t fifth[8];
+    uint8_t top2[8][32];
 } cake_kquant_parts;
 void cake_kquant_unpack(int type, const void *block, cake_kquant_parts *p);
 

@@ -33,20 +33,29 @@
  * parts): rows in groups of 16 (the last padded with zero rows), and per
  * group and block of 256 columns
  *     16 f16 d, then 16 f16 dmin (64 bytes; Q6_K: dmin 0);
- *     per sub-block j = 0..7: 16 sc_j, then 16 mn_j (signed bytes; Q6_K:
- *         the scales of the sub-block's first 16 values, then its last 16's);
- *     per sub-block j: for p = 0..3, for row i = 0..15, 4 bytes k = 0..3:
- *         low nibble q[i][32 j + 4 p + k], high nibble q[i][32 j + 16 + 4 p + k]
- *         (the levels' low 4 bits; IQ4_XS: the table indices);
- *     Q5_K and Q6_K, per sub-block j: for p = 0..3 two 64-bit masks, bit
- *         4 i + k bit 4 of the level the low (then the high) nibble above
- *         holds; Q6_K then the same for bit 5;
- * 2368 bytes (Q4_K, IQ4_XS), 2880 (Q5_K) or 3392 (Q6_K). One 64-byte load
+ *     then per sub-block j = 0..7, in the order the kernel reads them:
+ *     16 sc_j, then 16 mn_j (signed bytes; Q6_K: the scales of the
+ *         sub-block's first 16 values, then its last 16's);
+ *     for p = 0..3, for row i = 0..15, 4 bytes k = 0..3: low nibble
+ *         q[i][32 j + 4 p + k], high nibble q[i][32 j + 16 + 4 p + k] (the
+ *         levels' low 4 bits; IQ4_XS: the table indices);
+ *     Q5_K: for p = 0..3 two 64-bit masks, bit 4 i + k the fifth bit of
+ *         the level the low (then the high) nibble above holds;
+ *     Q6_K: for the loads p = 0, 1 and then 2, 3, 64 bytes whose byte n
+ *         holds the top 2 bits of the levels of the loads' byte n: load
+ *         2q's low nibble's in bits 0-1, its high one's in 2-3, load 2q +
+ *         1's in 4-5 and 6-7;
+ * 2368 bytes (Q4_K, IQ4_XS), 2880 (Q5_K) or 3392 (Q6_K). (Each part in a
+ * plane of its own instead, three or four streams through a group-block,
+ * the hardware prefetcher followed so badly that Q6_K's decode ran at the
+ * speed of Q8_0's 8.5 bits.) One 64-byte load
  * holds 4 consecutive levels of 16 rows twice over: its low nibbles (AND
- * 0x0F) and its high ones (shift, AND), each plus 16 (and 32) where its mask
- * bits say so (Q5_K, Q6_K) or looked up in the table (IQ4_XS: vpshufb), are
+ * 0x0F) and its high ones (shift, AND), plus 16 where the mask bit says so
+ * (Q5_K: a masked add), or with the top bits shifted to bits 4-5 OR'ed in
+ * (Q6_K: one vpternlog), or looked up in the table (IQ4_XS: vpshufb), are
  * two operands of vpdpbusd with the rows in the lanes, as in the Q8_0
- * kernel, unsigned as vpdpbusd wants them. */
+ * kernel, unsigned as vpdpbusd wants them. (Q6_K's top bits as two masks
+ * like Q5_K's took twice as long in decode.) */
 #ifdef __clang__
 #pragma STDC FP_CONTRACT OFF
 #endif
@@ -63,23 +72,19 @@
 #endif
 
 enum {
-    KQ_ROWS = 16,                         /* rows per group: the lanes */
-    KQ_SUPER = 256,                       /* columns per block */
-    KQ_SUBS = 8,                          /* sub-blocks of 32 per block */
-    KQ_SCOFF = 64,                        /* the scales after the 16 d and 16 dmin */
-    KQ_QOFF = KQ_SCOFF + KQ_SUBS * 32,    /* the nibbles after the scales: 320 */
-    KQ_HOFF = KQ_QOFF + KQ_SUBS * 256,    /* bits 4 (and 5) after them: 2368 */
-    KQ_PLANE = KQ_SUBS * 64,              /* bytes of one such bit */
-    KQ_GROUP_Q4 = KQ_HOFF,                /* bytes per group and block: Q4_K */
-    KQ_GROUP_Q5 = KQ_HOFF + KQ_PLANE,     /* Q5_K: 2880 */
-    KQ_GROUP_Q6 = KQ_HOFF + 2 * KQ_PLANE, /* Q6_K: 3392 */
-    KQ_MT = 6,                            /* tokens per register tile */
-    KQ_NG = 2,                            /* row groups per register tile */
-    KQ_TASK_GROUPS = 4,                   /* row groups per task (64 rows) */
-    KQ_K4 = 0,                            /* kinds of packed levels: Q4_K, */
-    KQ_K5,                                /* Q5_K, */
-    KQ_K6,                                /* Q6_K, */
-    KQ_IQ4,                               /* IQ4_XS */
+    KQ_ROWS = 16,                /* rows per group: the lanes */
+    KQ_SUPER = 256,              /* columns per block */
+    KQ_SUBS = 8,                 /* sub-blocks of 32 per block */
+    KQ_HEAD = 64,                /* the 16 d and 16 dmin, before the sub-blocks */
+    KQ_SUB_Q = 32,               /* a sub-block's nibbles after its scales */
+    KQ_SUB_TOP = KQ_SUB_Q + 256, /* then its levels' top bits: 288 */
+    KQ_MT = 6,                   /* tokens per register tile */
+    KQ_NG = 2,                   /* row groups per register tile */
+    KQ_TASK_GROUPS = 4,          /* row groups per task (64 rows) */
+    KQ_K4 = 0,                   /* kinds of packed levels: Q4_K, */
+    KQ_K5,                       /* Q5_K, */
+    KQ_K6,                       /* Q6_K, */
+    KQ_IQ4,                      /* IQ4_XS */
 };
 
 static bool is_q6(int x16_dtype) {
@@ -90,13 +95,23 @@ static bool is_iq4(int x16_dtype) {
     return x16_dtype == CAKE_DTYPE_IQ4_XS_X16;
 }
 
-/* How many high bits (4, then 5) the levels keep beside their nibbles. */
-static int high_bits(int x16_dtype) {
-    return x16_dtype == CAKE_DTYPE_Q5_K_X16 ? 1 : is_q6(x16_dtype) ? 2 : 0;
+static int kind_of(int x16_dtype) {
+    return x16_dtype == CAKE_DTYPE_Q5_K_X16 ? KQ_K5
+           : is_q6(x16_dtype)               ? KQ_K6
+           : is_iq4(x16_dtype)              ? KQ_IQ4
+                                            : KQ_K4;
+}
+
+/* Where sub-block `sub` starts in a group-block: after the head and the
+ * sub-blocks before, each its scales, its nibbles and 64 bytes a top bit
+ * (Q5_K 1, Q6_K 2). */
+static inline size_t sub_at(int sub, const int kind) {
+    const int top_bits = kind == KQ_K5 ? 1 : kind == KQ_K6 ? 2 : 0;
+    return KQ_HEAD + (size_t)sub * (KQ_SUB_TOP + 64 * top_bits);
 }
 
 static size_t group_super(int x16_dtype) {
-    return KQ_HOFF + (size_t)high_bits(x16_dtype) * KQ_PLANE;
+    return sub_at(KQ_SUBS, kind_of(x16_dtype));
 }
 
 /* The file's type of a layout, and back. */
@@ -123,8 +138,7 @@ size_t cake_kquant_x16_size(int x16_dtype, int n_out, int n_in) {
 void cake_kquant_pack_x16(int x16_dtype, void *dst, const void *blocks, int n_out, int n_in) {
     const size_t gs = group_super(x16_dtype),
                  block_bytes = cake_dequant_block_bytes(gguf_type(x16_dtype));
-    const int ns = n_in / KQ_SUPER, ng = (n_out + KQ_ROWS - 1) / KQ_ROWS,
-              planes = high_bits(x16_dtype);
+    const int ns = n_in / KQ_SUPER, ng = (n_out + KQ_ROWS - 1) / KQ_ROWS, kind = kind_of(x16_dtype);
     uint8_t *d = dst;
     for (int g = 0; g < ng; g++)
         for (int sb = 0; sb < ns; sb++, d += gs) {
@@ -137,24 +151,34 @@ void cake_kquant_pack_x16(int x16_dtype, void *dst, const void *blocks, int n_ou
                 memcpy(d + 2 * i, &parts.d, 2);
                 memcpy(d + 32 + 2 * i, &parts.dmin, 2);
                 for (int j = 0; j < KQ_SUBS; j++) {
-                    d[KQ_SCOFF + 32 * j + i] = (uint8_t)parts.sc[j];
-                    d[KQ_SCOFF + 32 * j + 16 + i] =
-                        (uint8_t)(is_q6(x16_dtype) ? parts.sc_hi[j] : parts.m[j]);
+                    uint8_t *sub = d + sub_at(j, kind);
+                    sub[i] = (uint8_t)parts.sc[j];
+                    sub[16 + i] = (uint8_t)(kind == KQ_K6 ? parts.sc_hi[j] : parts.m[j]);
                     /* the pairs' bytes 4p..4p+3 are the row's 4 bytes of load p */
                     for (int p = 0; p < 4; p++)
-                        memcpy(d + KQ_QOFF + 256 * j + 64 * p + 4 * i, parts.pairs[j] + 4 * p, 4);
-                    /* Q5_K, Q6_K: load p's masks get bit 4 (then 5) of
-                     * levels 4p.. (low) and 16 + 4p.. (high) at bits 4i.. */
-                    for (int b = 0; b < planes; b++) {
-                        const uint32_t bits = b ? parts.sixth[j] : parts.fifth[j];
-                        for (int p = 0; bits && p < 4; p++)
-                            for (int h = 0; h < 2; h++) {
-                                uint8_t *at = d + KQ_HOFF + KQ_PLANE * b + 64 * j + 16 * p + 8 * h;
-                                uint64_t mask;
-                                memcpy(&mask, at, 8);
-                                mask |= (uint64_t)(bits >> (16 * h + 4 * p) & 0xF) << (4 * i);
-                                memcpy(at, &mask, 8);
-                            }
+                        memcpy(sub + KQ_SUB_Q + 64 * p + 4 * i, parts.pairs[j] + 4 * p, 4);
+                    /* Q5_K: load p's masks get the fifth bits of levels 4p..
+                     * (low) and 16 + 4p.. (high) at bits 4i.. */
+                    for (int p = 0; parts.fifth[j] && p < 4; p++)
+                        for (int h = 0; h < 2; h++) {
+                            uint8_t *at = sub + KQ_SUB_TOP + 16 * p + 8 * h;
+                            uint64_t mask;
+                            memcpy(&mask, at, 8);
+                            mask |= (uint64_t)(parts.fifth[j] >> (16 * h + 4 * p) & 0xF) << (4 * i);
+                            memcpy(at, &mask, 8);
+                        }
+                    /* Q6_K: byte k of the row's 4 in pair q of loads is
+                     * top2 of levels 8q + k, 16 + 8q + k, 8q + 4 + k and
+                     * 16 + 8q + 4 + k, from bit 0 up: 8 bytes at a time,
+                     * t = lo | hi << 2, then t's bytes k | bytes 4 + k << 4
+                     * (values below 16: no carries across bytes) */
+                    for (int q = 0; kind == KQ_K6 && q < 2; q++) {
+                        uint64_t lo, hi;
+                        memcpy(&lo, parts.top2[j] + 8 * q, 8);
+                        memcpy(&hi, parts.top2[j] + 16 + 8 * q, 8);
+                        const uint64_t t = lo | hi << 2;
+                        const uint32_t four = (uint32_t)t | (uint32_t)(t >> 32) << 4;
+                        memcpy(sub + KQ_SUB_TOP + 64 * q + 4 * i, &four, 4);
                     }
                 }
             }
@@ -169,14 +193,17 @@ static const uint8_t *group_block(int x16_dtype, const void *w, size_t ns, size_
 }
 
 int cake_kquant_x16_level(int x16_dtype, const void *w, size_t ns, size_t r, size_t k) {
-    const uint8_t *gb = group_block(x16_dtype, w, ns, r, k);
-    const size_t e = k % KQ_SUPER, j = e / 32, c = e % 32, p = c % 16 / 4,
-                 bit = 4 * (r % KQ_ROWS) + c % 4;
-    const uint8_t b = gb[KQ_QOFF + 256 * j + 64 * p + bit];
+    const size_t e = k % KQ_SUPER, c = e % 32, p = c % 16 / 4, bit = 4 * (r % KQ_ROWS) + c % 4;
+    const uint8_t *sub =
+        group_block(x16_dtype, w, ns, r, k) + sub_at((int)(e / 32), kind_of(x16_dtype));
+    const uint8_t b = sub[KQ_SUB_Q + 64 * p + bit];
     int q = c < 16 ? b & 0xF : b >> 4;
-    for (int h = 0; h < high_bits(x16_dtype); h++) {
-        const uint8_t *mask = gb + KQ_HOFF + KQ_PLANE * h + 64 * j + 16 * p + (c < 16 ? 0 : 8);
-        q |= (mask[bit / 8] >> bit % 8 & 1) << (4 + h);
+    if (x16_dtype == CAKE_DTYPE_Q5_K_X16) {
+        const uint8_t *mask = sub + KQ_SUB_TOP + 16 * p + (c < 16 ? 0 : 8);
+        q |= (mask[bit / 8] >> bit % 8 & 1) << 4;
+    } else if (is_q6(x16_dtype)) {
+        const int f = 2 * (p % 2) + (c < 16 ? 0 : 1);
+        q |= (sub[KQ_SUB_TOP + 64 * (p / 2) + bit] >> (2 * f) & 3) << 4;
     }
     return is_iq4(x16_dtype) ? cake_iq4_values[q] + 128 : q;
 }
@@ -189,17 +216,18 @@ static float f16_at(const uint8_t *p) {
 
 float cake_kquant_x16_scale(int x16_dtype, const void *w, size_t ns, size_t r, size_t k) {
     const uint8_t *gb = group_block(x16_dtype, w, ns, r, k);
-    const size_t i = r % KQ_ROWS, j = k % KQ_SUPER / 32,
-                 half = is_q6(x16_dtype) && k % 32 >= 16 ? 16 : 0;
-    return (float)(int8_t)gb[KQ_SCOFF + 32 * j + half + i] * f16_at(gb + 2 * i);
+    const size_t i = r % KQ_ROWS, half = is_q6(x16_dtype) && k % 32 >= 16 ? 16 : 0;
+    const uint8_t *sub = gb + sub_at((int)(k % KQ_SUPER / 32), kind_of(x16_dtype));
+    return (float)(int8_t)sub[half + i] * f16_at(gb + 2 * i);
 }
 
 float cake_kquant_x16_min(int x16_dtype, const void *w, size_t ns, size_t r, size_t k) {
     if (is_q6(x16_dtype)) /* the level's offset of 32: exact */
         return 32.0f * cake_kquant_x16_scale(x16_dtype, w, ns, r, k);
     const uint8_t *gb = group_block(x16_dtype, w, ns, r, k);
-    const size_t i = r % KQ_ROWS, j = k % KQ_SUPER / 32;
-    return (float)(int8_t)gb[KQ_SCOFF + 32 * j + 16 + i] * f16_at(gb + 32 + i * 2);
+    const size_t i = r % KQ_ROWS;
+    const uint8_t *sub = gb + sub_at((int)(k % KQ_SUPER / 32), kind_of(x16_dtype));
+    return (float)(int8_t)sub[16 + i] * f16_at(gb + 32 + i * 2);
 }
 
 /* ===================== reference and scalar twin ===================== */
@@ -319,7 +347,7 @@ CAKE_INLINE __m512 scale_lanes(const uint8_t *gb, int sub, bool second, const in
     const int d_at = second && kind != KQ_K6 ? 32 : 0;
     const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(gb + d_at)));
     const __m128i b =
-        _mm_loadu_si128((const __m128i *)(gb + KQ_SCOFF + 32 * sub + (second ? 16 : 0)));
+        _mm_loadu_si128((const __m128i *)(gb + sub_at(sub, kind) + (second ? 16 : 0)));
     return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), d);
 }
 
@@ -328,7 +356,8 @@ CAKE_INLINE __m512 scale_lanes(const uint8_t *gb, int sub, bool second, const in
 CAKE_INLINE void levels_of(const uint8_t *gb, int sub, int p, const int kind, __m512i *lo,
                            __m512i *hi) {
     const __m512i low4 = _mm512_set1_epi8(0x0F);
-    const __m512i v = _mm512_loadu_si512(gb + KQ_QOFF + 256 * sub + 64 * p);
+    const uint8_t *at = gb + sub_at(sub, kind);
+    const __m512i v = _mm512_loadu_si512(at + KQ_SUB_Q + 64 * p);
     *lo = _mm512_and_si512(v, low4);
     *hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
     if (kind == KQ_IQ4) { /* the table + 128 (sign bits flipped), in each 128-bit lane */
@@ -337,13 +366,22 @@ CAKE_INLINE void levels_of(const uint8_t *gb, int sub, int p, const int kind, __
         *lo = _mm512_shuffle_epi8(table, *lo);
         *hi = _mm512_shuffle_epi8(table, *hi);
     }
-    for (int b = 0; b < (kind == KQ_K6 ? 2 : kind == KQ_K5 ? 1 : 0); b++) {
-        const __m512i bit = _mm512_set1_epi8((char)(16 << b));
+    if (kind == KQ_K5) {
+        const __m512i sixteen = _mm512_set1_epi8(16);
         uint64_t k_lo, k_hi;
-        memcpy(&k_lo, gb + KQ_HOFF + KQ_PLANE * b + 64 * sub + 16 * p, 8);
-        memcpy(&k_hi, gb + KQ_HOFF + KQ_PLANE * b + 64 * sub + 16 * p + 8, 8);
-        *lo = _mm512_mask_add_epi8(*lo, k_lo, *lo, bit);
-        *hi = _mm512_mask_add_epi8(*hi, k_hi, *hi, bit);
+        memcpy(&k_lo, at + KQ_SUB_TOP + 16 * p, 8);
+        memcpy(&k_hi, at + KQ_SUB_TOP + 16 * p + 8, 8);
+        *lo = _mm512_mask_add_epi8(*lo, k_lo, *lo, sixteen);
+        *hi = _mm512_mask_add_epi8(*hi, k_hi, *hi, sixteen);
+    }
+    if (kind == KQ_K6) { /* each pair of top bits to bits 4-5 (16-bit shifts: the
+                          * AND drops what crosses bytes), OR'ed in */
+        const __m512i top2 = _mm512_set1_epi8(0x30),
+                      h = _mm512_loadu_si512(at + KQ_SUB_TOP + 64 * (p / 2));
+        const __m512i h_lo = p % 2 ? h : _mm512_slli_epi16(h, 4),
+                      h_hi = p % 2 ? _mm512_srli_epi16(h, 2) : _mm512_slli_epi16(h, 2);
+        *lo = _mm512_ternarylogic_epi32(*lo, h_lo, top2, 0xF8); /* lo | (h_lo & top2) */
+        *hi = _mm512_ternarylogic_epi32(*hi, h_hi, top2, 0xF8);
     }
 }
 
@@ -443,6 +481,17 @@ CAKE_INLINE void kq_tile(const kq_job *j, const uint8_t *const *lv, int t0, int 
                     }
                 }
             } else {
+                /* this sub-block's bytes of the next block (and its head
+                 * with the first), which the hardware prefetcher fetches
+                 * late: 1.15 -> 1.35x Q8_0's speed for Q6_K, 1.5 -> 1.8x
+                 * for Q4_K (one token, 2 cores) */
+                const size_t gs = sub_at(KQ_SUBS, kind), sub_bytes = sub_at(1, kind) - KQ_HEAD;
+                UNROLL for (int g = 0; g < NG; g++) {
+                    const char *next = (const char *)wb[g] + gs + sub_at(sub, kind);
+                    if (sub == 0) _mm_prefetch((const char *)wb[g] + gs, _MM_HINT_T0);
+                    UNROLL for (size_t at = 0; at < sub_bytes; at += 64)
+                        _mm_prefetch(next + at, _MM_HINT_T0);
+                }
                 UNROLL for (int p = 0; p < 4; p++) {
                     __m512i lo[KQ_NG], hi[KQ_NG];
                     UNROLL for (int g = 0; g < NG; g++)
@@ -605,10 +654,7 @@ void cake_matmul_kquant(int x16_dtype, float *y, const float *x, const void *w, 
                 .x = x,
                 .w = w,
                 .x16_dtype = x16_dtype,
-                .kind = x16_dtype == CAKE_DTYPE_Q5_K_X16 ? KQ_K5
-                        : is_q6(x16_dtype)               ? KQ_K6
-                        : is_iq4(x16_dtype)              ? KQ_IQ4
-                                                         : KQ_K4,
+                .kind = kind_of(x16_dtype),
                 .group_super = group_super(x16_dtype),
                 .T = n_tokens,
                 .n_in = n_in,
