@@ -695,7 +695,7 @@ static void test_q8_0(void **state) {
     unlink(path);
 }
 
-/* What the CPU makes of them: Q4_K, Q5_K, Q6_K and IQ4_XS matrices as they are
+/* What the CPU makes of them: Q4_K, Q5_K, Q6_K, IQ4_XS, Q4_0 and IQ4_NL matrices as they are
  * (their kernel keeps the levels), the others as Q8_0 (requantized per
  * block of 32), the embedding's rows as their exact values. */
 static int as_the_cpu_reads(const char *name, int type) {
@@ -735,9 +735,10 @@ static void test_unsupported_weight_type(void **state) {
 }
 
 /* Quantized types besides Q8_0 (`tiny-256`: rows of whole k-quant blocks):
- * the CPU multiplies Q4_K, Q5_K, Q6_K and IQ4_XS as they are and requantizes the
+ * the CPU multiplies Q4_K, Q5_K, Q6_K, IQ4_XS, Q4_0 and IQ4_NL as they are and
+ * requantizes the
  * other matrices to Q8_0, so the logits are the bits of the same model
- * written with those four as they are, the others as Q8_0 and an f32
+ * written with those six as they are, the others as Q8_0 and an f32
  * embedding, a model the reference checks; chunked prefill matches one-shot. */
 static void test_other_quants(void **state) {
     (void)state;
@@ -771,7 +772,7 @@ static void test_other_quants(void **state) {
     for (uint64_t i = 0; i < m->gguf->n_tensors; i++) seen |= 1 << m->gguf->tensors[i].type;
     const int all = 1 << CAKE_DTYPE_Q4_0 | 1 << CAKE_DTYPE_Q4_1 | 1 << CAKE_DTYPE_Q5_0 |
                     1 << CAKE_DTYPE_Q5_1 | 1 << CAKE_DTYPE_Q4_K | 1 << CAKE_DTYPE_Q5_K |
-                    1 << CAKE_DTYPE_Q6_K | 1 << CAKE_DTYPE_IQ4_XS;
+                    1 << CAKE_DTYPE_Q6_K | 1 << CAKE_DTYPE_IQ4_XS | 1 << CAKE_DTYPE_IQ4_NL;
     assert_int_equal(seen & all, all);
     check_chunk_invariance(m, 100, 4);
     assert_non_null(m->layers[1].w_down.x16);
@@ -780,6 +781,8 @@ static void test_other_quants(void **state) {
     assert_int_equal(m->layers[1].wk.x16_dtype, CAKE_DTYPE_Q5_K_X16);
     assert_int_equal(m->layers[1].w_up.x16_dtype, CAKE_DTYPE_IQ4_XS_X16);
     assert_int_equal(m->layers[1].wv.x16_dtype, CAKE_DTYPE_Q6_K_X16);
+    assert_int_equal(m->layers[1].wo.x16_dtype, CAKE_DTYPE_Q4_0_X16);
+    assert_int_equal(m->layers[0].w_gate.x16_dtype, CAKE_DTYPE_IQ4_NL_X16);
     cake_model_free(m);
     free(got);
     free(want);

@@ -347,6 +347,16 @@ static void test_swiglu(void **state) {
  * under positive d and dmin, so every 6-bit scale and min occurs, the
  * values as the decoder gives them, which test_dequant holds to ggml's). */
 static void *make_weights(int dtype, size_t n, float *as_f32) {
+    if (dtype == CAKE_DTYPE_Q4_0 || dtype == CAKE_DTYPE_IQ4_NL) { /* per 32: d, random nibbles */
+        uint8_t *w = xmalloc(n / 32 * 18);
+        for (size_t b = 0; b < n / 32; b++) {
+            const cake_f16 d = cake_f32_to_f16(rnd_f(0.001f, 0.02f));
+            memcpy(w + b * 18, &d, 2);
+            for (int i = 2; i < 18; i++) w[b * 18 + i] = (uint8_t)rnd_f(0, 255.99f);
+        }
+        cake_dequant_to_f32(dtype, w, 0, as_f32, n);
+        return w;
+    }
     if (dtype == CAKE_DTYPE_Q6_K) { /* random bytes (int8 scales -128..127), then d */
         uint8_t *w = xmalloc(n / 256 * 210);
         for (size_t b = 0; b < n / 256; b++) {
@@ -537,7 +547,7 @@ static void test_matmul(void **state) {
                                 {40, 1088, 70}, {12, 64, 300}, {1, 4128, 9},  {5, 4096, 129}};
     for (size_t si = 0; si < sizeof(q8_shapes) / sizeof(q8_shapes[0]); si++)
         check_matmul_shape(CAKE_DTYPE_Q8_0, q8_shapes[si][0], q8_shapes[si][1], q8_shapes[si][2]);
-    /* Q4_K, Q5_K, Q6_K and IQ4_XS: rows of whole blocks of 256 */
+    /* Q4_K, Q5_K, Q6_K, IQ4_XS, Q4_0 and IQ4_NL: rows of whole blocks of 256 */
     const int q4_shapes[][3] = {{1, 256, 1},    {1, 256, 16},   {2, 512, 17},  {6, 256, 33},
                                 {7, 768, 13},   {13, 512, 67},  {20, 2048, 6}, {1, 4096, 9},
                                 {5, 4096, 129}, {12, 256, 300}, {40, 1024, 70}};
@@ -545,15 +555,17 @@ static void test_matmul(void **state) {
         check_matmul_shape(CAKE_DTYPE_Q4_K, q4_shapes[si][0], q4_shapes[si][1], q4_shapes[si][2]);
         check_matmul_shape(CAKE_DTYPE_Q5_K, q4_shapes[si][0], q4_shapes[si][1], q4_shapes[si][2]);
         check_matmul_shape(CAKE_DTYPE_Q6_K, q4_shapes[si][0], q4_shapes[si][1], q4_shapes[si][2]);
+        check_matmul_shape(CAKE_DTYPE_Q4_0, q4_shapes[si][0], q4_shapes[si][1], q4_shapes[si][2]);
+        check_matmul_shape(CAKE_DTYPE_IQ4_NL, q4_shapes[si][0], q4_shapes[si][1], q4_shapes[si][2]);
         check_matmul_shape(CAKE_DTYPE_IQ4_XS, q4_shapes[si][0], q4_shapes[si][1], q4_shapes[si][2]);
     }
 }
 
-/* The Q4_K, Q5_K, Q6_K and IQ4_XS repacks keep every weight: scale * level -
- * min through the layout's lookups, exact in double and rounded once, is the
- * decoder's value bit for bit (ggml's d1 * q - m1, d sc (q - 32), dl *
- * table[q]: one rounding each), and the padding rows of the last group are
- * zeros. */
+/* The Q4_K, Q5_K, Q6_K, IQ4_XS, Q4_0 and IQ4_NL repacks keep every weight:
+ * scale * level - min through the layout's lookups, exact in double and
+ * rounded once, is the decoder's value bit for bit (ggml's d1 * q - m1,
+ * d sc (q - 32), dl * table[q], d (q - 8): one rounding each), and the
+ * padding rows of the last group are zeros. */
 static void check_kquant_pack(int dtype, int x16, size_t group_bytes) {
     const int n_out = 21, n_in = 512;
     float *want = xmalloc((size_t)n_out * n_in * 4);
@@ -572,7 +584,9 @@ static void check_kquant_pack(int dtype, int x16, size_t group_bytes) {
             high += q >= 16;
             higher += q >= 32;
             if (r >= n_out) {
-                const int zero = x16 == CAKE_DTYPE_IQ4_XS_X16 ? cake_iq4_values[0] + 128 : 0;
+                const int zero = x16 == CAKE_DTYPE_IQ4_XS_X16 || x16 == CAKE_DTYPE_IQ4_NL_X16
+                                     ? cake_iq4_values[0] + 128
+                                     : 0;
                 if (q != zero || s != 0.0f || m != 0.0f)
                     fail_msg("padding row %d col %d not zero", r, k);
             } else if (got != want[(size_t)r * n_in + k]) { /* (-0: IQ4_XS scale 0) */
@@ -581,9 +595,11 @@ static void check_kquant_pack(int dtype, int x16, size_t group_bytes) {
                          want[(size_t)r * n_in + k]);
             }
         }
-    if (x16 == CAKE_DTYPE_Q4_K_X16 ? high != 0 : high < 1000)
+    const bool iq4 = x16 == CAKE_DTYPE_IQ4_XS_X16 || x16 == CAKE_DTYPE_IQ4_NL_X16,
+               four_bits = x16 == CAKE_DTYPE_Q4_K_X16 || x16 == CAKE_DTYPE_Q4_0_X16;
+    if (four_bits ? high != 0 : high < 1000)
         fail_msg("%s: %d levels of 16 or more", cake_dtype_name((uint32_t)dtype), high);
-    if (x16 == CAKE_DTYPE_Q6_K_X16 ? higher < 1000 : x16 != CAKE_DTYPE_IQ4_XS_X16 && higher)
+    if (x16 == CAKE_DTYPE_Q6_K_X16 || iq4 ? higher < 1000 : higher != 0)
         fail_msg("%s: %d levels of 32 or more", cake_dtype_name((uint32_t)dtype), higher);
     free(want);
     free(w);
@@ -595,6 +611,8 @@ static void test_kquant_pack(void **state) {
     check_kquant_pack(CAKE_DTYPE_Q4_K, CAKE_DTYPE_Q4_K_X16, 2368);
     check_kquant_pack(CAKE_DTYPE_Q5_K, CAKE_DTYPE_Q5_K_X16, 2880);
     check_kquant_pack(CAKE_DTYPE_Q6_K, CAKE_DTYPE_Q6_K_X16, 3392);
+    check_kquant_pack(CAKE_DTYPE_Q4_0, CAKE_DTYPE_Q4_0_X16, 2304);
+    check_kquant_pack(CAKE_DTYPE_IQ4_NL, CAKE_DTYPE_IQ4_NL_X16, 2304);
     check_kquant_pack(CAKE_DTYPE_IQ4_XS, CAKE_DTYPE_IQ4_XS_X16, 2368);
 }
 

@@ -440,6 +440,19 @@ size_t test_quantize_row(int type, const float *x, size_t n, uint8_t *dst) {
                 q[j] = best;
             }
             test_encode_iq4(type, d, sc, q, dst);
+        } else if (type == CAKE_DTYPE_IQ4_NL) { /* d = max |x| / 127, nearest table values */
+            float amax = 0;
+            for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(x[j]));
+            const float d = cake_f16_to_f32(cake_f32_to_f16(amax / 127));
+            for (int j = 0; j < 32; j++) {
+                int best = 0;
+                for (int k = 1; k < 16; k++)
+                    if (fabsf(d * cake_iq4_values[k] - x[j]) <
+                        fabsf(d * cake_iq4_values[best] - x[j]))
+                        best = k;
+                q[j] = best;
+            }
+            test_encode_iq4(type, d, NULL, q, dst);
         } else if (type == CAKE_DTYPE_Q4_K || type == CAKE_DTYPE_Q5_K) {
             const int top = type == CAKE_DTYPE_Q4_K ? 15 : 31;
             int sc[8], m[8];
@@ -489,12 +502,14 @@ int test_mixed_quants(const char *name, int type) {
     static const struct {
         const char *suffix;
         int type;
-    } mix[] = {/* attn_output before output: the first suffix that fits counts */
-               {"blk.1.ffn_up.weight", CAKE_DTYPE_IQ4_XS}, {"attn_output.weight", CAKE_DTYPE_Q4_0},
-               {"output.weight", CAKE_DTYPE_Q6_K},         {"token_embd.weight", CAKE_DTYPE_Q4_K},
-               {"attn_q.weight", CAKE_DTYPE_Q4_K},         {"attn_k.weight", CAKE_DTYPE_Q5_K},
-               {"attn_v.weight", CAKE_DTYPE_Q6_K},         {"ffn_gate.weight", CAKE_DTYPE_Q4_1},
-               {"ffn_up.weight", CAKE_DTYPE_Q5_0},         {"ffn_down.weight", CAKE_DTYPE_Q5_1}};
+    } mix[] = {
+        /* attn_output before output: the first suffix that fits counts */
+        {"blk.1.ffn_up.weight", CAKE_DTYPE_IQ4_XS}, {"blk.0.ffn_gate.weight", CAKE_DTYPE_IQ4_NL},
+        {"attn_output.weight", CAKE_DTYPE_Q4_0},    {"output.weight", CAKE_DTYPE_Q6_K},
+        {"token_embd.weight", CAKE_DTYPE_Q4_K},     {"attn_q.weight", CAKE_DTYPE_Q4_K},
+        {"attn_k.weight", CAKE_DTYPE_Q5_K},         {"attn_v.weight", CAKE_DTYPE_Q6_K},
+        {"ffn_gate.weight", CAKE_DTYPE_Q4_1},       {"ffn_up.weight", CAKE_DTYPE_Q5_0},
+        {"ffn_down.weight", CAKE_DTYPE_Q5_1}};
     const size_t n = strlen(name);
     for (size_t i = 0; i < sizeof(mix) / sizeof(mix[0]); i++) {
         const size_t k = strlen(mix[i].suffix);

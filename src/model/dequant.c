@@ -128,13 +128,25 @@ static void q6_k_parts(const uint8_t *b, cake_kquant_parts *p) {
 
 void cake_kquant_unpack(int type, const void *block, cake_kquant_parts *p) {
     const uint8_t *b = block;
+    memset(p->d32, 0, sizeof(p->d32));
     if (type == CAKE_DTYPE_Q6_K) {
         q6_k_parts(b, p);
         return;
     }
-    memcpy(&p->d, b, 2);
     memset(p->fifth, 0, sizeof(p->fifth));
     memset(p->top2, 0, sizeof(p->top2));
+    if (type == CAKE_DTYPE_Q4_0 || type == CAKE_DTYPE_IQ4_NL) { /* 8 blocks: d, 16 pairs */
+        p->d = p->dmin = 0;
+        memset(p->sc, 0, sizeof(p->sc));
+        memset(p->sc_hi, 0, sizeof(p->sc_hi));
+        memset(p->m, 0, sizeof(p->m));
+        for (int j = 0; j < 8; j++, b += 18) {
+            memcpy(&p->d32[j], b, 2);
+            memcpy(p->pairs[j], b + 2, 16);
+        }
+        return;
+    }
+    memcpy(&p->d, b, 2);
     if (type == CAKE_DTYPE_IQ4_XS) { /* its indices are already pairs (t, 16 + t) */
         p->dmin = cake_f32_to_f16(f16_at(b) * 128.0f); /* exact: a power of 2 */
         for (int j = 0; j < 8; j++)

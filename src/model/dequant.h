@@ -45,8 +45,9 @@ void cake_dequant_to_f32_lanes(int type, const void *src, size_t first, float *d
  * stand for. */
 extern const int8_t cake_iq4_values[16];
 
-/* A Q4_K, Q5_K, Q6_K or IQ4_XS block's parts as the CPU's k-quant layouts
- * hold them (backend/cpu/matmul_kquant.c): d and dmin (f16 bits), for each
+/* 256 values of Q4_K, Q5_K, Q6_K or IQ4_XS (a block), or of Q4_0 or IQ4_NL
+ * (8 blocks), in parts as the CPU's 4- to 6-bit layouts hold them
+ * (backend/cpu/matmul_kquant.c): d and dmin (f16 bits), for each
  * sub-block j of 32 a scale for its first 16 values (sc), one for its last
  * 16 (sc_hi; the same but in Q6_K) and a min, and its 32 levels q_j,t, so
  * that value 32 j + t is d * (t < 16 ? sc : sc_hi)[j] * L(q_j,t) - dmin *
@@ -57,13 +58,17 @@ extern const int8_t cake_iq4_values[16];
  * cake_iq4_values[q] + 128 (so the mins take the 128 off). The levels' low
  * 4 bits in pairs: byte t of pairs[j] holds q_j,t in its low nibble and
  * q_j,16+t in its high one; bit t of fifth[j] is q_j,t's fifth bit (Q5_K;
- * 0 for the others), top2[j][t] its bits 4-5 (Q6_K; q_j,t >> 4). */
+ * 0 for the others), top2[j][t] its bits 4-5 (Q6_K; q_j,t >> 4). Q4_0 and
+ * IQ4_NL have a scale per 32 instead, d32[j] (f16 bits; d, dmin, sc, sc_hi
+ * and m 0): value 32 j + t is d32[j] * L(q_j,t) with L(q) = q - 8 (Q4_0)
+ * or cake_iq4_values[q] (IQ4_NL), levels the nibbles. */
 typedef struct {
     uint16_t d, dmin;
     int8_t sc[8], sc_hi[8], m[8];
     uint8_t pairs[8][16];
     uint32_t fifth[8];
     uint8_t top2[8][32];
+    uint16_t d32[8];
 } cake_kquant_parts;
 void cake_kquant_unpack(int type, const void *block, cake_kquant_parts *p);
 

@@ -283,10 +283,15 @@ static int requantize_x16(uint8_t *dst, const cake_weight *w) {
     return 0;
 }
 
-/* The CPU matmul's layout of a quantized matrix: Q4_K, Q5_K, Q6_K and IQ4_XS
- * keep their levels (matmul_kquant.c), the others go to Q8_0 (matmul_q8_0.c). */
+/* The CPU matmul's layout of a quantized matrix whose rows are whole blocks
+ * of 256 (k-quants always are): Q4_K, Q5_K, Q6_K, IQ4_XS, Q4_0 and IQ4_NL keep
+ * their levels (matmul_kquant.c); the others go to Q8_0 (matmul_q8_0.c). */
+static int kept_layout(const cake_weight *w) {
+    return w->n_in % 256 == 0 ? cake_kquant_x16_for(w->dtype) : 0;
+}
+
 static int packed_dtype(const cake_weight *w) {
-    const int kq = cake_kquant_x16_for(w->dtype);
+    const int kq = kept_layout(w);
     return kq ? kq : CAKE_DTYPE_Q8_0_X16;
 }
 
@@ -302,7 +307,7 @@ static void pack_task(void *ctx, int i, int tid) {
     (void)tid;
     pack_job *j = ctx;
     const cake_weight *w = j->w[i];
-    const int kq = cake_kquant_x16_for(w->dtype);
+    const int kq = kept_layout(w);
     if (w->dtype == CAKE_DTYPE_Q8_0)
         cake_q8_0_pack_x16(j->dst[i], w->data, w->n_out, w->n_in);
     else if (kq)
@@ -564,17 +569,17 @@ static void compute_fingerprint(void) {
     if (m->quantized) hash_u64(st, 0x71385f30783136u);
     /* and Q4_K, Q5_K and IQ4_XS matrices keep their levels since the
      * k-quant kernel (they were requantized to Q8_0 before). */
-    for (int i = 0; i < n_matmul_weights(m); i++)
-        if (cake_kquant_x16_for(matmul_weight(m, i)->dtype)) {
-            hash_u64(st, 0x71345f6b783136u);
-            break;
-        }
-    /* and Q6_K matrices since they joined them */
-    for (int i = 0; i < n_matmul_weights(m); i++)
-        if (matmul_weight(m, i)->dtype == CAKE_DTYPE_Q6_K) {
-            hash_u64(st, 0x71365f6b783136u);
-            break;
-        }
+    int kept = 0; /* and Q6_K since they joined them, and Q4_0 and IQ4_NL */
+    for (int i = 0; i < n_matmul_weights(m); i++) {
+        const cake_weight *w = matmul_weight(m, i);
+        if (!kept_layout(w)) continue;
+        kept |= w->dtype == CAKE_DTYPE_Q6_K                                    ? 2
+                : w->dtype == CAKE_DTYPE_Q4_0 || w->dtype == CAKE_DTYPE_IQ4_NL ? 4
+                                                                               : 1;
+    }
+    if (kept & 1) hash_u64(st, 0x71345f6b783136u);
+    if (kept & 2) hash_u64(st, 0x71365f6b783136u);
+    if (kept & 4) hash_u64(st, 0x71345f30783136u);
     hash_u64(st, cake_bits_from_f32(hp->rms_eps));
     hash_u64(st, cake_bits_from_f32(hp->rope_theta));
     hash_u64(st, cake_bits_from_f32(hp->rope_freq_scale));

@@ -59,8 +59,7 @@
 
 /* The layouts of matmul_kquant.c. */
 static bool is_kquant(int dt) {
-    return dt == CAKE_DTYPE_Q4_K_X16 || dt == CAKE_DTYPE_Q5_K_X16 || dt == CAKE_DTYPE_Q6_K_X16 ||
-           dt == CAKE_DTYPE_IQ4_XS_X16;
+    return dt >= CAKE_DTYPE_Q4_K_X16 && dt <= CAKE_DTYPE_IQ4_NL_X16; /* consecutive */
 }
 
 static int dtype_ok(int dt, int n_in) {

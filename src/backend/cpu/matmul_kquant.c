@@ -84,50 +84,68 @@ enum {
     KQ_K4 = 0,                   /* kinds of packed levels: Q4_K, */
     KQ_K5,                       /* Q5_K, */
     KQ_K6,                       /* Q6_K, */
-    KQ_IQ4,                      /* IQ4_XS */
+    KQ_IQ4,                      /* IQ4_XS, */
+    KQ_Q40,                      /* Q4_0, */
+    KQ_IQ4NL,                    /* IQ4_NL */
 };
 
-static bool is_q6(int x16_dtype) {
-    return x16_dtype == CAKE_DTYPE_Q6_K_X16;
-}
-
-static bool is_iq4(int x16_dtype) {
-    return x16_dtype == CAKE_DTYPE_IQ4_XS_X16;
-}
+/* The layouts, their files' types and kinds. */
+static const struct {
+    int x16, type, kind;
+} layouts[] = {
+    {CAKE_DTYPE_Q4_K_X16, CAKE_DTYPE_Q4_K, KQ_K4},
+    {CAKE_DTYPE_Q5_K_X16, CAKE_DTYPE_Q5_K, KQ_K5},
+    {CAKE_DTYPE_Q6_K_X16, CAKE_DTYPE_Q6_K, KQ_K6},
+    {CAKE_DTYPE_IQ4_XS_X16, CAKE_DTYPE_IQ4_XS, KQ_IQ4},
+    {CAKE_DTYPE_Q4_0_X16, CAKE_DTYPE_Q4_0, KQ_Q40},
+    {CAKE_DTYPE_IQ4_NL_X16, CAKE_DTYPE_IQ4_NL, KQ_IQ4NL},
+};
+enum { N_LAYOUTS = sizeof(layouts) / sizeof(layouts[0]) };
 
 static int kind_of(int x16_dtype) {
-    return x16_dtype == CAKE_DTYPE_Q5_K_X16 ? KQ_K5
-           : is_q6(x16_dtype)               ? KQ_K6
-           : is_iq4(x16_dtype)              ? KQ_IQ4
-                                            : KQ_K4;
-}
-
-/* Where sub-block `sub` starts in a group-block: after the head and the
- * sub-blocks before, each its scales, its nibbles and 64 bytes a top bit
- * (Q5_K 1, Q6_K 2). */
-static inline size_t sub_at(int sub, const int kind) {
-    const int top_bits = kind == KQ_K5 ? 1 : kind == KQ_K6 ? 2 : 0;
-    return KQ_HEAD + (size_t)sub * (KQ_SUB_TOP + 64 * top_bits);
-}
-
-static size_t group_super(int x16_dtype) {
-    return sub_at(KQ_SUBS, kind_of(x16_dtype));
+    for (int i = 0; i < N_LAYOUTS; i++)
+        if (layouts[i].x16 == x16_dtype) return layouts[i].kind;
+    return KQ_K4;
 }
 
 /* The file's type of a layout, and back. */
 static int gguf_type(int x16_dtype) {
-    return x16_dtype == CAKE_DTYPE_Q5_K_X16 ? CAKE_DTYPE_Q5_K
-           : is_q6(x16_dtype)               ? CAKE_DTYPE_Q6_K
-           : is_iq4(x16_dtype)              ? CAKE_DTYPE_IQ4_XS
-                                            : CAKE_DTYPE_Q4_K;
+    for (int i = 0; i < N_LAYOUTS; i++)
+        if (layouts[i].x16 == x16_dtype) return layouts[i].type;
+    return CAKE_DTYPE_Q4_K;
 }
 
 int cake_kquant_x16_for(int type) {
-    return type == CAKE_DTYPE_Q4_K     ? CAKE_DTYPE_Q4_K_X16
-           : type == CAKE_DTYPE_Q5_K   ? CAKE_DTYPE_Q5_K_X16
-           : type == CAKE_DTYPE_Q6_K   ? CAKE_DTYPE_Q6_K_X16
-           : type == CAKE_DTYPE_IQ4_XS ? CAKE_DTYPE_IQ4_XS_X16
-                                       : 0;
+    for (int i = 0; i < N_LAYOUTS; i++)
+        if (layouts[i].type == type) return layouts[i].x16;
+    return 0;
+}
+
+/* Q4_0 and IQ4_NL: a scale per 32 (f16) where the others have sc and mn. */
+static inline bool per_32(const int kind) {
+    return kind == KQ_Q40 || kind == KQ_IQ4NL;
+}
+
+/* The kinds with a min per sub-block (their second chain), and what the
+ * others' levels are offset by (value = s (level - offset)). */
+static inline bool has_mins(const int kind) {
+    return kind == KQ_K4 || kind == KQ_K5 || kind == KQ_IQ4;
+}
+
+static inline int level_offset(const int kind) {
+    return kind == KQ_K6 ? 32 : kind == KQ_Q40 ? 8 : kind == KQ_IQ4NL ? 128 : 0;
+}
+
+/* Where sub-block `sub` starts in a group-block: after the head (none with
+ * a scale per 32) and the sub-blocks before, each its scales, its nibbles
+ * and 64 bytes a top bit (Q5_K 1, Q6_K 2). */
+static inline size_t sub_at(int sub, const int kind) {
+    const int top_bits = kind == KQ_K5 ? 1 : kind == KQ_K6 ? 2 : 0;
+    return (per_32(kind) ? 0 : KQ_HEAD) + (size_t)sub * (KQ_SUB_TOP + 64 * top_bits);
+}
+
+static size_t group_super(int x16_dtype) {
+    return sub_at(KQ_SUBS, kind_of(x16_dtype));
 }
 
 size_t cake_kquant_x16_size(int x16_dtype, int n_out, int n_in) {
@@ -136,8 +154,9 @@ size_t cake_kquant_x16_size(int x16_dtype, int n_out, int n_in) {
 }
 
 void cake_kquant_pack_x16(int x16_dtype, void *dst, const void *blocks, int n_out, int n_in) {
-    const size_t gs = group_super(x16_dtype),
-                 block_bytes = cake_dequant_block_bytes(gguf_type(x16_dtype));
+    const int type = gguf_type(x16_dtype);
+    const size_t gs = group_super(x16_dtype), /* the file's bytes for 256 values */
+        block_bytes = cake_dequant_block_bytes(type) * KQ_SUPER / cake_dequant_block_elems(type);
     const int ns = n_in / KQ_SUPER, ng = (n_out + KQ_ROWS - 1) / KQ_ROWS, kind = kind_of(x16_dtype);
     uint8_t *d = dst;
     for (int g = 0; g < ng; g++)
@@ -147,13 +166,19 @@ void cake_kquant_pack_x16(int x16_dtype, void *dst, const void *blocks, int n_ou
                 const uint8_t *blk = (const uint8_t *)blocks +
                                      ((size_t)(g * KQ_ROWS + i) * ns + (size_t)sb) * block_bytes;
                 cake_kquant_parts parts;
-                cake_kquant_unpack(gguf_type(x16_dtype), blk, &parts);
-                memcpy(d + 2 * i, &parts.d, 2);
-                memcpy(d + 32 + 2 * i, &parts.dmin, 2);
+                cake_kquant_unpack(type, blk, &parts);
+                if (!per_32(kind)) {
+                    memcpy(d + 2 * i, &parts.d, 2);
+                    memcpy(d + 32 + 2 * i, &parts.dmin, 2);
+                }
                 for (int j = 0; j < KQ_SUBS; j++) {
                     uint8_t *sub = d + sub_at(j, kind);
-                    sub[i] = (uint8_t)parts.sc[j];
-                    sub[16 + i] = (uint8_t)(kind == KQ_K6 ? parts.sc_hi[j] : parts.m[j]);
+                    if (per_32(kind)) {
+                        memcpy(sub + 2 * i, &parts.d32[j], 2);
+                    } else {
+                        sub[i] = (uint8_t)parts.sc[j];
+                        sub[16 + i] = (uint8_t)(kind == KQ_K6 ? parts.sc_hi[j] : parts.m[j]);
+                    }
                     /* the pairs' bytes 4p..4p+3 are the row's 4 bytes of load p */
                     for (int p = 0; p < 4; p++)
                         memcpy(sub + KQ_SUB_Q + 64 * p + 4 * i, parts.pairs[j] + 4 * p, 4);
@@ -198,14 +223,15 @@ int cake_kquant_x16_level(int x16_dtype, const void *w, size_t ns, size_t r, siz
         group_block(x16_dtype, w, ns, r, k) + sub_at((int)(e / 32), kind_of(x16_dtype));
     const uint8_t b = sub[KQ_SUB_Q + 64 * p + bit];
     int q = c < 16 ? b & 0xF : b >> 4;
-    if (x16_dtype == CAKE_DTYPE_Q5_K_X16) {
+    const int kind = kind_of(x16_dtype);
+    if (kind == KQ_K5) {
         const uint8_t *mask = sub + KQ_SUB_TOP + 16 * p + (c < 16 ? 0 : 8);
         q |= (mask[bit / 8] >> bit % 8 & 1) << 4;
-    } else if (is_q6(x16_dtype)) {
+    } else if (kind == KQ_K6) {
         const int f = 2 * (p % 2) + (c < 16 ? 0 : 1);
         q |= (sub[KQ_SUB_TOP + 64 * (p / 2) + bit] >> (2 * f) & 3) << 4;
     }
-    return is_iq4(x16_dtype) ? cake_iq4_values[q] + 128 : q;
+    return kind == KQ_IQ4 || kind == KQ_IQ4NL ? cake_iq4_values[q] + 128 : q;
 }
 
 static float f16_at(const uint8_t *p) {
@@ -215,18 +241,21 @@ static float f16_at(const uint8_t *p) {
 }
 
 float cake_kquant_x16_scale(int x16_dtype, const void *w, size_t ns, size_t r, size_t k) {
+    const int kind = kind_of(x16_dtype);
     const uint8_t *gb = group_block(x16_dtype, w, ns, r, k);
-    const size_t i = r % KQ_ROWS, half = is_q6(x16_dtype) && k % 32 >= 16 ? 16 : 0;
-    const uint8_t *sub = gb + sub_at((int)(k % KQ_SUPER / 32), kind_of(x16_dtype));
+    const size_t i = r % KQ_ROWS, half = kind == KQ_K6 && k % 32 >= 16 ? 16 : 0;
+    const uint8_t *sub = gb + sub_at((int)(k % KQ_SUPER / 32), kind);
+    if (per_32(kind)) return f16_at(sub + 2 * i);
     return (float)(int8_t)sub[half + i] * f16_at(gb + 2 * i);
 }
 
 float cake_kquant_x16_min(int x16_dtype, const void *w, size_t ns, size_t r, size_t k) {
-    if (is_q6(x16_dtype)) /* the level's offset of 32: exact */
-        return 32.0f * cake_kquant_x16_scale(x16_dtype, w, ns, r, k);
+    const int kind = kind_of(x16_dtype);
+    if (!has_mins(kind)) /* the levels' offset: a power of 2, exact */
+        return (float)level_offset(kind) * cake_kquant_x16_scale(x16_dtype, w, ns, r, k);
     const uint8_t *gb = group_block(x16_dtype, w, ns, r, k);
     const size_t i = r % KQ_ROWS;
-    const uint8_t *sub = gb + sub_at((int)(k % KQ_SUPER / 32), kind_of(x16_dtype));
+    const uint8_t *sub = gb + sub_at((int)(k % KQ_SUPER / 32), kind);
     return (float)(int8_t)sub[16 + i] * f16_at(gb + 32 + i * 2);
 }
 
@@ -266,7 +295,8 @@ int cake_matmul_kquant_ref(int x16_dtype, float *y, const float *x, const void *
 /* Rows [r0, r1) of every token in the kernel's order. */
 static void lanes_rows(int x16_dtype, float *y, const float *x, const uint8_t *w, int n_tokens,
                        int n_in, int n_out, int r0, int r1) {
-    const int nb = n_in / CAKE_Q8_0_BLOCK, ns = n_in / KQ_SUPER;
+    const int nb = n_in / CAKE_Q8_0_BLOCK, ns = n_in / KQ_SUPER, kind = kind_of(x16_dtype),
+              off = level_offset(kind), steps = kind == KQ_K6 ? 2 : 1, width = 32 / steps;
     for (int t = 0; t < n_tokens; t++) {
         float *yt = y + (size_t)t * n_out;
         for (int n = r0; n < r1; n++) yt[n] = 0.0f;
@@ -277,27 +307,17 @@ static void lanes_rows(int x16_dtype, float *y, const float *x, const uint8_t *w
             cake_q8_quantize_block_lanes(x + (size_t)t * n_in + (size_t)b * CAKE_Q8_0_BLOCK, q, &dx,
                                          &c);
             const size_t k0 = (size_t)b * CAKE_Q8_0_BLOCK;
-            for (int n = r0; n < r1; n++) {
-                if (is_q6(x16_dtype)) { /* a step per half, each (q - 32) qx */
-                    for (int h = 0; h < 2; h++) {
-                        int isum = 0;
-                        for (int k = 16 * h; k < 16 * h + 16; k++)
-                            isum +=
-                                (cake_kquant_x16_level(x16_dtype, w, ns, n, k0 + k) - 32) * q[k];
-                        yt[n] = fmaf((float)isum,
-                                     cake_kquant_x16_scale(x16_dtype, w, ns, n, k0 + 16 * h) * dx,
-                                     yt[n]);
-                    }
-                    continue;
+            for (int n = r0; n < r1; n++)
+                for (int h = 0; h < steps; h++) { /* Q6_K: a step per half */
+                    int isum = 0;
+                    for (int k = width * h; k < width * (h + 1); k++)
+                        isum += (cake_kquant_x16_level(x16_dtype, w, ns, n, k0 + k) - off) * q[k];
+                    yt[n] = fmaf((float)isum,
+                                 cake_kquant_x16_scale(x16_dtype, w, ns, n, k0 + width * h) * dx,
+                                 yt[n]);
                 }
-                int isum = 0;
-                for (int k = 0; k < CAKE_Q8_0_BLOCK; k++)
-                    isum += cake_kquant_x16_level(x16_dtype, w, ns, n, k0 + k) * q[k];
-                yt[n] =
-                    fmaf((float)isum, cake_kquant_x16_scale(x16_dtype, w, ns, n, k0) * dx, yt[n]);
-            }
         }
-        for (int b = 0; !is_q6(x16_dtype) && b < nb; b++) { /* then the mins' */
+        for (int b = 0; has_mins(kind) && b < nb; b++) { /* then the mins' */
             int8_t q[CAKE_Q8_0_BLOCK];
             float dx;
             int32_t c;
@@ -323,12 +343,14 @@ typedef struct {
     const float *x;
     const uint8_t *w;
     int x16_dtype;
-    int kind; /* KQ_K4, KQ_K5, KQ_K6 or KQ_IQ4: how the packed levels are read */
+    int kind; /* KQ_K4, ...: how the packed levels are read */
     size_t group_super;
     int T, n_in, n_out, nb, ns;
     cake_q8_acts a;
     float *dx_sum;   /* (T, nb) each block's scale times its sum of q: the mins' factor */
-    int32_t *q6_off; /* Q6_K instead: (T, nb, 2) -32 times each half-block's sum of q */
+    int32_t *acc0;   /* kinds without mins instead: (T, nb, 2) the integer sums' starts,
+                      * -offset x the sum of q of each half-block (Q6_K) or of the block
+                      * (then 0 for its second half) */
     uint8_t *panels; /* NULL, or per thread one task's blocks unpacked (unpack_block) */
 } kq_job;
 
@@ -342,8 +364,10 @@ typedef struct {
 
 /* The 16 rows' scales s = d sc of sub-block `sub` of group-block gb (second
  * false), or (second true) its mins m = dmin mn (Q6_K: the scales of its
- * last 16 values, d sc_hi), as f32 lanes. */
+ * last 16 values, d sc_hi), as f32 lanes. Q4_0, IQ4_NL: the sub-block's d. */
 CAKE_INLINE __m512 scale_lanes(const uint8_t *gb, int sub, bool second, const int kind) {
+    if (per_32(kind))
+        return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(gb + sub_at(sub, kind))));
     const int d_at = second && kind != KQ_K6 ? 32 : 0;
     const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(gb + d_at)));
     const __m128i b =
@@ -360,7 +384,8 @@ CAKE_INLINE void levels_of(const uint8_t *gb, int sub, int p, const int kind, __
     const __m512i v = _mm512_loadu_si512(at + KQ_SUB_Q + 64 * p);
     *lo = _mm512_and_si512(v, low4);
     *hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-    if (kind == KQ_IQ4) { /* the table + 128 (sign bits flipped), in each 128-bit lane */
+    if (kind == KQ_IQ4 ||
+        kind == KQ_IQ4NL) { /* the table + 128 (sign bits flipped), per 128 bits */
         const __m512i table = _mm512_broadcast_i32x4(_mm_xor_si128(
             _mm_loadu_si128((const __m128i *)cake_iq4_values), _mm_set1_epi8((char)0x80)));
         *lo = _mm512_shuffle_epi8(table, *lo);
@@ -395,14 +420,25 @@ static void unpack_block(uint8_t *dst, const uint8_t *gb, int kind) {
     for (int sub = 0; sub < KQ_SUBS; sub++, dst += KQ_UNPACKED_SUB) {
         for (int p = 0; p < 4; p++) {
             __m512i lo, hi;
-            if (kind == KQ_K5)
+            switch (kind) { /* each its constant, for the inlined levels_of */
+            case KQ_K5:
                 levels_of(gb, sub, p, KQ_K5, &lo, &hi);
-            else if (kind == KQ_K6)
+                break;
+            case KQ_K6:
                 levels_of(gb, sub, p, KQ_K6, &lo, &hi);
-            else if (kind == KQ_IQ4)
+                break;
+            case KQ_IQ4:
                 levels_of(gb, sub, p, KQ_IQ4, &lo, &hi);
-            else
+                break;
+            case KQ_Q40:
+                levels_of(gb, sub, p, KQ_Q40, &lo, &hi);
+                break;
+            case KQ_IQ4NL:
+                levels_of(gb, sub, p, KQ_IQ4NL, &lo, &hi);
+                break;
+            default:
                 levels_of(gb, sub, p, KQ_K4, &lo, &hi);
+            }
             _mm512_storeu_si512(dst + 64 * p, lo);
             _mm512_storeu_si512(dst + 64 * (p + 4), hi);
         }
@@ -422,14 +458,15 @@ CAKE_INLINE void chain_step(const kq_job *j, __m512 f[KQ_MT][KQ_NG], __m512i acc
     }
 }
 
-/* The accumulators' start for block b: 0, or (Q6_K) -32 x the sum of q of
- * its half `half`, so that they sum (q - 32) qx. */
+/* The accumulators' start for block b: 0, or (kinds without mins) -offset x
+ * the sum of q of its half `half` (Q6_K) or of the block (half 0), so that
+ * they sum (level - offset) qx. */
 CAKE_INLINE void start_acc(const kq_job *j, __m512i acc[KQ_MT][KQ_NG], int t0, int b, int half,
                            const int MT, const int NG, const int kind) {
     UNROLL for (int i = 0; i < MT; i++) {
         const __m512i a0 =
-            kind == KQ_K6 ? _mm512_set1_epi32(j->q6_off[((size_t)(t0 + i) * j->nb + b) * 2 + half])
-                          : _mm512_setzero_si512();
+            has_mins(kind) ? _mm512_setzero_si512()
+                           : _mm512_set1_epi32(j->acc0[((size_t)(t0 + i) * j->nb + b) * 2 + half]);
         UNROLL for (int g = 0; g < NG; g++) acc[i][g] = a0;
     }
 }
@@ -529,7 +566,7 @@ CAKE_INLINE void kq_tile(const kq_job *j, const uint8_t *const *lv, int t0, int 
         }
     }
     /* then the mins' chain (Q6_K has none) */
-    for (int sb = 0; kind != KQ_K6 && sb < ns; sb++)
+    for (int sb = 0; has_mins(kind) && sb < ns; sb++)
         for (int sub = 0; sub < KQ_SUBS; sub++) {
             const int b = sb * KQ_SUBS + sub;
             __m512 m[KQ_NG];
@@ -562,20 +599,35 @@ CAKE_INLINE void kq_tile_ng(const kq_job *j, const uint8_t *const *lv, int t0, i
         kq_tile(j, lv, t0, g0, MT, 2, UNPACKED, KIND);                                             \
     else                                                                                           \
         kq_tile(j, lv, t0, g0, MT, 1, UNPACKED, KIND);
-    if (unpacked) { /* unpacked levels are bytes whatever the kind; Q6_K's scales differ */
+    if (unpacked) { /* unpacked levels are bytes whatever the kind; the scales and
+                     * the offsets differ: mins (K4), two halves (K6) or one step (Q40) */
         if (j->kind == KQ_K6) {
             KQ_TILE_NG(true, KQ_K6)
-        } else {
+        } else if (has_mins(j->kind)) {
             KQ_TILE_NG(true, KQ_K4)
+        } else {
+            KQ_TILE_NG(true, KQ_Q40)
         }
-    } else if (j->kind == KQ_K6) {
-        KQ_TILE_NG(false, KQ_K6)
-    } else if (j->kind == KQ_K5) {
-        KQ_TILE_NG(false, KQ_K5)
-    } else if (j->kind == KQ_IQ4) {
-        KQ_TILE_NG(false, KQ_IQ4)
     } else {
-        KQ_TILE_NG(false, KQ_K4)
+        switch (j->kind) {
+        case KQ_K5:
+            KQ_TILE_NG(false, KQ_K5)
+            break;
+        case KQ_K6:
+            KQ_TILE_NG(false, KQ_K6)
+            break;
+        case KQ_IQ4:
+            KQ_TILE_NG(false, KQ_IQ4)
+            break;
+        case KQ_Q40:
+            KQ_TILE_NG(false, KQ_Q40)
+            break;
+        case KQ_IQ4NL:
+            KQ_TILE_NG(false, KQ_IQ4NL)
+            break;
+        default:
+            KQ_TILE_NG(false, KQ_K4)
+        }
     }
 #undef KQ_TILE_NG
 }
@@ -669,21 +721,26 @@ void cake_matmul_kquant(int x16_dtype, float *y, const float *x, const void *w, 
         return;
     }
     const size_t nblk = (size_t)n_tokens * j.nb;
-    if (j.kind == KQ_K6)
-        j.q6_off = malloc(nblk * 2 * sizeof(int32_t));
-    else
+    if (has_mins(j.kind))
         j.dx_sum = malloc(nblk * sizeof(float));
-    if (!j.dx_sum && !j.q6_off) {
+    else
+        j.acc0 = malloc(nblk * 2 * sizeof(int32_t));
+    if (!j.dx_sum && !j.acc0) {
         cake_q8_acts_free(&j.a);
         cake_matmul_kquant_lanes(x16_dtype, y, x, w, n_tokens, n_in, n_out);
         return;
     }
     for (size_t i = 0; j.dx_sum && i < nblk; i++) j.dx_sum[i] = j.a.d[i] * (float)(j.a.c[i] / 128);
-    for (size_t i = 0; j.q6_off && i < nblk; i++) {
-        int32_t lo = 0;
-        for (int k = 0; k < 16; k++) lo += j.a.q[i * CAKE_Q8_0_BLOCK + (size_t)k];
-        j.q6_off[2 * i] = -32 * lo;
-        j.q6_off[2 * i + 1] = -32 * (j.a.c[i] / 128 - lo);
+    const int off = level_offset(j.kind);
+    for (size_t i = 0; j.acc0 && i < nblk; i++) {
+        int32_t first = j.a.c[i] / 128, second = 0; /* c: 128 x the block's sum of q */
+        if (j.kind == KQ_K6) {
+            first = 0;
+            for (int k = 0; k < 16; k++) first += j.a.q[i * CAKE_Q8_0_BLOCK + (size_t)k];
+            second = j.a.c[i] / 128 - first;
+        }
+        j.acc0[2 * i] = -off * first;
+        j.acc0[2 * i + 1] = -off * second;
     }
     /* the panels (without them, the levels are read packed: the same bits) */
     if (n_tokens >= KQ_UNPACK_MIN_TOKENS)
@@ -692,7 +749,7 @@ void cake_matmul_kquant(int x16_dtype, float *y, const float *x, const void *w, 
     cake_threadpool_run(pool, n_tasks, kq_task, &j);
     free(j.panels);
     free(j.dx_sum);
-    free(j.q6_off);
+    free(j.acc0);
     cake_q8_acts_free(&j.a);
 #else
     cake_threadpool_run(pool, n_tasks, kq_task, &j);
