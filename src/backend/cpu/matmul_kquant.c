@@ -1,6 +1,7 @@
-/* The CPU matmul for Q4_K, Q5_K, Q6_K and IQ4_XS weights, at their own bits
- * (4.625, 5.625, 6.625 and 4.625 a weight here) instead of a Q8_0 copy
- * (8.5): the integer kernel of matmul_q8_0.c with 4- to 6-bit weights.
+/* The CPU matmul for Q4_K, Q5_K, Q6_K, IQ4_XS, Q4_0 and IQ4_NL weights, at
+ * their own bits (4.625, 5.625, 6.625, 4.625, 4.5 and 4.5 a weight here)
+ * instead of a Q8_0 copy (8.5): the integer kernel of matmul_q8_0.c with 4-
+ * to 6-bit weights.
  *
  * A Q4_K or Q5_K block is 256 values in 8 sub-blocks of 32; value k of
  * sub-block j is s_j q_k - m_j with q_k in 0..15 (Q5_K: 0..31), s_j = d sc_j
@@ -22,37 +23,44 @@
  * block has its own integer sum, started at -32 times the half's sum of qx
  * so that it is sum (q_k - 32) qx_k (|.| < 2^16, exact in f32), and the chain
  * takes two steps a block, y = fma((float)isum_lo, s_lo dx, y), then the
- * same with the second half's; no second chain. As for Q8_0 a token's row
+ * same with the second half's; no second chain. Q4_0 and IQ4_NL have an f16
+ * scale s per 32 and no min: value s (q - 8), or s T[q] = s ((T[q] + 128) -
+ * 128); their sums start at -8 (-128) times the block's sum of qx, one step
+ * a block. As for Q8_0 a token's row
  * is the same bits whatever the batch, tiles and threads, and the scalar twin
  * below gives the same bits. No weight is rounded: the result differs from
  * the exact one by the activations' rounding only (a Q8_0 copy also rounds
  * every weight to 8 bits).
  *
- * The layouts (CAKE_DTYPE_Q4_K_X16, _Q5_K_X16, _Q6_K_X16, _IQ4_XS_X16), made
- * once from the file's blocks (cake_kquant_pack_x16, from cake_kquant_unpack's
- * parts): rows in groups of 16 (the last padded with zero rows), and per
- * group and block of 256 columns
- *     16 f16 d, then 16 f16 dmin (64 bytes; Q6_K: dmin 0);
+ * The layouts (CAKE_DTYPE_Q4_K_X16, ... _IQ4_NL_X16), made once from the
+ * file's blocks (cake_kquant_pack_x16, from cake_kquant_unpack's parts):
+ * rows in groups of 16 (the last padded with zero rows), and per group and
+ * block of 256 columns
+ *     16 f16 d, then 16 f16 dmin (64 bytes; Q6_K: dmin 0; Q4_0, IQ4_NL:
+ *         none);
  *     then per sub-block j = 0..7, in the order the kernel reads them:
  *     16 sc_j, then 16 mn_j (signed bytes; Q6_K: the scales of the
- *         sub-block's first 16 values, then its last 16's);
+ *         sub-block's first 16 values, then its last 16's; Q4_0, IQ4_NL:
+ *         16 f16 scales);
  *     for p = 0..3, for row i = 0..15, 4 bytes k = 0..3: low nibble
  *         q[i][32 j + 4 p + k], high nibble q[i][32 j + 16 + 4 p + k] (the
- *         levels' low 4 bits; IQ4_XS: the table indices);
+ *         levels' low 4 bits; IQ4_XS, IQ4_NL: the table indices);
  *     Q5_K: for p = 0..3 two 64-bit masks, bit 4 i + k the fifth bit of
  *         the level the low (then the high) nibble above holds;
  *     Q6_K: for the loads p = 0, 1 and then 2, 3, 64 bytes whose byte n
  *         holds the top 2 bits of the levels of the loads' byte n: load
  *         2q's low nibble's in bits 0-1, its high one's in 2-3, load 2q +
  *         1's in 4-5 and 6-7;
- * 2368 bytes (Q4_K, IQ4_XS), 2880 (Q5_K) or 3392 (Q6_K). (Each part in a
+ * 2368 bytes (Q4_K, IQ4_XS), 2880 (Q5_K), 3392 (Q6_K) or 2304 (Q4_0,
+ * IQ4_NL). (Each part in a
  * plane of its own instead, three or four streams through a group-block,
  * the hardware prefetcher followed so badly that Q6_K's decode ran at the
  * speed of Q8_0's 8.5 bits.) One 64-byte load
  * holds 4 consecutive levels of 16 rows twice over: its low nibbles (AND
  * 0x0F) and its high ones (shift, AND), plus 16 where the mask bit says so
  * (Q5_K: a masked add), or with the top bits shifted to bits 4-5 OR'ed in
- * (Q6_K: one vpternlog), or looked up in the table (IQ4_XS: vpshufb), are
+ * (Q6_K: one vpternlog), or looked up in the table (IQ4_XS, IQ4_NL:
+ * vpshufb), are
  * two operands of vpdpbusd with the rows in the lanes, as in the Q8_0
  * kernel, unsigned as vpdpbusd wants them. (Q6_K's top bits as two masks
  * like Q5_K's took twice as long in decode.) */
@@ -155,8 +163,10 @@ size_t cake_kquant_x16_size(int x16_dtype, int n_out, int n_in) {
 
 void cake_kquant_pack_x16(int x16_dtype, void *dst, const void *blocks, int n_out, int n_in) {
     const int type = gguf_type(x16_dtype);
-    const size_t gs = group_super(x16_dtype), /* the file's bytes for 256 values */
-        block_bytes = cake_dequant_block_bytes(type) * KQ_SUPER / cake_dequant_block_elems(type);
+    const size_t gs = group_super(x16_dtype);
+    /* the file's bytes for 256 values: a block, or (Q4_0, IQ4_NL) 8 */
+    const size_t block_bytes =
+        cake_dequant_block_bytes(type) * KQ_SUPER / cake_dequant_block_elems(type);
     const int ns = n_in / KQ_SUPER, ng = (n_out + KQ_ROWS - 1) / KQ_ROWS, kind = kind_of(x16_dtype);
     uint8_t *d = dst;
     for (int g = 0; g < ng; g++)
@@ -218,12 +228,11 @@ static const uint8_t *group_block(int x16_dtype, const void *w, size_t ns, size_
 }
 
 int cake_kquant_x16_level(int x16_dtype, const void *w, size_t ns, size_t r, size_t k) {
+    const int kind = kind_of(x16_dtype);
     const size_t e = k % KQ_SUPER, c = e % 32, p = c % 16 / 4, bit = 4 * (r % KQ_ROWS) + c % 4;
-    const uint8_t *sub =
-        group_block(x16_dtype, w, ns, r, k) + sub_at((int)(e / 32), kind_of(x16_dtype));
+    const uint8_t *sub = group_block(x16_dtype, w, ns, r, k) + sub_at((int)(e / 32), kind);
     const uint8_t b = sub[KQ_SUB_Q + 64 * p + bit];
     int q = c < 16 ? b & 0xF : b >> 4;
-    const int kind = kind_of(x16_dtype);
     if (kind == KQ_K5) {
         const uint8_t *mask = sub + KQ_SUB_TOP + 16 * p + (c < 16 ? 0 : 8);
         q |= (mask[bit / 8] >> bit % 8 & 1) << 4;
