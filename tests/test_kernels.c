@@ -357,13 +357,14 @@ static void *make_weights(int dtype, size_t n, float *as_f32) {
         cake_dequant_to_f32(dtype, w, 0, as_f32, n);
         return w;
     }
-    if (dtype == CAKE_DTYPE_Q6_K) { /* random bytes (int8 scales -128..127), then d */
-        uint8_t *w = xmalloc(n / 256 * 210);
+    if (dtype == CAKE_DTYPE_Q6_K || dtype == CAKE_DTYPE_Q3_K) { /* random bytes, then d */
+        const size_t bb = cake_dequant_block_bytes(dtype); /* Q6_K: int8 scales -128..127 */
+        uint8_t *w = xmalloc(n / 256 * bb);
         for (size_t b = 0; b < n / 256; b++) {
-            uint8_t *blk = w + b * 210;
-            for (size_t i = 0; i < 208; i++) blk[i] = (uint8_t)rnd_f(0, 255.99f);
+            uint8_t *blk = w + b * bb;
+            for (size_t i = 0; i < bb - 2; i++) blk[i] = (uint8_t)rnd_f(0, 255.99f);
             const cake_f16 d = cake_f32_to_f16(rnd_f(0.00002f, 0.0002f));
-            memcpy(blk + 208, &d, 2);
+            memcpy(blk + bb - 2, &d, 2);
         }
         cake_dequant_to_f32(dtype, w, 0, as_f32, n);
         return w;
@@ -547,7 +548,7 @@ static void test_matmul(void **state) {
                                 {40, 1088, 70}, {12, 64, 300}, {1, 4128, 9},  {5, 4096, 129}};
     for (size_t si = 0; si < sizeof(q8_shapes) / sizeof(q8_shapes[0]); si++)
         check_matmul_shape(CAKE_DTYPE_Q8_0, q8_shapes[si][0], q8_shapes[si][1], q8_shapes[si][2]);
-    /* Q4_K, Q5_K, Q6_K, IQ4_XS, Q4_0 and IQ4_NL: rows of whole blocks of 256 */
+    /* Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS, Q4_0 and IQ4_NL: rows of whole blocks of 256 */
     const int q4_shapes[][3] = {{1, 256, 1},    {1, 256, 16},   {2, 512, 17},  {6, 256, 33},
                                 {7, 768, 13},   {13, 512, 67},  {20, 2048, 6}, {1, 4096, 9},
                                 {5, 4096, 129}, {12, 256, 300}, {40, 1024, 70}};
@@ -555,16 +556,17 @@ static void test_matmul(void **state) {
         check_matmul_shape(CAKE_DTYPE_Q4_K, q4_shapes[si][0], q4_shapes[si][1], q4_shapes[si][2]);
         check_matmul_shape(CAKE_DTYPE_Q5_K, q4_shapes[si][0], q4_shapes[si][1], q4_shapes[si][2]);
         check_matmul_shape(CAKE_DTYPE_Q6_K, q4_shapes[si][0], q4_shapes[si][1], q4_shapes[si][2]);
+        check_matmul_shape(CAKE_DTYPE_Q3_K, q4_shapes[si][0], q4_shapes[si][1], q4_shapes[si][2]);
         check_matmul_shape(CAKE_DTYPE_Q4_0, q4_shapes[si][0], q4_shapes[si][1], q4_shapes[si][2]);
         check_matmul_shape(CAKE_DTYPE_IQ4_NL, q4_shapes[si][0], q4_shapes[si][1], q4_shapes[si][2]);
         check_matmul_shape(CAKE_DTYPE_IQ4_XS, q4_shapes[si][0], q4_shapes[si][1], q4_shapes[si][2]);
     }
 }
 
-/* The Q4_K, Q5_K, Q6_K, IQ4_XS, Q4_0 and IQ4_NL repacks keep every weight:
+/* The Q3_K ... Q6_K, IQ4_XS, Q4_0 and IQ4_NL repacks keep every weight:
  * scale * level - min through the layout's lookups, exact in double and
  * rounded once, is the decoder's value bit for bit (ggml's d1 * q - m1,
- * d sc (q - 32), dl * table[q], d (q - 8): one rounding each), and the
+ * d sc (q - 32), dl * table[q], d (q - 8), dl (q - 4): one rounding each), and the
  * padding rows of the last group are zeros. */
 static void check_kquant_pack(int dtype, int x16, size_t group_bytes) {
     const int n_out = 21, n_in = 512;
@@ -574,7 +576,7 @@ static void check_kquant_pack(int dtype, int x16, size_t group_bytes) {
     assert_int_equal(cake_kquant_x16_size(x16, n_out, n_in), 2 * 2 * group_bytes);
     cake_kquant_pack_x16(x16, packed, w, n_out, n_in);
     const size_t ns = n_in / 256;
-    int high = 0, higher = 0; /* levels of 16 and more (bit 4), of 32 and more (bit 5) */
+    int high = 0, higher = 0, eight = 0; /* levels of 16 and more (bit 4), 32 (bit 5), 8 (bit 3) */
     for (int r = 0; r < 32; r++)
         for (int k = 0; k < n_in; k++) {
             const int q = cake_kquant_x16_level(x16, packed, ns, r, k);
@@ -583,6 +585,7 @@ static void check_kquant_pack(int dtype, int x16, size_t group_bytes) {
                         got = (float)((double)s * q - (double)m);
             high += q >= 16;
             higher += q >= 32;
+            eight += q >= 8;
             if (r >= n_out) {
                 const int zero = x16 == CAKE_DTYPE_IQ4_XS_X16 || x16 == CAKE_DTYPE_IQ4_NL_X16
                                      ? cake_iq4_values[0] + 128
@@ -597,7 +600,7 @@ static void check_kquant_pack(int dtype, int x16, size_t group_bytes) {
         }
     const bool iq4 = x16 == CAKE_DTYPE_IQ4_XS_X16 || x16 == CAKE_DTYPE_IQ4_NL_X16,
                four_bits = x16 == CAKE_DTYPE_Q4_K_X16 || x16 == CAKE_DTYPE_Q4_0_X16;
-    if (four_bits ? high != 0 : high < 1000)
+    if (x16 == CAKE_DTYPE_Q3_K_X16 ? eight != 0 || high != 0 : four_bits ? high != 0 : high < 1000)
         fail_msg("%s: %d levels of 16 or more", cake_dtype_name((uint32_t)dtype), high);
     if (x16 == CAKE_DTYPE_Q6_K_X16 || iq4 ? higher < 1000 : higher != 0)
         fail_msg("%s: %d levels of 32 or more", cake_dtype_name((uint32_t)dtype), higher);
@@ -612,6 +615,7 @@ static void test_kquant_pack(void **state) {
     check_kquant_pack(CAKE_DTYPE_Q5_K, CAKE_DTYPE_Q5_K_X16, 2880);
     check_kquant_pack(CAKE_DTYPE_Q6_K, CAKE_DTYPE_Q6_K_X16, 3392);
     check_kquant_pack(CAKE_DTYPE_Q4_0, CAKE_DTYPE_Q4_0_X16, 2304);
+    check_kquant_pack(CAKE_DTYPE_Q3_K, CAKE_DTYPE_Q3_K_X16, 2368);
     check_kquant_pack(CAKE_DTYPE_IQ4_NL, CAKE_DTYPE_IQ4_NL_X16, 2304);
     check_kquant_pack(CAKE_DTYPE_IQ4_XS, CAKE_DTYPE_IQ4_XS_X16, 2368);
 }

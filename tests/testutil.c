@@ -461,6 +461,18 @@ size_t test_quantize_row(int type, const float *x, size_t n, uint8_t *dst) {
             for (int j = 0; j < 256; j++)
                 q[j] = clampi((x[j] + dmin * (float)m[j / 32]) / (d * (float)sc[j / 32]), 0, top);
             test_encode_q4_q5_k(type, d, dmin, sc, m, q, dst);
+        } else if (type == CAKE_DTYPE_Q3_K) { /* per 16: scale max |x| / 4 as d sc, sc 1..31 */
+            float amax = 0, s[16];
+            for (int i = 0; i < 16; i++) {
+                s[i] = 0;
+                for (int j = 0; j < 16; j++) s[i] = fmaxf(s[i], fabsf(x[16 * i + j]) / 4);
+                amax = fmaxf(amax, s[i]);
+            }
+            const float d = cake_f16_to_f32(cake_f32_to_f16(amax / 31));
+            int sc[16];
+            for (int i = 0; i < 16; i++) sc[i] = d > 0 ? clampi(s[i] / d, 1, 31) : 1;
+            for (int j = 0; j < 256; j++) q[j] = clampi(x[j] / (d * (float)sc[j / 16]), -4, 3);
+            test_encode_q2_q3_k(type, d, 0, sc, NULL, q, dst);
         } else if (type == CAKE_DTYPE_Q6_K) {
             float amax = 0, s[16];
             for (int i = 0; i < 16; i++) {
@@ -505,11 +517,11 @@ int test_mixed_quants(const char *name, int type) {
     } mix[] = {
         /* attn_output before output: the first suffix that fits counts */
         {"blk.1.ffn_up.weight", CAKE_DTYPE_IQ4_XS}, {"blk.0.ffn_gate.weight", CAKE_DTYPE_IQ4_NL},
-        {"attn_output.weight", CAKE_DTYPE_Q4_0},    {"output.weight", CAKE_DTYPE_Q6_K},
-        {"token_embd.weight", CAKE_DTYPE_Q4_K},     {"attn_q.weight", CAKE_DTYPE_Q4_K},
-        {"attn_k.weight", CAKE_DTYPE_Q5_K},         {"attn_v.weight", CAKE_DTYPE_Q6_K},
-        {"ffn_gate.weight", CAKE_DTYPE_Q4_1},       {"ffn_up.weight", CAKE_DTYPE_Q5_0},
-        {"ffn_down.weight", CAKE_DTYPE_Q5_1}};
+        {"blk.1.ffn_down.weight", CAKE_DTYPE_Q3_K}, {"attn_output.weight", CAKE_DTYPE_Q4_0},
+        {"output.weight", CAKE_DTYPE_Q6_K},         {"token_embd.weight", CAKE_DTYPE_Q4_K},
+        {"attn_q.weight", CAKE_DTYPE_Q4_K},         {"attn_k.weight", CAKE_DTYPE_Q5_K},
+        {"attn_v.weight", CAKE_DTYPE_Q6_K},         {"ffn_gate.weight", CAKE_DTYPE_Q4_1},
+        {"ffn_up.weight", CAKE_DTYPE_Q5_0},         {"ffn_down.weight", CAKE_DTYPE_Q5_1}};
     const size_t n = strlen(name);
     for (size_t i = 0; i < sizeof(mix) / sizeof(mix[0]); i++) {
         const size_t k = strlen(mix[i].suffix);

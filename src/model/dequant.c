@@ -83,6 +83,50 @@ static int iq4_xs_scale(const uint8_t *b, int j) {
     return (b[4 + j / 2] >> (4 * (j % 2)) & 0xF) | (scales_h >> (2 * j) & 3) << 4;
 }
 
+/* Q3_K's 6-bit scale j (0..15) from its 12 bytes s: the low nibble in byte
+ * j % 8 (j < 8: low, else high), bits 4, 5 from byte 8 + j % 4 (shifted by
+ * 2 (j / 4)). */
+static int q3_k_scale(const uint8_t *s, int j) {
+    const int lo = j < 8 ? s[j] & 0xF : s[j - 8] >> 4, hi = s[8 + j % 4] >> (2 * (j / 4)) & 3;
+    return lo | hi << 4;
+}
+
+/* Q3_K's levels of sub-block j (values 32 j .. 32 j + 31): low 2 bits at
+ * bit 2 (j % 4) of qs[32 (j / 4) + t], bit 2 at bit j of hmask[t] (the
+ * layout q3_k below decodes); level 0..7 = value / scale + 4. */
+static void q3_k_parts(const uint8_t *b, cake_kquant_parts *p) {
+    const uint8_t *hm = b, *s = b + 96;
+    memcpy(&p->d, b + 108, 2);
+    p->dmin = 0;
+    memset(p->m, 0, sizeof(p->m));
+    for (int j = 0; j < 8; j++) {
+        const uint8_t *qs = b + 32 + 32 * (j / 4);
+        p->sc[j] = (int8_t)(q3_k_scale(s, 2 * j) - 32);
+        p->sc_hi[j] = (int8_t)(q3_k_scale(s, 2 * j + 1) - 32);
+#ifdef __AVX512F__
+        __m128i lev[2]; /* levels t = 0..15, then 16..31 */
+        for (int h = 0; h < 2; h++) {
+            const __m128i low = _mm_and_si128(
+                              _mm_srl_epi16(_mm_loadu_si128((const __m128i *)(qs + 16 * h)),
+                                            _mm_cvtsi32_si128(2 * (j % 4))),
+                              _mm_set1_epi8(3)),
+                          high = _mm_and_si128(
+                              _mm_srl_epi16(_mm_loadu_si128((const __m128i *)(hm + 16 * h)),
+                                            _mm_cvtsi32_si128(j)),
+                              _mm_set1_epi8(1));
+            lev[h] = _mm_or_si128(low, _mm_slli_epi16(high, 2)); /* < 8: no carries */
+        }
+        _mm_storeu_si128((__m128i *)p->pairs[j], _mm_or_si128(lev[0], _mm_slli_epi16(lev[1], 4)));
+#else
+        for (int t = 0; t < 16; t++) {
+            const int lo = (qs[t] >> 2 * (j % 4) & 3) | (hm[t] >> j & 1) << 2,
+                      hi = (qs[16 + t] >> 2 * (j % 4) & 3) | (hm[16 + t] >> j & 1) << 2;
+            p->pairs[j][t] = (uint8_t)(lo | hi << 4);
+        }
+#endif
+    }
+}
+
 /* Q6_K's levels of sub-block j (values 32 j .. 32 j + 31, the quarter k = j
  * % 4 of half h = j / 4): low 4 bits in the low (k < 2) or high nibbles of
  * ql[64 h + 32 (k % 2) + l], high 2 bits in bits 2k, 2k + 1 of qh[32 h + l]
@@ -135,6 +179,10 @@ void cake_kquant_unpack(int type, const void *block, cake_kquant_parts *p) {
     }
     memset(p->fifth, 0, sizeof(p->fifth));
     memset(p->top2, 0, sizeof(p->top2));
+    if (type == CAKE_DTYPE_Q3_K) {
+        q3_k_parts(b, p);
+        return;
+    }
     if (type == CAKE_DTYPE_Q4_0 || type == CAKE_DTYPE_IQ4_NL) { /* 8 blocks: d, 16 pairs */
         p->d = p->dmin = 0;
         memset(p->sc, 0, sizeof(p->sc));
@@ -318,9 +366,7 @@ static void q3_k(const uint8_t *b, float *y, bool lanes) {
     const uint8_t *hm = b, *qs = b + 32, *s = b + 96;
     const float d = f16_at(b + 108);
     for (int v = 0; v < QK_K; v += 16) {
-        const int j = v / 16, lo = j < 8 ? s[j] & 0xF : s[j - 8] >> 4,
-                  hi = s[8 + j % 4] >> (2 * (j / 4)) & 3;
-        const float dl = d * (float)((lo | hi << 4) - 32);
+        const float dl = d * (float)(q3_k_scale(s, v / 16) - 32);
         const uint8_t *q = qs + 32 * (v / 128) + v % 32, *h = hm + v % 32;
         const int shift = 2 * (v / 32 % 4), bit = v / 32;
 #ifdef __AVX512F__

@@ -45,7 +45,7 @@ void cake_dequant_to_f32_lanes(int type, const void *src, size_t first, float *d
  * stand for. */
 extern const int8_t cake_iq4_values[16];
 
-/* 256 values of Q4_K, Q5_K, Q6_K or IQ4_XS (a block), or of Q4_0 or IQ4_NL
+/* 256 values of Q3_K, Q4_K, Q5_K, Q6_K or IQ4_XS (a block), or of Q4_0 or IQ4_NL
  * (8 blocks), in parts as the CPU's 4- to 6-bit layouts hold them
  * (backend/cpu/matmul_kquant.c): d and dmin (f16 bits), for each
  * sub-block j of 32 a scale for its first 16 values (sc), one for its last
@@ -53,7 +53,8 @@ extern const int8_t cake_iq4_values[16];
  * that value 32 j + t is d * (t < 16 ? sc : sc_hi)[j] * L(q_j,t) - dmin *
  * m[j]. Q4_K and Q5_K: their 6-bit scales and mins, levels 0..15 (Q5_K
  * 0..31), L(q) = q. Q6_K: its int8 scales, levels 0..63, L(q) = q - 32, dmin
- * and mins 0 (the kernel takes the 32 off). IQ4_XS: scales ls - 32, dmin
+ * and mins 0 (the kernel takes the 32 off); Q3_K likewise with its 6-bit
+ * scales - 32, levels 0..7, L(q) = q - 4. IQ4_XS: scales ls - 32, dmin
  * 128 d and the mins the scales, levels the 4-bit indices, L(q) =
  * cake_iq4_values[q] + 128 (so the mins take the 128 off). The levels' low
  * 4 bits in pairs: byte t of pairs[j] holds q_j,t in its low nibble and

@@ -284,7 +284,7 @@ static int requantize_x16(uint8_t *dst, const cake_weight *w) {
 }
 
 /* The CPU matmul's layout of a quantized matrix whose rows are whole blocks
- * of 256 (k-quants always are): Q4_K, Q5_K, Q6_K, IQ4_XS, Q4_0 and IQ4_NL keep
+ * of 256 (k-quants always are): Q3_K ... Q6_K, IQ4_XS, Q4_0 and IQ4_NL keep
  * their levels (matmul_kquant.c); the others go to Q8_0 (matmul_q8_0.c). */
 static int kept_layout(const cake_weight *w) {
     return w->n_in % 256 == 0 ? cake_kquant_x16_for(w->dtype) : 0;
@@ -569,17 +569,19 @@ static void compute_fingerprint(void) {
     if (m->quantized) hash_u64(st, 0x71385f30783136u);
     /* and Q4_K, Q5_K and IQ4_XS matrices keep their levels since the
      * k-quant kernel (they were requantized to Q8_0 before). */
-    int kept = 0; /* and Q6_K since they joined them, and Q4_0 and IQ4_NL */
+    int kept = 0; /* and Q6_K, Q4_0 and IQ4_NL, Q3_K since they joined them */
     for (int i = 0; i < n_matmul_weights(m); i++) {
-        const cake_weight *w = matmul_weight(m, i);
-        if (!kept_layout(w)) continue;
-        kept |= w->dtype == CAKE_DTYPE_Q6_K                                    ? 2
-                : w->dtype == CAKE_DTYPE_Q4_0 || w->dtype == CAKE_DTYPE_IQ4_NL ? 4
-                                                                               : 1;
+        const int t = kept_layout(matmul_weight(m, i)) ? matmul_weight(m, i)->dtype : -1;
+        kept |= t < 0                                            ? 0
+                : t == CAKE_DTYPE_Q6_K                           ? 2
+                : t == CAKE_DTYPE_Q4_0 || t == CAKE_DTYPE_IQ4_NL ? 4
+                : t == CAKE_DTYPE_Q3_K                           ? 8
+                                                                 : 1;
     }
     if (kept & 1) hash_u64(st, 0x71345f6b783136u);
     if (kept & 2) hash_u64(st, 0x71365f6b783136u);
     if (kept & 4) hash_u64(st, 0x71345f30783136u);
+    if (kept & 8) hash_u64(st, 0x71335f6b783136u);
     hash_u64(st, cake_bits_from_f32(hp->rms_eps));
     hash_u64(st, cake_bits_from_f32(hp->rope_theta));
     hash_u64(st, cake_bits_from_f32(hp->rope_freq_scale));

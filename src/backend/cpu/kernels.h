@@ -136,13 +136,14 @@ void cake_matmul_q8_0_lanes(float *y, const float *x, const void *w, int n_token
                             int n_out);
 
 /* ---- 4- to 6-bit weights kept at their bits (matmul_kquant.c) ----
- * CAKE_DTYPE_Q4_K_X16, _Q5_K_X16, _Q6_K_X16, _IQ4_XS_X16, _Q4_0_X16 and
- * _IQ4_NL_X16 (not GGUF types; layouts at the top of matmul_kquant.c): such
- * a matrix (n_out, n_in), n_in a multiple of 256, rows in groups of 16,
- * made once from the file's blocks by cake_kquant_pack_x16 into
- * cake_kquant_x16_size bytes (4.625, 5.625, 6.625, 4.625, 4.5 and 4.5 bits
- * a weight). The kernel, the reference and the scalar twin as for Q8_0;
- * the level (0..15, 0..31, 0..63, 1..241, 0..15, 1..241), scale and min of
+ * CAKE_DTYPE_Q4_K_X16, _Q5_K_X16, _Q6_K_X16, _IQ4_XS_X16, _Q4_0_X16,
+ * _IQ4_NL_X16 and _Q3_K_X16 (not GGUF types; layouts at the top of
+ * matmul_kquant.c): such a matrix (n_out, n_in), n_in a multiple of 256,
+ * rows in groups of 16, made once from the file's blocks by
+ * cake_kquant_pack_x16 into cake_kquant_x16_size bytes (4.625, 5.625,
+ * 6.625, 4.625, 4.5, 4.5 and 4.625 bits a weight). The kernel, the
+ * reference and the scalar twin as for Q8_0; the level (0..15, 0..31,
+ * 0..63, 1..241, 0..15, 1..241, 0..7), scale and min of
  * row r, column k, for the tests (ns = n_in / 256; value = scale * level -
  * min). */
 enum { /* consecutive (matmul.c) */
@@ -152,9 +153,10 @@ enum { /* consecutive (matmul.c) */
        CAKE_DTYPE_Q6_K_X16 = 1015,
        CAKE_DTYPE_Q4_0_X16 = 1016,
        CAKE_DTYPE_IQ4_NL_X16 = 1017,
+       CAKE_DTYPE_Q3_K_X16 = 1018,
 };
 /* The layout the CPU keeps a matrix of GGUF type `type` in: one of the
- * six above, or 0 (it goes to Q8_0; so do Q4_0 and IQ4_NL matrices whose
+ * seven above, or 0 (it goes to Q8_0; so do Q4_0 and IQ4_NL matrices whose
  * rows are not whole blocks of 256: model.c). */
 int cake_kquant_x16_for(int type);
 size_t cake_kquant_x16_size(int x16_dtype, int n_out, int n_in);

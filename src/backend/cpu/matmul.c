@@ -59,7 +59,7 @@
 
 /* The layouts of matmul_kquant.c. */
 static bool is_kquant(int dt) {
-    return dt >= CAKE_DTYPE_Q4_K_X16 && dt <= CAKE_DTYPE_IQ4_NL_X16; /* consecutive */
+    return dt >= CAKE_DTYPE_Q4_K_X16 && dt <= CAKE_DTYPE_Q3_K_X16; /* consecutive */
 }
 
 static int dtype_ok(int dt, int n_in) {

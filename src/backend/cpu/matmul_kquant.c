@@ -94,7 +94,8 @@ enum {
     KQ_K6,                       /* Q6_K, */
     KQ_IQ4,                      /* IQ4_XS, */
     KQ_Q40,                      /* Q4_0, */
-    KQ_IQ4NL,                    /* IQ4_NL */
+    KQ_IQ4NL,                    /* IQ4_NL, */
+    KQ_K3,                       /* Q3_K */
 };
 
 /* The layouts, their files' types and kinds. */
@@ -105,6 +106,7 @@ static const struct {
     {CAKE_DTYPE_Q5_K_X16, CAKE_DTYPE_Q5_K, KQ_K5},
     {CAKE_DTYPE_Q6_K_X16, CAKE_DTYPE_Q6_K, KQ_K6},
     {CAKE_DTYPE_IQ4_XS_X16, CAKE_DTYPE_IQ4_XS, KQ_IQ4},
+    {CAKE_DTYPE_Q3_K_X16, CAKE_DTYPE_Q3_K, KQ_K3},
     {CAKE_DTYPE_Q4_0_X16, CAKE_DTYPE_Q4_0, KQ_Q40},
     {CAKE_DTYPE_IQ4_NL_X16, CAKE_DTYPE_IQ4_NL, KQ_IQ4NL},
 };
@@ -134,6 +136,12 @@ static inline bool per_32(const int kind) {
     return kind == KQ_Q40 || kind == KQ_IQ4NL;
 }
 
+/* Q6_K and Q3_K: a scale per 16 (sc for the first 16 of a sub-block, sc_hi
+ * in mn's place for the last 16). */
+static inline bool per_16(const int kind) {
+    return kind == KQ_K6 || kind == KQ_K3;
+}
+
 /* The kinds with a min per sub-block (their second chain), and what the
  * others' levels are offset by (value = s (level - offset)). */
 static inline bool has_mins(const int kind) {
@@ -141,7 +149,11 @@ static inline bool has_mins(const int kind) {
 }
 
 static inline int level_offset(const int kind) {
-    return kind == KQ_K6 ? 32 : kind == KQ_Q40 ? 8 : kind == KQ_IQ4NL ? 128 : 0;
+    return kind == KQ_K6    ? 32
+           : kind == KQ_Q40   ? 8
+           : kind == KQ_K3    ? 4
+           : kind == KQ_IQ4NL ? 128
+                              : 0;
 }
 
 /* Where sub-block `sub` starts in a group-block: after the head (none with
@@ -187,7 +199,7 @@ void cake_kquant_pack_x16(int x16_dtype, void *dst, const void *blocks, int n_ou
                         memcpy(sub + 2 * i, &parts.d32[j], 2);
                     } else {
                         sub[i] = (uint8_t)parts.sc[j];
-                        sub[16 + i] = (uint8_t)(kind == KQ_K6 ? parts.sc_hi[j] : parts.m[j]);
+                        sub[16 + i] = (uint8_t)(per_16(kind) ? parts.sc_hi[j] : parts.m[j]);
                     }
                     /* the pairs' bytes 4p..4p+3 are the row's 4 bytes of load p */
                     for (int p = 0; p < 4; p++)
@@ -252,7 +264,7 @@ static float f16_at(const uint8_t *p) {
 float cake_kquant_x16_scale(int x16_dtype, const void *w, size_t ns, size_t r, size_t k) {
     const int kind = kind_of(x16_dtype);
     const uint8_t *gb = group_block(x16_dtype, w, ns, r, k);
-    const size_t i = r % KQ_ROWS, half = kind == KQ_K6 && k % 32 >= 16 ? 16 : 0;
+    const size_t i = r % KQ_ROWS, half = per_16(kind) && k % 32 >= 16 ? 16 : 0;
     const uint8_t *sub = gb + sub_at((int)(k % KQ_SUPER / 32), kind);
     if (per_32(kind)) return f16_at(sub + 2 * i);
     return (float)(int8_t)sub[half + i] * f16_at(gb + 2 * i);
@@ -305,7 +317,7 @@ int cake_matmul_kquant_ref(int x16_dtype, float *y, const float *x, const void *
 static void lanes_rows(int x16_dtype, float *y, const float *x, const uint8_t *w, int n_tokens,
                        int n_in, int n_out, int r0, int r1) {
     const int nb = n_in / CAKE_Q8_0_BLOCK, ns = n_in / KQ_SUPER, kind = kind_of(x16_dtype),
-              off = level_offset(kind), steps = kind == KQ_K6 ? 2 : 1, width = 32 / steps;
+              off = level_offset(kind), steps = per_16(kind) ? 2 : 1, width = 32 / steps;
     for (int t = 0; t < n_tokens; t++) {
         float *yt = y + (size_t)t * n_out;
         for (int n = r0; n < r1; n++) yt[n] = 0.0f;
@@ -377,7 +389,7 @@ typedef struct {
 CAKE_INLINE __m512 scale_lanes(const uint8_t *gb, int sub, bool second, const int kind) {
     if (per_32(kind))
         return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(gb + sub_at(sub, kind))));
-    const int d_at = second && kind != KQ_K6 ? 32 : 0;
+    const int d_at = second && !per_16(kind) ? 32 : 0;
     const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(gb + d_at)));
     const __m128i b =
         _mm_loadu_si128((const __m128i *)(gb + sub_at(sub, kind) + (second ? 16 : 0)));
@@ -436,6 +448,9 @@ static void unpack_block(uint8_t *dst, const uint8_t *gb, int kind) {
             case KQ_K6:
                 levels_of(gb, sub, p, KQ_K6, &lo, &hi);
                 break;
+            case KQ_K3:
+                levels_of(gb, sub, p, KQ_K3, &lo, &hi);
+                break;
             case KQ_IQ4:
                 levels_of(gb, sub, p, KQ_IQ4, &lo, &hi);
                 break;
@@ -491,7 +506,7 @@ CAKE_INLINE void start_acc(const kq_job *j, __m512i acc[KQ_MT][KQ_NG], int t0, i
 CAKE_INLINE void kq_tile(const kq_job *j, const uint8_t *const *lv, int t0, int g0, const int MT,
                          const int NG, const bool unpacked, const int kind) {
     const int ns = j->ns, n_in = j->n_in;
-    const bool split = MT == 1 || kind == KQ_K6;
+    const bool split = MT == 1 || per_16(kind);
     __m512 f[KQ_MT][KQ_NG];
     UNROLL for (int i = 0; i < MT; i++) UNROLL for (int g = 0; g < NG; g++) f[i][g] =
         _mm512_setzero_ps();
@@ -509,7 +524,7 @@ CAKE_INLINE void kq_tile(const kq_job *j, const uint8_t *const *lv, int t0, int 
             const int8_t *xb = j->a.q + (size_t)t0 * n_in + (size_t)b * CAKE_Q8_0_BLOCK;
             if (unpacked) {
                 UNROLL for (int st = 0; st < 8; st++) {
-                    if (kind == KQ_K6 && st == 4) { /* the first half's step */
+                    if (per_16(kind) && st == 4) { /* the first half's step */
                         UNROLL for (int g = 0; g < NG; g++) s[g] =
                             _mm512_loadu_ps(wb[g] + KQ_UNPACKED_SUB * sub + 512);
                         chain_step(j, f, acc, s, t0, b, MT, NG);
@@ -556,7 +571,7 @@ CAKE_INLINE void kq_tile(const kq_job *j, const uint8_t *const *lv, int t0, int 
                         }
                     }
                 }
-                if (kind == KQ_K6) { /* the first half's step, then the second's below */
+                if (per_16(kind)) { /* the first half's step, then the second's below */
                     UNROLL for (int g = 0; g < NG; g++) s[g] = scale_lanes(wb[g], sub, false, kind);
                     chain_step(j, f, acc, s, t0, b, MT, NG);
                     UNROLL for (int i = 0; i < MT; i++) UNROLL for (int g = 0; g < NG; g++)
@@ -567,7 +582,7 @@ CAKE_INLINE void kq_tile(const kq_job *j, const uint8_t *const *lv, int t0, int 
                 }
             }
             /* the block's scales (Q6_K: its second half's) */
-            const bool second = kind == KQ_K6;
+            const bool second = per_16(kind);
             UNROLL for (int g = 0; g < NG; g++) s[g] =
                 unpacked ? _mm512_loadu_ps(wb[g] + KQ_UNPACKED_SUB * sub + (second ? 576 : 512))
                          : scale_lanes(wb[g], sub, second, kind);
@@ -610,7 +625,7 @@ CAKE_INLINE void kq_tile_ng(const kq_job *j, const uint8_t *const *lv, int t0, i
         kq_tile(j, lv, t0, g0, MT, 1, UNPACKED, KIND);
     if (unpacked) { /* unpacked levels are bytes whatever the kind; the scales and
                      * the offsets differ: mins (K4), two halves (K6) or one step (Q40) */
-        if (j->kind == KQ_K6) {
+        if (per_16(j->kind)) {
             KQ_TILE_NG(true, KQ_K6)
         } else if (has_mins(j->kind)) {
             KQ_TILE_NG(true, KQ_K4)
@@ -624,6 +639,9 @@ CAKE_INLINE void kq_tile_ng(const kq_job *j, const uint8_t *const *lv, int t0, i
             break;
         case KQ_K6:
             KQ_TILE_NG(false, KQ_K6)
+            break;
+        case KQ_K3:
+            KQ_TILE_NG(false, KQ_K3)
             break;
         case KQ_IQ4:
             KQ_TILE_NG(false, KQ_IQ4)
@@ -743,7 +761,7 @@ void cake_matmul_kquant(int x16_dtype, float *y, const float *x, const void *w, 
     const int off = level_offset(j.kind);
     for (size_t i = 0; j.acc0 && i < nblk; i++) {
         int32_t first = j.a.c[i] / 128, second = 0; /* c: 128 x the block's sum of q */
-        if (j.kind == KQ_K6) {
+        if (per_16(j.kind)) {
             first = 0;
             for (int k = 0; k < 16; k++) first += j.a.q[i * CAKE_Q8_0_BLOCK + (size_t)k];
             second = j.a.c[i] / 128 - first;
