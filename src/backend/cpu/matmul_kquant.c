@@ -149,11 +149,7 @@ static inline bool has_mins(const int kind) {
 }
 
 static inline int level_offset(const int kind) {
-    return kind == KQ_K6    ? 32
-           : kind == KQ_Q40   ? 8
-           : kind == KQ_K3    ? 4
-           : kind == KQ_IQ4NL ? 128
-                              : 0;
+    return kind == KQ_K6 ? 32 : kind == KQ_Q40 ? 8 : kind == KQ_K3 ? 4 : kind == KQ_IQ4NL ? 128 : 0;
 }
 
 /* Where sub-block `sub` starts in a group-block: after the head (none with
@@ -261,13 +257,25 @@ static float f16_at(const uint8_t *p) {
     return cake_f16_to_f32(h);
 }
 
+/* The scale's parts at row r, column k (not for Q4_0, IQ4_NL): the row's d
+ * and the sub-block's (Q6_K, Q3_K: half's) integer scale. */
+static float d_of(int x16_dtype, const void *w, size_t ns, size_t r, size_t k) {
+    return f16_at(group_block(x16_dtype, w, ns, r, k) + 2 * (r % KQ_ROWS));
+}
+
+static int sc_of(int x16_dtype, const void *w, size_t ns, size_t r, size_t k) {
+    const int kind = kind_of(x16_dtype);
+    const uint8_t *sub =
+        group_block(x16_dtype, w, ns, r, k) + sub_at((int)(k % KQ_SUPER / 32), kind);
+    return (int8_t)sub[(per_16(kind) && k % 32 >= 16 ? 16 : 0) + r % KQ_ROWS];
+}
+
 float cake_kquant_x16_scale(int x16_dtype, const void *w, size_t ns, size_t r, size_t k) {
     const int kind = kind_of(x16_dtype);
-    const uint8_t *gb = group_block(x16_dtype, w, ns, r, k);
-    const size_t i = r % KQ_ROWS, half = per_16(kind) && k % 32 >= 16 ? 16 : 0;
-    const uint8_t *sub = gb + sub_at((int)(k % KQ_SUPER / 32), kind);
-    if (per_32(kind)) return f16_at(sub + 2 * i);
-    return (float)(int8_t)sub[half + i] * f16_at(gb + 2 * i);
+    if (per_32(kind))
+        return f16_at(group_block(x16_dtype, w, ns, r, k) + sub_at((int)(k % KQ_SUPER / 32), kind) +
+                      2 * (r % KQ_ROWS));
+    return (float)sc_of(x16_dtype, w, ns, r, k) * d_of(x16_dtype, w, ns, r, k);
 }
 
 float cake_kquant_x16_min(int x16_dtype, const void *w, size_t ns, size_t r, size_t k) {
@@ -317,7 +325,7 @@ int cake_matmul_kquant_ref(int x16_dtype, float *y, const float *x, const void *
 static void lanes_rows(int x16_dtype, float *y, const float *x, const uint8_t *w, int n_tokens,
                        int n_in, int n_out, int r0, int r1) {
     const int nb = n_in / CAKE_Q8_0_BLOCK, ns = n_in / KQ_SUPER, kind = kind_of(x16_dtype),
-              off = level_offset(kind), steps = per_16(kind) ? 2 : 1, width = 32 / steps;
+              off = level_offset(kind), steps = kind == KQ_K6 ? 2 : 1, width = 32 / steps;
     for (int t = 0; t < n_tokens; t++) {
         float *yt = y + (size_t)t * n_out;
         for (int n = r0; n < r1; n++) yt[n] = 0.0f;
@@ -328,7 +336,15 @@ static void lanes_rows(int x16_dtype, float *y, const float *x, const uint8_t *w
             cake_q8_quantize_block_lanes(x + (size_t)t * n_in + (size_t)b * CAKE_Q8_0_BLOCK, q, &dx,
                                          &c);
             const size_t k0 = (size_t)b * CAKE_Q8_0_BLOCK;
-            for (int n = r0; n < r1; n++)
+            for (int n = r0; n < r1; n++) {
+                if (kind == KQ_K3) { /* the halves' sums times their scales, then one step */
+                    int isum = 0;
+                    for (int k = 0; k < CAKE_Q8_0_BLOCK; k++)
+                        isum += (cake_kquant_x16_level(x16_dtype, w, ns, n, k0 + k) - off) * q[k] *
+                                sc_of(x16_dtype, w, ns, n, k0 + k);
+                    yt[n] = fmaf((float)isum, d_of(x16_dtype, w, ns, n, k0) * dx, yt[n]);
+                    continue;
+                }
                 for (int h = 0; h < steps; h++) { /* Q6_K: a step per half */
                     int isum = 0;
                     for (int k = width * h; k < width * (h + 1); k++)
@@ -337,6 +353,7 @@ static void lanes_rows(int x16_dtype, float *y, const float *x, const uint8_t *w
                                  cake_kquant_x16_scale(x16_dtype, w, ns, n, k0 + width * h) * dx,
                                  yt[n]);
                 }
+            }
         }
         for (int b = 0; has_mins(kind) && b < nb; b++) { /* then the mins' */
             int8_t q[CAKE_Q8_0_BLOCK];
@@ -394,6 +411,31 @@ CAKE_INLINE __m512 scale_lanes(const uint8_t *gb, int sub, bool second, const in
     const __m128i b =
         _mm_loadu_si128((const __m128i *)(gb + sub_at(sub, kind) + (second ? 16 : 0)));
     return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), d);
+}
+
+/* The 16 rows' d, as f32 lanes. */
+CAKE_INLINE __m512 d_lanes(const uint8_t *gb) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)gb));
+}
+
+/* Q3_K's levels q (0..7 in each byte) as the unpacked tiles take them: u =
+ * 128 - (q - 4) sc in each byte (0..252: (q - 4) sc is in -124..128), sc16
+ * the 16 rows' scales. Then sum u qx - 128 sum qx is minus the packed
+ * tile's sc_lo A_lo + sc_hi A_hi, and with -d as the panel's scale the step
+ * is the same product, both factors negated: the same bits. */
+CAKE_INLINE __m512i q3_unsigned(__m512i q, const uint8_t *sc16) {
+    /* each row's scale in its 4 bytes, and in its 2 words */
+    const __m512i scb = _mm512_mullo_epi32(
+                      _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)sc16)),
+                      _mm512_set1_epi32(0x01010101)),
+                  scw = _mm512_srai_epi16(_mm512_slli_epi16(scb, 8), 8),
+                  base = _mm512_add_epi16(_mm512_set1_epi16(128), _mm512_slli_epi16(scw, 2));
+    /* q sc of the even, then the odd bytes, in words (|q sc| <= 224) */
+    const __m512i even = _mm512_maddubs_epi16(q, _mm512_and_si512(scb, _mm512_set1_epi16(0x00FF))),
+                  odd = _mm512_maddubs_epi16(
+                      q, _mm512_and_si512(scb, _mm512_set1_epi16((short)0xFF00)));
+    return _mm512_or_si512(_mm512_sub_epi16(base, even),
+                           _mm512_slli_epi16(_mm512_sub_epi16(base, odd), 8));
 }
 
 /* The levels of load p of sub-block `sub` of group-block gb: lo, the 4
@@ -463,8 +505,16 @@ static void unpack_block(uint8_t *dst, const uint8_t *gb, int kind) {
             default:
                 levels_of(gb, sub, p, KQ_K4, &lo, &hi);
             }
+            if (kind == KQ_K3) {
+                lo = q3_unsigned(lo, gb + sub_at(sub, KQ_K3));
+                hi = q3_unsigned(hi, gb + sub_at(sub, KQ_K3) + 16);
+            }
             _mm512_storeu_si512(dst + 64 * p, lo);
             _mm512_storeu_si512(dst + 64 * (p + 4), hi);
+        }
+        if (kind == KQ_K3) { /* -d (q3_unsigned) */
+            _mm512_storeu_ps(dst + 512, _mm512_sub_ps(_mm512_setzero_ps(), d_lanes(gb)));
+            continue;
         }
         _mm512_storeu_ps(dst + 512, scale_lanes(gb, sub, false, kind));
         _mm512_storeu_ps(dst + 576, scale_lanes(gb, sub, true, kind));
@@ -524,7 +574,7 @@ CAKE_INLINE void kq_tile(const kq_job *j, const uint8_t *const *lv, int t0, int 
             const int8_t *xb = j->a.q + (size_t)t0 * n_in + (size_t)b * CAKE_Q8_0_BLOCK;
             if (unpacked) {
                 UNROLL for (int st = 0; st < 8; st++) {
-                    if (per_16(kind) && st == 4) { /* the first half's step */
+                    if (kind == KQ_K6 && st == 4) { /* the first half's step */
                         UNROLL for (int g = 0; g < NG; g++) s[g] =
                             _mm512_loadu_ps(wb[g] + KQ_UNPACKED_SUB * sub + 512);
                         chain_step(j, f, acc, s, t0, b, MT, NG);
@@ -571,7 +621,18 @@ CAKE_INLINE void kq_tile(const kq_job *j, const uint8_t *const *lv, int t0, int 
                         }
                     }
                 }
-                if (per_16(kind)) { /* the first half's step, then the second's below */
+                if (kind == KQ_K3) { /* the halves' sums times their scales: the block's */
+                    UNROLL for (int g = 0; g < NG; g++) {
+                        const uint8_t *sc = wb[g] + sub_at(sub, kind);
+                        const __m512i sc_lo = _mm512_cvtepi8_epi32(
+                                          _mm_loadu_si128((const __m128i *)sc)),
+                                      sc_hi = _mm512_cvtepi8_epi32(
+                                          _mm_loadu_si128((const __m128i *)(sc + 16)));
+                        UNROLL for (int i = 0; i < MT; i++) acc[i][g] =
+                            _mm512_add_epi32(_mm512_mullo_epi32(acc[i][g], sc_lo),
+                                             _mm512_mullo_epi32(hi_acc[i][g], sc_hi));
+                    }
+                } else if (kind == KQ_K6) { /* the first half's step, then the second's below */
                     UNROLL for (int g = 0; g < NG; g++) s[g] = scale_lanes(wb[g], sub, false, kind);
                     chain_step(j, f, acc, s, t0, b, MT, NG);
                     UNROLL for (int i = 0; i < MT; i++) UNROLL for (int g = 0; g < NG; g++)
@@ -582,10 +643,11 @@ CAKE_INLINE void kq_tile(const kq_job *j, const uint8_t *const *lv, int t0, int 
                 }
             }
             /* the block's scales (Q6_K: its second half's) */
-            const bool second = per_16(kind);
+            const bool second = kind == KQ_K6;
             UNROLL for (int g = 0; g < NG; g++) s[g] =
                 unpacked ? _mm512_loadu_ps(wb[g] + KQ_UNPACKED_SUB * sub + (second ? 576 : 512))
-                         : scale_lanes(wb[g], sub, second, kind);
+                : kind == KQ_K3 ? d_lanes(wb[g])
+                                : scale_lanes(wb[g], sub, second, kind);
             chain_step(j, f, acc, s, t0, b, MT, NG);
         }
     }
@@ -624,8 +686,9 @@ CAKE_INLINE void kq_tile_ng(const kq_job *j, const uint8_t *const *lv, int t0, i
     else                                                                                           \
         kq_tile(j, lv, t0, g0, MT, 1, UNPACKED, KIND);
     if (unpacked) { /* unpacked levels are bytes whatever the kind; the scales and
-                     * the offsets differ: mins (K4), two halves (K6) or one step (Q40) */
-        if (per_16(j->kind)) {
+                     * the offsets differ: mins (K4), two halves (K6) or one step (Q40:
+                     * Q4_0, IQ4_NL and Q3_K) */
+        if (j->kind == KQ_K6) {
             KQ_TILE_NG(true, KQ_K6)
         } else if (has_mins(j->kind)) {
             KQ_TILE_NG(true, KQ_K4)
@@ -757,11 +820,17 @@ void cake_matmul_kquant(int x16_dtype, float *y, const float *x, const void *w, 
         cake_matmul_kquant_lanes(x16_dtype, y, x, w, n_tokens, n_in, n_out);
         return;
     }
+    /* the panels (without them, the levels are read packed: the same bits) */
+    if (n_tokens >= KQ_UNPACK_MIN_TOKENS)
+        j.panels = aligned_alloc(64, (size_t)cake_threadpool_size(pool) * KQ_TASK_GROUPS *
+                                         (size_t)j.ns * KQ_UNPACKED_SUPER);
     for (size_t i = 0; j.dx_sum && i < nblk; i++) j.dx_sum[i] = j.a.d[i] * (float)(j.a.c[i] / 128);
-    const int off = level_offset(j.kind);
+    /* Q3_K unpacked: 128 - (q - 4) sc as a block's levels (unpack_block) */
+    const bool q3_unpacked = j.kind == KQ_K3 && j.panels;
+    const int off = q3_unpacked ? 128 : level_offset(j.kind);
     for (size_t i = 0; j.acc0 && i < nblk; i++) {
         int32_t first = j.a.c[i] / 128, second = 0; /* c: 128 x the block's sum of q */
-        if (per_16(j.kind)) {
+        if (per_16(j.kind) && !q3_unpacked) {
             first = 0;
             for (int k = 0; k < 16; k++) first += j.a.q[i * CAKE_Q8_0_BLOCK + (size_t)k];
             second = j.a.c[i] / 128 - first;
@@ -769,10 +838,6 @@ void cake_matmul_kquant(int x16_dtype, float *y, const float *x, const void *w, 
         j.acc0[2 * i] = -off * first;
         j.acc0[2 * i + 1] = -off * second;
     }
-    /* the panels (without them, the levels are read packed: the same bits) */
-    if (n_tokens >= KQ_UNPACK_MIN_TOKENS)
-        j.panels = aligned_alloc(64, (size_t)cake_threadpool_size(pool) * KQ_TASK_GROUPS *
-                                         (size_t)j.ns * KQ_UNPACKED_SUPER);
     cake_threadpool_run(pool, n_tasks, kq_task, &j);
     free(j.panels);
     free(j.dx_sum);
