@@ -1,7 +1,7 @@
-/* The CPU matmul for Q4_K, Q5_K, Q6_K, IQ4_XS, Q4_0 and IQ4_NL weights, at
- * their own bits (4.625, 5.625, 6.625, 4.625, 4.5 and 4.5 a weight here)
- * instead of a Q8_0 copy (8.5): the integer kernel of matmul_q8_0.c with 4-
- * to 6-bit weights.
+/* The CPU matmul for Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS, Q4_0 and IQ4_NL
+ * weights at their own bits (4.625, 4.625, 5.625, 6.625, 4.625, 4.5 and 4.5
+ * a weight here) instead of a Q8_0 copy (8.5): the integer kernel of
+ * matmul_q8_0.c with 3- to 6-bit weights.
  *
  * A Q4_K or Q5_K block is 256 values in 8 sub-blocks of 32; value k of
  * sub-block j is s_j q_k - m_j with q_k in 0..15 (Q5_K: 0..31), s_j = d sc_j
@@ -18,28 +18,29 @@
  * (products rounded to f32 first; the mins' terms in the first chain cost
  * ~20% of prefill, their own chain almost nothing).
  *
- * Q6_K has a scale per 16 values and no min: value k of a 16 is
- * s (q_k - 32), q_k in 0..63, s = d sc (sc int8). Each half of an activation
- * block has its own integer sum, started at -32 times the half's sum of qx
- * so that it is sum (q_k - 32) qx_k (|.| < 2^16, exact in f32), and the chain
- * takes two steps a block, y = fma((float)isum_lo, s_lo dx, y), then the
- * same with the second half's; no second chain. Q4_0 and IQ4_NL have an f16
- * scale s per 32 and no min: value s (q - 8), or s T[q] = s ((T[q] + 128) -
- * 128); their sums start at -8 (-128) times the block's sum of qx, one step
- * a block. As for Q8_0 a token's row
- * is the same bits whatever the batch, tiles and threads, and the scalar twin
- * below gives the same bits. No weight is rounded: the result differs from
- * the exact one by the activations' rounding only (a Q8_0 copy also rounds
- * every weight to 8 bits).
+ * The others have no mins: their levels are offset instead, and each
+ * integer sum starts at -offset times its sum of qx, so that it is
+ * sum (q_k - offset) qx_k. Q6_K has a scale per 16, value s (q_k - 32),
+ * q_k in 0..63, s = d sc (sc int8): each half of a block has its own sum
+ * (|.| < 2^16, exact in f32) and the chain takes two steps a block,
+ * y = fma((float)isum_lo, s_lo dx, y), then the same with the second
+ * half's. Q3_K has one per 16 too, value d sc (q_k - 4), q_k in 0..7: the
+ * halves' sums are multiplied by their sc and added in integers (< 2^20),
+ * one step a block with d. Q4_0 and IQ4_NL have an f16 scale s per 32,
+ * value s (q - 8), or s T[q] = s ((T[q] + 128) - 128): one step a block.
+ * As for Q8_0 a token's row is the same bits whatever the batch, tiles and
+ * threads, and the scalar twin below gives the same bits. No weight is
+ * rounded: the result differs from the exact one by the activations'
+ * rounding only (a Q8_0 copy also rounds every weight to 8 bits).
  *
- * The layouts (CAKE_DTYPE_Q4_K_X16, ... _IQ4_NL_X16), made once from the
+ * The layouts (CAKE_DTYPE_Q4_K_X16, ... _Q3_K_X16), made once from the
  * file's blocks (cake_kquant_pack_x16, from cake_kquant_unpack's parts):
  * rows in groups of 16 (the last padded with zero rows), and per group and
  * block of 256 columns
- *     16 f16 d, then 16 f16 dmin (64 bytes; Q6_K: dmin 0; Q4_0, IQ4_NL:
- *         none);
+ *     16 f16 d, then 16 f16 dmin (64 bytes; Q6_K, Q3_K: dmin 0; Q4_0,
+ *         IQ4_NL: none);
  *     then per sub-block j = 0..7, in the order the kernel reads them:
- *     16 sc_j, then 16 mn_j (signed bytes; Q6_K: the scales of the
+ *     16 sc_j, then 16 mn_j (signed bytes; Q6_K, Q3_K: the scales of the
  *         sub-block's first 16 values, then its last 16's; Q4_0, IQ4_NL:
  *         16 f16 scales);
  *     for p = 0..3, for row i = 0..15, 4 bytes k = 0..3: low nibble
@@ -51,19 +52,17 @@
  *         holds the top 2 bits of the levels of the loads' byte n: load
  *         2q's low nibble's in bits 0-1, its high one's in 2-3, load 2q +
  *         1's in 4-5 and 6-7;
- * 2368 bytes (Q4_K, IQ4_XS), 2880 (Q5_K), 3392 (Q6_K) or 2304 (Q4_0,
- * IQ4_NL). (Each part in a
- * plane of its own instead, three or four streams through a group-block,
- * the hardware prefetcher followed so badly that Q6_K's decode ran at the
- * speed of Q8_0's 8.5 bits.) One 64-byte load
+ * 2368 bytes (Q4_K, IQ4_XS, Q3_K), 2880 (Q5_K), 3392 (Q6_K) or 2304 (Q4_0,
+ * IQ4_NL). (With each part in a plane of its own, three or four streams
+ * through a group-block, the hardware prefetcher followed so badly that
+ * Q6_K's decode ran at the speed of Q8_0's 8.5 bits.) One 64-byte load
  * holds 4 consecutive levels of 16 rows twice over: its low nibbles (AND
  * 0x0F) and its high ones (shift, AND), plus 16 where the mask bit says so
  * (Q5_K: a masked add), or with the top bits shifted to bits 4-5 OR'ed in
- * (Q6_K: one vpternlog), or looked up in the table (IQ4_XS, IQ4_NL:
- * vpshufb), are
- * two operands of vpdpbusd with the rows in the lanes, as in the Q8_0
- * kernel, unsigned as vpdpbusd wants them. (Q6_K's top bits as two masks
- * like Q5_K's took twice as long in decode.) */
+ * (Q6_K: one vpternlog; as two masks like Q5_K's they took twice as long in
+ * decode), or looked up in the table (IQ4_XS, IQ4_NL: vpshufb), are two
+ * operands of vpdpbusd with the rows in the lanes, as in the Q8_0 kernel,
+ * unsigned as vpdpbusd wants them. */
 #ifdef __clang__
 #pragma STDC FP_CONTRACT OFF
 #endif
@@ -400,22 +399,21 @@ typedef struct {
  * first (below); fewer read the packed levels where they are. */
 #define KQ_UNPACK_MIN_TOKENS 16
 
+/* The 16 rows' d (at gb; dmin at gb + 32), as f32 lanes. */
+CAKE_INLINE __m512 d_lanes(const uint8_t *gb) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)gb));
+}
+
 /* The 16 rows' scales s = d sc of sub-block `sub` of group-block gb (second
  * false), or (second true) its mins m = dmin mn (Q6_K: the scales of its
  * last 16 values, d sc_hi), as f32 lanes. Q4_0, IQ4_NL: the sub-block's d. */
 CAKE_INLINE __m512 scale_lanes(const uint8_t *gb, int sub, bool second, const int kind) {
     if (per_32(kind))
         return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(gb + sub_at(sub, kind))));
-    const int d_at = second && !per_16(kind) ? 32 : 0;
-    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(gb + d_at)));
+    const __m512 d = d_lanes(gb + (second && !per_16(kind) ? 32 : 0));
     const __m128i b =
         _mm_loadu_si128((const __m128i *)(gb + sub_at(sub, kind) + (second ? 16 : 0)));
     return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), d);
-}
-
-/* The 16 rows' d, as f32 lanes. */
-CAKE_INLINE __m512 d_lanes(const uint8_t *gb) {
-    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)gb));
 }
 
 /* Q3_K's levels q (0..7 in each byte) as the unpacked tiles take them: u =
@@ -533,8 +531,8 @@ CAKE_INLINE void chain_step(const kq_job *j, __m512 f[KQ_MT][KQ_NG], __m512i acc
 }
 
 /* The accumulators' start for block b: 0, or (kinds without mins) -offset x
- * the sum of q of its half `half` (Q6_K) or of the block (half 0), so that
- * they sum (level - offset) qx. */
+ * the sum of q of its half `half` (Q6_K, packed Q3_K) or of the block (half
+ * 0), so that they sum (level - offset) qx. */
 CAKE_INLINE void start_acc(const kq_job *j, __m512i acc[KQ_MT][KQ_NG], int t0, int b, int half,
                            const int MT, const int NG, const int kind) {
     UNROLL for (int i = 0; i < MT; i++) {
@@ -550,9 +548,10 @@ CAKE_INLINE void start_acc(const kq_job *j, __m512i acc[KQ_MT][KQ_NG], int t0, i
  * 4 and 8); then the mins' chain. The levels come from lv[g] (unpacked: a
  * group's blocks, one after another) or from the packed layout: 4 loads of
  * 64 bytes, each 2 steps (low, then high nibbles); one token (decode), and
- * Q6_K always, then puts the high nibbles' steps in second accumulators,
- * added at the end (integers: the same bits, two dependency chains instead
- * of one) or (Q6_K) chained after the first. */
+ * Q6_K and Q3_K always, then puts the high nibbles' steps in second
+ * accumulators, added at the end (integers: the same bits, two dependency
+ * chains instead of one; Q3_K: each times its half's scale), or (Q6_K)
+ * chained after the first. */
 CAKE_INLINE void kq_tile(const kq_job *j, const uint8_t *const *lv, int t0, int g0, const int MT,
                          const int NG, const bool unpacked, const int kind) {
     const int ns = j->ns, n_in = j->n_in;
