@@ -695,11 +695,13 @@ static void test_q8_0(void **state) {
     unlink(path);
 }
 
-/* What the CPU makes of them: Q3_K ... Q6_K, IQ4_XS, Q4_0 and IQ4_NL matrices as they are
- * (their kernel keeps the levels), the others as Q8_0 (requantized per
- * block of 32), the embedding's rows as their exact values. */
+/* What the CPU makes of them: Q3_K, Q4_K, Q5_K, IQ4_XS, Q4_0 and IQ4_NL
+ * matrices as they are (their kernel keeps the levels), and Q6_K in the
+ * output matrix; the others as Q8_0 (requantized per block of 32), the
+ * embedding's rows as their exact values. */
 static int as_the_cpu_reads(const char *name, int type) {
     if (!strcmp(name, "token_embd.weight")) return CAKE_DTYPE_F32;
+    if (type == CAKE_DTYPE_Q6_K && strcmp(name, "output.weight")) return CAKE_DTYPE_Q8_0;
     return type == CAKE_DTYPE_F32 || cake_kquant_x16_for(type) ? type : CAKE_DTYPE_Q8_0;
 }
 
@@ -735,14 +737,13 @@ static void test_unsupported_weight_type(void **state) {
 }
 
 /* Quantized types besides Q8_0 (`tiny-256`: rows of whole k-quant blocks):
- * the CPU multiplies Q3_K ... Q6_K, IQ4_XS, Q4_0 and IQ4_NL as they are and
- * requantizes the other matrices to Q8_0, so the logits are the bits of the
- * same model written with those seven as they are, the others as Q8_0 and an
- * f32 embedding, a model the reference checks; chunked prefill matches
- * one-shot. (The reference rounds activations to 8 bits in double, the
- * engine in f32: a value within ~1e-6 of a rounding tie may go either way
- * and move the logits by ~1e-2. Which matrix gets which type decides the
- * values; in test_mixed_quants' mix none lands there. Q3_K on blk.0's
+ * the CPU multiplies Q3_K, Q4_K, Q5_K, IQ4_XS, Q4_0 and IQ4_NL as they are,
+ * and Q6_K in the output matrix, and requantizes the other matrices to Q8_0,
+ * so the logits are the bits of the same model written with those as they
+ * are, the others as Q8_0 and an f32 embedding, a model the reference checks; chunked prefill
+ * matches one-shot. (The reference rounds activations to 8 bits in double, the engine in f32: a
+ * value within ~1e-6 of a rounding tie may go either way and move the logits by ~1e-2. Which matrix
+ * gets which type decides the values; in test_mixed_quants' mix none lands there. Q3_K on blk.0's
  * ffn_down, or Q4_0 on blk.1's ffn_gate, put one of blk.1's ffn_down
  * inputs 5e-7 from a tie: the check failed by 0.01 while the kernels
  * matched the decoder exactly.) */
@@ -787,7 +788,8 @@ static void test_other_quants(void **state) {
     assert_int_equal(m->layers[1].wq.x16_dtype, CAKE_DTYPE_Q4_K_X16);
     assert_int_equal(m->layers[1].wk.x16_dtype, CAKE_DTYPE_Q5_K_X16);
     assert_int_equal(m->layers[1].w_up.x16_dtype, CAKE_DTYPE_IQ4_XS_X16);
-    assert_int_equal(m->layers[1].wv.x16_dtype, CAKE_DTYPE_Q6_K_X16);
+    assert_int_equal(m->output.x16_dtype, CAKE_DTYPE_Q6_K_X16);
+    assert_int_equal(m->layers[1].wv.x16_dtype, CAKE_DTYPE_Q8_0_X16); /* Q6_K */
     assert_int_equal(m->layers[1].wo.x16_dtype, CAKE_DTYPE_Q4_0_X16);
     assert_int_equal(m->layers[0].w_gate.x16_dtype, CAKE_DTYPE_IQ4_NL_X16);
     assert_int_equal(m->layers[1].w_down.x16_dtype, CAKE_DTYPE_Q3_K_X16);

@@ -283,22 +283,23 @@ static int requantize_x16(uint8_t *dst, const cake_weight *w) {
     return 0;
 }
 
-/* The CPU matmul's layout of a quantized matrix whose rows are whole blocks
- * of 256 (k-quants always are): Q3_K ... Q6_K, IQ4_XS, Q4_0 and IQ4_NL keep
- * their levels (matmul_kquant.c); the others go to Q8_0 (matmul_q8_0.c). */
-static int kept_layout(const cake_weight *w) {
-    return w->n_in % 256 == 0 ? cake_kquant_x16_for(w->dtype) : 0;
-}
-
-static int packed_dtype(const cake_weight *w) {
-    const int kq = kept_layout(w);
-    return kq ? kq : CAKE_DTYPE_Q8_0_X16;
+/* The CPU matmul's layout of a quantized matrix of m: Q3_K, Q4_K, Q5_K,
+ * IQ4_XS, Q4_0 and IQ4_NL keep their levels (matmul_kquant.c) where rows are
+ * whole blocks of 256 (k-quants always are), Q6_K in the output matrix only;
+ * the others go to Q8_0 (matmul_q8_0.c). Q6_K's scale per 16 costs its
+ * kernel a second step a block, 0.82x the Q8_0 copy's prefill (a llama-1b
+ * Q6_K file: 204 against 249 tok/s); the output matrix only ever takes the
+ * last token, where Q6_K's fewer bytes win (decode ~1.2x). */
+static int packed_dtype(const cake_model *m, const cake_weight *w) {
+    const int kq = w->n_in % 256 == 0 ? cake_kquant_x16_for(w->dtype) : 0;
+    if (!kq || (kq == CAKE_DTYPE_Q6_K_X16 && w != &m->output)) return CAKE_DTYPE_Q8_0_X16;
+    return kq;
 }
 
 static size_t packed_size(const cake_weight *w) {
-    const int pd = packed_dtype(w);
-    return pd == CAKE_DTYPE_Q8_0_X16 ? cake_q8_0_x16_size(w->n_out, w->n_in)
-                                     : cake_kquant_x16_size(pd, w->n_out, w->n_in);
+    return w->x16_dtype == CAKE_DTYPE_Q8_0_X16
+               ? cake_q8_0_x16_size(w->n_out, w->n_in)
+               : cake_kquant_x16_size(w->x16_dtype, w->n_out, w->n_in);
 }
 
 /* Repacks matrix i, then releases its pages of the file from this process
@@ -307,11 +308,10 @@ static void pack_task(void *ctx, int i, int tid) {
     (void)tid;
     pack_job *j = ctx;
     const cake_weight *w = j->w[i];
-    const int kq = kept_layout(w);
     if (w->dtype == CAKE_DTYPE_Q8_0)
         cake_q8_0_pack_x16(j->dst[i], w->data, w->n_out, w->n_in);
-    else if (kq)
-        cake_kquant_pack_x16(kq, j->dst[i], w->data, w->n_out, w->n_in);
+    else if (w->x16_dtype != CAKE_DTYPE_Q8_0_X16)
+        cake_kquant_pack_x16(w->x16_dtype, j->dst[i], w->data, w->n_out, w->n_in);
     else if (requantize_x16(j->dst[i], w))
         j->no_mem = 1;
     if (w->data == j->keep) return;
@@ -337,6 +337,7 @@ static int pack_quantized(cake_model *m, char *err, size_t errlen) {
     for (int i = 0; i < n; i++) {
         cake_weight *wi = matmul_weight(m, i);
         if (!cake_dequant_supported(wi->dtype)) continue;
+        wi->x16_dtype = packed_dtype(m, wi); /* (x16 stays NULL until it is made) */
         total += packed_size(wi);
         w[n_quant++] = wi;
     }
@@ -368,10 +369,7 @@ static int pack_quantized(cake_model *m, char *err, size_t errlen) {
     pack_job job = {w, dst, m->tok_embd.data, 0};
     cake_threadpool_run(pool, n_quant, pack_task, &job);
     cake_threadpool_free(pool);
-    for (int i = 0; i < n_quant; i++) {
-        w[i]->x16 = dst[i];
-        w[i]->x16_dtype = packed_dtype(w[i]);
-    }
+    for (int i = 0; i < n_quant; i++) w[i]->x16 = dst[i];
     free(dst);
     free(w);
     return job.no_mem ? cake_err(err, errlen, "out of memory requantizing the weights") : 0;
@@ -569,9 +567,11 @@ static void compute_fingerprint(void) {
     if (m->quantized) hash_u64(st, 0x71385f30783136u);
     /* and Q4_K, Q5_K and IQ4_XS matrices keep their levels since the
      * k-quant kernel (they were requantized to Q8_0 before). */
-    int kept = 0; /* and Q6_K, Q4_0 and IQ4_NL, Q3_K since they joined them */
+    int kept = 0; /* and Q6_K (the output), Q4_0 and IQ4_NL, Q3_K since they joined them */
     for (int i = 0; i < n_matmul_weights(m); i++) {
-        const int t = kept_layout(matmul_weight(m, i)) ? matmul_weight(m, i)->dtype : -1;
+        const cake_weight *w = matmul_weight(m, i);
+        const bool quantized = cake_dequant_supported(w->dtype);
+        const int t = quantized && packed_dtype(m, w) != CAKE_DTYPE_Q8_0_X16 ? w->dtype : -1;
         kept |= t < 0                                            ? 0
                 : t == CAKE_DTYPE_Q6_K                           ? 2
                 : t == CAKE_DTYPE_Q4_0 || t == CAKE_DTYPE_IQ4_NL ? 4
