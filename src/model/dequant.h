@@ -6,10 +6,10 @@
  * the values are its dequantize_row_* ones, the same f32 operations in the
  * same order.
  *
- * The CPU backend multiplies Q8_0, Q4_K, Q5_K, Q6_K and IQ4_XS at their own
- * bits (matmul_q8_0.c, matmul_kquant.c, from repacked copies) and requantizes
- * the others to Q8_0 once (model.c); the CUDA backend converts them to f16 as
- * they go up. */
+ * The CPU backend multiplies Q8_0, Q3_K, Q4_K, Q5_K, IQ4_XS, Q4_0, IQ4_NL and
+ * a Q6_K output matrix at their own bits (matmul_q8_0.c, matmul_kquant.c,
+ * from repacked copies) and requantizes the others to Q8_0 once (model.c);
+ * the CUDA backend converts them to f16 as they go up. */
 #ifndef CAKE_DEQUANT_H
 #define CAKE_DEQUANT_H
 
@@ -45,11 +45,11 @@ void cake_dequant_to_f32_lanes(int type, const void *src, size_t first, float *d
  * stand for. */
 extern const int8_t cake_iq4_values[16];
 
-/* 256 values of Q3_K, Q4_K, Q5_K, Q6_K or IQ4_XS (a block), or of Q4_0 or IQ4_NL
- * (8 blocks), in parts as the CPU's 4- to 6-bit layouts hold them
- * (backend/cpu/matmul_kquant.c): d and dmin (f16 bits), for each
- * sub-block j of 32 a scale for its first 16 values (sc), one for its last
- * 16 (sc_hi; the same but in Q6_K) and a min, and its 32 levels q_j,t, so
+/* 256 values of Q3_K, Q4_K, Q5_K, Q6_K or IQ4_XS (a block), or of Q4_0 or
+ * IQ4_NL (8 blocks), in parts as the CPU's 3- to 6-bit layouts hold them
+ * (backend/cpu/matmul_kquant.c): d and dmin (f16 bits), for each sub-block
+ * j of 32 a scale for its first 16 values (sc), one for its last 16 (sc_hi;
+ * the same but in Q6_K and Q3_K) and a min, and its 32 levels q_j,t, so
  * that value 32 j + t is d * (t < 16 ? sc : sc_hi)[j] * L(q_j,t) - dmin *
  * m[j]. Q4_K and Q5_K: their 6-bit scales and mins, levels 0..15 (Q5_K
  * 0..31), L(q) = q. Q6_K: its int8 scales, levels 0..63, L(q) = q - 32, dmin

@@ -135,7 +135,7 @@ int cake_matmul_q8_0_ref(float *y, const float *x, const void *w, int n_tokens, 
 void cake_matmul_q8_0_lanes(float *y, const float *x, const void *w, int n_tokens, int n_in,
                             int n_out);
 
-/* ---- 4- to 6-bit weights kept at their bits (matmul_kquant.c) ----
+/* ---- 3- to 6-bit weights kept at their bits (matmul_kquant.c) ----
  * CAKE_DTYPE_Q4_K_X16, _Q5_K_X16, _Q6_K_X16, _IQ4_XS_X16, _Q4_0_X16,
  * _IQ4_NL_X16 and _Q3_K_X16 (not GGUF types; layouts at the top of
  * matmul_kquant.c): such a matrix (n_out, n_in), n_in a multiple of 256,
@@ -143,9 +143,8 @@ void cake_matmul_q8_0_lanes(float *y, const float *x, const void *w, int n_token
  * cake_kquant_pack_x16 into cake_kquant_x16_size bytes (4.625, 5.625,
  * 6.625, 4.625, 4.5, 4.5 and 4.625 bits a weight). The kernel, the
  * reference and the scalar twin as for Q8_0; the level (0..15, 0..31,
- * 0..63, 1..241, 0..15, 1..241, 0..7), scale and min of
- * row r, column k, for the tests (ns = n_in / 256; value = scale * level -
- * min). */
+ * 0..63, 1..241, 0..15, 1..241, 0..7), scale and min of row r, column k,
+ * for the tests (ns = n_in / 256; value = scale * level - min). */
 enum { /* consecutive (matmul.c) */
        CAKE_DTYPE_Q4_K_X16 = 1012,
        CAKE_DTYPE_Q5_K_X16 = 1013,
