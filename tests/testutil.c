@@ -412,6 +412,21 @@ static void k_scales(const float *x, int n_sub, int len, int top, float *d, floa
     }
 }
 
+/* Q3_K's and Q6_K's scales for 256 values x: per 16 a scale of max |x| /
+ * reach (the largest level's size) as d sc, sc 1..top, d = the largest /
+ * top (rounded to f16). Returns d. */
+static float signed_scales_16(const float *x, float reach, int top, int *sc) {
+    float amax = 0, s[16];
+    for (int i = 0; i < 16; i++) {
+        s[i] = 0;
+        for (int j = 0; j < 16; j++) s[i] = fmaxf(s[i], fabsf(x[16 * i + j]) / reach);
+        amax = fmaxf(amax, s[i]);
+    }
+    const float d = cake_f16_to_f32(cake_f32_to_f16(amax / (float)top));
+    for (int i = 0; i < 16; i++) sc[i] = d > 0 ? clampi(s[i] / d, 1, top) : 1;
+    return d;
+}
+
 size_t test_quantize_row(int type, const float *x, size_t n, uint8_t *dst) {
     const size_t be = cake_dequant_block_elems(type), bb = cake_dequant_block_bytes(type);
     for (size_t b0 = 0; b0 < n; b0 += be, x += be, dst += bb) {
@@ -461,28 +476,14 @@ size_t test_quantize_row(int type, const float *x, size_t n, uint8_t *dst) {
             for (int j = 0; j < 256; j++)
                 q[j] = clampi((x[j] + dmin * (float)m[j / 32]) / (d * (float)sc[j / 32]), 0, top);
             test_encode_q4_q5_k(type, d, dmin, sc, m, q, dst);
-        } else if (type == CAKE_DTYPE_Q3_K) { /* per 16: scale max |x| / 4 as d sc, sc 1..31 */
-            float amax = 0, s[16];
-            for (int i = 0; i < 16; i++) {
-                s[i] = 0;
-                for (int j = 0; j < 16; j++) s[i] = fmaxf(s[i], fabsf(x[16 * i + j]) / 4);
-                amax = fmaxf(amax, s[i]);
-            }
-            const float d = cake_f16_to_f32(cake_f32_to_f16(amax / 31));
+        } else if (type == CAKE_DTYPE_Q3_K) { /* levels -4..3, scales 1..31 */
             int sc[16];
-            for (int i = 0; i < 16; i++) sc[i] = d > 0 ? clampi(s[i] / d, 1, 31) : 1;
+            const float d = signed_scales_16(x, 4, 31, sc);
             for (int j = 0; j < 256; j++) q[j] = clampi(x[j] / (d * (float)sc[j / 16]), -4, 3);
             test_encode_q2_q3_k(type, d, 0, sc, NULL, q, dst);
-        } else if (type == CAKE_DTYPE_Q6_K) {
-            float amax = 0, s[16];
-            for (int i = 0; i < 16; i++) {
-                s[i] = 0;
-                for (int j = 0; j < 16; j++) s[i] = fmaxf(s[i], fabsf(x[16 * i + j]) / 31);
-                amax = fmaxf(amax, s[i]);
-            }
-            const float d = cake_f16_to_f32(cake_f32_to_f16(amax / 127));
+        } else if (type == CAKE_DTYPE_Q6_K) { /* levels -32..31, scales 1..127 */
             int sc[16];
-            for (int i = 0; i < 16; i++) sc[i] = d > 0 ? clampi(s[i] / d, 1, 127) : 1;
+            const float d = signed_scales_16(x, 31, 127, sc);
             for (int j = 0; j < 256; j++) q[j] = clampi(x[j] / (d * (float)sc[j / 16]), -32, 31);
             test_encode_q6_k(d, sc, q, dst);
         } else { /* Q4_0, Q4_1, Q5_0, Q5_1 */
