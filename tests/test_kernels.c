@@ -358,7 +358,7 @@ static void *make_weights(int dtype, size_t n, float *as_f32) {
         return w;
     }
     if (dtype == CAKE_DTYPE_Q6_K || dtype == CAKE_DTYPE_Q3_K) { /* random bytes, then d */
-        const size_t bb = cake_dequant_block_bytes(dtype); /* Q6_K: int8 scales -128..127 */
+        const size_t bb = cake_dequant_block_bytes(dtype);      /* Q6_K: int8 scales -128..127 */
         uint8_t *w = xmalloc(n / 256 * bb);
         for (size_t b = 0; b < n / 256; b++) {
             uint8_t *blk = w + b * bb;

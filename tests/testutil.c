@@ -412,6 +412,14 @@ static void k_scales(const float *x, int n_sub, int len, int top, float *d, floa
     }
 }
 
+/* The IQ4 table index whose value times dl is nearest x. */
+static int nearest_iq4(float x, float dl) {
+    int best = 0;
+    for (int k = 1; k < 16; k++)
+        if (fabsf(dl * cake_iq4_values[k] - x) < fabsf(dl * cake_iq4_values[best] - x)) best = k;
+    return best;
+}
+
 /* Q3_K's and Q6_K's scales for 256 values x: per 16 a scale of max |x| /
  * reach (the largest level's size) as d sc, sc 1..top, d = the largest /
  * top (rounded to f16). Returns d. */
@@ -445,28 +453,13 @@ size_t test_quantize_row(int type, const float *x, size_t n, uint8_t *dst) {
             const float d = cake_f16_to_f32(cake_f32_to_f16(top / 31));
             int sc[8];
             for (int i = 0; i < 8; i++) sc[i] = d > 0 ? clampi(amax[i] / 127 / d, 1, 31) : 1;
-            for (int j = 0; j < 256; j++) {
-                const float dl = d * (float)sc[j / 32];
-                int best = 0;
-                for (int k = 1; k < 16; k++)
-                    if (fabsf(dl * cake_iq4_values[k] - x[j]) <
-                        fabsf(dl * cake_iq4_values[best] - x[j]))
-                        best = k;
-                q[j] = best;
-            }
+            for (int j = 0; j < 256; j++) q[j] = nearest_iq4(x[j], d * (float)sc[j / 32]);
             test_encode_iq4(type, d, sc, q, dst);
         } else if (type == CAKE_DTYPE_IQ4_NL) { /* d = max |x| / 127, nearest table values */
             float amax = 0;
             for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(x[j]));
             const float d = cake_f16_to_f32(cake_f32_to_f16(amax / 127));
-            for (int j = 0; j < 32; j++) {
-                int best = 0;
-                for (int k = 1; k < 16; k++)
-                    if (fabsf(d * cake_iq4_values[k] - x[j]) <
-                        fabsf(d * cake_iq4_values[best] - x[j]))
-                        best = k;
-                q[j] = best;
-            }
+            for (int j = 0; j < 32; j++) q[j] = nearest_iq4(x[j], d);
             test_encode_iq4(type, d, NULL, q, dst);
         } else if (type == CAKE_DTYPE_Q4_K || type == CAKE_DTYPE_Q5_K) {
             const int top = type == CAKE_DTYPE_Q4_K ? 15 : 31;

@@ -515,7 +515,8 @@ static void unpack_block(uint8_t *dst, const uint8_t *gb, int kind) {
             continue;
         }
         _mm512_storeu_ps(dst + 512, scale_lanes(gb, sub, false, kind));
-        _mm512_storeu_ps(dst + 576, scale_lanes(gb, sub, true, kind));
+        if (has_mins(kind) || kind == KQ_K6) /* the only tiles that read a second lane */
+            _mm512_storeu_ps(dst + 576, scale_lanes(gb, sub, true, kind));
     }
 }
 
