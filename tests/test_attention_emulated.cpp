@@ -453,7 +453,15 @@ static double max_error(const problem &p, const float *out) {
     return worst;
 }
 
-int main() {
+/* `test_attention_emulated PART N` runs every Nth (kernel, case) job from
+ * job PART on: ctest runs the parts side by side (the whole takes ~2 min). */
+int main(int argc, char **argv) {
+    const int part = argc == 3 ? atoi(argv[1]) : 0, n_parts = argc == 3 ? atoi(argv[2]) : 1;
+    if (argc != 1 && (argc != 3 || n_parts < 1 || part < 0 || part >= n_parts)) {
+        fprintf(stderr, "usage: %s [PART N_PARTS]\n", argv[0]);
+        return 2;
+    }
+    int job = 0;
     struct {
         int hd, heads, kv, pos0, n;
         float q_scale;
@@ -473,6 +481,7 @@ int main() {
         for (const auto &c : cases) {
             const wgmma_case *wg = kernel >= 0 ? &wgmma_kernels[kernel] : nullptr;
             if (wg && (c.hd != WG_HD || c.split_len % wg->tile)) continue;
+            if (job++ % n_parts != part) continue;
             char name[64];
             snprintf(name, sizeof(name), "%s%s", wg ? "WGMMA " : "MMA", wg ? wg->name : "");
             problem p = make_problem(c.hd, c.heads, c.kv, c.pos0, c.n, c.q_scale);
@@ -560,6 +569,7 @@ int main() {
         {128, 2, 1, 700, 1, 256}, {64, 4, 2, 130, 8, 64}, {256, 1, 1, 20, 2, 16},
     };
     for (const auto &c : simt_cases) {
+        if (job++ % n_parts != part) continue;
         problem p = make_problem(c.hd, c.heads, c.kv, c.pos0, c.n, 4.0f);
         std::vector<float> out((size_t)c.n * c.heads * c.hd, NAN);
         if (launch_simt(p, c.split_len, out.data())) {
