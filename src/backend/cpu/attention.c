@@ -627,21 +627,21 @@ CAKE_INLINE void keys_rows(const float *qs, int hd, const float *kt, const void 
     UNROLL for (int i = 0; i < NR; i++) ls[i] = l[i];
 }
 
-#define KEYS_ROWS_F(NR, NC, F16)                                                                   \
-    keys_rows(qs + (size_t)r * hd, hd, kt, a->v, vstride, vbase, hdp, o + (size_t)r * hdp, ms + r, \
-              ls + r, p, nv, NR, NC, F16)
-#define KEYS_ROWS(NR)                                                                              \
+#define KEYS_ROWS_F(R, NR, NC, F16)                                                                \
+    keys_rows(qs + (size_t)(R)*hd, hd, kt, a->v, vstride, vbase, hdp, o + (size_t)(R)*hdp,         \
+              ms + (R), ls + (R), p, nv, NR, NC, F16)
+#define KEYS_ROWS(R, NR)                                                                           \
     do {                                                                                           \
         if (a->kv_f16) {                                                                           \
             if (nv == ATT_BK)                                                                      \
-                KEYS_ROWS_F(NR, 4, 1);                                                             \
+                KEYS_ROWS_F(R, NR, 4, 1);                                                          \
             else                                                                                   \
-                KEYS_ROWS_F(NR, 0, 1);                                                             \
+                KEYS_ROWS_F(R, NR, 0, 1);                                                          \
         } else {                                                                                   \
             if (nv == ATT_BK)                                                                      \
-                KEYS_ROWS_F(NR, 4, 0);                                                             \
+                KEYS_ROWS_F(R, NR, 4, 0);                                                          \
             else                                                                                   \
-                KEYS_ROWS_F(NR, 0, 0);                                                             \
+                KEYS_ROWS_F(R, NR, 0, 0);                                                          \
         }                                                                                          \
     } while (0)
 
@@ -685,20 +685,31 @@ static void task_keys_in_lanes(const att_job *job, int h0, int h1, int t0, int t
                 /* the token's G rows, up to 4 at a time */
                 for (int hh = 0; hh < G; hh += 4) {
                     const int r = (kvh - h0) * Rh + (t - t0) * G + hh;
+#ifdef CAKE_SANITIZED
+                    /* Sanitizer builds compile 4 rows and 1 only, and take
+                     * fewer rows one at a time (each row's sums are its own:
+                     * the same bits); every size took ASan + UBSan 2 minutes
+                     * to compile. */
+                    if (G - hh >= 4)
+                        KEYS_ROWS(r, 4);
+                    else
+                        for (int i = r; i < r + G - hh; i++) KEYS_ROWS(i, 1);
+#else
                     switch (G - hh < 4 ? G - hh : 4) {
                     case 4:
-                        KEYS_ROWS(4);
+                        KEYS_ROWS(r, 4);
                         break;
                     case 3:
-                        KEYS_ROWS(3);
+                        KEYS_ROWS(r, 3);
                         break;
                     case 2:
-                        KEYS_ROWS(2);
+                        KEYS_ROWS(r, 2);
                         break;
                     default:
-                        KEYS_ROWS(1);
+                        KEYS_ROWS(r, 1);
                         break;
                     }
+#endif
                 }
             }
         }

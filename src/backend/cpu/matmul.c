@@ -255,6 +255,23 @@ CAKE_INLINE void mm_tile_any(float *y, int n_out, mm_x x, int n_in, const void *
                              int r, int k0, int k1, __m512 *acc_mem, int mt, int nr,
                              const int SEQ) {
 #define MM_TILE(MT, NR) mm_tile(y, n_out, x, n_in, w, dt, r, k0, k1, acc_mem, MT, NR, SEQ)
+#ifdef CAKE_SANITIZED
+    /* Sanitizer builds compile the whole tile and the 1 x 1 one only, and run
+     * a partial tile as 1 x 1 tiles: each output is the same FMA chain and
+     * fold whatever tile computes it, so the same bits. Every size took ASan
+     * + UBSan 2.5 minutes to compile. */
+    if (mt == MM_MR && nr == MM_NR) {
+        MM_TILE(MM_MR, MM_NR);
+        return;
+    }
+    for (int i = 0; i < mt; i++)
+        for (int jr = 0; jr < nr; jr++) {
+            const mm_x xi = {x.x + (size_t)i * x.ti, x.ti, x.tk};
+            mm_tile(y + (size_t)i * n_out, n_out, xi, n_in, w, dt, r + jr, k0, k1,
+                    acc_mem ? acc_mem + i * MM_NR + jr : NULL, 1, 1, SEQ);
+        }
+    return;
+#endif
 #define MM_TILE_NR(MT)                                                                             \
     if (nr == 4)                                                                                   \
         MM_TILE(MT, 4);                                                                            \
