@@ -26,13 +26,13 @@
  *  - few tokens (decode, small chunks): each 4-row group against every
  *    6-token tile, over all of K. The group is read from memory once and
  *    stays in L1/L2 for the later tiles; decode streams W at memory speed.
- *  - 32 tokens or more: blocks of 24 tokens x 512 elements of K. For each
- *    6-token tile, its x block is packed (12 KiB, stays in L1) and passes over
- *    the task's 16 groups, whose W slices stay in L2 for the block's other
- *    tiles; the accumulators wait in memory between K blocks (the same
- *    chains). ~93% of the FMA peak on a Zen 4; on a Xeon VM (two FMA units,
- *    where a tile's rows read in place, n_in apart, all fell in one L1 set)
- *    packing took one thread from ~0.6 to ~0.85 of OpenBLAS sgemm's speed. */
+ *  - 32 tokens or more: x is packed once per call, 6-token tile after tile;
+ *    then blocks of 24 tokens x 512 elements of K. Each tile's packed x
+ *    block (12 KiB, stays in L1) passes over the task's 16 groups, whose W slices stay in L2 for
+ * the block's other tiles; the accumulators wait in memory between K blocks (the same chains). ~93%
+ * of the FMA peak on a Zen 4; on a Xeon VM (two FMA units, where a tile's rows read in place, n_in
+ * apart, all fell in one L1 set) packing took one thread from ~0.6 to ~0.85 of OpenBLAS sgemm's
+ * speed. */
 #ifdef __clang__
 #pragma STDC FP_CONTRACT OFF
 #endif
