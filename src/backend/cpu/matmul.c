@@ -26,13 +26,15 @@
  *  - few tokens (decode, small chunks): each 4-row group against every
  *    6-token tile, over all of K. The group is read from memory once and
  *    stays in L1/L2 for the later tiles; decode streams W at memory speed.
- *  - 32 tokens or more: x is packed once per call, 6-token tile after tile;
- *    then blocks of 24 tokens x 512 elements of K. Each tile's packed x
- *    block (12 KiB, stays in L1) passes over the task's 16 groups, whose W slices stay in L2 for
- * the block's other tiles; the accumulators wait in memory between K blocks (the same chains). ~93%
- * of the FMA peak on a Zen 4; on a Xeon VM (two FMA units, where a tile's rows read in place, n_in
- * apart, all fell in one L1 set) packing took one thread from ~0.6 to ~0.85 of OpenBLAS sgemm's
- * speed. */
+ *  - 32 tokens or more: x is packed once per call (up to MM_XP_MAX bytes of
+ *    it: larger batches go in slices), 6-token tile after tile; then blocks
+ *    of 24 tokens x 512 elements of K. Each tile's packed x block (12 KiB,
+ *    stays in L1) passes over the task's 16 groups, whose W slices stay in
+ *    L2 for the block's other tiles; the accumulators wait in memory between
+ *    K blocks (the same chains). ~93% of the FMA peak on a Zen 4; on a Xeon
+ *    VM (two FMA units, where a tile's rows read in place, n_in apart, all
+ *    fell in one L1 set) packing took one thread from ~0.6 to ~0.85 of
+ *    OpenBLAS sgemm's speed. */
 #ifdef __clang__
 #pragma STDC FP_CONTRACT OFF
 #endif
@@ -55,7 +57,8 @@
 #define MM_ACC_VECS ((MM_TB / MM_MR) * (MM_PANEL / MM_NR) * MM_MR * MM_NR)
 /* per thread: the accumulators */
 #define MM_SCRATCH_VECS MM_ACC_VECS
-#define MM_SEQ_MAX_IN   4096 /* one token: rows one by one up to this n_in */
+#define MM_SEQ_MAX_IN   4096       /* one token: rows one by one up to this n_in */
+#define MM_XP_MAX       (64 << 20) /* packed x per call at most (bytes) */
 
 /* The layouts of matmul_kquant.c. */
 static bool is_kquant(int dt) {
@@ -425,6 +428,16 @@ int cake_matmul(float *y, const float *x, const void *w, int w_dtype, int n_toke
     const int n_tasks = (n_out + MM_PANEL - 1) / MM_PANEL;
 #ifdef CAKE_AVX512
     if (n_tokens >= MM_PANEL_MIN_TOKENS) {
+        /* Large batches in slices, so that packed x stays under MM_XP_MAX
+         * (a token's row is the same bits in any batch) */
+        const size_t row_bytes = (size_t)(n_in + 15) / 16 * 16 * sizeof(float);
+        const int slice = (int)(MM_XP_MAX / row_bytes) / MM_TB * MM_TB;
+        if (n_tokens > slice && slice >= MM_PANEL_MIN_TOKENS) {
+            for (int t = 0; t < n_tokens; t += slice)
+                cake_matmul(y + (size_t)t * n_out, x + (size_t)t * n_in, w, w_dtype,
+                            n_tokens - t < slice ? n_tokens - t : slice, n_in, n_out, pool);
+            return 0;
+        }
         const size_t bytes = MM_SCRATCH_VECS * sizeof(__m512) * (size_t)cake_threadpool_size(pool);
         const int n_tiles = (n_tokens + MM_MR - 1) / MM_MR;
         j.kp = (n_in + 15) / 16 * 16;
