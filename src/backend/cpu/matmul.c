@@ -54,11 +54,9 @@
 #define MM_TB               24  /* tokens per block for large batches (4 tiles) */
 #define MM_KB               512 /* K elements per block for large batches */
 /* accumulators of one block: MM_TB / MM_MR tiles x MM_PANEL / MM_NR groups */
-#define MM_ACC_VECS ((MM_TB / MM_MR) * (MM_PANEL / MM_NR) * MM_MR * MM_NR)
-/* per thread: the accumulators */
-#define MM_SCRATCH_VECS MM_ACC_VECS
-#define MM_SEQ_MAX_IN   4096       /* one token: rows one by one up to this n_in */
-#define MM_XP_MAX       (64 << 20) /* packed x per call at most (bytes) */
+#define MM_ACC_VECS   ((MM_TB / MM_MR) * (MM_PANEL / MM_NR) * MM_MR * MM_NR)
+#define MM_SEQ_MAX_IN 4096       /* one token: rows one by one up to this n_in */
+#define MM_XP_MAX     (64 << 20) /* packed x per call at most (bytes) */
 
 /* The layouts of matmul_kquant.c. */
 static bool is_kquant(int dt) {
@@ -143,8 +141,8 @@ typedef struct {
     const void *w;
     int dt, T, n_in, n_out;
 #ifdef CAKE_AVX512
-    __m512 *acc; /* many tokens: MM_SCRATCH_VECS of scratch per thread */
-    float *xp;   /* many tokens: x packed by pack_x, tile after tile */
+    __m512 *acc; /* many tokens: MM_ACC_VECS of scratch per thread */
+    float *xp;   /* many tokens: x packed by pack_x_task, tile after tile */
     int kp;      /* n_in rounded up to 16: one packed tile is MM_MR * kp floats */
 #endif
 } mm_job;
@@ -325,28 +323,24 @@ CAKE_INLINE void mm_rows_few(const mm_job *j, int r0, int r1, const int dt) {
     }
 }
 
-/* x rows [t0, t0 + mt) x [k0, k1) packed as xp[(k - k0) / 16][i][16], zero
- * past n_in and for missing tokens: a tile's x for each K block, contiguous. */
-static void pack_x(float *xp, const float *x, int n_in, int t0, int mt, int k0, int k1) {
-    for (int k = k0; k < k1; k += 16) {
-        const __mmask16 m = cake_tail_mask(n_in - k < 16 ? n_in - k : 16);
-        for (int i = 0; i < MM_MR; i++)
-            _mm512_store_ps(xp + i * 16,
-                            i < mt ? _mm512_maskz_loadu_ps(m, x + (size_t)(t0 + i) * n_in + k)
-                                   : _mm512_setzero_ps());
-        xp += 16 * MM_MR;
-    }
-}
-
-/* Many tokens: x packed once for the whole call (before the panels), a
- * 6-token tile at a time (pack_x over all of K). Packed per task, as before,
- * every panel copied all of x again: 20% of the time of a 2048 x 2048
- * matmul of 512 tokens on a Xeon VM. */
+/* Many tokens: x packed once for the whole call, before the panels. Tile
+ * `task` (tokens t0 .. t0 + 5) goes to xp + t0 * kp as [k / 16][i][16], zero
+ * past n_in and for missing tokens, so that a tile's x for each K block is
+ * contiguous. (Packed by each task instead, every panel copied all of x
+ * again: 20% of the time of a 2048 x 2048 matmul of 512 tokens on a Xeon
+ * VM.) */
 static void pack_x_task(void *ctx, int task, int tid) {
     (void)tid;
     const mm_job *j = ctx;
-    const int t0 = task * MM_MR, mt = j->T - t0 < MM_MR ? j->T - t0 : MM_MR;
-    pack_x(j->xp + (size_t)task * MM_MR * j->kp, j->x, j->n_in, t0, mt, 0, j->n_in);
+    const int n_in = j->n_in, t0 = task * MM_MR, mt = j->T - t0 < MM_MR ? j->T - t0 : MM_MR;
+    float *xp = j->xp + (size_t)t0 * j->kp;
+    for (int k = 0; k < n_in; k += 16, xp += 16 * MM_MR) {
+        const __mmask16 m = cake_tail_mask(n_in - k < 16 ? n_in - k : 16);
+        for (int i = 0; i < MM_MR; i++)
+            _mm512_store_ps(xp + i * 16,
+                            i < mt ? _mm512_maskz_loadu_ps(m, j->x + (size_t)(t0 + i) * n_in + k)
+                                   : _mm512_setzero_ps());
+    }
 }
 
 /* Many tokens: the panel of rows [r0, r1) (up to MM_PANEL) in blocks of
@@ -383,7 +377,7 @@ CAKE_INLINE void mm_rows(const mm_job *j, int r0, int r1, int tid, const int dt)
         mm_rows_few(j, r0, r1, dt);
         return;
     }
-    __m512 *acc = j->acc + (size_t)tid * MM_SCRATCH_VECS;
+    __m512 *acc = j->acc + (size_t)tid * MM_ACC_VECS;
     mm_rows_panel(j, r0, r1, acc, dt);
 }
 
@@ -430,17 +424,16 @@ int cake_matmul(float *y, const float *x, const void *w, int w_dtype, int n_toke
     if (n_tokens >= MM_PANEL_MIN_TOKENS) {
         /* Large batches in slices, so that packed x stays under MM_XP_MAX
          * (a token's row is the same bits in any batch) */
-        const size_t row_bytes = (size_t)(n_in + 15) / 16 * 16 * sizeof(float);
-        const int slice = (int)(MM_XP_MAX / row_bytes) / MM_TB * MM_TB;
+        j.kp = (n_in + 15) / 16 * 16;
+        const int slice = (int)(MM_XP_MAX / ((size_t)j.kp * sizeof(float))) / MM_TB * MM_TB;
         if (n_tokens > slice && slice >= MM_PANEL_MIN_TOKENS) {
             for (int t = 0; t < n_tokens; t += slice)
                 cake_matmul(y + (size_t)t * n_out, x + (size_t)t * n_in, w, w_dtype,
                             n_tokens - t < slice ? n_tokens - t : slice, n_in, n_out, pool);
             return 0;
         }
-        const size_t bytes = MM_SCRATCH_VECS * sizeof(__m512) * (size_t)cake_threadpool_size(pool);
+        const size_t bytes = MM_ACC_VECS * sizeof(__m512) * (size_t)cake_threadpool_size(pool);
         const int n_tiles = (n_tokens + MM_MR - 1) / MM_MR;
-        j.kp = (n_in + 15) / 16 * 16;
         j.acc = aligned_alloc(64, bytes);
         j.xp = aligned_alloc(64, (size_t)n_tiles * MM_MR * j.kp * sizeof(float));
         if (!j.acc || !j.xp) { /* no memory for the scratch: the same bits, slower */
