@@ -3,8 +3,8 @@
  *
  * The first input byte sets how the blob is checked; the rest is the blob.
  * With bit 0 set, the target first writes correct checksums into the blob
- * (header, and payload over the bytes after the header), so that the checks
- * behind them are reached too. Bit 1 checks against the expected header of
+ * (header, and payload over the bytes after the header, unless bit 5 is set
+ * too), so that the checks behind them are reached. Bit 1 checks against the expected header of
  * the cache's shape (else against none), bits 2-3 pick where in the cache
  * the chunk goes (the last choice runs past its end), bit 4 picks an f32
  * cache (else f16).
@@ -47,7 +47,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     CHECK(blob);
     memcpy(blob, data + 1, len);
     if (mode & 1 && len >= CAKE_CHUNK_HEADER_SIZE) {
-        put64(blob + 80, XXH3_64bits(blob + CAKE_CHUNK_HEADER_SIZE, len - CAKE_CHUNK_HEADER_SIZE));
+        if (!(mode & 0x20))
+            put64(blob + 80,
+                  XXH3_64bits(blob + CAKE_CHUNK_HEADER_SIZE, len - CAKE_CHUNK_HEADER_SIZE));
         put64(blob + 120, XXH3_64bits(blob, 120));
     }
     const enum cake_kv_type type = mode & 0x10 ? CAKE_KV_F32 : CAKE_KV_F16;

@@ -35,4 +35,26 @@ echo "== TSan build + threaded tests"
 bash scripts/build.sh build-tsan -DCAKE_TSAN=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo
 TSAN_OPTIONS=halt_on_error=1 ctest --test-dir build-tsan --output-on-failure -j"$jobs" \
     -R 'threadpool|kernels|forward|loader|store|staging'
+# The libFuzzer targets (fuzz/README.md) still build, replay their seeds and
+# hold for some thousand runs from a fixed seed (the same inputs every time:
+# ~10 s each). fuzz_model is left to runs by hand: its library takes clang
+# minutes to build.
+echo "== fuzz targets: seeds + fixed runs"
+CC=clang cmake -S . -B build-fuzz -DCMAKE_BUILD_TYPE=Release -DCAKE_FUZZ=ON -DCAKE_CUDA=OFF \
+    -DCAKE_BUILD_TESTS=OFF >/dev/null
+cmake --build build-fuzz -j"$jobs" --target fuzz_gguf fuzz_tokenizer fuzz_chunk fuzz_gguf_corpus \
+    fuzz_tokenizer_corpus >/dev/null
+for target in gguf:5000 tokenizer:8000 chunk:50000; do
+    t=${target%:*} runs=${target#*:}
+    seeds=build-fuzz/fuzz/corpus_$t
+    [ "$t" = chunk ] && seeds=fuzz/seeds/chunk
+    rm -rf "build-fuzz/fuzz/ci_$t" && cp -r "$seeds" "build-fuzz/fuzz/ci_$t" # new inputs go here
+    if ! build-fuzz/fuzz/fuzz_$t -seed=1 -runs="$runs" -artifact_prefix=build-fuzz/fuzz/ \
+        "build-fuzz/fuzz/ci_$t" >"build-fuzz/fuzz/ci_$t.log" 2>&1; then
+        tail -40 "build-fuzz/fuzz/ci_$t.log"
+        echo "fuzz_$t failed (input in build-fuzz/fuzz/crash-*)"
+        exit 1
+    fi
+    echo "fuzz_$t: $(grep -E '^Done' "build-fuzz/fuzz/ci_$t.log")"
+done
 echo "== all tests passed"
