@@ -22,14 +22,7 @@
 #include <xxhash.h>
 
 #include "store/chunk.h"
-
-#define CHECK(c)                                                                                   \
-    do {                                                                                           \
-        if (!(c)) {                                                                                \
-            fprintf(stderr, "invariant failed: %s (line %d)\n", #c, __LINE__);                     \
-            abort();                                                                               \
-        }                                                                                          \
-    } while (0)
+#include "fuzz_check.h"
 
 enum { N_LAYERS = 2, N_KV_HEADS = 2, HEAD_DIM = 8, N_CTX = 16, CHUNK_TOKENS = 4 };
 

@@ -17,6 +17,7 @@
 #include <string.h>
 
 #include "model/gguf.h"
+#include "fuzz_check.h"
 
 #ifndef FUZZ_GGUF_MKSEED
 
@@ -32,14 +33,6 @@ static void touch(const void *p, uint64_t n) {
     sink ^= ((const volatile uint8_t *)p)[0];
     sink ^= ((const volatile uint8_t *)p)[n - 1];
 }
-
-#define CHECK(c)                                                                                   \
-    do {                                                                                           \
-        if (!(c)) {                                                                                \
-            fprintf(stderr, "invariant failed: %s (line %d)\n", #c, __LINE__);                     \
-            abort();                                                                               \
-        }                                                                                          \
-    } while (0)
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 

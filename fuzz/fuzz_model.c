@@ -23,14 +23,7 @@
 #include "cake.h"
 #include "model/gguf.h"
 #include "util/f16.h"
-
-#define CHECK(c)                                                                                   \
-    do {                                                                                           \
-        if (!(c)) {                                                                                \
-            fprintf(stderr, "invariant failed: %s (line %d)\n", #c, __LINE__);                     \
-            abort();                                                                               \
-        }                                                                                          \
-    } while (0)
+#include "fuzz_check.h"
 
 /* The input, read a byte at a time (0 once it runs out). */
 typedef struct {

@@ -24,14 +24,7 @@
 #include "model/gguf.h"
 #include "model/synth_vocab.h"
 #include "model/tokenizer.h"
-
-#define CHECK(c)                                                                                   \
-    do {                                                                                           \
-        if (!(c)) {                                                                                \
-            fprintf(stderr, "invariant failed: %s (line %d)\n", #c, __LINE__);                     \
-            abort();                                                                               \
-        }                                                                                          \
-    } while (0)
+#include "fuzz_check.h"
 
 enum { N_VOCABS = 4 };
 static cake_tokenizer *g_vocab[N_VOCABS];

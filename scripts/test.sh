@@ -43,12 +43,11 @@ echo "== fuzz targets: seeds + fixed runs"
 CC=clang cmake -S . -B build-fuzz -DCMAKE_BUILD_TYPE=Release -DCAKE_FUZZ=ON -DCAKE_CUDA=OFF \
     -DCAKE_BUILD_TESTS=OFF >/dev/null
 cmake --build build-fuzz -j"$jobs" --target fuzz_gguf fuzz_tokenizer fuzz_chunk fuzz_gguf_corpus \
-    fuzz_tokenizer_corpus >/dev/null
+    fuzz_tokenizer_corpus fuzz_chunk_corpus >/dev/null
 for target in gguf:5000 tokenizer:8000 chunk:50000; do
     t=${target%:*} runs=${target#*:}
-    seeds=build-fuzz/fuzz/corpus_$t
-    [ "$t" = chunk ] && seeds=fuzz/seeds/chunk
-    rm -rf "build-fuzz/fuzz/ci_$t" && cp -r "$seeds" "build-fuzz/fuzz/ci_$t" # new inputs go here
+    # a copy of the seeds, where new inputs go
+    rm -rf "build-fuzz/fuzz/ci_$t" && cp -r "build-fuzz/fuzz/corpus_$t" "build-fuzz/fuzz/ci_$t"
     if ! build-fuzz/fuzz/fuzz_$t -seed=1 -runs="$runs" -artifact_prefix=build-fuzz/fuzz/ \
         "build-fuzz/fuzz/ci_$t" >"build-fuzz/fuzz/ci_$t.log" 2>&1; then
         tail -40 "build-fuzz/fuzz/ci_$t.log"
