@@ -82,7 +82,9 @@ static int scale_offsets(enum cake_dtype t, int off[2]) {
     }
 }
 
-enum { MAX_TENSORS = 64, MAX_TOKENS = 12, N_CTX = 32 };
+/* Prompts of up to 100 tokens: past the batch sizes where the kernels change
+ * paths (16 and 32 tokens) and the KV cache's blocks of 64 positions. */
+enum { MAX_TENSORS = 64, MAX_TOKENS = 100, N_CTX = 128 };
 
 typedef struct {
     char name[64];
@@ -303,7 +305,9 @@ static int write_model(input *in, cake_token *tokens, int *n_tokens, cake_contex
     p->kv_type = run & 2 ? CAKE_KV_F32 : CAKE_KV_F16;
     *n_tokens = 1 + (int)next_byte(in) % MAX_TOKENS;
     p->max_batch = 1 + (int)next_byte(in) % *n_tokens; /* splits inside each call */
-    for (int i = 0; i < *n_tokens; i++) tokens[i] = (cake_token)(next_byte(in) % (unsigned)n_vocab);
+    /* (varied ids even where the input has run out) */
+    for (int i = 0; i < *n_tokens; i++)
+        tokens[i] = (cake_token)((next_byte(in) + 7u * (unsigned)i) % (unsigned)n_vocab);
     return sane;
 }
 
