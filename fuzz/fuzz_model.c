@@ -5,7 +5,7 @@
  * head size, widths, each tensor's dtype, one tensor's shape or presence
  * spoiled or not, optional biases, q/k norms, RoPE factors and scaling, and
  * whether the weights are sane values or any bits (NaN and infinity
- * included). The target writes that model as a GGUF file and loads it. A
+ * included), and a prompt. The target writes that model as a GGUF file and loads it. A
  * model the loader refuses must come with a message. A model it accepts must
  * run: a prompt in one forward pass and the same prompt split in two must
  * give the same logits, bit for bit (cake_forward's promise), one decode
@@ -333,7 +333,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         if (g_verbose) fprintf(stderr, "refused: %s\n", err);
         return 0;
     }
-    const int n_vocab = cake_model_hparams(m)->n_vocab;
+    const cake_hparams *hp = cake_model_hparams(m);
+    const int n_vocab = hp->n_vocab;
     uint8_t fp[16];
     cake_model_fingerprint(m, fp);
 
@@ -342,7 +343,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         fprintf(stderr, "context: %s\n", err);
         abort();
     }
-    float *one = malloc((size_t)n_vocab * sizeof(float)), *split = malloc((size_t)n_vocab * 4);
+    float *one = malloc((size_t)n_vocab * sizeof(float)),
+          *split = malloc((size_t)n_vocab * sizeof(float));
     CHECK(one && split);
     /* the prompt in one call, then again split in two (the cache's positions
      * rewritten): the same bits */
@@ -368,11 +370,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     if (g_verbose)
         fprintf(stderr,
                 "ran: %s, %d layers, dim %d, %d heads / %d KV heads of %d, ffn %d, %s, %d tokens\n",
-                cake_dtype_name((uint32_t)cake_model_hparams(m)->weight_dtype),
-                cake_model_hparams(m)->n_layers, cake_model_hparams(m)->dim,
-                cake_model_hparams(m)->n_heads, cake_model_hparams(m)->n_kv_heads,
-                cake_model_hparams(m)->head_dim, cake_model_hparams(m)->ffn_dim,
-                sane ? "sane weights" : "any bits", n);
+                cake_dtype_name((uint32_t)hp->weight_dtype), hp->n_layers, hp->dim, hp->n_heads,
+                hp->n_kv_heads, hp->head_dim, hp->ffn_dim, sane ? "sane weights" : "any bits", n);
     free(one);
     free(split);
     cake_context_free(c);
