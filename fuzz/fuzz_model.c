@@ -1,5 +1,5 @@
-/* libFuzzer target for the model loader and the CPU forward pass (see
- * fuzz/README.md).
+/* libFuzzer target for the model loader, the CPU forward pass and the Cake
+ * loader (see fuzz/README.md).
  *
  * Each input describes a tiny model: architecture, layers, heads, KV heads,
  * head size, widths, each tensor's dtype, one tensor's shape or presence
@@ -8,7 +8,9 @@
  * included), and a prompt. The target writes that model as a GGUF file and loads it. A
  * model the loader refuses must come with a message. A model it accepts must
  * run: a prompt in one forward pass and the same prompt split in two must
- * give the same logits, bit for bit (cake_forward's promise), one decode
+ * give the same logits, bit for bit (cake_forward's promise), and so must the
+ * Cake loader's prefill in chunks over an in-memory store in each mode
+ * (computed and written back, loaded, both at once), one decode
  * step must follow, and with sane weights every logit must be finite. Bad
  * calls (a token id out of range, positions past the cache) must fail with
  * a message. Anything else (a crash, an ASan/UBSan report) aborts. */
@@ -21,7 +23,10 @@
 #include <unistd.h>
 
 #include "cake.h"
+#include "engine/context.h"
+#include "loader/loader.h"
 #include "model/gguf.h"
+#include "store/store.h"
 #include "util/f16.h"
 #include "fuzz_check.h"
 
@@ -192,7 +197,8 @@ static void add_vocab(cake_gguf_writer *w, int n) {
  * sane values, 0 when they are any bits, -1 when the writer refuses the
  * model (a quantized row that is not whole blocks, an empty tensor: the GGUF
  * reader's own fuzz target covers such files). */
-static int write_model(input *in, cake_token *tokens, int *n_tokens, cake_context_params *p) {
+static int write_model(input *in, cake_token *tokens, int *n_tokens, int *chunk,
+                       cake_context_params *p) {
     static const char *const arch_names[] = {"llama", "qwen2", "qwen3"};
     const unsigned flags = next_byte(in);
     const char *arch = arch_names[flags % 3];
@@ -305,10 +311,51 @@ static int write_model(input *in, cake_token *tokens, int *n_tokens, cake_contex
     p->kv_type = run & 2 ? CAKE_KV_F32 : CAKE_KV_F16;
     *n_tokens = 1 + (int)next_byte(in) % MAX_TOKENS;
     p->max_batch = 1 + (int)next_byte(in) % *n_tokens; /* splits inside each call */
+    *chunk = 1 + (int)next_byte(in) % 24;              /* the store's chunk size */
     /* (varied ids even where the input has run out) */
     for (int i = 0; i < *n_tokens; i++)
         tokens[i] = (cake_token)((next_byte(in) + 7u * (unsigned)i) % (unsigned)n_vocab);
     return sane;
+}
+
+/* The Cake loader over an in-memory store: the prompt computed in chunks
+ * (written back), then loaded, then computed from the front while loaded
+ * from the back, must give the logits of one call (want), bit for bit. */
+static void loader_modes(cake_context *c, const cake_token *tokens, int n, int chunk,
+                         const float *want, float *got) {
+    cake_loader_engine e;
+    cake_context_loader_engine(c, 1, &e);
+    char err[512];
+    cake_store *s = NULL;
+    CHECK(cake_store_open("mem:", &s, err, sizeof(err)) == 0);
+    cake_writeback *wb =
+        cake_writeback_create(s, MAX_TOKENS, err, sizeof(err)); /* room for every chunk */
+    CHECK(wb);
+    static const cake_mode modes[] = {CAKE_MODE_COMPUTE, CAKE_MODE_LOAD, CAKE_MODE_CAKE};
+    for (int i = 0; i < 3; i++) {
+        cake_prefill_params lp = {.store = s,
+                                  .writeback = i == 0 ? wb : NULL,
+                                  .mode = modes[i],
+                                  .chunk = chunk,
+                                  .io_depth = 2};
+        cake_prefill_stats st;
+        err[0] = '\0';
+        if (cake_prefill(&e, tokens, n, &lp, got, &st, NULL, err, sizeof(err))) {
+            fprintf(stderr, "prefill (mode %d): %s\n", (int)modes[i], err);
+            abort();
+        }
+        if (i == 0) CHECK(cake_writeback_drain(wb, 60000) == 0);
+        /* every loadable chunk is in the store: load mode loads them all */
+        if (modes[i] == CAKE_MODE_LOAD)
+            CHECK(st.chunks_loaded == cake_prefill_loadable_chunks(n, chunk) && !st.store_error[0]);
+        if (memcmp(got, want, (size_t)e.hp->n_vocab * sizeof(float)) != 0) {
+            fprintf(stderr, "mode %d: logits differ from one call (%d tokens, chunks of %d)\n",
+                    (int)modes[i], n, chunk);
+            abort();
+        }
+    }
+    cake_writeback_free(wb);
+    cake_store_close(s);
 }
 
 static bool all_finite(const float *v, int n) {
@@ -323,7 +370,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     cake_token tokens[MAX_TOKENS + 1];
     int n = 0;
     cake_context_params p;
-    const int sane = write_model(&in, tokens, &n, &p);
+    int chunk = 1;
+    const int sane = write_model(&in, tokens, &n, &chunk, &p);
     if (sane < 0) return -1; /* not added to the corpus */
 
     char err[512] = "";
@@ -357,6 +405,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         abort();
     }
     if (sane) CHECK(all_finite(one, n_vocab));
+    loader_modes(c, tokens, n, chunk, one, split);
     /* a decode step */
     CHECK(cake_forward(c, tokens, 1, n, one, err, sizeof(err)) == 0);
     if (sane) CHECK(all_finite(one, n_vocab));
