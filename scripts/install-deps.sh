@@ -10,6 +10,7 @@ packages=(
     libcmocka-dev       # unit tests
     libhiredis-dev redis-server  # the Redis chunk store and its tests (a real server on loopback)
     libpcre2-dev        # the byte-level BPE (Llama 3) pre-tokenizer: Unicode-property regexes
+    libmicrohttpd-dev libcjson-dev  # `cake serve`: HTTP and JSON
     gnuplot-nox         # `cake bench ttft` plots
     clang libclang-rt-14-dev  # fuzz target (libFuzzer) and sanitizer runtimes
 )

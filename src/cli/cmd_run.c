@@ -77,18 +77,19 @@ static void sink_append(text_sink *s, const char *p, size_t n) {
     s->text[s->len] = '\0';
 }
 
-static void on_token(cake_token id, void *ud) {
+static int on_token(cake_token id, void *ud) {
     text_sink *s = ud;
     char piece[256];
     int n = cake_token_to_piece(s->tok, s->prev, id, piece, sizeof(piece));
     s->prev = id;
-    if (n <= 0) return;
+    if (n <= 0) return 0;
     if ((size_t)n > sizeof(piece)) n = sizeof(piece);
     sink_append(s, piece, (size_t)n);
     if (s->print) {
         fwrite(piece, 1, (size_t)n, stdout);
         fflush(stdout);
     }
+    return 0;
 }
 
 /* Parses "1 2 3" into ids; -1 on a non-number. */

@@ -13,6 +13,7 @@ static const char *usage =
     "  tokenize   print the token ids of a text\n"
     "  bench      benchmarks: `cake bench ttft` (compute vs load vs Cake, with the oracle)\n"
     "  store      inspect and maintain a KV chunk store (ls, stat, verify, rm, gc)\n"
+    "  serve      an OpenAI-compatible HTTP server on a model\n"
     "\n"
     "`cake <command> --help` describes each command's options.\n";
 
@@ -31,6 +32,16 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "tokenize")) return cmd_tokenize(argc - 1, argv + 1);
     if (!strcmp(cmd, "bench")) return cmd_bench(argc - 1, argv + 1);
     if (!strcmp(cmd, "store")) return cmd_store(argc - 1, argv + 1);
+#ifdef CAKE_HAVE_SERVER
+    if (!strcmp(cmd, "serve")) return cmd_serve(argc - 1, argv + 1);
+#else
+    if (!strcmp(cmd, "serve")) {
+        fputs("cake serve: this build has no server (libmicrohttpd and libcjson were missing; "
+              "scripts/install-deps.sh installs them)\n",
+              stderr);
+        return CLI_FAIL;
+    }
+#endif
     fprintf(stderr, "cake: unknown command '%s'\n%s", cmd, usage);
     return CLI_USAGE;
 }

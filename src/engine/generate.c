@@ -47,8 +47,8 @@ int cake_request_run(cake_context *c, const cake_request *r, cake_token *generat
     const double t1 = now_ms();
     for (int i = 0;; i++) {
         generated[st->n_generated++] = tok;
-        if (r->on_token) r->on_token(tok, r->ud);
-        if (tok == r->eos || i + 1 == r->n_predict) break;
+        const int stop = r->on_token && r->on_token(tok, r->ud);
+        if (stop || tok == r->eos || i + 1 == r->n_predict) break;
         if ((rc = cake_forward(c, &tok, 1, r->n_prompt + i, logits, err, errlen))) goto done;
         tok = cake_sampler_sample(r->sampler, logits, n_vocab);
     }

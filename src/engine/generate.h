@@ -19,8 +19,10 @@ typedef struct {
     cake_token eos; /* stop after generating this id (-1: never) */
     cake_sampler *sampler;
     float *first_logits; /* optional out: n_vocab logits that chose the first token */
-    /* optional: called with each generated token as soon as it is chosen */
-    void (*on_token)(cake_token id, void *ud);
+    /* optional: called with each generated token as soon as it is chosen;
+     * nonzero stops the generation after this token (a stop string, a
+     * client that went away) */
+    int (*on_token)(cake_token id, void *ud);
     void *ud;
 } cake_request;
 

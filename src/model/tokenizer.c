@@ -1007,6 +1007,10 @@ done:
     return rc;
 }
 
+cake_token cake_tokenizer_find(const cake_tokenizer *t, const char *text, size_t len) {
+    return tok_lookup(t, text, len);
+}
+
 int64_t cake_tokenize(const cake_tokenizer *t, const char *text, size_t len, bool add_bos,
                       cake_token *out, int64_t cap) {
     int64_t count = 0;

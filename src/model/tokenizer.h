@@ -63,6 +63,11 @@ cake_token cake_tokenizer_eos(const cake_tokenizer *t); /* -1 if none */
 /* Whether BOS is prepended by default (tokenizer.ggml.add_bos_token, default true). */
 bool cake_tokenizer_add_bos(const cake_tokenizer *t);
 
+/* The id of the token whose text is exactly text[0..len) (as the vocabulary
+ * writes it: "<|im_end|>", "<s>"), or -1. For the special tokens of chat
+ * templates, which tokenization never produces from text. */
+cake_token cake_tokenizer_find(const cake_tokenizer *t, const char *text, size_t len);
+
 /* Tokenizes len bytes of text. Control-token strings in the text are plain text.
  * (Byte-level BPE reads the text as UTF-8: an invalid byte is taken as U+FFFD,
  * as llama.cpp does, so only valid UTF-8 comes back unchanged.)

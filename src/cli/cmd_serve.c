@@ -1,0 +1,240 @@
+/* cake serve: an OpenAI-compatible HTTP server on one model (src/server/). */
+#include <getopt.h>
+#include <libgen.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cake.h"
+#include "cli/cli.h"
+#include "model/model.h"
+#include "server/server.h"
+
+#define DEFAULT_STORE "mem:?capacity=2GiB"
+
+static const char *help =
+    "usage: cake serve -m MODEL.gguf [options]\n"
+    "Serves the model over HTTP with an OpenAI-compatible API until SIGINT or SIGTERM:\n"
+    "POST /v1/completions, POST /v1/chat/completions (\"stream\": true for server-sent\n"
+    "events), GET /v1/models, GET /health, GET /metrics (Prometheus). Each request's\n"
+    "prompt goes through the Cake loader: its cached chunks are loaded from the store\n"
+    "while its first chunks are computed, and new chunks are written back.\n"
+    "  -m, --model FILE      GGUF model (as `cake run`)\n"
+    "      --host ADDR       address to listen on (default 127.0.0.1)\n"
+    "      --port N          port (default 8080; 0 = any free one, printed at start)\n"
+    "      --store URI       KV chunk store shared by the requests: file:PATH,\n"
+    "                        redis://HOST:PORT[/DB], mem:...; none = compute only\n"
+    "                        (default " DEFAULT_STORE ")\n"
+    "      --mode MODE       cake (default), load or compute (as `cake run`)\n"
+    "      --chunk TOKENS    prefill chunk size = the store's chunk size (default 256)\n"
+    "      --io-depth N      loads in flight per request (default 4)\n"
+    "      --slots N         requests computed at once, each with its own KV cache\n"
+    "                        (default 1)\n"
+    "      --queue N         requests that may wait for a slot (default 64); more\n"
+    "                        get 503\n"
+    "      --ctx N           KV cache of a slot in tokens: prompt + completion\n"
+    "                        (default: the model's context)\n"
+    "      --threads N       CPU threads per slot (default: online CPUs / slots)\n"
+    "      --kv-type TYPE    f16 (default) or f32\n"
+    "      --backend B       cpu (default) or cuda (one slot)\n"
+    "      --name NAME       the model's id in responses (default: the file name)\n"
+    "      --max-body BYTES  largest request body (default 8388608); more get 413\n";
+
+typedef struct {
+    const char *model, *host, *store, *name;
+    long port, chunk, io_depth, slots, queue, ctx, threads, max_body;
+    cake_mode mode;
+    enum cake_kv_type kv_type;
+    enum cake_backend_kind backend;
+} serve_opts;
+
+static int parse_args(int argc, char **argv, serve_opts *o) {
+    static const struct option opts[] = {
+        {"model", required_argument, 0, 'm'},   {"host", required_argument, 0, 'H'},
+        {"port", required_argument, 0, 'p'},    {"store", required_argument, 0, 'S'},
+        {"mode", required_argument, 0, 'M'},    {"chunk", required_argument, 0, 'c'},
+        {"io-depth", required_argument, 0, 'I'}, {"slots", required_argument, 0, 's'},
+        {"queue", required_argument, 0, 'q'},   {"ctx", required_argument, 0, 'x'},
+        {"threads", required_argument, 0, 'j'}, {"kv-type", required_argument, 0, 'k'},
+        {"backend", required_argument, 0, 'B'}, {"name", required_argument, 0, 'N'},
+        {"max-body", required_argument, 0, 'b'}, {"help", no_argument, 0, 'h'},
+        {0, 0, 0, 0}};
+    *o = (serve_opts){.host = "127.0.0.1",
+                      .store = DEFAULT_STORE,
+                      .port = 8080,
+                      .chunk = 256,
+                      .io_depth = CAKE_DEFAULT_IO_DEPTH,
+                      .slots = 1,
+                      .queue = 64,
+                      .max_body = 8 << 20,
+                      .mode = CAKE_MODE_CAKE};
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "m:h", opts, NULL)) != -1) {
+        const char *what = NULL;
+        switch (c) {
+        case 'm':
+            o->model = optarg;
+            break;
+        case 'H':
+            o->host = optarg;
+            break;
+        case 'S':
+            o->store = optarg;
+            break;
+        case 'N':
+            o->name = optarg;
+            break;
+        case 'p':
+            if (cli_parse_int(optarg, 0, 65535, &o->port)) what = "--port wants 0..65535";
+            break;
+        case 'c':
+            if (cli_parse_int(optarg, 1, 1 << 20, &o->chunk)) what = "--chunk wants a count >= 1";
+            break;
+        case 'I':
+            if (cli_parse_int(optarg, 1, 64, &o->io_depth)) what = "--io-depth wants 1..64";
+            break;
+        case 's':
+            if (cli_parse_int(optarg, 1, 256, &o->slots)) what = "--slots wants 1..256";
+            break;
+        case 'q':
+            if (cli_parse_int(optarg, 0, 1 << 20, &o->queue)) what = "--queue wants a count >= 0";
+            break;
+        case 'x':
+            if (cli_parse_int(optarg, 1, 1 << 24, &o->ctx)) what = "--ctx wants a count >= 1";
+            break;
+        case 'j':
+            if (cli_parse_int(optarg, 1, 1024, &o->threads)) what = "--threads wants 1..1024";
+            break;
+        case 'b':
+            if (cli_parse_int(optarg, 1024, 1L << 30, &o->max_body))
+                what = "--max-body wants 1024..1073741824";
+            break;
+        case 'M':
+            if (cake_mode_parse(optarg, &o->mode)) what = "--mode is cake, load or compute";
+            break;
+        case 'k':
+            if (!strcmp(optarg, "f16"))
+                o->kv_type = CAKE_KV_F16;
+            else if (!strcmp(optarg, "f32"))
+                o->kv_type = CAKE_KV_F32;
+            else
+                what = "--kv-type is f16 or f32";
+            break;
+        case 'B':
+            if (!strcmp(optarg, "cpu"))
+                o->backend = CAKE_BACKEND_CPU;
+            else if (!strcmp(optarg, "cuda"))
+                o->backend = CAKE_BACKEND_CUDA;
+            else
+                what = "--backend is cpu or cuda";
+            break;
+        case 'h':
+            fputs(help, stdout);
+            return -1;
+        default:
+            fputs(help, stderr);
+            return CLI_USAGE;
+        }
+        if (what) return cli_error(CLI_USAGE, "serve", "%s, got '%s'", what, optarg);
+    }
+    if (optind < argc)
+        return cli_error(CLI_USAGE, "serve", "unexpected argument '%s'", argv[optind]);
+    if (!o->model) return cli_error(CLI_USAGE, "serve", "-m MODEL is required");
+    if (o->backend == CAKE_BACKEND_CUDA && o->slots != 1)
+        return cli_error(CLI_USAGE, "serve", "--backend cuda serves with one slot");
+    if (!strcmp(o->store, "none")) o->store = NULL;
+    return 0;
+}
+
+/* The model's chat format: its template's, else its vocabulary's. */
+static chat_format model_chat_format(const cake_model *m) {
+    cake_gguf_str s;
+    char *tmpl = NULL;
+    if (cake_gguf_get_str(m->gguf, "tokenizer.chat_template", &s, NULL, 0) == 0)
+        tmpl = strndup(s.ptr, s.len);
+    const chat_format f = chat_detect(tmpl, cake_model_tokenizer(m));
+    free(tmpl);
+    return f;
+}
+
+int cmd_serve(int argc, char **argv) {
+    serve_opts o;
+    int rc = parse_args(argc, argv, &o);
+    if (rc) return rc < 0 ? CLI_OK : rc;
+
+    /* Signals are taken by sigwait below: block them before any thread starts,
+     * so that every thread inherits the mask. A closed socket is an error
+     * return, not a signal. */
+    sigset_t stop_signals;
+    sigemptyset(&stop_signals);
+    sigaddset(&stop_signals, SIGINT);
+    sigaddset(&stop_signals, SIGTERM);
+    pthread_sigmask(SIG_BLOCK, &stop_signals, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
+    char err[512];
+    cake_model *model = NULL;
+    cake_store *store = NULL;
+    serve_pool *pool = NULL;
+    serve_server *server = NULL;
+    char *name = NULL;
+    rc = CLI_FAIL;
+    if (o.store && cake_store_open(o.store, &store, err, sizeof(err))) {
+        cli_error(CLI_FAIL, "serve", "--store %s: %s", o.store, err);
+        goto done;
+    }
+    if (cake_model_load(o.model, &model, err, sizeof(err))) {
+        cli_error(CLI_FAIL, "serve", "%s", err);
+        goto done;
+    }
+    const cake_hparams *hp = cake_model_hparams(model);
+    pool_config pc = {.store = store,
+                      .mode = store ? o.mode : CAKE_MODE_COMPUTE,
+                      .chunk = (int)o.chunk,
+                      .io_depth = (int)o.io_depth,
+                      .n_slots = (int)o.slots,
+                      .n_ctx = (int)(o.ctx && o.ctx < hp->n_ctx_train ? o.ctx : 0),
+                      .n_threads = (int)o.threads,
+                      .queue_max = (int)o.queue,
+                      .kv_type = o.kv_type,
+                      .backend = o.backend};
+    if (pool_create(model, &pc, &pool, err, sizeof(err))) {
+        cli_error(CLI_FAIL, "serve", "%s", err);
+        goto done;
+    }
+    if (!(name = strdup(o.name ? o.name : o.model))) goto done;
+    api_model am = {.tok = cake_model_tokenizer(model),
+                    .n_vocab = hp->n_vocab,
+                    .n_ctx = pool_n_ctx(pool),
+                    .chat = model_chat_format(model),
+                    .name = o.name ? name : basename(name)};
+    http_config hc = {.host = o.host,
+                      .port = (int)o.port,
+                      .max_body = (size_t)o.max_body,
+                      .max_connections = (int)(o.slots + o.queue + 16)};
+    if (server_start(pool, &am, &hc, &server, err, sizeof(err))) {
+        cli_error(CLI_FAIL, "serve", "%s", err);
+        goto done;
+    }
+    fprintf(stderr,
+            "cake serve: %s, context %d, chat format %s; store %s (mode %s, chunk %ld); %ld "
+            "slot(s), queue %ld\n",
+            am.name, am.n_ctx, chat_format_name(am.chat), o.store ? o.store : "none",
+            cake_mode_name(pc.mode), o.chunk, o.slots, o.queue);
+    fprintf(stderr, "cake serve: listening on http://%s:%d\n", o.host, server_port(server));
+    int sig = 0;
+    sigwait(&stop_signals, &sig);
+    fprintf(stderr, "cake serve: %s, stopping\n", sig == SIGINT ? "SIGINT" : "SIGTERM");
+    rc = CLI_OK;
+done:
+    server_begin_shutdown(server);
+    if (pool) pool_shutdown(pool); /* running requests stop at their next token */
+    server_stop(server);           /* then their connections close */
+    pool_free(pool);               /* write-backs drained */
+    cake_model_free(model);
+    cake_store_close(store);
+    free(name);
+    return rc;
+}

@@ -1,0 +1,38 @@
+/* Chat prompts: the messages of a /v1/chat/completions request turned into
+ * prompt ids in the format the model was trained on. The formats are those of
+ * llama.cpp's built-in templates that cover the models cake runs (ChatML for
+ * Qwen, Llama 3, Llama 2); a model's template (GGUF tokenizer.chat_template,
+ * Jinja) is recognised by its marker strings, as llama.cpp does, not run.
+ *
+ * Special tokens (<|im_start|>, <|eot_id|>, ...) are inserted by id; the
+ * messages' text is tokenized as plain text, so a message that contains
+ * "<|im_end|>" cannot end its turn early. */
+#ifndef CAKE_SERVER_CHAT_H
+#define CAKE_SERVER_CHAT_H
+
+#include <stddef.h>
+
+#include "model/tokenizer.h"
+
+typedef enum { CHAT_NONE = 0, CHAT_CHATML, CHAT_LLAMA3, CHAT_LLAMA2 } chat_format;
+
+typedef struct {
+    const char *role; /* "system", "user" or "assistant" */
+    const char *content;
+    size_t content_len;
+} chat_message;
+
+/* The format of a chat template's text (NULL: the model has none; then the
+ * vocabulary's special tokens decide). CHAT_NONE when neither tells. */
+chat_format chat_detect(const char *template_text, const cake_tokenizer *t);
+const char *chat_format_name(chat_format f);
+
+/* The prompt of messages m[0..n) in format f, ending with the header of the
+ * assistant's turn, into a malloc'd *ids. *end_of_turn gets the token that
+ * ends the assistant's turn besides EOS (-1: EOS only). 0, or -1 with a
+ * reason in err (a role other than the three, a special token missing from
+ * the vocabulary, out of memory). */
+int chat_prompt(chat_format f, const cake_tokenizer *t, const chat_message *m, int n,
+                cake_token **ids, int *n_ids, cake_token *end_of_turn, char *err, size_t errlen);
+
+#endif

@@ -1,0 +1,408 @@
+#include <arpa/inet.h>
+#include <errno.h>
+#include <microhttpd.h>
+#include <netdb.h>
+#include <poll.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+
+#include "server/server.h"
+#include "util/err.h"
+
+struct serve_server {
+    struct MHD_Daemon *daemon;
+    serve_pool *pool;
+    api_model model;
+    http_config cfg;
+    int port;
+    atomic_int stopping;
+    atomic_ullong next_id;
+    atomic_ullong status_counts[SERVER_N_STATUSES];
+};
+
+/* One connection's request: its body as it arrives. */
+typedef struct {
+    char *body;
+    size_t len, cap;
+} request_state;
+
+/* ---- replies ---- */
+
+static void count_status(serve_server *s, unsigned status) {
+    static const unsigned statuses[] = SERVER_STATUSES;
+    for (int i = 0; i < SERVER_N_STATUSES; i++)
+        if (statuses[i] == status) atomic_fetch_add(&s->status_counts[i], 1);
+}
+
+/* Queues body (malloc'd; taken over) with status and content type. */
+static enum MHD_Result reply(serve_server *s, struct MHD_Connection *c, unsigned status,
+                             char *body, const char *type) {
+    if (!body) {
+        status = MHD_HTTP_INTERNAL_SERVER_ERROR;
+        body = strdup("{\"error\":{\"message\":\"out of memory\",\"type\":\"server_error\"}}");
+        if (!body) return MHD_NO;
+    }
+    struct MHD_Response *r =
+        MHD_create_response_from_buffer(strlen(body), body, MHD_RESPMEM_MUST_FREE);
+    if (!r) {
+        free(body);
+        return MHD_NO;
+    }
+    MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE, type);
+    if (status == MHD_HTTP_SERVICE_UNAVAILABLE) MHD_add_response_header(r, "Retry-After", "1");
+    if (status == MHD_HTTP_METHOD_NOT_ALLOWED)
+        MHD_add_response_header(r, MHD_HTTP_HEADER_ALLOW, "GET, POST");
+    const enum MHD_Result rc = MHD_queue_response(c, status, r);
+    MHD_destroy_response(r);
+    count_status(s, status);
+    return rc;
+}
+
+static enum MHD_Result reply_json(serve_server *s, struct MHD_Connection *c, unsigned status,
+                                  char *json) {
+    return reply(s, c, status, json, "application/json");
+}
+
+__attribute__((format(printf, 4, 5))) static enum MHD_Result
+reply_error(serve_server *s, struct MHD_Connection *c, unsigned status, const char *fmt, ...) {
+    char msg[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    return reply_json(s, c, status, api_error((int)status, msg));
+}
+
+/* Whether the client closed its end (it sends nothing more while it waits
+ * for the answer, so readable means closed, or a pipelined request). */
+static int client_gone(struct MHD_Connection *c) {
+    const union MHD_ConnectionInfo *ci =
+        MHD_get_connection_info(c, MHD_CONNECTION_INFO_CONNECTION_FD);
+    if (!ci) return 0;
+    struct pollfd p = {.fd = ci->connect_fd, .events = POLLIN | POLLRDHUP};
+    if (poll(&p, 1, 0) <= 0) return 0;
+    if (p.revents & (POLLRDHUP | POLLHUP | POLLERR)) return 1;
+    char b;
+    return recv(ci->connect_fd, &b, 1, MSG_PEEK | MSG_DONTWAIT) == 0;
+}
+
+/* Waits on j until pred holds, the client goes away (-1) or 200 ms pass. */
+static void timed_wait(serve_job *j) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ts.tv_nsec += 200 * 1000000L;
+    if (ts.tv_nsec >= 1000000000L) ts.tv_sec++, ts.tv_nsec -= 1000000000L;
+    pthread_cond_timedwait(&j->cv, &j->mu, &ts);
+}
+
+/* ---- streams: server-sent events ---- */
+
+typedef struct {
+    serve_server *server;
+    struct MHD_Connection *conn;
+    serve_job *job;
+    api_shape shape;
+    char id[40];
+    long created;
+    size_t sent; /* bytes of the job's text sent */
+    int first_sent, finished;
+    char *out; /* the event being sent */
+    size_t out_len, out_off;
+} stream_state;
+
+/* The next event of the stream (under the job's lock), or NULL at its end. */
+static char *next_event(stream_state *st) {
+    serve_job *j = st->job;
+    const char *model = st->server->model.name;
+    if (st->shape.chat && !st->first_sent) {
+        st->first_sent = 1;
+        return api_stream_event(&st->shape, CHUNK_FIRST, "", 0, j, st->id, st->created, model);
+    }
+    if (j->ready > st->sent) {
+        char *ev = api_stream_event(&st->shape, CHUNK_TEXT, j->text + st->sent, j->ready - st->sent,
+                                    j, st->id, st->created, model);
+        st->sent = j->ready;
+        return ev;
+    }
+    if (!j->done) return NULL;
+    switch (st->finished++) {
+    case 0:
+        if (j->error[0]) {
+            char *e = api_error(500, j->error);
+            char *ev = e ? malloc(strlen(e) + 9) : NULL;
+            if (ev) sprintf(ev, "data: %s\n\n", e);
+            free(e);
+            st->finished = 2;
+            return ev;
+        }
+        return api_stream_event(&st->shape, CHUNK_FINISH, "", 0, j, st->id, st->created, model);
+    case 1:
+        if (st->shape.include_usage)
+            return api_stream_event(&st->shape, CHUNK_USAGE, "", 0, j, st->id, st->created, model);
+        st->finished++;
+        /* fall through */
+    case 2:
+        return strdup("data: [DONE]\n\n");
+    default:
+        return NULL;
+    }
+}
+
+static ssize_t stream_read(void *cls, uint64_t pos, char *buf, size_t max) {
+    (void)pos;
+    stream_state *st = cls;
+    serve_job *j = st->job;
+    while (st->out_off == st->out_len) {
+        free(st->out);
+        st->out = NULL;
+        st->out_len = st->out_off = 0;
+        if (st->finished > 2) return MHD_CONTENT_READER_END_OF_STREAM;
+        pthread_mutex_lock(&j->mu);
+        char *ev;
+        while (!(ev = next_event(st)) && st->finished <= 2) {
+            if (!j->done && client_gone(st->conn)) {
+                pthread_mutex_unlock(&j->mu);
+                return MHD_CONTENT_READER_END_WITH_ERROR; /* stream_free cancels */
+            }
+            timed_wait(j);
+        }
+        pthread_mutex_unlock(&j->mu);
+        if (!ev) return MHD_CONTENT_READER_END_WITH_ERROR; /* out of memory */
+        st->out = ev;
+        st->out_len = strlen(ev);
+    }
+    size_t n = st->out_len - st->out_off;
+    if (n > max) n = max;
+    memcpy(buf, st->out + st->out_off, n);
+    st->out_off += n;
+    return (ssize_t)n;
+}
+
+static void stream_free(void *cls) {
+    stream_state *st = cls;
+    atomic_store(&st->job->cancel, 1); /* a no-op when it has ended */
+    job_release(st->job);
+    free(st->out);
+    free(st);
+}
+
+/* ---- endpoints ---- */
+
+static enum MHD_Result completions(serve_server *s, struct MHD_Connection *c,
+                                   const request_state *rq, int chat) {
+    char err[512];
+    serve_job *j;
+    api_shape shape;
+    if (api_parse(rq->body ? rq->body : "", rq->len, chat, &s->model, &j, &shape, err,
+                  sizeof(err)))
+        return reply_error(s, c, MHD_HTTP_BAD_REQUEST, "%s", err);
+    if (atomic_load(&s->stopping) || pool_submit(s->pool, j)) {
+        job_release(j);
+        return reply_error(s, c, MHD_HTTP_SERVICE_UNAVAILABLE,
+                           atomic_load(&s->stopping) ? "the server is shutting down"
+                                                     : "the server is busy: try again");
+    }
+    char id[40];
+    snprintf(id, sizeof(id), "%s-%llx%06llx", chat ? "chatcmpl" : "cmpl",
+             (unsigned long long)time(NULL), atomic_fetch_add(&s->next_id, 1) & 0xFFFFFF);
+    const long created = (long)time(NULL);
+
+    if (shape.stream) {
+        stream_state *st = calloc(1, sizeof(*st));
+        struct MHD_Response *r = NULL;
+        if (st) {
+            *st = (stream_state){
+                .server = s, .conn = c, .job = j, .shape = shape, .created = created};
+            memcpy(st->id, id, sizeof(id));
+            r = MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 16384, stream_read, st,
+                                                  stream_free);
+        }
+        if (!r) {
+            free(st);
+            atomic_store(&j->cancel, 1);
+            job_release(j);
+            return reply_error(s, c, MHD_HTTP_INTERNAL_SERVER_ERROR, "out of memory");
+        }
+        MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE, "text/event-stream");
+        MHD_add_response_header(r, MHD_HTTP_HEADER_CACHE_CONTROL, "no-cache");
+        const enum MHD_Result rc = MHD_queue_response(c, MHD_HTTP_OK, r);
+        MHD_destroy_response(r);
+        count_status(s, MHD_HTTP_OK);
+        return rc;
+    }
+
+    pthread_mutex_lock(&j->mu);
+    while (!j->done) {
+        if (client_gone(c)) {
+            atomic_store(&j->cancel, 1);
+            pthread_mutex_unlock(&j->mu);
+            job_release(j);
+            return MHD_NO; /* closes the connection */
+        }
+        timed_wait(j);
+    }
+    pthread_mutex_unlock(&j->mu);
+    enum MHD_Result rc;
+    if (j->error[0])
+        rc = reply_error(s, c, MHD_HTTP_INTERNAL_SERVER_ERROR, "%s", j->error);
+    else
+        rc = reply_json(s, c, MHD_HTTP_OK, api_response(&shape, j, id, created, s->model.name));
+    job_release(j);
+    return rc;
+}
+
+static enum MHD_Result models(serve_server *s, struct MHD_Connection *c) {
+    char *name = api_utf8_clean(s->model.name, strlen(s->model.name));
+    char *body = name ? malloc(strlen(name) + 160) : NULL;
+    if (body)
+        sprintf(body,
+                "{\"object\":\"list\",\"data\":[{\"id\":\"%s\",\"object\":\"model\","
+                "\"created\":0,\"owned_by\":\"cake\"}]}",
+                name);
+    free(name);
+    return reply_json(s, c, MHD_HTTP_OK, body);
+}
+
+static enum MHD_Result health(serve_server *s, struct MHD_Connection *c) {
+    const int stopping = atomic_load(&s->stopping);
+    return reply_json(s, c, stopping ? MHD_HTTP_SERVICE_UNAVAILABLE : MHD_HTTP_OK,
+                      strdup(stopping ? "{\"status\":\"shutting down\"}" : "{\"status\":\"ok\"}"));
+}
+
+static enum MHD_Result metrics(serve_server *s, struct MHD_Connection *c) {
+    pool_counters pc;
+    pool_counters_get(s->pool, &pc);
+    unsigned long long counts[SERVER_N_STATUSES];
+    for (int i = 0; i < SERVER_N_STATUSES; i++) counts[i] = atomic_load(&s->status_counts[i]);
+    return reply(s, c, MHD_HTTP_OK, server_metrics_text(&pc, counts),
+                 "text/plain; version=0.0.4");
+}
+
+static enum MHD_Result route(serve_server *s, struct MHD_Connection *c, const char *url,
+                             const char *method, const request_state *rq) {
+    static const struct {
+        const char *path, *method;
+    } routes[] = {{"/v1/completions", "POST"}, {"/v1/chat/completions", "POST"},
+                  {"/v1/models", "GET"},       {"/health", "GET"},
+                  {"/metrics", "GET"}};
+    int i = 0;
+    const int n = (int)(sizeof(routes) / sizeof(routes[0]));
+    while (i < n && strcmp(url, routes[i].path)) i++;
+    if (i == n) return reply_error(s, c, MHD_HTTP_NOT_FOUND, "no such endpoint: %.200s", url);
+    if (strcmp(method, routes[i].method))
+        return reply_error(s, c, MHD_HTTP_METHOD_NOT_ALLOWED, "%s wants %s, not %.20s",
+                           routes[i].path, routes[i].method, method);
+    switch (i) {
+    case 0:
+    case 1:
+        return completions(s, c, rq, i == 1);
+    case 2:
+        return models(s, c);
+    case 3:
+        return health(s, c);
+    default:
+        return metrics(s, c);
+    }
+}
+
+static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const char *url,
+                                  const char *method, const char *version, const char *upload,
+                                  size_t *upload_size, void **state) {
+    (void)version;
+    serve_server *s = cls;
+    request_state *rq = *state;
+    if (!rq) { /* the headers are in; the body (if any) follows */
+        if (!(rq = calloc(1, sizeof(*rq)))) return MHD_NO;
+        *state = rq;
+        const char *cl = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Content-Length");
+        if (cl && strtoull(cl, NULL, 10) > s->cfg.max_body)
+            return reply_error(s, c, MHD_HTTP_CONTENT_TOO_LARGE,
+                               "the body is over the limit of %zu bytes", s->cfg.max_body);
+        return MHD_YES;
+    }
+    if (*upload_size) {
+        if (rq->len + *upload_size > s->cfg.max_body) /* chunked, so no length up front */
+            return reply_error(s, c, MHD_HTTP_CONTENT_TOO_LARGE,
+                               "the body is over the limit of %zu bytes", s->cfg.max_body);
+        if (rq->len + *upload_size + 1 > rq->cap) {
+            size_t cap = 2 * (rq->len + *upload_size) + 1;
+            char *b = realloc(rq->body, cap);
+            if (!b) return MHD_NO;
+            rq->body = b;
+            rq->cap = cap;
+        }
+        memcpy(rq->body + rq->len, upload, *upload_size);
+        rq->len += *upload_size;
+        *upload_size = 0;
+        return MHD_YES;
+    }
+    return route(s, c, url, method, rq);
+}
+
+static void on_completed(void *cls, struct MHD_Connection *c, void **state,
+                         enum MHD_RequestTerminationCode toe) {
+    (void)cls, (void)c, (void)toe;
+    request_state *rq = *state;
+    if (!rq) return;
+    free(rq->body);
+    free(rq);
+    *state = NULL;
+}
+
+/* ---- the daemon ---- */
+
+int server_start(serve_pool *pool, const api_model *model, const http_config *cfg,
+                 serve_server **out, char *err, size_t errlen) {
+    *out = NULL;
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
+                             .ai_flags = AI_PASSIVE},
+                    *ai = NULL;
+    char port[16];
+    snprintf(port, sizeof(port), "%d", cfg->port);
+    const int gai = getaddrinfo(cfg->host, port, &hints, &ai);
+    if (gai) return cake_err(err, errlen, "--host %s: %s", cfg->host, gai_strerror(gai));
+    serve_server *s = calloc(1, sizeof(*s));
+    if (!s) {
+        freeaddrinfo(ai);
+        return cake_err(err, errlen, "out of memory");
+    }
+    s->pool = pool;
+    s->model = *model;
+    s->cfg = *cfg;
+    unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_THREAD_PER_CONNECTION |
+                     MHD_USE_ERROR_LOG;
+    if (ai->ai_family == AF_INET6) flags |= MHD_USE_IPv6;
+    s->daemon = MHD_start_daemon(
+        flags, (uint16_t)cfg->port, NULL, NULL, on_request, s, MHD_OPTION_SOCK_ADDR, ai->ai_addr,
+        MHD_OPTION_CONNECTION_LIMIT, (unsigned)cfg->max_connections,
+        MHD_OPTION_CONNECTION_TIMEOUT, 600u, /* idle seconds; a long prefill is not idle */
+        MHD_OPTION_NOTIFY_COMPLETED, on_completed, NULL, MHD_OPTION_END);
+    freeaddrinfo(ai);
+    if (!s->daemon) {
+        free(s);
+        return cake_err(err, errlen, "cannot listen on %s port %d (in use, or not an address here)",
+                        cfg->host, cfg->port);
+    }
+    const union MHD_DaemonInfo *di = MHD_get_daemon_info(s->daemon, MHD_DAEMON_INFO_BIND_PORT);
+    s->port = di ? di->port : cfg->port;
+    *out = s;
+    return 0;
+}
+
+int server_port(const serve_server *s) { return s->port; }
+
+void server_begin_shutdown(serve_server *s) {
+    if (s) atomic_store(&s->stopping, 1);
+}
+
+void server_stop(serve_server *s) {
+    if (!s) return;
+    atomic_store(&s->stopping, 1);
+    MHD_stop_daemon(s->daemon);
+    free(s);
+}

@@ -1,0 +1,107 @@
+/* /metrics: the server's counters in Prometheus's text format (0.0.4). */
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "server/server.h"
+
+typedef struct {
+    char *buf;
+    size_t len, cap;
+    int failed;
+} text;
+
+__attribute__((format(printf, 2, 3))) static void put(text *t, const char *fmt, ...) {
+    for (;;) {
+        va_list ap;
+        va_start(ap, fmt);
+        const int n = t->failed ? 0 : vsnprintf(t->buf + t->len, t->cap - t->len, fmt, ap);
+        va_end(ap);
+        if (t->failed || n < 0) {
+            t->failed = 1;
+            return;
+        }
+        if ((size_t)n < t->cap - t->len) {
+            t->len += (size_t)n;
+            return;
+        }
+        char *b = realloc(t->buf, 2 * t->cap + (size_t)n);
+        if (!b) {
+            t->failed = 1;
+            return;
+        }
+        t->buf = b;
+        t->cap = 2 * t->cap + (size_t)n;
+    }
+}
+
+static void counter(text *t, const char *name, const char *help, unsigned long long v) {
+    put(t, "# HELP %s %s\n# TYPE %s counter\n%s %llu\n", name, help, name, name, v);
+}
+
+static void gauge(text *t, const char *name, const char *help, long long v) {
+    put(t, "# HELP %s %s\n# TYPE %s gauge\n%s %lld\n", name, help, name, name, v);
+}
+
+char *server_metrics_text(const pool_counters *pc, const unsigned long long *status_counts) {
+    text t = {.buf = malloc(4096), .cap = 4096};
+    if (!t.buf) return NULL;
+    static const unsigned statuses[] = SERVER_STATUSES;
+    put(&t, "# HELP cake_http_responses_total HTTP responses by status code.\n"
+            "# TYPE cake_http_responses_total counter\n");
+    for (int i = 0; i < SERVER_N_STATUSES; i++)
+        put(&t, "cake_http_responses_total{code=\"%u\"} %llu\n", statuses[i], status_counts[i]);
+    gauge(&t, "cake_requests_running", "Requests being computed.", pc->running);
+    gauge(&t, "cake_requests_queued", "Requests waiting for a slot.", pc->queued);
+    counter(&t, "cake_requests_finished_total", "Requests that ran to their end or were cancelled.",
+            (unsigned long long)pc->jobs_done);
+    counter(&t, "cake_requests_cancelled_total", "Requests whose client went away.",
+            (unsigned long long)pc->jobs_cancelled);
+    counter(&t, "cake_requests_failed_total", "Requests the engine failed.",
+            (unsigned long long)pc->jobs_failed);
+    counter(&t, "cake_requests_rejected_total", "Requests refused with a full queue.",
+            (unsigned long long)pc->jobs_rejected);
+    counter(&t, "cake_prompt_tokens_total", "Prompt tokens prefilled.",
+            (unsigned long long)pc->prompt_tokens);
+    counter(&t, "cake_generation_tokens_total", "Tokens generated.",
+            (unsigned long long)pc->generated_tokens);
+
+    static const double bounds[] = POOL_TTFT_BUCKETS;
+    put(&t, "# HELP cake_time_to_first_token_seconds From the request's start on its slot to its "
+            "first token.\n# TYPE cake_time_to_first_token_seconds histogram\n");
+    for (int b = 0; b < (int)(sizeof(bounds) / sizeof(bounds[0])); b++)
+        put(&t, "cake_time_to_first_token_seconds_bucket{le=\"%g\"} %llu\n", bounds[b],
+            (unsigned long long)pc->ttft_le[b]);
+    put(&t,
+        "cake_time_to_first_token_seconds_bucket{le=\"+Inf\"} %llu\n"
+        "cake_time_to_first_token_seconds_sum %.6f\n"
+        "cake_time_to_first_token_seconds_count %llu\n",
+        (unsigned long long)pc->jobs_done, pc->ttft_sum_s, (unsigned long long)pc->jobs_done);
+
+    put(&t, "# HELP cake_prefill_chunks_total Prompt chunks by where their KV came from.\n"
+            "# TYPE cake_prefill_chunks_total counter\n"
+            "cake_prefill_chunks_total{source=\"computed\"} %llu\n"
+            "cake_prefill_chunks_total{source=\"loaded\"} %llu\n",
+        (unsigned long long)pc->chunks_computed, (unsigned long long)pc->chunks_loaded);
+    counter(&t, "cake_store_chunks_missing_total", "Loadable chunks the store did not have.",
+            (unsigned long long)pc->chunks_missing);
+    counter(&t, "cake_store_chunks_corrupt_total",
+            "Chunks that failed to load (corrupt, vanished, store down); computed instead.",
+            (unsigned long long)pc->chunks_corrupt);
+    counter(&t, "cake_store_bytes_loaded_total", "KV bytes loaded from the store.",
+            (unsigned long long)pc->bytes_loaded);
+    counter(&t, "cake_store_request_errors_total", "Requests during which the store failed.",
+            (unsigned long long)pc->store_errors);
+    put(&t, "# HELP cake_store_writeback_chunks_total Computed chunks written back, by result.\n"
+            "# TYPE cake_store_writeback_chunks_total counter\n"
+            "cake_store_writeback_chunks_total{result=\"written\"} %llu\n"
+            "cake_store_writeback_chunks_total{result=\"dropped\"} %llu\n"
+            "cake_store_writeback_chunks_total{result=\"failed\"} %llu\n",
+        (unsigned long long)pc->writeback_written, (unsigned long long)pc->writeback_dropped,
+        (unsigned long long)pc->writeback_failed);
+    if (t.failed) {
+        free(t.buf);
+        return NULL;
+    }
+    return t.buf;
+}

@@ -1,0 +1,460 @@
+#include "server/openai.h"
+
+#include <cjson/cJSON.h>
+#include <math.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "util/err.h"
+
+/* ---- UTF-8 ---- */
+
+/* Length of the valid UTF-8 character at s[0..n), or 0 (NUL counts as
+ * invalid: cJSON strings end at it). */
+static size_t utf8_char(const unsigned char *s, size_t n) {
+    const unsigned c = s[0];
+    if (c == 0) return 0;
+    if (c < 0x80) return 1;
+    size_t need;
+    unsigned cp;
+    if (c >= 0xC2 && c <= 0xDF)
+        need = 2, cp = c & 0x1F;
+    else if (c >= 0xE0 && c <= 0xEF)
+        need = 3, cp = c & 0x0F;
+    else if (c >= 0xF0 && c <= 0xF4)
+        need = 4, cp = c & 0x07;
+    else
+        return 0;
+    if (need > n) return 0;
+    for (size_t i = 1; i < need; i++) {
+        if ((s[i] & 0xC0) != 0x80) return 0;
+        cp = cp << 6 | (s[i] & 0x3F);
+    }
+    if ((need == 3 && (cp < 0x800 || (cp >= 0xD800 && cp <= 0xDFFF))) ||
+        (need == 4 && (cp < 0x10000 || cp > 0x10FFFF)))
+        return 0;
+    return need;
+}
+
+char *api_utf8_clean(const char *text, size_t len) {
+    char *out = malloc(3 * len + 1); /* a bad byte becomes 3 */
+    if (!out) return NULL;
+    size_t o = 0;
+    for (size_t i = 0; i < len;) {
+        const size_t k = utf8_char((const unsigned char *)text + i, len - i);
+        if (k) {
+            memcpy(out + o, text + i, k);
+            o += k, i += k;
+        } else {
+            memcpy(out + o, "\xEF\xBF\xBD", 3); /* U+FFFD */
+            o += 3, i++;
+        }
+    }
+    out[o] = '\0';
+    return out;
+}
+
+/* ---- requests ---- */
+
+static const cJSON *field(const cJSON *o, const char *key) {
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
+    return v && !cJSON_IsNull(v) ? v : NULL; /* null means "not given" */
+}
+
+/* An integer-valued number in [lo, hi]. */
+static int int_field(const cJSON *o, const char *key, double lo, double hi, double *out, char *err,
+                     size_t errlen) {
+    const cJSON *v = field(o, key);
+    if (!v) return 0;
+    if (!cJSON_IsNumber(v) || v->valuedouble != floor(v->valuedouble) || v->valuedouble < lo ||
+        v->valuedouble > hi)
+        return cake_err(err, errlen, "'%s' must be an integer in [%.0f, %.0f]", key, lo, hi);
+    *out = v->valuedouble;
+    return 0;
+}
+
+static int num_field(const cJSON *o, const char *key, double lo, double hi, double *out, char *err,
+                     size_t errlen) {
+    const cJSON *v = field(o, key);
+    if (!v) return 0;
+    if (!cJSON_IsNumber(v) || !(v->valuedouble >= lo && v->valuedouble <= hi))
+        return cake_err(err, errlen, "'%s' must be a number in [%g, %g]", key, lo, hi);
+    *out = v->valuedouble;
+    return 0;
+}
+
+static int bool_field(const cJSON *o, const char *key, int *out, char *err, size_t errlen) {
+    const cJSON *v = field(o, key);
+    if (!v) return 0;
+    if (!cJSON_IsBool(v)) return cake_err(err, errlen, "'%s' must be true or false", key);
+    *out = cJSON_IsTrue(v);
+    return 0;
+}
+
+/* Fields that would change the answer in ways cake does not do: refused
+ * rather than ignored. Their "off" values (null, false, 0, []) pass. */
+static int unsupported(const cJSON *o, char *err, size_t errlen) {
+    static const char *keys[] = {"echo", "logprobs", "top_logprobs", "suffix", "tools",
+                                 "functions", "logit_bias", "frequency_penalty",
+                                 "presence_penalty", "best_of"};
+    for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++) {
+        const cJSON *v = field(o, keys[i]);
+        if (!v || cJSON_IsFalse(v) || (cJSON_IsNumber(v) && v->valuedouble == 0) ||
+            (!strcmp(keys[i], "best_of") && cJSON_IsNumber(v) && v->valuedouble == 1) ||
+            ((cJSON_IsArray(v) || cJSON_IsObject(v)) && cJSON_GetArraySize(v) == 0))
+            continue;
+        return cake_err(err, errlen, "'%s' is not supported", keys[i]);
+    }
+    const cJSON *n = field(o, "n");
+    if (n && !(cJSON_IsNumber(n) && n->valuedouble == 1))
+        return cake_err(err, errlen, "'n' must be 1 (one choice per request)");
+    return 0;
+}
+
+static int add_stops(const cJSON *o, serve_job *j, char *err, size_t errlen) {
+    const cJSON *v = field(o, "stop");
+    if (!v) return 0;
+    if (cJSON_IsString(v)) {
+        if (!v->valuestring[0]) return cake_err(err, errlen, "'stop' must not be empty");
+        return job_add_stop(j, v->valuestring, strlen(v->valuestring))
+                   ? cake_err(err, errlen, "out of memory")
+                   : 0;
+    }
+    if (!cJSON_IsArray(v) || cJSON_GetArraySize(v) > JOB_MAX_STOP)
+        return cake_err(err, errlen, "'stop' must be a string or an array of up to %d strings",
+                        JOB_MAX_STOP);
+    const cJSON *s;
+    cJSON_ArrayForEach(s, v) {
+        if (!cJSON_IsString(s) || !s->valuestring[0])
+            return cake_err(err, errlen, "'stop' must hold non-empty strings");
+        if (job_add_stop(j, s->valuestring, strlen(s->valuestring)))
+            return cake_err(err, errlen, "out of memory");
+    }
+    return 0;
+}
+
+static int tokenize_text(const api_model *m, const char *s, size_t len, cake_token **ids, int *n,
+                         char *err, size_t errlen) {
+    const bool bos = cake_tokenizer_add_bos(m->tok);
+    const int64_t count = cake_tokenize(m->tok, s, len, bos, NULL, 0);
+    if (count < 0 || count > INT32_MAX) return cake_err(err, errlen, "tokenization failed");
+    if (count == 0) return cake_err(err, errlen, "the prompt is empty (no tokens)");
+    if (!(*ids = malloc((size_t)count * sizeof(**ids)))) return cake_err(err, errlen, "out of memory");
+    cake_tokenize(m->tok, s, len, bos, *ids, count);
+    *n = (int)count;
+    return 0;
+}
+
+/* "prompt": a string, an array of token ids, or an array of one string. */
+static int completion_prompt(const cJSON *o, const api_model *m, cake_token **ids, int *n,
+                             char *err, size_t errlen) {
+    const cJSON *p = field(o, "prompt");
+    if (p && cJSON_IsArray(p) && cJSON_GetArraySize(p) == 1 &&
+        cJSON_IsString(cJSON_GetArrayItem(p, 0)))
+        p = cJSON_GetArrayItem(p, 0);
+    if (p && cJSON_IsString(p))
+        return tokenize_text(m, p->valuestring, strlen(p->valuestring), ids, n, err, errlen);
+    if (!p || !cJSON_IsArray(p))
+        return cake_err(err, errlen, "'prompt' must be a string or an array of token ids");
+    const int count = cJSON_GetArraySize(p);
+    if (count == 0) return cake_err(err, errlen, "the prompt is empty (no tokens)");
+    if (!(*ids = malloc((size_t)count * sizeof(**ids)))) return cake_err(err, errlen, "out of memory");
+    int i = 0;
+    const cJSON *v;
+    cJSON_ArrayForEach(v, p) {
+        if (!cJSON_IsNumber(v) || v->valuedouble != floor(v->valuedouble) || v->valuedouble < 0 ||
+            v->valuedouble >= m->n_vocab) {
+            free(*ids);
+            *ids = NULL;
+            return cake_err(err, errlen,
+                            "'prompt' item %d is not a token id of this model (0..%d); one "
+                            "prompt per request",
+                            i, m->n_vocab - 1);
+        }
+        (*ids)[i++] = (cake_token)v->valuedouble;
+    }
+    *n = count;
+    return 0;
+}
+
+/* A message's content: a string, or an array of {"type":"text","text":...}
+ * parts, joined. *buf holds what had to be joined. */
+static int message_text(const cJSON *c, int i, chat_message *out, char **buf, char *err,
+                        size_t errlen) {
+    if (!c) {
+        out->content = "";
+        out->content_len = 0;
+        return 0;
+    }
+    if (cJSON_IsString(c)) {
+        out->content = c->valuestring;
+        out->content_len = strlen(c->valuestring);
+        return 0;
+    }
+    if (!cJSON_IsArray(c))
+        return cake_err(err, errlen, "message %d: 'content' must be a string or an array of parts",
+                        i);
+    size_t total = 0;
+    const cJSON *part;
+    cJSON_ArrayForEach(part, c) {
+        const cJSON *type = field(part, "type"), *text = field(part, "text");
+        if (!cJSON_IsObject(part) || !cJSON_IsString(type) || strcmp(type->valuestring, "text") ||
+            !cJSON_IsString(text))
+            return cake_err(err, errlen, "message %d: only text parts are supported", i);
+        total += strlen(text->valuestring);
+    }
+    if (!(*buf = malloc(total + 1))) return cake_err(err, errlen, "out of memory");
+    size_t o = 0;
+    cJSON_ArrayForEach(part, c) {
+        const char *t = field(part, "text")->valuestring;
+        memcpy(*buf + o, t, strlen(t));
+        o += strlen(t);
+    }
+    (*buf)[o] = '\0';
+    out->content = *buf;
+    out->content_len = o;
+    return 0;
+}
+
+static int chat_prompt_of(const cJSON *o, const api_model *m, cake_token **ids, int *n,
+                          cake_token *end_of_turn, char *err, size_t errlen) {
+    if (m->chat == CHAT_NONE)
+        return cake_err(err, errlen,
+                        "this model has no chat template cake knows (ChatML, Llama 3, Llama 2): "
+                        "use /v1/completions");
+    const cJSON *msgs = field(o, "messages");
+    if (!cJSON_IsArray(msgs) || cJSON_GetArraySize(msgs) == 0)
+        return cake_err(err, errlen, "'messages' must be a non-empty array");
+    const int count = cJSON_GetArraySize(msgs);
+    chat_message *cm = calloc((size_t)count, sizeof(*cm));
+    char **bufs = calloc((size_t)count, sizeof(*bufs));
+    int rc = -1;
+    if (!cm || !bufs) {
+        cake_err(err, errlen, "out of memory");
+        goto done;
+    }
+    int i = 0;
+    const cJSON *msg;
+    cJSON_ArrayForEach(msg, msgs) {
+        const cJSON *role = field(msg, "role");
+        if (!cJSON_IsObject(msg) || !cJSON_IsString(role)) {
+            cake_err(err, errlen, "message %d must be an object with a 'role'", i);
+            goto done;
+        }
+        cm[i].role = role->valuestring;
+        if (message_text(field(msg, "content"), i, &cm[i], &bufs[i], err, errlen)) goto done;
+        i++;
+    }
+    rc = chat_prompt(m->chat, m->tok, cm, count, ids, n, end_of_turn, err, errlen);
+done:
+    for (int k = 0; bufs && k < count; k++) free(bufs[k]);
+    free(bufs);
+    free(cm);
+    return rc;
+}
+
+static uint64_t fresh_seed(void) {
+    static atomic_uint_fast64_t counter;
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000000007u ^ (uint64_t)ts.tv_nsec ^
+           (atomic_fetch_add(&counter, 1) << 40);
+}
+
+int api_parse(const char *body, size_t len, int chat, const api_model *m, serve_job **out,
+              api_shape *shape, char *err, size_t errlen) {
+    *out = NULL;
+    *shape = (api_shape){.chat = chat};
+    cJSON *o = cJSON_ParseWithLength(body, len);
+    if (!o || !cJSON_IsObject(o)) {
+        cJSON_Delete(o);
+        return cake_err(err, errlen, "the body must be a JSON object");
+    }
+    serve_job *j = NULL;
+    cake_token *ids = NULL;
+    int n = 0;
+    cake_token eot = -1;
+    double max_tokens = -1, temperature = 1, top_p = 1, seed = -1;
+    int rc = -1;
+    if (unsupported(o, err, errlen) || bool_field(o, "stream", &shape->stream, err, errlen) ||
+        int_field(o, "max_tokens", 1, 1 << 30, &max_tokens, err, errlen) ||
+        int_field(o, "max_completion_tokens", 1, 1 << 30, &max_tokens, err, errlen) ||
+        num_field(o, "temperature", 0, 2, &temperature, err, errlen) ||
+        num_field(o, "top_p", 1e-6, 1, &top_p, err, errlen) ||
+        int_field(o, "seed", 0, 9007199254740991.0, &seed, err, errlen))
+        goto done;
+    const cJSON *so = field(o, "stream_options");
+    if (so && (!cJSON_IsObject(so) ||
+               bool_field(so, "include_usage", &shape->include_usage, err, errlen))) {
+        if (!cJSON_IsObject(so)) cake_err(err, errlen, "'stream_options' must be an object");
+        goto done;
+    }
+    if (chat ? chat_prompt_of(o, m, &ids, &n, &eot, err, errlen)
+             : completion_prompt(o, m, &ids, &n, err, errlen))
+        goto done;
+    if (n >= m->n_ctx) {
+        cake_err(err, errlen,
+                 "the prompt has %d tokens; the context holds %d (prompt and completion)", n,
+                 m->n_ctx);
+        goto done;
+    }
+    if (!(j = job_create(ids, n))) {
+        cake_err(err, errlen, "out of memory");
+        goto done_ids_freed;
+    }
+    ids = NULL;
+    if (add_stops(o, j, err, errlen)) goto done;
+    /* Completions default to 16 tokens as OpenAI's do; chat runs to the end
+     * of the turn (or of the context). */
+    j->max_tokens = max_tokens > 0 ? (int)max_tokens : chat ? m->n_ctx - n : 16;
+    if (j->max_tokens > m->n_ctx - n) j->max_tokens = m->n_ctx - n;
+    j->sampling = (cake_sampler_params){.temperature = (float)temperature,
+                                        .top_p = (float)top_p,
+                                        .seed = seed >= 0 ? (uint64_t)seed : fresh_seed()};
+    j->end_of_turn = eot;
+    *out = j;
+    j = NULL;
+    rc = 0;
+done:
+    free(ids);
+done_ids_freed:
+    job_release(j);
+    cJSON_Delete(o);
+    return rc;
+}
+
+/* ---- responses ---- */
+
+static cJSON *response_head(const api_shape *s, const char *id, long created, const char *model,
+                            int chunk) {
+    cJSON *r = cJSON_CreateObject();
+    cJSON_AddStringToObject(r, "id", id);
+    cJSON_AddStringToObject(r, "object",
+                            s->chat ? (chunk ? "chat.completion.chunk" : "chat.completion")
+                                    : "text_completion");
+    cJSON_AddNumberToObject(r, "created", (double)created);
+    cJSON_AddStringToObject(r, "model", model);
+    return r;
+}
+
+static void add_usage(cJSON *r, const serve_job *j) {
+    cJSON *u = cJSON_AddObjectToObject(r, "usage");
+    cJSON_AddNumberToObject(u, "prompt_tokens", j->n_prompt);
+    cJSON_AddNumberToObject(u, "completion_tokens", j->n_ids);
+    cJSON_AddNumberToObject(u, "total_tokens", j->n_prompt + j->n_ids);
+}
+
+/* What cake did for the request: TTFT and where the prompt's KV came from. */
+static void add_cake(cJSON *r, const serve_job *j) {
+    const cake_request_stats *st = &j->stats;
+    const cake_prefill_stats *ps = &st->prefill;
+    cJSON *c = cJSON_AddObjectToObject(r, "cake");
+    cJSON_AddNumberToObject(c, "ttft_ms", st->ttft_ms);
+    cJSON_AddNumberToObject(c, "decode_ms", st->decode_ms);
+    cJSON_AddStringToObject(c, "mode", cake_mode_name(ps->mode));
+    cJSON_AddNumberToObject(c, "chunk", ps->chunk);
+    cJSON_AddNumberToObject(c, "chunks_total", ps->chunks_total);
+    cJSON_AddNumberToObject(c, "chunks_computed", ps->chunks_computed);
+    cJSON_AddNumberToObject(c, "chunks_loaded", ps->chunks_loaded);
+    cJSON_AddNumberToObject(c, "chunks_missing", ps->chunks_missing);
+    cJSON_AddNumberToObject(c, "chunks_corrupt", ps->chunks_corrupt);
+    cJSON_AddNumberToObject(c, "meet_chunk", ps->meet_chunk);
+    cJSON_AddNumberToObject(c, "bytes_loaded", (double)ps->bytes_loaded);
+    if (ps->store_error[0])
+        cJSON_AddStringToObject(c, "store_error", ps->store_error);
+    else
+        cJSON_AddNullToObject(c, "store_error");
+    cJSON_AddItemToObject(c, "generated_ids", cJSON_CreateIntArray(j->ids, j->n_ids));
+}
+
+static char *print_free(cJSON *r) {
+    char *s = cJSON_PrintUnformatted(r);
+    cJSON_Delete(r);
+    return s;
+}
+
+static const char *finish_reason(const serve_job *j) { return j->stopped ? "stop" : "length"; }
+
+char *api_response(const api_shape *s, const serve_job *j, const char *id, long created,
+                   const char *model) {
+    char *text = api_utf8_clean(j->text ? j->text : "", j->len);
+    if (!text) return NULL;
+    cJSON *r = response_head(s, id, created, model, 0);
+    cJSON *choice = cJSON_CreateObject();
+    cJSON_AddNumberToObject(choice, "index", 0);
+    if (s->chat) {
+        cJSON *msg = cJSON_AddObjectToObject(choice, "message");
+        cJSON_AddStringToObject(msg, "role", "assistant");
+        cJSON_AddStringToObject(msg, "content", text);
+    } else {
+        cJSON_AddStringToObject(choice, "text", text);
+    }
+    cJSON_AddNullToObject(choice, "logprobs");
+    cJSON_AddStringToObject(choice, "finish_reason", finish_reason(j));
+    cJSON *choices = cJSON_AddArrayToObject(r, "choices");
+    cJSON_AddItemToArray(choices, choice);
+    add_usage(r, j);
+    add_cake(r, j);
+    free(text);
+    return print_free(r);
+}
+
+char *api_stream_event(const api_shape *s, api_chunk_kind kind, const char *text, size_t text_len,
+                       const serve_job *j, const char *id, long created, const char *model) {
+    cJSON *r = response_head(s, id, created, model, 1);
+    cJSON *choices = cJSON_AddArrayToObject(r, "choices");
+    if (kind == CHUNK_USAGE) {
+        add_usage(r, j);
+    } else {
+        char *clean = api_utf8_clean(kind == CHUNK_FINISH ? "" : text, kind == CHUNK_FINISH ? 0 : text_len);
+        if (!clean) {
+            cJSON_Delete(r);
+            return NULL;
+        }
+        cJSON *choice = cJSON_CreateObject();
+        cJSON_AddNumberToObject(choice, "index", 0);
+        if (s->chat) {
+            cJSON *delta = cJSON_AddObjectToObject(choice, "delta");
+            if (kind == CHUNK_FIRST) cJSON_AddStringToObject(delta, "role", "assistant");
+            if (kind != CHUNK_FINISH) cJSON_AddStringToObject(delta, "content", clean);
+        } else {
+            cJSON_AddStringToObject(choice, "text", clean);
+        }
+        cJSON_AddNullToObject(choice, "logprobs");
+        if (kind == CHUNK_FINISH)
+            cJSON_AddStringToObject(choice, "finish_reason", finish_reason(j));
+        else
+            cJSON_AddNullToObject(choice, "finish_reason");
+        cJSON_AddItemToArray(choices, choice);
+        if (kind == CHUNK_FINISH) add_cake(r, j);
+        free(clean);
+    }
+    char *json = print_free(r);
+    if (!json) return NULL;
+    const size_t n = strlen(json);
+    char *ev = malloc(n + 9);
+    if (ev) {
+        memcpy(ev, "data: ", 6);
+        memcpy(ev + 6, json, n);
+        memcpy(ev + 6 + n, "\n\n", 3);
+    }
+    cJSON_free(json);
+    return ev;
+}
+
+char *api_error(int status, const char *message) {
+    const char *type = status == 400 || status == 404 || status == 405 || status == 413
+                           ? "invalid_request_error"
+                       : status == 503 ? "server_busy"
+                                       : "server_error";
+    cJSON *r = cJSON_CreateObject();
+    cJSON *e = cJSON_AddObjectToObject(r, "error");
+    char *clean = api_utf8_clean(message, strlen(message));
+    cJSON_AddStringToObject(e, "message", clean ? clean : "error");
+    cJSON_AddStringToObject(e, "type", type);
+    cJSON_AddNumberToObject(e, "code", status);
+    free(clean);
+    return print_free(r);
+}

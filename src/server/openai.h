@@ -1,0 +1,51 @@
+/* The OpenAI-compatible request and response bodies of /v1/completions and
+ * /v1/chat/completions (JSON through cJSON): parsing a request into a job,
+ * and the JSON of a whole response, of a stream's chunks and of an error.
+ * Pure functions of their inputs, so the tests can take them apart without
+ * a socket. */
+#ifndef CAKE_SERVER_OPENAI_H
+#define CAKE_SERVER_OPENAI_H
+
+#include <stddef.h>
+
+#include "server/chat.h"
+#include "server/pool.h"
+
+typedef struct {
+    const cake_tokenizer *tok;
+    int n_vocab;
+    int n_ctx;        /* a slot's context: prompt + generation must fit */
+    chat_format chat; /* CHAT_NONE: chat requests are refused */
+    const char *name; /* the model's id in responses */
+} api_model;
+
+typedef struct {
+    int chat;          /* /v1/chat/completions */
+    int stream;        /* server-sent events */
+    int include_usage; /* stream_options.include_usage: a last chunk with usage */
+} api_shape;
+
+/* Parses a request body into a new job (*out; the caller releases it) and
+ * how to answer. 0, or -1 with a message for a 400 response in err. */
+int api_parse(const char *body, size_t len, int chat, const api_model *m, serve_job **out,
+              api_shape *shape, char *err, size_t errlen);
+
+/* The JSON of a finished job's whole response. id: "cmpl-..." or
+ * "chatcmpl-..."; created: Unix seconds. malloc'd; NULL on out of memory. */
+char *api_response(const api_shape *s, const serve_job *j, const char *id, long created,
+                   const char *model);
+/* One server-sent event of a stream, "data: {...}\n\n": a piece of text
+ * (text_len bytes; the first chunk of a chat also carries the role), the
+ * last chunk (finish_reason), or the usage chunk. */
+typedef enum { CHUNK_TEXT, CHUNK_FIRST, CHUNK_FINISH, CHUNK_USAGE } api_chunk_kind;
+char *api_stream_event(const api_shape *s, api_chunk_kind kind, const char *text, size_t text_len,
+                       const serve_job *j, const char *id, long created, const char *model);
+
+/* {"error":{"message":...,"type":...,"code":status}} */
+char *api_error(int status, const char *message);
+
+/* text[0..len) as valid UTF-8: bytes that are not become U+FFFD. NUL-ended,
+ * malloc'd; NULL on out of memory. */
+char *api_utf8_clean(const char *text, size_t len);
+
+#endif

@@ -1,0 +1,381 @@
+#include "server/pool.h"
+
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "model/tokenizer.h"
+#include "util/err.h"
+
+/* ---- jobs ---- */
+
+serve_job *job_create(cake_token *prompt, int n) {
+    serve_job *j = calloc(1, sizeof(*j));
+    if (!j) {
+        free(prompt);
+        return NULL;
+    }
+    pthread_mutex_init(&j->mu, NULL);
+    pthread_cond_init(&j->cv, NULL);
+    j->prompt = prompt;
+    j->n_prompt = n;
+    j->end_of_turn = -1;
+    j->refs = 1;
+    return j;
+}
+
+void job_release(serve_job *j) {
+    if (!j) return;
+    pthread_mutex_lock(&j->mu);
+    const int last = --j->refs == 0;
+    pthread_mutex_unlock(&j->mu);
+    if (!last) return;
+    for (int i = 0; i < j->n_stop; i++) free(j->stop[i]);
+    free(j->prompt);
+    free(j->text);
+    free(j->ids);
+    pthread_cond_destroy(&j->cv);
+    pthread_mutex_destroy(&j->mu);
+    free(j);
+}
+
+int job_add_stop(serve_job *j, const char *s, size_t len) {
+    if (j->n_stop == JOB_MAX_STOP || !(j->stop[j->n_stop] = strndup(s, len))) return -1;
+    j->n_stop++;
+    return 0;
+}
+
+static void job_finish(serve_job *j, const char *error) {
+    pthread_mutex_lock(&j->mu);
+    if (error) snprintf(j->error, sizeof(j->error), "%s", error);
+    j->ready = j->len; /* what was held back for a stop string is final now */
+    j->done = 1;
+    pthread_cond_broadcast(&j->cv);
+    pthread_mutex_unlock(&j->mu);
+}
+
+/* ---- text as it is generated ---- */
+
+/* The end of text[0..n) backed off to the start of an unfinished UTF-8
+ * character, if it ends in one. */
+static size_t utf8_whole(const char *text, size_t n) {
+    for (size_t back = 1; back <= 3 && back <= n; back++) {
+        const unsigned char c = (unsigned char)text[n - back];
+        if ((c & 0xC0) == 0x80) continue; /* a continuation byte */
+        const size_t need = c >= 0xF0 ? 4 : c >= 0xE0 ? 3 : c >= 0xC0 ? 2 : 1;
+        return need > back ? n - back : n;
+    }
+    return n;
+}
+
+static int text_append(serve_job *j, const char *p, size_t n) {
+    if (j->len + n + 1 > j->cap) {
+        size_t cap = 2 * (j->len + n) + 256;
+        char *t = realloc(j->text, cap);
+        if (!t) return -1;
+        j->text = t;
+        j->cap = cap;
+    }
+    memcpy(j->text + j->len, p, n);
+    j->len += n;
+    j->text[j->len] = '\0';
+    return 0;
+}
+
+/* Looks for the stop strings in text that the last piece (from `from`) may
+ * have completed. Returns where the earliest match starts, or -1; *hold gets
+ * how many bytes at the end could still become one. */
+static long find_stop(const serve_job *j, size_t from, size_t *hold) {
+    long first = -1;
+    *hold = 0;
+    for (int i = 0; i < j->n_stop; i++) {
+        const size_t sl = strlen(j->stop[i]);
+        const size_t start = from >= sl - 1 ? from - (sl - 1) : 0;
+        const char *hit = memmem(j->text + start, j->len - start, j->stop[i], sl);
+        if (hit && (first < 0 || hit - j->text < first)) first = hit - j->text;
+        for (size_t k = sl - 1; k > *hold; k--)
+            if (k <= j->len && !memcmp(j->text + j->len - k, j->stop[i], k)) {
+                *hold = k;
+                break;
+            }
+    }
+    return first;
+}
+
+typedef struct {
+    serve_job *job;
+    const cake_tokenizer *tok;
+    cake_token eos;
+} token_sink;
+
+static int on_token(cake_token id, void *ud) {
+    token_sink *s = ud;
+    serve_job *j = s->job;
+    pthread_mutex_lock(&j->mu);
+    j->n_ids++;
+    int stop = 0;
+    if (id == s->eos || id == j->end_of_turn) {
+        j->stopped = 1;
+        stop = 1; /* (EOS ends the loop itself; its text is empty) */
+    } else {
+        char buf[256], *piece = buf;
+        int n = cake_token_to_piece(s->tok, j->prev, id, buf, sizeof(buf));
+        if (n > (int)sizeof(buf) && (piece = malloc((size_t)n)))
+            cake_token_to_piece(s->tok, j->prev, id, piece, (size_t)n);
+        const size_t from = j->len;
+        if (n > 0 && piece && text_append(j, piece, (size_t)n) == 0) {
+            size_t hold;
+            const long at = find_stop(j, from, &hold);
+            if (at >= 0) {
+                j->len = (size_t)at; /* the stop string is not part of the text */
+                j->text[j->len] = '\0';
+                j->stopped = 1;
+                stop = 1;
+            }
+            j->ready = utf8_whole(j->text, j->len - (at >= 0 ? 0 : hold));
+        }
+        if (piece != buf) free(piece);
+    }
+    j->prev = id;
+    pthread_cond_broadcast(&j->cv);
+    pthread_mutex_unlock(&j->mu);
+    return stop || atomic_load(&j->cancel);
+}
+
+/* ---- the pool ---- */
+
+typedef struct {
+    serve_pool *pool;
+    cake_context *ctx;
+    cake_writeback *wb;
+    pthread_t thread;
+    int started;
+    serve_job *current; /* under pool->mu */
+} slot;
+
+struct serve_pool {
+    pool_config cfg;
+    const cake_model *model;
+    int n_ctx;
+    slot *slots;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    serve_job *head, *tail; /* the queue */
+    int shutdown;
+    pool_counters totals;
+};
+
+static void account(serve_pool *p, const serve_job *j) {
+    static const double bounds[] = POOL_TTFT_BUCKETS;
+    pool_counters *t = &p->totals;
+    const cake_prefill_stats *ps = &j->stats.prefill;
+    if (j->error[0]) {
+        t->jobs_failed++;
+        return;
+    }
+    if (atomic_load(&j->cancel)) t->jobs_cancelled++;
+    t->jobs_done++;
+    t->prompt_tokens += (uint64_t)j->n_prompt;
+    t->generated_tokens += (uint64_t)j->n_ids;
+    t->chunks_computed += (uint64_t)ps->chunks_computed;
+    t->chunks_loaded += (uint64_t)ps->chunks_loaded;
+    t->chunks_missing += (uint64_t)ps->chunks_missing;
+    t->chunks_corrupt += (uint64_t)ps->chunks_corrupt;
+    t->bytes_loaded += ps->bytes_loaded;
+    t->store_errors += ps->store_error[0] != 0;
+    const double ttft = j->stats.ttft_ms / 1e3;
+    t->ttft_sum_s += ttft;
+    for (int b = 0; b < (int)(sizeof(bounds) / sizeof(bounds[0])); b++)
+        t->ttft_le[b] += ttft <= bounds[b];
+}
+
+static void run_job(slot *s, serve_job *j) {
+    serve_pool *p = s->pool;
+    const cake_tokenizer *tok = cake_model_tokenizer(p->model);
+    char err[256] = "";
+    int max = j->max_tokens;
+    if (max > p->n_ctx - j->n_prompt) max = p->n_ctx - j->n_prompt;
+    cake_sampler *sampler = cake_sampler_init(j->sampling);
+    pthread_mutex_lock(&j->mu);
+    j->ids = malloc((size_t)(max > 0 ? max : 1) * sizeof(*j->ids));
+    j->prev = j->prompt[j->n_prompt - 1];
+    cake_token *ids = j->ids;
+    pthread_mutex_unlock(&j->mu);
+    if (!sampler || !ids) {
+        cake_sampler_free(sampler);
+        job_finish(j, "out of memory");
+        return;
+    }
+    cake_prefill_params lp = {
+        .store = p->cfg.store, .writeback = s->wb, .mode = p->cfg.mode, .io_depth = p->cfg.io_depth};
+    token_sink sink = {.job = j, .tok = tok, .eos = cake_tokenizer_eos(tok)};
+    cake_request req = {
+        .prompt = j->prompt,
+        .n_prompt = j->n_prompt,
+        .n_predict = max,
+        .chunk = p->cfg.chunk,
+        .loader = p->cfg.store ? &lp : NULL,
+        .eos = sink.eos,
+        .sampler = sampler,
+        .on_token = on_token,
+        .ud = &sink,
+    };
+    cake_request_stats st;
+    const int rc = cake_request_run(s->ctx, &req, ids, &st, err, sizeof(err));
+    cake_sampler_free(sampler);
+    pthread_mutex_lock(&j->mu);
+    j->stats = st;
+    pthread_mutex_unlock(&j->mu);
+    job_finish(j, rc ? err : NULL);
+}
+
+static void *slot_main(void *arg) {
+    slot *s = arg;
+    serve_pool *p = s->pool;
+    for (;;) {
+        pthread_mutex_lock(&p->mu);
+        while (!p->head && !p->shutdown) pthread_cond_wait(&p->cv, &p->mu);
+        serve_job *j = p->head;
+        if (!j) { /* shut down, and nothing left */
+            pthread_mutex_unlock(&p->mu);
+            break;
+        }
+        if (!(p->head = j->next)) p->tail = NULL;
+        p->totals.queued--;
+        p->totals.running++;
+        s->current = j;
+        pthread_mutex_unlock(&p->mu);
+
+        if (p->shutdown)
+            job_finish(j, "the server is shutting down");
+        else
+            run_job(s, j);
+
+        pthread_mutex_lock(&p->mu);
+        p->totals.running--;
+        s->current = NULL;
+        account(p, j);
+        pthread_mutex_unlock(&p->mu);
+        job_release(j);
+        /* The next request overwrites the KV cache that queued write-backs
+         * still read from: let them finish first (the response is out). */
+        if (s->wb) cake_writeback_drain(s->wb, 60000);
+    }
+    return NULL;
+}
+
+int pool_create(const cake_model *m, const pool_config *cfg, serve_pool **out, char *err,
+                size_t errlen) {
+    *out = NULL;
+    if (cfg->n_slots < 1 || cfg->chunk < 1 || cfg->queue_max < 0)
+        return cake_err(err, errlen, "pool: bad slots, chunk or queue size");
+    serve_pool *p = calloc(1, sizeof(*p));
+    if (!p || !(p->slots = calloc((size_t)cfg->n_slots, sizeof(*p->slots)))) {
+        free(p);
+        return cake_err(err, errlen, "out of memory");
+    }
+    p->cfg = *cfg;
+    p->model = m;
+    pthread_mutex_init(&p->mu, NULL);
+    pthread_cond_init(&p->cv, NULL);
+    int threads = cfg->n_threads;
+    if (threads <= 0) {
+        const long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+        threads = cpus / cfg->n_slots > 0 ? (int)(cpus / cfg->n_slots) : 1;
+    }
+    cake_context_params cp = cake_context_default_params();
+    cp.n_ctx = cfg->n_ctx;
+    cp.n_threads = threads;
+    cp.kv_type = cfg->kv_type;
+    cp.backend = cfg->backend;
+    /* Store keys need the model's fingerprint, which reads every weight once:
+     * take that time now rather than in the first request's TTFT. */
+    if (cfg->store) {
+        uint8_t fp[16];
+        cake_model_fingerprint(m, fp);
+    }
+    for (int i = 0; i < cfg->n_slots; i++) {
+        slot *s = &p->slots[i];
+        s->pool = p;
+        if (cake_context_init(m, cp, &s->ctx, err, errlen)) goto fail;
+        if (cfg->store && !(s->wb = cake_writeback_create(cfg->store, 1024, err, errlen)))
+            goto fail;
+    }
+    p->n_ctx = cake_context_n_ctx(p->slots[0].ctx);
+    for (int i = 0; i < cfg->n_slots; i++) {
+        if (pthread_create(&p->slots[i].thread, NULL, slot_main, &p->slots[i])) {
+            cake_err(err, errlen, "cannot start a slot thread");
+            goto fail;
+        }
+        p->slots[i].started = 1;
+    }
+    *out = p;
+    return 0;
+fail:
+    pool_free(p);
+    return -1;
+}
+
+int pool_submit(serve_pool *p, serve_job *j) {
+    pthread_mutex_lock(&p->mu);
+    /* Each idle slot takes a job at once; beyond them, queue_max may wait. */
+    const int idle = p->cfg.n_slots - p->totals.running;
+    if (p->shutdown || p->totals.queued >= p->cfg.queue_max + (idle > 0 ? idle : 0)) {
+        p->totals.jobs_rejected++;
+        pthread_mutex_unlock(&p->mu);
+        return -1;
+    }
+    pthread_mutex_lock(&j->mu);
+    j->refs++;
+    pthread_mutex_unlock(&j->mu);
+    j->next = NULL;
+    if (p->tail)
+        p->tail->next = j;
+    else
+        p->head = j;
+    p->tail = j;
+    p->totals.queued++;
+    pthread_cond_signal(&p->cv);
+    pthread_mutex_unlock(&p->mu);
+    return 0;
+}
+
+int pool_n_ctx(const serve_pool *p) { return p->n_ctx; }
+
+void pool_counters_get(serve_pool *p, pool_counters *out) {
+    pthread_mutex_lock(&p->mu);
+    *out = p->totals;
+    pthread_mutex_unlock(&p->mu);
+    for (int i = 0; i < p->cfg.n_slots; i++) {
+        if (!p->slots[i].wb) continue;
+        cake_writeback_counters c;
+        cake_writeback_counters_get(p->slots[i].wb, &c);
+        out->writeback_written += c.written;
+        out->writeback_dropped += c.dropped_full + c.dropped_timeout;
+        out->writeback_failed += c.failed;
+    }
+}
+
+void pool_shutdown(serve_pool *p) {
+    pthread_mutex_lock(&p->mu);
+    p->shutdown = 1;
+    for (int i = 0; i < p->cfg.n_slots; i++)
+        if (p->slots[i].current) atomic_store(&p->slots[i].current->cancel, 1);
+    pthread_cond_broadcast(&p->cv);
+    pthread_mutex_unlock(&p->mu);
+}
+
+void pool_free(serve_pool *p) {
+    if (!p) return;
+    pool_shutdown(p);
+    for (int i = 0; i < p->cfg.n_slots; i++)
+        if (p->slots[i].started) pthread_join(p->slots[i].thread, NULL);
+    for (int i = 0; i < p->cfg.n_slots; i++) {
+        cake_writeback_free(p->slots[i].wb); /* before its context: it reads the KV */
+        cake_context_free(p->slots[i].ctx);
+    }
+    pthread_cond_destroy(&p->cv);
+    pthread_mutex_destroy(&p->mu);
+    free(p->slots);
+    free(p);
+}

@@ -1,0 +1,51 @@
+/* cake serve's HTTP side (libmicrohttpd, a thread per connection): an
+ * OpenAI-compatible API over the engine pool, plus /health and Prometheus
+ * /metrics.
+ *
+ *   POST /v1/completions        prompt (text or token ids) -> text
+ *   POST /v1/chat/completions   messages -> the assistant's answer
+ *   GET  /v1/models             the one model served
+ *   GET  /health                200 while serving, 503 while shutting down
+ *   GET  /metrics               Prometheus text format
+ *
+ * "stream": true answers with server-sent events as tokens come. Errors are
+ * OpenAI-style JSON ({"error":{"message":...}}) with 400 (bad request), 404,
+ * 405, 413 (body over the limit), 503 (queue full, shutting down) or 500. A
+ * client that goes away cancels its request at the next token. */
+#ifndef CAKE_SERVER_SERVER_H
+#define CAKE_SERVER_SERVER_H
+
+#include <stddef.h>
+
+#include "server/openai.h"
+#include "server/pool.h"
+
+typedef struct {
+    const char *host; /* address to listen on (name or numeric; IPv4 or IPv6) */
+    int port;         /* 0: any free port (server_port tells which) */
+    size_t max_body;  /* larger request bodies get 413 */
+    int max_connections;
+} http_config;
+
+typedef struct serve_server serve_server;
+
+/* Starts listening. The pool and the model stay the caller's and must outlive
+ * the server. 0, or -1 with err. */
+int server_start(serve_pool *pool, const api_model *model, const http_config *cfg,
+                 serve_server **out, char *err, size_t errlen);
+int server_port(const serve_server *s);
+/* Answers 503 to new requests from now on, and has waiting requests give up
+ * once their jobs end (pool_shutdown ends them). */
+void server_begin_shutdown(serve_server *s);
+/* Closes every connection (joining their threads) and frees. Accepts NULL. */
+void server_stop(serve_server *s);
+
+/* The Prometheus text of the pool's counters and the HTTP status counts
+ * (malloc'd; NULL on out of memory). Exposed for the tests. */
+char *server_metrics_text(const pool_counters *pc, const unsigned long long *status_counts);
+
+/* The statuses counted, in the order of status_counts. */
+#define SERVER_STATUSES {200, 400, 404, 405, 413, 500, 503}
+#define SERVER_N_STATUSES 7
+
+#endif
