@@ -235,6 +235,8 @@ int test_write_variant(const char *src, const char *dst, const test_model_varian
             rc = cake_err(err, errlen, "%s: key %s could not be copied", src, key ? key : "?");
         free(key);
     }
+    if (!rc && v->chat_template)
+        cake_gguf_writer_add_str(w, "tokenizer.chat_template", v->chat_template);
     if (!rc && v->linear > 0) {
         char key[64];
         snprintf(key, sizeof(key), "%s.rope.scaling.type", arch);

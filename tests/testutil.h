@@ -44,6 +44,7 @@ typedef struct {
      * (test_quantize_row; a type cake cannot compute with gets zero
      * blocks; not with qwen2) */
     int (*retype)(const char *name, int type);
+    const char *chat_template; /* tokenizer.chat_template; NULL: none */
 } test_model_variant;
 
 /* Copies the GGUF at src (a llama model with the key types `cake mkmodel`

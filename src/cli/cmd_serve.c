@@ -50,16 +50,23 @@ typedef struct {
 } serve_opts;
 
 static int parse_args(int argc, char **argv, serve_opts *o) {
-    static const struct option opts[] = {
-        {"model", required_argument, 0, 'm'},   {"host", required_argument, 0, 'H'},
-        {"port", required_argument, 0, 'p'},    {"store", required_argument, 0, 'S'},
-        {"mode", required_argument, 0, 'M'},    {"chunk", required_argument, 0, 'c'},
-        {"io-depth", required_argument, 0, 'I'}, {"slots", required_argument, 0, 's'},
-        {"queue", required_argument, 0, 'q'},   {"ctx", required_argument, 0, 'x'},
-        {"threads", required_argument, 0, 'j'}, {"kv-type", required_argument, 0, 'k'},
-        {"backend", required_argument, 0, 'B'}, {"name", required_argument, 0, 'N'},
-        {"max-body", required_argument, 0, 'b'}, {"help", no_argument, 0, 'h'},
-        {0, 0, 0, 0}};
+    static const struct option opts[] = {{"model", required_argument, 0, 'm'},
+                                         {"host", required_argument, 0, 'H'},
+                                         {"port", required_argument, 0, 'p'},
+                                         {"store", required_argument, 0, 'S'},
+                                         {"mode", required_argument, 0, 'M'},
+                                         {"chunk", required_argument, 0, 'c'},
+                                         {"io-depth", required_argument, 0, 'I'},
+                                         {"slots", required_argument, 0, 's'},
+                                         {"queue", required_argument, 0, 'q'},
+                                         {"ctx", required_argument, 0, 'x'},
+                                         {"threads", required_argument, 0, 'j'},
+                                         {"kv-type", required_argument, 0, 'k'},
+                                         {"backend", required_argument, 0, 'B'},
+                                         {"name", required_argument, 0, 'N'},
+                                         {"max-body", required_argument, 0, 'b'},
+                                         {"help", no_argument, 0, 'h'},
+                                         {0, 0, 0, 0}};
     *o = (serve_opts){.host = "127.0.0.1",
                       .store = DEFAULT_STORE,
                       .port = 8080,

@@ -100,7 +100,9 @@ static void put_text(builder *b, const char *s, size_t len) {
     b->text_len += len;
 }
 
-static void put_str(builder *b, const char *s) { put_text(b, s, strlen(s)); }
+static void put_str(builder *b, const char *s) {
+    put_text(b, s, strlen(s));
+}
 
 /* A message's text with leading and trailing white space removed, as the
  * Llama templates do ({{ message['content'] | trim }}). */

@@ -29,6 +29,7 @@ struct serve_server {
 typedef struct {
     char *body;
     size_t len, cap;
+    int too_large; /* a chunked body went over the limit: the rest is dropped */
 } request_state;
 
 /* ---- replies ---- */
@@ -40,8 +41,8 @@ static void count_status(serve_server *s, unsigned status) {
 }
 
 /* Queues body (malloc'd; taken over) with status and content type. */
-static enum MHD_Result reply(serve_server *s, struct MHD_Connection *c, unsigned status,
-                             char *body, const char *type) {
+static enum MHD_Result reply(serve_server *s, struct MHD_Connection *c, unsigned status, char *body,
+                             const char *type) {
     if (!body) {
         status = MHD_HTTP_INTERNAL_SERVER_ERROR;
         body = strdup("{\"error\":{\"message\":\"out of memory\",\"type\":\"server_error\"}}");
@@ -198,8 +199,7 @@ static enum MHD_Result completions(serve_server *s, struct MHD_Connection *c,
     char err[512];
     serve_job *j;
     api_shape shape;
-    if (api_parse(rq->body ? rq->body : "", rq->len, chat, &s->model, &j, &shape, err,
-                  sizeof(err)))
+    if (api_parse(rq->body ? rq->body : "", rq->len, chat, &s->model, &j, &shape, err, sizeof(err)))
         return reply_error(s, c, MHD_HTTP_BAD_REQUEST, "%s", err);
     if (atomic_load(&s->stopping) || pool_submit(s->pool, j)) {
         job_release(j);
@@ -279,16 +279,17 @@ static enum MHD_Result metrics(serve_server *s, struct MHD_Connection *c) {
     pool_counters_get(s->pool, &pc);
     unsigned long long counts[SERVER_N_STATUSES];
     for (int i = 0; i < SERVER_N_STATUSES; i++) counts[i] = atomic_load(&s->status_counts[i]);
-    return reply(s, c, MHD_HTTP_OK, server_metrics_text(&pc, counts),
-                 "text/plain; version=0.0.4");
+    return reply(s, c, MHD_HTTP_OK, server_metrics_text(&pc, counts), "text/plain; version=0.0.4");
 }
 
 static enum MHD_Result route(serve_server *s, struct MHD_Connection *c, const char *url,
                              const char *method, const request_state *rq) {
     static const struct {
         const char *path, *method;
-    } routes[] = {{"/v1/completions", "POST"}, {"/v1/chat/completions", "POST"},
-                  {"/v1/models", "GET"},       {"/health", "GET"},
+    } routes[] = {{"/v1/completions", "POST"},
+                  {"/v1/chat/completions", "POST"},
+                  {"/v1/models", "GET"},
+                  {"/health", "GET"},
                   {"/metrics", "GET"}};
     int i = 0;
     const int n = (int)(sizeof(routes) / sizeof(routes[0]));
@@ -326,9 +327,13 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         return MHD_YES;
     }
     if (*upload_size) {
-        if (rq->len + *upload_size > s->cfg.max_body) /* chunked, so no length up front */
-            return reply_error(s, c, MHD_HTTP_CONTENT_TOO_LARGE,
-                               "the body is over the limit of %zu bytes", s->cfg.max_body);
+        /* A chunked body has no length up front. MHD takes a response only
+         * once the whole request is in: drop the rest, then answer 413. */
+        if (rq->too_large || rq->len + *upload_size > s->cfg.max_body) {
+            rq->too_large = 1;
+            *upload_size = 0;
+            return MHD_YES;
+        }
         if (rq->len + *upload_size + 1 > rq->cap) {
             size_t cap = 2 * (rq->len + *upload_size) + 1;
             char *b = realloc(rq->body, cap);
@@ -341,6 +346,9 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         *upload_size = 0;
         return MHD_YES;
     }
+    if (rq->too_large)
+        return reply_error(s, c, MHD_HTTP_CONTENT_TOO_LARGE,
+                           "the body is over the limit of %zu bytes", s->cfg.max_body);
     return route(s, c, url, method, rq);
 }
 
@@ -359,7 +367,8 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **state,
 int server_start(serve_pool *pool, const api_model *model, const http_config *cfg,
                  serve_server **out, char *err, size_t errlen) {
     *out = NULL;
-    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
+    struct addrinfo hints = {.ai_family = AF_UNSPEC,
+                             .ai_socktype = SOCK_STREAM,
                              .ai_flags = AI_PASSIVE},
                     *ai = NULL;
     char port[16];
@@ -374,14 +383,14 @@ int server_start(serve_pool *pool, const api_model *model, const http_config *cf
     s->pool = pool;
     s->model = *model;
     s->cfg = *cfg;
-    unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_THREAD_PER_CONNECTION |
-                     MHD_USE_ERROR_LOG;
+    unsigned flags =
+        MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_THREAD_PER_CONNECTION | MHD_USE_ERROR_LOG;
     if (ai->ai_family == AF_INET6) flags |= MHD_USE_IPv6;
-    s->daemon = MHD_start_daemon(
-        flags, (uint16_t)cfg->port, NULL, NULL, on_request, s, MHD_OPTION_SOCK_ADDR, ai->ai_addr,
-        MHD_OPTION_CONNECTION_LIMIT, (unsigned)cfg->max_connections,
-        MHD_OPTION_CONNECTION_TIMEOUT, 600u, /* idle seconds; a long prefill is not idle */
-        MHD_OPTION_NOTIFY_COMPLETED, on_completed, NULL, MHD_OPTION_END);
+    s->daemon = MHD_start_daemon(flags, (uint16_t)cfg->port, NULL, NULL, on_request, s,
+                                 MHD_OPTION_SOCK_ADDR, ai->ai_addr, MHD_OPTION_CONNECTION_LIMIT,
+                                 (unsigned)cfg->max_connections, MHD_OPTION_CONNECTION_TIMEOUT,
+                                 600u, /* idle seconds; a long prefill is not idle */
+                                 MHD_OPTION_NOTIFY_COMPLETED, on_completed, NULL, MHD_OPTION_END);
     freeaddrinfo(ai);
     if (!s->daemon) {
         free(s);
@@ -394,7 +403,9 @@ int server_start(serve_pool *pool, const api_model *model, const http_config *cf
     return 0;
 }
 
-int server_port(const serve_server *s) { return s->port; }
+int server_port(const serve_server *s) {
+    return s->port;
+}
 
 void server_begin_shutdown(serve_server *s) {
     if (s) atomic_store(&s->stopping, 1);

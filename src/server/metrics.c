@@ -78,10 +78,11 @@ char *server_metrics_text(const pool_counters *pc, const unsigned long long *sta
         "cake_time_to_first_token_seconds_count %llu\n",
         (unsigned long long)pc->jobs_done, pc->ttft_sum_s, (unsigned long long)pc->jobs_done);
 
-    put(&t, "# HELP cake_prefill_chunks_total Prompt chunks by where their KV came from.\n"
-            "# TYPE cake_prefill_chunks_total counter\n"
-            "cake_prefill_chunks_total{source=\"computed\"} %llu\n"
-            "cake_prefill_chunks_total{source=\"loaded\"} %llu\n",
+    put(&t,
+        "# HELP cake_prefill_chunks_total Prompt chunks by where their KV came from.\n"
+        "# TYPE cake_prefill_chunks_total counter\n"
+        "cake_prefill_chunks_total{source=\"computed\"} %llu\n"
+        "cake_prefill_chunks_total{source=\"loaded\"} %llu\n",
         (unsigned long long)pc->chunks_computed, (unsigned long long)pc->chunks_loaded);
     counter(&t, "cake_store_chunks_missing_total", "Loadable chunks the store did not have.",
             (unsigned long long)pc->chunks_missing);
@@ -92,11 +93,12 @@ char *server_metrics_text(const pool_counters *pc, const unsigned long long *sta
             (unsigned long long)pc->bytes_loaded);
     counter(&t, "cake_store_request_errors_total", "Requests during which the store failed.",
             (unsigned long long)pc->store_errors);
-    put(&t, "# HELP cake_store_writeback_chunks_total Computed chunks written back, by result.\n"
-            "# TYPE cake_store_writeback_chunks_total counter\n"
-            "cake_store_writeback_chunks_total{result=\"written\"} %llu\n"
-            "cake_store_writeback_chunks_total{result=\"dropped\"} %llu\n"
-            "cake_store_writeback_chunks_total{result=\"failed\"} %llu\n",
+    put(&t,
+        "# HELP cake_store_writeback_chunks_total Computed chunks written back, by result.\n"
+        "# TYPE cake_store_writeback_chunks_total counter\n"
+        "cake_store_writeback_chunks_total{result=\"written\"} %llu\n"
+        "cake_store_writeback_chunks_total{result=\"dropped\"} %llu\n"
+        "cake_store_writeback_chunks_total{result=\"failed\"} %llu\n",
         (unsigned long long)pc->writeback_written, (unsigned long long)pc->writeback_dropped,
         (unsigned long long)pc->writeback_failed);
     if (t.failed) {

@@ -96,9 +96,9 @@ static int bool_field(const cJSON *o, const char *key, int *out, char *err, size
 /* Fields that would change the answer in ways cake does not do: refused
  * rather than ignored. Their "off" values (null, false, 0, []) pass. */
 static int unsupported(const cJSON *o, char *err, size_t errlen) {
-    static const char *keys[] = {"echo", "logprobs", "top_logprobs", "suffix", "tools",
-                                 "functions", "logit_bias", "frequency_penalty",
-                                 "presence_penalty", "best_of"};
+    static const char *keys[] = {
+        "echo",      "logprobs",   "top_logprobs",      "suffix",           "tools",
+        "functions", "logit_bias", "frequency_penalty", "presence_penalty", "best_of"};
     for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++) {
         const cJSON *v = field(o, keys[i]);
         if (!v || cJSON_IsFalse(v) || (cJSON_IsNumber(v) && v->valuedouble == 0) ||
@@ -141,7 +141,8 @@ static int tokenize_text(const api_model *m, const char *s, size_t len, cake_tok
     const int64_t count = cake_tokenize(m->tok, s, len, bos, NULL, 0);
     if (count < 0 || count > INT32_MAX) return cake_err(err, errlen, "tokenization failed");
     if (count == 0) return cake_err(err, errlen, "the prompt is empty (no tokens)");
-    if (!(*ids = malloc((size_t)count * sizeof(**ids)))) return cake_err(err, errlen, "out of memory");
+    if (!(*ids = malloc((size_t)count * sizeof(**ids))))
+        return cake_err(err, errlen, "out of memory");
     cake_tokenize(m->tok, s, len, bos, *ids, count);
     *n = (int)count;
     return 0;
@@ -160,7 +161,8 @@ static int completion_prompt(const cJSON *o, const api_model *m, cake_token **id
         return cake_err(err, errlen, "'prompt' must be a string or an array of token ids");
     const int count = cJSON_GetArraySize(p);
     if (count == 0) return cake_err(err, errlen, "the prompt is empty (no tokens)");
-    if (!(*ids = malloc((size_t)count * sizeof(**ids)))) return cake_err(err, errlen, "out of memory");
+    if (!(*ids = malloc((size_t)count * sizeof(**ids))))
+        return cake_err(err, errlen, "out of memory");
     int i = 0;
     const cJSON *v;
     cJSON_ArrayForEach(v, p) {
@@ -375,7 +377,9 @@ static char *print_free(cJSON *r) {
     return s;
 }
 
-static const char *finish_reason(const serve_job *j) { return j->stopped ? "stop" : "length"; }
+static const char *finish_reason(const serve_job *j) {
+    return j->stopped ? "stop" : "length";
+}
 
 char *api_response(const api_shape *s, const serve_job *j, const char *id, long created,
                    const char *model) {
@@ -408,7 +412,8 @@ char *api_stream_event(const api_shape *s, api_chunk_kind kind, const char *text
     if (kind == CHUNK_USAGE) {
         add_usage(r, j);
     } else {
-        char *clean = api_utf8_clean(kind == CHUNK_FINISH ? "" : text, kind == CHUNK_FINISH ? 0 : text_len);
+        char *clean =
+            api_utf8_clean(kind == CHUNK_FINISH ? "" : text, kind == CHUNK_FINISH ? 0 : text_len);
         if (!clean) {
             cJSON_Delete(r);
             return NULL;

@@ -206,8 +206,10 @@ static void run_job(slot *s, serve_job *j) {
         job_finish(j, "out of memory");
         return;
     }
-    cake_prefill_params lp = {
-        .store = p->cfg.store, .writeback = s->wb, .mode = p->cfg.mode, .io_depth = p->cfg.io_depth};
+    cake_prefill_params lp = {.store = p->cfg.store,
+                              .writeback = s->wb,
+                              .mode = p->cfg.mode,
+                              .io_depth = p->cfg.io_depth};
     token_sink sink = {.job = j, .tok = tok, .eos = cake_tokenizer_eos(tok)};
     cake_request req = {
         .prompt = j->prompt,
@@ -340,7 +342,9 @@ int pool_submit(serve_pool *p, serve_job *j) {
     return 0;
 }
 
-int pool_n_ctx(const serve_pool *p) { return p->n_ctx; }
+int pool_n_ctx(const serve_pool *p) {
+    return p->n_ctx;
+}
 
 void pool_counters_get(serve_pool *p, pool_counters *out) {
     pthread_mutex_lock(&p->mu);

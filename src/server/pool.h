@@ -40,9 +40,9 @@ struct serve_job {
     size_t ready;
     cake_token *ids; /* generated ids (max_tokens of room) */
     int n_ids;
-    int done;           /* the job ended (finished, failed or cancelled) */
-    int stopped;        /* it ended at EOS, the end of turn or a stop string */
-    char error[256];    /* why it failed; "" when it did not */
+    int done;        /* the job ended (finished, failed or cancelled) */
+    int stopped;     /* it ended at EOS, the end of turn or a stop string */
+    char error[256]; /* why it failed; "" when it did not */
     cake_request_stats stats;
     atomic_int cancel; /* set by the HTTP side: stop at the next token */
 
@@ -82,7 +82,8 @@ typedef struct {
     int running, queued;
 } pool_counters;
 
-#define POOL_TTFT_BUCKETS {0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120}
+#define POOL_TTFT_BUCKETS                                                                          \
+    { 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120 }
 
 typedef struct serve_pool serve_pool;
 

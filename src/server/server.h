@@ -45,7 +45,8 @@ void server_stop(serve_server *s);
 char *server_metrics_text(const pool_counters *pc, const unsigned long long *status_counts);
 
 /* The statuses counted, in the order of status_counts. */
-#define SERVER_STATUSES {200, 400, 404, 405, 413, 500, 503}
+#define SERVER_STATUSES                                                                            \
+    { 200, 400, 404, 405, 413, 500, 503 }
 #define SERVER_N_STATUSES 7
 
 #endif

@@ -1,0 +1,865 @@
+/* `cake serve`, the real binary on loopback, driven over plain sockets: the
+ * API's answers against `cake run` on the same model, streams against whole
+ * answers, stop strings, a file store and a Redis store that dies, clients
+ * that go away, a full queue, bad requests of every kind, and SIGTERM. The
+ * chat formats and the request parser are taken apart in process. */
+#include <cjson/cJSON.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <cmocka.h>
+
+#include "test_store_common.h"
+#include "testutil.h"
+
+#include "cake.h"
+#include "model/tokenizer.h"
+#include "server/chat.h"
+#include "server/openai.h"
+
+/* ---- the server process ---- */
+
+typedef struct {
+    pid_t pid;
+    int port;
+    char log[64];
+} t_server;
+
+/* Servers still running when a test fails (cmocka jumps out of it): killed
+ * at exit, so that none outlives the test and holds its output open. */
+static pid_t g_running[16];
+
+static void kill_running(void) {
+    for (int i = 0; i < 16; i++)
+        if (g_running[i] > 0) kill(g_running[i], SIGKILL);
+}
+
+/* Starts `cake serve -m model --port 0 args...` (NULL-terminated); 0 when it
+ * says it listens. Its stderr goes to a file, read for the port. */
+static int serve_start(t_server *s, const char *model, ...) {
+    const char *argv[40] = {CAKE_BIN, "serve", "-m", model, "--port", "0", "--threads", "2"};
+    int argc = 8;
+    va_list ap;
+    va_start(ap, model);
+    for (const char *a; argc < 39 && (a = va_arg(ap, const char *));) argv[argc++] = a;
+    va_end(ap);
+    argv[argc] = NULL;
+    snprintf(s->log, sizeof(s->log), "/tmp/cake-test-serve-XXXXXX");
+    const int fd = mkstemp(s->log);
+    if (fd < 0) return -1;
+    s->pid = fork();
+    if (s->pid == 0) {
+        int devnull = open("/dev/null", O_WRONLY);
+        dup2(devnull, 1);
+        dup2(fd, 2);
+        execv(CAKE_BIN, (char *const *)argv);
+        _exit(127);
+    }
+    close(fd);
+    for (int i = 0; i < 16; i++)
+        if (g_running[i] <= 0) {
+            g_running[i] = s->pid;
+            break;
+        }
+    for (int i = 0; i < 3000; i++) { /* 30 s: a sanitized build loads slowly */
+        size_t n;
+        char *text = test_read_file(s->log, &n);
+        const char *at = text ? strstr(text, "listening on http://127.0.0.1:") : NULL;
+        if (at) s->port = atoi(at + strlen("listening on http://127.0.0.1:"));
+        free(text);
+        if (at) return 0;
+        if (waitpid(s->pid, NULL, WNOHANG) == s->pid) break;
+        usleep(10000);
+    }
+    return -1;
+}
+
+/* SIGTERM, then the exit status (-1: no exit within 20 s). */
+static int serve_stop(t_server *s) {
+    int st = -1;
+    if (s->pid > 0) {
+        kill(s->pid, SIGTERM);
+        for (int i = 0; i < 2000; i++) {
+            if (waitpid(s->pid, &st, WNOHANG) == s->pid) break;
+            usleep(10000);
+            st = -1;
+        }
+        if (st == -1) {
+            kill(s->pid, SIGKILL);
+            waitpid(s->pid, NULL, 0);
+        }
+    }
+    for (int i = 0; i < 16; i++)
+        if (g_running[i] == s->pid) g_running[i] = 0;
+    s->pid = 0;
+    unlink(s->log);
+    return st != -1 && WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+/* ---- HTTP/1.1 over a socket ---- */
+
+typedef struct {
+    int status;
+    char *head; /* status line and headers */
+    char *body; /* NUL-terminated, chunked encoding undone */
+    size_t len;
+} t_resp;
+
+static void resp_free(t_resp *r) {
+    free(r->head);
+    free(r->body);
+    *r = (t_resp){0};
+}
+
+static int connect_to(int port) {
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET,
+                            .sin_port = htons((uint16_t)port),
+                            .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    assert_true(fd >= 0);
+    assert_int_equal(connect(fd, (struct sockaddr *)&a, sizeof(a)), 0);
+    struct timeval tv = {60, 0};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    return fd;
+}
+
+static void send_all(int fd, const char *p, size_t n) {
+    while (n) {
+        ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
+        if (w <= 0) return; /* the server may close first (413) */
+        p += w, n -= (size_t)w;
+    }
+}
+
+static void send_request(int fd, const char *method, const char *path, const char *body) {
+    char head[512];
+    snprintf(head, sizeof(head),
+             "%s %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+             "Content-Type: application/json\r\nContent-Length: %zu\r\n\r\n",
+             method, path, body ? strlen(body) : 0);
+    send_all(fd, head, strlen(head));
+    if (body) send_all(fd, body, strlen(body));
+}
+
+/* Reads the whole response (the server closes the connection after it). */
+static t_resp read_response(int fd) {
+    size_t cap = 1 << 16, n = 0;
+    char *raw = malloc(cap);
+    for (ssize_t r; (r = recv(fd, raw + n, cap - n - 1, 0)) > 0;)
+        if ((n += (size_t)r) + 1 == cap) raw = realloc(raw, cap *= 2);
+    close(fd);
+    raw[n] = '\0';
+    t_resp out = {0};
+    char *sep = strstr(raw, "\r\n\r\n");
+    assert_non_null(sep);
+    *sep = '\0';
+    out.head = strdup(raw);
+    sscanf(raw, "HTTP/1.%*d %d", &out.status);
+    const char *body = sep + 4;
+    size_t blen = n - (size_t)(body - raw);
+    out.body = malloc(blen + 1);
+    if (strcasestr(out.head, "Transfer-Encoding: chunked")) {
+        for (const char *p = body;;) {
+            size_t sz = strtoul(p, NULL, 16);
+            p = strstr(p, "\r\n");
+            if (!sz || !p) break;
+            memcpy(out.body + out.len, p + 2, sz);
+            out.len += sz;
+            p += 2 + sz + 2;
+        }
+    } else {
+        memcpy(out.body, body, blen);
+        out.len = blen;
+    }
+    out.body[out.len] = '\0';
+    free(raw);
+    return out;
+}
+
+static t_resp http(int port, const char *method, const char *path, const char *body) {
+    int fd = connect_to(port);
+    send_request(fd, method, path, body);
+    return read_response(fd);
+}
+
+/* POSTs body (printf format) and returns the parsed JSON of a 200 answer. */
+__attribute__((format(printf, 3, 4))) static cJSON *post_ok(int port, const char *path,
+                                                            const char *fmt, ...) {
+    char body[8192];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(body, sizeof(body), fmt, ap);
+    va_end(ap);
+    t_resp r = http(port, "POST", path, body);
+    if (r.status != 200) fprintf(stderr, "%s -> %d %s\n", body, r.status, r.body);
+    assert_int_equal(r.status, 200);
+    cJSON *j = cJSON_Parse(r.body);
+    assert_non_null(j);
+    resp_free(&r);
+    return j;
+}
+
+static const cJSON *at(const cJSON *j, const char *path) { /* "a.b.0.c" */
+    char buf[128];
+    snprintf(buf, sizeof(buf), "%s", path);
+    for (char *save, *k = strtok_r(buf, ".", &save); j && k; k = strtok_r(NULL, ".", &save))
+        j = cJSON_IsArray(j) ? cJSON_GetArrayItem(j, atoi(k))
+                             : cJSON_GetObjectItemCaseSensitive(j, k);
+    assert_non_null(j);
+    return j;
+}
+
+static const char *str_at(const cJSON *j, const char *path) {
+    const cJSON *v = at(j, path);
+    assert_true(cJSON_IsString(v));
+    return v->valuestring;
+}
+
+static double num_at(const cJSON *j, const char *path) {
+    const cJSON *v = at(j, path);
+    assert_true(cJSON_IsNumber(v));
+    return v->valuedouble;
+}
+
+/* The value of a metric line "name value" in /metrics. */
+static double metric(int port, const char *name) {
+    t_resp r = http(port, "GET", "/metrics", NULL);
+    assert_int_equal(r.status, 200);
+    char key[160];
+    snprintf(key, sizeof(key), "\n%s ", name);
+    const char *p = strstr(r.body, key);
+    assert_non_null(p);
+    const double v = strtod(p + strlen(key), NULL);
+    resp_free(&r);
+    return v;
+}
+
+/* The JSON objects of an event stream's "data: " lines, and whether it
+ * ended with "data: [DONE]". */
+static int parse_events(const char *body, cJSON **ev, int cap, int *done) {
+    int n = 0;
+    *done = 0;
+    for (const char *p = body; (p = strstr(p, "data: ")); p += 6) {
+        if (!strncmp(p + 6, "[DONE]\n\n", 8)) {
+            *done = 1;
+            continue;
+        }
+        assert_true(n < cap);
+        assert_non_null(ev[n++] = cJSON_Parse(p + 6)); /* stops at the line's end */
+    }
+    return n;
+}
+
+/* ---- fixtures ---- */
+
+static char g_tiny[64];
+
+static int setup(void **state) {
+    (void)state;
+    signal(SIGPIPE, SIG_IGN);
+    atexit(kill_running);
+    setenv("CAKE_HINTS", "", 1);
+    return test_make_model("tiny", "f16", g_tiny);
+}
+
+static int teardown(void **state) {
+    (void)state;
+    unlink(g_tiny);
+    kill_running();
+    return 0;
+}
+
+/* ---- the command line ---- */
+
+static void test_usage_errors(void **state) {
+    (void)state;
+    char cmd[512];
+    snprintf(cmd, sizeof(cmd), "%s serve 2>/dev/null", CAKE_BIN);
+    assert_int_equal(WEXITSTATUS(system(cmd)), 2);
+    snprintf(cmd, sizeof(cmd), "%s serve -m %s --port 70000 2>/dev/null", CAKE_BIN, g_tiny);
+    assert_int_equal(WEXITSTATUS(system(cmd)), 2);
+    snprintf(cmd, sizeof(cmd), "%s serve -m /nonexistent.gguf --port 0 2>/dev/null", CAKE_BIN);
+    assert_int_equal(WEXITSTATUS(system(cmd)), 1);
+    snprintf(cmd, sizeof(cmd), "%s serve --help | grep -q -- --slots", CAKE_BIN);
+    assert_int_equal(WEXITSTATUS(system(cmd)), 0);
+
+    /* A port in use: a clear error, exit 1. */
+    t_server s;
+    assert_int_equal(serve_start(&s, g_tiny, NULL), 0);
+    snprintf(cmd, sizeof(cmd), "%s serve -m %s --port %d 2>&1 | grep -q 'cannot listen'", CAKE_BIN,
+             g_tiny, s.port);
+    assert_int_equal(WEXITSTATUS(system(cmd)), 0);
+    assert_int_equal(serve_stop(&s), 0);
+}
+
+/* ---- bad requests: clear errors, and the server keeps serving ---- */
+
+static void test_bad_requests(void **state) {
+    (void)state;
+    t_server s;
+    assert_int_equal(serve_start(&s, g_tiny, "--ctx", "64", "--max-body", "4096", NULL), 0);
+    static const struct {
+        const char *method, *path, *body;
+        int status;
+        const char *says;
+    } cases[] = {
+        {"GET", "/nope", NULL, 404, "no such endpoint"},
+        {"GET", "/v1/completions", NULL, 405, "wants POST"},
+        {"POST", "/health", "{}", 405, "wants GET"},
+        {"POST", "/v1/completions", "", 400, "JSON object"},
+        {"POST", "/v1/completions", "{\"prompt\":", 400, "JSON object"},
+        {"POST", "/v1/completions", "[1,2]", 400, "JSON object"},
+        {"POST", "/v1/completions", "{}", 400, "'prompt'"},
+        {"POST", "/v1/completions", "{\"prompt\":[]}", 400, "empty"},
+        {"POST", "/v1/completions", "{\"prompt\":[1,99999]}", 400, "not a token id"},
+        {"POST", "/v1/completions", "{\"prompt\":[1,2.5]}", 400, "not a token id"},
+        {"POST", "/v1/completions", "{\"prompt\":[\"a\",\"b\"]}", 400, "not a token id"},
+        {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"max_tokens\":0}", 400, "'max_tokens'"},
+        {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"max_tokens\":\"5\"}", 400,
+         "'max_tokens'"},
+        {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"temperature\":3}", 400, "'temperature'"},
+        {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"top_p\":0}", 400, "'top_p'"},
+        {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"seed\":-1}", 400, "'seed'"},
+        {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"n\":2}", 400, "'n'"},
+        {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"stream\":1}", 400, "'stream'"},
+        {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"stop\":\"\"}", 400, "'stop'"},
+        {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"stop\":[\"a\",\"b\",\"c\",\"d\",\"e\"]}",
+         400, "'stop'"},
+        {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"logprobs\":2}", 400, "not supported"},
+        {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"echo\":true}", 400, "not supported"},
+        {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"presence_penalty\":0.5}", 400,
+         "not supported"},
+        {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"stream_options\":3}", 400,
+         "'stream_options'"},
+        /* 70 tokens in a context of 64 */
+        {"POST", "/v1/completions",
+         "{\"prompt\":[1,2,3,4,5,6,7,8,9,10,1,2,3,4,5,6,7,8,9,10,1,2,3,4,5,6,7,8,9,10,1,2,3,4,5,"
+         "6,7,8,9,10,1,2,3,4,5,6,7,8,9,10,1,2,3,4,5,6,7,8,9,10,1,2,3,4,5,6,7,8,9,10]}",
+         400, "context holds 64"},
+        {"POST", "/v1/chat/completions", "{\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}",
+         400, "no chat template"},
+    };
+    int n400 = 0;
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        n400 += cases[i].status == 400;
+        t_resp r = http(s.port, cases[i].method, cases[i].path, cases[i].body);
+        cJSON *j = cJSON_Parse(r.body);
+        const cJSON *msg =
+            j ? cJSON_GetObjectItem(cJSON_GetObjectItem(j, "error"), "message") : NULL;
+        if (r.status != cases[i].status || !cJSON_IsString(msg) ||
+            !strstr(msg->valuestring, cases[i].says))
+            fail_msg("%s %s %s: %d %s, want %d '%s'", cases[i].method, cases[i].path,
+                     cases[i].body ? cases[i].body : "", r.status, r.body, cases[i].status,
+                     cases[i].says);
+        if (r.status == 405) assert_non_null(strstr(r.head, "Allow: GET, POST"));
+        cJSON_Delete(j);
+        resp_free(&r);
+    }
+
+    /* Bodies over the limit: with a length up front, and sent in chunks. */
+    char big[6000];
+    memset(big, 'x', sizeof(big) - 1);
+    big[sizeof(big) - 1] = '\0';
+    t_resp r = http(s.port, "POST", "/v1/completions", big);
+    assert_int_equal(r.status, 413);
+    resp_free(&r);
+    int fd = connect_to(s.port);
+    const char *head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                       "Transfer-Encoding: chunked\r\n\r\n";
+    send_all(fd, head, strlen(head));
+    for (int i = 0; i < 6; i++) {
+        char chunk[1100];
+        snprintf(chunk, sizeof(chunk), "3e8\r\n%.1000s\r\n", big);
+        send_all(fd, chunk, strlen(chunk));
+    }
+    send_all(fd, "0\r\n\r\n", 5);
+    r = read_response(fd);
+    assert_int_equal(r.status, 413);
+    resp_free(&r);
+
+    /* Not HTTP at all (MHD closes the connection), and a connection that
+     * closes mid-request. */
+    fd = connect_to(s.port);
+    send_all(fd, "GARBAGE\r\n\r\n", 11);
+    char junk[256];
+    while (recv(fd, junk, sizeof(junk), 0) > 0) continue;
+    close(fd);
+    fd = connect_to(s.port);
+    send_all(fd, "POST /v1/completions HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"pro", 59);
+    close(fd);
+
+    /* Still serving. */
+    r = http(s.port, "GET", "/health", NULL);
+    assert_int_equal(r.status, 200);
+    assert_non_null(strstr(r.body, "\"ok\""));
+    resp_free(&r);
+    cJSON *j = post_ok(s.port, "/v1/completions", "{\"prompt\":\"Hello\",\"max_tokens\":3}");
+    assert_int_equal(num_at(j, "usage.completion_tokens"), 3);
+    cJSON_Delete(j);
+    assert_int_equal(metric(s.port, "cake_http_responses_total{code=\"400\"}"), n400);
+    assert_int_equal(metric(s.port, "cake_http_responses_total{code=\"413\"}"), 2);
+    assert_int_equal(serve_stop(&s), 0);
+}
+
+/* ---- answers ---- */
+
+/* `cake run --json` on the same model: the reference answer. */
+static cJSON *cake_run(const char *model, const char *prompt, int n) {
+    char cmd[512];
+    snprintf(cmd, sizeof(cmd), "%s run -m %s -p '%s' -n %d --temp 0 --json --threads 2 2>/dev/null",
+             CAKE_BIN, model, prompt, n);
+    FILE *f = popen(cmd, "r");
+    assert_non_null(f);
+    char buf[65536];
+    const size_t len = fread(buf, 1, sizeof(buf) - 1, f);
+    buf[len] = '\0';
+    assert_int_equal(pclose(f), 0);
+    cJSON *j = cJSON_Parse(buf);
+    assert_non_null(j);
+    return j;
+}
+
+static void assert_same_ids(const cJSON *a, const cJSON *b) {
+    assert_int_equal(cJSON_GetArraySize(a), cJSON_GetArraySize(b));
+    for (int i = 0; i < cJSON_GetArraySize(a); i++)
+        assert_int_equal(cJSON_GetArrayItem(a, i)->valueint, cJSON_GetArrayItem(b, i)->valueint);
+}
+
+/* Greedy answers equal `cake run`'s, from text and from token ids; the
+ * stream's pieces add up to the whole answer. */
+static void check_answers(const char *model, const char *prompt, int n) {
+    t_server s;
+    assert_int_equal(serve_start(&s, model, "--store", "none", NULL), 0);
+    cJSON *ref = cake_run(model, prompt, n);
+    cJSON *j = post_ok(s.port, "/v1/completions",
+                       "{\"model\":\"x\",\"prompt\":\"%s\",\"max_tokens\":%d,\"temperature\":0}",
+                       prompt, n);
+    assert_same_ids(at(j, "cake.generated_ids"), at(ref, "generated_ids"));
+    assert_string_equal(str_at(j, "choices.0.text"), str_at(ref, "text"));
+    assert_string_equal(str_at(j, "object"), "text_completion");
+    assert_int_equal(num_at(j, "usage.prompt_tokens"), num_at(ref, "prompt_tokens"));
+    const char *finish = str_at(j, "choices.0.finish_reason");
+    assert_true(!strcmp(finish, "length") || !strcmp(finish, "stop"));
+
+    /* the prompt as ids */
+    char *ids = cJSON_PrintUnformatted(at(ref, "prompt_ids"));
+    cJSON *k = post_ok(s.port, "/v1/completions",
+                       "{\"prompt\":%s,\"max_tokens\":%d,\"temperature\":0}", ids, n);
+    assert_same_ids(at(k, "cake.generated_ids"), at(ref, "generated_ids"));
+    free(ids);
+    cJSON_Delete(k);
+
+    /* streamed, with usage */
+    char body[1024];
+    snprintf(body, sizeof(body),
+             "{\"prompt\":\"%s\",\"max_tokens\":%d,\"temperature\":0,\"stream\":true,"
+             "\"stream_options\":{\"include_usage\":true}}",
+             prompt, n);
+    t_resp r = http(s.port, "POST", "/v1/completions", body);
+    assert_int_equal(r.status, 200);
+    assert_non_null(strcasestr(r.head, "Content-Type: text/event-stream"));
+    cJSON *ev[600];
+    int done, n_ev = parse_events(r.body, ev, 600, &done);
+    assert_true(done);
+    assert_true(n_ev >= 2);
+    char text[65536] = "";
+    for (int i = 0; i < n_ev - 2; i++) {
+        assert_true(cJSON_IsNull(at(ev[i], "choices.0.finish_reason")));
+        strcat(text, str_at(ev[i], "choices.0.text"));
+    }
+    assert_string_equal(text, str_at(j, "choices.0.text"));
+    assert_string_equal(str_at(ev[n_ev - 2], "choices.0.finish_reason"), finish);
+    assert_same_ids(at(ev[n_ev - 2], "cake.generated_ids"), at(ref, "generated_ids"));
+    assert_int_equal(cJSON_GetArraySize(at(ev[n_ev - 1], "choices")), 0);
+    assert_int_equal(num_at(ev[n_ev - 1], "usage.completion_tokens"),
+                     num_at(j, "usage.completion_tokens"));
+    for (int i = 0; i < n_ev; i++) cJSON_Delete(ev[i]);
+    resp_free(&r);
+    cJSON_Delete(j);
+    cJSON_Delete(ref);
+    assert_int_equal(serve_stop(&s), 0);
+}
+
+static void test_answers_tiny(void **state) {
+    (void)state;
+    check_answers(g_tiny, "Once upon a time", 40);
+}
+
+static void test_answers_stories260k(void **state) {
+    (void)state;
+    const char *model = test_model_path("stories260K.gguf");
+    if (!model) {
+        print_message("skip: stories260K.gguf not in %s\n", test_models_dir());
+        return;
+    }
+    check_answers(model, "Once upon a time", 60);
+}
+
+/* A stop string ends the answer before it, whole or streamed, even when it
+ * spans tokens. */
+static void test_stop_strings(void **state) {
+    (void)state;
+    const char *model = test_model_path("stories260K.gguf");
+    if (!model) model = g_tiny;
+    t_server s;
+    assert_int_equal(serve_start(&s, model, "--store", "none", NULL), 0);
+    cJSON *full = post_ok(s.port, "/v1/completions",
+                          "{\"prompt\":\"Once upon a time\",\"max_tokens\":48,\"temperature\":0}");
+    const char *text = str_at(full, "choices.0.text");
+    const size_t len = strlen(text);
+    assert_true(len > 20);
+    /* stops that start at 10 bytes in, 3 and 7 bytes long (both may span pieces) */
+    for (int sl = 3; sl <= 7; sl += 4) {
+        char stop[8];
+        snprintf(stop, sizeof(stop), "%.*s", sl, text + 10);
+        const size_t want = (size_t)(strstr(text, stop) - text);
+        cJSON *j = post_ok(s.port, "/v1/completions",
+                           "{\"prompt\":\"Once upon a time\",\"max_tokens\":48,\"temperature\":0,"
+                           "\"stop\":[\"\\u00e9\\u00e9nope\",\"%s\"]}",
+                           stop);
+        assert_int_equal(strlen(str_at(j, "choices.0.text")), want);
+        assert_memory_equal(str_at(j, "choices.0.text"), text, want);
+        assert_string_equal(str_at(j, "choices.0.finish_reason"), "stop");
+        cJSON_Delete(j);
+
+        char body[512];
+        snprintf(body, sizeof(body),
+                 "{\"prompt\":\"Once upon a time\",\"max_tokens\":48,\"temperature\":0,"
+                 "\"stream\":true,\"stop\":\"%s\"}",
+                 stop);
+        t_resp r = http(s.port, "POST", "/v1/completions", body);
+        cJSON *ev[100];
+        int done, n_ev = parse_events(r.body, ev, 100, &done);
+        char streamed[4096] = "";
+        for (int i = 0; i < n_ev; i++) {
+            strcat(streamed, str_at(ev[i], "choices.0.text"));
+            cJSON_Delete(ev[i]);
+        }
+        assert_true(done);
+        assert_int_equal(strlen(streamed), want);
+        assert_memory_equal(streamed, text, want);
+        resp_free(&r);
+    }
+    cJSON_Delete(full);
+    assert_int_equal(serve_stop(&s), 0);
+}
+
+/* Sampling with a seed repeats; different seeds differ somewhere. */
+static void test_seeded_sampling(void **state) {
+    (void)state;
+    t_server s;
+    assert_int_equal(serve_start(&s, g_tiny, "--store", "none", NULL), 0);
+#define SEEDED "{\"prompt\":\"Hello\",\"max_tokens\":24,\"temperature\":1.5,\"seed\":%d}"
+    cJSON *a = post_ok(s.port, "/v1/completions", SEEDED, 7);
+    cJSON *b = post_ok(s.port, "/v1/completions", SEEDED, 7);
+    assert_same_ids(at(a, "cake.generated_ids"), at(b, "cake.generated_ids"));
+    int differs = 0;
+    for (int seed = 8; seed < 12 && !differs; seed++) {
+        cJSON *c = post_ok(s.port, "/v1/completions", SEEDED, seed);
+        differs = strcmp(str_at(a, "choices.0.text"), str_at(c, "choices.0.text")) != 0;
+        cJSON_Delete(c);
+    }
+    assert_true(differs);
+    cJSON_Delete(a);
+    cJSON_Delete(b);
+    assert_int_equal(serve_stop(&s), 0);
+}
+
+/* ---- the store ---- */
+
+/* A prompt of about 120 tokens: 7 chunks of 16. */
+static const char *LONG_PROMPT =
+    "The quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat near the "
+    "door, and the children play in the garden under the tall green trees until the sun goes "
+    "down behind the hills and the stars come out one by one over the quiet little town";
+
+/* The second request of a prompt loads what the first stored, and answers
+ * the same ids; so does a third after Redis died (computed instead). In
+ * load mode: in cake mode the tiny model computes faster than it loads. */
+static void test_store_reuse(void **state) {
+    (void)state;
+    char dir[] = "/tmp/cake-test-serve-store-XXXXXX", uri[128];
+    assert_non_null(mkdtemp(dir));
+    snprintf(uri, sizeof(uri), "file:%s", dir);
+    t_redis redis = {0};
+    const int have_redis = t_redis_available() && t_redis_start(&redis, 0) == 0;
+    if (!have_redis) print_message("skip: the Redis half (no redis-server)\n");
+    char redis_uri[160];
+    snprintf(redis_uri, sizeof(redis_uri), "%s?timeout=300", redis.uri);
+
+    for (int which = 0; which < 1 + have_redis; which++) {
+        t_server s;
+        assert_int_equal(serve_start(&s, g_tiny, "--store", which ? redis_uri : uri, "--chunk",
+                                     "16", "--mode", "load", NULL),
+                         0);
+#define LONG_REQUEST "{\"prompt\":\"%s\",\"max_tokens\":12,\"temperature\":0}"
+        cJSON *cold = post_ok(s.port, "/v1/completions", LONG_REQUEST, LONG_PROMPT);
+        assert_int_equal(num_at(cold, "cake.chunks_loaded"), 0);
+        const int total = (int)num_at(cold, "cake.chunks_total");
+        assert_true(total >= 5);
+        /* the slot drains its write-backs before it takes the next request */
+        cJSON *warm = post_ok(s.port, "/v1/completions", LONG_REQUEST, LONG_PROMPT);
+        assert_true(num_at(warm, "cake.chunks_loaded") >= 1);
+        assert_true(num_at(warm, "cake.bytes_loaded") > 0);
+        assert_same_ids(at(warm, "cake.generated_ids"), at(cold, "cake.generated_ids"));
+        assert_true(metric(s.port, "cake_prefill_chunks_total{source=\"loaded\"}") >= 1);
+        assert_true(metric(s.port, "cake_store_writeback_chunks_total{result=\"written\"}") >=
+                    total - 1);
+        if (which) {
+            t_redis_stop(&redis);
+            cJSON *dead = post_ok(s.port, "/v1/completions", LONG_REQUEST, LONG_PROMPT);
+            assert_int_equal(num_at(dead, "cake.chunks_loaded"), 0);
+            assert_true(cJSON_IsString(at(dead, "cake.store_error")));
+            assert_same_ids(at(dead, "cake.generated_ids"), at(cold, "cake.generated_ids"));
+            assert_true(metric(s.port, "cake_store_request_errors_total") >= 1);
+            cJSON_Delete(dead);
+        }
+        cJSON_Delete(cold);
+        cJSON_Delete(warm);
+        assert_int_equal(serve_stop(&s), 0);
+    }
+    char cmd[160];
+    snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
+    assert_int_equal(system(cmd), 0);
+}
+
+/* ---- clients that leave, a full queue, shutdown ---- */
+
+/* Opens a stream of a long generation and reads until its first text
+ * event; returns the socket. */
+static int open_long_stream(int port) {
+    int fd = connect_to(port);
+    send_request(fd, "POST", "/v1/completions",
+                 "{\"prompt\":\"Hello\",\"max_tokens\":100000,\"stream\":true,\"temperature\":1}");
+    char buf[4096];
+    size_t n = 0;
+    while (n < sizeof(buf) - 1) {
+        ssize_t r = recv(fd, buf + n, sizeof(buf) - 1 - n, 0);
+        assert_true(r > 0);
+        n += (size_t)r;
+        buf[n] = '\0';
+        if (strstr(buf, "data: ")) break;
+    }
+    return fd;
+}
+
+static void wait_metric(int port, const char *name, double want) {
+    for (int i = 0; i < 1000 && metric(port, name) != want; i++) usleep(10000);
+    assert_true(metric(port, name) == want);
+}
+
+static void test_cancel_and_queue(void **state) {
+    (void)state;
+    t_server s;
+    assert_int_equal(serve_start(&s, g_tiny, "--store", "none", "--queue", "0", NULL), 0);
+    /* A client that leaves mid-stream cancels its generation. */
+    int fd = open_long_stream(s.port);
+    assert_int_equal(metric(s.port, "cake_requests_running"), 1);
+    /* One slot, no queue: the next request is turned away. */
+    t_resp r = http(s.port, "POST", "/v1/completions", "{\"prompt\":\"Hi\"}");
+    assert_int_equal(r.status, 503);
+    assert_non_null(strstr(r.head, "Retry-After"));
+    assert_non_null(strstr(r.body, "busy"));
+    resp_free(&r);
+    close(fd);
+    wait_metric(s.port, "cake_requests_running", 0);
+    assert_int_equal(metric(s.port, "cake_requests_cancelled_total"), 1);
+    assert_true(metric(s.port, "cake_generation_tokens_total") < 100000);
+
+    /* The same for a client that waits for a whole answer. */
+    fd = connect_to(s.port);
+    send_request(fd, "POST", "/v1/completions",
+                 "{\"prompt\":\"Hello\",\"max_tokens\":100000,\"temperature\":1}");
+    wait_metric(s.port, "cake_requests_running", 1);
+    close(fd);
+    wait_metric(s.port, "cake_requests_running", 0);
+    assert_int_equal(metric(s.port, "cake_requests_cancelled_total"), 2);
+    assert_int_equal(metric(s.port, "cake_requests_rejected_total"), 1);
+
+    /* The slot is free again. */
+    cJSON *j = post_ok(s.port, "/v1/completions", "{\"prompt\":\"Hi\",\"max_tokens\":2}");
+    cJSON_Delete(j);
+
+    /* SIGTERM with a stream open: the stream ends, the server exits 0. */
+    fd = open_long_stream(s.port);
+    assert_int_equal(serve_stop(&s), 0);
+    close(fd);
+}
+
+/* ---- chat ---- */
+
+static const char *LLAMA2_TEMPLATE =
+    "{% for message in messages %}{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + "
+    "message['content'] + ' [/INST]' }}{% elif message['role'] == 'system' %}{{ '<<SYS>>\\n' + "
+    "message['content'] + '\\n<</SYS>>\\n\\n' }}{% endif %}{% endfor %}";
+
+/* A chat request answers as a completion of the prompt chat_prompt builds;
+ * streamed, it starts with the assistant's role. */
+static void test_chat_llama2(void **state) {
+    (void)state;
+    char path[64] = "/tmp/cake-test-serve-chat-XXXXXX", err[256];
+    const int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    close(fd);
+    test_model_variant v = {.chat_template = LLAMA2_TEMPLATE};
+    assert_int_equal(test_write_variant(g_tiny, path, &v, err, sizeof(err)), 0);
+    cake_model *m;
+    assert_int_equal(cake_model_load(path, &m, err, sizeof(err)), 0);
+    const chat_message msgs[] = {{"system", "Be brief.", 9}, {"user", "Tell me a story.", 16}};
+    cake_token *ids, eot;
+    int n;
+    assert_int_equal(chat_prompt(CHAT_LLAMA2, cake_model_tokenizer(m), msgs, 2, &ids, &n, &eot, err,
+                                 sizeof(err)),
+                     0);
+    cake_model_free(m);
+
+    t_server s;
+    assert_int_equal(serve_start(&s, path, "--store", "none", NULL), 0);
+    const char *msgs_json = "[{\"role\":\"system\",\"content\":\"Be brief.\"},"
+                            "{\"role\":\"user\",\"content\":[{\"type\":\"text\",\"text\":\"Tell "
+                            "me \"},{\"type\":\"text\",\"text\":\"a story.\"}]}]";
+    cJSON *chat = post_ok(s.port, "/v1/chat/completions",
+                          "{\"messages\":%s,\"max_tokens\":16,\"temperature\":0}", msgs_json);
+    assert_string_equal(str_at(chat, "object"), "chat.completion");
+    assert_string_equal(str_at(chat, "choices.0.message.role"), "assistant");
+    assert_int_equal(num_at(chat, "usage.prompt_tokens"), n);
+    char list[4096] = "[";
+    for (int i = 0; i < n; i++)
+        snprintf(list + strlen(list), sizeof(list) - strlen(list), i ? ",%d" : "%d", ids[i]);
+    strcat(list, "]");
+    free(ids);
+    cJSON *plain = post_ok(s.port, "/v1/completions",
+                           "{\"prompt\":%s,\"max_tokens\":16,\"temperature\":0}", list);
+    assert_same_ids(at(chat, "cake.generated_ids"), at(plain, "cake.generated_ids"));
+    assert_string_equal(str_at(chat, "choices.0.message.content"), str_at(plain, "choices.0.text"));
+
+    char body[1024];
+    snprintf(body, sizeof(body),
+             "{\"messages\":%s,\"max_tokens\":16,\"temperature\":0,"
+             "\"stream\":true}",
+             msgs_json);
+    t_resp r = http(s.port, "POST", "/v1/chat/completions", body);
+    cJSON *ev[64];
+    int done, n_ev = parse_events(r.body, ev, 64, &done);
+    assert_true(done && n_ev >= 2);
+    assert_string_equal(str_at(ev[0], "object"), "chat.completion.chunk");
+    assert_string_equal(str_at(ev[0], "choices.0.delta.role"), "assistant");
+    char text[4096] = "";
+    for (int i = 0; i < n_ev - 1; i++) strcat(text, str_at(ev[i], "choices.0.delta.content"));
+    assert_string_equal(text, str_at(plain, "choices.0.text"));
+    assert_non_null(str_at(ev[n_ev - 1], "choices.0.finish_reason"));
+    for (int i = 0; i < n_ev; i++) cJSON_Delete(ev[i]);
+    resp_free(&r);
+
+    t_resp bad = http(s.port, "POST", "/v1/chat/completions",
+                      "{\"messages\":[{\"role\":\"wizard\",\"content\":\"hi\"}]}");
+    assert_int_equal(bad.status, 400);
+    assert_non_null(strstr(bad.body, "wizard"));
+    resp_free(&bad);
+    cJSON_Delete(chat);
+    cJSON_Delete(plain);
+    assert_int_equal(serve_stop(&s), 0);
+    unlink(path);
+}
+
+/* ChatML and Llama 3 prompts, id by id, on a byte-level vocabulary with
+ * the special tokens after the 256 bytes (no merges: a byte is a token). */
+static const char *byte_char(int b) {
+    static char chars[256][3];
+    /* GPT-2's bytes_to_unicode: printable Latin-1 stands for itself, the
+     * other bytes for U+0100 upwards, in order */
+    static int ready;
+    if (!ready) {
+        int next = 0x100;
+        for (int c = 0; c < 256; c++) {
+            const int printable =
+                (c >= 0x21 && c <= 0x7E) || (c >= 0xA1 && c <= 0xAC) || (c >= 0xAE && c <= 0xFF);
+            const int cp = printable ? c : next++;
+            if (cp < 0x80) {
+                chars[c][0] = (char)cp;
+            } else {
+                chars[c][0] = (char)(0xC0 | cp >> 6);
+                chars[c][1] = (char)(0x80 | (cp & 0x3F));
+            }
+        }
+        ready = 1;
+    }
+    return chars[b];
+}
+
+static void test_chat_formats(void **state) {
+    (void)state;
+    enum { IM_START = 256, IM_END, START_HEADER, END_HEADER, EOT, BOT };
+    const char *tokens[262];
+    int32_t types[262];
+    for (int b = 0; b < 256; b++) tokens[b] = byte_char(b), types[b] = CAKE_TOKEN_NORMAL;
+    const char *special[] = {"<|im_start|>",      "<|im_end|>", "<|start_header_id|>",
+                             "<|end_header_id|>", "<|eot_id|>", "<|begin_of_text|>"};
+    for (int i = 0; i < 6; i++) tokens[256 + i] = special[i], types[256 + i] = CAKE_TOKEN_CONTROL;
+    cake_vocab_arrays va = {.n_vocab = 262,
+                            .tokens = tokens,
+                            .types = types,
+                            .bos = BOT,
+                            .eos = EOT,
+                            .unk = -1,
+                            .add_bos = true,
+                            .merges = (const char *[]){"a b"},
+                            .n_merges = 0,
+                            .pre = "llama-bpe"};
+    cake_tokenizer *t;
+    char err[256];
+    assert_int_equal(cake_tokenizer_init_arrays(&va, &t, err, sizeof(err)), 0);
+
+    assert_int_equal(chat_detect("{{ '<|im_start|>' + role }}", t), CHAT_CHATML);
+    assert_int_equal(chat_detect("<|start_header_id|>x<|end_header_id|>", t), CHAT_LLAMA3);
+    assert_int_equal(chat_detect(LLAMA2_TEMPLATE, t), CHAT_LLAMA2);
+    assert_int_equal(chat_detect("{{ messages }}", t), CHAT_NONE);
+    assert_int_equal(chat_detect(NULL, t), CHAT_CHATML); /* from the vocabulary */
+
+    /* The user's "<|im_end|>" stays text: bytes, not the special token. */
+    const chat_message m[] = {{"system", "S", 1}, {"user", " <|im_end|>\n", 12}};
+    cake_token *ids, eot;
+    int n;
+    assert_int_equal(chat_prompt(CHAT_CHATML, t, m, 2, &ids, &n, &eot, err, sizeof(err)), 0);
+    const char *chatml = "\x01system\nS\x02\n\x01user\n <|im_end|>\n\x02\n\x01"
+                         "assistant\n";
+    assert_int_equal(n, 1 + (int)strlen(chatml)); /* BOS first (add_bos) */
+    assert_int_equal(ids[0], BOT);
+    for (int i = 0; i < n - 1; i++) {
+        const unsigned char c = (unsigned char)chatml[i];
+        assert_int_equal(ids[1 + i], c == 1 ? IM_START : c == 2 ? IM_END : c);
+    }
+    assert_int_equal(eot, IM_END);
+    free(ids);
+
+    /* Llama 3 trims each message. */
+    assert_int_equal(chat_prompt(CHAT_LLAMA3, t, m, 2, &ids, &n, &eot, err, sizeof(err)), 0);
+    const char *llama3 = "\x01system\x02\n\nS\x03\x01user\x02\n\n<|im_end|>\x03\x01"
+                         "assistant\x02\n\n";
+    assert_int_equal(n, 1 + (int)strlen(llama3));
+    for (int i = 0; i < n - 1; i++) {
+        const unsigned char c = (unsigned char)llama3[i];
+        assert_int_equal(ids[1 + i], c == 1   ? START_HEADER
+                                     : c == 2 ? END_HEADER
+                                     : c == 3 ? EOT
+                                              : c);
+    }
+    assert_int_equal(eot, EOT);
+    free(ids);
+
+    const chat_message bad[] = {{"robot", "x", 1}};
+    assert_int_equal(chat_prompt(CHAT_CHATML, t, bad, 1, &ids, &n, &eot, err, sizeof(err)), -1);
+    assert_non_null(strstr(err, "robot"));
+    cake_tokenizer_free(t);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_chat_formats),        cmocka_unit_test(test_usage_errors),
+        cmocka_unit_test(test_bad_requests),        cmocka_unit_test(test_answers_tiny),
+        cmocka_unit_test(test_answers_stories260k), cmocka_unit_test(test_stop_strings),
+        cmocka_unit_test(test_seeded_sampling),     cmocka_unit_test(test_store_reuse),
+        cmocka_unit_test(test_cancel_and_queue),    cmocka_unit_test(test_chat_llama2),
+    };
+    return cmocka_run_group_tests(tests, setup, teardown);
+}
