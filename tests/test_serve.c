@@ -62,12 +62,17 @@ static int serve_start(t_server *s, const char *model, ...) {
             break;
         }
     for (int i = 0; i < 3000; i++) { /* 30 s: a sanitized build loads slowly */
-        size_t n;
-        char *text = test_read_file(s->log, &n);
-        const char *at = text ? strstr(text, "listening on http://127.0.0.1:") : NULL;
-        if (at) s->port = atoi(at + strlen("listening on http://127.0.0.1:"));
-        free(text);
-        if (at) return 0;
+        char text[4096] = "";
+        FILE *f = fopen(s->log, "r");
+        if (f) {
+            text[fread(text, 1, sizeof(text) - 1, f)] = '\0';
+            fclose(f);
+        }
+        const char *at = strstr(text, "listening on http://127.0.0.1:");
+        if (at) {
+            s->port = atoi(at + strlen("listening on http://127.0.0.1:"));
+            return 0;
+        }
         if (waitpid(s->pid, NULL, WNOHANG) == s->pid) break;
         usleep(10000);
     }
@@ -92,8 +97,14 @@ static int serve_stop(t_server *s) {
     for (int i = 0; i < 16; i++)
         if (g_running[i] == s->pid) g_running[i] = 0;
     s->pid = 0;
+    const int code = st != -1 && WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+    if (code != 0) { /* what the server said, sanitizer reports included */
+        char cmd[128];
+        snprintf(cmd, sizeof(cmd), "cat %s >&2", s->log);
+        if (system(cmd)) fprintf(stderr, "cannot show %s\n", s->log);
+    }
     unlink(s->log);
-    return st != -1 && WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+    return code;
 }
 
 /* ---- HTTP/1.1 over a socket ---- */

@@ -246,9 +246,10 @@ static void *slot_main(void *arg) {
         p->totals.queued--;
         p->totals.running++;
         s->current = j;
+        const int stopping = p->shutdown;
         pthread_mutex_unlock(&p->mu);
 
-        if (p->shutdown)
+        if (stopping)
             job_finish(j, "the server is shutting down");
         else
             run_job(s, j);
