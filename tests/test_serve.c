@@ -662,20 +662,31 @@ static void wait_metric(int port, const char *name, double want) {
 static void test_cancel_and_queue(void **state) {
     (void)state;
     t_server s;
-    assert_int_equal(serve_start(&s, g_tiny, "--store", "none", "--queue", "0", NULL), 0);
+    assert_int_equal(serve_start(&s, g_tiny, "--store", "none", "--queue", "1", NULL), 0);
     /* A client that leaves mid-stream cancels its generation. */
     int fd = open_long_stream(s.port);
     assert_int_equal(metric(s.port, "cake_requests_running"), 1);
-    /* One slot, no queue: the next request is turned away. */
+    /* One slot, a queue of one: the next request waits, the one after is
+     * turned away. */
+    int waiting = connect_to(s.port);
+    send_request(waiting, "POST", "/v1/completions", "{\"prompt\":\"Hi\",\"max_tokens\":50}");
+    wait_metric(s.port, "cake_requests_queued", 1);
     t_resp r = http(s.port, "POST", "/v1/completions", "{\"prompt\":\"Hi\"}");
     assert_int_equal(r.status, 503);
     assert_non_null(strstr(r.head, "Retry-After"));
     assert_non_null(strstr(r.body, "busy"));
     resp_free(&r);
+    /* The waiting client leaves (its connection notices within 200 ms), then
+     * the streaming one: the slot skips the first and stops the second. */
+    close(waiting);
+    usleep(1000000);
     close(fd);
+    wait_metric(s.port, "cake_requests_queued", 0);
     wait_metric(s.port, "cake_requests_running", 0);
-    assert_int_equal(metric(s.port, "cake_requests_cancelled_total"), 1);
+    assert_int_equal(metric(s.port, "cake_requests_cancelled_total"), 2);
+    assert_int_equal(metric(s.port, "cake_requests_finished_total"), 1); /* the stream ran */
     assert_true(metric(s.port, "cake_generation_tokens_total") < 100000);
+    assert_int_equal(metric(s.port, "cake_prompt_tokens_total"), 2); /* BOS Hello, not Hi's */
 
     /* The same for a client that waits for a whole answer. */
     fd = connect_to(s.port);
@@ -684,7 +695,7 @@ static void test_cancel_and_queue(void **state) {
     wait_metric(s.port, "cake_requests_running", 1);
     close(fd);
     wait_metric(s.port, "cake_requests_running", 0);
-    assert_int_equal(metric(s.port, "cake_requests_cancelled_total"), 2);
+    assert_int_equal(metric(s.port, "cake_requests_cancelled_total"), 3);
     assert_int_equal(metric(s.port, "cake_requests_rejected_total"), 1);
 
     /* The slot is free again. */

@@ -169,11 +169,11 @@ static void account(serve_pool *p, const serve_job *j) {
     static const double bounds[] = POOL_TTFT_BUCKETS;
     pool_counters *t = &p->totals;
     const cake_prefill_stats *ps = &j->stats.prefill;
+    if (atomic_load(&j->cancel)) t->jobs_cancelled++;
     if (j->error[0]) {
-        t->jobs_failed++;
+        t->jobs_failed += !atomic_load(&j->cancel);
         return;
     }
-    if (atomic_load(&j->cancel)) t->jobs_cancelled++;
     t->jobs_done++;
     t->prompt_tokens += (uint64_t)j->n_prompt;
     t->generated_tokens += (uint64_t)j->n_ids;
@@ -251,6 +251,8 @@ static void *slot_main(void *arg) {
 
         if (stopping)
             job_finish(j, "the server is shutting down");
+        else if (atomic_load(&j->cancel)) /* its client left while it waited */
+            job_finish(j, "cancelled before it ran");
         else
             run_job(s, j);
 
