@@ -142,14 +142,20 @@ static void send_all(int fd, const char *p, size_t n) {
     }
 }
 
-static void send_request(int fd, const char *method, const char *path, const char *body) {
+/* extra: more header lines ("Name: value\r\n"), or "" */
+static void send_request_with(int fd, const char *method, const char *path, const char *body,
+                              const char *extra) {
     char head[512];
     snprintf(head, sizeof(head),
-             "%s %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+             "%s %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n%s"
              "Content-Type: application/json\r\nContent-Length: %zu\r\n\r\n",
-             method, path, body ? strlen(body) : 0);
+             method, path, extra, body ? strlen(body) : 0);
     send_all(fd, head, strlen(head));
     if (body) send_all(fd, body, strlen(body));
+}
+
+static void send_request(int fd, const char *method, const char *path, const char *body) {
+    send_request_with(fd, method, path, body, "");
 }
 
 /* Reads the whole response (the server closes the connection after it). */
@@ -300,6 +306,42 @@ static void test_usage_errors(void **state) {
     snprintf(cmd, sizeof(cmd), "%s serve -m %s --port %d 2>&1 | grep -q 'cannot listen'", CAKE_BIN,
              g_tiny, s.port);
     assert_int_equal(WEXITSTATUS(system(cmd)), 0);
+    assert_int_equal(serve_stop(&s), 0);
+}
+
+/* --api-key (or CAKE_API_KEY): the API wants it, /health and /metrics not. */
+static void test_api_key(void **state) {
+    (void)state;
+    t_server s;
+    setenv("CAKE_API_KEY", "s3cret", 1);
+    const int started = serve_start(&s, g_tiny, "--store", "none", NULL);
+    unsetenv("CAKE_API_KEY");
+    assert_int_equal(started, 0);
+    static const struct {
+        const char *path, *auth;
+        int status;
+    } cases[] = {
+        {"/v1/completions", "", 401},
+        {"/v1/completions", "Authorization: Bearer s3cre\r\n", 401},
+        {"/v1/completions", "Authorization: Bearer s3cret!\r\n", 401},
+        {"/v1/completions", "Authorization: s3cret\r\n", 401},
+        {"/v1/completions", "Authorization: Bearer s3cret\r\n", 200},
+        {"/v1/models", "", 401},
+        {"/v1/models", "Authorization: Bearer s3cret\r\n", 200},
+        {"/health", "", 200},
+        {"/metrics", "", 200},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        const int post = !strcmp(cases[i].path, "/v1/completions");
+        int fd = connect_to(s.port);
+        send_request_with(fd, post ? "POST" : "GET", cases[i].path,
+                          post ? "{\"prompt\":\"Hi\",\"max_tokens\":2}" : NULL, cases[i].auth);
+        t_resp r = read_response(fd);
+        if (r.status != cases[i].status)
+            fail_msg("%s with '%s': %d %s", cases[i].path, cases[i].auth, r.status, r.body);
+        if (r.status == 401) assert_non_null(strstr(r.body, "API key"));
+        resp_free(&r);
+    }
     assert_int_equal(serve_stop(&s), 0);
 }
 
@@ -877,11 +919,12 @@ static void test_chat_formats(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_chat_formats),        cmocka_unit_test(test_usage_errors),
-        cmocka_unit_test(test_bad_requests),        cmocka_unit_test(test_answers_tiny),
-        cmocka_unit_test(test_answers_stories260k), cmocka_unit_test(test_stop_strings),
-        cmocka_unit_test(test_seeded_sampling),     cmocka_unit_test(test_store_reuse),
-        cmocka_unit_test(test_cancel_and_queue),    cmocka_unit_test(test_chat_llama2),
+        cmocka_unit_test(test_chat_formats), cmocka_unit_test(test_usage_errors),
+        cmocka_unit_test(test_api_key),      cmocka_unit_test(test_bad_requests),
+        cmocka_unit_test(test_answers_tiny), cmocka_unit_test(test_answers_stories260k),
+        cmocka_unit_test(test_stop_strings), cmocka_unit_test(test_seeded_sampling),
+        cmocka_unit_test(test_store_reuse),  cmocka_unit_test(test_cancel_and_queue),
+        cmocka_unit_test(test_chat_llama2),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

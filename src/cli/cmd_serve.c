@@ -39,10 +39,12 @@ static const char *help =
     "      --kv-type TYPE    f16 (default) or f32\n"
     "      --backend B       cpu (default) or cuda (one slot)\n"
     "      --name NAME       the model's id in responses (default: the file name)\n"
-    "      --max-body BYTES  largest request body (default 8388608); more get 413\n";
+    "      --max-body BYTES  largest request body (default 8388608); more get 413\n"
+    "      --api-key KEY     the API (/v1/...) wants \"Authorization: Bearer KEY\"\n"
+    "                        (default: $CAKE_API_KEY when set, else none)\n";
 
 typedef struct {
-    const char *model, *host, *store, *name;
+    const char *model, *host, *store, *name, *api_key;
     long port, chunk, io_depth, slots, queue, ctx, threads, max_body;
     cake_mode mode;
     enum cake_kv_type kv_type;
@@ -92,6 +94,9 @@ static int parse_args(int argc, char **argv, serve_opts *o) {
             break;
         case 'N':
             o->name = optarg;
+            break;
+        case 'K':
+            o->api_key = optarg;
             break;
         case 'p':
             if (cli_parse_int(optarg, 0, 65535, &o->port)) what = "--port wants 0..65535";
@@ -152,6 +157,8 @@ static int parse_args(int argc, char **argv, serve_opts *o) {
     if (o->backend == CAKE_BACKEND_CUDA && o->slots != 1)
         return cli_error(CLI_USAGE, "serve", "--backend cuda serves with one slot");
     if (!strcmp(o->store, "none")) o->store = NULL;
+    if (!o->api_key) o->api_key = getenv("CAKE_API_KEY");
+    if (o->api_key && !o->api_key[0]) o->api_key = NULL;
     return 0;
 }
 
@@ -220,16 +227,18 @@ int cmd_serve(int argc, char **argv) {
     http_config hc = {.host = o.host,
                       .port = (int)o.port,
                       .max_body = (size_t)o.max_body,
-                      .max_connections = (int)(o.slots + o.queue + 16)};
+                      .max_connections = (int)(o.slots + o.queue + 16),
+                      .api_key = o.api_key};
     if (server_start(pool, &am, &hc, &server, err, sizeof(err))) {
         cli_error(CLI_FAIL, "serve", "%s", err);
         goto done;
     }
     fprintf(stderr,
             "cake serve: %s, context %d, chat format %s; store %s (mode %s, chunk %ld); %ld "
-            "slot(s), queue %ld\n",
+            "slot(s), queue %ld%s\n",
             am.name, am.n_ctx, chat_format_name(am.chat), o.store ? o.store : "none",
-            cake_mode_name(pc.mode), o.chunk, o.slots, o.queue);
+            cake_mode_name(pc.mode), o.chunk, o.slots, o.queue,
+            o.api_key ? "; API key required" : "");
     fprintf(stderr, "cake serve: listening on http://%s:%d\n", o.host, server_port(server));
     int sig = 0;
     sigwait(&stop_signals, &sig);

@@ -282,6 +282,20 @@ static enum MHD_Result metrics(serve_server *s, struct MHD_Connection *c) {
     return reply(s, c, MHD_HTTP_OK, server_metrics_text(&pc, counts), "text/plain; version=0.0.4");
 }
 
+/* Whether the request carries the API key (compared in constant time: the
+ * time taken tells nothing of how much of a guess was right). */
+static int authorized(const serve_server *s, struct MHD_Connection *c) {
+    if (!s->cfg.api_key) return 1;
+    const char *h = MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION);
+    if (!h || strncmp(h, "Bearer ", 7)) return 0;
+    h += 7;
+    const size_t n = strlen(s->cfg.api_key);
+    if (strlen(h) != n) return 0;
+    unsigned char diff = 0;
+    for (size_t i = 0; i < n; i++) diff |= (unsigned char)(h[i] ^ s->cfg.api_key[i]);
+    return diff == 0;
+}
+
 static enum MHD_Result route(serve_server *s, struct MHD_Connection *c, const char *url,
                              const char *method, const request_state *rq) {
     static const struct {
@@ -295,6 +309,9 @@ static enum MHD_Result route(serve_server *s, struct MHD_Connection *c, const ch
     const int n = (int)(sizeof(routes) / sizeof(routes[0]));
     while (i < n && strcmp(url, routes[i].path)) i++;
     if (i == n) return reply_error(s, c, MHD_HTTP_NOT_FOUND, "no such endpoint: %.200s", url);
+    if (i <= 2 && !authorized(s, c)) /* the API; /health and /metrics stay open */
+        return reply_error(s, c, MHD_HTTP_UNAUTHORIZED,
+                           "this server wants an API key: Authorization: Bearer KEY");
     if (strcmp(method, routes[i].method))
         return reply_error(s, c, MHD_HTTP_METHOD_NOT_ALLOWED, "%s wants %s, not %.20s",
                            routes[i].path, routes[i].method, method);

@@ -450,7 +450,8 @@ char *api_stream_event(const api_shape *s, api_chunk_kind kind, const char *text
 }
 
 char *api_error(int status, const char *message) {
-    const char *type = status == 400 || status == 404 || status == 405 || status == 413
+    const char *type = status == 401 ? "authentication_error"
+                       : status == 400 || status == 404 || status == 405 || status == 413
                            ? "invalid_request_error"
                        : status == 503 ? "server_busy"
                                        : "server_error";

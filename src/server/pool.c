@@ -1,5 +1,6 @@
 #include "server/pool.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -163,6 +164,7 @@ struct serve_pool {
     serve_job *head, *tail; /* the queue */
     int shutdown;
     pool_counters totals;
+    uint64_t n_finished; /* numbers the log's requests */
 };
 
 static void account(serve_pool *p, const serve_job *j) {
@@ -187,6 +189,25 @@ static void account(serve_pool *p, const serve_job *j) {
     t->ttft_sum_s += ttft;
     for (int b = 0; b < (int)(sizeof(bounds) / sizeof(bounds[0])); b++)
         t->ttft_le[b] += ttft <= bounds[b];
+}
+
+/* One line per request on stderr: what an operator reads first. */
+static void log_job(const serve_job *j, uint64_t number) {
+    const cake_prefill_stats *ps = &j->stats.prefill;
+    if (j->error[0]) {
+        fprintf(stderr, "cake serve: request %llu: %d prompt tokens: %s\n",
+                (unsigned long long)number, j->n_prompt, j->error);
+        return;
+    }
+    fprintf(stderr,
+            "cake serve: request %llu: %d prompt tokens (%d chunks: %d computed, %d loaded), "
+            "%d generated, ttft %.1f ms, %s%s%s\n",
+            (unsigned long long)number, j->n_prompt, ps->chunks_total, ps->chunks_computed,
+            ps->chunks_loaded, j->n_ids, j->stats.ttft_ms,
+            atomic_load(&j->cancel) ? "cancelled"
+            : j->stopped            ? "stop"
+                                    : "length",
+            ps->store_error[0] ? "; store: " : "", ps->store_error);
 }
 
 static void run_job(slot *s, serve_job *j) {
@@ -260,7 +281,9 @@ static void *slot_main(void *arg) {
         p->totals.running--;
         s->current = NULL;
         account(p, j);
+        const uint64_t number = ++p->n_finished;
         pthread_mutex_unlock(&p->mu);
+        log_job(j, number);
         job_release(j);
         /* The next request overwrites the KV cache that queued write-backs
          * still read from: let them finish first (the response is out). */

@@ -10,7 +10,8 @@
  *
  * "stream": true answers with server-sent events as tokens come. Errors are
  * OpenAI-style JSON ({"error":{"message":...}}) with 400 (bad request), 404,
- * 405, 413 (body over the limit), 503 (queue full, shutting down) or 500. A
+ * 401 (no or a wrong API key), 405, 413 (body over the limit), 503 (queue full,
+ * shutting down) or 500. A
  * client that goes away cancels its request at the next token. */
 #ifndef CAKE_SERVER_SERVER_H
 #define CAKE_SERVER_SERVER_H
@@ -25,6 +26,7 @@ typedef struct {
     int port;         /* 0: any free port (server_port tells which) */
     size_t max_body;  /* larger request bodies get 413 */
     int max_connections;
+    const char *api_key; /* NULL: none; else /v1/ wants "Authorization: Bearer KEY" */
 } http_config;
 
 typedef struct serve_server serve_server;
