@@ -530,6 +530,9 @@ static void check_answers(const char *model, const char *prompt, int n) {
     resp_free(&r);
     cJSON_Delete(j);
     cJSON_Delete(ref);
+    /* a stream that ran to its end is not counted as cancelled */
+    assert_int_equal(metric(s.port, "cake_requests_cancelled_total"), 0);
+    assert_int_equal(metric(s.port, "cake_requests_finished_total"), 3);
     assert_int_equal(serve_stop(&s), 0);
 }
 

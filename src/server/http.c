@@ -186,7 +186,7 @@ static ssize_t stream_read(void *cls, uint64_t pos, char *buf, size_t max) {
 
 static void stream_free(void *cls) {
     stream_state *st = cls;
-    atomic_store(&st->job->cancel, 1); /* a no-op when it has ended */
+    atomic_store(&st->job->cancel, 1); /* the client left early, or the job has ended */
     job_release(st->job);
     free(st->out);
     free(st);

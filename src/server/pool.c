@@ -50,6 +50,7 @@ static void job_finish(serve_job *j, const char *error) {
     pthread_mutex_lock(&j->mu);
     if (error) snprintf(j->error, sizeof(j->error), "%s", error);
     j->ready = j->len; /* what was held back for a stop string is final now */
+    j->cancelled = atomic_load(&j->cancel);
     j->done = 1;
     pthread_cond_broadcast(&j->cv);
     pthread_mutex_unlock(&j->mu);
@@ -171,9 +172,9 @@ static void account(serve_pool *p, const serve_job *j) {
     static const double bounds[] = POOL_TTFT_BUCKETS;
     pool_counters *t = &p->totals;
     const cake_prefill_stats *ps = &j->stats.prefill;
-    if (atomic_load(&j->cancel)) t->jobs_cancelled++;
+    if (j->cancelled) t->jobs_cancelled++;
     if (j->error[0]) {
-        t->jobs_failed += !atomic_load(&j->cancel);
+        t->jobs_failed += !j->cancelled;
         return;
     }
     t->jobs_done++;
@@ -204,9 +205,9 @@ static void log_job(const serve_job *j, uint64_t number) {
             "%d generated, ttft %.1f ms, %s%s%s\n",
             (unsigned long long)number, j->n_prompt, ps->chunks_total, ps->chunks_computed,
             ps->chunks_loaded, j->n_ids, j->stats.ttft_ms,
-            atomic_load(&j->cancel) ? "cancelled"
-            : j->stopped            ? "stop"
-                                    : "length",
+            j->cancelled ? "cancelled"
+            : j->stopped ? "stop"
+                         : "length",
             ps->store_error[0] ? "; store: " : "", ps->store_error);
 }
 

@@ -42,6 +42,7 @@ struct serve_job {
     int n_ids;
     int done;        /* the job ended (finished, failed or cancelled) */
     int stopped;     /* it ended at EOS, the end of turn or a stop string */
+    int cancelled;   /* cancel was set before it ended */
     char error[256]; /* why it failed; "" when it did not */
     cake_request_stats stats;
     atomic_int cancel; /* set by the HTTP side: stop at the next token */
