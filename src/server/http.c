@@ -92,7 +92,8 @@ static int client_gone(struct MHD_Connection *c) {
     return recv(ci->connect_fd, &b, 1, MSG_PEEK | MSG_DONTWAIT) == 0;
 }
 
-/* Waits on j until pred holds, the client goes away (-1) or 200 ms pass. */
+/* Waits (j->mu held) for a change to j, at most 200 ms: then the caller
+ * looks at its client again. */
 static void timed_wait(serve_job *j) {
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
