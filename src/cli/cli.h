@@ -6,6 +6,8 @@
 #include <stddef.h>
 #include <stdio.h>
 
+#include "cake.h"
+
 #define CLI_OK    0
 #define CLI_FAIL  1
 #define CLI_USAGE 2
@@ -31,6 +33,9 @@ char *cli_read_file(const char *path, size_t *len, char *err, size_t errlen);
 int cli_parse_int(const char *s, long lo, long hi, long *out);
 int cli_parse_float(const char *s, double lo, double hi, double *out);
 int cli_parse_u64(const char *s, unsigned long long *out);
+/* "f16" / "f32", and "cpu" / "cuda". 0 ok, -1 otherwise. */
+int cli_parse_kv_type(const char *s, enum cake_kv_type *out);
+int cli_parse_backend(const char *s, enum cake_backend_kind *out);
 
 /* Writes s[0..len) as a JSON string literal (with quotes); bytes that are not
  * valid UTF-8 come out as U+FFFD, so that the output is valid JSON. */

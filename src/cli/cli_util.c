@@ -149,3 +149,15 @@ void cli_json_string(FILE *f, const char *s, size_t len) {
     }
     fputc('"', f);
 }
+
+int cli_parse_kv_type(const char *s, enum cake_kv_type *out) {
+    if (!strcmp(s, "f16")) return *out = CAKE_KV_F16, 0;
+    if (!strcmp(s, "f32")) return *out = CAKE_KV_F32, 0;
+    return -1;
+}
+
+int cli_parse_backend(const char *s, enum cake_backend_kind *out) {
+    if (!strcmp(s, "cpu")) return *out = CAKE_BACKEND_CPU, 0;
+    if (!strcmp(s, "cuda")) return *out = CAKE_BACKEND_CUDA, 0;
+    return -1;
+}

@@ -626,11 +626,7 @@ static int bench_ttft(int argc, char **argv) {
             store_uri = optarg;
             break;
         case 'B':
-            if (!strcmp(optarg, "cpu"))
-                backend = CAKE_BACKEND_CPU;
-            else if (!strcmp(optarg, "cuda"))
-                backend = CAKE_BACKEND_CUDA;
-            else
+            if (cli_parse_backend(optarg, &backend))
                 return cli_error(CLI_USAGE, "bench", "--backend is cpu or cuda, got '%s'", optarg);
             break;
         case 'o':

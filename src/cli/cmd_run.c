@@ -197,22 +197,14 @@ static int parse_args(int argc, char **argv, run_opts *o) {
                                  optarg);
             break;
         case 'k':
-            if (!strcmp(optarg, "f16"))
-                o->kv_type = CAKE_KV_F16;
-            else if (!strcmp(optarg, "f32"))
-                o->kv_type = CAKE_KV_F32;
-            else
+            if (cli_parse_kv_type(optarg, &o->kv_type))
                 return cli_error(CLI_USAGE, "run", "--kv-type is f16 or f32, got '%s'", optarg);
             break;
         case 'S':
             o->store = optarg;
             break;
         case 'B':
-            if (!strcmp(optarg, "cpu"))
-                o->backend = CAKE_BACKEND_CPU;
-            else if (!strcmp(optarg, "cuda"))
-                o->backend = CAKE_BACKEND_CUDA;
-            else
+            if (cli_parse_backend(optarg, &o->backend))
                 return cli_error(CLI_USAGE, "run", "--backend is cpu or cuda, got '%s'", optarg);
             break;
         case 'M':

@@ -127,20 +127,10 @@ static int parse_args(int argc, char **argv, serve_opts *o) {
             if (cake_mode_parse(optarg, &o->mode)) what = "--mode is cake, load or compute";
             break;
         case 'k':
-            if (!strcmp(optarg, "f16"))
-                o->kv_type = CAKE_KV_F16;
-            else if (!strcmp(optarg, "f32"))
-                o->kv_type = CAKE_KV_F32;
-            else
-                what = "--kv-type is f16 or f32";
+            if (cli_parse_kv_type(optarg, &o->kv_type)) what = "--kv-type is f16 or f32";
             break;
         case 'B':
-            if (!strcmp(optarg, "cpu"))
-                o->backend = CAKE_BACKEND_CPU;
-            else if (!strcmp(optarg, "cuda"))
-                o->backend = CAKE_BACKEND_CUDA;
-            else
-                what = "--backend is cpu or cuda";
+            if (cli_parse_backend(optarg, &o->backend)) what = "--backend is cpu or cuda";
             break;
         case 'h':
             fputs(help, stdout);

@@ -468,11 +468,7 @@ int cmd_store(int argc, char **argv) {
                 return cli_error(CLI_USAGE, "store", "bad --chunk '%s'", optarg);
             break;
         case 'k':
-            if (!strcmp(optarg, "f16"))
-                o.kv_type = CAKE_KV_F16;
-            else if (!strcmp(optarg, "f32"))
-                o.kv_type = CAKE_KV_F32;
-            else
+            if (cli_parse_kv_type(optarg, &o.kv_type))
                 return cli_error(CLI_USAGE, "store", "bad --kv-type '%s' (f16 or f32)", optarg);
             break;
         case 'h':
