@@ -350,7 +350,14 @@ static void test_api_key(void **state) {
 static void test_bad_requests(void **state) {
     (void)state;
     t_server s;
-    assert_int_equal(serve_start(&s, g_tiny, "--ctx", "64", "--max-body", "4096", NULL), 0);
+    assert_int_equal(serve_start(&s, g_tiny, "--ctx", "64", "--max-body", "4096", "--name",
+                                 "tiny \"q\"\xff", NULL),
+                     0);
+    t_resp r = http(s.port, "GET", "/v1/models", NULL);
+    cJSON *models = cJSON_Parse(r.body);
+    assert_string_equal(str_at(models, "data.0.id"), "tiny \"q\"\xef\xbf\xbd");
+    cJSON_Delete(models);
+    resp_free(&r);
     static const struct {
         const char *method, *path, *body;
         int status;
@@ -395,7 +402,7 @@ static void test_bad_requests(void **state) {
     int n400 = 0;
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
         n400 += cases[i].status == 400;
-        t_resp r = http(s.port, cases[i].method, cases[i].path, cases[i].body);
+        r = http(s.port, cases[i].method, cases[i].path, cases[i].body);
         cJSON *j = cJSON_Parse(r.body);
         const cJSON *msg =
             j ? cJSON_GetObjectItem(cJSON_GetObjectItem(j, "error"), "message") : NULL;
@@ -413,7 +420,7 @@ static void test_bad_requests(void **state) {
     char big[6000];
     memset(big, 'x', sizeof(big) - 1);
     big[sizeof(big) - 1] = '\0';
-    t_resp r = http(s.port, "POST", "/v1/completions", big);
+    r = http(s.port, "POST", "/v1/completions", big);
     assert_int_equal(r.status, 413);
     resp_free(&r);
     int fd = connect_to(s.port);

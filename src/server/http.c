@@ -258,15 +258,7 @@ static enum MHD_Result completions(serve_server *s, struct MHD_Connection *c,
 }
 
 static enum MHD_Result models(serve_server *s, struct MHD_Connection *c) {
-    char *name = api_utf8_clean(s->model.name, strlen(s->model.name));
-    char *body = name ? malloc(strlen(name) + 160) : NULL;
-    if (body)
-        sprintf(body,
-                "{\"object\":\"list\",\"data\":[{\"id\":\"%s\",\"object\":\"model\","
-                "\"created\":0,\"owned_by\":\"cake\"}]}",
-                name);
-    free(name);
-    return reply_json(s, c, MHD_HTTP_OK, body);
+    return reply_json(s, c, MHD_HTTP_OK, api_models(s->model.name));
 }
 
 static enum MHD_Result health(serve_server *s, struct MHD_Connection *c) {

@@ -449,6 +449,21 @@ char *api_stream_event(const api_shape *s, api_chunk_kind kind, const char *text
     return ev;
 }
 
+char *api_models(const char *name) {
+    char *clean = api_utf8_clean(name, strlen(name));
+    if (!clean) return NULL;
+    cJSON *r = cJSON_CreateObject();
+    cJSON_AddStringToObject(r, "object", "list");
+    cJSON *m = cJSON_CreateObject();
+    cJSON_AddStringToObject(m, "id", clean);
+    cJSON_AddStringToObject(m, "object", "model");
+    cJSON_AddNumberToObject(m, "created", 0);
+    cJSON_AddStringToObject(m, "owned_by", "cake");
+    cJSON_AddItemToArray(cJSON_AddArrayToObject(r, "data"), m);
+    free(clean);
+    return print_free(r);
+}
+
 char *api_error(int status, const char *message) {
     const char *type = status == 401 ? "authentication_error"
                        : status == 400 || status == 404 || status == 405 || status == 413

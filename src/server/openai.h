@@ -41,6 +41,9 @@ typedef enum { CHUNK_TEXT, CHUNK_FIRST, CHUNK_FINISH, CHUNK_USAGE } api_chunk_ki
 char *api_stream_event(const api_shape *s, api_chunk_kind kind, const char *text, size_t text_len,
                        const serve_job *j, const char *id, long created, const char *model);
 
+/* The /v1/models list of the one model. */
+char *api_models(const char *name);
+
 /* {"error":{"message":...,"type":...,"code":status}} */
 char *api_error(int status, const char *message);
 
