@@ -8,101 +8,7 @@
 #include "model/tokenizer.h"
 #include "util/err.h"
 
-/* ---- jobs ---- */
-
-serve_job *job_create(cake_token *prompt, int n) {
-    serve_job *j = calloc(1, sizeof(*j));
-    if (!j) {
-        free(prompt);
-        return NULL;
-    }
-    pthread_mutex_init(&j->mu, NULL);
-    pthread_cond_init(&j->cv, NULL);
-    j->prompt = prompt;
-    j->n_prompt = n;
-    j->end_of_turn = -1;
-    j->refs = 1;
-    return j;
-}
-
-void job_release(serve_job *j) {
-    if (!j) return;
-    pthread_mutex_lock(&j->mu);
-    const int last = --j->refs == 0;
-    pthread_mutex_unlock(&j->mu);
-    if (!last) return;
-    for (int i = 0; i < j->n_stop; i++) free(j->stop[i]);
-    free(j->prompt);
-    free(j->text);
-    free(j->ids);
-    pthread_cond_destroy(&j->cv);
-    pthread_mutex_destroy(&j->mu);
-    free(j);
-}
-
-int job_add_stop(serve_job *j, const char *s, size_t len) {
-    if (j->n_stop == JOB_MAX_STOP || !(j->stop[j->n_stop] = strndup(s, len))) return -1;
-    j->n_stop++;
-    return 0;
-}
-
-static void job_finish(serve_job *j, const char *error) {
-    pthread_mutex_lock(&j->mu);
-    if (error) snprintf(j->error, sizeof(j->error), "%s", error);
-    j->ready = j->len; /* what was held back for a stop string is final now */
-    j->cancelled = atomic_load(&j->cancel);
-    j->done = 1;
-    pthread_cond_broadcast(&j->cv);
-    pthread_mutex_unlock(&j->mu);
-}
-
-/* ---- text as it is generated ---- */
-
-/* The end of text[0..n) backed off to the start of an unfinished UTF-8
- * character, if it ends in one. */
-static size_t utf8_whole(const char *text, size_t n) {
-    for (size_t back = 1; back <= 3 && back <= n; back++) {
-        const unsigned char c = (unsigned char)text[n - back];
-        if ((c & 0xC0) == 0x80) continue; /* a continuation byte */
-        const size_t need = c >= 0xF0 ? 4 : c >= 0xE0 ? 3 : c >= 0xC0 ? 2 : 1;
-        return need > back ? n - back : n;
-    }
-    return n;
-}
-
-static int text_append(serve_job *j, const char *p, size_t n) {
-    if (j->len + n + 1 > j->cap) {
-        size_t cap = 2 * (j->len + n) + 256;
-        char *t = realloc(j->text, cap);
-        if (!t) return -1;
-        j->text = t;
-        j->cap = cap;
-    }
-    memcpy(j->text + j->len, p, n);
-    j->len += n;
-    j->text[j->len] = '\0';
-    return 0;
-}
-
-/* Looks for the stop strings in text that the last piece (from `from`) may
- * have completed. Returns where the earliest match starts, or -1; *hold gets
- * how many bytes at the end could still become one. */
-static long find_stop(const serve_job *j, size_t from, size_t *hold) {
-    long first = -1;
-    *hold = 0;
-    for (int i = 0; i < j->n_stop; i++) {
-        const size_t sl = strlen(j->stop[i]);
-        const size_t start = from >= sl - 1 ? from - (sl - 1) : 0;
-        const char *hit = memmem(j->text + start, j->len - start, j->stop[i], sl);
-        if (hit && (first < 0 || hit - j->text < first)) first = hit - j->text;
-        for (size_t k = sl - 1; k > *hold; k--)
-            if (k <= j->len && !memcmp(j->text + j->len - k, j->stop[i], k)) {
-                *hold = k;
-                break;
-            }
-    }
-    return first;
-}
+/* ---- a job's tokens, as the engine chooses them ---- */
 
 typedef struct {
     serve_job *job;
@@ -124,17 +30,9 @@ static int on_token(cake_token id, void *ud) {
         int n = cake_token_to_piece(s->tok, j->prev, id, buf, sizeof(buf));
         if (n > (int)sizeof(buf) && (piece = malloc((size_t)n)))
             cake_token_to_piece(s->tok, j->prev, id, piece, (size_t)n);
-        const size_t from = j->len;
-        if (n > 0 && piece && text_append(j, piece, (size_t)n) == 0) {
-            size_t hold;
-            const long at = find_stop(j, from, &hold);
-            if (at >= 0) {
-                j->len = (size_t)at; /* the stop string is not part of the text */
-                j->text[j->len] = '\0';
-                j->stopped = 1;
-                stop = 1;
-            }
-            j->ready = utf8_whole(j->text, j->len - (at >= 0 ? 0 : hold));
+        if (n > 0 && piece && job_add_text(j, piece, (size_t)n) == 1) {
+            j->stopped = 1;
+            stop = 1;
         }
         if (piece != buf) free(piece);
     }

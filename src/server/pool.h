@@ -1,5 +1,5 @@
-/* The server's engine side: a queue of generation jobs and the slots that run
- * them. A slot is one worker thread with its own context (KV cache), so a
+/* The server's engine side: a queue of generation jobs (job.h) and the slots
+ * that run them. A slot is one worker thread with its own context (KV cache), so a
  * slot runs one request at a time, from the queue's head; the HTTP side waits
  * on a job's progress (its text so far) and may cancel it. Each request's
  * prefill goes through the Cake loader over the server's store: cached
@@ -13,53 +13,9 @@
 #include <stdint.h>
 
 #include "cake.h"
-#include "engine/generate.h"
 #include "loader/loader.h"
+#include "server/job.h"
 #include "store/store.h"
-
-#define JOB_MAX_STOP 4
-
-typedef struct serve_job serve_job;
-struct serve_job {
-    /* The request: set before pool_submit, read-only after. */
-    cake_token *prompt; /* owned by the job */
-    int n_prompt;
-    int max_tokens; /* capped by the pool at the context's end */
-    cake_sampler_params sampling;
-    char *stop[JOB_MAX_STOP]; /* stop strings (owned), n_stop of them */
-    int n_stop;
-    cake_token end_of_turn; /* stops like EOS (a chat format's end of turn); -1: none */
-
-    /* Progress, under mu; cv is signalled on every change. */
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    char *text; /* the generated text so far */
-    size_t len, cap;
-    /* text[0..ready) is final: no stop string can start in it and it ends on
-     * a whole UTF-8 character. Streams send it; the rest waits. */
-    size_t ready;
-    cake_token *ids; /* generated ids (max_tokens of room) */
-    int n_ids;
-    int done;        /* the job ended (finished, failed or cancelled) */
-    int stopped;     /* it ended at EOS, the end of turn or a stop string */
-    int cancelled;   /* cancel was set before it ended */
-    char error[256]; /* why it failed; "" when it did not */
-    cake_request_stats stats;
-    atomic_int cancel; /* set by the HTTP side: stop at the next token */
-
-    /* Owned by the pool. */
-    int refs;
-    cake_token prev; /* the last id, for detokenization */
-    serve_job *next;
-};
-
-/* A new job holding prompt[0..n) (taken over: the job frees it) and one
- * reference, the caller's. NULL on out of memory (the prompt is freed). */
-serve_job *job_create(cake_token *prompt, int n);
-/* Drops a reference; the last one frees the job. Accepts NULL. */
-void job_release(serve_job *j);
-/* Copies a stop string into the job. 0, or -1 (too many, out of memory). */
-int job_add_stop(serve_job *j, const char *s, size_t len);
 
 typedef struct {
     cake_store *store; /* NULL: compute only (borrowed; outlives the pool) */

@@ -1,0 +1,68 @@
+/* One generation request as the server's two sides share it: what was asked
+ * (the prompt, how much to generate, sampling, stop strings) and its
+ * progress (the text so far, how much of it is final, how it ended). The
+ * HTTP side waits on it and may cancel it; a slot (pool.h) runs it. */
+#ifndef CAKE_SERVER_JOB_H
+#define CAKE_SERVER_JOB_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stddef.h>
+
+#include "cake.h"
+#include "engine/generate.h"
+
+#define JOB_MAX_STOP 4
+
+typedef struct serve_job serve_job;
+struct serve_job {
+    /* The request: set before pool_submit, read-only after. */
+    cake_token *prompt; /* owned by the job */
+    int n_prompt;
+    int max_tokens; /* capped by the pool at the context's end */
+    cake_sampler_params sampling;
+    char *stop[JOB_MAX_STOP]; /* stop strings (owned), n_stop of them */
+    int n_stop;
+    cake_token end_of_turn; /* stops like EOS (a chat format's end of turn); -1: none */
+
+    /* Progress, under mu; cv is signalled on every change. */
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    char *text; /* the generated text so far */
+    size_t len, cap;
+    /* text[0..ready) is final: no stop string can start in it and it ends on
+     * a whole UTF-8 character. Streams send it; the rest waits. */
+    size_t ready;
+    cake_token *ids; /* generated ids (max_tokens of room) */
+    int n_ids;
+    int done;        /* the job ended (finished, failed or cancelled) */
+    int stopped;     /* it ended at EOS, the end of turn or a stop string */
+    int cancelled;   /* cancel was set before it ended */
+    char error[256]; /* why it failed; "" when it did not */
+    cake_request_stats stats;
+    atomic_int cancel; /* set by the HTTP side: stop at the next token */
+
+    /* Owned by the pool. */
+    int refs;
+    cake_token prev; /* the last id, for detokenization */
+    serve_job *next;
+};
+
+/* A new job holding prompt[0..n) (taken over: the job frees it) and one
+ * reference, the caller's. NULL on out of memory (the prompt is freed). */
+serve_job *job_create(cake_token *prompt, int n);
+/* Drops a reference; the last one frees the job. Accepts NULL. */
+void job_release(serve_job *j);
+/* Copies a stop string into the job. 0, or -1 (too many, out of memory). */
+int job_add_stop(serve_job *j, const char *s, size_t len);
+
+/* Appends a piece of generated text (j->mu held): the stop strings are
+ * looked for, and j->ready moves on to what no stop string can still start
+ * in and no UTF-8 character is unfinished in. Returns 1 when a stop string
+ * was completed: the text then ends before it. 0 otherwise, -1 on out of
+ * memory (the piece is lost). */
+int job_add_text(serve_job *j, const char *piece, size_t n);
+/* Ends the job (error: why it failed, or NULL) and wakes its waiters. */
+void job_finish(serve_job *j, const char *error);
+
+#endif
