@@ -42,9 +42,9 @@ TSAN_OPTIONS=halt_on_error=1 ctest --test-dir build-tsan --output-on-failure -j"
 echo "== fuzz targets: seeds + fixed runs"
 CC=clang cmake -S . -B build-fuzz -DCMAKE_BUILD_TYPE=Release -DCAKE_FUZZ=ON -DCAKE_CUDA=OFF \
     -DCAKE_BUILD_TESTS=OFF >/dev/null
-cmake --build build-fuzz -j"$jobs" --target fuzz_gguf fuzz_tokenizer fuzz_chunk fuzz_gguf_corpus \
-    fuzz_tokenizer_corpus fuzz_chunk_corpus >/dev/null
-for target in gguf:5000 tokenizer:8000 chunk:50000; do
+cmake --build build-fuzz -j"$jobs" --target fuzz_gguf fuzz_tokenizer fuzz_chunk fuzz_api \
+    fuzz_gguf_corpus fuzz_tokenizer_corpus fuzz_chunk_corpus fuzz_api_corpus >/dev/null
+for target in gguf:5000 tokenizer:8000 chunk:50000 api:50000; do
     t=${target%:*} runs=${target#*:}
     # a copy of the seeds, where new inputs go
     rm -rf "build-fuzz/fuzz/ci_$t" && cp -r "build-fuzz/fuzz/corpus_$t" "build-fuzz/fuzz/ci_$t"

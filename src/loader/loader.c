@@ -178,10 +178,6 @@ typedef struct prefill_job {
     int ok;
 } prefill_job;
 
-const char *cake_mode_name(cake_mode m) {
-    return m == CAKE_MODE_LOAD ? "load" : m == CAKE_MODE_CAKE ? "cake" : "compute";
-}
-
 int cake_mode_parse(const char *s, cake_mode *out) {
     if (!strcmp(s, "compute"))
         *out = CAKE_MODE_COMPUTE;

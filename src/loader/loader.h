@@ -14,7 +14,9 @@
 
 typedef enum { CAKE_MODE_COMPUTE = 0, CAKE_MODE_LOAD = 1, CAKE_MODE_CAKE = 2 } cake_mode;
 
-const char *cake_mode_name(cake_mode m);
+static inline const char *cake_mode_name(cake_mode m) {
+    return m == CAKE_MODE_LOAD ? "load" : m == CAKE_MODE_CAKE ? "cake" : "compute";
+}
 int cake_mode_parse(const char *s, cake_mode *out); /* 0 ok, -1 unknown */
 
 /* Compute speed, in ns per FLOP of cake_chunk_flops, of the last

@@ -1,0 +1,239 @@
+/* libFuzzer target for what `cake serve` reads from the network (see
+ * fuzz/README.md). The first byte picks the part under test.
+ *
+ * Even: the rest is a request body for api_parse, completions or chat (bit
+ * 1), on a model whose context (bits 2-7) and chat format (the second byte)
+ * vary. A refused body must come with a message and no job; an accepted one
+ * must give a job the engine can run as it is: 1 <= prompt < context, every
+ * id in the vocabulary, 1 <= max_tokens <= what the context leaves, sampling
+ * in range, non-empty stop strings. Its answers (whole, each stream event,
+ * an error) must be valid JSON, whatever bytes its text holds.
+ *
+ * Odd: stop strings and pieces of generated text for job_add_text. The
+ * text must always be the pieces so far cut before the first stop string in
+ * them (the stop excluded), the final part (ready) must only grow, so never
+ * hold the start of a stop string that comes later, and the parts a stream
+ * sends, each made valid UTF-8 alone, must add up to the whole answer.
+ *
+ * The vocabulary: byte-level BPE with the 256 bytes, a few merges and the
+ * special tokens of ChatML and Llama 3. */
+#include <cjson/cJSON.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "fuzz_check.h"
+#include "model/tokenizer.h"
+#include "server/openai.h"
+
+static cake_tokenizer *g_tok;
+
+static void byte_char(int b, char out[3]) { /* GPT-2's character for byte b */
+    int cp = b, extra = 0;
+    for (int i = 0; i < 256; i++) {
+        bool printable = (i >= 33 && i <= 126) || (i >= 161 && i <= 172) || i >= 174;
+        if (i == b && !printable) cp = 256 + extra;
+        if (!printable) extra++;
+    }
+    if (cp < 0x80) {
+        out[0] = (char)cp;
+        out[1] = '\0';
+    } else {
+        out[0] = (char)(0xc0 | cp >> 6);
+        out[1] = (char)(0x80 | (cp & 0x3f));
+        out[2] = '\0';
+    }
+}
+
+static void init_vocab(void) {
+    static const char *const extra[] = {"he",
+                                        "in",
+                                        "<|im_start|>",
+                                        "<|im_end|>",
+                                        "<|start_header_id|>",
+                                        "<|end_header_id|>",
+                                        "<|eot_id|>",
+                                        "<s>",
+                                        "</s>"};
+    static const char *const merges[] = {"h e", "i n"};
+    enum { N_EXTRA = sizeof(extra) / sizeof(extra[0]) };
+    static char chars[256][3];
+    const char *tokens[256 + N_EXTRA];
+    int32_t types[256 + N_EXTRA];
+    for (int b = 0; b < 256; b++) {
+        byte_char(b, chars[b]);
+        tokens[b] = chars[b];
+        types[b] = CAKE_TOKEN_NORMAL;
+    }
+    for (int i = 0; i < N_EXTRA; i++) {
+        tokens[256 + i] = extra[i];
+        types[256 + i] = i >= 2 ? CAKE_TOKEN_CONTROL : CAKE_TOKEN_NORMAL;
+    }
+    cake_vocab_arrays v = {.n_vocab = 256 + N_EXTRA,
+                           .tokens = tokens,
+                           .types = types,
+                           .bos = 256 + N_EXTRA - 2,
+                           .eos = 256 + N_EXTRA - 1,
+                           .unk = -1,
+                           .add_bos = true,
+                           .merges = merges,
+                           .n_merges = 2,
+                           .pre = "llama-bpe"};
+    char err[256];
+    if (cake_tokenizer_init_arrays(&v, &g_tok, err, sizeof(err))) {
+        fprintf(stderr, "fuzz_api: %s\n", err);
+        abort();
+    }
+}
+
+static void check_json(char *s) {
+    CHECK(s);
+    cJSON *j = cJSON_Parse(s);
+    CHECK(j);
+    cJSON_Delete(j);
+    free(s);
+}
+
+static void check_event(char *ev) {
+    CHECK(ev && !strncmp(ev, "data: ", 6));
+    const size_t n = strlen(ev);
+    CHECK(n >= 8 && !strcmp(ev + n - 2, "\n\n"));
+    ev[n - 2] = '\0';
+    cJSON *j = cJSON_Parse(ev + 6);
+    CHECK(j);
+    cJSON_Delete(j);
+    free(ev);
+}
+
+static void fuzz_parse(const uint8_t *data, size_t size) {
+    if (size < 2) return;
+    const int chat = data[0] >> 1 & 1;
+    const api_model m = {.tok = g_tok,
+                         .n_vocab = cake_tokenizer_n_vocab(g_tok),
+                         .n_ctx = 1 + (data[0] >> 2) * 4,
+                         .chat = (chat_format)(data[1] % 4),
+                         .name = "fuzz"};
+    serve_job *j = (serve_job *)1;
+    api_shape shape;
+    char err[256] = "";
+    const int rc =
+        api_parse((const char *)data + 2, size - 2, chat, &m, &j, &shape, err, sizeof(err));
+    if (rc) {
+        CHECK(rc == -1 && err[0] && !j);
+        check_json(api_error(400, err));
+        return;
+    }
+    CHECK(j && j->n_prompt >= 1 && j->n_prompt < m.n_ctx);
+    for (int i = 0; i < j->n_prompt; i++) CHECK(j->prompt[i] >= 0 && j->prompt[i] < m.n_vocab);
+    CHECK(j->max_tokens >= 1 && j->max_tokens <= m.n_ctx - j->n_prompt);
+    CHECK(j->sampling.temperature >= 0 && j->sampling.temperature <= 2);
+    CHECK(j->sampling.top_p > 0 && j->sampling.top_p <= 1);
+    CHECK(j->n_stop >= 0 && j->n_stop <= JOB_MAX_STOP);
+    for (int i = 0; i < j->n_stop; i++) CHECK(j->stop[i][0]);
+    CHECK(j->end_of_turn >= -1 && j->end_of_turn < m.n_vocab);
+    CHECK(chat || j->end_of_turn == -1);
+
+    /* Its answers, with the body's own bytes as the text (any bytes). */
+    pthread_mutex_lock(&j->mu);
+    job_add_text(j, (const char *)data + 2, size - 2);
+    pthread_mutex_unlock(&j->mu);
+    job_finish(j, NULL);
+    check_json(api_response(&shape, j, "cmpl-1", 1, m.name));
+    check_event(api_stream_event(&shape, CHUNK_FIRST, "", 0, j, "cmpl-1", 1, m.name));
+    check_event(api_stream_event(&shape, CHUNK_TEXT, j->text, j->len, j, "cmpl-1", 1, m.name));
+    check_event(api_stream_event(&shape, CHUNK_FINISH, "", 0, j, "cmpl-1", 1, m.name));
+    check_event(api_stream_event(&shape, CHUNK_USAGE, "", 0, j, "cmpl-1", 1, m.name));
+    job_release(j);
+}
+
+/* Where the first of the stop strings starts in s[0..n), or -1. */
+static long first_stop(const serve_job *j, const char *s, size_t n) {
+    long first = -1;
+    for (int i = 0; i < j->n_stop; i++) {
+        const char *hit = memmem(s, n, j->stop[i], strlen(j->stop[i]));
+        if (hit && (first < 0 || hit - s < first)) first = hit - s;
+    }
+    return first;
+}
+
+/* s (of *len bytes) followed by text[0..n) made valid UTF-8. */
+static char *append_clean(char *s, size_t *len, const char *text, size_t n) {
+    char *clean = api_utf8_clean(text, n);
+    CHECK(clean);
+    const size_t cn = strlen(clean);
+    s = realloc(s, *len + cn + 1);
+    CHECK(s);
+    memcpy(s + *len, clean, cn + 1);
+    *len += cn;
+    free(clean);
+    return s;
+}
+
+static void fuzz_text(const uint8_t *data, size_t size) {
+    size_t at = 1;
+    cake_token *prompt = malloc(sizeof(*prompt));
+    CHECK(prompt);
+    prompt[0] = 0;
+    serve_job *j = job_create(prompt, 1);
+    CHECK(j);
+    const int n_stop = at < size ? data[at++] % (JOB_MAX_STOP + 1) : 0;
+    for (int i = 0; i < n_stop && at < size; i++) {
+        size_t len = data[at++] % 6 + 1;
+        if (len > size - at) len = size - at;
+        if (!len || memchr(data + at, 0, len)) break; /* stops are C strings */
+        CHECK(job_add_stop(j, (const char *)data + at, len) == 0);
+        at += len;
+    }
+    char *all = malloc(size + 1);
+    CHECK(all);
+    size_t all_len = 0, ready = 0, sent = 0, streamed_len = 0;
+    char *streamed = NULL;
+    int stopped = 0;
+    while (at < size && !stopped) {
+        size_t len = data[at++] % 9;
+        if (len > size - at) len = size - at;
+        memcpy(all + all_len, data + at, len);
+        all_len += len;
+        pthread_mutex_lock(&j->mu);
+        stopped = job_add_text(j, (const char *)data + at, len);
+        pthread_mutex_unlock(&j->mu);
+        at += len;
+        CHECK(stopped == 0 || stopped == 1);
+        const long stop_at = first_stop(j, all, all_len);
+        CHECK(stopped == (stop_at >= 0));
+        CHECK(j->len == (stopped ? (size_t)stop_at : all_len));
+        CHECK(!memcmp(j->text, all, j->len));
+        CHECK(j->ready >= ready && j->ready <= j->len);
+        ready = j->ready;
+        /* what a stream sends: each final part, made valid UTF-8 alone */
+        streamed = append_clean(streamed, &streamed_len, j->text + sent, j->ready - sent);
+        sent = j->ready;
+    }
+    /* (ready only grew and stayed within the text, which ends where a stop
+     * string starts: no stop ever started inside what was final) */
+    job_finish(j, NULL);
+    CHECK(j->ready == j->len && j->done);
+    /* The stream's parts add up to the whole answer: no cut split a
+     * character that the whole text has. */
+    const char *text = j->text ? j->text : ""; /* NULL: no piece came */
+    streamed = append_clean(streamed, &streamed_len, text + sent, j->len - sent);
+    char *whole = api_utf8_clean(text, j->len);
+    CHECK(whole && strlen(whole) == streamed_len && !memcmp(whole, streamed, streamed_len));
+    free(whole);
+    free(streamed);
+    free(all);
+    job_release(j);
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
+    if (!g_tok) init_vocab();
+    if (size < 1) return 0;
+    if (data[0] & 1)
+        fuzz_text(data, size);
+    else
+        fuzz_parse(data, size);
+    return 0;
+}
