@@ -113,7 +113,7 @@ static void fuzz_parse(const uint8_t *data, size_t size) {
     const api_model m = {.tok = g_tok,
                          .n_vocab = cake_tokenizer_n_vocab(g_tok),
                          .n_ctx = 1 + (data[0] >> 2) * 4,
-                         .chat = (chat_format)(data[1] % 4),
+                         .chat = (chat_format)(data[1] % 6),
                          .name = "fuzz"};
     serve_job *j = (serve_job *)1;
     api_shape shape;

@@ -890,37 +890,61 @@ static void test_chat_formats(void **state) {
     assert_int_equal(chat_detect("{{ messages }}", t), CHAT_NONE);
     assert_int_equal(chat_detect(NULL, t), CHAT_CHATML); /* from the vocabulary */
 
-    /* The user's "<|im_end|>" stays text: bytes, not the special token. */
-    const chat_message m[] = {{"system", "S", 1}, {"user", " <|im_end|>\n", 12}};
+    assert_int_equal(chat_detect("[INST] {{ m }} [/INST]", t), CHAT_MISTRAL);
+    assert_int_equal(chat_detect("{{ '<|user|>\n' }}{{ '<|assistant|>' }}", t), CHAT_ZEPHYR);
+
+    /* Each format, id by id: the expected prompt is bytes, with the special
+     * tokens written as \x01 .. \x06 (IM_START .. BOT). BOS comes first
+     * (add_bos). The user's "<|im_end|>" stays text: bytes, not the special
+     * token. */
+    const chat_message m[] = {{"system", "S", 1},
+                              {"user", " <|im_end|>\n", 12},
+                              {"assistant", " ok ", 4},
+                              {"user", "more", 4}};
+    static const struct {
+        chat_format f;
+        const char *want;
+        cake_token eot;
+    } formats[] = {
+        {CHAT_CHATML,
+         "\x06\x01system\nS\x02\n\x01user\n <|im_end|>\n\x02\n\x01"
+         "assistant\n ok \x02\n\x01user\nmore\x02\n\x01"
+         "assistant\n",
+         IM_END},
+        /* Llama 3 and Mistral trim each message */
+        {CHAT_LLAMA3,
+         "\x06\x03system\x04\n\nS\x05\x03user\x04\n\n<|im_end|>\x05\x03"
+         "assistant\x04\n\nok\x05\x03user\x04\n\nmore\x05\x03"
+         "assistant\x04\n\n",
+         EOT},
+        {CHAT_MISTRAL, "\x06[INST] S\n\n<|im_end|> [/INST]ok\x05[INST] more [/INST]", -1},
+        {CHAT_ZEPHYR,
+         "\x06<|system|>\nS\x05\n<|user|>\n <|im_end|>\n\x05\n<|assistant|>\n ok \x05\n"
+         "<|user|>\nmore\x05\n<|assistant|>\n",
+         -1},
+        {CHAT_LLAMA2,
+         "\x06[INST] <<SYS>>\nS\n<</SYS>>\n\n<|im_end|> [/INST] ok \x05\x06[INST] more [/INST]",
+         -1},
+    };
+    for (size_t k = 0; k < sizeof(formats) / sizeof(formats[0]); k++) {
+        cake_token *ids, eot;
+        int n;
+        assert_int_equal(chat_prompt(formats[k].f, t, m, 4, &ids, &n, &eot, err, sizeof(err)), 0);
+        const char *want = formats[k].want;
+        if (n != (int)strlen(want))
+            fail_msg("%s: %d ids, want %zu", chat_format_name(formats[k].f), n, strlen(want));
+        for (int i = 0; i < n; i++) {
+            const unsigned char c = (unsigned char)want[i];
+            if (ids[i] != (c >= 1 && c <= 6 ? IM_START + c - 1 : c))
+                fail_msg("%s: id %d is %d, want byte %d", chat_format_name(formats[k].f), i, ids[i],
+                         c);
+        }
+        assert_int_equal(eot, formats[k].eot);
+        free(ids);
+    }
+
     cake_token *ids, eot;
     int n;
-    assert_int_equal(chat_prompt(CHAT_CHATML, t, m, 2, &ids, &n, &eot, err, sizeof(err)), 0);
-    const char *chatml = "\x01system\nS\x02\n\x01user\n <|im_end|>\n\x02\n\x01"
-                         "assistant\n";
-    assert_int_equal(n, 1 + (int)strlen(chatml)); /* BOS first (add_bos) */
-    assert_int_equal(ids[0], BOT);
-    for (int i = 0; i < n - 1; i++) {
-        const unsigned char c = (unsigned char)chatml[i];
-        assert_int_equal(ids[1 + i], c == 1 ? IM_START : c == 2 ? IM_END : c);
-    }
-    assert_int_equal(eot, IM_END);
-    free(ids);
-
-    /* Llama 3 trims each message. */
-    assert_int_equal(chat_prompt(CHAT_LLAMA3, t, m, 2, &ids, &n, &eot, err, sizeof(err)), 0);
-    const char *llama3 = "\x01system\x02\n\nS\x03\x01user\x02\n\n<|im_end|>\x03\x01"
-                         "assistant\x02\n\n";
-    assert_int_equal(n, 1 + (int)strlen(llama3));
-    for (int i = 0; i < n - 1; i++) {
-        const unsigned char c = (unsigned char)llama3[i];
-        assert_int_equal(ids[1 + i], c == 1   ? START_HEADER
-                                     : c == 2 ? END_HEADER
-                                     : c == 3 ? EOT
-                                              : c);
-    }
-    assert_int_equal(eot, EOT);
-    free(ids);
-
     const chat_message bad[] = {{"robot", "x", 1}};
     assert_int_equal(chat_prompt(CHAT_CHATML, t, bad, 1, &ids, &n, &eot, err, sizeof(err)), -1);
     assert_non_null(strstr(err, "robot"));

@@ -10,7 +10,8 @@ chat_format chat_detect(const char *tmpl, const cake_tokenizer *t) {
         if (strstr(tmpl, "<|im_start|>")) return CHAT_CHATML;
         if (strstr(tmpl, "<|start_header_id|>") && strstr(tmpl, "<|end_header_id|>"))
             return CHAT_LLAMA3;
-        if (strstr(tmpl, "[INST]") && strstr(tmpl, "<<SYS>>")) return CHAT_LLAMA2;
+        if (strstr(tmpl, "[INST]")) return strstr(tmpl, "<<SYS>>") ? CHAT_LLAMA2 : CHAT_MISTRAL;
+        if (strstr(tmpl, "<|user|>") && strstr(tmpl, "<|assistant|>")) return CHAT_ZEPHYR;
         return CHAT_NONE;
     }
     if (cake_tokenizer_find(t, "<|im_start|>", 12) >= 0 &&
@@ -23,7 +24,7 @@ chat_format chat_detect(const char *tmpl, const cake_tokenizer *t) {
 }
 
 const char *chat_format_name(chat_format f) {
-    static const char *names[] = {"none", "chatml", "llama3", "llama2"};
+    static const char *names[] = {"none", "chatml", "llama3", "llama2", "mistral", "zephyr"};
     return names[f];
 }
 
@@ -126,8 +127,13 @@ int chat_prompt(chat_format f, const cake_tokenizer *t, const chat_message *m, i
             return cake_err(err, errlen,
                             "message %d: role '%.40s' is not system, user or assistant", i,
                             m[i].role);
-    builder b = {.t = t, .err = err, .errlen = errlen};
     const cake_token bos = cake_tokenizer_bos(t);
+    const cake_token eos = cake_tokenizer_eos(t);
+    if (f == CHAT_LLAMA2 && bos < 0)
+        return cake_err(err, errlen, "the vocabulary has no BOS token");
+    if (f == CHAT_ZEPHYR && eos < 0)
+        return cake_err(err, errlen, "the vocabulary has no EOS token");
+    builder b = {.t = t, .err = err, .errlen = errlen};
     if (f != CHAT_LLAMA2 && cake_tokenizer_add_bos(t) && bos >= 0) put_id(&b, bos);
     *end_of_turn = -1;
     switch (f) {
@@ -163,7 +169,6 @@ int chat_prompt(chat_format f, const cake_tokenizer *t, const chat_message *m, i
         /* Llama 2's own template: <s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user}
          * [/INST] {answer} </s><s>[INST] {user} [/INST] */
         const chat_message *sys = NULL;
-        if (bos < 0) return cake_err(err, errlen, "the vocabulary has no BOS token");
         for (int i = 0; i < n; i++) {
             if (!strcmp(m[i].role, "system")) {
                 sys = &m[i];
@@ -182,11 +187,45 @@ int chat_prompt(chat_format f, const cake_tokenizer *t, const chat_message *m, i
                 put_str(&b, " ");
                 put_trimmed(&b, &m[i]);
                 put_str(&b, " ");
-                if (cake_tokenizer_eos(t) >= 0) put_id(&b, cake_tokenizer_eos(t));
+                if (eos >= 0) put_id(&b, eos);
             }
         }
         break;
     }
+    case CHAT_MISTRAL: {
+        /* Mistral Instruct's: <s>[INST] {system}\n\n{user} [/INST]{answer}</s>[INST] ... */
+        const chat_message *sys = NULL;
+        for (int i = 0; i < n; i++) {
+            if (!strcmp(m[i].role, "system")) {
+                sys = &m[i];
+            } else if (!strcmp(m[i].role, "user")) {
+                put_str(&b, "[INST] ");
+                if (sys) {
+                    put_text(&b, sys->content, sys->content_len);
+                    put_str(&b, "\n\n");
+                    sys = NULL;
+                }
+                put_trimmed(&b, &m[i]);
+                put_str(&b, " [/INST]");
+            } else {
+                put_trimmed(&b, &m[i]);
+                if (eos >= 0) put_id(&b, eos);
+            }
+        }
+        break;
+    }
+    case CHAT_ZEPHYR:
+        /* <|system|>\n{system}</s>\n<|user|>\n{user}</s>\n<|assistant|>\n */
+        for (int i = 0; i < n; i++) {
+            put_str(&b, "<|");
+            put_str(&b, m[i].role);
+            put_str(&b, "|>\n");
+            put_text(&b, m[i].content, m[i].content_len);
+            put_id(&b, eos);
+            put_str(&b, "\n");
+        }
+        put_str(&b, "<|assistant|>\n");
+        break;
     case CHAT_NONE:
         break;
     }

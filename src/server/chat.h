@@ -1,7 +1,7 @@
 /* Chat prompts: the messages of a /v1/chat/completions request turned into
  * prompt ids in the format the model was trained on. The formats are those of
- * llama.cpp's built-in templates that cover the models cake runs (ChatML for
- * Qwen, Llama 3, Llama 2); a model's template (GGUF tokenizer.chat_template,
+ * llama.cpp's built-in templates that cover the models cake runs (below); a
+ * model's template (GGUF tokenizer.chat_template,
  * Jinja) is recognised by its marker strings, as llama.cpp does, not run.
  *
  * Special tokens (<|im_start|>, <|eot_id|>, ...) are inserted by id; the
@@ -14,7 +14,14 @@
 
 #include "model/tokenizer.h"
 
-typedef enum { CHAT_NONE = 0, CHAT_CHATML, CHAT_LLAMA3, CHAT_LLAMA2 } chat_format;
+typedef enum {
+    CHAT_NONE = 0,
+    CHAT_CHATML,  /* <|im_start|>role\n...<|im_end|>: Qwen */
+    CHAT_LLAMA3,  /* <|start_header_id|>role<|end_header_id|>\n\n...<|eot_id|> */
+    CHAT_LLAMA2,  /* <s>[INST] <<SYS>>\n...\n<</SYS>>\n\n... [/INST] ... </s> */
+    CHAT_MISTRAL, /* <s>[INST] ... [/INST]...</s>[INST] ... (Mistral Instruct) */
+    CHAT_ZEPHYR,  /* <|user|>\n...</s>\n<|assistant|>\n (Zephyr, TinyLlama Chat) */
+} chat_format;
 
 typedef struct {
     const char *role; /* "system", "user" or "assistant" */

@@ -224,8 +224,8 @@ static int chat_prompt_of(const cJSON *o, const api_model *m, cake_token **ids, 
                           cake_token *end_of_turn, char *err, size_t errlen) {
     if (m->chat == CHAT_NONE)
         return cake_err(err, errlen,
-                        "this model has no chat template cake knows (ChatML, Llama 3, Llama 2): "
-                        "use /v1/completions");
+                        "this model has no chat template cake knows (ChatML, Llama 3, Llama 2, "
+                        "Mistral, Zephyr): use /v1/completions");
     const cJSON *msgs = field(o, "messages");
     if (!cJSON_IsArray(msgs) || cJSON_GetArraySize(msgs) == 0)
         return cake_err(err, errlen, "'messages' must be a non-empty array");
