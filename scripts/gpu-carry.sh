@@ -11,8 +11,7 @@ cd "$(dirname "$0")/.."
 DEST=out/gpu-carry
 mkdir -p "$DEST/debs" "$DEST/models"
 PKGS="libcmocka-dev libcmocka0 libhiredis-dev libhiredis0.14 libxxhash-dev libxxhash0
-libopenblas-pthread-dev libopenblas0-pthread libgfortran5 libquadmath0 libpcre2-dev libpcre2-8-0
-libmicrohttpd-dev libmicrohttpd12 libcjson-dev libcjson1"
+libopenblas-pthread-dev libopenblas0-pthread libgfortran5 libquadmath0 libpcre2-dev libpcre2-8-0"
 (cd "$DEST/debs" && apt-get download $PKGS)
 MODELS=${CAKE_TEST_MODELS:-../shared/models}
 for f in stories260K.gguf stories260K.bin tok512.bin; do

@@ -171,8 +171,10 @@ if command -v make >/dev/null; then
 else
     GEN="Ninja" KEEP="-k 0"
 fi
+# (without the HTTP server: nothing here runs it, and its libraries are not
+# among the carried packages)
 step configure 120 cmake -S . -B build-gpu -G "$GEN" -DCMAKE_BUILD_TYPE=Release \
-    -DCMAKE_CUDA_ARCHITECTURES=90a
+    -DCMAKE_CUDA_ARCHITECTURES=90a -DCAKE_SERVER=OFF
 step build 240 cmake --build build-gpu -j16 --target cake cake_cuda bench_engine bench_store bench_gemm test_cuda test_loader -- $KEEP
 CAKE=build-gpu/cake
 grep -q 'wgmma.mma_async instructions are serialized' "$LOGS/build.log" 2>/dev/null &&
