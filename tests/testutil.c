@@ -231,7 +231,10 @@ int test_write_variant(const char *src, const char *dst, const test_model_varian
         snprintf(prefix, sizeof(prefix), "%s.", arch);
         char *key = renamed ? str_copy(prefix, (cake_gguf_str){kv->key.ptr + 6, kv->key.len - 6})
                             : str_copy("", kv->key);
-        if (!key || copy_kv(w, key, kv, arch))
+        const size_t kl = key ? strlen(key) : 0;
+        if (key && v->context_length && kl > 15 && !strcmp(key + kl - 15, ".context_length"))
+            cake_gguf_writer_add_u32(w, key, v->context_length);
+        else if (!key || copy_kv(w, key, kv, arch))
             rc = cake_err(err, errlen, "%s: key %s could not be copied", src, key ? key : "?");
         free(key);
     }

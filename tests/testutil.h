@@ -45,6 +45,7 @@ typedef struct {
      * blocks; not with qwen2) */
     int (*retype)(const char *name, int type);
     const char *chat_template; /* tokenizer.chat_template; NULL: none */
+    uint32_t context_length;   /* <arch>.context_length; 0: the source's */
 } test_model_variant;
 
 /* Copies the GGUF at src (a llama model with the key types `cake mkmodel`

@@ -24,6 +24,7 @@ struct serve_job {
     char *stop[JOB_MAX_STOP]; /* stop strings (owned), n_stop of them */
     int n_stop;
     cake_token end_of_turn; /* stops like EOS (a chat format's end of turn); -1: none */
+    int ignore_eos;         /* EOS and the end of turn do not stop it (benchmarks) */
 
     /* Progress, under mu; cv is signalled on every change. */
     pthread_mutex_t mu;

@@ -279,8 +279,9 @@ int api_parse(const char *body, size_t len, int chat, const api_model *m, serve_
     int n = 0;
     cake_token eot = -1;
     double max_tokens = -1, temperature = 1, top_p = 1, seed = -1;
-    int rc = -1;
+    int rc = -1, ignore_eos = 0;
     if (unsupported(o, err, errlen) || bool_field(o, "stream", &shape->stream, err, errlen) ||
+        bool_field(o, "ignore_eos", &ignore_eos, err, errlen) ||
         int_field(o, "max_tokens", 1, 1 << 30, &max_tokens, err, errlen) ||
         int_field(o, "max_completion_tokens", 1, 1 << 30, &max_tokens, err, errlen) ||
         num_field(o, "temperature", 0, 2, &temperature, err, errlen) ||
@@ -316,6 +317,7 @@ int api_parse(const char *body, size_t len, int chat, const api_model *m, serve_
                                         .top_p = (float)top_p,
                                         .seed = seed >= 0 ? (uint64_t)seed : fresh_seed()};
     j->end_of_turn = eot;
+    j->ignore_eos = ignore_eos;
     *out = j;
     j = NULL;
     rc = 0;

@@ -22,7 +22,7 @@ static int on_token(cake_token id, void *ud) {
     pthread_mutex_lock(&j->mu);
     j->n_ids++;
     int stop = 0;
-    if (id == s->eos || id == j->end_of_turn) {
+    if (!j->ignore_eos && (id == s->eos || id == j->end_of_turn)) {
         j->stopped = 1;
         stop = 1; /* (EOS ends the loop itself; its text is empty) */
     } else {
@@ -137,7 +137,7 @@ static void run_job(slot *s, serve_job *j) {
         .n_predict = max,
         .chunk = p->cfg.chunk,
         .loader = p->cfg.store ? &lp : NULL,
-        .eos = sink.eos,
+        .eos = j->ignore_eos ? -1 : sink.eos,
         .sampler = sampler,
         .on_token = on_token,
         .ud = &sink,
