@@ -139,7 +139,8 @@ static void fuzz_parse(const uint8_t *data, size_t size) {
     pthread_mutex_lock(&j->mu);
     job_add_text(j, (const char *)data + 2, size - 2);
     pthread_mutex_unlock(&j->mu);
-    job_finish(j, NULL);
+    job_settle(j, NULL);
+    job_finish(j);
     check_json(api_response(&shape, j, "cmpl-1", 1, m.name));
     check_event(api_stream_event(&shape, CHUNK_FIRST, "", 0, j, "cmpl-1", 1, m.name));
     check_event(api_stream_event(&shape, CHUNK_TEXT, j->text, j->len, j, "cmpl-1", 1, m.name));
@@ -213,7 +214,8 @@ static void fuzz_text(const uint8_t *data, size_t size) {
     }
     /* (ready only grew and stayed within the text, which ends where a stop
      * string starts: no stop ever started inside what was final) */
-    job_finish(j, NULL);
+    job_settle(j, NULL);
+    job_finish(j);
     CHECK(j->ready == j->len && j->done);
     /* The stream's parts add up to the whole answer: no cut split a
      * character that the whole text has. */

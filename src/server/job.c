@@ -40,11 +40,16 @@ int job_add_stop(serve_job *j, const char *s, size_t len) {
     return 0;
 }
 
-void job_finish(serve_job *j, const char *error) {
+void job_settle(serve_job *j, const char *error) {
     pthread_mutex_lock(&j->mu);
     if (error) snprintf(j->error, sizeof(j->error), "%s", error);
     j->ready = j->len; /* what was held back for a stop string is final now */
     j->cancelled = atomic_load(&j->cancel);
+    pthread_mutex_unlock(&j->mu);
+}
+
+void job_finish(serve_job *j) {
+    pthread_mutex_lock(&j->mu);
     j->done = 1;
     pthread_cond_broadcast(&j->cv);
     pthread_mutex_unlock(&j->mu);

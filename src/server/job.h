@@ -63,7 +63,11 @@ int job_add_stop(serve_job *j, const char *s, size_t len);
  * was completed: the text then ends before it. 0 otherwise, -1 on out of
  * memory (the piece is lost). */
 int job_add_text(serve_job *j, const char *piece, size_t n);
-/* Ends the job (error: why it failed, or NULL) and wakes its waiters. */
-void job_finish(serve_job *j, const char *error);
+/* Sets how the job ended (error: why it failed, or NULL; whether it was
+ * cancelled), and makes the text held back for stop strings final. */
+void job_settle(serve_job *j, const char *error);
+/* Marks the settled job done and wakes its waiters: from here the HTTP side
+ * answers. */
+void job_finish(serve_job *j);
 
 #endif

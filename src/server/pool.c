@@ -123,7 +123,7 @@ static void run_job(slot *s, serve_job *j) {
     pthread_mutex_unlock(&j->mu);
     if (!sampler || !ids) {
         cake_sampler_free(sampler);
-        job_finish(j, "out of memory");
+        job_settle(j, "out of memory");
         return;
     }
     cake_prefill_params lp = {.store = p->cfg.store,
@@ -148,7 +148,7 @@ static void run_job(slot *s, serve_job *j) {
     pthread_mutex_lock(&j->mu);
     j->stats = st;
     pthread_mutex_unlock(&j->mu);
-    job_finish(j, rc ? err : NULL);
+    job_settle(j, rc ? err : NULL);
 }
 
 static void *slot_main(void *arg) {
@@ -170,18 +170,21 @@ static void *slot_main(void *arg) {
         pthread_mutex_unlock(&p->mu);
 
         if (stopping)
-            job_finish(j, "the server is shutting down");
+            job_settle(j, "the server is shutting down");
         else if (atomic_load(&j->cancel)) /* its client left while it waited */
-            job_finish(j, "cancelled before it ran");
+            job_settle(j, "cancelled before it ran");
         else
             run_job(s, j);
 
+        /* Counted before its answer goes out: /metrics read after an answer
+         * includes it. */
         pthread_mutex_lock(&p->mu);
         p->totals.running--;
         s->current = NULL;
         account(p, j);
         const uint64_t number = ++p->n_finished;
         pthread_mutex_unlock(&p->mu);
+        job_finish(j);
         log_job(j, number);
         job_release(j);
         /* The next request overwrites the KV cache that queued write-backs
