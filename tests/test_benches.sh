@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The benchmark programs are built beside the binary and run (scripts and
+# gpu-check.sh call them; a build that lost them would fail only there).
+set -u
+CAKE=${1:?usage: test_benches.sh path/to/cake}
+B=$(dirname "$CAKE")
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+fails=0
+for b in bench_engine bench_store bench_kernels; do
+    [ -x "$B/$b" ] && echo "ok   $b built" || { echo "FAIL $b not built"; fails=$((fails + 1)); }
+done
+"$CAKE" mkmodel --shape tiny -o "$tmp/tiny.gguf" >/dev/null 2>&1 || { echo "FAIL mkmodel"; exit 1; }
+if "$B/bench_engine" "$tmp/tiny.gguf" --threads 2 --prompt 64 --decode 4 >"$tmp/out" 2>&1; then
+    echo "ok   bench_engine runs: $(tail -1 "$tmp/out")"
+else
+    echo "FAIL bench_engine: $(tail -5 "$tmp/out")"
+    fails=$((fails + 1))
+fi
+[ "$fails" -eq 0 ]
