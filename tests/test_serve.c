@@ -343,6 +343,18 @@ static void test_api_key(void **state) {
         resp_free(&r);
     }
     assert_int_equal(serve_stop(&s), 0);
+
+    /* the same key as an option */
+    assert_int_equal(serve_start(&s, g_tiny, "--store", "none", "--api-key", "k2", NULL), 0);
+    int fd = connect_to(s.port);
+    send_request_with(fd, "GET", "/v1/models", NULL, "Authorization: Bearer k2\r\n");
+    t_resp r = read_response(fd);
+    assert_int_equal(r.status, 200);
+    resp_free(&r);
+    r = http(s.port, "GET", "/v1/models", NULL);
+    assert_int_equal(r.status, 401);
+    resp_free(&r);
+    assert_int_equal(serve_stop(&s), 0);
 }
 
 /* ---- bad requests: clear errors, and the server keeps serving ---- */
@@ -688,6 +700,43 @@ static void test_store_reuse(void **state) {
     assert_int_equal(system(cmd), 0);
 }
 
+/* A first token later than --timeout: a whole answer still comes, and a
+ * stream stays open on keep-alive comments. A store with 0.6 s of latency
+ * a request makes the wait (a lookup, then the loads: over 1 s). */
+static void test_slow_first_token(void **state) {
+    (void)state;
+    t_server s;
+    assert_int_equal(serve_start(&s, g_tiny, "--store", "mem:?lat=600", "--mode", "load",
+                                 "--chunk", "16", "--timeout", "1", NULL),
+                     0);
+    const char *prompt = "The quick brown fox jumps over the lazy dog, and the cat sleeps on";
+    cJSON *cold = post_ok(s.port, "/v1/completions",
+                          "{\"prompt\":\"%s\",\"max_tokens\":4,\"temperature\":0}", prompt);
+    assert_true(num_at(cold, "cake.chunks_total") >= 2);
+    cJSON *warm = post_ok(s.port, "/v1/completions",
+                          "{\"prompt\":\"%s\",\"max_tokens\":4,\"temperature\":0}", prompt);
+    assert_true(num_at(warm, "cake.chunks_loaded") >= 1);
+    assert_true(num_at(warm, "cake.ttft_ms") > 1000);
+    assert_same_ids(at(warm, "cake.generated_ids"), at(cold, "cake.generated_ids"));
+
+    char body[512];
+    snprintf(body, sizeof(body),
+             "{\"prompt\":\"%s\",\"max_tokens\":4,\"temperature\":0,\"stream\":true}", prompt);
+    t_resp r = http(s.port, "POST", "/v1/completions", body);
+    assert_int_equal(r.status, 200);
+    assert_non_null(strstr(r.body, ": keep-alive\n\n"));
+    cJSON *ev[16];
+    int done, n_ev = parse_events(r.body, ev, 16, &done);
+    assert_true(done && n_ev >= 2);
+    assert_true(num_at(ev[n_ev - 1], "cake.ttft_ms") > 1000);
+    assert_same_ids(at(ev[n_ev - 1], "cake.generated_ids"), at(cold, "cake.generated_ids"));
+    for (int i = 0; i < n_ev; i++) cJSON_Delete(ev[i]);
+    resp_free(&r);
+    cJSON_Delete(cold);
+    cJSON_Delete(warm);
+    assert_int_equal(serve_stop(&s), 0);
+}
+
 /* ---- clients that leave, a full queue, shutdown ---- */
 
 /* Opens a stream of a long generation and reads until its first text
@@ -967,12 +1016,12 @@ static void test_chat_formats(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_chat_formats), cmocka_unit_test(test_usage_errors),
-        cmocka_unit_test(test_api_key),      cmocka_unit_test(test_bad_requests),
-        cmocka_unit_test(test_answers_tiny), cmocka_unit_test(test_answers_stories260k),
-        cmocka_unit_test(test_stop_strings), cmocka_unit_test(test_seeded_sampling),
-        cmocka_unit_test(test_store_reuse),  cmocka_unit_test(test_cancel_and_queue),
-        cmocka_unit_test(test_chat_llama2),
+        cmocka_unit_test(test_chat_formats),     cmocka_unit_test(test_usage_errors),
+        cmocka_unit_test(test_api_key),          cmocka_unit_test(test_bad_requests),
+        cmocka_unit_test(test_answers_tiny),     cmocka_unit_test(test_answers_stories260k),
+        cmocka_unit_test(test_stop_strings),     cmocka_unit_test(test_seeded_sampling),
+        cmocka_unit_test(test_store_reuse),      cmocka_unit_test(test_slow_first_token),
+        cmocka_unit_test(test_cancel_and_queue), cmocka_unit_test(test_chat_llama2),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

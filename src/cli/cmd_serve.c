@@ -40,12 +40,15 @@ static const char *help =
     "      --backend B       cpu (default) or cuda (one slot)\n"
     "      --name NAME       the model's id in responses (default: the file name)\n"
     "      --max-body BYTES  largest request body (default 8388608); more get 413\n"
+    "      --timeout SECONDS close a connection idle this long (default 120); a\n"
+    "                        stream waiting for its first token sends a keep-alive\n"
+    "                        comment every quarter of it\n"
     "      --api-key KEY     the API (/v1/...) wants \"Authorization: Bearer KEY\"\n"
     "                        (default: $CAKE_API_KEY when set, else none)\n";
 
 typedef struct {
     const char *model, *host, *store, *name, *api_key;
-    long port, chunk, io_depth, slots, queue, ctx, threads, max_body;
+    long port, chunk, io_depth, slots, queue, ctx, threads, max_body, timeout;
     cake_mode mode;
     enum cake_kv_type kv_type;
     enum cake_backend_kind backend;
@@ -67,6 +70,8 @@ static int parse_args(int argc, char **argv, serve_opts *o) {
                                          {"backend", required_argument, 0, 'B'},
                                          {"name", required_argument, 0, 'N'},
                                          {"max-body", required_argument, 0, 'b'},
+                                         {"api-key", required_argument, 0, 'K'},
+                                         {"timeout", required_argument, 0, 'O'},
                                          {"help", no_argument, 0, 'h'},
                                          {0, 0, 0, 0}};
     *o = (serve_opts){.host = "127.0.0.1",
@@ -77,6 +82,7 @@ static int parse_args(int argc, char **argv, serve_opts *o) {
                       .slots = 1,
                       .queue = 64,
                       .max_body = 8 << 20,
+                      .timeout = 120,
                       .mode = CAKE_MODE_CAKE};
     int c;
     optind = 1;
@@ -122,6 +128,9 @@ static int parse_args(int argc, char **argv, serve_opts *o) {
         case 'b':
             if (cli_parse_int(optarg, 1024, 1L << 30, &o->max_body))
                 what = "--max-body wants 1024..1073741824";
+            break;
+        case 'O':
+            if (cli_parse_int(optarg, 1, 86400, &o->timeout)) what = "--timeout wants 1..86400";
             break;
         case 'M':
             if (cake_mode_parse(optarg, &o->mode)) what = "--mode is cake, load or compute";
@@ -218,7 +227,8 @@ int cmd_serve(int argc, char **argv) {
                       .port = (int)o.port,
                       .max_body = (size_t)o.max_body,
                       .max_connections = (int)(o.slots + o.queue + 16),
-                      .api_key = o.api_key};
+                      .api_key = o.api_key,
+                      .idle_timeout_s = (int)o.timeout};
     if (server_start(pool, &am, &hc, &server, err, sizeof(err))) {
         cli_error(CLI_FAIL, "serve", "%s", err);
         goto done;

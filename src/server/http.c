@@ -104,6 +104,12 @@ static void timed_wait(serve_job *j) {
 
 /* ---- streams: server-sent events ---- */
 
+static double seconds_since(const struct timespec *t) {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (double)(now.tv_sec - t->tv_sec) + (double)(now.tv_nsec - t->tv_nsec) * 1e-9;
+}
+
 typedef struct {
     serve_server *server;
     struct MHD_Connection *conn;
@@ -111,7 +117,8 @@ typedef struct {
     api_shape shape;
     char id[40];
     long created;
-    size_t sent; /* bytes of the job's text sent */
+    size_t sent;          /* bytes of the job's text sent */
+    struct timespec last; /* when the last event went out */
     int first_sent, finished;
     char *out; /* the event being sent */
     size_t out_len, out_off;
@@ -171,9 +178,16 @@ static ssize_t stream_read(void *cls, uint64_t pos, char *buf, size_t max) {
                 pthread_mutex_unlock(&j->mu);
                 return MHD_CONTENT_READER_END_WITH_ERROR; /* stream_free cancels */
             }
+            /* A long prefill sends nothing: a comment line (which clients
+             * skip) keeps the connection from counting as idle. */
+            if (seconds_since(&st->last) * 4 >= st->server->cfg.idle_timeout_s) {
+                ev = strdup(": keep-alive\n\n");
+                break;
+            }
             timed_wait(j);
         }
         pthread_mutex_unlock(&j->mu);
+        clock_gettime(CLOCK_MONOTONIC, &st->last);
         if (!ev) return MHD_CONTENT_READER_END_WITH_ERROR; /* out of memory */
         st->out = ev;
         st->out_len = strlen(ev);
@@ -219,6 +233,7 @@ static enum MHD_Result completions(serve_server *s, struct MHD_Connection *c,
         if (st) {
             *st = (stream_state){
                 .server = s, .conn = c, .job = j, .shape = shape, .created = created};
+            clock_gettime(CLOCK_MONOTONIC, &st->last);
             memcpy(st->id, id, sizeof(id));
             r = MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 16384, stream_read, st,
                                                   stream_free);
@@ -399,8 +414,8 @@ int server_start(serve_pool *pool, const api_model *model, const http_config *cf
     s->daemon = MHD_start_daemon(flags, (uint16_t)cfg->port, NULL, NULL, on_request, s,
                                  MHD_OPTION_SOCK_ADDR, ai->ai_addr, MHD_OPTION_CONNECTION_LIMIT,
                                  (unsigned)cfg->max_connections, MHD_OPTION_CONNECTION_TIMEOUT,
-                                 600u, /* idle seconds; a long prefill is not idle */
-                                 MHD_OPTION_NOTIFY_COMPLETED, on_completed, NULL, MHD_OPTION_END);
+                                 (unsigned)cfg->idle_timeout_s, MHD_OPTION_NOTIFY_COMPLETED,
+                                 on_completed, NULL, MHD_OPTION_END);
     freeaddrinfo(ai);
     if (!s->daemon) {
         free(s);

@@ -26,6 +26,8 @@ typedef struct {
     int port;         /* 0: any free port (server_port tells which) */
     size_t max_body;  /* larger request bodies get 413 */
     int max_connections;
+    int idle_timeout_s;  /* a connection idle this long is closed; streams that
+                            wait send a keep-alive comment every quarter of it */
     const char *api_key; /* NULL: none; else /v1/ wants "Authorization: Bearer KEY" */
 } http_config;
 
