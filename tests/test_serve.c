@@ -295,6 +295,11 @@ static void test_usage_errors(void **state) {
     assert_int_equal(WEXITSTATUS(system(cmd)), 2);
     snprintf(cmd, sizeof(cmd), "%s serve -m %s --port 70000 2>/dev/null", CAKE_BIN, g_tiny);
     assert_int_equal(WEXITSTATUS(system(cmd)), 2);
+    snprintf(cmd, sizeof(cmd), "%s serve -m %s --timeout 0 2>/dev/null", CAKE_BIN, g_tiny);
+    assert_int_equal(WEXITSTATUS(system(cmd)), 2);
+    snprintf(cmd, sizeof(cmd), "%s serve -m %s --slots 2 --backend cuda 2>/dev/null", CAKE_BIN,
+             g_tiny);
+    assert_int_equal(WEXITSTATUS(system(cmd)), 2);
     snprintf(cmd, sizeof(cmd), "%s serve -m /nonexistent.gguf --port 0 2>/dev/null", CAKE_BIN);
     assert_int_equal(WEXITSTATUS(system(cmd)), 1);
     snprintf(cmd, sizeof(cmd), "%s serve --help | grep -q -- --slots", CAKE_BIN);
@@ -706,8 +711,8 @@ static void test_store_reuse(void **state) {
 static void test_slow_first_token(void **state) {
     (void)state;
     t_server s;
-    assert_int_equal(serve_start(&s, g_tiny, "--store", "mem:?lat=600", "--mode", "load",
-                                 "--chunk", "16", "--timeout", "1", NULL),
+    assert_int_equal(serve_start(&s, g_tiny, "--store", "mem:?lat=600", "--mode", "load", "--chunk",
+                                 "16", "--timeout", "1", NULL),
                      0);
     const char *prompt = "The quick brown fox jumps over the lazy dog, and the cat sleeps on";
     cJSON *cold = post_ok(s.port, "/v1/completions",
