@@ -53,12 +53,14 @@ static void fixture_free(fixture *f) {
     cake_model_free(f->m);
 }
 
-/* One request (prefill + 1 greedy token); logits (n_vocab) of the first token. */
-static cake_prefill_stats run(fixture *f, const cake_token *prompt, int n, int chunk,
-                              cake_store *store, cake_writeback *wb, cake_mode mode, float *logits,
-                              cake_token *first) {
+/* One request (prefill + 1 greedy token) whose first n_cached positions are
+ * in the KV cache already; logits (n_vocab) of the first token. */
+static cake_prefill_stats run_cached(fixture *f, const cake_token *prompt, int n, int n_cached,
+                                     int chunk, cake_store *store, cake_writeback *wb,
+                                     cake_mode mode, float *logits, cake_token *first) {
     cake_sampler *s = cake_sampler_init((cake_sampler_params){.temperature = 0});
-    cake_prefill_params lp = {.store = store, .writeback = wb, .mode = mode, .io_depth = 3};
+    cake_prefill_params lp = {
+        .store = store, .writeback = wb, .mode = mode, .io_depth = 3, .n_cached = n_cached};
     cake_request r = {.prompt = prompt,
                       .n_prompt = n,
                       .n_predict = 1,
@@ -75,6 +77,12 @@ static cake_prefill_stats run(fixture *f, const cake_token *prompt, int n, int c
     if (wb) cake_writeback_drain(wb, 30000);
     cake_sampler_free(s);
     return st.prefill;
+}
+
+static cake_prefill_stats run(fixture *f, const cake_token *prompt, int n, int chunk,
+                              cake_store *store, cake_writeback *wb, cake_mode mode, float *logits,
+                              cake_token *first) {
+    return run_cached(f, prompt, n, 0, chunk, store, wb, mode, logits, first);
 }
 
 static void random_prompt(cake_token *t, int n, int n_vocab, uint64_t seed) {
@@ -181,6 +189,58 @@ static void check_modes(fixture *f, const char *uri, int n, int chunk) {
     free(p);
     free(base);
     free(got);
+}
+
+/* A request whose KV cache holds a prefix from the request before (what a
+ * server slot reuses): its cached chunks are neither computed nor loaded,
+ * the positions after them are overwritten, and its logits are those of a
+ * fresh context, bit for bit, in every mode. (Claiming one chunk more than
+ * is shared makes them differ.) */
+static void test_cached_prefix(void **state) {
+    (void)state;
+    char path[64];
+    assert_int_equal(test_make_model("tiny", "f16", path), 0);
+    fixture fresh, reused;
+    assert_int_equal(fixture_init(&fresh, path, 512), 0);
+    assert_int_equal(fixture_init(&reused, path, 512), 0);
+    enum { C = 16, NA = 100, SHARED = 70, NB = 120 };
+    cake_token a[NA], b[NB + 8];
+    random_prompt(a, NA, fresh.n_vocab, 7);
+    random_prompt(b, NB + 8, fresh.n_vocab, 8);
+    memcpy(b, a, SHARED * sizeof(cake_token));
+    float *base = malloc((size_t)fresh.n_vocab * sizeof(float));
+    float *got = malloc((size_t)fresh.n_vocab * sizeof(float));
+    cake_token t0, t;
+    cake_store *s = open_store("mem:");
+    char err[256];
+    cake_writeback *wb = cake_writeback_create(s, 64, err, sizeof(err));
+    assert_non_null(wb);
+    const cake_mode modes[] = {CAKE_MODE_COMPUTE, CAKE_MODE_LOAD, CAKE_MODE_CAKE};
+    for (int k = 0; k < 3; k++) {
+        /* b, then b cut at a chunk boundary (every chunk cached: the last
+         * token is computed again) */
+        const int nb = k == 2 ? 112 : NB;
+        run(&fresh, b, nb, C, NULL, NULL, CAKE_MODE_COMPUTE, base, &t0);
+        run(&reused, a, NA, C, s, wb, CAKE_MODE_COMPUTE, got, &t);
+        cake_prefill_stats st = run_cached(&reused, b, nb, SHARED, C, s, wb, modes[k], got, &t);
+        assert_same(base, got, fresh.n_vocab, cake_mode_name(modes[k]));
+        assert_int_equal(t, t0);
+        assert_int_equal(st.chunks_cached, SHARED / C);
+        assert_int_equal(st.chunks_cached + st.chunks_computed + st.chunks_loaded, st.chunks_total);
+        /* the whole of b is cached now (its KV from the run just done) */
+        st = run_cached(&reused, b, nb, nb, C, s, wb, modes[k], got, &t);
+        assert_same(base, got, fresh.n_vocab, "all cached");
+        assert_int_equal(st.chunks_cached, cake_prefill_loadable_chunks(nb, C));
+        assert_int_equal(st.chunks_loaded, 0);
+        assert_int_equal(st.chunks_computed, nb % C ? 1 : 0);
+    }
+    cake_writeback_free(wb);
+    cake_store_close(s);
+    free(base);
+    free(got);
+    fixture_free(&fresh);
+    fixture_free(&reused);
+    unlink(path);
 }
 
 static void test_stories_modes(void **state) {
@@ -665,13 +725,10 @@ static void test_staging_reuse(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_stories_modes),
-        cmocka_unit_test(test_mha160m_modes),
-        cmocka_unit_test(test_redis_faults),
-        cmocka_unit_test(test_stress),
-        cmocka_unit_test(test_claims),
-        cmocka_unit_test(test_staging_reuse),
-        cmocka_unit_test(test_batch_variant_boundary),
+        cmocka_unit_test(test_cached_prefix), cmocka_unit_test(test_stories_modes),
+        cmocka_unit_test(test_mha160m_modes), cmocka_unit_test(test_redis_faults),
+        cmocka_unit_test(test_stress),        cmocka_unit_test(test_claims),
+        cmocka_unit_test(test_staging_reuse), cmocka_unit_test(test_batch_variant_boundary),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -12,9 +12,9 @@ typedef struct {
     int n_prompt;  /* >= 1 */
     int n_predict; /* tokens to generate; 0 = prefill only */
     int chunk;     /* prefill chunk in tokens (> 0) */
-    /* optional: the store, mode, write-back queue, I/O depth and trace of the
-     * Cake loader (its chunk field is ignored: chunk above is used). NULL =
-     * compute only. */
+    /* optional: the store, mode, write-back queue, I/O depth, trace and
+     * cached prefix of the Cake loader (its chunk field is ignored: chunk
+     * above is used). NULL = compute only, from position 0. */
     const cake_prefill_params *loader;
     cake_token eos; /* stop after generating this id (-1: never) */
     cake_sampler *sampler;

@@ -95,7 +95,14 @@
  *
  * Write-back. Computed full chunks that the store lacks are queued on the
  * bounded write-back queue (see writeback.c); the queue never blocks the
- * compute side. */
+ * compute side.
+ *
+ * Cached chunks. A caller whose KV cache already holds the prompt's first
+ * n_cached positions (a server slot whose last request shared the prefix)
+ * says so: the full chunks among them start LOADED, are not looked up, and
+ * the compute side starts after them. The chunk the cached positions end in
+ * is computed whole (the same bits: a position's KV does not depend on how
+ * the prompt was split). */
 #include "loader/loader.h"
 
 #include <errno.h>
@@ -135,6 +142,7 @@ typedef struct prefill_job {
     const cake_prefill_params *p;
     const cake_token *prompt;
     int n_loadable;
+    int n_cached;           /* chunks [0, n_cached) were in the KV cache already (LOADED) */
     float *last_logits;     /* where the last loadable chunk's compute puts its logits when it ends
                                the prompt (batch-invariant engines); NULL otherwise */
     int last_token_alone;   /* the prompt ends on a chunk boundary and the engine is not
@@ -472,7 +480,7 @@ static int compute_side(prefill_job *j, char *err, size_t errlen) {
         j->st->compute_wait_ms += (double)(t1 - t0) / 1e6;
         if (t1 > t0) trace_add(j, 0, -1, "wait for loads", t0, t1);
     }
-    for (int i = 0; i < j->n_loadable; i++) {
+    for (int i = j->n_cached; i < j->n_loadable; i++) {
         uint64_t waited = 0;
         const uint64_t wait_start = now_ns();
         /* Compute time of chunk i, at the engine's recent speed. */
@@ -679,27 +687,34 @@ int cake_prefill(const cake_loader_engine *e, const cake_token *prompt, int n_pr
         goto done;
     }
 
-    /* Lookup: keys of the full chunks and which of them the store has. */
+    /* Chunks the KV cache holds already: LOADED from the start, not looked up. */
+    j->n_cached = p->n_cached > 0 ? p->n_cached / C : 0;
+    if (j->n_cached > j->n_loadable) j->n_cached = j->n_loadable;
+    st->chunks_cached = j->n_cached;
+
+    /* Lookup: keys of the full chunks and which of the others the store has. */
     if (n_keys) {
         cake_key_chain(e->fingerprint, (uint32_t)C, (uint32_t)e->kv_type, prompt, (size_t)n_prompt,
                        keys);
         for (int i = 0; i < n_full; i++)
             j->expect[i] = cake_chunk_header_for(e->fingerprint, &keys[i], (uint32_t)i, (uint32_t)C,
                                                  e->hp, e->kv_type);
-        if (st->mode != CAKE_MODE_COMPUTE) {
+        if (st->mode != CAKE_MODE_COMPUTE && n_full > j->n_cached) {
             char why[256];
-            if (cake_store_exists(p->store, keys, (size_t)n_full, present, why, sizeof(why)))
+            if (cake_store_exists(p->store, keys + j->n_cached, (size_t)(n_full - j->n_cached),
+                                  present + j->n_cached, why, sizeof(why)))
                 snprintf(st->store_error, sizeof(st->store_error), "lookup: %.150s", why);
         }
     }
+    int n_present = 0;
     for (int i = 0; i < j->n_loadable; i++) {
-        j->state[i] = present[i] ? PRESENT : ABSENT;
-        if (!present[i]) st->chunks_missing++;
+        j->state[i] = i < j->n_cached ? LOADED : present[i] ? PRESENT : ABSENT;
+        n_present += j->state[i] == PRESENT;
+        st->chunks_missing += j->state[i] == ABSENT;
     }
     st->lookup_ms = (double)(now_ns() - j->t_start) / 1e6;
 
     /* I/O workers, only when there is something to load. */
-    int n_present = j->n_loadable - st->chunks_missing;
     if (st->mode != CAKE_MODE_COMPUTE && n_present > 0) {
         int n_workers = st->io_depth < n_present ? st->io_depth : n_present;
         j->blob_size = cake_chunk_blob_size(&j->expect[0]);

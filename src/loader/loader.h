@@ -70,6 +70,10 @@ typedef struct {
     int chunk;                 /* tokens per chunk (the store's chunk size) */
     int io_depth;              /* loads in flight (I/O workers); 0 = default */
     const char *trace_path;    /* optional Chrome trace-event JSON of the prefill */
+    /* Positions [0, n_cached) of the engine's KV cache already hold this
+     * prompt's KV (an earlier request on the same context shared the
+     * prefix): the full chunks among them are neither computed nor loaded. */
+    int n_cached;
 } cake_prefill_params;
 
 #define CAKE_DEFAULT_IO_DEPTH 4
@@ -80,6 +84,7 @@ typedef struct {
     int chunks_total;    /* ceil(n_prompt / chunk) */
     int chunks_computed; /* including the partial tail (not a last token computed again) */
     int chunks_loaded;
+    int chunks_cached;    /* already in the KV cache (n_cached), neither computed nor loaded */
     int chunks_missing;   /* loadable chunks the store did not have */
     int chunks_corrupt;   /* present at lookup but failed to load (corrupt, vanished, store down) */
     int chunks_discarded; /* loads finished or cancelled after compute had taken the chunk */
