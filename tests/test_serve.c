@@ -222,7 +222,7 @@ static const cJSON *at(const cJSON *j, const char *path) { /* "a.b.0.c" */
     for (char *save, *k = strtok_r(buf, ".", &save); j && k; k = strtok_r(NULL, ".", &save))
         j = cJSON_IsArray(j) ? cJSON_GetArrayItem(j, atoi(k))
                              : cJSON_GetObjectItemCaseSensitive(j, k);
-    assert_non_null(j);
+    if (!j) fail_msg("no %s in the answer", path);
     return j;
 }
 
@@ -655,8 +655,9 @@ static const char *LONG_PROMPT =
     "door, and the children play in the garden under the tall green trees until the sun goes "
     "down behind the hills and the stars come out one by one over the quiet little town";
 
-/* The second request of a prompt loads what the first stored, and answers
- * the same ids; so does a third after Redis died (computed instead). In
+/* A prompt's chunks stored by one server are loaded by the next on the same
+ * store, with the same answer; the same prompt again finds them in the
+ * slot's KV cache; after Redis died the answer is computed, the same. In
  * load mode: in cake mode the tiny model computes faster than it loads. */
 static void test_store_reuse(void **state) {
     (void)state;
@@ -670,27 +671,44 @@ static void test_store_reuse(void **state) {
     snprintf(redis_uri, sizeof(redis_uri), "%s?timeout=300", redis.uri);
 
     for (int which = 0; which < 1 + have_redis; which++) {
+        const char *store = which ? redis_uri : uri;
         t_server s;
-        assert_int_equal(serve_start(&s, g_tiny, "--store", which ? redis_uri : uri, "--chunk",
-                                     "16", "--mode", "load", NULL),
-                         0);
+        assert_int_equal(
+            serve_start(&s, g_tiny, "--store", store, "--chunk", "16", "--mode", "load", NULL), 0);
 #define LONG_REQUEST "{\"prompt\":\"%s\",\"max_tokens\":12,\"temperature\":0}"
         cJSON *cold = post_ok(s.port, "/v1/completions", LONG_REQUEST, LONG_PROMPT);
         assert_int_equal(num_at(cold, "cake.chunks_loaded"), 0);
         const int total = (int)num_at(cold, "cake.chunks_total");
         assert_true(total >= 5);
         /* the slot drains its write-backs before it takes the next request */
-        cJSON *warm = post_ok(s.port, "/v1/completions", LONG_REQUEST, LONG_PROMPT);
-        assert_true(num_at(warm, "cake.chunks_loaded") >= 1);
-        assert_true(num_at(warm, "cake.bytes_loaded") > 0);
-        assert_same_ids(at(warm, "cake.generated_ids"), at(cold, "cake.generated_ids"));
-        assert_true(metric(s.port, "cake_prefill_chunks_total{source=\"loaded\"}") >= 1);
+        cJSON_Delete(post_ok(s.port, "/v1/completions", "{\"prompt\":\"Hi\",\"max_tokens\":1}"));
         assert_true(metric(s.port, "cake_store_writeback_chunks_total{result=\"written\"}") >=
                     total - 1);
+        assert_int_equal(serve_stop(&s), 0);
+
+        /* A new server on the same store loads the chunks. */
+        assert_int_equal(
+            serve_start(&s, g_tiny, "--store", store, "--chunk", "16", "--mode", "load", NULL), 0);
+        cJSON *warm = post_ok(s.port, "/v1/completions", LONG_REQUEST, LONG_PROMPT);
+        assert_true(num_at(warm, "cake.chunks_loaded") >= total - 1);
+        assert_true(num_at(warm, "cake.bytes_loaded") > 0);
+        assert_same_ids(at(warm, "cake.generated_ids"), at(cold, "cake.generated_ids"));
+        assert_true(metric(s.port, "cake_prefill_chunks_total{source=\"loaded\"}") >= total - 1);
+        /* The same prompt again: the slot's KV cache holds it */
+        cJSON *again = post_ok(s.port, "/v1/completions", LONG_REQUEST, LONG_PROMPT);
+        assert_int_equal(num_at(again, "cake.chunks_loaded"), 0);
+        assert_true(num_at(again, "cake.chunks_cached") >= total - 1);
+        assert_same_ids(at(again, "cake.generated_ids"), at(cold, "cake.generated_ids"));
+        assert_true(metric(s.port, "cake_prefill_chunks_total{source=\"cached\"}") >= total - 1);
+        cJSON_Delete(again);
         if (which) {
+            /* another prompt takes the slot's KV cache, then Redis dies */
+            cJSON_Delete(
+                post_ok(s.port, "/v1/completions", "{\"prompt\":\"Hi\",\"max_tokens\":1}"));
             t_redis_stop(&redis);
             cJSON *dead = post_ok(s.port, "/v1/completions", LONG_REQUEST, LONG_PROMPT);
             assert_int_equal(num_at(dead, "cake.chunks_loaded"), 0);
+            assert_int_equal(num_at(dead, "cake.chunks_cached"), 0);
             assert_true(cJSON_IsString(at(dead, "cake.store_error")));
             assert_same_ids(at(dead, "cake.generated_ids"), at(cold, "cake.generated_ids"));
             assert_true(metric(s.port, "cake_store_request_errors_total") >= 1);
@@ -703,6 +721,32 @@ static void test_store_reuse(void **state) {
     char cmd[160];
     snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
     assert_int_equal(system(cmd), 0);
+}
+
+/* A prompt that extends the one before (a chat's next turn) starts where
+ * the slot's KV cache stops sharing it, and answers as `cake run` does from
+ * scratch; one that differs from the start reuses nothing. */
+static void test_slot_prefix(void **state) {
+    (void)state;
+    t_server s;
+    assert_int_equal(serve_start(&s, g_tiny, "--store", "none", "--chunk", "16", NULL), 0);
+    cJSON_Delete(post_ok(s.port, "/v1/completions", LONG_REQUEST, LONG_PROMPT));
+    char longer[1024];
+    snprintf(longer, sizeof(longer), "%s and the moon rises over the sea", LONG_PROMPT);
+    static const char *different = "A different start for a prompt of a few words";
+    const char *prompts[] = {longer, different};
+    for (int k = 0; k < 2; k++) {
+        cJSON *j = post_ok(s.port, "/v1/completions", LONG_REQUEST, prompts[k]);
+        cJSON *ref = cake_run(g_tiny, prompts[k], 12);
+        assert_same_ids(at(j, "cake.generated_ids"), at(ref, "generated_ids"));
+        if (k == 0)
+            assert_true(num_at(j, "cake.chunks_cached") >= 4);
+        else
+            assert_int_equal(num_at(j, "cake.chunks_cached"), 0);
+        cJSON_Delete(ref);
+        cJSON_Delete(j);
+    }
+    assert_int_equal(serve_stop(&s), 0);
 }
 
 /* A first token later than --timeout: a whole answer still comes, and a
@@ -718,12 +762,17 @@ static void test_slow_first_token(void **state) {
     cJSON *cold = post_ok(s.port, "/v1/completions",
                           "{\"prompt\":\"%s\",\"max_tokens\":4,\"temperature\":0}", prompt);
     assert_true(num_at(cold, "cake.chunks_total") >= 2);
+    /* (another prompt in between, each time: the slot's KV cache would
+     * hold this one, and nothing would be loaded) */
+#define OTHER_PROMPT "{\"prompt\":\"Hi\",\"max_tokens\":1}"
+    cJSON_Delete(post_ok(s.port, "/v1/completions", OTHER_PROMPT));
     cJSON *warm = post_ok(s.port, "/v1/completions",
                           "{\"prompt\":\"%s\",\"max_tokens\":4,\"temperature\":0}", prompt);
     assert_true(num_at(warm, "cake.chunks_loaded") >= 1);
     assert_true(num_at(warm, "cake.ttft_ms") > 1000);
     assert_same_ids(at(warm, "cake.generated_ids"), at(cold, "cake.generated_ids"));
 
+    cJSON_Delete(post_ok(s.port, "/v1/completions", OTHER_PROMPT));
     char body[512];
     snprintf(body, sizeof(body),
              "{\"prompt\":\"%s\",\"max_tokens\":4,\"temperature\":0,\"stream\":true}", prompt);
@@ -1021,12 +1070,13 @@ static void test_chat_formats(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_chat_formats),     cmocka_unit_test(test_usage_errors),
-        cmocka_unit_test(test_api_key),          cmocka_unit_test(test_bad_requests),
-        cmocka_unit_test(test_answers_tiny),     cmocka_unit_test(test_answers_stories260k),
-        cmocka_unit_test(test_stop_strings),     cmocka_unit_test(test_seeded_sampling),
-        cmocka_unit_test(test_store_reuse),      cmocka_unit_test(test_slow_first_token),
-        cmocka_unit_test(test_cancel_and_queue), cmocka_unit_test(test_chat_llama2),
+        cmocka_unit_test(test_chat_formats), cmocka_unit_test(test_usage_errors),
+        cmocka_unit_test(test_api_key),      cmocka_unit_test(test_bad_requests),
+        cmocka_unit_test(test_answers_tiny), cmocka_unit_test(test_answers_stories260k),
+        cmocka_unit_test(test_stop_strings), cmocka_unit_test(test_seeded_sampling),
+        cmocka_unit_test(test_store_reuse),  cmocka_unit_test(test_slow_first_token),
+        cmocka_unit_test(test_slot_prefix),  cmocka_unit_test(test_cancel_and_queue),
+        cmocka_unit_test(test_chat_llama2),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

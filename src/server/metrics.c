@@ -79,11 +79,14 @@ char *server_metrics_text(const pool_counters *pc, const unsigned long long *sta
         (unsigned long long)pc->jobs_done, pc->ttft_sum_s, (unsigned long long)pc->jobs_done);
 
     put(&t,
-        "# HELP cake_prefill_chunks_total Prompt chunks by where their KV came from.\n"
+        "# HELP cake_prefill_chunks_total Prompt chunks by where their KV came from (cached: "
+        "the slot's KV cache held them from its request before).\n"
         "# TYPE cake_prefill_chunks_total counter\n"
         "cake_prefill_chunks_total{source=\"computed\"} %llu\n"
-        "cake_prefill_chunks_total{source=\"loaded\"} %llu\n",
-        (unsigned long long)pc->chunks_computed, (unsigned long long)pc->chunks_loaded);
+        "cake_prefill_chunks_total{source=\"loaded\"} %llu\n"
+        "cake_prefill_chunks_total{source=\"cached\"} %llu\n",
+        (unsigned long long)pc->chunks_computed, (unsigned long long)pc->chunks_loaded,
+        (unsigned long long)pc->chunks_cached);
     counter(&t, "cake_store_chunks_missing_total", "Loadable chunks the store did not have.",
             (unsigned long long)pc->chunks_missing);
     counter(&t, "cake_store_chunks_corrupt_total",

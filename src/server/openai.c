@@ -362,6 +362,7 @@ static void add_cake(cJSON *r, const serve_job *j) {
     cJSON_AddNumberToObject(c, "chunks_total", ps->chunks_total);
     cJSON_AddNumberToObject(c, "chunks_computed", ps->chunks_computed);
     cJSON_AddNumberToObject(c, "chunks_loaded", ps->chunks_loaded);
+    cJSON_AddNumberToObject(c, "chunks_cached", ps->chunks_cached);
     cJSON_AddNumberToObject(c, "chunks_missing", ps->chunks_missing);
     cJSON_AddNumberToObject(c, "chunks_corrupt", ps->chunks_corrupt);
     cJSON_AddNumberToObject(c, "meet_chunk", ps->meet_chunk);

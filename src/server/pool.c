@@ -50,6 +50,11 @@ typedef struct {
     cake_writeback *wb;
     pthread_t thread;
     int started;
+    /* The tokens whose KV the context holds, from position 0 (the last
+     * request's prompt and the tokens it fed back): a next prompt that
+     * shares a prefix with them starts after it. */
+    cake_token *kv_ids;
+    int n_kv, kv_cap;
     serve_job *current; /* under pool->mu */
 } slot;
 
@@ -80,6 +85,7 @@ static void account(serve_pool *p, const serve_job *j) {
     t->generated_tokens += (uint64_t)j->n_ids;
     t->chunks_computed += (uint64_t)ps->chunks_computed;
     t->chunks_loaded += (uint64_t)ps->chunks_loaded;
+    t->chunks_cached += (uint64_t)ps->chunks_cached;
     t->chunks_missing += (uint64_t)ps->chunks_missing;
     t->chunks_corrupt += (uint64_t)ps->chunks_corrupt;
     t->bytes_loaded += ps->bytes_loaded;
@@ -99,14 +105,41 @@ static void log_job(const serve_job *j, uint64_t number) {
         return;
     }
     fprintf(stderr,
-            "cake serve: request %llu: %d prompt tokens (%d chunks: %d computed, %d loaded), "
+            "cake serve: request %llu: %d prompt tokens (%d chunks: %d computed, %d loaded, "
+            "%d cached), "
             "%d generated, ttft %.1f ms, %s%s%s\n",
             (unsigned long long)number, j->n_prompt, ps->chunks_total, ps->chunks_computed,
-            ps->chunks_loaded, j->n_ids, j->stats.ttft_ms,
+            ps->chunks_loaded, ps->chunks_cached, j->n_ids, j->stats.ttft_ms,
             j->cancelled ? "cancelled"
             : j->stopped ? "stop"
                          : "length",
             ps->store_error[0] ? "; store: " : "", ps->store_error);
+}
+
+/* Records what s's KV cache holds after j: its prompt and every generated
+ * token but the last (which was chosen, not fed back); nothing after a
+ * failure. */
+static void remember_kv(slot *s, const serve_job *j) {
+    s->n_kv = 0;
+    if (j->error[0]) return;
+    const int fed = j->n_ids > 0 ? j->n_ids - 1 : 0;
+    const int n = j->n_prompt + fed;
+    if (n > s->kv_cap) {
+        cake_token *p = realloc(s->kv_ids, (size_t)n * sizeof(*p));
+        if (!p) return;
+        s->kv_ids = p;
+        s->kv_cap = n;
+    }
+    memcpy(s->kv_ids, j->prompt, (size_t)j->n_prompt * sizeof(*s->kv_ids));
+    memcpy(s->kv_ids + j->n_prompt, j->ids, (size_t)fed * sizeof(*s->kv_ids));
+    s->n_kv = n;
+}
+
+/* How many of prompt's first tokens s's KV cache holds already. */
+static int cached_prefix(const slot *s, const cake_token *prompt, int n) {
+    int k = 0;
+    while (k < s->n_kv && k < n && s->kv_ids[k] == prompt[k]) k++;
+    return k;
 }
 
 static void run_job(slot *s, serve_job *j) {
@@ -124,19 +157,21 @@ static void run_job(slot *s, serve_job *j) {
     if (!sampler || !ids) {
         cake_sampler_free(sampler);
         job_settle(j, "out of memory");
+        s->n_kv = 0;
         return;
     }
     cake_prefill_params lp = {.store = p->cfg.store,
                               .writeback = s->wb,
                               .mode = p->cfg.mode,
-                              .io_depth = p->cfg.io_depth};
+                              .io_depth = p->cfg.io_depth,
+                              .n_cached = cached_prefix(s, j->prompt, j->n_prompt)};
     token_sink sink = {.job = j, .tok = tok, .eos = cake_tokenizer_eos(tok)};
     cake_request req = {
         .prompt = j->prompt,
         .n_prompt = j->n_prompt,
         .n_predict = max,
         .chunk = p->cfg.chunk,
-        .loader = p->cfg.store ? &lp : NULL,
+        .loader = &lp,
         .eos = j->ignore_eos ? -1 : sink.eos,
         .sampler = sampler,
         .on_token = on_token,
@@ -149,6 +184,7 @@ static void run_job(slot *s, serve_job *j) {
     j->stats = st;
     pthread_mutex_unlock(&j->mu);
     job_settle(j, rc ? err : NULL);
+    remember_kv(s, j);
 }
 
 static void *slot_main(void *arg) {
@@ -305,6 +341,7 @@ void pool_free(serve_pool *p) {
     for (int i = 0; i < p->cfg.n_slots; i++) {
         cake_writeback_free(p->slots[i].wb); /* before its context: it reads the KV */
         cake_context_free(p->slots[i].ctx);
+        free(p->slots[i].kv_ids);
     }
     pthread_cond_destroy(&p->cv);
     pthread_mutex_destroy(&p->mu);

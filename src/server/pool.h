@@ -31,7 +31,7 @@ typedef struct {
 typedef struct {
     uint64_t jobs_done, jobs_failed, jobs_cancelled, jobs_rejected;
     uint64_t prompt_tokens, generated_tokens;
-    uint64_t chunks_computed, chunks_loaded, chunks_missing, chunks_corrupt;
+    uint64_t chunks_computed, chunks_loaded, chunks_cached, chunks_missing, chunks_corrupt;
     uint64_t bytes_loaded, store_errors;
     uint64_t writeback_written, writeback_dropped, writeback_failed;
     double ttft_sum_s;
