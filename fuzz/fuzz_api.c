@@ -25,27 +25,11 @@
 #include <string.h>
 
 #include "fuzz_check.h"
+#include "gpt2_bytes.h"
 #include "model/tokenizer.h"
 #include "server/openai.h"
 
 static cake_tokenizer *g_tok;
-
-static void byte_char(int b, char out[3]) { /* GPT-2's character for byte b */
-    int cp = b, extra = 0;
-    for (int i = 0; i < 256; i++) {
-        bool printable = (i >= 33 && i <= 126) || (i >= 161 && i <= 172) || i >= 174;
-        if (i == b && !printable) cp = 256 + extra;
-        if (!printable) extra++;
-    }
-    if (cp < 0x80) {
-        out[0] = (char)cp;
-        out[1] = '\0';
-    } else {
-        out[0] = (char)(0xc0 | cp >> 6);
-        out[1] = (char)(0x80 | (cp & 0x3f));
-        out[2] = '\0';
-    }
-}
 
 static void init_vocab(void) {
     static const char *const extra[] = {"he",

@@ -25,29 +25,11 @@
 #include "model/synth_vocab.h"
 #include "model/tokenizer.h"
 #include "fuzz_check.h"
+#include "gpt2_bytes.h"
 
 enum { N_VOCABS = 4 };
 static cake_tokenizer *g_vocab[N_VOCABS];
 static bool g_spm[N_VOCABS]; /* SentencePiece (else byte-level BPE) */
-
-/* GPT-2's character for byte b as UTF-8 (printable Latin-1 bytes stand for
- * themselves, the other 68 for U+0100 upwards, in order). */
-static void byte_char(int b, char out[3]) {
-    int cp = b, extra = 0;
-    for (int i = 0; i < 256; i++) {
-        bool printable = (i >= 33 && i <= 126) || (i >= 161 && i <= 172) || i >= 174;
-        if (i == b && !printable) cp = 256 + extra;
-        if (!printable) extra++;
-    }
-    if (cp < 0x80) {
-        out[0] = (char)cp;
-        out[1] = '\0';
-    } else {
-        out[0] = (char)(0xc0 | cp >> 6);
-        out[1] = (char)(0x80 | (cp & 0x3f));
-        out[2] = '\0';
-    }
-}
 
 static cake_tokenizer *bpe_vocab(const char *pre) {
     /* "Ġ" is the space's character */

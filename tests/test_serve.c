@@ -953,37 +953,14 @@ static void test_chat_llama2(void **state) {
     unlink(path);
 }
 
-/* ChatML and Llama 3 prompts, id by id, on a byte-level vocabulary with
- * the special tokens after the 256 bytes (no merges: a byte is a token). */
-static const char *byte_char(int b) {
-    static char chars[256][3];
-    /* GPT-2's bytes_to_unicode: printable Latin-1 stands for itself, the
-     * other bytes for U+0100 upwards, in order */
-    static int ready;
-    if (!ready) {
-        int next = 0x100;
-        for (int c = 0; c < 256; c++) {
-            const int printable =
-                (c >= 0x21 && c <= 0x7E) || (c >= 0xA1 && c <= 0xAC) || (c >= 0xAE && c <= 0xFF);
-            const int cp = printable ? c : next++;
-            if (cp < 0x80) {
-                chars[c][0] = (char)cp;
-            } else {
-                chars[c][0] = (char)(0xC0 | cp >> 6);
-                chars[c][1] = (char)(0x80 | (cp & 0x3F));
-            }
-        }
-        ready = 1;
-    }
-    return chars[b];
-}
-
+/* Every chat format's prompt, id by id, on a byte-level vocabulary with the
+ * special tokens after the 256 bytes (no merges: a byte is a token). */
 static void test_chat_formats(void **state) {
     (void)state;
     enum { IM_START = 256, IM_END, START_HEADER, END_HEADER, EOT, BOT };
     const char *tokens[262];
     int32_t types[262];
-    for (int b = 0; b < 256; b++) tokens[b] = byte_char(b), types[b] = CAKE_TOKEN_NORMAL;
+    for (int b = 0; b < 256; b++) tokens[b] = test_gpt2_byte_char(b), types[b] = CAKE_TOKEN_NORMAL;
     const char *special[] = {"<|im_start|>",      "<|im_end|>", "<|start_header_id|>",
                              "<|end_header_id|>", "<|eot_id|>", "<|begin_of_text|>"};
     for (int i = 0; i < 6; i++) tokens[256 + i] = special[i], types[256 + i] = CAKE_TOKEN_CONTROL;

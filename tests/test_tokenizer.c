@@ -678,26 +678,6 @@ static void test_stories260k(void **state) {
 /* GPT-2's character for byte b (the printable Latin-1 bytes stand for
  * themselves, the other 68 for U+0100 upwards, in order), as UTF-8. Written
  * here again from the scheme, not taken from the tokenizer. */
-static const char *byte_char(int b) {
-    static char chars[256][3];
-    int cp = b, extra = 0;
-    for (int i = 0; i < 256; i++) {
-        bool printable = (i >= 33 && i <= 126) || (i >= 161 && i <= 172) || i >= 174;
-        if (i == b && !printable) cp = 256 + extra;
-        if (!printable) extra++;
-    }
-    char *c = chars[b];
-    if (cp < 0x80) {
-        c[0] = (char)cp;
-        c[1] = '\0';
-    } else {
-        c[0] = (char)(0xc0 | cp >> 6);
-        c[1] = (char)(0x80 | (cp & 0x3f));
-        c[2] = '\0';
-    }
-    return c;
-}
-
 enum { BPE_EXTRA = 8 };
 
 /* A byte-level vocabulary: ids 0-255 are the bytes' characters, then the
@@ -709,7 +689,7 @@ static cake_tokenizer *bpe_vocab(const char *pre, const char *const *extra, int 
     int32_t types[256 + BPE_EXTRA];
     assert_true(n_extra <= BPE_EXTRA);
     for (int b = 0; b < 256; b++) {
-        tokens[b] = byte_char(b);
+        tokens[b] = test_gpt2_byte_char(b);
         types[b] = CAKE_TOKEN_NORMAL;
     }
     for (int i = 0; i < n_extra; i++) {

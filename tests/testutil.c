@@ -528,3 +528,23 @@ int test_mixed_quants(const char *name, int type) {
     }
     return type;
 }
+
+const char *test_gpt2_byte_char(int b) {
+    static char chars[256][3];
+    int cp = b, extra = 0;
+    for (int i = 0; i < 256; i++) {
+        bool printable = (i >= 33 && i <= 126) || (i >= 161 && i <= 172) || i >= 174;
+        if (i == b && !printable) cp = 256 + extra;
+        if (!printable) extra++;
+    }
+    char *c = chars[b];
+    if (cp < 0x80) {
+        c[0] = (char)cp;
+        c[1] = '\0';
+    } else {
+        c[0] = (char)(0xc0 | cp >> 6);
+        c[1] = (char)(0x80 | (cp & 0x3f));
+        c[2] = '\0';
+    }
+    return c;
+}

@@ -9,6 +9,11 @@
 
 #include "loader/staging.h"
 
+/* GPT-2's character for byte b (byte-level BPE vocabularies write their
+ * tokens in them), as UTF-8 in a static buffer per byte: the printable
+ * Latin-1 bytes stand for themselves, the other 68 for U+0100 upwards. */
+const char *test_gpt2_byte_char(int b);
+
 /* Directory of the shared test models (env CAKE_TEST_MODELS, else the build's
  * default ../shared/models). */
 const char *test_models_dir(void);
