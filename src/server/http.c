@@ -264,7 +264,9 @@ static enum MHD_Result completions(serve_server *s, struct MHD_Connection *c,
     }
     pthread_mutex_unlock(&j->mu);
     enum MHD_Result rc;
-    if (j->error[0])
+    if (atomic_load(&s->stopping) && (j->cancelled || j->error[0])) /* cut short, or never run */
+        rc = reply_error(s, c, MHD_HTTP_SERVICE_UNAVAILABLE, "the server is shutting down");
+    else if (j->error[0])
         rc = reply_error(s, c, MHD_HTTP_INTERNAL_SERVER_ERROR, "%s", j->error);
     else
         rc = reply_json(s, c, MHD_HTTP_OK, api_response(&shape, j, id, created, s->model.name));
