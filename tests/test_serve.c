@@ -870,10 +870,19 @@ static void test_cancel_and_queue(void **state) {
     cJSON *j = post_ok(s.port, "/v1/completions", "{\"prompt\":\"Hi\",\"max_tokens\":2}");
     cJSON_Delete(j);
 
-    /* SIGTERM with a stream open: the stream ends, the server exits 0. */
+    /* SIGTERM with a stream open and a whole answer awaited: the stream
+     * ends, the other gets 503, the server exits 0. */
     fd = open_long_stream(s.port);
+    int whole = connect_to(s.port);
+    send_request(whole, "POST", "/v1/completions",
+                 "{\"prompt\":\"Hello\",\"max_tokens\":1000000,\"ignore_eos\":true}");
+    wait_metric(s.port, "cake_requests_queued", 1);
     assert_int_equal(serve_stop(&s), 0);
     close(fd);
+    r = read_response(whole);
+    assert_int_equal(r.status, 503);
+    assert_non_null(strstr(r.body, "shutting down"));
+    resp_free(&r);
     unlink(path);
 }
 

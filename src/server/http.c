@@ -21,6 +21,7 @@ struct serve_server {
     http_config cfg;
     int port;
     atomic_int stopping;
+    atomic_int in_flight; /* completions being answered (streams until their end) */
     atomic_ullong next_id;
     atomic_ullong status_counts[SERVER_N_STATUSES];
 };
@@ -201,6 +202,7 @@ static ssize_t stream_read(void *cls, uint64_t pos, char *buf, size_t max) {
 
 static void stream_free(void *cls) {
     stream_state *st = cls;
+    atomic_fetch_sub(&st->server->in_flight, 1);
     atomic_store(&st->job->cancel, 1); /* the client left early, or the job has ended */
     job_release(st->job);
     free(st->out);
@@ -209,8 +211,8 @@ static void stream_free(void *cls) {
 
 /* ---- endpoints ---- */
 
-static enum MHD_Result completions(serve_server *s, struct MHD_Connection *c,
-                                   const request_state *rq, int chat) {
+static enum MHD_Result answer(serve_server *s, struct MHD_Connection *c, const request_state *rq,
+                              int chat) {
     char err[512];
     serve_job *j;
     api_shape shape;
@@ -237,6 +239,7 @@ static enum MHD_Result completions(serve_server *s, struct MHD_Connection *c,
             memcpy(st->id, id, sizeof(id));
             r = MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 16384, stream_read, st,
                                                   stream_free);
+            if (r) atomic_fetch_add(&s->in_flight, 1); /* until stream_free */
         }
         if (!r) {
             free(st);
@@ -271,6 +274,16 @@ static enum MHD_Result completions(serve_server *s, struct MHD_Connection *c,
     else
         rc = reply_json(s, c, MHD_HTTP_OK, api_response(&shape, j, id, created, s->model.name));
     job_release(j);
+    return rc;
+}
+
+/* A completion, counted in flight while it is answered: a shutdown lets the
+ * answers of requests it cut short go out before it closes connections. */
+static enum MHD_Result completions(serve_server *s, struct MHD_Connection *c,
+                                   const request_state *rq, int chat) {
+    atomic_fetch_add(&s->in_flight, 1);
+    const enum MHD_Result rc = answer(s, c, rq, chat);
+    atomic_fetch_sub(&s->in_flight, 1);
     return rc;
 }
 
@@ -441,6 +454,12 @@ void server_begin_shutdown(serve_server *s) {
 void server_stop(serve_server *s) {
     if (!s) return;
     atomic_store(&s->stopping, 1);
+    /* Answers still going out (their jobs end once the pool has shut down)
+     * get up to 10 s before their connections close. */
+    for (int i = 0; i < 1000 && atomic_load(&s->in_flight) > 0; i++) {
+        struct timespec ts = {0, 10 * 1000000L};
+        nanosleep(&ts, NULL);
+    }
     MHD_stop_daemon(s->daemon);
     free(s);
 }

@@ -41,7 +41,8 @@ int server_port(const serve_server *s);
 /* Answers 503 to new requests from now on, and has waiting requests give up
  * once their jobs end (pool_shutdown ends them). */
 void server_begin_shutdown(serve_server *s);
-/* Closes every connection (joining their threads) and frees. Accepts NULL. */
+/* Waits (at most 10 s) for the answers being sent, then closes every
+ * connection (joining their threads) and frees. Accepts NULL. */
 void server_stop(serve_server *s);
 
 /* The Prometheus text of the pool's counters and the HTTP status counts
