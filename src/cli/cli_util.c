@@ -6,6 +6,7 @@
 #include <sys/stat.h>
 
 #include "cli/cli.h"
+#include "util/utf8.h"
 
 int cli_error(int code, const char *cmd, const char *fmt, ...) {
     va_list ap;
@@ -90,22 +91,6 @@ int cli_parse_u64(const char *s, unsigned long long *out) {
     if (errno || end == s || *end) return -1;
     *out = v;
     return 0;
-}
-
-/* The length of the valid UTF-8 character at s[0..n) (s[0] >= 0x80; RFC
- * 3629: no overlong forms, no surrogates, at most U+10FFFF), or 0. */
-static size_t utf8_char_len(const unsigned char *s, size_t n) {
-    const unsigned c = s[0];
-    const size_t len = c < 0xc2 ? 0 : c < 0xe0 ? 2 : c < 0xf0 ? 3 : c < 0xf5 ? 4 : 0;
-    if (len == 0 || len > n) return 0;
-    uint32_t v = c & (0x7fu >> len);
-    for (size_t i = 1; i < len; i++) {
-        if ((s[i] & 0xc0) != 0x80) return 0;
-        v = v << 6 | (s[i] & 0x3fu);
-    }
-    const uint32_t min = len == 2 ? 0x80 : len == 3 ? 0x800 : 0x10000;
-    if (v < min || v > 0x10ffff || (v >= 0xd800 && v <= 0xdfff)) return 0;
-    return len;
 }
 
 void cli_json_string(FILE *f, const char *s, size_t len) {

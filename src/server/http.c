@@ -143,12 +143,8 @@ static char *next_event(stream_state *st) {
     switch (st->finished++) {
     case 0:
         if (j->error[0]) {
-            char *e = api_error(500, j->error);
-            char *ev = e ? malloc(strlen(e) + 9) : NULL;
-            if (ev) sprintf(ev, "data: %s\n\n", e);
-            free(e);
             st->finished = 2;
-            return ev;
+            return api_sse_event(api_error(500, j->error));
         }
         return api_stream_event(&st->shape, CHUNK_FINISH, "", 0, j, st->id, st->created, model);
     case 1:

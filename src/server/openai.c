@@ -8,34 +8,14 @@
 #include <time.h>
 
 #include "util/err.h"
+#include "util/utf8.h"
 
 /* ---- UTF-8 ---- */
 
 /* Length of the valid UTF-8 character at s[0..n), or 0 (NUL counts as
  * invalid: cJSON strings end at it). */
 static size_t utf8_char(const unsigned char *s, size_t n) {
-    const unsigned c = s[0];
-    if (c == 0) return 0;
-    if (c < 0x80) return 1;
-    size_t need;
-    unsigned cp;
-    if (c >= 0xC2 && c <= 0xDF)
-        need = 2, cp = c & 0x1F;
-    else if (c >= 0xE0 && c <= 0xEF)
-        need = 3, cp = c & 0x0F;
-    else if (c >= 0xF0 && c <= 0xF4)
-        need = 4, cp = c & 0x07;
-    else
-        return 0;
-    if (need > n) return 0;
-    for (size_t i = 1; i < need; i++) {
-        if ((s[i] & 0xC0) != 0x80) return 0;
-        cp = cp << 6 | (s[i] & 0x3F);
-    }
-    if ((need == 3 && (cp < 0x800 || (cp >= 0xD800 && cp <= 0xDFFF))) ||
-        (need == 4 && (cp < 0x10000 || cp > 0x10FFFF)))
-        return 0;
-    return need;
+    return s[0] == 0 ? 0 : s[0] < 0x80 ? 1 : utf8_char_len(s, n);
 }
 
 char *api_utf8_clean(const char *text, size_t len) {
@@ -439,7 +419,10 @@ char *api_stream_event(const api_shape *s, api_chunk_kind kind, const char *text
         if (kind == CHUNK_FINISH) add_cake(r, j);
         free(clean);
     }
-    char *json = print_free(r);
+    return api_sse_event(print_free(r));
+}
+
+char *api_sse_event(char *json) {
     if (!json) return NULL;
     const size_t n = strlen(json);
     char *ev = malloc(n + 9);
@@ -448,7 +431,7 @@ char *api_stream_event(const api_shape *s, api_chunk_kind kind, const char *text
         memcpy(ev + 6, json, n);
         memcpy(ev + 6 + n, "\n\n", 3);
     }
-    cJSON_free(json);
+    free(json);
     return ev;
 }
 

@@ -44,6 +44,10 @@ char *api_stream_event(const api_shape *s, api_chunk_kind kind, const char *text
 /* The /v1/models list of the one model. */
 char *api_models(const char *name);
 
+/* "data: <json>\n\n", a server-sent event (json, malloc'd, is taken over;
+ * NULL gives NULL). */
+char *api_sse_event(char *json);
+
 /* {"error":{"message":...,"type":...,"code":status}} */
 char *api_error(int status, const char *message);
 

@@ -46,7 +46,7 @@ void server_begin_shutdown(serve_server *s);
 void server_stop(serve_server *s);
 
 /* The Prometheus text of the pool's counters and the HTTP status counts
- * (malloc'd; NULL on out of memory). Exposed for the tests. */
+ * (malloc'd; NULL on out of memory); metrics.c. */
 char *server_metrics_text(const pool_counters *pc, const unsigned long long *status_counts);
 
 /* The statuses counted, in the order of status_counts. */
