@@ -279,6 +279,16 @@ static int setup(void **state) {
     return test_make_model("tiny", "f16", g_tiny);
 }
 
+/* A copy of the tiny model with v's changes, in a new temp file (path: 64). */
+static void tiny_variant(const test_model_variant *v, char path[64]) {
+    char err[256];
+    snprintf(path, 64, "/tmp/cake-test-serve-model-XXXXXX");
+    const int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    close(fd);
+    assert_int_equal(test_write_variant(g_tiny, path, v, err, sizeof(err)), 0);
+}
+
 static int teardown(void **state) {
     (void)state;
     unlink(g_tiny);
@@ -649,7 +659,7 @@ static void test_seeded_sampling(void **state) {
 
 /* ---- the store ---- */
 
-/* A prompt of about 120 tokens: 7 chunks of 16. */
+/* A prompt of 75 tokens: 4 full chunks of 16 and a tail. */
 static const char *LONG_PROMPT =
     "The quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat near the "
     "door, and the children play in the garden under the tall green trees until the sun goes "
@@ -822,12 +832,8 @@ static void test_cancel_and_queue(void **state) {
     /* The tiny model with a context of 1M tokens, and ignore_eos: its "long"
      * generations (~0.3 ms a token; random weights sample EOS now and then)
      * must outlast the test's steps by far. */
-    char path[64] = "/tmp/cake-test-serve-long-XXXXXX", err[256];
-    const int tmp = mkstemp(path);
-    assert_true(tmp >= 0);
-    close(tmp);
-    test_model_variant v = {.context_length = 1 << 20};
-    assert_int_equal(test_write_variant(g_tiny, path, &v, err, sizeof(err)), 0);
+    char path[64];
+    tiny_variant(&(test_model_variant){.context_length = 1 << 20}, path);
     t_server s;
     assert_int_equal(serve_start(&s, path, "--store", "none", "--queue", "1", NULL), 0);
     /* A client that leaves mid-stream cancels its generation. */
@@ -897,12 +903,8 @@ static const char *LLAMA2_TEMPLATE =
  * streamed, it starts with the assistant's role. */
 static void test_chat_llama2(void **state) {
     (void)state;
-    char path[64] = "/tmp/cake-test-serve-chat-XXXXXX", err[256];
-    const int fd = mkstemp(path);
-    assert_true(fd >= 0);
-    close(fd);
-    test_model_variant v = {.chat_template = LLAMA2_TEMPLATE};
-    assert_int_equal(test_write_variant(g_tiny, path, &v, err, sizeof(err)), 0);
+    char path[64], err[256];
+    tiny_variant(&(test_model_variant){.chat_template = LLAMA2_TEMPLATE}, path);
     cake_model *m;
     assert_int_equal(cake_model_load(path, &m, err, sizeof(err)), 0);
     const chat_message msgs[] = {{"system", "Be brief.", 9}, {"user", "Tell me a story.", 16}};
