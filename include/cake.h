@@ -97,6 +97,26 @@ int cake_context_n_threads(const cake_context *c);
 int cake_forward(cake_context *c, const cake_token *tokens, int n, cake_pos pos0, float *logits,
                  char *err, size_t errlen);
 
+/* One sequence's part of a batched forward pass. */
+typedef struct {
+    cake_context *seq; /* its KV cache holds [0, pos0) and receives the new K and V */
+    const cake_token *tokens;
+    int n; /* >= 1 */
+    cake_pos pos0;
+    float *logits; /* NULL, or where the n_vocab logits of its last token go */
+} cake_batch_seq;
+
+/* One forward pass over the tokens of several sequences (a server's batch),
+ * on engine's threads and scratch: the matmuls run over all the rows at once,
+ * so a decode step of k sequences reads the weights once, not k times; each
+ * sequence attends to its own KV cache. Every sequence gets the bits that
+ * cake_forward on it alone gives. The sequences are contexts of engine's
+ * model and KV type, each at most once (engine may be one of them), with at
+ * most engine's max_batch tokens in all. CPU backend; a CUDA engine takes
+ * itself alone. Checks everything before computing anything. */
+int cake_forward_batch(cake_context *engine, const cake_batch_seq *seqs, int n_seqs, char *err,
+                       size_t errlen);
+
 /* Direct access to the KV cache of layer l (CPU backend), f16 or f32
  * elements, head-major: V is (n_kv_heads, head_ctx, head_dim) with head_ctx
  * n_ctx rounded up to 64; K holds the same runs in blocks of 64 positions,

@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "cake.h"
+#include "engine/context.h"
 #include "engine/generate.h"
 #include "backend/cpu/kernels.h"
 #include "model/dequant.h"
@@ -205,6 +206,117 @@ static void test_chunked_prefill_mkmodel(void **state) {
     (void)state;
     const char *path = make_tiny();
     check_file_chunk_invariance(path, 200, 8);
+    unlink(path);
+}
+
+/* ---- several sequences in one forward pass ---- */
+
+static cake_context *batch_test_context(const cake_model *m, int threads, int max_batch) {
+    cake_context_params cp = cake_context_default_params();
+    cp.n_ctx = 128;
+    cp.n_threads = threads;
+    cp.max_batch = max_batch;
+    cake_context *c = NULL;
+    char err[256];
+    assert_int_equal(cake_context_init(m, cp, &c, err, sizeof(err)), 0);
+    return c;
+}
+
+/* One step of the test below: what each of the three sequences computes. */
+typedef struct {
+    int n[3];
+    int want_logits[3];
+} batch_step;
+
+/* cake_forward_batch over three sequences (the engine's own context and two
+ * others) at once, in steps that mix prefill pieces and decode tokens, gives
+ * each sequence the logits and the KV cache bits of cake_forward on a
+ * context of its own; and it refuses what it cannot run, before computing. */
+static void test_forward_batch(void **state) {
+    (void)state;
+    const char *path = make_tiny();
+    cake_model *m = NULL;
+    char err[256];
+    assert_int_equal(cake_model_load(path, &m, err, sizeof(err)), 0);
+    const int n_vocab = cake_model_hparams(m)->n_vocab;
+    cake_context *engine = batch_test_context(m, 2, 64);
+    cake_context *seq[3] = {engine, batch_test_context(m, 1, 1), batch_test_context(m, 1, 1)};
+    cake_context *ref[3];
+    for (int i = 0; i < 3; i++) ref[i] = batch_test_context(m, 2, 64);
+
+    cake_token tokens[3][100];
+    for (int i = 0; i < 3; i++)
+        for (int t = 0; t < 100; t++)
+            tokens[i][t] = 3 + (cake_token)((t * 7919 + i * 104729) % 900);
+    static const batch_step steps[] = {
+        {{40, 17, 5}, {1, 0, 1}}, /* three prefills */
+        {{1, 23, 1}, {1, 1, 1}},  /* decode, prefill, decode */
+        {{1, 1, 1}, {1, 1, 1}},   /* three decode tokens */
+        {{1, 0, 30}, {0, 0, 1}},  /* B sits this one out */
+    };
+    float *got = malloc(3 * (size_t)n_vocab * sizeof(float));
+    float *want = malloc((size_t)n_vocab * sizeof(float));
+    int pos[3] = {0, 0, 0};
+    for (size_t k = 0; k < sizeof(steps) / sizeof(steps[0]); k++) {
+        cake_batch_seq b[3];
+        int nb = 0;
+        for (int i = 0; i < 3; i++)
+            if (steps[k].n[i])
+                b[nb++] = (cake_batch_seq){seq[i], tokens[i] + pos[i], steps[k].n[i], pos[i],
+                                           steps[k].want_logits[i] ? got + i * n_vocab : NULL};
+        assert_int_equal(cake_forward_batch(engine, b, nb, err, sizeof(err)), 0);
+        for (int i = 0; i < 3; i++) {
+            if (!steps[k].n[i]) continue;
+            const int lg = steps[k].want_logits[i];
+            assert_int_equal(cake_forward(ref[i], tokens[i] + pos[i], steps[k].n[i], pos[i],
+                                          lg ? want : NULL, err, sizeof(err)),
+                             0);
+            if (lg) assert_memory_equal(got + i * n_vocab, want, (size_t)n_vocab * sizeof(float));
+            pos[i] += steps[k].n[i];
+        }
+    }
+    for (int i = 0; i < 3; i++)
+        for (int l = 0; l < cake_model_hparams(m)->n_layers; l++) {
+            assert_memory_equal(cake_context_k(seq[i], l), cake_context_k(ref[i], l),
+                                seq[i]->kv.layer_bytes);
+            assert_memory_equal(cake_context_v(seq[i], l), cake_context_v(ref[i], l),
+                                seq[i]->kv.layer_bytes);
+        }
+
+    /* Refused, each with a reason: more tokens than the engine's batch, a
+     * sequence twice, a bad token id, positions past the context, another
+     * model's context. */
+    cake_batch_seq bad[2] = {{seq[1], tokens[1], 40, 0, NULL}, {seq[2], tokens[2], 40, 0, NULL}};
+    assert_int_equal(cake_forward_batch(engine, bad, 2, err, sizeof(err)), -1);
+    assert_non_null(strstr(err, "exceed the batch"));
+    bad[1].seq = seq[1];
+    bad[0].n = bad[1].n = 4;
+    assert_int_equal(cake_forward_batch(engine, bad, 2, err, sizeof(err)), -1);
+    assert_non_null(strstr(err, "twice"));
+    const cake_token out_of_range = (cake_token)n_vocab;
+    bad[1] = (cake_batch_seq){seq[2], &out_of_range, 1, 0, NULL};
+    assert_int_equal(cake_forward_batch(engine, bad, 2, err, sizeof(err)), -1);
+    assert_non_null(strstr(err, "token id"));
+    bad[1] = (cake_batch_seq){seq[2], tokens[2], 1, 128, NULL};
+    assert_int_equal(cake_forward_batch(engine, bad, 2, err, sizeof(err)), -1);
+    assert_non_null(strstr(err, "exceed the context"));
+    cake_model *other = NULL;
+    assert_int_equal(cake_model_load(path, &other, err, sizeof(err)), 0);
+    cake_context *foreign = batch_test_context(other, 1, 1);
+    bad[1] = (cake_batch_seq){foreign, tokens[2], 1, 0, NULL};
+    assert_int_equal(cake_forward_batch(engine, bad, 2, err, sizeof(err)), -1);
+    assert_non_null(strstr(err, "not of the engine's model"));
+
+    cake_context_free(foreign);
+    cake_model_free(other);
+    for (int i = 0; i < 3; i++) {
+        cake_context_free(ref[i]);
+        if (i) cake_context_free(seq[i]);
+    }
+    cake_context_free(engine);
+    free(got);
+    free(want);
+    cake_model_free(m);
     unlink(path);
 }
 
@@ -827,6 +939,7 @@ int main(void) {
         cmocka_unit_test(test_golden_greedy_and_logits),
         cmocka_unit_test(test_chunked_prefill_stories),
         cmocka_unit_test(test_chunked_prefill_mkmodel),
+        cmocka_unit_test(test_forward_batch),
         cmocka_unit_test(test_rope_freqs),
         cmocka_unit_test(test_qwen2_matches_llama),
         cmocka_unit_test(test_qwen2_reference),

@@ -52,6 +52,7 @@ void cake_context_free(cake_context *c) {
     cake_cuda_free(c->cuda);
 #endif
     scratch_free(&c->s);
+    free(c->logit_rows);
     cake_kv_cache_free(&c->kv);
     cake_threadpool_free(c->pool);
     free(c);
@@ -146,8 +147,9 @@ enum cake_kv_type cake_context_kv_type(const cake_context *c) {
     return c->params.kv_type;
 }
 
-int cake_forward(cake_context *c, const cake_token *tokens, int n, cake_pos pos0, float *logits,
-                 char *err, size_t errlen) {
+/* Positions and token ids of one sequence's part of a forward pass. */
+static int check_tokens(const cake_context *c, const cake_token *tokens, int n, cake_pos pos0,
+                        char *err, size_t errlen) {
     if (n <= 0) return cake_err(err, errlen, "forward: no tokens");
     if (pos0 < 0 || (int64_t)pos0 + n > c->params.n_ctx)
         return cake_err(err, errlen, "forward: positions [%d, %lld) exceed the context of %d", pos0,
@@ -157,6 +159,12 @@ int cake_forward(cake_context *c, const cake_token *tokens, int n, cake_pos pos0
         if (tokens[i] < 0 || tokens[i] >= n_vocab)
             return cake_err(err, errlen, "forward: token id %d at position %d is not in [0, %d)",
                             tokens[i], pos0 + i, n_vocab);
+    return 0;
+}
+
+int cake_forward(cake_context *c, const cake_token *tokens, int n, cake_pos pos0, float *logits,
+                 char *err, size_t errlen) {
+    if (check_tokens(c, tokens, n, pos0, err, errlen)) return -1;
     for (int done = 0; done < n;) {
         int b = n - done < c->params.max_batch ? n - done : c->params.max_batch;
         float *out = done + b == n ? logits : NULL;
@@ -168,9 +176,48 @@ int cake_forward(cake_context *c, const cake_token *tokens, int n, cake_pos pos0
             continue;
         }
 #endif
-        cake_cpu_forward_batch(c, tokens + done, b, pos0 + done, out);
+        const cake_batch_seq one = {c, tokens + done, b, pos0 + done, out};
+        cake_cpu_forward(c, &one, 1, b, NULL);
         done += b;
     }
+    return 0;
+}
+
+int cake_forward_batch(cake_context *engine, const cake_batch_seq *seqs, int n_seqs, char *err,
+                       size_t errlen) {
+    if (n_seqs < 1) return cake_err(err, errlen, "forward: no sequences");
+    int n = 0, n_logits = 0;
+    for (int i = 0; i < n_seqs; i++) {
+        const cake_context *q = seqs[i].seq;
+        if (q->model != engine->model || q->params.kv_type != engine->params.kv_type ||
+            q->params.backend != engine->params.backend)
+            return cake_err(err, errlen,
+                            "forward: sequence %d is not of the engine's model, KV "
+                            "type and backend",
+                            i);
+        for (int k = 0; k < i; k++)
+            if (seqs[k].seq == q) return cake_err(err, errlen, "forward: sequence %d twice", i);
+        if (check_tokens(q, seqs[i].tokens, seqs[i].n, seqs[i].pos0, err, errlen)) return -1;
+        n += seqs[i].n;
+        n_logits += seqs[i].logits != NULL;
+    }
+    if (n > engine->params.max_batch)
+        return cake_err(err, errlen, "forward: %d tokens exceed the batch of %d", n,
+                        engine->params.max_batch);
+    if (engine->params.backend != CAKE_BACKEND_CPU) {
+        if (n_seqs > 1 || seqs[0].seq != engine)
+            return cake_err(err, errlen, "forward: the CUDA backend batches one sequence only");
+        return cake_forward(engine, seqs[0].tokens, seqs[0].n, seqs[0].pos0, seqs[0].logits, err,
+                            errlen);
+    }
+    if (n_logits > 1 && n_logits > engine->logit_rows_cap) {
+        float *rows = realloc(engine->logit_rows,
+                              (size_t)n_logits * (size_t)engine->model->hp.n_vocab * sizeof(float));
+        if (!rows) return cake_err(err, errlen, "forward: out of memory for %d logits", n_logits);
+        engine->logit_rows = rows;
+        engine->logit_rows_cap = n_logits;
+    }
+    cake_cpu_forward(engine, seqs, n_seqs, n, engine->logit_rows);
     return 0;
 }
 

@@ -30,11 +30,15 @@ struct cake_context {
     struct cake_cuda_state *cuda;     /* non-NULL: the CUDA backend runs the forward pass */
     cake_compute_speed compute_speed; /* the loader's estimate, kept across requests */
     cake_staging *staging;            /* the loader's fetch buffers, kept across requests */
+    float *logit_rows;                /* cake_forward_batch: several sequences' logits */
+    int logit_rows_cap;               /* rows of n_vocab floats */
 };
 
-/* The CPU backend's forward pass over one batch (n <= max_batch), arguments
- * already validated by cake_forward. */
-void cake_cpu_forward_batch(cake_context *c, const cake_token *tokens, int n, cake_pos pos0,
-                            float *logits);
+/* The CPU backend's forward pass over one batch of n <= max_batch tokens,
+ * the sequences' in order, on c's threads and scratch; arguments already
+ * validated (cake_forward, cake_forward_batch). logit_rows: room for the
+ * logits of every sequence that asks for them, when more than one does. */
+void cake_cpu_forward(cake_context *c, const cake_batch_seq *seqs, int n_seqs, int n,
+                      float *logit_rows);
 
 #endif

@@ -10,7 +10,10 @@
  *
  * Every step computes each token's row independently of the other rows of the
  * batch (attention only reads the cache), which is why a prompt split into any
- * chunks gives the same result as one pass. */
+ * chunks gives the same result as one pass, and why one pass may carry the
+ * tokens of several sequences (a server's batch): the matmuls run over all
+ * their rows at once, while RoPE, the KV writes and attention run per
+ * sequence, on its own positions and its own KV cache. */
 #include <string.h>
 
 #include "backend/cpu/kernels.h"
@@ -89,10 +92,12 @@ typedef enum {
 } rows_step;
 
 typedef struct {
-    cake_context *c;
+    cake_context *c; /* the engine: model and scratch */
     const cake_layer *L;
     int layer, n;
-    cake_pos pos0;
+    int row0;                /* ROWS_QKV: the sequence's first row in the scratch */
+    const cake_kv_cache *kv; /* ROWS_QKV: the sequence's cache */
+    cake_pos pos0;           /* ROWS_QKV: the sequence's first position */
     rows_step step;
     int add;           /* ROWS_ADD_NORM: add xb to x first */
     const float *norm; /* ROWS_ADD_NORM: the norm's weights, NULL for none */
@@ -104,11 +109,12 @@ static void rows_task(void *ctx, int task, int tid) {
     const cake_hparams *hp = &j->c->model->hp;
     const cake_scratch *s = &j->c->s;
     const int t0 = task * ROWS_PER_TASK, nt = j->n - t0 < ROWS_PER_TASK ? j->n - t0 : ROWS_PER_TASK;
+    const int r0 = j->row0 + t0; /* the first row in the scratch */
     const size_t dim = (size_t)hp->dim, kv_dim = (size_t)hp->n_kv_heads * hp->head_dim;
     switch (j->step) {
     case ROWS_QKV: {
         const size_t q_dim = (size_t)hp->q_dim;
-        float *q = s->q + t0 * q_dim, *k = s->k + t0 * kv_dim, *v = s->v + t0 * kv_dim;
+        float *q = s->q + r0 * q_dim, *k = s->k + r0 * kv_dim, *v = s->v + r0 * kv_dim;
         if (j->L->bq) cake_add_bias(q, j->L->bq, nt, (int)q_dim);
         if (j->L->bk) cake_add_bias(k, j->L->bk, nt, (int)kv_dim);
         if (j->L->bv) cake_add_bias(v, j->L->bv, nt, (int)kv_dim);
@@ -125,11 +131,11 @@ static void rows_task(void *ctx, int task, int tid) {
             cake_rope(q, nt, hp->n_heads, hp->head_dim, j->pos0 + t0, freqs);
             cake_rope(k, nt, hp->n_kv_heads, hp->head_dim, j->pos0 + t0, freqs);
         }
-        store_kv(&j->c->kv, j->layer, k, v, nt, j->pos0 + t0);
+        store_kv(j->kv, j->layer, k, v, nt, j->pos0 + t0);
         break;
     }
     case ROWS_ADD_NORM: {
-        float *x = s->x + t0 * dim, *xb = s->xb + t0 * dim;
+        float *x = s->x + r0 * dim, *xb = s->xb + r0 * dim;
         if (j->add)
             for (size_t i = 0; i < (size_t)nt * dim; i++) x[i] += xb[i];
         if (j->norm) cake_rmsnorm(xb, x, j->norm, nt, (int)dim, hp->rms_eps);
@@ -137,7 +143,7 @@ static void rows_task(void *ctx, int task, int tid) {
     }
     case ROWS_SWIGLU: {
         const size_t ffn = (size_t)hp->ffn_dim;
-        cake_swiglu(s->g + t0 * ffn, s->g + t0 * ffn, s->u + t0 * ffn, (size_t)nt * ffn);
+        cake_swiglu(s->g + r0 * ffn, s->g + r0 * ffn, s->u + r0 * ffn, (size_t)nt * ffn);
         break;
     }
     }
@@ -151,15 +157,16 @@ static void run_rows(rows_job j) {
         cake_threadpool_run(j.c->pool, n_tasks, rows_task, &j);
 }
 
-void cake_cpu_forward_batch(cake_context *c, const cake_token *tokens, int n, cake_pos pos0,
-                            float *logits) {
+void cake_cpu_forward(cake_context *c, const cake_batch_seq *seqs, int n_seqs, int n,
+                      float *logit_rows) {
     const cake_model *m = c->model;
     const cake_hparams *hp = &m->hp;
     const cake_scratch *s = &c->s;
     cake_threadpool *pool = c->pool;
     const int dim = hp->dim;
 
-    embed_rows(&m->tok_embd, tokens, n, s->x);
+    for (int i = 0, row = 0; i < n_seqs; row += seqs[i++].n)
+        embed_rows(&m->tok_embd, seqs[i].tokens, seqs[i].n, s->x + (size_t)row * dim);
     /* xb = rmsnorm(x) for layer 0 */
     run_rows((rows_job){.c = c, .n = n, .step = ROWS_ADD_NORM, .norm = m->layers[0].attn_norm});
 
@@ -169,22 +176,31 @@ void cake_cpu_forward_batch(cake_context *c, const cake_token *tokens, int n, ca
         matmul(s->q, s->xb, &L->wq, n, pool);
         matmul(s->k, s->xb, &L->wk, n, pool);
         matmul(s->v, s->xb, &L->wv, n, pool);
-        run_rows((rows_job){.c = c, .L = L, .layer = l, .n = n, .pos0 = pos0, .step = ROWS_QKV});
-
-        cake_attn_args a = {
-            .n_tokens = n,
-            .pos0 = pos0,
-            .n_heads = hp->n_heads,
-            .n_kv_heads = hp->n_kv_heads,
-            .head_dim = hp->head_dim,
-            .kv_f16 = c->kv.type == CAKE_KV_F16,
-            .kv_ctx = c->kv.head_ctx,
-            .q = s->q,
-            .k = cake_kv_k(&c->kv, l),
-            .v = cake_kv_v(&c->kv, l),
-            .out = s->att,
-        };
-        cake_attention(&a, pool);
+        for (int i = 0, row = 0; i < n_seqs; row += seqs[i++].n) {
+            const cake_kv_cache *kv = &seqs[i].seq->kv;
+            run_rows((rows_job){.c = c,
+                                .L = L,
+                                .layer = l,
+                                .n = seqs[i].n,
+                                .row0 = row,
+                                .kv = kv,
+                                .pos0 = seqs[i].pos0,
+                                .step = ROWS_QKV});
+            cake_attn_args a = {
+                .n_tokens = seqs[i].n,
+                .pos0 = seqs[i].pos0,
+                .n_heads = hp->n_heads,
+                .n_kv_heads = hp->n_kv_heads,
+                .head_dim = hp->head_dim,
+                .kv_f16 = kv->type == CAKE_KV_F16,
+                .kv_ctx = kv->head_ctx,
+                .q = s->q + (size_t)row * hp->q_dim,
+                .k = cake_kv_k(kv, l),
+                .v = cake_kv_v(kv, l),
+                .out = s->att + (size_t)row * hp->q_dim,
+            };
+            cake_attention(&a, pool);
+        }
         matmul(s->xb, s->att, &L->wo, n, pool);
         /* x += attention out; xb = rmsnorm(x) */
         run_rows((rows_job){.c = c, .n = n, .step = ROWS_ADD_NORM, .add = 1, .norm = L->ffn_norm});
@@ -198,9 +214,23 @@ void cake_cpu_forward_batch(cake_context *c, const cake_token *tokens, int n, ca
         run_rows((rows_job){.c = c, .n = n, .step = ROWS_ADD_NORM, .add = 1, .norm = next_norm});
     }
 
-    if (logits) {
-        const float *last = s->x + (size_t)(n - 1) * (size_t)dim;
-        cake_rmsnorm(s->xb, last, m->output_norm, 1, dim, hp->rms_eps);
-        matmul(logits, s->xb, &m->output, 1, pool);
+    /* The output head over the last rows of the sequences that want logits,
+     * gathered (normed) into xb: one matmul for all of them. */
+    int n_out = 0;
+    for (int i = 0, row = 0; i < n_seqs; row += seqs[i++].n)
+        if (seqs[i].logits) {
+            const float *last = s->x + (size_t)(row + seqs[i].n - 1) * dim;
+            cake_rmsnorm(s->xb + (size_t)n_out++ * dim, last, m->output_norm, 1, dim, hp->rms_eps);
+        }
+    if (!n_out) return;
+    const size_t n_vocab = (size_t)hp->n_vocab;
+    if (n_out == 1) { /* straight into the caller's buffer */
+        for (int i = 0; i < n_seqs; i++)
+            if (seqs[i].logits) matmul(seqs[i].logits, s->xb, &m->output, 1, pool);
+        return;
     }
+    matmul(logit_rows, s->xb, &m->output, n_out, pool);
+    for (int i = 0, k = 0; i < n_seqs; i++)
+        if (seqs[i].logits)
+            memcpy(seqs[i].logits, logit_rows + n_vocab * (size_t)k++, n_vocab * sizeof(float));
 }
