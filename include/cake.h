@@ -85,6 +85,7 @@ int cake_context_init(const cake_model *m, cake_context_params p, cake_context *
                       size_t errlen);
 void cake_context_free(cake_context *c);
 int cake_context_n_ctx(const cake_context *c);
+int cake_context_max_batch(const cake_context *c);
 const cake_model *cake_context_model(const cake_context *c);
 int cake_context_n_threads(const cake_context *c);
 

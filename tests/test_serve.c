@@ -766,7 +766,7 @@ static void test_slow_first_token(void **state) {
     (void)state;
     t_server s;
     assert_int_equal(serve_start(&s, g_tiny, "--store", "mem:?lat=600", "--mode", "load", "--chunk",
-                                 "16", "--timeout", "1", NULL),
+                                 "16", "--timeout", "1", "--slots", "1", NULL),
                      0);
     const char *prompt = "The quick brown fox jumps over the lazy dog, and the cat sleeps on";
     cJSON *cold = post_ok(s.port, "/v1/completions",
@@ -835,7 +835,8 @@ static void test_cancel_and_queue(void **state) {
     char path[64];
     tiny_variant(&(test_model_variant){.context_length = 1 << 20}, path);
     t_server s;
-    assert_int_equal(serve_start(&s, path, "--store", "none", "--queue", "1", NULL), 0);
+    assert_int_equal(serve_start(&s, path, "--store", "none", "--queue", "1", "--slots", "1", NULL),
+                     0);
     /* A client that leaves mid-stream cancels its generation. */
     int fd = open_long_stream(s.port);
     assert_int_equal(metric(s.port, "cake_requests_running"), 1);

@@ -29,13 +29,17 @@ static const char *help =
     "      --mode MODE       cake (default), load or compute (as `cake run`)\n"
     "      --chunk TOKENS    prefill chunk size = the store's chunk size (default 256)\n"
     "      --io-depth N      loads in flight per request (default 4)\n"
-    "      --slots N         requests computed at once, each with its own KV cache\n"
-    "                        (default 1)\n"
+    "      --slots N         requests served at once, each with its own KV cache;\n"
+    "                        their forward passes are batched together (default 4;\n"
+    "                        1 with --backend cuda)\n"
+    "      --batch TOKENS    most tokens per engine step, filled by priority: decode\n"
+    "                        tokens, then prompts without a cache hit, then the\n"
+    "                        compute side of cached prompts (default 512)\n"
     "      --queue N         requests that may wait for a slot (default 64); more\n"
     "                        get 503\n"
     "      --ctx N           KV cache of a slot in tokens: prompt + completion\n"
     "                        (default: the model's context)\n"
-    "      --threads N       CPU threads per slot (default: online CPUs / slots)\n"
+    "      --threads N       CPU threads of the engine (default: online CPUs)\n"
     "      --kv-type TYPE    f16 (default) or f32\n"
     "      --backend B       cpu (default) or cuda (one slot)\n"
     "      --name NAME       the model's id in responses (default: the file name)\n"
@@ -48,38 +52,31 @@ static const char *help =
 
 typedef struct {
     const char *model, *host, *store, *name, *api_key;
-    long port, chunk, io_depth, slots, queue, ctx, threads, max_body, timeout;
+    long port, chunk, io_depth, slots, batch, queue, ctx, threads, max_body, timeout;
     cake_mode mode;
     enum cake_kv_type kv_type;
     enum cake_backend_kind backend;
 } serve_opts;
 
 static int parse_args(int argc, char **argv, serve_opts *o) {
-    static const struct option opts[] = {{"model", required_argument, 0, 'm'},
-                                         {"host", required_argument, 0, 'H'},
-                                         {"port", required_argument, 0, 'p'},
-                                         {"store", required_argument, 0, 'S'},
-                                         {"mode", required_argument, 0, 'M'},
-                                         {"chunk", required_argument, 0, 'c'},
-                                         {"io-depth", required_argument, 0, 'I'},
-                                         {"slots", required_argument, 0, 's'},
-                                         {"queue", required_argument, 0, 'q'},
-                                         {"ctx", required_argument, 0, 'x'},
-                                         {"threads", required_argument, 0, 'j'},
-                                         {"kv-type", required_argument, 0, 'k'},
-                                         {"backend", required_argument, 0, 'B'},
-                                         {"name", required_argument, 0, 'N'},
-                                         {"max-body", required_argument, 0, 'b'},
-                                         {"api-key", required_argument, 0, 'K'},
-                                         {"timeout", required_argument, 0, 'O'},
-                                         {"help", no_argument, 0, 'h'},
-                                         {0, 0, 0, 0}};
+    static const struct option opts[] = {
+        {"model", required_argument, 0, 'm'},    {"host", required_argument, 0, 'H'},
+        {"port", required_argument, 0, 'p'},     {"store", required_argument, 0, 'S'},
+        {"mode", required_argument, 0, 'M'},     {"chunk", required_argument, 0, 'c'},
+        {"io-depth", required_argument, 0, 'I'}, {"slots", required_argument, 0, 's'},
+        {"queue", required_argument, 0, 'q'},    {"ctx", required_argument, 0, 'x'},
+        {"threads", required_argument, 0, 'j'},  {"batch", required_argument, 0, 'T'},
+        {"kv-type", required_argument, 0, 'k'},  {"backend", required_argument, 0, 'B'},
+        {"name", required_argument, 0, 'N'},     {"max-body", required_argument, 0, 'b'},
+        {"api-key", required_argument, 0, 'K'},  {"timeout", required_argument, 0, 'O'},
+        {"help", no_argument, 0, 'h'},           {0, 0, 0, 0}};
     *o = (serve_opts){.host = "127.0.0.1",
                       .store = DEFAULT_STORE,
                       .port = 8080,
                       .chunk = 256,
                       .io_depth = CAKE_DEFAULT_IO_DEPTH,
-                      .slots = 1,
+                      .slots = 0, /* 4, or 1 on the GPU */
+                      .batch = 512,
                       .queue = 64,
                       .max_body = 8 << 20,
                       .timeout = 120,
@@ -122,6 +119,9 @@ static int parse_args(int argc, char **argv, serve_opts *o) {
         case 'x':
             if (cli_parse_int(optarg, 1, 1 << 24, &o->ctx)) what = "--ctx wants a count >= 1";
             break;
+        case 'T':
+            if (cli_parse_int(optarg, 1, 1 << 16, &o->batch)) what = "--batch wants 1..65536";
+            break;
         case 'j':
             if (cli_parse_int(optarg, 1, 1024, &o->threads)) what = "--threads wants 1..1024";
             break;
@@ -153,6 +153,7 @@ static int parse_args(int argc, char **argv, serve_opts *o) {
     if (optind < argc)
         return cli_error(CLI_USAGE, "serve", "unexpected argument '%s'", argv[optind]);
     if (!o->model) return cli_error(CLI_USAGE, "serve", "-m MODEL is required");
+    if (!o->slots) o->slots = o->backend == CAKE_BACKEND_CUDA ? 1 : 4;
     if (o->backend == CAKE_BACKEND_CUDA && o->slots != 1)
         return cli_error(CLI_USAGE, "serve", "--backend cuda serves with one slot");
     if (!strcmp(o->store, "none")) o->store = NULL;
@@ -208,6 +209,7 @@ int cmd_serve(int argc, char **argv) {
                       .chunk = (int)o.chunk,
                       .io_depth = (int)o.io_depth,
                       .n_slots = (int)o.slots,
+                      .batch = (int)o.batch,
                       .n_ctx = (int)(o.ctx && o.ctx < hp->n_ctx_train ? o.ctx : 0),
                       .n_threads = (int)o.threads,
                       .queue_max = (int)o.queue,
@@ -235,9 +237,9 @@ int cmd_serve(int argc, char **argv) {
     }
     fprintf(stderr,
             "cake serve: %s, context %d, chat format %s; store %s (mode %s, chunk %ld); %ld "
-            "slot(s), queue %ld%s\n",
+            "slot(s) batched %ld tokens a step, queue %ld%s\n",
             am.name, am.n_ctx, chat_format_name(am.chat), o.store ? o.store : "none",
-            cake_mode_name(pc.mode), o.chunk, o.slots, o.queue,
+            cake_mode_name(pc.mode), o.chunk, o.slots, o.batch, o.queue,
             o.api_key ? "; API key required" : "");
     fprintf(stderr, "cake serve: listening on http://%s:%d\n", o.host, server_port(server));
     int sig = 0;

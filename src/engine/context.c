@@ -135,6 +135,10 @@ int cake_context_n_ctx(const cake_context *c) {
     return c->params.n_ctx;
 }
 
+int cake_context_max_batch(const cake_context *c) {
+    return c->params.max_batch;
+}
+
 void *cake_context_k(cake_context *c, int layer) {
     return cake_kv_k(&c->kv, layer);
 }

@@ -7,6 +7,13 @@
 #include "cake.h"
 #include "loader/loader.h"
 
+/* Which part of a request a forward pass is (a batch scheduler's priority). */
+typedef enum {
+    CAKE_PASS_DECODE,  /* a generated token, fed back */
+    CAKE_PASS_PREFILL, /* a chunk of a prompt the store has no chunk of */
+    CAKE_PASS_CAKE,    /* the compute side of a prompt whose cached chunks are loading */
+} cake_pass_kind;
+
 typedef struct {
     const cake_token *prompt;
     int n_prompt;  /* >= 1 */
@@ -24,6 +31,11 @@ typedef struct {
      * client that went away) */
     int (*on_token)(cake_token id, void *ud);
     void *ud;
+    /* optional: runs each forward pass in place of cake_forward(c, ...), with
+     * the same results: a server's batch scheduler (server/sched.h) */
+    int (*forward)(void *forward_ud, cake_context *c, cake_pass_kind kind, const cake_token *tokens,
+                   int n, cake_pos pos0, float *logits, char *err, size_t errlen);
+    void *forward_ud;
 } cake_request;
 
 typedef struct {

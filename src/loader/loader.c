@@ -712,6 +712,7 @@ int cake_prefill(const cake_loader_engine *e, const cake_token *prompt, int n_pr
         n_present += j->state[i] == PRESENT;
         st->chunks_missing += j->state[i] == ABSENT;
     }
+    st->chunks_found = n_present;
     st->lookup_ms = (double)(now_ns() - j->t_start) / 1e6;
 
     /* I/O workers, only when there is something to load. */

@@ -85,6 +85,8 @@ typedef struct {
     int chunks_computed; /* including the partial tail (not a last token computed again) */
     int chunks_loaded;
     int chunks_cached;    /* already in the KV cache (n_cached), neither computed nor loaded */
+    int chunks_found;     /* loadable chunks the lookup found in the store (known before
+                             the first compute call) */
     int chunks_missing;   /* loadable chunks the store did not have */
     int chunks_corrupt;   /* present at lookup but failed to load (corrupt, vanished, store down) */
     int chunks_discarded; /* loads finished or cancelled after compute had taken the chunk */

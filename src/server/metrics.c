@@ -104,6 +104,23 @@ char *server_metrics_text(const pool_counters *pc, const unsigned long long *sta
         "cake_store_writeback_chunks_total{result=\"failed\"} %llu\n",
         (unsigned long long)pc->writeback_written, (unsigned long long)pc->writeback_dropped,
         (unsigned long long)pc->writeback_failed);
+    const sched_counters *st = &pc->steps;
+    counter(&t, "cake_engine_steps_total", "Batched forward passes the engine ran.",
+            (unsigned long long)st->steps);
+    counter(&t, "cake_engine_shared_steps_total",
+            "Steps that carried more than one request's tokens.",
+            (unsigned long long)st->shared_steps);
+    gauge(&t, "cake_engine_max_sequences", "The most requests one step has carried.",
+          st->max_sequences);
+    put(&t,
+        "# HELP cake_engine_tokens_total Tokens the steps computed, by priority class.\n"
+        "# TYPE cake_engine_tokens_total counter\n"
+        "cake_engine_tokens_total{kind=\"decode\"} %llu\n"
+        "cake_engine_tokens_total{kind=\"prefill\"} %llu\n"
+        "cake_engine_tokens_total{kind=\"cake\"} %llu\n",
+        (unsigned long long)st->tokens[CAKE_PASS_DECODE],
+        (unsigned long long)st->tokens[CAKE_PASS_PREFILL],
+        (unsigned long long)st->tokens[CAKE_PASS_CAKE]);
     if (t.failed) {
         free(t.buf);
         return NULL;

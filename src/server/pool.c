@@ -3,7 +3,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 #include "model/tokenizer.h"
 #include "util/err.h"
@@ -55,14 +54,18 @@ typedef struct {
      * shares a prefix with them starts after it. */
     cake_token *kv_ids;
     int n_kv, kv_cap;
-    serve_job *current; /* under pool->mu */
+    /* Under pool->mu: */
+    serve_job *current;  /* the job handed to the slot, until it is answered */
+    int ready;           /* waiting for a job (its write-backs drained) */
+    uint64_t idle_since; /* when it last finished a job, in jobs finished */
 } slot;
 
 struct serve_pool {
     pool_config cfg;
     const cake_model *model;
     int n_ctx;
-    slot *slots;
+    slot *slots; /* slot 0's context is the engine: its threads and scratch run every step */
+    sched *sched;
     pthread_mutex_t mu;
     pthread_cond_t cv;
     serve_job *head, *tail; /* the queue */
@@ -70,6 +73,43 @@ struct serve_pool {
     pool_counters totals;
     uint64_t n_finished; /* numbers the log's requests */
 };
+
+/* How many of prompt's first tokens s's KV cache holds already. */
+static int cached_prefix(const slot *s, const cake_token *prompt, int n) {
+    int k = 0;
+    while (k < s->n_kv && k < n && s->kv_ids[k] == prompt[k]) k++;
+    return k;
+}
+
+/* Hands queued jobs, in order, to ready slots: each to the one whose KV cache
+ * holds the longest prefix of its prompt (a chat's next turn finds its
+ * history there), else to the one idle longest (whose cache is the least
+ * likely to be wanted again). Under p->mu. */
+static void dispatch(serve_pool *p) {
+    int handed = 0;
+    while (p->head) {
+        slot *best = NULL;
+        int best_len = -1;
+        for (int i = 0; i < p->cfg.n_slots; i++) {
+            slot *s = &p->slots[i];
+            if (!s->ready) continue;
+            const int len = cached_prefix(s, p->head->prompt, p->head->n_prompt);
+            if (len > best_len || (len == best_len && s->idle_since < best->idle_since)) {
+                best = s;
+                best_len = len;
+            }
+        }
+        if (!best) break;
+        serve_job *j = p->head;
+        if (!(p->head = j->next)) p->tail = NULL;
+        best->current = j;
+        best->ready = 0;
+        p->totals.queued--;
+        p->totals.running++;
+        handed = 1;
+    }
+    if (handed) pthread_cond_broadcast(&p->cv);
+}
 
 static void account(serve_pool *p, const serve_job *j) {
     static const double bounds[] = POOL_TTFT_BUCKETS;
@@ -135,15 +175,17 @@ static void remember_kv(slot *s, const serve_job *j) {
     s->n_kv = n;
 }
 
-/* How many of prompt's first tokens s's KV cache holds already. */
-static int cached_prefix(const slot *s, const cake_token *prompt, int n) {
-    int k = 0;
-    while (k < s->n_kv && k < n && s->kv_ids[k] == prompt[k]) k++;
-    return k;
+static int scheduled_forward(void *scheduler, cake_context *c, cake_pass_kind kind,
+                             const cake_token *tokens, int n, cake_pos pos0, float *logits,
+                             char *err, size_t errlen) {
+    return sched_forward(scheduler, c, kind, tokens, n, pos0, logits, err, errlen);
 }
 
 static void run_job(slot *s, serve_job *j) {
     serve_pool *p = s->pool;
+    /* The last request's write-backs read the KV cache this one overwrites:
+     * they finish first. */
+    if (s->wb) cake_writeback_drain(s->wb, 60000);
     const cake_tokenizer *tok = cake_model_tokenizer(p->model);
     char err[256] = "";
     int max = j->max_tokens;
@@ -176,6 +218,8 @@ static void run_job(slot *s, serve_job *j) {
         .sampler = sampler,
         .on_token = on_token,
         .ud = &sink,
+        .forward = scheduled_forward,
+        .forward_ud = p->sched,
     };
     cake_request_stats st;
     const int rc = cake_request_run(s->ctx, &req, ids, &st, err, sizeof(err));
@@ -190,18 +234,13 @@ static void run_job(slot *s, serve_job *j) {
 static void *slot_main(void *arg) {
     slot *s = arg;
     serve_pool *p = s->pool;
+    pthread_mutex_lock(&p->mu);
+    s->ready = 1;
+    dispatch(p);
     for (;;) {
-        pthread_mutex_lock(&p->mu);
-        while (!p->head && !p->shutdown) pthread_cond_wait(&p->cv, &p->mu);
-        serve_job *j = p->head;
-        if (!j) { /* shut down, and nothing left */
-            pthread_mutex_unlock(&p->mu);
-            break;
-        }
-        if (!(p->head = j->next)) p->tail = NULL;
-        p->totals.queued--;
-        p->totals.running++;
-        s->current = j;
+        while (!s->current && !p->shutdown) pthread_cond_wait(&p->cv, &p->mu);
+        serve_job *j = s->current;
+        if (!j) break; /* shut down, and nothing left */
         const int stopping = p->shutdown;
         pthread_mutex_unlock(&p->mu);
 
@@ -212,21 +251,23 @@ static void *slot_main(void *arg) {
         else
             run_job(s, j);
 
-        /* Counted before its answer goes out: /metrics read after an answer
-         * includes it. */
+        /* Counted, and the slot ready for the next job (a chat's next turn
+         * finds it), before the answer goes out. */
         pthread_mutex_lock(&p->mu);
         p->totals.running--;
         s->current = NULL;
         account(p, j);
         const uint64_t number = ++p->n_finished;
+        s->idle_since = number;
+        s->ready = 1;
+        dispatch(p);
         pthread_mutex_unlock(&p->mu);
         job_finish(j);
         log_job(j, number);
         job_release(j);
-        /* The next request overwrites the KV cache that queued write-backs
-         * still read from: let them finish first (the response is out). */
-        if (s->wb) cake_writeback_drain(s->wb, 60000);
+        pthread_mutex_lock(&p->mu);
     }
+    pthread_mutex_unlock(&p->mu);
     return NULL;
 }
 
@@ -244,14 +285,10 @@ int pool_create(const cake_model *m, const pool_config *cfg, serve_pool **out, c
     p->model = m;
     pthread_mutex_init(&p->mu, NULL);
     pthread_cond_init(&p->cv, NULL);
-    int threads = cfg->n_threads;
-    if (threads <= 0) {
-        const long cpus = sysconf(_SC_NPROCESSORS_ONLN);
-        threads = cpus / cfg->n_slots > 0 ? (int)(cpus / cfg->n_slots) : 1;
-    }
     cake_context_params cp = cake_context_default_params();
     cp.n_ctx = cfg->n_ctx;
-    cp.n_threads = threads;
+    cp.n_threads = cfg->n_threads; /* 0: all CPUs */
+    cp.max_batch = cfg->batch;
     cp.kv_type = cfg->kv_type;
     cp.backend = cfg->backend;
     /* Store keys need the model's fingerprint, which reads every weight once:
@@ -264,10 +301,14 @@ int pool_create(const cake_model *m, const pool_config *cfg, serve_pool **out, c
         slot *s = &p->slots[i];
         s->pool = p;
         if (cake_context_init(m, cp, &s->ctx, err, errlen)) goto fail;
+        /* The other slots' contexts only hold a KV cache: the engine computes. */
+        cp.n_threads = 1;
+        cp.max_batch = 1;
         if (cfg->store && !(s->wb = cake_writeback_create(cfg->store, 1024, err, errlen)))
             goto fail;
     }
     p->n_ctx = cake_context_n_ctx(p->slots[0].ctx);
+    if (sched_create(p->slots[0].ctx, &p->sched, err, errlen)) goto fail;
     for (int i = 0; i < cfg->n_slots; i++) {
         if (pthread_create(&p->slots[i].thread, NULL, slot_main, &p->slots[i])) {
             cake_err(err, errlen, "cannot start a slot thread");
@@ -301,7 +342,7 @@ int pool_submit(serve_pool *p, serve_job *j) {
         p->head = j;
     p->tail = j;
     p->totals.queued++;
-    pthread_cond_signal(&p->cv);
+    dispatch(p);
     pthread_mutex_unlock(&p->mu);
     return 0;
 }
@@ -314,6 +355,7 @@ void pool_counters_get(serve_pool *p, pool_counters *out) {
     pthread_mutex_lock(&p->mu);
     *out = p->totals;
     pthread_mutex_unlock(&p->mu);
+    sched_counters_get(p->sched, &out->steps);
     for (int i = 0; i < p->cfg.n_slots; i++) {
         if (!p->slots[i].wb) continue;
         cake_writeback_counters c;
@@ -338,6 +380,7 @@ void pool_free(serve_pool *p) {
     pool_shutdown(p);
     for (int i = 0; i < p->cfg.n_slots; i++)
         if (p->slots[i].started) pthread_join(p->slots[i].thread, NULL);
+    sched_free(p->sched); /* no slot is left to wait on it */
     for (int i = 0; i < p->cfg.n_slots; i++) {
         cake_writeback_free(p->slots[i].wb); /* before its context: it reads the KV */
         cake_context_free(p->slots[i].ctx);

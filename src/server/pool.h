@@ -1,10 +1,12 @@
 /* The server's engine side: a queue of generation jobs (job.h) and the slots
- * that run them. A slot is one worker thread with its own context (KV cache), so a
- * slot runs one request at a time, from the queue's head; the HTTP side waits
- * on a job's progress (its text so far) and may cancel it. Each request's
- * prefill goes through the Cake loader over the server's store: cached
- * chunks of its prompt are loaded from the back while the front is computed,
- * and its newly computed chunks are written back. */
+ * that run them. A slot is one request thread with its own context (KV
+ * cache): it runs one request at a time, from the queue's head, and the HTTP
+ * side waits on a job's progress (its text so far) and may cancel it. The
+ * slots' forward passes all go to one batch scheduler (sched.h), which runs
+ * them together, a step at a time, on the engine's threads: continuous
+ * batching. Each request's prefill goes through the Cake loader over the
+ * server's store: cached chunks of its prompt are loaded from the back while
+ * the front is computed, and its newly computed chunks are written back. */
 #ifndef CAKE_SERVER_POOL_H
 #define CAKE_SERVER_POOL_H
 
@@ -15,13 +17,15 @@
 #include "cake.h"
 #include "loader/loader.h"
 #include "server/job.h"
+#include "server/sched.h"
 #include "store/store.h"
 
 typedef struct {
     cake_store *store; /* NULL: compute only (borrowed; outlives the pool) */
     cake_mode mode;
     int chunk, io_depth;
-    int n_slots, n_ctx, n_threads; /* n_ctx 0: the model's; n_threads per slot, 0: all / slots */
+    int n_slots, n_ctx, n_threads; /* n_ctx 0: the model's; n_threads 0: all CPUs */
+    int batch;                     /* tokens per engine step (the scheduler's budget) */
     int queue_max;                 /* jobs waiting beyond the running ones */
     enum cake_kv_type kv_type;
     enum cake_backend_kind backend;
@@ -37,6 +41,7 @@ typedef struct {
     double ttft_sum_s;
     uint64_t ttft_le[10]; /* cumulative counts per POOL_TTFT_BUCKETS bound */
     int running, queued;
+    sched_counters steps;
 } pool_counters;
 
 #define POOL_TTFT_BUCKETS                                                                          \
