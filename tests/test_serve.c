@@ -704,6 +704,11 @@ static void test_store_reuse(void **state) {
         assert_true(num_at(warm, "cake.bytes_loaded") > 0);
         assert_same_ids(at(warm, "cake.generated_ids"), at(cold, "cake.generated_ids"));
         assert_true(metric(s.port, "cake_prefill_chunks_total{source=\"loaded\"}") >= total - 1);
+        /* its computed tokens were the compute side of a cached prompt */
+        assert_int_equal(metric(s.port, "cake_engine_tokens_total{kind=\"prefill\"}"), 0);
+        assert_int_equal(metric(s.port, "cake_engine_tokens_total{kind=\"cake\"}"),
+                         num_at(warm, "usage.prompt_tokens") -
+                             16 * num_at(warm, "cake.chunks_loaded"));
         /* The same prompt again: the slot's KV cache holds it */
         cJSON *again = post_ok(s.port, "/v1/completions", LONG_REQUEST, LONG_PROMPT);
         assert_int_equal(num_at(again, "cake.chunks_loaded"), 0);
@@ -798,6 +803,59 @@ static void test_slow_first_token(void **state) {
     resp_free(&r);
     cJSON_Delete(cold);
     cJSON_Delete(warm);
+    assert_int_equal(serve_stop(&s), 0);
+}
+
+/* ---- continuous batching ---- */
+
+/* Requests that arrive together are computed together, a step at a time,
+ * and each answers exactly as `cake run` alone does. Five requests on four
+ * slots (the fifth waits for one), steps of at most 12 tokens: the prompts'
+ * 16-token chunks go in pieces, beside the other requests' decode tokens. */
+static void test_batched_answers(void **state) {
+    (void)state;
+    t_server s;
+    assert_int_equal(serve_start(&s, g_tiny, "--store", "none", "--slots", "4", "--batch", "12",
+                                 "--chunk", "16", NULL),
+                     0);
+    const char *prompts[] = {"Once upon a time", "The quick brown fox jumps over the lazy dog",
+                             LONG_PROMPT, "A", "Hello there, how are you today?"};
+    enum { N = sizeof(prompts) / sizeof(prompts[0]), MAX_TOKENS = 40 };
+    int fds[N];
+    for (int i = 0; i < N; i++) {
+        char body[1024];
+        snprintf(body, sizeof(body),
+                 "{\"prompt\":\"%s\",\"max_tokens\":%d,\"temperature\":0,\"ignore_eos\":true}",
+                 prompts[i], MAX_TOKENS);
+        send_request(fds[i] = connect_to(s.port), "POST", "/v1/completions", body);
+    }
+    int prompt_tokens = 0;
+    for (int i = 0; i < N; i++) {
+        t_resp r = read_response(fds[i]);
+        assert_int_equal(r.status, 200);
+        cJSON *j = cJSON_Parse(r.body);
+        assert_non_null(j);
+        cJSON *ref = cake_run(g_tiny, prompts[i], MAX_TOKENS);
+        const int n = cJSON_GetArraySize(at(ref, "generated_ids"));
+        /* (`cake run` stops at EOS; the server was told to go on) */
+        assert_true(cJSON_GetArraySize(at(j, "cake.generated_ids")) >= n);
+        for (int k = 0; k < n; k++)
+            assert_int_equal(cJSON_GetArrayItem(at(j, "cake.generated_ids"), k)->valueint,
+                             cJSON_GetArrayItem(at(ref, "generated_ids"), k)->valueint);
+        assert_int_equal(num_at(j, "usage.completion_tokens"), MAX_TOKENS);
+        prompt_tokens += (int)num_at(j, "usage.prompt_tokens");
+        cJSON_Delete(ref);
+        cJSON_Delete(j);
+        resp_free(&r);
+    }
+    /* Every token went through the steps, by its class; steps were shared. */
+    assert_int_equal(metric(s.port, "cake_engine_tokens_total{kind=\"prefill\"}"), prompt_tokens);
+    assert_int_equal(metric(s.port, "cake_engine_tokens_total{kind=\"decode\"}"),
+                     N * (MAX_TOKENS - 1));
+    assert_int_equal(metric(s.port, "cake_engine_tokens_total{kind=\"cake\"}"), 0);
+    assert_true(metric(s.port, "cake_engine_shared_steps_total") >= 1);
+    assert_true(metric(s.port, "cake_engine_max_sequences") >= 2);
+    assert_true(metric(s.port, "cake_engine_max_sequences") <= 4);
     assert_int_equal(serve_stop(&s), 0);
 }
 
@@ -1065,7 +1123,7 @@ int main(void) {
         cmocka_unit_test(test_stop_strings), cmocka_unit_test(test_seeded_sampling),
         cmocka_unit_test(test_store_reuse),  cmocka_unit_test(test_slow_first_token),
         cmocka_unit_test(test_slot_prefix),  cmocka_unit_test(test_cancel_and_queue),
-        cmocka_unit_test(test_chat_llama2),
+        cmocka_unit_test(test_chat_llama2),  cmocka_unit_test(test_batched_answers),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

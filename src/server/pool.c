@@ -223,6 +223,7 @@ static void run_job(slot *s, serve_job *j) {
     };
     cake_request_stats st;
     const int rc = cake_request_run(s->ctx, &req, ids, &st, err, sizeof(err));
+    sched_release(p->sched, s->ctx);
     cake_sampler_free(sampler);
     pthread_mutex_lock(&j->mu);
     j->stats = st;

@@ -4,10 +4,17 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "util/err.h"
 
 #define N_KINDS 3 /* cake_pass_kind, in priority order */
+
+/* How long a step waits for the sequences whose decode pass the last step
+ * finished: each samples its token and asks for the next pass within tens
+ * of microseconds, and a step started without them would carry one
+ * sequence while the others queue for the step after. */
+#define GATHER_NS 1000000
 
 /* A forward pass a request's thread waits on. */
 typedef struct pass {
@@ -36,6 +43,11 @@ struct sched {
     pass **picked;
     cake_batch_seq *pieces;
     int *kind_of;
+    /* The sequences the last step finished a decode pass of, that have
+     * neither asked for their next pass nor left (sched_release) yet. */
+    cake_context **owed;
+    int n_owed;
+    struct timespec gather_until;
     sched_counters totals;
 };
 
@@ -52,6 +64,20 @@ static void run_step(sched *s, pass **picked, cake_batch_seq *b, int nb) {
         }
 }
 
+/* Takes seq off the owed list, if it is there (under the mutex). */
+static void settle_owed(sched *s, const cake_context *seq) {
+    for (int i = 0; i < s->n_owed; i++)
+        if (s->owed[i] == seq) {
+            s->owed[i] = s->owed[--s->n_owed];
+            pthread_cond_signal(&s->work_cv);
+            return;
+        }
+}
+
+static int before(const struct timespec *a, const struct timespec *b) {
+    return a->tv_sec < b->tv_sec || (a->tv_sec == b->tv_sec && a->tv_nsec < b->tv_nsec);
+}
+
 static void *sched_main(void *arg) {
     sched *s = arg;
     pass **picked = s->picked;
@@ -59,6 +85,15 @@ static void *sched_main(void *arg) {
     int *kind_of = s->kind_of;
     pthread_mutex_lock(&s->mu);
     for (;;) {
+        if (s->n_owed > 0) { /* wait for them, a little */
+            struct timespec now;
+            clock_gettime(CLOCK_MONOTONIC, &now);
+            if (before(&now, &s->gather_until)) {
+                pthread_cond_timedwait(&s->work_cv, &s->mu, &s->gather_until);
+                continue;
+            }
+            s->n_owed = 0;
+        }
         int nb = 0, left = s->budget;
         for (int k = 0; k < N_KINDS; k++)
             for (pass *p = s->head[k]; p && left > 0; p = p->next) {
@@ -85,6 +120,14 @@ static void *sched_main(void *arg) {
             picked[i]->done += b[i].n;
             t->tokens[kind_of[i]] += (uint64_t)b[i].n;
             picked[i]->finished = picked[i]->done == picked[i]->n || picked[i]->rc;
+            if (picked[i]->finished && kind_of[i] == CAKE_PASS_DECODE)
+                s->owed[s->n_owed++] = picked[i]->seq;
+        }
+        clock_gettime(CLOCK_MONOTONIC, &s->gather_until);
+        s->gather_until.tv_nsec += GATHER_NS;
+        if (s->gather_until.tv_nsec >= 1000000000) {
+            s->gather_until.tv_sec++;
+            s->gather_until.tv_nsec -= 1000000000;
         }
         /* The picked passes lead their queues; the finished ones leave. */
         for (int k = 0; k < N_KINDS; k++)
@@ -105,10 +148,15 @@ int sched_create(cake_context *engine, sched **out, char *err, size_t errlen) {
     s->picked = malloc((size_t)s->budget * sizeof(*s->picked));
     s->pieces = malloc((size_t)s->budget * sizeof(*s->pieces));
     s->kind_of = malloc((size_t)s->budget * sizeof(*s->kind_of));
+    s->owed = malloc((size_t)s->budget * sizeof(*s->owed));
     pthread_mutex_init(&s->mu, NULL);
-    pthread_cond_init(&s->work_cv, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&s->work_cv, &ca);
+    pthread_condattr_destroy(&ca);
     pthread_cond_init(&s->done_cv, NULL);
-    if (!s->picked || !s->pieces || !s->kind_of) {
+    if (!s->picked || !s->pieces || !s->kind_of || !s->owed) {
         cake_err(err, errlen, "out of memory");
         goto fail;
     }
@@ -125,6 +173,7 @@ fail:
     free(s->picked);
     free(s->pieces);
     free(s->kind_of);
+    free(s->owed);
     free(s);
     return -1;
 }
@@ -146,10 +195,17 @@ int sched_forward(sched *s, cake_context *seq, cake_pass_kind kind, const cake_t
     else
         s->head[kind] = &p;
     s->tail[kind] = &p;
+    settle_owed(s, seq);
     pthread_cond_signal(&s->work_cv);
     while (!p.finished) pthread_cond_wait(&s->done_cv, &s->mu);
     pthread_mutex_unlock(&s->mu);
     return p.rc;
+}
+
+void sched_release(sched *s, const cake_context *seq) {
+    pthread_mutex_lock(&s->mu);
+    settle_owed(s, seq);
+    pthread_mutex_unlock(&s->mu);
 }
 
 void sched_counters_get(sched *s, sched_counters *out) {
@@ -171,5 +227,6 @@ void sched_free(sched *s) {
     free(s->picked);
     free(s->pieces);
     free(s->kind_of);
+    free(s->owed);
     free(s);
 }

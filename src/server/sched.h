@@ -34,6 +34,8 @@ int sched_create(cake_context *engine, sched **out, char *err, size_t errlen);
  * sequence has one pass at a time. */
 int sched_forward(sched *s, cake_context *seq, cake_pass_kind kind, const cake_token *tokens, int n,
                   cake_pos pos0, float *logits, char *err, size_t errlen);
+/* seq's request is over: the next step need not wait for its next pass. */
+void sched_release(sched *s, const cake_context *seq);
 void sched_counters_get(sched *s, sched_counters *out);
 /* Stops the thread; no pass may be waiting. Accepts NULL. */
 void sched_free(sched *s);
