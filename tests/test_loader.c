@@ -426,6 +426,116 @@ static void test_stress(void **state) {
     unlink(path);
 }
 
+/* ---- an engine shared with other requests (a server's scheduler) ---- */
+
+typedef struct {
+    int grant;           /* the engine has room for the compute side */
+    int turns;           /* wait_turn calls */
+    int tokens[3];       /* computed, by cake_pass_kind */
+    uint64_t timeout_ns; /* of the last wait_turn */
+} busy_engine;
+
+static int busy_forward(void *ud, cake_context *c, cake_pass_kind kind, const cake_token *t, int n,
+                        cake_pos pos0, float *logits, char *err, size_t errlen) {
+    busy_engine *b = ud;
+    b->tokens[kind] += n;
+    return cake_forward(c, t, n, pos0, logits, err, errlen);
+}
+
+static int busy_turn(void *ud, cake_context *c, int n, uint64_t timeout_ns) {
+    (void)c, (void)n;
+    busy_engine *b = ud;
+    b->turns++;
+    b->timeout_ns = timeout_ns;
+    if (b->grant) return 1;
+    nanosleep(&(struct timespec){0, (long)timeout_ns}, NULL);
+    return 0;
+}
+
+static cake_prefill_stats run_busy(fixture *f, const cake_token *prompt, int n, cake_store *store,
+                                   busy_engine *b, float *logits) {
+    cake_sampler *s = cake_sampler_init((cake_sampler_params){.temperature = 0});
+    cake_prefill_params lp = {.store = store, .mode = CAKE_MODE_CAKE, .io_depth = 2};
+    cake_request r = {.prompt = prompt,
+                      .n_prompt = n,
+                      .n_predict = 1,
+                      .chunk = 16,
+                      .eos = -1,
+                      .sampler = s,
+                      .first_logits = logits,
+                      .loader = &lp,
+                      .forward = busy_forward,
+                      .forward_turn = busy_turn,
+                      .forward_ud = b};
+    cake_request_stats st;
+    cake_token first;
+    char err[256];
+    const int rc = cake_request_run(f->c, &r, &first, &st, err, sizeof(err));
+    if (rc) fprintf(stderr, "%s\n", err);
+    assert_int_equal(rc, 0);
+    cake_sampler_free(s);
+    return st.prefill;
+}
+
+/* Through a request's forward hooks, each pass is classed (the compute side
+ * of a cached prompt, or a prefill: the tail after the loads is one), and
+ * the compute side waits for a turn before it claims a chunk: an engine
+ * that never has room leaves every chunk to the loads, and the result is
+ * the same bits. */
+static void test_busy_engine(void **state) {
+    (void)state;
+    char path[64];
+    assert_int_equal(test_make_model("tiny", "f16", path), 0);
+    fixture f;
+    assert_int_equal(fixture_init(&f, path, 512), 0);
+    enum { C = 16, N = 10 * C + 5 };
+    cake_token p[N], t0, t;
+    random_prompt(p, N, f.n_vocab, 99);
+    float *base = malloc((size_t)f.n_vocab * sizeof(float));
+    float *got = malloc((size_t)f.n_vocab * sizeof(float));
+    run(&f, p, N, C, NULL, NULL, CAKE_MODE_COMPUTE, base, &t0);
+
+    /* no store: every pass is an ordinary prefill, no turn is asked for */
+    busy_engine b = {.grant = 1};
+    cake_prefill_stats st = run_busy(&f, p, N, NULL, &b, got);
+    assert_same(base, got, f.n_vocab, "hooks, no store");
+    assert_int_equal(b.tokens[CAKE_PASS_PREFILL], N);
+    assert_int_equal(b.tokens[CAKE_PASS_CAKE] + b.tokens[CAKE_PASS_DECODE], 0);
+    assert_int_equal(b.turns, 0);
+
+    cake_store *s = open_store("mem:?lat=20");
+    char err[256];
+    cake_writeback *wb = cake_writeback_create(s, 64, err, sizeof(err));
+    run(&f, p, N, C, s, wb, CAKE_MODE_COMPUTE, got, &t);
+    cake_writeback_free(wb); /* drained: the store holds the 10 chunks */
+
+    /* never room: every chunk is loaded, the tail computed as a prefill */
+    b = (busy_engine){.grant = 0};
+    st = run_busy(&f, p, N, s, &b, got);
+    assert_same(base, got, f.n_vocab, "no turn");
+    assert_int_equal(st.chunks_loaded, 10);
+    assert_int_equal(st.chunks_computed, 1);
+    assert_int_equal(b.tokens[CAKE_PASS_CAKE], 0);
+    assert_int_equal(b.tokens[CAKE_PASS_PREFILL], N - 10 * C);
+    assert_true(b.turns >= 1 && b.timeout_ns > 0);
+    assert_true(st.turn_wait_ms > 0);
+
+    /* always room: chunks computed before the meet are the Cake class */
+    b = (busy_engine){.grant = 1};
+    st = run_busy(&f, p, N, s, &b, got);
+    assert_same(base, got, f.n_vocab, "always a turn");
+    assert_int_equal(b.tokens[CAKE_PASS_CAKE] + b.tokens[CAKE_PASS_PREFILL] + C * st.chunks_loaded,
+                     N);
+    assert_int_equal(b.tokens[CAKE_PASS_CAKE], C * (st.chunks_computed - 1));
+    assert_true(b.turns >= st.chunks_computed - 1);
+
+    cake_store_close(s);
+    free(base);
+    free(got);
+    fixture_free(&f);
+    unlink(path);
+}
+
 /* ---- a prompt that ends on a chunk boundary, on an engine that is not
  * batch-invariant: the CPU engine, made to give a token computed alone other
  * bits (the lowest bit of its K and V flipped, its logits nudged up), as
@@ -725,10 +835,15 @@ static void test_staging_reuse(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_cached_prefix), cmocka_unit_test(test_stories_modes),
-        cmocka_unit_test(test_mha160m_modes), cmocka_unit_test(test_redis_faults),
-        cmocka_unit_test(test_stress),        cmocka_unit_test(test_claims),
-        cmocka_unit_test(test_staging_reuse), cmocka_unit_test(test_batch_variant_boundary),
+        cmocka_unit_test(test_cached_prefix),
+        cmocka_unit_test(test_busy_engine),
+        cmocka_unit_test(test_stories_modes),
+        cmocka_unit_test(test_mha160m_modes),
+        cmocka_unit_test(test_redis_faults),
+        cmocka_unit_test(test_stress),
+        cmocka_unit_test(test_claims),
+        cmocka_unit_test(test_staging_reuse),
+        cmocka_unit_test(test_batch_variant_boundary),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

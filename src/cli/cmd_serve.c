@@ -35,6 +35,8 @@ static const char *help =
     "      --batch TOKENS    most tokens per engine step, filled by priority: decode\n"
     "                        tokens, then prompts without a cache hit, then the\n"
     "                        compute side of cached prompts (default 512)\n"
+    "      --schedule P      priority (that order; default) or fcfs (passes in the\n"
+    "                        order asked for: the paper's baseline)\n"
     "      --queue N         requests that may wait for a slot (default 64); more\n"
     "                        get 503\n"
     "      --ctx N           KV cache of a slot in tokens: prompt + completion\n"
@@ -54,22 +56,33 @@ typedef struct {
     const char *model, *host, *store, *name, *api_key;
     long port, chunk, io_depth, slots, batch, queue, ctx, threads, max_body, timeout;
     cake_mode mode;
+    sched_policy policy;
     enum cake_kv_type kv_type;
     enum cake_backend_kind backend;
 } serve_opts;
 
 static int parse_args(int argc, char **argv, serve_opts *o) {
-    static const struct option opts[] = {
-        {"model", required_argument, 0, 'm'},    {"host", required_argument, 0, 'H'},
-        {"port", required_argument, 0, 'p'},     {"store", required_argument, 0, 'S'},
-        {"mode", required_argument, 0, 'M'},     {"chunk", required_argument, 0, 'c'},
-        {"io-depth", required_argument, 0, 'I'}, {"slots", required_argument, 0, 's'},
-        {"queue", required_argument, 0, 'q'},    {"ctx", required_argument, 0, 'x'},
-        {"threads", required_argument, 0, 'j'},  {"batch", required_argument, 0, 'T'},
-        {"kv-type", required_argument, 0, 'k'},  {"backend", required_argument, 0, 'B'},
-        {"name", required_argument, 0, 'N'},     {"max-body", required_argument, 0, 'b'},
-        {"api-key", required_argument, 0, 'K'},  {"timeout", required_argument, 0, 'O'},
-        {"help", no_argument, 0, 'h'},           {0, 0, 0, 0}};
+    static const struct option opts[] = {{"model", required_argument, 0, 'm'},
+                                         {"host", required_argument, 0, 'H'},
+                                         {"port", required_argument, 0, 'p'},
+                                         {"store", required_argument, 0, 'S'},
+                                         {"mode", required_argument, 0, 'M'},
+                                         {"chunk", required_argument, 0, 'c'},
+                                         {"io-depth", required_argument, 0, 'I'},
+                                         {"slots", required_argument, 0, 's'},
+                                         {"queue", required_argument, 0, 'q'},
+                                         {"ctx", required_argument, 0, 'x'},
+                                         {"threads", required_argument, 0, 'j'},
+                                         {"batch", required_argument, 0, 'T'},
+                                         {"schedule", required_argument, 0, 'P'},
+                                         {"kv-type", required_argument, 0, 'k'},
+                                         {"backend", required_argument, 0, 'B'},
+                                         {"name", required_argument, 0, 'N'},
+                                         {"max-body", required_argument, 0, 'b'},
+                                         {"api-key", required_argument, 0, 'K'},
+                                         {"timeout", required_argument, 0, 'O'},
+                                         {"help", no_argument, 0, 'h'},
+                                         {0, 0, 0, 0}};
     *o = (serve_opts){.host = "127.0.0.1",
                       .store = DEFAULT_STORE,
                       .port = 8080,
@@ -118,6 +131,9 @@ static int parse_args(int argc, char **argv, serve_opts *o) {
             break;
         case 'x':
             if (cli_parse_int(optarg, 1, 1 << 24, &o->ctx)) what = "--ctx wants a count >= 1";
+            break;
+        case 'P':
+            if (sched_policy_parse(optarg, &o->policy)) what = "--schedule is priority or fcfs";
             break;
         case 'T':
             if (cli_parse_int(optarg, 1, 1 << 16, &o->batch)) what = "--batch wants 1..65536";
@@ -210,6 +226,7 @@ int cmd_serve(int argc, char **argv) {
                       .io_depth = (int)o.io_depth,
                       .n_slots = (int)o.slots,
                       .batch = (int)o.batch,
+                      .policy = o.policy,
                       .n_ctx = (int)(o.ctx && o.ctx < hp->n_ctx_train ? o.ctx : 0),
                       .n_threads = (int)o.threads,
                       .queue_max = (int)o.queue,

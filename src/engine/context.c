@@ -235,9 +235,22 @@ int cake_context_n_threads(const cake_context *c) {
 
 /* ---- the loader's view of a context (loader/loader.h) ---- */
 
+void cake_context_route(cake_context *c, cake_route_fn fn, cake_turn_fn turn, void *route) {
+    c->route_fn = fn;
+    c->route_turn = fn ? turn : NULL;
+    c->route = route;
+}
+
+static int engine_wait_turn(void *self, int n, uint64_t timeout_ns) {
+    cake_context *c = self;
+    return c->route_turn ? c->route_turn(c->route, n, timeout_ns) : 1;
+}
+
 static int engine_compute(void *self, const cake_token *tokens, int n, int pos0, float *logits,
                           char *err, size_t errlen) {
-    return cake_forward(self, tokens, n, pos0, logits, err, errlen);
+    cake_context *c = self;
+    if (c->route_fn) return c->route_fn(c->route, tokens, n, pos0, logits, err, errlen);
+    return cake_forward(c, tokens, n, pos0, logits, err, errlen);
 }
 
 /* A chunk blob's payload is, per layer, K rows then V rows of h->n_tokens
@@ -283,6 +296,7 @@ void cake_context_loader_engine(cake_context *c, int with_fingerprint, cake_load
         .compute = engine_compute,
         .install = engine_install,
         .extract = engine_extract,
+        .wait_turn = c->route_turn ? engine_wait_turn : NULL,
         .hp = &c->model->hp,
         .kv_type = c->params.kv_type,
         .speed = &c->compute_speed,

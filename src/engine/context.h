@@ -21,6 +21,10 @@ typedef struct {
     float *u;   /* (T, ffn) up projection */
 } cake_scratch;
 
+typedef int (*cake_route_fn)(void *route, const cake_token *tokens, int n, int pos0, float *logits,
+                             char *err, size_t errlen);
+typedef int (*cake_turn_fn)(void *route, int n, uint64_t timeout_ns);
+
 struct cake_context {
     const cake_model *model;
     cake_context_params params;
@@ -31,8 +35,17 @@ struct cake_context {
     cake_compute_speed compute_speed; /* the loader's estimate, kept across requests */
     cake_staging *staging;            /* the loader's fetch buffers, kept across requests */
     float *logit_rows;                /* cake_forward_batch: several sequences' logits */
-    int logit_rows_cap;               /* rows of n_vocab floats */
+    /* While set, the loader's compute calls on this context go here instead
+     * of cake_forward (a request's forward hook, generate.c). */
+    cake_route_fn route_fn;
+    cake_turn_fn route_turn; /* the loader engine's wait_turn, when set */
+    void *route;
+    int logit_rows_cap; /* rows of n_vocab floats */
 };
+
+/* Sets (fn non-NULL; turn may be NULL) or clears the context's route;
+ * before cake_context_loader_engine, whose wait_turn it decides. */
+void cake_context_route(cake_context *c, cake_route_fn fn, cake_turn_fn turn, void *route);
 
 /* The CPU backend's forward pass over one batch of n <= max_batch tokens,
  * the sequences' in order, on c's threads and scratch; arguments already

@@ -3,6 +3,7 @@
 #include <stdlib.h>
 #include <time.h>
 
+#include "engine/context.h"
 #include "util/err.h"
 
 static double now_ms(void) {
@@ -11,35 +12,32 @@ static double now_ms(void) {
     return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
 }
 
-/* The loader's engine ops with the forward passes going through the
- * request's forward hook (r->forward), classed by what they are for. */
+/* A request's forward passes, routed to its forward hook (r->forward) and
+ * classed by what they are for. The context holds the route while the
+ * request runs (context.h), so that the loader's engine stays the context
+ * itself: write-backs outlive the request and must not point into it. */
 typedef struct {
     const cake_request *r;
     cake_context *c;
     const cake_prefill_stats *prefill; /* its lookup result says which class a prefill pass is */
     int decoding;
-    cake_loader_engine inner; /* the context's own ops: install, extract */
-} routed_engine;
+} routed_request;
 
-static int routed_compute(void *self, const cake_token *tokens, int n, int pos0, float *logits,
+static int routed_compute(void *route, const cake_token *tokens, int n, int pos0, float *logits,
                           char *err, size_t errlen) {
-    const routed_engine *x = self;
-    const cake_pass_kind kind = x->decoding                    ? CAKE_PASS_DECODE
-                                : x->prefill->chunks_found > 0 ? CAKE_PASS_CAKE
-                                                               : CAKE_PASS_PREFILL;
+    const routed_request *x = route;
+    /* The pass with the prompt's last token comes after every load is in:
+     * the request has no other way forward then. */
+    const int loading = x->prefill->chunks_found > 0 && pos0 + n < x->r->n_prompt;
+    const cake_pass_kind kind = x->decoding ? CAKE_PASS_DECODE
+                                : loading   ? CAKE_PASS_CAKE
+                                            : CAKE_PASS_PREFILL;
     return x->r->forward(x->r->forward_ud, x->c, kind, tokens, n, pos0, logits, err, errlen);
 }
 
-static int routed_install(void *self, const void *blob, const cake_chunk_header *h, int pos0,
-                          char *err, size_t errlen) {
-    const routed_engine *x = self;
-    return x->inner.install(x->inner.self, blob, h, pos0, err, errlen);
-}
-
-static int routed_extract(void *self, cake_chunk_header *h, int pos0, void *blob, size_t cap,
-                          char *err, size_t errlen) {
-    const routed_engine *x = self;
-    return x->inner.extract(x->inner.self, h, pos0, blob, cap, err, errlen);
+static int routed_turn(void *route, int n, uint64_t timeout_ns) {
+    const routed_request *x = route;
+    return x->r->forward_turn(x->r->forward_ud, x->c, n, timeout_ns);
 }
 
 int cake_request_run(cake_context *c, const cake_request *r, cake_token *generated,
@@ -57,15 +55,11 @@ int cake_request_run(cake_context *c, const cake_request *r, cake_token *generat
     cake_prefill_params pp = r->loader ? *r->loader : (cake_prefill_params){0};
     pp.chunk = r->chunk;
     const int use_store = pp.store || pp.writeback;
+    routed_request routed = {.r = r, .c = c, .prefill = &st->prefill};
+    if (r->forward)
+        cake_context_route(c, routed_compute, r->forward_turn ? routed_turn : NULL, &routed);
     cake_loader_engine engine;
     cake_context_loader_engine(c, use_store, &engine); /* outside TTFT: done once per model */
-    routed_engine routed = {.r = r, .c = c, .prefill = &st->prefill, .inner = engine};
-    if (r->forward) {
-        engine.self = &routed;
-        engine.compute = routed_compute;
-        engine.install = routed_install;
-        engine.extract = routed_extract;
-    }
     cake_prefill_job *pending = NULL;
 
     const double t0 = now_ms();
@@ -95,6 +89,7 @@ int cake_request_run(cake_context *c, const cake_request *r, cake_token *generat
     st->decode_ms = now_ms() - t1;
 done:
     cake_prefill_finish(pending);
+    cake_context_route(c, NULL, NULL, NULL);
     free(logits);
     return rc;
 }

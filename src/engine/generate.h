@@ -10,7 +10,8 @@
 /* Which part of a request a forward pass is (a batch scheduler's priority). */
 typedef enum {
     CAKE_PASS_DECODE,  /* a generated token, fed back */
-    CAKE_PASS_PREFILL, /* a chunk of a prompt the store has no chunk of */
+    CAKE_PASS_PREFILL, /* a chunk of a prompt the store has no chunk of, or a prompt's last
+                          pass (its tail, after the loads) */
     CAKE_PASS_CAKE,    /* the compute side of a prompt whose cached chunks are loading */
 } cake_pass_kind;
 
@@ -36,6 +37,11 @@ typedef struct {
     int (*forward)(void *forward_ud, cake_context *c, cake_pass_kind kind, const cake_token *tokens,
                    int n, cake_pos pos0, float *logits, char *err, size_t errlen);
     void *forward_ud;
+    /* optional, with forward: waits at most timeout_ns until the engine
+     * could run n tokens of the compute side of a prompt whose cached chunks
+     * are loading; 1 when it could, 0 on the timeout (the loader's
+     * wait_turn, loader.h) */
+    int (*forward_turn)(void *forward_ud, cake_context *c, int n, uint64_t timeout_ns);
 } cake_request;
 
 typedef struct {

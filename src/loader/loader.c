@@ -115,6 +115,10 @@
 
 #include "util/err.h"
 
+/* How long one wait for a turn lasts before the compute side looks whether
+ * its chunk has been loaded meanwhile. */
+#define TURN_POLL_NS 2000000
+
 enum chunk_state { ABSENT, PRESENT, FETCHING, COPYING, LOADED, COMPUTING, COMPUTED };
 
 struct prefill_job;
@@ -481,30 +485,52 @@ static int compute_side(prefill_job *j, char *err, size_t errlen) {
         if (t1 > t0) trace_add(j, 0, -1, "wait for loads", t0, t1);
     }
     for (int i = j->n_cached; i < j->n_loadable; i++) {
-        uint64_t waited = 0;
+        uint64_t waited = 0, turn = 0; /* in all, and of it for a turn */
         const uint64_t wait_start = now_ns();
         /* Compute time of chunk i, at the engine's recent speed. */
         const uint64_t est_compute = (uint64_t)est_compute_ns(j, i);
         j->front = i;
         j->front_t0 = wait_start;
-        for (;;) {
-            enum chunk_state s = j->state[i];
-            if (s == LOADED || s == ABSENT) break;
-            uint64_t budget = s == COPYING ? 1000000 /* short and committed: wait */
-                                           : wait_budget(j, i, est_compute, waited);
-            if (!budget) break;
-            if (j->st->meet_chunk < 0) j->st->meet_chunk = i; /* compute stops here */
-            if (!j->compute_waits) { /* workers may now fetch whatever is left */
-                j->compute_waits = 1;
-                pthread_cond_broadcast(&j->cv);
+        for (int have_turn = !j->e->wait_turn;;) {
+            for (;;) {
+                enum chunk_state s = j->state[i];
+                if (s == LOADED || s == ABSENT) break;
+                uint64_t budget = s == COPYING ? 1000000 /* short and committed: wait */
+                                               : wait_budget(j, i, est_compute, waited);
+                if (!budget) break;
+                if (j->st->meet_chunk < 0) j->st->meet_chunk = i; /* compute stops here */
+                if (!j->compute_waits) { /* workers may now fetch whatever is left */
+                    j->compute_waits = 1;
+                    pthread_cond_broadcast(&j->cv);
+                }
+                wait_ns(j, budget);
+                waited = now_ns() - wait_start;
             }
-            wait_ns(j, budget);
+            if (have_turn || j->state[i] == LOADED || j->state[i] == ABSENT) break;
+            /* A busy engine (a server's other requests) may not run the chunk
+             * at once: wait for its turn unclaimed, so that the I/O side may
+             * still load it meanwhile (anything: workers claim freely while
+             * the compute side waits), then decide again. */
+            j->compute_waits = 1;
+            pthread_cond_broadcast(&j->cv);
+            const uint64_t t0 = now_ns();
+            int granted = 0; /* (a chunk loaded meanwhile ends the wait) */
+            while (!granted && j->state[i] != LOADED) {
+                pthread_mutex_unlock(&j->mu);
+                granted = j->e->wait_turn(j->e->self, C, TURN_POLL_NS);
+                pthread_mutex_lock(&j->mu);
+            }
+            const uint64_t t1 = now_ns();
+            turn += t1 - t0;
+            if (t1 - t0 > 100000) trace_add(j, 0, i, "wait for a turn", t0, t1);
             waited = now_ns() - wait_start;
+            have_turn = 1;
         }
         j->compute_waits = 0;
-        if (waited) {
-            j->st->compute_wait_ms += (double)waited / 1e6;
-            trace_add(j, 0, i, "wait", wait_start, wait_start + waited);
+        j->st->turn_wait_ms += (double)turn / 1e6;
+        if (waited > turn) {
+            j->st->compute_wait_ms += (double)(waited - turn) / 1e6;
+            if (!turn) trace_add(j, 0, i, "wait", wait_start, wait_start + waited);
         }
         if (j->state[i] == LOADED) {
             if (j->st->meet_chunk < 0) j->st->meet_chunk = i;

@@ -40,6 +40,13 @@ typedef struct {
                    size_t errlen);
     int (*extract)(void *self, cake_chunk_header *h, int pos0, void *blob, size_t cap, char *err,
                    size_t errlen);
+    /* Optional: waits at most timeout_ns until the engine could compute n
+     * tokens now; 1 when it could, 0 on the timeout. An engine shared by
+     * several requests (a server's scheduler) runs a chunk of the compute
+     * side only when it has the room; the compute side waits for that
+     * before it claims the chunk, so that the I/O side may still load it
+     * meanwhile. NULL: the engine is always ready. */
+    int (*wait_turn)(void *self, int n, uint64_t timeout_ns);
     const cake_hparams *hp;
     enum cake_kv_type kv_type;
     uint8_t fingerprint[16];
@@ -96,6 +103,7 @@ typedef struct {
     double compute_ms;      /* time in forward passes */
     double tail_ms;         /* of them, the pass after the loadable chunks (0: none) */
     double compute_wait_ms; /* time the compute side waited for loads */
+    double turn_wait_ms;    /* time it waited for a busy engine's turn (wait_turn) */
     double load_ms;         /* first claim to last load done */
     double load_gbit_s;     /* bytes_loaded over load_ms */
     int writeback_queued, writeback_dropped;

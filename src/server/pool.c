@@ -58,6 +58,7 @@ typedef struct {
     serve_job *current;  /* the job handed to the slot, until it is answered */
     int ready;           /* waiting for a job (its write-backs drained) */
     uint64_t idle_since; /* when it last finished a job, in jobs finished */
+    uint64_t order;      /* its job's place in the order of arrival */
 } slot;
 
 struct serve_pool {
@@ -72,6 +73,7 @@ struct serve_pool {
     int shutdown;
     pool_counters totals;
     uint64_t n_finished; /* numbers the log's requests */
+    uint64_t n_handed;   /* jobs handed to slots: their order of arrival */
 };
 
 /* How many of prompt's first tokens s's KV cache holds already. */
@@ -104,6 +106,7 @@ static void dispatch(serve_pool *p) {
         if (!(p->head = j->next)) p->tail = NULL;
         best->current = j;
         best->ready = 0;
+        best->order = ++p->n_handed;
         p->totals.queued--;
         p->totals.running++;
         handed = 1;
@@ -175,10 +178,22 @@ static void remember_kv(slot *s, const serve_job *j) {
     s->n_kv = n;
 }
 
-static int scheduled_forward(void *scheduler, cake_context *c, cake_pass_kind kind,
+/* A request's way to the scheduler. */
+typedef struct {
+    sched *sched;
+    uint64_t order; /* the job's arrival */
+} sched_ticket;
+
+static int scheduled_forward(void *ticket, cake_context *c, cake_pass_kind kind,
                              const cake_token *tokens, int n, cake_pos pos0, float *logits,
                              char *err, size_t errlen) {
-    return sched_forward(scheduler, c, kind, tokens, n, pos0, logits, err, errlen);
+    const sched_ticket *t = ticket;
+    return sched_forward(t->sched, c, t->order, kind, tokens, n, pos0, logits, err, errlen);
+}
+
+static int scheduled_turn(void *ticket, cake_context *c, int n, uint64_t timeout_ns) {
+    const sched_ticket *t = ticket;
+    return sched_turn(t->sched, c, t->order, n, timeout_ns);
 }
 
 static void run_job(slot *s, serve_job *j) {
@@ -208,6 +223,7 @@ static void run_job(slot *s, serve_job *j) {
                               .io_depth = p->cfg.io_depth,
                               .n_cached = cached_prefix(s, j->prompt, j->n_prompt)};
     token_sink sink = {.job = j, .tok = tok, .eos = cake_tokenizer_eos(tok)};
+    sched_ticket ticket = {p->sched, s->order};
     cake_request req = {
         .prompt = j->prompt,
         .n_prompt = j->n_prompt,
@@ -219,7 +235,8 @@ static void run_job(slot *s, serve_job *j) {
         .on_token = on_token,
         .ud = &sink,
         .forward = scheduled_forward,
-        .forward_ud = p->sched,
+        .forward_ud = &ticket,
+        .forward_turn = scheduled_turn,
     };
     cake_request_stats st;
     const int rc = cake_request_run(s->ctx, &req, ids, &st, err, sizeof(err));
@@ -309,7 +326,7 @@ int pool_create(const cake_model *m, const pool_config *cfg, serve_pool **out, c
             goto fail;
     }
     p->n_ctx = cake_context_n_ctx(p->slots[0].ctx);
-    if (sched_create(p->slots[0].ctx, &p->sched, err, errlen)) goto fail;
+    if (sched_create(p->slots[0].ctx, cfg->policy, &p->sched, err, errlen)) goto fail;
     for (int i = 0; i < cfg->n_slots; i++) {
         if (pthread_create(&p->slots[i].thread, NULL, slot_main, &p->slots[i])) {
             cake_err(err, errlen, "cannot start a slot thread");

@@ -26,7 +26,8 @@ typedef struct {
     int chunk, io_depth;
     int n_slots, n_ctx, n_threads; /* n_ctx 0: the model's; n_threads 0: all CPUs */
     int batch;                     /* tokens per engine step (the scheduler's budget) */
-    int queue_max;                 /* jobs waiting beyond the running ones */
+    sched_policy policy;
+    int queue_max; /* jobs waiting beyond the running ones */
     enum cake_kv_type kv_type;
     enum cake_backend_kind backend;
 } pool_config;

@@ -1,5 +1,6 @@
 #include "server/sched.h"
 
+#include <errno.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -19,6 +20,9 @@
 /* A forward pass a request's thread waits on. */
 typedef struct pass {
     cake_context *seq;
+    cake_pass_kind kind;
+    uint64_t order; /* its request's arrival */
+    int turn;       /* not a pass but a wait for one's turn (sched_turn) */
     const cake_token *tokens;
     int n, done; /* tokens in all; computed so far (earlier steps) */
     cake_pos pos0;
@@ -32,11 +36,14 @@ typedef struct pass {
 struct sched {
     cake_context *engine;
     int budget;
+    sched_policy policy;
     pthread_t thread;
     pthread_mutex_t mu;
     pthread_cond_t work_cv; /* a pass was queued, or stop */
     pthread_cond_t done_cv; /* a step finished passes */
-    pass *head[N_KINDS], *tail[N_KINDS];
+    /* Waiting passes by kind (FCFS: all in queue[0]), each queue in the
+     * order of their requests' arrival. */
+    pass *queue[N_KINDS];
     int stop;
     /* The step being run (the scheduler thread's): a piece has at least one
      * token, so a step carries at most budget pieces. */
@@ -78,11 +85,54 @@ static int before(const struct timespec *a, const struct timespec *b) {
     return a->tv_sec < b->tv_sec || (a->tv_sec == b->tv_sec && a->tv_nsec < b->tv_nsec);
 }
 
+/* The gather wait ends GATHER_NS from now. */
+static void gather_from_now(sched *s) {
+    clock_gettime(CLOCK_MONOTONIC, &s->gather_until);
+    s->gather_until.tv_nsec += GATHER_NS;
+    if (s->gather_until.tv_nsec >= 1000000000) {
+        s->gather_until.tv_sec++;
+        s->gather_until.tv_nsec -= 1000000000;
+    }
+}
+
+/* Takes the finished passes off the queues and wakes their threads. */
+static void retire_finished(sched *s) {
+    for (int k = 0; k < N_KINDS; k++)
+        for (pass **pp = &s->queue[k]; *pp;)
+            if ((*pp)->finished)
+                *pp = (*pp)->next;
+            else
+                pp = &(*pp)->next;
+    pthread_cond_broadcast(&s->done_cv);
+}
+
+/* Fills the next step from the queues, in their order, up to the budget:
+ * the pieces into s->pieces. A turn (sched_turn) that fits is granted
+ * instead: its room is kept, its thread will ask for the pass itself.
+ * Returns the number of pieces; *granted tells whether a turn was. */
+static int pick_step(sched *s, int *granted) {
+    int nb = 0, left = s->budget;
+    *granted = 0;
+    for (int k = 0; k < N_KINDS; k++)
+        for (pass *p = s->queue[k]; p && left > 0; p = p->next) {
+            const int take = p->n - p->done < left ? p->n - p->done : left;
+            left -= take;
+            if (p->turn) {
+                p->finished = 1;
+                s->owed[s->n_owed++] = p->seq;
+                *granted = 1;
+                continue;
+            }
+            s->pieces[nb] = (cake_batch_seq){p->seq, p->tokens + p->done, take, p->pos0 + p->done,
+                                             p->done + take == p->n ? p->logits : NULL};
+            s->kind_of[nb] = p->kind;
+            s->picked[nb++] = p;
+        }
+    return nb;
+}
+
 static void *sched_main(void *arg) {
     sched *s = arg;
-    pass **picked = s->picked;
-    cake_batch_seq *b = s->pieces;
-    int *kind_of = s->kind_of;
     pthread_mutex_lock(&s->mu);
     for (;;) {
         if (s->n_owed > 0) { /* wait for them, a little */
@@ -94,56 +144,55 @@ static void *sched_main(void *arg) {
             }
             s->n_owed = 0;
         }
-        int nb = 0, left = s->budget;
-        for (int k = 0; k < N_KINDS; k++)
-            for (pass *p = s->head[k]; p && left > 0; p = p->next) {
-                const int take = p->n - p->done < left ? p->n - p->done : left;
-                b[nb] = (cake_batch_seq){p->seq, p->tokens + p->done, take, p->pos0 + p->done,
-                                         p->done + take == p->n ? p->logits : NULL};
-                kind_of[nb] = k;
-                picked[nb++] = p;
-                left -= take;
-            }
+        int granted;
+        const int nb = pick_step(s, &granted);
+        if (granted) { /* the step waits for the granted passes */
+            gather_from_now(s);
+            retire_finished(s);
+            continue;
+        }
         if (!nb) {
             if (s->stop) break;
             pthread_cond_wait(&s->work_cv, &s->mu);
             continue;
         }
         pthread_mutex_unlock(&s->mu);
-        run_step(s, picked, b, nb);
+        run_step(s, s->picked, s->pieces, nb);
         pthread_mutex_lock(&s->mu);
         sched_counters *t = &s->totals;
         t->steps++;
         t->shared_steps += nb > 1;
         if (nb > t->max_sequences) t->max_sequences = nb;
         for (int i = 0; i < nb; i++) {
-            picked[i]->done += b[i].n;
-            t->tokens[kind_of[i]] += (uint64_t)b[i].n;
-            picked[i]->finished = picked[i]->done == picked[i]->n || picked[i]->rc;
-            if (picked[i]->finished && kind_of[i] == CAKE_PASS_DECODE)
-                s->owed[s->n_owed++] = picked[i]->seq;
+            pass *p = s->picked[i];
+            p->done += s->pieces[i].n;
+            t->tokens[s->kind_of[i]] += (uint64_t)s->pieces[i].n;
+            p->finished = p->done == p->n || p->rc;
+            if (p->finished && p->kind == CAKE_PASS_DECODE) s->owed[s->n_owed++] = p->seq;
         }
-        clock_gettime(CLOCK_MONOTONIC, &s->gather_until);
-        s->gather_until.tv_nsec += GATHER_NS;
-        if (s->gather_until.tv_nsec >= 1000000000) {
-            s->gather_until.tv_sec++;
-            s->gather_until.tv_nsec -= 1000000000;
-        }
-        /* The picked passes lead their queues; the finished ones leave. */
-        for (int k = 0; k < N_KINDS; k++)
-            while (s->head[k] && s->head[k]->finished)
-                if (!(s->head[k] = s->head[k]->next)) s->tail[k] = NULL;
-        pthread_cond_broadcast(&s->done_cv);
+        gather_from_now(s);
+        retire_finished(s);
     }
     pthread_mutex_unlock(&s->mu);
     return NULL;
 }
 
-int sched_create(cake_context *engine, sched **out, char *err, size_t errlen) {
+int sched_policy_parse(const char *s, sched_policy *out) {
+    if (!strcmp(s, "priority"))
+        *out = SCHED_PRIORITY;
+    else if (!strcmp(s, "fcfs"))
+        *out = SCHED_FCFS;
+    else
+        return -1;
+    return 0;
+}
+
+int sched_create(cake_context *engine, sched_policy policy, sched **out, char *err, size_t errlen) {
     *out = NULL;
     sched *s = calloc(1, sizeof(*s));
     if (!s) return cake_err(err, errlen, "out of memory");
     s->engine = engine;
+    s->policy = policy;
     s->budget = cake_context_max_batch(engine);
     s->picked = malloc((size_t)s->budget * sizeof(*s->picked));
     s->pieces = malloc((size_t)s->budget * sizeof(*s->pieces));
@@ -154,8 +203,8 @@ int sched_create(cake_context *engine, sched **out, char *err, size_t errlen) {
     pthread_condattr_init(&ca);
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     pthread_cond_init(&s->work_cv, &ca);
+    pthread_cond_init(&s->done_cv, &ca);
     pthread_condattr_destroy(&ca);
-    pthread_cond_init(&s->done_cv, NULL);
     if (!s->picked || !s->pieces || !s->kind_of || !s->owed) {
         cake_err(err, errlen, "out of memory");
         goto fail;
@@ -178,28 +227,60 @@ fail:
     return -1;
 }
 
-int sched_forward(sched *s, cake_context *seq, cake_pass_kind kind, const cake_token *tokens, int n,
-                  cake_pos pos0, float *logits, char *err, size_t errlen) {
+/* Queues p in its place and waits until the scheduler is done with it. */
+/* Queues p in its place and waits until the scheduler is done with it, or
+ * timeout_ns (0: no limit) have passed: then p leaves the queue unserved.
+ * Returns whether it was served. */
+static int enqueue_and_wait(sched *s, pass *p, uint64_t timeout_ns) {
+    struct timespec until;
+    clock_gettime(CLOCK_MONOTONIC, &until);
+    until.tv_sec += (time_t)(timeout_ns / 1000000000);
+    until.tv_nsec += (long)(timeout_ns % 1000000000);
+    if (until.tv_nsec >= 1000000000) {
+        until.tv_sec++;
+        until.tv_nsec -= 1000000000;
+    }
+    pthread_mutex_lock(&s->mu);
+    pass **q = &s->queue[s->policy == SCHED_FCFS ? 0 : (int)p->kind], **pp = q;
+    while (*pp && (*pp)->order <= p->order) pp = &(*pp)->next;
+    p->next = *pp;
+    *pp = p;
+    settle_owed(s, p->seq);
+    pthread_cond_signal(&s->work_cv);
+    while (!p->finished)
+        if (!timeout_ns)
+            pthread_cond_wait(&s->done_cv, &s->mu);
+        else if (pthread_cond_timedwait(&s->done_cv, &s->mu, &until) == ETIMEDOUT && !p->finished) {
+            for (pp = q; *pp != p;) pp = &(*pp)->next; /* (only a turn times out: never picked) */
+            *pp = p->next;
+            break;
+        }
+    const int served = p->finished;
+    pthread_mutex_unlock(&s->mu);
+    return served;
+}
+
+int sched_forward(sched *s, cake_context *seq, uint64_t order, cake_pass_kind kind,
+                  const cake_token *tokens, int n, cake_pos pos0, float *logits, char *err,
+                  size_t errlen) {
     if (n < 1) return cake_err(err, errlen, "forward: no tokens");
     if ((unsigned)kind >= N_KINDS) kind = CAKE_PASS_PREFILL;
     pass p = {.seq = seq,
+              .kind = kind,
+              .order = order,
               .tokens = tokens,
               .n = n,
               .pos0 = pos0,
               .logits = logits,
               .err = err,
               .errlen = errlen};
-    pthread_mutex_lock(&s->mu);
-    if (s->tail[kind])
-        s->tail[kind]->next = &p;
-    else
-        s->head[kind] = &p;
-    s->tail[kind] = &p;
-    settle_owed(s, seq);
-    pthread_cond_signal(&s->work_cv);
-    while (!p.finished) pthread_cond_wait(&s->done_cv, &s->mu);
-    pthread_mutex_unlock(&s->mu);
+    enqueue_and_wait(s, &p, 0);
     return p.rc;
+}
+
+int sched_turn(sched *s, cake_context *seq, uint64_t order, int n, uint64_t timeout_ns) {
+    pass p = {.seq = seq, .kind = CAKE_PASS_CAKE, .order = order, .n = n > 0 ? n : 1, .turn = 1};
+    return enqueue_and_wait(s, &p, timeout_ns ? timeout_ns : 1);
 }
 
 void sched_release(sched *s, const cake_context *seq) {

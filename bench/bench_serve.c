@@ -1,0 +1,265 @@
+/* The server's batch scheduler (src/server/sched.c), measured in process
+ * through its pool (no HTTP), each comparison side by side in one run:
+ *
+ *  1. Alone: one request's TTFT through the scheduler against
+ *     cake_request_run on a context of its own (the scheduler's cost).
+ *  2. Decode throughput: N requests at once on N slots (one batched step
+ *     for all their tokens) against the same N on one slot, one at a time.
+ *  3. The Cake paper's mixed burst: one long request whose prefix the store
+ *     holds, behind an emulated link, and M short ones without a cache hit,
+ *     all at once, under the priority schedule and under FCFS: the time
+ *     until all are answered, the long one's TTFT and the short ones' mean.
+ *
+ * usage: bench_serve MODEL.gguf [--threads N] [--clients 8] [--decode 64]
+ *                    [--long 2048] [--short 16] [--bw 300Mbit] [--rounds 2]
+ * Prompts are random token ids (speed depends on shapes, not values). */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "cake.h"
+#include "engine/generate.h"
+#include "server/pool.h"
+#include "store/store.h"
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static uint64_t rng = 42;
+
+/* n random token ids after BOS, into a new array (ids 3.. n_vocab-1). */
+static cake_token *random_prompt(int n, int n_vocab) {
+    cake_token *p = malloc((size_t)n * sizeof(*p));
+    if (!p) exit(1);
+    p[0] = 1;
+    for (int i = 1; i < n; i++) {
+        rng = rng * 6364136223846793005ull + 1442695040888963407ull;
+        p[i] = 3 + (cake_token)((rng >> 33) % (uint64_t)(n_vocab - 3));
+    }
+    return p;
+}
+
+typedef struct {
+    const cake_token *prompt;
+    int n_prompt, max_tokens;
+} request;
+
+typedef struct {
+    double makespan_s;  /* from the submits to the last answer */
+    double ttft_ms[64]; /* per request, from its start on a slot */
+    cake_prefill_stats first; /* the first request's prefill */
+} burst_result;
+
+/* Submits every request at once to a new pool and waits for all answers. */
+static int run_burst(const cake_model *m, const pool_config *cfg, const request *rq, int n,
+                     burst_result *out) {
+    char err[256];
+    serve_pool *pool;
+    if (pool_create(m, cfg, &pool, err, sizeof(err))) {
+        fprintf(stderr, "bench_serve: %s\n", err);
+        return -1;
+    }
+    serve_job *jobs[64] = {0};
+    const double t0 = now_s();
+    for (int i = 0; i < n; i++) {
+        cake_token *copy = malloc((size_t)rq[i].n_prompt * sizeof(*copy));
+        if (!copy) return -1;
+        memcpy(copy, rq[i].prompt, (size_t)rq[i].n_prompt * sizeof(*copy));
+        jobs[i] = job_create(copy, rq[i].n_prompt);
+        if (!jobs[i]) return -1;
+        jobs[i]->max_tokens = rq[i].max_tokens;
+        jobs[i]->ignore_eos = 1;
+        jobs[i]->end_of_turn = -1;
+        if (pool_submit(pool, jobs[i])) {
+            fprintf(stderr, "bench_serve: the pool refused a request\n");
+            return -1;
+        }
+    }
+    int rc = 0;
+    for (int i = 0; i < n; i++) {
+        pthread_mutex_lock(&jobs[i]->mu);
+        while (!jobs[i]->done) pthread_cond_wait(&jobs[i]->cv, &jobs[i]->mu);
+        pthread_mutex_unlock(&jobs[i]->mu);
+        if (jobs[i]->error[0]) {
+            fprintf(stderr, "bench_serve: %s\n", jobs[i]->error);
+            rc = -1;
+        }
+        out->ttft_ms[i] = jobs[i]->stats.ttft_ms;
+    }
+    out->makespan_s = now_s() - t0;
+    out->first = jobs[0]->stats.prefill;
+    for (int i = 0; i < n; i++) job_release(jobs[i]);
+    pool_free(pool);
+    return rc;
+}
+
+/* TTFT of prompt on a context of its own, compute only (the reference). */
+static double direct_ttft_ms(const cake_model *m, int threads, int n_ctx, const cake_token *prompt,
+                             int n) {
+    cake_context_params cp = cake_context_default_params();
+    cp.n_threads = threads;
+    cp.n_ctx = n_ctx;
+    cake_context *c;
+    char err[256];
+    if (cake_context_init(m, cp, &c, err, sizeof(err))) {
+        fprintf(stderr, "bench_serve: %s\n", err);
+        exit(1);
+    }
+    cake_sampler *s = cake_sampler_init((cake_sampler_params){0});
+    cake_token out[1];
+    cake_request_stats st;
+    cake_request r = {
+        .prompt = prompt, .n_prompt = n, .n_predict = 1, .chunk = 256, .eos = -1, .sampler = s};
+    if (cake_request_run(c, &r, out, &st, err, sizeof(err))) {
+        fprintf(stderr, "bench_serve: %s\n", err);
+        exit(1);
+    }
+    cake_sampler_free(s);
+    cake_context_free(c);
+    return st.ttft_ms;
+}
+
+static double mean(const double *v, int n) {
+    double s = 0;
+    for (int i = 0; i < n; i++) s += v[i];
+    return n ? s / n : 0;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2) {
+        fprintf(stderr,
+                "usage: %s MODEL.gguf [--threads N] [--clients 8] [--decode 64] [--long 2048] "
+                "[--short 16] [--bw 300Mbit] [--rounds 2]\n",
+                argv[0]);
+        return 2;
+    }
+    int threads = 2, clients = 8, n_decode = 64, n_long = 2048, n_short = 16, rounds = 2;
+    const char *bw = "300Mbit";
+    for (int i = 2; i + 1 < argc; i += 2) {
+        if (!strcmp(argv[i], "--threads"))
+            threads = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--clients"))
+            clients = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--decode"))
+            n_decode = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--long"))
+            n_long = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--short"))
+            n_short = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--bw"))
+            bw = argv[i + 1];
+        else if (!strcmp(argv[i], "--rounds"))
+            rounds = atoi(argv[i + 1]);
+        else {
+            fprintf(stderr, "bench_serve: unknown option %s\n", argv[i]);
+            return 2;
+        }
+    }
+    if (clients < 1 || clients > 63 || n_short < 0 || n_short > 63 || n_decode < 1 ||
+        n_long < 512 || threads < 1 || rounds < 1) {
+        fprintf(stderr, "bench_serve: --clients and --short up to 63, --long at least 512\n");
+        return 2;
+    }
+    cake_model *m;
+    char err[256];
+    if (cake_model_load(argv[1], &m, err, sizeof(err))) {
+        fprintf(stderr, "bench_serve: %s\n", err);
+        return 1;
+    }
+    const int n_vocab = cake_model_hparams(m)->n_vocab;
+    const int n_ctx = n_long + 64 + n_decode;
+    pool_config base = {.mode = CAKE_MODE_CAKE,
+                        .chunk = 256,
+                        .n_ctx = n_ctx,
+                        .n_threads = threads,
+                        .queue_max = 64,
+                        .kv_type = CAKE_KV_F16,
+                        .batch = 512};
+    printf("bench_serve: %s, %d threads, %d round(s)\n", argv[1], threads, rounds);
+
+    /* 1. alone */
+    cake_token *one = random_prompt(512, n_vocab);
+    request alone = {one, 512, 1};
+    for (int r = 0; r < rounds; r++) {
+        burst_result b;
+        pool_config c = base;
+        c.n_slots = 1;
+        const double direct = direct_ttft_ms(m, threads, n_ctx, one, 512);
+        if (run_burst(m, &c, &alone, 1, &b)) return 1;
+        printf("alone, 512-token prompt: TTFT through the scheduler %.1f ms, direct %.1f ms: "
+               "ratio %.3f\n",
+               b.ttft_ms[0], direct, b.ttft_ms[0] / direct);
+    }
+
+    /* 2. decode throughput */
+    request rq[64];
+    for (int i = 0; i < clients; i++) rq[i] = (request){random_prompt(32, n_vocab), 32, n_decode};
+    for (int r = 0; r < rounds; r++) {
+        burst_result one_slot, batched;
+        pool_config c = base;
+        c.n_slots = 1;
+        if (run_burst(m, &c, rq, clients, &one_slot)) return 1;
+        c.n_slots = clients;
+        if (run_burst(m, &c, rq, clients, &batched)) return 1;
+        const double tokens = (double)clients * n_decode;
+        printf("%d requests of 32 + %d tokens: one slot %.1f tok/s, %d slots batched %.1f tok/s: "
+               "%.2fx\n",
+               clients, n_decode, tokens / one_slot.makespan_s, clients,
+               tokens / batched.makespan_s, one_slot.makespan_s / batched.makespan_s);
+    }
+
+    /* 3. the mixed burst: the long prompt's first n_long tokens stored first */
+    char uri[128];
+    snprintf(uri, sizeof(uri), "mem:?capacity=4GiB&bw=%s", bw);
+    cake_store *store;
+    if (cake_store_open(uri, &store, err, sizeof(err))) {
+        fprintf(stderr, "bench_serve: %s\n", err);
+        return 1;
+    }
+    cake_token *long_prompt = random_prompt(n_long + 32, n_vocab);
+    request mixed[64];
+    mixed[0] = (request){long_prompt, n_long, 1};
+    pool_config c = base;
+    c.store = store;
+    c.n_slots = 1;
+    burst_result b;
+    if (run_burst(m, &c, mixed, 1, &b)) return 1; /* computes and stores (pool_free drains) */
+    const double compute_only = b.ttft_ms[0];
+    c.mode = CAKE_MODE_LOAD;
+    if (run_burst(m, &c, mixed, 1, &b)) return 1;
+    const double load_only = b.ttft_ms[0];
+    printf("mixed burst: a %d-token prompt (%d cached) alone: compute %.0f ms, load at %s %.0f "
+           "ms\n",
+           n_long + 32, n_long, compute_only, bw, load_only);
+    mixed[0] = (request){long_prompt, n_long + 32, 16};
+    for (int i = 1; i <= n_short; i++) mixed[i] = (request){random_prompt(128, n_vocab), 128, 32};
+    c.mode = CAKE_MODE_CAKE;
+    c.n_slots = 1 + n_short;
+    for (int r = 0; r < rounds; r++) {
+        burst_result by[2];
+        for (int k = 0; k < 2; k++) {
+            c.policy = k ? SCHED_FCFS : SCHED_PRIORITY;
+            if (run_burst(m, &c, mixed, 1 + n_short, &by[k])) return 1;
+        }
+        printf("  with %d short requests (128 + 32 tokens), all at once: priority %.2f s (long "
+               "TTFT %.0f ms, short %.0f ms), fcfs %.2f s (long %.0f ms, short %.0f ms): "
+               "throughput %.2fx fcfs's\n",
+               n_short, by[0].makespan_s, by[0].ttft_ms[0], mean(by[0].ttft_ms + 1, n_short),
+               by[1].makespan_s, by[1].ttft_ms[0], mean(by[1].ttft_ms + 1, n_short),
+               by[1].makespan_s / by[0].makespan_s);
+        for (int k = 0; k < 2; k++) {
+            const cake_prefill_stats *p = &by[k].first;
+            printf("    %s: the long one's chunks %d computed, %d loaded (meet %d), loads %.0f ms, "
+                   "waits for loads %.0f ms, for turns %.0f ms, tail %.0f ms\n",
+                   k ? "fcfs" : "priority", p->chunks_computed, p->chunks_loaded, p->meet_chunk,
+                   p->load_ms, p->compute_wait_ms, p->turn_wait_ms, p->tail_ms);
+        }
+    }
+    cake_store_close(store);
+    cake_model_free(m);
+    return 0;
+}
