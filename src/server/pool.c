@@ -56,7 +56,7 @@ typedef struct {
     int n_kv, kv_cap;
     /* Under pool->mu: */
     serve_job *current;  /* the job handed to the slot, until it is answered */
-    int ready;           /* waiting for a job (its write-backs drained) */
+    int ready;           /* waiting for a job */
     uint64_t idle_since; /* when it last finished a job, in jobs finished */
     uint64_t order;      /* its job's place in the order of arrival */
 } slot;
@@ -258,7 +258,10 @@ static void *slot_main(void *arg) {
     for (;;) {
         while (!s->current && !p->shutdown) pthread_cond_wait(&p->cv, &p->mu);
         serve_job *j = s->current;
-        if (!j) break; /* shut down, and nothing left */
+        if (!j) { /* shut down, and nothing left */
+            s->ready = 0;
+            break;
+        }
         const int stopping = p->shutdown;
         pthread_mutex_unlock(&p->mu);
 
@@ -294,6 +297,8 @@ int pool_create(const cake_model *m, const pool_config *cfg, serve_pool **out, c
     *out = NULL;
     if (cfg->n_slots < 1 || cfg->chunk < 1 || cfg->queue_max < 0)
         return cake_err(err, errlen, "pool: bad slots, chunk or queue size");
+    if (cfg->backend == CAKE_BACKEND_CUDA && cfg->n_slots > 1) /* (cake_forward_batch) */
+        return cake_err(err, errlen, "pool: the CUDA backend serves one slot");
     serve_pool *p = calloc(1, sizeof(*p));
     if (!p || !(p->slots = calloc((size_t)cfg->n_slots, sizeof(*p->slots)))) {
         free(p);

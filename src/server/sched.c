@@ -49,7 +49,6 @@ struct sched {
      * token, so a step carries at most budget pieces. */
     pass **picked;
     cake_batch_seq *pieces;
-    int *kind_of;
     /* The sequences the last step finished a decode pass of, that have
      * neither asked for their next pass nor left (sched_release) yet. */
     cake_context **owed;
@@ -125,7 +124,6 @@ static int pick_step(sched *s, int *granted) {
             }
             s->pieces[nb] = (cake_batch_seq){p->seq, p->tokens + p->done, take, p->pos0 + p->done,
                                              p->done + take == p->n ? p->logits : NULL};
-            s->kind_of[nb] = p->kind;
             s->picked[nb++] = p;
         }
     return nb;
@@ -166,7 +164,7 @@ static void *sched_main(void *arg) {
         for (int i = 0; i < nb; i++) {
             pass *p = s->picked[i];
             p->done += s->pieces[i].n;
-            t->tokens[s->kind_of[i]] += (uint64_t)s->pieces[i].n;
+            t->tokens[p->kind] += (uint64_t)s->pieces[i].n;
             p->finished = p->done == p->n || p->rc;
             if (p->finished && p->kind == CAKE_PASS_DECODE) s->owed[s->n_owed++] = p->seq;
         }
@@ -196,7 +194,6 @@ int sched_create(cake_context *engine, sched_policy policy, sched **out, char *e
     s->budget = cake_context_max_batch(engine);
     s->picked = malloc((size_t)s->budget * sizeof(*s->picked));
     s->pieces = malloc((size_t)s->budget * sizeof(*s->pieces));
-    s->kind_of = malloc((size_t)s->budget * sizeof(*s->kind_of));
     s->owed = malloc((size_t)s->budget * sizeof(*s->owed));
     pthread_mutex_init(&s->mu, NULL);
     pthread_condattr_t ca;
@@ -205,7 +202,7 @@ int sched_create(cake_context *engine, sched_policy policy, sched **out, char *e
     pthread_cond_init(&s->work_cv, &ca);
     pthread_cond_init(&s->done_cv, &ca);
     pthread_condattr_destroy(&ca);
-    if (!s->picked || !s->pieces || !s->kind_of || !s->owed) {
+    if (!s->picked || !s->pieces || !s->owed) {
         cake_err(err, errlen, "out of memory");
         goto fail;
     }
@@ -221,13 +218,11 @@ fail:
     pthread_mutex_destroy(&s->mu);
     free(s->picked);
     free(s->pieces);
-    free(s->kind_of);
     free(s->owed);
     free(s);
     return -1;
 }
 
-/* Queues p in its place and waits until the scheduler is done with it. */
 /* Queues p in its place and waits until the scheduler is done with it, or
  * timeout_ns (0: no limit) have passed: then p leaves the queue unserved.
  * Returns whether it was served. */
@@ -307,7 +302,6 @@ void sched_free(sched *s) {
     pthread_mutex_destroy(&s->mu);
     free(s->picked);
     free(s->pieces);
-    free(s->kind_of);
     free(s->owed);
     free(s);
 }
