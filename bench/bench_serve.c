@@ -184,6 +184,7 @@ int main(int argc, char **argv) {
     /* 1. alone */
     cake_token *one = random_prompt(512, n_vocab);
     request alone = {one, 512, 1};
+    (void)direct_ttft_ms(m, threads, n_ctx, one, 512); /* warm-up: the weights' first touch */
     for (int r = 0; r < rounds; r++) {
         burst_result b;
         pool_config c = base;

@@ -17,4 +17,17 @@ else
     echo "FAIL bench_engine: $(tail -5 "$tmp/out")"
     fails=$((fails + 1))
 fi
+# bench_serve exists where the server is built (libmicrohttpd and cJSON found)
+if [ -x "$B/bench_serve" ]; then
+    if "$B/bench_serve" "$tmp/tiny.gguf" --clients 2 --decode 4 --long 512 --short 2 --rounds 1 \
+        >"$tmp/out" 2>&1; then
+        echo "ok   bench_serve runs: $(grep -c x "$tmp/out") ratio lines"
+    else
+        echo "FAIL bench_serve: $(tail -5 "$tmp/out")"
+        fails=$((fails + 1))
+    fi
+elif "$CAKE" serve --help >/dev/null 2>&1; then
+    echo "FAIL bench_serve not built beside a cake that serves"
+    fails=$((fails + 1))
+fi
 [ "$fails" -eq 0 ]
