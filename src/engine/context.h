@@ -35,12 +35,12 @@ struct cake_context {
     cake_compute_speed compute_speed; /* the loader's estimate, kept across requests */
     cake_staging *staging;            /* the loader's fetch buffers, kept across requests */
     float *logit_rows;                /* cake_forward_batch: several sequences' logits */
+    int logit_rows_cap;               /* rows of n_vocab floats */
     /* While set, the loader's compute calls on this context go here instead
      * of cake_forward (a request's forward hook, generate.c). */
     cake_route_fn route_fn;
     cake_turn_fn route_turn; /* the loader engine's wait_turn, when set */
     void *route;
-    int logit_rows_cap; /* rows of n_vocab floats */
 };
 
 /* Sets (fn non-NULL; turn may be NULL) or clears the context's route;

@@ -77,6 +77,14 @@
  * of a process), it computes: the paper's plain rule. A COPYING chunk is
  * always waited for (a copy is short and already committed).
  *
+ * Turns. On an engine shared with other requests (a server's batch
+ * scheduler), a chunk's compute may not start at once. Before the compute
+ * side claims a chunk the store has, it waits for the engine's turn
+ * (wait_turn), unclaimed and with the workers free to fetch anything, and
+ * decides again when it comes; a chunk loaded meanwhile ends the wait. A
+ * busy engine thus moves the meet toward more loading instead of holding a
+ * claimed chunk away from the loads.
+ *
  * Failures. A load that misses (corrupt blob, vanished file, Redis down) puts
  * its chunk back to ABSENT and the compute side computes it when it gets
  * there: holes and bad chunks are covered by compute, the output never
