@@ -84,14 +84,17 @@ static int before(const struct timespec *a, const struct timespec *b) {
     return a->tv_sec < b->tv_sec || (a->tv_sec == b->tv_sec && a->tv_nsec < b->tv_nsec);
 }
 
-/* The gather wait ends GATHER_NS from now. */
-static void gather_from_now(sched *s) {
-    clock_gettime(CLOCK_MONOTONIC, &s->gather_until);
-    s->gather_until.tv_nsec += GATHER_NS;
-    if (s->gather_until.tv_nsec >= 1000000000) {
-        s->gather_until.tv_sec++;
-        s->gather_until.tv_nsec -= 1000000000;
+/* The CLOCK_MONOTONIC time ns from now. */
+static struct timespec in_ns(uint64_t ns) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    t.tv_sec += (time_t)(ns / 1000000000);
+    t.tv_nsec += (long)(ns % 1000000000);
+    if (t.tv_nsec >= 1000000000) {
+        t.tv_sec++;
+        t.tv_nsec -= 1000000000;
     }
+    return t;
 }
 
 /* Takes the finished passes off the queues and wakes their threads. */
@@ -145,7 +148,7 @@ static void *sched_main(void *arg) {
         int granted;
         const int nb = pick_step(s, &granted);
         if (granted) { /* the step waits for the granted passes */
-            gather_from_now(s);
+            s->gather_until = in_ns(GATHER_NS);
             retire_finished(s);
             continue;
         }
@@ -168,7 +171,7 @@ static void *sched_main(void *arg) {
             p->finished = p->done == p->n || p->rc;
             if (p->finished && p->kind == CAKE_PASS_DECODE) s->owed[s->n_owed++] = p->seq;
         }
-        gather_from_now(s);
+        s->gather_until = in_ns(GATHER_NS);
         retire_finished(s);
     }
     pthread_mutex_unlock(&s->mu);
@@ -183,6 +186,17 @@ int sched_policy_parse(const char *s, sched_policy *out) {
     else
         return -1;
     return 0;
+}
+
+/* Frees s (its thread not running). */
+static void destroy(sched *s) {
+    pthread_cond_destroy(&s->done_cv);
+    pthread_cond_destroy(&s->work_cv);
+    pthread_mutex_destroy(&s->mu);
+    free(s->picked);
+    free(s->pieces);
+    free(s->owed);
+    free(s);
 }
 
 int sched_create(cake_context *engine, sched_policy policy, sched **out, char *err, size_t errlen) {
@@ -213,13 +227,7 @@ int sched_create(cake_context *engine, sched_policy policy, sched **out, char *e
     *out = s;
     return 0;
 fail:
-    pthread_cond_destroy(&s->done_cv);
-    pthread_cond_destroy(&s->work_cv);
-    pthread_mutex_destroy(&s->mu);
-    free(s->picked);
-    free(s->pieces);
-    free(s->owed);
-    free(s);
+    destroy(s);
     return -1;
 }
 
@@ -227,14 +235,7 @@ fail:
  * timeout_ns (0: no limit) have passed: then p leaves the queue unserved.
  * Returns whether it was served. */
 static int enqueue_and_wait(sched *s, pass *p, uint64_t timeout_ns) {
-    struct timespec until;
-    clock_gettime(CLOCK_MONOTONIC, &until);
-    until.tv_sec += (time_t)(timeout_ns / 1000000000);
-    until.tv_nsec += (long)(timeout_ns % 1000000000);
-    if (until.tv_nsec >= 1000000000) {
-        until.tv_sec++;
-        until.tv_nsec -= 1000000000;
-    }
+    const struct timespec until = in_ns(timeout_ns);
     pthread_mutex_lock(&s->mu);
     pass **q = &s->queue[s->policy == SCHED_FCFS ? 0 : (int)p->kind], **pp = q;
     while (*pp && (*pp)->order <= p->order) pp = &(*pp)->next;
@@ -297,11 +298,5 @@ void sched_free(sched *s) {
     pthread_cond_signal(&s->work_cv);
     pthread_mutex_unlock(&s->mu);
     pthread_join(s->thread, NULL);
-    pthread_cond_destroy(&s->done_cv);
-    pthread_cond_destroy(&s->work_cv);
-    pthread_mutex_destroy(&s->mu);
-    free(s->picked);
-    free(s->pieces);
-    free(s->owed);
-    free(s);
+    destroy(s);
 }
