@@ -953,6 +953,37 @@ static void test_cancel_and_queue(void **state) {
     unlink(path);
 }
 
+/* A client that leaves during a long prefill stops it at the next pass:
+ * steps of one token make a 20000-token prompt take thousands of steps. */
+static void test_cancel_prefill(void **state) {
+    (void)state;
+    char path[64];
+    tiny_variant(&(test_model_variant){.context_length = 1 << 20}, path);
+    t_server s;
+    assert_int_equal(serve_start(&s, path, "--store", "none", "--batch", "1", "--slots", "1", NULL),
+                     0);
+    enum { N = 20000 };
+    char *body = malloc(16 * N), *at_end = body;
+    at_end += sprintf(at_end, "{\"max_tokens\":1,\"prompt\":[1");
+    for (int i = 1; i < N; i++) at_end += sprintf(at_end, ",%d", 3 + i % 900);
+    strcpy(at_end, "]}");
+    int fd = connect_to(s.port);
+    send_request(fd, "POST", "/v1/completions", body);
+    free(body);
+    wait_metric(s.port, "cake_requests_running", 1);
+    usleep(300000);
+    close(fd);
+    wait_metric(s.port, "cake_requests_running", 0);
+    assert_int_equal(metric(s.port, "cake_requests_cancelled_total"), 1);
+    const double computed = metric(s.port, "cake_engine_tokens_total{kind=\"prefill\"}");
+    print_message("prefill stopped after %.0f of %d tokens\n", computed, N);
+    assert_true(computed > 0 && computed < N);
+    /* and the slot serves the next request */
+    cJSON_Delete(post_ok(s.port, "/v1/completions", "{\"prompt\":\"Hi\",\"max_tokens\":2}"));
+    assert_int_equal(serve_stop(&s), 0);
+    unlink(path);
+}
+
 /* ---- chat ---- */
 
 static const char *LLAMA2_TEMPLATE =
@@ -1119,13 +1150,14 @@ static void test_chat_formats(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_chat_formats), cmocka_unit_test(test_usage_errors),
-        cmocka_unit_test(test_api_key),      cmocka_unit_test(test_bad_requests),
-        cmocka_unit_test(test_answers_tiny), cmocka_unit_test(test_answers_stories260k),
-        cmocka_unit_test(test_stop_strings), cmocka_unit_test(test_seeded_sampling),
-        cmocka_unit_test(test_store_reuse),  cmocka_unit_test(test_slow_first_token),
-        cmocka_unit_test(test_slot_prefix),  cmocka_unit_test(test_cancel_and_queue),
-        cmocka_unit_test(test_chat_llama2),  cmocka_unit_test(test_batched_answers),
+        cmocka_unit_test(test_chat_formats),   cmocka_unit_test(test_usage_errors),
+        cmocka_unit_test(test_api_key),        cmocka_unit_test(test_bad_requests),
+        cmocka_unit_test(test_answers_tiny),   cmocka_unit_test(test_answers_stories260k),
+        cmocka_unit_test(test_stop_strings),   cmocka_unit_test(test_seeded_sampling),
+        cmocka_unit_test(test_store_reuse),    cmocka_unit_test(test_slow_first_token),
+        cmocka_unit_test(test_slot_prefix),    cmocka_unit_test(test_cancel_and_queue),
+        cmocka_unit_test(test_chat_llama2),    cmocka_unit_test(test_batched_answers),
+        cmocka_unit_test(test_cancel_prefill),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -181,18 +181,24 @@ static void remember_kv(slot *s, const serve_job *j) {
 /* A request's way to the scheduler. */
 typedef struct {
     sched *sched;
-    uint64_t order; /* the job's arrival */
+    uint64_t order;           /* the job's arrival */
+    const atomic_int *cancel; /* the job's */
 } sched_ticket;
 
+/* A cancelled request's prefill stops at its next pass (its decode, at its
+ * next token: on_token), leaving the steps to the others. */
 static int scheduled_forward(void *ticket, cake_context *c, cake_pass_kind kind,
                              const cake_token *tokens, int n, cake_pos pos0, float *logits,
                              char *err, size_t errlen) {
     const sched_ticket *t = ticket;
+    if (kind != CAKE_PASS_DECODE && atomic_load(t->cancel))
+        return cake_err(err, errlen, "cancelled during the prefill");
     return sched_forward(t->sched, c, t->order, kind, tokens, n, pos0, logits, err, errlen);
 }
 
 static int scheduled_turn(void *ticket, cake_context *c, int n, uint64_t timeout_ns) {
     const sched_ticket *t = ticket;
+    if (atomic_load(t->cancel)) return 1; /* on to the pass, which stops */
     return sched_turn(t->sched, c, t->order, n, timeout_ns);
 }
 
@@ -223,7 +229,7 @@ static void run_job(slot *s, serve_job *j) {
                               .io_depth = p->cfg.io_depth,
                               .n_cached = cached_prefix(s, j->prompt, j->n_prompt)};
     token_sink sink = {.job = j, .tok = tok, .eos = cake_tokenizer_eos(tok)};
-    sched_ticket ticket = {p->sched, s->order};
+    sched_ticket ticket = {p->sched, s->order, &j->cancel};
     cake_request req = {
         .prompt = j->prompt,
         .n_prompt = j->n_prompt,
