@@ -263,6 +263,10 @@ int main(int argc, char **argv) {
         }
     }
     cake_store_close(store);
+    for (int i = 0; i < clients; i++) free((void *)rq[i].prompt);
+    for (int i = 1; i <= n_short; i++) free((void *)mixed[i].prompt);
+    free(long_prompt);
+    free(one);
     cake_model_free(m);
     return 0;
 }
