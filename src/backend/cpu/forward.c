@@ -95,7 +95,7 @@ typedef struct {
     cake_context *c; /* the engine: model and scratch */
     const cake_layer *L;
     int layer, n;
-    int row0;                /* ROWS_QKV: the sequence's first row in the scratch */
+    int row0;                /* the first row in the scratch (a sequence's, for ROWS_QKV) */
     const cake_kv_cache *kv; /* ROWS_QKV: the sequence's cache */
     cake_pos pos0;           /* ROWS_QKV: the sequence's first position */
     rows_step step;
