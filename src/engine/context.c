@@ -215,8 +215,11 @@ int cake_forward_batch(cake_context *engine, const cake_batch_seq *seqs, int n_s
                             errlen);
     }
     if (n_logits > 1 && n_logits > engine->logit_rows_cap) {
-        float *rows = realloc(engine->logit_rows,
-                              (size_t)n_logits * (size_t)engine->model->hp.n_vocab * sizeof(float));
+        /* (16 floats more: the kernels' masked tail stores may span a vector
+         * past the last row; see mm_tile in matmul.c) */
+        float *rows =
+            realloc(engine->logit_rows,
+                    ((size_t)n_logits * (size_t)engine->model->hp.n_vocab + 16) * sizeof(float));
         if (!rows) return cake_err(err, errlen, "forward: out of memory for %d logits", n_logits);
         engine->logit_rows = rows;
         engine->logit_rows_cap = n_logits;

@@ -249,9 +249,22 @@ CAKE_INLINE void mm_tile(float *y, int n_out, mm_x x, int n_in, const void *w, c
             UNROLL for (int j = 0; j < NR; j++) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
         }
     }
-    const __mmask8 sm = (__mmask8)((1u << NR) - 1u);
-    UNROLL for (int i = 0; i < MT; i++) _mm_mask_storeu_ps(
-        y + (size_t)i * n_out + r, sm, cake_fold4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]));
+    /* A partial tile stores its NR floats one by one: a masked 4-lane store
+     * at the last rows of y reaches past its end, and this machine's CPU
+     * (2-core EPYC VM) faulted on such a store, all of its lanes masked,
+     * when y ended at an unmapped page (TSan's allocator, a page-multiple
+     * logits buffer). */
+    UNROLL for (int i = 0; i < MT; i++) {
+        const __m128 v = cake_fold4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
+        float *yi = y + (size_t)i * n_out + r;
+        if (NR == MM_NR) {
+            _mm_storeu_ps(yi, v);
+        } else {
+            float lanes[4];
+            _mm_storeu_ps(lanes, v);
+            for (int j = 0; j < NR; j++) yi[j] = lanes[j];
+        }
+    }
 }
 
 CAKE_INLINE void mm_tile_any(float *y, int n_out, mm_x x, int n_in, const void *w, const int dt,
