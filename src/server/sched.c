@@ -11,10 +11,11 @@
 
 #define N_KINDS 3 /* cake_pass_kind, in priority order */
 
-/* How long a step waits for the sequences whose decode pass the last step
- * finished: each samples its token and asks for the next pass within tens
- * of microseconds, and a step started without them would carry one
- * sequence while the others queue for the step after. */
+/* How long a step waits for the sequences whose pass the last step
+ * finished: each asks for its next pass (a decode token after sampling, a
+ * prompt's next chunk) within tens of microseconds. A step started without
+ * them would carry one sequence while the others queue for the step after,
+ * and a later request's chunk would slip in before an older one's. */
 #define GATHER_NS 1000000
 
 /* A forward pass a request's thread waits on. */
@@ -49,8 +50,8 @@ struct sched {
      * token, so a step carries at most budget pieces. */
     pass **picked;
     cake_batch_seq *pieces;
-    /* The sequences the last step finished a decode pass of, that have
-     * neither asked for their next pass nor left (sched_release) yet. */
+    /* The sequences the last step finished a pass of, that have neither
+     * asked for their next pass nor left (sched_release) yet. */
     cake_context **owed;
     int n_owed;
     struct timespec gather_until;
@@ -169,7 +170,7 @@ static void *sched_main(void *arg) {
             p->done += s->pieces[i].n;
             t->tokens[p->kind] += (uint64_t)s->pieces[i].n;
             p->finished = p->done == p->n || p->rc;
-            if (p->finished && p->kind == CAKE_PASS_DECODE) s->owed[s->n_owed++] = p->seq;
+            if (p->finished) s->owed[s->n_owed++] = p->seq;
         }
         s->gather_until = in_ns(GATHER_NS);
         retire_finished(s);
