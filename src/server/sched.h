@@ -3,9 +3,10 @@
  * threads have asked for, up to a token budget, filled in the Cake paper's
  * priority order: decode tokens first, then prompt chunks of requests
  * without a cache hit (and every prompt's last pass, after its loads), then
- * the compute side of requests whose cached chunks are loading. Their I/O side runs regardless, so a busy engine
- * simply moves their meeting point toward more loading. A pass longer than
- * what is left of a step's budget goes in pieces over several steps. */
+ * the compute side of requests whose cached chunks are loading. Their I/O
+ * side runs regardless, so a busy engine simply moves their meeting point
+ * toward more loading. A pass longer than what is left of a step's budget
+ * goes in pieces over several steps. */
 #ifndef CAKE_SERVER_SCHED_H
 #define CAKE_SERVER_SCHED_H
 
