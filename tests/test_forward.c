@@ -212,13 +212,8 @@ static void test_chunked_prefill_mkmodel(void **state) {
 /* ---- several sequences in one forward pass ---- */
 
 static cake_context *batch_test_context(const cake_model *m, int threads, int max_batch) {
-    cake_context_params cp = cake_context_default_params();
-    cp.n_ctx = 128;
-    cp.n_threads = threads;
-    cp.max_batch = max_batch;
-    cake_context *c = NULL;
-    char err[256];
-    assert_int_equal(cake_context_init(m, cp, &c, err, sizeof(err)), 0);
+    cake_context *c = test_context(m, 128, threads, max_batch);
+    assert_non_null(c);
     return c;
 }
 

@@ -29,13 +29,8 @@ typedef struct {
 } fixture;
 
 static cake_context *context(const cake_model *m, int threads, int max_batch) {
-    cake_context_params cp = cake_context_default_params();
-    cp.n_ctx = N_CTX;
-    cp.n_threads = threads;
-    cp.max_batch = max_batch;
-    cake_context *c = NULL;
-    char err[256];
-    assert_int_equal(cake_context_init(m, cp, &c, err, sizeof(err)), 0);
+    cake_context *c = test_context(m, N_CTX, threads, max_batch);
+    assert_non_null(c);
     return c;
 }
 

@@ -7,6 +7,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "cake.h"
 #include "model/dequant.h"
 #include "model/gguf.h"
 #include "store/store.h"
@@ -546,5 +547,16 @@ const char *test_gpt2_byte_char(int b) {
         c[1] = (char)(0x80 | (cp & 0x3f));
         c[2] = '\0';
     }
+    return c;
+}
+
+cake_context *test_context(const cake_model *m, int n_ctx, int threads, int max_batch) {
+    cake_context_params cp = cake_context_default_params();
+    cp.n_ctx = n_ctx;
+    cp.n_threads = threads;
+    cp.max_batch = max_batch;
+    cake_context *c = NULL;
+    char err[256];
+    if (cake_context_init(m, cp, &c, err, sizeof(err))) fprintf(stderr, "%s\n", err);
     return c;
 }

@@ -23,6 +23,12 @@ const char *test_model_path(const char *name);
 /* Reads a whole file; caller frees. NULL on failure. */
 void *test_read_file(const char *path, size_t *size);
 
+/* A CPU context of m: n_ctx positions, threads, at most max_batch tokens a
+ * forward pass. NULL on failure (the reason on stderr). */
+struct cake_model;
+struct cake_context *test_context(const struct cake_model *m, int n_ctx, int threads,
+                                  int max_batch);
+
 /* `cake mkmodel --shape SHAPE --dtype DTYPE` into a new temp file, whose path
  * goes into path (room for 64). 0, or -1 when the command failed. */
 int test_make_model(const char *shape, const char *dtype, char path[64]);

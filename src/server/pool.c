@@ -59,6 +59,7 @@ typedef struct {
     int ready;           /* waiting for a job */
     uint64_t idle_since; /* when it last finished a job, in jobs finished */
     uint64_t order;      /* its job's place in the order of arrival */
+    int n_cached;        /* how much of its job's prompt its KV cache holds */
 } slot;
 
 struct serve_pool {
@@ -107,6 +108,7 @@ static void dispatch(serve_pool *p) {
         best->current = j;
         best->ready = 0;
         best->order = ++p->n_handed;
+        best->n_cached = best_len;
         p->totals.queued--;
         p->totals.running++;
         handed = 1;
@@ -227,7 +229,7 @@ static void run_job(slot *s, serve_job *j) {
                               .writeback = s->wb,
                               .mode = p->cfg.mode,
                               .io_depth = p->cfg.io_depth,
-                              .n_cached = cached_prefix(s, j->prompt, j->n_prompt)};
+                              .n_cached = s->n_cached};
     token_sink sink = {.job = j, .tok = tok, .eos = cake_tokenizer_eos(tok)};
     sched_ticket ticket = {p->sched, s->order, &j->cancel};
     cake_request req = {
