@@ -53,14 +53,11 @@ static void fixture_free(fixture *f) {
     cake_model_free(f->m);
 }
 
-/* One request (prefill + 1 greedy token) whose first n_cached positions are
- * in the KV cache already; logits (n_vocab) of the first token. */
-static cake_prefill_stats run_cached(fixture *f, const cake_token *prompt, int n, int n_cached,
-                                     int chunk, cake_store *store, cake_writeback *wb,
-                                     cake_mode mode, float *logits, cake_token *first) {
+/* One request (prefill + 1 greedy token) with the loader's params lp;
+ * logits (n_vocab) of the first token. */
+static cake_prefill_stats run_with(fixture *f, const cake_token *prompt, int n, int chunk,
+                                   cake_prefill_params lp, float *logits, cake_token *first) {
     cake_sampler *s = cake_sampler_init((cake_sampler_params){.temperature = 0});
-    cake_prefill_params lp = {
-        .store = store, .writeback = wb, .mode = mode, .io_depth = 3, .n_cached = n_cached};
     cake_request r = {.prompt = prompt,
                       .n_prompt = n,
                       .n_predict = 1,
@@ -74,9 +71,18 @@ static cake_prefill_stats run_cached(fixture *f, const cake_token *prompt, int n
     int rc = cake_request_run(f->c, &r, first, &st, err, sizeof(err));
     if (rc) fprintf(stderr, "%s\n", err);
     assert_int_equal(rc, 0);
-    if (wb) cake_writeback_drain(wb, 30000);
+    if (lp.writeback) cake_writeback_drain(lp.writeback, 30000);
     cake_sampler_free(s);
     return st.prefill;
+}
+
+/* One request whose first n_cached positions are in the KV cache already. */
+static cake_prefill_stats run_cached(fixture *f, const cake_token *prompt, int n, int n_cached,
+                                     int chunk, cake_store *store, cake_writeback *wb,
+                                     cake_mode mode, float *logits, cake_token *first) {
+    cake_prefill_params lp = {
+        .store = store, .writeback = wb, .mode = mode, .io_depth = 3, .n_cached = n_cached};
+    return run_with(f, prompt, n, chunk, lp, logits, first);
 }
 
 static cake_prefill_stats run(fixture *f, const cake_token *prompt, int n, int chunk,
@@ -536,6 +542,110 @@ static void test_busy_engine(void **state) {
     unlink(path);
 }
 
+/* ---- chunks another request is computing (cake_inflight) ---- */
+
+typedef struct {
+    fixture *f;
+    const cake_token *prompt;
+    int n;
+    cake_prefill_params lp;
+    float *logits;
+    cake_token first;
+    cake_prefill_stats st;
+} follower;
+
+static void *follower_main(void *arg) {
+    follower *w = arg;
+    w->st = run_with(w->f, w->prompt, w->n, 16, w->lp, w->logits, &w->first);
+    return NULL;
+}
+
+/* A request that finds its chunks promised by another waits for them and
+ * loads them as the other's write-back puts them in the store; a promise
+ * that ends without the chunk, or never ends, leaves it to compute. The
+ * same bits every time. The "other" is played here: it promises, and queues
+ * each chunk's write-back from a context that computed the prompt. */
+static void test_awaited_chunks(void **state) {
+    (void)state;
+    char path[64];
+    assert_int_equal(test_make_model("tiny", "f16", path), 0);
+    fixture other, f;
+    assert_int_equal(fixture_init(&other, path, 512), 0);
+    assert_int_equal(fixture_init(&f, path, 512), 0); /* no compute speed known yet */
+    enum { C = 16, N = 6 * C + 4, L = 6 };
+    cake_token p[N], t0, t;
+    random_prompt(p, N, f.n_vocab, 5);
+    float *base = malloc((size_t)f.n_vocab * sizeof(float));
+    float *got = malloc((size_t)f.n_vocab * sizeof(float));
+    run(&other, p, N, C, NULL, NULL, CAKE_MODE_COMPUTE, base, &t0); /* its KV: the chunks */
+    cake_loader_engine e;
+    cake_context_loader_engine(other.c, 1, &e);
+    cake_chunk_key keys[L + 1];
+    prompt_keys(&f, p, N, C, keys);
+
+    cake_inflight *reg = cake_inflight_create();
+    assert_non_null(reg);
+    cake_store *s = open_store("mem:");
+    char err[256];
+    cake_writeback *wb = cake_writeback_create(s, 64, err, sizeof(err));
+    for (int i = 0; i < L; i++) assert_int_equal(cake_inflight_promise(reg, &keys[i]), 1);
+    assert_int_equal(cake_inflight_promise(reg, &keys[0]), 0); /* held */
+    const cake_prefill_params lp = {
+        .store = s, .mode = CAKE_MODE_CAKE, .io_depth = 2, .inflight = reg};
+
+    /* the chunks come, one by one, after the request has looked them up */
+    follower w = {.f = &f, .prompt = p, .n = N, .lp = lp, .logits = got};
+    pthread_t th;
+    assert_int_equal(pthread_create(&th, NULL, follower_main, &w), 0);
+    usleep(30000);
+    for (int i = 0; i < L; i++) {
+        const cake_chunk_header h =
+            cake_chunk_header_for(e.fingerprint, &keys[i], (uint32_t)i, C, e.hp, e.kv_type);
+        assert_int_equal(cake_writeback_enqueue(wb, &e, &h, i * C, 1, reg), 0);
+        usleep(5000);
+    }
+    pthread_join(th, NULL);
+    assert_same(base, got, f.n_vocab, "awaited chunks");
+    assert_int_equal(w.first, t0);
+    assert_int_equal(w.st.chunks_awaited, L);
+    assert_int_equal(w.st.chunks_loaded, L);
+    assert_int_equal(w.st.chunks_computed, 1); /* the tail */
+    assert_true(w.st.await_ms > 0);
+    for (int i = 0; i < L; i++) assert_int_equal(cake_inflight_pending(reg, &keys[i]), 0);
+
+    /* promises that end without their chunks: computed */
+    random_prompt(p, N, f.n_vocab, 6);
+    run(&other, p, N, C, NULL, NULL, CAKE_MODE_COMPUTE, base, &t0);
+    prompt_keys(&f, p, N, C, keys);
+    for (int i = 0; i < L; i++) assert_int_equal(cake_inflight_promise(reg, &keys[i]), 1);
+    w = (follower){.f = &f, .prompt = p, .n = N, .lp = lp, .logits = got};
+    assert_int_equal(pthread_create(&th, NULL, follower_main, &w), 0);
+    usleep(20000);
+    for (int i = 0; i < L; i++) cake_inflight_release(reg, &keys[i]);
+    pthread_join(th, NULL);
+    assert_same(base, got, f.n_vocab, "promises ended");
+    assert_int_equal(w.st.chunks_awaited, 0);
+    assert_int_equal(w.st.chunks_computed, L + 1);
+
+    /* promises that never end (a stalled request): each chunk is waited
+     * for about twice its compute time (known now), then computed */
+    for (int i = 0; i < L; i++) assert_int_equal(cake_inflight_promise(reg, &keys[i]), 1);
+    cake_prefill_stats st = run_with(&f, p, N, C, lp, got, &t);
+    assert_same(base, got, f.n_vocab, "promises stalled");
+    assert_int_equal(st.chunks_computed, L + 1);
+    assert_true(st.await_ms >= L * 50.0);
+    for (int i = 0; i < L; i++) cake_inflight_release(reg, &keys[i]);
+
+    cake_writeback_free(wb);
+    cake_store_close(s);
+    cake_inflight_free(reg);
+    free(base);
+    free(got);
+    fixture_free(&other);
+    fixture_free(&f);
+    unlink(path);
+}
+
 /* ---- a prompt that ends on a chunk boundary, on an engine that is not
  * batch-invariant: the CPU engine, made to give a token computed alone other
  * bits (the lowest bit of its K and V flipped, its logits nudged up), as
@@ -835,15 +945,11 @@ static void test_staging_reuse(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_cached_prefix),
-        cmocka_unit_test(test_busy_engine),
-        cmocka_unit_test(test_stories_modes),
-        cmocka_unit_test(test_mha160m_modes),
-        cmocka_unit_test(test_redis_faults),
-        cmocka_unit_test(test_stress),
-        cmocka_unit_test(test_claims),
-        cmocka_unit_test(test_staging_reuse),
-        cmocka_unit_test(test_batch_variant_boundary),
+        cmocka_unit_test(test_cached_prefix),  cmocka_unit_test(test_busy_engine),
+        cmocka_unit_test(test_awaited_chunks), cmocka_unit_test(test_stories_modes),
+        cmocka_unit_test(test_mha160m_modes),  cmocka_unit_test(test_redis_faults),
+        cmocka_unit_test(test_stress),         cmocka_unit_test(test_claims),
+        cmocka_unit_test(test_staging_reuse),  cmocka_unit_test(test_batch_variant_boundary),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

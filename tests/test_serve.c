@@ -494,7 +494,7 @@ static void test_bad_requests(void **state) {
 
 /* `cake run --json` on the same model: the reference answer. */
 static cJSON *cake_run(const char *model, const char *prompt, int n) {
-    char cmd[512];
+    char cmd[2048];
     snprintf(cmd, sizeof(cmd), "%s run -m %s -p '%s' -n %d --temp 0 --json --threads 2 2>/dev/null",
              CAKE_BIN, model, prompt, n);
     FILE *f = popen(cmd, "r");
@@ -861,6 +861,52 @@ static void test_batched_answers(void **state) {
     assert_int_equal(serve_stop(&s), 0);
 }
 
+/* Requests at once whose prompts share a prefix the store lacks: one
+ * computes each chunk, the others wait for it and load it (the default
+ * store, in RAM); the answers are `cake run`'s. */
+static void test_shared_prefix(void **state) {
+    (void)state;
+    t_server s;
+    assert_int_equal(serve_start(&s, g_tiny, "--slots", "3", "--chunk", "16", NULL), 0);
+    const char *endings[] = {"First.", "The second one is here.", "And a third, at last."};
+    enum { N = 3, MAX_TOKENS = 8 };
+    char prompts[N][768];
+    int fds[N];
+    for (int i = 0; i < N; i++) {
+        snprintf(prompts[i], sizeof(prompts[i]), "%s. Then %s. %s", LONG_PROMPT, LONG_PROMPT,
+                 endings[i]);
+        char body[2400];
+        snprintf(body, sizeof(body), "{\"prompt\":\"%s\",\"max_tokens\":%d,\"temperature\":0}",
+                 prompts[i], MAX_TOKENS);
+        send_request(fds[i] = connect_to(s.port), "POST", "/v1/completions", body);
+    }
+    int computed = 0, awaited = 0, loadable = 0;
+    for (int i = 0; i < N; i++) {
+        t_resp r = read_response(fds[i]);
+        assert_int_equal(r.status, 200);
+        cJSON *j = cJSON_Parse(r.body);
+        assert_non_null(j);
+        cJSON *ref = cake_run(g_tiny, prompts[i], MAX_TOKENS);
+        assert_same_ids(at(j, "cake.generated_ids"), at(ref, "generated_ids"));
+        computed += (int)num_at(j, "cake.chunks_computed");
+        awaited += (int)num_at(j, "cake.chunks_awaited");
+        loadable = (int)num_at(j, "cake.chunks_total") - 1; /* (no prompt ends on a boundary) */
+        cJSON_Delete(ref);
+        cJSON_Delete(j);
+        resp_free(&r);
+    }
+    /* Each computing the shared chunks would be N * (loadable + 1) chunks.
+     * (When the others look up, the first has promised every one of them;
+     * how many they load depends on timing, so only less than twice.) */
+    assert_true(loadable >= 8);
+    print_message("shared prefix: %d chunks computed by %d requests of %d loadable, %d awaited\n",
+                  computed, N, loadable, awaited);
+    assert_true(computed < 2 * (loadable + 1));
+    assert_true(awaited >= loadable);
+    assert_int_equal(metric(s.port, "cake_store_chunks_awaited_total"), awaited);
+    assert_int_equal(serve_stop(&s), 0);
+}
+
 /* ---- clients that leave, a full queue, shutdown ---- */
 
 /* Opens a stream of a long generation and reads until its first text
@@ -1150,14 +1196,14 @@ static void test_chat_formats(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_chat_formats),   cmocka_unit_test(test_usage_errors),
-        cmocka_unit_test(test_api_key),        cmocka_unit_test(test_bad_requests),
-        cmocka_unit_test(test_answers_tiny),   cmocka_unit_test(test_answers_stories260k),
-        cmocka_unit_test(test_stop_strings),   cmocka_unit_test(test_seeded_sampling),
-        cmocka_unit_test(test_store_reuse),    cmocka_unit_test(test_slow_first_token),
-        cmocka_unit_test(test_slot_prefix),    cmocka_unit_test(test_cancel_and_queue),
-        cmocka_unit_test(test_chat_llama2),    cmocka_unit_test(test_batched_answers),
-        cmocka_unit_test(test_cancel_prefill),
+        cmocka_unit_test(test_chat_formats),  cmocka_unit_test(test_usage_errors),
+        cmocka_unit_test(test_api_key),       cmocka_unit_test(test_bad_requests),
+        cmocka_unit_test(test_answers_tiny),  cmocka_unit_test(test_answers_stories260k),
+        cmocka_unit_test(test_stop_strings),  cmocka_unit_test(test_seeded_sampling),
+        cmocka_unit_test(test_store_reuse),   cmocka_unit_test(test_slow_first_token),
+        cmocka_unit_test(test_slot_prefix),   cmocka_unit_test(test_cancel_and_queue),
+        cmocka_unit_test(test_chat_llama2),   cmocka_unit_test(test_batched_answers),
+        cmocka_unit_test(test_shared_prefix), cmocka_unit_test(test_cancel_prefill),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -85,6 +85,20 @@
  * busy engine thus moves the meet toward more loading instead of holding a
  * claimed chunk away from the loads.
  *
+ * Chunks other requests are computing. Requests that run at the same time
+ * (a server's slots) may share a prefix the store lacks. With a registry of
+ * promises (cake_inflight), the first request to look a chunk up promises
+ * it and computes it; another that finds the promise marks the chunk
+ * PROMISED: no worker claims it, and the compute side, getting there, waits
+ * until the promise ends (the promiser's write-back put the chunk in the
+ * store, or gave up), polling the registry. A chunk then in the store is
+ * PRESENT, and the meet rule takes it from there; one that is not is
+ * computed. Without estimates to go by (a slot's first request), an awaited
+ * chunk is loaded, not computed: computing it again is what the wait
+ * avoids. The wait is bounded (AWAIT_NS); a promise outlives nothing: the
+ * write-back releases it when its chunk is written, failed or dropped, and
+ * the promiser's request releases those it did not compute.
+ *
  * Failures. A load that misses (corrupt blob, vanished file, Redis down) puts
  * its chunk back to ABSENT and the compute side computes it when it gets
  * there: holes and bad chunks are covered by compute, the output never
@@ -126,8 +140,16 @@
 /* How long one wait for a turn lasts before the compute side looks whether
  * its chunk has been loaded meanwhile. */
 #define TURN_POLL_NS 2000000
+/* How often the compute side looks whether a chunk another request is
+ * computing has reached the store, and how long it waits for one at most
+ * when it cannot estimate the other's progress (no compute speed yet). */
+#define AWAIT_POLL_NS 1000000
+#define AWAIT_NS      2000000000ull
 
-enum chunk_state { ABSENT, PRESENT, FETCHING, COPYING, LOADED, COMPUTING, COMPUTED };
+enum chunk_state { ABSENT, PRESENT, PROMISED, FETCHING, COPYING, LOADED, COMPUTING, COMPUTED };
+/* A chunk's promise (cake_inflight): none, this request's (it must release
+ * it or hand it to the write-back), or another request's that it awaited. */
+enum chunk_promise { NO_PROMISE, OWN_PROMISE, AWAITED };
 
 struct prefill_job;
 
@@ -166,7 +188,9 @@ typedef struct prefill_job {
     pthread_mutex_t mu;
     pthread_cond_t cv; /* a load finished or failed */
     enum chunk_state *state;
-    int stop; /* set when the compute side no longer needs loads */
+    uint8_t *promise; /* enum chunk_promise per chunk */
+    int n_promised;   /* chunks still PROMISED */
+    int stop;         /* set when the compute side no longer needs loads */
     uint64_t t_start, first_claim, last_load;
     size_t blob_size, buf_size;
     double rate_hint; /* bytes/ns the store delivered in earlier requests; 0 = unknown */
@@ -381,7 +405,8 @@ static int claim_for_load(prefill_job *j) {
             return worth_fetching(j, i) ? i : -2;
         } else if (j->state[i] == COMPUTING || j->state[i] == COMPUTED)
             break;
-    return -1;
+    /* Chunks another request is computing may come in yet (see the top). */
+    return j->n_promised ? -2 : -1;
 }
 
 static void *io_worker_main(void *arg) {
@@ -457,6 +482,14 @@ static void *io_worker_main(void *arg) {
  * meanwhile); otherwise the loads finish first. The wait is re-decided on
  * every wake-up and never exceeds one chunk's compute time in total, so a
  * stalled store costs at most that. Under the mutex. */
+/* At an awaited chunk (another request computed it) when the meet rule has
+ * no estimate to go by: wait for its load, for at most one chunk's compute
+ * time (AWAIT_NS when that is unknown). */
+static uint64_t await_load_budget(uint64_t est_compute_ns, uint64_t waited_ns) {
+    const uint64_t cap = est_compute_ns ? est_compute_ns : AWAIT_NS;
+    return waited_ns < cap ? cap - waited_ns : 0;
+}
+
 static uint64_t wait_budget(prefill_job *j, int i, uint64_t est_compute_ns, uint64_t waited_ns) {
     if (!est_compute_ns || waited_ns >= est_compute_ns) return 0;
     const uint64_t remaining = remaining_load_ns(j, i);
@@ -467,11 +500,63 @@ static uint64_t wait_budget(prefill_job *j, int i, uint64_t est_compute_ns, uint
 
 static void queue_writeback(prefill_job *j, int i, int known_absent) {
     if (!j->p->writeback) return;
-    if (cake_writeback_enqueue(j->p->writeback, j->e, &j->expect[i], i * j->p->chunk,
-                               known_absent) == 0)
+    cake_inflight *promise = NULL; /* handed to the write-back, which releases it */
+    if (j->promise[i] == OWN_PROMISE) {
+        promise = j->p->inflight;
+        j->promise[i] = NO_PROMISE;
+    }
+    if (cake_writeback_enqueue(j->p->writeback, j->e, &j->expect[i], i * j->p->chunk, known_absent,
+                               promise) == 0)
         j->st->writeback_queued++;
     else
         j->st->writeback_dropped++;
+}
+
+/* Chunks from i up that another request promised and no longer does: in
+ * the store now (PRESENT), or not (ABSENT: computed here). Under the mutex,
+ * which it leaves while it asks the store (nobody else changes a PROMISED
+ * chunk's state). */
+static void settle_promises(prefill_job *j, int i) {
+    if (!j->n_promised) return;
+    int ended[64], n = 0;
+    for (int k = i; k < j->n_loadable && n < 64; k++)
+        if (j->state[k] == PROMISED && !cake_inflight_pending(j->p->inflight, &j->expect[k].key))
+            ended[n++] = k;
+    if (!n) return;
+    cake_chunk_key keys[64];
+    uint8_t present[64] = {0};
+    for (int m = 0; m < n; m++) keys[m] = j->expect[ended[m]].key;
+    pthread_mutex_unlock(&j->mu);
+    char why[256];
+    const int rc = cake_store_exists(j->p->store, keys, (size_t)n, present, why, sizeof(why));
+    pthread_mutex_lock(&j->mu);
+    for (int m = 0; m < n; m++) {
+        const int k = ended[m];
+        j->state[k] = rc == 0 && present[m] ? PRESENT : ABSENT;
+        j->st->chunks_awaited += j->state[k] == PRESENT;
+        j->n_promised--;
+    }
+    pthread_cond_broadcast(&j->cv); /* workers may fetch them */
+}
+
+/* The compute side at chunk i, which another request is computing: waits
+ * until the chunk is in the store or the promise ends, at most about two
+ * of its compute times (AWAIT_NS without an estimate). Under the mutex. */
+static void await_promise(prefill_job *j, int i, uint64_t est_compute) {
+    const uint64_t t0 = now_ns();
+    const uint64_t limit = est_compute ? 2 * est_compute + 50000000 : AWAIT_NS;
+    for (;;) {
+        settle_promises(j, i);
+        if (j->state[i] != PROMISED || now_ns() - t0 >= limit) break;
+        wait_ns(j, AWAIT_POLL_NS);
+    }
+    if (j->state[i] == PROMISED) { /* the promiser is late: compute it here */
+        j->state[i] = ABSENT;
+        j->n_promised--;
+    }
+    const uint64_t t1 = now_ns();
+    j->st->await_ms += (double)(t1 - t0) / 1e6;
+    trace_add(j, 0, i, "wait for another request", t0, t1);
 }
 
 /* The compute side over the loadable chunks. Returns 0, or -1 on an engine failure. */
@@ -494,17 +579,20 @@ static int compute_side(prefill_job *j, char *err, size_t errlen) {
     }
     for (int i = j->n_cached; i < j->n_loadable; i++) {
         uint64_t waited = 0, turn = 0; /* in all, and of it for a turn */
-        const uint64_t wait_start = now_ns();
         /* Compute time of chunk i, at the engine's recent speed. */
         const uint64_t est_compute = (uint64_t)est_compute_ns(j, i);
         j->front = i;
-        j->front_t0 = wait_start;
+        j->front_t0 = now_ns();
+        if (j->state[i] == PROMISED) await_promise(j, i, est_compute);
+        const uint64_t wait_start = now_ns();
         for (int have_turn = !j->e->wait_turn;;) {
             for (;;) {
                 enum chunk_state s = j->state[i];
                 if (s == LOADED || s == ABSENT) break;
                 uint64_t budget = s == COPYING ? 1000000 /* short and committed: wait */
-                                               : wait_budget(j, i, est_compute, waited);
+                                  : j->promise[i] == AWAITED && (!est_compute || link_rate(j) <= 0)
+                                      ? await_load_budget(est_compute, waited)
+                                      : wait_budget(j, i, est_compute, waited);
                 if (!budget) break;
                 if (j->st->meet_chunk < 0) j->st->meet_chunk = i; /* compute stops here */
                 if (!j->compute_waits) { /* workers may now fetch whatever is left */
@@ -566,11 +654,13 @@ static int compute_side(prefill_job *j, char *err, size_t errlen) {
         j->ns_per_flop = speed_typical(j->speed);
         pthread_cond_broadcast(&j->cv); /* workers holding back re-decide */
         j->st->chunks_computed++;
+        settle_promises(j, i + 1); /* the workers fetch what other requests finished */
         /* Chunks the lookup did not find, or that failed to load, go back to
          * the store (compute mode did not look). The last one waits while the
          * last token's pass rewrites its KV (last_token_alone). */
         if (was_absent || j->p->mode == CAKE_MODE_COMPUTE) {
-            const int known_absent = j->p->mode != CAKE_MODE_COMPUTE;
+            /* (a chunk whose promiser was late may be in the store by now) */
+            const int known_absent = j->p->mode != CAKE_MODE_COMPUTE && j->promise[i] != AWAITED;
             if (j->last_token_alone && i == j->n_loadable - 1)
                 j->deferred_writeback = known_absent + 1;
             else
@@ -642,6 +732,7 @@ static void job_finish(prefill_job *j) {
     free(j->trace);
     free(j->expect);
     free(j->state);
+    free(j->promise);
     pthread_cond_destroy(&j->cv);
     pthread_mutex_destroy(&j->mu);
     free(j);
@@ -714,9 +805,10 @@ int cake_prefill(const cake_loader_engine *e, const cake_token *prompt, int n_pr
     const int n_keys = (p->store || p->writeback) ? n_full : 0;
     j->expect = calloc((size_t)n_full + 1, sizeof(*j->expect));
     j->state = calloc((size_t)n_full + 1, sizeof(*j->state));
+    j->promise = calloc((size_t)n_full + 1, 1);
     keys = calloc((size_t)n_full + 1, sizeof(*keys));
     present = calloc((size_t)n_full + 1, 1);
-    if (!j->expect || !j->state || !keys || !present) {
+    if (!j->expect || !j->state || !j->promise || !keys || !present) {
         cake_err(err, errlen, "prefill: out of memory");
         goto done;
     }
@@ -747,11 +839,28 @@ int cake_prefill(const cake_loader_engine *e, const cake_token *prompt, int n_pr
         st->chunks_missing += j->state[i] == ABSENT;
     }
     st->chunks_found = n_present;
+    /* Chunks the store lacks: promised here when computed here, or awaited
+     * when another request running now has promised them (see the top). */
+    if (st->mode == CAKE_MODE_CAKE && p->inflight)
+        for (int i = j->n_cached; i < j->n_loadable; i++) {
+            if (j->state[i] != ABSENT) continue;
+            const int r = p->writeback ? cake_inflight_promise(p->inflight, &keys[i])
+                          : cake_inflight_pending(p->inflight, &keys[i]) ? 0
+                                                                         : -1;
+            if (r == 1) {
+                j->promise[i] = OWN_PROMISE;
+            } else if (r == 0) {
+                j->state[i] = PROMISED;
+                j->promise[i] = AWAITED;
+                j->n_promised++;
+            }
+        }
     st->lookup_ms = (double)(now_ns() - j->t_start) / 1e6;
 
     /* I/O workers, only when there is something to load. */
-    if (st->mode != CAKE_MODE_COMPUTE && n_present > 0) {
-        int n_workers = st->io_depth < n_present ? st->io_depth : n_present;
+    if (st->mode != CAKE_MODE_COMPUTE && n_present + j->n_promised > 0) {
+        const int n_loads = n_present + j->n_promised;
+        int n_workers = st->io_depth < n_loads ? st->io_depth : n_loads;
         j->blob_size = cake_chunk_blob_size(&j->expect[0]);
         j->buf_size = cake_store_buffer_size(j->blob_size);
         /* The rate the last request measured; failing that, assume the
@@ -822,6 +931,8 @@ int cake_prefill(const cake_loader_engine *e, const cake_token *prompt, int n_pr
     rc = 0;
 
 done:
+    for (int i = 0; j->promise && i < j->n_loadable; i++) /* not computed: never will be here */
+        if (j->promise[i] == OWN_PROMISE) cake_inflight_release(p->inflight, &j->expect[i].key);
     free(kept_kv);
     free(keys);
     free(present);

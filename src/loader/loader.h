@@ -70,13 +70,33 @@ void cake_context_loader_engine(cake_context *c, int with_fingerprint, cake_load
 
 typedef struct cake_writeback cake_writeback;
 
+/* ---- chunks other requests are computing now ----
+ * Requests that run at the same time (a server's slots) and share a prompt
+ * prefix the store lacks would each compute it. Instead, the first to look
+ * a chunk up promises it here; the others find the promise, wait for the
+ * chunk to reach the store (the promiser's write-back), and load it: one
+ * computes, the rest load. A promise ends when its chunk was written (or
+ * failed, or was dropped), or when its request ends without computing it. */
+typedef struct cake_inflight cake_inflight;
+cake_inflight *cake_inflight_create(void); /* NULL: out of memory */
+void cake_inflight_free(cake_inflight *f); /* accepts NULL */
+/* 1: the caller now holds key's promise and must release it; 0: another
+ * holds it; -1: out of memory (nobody does). */
+int cake_inflight_promise(cake_inflight *f, const cake_chunk_key *key);
+int cake_inflight_pending(cake_inflight *f, const cake_chunk_key *key); /* 1: promised */
+void cake_inflight_release(cake_inflight *f, const cake_chunk_key *key);
+
 typedef struct {
     cake_store *store;         /* NULL: nothing is cached; compute only */
     cake_writeback *writeback; /* NULL: computed chunks are not stored */
-    cake_mode mode;            /* ignored (compute) when store is NULL */
-    int chunk;                 /* tokens per chunk (the store's chunk size) */
-    int io_depth;              /* loads in flight (I/O workers); 0 = default */
-    const char *trace_path;    /* optional Chrome trace-event JSON of the prefill */
+    /* Shared by requests that run at the same time (NULL: none): in cake
+     * mode with a write-back, chunks another request is computing are
+     * waited for and loaded, not computed again. */
+    cake_inflight *inflight;
+    cake_mode mode;         /* ignored (compute) when store is NULL */
+    int chunk;              /* tokens per chunk (the store's chunk size) */
+    int io_depth;           /* loads in flight (I/O workers); 0 = default */
+    const char *trace_path; /* optional Chrome trace-event JSON of the prefill */
     /* Positions [0, n_cached) of the engine's KV cache already hold this
      * prompt's KV (an earlier request on the same context shared the
      * prefix): the full chunks among them are neither computed nor loaded. */
@@ -97,6 +117,8 @@ typedef struct {
     int chunks_missing;   /* loadable chunks the store did not have */
     int chunks_corrupt;   /* present at lookup but failed to load (corrupt, vanished, store down) */
     int chunks_discarded; /* loads finished or cancelled after compute had taken the chunk */
+    int chunks_awaited;   /* of the missing: another request was computing them; waited for
+                             and found in the store (then loaded, or computed by the meet rule) */
     int meet_chunk; /* first chunk index of the loaded region where compute stopped; -1: none */
     uint64_t bytes_loaded;
     double lookup_ms;       /* key hashing + exists */
@@ -104,6 +126,7 @@ typedef struct {
     double tail_ms;         /* of them, the pass after the loadable chunks (0: none) */
     double compute_wait_ms; /* time the compute side waited for loads */
     double turn_wait_ms;    /* time it waited for a busy engine's turn (wait_turn) */
+    double await_ms;        /* time it waited for chunks other requests were computing */
     double load_ms;         /* first claim to last load done */
     double load_gbit_s;     /* bytes_loaded over load_ms */
     int writeback_queued, writeback_dropped;
@@ -160,9 +183,13 @@ typedef struct {
 } cake_writeback_counters;
 void cake_writeback_counters_get(cake_writeback *w, cake_writeback_counters *out);
 
-/* Internal to the loader: queue a chunk. present = 1: known absent from the
- * store; 0: unknown (the writer checks first). Returns 0 queued, -1 dropped. */
+/* Internal to the loader: queue a chunk. known_absent = 1: known absent from
+ * the store; 0: unknown (the writer checks first). promise: the registry in
+ * which the caller holds the chunk's promise (NULL: none); the write-back
+ * releases it once the chunk is written, failed or dropped. Returns 0
+ * queued, -1 dropped. */
 int cake_writeback_enqueue(cake_writeback *w, const cake_loader_engine *e,
-                           const cake_chunk_header *h, int pos0, int known_absent);
+                           const cake_chunk_header *h, int pos0, int known_absent,
+                           cake_inflight *promise);
 
 #endif

@@ -16,6 +16,7 @@ typedef struct {
     cake_chunk_header h;
     int pos0;
     int known_absent;
+    cake_inflight *promise; /* released once the entry is done (NULL: none) */
 } wb_entry;
 
 struct cake_writeback {
@@ -77,6 +78,7 @@ static void *writer_main(void *arg) {
             snprintf(w->ctr.first_error, sizeof(w->ctr.first_error), "chunk %u: %.140s", en.h.index,
                      err);
         w->busy = 0;
+        if (en.promise) cake_inflight_release(en.promise, &en.h.key);
         if (!w->count) pthread_cond_broadcast(&w->idle_cv);
     }
     pthread_mutex_unlock(&w->mu);
@@ -109,12 +111,13 @@ cake_writeback *cake_writeback_create(cake_store *store, int capacity, char *err
 }
 
 int cake_writeback_enqueue(cake_writeback *w, const cake_loader_engine *e,
-                           const cake_chunk_header *h, int pos0, int known_absent) {
+                           const cake_chunk_header *h, int pos0, int known_absent,
+                           cake_inflight *promise) {
     pthread_mutex_lock(&w->mu);
     int rc = -1;
     if (w->count < w->cap && !w->stop) {
-        w->ring[(w->head + w->count) % w->cap] =
-            (wb_entry){.e = *e, .h = *h, .pos0 = pos0, .known_absent = known_absent};
+        w->ring[(w->head + w->count) % w->cap] = (wb_entry){
+            .e = *e, .h = *h, .pos0 = pos0, .known_absent = known_absent, .promise = promise};
         w->count++;
         w->ctr.queued++;
         pthread_cond_signal(&w->cv);
@@ -123,6 +126,7 @@ int cake_writeback_enqueue(cake_writeback *w, const cake_loader_engine *e,
         w->ctr.dropped_full++;
     }
     pthread_mutex_unlock(&w->mu);
+    if (rc && promise) cake_inflight_release(promise, &h->key);
     return rc;
 }
 
@@ -138,7 +142,9 @@ int cake_writeback_drain(cake_writeback *w, int timeout_ms) {
     }
     int dropped = w->count; /* timed out: give up on what has not started */
     w->ctr.dropped_timeout += (uint64_t)dropped;
-    w->count = 0;
+    for (; w->count; w->count--, w->head = (w->head + 1) % w->cap)
+        if (w->ring[w->head].promise)
+            cake_inflight_release(w->ring[w->head].promise, &w->ring[w->head].h.key);
     /* The entry in progress, if any, still reads the engine's KV: wait for it
      * (bounded by the store's own timeouts). */
     while (w->busy) pthread_cond_wait(&w->idle_cv, &w->mu);

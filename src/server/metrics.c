@@ -92,6 +92,9 @@ char *server_metrics_text(const pool_counters *pc, const unsigned long long *sta
     counter(&t, "cake_store_chunks_corrupt_total",
             "Chunks that failed to load (corrupt, vanished, store down); computed instead.",
             (unsigned long long)pc->chunks_corrupt);
+    counter(&t, "cake_store_chunks_awaited_total",
+            "Missing chunks another request was computing: waited for and found in the store.",
+            (unsigned long long)pc->chunks_awaited);
     counter(&t, "cake_store_bytes_loaded_total", "KV bytes loaded from the store.",
             (unsigned long long)pc->bytes_loaded);
     counter(&t, "cake_store_request_errors_total", "Requests during which the store failed.",

@@ -345,6 +345,7 @@ static void add_cake(cJSON *r, const serve_job *j) {
     cJSON_AddNumberToObject(c, "chunks_cached", ps->chunks_cached);
     cJSON_AddNumberToObject(c, "chunks_missing", ps->chunks_missing);
     cJSON_AddNumberToObject(c, "chunks_corrupt", ps->chunks_corrupt);
+    cJSON_AddNumberToObject(c, "chunks_awaited", ps->chunks_awaited);
     cJSON_AddNumberToObject(c, "meet_chunk", ps->meet_chunk);
     cJSON_AddNumberToObject(c, "bytes_loaded", (double)ps->bytes_loaded);
     if (ps->store_error[0])

@@ -67,6 +67,7 @@ struct serve_pool {
     const cake_model *model;
     int n_ctx;
     slot *slots; /* slot 0's context is the engine: its threads and scratch run every step */
+    cake_inflight *inflight; /* prompt chunks the slots are computing now (with a store) */
     sched *sched;
     pthread_mutex_t mu;
     pthread_cond_t cv;
@@ -133,6 +134,7 @@ static void account(serve_pool *p, const serve_job *j) {
     t->chunks_cached += (uint64_t)ps->chunks_cached;
     t->chunks_missing += (uint64_t)ps->chunks_missing;
     t->chunks_corrupt += (uint64_t)ps->chunks_corrupt;
+    t->chunks_awaited += (uint64_t)ps->chunks_awaited;
     t->bytes_loaded += ps->bytes_loaded;
     t->store_errors += ps->store_error[0] != 0;
     const double ttft = j->stats.ttft_ms / 1e3;
@@ -151,10 +153,10 @@ static void log_job(const serve_job *j, uint64_t number) {
     }
     fprintf(stderr,
             "cake serve: request %llu: %d prompt tokens (%d chunks: %d computed, %d loaded, "
-            "%d cached), "
+            "%d cached, %d awaited), "
             "%d generated, ttft %.1f ms, %s%s%s\n",
             (unsigned long long)number, j->n_prompt, ps->chunks_total, ps->chunks_computed,
-            ps->chunks_loaded, ps->chunks_cached, j->n_ids, j->stats.ttft_ms,
+            ps->chunks_loaded, ps->chunks_cached, ps->chunks_awaited, j->n_ids, j->stats.ttft_ms,
             j->cancelled ? "cancelled"
             : j->stopped ? "stop"
                          : "length",
@@ -227,6 +229,7 @@ static void run_job(slot *s, serve_job *j) {
     }
     cake_prefill_params lp = {.store = p->cfg.store,
                               .writeback = s->wb,
+                              .inflight = p->inflight,
                               .mode = p->cfg.mode,
                               .io_depth = p->cfg.io_depth,
                               .n_cached = s->n_cached};
@@ -327,6 +330,10 @@ int pool_create(const cake_model *m, const pool_config *cfg, serve_pool **out, c
     if (cfg->store) {
         uint8_t fp[16];
         cake_model_fingerprint(m, fp);
+        if (!cfg->independent_prefills && !(p->inflight = cake_inflight_create())) {
+            cake_err(err, errlen, "out of memory");
+            goto fail;
+        }
     }
     for (int i = 0; i < cfg->n_slots; i++) {
         slot *s = &p->slots[i];
@@ -417,6 +424,7 @@ void pool_free(serve_pool *p) {
         cake_context_free(p->slots[i].ctx);
         free(p->slots[i].kv_ids);
     }
+    cake_inflight_free(p->inflight); /* after the write-backs: they release promises */
     pthread_cond_destroy(&p->cv);
     pthread_mutex_destroy(&p->mu);
     free(p->slots);

@@ -27,6 +27,10 @@ typedef struct {
     int n_slots, n_ctx, n_threads; /* n_ctx 0: the model's; n_threads 0: all CPUs */
     int batch;                     /* tokens per engine step (the scheduler's budget) */
     sched_policy policy;
+    /* Requests that run together and share a prefix the store lacks each
+     * compute it (a benchmark's baseline); by default one computes, the
+     * others wait for its chunks and load them (cake_inflight). */
+    bool independent_prefills;
     int queue_max; /* jobs waiting beyond the running ones */
     enum cake_kv_type kv_type;
     enum cake_backend_kind backend;
@@ -37,6 +41,7 @@ typedef struct {
     uint64_t jobs_done, jobs_failed, jobs_cancelled, jobs_rejected;
     uint64_t prompt_tokens, generated_tokens;
     uint64_t chunks_computed, chunks_loaded, chunks_cached, chunks_missing, chunks_corrupt;
+    uint64_t chunks_awaited; /* of the missing: another request computed them meanwhile */
     uint64_t bytes_loaded, store_errors;
     uint64_t writeback_written, writeback_dropped, writeback_failed;
     double ttft_sum_s;
