@@ -560,6 +560,12 @@ static void *follower_main(void *arg) {
     return NULL;
 }
 
+static void promise_all(cake_inflight *reg, const cake_chunk_key *keys, int n) {
+    int8_t got[16];
+    cake_inflight_promise(reg, keys, n, got);
+    for (int i = 0; i < n; i++) assert_int_equal(got[i], 1);
+}
+
 /* A request that finds its chunks promised by another waits for them and
  * loads them as the other's write-back puts them in the store; a promise
  * that ends without the chunk, or never ends, leaves it to compute. The
@@ -588,8 +594,14 @@ static void test_awaited_chunks(void **state) {
     cake_store *s = open_store("mem:");
     char err[256];
     cake_writeback *wb = cake_writeback_create(s, 64, err, sizeof(err));
-    for (int i = 0; i < L; i++) assert_int_equal(cake_inflight_promise(reg, &keys[i]), 1);
-    assert_int_equal(cake_inflight_promise(reg, &keys[0]), 0); /* held */
+    promise_all(reg, keys, L);
+    memset(&keys[L], 0xab, sizeof(keys[L])); /* a key nobody holds */
+    int8_t again[3];
+    cake_inflight_promise(reg, keys + L - 2, 3, again); /* two held, one new */
+    assert_int_equal(again[0], 0);
+    assert_int_equal(again[1], 0);
+    assert_int_equal(again[2], 1);
+    cake_inflight_release(reg, &keys[L]);
     const cake_prefill_params lp = {
         .store = s, .mode = CAKE_MODE_CAKE, .io_depth = 2, .inflight = reg};
 
@@ -617,7 +629,7 @@ static void test_awaited_chunks(void **state) {
     random_prompt(p, N, f.n_vocab, 6);
     run(&other, p, N, C, NULL, NULL, CAKE_MODE_COMPUTE, base, &t0);
     prompt_keys(&f, p, N, C, keys);
-    for (int i = 0; i < L; i++) assert_int_equal(cake_inflight_promise(reg, &keys[i]), 1);
+    promise_all(reg, keys, L);
     w = (follower){.f = &f, .prompt = p, .n = N, .lp = lp, .logits = got};
     assert_int_equal(pthread_create(&th, NULL, follower_main, &w), 0);
     usleep(20000);
@@ -629,7 +641,7 @@ static void test_awaited_chunks(void **state) {
 
     /* promises that never end (a stalled request): each chunk is waited
      * for about twice its compute time (known now), then computed */
-    for (int i = 0; i < L; i++) assert_int_equal(cake_inflight_promise(reg, &keys[i]), 1);
+    promise_all(reg, keys, L);
     cake_prefill_stats st = run_with(&f, p, N, C, lp, got, &t);
     assert_same(base, got, f.n_vocab, "promises stalled");
     assert_int_equal(st.chunks_computed, L + 1);

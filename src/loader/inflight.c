@@ -32,20 +32,20 @@ static int find(const cake_inflight *f, const cake_chunk_key *key) {
     return -1;
 }
 
-int cake_inflight_promise(cake_inflight *f, const cake_chunk_key *key) {
+void cake_inflight_promise(cake_inflight *f, const cake_chunk_key *keys, int n, int8_t *result) {
     pthread_mutex_lock(&f->mu);
-    int rc = 0;
-    if (find(f, key) < 0) {
-        rc = -1;
+    for (int i = 0; i < n; i++) {
+        result[i] = 0;
+        if (find(f, &keys[i]) >= 0) continue;
+        result[i] = -1;
         if (f->n == f->cap) {
             const int cap = f->cap ? 2 * f->cap : 64;
             cake_chunk_key *k = realloc(f->keys, (size_t)cap * sizeof(*k));
             if (k) f->keys = k, f->cap = cap;
         }
-        if (f->n < f->cap) f->keys[f->n++] = *key, rc = 1;
+        if (f->n < f->cap) f->keys[f->n++] = keys[i], result[i] = 1;
     }
     pthread_mutex_unlock(&f->mu);
-    return rc;
 }
 
 int cake_inflight_pending(cake_inflight *f, const cake_chunk_key *key) {

@@ -841,20 +841,30 @@ int cake_prefill(const cake_loader_engine *e, const cake_token *prompt, int n_pr
     st->chunks_found = n_present;
     /* Chunks the store lacks: promised here when computed here, or awaited
      * when another request running now has promised them (see the top). */
-    if (st->mode == CAKE_MODE_CAKE && p->inflight)
-        for (int i = j->n_cached; i < j->n_loadable; i++) {
+    if (st->mode == CAKE_MODE_CAKE && p->inflight) {
+        /* (keys and present are free now: the missing chunks' keys, then
+         * what the registry says of each) */
+        int n_absent = 0;
+        for (int i = j->n_cached; i < j->n_loadable; i++)
+            if (j->state[i] == ABSENT) keys[n_absent++] = j->expect[i].key;
+        int8_t *r = (int8_t *)present;
+        if (p->writeback)
+            cake_inflight_promise(p->inflight, keys, n_absent, r);
+        else /* a request that cannot write back only awaits */
+            for (int k = 0; k < n_absent; k++)
+                r[k] = cake_inflight_pending(p->inflight, &keys[k]) ? 0 : -1;
+        for (int i = j->n_cached, k = 0; i < j->n_loadable; i++) {
             if (j->state[i] != ABSENT) continue;
-            const int r = p->writeback ? cake_inflight_promise(p->inflight, &keys[i])
-                          : cake_inflight_pending(p->inflight, &keys[i]) ? 0
-                                                                         : -1;
-            if (r == 1) {
+            if (r[k] == 1) {
                 j->promise[i] = OWN_PROMISE;
-            } else if (r == 0) {
+            } else if (r[k] == 0) {
                 j->state[i] = PROMISED;
                 j->promise[i] = AWAITED;
                 j->n_promised++;
             }
+            k++;
         }
+    }
     st->lookup_ms = (double)(now_ns() - j->t_start) / 1e6;
 
     /* I/O workers, only when there is something to load. */

@@ -80,9 +80,11 @@ typedef struct cake_writeback cake_writeback;
 typedef struct cake_inflight cake_inflight;
 cake_inflight *cake_inflight_create(void); /* NULL: out of memory */
 void cake_inflight_free(cake_inflight *f); /* accepts NULL */
-/* 1: the caller now holds key's promise and must release it; 0: another
- * holds it; -1: out of memory (nobody does). */
-int cake_inflight_promise(cake_inflight *f, const cake_chunk_key *key);
+/* For each of the n keys, result 1: the caller now holds its promise and
+ * must release it; 0: another holds it; -1: out of memory (nobody does).
+ * Under one lock, so that requests looking up the same prefix at the same
+ * time do not split it between them (and wait for each other in turns). */
+void cake_inflight_promise(cake_inflight *f, const cake_chunk_key *keys, int n, int8_t *result);
 int cake_inflight_pending(cake_inflight *f, const cake_chunk_key *key); /* 1: promised */
 void cake_inflight_release(cake_inflight *f, const cake_chunk_key *key);
 
