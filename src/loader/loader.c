@@ -475,13 +475,6 @@ static void *io_worker_main(void *arg) {
     return NULL;
 }
 
-/* At chunk i, which the store has (PRESENT, or FETCHING by a worker): how
- * long the compute side should wait for the loads instead of computing it;
- * 0 = compute it now. Computing chunk i pays off only if it takes less than
- * what the workers still have to load from i up (they would load chunk i too
- * meanwhile); otherwise the loads finish first. The wait is re-decided on
- * every wake-up and never exceeds one chunk's compute time in total, so a
- * stalled store costs at most that. Under the mutex. */
 /* At an awaited chunk (another request computed it) when the meet rule has
  * no estimate to go by: wait for its load, for at most one chunk's compute
  * time (AWAIT_NS when that is unknown). */
@@ -490,6 +483,13 @@ static uint64_t await_load_budget(uint64_t est_compute_ns, uint64_t waited_ns) {
     return waited_ns < cap ? cap - waited_ns : 0;
 }
 
+/* At chunk i, which the store has (PRESENT, or FETCHING by a worker): how
+ * long the compute side should wait for the loads instead of computing it;
+ * 0 = compute it now. Computing chunk i pays off only if it takes less than
+ * what the workers still have to load from i up (they would load chunk i too
+ * meanwhile); otherwise the loads finish first. The wait is re-decided on
+ * every wake-up and never exceeds one chunk's compute time in total, so a
+ * stalled store costs at most that. Under the mutex. */
 static uint64_t wait_budget(prefill_job *j, int i, uint64_t est_compute_ns, uint64_t waited_ns) {
     if (!est_compute_ns || waited_ns >= est_compute_ns) return 0;
     const uint64_t remaining = remaining_load_ns(j, i);
@@ -513,15 +513,18 @@ static void queue_writeback(prefill_job *j, int i, int known_absent) {
 }
 
 /* Chunks from i up that another request promised and no longer does: in
- * the store now (PRESENT), or not (ABSENT: computed here). Under the mutex,
- * which it leaves while it asks the store (nobody else changes a PROMISED
- * chunk's state). */
+ * the store now (PRESENT), or not (ABSENT: computed here). It stops at the
+ * first promise still held: the other request computes front to back and
+ * its write-back releases in that order. Under the mutex, which it leaves
+ * while it asks the store (nobody else changes a PROMISED chunk's state). */
 static void settle_promises(prefill_job *j, int i) {
     if (!j->n_promised) return;
     int ended[64], n = 0;
-    for (int k = i; k < j->n_loadable && n < 64; k++)
-        if (j->state[k] == PROMISED && !cake_inflight_pending(j->p->inflight, &j->expect[k].key))
-            ended[n++] = k;
+    for (int k = i; k < j->n_loadable && n < 64; k++) {
+        if (j->state[k] != PROMISED) continue;
+        if (cake_inflight_pending(j->p->inflight, &j->expect[k].key)) break;
+        ended[n++] = k;
+    }
     if (!n) return;
     cake_chunk_key keys[64];
     uint8_t present[64] = {0};
