@@ -568,7 +568,8 @@ static void promise_all(cake_inflight *reg, const cake_chunk_key *keys, int n) {
 
 /* A request that finds its chunks promised by another waits for them and
  * loads them as the other's write-back puts them in the store; a promise
- * that ends without the chunk, or never ends, leaves it to compute. The
+ * that ends without the chunk, or never ends, leaves it to compute (and
+ * to promise in turn, to a third request). The
  * same bits every time. The "other" is played here: it promises, and queues
  * each chunk's write-back from a context that computed the prompt. */
 static void test_awaited_chunks(void **state) {
@@ -647,6 +648,41 @@ static void test_awaited_chunks(void **state) {
     assert_int_equal(st.chunks_computed, L + 1);
     assert_true(st.await_ms >= L * 50.0);
     for (int i = 0; i < L; i++) cake_inflight_release(reg, &keys[i]);
+
+    /* two requests await chunks whose promise ends without them: the first
+     * to see it promises them in turn and computes them, the other awaits
+     * and loads them (new contexts: no compute speed known, no early end) */
+    random_prompt(p, N, f.n_vocab, 7);
+    run(&other, p, N, C, NULL, NULL, CAKE_MODE_COMPUTE, base, &t0);
+    prompt_keys(&f, p, N, C, keys);
+    promise_all(reg, keys, L);
+    fixture fa, fb;
+    assert_int_equal(fixture_init(&fa, path, 512), 0);
+    assert_int_equal(fixture_init(&fb, path, 512), 0);
+    float *got_b = malloc((size_t)f.n_vocab * sizeof(float));
+    cake_writeback *wa = cake_writeback_create(s, 64, err, sizeof(err));
+    cake_writeback *wbb = cake_writeback_create(s, 64, err, sizeof(err));
+    follower a = {.f = &fa, .prompt = p, .n = N, .lp = lp, .logits = got};
+    follower b = {.f = &fb, .prompt = p, .n = N, .lp = lp, .logits = got_b};
+    a.lp.writeback = wa;
+    b.lp.writeback = wbb;
+    pthread_t tb;
+    assert_int_equal(pthread_create(&th, NULL, follower_main, &a), 0);
+    assert_int_equal(pthread_create(&tb, NULL, follower_main, &b), 0);
+    usleep(20000);
+    for (int i = 0; i < L; i++) cake_inflight_release(reg, &keys[i]);
+    pthread_join(th, NULL);
+    pthread_join(tb, NULL);
+    assert_same(base, got, f.n_vocab, "taken over, a");
+    assert_same(base, got_b, f.n_vocab, "taken over, b");
+    assert_int_equal(a.st.chunks_computed + b.st.chunks_computed, L + 2);
+    assert_int_equal(a.st.chunks_awaited + b.st.chunks_awaited, L);
+    for (int i = 0; i < L; i++) assert_int_equal(cake_inflight_pending(reg, &keys[i]), 0);
+    cake_writeback_free(wa);
+    cake_writeback_free(wbb);
+    free(got_b);
+    fixture_free(&fa);
+    fixture_free(&fb);
 
     cake_writeback_free(wb);
     cake_store_close(s);

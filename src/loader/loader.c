@@ -532,11 +532,26 @@ static void settle_promises(prefill_job *j, int i) {
     pthread_mutex_unlock(&j->mu);
     char why[256];
     const int rc = cake_store_exists(j->p->store, keys, (size_t)n, present, why, sizeof(why));
+    /* Those that did not come (the other request was cancelled, say) are
+     * computed here, and promised in turn, so that a third request waits
+     * for this one rather than computing them too; one that a third
+     * promised first is waited for again. */
+    int8_t taken[64];
+    int n_missing = 0;
+    for (int m = 0; m < n; m++)
+        if (rc || !present[m]) keys[n_missing++] = keys[m];
     pthread_mutex_lock(&j->mu);
-    for (int m = 0; m < n; m++) {
-        const int k = ended[m];
-        j->state[k] = rc == 0 && present[m] ? PRESENT : ABSENT;
-        j->st->chunks_awaited += j->state[k] == PRESENT;
+    if (n_missing && j->p->writeback)
+        cake_inflight_promise(j->p->inflight, keys, n_missing, taken);
+    else
+        memset(taken, -1, sizeof(taken));
+    for (int m = 0, miss = 0; m < n; m++) {
+        const int k = ended[m], came = rc == 0 && present[m];
+        const int8_t t = came ? 1 : taken[miss++];
+        if (!came && t == 0) continue; /* a third request's promise now: still PROMISED */
+        j->state[k] = came ? PRESENT : ABSENT;
+        j->st->chunks_awaited += came;
+        if (!came && t == 1) j->promise[k] = OWN_PROMISE;
         j->n_promised--;
     }
     pthread_cond_broadcast(&j->cv); /* workers may fetch them */

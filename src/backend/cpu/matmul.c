@@ -250,10 +250,11 @@ CAKE_INLINE void mm_tile(float *y, int n_out, mm_x x, int n_in, const void *w, c
         }
     }
     /* A partial tile stores its NR floats one by one: a masked 4-lane store
-     * at the last rows of y reaches past its end, and this machine's CPU
-     * (2-core EPYC VM) faulted on such a store, all of its lanes masked,
-     * when y ended at an unmapped page (TSan's allocator, a page-multiple
-     * logits buffer). */
+     * at the last rows of y reaches past its end, and gcc made of it a
+     * masked VEXTRACTF32X4 to memory, which faults on this VM's Zen 4 CPU
+     * when the masked-off lanes lie in an inaccessible page (unlike a
+     * masked VMOVUPS). A server crashed so when its logits buffer ended at
+     * a page; test_kernels puts every output before a guard page. */
     UNROLL for (int i = 0; i < MT; i++) {
         const __m128 v = cake_fold4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
         float *yi = y + (size_t)i * n_out + r;
