@@ -12,12 +12,7 @@
 
 #include "cake.h"
 #include "model/gguf.h"
-
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
+#include "util/clock.h"
 
 static int argmax(const float *x, int n) {
     int b = 0;
@@ -96,10 +91,10 @@ int main(int argc, char **argv) {
            cake_dtype_name((uint32_t)hp->weight_dtype), kv == CAKE_KV_F32 ? "f32" : "f16", threads,
            batch, backend == CAKE_BACKEND_CUDA ? "cuda" : "cpu");
     for (int i = 0; i < n_lens; i++) {
-        double t0 = now_s();
+        double t0 = cake_now_s();
         if (cake_forward(c, tok, lens[i], 0, logits, err, sizeof(err)))
             return fprintf(stderr, "%s\n", err), 1;
-        double dt = now_s() - t0;
+        double dt = cake_now_s() - t0;
         printf("  prefill %5d tokens: %8.2f s  %8.1f tok/s\n", lens[i], dt, lens[i] / dt);
         fflush(stdout);
     }
@@ -107,13 +102,13 @@ int main(int argc, char **argv) {
      * context, ours continue a real one: slightly harder). */
     int pos = lens[n_lens - 1];
     cake_token t = argmax(logits, hp->n_vocab);
-    double t0 = now_s();
+    double t0 = cake_now_s();
     for (int i = 0; i < n_decode; i++) {
         if (cake_forward(c, &t, 1, pos + i, logits, err, sizeof(err)))
             return fprintf(stderr, "%s\n", err), 1;
         t = argmax(logits, hp->n_vocab);
     }
-    double dt = now_s() - t0;
+    double dt = cake_now_s() - t0;
     printf("  decode  %5d tokens: %8.2f s  %8.1f tok/s (after %d prompt tokens)\n", n_decode, dt,
            n_decode / dt, pos);
 

@@ -19,13 +19,8 @@
 
 #include "backend/cpu/kernels.h"
 #include "model/gguf.h"
+#include "util/clock.h"
 #include "util/q8_0.h"
-
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
 
 static uint64_t rng = 88172645463325252ull;
 static float rnd(void) {
@@ -49,11 +44,11 @@ typedef void (*bench_fn)(void *ctx);
 static double best_time(bench_fn fn, void *ctx, double budget_s, int min_runs) {
     fn(ctx);
     double best = 1e30;
-    const double end = now_s() + budget_s;
-    for (int r = 0; r < min_runs || now_s() < end; r++) {
-        const double t0 = now_s();
+    const double end = cake_now_s() + budget_s;
+    for (int r = 0; r < min_runs || cake_now_s() < end; r++) {
+        const double t0 = cake_now_s();
         fn(ctx);
-        const double dt = now_s() - t0;
+        const double dt = cake_now_s() - t0;
         if (dt < best) best = dt;
         if (r > 1000) break;
     }
@@ -220,9 +215,9 @@ static double cold_time(bench_fn fn, void *ctx, const float *evict, size_t n_evi
         float acc = 0;
         for (size_t i = 0; i < n_evict; i += 16) acc += evict[i];
         sink += acc;
-        const double t0 = now_s();
+        const double t0 = cake_now_s();
         fn(ctx);
-        const double dt = now_s() - t0;
+        const double dt = cake_now_s() - t0;
         if (dt < best) best = dt;
     }
     (void)sink;

@@ -27,12 +27,7 @@
 #include "engine/generate.h"
 #include "server/pool.h"
 #include "store/store.h"
-
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
+#include "util/clock.h"
 
 static uint64_t rng = 42;
 
@@ -69,7 +64,7 @@ static int run_burst(const cake_model *m, const pool_config *cfg, const request 
         return -1;
     }
     serve_job *jobs[64] = {0};
-    const double t0 = now_s();
+    const double t0 = cake_now_s();
     for (int i = 0; i < n; i++) {
         cake_token *copy = malloc((size_t)rq[i].n_prompt * sizeof(*copy));
         if (!copy) return -1;
@@ -95,7 +90,7 @@ static int run_burst(const cake_model *m, const pool_config *cfg, const request 
         }
         out->ttft_ms[i] = jobs[i]->stats.ttft_ms;
     }
-    out->makespan_s = now_s() - t0;
+    out->makespan_s = cake_now_s() - t0;
     out->first = jobs[0]->stats.prefill;
     for (int i = 0; i < n; i++) job_release(jobs[i]);
     pool_free(pool);

@@ -43,6 +43,7 @@
 #include <sys/socket.h>
 
 #include "store/store.h"
+#include "util/clock.h"
 
 typedef struct {
     const char *name;
@@ -53,12 +54,6 @@ static const shape SHAPES[] = {
     {"llama-1b", 16, 8, 64}, {"mha-160m", 12, 12, 64}, {"longalpaca-13b", 40, 40, 128}};
 static int TOKENS = 256; /* per chunk (--tokens) */
 static const int INFLIGHT[] = {1, 2, 4};
-
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
 
 static void die(const char *what, const char *err) {
     fprintf(stderr, "bench_store: %s: %s\n", what, err);
@@ -143,7 +138,7 @@ static void *loader(void *arg) {
     size_t cap = cake_store_buffer_size(j->c->len);
     void *buf = cake_store_alloc_buffer(cap);
     char err[512];
-    while (now_s() < j->until) {
+    while (cake_now_s() < j->until) {
         long i = atomic_fetch_add(&j->next, 1) % j->c->n;
         size_t len;
         int rc = j->verify == 1
@@ -158,7 +153,7 @@ static void *loader(void *arg) {
         }
         t->bytes += len;
     }
-    t->end = now_s();
+    t->end = cake_now_s();
     cake_store_free_buffer(buf);
     return NULL;
 }
@@ -171,7 +166,7 @@ static double run_loads(cake_store *s, chunk_set *c, int threads, int verify, do
     atomic_init(&j.failed, 0);
     pthread_t th[16];
     load_thread lt[16];
-    double t0 = now_s();
+    double t0 = cake_now_s();
     j.until = t0 + seconds;
     for (int i = 0; i < threads; i++) {
         lt[i] = (load_thread){&j, 0, 0};
@@ -200,7 +195,7 @@ static double dd_direct(const char *path, size_t bs, long blocks, int threads, i
     const int direct = probe >= 0;
     if (probe >= 0) close(probe);
     long per = blocks / threads;
-    double t0 = now_s();
+    double t0 = cake_now_s();
     for (int pass = 0; pass < passes; pass++) {
         pid_t pids[16];
         for (int t = 0; t < threads; t++) {
@@ -222,7 +217,7 @@ static double dd_direct(const char *path, size_t bs, long blocks, int threads, i
             if (!WIFEXITED(st) || WEXITSTATUS(st)) die("dd", "failed");
         }
     }
-    return (double)per * threads * bs * passes / (now_s() - t0);
+    return (double)per * threads * bs * passes / (cake_now_s() - t0);
 }
 
 /* ---- redis ---- */

@@ -907,6 +907,47 @@ static void test_shared_prefix(void **state) {
     assert_int_equal(serve_stop(&s), 0);
 }
 
+/* A slot's first request starts from the compute speed another slot's
+ * request measured; a server leaves its speed in the hints file, and the
+ * next one's first request starts from it (CAKE_HINTS= turns that off). */
+static void test_speed_hints(void **state) {
+    (void)state;
+    char hints[] = "/tmp/cake-test-hints-XXXXXX";
+    const int fd = mkstemp(hints);
+    assert_true(fd >= 0);
+    close(fd);
+    unlink(hints);
+#define HINTS_REQUEST "{\"prompt\":\"%s\",\"max_tokens\":1}"
+    for (int with_hints = 0; with_hints < 2; with_hints++) {
+        setenv("CAKE_HINTS", with_hints ? hints : "", 1);
+        t_server s;
+        assert_int_equal(serve_start(&s, g_tiny, "--slots", "2", "--chunk", "16", NULL), 0);
+        cJSON *a = post_ok(s.port, "/v1/completions", HINTS_REQUEST, LONG_PROMPT);
+        /* the idle slot takes the next one (it shares no prefix) */
+        cJSON *b = post_ok(s.port, "/v1/completions", HINTS_REQUEST, "Once upon a time");
+        assert_int_equal(cJSON_IsTrue(at(a, "cake.knew_speed")), 0);
+        assert_int_equal(cJSON_IsTrue(at(b, "cake.knew_speed")), 1);
+        cJSON_Delete(a);
+        cJSON_Delete(b);
+        assert_int_equal(serve_stop(&s), 0);
+    }
+    /* the second server saved its speed; a third starts from it */
+    FILE *f = fopen(hints, "r");
+    assert_non_null(f);
+    char line[512] = "";
+    assert_non_null(fgets(line, sizeof(line), f));
+    fclose(f);
+    assert_int_equal(strncmp(line, "speed ", 6), 0);
+    t_server s;
+    assert_int_equal(serve_start(&s, g_tiny, "--chunk", "16", NULL), 0);
+    cJSON *a = post_ok(s.port, "/v1/completions", HINTS_REQUEST, LONG_PROMPT);
+    assert_int_equal(cJSON_IsTrue(at(a, "cake.knew_speed")), 1);
+    cJSON_Delete(a);
+    assert_int_equal(serve_stop(&s), 0);
+    setenv("CAKE_HINTS", "", 1);
+    unlink(hints);
+}
+
 /* ---- clients that leave, a full queue, shutdown ---- */
 
 /* Opens a stream of a long generation and reads until its first text
@@ -1196,14 +1237,15 @@ static void test_chat_formats(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_chat_formats),  cmocka_unit_test(test_usage_errors),
-        cmocka_unit_test(test_api_key),       cmocka_unit_test(test_bad_requests),
-        cmocka_unit_test(test_answers_tiny),  cmocka_unit_test(test_answers_stories260k),
-        cmocka_unit_test(test_stop_strings),  cmocka_unit_test(test_seeded_sampling),
-        cmocka_unit_test(test_store_reuse),   cmocka_unit_test(test_slow_first_token),
-        cmocka_unit_test(test_slot_prefix),   cmocka_unit_test(test_cancel_and_queue),
-        cmocka_unit_test(test_chat_llama2),   cmocka_unit_test(test_batched_answers),
-        cmocka_unit_test(test_shared_prefix), cmocka_unit_test(test_cancel_prefill),
+        cmocka_unit_test(test_chat_formats),   cmocka_unit_test(test_usage_errors),
+        cmocka_unit_test(test_api_key),        cmocka_unit_test(test_bad_requests),
+        cmocka_unit_test(test_answers_tiny),   cmocka_unit_test(test_answers_stories260k),
+        cmocka_unit_test(test_stop_strings),   cmocka_unit_test(test_seeded_sampling),
+        cmocka_unit_test(test_store_reuse),    cmocka_unit_test(test_slow_first_token),
+        cmocka_unit_test(test_slot_prefix),    cmocka_unit_test(test_cancel_and_queue),
+        cmocka_unit_test(test_chat_llama2),    cmocka_unit_test(test_batched_answers),
+        cmocka_unit_test(test_shared_prefix),  cmocka_unit_test(test_speed_hints),
+        cmocka_unit_test(test_cancel_prefill),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

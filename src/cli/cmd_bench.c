@@ -29,6 +29,7 @@
 #include "cli/cli.h"
 #include "loader/loader.h"
 #include "store/store.h"
+#include "util/clock.h"
 
 #define MAX_LIST 16
 
@@ -83,12 +84,6 @@ typedef struct {
     int n_calls;
 } throttled_engine;
 
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
 static void sleep_s(double s) {
     if (s <= 0) return;
     struct timespec ts = {(time_t)s, (long)((s - floor(s)) * 1e9)};
@@ -128,13 +123,13 @@ static double typical_duration(throttled_engine *e, int pos0, int n, double took
 static int throttled_compute(void *self, const cake_token *t, int n, int pos0, float *logits,
                              char *err, size_t errlen) {
     throttled_engine *e = self;
-    double t0 = now_s();
+    double t0 = cake_now_s();
     int rc = e->inner.compute(e->inner.self, t, n, pos0, logits, err, errlen);
-    const double typical = typical_duration(e, pos0, n, now_s() - t0);
+    const double typical = typical_duration(e, pos0, n, cake_now_s() - t0);
     if (e->share < 1) sleep_s(typical * (1 / e->share - 1));
     /* A chunk starts on a boundary; a prompt's last token computed again
      * (pos0 just before one) is its tail, after the last chunk. */
-    if (e->record) e->record[(pos0 + e->chunk - 1) / e->chunk] = (now_s() - t0) * 1e3;
+    if (e->record) e->record[(pos0 + e->chunk - 1) / e->chunk] = (cake_now_s() - t0) * 1e3;
     return rc;
 }
 
@@ -160,7 +155,7 @@ static int copy_store(cake_store *from, cake_store *to, char *err, size_t errlen
     void *buf = NULL;
     size_t cap = 0;
     int rc = cake_store_list(from, &e, &n, err, errlen);
-    double t0 = now_s();
+    double t0 = cake_now_s();
     for (size_t i = 0; !rc && i < n; i++) {
         if (e[i].size > cap) {
             free(buf);
@@ -178,7 +173,7 @@ static int copy_store(cake_store *from, cake_store *to, char *err, size_t errlen
     }
     if (!rc)
         fprintf(stderr, "copied %zu chunks into %s in %.1f s\n", n, cake_store_uri(to),
-                now_s() - t0);
+                cake_now_s() - t0);
     free(buf);
     free(e);
     return rc;
@@ -228,7 +223,7 @@ static double one_request(bench *b, const cake_token *prompt, int n, cake_store 
                              .trace_path = b->trace_path};
     char err[256];
     cake_prefill_job *pending = NULL;
-    double t0 = now_s();
+    double t0 = cake_now_s();
     if (cake_prefill(&b->engine, prompt, n, &p, b->logits, st, &pending, err, sizeof(err))) {
         fprintf(stderr, "cake bench: %s\n", err);
         return -1;
@@ -237,7 +232,7 @@ static double one_request(bench *b, const cake_token *prompt, int n, cake_store 
     volatile int first = 0;
     for (int i = 1; i < b->n_vocab; i++)
         if (b->logits[i] > b->logits[first]) first = i;
-    double ttft = (now_s() - t0) * 1e3;
+    double ttft = (cake_now_s() - t0) * 1e3;
     cake_prefill_finish(pending);
     return ttft;
 }
@@ -369,7 +364,7 @@ static int measure_cell(bench *b, const cake_token *prompt, int n, cake_store *s
     double compared_s = 0; /* time in Cake runs and in the better baseline's */
     double extra_t0 = 0;   /* when the extra repeats began */
     for (; r < 64 && (r < b->repeat ||
-                      (compared_s < b->min_cell_s && now_s() - extra_t0 < b->min_cell_s / 2));
+                      (compared_s < b->min_cell_s && cake_now_s() - extra_t0 < b->min_cell_s / 2));
          r++) {
         const int i = r;
         double *rec = runs + (size_t)i * (size_t)stride;
@@ -436,7 +431,7 @@ static int measure_cell(bench *b, const cake_token *prompt, int n, cake_store *s
             vs[i] = vk[i] / fmin(t_compute, vl[i]);
         }
         if (i == b->repeat - 1) { /* the first R are done: what the extra ones skip */
-            extra_t0 = now_s();
+            extra_t0 = cake_now_s();
             skip_load = clearly_slower(vl, n_l, paired ? vc : &tc->med, paired ? n_c : 1);
             /* Compute-only gives T* its curve, unless its first chunk alone
              * took longer than loading everything. */
@@ -749,7 +744,7 @@ static int bench_ttft(int argc, char **argv) {
     int n_eff_ok = 0, n_vs_ok = 0;
     double worst_eff = INFINITY, worst_vs = 0;
     char worst_eff_cell[96] = "", worst_vs_cell[96] = "";
-    const double t_start = now_s();
+    const double t_start = cake_now_s();
     for (int ci = 0; ci < n_ctx; ci++) {
         const int n = (int)ctxs[ci];
         uint64_t x = 0x5eed0000ull + (uint64_t)n;
@@ -798,7 +793,7 @@ static int bench_ttft(int argc, char **argv) {
             for (int bi = 0; bi < n_bw; bi++) {
                 cell++;
                 fprintf(stderr, "[%d/%d, %.0f s] ctx %d, share %g, %g Gbit/s\n", cell, total_cells,
-                        now_s() - t_start, n, share, bws[bi]);
+                        cake_now_s() - t_start, n, share, bws[bi]);
                 cake_store *s = NULL;
                 snprintf(uri, sizeof(uri), "%s%cbw=%.6gGbit", base, strchr(base, '?') ? '&' : '?',
                          bws[bi]);
@@ -873,7 +868,7 @@ static int bench_ttft(int argc, char **argv) {
         fputs(line, md);
     }
     fprintf(stderr, "cake bench: done in %.0f s; results in %s/ttft.csv and ttft.md\n",
-            now_s() - t_start, out);
+            cake_now_s() - t_start, out);
     fclose(csv);
     csv = NULL;
     fclose(md);

@@ -360,10 +360,9 @@ int cmd_run(int argc, char **argv) {
     if (store) {
         cake_loader_engine le;
         cake_context_loader_engine(ctx, 1, &le);
-        char fp[33];
-        snprintf(speed_key, sizeof(speed_key), "%s/%s/%dt/%ld", cake_hex16(le.fingerprint, fp),
-                 o.backend == CAKE_BACKEND_CUDA ? "cuda" : "cpu", cake_context_n_threads(ctx),
-                 o.chunk);
+        cli_hints_speed_key(speed_key, sizeof(speed_key), le.fingerprint,
+                            o.backend == CAKE_BACKEND_CUDA ? "cuda" : "cpu",
+                            cake_context_n_threads(ctx), o.chunk);
         speed = le.speed;
         cli_hints_load(speed_key, speed, o.store, store);
     }

@@ -8,8 +8,10 @@
 
 #include "cake.h"
 #include "cli/cli.h"
+#include "cli/hints.h"
 #include "model/model.h"
 #include "server/server.h"
+#include "store/key.h"
 
 #define DEFAULT_STORE "mem:?capacity=2GiB"
 
@@ -210,6 +212,7 @@ int cmd_serve(int argc, char **argv) {
     serve_pool *pool = NULL;
     serve_server *server = NULL;
     char *name = NULL;
+    char speed_key[96] = "";
     rc = CLI_FAIL;
     if (o.store && cake_store_open(o.store, &store, err, sizeof(err))) {
         cli_error(CLI_FAIL, "serve", "--store %s: %s", o.store, err);
@@ -235,6 +238,20 @@ int cmd_serve(int argc, char **argv) {
     if (pool_create(model, &pc, &pool, err, sizeof(err))) {
         cli_error(CLI_FAIL, "serve", "%s", err);
         goto done;
+    }
+    /* The compute speed and load rate that earlier runs measured
+     * (cli/hints.c), so that the first requests need not guess; this
+     * run's go back at the end. */
+    if (store) {
+        uint8_t fp[16];
+        cake_model_fingerprint(model, fp); /* (hashed already: the pool keys chunks with it) */
+        if (o.backend == CAKE_BACKEND_CUDA) cake_key_backend_fingerprint(fp, "cuda", fp);
+        cli_hints_speed_key(speed_key, sizeof(speed_key), fp,
+                            o.backend == CAKE_BACKEND_CUDA ? "cuda" : "cpu", pool_n_threads(pool),
+                            o.chunk);
+        cake_compute_speed speed = {0};
+        cli_hints_load(speed_key, &speed, o.store, store);
+        pool_speed_set(pool, &speed);
     }
     if (!(name = strdup(o.name ? o.name : o.model))) goto done;
     api_model am = {.tok = cake_model_tokenizer(model),
@@ -267,7 +284,12 @@ done:
     server_begin_shutdown(server);
     if (pool) pool_shutdown(pool); /* running requests stop at their next token */
     server_stop(server);           /* then their connections close */
-    pool_free(pool);               /* write-backs drained */
+    if (pool && store && rc == CLI_OK) {
+        cake_compute_speed speed;
+        pool_speed_get(pool, &speed);
+        cli_hints_save(speed_key, &speed, o.store, store);
+    }
+    pool_free(pool); /* write-backs drained */
     cake_model_free(model);
     cake_store_close(store);
     free(name);

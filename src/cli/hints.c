@@ -42,6 +42,12 @@ static int hints_path(char *out, size_t n) {
     return k > 0 && (size_t)k < n ? 0 : -1;
 }
 
+void cli_hints_speed_key(char *out, size_t n, const uint8_t loader_fp[16], const char *backend,
+                         int n_threads, long chunk) {
+    char fp[33];
+    snprintf(out, n, "%s/%s/%dt/%ld", cake_hex16(loader_fp, fp), backend, n_threads, chunk);
+}
+
 /* Creates the folder that path is in. */
 static void make_parents(const char *path) {
     char dir[1024];

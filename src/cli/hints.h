@@ -7,6 +7,12 @@
 #include "loader/loader.h"
 #include "store/store.h"
 
+/* The key of an engine's compute speed: its loader fingerprint (the model's,
+ * made the backend's own where the KV bits differ: store/key.h), backend,
+ * threads and chunk size. `cake run` and `cake serve` share it. */
+void cli_hints_speed_key(char *out, size_t n, const uint8_t loader_fp[16], const char *backend,
+                         int n_threads, long chunk);
+
 /* Fills *speed from the hint under speed_key, and sets store's rate hint from
  * the one under rate_key (the store URI), where the file has them. */
 void cli_hints_load(const char *speed_key, cake_compute_speed *speed, const char *rate_key,

@@ -1,15 +1,13 @@
 #include "engine/generate.h"
 
 #include <stdlib.h>
-#include <time.h>
 
 #include "engine/context.h"
+#include "util/clock.h"
 #include "util/err.h"
 
 static double now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
+    return (double)cake_now_ns() / 1e6;
 }
 
 /* A request's forward passes, routed to its forward hook (r->forward) and

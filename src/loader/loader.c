@@ -135,6 +135,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "util/clock.h"
 #include "util/err.h"
 
 /* How long one wait for a turn lasts before the compute side looks whether
@@ -234,12 +235,6 @@ int cake_mode_parse(const char *s, cake_mode *out) {
     return 0;
 }
 
-static uint64_t now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
 double cake_chunk_flops(const cake_hparams *hp, int pos0, int n) {
     const double q = (double)hp->n_heads * hp->head_dim, kv = (double)hp->n_kv_heads * hp->head_dim;
     /* Per token: the matmuls (q, k, v, o, gate, up, down), then attention
@@ -288,11 +283,7 @@ static void trace_add(prefill_job *j, int tid, int chunk, const char *what, uint
 
 /* Waits on the condition variable for at most ns (under the mutex). */
 static void wait_ns(prefill_job *j, uint64_t ns) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    uint64_t t = (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec + ns;
-    ts.tv_sec = (time_t)(t / 1000000000ull);
-    ts.tv_nsec = (long)(t % 1000000000ull);
+    const struct timespec ts = cake_deadline_ns(ns);
     pthread_cond_timedwait(&j->cv, &j->mu, &ts);
 }
 
@@ -354,7 +345,7 @@ static uint64_t remaining_load_ns(prefill_job *j, int i) {
     }
     if (!pending) return 0;
     if (rate <= 0) return UINT64_MAX;
-    link_advance(j, now_ns());
+    link_advance(j, cake_now_ns());
     /* What the last chunk we need has left: a whole blob when one is unclaimed. */
     double last = waiting ? (double)j->blob_size : 0;
     for (int w = 0; w < j->n_started; w++)
@@ -374,7 +365,7 @@ static uint64_t remaining_load_ns(prefill_job *j, int i) {
 static int worth_fetching(prefill_job *j, int k) {
     const double rate = link_rate(j);
     if (j->compute_waits || !j->ns_per_flop || rate <= 0) return 1;
-    const uint64_t now = now_ns();
+    const uint64_t now = cake_now_ns();
     link_advance(j, now);
     /* A new transfer has the most left, so it ends when the link has served everything. */
     double bytes = (double)j->blob_size;
@@ -422,7 +413,7 @@ static void *io_worker_main(void *arg) {
             continue;
         }
         j->state[i] = FETCHING;
-        const uint64_t t0 = now_ns();
+        const uint64_t t0 = cake_now_ns();
         w->chunk = i;
         link_start(j, w, t0);
         if (!j->first_claim) j->first_claim = t0;
@@ -431,7 +422,7 @@ static void *io_worker_main(void *arg) {
         size_t len = 0;
         int rc = cake_store_get_verified(j->p->store, &j->expect[i], w->buf, j->buf_size, &len, err,
                                          sizeof(err));
-        const uint64_t t1 = now_ns();
+        const uint64_t t1 = cake_now_ns();
 
         pthread_mutex_lock(&j->mu);
         link_end(j, w, t1, rc == 0 ? len : 0);
@@ -456,7 +447,7 @@ static void *io_worker_main(void *arg) {
         /* The chunk's positions belong to this worker now: no lock needed. */
         int irc =
             j->e->install(j->e->self, w->buf, &j->expect[i], i * j->p->chunk, err, sizeof(err));
-        const uint64_t t2 = now_ns();
+        const uint64_t t2 = cake_now_ns();
 
         pthread_mutex_lock(&j->mu);
         trace_add(j, w->tid, i, "copy", t1, t2);
@@ -561,18 +552,18 @@ static void settle_promises(prefill_job *j, int i) {
  * until the chunk is in the store or the promise ends, at most about two
  * of its compute times (AWAIT_NS without an estimate). Under the mutex. */
 static void await_promise(prefill_job *j, int i, uint64_t est_compute) {
-    const uint64_t t0 = now_ns();
+    const uint64_t t0 = cake_now_ns();
     const uint64_t limit = est_compute ? 2 * est_compute + 50000000 : AWAIT_NS;
     for (;;) {
         settle_promises(j, i);
-        if (j->state[i] != PROMISED || now_ns() - t0 >= limit) break;
+        if (j->state[i] != PROMISED || cake_now_ns() - t0 >= limit) break;
         wait_ns(j, AWAIT_POLL_NS);
     }
     if (j->state[i] == PROMISED) { /* the promiser is late: compute it here */
         j->state[i] = ABSENT;
         j->n_promised--;
     }
-    const uint64_t t1 = now_ns();
+    const uint64_t t1 = cake_now_ns();
     j->st->await_ms += (double)(t1 - t0) / 1e6;
     trace_add(j, 0, i, "wait for another request", t0, t1);
 }
@@ -583,7 +574,7 @@ static int compute_side(prefill_job *j, char *err, size_t errlen) {
     int rc = 0;
     pthread_mutex_lock(&j->mu);
     if (j->p->mode == CAKE_MODE_LOAD) { /* LMCache way: all loads first */
-        const uint64_t t0 = now_ns();
+        const uint64_t t0 = cake_now_ns();
         for (;;) {
             int busy = 0;
             for (int i = 0; i < j->n_loadable; i++)
@@ -591,7 +582,7 @@ static int compute_side(prefill_job *j, char *err, size_t errlen) {
             if (!busy) break;
             wait_ns(j, 50000000);
         }
-        const uint64_t t1 = now_ns();
+        const uint64_t t1 = cake_now_ns();
         j->st->compute_wait_ms += (double)(t1 - t0) / 1e6;
         if (t1 > t0) trace_add(j, 0, -1, "wait for loads", t0, t1);
     }
@@ -600,9 +591,9 @@ static int compute_side(prefill_job *j, char *err, size_t errlen) {
         /* Compute time of chunk i, at the engine's recent speed. */
         const uint64_t est_compute = (uint64_t)est_compute_ns(j, i);
         j->front = i;
-        j->front_t0 = now_ns();
+        j->front_t0 = cake_now_ns();
         if (j->state[i] == PROMISED) await_promise(j, i, est_compute);
-        const uint64_t wait_start = now_ns();
+        const uint64_t wait_start = cake_now_ns();
         for (int have_turn = !j->e->wait_turn;;) {
             for (;;) {
                 enum chunk_state s = j->state[i];
@@ -618,7 +609,7 @@ static int compute_side(prefill_job *j, char *err, size_t errlen) {
                     pthread_cond_broadcast(&j->cv);
                 }
                 wait_ns(j, budget);
-                waited = now_ns() - wait_start;
+                waited = cake_now_ns() - wait_start;
             }
             if (have_turn || j->state[i] == LOADED || j->state[i] == ABSENT) break;
             /* A busy engine (a server's other requests) may not run the chunk
@@ -627,17 +618,17 @@ static int compute_side(prefill_job *j, char *err, size_t errlen) {
              * the compute side waits), then decide again. */
             j->compute_waits = 1;
             pthread_cond_broadcast(&j->cv);
-            const uint64_t t0 = now_ns();
+            const uint64_t t0 = cake_now_ns();
             int granted = 0; /* (a chunk loaded meanwhile ends the wait) */
             while (!granted && j->state[i] != LOADED) {
                 pthread_mutex_unlock(&j->mu);
                 granted = j->e->wait_turn(j->e->self, C, TURN_POLL_NS);
                 pthread_mutex_lock(&j->mu);
             }
-            const uint64_t t1 = now_ns();
+            const uint64_t t1 = cake_now_ns();
             turn += t1 - t0;
             if (t1 - t0 > 100000) trace_add(j, 0, i, "wait for a turn", t0, t1);
-            waited = now_ns() - wait_start;
+            waited = cake_now_ns() - wait_start;
             have_turn = 1;
         }
         j->compute_waits = 0;
@@ -652,13 +643,13 @@ static int compute_side(prefill_job *j, char *err, size_t errlen) {
         }
         const int was_absent = j->state[i] == ABSENT;
         j->state[i] = COMPUTING; /* from ABSENT, PRESENT or a taken-over FETCHING */
-        const uint64_t t0 = now_ns();
+        const uint64_t t0 = cake_now_ns();
         j->front_t0 = t0;
         pthread_mutex_unlock(&j->mu);
 
         float *logits = i == j->n_loadable - 1 ? j->last_logits : NULL;
         rc = j->e->compute(j->e->self, j->prompt + (size_t)i * C, C, i * C, logits, err, errlen);
-        const uint64_t t1 = now_ns();
+        const uint64_t t1 = cake_now_ns();
         const double ns_per_flop = (double)(t1 - t0) / cake_chunk_flops(j->e->hp, i * C, C);
         speed_add(j->speed, ns_per_flop); /* also for the next request's first meet */
 
@@ -797,7 +788,7 @@ int cake_prefill(const cake_loader_engine *e, const cake_token *prompt, int n_pr
     j->params.mode = st->mode;
     j->params.io_depth = st->io_depth;
     j->p = &j->params;
-    j->t_start = now_ns();
+    j->t_start = cake_now_ns();
     j->speed = e->speed ? e->speed : &j->own_speed;
     j->ns_per_flop = speed_typical(j->speed);
     st->knew_speed = j->ns_per_flop > 0;
@@ -883,7 +874,7 @@ int cake_prefill(const cake_loader_engine *e, const cake_token *prompt, int n_pr
             k++;
         }
     }
-    st->lookup_ms = (double)(now_ns() - j->t_start) / 1e6;
+    st->lookup_ms = (double)(cake_now_ns() - j->t_start) / 1e6;
 
     /* I/O workers, only when there is something to load. */
     if (st->mode != CAKE_MODE_COMPUTE && n_present + j->n_promised > 0) {
@@ -929,7 +920,7 @@ int cake_prefill(const cake_loader_engine *e, const cake_token *prompt, int n_pr
     const int pos = j->n_loadable * C;
     if (pos < n_prompt || j->last_token_alone || j->state[j->n_loadable - 1] != COMPUTED) {
         const int from = pos < n_prompt ? pos : n_prompt - 1;
-        const uint64_t t0 = now_ns();
+        const uint64_t t0 = cake_now_ns();
         cake_chunk_header kept_h;
         if (j->last_token_alone) { /* the chunk's bits of the position, kept */
             kept_h = one_position_header(j);
@@ -945,7 +936,7 @@ int cake_prefill(const cake_loader_engine *e, const cake_token *prompt, int n_pr
         if (j->last_token_alone && e->install(e->self, kept_kv, &kept_h, from, err, errlen))
             goto done;
         if (j->deferred_writeback) queue_writeback(j, j->n_loadable - 1, j->deferred_writeback - 1);
-        const uint64_t t1 = now_ns();
+        const uint64_t t1 = cake_now_ns();
         pthread_mutex_lock(&j->mu);
         trace_add(j, 0, j->n_loadable, pos < n_prompt ? "compute tail" : "compute last token", t0,
                   t1);

@@ -9,6 +9,7 @@
 #include <time.h>
 
 #include "loader/loader.h"
+#include "util/clock.h"
 #include "util/err.h"
 
 typedef struct {
@@ -131,12 +132,8 @@ int cake_writeback_enqueue(cake_writeback *w, const cake_loader_engine *e,
 }
 
 int cake_writeback_drain(cake_writeback *w, int timeout_ms) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    uint64_t deadline = (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec +
-                        (uint64_t)(timeout_ms < 0 ? 0 : timeout_ms) * 1000000ull;
-    ts.tv_sec = (time_t)(deadline / 1000000000ull);
-    ts.tv_nsec = (long)(deadline % 1000000000ull);
+    const struct timespec ts =
+        cake_deadline_ns((uint64_t)(timeout_ms < 0 ? 0 : timeout_ms) * 1000000ull);
     pthread_mutex_lock(&w->mu);
     while ((w->count || w->busy) && pthread_cond_timedwait(&w->idle_cv, &w->mu, &ts) == 0) {
     }

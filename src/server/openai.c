@@ -346,6 +346,8 @@ static void add_cake(cJSON *r, const serve_job *j) {
     cJSON_AddNumberToObject(c, "chunks_missing", ps->chunks_missing);
     cJSON_AddNumberToObject(c, "chunks_corrupt", ps->chunks_corrupt);
     cJSON_AddNumberToObject(c, "chunks_awaited", ps->chunks_awaited);
+    cJSON_AddBoolToObject(c, "knew_speed", ps->knew_speed);
+    cJSON_AddBoolToObject(c, "knew_rate", ps->knew_rate);
     cJSON_AddNumberToObject(c, "meet_chunk", ps->meet_chunk);
     cJSON_AddNumberToObject(c, "bytes_loaded", (double)ps->bytes_loaded);
     if (ps->store_error[0])

@@ -4,6 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "engine/context.h"
 #include "model/tokenizer.h"
 #include "util/err.h"
 
@@ -67,7 +68,8 @@ struct serve_pool {
     const cake_model *model;
     int n_ctx;
     slot *slots; /* slot 0's context is the engine: its threads and scratch run every step */
-    cake_inflight *inflight; /* prompt chunks the slots are computing now (with a store) */
+    cake_inflight *inflight;  /* prompt chunks the slots are computing now (with a store) */
+    cake_compute_speed speed; /* under mu: the last that a slot's request ended with */
     sched *sched;
     pthread_mutex_t mu;
     pthread_cond_t cv;
@@ -274,6 +276,8 @@ static void *slot_main(void *arg) {
             break;
         }
         const int stopping = p->shutdown;
+        /* (the slot's own memory is its thread's: no one else touches it) */
+        if (!s->ctx->compute_speed.count) s->ctx->compute_speed = p->speed;
         pthread_mutex_unlock(&p->mu);
 
         if (stopping)
@@ -288,6 +292,7 @@ static void *slot_main(void *arg) {
         pthread_mutex_lock(&p->mu);
         p->totals.running--;
         s->current = NULL;
+        if (s->ctx->compute_speed.count) p->speed = s->ctx->compute_speed;
         account(p, j);
         const uint64_t number = ++p->n_finished;
         s->idle_since = number;
@@ -387,6 +392,22 @@ int pool_submit(serve_pool *p, serve_job *j) {
 
 int pool_n_ctx(const serve_pool *p) {
     return p->n_ctx;
+}
+
+int pool_n_threads(const serve_pool *p) {
+    return cake_context_n_threads(p->slots[0].ctx);
+}
+
+void pool_speed_set(serve_pool *p, const cake_compute_speed *speed) {
+    pthread_mutex_lock(&p->mu);
+    p->speed = *speed;
+    pthread_mutex_unlock(&p->mu);
+}
+
+void pool_speed_get(serve_pool *p, cake_compute_speed *out) {
+    pthread_mutex_lock(&p->mu);
+    *out = p->speed;
+    pthread_mutex_unlock(&p->mu);
 }
 
 void pool_counters_get(serve_pool *p, pool_counters *out) {

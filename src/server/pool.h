@@ -61,6 +61,13 @@ int pool_create(const cake_model *m, const pool_config *cfg, serve_pool **out, c
  * or the pool is shutting down (j is untouched). */
 int pool_submit(serve_pool *p, serve_job *j);
 int pool_n_ctx(const serve_pool *p);
+int pool_n_threads(const serve_pool *p); /* the engine's */
+
+/* The loader's compute-speed memory (loader.h), shared by the slots: a
+ * slot's first request starts from what the last request on any slot
+ * measured, or from what was set here (the hints of an earlier run). */
+void pool_speed_set(serve_pool *p, const cake_compute_speed *speed);
+void pool_speed_get(serve_pool *p, cake_compute_speed *out);
 void pool_counters_get(serve_pool *p, pool_counters *out);
 /* Refuses new jobs from now on, ends the queued ones (with an error) and
  * cancels the running ones (they stop at their next token). Returns at once. */

@@ -7,6 +7,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "util/clock.h"
 #include "util/err.h"
 
 #define N_KINDS 3 /* cake_pass_kind, in priority order */
@@ -54,7 +55,7 @@ struct sched {
      * asked for their next pass nor left (sched_release) yet. */
     cake_context **owed;
     int n_owed;
-    struct timespec gather_until;
+    uint64_t gather_until; /* CLOCK_MONOTONIC ns */
     sched_counters totals;
 };
 
@@ -79,23 +80,6 @@ static void settle_owed(sched *s, const cake_context *seq) {
             pthread_cond_signal(&s->work_cv);
             return;
         }
-}
-
-static int before(const struct timespec *a, const struct timespec *b) {
-    return a->tv_sec < b->tv_sec || (a->tv_sec == b->tv_sec && a->tv_nsec < b->tv_nsec);
-}
-
-/* The CLOCK_MONOTONIC time ns from now. */
-static struct timespec in_ns(uint64_t ns) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    t.tv_sec += (time_t)(ns / 1000000000);
-    t.tv_nsec += (long)(ns % 1000000000);
-    if (t.tv_nsec >= 1000000000) {
-        t.tv_sec++;
-        t.tv_nsec -= 1000000000;
-    }
-    return t;
 }
 
 /* Takes the finished passes off the queues and wakes their threads. */
@@ -138,10 +122,9 @@ static void *sched_main(void *arg) {
     pthread_mutex_lock(&s->mu);
     for (;;) {
         if (s->n_owed > 0) { /* wait for them, a little */
-            struct timespec now;
-            clock_gettime(CLOCK_MONOTONIC, &now);
-            if (before(&now, &s->gather_until)) {
-                pthread_cond_timedwait(&s->work_cv, &s->mu, &s->gather_until);
+            if (cake_now_ns() < s->gather_until) {
+                const struct timespec until = cake_timespec_ns(s->gather_until);
+                pthread_cond_timedwait(&s->work_cv, &s->mu, &until);
                 continue;
             }
             s->n_owed = 0;
@@ -149,7 +132,7 @@ static void *sched_main(void *arg) {
         int granted;
         const int nb = pick_step(s, &granted);
         if (granted) { /* the step waits for the granted passes */
-            s->gather_until = in_ns(GATHER_NS);
+            s->gather_until = cake_now_ns() + GATHER_NS;
             retire_finished(s);
             continue;
         }
@@ -172,7 +155,7 @@ static void *sched_main(void *arg) {
             p->finished = p->done == p->n || p->rc;
             if (p->finished) s->owed[s->n_owed++] = p->seq;
         }
-        s->gather_until = in_ns(GATHER_NS);
+        s->gather_until = cake_now_ns() + GATHER_NS;
         retire_finished(s);
     }
     pthread_mutex_unlock(&s->mu);
@@ -236,7 +219,7 @@ fail:
  * timeout_ns (0: no limit) have passed: then p leaves the queue unserved.
  * Returns whether it was served. */
 static int enqueue_and_wait(sched *s, pass *p, uint64_t timeout_ns) {
-    const struct timespec until = in_ns(timeout_ns);
+    const struct timespec until = cake_deadline_ns(timeout_ns);
     pthread_mutex_lock(&s->mu);
     pass **q = &s->queue[s->policy == SCHED_FCFS ? 0 : (int)p->kind], **pp = q;
     while (*pp && (*pp)->order <= p->order) pp = &(*pp)->next;

@@ -24,15 +24,10 @@
 #include <time.h>
 
 #include "store/store_impl.h"
+#include "util/clock.h"
 #include "util/err.h"
 
 /* ---- time ---- */
-
-uint64_t cake_store_now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
 
 static void sleep_ns(uint64_t ns) {
     struct timespec ts = {(time_t)(ns / 1000000000ull), (long)(ns % 1000000000ull)};
@@ -90,7 +85,7 @@ static void link_advance(emu_link *l, uint64_t now) {
 /* Joins the link; returns the virtual time of arrival. */
 static double link_join(emu_link *l) {
     pthread_mutex_lock(&l->mu);
-    uint64_t now = cake_store_now_ns();
+    uint64_t now = cake_now_ns();
     if (l->n_active == 0)
         l->t_last = l->idle_since && now - l->idle_since < LINK_GRACE_NS ? l->idle_since : now;
     else
@@ -108,7 +103,7 @@ static void link_finish(emu_link *l, double v0, uint64_t bytes) {
     uint64_t pt;
     pthread_mutex_lock(&l->mu);
     for (;;) {
-        uint64_t now = cake_store_now_ns();
+        uint64_t now = cake_now_ns();
         pv = l->vclock;
         pt = l->t_last;
         link_advance(l, now);
@@ -117,7 +112,7 @@ static void link_finish(emu_link *l, double v0, uint64_t bytes) {
          * early (broadcast), a joiner makes us wake early and wait again. */
         double wait = (done - l->vclock) * l->n_active / l->bytes_per_ns;
         uint64_t until = now + (uint64_t)ceil(wait);
-        struct timespec ts = {(time_t)(until / 1000000000ull), (long)(until % 1000000000ull)};
+        const struct timespec ts = cake_timespec_ns(until);
         pthread_cond_timedwait(&l->cv, &l->mu, &ts);
     }
     /* We woke late. When the clock crossed `done` within its last step, leave
@@ -491,7 +486,7 @@ static int emulated_get(cake_store *s, const cake_chunk_key *key, cake_payload_h
 
 int cake_store_get(cake_store *s, const cake_chunk_key *key, void *buf, size_t cap, size_t *len,
                    char *err, size_t errlen) {
-    uint64_t t0 = cake_store_now_ns();
+    uint64_t t0 = cake_now_ns();
     if (err && errlen) err[0] = '\0';
     int rc = emulated_get(s, key, NULL, buf, cap, len, err, errlen);
     if (rc == 0) {
@@ -504,7 +499,7 @@ int cake_store_get(cake_store *s, const cake_chunk_key *key, void *buf, size_t c
             rc = 1;
         }
     }
-    add(&s->ctr.read_ns, cake_store_now_ns() - t0);
+    add(&s->ctr.read_ns, cake_now_ns() - t0);
     return rc;
 }
 
@@ -545,21 +540,21 @@ static int check_room(const cake_chunk_header *expect, size_t cap, char *err, si
 
 int cake_store_get_verified(cake_store *s, const cake_chunk_header *expect, void *buf, size_t cap,
                             size_t *len, char *err, size_t errlen) {
-    uint64_t t0 = cake_store_now_ns();
+    uint64_t t0 = cake_now_ns();
     if (err && errlen) err[0] = '\0';
     if (check_room(expect, cap, err, errlen)) return -1;
     cake_payload_hash hash;
     cake_payload_hash_init(&hash);
     int rc = emulated_get(s, &expect->key, &hash, buf, cap, len, err, errlen);
     rc = settle_verified(s, expect, &hash, buf, rc, len, err, errlen);
-    add(&s->ctr.read_ns, cake_store_now_ns() - t0);
+    add(&s->ctr.read_ns, cake_now_ns() - t0);
     return rc;
 }
 
 int cake_store_get_many_verified(cake_store *s, const cake_chunk_header *expect, size_t n,
                                  void *const *bufs, size_t cap, size_t *lens, int *results,
                                  char *err, size_t errlen) {
-    uint64_t t0 = cake_store_now_ns();
+    uint64_t t0 = cake_now_ns();
     if (err && errlen) err[0] = '\0';
     for (size_t i = 0; i < n; i++) {
         results[i] = 1;
@@ -597,7 +592,7 @@ int cake_store_get_many_verified(cake_store *s, const cake_chunk_header *expect,
     }
     if (keys != stack_keys) free(keys);
     if (v0 != stack_v0) free(v0);
-    add(&s->ctr.read_ns, cake_store_now_ns() - t0);
+    add(&s->ctr.read_ns, cake_now_ns() - t0);
     return hits;
 }
 

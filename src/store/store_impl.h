@@ -94,7 +94,4 @@ int cake_store_backend_count(const cake_store_ops *ops, void *b, cake_store_usag
  * kill a writer mid-write deterministically. */
 extern void (*cake_store_file_mid_write_hook)(void);
 
-/* CLOCK_MONOTONIC in ns, shared by the backends and the emulation. */
-uint64_t cake_store_now_ns(void);
-
 #endif

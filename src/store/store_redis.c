@@ -31,6 +31,7 @@
 #include <unistd.h>
 
 #include "store/store_impl.h"
+#include "util/clock.h"
 #include "util/err.h"
 
 #define POOL_MAX         16
@@ -62,7 +63,7 @@ static void key_name(const cake_chunk_key *k, char out[KEY_LEN + 1]) {
 /* Marks the server down and drops the idle connections (they are most likely
  * dead too). Under r->mu. */
 static void mark_down(redis_store *r, const char *why) {
-    r->down_until = cake_store_now_ns() + RETRY_MS * 1000000ull;
+    r->down_until = cake_now_ns() + RETRY_MS * 1000000ull;
     snprintf(r->down_reason, sizeof(r->down_reason), "%s", why);
     for (int i = 0; i < r->n_idle; i++) redisFree(r->idle[i]);
     r->n_idle = 0;
@@ -87,7 +88,7 @@ static uint64_t ask_max_bulk(redisContext *c) {
 
 static redisContext *connect_new(redis_store *r, char *err, size_t errlen) {
     pthread_mutex_lock(&r->mu);
-    uint64_t now = cake_store_now_ns();
+    uint64_t now = cake_now_ns();
     if (now < r->down_until) {
         cake_err(err, errlen, "redis %s:%d unreachable (%s); next try in %llu ms", r->host, r->port,
                  r->down_reason, (unsigned long long)((r->down_until - now) / 1000000 + 1));
@@ -173,7 +174,7 @@ static int run_cmd(redis_store *r, const char *what, redis_cmd_fn fn, void *ctx,
         int reused;
         redisContext *c = conn_take(r, &reused, e, sizeof(e));
         if (!c) break;
-        uint64_t t0 = cake_store_now_ns();
+        uint64_t t0 = cake_now_ns();
         rc = fn(c, ctx, e, sizeof(e));
         if (rc != 1) {
             conn_give(r, c);
@@ -182,7 +183,7 @@ static int run_cmd(redis_store *r, const char *what, redis_cmd_fn fn, void *ctx,
         conn_broken(r, c, what, e, sizeof(e));
         /* A dead idle connection fails at once (EOF, reset): worth one retry.
          * A slow failure is a timeout: retrying would double the wait. */
-        int fast = cake_store_now_ns() - t0 < r->io_ns / 2;
+        int fast = cake_now_ns() - t0 < r->io_ns / 2;
         pthread_mutex_lock(&r->mu);
         if (reused && fast) { /* the others idle since then are likely dead too: start afresh */
             for (int i = 0; i < r->n_idle; i++) redisFree(r->idle[i]);
