@@ -41,19 +41,26 @@ static void count_status(serve_server *s, unsigned status) {
         if (statuses[i] == status) atomic_fetch_add(&s->status_counts[i], 1);
 }
 
+/* Closes the connection, in a line of the log (libmicrohttpd's own is
+ * left out: log_http). */
+static enum MHD_Result out_of_memory(void) {
+    fputs("cake serve: http: out of memory, closing a connection\n", stderr);
+    return MHD_NO;
+}
+
 /* Queues body (malloc'd; taken over) with status and content type. */
 static enum MHD_Result reply(serve_server *s, struct MHD_Connection *c, unsigned status, char *body,
                              const char *type) {
     if (!body) {
         status = MHD_HTTP_INTERNAL_SERVER_ERROR;
         body = strdup("{\"error\":{\"message\":\"out of memory\",\"type\":\"server_error\"}}");
-        if (!body) return MHD_NO;
+        if (!body) return out_of_memory();
     }
     struct MHD_Response *r =
         MHD_create_response_from_buffer(strlen(body), body, MHD_RESPMEM_MUST_FREE);
     if (!r) {
         free(body);
-        return MHD_NO;
+        return out_of_memory();
     }
     MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE, type);
     if (status == MHD_HTTP_SERVICE_UNAVAILABLE) MHD_add_response_header(r, "Retry-After", "1");
@@ -101,6 +108,22 @@ static void timed_wait(serve_job *j) {
     ts.tv_nsec += 200 * 1000000L;
     if (ts.tv_nsec >= 1000000000L) ts.tv_sec++, ts.tv_nsec -= 1000000000L;
     pthread_cond_timedwait(&j->cv, &j->mu, &ts);
+}
+
+/* libmicrohttpd's messages, in the server's log format. Three are left out:
+ * they follow cake's own answer to a client that went away (the pool logs
+ * the request as cancelled), and would only say that again. */
+static void log_http(void *cls, const char *fmt, va_list ap) {
+    (void)cls;
+    char msg[512];
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    size_t n = strlen(msg);
+    while (n && (msg[n - 1] == '\n' || msg[n - 1] == '\r')) msg[--n] = '\0';
+    if (!strcmp(msg, "Application reported internal error, closing connection.") ||
+        !strcmp(msg, "Closing connection (application reported error generating data).") ||
+        !strcmp(msg, "Closing connection (application error generating response)."))
+        return;
+    fprintf(stderr, "cake serve: http: %s\n", msg);
 }
 
 /* ---- streams: server-sent events ---- */
@@ -354,7 +377,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
     serve_server *s = cls;
     request_state *rq = *state;
     if (!rq) { /* the headers are in; the body (if any) follows */
-        if (!(rq = calloc(1, sizeof(*rq)))) return MHD_NO;
+        if (!(rq = calloc(1, sizeof(*rq)))) return out_of_memory();
         *state = rq;
         const char *cl = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Content-Length");
         if (cl && strtoull(cl, NULL, 10) > s->cfg.max_body)
@@ -373,7 +396,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         if (rq->len + *upload_size + 1 > rq->cap) {
             size_t cap = 2 * (rq->len + *upload_size) + 1;
             char *b = realloc(rq->body, cap);
-            if (!b) return MHD_NO;
+            if (!b) return out_of_memory();
             rq->body = b;
             rq->cap = cap;
         }
@@ -423,6 +446,8 @@ int server_start(serve_pool *pool, const api_model *model, const http_config *cf
         MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_THREAD_PER_CONNECTION | MHD_USE_ERROR_LOG;
     if (ai->ai_family == AF_INET6) flags |= MHD_USE_IPv6;
     s->daemon = MHD_start_daemon(flags, (uint16_t)cfg->port, NULL, NULL, on_request, s,
+                                 MHD_OPTION_EXTERNAL_LOGGER, log_http,
+                                 NULL, /* (first: it covers the other options) */
                                  MHD_OPTION_SOCK_ADDR, ai->ai_addr, MHD_OPTION_CONNECTION_LIMIT,
                                  (unsigned)cfg->max_connections, MHD_OPTION_CONNECTION_TIMEOUT,
                                  (unsigned)cfg->idle_timeout_s, MHD_OPTION_NOTIFY_COMPLETED,
