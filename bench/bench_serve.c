@@ -13,6 +13,9 @@
  *     prefix that the store (RAM, no link limit) does not hold yet, each
  *     with its own ending: one computes the prefix and the others load it
  *     as it is written (the default), against each computing it.
+ *  5. Step size: C requests decoding while a long prompt arrives, in steps
+ *     of 512 tokens and of 128: the decoders' longest wait between two
+ *     tokens while the prompt prefills, and the prompt's TTFT.
  *
  * usage: bench_serve MODEL.gguf [--threads N] [--clients 8] [--decode 64]
  *                    [--long 2048] [--short 16] [--bw 300Mbit] [--shared 4]
@@ -95,6 +98,91 @@ static int run_burst(const cake_model *m, const pool_config *cfg, const request 
     for (int i = 0; i < n; i++) job_release(jobs[i]);
     pool_free(pool);
     return rc;
+}
+
+/* Submits a job for rq (a copy of its prompt); NULL when the pool refuses it. */
+static serve_job *submit(serve_pool *pool, const request *rq) {
+    cake_token *copy = malloc((size_t)rq->n_prompt * sizeof(*copy));
+    if (!copy) return NULL;
+    memcpy(copy, rq->prompt, (size_t)rq->n_prompt * sizeof(*copy));
+    serve_job *j = job_create(copy, rq->n_prompt);
+    if (!j) return NULL;
+    j->max_tokens = rq->max_tokens;
+    j->ignore_eos = 1;
+    j->end_of_turn = -1;
+    if (pool_submit(pool, j)) {
+        job_release(j);
+        return NULL;
+    }
+    return j;
+}
+
+/* Watches a decoding job: the longest time between two of its tokens from
+ * `from` (a time in seconds) on. */
+typedef struct {
+    serve_job *j;
+    double from, longest_gap_s;
+    pthread_t thread;
+} watcher;
+
+static void *watch_main(void *arg) {
+    watcher *w = arg;
+    pthread_mutex_lock(&w->j->mu);
+    int seen = w->j->n_ids;
+    double last = cake_now_s();
+    while (!w->j->done) {
+        pthread_cond_wait(&w->j->cv, &w->j->mu);
+        if (w->j->n_ids == seen) continue;
+        const double t = cake_now_s();
+        if (last >= w->from && t - last > w->longest_gap_s) w->longest_gap_s = t - last;
+        seen = w->j->n_ids;
+        last = t;
+    }
+    pthread_mutex_unlock(&w->j->mu);
+    return NULL;
+}
+
+/* D decoders, then (once each has a few tokens) the long request: the
+ * decoders' longest gap while it prefills, and its TTFT. */
+static int run_gaps(const cake_model *m, const pool_config *cfg, const request *dec, int n_dec,
+                    const request *long_rq, double *gap_ms, double *ttft_ms) {
+    char err[256];
+    serve_pool *pool;
+    if (pool_create(m, cfg, &pool, err, sizeof(err))) {
+        fprintf(stderr, "bench_serve: %s\n", err);
+        return -1;
+    }
+    watcher w[64] = {0};
+    for (int i = 0; i < n_dec; i++) {
+        if (!(w[i].j = submit(pool, &dec[i]))) return -1;
+        w[i].from = 1e300;
+    }
+    for (int i = 0; i < n_dec; i++) { /* every decoder under way */
+        pthread_mutex_lock(&w[i].j->mu);
+        while (w[i].j->n_ids < 4 && !w[i].j->done) pthread_cond_wait(&w[i].j->cv, &w[i].j->mu);
+        pthread_mutex_unlock(&w[i].j->mu);
+    }
+    const double t0 = cake_now_s();
+    for (int i = 0; i < n_dec; i++) {
+        w[i].from = t0;
+        pthread_create(&w[i].thread, NULL, watch_main, &w[i]);
+    }
+    serve_job *lj = submit(pool, long_rq);
+    if (!lj) return -1;
+    pthread_mutex_lock(&lj->mu);
+    while (!lj->done) pthread_cond_wait(&lj->cv, &lj->mu);
+    pthread_mutex_unlock(&lj->mu);
+    *ttft_ms = lj->stats.ttft_ms;
+    *gap_ms = 0;
+    for (int i = 0; i < n_dec; i++) atomic_store(&w[i].j->cancel, 1); /* enough seen */
+    for (int i = 0; i < n_dec; i++) {
+        pthread_join(w[i].thread, NULL);
+        if (w[i].longest_gap_s * 1e3 > *gap_ms) *gap_ms = w[i].longest_gap_s * 1e3;
+        job_release(w[i].j);
+    }
+    job_release(lj);
+    pool_free(pool);
+    return 0;
 }
 
 /* TTFT of prompt on a context of its own, compute only (the reference). */
@@ -296,6 +384,27 @@ int main(int argc, char **argv) {
                by[1].makespan_s / by[0].makespan_s);
     }
     for (int i = 0; i < n_shared; i++) free((void *)shared[i].prompt);
+
+    /* 5. step size: the decoders' longest gap while a prompt prefills */
+    cake_token *gap_prompt = random_prompt(n_long, n_vocab);
+    const request gap_long = {gap_prompt, n_long, 1};
+    for (int i = 0; i < clients; i++) rq[i].max_tokens = 1000000; /* (cancelled when seen) */
+    c = base;
+    c.n_slots = clients + 1;
+    c.n_ctx = n_ctx + 1024; /* room for the decoders' tokens */
+    for (int r = 0; r < rounds; r++) {
+        double gap[2], ttft[2];
+        for (int k = 0; k < 2; k++) {
+            c.batch = k ? 128 : 512;
+            if (run_gaps(m, &c, rq, clients, &gap_long, &gap[k], &ttft[k])) return 1;
+        }
+        printf("step size: %d requests decoding while a %d-token prompt arrives: steps of 512 "
+               "longest gap %.0f ms, TTFT %.0f ms; steps of 128 %.0f ms, %.0f ms: gap %.2fx "
+               "shorter, TTFT %.2fx\n",
+               clients, n_long, gap[0], ttft[0], gap[1], ttft[1], gap[0] / gap[1],
+               ttft[1] / ttft[0]);
+    }
+    free(gap_prompt);
     for (int i = 0; i < clients; i++) free((void *)rq[i].prompt);
     for (int i = 1; i <= n_short; i++) free((void *)mixed[i].prompt);
     free(long_prompt);
