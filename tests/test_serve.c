@@ -810,6 +810,27 @@ static void test_slow_first_token(void **state) {
 
 /* ---- continuous batching ---- */
 
+/* Sends a greedy completion of prompt (max_tokens, then `extra` JSON
+ * members) without waiting for the answer; returns the socket. */
+static int send_completion(int port, const char *prompt, int max_tokens, const char *extra) {
+    char body[2400];
+    snprintf(body, sizeof(body), "{\"prompt\":\"%s\",\"max_tokens\":%d,\"temperature\":0%s}",
+             prompt, max_tokens, extra);
+    const int fd = connect_to(port);
+    send_request(fd, "POST", "/v1/completions", body);
+    return fd;
+}
+
+/* The answer on fd: 200, its JSON. */
+static cJSON *answer_json(int fd) {
+    t_resp r = read_response(fd);
+    assert_int_equal(r.status, 200);
+    cJSON *j = cJSON_Parse(r.body);
+    assert_non_null(j);
+    resp_free(&r);
+    return j;
+}
+
 /* Requests that arrive together are computed together, a step at a time,
  * and each answers exactly as `cake run` alone does. Five requests on four
  * slots (the fifth waits for one), steps of at most 12 tokens: the prompts'
@@ -824,19 +845,11 @@ static void test_batched_answers(void **state) {
                              LONG_PROMPT, "A", "Hello there, how are you today?"};
     enum { N = sizeof(prompts) / sizeof(prompts[0]), MAX_TOKENS = 40 };
     int fds[N];
-    for (int i = 0; i < N; i++) {
-        char body[1024];
-        snprintf(body, sizeof(body),
-                 "{\"prompt\":\"%s\",\"max_tokens\":%d,\"temperature\":0,\"ignore_eos\":true}",
-                 prompts[i], MAX_TOKENS);
-        send_request(fds[i] = connect_to(s.port), "POST", "/v1/completions", body);
-    }
+    for (int i = 0; i < N; i++)
+        fds[i] = send_completion(s.port, prompts[i], MAX_TOKENS, ",\"ignore_eos\":true");
     int prompt_tokens = 0;
     for (int i = 0; i < N; i++) {
-        t_resp r = read_response(fds[i]);
-        assert_int_equal(r.status, 200);
-        cJSON *j = cJSON_Parse(r.body);
-        assert_non_null(j);
+        cJSON *j = answer_json(fds[i]);
         cJSON *ref = cake_run(g_tiny, prompts[i], MAX_TOKENS);
         const int n = cJSON_GetArraySize(at(ref, "generated_ids"));
         /* (`cake run` stops at EOS; the server was told to go on) */
@@ -848,7 +861,6 @@ static void test_batched_answers(void **state) {
         prompt_tokens += (int)num_at(j, "usage.prompt_tokens");
         cJSON_Delete(ref);
         cJSON_Delete(j);
-        resp_free(&r);
     }
     /* Every token went through the steps, by its class; steps were shared. */
     assert_int_equal(metric(s.port, "cake_engine_tokens_total{kind=\"prefill\"}"), prompt_tokens);
@@ -875,17 +887,11 @@ static void test_shared_prefix(void **state) {
     for (int i = 0; i < N; i++) {
         snprintf(prompts[i], sizeof(prompts[i]), "%s. Then %s. %s", LONG_PROMPT, LONG_PROMPT,
                  endings[i]);
-        char body[2400];
-        snprintf(body, sizeof(body), "{\"prompt\":\"%s\",\"max_tokens\":%d,\"temperature\":0}",
-                 prompts[i], MAX_TOKENS);
-        send_request(fds[i] = connect_to(s.port), "POST", "/v1/completions", body);
+        fds[i] = send_completion(s.port, prompts[i], MAX_TOKENS, "");
     }
     int computed = 0, awaited = 0, loadable = 0;
     for (int i = 0; i < N; i++) {
-        t_resp r = read_response(fds[i]);
-        assert_int_equal(r.status, 200);
-        cJSON *j = cJSON_Parse(r.body);
-        assert_non_null(j);
+        cJSON *j = answer_json(fds[i]);
         cJSON *ref = cake_run(g_tiny, prompts[i], MAX_TOKENS);
         assert_same_ids(at(j, "cake.generated_ids"), at(ref, "generated_ids"));
         computed += (int)num_at(j, "cake.chunks_computed");
@@ -893,7 +899,6 @@ static void test_shared_prefix(void **state) {
         loadable = (int)num_at(j, "cake.chunks_total") - 1; /* (no prompt ends on a boundary) */
         cJSON_Delete(ref);
         cJSON_Delete(j);
-        resp_free(&r);
     }
     /* Each computing the shared chunks would be N * (loadable + 1) chunks.
      * (When the others look up, the first has promised every one of them;
