@@ -647,6 +647,18 @@ static void test_awaited_chunks(void **state) {
     assert_same(base, got, f.n_vocab, "promises stalled");
     assert_int_equal(st.chunks_computed, L + 1);
     assert_true(st.await_ms >= L * 50.0);
+    /* a store that fails its lookup: nothing is awaited (it would neither
+     * keep nor give the chunks), and the promises held stay the holder's */
+    cake_store *dead = open_store("redis://127.0.0.1:1?timeout=100");
+    cake_prefill_params dead_lp = lp;
+    dead_lp.store = dead;
+    st = run_with(&f, p, N, C, dead_lp, got, &t);
+    assert_same(base, got, f.n_vocab, "store down");
+    assert_int_equal(st.chunks_computed, L + 1);
+    assert_true(st.await_ms == 0);
+    assert_true(st.store_error[0] != 0);
+    for (int i = 0; i < L; i++) assert_int_equal(cake_inflight_pending(reg, &keys[i]), 1);
+    cake_store_close(dead);
     for (int i = 0; i < L; i++) cake_inflight_release(reg, &keys[i]);
 
     /* two requests await chunks whose promise ends without them: the first

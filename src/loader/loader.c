@@ -532,7 +532,7 @@ static void settle_promises(prefill_job *j, int i) {
     for (int m = 0; m < n; m++)
         if (rc || !present[m]) keys[n_missing++] = keys[m];
     pthread_mutex_lock(&j->mu);
-    if (n_missing && j->p->writeback)
+    if (n_missing && j->p->writeback && rc == 0) /* (a failing store would not keep them) */
         cake_inflight_promise(j->p->inflight, keys, n_missing, taken);
     else
         memset(taken, -1, sizeof(taken));
@@ -849,8 +849,10 @@ int cake_prefill(const cake_loader_engine *e, const cake_token *prompt, int n_pr
     }
     st->chunks_found = n_present;
     /* Chunks the store lacks: promised here when computed here, or awaited
-     * when another request running now has promised them (see the top). */
-    if (st->mode == CAKE_MODE_CAKE && p->inflight) {
+     * when another request running now has promised them (see the top).
+     * Not when the lookup failed: a failing store would neither keep nor
+     * give them. */
+    if (st->mode == CAKE_MODE_CAKE && p->inflight && !st->store_error[0]) {
         /* (keys and present are free now: the missing chunks' keys, then
          * what the registry says of each) */
         int n_absent = 0;
