@@ -126,10 +126,11 @@ static void fuzz_parse(const uint8_t *data, size_t size) {
     job_settle(j, NULL);
     job_finish(j);
     check_json(api_response(&shape, j, "cmpl-1", 1, m.name));
-    check_event(api_stream_event(&shape, CHUNK_FIRST, "", 0, j, "cmpl-1", 1, m.name));
-    check_event(api_stream_event(&shape, CHUNK_TEXT, j->text, j->len, j, "cmpl-1", 1, m.name));
-    check_event(api_stream_event(&shape, CHUNK_FINISH, "", 0, j, "cmpl-1", 1, m.name));
-    check_event(api_stream_event(&shape, CHUNK_USAGE, "", 0, j, "cmpl-1", 1, m.name));
+    check_event(api_stream_event(&shape, CHUNK_FIRST, "", 0, 0, 0, j, "cmpl-1", 1, m.name));
+    check_event(
+        api_stream_event(&shape, CHUNK_TEXT, j->text, j->len, 0, 0, j, "cmpl-1", 1, m.name));
+    check_event(api_stream_event(&shape, CHUNK_FINISH, "", 0, 0, 0, j, "cmpl-1", 1, m.name));
+    check_event(api_stream_event(&shape, CHUNK_USAGE, "", 0, 0, 0, j, "cmpl-1", 1, m.name));
     job_release(j);
 }
 

@@ -9,6 +9,8 @@
 #include <stddef.h>
 #include <cmocka.h>
 
+#include <math.h>
+
 #include "test_store_common.h"
 #include "testutil.h"
 
@@ -414,7 +416,13 @@ static void test_bad_requests(void **state) {
         {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"stop\":\"\"}", 400, "'stop'"},
         {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"stop\":[\"a\",\"b\",\"c\",\"d\",\"e\"]}",
          400, "'stop'"},
-        {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"logprobs\":2}", 400, "not supported"},
+        {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"logprobs\":21}", 400, "'logprobs'"},
+        {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"logprobs\":true}", 400, "'logprobs'"},
+        {"POST", "/v1/chat/completions", "{\"messages\":[],\"logprobs\":2}", 400, "'logprobs'"},
+        {"POST", "/v1/chat/completions", "{\"messages\":[],\"top_logprobs\":2}", 400,
+         "needs 'logprobs'"},
+        {"POST", "/v1/chat/completions", "{\"messages\":[],\"logprobs\":true,\"top_logprobs\":21}",
+         400, "'top_logprobs'"},
         {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"echo\":true}", 400, "not supported"},
         {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"presence_penalty\":0.5}", 400,
          "not supported"},
@@ -585,6 +593,132 @@ static void test_answers_stories260k(void **state) {
         return;
     }
     check_answers(model, "Once upon a time", 60);
+}
+
+/* A Llama 2 chat template (tiny_variant gives it to the tiny model). */
+static const char *LLAMA2_TEMPLATE =
+    "{% for message in messages %}{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + "
+    "message['content'] + ' [/INST]' }}{% elif message['role'] == 'system' %}{{ '<<SYS>>\\n' + "
+    "message['content'] + '\\n<</SYS>>\\n\\n' }}{% endif %}{% endfor %}";
+
+/* Log-probabilities: the first token's equal its logits' log softmax
+ * (`cake run --dump-logits`); a greedy token is its own likeliest
+ * alternative; the tokens spell the text at their offsets; a stream
+ * carries the same; a chat's come with their bytes. */
+static void test_logprobs(void **state) {
+    (void)state;
+    t_server s;
+    assert_int_equal(serve_start(&s, g_tiny, "--store", "none", NULL), 0);
+    enum { N = 8, K = 3 };
+    cJSON *j = post_ok(s.port, "/v1/completions",
+                       "{\"prompt\":\"Once upon a time\",\"max_tokens\":%d,\"temperature\":0,"
+                       "\"ignore_eos\":true,\"logprobs\":%d}",
+                       N, K);
+    const cJSON *lp = at(j, "choices.0.logprobs");
+    assert_int_equal(cJSON_GetArraySize(at(lp, "tokens")), N);
+    char text[4096] = "";
+    for (int i = 0; i < N; i++) {
+        const cJSON *top = cJSON_GetArrayItem(at(lp, "top_logprobs"), i);
+        const double chosen = cJSON_GetArrayItem(at(lp, "token_logprobs"), i)->valuedouble;
+        double best = -INFINITY;
+        for (const cJSON *t = top->child; t; t = t->next) best = fmax(best, t->valuedouble);
+        assert_true(cJSON_GetArraySize(top) >= 1 && cJSON_GetArraySize(top) <= K);
+        assert_true(chosen <= 0 && chosen == best); /* greedy */
+        assert_int_equal(cJSON_GetArrayItem(at(lp, "text_offset"), i)->valueint, (int)strlen(text));
+        strcat(text, cJSON_GetArrayItem(at(lp, "tokens"), i)->valuestring);
+    }
+    assert_string_equal(text, str_at(j, "choices.0.text"));
+
+    /* the first token against the engine's logits */
+    char logits_path[] = "/tmp/cake-test-logits-XXXXXX", cmd[512];
+    const int fd = mkstemp(logits_path);
+    assert_true(fd >= 0);
+    close(fd);
+    snprintf(cmd, sizeof(cmd),
+             "%s run -m %s -p 'Once upon a time' -n 1 --temp 0 --threads 2 --dump-logits %s "
+             ">/dev/null 2>&1",
+             CAKE_BIN, g_tiny, logits_path);
+    assert_int_equal(system(cmd), 0);
+    FILE *f = fopen(logits_path, "rb");
+    assert_non_null(f);
+    float *logits = malloc(1 << 20);
+    const size_t n_vocab = fread(logits, sizeof(float), (1 << 20) / sizeof(float), f);
+    fclose(f);
+    unlink(logits_path);
+    assert_true(n_vocab > 0);
+    double max = logits[0], sum = 0, top[K];
+    for (size_t i = 0; i < n_vocab; i++) max = fmax(max, logits[i]);
+    for (size_t i = 0; i < n_vocab; i++) sum += exp(logits[i] - max);
+    const double lse = max + log(sum);
+    const int id0 = cJSON_GetArrayItem(at(j, "cake.generated_ids"), 0)->valueint;
+    assert_true(fabs(cJSON_GetArrayItem(at(lp, "token_logprobs"), 0)->valuedouble -
+                     (logits[id0] - lse)) < 1e-4);
+    for (int k = 0; k < K; k++) { /* the K largest, in order */
+        top[k] = -INFINITY;
+        for (size_t i = 0; i < n_vocab; i++)
+            if (logits[i] - lse > top[k] && (k == 0 || logits[i] - lse < top[k - 1]))
+                top[k] = logits[i] - lse;
+    }
+    const cJSON *top0 = cJSON_GetArrayItem(at(lp, "top_logprobs"), 0);
+    int k = 0;
+    for (const cJSON *t = top0->child; t; t = t->next, k++)
+        assert_true(fabs(t->valuedouble - top[k]) < 1e-4);
+    free(logits);
+
+    /* streamed: the same tokens and values, spread over the events */
+    char body[512];
+    snprintf(body, sizeof(body),
+             "{\"prompt\":\"Once upon a time\",\"max_tokens\":%d,\"temperature\":0,"
+             "\"ignore_eos\":true,\"logprobs\":%d,\"stream\":true}",
+             N, K);
+    t_resp r = http(s.port, "POST", "/v1/completions", body);
+    cJSON *ev[64];
+    int done, n_ev = parse_events(r.body, ev, 64, &done), got = 0;
+    assert_true(done);
+    for (int e = 0; e < n_ev; e++) {
+        const cJSON *elp = at(ev[e], "choices.0.logprobs");
+        for (int i = 0; i < cJSON_GetArraySize(at(elp, "tokens")); i++, got++) {
+            assert_true(got < N);
+            assert_string_equal(cJSON_GetArrayItem(at(elp, "tokens"), i)->valuestring,
+                                cJSON_GetArrayItem(at(lp, "tokens"), got)->valuestring);
+            assert_true(cJSON_GetArrayItem(at(elp, "token_logprobs"), i)->valuedouble ==
+                        cJSON_GetArrayItem(at(lp, "token_logprobs"), got)->valuedouble);
+        }
+        cJSON_Delete(ev[e]);
+    }
+    assert_int_equal(got, N);
+    resp_free(&r);
+    cJSON_Delete(j);
+    assert_int_equal(serve_stop(&s), 0);
+
+    /* a chat's: token, logprob, bytes and alternatives for each token */
+    char path[64];
+    tiny_variant(&(test_model_variant){.chat_template = LLAMA2_TEMPLATE}, path);
+    assert_int_equal(serve_start(&s, path, "--store", "none", NULL), 0);
+    cJSON *c =
+        post_ok(s.port, "/v1/chat/completions",
+                "{\"messages\":[{\"role\":\"user\",\"content\":\"Hi\"}],\"max_tokens\":%d,"
+                "\"temperature\":0,\"ignore_eos\":true,\"logprobs\":true,\"top_logprobs\":2}",
+                N);
+    const cJSON *content = at(c, "choices.0.logprobs.content");
+    assert_int_equal(cJSON_GetArraySize(content), N);
+    text[0] = '\0';
+    for (int i = 0; i < N; i++) {
+        const cJSON *t = cJSON_GetArrayItem(content, i);
+        const char *tok = str_at(t, "token");
+        const cJSON *bytes = at(t, "bytes");
+        assert_int_equal(cJSON_GetArraySize(bytes), (int)strlen(tok));
+        for (int b = 0; b < cJSON_GetArraySize(bytes); b++)
+            assert_int_equal(cJSON_GetArrayItem(bytes, b)->valueint, (unsigned char)tok[b]);
+        assert_int_equal(cJSON_GetArraySize(at(t, "top_logprobs")), 2);
+        assert_true(num_at(t, "top_logprobs.0.logprob") == num_at(t, "logprob"));
+        assert_true(num_at(t, "top_logprobs.1.logprob") <= num_at(t, "logprob"));
+        strcat(text, tok);
+    }
+    assert_string_equal(text, str_at(c, "choices.0.message.content"));
+    cJSON_Delete(c);
+    assert_int_equal(serve_stop(&s), 0);
+    unlink(path);
 }
 
 /* A stop string ends the answer before it, whole or streamed, even when it
@@ -1078,11 +1212,6 @@ static void test_cancel_prefill(void **state) {
 
 /* ---- chat ---- */
 
-static const char *LLAMA2_TEMPLATE =
-    "{% for message in messages %}{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + "
-    "message['content'] + ' [/INST]' }}{% elif message['role'] == 'system' %}{{ '<<SYS>>\\n' + "
-    "message['content'] + '\\n<</SYS>>\\n\\n' }}{% endif %}{% endfor %}";
-
 /* A chat request answers as a completion of the prompt chat_prompt builds;
  * streamed, it starts with the assistant's role. */
 static void test_chat_llama2(void **state) {
@@ -1242,15 +1371,15 @@ static void test_chat_formats(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_chat_formats),   cmocka_unit_test(test_usage_errors),
-        cmocka_unit_test(test_api_key),        cmocka_unit_test(test_bad_requests),
-        cmocka_unit_test(test_answers_tiny),   cmocka_unit_test(test_answers_stories260k),
-        cmocka_unit_test(test_stop_strings),   cmocka_unit_test(test_seeded_sampling),
-        cmocka_unit_test(test_store_reuse),    cmocka_unit_test(test_slow_first_token),
-        cmocka_unit_test(test_slot_prefix),    cmocka_unit_test(test_cancel_and_queue),
-        cmocka_unit_test(test_chat_llama2),    cmocka_unit_test(test_batched_answers),
-        cmocka_unit_test(test_shared_prefix),  cmocka_unit_test(test_speed_hints),
-        cmocka_unit_test(test_cancel_prefill),
+        cmocka_unit_test(test_chat_formats),  cmocka_unit_test(test_usage_errors),
+        cmocka_unit_test(test_api_key),       cmocka_unit_test(test_bad_requests),
+        cmocka_unit_test(test_answers_tiny),  cmocka_unit_test(test_answers_stories260k),
+        cmocka_unit_test(test_stop_strings),  cmocka_unit_test(test_seeded_sampling),
+        cmocka_unit_test(test_store_reuse),   cmocka_unit_test(test_slow_first_token),
+        cmocka_unit_test(test_slot_prefix),   cmocka_unit_test(test_cancel_and_queue),
+        cmocka_unit_test(test_chat_llama2),   cmocka_unit_test(test_batched_answers),
+        cmocka_unit_test(test_shared_prefix), cmocka_unit_test(test_speed_hints),
+        cmocka_unit_test(test_logprobs),      cmocka_unit_test(test_cancel_prefill),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -72,6 +72,7 @@ int cake_request_run(cake_context *c, const cake_request *r, cake_token *generat
     }
     cake_token tok = cake_sampler_sample(r->sampler, logits, n_vocab);
     st->ttft_ms = now_ms() - t0;
+    if (r->on_logits) r->on_logits(logits, n_vocab, tok, r->ud);
     cake_prefill_finish(pending); /* loads that compute overtook: joined after the first token */
     pending = NULL;
     const double t1 = now_ms();
@@ -83,6 +84,7 @@ int cake_request_run(cake_context *c, const cake_request *r, cake_token *generat
         rc = engine.compute(engine.self, &tok, 1, r->n_prompt + i, logits, err, errlen);
         if (rc) goto done;
         tok = cake_sampler_sample(r->sampler, logits, n_vocab);
+        if (r->on_logits) r->on_logits(logits, n_vocab, tok, r->ud);
     }
     st->decode_ms = now_ms() - t1;
 done:

@@ -31,6 +31,9 @@ typedef struct {
      * nonzero stops the generation after this token (a stop string, a
      * client that went away) */
     int (*on_token)(cake_token id, void *ud);
+    /* optional: called with the n_vocab logits each generated token was
+     * chosen from, just before on_token gets that token (log-probabilities) */
+    void (*on_logits)(const float *logits, int n_vocab, cake_token id, void *ud);
     void *ud;
     /* optional: runs each forward pass in place of cake_forward(c, ...), with
      * the same results: a server's batch scheduler (server/sched.h) */

@@ -142,6 +142,7 @@ typedef struct {
     char id[40];
     long created;
     size_t sent;          /* bytes of the job's text sent */
+    int tokens_sent;      /* tokens whose log-probabilities were sent (when asked) */
     struct timespec last; /* when the last event went out */
     int first_sent, finished;
     char *out; /* the event being sent */
@@ -154,12 +155,15 @@ static char *next_event(stream_state *st) {
     const char *model = st->server->model.name;
     if (st->shape.chat && !st->first_sent) {
         st->first_sent = 1;
-        return api_stream_event(&st->shape, CHUNK_FIRST, "", 0, j, st->id, st->created, model);
+        return api_stream_event(&st->shape, CHUNK_FIRST, "", 0, 0, 0, j, st->id, st->created,
+                                model);
     }
     if (j->ready > st->sent) {
+        const int to = api_answer_tokens(j, j->ready);
         char *ev = api_stream_event(&st->shape, CHUNK_TEXT, j->text + st->sent, j->ready - st->sent,
-                                    j, st->id, st->created, model);
+                                    st->tokens_sent, to, j, st->id, st->created, model);
         st->sent = j->ready;
+        st->tokens_sent = to;
         return ev;
     }
     if (!j->done) return NULL;
@@ -169,10 +173,12 @@ static char *next_event(stream_state *st) {
             st->finished = 2;
             return api_sse_event(api_error(500, j->error));
         }
-        return api_stream_event(&st->shape, CHUNK_FINISH, "", 0, j, st->id, st->created, model);
+        return api_stream_event(&st->shape, CHUNK_FINISH, "", 0, st->tokens_sent,
+                                api_answer_tokens(j, j->len), j, st->id, st->created, model);
     case 1:
         if (st->shape.include_usage)
-            return api_stream_event(&st->shape, CHUNK_USAGE, "", 0, j, st->id, st->created, model);
+            return api_stream_event(&st->shape, CHUNK_USAGE, "", 0, 0, 0, j, st->id, st->created,
+                                    model);
         st->finished++;
         /* fall through */
     case 2:

@@ -15,6 +15,7 @@ serve_job *job_create(cake_token *prompt, int n) {
     j->prompt = prompt;
     j->n_prompt = n;
     j->end_of_turn = -1;
+    j->top_logprobs = -1;
     j->refs = 1;
     return j;
 }
@@ -29,6 +30,7 @@ void job_release(serve_job *j) {
     free(j->prompt);
     free(j->text);
     free(j->ids);
+    free(j->logprobs);
     pthread_cond_destroy(&j->cv);
     pthread_mutex_destroy(&j->mu);
     free(j);

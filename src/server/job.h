@@ -12,7 +12,20 @@
 #include "cake.h"
 #include "engine/generate.h"
 
-#define JOB_MAX_STOP 4
+#define JOB_MAX_STOP         4
+#define JOB_MAX_TOP_LOGPROBS 20
+
+/* A generated token's log-probability under the model (its logits' log
+ * softmax: before temperature and top_p), its most likely alternatives,
+ * and where its text ends in the job's text (whole: a stop string may cut
+ * the text shorter). */
+typedef struct {
+    float logprob;
+    size_t text_end;
+    int n_top;
+    cake_token top_id[JOB_MAX_TOP_LOGPROBS];
+    float top_logprob[JOB_MAX_TOP_LOGPROBS];
+} job_logprob;
 
 typedef struct serve_job serve_job;
 struct serve_job {
@@ -25,6 +38,7 @@ struct serve_job {
     int n_stop;
     cake_token end_of_turn; /* stops like EOS (a chat format's end of turn); -1: none */
     int ignore_eos;         /* EOS and the end of turn do not stop it (benchmarks) */
+    int top_logprobs;       /* -1: no log-probabilities; else alternatives per token */
 
     /* Progress, under mu; cv is signalled on every change. */
     pthread_mutex_t mu;
@@ -36,10 +50,11 @@ struct serve_job {
     size_t ready;
     cake_token *ids; /* generated ids (max_tokens of room) */
     int n_ids;
-    int done;        /* the job ended (finished, failed or cancelled) */
-    int stopped;     /* it ended at EOS, the end of turn or a stop string */
-    int cancelled;   /* cancel was set before it ended */
-    char error[256]; /* why it failed; "" when it did not */
+    job_logprob *logprobs; /* one per generated id, when asked (top_logprobs >= 0) */
+    int done;              /* the job ended (finished, failed or cancelled) */
+    int stopped;           /* it ended at EOS, the end of turn or a stop string */
+    int cancelled;         /* cancel was set before it ended */
+    char error[256];       /* why it failed; "" when it did not */
     cake_request_stats stats;
     atomic_int cancel; /* set by the HTTP side: stop at the next token */
 

@@ -7,6 +7,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "model/tokenizer.h"
 #include "util/err.h"
 #include "util/utf8.h"
 
@@ -76,9 +77,14 @@ static int bool_field(const cJSON *o, const char *key, int *out, char *err, size
 /* Fields that would change the answer in ways cake does not do: refused
  * rather than ignored. Their "off" values (null, false, 0, []) pass. */
 static int unsupported(const cJSON *o, char *err, size_t errlen) {
-    static const char *keys[] = {
-        "echo",      "logprobs",   "top_logprobs",      "suffix",           "tools",
-        "functions", "logit_bias", "frequency_penalty", "presence_penalty", "best_of"};
+    static const char *keys[] = {"echo",
+                                 "suffix",
+                                 "tools",
+                                 "functions",
+                                 "logit_bias",
+                                 "frequency_penalty",
+                                 "presence_penalty",
+                                 "best_of"};
     for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++) {
         const cJSON *v = field(o, keys[i]);
         if (!v || cJSON_IsFalse(v) || (cJSON_IsNumber(v) && v->valuedouble == 0) ||
@@ -90,6 +96,25 @@ static int unsupported(const cJSON *o, char *err, size_t errlen) {
     const cJSON *n = field(o, "n");
     if (n && !(cJSON_IsNumber(n) && n->valuedouble == 1))
         return cake_err(err, errlen, "'n' must be 1 (one choice per request)");
+    return 0;
+}
+
+/* Log-probabilities asked for: how many alternatives per token (-1: none).
+ * A completion's `logprobs` is that number; a chat's is true or false, with
+ * `top_logprobs` the number. */
+static int logprobs_asked(const cJSON *o, int chat, int *top, char *err, size_t errlen) {
+    double k = -1;
+    if (!chat) {
+        if (int_field(o, "logprobs", 0, JOB_MAX_TOP_LOGPROBS, &k, err, errlen)) return -1;
+        *top = (int)k;
+        return 0;
+    }
+    int on = 0;
+    if (bool_field(o, "logprobs", &on, err, errlen) ||
+        int_field(o, "top_logprobs", 0, JOB_MAX_TOP_LOGPROBS, &k, err, errlen))
+        return -1;
+    if (!on && k > 0) return cake_err(err, errlen, "'top_logprobs' needs 'logprobs': true");
+    *top = on ? (k > 0 ? (int)k : 0) : -1;
     return 0;
 }
 
@@ -248,7 +273,7 @@ static uint64_t fresh_seed(void) {
 int api_parse(const char *body, size_t len, int chat, const api_model *m, serve_job **out,
               api_shape *shape, char *err, size_t errlen) {
     *out = NULL;
-    *shape = (api_shape){.chat = chat};
+    *shape = (api_shape){.chat = chat, .tok = m->tok};
     cJSON *o = cJSON_ParseWithLength(body, len);
     if (!o || !cJSON_IsObject(o)) {
         cJSON_Delete(o);
@@ -259,8 +284,9 @@ int api_parse(const char *body, size_t len, int chat, const api_model *m, serve_
     int n = 0;
     cake_token eot = -1;
     double max_tokens = -1, temperature = 1, top_p = 1, seed = -1;
-    int rc = -1, ignore_eos = 0;
-    if (unsupported(o, err, errlen) || bool_field(o, "stream", &shape->stream, err, errlen) ||
+    int rc = -1, ignore_eos = 0, top_logprobs = -1;
+    if (unsupported(o, err, errlen) || logprobs_asked(o, chat, &top_logprobs, err, errlen) ||
+        bool_field(o, "stream", &shape->stream, err, errlen) ||
         bool_field(o, "ignore_eos", &ignore_eos, err, errlen) ||
         int_field(o, "max_tokens", 1, 1 << 30, &max_tokens, err, errlen) ||
         int_field(o, "max_completion_tokens", 1, 1 << 30, &max_tokens, err, errlen) ||
@@ -298,6 +324,7 @@ int api_parse(const char *body, size_t len, int chat, const api_model *m, serve_
                                         .seed = seed >= 0 ? (uint64_t)seed : fresh_seed()};
     j->end_of_turn = eot;
     j->ignore_eos = ignore_eos;
+    j->top_logprobs = top_logprobs;
     *out = j;
     j = NULL;
     rc = 0;
@@ -357,6 +384,104 @@ static void add_cake(cJSON *r, const serve_job *j) {
     cJSON_AddItemToObject(c, "generated_ids", cJSON_CreateIntArray(j->ids, j->n_ids));
 }
 
+/* ---- log-probabilities ---- */
+
+int api_answer_tokens(const serve_job *j, size_t sent) {
+    if (!j->logprobs) return 0;
+    int n = 0;
+    if (!j->done) {
+        while (n < j->n_ids && j->logprobs[n].text_end <= sent) n++;
+        return n;
+    }
+    /* (a token whose text is empty, EOS, counts where it stands) */
+    while (n < j->n_ids) {
+        const size_t start = n ? j->logprobs[n - 1].text_end : 0;
+        if (start > j->len || (start == j->len && j->logprobs[n].text_end > start)) break;
+        n++;
+    }
+    return n;
+}
+
+/* Token id's text after token prev: malloc'd, *len bytes (not cleaned). */
+static char *piece_of(const cake_tokenizer *tok, cake_token prev, cake_token id, int *len) {
+    const int n = cake_token_to_piece(tok, prev, id, NULL, 0);
+    char *p = malloc(n > 0 ? (size_t)n + 1 : 1);
+    if (!p) return NULL;
+    if (n > 0) cake_token_to_piece(tok, prev, id, p, (size_t)n);
+    *len = n > 0 ? n : 0;
+    p[*len] = '\0';
+    return p;
+}
+
+/* A chat's entry for one token or alternative: token, logprob, bytes. */
+static cJSON *chat_token(const char *piece, int len, float logprob) {
+    cJSON *t = cJSON_CreateObject();
+    char *clean = api_utf8_clean(piece, (size_t)len);
+    cJSON_AddStringToObject(t, "token", clean ? clean : "");
+    free(clean);
+    cJSON_AddNumberToObject(t, "logprob", logprob);
+    cJSON *bytes = cJSON_AddArrayToObject(t, "bytes");
+    for (int i = 0; i < len; i++)
+        cJSON_AddItemToArray(bytes, cJSON_CreateNumber((unsigned char)piece[i]));
+    return t;
+}
+
+/* The log-probabilities of the job's tokens [from, to): a chat's `content`
+ * list, or a completion's four arrays. */
+static cJSON *logprobs_json(const api_shape *s, const serve_job *j, int from, int to) {
+    cJSON *r = cJSON_CreateObject();
+    cJSON *content = s->chat ? cJSON_AddArrayToObject(r, "content") : NULL;
+    cJSON *tokens = s->chat ? NULL : cJSON_AddArrayToObject(r, "tokens"),
+          *lps = s->chat ? NULL : cJSON_AddArrayToObject(r, "token_logprobs"),
+          *tops = s->chat ? NULL : cJSON_AddArrayToObject(r, "top_logprobs"),
+          *offsets = s->chat ? NULL : cJSON_AddArrayToObject(r, "text_offset");
+    for (int i = from; i < to; i++) {
+        const job_logprob *lp = &j->logprobs[i];
+        const cake_token prev = i ? j->ids[i - 1] : j->prompt[j->n_prompt - 1];
+        int len;
+        char *piece = piece_of(s->tok, prev, j->ids[i], &len);
+        if (!piece) break;
+        cJSON *top = s->chat ? cJSON_CreateArray() : cJSON_CreateObject();
+        for (int k = 0; k < lp->n_top; k++) {
+            int alen;
+            char *alt = piece_of(s->tok, prev, lp->top_id[k], &alen);
+            if (!alt) break;
+            if (s->chat) {
+                cJSON_AddItemToArray(top, chat_token(alt, alen, lp->top_logprob[k]));
+            } else {
+                char *clean = api_utf8_clean(alt, (size_t)alen);
+                if (clean && !cJSON_GetObjectItemCaseSensitive(top, clean)) /* (first: likelier) */
+                    cJSON_AddNumberToObject(top, clean, lp->top_logprob[k]);
+                free(clean);
+            }
+            free(alt);
+        }
+        if (s->chat) {
+            cJSON *t = chat_token(piece, len, lp->logprob);
+            cJSON_AddItemToObject(t, "top_logprobs", top);
+            cJSON_AddItemToArray(content, t);
+        } else {
+            char *clean = api_utf8_clean(piece, (size_t)len);
+            cJSON_AddItemToArray(tokens, cJSON_CreateString(clean ? clean : ""));
+            free(clean);
+            cJSON_AddItemToArray(lps, cJSON_CreateNumber(lp->logprob));
+            cJSON_AddItemToArray(tops, top);
+            cJSON_AddItemToArray(offsets,
+                                 cJSON_CreateNumber(i ? (double)j->logprobs[i - 1].text_end : 0));
+        }
+        free(piece);
+    }
+    return r;
+}
+
+/* A choice's `logprobs`: null unless the job asked for them. */
+static void add_logprobs(cJSON *choice, const api_shape *s, const serve_job *j, int from, int to) {
+    if (j->top_logprobs >= 0 && j->logprobs)
+        cJSON_AddItemToObject(choice, "logprobs", logprobs_json(s, j, from, to));
+    else
+        cJSON_AddNullToObject(choice, "logprobs");
+}
+
 static char *print_free(cJSON *r) {
     char *s = cJSON_PrintUnformatted(r);
     cJSON_Delete(r);
@@ -381,7 +506,7 @@ char *api_response(const api_shape *s, const serve_job *j, const char *id, long 
     } else {
         cJSON_AddStringToObject(choice, "text", text);
     }
-    cJSON_AddNullToObject(choice, "logprobs");
+    add_logprobs(choice, s, j, 0, api_answer_tokens(j, j->len));
     cJSON_AddStringToObject(choice, "finish_reason", finish_reason(j));
     cJSON *choices = cJSON_AddArrayToObject(r, "choices");
     cJSON_AddItemToArray(choices, choice);
@@ -392,7 +517,8 @@ char *api_response(const api_shape *s, const serve_job *j, const char *id, long 
 }
 
 char *api_stream_event(const api_shape *s, api_chunk_kind kind, const char *text, size_t text_len,
-                       const serve_job *j, const char *id, long created, const char *model) {
+                       int tok_from, int tok_to, const serve_job *j, const char *id, long created,
+                       const char *model) {
     cJSON *r = response_head(s, id, created, model, 1);
     cJSON *choices = cJSON_AddArrayToObject(r, "choices");
     if (kind == CHUNK_USAGE) {
@@ -413,7 +539,10 @@ char *api_stream_event(const api_shape *s, api_chunk_kind kind, const char *text
         } else {
             cJSON_AddStringToObject(choice, "text", clean);
         }
-        cJSON_AddNullToObject(choice, "logprobs");
+        if (kind == CHUNK_FIRST)
+            cJSON_AddNullToObject(choice, "logprobs");
+        else
+            add_logprobs(choice, s, j, tok_from, tok_to);
         if (kind == CHUNK_FINISH)
             cJSON_AddStringToObject(choice, "finish_reason", finish_reason(j));
         else

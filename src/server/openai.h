@@ -20,9 +20,10 @@ typedef struct {
 } api_model;
 
 typedef struct {
-    int chat;          /* /v1/chat/completions */
-    int stream;        /* server-sent events */
-    int include_usage; /* stream_options.include_usage: a last chunk with usage */
+    int chat;                  /* /v1/chat/completions */
+    int stream;                /* server-sent events */
+    int include_usage;         /* stream_options.include_usage: a last chunk with usage */
+    const cake_tokenizer *tok; /* the tokens' text, for log-probabilities */
 } api_shape;
 
 /* Parses a request body into a new job (*out; the caller releases it) and
@@ -36,10 +37,18 @@ char *api_response(const api_shape *s, const serve_job *j, const char *id, long 
                    const char *model);
 /* One server-sent event of a stream, "data: {...}\n\n": a piece of text
  * (text_len bytes; the first chunk of a chat also carries the role), the
- * last chunk (finish_reason), or the usage chunk. */
+ * last chunk (finish_reason), or the usage chunk. A text or last chunk of a
+ * job that asked for log-probabilities carries those of its tokens
+ * [tok_from, tok_to). */
 typedef enum { CHUNK_TEXT, CHUNK_FIRST, CHUNK_FINISH, CHUNK_USAGE } api_chunk_kind;
 char *api_stream_event(const api_shape *s, api_chunk_kind kind, const char *text, size_t text_len,
-                       const serve_job *j, const char *id, long created, const char *model);
+                       int tok_from, int tok_to, const serve_job *j, const char *id, long created,
+                       const char *model);
+/* The tokens of a job's answer that a stream may report (log-probabilities)
+ * once its text up to `sent` bytes is out: those whose text ends there or
+ * before, or, once the job is done, every token whose text begins within
+ * the answer (not those after a stop string). Under the job's lock. */
+int api_answer_tokens(const serve_job *j, size_t sent);
 
 /* The /v1/models list of the one model. */
 char *api_models(const char *name);

@@ -1,5 +1,6 @@
 #include "server/pool.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -14,20 +15,51 @@ typedef struct {
     serve_job *job;
     const cake_tokenizer *tok;
     cake_token eos;
+    job_logprob next; /* the next token's, when the job asks (on_logits, then on_token) */
 } token_sink;
+
+/* The chosen token's log-probability and the k most likely, from the
+ * logits' log softmax (before temperature and top_p, as vLLM's default). */
+static void on_logits(const float *logits, int n_vocab, cake_token id, void *ud) {
+    token_sink *s = ud;
+    const int k = s->job->top_logprobs;
+    if (k < 0) return;
+    float max = logits[0];
+    for (int i = 1; i < n_vocab; i++) max = logits[i] > max ? logits[i] : max;
+    double sum = 0;
+    for (int i = 0; i < n_vocab; i++) sum += exp((double)logits[i] - max);
+    const double lse = max + log(sum);
+    job_logprob *lp = &s->next;
+    lp->logprob = (float)(logits[id] - lse);
+    lp->n_top = 0;
+    for (int i = 0; i < n_vocab; i++) { /* insertion into the k best, highest first */
+        int at = lp->n_top;
+        while (at > 0 && logits[i] > lp->top_logprob[at - 1]) at--;
+        if (at >= k) continue;
+        const int last = lp->n_top < k ? lp->n_top++ : k - 1;
+        for (int m = last; m > at; m--) {
+            lp->top_id[m] = lp->top_id[m - 1];
+            lp->top_logprob[m] = lp->top_logprob[m - 1];
+        }
+        lp->top_id[at] = i;
+        lp->top_logprob[at] = logits[i]; /* (made log-probabilities below) */
+    }
+    for (int m = 0; m < lp->n_top; m++) lp->top_logprob[m] = (float)(lp->top_logprob[m] - lse);
+}
 
 static int on_token(cake_token id, void *ud) {
     token_sink *s = ud;
     serve_job *j = s->job;
     pthread_mutex_lock(&j->mu);
     j->n_ids++;
-    int stop = 0;
+    const size_t start = j->len;
+    int stop = 0, n = 0;
     if (!j->ignore_eos && (id == s->eos || id == j->end_of_turn)) {
         j->stopped = 1;
         stop = 1; /* (EOS ends the loop itself; its text is empty) */
     } else {
         char buf[256], *piece = buf;
-        int n = cake_token_to_piece(s->tok, j->prev, id, buf, sizeof(buf));
+        n = cake_token_to_piece(s->tok, j->prev, id, buf, sizeof(buf));
         if (n > (int)sizeof(buf) && (piece = malloc((size_t)n)))
             cake_token_to_piece(s->tok, j->prev, id, piece, (size_t)n);
         if (n > 0 && piece && job_add_text(j, piece, (size_t)n) == 1) {
@@ -37,6 +69,10 @@ static int on_token(cake_token id, void *ud) {
         if (piece != buf) free(piece);
     }
     j->prev = id;
+    if (j->logprobs) { /* (where its whole text ends, even past a stop string's cut) */
+        s->next.text_end = start + (n > 0 ? (size_t)n : 0);
+        j->logprobs[j->n_ids - 1] = s->next;
+    }
     pthread_cond_broadcast(&j->cv);
     pthread_mutex_unlock(&j->mu);
     return stop || atomic_load(&j->cancel);
@@ -220,10 +256,13 @@ static void run_job(slot *s, serve_job *j) {
     cake_sampler *sampler = cake_sampler_init(j->sampling);
     pthread_mutex_lock(&j->mu);
     j->ids = malloc((size_t)(max > 0 ? max : 1) * sizeof(*j->ids));
+    if (j->top_logprobs >= 0)
+        j->logprobs = malloc((size_t)(max > 0 ? max : 1) * sizeof(job_logprob));
     j->prev = j->prompt[j->n_prompt - 1];
     cake_token *ids = j->ids;
+    const int no_logprobs = j->top_logprobs >= 0 && !j->logprobs;
     pthread_mutex_unlock(&j->mu);
-    if (!sampler || !ids) {
+    if (!sampler || !ids || no_logprobs) {
         cake_sampler_free(sampler);
         job_settle(j, "out of memory");
         s->n_kv = 0;
@@ -246,6 +285,7 @@ static void run_job(slot *s, serve_job *j) {
         .eos = j->ignore_eos ? -1 : sink.eos,
         .sampler = sampler,
         .on_token = on_token,
+        .on_logits = on_logits,
         .ud = &sink,
         .forward = scheduled_forward,
         .forward_ud = &ticket,
