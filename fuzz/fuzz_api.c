@@ -118,18 +118,41 @@ static void fuzz_parse(const uint8_t *data, size_t size) {
     for (int i = 0; i < j->n_stop; i++) CHECK(j->stop[i][0]);
     CHECK(j->end_of_turn >= -1 && j->end_of_turn < m.n_vocab);
     CHECK(chat || j->end_of_turn == -1);
+    CHECK(j->top_logprobs >= -1 && j->top_logprobs <= JOB_MAX_TOP_LOGPROBS);
 
-    /* Its answers, with the body's own bytes as the text (any bytes). */
+    /* Its answers, with the body's own bytes as the text (any bytes), and
+     * when asked, log-probabilities of made-up tokens (the prompt's ids)
+     * whose texts end anywhere in it. */
     pthread_mutex_lock(&j->mu);
     job_add_text(j, (const char *)data + 2, size - 2);
+    if (j->top_logprobs >= 0) {
+        const int n = j->n_prompt < 8 ? j->n_prompt : 8;
+        j->ids = calloc((size_t)n, sizeof(*j->ids));
+        j->logprobs = calloc((size_t)n, sizeof(*j->logprobs));
+        CHECK(j->ids && j->logprobs);
+        for (int i = 0; i < n; i++) {
+            job_logprob *lp = &j->logprobs[i];
+            j->ids[i] = j->prompt[i];
+            lp->logprob = -(float)i;
+            lp->text_end = (size_t)(i + 1) * j->len / (size_t)n;
+            lp->n_top = j->top_logprobs < n ? j->top_logprobs : n;
+            for (int k = 0; k < lp->n_top; k++) {
+                lp->top_id[k] = j->prompt[k];
+                lp->top_logprob[k] = -(float)k;
+            }
+        }
+        j->n_ids = n;
+    }
     pthread_mutex_unlock(&j->mu);
     job_settle(j, NULL);
     job_finish(j);
     check_json(api_response(&shape, j, "cmpl-1", 1, m.name));
     check_event(api_stream_event(&shape, CHUNK_FIRST, "", 0, 0, 0, j, "cmpl-1", 1, m.name));
+    const int half = api_answer_tokens(j, j->len / 2), all = api_answer_tokens(j, j->len);
+    CHECK(half >= 0 && half <= all && all <= j->n_ids);
     check_event(
-        api_stream_event(&shape, CHUNK_TEXT, j->text, j->len, 0, 0, j, "cmpl-1", 1, m.name));
-    check_event(api_stream_event(&shape, CHUNK_FINISH, "", 0, 0, 0, j, "cmpl-1", 1, m.name));
+        api_stream_event(&shape, CHUNK_TEXT, j->text, j->len, 0, half, j, "cmpl-1", 1, m.name));
+    check_event(api_stream_event(&shape, CHUNK_FINISH, "", 0, half, all, j, "cmpl-1", 1, m.name));
     check_event(api_stream_event(&shape, CHUNK_USAGE, "", 0, 0, 0, j, "cmpl-1", 1, m.name));
     job_release(j);
 }
