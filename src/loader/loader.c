@@ -93,11 +93,13 @@
  * until the promise ends (the promiser's write-back put the chunk in the
  * store, or gave up), polling the registry. A chunk then in the store is
  * PRESENT, and the meet rule takes it from there; one that is not is
- * computed. Without estimates to go by (a slot's first request), an awaited
- * chunk is loaded, not computed: computing it again is what the wait
- * avoids. The wait is bounded (AWAIT_NS); a promise outlives nothing: the
- * write-back releases it when its chunk is written, failed or dropped, and
- * the promiser's request releases those it did not compute.
+ * computed, and promised in turn (a third request waits for this one).
+ * Without estimates to go by (a slot's first request), an awaited chunk is
+ * loaded, not computed: computing it again is what the wait avoids. The
+ * wait is bounded (about two chunks' compute time); a promise outlives
+ * nothing: the write-back releases it when its chunk is written, failed or
+ * dropped, and the promiser's request releases those it did not compute. A
+ * request whose store lookup failed neither promises nor waits.
  *
  * Failures. A load that misses (corrupt blob, vanished file, Redis down) puts
  * its chunk back to ABSENT and the compute side computes it when it gets
