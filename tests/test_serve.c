@@ -1004,6 +1004,15 @@ static void test_batched_answers(void **state) {
     assert_true(metric(s.port, "cake_engine_shared_steps_total") >= 1);
     assert_true(metric(s.port, "cake_engine_max_sequences") >= 2);
     assert_true(metric(s.port, "cake_engine_max_sequences") <= 4);
+    /* the latency histograms: every request, every gap between two tokens */
+    assert_int_equal(metric(s.port, "cake_request_queue_seconds_count"), N);
+    assert_int_equal(metric(s.port, "cake_request_seconds_count"), N);
+    assert_int_equal(metric(s.port, "cake_inter_token_seconds_count"), N * (MAX_TOKENS - 1));
+    assert_int_equal(metric(s.port, "cake_inter_token_seconds_bucket{le=\"+Inf\"}"),
+                     N * (MAX_TOKENS - 1));
+    assert_true(metric(s.port, "cake_request_seconds_sum") >
+                metric(s.port, "cake_time_to_first_token_seconds_sum") +
+                    metric(s.port, "cake_request_queue_seconds_sum"));
     assert_int_equal(serve_stop(&s), 0);
 }
 

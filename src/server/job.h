@@ -60,7 +60,8 @@ struct serve_job {
 
     /* Owned by the pool. */
     int refs;
-    cake_token prev; /* the last id, for detokenization */
+    cake_token prev;                        /* the last id, for detokenization */
+    uint64_t t_arrived, t_started, t_ended; /* CLOCK_MONOTONIC ns, for /metrics */
     serve_job *next;
 };
 

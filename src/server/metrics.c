@@ -39,6 +39,15 @@ static void counter(text *t, const char *name, const char *help, unsigned long l
     put(t, "# HELP %s %s\n# TYPE %s counter\n%s %llu\n", name, help, name, name, v);
 }
 
+static void histogram(text *t, const char *name, const char *help, const pool_histogram *h,
+                      const double *bounds) {
+    put(t, "# HELP %s %s\n# TYPE %s histogram\n", name, help, name);
+    for (int b = 0; b < POOL_N_BUCKETS; b++)
+        put(t, "%s_bucket{le=\"%g\"} %llu\n", name, bounds[b], (unsigned long long)h->le[b]);
+    put(t, "%s_bucket{le=\"+Inf\"} %llu\n%s_sum %.6f\n%s_count %llu\n", name,
+        (unsigned long long)h->count, name, h->sum_s, name, (unsigned long long)h->count);
+}
+
 static void gauge(text *t, const char *name, const char *help, long long v) {
     put(t, "# HELP %s %s\n# TYPE %s gauge\n%s %lld\n", name, help, name, name, v);
 }
@@ -66,17 +75,18 @@ char *server_metrics_text(const pool_counters *pc, const unsigned long long *sta
     counter(&t, "cake_generation_tokens_total", "Tokens generated.",
             (unsigned long long)pc->generated_tokens);
 
-    static const double bounds[] = POOL_TTFT_BUCKETS;
-    put(&t, "# HELP cake_time_to_first_token_seconds From the request's start on its slot to its "
-            "first token.\n# TYPE cake_time_to_first_token_seconds histogram\n");
-    for (int b = 0; b < (int)(sizeof(bounds) / sizeof(bounds[0])); b++)
-        put(&t, "cake_time_to_first_token_seconds_bucket{le=\"%g\"} %llu\n", bounds[b],
-            (unsigned long long)pc->ttft_le[b]);
-    put(&t,
-        "cake_time_to_first_token_seconds_bucket{le=\"+Inf\"} %llu\n"
-        "cake_time_to_first_token_seconds_sum %.6f\n"
-        "cake_time_to_first_token_seconds_count %llu\n",
-        (unsigned long long)pc->jobs_done, pc->ttft_sum_s, (unsigned long long)pc->jobs_done);
+    static const double request_bounds[] = POOL_REQUEST_BUCKETS,
+                        token_bounds[] = POOL_TOKEN_BUCKETS;
+    histogram(&t, "cake_time_to_first_token_seconds",
+              "From the request's start on its slot to its first token.", &pc->ttft,
+              request_bounds);
+    histogram(&t, "cake_request_queue_seconds",
+              "From the request's arrival to its start on a slot.", &pc->queue_time,
+              request_bounds);
+    histogram(&t, "cake_request_seconds", "From the request's arrival to its last token.",
+              &pc->request_time, request_bounds);
+    histogram(&t, "cake_inter_token_seconds", "Between two tokens of a request.", &pc->token_gap,
+              token_bounds);
 
     put(&t,
         "# HELP cake_prefill_chunks_total Prompt chunks by where their KV came from (cached: "

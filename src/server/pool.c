@@ -7,6 +7,7 @@
 
 #include "engine/context.h"
 #include "model/tokenizer.h"
+#include "util/clock.h"
 #include "util/err.h"
 
 /* ---- a job's tokens, as the engine chooses them ---- */
@@ -16,7 +17,21 @@ typedef struct {
     const cake_tokenizer *tok;
     cake_token eos;
     job_logprob next; /* the next token's, when the job asks (on_logits, then on_token) */
+    uint64_t last_token_ns;
+    pool_histogram gaps; /* between its tokens, for /metrics */
 } token_sink;
+
+void pool_histogram_add(pool_histogram *h, const double *bounds, double seconds) {
+    h->sum_s += seconds;
+    h->count++;
+    for (int b = 0; b < POOL_N_BUCKETS; b++) h->le[b] += seconds <= bounds[b];
+}
+
+static void histogram_merge(pool_histogram *into, const pool_histogram *h) {
+    into->sum_s += h->sum_s;
+    into->count += h->count;
+    for (int b = 0; b < POOL_N_BUCKETS; b++) into->le[b] += h->le[b];
+}
 
 /* The chosen token's log-probability and the k most likely, from the
  * logits' log softmax (before temperature and top_p, as vLLM's default). */
@@ -50,6 +65,11 @@ static void on_logits(const float *logits, int n_vocab, cake_token id, void *ud)
 static int on_token(cake_token id, void *ud) {
     token_sink *s = ud;
     serve_job *j = s->job;
+    static const double token_bounds[] = POOL_TOKEN_BUCKETS;
+    const uint64_t now = cake_now_ns();
+    if (s->last_token_ns)
+        pool_histogram_add(&s->gaps, token_bounds, (double)(now - s->last_token_ns) / 1e9);
+    s->last_token_ns = now;
     pthread_mutex_lock(&j->mu);
     j->n_ids++;
     const size_t start = j->len;
@@ -156,7 +176,7 @@ static void dispatch(serve_pool *p) {
 }
 
 static void account(serve_pool *p, const serve_job *j) {
-    static const double bounds[] = POOL_TTFT_BUCKETS;
+    static const double bounds[] = POOL_REQUEST_BUCKETS;
     pool_counters *t = &p->totals;
     const cake_prefill_stats *ps = &j->stats.prefill;
     if (j->cancelled) t->jobs_cancelled++;
@@ -175,10 +195,9 @@ static void account(serve_pool *p, const serve_job *j) {
     t->chunks_awaited += (uint64_t)ps->chunks_awaited;
     t->bytes_loaded += ps->bytes_loaded;
     t->store_errors += ps->store_error[0] != 0;
-    const double ttft = j->stats.ttft_ms / 1e3;
-    t->ttft_sum_s += ttft;
-    for (int b = 0; b < (int)(sizeof(bounds) / sizeof(bounds[0])); b++)
-        t->ttft_le[b] += ttft <= bounds[b];
+    pool_histogram_add(&t->ttft, bounds, j->stats.ttft_ms / 1e3);
+    pool_histogram_add(&t->queue_time, bounds, (double)(j->t_started - j->t_arrived) / 1e9);
+    pool_histogram_add(&t->request_time, bounds, (double)(j->t_ended - j->t_arrived) / 1e9);
 }
 
 /* One line per request on stderr: what an operator reads first. */
@@ -248,6 +267,7 @@ static void run_job(slot *s, serve_job *j) {
     serve_pool *p = s->pool;
     /* The last request's write-backs read the KV cache this one overwrites:
      * they finish first. */
+    j->t_started = cake_now_ns();
     if (s->wb) cake_writeback_drain(s->wb, 60000);
     const cake_tokenizer *tok = cake_model_tokenizer(p->model);
     char err[256] = "";
@@ -293,7 +313,11 @@ static void run_job(slot *s, serve_job *j) {
     };
     cake_request_stats st;
     const int rc = cake_request_run(s->ctx, &req, ids, &st, err, sizeof(err));
+    j->t_ended = cake_now_ns();
     sched_release(p->sched, s->ctx);
+    pthread_mutex_lock(&p->mu);
+    histogram_merge(&p->totals.token_gap, &sink.gaps);
+    pthread_mutex_unlock(&p->mu);
     cake_sampler_free(sampler);
     pthread_mutex_lock(&j->mu);
     j->stats = st;
@@ -418,6 +442,7 @@ int pool_submit(serve_pool *p, serve_job *j) {
     pthread_mutex_lock(&j->mu);
     j->refs++;
     pthread_mutex_unlock(&j->mu);
+    j->t_arrived = cake_now_ns();
     j->next = NULL;
     if (p->tail)
         p->tail->next = j;

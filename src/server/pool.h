@@ -36,6 +36,22 @@ typedef struct {
     enum cake_backend_kind backend;
 } pool_config;
 
+/* A Prometheus histogram of durations: counts at or below each bound. */
+#define POOL_N_BUCKETS 10
+typedef struct {
+    double sum_s;
+    uint64_t count;
+    uint64_t le[POOL_N_BUCKETS]; /* cumulative */
+} pool_histogram;
+void pool_histogram_add(pool_histogram *h, const double *bounds, double seconds);
+
+/* The bounds of the request histograms (seconds), and of the gaps between
+ * a request's tokens. */
+#define POOL_REQUEST_BUCKETS                                                                       \
+    { 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120 }
+#define POOL_TOKEN_BUCKETS                                                                         \
+    { 0.005, 0.01, 0.02, 0.04, 0.06, 0.1, 0.25, 0.5, 1, 2.5 }
+
 /* Totals since start, for /metrics. */
 typedef struct {
     uint64_t jobs_done, jobs_failed, jobs_cancelled, jobs_rejected;
@@ -44,14 +60,12 @@ typedef struct {
     uint64_t chunks_awaited; /* of the missing: another request computed them meanwhile */
     uint64_t bytes_loaded, store_errors;
     uint64_t writeback_written, writeback_dropped, writeback_failed;
-    double ttft_sum_s;
-    uint64_t ttft_le[10]; /* cumulative counts per POOL_TTFT_BUCKETS bound */
+    /* From arrival to a slot; from the start on a slot to the first token;
+     * from arrival to the answer; between a request's tokens. */
+    pool_histogram queue_time, ttft, request_time, token_gap;
     int running, queued;
     sched_counters steps;
 } pool_counters;
-
-#define POOL_TTFT_BUCKETS                                                                          \
-    { 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120 }
 
 typedef struct serve_pool serve_pool;
 
