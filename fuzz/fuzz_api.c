@@ -99,9 +99,19 @@ static void fuzz_parse(const uint8_t *data, size_t size) {
                          .n_ctx = 1 + (data[0] >> 2) * 4,
                          .chat = (chat_format)(data[1] % 6),
                          .name = "fuzz"};
+    /* /tokenize and /detokenize of the same body */
+    char *out = NULL, err[256] = "";
+    if (api_tokenize((const char *)data + 2, size - 2, &m, &out, err, sizeof(err)) == 0)
+        check_json(out);
+    else
+        CHECK(err[0] && !out);
+    if (api_detokenize((const char *)data + 2, size - 2, &m, &out, err, sizeof(err)) == 0)
+        check_json(out);
+    else
+        CHECK(err[0] && !out);
+    err[0] = '\0';
     serve_job *j = (serve_job *)1;
     api_shape shape;
-    char err[256] = "";
     const int rc =
         api_parse((const char *)data + 2, size - 2, chat, &m, &j, &shape, err, sizeof(err));
     if (rc) {

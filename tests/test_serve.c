@@ -345,11 +345,14 @@ static void test_api_key(void **state) {
         {"/v1/completions", "Authorization: Bearer s3cret\r\n", 200},
         {"/v1/models", "", 401},
         {"/v1/models", "Authorization: Bearer s3cret\r\n", 200},
+        {"/tokenize", "", 401},
+        {"/tokenize", "Authorization: Bearer s3cret\r\n", 200},
         {"/health", "", 200},
         {"/metrics", "", 200},
     };
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
-        const int post = !strcmp(cases[i].path, "/v1/completions");
+        const int post =
+            !strcmp(cases[i].path, "/v1/completions") || !strcmp(cases[i].path, "/tokenize");
         int fd = connect_to(s.port);
         send_request_with(fd, post ? "POST" : "GET", cases[i].path,
                           post ? "{\"prompt\":\"Hi\",\"max_tokens\":2}" : NULL, cases[i].auth);
@@ -719,6 +722,51 @@ static void test_logprobs(void **state) {
     cJSON_Delete(c);
     assert_int_equal(serve_stop(&s), 0);
     unlink(path);
+}
+
+/* /tokenize gives the ids a completion of the text computes (the same
+ * answer from them), /detokenize the text back; bad bodies answer 400. */
+static void test_tokenize(void **state) {
+    (void)state;
+    t_server s;
+    assert_int_equal(serve_start(&s, g_tiny, "--store", "none", "--ctx", "512", NULL), 0);
+    cJSON *t = post_ok(s.port, "/tokenize", "{\"prompt\":\"Once upon a time\"}");
+    const cJSON *ids = at(t, "tokens");
+    assert_int_equal(num_at(t, "count"), cJSON_GetArraySize(ids));
+    assert_int_equal(num_at(t, "max_model_len"), 512);
+    char *list = cJSON_PrintUnformatted(ids);
+    cJSON *a = post_ok(s.port, "/v1/completions",
+                       "{\"prompt\":\"Once upon a time\",\"max_tokens\":6,\"temperature\":0}");
+    cJSON *b = post_ok(s.port, "/v1/completions",
+                       "{\"prompt\":%s,\"max_tokens\":6,\"temperature\":0}", list);
+    assert_int_equal(num_at(a, "usage.prompt_tokens"), cJSON_GetArraySize(ids));
+    assert_same_ids(at(a, "cake.generated_ids"), at(b, "cake.generated_ids"));
+    cJSON *d = post_ok(s.port, "/detokenize", "{\"tokens\":%s}", list);
+    assert_string_equal(str_at(d, "prompt"), "Once upon a time");
+    free(list);
+    cJSON_Delete(t);
+    cJSON_Delete(a);
+    cJSON_Delete(b);
+    cJSON_Delete(d);
+    static const struct {
+        const char *path, *body, *says;
+    } bad[] = {{"/tokenize", "{}", "'prompt'"},
+               {"/tokenize", "{\"prompt\":[1,2]}", "'prompt'"},
+               {"/tokenize", "[]", "JSON object"},
+               {"/tokenize", "{\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}",
+                "no chat template"},
+               {"/detokenize", "{\"tokens\":[1,-1]}", "not a token id"},
+               {"/detokenize", "{\"tokens\":\"1\"}", "'tokens'"}};
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        t_resp r = http(s.port, "POST", bad[i].path, bad[i].body);
+        if (r.status != 400 || !strstr(r.body, bad[i].says))
+            fail_msg("%s %s: %d %s", bad[i].path, bad[i].body, r.status, r.body);
+        resp_free(&r);
+    }
+    t_resp r = http(s.port, "GET", "/tokenize", NULL);
+    assert_int_equal(r.status, 405);
+    resp_free(&r);
+    assert_int_equal(serve_stop(&s), 0);
 }
 
 /* A stop string ends the answer before it, whole or streamed, even when it
@@ -1247,6 +1295,10 @@ static void test_chat_llama2(void **state) {
     assert_string_equal(str_at(chat, "object"), "chat.completion");
     assert_string_equal(str_at(chat, "choices.0.message.role"), "assistant");
     assert_int_equal(num_at(chat, "usage.prompt_tokens"), n);
+    cJSON *tk = post_ok(s.port, "/tokenize", "{\"messages\":%s}", msgs_json);
+    assert_int_equal(num_at(tk, "count"), n); /* the chat's own prompt */
+    assert_int_equal(cJSON_GetArrayItem(at(tk, "tokens"), n - 1)->valueint, ids[n - 1]);
+    cJSON_Delete(tk);
     char list[4096] = "[";
     for (int i = 0; i < n; i++)
         snprintf(list + strlen(list), sizeof(list) - strlen(list), i ? ",%d" : "%d", ids[i]);
@@ -1380,15 +1432,16 @@ static void test_chat_formats(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_chat_formats),  cmocka_unit_test(test_usage_errors),
-        cmocka_unit_test(test_api_key),       cmocka_unit_test(test_bad_requests),
-        cmocka_unit_test(test_answers_tiny),  cmocka_unit_test(test_answers_stories260k),
-        cmocka_unit_test(test_stop_strings),  cmocka_unit_test(test_seeded_sampling),
-        cmocka_unit_test(test_store_reuse),   cmocka_unit_test(test_slow_first_token),
-        cmocka_unit_test(test_slot_prefix),   cmocka_unit_test(test_cancel_and_queue),
-        cmocka_unit_test(test_chat_llama2),   cmocka_unit_test(test_batched_answers),
-        cmocka_unit_test(test_shared_prefix), cmocka_unit_test(test_speed_hints),
-        cmocka_unit_test(test_logprobs),      cmocka_unit_test(test_cancel_prefill),
+        cmocka_unit_test(test_chat_formats),   cmocka_unit_test(test_usage_errors),
+        cmocka_unit_test(test_api_key),        cmocka_unit_test(test_bad_requests),
+        cmocka_unit_test(test_answers_tiny),   cmocka_unit_test(test_answers_stories260k),
+        cmocka_unit_test(test_stop_strings),   cmocka_unit_test(test_seeded_sampling),
+        cmocka_unit_test(test_store_reuse),    cmocka_unit_test(test_slow_first_token),
+        cmocka_unit_test(test_slot_prefix),    cmocka_unit_test(test_cancel_and_queue),
+        cmocka_unit_test(test_chat_llama2),    cmocka_unit_test(test_batched_answers),
+        cmocka_unit_test(test_shared_prefix),  cmocka_unit_test(test_speed_hints),
+        cmocka_unit_test(test_logprobs),       cmocka_unit_test(test_tokenize),
+        cmocka_unit_test(test_cancel_prefill),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -312,6 +312,16 @@ static enum MHD_Result completions(serve_server *s, struct MHD_Connection *c,
     return rc;
 }
 
+static enum MHD_Result tokens(serve_server *s, struct MHD_Connection *c, const request_state *rq,
+                              int detokenize) {
+    char err[512], *json;
+    const char *body = rq->body ? rq->body : "";
+    if (detokenize ? api_detokenize(body, rq->len, &s->model, &json, err, sizeof(err))
+                   : api_tokenize(body, rq->len, &s->model, &json, err, sizeof(err)))
+        return reply_error(s, c, MHD_HTTP_BAD_REQUEST, "%s", err);
+    return reply_json(s, c, MHD_HTTP_OK, json);
+}
+
 static enum MHD_Result models(serve_server *s, struct MHD_Connection *c) {
     return reply_json(s, c, MHD_HTTP_OK, api_models(s->model.name));
 }
@@ -348,16 +358,15 @@ static enum MHD_Result route(serve_server *s, struct MHD_Connection *c, const ch
                              const char *method, const request_state *rq) {
     static const struct {
         const char *path, *method;
-    } routes[] = {{"/v1/completions", "POST"},
-                  {"/v1/chat/completions", "POST"},
-                  {"/v1/models", "GET"},
-                  {"/health", "GET"},
+    } routes[] = {{"/v1/completions", "POST"}, {"/v1/chat/completions", "POST"},
+                  {"/v1/models", "GET"},       {"/tokenize", "POST"},
+                  {"/detokenize", "POST"},     {"/health", "GET"},
                   {"/metrics", "GET"}};
     int i = 0;
     const int n = (int)(sizeof(routes) / sizeof(routes[0]));
     while (i < n && strcmp(url, routes[i].path)) i++;
     if (i == n) return reply_error(s, c, MHD_HTTP_NOT_FOUND, "no such endpoint: %.200s", url);
-    if (i <= 2 && !authorized(s, c)) /* the API; /health and /metrics stay open */
+    if (i <= 4 && !authorized(s, c)) /* the API; /health and /metrics stay open */
         return reply_error(s, c, MHD_HTTP_UNAUTHORIZED,
                            "this server wants an API key: Authorization: Bearer KEY");
     if (strcmp(method, routes[i].method))
@@ -370,6 +379,9 @@ static enum MHD_Result route(serve_server *s, struct MHD_Connection *c, const ch
     case 2:
         return models(s, c);
     case 3:
+    case 4:
+        return tokens(s, c, rq, i == 4);
+    case 5:
         return health(s, c);
     default:
         return metrics(s, c);

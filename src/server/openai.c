@@ -567,6 +567,94 @@ char *api_sse_event(char *json) {
     return ev;
 }
 
+/* ---- /tokenize and /detokenize ---- */
+
+/* The body as a JSON object, or NULL with err. */
+static cJSON *body_object(const char *body, size_t len, char *err, size_t errlen) {
+    cJSON *o = cJSON_ParseWithLength(body, len);
+    if (o && cJSON_IsObject(o)) return o;
+    cJSON_Delete(o);
+    cake_err(err, errlen, "the body must be a JSON object");
+    return NULL;
+}
+
+int api_tokenize(const char *body, size_t len, const api_model *m, char **out, char *err,
+                 size_t errlen) {
+    *out = NULL;
+    cJSON *o = body_object(body, len, err, errlen);
+    if (!o) return -1;
+    cake_token *ids = NULL, eot;
+    int n = 0, rc = -1;
+    const cJSON *p = field(o, "prompt");
+    if (field(o, "messages")) {
+        if (chat_prompt_of(o, m, &ids, &n, &eot, err, errlen)) goto done;
+    } else if (!cJSON_IsString(p)) {
+        cake_err(err, errlen, "'prompt' must be a string (or give 'messages')");
+        goto done;
+    } else if (tokenize_text(m, p->valuestring, strlen(p->valuestring), &ids, &n, err, errlen)) {
+        goto done;
+    }
+    cJSON *r = cJSON_CreateObject();
+    cJSON_AddItemToObject(r, "tokens", cJSON_CreateIntArray(ids, n));
+    cJSON_AddNumberToObject(r, "count", n);
+    cJSON_AddNumberToObject(r, "max_model_len", m->n_ctx);
+    *out = print_free(r);
+    rc = 0;
+done:
+    free(ids);
+    cJSON_Delete(o);
+    return rc;
+}
+
+int api_detokenize(const char *body, size_t len, const api_model *m, char **out, char *err,
+                   size_t errlen) {
+    *out = NULL;
+    cJSON *o = body_object(body, len, err, errlen);
+    if (!o) return -1;
+    const cJSON *tokens = field(o, "tokens"), *t;
+    int rc = -1;
+    char *text = NULL;
+    size_t n = 0, cap = 0;
+    if (!cJSON_IsArray(tokens)) {
+        cake_err(err, errlen, "'tokens' must be an array of token ids");
+        goto done;
+    }
+    cake_token prev = -1;
+    cJSON_ArrayForEach(t, tokens) {
+        if (!cJSON_IsNumber(t) || t->valuedouble != floor(t->valuedouble) || t->valuedouble < 0 ||
+            t->valuedouble >= m->n_vocab) {
+            cake_err(err, errlen, "'tokens' holds something that is not a token id (0..%d)",
+                     m->n_vocab - 1);
+            goto done;
+        }
+        const cake_token id = (cake_token)t->valuedouble;
+        const int k = cake_token_to_piece(m->tok, prev, id, NULL, 0);
+        if (k > 0 && n + (size_t)k >= cap) {
+            cap = 2 * (n + (size_t)k) + 64;
+            char *b = realloc(text, cap);
+            if (!b) {
+                cake_err(err, errlen, "out of memory");
+                goto done;
+            }
+            text = b;
+        }
+        if (k > 0) n += (size_t)cake_token_to_piece(m->tok, prev, id, text + n, (size_t)k);
+        prev = id;
+    }
+    char *clean = api_utf8_clean(text ? text : "", n);
+    if (clean) {
+        cJSON *r = cJSON_CreateObject();
+        cJSON_AddStringToObject(r, "prompt", clean);
+        *out = print_free(r);
+        free(clean);
+    }
+    rc = 0;
+done:
+    free(text);
+    cJSON_Delete(o);
+    return rc;
+}
+
 char *api_models(const char *name) {
     char *clean = api_utf8_clean(name, strlen(name));
     if (!clean) return NULL;

@@ -50,6 +50,16 @@ char *api_stream_event(const api_shape *s, api_chunk_kind kind, const char *text
  * the answer (not those after a stop string). Under the job's lock. */
 int api_answer_tokens(const serve_job *j, size_t sent);
 
+/* /tokenize: {"prompt": text} (tokenized as /v1/completions does) or
+ * {"messages": [...]} (the prompt /v1/chat/completions builds) gives
+ * {"tokens": [...], "count": n, "max_model_len": the context}. /detokenize:
+ * {"tokens": [...]} gives {"prompt": text}. 0 with *out (malloc'd JSON;
+ * NULL on out of memory), or -1 with a message for a 400 in err. */
+int api_tokenize(const char *body, size_t len, const api_model *m, char **out, char *err,
+                 size_t errlen);
+int api_detokenize(const char *body, size_t len, const api_model *m, char **out, char *err,
+                   size_t errlen);
+
 /* The /v1/models list of the one model. */
 char *api_models(const char *name);
 
