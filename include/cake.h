@@ -133,6 +133,10 @@ typedef struct {
     float temperature; /* <= 0: greedy (argmax; ties go to the lowest id) */
     float top_p;       /* nucleus mass in (0, 1]; 1 = off */
     uint64_t seed;     /* same seed, same logits: same tokens */
+    /* OpenAI's penalties (0 = off), over the tokens this sampler chose so
+     * far: a token's logit loses frequency_penalty for each time it was
+     * chosen, and presence_penalty once if it was at all. */
+    float frequency_penalty, presence_penalty;
 } cake_sampler_params;
 
 cake_sampler *cake_sampler_init(cake_sampler_params p); /* NULL on out of memory */

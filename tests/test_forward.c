@@ -912,6 +912,41 @@ static void test_other_quants(void **state) {
 /* Tied output (no output.weight; Llama 3.2 1B/3B and small Qwen2.5 models):
  * the token embedding is the output matrix too. With Q8_0 the output is a
  * repacked copy while the lookups read the file's blocks. */
+/* OpenAI's penalties on the tokens chosen so far: token 0 leads token 1 by
+ * 0.5 and token 2 trails far behind. */
+static void check_penalties(float frequency, float presence, const cake_token *want, int n) {
+    const float logits[3] = {3.0f, 2.5f, -5.0f};
+    cake_sampler *s = cake_sampler_init((cake_sampler_params){
+        .temperature = 0, .frequency_penalty = frequency, .presence_penalty = presence});
+    assert_non_null(s);
+    for (int i = 0; i < n; i++)
+        if (cake_sampler_sample(s, logits, 3) != want[i])
+            fail_msg("frequency %g presence %g: token %d is not %d", frequency, presence, i,
+                     want[i]);
+    cake_sampler_free(s);
+}
+
+static void test_sampler_penalties(void **state) {
+    (void)state;
+    check_penalties(0, 0, (const cake_token[]){0, 0, 0, 0}, 4);
+    /* presence: once chosen, 1 below: 0 (2.0), then 1 (1.5), then 0 again */
+    check_penalties(0, 1, (const cake_token[]){0, 1, 0, 0}, 4);
+    /* frequency, 0.4 per choice: 0, 0 (2.6 > 2.5), 1 (2.2 < 2.5), 0 (2.2 >
+     * 2.1), 1 (1.8 < 2.1), 0 (1.8 > 1.7) */
+    check_penalties(0.4f, 0, (const cake_token[]){0, 0, 1, 0, 1, 0}, 6);
+    /* a negative penalty favours what was chosen */
+    check_penalties(-1, 0, (const cake_token[]){0, 0, 0}, 3);
+    /* sampled (not greedy): with a large presence penalty no token repeats
+     * until all three were chosen */
+    const float logits[3] = {1.0f, 0.9f, 0.8f};
+    cake_sampler *s = cake_sampler_init(
+        (cake_sampler_params){.temperature = 1, .top_p = 1, .seed = 7, .presence_penalty = 100});
+    int seen[3] = {0};
+    for (int i = 0; i < 3; i++) seen[cake_sampler_sample(s, logits, 3)]++;
+    assert_true(seen[0] == 1 && seen[1] == 1 && seen[2] == 1);
+    cake_sampler_free(s);
+}
+
 static void test_tied_output(void **state) {
     (void)state;
     const char *dtypes[] = {"f32", "q8_0"};
@@ -944,6 +979,7 @@ int main(void) {
         cmocka_unit_test(test_other_quants),
         cmocka_unit_test(test_unsupported_weight_type),
         cmocka_unit_test(test_tied_output),
+        cmocka_unit_test(test_sampler_penalties),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -427,7 +427,11 @@ static void test_bad_requests(void **state) {
         {"POST", "/v1/chat/completions", "{\"messages\":[],\"logprobs\":true,\"top_logprobs\":21}",
          400, "'top_logprobs'"},
         {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"echo\":true}", 400, "not supported"},
-        {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"presence_penalty\":0.5}", 400,
+        {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"presence_penalty\":3}", 400,
+         "'presence_penalty'"},
+        {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"frequency_penalty\":\"1\"}", 400,
+         "'frequency_penalty'"},
+        {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"logit_bias\":{\"5\":1}}", 400,
          "not supported"},
         {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"stream_options\":3}", 400,
          "'stream_options'"},
@@ -722,6 +726,43 @@ static void test_logprobs(void **state) {
     cJSON_Delete(c);
     assert_int_equal(serve_stop(&s), 0);
     unlink(path);
+}
+
+/* A greedy answer with a presence penalty repeats no token (the tiny
+ * model's logits lie within a few tenths of each other); the penalties
+ * change nothing at 0. */
+static void test_penalties(void **state) {
+    (void)state;
+    t_server s;
+    assert_int_equal(serve_start(&s, g_tiny, "--store", "none", NULL), 0);
+    enum { N = 40 };
+    cJSON *plain = post_ok(s.port, "/v1/completions",
+                           "{\"prompt\":\"Once upon a time\",\"max_tokens\":%d,\"temperature\":0,"
+                           "\"ignore_eos\":true}",
+                           N);
+    cJSON *zero = post_ok(s.port, "/v1/completions",
+                          "{\"prompt\":\"Once upon a time\",\"max_tokens\":%d,\"temperature\":0,"
+                          "\"ignore_eos\":true,\"frequency_penalty\":0,\"presence_penalty\":0}",
+                          N);
+    cJSON *pen = post_ok(s.port, "/v1/completions",
+                         "{\"prompt\":\"Once upon a time\",\"max_tokens\":%d,\"temperature\":0,"
+                         "\"ignore_eos\":true,\"presence_penalty\":2}",
+                         N);
+    assert_same_ids(at(plain, "cake.generated_ids"), at(zero, "cake.generated_ids"));
+    const cJSON *ids = at(pen, "cake.generated_ids"), *pids = at(plain, "cake.generated_ids");
+    int repeats = 0;
+    for (int i = 0; i < N; i++)
+        for (int k = 0; k < i; k++) {
+            assert_int_not_equal(cJSON_GetArrayItem(ids, i)->valueint,
+                                 cJSON_GetArrayItem(ids, k)->valueint);
+            repeats +=
+                cJSON_GetArrayItem(pids, i)->valueint == cJSON_GetArrayItem(pids, k)->valueint;
+        }
+    print_message("penalties: %d repeated tokens without, 0 with\n", repeats);
+    cJSON_Delete(plain);
+    cJSON_Delete(zero);
+    cJSON_Delete(pen);
+    assert_int_equal(serve_stop(&s), 0);
 }
 
 /* /tokenize gives the ids a completion of the text computes (the same
@@ -1432,16 +1473,16 @@ static void test_chat_formats(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_chat_formats),   cmocka_unit_test(test_usage_errors),
-        cmocka_unit_test(test_api_key),        cmocka_unit_test(test_bad_requests),
-        cmocka_unit_test(test_answers_tiny),   cmocka_unit_test(test_answers_stories260k),
-        cmocka_unit_test(test_stop_strings),   cmocka_unit_test(test_seeded_sampling),
-        cmocka_unit_test(test_store_reuse),    cmocka_unit_test(test_slow_first_token),
-        cmocka_unit_test(test_slot_prefix),    cmocka_unit_test(test_cancel_and_queue),
-        cmocka_unit_test(test_chat_llama2),    cmocka_unit_test(test_batched_answers),
-        cmocka_unit_test(test_shared_prefix),  cmocka_unit_test(test_speed_hints),
-        cmocka_unit_test(test_logprobs),       cmocka_unit_test(test_tokenize),
-        cmocka_unit_test(test_cancel_prefill),
+        cmocka_unit_test(test_chat_formats),  cmocka_unit_test(test_usage_errors),
+        cmocka_unit_test(test_api_key),       cmocka_unit_test(test_bad_requests),
+        cmocka_unit_test(test_answers_tiny),  cmocka_unit_test(test_answers_stories260k),
+        cmocka_unit_test(test_stop_strings),  cmocka_unit_test(test_seeded_sampling),
+        cmocka_unit_test(test_store_reuse),   cmocka_unit_test(test_slow_first_token),
+        cmocka_unit_test(test_slot_prefix),   cmocka_unit_test(test_cancel_and_queue),
+        cmocka_unit_test(test_chat_llama2),   cmocka_unit_test(test_batched_answers),
+        cmocka_unit_test(test_shared_prefix), cmocka_unit_test(test_speed_hints),
+        cmocka_unit_test(test_logprobs),      cmocka_unit_test(test_tokenize),
+        cmocka_unit_test(test_penalties),     cmocka_unit_test(test_cancel_prefill),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -1,4 +1,5 @@
-/* Token sampling: greedy, temperature and top-p (nucleus), with a seeded
+/* Token sampling: greedy, temperature and top-p (nucleus), with OpenAI's
+ * frequency and presence penalties, and a seeded
  * generator so that the same seed and logits give the same tokens. */
 #include <math.h>
 #include <stdlib.h>
@@ -11,6 +12,10 @@ struct cake_sampler {
     int cap; /* capacity of the two work arrays */
     float *prob;
     int *idx;
+    /* With penalties: how often each token was chosen, the tokens chosen
+     * (each once), and the logits they adjust (n_vocab each). */
+    int *count, *chosen, n_chosen;
+    float *penalized;
 };
 
 /* splitmix64: small, fast, good enough for sampling, identical everywhere. */
@@ -37,6 +42,9 @@ void cake_sampler_free(cake_sampler *s) {
     if (!s) return;
     free(s->prob);
     free(s->idx);
+    free(s->count);
+    free(s->chosen);
+    free(s->penalized);
     free(s);
 }
 
@@ -54,7 +62,7 @@ static int by_prob_desc(const void *a, const void *b, void *ctx) {
     return *(const int *)a - *(const int *)b; /* stable order for equal probabilities */
 }
 
-cake_token cake_sampler_sample(cake_sampler *s, const float *logits, int n) {
+static cake_token choose(cake_sampler *s, const float *logits, int n) {
     if (s->p.temperature <= 0.0f || n == 1) return argmax(logits, n);
     if (n > s->cap) {
         float *prob = realloc(s->prob, (size_t)n * sizeof(float));
@@ -106,4 +114,37 @@ cake_token cake_sampler_sample(cake_sampler *s, const float *logits, int n) {
         if (target < cdf) return s->idx[i];
     }
     return s->idx[last];
+}
+
+/* The logits with the penalties of the tokens chosen so far; NULL when
+ * there are none to apply, or no memory for them (then they are not). */
+static const float *penalize(cake_sampler *s, const float *logits, int n) {
+    if (s->p.frequency_penalty == 0.0f && s->p.presence_penalty == 0.0f) return NULL;
+    if (!s->count) {
+        s->count = calloc((size_t)n, sizeof(*s->count));
+        s->chosen = malloc((size_t)n * sizeof(*s->chosen));
+        s->penalized = malloc((size_t)n * sizeof(*s->penalized));
+        if (!s->count || !s->chosen || !s->penalized) {
+            free(s->count);
+            free(s->chosen);
+            free(s->penalized);
+            s->count = s->chosen = NULL;
+            s->penalized = NULL;
+            return NULL;
+        }
+    }
+    if (!s->n_chosen) return NULL;
+    for (int i = 0; i < n; i++) s->penalized[i] = logits[i];
+    for (int k = 0; k < s->n_chosen; k++) {
+        const int t = s->chosen[k];
+        s->penalized[t] -= (float)s->count[t] * s->p.frequency_penalty + s->p.presence_penalty;
+    }
+    return s->penalized;
+}
+
+cake_token cake_sampler_sample(cake_sampler *s, const float *logits, int n) {
+    const float *p = penalize(s, logits, n);
+    const cake_token t = choose(s, p ? p : logits, n);
+    if (s->count && t >= 0 && t < n && s->count[t]++ == 0) s->chosen[s->n_chosen++] = t;
+    return t;
 }

@@ -77,14 +77,7 @@ static int bool_field(const cJSON *o, const char *key, int *out, char *err, size
 /* Fields that would change the answer in ways cake does not do: refused
  * rather than ignored. Their "off" values (null, false, 0, []) pass. */
 static int unsupported(const cJSON *o, char *err, size_t errlen) {
-    static const char *keys[] = {"echo",
-                                 "suffix",
-                                 "tools",
-                                 "functions",
-                                 "logit_bias",
-                                 "frequency_penalty",
-                                 "presence_penalty",
-                                 "best_of"};
+    static const char *keys[] = {"echo", "suffix", "tools", "functions", "logit_bias", "best_of"};
     for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++) {
         const cJSON *v = field(o, keys[i]);
         if (!v || cJSON_IsFalse(v) || (cJSON_IsNumber(v) && v->valuedouble == 0) ||
@@ -283,7 +276,7 @@ int api_parse(const char *body, size_t len, int chat, const api_model *m, serve_
     cake_token *ids = NULL;
     int n = 0;
     cake_token eot = -1;
-    double max_tokens = -1, temperature = 1, top_p = 1, seed = -1;
+    double max_tokens = -1, temperature = 1, top_p = 1, seed = -1, frequency = 0, presence = 0;
     int rc = -1, ignore_eos = 0, top_logprobs = -1;
     if (unsupported(o, err, errlen) || logprobs_asked(o, chat, &top_logprobs, err, errlen) ||
         bool_field(o, "stream", &shape->stream, err, errlen) ||
@@ -292,6 +285,8 @@ int api_parse(const char *body, size_t len, int chat, const api_model *m, serve_
         int_field(o, "max_completion_tokens", 1, 1 << 30, &max_tokens, err, errlen) ||
         num_field(o, "temperature", 0, 2, &temperature, err, errlen) ||
         num_field(o, "top_p", 1e-6, 1, &top_p, err, errlen) ||
+        num_field(o, "frequency_penalty", -2, 2, &frequency, err, errlen) ||
+        num_field(o, "presence_penalty", -2, 2, &presence, err, errlen) ||
         int_field(o, "seed", 0, 9007199254740991.0, &seed, err, errlen))
         goto done;
     const cJSON *so = field(o, "stream_options");
@@ -321,7 +316,9 @@ int api_parse(const char *body, size_t len, int chat, const api_model *m, serve_
     if (j->max_tokens > m->n_ctx - n) j->max_tokens = m->n_ctx - n;
     j->sampling = (cake_sampler_params){.temperature = (float)temperature,
                                         .top_p = (float)top_p,
-                                        .seed = seed >= 0 ? (uint64_t)seed : fresh_seed()};
+                                        .seed = seed >= 0 ? (uint64_t)seed : fresh_seed(),
+                                        .frequency_penalty = (float)frequency,
+                                        .presence_penalty = (float)presence};
     j->end_of_turn = eot;
     j->ignore_eos = ignore_eos;
     j->top_logprobs = top_logprobs;
