@@ -21,6 +21,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -124,6 +125,7 @@ static void fuzz_parse(const uint8_t *data, size_t size) {
     CHECK(j->max_tokens >= 1 && j->max_tokens <= m.n_ctx - j->n_prompt);
     CHECK(j->sampling.temperature >= 0 && j->sampling.temperature <= 2);
     CHECK(j->sampling.top_p > 0 && j->sampling.top_p <= 1);
+    CHECK(fabsf(j->sampling.frequency_penalty) <= 2 && fabsf(j->sampling.presence_penalty) <= 2);
     CHECK(j->n_stop >= 0 && j->n_stop <= JOB_MAX_STOP);
     for (int i = 0; i < j->n_stop; i++) CHECK(j->stop[i][0]);
     CHECK(j->end_of_turn >= -1 && j->end_of_turn < m.n_vocab);
