@@ -18,10 +18,10 @@
  * The vocabulary: byte-level BPE with the 256 bytes, a few merges and the
  * special tokens of ChatML and Llama 3. */
 #include <cjson/cJSON.h>
+#include <math.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
-#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
