@@ -130,6 +130,11 @@ enum cake_kv_type cake_context_kv_type(const cake_context *c);
 /* ---- sampling ---- */
 
 typedef struct {
+    cake_token id;
+    float bias; /* added to the token's logit (-100 bans it, 100 forces it) */
+} cake_logit_bias;
+
+typedef struct {
     float temperature; /* <= 0: greedy (argmax; ties go to the lowest id) */
     float top_p;       /* nucleus mass in (0, 1]; 1 = off */
     uint64_t seed;     /* same seed, same logits: same tokens */
@@ -137,6 +142,8 @@ typedef struct {
      * far: a token's logit loses frequency_penalty for each time it was
      * chosen, and presence_penalty once if it was at all. */
     float frequency_penalty, presence_penalty;
+    const cake_logit_bias *logit_bias; /* n_logit_bias of them (copied by init) */
+    int n_logit_bias;
 } cake_sampler_params;
 
 cake_sampler *cake_sampler_init(cake_sampler_params p); /* NULL on out of memory */

@@ -945,6 +945,16 @@ static void test_sampler_penalties(void **state) {
     for (int i = 0; i < 3; i++) seen[cake_sampler_sample(s, logits, 3)]++;
     assert_true(seen[0] == 1 && seen[1] == 1 && seen[2] == 1);
     cake_sampler_free(s);
+
+    /* logit biases: the sampler's own copy, added before the penalties */
+    cake_logit_bias bias[2] = {{0, -100}, {2, 7.4f}};
+    s = cake_sampler_init((cake_sampler_params){
+        .temperature = 0, .presence_penalty = 0.5f, .logit_bias = bias, .n_logit_bias = 2});
+    bias[1].bias = 0;                           /* (copied at init) */
+    const float three[3] = {3.0f, 2.5f, -5.0f}; /* biased: -97, 2.5, 2.4 */
+    assert_int_equal(cake_sampler_sample(s, three, 3), 1);
+    assert_int_equal(cake_sampler_sample(s, three, 3), 2); /* 2.5 - 0.5 < 2.4 */
+    cake_sampler_free(s);
 }
 
 static void test_tied_output(void **state) {

@@ -431,8 +431,11 @@ static void test_bad_requests(void **state) {
          "'presence_penalty'"},
         {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"frequency_penalty\":\"1\"}", 400,
          "'frequency_penalty'"},
-        {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"logit_bias\":{\"5\":1}}", 400,
-         "not supported"},
+        {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"logit_bias\":{\"x5\":1}}", 400,
+         "not a token id"},
+        {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"logit_bias\":{\"5\":101}}", 400,
+         "'logit_bias'"},
+        {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"suffix\":\"x\"}", 400, "not supported"},
         {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"stream_options\":3}", 400,
          "'stream_options'"},
         /* 70 tokens in a context of 64 */
@@ -730,7 +733,7 @@ static void test_logprobs(void **state) {
 
 /* A greedy answer with a presence penalty repeats no token (the tiny
  * model's logits lie within a few tenths of each other); the penalties
- * change nothing at 0. */
+ * change nothing at 0; a logit bias of -100 bans a token, 100 forces one. */
 static void test_penalties(void **state) {
     (void)state;
     t_server s;
@@ -759,6 +762,21 @@ static void test_penalties(void **state) {
                 cJSON_GetArrayItem(pids, i)->valueint == cJSON_GetArrayItem(pids, k)->valueint;
         }
     print_message("penalties: %d repeated tokens without, 0 with\n", repeats);
+    /* logit_bias: -100 bans the greedy first token, 100 forces another */
+    const int first = cJSON_GetArrayItem(pids, 0)->valueint, other = first == 7 ? 8 : 7;
+    cJSON *ban = post_ok(s.port, "/v1/completions",
+                         "{\"prompt\":\"Once upon a time\",\"max_tokens\":4,\"temperature\":0,"
+                         "\"logit_bias\":{\"%d\":-100}}",
+                         first);
+    assert_int_not_equal(num_at(ban, "cake.generated_ids.0"), first);
+    cJSON *force = post_ok(s.port, "/v1/completions",
+                           "{\"prompt\":\"Once upon a time\",\"max_tokens\":4,\"temperature\":0,"
+                           "\"ignore_eos\":true,\"logit_bias\":{\"%d\":100}}",
+                           other);
+    for (int i = 0; i < 4; i++)
+        assert_int_equal(cJSON_GetArrayItem(at(force, "cake.generated_ids"), i)->valueint, other);
+    cJSON_Delete(ban);
+    cJSON_Delete(force);
     cJSON_Delete(plain);
     cJSON_Delete(zero);
     cJSON_Delete(pen);

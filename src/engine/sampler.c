@@ -1,5 +1,5 @@
 /* Token sampling: greedy, temperature and top-p (nucleus), with OpenAI's
- * frequency and presence penalties, and a seeded
+ * logit biases and frequency and presence penalties, and a seeded
  * generator so that the same seed and logits give the same tokens. */
 #include <math.h>
 #include <stdlib.h>
@@ -12,10 +12,12 @@ struct cake_sampler {
     int cap; /* capacity of the two work arrays */
     float *prob;
     int *idx;
+    cake_logit_bias *bias; /* the params' own copy */
     /* With penalties: how often each token was chosen, the tokens chosen
-     * (each once), and the logits they adjust (n_vocab each). */
+     * (each once); with penalties or biases, the logits they adjust (n_vocab
+     * each). */
     int *count, *chosen, n_chosen;
-    float *penalized;
+    float *adjusted;
 };
 
 /* splitmix64: small, fast, good enough for sampling, identical everywhere. */
@@ -35,6 +37,14 @@ cake_sampler *cake_sampler_init(cake_sampler_params p) {
     if (!s) return NULL;
     s->p = p;
     s->rng = p.seed;
+    if (p.n_logit_bias > 0) {
+        if (!(s->bias = malloc((size_t)p.n_logit_bias * sizeof(*s->bias)))) {
+            free(s);
+            return NULL;
+        }
+        for (int i = 0; i < p.n_logit_bias; i++) s->bias[i] = p.logit_bias[i];
+    }
+    s->p.logit_bias = s->bias;
     return s;
 }
 
@@ -44,7 +54,8 @@ void cake_sampler_free(cake_sampler *s) {
     free(s->idx);
     free(s->count);
     free(s->chosen);
-    free(s->penalized);
+    free(s->adjusted);
+    free(s->bias);
     free(s);
 }
 
@@ -116,34 +127,41 @@ static cake_token choose(cake_sampler *s, const float *logits, int n) {
     return s->idx[last];
 }
 
-/* The logits with the penalties of the tokens chosen so far; NULL when
- * there are none to apply, or no memory for them (then they are not). */
-static const float *penalize(cake_sampler *s, const float *logits, int n) {
-    if (s->p.frequency_penalty == 0.0f && s->p.presence_penalty == 0.0f) return NULL;
-    if (!s->count) {
-        s->count = calloc((size_t)n, sizeof(*s->count));
-        s->chosen = malloc((size_t)n * sizeof(*s->chosen));
-        s->penalized = malloc((size_t)n * sizeof(*s->penalized));
-        if (!s->count || !s->chosen || !s->penalized) {
+/* The logits with the biases and the penalties of the tokens chosen so
+ * far; NULL when there are none to apply, or no memory for them (then they
+ * are not). */
+static const float *adjust(cake_sampler *s, const float *logits, int n) {
+    const int penalties = s->p.frequency_penalty != 0.0f || s->p.presence_penalty != 0.0f;
+    if (!penalties && !s->p.n_logit_bias) return NULL;
+    if (!s->adjusted) {
+        s->adjusted = malloc((size_t)n * sizeof(*s->adjusted));
+        if (penalties) {
+            s->count = calloc((size_t)n, sizeof(*s->count));
+            s->chosen = malloc((size_t)n * sizeof(*s->chosen));
+        }
+        if (!s->adjusted || (penalties && (!s->count || !s->chosen))) {
+            free(s->adjusted);
             free(s->count);
             free(s->chosen);
-            free(s->penalized);
+            s->adjusted = NULL;
             s->count = s->chosen = NULL;
-            s->penalized = NULL;
             return NULL;
         }
     }
-    if (!s->n_chosen) return NULL;
-    for (int i = 0; i < n; i++) s->penalized[i] = logits[i];
+    if (!s->p.n_logit_bias && !s->n_chosen) return NULL;
+    for (int i = 0; i < n; i++) s->adjusted[i] = logits[i];
+    for (int k = 0; k < s->p.n_logit_bias; k++)
+        if (s->p.logit_bias[k].id >= 0 && s->p.logit_bias[k].id < n)
+            s->adjusted[s->p.logit_bias[k].id] += s->p.logit_bias[k].bias;
     for (int k = 0; k < s->n_chosen; k++) {
         const int t = s->chosen[k];
-        s->penalized[t] -= (float)s->count[t] * s->p.frequency_penalty + s->p.presence_penalty;
+        s->adjusted[t] -= (float)s->count[t] * s->p.frequency_penalty + s->p.presence_penalty;
     }
-    return s->penalized;
+    return s->adjusted;
 }
 
 cake_token cake_sampler_sample(cake_sampler *s, const float *logits, int n) {
-    const float *p = penalize(s, logits, n);
+    const float *p = adjust(s, logits, n);
     const cake_token t = choose(s, p ? p : logits, n);
     if (s->count && t >= 0 && t < n && s->count[t]++ == 0) s->chosen[s->n_chosen++] = t;
     return t;

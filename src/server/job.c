@@ -31,6 +31,7 @@ void job_release(serve_job *j) {
     free(j->text);
     free(j->ids);
     free(j->logprobs);
+    free(j->logit_bias);
     pthread_cond_destroy(&j->cv);
     pthread_mutex_destroy(&j->mu);
     free(j);

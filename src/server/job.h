@@ -34,7 +34,8 @@ struct serve_job {
     int n_prompt;
     int max_tokens; /* capped by the pool at the context's end */
     cake_sampler_params sampling;
-    char *stop[JOB_MAX_STOP]; /* stop strings (owned), n_stop of them */
+    cake_logit_bias *logit_bias; /* owned; sampling.logit_bias points at it */
+    char *stop[JOB_MAX_STOP];    /* stop strings (owned), n_stop of them */
     int n_stop;
     cake_token end_of_turn; /* stops like EOS (a chat format's end of turn); -1: none */
     int ignore_eos;         /* EOS and the end of turn do not stop it (benchmarks) */

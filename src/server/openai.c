@@ -77,7 +77,7 @@ static int bool_field(const cJSON *o, const char *key, int *out, char *err, size
 /* Fields that would change the answer in ways cake does not do: refused
  * rather than ignored. Their "off" values (null, false, 0, []) pass. */
 static int unsupported(const cJSON *o, char *err, size_t errlen) {
-    static const char *keys[] = {"echo", "suffix", "tools", "functions", "logit_bias", "best_of"};
+    static const char *keys[] = {"echo", "suffix", "tools", "functions", "best_of"};
     for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++) {
         const cJSON *v = field(o, keys[i]);
         if (!v || cJSON_IsFalse(v) || (cJSON_IsNumber(v) && v->valuedouble == 0) ||
@@ -108,6 +108,35 @@ static int logprobs_asked(const cJSON *o, int chat, int *top, char *err, size_t 
         return -1;
     if (!on && k > 0) return cake_err(err, errlen, "'top_logprobs' needs 'logprobs': true");
     *top = on ? (k > 0 ? (int)k : 0) : -1;
+    return 0;
+}
+
+/* "logit_bias": {"token id": bias in [-100, 100], ...}, as OpenAI's. */
+#define MAX_LOGIT_BIAS 1024
+static int add_logit_bias(const cJSON *o, const api_model *m, serve_job *j, char *err,
+                          size_t errlen) {
+    const cJSON *v = field(o, "logit_bias"), *b;
+    if (!v) return 0;
+    const int n = cJSON_GetArraySize(v);
+    if (!cJSON_IsObject(v) || n > MAX_LOGIT_BIAS)
+        return cake_err(err, errlen, "'logit_bias' must be an object of up to %d token ids",
+                        MAX_LOGIT_BIAS);
+    if (!n) return 0;
+    if (!(j->logit_bias = malloc((size_t)n * sizeof(*j->logit_bias))))
+        return cake_err(err, errlen, "out of memory");
+    int k = 0;
+    cJSON_ArrayForEach(b, v) {
+        char *end;
+        const long id = strtol(b->string, &end, 10);
+        if (!b->string[0] || *end || id < 0 || id >= m->n_vocab)
+            return cake_err(err, errlen, "'logit_bias': '%.40s' is not a token id (0..%d)",
+                            b->string, m->n_vocab - 1);
+        if (!cJSON_IsNumber(b) || !(b->valuedouble >= -100 && b->valuedouble <= 100))
+            return cake_err(err, errlen, "'logit_bias' values must be numbers in [-100, 100]");
+        j->logit_bias[k++] = (cake_logit_bias){(cake_token)id, (float)b->valuedouble};
+    }
+    j->sampling.logit_bias = j->logit_bias;
+    j->sampling.n_logit_bias = k;
     return 0;
 }
 
@@ -322,6 +351,7 @@ int api_parse(const char *body, size_t len, int chat, const api_model *m, serve_
     j->end_of_turn = eot;
     j->ignore_eos = ignore_eos;
     j->top_logprobs = top_logprobs;
+    if (add_logit_bias(o, m, j, err, errlen)) goto done;
     *out = j;
     j = NULL;
     rc = 0;
