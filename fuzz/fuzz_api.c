@@ -126,6 +126,10 @@ static void fuzz_parse(const uint8_t *data, size_t size) {
     CHECK(j->sampling.temperature >= 0 && j->sampling.temperature <= 2);
     CHECK(j->sampling.top_p > 0 && j->sampling.top_p <= 1);
     CHECK(fabsf(j->sampling.frequency_penalty) <= 2 && fabsf(j->sampling.presence_penalty) <= 2);
+    CHECK(j->sampling.n_logit_bias >= 0 && j->sampling.n_logit_bias <= 1024);
+    for (int i = 0; i < j->sampling.n_logit_bias; i++)
+        CHECK(j->sampling.logit_bias[i].id >= 0 && j->sampling.logit_bias[i].id < m.n_vocab &&
+              fabsf(j->sampling.logit_bias[i].bias) <= 100);
     CHECK(j->n_stop >= 0 && j->n_stop <= JOB_MAX_STOP);
     for (int i = 0; i < j->n_stop; i++) CHECK(j->stop[i][0]);
     CHECK(j->end_of_turn >= -1 && j->end_of_turn < m.n_vocab);
