@@ -127,6 +127,7 @@ static void fuzz_parse(const uint8_t *data, size_t size) {
     CHECK(j->sampling.top_p > 0 && j->sampling.top_p <= 1);
     CHECK(fabsf(j->sampling.frequency_penalty) <= 2 && fabsf(j->sampling.presence_penalty) <= 2);
     CHECK(j->sampling.n_logit_bias >= 0 && j->sampling.n_logit_bias <= 1024);
+    CHECK(j->sampling.top_k >= 0 && j->sampling.min_p >= 0 && j->sampling.min_p <= 1);
     for (int i = 0; i < j->sampling.n_logit_bias; i++)
         CHECK(j->sampling.logit_bias[i].id >= 0 && j->sampling.logit_bias[i].id < m.n_vocab &&
               fabsf(j->sampling.logit_bias[i].bias) <= 100);

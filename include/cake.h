@@ -137,6 +137,8 @@ typedef struct {
 typedef struct {
     float temperature; /* <= 0: greedy (argmax; ties go to the lowest id) */
     float top_p;       /* nucleus mass in (0, 1]; 1 = off */
+    int top_k;         /* only the k likeliest tokens; 0 = off */
+    float min_p;       /* only tokens at least min_p times the likeliest's probability; 0 = off */
     uint64_t seed;     /* same seed, same logits: same tokens */
     /* OpenAI's penalties (0 = off), over the tokens this sampler chose so
      * far: a token's logit loses frequency_penalty for each time it was

@@ -957,6 +957,43 @@ static void test_sampler_penalties(void **state) {
     cake_sampler_free(s);
 }
 
+/* top_k and min_p keep only their tokens, and every one of them comes up:
+ * 4000 draws each. */
+static void check_filter(cake_sampler_params p, const float *logits, int n, const int *allowed) {
+    cake_sampler *s = cake_sampler_init(p);
+    assert_non_null(s);
+    int seen[8] = {0};
+    for (int i = 0; i < 4000; i++) seen[cake_sampler_sample(s, logits, n)]++;
+    for (int i = 0; i < n; i++)
+        if (allowed[i] ? seen[i] == 0 : seen[i] != 0)
+            fail_msg("top_k %d min_p %g top_p %g: token %d drawn %d times", p.top_k, p.min_p,
+                     p.top_p, i, seen[i]);
+    cake_sampler_free(s);
+}
+
+static void test_sampler_filters(void **state) {
+    (void)state;
+    /* probabilities 0.4, 0.3, 0.2, 0.1 (logits their logs) */
+    const float logits[4] = {logf(0.4f), logf(0.3f), logf(0.2f), logf(0.1f)};
+    const cake_sampler_params base = {.temperature = 1, .top_p = 1, .seed = 3};
+    cake_sampler_params p = base;
+    check_filter(p, logits, 4, (const int[]){1, 1, 1, 1});
+    p.top_k = 1; /* greedy */
+    check_filter(p, logits, 4, (const int[]){1, 0, 0, 0});
+    p.top_k = 2;
+    check_filter(p, logits, 4, (const int[]){1, 1, 0, 0});
+    p = base;
+    p.min_p = 0.45f; /* at least 0.18 */
+    check_filter(p, logits, 4, (const int[]){1, 1, 1, 0});
+    p.min_p = 0.6f; /* at least 0.24 */
+    check_filter(p, logits, 4, (const int[]){1, 1, 0, 0});
+    p = base; /* together: the nucleus of 0.65 is {0, 1}, within the top 3 */
+    p.top_p = 0.65f;
+    p.top_k = 3;
+    p.min_p = 0.1f;
+    check_filter(p, logits, 4, (const int[]){1, 1, 0, 0});
+}
+
 static void test_tied_output(void **state) {
     (void)state;
     const char *dtypes[] = {"f32", "q8_0"};
@@ -990,6 +1027,7 @@ int main(void) {
         cmocka_unit_test(test_unsupported_weight_type),
         cmocka_unit_test(test_tied_output),
         cmocka_unit_test(test_sampler_penalties),
+        cmocka_unit_test(test_sampler_filters),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

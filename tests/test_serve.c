@@ -436,6 +436,15 @@ static void test_bad_requests(void **state) {
         {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"logit_bias\":{\"5\":101}}", 400,
          "'logit_bias'"},
         {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"suffix\":\"x\"}", 400, "not supported"},
+        {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"top_k\":2.5}", 400, "'top_k'"},
+        {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"min_p\":2}", 400, "'min_p'"},
+        {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"repetition_penalty\":1.1}", 400,
+         "'repetition_penalty'"},
+        {"POST", "/v1/completions",
+         "{\"prompt\":\"hi\",\"response_format\":{\"type\":\"json_object\"}}", 400,
+         "'response_format'"},
+        {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"guided_json\":{\"type\":\"object\"}}",
+         400, "not supported"},
         {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"stream_options\":3}", 400,
          "'stream_options'"},
         /* 70 tokens in a context of 64 */
@@ -777,6 +786,20 @@ static void test_penalties(void **state) {
         assert_int_equal(cJSON_GetArrayItem(at(force, "cake.generated_ids"), i)->valueint, other);
     cJSON_Delete(ban);
     cJSON_Delete(force);
+    /* top_k 1 is greedy at any temperature; min_p 1 too */
+    cJSON *k1 = post_ok(s.port, "/v1/completions",
+                        "{\"prompt\":\"Once upon a time\",\"max_tokens\":%d,\"temperature\":1.5,"
+                        "\"ignore_eos\":true,\"top_k\":1,\"seed\":5}",
+                        N);
+    cJSON *m1 = post_ok(s.port, "/v1/completions",
+                        "{\"prompt\":\"Once upon a time\",\"max_tokens\":%d,\"temperature\":1.5,"
+                        "\"ignore_eos\":true,\"min_p\":1,\"seed\":5,"
+                        "\"response_format\":{\"type\":\"text\"}}",
+                        N);
+    assert_same_ids(at(k1, "cake.generated_ids"), pids);
+    assert_same_ids(at(m1, "cake.generated_ids"), pids);
+    cJSON_Delete(k1);
+    cJSON_Delete(m1);
     cJSON_Delete(plain);
     cJSON_Delete(zero);
     cJSON_Delete(pen);

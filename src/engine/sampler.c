@@ -1,6 +1,6 @@
-/* Token sampling: greedy, temperature and top-p (nucleus), with OpenAI's
- * logit biases and frequency and presence penalties, and a seeded
- * generator so that the same seed and logits give the same tokens. */
+/* Token sampling: greedy, temperature, top-p (nucleus), top-k and min-p,
+ * with OpenAI's logit biases and frequency and presence penalties, and a
+ * seeded generator so that the same seed and logits give the same tokens. */
 #include <math.h>
 #include <stdlib.h>
 
@@ -93,7 +93,10 @@ static cake_token choose(cake_sampler *s, const float *logits, int n) {
     for (int i = 0; i < n; i++) prob[i] = (float)(prob[i] / sum);
 
     const float r = next_uniform(&s->rng);
-    if (s->p.top_p <= 0.0f || s->p.top_p >= 1.0f) {
+    const int nucleus =
+        s->p.top_p > 0.0f && s->p.top_p<1.0f, top_k = s->p.top_k> 0 && s->p.top_k < n ? s->p.top_k
+                                                                                      : 0;
+    if (!nucleus && !top_k && s->p.min_p <= 0.0f) {
         float cdf = 0;
         for (int i = 0; i < n; i++) {
             cdf += prob[i];
@@ -102,18 +105,23 @@ static cake_token choose(cake_sampler *s, const float *logits, int n) {
         return n - 1; /* rounding */
     }
 
-    /* Nucleus: the smallest set of most likely tokens whose mass reaches top_p.
-     * Tokens below (1 - top_p) / (n - 1) can never be in it, so sort only the rest. */
-    const float cutoff = (1.0f - s->p.top_p) / (float)(n - 1);
+    /* The candidates, each filter on the tokens' own probabilities: the
+     * nucleus (the smallest set of most likely tokens whose mass reaches
+     * top_p), the top_k likeliest, and those at least min_p times the
+     * likeliest's probability. Tokens below (1 - top_p) / (n - 1) can never
+     * be in the nucleus, so sort only the rest. */
+    float cutoff = nucleus ? (1.0f - s->p.top_p) / (float)(n - 1) : 0.0f;
+    if (s->p.min_p > 0.0f) cutoff = fmaxf(cutoff, s->p.min_p * prob[argmax(logits, n)]);
     int m = 0;
     for (int i = 0; i < n; i++)
         if (prob[i] >= cutoff) s->idx[m++] = i;
     qsort_r(s->idx, (size_t)m, sizeof(int), by_prob_desc, prob);
+    if (top_k && m > top_k) m = top_k;
     float mass = 0;
     int last = m - 1;
     for (int i = 0; i < m; i++) {
         mass += prob[s->idx[i]];
-        if (mass >= s->p.top_p) {
+        if (nucleus && mass >= s->p.top_p) {
             last = i;
             break;
         }

@@ -77,7 +77,9 @@ static int bool_field(const cJSON *o, const char *key, int *out, char *err, size
 /* Fields that would change the answer in ways cake does not do: refused
  * rather than ignored. Their "off" values (null, false, 0, []) pass. */
 static int unsupported(const cJSON *o, char *err, size_t errlen) {
-    static const char *keys[] = {"echo", "suffix", "tools", "functions", "best_of"};
+    static const char *keys[] = {"echo",         "suffix",        "tools",         "functions",
+                                 "best_of",      "grammar",       "json_schema",   "guided_json",
+                                 "guided_regex", "guided_choice", "guided_grammar"};
     for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++) {
         const cJSON *v = field(o, keys[i]);
         if (!v || cJSON_IsFalse(v) || (cJSON_IsNumber(v) && v->valuedouble == 0) ||
@@ -89,6 +91,14 @@ static int unsupported(const cJSON *o, char *err, size_t errlen) {
     const cJSON *n = field(o, "n");
     if (n && !(cJSON_IsNumber(n) && n->valuedouble == 1))
         return cake_err(err, errlen, "'n' must be 1 (one choice per request)");
+    const cJSON *rp = field(o, "repetition_penalty");
+    if (rp && !(cJSON_IsNumber(rp) && rp->valuedouble == 1))
+        return cake_err(err, errlen,
+                        "'repetition_penalty' is not supported (use "
+                        "'frequency_penalty' or 'presence_penalty')");
+    const cJSON *rf = field(o, "response_format"), *type = rf ? field(rf, "type") : NULL;
+    if (rf && !(cJSON_IsObject(rf) && cJSON_IsString(type) && !strcmp(type->valuestring, "text")))
+        return cake_err(err, errlen, "'response_format' other than text is not supported");
     return 0;
 }
 
@@ -305,7 +315,8 @@ int api_parse(const char *body, size_t len, int chat, const api_model *m, serve_
     cake_token *ids = NULL;
     int n = 0;
     cake_token eot = -1;
-    double max_tokens = -1, temperature = 1, top_p = 1, seed = -1, frequency = 0, presence = 0;
+    double max_tokens = -1, temperature = 1, top_p = 1, seed = -1, frequency = 0, presence = 0,
+           top_k = 0, min_p = 0;
     int rc = -1, ignore_eos = 0, top_logprobs = -1;
     if (unsupported(o, err, errlen) || logprobs_asked(o, chat, &top_logprobs, err, errlen) ||
         bool_field(o, "stream", &shape->stream, err, errlen) ||
@@ -314,6 +325,8 @@ int api_parse(const char *body, size_t len, int chat, const api_model *m, serve_
         int_field(o, "max_completion_tokens", 1, 1 << 30, &max_tokens, err, errlen) ||
         num_field(o, "temperature", 0, 2, &temperature, err, errlen) ||
         num_field(o, "top_p", 1e-6, 1, &top_p, err, errlen) ||
+        int_field(o, "top_k", -1, 1 << 30, &top_k, err, errlen) ||
+        num_field(o, "min_p", 0, 1, &min_p, err, errlen) ||
         num_field(o, "frequency_penalty", -2, 2, &frequency, err, errlen) ||
         num_field(o, "presence_penalty", -2, 2, &presence, err, errlen) ||
         int_field(o, "seed", 0, 9007199254740991.0, &seed, err, errlen))
@@ -345,6 +358,8 @@ int api_parse(const char *body, size_t len, int chat, const api_model *m, serve_
     if (j->max_tokens > m->n_ctx - n) j->max_tokens = m->n_ctx - n;
     j->sampling = (cake_sampler_params){.temperature = (float)temperature,
                                         .top_p = (float)top_p,
+                                        .top_k = top_k > 0 ? (int)top_k : 0,
+                                        .min_p = (float)min_p,
                                         .seed = seed >= 0 ? (uint64_t)seed : fresh_seed(),
                                         .frequency_penalty = (float)frequency,
                                         .presence_penalty = (float)presence};
