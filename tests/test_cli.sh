@@ -34,6 +34,8 @@ expect_exit 2 "unknown command" -- "$CAKE" frobnicate
 expect_exit 2 "run without -m" -- "$CAKE" run -p hi
 expect_exit 2 "run with bad -n" -- "$CAKE" run -m x.gguf -p hi -n -3
 expect_exit 2 "run with bad --kv-type" -- "$CAKE" run -m x.gguf -p hi --kv-type q4
+expect_exit 2 "run with bad --top-k" -- "$CAKE" run -m x.gguf -p hi --top-k -1
+expect_exit 2 "run with bad --presence-penalty" -- "$CAKE" run -m x.gguf -p hi --presence-penalty 3
 expect_exit 2 "mkmodel unknown shape" -- "$CAKE" mkmodel --shape huge -o "$tmp/x.gguf"
 expect_exit 0 "run --help" -- "$CAKE" run --help
 grep -q -- "--dump-logits" "$tmp/out" && pass "run --help lists options" || fail "run --help"
@@ -198,6 +200,20 @@ fi
 
 # --- cake bench ttft: the CSV contract, on a tiny model (2 links x 2 shares)
 if "$CAKE" mkmodel --shape tiny -o "$tmp/tiny.gguf" 2>/dev/null; then
+    # sampling: top-k 1 is greedy at any temperature; a presence penalty of 2
+    # repeats no token (the tiny model's logits lie within tenths)
+    greedy=$("$CAKE" run -m "$tmp/tiny.gguf" -p "Once upon a time" -n 24 --temp 0 --json 2>/dev/null |
+        json_field generated_ids /dev/stdin)
+    topk=$("$CAKE" run -m "$tmp/tiny.gguf" -p "Once upon a time" -n 24 --temp 1.3 --top-k 1 --json \
+        2>/dev/null | json_field generated_ids /dev/stdin)
+    pen=$("$CAKE" run -m "$tmp/tiny.gguf" -p "Once upon a time" -n 24 --temp 0 --presence-penalty 2 \
+        --json 2>/dev/null | json_field generated_ids /dev/stdin)
+    repeats() { echo "$1" | tr -d '[]' | tr ',' '\n' | sort | uniq -d | wc -l; }
+    [ -n "$greedy" ] && [ "$topk" = "$greedy" ] && pass "run --top-k 1 is greedy" ||
+        fail "run --top-k 1: $topk, greedy $greedy"
+    [ -n "$pen" ] && [ "$(repeats "$pen")" -eq 0 ] && [ "$(repeats "$greedy")" -gt 0 ] &&
+        pass "run --presence-penalty: no repeats ($(repeats "$greedy") without)" ||
+        fail "run --presence-penalty: $pen"
     expect_exit 2 "bench with --share 0" -- "$CAKE" bench ttft -m "$tmp/tiny.gguf" --share 0
     expect_exit 0 "bench ttft" -- "$CAKE" bench ttft -m "$tmp/tiny.gguf" --ctx 97 --bw 0.0003,5 \
         --share 1,0.5 --chunk 16 --repeat 3 --min-cell-time 3 --out "$tmp/bench" --trace

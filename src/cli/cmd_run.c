@@ -26,6 +26,10 @@ static const char *help =
     "                        stops early at the model's EOS token\n"
     "      --temp T          sampling temperature (default 0.8; 0 = greedy)\n"
     "      --top-p P         nucleus sampling mass (default 0.95; 1 = off)\n"
+    "      --top-k K         only the K likeliest tokens (default 0 = off)\n"
+    "      --min-p P         only tokens at least P times the likeliest's probability (0 = off)\n"
+    "      --frequency-penalty F, --presence-penalty F\n"
+    "                        OpenAI's penalties on tokens generated so far (-2..2; 0 = off)\n"
     "      --seed S          random seed (default: from the clock; printed in the summary)\n"
     "      --threads N       CPU threads (default: all online CPUs)\n"
     "      --chunk TOKENS    prefill chunk size = the store's chunk size (default 256)\n"
@@ -48,7 +52,8 @@ typedef struct {
     const char *model, *prompt, *file, *tokens, *store, *dump_logits, *trace;
     cake_mode mode;
     long n_predict, threads, chunk, io_depth;
-    double temp, top_p;
+    double temp, top_p, min_p, frequency_penalty, presence_penalty;
+    long top_k;
     unsigned long long seed;
     int seed_set, json;
     enum cake_kv_type kv_type;
@@ -131,6 +136,10 @@ static int parse_args(int argc, char **argv, run_opts *o) {
                                          {"n-predict", required_argument, 0, 'n'},
                                          {"temp", required_argument, 0, 't'},
                                          {"top-p", required_argument, 0, 'P'},
+                                         {"top-k", required_argument, 0, 'K'},
+                                         {"min-p", required_argument, 0, 'X'},
+                                         {"frequency-penalty", required_argument, 0, 'F'},
+                                         {"presence-penalty", required_argument, 0, 'E'},
                                          {"seed", required_argument, 0, 's'},
                                          {"threads", required_argument, 0, 'j'},
                                          {"chunk", required_argument, 0, 'c'},
@@ -180,6 +189,23 @@ static int parse_args(int argc, char **argv, run_opts *o) {
             if (cli_parse_float(optarg, 1e-6, 1, &o->top_p))
                 return cli_error(CLI_USAGE, "run", "--top-p wants a number in (0, 1], got '%s'",
                                  optarg);
+            break;
+        case 'K':
+            if (cli_parse_int(optarg, 0, 1 << 30, &o->top_k))
+                return cli_error(CLI_USAGE, "run", "--top-k wants a count >= 0, got '%s'", optarg);
+            break;
+        case 'X':
+            if (cli_parse_float(optarg, 0, 1, &o->min_p))
+                return cli_error(CLI_USAGE, "run", "--min-p wants a number in [0, 1], got '%s'",
+                                 optarg);
+            break;
+        case 'F':
+        case 'E':
+            if (cli_parse_float(optarg, -2, 2,
+                                c == 'F' ? &o->frequency_penalty : &o->presence_penalty))
+                return cli_error(CLI_USAGE, "run",
+                                 "--%s-penalty wants a number in [-2, 2], got '%s'",
+                                 c == 'F' ? "frequency" : "presence", optarg);
             break;
         case 's':
             if (cli_parse_u64(optarg, &o->seed))
@@ -367,8 +393,14 @@ int cmd_run(int argc, char **argv) {
         cli_hints_load(speed_key, speed, o.store, store);
     }
     if (!o.seed_set) o.seed = (unsigned long long)time(NULL);
-    sampler = cake_sampler_init((cake_sampler_params){
-        .temperature = (float)o.temp, .top_p = (float)o.top_p, .seed = o.seed});
+    sampler =
+        cake_sampler_init((cake_sampler_params){.temperature = (float)o.temp,
+                                                .top_p = (float)o.top_p,
+                                                .seed = o.seed,
+                                                .top_k = (int)o.top_k,
+                                                .min_p = (float)o.min_p,
+                                                .frequency_penalty = (float)o.frequency_penalty,
+                                                .presence_penalty = (float)o.presence_penalty});
     generated = malloc((size_t)(o.n_predict ? o.n_predict : 1) * sizeof(*generated));
     first_logits = malloc((size_t)hp->n_vocab * sizeof(float));
     if (!sampler || !generated || !first_logits) {
