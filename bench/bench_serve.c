@@ -57,6 +57,23 @@ typedef struct {
     cake_prefill_stats first; /* the first request's prefill */
 } burst_result;
 
+/* Submits a job for rq (a copy of its prompt); NULL when the pool refuses it. */
+static serve_job *submit(serve_pool *pool, const request *rq) {
+    cake_token *copy = malloc((size_t)rq->n_prompt * sizeof(*copy));
+    if (!copy) return NULL;
+    memcpy(copy, rq->prompt, (size_t)rq->n_prompt * sizeof(*copy));
+    serve_job *j = job_create(copy, rq->n_prompt);
+    if (!j) return NULL;
+    j->max_tokens = rq->max_tokens;
+    j->ignore_eos = 1;
+    j->end_of_turn = -1;
+    if (pool_submit(pool, j)) {
+        job_release(j);
+        return NULL;
+    }
+    return j;
+}
+
 /* Submits every request at once to a new pool and waits for all answers. */
 static int run_burst(const cake_model *m, const pool_config *cfg, const request *rq, int n,
                      burst_result *out) {
@@ -68,20 +85,11 @@ static int run_burst(const cake_model *m, const pool_config *cfg, const request 
     }
     serve_job *jobs[64] = {0};
     const double t0 = cake_now_s();
-    for (int i = 0; i < n; i++) {
-        cake_token *copy = malloc((size_t)rq[i].n_prompt * sizeof(*copy));
-        if (!copy) return -1;
-        memcpy(copy, rq[i].prompt, (size_t)rq[i].n_prompt * sizeof(*copy));
-        jobs[i] = job_create(copy, rq[i].n_prompt);
-        if (!jobs[i]) return -1;
-        jobs[i]->max_tokens = rq[i].max_tokens;
-        jobs[i]->ignore_eos = 1;
-        jobs[i]->end_of_turn = -1;
-        if (pool_submit(pool, jobs[i])) {
+    for (int i = 0; i < n; i++)
+        if (!(jobs[i] = submit(pool, &rq[i]))) {
             fprintf(stderr, "bench_serve: the pool refused a request\n");
             return -1;
         }
-    }
     int rc = 0;
     for (int i = 0; i < n; i++) {
         pthread_mutex_lock(&jobs[i]->mu);
@@ -98,23 +106,6 @@ static int run_burst(const cake_model *m, const pool_config *cfg, const request 
     for (int i = 0; i < n; i++) job_release(jobs[i]);
     pool_free(pool);
     return rc;
-}
-
-/* Submits a job for rq (a copy of its prompt); NULL when the pool refuses it. */
-static serve_job *submit(serve_pool *pool, const request *rq) {
-    cake_token *copy = malloc((size_t)rq->n_prompt * sizeof(*copy));
-    if (!copy) return NULL;
-    memcpy(copy, rq->prompt, (size_t)rq->n_prompt * sizeof(*copy));
-    serve_job *j = job_create(copy, rq->n_prompt);
-    if (!j) return NULL;
-    j->max_tokens = rq->max_tokens;
-    j->ignore_eos = 1;
-    j->end_of_turn = -1;
-    if (pool_submit(pool, j)) {
-        job_release(j);
-        return NULL;
-    }
-    return j;
 }
 
 /* Watches a decoding job: the longest time between two of its tokens from

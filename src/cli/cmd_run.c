@@ -384,11 +384,10 @@ int cmd_run(int argc, char **argv) {
     char speed_key[96] = "";
     cake_compute_speed *speed = NULL;
     if (store) {
-        cake_loader_engine le;
-        cake_context_loader_engine(ctx, 1, &le);
-        cli_hints_speed_key(speed_key, sizeof(speed_key), le.fingerprint,
-                            o.backend == CAKE_BACKEND_CUDA ? "cuda" : "cpu",
-                            cake_context_n_threads(ctx), o.chunk);
+        cake_loader_engine le; /* (for its speed memory) */
+        cake_context_loader_engine(ctx, 0, &le);
+        cli_hints_speed_key(speed_key, sizeof(speed_key), ctx,
+                            o.backend == CAKE_BACKEND_CUDA ? "cuda" : "cpu", o.chunk);
         speed = le.speed;
         cli_hints_load(speed_key, speed, o.store, store);
     }

@@ -11,7 +11,6 @@
 #include "cli/hints.h"
 #include "model/model.h"
 #include "server/server.h"
-#include "store/key.h"
 
 #define DEFAULT_STORE "mem:?capacity=2GiB"
 
@@ -243,12 +242,8 @@ int cmd_serve(int argc, char **argv) {
      * (cli/hints.c), so that the first requests need not guess; this
      * run's go back at the end. */
     if (store) {
-        uint8_t fp[16];
-        cake_model_fingerprint(model, fp); /* (hashed already: the pool keys chunks with it) */
-        if (o.backend == CAKE_BACKEND_CUDA) cake_key_backend_fingerprint(fp, "cuda", fp);
-        cli_hints_speed_key(speed_key, sizeof(speed_key), fp,
-                            o.backend == CAKE_BACKEND_CUDA ? "cuda" : "cpu", pool_n_threads(pool),
-                            o.chunk);
+        cli_hints_speed_key(speed_key, sizeof(speed_key), pool_engine(pool),
+                            o.backend == CAKE_BACKEND_CUDA ? "cuda" : "cpu", o.chunk);
         cake_compute_speed speed = {0};
         cli_hints_load(speed_key, &speed, o.store, store);
         pool_speed_set(pool, &speed);

@@ -42,10 +42,13 @@ static int hints_path(char *out, size_t n) {
     return k > 0 && (size_t)k < n ? 0 : -1;
 }
 
-void cli_hints_speed_key(char *out, size_t n, const uint8_t loader_fp[16], const char *backend,
-                         int n_threads, long chunk) {
+void cli_hints_speed_key(char *out, size_t n, cake_context *engine, const char *backend,
+                         long chunk) {
+    cake_loader_engine le;
+    cake_context_loader_engine(engine, 1, &le);
     char fp[33];
-    snprintf(out, n, "%s/%s/%dt/%ld", cake_hex16(loader_fp, fp), backend, n_threads, chunk);
+    snprintf(out, n, "%s/%s/%dt/%ld", cake_hex16(le.fingerprint, fp), backend,
+             cake_context_n_threads(engine), chunk);
 }
 
 /* Creates the folder that path is in. */

@@ -8,10 +8,10 @@
 #include "store/store.h"
 
 /* The key of an engine's compute speed: its loader fingerprint (the model's,
- * made the backend's own where the KV bits differ: store/key.h), backend,
- * threads and chunk size. `cake run` and `cake serve` share it. */
-void cli_hints_speed_key(char *out, size_t n, const uint8_t loader_fp[16], const char *backend,
-                         int n_threads, long chunk);
+ * made the backend's own where the KV bits differ), backend, threads and
+ * chunk size. `cake run` and `cake serve` share it. */
+void cli_hints_speed_key(char *out, size_t n, cake_context *engine, const char *backend,
+                         long chunk);
 
 /* Fills *speed from the hint under speed_key, and sets store's rate hint from
  * the one under rate_key (the store URI), where the file has them. */

@@ -302,15 +302,21 @@ static uint64_t fresh_seed(void) {
            (atomic_fetch_add(&counter, 1) << 40);
 }
 
+/* The body as a JSON object, or NULL with err. */
+static cJSON *body_object(const char *body, size_t len, char *err, size_t errlen) {
+    cJSON *o = cJSON_ParseWithLength(body, len);
+    if (o && cJSON_IsObject(o)) return o;
+    cJSON_Delete(o);
+    cake_err(err, errlen, "the body must be a JSON object");
+    return NULL;
+}
+
 int api_parse(const char *body, size_t len, int chat, const api_model *m, serve_job **out,
               api_shape *shape, char *err, size_t errlen) {
     *out = NULL;
     *shape = (api_shape){.chat = chat, .tok = m->tok};
-    cJSON *o = cJSON_ParseWithLength(body, len);
-    if (!o || !cJSON_IsObject(o)) {
-        cJSON_Delete(o);
-        return cake_err(err, errlen, "the body must be a JSON object");
-    }
+    cJSON *o = body_object(body, len, err, errlen);
+    if (!o) return -1;
     serve_job *j = NULL;
     cake_token *ids = NULL;
     int n = 0;
@@ -610,15 +616,6 @@ char *api_sse_event(char *json) {
 }
 
 /* ---- /tokenize and /detokenize ---- */
-
-/* The body as a JSON object, or NULL with err. */
-static cJSON *body_object(const char *body, size_t len, char *err, size_t errlen) {
-    cJSON *o = cJSON_ParseWithLength(body, len);
-    if (o && cJSON_IsObject(o)) return o;
-    cJSON_Delete(o);
-    cake_err(err, errlen, "the body must be a JSON object");
-    return NULL;
-}
 
 int api_tokenize(const char *body, size_t len, const api_model *m, char **out, char *err,
                  size_t errlen) {

@@ -459,8 +459,8 @@ int pool_n_ctx(const serve_pool *p) {
     return p->n_ctx;
 }
 
-int pool_n_threads(const serve_pool *p) {
-    return cake_context_n_threads(p->slots[0].ctx);
+cake_context *pool_engine(serve_pool *p) {
+    return p->slots[0].ctx;
 }
 
 void pool_speed_set(serve_pool *p, const cake_compute_speed *speed) {

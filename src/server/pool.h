@@ -75,7 +75,8 @@ int pool_create(const cake_model *m, const pool_config *cfg, serve_pool **out, c
  * or the pool is shutting down (j is untouched). */
 int pool_submit(serve_pool *p, serve_job *j);
 int pool_n_ctx(const serve_pool *p);
-int pool_n_threads(const serve_pool *p); /* the engine's */
+/* The engine: the context whose threads and scratch run every step. */
+cake_context *pool_engine(serve_pool *p);
 
 /* The loader's compute-speed memory (loader.h), shared by the slots: a
  * slot's first request starts from what the last request on any slot
