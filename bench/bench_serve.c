@@ -16,6 +16,11 @@
  *  5. Step size: C requests decoding while a long prompt arrives, in steps
  *     of 512 tokens and of 128: the decoders' longest wait between two
  *     tokens while the prompt prefills, and the prompt's TTFT.
+ *  6. A chat's next turn: a long prompt, its answer, then the prompt with
+ *     the answer and a new message, on the slot that holds the first turn's
+ *     KV: the next turn's TTFT when it starts right after what it shares,
+ *     against starting at the chunk where that ends (the store holds the
+ *     first prompt's chunks in both).
  *
  * usage: bench_serve MODEL.gguf [--threads N] [--clients 8] [--decode 64]
  *                    [--long 2048] [--short 16] [--bw 300Mbit] [--shared 4]
@@ -74,6 +79,14 @@ static serve_job *submit(serve_pool *pool, const request *rq) {
     return j;
 }
 
+/* Waits for j's answer; its error (or NULL). */
+static const char *wait_answer(serve_job *j) {
+    pthread_mutex_lock(&j->mu);
+    while (!j->done) pthread_cond_wait(&j->cv, &j->mu);
+    pthread_mutex_unlock(&j->mu);
+    return j->error[0] ? j->error : NULL;
+}
+
 /* Submits every request at once to a new pool and waits for all answers. */
 static int run_burst(const cake_model *m, const pool_config *cfg, const request *rq, int n,
                      burst_result *out) {
@@ -92,11 +105,9 @@ static int run_burst(const cake_model *m, const pool_config *cfg, const request 
         }
     int rc = 0;
     for (int i = 0; i < n; i++) {
-        pthread_mutex_lock(&jobs[i]->mu);
-        while (!jobs[i]->done) pthread_cond_wait(&jobs[i]->cv, &jobs[i]->mu);
-        pthread_mutex_unlock(&jobs[i]->mu);
-        if (jobs[i]->error[0]) {
-            fprintf(stderr, "bench_serve: %s\n", jobs[i]->error);
+        const char *why = wait_answer(jobs[i]);
+        if (why) {
+            fprintf(stderr, "bench_serve: %s\n", why);
             rc = -1;
         }
         out->ttft_ms[i] = jobs[i]->stats.ttft_ms;
@@ -160,9 +171,7 @@ static int run_gaps(const cake_model *m, const pool_config *cfg, const request *
     }
     serve_job *lj = submit(pool, long_rq);
     if (!lj) return -1;
-    pthread_mutex_lock(&lj->mu);
-    while (!lj->done) pthread_cond_wait(&lj->cv, &lj->mu);
-    pthread_mutex_unlock(&lj->mu);
+    wait_answer(lj);
     *ttft_ms = lj->stats.ttft_ms;
     *gap_ms = 0;
     for (int i = 0; i < n_dec; i++) atomic_store(&w[i].j->cancel, 1); /* enough seen */
@@ -174,6 +183,44 @@ static int run_gaps(const cake_model *m, const pool_config *cfg, const request *
     job_release(lj);
     pool_free(pool);
     return 0;
+}
+
+/* A chat of two turns on one slot: first (n_answer tokens answered), then
+ * first + the answer + n_new more tokens. The second turn's TTFT and the
+ * prompt tokens it computed. */
+static int run_turns(const cake_model *m, const pool_config *cfg, const request *first,
+                     int n_answer, int n_new, double *ttft_ms, int *computed) {
+    char err[256];
+    serve_pool *pool;
+    if (pool_create(m, cfg, &pool, err, sizeof(err))) {
+        fprintf(stderr, "bench_serve: %s\n", err);
+        return -1;
+    }
+    request rq = *first;
+    rq.max_tokens = n_answer;
+    serve_job *j1 = submit(pool, &rq), *j2 = NULL;
+    const char *why = j1 ? wait_answer(j1) : "refused";
+    cake_token *next = NULL;
+    if (!why) {
+        const int n = first->n_prompt + j1->n_ids + n_new;
+        next = random_prompt(n, cake_model_hparams(m)->n_vocab);
+        memcpy(next, first->prompt, (size_t)first->n_prompt * sizeof(*next));
+        memcpy(next + first->n_prompt, j1->ids, (size_t)j1->n_ids * sizeof(*next));
+        rq = (request){next, n, 1};
+        j2 = submit(pool, &rq);
+        why = j2 ? wait_answer(j2) : "refused";
+    }
+    if (!why) {
+        *ttft_ms = j2->stats.ttft_ms;
+        *computed = j2->stats.prefill.tokens_computed;
+    } else {
+        fprintf(stderr, "bench_serve: %s\n", why);
+    }
+    if (j1) job_release(j1);
+    if (j2) job_release(j2);
+    free(next);
+    pool_free(pool);
+    return why ? -1 : 0;
 }
 
 /* TTFT of prompt on a context of its own, compute only (the reference). */
@@ -396,6 +443,31 @@ int main(int argc, char **argv) {
                ttft[1] / ttft[0]);
     }
     free(gap_prompt);
+
+    /* 6. a chat's next turn */
+    enum { ANSWER = 128, NEW = 32 };
+    const request turn1 = {long_prompt, n_long, 1};
+    c = base;
+    c.n_slots = 1;
+    c.n_ctx = n_long + ANSWER + NEW + 8;
+    for (int r = 0; r < rounds; r++) {
+        double ttft[2];
+        int computed[2];
+        for (int k = 0; k < 2; k++) {
+            const int whole = (k + r) % 2; /* taking turns at going first */
+            c.whole_chunk_reuse = whole;
+            if (cake_store_open("mem:?capacity=4GiB", &c.store, err, sizeof(err))) {
+                fprintf(stderr, "bench_serve: %s\n", err);
+                return 1;
+            }
+            if (run_turns(m, &c, &turn1, ANSWER, NEW, &ttft[whole], &computed[whole])) return 1;
+            cake_store_close(c.store);
+        }
+        printf("next turn: %d prompt tokens, %d answered, then %d more: TTFT starting after what "
+               "the slot holds %.0f ms (%d tokens computed), at the chunk it ends in %.0f ms (%d): "
+               "%.2fx\n",
+               n_long, ANSWER, NEW, ttft[0], computed[0], ttft[1], computed[1], ttft[1] / ttft[0]);
+    }
     for (int i = 0; i < clients; i++) free((void *)rq[i].prompt);
     for (int i = 1; i <= n_short; i++) free((void *)mixed[i].prompt);
     free(long_prompt);

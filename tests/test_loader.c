@@ -198,10 +198,11 @@ static void check_modes(fixture *f, const char *uri, int n, int chunk) {
 }
 
 /* A request whose KV cache holds a prefix from the request before (what a
- * server slot reuses): its cached chunks are neither computed nor loaded,
- * the positions after them are overwritten, and its logits are those of a
- * fresh context, bit for bit, in every mode. (Claiming one chunk more than
- * is shared makes them differ.) */
+ * server slot reuses): its cached positions are neither computed nor loaded
+ * (down to the token, inside a chunk), the positions after them are
+ * overwritten, and its logits are those of a fresh context, bit for bit, in
+ * every mode. Claiming one position more than is shared makes them differ:
+ * the cached positions are not computed again. */
 static void test_cached_prefix(void **state) {
     (void)state;
     char path[64];
@@ -233,13 +234,24 @@ static void test_cached_prefix(void **state) {
         assert_int_equal(t, t0);
         assert_int_equal(st.chunks_cached, SHARED / C);
         assert_int_equal(st.chunks_cached + st.chunks_computed + st.chunks_loaded, st.chunks_total);
-        /* the whole of b is cached now (its KV from the run just done) */
+        /* from the position after the shared ones (less what was loaded) */
+        if (modes[k] == CAKE_MODE_COMPUTE) assert_int_equal(st.tokens_computed, nb - SHARED);
+        assert_true(st.tokens_computed <= nb - SHARED && st.tokens_computed > 0);
+        /* the whole of b is cached now (its KV from the run just done): only
+         * its last token is computed, for the logits */
         st = run_cached(&reused, b, nb, nb, C, s, wb, modes[k], got, &t);
         assert_same(base, got, fresh.n_vocab, "all cached");
         assert_int_equal(st.chunks_cached, cake_prefill_loadable_chunks(nb, C));
         assert_int_equal(st.chunks_loaded, 0);
         assert_int_equal(st.chunks_computed, nb % C ? 1 : 0);
+        assert_int_equal(st.tokens_computed, 1);
     }
+    /* One position too many claimed: a's token at SHARED stays in the KV. */
+    assert_true(a[SHARED] != b[SHARED]);
+    run(&reused, a, NA, C, NULL, NULL, CAKE_MODE_COMPUTE, got, &t);
+    run_cached(&reused, b, NB, SHARED + 1, C, NULL, NULL, CAKE_MODE_COMPUTE, got, &t);
+    run(&fresh, b, NB, C, NULL, NULL, CAKE_MODE_COMPUTE, base, &t0);
+    assert_true(memcmp(base, got, (size_t)fresh.n_vocab * sizeof(float)) != 0);
     cake_writeback_free(wb);
     cake_store_close(s);
     free(base);

@@ -1005,13 +1005,18 @@ static void test_store_reuse(void **state) {
 }
 
 /* A prompt that extends the one before (a chat's next turn) starts where
- * the slot's KV cache stops sharing it, and answers as `cake run` does from
- * scratch; one that differs from the start reuses nothing. */
+ * the slot's KV cache stops sharing it, down to the token, and answers as
+ * `cake run` does from scratch; one that differs after BOS reuses only BOS.
+ * The usage says how many prompt tokens were not computed. */
 static void test_slot_prefix(void **state) {
     (void)state;
     t_server s;
     assert_int_equal(serve_start(&s, g_tiny, "--store", "none", "--chunk", "16", NULL), 0);
-    cJSON_Delete(post_ok(s.port, "/v1/completions", LONG_REQUEST, LONG_PROMPT));
+    cJSON *first = post_ok(s.port, "/v1/completions", LONG_REQUEST, LONG_PROMPT);
+    const int n_first = (int)num_at(first, "usage.prompt_tokens");
+    assert_int_equal(num_at(first, "usage.prompt_tokens_details.cached_tokens"), 0);
+    assert_int_equal(num_at(first, "cake.tokens_computed"), n_first);
+    cJSON_Delete(first);
     char longer[1024];
     snprintf(longer, sizeof(longer), "%s and the moon rises over the sea", LONG_PROMPT);
     static const char *different = "A different start for a prompt of a few words";
@@ -1020,10 +1025,19 @@ static void test_slot_prefix(void **state) {
         cJSON *j = post_ok(s.port, "/v1/completions", LONG_REQUEST, prompts[k]);
         cJSON *ref = cake_run(g_tiny, prompts[k], 12);
         assert_same_ids(at(j, "cake.generated_ids"), at(ref, "generated_ids"));
-        if (k == 0)
+        const int n = (int)num_at(j, "usage.prompt_tokens");
+        const int cached = (int)num_at(j, "usage.prompt_tokens_details.cached_tokens");
+        assert_int_equal(cached, n - (int)num_at(j, "cake.tokens_computed"));
+        if (k == 0) {
             assert_true(num_at(j, "cake.chunks_cached") >= 4);
-        else
+            /* all the first prompt's tokens but perhaps its last (the
+             * longer text may tokenize the join differently), not just
+             * its whole chunks */
+            assert_true(cached >= n_first - 1);
+        } else {
             assert_int_equal(num_at(j, "cake.chunks_cached"), 0);
+            assert_int_equal(cached, 1);
+        }
         cJSON_Delete(ref);
         cJSON_Delete(j);
     }
@@ -1111,7 +1125,7 @@ static void test_batched_answers(void **state) {
     int fds[N];
     for (int i = 0; i < N; i++)
         fds[i] = send_completion(s.port, prompts[i], MAX_TOKENS, ",\"ignore_eos\":true");
-    int prompt_tokens = 0;
+    int prompt_tokens = 0, cached_tokens = 0; /* computed, and not */
     for (int i = 0; i < N; i++) {
         cJSON *j = answer_json(fds[i]);
         cJSON *ref = cake_run(g_tiny, prompts[i], MAX_TOKENS);
@@ -1122,12 +1136,16 @@ static void test_batched_answers(void **state) {
             assert_int_equal(cJSON_GetArrayItem(at(j, "cake.generated_ids"), k)->valueint,
                              cJSON_GetArrayItem(at(ref, "generated_ids"), k)->valueint);
         assert_int_equal(num_at(j, "usage.completion_tokens"), MAX_TOKENS);
-        prompt_tokens += (int)num_at(j, "usage.prompt_tokens");
+        /* (the fifth reuses what its slot's KV cache shares with it: BOS) */
+        const int cached = (int)num_at(j, "usage.prompt_tokens_details.cached_tokens");
+        prompt_tokens += (int)num_at(j, "usage.prompt_tokens") - cached;
+        cached_tokens += cached;
         cJSON_Delete(ref);
         cJSON_Delete(j);
     }
     /* Every token went through the steps, by its class; steps were shared. */
     assert_int_equal(metric(s.port, "cake_engine_tokens_total{kind=\"prefill\"}"), prompt_tokens);
+    assert_int_equal(metric(s.port, "cake_prompt_tokens_cached_total"), cached_tokens);
     assert_int_equal(metric(s.port, "cake_engine_tokens_total{kind=\"decode\"}"),
                      N * (MAX_TOKENS - 1));
     assert_int_equal(metric(s.port, "cake_engine_tokens_total{kind=\"cake\"}"), 0);

@@ -124,9 +124,13 @@
  * Cached chunks. A caller whose KV cache already holds the prompt's first
  * n_cached positions (a server slot whose last request shared the prefix)
  * says so: the full chunks among them start LOADED, are not looked up, and
- * the compute side starts after them. The chunk the cached positions end in
- * is computed whole (the same bits: a position's KV does not depend on how
- * the prompt was split). */
+ * the compute side starts right after the cached positions, inside the
+ * chunk they end in (a chat's next turn computes only its new tokens): the
+ * same bits as computing that chunk whole, on a batch-invariant engine (a
+ * position's KV does not depend on how the prompt was split). A
+ * batch-variant engine computes that chunk whole, so that its bits are
+ * always those of one pass. The prompt's last token is always computed: its
+ * logits choose the first token. */
 #include "loader/loader.h"
 
 #include <errno.h>
@@ -180,6 +184,7 @@ typedef struct prefill_job {
     const cake_token *prompt;
     int n_loadable;
     int n_cached;           /* chunks [0, n_cached) were in the KV cache already (LOADED) */
+    int compute_from;       /* the first position the compute side computes (see the top) */
     float *last_logits;     /* where the last loadable chunk's compute puts its logits when it ends
                                the prompt (batch-invariant engines); NULL otherwise */
     int last_token_alone;   /* the prompt ends on a chunk boundary and the engine is not
@@ -263,10 +268,22 @@ static double speed_typical(const cake_compute_speed *s) {
     return n ? v[n / 2] : 0;
 }
 
+/* The first position of chunk i that the compute side computes: its first,
+ * or after the cached positions in the chunk they end in. */
+static int chunk_start(const prefill_job *j, int i) {
+    const int first = i * j->p->chunk;
+    return first > j->compute_from ? first : j->compute_from;
+}
+
+/* FLOPs of computing chunk i (what of it is not cached). */
+static double chunk_flops(const prefill_job *j, int i) {
+    const int from = chunk_start(j, i);
+    return cake_chunk_flops(j->e->hp, from, (i + 1) * j->p->chunk - from);
+}
+
 /* Expected compute time of chunk i, ns; 0 = unknown. Under the mutex. */
 static double est_compute_ns(const prefill_job *j, int i) {
-    const int C = j->p->chunk;
-    return j->ns_per_flop * cake_chunk_flops(j->e->hp, i * C, C);
+    return j->ns_per_flop * chunk_flops(j, i);
 }
 
 /* Records a span for --trace (under the mutex). Tracing stops quietly when out of memory. */
@@ -624,7 +641,8 @@ static int compute_side(prefill_job *j, char *err, size_t errlen) {
             int granted = 0; /* (a chunk loaded meanwhile ends the wait) */
             while (!granted && j->state[i] != LOADED) {
                 pthread_mutex_unlock(&j->mu);
-                granted = j->e->wait_turn(j->e->self, C, TURN_POLL_NS);
+                granted =
+                    j->e->wait_turn(j->e->self, (i + 1) * C - chunk_start(j, i), TURN_POLL_NS);
                 pthread_mutex_lock(&j->mu);
             }
             const uint64_t t1 = cake_now_ns();
@@ -650,9 +668,10 @@ static int compute_side(prefill_job *j, char *err, size_t errlen) {
         pthread_mutex_unlock(&j->mu);
 
         float *logits = i == j->n_loadable - 1 ? j->last_logits : NULL;
-        rc = j->e->compute(j->e->self, j->prompt + (size_t)i * C, C, i * C, logits, err, errlen);
+        const int from = chunk_start(j, i), n = (i + 1) * C - from;
+        rc = j->e->compute(j->e->self, j->prompt + from, n, from, logits, err, errlen);
         const uint64_t t1 = cake_now_ns();
-        const double ns_per_flop = (double)(t1 - t0) / cake_chunk_flops(j->e->hp, i * C, C);
+        const double ns_per_flop = (double)(t1 - t0) / cake_chunk_flops(j->e->hp, from, n);
         speed_add(j->speed, ns_per_flop); /* also for the next request's first meet */
 
         pthread_mutex_lock(&j->mu);
@@ -665,6 +684,7 @@ static int compute_side(prefill_job *j, char *err, size_t errlen) {
         j->ns_per_flop = speed_typical(j->speed);
         pthread_cond_broadcast(&j->cv); /* workers holding back re-decide */
         j->st->chunks_computed++;
+        j->st->tokens_computed += n;
         settle_promises(j, i + 1); /* the workers fetch what other requests finished */
         /* Chunks the lookup did not find, or that failed to load, go back to
          * the store (compute mode did not look). The last one waits while the
@@ -824,8 +844,17 @@ int cake_prefill(const cake_loader_engine *e, const cake_token *prompt, int n_pr
         goto done;
     }
 
-    /* Chunks the KV cache holds already: LOADED from the start, not looked up. */
-    j->n_cached = p->n_cached > 0 ? p->n_cached / C : 0;
+    /* Positions the KV cache holds already (see the top): the chunks among
+     * them are LOADED from the start, not looked up. */
+    int start = p->n_cached < 0 ? 0 : p->n_cached < n_prompt ? p->n_cached : n_prompt;
+    if (!e->batch_invariant)
+        start = start / C * C;
+    else if (start > n_prompt - 1)
+        start = n_prompt - 1;
+    j->compute_from = start;
+    /* (all of them when only the last token is left: loading the chunk it
+     * ends would still leave that token to compute) */
+    j->n_cached = start >= n_prompt - 1 ? j->n_loadable : start / C;
     if (j->n_cached > j->n_loadable) j->n_cached = j->n_loadable;
     st->chunks_cached = j->n_cached;
 
@@ -923,7 +952,8 @@ int cake_prefill(const cake_loader_engine *e, const cake_token *prompt, int n_pr
      * engine is not batch-invariant, the last token is computed again, alone. */
     const int pos = j->n_loadable * C;
     if (pos < n_prompt || j->last_token_alone || j->state[j->n_loadable - 1] != COMPUTED) {
-        const int from = pos < n_prompt ? pos : n_prompt - 1;
+        int from = pos > j->compute_from ? pos : j->compute_from;
+        if (from > n_prompt - 1) from = n_prompt - 1;
         const uint64_t t0 = cake_now_ns();
         cake_chunk_header kept_h;
         if (j->last_token_alone) { /* the chunk's bits of the position, kept */
@@ -948,6 +978,9 @@ int cake_prefill(const cake_loader_engine *e, const cake_token *prompt, int n_pr
         st->compute_ms += (double)(t1 - t0) / 1e6;
         st->tail_ms = (double)(t1 - t0) / 1e6;
         if (pos < n_prompt) st->chunks_computed++;
+        /* (a last token computed again after its chunk was counted there) */
+        if (pos < n_prompt || j->state[j->n_loadable - 1] != COMPUTED)
+            st->tokens_computed += n_prompt - from;
         if (n_full > j->n_loadable) /* a full tail chunk is worth storing too */
             queue_writeback(j, j->n_loadable, 0);
     }

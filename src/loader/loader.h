@@ -101,7 +101,8 @@ typedef struct {
     const char *trace_path; /* optional Chrome trace-event JSON of the prefill */
     /* Positions [0, n_cached) of the engine's KV cache already hold this
      * prompt's KV (an earlier request on the same context shared the
-     * prefix): the full chunks among them are neither computed nor loaded. */
+     * prefix): they are neither computed nor loaded (on a batch-variant
+     * engine: the full chunks among them), but for the prompt's last token. */
     int n_cached;
 } cake_prefill_params;
 
@@ -114,6 +115,8 @@ typedef struct {
     int chunks_computed; /* including the partial tail (not a last token computed again) */
     int chunks_loaded;
     int chunks_cached;    /* already in the KV cache (n_cached), neither computed nor loaded */
+    int tokens_computed;  /* prompt positions computed (n_prompt - tokens_computed were cached
+                             or loaded) */
     int chunks_found;     /* loadable chunks the lookup found in the store (known before
                              the first compute call) */
     int chunks_missing;   /* loadable chunks the store did not have */

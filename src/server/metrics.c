@@ -72,6 +72,9 @@ char *server_metrics_text(const pool_counters *pc, const unsigned long long *sta
             (unsigned long long)pc->jobs_rejected);
     counter(&t, "cake_prompt_tokens_total", "Prompt tokens prefilled.",
             (unsigned long long)pc->prompt_tokens);
+    counter(&t, "cake_prompt_tokens_cached_total",
+            "Prompt tokens not computed: the slot's KV cache held them, or the store.",
+            (unsigned long long)(pc->prompt_tokens - pc->prompt_tokens_computed));
     counter(&t, "cake_generation_tokens_total", "Tokens generated.",
             (unsigned long long)pc->generated_tokens);
 

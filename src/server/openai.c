@@ -403,6 +403,11 @@ static void add_usage(cJSON *r, const serve_job *j) {
     cJSON_AddNumberToObject(u, "prompt_tokens", j->n_prompt);
     cJSON_AddNumberToObject(u, "completion_tokens", j->n_ids);
     cJSON_AddNumberToObject(u, "total_tokens", j->n_prompt + j->n_ids);
+    /* OpenAI's (and vLLM's): prompt tokens whose KV was not computed for
+     * this request, whether the slot held it or the store gave it. */
+    const int computed = j->stats.prefill.tokens_computed;
+    cJSON *d = cJSON_AddObjectToObject(u, "prompt_tokens_details");
+    cJSON_AddNumberToObject(d, "cached_tokens", j->n_prompt - computed);
 }
 
 /* What cake did for the request: TTFT and where the prompt's KV came from. */
@@ -418,6 +423,7 @@ static void add_cake(cJSON *r, const serve_job *j) {
     cJSON_AddNumberToObject(c, "chunks_computed", ps->chunks_computed);
     cJSON_AddNumberToObject(c, "chunks_loaded", ps->chunks_loaded);
     cJSON_AddNumberToObject(c, "chunks_cached", ps->chunks_cached);
+    cJSON_AddNumberToObject(c, "tokens_computed", ps->tokens_computed);
     cJSON_AddNumberToObject(c, "chunks_missing", ps->chunks_missing);
     cJSON_AddNumberToObject(c, "chunks_corrupt", ps->chunks_corrupt);
     cJSON_AddNumberToObject(c, "chunks_awaited", ps->chunks_awaited);

@@ -187,6 +187,7 @@ static void account(serve_pool *p, const serve_job *j) {
     t->jobs_done++;
     t->prompt_tokens += (uint64_t)j->n_prompt;
     t->generated_tokens += (uint64_t)j->n_ids;
+    t->prompt_tokens_computed += (uint64_t)ps->tokens_computed;
     t->chunks_computed += (uint64_t)ps->chunks_computed;
     t->chunks_loaded += (uint64_t)ps->chunks_loaded;
     t->chunks_cached += (uint64_t)ps->chunks_cached;
@@ -209,11 +210,12 @@ static void log_job(const serve_job *j, uint64_t number) {
         return;
     }
     fprintf(stderr,
-            "cake serve: request %llu: %d prompt tokens (%d chunks: %d computed, %d loaded, "
-            "%d cached, %d awaited), "
+            "cake serve: request %llu: %d prompt tokens, %d computed (%d chunks: %d computed, "
+            "%d loaded, %d cached, %d awaited), "
             "%d generated, ttft %.1f ms, %s%s%s\n",
-            (unsigned long long)number, j->n_prompt, ps->chunks_total, ps->chunks_computed,
-            ps->chunks_loaded, ps->chunks_cached, ps->chunks_awaited, j->n_ids, j->stats.ttft_ms,
+            (unsigned long long)number, j->n_prompt, ps->tokens_computed, ps->chunks_total,
+            ps->chunks_computed, ps->chunks_loaded, ps->chunks_cached, ps->chunks_awaited, j->n_ids,
+            j->stats.ttft_ms,
             j->cancelled ? "cancelled"
             : j->stopped ? "stop"
                          : "length",
@@ -293,7 +295,9 @@ static void run_job(slot *s, serve_job *j) {
                               .inflight = p->inflight,
                               .mode = p->cfg.mode,
                               .io_depth = p->cfg.io_depth,
-                              .n_cached = s->n_cached};
+                              .n_cached = p->cfg.whole_chunk_reuse
+                                              ? s->n_cached / p->cfg.chunk * p->cfg.chunk
+                                              : s->n_cached};
     token_sink sink = {.job = j, .tok = tok, .eos = cake_tokenizer_eos(tok)};
     sched_ticket ticket = {p->sched, s->order, &j->cancel};
     cake_request req = {

@@ -31,6 +31,10 @@ typedef struct {
      * compute it (a benchmark's baseline); by default one computes, the
      * others wait for its chunks and load them (cake_inflight). */
     bool independent_prefills;
+    /* A slot reuses its KV cache in whole chunks only, computing the chunk
+     * a shared prefix ends in whole (a benchmark's baseline); by default a
+     * request starts right after the last position it shares. */
+    bool whole_chunk_reuse;
     int queue_max; /* jobs waiting beyond the running ones */
     enum cake_kv_type kv_type;
     enum cake_backend_kind backend;
@@ -56,6 +60,7 @@ void pool_histogram_add(pool_histogram *h, const double *bounds, double seconds)
 typedef struct {
     uint64_t jobs_done, jobs_failed, jobs_cancelled, jobs_rejected;
     uint64_t prompt_tokens, generated_tokens;
+    uint64_t prompt_tokens_computed; /* the rest were cached or loaded */
     uint64_t chunks_computed, chunks_loaded, chunks_cached, chunks_missing, chunks_corrupt;
     uint64_t chunks_awaited; /* of the missing: another request computed them meanwhile */
     uint64_t bytes_loaded, store_errors;
