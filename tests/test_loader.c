@@ -847,6 +847,20 @@ static void test_batch_variant_boundary(void **state) {
     /* The logits came from the nudged one-token call, not from the chunk. */
     for (size_t i = 0; i < nv; i++) assert_true(first[i] == nextafterf(base[i], INFINITY));
 
+    /* A batch-variant engine's decode KV is not a prefill's bits: its
+     * answers' chunks are not stored (a batch-invariant one's are). */
+    cake_store *s2 = open_store("mem:");
+    cake_writeback *wb2 = cake_writeback_create(s2, 64, err, sizeof(err));
+    assert_non_null(wb2);
+    assert_int_equal(cake_writeback_tokens(wb2, &e, p, n, chunk, 0), 0);
+    assert_int_equal(cake_writeback_tokens(wb2, &v.inner, p, n, chunk, n / chunk - 2), 2);
+    assert_int_equal(cake_writeback_drain(wb2, 30000), 0);
+    cake_writeback_counters wc;
+    cake_writeback_counters_get(wb2, &wc);
+    assert_int_equal(wc.written, 2);
+    cake_writeback_free(wb2);
+    cake_store_close(s2);
+
     cake_writeback_free(wb);
     cake_store_close(s);
     free(kv);

@@ -1371,6 +1371,62 @@ static void test_cancel_prefill(void **state) {
     unlink(path);
 }
 
+/* Appends the JSON numbers of ids to out (comma-separated). */
+static void append_ids(char *out, size_t cap, const int *ids, int n) {
+    for (int i = 0; i < n; i++) {
+        const size_t len = strlen(out);
+        snprintf(out + len, cap - len, "%s%d", len && out[len - 1] != '[' ? "," : "", ids[i]);
+    }
+}
+
+/* The chunks an answer completes go to the store, as its prompt's do: a
+ * chat's next turn (the first turn's ids, the answer's, a new message) that
+ * finds its slot taken by another prompt loads them all, and answers as a
+ * server that computes everything, to the log-probability. */
+static void test_answer_stored(void **state) {
+    (void)state;
+    enum { C = 16, N_FIRST = 20, ANSWER = 40, NEW = 5 };
+    int ids[N_FIRST + ANSWER + NEW];
+    ids[0] = 1;
+    for (int i = 1; i < N_FIRST + ANSWER + NEW; i++) ids[i] = 3 + (i * 37) % 200;
+    char body[2048] = "{\"prompt\":[";
+    append_ids(body, sizeof(body), ids, N_FIRST);
+    strcat(body, "],\"max_tokens\":40,\"temperature\":0,\"ignore_eos\":true}");
+    t_server s;
+    assert_int_equal(serve_start(&s, g_tiny, "--store", "mem:", "--chunk", "16", "--slots", "1",
+                                 "--mode", "load", NULL),
+                     0);
+    cJSON *first = post_ok(s.port, "/v1/completions", "%s", body);
+    const cJSON *answer = at(first, "cake.generated_ids");
+    assert_int_equal(cJSON_GetArraySize(answer), ANSWER);
+    for (int i = 0; i < ANSWER; i++) ids[N_FIRST + i] = cJSON_GetArrayItem(answer, i)->valueint;
+    cJSON_Delete(first);
+    /* the prompt's chunk, and the two its 39 fed-back tokens complete */
+    wait_metric(s.port, "cake_store_writeback_chunks_total{result=\"written\"}", 3);
+    cJSON_Delete(post_ok(s.port, "/v1/completions", "{\"prompt\":\"Hi\",\"max_tokens\":1}"));
+
+    strcpy(body, "{\"prompt\":[");
+    append_ids(body, sizeof(body), ids, N_FIRST + ANSWER + NEW);
+    strcat(body, "],\"max_tokens\":8,\"temperature\":0,\"logprobs\":2}");
+    cJSON *next = post_ok(s.port, "/v1/completions", "%s", body);
+    assert_int_equal(num_at(next, "cake.chunks_loaded"), 3);
+    assert_int_equal(num_at(next, "usage.prompt_tokens_details.cached_tokens"), 3 * C);
+    assert_int_equal(serve_stop(&s), 0);
+
+    assert_int_equal(serve_start(&s, g_tiny, "--store", "none", "--chunk", "16", NULL), 0);
+    cJSON *ref = post_ok(s.port, "/v1/completions", "%s", body);
+    assert_int_equal(num_at(ref, "cake.tokens_computed"), N_FIRST + ANSWER + NEW);
+    assert_same_ids(at(next, "cake.generated_ids"), at(ref, "cake.generated_ids"));
+    for (int i = 0; i < 8; i++) {
+        char path[64];
+        snprintf(path, sizeof(path), "choices.0.logprobs.token_logprobs.%d", i);
+        assert_true(num_at(next, path) == num_at(ref, path));
+    }
+    cJSON_Delete(ref);
+    cJSON_Delete(next);
+    assert_int_equal(serve_stop(&s), 0);
+}
+
 /* ---- chat ---- */
 
 /* A chat request answers as a completion of the prompt chat_prompt builds;
@@ -1536,16 +1592,17 @@ static void test_chat_formats(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_chat_formats),  cmocka_unit_test(test_usage_errors),
-        cmocka_unit_test(test_api_key),       cmocka_unit_test(test_bad_requests),
-        cmocka_unit_test(test_answers_tiny),  cmocka_unit_test(test_answers_stories260k),
-        cmocka_unit_test(test_stop_strings),  cmocka_unit_test(test_seeded_sampling),
-        cmocka_unit_test(test_store_reuse),   cmocka_unit_test(test_slow_first_token),
-        cmocka_unit_test(test_slot_prefix),   cmocka_unit_test(test_cancel_and_queue),
-        cmocka_unit_test(test_chat_llama2),   cmocka_unit_test(test_batched_answers),
-        cmocka_unit_test(test_shared_prefix), cmocka_unit_test(test_speed_hints),
-        cmocka_unit_test(test_logprobs),      cmocka_unit_test(test_tokenize),
-        cmocka_unit_test(test_penalties),     cmocka_unit_test(test_cancel_prefill),
+        cmocka_unit_test(test_chat_formats),     cmocka_unit_test(test_usage_errors),
+        cmocka_unit_test(test_api_key),          cmocka_unit_test(test_bad_requests),
+        cmocka_unit_test(test_answers_tiny),     cmocka_unit_test(test_answers_stories260k),
+        cmocka_unit_test(test_stop_strings),     cmocka_unit_test(test_seeded_sampling),
+        cmocka_unit_test(test_store_reuse),      cmocka_unit_test(test_slow_first_token),
+        cmocka_unit_test(test_slot_prefix),      cmocka_unit_test(test_answer_stored),
+        cmocka_unit_test(test_cancel_and_queue), cmocka_unit_test(test_chat_llama2),
+        cmocka_unit_test(test_batched_answers),  cmocka_unit_test(test_shared_prefix),
+        cmocka_unit_test(test_speed_hints),      cmocka_unit_test(test_logprobs),
+        cmocka_unit_test(test_tokenize),         cmocka_unit_test(test_penalties),
+        cmocka_unit_test(test_cancel_prefill),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

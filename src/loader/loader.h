@@ -177,6 +177,14 @@ void cake_prefill_finish(cake_prefill_job *job); /* accepts NULL */
  * The engine's KV positions of queued chunks must stay unchanged until
  * cake_writeback_drain returns. */
 cake_writeback *cake_writeback_create(cake_store *store, int capacity, char *err, size_t errlen);
+/* Queues the full chunks of tokens[0..n) from chunk `first` on, whose KV
+ * the engine holds at their positions (a request's answer: the tokens it
+ * generated and fed back, so that a chat's next turn finds its history in
+ * the store). Only for a batch-invariant engine: another's decode KV is not
+ * the bits a prefill of those tokens would give. The writer checks the store
+ * first. Returns how many were queued; -1 out of memory. */
+int cake_writeback_tokens(cake_writeback *w, const cake_loader_engine *e, const cake_token *tokens,
+                          int n, int chunk, int first);
 /* Waits until the queue is empty (at most timeout_ms; then the rest is
  * dropped). Returns the number of chunks dropped by the timeout. */
 int cake_writeback_drain(cake_writeback *w, int timeout_ms);

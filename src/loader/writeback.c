@@ -131,6 +131,23 @@ int cake_writeback_enqueue(cake_writeback *w, const cake_loader_engine *e,
     return rc;
 }
 
+int cake_writeback_tokens(cake_writeback *w, const cake_loader_engine *e, const cake_token *tokens,
+                          int n, int chunk, int first) {
+    const int n_full = chunk > 0 ? n / chunk : 0;
+    if (!e->batch_invariant || first < 0 || first >= n_full) return 0;
+    cake_chunk_key *keys = malloc((size_t)n_full * sizeof(*keys));
+    if (!keys) return -1;
+    cake_key_chain(e->fingerprint, (uint32_t)chunk, (uint32_t)e->kv_type, tokens, (size_t)n, keys);
+    int queued = 0;
+    for (int i = first; i < n_full; i++) {
+        const cake_chunk_header h = cake_chunk_header_for(e->fingerprint, &keys[i], (uint32_t)i,
+                                                          (uint32_t)chunk, e->hp, e->kv_type);
+        queued += cake_writeback_enqueue(w, e, &h, i * chunk, 0, NULL) == 0;
+    }
+    free(keys);
+    return queued;
+}
+
 int cake_writeback_drain(cake_writeback *w, int timeout_ms) {
     const struct timespec ts =
         cake_deadline_ns((uint64_t)(timeout_ms < 0 ? 0 : timeout_ms) * 1000000ull);

@@ -241,6 +241,18 @@ static void remember_kv(slot *s, const serve_job *j) {
     s->n_kv = n;
 }
 
+/* The full chunks that j's answer completed (its prompt's partial tail and
+ * the tokens it fed back) go to the store too, as its prompt's did: a
+ * chat's next turn, on any slot or server sharing the store, loads its
+ * history instead of computing the last answer. */
+static void store_answer(slot *s, const serve_job *j) {
+    if (!s->wb || !s->n_kv) return;
+    cake_loader_engine e;
+    cake_context_loader_engine(s->ctx, 1, &e);
+    const int chunk = s->pool->cfg.chunk;
+    cake_writeback_tokens(s->wb, &e, s->kv_ids, s->n_kv, chunk, j->n_prompt / chunk);
+}
+
 /* A request's way to the scheduler. */
 typedef struct {
     sched *sched;
@@ -328,6 +340,7 @@ static void run_job(slot *s, serve_job *j) {
     pthread_mutex_unlock(&j->mu);
     job_settle(j, rc ? err : NULL);
     remember_kv(s, j);
+    store_answer(s, j);
 }
 
 static void *slot_main(void *arg) {
