@@ -20,7 +20,10 @@
  *     the answer and a new message, on the slot that holds the first turn's
  *     KV: the next turn's TTFT when it starts right after what it shares,
  *     against starting at the chunk where that ends (the store holds the
- *     first prompt's chunks in both).
+ *     first prompt's chunks in both). Then with a longer answer, the slot
+ *     taken by other prompts in between: the next turn's TTFT when the
+ *     store holds the chunks the answer completed, against only the
+ *     prompt's.
  *
  * usage: bench_serve MODEL.gguf [--threads N] [--clients 8] [--decode 64]
  *                    [--long 2048] [--short 16] [--bw 300Mbit] [--shared 4]
@@ -185,11 +188,22 @@ static int run_gaps(const cake_model *m, const pool_config *cfg, const request *
     return 0;
 }
 
+/* Answers rq and drops the answer; 0 or -1. */
+static int answer_one(serve_pool *pool, const request *rq) {
+    serve_job *j = submit(pool, rq);
+    const char *why = j ? wait_answer(j) : "refused";
+    if (why) fprintf(stderr, "bench_serve: %s\n", why);
+    if (j) job_release(j);
+    return why ? -1 : 0;
+}
+
 /* A chat of two turns on one slot: first (n_answer tokens answered), then
- * first + the answer + n_new more tokens. The second turn's TTFT and the
+ * first + the answer + n_new more tokens. With `taken`, other prompts take
+ * the slot in between (one of them twice, loaded the second time: the
+ * loader knows the store's rate then). The second turn's TTFT and the
  * prompt tokens it computed. */
 static int run_turns(const cake_model *m, const pool_config *cfg, const request *first,
-                     int n_answer, int n_new, double *ttft_ms, int *computed) {
+                     int n_answer, int n_new, int taken, double *ttft_ms, int *computed) {
     char err[256];
     serve_pool *pool;
     if (pool_create(m, cfg, &pool, err, sizeof(err))) {
@@ -201,6 +215,15 @@ static int run_turns(const cake_model *m, const pool_config *cfg, const request 
     serve_job *j1 = submit(pool, &rq), *j2 = NULL;
     const char *why = j1 ? wait_answer(j1) : "refused";
     cake_token *next = NULL;
+    if (!why && taken) {
+        const int n_vocab = cake_model_hparams(m)->n_vocab;
+        cake_token *other = random_prompt(512, n_vocab), *hi = random_prompt(16, n_vocab);
+        const request a = {other, 512, 1}, b = {hi, 16, 1};
+        if (answer_one(pool, &a) || answer_one(pool, &b) || answer_one(pool, &a))
+            why = "the other prompts failed";
+        free(other);
+        free(hi);
+    }
     if (!why) {
         const int n = first->n_prompt + j1->n_ids + n_new;
         next = random_prompt(n, cake_model_hparams(m)->n_vocab);
@@ -460,13 +483,38 @@ int main(int argc, char **argv) {
                 fprintf(stderr, "bench_serve: %s\n", err);
                 return 1;
             }
-            if (run_turns(m, &c, &turn1, ANSWER, NEW, &ttft[whole], &computed[whole])) return 1;
+            if (run_turns(m, &c, &turn1, ANSWER, NEW, 0, &ttft[whole], &computed[whole])) return 1;
             cake_store_close(c.store);
         }
         printf("next turn: %d prompt tokens, %d answered, then %d more: TTFT starting after what "
                "the slot holds %.0f ms (%d tokens computed), at the chunk it ends in %.0f ms (%d): "
                "%.2fx\n",
                n_long, ANSWER, NEW, ttft[0], computed[0], ttft[1], computed[1], ttft[1] / ttft[0]);
+    }
+    /* ... and on a slot taken meanwhile: the answer's chunks stored or not */
+    enum { LONG_ANSWER = 300 };
+    c.whole_chunk_reuse = 0;
+    c.n_ctx = n_long + LONG_ANSWER + NEW + 8;
+    for (int r = 0; r < rounds; r++) {
+        double ttft[2];
+        int computed[2];
+        for (int k = 0; k < 2; k++) {
+            const int prompts_only = (k + r) % 2;
+            c.prompts_only_writeback = prompts_only;
+            if (cake_store_open("mem:?capacity=4GiB", &c.store, err, sizeof(err))) {
+                fprintf(stderr, "bench_serve: %s\n", err);
+                return 1;
+            }
+            if (run_turns(m, &c, &turn1, LONG_ANSWER, NEW, 1, &ttft[prompts_only],
+                          &computed[prompts_only]))
+                return 1;
+            cake_store_close(c.store);
+        }
+        printf("next turn, its slot taken meanwhile: %d prompt tokens, %d answered, then %d more: "
+               "TTFT with the answer's chunks stored %.0f ms (%d tokens computed), only the "
+               "prompt's %.0f ms (%d): %.2fx\n",
+               n_long, LONG_ANSWER, NEW, ttft[0], computed[0], ttft[1], computed[1],
+               ttft[1] / ttft[0]);
     }
     for (int i = 0; i < clients; i++) free((void *)rq[i].prompt);
     for (int i = 1; i <= n_short; i++) free((void *)mixed[i].prompt);

@@ -22,6 +22,13 @@ if [ -x "$B/bench_serve" ]; then
     if "$B/bench_serve" "$tmp/tiny.gguf" --clients 2 --decode 4 --long 512 --short 2 --rounds 1 \
         >"$tmp/out" 2>&1; then
         echo "ok   bench_serve runs: $(grep -c x "$tmp/out") ratio lines"
+        for section in "^alone" "slots batched" "^mixed burst" "^shared prefix" "^step size" \
+            "^next turn:" "^next turn, its slot taken"; do
+            if ! grep -q "$section" "$tmp/out"; then
+                echo "FAIL bench_serve printed no '$section' line"
+                fails=$((fails + 1))
+            fi
+        done
     else
         echo "FAIL bench_serve: $(tail -5 "$tmp/out")"
         fails=$((fails + 1))

@@ -246,7 +246,7 @@ static void remember_kv(slot *s, const serve_job *j) {
  * chat's next turn, on any slot or server sharing the store, loads its
  * history instead of computing the last answer. */
 static void store_answer(slot *s, const serve_job *j) {
-    if (!s->wb || !s->n_kv) return;
+    if (!s->wb || !s->n_kv || s->pool->cfg.prompts_only_writeback) return;
     cake_loader_engine e;
     cake_context_loader_engine(s->ctx, 1, &e);
     const int chunk = s->pool->cfg.chunk;

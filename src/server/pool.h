@@ -35,6 +35,9 @@ typedef struct {
      * a shared prefix ends in whole (a benchmark's baseline); by default a
      * request starts right after the last position it shares. */
     bool whole_chunk_reuse;
+    /* Only prompts' chunks go to the store, not those an answer completes
+     * (a benchmark's baseline). */
+    bool prompts_only_writeback;
     int queue_max; /* jobs waiting beyond the running ones */
     enum cake_kv_type kv_type;
     enum cake_backend_kind backend;
