@@ -9,7 +9,12 @@
  * in range, non-empty stop strings. Its answers (whole, each stream event,
  * an error) must be valid JSON, whatever bytes its text holds.
  *
- * Odd: stop strings and pieces of generated text for job_add_text. The
+ * 3 mod 4: bytes for JSON mode's automaton (engine/json_grammar.h). Where
+ * it takes them all and calls the object closed, cJSON must read one object
+ * from all of them (but for \u escapes, where cJSON also checks surrogate
+ * pairs, which the JSON grammar does not ask for).
+ *
+ * 1 mod 4: stop strings and pieces of generated text for job_add_text. The
  * text must always be the pieces so far cut before the first stop string in
  * them (the stop excluded), the final part (ready) must only grow, so never
  * hold the start of a stop string that comes later, and the parts a stream
@@ -26,6 +31,7 @@
 #include <string.h>
 
 #include "fuzz_check.h"
+#include "engine/json_grammar.h"
 #include "gpt2_bytes.h"
 #include "model/tokenizer.h"
 #include "server/openai.h"
@@ -254,11 +260,29 @@ static void fuzz_text(const uint8_t *data, size_t size) {
     job_release(j);
 }
 
+static void fuzz_json(const uint8_t *data, size_t size) {
+    const char *text = (const char *)data + 1;
+    const size_t n = size - 1;
+    cake_json_state s;
+    cake_json_start(&s);
+    for (size_t i = 0; i < n; i++)
+        if (!cake_json_feed(&s, text + i, 1)) return;
+    if (!cake_json_complete(&s)) return;
+    for (size_t i = 0; i + 1 < n; i++)
+        if (text[i] == '\\' && text[i + 1] == 'u') return;
+    const char *end = NULL;
+    cJSON *o = cJSON_ParseWithLengthOpts(text, n, &end, false);
+    CHECK(o && cJSON_IsObject(o) && end == text + n);
+    cJSON_Delete(o);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     if (!g_tok) init_vocab();
     if (size < 1) return 0;
-    if (data[0] & 1)
+    if ((data[0] & 3) == 3)
+        fuzz_json(data, size);
+    else if (data[0] & 1)
         fuzz_text(data, size);
     else
         fuzz_parse(data, size);

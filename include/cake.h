@@ -146,6 +146,13 @@ typedef struct {
     float frequency_penalty, presence_penalty;
     const cake_logit_bias *logit_bias; /* n_logit_bias of them (copied by init) */
     int n_logit_bias;
+    /* Optional: a grammar (the server's JSON mode). constrain sets the
+     * logits of the tokens that may not come next to -INFINITY, in the
+     * sampler's copy after biases and penalties; accept hears each token
+     * chosen. ud is theirs. */
+    void (*constrain)(void *ud, float *logits, int n_vocab);
+    void (*accept)(void *ud, cake_token id);
+    void *constrain_ud;
 } cake_sampler_params;
 
 cake_sampler *cake_sampler_init(cake_sampler_params p); /* NULL on out of memory */

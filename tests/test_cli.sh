@@ -214,6 +214,19 @@ if "$CAKE" mkmodel --shape tiny -o "$tmp/tiny.gguf" 2>/dev/null; then
     [ -n "$pen" ] && [ "$(repeats "$pen")" -eq 0 ] && [ "$(repeats "$greedy")" -gt 0 ] &&
         pass "run --presence-penalty: no repeats ($(repeats "$greedy") without)" ||
         fail "run --presence-penalty: $pen"
+    # JSON mode: the answer is an object, then EOS (sampled; without it the
+    # same run writes words)
+    for mode in --json-mode ""; do
+        out=$("$CAKE" run -m "$tmp/tiny.gguf" -p "Give me JSON" -n 80 --temp 1 --seed 4 $mode \
+            2>/dev/null)
+        if [ -n "$mode" ]; then
+            [[ "$out" =~ ^[[:space:]]*\{.*\}$ ]] && pass "run --json-mode: an object" ||
+                fail "run --json-mode: '$out'"
+        else
+            [[ "$out" =~ ^[[:space:]]*\{.*\}$ ]] && fail "run without --json-mode: '$out'" ||
+                pass "run without --json-mode: no object"
+        fi
+    done
     expect_exit 2 "bench with --share 0" -- "$CAKE" bench ttft -m "$tmp/tiny.gguf" --share 0
     expect_exit 0 "bench ttft" -- "$CAKE" bench ttft -m "$tmp/tiny.gguf" --ctx 97 --bw 0.0003,5 \
         --share 1,0.5 --chunk 16 --repeat 3 --min-cell-time 3 --out "$tmp/bench" --trace

@@ -16,6 +16,7 @@
 #include "cake.h"
 #include "engine/context.h"
 #include "engine/generate.h"
+#include "engine/json_grammar.h"
 #include "backend/cpu/kernels.h"
 #include "model/dequant.h"
 #include "model/gguf.h"
@@ -994,6 +995,164 @@ static void test_sampler_filters(void **state) {
     check_filter(p, logits, 4, (const int[]){1, 1, 0, 0});
 }
 
+/* ---- JSON mode (engine/json_grammar.h) ---- */
+
+/* Whether text, fed byte by byte, is one complete JSON object. */
+static bool json_whole(const char *text) {
+    cake_json_state s;
+    cake_json_start(&s);
+    for (const char *c = text; *c; c++)
+        if (!cake_json_feed(&s, c, 1)) return false;
+    return cake_json_complete(&s);
+}
+
+static void test_json_grammar(void **state) {
+    (void)state;
+    static const char *valid[] = {
+        "{}",
+        " \n{ }",
+        "{\"a\":1}",
+        "{\"a\": -0.5e+10, \"b\": [1, 2.25, -3, 0, 1E5, 0.0e-1], \"c\": {\"d\": [[], {}]}}",
+        "{\"t\": true, \"f\": false, \"n\": null, \"s\": \"\\\"\\\\\\/\\b\\f\\n\\r\\t\\u00e9\"}",
+        "{\"utf-8\": \"caf\xc3\xa9 \xe2\x82\xac\"}",
+        "{\"\": \"\"}",
+        "{\"a\":[{\"b\":[{\"c\":\"d\"}]}]}",
+        "{\n  \"k\": [\n    1,\n    2\n  ]\n}",
+    };
+    for (size_t i = 0; i < sizeof(valid) / sizeof(valid[0]); i++)
+        if (!json_whole(valid[i])) fail_msg("refused: %s", valid[i]);
+    static const char *invalid[] = {
+        "",
+        "[]",
+        "\"a\"",
+        "1",
+        "{",
+        "{\"a\"}",
+        "{\"a\":}",
+        "{\"a\":1,}",
+        "{,}",
+        "{\"a\":01}",
+        "{\"a\":1.}",
+        "{\"a\":.5}",
+        "{\"a\":-}",
+        "{\"a\":1e}",
+        "{\"a\":tru}",
+        "{\"a\":nul}",
+        "{\"a\":True}",
+        "{\"a\":[1,]}",
+        "{\"a\":[1 2]}",
+        "{a:1}",
+        "{'a':1}",
+        "{\"a\":\"\\x\"}",
+        "{\"a\":\"\\u12g4\"}",
+        "{\"a\":\"\t\"}",
+        "{}}",
+        "{} ",
+        "{}x",
+        "{\"a\":1]",
+        "{\"a\":[1}",
+        "{\"a\" 1}",
+        "{\"a\":1 // c\n}",
+    };
+    for (size_t i = 0; i < sizeof(invalid) / sizeof(invalid[0]); i++)
+        if (json_whole(invalid[i])) fail_msg("accepted: %s", invalid[i]);
+
+    /* whitespace and nesting have their limits */
+    char text[512] = "{";
+    memset(text + 1, ' ', CAKE_JSON_MAX_SPACE);
+    strcpy(text + 1 + CAKE_JSON_MAX_SPACE, "}");
+    assert_true(json_whole(text));
+    memset(text + 1, ' ', CAKE_JSON_MAX_SPACE + 1);
+    strcpy(text + 2 + CAKE_JSON_MAX_SPACE, "}");
+    assert_false(json_whole(text));
+    /* an object holding k nested arrays: k + 1 levels */
+    for (int k = CAKE_JSON_MAX_DEPTH - 1; k <= CAKE_JSON_MAX_DEPTH; k++) {
+        char deep[2 * CAKE_JSON_MAX_DEPTH + 16] = "{\"a\":";
+        for (int d = 0; d < k; d++) strcat(deep, "[");
+        for (int d = 0; d < k; d++) strcat(deep, "]");
+        strcat(deep, "}");
+        assert_int_equal(json_whole(deep), k < CAKE_JSON_MAX_DEPTH);
+    }
+}
+
+/* The mask over a real vocabulary: at the start only tokens that open the
+ * object (after whitespace); no end token until it is closed, then only
+ * those. Sampling under it from random logits, however hot, gives JSON. */
+static void test_json_mask(void **state) {
+    (void)state;
+    char path[64];
+    assert_int_equal(test_make_model("tiny", "f16", path), 0);
+    cake_model *m;
+    char err[256];
+    assert_int_equal(cake_model_load(path, &m, err, sizeof(err)), 0);
+    const cake_tokenizer *t = cake_model_tokenizer(m);
+    const int n = cake_tokenizer_n_vocab(t);
+    const cake_token eos = cake_tokenizer_eos(t), brace = cake_tokenizer_find(t, "{", 1);
+    const cake_token close = cake_tokenizer_find(t, "}", 1), word = cake_tokenizer_find(t, "a", 1);
+    assert_true(brace >= 0 && close >= 0 && word >= 0);
+    float *logits = malloc((size_t)n * sizeof(float));
+    cake_json_grammar *g = cake_json_grammar_new(t, eos, -1);
+    for (int i = 0; i < n; i++) logits[i] = 0;
+    cake_json_grammar_mask(g, logits, n);
+    int allowed = 0;
+    for (int i = 0; i < n; i++) allowed += logits[i] == 0;
+    assert_true(allowed > 0 && allowed < 100);
+    assert_true(logits[brace] == 0 && isinf(logits[eos]) && isinf(logits[word]));
+    cake_json_grammar_accept(g, brace);
+    cake_json_grammar_accept(g, close);
+    for (int i = 0; i < n; i++) logits[i] = 0;
+    cake_json_grammar_mask(g, logits, n);
+    for (int i = 0; i < n; i++) assert_true(i == eos ? logits[i] == 0 : isinf(logits[i]));
+    cake_json_grammar_free(g);
+
+    /* 20 answers of up to 300 tokens at temperature 2 from random logits:
+     * every prefix stays valid JSON (the grammar's own state, re-read from
+     * the text) and those that end are whole objects. */
+    uint64_t rng = 5;
+    int ended = 0;
+    for (int a = 0; a < 20; a++) {
+        g = cake_json_grammar_new(t, eos, -1);
+        cake_sampler *s =
+            cake_sampler_init((cake_sampler_params){.temperature = 2,
+                                                    .top_p = 1,
+                                                    .seed = (uint64_t)a,
+                                                    .constrain = cake_json_grammar_mask,
+                                                    .accept = cake_json_grammar_accept,
+                                                    .constrain_ud = g});
+        char out[4096];
+        size_t len = 0;
+        for (int k = 0; k < 300; k++) {
+            for (int i = 0; i < n; i++) {
+                rng = rng * 6364136223846793005ull + 1442695040888963407ull;
+                logits[i] = (float)(rng >> 40) / (float)(1 << 24) * 8.0f;
+            }
+            logits[eos] += 6; /* (ends come sooner) */
+            const cake_token id = cake_sampler_sample(s, logits, n);
+            if (id == eos) {
+                out[len] = 0;
+                if (!json_whole(out)) fail_msg("not JSON: %s", out);
+                ended++;
+                break;
+            }
+            size_t piece;
+            const char *text = cake_token_text(t, id, &piece);
+            assert_true(piece > 0 && len + piece < sizeof(out));
+            memcpy(out + len, text, piece);
+            len += piece;
+            cake_json_state st;
+            cake_json_start(&st);
+            assert_true(cake_json_feed(&st, out, len));
+        }
+        cake_sampler_free(s);
+        cake_json_grammar_free(g);
+    }
+    printf("json mode: %d of 20 random answers closed their object\n", ended);
+    assert_true(ended > 0);
+    free(logits);
+    cake_model_free(m);
+    unlink(path);
+}
+
 static void test_tied_output(void **state) {
     (void)state;
     const char *dtypes[] = {"f32", "q8_0"};
@@ -1028,6 +1187,8 @@ int main(void) {
         cmocka_unit_test(test_tied_output),
         cmocka_unit_test(test_sampler_penalties),
         cmocka_unit_test(test_sampler_filters),
+        cmocka_unit_test(test_json_grammar),
+        cmocka_unit_test(test_json_mask),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -441,7 +441,7 @@ static void test_bad_requests(void **state) {
         {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"repetition_penalty\":1.1}", 400,
          "'repetition_penalty'"},
         {"POST", "/v1/completions",
-         "{\"prompt\":\"hi\",\"response_format\":{\"type\":\"json_object\"}}", 400,
+         "{\"prompt\":\"hi\",\"response_format\":{\"type\":\"json_schema\"}}", 400,
          "'response_format'"},
         {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"guided_json\":{\"type\":\"object\"}}",
          400, "not supported"},
@@ -804,6 +804,81 @@ static void test_penalties(void **state) {
     cJSON_Delete(zero);
     cJSON_Delete(pen);
     assert_int_equal(serve_stop(&s), 0);
+}
+
+/* JSON mode: the answer is one JSON object. Biases that make a greedy
+ * answer all quotes give {"":""} under it; sampled answers that end are
+ * objects cJSON reads, those that do not ran out of tokens; a chat's too.
+ * Schemas and other formats are refused. */
+static void test_json_mode(void **state) {
+    (void)state;
+    /* byte tokens (id 3 + byte): '"' 100, '}' 50, ':' 30 */
+#define JSON_BIASES "\"logit_bias\":{\"37\":100,\"128\":50,\"61\":30}"
+#define JSON_OBJECT "\"response_format\":{\"type\":\"json_object\"}"
+    t_server s;
+    assert_int_equal(serve_start(&s, g_tiny, "--store", "none", NULL), 0);
+    cJSON *plain = post_ok(s.port, "/v1/completions",
+                           "{\"prompt\":\"Answer in JSON\",\"max_tokens\":8,\"temperature\":0,"
+                           "\"ignore_eos\":true," JSON_BIASES "}");
+    assert_string_equal(str_at(plain, "choices.0.text"), "\"\"\"\"\"\"\"\"");
+    cJSON *json = post_ok(s.port, "/v1/completions",
+                          "{\"prompt\":\"Answer in JSON\",\"max_tokens\":32,\"temperature\":0,"
+                          "\"ignore_eos\":false," JSON_BIASES "," JSON_OBJECT "}");
+    assert_string_equal(str_at(json, "choices.0.finish_reason"), "stop");
+    cJSON *o = cJSON_Parse(str_at(json, "choices.0.text"));
+    assert_true(cJSON_IsObject(o));
+    const cJSON *empty = cJSON_GetObjectItemCaseSensitive(o, "");
+    assert_true(cJSON_IsString(empty) && !strcmp(empty->valuestring, ""));
+    cJSON_Delete(o);
+    cJSON_Delete(json);
+    cJSON_Delete(plain);
+    int ended = 0;
+    for (int seed = 0; seed < 8; seed++) {
+        cJSON *a = post_ok(s.port, "/v1/completions",
+                           "{\"prompt\":\"Answer in JSON\",\"max_tokens\":60,\"temperature\":1,"
+                           "\"seed\":%d," JSON_OBJECT "}",
+                           seed);
+        const char *text = str_at(a, "choices.0.text");
+        if (!strcmp(str_at(a, "choices.0.finish_reason"), "stop")) {
+            o = cJSON_Parse(text);
+            if (!cJSON_IsObject(o)) fail_msg("seed %d: not a JSON object: %s", seed, text);
+            cJSON_Delete(o);
+            ended++;
+        } else {
+            assert_int_equal(num_at(a, "usage.completion_tokens"), 60);
+        }
+        cJSON_Delete(a);
+    }
+    printf("json mode: %d of 8 sampled answers ended\n", ended);
+    static const char *bad[] = {
+        "\"response_format\":{\"type\":\"json_schema\",\"json_schema\":{\"name\":\"x\"}}",
+        "\"response_format\":{\"type\":\"xml\"}", "\"response_format\":\"json_object\""};
+    for (int i = 0; i < 3; i++) {
+        char body[256];
+        snprintf(body, sizeof(body), "{\"prompt\":\"hi\",%s}", bad[i]);
+        t_resp r = http(s.port, "POST", "/v1/completions", body);
+        assert_int_equal(r.status, 400);
+        assert_non_null(strstr(r.body, "response_format"));
+        resp_free(&r);
+    }
+    assert_int_equal(serve_stop(&s), 0);
+
+    /* a chat ends its object with the format's end (Llama 2's: EOS) */
+    char path[64];
+    tiny_variant(&(test_model_variant){.chat_template = LLAMA2_TEMPLATE}, path);
+    assert_int_equal(serve_start(&s, path, "--store", "none", NULL), 0);
+    cJSON *c = post_ok(s.port, "/v1/chat/completions",
+                       "{\"messages\":[{\"role\":\"user\",\"content\":\"JSON please\"}],"
+                       "\"max_tokens\":32,\"temperature\":0," JSON_BIASES "," JSON_OBJECT "}");
+    assert_string_equal(str_at(c, "choices.0.finish_reason"), "stop");
+    o = cJSON_Parse(str_at(c, "choices.0.message.content"));
+    assert_true(cJSON_IsObject(o));
+    cJSON_Delete(o);
+    cJSON_Delete(c);
+    assert_int_equal(serve_stop(&s), 0);
+    unlink(path);
+#undef JSON_BIASES
+#undef JSON_OBJECT
 }
 
 /* /tokenize gives the ids a completion of the text computes (the same
@@ -1602,7 +1677,7 @@ int main(void) {
         cmocka_unit_test(test_batched_answers),  cmocka_unit_test(test_shared_prefix),
         cmocka_unit_test(test_speed_hints),      cmocka_unit_test(test_logprobs),
         cmocka_unit_test(test_tokenize),         cmocka_unit_test(test_penalties),
-        cmocka_unit_test(test_cancel_prefill),
+        cmocka_unit_test(test_json_mode),        cmocka_unit_test(test_cancel_prefill),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -8,6 +8,7 @@
 #include "cli/cli.h"
 #include "cli/hints.h"
 #include "engine/generate.h"
+#include "engine/json_grammar.h"
 #include "loader/loader.h"
 #include "store/key.h"
 #include "store/store.h"
@@ -30,6 +31,7 @@ static const char *help =
     "      --min-p P         only tokens at least P times the likeliest's probability (0 = off)\n"
     "      --frequency-penalty F, --presence-penalty F\n"
     "                        OpenAI's penalties on tokens generated so far (-2..2; 0 = off)\n"
+    "      --json-mode       the answer is one JSON object (OpenAI's JSON mode)\n"
     "      --seed S          random seed (default: from the clock; printed in the summary)\n"
     "      --threads N       CPU threads (default: all online CPUs)\n"
     "      --chunk TOKENS    prefill chunk size = the store's chunk size (default 256)\n"
@@ -55,7 +57,7 @@ typedef struct {
     double temp, top_p, min_p, frequency_penalty, presence_penalty;
     long top_k;
     unsigned long long seed;
-    int seed_set, json;
+    int seed_set, json, json_mode;
     enum cake_kv_type kv_type;
     enum cake_backend_kind backend;
 } run_opts;
@@ -148,6 +150,7 @@ static int parse_args(int argc, char **argv, run_opts *o) {
                                          {"mode", required_argument, 0, 'M'},
                                          {"dump-logits", required_argument, 0, 'D'},
                                          {"json", no_argument, 0, 'J'},
+                                         {"json-mode", no_argument, 0, 'O'},
                                          {"help", no_argument, 0, 'h'},
                                          {"io-depth", required_argument, 0, 'I'},
                                          {"trace", required_argument, 0, 'R'},
@@ -252,6 +255,9 @@ static int parse_args(int argc, char **argv, run_opts *o) {
         case 'J':
             o->json = 1;
             break;
+        case 'O':
+            o->json_mode = 1;
+            break;
         case 'h':
             fputs(help, stdout);
             return -1;
@@ -305,6 +311,7 @@ int cmd_run(int argc, char **argv) {
     cake_model *model = NULL;
     cake_context *ctx = NULL;
     cake_sampler *sampler = NULL;
+    cake_json_grammar *grammar = NULL;
     cake_token *prompt = NULL, *generated = NULL;
     float *first_logits = NULL;
     char *text = NULL;
@@ -392,14 +399,23 @@ int cmd_run(int argc, char **argv) {
         cli_hints_load(speed_key, speed, o.store, store);
     }
     if (!o.seed_set) o.seed = (unsigned long long)time(NULL);
-    sampler =
-        cake_sampler_init((cake_sampler_params){.temperature = (float)o.temp,
-                                                .top_p = (float)o.top_p,
-                                                .seed = o.seed,
-                                                .top_k = (int)o.top_k,
-                                                .min_p = (float)o.min_p,
-                                                .frequency_penalty = (float)o.frequency_penalty,
-                                                .presence_penalty = (float)o.presence_penalty});
+    cake_sampler_params sp = {.temperature = (float)o.temp,
+                              .top_p = (float)o.top_p,
+                              .seed = o.seed,
+                              .top_k = (int)o.top_k,
+                              .min_p = (float)o.min_p,
+                              .frequency_penalty = (float)o.frequency_penalty,
+                              .presence_penalty = (float)o.presence_penalty};
+    if (o.json_mode) {
+        if (!(grammar = cake_json_grammar_new(tok, cake_tokenizer_eos(tok), -1))) {
+            cli_error(CLI_FAIL, "run", "out of memory");
+            goto done;
+        }
+        sp.constrain = cake_json_grammar_mask;
+        sp.accept = cake_json_grammar_accept;
+        sp.constrain_ud = grammar;
+    }
+    sampler = cake_sampler_init(sp);
     generated = malloc((size_t)(o.n_predict ? o.n_predict : 1) * sizeof(*generated));
     first_logits = malloc((size_t)hp->n_vocab * sizeof(float));
     if (!sampler || !generated || !first_logits) {
@@ -504,6 +520,7 @@ done:
     free(prompt);
     free(text);
     cake_sampler_free(sampler);
+    cake_json_grammar_free(grammar);
     cake_writeback_free(wb); /* before the context: it may still read its KV */
     cake_context_free(ctx);
     cake_model_free(model);

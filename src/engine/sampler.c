@@ -1,6 +1,7 @@
 /* Token sampling: greedy, temperature, top-p (nucleus), top-k and min-p,
- * with OpenAI's logit biases and frequency and presence penalties, and a
- * seeded generator so that the same seed and logits give the same tokens. */
+ * with OpenAI's logit biases and frequency and presence penalties, a
+ * grammar's mask (constrain), and a seeded generator so that the same seed
+ * and logits give the same tokens. */
 #include <math.h>
 #include <stdlib.h>
 
@@ -136,11 +137,11 @@ static cake_token choose(cake_sampler *s, const float *logits, int n) {
 }
 
 /* The logits with the biases and the penalties of the tokens chosen so
- * far; NULL when there are none to apply, or no memory for them (then they
- * are not). */
+ * far, and the grammar's mask; NULL when there are none to apply, or no
+ * memory for them (then they are not). */
 static const float *adjust(cake_sampler *s, const float *logits, int n) {
     const int penalties = s->p.frequency_penalty != 0.0f || s->p.presence_penalty != 0.0f;
-    if (!penalties && !s->p.n_logit_bias) return NULL;
+    if (!penalties && !s->p.n_logit_bias && !s->p.constrain) return NULL;
     if (!s->adjusted) {
         s->adjusted = malloc((size_t)n * sizeof(*s->adjusted));
         if (penalties) {
@@ -156,7 +157,7 @@ static const float *adjust(cake_sampler *s, const float *logits, int n) {
             return NULL;
         }
     }
-    if (!s->p.n_logit_bias && !s->n_chosen) return NULL;
+    if (!s->p.n_logit_bias && !s->n_chosen && !s->p.constrain) return NULL;
     for (int i = 0; i < n; i++) s->adjusted[i] = logits[i];
     for (int k = 0; k < s->p.n_logit_bias; k++)
         if (s->p.logit_bias[k].id >= 0 && s->p.logit_bias[k].id < n)
@@ -165,6 +166,7 @@ static const float *adjust(cake_sampler *s, const float *logits, int n) {
         const int t = s->chosen[k];
         s->adjusted[t] -= (float)s->count[t] * s->p.frequency_penalty + s->p.presence_penalty;
     }
+    if (s->p.constrain) s->p.constrain(s->p.constrain_ud, s->adjusted, n);
     return s->adjusted;
 }
 
@@ -172,5 +174,6 @@ cake_token cake_sampler_sample(cake_sampler *s, const float *logits, int n) {
     const float *p = adjust(s, logits, n);
     const cake_token t = choose(s, p ? p : logits, n);
     if (s->count && t >= 0 && t < n && s->count[t]++ == 0) s->chosen[s->n_chosen++] = t;
+    if (s->p.accept) s->p.accept(s->p.constrain_ud, t);
     return t;
 }

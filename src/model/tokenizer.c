@@ -1024,6 +1024,15 @@ int64_t cake_tokenize(const cake_tokenizer *t, const char *text, size_t len, boo
 
 /* ---- detokenization ---- */
 
+const char *cake_token_text(const cake_tokenizer *t, cake_token id, size_t *len) {
+    if (id < 0 || id >= t->n_vocab) {
+        *len = 0;
+        return "";
+    }
+    *len = t->piece_off[id + 1] - t->piece_off[id];
+    return t->piece + t->piece_off[id];
+}
+
 int cake_token_to_piece(const cake_tokenizer *t, cake_token prev, cake_token id, char *out,
                         size_t cap) {
     if (id < 0 || id >= t->n_vocab) return -1;

@@ -89,5 +89,9 @@ int64_t cake_tokenize(const cake_tokenizer *t, const char *text, size_t len, boo
  * cake_tokenize(text) gives back text (when text is valid UTF-8). */
 int cake_token_to_piece(const cake_tokenizer *t, cake_token prev, cake_token id, char *out,
                         size_t cap);
+/* A token's text as cake_token_to_piece gives it after another token (its
+ * leading space kept), in place: *len bytes, not NUL-terminated; "" for an
+ * id out of range. */
+const char *cake_token_text(const cake_tokenizer *t, cake_token id, size_t *len);
 
 #endif

@@ -40,6 +40,7 @@ struct serve_job {
     cake_token end_of_turn; /* stops like EOS (a chat format's end of turn); -1: none */
     int ignore_eos;         /* EOS and the end of turn do not stop it (benchmarks) */
     int top_logprobs;       /* -1: no log-probabilities; else alternatives per token */
+    int json_object;        /* JSON mode: the answer is one JSON object (json_grammar.h) */
 
     /* Progress, under mu; cv is signalled on every change. */
     pthread_mutex_t mu;

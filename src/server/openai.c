@@ -96,10 +96,27 @@ static int unsupported(const cJSON *o, char *err, size_t errlen) {
         return cake_err(err, errlen,
                         "'repetition_penalty' is not supported (use "
                         "'frequency_penalty' or 'presence_penalty')");
-    const cJSON *rf = field(o, "response_format"), *type = rf ? field(rf, "type") : NULL;
-    if (rf && !(cJSON_IsObject(rf) && cJSON_IsString(type) && !strcmp(type->valuestring, "text")))
-        return cake_err(err, errlen, "'response_format' other than text is not supported");
     return 0;
+}
+
+/* response_format: text (the default), or json_object (JSON mode: the
+ * answer is one JSON object). */
+static int json_mode_asked(const cJSON *o, int *json, char *err, size_t errlen) {
+    const cJSON *rf = field(o, "response_format"), *type = rf ? field(rf, "type") : NULL;
+    if (!rf) return 0;
+    if (cJSON_IsObject(rf) && cJSON_IsString(type)) {
+        if (!strcmp(type->valuestring, "text")) return 0;
+        if (!strcmp(type->valuestring, "json_object")) {
+            *json = 1;
+            return 0;
+        }
+        if (!strcmp(type->valuestring, "json_schema"))
+            return cake_err(err, errlen,
+                            "'response_format' json_schema is not supported (json_object is)");
+    }
+    return cake_err(err, errlen,
+                    "'response_format' must be {\"type\": \"text\"} or {\"type\": "
+                    "\"json_object\"}");
 }
 
 /* Log-probabilities asked for: how many alternatives per token (-1: none).
@@ -323,8 +340,9 @@ int api_parse(const char *body, size_t len, int chat, const api_model *m, serve_
     cake_token eot = -1;
     double max_tokens = -1, temperature = 1, top_p = 1, seed = -1, frequency = 0, presence = 0,
            top_k = 0, min_p = 0;
-    int rc = -1, ignore_eos = 0, top_logprobs = -1;
+    int rc = -1, ignore_eos = 0, top_logprobs = -1, json = 0;
     if (unsupported(o, err, errlen) || logprobs_asked(o, chat, &top_logprobs, err, errlen) ||
+        json_mode_asked(o, &json, err, errlen) ||
         bool_field(o, "stream", &shape->stream, err, errlen) ||
         bool_field(o, "ignore_eos", &ignore_eos, err, errlen) ||
         int_field(o, "max_tokens", 1, 1 << 30, &max_tokens, err, errlen) ||
@@ -372,6 +390,7 @@ int api_parse(const char *body, size_t len, int chat, const api_model *m, serve_
     j->end_of_turn = eot;
     j->ignore_eos = ignore_eos;
     j->top_logprobs = top_logprobs;
+    j->json_object = json;
     if (add_logit_bias(o, m, j, err, errlen)) goto done;
     *out = j;
     j = NULL;

@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "engine/context.h"
+#include "engine/json_grammar.h"
 #include "model/tokenizer.h"
 #include "util/clock.h"
 #include "util/err.h"
@@ -287,7 +288,15 @@ static void run_job(slot *s, serve_job *j) {
     char err[256] = "";
     int max = j->max_tokens;
     if (max > p->n_ctx - j->n_prompt) max = p->n_ctx - j->n_prompt;
-    cake_sampler *sampler = cake_sampler_init(j->sampling);
+    cake_sampler_params sampling = j->sampling;
+    cake_json_grammar *grammar = NULL;
+    if (j->json_object &&
+        (grammar = cake_json_grammar_new(tok, cake_tokenizer_eos(tok), j->end_of_turn))) {
+        sampling.constrain = cake_json_grammar_mask;
+        sampling.accept = cake_json_grammar_accept;
+        sampling.constrain_ud = grammar;
+    }
+    cake_sampler *sampler = cake_sampler_init(sampling);
     pthread_mutex_lock(&j->mu);
     j->ids = malloc((size_t)(max > 0 ? max : 1) * sizeof(*j->ids));
     if (j->top_logprobs >= 0)
@@ -296,8 +305,9 @@ static void run_job(slot *s, serve_job *j) {
     cake_token *ids = j->ids;
     const int no_logprobs = j->top_logprobs >= 0 && !j->logprobs;
     pthread_mutex_unlock(&j->mu);
-    if (!sampler || !ids || no_logprobs) {
+    if (!sampler || !ids || no_logprobs || (j->json_object && !grammar)) {
         cake_sampler_free(sampler);
+        cake_json_grammar_free(grammar);
         job_settle(j, "out of memory");
         s->n_kv = 0;
         return;
@@ -335,6 +345,7 @@ static void run_job(slot *s, serve_job *j) {
     histogram_merge(&p->totals.token_gap, &sink.gaps);
     pthread_mutex_unlock(&p->mu);
     cake_sampler_free(sampler);
+    cake_json_grammar_free(grammar);
     pthread_mutex_lock(&j->mu);
     j->stats = st;
     pthread_mutex_unlock(&j->mu);
