@@ -129,6 +129,13 @@ static void fuzz_parse(const uint8_t *data, size_t size) {
     CHECK(j && j->n_prompt >= 1 && j->n_prompt < m.n_ctx);
     for (int i = 0; i < j->n_prompt; i++) CHECK(j->prompt[i] >= 0 && j->prompt[i] < m.n_vocab);
     CHECK(j->max_tokens >= 1 && j->max_tokens <= m.n_ctx - j->n_prompt);
+    CHECK(shape.n >= 1 && shape.n <= API_MAX_CHOICES);
+    serve_job *clone = job_clone(j, 1); /* another choice: the same request */
+    CHECK(clone && clone->n_prompt == j->n_prompt && clone->n_stop == j->n_stop &&
+          clone->sampling.n_logit_bias == j->sampling.n_logit_bias &&
+          clone->sampling.seed == j->sampling.seed + 1 &&
+          !memcmp(clone->prompt, j->prompt, (size_t)j->n_prompt * sizeof(*j->prompt)));
+    job_release(clone);
     CHECK(j->sampling.temperature >= 0 && j->sampling.temperature <= 2);
     CHECK(j->sampling.top_p > 0 && j->sampling.top_p <= 1);
     CHECK(fabsf(j->sampling.frequency_penalty) <= 2 && fabsf(j->sampling.presence_penalty) <= 2);
@@ -169,14 +176,15 @@ static void fuzz_parse(const uint8_t *data, size_t size) {
     pthread_mutex_unlock(&j->mu);
     job_settle(j, NULL);
     job_finish(j);
-    check_json(api_response(&shape, j, "cmpl-1", 1, m.name));
-    check_event(api_stream_event(&shape, CHUNK_FIRST, "", 0, 0, 0, j, "cmpl-1", 1, m.name));
+    check_json(api_response(&shape, &j, 1, "cmpl-1", 1, m.name));
+    check_event(api_stream_event(&shape, CHUNK_FIRST, 0, "", 0, 0, 0, j, "cmpl-1", 1, m.name));
     const int half = api_answer_tokens(j, j->len / 2), all = api_answer_tokens(j, j->len);
     CHECK(half >= 0 && half <= all && all <= j->n_ids);
     check_event(
-        api_stream_event(&shape, CHUNK_TEXT, j->text, j->len, 0, half, j, "cmpl-1", 1, m.name));
-    check_event(api_stream_event(&shape, CHUNK_FINISH, "", 0, half, all, j, "cmpl-1", 1, m.name));
-    check_event(api_stream_event(&shape, CHUNK_USAGE, "", 0, 0, 0, j, "cmpl-1", 1, m.name));
+        api_stream_event(&shape, CHUNK_TEXT, 0, j->text, j->len, 0, half, j, "cmpl-1", 1, m.name));
+    check_event(
+        api_stream_event(&shape, CHUNK_FINISH, 0, "", 0, half, all, j, "cmpl-1", 1, m.name));
+    check_event(api_stream_usage(&shape, &j, 1, "cmpl-1", 1, m.name));
     job_release(j);
 }
 

@@ -412,7 +412,9 @@ static void test_bad_requests(void **state) {
         {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"temperature\":3}", 400, "'temperature'"},
         {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"top_p\":0}", 400, "'top_p'"},
         {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"seed\":-1}", 400, "'seed'"},
-        {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"n\":2}", 400, "'n'"},
+        {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"n\":0}", 400, "'n'"},
+        {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"n\":17}", 400, "'n'"},
+        {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"n\":1.5}", 400, "'n'"},
         {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"stream\":1}", 400, "'stream'"},
         {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"ignore_eos\":\"yes\"}", 400,
          "'ignore_eos'"},
@@ -804,6 +806,66 @@ static void test_penalties(void **state) {
     cJSON_Delete(zero);
     cJSON_Delete(pen);
     assert_int_equal(serve_stop(&s), 0);
+}
+
+/* n choices: each is the answer of the request alone with its seed moved by
+ * its index; a stream carries them all, told apart by index, each with its
+ * last chunk, then the usage of all. */
+static void test_choices(void **state) {
+    (void)state;
+    enum { N = 3, MAX = 6 };
+    t_server s;
+    assert_int_equal(serve_start(&s, g_tiny, "--store", "none", "--slots", "2", NULL), 0);
+#define CHOICES_REQUEST                                                                            \
+    "{\"prompt\":\"Once upon a time\",\"max_tokens\":%d,\"temperature\":1,\"seed\":%d,"            \
+    "\"ignore_eos\":true,\"n\":%d%s}"
+    cJSON *all = post_ok(s.port, "/v1/completions", CHOICES_REQUEST, MAX, 5, N, "");
+    assert_int_equal(cJSON_GetArraySize(at(all, "choices")), N);
+    assert_int_equal(num_at(all, "usage.completion_tokens"), N * MAX);
+    int differ = 0;
+    for (int i = 0; i < N; i++) {
+        char path[64];
+        snprintf(path, sizeof(path), "choices.%d.index", i);
+        assert_int_equal(num_at(all, path), i);
+        cJSON *one = post_ok(s.port, "/v1/completions", CHOICES_REQUEST, MAX, 5 + i, 1, "");
+        snprintf(path, sizeof(path), "choices.%d.text", i);
+        assert_string_equal(str_at(all, path), str_at(one, "choices.0.text"));
+        /* (the prompt counted once) */
+        assert_int_equal(num_at(all, "usage.prompt_tokens"), num_at(one, "usage.prompt_tokens"));
+        differ += i && strcmp(str_at(all, path), str_at(all, "choices.0.text")) != 0;
+        cJSON_Delete(one);
+    }
+    assert_true(differ > 0);
+
+    char body[512];
+    snprintf(body, sizeof(body), CHOICES_REQUEST, MAX, 5, N,
+             ",\"stream\":true,\"stream_options\":{\"include_usage\":true}");
+    t_resp r = http(s.port, "POST", "/v1/completions", body);
+    assert_int_equal(r.status, 200);
+    cJSON *ev[200];
+    int done, n_ev = parse_events(r.body, ev, 200, &done);
+    assert_true(done);
+    char text[N][256] = {{0}};
+    int finished[N] = {0};
+    for (int e = 0; e < n_ev - 1; e++) {
+        const int i = (int)num_at(ev[e], "choices.0.index");
+        assert_true(i >= 0 && i < N && !finished[i]);
+        strcat(text[i], str_at(ev[e], "choices.0.text"));
+        finished[i] = cJSON_IsString(at(ev[e], "choices.0.finish_reason"));
+    }
+    for (int i = 0; i < N; i++) {
+        char path[64];
+        snprintf(path, sizeof(path), "choices.%d.text", i);
+        assert_true(finished[i]);
+        assert_string_equal(text[i], str_at(all, path));
+    }
+    assert_int_equal(cJSON_GetArraySize(at(ev[n_ev - 1], "choices")), 0);
+    assert_int_equal(num_at(ev[n_ev - 1], "usage.completion_tokens"), N * MAX);
+    for (int e = 0; e < n_ev; e++) cJSON_Delete(ev[e]);
+    resp_free(&r);
+    cJSON_Delete(all);
+    assert_int_equal(serve_stop(&s), 0);
+#undef CHOICES_REQUEST
 }
 
 /* JSON mode: the answer is one JSON object. Biases that make a greedy
@@ -1677,7 +1739,8 @@ int main(void) {
         cmocka_unit_test(test_batched_answers),  cmocka_unit_test(test_shared_prefix),
         cmocka_unit_test(test_speed_hints),      cmocka_unit_test(test_logprobs),
         cmocka_unit_test(test_tokenize),         cmocka_unit_test(test_penalties),
-        cmocka_unit_test(test_json_mode),        cmocka_unit_test(test_cancel_prefill),
+        cmocka_unit_test(test_json_mode),        cmocka_unit_test(test_choices),
+        cmocka_unit_test(test_cancel_prefill),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

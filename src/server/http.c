@@ -100,12 +100,12 @@ static int client_gone(struct MHD_Connection *c) {
     return recv(ci->connect_fd, &b, 1, MSG_PEEK | MSG_DONTWAIT) == 0;
 }
 
-/* Waits (j->mu held) for a change to j, at most 200 ms: then the caller
- * looks at its client again. */
-static void timed_wait(serve_job *j) {
+/* Waits (j->mu held) for a change to j, at most ms (< 1000) milliseconds:
+ * then the caller looks at its client (and its other jobs) again. */
+static void timed_wait(serve_job *j, long ms) {
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
-    ts.tv_nsec += 200 * 1000000L;
+    ts.tv_nsec += ms * 1000000L;
     if (ts.tv_nsec >= 1000000000L) ts.tv_sec++, ts.tv_nsec -= 1000000000L;
     pthread_cond_timedwait(&j->cv, &j->mu, &ts);
 }
@@ -134,85 +134,128 @@ static double seconds_since(const struct timespec *t) {
     return (double)(now.tv_sec - t->tv_sec) + (double)(now.tv_nsec - t->tv_nsec) * 1e-9;
 }
 
+/* Where a stream is in one choice. */
+typedef struct {
+    size_t sent;     /* bytes of the job's text sent */
+    int tokens_sent; /* tokens whose log-probabilities were sent (when asked) */
+    int first_sent;  /* a chat's first chunk (the role) */
+    int finished;    /* its last chunk (or its error) went out */
+} stream_choice;
+
 typedef struct {
     serve_server *server;
     struct MHD_Connection *conn;
-    serve_job *job;
+    serve_job *jobs[API_MAX_CHOICES]; /* one per choice */
+    stream_choice choice[API_MAX_CHOICES];
+    int n, turn; /* choices; the one to look at first (round robin) */
+    int failed;  /* a choice failed: no usage chunk */
+    int ending;  /* after the choices: 0 the usage chunk, 1 [DONE], 2 over */
     api_shape shape;
     char id[40];
     long created;
-    size_t sent;          /* bytes of the job's text sent */
-    int tokens_sent;      /* tokens whose log-probabilities were sent (when asked) */
     struct timespec last; /* when the last event went out */
-    int first_sent, finished;
-    char *out; /* the event being sent */
+    char *out;            /* the event being sent */
     size_t out_len, out_off;
 } stream_state;
 
-/* The next event of the stream (under the job's lock), or NULL at its end. */
-static char *next_event(stream_state *st) {
-    serve_job *j = st->job;
+/* Choice i's next event (under its job's lock), or NULL when none is due. */
+static char *choice_event(stream_state *st, int i) {
+    serve_job *j = st->jobs[i];
+    stream_choice *c = &st->choice[i];
     const char *model = st->server->model.name;
-    if (st->shape.chat && !st->first_sent) {
-        st->first_sent = 1;
-        return api_stream_event(&st->shape, CHUNK_FIRST, "", 0, 0, 0, j, st->id, st->created,
+    if (c->finished) return NULL;
+    if (st->shape.chat && !c->first_sent) {
+        c->first_sent = 1;
+        return api_stream_event(&st->shape, CHUNK_FIRST, i, "", 0, 0, 0, j, st->id, st->created,
                                 model);
     }
-    if (j->ready > st->sent) {
+    if (j->ready > c->sent) {
         const int to = api_answer_tokens(j, j->ready);
-        char *ev = api_stream_event(&st->shape, CHUNK_TEXT, j->text + st->sent, j->ready - st->sent,
-                                    st->tokens_sent, to, j, st->id, st->created, model);
-        st->sent = j->ready;
-        st->tokens_sent = to;
+        char *ev =
+            api_stream_event(&st->shape, CHUNK_TEXT, i, j->text + c->sent, j->ready - c->sent,
+                             c->tokens_sent, to, j, st->id, st->created, model);
+        c->sent = j->ready;
+        c->tokens_sent = to;
         return ev;
     }
     if (!j->done) return NULL;
-    switch (st->finished++) {
-    case 0:
-        if (j->error[0]) {
-            st->finished = 2;
-            return api_sse_event(api_error(500, j->error));
+    c->finished = 1;
+    if (j->error[0]) {
+        st->failed = 1;
+        return api_sse_event(api_error(500, j->error));
+    }
+    return api_stream_event(&st->shape, CHUNK_FINISH, i, "", 0, c->tokens_sent,
+                            api_answer_tokens(j, j->len), j, st->id, st->created, model);
+}
+
+/* The stream's next event, or NULL when none is due yet: the choices' (in
+ * turns, so that none waits behind another), then the usage chunk when
+ * asked, then [DONE]. */
+static char *next_event(stream_state *st) {
+    int all_finished = 1;
+    for (int k = 0; k < st->n; k++) {
+        const int i = (st->turn + k) % st->n;
+        pthread_mutex_lock(&st->jobs[i]->mu);
+        char *ev = choice_event(st, i);
+        pthread_mutex_unlock(&st->jobs[i]->mu);
+        if (ev) {
+            st->turn = i + 1;
+            return ev;
         }
-        return api_stream_event(&st->shape, CHUNK_FINISH, "", 0, st->tokens_sent,
-                                api_answer_tokens(j, j->len), j, st->id, st->created, model);
-    case 1:
-        if (st->shape.include_usage)
-            return api_stream_event(&st->shape, CHUNK_USAGE, "", 0, 0, 0, j, st->id, st->created,
-                                    model);
-        st->finished++;
+        all_finished &= st->choice[i].finished;
+    }
+    if (!all_finished) return NULL;
+    switch (st->ending++) {
+    case 0:
+        if (st->shape.include_usage && !st->failed)
+            return api_stream_usage(&st->shape, st->jobs, st->n, st->id, st->created,
+                                    st->server->model.name);
+        st->ending++;
         /* fall through */
-    case 2:
+    case 1:
         return strdup("data: [DONE]\n\n");
     default:
         return NULL;
     }
 }
 
+/* Waits a little for the first unfinished choice to change (one choice:
+ * until its job signals, at most 200 ms; several: 10 ms, since any of them
+ * may). 0, or -1 when the client has gone. */
+static int wait_for_choices(stream_state *st) {
+    for (int i = 0; i < st->n; i++) {
+        if (st->choice[i].finished) continue;
+        serve_job *j = st->jobs[i];
+        pthread_mutex_lock(&j->mu);
+        if (!j->done && client_gone(st->conn)) {
+            pthread_mutex_unlock(&j->mu);
+            return -1;
+        }
+        if (j->ready == st->choice[i].sent && !j->done) timed_wait(j, st->n == 1 ? 200 : 10);
+        pthread_mutex_unlock(&j->mu);
+        return 0;
+    }
+    return 0;
+}
+
 static ssize_t stream_read(void *cls, uint64_t pos, char *buf, size_t max) {
     (void)pos;
     stream_state *st = cls;
-    serve_job *j = st->job;
     while (st->out_off == st->out_len) {
         free(st->out);
         st->out = NULL;
         st->out_len = st->out_off = 0;
-        if (st->finished > 2) return MHD_CONTENT_READER_END_OF_STREAM;
-        pthread_mutex_lock(&j->mu);
+        if (st->ending > 1) return MHD_CONTENT_READER_END_OF_STREAM;
         char *ev;
-        while (!(ev = next_event(st)) && st->finished <= 2) {
-            if (!j->done && client_gone(st->conn)) {
-                pthread_mutex_unlock(&j->mu);
-                return MHD_CONTENT_READER_END_WITH_ERROR; /* stream_free cancels */
-            }
+        while (!(ev = next_event(st)) && st->ending <= 1) {
             /* A long prefill sends nothing: a comment line (which clients
              * skip) keeps the connection from counting as idle. */
             if (seconds_since(&st->last) * 4 >= st->server->cfg.idle_timeout_s) {
                 ev = strdup(": keep-alive\n\n");
                 break;
             }
-            timed_wait(j);
+            if (wait_for_choices(st)) return MHD_CONTENT_READER_END_WITH_ERROR; /* (cancelled) */
         }
-        pthread_mutex_unlock(&j->mu);
         clock_gettime(CLOCK_MONOTONIC, &st->last);
         if (!ev) return MHD_CONTENT_READER_END_WITH_ERROR; /* out of memory */
         st->out = ev;
@@ -225,30 +268,64 @@ static ssize_t stream_read(void *cls, uint64_t pos, char *buf, size_t max) {
     return (ssize_t)n;
 }
 
+/* Cancels the jobs (those still running stop at their next token) and
+ * drops them. */
+static void cancel_jobs(serve_job *const *jobs, int n) {
+    for (int i = 0; i < n; i++) {
+        if (!jobs[i]) continue;
+        atomic_store(&jobs[i]->cancel, 1);
+        job_release(jobs[i]);
+    }
+}
+
 static void stream_free(void *cls) {
     stream_state *st = cls;
     atomic_fetch_sub(&st->server->in_flight, 1);
-    atomic_store(&st->job->cancel, 1); /* the client left early, or the job has ended */
-    job_release(st->job);
+    cancel_jobs(st->jobs, st->n); /* the client left early, or the jobs have ended */
     free(st->out);
     free(st);
 }
 
 /* ---- endpoints ---- */
 
+/* Waits for every job to end. 0, or -1 when the client left first. */
+static int wait_jobs(struct MHD_Connection *c, serve_job *const *jobs, int n) {
+    for (int i = 0; i < n; i++) {
+        serve_job *j = jobs[i];
+        pthread_mutex_lock(&j->mu);
+        while (!j->done) {
+            if (client_gone(c)) {
+                pthread_mutex_unlock(&j->mu);
+                return -1;
+            }
+            timed_wait(j, 200);
+        }
+        pthread_mutex_unlock(&j->mu);
+    }
+    return 0;
+}
+
 static enum MHD_Result answer(serve_server *s, struct MHD_Connection *c, const request_state *rq,
                               int chat) {
     char err[512];
-    serve_job *j;
+    serve_job *jobs[API_MAX_CHOICES] = {0};
     api_shape shape;
-    if (api_parse(rq->body ? rq->body : "", rq->len, chat, &s->model, &j, &shape, err, sizeof(err)))
+    if (api_parse(rq->body ? rq->body : "", rq->len, chat, &s->model, &jobs[0], &shape, err,
+                  sizeof(err)))
         return reply_error(s, c, MHD_HTTP_BAD_REQUEST, "%s", err);
-    if (atomic_load(&s->stopping) || pool_submit(s->pool, j)) {
-        job_release(j);
-        return reply_error(s, c, MHD_HTTP_SERVICE_UNAVAILABLE,
-                           atomic_load(&s->stopping) ? "the server is shutting down"
-                                                     : "the server is busy: try again");
-    }
+    const int n = shape.n; /* choices: one job each */
+    for (int i = 1; i < n; i++)
+        if (!(jobs[i] = job_clone(jobs[0], i))) {
+            cancel_jobs(jobs, n);
+            return reply_error(s, c, MHD_HTTP_INTERNAL_SERVER_ERROR, "out of memory");
+        }
+    for (int i = 0; i < n; i++)
+        if (atomic_load(&s->stopping) || pool_submit(s->pool, jobs[i])) {
+            cancel_jobs(jobs, n);
+            return reply_error(s, c, MHD_HTTP_SERVICE_UNAVAILABLE,
+                               atomic_load(&s->stopping) ? "the server is shutting down"
+                                                         : "the server is busy: try again");
+        }
     char id[40];
     snprintf(id, sizeof(id), "%s-%llx%06llx", chat ? "chatcmpl" : "cmpl",
              (unsigned long long)time(NULL), atomic_fetch_add(&s->next_id, 1) & 0xFFFFFF);
@@ -258,8 +335,9 @@ static enum MHD_Result answer(serve_server *s, struct MHD_Connection *c, const r
         stream_state *st = calloc(1, sizeof(*st));
         struct MHD_Response *r = NULL;
         if (st) {
-            *st = (stream_state){
-                .server = s, .conn = c, .job = j, .shape = shape, .created = created};
+            *st =
+                (stream_state){.server = s, .conn = c, .n = n, .shape = shape, .created = created};
+            memcpy(st->jobs, jobs, sizeof(jobs));
             clock_gettime(CLOCK_MONOTONIC, &st->last);
             memcpy(st->id, id, sizeof(id));
             r = MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 16384, stream_read, st,
@@ -268,8 +346,7 @@ static enum MHD_Result answer(serve_server *s, struct MHD_Connection *c, const r
         }
         if (!r) {
             free(st);
-            atomic_store(&j->cancel, 1);
-            job_release(j);
+            cancel_jobs(jobs, n);
             return reply_error(s, c, MHD_HTTP_INTERNAL_SERVER_ERROR, "out of memory");
         }
         MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE, "text/event-stream");
@@ -280,25 +357,22 @@ static enum MHD_Result answer(serve_server *s, struct MHD_Connection *c, const r
         return rc;
     }
 
-    pthread_mutex_lock(&j->mu);
-    while (!j->done) {
-        if (client_gone(c)) {
-            atomic_store(&j->cancel, 1);
-            pthread_mutex_unlock(&j->mu);
-            job_release(j);
-            return MHD_NO; /* closes the connection */
-        }
-        timed_wait(j);
+    if (wait_jobs(c, jobs, n)) {
+        cancel_jobs(jobs, n);
+        return MHD_NO; /* closes the connection */
     }
-    pthread_mutex_unlock(&j->mu);
+    const serve_job *failed = NULL; /* the first choice that failed or was cut short */
+    for (int i = 0; i < n && !failed; i++)
+        if (jobs[i]->error[0] || jobs[i]->cancelled) failed = jobs[i];
     enum MHD_Result rc;
-    if (atomic_load(&s->stopping) && (j->cancelled || j->error[0])) /* cut short, or never run */
+    if (atomic_load(&s->stopping) && failed) /* cut short, or never run */
         rc = reply_error(s, c, MHD_HTTP_SERVICE_UNAVAILABLE, "the server is shutting down");
-    else if (j->error[0])
-        rc = reply_error(s, c, MHD_HTTP_INTERNAL_SERVER_ERROR, "%s", j->error);
+    else if (failed && failed->error[0])
+        rc = reply_error(s, c, MHD_HTTP_INTERNAL_SERVER_ERROR, "%s", failed->error);
     else
-        rc = reply_json(s, c, MHD_HTTP_OK, api_response(&shape, j, id, created, s->model.name));
-    job_release(j);
+        rc = reply_json(s, c, MHD_HTTP_OK,
+                        api_response(&shape, jobs, n, id, created, s->model.name));
+    cancel_jobs(jobs, n); /* (all ended: only drops them) */
     return rc;
 }
 

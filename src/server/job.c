@@ -20,6 +20,34 @@ serve_job *job_create(cake_token *prompt, int n) {
     return j;
 }
 
+serve_job *job_clone(const serve_job *j, int choice) {
+    cake_token *prompt = malloc((size_t)j->n_prompt * sizeof(*prompt));
+    if (!prompt) return NULL;
+    memcpy(prompt, j->prompt, (size_t)j->n_prompt * sizeof(*prompt));
+    serve_job *c = job_create(prompt, j->n_prompt);
+    if (!c) return NULL;
+    c->max_tokens = j->max_tokens;
+    c->sampling = j->sampling;
+    c->sampling.seed += (uint64_t)choice;
+    c->end_of_turn = j->end_of_turn;
+    c->ignore_eos = j->ignore_eos;
+    c->top_logprobs = j->top_logprobs;
+    c->json_object = j->json_object;
+    int ok = 1;
+    for (int i = 0; i < j->n_stop; i++) ok &= job_add_stop(c, j->stop[i], strlen(j->stop[i])) == 0;
+    if (j->sampling.n_logit_bias) {
+        const size_t size = (size_t)j->sampling.n_logit_bias * sizeof(*c->logit_bias);
+        if ((c->logit_bias = malloc(size))) memcpy(c->logit_bias, j->logit_bias, size);
+        c->sampling.logit_bias = c->logit_bias;
+        ok &= c->logit_bias != NULL;
+    }
+    if (!ok) {
+        job_release(c);
+        return NULL;
+    }
+    return c;
+}
+
 void job_release(serve_job *j) {
     if (!j) return;
     pthread_mutex_lock(&j->mu);

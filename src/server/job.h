@@ -70,6 +70,10 @@ struct serve_job {
 /* A new job holding prompt[0..n) (taken over: the job frees it) and one
  * reference, the caller's. NULL on out of memory (the prompt is freed). */
 serve_job *job_create(cake_token *prompt, int n);
+/* Another choice of j's request (OpenAI's n): a new job asking what j asks,
+ * its sampler's seed moved by `choice` so that the answers differ. NULL on
+ * out of memory. */
+serve_job *job_clone(const serve_job *j, int choice);
 /* Drops a reference; the last one frees the job. Accepts NULL. */
 void job_release(serve_job *j);
 /* Copies a stop string into the job. 0, or -1 (too many, out of memory). */

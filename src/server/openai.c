@@ -88,9 +88,6 @@ static int unsupported(const cJSON *o, char *err, size_t errlen) {
             continue;
         return cake_err(err, errlen, "'%s' is not supported", keys[i]);
     }
-    const cJSON *n = field(o, "n");
-    if (n && !(cJSON_IsNumber(n) && n->valuedouble == 1))
-        return cake_err(err, errlen, "'n' must be 1 (one choice per request)");
     const cJSON *rp = field(o, "repetition_penalty");
     if (rp && !(cJSON_IsNumber(rp) && rp->valuedouble == 1))
         return cake_err(err, errlen,
@@ -339,7 +336,7 @@ int api_parse(const char *body, size_t len, int chat, const api_model *m, serve_
     int n = 0;
     cake_token eot = -1;
     double max_tokens = -1, temperature = 1, top_p = 1, seed = -1, frequency = 0, presence = 0,
-           top_k = 0, min_p = 0;
+           top_k = 0, min_p = 0, choices = 1;
     int rc = -1, ignore_eos = 0, top_logprobs = -1, json = 0;
     if (unsupported(o, err, errlen) || logprobs_asked(o, chat, &top_logprobs, err, errlen) ||
         json_mode_asked(o, &json, err, errlen) ||
@@ -353,8 +350,10 @@ int api_parse(const char *body, size_t len, int chat, const api_model *m, serve_
         num_field(o, "min_p", 0, 1, &min_p, err, errlen) ||
         num_field(o, "frequency_penalty", -2, 2, &frequency, err, errlen) ||
         num_field(o, "presence_penalty", -2, 2, &presence, err, errlen) ||
-        int_field(o, "seed", 0, 9007199254740991.0, &seed, err, errlen))
+        int_field(o, "seed", 0, 9007199254740991.0, &seed, err, errlen) ||
+        int_field(o, "n", 1, API_MAX_CHOICES, &choices, err, errlen))
         goto done;
+    shape->n = (int)choices;
     const cJSON *so = field(o, "stream_options");
     if (so && (!cJSON_IsObject(so) ||
                bool_field(so, "include_usage", &shape->include_usage, err, errlen))) {
@@ -417,16 +416,20 @@ static cJSON *response_head(const api_shape *s, const char *id, long created, co
     return r;
 }
 
-static void add_usage(cJSON *r, const serve_job *j) {
+/* The usage of a request's n choices: its prompt once, all their tokens. */
+static void add_usage(cJSON *r, serve_job *const *jobs, int n) {
+    int completion = 0;
+    for (int i = 0; i < n; i++) completion += jobs[i]->n_ids;
+    const int prompt = jobs[0]->n_prompt;
     cJSON *u = cJSON_AddObjectToObject(r, "usage");
-    cJSON_AddNumberToObject(u, "prompt_tokens", j->n_prompt);
-    cJSON_AddNumberToObject(u, "completion_tokens", j->n_ids);
-    cJSON_AddNumberToObject(u, "total_tokens", j->n_prompt + j->n_ids);
+    cJSON_AddNumberToObject(u, "prompt_tokens", prompt);
+    cJSON_AddNumberToObject(u, "completion_tokens", completion);
+    cJSON_AddNumberToObject(u, "total_tokens", prompt + completion);
     /* OpenAI's (and vLLM's): prompt tokens whose KV was not computed for
-     * this request, whether the slot held it or the store gave it. */
-    const int computed = j->stats.prefill.tokens_computed;
+     * the (first) choice, whether the slot held it or the store gave it. */
+    const int computed = jobs[0]->stats.prefill.tokens_computed;
     cJSON *d = cJSON_AddObjectToObject(u, "prompt_tokens_details");
-    cJSON_AddNumberToObject(d, "cached_tokens", j->n_prompt - computed);
+    cJSON_AddNumberToObject(d, "cached_tokens", prompt - computed);
 }
 
 /* What cake did for the request: TTFT and where the prompt's KV came from. */
@@ -565,65 +568,72 @@ static const char *finish_reason(const serve_job *j) {
     return j->stopped ? "stop" : "length";
 }
 
-char *api_response(const api_shape *s, const serve_job *j, const char *id, long created,
+char *api_response(const api_shape *s, serve_job *const *jobs, int n, const char *id, long created,
                    const char *model) {
-    char *text = api_utf8_clean(j->text ? j->text : "", j->len);
-    if (!text) return NULL;
     cJSON *r = response_head(s, id, created, model, 0);
-    cJSON *choice = cJSON_CreateObject();
-    cJSON_AddNumberToObject(choice, "index", 0);
-    if (s->chat) {
-        cJSON *msg = cJSON_AddObjectToObject(choice, "message");
-        cJSON_AddStringToObject(msg, "role", "assistant");
-        cJSON_AddStringToObject(msg, "content", text);
-    } else {
-        cJSON_AddStringToObject(choice, "text", text);
-    }
-    add_logprobs(choice, s, j, 0, api_answer_tokens(j, j->len));
-    cJSON_AddStringToObject(choice, "finish_reason", finish_reason(j));
     cJSON *choices = cJSON_AddArrayToObject(r, "choices");
-    cJSON_AddItemToArray(choices, choice);
-    add_usage(r, j);
-    add_cake(r, j);
-    free(text);
-    return print_free(r);
-}
-
-char *api_stream_event(const api_shape *s, api_chunk_kind kind, const char *text, size_t text_len,
-                       int tok_from, int tok_to, const serve_job *j, const char *id, long created,
-                       const char *model) {
-    cJSON *r = response_head(s, id, created, model, 1);
-    cJSON *choices = cJSON_AddArrayToObject(r, "choices");
-    if (kind == CHUNK_USAGE) {
-        add_usage(r, j);
-    } else {
-        char *clean =
-            api_utf8_clean(kind == CHUNK_FINISH ? "" : text, kind == CHUNK_FINISH ? 0 : text_len);
-        if (!clean) {
+    for (int i = 0; i < n; i++) {
+        const serve_job *j = jobs[i];
+        char *text = api_utf8_clean(j->text ? j->text : "", j->len);
+        if (!text) {
             cJSON_Delete(r);
             return NULL;
         }
         cJSON *choice = cJSON_CreateObject();
-        cJSON_AddNumberToObject(choice, "index", 0);
+        cJSON_AddNumberToObject(choice, "index", i);
         if (s->chat) {
-            cJSON *delta = cJSON_AddObjectToObject(choice, "delta");
-            if (kind == CHUNK_FIRST) cJSON_AddStringToObject(delta, "role", "assistant");
-            if (kind != CHUNK_FINISH) cJSON_AddStringToObject(delta, "content", clean);
+            cJSON *msg = cJSON_AddObjectToObject(choice, "message");
+            cJSON_AddStringToObject(msg, "role", "assistant");
+            cJSON_AddStringToObject(msg, "content", text);
         } else {
-            cJSON_AddStringToObject(choice, "text", clean);
+            cJSON_AddStringToObject(choice, "text", text);
         }
-        if (kind == CHUNK_FIRST)
-            cJSON_AddNullToObject(choice, "logprobs");
-        else
-            add_logprobs(choice, s, j, tok_from, tok_to);
-        if (kind == CHUNK_FINISH)
-            cJSON_AddStringToObject(choice, "finish_reason", finish_reason(j));
-        else
-            cJSON_AddNullToObject(choice, "finish_reason");
+        add_logprobs(choice, s, j, 0, api_answer_tokens(j, j->len));
+        cJSON_AddStringToObject(choice, "finish_reason", finish_reason(j));
         cJSON_AddItemToArray(choices, choice);
-        if (kind == CHUNK_FINISH) add_cake(r, j);
-        free(clean);
+        free(text);
     }
+    add_usage(r, jobs, n);
+    add_cake(r, jobs[0]);
+    return print_free(r);
+}
+
+char *api_stream_usage(const api_shape *s, serve_job *const *jobs, int n, const char *id,
+                       long created, const char *model) {
+    cJSON *r = response_head(s, id, created, model, 1);
+    cJSON_AddArrayToObject(r, "choices");
+    add_usage(r, jobs, n);
+    return api_sse_event(print_free(r));
+}
+
+char *api_stream_event(const api_shape *s, api_chunk_kind kind, int index, const char *text,
+                       size_t text_len, int tok_from, int tok_to, const serve_job *j,
+                       const char *id, long created, const char *model) {
+    char *clean =
+        api_utf8_clean(kind == CHUNK_FINISH ? "" : text, kind == CHUNK_FINISH ? 0 : text_len);
+    if (!clean) return NULL;
+    cJSON *r = response_head(s, id, created, model, 1);
+    cJSON *choices = cJSON_AddArrayToObject(r, "choices");
+    cJSON *choice = cJSON_CreateObject();
+    cJSON_AddNumberToObject(choice, "index", index);
+    if (s->chat) {
+        cJSON *delta = cJSON_AddObjectToObject(choice, "delta");
+        if (kind == CHUNK_FIRST) cJSON_AddStringToObject(delta, "role", "assistant");
+        if (kind != CHUNK_FINISH) cJSON_AddStringToObject(delta, "content", clean);
+    } else {
+        cJSON_AddStringToObject(choice, "text", clean);
+    }
+    if (kind == CHUNK_FIRST)
+        cJSON_AddNullToObject(choice, "logprobs");
+    else
+        add_logprobs(choice, s, j, tok_from, tok_to);
+    if (kind == CHUNK_FINISH)
+        cJSON_AddStringToObject(choice, "finish_reason", finish_reason(j));
+    else
+        cJSON_AddNullToObject(choice, "finish_reason");
+    cJSON_AddItemToArray(choices, choice);
+    if (kind == CHUNK_FINISH) add_cake(r, j);
+    free(clean);
     return api_sse_event(print_free(r));
 }
 

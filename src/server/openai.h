@@ -24,26 +24,34 @@ typedef struct {
     int stream;                /* server-sent events */
     int include_usage;         /* stream_options.include_usage: a last chunk with usage */
     const cake_tokenizer *tok; /* the tokens' text, for log-probabilities */
+    int n;                     /* choices: the request's job and n - 1 clones (job_clone) */
 } api_shape;
+
+#define API_MAX_CHOICES 16
 
 /* Parses a request body into a new job (*out; the caller releases it) and
  * how to answer. 0, or -1 with a message for a 400 response in err. */
 int api_parse(const char *body, size_t len, int chat, const api_model *m, serve_job **out,
               api_shape *shape, char *err, size_t errlen);
 
-/* The JSON of a finished job's whole response. id: "cmpl-..." or
- * "chatcmpl-..."; created: Unix seconds. malloc'd; NULL on out of memory. */
-char *api_response(const api_shape *s, const serve_job *j, const char *id, long created,
-                   const char *model);
-/* One server-sent event of a stream, "data: {...}\n\n": a piece of text
- * (text_len bytes; the first chunk of a chat also carries the role), the
- * last chunk (finish_reason), or the usage chunk. A text or last chunk of a
- * job that asked for log-probabilities carries those of its tokens
- * [tok_from, tok_to). */
-typedef enum { CHUNK_TEXT, CHUNK_FIRST, CHUNK_FINISH, CHUNK_USAGE } api_chunk_kind;
-char *api_stream_event(const api_shape *s, api_chunk_kind kind, const char *text, size_t text_len,
-                       int tok_from, int tok_to, const serve_job *j, const char *id, long created,
-                       const char *model);
+/* The JSON of a whole response: the finished jobs of its n choices, in
+ * order. id: "cmpl-..." or "chatcmpl-..."; created: Unix seconds.
+ * malloc'd; NULL on out of memory. */
+char *api_response(const api_shape *s, serve_job *const *jobs, int n, const char *id,
+                   long created, const char *model);
+/* One server-sent event of a stream, "data: {...}\n\n", of choice `index`
+ * (job j): a piece of text (text_len bytes; the first chunk of a chat also
+ * carries the role), or its last chunk (finish_reason). A text or last
+ * chunk of a job that asked for log-probabilities carries those of its
+ * tokens [tok_from, tok_to). */
+typedef enum { CHUNK_TEXT, CHUNK_FIRST, CHUNK_FINISH } api_chunk_kind;
+char *api_stream_event(const api_shape *s, api_chunk_kind kind, int index, const char *text,
+                       size_t text_len, int tok_from, int tok_to, const serve_job *j,
+                       const char *id, long created, const char *model);
+/* The usage event of a stream (stream_options.include_usage), after every
+ * choice's last chunk. */
+char *api_stream_usage(const api_shape *s, serve_job *const *jobs, int n, const char *id,
+                       long created, const char *model);
 /* The tokens of a job's answer that a stream may report (log-probabilities)
  * once its text up to `sent` bytes is out: those whose text ends there or
  * before, or, once the job is done, every token whose text begins within
