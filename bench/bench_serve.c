@@ -24,6 +24,12 @@
  *     taken by other prompts in between: the next turn's TTFT when the
  *     store holds the chunks the answer completed, against only the
  *     prompt's.
+ *  7. Prefetch: a cached prompt that waits for the one slot while another
+ *     request decodes (64 tokens: part of its prefix can come in; 160: all
+ *     of it), its chunks in a file store behind the emulated link: with a
+ *     RAM tier (ram=) the server brings them into RAM while the prompt
+ *     waits; its time from arrival to the first token, against the same
+ *     store without one.
  *
  * usage: bench_serve MODEL.gguf [--threads N] [--clients 8] [--decode 64]
  *                    [--long 2048] [--short 16] [--bw 300Mbit] [--shared 4]
@@ -63,6 +69,7 @@ typedef struct {
     double makespan_s;        /* from the submits to the last answer */
     double ttft_ms[64];       /* per request, from its start on a slot */
     cake_prefill_stats first; /* the first request's prefill */
+    cake_compute_speed speed; /* the pool's compute speed at the end */
 } burst_result;
 
 /* Submits a job for rq (a copy of its prompt); NULL when the pool refuses it. */
@@ -117,6 +124,7 @@ static int run_burst(const cake_model *m, const pool_config *cfg, const request 
     }
     out->makespan_s = cake_now_s() - t0;
     out->first = jobs[0]->stats.prefill;
+    pool_speed_get(pool, &out->speed);
     for (int i = 0; i < n; i++) job_release(jobs[i]);
     pool_free(pool);
     return rc;
@@ -242,6 +250,37 @@ static int run_turns(const cake_model *m, const pool_config *cfg, const request 
     if (j1) job_release(j1);
     if (j2) job_release(j2);
     free(next);
+    pool_free(pool);
+    return why ? -1 : 0;
+}
+
+/* A request decoding `busy` tokens, then (once it is under way) cached,
+ * which waits for the one slot: cached's time from arrival to its first
+ * token, ms. */
+static int run_queued(const cake_model *m, const pool_config *cfg, const cake_compute_speed *speed,
+                      const request *busy, const request *cached, double *first_token_ms) {
+    char err[256];
+    serve_pool *pool;
+    if (pool_create(m, cfg, &pool, err, sizeof(err))) {
+        fprintf(stderr, "bench_serve: %s\n", err);
+        return -1;
+    }
+    pool_speed_set(pool, speed); /* a server that has run before */
+    serve_job *b = submit(pool, busy), *c = NULL;
+    if (b) {
+        pthread_mutex_lock(&b->mu);
+        while (b->n_ids < 1 && !b->done) pthread_cond_wait(&b->cv, &b->mu);
+        pthread_mutex_unlock(&b->mu);
+        c = submit(pool, cached);
+    }
+    const char *why = !b || !c ? "refused" : wait_answer(c);
+    if (!why) why = wait_answer(b);
+    if (!why)
+        *first_token_ms = (double)(c->t_started - c->t_arrived) / 1e6 + c->stats.ttft_ms;
+    else
+        fprintf(stderr, "bench_serve: %s\n", why);
+    job_release(b);
+    job_release(c);
     pool_free(pool);
     return why ? -1 : 0;
 }
@@ -415,6 +454,7 @@ int main(int argc, char **argv) {
                    p->load_ms, p->compute_wait_ms, p->turn_wait_ms, p->tail_ms);
         }
     }
+    const double link_rate = cake_store_rate_hint(store); /* (section 7's servers know it) */
     cake_store_close(store);
 
     /* 4. a shared prefix, new to the store in every run */
@@ -516,6 +556,45 @@ int main(int argc, char **argv) {
                n_long, LONG_ANSWER, NEW, ttft[0], computed[0], ttft[1], computed[1],
                ttft[1] / ttft[0]);
     }
+    /* 7. prefetch while a request waits for a slot */
+    char dir[] = "/tmp/bench-serve-XXXXXX";
+    if (!mkdtemp(dir)) {
+        perror("bench_serve: mkdtemp");
+        return 1;
+    }
+    c = base;
+    c.n_slots = 1;
+    snprintf(uri, sizeof(uri), "file:%s", dir);
+    if (cake_store_open(uri, &c.store, err, sizeof(err))) {
+        fprintf(stderr, "bench_serve: %s\n", err);
+        return 1;
+    }
+    if (run_burst(m, &c, mixed, 1, &b)) return 1; /* the long prompt, stored */
+    cake_store_close(c.store);
+    const cake_compute_speed speed = b.speed;
+    const request cached = {long_prompt, n_long + 32, 1};
+    for (int r = 0; r < 2 * rounds; r++) {
+        /* a short wait (part of the prefix comes in), then a long one (all of it) */
+        const request busy = {one, 16, r % 2 ? 160 : 64};
+        double first[2];
+        for (int k = 0; k < 2; k++) {
+            const int ram = (k + r / 2) % 2;
+            snprintf(uri, sizeof(uri), "file:%s?bw=%s%s", dir, bw, ram ? "&ram=4GiB" : "");
+            if (cake_store_open(uri, &c.store, err, sizeof(err))) {
+                fprintf(stderr, "bench_serve: %s\n", err);
+                return 1;
+            }
+            cake_store_set_rate_hint(c.store, link_rate);
+            if (run_queued(m, &c, &speed, &busy, &cached, &first[ram])) return 1;
+            cake_store_close(c.store);
+        }
+        printf("prefetch: a %d-token prompt (%d cached, at %s) waits while a request decodes %d "
+               "tokens: arrival to first token with a RAM tier %.0f ms, without %.0f ms: %.2fx\n",
+               n_long + 32, n_long, bw, busy.max_tokens, first[1], first[0], first[0] / first[1]);
+    }
+    snprintf(uri, sizeof(uri), "rm -rf %s", dir);
+    if (system(uri)) fprintf(stderr, "bench_serve: could not remove %s\n", dir);
+
     for (int i = 0; i < clients; i++) free((void *)rq[i].prompt);
     for (int i = 1; i <= n_short; i++) free((void *)mixed[i].prompt);
     free(long_prompt);

@@ -23,7 +23,7 @@ if [ -x "$B/bench_serve" ]; then
         >"$tmp/out" 2>&1; then
         echo "ok   bench_serve runs: $(grep -c x "$tmp/out") ratio lines"
         for section in "^alone" "slots batched" "^mixed burst" "^shared prefix" "^step size" \
-            "^next turn:" "^next turn, its slot taken"; do
+            "^next turn:" "^next turn, its slot taken" "^prefetch"; do
             if ! grep -q "$section" "$tmp/out"; then
                 echo "FAIL bench_serve printed no '$section' line"
                 fails=$((fails + 1))

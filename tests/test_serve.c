@@ -1508,6 +1508,46 @@ static void test_cancel_prefill(void **state) {
     unlink(path);
 }
 
+/* A store with a RAM tier (ram=): while a request waits for the one slot,
+ * the server brings the chunks of its prompt that the store holds into RAM;
+ * when it runs, every load comes from there, and the answer is the one the
+ * prompt had when it was computed. */
+static void test_prefetch(void **state) {
+    (void)state;
+    char dir[] = "/tmp/cake-prefetch-XXXXXX", store[128];
+    assert_non_null(mkdtemp(dir));
+    snprintf(store, sizeof(store), "file:%s?ram=64MiB", dir);
+    t_server s;
+    assert_int_equal(serve_start(&s, g_tiny, "--store", store, "--chunk", "16", "--slots", "1",
+                                 "--mode", "load", NULL),
+                     0);
+    cJSON *cold = post_ok(s.port, "/v1/completions", LONG_REQUEST, LONG_PROMPT);
+    const int n = cake_prefill_loadable_chunks((int)num_at(cold, "usage.prompt_tokens"), 16);
+    assert_true(n >= 4);
+    assert_int_equal(serve_stop(&s), 0); /* (its write-backs drained) */
+
+    /* a new server (its RAM tier empty): the slot busy, the prompt waits */
+    assert_int_equal(serve_start(&s, g_tiny, "--store", store, "--chunk", "16", "--slots", "1",
+                                 "--mode", "load", NULL),
+                     0);
+    const int busy = send_completion(s.port, "Busy", 3000, ",\"ignore_eos\":true");
+    wait_metric(s.port, "cake_requests_running", 1);
+    const int fd = send_completion(s.port, LONG_PROMPT, 12, "");
+    wait_metric(s.port, "cake_store_chunks_prefetched_total", n);
+    close(busy); /* (cancelled: the slot is free) */
+    cJSON *warm = answer_json(fd);
+    close(fd);
+    assert_int_equal(num_at(warm, "cake.chunks_loaded"), n);
+    assert_int_equal(metric(s.port, "cake_store_ram_hits_total"), n);
+    assert_same_ids(at(warm, "cake.generated_ids"), at(cold, "cake.generated_ids"));
+    cJSON_Delete(warm);
+    cJSON_Delete(cold);
+    assert_int_equal(serve_stop(&s), 0);
+    char cmd[160];
+    snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
+    assert_int_equal(system(cmd), 0);
+}
+
 /* Appends the JSON numbers of ids to out (comma-separated). */
 static void append_ids(char *out, size_t cap, const int *ids, int n) {
     for (int i = 0; i < n; i++) {
@@ -1729,18 +1769,18 @@ static void test_chat_formats(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_chat_formats),     cmocka_unit_test(test_usage_errors),
-        cmocka_unit_test(test_api_key),          cmocka_unit_test(test_bad_requests),
-        cmocka_unit_test(test_answers_tiny),     cmocka_unit_test(test_answers_stories260k),
-        cmocka_unit_test(test_stop_strings),     cmocka_unit_test(test_seeded_sampling),
-        cmocka_unit_test(test_store_reuse),      cmocka_unit_test(test_slow_first_token),
-        cmocka_unit_test(test_slot_prefix),      cmocka_unit_test(test_answer_stored),
-        cmocka_unit_test(test_cancel_and_queue), cmocka_unit_test(test_chat_llama2),
-        cmocka_unit_test(test_batched_answers),  cmocka_unit_test(test_shared_prefix),
-        cmocka_unit_test(test_speed_hints),      cmocka_unit_test(test_logprobs),
-        cmocka_unit_test(test_tokenize),         cmocka_unit_test(test_penalties),
-        cmocka_unit_test(test_json_mode),        cmocka_unit_test(test_choices),
-        cmocka_unit_test(test_cancel_prefill),
+        cmocka_unit_test(test_chat_formats),  cmocka_unit_test(test_usage_errors),
+        cmocka_unit_test(test_api_key),       cmocka_unit_test(test_bad_requests),
+        cmocka_unit_test(test_answers_tiny),  cmocka_unit_test(test_answers_stories260k),
+        cmocka_unit_test(test_stop_strings),  cmocka_unit_test(test_seeded_sampling),
+        cmocka_unit_test(test_store_reuse),   cmocka_unit_test(test_slow_first_token),
+        cmocka_unit_test(test_slot_prefix),   cmocka_unit_test(test_answer_stored),
+        cmocka_unit_test(test_prefetch),      cmocka_unit_test(test_cancel_and_queue),
+        cmocka_unit_test(test_chat_llama2),   cmocka_unit_test(test_batched_answers),
+        cmocka_unit_test(test_shared_prefix), cmocka_unit_test(test_speed_hints),
+        cmocka_unit_test(test_logprobs),      cmocka_unit_test(test_tokenize),
+        cmocka_unit_test(test_penalties),     cmocka_unit_test(test_json_mode),
+        cmocka_unit_test(test_choices),       cmocka_unit_test(test_cancel_prefill),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

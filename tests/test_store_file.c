@@ -910,6 +910,71 @@ static void test_page_cache_first(void **state) {
     cake_store_free_buffer(buf);
 }
 
+/* ram=: a RAM tier in front of the files. What the process wrote or read
+ * comes from RAM (counted as ram_hits), even once the file is gone; a new
+ * process starts empty, and prefetch brings chunks in ahead of their gets;
+ * a chunk that fails verification is dropped from both tiers. */
+static void test_ram_tier(void **state) {
+    fx *f = *state;
+    char err[512], uri[4300];
+    cake_store_close(f->s);
+    snprintf(uri, sizeof(uri), "%s?ram=64MiB", f->uri);
+    assert_int_equal(cake_store_open(uri, &f->s, err, sizeof(err)), 0);
+    assert_true(cake_store_has_ram(f->s));
+    for (int i = 0; i < 4; i++) put_ok(f, i);
+    cake_store_counters c;
+    expect_hit(f, 0); /* written through: in RAM */
+    cake_store_counters_get(f->s, &c);
+    assert_int_equal(c.ram_hits, 1);
+    char path[4400];
+    chunk_path(f, &f->h[1].key, path, sizeof(path));
+    assert_int_equal(unlink(path), 0);
+    expect_hit(f, 1); /* the file is gone; RAM still has it */
+
+    /* a new process: RAM empty; a get fills it, prefetch too */
+    cake_store_close(f->s);
+    assert_int_equal(cake_store_open(uri, &f->s, err, sizeof(err)), 0);
+    cake_chunk_key keys[4];
+    uint8_t near[4], present[4];
+    for (int i = 0; i < 4; i++) keys[i] = f->h[i].key;
+    cake_store_in_ram(f->s, keys, 4, near);
+    for (int i = 0; i < 4; i++) assert_int_equal(near[i], 0);
+    expect_hit(f, 0);
+    assert_int_equal(cake_store_prefetch(f->s, keys, 4, f->len, NULL), 2); /* not 0, not 1 */
+    cake_store_in_ram(f->s, keys, 4, near);
+    for (int i = 0; i < 4; i++) assert_int_equal(near[i], i != 1);
+    cake_store_counters_get(f->s, &c);
+    assert_int_equal(c.ram_hits, 0);
+    assert_int_equal(c.prefetched, 2);
+    for (int i = 2; i < 4; i++) expect_hit(f, i);
+    cake_store_counters_get(f->s, &c);
+    assert_int_equal(c.ram_hits, 2);
+    assert_int_equal(cake_store_exists(f->s, keys, 4, present, err, sizeof(err)), 0);
+    for (int i = 0; i < 4; i++) assert_int_equal(present[i], i != 1);
+
+    /* bad bytes under a key: the file and the RAM copy go */
+    chunk_path(f, &f->h[2].key, path, sizeof(path));
+    FILE *fp = fopen(path, "r+b");
+    assert_non_null(fp);
+    fseek(fp, (long)f->len - 1, SEEK_SET);
+    fputc(0x5a ^ ((const uint8_t *)f->blob[2])[f->len - 1], fp);
+    fclose(fp);
+    cake_store_close(f->s); /* (a fresh RAM tier: it reads the bad file) */
+    assert_int_equal(cake_store_open(uri, &f->s, err, sizeof(err)), 0);
+    expect_miss(f, 2, NULL);
+    cake_store_in_ram(f->s, &keys[2], 1, near);
+    assert_int_equal(near[0], 0);
+    assert_int_equal(access(path, F_OK), -1);
+
+    /* only for file and redis stores, and a size */
+    cake_store *bad = NULL;
+    assert_int_equal(cake_store_open("mem:?ram=1GiB", &bad, err, sizeof(err)), -1);
+    assert_non_null(strstr(err, "ram="));
+    snprintf(uri, sizeof(uri), "%s?ram=0", f->uri);
+    assert_int_equal(cake_store_open(uri, &bad, err, sizeof(err)), -1);
+    assert_non_null(strstr(err, "ram="));
+}
+
 int main(void) {
 #define T(fn) cmocka_unit_test_setup_teardown(fn, setup, teardown)
     const struct CMUnitTest tests[] = {
@@ -928,6 +993,7 @@ int main(void) {
         T(test_open_errors),
         T(test_big_blob_pieces),
         T(test_page_cache_first),
+        T(test_ram_tier),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

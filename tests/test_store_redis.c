@@ -334,6 +334,31 @@ static void test_redis_killed_between_exists_and_get(void **state) {
     assert_int_equal(get(f, 3, err, sizeof(err)), 1); /* gone with the restart */
 }
 
+/* ram=: the chunks this process wrote or read stay in its RAM; while Redis
+ * is down they still load, and a lookup of them alone does not ask Redis. */
+static void test_redis_ram_tier(void **state) {
+    NEED_REDIS();
+    fx *f = *state;
+    char err[512], uri[300];
+    cake_store_close(f->s);
+    snprintf(uri, sizeof(uri), "%s?timeout=500&ram=16MiB", g_redis.uri);
+    assert_int_equal(cake_store_open(uri, &f->s, err, sizeof(err)), 0);
+    put_ok(f, 0);
+    put_ok(f, 1);
+    const int port = g_redis.port;
+    t_redis_stop(&g_redis);
+    for (int i = 0; i < 2; i++) assert_int_equal(get(f, i, err, sizeof(err)), 0);
+    assert_int_equal(get(f, 2, err, sizeof(err)), 1); /* never here */
+    uint8_t present[2];
+    cake_chunk_key keys[2] = {f->h[0].key, f->h[1].key};
+    assert_int_equal(cake_store_exists(f->s, keys, 2, present, err, sizeof(err)), 0);
+    assert_true(present[0] && present[1]);
+    cake_store_counters c;
+    cake_store_counters_get(f->s, &c);
+    assert_int_equal(c.ram_hits, 2);
+    assert_int_equal(t_redis_start(&g_redis, port), 0);
+}
+
 static void test_redis_down_from_start(void **state) {
     NEED_REDIS();
     (void)state;
@@ -631,6 +656,7 @@ int main(void) {
         T(test_redis_db),
         T(test_redis_threads),
         T(test_redis_killed_between_exists_and_get),
+        T(test_redis_ram_tier),
         T(test_redis_down_from_start),
         T(test_redis_hung),
         T(test_redis_chunk_over_max_bulk),

@@ -197,6 +197,8 @@ typedef struct prefill_job {
     pthread_cond_t cv; /* a load finished or failed */
     enum chunk_state *state;
     uint8_t *promise; /* enum chunk_promise per chunk */
+    uint8_t *near;    /* the store's RAM tier held the chunk at lookup: its load is a
+                         copy, off the link (and worth taking at once) */
     int n_promised;   /* chunks still PROMISED */
     int stop;         /* set when the compute side no longer needs loads */
     uint64_t t_start, first_claim, last_load;
@@ -371,7 +373,9 @@ static uint64_t remaining_load_ns(prefill_job *j, int i) {
         if (j->workers[w].busy && j->workers[w].chunk >= i &&
             j->state[j->workers[w].chunk] == FETCHING)
             last = fmax(last, link_left(j, &j->workers[w], rate));
-    double bytes = (double)waiting * (double)j->blob_size;
+    int near = 0; /* (copies: no link time) */
+    for (int k = i; k < j->n_loadable; k++) near += j->state[k] == PRESENT && j->near[k];
+    double bytes = (double)(waiting - near) * (double)j->blob_size;
     for (int w = 0; w < j->n_started; w++)
         if (j->workers[w].busy) bytes += fmin(link_left(j, &j->workers[w], rate), last);
     return (uint64_t)(bytes / rate);
@@ -406,6 +410,9 @@ static int claim_for_load(prefill_job *j) {
             if (j->state[i] == PRESENT) return i;
         return -1;
     }
+    /* A chunk in the store's RAM tier is a copy away: always worth it. */
+    for (int i = j->n_loadable - 1; i >= 0; i--)
+        if (j->state[i] == PRESENT && j->near[i]) return i;
     for (int i = j->n_loadable - 1; i >= 0; i--)
         if (j->state[i] == PRESENT) {
             /* No rate to go by yet (a process's first request): one transfer
@@ -434,7 +441,8 @@ static void *io_worker_main(void *arg) {
         j->state[i] = FETCHING;
         const uint64_t t0 = cake_now_ns();
         w->chunk = i;
-        link_start(j, w, t0);
+        const int near = j->near[i]; /* (a copy from RAM: not on the link, not measured) */
+        if (!near) link_start(j, w, t0);
         if (!j->first_claim) j->first_claim = t0;
         pthread_mutex_unlock(&j->mu);
 
@@ -444,7 +452,7 @@ static void *io_worker_main(void *arg) {
         const uint64_t t1 = cake_now_ns();
 
         pthread_mutex_lock(&j->mu);
-        link_end(j, w, t1, rc == 0 ? len : 0);
+        if (!near) link_end(j, w, t1, rc == 0 ? len : 0);
         trace_add(j, w->tid, i, rc == 0 ? "load" : "load failed", t0, t1);
         if (j->state[i] != FETCHING) { /* the compute side took it over meanwhile */
             j->st->chunks_discarded++;
@@ -764,6 +772,7 @@ static void job_finish(prefill_job *j) {
     free(j->expect);
     free(j->state);
     free(j->promise);
+    free(j->near);
     pthread_cond_destroy(&j->cv);
     pthread_mutex_destroy(&j->mu);
     free(j);
@@ -837,9 +846,10 @@ int cake_prefill(const cake_loader_engine *e, const cake_token *prompt, int n_pr
     j->expect = calloc((size_t)n_full + 1, sizeof(*j->expect));
     j->state = calloc((size_t)n_full + 1, sizeof(*j->state));
     j->promise = calloc((size_t)n_full + 1, 1);
+    j->near = calloc((size_t)n_full + 1, 1);
     keys = calloc((size_t)n_full + 1, sizeof(*keys));
     present = calloc((size_t)n_full + 1, 1);
-    if (!j->expect || !j->state || !j->promise || !keys || !present) {
+    if (!j->expect || !j->state || !j->promise || !j->near || !keys || !present) {
         cake_err(err, errlen, "prefill: out of memory");
         goto done;
     }
@@ -870,6 +880,8 @@ int cake_prefill(const cake_loader_engine *e, const cake_token *prompt, int n_pr
             if (cake_store_exists(p->store, keys + j->n_cached, (size_t)(n_full - j->n_cached),
                                   present + j->n_cached, why, sizeof(why)))
                 snprintf(st->store_error, sizeof(st->store_error), "lookup: %.150s", why);
+            cake_store_in_ram(p->store, keys + j->n_cached, (size_t)(n_full - j->n_cached),
+                              j->near + j->n_cached);
         }
     }
     int n_present = 0;

@@ -62,6 +62,7 @@ struct serve_job {
 
     /* Owned by the pool. */
     int refs;
+    int prefetched; /* its chunks were brought into the store's RAM tier (or tried) */
     cake_token prev;                        /* the last id, for detokenization */
     uint64_t t_arrived, t_started, t_ended; /* CLOCK_MONOTONIC ns, for /metrics */
     serve_job *next;

@@ -108,6 +108,12 @@ char *server_metrics_text(const pool_counters *pc, const unsigned long long *sta
     counter(&t, "cake_store_chunks_awaited_total",
             "Missing chunks another request was computing: waited for and found in the store.",
             (unsigned long long)pc->chunks_awaited);
+    counter(&t, "cake_store_ram_hits_total",
+            "Chunk loads the store's RAM tier (ram=) gave, outside the link.",
+            (unsigned long long)pc->ram_hits);
+    counter(&t, "cake_store_chunks_prefetched_total",
+            "Chunks brought into the RAM tier while their request waited for a slot.",
+            (unsigned long long)pc->prefetched);
     counter(&t, "cake_store_bytes_loaded_total", "KV bytes loaded from the store.",
             (unsigned long long)pc->bytes_loaded);
     counter(&t, "cake_store_request_errors_total", "Requests during which the store failed.",

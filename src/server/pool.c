@@ -135,6 +135,13 @@ struct serve_pool {
     pool_counters totals;
     uint64_t n_finished; /* numbers the log's requests */
     uint64_t n_handed;   /* jobs handed to slots: their order of arrival */
+    /* Queued jobs' cached chunks brought into the store's RAM tier while
+     * they wait for a slot (a store with ram=): the job being prefetched
+     * (under mu), and the flag that stops it when it gets a slot. */
+    pthread_t prefetcher;
+    int prefetcher_started;
+    serve_job *prefetching;
+    atomic_int prefetch_stop;
 };
 
 /* How many of prompt's first tokens s's KV cache holds already. */
@@ -169,6 +176,7 @@ static void dispatch(serve_pool *p) {
         best->ready = 0;
         best->order = ++p->n_handed;
         best->n_cached = best_len;
+        if (j == p->prefetching) atomic_store(&p->prefetch_stop, 1); /* the loader takes over */
         p->totals.queued--;
         p->totals.running++;
         handed = 1;
@@ -354,6 +362,70 @@ static void run_job(slot *s, serve_job *j) {
     store_answer(s, j);
 }
 
+/* The prefetcher: while jobs wait for a slot, it brings the chunks of
+ * their prompts that the store holds into the store's RAM tier, the queue's
+ * head first and each from its last chunk down (the end the loader loads
+ * from), so that their loads come from RAM when they run. Stops at a job's
+ * start on a slot. */
+static void prefetch_job(serve_pool *p, const serve_job *j) {
+    cake_loader_engine e;
+    cake_context_loader_engine(p->slots[0].ctx, 1, &e);
+    const int C = p->cfg.chunk, n = cake_prefill_loadable_chunks(j->n_prompt, C);
+    cake_chunk_key *keys = n > 0 ? malloc((size_t)n * sizeof(*keys)) : NULL;
+    if (!keys) return;
+    cake_key_chain(e.fingerprint, (uint32_t)C, (uint32_t)e.kv_type, j->prompt,
+                   (size_t)n * (size_t)C, keys);
+    for (int i = 0; i < n / 2; i++) { /* last first */
+        const cake_chunk_key k = keys[i];
+        keys[i] = keys[n - 1 - i];
+        keys[n - 1 - i] = k;
+    }
+    const cake_chunk_header h =
+        cake_chunk_header_for(e.fingerprint, &keys[0], 0, (uint32_t)C, e.hp, e.kv_type);
+    uint8_t *present = malloc((size_t)n);
+    char err[256];
+    if (present &&
+        cake_store_exists(p->cfg.store, keys, (size_t)n, present, err, sizeof(err)) == 0) {
+        int m = 0;
+        for (int i = 0; i < n; i++)
+            if (present[i]) keys[m++] = keys[i];
+        cake_store_prefetch(p->cfg.store, keys, (size_t)m, cake_chunk_blob_size(&h),
+                            &p->prefetch_stop);
+    }
+    free(present);
+    free(keys);
+}
+
+static void *prefetcher_main(void *arg) {
+    serve_pool *p = arg;
+    pthread_mutex_lock(&p->mu);
+    for (;;) {
+        serve_job *j = p->head;
+        while (j && j->prefetched) j = j->next;
+        if (p->shutdown) break;
+        if (!j) {
+            pthread_cond_wait(&p->cv, &p->mu);
+            continue;
+        }
+        j->prefetched = 1;
+        p->prefetching = j;
+        atomic_store(&p->prefetch_stop, 0);
+        pthread_mutex_lock(&j->mu);
+        j->refs++; /* (the slot may finish it meanwhile) */
+        pthread_mutex_unlock(&j->mu);
+        pthread_mutex_unlock(&p->mu);
+        prefetch_job(p, j);
+        pthread_mutex_lock(&p->mu);
+        p->prefetching = NULL;
+        pthread_cond_broadcast(&p->cv); /* its slot may wait for this (slot_main) */
+        pthread_mutex_unlock(&p->mu);
+        job_release(j);
+        pthread_mutex_lock(&p->mu);
+    }
+    pthread_mutex_unlock(&p->mu);
+    return NULL;
+}
+
 static void *slot_main(void *arg) {
     slot *s = arg;
     serve_pool *p = s->pool;
@@ -367,6 +439,9 @@ static void *slot_main(void *arg) {
             s->ready = 0;
             break;
         }
+        /* A transfer the prefetcher has under way for this job ends first:
+         * the loader then finds that chunk in RAM too, and the link idle. */
+        while (p->prefetching == j) pthread_cond_wait(&p->cv, &p->mu);
         const int stopping = p->shutdown;
         /* (the slot's own memory is its thread's: no one else touches it) */
         if (!s->ctx->compute_speed.count) s->ctx->compute_speed = p->speed;
@@ -444,6 +519,13 @@ int pool_create(const cake_model *m, const pool_config *cfg, serve_pool **out, c
     }
     p->n_ctx = cake_context_n_ctx(p->slots[0].ctx);
     if (sched_create(p->slots[0].ctx, cfg->policy, &p->sched, err, errlen)) goto fail;
+    if (cfg->store && cake_store_has_ram(cfg->store) && cfg->mode != CAKE_MODE_COMPUTE) {
+        if (pthread_create(&p->prefetcher, NULL, prefetcher_main, p)) {
+            cake_err(err, errlen, "cannot start the prefetch thread");
+            goto fail;
+        }
+        p->prefetcher_started = 1;
+    }
     for (int i = 0; i < cfg->n_slots; i++) {
         if (pthread_create(&p->slots[i].thread, NULL, slot_main, &p->slots[i])) {
             cake_err(err, errlen, "cannot start a slot thread");
@@ -479,6 +561,7 @@ int pool_submit(serve_pool *p, serve_job *j) {
     p->tail = j;
     p->totals.queued++;
     dispatch(p);
+    if (p->head && p->prefetcher_started) pthread_cond_broadcast(&p->cv); /* one waits */
     pthread_mutex_unlock(&p->mu);
     return 0;
 }
@@ -508,6 +591,12 @@ void pool_counters_get(serve_pool *p, pool_counters *out) {
     *out = p->totals;
     pthread_mutex_unlock(&p->mu);
     sched_counters_get(p->sched, &out->steps);
+    if (p->cfg.store) {
+        cake_store_counters sc;
+        cake_store_counters_get(p->cfg.store, &sc);
+        out->ram_hits = sc.ram_hits;
+        out->prefetched = sc.prefetched;
+    }
     for (int i = 0; i < p->cfg.n_slots; i++) {
         if (!p->slots[i].wb) continue;
         cake_writeback_counters c;
@@ -521,6 +610,7 @@ void pool_counters_get(serve_pool *p, pool_counters *out) {
 void pool_shutdown(serve_pool *p) {
     pthread_mutex_lock(&p->mu);
     p->shutdown = 1;
+    atomic_store(&p->prefetch_stop, 1);
     for (int i = 0; i < p->cfg.n_slots; i++)
         if (p->slots[i].current) atomic_store(&p->slots[i].current->cancel, 1);
     pthread_cond_broadcast(&p->cv);
@@ -532,6 +622,7 @@ void pool_free(serve_pool *p) {
     pool_shutdown(p);
     for (int i = 0; i < p->cfg.n_slots; i++)
         if (p->slots[i].started) pthread_join(p->slots[i].thread, NULL);
+    if (p->prefetcher_started) pthread_join(p->prefetcher, NULL);
     sched_free(p->sched); /* no slot is left to wait on it */
     for (int i = 0; i < p->cfg.n_slots; i++) {
         cake_writeback_free(p->slots[i].wb); /* before its context: it reads the KV */

@@ -67,6 +67,8 @@ typedef struct {
     uint64_t chunks_computed, chunks_loaded, chunks_cached, chunks_missing, chunks_corrupt;
     uint64_t chunks_awaited; /* of the missing: another request computed them meanwhile */
     uint64_t bytes_loaded, store_errors;
+    uint64_t ram_hits, prefetched; /* the store's RAM tier (ram=): loads it gave; chunks
+                                      brought into it for queued requests */
     uint64_t writeback_written, writeback_dropped, writeback_failed;
     /* From arrival to a slot; from the start on a slot to the first token;
      * from arrival to the answer; between a request's tokens. */

@@ -134,6 +134,11 @@ static void link_finish(emu_link *l, double v0, uint64_t bytes) {
 struct cake_store {
     const cake_store_ops *ops;
     void *b;
+    /* The RAM tier (ram=): a mem backend holding the chunks this process
+     * read or wrote lately, read before the backend and outside the link;
+     * NULL: none. Its evictions are counted apart. */
+    void *ram;
+    cake_store_atomic_counters ram_ctr;
     char *uri;
     int emulate; /* bw > 0 */
     uint64_t lat_ns;
@@ -280,6 +285,12 @@ static int parse_param(cake_store_params *p, const char *name, const char *val, 
             return cake_err(err, errlen, "store %s: bad readers=%s (1..%d)", uri, val,
                             CAKE_STORE_READERS_MAX);
         p->readers = (int)r;
+    } else if (!strcmp(name, "ram")) {
+        if (!is_file && !is_redis)
+            return cake_err(err, errlen, "store %s: ram= is only for file and redis stores", uri);
+        if (cake_parse_size(val, &p->ram) || !p->ram)
+            return cake_err(err, errlen, "store %s: bad ram=%s (a size such as 2GiB, 512MiB)", uri,
+                            val);
     } else if (!strcmp(name, "timeout")) {
         if (!is_redis)
             return cake_err(err, errlen, "store %s: timeout= is only for redis stores", uri);
@@ -290,7 +301,7 @@ static int parse_param(cake_store_params *p, const char *name, const char *val, 
     } else {
         return cake_err(err, errlen,
                         "store %s: unknown parameter '%s' (known: bw, lat, capacity, "
-                        "direct, cache, fsync, readers, timeout)",
+                        "direct, cache, fsync, readers, timeout, ram)",
                         uri, name);
     }
     return 0;
@@ -413,8 +424,12 @@ int cake_store_open(const char *uri, cake_store **out, char *err, size_t errlen)
         s->ops = &cake_store_mem_ops;
         rc = cake_store_mem_open(&p, &s->ctr, &s->b, err, errlen);
     }
+    if (!rc && p.ram) {
+        cake_store_params rp = {.capacity = p.ram};
+        rc = cake_store_mem_open(&rp, &s->ram_ctr, &s->ram, err, errlen);
+    }
     if (rc) {
-        s->ops = NULL;
+        if (!s->b) s->ops = NULL;
         cake_store_close(s);
         return -1;
     }
@@ -425,6 +440,7 @@ int cake_store_open(const char *uri, cake_store **out, char *err, size_t errlen)
 void cake_store_close(cake_store *s) {
     if (!s) return;
     if (s->ops) s->ops->close(s->b);
+    if (s->ram) cake_store_mem_ops.close(s->ram);
     link_destroy(&s->rd);
     link_destroy(&s->wr);
     free(s->uri);
@@ -472,15 +488,32 @@ static void request_latency(cake_store *s) {
     if (s->lat_ns) sleep_ns(s->lat_ns);
 }
 
-/* The backend get, inside the emulated link. hash: see cake_store_ops.get.
- * Counts nothing. */
+/* The RAM tier's copy of key into buf: 0 when it had one (counted). */
+static int ram_get(cake_store *s, const cake_chunk_key *key, void *buf, size_t cap, size_t *len) {
+    char e[64];
+    if (!s->ram || cake_store_mem_ops.get(s->ram, key, buf, cap, len, NULL, e, sizeof(e)) != 0)
+        return 1;
+    add(&s->ctr.ram_hits, 1);
+    return 0;
+}
+
+/* Keeps a copy of a blob the backend gave or took (the RAM tier). */
+static void ram_put(cake_store *s, const cake_chunk_key *key, const void *blob, size_t len) {
+    char e[64];
+    if (s->ram) cake_store_mem_ops.put(s->ram, key, blob, len, e, sizeof(e));
+}
+
+/* The backend get, inside the emulated link, after the RAM tier (which the
+ * link does not slow). hash: see cake_store_ops.get. Counts only RAM hits. */
 static int emulated_get(cake_store *s, const cake_chunk_key *key, cake_payload_hash *hash,
                         void *buf, size_t cap, size_t *len, char *err, size_t errlen) {
+    *len = 0;
+    if (ram_get(s, key, buf, cap, len) == 0) return 0;
     request_latency(s);
     double v0 = s->emulate ? link_join(&s->rd) : 0;
-    *len = 0;
     int rc = s->ops->get(s->b, key, buf, cap, len, hash, err, errlen);
     if (s->emulate) link_finish(&s->rd, v0, rc == 0 ? *len : 0);
+    if (rc == 0) ram_put(s, key, buf, *len);
     return rc;
 }
 
@@ -524,6 +557,7 @@ static int settle_verified(cake_store *s, const cake_chunk_header *expect, cake_
         add(&s->ctr.corrupt, 1);
         char e2[64];
         s->ops->del(s->b, &expect->key, e2, sizeof(e2));
+        if (s->ram) cake_store_mem_ops.del(s->ram, &expect->key, e2, sizeof(e2));
     }
     *len = 0;
     return 1;
@@ -569,19 +603,49 @@ int cake_store_get_many_verified(cake_store *s, const cake_chunk_header *expect,
         if (v0 != stack_v0) free(v0);
         return cake_err(err, errlen, "get: out of memory for %zu keys", n);
     }
-    for (size_t i = 0; i < n; i++) keys[i] = expect[i].key;
-    request_latency(s); /* one round trip for all */
-    if (s->emulate)
-        for (size_t i = 0; i < n; i++) v0[i] = link_join(&s->rd);
+    /* The RAM tier's first; the backend's for the others, in one round trip. */
+    size_t n_far = 0;
+    for (size_t i = 0; i < n; i++)
+        if (ram_get(s, &expect[i].key, bufs[i], cap, &lens[i]) == 0)
+            results[i] = 0;
+        else
+            keys[n_far++] = expect[i].key;
     char e1[256] = "";
-    if (s->ops->get_many) {
-        s->ops->get_many(s->b, keys, n, bufs, cap, lens, results, e1, sizeof(e1));
-    } else {
-        for (size_t i = 0; i < n; i++)
-            results[i] = s->ops->get(s->b, &keys[i], bufs[i], cap, &lens[i], NULL, e1, sizeof(e1));
+    if (n_far) {
+        void *stack_far[16], **far = n_far <= 16 ? stack_far : malloc(n_far * sizeof(*far));
+        size_t stack_len[16], *far_len = n_far <= 16 ? stack_len : malloc(n_far * sizeof(size_t));
+        int stack_rc[16], *far_rc = n_far <= 16 ? stack_rc : malloc(n_far * sizeof(int));
+        if (!far || !far_len || !far_rc) {
+            snprintf(e1, sizeof(e1), "get: out of memory for %zu keys", n_far);
+            for (size_t i = 0; i < n; i++)
+                if (results[i]) results[i] = CAKE_STORE_GET_FAILED;
+        } else {
+            for (size_t i = 0, k = 0; i < n; i++)
+                if (results[i]) far[k++] = bufs[i];
+            request_latency(s); /* one round trip for all */
+            if (s->emulate)
+                for (size_t k = 0; k < n_far; k++) v0[k] = link_join(&s->rd);
+            if (s->ops->get_many) {
+                s->ops->get_many(s->b, keys, n_far, far, cap, far_len, far_rc, e1, sizeof(e1));
+            } else {
+                for (size_t k = 0; k < n_far; k++)
+                    far_rc[k] =
+                        s->ops->get(s->b, &keys[k], far[k], cap, &far_len[k], NULL, e1, sizeof(e1));
+            }
+            if (s->emulate)
+                for (size_t k = 0; k < n_far; k++)
+                    link_finish(&s->rd, v0[k], far_rc[k] == 0 ? far_len[k] : 0);
+            for (size_t i = 0, k = 0; i < n; i++) {
+                if (!results[i]) continue;
+                results[i] = far_rc[k];
+                lens[i] = far_len[k++];
+                if (results[i] == 0) ram_put(s, &expect[i].key, bufs[i], lens[i]);
+            }
+        }
+        if (far != stack_far) free(far);
+        if (far_len != stack_len) free(far_len);
+        if (far_rc != stack_rc) free(far_rc);
     }
-    if (s->emulate)
-        for (size_t i = 0; i < n; i++) link_finish(&s->rd, v0[i], results[i] == 0 ? lens[i] : 0);
     int hits = 0;
     for (size_t i = 0; i < n; i++) {
         char e2[256] = "";
@@ -614,6 +678,7 @@ int cake_store_load(cake_store *s, const cake_chunk_header *expect, void *buf, s
 
 int cake_store_put(cake_store *s, const cake_chunk_key *key, const void *blob, size_t len,
                    char *err, size_t errlen) {
+    ram_put(s, key, blob, len); /* (kept even when the backend fails) */
     request_latency(s);
     double v0 = s->emulate ? link_join(&s->wr) : 0;
     int rc = s->ops->put(s->b, key, blob, len, err, errlen);
@@ -637,20 +702,64 @@ int cake_store_exists(cake_store *s, const cake_chunk_key *keys, size_t n, uint8
                       char *err, size_t errlen) {
     memset(present, 0, n);
     if (!n) return 0;
-    request_latency(s);
-    int rc = s->ops->exists(s->b, keys, n, present, err, errlen);
-    if (rc) {
-        memset(present, 0, n);
-        add(&s->ctr.errors, 1);
+    /* What the RAM tier holds is there, whatever the backend says; when it
+     * holds them all, the backend is not asked. */
+    uint8_t *in_ram = s->ram ? calloc(n, 1) : NULL;
+    char e[64];
+    size_t n_ram = 0;
+    if (in_ram && cake_store_mem_ops.exists(s->ram, keys, n, in_ram, e, sizeof(e)) == 0)
+        for (size_t i = 0; i < n; i++) n_ram += in_ram[i];
+    int rc = 0;
+    if (n_ram < n) {
+        request_latency(s);
+        if ((rc = s->ops->exists(s->b, keys, n, present, err, errlen))) {
+            memset(present, 0, n);
+            add(&s->ctr.errors, 1);
+        }
     }
+    for (size_t i = 0; in_ram && i < n; i++) present[i] |= in_ram[i];
+    free(in_ram);
     return rc;
 }
 
 int cake_store_del(cake_store *s, const cake_chunk_key *key, char *err, size_t errlen) {
+    char e[64];
+    const int in_ram = s->ram && cake_store_mem_ops.del(s->ram, key, e, sizeof(e)) == 0;
     request_latency(s);
     int rc = s->ops->del(s->b, key, err, errlen);
     if (rc < 0) add(&s->ctr.errors, 1);
-    return rc;
+    return rc == 1 && in_ram ? 0 : rc;
+}
+
+int cake_store_prefetch(cake_store *s, const cake_chunk_key *keys, size_t n, size_t blob_size,
+                        const atomic_int *stop) {
+    if (!s->ram || !n) return 0;
+    uint8_t *in_ram = calloc(n, 1);
+    void *buf = cake_store_alloc_buffer(blob_size);
+    char e[256];
+    int fetched = 0;
+    if (in_ram && buf && cake_store_mem_ops.exists(s->ram, keys, n, in_ram, e, sizeof(e)) == 0)
+        for (size_t i = 0; i < n && !(stop && atomic_load(stop)); i++) {
+            size_t len;
+            if (in_ram[i] || emulated_get(s, &keys[i], NULL, buf, cake_store_buffer_size(blob_size),
+                                          &len, e, sizeof(e)) != 0)
+                continue;
+            add(&s->ctr.prefetched, 1);
+            fetched++;
+        }
+    free(in_ram);
+    cake_store_free_buffer(buf);
+    return fetched;
+}
+
+bool cake_store_has_ram(const cake_store *s) {
+    return s->ram != NULL;
+}
+
+void cake_store_in_ram(cake_store *s, const cake_chunk_key *keys, size_t n, uint8_t *near) {
+    char e[64];
+    if (!s->ram || cake_store_mem_ops.exists(s->ram, keys, n, near, e, sizeof(e)) != 0)
+        memset(near, 0, n);
 }
 
 int cake_store_head(cake_store *s, const cake_chunk_key *key, void *buf, size_t n, size_t *len,
@@ -774,4 +883,6 @@ void cake_store_counters_get(const cake_store *s, cake_store_counters *o) {
     o->read_ns = atomic_load(&c->read_ns);
     o->puts = atomic_load(&c->puts);
     o->evictions = atomic_load(&c->evictions);
+    o->ram_hits = atomic_load(&c->ram_hits);
+    o->prefetched = atomic_load(&c->prefetched);
 }

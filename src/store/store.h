@@ -26,6 +26,12 @@
  *     fsync=0|1      (file) fsync each chunk before publishing it (default 0).
  *     timeout=MS     (redis) read/write timeout, default 1000; connect
  *                    timeout is min(200, MS).
+ *     ram=SIZE       (file, redis) a RAM tier in front: the chunks this
+ *                    process read or wrote lately (LRU, up to SIZE) are
+ *                    read from RAM, outside bw= and lat= (a repeated prefix
+ *                    loads at memory speed, and while Redis is down), and
+ *                    cake_store_prefetch brings chunks into it ahead of
+ *                    their request (a server's queued requests).
  * Unknown parameters are an error that names them.
  *
  * Trust: a lookup never returns a wrong chunk. The verified calls
@@ -45,6 +51,8 @@
 #ifndef CAKE_STORE_H
 #define CAKE_STORE_H
 
+#include <stdatomic.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -65,6 +73,8 @@ typedef struct {
     uint64_t read_ns;       /* wall time spent in get calls, emulated link time included */
     uint64_t puts;          /* successful puts */
     uint64_t evictions;     /* chunks removed to respect capacity (or by gc) */
+    uint64_t ram_hits;      /* of the hits, those the RAM tier (ram=) gave */
+    uint64_t prefetched;    /* chunks cake_store_prefetch brought into the RAM tier */
 } cake_store_counters;
 
 typedef struct {
@@ -137,10 +147,22 @@ int cake_store_put(cake_store *s, const cake_chunk_key *key, const void *blob, s
 int cake_store_save(cake_store *s, cake_chunk_header *h, const cake_kv_cache *kv, int pos0,
                     void *buf, size_t cap, char *err, size_t errlen);
 
+/* Brings the chunks of keys (blob_size bytes each at most) that the store
+ * has and its RAM tier lacks into the RAM tier, through the link, one after
+ * the other, until *stop (may be NULL) is set. Returns how many it brought;
+ * 0 without a RAM tier. */
+int cake_store_prefetch(cake_store *s, const cake_chunk_key *keys, size_t n, size_t blob_size,
+                        const atomic_int *stop);
+bool cake_store_has_ram(const cake_store *s);
+/* near[i] = 1 when the RAM tier holds keys[i] (a load of it is a copy, not
+ * a transfer); all 0 without a RAM tier. */
+void cake_store_in_ram(cake_store *s, const cake_chunk_key *keys, size_t n, uint8_t *near);
+
 /* present[i] = 1 when keys[i] is in the store, for i < n, in one round trip
- * where the backend allows (pipelined on Redis). present is always filled:
- * on a backend failure every entry is 0 and the call returns -1 with err, so
- * callers may simply treat the result as misses. */
+ * where the backend allows (pipelined on Redis; none when the RAM tier holds
+ * them all). present is always filled: on a backend failure every entry but
+ * those in the RAM tier is 0 and the call returns -1 with err, so callers
+ * may simply treat the result as misses. */
 int cake_store_exists(cake_store *s, const cake_chunk_key *keys, size_t n, uint8_t *present,
                       char *err, size_t errlen);
 

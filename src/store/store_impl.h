@@ -20,7 +20,7 @@
 
 typedef struct {
     _Atomic uint64_t hits, misses, corrupt, errors, bytes_read, bytes_written, read_ns, puts,
-        evictions;
+        evictions, ram_hits, prefetched;
 } cake_store_atomic_counters;
 
 /* At most this many threads read one blob (readers=). */
@@ -41,6 +41,7 @@ typedef struct {
     int timeout_ms;    /* redis: read/write timeout */
     double bw;         /* bytes per second, 0 = no emulation */
     double lat_ms;     /* per request */
+    uint64_t ram;      /* file, redis: bytes of the RAM tier; 0 = none */
 } cake_store_params;
 
 /* Parses a URI (see store.h). */
