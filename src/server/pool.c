@@ -142,6 +142,8 @@ struct serve_pool {
     int prefetcher_started;
     serve_job *prefetching;
     atomic_int prefetch_stop;
+    cake_loader_engine keys_of; /* slot 0's, taken at the start: what keys need (the
+                                   prefetcher must not read a context a slot uses) */
 };
 
 /* How many of prompt's first tokens s's KV cache holds already. */
@@ -368,8 +370,7 @@ static void run_job(slot *s, serve_job *j) {
  * from), so that their loads come from RAM when they run. Stops at a job's
  * start on a slot. */
 static void prefetch_job(serve_pool *p, const serve_job *j) {
-    cake_loader_engine e;
-    cake_context_loader_engine(p->slots[0].ctx, 1, &e);
+    const cake_loader_engine e = p->keys_of;
     const int C = p->cfg.chunk, n = cake_prefill_loadable_chunks(j->n_prompt, C);
     cake_chunk_key *keys = n > 0 ? malloc((size_t)n * sizeof(*keys)) : NULL;
     if (!keys) return;
@@ -520,6 +521,7 @@ int pool_create(const cake_model *m, const pool_config *cfg, serve_pool **out, c
     p->n_ctx = cake_context_n_ctx(p->slots[0].ctx);
     if (sched_create(p->slots[0].ctx, cfg->policy, &p->sched, err, errlen)) goto fail;
     if (cfg->store && cake_store_has_ram(cfg->store) && cfg->mode != CAKE_MODE_COMPUTE) {
+        cake_context_loader_engine(p->slots[0].ctx, 1, &p->keys_of);
         if (pthread_create(&p->prefetcher, NULL, prefetcher_main, p)) {
             cake_err(err, errlen, "cannot start the prefetch thread");
             goto fail;
