@@ -130,8 +130,12 @@ static void fuzz_parse(const uint8_t *data, size_t size) {
     for (int i = 0; i < j->n_prompt; i++) CHECK(j->prompt[i] >= 0 && j->prompt[i] < m.n_vocab);
     CHECK(j->max_tokens >= 1 && j->max_tokens <= m.n_ctx - j->n_prompt);
     CHECK(shape.n >= 1 && shape.n <= API_MAX_CHOICES);
+    CHECK(j->n_stop_ids >= 0 && j->n_stop_ids <= JOB_MAX_STOP_IDS);
+    for (int i = 0; i < j->n_stop_ids; i++)
+        CHECK(j->stop_ids[i] >= 0 && j->stop_ids[i] < m.n_vocab);
     serve_job *clone = job_clone(j, 1); /* another choice: the same request */
     CHECK(clone && clone->n_prompt == j->n_prompt && clone->n_stop == j->n_stop &&
+          clone->n_stop_ids == j->n_stop_ids &&
           clone->sampling.n_logit_bias == j->sampling.n_logit_bias &&
           clone->sampling.seed == j->sampling.seed + 1 &&
           !memcmp(clone->prompt, j->prompt, (size_t)j->n_prompt * sizeof(*j->prompt)));

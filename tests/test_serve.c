@@ -413,6 +413,12 @@ static void test_bad_requests(void **state) {
         {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"top_p\":0}", 400, "'top_p'"},
         {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"seed\":-1}", 400, "'seed'"},
         {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"n\":0}", 400, "'n'"},
+        {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"stop_token_ids\":[99999]}", 400,
+         "'stop_token_ids'"},
+        {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"stop_token_ids\":[1e300]}", 400,
+         "'stop_token_ids'"},
+        {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"stop_token_ids\":7}", 400,
+         "'stop_token_ids'"},
         {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"n\":17}", 400, "'n'"},
         {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"n\":1.5}", 400, "'n'"},
         {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"stream\":1}", 400, "'stream'"},
@@ -866,6 +872,33 @@ static void test_choices(void **state) {
     cJSON_Delete(all);
     assert_int_equal(serve_stop(&s), 0);
 #undef CHOICES_REQUEST
+}
+
+/* stop_token_ids end the answer where the first of them is chosen, as EOS
+ * does: the greedy answer up to there, "stop". */
+static void test_stop_ids(void **state) {
+    (void)state;
+    t_server s;
+    assert_int_equal(serve_start(&s, g_tiny, "--store", "none", NULL), 0);
+    cJSON *plain = post_ok(s.port, "/v1/completions",
+                           "{\"prompt\":\"Once upon a time\",\"max_tokens\":20,\"temperature\":0,"
+                           "\"ignore_eos\":true}");
+    const cJSON *g = at(plain, "cake.generated_ids");
+    const int stop = cJSON_GetArrayItem(g, 5)->valueint;
+    int first = 0;
+    while (cJSON_GetArrayItem(g, first)->valueint != stop) first++;
+    cJSON *cut = post_ok(s.port, "/v1/completions",
+                         "{\"prompt\":\"Once upon a time\",\"max_tokens\":20,\"temperature\":0,"
+                         "\"stop_token_ids\":[%d]}",
+                         stop);
+    assert_string_equal(str_at(cut, "choices.0.finish_reason"), "stop");
+    const cJSON *c = at(cut, "cake.generated_ids");
+    assert_int_equal(cJSON_GetArraySize(c), first + 1);
+    for (int i = 0; i <= first; i++)
+        assert_int_equal(cJSON_GetArrayItem(c, i)->valueint, cJSON_GetArrayItem(g, i)->valueint);
+    cJSON_Delete(cut);
+    cJSON_Delete(plain);
+    assert_int_equal(serve_stop(&s), 0);
 }
 
 /* JSON mode: the answer is one JSON object. Biases that make a greedy
@@ -1769,18 +1802,19 @@ static void test_chat_formats(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_chat_formats),  cmocka_unit_test(test_usage_errors),
-        cmocka_unit_test(test_api_key),       cmocka_unit_test(test_bad_requests),
-        cmocka_unit_test(test_answers_tiny),  cmocka_unit_test(test_answers_stories260k),
-        cmocka_unit_test(test_stop_strings),  cmocka_unit_test(test_seeded_sampling),
-        cmocka_unit_test(test_store_reuse),   cmocka_unit_test(test_slow_first_token),
-        cmocka_unit_test(test_slot_prefix),   cmocka_unit_test(test_answer_stored),
-        cmocka_unit_test(test_prefetch),      cmocka_unit_test(test_cancel_and_queue),
-        cmocka_unit_test(test_chat_llama2),   cmocka_unit_test(test_batched_answers),
-        cmocka_unit_test(test_shared_prefix), cmocka_unit_test(test_speed_hints),
-        cmocka_unit_test(test_logprobs),      cmocka_unit_test(test_tokenize),
-        cmocka_unit_test(test_penalties),     cmocka_unit_test(test_json_mode),
-        cmocka_unit_test(test_choices),       cmocka_unit_test(test_cancel_prefill),
+        cmocka_unit_test(test_chat_formats),   cmocka_unit_test(test_usage_errors),
+        cmocka_unit_test(test_api_key),        cmocka_unit_test(test_bad_requests),
+        cmocka_unit_test(test_answers_tiny),   cmocka_unit_test(test_answers_stories260k),
+        cmocka_unit_test(test_stop_strings),   cmocka_unit_test(test_seeded_sampling),
+        cmocka_unit_test(test_store_reuse),    cmocka_unit_test(test_slow_first_token),
+        cmocka_unit_test(test_slot_prefix),    cmocka_unit_test(test_answer_stored),
+        cmocka_unit_test(test_prefetch),       cmocka_unit_test(test_cancel_and_queue),
+        cmocka_unit_test(test_chat_llama2),    cmocka_unit_test(test_batched_answers),
+        cmocka_unit_test(test_shared_prefix),  cmocka_unit_test(test_speed_hints),
+        cmocka_unit_test(test_logprobs),       cmocka_unit_test(test_tokenize),
+        cmocka_unit_test(test_penalties),      cmocka_unit_test(test_json_mode),
+        cmocka_unit_test(test_choices),        cmocka_unit_test(test_stop_ids),
+        cmocka_unit_test(test_cancel_prefill),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

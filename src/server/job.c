@@ -30,6 +30,8 @@ serve_job *job_clone(const serve_job *j, int choice) {
     c->sampling = j->sampling;
     c->sampling.seed += (uint64_t)choice;
     c->end_of_turn = j->end_of_turn;
+    memcpy(c->stop_ids, j->stop_ids, sizeof(c->stop_ids));
+    c->n_stop_ids = j->n_stop_ids;
     c->ignore_eos = j->ignore_eos;
     c->top_logprobs = j->top_logprobs;
     c->json_object = j->json_object;

@@ -13,6 +13,7 @@
 #include "engine/generate.h"
 
 #define JOB_MAX_STOP         4
+#define JOB_MAX_STOP_IDS     16
 #define JOB_MAX_TOP_LOGPROBS 20
 
 /* A generated token's log-probability under the model (its logits' log
@@ -38,9 +39,11 @@ struct serve_job {
     char *stop[JOB_MAX_STOP];    /* stop strings (owned), n_stop of them */
     int n_stop;
     cake_token end_of_turn; /* stops like EOS (a chat format's end of turn); -1: none */
-    int ignore_eos;         /* EOS and the end of turn do not stop it (benchmarks) */
-    int top_logprobs;       /* -1: no log-probabilities; else alternatives per token */
-    int json_object;        /* JSON mode: the answer is one JSON object (json_grammar.h) */
+    cake_token stop_ids[JOB_MAX_STOP_IDS]; /* stop like EOS too (vLLM's stop_token_ids) */
+    int n_stop_ids;
+    int ignore_eos;   /* EOS and the end of turn do not stop it (benchmarks) */
+    int top_logprobs; /* -1: no log-probabilities; else alternatives per token */
+    int json_object;  /* JSON mode: the answer is one JSON object (json_grammar.h) */
 
     /* Progress, under mu; cv is signalled on every change. */
     pthread_mutex_t mu;
@@ -62,8 +65,8 @@ struct serve_job {
 
     /* Owned by the pool. */
     int refs;
-    int prefetched; /* its chunks were brought into the store's RAM tier (or tried) */
-    cake_token prev;                        /* the last id, for detokenization */
+    int prefetched;  /* its chunks were brought into the store's RAM tier (or tried) */
+    cake_token prev; /* the last id, for detokenization */
     uint64_t t_arrived, t_started, t_ended; /* CLOCK_MONOTONIC ns, for /metrics */
     serve_job *next;
 };

@@ -2,6 +2,7 @@
 
 #include <cjson/cJSON.h>
 #include <math.h>
+#include <stdbool.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
@@ -186,6 +187,29 @@ static int add_stops(const cJSON *o, serve_job *j, char *err, size_t errlen) {
     return 0;
 }
 
+/* A JSON number that is a token id of m's vocabulary. */
+static bool is_token_id(const cJSON *v, const api_model *m) {
+    return cJSON_IsNumber(v) && v->valuedouble == floor(v->valuedouble) && v->valuedouble >= 0 &&
+           v->valuedouble < m->n_vocab;
+}
+
+/* "stop_token_ids" (vLLM's): tokens that end the answer as EOS does. */
+static int add_stop_ids(const cJSON *o, const api_model *m, serve_job *j, char *err,
+                        size_t errlen) {
+    const cJSON *v = field(o, "stop_token_ids"), *id;
+    if (!v) return 0;
+    if (!cJSON_IsArray(v) || cJSON_GetArraySize(v) > JOB_MAX_STOP_IDS)
+        return cake_err(err, errlen, "'stop_token_ids' must be an array of up to %d token ids",
+                        JOB_MAX_STOP_IDS);
+    cJSON_ArrayForEach(id, v) {
+        if (!is_token_id(id, m))
+            return cake_err(err, errlen, "'stop_token_ids' must hold token ids (0..%d)",
+                            m->n_vocab - 1);
+        j->stop_ids[j->n_stop_ids++] = (cake_token)id->valuedouble;
+    }
+    return 0;
+}
+
 static int tokenize_text(const api_model *m, const char *s, size_t len, cake_token **ids, int *n,
                          char *err, size_t errlen) {
     const bool bos = cake_tokenizer_add_bos(m->tok);
@@ -217,8 +241,7 @@ static int completion_prompt(const cJSON *o, const api_model *m, cake_token **id
     int i = 0;
     const cJSON *v;
     cJSON_ArrayForEach(v, p) {
-        if (!cJSON_IsNumber(v) || v->valuedouble != floor(v->valuedouble) || v->valuedouble < 0 ||
-            v->valuedouble >= m->n_vocab) {
+        if (!is_token_id(v, m)) {
             free(*ids);
             *ids = NULL;
             return cake_err(err, errlen,
@@ -374,7 +397,7 @@ int api_parse(const char *body, size_t len, int chat, const api_model *m, serve_
         goto done_ids_freed;
     }
     ids = NULL;
-    if (add_stops(o, j, err, errlen)) goto done;
+    if (add_stops(o, j, err, errlen) || add_stop_ids(o, m, j, err, errlen)) goto done;
     /* Completions default to 16 tokens as OpenAI's do; chat runs to the end
      * of the turn (or of the context). */
     j->max_tokens = max_tokens > 0 ? (int)max_tokens : chat ? m->n_ctx - n : 16;

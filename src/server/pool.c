@@ -75,7 +75,9 @@ static int on_token(cake_token id, void *ud) {
     j->n_ids++;
     const size_t start = j->len;
     int stop = 0, n = 0;
-    if (!j->ignore_eos && (id == s->eos || id == j->end_of_turn)) {
+    int stop_id = id == s->eos || id == j->end_of_turn;
+    for (int k = 0; k < j->n_stop_ids; k++) stop_id |= id == j->stop_ids[k];
+    if (!j->ignore_eos && stop_id) {
         j->stopped = 1;
         stop = 1; /* (EOS ends the loop itself; its text is empty) */
     } else {
