@@ -23,6 +23,7 @@
 #include "model/model.h"
 #include "model/tokenizer.h"
 #include "testutil.h"
+#include "util/clock.h"
 #include "util/f16.h"
 #include "util/q8_0.h"
 
@@ -1104,6 +1105,48 @@ static void test_json_mask(void **state) {
     cake_json_grammar_mask(g, logits, n);
     for (int i = 0; i < n; i++) assert_true(i == eos ? logits[i] == 0 : isinf(logits[i]));
     cake_json_grammar_free(g);
+
+    /* In every kind of state the mask allows exactly the tokens whose text
+     * the automaton reads on from there (the mask skips reading most tokens
+     * inside a string). */
+    static const char *prefixes[] = {"",
+                                     "{",
+                                     "{\"ke",
+                                     "{\"key\"",
+                                     "{\"k\":",
+                                     "{\"k\": \"va",
+                                     "{\"k\": \"\\",
+                                     "{\"k\": 12",
+                                     "{\"k\": [",
+                                     "{\"k\": t",
+                                     "{\"k\": {}"};
+    for (size_t p = 0; p < sizeof(prefixes) / sizeof(prefixes[0]); p++) {
+        g = cake_json_grammar_new(t, eos, -1);
+        cake_json_state want;
+        cake_json_start(&want);
+        for (const char *c = prefixes[p]; *c; c++) { /* byte tokens: id 3 + byte */
+            cake_json_grammar_accept(g, 3 + (unsigned char)*c);
+            assert_true(cake_json_feed(&want, c, 1));
+        }
+        for (int i = 0; i < n; i++) logits[i] = 0;
+        const double t0 = cake_now_s();
+        cake_json_grammar_mask(g, logits, n);
+        if (p == 5)
+            printf("json mode: the mask inside a string took %.0f us\n", (cake_now_s() - t0) * 1e6);
+        if (p == 4)
+            printf("json mode: the mask before a value took %.0f us\n", (cake_now_s() - t0) * 1e6);
+        for (int id = 0; id < n; id++) {
+            size_t len;
+            const char *text = cake_token_text(t, id, &len);
+            cake_json_state st = want;
+            const bool ok =
+                id == eos ? cake_json_complete(&want) : len > 0 && cake_json_feed(&st, text, len);
+            if (ok != (logits[id] == 0))
+                fail_msg("after '%s': token %d ('%.*s') %s by the mask", prefixes[p], id, (int)len,
+                         text, ok ? "refused" : "allowed");
+        }
+        cake_json_grammar_free(g);
+    }
 
     /* 20 answers of up to 300 tokens at temperature 2 from random logits:
      * every prefix stays valid JSON (the grammar's own state, re-read from

@@ -210,19 +210,40 @@ struct cake_json_grammar {
     cake_json_state s;
     const cake_tokenizer *t;
     cake_token end, end2;
+    /* Per token: its text can only be string content (bytes from 0x20 but
+     * '"' and '\\'). Inside a string such a token is always allowed and
+     * the string goes on: the mask need not read it (most of a vocabulary). */
+    int n_vocab;
+    uint8_t *plain;
 };
 
 cake_json_grammar *cake_json_grammar_new(const cake_tokenizer *t, cake_token end, cake_token end2) {
     cake_json_grammar *g = malloc(sizeof(*g));
-    if (!g) return NULL;
+    const int n = cake_tokenizer_n_vocab(t);
+    uint8_t *plain = g ? malloc((size_t)n) : NULL;
+    if (!plain) {
+        free(g);
+        return NULL;
+    }
+    for (int id = 0; id < n; id++) {
+        size_t len;
+        const unsigned char *text = (const unsigned char *)cake_token_text(t, id, &len);
+        plain[id] = len > 0;
+        for (size_t i = 0; i < len && plain[id]; i++)
+            plain[id] = text[i] >= 0x20 && text[i] != '"' && text[i] != '\\';
+    }
     cake_json_start(&g->s);
     g->t = t;
     g->end = end;
     g->end2 = end2;
+    g->n_vocab = n;
+    g->plain = plain;
     return g;
 }
 
 void cake_json_grammar_free(cake_json_grammar *g) {
+    if (!g) return;
+    free(g->plain);
     free(g);
 }
 
@@ -232,7 +253,7 @@ static bool is_end(const cake_json_grammar *g, cake_token id) {
 
 void cake_json_grammar_mask(void *ud, float *logits, int n_vocab) {
     const cake_json_grammar *g = ud;
-    const bool complete = cake_json_complete(&g->s);
+    const bool complete = cake_json_complete(&g->s), in_string = g->s.mode == M_STRING;
     int allowed = 0;
     for (int id = 0; id < n_vocab; id++) {
         bool ok;
@@ -240,6 +261,8 @@ void cake_json_grammar_mask(void *ud, float *logits, int n_vocab) {
             ok = complete;
         } else if (complete) {
             ok = false;
+        } else if (in_string && id < g->n_vocab && g->plain[id]) {
+            ok = true;
         } else {
             size_t len;
             const char *text = cake_token_text(g->t, id, &len);
