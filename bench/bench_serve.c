@@ -72,6 +72,17 @@ typedef struct {
     cake_compute_speed speed; /* the pool's compute speed at the end */
 } burst_result;
 
+/* The store at uri; exits when it does not open. */
+static cake_store *open_store(const char *uri) {
+    char err[256];
+    cake_store *s;
+    if (cake_store_open(uri, &s, err, sizeof(err))) {
+        fprintf(stderr, "bench_serve: %s\n", err);
+        exit(1);
+    }
+    return s;
+}
+
 /* Submits a job for rq (a copy of its prompt); NULL when the pool refuses it. */
 static serve_job *submit(serve_pool *pool, const request *rq) {
     cake_token *copy = malloc((size_t)rq->n_prompt * sizeof(*copy));
@@ -410,11 +421,7 @@ int main(int argc, char **argv) {
     /* 3. the mixed burst: the long prompt's first n_long tokens stored first */
     char uri[128];
     snprintf(uri, sizeof(uri), "mem:?capacity=4GiB&bw=%s", bw);
-    cake_store *store;
-    if (cake_store_open(uri, &store, err, sizeof(err))) {
-        fprintf(stderr, "bench_serve: %s\n", err);
-        return 1;
-    }
+    cake_store *store = open_store(uri);
     cake_token *long_prompt = random_prompt(n_long + 32, n_vocab);
     request mixed[64];
     mixed[0] = (request){long_prompt, n_long, 1};
@@ -470,10 +477,7 @@ int main(int argc, char **argv) {
         burst_result by[2];
         for (int k = 0; k < 2; k++) {
             c.independent_prefills = k;
-            if (cake_store_open("mem:?capacity=4GiB", &c.store, err, sizeof(err))) {
-                fprintf(stderr, "bench_serve: %s\n", err);
-                return 1;
-            }
+            c.store = open_store("mem:?capacity=4GiB");
             if (run_burst(m, &c, shared, n_shared, &by[k])) return 1;
             cake_store_close(c.store);
         }
@@ -519,10 +523,7 @@ int main(int argc, char **argv) {
         for (int k = 0; k < 2; k++) {
             const int whole = (k + r) % 2; /* taking turns at going first */
             c.whole_chunk_reuse = whole;
-            if (cake_store_open("mem:?capacity=4GiB", &c.store, err, sizeof(err))) {
-                fprintf(stderr, "bench_serve: %s\n", err);
-                return 1;
-            }
+            c.store = open_store("mem:?capacity=4GiB");
             if (run_turns(m, &c, &turn1, ANSWER, NEW, 0, &ttft[whole], &computed[whole])) return 1;
             cake_store_close(c.store);
         }
@@ -541,10 +542,7 @@ int main(int argc, char **argv) {
         for (int k = 0; k < 2; k++) {
             const int prompts_only = (k + r) % 2;
             c.prompts_only_writeback = prompts_only;
-            if (cake_store_open("mem:?capacity=4GiB", &c.store, err, sizeof(err))) {
-                fprintf(stderr, "bench_serve: %s\n", err);
-                return 1;
-            }
+            c.store = open_store("mem:?capacity=4GiB");
             if (run_turns(m, &c, &turn1, LONG_ANSWER, NEW, 1, &ttft[prompts_only],
                           &computed[prompts_only]))
                 return 1;
@@ -565,10 +563,7 @@ int main(int argc, char **argv) {
     c = base;
     c.n_slots = 1;
     snprintf(uri, sizeof(uri), "file:%s", dir);
-    if (cake_store_open(uri, &c.store, err, sizeof(err))) {
-        fprintf(stderr, "bench_serve: %s\n", err);
-        return 1;
-    }
+    c.store = open_store(uri);
     if (run_burst(m, &c, mixed, 1, &b)) return 1; /* the long prompt, stored */
     cake_store_close(c.store);
     const cake_compute_speed speed = b.speed;
@@ -580,10 +575,7 @@ int main(int argc, char **argv) {
         for (int k = 0; k < 2; k++) {
             const int ram = (k + r / 2) % 2;
             snprintf(uri, sizeof(uri), "file:%s?bw=%s%s", dir, bw, ram ? "&ram=4GiB" : "");
-            if (cake_store_open(uri, &c.store, err, sizeof(err))) {
-                fprintf(stderr, "bench_serve: %s\n", err);
-                return 1;
-            }
+            c.store = open_store(uri);
             cake_store_set_rate_hint(c.store, link_rate);
             if (run_queued(m, &c, &speed, &busy, &cached, &first[ram])) return 1;
             cake_store_close(c.store);

@@ -411,9 +411,7 @@ int cmd_run(int argc, char **argv) {
             cli_error(CLI_FAIL, "run", "out of memory");
             goto done;
         }
-        sp.constrain = cake_json_grammar_mask;
-        sp.accept = cake_json_grammar_accept;
-        sp.constrain_ud = grammar;
+        cake_json_grammar_constrain(grammar, &sp);
     }
     sampler = cake_sampler_init(sp);
     generated = malloc((size_t)(o.n_predict ? o.n_predict : 1) * sizeof(*generated));

@@ -281,6 +281,12 @@ void cake_json_grammar_mask(void *ud, float *logits, int n_vocab) {
             if (is_end(g, id)) logits[id] = 0.0f;
 }
 
+void cake_json_grammar_constrain(cake_json_grammar *g, cake_sampler_params *p) {
+    p->constrain = cake_json_grammar_mask;
+    p->accept = cake_json_grammar_accept;
+    p->constrain_ud = g;
+}
+
 void cake_json_grammar_accept(void *ud, cake_token id) {
     cake_json_grammar *g = ud;
     if (is_end(g, id)) return;

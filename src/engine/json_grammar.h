@@ -46,5 +46,7 @@ void cake_json_grammar_free(cake_json_grammar *g); /* accepts NULL */
 /* The sampler hooks (cake_sampler_params.constrain / .accept; ud = g). */
 void cake_json_grammar_mask(void *g, float *logits, int n_vocab);
 void cake_json_grammar_accept(void *g, cake_token id);
+/* Sets p's hooks to g's. */
+void cake_json_grammar_constrain(cake_json_grammar *g, cake_sampler_params *p);
 
 #endif

@@ -94,9 +94,8 @@ static cake_token choose(cake_sampler *s, const float *logits, int n) {
     for (int i = 0; i < n; i++) prob[i] = (float)(prob[i] / sum);
 
     const float r = next_uniform(&s->rng);
-    const int nucleus =
-        s->p.top_p > 0.0f && s->p.top_p<1.0f, top_k = s->p.top_k> 0 && s->p.top_k < n ? s->p.top_k
-                                                                                      : 0;
+    const int nucleus = s->p.top_p > 0.0f && s->p.top_p < 1.0f;
+    const int top_k = s->p.top_k > 0 && s->p.top_k < n ? s->p.top_k : 0;
     if (!nucleus && !top_k && s->p.min_p <= 0.0f) {
         float cdf = 0;
         for (int i = 0; i < n; i++) {

@@ -512,12 +512,18 @@ static char *piece_of(const cake_tokenizer *tok, cake_token prev, cake_token id,
     return p;
 }
 
+/* A JSON string of piece's text, made valid UTF-8 ("" when out of memory). */
+static cJSON *clean_string(const char *piece, int len) {
+    char *clean = api_utf8_clean(piece, (size_t)len);
+    cJSON *s = cJSON_CreateString(clean ? clean : "");
+    free(clean);
+    return s;
+}
+
 /* A chat's entry for one token or alternative: token, logprob, bytes. */
 static cJSON *chat_token(const char *piece, int len, float logprob) {
     cJSON *t = cJSON_CreateObject();
-    char *clean = api_utf8_clean(piece, (size_t)len);
-    cJSON_AddStringToObject(t, "token", clean ? clean : "");
-    free(clean);
+    cJSON_AddItemToObject(t, "token", clean_string(piece, len));
     cJSON_AddNumberToObject(t, "logprob", logprob);
     cJSON *bytes = cJSON_AddArrayToObject(t, "bytes");
     for (int i = 0; i < len; i++)
@@ -560,9 +566,7 @@ static cJSON *logprobs_json(const api_shape *s, const serve_job *j, int from, in
             cJSON_AddItemToObject(t, "top_logprobs", top);
             cJSON_AddItemToArray(content, t);
         } else {
-            char *clean = api_utf8_clean(piece, (size_t)len);
-            cJSON_AddItemToArray(tokens, cJSON_CreateString(clean ? clean : ""));
-            free(clean);
+            cJSON_AddItemToArray(tokens, clean_string(piece, len));
             cJSON_AddItemToArray(lps, cJSON_CreateNumber(lp->logprob));
             cJSON_AddItemToArray(tops, top);
             cJSON_AddItemToArray(offsets,

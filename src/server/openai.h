@@ -37,8 +37,8 @@ int api_parse(const char *body, size_t len, int chat, const api_model *m, serve_
 /* The JSON of a whole response: the finished jobs of its n choices, in
  * order. id: "cmpl-..." or "chatcmpl-..."; created: Unix seconds.
  * malloc'd; NULL on out of memory. */
-char *api_response(const api_shape *s, serve_job *const *jobs, int n, const char *id,
-                   long created, const char *model);
+char *api_response(const api_shape *s, serve_job *const *jobs, int n, const char *id, long created,
+                   const char *model);
 /* One server-sent event of a stream, "data: {...}\n\n", of choice `index`
  * (job j): a piece of text (text_len bytes; the first chunk of a chat also
  * carries the role), or its last chunk (finish_reason). A text or last

@@ -303,11 +303,8 @@ static void run_job(slot *s, serve_job *j) {
     cake_sampler_params sampling = j->sampling;
     cake_json_grammar *grammar = NULL;
     if (j->json_object &&
-        (grammar = cake_json_grammar_new(tok, cake_tokenizer_eos(tok), j->end_of_turn))) {
-        sampling.constrain = cake_json_grammar_mask;
-        sampling.accept = cake_json_grammar_accept;
-        sampling.constrain_ud = grammar;
-    }
+        (grammar = cake_json_grammar_new(tok, cake_tokenizer_eos(tok), j->end_of_turn)))
+        cake_json_grammar_constrain(grammar, &sampling);
     cake_sampler *sampler = cake_sampler_init(sampling);
     pthread_mutex_lock(&j->mu);
     j->ids = malloc((size_t)(max > 0 ? max : 1) * sizeof(*j->ids));
