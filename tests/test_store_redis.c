@@ -356,7 +356,18 @@ static void test_redis_ram_tier(void **state) {
     cake_store_counters c;
     cake_store_counters_get(f->s, &c);
     assert_int_equal(c.ram_hits, 2);
+    /* A put Redis did not take is not kept in RAM either: once Redis is
+     * back, the chunk is missing there, and is put again. */
+    assert_int_not_equal(cake_store_put(f->s, &f->h[2].key, f->blob[2], f->len, err, sizeof(err)),
+                         0);
+    assert_int_equal(get(f, 2, err, sizeof(err)), 1);
     assert_int_equal(t_redis_start(&g_redis, port), 0);
+    usleep(600 * 1000); /* the store tries Redis again 500 ms after it failed */
+    uint8_t there = 1;
+    assert_int_equal(cake_store_exists(f->s, &f->h[2].key, 1, &there, err, sizeof(err)), 0);
+    assert_false(there);
+    put_ok(f, 2);
+    assert_int_equal(get(f, 2, err, sizeof(err)), 0);
 }
 
 static void test_redis_down_from_start(void **state) {

@@ -678,12 +678,15 @@ int cake_store_load(cake_store *s, const cake_chunk_header *expect, void *buf, s
 
 int cake_store_put(cake_store *s, const cake_chunk_key *key, const void *blob, size_t len,
                    char *err, size_t errlen) {
-    ram_put(s, key, blob, len); /* (kept even when the backend fails) */
     request_latency(s);
     double v0 = s->emulate ? link_join(&s->wr) : 0;
     int rc = s->ops->put(s->b, key, blob, len, err, errlen);
     if (s->emulate) link_finish(&s->wr, v0, rc == 0 ? len : 0);
     if (rc == 0) {
+        /* Only a chunk the backend took: one held in RAM alone would look
+         * present to lookups here, and so never be put again, while the
+         * servers sharing the store lack it. */
+        ram_put(s, key, blob, len);
         add(&s->ctr.puts, 1);
         add(&s->ctr.bytes_written, len);
     } else {
