@@ -276,7 +276,7 @@ static void fuzz_json(const uint8_t *data, size_t size) {
     const char *text = (const char *)data + 1;
     const size_t n = size - 1;
     cake_json_state s;
-    cake_json_start(&s);
+    cake_json_start(&s, NULL);
     for (size_t i = 0; i < n; i++)
         if (!cake_json_feed(&s, text + i, 1)) return;
     if (!cake_json_complete(&s)) return;

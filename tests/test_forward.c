@@ -1001,7 +1001,7 @@ static void test_sampler_filters(void **state) {
 /* Whether text, fed byte by byte, is one complete JSON object. */
 static bool json_whole(const char *text) {
     cake_json_state s;
-    cake_json_start(&s);
+    cake_json_start(&s, NULL);
     for (const char *c = text; *c; c++)
         if (!cake_json_feed(&s, c, 1)) return false;
     return cake_json_complete(&s);
@@ -1092,7 +1092,7 @@ static void test_json_mask(void **state) {
     const cake_token close = cake_tokenizer_find(t, "}", 1), word = cake_tokenizer_find(t, "a", 1);
     assert_true(brace >= 0 && close >= 0 && word >= 0);
     float *logits = malloc((size_t)n * sizeof(float));
-    cake_json_grammar *g = cake_json_grammar_new(t, eos, -1);
+    cake_json_grammar *g = cake_json_grammar_new(t, NULL, eos, -1);
     for (int i = 0; i < n; i++) logits[i] = 0;
     cake_json_grammar_mask(g, logits, n);
     int allowed = 0;
@@ -1121,9 +1121,9 @@ static void test_json_mask(void **state) {
                                      "{\"k\": t",
                                      "{\"k\": {}"};
     for (size_t p = 0; p < sizeof(prefixes) / sizeof(prefixes[0]); p++) {
-        g = cake_json_grammar_new(t, eos, -1);
+        g = cake_json_grammar_new(t, NULL, eos, -1);
         cake_json_state want;
-        cake_json_start(&want);
+        cake_json_start(&want, NULL);
         for (const char *c = prefixes[p]; *c; c++) { /* byte tokens: id 3 + byte */
             cake_json_grammar_accept(g, 3 + (unsigned char)*c);
             assert_true(cake_json_feed(&want, c, 1));
@@ -1154,7 +1154,7 @@ static void test_json_mask(void **state) {
     uint64_t rng = 5;
     int ended = 0;
     for (int a = 0; a < 20; a++) {
-        g = cake_json_grammar_new(t, eos, -1);
+        g = cake_json_grammar_new(t, NULL, eos, -1);
         cake_sampler *s =
             cake_sampler_init((cake_sampler_params){.temperature = 2,
                                                     .top_p = 1,
@@ -1183,7 +1183,7 @@ static void test_json_mask(void **state) {
             memcpy(out + len, text, piece);
             len += piece;
             cake_json_state st;
-            cake_json_start(&st);
+            cake_json_start(&st, NULL);
             assert_true(cake_json_feed(&st, out, len));
         }
         cake_sampler_free(s);

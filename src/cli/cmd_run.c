@@ -407,7 +407,7 @@ int cmd_run(int argc, char **argv) {
                               .frequency_penalty = (float)o.frequency_penalty,
                               .presence_penalty = (float)o.presence_penalty};
     if (o.json_mode) {
-        if (!(grammar = cake_json_grammar_new(tok, cake_tokenizer_eos(tok), -1))) {
+        if (!(grammar = cake_json_grammar_new(tok, NULL, cake_tokenizer_eos(tok), -1))) {
             cli_error(CLI_FAIL, "run", "out of memory");
             goto done;
         }

@@ -6,17 +6,16 @@
 
 /* What may come next. */
 enum {
-    M_START,        /* the answer's start: whitespace or '{' */
-    M_VALUE,        /* a value (after ':', or after ',' in an array) */
-    M_VALUE_OR_END, /* after '[': a value or ']' */
+    M_VALUE,        /* a value of s->node (at the start, after ':', after ',' in an array) */
+    M_VALUE_OR_END, /* after '[': an item or ']' */
     M_KEY_OR_END,   /* after '{': a key or '}' */
     M_KEY,          /* after ',' in an object: a key */
     M_COLON,        /* after a key */
     M_AFTER,        /* after a value in a container: ',' or its close */
     M_STRING,
     M_ESCAPE,  /* after '\' in a string */
-    M_UNICODE, /* in \uXXXX: aux hex digits read */
-    M_LITERAL, /* in true, false or null: aux letters read */
+    M_UNICODE, /* in \uXXXX: hex digits read */
+    M_MATCH,   /* in one of an enum's values: len bytes of names[lo..hi) matched */
     M_MINUS,   /* a number's '-': a digit must follow */
     M_ZERO,    /* a number's leading 0: no more integer digits */
     M_INT,
@@ -25,16 +24,23 @@ enum {
     M_EXP,      /* after e or E: a sign or a digit */
     M_EXP_SIGN, /* a digit must follow */
     M_EXP_DIGITS,
-    M_DONE /* the object is closed */
+    M_DONE /* the value is whole */
 };
 
-void cake_json_start(cake_json_state *s) {
-    memset(s, 0, sizeof(*s));
-    s->mode = M_START;
-}
+/* The nodes a value of CAKE_JSON_ANY takes, by its first byte. */
+static const char *const boolean_names[] = {"false", "true"}, *const null_names[] = {"null"};
+const cake_json_node cake_json_any = {.kind = CAKE_JSON_ANY};
+const cake_json_node cake_json_any_object = {.kind = CAKE_JSON_OBJECT, .more = &cake_json_any};
+static const cake_json_node any_array = {.kind = CAKE_JSON_ARRAY, .more = &cake_json_any, .max = -1};
+static const cake_json_node any_string = {.kind = CAKE_JSON_STRING, .max = -1};
+static const cake_json_node any_number = {.kind = CAKE_JSON_NUMBER};
+static const cake_json_node boolean = {.kind = CAKE_JSON_ENUM, .n = 2, .names = boolean_names};
+static const cake_json_node null = {.kind = CAKE_JSON_ENUM, .n = 1, .names = null_names};
 
-bool cake_json_complete(const cake_json_state *s) {
-    return s->mode == M_DONE;
+void cake_json_start(cake_json_state *s, const cake_json_node *root) {
+    memset(s, 0, offsetof(cake_json_state, stack));
+    s->mode = M_VALUE;
+    s->node = root ? root : &cake_json_any_object;
 }
 
 static bool is_space(unsigned char c) {
@@ -45,93 +51,216 @@ static bool is_digit(unsigned char c) {
     return c >= '0' && c <= '9';
 }
 
+/* Narrows names[lo..hi), which share their first len bytes (sorted), to
+ * those whose next byte is c. */
+static void narrow(const char *const *names, int *lo, int *hi, int len, unsigned char c) {
+    int i = *lo;
+    while (i < *hi && (unsigned char)names[i][len] < c) i++;
+    int j = i;
+    while (j < *hi && (unsigned char)names[j][len] == c) j++;
+    *lo = i;
+    *hi = j;
+}
+
+bool cake_json_can_start(const cake_json_node *n, unsigned char c) {
+    switch (n->kind) {
+    case CAKE_JSON_ANY:
+        return c && strchr("{[\"-0123456789tfn", c);
+    case CAKE_JSON_OBJECT:
+        return c == '{';
+    case CAKE_JSON_ARRAY:
+        return c == '[';
+    case CAKE_JSON_STRING:
+        return c == '"';
+    case CAKE_JSON_NUMBER:
+    case CAKE_JSON_INTEGER:
+        return c == '-' || is_digit(c);
+    case CAKE_JSON_ENUM: {
+        int lo = 0, hi = n->n;
+        if (c) narrow(n->names, &lo, &hi, 0, c);
+        return c && lo < hi;
+    }
+    case CAKE_JSON_UNION:
+        for (int i = 0; i < n->n; i++)
+            if (cake_json_can_start(n->sub[i], c)) return true;
+        return false;
+    }
+    return false;
+}
+
+/* The node a value of n starting with c is read as (NULL: none). */
+static const cake_json_node *value_node(const cake_json_node *n, unsigned char c) {
+    if (n->kind == CAKE_JSON_UNION) {
+        for (int i = 0; i < n->n; i++) /* (they differ in their first byte) */
+            if (cake_json_can_start(n->sub[i], c)) return value_node(n->sub[i], c);
+        return NULL;
+    }
+    if (n->kind != CAKE_JSON_ANY) return n;
+    switch (c) {
+    case '{':
+        return &cake_json_any_object;
+    case '[':
+        return &any_array;
+    case '"':
+        return &any_string;
+    case 't':
+    case 'f':
+        return &boolean;
+    case 'n':
+        return &null;
+    default:
+        return &any_number;
+    }
+}
+
 /* A value ended: the container's next, or the end. */
 static bool end_value(cake_json_state *s) {
     s->mode = s->depth ? M_AFTER : M_DONE;
     return true;
 }
 
-static bool push(cake_json_state *s, char c) {
+static cake_json_frame *top(cake_json_state *s) {
+    return &s->stack[s->depth - 1];
+}
+
+static bool push(cake_json_state *s, const cake_json_node *n) {
     if (s->depth == CAKE_JSON_MAX_DEPTH) return false;
-    s->stack[s->depth++] = c;
-    s->mode = c == '{' ? M_KEY_OR_END : M_VALUE_OR_END;
+    s->stack[s->depth++] = (cake_json_frame){n, 0};
+    s->mode = n->kind == CAKE_JSON_OBJECT ? M_KEY_OR_END : M_VALUE_OR_END;
     return true;
 }
 
-static bool pop(cake_json_state *s, char c) {
-    if (!s->depth || s->stack[s->depth - 1] != (c == '}' ? '{' : '[')) return false;
+static bool pop(cake_json_state *s, unsigned char c) {
+    if (!s->depth) return false;
+    const cake_json_frame *f = top(s);
+    const cake_json_node *n = f->node;
+    if (c == '}' ? n->kind != CAKE_JSON_OBJECT || (f->seen & n->required) != n->required
+                 : n->kind != CAKE_JSON_ARRAY || f->seen < (uint64_t)n->min)
+        return false;
     s->depth--;
     return end_value(s);
 }
 
-static bool begin_value(cake_json_state *s, unsigned char c) {
-    switch (c) {
-    case '{':
-    case '[':
-        return push(s, (char)c);
-    case '"':
-        s->in_key = 0, s->mode = M_STRING;
-        return true;
-    case '-':
-        s->mode = M_MINUS;
-        return true;
-    case '0':
-        s->mode = M_ZERO;
-        return true;
-    case 't':
-        s->literal = "true";
-        break;
-    case 'f':
-        s->literal = "false";
-        break;
-    case 'n':
-        s->literal = "null";
-        break;
-    default:
-        if (c < '1' || c > '9') return false;
-        s->mode = M_INT;
-        return true;
-    }
-    s->mode = M_LITERAL;
-    s->aux = 1;
+/* Whether the open object can take another key: other keys are allowed,
+ * or a declared property is not given yet. */
+static bool key_possible(const cake_json_frame *f) {
+    const cake_json_node *n = f->node;
+    return n->more || (n->n && f->seen != (n->n == 64 ? ~0ull : (1ull << n->n) - 1));
+}
+
+static bool begin_key(cake_json_state *s) {
+    if (!key_possible(top(s))) return false;
+    s->in_key = 1;
+    s->mode = M_STRING;
+    s->len = 0;
+    s->lo = 0;
+    s->hi = top(s)->node->n;
     return true;
+}
+
+/* A byte of a key, as written: narrows the properties it can still name. */
+static bool key_byte(cake_json_state *s, unsigned char c) {
+    const cake_json_frame *f = top(s);
+    const cake_json_node *n = f->node;
+    narrow(n->names, &s->lo, &s->hi, s->len++, c);
+    if (n->more) return true; /* (a key no property has is one of the others) */
+    for (int i = s->lo; i < s->hi; i++)
+        if (!(f->seen >> i & 1)) return true;
+    return false;
+}
+
+/* The key's closing quote: the property it names, or another key. */
+static bool end_key(cake_json_state *s) {
+    cake_json_frame *f = top(s);
+    const cake_json_node *n = f->node;
+    if (s->lo < s->hi && !n->names[s->lo][s->len]) {
+        if (f->seen >> s->lo & 1) return false; /* given already */
+        f->seen |= 1ull << s->lo;
+        s->node = n->sub[s->lo];
+    } else if (n->more) {
+        s->node = n->more;
+    } else {
+        return false;
+    }
+    s->in_key = 0;
+    s->mode = M_COLON;
+    return true;
+}
+
+static bool begin_value(cake_json_state *s, unsigned char c) {
+    const cake_json_node *n = value_node(s->node, c);
+    if (!n) return false;
+    s->node = n;
+    switch (n->kind) {
+    case CAKE_JSON_OBJECT:
+        return c == '{' && push(s, n);
+    case CAKE_JSON_ARRAY:
+        return c == '[' && push(s, n);
+    case CAKE_JSON_STRING:
+        s->in_key = 0, s->len = 0, s->mode = M_STRING;
+        return c == '"';
+    case CAKE_JSON_NUMBER:
+    case CAKE_JSON_INTEGER:
+        s->mode = c == '-' ? M_MINUS : c == '0' ? M_ZERO : M_INT;
+        return c == '-' || is_digit(c);
+    case CAKE_JSON_ENUM:
+        s->lo = 0, s->hi = n->n, s->len = 1, s->mode = M_MATCH;
+        narrow(n->names, &s->lo, &s->hi, 0, c);
+        return c && s->lo < s->hi;
+    default:
+        return false;
+    }
 }
 
 static bool step(cake_json_state *s, unsigned char c);
 
-/* A number ends at the first byte that cannot continue it, which is then
- * read as what follows the number. */
-static bool end_number(cake_json_state *s, unsigned char c) {
+/* A number or an enum's value ends at the first byte that cannot continue
+ * it, which is then read as what follows it. */
+static bool end_then(cake_json_state *s, unsigned char c) {
     end_value(s);
     return step(s, c);
+}
+
+/* An enum value's bytes so far are one of its values. */
+static bool match_whole(const cake_json_state *s) {
+    return s->lo < s->hi && !s->node->names[s->lo][s->len];
 }
 
 static bool step(cake_json_state *s, unsigned char c) {
     switch (s->mode) {
     case M_STRING:
         if (c == '"') {
-            if (!s->in_key) return end_value(s);
-            s->mode = M_COLON;
-            return true;
+            if (s->in_key) return end_key(s);
+            return s->len >= s->node->min && end_value(s);
         }
+        if (c < 0x20) return false; /* control characters must be escaped */
         if (c == '\\') s->mode = M_ESCAPE;
-        return c >= 0x20; /* control characters must be escaped */
+        if (s->in_key) return key_byte(s, c);
+        if ((c & 0xc0) == 0x80) return true; /* (a character's continuation byte) */
+        return s->node->max < 0 || s->len++ < s->node->max;
     case M_ESCAPE:
+        if (s->in_key && !key_byte(s, c)) return false;
         if (c == 'u') {
             s->mode = M_UNICODE;
-            s->aux = 0;
+            s->hex = 0;
             return true;
         }
         s->mode = M_STRING;
         return c && strchr("\"\\/bfnrt", c);
     case M_UNICODE:
+        if (s->in_key && !key_byte(s, c)) return false;
         if (!is_digit(c) && !((c | 0x20) >= 'a' && (c | 0x20) <= 'f')) return false;
-        if (++s->aux == 4) s->mode = M_STRING;
+        if (++s->hex == 4) s->mode = M_STRING;
         return true;
-    case M_LITERAL:
-        if (c != (unsigned char)s->literal[s->aux]) return false;
-        if (!s->literal[++s->aux]) end_value(s);
-        return true;
+    case M_MATCH: {
+        int lo = s->lo, hi = s->hi;
+        if (c) narrow(s->node->names, &lo, &hi, s->len, c);
+        if (c && lo < hi) {
+            s->lo = lo, s->hi = hi, s->len++;
+            return true;
+        }
+        return match_whole(s) && end_then(s, c);
+    }
     case M_MINUS:
         if (!is_digit(c)) return false;
         s->mode = c == '0' ? M_ZERO : M_INT;
@@ -140,19 +269,20 @@ static bool step(cake_json_state *s, unsigned char c) {
         if (is_digit(c)) return true; /* else as after a 0: */
         /* fall through */
     case M_ZERO:
+        if (s->node->kind == CAKE_JSON_INTEGER) return end_then(s, c);
         if (c == '.')
             s->mode = M_DOT;
         else if (c == 'e' || c == 'E')
             s->mode = M_EXP;
         else
-            return end_number(s, c);
+            return end_then(s, c);
         return true;
     case M_DOT:
         s->mode = M_FRAC;
         return is_digit(c);
     case M_FRAC:
         if (is_digit(c)) return true;
-        if (c != 'e' && c != 'E') return end_number(s, c);
+        if (c != 'e' && c != 'E') return end_then(s, c);
         s->mode = M_EXP;
         return true;
     case M_EXP:
@@ -162,7 +292,7 @@ static bool step(cake_json_state *s, unsigned char c) {
         s->mode = M_EXP_DIGITS;
         return is_digit(c);
     case M_EXP_DIGITS:
-        return is_digit(c) || end_number(s, c);
+        return is_digit(c) || end_then(s, c);
     case M_DONE:
         return false; /* only the end may follow */
     default:
@@ -171,33 +301,60 @@ static bool step(cake_json_state *s, unsigned char c) {
     /* Between tokens of the JSON: whitespace, up to a point. */
     if (is_space(c)) return ++s->space <= CAKE_JSON_MAX_SPACE;
     s->space = 0;
+    cake_json_frame *f = s->depth ? top(s) : NULL;
     switch (s->mode) {
-    case M_START:
-        return c == '{' && push(s, '{');
     case M_VALUE:
         return begin_value(s, c);
     case M_VALUE_OR_END:
-        return c == ']' ? pop(s, ']') : begin_value(s, c);
+        if (c == ']') return pop(s, c);
+        if (f->node->max == 0) return false;
+        f->seen = 1;
+        s->node = f->node->more;
+        return begin_value(s, c);
     case M_KEY_OR_END:
-        if (c == '}') return pop(s, '}');
+        if (c == '}') return pop(s, c);
         /* fall through */
     case M_KEY:
-        if (c != '"') return false;
-        s->in_key = 1;
-        s->mode = M_STRING;
-        return true;
+        return c == '"' && begin_key(s);
     case M_COLON:
         s->mode = M_VALUE;
         return c == ':';
     case M_AFTER:
-        if (c == ',') {
-            s->mode = s->stack[s->depth - 1] == '{' ? M_KEY : M_VALUE;
-            return true;
+        if (c != ',') return (c == '}' || c == ']') && pop(s, c);
+        if (f->node->kind == CAKE_JSON_OBJECT) {
+            s->mode = M_KEY;
+            return key_possible(f);
         }
-        return (c == '}' || c == ']') && pop(s, (char)c);
+        if (f->node->max >= 0 && f->seen >= (uint64_t)f->node->max) return false;
+        f->seen++;
+        s->node = f->node->more;
+        s->mode = M_VALUE;
+        return true;
     default:
         return false;
     }
+}
+
+bool cake_json_complete(const cake_json_state *s) {
+    if (s->mode == M_DONE) return true;
+    if (s->depth) return false;
+    switch (s->mode) { /* a number or enum value at the root ends with the answer */
+    case M_ZERO:
+    case M_INT:
+    case M_FRAC:
+    case M_EXP_DIGITS:
+        return true;
+    case M_MATCH:
+        return match_whole(s);
+    default:
+        return false;
+    }
+}
+
+/* *dst = *src, but for the frames not in use. */
+static void copy_state(cake_json_state *dst, const cake_json_state *src) {
+    memcpy(dst, src,
+           offsetof(cake_json_state, stack) + (size_t)src->depth * sizeof(cake_json_frame));
 }
 
 bool cake_json_feed(cake_json_state *s, const char *bytes, size_t n) {
@@ -217,7 +374,8 @@ struct cake_json_grammar {
     uint8_t *plain;
 };
 
-cake_json_grammar *cake_json_grammar_new(const cake_tokenizer *t, cake_token end, cake_token end2) {
+cake_json_grammar *cake_json_grammar_new(const cake_tokenizer *t, const cake_json_node *root,
+                                         cake_token end, cake_token end2) {
     cake_json_grammar *g = malloc(sizeof(*g));
     const int n = cake_tokenizer_n_vocab(t);
     uint8_t *plain = g ? malloc((size_t)n) : NULL;
@@ -232,7 +390,7 @@ cake_json_grammar *cake_json_grammar_new(const cake_tokenizer *t, cake_token end
         for (size_t i = 0; i < len && plain[id]; i++)
             plain[id] = text[i] >= 0x20 && text[i] != '"' && text[i] != '\\';
     }
-    cake_json_start(&g->s);
+    cake_json_start(&g->s, root);
     g->t = t;
     g->end = end;
     g->end2 = end2;
@@ -253,20 +411,26 @@ static bool is_end(const cake_json_grammar *g, cake_token id) {
 
 void cake_json_grammar_mask(void *ud, float *logits, int n_vocab) {
     const cake_json_grammar *g = ud;
-    const bool complete = cake_json_complete(&g->s), in_string = g->s.mode == M_STRING;
+    const cake_json_state *now = &g->s;
+    const bool complete = cake_json_complete(now), done = now->mode == M_DONE;
+    /* In a string that any text continues (a value's without a length cap,
+     * or a key that no declared property's name begins) */
+    const bool open_string = now->mode == M_STRING &&
+                             (now->in_key ? now->lo >= now->hi : now->node->max < 0);
+    cake_json_state s;
     int allowed = 0;
     for (int id = 0; id < n_vocab; id++) {
         bool ok;
         if (is_end(g, id)) {
             ok = complete;
-        } else if (complete) {
+        } else if (done) {
             ok = false;
-        } else if (in_string && id < g->n_vocab && g->plain[id]) {
+        } else if (open_string && id < g->n_vocab && g->plain[id]) {
             ok = true;
         } else {
             size_t len;
             const char *text = cake_token_text(g->t, id, &len);
-            cake_json_state s = g->s;
+            copy_state(&s, now);
             ok = len > 0 && cake_json_feed(&s, text, len); /* (textless tokens never) */
         }
         if (ok)
@@ -292,6 +456,7 @@ void cake_json_grammar_accept(void *ud, cake_token id) {
     if (is_end(g, id)) return;
     size_t len;
     const char *text = cake_token_text(g->t, id, &len);
-    cake_json_state s = g->s;
-    if (cake_json_feed(&s, text, len)) g->s = s; /* (the mask allowed no other) */
+    cake_json_state s;
+    copy_state(&s, &g->s);
+    if (cake_json_feed(&s, text, len)) copy_state(&g->s, &s); /* (the mask allowed no other) */
 }

@@ -1,47 +1,93 @@
-/* JSON mode: a sampler constraint under which a model can only write one
- * JSON object (OpenAI's response_format {"type": "json_object"}). A
- * pushdown automaton reads the answer byte by byte; before each token the
- * tokens whose text would break the JSON get a logit of -INFINITY, and once
- * the object is closed only the end tokens (EOS, a chat's end of turn) are
- * left. Strict JSON (RFC 8259): no trailing commas, no comments, no
- * leading zeros, control characters escaped in strings; bytes from 0x80 are
- * taken as they come (the model's UTF-8). Whitespace runs are capped, so
- * that a model cannot pad forever. */
+/* Structured output: a sampler constraint under which a model can only
+ * write JSON, either any one object (OpenAI's response_format {"type":
+ * "json_object"}) or a value a JSON Schema describes (json_schema, compiled
+ * into the nodes below by server/json_schema.c). A pushdown automaton reads
+ * the answer byte by byte; before each token the tokens whose text would
+ * break it get a logit of -INFINITY, and once the value is whole only the
+ * end tokens (EOS, a chat's end of turn) are left. Strict JSON (RFC 8259):
+ * no trailing commas, no comments, no leading zeros, control characters
+ * escaped in strings; bytes from 0x80 are taken as they come (the model's
+ * UTF-8). Whitespace runs are capped, so that a model cannot pad forever. */
 #ifndef CAKE_ENGINE_JSON_GRAMMAR_H
 #define CAKE_ENGINE_JSON_GRAMMAR_H
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #include "cake.h"
 #include "model/tokenizer.h"
 
 #define CAKE_JSON_MAX_DEPTH 64 /* nesting of objects and arrays */
 #define CAKE_JSON_MAX_SPACE 64 /* whitespace bytes in a row */
+#define CAKE_JSON_MAX_PROPS 64 /* declared properties of an object */
 
-/* The parse state: small, copied for every token tried. */
+/* What a value may be. */
+typedef enum {
+    CAKE_JSON_ANY,     /* any JSON value */
+    CAKE_JSON_OBJECT,  /* names/sub: its properties; more: other keys' values */
+    CAKE_JSON_ARRAY,   /* more: the items; min/max: how many */
+    CAKE_JSON_STRING,  /* min/max: how many characters (an escape is one) */
+    CAKE_JSON_NUMBER,  /* any JSON number */
+    CAKE_JSON_INTEGER, /* a number without fraction or exponent */
+    CAKE_JSON_ENUM,    /* names: the values, as compact JSON (true/false/null too) */
+    CAKE_JSON_UNION,   /* sub: alternatives that differ in their first byte */
+} cake_json_kind;
+
+typedef struct cake_json_node cake_json_node;
+struct cake_json_node {
+    cake_json_kind kind;
+    int n; /* names (and, for objects, sub) of an object or enum; sub of a union */
+    /* Sorted by strcmp: the mask narrows them as a range, byte by byte.
+     * Property names as written between the quotes (JSON-escaped). */
+    const char *const *names;
+    const cake_json_node *const *sub; /* an object's property schemas; a union's alternatives */
+    uint64_t required;                /* object: bit i, names[i] must be given */
+    const cake_json_node *more;       /* object: other keys (NULL: none); array: items */
+    int min, max;                     /* array items, string characters; max < 0: no cap */
+};
+
+/* Any value, and any object (the JSON mode's root). */
+extern const cake_json_node cake_json_any, cake_json_any_object;
+
+/* Whether a value of n can begin with byte c. */
+bool cake_json_can_start(const cake_json_node *n, unsigned char c);
+
+/* One open object or array. */
+typedef struct {
+    const cake_json_node *node;
+    uint64_t seen; /* object: bit i, property i given; array: items begun */
+} cake_json_frame;
+
+/* The parse state: copied for every token tried (json_grammar.c copies
+ * only the frames in use). */
 typedef struct {
     unsigned char mode;  /* what may come next (json_grammar.c) */
-    unsigned char aux;   /* hex digits of a \u escape, or letters of a literal so far */
     unsigned char space; /* whitespace bytes in a row */
     unsigned char in_key;
-    const char *literal; /* "true", "false" or "null" while one is read */
+    unsigned char hex;          /* hex digits of a \u escape read */
+    int len;                    /* a string's characters, or the bytes of a key or enum value */
+    int lo, hi;                 /* the names a key or enum value can still be */
+    const cake_json_node *node; /* the schema of the value being read, or the next one */
     int depth;
-    char stack[CAKE_JSON_MAX_DEPTH]; /* '{' or '[' */
+    cake_json_frame stack[CAKE_JSON_MAX_DEPTH];
 } cake_json_state;
 
-/* A state at the start of an answer that must be one JSON object. */
-void cake_json_start(cake_json_state *s);
-/* Reads n bytes; false (and s undefined) when they cannot continue the JSON. */
+/* A state at the start of an answer that must be one value of root (NULL:
+ * any object). */
+void cake_json_start(cake_json_state *s, const cake_json_node *root);
+/* Reads n bytes; false (and s undefined) when they cannot continue. */
 bool cake_json_feed(cake_json_state *s, const char *bytes, size_t n);
-/* The object is closed: only the end may follow. */
+/* The value is whole: the answer may end here. */
 bool cake_json_complete(const cake_json_state *s);
 
 /* A request's constraint: the state and the vocabulary's texts. */
 typedef struct cake_json_grammar cake_json_grammar;
-/* end, end2: the tokens that end the answer (EOS, a chat's end of turn; -1
- * for none). NULL on out of memory. */
-cake_json_grammar *cake_json_grammar_new(const cake_tokenizer *t, cake_token end, cake_token end2);
+/* root: as for cake_json_start (not copied: it outlives the grammar); end,
+ * end2: the tokens that end the answer (EOS, a chat's end of turn; -1 for
+ * none). NULL on out of memory. */
+cake_json_grammar *cake_json_grammar_new(const cake_tokenizer *t, const cake_json_node *root,
+                                         cake_token end, cake_token end2);
 void cake_json_grammar_free(cake_json_grammar *g); /* accepts NULL */
 /* The sampler hooks (cake_sampler_params.constrain / .accept; ud = g). */
 void cake_json_grammar_mask(void *g, float *logits, int n_vocab);

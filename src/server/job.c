@@ -34,7 +34,8 @@ serve_job *job_clone(const serve_job *j, int choice) {
     c->n_stop_ids = j->n_stop_ids;
     c->ignore_eos = j->ignore_eos;
     c->top_logprobs = j->top_logprobs;
-    c->json_object = j->json_object;
+    c->json = j->json;
+    c->schema = j->schema ? json_schema_retain(j->schema) : NULL;
     int ok = 1;
     for (int i = 0; i < j->n_stop; i++) ok &= job_add_stop(c, j->stop[i], strlen(j->stop[i])) == 0;
     if (j->sampling.n_logit_bias) {
@@ -62,6 +63,7 @@ void job_release(serve_job *j) {
     free(j->ids);
     free(j->logprobs);
     free(j->logit_bias);
+    json_schema_release(j->schema);
     pthread_cond_destroy(&j->cv);
     pthread_mutex_destroy(&j->mu);
     free(j);

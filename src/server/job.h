@@ -11,6 +11,7 @@
 
 #include "cake.h"
 #include "engine/generate.h"
+#include "server/json_schema.h"
 
 #define JOB_MAX_STOP         4
 #define JOB_MAX_STOP_IDS     16
@@ -43,7 +44,10 @@ struct serve_job {
     int n_stop_ids;
     int ignore_eos;   /* EOS and the end of turn do not stop it (benchmarks) */
     int top_logprobs; /* -1: no log-probabilities; else alternatives per token */
-    int json_object;  /* JSON mode: the answer is one JSON object (json_grammar.h) */
+    /* Structured output (engine/json_grammar.h): the answer is JSON, one
+     * value of schema (owned: one reference), or with schema NULL one object. */
+    int json;
+    json_schema *schema;
 
     /* Progress, under mu; cv is signalled on every change. */
     pthread_mutex_t mu;

@@ -79,8 +79,8 @@ static int bool_field(const cJSON *o, const char *key, int *out, char *err, size
  * rather than ignored. Their "off" values (null, false, 0, []) pass. */
 static int unsupported(const cJSON *o, char *err, size_t errlen) {
     static const char *keys[] = {"echo",         "suffix",        "tools",         "functions",
-                                 "best_of",      "grammar",       "json_schema",   "guided_json",
-                                 "guided_regex", "guided_choice", "guided_grammar"};
+                                 "best_of",      "grammar",       "guided_regex",  "guided_choice",
+                                 "guided_grammar"};
     for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++) {
         const cJSON *v = field(o, keys[i]);
         if (!v || cJSON_IsFalse(v) || (cJSON_IsNumber(v) && v->valuedouble == 0) ||
@@ -97,24 +97,48 @@ static int unsupported(const cJSON *o, char *err, size_t errlen) {
     return 0;
 }
 
-/* response_format: text (the default), or json_object (JSON mode: the
- * answer is one JSON object). */
-static int json_mode_asked(const cJSON *o, int *json, char *err, size_t errlen) {
+/* Structured output: response_format text (the default), json_object (the
+ * answer is one JSON object) or json_schema (a value of the schema); or the
+ * schema as vLLM (guided_json) or llama.cpp (json_schema) take it. */
+static int json_asked(const cJSON *o, int *json, json_schema **schema, char *err, size_t errlen) {
     const cJSON *rf = field(o, "response_format"), *type = rf ? field(rf, "type") : NULL;
-    if (!rf) return 0;
-    if (cJSON_IsObject(rf) && cJSON_IsString(type)) {
-        if (!strcmp(type->valuestring, "text")) return 0;
-        if (!strcmp(type->valuestring, "json_object")) {
-            *json = 1;
-            return 0;
-        }
-        if (!strcmp(type->valuestring, "json_schema"))
+    const cJSON *guided = field(o, "guided_json"), *llama = field(o, "json_schema");
+    const cJSON *given = NULL;
+    if (guided && cJSON_IsNull(guided)) guided = NULL;
+    if (llama && cJSON_IsNull(llama)) llama = NULL;
+    if (rf && !cJSON_IsNull(rf)) {
+        if (!cJSON_IsObject(rf) || !cJSON_IsString(type) ||
+            (strcmp(type->valuestring, "text") && strcmp(type->valuestring, "json_object") &&
+             strcmp(type->valuestring, "json_schema")))
             return cake_err(err, errlen,
-                            "'response_format' json_schema is not supported (json_object is)");
+                            "'response_format' must be {\"type\": \"text\"}, {\"type\": "
+                            "\"json_object\"} or {\"type\": \"json_schema\", \"json_schema\": "
+                            "{\"name\": ..., \"schema\": {...}}}");
+        *json = strcmp(type->valuestring, "text") != 0;
+        if (!strcmp(type->valuestring, "json_schema")) {
+            const cJSON *js = field(rf, "json_schema");
+            if (!cJSON_IsObject(js))
+                return cake_err(err, errlen, "'response_format' json_schema needs a "
+                                             "'json_schema' object holding the 'schema'");
+            given = field(js, "schema"); /* (none: any object, as json_object) */
+        }
     }
-    return cake_err(err, errlen,
-                    "'response_format' must be {\"type\": \"text\"} or {\"type\": "
-                    "\"json_object\"}");
+    if ((guided != NULL) + (llama != NULL) + (*json != 0) > 1)
+        return cake_err(err, errlen, "give one of 'response_format', 'guided_json' and "
+                                     "'json_schema'");
+    cJSON *parsed = NULL; /* guided_json may be the schema's text */
+    if (guided && !(given = cJSON_IsString(guided) ? (parsed = cJSON_Parse(guided->valuestring))
+                                                   : guided))
+        return cake_err(err, errlen, "'guided_json' is not JSON");
+    if (llama) given = llama;
+    if (guided || llama) *json = 1;
+    if (given && !(*schema = json_schema_compile(given, err, errlen))) {
+        char why[200];
+        snprintf(why, sizeof(why), "%s", err);
+        cake_err(err, errlen, "the JSON schema: %s", why);
+    }
+    cJSON_Delete(parsed);
+    return given && !*schema ? -1 : 0;
 }
 
 /* Log-probabilities asked for: how many alternatives per token (-1: none).
@@ -361,8 +385,9 @@ int api_parse(const char *body, size_t len, int chat, const api_model *m, serve_
     double max_tokens = -1, temperature = 1, top_p = 1, seed = -1, frequency = 0, presence = 0,
            top_k = 0, min_p = 0, choices = 1;
     int rc = -1, ignore_eos = 0, top_logprobs = -1, json = 0;
+    json_schema *schema = NULL;
     if (unsupported(o, err, errlen) || logprobs_asked(o, chat, &top_logprobs, err, errlen) ||
-        json_mode_asked(o, &json, err, errlen) ||
+        json_asked(o, &json, &schema, err, errlen) ||
         bool_field(o, "stream", &shape->stream, err, errlen) ||
         bool_field(o, "ignore_eos", &ignore_eos, err, errlen) ||
         int_field(o, "max_tokens", 1, 1 << 30, &max_tokens, err, errlen) ||
@@ -412,7 +437,9 @@ int api_parse(const char *body, size_t len, int chat, const api_model *m, serve_
     j->end_of_turn = eot;
     j->ignore_eos = ignore_eos;
     j->top_logprobs = top_logprobs;
-    j->json_object = json;
+    j->json = json;
+    j->schema = schema;
+    schema = NULL;
     if (add_logit_bias(o, m, j, err, errlen)) goto done;
     *out = j;
     j = NULL;
@@ -420,6 +447,7 @@ int api_parse(const char *body, size_t len, int chat, const api_model *m, serve_
 done:
     free(ids);
 done_ids_freed:
+    json_schema_release(schema);
     job_release(j);
     cJSON_Delete(o);
     return rc;

@@ -302,8 +302,8 @@ static void run_job(slot *s, serve_job *j) {
     if (max > p->n_ctx - j->n_prompt) max = p->n_ctx - j->n_prompt;
     cake_sampler_params sampling = j->sampling;
     cake_json_grammar *grammar = NULL;
-    if (j->json_object &&
-        (grammar = cake_json_grammar_new(tok, cake_tokenizer_eos(tok), j->end_of_turn)))
+    if (j->json && (grammar = cake_json_grammar_new(tok, j->schema ? json_schema_root(j->schema) : NULL,
+                                                    cake_tokenizer_eos(tok), j->end_of_turn)))
         cake_json_grammar_constrain(grammar, &sampling);
     cake_sampler *sampler = cake_sampler_init(sampling);
     pthread_mutex_lock(&j->mu);
@@ -314,7 +314,7 @@ static void run_job(slot *s, serve_job *j) {
     cake_token *ids = j->ids;
     const int no_logprobs = j->top_logprobs >= 0 && !j->logprobs;
     pthread_mutex_unlock(&j->mu);
-    if (!sampler || !ids || no_logprobs || (j->json_object && !grammar)) {
+    if (!sampler || !ids || no_logprobs || (j->json && !grammar)) {
         cake_sampler_free(sampler);
         cake_json_grammar_free(grammar);
         job_settle(j, "out of memory");
