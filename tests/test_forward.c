@@ -1015,7 +1015,7 @@ static void test_json_grammar(void **state) {
         "{\"a\":1}",
         "{\"a\": -0.5e+10, \"b\": [1, 2.25, -3, 0, 1E5, 0.0e-1], \"c\": {\"d\": [[], {}]}}",
         "{\"t\": true, \"f\": false, \"n\": null, \"s\": \"\\\"\\\\\\/\\b\\f\\n\\r\\t\\u00e9\"}",
-        "{\"utf-8\": \"caf\xc3\xa9 \xe2\x82\xac\"}",
+        "{\"utf-8\": \"caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x8e\x82 \xf4\x8f\xbf\xbf\"}",
         "{\"\": \"\"}",
         "{\"a\":[{\"b\":[{\"c\":\"d\"}]}]}",
         "{\n  \"k\": [\n    1,\n    2\n  ]\n}",
@@ -1054,6 +1054,12 @@ static void test_json_grammar(void **state) {
         "{\"a\":[1}",
         "{\"a\" 1}",
         "{\"a\":1 // c\n}",
+        "{\"a\":\"\x80\"}",             /* UTF-8: a lone continuation byte, */
+        "{\"a\":\"\xc3\"}",             /* a character cut short, */
+        "{\"a\":\"\xc0\xaf\"}",         /* an overlong form, */
+        "{\"a\":\"\xed\xa0\x80\"}",     /* a surrogate, */
+        "{\"a\":\"\xf4\x90\x80\x80\"}", /* past U+10FFFF */
+        "{\"\xff\":1}",
     };
     for (size_t i = 0; i < sizeof(invalid) / sizeof(invalid[0]); i++)
         if (json_whole(invalid[i])) fail_msg("accepted: %s", invalid[i]);

@@ -31,7 +31,8 @@ enum {
 static const char *const boolean_names[] = {"false", "true"}, *const null_names[] = {"null"};
 const cake_json_node cake_json_any = {.kind = CAKE_JSON_ANY};
 const cake_json_node cake_json_any_object = {.kind = CAKE_JSON_OBJECT, .more = &cake_json_any};
-static const cake_json_node any_array = {.kind = CAKE_JSON_ARRAY, .more = &cake_json_any, .max = -1};
+static const cake_json_node any_array = {
+    .kind = CAKE_JSON_ARRAY, .more = &cake_json_any, .max = -1};
 static const cake_json_node any_string = {.kind = CAKE_JSON_STRING, .max = -1};
 static const cake_json_node any_number = {.kind = CAKE_JSON_NUMBER};
 static const cake_json_node boolean = {.kind = CAKE_JSON_ENUM, .n = 2, .names = boolean_names};
@@ -212,6 +213,23 @@ static bool begin_value(cake_json_state *s, unsigned char c) {
     }
 }
 
+/* A byte of a string's UTF-8: false when it cannot go on valid (RFC 3629:
+ * no overlong forms, no surrogates, nothing past U+10FFFF). */
+static bool utf8_byte(cake_json_state *s, unsigned char c) {
+    if (s->utf8_need) {
+        if (c < s->utf8_lo || c > s->utf8_hi) return false;
+        s->utf8_need--;
+        s->utf8_lo = 0x80, s->utf8_hi = 0xbf;
+        return true;
+    }
+    if (c < 0x80) return true;
+    if (c < 0xc2 || c > 0xf4) return false;
+    s->utf8_need = c < 0xe0 ? 1 : c < 0xf0 ? 2 : 3;
+    s->utf8_lo = c == 0xe0 ? 0xa0 : c == 0xf0 ? 0x90 : 0x80;
+    s->utf8_hi = c == 0xed ? 0x9f : c == 0xf4 ? 0x8f : 0xbf;
+    return true;
+}
+
 static bool step(cake_json_state *s, unsigned char c);
 
 /* A number or an enum's value ends at the first byte that cannot continue
@@ -228,16 +246,18 @@ static bool match_whole(const cake_json_state *s) {
 
 static bool step(cake_json_state *s, unsigned char c) {
     switch (s->mode) {
-    case M_STRING:
-        if (c == '"') {
+    case M_STRING: {
+        const bool starts = !s->utf8_need; /* c begins a character */
+        if (starts && c == '"') {
             if (s->in_key) return end_key(s);
             return s->len >= s->node->min && end_value(s);
         }
-        if (c < 0x20) return false; /* control characters must be escaped */
-        if (c == '\\') s->mode = M_ESCAPE;
+        /* control characters must be escaped */
+        if (c < 0x20 || !utf8_byte(s, c)) return false;
+        if (starts && c == '\\') s->mode = M_ESCAPE;
         if (s->in_key) return key_byte(s, c);
-        if ((c & 0xc0) == 0x80) return true; /* (a character's continuation byte) */
-        return s->node->max < 0 || s->len++ < s->node->max;
+        return !starts || s->node->max < 0 || s->len++ < s->node->max;
+    }
     case M_ESCAPE:
         if (s->in_key && !key_byte(s, c)) return false;
         if (c == 'u') {
@@ -368,8 +388,9 @@ struct cake_json_grammar {
     const cake_tokenizer *t;
     cake_token end, end2;
     /* Per token: its text can only be string content (bytes from 0x20 but
-     * '"' and '\\'). Inside a string such a token is always allowed and
-     * the string goes on: the mask need not read it (most of a vocabulary). */
+     * '"' and '\\', whole UTF-8 characters). Inside a string, between
+     * characters, such a token is always allowed and the string goes on:
+     * the mask need not read it (most of a vocabulary). */
     int n_vocab;
     uint8_t *plain;
 };
@@ -386,9 +407,11 @@ cake_json_grammar *cake_json_grammar_new(const cake_tokenizer *t, const cake_jso
     for (int id = 0; id < n; id++) {
         size_t len;
         const unsigned char *text = (const unsigned char *)cake_token_text(t, id, &len);
+        cake_json_state s = {.mode = M_STRING, .node = &any_string};
         plain[id] = len > 0;
         for (size_t i = 0; i < len && plain[id]; i++)
-            plain[id] = text[i] >= 0x20 && text[i] != '"' && text[i] != '\\';
+            plain[id] = text[i] != '"' && text[i] != '\\' && step(&s, text[i]);
+        plain[id] = plain[id] && !s.utf8_need;
     }
     cake_json_start(&g->s, root);
     g->t = t;
@@ -413,9 +436,10 @@ void cake_json_grammar_mask(void *ud, float *logits, int n_vocab) {
     const cake_json_grammar *g = ud;
     const cake_json_state *now = &g->s;
     const bool complete = cake_json_complete(now), done = now->mode == M_DONE;
-    /* In a string that any text continues (a value's without a length cap,
-     * or a key that no declared property's name begins) */
-    const bool open_string = now->mode == M_STRING &&
+    /* Between characters of a string that any text continues (a value's
+     * without a length cap, or a key that no declared property's name
+     * begins) */
+    const bool open_string = now->mode == M_STRING && !now->utf8_need &&
                              (now->in_key ? now->lo >= now->hi : now->node->max < 0);
     cake_json_state s;
     int allowed = 0;

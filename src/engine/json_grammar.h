@@ -6,8 +6,8 @@
  * break it get a logit of -INFINITY, and once the value is whole only the
  * end tokens (EOS, a chat's end of turn) are left. Strict JSON (RFC 8259):
  * no trailing commas, no comments, no leading zeros, control characters
- * escaped in strings; bytes from 0x80 are taken as they come (the model's
- * UTF-8). Whitespace runs are capped, so that a model cannot pad forever. */
+ * escaped in strings, strings valid UTF-8 (RFC 3629: no overlong forms,
+ * no surrogates). Whitespace runs are capped, so that a model cannot pad forever. */
 #ifndef CAKE_ENGINE_JSON_GRAMMAR_H
 #define CAKE_ENGINE_JSON_GRAMMAR_H
 
@@ -65,7 +65,10 @@ typedef struct {
     unsigned char mode;  /* what may come next (json_grammar.c) */
     unsigned char space; /* whitespace bytes in a row */
     unsigned char in_key;
-    unsigned char hex;          /* hex digits of a \u escape read */
+    unsigned char hex;       /* hex digits of a \u escape read */
+    unsigned char utf8_need; /* a string's UTF-8: continuation bytes to come, */
+    unsigned char utf8_lo;   /* the range the next one is in */
+    unsigned char utf8_hi;
     int len;                    /* a string's characters, or the bytes of a key or enum value */
     int lo, hi;                 /* the names a key or enum value can still be */
     const cake_json_node *node; /* the schema of the value being read, or the next one */

@@ -76,14 +76,32 @@ static const char *property_name(compiler *c, const char *name) {
 }
 
 /* Keywords that constrain values in ways the automaton does not follow. */
-static const char *const refused[] = {
-    "pattern",          "minimum",           "maximum",          "exclusiveMinimum",
-    "exclusiveMaximum", "multipleOf",        "prefixItems",      "contains",
-    "minContains",      "maxContains",       "patternProperties", "propertyNames",
-    "minProperties",    "maxProperties",     "dependentRequired", "dependentSchemas",
-    "dependencies",     "unevaluatedProperties", "unevaluatedItems", "not",
-    "if",               "then",              "else",             "additionalItems",
-    "$dynamicRef",      "$recursiveRef"};
+static const char *const refused[] = {"pattern",
+                                      "minimum",
+                                      "maximum",
+                                      "exclusiveMinimum",
+                                      "exclusiveMaximum",
+                                      "multipleOf",
+                                      "prefixItems",
+                                      "contains",
+                                      "minContains",
+                                      "maxContains",
+                                      "patternProperties",
+                                      "propertyNames",
+                                      "minProperties",
+                                      "maxProperties",
+                                      "dependentRequired",
+                                      "dependentSchemas",
+                                      "dependencies",
+                                      "unevaluatedProperties",
+                                      "unevaluatedItems",
+                                      "not",
+                                      "if",
+                                      "then",
+                                      "else",
+                                      "additionalItems",
+                                      "$dynamicRef",
+                                      "$recursiveRef"};
 
 /* Keywords of one type's values, and what they tell the type to be when
  * "type" is absent. */
@@ -144,8 +162,7 @@ static cake_json_node *compile_object(compiler *c, const cJSON *s, int depth) {
     for (const cJSON *v = props ? props->child : NULL; v; v = v->next, i++) {
         for (int k = 0; k < i; k++)
             if (!strcmp(p[k].raw, v->string))
-                return cake_err(c->err, c->errlen, "property '%.60s' is declared twice",
-                                v->string),
+                return cake_err(c->err, c->errlen, "property '%.60s' is declared twice", v->string),
                        NULL;
         p[i].raw = v->string;
         if (!(p[i].name = property_name(c, v->string))) return NULL;
@@ -173,7 +190,7 @@ static cake_json_node *compile_object(compiler *c, const cJSON *s, int depth) {
     /* No additionalProperties beside properties: none (as vLLM's xgrammar
      * and OpenAI's strict mode have it); an object without either: any. */
     if (!more)
-        o->more = n ? NULL : &cake_json_any;
+        o->more = props ? NULL : &cake_json_any;
     else if (cJSON_IsBool(more))
         o->more = cJSON_IsTrue(more) ? &cake_json_any : NULL;
     else if (!(o->more = compile(c, more, depth + 1)))
@@ -236,7 +253,8 @@ static cake_json_node *compile_enum(compiler *c, const cJSON *s) {
     const cJSON *en = cJSON_GetObjectItemCaseSensitive(s, "enum");
     const cJSON *cn = cJSON_GetObjectItemCaseSensitive(s, "const");
     const cJSON *type = cJSON_GetObjectItemCaseSensitive(s, "type");
-    if (en && !cJSON_IsArray(en)) return cake_err(c->err, c->errlen, "'enum' must be an array"), NULL;
+    if (en && !cJSON_IsArray(en))
+        return cake_err(c->err, c->errlen, "'enum' must be an array"), NULL;
     const int n = en ? cJSON_GetArraySize(en) : 1;
     if (n > MAX_ENUM)
         return cake_err(c->err, c->errlen, "an 'enum' of more than %d values", MAX_ENUM), NULL;
@@ -272,8 +290,9 @@ static cake_json_node *union_of(compiler *c, const cake_json_node **alts, int n,
                    NULL;
         if (a->kind == CAKE_JSON_ANY) {
             if (one_of)
-                return cake_err(c->err, c->errlen, "'oneOf' with an alternative that allows "
-                                                   "any value is not supported"),
+                return cake_err(c->err, c->errlen,
+                                "'oneOf' with an alternative that allows "
+                                "any value is not supported"),
                        NULL;
             return (cake_json_node *)&cake_json_any;
         }
@@ -321,8 +340,7 @@ static cake_json_node *union_of(compiler *c, const cake_json_node **alts, int n,
 static cake_json_node *compile_alternatives(compiler *c, const cJSON *list, const char *key,
                                             int depth) {
     if (!cJSON_IsArray(list) || !cJSON_GetArraySize(list))
-        return cake_err(c->err, c->errlen, "'%s' must be a non-empty array of schemas", key),
-               NULL;
+        return cake_err(c->err, c->errlen, "'%s' must be a non-empty array of schemas", key), NULL;
     const int n = cJSON_GetArraySize(list);
     const cake_json_node **alts = alloc(c, (size_t)n * sizeof(*alts));
     if (!alts) return NULL;
@@ -332,7 +350,7 @@ static cake_json_node *compile_alternatives(compiler *c, const cJSON *list, cons
     return union_of(c, alts, n, !strcmp(key, "oneOf"));
 }
 
-static const char *const type_names[] = {"object", "array",   "string", "number",
+static const char *const type_names[] = {"object",  "array",   "string", "number",
                                          "integer", "boolean", "null"};
 
 static cake_json_node *typed_node(compiler *c, const cJSON *s, const char *type, int depth) {
@@ -384,8 +402,8 @@ static cake_json_node *compile_typed(compiler *c, const cJSON *s, int depth) {
     const cake_json_node **alts = alloc(c, (size_t)n * sizeof(*alts));
     if (!alts) return NULL;
     int k = 0, number = 0;
-    for (const cJSON *t = type->child; t; t = t->next) number |= cJSON_IsString(t) &&
-                                                                 !strcmp(t->valuestring, "number");
+    for (const cJSON *t = type->child; t; t = t->next)
+        number |= cJSON_IsString(t) && !strcmp(t->valuestring, "number");
     for (const cJSON *t = type->child; t; t = t->next) {
         if (!known_type(t)) return cake_err(c->err, c->errlen, "unknown 'type' in the list"), NULL;
         if (number && !strcmp(t->valuestring, "integer")) continue; /* (numbers hold them) */
@@ -450,7 +468,8 @@ static cake_json_node *compile(compiler *c, const cJSON *s, int depth) {
     if (depth > MAX_NESTING)
         return cake_err(c->err, c->errlen, "the schema nests deeper than %d", MAX_NESTING), NULL;
     if (cJSON_IsTrue(s)) return (cake_json_node *)&cake_json_any;
-    if (cJSON_IsFalse(s)) return cake_err(c->err, c->errlen, "a schema 'false' allows no value"), NULL;
+    if (cJSON_IsFalse(s))
+        return cake_err(c->err, c->errlen, "a schema 'false' allows no value"), NULL;
     if (!cJSON_IsObject(s))
         return cake_err(c->err, c->errlen, "a schema must be an object or a boolean"), NULL;
     for (size_t i = 0; i < sizeof(refused) / sizeof(refused[0]); i++)
@@ -459,7 +478,8 @@ static cake_json_node *compile(compiler *c, const cJSON *s, int depth) {
                             refused[i]),
                    NULL;
     if (cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(s, "uniqueItems")))
-        return cake_err(c->err, c->errlen, "the JSON schema keyword 'uniqueItems' is not supported"),
+        return cake_err(c->err, c->errlen,
+                        "the JSON schema keyword 'uniqueItems' is not supported"),
                NULL;
 
     /* One form of schema: a reference, a conjunction of one, alternatives,

@@ -78,9 +78,9 @@ static int bool_field(const cJSON *o, const char *key, int *out, char *err, size
 /* Fields that would change the answer in ways cake does not do: refused
  * rather than ignored. Their "off" values (null, false, 0, []) pass. */
 static int unsupported(const cJSON *o, char *err, size_t errlen) {
-    static const char *keys[] = {"echo",         "suffix",        "tools",         "functions",
-                                 "best_of",      "grammar",       "guided_regex",  "guided_choice",
-                                 "guided_grammar"};
+    static const char *keys[] = {"echo",         "suffix",        "tools",
+                                 "functions",    "best_of",       "grammar",
+                                 "guided_regex", "guided_choice", "guided_grammar"};
     for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++) {
         const cJSON *v = field(o, keys[i]);
         if (!v || cJSON_IsFalse(v) || (cJSON_IsNumber(v) && v->valuedouble == 0) ||
@@ -118,17 +118,19 @@ static int json_asked(const cJSON *o, int *json, json_schema **schema, char *err
         if (!strcmp(type->valuestring, "json_schema")) {
             const cJSON *js = field(rf, "json_schema");
             if (!cJSON_IsObject(js))
-                return cake_err(err, errlen, "'response_format' json_schema needs a "
-                                             "'json_schema' object holding the 'schema'");
+                return cake_err(err, errlen,
+                                "'response_format' json_schema needs a "
+                                "'json_schema' object holding the 'schema'");
             given = field(js, "schema"); /* (none: any object, as json_object) */
         }
     }
     if ((guided != NULL) + (llama != NULL) + (*json != 0) > 1)
-        return cake_err(err, errlen, "give one of 'response_format', 'guided_json' and "
-                                     "'json_schema'");
+        return cake_err(err, errlen,
+                        "give one of 'response_format', 'guided_json' and "
+                        "'json_schema'");
     cJSON *parsed = NULL; /* guided_json may be the schema's text */
-    if (guided && !(given = cJSON_IsString(guided) ? (parsed = cJSON_Parse(guided->valuestring))
-                                                   : guided))
+    if (guided &&
+        !(given = cJSON_IsString(guided) ? (parsed = cJSON_Parse(guided->valuestring)) : guided))
         return cake_err(err, errlen, "'guided_json' is not JSON");
     if (llama) given = llama;
     if (guided || llama) *json = 1;

@@ -302,8 +302,9 @@ static void run_job(slot *s, serve_job *j) {
     if (max > p->n_ctx - j->n_prompt) max = p->n_ctx - j->n_prompt;
     cake_sampler_params sampling = j->sampling;
     cake_json_grammar *grammar = NULL;
-    if (j->json && (grammar = cake_json_grammar_new(tok, j->schema ? json_schema_root(j->schema) : NULL,
-                                                    cake_tokenizer_eos(tok), j->end_of_turn)))
+    if (j->json &&
+        (grammar = cake_json_grammar_new(tok, j->schema ? json_schema_root(j->schema) : NULL,
+                                         cake_tokenizer_eos(tok), j->end_of_turn)))
         cake_json_grammar_constrain(grammar, &sampling);
     cake_sampler *sampler = cake_sampler_init(sampling);
     pthread_mutex_lock(&j->mu);
