@@ -451,8 +451,8 @@ static void test_bad_requests(void **state) {
         {"POST", "/v1/completions",
          "{\"prompt\":\"hi\",\"response_format\":{\"type\":\"json_schema\"}}", 400,
          "'response_format'"},
-        {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"guided_json\":{\"type\":\"object\"}}",
-         400, "not supported"},
+        {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"guided_regex\":\"a+\"}", 400,
+         "not supported"},
         {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"stream_options\":3}", 400,
          "'stream_options'"},
         /* 70 tokens in a context of 64 */
@@ -945,9 +945,9 @@ static void test_json_mode(void **state) {
         cJSON_Delete(a);
     }
     printf("json mode: %d of 8 sampled answers ended\n", ended);
-    static const char *bad[] = {
-        "\"response_format\":{\"type\":\"json_schema\",\"json_schema\":{\"name\":\"x\"}}",
-        "\"response_format\":{\"type\":\"xml\"}", "\"response_format\":\"json_object\""};
+    static const char *bad[] = {"\"response_format\":{\"type\":\"json_schema\",\"schema\":{}}",
+                                "\"response_format\":{\"type\":\"xml\"}",
+                                "\"response_format\":\"json_object\""};
     for (int i = 0; i < 3; i++) {
         char body[256];
         snprintf(body, sizeof(body), "{\"prompt\":\"hi\",%s}", bad[i]);
@@ -974,6 +974,96 @@ static void test_json_mode(void **state) {
     unlink(path);
 #undef JSON_BIASES
 #undef JSON_OBJECT
+}
+
+/* A JSON schema (OpenAI's response_format json_schema, vLLM's guided_json,
+ * llama.cpp's json_schema): every sampled answer, whole or streamed, of
+ * each of n choices, that ends holds it; schemas cake cannot enforce are
+ * refused with the keyword named. */
+static void test_json_schema(void **state) {
+    (void)state;
+#define SCHEMA                                                                                     \
+    "{\"type\":\"object\",\"properties\":{\"answer\":{\"enum\":[\"yes\",\"no\"]},\"n\":{\"type\":" \
+    "\"integer\"}},\"required\":[\"answer\",\"n\"]}"
+    t_server s;
+    assert_int_equal(serve_start(&s, g_tiny, "--store", "none", NULL), 0);
+    static const char *forms[] = {
+        "\"response_format\":{\"type\":\"json_schema\",\"json_schema\":{\"name\":\"r\",\"strict\":"
+        "true,\"schema\":" SCHEMA "}}",
+        "\"guided_json\":" SCHEMA,
+        "\"json_schema\":" SCHEMA,
+    };
+    int ended = 0;
+    for (int f = 0; f < 3; f++) {
+        for (int stream = 0; stream < 2; stream++) {
+            char body[1024];
+            snprintf(body, sizeof(body),
+                     "{\"prompt\":\"Yes or no, in JSON\",\"max_tokens\":80,\"temperature\":1,"
+                     "\"seed\":%d,\"n\":3,\"stream\":%s,%s}",
+                     f, stream ? "true" : "false", forms[f]);
+            t_resp r = http(s.port, "POST", "/v1/completions", body);
+            assert_int_equal(r.status, 200);
+            char text[3][1024] = {"", "", ""};
+            char finish[3][16] = {"", "", ""};
+            cJSON *ev[256];
+            int n_ev = 1, done = 0;
+            if (stream)
+                n_ev = parse_events(r.body, ev, 256, &done);
+            else
+                ev[0] = cJSON_Parse(r.body);
+            for (int e = 0; e < n_ev; e++) {
+                const cJSON *ch = cJSON_GetObjectItemCaseSensitive(ev[e], "choices");
+                for (const cJSON *c = ch ? ch->child : NULL; c; c = c->next) {
+                    const int i = (int)cJSON_GetObjectItemCaseSensitive(c, "index")->valuedouble;
+                    const cJSON *t = cJSON_GetObjectItemCaseSensitive(c, "text");
+                    const cJSON *fr = cJSON_GetObjectItemCaseSensitive(c, "finish_reason");
+                    assert_true(i >= 0 && i < 3);
+                    if (cJSON_IsString(t))
+                        strncat(text[i], t->valuestring, sizeof(text[i]) - strlen(text[i]) - 1);
+                    if (cJSON_IsString(fr))
+                        snprintf(finish[i], sizeof(finish[i]), "%s", fr->valuestring);
+                }
+                cJSON_Delete(ev[e]);
+            }
+            for (int i = 0; i < 3; i++) {
+                if (strcmp(finish[i], "stop")) continue; /* (ran out of tokens) */
+                cJSON *o = cJSON_Parse(text[i]);
+                const cJSON *answer = cJSON_GetObjectItemCaseSensitive(o, "answer");
+                const cJSON *num = cJSON_GetObjectItemCaseSensitive(o, "n");
+                if (!cJSON_IsString(answer) || !cJSON_IsNumber(num) ||
+                    (strcmp(answer->valuestring, "yes") && strcmp(answer->valuestring, "no")) ||
+                    cJSON_GetArraySize(o) != 2)
+                    fail_msg("not of the schema: %s", text[i]);
+                cJSON_Delete(o);
+                ended++;
+            }
+            resp_free(&r);
+        }
+    }
+    printf("json schema: %d of 18 sampled answers ended, all of the schema\n", ended);
+    assert_true(ended > 0);
+
+    static const struct {
+        const char *field, *says;
+    } bad[] = {
+        {"\"json_schema\":{\"type\":\"string\",\"pattern\":\"a+\"}", "'pattern'"},
+        {"\"guided_json\":\"{not json\"", "guided_json"},
+        {"\"guided_json\":{},\"json_schema\":{}", "give one of"},
+        {"\"response_format\":{\"type\":\"json_object\"},\"json_schema\":{}", "give one of"},
+        {"\"response_format\":{\"type\":\"json_schema\",\"json_schema\":{\"schema\":{\"$ref\":"
+         "\"#/x\"}}}",
+         "points to nothing"},
+    };
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        char body[512];
+        snprintf(body, sizeof(body), "{\"prompt\":\"hi\",%s}", bad[i].field);
+        t_resp r = http(s.port, "POST", "/v1/completions", body);
+        assert_int_equal(r.status, 400);
+        if (!strstr(r.body, bad[i].says)) fail_msg("%s: %s", bad[i].field, r.body);
+        resp_free(&r);
+    }
+    assert_int_equal(serve_stop(&s), 0);
+#undef SCHEMA
 }
 
 /* /tokenize gives the ids a completion of the text computes (the same
@@ -1802,19 +1892,19 @@ static void test_chat_formats(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_chat_formats),   cmocka_unit_test(test_usage_errors),
-        cmocka_unit_test(test_api_key),        cmocka_unit_test(test_bad_requests),
-        cmocka_unit_test(test_answers_tiny),   cmocka_unit_test(test_answers_stories260k),
-        cmocka_unit_test(test_stop_strings),   cmocka_unit_test(test_seeded_sampling),
-        cmocka_unit_test(test_store_reuse),    cmocka_unit_test(test_slow_first_token),
-        cmocka_unit_test(test_slot_prefix),    cmocka_unit_test(test_answer_stored),
-        cmocka_unit_test(test_prefetch),       cmocka_unit_test(test_cancel_and_queue),
-        cmocka_unit_test(test_chat_llama2),    cmocka_unit_test(test_batched_answers),
-        cmocka_unit_test(test_shared_prefix),  cmocka_unit_test(test_speed_hints),
-        cmocka_unit_test(test_logprobs),       cmocka_unit_test(test_tokenize),
-        cmocka_unit_test(test_penalties),      cmocka_unit_test(test_json_mode),
-        cmocka_unit_test(test_choices),        cmocka_unit_test(test_stop_ids),
-        cmocka_unit_test(test_cancel_prefill),
+        cmocka_unit_test(test_chat_formats),  cmocka_unit_test(test_usage_errors),
+        cmocka_unit_test(test_api_key),       cmocka_unit_test(test_bad_requests),
+        cmocka_unit_test(test_answers_tiny),  cmocka_unit_test(test_answers_stories260k),
+        cmocka_unit_test(test_stop_strings),  cmocka_unit_test(test_seeded_sampling),
+        cmocka_unit_test(test_store_reuse),   cmocka_unit_test(test_slow_first_token),
+        cmocka_unit_test(test_slot_prefix),   cmocka_unit_test(test_answer_stored),
+        cmocka_unit_test(test_prefetch),      cmocka_unit_test(test_cancel_and_queue),
+        cmocka_unit_test(test_chat_llama2),   cmocka_unit_test(test_batched_answers),
+        cmocka_unit_test(test_shared_prefix), cmocka_unit_test(test_speed_hints),
+        cmocka_unit_test(test_logprobs),      cmocka_unit_test(test_tokenize),
+        cmocka_unit_test(test_penalties),     cmocka_unit_test(test_json_mode),
+        cmocka_unit_test(test_json_schema),   cmocka_unit_test(test_choices),
+        cmocka_unit_test(test_stop_ids),      cmocka_unit_test(test_cancel_prefill),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
