@@ -227,6 +227,19 @@ if "$CAKE" mkmodel --shape tiny -o "$tmp/tiny.gguf" 2>/dev/null; then
                 pass "run without --json-mode: no object"
         fi
     done
+    # A JSON schema: the answer holds it (here an enum: one of two words)
+    echo '{"type":"object","properties":{"w":{"enum":["yes","no"]}},"required":["w"]}' \
+        >"$tmp/schema.json"
+    out=$("$CAKE" run -m "$tmp/tiny.gguf" -p "Yes or no?" -n 80 --temp 1 --seed 4 \
+        --json-schema "$tmp/schema.json" 2>/dev/null)
+    out=$(echo "$out" | tr -d ' \t\r\n')
+    [[ "$out" =~ ^\{\"w\":\"(yes|no)\"\}$ ]] && pass "run --json-schema: $out" ||
+        fail "run --json-schema: '$out'"
+    echo '{"type":"string","pattern":"^a"}' >"$tmp/bad-schema.json"
+    expect_exit 2 "run --json-schema with 'pattern'" -- "$CAKE" run -m "$tmp/tiny.gguf" -p x \
+        --json-schema "$tmp/bad-schema.json"
+    expect_exit 2 "run --json-schema and --json-mode" -- "$CAKE" run -m "$tmp/tiny.gguf" -p x \
+        --json-mode --json-schema "$tmp/schema.json"
     expect_exit 2 "bench with --share 0" -- "$CAKE" bench ttft -m "$tmp/tiny.gguf" --share 0
     expect_exit 0 "bench ttft" -- "$CAKE" bench ttft -m "$tmp/tiny.gguf" --ctx 97 --bw 0.0003,5 \
         --share 1,0.5 --chunk 16 --repeat 3 --min-cell-time 3 --out "$tmp/bench" --trace

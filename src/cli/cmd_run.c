@@ -12,7 +12,11 @@
 #include "loader/loader.h"
 #include "store/key.h"
 #include "store/store.h"
+#include "util/err.h"
 #include "model/tokenizer.h"
+#ifdef CAKE_HAVE_SERVER
+#include "server/json_schema.h"
+#endif
 
 static const char *help =
     "usage: cake run -m MODEL.gguf (-p TEXT | -f FILE | --tokens \"1 2 3\") [options]\n"
@@ -32,6 +36,8 @@ static const char *help =
     "      --frequency-penalty F, --presence-penalty F\n"
     "                        OpenAI's penalties on tokens generated so far (-2..2; 0 = off)\n"
     "      --json-mode       the answer is one JSON object (OpenAI's JSON mode)\n"
+    "      --json-schema FILE  the answer is a value of the JSON Schema in FILE\n"
+    "                        (docs/SERVER.md \"Structured output\")\n"
     "      --seed S          random seed (default: from the clock; printed in the summary)\n"
     "      --threads N       CPU threads (default: all online CPUs)\n"
     "      --chunk TOKENS    prefill chunk size = the store's chunk size (default 256)\n"
@@ -51,7 +57,7 @@ static const char *help =
     "      --json            print one JSON object on stdout instead of the text\n";
 
 typedef struct {
-    const char *model, *prompt, *file, *tokens, *store, *dump_logits, *trace;
+    const char *model, *prompt, *file, *tokens, *store, *dump_logits, *trace, *json_schema;
     cake_mode mode;
     long n_predict, threads, chunk, io_depth;
     double temp, top_p, min_p, frequency_penalty, presence_penalty;
@@ -151,6 +157,7 @@ static int parse_args(int argc, char **argv, run_opts *o) {
                                          {"dump-logits", required_argument, 0, 'D'},
                                          {"json", no_argument, 0, 'J'},
                                          {"json-mode", no_argument, 0, 'O'},
+                                         {"json-schema", required_argument, 0, 'G'},
                                          {"help", no_argument, 0, 'h'},
                                          {"io-depth", required_argument, 0, 'I'},
                                          {"trace", required_argument, 0, 'R'},
@@ -258,6 +265,9 @@ static int parse_args(int argc, char **argv, run_opts *o) {
         case 'O':
             o->json_mode = 1;
             break;
+        case 'G':
+            o->json_schema = optarg;
+            break;
         case 'h':
             fputs(help, stdout);
             return -1;
@@ -300,6 +310,38 @@ static int write_logits(const char *path, const float *logits, int n, char *err,
     return 0;
 }
 
+/* --json-schema FILE compiled: its root node, *owner holding it (for
+ * drop_schema). NULL with a message in err. */
+static const cake_json_node *load_schema(const char *path, void **owner, char *err, size_t errlen) {
+#ifdef CAKE_HAVE_SERVER
+    size_t len;
+    char *text = cli_read_file(path, &len, err, errlen), why[300];
+    if (!text) return NULL;
+    cJSON *doc = cJSON_ParseWithLength(text, len);
+    free(text);
+    json_schema *s = doc ? json_schema_compile(doc, why, sizeof(why)) : NULL;
+    cJSON_Delete(doc);
+    if (!s) {
+        cake_err(err, errlen, "--json-schema %s: %s", path, doc ? why : "not JSON");
+        return NULL;
+    }
+    *owner = s;
+    return json_schema_root(s);
+#else
+    (void)path, (void)owner;
+    cake_err(err, errlen, "--json-schema needs cJSON: this cake was built without `cake serve`");
+    return NULL;
+#endif
+}
+
+static void drop_schema(void *owner) {
+#ifdef CAKE_HAVE_SERVER
+    json_schema_release(owner);
+#else
+    (void)owner;
+#endif
+}
+
 int cmd_run(int argc, char **argv) {
     run_opts o;
     int rc = parse_args(argc, argv, &o);
@@ -312,6 +354,8 @@ int cmd_run(int argc, char **argv) {
     cake_context *ctx = NULL;
     cake_sampler *sampler = NULL;
     cake_json_grammar *grammar = NULL;
+    void *schema = NULL;
+    const cake_json_node *schema_root = NULL;
     cake_token *prompt = NULL, *generated = NULL;
     float *first_logits = NULL;
     char *text = NULL;
@@ -321,6 +365,14 @@ int cmd_run(int argc, char **argv) {
 
     if (o.tokens && parse_token_list(o.tokens, &prompt, &n_prompt)) {
         rc = cli_error(CLI_USAGE, "run", "--tokens wants space-separated ids, got '%s'", o.tokens);
+        goto done;
+    }
+    if (o.json_mode && o.json_schema) {
+        rc = cli_error(CLI_USAGE, "run", "give --json-mode or --json-schema, not both");
+        goto done;
+    }
+    if (o.json_schema && !(schema_root = load_schema(o.json_schema, &schema, err, sizeof(err)))) {
+        rc = cli_error(CLI_USAGE, "run", "%s", err);
         goto done;
     }
     size_t text_len = 0;
@@ -406,8 +458,8 @@ int cmd_run(int argc, char **argv) {
                               .min_p = (float)o.min_p,
                               .frequency_penalty = (float)o.frequency_penalty,
                               .presence_penalty = (float)o.presence_penalty};
-    if (o.json_mode) {
-        if (!(grammar = cake_json_grammar_new(tok, NULL, cake_tokenizer_eos(tok), -1))) {
+    if (o.json_mode || o.json_schema) {
+        if (!(grammar = cake_json_grammar_new(tok, schema_root, cake_tokenizer_eos(tok), -1))) {
             cli_error(CLI_FAIL, "run", "out of memory");
             goto done;
         }
@@ -519,6 +571,7 @@ done:
     free(text);
     cake_sampler_free(sampler);
     cake_json_grammar_free(grammar);
+    drop_schema(schema);
     cake_writeback_free(wb); /* before the context: it may still read its KV */
     cake_context_free(ctx);
     cake_model_free(model);
