@@ -9,10 +9,15 @@
  * in range, non-empty stop strings. Its answers (whole, each stream event,
  * an error) must be valid JSON, whatever bytes its text holds.
  *
- * 3 mod 4: bytes for JSON mode's automaton (engine/json_grammar.h). Where
+ * 3 mod 8: bytes for JSON mode's automaton (engine/json_grammar.h). Where
  * it takes them all and calls the object closed, cJSON must read one object
  * from all of them (but for \u escapes, where cJSON also checks surrogate
  * pairs, which the JSON grammar does not ask for).
+ *
+ * 7 mod 8: a JSON schema, a NUL, then bytes for the automaton on what
+ * server/json_schema.c compiles of it (a refusal must come with a
+ * message). Where it takes them all and calls the value whole, cJSON must
+ * read one value from all of them; an enum's must be one of its values.
  *
  * 1 mod 4: stop strings and pieces of generated text for job_add_text. The
  * text must always be the pieces so far cut before the first stop string in
@@ -34,6 +39,7 @@
 #include "engine/json_grammar.h"
 #include "gpt2_bytes.h"
 #include "model/tokenizer.h"
+#include "server/json_schema.h"
 #include "server/openai.h"
 
 static cake_tokenizer *g_tok;
@@ -272,27 +278,63 @@ static void fuzz_text(const uint8_t *data, size_t size) {
     job_release(j);
 }
 
-static void fuzz_json(const uint8_t *data, size_t size) {
-    const char *text = (const char *)data + 1;
-    const size_t n = size - 1;
+/* text[0..n) through the automaton from root (NULL: any object); when it
+ * takes it all as a whole value, cJSON's parse of it (NULL where \u escapes
+ * leave cJSON stricter than the grammar). */
+static cJSON *json_read(const char *text, size_t n, const cake_json_node *root) {
     cake_json_state s;
-    cake_json_start(&s, NULL);
+    cake_json_start(&s, root);
     for (size_t i = 0; i < n; i++)
-        if (!cake_json_feed(&s, text + i, 1)) return;
-    if (!cake_json_complete(&s)) return;
+        if (!cake_json_feed(&s, text + i, 1)) return NULL;
+    CHECK(s.depth >= 0 && s.depth <= CAKE_JSON_MAX_DEPTH);
+    if (!cake_json_complete(&s)) return NULL;
     for (size_t i = 0; i + 1 < n; i++)
-        if (text[i] == '\\' && text[i + 1] == 'u') return;
+        if (text[i] == '\\' && text[i + 1] == 'u') return NULL;
     const char *end = NULL;
     cJSON *o = cJSON_ParseWithLengthOpts(text, n, &end, false);
-    CHECK(o && cJSON_IsObject(o) && end == text + n);
+    CHECK(o && end == text + n);
+    return o;
+}
+
+static void fuzz_json(const uint8_t *data, size_t size) {
+    cJSON *o = json_read((const char *)data + 1, size - 1, NULL);
+    CHECK(!o || cJSON_IsObject(o));
     cJSON_Delete(o);
+}
+
+static void fuzz_schema(const uint8_t *data, size_t size) {
+    const char *schema_text = (const char *)data + 1;
+    const char *nul = memchr(schema_text, 0, size - 1);
+    if (!nul) return;
+    cJSON *doc = cJSON_ParseWithLength(schema_text, (size_t)(nul - schema_text));
+    if (!doc) return;
+    char err[256] = "";
+    json_schema *schema = json_schema_compile(doc, err, sizeof(err));
+    cJSON_Delete(doc);
+    CHECK(schema || err[0]);
+    if (!schema) return;
+    const cake_json_node *root = json_schema_root(schema);
+    const char *text = nul + 1;
+    const size_t n = size - 1 - (size_t)(nul + 1 - schema_text);
+    cJSON *v = json_read(text, n, root);
+    if (v && root->kind == CAKE_JSON_ENUM) { /* its compact form is one of the values */
+        char *compact = cJSON_PrintUnformatted(v);
+        bool found = false;
+        for (int i = 0; compact && i < root->n; i++) found |= !strcmp(root->names[i], compact);
+        CHECK(!compact || found);
+        cJSON_free(compact);
+    }
+    cJSON_Delete(v);
+    json_schema_release(schema);
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     if (!g_tok) init_vocab();
     if (size < 1) return 0;
-    if ((data[0] & 3) == 3)
+    if ((data[0] & 7) == 7)
+        fuzz_schema(data, size);
+    else if ((data[0] & 3) == 3)
         fuzz_json(data, size);
     else if (data[0] & 1)
         fuzz_text(data, size);
