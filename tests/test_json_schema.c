@@ -73,6 +73,9 @@ static const schema_case cases[] = {
      {"[\"a\"]", "[\"abc\",\"\\n\\u00e9\xc3\xa9\"]"},
      {"[]", "[\"a\",\"b\",\"c\"]", "[\"abcd\"]", "[\"\"]", "[1]", "{}"}},
     {"{\"type\":\"array\",\"maxItems\":0}", {"[]", "[ ]"}, {"[1]"}},
+    {"{\"type\":\"string\",\"minLength\":2}",
+     {"\"ab\"", "\"\xc3\xa9\\n\"", "\"abcdefgh\""},
+     {"\"a\"", "\"\xc3\xa9\""}},
     /* enums (sorted, prefixes of each other), const, a type filter */
     {"{\"enum\":[\"red\",\"redder\",1,10,null,{\"a\":[1]},true]}",
      {"\"red\"", "\"redder\"", "1", "10", "null", "{\"a\":[1]}", "true"},

@@ -256,7 +256,8 @@ static bool step(cake_json_state *s, unsigned char c) {
         if (c < 0x20 || !utf8_byte(s, c)) return false;
         if (starts && c == '\\') s->mode = M_ESCAPE;
         if (s->in_key) return key_byte(s, c);
-        return !starts || s->node->max < 0 || s->len++ < s->node->max;
+        if (!starts) return true;
+        return s->len++ < s->node->max || s->node->max < 0;
     }
     case M_ESCAPE:
         if (s->in_key && !key_byte(s, c)) return false;
