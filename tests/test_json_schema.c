@@ -76,6 +76,20 @@ static const schema_case cases[] = {
     {"{\"type\":\"string\",\"minLength\":2}",
      {"\"ab\"", "\"\xc3\xa9\\n\"", "\"abcdefgh\""},
      {"\"a\"", "\"\xc3\xa9\""}},
+    /* integer bounds (inclusive, exclusive; "-0" is refused where they are) */
+    {"{\"type\":\"integer\",\"minimum\":-5,\"maximum\":120}",
+     {"-5", "0", "7", "120", "99"},
+     {"-6", "121", "1200", "-0", "00", "1.0", "1e2", "-50"}},
+    {"{\"type\":\"integer\",\"exclusiveMinimum\":0.5}", {"1", "99999999999999999"}, {"0", "-1"}},
+    {"{\"type\":\"integer\",\"minimum\":10,\"maximum\":12}",
+     {"10", "11", "12"},
+     {"1", "13", "9", "100"}},
+    {"{\"type\":\"integer\",\"minimum\":-20,\"exclusiveMaximum\":-9}",
+     {"-15", "-20", "-10"},
+     {"-9", "-21", "-1", "5", "-200"}},
+    {"{\"properties\":{\"n\":{\"type\":\"integer\",\"maximum\":9}}}",
+     {"{\"n\":9}", "{\"n\":-90}"},
+     {"{\"n\":10}"}},
     /* enums (sorted, prefixes of each other), const, a type filter */
     {"{\"enum\":[\"red\",\"redder\",1,10,null,{\"a\":[1]},true]}",
      {"\"red\"", "\"redder\"", "1", "10", "null", "{\"a\":[1]}", "true"},
@@ -148,7 +162,10 @@ static void test_schema_refused(void **state) {
         const char *schema, *says;
     } bad[] = {
         {"{\"type\":\"string\",\"pattern\":\"^a\"}", "'pattern'"},
-        {"{\"type\":\"integer\",\"minimum\":0}", "'minimum'"},
+        {"{\"type\":\"number\",\"minimum\":0}", "integers only"},
+        {"{\"maximum\":1}", "integers only"},
+        {"{\"type\":\"integer\",\"minimum\":1,\"exclusiveMaximum\":1}", "no integer"},
+        {"{\"type\":\"integer\",\"minimum\":1e300}", "2^53"},
         {"{\"type\":\"array\",\"uniqueItems\":true}", "'uniqueItems'"},
         {"{\"not\":{}}", "'not'"},
         {"{\"type\":\"strin\"}", "unknown 'type'"},
@@ -207,7 +224,8 @@ static int utf8_length(const char *text) {
 }
 
 static const char *record_schema =
-    "{\"type\":\"object\",\"properties\":{\"id\":{\"type\":\"integer\"},\"tag\":{\"enum\":["
+    "{\"type\":\"object\",\"properties\":{\"id\":{\"type\":\"integer\",\"minimum\":-9,"
+    "\"maximum\":999},\"tag\":{\"enum\":["
     "\"alpha\",\"beta\"]},\"ok\":{\"type\":\"boolean\"},\"xs\":{\"type\":\"array\",\"items\":"
     "{\"type\":\"string\",\"maxLength\":4},\"maxItems\":3}},\"required\":[\"id\",\"tag\"]}";
 
@@ -228,6 +246,8 @@ static void check_mask(const cake_tokenizer *t, const char *vocab) {
                   {0, "{\"tag\":"},
                   {0, "{\"tag\":\"al"},
                   {0, "{\"id\":1"},
+                  {0, "{\"id\":99"},
+                  {0, "{\"id\":-"},
                   {0, "{\"xs\":[\"ab"},
                   {0, "{\"xs\":[\"\xc3"},
                   {0, "{\"xs\":[\"a\",\"b\",\"c\""},
@@ -336,7 +356,7 @@ static void test_schema_sampled(void **state) {
                 const cJSON *tag = cJSON_GetObjectItemCaseSensitive(v, "tag");
                 const cJSON *xs = cJSON_GetObjectItemCaseSensitive(v, "xs");
                 if (!cJSON_IsNumber(idv) || idv->valuedouble != floor(idv->valuedouble) ||
-                    !cJSON_IsString(tag) ||
+                    idv->valuedouble < -9 || idv->valuedouble > 999 || !cJSON_IsString(tag) ||
                     (strcmp(tag->valuestring, "alpha") && strcmp(tag->valuestring, "beta")) ||
                     (xs && (!cJSON_IsArray(xs) || cJSON_GetArraySize(xs) > 3)))
                     fail_msg("not of the schema: %s", out);

@@ -188,6 +188,48 @@ static bool end_key(cake_json_state *s) {
     return true;
 }
 
+/* A bounded integer's magnitudes in [*a, *b] give values within its
+ * bounds, for its sign; false when none does. */
+static bool magnitudes(const cake_json_node *n, bool negative, uint64_t *a, uint64_t *b) {
+    if (!negative) { /* 0 <= v */
+        if (n->maximum < 0) return false;
+        *a = n->minimum > 0 ? (uint64_t)n->minimum : 0;
+        *b = (uint64_t)n->maximum;
+        return *a <= *b;
+    }
+    if (n->minimum > -1) return false; /* v = -m, m >= 1 */
+    *a = n->maximum < -1 ? (uint64_t)(-(n->maximum + 1)) + 1 : 1;
+    *b = (uint64_t)(-(n->minimum + 1)) + 1;
+    return *a <= *b;
+}
+
+/* Whether the integer read so far can still end within its node's bounds:
+ * as it is, or with more digits (none after a leading 0). */
+static bool integer_reachable(const cake_json_state *s, bool more_digits) {
+    uint64_t a, b, m = s->magnitude;
+    if (!magnitudes(s->node, s->negative, &a, &b)) return false;
+    for (uint64_t p = 1;; p *= 10) { /* m followed by k digits: [m p, m p + p - 1], p = 10^k */
+        if (m > b / p) return false;
+        if (m * p + (p - 1) >= a) return true;
+        if (!more_digits || p > UINT64_MAX / 10) return false;
+    }
+}
+
+/* A digit of an integer: the magnitude goes on, within the bounds. */
+static bool integer_digit(cake_json_state *s, unsigned char c, bool more_digits) {
+    if (!s->node->bounded || s->node->kind != CAKE_JSON_INTEGER) return true;
+    const uint64_t d = (uint64_t)(c - '0');
+    s->magnitude = s->magnitude > (UINT64_MAX - d) / 10 ? UINT64_MAX : s->magnitude * 10 + d;
+    return integer_reachable(s, more_digits);
+}
+
+/* A bounded integer is whole: it must be within them. */
+static bool integer_within(const cake_json_state *s) {
+    uint64_t a, b;
+    if (!s->node->bounded || s->node->kind != CAKE_JSON_INTEGER) return true;
+    return magnitudes(s->node, s->negative, &a, &b) && s->magnitude >= a && s->magnitude <= b;
+}
+
 static bool begin_value(cake_json_state *s, unsigned char c) {
     const cake_json_node *n = value_node(s->node, c);
     if (!n) return false;
@@ -203,7 +245,11 @@ static bool begin_value(cake_json_state *s, unsigned char c) {
     case CAKE_JSON_NUMBER:
     case CAKE_JSON_INTEGER:
         s->mode = c == '-' ? M_MINUS : c == '0' ? M_ZERO : M_INT;
-        return c == '-' || is_digit(c);
+        s->negative = c == '-';
+        s->magnitude = 0;
+        if (c == '-') /* (a bounded integer: some negative value must be within) */
+            return !n->bounded || n->kind != CAKE_JSON_INTEGER || n->minimum < 0;
+        return is_digit(c) && integer_digit(s, c, c != '0');
     case CAKE_JSON_ENUM:
         s->lo = 0, s->hi = n->n, s->len = 1, s->mode = M_MATCH;
         narrow(n->names, &s->lo, &s->hi, 0, c);
@@ -285,12 +331,12 @@ static bool step(cake_json_state *s, unsigned char c) {
     case M_MINUS:
         if (!is_digit(c)) return false;
         s->mode = c == '0' ? M_ZERO : M_INT;
-        return true;
+        return integer_digit(s, c, c != '0');
     case M_INT:
-        if (is_digit(c)) return true; /* else as after a 0: */
+        if (is_digit(c)) return integer_digit(s, c, true); /* else as after a 0: */
         /* fall through */
     case M_ZERO:
-        if (s->node->kind == CAKE_JSON_INTEGER) return end_then(s, c);
+        if (s->node->kind == CAKE_JSON_INTEGER) return integer_within(s) && end_then(s, c);
         if (c == '.')
             s->mode = M_DOT;
         else if (c == 'e' || c == 'E')
@@ -362,6 +408,7 @@ bool cake_json_complete(const cake_json_state *s) {
     switch (s->mode) { /* a number or enum value at the root ends with the answer */
     case M_ZERO:
     case M_INT:
+        return integer_within(s);
     case M_FRAC:
     case M_EXP_DIGITS:
         return true;

@@ -29,7 +29,7 @@ typedef enum {
     CAKE_JSON_ARRAY,   /* more: the items; min/max: how many */
     CAKE_JSON_STRING,  /* min/max: how many characters (an escape is one) */
     CAKE_JSON_NUMBER,  /* any JSON number */
-    CAKE_JSON_INTEGER, /* a number without fraction or exponent */
+    CAKE_JSON_INTEGER, /* a number without fraction or exponent; bounded: in [minimum, maximum] */
     CAKE_JSON_ENUM,    /* names: the values, as compact JSON (true/false/null too) */
     CAKE_JSON_UNION,   /* sub: alternatives that differ in their first byte */
 } cake_json_kind;
@@ -45,6 +45,8 @@ struct cake_json_node {
     uint64_t required;                /* object: bit i, names[i] must be given */
     const cake_json_node *more;       /* object: other keys (NULL: none); array: items */
     int min, max;                     /* array items, string characters; max < 0: no cap */
+    bool bounded;
+    int64_t minimum, maximum;
 };
 
 /* Any value, and any object (the JSON mode's root). */
@@ -70,6 +72,8 @@ typedef struct {
     unsigned char utf8_lo;   /* the range the next one is in */
     unsigned char utf8_hi;
     int len;                    /* a string's characters, or the bytes of a key or enum value */
+    unsigned char negative;     /* a bounded integer's sign, */
+    uint64_t magnitude;         /* and its digits so far (saturating) */
     int lo, hi;                 /* the names a key or enum value can still be */
     const cake_json_node *node; /* the schema of the value being read, or the next one */
     int depth;

@@ -1,6 +1,7 @@
 #include "server/json_schema.h"
 
 #include <limits.h>
+#include <math.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
@@ -77,10 +78,6 @@ static const char *property_name(compiler *c, const char *name) {
 
 /* Keywords that constrain values in ways the automaton does not follow. */
 static const char *const refused[] = {"pattern",
-                                      "minimum",
-                                      "maximum",
-                                      "exclusiveMinimum",
-                                      "exclusiveMaximum",
                                       "multipleOf",
                                       "prefixItems",
                                       "contains",
@@ -107,9 +104,11 @@ static const char *const refused[] = {"pattern",
  * "type" is absent. */
 static const struct {
     const char *keyword, *type;
-} typed[] = {{"properties", "object"}, {"required", "object"}, {"additionalProperties", "object"},
-             {"items", "array"},       {"minItems", "array"},  {"maxItems", "array"},
-             {"minLength", "string"},  {"maxLength", "string"}};
+} typed[] = {
+    {"properties", "object"}, {"required", "object"},         {"additionalProperties", "object"},
+    {"items", "array"},       {"minItems", "array"},          {"maxItems", "array"},
+    {"minLength", "string"},  {"maxLength", "string"},        {"minimum", "number"},
+    {"maximum", "number"},    {"exclusiveMinimum", "number"}, {"exclusiveMaximum", "number"}};
 
 static cake_json_node *compile(compiler *c, const cJSON *s, int depth);
 
@@ -353,6 +352,35 @@ static cake_json_node *compile_alternatives(compiler *c, const cJSON *list, cons
 static const char *const type_names[] = {"object",  "array",   "string", "number",
                                          "integer", "boolean", "null"};
 
+/* An integer's minimum, maximum and their exclusive forms, as inclusive
+ * integer bounds. A number's are refused: the automaton bounds integers
+ * only. */
+static int integer_bounds(compiler *c, const cJSON *s, cake_json_node *n) {
+    static const char *const keys[] = {"minimum", "exclusiveMinimum", "maximum",
+                                       "exclusiveMaximum"};
+    double lo = -HUGE_VAL, hi = HUGE_VAL;
+    for (int i = 0; i < 4; i++) {
+        const cJSON *v = cJSON_GetObjectItemCaseSensitive(s, keys[i]);
+        if (!v) continue;
+        if (n->kind != CAKE_JSON_INTEGER)
+            return cake_err(c->err, c->errlen, "'%s' is enforced on integers only, not on numbers",
+                            keys[i]);
+        const double x = v->valuedouble;
+        if (!cJSON_IsNumber(v) || !(fabs(x) <= 9007199254740992.0))
+            return cake_err(c->err, c->errlen, "'%s' must be a number within +-2^53", keys[i]);
+        if (i == 0) lo = fmax(lo, ceil(x));
+        if (i == 1) lo = fmax(lo, floor(x) + 1);
+        if (i == 2) hi = fmin(hi, floor(x));
+        if (i == 3) hi = fmin(hi, ceil(x) - 1);
+        n->bounded = true;
+    }
+    if (!n->bounded) return 0;
+    if (lo > hi) return cake_err(c->err, c->errlen, "no integer is within the bounds given");
+    n->minimum = isinf(lo) ? INT64_MIN : (int64_t)lo;
+    n->maximum = isinf(hi) ? INT64_MAX : (int64_t)hi;
+    return 0;
+}
+
 static cake_json_node *typed_node(compiler *c, const cJSON *s, const char *type, int depth) {
     static const char *const booleans[] = {"false", "true"}, *const nulls[] = {"null"};
     cake_json_node *n = NULL;
@@ -363,6 +391,7 @@ static cake_json_node *typed_node(compiler *c, const cJSON *s, const char *type,
             return NULL;
     } else if (!strcmp(type, "number") || !strcmp(type, "integer")) {
         n = new_node(c, type[1] == 'u' ? CAKE_JSON_NUMBER : CAKE_JSON_INTEGER);
+        if (n && integer_bounds(c, s, n)) return NULL;
     } else if ((n = new_node(c, CAKE_JSON_ENUM))) { /* boolean, null */
         n->n = type[0] == 'b' ? 2 : 1;
         n->names = type[0] == 'b' ? booleans : nulls;
