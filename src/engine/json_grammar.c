@@ -276,6 +276,16 @@ static bool utf8_byte(cake_json_state *s, unsigned char c) {
     return true;
 }
 
+/* Another item of the open array f: its schema (a tuple's own for its
+ * first items, then `more`), unless the array is full. */
+static bool next_item(cake_json_state *s, cake_json_frame *f) {
+    const cake_json_node *a = f->node;
+    if (a->max >= 0 && f->seen >= (uint64_t)a->max) return false;
+    s->node = f->seen < (uint64_t)a->n ? a->sub[f->seen] : a->more;
+    f->seen++;
+    return s->node != NULL;
+}
+
 static bool step(cake_json_state *s, unsigned char c);
 
 /* A number or an enum's value ends at the first byte that cannot continue
@@ -374,10 +384,7 @@ static bool step(cake_json_state *s, unsigned char c) {
         return begin_value(s, c);
     case M_VALUE_OR_END:
         if (c == ']') return pop(s, c);
-        if (f->node->max == 0) return false;
-        f->seen = 1;
-        s->node = f->node->more;
-        return begin_value(s, c);
+        return next_item(s, f) && begin_value(s, c);
     case M_KEY_OR_END:
         if (c == '}') return pop(s, c);
         /* fall through */
@@ -392,11 +399,8 @@ static bool step(cake_json_state *s, unsigned char c) {
             s->mode = M_KEY;
             return key_possible(f);
         }
-        if (f->node->max >= 0 && f->seen >= (uint64_t)f->node->max) return false;
-        f->seen++;
-        s->node = f->node->more;
         s->mode = M_VALUE;
-        return true;
+        return next_item(s, f);
     default:
         return false;
     }

@@ -26,7 +26,8 @@
 typedef enum {
     CAKE_JSON_ANY,     /* any JSON value */
     CAKE_JSON_OBJECT,  /* names/sub: its properties; more: other keys' values */
-    CAKE_JSON_ARRAY,   /* more: the items; min/max: how many */
+    CAKE_JSON_ARRAY,   /* sub: the first n items' (a tuple); more: the others' (NULL:
+                          none); min/max: how many */
     CAKE_JSON_STRING,  /* min/max: how many characters (an escape is one) */
     CAKE_JSON_NUMBER,  /* any JSON number */
     CAKE_JSON_INTEGER, /* a number without fraction or exponent; bounded: in [minimum, maximum] */
@@ -37,11 +38,12 @@ typedef enum {
 typedef struct cake_json_node cake_json_node;
 struct cake_json_node {
     cake_json_kind kind;
-    int n; /* names (and, for objects, sub) of an object or enum; sub of a union */
+    int n; /* names (and, for objects, sub) of an object or enum; sub of a union or tuple */
     /* Sorted by strcmp: the mask narrows them as a range, byte by byte.
      * Property names as written between the quotes (JSON-escaped). */
     const char *const *names;
-    const cake_json_node *const *sub; /* an object's property schemas; a union's alternatives */
+    const cake_json_node *const *sub; /* an object's property schemas; a union's
+                                         alternatives; a tuple's items */
     uint64_t required;                /* object: bit i, names[i] must be given */
     const cake_json_node *more;       /* object: other keys (NULL: none); array: items */
     int min, max;                     /* array items, string characters; max < 0: no cap */

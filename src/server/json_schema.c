@@ -79,7 +79,6 @@ static const char *property_name(compiler *c, const char *name) {
 /* Keywords that constrain values in ways the automaton does not follow. */
 static const char *const refused[] = {"pattern",
                                       "multipleOf",
-                                      "prefixItems",
                                       "contains",
                                       "minContains",
                                       "maxContains",
@@ -104,11 +103,19 @@ static const char *const refused[] = {"pattern",
  * "type" is absent. */
 static const struct {
     const char *keyword, *type;
-} typed[] = {
-    {"properties", "object"}, {"required", "object"},         {"additionalProperties", "object"},
-    {"items", "array"},       {"minItems", "array"},          {"maxItems", "array"},
-    {"minLength", "string"},  {"maxLength", "string"},        {"minimum", "number"},
-    {"maximum", "number"},    {"exclusiveMinimum", "number"}, {"exclusiveMaximum", "number"}};
+} typed[] = {{"properties", "object"},
+             {"required", "object"},
+             {"additionalProperties", "object"},
+             {"items", "array"},
+             {"prefixItems", "array"},
+             {"minItems", "array"},
+             {"maxItems", "array"},
+             {"minLength", "string"},
+             {"maxLength", "string"},
+             {"minimum", "number"},
+             {"maximum", "number"},
+             {"exclusiveMinimum", "number"},
+             {"exclusiveMaximum", "number"}};
 
 static cake_json_node *compile(compiler *c, const cJSON *s, int depth);
 
@@ -199,14 +206,31 @@ static cake_json_node *compile_object(compiler *c, const cJSON *s, int depth) {
 
 static cake_json_node *compile_array(compiler *c, const cJSON *s, int depth) {
     const cJSON *items = cJSON_GetObjectItemCaseSensitive(s, "items");
+    const cJSON *tuple = cJSON_GetObjectItemCaseSensitive(s, "prefixItems");
     cake_json_node *a = new_node(c, CAKE_JSON_ARRAY);
     if (!a || bounds(c, s, "minItems", "maxItems", a)) return NULL;
-    if (!items || cJSON_IsTrue(items))
-        a->more = &cake_json_any;
+    if (tuple) {
+        if (!cJSON_IsArray(tuple))
+            return cake_err(c->err, c->errlen, "'prefixItems' must be an array of schemas"), NULL;
+        const int n = cJSON_GetArraySize(tuple);
+        const cake_json_node **sub = alloc(c, (size_t)(n ? n : 1) * sizeof(*sub));
+        if (!sub) return NULL;
+        int i = 0;
+        for (const cJSON *t = tuple->child; t; t = t->next)
+            if (!(sub[i++] = compile(c, t, depth + 1))) return NULL;
+        a->n = n;
+        a->sub = sub;
+    }
+    /* No items beside prefixItems: no more items (as with properties). */
+    if (!items || cJSON_IsBool(items))
+        a->more = (items ? cJSON_IsTrue(items) : !tuple) ? &cake_json_any : NULL;
     else if (cJSON_IsArray(items))
-        return cake_err(c->err, c->errlen, "'items' as an array (a tuple) is not supported"), NULL;
+        return cake_err(c->err, c->errlen, "'items' as an array: use 'prefixItems'"), NULL;
     else if (!(a->more = compile(c, items, depth + 1)))
         return NULL;
+    if (!a->more && a->min > a->n)
+        return cake_err(c->err, c->errlen, "'minItems' asks for more items than the tuple has"),
+               NULL;
     return a;
 }
 
