@@ -1098,7 +1098,8 @@ static void test_json_mask(void **state) {
     const cake_token close = cake_tokenizer_find(t, "}", 1), word = cake_tokenizer_find(t, "a", 1);
     assert_true(brace >= 0 && close >= 0 && word >= 0);
     float *logits = malloc((size_t)n * sizeof(float));
-    cake_json_grammar *g = cake_json_grammar_new(t, NULL, eos, -1);
+    cake_json_vocab *v = cake_json_vocab_new(t);
+    cake_json_grammar *g = cake_json_grammar_new(v, NULL, eos, -1);
     for (int i = 0; i < n; i++) logits[i] = 0;
     cake_json_grammar_mask(g, logits, n);
     int allowed = 0;
@@ -1127,7 +1128,7 @@ static void test_json_mask(void **state) {
                                      "{\"k\": t",
                                      "{\"k\": {}"};
     for (size_t p = 0; p < sizeof(prefixes) / sizeof(prefixes[0]); p++) {
-        g = cake_json_grammar_new(t, NULL, eos, -1);
+        g = cake_json_grammar_new(v, NULL, eos, -1);
         cake_json_state want;
         cake_json_start(&want, NULL);
         for (const char *c = prefixes[p]; *c; c++) { /* byte tokens: id 3 + byte */
@@ -1160,7 +1161,7 @@ static void test_json_mask(void **state) {
     uint64_t rng = 5;
     int ended = 0;
     for (int a = 0; a < 20; a++) {
-        g = cake_json_grammar_new(t, NULL, eos, -1);
+        g = cake_json_grammar_new(v, NULL, eos, -1);
         cake_sampler *s =
             cake_sampler_init((cake_sampler_params){.temperature = 2,
                                                     .top_p = 1,
@@ -1197,6 +1198,7 @@ static void test_json_mask(void **state) {
     }
     printf("json mode: %d of 20 random answers closed their object\n", ended);
     assert_true(ended > 0);
+    cake_json_vocab_free(v);
     free(logits);
     cake_model_free(m);
     unlink(path);

@@ -353,6 +353,7 @@ int cmd_run(int argc, char **argv) {
     cake_model *model = NULL;
     cake_context *ctx = NULL;
     cake_sampler *sampler = NULL;
+    cake_json_vocab *json_vocab = NULL;
     cake_json_grammar *grammar = NULL;
     void *schema = NULL;
     const cake_json_node *schema_root = NULL;
@@ -459,7 +460,9 @@ int cmd_run(int argc, char **argv) {
                               .frequency_penalty = (float)o.frequency_penalty,
                               .presence_penalty = (float)o.presence_penalty};
     if (o.json_mode || o.json_schema) {
-        if (!(grammar = cake_json_grammar_new(tok, schema_root, cake_tokenizer_eos(tok), -1))) {
+        if (!(json_vocab = cake_json_vocab_new(tok)) ||
+            !(grammar =
+                  cake_json_grammar_new(json_vocab, schema_root, cake_tokenizer_eos(tok), -1))) {
             cli_error(CLI_FAIL, "run", "out of memory");
             goto done;
         }
@@ -571,6 +574,7 @@ done:
     free(text);
     cake_sampler_free(sampler);
     cake_json_grammar_free(grammar);
+    cake_json_vocab_free(json_vocab);
     drop_schema(schema);
     cake_writeback_free(wb); /* before the context: it may still read its KV */
     cake_context_free(ctx);

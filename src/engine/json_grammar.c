@@ -435,48 +435,112 @@ bool cake_json_feed(cake_json_state *s, const char *bytes, size_t n) {
     return true;
 }
 
-struct cake_json_grammar {
-    cake_json_state s;
+/* A vocabulary's token texts in byte order: the mask walks them as a trie
+ * (a prefix read once for all the tokens that share it; a prefix the JSON
+ * cannot take rules out every token after it that shares it, unread). */
+struct cake_json_vocab {
     const cake_tokenizer *t;
-    cake_token end, end2;
+    int n;
     /* Per token: its text can only be string content (bytes from 0x20 but
      * '"' and '\\', whole UTF-8 characters). Inside a string, between
      * characters, such a token is always allowed and the string goes on:
      * the mask need not read it (most of a vocabulary). */
-    int n_vocab;
     uint8_t *plain;
+    cake_token *sorted; /* the tokens with text, by text */
+    int *shared;        /* bytes sorted[i]'s text shares with sorted[i - 1]'s */
+    int n_sorted;
+    size_t longest; /* bytes of the longest text */
 };
 
-cake_json_grammar *cake_json_grammar_new(const cake_tokenizer *t, const cake_json_node *root,
-                                         cake_token end, cake_token end2) {
-    cake_json_grammar *g = malloc(sizeof(*g));
+typedef struct {
+    const char *text;
+    size_t len;
+    cake_token id;
+} token_text;
+
+static int by_bytes(const void *a, const void *b) {
+    const token_text *x = a, *y = b;
+    const int c = memcmp(x->text, y->text, x->len < y->len ? x->len : y->len);
+    return c ? c : (x->len > y->len) - (x->len < y->len);
+}
+
+cake_json_vocab *cake_json_vocab_new(const cake_tokenizer *t) {
     const int n = cake_tokenizer_n_vocab(t);
-    uint8_t *plain = g ? malloc((size_t)n) : NULL;
-    if (!plain) {
-        free(g);
+    cake_json_vocab *v = calloc(1, sizeof(*v));
+    token_text *all = malloc((size_t)n * sizeof(*all));
+    if (v) {
+        v->plain = malloc((size_t)n);
+        v->sorted = malloc((size_t)n * sizeof(*v->sorted));
+        v->shared = malloc((size_t)n * sizeof(*v->shared));
+    }
+    if (!v || !all || !v->plain || !v->sorted || !v->shared) {
+        free(all);
+        cake_json_vocab_free(v);
         return NULL;
     }
+    v->t = t;
+    v->n = n;
+    int k = 0;
     for (int id = 0; id < n; id++) {
         size_t len;
         const unsigned char *text = (const unsigned char *)cake_token_text(t, id, &len);
         cake_json_state s = {.mode = M_STRING, .node = &any_string};
-        plain[id] = len > 0;
-        for (size_t i = 0; i < len && plain[id]; i++)
-            plain[id] = text[i] != '"' && text[i] != '\\' && step(&s, text[i]);
-        plain[id] = plain[id] && !s.utf8_need;
+        v->plain[id] = len > 0;
+        for (size_t i = 0; i < len && v->plain[id]; i++)
+            v->plain[id] = text[i] != '"' && text[i] != '\\' && step(&s, text[i]);
+        v->plain[id] = v->plain[id] && !s.utf8_need;
+        if (len) all[k++] = (token_text){(const char *)text, len, id};
+        if (len > v->longest) v->longest = len;
+    }
+    qsort(all, (size_t)k, sizeof(*all), by_bytes);
+    for (int i = 0; i < k; i++) {
+        size_t same = 0;
+        while (i && same < all[i].len && same < all[i - 1].len &&
+               all[i].text[same] == all[i - 1].text[same])
+            same++;
+        v->sorted[i] = all[i].id;
+        v->shared[i] = (int)same;
+    }
+    v->n_sorted = k;
+    free(all);
+    return v;
+}
+
+void cake_json_vocab_free(cake_json_vocab *v) {
+    if (!v) return;
+    free(v->plain);
+    free(v->sorted);
+    free(v->shared);
+    free(v);
+}
+
+struct cake_json_grammar {
+    cake_json_state s;
+    const cake_json_vocab *v;
+    cake_token end, end2;
+    uint8_t *ok;            /* the mask's verdict per token */
+    cake_json_state *after; /* after[d]: the state after d bytes of a token */
+};
+
+cake_json_grammar *cake_json_grammar_new(const cake_json_vocab *v, const cake_json_node *root,
+                                         cake_token end, cake_token end2) {
+    cake_json_grammar *g = calloc(1, sizeof(*g));
+    if (!g || !(g->ok = malloc((size_t)v->n)) ||
+        !(g->after = malloc((v->longest + 1) * sizeof(*g->after)))) {
+        cake_json_grammar_free(g);
+        return NULL;
     }
     cake_json_start(&g->s, root);
-    g->t = t;
+    g->v = v;
     g->end = end;
     g->end2 = end2;
-    g->n_vocab = n;
-    g->plain = plain;
     return g;
 }
 
 void cake_json_grammar_free(cake_json_grammar *g) {
     if (!g) return;
-    free(g->plain);
+    free(g->ok);
+    free(g->after);
     free(g);
 }
 
@@ -484,8 +548,41 @@ static bool is_end(const cake_json_grammar *g, cake_token id) {
     return id >= 0 && (id == g->end || id == g->end2);
 }
 
+/* ok[id] for every token with text: whether the state takes its text. The
+ * tokens in byte order; after[d] holds the state after the first d bytes
+ * of the current one, `valid` of them still those of its prefix; a token
+ * sharing more than `dead` bytes with the last one read shares a prefix the
+ * state did not take. */
+static void read_tokens(cake_json_grammar *g) {
+    const cake_json_vocab *v = g->v;
+    copy_state(&g->after[0], &g->s);
+    size_t valid = 0, dead = SIZE_MAX;
+    for (int i = 0; i < v->n_sorted; i++) {
+        const cake_token id = v->sorted[i];
+        const size_t shared = (size_t)v->shared[i];
+        if (shared > dead) {
+            g->ok[id] = 0;
+            continue;
+        }
+        dead = SIZE_MAX;
+        size_t len;
+        const char *text = cake_token_text(v->t, id, &len);
+        size_t d = valid < shared ? valid : shared;
+        for (; d < len; d++) {
+            copy_state(&g->after[d + 1], &g->after[d]);
+            if (!step(&g->after[d + 1], (unsigned char)text[d])) {
+                dead = d;
+                break;
+            }
+        }
+        g->ok[id] = d == len;
+        valid = d;
+    }
+}
+
 void cake_json_grammar_mask(void *ud, float *logits, int n_vocab) {
-    const cake_json_grammar *g = ud;
+    cake_json_grammar *g = ud;
+    const cake_json_vocab *v = g->v;
     const cake_json_state *now = &g->s;
     const bool complete = cake_json_complete(now), done = now->mode == M_DONE;
     /* Between characters of a string that any text continues (a value's
@@ -493,22 +590,23 @@ void cake_json_grammar_mask(void *ud, float *logits, int n_vocab) {
      * begins) */
     const bool open_string = now->mode == M_STRING && !now->utf8_need &&
                              (now->in_key ? now->lo >= now->hi : now->node->max < 0);
-    cake_json_state s;
+    if (done) {
+        memset(g->ok, 0, (size_t)v->n);
+    } else if (open_string) { /* most tokens are plain: no trie walk */
+        cake_json_state s;
+        for (int id = 0; id < v->n; id++) {
+            size_t len;
+            const char *text = v->plain[id] ? NULL : cake_token_text(v->t, id, &len);
+            if (text) copy_state(&s, now);
+            g->ok[id] = v->plain[id] || (len > 0 && cake_json_feed(&s, text, len));
+        }
+    } else {
+        memset(g->ok, 0, (size_t)v->n); /* (textless tokens never) */
+        read_tokens(g);
+    }
     int allowed = 0;
     for (int id = 0; id < n_vocab; id++) {
-        bool ok;
-        if (is_end(g, id)) {
-            ok = complete;
-        } else if (done) {
-            ok = false;
-        } else if (open_string && id < g->n_vocab && g->plain[id]) {
-            ok = true;
-        } else {
-            size_t len;
-            const char *text = cake_token_text(g->t, id, &len);
-            copy_state(&s, now);
-            ok = len > 0 && cake_json_feed(&s, text, len); /* (textless tokens never) */
-        }
+        const bool ok = is_end(g, id) ? complete : id < v->n && g->ok[id];
         if (ok)
             allowed++;
         else
@@ -531,7 +629,7 @@ void cake_json_grammar_accept(void *ud, cake_token id) {
     cake_json_grammar *g = ud;
     if (is_end(g, id)) return;
     size_t len;
-    const char *text = cake_token_text(g->t, id, &len);
+    const char *text = cake_token_text(g->v->t, id, &len);
     cake_json_state s;
     copy_state(&s, &g->s);
     if (cake_json_feed(&s, text, len)) copy_state(&g->s, &s); /* (the mask allowed no other) */

@@ -90,12 +90,19 @@ bool cake_json_feed(cake_json_state *s, const char *bytes, size_t n);
 /* The value is whole: the answer may end here. */
 bool cake_json_complete(const cake_json_state *s);
 
-/* A request's constraint: the state and the vocabulary's texts. */
+/* A vocabulary's texts as the mask reads them (in byte order, to walk them
+ * as a trie): made once per model, shared by its requests' grammars, read
+ * only. NULL on out of memory. */
+typedef struct cake_json_vocab cake_json_vocab;
+cake_json_vocab *cake_json_vocab_new(const cake_tokenizer *t);
+void cake_json_vocab_free(cake_json_vocab *v); /* accepts NULL */
+
+/* A request's constraint: the state, and room for the mask's work. */
 typedef struct cake_json_grammar cake_json_grammar;
-/* root: as for cake_json_start (not copied: it outlives the grammar); end,
- * end2: the tokens that end the answer (EOS, a chat's end of turn; -1 for
- * none). NULL on out of memory. */
-cake_json_grammar *cake_json_grammar_new(const cake_tokenizer *t, const cake_json_node *root,
+/* root: as for cake_json_start; v and root are not copied (they outlive
+ * the grammar); end, end2: the tokens that end the answer (EOS, a chat's
+ * end of turn; -1 for none). NULL on out of memory. */
+cake_json_grammar *cake_json_grammar_new(const cake_json_vocab *v, const cake_json_node *root,
                                          cake_token end, cake_token end2);
 void cake_json_grammar_free(cake_json_grammar *g); /* accepts NULL */
 /* The sampler hooks (cake_sampler_params.constrain / .accept; ud = g). */

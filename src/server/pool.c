@@ -127,8 +127,9 @@ struct serve_pool {
     const cake_model *model;
     int n_ctx;
     slot *slots; /* slot 0's context is the engine: its threads and scratch run every step */
-    cake_inflight *inflight;  /* prompt chunks the slots are computing now (with a store) */
-    cake_compute_speed speed; /* under mu: the last that a slot's request ended with */
+    cake_inflight *inflight;     /* prompt chunks the slots are computing now (with a store) */
+    cake_json_vocab *json_vocab; /* the tokens as structured output's mask reads them */
+    cake_compute_speed speed;    /* under mu: the last that a slot's request ended with */
     sched *sched;
     pthread_mutex_t mu;
     pthread_cond_t cv;
@@ -302,9 +303,9 @@ static void run_job(slot *s, serve_job *j) {
     if (max > p->n_ctx - j->n_prompt) max = p->n_ctx - j->n_prompt;
     cake_sampler_params sampling = j->sampling;
     cake_json_grammar *grammar = NULL;
-    if (j->json &&
-        (grammar = cake_json_grammar_new(tok, j->schema ? json_schema_root(j->schema) : NULL,
-                                         cake_tokenizer_eos(tok), j->end_of_turn)))
+    if (j->json && (grammar = cake_json_grammar_new(p->json_vocab,
+                                                    j->schema ? json_schema_root(j->schema) : NULL,
+                                                    cake_tokenizer_eos(tok), j->end_of_turn)))
         cake_json_grammar_constrain(grammar, &sampling);
     cake_sampler *sampler = cake_sampler_init(sampling);
     pthread_mutex_lock(&j->mu);
@@ -492,6 +493,10 @@ int pool_create(const cake_model *m, const pool_config *cfg, serve_pool **out, c
     p->model = m;
     pthread_mutex_init(&p->mu, NULL);
     pthread_cond_init(&p->cv, NULL);
+    if (!(p->json_vocab = cake_json_vocab_new(cake_model_tokenizer(m)))) {
+        cake_err(err, errlen, "out of memory");
+        goto fail;
+    }
     cake_context_params cp = cake_context_default_params();
     cp.n_ctx = cfg->n_ctx;
     cp.n_threads = cfg->n_threads; /* 0: all CPUs */
@@ -632,6 +637,7 @@ void pool_free(serve_pool *p) {
         free(p->slots[i].kv_ids);
     }
     cake_inflight_free(p->inflight); /* after the write-backs: they release promises */
+    cake_json_vocab_free(p->json_vocab);
     pthread_cond_destroy(&p->cv);
     pthread_mutex_destroy(&p->mu);
     free(p->slots);
