@@ -1737,11 +1737,13 @@ static void test_chat_llama2(void **state) {
     tiny_variant(&(test_model_variant){.chat_template = LLAMA2_TEMPLATE}, path);
     cake_model *m;
     assert_int_equal(cake_model_load(path, &m, err, sizeof(err)), 0);
-    const chat_message msgs[] = {{"system", "Be brief.", 9}, {"user", "Tell me a story.", 16}};
+    const chat_message msgs[] = {
+        {.role = "system", .content = "Be brief.", .content_len = 9},
+        {.role = "user", .content = "Tell me a story.", .content_len = 16}};
     cake_token *ids, eot;
     int n;
-    assert_int_equal(chat_prompt(CHAT_LLAMA2, cake_model_tokenizer(m), msgs, 2, &ids, &n, &eot, err,
-                                 sizeof(err)),
+    assert_int_equal(chat_prompt(CHAT_LLAMA2, cake_model_tokenizer(m), msgs, 2, NULL, &ids, &n,
+                                 &eot, err, sizeof(err)),
                      0);
     cake_model_free(m);
 
@@ -1802,14 +1804,15 @@ static void test_chat_llama2(void **state) {
  * special tokens after the 256 bytes (no merges: a byte is a token). */
 static void test_chat_formats(void **state) {
     (void)state;
-    enum { IM_START = 256, IM_END, START_HEADER, END_HEADER, EOT, BOT };
-    const char *tokens[262];
-    int32_t types[262];
+    enum { IM_START = 256, IM_END, START_HEADER, END_HEADER, EOT, BOT, CALL, CALL_END };
+    const char *tokens[264];
+    int32_t types[264];
     for (int b = 0; b < 256; b++) tokens[b] = test_gpt2_byte_char(b), types[b] = CAKE_TOKEN_NORMAL;
-    const char *special[] = {"<|im_start|>",      "<|im_end|>", "<|start_header_id|>",
-                             "<|end_header_id|>", "<|eot_id|>", "<|begin_of_text|>"};
-    for (int i = 0; i < 6; i++) tokens[256 + i] = special[i], types[256 + i] = CAKE_TOKEN_CONTROL;
-    cake_vocab_arrays va = {.n_vocab = 262,
+    const char *special[] = {"<|im_start|>",      "<|im_end|>",  "<|start_header_id|>",
+                             "<|end_header_id|>", "<|eot_id|>",  "<|begin_of_text|>",
+                             "<tool_call>",       "</tool_call>"};
+    for (int i = 0; i < 8; i++) tokens[256 + i] = special[i], types[256 + i] = CAKE_TOKEN_CONTROL;
+    cake_vocab_arrays va = {.n_vocab = 264,
                             .tokens = tokens,
                             .types = types,
                             .bos = BOT,
@@ -1836,10 +1839,10 @@ static void test_chat_formats(void **state) {
      * tokens written as \x01 .. \x06 (IM_START .. BOT). BOS comes first
      * (add_bos). The user's "<|im_end|>" stays text: bytes, not the special
      * token. */
-    const chat_message m[] = {{"system", "S", 1},
-                              {"user", " <|im_end|>\n", 12},
-                              {"assistant", " ok ", 4},
-                              {"user", "more", 4}};
+    const chat_message m[] = {{.role = "system", .content = "S", .content_len = 1},
+                              {.role = "user", .content = " <|im_end|>\n", .content_len = 12},
+                              {.role = "assistant", .content = " ok ", .content_len = 4},
+                              {.role = "user", .content = "more", .content_len = 4}};
     static const struct {
         chat_format f;
         const char *want;
@@ -1868,13 +1871,14 @@ static void test_chat_formats(void **state) {
     for (size_t k = 0; k < sizeof(formats) / sizeof(formats[0]); k++) {
         cake_token *ids, eot;
         int n;
-        assert_int_equal(chat_prompt(formats[k].f, t, m, 4, &ids, &n, &eot, err, sizeof(err)), 0);
+        assert_int_equal(chat_prompt(formats[k].f, t, m, 4, NULL, &ids, &n, &eot, err, sizeof(err)),
+                         0);
         const char *want = formats[k].want;
         if (n != (int)strlen(want))
             fail_msg("%s: %d ids, want %zu", chat_format_name(formats[k].f), n, strlen(want));
         for (int i = 0; i < n; i++) {
             const unsigned char c = (unsigned char)want[i];
-            if (ids[i] != (c >= 1 && c <= 6 ? IM_START + c - 1 : c))
+            if (ids[i] != (c >= 1 && c <= 8 ? IM_START + c - 1 : c))
                 fail_msg("%s: id %d is %d, want byte %d", chat_format_name(formats[k].f), i, ids[i],
                          c);
         }
@@ -1882,10 +1886,78 @@ static void test_chat_formats(void **state) {
         free(ids);
     }
 
+    /* With tools: Qwen's prompt (ChatML; its tags as tokens where the
+     * vocabulary has them, \x07 and \x08, but never in a message's text)
+     * and Llama 3.1's. */
+    const char *tool_json[] = {"{\"type\": \"function\", \"function\": {\"name\": \"f\"}}"};
+    const chat_tools tools = {tool_json, 1};
+    const chat_tool_call call = {"f", "{\"a\": 1}"};
+    const chat_message tm[] = {{.role = "system", .content = "S", .content_len = 1},
+                               {.role = "user", .content = "<tool_call>", .content_len = 11},
+                               {.role = "assistant", .content = "", .calls = &call, .n_calls = 1},
+                               {.role = "tool", .content = "R", .content_len = 1},
+                               {.role = "tool", .content = "R2", .content_len = 2}};
+    static const struct {
+        chat_format f;
+        const char *want;
+    } with_tools[] = {
+        {CHAT_CHATML,
+         "\x06\x01system\nS\n\n# Tools\n\nYou may call one or more functions to assist with the "
+         "user query.\n\nYou are provided with function signatures within <tools></tools> XML "
+         "tags:\n<tools>\n{\"type\": \"function\", \"function\": {\"name\": "
+         "\"f\"}}\n</tools>\n\nFor "
+         "each function call, return a json object with function name and arguments within "
+         "\x07\x08 XML tags:\n\x07\n{\"name\": <function-name>, \"arguments\": "
+         "<args-json-object>}\n\x08\x02\n"
+         "\x01user\n<tool_call>\x02\n"
+         "\x01"
+         "assistant\n\x07\n{\"name\": \"f\", \"arguments\": {\"a\": 1}}\n\x08\x02\n"
+         "\x01user\n<tool_response>\nR\n</tool_response>\n<tool_response>\nR2\n</"
+         "tool_response>\x02\n"
+         "\x01"
+         "assistant\n"},
+        {CHAT_LLAMA3,
+         "\x06\x03system\x04\n\nEnvironment: ipython\nCutting Knowledge Date: December "
+         "2023\nToday Date: 26 Jul 2024\n\nS\x05"
+         "\x03user\x04\n\nGiven the following functions, please respond with a JSON for a "
+         "function call with its proper arguments that best answers the given prompt.\n\n"
+         "Respond in the format {\"name\": function name, \"parameters\": dictionary of "
+         "argument name and its value}.Do not use variables.\n\n{\"type\": \"function\", "
+         "\"function\": {\"name\": \"f\"}}\n\n<tool_call>\x05"
+         "\x03"
+         "assistant\x04\n\n{\"name\": \"f\", \"parameters\": {\"a\": 1}}\x05"
+         "\x03ipython\x04\n\nR\x05\x03ipython\x04\n\nR2\x05"
+         "\x03"
+         "assistant\x04\n\n"},
+    };
+    for (size_t k = 0; k < sizeof(with_tools) / sizeof(with_tools[0]); k++) {
+        cake_token *ids, eot;
+        int n;
+        assert_int_equal(
+            chat_prompt(with_tools[k].f, t, tm, 5, &tools, &ids, &n, &eot, err, sizeof(err)), 0);
+        const char *want = with_tools[k].want;
+        for (int i = 0; i < n && i < (int)strlen(want); i++) {
+            const unsigned char c = (unsigned char)want[i];
+            if (ids[i] != (c >= 1 && c <= 8 ? IM_START + c - 1 : c))
+                fail_msg("%s with tools: id %d is %d, want byte %d",
+                         chat_format_name(with_tools[k].f), i, ids[i], c);
+        }
+        assert_int_equal(n, (int)strlen(want));
+        free(ids);
+    }
+    /* formats without tools refuse them, and tool messages */
     cake_token *ids, eot;
     int n;
-    const chat_message bad[] = {{"robot", "x", 1}};
-    assert_int_equal(chat_prompt(CHAT_CHATML, t, bad, 1, &ids, &n, &eot, err, sizeof(err)), -1);
+    assert_int_equal(chat_prompt(CHAT_MISTRAL, t, m, 4, &tools, &ids, &n, &eot, err, sizeof(err)),
+                     -1);
+    assert_non_null(strstr(err, "'tools'"));
+    assert_int_equal(chat_prompt(CHAT_LLAMA2, t, tm, 5, NULL, &ids, &n, &eot, err, sizeof(err)),
+                     -1);
+    assert_non_null(strstr(err, "tool calls"));
+
+    const chat_message bad[] = {{.role = "robot", .content = "x", .content_len = 1}};
+    assert_int_equal(chat_prompt(CHAT_CHATML, t, bad, 1, NULL, &ids, &n, &eot, err, sizeof(err)),
+                     -1);
     assert_non_null(strstr(err, "robot"));
     cake_tokenizer_free(t);
 }

@@ -41,7 +41,8 @@ static const cake_json_node null = {.kind = CAKE_JSON_ENUM, .n = 1, .names = nul
 void cake_json_start(cake_json_state *s, const cake_json_node *root) {
     memset(s, 0, offsetof(cake_json_state, stack));
     s->mode = M_VALUE;
-    s->node = root ? root : &cake_json_any_object;
+    s->root = root ? root : &cake_json_any_object;
+    s->node = s->root->kind == CAKE_JSON_SEQUENCE ? s->root->sub[0] : s->root;
 }
 
 static bool is_space(unsigned char c) {
@@ -85,6 +86,8 @@ bool cake_json_can_start(const cake_json_node *n, unsigned char c) {
         for (int i = 0; i < n->n; i++)
             if (cake_json_can_start(n->sub[i], c)) return true;
         return false;
+    case CAKE_JSON_SEQUENCE:
+        return cake_json_can_start(n->sub[0], c);
     }
     return false;
 }
@@ -117,6 +120,10 @@ static const cake_json_node *value_node(const cake_json_node *n, unsigned char c
 /* A value ended: the container's next, or the end. */
 static bool end_value(cake_json_state *s) {
     s->mode = s->depth ? M_AFTER : M_DONE;
+    if (s->mode == M_DONE && s->root->kind == CAKE_JSON_SEQUENCE && s->part + 1 < s->root->n) {
+        s->node = s->root->sub[++s->part];
+        s->mode = M_VALUE;
+    }
     return true;
 }
 
@@ -408,7 +415,8 @@ static bool step(cake_json_state *s, unsigned char c) {
 
 bool cake_json_complete(const cake_json_state *s) {
     if (s->mode == M_DONE) return true;
-    if (s->depth) return false;
+    if (s->depth || (s->root->kind == CAKE_JSON_SEQUENCE && s->part + 1 < s->root->n))
+        return false;
     switch (s->mode) { /* a number or enum value at the root ends with the answer */
     case M_ZERO:
     case M_INT:

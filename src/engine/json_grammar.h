@@ -33,6 +33,8 @@ typedef enum {
     CAKE_JSON_INTEGER, /* a number without fraction or exponent; bounded: in [minimum, maximum] */
     CAKE_JSON_ENUM,    /* names: the values, as compact JSON (true/false/null too) */
     CAKE_JSON_UNION,   /* sub: alternatives that differ in their first byte */
+    CAKE_JSON_SEQUENCE /* the root only: sub, one after the other (a literal is an enum of
+                          one: text around a value, as a tool call's tags) */
 } cake_json_kind;
 
 typedef struct cake_json_node cake_json_node;
@@ -78,6 +80,8 @@ typedef struct {
     uint64_t magnitude;         /* and its digits so far (saturating) */
     int lo, hi;                 /* the names a key or enum value can still be */
     const cake_json_node *node; /* the schema of the value being read, or the next one */
+    const cake_json_node *root;
+    int part; /* of a sequence root: the one being read */
     int depth;
     cake_json_frame stack[CAKE_JSON_MAX_DEPTH];
 } cake_json_state;

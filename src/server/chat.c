@@ -115,18 +115,175 @@ static void put_trimmed(builder *b, const chat_message *m) {
     put_text(b, s, len);
 }
 
+/* Template text with a tool call's tags: each tag as its own token where
+ * the vocabulary has one (Qwen's <tool_call>), else as text. (Never used on
+ * the messages' own text.) */
+static void put_tagged(builder *b, const char *s) {
+    static const char *const tags[] = {"<tool_call>", "</tool_call>", "<tool_response>",
+                                       "</tool_response>"};
+    while (*s) {
+        const char *hit = NULL;
+        size_t len = 0;
+        for (size_t k = 0; k < sizeof(tags) / sizeof(tags[0]); k++) {
+            const char *h = strstr(s, tags[k]);
+            if (h && (!hit || h < hit)) hit = h, len = strlen(tags[k]);
+        }
+        if (!hit) {
+            put_str(b, s);
+            return;
+        }
+        put_text(b, s, (size_t)(hit - s));
+        const cake_token id = cake_tokenizer_find(b->t, hit, len);
+        if (id >= 0)
+            put_id(b, id);
+        else
+            put_text(b, hit, len);
+        s = hit + len;
+    }
+}
+
 static int known_role(const char *r) {
-    return !strcmp(r, "system") || !strcmp(r, "user") || !strcmp(r, "assistant");
+    return !strcmp(r, "system") || !strcmp(r, "user") || !strcmp(r, "assistant") ||
+           !strcmp(r, "tool");
+}
+
+const chat_call_syntax *chat_calls(chat_format f) {
+    /* Qwen 2.5 and 3 (Hermes), and Llama 3.1's JSON tool calls */
+    static const chat_call_syntax hermes = {"<tool_call>", "</tool_call>", "arguments"};
+    static const chat_call_syntax llama3 = {"", "", "parameters"};
+    return f == CHAT_CHATML ? &hermes : f == CHAT_LLAMA3 ? &llama3 : NULL;
+}
+
+/* ChatML with Qwen's tool prompt (its template's words): the functions in
+ * the system turn, calls in <tool_call> tags, results in <tool_response>
+ * tags in a user turn. */
+static void chatml(builder *b, const chat_message *m, int n, const chat_tools *tools) {
+    int i = 0;
+    if (tools) {
+        put_special(b, "<|im_start|>");
+        put_str(b, "system\n");
+        if (n && !strcmp(m[0].role, "system")) {
+            put_text(b, m[0].content, m[0].content_len);
+            put_str(b, "\n\n");
+            i = 1;
+        }
+        put_str(b, "# Tools\n\nYou may call one or more functions to assist with the user "
+                   "query.\n\nYou are provided with function signatures within <tools></tools> "
+                   "XML tags:\n<tools>");
+        for (int k = 0; k < tools->n; k++) {
+            put_str(b, "\n");
+            put_str(b, tools->json[k]);
+        }
+        put_tagged(b,
+                   "\n</tools>\n\nFor each function call, return a json object with function "
+                   "name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+                   "{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call>");
+        put_special(b, "<|im_end|>");
+        put_str(b, "\n");
+    }
+    for (; i < n; i++) {
+        if (!strcmp(m[i].role, "tool")) { /* a run of results: one user turn */
+            if (!i || strcmp(m[i - 1].role, "tool")) {
+                put_special(b, "<|im_start|>");
+                put_str(b, "user");
+            }
+            put_tagged(b, "\n<tool_response>\n");
+            put_text(b, m[i].content, m[i].content_len);
+            put_tagged(b, "\n</tool_response>");
+            if (i + 1 < n && !strcmp(m[i + 1].role, "tool")) continue;
+            put_special(b, "<|im_end|>");
+            put_str(b, "\n");
+            continue;
+        }
+        put_special(b, "<|im_start|>");
+        put_str(b, m[i].role);
+        if (!m[i].n_calls || m[i].content_len) put_str(b, "\n");
+        put_text(b, m[i].content, m[i].content_len);
+        for (int k = 0; k < m[i].n_calls; k++) {
+            put_tagged(b, "\n<tool_call>\n{\"name\": \"");
+            put_str(b, m[i].calls[k].name);
+            put_str(b, "\", \"arguments\": ");
+            put_str(b, m[i].calls[k].arguments);
+            put_tagged(b, "}\n</tool_call>");
+        }
+        put_special(b, "<|im_end|>");
+        put_str(b, "\n");
+    }
+    put_special(b, "<|im_start|>");
+    put_str(b, "assistant\n");
+}
+
+static void llama3_header(builder *b, const char *role) {
+    put_special(b, "<|start_header_id|>");
+    put_str(b, role);
+    put_special(b, "<|end_header_id|>");
+    put_str(b, "\n\n");
+}
+
+/* Llama 3, with Llama 3.1's tool prompt (its template's words, its default
+ * date): the functions before the first user message, a call as the
+ * answer's JSON, results in ipython turns. */
+static void llama3(builder *b, const chat_message *m, int n, const chat_tools *tools) {
+    int i = 0, listed = 0;
+    if (tools) {
+        llama3_header(b, "system");
+        put_str(b, "Environment: ipython\nCutting Knowledge Date: December 2023\nToday Date: 26 "
+                   "Jul 2024\n\n");
+        if (n && !strcmp(m[0].role, "system")) put_trimmed(b, &m[i++]);
+        put_special(b, "<|eot_id|>");
+    }
+    for (; i < n; i++) {
+        llama3_header(b, !strcmp(m[i].role, "tool") ? "ipython" : m[i].role);
+        if (tools && !listed && !strcmp(m[i].role, "user")) {
+            listed = 1;
+            put_str(b, "Given the following functions, please respond with a JSON for a function "
+                       "call with its proper arguments that best answers the given prompt.\n\n"
+                       "Respond in the format {\"name\": function name, \"parameters\": dictionary "
+                       "of argument name and its value}.Do not use variables.\n\n");
+            for (int k = 0; k < tools->n; k++) {
+                put_str(b, tools->json[k]);
+                put_str(b, "\n\n");
+            }
+        }
+        put_trimmed(b, &m[i]);
+        for (int k = 0; k < m[i].n_calls; k++) {
+            put_str(b, "{\"name\": \"");
+            put_str(b, m[i].calls[k].name);
+            put_str(b, "\", \"parameters\": ");
+            put_str(b, m[i].calls[k].arguments);
+            put_str(b, "}");
+        }
+        put_special(b, "<|eot_id|>");
+    }
+    llama3_header(b, "assistant");
 }
 
 int chat_prompt(chat_format f, const cake_tokenizer *t, const chat_message *m, int n,
-                cake_token **ids, int *n_ids, cake_token *end_of_turn, char *err, size_t errlen) {
+                const chat_tools *tools, cake_token **ids, int *n_ids, cake_token *end_of_turn,
+                char *err, size_t errlen) {
     if (f == CHAT_NONE) return cake_err(err, errlen, "no chat format");
-    for (int i = 0; i < n; i++)
+    const int with_tools = chat_calls(f) != NULL;
+    for (int i = 0; i < n; i++) {
         if (!known_role(m[i].role))
             return cake_err(err, errlen,
-                            "message %d: role '%.40s' is not system, user or assistant", i,
+                            "message %d: role '%.40s' is not system, user, assistant or tool", i,
                             m[i].role);
+        if (!with_tools && (m[i].n_calls || !strcmp(m[i].role, "tool")))
+            return cake_err(err, errlen,
+                            "message %d: tool calls and results need a chat format with tools "
+                            "(ChatML, Llama 3), not %s",
+                            i, chat_format_name(f));
+        if (f == CHAT_LLAMA3 && m[i].n_calls > 1)
+            return cake_err(err, errlen, "message %d: Llama 3 takes one tool call a message", i);
+    }
+    if (tools && !with_tools)
+        return cake_err(err, errlen,
+                        "'tools' need a chat format with tools (ChatML, Llama 3), not %s",
+                        chat_format_name(f));
+    int has_user = 0;
+    for (int i = 0; i < n; i++) has_user |= !strcmp(m[i].role, "user");
+    if (tools && f == CHAT_LLAMA3 && !has_user)
+        return cake_err(err, errlen, "Llama 3 lists the tools in a user message: there is none");
     const cake_token bos = cake_tokenizer_bos(t);
     const cake_token eos = cake_tokenizer_eos(t);
     if (f == CHAT_LLAMA2 && bos < 0)
@@ -138,31 +295,11 @@ int chat_prompt(chat_format f, const cake_tokenizer *t, const chat_message *m, i
     *end_of_turn = -1;
     switch (f) {
     case CHAT_CHATML:
-        for (int i = 0; i < n; i++) {
-            put_special(&b, "<|im_start|>");
-            put_str(&b, m[i].role);
-            put_str(&b, "\n");
-            put_text(&b, m[i].content, m[i].content_len);
-            put_special(&b, "<|im_end|>");
-            put_str(&b, "\n");
-        }
-        put_special(&b, "<|im_start|>");
-        put_str(&b, "assistant\n");
+        chatml(&b, m, n, tools);
         *end_of_turn = cake_tokenizer_find(t, "<|im_end|>", 10);
         break;
     case CHAT_LLAMA3:
-        for (int i = 0; i < n; i++) {
-            put_special(&b, "<|start_header_id|>");
-            put_str(&b, m[i].role);
-            put_special(&b, "<|end_header_id|>");
-            put_str(&b, "\n\n");
-            put_trimmed(&b, &m[i]);
-            put_special(&b, "<|eot_id|>");
-        }
-        put_special(&b, "<|start_header_id|>");
-        put_str(&b, "assistant");
-        put_special(&b, "<|end_header_id|>");
-        put_str(&b, "\n\n");
+        llama3(&b, m, n, tools);
         *end_of_turn = cake_tokenizer_find(t, "<|eot_id|>", 10);
         break;
     case CHAT_LLAMA2: {

@@ -23,23 +23,48 @@ typedef enum {
     CHAT_ZEPHYR,  /* <|user|>\n...</s>\n<|assistant|>\n (Zephyr, TinyLlama Chat) */
 } chat_format;
 
+/* A function call an assistant's message made (OpenAI's tool_calls). */
 typedef struct {
-    const char *role; /* "system", "user" or "assistant" */
+    const char *name;
+    const char *arguments; /* a JSON object, as the prompt writes it */
+} chat_tool_call;
+
+typedef struct {
+    const char *role; /* "system", "user", "assistant", or "tool" (a call's result) */
     const char *content;
     size_t content_len;
+    const chat_tool_call *calls; /* an assistant's, n_calls of them */
+    int n_calls;
 } chat_message;
+
+/* The functions a request offers (OpenAI's tools), each as the JSON text
+ * the prompt lists it with. */
+typedef struct {
+    const char *const *json;
+    int n;
+} chat_tools;
+
+/* How a format's model writes a function call: a JSON object {"name": ...,
+ * args: {...}} between open and close, or (both "") as the whole answer.
+ * NULL for a format without tools. */
+typedef struct {
+    const char *open, *close, *args;
+} chat_call_syntax;
+const chat_call_syntax *chat_calls(chat_format f);
 
 /* The format of a chat template's text (NULL: the model has none; then the
  * vocabulary's special tokens decide). CHAT_NONE when neither tells. */
 chat_format chat_detect(const char *template_text, const cake_tokenizer *t);
 const char *chat_format_name(chat_format f);
 
-/* The prompt of messages m[0..n) in format f, ending with the header of the
+/* The prompt of messages m[0..n) in format f, offering tools (NULL: none;
+ * ChatML and Llama 3 formats only), ending with the header of the
  * assistant's turn, into a malloc'd *ids. *end_of_turn gets the token that
  * ends the assistant's turn besides EOS (-1: EOS only). 0, or -1 with a
  * reason in err (a role other than the three, a special token missing from
  * the vocabulary, out of memory). */
 int chat_prompt(chat_format f, const cake_tokenizer *t, const chat_message *m, int n,
-                cake_token **ids, int *n_ids, cake_token *end_of_turn, char *err, size_t errlen);
+                const chat_tools *tools, cake_token **ids, int *n_ids, cake_token *end_of_turn,
+                char *err, size_t errlen);
 
 #endif

@@ -139,6 +139,7 @@ typedef struct {
     size_t sent;     /* bytes of the job's text sent */
     int tokens_sent; /* tokens whose log-probabilities were sent (when asked) */
     int first_sent;  /* a chat's first chunk (the role) */
+    int calls_sent;  /* its tool calls, when its answer made some */
     int finished;    /* its last chunk (or its error) went out */
 } stream_choice;
 
@@ -169,16 +170,22 @@ static char *choice_event(stream_state *st, int i) {
         return api_stream_event(&st->shape, CHUNK_FIRST, i, "", 0, 0, 0, j, st->id, st->created,
                                 model);
     }
-    if (j->ready > c->sent) {
-        const int to = api_answer_tokens(j, j->ready);
-        char *ev =
-            api_stream_event(&st->shape, CHUNK_TEXT, i, j->text + c->sent, j->ready - c->sent,
-                             c->tokens_sent, to, j, st->id, st->created, model);
-        c->sent = j->ready;
+    /* (with tools, a finished answer's content ends before its calls) */
+    const size_t ready = j->done && j->call_format ? api_content_end(j) : j->ready;
+    if (ready > c->sent) {
+        const int to = api_answer_tokens(j, ready);
+        char *ev = api_stream_event(&st->shape, CHUNK_TEXT, i, j->text + c->sent, ready - c->sent,
+                                    c->tokens_sent, to, j, st->id, st->created, model);
+        c->sent = ready;
         c->tokens_sent = to;
         return ev;
     }
     if (!j->done) return NULL;
+    if (ready < j->len && !c->calls_sent && !j->error[0]) {
+        c->calls_sent = 1;
+        return api_stream_event(&st->shape, CHUNK_CALLS, i, "", 0, 0, 0, j, st->id, st->created,
+                                model);
+    }
     c->finished = 1;
     if (j->error[0]) {
         st->failed = 1;

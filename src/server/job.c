@@ -26,6 +26,7 @@ serve_job *job_clone(const serve_job *j, int choice) {
     memcpy(prompt, j->prompt, (size_t)j->n_prompt * sizeof(*prompt));
     serve_job *c = job_create(prompt, j->n_prompt);
     if (!c) return NULL;
+    int ok = 1;
     c->max_tokens = j->max_tokens;
     c->sampling = j->sampling;
     c->sampling.seed += (uint64_t)choice;
@@ -35,8 +36,14 @@ serve_job *job_clone(const serve_job *j, int choice) {
     c->ignore_eos = j->ignore_eos;
     c->top_logprobs = j->top_logprobs;
     c->json = j->json;
+    c->call_format = j->call_format;
+    if (j->tool_names) {
+        size_t len = 0;
+        while (j->tool_names[len]) len += strlen(j->tool_names + len) + 1;
+        if ((c->tool_names = malloc(len + 1))) memcpy(c->tool_names, j->tool_names, len + 1);
+        ok &= c->tool_names != NULL;
+    }
     c->schema = j->schema ? json_schema_retain(j->schema) : NULL;
-    int ok = 1;
     for (int i = 0; i < j->n_stop; i++) ok &= job_add_stop(c, j->stop[i], strlen(j->stop[i])) == 0;
     if (j->sampling.n_logit_bias) {
         const size_t size = (size_t)j->sampling.n_logit_bias * sizeof(*c->logit_bias);
@@ -64,6 +71,7 @@ void job_release(serve_job *j) {
     free(j->logprobs);
     free(j->logit_bias);
     json_schema_release(j->schema);
+    free(j->tool_names);
     pthread_cond_destroy(&j->cv);
     pthread_mutex_destroy(&j->mu);
     free(j);
@@ -138,6 +146,28 @@ static long find_stop(const serve_job *j, size_t from, size_t *hold) {
     return first;
 }
 
+/* Where the text may begin a tool call (held back from streams until the
+ * answer is read whole): at its tag, or at a part of the tag the text ends
+ * with; for a call that is the whole answer, from the start while the
+ * first byte that is not white space is '{' (or has not come). */
+static size_t call_start(const serve_job *j) {
+    const chat_call_syntax *syntax = j->call_format ? chat_calls(j->call_format) : NULL;
+    if (!syntax) return j->len;
+    if (!syntax->open[0]) {
+        size_t i = 0;
+        while (i < j->len && (j->text[i] == ' ' || j->text[i] == '\t' || j->text[i] == '\r' ||
+                              j->text[i] == '\n'))
+            i++;
+        return i == j->len || j->text[i] == '{' ? 0 : j->len;
+    }
+    const size_t tl = strlen(syntax->open);
+    const char *hit = memmem(j->text, j->len, syntax->open, tl);
+    if (hit) return (size_t)(hit - j->text);
+    for (size_t k = tl - 1; k > 0; k--)
+        if (k <= j->len && !memcmp(j->text + j->len - k, syntax->open, k)) return j->len - k;
+    return j->len;
+}
+
 int job_add_text(serve_job *j, const char *piece, size_t n) {
     const size_t from = j->len;
     if (text_append(j, piece, n)) return -1;
@@ -148,5 +178,7 @@ int job_add_text(serve_job *j, const char *piece, size_t n) {
         j->text[j->len] = '\0';
     }
     j->ready = utf8_whole(j->text, j->len - (at >= 0 ? 0 : hold));
+    const size_t call = call_start(j);
+    if (j->ready > call) j->ready = call;
     return at >= 0;
 }

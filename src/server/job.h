@@ -11,6 +11,7 @@
 
 #include "cake.h"
 #include "engine/generate.h"
+#include "server/chat.h"
 #include "server/json_schema.h"
 
 #define JOB_MAX_STOP         4
@@ -48,6 +49,12 @@ struct serve_job {
      * value of schema (owned: one reference), or with schema NULL one object. */
     int json;
     json_schema *schema;
+    /* Tools (OpenAI's): the answer is read for calls written as this chat
+     * format writes them (chat_calls; CHAT_NONE: no tools), to functions of
+     * these names (owned; each NUL-terminated, an empty one last). While it
+     * is generated, text that may be a call is held back from streams. */
+    chat_format call_format;
+    char *tool_names;
 
     /* Progress, under mu; cv is signalled on every change. */
     pthread_mutex_t mu;

@@ -591,6 +591,33 @@ json_schema *json_schema_compile(const cJSON *schema, char *err, size_t errlen) 
     return out;
 }
 
+/* A literal: an enum of one value, its text as written. */
+static const cake_json_node *literal(compiler *c, const char *text) {
+    const char **names = alloc(c, sizeof(*names));
+    char *copy = alloc(c, strlen(text) + 1);
+    cake_json_node *n = new_node(c, CAKE_JSON_ENUM);
+    if (!names || !copy || !n) return NULL;
+    strcpy(copy, text);
+    names[0] = copy;
+    n->n = 1;
+    n->names = names;
+    return n;
+}
+
+int json_schema_between(json_schema *s, const char *before, const char *after) {
+    char err[64];
+    compiler c = {.out = s, .err = err, .errlen = sizeof(err)};
+    const cake_json_node **parts = alloc(&c, 3 * sizeof(*parts));
+    cake_json_node *seq = new_node(&c, CAKE_JSON_SEQUENCE);
+    if (!parts || !seq) return -1;
+    if (*before && !(parts[seq->n++] = literal(&c, before))) return -1;
+    parts[seq->n++] = s->root;
+    if (*after && !(parts[seq->n++] = literal(&c, after))) return -1;
+    seq->sub = parts;
+    s->root = seq;
+    return 0;
+}
+
 const cake_json_node *json_schema_root(const json_schema *s) {
     return s->root;
 }

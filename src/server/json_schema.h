@@ -18,6 +18,9 @@ typedef struct json_schema json_schema;
  * schema it refuses, or out of memory). */
 json_schema *json_schema_compile(const cJSON *schema, char *err, size_t errlen);
 const cake_json_node *json_schema_root(const json_schema *s);
+/* The value of s with fixed text before and after it ("" for none): a tool
+ * call between its tags. 0, or -1 on out of memory. */
+int json_schema_between(json_schema *s, const char *before, const char *after);
 json_schema *json_schema_retain(json_schema *s); /* returns s */
 void json_schema_release(json_schema *s);        /* accepts NULL */
 

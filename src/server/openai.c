@@ -78,9 +78,8 @@ static int bool_field(const cJSON *o, const char *key, int *out, char *err, size
 /* Fields that would change the answer in ways cake does not do: refused
  * rather than ignored. Their "off" values (null, false, 0, []) pass. */
 static int unsupported(const cJSON *o, char *err, size_t errlen) {
-    static const char *keys[] = {"echo",         "suffix",        "tools",
-                                 "functions",    "best_of",       "grammar",
-                                 "guided_regex", "guided_choice", "guided_grammar"};
+    static const char *keys[] = {"echo",    "suffix",       "functions",     "best_of",
+                                 "grammar", "guided_regex", "guided_choice", "guided_grammar"};
     for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++) {
         const cJSON *v = field(o, keys[i]);
         if (!v || cJSON_IsFalse(v) || (cJSON_IsNumber(v) && v->valuedouble == 0) ||
@@ -320,8 +319,238 @@ static int message_text(const cJSON *c, int i, chat_message *out, char **buf, ch
     return 0;
 }
 
-static int chat_prompt_of(const cJSON *o, const api_model *m, cake_token **ids, int *n,
-                          cake_token *end_of_turn, char *err, size_t errlen) {
+/* ---- tools (OpenAI's function calling) ---- */
+
+/* v as JSON with Python's separators (", " and ": "), as chat templates'
+ * tojson writes it. malloc'd; NULL on out of memory. */
+static char *py_json(const cJSON *v) {
+    char *c = cJSON_PrintUnformatted(v);
+    if (!c) return NULL;
+    size_t extra = 0;
+    int in_string = 0;
+    for (const char *p = c; *p; p++) {
+        if (in_string) {
+            if (*p == '\\')
+                p++;
+            else if (*p == '"')
+                in_string = 0;
+        } else if (*p == '"') {
+            in_string = 1;
+        } else {
+            extra += *p == ',' || *p == ':';
+        }
+    }
+    char *out = malloc(strlen(c) + extra + 1), *o = out;
+    in_string = 0;
+    for (const char *p = c; out && *p; p++) {
+        *o++ = *p;
+        if (in_string) {
+            if (*p == '\\')
+                *o++ = *++p;
+            else if (*p == '"')
+                in_string = 0;
+        } else if (*p == '"') {
+            in_string = 1;
+        } else if (*p == ',' || *p == ':') {
+            *o++ = ' ';
+        }
+    }
+    if (out) *o = '\0';
+    cJSON_free(c);
+    return out;
+}
+
+enum { TOOLS_NONE, TOOLS_AUTO, TOOLS_REQUIRED, TOOLS_NAMED };
+
+/* A request's tools and tool_choice. */
+typedef struct {
+    const cJSON *list; /* the request's "tools" (n entries) */
+    int n;
+    char **json; /* each as the prompt lists it (owned) */
+    int choice;  /* TOOLS_* */
+    int named;   /* the function tool_choice names (TOOLS_NAMED) */
+} request_tools;
+
+static void tools_free(request_tools *rt) {
+    for (int i = 0; rt->json && i < rt->n; i++) free(rt->json[i]);
+    free(rt->json);
+}
+
+static const cJSON *tool_function(const request_tools *rt, int i) {
+    return field(cJSON_GetArrayItem(rt->list, i), "function");
+}
+
+static const char *tool_name(const request_tools *rt, int i) {
+    return field(tool_function(rt, i), "name")->valuestring;
+}
+
+static int valid_name(const char *s) { /* OpenAI's: [a-zA-Z0-9_-]{1,64} */
+    size_t n = strlen(s);
+    if (n < 1 || n > 64) return 0;
+    for (size_t i = 0; i < n; i++)
+        if (!((s[i] >= 'a' && s[i] <= 'z') || (s[i] >= 'A' && s[i] <= 'Z') ||
+              (s[i] >= '0' && s[i] <= '9') || s[i] == '_' || s[i] == '-'))
+            return 0;
+    return 1;
+}
+
+/* tools, tool_choice and parallel_tool_calls. */
+static int tools_asked(const cJSON *o, int chat, request_tools *rt, char *err, size_t errlen) {
+    const cJSON *tools = field(o, "tools"), *choice = field(o, "tool_choice");
+    int parallel = 1;
+    if (bool_field(o, "parallel_tool_calls", &parallel, err, errlen)) return -1;
+    if (tools && cJSON_IsNull(tools)) tools = NULL;
+    if (tools && (!cJSON_IsArray(tools) || cJSON_GetArraySize(tools) > 128))
+        return cake_err(err, errlen, "'tools' must be an array of at most 128 functions");
+    rt->list = tools;
+    rt->n = tools ? cJSON_GetArraySize(tools) : 0;
+    if (rt->n && !chat) return cake_err(err, errlen, "'tools' are for /v1/chat/completions");
+    if (rt->n && !(rt->json = calloc((size_t)rt->n, sizeof(*rt->json))))
+        return cake_err(err, errlen, "out of memory");
+    for (int i = 0; i < rt->n; i++) {
+        const cJSON *t = cJSON_GetArrayItem(tools, i), *type = field(t, "type");
+        const cJSON *f = field(t, "function"), *name = field(f, "name");
+        const cJSON *params = field(f, "parameters");
+        if (!cJSON_IsString(type) || strcmp(type->valuestring, "function") || !cJSON_IsObject(f) ||
+            !cJSON_IsString(name) || !valid_name(name->valuestring) ||
+            (params && !cJSON_IsObject(params)))
+            return cake_err(err, errlen,
+                            "tool %d must be {\"type\": \"function\", \"function\": {\"name\": "
+                            "[a-zA-Z0-9_-]{1,64}, \"parameters\": {...}}}",
+                            i);
+        for (int k = 0; k < i; k++)
+            if (!strcmp(tool_name(rt, k), name->valuestring))
+                return cake_err(err, errlen, "two tools are named '%s'", name->valuestring);
+        if (!(rt->json[i] = py_json(t))) return cake_err(err, errlen, "out of memory");
+    }
+    rt->choice = rt->n ? TOOLS_AUTO : TOOLS_NONE;
+    if (!choice || cJSON_IsNull(choice)) return 0;
+    const cJSON *fn = field(field(choice, "function"), "name");
+    if (cJSON_IsString(choice) && !strcmp(choice->valuestring, "none")) {
+        rt->choice = TOOLS_NONE;
+    } else if (cJSON_IsString(choice) && !strcmp(choice->valuestring, "auto")) {
+        rt->choice = rt->n ? TOOLS_AUTO : TOOLS_NONE;
+    } else if (cJSON_IsString(choice) && !strcmp(choice->valuestring, "required")) {
+        rt->choice = TOOLS_REQUIRED;
+    } else if (cJSON_IsObject(choice) && cJSON_IsString(fn)) {
+        rt->choice = TOOLS_NAMED;
+        for (rt->named = 0; rt->named < rt->n && strcmp(tool_name(rt, rt->named), fn->valuestring);
+             rt->named++)
+            continue;
+        if (rt->named == rt->n)
+            return cake_err(err, errlen, "'tool_choice' names '%.64s', which is not in 'tools'",
+                            fn->valuestring);
+    } else {
+        return cake_err(err, errlen,
+                        "'tool_choice' must be \"none\", \"auto\", \"required\" or {\"type\": "
+                        "\"function\", \"function\": {\"name\": ...}}");
+    }
+    if (rt->choice >= TOOLS_REQUIRED && !rt->n)
+        return cake_err(err, errlen, "'tool_choice' asks for a call: give 'tools'");
+    return 0;
+}
+
+/* What a tool_choice of required or a named function makes the answer: one
+ * call, {"name": ..., ARGS: {...}} between the format's tags, its
+ * arguments of the function's parameters (any object when several functions
+ * may be called, or when cake cannot enforce the parameters' schema and the
+ * function is not strict). NULL with err. */
+static json_schema *call_schema(const request_tools *rt, const chat_call_syntax *syntax, char *err,
+                                size_t errlen) {
+    cJSON *names = cJSON_CreateArray();
+    for (int i = 0; i < rt->n; i++)
+        if (rt->choice != TOOLS_NAMED || i == rt->named)
+            cJSON_AddItemToArray(names, cJSON_CreateString(tool_name(rt, i)));
+    const cJSON *f = rt->choice == TOOLS_NAMED ? tool_function(rt, rt->named)
+                     : rt->n == 1              ? tool_function(rt, 0)
+                                               : NULL;
+    const cJSON *params = field(f, "parameters");
+    json_schema *out = NULL;
+    for (int exact = params != NULL; exact >= 0 && !out; exact--) {
+        cJSON *sch = cJSON_CreateObject(), *props = cJSON_AddObjectToObject(sch, "properties");
+        cJSON_AddStringToObject(sch, "type", "object");
+        cJSON_AddItemToObject(cJSON_AddObjectToObject(props, "name"), "enum",
+                              cJSON_Duplicate(names, 1));
+        if (exact)
+            cJSON_AddItemToObject(props, syntax->args, cJSON_Duplicate(params, 1));
+        else
+            cJSON_AddStringToObject(cJSON_AddObjectToObject(props, syntax->args), "type", "object");
+        cJSON *req = cJSON_AddArrayToObject(sch, "required");
+        cJSON_AddItemToArray(req, cJSON_CreateString("name"));
+        cJSON_AddItemToArray(req, cJSON_CreateString(syntax->args));
+        char why[200];
+        out = json_schema_compile(sch, why, sizeof(why));
+        cJSON_Delete(sch);
+        if (!out && exact && cJSON_IsTrue(field(f, "strict"))) {
+            cake_err(err, errlen, "tool '%s': its parameters: %s", field(f, "name")->valuestring,
+                     why);
+            break;
+        }
+        if (!out && !exact) cake_err(err, errlen, "%s", why);
+    }
+    cJSON_Delete(names);
+    char open[32], close[32];
+    snprintf(open, sizeof(open), "%s%s", syntax->open, syntax->open[0] ? "\n" : "");
+    snprintf(close, sizeof(close), "%s%s", syntax->close[0] ? "\n" : "", syntax->close);
+    if (out && json_schema_between(out, open, close)) {
+        json_schema_release(out);
+        out = NULL;
+        cake_err(err, errlen, "out of memory");
+    }
+    return out;
+}
+
+/* The functions' names, each NUL-terminated, an empty one last. */
+static char *tool_names(const request_tools *rt) {
+    size_t len = 1;
+    for (int i = 0; i < rt->n; i++) len += strlen(tool_name(rt, i)) + 1;
+    char *names = malloc(len), *p = names;
+    for (int i = 0; names && i < rt->n; i++) {
+        strcpy(p, tool_name(rt, i));
+        p += strlen(p) + 1;
+    }
+    if (names) *p = '\0';
+    return names;
+}
+
+/* An assistant message's tool_calls, for the prompt. */
+static int message_calls(const cJSON *calls, int i, chat_message *out, char ***texts, char *err,
+                         size_t errlen) {
+    if (!calls || cJSON_IsNull(calls)) return 0;
+    const int n = cJSON_IsArray(calls) ? cJSON_GetArraySize(calls) : -1;
+    if (n < 0 || n > 64)
+        return cake_err(err, errlen, "message %d: 'tool_calls' must be an array (of at most 64)",
+                        i);
+    chat_tool_call *c = calloc((size_t)(n ? n : 1), sizeof(*c));
+    *texts = calloc((size_t)n + 1, sizeof(**texts));
+    out->calls = c;
+    if (!c || !*texts) return cake_err(err, errlen, "out of memory");
+    for (int k = 0; k < n; k++) {
+        const cJSON *f = field(cJSON_GetArrayItem(calls, k), "function");
+        const cJSON *name = field(f, "name"), *args = field(f, "arguments");
+        if (!cJSON_IsString(name) || !cJSON_IsString(args))
+            return cake_err(err, errlen,
+                            "message %d: tool call %d needs a function's 'name' and "
+                            "'arguments' (a string)",
+                            i, k);
+        cJSON *parsed = cJSON_Parse(args->valuestring);
+        if (!cJSON_IsObject(parsed)) {
+            cJSON_Delete(parsed);
+            return cake_err(err, errlen,
+                            "message %d: tool call %d's 'arguments' is not a JSON object", i, k);
+        }
+        (*texts)[k] = py_json(parsed);
+        cJSON_Delete(parsed);
+        if (!(*texts)[k]) return cake_err(err, errlen, "out of memory");
+        c[k] = (chat_tool_call){name->valuestring, (*texts)[k]};
+        out->n_calls = k + 1;
+    }
+    return 0;
+}
+
+static int chat_prompt_of(const cJSON *o, const api_model *m, const request_tools *rt,
+                          cake_token **ids, int *n, cake_token *end_of_turn, char *err,
+                          size_t errlen) {
     if (m->chat == CHAT_NONE)
         return cake_err(err, errlen,
                         "this model has no chat template cake knows (ChatML, Llama 3, Llama 2, "
@@ -332,8 +561,9 @@ static int chat_prompt_of(const cJSON *o, const api_model *m, cake_token **ids, 
     const int count = cJSON_GetArraySize(msgs);
     chat_message *cm = calloc((size_t)count, sizeof(*cm));
     char **bufs = calloc((size_t)count, sizeof(*bufs));
+    char ***call_texts = calloc((size_t)count, sizeof(*call_texts));
     int rc = -1;
-    if (!cm || !bufs) {
+    if (!cm || !bufs || !call_texts) {
         cake_err(err, errlen, "out of memory");
         goto done;
     }
@@ -346,13 +576,24 @@ static int chat_prompt_of(const cJSON *o, const api_model *m, cake_token **ids, 
             goto done;
         }
         cm[i].role = role->valuestring;
-        if (message_text(field(msg, "content"), i, &cm[i], &bufs[i], err, errlen)) goto done;
+        if (message_text(field(msg, "content"), i, &cm[i], &bufs[i], err, errlen) ||
+            message_calls(field(msg, "tool_calls"), i, &cm[i], &call_texts[i], err, errlen))
+            goto done;
         i++;
     }
-    rc = chat_prompt(m->chat, m->tok, cm, count, ids, n, end_of_turn, err, errlen);
+    const chat_tools tools = {(const char *const *)rt->json, rt->n};
+    rc = chat_prompt(m->chat, m->tok, cm, count, rt->choice != TOOLS_NONE ? &tools : NULL, ids, n,
+                     end_of_turn, err, errlen);
 done:
-    for (int k = 0; bufs && k < count; k++) free(bufs[k]);
+    for (int k = 0; k < count; k++) {
+        if (bufs) free(bufs[k]);
+        if (cm) free((void *)cm[k].calls);
+        for (int c = 0; call_texts && call_texts[k] && call_texts[k][c]; c++)
+            free(call_texts[k][c]);
+        if (call_texts) free(call_texts[k]);
+    }
     free(bufs);
+    free(call_texts);
     free(cm);
     return rc;
 }
@@ -388,7 +629,9 @@ int api_parse(const char *body, size_t len, int chat, const api_model *m, serve_
            top_k = 0, min_p = 0, choices = 1;
     int rc = -1, ignore_eos = 0, top_logprobs = -1, json = 0;
     json_schema *schema = NULL;
-    if (unsupported(o, err, errlen) || logprobs_asked(o, chat, &top_logprobs, err, errlen) ||
+    request_tools rt = {0};
+    if (unsupported(o, err, errlen) || tools_asked(o, chat, &rt, err, errlen) ||
+        logprobs_asked(o, chat, &top_logprobs, err, errlen) ||
         json_asked(o, &json, &schema, err, errlen) ||
         bool_field(o, "stream", &shape->stream, err, errlen) ||
         bool_field(o, "ignore_eos", &ignore_eos, err, errlen) ||
@@ -410,7 +653,13 @@ int api_parse(const char *body, size_t len, int chat, const api_model *m, serve_
         if (!cJSON_IsObject(so)) cake_err(err, errlen, "'stream_options' must be an object");
         goto done;
     }
-    if (chat ? chat_prompt_of(o, m, &ids, &n, &eot, err, errlen)
+    if (json && rt.choice >= TOOLS_REQUIRED) {
+        cake_err(err, errlen,
+                 "a 'tool_choice' that asks for a call is a JSON format already: "
+                 "give it or 'response_format', not both");
+        goto done;
+    }
+    if (chat ? chat_prompt_of(o, m, &rt, &ids, &n, &eot, err, errlen)
              : completion_prompt(o, m, &ids, &n, err, errlen))
         goto done;
     if (n >= m->n_ctx) {
@@ -439,6 +688,17 @@ int api_parse(const char *body, size_t len, int chat, const api_model *m, serve_
     j->end_of_turn = eot;
     j->ignore_eos = ignore_eos;
     j->top_logprobs = top_logprobs;
+    if (rt.choice != TOOLS_NONE) {
+        j->call_format = m->chat;
+        if (!(j->tool_names = tool_names(&rt))) {
+            cake_err(err, errlen, "out of memory");
+            goto done;
+        }
+        if (rt.choice >= TOOLS_REQUIRED) {
+            if (!(schema = call_schema(&rt, chat_calls(m->chat), err, errlen))) goto done;
+            json = 1;
+        }
+    }
     j->json = json;
     j->schema = schema;
     schema = NULL;
@@ -450,6 +710,7 @@ done:
     free(ids);
 done_ids_freed:
     json_schema_release(schema);
+    tools_free(&rt);
     job_release(j);
     cJSON_Delete(o);
     return rc;
@@ -621,8 +882,98 @@ static char *print_free(cJSON *r) {
     return s;
 }
 
+/* ---- tool calls in an answer ---- */
+
+static int is_tool(const serve_job *j, const char *name) {
+    for (const char *p = j->tool_names; p && *p; p += strlen(p) + 1)
+        if (!strcmp(p, name)) return 1;
+    return 0;
+}
+
+/* text[0..len), one call as the format writes it ({"name": <a tool>, ARGS:
+ * {...}}, white space around), as OpenAI's tool call; NULL when it is not
+ * one. */
+static cJSON *read_call(const serve_job *j, const chat_call_syntax *syntax, const char *text,
+                        size_t len) {
+    const char *end = NULL;
+    cJSON *v = cJSON_ParseWithLengthOpts(text, len, &end, false);
+    while (end && end < text + len && strchr(" \t\r\n", *end) && *end) end++;
+    const cJSON *name = field(v, "name"), *args = field(v, syntax->args);
+    if (!args) args = field(v, "arguments"); /* (as some models write it) */
+    cJSON *call = NULL;
+    char *printed = NULL, *clean = NULL;
+    if (cJSON_IsObject(v) && end == text + len && cJSON_IsString(name) &&
+        is_tool(j, name->valuestring) && cJSON_IsObject(args) &&
+        (printed = cJSON_PrintUnformatted(args)) &&
+        (clean = api_utf8_clean(printed, strlen(printed)))) {
+        static atomic_uint_fast64_t counter;
+        char id[40];
+        snprintf(id, sizeof(id), "call_%016llx",
+                 (unsigned long long)(fresh_seed() ^ atomic_fetch_add(&counter, 1) << 32));
+        call = cJSON_CreateObject();
+        cJSON_AddStringToObject(call, "id", id);
+        cJSON_AddStringToObject(call, "type", "function");
+        cJSON *f = cJSON_AddObjectToObject(call, "function");
+        cJSON_AddStringToObject(f, "name", name->valuestring);
+        cJSON_AddStringToObject(f, "arguments", clean);
+    }
+    cJSON_free(printed);
+    free(clean);
+    cJSON_Delete(v);
+    return call;
+}
+
+/* The tool calls a job's answer makes (OpenAI's tool_calls; NULL: none, or
+ * one that does not read as a call: then the whole answer is content), and
+ * where its content ends (before the first call, white space trimmed). */
+static cJSON *answer_calls(const serve_job *j, size_t *content_end) {
+    const chat_call_syntax *syntax = j->call_format ? chat_calls(j->call_format) : NULL;
+    const char *text = j->text ? j->text : "";
+    *content_end = j->len;
+    if (!syntax) return NULL;
+    cJSON *calls = cJSON_CreateArray();
+    size_t first = 0;
+    if (!syntax->open[0]) { /* the whole answer is the call */
+        cJSON *c = read_call(j, syntax, text, j->len);
+        if (c) cJSON_AddItemToArray(calls, c);
+    } else {
+        const size_t ol = strlen(syntax->open), cl = strlen(syntax->close);
+        const char *p = memmem(text, j->len, syntax->open, ol);
+        first = p ? (size_t)(p - text) : 0;
+        while (p) {
+            const char *body = p + ol;
+            const size_t rest = j->len - (size_t)(body - text);
+            const char *close = memmem(body, rest, syntax->close, cl);
+            cJSON *c = read_call(j, syntax, body, close ? (size_t)(close - body) : rest);
+            if (!c) {
+                cJSON_Delete(calls);
+                return NULL;
+            }
+            cJSON_AddItemToArray(calls, c);
+            p = close ? memmem(close + cl, j->len - (size_t)(close + cl - text), syntax->open, ol)
+                      : NULL;
+        }
+    }
+    if (!cJSON_GetArraySize(calls)) {
+        cJSON_Delete(calls);
+        return NULL;
+    }
+    while (first && strchr(" \t\r\n", text[first - 1]) && text[first - 1]) first--;
+    *content_end = first;
+    return calls;
+}
+
+size_t api_content_end(const serve_job *j) {
+    size_t end;
+    cJSON_Delete(answer_calls(j, &end));
+    return end;
+}
+
 static const char *finish_reason(const serve_job *j) {
-    return j->stopped ? "stop" : "length";
+    size_t end;
+    cJSON *calls = j->stopped ? answer_calls(j, &end) : NULL;
+    cJSON_Delete(calls);
+    return calls ? "tool_calls" : j->stopped ? "stop" : "length";
 }
 
 char *api_response(const api_shape *s, serve_job *const *jobs, int n, const char *id, long created,
@@ -631,8 +982,11 @@ char *api_response(const api_shape *s, serve_job *const *jobs, int n, const char
     cJSON *choices = cJSON_AddArrayToObject(r, "choices");
     for (int i = 0; i < n; i++) {
         const serve_job *j = jobs[i];
-        char *text = api_utf8_clean(j->text ? j->text : "", j->len);
+        size_t content_end = j->len;
+        cJSON *calls = s->chat ? answer_calls(j, &content_end) : NULL;
+        char *text = api_utf8_clean(j->text ? j->text : "", content_end);
         if (!text) {
+            cJSON_Delete(calls);
             cJSON_Delete(r);
             return NULL;
         }
@@ -641,7 +995,11 @@ char *api_response(const api_shape *s, serve_job *const *jobs, int n, const char
         if (s->chat) {
             cJSON *msg = cJSON_AddObjectToObject(choice, "message");
             cJSON_AddStringToObject(msg, "role", "assistant");
-            cJSON_AddStringToObject(msg, "content", text);
+            if (calls && !content_end)
+                cJSON_AddNullToObject(msg, "content");
+            else
+                cJSON_AddStringToObject(msg, "content", text);
+            if (calls) cJSON_AddItemToObject(msg, "tool_calls", calls);
         } else {
             cJSON_AddStringToObject(choice, "text", text);
         }
@@ -676,11 +1034,19 @@ char *api_stream_event(const api_shape *s, api_chunk_kind kind, int index, const
     if (s->chat) {
         cJSON *delta = cJSON_AddObjectToObject(choice, "delta");
         if (kind == CHUNK_FIRST) cJSON_AddStringToObject(delta, "role", "assistant");
-        if (kind != CHUNK_FINISH) cJSON_AddStringToObject(delta, "content", clean);
+        if (kind == CHUNK_CALLS) {
+            size_t end;
+            cJSON *calls = answer_calls(j, &end), *c;
+            int k = 0;
+            cJSON_ArrayForEach(c, calls) cJSON_AddNumberToObject(c, "index", k++);
+            cJSON_AddItemToObject(delta, "tool_calls", calls ? calls : cJSON_CreateArray());
+        } else if (kind != CHUNK_FINISH) {
+            cJSON_AddStringToObject(delta, "content", clean);
+        }
     } else {
         cJSON_AddStringToObject(choice, "text", clean);
     }
-    if (kind == CHUNK_FIRST)
+    if (kind == CHUNK_FIRST || kind == CHUNK_CALLS)
         cJSON_AddNullToObject(choice, "logprobs");
     else
         add_logprobs(choice, s, j, tok_from, tok_to);
@@ -717,8 +1083,11 @@ int api_tokenize(const char *body, size_t len, const api_model *m, char **out, c
     cake_token *ids = NULL, eot;
     int n = 0, rc = -1;
     const cJSON *p = field(o, "prompt");
+    request_tools rt = {0}; /* (a chat's tools are part of its prompt) */
     if (field(o, "messages")) {
-        if (chat_prompt_of(o, m, &ids, &n, &eot, err, errlen)) goto done;
+        if (tools_asked(o, 1, &rt, err, errlen) ||
+            chat_prompt_of(o, m, &rt, &ids, &n, &eot, err, errlen))
+            goto done;
     } else if (!cJSON_IsString(p)) {
         cake_err(err, errlen, "'prompt' must be a string (or give 'messages')");
         goto done;
@@ -732,6 +1101,7 @@ int api_tokenize(const char *body, size_t len, const api_model *m, char **out, c
     *out = print_free(r);
     rc = 0;
 done:
+    tools_free(&rt);
     free(ids);
     cJSON_Delete(o);
     return rc;

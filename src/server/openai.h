@@ -41,10 +41,11 @@ char *api_response(const api_shape *s, serve_job *const *jobs, int n, const char
                    const char *model);
 /* One server-sent event of a stream, "data: {...}\n\n", of choice `index`
  * (job j): a piece of text (text_len bytes; the first chunk of a chat also
- * carries the role), or its last chunk (finish_reason). A text or last
+ * carries the role), the tool calls of a finished job, or its last chunk
+ * (finish_reason). A text or last
  * chunk of a job that asked for log-probabilities carries those of its
  * tokens [tok_from, tok_to). */
-typedef enum { CHUNK_TEXT, CHUNK_FIRST, CHUNK_FINISH } api_chunk_kind;
+typedef enum { CHUNK_TEXT, CHUNK_FIRST, CHUNK_CALLS, CHUNK_FINISH } api_chunk_kind;
 char *api_stream_event(const api_shape *s, api_chunk_kind kind, int index, const char *text,
                        size_t text_len, int tok_from, int tok_to, const serve_job *j,
                        const char *id, long created, const char *model);
@@ -57,6 +58,9 @@ char *api_stream_usage(const api_shape *s, serve_job *const *jobs, int n, const 
  * before, or, once the job is done, every token whose text begins within
  * the answer (not those after a stop string). Under the job's lock. */
 int api_answer_tokens(const serve_job *j, size_t sent);
+/* Where a finished job's content ends: before the tool calls its answer
+ * makes (with tools), else at its end. Under the job's lock. */
+size_t api_content_end(const serve_job *j);
 
 /* /tokenize: {"prompt": text} (tokenized as /v1/completions does) or
  * {"messages": [...]} (the prompt /v1/chat/completions builds) gives
