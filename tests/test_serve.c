@@ -18,6 +18,7 @@
 #include "model/tokenizer.h"
 #include "server/chat.h"
 #include "server/openai.h"
+#include "engine/json_grammar.h"
 
 /* ---- the server process ---- */
 
@@ -1800,19 +1801,19 @@ static void test_chat_llama2(void **state) {
     unlink(path);
 }
 
-/* Every chat format's prompt, id by id, on a byte-level vocabulary with the
- * special tokens after the 256 bytes (no merges: a byte is a token). */
-static void test_chat_formats(void **state) {
-    (void)state;
-    enum { IM_START = 256, IM_END, START_HEADER, END_HEADER, EOT, BOT, CALL, CALL_END };
-    const char *tokens[264];
-    int32_t types[264];
+/* A byte-level vocabulary with the chat formats' special tokens after the
+ * 256 bytes (no merges: a byte is a token). */
+enum { IM_START = 256, IM_END, START_HEADER, END_HEADER, EOT, BOT, CALL, CALL_END, CHAT_VOCAB };
+
+static cake_tokenizer *chat_vocab(void) {
+    static const char *tokens[CHAT_VOCAB];
+    static int32_t types[CHAT_VOCAB];
     for (int b = 0; b < 256; b++) tokens[b] = test_gpt2_byte_char(b), types[b] = CAKE_TOKEN_NORMAL;
     const char *special[] = {"<|im_start|>",      "<|im_end|>",  "<|start_header_id|>",
                              "<|end_header_id|>", "<|eot_id|>",  "<|begin_of_text|>",
                              "<tool_call>",       "</tool_call>"};
     for (int i = 0; i < 8; i++) tokens[256 + i] = special[i], types[256 + i] = CAKE_TOKEN_CONTROL;
-    cake_vocab_arrays va = {.n_vocab = 264,
+    cake_vocab_arrays va = {.n_vocab = CHAT_VOCAB,
                             .tokens = tokens,
                             .types = types,
                             .bos = BOT,
@@ -1825,7 +1826,14 @@ static void test_chat_formats(void **state) {
     cake_tokenizer *t;
     char err[256];
     assert_int_equal(cake_tokenizer_init_arrays(&va, &t, err, sizeof(err)), 0);
+    return t;
+}
 
+/* Every chat format's prompt, id by id, on chat_vocab(). */
+static void test_chat_formats(void **state) {
+    (void)state;
+    cake_tokenizer *t = chat_vocab();
+    char err[256];
     assert_int_equal(chat_detect("{{ '<|im_start|>' + role }}", t), CHAT_CHATML);
     assert_int_equal(chat_detect("<|start_header_id|>x<|end_header_id|>", t), CHAT_LLAMA3);
     assert_int_equal(chat_detect(LLAMA2_TEMPLATE, t), CHAT_LLAMA2);
@@ -1962,21 +1970,263 @@ static void test_chat_formats(void **state) {
     cake_tokenizer_free(t);
 }
 
+/* A finished job of api_parse's body whose answer is `text`. */
+static serve_job *answered(const char *body, const api_model *m, api_shape *shape,
+                           const char *text) {
+    serve_job *j;
+    char err[256];
+    if (api_parse(body, strlen(body), 1, m, &j, shape, err, sizeof(err)))
+        fail_msg("refused %s: %s", body, err);
+    pthread_mutex_lock(&j->mu);
+    job_add_text(j, text, strlen(text));
+    j->stopped = 1;
+    pthread_mutex_unlock(&j->mu);
+    job_settle(j, NULL);
+    job_finish(j);
+    return j;
+}
+
+/* The prompt's text (specials as their names). */
+static char *prompt_text(const serve_job *j, const cake_tokenizer *t) {
+    char *out = calloc(1, 65536);
+    size_t len = 0;
+    for (int i = 0; i < j->n_prompt && len < 60000; i++)
+        len += (size_t)cake_token_to_piece(t, i ? j->prompt[i - 1] : -1, j->prompt[i], out + len,
+                                           65536 - len);
+    return out;
+}
+
+/* Tools (OpenAI's function calling), on chat_vocab() through the API
+ * functions: the prompt lists the functions; an answer's calls come back
+ * as tool_calls (whole and streamed), with finish_reason tool_calls, the
+ * text before them as content, and text that does not read as a call stays
+ * content; while it is generated, what may be a call is held back from the
+ * stream; a named tool_choice constrains sampling to a call of that
+ * function with its parameters; bad tools answer 400. */
+static void test_tools(void **state) {
+    (void)state;
+    cake_tokenizer *t = chat_vocab();
+    api_model m = {
+        .tok = t, .n_vocab = CHAT_VOCAB, .n_ctx = 8192, .chat = CHAT_CHATML, .name = "t"};
+#define TOOLS                                                                                      \
+    "\"tools\":[{\"type\":\"function\",\"function\":{\"name\":\"get_weather\",\"description\":"    \
+    "\"Weather now\",\"parameters\":{\"type\":\"object\",\"properties\":{\"city\":{\"type\":"      \
+    "\"string\",\"maxLength\":12}},\"required\":[\"city\"]}}},{\"type\":\"function\","             \
+    "\"function\":{\"name\":\"get_time\"}}]"
+    const char *body = "{\"messages\":[{\"role\":\"user\",\"content\":\"Paris?\"}]," TOOLS "}";
+    api_shape shape;
+    serve_job *j = answered(body, &m, &shape,
+                            "Let me look.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": "
+                            "{\"city\": \"Paris\"}}\n</tool_call>");
+    char *p = prompt_text(j, t);
+    assert_non_null(strstr(p, "<tools>\n{\"type\": \"function\", \"function\": {\"name\": "
+                              "\"get_weather\", \"description\": \"Weather now\""));
+    free(p);
+    char *r = api_response(&shape, &j, 1, "chatcmpl-1", 1, "t");
+    cJSON *o = cJSON_Parse(r);
+    assert_string_equal(str_at(o, "choices.0.message.content"), "Let me look.");
+    assert_string_equal(str_at(o, "choices.0.message.tool_calls.0.function.name"), "get_weather");
+    assert_string_equal(str_at(o, "choices.0.message.tool_calls.0.type"), "function");
+    assert_true(!strncmp(str_at(o, "choices.0.message.tool_calls.0.id"), "call_", 5));
+    cJSON *args = cJSON_Parse(str_at(o, "choices.0.message.tool_calls.0.function.arguments"));
+    assert_string_equal(str_at(args, "city"), "Paris");
+    assert_string_equal(str_at(o, "choices.0.finish_reason"), "tool_calls");
+    cJSON_Delete(args);
+    cJSON_Delete(o);
+    free(r);
+    /* streamed: the calls in their own chunk, with their index */
+    char *ev = api_stream_event(&shape, CHUNK_CALLS, 0, "", 0, 0, 0, j, "c", 1, "t");
+    o = cJSON_Parse(ev + 6);
+    assert_string_equal(str_at(o, "choices.0.delta.tool_calls.0.function.name"), "get_weather");
+    assert_int_equal(num_at(o, "choices.0.delta.tool_calls.0.index"), 0);
+    cJSON_Delete(o);
+    free(ev);
+    assert_int_equal(api_content_end(j), 12);
+    job_release(j);
+
+    /* a call to a function not given, or not JSON: all content */
+    j = answered(body, &m, &shape,
+                 "<tool_call>\n{\"name\": \"rm\", \"arguments\": {}}\n</tool_call>");
+    r = api_response(&shape, &j, 1, "chatcmpl-1", 1, "t");
+    o = cJSON_Parse(r);
+    assert_null(cJSON_GetObjectItemCaseSensitive(at(o, "choices.0.message"), "tool_calls"));
+    assert_string_equal(str_at(o, "choices.0.finish_reason"), "stop");
+    assert_non_null(strstr(str_at(o, "choices.0.message.content"), "\"rm\""));
+    cJSON_Delete(o);
+    free(r);
+    job_release(j);
+
+    /* held back while generated: from the tag, or a part of it */
+    serve_job *g;
+    char err[256];
+    assert_int_equal(api_parse(body, strlen(body), 1, &m, &g, &shape, err, sizeof(err)), 0);
+    static const struct {
+        const char *piece;
+        size_t ready;
+    } steps[] = {{"Sure", 4}, {" <tool", 5}, {"_cal", 5}, {"x", 15}, {" <tool_call>{", 16}};
+    for (size_t k = 0; k < sizeof(steps) / sizeof(steps[0]); k++) {
+        job_add_text(g, steps[k].piece, strlen(steps[k].piece));
+        if (g->ready != steps[k].ready)
+            fail_msg("after '%s': ready %zu, want %zu", steps[k].piece, g->ready, steps[k].ready);
+    }
+    job_release(g);
+
+    /* Llama 3: the call is the whole answer, "parameters" its arguments */
+    m.chat = CHAT_LLAMA3;
+    j = answered(body, &m, &shape, " {\"name\": \"get_time\", \"parameters\": {}}");
+    r = api_response(&shape, &j, 1, "chatcmpl-1", 1, "t");
+    o = cJSON_Parse(r);
+    assert_true(cJSON_IsNull(at(o, "choices.0.message.content")));
+    assert_string_equal(str_at(o, "choices.0.message.tool_calls.0.function.name"), "get_time");
+    assert_string_equal(str_at(o, "choices.0.message.tool_calls.0.function.arguments"), "{}");
+    cJSON_Delete(o);
+    free(r);
+    job_release(j);
+    m.chat = CHAT_CHATML;
+
+    /* a named tool_choice: sampled hot under its constraint, each answer is
+     * a call of that function with a city of at most 12 characters */
+    const char *named = "{\"messages\":[{\"role\":\"user\",\"content\":\"Paris?\"}]," TOOLS
+                        ",\"tool_choice\":{\"type\":\"function\",\"function\":{\"name\":"
+                        "\"get_weather\"}}}";
+    cake_json_vocab *v = cake_json_vocab_new(t);
+    float logits[CHAT_VOCAB];
+    uint64_t rng = 3;
+    int calls = 0;
+    for (int a = 0; a < 10; a++) {
+        assert_int_equal(api_parse(named, strlen(named), 1, &m, &g, &shape, err, sizeof(err)), 0);
+        assert_true(g->json && g->schema);
+        cake_json_grammar *gr =
+            cake_json_grammar_new(v, json_schema_root(g->schema), g->end_of_turn, -1);
+        cake_sampler_params sp = {.temperature = 1.5f, .top_p = 1, .seed = (uint64_t)a};
+        cake_json_grammar_constrain(gr, &sp);
+        cake_sampler *smp = cake_sampler_init(sp);
+        char out[2048];
+        size_t len = 0;
+        for (int k = 0; k < 600; k++) {
+            for (int i = 0; i < CHAT_VOCAB; i++) {
+                rng = rng * 6364136223846793005ull + 1442695040888963407ull;
+                logits[i] = (float)(rng >> 40) / (float)(1 << 24) * 6.0f;
+            }
+            logits[IM_END] += 8;
+            const cake_token id = cake_sampler_sample(smp, logits, CHAT_VOCAB);
+            if (id == IM_END) break;
+            size_t piece;
+            const char *text = cake_token_text(t, id, &piece);
+            assert_true(len + piece < sizeof(out));
+            memcpy(out + len, text, piece);
+            len += piece;
+        }
+        out[len] = '\0';
+        cake_sampler_free(smp);
+        cake_json_grammar_free(gr);
+        job_release(g);
+        if (len < 20 || strcmp(out + len - 12, "</tool_call>")) continue; /* (cut short) */
+        j = answered(named, &m, &shape, out);
+        r = api_response(&shape, &j, 1, "chatcmpl-1", 1, "t");
+        o = cJSON_Parse(r);
+        if (strcmp(str_at(o, "choices.0.message.tool_calls.0.function.name"), "get_weather"))
+            fail_msg("not a call: %s", out);
+        args = cJSON_Parse(str_at(o, "choices.0.message.tool_calls.0.function.arguments"));
+        const cJSON *city = cJSON_GetObjectItemCaseSensitive(args, "city");
+        if (!cJSON_IsString(city) || strlen(city->valuestring) > 48)
+            fail_msg("not of the parameters: %s", out);
+        cJSON_Delete(args);
+        cJSON_Delete(o);
+        free(r);
+        job_release(j);
+        calls++;
+    }
+    printf("tools: %d of 10 sampled answers under a named tool_choice ended, all calls\n", calls);
+    assert_true(calls > 0);
+    cake_json_vocab_free(v);
+
+    /* a conversation with a call and its result */
+    const char *conv = "{\"messages\":[{\"role\":\"user\",\"content\":\"Paris?\"},{\"role\":"
+                       "\"assistant\",\"content\":null,\"tool_calls\":[{\"id\":\"call_1\","
+                       "\"type\":\"function\",\"function\":{\"name\":\"get_weather\","
+                       "\"arguments\":\"{\\\"city\\\":\\\"Paris\\\"}\"}}]},{\"role\":\"tool\","
+                       "\"tool_call_id\":\"call_1\",\"content\":\"sunny\"}]," TOOLS "}";
+    j = answered(conv, &m, &shape, "It is sunny.");
+    p = prompt_text(j, t); /* (without the special tokens: the tags are two of them here) */
+    assert_non_null(strstr(p, "assistant\n\n{\"name\": \"get_weather\", \"arguments\": "
+                              "{\"city\": \"Paris\"}}\n\nuser\n<tool_response>\nsunny\n"
+                              "</tool_response>\nassistant\n"));
+    int tags = 0;
+    for (int i = 0; i < j->n_prompt; i++) tags += j->prompt[i] == CALL || j->prompt[i] == CALL_END;
+    assert_int_equal(tags, 6); /* the instructions' four, the call's two */
+    free(p);
+    job_release(j);
+
+    static const struct {
+        int chat;
+        const char *body, *says;
+    } bad[] = {
+        {0, "{\"prompt\":\"x\"," TOOLS "}", "/v1/chat/completions"},
+        {1, "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"tool_choice\":\"required\"}",
+         "give 'tools'"},
+        {1,
+         "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}]," TOOLS
+         ",\"tool_choice\":{\"type\":\"function\",\"function\":{\"name\":\"nope\"}}}",
+         "'nope'"},
+        {1,
+         "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"tools\":[{\"type\":"
+         "\"function\",\"function\":{\"name\":\"a b\"}}]}",
+         "tool 0"},
+        {1,
+         "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}]," TOOLS
+         ",\"tool_choice\":\"required\",\"response_format\":{\"type\":\"json_object\"}}",
+         "not both"},
+        {1,
+         "{\"messages\":[{\"role\":\"assistant\",\"tool_calls\":[{\"function\":{\"name\":"
+         "\"f\",\"arguments\":\"{x\"}}]}]}",
+         "not a JSON object"},
+    };
+    for (size_t k = 0; k < sizeof(bad) / sizeof(bad[0]); k++) {
+        serve_job *none = NULL;
+        err[0] = '\0';
+        assert_int_equal(api_parse(bad[k].body, strlen(bad[k].body), bad[k].chat, &m, &none, &shape,
+                                   err, sizeof(err)),
+                         -1);
+        assert_null(none);
+        if (!strstr(err, bad[k].says)) fail_msg("%s: '%s'", bad[k].body, err);
+    }
+    m.chat = CHAT_MISTRAL;
+    assert_int_equal(api_parse(body, strlen(body), 1, &m, &j, &shape, err, sizeof(err)), -1);
+    assert_non_null(strstr(err, "chat format with tools"));
+    cake_tokenizer_free(t);
+#undef TOOLS
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_chat_formats),  cmocka_unit_test(test_usage_errors),
-        cmocka_unit_test(test_api_key),       cmocka_unit_test(test_bad_requests),
-        cmocka_unit_test(test_answers_tiny),  cmocka_unit_test(test_answers_stories260k),
-        cmocka_unit_test(test_stop_strings),  cmocka_unit_test(test_seeded_sampling),
-        cmocka_unit_test(test_store_reuse),   cmocka_unit_test(test_slow_first_token),
-        cmocka_unit_test(test_slot_prefix),   cmocka_unit_test(test_answer_stored),
-        cmocka_unit_test(test_prefetch),      cmocka_unit_test(test_cancel_and_queue),
-        cmocka_unit_test(test_chat_llama2),   cmocka_unit_test(test_batched_answers),
-        cmocka_unit_test(test_shared_prefix), cmocka_unit_test(test_speed_hints),
-        cmocka_unit_test(test_logprobs),      cmocka_unit_test(test_tokenize),
-        cmocka_unit_test(test_penalties),     cmocka_unit_test(test_json_mode),
-        cmocka_unit_test(test_json_schema),   cmocka_unit_test(test_choices),
-        cmocka_unit_test(test_stop_ids),      cmocka_unit_test(test_cancel_prefill),
+        cmocka_unit_test(test_chat_formats),
+        cmocka_unit_test(test_tools),
+        cmocka_unit_test(test_usage_errors),
+        cmocka_unit_test(test_api_key),
+        cmocka_unit_test(test_bad_requests),
+        cmocka_unit_test(test_answers_tiny),
+        cmocka_unit_test(test_answers_stories260k),
+        cmocka_unit_test(test_stop_strings),
+        cmocka_unit_test(test_seeded_sampling),
+        cmocka_unit_test(test_store_reuse),
+        cmocka_unit_test(test_slow_first_token),
+        cmocka_unit_test(test_slot_prefix),
+        cmocka_unit_test(test_answer_stored),
+        cmocka_unit_test(test_prefetch),
+        cmocka_unit_test(test_cancel_and_queue),
+        cmocka_unit_test(test_chat_llama2),
+        cmocka_unit_test(test_batched_answers),
+        cmocka_unit_test(test_shared_prefix),
+        cmocka_unit_test(test_speed_hints),
+        cmocka_unit_test(test_logprobs),
+        cmocka_unit_test(test_tokenize),
+        cmocka_unit_test(test_penalties),
+        cmocka_unit_test(test_json_mode),
+        cmocka_unit_test(test_json_schema),
+        cmocka_unit_test(test_choices),
+        cmocka_unit_test(test_stop_ids),
+        cmocka_unit_test(test_cancel_prefill),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

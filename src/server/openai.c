@@ -489,10 +489,8 @@ static json_schema *call_schema(const request_tools *rt, const chat_call_syntax 
         if (!out && !exact) cake_err(err, errlen, "%s", why);
     }
     cJSON_Delete(names);
-    char open[32], close[32];
-    snprintf(open, sizeof(open), "%s%s", syntax->open, syntax->open[0] ? "\n" : "");
-    snprintf(close, sizeof(close), "%s%s", syntax->close[0] ? "\n" : "", syntax->close);
-    if (out && json_schema_between(out, open, close)) {
+    /* (the tags alone: the newlines around the JSON are white space to it) */
+    if (out && json_schema_between(out, syntax->open, syntax->close)) {
         json_schema_release(out);
         out = NULL;
         cake_err(err, errlen, "out of memory");
