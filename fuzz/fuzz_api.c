@@ -19,7 +19,8 @@
  * message). Where it takes them all and calls the value whole, cJSON must
  * read one value from all of them; an enum's must be one of its values.
  *
- * 1 mod 4: stop strings and pieces of generated text for job_add_text. The
+ * 1 mod 4: stop strings and pieces of generated text for job_add_text
+ * (bits 2-3: with or without tool calls that may be held back). The
  * text must always be the pieces so far cut before the first stop string in
  * them (the stop excluded), the final part (ready) must only grow, so never
  * hold the start of a stop string that comes later, and the parts a stream
@@ -109,7 +110,8 @@ static void fuzz_parse(const uint8_t *data, size_t size) {
     const int chat = data[0] >> 1 & 1;
     const api_model m = {.tok = g_tok,
                          .n_vocab = cake_tokenizer_n_vocab(g_tok),
-                         .n_ctx = 1 + (data[0] >> 2) * 4,
+                         /* (63: room for a prompt listing tools) */
+                         .n_ctx = data[0] >> 2 == 63 ? 8192 : 1 + (data[0] >> 2) * 4,
                          .chat = (chat_format)(data[1] % 6),
                          .name = "fuzz"};
     /* /tokenize and /detokenize of the same body */
@@ -159,6 +161,7 @@ static void fuzz_parse(const uint8_t *data, size_t size) {
     CHECK(j->end_of_turn >= -1 && j->end_of_turn < m.n_vocab);
     CHECK(chat || j->end_of_turn == -1);
     CHECK(j->top_logprobs >= -1 && j->top_logprobs <= JOB_MAX_TOP_LOGPROBS);
+    CHECK(!j->call_format || (chat && j->tool_names && chat_calls(j->call_format)));
 
     /* Its answers, with the body's own bytes as the text (any bytes), and
      * when asked, log-probabilities of made-up tokens (the prompt's ids)
@@ -195,6 +198,9 @@ static void fuzz_parse(const uint8_t *data, size_t size) {
     check_event(
         api_stream_event(&shape, CHUNK_FINISH, 0, "", 0, half, all, j, "cmpl-1", 1, m.name));
     check_event(api_stream_usage(&shape, &j, 1, "cmpl-1", 1, m.name));
+    CHECK(api_content_end(j) <= j->len);
+    if (api_content_end(j) < j->len) /* (calls were read) */
+        check_event(api_stream_event(&shape, CHUNK_CALLS, 0, "", 0, 0, 0, j, "cmpl-1", 1, m.name));
     job_release(j);
 }
 
@@ -228,6 +234,9 @@ static void fuzz_text(const uint8_t *data, size_t size) {
     prompt[0] = 0;
     serve_job *j = job_create(prompt, 1);
     CHECK(j);
+    /* bits 2-3: the text may hold tool calls (held back while generated) */
+    const chat_format calls[] = {CHAT_NONE, CHAT_CHATML, CHAT_LLAMA3, CHAT_NONE};
+    j->call_format = calls[data[0] >> 2 & 3];
     const int n_stop = at < size ? data[at++] % (JOB_MAX_STOP + 1) : 0;
     for (int i = 0; i < n_stop && at < size; i++) {
         size_t len = data[at++] % 6 + 1;

@@ -1,5 +1,6 @@
 #include "server/job.h"
 
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -148,9 +149,10 @@ static long find_stop(const serve_job *j, size_t from, size_t *hold) {
 
 /* Where the text may begin a tool call (held back from streams until the
  * answer is read whole): at its tag, or at a part of the tag the text ends
- * with; for a call that is the whole answer, from the start while the
- * first byte that is not white space is '{' (or has not come). */
-static size_t call_start(const serve_job *j) {
+ * with while more may come; for a call that is the whole answer, from the
+ * start while the first byte that is not white space is '{' (or has not
+ * come). */
+static size_t call_start(const serve_job *j, bool more_may_come) {
     const chat_call_syntax *syntax = j->call_format ? chat_calls(j->call_format) : NULL;
     if (!syntax) return j->len;
     if (!syntax->open[0]) {
@@ -158,12 +160,13 @@ static size_t call_start(const serve_job *j) {
         while (i < j->len && (j->text[i] == ' ' || j->text[i] == '\t' || j->text[i] == '\r' ||
                               j->text[i] == '\n'))
             i++;
-        return i == j->len || j->text[i] == '{' ? 0 : j->len;
+        if (i == j->len) return more_may_come ? 0 : j->len;
+        return j->text[i] == '{' ? 0 : j->len;
     }
     const size_t tl = strlen(syntax->open);
     const char *hit = memmem(j->text, j->len, syntax->open, tl);
     if (hit) return (size_t)(hit - j->text);
-    for (size_t k = tl - 1; k > 0; k--)
+    for (size_t k = tl - 1; more_may_come && k > 0; k--)
         if (k <= j->len && !memcmp(j->text + j->len - k, syntax->open, k)) return j->len - k;
     return j->len;
 }
@@ -178,7 +181,7 @@ int job_add_text(serve_job *j, const char *piece, size_t n) {
         j->text[j->len] = '\0';
     }
     j->ready = utf8_whole(j->text, j->len - (at >= 0 ? 0 : hold));
-    const size_t call = call_start(j);
+    const size_t call = call_start(j, at < 0); /* (a stop string ends the text) */
     if (j->ready > call) j->ready = call;
     return at >= 0;
 }
