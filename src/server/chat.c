@@ -154,6 +154,27 @@ const chat_call_syntax *chat_calls(chat_format f) {
     return f == CHAT_CHATML ? &hermes : f == CHAT_LLAMA3 ? &llama3 : NULL;
 }
 
+/* A call as the format writes it, {"name": ..., ARGS: {...}}, between its
+ * tags (on lines of their own) where it has them. */
+static void put_call(builder *b, const chat_tool_call *c, const chat_call_syntax *syntax) {
+    if (syntax->open[0]) {
+        put_str(b, "\n");
+        put_tagged(b, syntax->open);
+        put_str(b, "\n");
+    }
+    put_str(b, "{\"name\": \"");
+    put_str(b, c->name);
+    put_str(b, "\", \"");
+    put_str(b, syntax->args);
+    put_str(b, "\": ");
+    put_str(b, c->arguments);
+    put_str(b, "}");
+    if (syntax->close[0]) {
+        put_str(b, "\n");
+        put_tagged(b, syntax->close);
+    }
+}
+
 /* ChatML with Qwen's tool prompt (its template's words): the functions in
  * the system turn, calls in <tool_call> tags, results in <tool_response>
  * tags in a user turn. */
@@ -199,13 +220,7 @@ static void chatml(builder *b, const chat_message *m, int n, const chat_tools *t
         put_str(b, m[i].role);
         if (!m[i].n_calls || m[i].content_len) put_str(b, "\n");
         put_text(b, m[i].content, m[i].content_len);
-        for (int k = 0; k < m[i].n_calls; k++) {
-            put_tagged(b, "\n<tool_call>\n{\"name\": \"");
-            put_str(b, m[i].calls[k].name);
-            put_str(b, "\", \"arguments\": ");
-            put_str(b, m[i].calls[k].arguments);
-            put_tagged(b, "}\n</tool_call>");
-        }
+        for (int k = 0; k < m[i].n_calls; k++) put_call(b, &m[i].calls[k], chat_calls(CHAT_CHATML));
         put_special(b, "<|im_end|>");
         put_str(b, "\n");
     }
@@ -246,13 +261,7 @@ static void llama3(builder *b, const chat_message *m, int n, const chat_tools *t
             }
         }
         put_trimmed(b, &m[i]);
-        for (int k = 0; k < m[i].n_calls; k++) {
-            put_str(b, "{\"name\": \"");
-            put_str(b, m[i].calls[k].name);
-            put_str(b, "\", \"parameters\": ");
-            put_str(b, m[i].calls[k].arguments);
-            put_str(b, "}");
-        }
+        for (int k = 0; k < m[i].n_calls; k++) put_call(b, &m[i].calls[k], chat_calls(CHAT_LLAMA3));
         put_special(b, "<|eot_id|>");
     }
     llama3_header(b, "assistant");
