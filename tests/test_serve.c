@@ -219,14 +219,19 @@ __attribute__((format(printf, 3, 4))) static cJSON *post_ok(int port, const char
     return j;
 }
 
-static const cJSON *at(const cJSON *j, const char *path) { /* "a.b.0.c" */
+static const cJSON *maybe_at(const cJSON *j, const char *path) { /* "a.b.0.c"; NULL: none */
     char buf[128];
     snprintf(buf, sizeof(buf), "%s", path);
     for (char *save, *k = strtok_r(buf, ".", &save); j && k; k = strtok_r(NULL, ".", &save))
         j = cJSON_IsArray(j) ? cJSON_GetArrayItem(j, atoi(k))
                              : cJSON_GetObjectItemCaseSensitive(j, k);
-    if (!j) fail_msg("no %s in the answer", path);
     return j;
+}
+
+static const cJSON *at(const cJSON *j, const char *path) {
+    const cJSON *v = maybe_at(j, path);
+    if (!v) fail_msg("no %s in the answer", path);
+    return v;
 }
 
 static const char *str_at(const cJSON *j, const char *path) {
@@ -2198,35 +2203,86 @@ static void test_tools(void **state) {
 #undef TOOLS
 }
 
+/* Tools through the real server, on the tiny model made ChatML (two of
+ * its tokens become <|im_start|> and <|im_end|>): a named tool_choice's
+ * sampled answers that end are calls of the function, whole and streamed. */
+static void test_tools_served(void **state) {
+    (void)state;
+    static const char *const specials[] = {"<|im_start|>", "<|im_end|>", NULL};
+    char path[64];
+    tiny_variant(&(test_model_variant){.chat_template = "{{ '<|im_start|>' + role }}",
+                                       .special_tokens = specials},
+                 path);
+    t_server s;
+    assert_int_equal(serve_start(&s, path, "--store", "none", NULL), 0);
+#define TOOL_REQUEST                                                                               \
+    "{\"messages\":[{\"role\":\"user\",\"content\":\"Weather in Paris?\"}],\"tools\":[{\"type\":"  \
+    "\"function\",\"function\":{\"name\":\"get_weather\",\"parameters\":{\"type\":\"object\","     \
+    "\"properties\":{\"city\":{\"type\":\"string\",\"maxLength\":8}},\"required\":[\"city\"]}}}]," \
+    "\"tool_choice\":{\"type\":\"function\",\"function\":{\"name\":\"get_weather\"}},"             \
+    "\"max_tokens\":160,\"temperature\":0.7,\"seed\":%d,\"stream\":%s}"
+    int calls = 0;
+    for (int seed = 0; seed < 6; seed++) {
+        const int stream = seed % 2;
+        char body[1024];
+        snprintf(body, sizeof(body), TOOL_REQUEST, seed, stream ? "true" : "false");
+        t_resp r = http(s.port, "POST", "/v1/chat/completions", body);
+        assert_int_equal(r.status, 200);
+        const char *name = NULL, *args = NULL, *finish = NULL;
+        cJSON *ev[512];
+        int n_ev = 1, done = 0;
+        if (stream)
+            n_ev = parse_events(r.body, ev, 512, &done);
+        else
+            ev[0] = cJSON_Parse(r.body);
+        for (int e = 0; e < n_ev; e++) {
+            const char *where =
+                stream ? "choices.0.delta.tool_calls.0" : "choices.0.message.tool_calls.0";
+            const cJSON *call = maybe_at(ev[e], where);
+            char fn[96], ar[96];
+            snprintf(fn, sizeof(fn), "%s.function.name", where);
+            snprintf(ar, sizeof(ar), "%s.function.arguments", where);
+            if (call) name = str_at(ev[e], fn), args = str_at(ev[e], ar);
+            const cJSON *fr = maybe_at(ev[e], "choices.0.finish_reason");
+            if (cJSON_IsString(fr)) finish = fr->valuestring;
+        }
+        assert_non_null(finish);
+        if (!strcmp(finish, "tool_calls")) {
+            assert_string_equal(name, "get_weather");
+            cJSON *a = cJSON_Parse(args);
+            const cJSON *city = cJSON_GetObjectItemCaseSensitive(a, "city");
+            if (!cJSON_IsString(city)) fail_msg("arguments %s", args);
+            cJSON_Delete(a);
+            calls++;
+        } else {
+            assert_string_equal(finish, "length");
+        }
+        for (int e = 0; e < n_ev; e++) cJSON_Delete(ev[e]);
+        resp_free(&r);
+    }
+    printf("tools served: %d of 6 sampled answers under a named tool_choice were calls\n", calls);
+    assert_true(calls > 0);
+    assert_int_equal(serve_stop(&s), 0);
+    unlink(path);
+#undef TOOL_REQUEST
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_chat_formats),
-        cmocka_unit_test(test_tools),
-        cmocka_unit_test(test_usage_errors),
-        cmocka_unit_test(test_api_key),
-        cmocka_unit_test(test_bad_requests),
-        cmocka_unit_test(test_answers_tiny),
-        cmocka_unit_test(test_answers_stories260k),
-        cmocka_unit_test(test_stop_strings),
-        cmocka_unit_test(test_seeded_sampling),
-        cmocka_unit_test(test_store_reuse),
-        cmocka_unit_test(test_slow_first_token),
-        cmocka_unit_test(test_slot_prefix),
-        cmocka_unit_test(test_answer_stored),
-        cmocka_unit_test(test_prefetch),
-        cmocka_unit_test(test_cancel_and_queue),
-        cmocka_unit_test(test_chat_llama2),
-        cmocka_unit_test(test_batched_answers),
-        cmocka_unit_test(test_shared_prefix),
-        cmocka_unit_test(test_speed_hints),
-        cmocka_unit_test(test_logprobs),
-        cmocka_unit_test(test_tokenize),
-        cmocka_unit_test(test_penalties),
-        cmocka_unit_test(test_json_mode),
-        cmocka_unit_test(test_json_schema),
-        cmocka_unit_test(test_choices),
-        cmocka_unit_test(test_stop_ids),
-        cmocka_unit_test(test_cancel_prefill),
+        cmocka_unit_test(test_chat_formats),  cmocka_unit_test(test_tools),
+        cmocka_unit_test(test_tools_served),  cmocka_unit_test(test_usage_errors),
+        cmocka_unit_test(test_api_key),       cmocka_unit_test(test_bad_requests),
+        cmocka_unit_test(test_answers_tiny),  cmocka_unit_test(test_answers_stories260k),
+        cmocka_unit_test(test_stop_strings),  cmocka_unit_test(test_seeded_sampling),
+        cmocka_unit_test(test_store_reuse),   cmocka_unit_test(test_slow_first_token),
+        cmocka_unit_test(test_slot_prefix),   cmocka_unit_test(test_answer_stored),
+        cmocka_unit_test(test_prefetch),      cmocka_unit_test(test_cancel_and_queue),
+        cmocka_unit_test(test_chat_llama2),   cmocka_unit_test(test_batched_answers),
+        cmocka_unit_test(test_shared_prefix), cmocka_unit_test(test_speed_hints),
+        cmocka_unit_test(test_logprobs),      cmocka_unit_test(test_tokenize),
+        cmocka_unit_test(test_penalties),     cmocka_unit_test(test_json_mode),
+        cmocka_unit_test(test_json_schema),   cmocka_unit_test(test_choices),
+        cmocka_unit_test(test_stop_ids),      cmocka_unit_test(test_cancel_prefill),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -10,6 +10,7 @@
 #include "cake.h"
 #include "model/dequant.h"
 #include "model/gguf.h"
+#include "model/tokenizer.h"
 #include "store/store.h"
 #include "util/err.h"
 #include "util/f16.h"
@@ -208,6 +209,36 @@ static int copy_kv(cake_gguf_writer *w, const char *key, const cake_gguf_kv *kv,
     return 0;
 }
 
+/* The vocabulary's tokens or their types, with the last ones replaced by
+ * special (control) tokens. */
+static int add_special_tokens(cake_gguf_writer *w, const char *key, const cake_gguf_kv *kv,
+                              const char *const *special, char *err, size_t errlen) {
+    uint64_t k = 0;
+    while (special[k]) k++;
+    if (kv->type != CAKE_GGUF_ARRAY || kv->arr_n < k + 256)
+        return cake_err(err, errlen, "%s: too few tokens for %llu special ones", key,
+                        (unsigned long long)k);
+    const uint64_t first = kv->arr_n - k;
+    if (kv->arr_type == CAKE_GGUF_INT32) {
+        int32_t *types = malloc(kv->arr_n * 4);
+        if (!types) return cake_err(err, errlen, "out of memory");
+        memcpy(types, kv->arr_data, kv->arr_n * 4);
+        for (uint64_t j = first; j < kv->arr_n; j++) types[j] = CAKE_TOKEN_CONTROL;
+        cake_gguf_writer_add_arr_i32(w, key, types, kv->arr_n);
+        free(types);
+        return 0;
+    }
+    char **a = calloc(kv->arr_n, sizeof(*a));
+    int rc = a ? 0 : cake_err(err, errlen, "out of memory");
+    for (uint64_t j = 0; !rc && j < kv->arr_n; j++)
+        if (!(a[j] = j < first ? str_copy("", kv->arr_strs[j]) : strdup(special[j - first])))
+            rc = cake_err(err, errlen, "out of memory");
+    if (!rc) cake_gguf_writer_add_arr_str(w, key, (const char *const *)a, kv->arr_n);
+    for (uint64_t j = 0; a && j < kv->arr_n; j++) free(a[j]);
+    free(a);
+    return rc;
+}
+
 int test_write_variant(const char *src, const char *dst, const test_model_variant *v, char *err,
                        size_t errlen) {
     cake_gguf *g = NULL;
@@ -235,6 +266,10 @@ int test_write_variant(const char *src, const char *dst, const test_model_varian
         const size_t kl = key ? strlen(key) : 0;
         if (key && v->context_length && kl > 15 && !strcmp(key + kl - 15, ".context_length"))
             cake_gguf_writer_add_u32(w, key, v->context_length);
+        else if (key && v->special_tokens &&
+                 (!strcmp(key, "tokenizer.ggml.tokens") ||
+                  !strcmp(key, "tokenizer.ggml.token_type")))
+            rc = add_special_tokens(w, key, kv, v->special_tokens, err, errlen);
         else if (!key || copy_kv(w, key, kv, arch))
             rc = cake_err(err, errlen, "%s: key %s could not be copied", src, key ? key : "?");
         free(key);

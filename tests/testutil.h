@@ -56,7 +56,10 @@ typedef struct {
      * blocks; not with qwen2) */
     int (*retype)(const char *name, int type);
     const char *chat_template; /* tokenizer.chat_template; NULL: none */
-    uint32_t context_length;   /* <arch>.context_length; 0: the source's */
+    /* NULL, or texts (NULL-terminated) that become the vocabulary's last
+     * tokens, of type control: a chat format's special tokens */
+    const char *const *special_tokens;
+    uint32_t context_length; /* <arch>.context_length; 0: the source's */
 } test_model_variant;
 
 /* Copies the GGUF at src (a llama model with the key types `cake mkmodel`
