@@ -114,6 +114,33 @@ static const schema_case cases[] = {
      "{\"enum\":[\"a\"]},{\"const\":\"b\"}]}",
      {"[1,2]", "null", "\"a\"", "\"b\""},
      {"[1.5]", "\"c\"", "{}"}},
+    /* anyOf of objects: told apart by a "type" (a discriminator), by their
+     * keys, by a value's first byte; the discriminator comes before a
+     * property whose schema only it tells */
+    {"{\"anyOf\":[{\"properties\":{\"type\":{\"const\":\"cat\"},\"meow\":{\"type\":\"integer\"}},"
+     "\"required\":[\"type\"]},{\"properties\":{\"type\":{\"const\":\"dog\"},\"bark\":{\"type\":"
+     "\"string\"}},\"required\":[\"type\",\"bark\"]}]}",
+     {"{\"type\":\"cat\"}", "{\"type\":\"cat\",\"meow\":3}", "{\"meow\":3,\"type\":\"cat\"}",
+      "{\"type\":\"dog\",\"bark\":\"w\"}", "{\"bark\":\"w\",\"type\":\"dog\"}"},
+     {"{\"type\":\"dog\"}", "{\"type\":\"cat\",\"bark\":\"w\"}", "{\"meow\":3,\"type\":\"dog\"}",
+      "{\"type\":\"fox\"}", "{}", "{\"type\":\"cat\",\"type\":\"cat\"}"}},
+    {"{\"anyOf\":[{\"properties\":{\"x\":{\"type\":\"integer\"}},\"required\":[\"x\"]},{"
+     "\"properties\":{\"y\":{\"type\":\"string\"}},\"required\":[\"y\"]},{\"type\":\"null\"}]}",
+     {"{\"x\":1}", "{\"y\":\"s\"}", "null"},
+     {"{\"x\":1,\"y\":\"s\"}", "{}", "{\"x\":\"s\"}"}},
+    {"{\"anyOf\":[{\"properties\":{\"v\":{\"type\":\"integer\"},\"k\":{\"const\":1}},\"required\":"
+     "[\"v\"]},{\"properties\":{\"v\":{\"type\":\"string\"},\"k\":{\"const\":2}},\"required\":["
+     "\"v\"]}]}",
+     {"{\"v\":1}", "{\"v\":\"a\",\"k\":2}", "{\"v\":1,\"k\":1}"},
+     {"{\"v\":1,\"k\":2}", "{\"k\":2,\"v\":1}", "{\"k\":3,\"v\":1}"}},
+    {"{\"anyOf\":[{\"properties\":{\"name\":{\"const\":\"f\"},\"arguments\":{\"properties\":{\"a\":"
+     "{"
+     "\"type\":\"integer\"}},\"required\":[\"a\"]}},\"required\":[\"name\",\"arguments\"]},{"
+     "\"properties\":{\"name\":{\"const\":\"g\"},\"arguments\":{\"properties\":{\"b\":{\"type\":"
+     "\"string\"}},\"required\":[\"b\"]}},\"required\":[\"name\",\"arguments\"]}]}",
+     {"{\"name\":\"f\",\"arguments\":{\"a\":1}}", "{\"name\":\"g\",\"arguments\":{\"b\":\"x\"}}"},
+     {"{\"name\":\"f\",\"arguments\":{\"b\":\"x\"}}", "{\"arguments\":{\"a\":1},\"name\":\"f\"}",
+      "{\"name\":\"f\"}"}},
     /* $ref into $defs, recursion (a tree), allOf of one */
     {"{\"$defs\":{\"node\":{\"type\":\"object\",\"properties\":{\"v\":{\"type\":\"integer\"},"
      "\"kids\":{\"type\":\"array\",\"items\":{\"$ref\":\"#/$defs/node\"}}},\"required\":[\"v\"]}},"
@@ -178,7 +205,9 @@ static void test_schema_refused(void **state) {
         {"{\"type\":\"array\",\"uniqueItems\":true}", "'uniqueItems'"},
         {"{\"not\":{}}", "'not'"},
         {"{\"type\":\"strin\"}", "unknown 'type'"},
-        {"{\"anyOf\":[{\"type\":\"object\"},{\"type\":\"object\",\"properties\":{}}]}", "alike"},
+        {"{\"anyOf\":[{\"properties\":{\"a\":{\"properties\":{\"x\":{}}}}},{\"properties\":{\"a\":{"
+         "\"properties\":{\"y\":{}}}}}]}",
+         "tells them apart"},
         {"{\"anyOf\":[{\"type\":\"string\"},{\"const\":\"a\"}]}", "alike"},
         {"{\"oneOf\":[{},{\"type\":\"null\"}]}", "'oneOf'"},
         {"{\"allOf\":[{},{}]}", "'allOf'"},
@@ -239,6 +268,13 @@ static const char *record_schema =
     "\"alpha\",\"beta\"]},\"ok\":{\"type\":\"boolean\"},\"xs\":{\"type\":\"array\",\"items\":"
     "{\"type\":\"string\",\"maxLength\":4},\"maxItems\":3}},\"required\":[\"id\",\"tag\"]}";
 
+/* A call of f or g, told apart by its name (a tool_choice of required). */
+static const char *call_schema =
+    "{\"anyOf\":[{\"properties\":{\"name\":{\"const\":\"f\"},\"arguments\":{\"properties\":{\"a\":{"
+    "\"type\":\"integer\"}},\"required\":[\"a\"]}},\"required\":[\"name\",\"arguments\"]},{"
+    "\"properties\":{\"name\":{\"const\":\"g\"},\"arguments\":{\"properties\":{\"b\":{\"type\":"
+    "\"string\"}},\"required\":[\"b\"]}},\"required\":[\"name\",\"arguments\"]}]}";
+
 /* In every kind of state the mask allows exactly the tokens whose text the
  * automaton reads on from there (the mask skips reading most tokens inside
  * a string, not inside a key with declared names, a capped string or a
@@ -246,12 +282,17 @@ static const char *record_schema =
 static void check_mask(const cake_tokenizer *t, const char *vocab) {
     const int n = cake_tokenizer_n_vocab(t);
     const cake_token eos = cake_tokenizer_eos(t);
-    json_schema *s = must_compile(record_schema);
+    json_schema *s = must_compile(record_schema), *calls = must_compile(call_schema);
     cake_json_vocab *v = cake_json_vocab_new(t);
     static const struct {
-        int any; /* json_object, else the record schema */
+        int which; /* 0 the record schema, 1 json_object, 2 a call of one of two functions */
         const char *prefix;
-    } states[] = {{0, ""},
+    } states[] = {{2, "{\""},
+                  {2, "{\"name\":\""},
+                  {2, "{\"name\":\"f\",\""},
+                  {2, "{\"name\":\"g\",\"arguments\":{\""},
+                  {2, "{\"name\":\"g\",\"arguments\":{\"b\":\"x\"}"},
+                  {0, ""},
                   {0, "{\""},
                   {0, "{\"t"},
                   {0, "{\"tag\":"},
@@ -274,7 +315,9 @@ static void check_mask(const cake_tokenizer *t, const char *vocab) {
         quoted += len > 1 && memchr(text, '"', len);
     }
     for (size_t p = 0; p < sizeof(states) / sizeof(states[0]); p++) {
-        const cake_json_node *root = states[p].any ? NULL : json_schema_root(s);
+        const cake_json_node *root = states[p].which == 1   ? NULL
+                                     : states[p].which == 2 ? json_schema_root(calls)
+                                                            : json_schema_root(s);
         cake_json_grammar *g = cake_json_grammar_new(v, root, eos, -1);
         cake_json_state want;
         cake_json_start(&want, root);
@@ -285,9 +328,9 @@ static void check_mask(const cake_tokenizer *t, const char *vocab) {
         for (int i = 0; i < n; i++) logits[i] = 0;
         const double t0 = cake_now_s();
         cake_json_grammar_mask(g, logits, n);
-        if (p == 3 || p == 12)
+        if (p == 8 || p == 19)
             printf("json schema: on %s the mask %s took %.0f us\n", vocab,
-                   p == 3 ? "before a value" : "inside a string", (cake_now_s() - t0) * 1e6);
+                   p == 8 ? "before a value" : "inside a string", (cake_now_s() - t0) * 1e6);
         int allowed = 0;
         for (int id = 0; id < n; id++) {
             size_t len;
@@ -307,6 +350,7 @@ static void check_mask(const cake_tokenizer *t, const char *vocab) {
            quoted);
     cake_json_vocab_free(v);
     json_schema_release(s);
+    json_schema_release(calls);
     free(logits);
 }
 

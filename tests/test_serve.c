@@ -2089,17 +2089,21 @@ static void test_tools(void **state) {
     job_release(j);
     m.chat = CHAT_CHATML;
 
-    /* a named tool_choice: sampled hot under its constraint, each answer is
-     * a call of that function with a city of at most 12 characters */
+    /* a named tool_choice, and required: sampled hot under the constraint,
+     * each answer is a call of that function (of either, told apart by the
+     * name: a city of at most 12 characters for get_weather) */
     const char *named = "{\"messages\":[{\"role\":\"user\",\"content\":\"Paris?\"}]," TOOLS
                         ",\"tool_choice\":{\"type\":\"function\",\"function\":{\"name\":"
                         "\"get_weather\"}}}";
+    const char *required = "{\"messages\":[{\"role\":\"user\",\"content\":\"Paris?\"}]," TOOLS
+                           ",\"tool_choice\":\"required\"}";
     cake_json_vocab *v = cake_json_vocab_new(t);
     float logits[CHAT_VOCAB];
     uint64_t rng = 3;
-    int calls = 0;
-    for (int a = 0; a < 10; a++) {
-        assert_int_equal(api_parse(named, strlen(named), 1, &m, &g, &shape, err, sizeof(err)), 0);
+    int calls = 0, time_calls = 0;
+    for (int a = 0; a < 20; a++) {
+        const char *req = a < 10 ? named : required;
+        assert_int_equal(api_parse(req, strlen(req), 1, &m, &g, &shape, err, sizeof(err)), 0);
         assert_true(g->json && g->schema);
         cake_json_grammar *gr =
             cake_json_grammar_new(v, json_schema_root(g->schema), g->end_of_turn, -1);
@@ -2127,22 +2131,28 @@ static void test_tools(void **state) {
         cake_json_grammar_free(gr);
         job_release(g);
         if (len < 20 || strcmp(out + len - 12, "</tool_call>")) continue; /* (cut short) */
-        j = answered(named, &m, &shape, out);
+        j = answered(req, &m, &shape, out);
         r = api_response(&shape, &j, 1, "chatcmpl-1", 1, "t");
         o = cJSON_Parse(r);
-        if (strcmp(str_at(o, "choices.0.message.tool_calls.0.function.name"), "get_weather"))
-            fail_msg("not a call: %s", out);
+        const char *fn = str_at(o, "choices.0.message.tool_calls.0.function.name");
         args = cJSON_Parse(str_at(o, "choices.0.message.tool_calls.0.function.arguments"));
         const cJSON *city = cJSON_GetObjectItemCaseSensitive(args, "city");
-        if (!cJSON_IsString(city) || strlen(city->valuestring) > 48)
-            fail_msg("not of the parameters: %s", out);
+        if (!strcmp(fn, "get_time") && a >= 10) {
+            time_calls++;
+            assert_true(cJSON_IsObject(args));
+        } else if (strcmp(fn, "get_weather") || !cJSON_IsString(city) ||
+                   strlen(city->valuestring) > 48) {
+            fail_msg("not a call of the parameters: %s", out);
+        }
         cJSON_Delete(args);
         cJSON_Delete(o);
         free(r);
         job_release(j);
         calls++;
     }
-    printf("tools: %d of 10 sampled answers under a named tool_choice ended, all calls\n", calls);
+    printf("tools: %d of 20 sampled answers under a named or required tool_choice ended, all "
+           "calls (%d of get_time)\n",
+           calls, time_calls);
     assert_true(calls > 0);
     cake_json_vocab_free(v);
 

@@ -131,9 +131,66 @@ static cake_json_frame *top(cake_json_state *s) {
     return &s->stack[s->depth - 1];
 }
 
+/* An object's alternatives (one for a plain object): the names each
+ * declares, requires, and which take other keys. */
+static uint64_t all_alts(const cake_json_node *n) {
+    const int k = n->choice ? n->choice->n : 1;
+    return k == 64 ? ~0ull : (1ull << k) - 1;
+}
+
+static uint64_t declared_by(const cake_json_node *n, int name) {
+    return n->choice ? n->choice->declared_by[name] : 1;
+}
+
+static uint64_t open_alts(const cake_json_node *n) {
+    return n->choice ? n->choice->open : n->more != NULL;
+}
+
+/* The schema of names[name]'s value in the open object f: its own, or the
+ * one alternative's left that declares it (NULL: not known yet). */
+static const cake_json_node *value_of(const cake_json_frame *f, int name) {
+    const cake_json_node *n = f->node;
+    if (n->sub[name]) return n->sub[name];
+    const uint64_t d = declared_by(n, name) & f->alive;
+    if (!d || d & (d - 1)) return NULL; /* (none, or several) */
+    return n->choice->alt_sub[name * n->choice->n + __builtin_ctzll(d)];
+}
+
+/* Whether the open object f can take names[name] as its next key. */
+static bool key_takes(const cake_json_frame *f, int name) {
+    return !(f->seen >> name & 1) && declared_by(f->node, name) & f->alive && value_of(f, name);
+}
+
+/* Whether the open object f can close: an alternative left has all it
+ * requires. */
+static bool closable(const cake_json_frame *f) {
+    const cake_json_node *n = f->node;
+    for (uint64_t a = f->alive; a; a &= a - 1) {
+        const uint64_t req = n->choice ? n->choice->required[__builtin_ctzll(a)] : n->required;
+        if ((f->seen & req) == req) return true;
+    }
+    return false;
+}
+
+/* A value of a choice's property that tells its alternatives apart: f's
+ * alternatives narrow to those it fits (mask); false when none is left. */
+static bool narrow_alive(cake_json_state *s, uint64_t mask) {
+    cake_json_frame *f = top(s);
+    f->alive &= mask;
+    return f->alive != 0;
+}
+
+/* Whether an enum value in names[lo..hi) fits an alternative left. */
+static bool enum_fits(const cake_json_state *s, int lo, int hi) {
+    if (!s->node->alts) return true;
+    for (int i = lo; i < hi; i++)
+        if (s->node->alts[i] & s->stack[s->depth - 1].alive) return true;
+    return false;
+}
+
 static bool push(cake_json_state *s, const cake_json_node *n) {
     if (s->depth == CAKE_JSON_MAX_DEPTH) return false;
-    s->stack[s->depth++] = (cake_json_frame){n, 0};
+    s->stack[s->depth++] = (cake_json_frame){n, 0, all_alts(n)};
     s->mode = n->kind == CAKE_JSON_OBJECT ? M_KEY_OR_END : M_VALUE_OR_END;
     return true;
 }
@@ -142,7 +199,7 @@ static bool pop(cake_json_state *s, unsigned char c) {
     if (!s->depth) return false;
     const cake_json_frame *f = top(s);
     const cake_json_node *n = f->node;
-    if (c == '}' ? n->kind != CAKE_JSON_OBJECT || (f->seen & n->required) != n->required
+    if (c == '}' ? n->kind != CAKE_JSON_OBJECT || !closable(f)
                  : n->kind != CAKE_JSON_ARRAY || f->seen < (uint64_t)n->min)
         return false;
     s->depth--;
@@ -152,8 +209,10 @@ static bool pop(cake_json_state *s, unsigned char c) {
 /* Whether the open object can take another key: other keys are allowed,
  * or a declared property is not given yet. */
 static bool key_possible(const cake_json_frame *f) {
-    const cake_json_node *n = f->node;
-    return n->more || (n->n && f->seen != (n->n == 64 ? ~0ull : (1ull << n->n) - 1));
+    if (open_alts(f->node) & f->alive) return true;
+    for (int i = 0; i < f->node->n; i++)
+        if (key_takes(f, i)) return true;
+    return false;
 }
 
 static bool begin_key(cake_json_state *s) {
@@ -171,9 +230,9 @@ static bool key_byte(cake_json_state *s, unsigned char c) {
     const cake_json_frame *f = top(s);
     const cake_json_node *n = f->node;
     narrow(n->names, &s->lo, &s->hi, s->len++, c);
-    if (n->more) return true; /* (a key no property has is one of the others) */
+    if (open_alts(n) & f->alive) return true; /* (a key no property has is one of the others) */
     for (int i = s->lo; i < s->hi; i++)
-        if (!(f->seen >> i & 1)) return true;
+        if (key_takes(f, i)) return true;
     return false;
 }
 
@@ -181,11 +240,15 @@ static bool key_byte(cake_json_state *s, unsigned char c) {
 static bool end_key(cake_json_state *s) {
     cake_json_frame *f = top(s);
     const cake_json_node *n = f->node;
-    if (s->lo < s->hi && !n->names[s->lo][s->len]) {
-        if (f->seen >> s->lo & 1) return false; /* given already */
-        f->seen |= 1ull << s->lo;
-        s->node = n->sub[s->lo];
-    } else if (n->more) {
+    const int name = s->lo < s->hi && !n->names[s->lo][s->len] ? s->lo : -1;
+    if (name >= 0 && declared_by(n, name) & f->alive) { /* a property */
+        if (!key_takes(f, name)) return false;          /* (given already, or not known yet) */
+        s->node = value_of(f, name);
+        f->alive &= declared_by(n, name);
+        f->seen |= 1ull << name;
+    } else if (open_alts(n) & f->alive) { /* another key */
+        f->alive &= open_alts(n);
+        if (name >= 0) f->seen |= 1ull << name;
         s->node = n->more;
     } else {
         return false;
@@ -238,6 +301,10 @@ static bool integer_within(const cake_json_state *s) {
 }
 
 static bool begin_value(cake_json_state *s, unsigned char c) {
+    if (s->node->kind == CAKE_JSON_UNION && s->node->alts) /* (its branch narrows the object's) */
+        for (int i = 0; i < s->node->n; i++)
+            if (cake_json_can_start(s->node->sub[i], c) && !narrow_alive(s, s->node->alts[i]))
+                return false;
     const cake_json_node *n = value_node(s->node, c);
     if (!n) return false;
     s->node = n;
@@ -260,7 +327,7 @@ static bool begin_value(cake_json_state *s, unsigned char c) {
     case CAKE_JSON_ENUM:
         s->lo = 0, s->hi = n->n, s->len = 1, s->mode = M_MATCH;
         narrow(n->names, &s->lo, &s->hi, 0, c);
-        return c && s->lo < s->hi;
+        return c && s->lo < s->hi && enum_fits(s, s->lo, s->hi);
     default:
         return false;
     }
@@ -339,11 +406,13 @@ static bool step(cake_json_state *s, unsigned char c) {
     case M_MATCH: {
         int lo = s->lo, hi = s->hi;
         if (c) narrow(s->node->names, &lo, &hi, s->len, c);
-        if (c && lo < hi) {
+        if (c && lo < hi && enum_fits(s, lo, hi)) {
             s->lo = lo, s->hi = hi, s->len++;
             return true;
         }
-        return match_whole(s) && end_then(s, c);
+        if (!match_whole(s)) return false;
+        if (s->node->alts && !narrow_alive(s, s->node->alts[s->lo])) return false;
+        return end_then(s, c);
     }
     case M_MINUS:
         if (!is_digit(c)) return false;
@@ -415,8 +484,7 @@ static bool step(cake_json_state *s, unsigned char c) {
 
 bool cake_json_complete(const cake_json_state *s) {
     if (s->mode == M_DONE) return true;
-    if (s->depth || (s->root->kind == CAKE_JSON_SEQUENCE && s->part + 1 < s->root->n))
-        return false;
+    if (s->depth || (s->root->kind == CAKE_JSON_SEQUENCE && s->part + 1 < s->root->n)) return false;
     switch (s->mode) { /* a number or enum value at the root ends with the answer */
     case M_ZERO:
     case M_INT:

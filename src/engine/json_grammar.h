@@ -38,6 +38,23 @@ typedef enum {
 } cake_json_kind;
 
 typedef struct cake_json_node cake_json_node;
+
+/* An object that is one of several (anyOf of objects, at most 64): its node
+ * holds every name of any of them (sub[i]: the schema of names[i]'s value,
+ * or NULL where they differ and cannot be told apart by its first byte:
+ * then it is the alternative's own, alt_sub[i * n + a], known once one
+ * alternative is left that declares it); a key narrows the alternatives
+ * to those that declare it (or take other keys), a value whose schema tells
+ * them apart (`alts` below) to those it fits. */
+typedef struct {
+    int n;                                /* alternatives */
+    const uint64_t *declared_by;          /* per name: the alternatives that declare it */
+    const uint64_t *required;             /* per alternative: the names it requires */
+    uint64_t open;                        /* the alternatives that take other keys (more) */
+    const cake_json_node *const *alt_sub; /* per name and alternative */
+    const cake_json_node *const *objects; /* the alternatives as given (plain objects) */
+} cake_json_choice;
+
 struct cake_json_node {
     cake_json_kind kind;
     int n; /* names (and, for objects, sub) of an object or enum; sub of a union or tuple */
@@ -51,6 +68,11 @@ struct cake_json_node {
     int min, max;                     /* array items, string characters; max < 0: no cap */
     bool bounded;
     int64_t minimum, maximum;
+    const cake_json_choice *choice; /* object: one of several (NULL: plain) */
+    /* The value of a property of a choice that tells its alternatives apart:
+     * per alternative of a union, or value of an enum, the alternatives of
+     * the object it fits (bits). NULL otherwise. */
+    const uint64_t *alts;
 };
 
 /* Any value, and any object (the JSON mode's root). */
@@ -62,7 +84,8 @@ bool cake_json_can_start(const cake_json_node *n, unsigned char c);
 /* One open object or array. */
 typedef struct {
     const cake_json_node *node;
-    uint64_t seen; /* object: bit i, property i given; array: items begun */
+    uint64_t seen;  /* object: bit i, property i given; array: items begun */
+    uint64_t alive; /* object: the alternatives it can still be (bit 0 for a plain one) */
 } cake_json_frame;
 
 /* The parse state: copied for every token tried (json_grammar.c copies

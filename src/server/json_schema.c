@@ -1,6 +1,7 @@
 #include "server/json_schema.h"
 
 #include <limits.h>
+#include <stdbool.h>
 #include <math.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -299,6 +300,193 @@ static int is_busy(const compiler *c, const cake_json_node *n) {
     return 0;
 }
 
+/* Whether a and b are the same schema (the same nodes, or nodes alike). */
+static bool same_schema(const cake_json_node *a, const cake_json_node *b, int depth) {
+    if (a == b) return true;
+    if (!a || !b || depth > 16 || a->kind != b->kind || a->n != b->n ||
+        a->required != b->required || a->min != b->min || a->max != b->max ||
+        a->bounded != b->bounded || a->minimum != b->minimum || a->maximum != b->maximum ||
+        a->choice || b->choice || a->alts || b->alts || !same_schema(a->more, b->more, depth + 1))
+        return false;
+    for (int i = 0; i < a->n; i++)
+        if ((a->names && strcmp(a->names[i], b->names[i])) ||
+            (a->sub && !same_schema(a->sub[i], b->sub[i], depth + 1)))
+            return false;
+    return true;
+}
+
+typedef struct {
+    const char *value;
+    uint64_t alts;
+} masked_value;
+
+static int by_value(const void *a, const void *b) {
+    return strcmp(((const masked_value *)a)->value, ((const masked_value *)b)->value);
+}
+
+/* The schema of a property that the alternatives (bits of `declared`) of an
+ * object choice give as own[a]: theirs when they agree; else a union of
+ * what they differ in, each part (or enum value) with the alternatives it
+ * fits, when those differ in their first byte; else NULL (the value's
+ * schema is known once one alternative is left). */
+static const cake_json_node *choice_value(compiler *c, const cake_json_node *const *own,
+                                          uint64_t declared) {
+    const cake_json_node *parts[64];
+    uint64_t masks[64];
+    int n = 0;
+    for (uint64_t d = declared; d; d &= d - 1) {
+        const int a = __builtin_ctzll(d);
+        int i = 0;
+        while (i < n && !same_schema(parts[i], own[a], 0)) i++;
+        if (i == n) parts[n] = own[a], masks[n++] = 0;
+        masks[i] |= 1ull << a;
+    }
+    if (n == 1) return parts[0];
+    /* the parts' alternatives (a union's, one each) and enum values */
+    int n_branches = 0, n_values = 0;
+    for (int i = 0; i < n; i++) {
+        if (parts[i]->kind == CAKE_JSON_ANY) return NULL;
+        const int m = parts[i]->kind == CAKE_JSON_UNION ? parts[i]->n : 1;
+        for (int j = 0; j < m; j++) {
+            const cake_json_node *b =
+                parts[i]->kind == CAKE_JSON_UNION ? parts[i]->sub[j] : parts[i];
+            if (b->kind == CAKE_JSON_ENUM)
+                n_values += b->n;
+            else
+                n_branches++;
+        }
+    }
+    const cake_json_node **sub = alloc(c, (size_t)(n_branches + 1) * sizeof(*sub));
+    uint64_t *alts = alloc(c, (size_t)(n_branches + 1) * sizeof(*alts));
+    masked_value *values = alloc(c, (size_t)(n_values + 1) * sizeof(*values));
+    if (!sub || !alts || !values) return NULL;
+    int k = 0, v = 0;
+    for (int i = 0; i < n; i++) {
+        const int m = parts[i]->kind == CAKE_JSON_UNION ? parts[i]->n : 1;
+        for (int j = 0; j < m; j++) {
+            const cake_json_node *b =
+                parts[i]->kind == CAKE_JSON_UNION ? parts[i]->sub[j] : parts[i];
+            if (b->kind != CAKE_JSON_ENUM) {
+                sub[k] = b, alts[k++] = masks[i];
+                continue;
+            }
+            for (int e = 0; e < b->n; e++) values[v++] = (masked_value){b->names[e], masks[i]};
+        }
+    }
+    if (v) { /* one enum: its values sorted, each with the alternatives that have it */
+        qsort(values, (size_t)v, sizeof(*values), by_value);
+        const char **names = alloc(c, (size_t)v * sizeof(*names));
+        uint64_t *fits = alloc(c, (size_t)v * sizeof(*fits));
+        cake_json_node *e = new_node(c, CAKE_JSON_ENUM);
+        if (!names || !fits || !e) return NULL;
+        int u = 0;
+        for (int i = 0; i < v; i++) {
+            if (u && !strcmp(names[u - 1], values[i].value)) {
+                fits[u - 1] |= values[i].alts;
+                continue;
+            }
+            names[u] = values[i].value, fits[u++] = values[i].alts;
+        }
+        e->n = u, e->names = names, e->alts = fits;
+        uint64_t all = 0;
+        for (int i = 0; i < u; i++) all |= fits[i];
+        sub[k] = e, alts[k++] = all;
+    }
+    for (int ch = 1; ch < 256; ch++) { /* told apart by their first byte */
+        int starts = 0;
+        for (int i = 0; i < k; i++) starts += cake_json_can_start(sub[i], (unsigned char)ch);
+        if (starts > 1) return NULL;
+    }
+    if (k == 1) return sub[0]; /* (the enum) */
+    cake_json_node *u = new_node(c, CAKE_JSON_UNION);
+    if (!u) return NULL;
+    u->n = k, u->sub = sub, u->alts = alts;
+    return u;
+}
+
+/* Whether every value of v (a choice_value) fits one alternative only. */
+static bool tells_apart(const cake_json_node *v) {
+    if (!v->alts) return false;
+    for (int i = 0; i < v->n; i++) {
+        const cake_json_node *part = v->kind == CAKE_JSON_UNION ? v->sub[i] : NULL;
+        if (part && part->alts) { /* the enum part: its values, each */
+            if (!tells_apart(part)) return false;
+        } else if (!v->alts[i] || v->alts[i] & (v->alts[i] - 1)) {
+            return false;
+        }
+    }
+    return true;
+}
+
+/* An object that is one of the plain objects given (anyOf): every name of
+ * theirs, which declare and require each, and how a property's value
+ * narrows them (choice_value). Where a property's schema is known only once
+ * one alternative is left, a property that all declare and require and
+ * whose value tells each apart (a discriminator: a "type" const in each)
+ * must exist: with it, no answer can reach an object that takes no key. */
+static cake_json_node *object_choice(compiler *c, const cake_json_node **objects, int k) {
+    if (k > 64) return cake_err(c->err, c->errlen, "an anyOf of more than 64 objects"), NULL;
+    const char *all[64 * CAKE_JSON_MAX_PROPS];
+    int n = 0;
+    for (int a = 0; a < k; a++)
+        for (int i = 0; i < objects[a]->n; i++) all[n++] = objects[a]->names[i];
+    qsort(all, (size_t)n, sizeof(*all), by_text);
+    int names_n = 0;
+    for (int i = 0; i < n; i++)
+        if (!names_n || strcmp(all[names_n - 1], all[i])) all[names_n++] = all[i];
+    if (names_n > CAKE_JSON_MAX_PROPS)
+        return cake_err(c->err, c->errlen, "an anyOf of objects with more than %d names in all",
+                        CAKE_JSON_MAX_PROPS),
+               NULL;
+    cake_json_choice *ch = alloc(c, sizeof(*ch));
+    cake_json_node *o = new_node(c, CAKE_JSON_OBJECT);
+    const char **names = alloc(c, (size_t)(names_n + 1) * sizeof(*names));
+    const cake_json_node **sub = alloc(c, (size_t)(names_n + 1) * sizeof(*sub));
+    uint64_t *declared = alloc(c, (size_t)(names_n + 1) * sizeof(*declared));
+    uint64_t *required = alloc(c, (size_t)k * sizeof(*required));
+    const cake_json_node **alt_sub = alloc(c, (size_t)(names_n * k + 1) * sizeof(*alt_sub));
+    if (!ch || !o || !names || !sub || !declared || !required || !alt_sub) return NULL;
+    memcpy(names, all, (size_t)names_n * sizeof(*names));
+    for (int a = 0; a < k; a++) {
+        const cake_json_node *obj = objects[a];
+        if (obj->more) {
+            if (o->more && !same_schema(o->more, obj->more, 0))
+                return cake_err(c->err, c->errlen,
+                                "an anyOf of objects whose other keys differ is not supported"),
+                       NULL;
+            o->more = obj->more;
+            ch->open |= 1ull << a;
+        }
+        for (int i = 0; i < obj->n; i++) {
+            int x = 0;
+            while (strcmp(names[x], obj->names[i])) x++;
+            declared[x] |= 1ull << a;
+            alt_sub[x * k + a] = obj->sub[i];
+            if (obj->required >> i & 1) required[a] |= 1ull << x;
+        }
+    }
+    const uint64_t everyone = k == 64 ? ~0ull : (1ull << k) - 1;
+    int unknown = -1, discriminator = -1;
+    for (int x = 0; x < names_n; x++) {
+        sub[x] = choice_value(c, alt_sub + x * k, declared[x]);
+        if (!sub[x]) unknown = x;
+        int required_by_all = declared[x] == everyone;
+        for (int a = 0; a < k; a++) required_by_all &= (int)(required[a] >> x & 1);
+        if (required_by_all && sub[x] && tells_apart(sub[x])) discriminator = x;
+    }
+    if (unknown >= 0 && discriminator < 0)
+        return cake_err(c->err, c->errlen,
+                        "an anyOf of objects whose property '%.40s' differs between them needs "
+                        "a property that tells them apart (as a 'type' with a different const "
+                        "in each, given by all)",
+                        names[unknown]),
+               NULL;
+    ch->n = k, ch->declared_by = declared, ch->required = required, ch->alt_sub = alt_sub;
+    ch->objects = objects;
+    o->n = names_n, o->names = names, o->sub = sub, o->choice = ch;
+    return o;
+}
+
 /* A value that is one of n alternatives (anyOf, oneOf, a list of types).
  * The automaton picks the alternative by a value's first byte, so they
  * must differ there; enums are merged into one. */
@@ -342,6 +530,27 @@ static cake_json_node *union_of(compiler *c, const cake_json_node **alts, int n,
         }
     }
     if (n_values && !(flat[k++] = enum_node(c, values, n_values))) return NULL;
+    /* Objects: one node that is one of them. */
+    int n_objects = 0;
+    for (int i = 0; i < k; i++)
+        if (flat[i]->kind == CAKE_JSON_OBJECT)
+            n_objects += flat[i]->choice ? flat[i]->choice->n : 1;
+    if (n_objects > 1) {
+        const cake_json_node **objects = alloc(c, (size_t)n_objects * sizeof(*objects));
+        if (!objects) return NULL;
+        int o = 0, kept = 0;
+        for (int i = 0; i < k; i++) {
+            const cake_json_node *b = flat[i];
+            if (b->kind != CAKE_JSON_OBJECT) {
+                flat[kept++] = b;
+                continue;
+            }
+            for (int j = 0; j < (b->choice ? b->choice->n : 1); j++)
+                objects[o++] = b->choice ? b->choice->objects[j] : b;
+        }
+        k = kept;
+        if (!(flat[k++] = object_choice(c, objects, n_objects))) return NULL;
+    }
     if (k == 1) return (cake_json_node *)flat[0];
     for (int ch = 1; ch < 256; ch++) {
         int starts = 0;

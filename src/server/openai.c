@@ -450,45 +450,57 @@ static int tools_asked(const cJSON *o, int chat, request_tools *rt, char *err, s
     return 0;
 }
 
+/* {"name": <name>, ARGS: <params>} as a schema (params NULL: any object). */
+static cJSON *call_object(const char *name, const char *args, const cJSON *params) {
+    cJSON *o = cJSON_CreateObject(), *props;
+    cJSON_AddStringToObject(o, "type", "object");
+    props = cJSON_AddObjectToObject(o, "properties");
+    cJSON_AddStringToObject(cJSON_AddObjectToObject(props, "name"), "const", name);
+    if (params)
+        cJSON_AddItemToObject(props, args, cJSON_Duplicate(params, 1));
+    else
+        cJSON_AddStringToObject(cJSON_AddObjectToObject(props, args), "type", "object");
+    cJSON *req = cJSON_AddArrayToObject(o, "required");
+    cJSON_AddItemToArray(req, cJSON_CreateString("name"));
+    cJSON_AddItemToArray(req, cJSON_CreateString(args));
+    return o;
+}
+
 /* What a tool_choice of required or a named function makes the answer: one
- * call, {"name": ..., ARGS: {...}} between the format's tags, its
- * arguments of the function's parameters (any object when several functions
- * may be called, or when cake cannot enforce the parameters' schema and the
- * function is not strict). NULL with err. */
+ * call between the format's tags, {"name": ..., ARGS: {...}}, its arguments
+ * of the function's parameters (an anyOf of the functions' calls, told
+ * apart by their name, under required). Where cake cannot enforce some
+ * parameters' schema, the arguments are any object, unless a function is
+ * strict (then NULL with err). */
 static json_schema *call_schema(const request_tools *rt, const chat_call_syntax *syntax, char *err,
                                 size_t errlen) {
-    cJSON *names = cJSON_CreateArray();
-    for (int i = 0; i < rt->n; i++)
-        if (rt->choice != TOOLS_NAMED || i == rt->named)
-            cJSON_AddItemToArray(names, cJSON_CreateString(tool_name(rt, i)));
-    const cJSON *f = rt->choice == TOOLS_NAMED ? tool_function(rt, rt->named)
-                     : rt->n == 1              ? tool_function(rt, 0)
-                                               : NULL;
-    const cJSON *params = field(f, "parameters");
     json_schema *out = NULL;
-    for (int exact = params != NULL; exact >= 0 && !out; exact--) {
-        cJSON *sch = cJSON_CreateObject(), *props = cJSON_AddObjectToObject(sch, "properties");
-        cJSON_AddStringToObject(sch, "type", "object");
-        cJSON_AddItemToObject(cJSON_AddObjectToObject(props, "name"), "enum",
-                              cJSON_Duplicate(names, 1));
-        if (exact)
-            cJSON_AddItemToObject(props, syntax->args, cJSON_Duplicate(params, 1));
-        else
-            cJSON_AddStringToObject(cJSON_AddObjectToObject(props, syntax->args), "type", "object");
-        cJSON *req = cJSON_AddArrayToObject(sch, "required");
-        cJSON_AddItemToArray(req, cJSON_CreateString("name"));
-        cJSON_AddItemToArray(req, cJSON_CreateString(syntax->args));
+    for (int exact = 1; exact >= 0 && !out; exact--) {
+        cJSON *calls = cJSON_CreateArray();
+        int strict = 0;
+        for (int i = 0; i < rt->n; i++) {
+            if (rt->choice == TOOLS_NAMED && i != rt->named) continue;
+            const cJSON *f = tool_function(rt, i);
+            strict |= cJSON_IsTrue(field(f, "strict"));
+            cJSON_AddItemToArray(calls, call_object(tool_name(rt, i), syntax->args,
+                                                    exact ? field(f, "parameters") : NULL));
+        }
+        cJSON *sch = calls;
+        if (cJSON_GetArraySize(calls) == 1) {
+            sch = cJSON_DetachItemFromArray(calls, 0);
+            cJSON_Delete(calls);
+        } else {
+            sch = cJSON_CreateObject();
+            cJSON_AddItemToObject(sch, "anyOf", calls);
+        }
         char why[200];
         out = json_schema_compile(sch, why, sizeof(why));
         cJSON_Delete(sch);
-        if (!out && exact && cJSON_IsTrue(field(f, "strict"))) {
-            cake_err(err, errlen, "tool '%s': its parameters: %s", field(f, "name")->valuestring,
-                     why);
+        if (!out && (!exact || strict)) {
+            cake_err(err, errlen, "'tools': %s", why);
             break;
         }
-        if (!out && !exact) cake_err(err, errlen, "%s", why);
     }
-    cJSON_Delete(names);
     /* (the tags alone: the newlines around the JSON are white space to it) */
     if (out && json_schema_between(out, syntax->open, syntax->close)) {
         json_schema_release(out);
