@@ -1818,6 +1818,8 @@ static cake_tokenizer *chat_vocab(void) {
                              "<|end_header_id|>", "<|eot_id|>",  "<|begin_of_text|>",
                              "<tool_call>",       "</tool_call>"};
     for (int i = 0; i < 8; i++) tokens[256 + i] = special[i], types[256 + i] = CAKE_TOKEN_CONTROL;
+    /* (Qwen's tags are user-defined: their text is theirs) */
+    types[CALL] = types[CALL_END] = CAKE_TOKEN_USER_DEFINED;
     cake_vocab_arrays va = {.n_vocab = CHAT_VOCAB,
                             .tokens = tokens,
                             .types = types,
@@ -2154,7 +2156,83 @@ static void test_tools(void **state) {
            "calls (%d of get_time)\n",
            calls, time_calls);
     assert_true(calls > 0);
+
+    /* tool_choice auto: a call is constrained from its tag on (a lazy
+     * grammar); before the tag and after the call, any token */
+    assert_int_equal(api_parse(body, strlen(body), 1, &m, &g, &shape, err, sizeof(err)), 0);
+    assert_true(!g->json && g->schema);
+    cake_json_grammar *lazy =
+        cake_json_grammar_new_lazy(v, json_schema_root(g->schema), "<tool_call>", IM_END, -1);
+    int allowed;
+#define MASK()                                                                                     \
+    do {                                                                                           \
+        for (int i = 0; i < CHAT_VOCAB; i++) logits[i] = 0;                                        \
+        cake_json_grammar_mask(lazy, logits, CHAT_VOCAB);                                          \
+        allowed = 0;                                                                               \
+        for (int i = 0; i < CHAT_VOCAB; i++) allowed += logits[i] == 0;                            \
+    } while (0)
+#define FEED(str)                                                                                  \
+    for (const char *q = str; *q; q++) cake_json_grammar_accept(lazy, (unsigned char)*q)
+    MASK();
+    assert_int_equal(allowed, CHAT_VOCAB);
+    FEED("Sure <tool_call");
+    MASK();
+    assert_int_equal(allowed, CHAT_VOCAB); /* ('>' starts an empty call: it may go on) */
+    FEED(">");
+    MASK(); /* a call: white space or '{', not the end of the turn */
+    assert_true(logits['{'] == 0 && logits['\n'] == 0 && isinf(logits['a']) &&
+                isinf(logits[IM_END]));
+    FEED("\n{\"name\": \"get_time\", \"arguments\": {}}\n</tool_call");
+    MASK();
+    assert_true(logits['>'] == 0 && isinf(logits['x']) && isinf(logits[IM_END]));
+    FEED(">");
+    MASK(); /* free again */
+    assert_int_equal(allowed, CHAT_VOCAB);
+    cake_json_grammar_free(lazy);
+    /* the tag as one token, and what the token has after it */
+    lazy = cake_json_grammar_new_lazy(v, json_schema_root(g->schema), "<tool_call>", IM_END, -1);
+    cake_json_grammar_accept(lazy, CALL);
+    MASK();
+    assert_true(logits['{'] == 0 && isinf(logits['a']));
+    cake_json_grammar_free(lazy);
+    job_release(g);
+    /* Llama 3: an answer that begins with '{' is a call (and then ends) */
+    m.chat = CHAT_LLAMA3;
+    assert_int_equal(api_parse(body, strlen(body), 1, &m, &g, &shape, err, sizeof(err)), 0);
+    lazy = cake_json_grammar_new_lazy(v, json_schema_root(g->schema), "", EOT, -1);
+    FEED(" ");
+    MASK();
+    assert_int_equal(allowed, CHAT_VOCAB);
+    FEED("{");
+    MASK();
+    assert_true(logits['"'] == 0 && isinf(logits['a']) && isinf(logits[EOT]));
+    FEED("\"name\": \"get_time\", \"parameters\": {}}");
+    MASK();
+    assert_true(logits[EOT] == 0 && allowed == 1);
+    cake_json_grammar_free(lazy);
+    lazy = cake_json_grammar_new_lazy(v, json_schema_root(g->schema), "", EOT, -1);
+    FEED("Hi {"); /* (text first: free for good) */
+    MASK();
+    assert_int_equal(allowed, CHAT_VOCAB);
+    cake_json_grammar_free(lazy);
+    job_release(g);
+    m.chat = CHAT_CHATML;
+#undef MASK
+#undef FEED
     cake_json_vocab_free(v);
+
+    /* tags inside a call's strings are text */
+    j = answered(body, &m, &shape,
+                 "<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": "
+                 "\"</tool_call>\"}}</tool_call>");
+    r = api_response(&shape, &j, 1, "chatcmpl-1", 1, "t");
+    o = cJSON_Parse(r);
+    args = cJSON_Parse(str_at(o, "choices.0.message.tool_calls.0.function.arguments"));
+    assert_string_equal(str_at(args, "city"), "</tool_call>");
+    cJSON_Delete(args);
+    cJSON_Delete(o);
+    free(r);
+    job_release(j);
 
     /* a conversation with a call and its result */
     const char *conv = "{\"messages\":[{\"role\":\"user\",\"content\":\"Paris?\"},{\"role\":"
@@ -2163,9 +2241,9 @@ static void test_tools(void **state) {
                        "\"arguments\":\"{\\\"city\\\":\\\"Paris\\\"}\"}}]},{\"role\":\"tool\","
                        "\"tool_call_id\":\"call_1\",\"content\":\"sunny\"}]," TOOLS "}";
     j = answered(conv, &m, &shape, "It is sunny.");
-    p = prompt_text(j, t); /* (without the special tokens: the tags are two of them here) */
-    assert_non_null(strstr(p, "assistant\n\n{\"name\": \"get_weather\", \"arguments\": "
-                              "{\"city\": \"Paris\"}}\n\nuser\n<tool_response>\nsunny\n"
+    p = prompt_text(j, t); /* (without the control tokens; the tags are tokens too) */
+    assert_non_null(strstr(p, "assistant\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": "
+                              "{\"city\": \"Paris\"}}\n</tool_call>\nuser\n<tool_response>\nsunny\n"
                               "</tool_response>\nassistant\n"));
     int tags = 0;
     for (int i = 0; i < j->n_prompt; i++) tags += j->prompt[i] == CALL || j->prompt[i] == CALL_END;
@@ -2272,6 +2350,15 @@ static void test_tools_served(void **state) {
     }
     printf("tools served: %d of 6 sampled answers under a named tool_choice were calls\n", calls);
     assert_true(calls > 0);
+    /* auto: the model's choice (a call is constrained from its tag on) */
+    cJSON *a = post_ok(s.port, "/v1/chat/completions",
+                       "{\"messages\":[{\"role\":\"user\",\"content\":\"Hi\"}],\"tools\":[{"
+                       "\"type\":\"function\",\"function\":{\"name\":\"f\"}}],\"max_tokens\":24,"
+                       "\"seed\":1}");
+    const char *finish = str_at(a, "choices.0.finish_reason");
+    assert_true(!strcmp(finish, "stop") || !strcmp(finish, "length") ||
+                !strcmp(finish, "tool_calls"));
+    cJSON_Delete(a);
     assert_int_equal(serve_stop(&s), 0);
     unlink(path);
 #undef TOOL_REQUEST

@@ -596,6 +596,15 @@ struct cake_json_grammar {
     cake_token end, end2;
     uint8_t *ok;            /* the mask's verdict per token */
     cake_json_state *after; /* after[d]: the state after d bytes of a token */
+    /* Lazy (cake_json_grammar_new_lazy): the trigger, whether the grammar
+     * holds now, and the free text's last bytes (a trigger may span tokens). */
+    const cake_json_node *root;
+    const char *trigger; /* NULL: not lazy */
+    bool active, free_for_good;
+    cake_token *cands; /* the tokens with the trigger's last byte ('{' for "") */
+    int n_cands;
+    char tail[32];
+    size_t tail_len;
 };
 
 cake_json_grammar *cake_json_grammar_new(const cake_json_vocab *v, const cake_json_node *root,
@@ -613,10 +622,29 @@ cake_json_grammar *cake_json_grammar_new(const cake_json_vocab *v, const cake_js
     return g;
 }
 
+cake_json_grammar *cake_json_grammar_new_lazy(const cake_json_vocab *v, const cake_json_node *root,
+                                              const char *trigger, cake_token end,
+                                              cake_token end2) {
+    cake_json_grammar *g = cake_json_grammar_new(v, root, end, end2);
+    if (!g || !(g->cands = malloc((size_t)v->n * sizeof(*g->cands)))) {
+        cake_json_grammar_free(g);
+        return NULL;
+    }
+    g->root = root, g->trigger = trigger;
+    const char last = trigger[0] ? trigger[strlen(trigger) - 1] : '{';
+    for (int id = 0; id < v->n; id++) {
+        size_t len;
+        const char *text = cake_token_text(v->t, id, &len);
+        if (len && memchr(text, last, len)) g->cands[g->n_cands++] = id;
+    }
+    return g;
+}
+
 void cake_json_grammar_free(cake_json_grammar *g) {
     if (!g) return;
     free(g->ok);
     free(g->after);
+    free(g->cands);
     free(g);
 }
 
@@ -656,8 +684,48 @@ static void read_tokens(cake_json_grammar *g) {
     }
 }
 
+/* Free text before a trigger: where the tail and then text complete it
+ * (the first time), how many bytes of text are left after it; -1 when they
+ * do not. For trigger "": the bytes from text's '{' when the answer has
+ * been white space so far and text's first other byte is '{'. */
+static long after_trigger(const cake_json_grammar *g, const char *text, size_t len) {
+    if (!g->trigger[0]) {
+        size_t i = 0;
+        while (i < len && is_space((unsigned char)text[i])) i++;
+        return i < len && text[i] == '{' ? (long)(len - i) : -1;
+    }
+    const size_t tl = strlen(g->trigger), seen = len < 256 ? len : 256; /* (its first bytes) */
+    char joined[sizeof(g->tail) + 256];
+    memcpy(joined, g->tail, g->tail_len);
+    memcpy(joined + g->tail_len, text, seen);
+    const char *hit = memmem(joined, g->tail_len + seen, g->trigger, tl);
+    if (!hit || (size_t)(hit - joined) + tl <= g->tail_len) return -1;
+    return (long)(len - ((size_t)(hit - joined) + tl - g->tail_len));
+}
+
+/* The mask of a lazy grammar while it does not hold: any token, but one
+ * that completes the trigger (one of those with its last byte) must go on
+ * as root's value may. */
+static void free_mask(const cake_json_grammar *g, float *logits, int n_vocab) {
+    for (int i = 0; i < g->n_cands && !g->free_for_good; i++) {
+        const cake_token id = g->cands[i];
+        size_t len;
+        const char *text = cake_token_text(g->v->t, id, &len);
+        const long rest = after_trigger(g, text, len);
+        cake_json_state s;
+        cake_json_start(&s, g->root);
+        if (rest >= 0 && id < n_vocab && !is_end(g, id) &&
+            !cake_json_feed(&s, text + len - (size_t)rest, (size_t)rest))
+            logits[id] = -INFINITY;
+    }
+}
+
 void cake_json_grammar_mask(void *ud, float *logits, int n_vocab) {
     cake_json_grammar *g = ud;
+    if (g->trigger && !g->active) {
+        free_mask(g, logits, n_vocab);
+        return;
+    }
     const cake_json_vocab *v = g->v;
     const cake_json_state *now = &g->s;
     const bool complete = cake_json_complete(now), done = now->mode == M_DONE;
@@ -706,7 +774,27 @@ void cake_json_grammar_accept(void *ud, cake_token id) {
     if (is_end(g, id)) return;
     size_t len;
     const char *text = cake_token_text(g->v->t, id, &len);
+    if (g->trigger && !g->active) { /* free text: does it start the value? */
+        const long rest = g->free_for_good ? -1 : after_trigger(g, text, len);
+        if (rest < 0) {
+            size_t i = 0; /* (trigger "": the answer began otherwise) */
+            while (i < len && is_space((unsigned char)text[i])) i++;
+            if (!g->trigger[0] && i < len) g->free_for_good = true;
+            for (size_t k = 0; k < len; k++) { /* the last bytes */
+                if (g->tail_len == sizeof(g->tail)) memmove(g->tail, g->tail + 1, --g->tail_len);
+                g->tail[g->tail_len++] = text[k];
+            }
+            return;
+        }
+        cake_json_start(&g->s, g->root);
+        g->active = true;
+        g->tail_len = 0;
+        text += len - (size_t)rest;
+        len = (size_t)rest;
+    }
     cake_json_state s;
     copy_state(&s, &g->s);
     if (cake_json_feed(&s, text, len)) copy_state(&g->s, &s); /* (the mask allowed no other) */
+    /* a tagged value closed: free text again (a whole-answer one ends it) */
+    if (g->trigger && g->trigger[0] && cake_json_complete(&g->s)) g->active = false;
 }

@@ -131,6 +131,14 @@ typedef struct cake_json_grammar cake_json_grammar;
  * end of turn; -1 for none). NULL on out of memory. */
 cake_json_grammar *cake_json_grammar_new(const cake_json_vocab *v, const cake_json_node *root,
                                          cake_token end, cake_token end2);
+/* A grammar that holds only once the answer writes `trigger` (a tool call's
+ * tag: root is what follows it), and again at each such tag after the last
+ * value closed; before, any text. trigger "": when the answer's first byte
+ * that is not white space is '{', the whole answer is a value of root.
+ * NULL on out of memory. */
+cake_json_grammar *cake_json_grammar_new_lazy(const cake_json_vocab *v, const cake_json_node *root,
+                                              const char *trigger, cake_token end,
+                                              cake_token end2);
 void cake_json_grammar_free(cake_json_grammar *g); /* accepts NULL */
 /* The sampler hooks (cake_sampler_params.constrain / .accept; ud = g). */
 void cake_json_grammar_mask(void *g, float *logits, int n_vocab);

@@ -46,7 +46,9 @@ struct serve_job {
     int ignore_eos;   /* EOS and the end of turn do not stop it (benchmarks) */
     int top_logprobs; /* -1: no log-probabilities; else alternatives per token */
     /* Structured output (engine/json_grammar.h): the answer is JSON, one
-     * value of schema (owned: one reference), or with schema NULL one object. */
+     * value of schema (owned: one reference), or with schema NULL one object.
+     * With tools and not json: a call is a value of schema from its tag on
+     * (cake_json_grammar_new_lazy). */
     int json;
     json_schema *schema;
     /* Tools (OpenAI's): the answer is read for calls written as this chat

@@ -466,14 +466,14 @@ static cJSON *call_object(const char *name, const char *args, const cJSON *param
     return o;
 }
 
-/* What a tool_choice of required or a named function makes the answer: one
- * call between the format's tags, {"name": ..., ARGS: {...}}, its arguments
- * of the function's parameters (an anyOf of the functions' calls, told
- * apart by their name, under required). Where cake cannot enforce some
+/* What a call must be: between the format's tags (with_open: the opening
+ * one too; else it has been written, tool_choice auto), {"name": ...,
+ * ARGS: {...}}, its arguments of the function's parameters (an anyOf of the
+ * functions' calls, told apart by their name, unless one is named). Where cake cannot enforce some
  * parameters' schema, the arguments are any object, unless a function is
  * strict (then NULL with err). */
-static json_schema *call_schema(const request_tools *rt, const chat_call_syntax *syntax, char *err,
-                                size_t errlen) {
+static json_schema *call_schema(const request_tools *rt, const chat_call_syntax *syntax,
+                                int with_open, char *err, size_t errlen) {
     json_schema *out = NULL;
     for (int exact = 1; exact >= 0 && !out; exact--) {
         cJSON *calls = cJSON_CreateArray();
@@ -502,7 +502,7 @@ static json_schema *call_schema(const request_tools *rt, const chat_call_syntax 
         }
     }
     /* (the tags alone: the newlines around the JSON are white space to it) */
-    if (out && json_schema_between(out, syntax->open, syntax->close)) {
+    if (out && json_schema_between(out, with_open ? syntax->open : "", syntax->close)) {
         json_schema_release(out);
         out = NULL;
         cake_err(err, errlen, "out of memory");
@@ -704,10 +704,10 @@ int api_parse(const char *body, size_t len, int chat, const api_model *m, serve_
             cake_err(err, errlen, "out of memory");
             goto done;
         }
-        if (rt.choice >= TOOLS_REQUIRED) {
-            if (!(schema = call_schema(&rt, chat_calls(m->chat), err, errlen))) goto done;
-            json = 1;
-        }
+        /* a call is constrained: the whole answer, or (auto) from its tag on */
+        const int must_call = rt.choice >= TOOLS_REQUIRED;
+        if (!(schema = call_schema(&rt, chat_calls(m->chat), must_call, err, errlen))) goto done;
+        json = must_call;
     }
     j->json = json;
     j->schema = schema;
@@ -900,21 +900,27 @@ static int is_tool(const serve_job *j, const char *name) {
     return 0;
 }
 
-/* text[0..len), one call as the format writes it ({"name": <a tool>, ARGS:
- * {...}}, white space around), as OpenAI's tool call; NULL when it is not
- * one. */
+static size_t skip_space(const char *text, size_t at, size_t len) {
+    while (at < len &&
+           (text[at] == ' ' || text[at] == '\t' || text[at] == '\r' || text[at] == '\n'))
+        at++;
+    return at;
+}
+
+/* One call as the format writes it ({"name": <a tool>, ARGS: {...}}) at the
+ * start of text[0..len) (white space before it), as OpenAI's tool call;
+ * *used: the bytes it took. NULL when it is not one. */
 static cJSON *read_call(const serve_job *j, const chat_call_syntax *syntax, const char *text,
-                        size_t len) {
+                        size_t len, size_t *used) {
     const char *end = NULL;
-    cJSON *v = cJSON_ParseWithLengthOpts(text, len, &end, false);
-    while (end && end < text + len && strchr(" \t\r\n", *end) && *end) end++;
+    const size_t at = skip_space(text, 0, len);
+    cJSON *v = cJSON_ParseWithLengthOpts(text + at, len - at, &end, false);
     const cJSON *name = field(v, "name"), *args = field(v, syntax->args);
     if (!args) args = field(v, "arguments"); /* (as some models write it) */
     cJSON *call = NULL;
     char *printed = NULL, *clean = NULL;
-    if (cJSON_IsObject(v) && end == text + len && cJSON_IsString(name) &&
-        is_tool(j, name->valuestring) && cJSON_IsObject(args) &&
-        (printed = cJSON_PrintUnformatted(args)) &&
+    if (cJSON_IsObject(v) && cJSON_IsString(name) && is_tool(j, name->valuestring) &&
+        cJSON_IsObject(args) && (printed = cJSON_PrintUnformatted(args)) &&
         (clean = api_utf8_clean(printed, strlen(printed)))) {
         static atomic_uint_fast64_t counter;
         char id[40];
@@ -926,6 +932,7 @@ static cJSON *read_call(const serve_job *j, const chat_call_syntax *syntax, cons
         cJSON *f = cJSON_AddObjectToObject(call, "function");
         cJSON_AddStringToObject(f, "name", name->valuestring);
         cJSON_AddStringToObject(f, "arguments", clean);
+        *used = (size_t)(end - text);
     }
     cJSON_free(printed);
     free(clean);
@@ -935,41 +942,42 @@ static cJSON *read_call(const serve_job *j, const chat_call_syntax *syntax, cons
 
 /* The tool calls a job's answer makes (OpenAI's tool_calls; NULL: none, or
  * one that does not read as a call: then the whole answer is content), and
- * where its content ends (before the first call, white space trimmed). */
+ * where its content ends (before the first call, white space trimmed). A
+ * call is read as JSON from its tag on, so tags inside its strings are
+ * text; white space may follow it, and its closing tag (which the end of
+ * the answer may stand for). */
 static cJSON *answer_calls(const serve_job *j, size_t *content_end) {
     const chat_call_syntax *syntax = j->call_format ? chat_calls(j->call_format) : NULL;
     const char *text = j->text ? j->text : "";
-    *content_end = j->len;
+    const size_t len = j->len;
+    *content_end = len;
     if (!syntax) return NULL;
+    const size_t ol = strlen(syntax->open), cl = strlen(syntax->close);
     cJSON *calls = cJSON_CreateArray();
-    size_t first = 0;
-    if (!syntax->open[0]) { /* the whole answer is the call */
-        cJSON *c = read_call(j, syntax, text, j->len);
-        if (c) cJSON_AddItemToArray(calls, c);
-    } else {
-        const size_t ol = strlen(syntax->open), cl = strlen(syntax->close);
-        const char *p = memmem(text, j->len, syntax->open, ol);
-        first = p ? (size_t)(p - text) : 0;
-        while (p) {
-            const char *body = p + ol;
-            const size_t rest = j->len - (size_t)(body - text);
-            const char *close = memmem(body, rest, syntax->close, cl);
-            cJSON *c = read_call(j, syntax, body, close ? (size_t)(close - body) : rest);
-            if (!c) {
-                cJSON_Delete(calls);
-                return NULL;
-            }
-            cJSON_AddItemToArray(calls, c);
-            p = close ? memmem(close + cl, j->len - (size_t)(close + cl - text), syntax->open, ol)
-                      : NULL;
+    const char *p = ol ? memmem(text, len, syntax->open, ol) : text;
+    const size_t first = p ? (size_t)(p - text) : 0;
+    while (p) {
+        const size_t body = (size_t)(p - text) + ol;
+        size_t used = 0;
+        cJSON *c = read_call(j, syntax, text + body, len - body, &used);
+        size_t after = c ? skip_space(text, body + used, len) : 0;
+        if (c && cl && len - after >= cl && !memcmp(text + after, syntax->close, cl))
+            after = skip_space(text, after + cl, len);
+        if (!c || (!ol && after < len)) { /* (a whole-answer call is all of it) */
+            cJSON_Delete(c);
+            cJSON_Delete(calls);
+            return NULL;
         }
+        cJSON_AddItemToArray(calls, c);
+        p = ol && after < len ? memmem(text + after, len - after, syntax->open, ol) : NULL;
     }
     if (!cJSON_GetArraySize(calls)) {
         cJSON_Delete(calls);
         return NULL;
     }
-    while (first && strchr(" \t\r\n", text[first - 1]) && text[first - 1]) first--;
-    *content_end = first;
+    size_t end = first;
+    while (end && strchr(" \t\r\n", text[end - 1]) && text[end - 1]) end--;
+    *content_end = end;
     return calls;
 }
 

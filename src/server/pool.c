@@ -302,11 +302,17 @@ static void run_job(slot *s, serve_job *j) {
     int max = j->max_tokens;
     if (max > p->n_ctx - j->n_prompt) max = p->n_ctx - j->n_prompt;
     cake_sampler_params sampling = j->sampling;
-    cake_json_grammar *grammar = NULL;
-    if (j->json && (grammar = cake_json_grammar_new(p->json_vocab,
-                                                    j->schema ? json_schema_root(j->schema) : NULL,
-                                                    cake_tokenizer_eos(tok), j->end_of_turn)))
-        cake_json_grammar_constrain(grammar, &sampling);
+    /* JSON output; or with tools (auto), each call from its tag on */
+    const cake_json_node *root = j->schema ? json_schema_root(j->schema) : NULL;
+    const chat_call_syntax *calls = j->call_format ? chat_calls(j->call_format) : NULL;
+    const int lazy = !j->json && root && calls;
+    cake_json_grammar *grammar =
+        j->json
+            ? cake_json_grammar_new(p->json_vocab, root, cake_tokenizer_eos(tok), j->end_of_turn)
+        : lazy ? cake_json_grammar_new_lazy(p->json_vocab, root, calls->open,
+                                            cake_tokenizer_eos(tok), j->end_of_turn)
+               : NULL;
+    if (grammar) cake_json_grammar_constrain(grammar, &sampling);
     cake_sampler *sampler = cake_sampler_init(sampling);
     pthread_mutex_lock(&j->mu);
     j->ids = malloc((size_t)(max > 0 ? max : 1) * sizeof(*j->ids));
@@ -316,7 +322,7 @@ static void run_job(slot *s, serve_job *j) {
     cake_token *ids = j->ids;
     const int no_logprobs = j->top_logprobs >= 0 && !j->logprobs;
     pthread_mutex_unlock(&j->mu);
-    if (!sampler || !ids || no_logprobs || (j->json && !grammar)) {
+    if (!sampler || !ids || no_logprobs || ((j->json || lazy) && !grammar)) {
         cake_sampler_free(sampler);
         cake_json_grammar_free(grammar);
         job_settle(j, "out of memory");
