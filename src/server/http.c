@@ -100,14 +100,14 @@ static int client_gone(struct MHD_Connection *c) {
     return recv(ci->connect_fd, &b, 1, MSG_PEEK | MSG_DONTWAIT) == 0;
 }
 
-/* Waits (j->mu held) for a change to j, at most ms (< 1000) milliseconds:
- * then the caller looks at its client (and its other jobs) again. */
-static void timed_wait(serve_job *j, long ms) {
+/* Waits (mu held) for cv, at most ms (< 1000) milliseconds: then the
+ * caller looks at its client (and its jobs) again. */
+static void timed_wait(pthread_cond_t *cv, pthread_mutex_t *mu, long ms) {
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     ts.tv_nsec += ms * 1000000L;
     if (ts.tv_nsec >= 1000000000L) ts.tv_sec++, ts.tv_nsec -= 1000000000L;
-    pthread_cond_timedwait(&j->cv, &j->mu, &ts);
+    pthread_cond_timedwait(cv, mu, &ts);
 }
 
 /* libmicrohttpd's messages, in the server's log format. Three are left out:
@@ -152,6 +152,8 @@ typedef struct {
     int failed;  /* a choice failed: no usage chunk */
     int ending;  /* after the choices: 0 the usage chunk, 1 [DONE], 2 over */
     api_shape shape;
+    job_waker *waker;      /* the choices' (n > 1), a reference */
+    unsigned long changes; /* its count when the choices were last looked at */
     char id[40];
     long created;
     struct timespec last; /* when the last event went out */
@@ -226,9 +228,9 @@ static char *next_event(stream_state *st) {
     }
 }
 
-/* Waits a little for the first unfinished choice to change (one choice:
- * until its job signals, at most 200 ms; several: 10 ms, since any of them
- * may). 0, or -1 when the client has gone. */
+/* Waits a little for a choice to change (one: until its job signals; several:
+ * until one of their jobs does, through their waker), at most 200 ms. 0, or
+ * -1 when the client has gone. */
 static int wait_for_choices(stream_state *st) {
     for (int i = 0; i < st->n; i++) {
         if (st->choice[i].finished) continue;
@@ -238,9 +240,16 @@ static int wait_for_choices(stream_state *st) {
             pthread_mutex_unlock(&j->mu);
             return -1;
         }
-        if (j->ready == st->choice[i].sent && !j->done) timed_wait(j, st->n == 1 ? 200 : 10);
+        if (!st->waker && j->ready == st->choice[i].sent && !j->done)
+            timed_wait(&j->cv, &j->mu, 200);
         pthread_mutex_unlock(&j->mu);
-        return 0;
+        break;
+    }
+    if (st->waker) { /* (no change since the choices were looked at: wait for one) */
+        pthread_mutex_lock(&st->waker->mu);
+        if (st->waker->changes == st->changes) timed_wait(&st->waker->cv, &st->waker->mu, 200);
+        st->changes = st->waker->changes;
+        pthread_mutex_unlock(&st->waker->mu);
     }
     return 0;
 }
@@ -289,6 +298,7 @@ static void stream_free(void *cls) {
     stream_state *st = cls;
     atomic_fetch_sub(&st->server->in_flight, 1);
     cancel_jobs(st->jobs, st->n); /* the client left early, or the jobs have ended */
+    job_waker_release(st->waker);
     free(st->out);
     free(st);
 }
@@ -305,7 +315,7 @@ static int wait_jobs(struct MHD_Connection *c, serve_job *const *jobs, int n) {
                 pthread_mutex_unlock(&j->mu);
                 return -1;
             }
-            timed_wait(j, 200);
+            timed_wait(&j->cv, &j->mu, 200);
         }
         pthread_mutex_unlock(&j->mu);
     }
@@ -321,13 +331,19 @@ static enum MHD_Result answer(serve_server *s, struct MHD_Connection *c, const r
                   sizeof(err)))
         return reply_error(s, c, MHD_HTTP_BAD_REQUEST, "%s", err);
     const int n = shape.n; /* choices: one job each */
+    /* a stream of several choices waits on all their jobs at once */
+    job_waker *waker = NULL;
     for (int i = 1; i < n; i++)
-        if (!(jobs[i] = job_clone(jobs[0], i))) {
+        if (!(jobs[i] = job_clone(jobs[0], i)) ||
+            (shape.stream && !waker && !(waker = job_waker_new()))) {
+            job_waker_release(waker);
             cancel_jobs(jobs, n);
             return reply_error(s, c, MHD_HTTP_INTERNAL_SERVER_ERROR, "out of memory");
         }
+    for (int i = 0; waker && i < n; i++) jobs[i]->waker = job_waker_retain(waker);
     for (int i = 0; i < n; i++)
         if (atomic_load(&s->stopping) || pool_submit(s->pool, jobs[i])) {
+            job_waker_release(waker);
             cancel_jobs(jobs, n);
             return reply_error(s, c, MHD_HTTP_SERVICE_UNAVAILABLE,
                                atomic_load(&s->stopping) ? "the server is shutting down"
@@ -342,17 +358,21 @@ static enum MHD_Result answer(serve_server *s, struct MHD_Connection *c, const r
         stream_state *st = calloc(1, sizeof(*st));
         struct MHD_Response *r = NULL;
         if (st) {
-            *st =
-                (stream_state){.server = s, .conn = c, .n = n, .shape = shape, .created = created};
+            *st = (stream_state){
+                .server = s, .conn = c, .n = n, .shape = shape, .waker = waker, .created = created};
             memcpy(st->jobs, jobs, sizeof(jobs));
             clock_gettime(CLOCK_MONOTONIC, &st->last);
             memcpy(st->id, id, sizeof(id));
             r = MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 16384, stream_read, st,
                                                   stream_free);
-            if (r) atomic_fetch_add(&s->in_flight, 1); /* until stream_free */
+            if (r) {
+                atomic_fetch_add(&s->in_flight, 1); /* until stream_free */
+                waker = NULL;                       /* (the stream's now) */
+            }
         }
         if (!r) {
             free(st);
+            job_waker_release(waker);
             cancel_jobs(jobs, n);
             return reply_error(s, c, MHD_HTTP_INTERNAL_SERVER_ERROR, "out of memory");
         }

@@ -73,6 +73,7 @@ void job_release(serve_job *j) {
     free(j->logit_bias);
     json_schema_release(j->schema);
     free(j->tool_names);
+    job_waker_release(j->waker);
     pthread_cond_destroy(&j->cv);
     pthread_mutex_destroy(&j->mu);
     free(j);
@@ -95,8 +96,38 @@ void job_settle(serve_job *j, const char *error) {
 void job_finish(serve_job *j) {
     pthread_mutex_lock(&j->mu);
     j->done = 1;
-    pthread_cond_broadcast(&j->cv);
+    job_notify(j);
     pthread_mutex_unlock(&j->mu);
+}
+
+job_waker *job_waker_new(void) {
+    job_waker *w = calloc(1, sizeof(*w));
+    if (!w) return NULL;
+    pthread_mutex_init(&w->mu, NULL);
+    pthread_cond_init(&w->cv, NULL);
+    atomic_init(&w->refs, 1);
+    return w;
+}
+
+job_waker *job_waker_retain(job_waker *w) {
+    atomic_fetch_add(&w->refs, 1);
+    return w;
+}
+
+void job_waker_release(job_waker *w) {
+    if (!w || atomic_fetch_sub(&w->refs, 1) != 1) return;
+    pthread_cond_destroy(&w->cv);
+    pthread_mutex_destroy(&w->mu);
+    free(w);
+}
+
+void job_notify(serve_job *j) {
+    pthread_cond_broadcast(&j->cv);
+    if (!j->waker) return;
+    pthread_mutex_lock(&j->waker->mu); /* (lock order: the job's, then its waker's) */
+    j->waker->changes++;
+    pthread_cond_broadcast(&j->waker->cv);
+    pthread_mutex_unlock(&j->waker->mu);
 }
 
 /* ---- text as it is generated ---- */

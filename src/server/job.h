@@ -30,6 +30,15 @@ typedef struct {
     float top_logprob[JOB_MAX_TOP_LOGPROBS];
 } job_logprob;
 
+/* What several jobs' waiter waits on (a stream of a request's n choices):
+ * each change to one of them is counted here too. Shared by reference. */
+typedef struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    unsigned long changes; /* under mu */
+    atomic_int refs;
+} job_waker;
+
 typedef struct serve_job serve_job;
 struct serve_job {
     /* The request: set before pool_submit, read-only after. */
@@ -75,6 +84,7 @@ struct serve_job {
     char error[256];       /* why it failed; "" when it did not */
     cake_request_stats stats;
     atomic_int cancel; /* set by the HTTP side: stop at the next token */
+    job_waker *waker;  /* also signalled on every change (a reference); NULL: none */
 
     /* Owned by the pool. */
     int refs;
@@ -93,6 +103,12 @@ serve_job *job_create(cake_token *prompt, int n);
 serve_job *job_clone(const serve_job *j, int choice);
 /* Drops a reference; the last one frees the job. Accepts NULL. */
 void job_release(serve_job *j);
+/* A waker with one reference (NULL on out of memory), one more, one less. */
+job_waker *job_waker_new(void);
+job_waker *job_waker_retain(job_waker *w);
+void job_waker_release(job_waker *w); /* accepts NULL */
+/* Wakes whoever waits on j (j->mu held): on its cv, and on its waker's. */
+void job_notify(serve_job *j);
 /* Copies a stop string into the job. 0, or -1 (too many, out of memory). */
 int job_add_stop(serve_job *j, const char *s, size_t len);
 

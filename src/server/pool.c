@@ -96,7 +96,7 @@ static int on_token(cake_token id, void *ud) {
         s->next.text_end = start + (n > 0 ? (size_t)n : 0);
         j->logprobs[j->n_ids - 1] = s->next;
     }
-    pthread_cond_broadcast(&j->cv);
+    job_notify(j);
     pthread_mutex_unlock(&j->mu);
     return stop || atomic_load(&j->cancel);
 }
