@@ -2269,7 +2269,11 @@ static void test_tools(void **state) {
         {1,
          "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}]," TOOLS
          ",\"tool_choice\":\"required\",\"response_format\":{\"type\":\"json_object\"}}",
-         "not both"},
+         "give one of them"},
+        {1,
+         "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}]," TOOLS
+         ",\"json_schema\":{\"type\":\"object\"}}",
+         "give one of them"},
         {1,
          "{\"messages\":[{\"role\":\"assistant\",\"tool_calls\":[{\"function\":{\"name\":"
          "\"f\",\"arguments\":\"{x\"}}]}]}",

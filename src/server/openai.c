@@ -663,10 +663,10 @@ int api_parse(const char *body, size_t len, int chat, const api_model *m, serve_
         if (!cJSON_IsObject(so)) cake_err(err, errlen, "'stream_options' must be an object");
         goto done;
     }
-    if (json && rt.choice >= TOOLS_REQUIRED) {
+    if (json && rt.choice != TOOLS_NONE) { /* (a call is not the format's JSON) */
         cake_err(err, errlen,
-                 "a 'tool_choice' that asks for a call is a JSON format already: "
-                 "give it or 'response_format', not both");
+                 "'tools' and a JSON 'response_format' (or 'json_schema'): give one of them, "
+                 "or 'tool_choice' \"none\"");
         goto done;
     }
     if (chat ? chat_prompt_of(o, m, &rt, &ids, &n, &eot, err, errlen)
