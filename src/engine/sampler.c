@@ -3,6 +3,7 @@
  * grammar's mask (constrain), and a seeded generator so that the same seed
  * and logits give the same tokens. */
 #include <math.h>
+#include <stdbool.h>
 #include <stdlib.h>
 
 #include "cake.h"
@@ -74,6 +75,82 @@ static int by_prob_desc(const void *a, const void *b, void *ctx) {
     return *(const int *)a - *(const int *)b; /* stable order for equal probabilities */
 }
 
+/* Token a ranks before b: likelier, or as likely with a lower id. */
+static bool before(const float *prob, int a, int b) {
+    return prob[a] > prob[b] || (prob[a] == prob[b] && a < b);
+}
+
+/* Partitions idx[lo..hi) around a pivot (the median of three): those that
+ * rank before it first, then it; returns where it lands. */
+static int partition(int *idx, int lo, int hi, const float *prob) {
+    const int mid = lo + (hi - lo) / 2, last = hi - 1;
+    int a = idx[lo], b = idx[mid], c = idx[last], m = mid;
+    if (before(prob, a, b) == before(prob, b, c))
+        m = mid;
+    else if (before(prob, b, a) == before(prob, a, c))
+        m = lo;
+    else
+        m = last;
+    const int pivot = idx[m];
+    idx[m] = idx[last], idx[last] = pivot;
+    int at = lo;
+    for (int j = lo; j < last; j++)
+        if (before(prob, idx[j], pivot)) {
+            const int t = idx[at];
+            idx[at++] = idx[j], idx[j] = t;
+        }
+    idx[last] = idx[at], idx[at] = pivot;
+    return at;
+}
+
+/* Puts the k highest-ranked of idx[0..m) first, in no order (quickselect:
+ * linear on average, where a sort of a large vocabulary takes milliseconds
+ * a token). */
+static void select_top(int *idx, int m, int k, const float *prob) {
+    int lo = 0, hi = m;
+    while (hi - lo > 1) {
+        const int p = partition(idx, lo, hi, prob);
+        if (p == k) return;
+        if (p > k)
+            hi = p;
+        else
+            lo = p + 1;
+    }
+}
+
+/* The nucleus of idx[0..m): the fewest highest-ranked tokens whose mass
+ * reaches top_p, put first (in no order but for the last few); returns how
+ * many, *mass their mass (all of them when they do not reach it). */
+static int select_nucleus(int *idx, int m, float top_p, const float *prob, float *mass) {
+    int lo = 0, hi = m; /* [0, lo) are in it (mass acc); its end is in [lo, hi) */
+    float acc = 0;
+    while (hi - lo > 32) {
+        const int p = partition(idx, lo, hi, prob);
+        float upper = 0;
+        for (int i = lo; i < p; i++) upper += prob[idx[i]];
+        if (acc + upper >= top_p) {
+            hi = p;
+            continue;
+        }
+        acc += upper + prob[idx[p]];
+        if (acc >= top_p) {
+            *mass = acc;
+            return p + 1;
+        }
+        lo = p + 1;
+    }
+    qsort_r(idx + lo, (size_t)(hi - lo), sizeof(int), by_prob_desc, (void *)prob);
+    for (int i = lo; i < hi; i++) {
+        acc += prob[idx[i]];
+        if (acc >= top_p) {
+            *mass = acc;
+            return i + 1;
+        }
+    }
+    *mass = acc;
+    return hi;
+}
+
 static cake_token choose(cake_sampler *s, const float *logits, int n) {
     if (s->p.temperature <= 0.0f || n == 1) return argmax(logits, n);
     if (n > s->cap) {
@@ -85,7 +162,8 @@ static cake_token choose(cake_sampler *s, const float *logits, int n) {
         s->cap = n;
     }
     float *prob = s->prob;
-    const float maxl = logits[argmax(logits, n)];
+    const int best = argmax(logits, n);
+    const float maxl = logits[best];
     double sum = 0;
     for (int i = 0; i < n; i++) {
         prob[i] = expf((logits[i] - maxl) / s->p.temperature);
@@ -105,34 +183,35 @@ static cake_token choose(cake_sampler *s, const float *logits, int n) {
         return n - 1; /* rounding */
     }
 
-    /* The candidates, each filter on the tokens' own probabilities: the
-     * nucleus (the smallest set of most likely tokens whose mass reaches
-     * top_p), the top_k likeliest, and those at least min_p times the
-     * likeliest's probability. Tokens below (1 - top_p) / (n - 1) can never
-     * be in the nucleus, so sort only the rest. */
+    /* The candidates, each filter on the tokens' own probabilities: those
+     * at least min_p times the likeliest's probability, the top_k
+     * likeliest, and the nucleus of those (the fewest likeliest tokens whose
+     * mass reaches top_p). Tokens below (1 - top_p) / (n - 1) can never be
+     * in the nucleus: they are left out first (the likeliest never is). */
     float cutoff = nucleus ? (1.0f - s->p.top_p) / (float)(n - 1) : 0.0f;
-    if (s->p.min_p > 0.0f) cutoff = fmaxf(cutoff, s->p.min_p * prob[argmax(logits, n)]);
+    if (s->p.min_p > 0.0f) cutoff = fmaxf(cutoff, s->p.min_p * prob[best]);
+    cutoff = fminf(cutoff, prob[best]);
     int m = 0;
     for (int i = 0; i < n; i++)
         if (prob[i] >= cutoff) s->idx[m++] = i;
-    qsort_r(s->idx, (size_t)m, sizeof(int), by_prob_desc, prob);
-    if (top_k && m > top_k) m = top_k;
-    float mass = 0;
-    int last = m - 1;
-    for (int i = 0; i < m; i++) {
-        mass += prob[s->idx[i]];
-        if (nucleus && mass >= s->p.top_p) {
-            last = i;
-            break;
-        }
+    if (top_k && m > top_k) {
+        select_top(s->idx, m, top_k, prob);
+        m = top_k;
     }
+    float mass = 0;
+    if (nucleus) {
+        m = select_nucleus(s->idx, m, s->p.top_p, prob, &mass);
+    } else {
+        for (int i = 0; i < m; i++) mass += prob[s->idx[i]];
+    }
+    /* (any order of the candidates draws each with its probability) */
     const float target = r * mass;
     float cdf = 0;
-    for (int i = 0; i <= last; i++) {
+    for (int i = 0; i < m; i++) {
         cdf += prob[s->idx[i]];
         if (target < cdf) return s->idx[i];
     }
-    return s->idx[last];
+    return s->idx[m - 1];
 }
 
 /* The logits with the biases and the penalties of the tokens chosen so
