@@ -388,64 +388,40 @@ static void test_schema_sampled(void **state) {
     char err[256];
     assert_int_equal(cake_model_load(path, &m, err, sizeof(err)), 0);
     const cake_tokenizer *t = cake_model_tokenizer(m);
-    const int n = cake_tokenizer_n_vocab(t);
     const cake_token eos = cake_tokenizer_eos(t);
     json_schema *s = must_compile(record_schema);
     cake_json_vocab *vocab = cake_json_vocab_new(t);
-    float *logits = malloc((size_t)n * sizeof(float));
-    uint64_t rng = 11;
     int ended = 0;
     for (int a = 0; a < 20; a++) {
         cake_json_grammar *g = cake_json_grammar_new(vocab, json_schema_root(s), eos, -1);
-        cake_sampler_params p = {.temperature = 2, .top_p = 1, .seed = (uint64_t)a};
-        cake_json_grammar_constrain(g, &p);
-        cake_sampler *smp = cake_sampler_init(p);
         char out[4096];
-        size_t len = 0;
-        for (int k = 0; k < 400; k++) {
-            for (int i = 0; i < n; i++) {
-                rng = rng * 6364136223846793005ull + 1442695040888963407ull;
-                logits[i] = (float)(rng >> 40) / (float)(1 << 24) * 8.0f;
-            }
-            logits[eos] += 6;
-            const cake_token id = cake_sampler_sample(smp, logits, n);
-            if (id == eos) {
-                out[len] = 0;
-                cJSON *v = cJSON_Parse(out);
-                if (!v) fail_msg("not JSON: %s", out);
-                const cJSON *idv = cJSON_GetObjectItemCaseSensitive(v, "id");
-                const cJSON *tag = cJSON_GetObjectItemCaseSensitive(v, "tag");
-                const cJSON *xs = cJSON_GetObjectItemCaseSensitive(v, "xs");
-                if (!cJSON_IsNumber(idv) || idv->valuedouble != floor(idv->valuedouble) ||
-                    idv->valuedouble < -9 || idv->valuedouble > 999 || !cJSON_IsString(tag) ||
-                    (strcmp(tag->valuestring, "alpha") && strcmp(tag->valuestring, "beta")) ||
-                    (xs && (!cJSON_IsArray(xs) || cJSON_GetArraySize(xs) > 3)))
+        if (test_sample_constrained(t, g, eos, 2, (uint64_t)a, 8, 6, 400, out, sizeof(out))) {
+            cJSON *v = cJSON_Parse(out);
+            if (!v) fail_msg("not JSON: %s", out);
+            const cJSON *idv = cJSON_GetObjectItemCaseSensitive(v, "id");
+            const cJSON *tag = cJSON_GetObjectItemCaseSensitive(v, "tag");
+            const cJSON *xs = cJSON_GetObjectItemCaseSensitive(v, "xs");
+            if (!cJSON_IsNumber(idv) || idv->valuedouble != floor(idv->valuedouble) ||
+                idv->valuedouble < -9 || idv->valuedouble > 999 || !cJSON_IsString(tag) ||
+                (strcmp(tag->valuestring, "alpha") && strcmp(tag->valuestring, "beta")) ||
+                (xs && (!cJSON_IsArray(xs) || cJSON_GetArraySize(xs) > 3)))
+                fail_msg("not of the schema: %s", out);
+            for (const cJSON *x = xs ? xs->child : NULL; x; x = x->next)
+                if (!cJSON_IsString(x) || utf8_length(x->valuestring) > 4)
                     fail_msg("not of the schema: %s", out);
-                for (const cJSON *x = xs ? xs->child : NULL; x; x = x->next)
-                    if (!cJSON_IsString(x) || utf8_length(x->valuestring) > 4)
-                        fail_msg("not of the schema: %s", out);
-                for (const cJSON *f = v->child; f; f = f->next)
-                    if (strcmp(f->string, "id") && strcmp(f->string, "tag") &&
-                        strcmp(f->string, "ok") && strcmp(f->string, "xs"))
-                        fail_msg("an undeclared key: %s", out);
-                cJSON_Delete(v);
-                ended++;
-                break;
-            }
-            size_t piece;
-            const char *text = cake_token_text(t, id, &piece);
-            assert_true(piece > 0 && len + piece < sizeof(out));
-            memcpy(out + len, text, piece);
-            len += piece;
+            for (const cJSON *f = v->child; f; f = f->next)
+                if (strcmp(f->string, "id") && strcmp(f->string, "tag") &&
+                    strcmp(f->string, "ok") && strcmp(f->string, "xs"))
+                    fail_msg("an undeclared key: %s", out);
+            cJSON_Delete(v);
+            ended++;
         }
-        cake_sampler_free(smp);
         cake_json_grammar_free(g);
     }
     printf("json schema: %d of 20 random answers closed their object\n", ended);
     assert_true(ended > 0);
     cake_json_vocab_free(vocab);
     json_schema_release(s);
-    free(logits);
     cake_model_free(m);
     unlink(path);
 }

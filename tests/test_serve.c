@@ -275,6 +275,14 @@ static int parse_events(const char *body, cJSON **ev, int cap, int *done) {
     return n;
 }
 
+/* The JSON objects of an answer: a stream's events, or its one body. */
+static int answer_objects(const t_resp *r, int stream, cJSON **ev, int cap) {
+    int done = 0;
+    if (stream) return parse_events(r->body, ev, cap, &done);
+    ev[0] = cJSON_Parse(r->body);
+    return 1;
+}
+
 /* ---- fixtures ---- */
 
 static char g_tiny[64];
@@ -1012,11 +1020,7 @@ static void test_json_schema(void **state) {
             char text[3][1024] = {"", "", ""};
             char finish[3][16] = {"", "", ""};
             cJSON *ev[256];
-            int n_ev = 1, done = 0;
-            if (stream)
-                n_ev = parse_events(r.body, ev, 256, &done);
-            else
-                ev[0] = cJSON_Parse(r.body);
+            const int n_ev = answer_objects(&r, stream, ev, 256);
             for (int e = 0; e < n_ev; e++) {
                 const cJSON *ch = cJSON_GetObjectItemCaseSensitive(ev[e], "choices");
                 for (const cJSON *c = ch ? ch->child : NULL; c; c = c->next) {
@@ -2100,8 +2104,7 @@ static void test_tools(void **state) {
     const char *required = "{\"messages\":[{\"role\":\"user\",\"content\":\"Paris?\"}]," TOOLS
                            ",\"tool_choice\":\"required\"}";
     cake_json_vocab *v = cake_json_vocab_new(t);
-    float logits[CHAT_VOCAB];
-    uint64_t rng = 3;
+    float logits[CHAT_VOCAB]; /* (for the masks below) */
     int calls = 0, time_calls = 0;
     for (int a = 0; a < 20; a++) {
         const char *req = a < 10 ? named : required;
@@ -2109,30 +2112,14 @@ static void test_tools(void **state) {
         assert_true(g->json && g->schema);
         cake_json_grammar *gr =
             cake_json_grammar_new(v, json_schema_root(g->schema), g->end_of_turn, -1);
-        cake_sampler_params sp = {.temperature = 1.5f, .top_p = 1, .seed = (uint64_t)a};
-        cake_json_grammar_constrain(gr, &sp);
-        cake_sampler *smp = cake_sampler_init(sp);
         char out[2048];
-        size_t len = 0;
-        for (int k = 0; k < 600; k++) {
-            for (int i = 0; i < CHAT_VOCAB; i++) {
-                rng = rng * 6364136223846793005ull + 1442695040888963407ull;
-                logits[i] = (float)(rng >> 40) / (float)(1 << 24) * 6.0f;
-            }
-            logits[IM_END] += 8;
-            const cake_token id = cake_sampler_sample(smp, logits, CHAT_VOCAB);
-            if (id == IM_END) break;
-            size_t piece;
-            const char *text = cake_token_text(t, id, &piece);
-            assert_true(len + piece < sizeof(out));
-            memcpy(out + len, text, piece);
-            len += piece;
-        }
-        out[len] = '\0';
-        cake_sampler_free(smp);
+        const bool ended =
+            test_sample_constrained(t, gr, IM_END, 1.5f, (uint64_t)a, 6, 8, 600, out, sizeof(out));
+        const size_t len = strlen(out);
         cake_json_grammar_free(gr);
         job_release(g);
-        if (len < 20 || strcmp(out + len - 12, "</tool_call>")) continue; /* (cut short) */
+        if (!ended || len < 20 || strcmp(out + len - 12, "</tool_call>"))
+            continue; /* (cut short) */
         j = answered(req, &m, &shape, out);
         r = api_response(&shape, &j, 1, "chatcmpl-1", 1, "t");
         o = cJSON_Parse(r);
@@ -2322,11 +2309,7 @@ static void test_tools_served(void **state) {
         assert_int_equal(r.status, 200);
         const char *name = NULL, *args = NULL, *finish = NULL;
         cJSON *ev[512];
-        int n_ev = 1, done = 0;
-        if (stream)
-            n_ev = parse_events(r.body, ev, 512, &done);
-        else
-            ev[0] = cJSON_Parse(r.body);
+        const int n_ev = answer_objects(&r, stream, ev, 512);
         for (int e = 0; e < n_ev; e++) {
             const char *where =
                 stream ? "choices.0.delta.tool_calls.0" : "choices.0.message.tool_calls.0";

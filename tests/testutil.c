@@ -595,3 +595,34 @@ cake_context *test_context(const cake_model *m, int n_ctx, int threads, int max_
     if (cake_context_init(m, cp, &c, err, sizeof(err))) fprintf(stderr, "%s\n", err);
     return c;
 }
+
+bool test_sample_constrained(const cake_tokenizer *t, cake_json_grammar *g, cake_token end,
+                             float temperature, uint64_t seed, float spread, float boost, int max,
+                             char *out, size_t cap) {
+    const int n = cake_tokenizer_n_vocab(t);
+    float *logits = malloc((size_t)n * sizeof(float));
+    cake_sampler_params p = {.temperature = temperature, .top_p = 1, .seed = seed};
+    cake_json_grammar_constrain(g, &p);
+    cake_sampler *s = cake_sampler_init(p);
+    uint64_t rng = seed * 2654435761u + 1;
+    size_t len = 0;
+    bool ended = false;
+    for (int k = 0; logits && s && k < max && !ended; k++) {
+        for (int i = 0; i < n; i++) {
+            rng = rng * 6364136223846793005ull + 1442695040888963407ull;
+            logits[i] = (float)(rng >> 40) / (float)(1 << 24) * spread;
+        }
+        logits[end] += boost;
+        const cake_token id = cake_sampler_sample(s, logits, n);
+        size_t piece = 0;
+        const char *text = id == end ? "" : cake_token_text(t, id, &piece);
+        ended = id == end;
+        if (len + piece >= cap) break;
+        memcpy(out + len, text, piece);
+        len += piece;
+    }
+    out[len] = '\0';
+    cake_sampler_free(s);
+    free(logits);
+    return ended;
+}

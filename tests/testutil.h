@@ -7,6 +7,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "engine/json_grammar.h"
 #include "loader/staging.h"
 
 /* GPT-2's character for byte b (byte-level BPE vocabularies write their
@@ -92,6 +93,14 @@ size_t test_quantize_row(int type, const float *x, size_t n, uint8_t *dst);
  * on some matrix (the token embedding Q4_K, the output Q6_K); needs rows of
  * whole k-quant blocks (shape tiny-256). */
 int test_mixed_quants(const char *name, int type);
+
+/* An answer sampled under grammar g (engine/json_grammar.h) from random
+ * logits (uniform in [0, spread), the end token `boost` higher: ends come
+ * sooner), up to max tokens: its text into out (NUL-terminated; cap bytes
+ * of room). Returns whether it ended with the end token. */
+bool test_sample_constrained(const cake_tokenizer *t, cake_json_grammar *g, cake_token end,
+                             float temperature, uint64_t seed, float spread, float boost, int max,
+                             char *out, size_t cap);
 
 /* A staging allocator (the store's aligned buffers) that counts its calls. */
 extern const cake_staging_allocator test_counting_allocator;
