@@ -20,7 +20,8 @@
  * read one value from all of them; an enum's must be one of its values.
  *
  * 1 mod 4: stop strings and pieces of generated text for job_add_text
- * (bits 2-3: with or without tool calls that may be held back). The
+ * (bits 2-3: with or without tool calls that may be held back; bit 4: a
+ * thinking model's tags). The
  * text must always be the pieces so far cut before the first stop string in
  * them (the stop excluded), the final part (ready) must only grow, so never
  * hold the start of a stop string that comes later, and the parts a stream
@@ -237,6 +238,7 @@ static void fuzz_text(const uint8_t *data, size_t size) {
     /* bits 2-3: the text may hold tool calls (held back while generated) */
     const chat_format calls[] = {CHAT_NONE, CHAT_CHATML, CHAT_LLAMA3, CHAT_NONE};
     j->call_format = calls[data[0] >> 2 & 3];
+    j->reasoning = data[0] >> 4 & 1; /* bit 4: <think> and its end held back */
     const int n_stop = at < size ? data[at++] % (JOB_MAX_STOP + 1) : 0;
     for (int i = 0; i < n_stop && at < size; i++) {
         size_t len = data[at++] % 6 + 1;

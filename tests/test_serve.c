@@ -1812,18 +1812,31 @@ static void test_chat_llama2(void **state) {
 
 /* A byte-level vocabulary with the chat formats' special tokens after the
  * 256 bytes (no merges: a byte is a token). */
-enum { IM_START = 256, IM_END, START_HEADER, END_HEADER, EOT, BOT, CALL, CALL_END, CHAT_VOCAB };
+enum {
+    IM_START = 256,
+    IM_END,
+    START_HEADER,
+    END_HEADER,
+    EOT,
+    BOT,
+    CALL,
+    CALL_END,
+    THINK,
+    THINK_END,
+    CHAT_VOCAB
+};
 
 static cake_tokenizer *chat_vocab(void) {
     static const char *tokens[CHAT_VOCAB];
     static int32_t types[CHAT_VOCAB];
     for (int b = 0; b < 256; b++) tokens[b] = test_gpt2_byte_char(b), types[b] = CAKE_TOKEN_NORMAL;
-    const char *special[] = {"<|im_start|>",      "<|im_end|>",  "<|start_header_id|>",
-                             "<|end_header_id|>", "<|eot_id|>",  "<|begin_of_text|>",
-                             "<tool_call>",       "</tool_call>"};
-    for (int i = 0; i < 8; i++) tokens[256 + i] = special[i], types[256 + i] = CAKE_TOKEN_CONTROL;
+    const char *special[] = {"<|im_start|>",      "<|im_end|>",   "<|start_header_id|>",
+                             "<|end_header_id|>", "<|eot_id|>",   "<|begin_of_text|>",
+                             "<tool_call>",       "</tool_call>", "<think>",
+                             "</think>"};
+    for (int i = 0; i < 10; i++) tokens[256 + i] = special[i], types[256 + i] = CAKE_TOKEN_CONTROL;
     /* (Qwen's tags are user-defined: their text is theirs) */
-    types[CALL] = types[CALL_END] = CAKE_TOKEN_USER_DEFINED;
+    types[CALL] = types[CALL_END] = types[THINK] = types[THINK_END] = CAKE_TOKEN_USER_DEFINED;
     cake_vocab_arrays va = {.n_vocab = CHAT_VOCAB,
                             .tokens = tokens,
                             .types = types,
@@ -2351,22 +2364,99 @@ static void test_tools_served(void **state) {
 #undef TOOL_REQUEST
 }
 
+/* A thinking model's chat (its vocabulary has <think>): the reasoning an
+ * answer opens with comes back as reasoning_content, whole and streamed
+ * (the tags never), before the content and the tool calls. */
+static void test_reasoning(void **state) {
+    (void)state;
+    cake_tokenizer *t = chat_vocab();
+    api_model m = {
+        .tok = t, .n_vocab = CHAT_VOCAB, .n_ctx = 8192, .chat = CHAT_CHATML, .name = "t"};
+    const char *body = "{\"messages\":[{\"role\":\"user\",\"content\":\"Weather?\"}]}";
+    api_shape shape;
+    serve_job *j = answered(body, &m, &shape, "<think>\nIt is Paris.\n</think>\n\nSunny.");
+    char *r = api_response(&shape, &j, 1, "chatcmpl-1", 1, "t");
+    cJSON *o = cJSON_Parse(r);
+    assert_string_equal(str_at(o, "choices.0.message.reasoning_content"), "It is Paris.");
+    assert_string_equal(str_at(o, "choices.0.message.content"), "Sunny.");
+    cJSON_Delete(o);
+    free(r);
+    job_release(j);
+    j = answered(body, &m, &shape, "Sunny. <think>no</think>"); /* (not at the start: text) */
+    r = api_response(&shape, &j, 1, "chatcmpl-1", 1, "t");
+    o = cJSON_Parse(r);
+    assert_null(maybe_at(o, "choices.0.message.reasoning_content"));
+    assert_string_equal(str_at(o, "choices.0.message.content"), "Sunny. <think>no</think>");
+    cJSON_Delete(o);
+    free(r);
+    job_release(j);
+    /* with a call after the reasoning */
+    const char *tools = "{\"messages\":[{\"role\":\"user\",\"content\":\"Weather?\"}],\"tools\":"
+                        "[{\"type\":\"function\",\"function\":{\"name\":\"f\"}}]}";
+    j = answered(tools, &m, &shape,
+                 "<think>A call.</think>\n<tool_call>\n{\"name\": \"f\", \"arguments\": "
+                 "{}}\n</tool_call>");
+    r = api_response(&shape, &j, 1, "chatcmpl-1", 1, "t");
+    o = cJSON_Parse(r);
+    assert_string_equal(str_at(o, "choices.0.message.reasoning_content"), "A call.");
+    assert_true(cJSON_IsNull(at(o, "choices.0.message.content")));
+    assert_string_equal(str_at(o, "choices.0.message.tool_calls.0.function.name"), "f");
+    assert_string_equal(str_at(o, "choices.0.finish_reason"), "tool_calls");
+    cJSON_Delete(o);
+    free(r);
+    job_release(j);
+    /* streamed, piece by piece: the tags held back and skipped */
+    static const char *pieces[] = {"<thi", "nk>\nIt is", " Paris.\n</th", "ink>\n\nSun", "ny."};
+    char err[256], reasoning[128] = "", content[128] = "";
+    assert_int_equal(api_parse(body, strlen(body), 1, &m, &j, &shape, err, sizeof(err)), 0);
+    size_t sent = 0, from, to;
+    for (size_t k = 0; k <= sizeof(pieces) / sizeof(pieces[0]); k++) {
+        if (k < sizeof(pieces) / sizeof(pieces[0])) {
+            job_add_text(j, pieces[k], strlen(pieces[k]));
+        } else {
+            job_settle(j, NULL);
+            job_finish(j);
+        }
+        for (int kind; (kind = api_next_piece(j, sent, &from, &to)); sent = to)
+            strncat(kind == 1 ? reasoning : content, j->text + from, to - from);
+    }
+    assert_string_equal(reasoning, "\nIt is Paris.\n");
+    assert_string_equal(content, "Sunny.");
+    job_release(j);
+    cake_tokenizer_free(t);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_chat_formats),  cmocka_unit_test(test_tools),
-        cmocka_unit_test(test_tools_served),  cmocka_unit_test(test_usage_errors),
-        cmocka_unit_test(test_api_key),       cmocka_unit_test(test_bad_requests),
-        cmocka_unit_test(test_answers_tiny),  cmocka_unit_test(test_answers_stories260k),
-        cmocka_unit_test(test_stop_strings),  cmocka_unit_test(test_seeded_sampling),
-        cmocka_unit_test(test_store_reuse),   cmocka_unit_test(test_slow_first_token),
-        cmocka_unit_test(test_slot_prefix),   cmocka_unit_test(test_answer_stored),
-        cmocka_unit_test(test_prefetch),      cmocka_unit_test(test_cancel_and_queue),
-        cmocka_unit_test(test_chat_llama2),   cmocka_unit_test(test_batched_answers),
-        cmocka_unit_test(test_shared_prefix), cmocka_unit_test(test_speed_hints),
-        cmocka_unit_test(test_logprobs),      cmocka_unit_test(test_tokenize),
-        cmocka_unit_test(test_penalties),     cmocka_unit_test(test_json_mode),
-        cmocka_unit_test(test_json_schema),   cmocka_unit_test(test_choices),
-        cmocka_unit_test(test_stop_ids),      cmocka_unit_test(test_cancel_prefill),
+        cmocka_unit_test(test_chat_formats),
+        cmocka_unit_test(test_tools),
+        cmocka_unit_test(test_tools_served),
+        cmocka_unit_test(test_reasoning),
+        cmocka_unit_test(test_usage_errors),
+        cmocka_unit_test(test_api_key),
+        cmocka_unit_test(test_bad_requests),
+        cmocka_unit_test(test_answers_tiny),
+        cmocka_unit_test(test_answers_stories260k),
+        cmocka_unit_test(test_stop_strings),
+        cmocka_unit_test(test_seeded_sampling),
+        cmocka_unit_test(test_store_reuse),
+        cmocka_unit_test(test_slow_first_token),
+        cmocka_unit_test(test_slot_prefix),
+        cmocka_unit_test(test_answer_stored),
+        cmocka_unit_test(test_prefetch),
+        cmocka_unit_test(test_cancel_and_queue),
+        cmocka_unit_test(test_chat_llama2),
+        cmocka_unit_test(test_batched_answers),
+        cmocka_unit_test(test_shared_prefix),
+        cmocka_unit_test(test_speed_hints),
+        cmocka_unit_test(test_logprobs),
+        cmocka_unit_test(test_tokenize),
+        cmocka_unit_test(test_penalties),
+        cmocka_unit_test(test_json_mode),
+        cmocka_unit_test(test_json_schema),
+        cmocka_unit_test(test_choices),
+        cmocka_unit_test(test_stop_ids),
+        cmocka_unit_test(test_cancel_prefill),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -172,18 +172,19 @@ static char *choice_event(stream_state *st, int i) {
         return api_stream_event(&st->shape, CHUNK_FIRST, i, "", 0, 0, 0, j, st->id, st->created,
                                 model);
     }
-    /* (with tools, a finished answer's content ends before its calls) */
-    const size_t ready = j->done && j->call_format ? api_content_end(j) : j->ready;
-    if (ready > c->sent) {
-        const int to = api_answer_tokens(j, ready);
-        char *ev = api_stream_event(&st->shape, CHUNK_TEXT, i, j->text + c->sent, ready - c->sent,
-                                    c->tokens_sent, to, j, st->id, st->created, model);
-        c->sent = ready;
-        c->tokens_sent = to;
+    size_t from, to;
+    const int piece = api_next_piece(j, c->sent, &from, &to);
+    if (piece) {
+        const int tokens = api_answer_tokens(j, to);
+        char *ev = api_stream_event(&st->shape, piece == 1 ? CHUNK_REASONING : CHUNK_TEXT, i,
+                                    j->text + from, to - from, c->tokens_sent, tokens, j, st->id,
+                                    st->created, model);
+        c->sent = to;
+        c->tokens_sent = tokens;
         return ev;
     }
     if (!j->done) return NULL;
-    if (ready < j->len && !c->calls_sent && !j->error[0]) {
+    if (j->call_format && api_content_end(j) < j->len && !c->calls_sent && !j->error[0]) {
         c->calls_sent = 1;
         return api_stream_event(&st->shape, CHUNK_CALLS, i, "", 0, 0, 0, j, st->id, st->created,
                                 model);

@@ -38,6 +38,7 @@ serve_job *job_clone(const serve_job *j, int choice) {
     c->top_logprobs = j->top_logprobs;
     c->json = j->json;
     c->call_format = j->call_format;
+    c->reasoning = j->reasoning;
     if (j->tool_names) {
         size_t len = 0;
         while (j->tool_names[len]) len += strlen(j->tool_names + len) + 1;
@@ -202,6 +203,25 @@ static size_t call_start(const serve_job *j, bool more_may_come) {
     return j->len;
 }
 
+/* Where a thinking answer's text may still be a tag: from the start while
+ * it is white space and a part of "<think>"; inside the reasoning, at a
+ * part of "</think>" the text ends with. (While more may come.) */
+static size_t think_start(const serve_job *j, bool more_may_come) {
+    static const char open[] = "<think>", close[] = "</think>";
+    if (!j->reasoning || !more_may_come) return j->len;
+    size_t i = 0;
+    while (i < j->len &&
+           (j->text[i] == ' ' || j->text[i] == '\t' || j->text[i] == '\r' || j->text[i] == '\n'))
+        i++;
+    const size_t rest = j->len - i;
+    if (rest < sizeof(open) - 1) return memcmp(j->text + i, open, rest) ? j->len : 0;
+    if (memcmp(j->text + i, open, sizeof(open) - 1)) return j->len;
+    if (memmem(j->text + i, rest, close, sizeof(close) - 1)) return j->len;
+    for (size_t k = sizeof(close) - 2; k > 0; k--)
+        if (k <= rest && !memcmp(j->text + j->len - k, close, k)) return j->len - k;
+    return j->len;
+}
+
 int job_add_text(serve_job *j, const char *piece, size_t n) {
     const size_t from = j->len;
     if (text_append(j, piece, n)) return -1;
@@ -214,5 +234,7 @@ int job_add_text(serve_job *j, const char *piece, size_t n) {
     j->ready = utf8_whole(j->text, j->len - (at >= 0 ? 0 : hold));
     const size_t call = call_start(j, at < 0); /* (a stop string ends the text) */
     if (j->ready > call) j->ready = call;
+    const size_t think = think_start(j, at < 0);
+    if (j->ready > think) j->ready = think;
     return at >= 0;
 }

@@ -66,6 +66,10 @@ struct serve_job {
      * is generated, text that may be a call is held back from streams. */
     chat_format call_format;
     char *tool_names;
+    /* A thinking model's chat (its vocabulary has <think>): an answer that
+     * opens with <think>...</think> gives that as reasoning_content; the tag
+     * and what may be its start are held back from streams. */
+    int reasoning;
 
     /* Progress, under mu; cv is signalled on every change. */
     pthread_mutex_t mu;

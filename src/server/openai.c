@@ -696,6 +696,9 @@ int api_parse(const char *body, size_t len, int chat, const api_model *m, serve_
                                         .frequency_penalty = (float)frequency,
                                         .presence_penalty = (float)presence};
     j->end_of_turn = eot;
+    /* a thinking model's chat: its reasoning is read apart */
+    j->reasoning = chat && cake_tokenizer_find(m->tok, "<think>", 7) >= 0 &&
+                   cake_tokenizer_find(m->tok, "</think>", 8) >= 0;
     j->ignore_eos = ignore_eos;
     j->top_logprobs = top_logprobs;
     if (rt.choice != TOOLS_NONE) {
@@ -940,6 +943,22 @@ static cJSON *read_call(const serve_job *j, const chat_call_syntax *syntax, cons
     return call;
 }
 
+/* A thinking answer's reasoning (opened by <think> after white space):
+ * its text [*r0, *r1), closed by </think> or the end so far, and where the
+ * rest begins (*c0, white space skipped). All 0 when there is none. */
+static void reasoning_span(const serve_job *j, size_t *r0, size_t *r1, size_t *c0) {
+    static const char open[] = "<think>", close[] = "</think>";
+    const char *text = j->text ? j->text : "";
+    *r0 = *r1 = *c0 = 0;
+    const size_t i = skip_space(text, 0, j->len);
+    if (!j->reasoning || j->len - i < sizeof(open) - 1 || memcmp(text + i, open, sizeof(open) - 1))
+        return;
+    *r0 = i + sizeof(open) - 1;
+    const char *end = memmem(text + *r0, j->len - *r0, close, sizeof(close) - 1);
+    *r1 = end ? (size_t)(end - text) : j->len;
+    *c0 = end ? skip_space(text, *r1 + sizeof(close) - 1, j->len) : j->len;
+}
+
 /* The tool calls a job's answer makes (OpenAI's tool_calls; NULL: none, or
  * one that does not read as a call: then the whole answer is content), and
  * where its content ends (before the first call, white space trimmed). A
@@ -950,11 +969,13 @@ static cJSON *answer_calls(const serve_job *j, size_t *content_end) {
     const chat_call_syntax *syntax = j->call_format ? chat_calls(j->call_format) : NULL;
     const char *text = j->text ? j->text : "";
     const size_t len = j->len;
+    size_t r0, r1, c0; /* (calls come after the reasoning) */
+    reasoning_span(j, &r0, &r1, &c0);
     *content_end = len;
     if (!syntax) return NULL;
     const size_t ol = strlen(syntax->open), cl = strlen(syntax->close);
     cJSON *calls = cJSON_CreateArray();
-    const char *p = ol ? memmem(text, len, syntax->open, ol) : text;
+    const char *p = ol ? memmem(text + c0, len - c0, syntax->open, ol) : text + c0;
     const size_t first = p ? (size_t)(p - text) : 0;
     while (p) {
         const size_t body = (size_t)(p - text) + ol;
@@ -987,6 +1008,26 @@ size_t api_content_end(const serve_job *j) {
     return end;
 }
 
+int api_next_piece(const serve_job *j, size_t sent, size_t *from, size_t *to) {
+    /* (with tools, a finished answer's content ends before its calls) */
+    const size_t ready = j->done && j->call_format ? api_content_end(j) : j->ready;
+    size_t r0, r1, c0;
+    reasoning_span(j, &r0, &r1, &c0);
+    if (r0) {
+        if (sent < r0) sent = r0; /* (past the tag) */
+        const size_t end = r1 < ready ? r1 : ready;
+        if (sent < end) {
+            *from = sent, *to = end;
+            return 1;
+        }
+        if (r1 == j->len && !j->done) return 0; /* (still thinking) */
+        if (sent < c0) sent = c0;
+    }
+    if (ready <= sent) return 0;
+    *from = sent, *to = ready;
+    return 2;
+}
+
 static const char *finish_reason(const serve_job *j) {
     size_t end;
     cJSON *calls = j->stopped ? answer_calls(j, &end) : NULL;
@@ -1000,9 +1041,11 @@ char *api_response(const api_shape *s, serve_job *const *jobs, int n, const char
     cJSON *choices = cJSON_AddArrayToObject(r, "choices");
     for (int i = 0; i < n; i++) {
         const serve_job *j = jobs[i];
-        size_t content_end = j->len;
+        size_t content_end = j->len, r0, r1, c0;
         cJSON *calls = s->chat ? answer_calls(j, &content_end) : NULL;
-        char *text = api_utf8_clean(j->text ? j->text : "", content_end);
+        reasoning_span(j, &r0, &r1, &c0);
+        const char *all = j->text ? j->text : "";
+        char *text = api_utf8_clean(all + c0, content_end > c0 ? content_end - c0 : 0);
         if (!text) {
             cJSON_Delete(calls);
             cJSON_Delete(r);
@@ -1013,10 +1056,15 @@ char *api_response(const api_shape *s, serve_job *const *jobs, int n, const char
         if (s->chat) {
             cJSON *msg = cJSON_AddObjectToObject(choice, "message");
             cJSON_AddStringToObject(msg, "role", "assistant");
-            if (calls && !content_end)
+            if (calls && content_end <= c0)
                 cJSON_AddNullToObject(msg, "content");
             else
                 cJSON_AddStringToObject(msg, "content", text);
+            while (r1 > r0 && strchr(" \t\r\n", all[r1 - 1])) r1--;
+            r0 = r0 ? skip_space(all, r0, r1) : 0;
+            if (r1 > r0)
+                cJSON_AddItemToObject(msg, "reasoning_content",
+                                      clean_string(all + r0, (int)(r1 - r0)));
             if (calls) cJSON_AddItemToObject(msg, "tool_calls", calls);
         } else {
             cJSON_AddStringToObject(choice, "text", text);
@@ -1052,7 +1100,9 @@ char *api_stream_event(const api_shape *s, api_chunk_kind kind, int index, const
     if (s->chat) {
         cJSON *delta = cJSON_AddObjectToObject(choice, "delta");
         if (kind == CHUNK_FIRST) cJSON_AddStringToObject(delta, "role", "assistant");
-        if (kind == CHUNK_CALLS) {
+        if (kind == CHUNK_REASONING) {
+            cJSON_AddStringToObject(delta, "reasoning_content", clean);
+        } else if (kind == CHUNK_CALLS) {
             size_t end;
             cJSON *calls = answer_calls(j, &end), *c;
             int k = 0;

@@ -45,7 +45,7 @@ char *api_response(const api_shape *s, serve_job *const *jobs, int n, const char
  * (finish_reason). A text or last
  * chunk of a job that asked for log-probabilities carries those of its
  * tokens [tok_from, tok_to). */
-typedef enum { CHUNK_TEXT, CHUNK_FIRST, CHUNK_CALLS, CHUNK_FINISH } api_chunk_kind;
+typedef enum { CHUNK_TEXT, CHUNK_REASONING, CHUNK_FIRST, CHUNK_CALLS, CHUNK_FINISH } api_chunk_kind;
 char *api_stream_event(const api_shape *s, api_chunk_kind kind, int index, const char *text,
                        size_t text_len, int tok_from, int tok_to, const serve_job *j,
                        const char *id, long created, const char *model);
@@ -61,6 +61,11 @@ int api_answer_tokens(const serve_job *j, size_t sent);
 /* Where a finished job's content ends: before the tool calls its answer
  * makes (with tools), else at its end. Under the job's lock. */
 size_t api_content_end(const serve_job *j);
+/* The next piece of a job's answer a stream may send once `sent` bytes of
+ * its text are handled: [*from, *to) (the bytes before *from are tags or
+ * white space it skips). 1: reasoning (a thinking model's), 2: content, 0:
+ * none is due. Under the job's lock. */
+int api_next_piece(const serve_job *j, size_t sent, size_t *from, size_t *to);
 
 /* /tokenize: {"prompt": text} (tokenized as /v1/completions does) or
  * {"messages": [...]} (the prompt /v1/chat/completions builds) gives
