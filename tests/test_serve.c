@@ -1965,8 +1965,9 @@ static void test_chat_formats(void **state) {
     for (size_t k = 0; k < sizeof(with_tools) / sizeof(with_tools[0]); k++) {
         cake_token *ids, eot;
         int n;
-        assert_int_equal(
-            chat_prompt(with_tools[k].f, t, tm, 5, &tools, &ids, &n, &eot, err, sizeof(err)), 0);
+        assert_int_equal(chat_prompt(with_tools[k].f, t, tm, 5, &(chat_options){.tools = &tools},
+                                     &ids, &n, &eot, err, sizeof(err)),
+                         0);
         const char *want = with_tools[k].want;
         for (int i = 0; i < n && i < (int)strlen(want); i++) {
             const unsigned char c = (unsigned char)want[i];
@@ -1980,7 +1981,8 @@ static void test_chat_formats(void **state) {
     /* formats without tools refuse them, and tool messages */
     cake_token *ids, eot;
     int n;
-    assert_int_equal(chat_prompt(CHAT_MISTRAL, t, m, 4, &tools, &ids, &n, &eot, err, sizeof(err)),
+    assert_int_equal(chat_prompt(CHAT_MISTRAL, t, m, 4, &(chat_options){.tools = &tools}, &ids, &n,
+                                 &eot, err, sizeof(err)),
                      -1);
     assert_non_null(strstr(err, "'tools'"));
     assert_int_equal(chat_prompt(CHAT_LLAMA2, t, tm, 5, NULL, &ids, &n, &eot, err, sizeof(err)),
@@ -2422,6 +2424,17 @@ static void test_reasoning(void **state) {
     }
     assert_string_equal(reasoning, "\nIt is Paris.\n");
     assert_string_equal(content, "Sunny.");
+    job_release(j);
+    /* told not to think (vLLM's chat_template_kwargs, Qwen 3's switch): the
+     * answer opens with an empty reasoning, as Qwen 3's template writes it */
+    const char *off = "{\"messages\":[{\"role\":\"user\",\"content\":\"Weather?\"}],"
+                      "\"chat_template_kwargs\":{\"enable_thinking\":false}}";
+    assert_int_equal(api_parse(off, strlen(off), 1, &m, &j, &shape, err, sizeof(err)), 0);
+    const cake_token tail[] = {IM_START, 'a',  's',   's',  'i',  's',       't',  'a', 'n',
+                               't',      '\n', THINK, '\n', '\n', THINK_END, '\n', '\n'};
+    const int k = (int)(sizeof(tail) / sizeof(tail[0]));
+    assert_true(j->n_prompt > k);
+    assert_memory_equal(j->prompt + j->n_prompt - k, tail, sizeof(tail));
     job_release(j);
     cake_tokenizer_free(t);
 }

@@ -119,8 +119,8 @@ static void put_trimmed(builder *b, const chat_message *m) {
  * the vocabulary has one (Qwen's <tool_call>), else as text. (Never used on
  * the messages' own text.) */
 static void put_tagged(builder *b, const char *s) {
-    static const char *const tags[] = {"<tool_call>", "</tool_call>", "<tool_response>",
-                                       "</tool_response>"};
+    static const char *const tags[] = {"<tool_call>",      "</tool_call>", "<tool_response>",
+                                       "</tool_response>", "<think>",      "</think>"};
     while (*s) {
         const char *hit = NULL;
         size_t len = 0;
@@ -268,8 +268,9 @@ static void llama3(builder *b, const chat_message *m, int n, const chat_tools *t
 }
 
 int chat_prompt(chat_format f, const cake_tokenizer *t, const chat_message *m, int n,
-                const chat_tools *tools, cake_token **ids, int *n_ids, cake_token *end_of_turn,
+                const chat_options *opt, cake_token **ids, int *n_ids, cake_token *end_of_turn,
                 char *err, size_t errlen) {
+    const chat_tools *tools = opt ? opt->tools : NULL;
     if (f == CHAT_NONE) return cake_err(err, errlen, "no chat format");
     const int with_tools = chat_calls(f) != NULL;
     for (int i = 0; i < n; i++) {
@@ -305,6 +306,8 @@ int chat_prompt(chat_format f, const cake_tokenizer *t, const chat_message *m, i
     switch (f) {
     case CHAT_CHATML:
         chatml(&b, m, n, tools);
+        if (opt && opt->no_thinking && cake_tokenizer_find(t, "<think>", 7) >= 0)
+            put_tagged(&b, "<think>\n\n</think>\n\n");
         *end_of_turn = cake_tokenizer_find(t, "<|im_end|>", 10);
         break;
     case CHAT_LLAMA3:

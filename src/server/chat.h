@@ -44,6 +44,15 @@ typedef struct {
     int n;
 } chat_tools;
 
+/* What a prompt holds besides its messages. */
+typedef struct {
+    const chat_tools *tools; /* NULL: none */
+    /* A thinking model (its vocabulary has <think>) told not to think (Qwen
+     * 3's enable_thinking false): ChatML opens its answer with an empty
+     * <think></think>, as Qwen 3's template does. */
+    int no_thinking;
+} chat_options;
+
 /* How a format's model writes a function call: a JSON object {"name": ...,
  * args: {...}} between open and close, or (both "") as the whole answer.
  * NULL for a format without tools. */
@@ -57,14 +66,14 @@ const chat_call_syntax *chat_calls(chat_format f);
 chat_format chat_detect(const char *template_text, const cake_tokenizer *t);
 const char *chat_format_name(chat_format f);
 
-/* The prompt of messages m[0..n) in format f, offering tools (NULL: none;
- * ChatML and Llama 3 formats only), ending with the header of the
+/* The prompt of messages m[0..n) in format f, with opt (NULL: none; tools
+ * in ChatML and Llama 3 formats only), ending with the header of the
  * assistant's turn, into a malloc'd *ids. *end_of_turn gets the token that
  * ends the assistant's turn besides EOS (-1: EOS only). 0, or -1 with a
  * reason in err (a role other than the three, a special token missing from
  * the vocabulary, out of memory). */
 int chat_prompt(chat_format f, const cake_tokenizer *t, const chat_message *m, int n,
-                const chat_tools *tools, cake_token **ids, int *n_ids, cake_token *end_of_turn,
+                const chat_options *opt, cake_token **ids, int *n_ids, cake_token *end_of_turn,
                 char *err, size_t errlen);
 
 #endif

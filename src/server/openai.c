@@ -592,8 +592,12 @@ static int chat_prompt_of(const cJSON *o, const api_model *m, const request_tool
         i++;
     }
     const chat_tools tools = {(const char *const *)rt->json, rt->n};
-    rc = chat_prompt(m->chat, m->tok, cm, count, rt->choice != TOOLS_NONE ? &tools : NULL, ids, n,
-                     end_of_turn, err, errlen);
+    /* chat_template_kwargs (vLLM's): Qwen 3's enable_thinking */
+    int thinking = 1;
+    const cJSON *kwargs = field(o, "chat_template_kwargs");
+    if (kwargs && bool_field(kwargs, "enable_thinking", &thinking, err, errlen)) goto done;
+    const chat_options opt = {rt->choice != TOOLS_NONE ? &tools : NULL, !thinking};
+    rc = chat_prompt(m->chat, m->tok, cm, count, &opt, ids, n, end_of_turn, err, errlen);
 done:
     for (int k = 0; k < count; k++) {
         if (bufs) free(bufs[k]);
