@@ -137,8 +137,7 @@ cake_json_grammar *cake_json_grammar_new(const cake_json_vocab *v, const cake_js
  * that is not white space is '{', the whole answer is a value of root.
  * NULL on out of memory. */
 cake_json_grammar *cake_json_grammar_new_lazy(const cake_json_vocab *v, const cake_json_node *root,
-                                              const char *trigger, cake_token end,
-                                              cake_token end2);
+                                              const char *trigger, cake_token end, cake_token end2);
 void cake_json_grammar_free(cake_json_grammar *g); /* accepts NULL */
 /* The sampler hooks (cake_sampler_params.constrain / .accept; ud = g). */
 void cake_json_grammar_mask(void *g, float *logits, int n_vocab);
