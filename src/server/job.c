@@ -159,6 +159,21 @@ static int text_append(serve_job *j, const char *p, size_t n) {
     return 0;
 }
 
+/* How many bytes at the end of text[0..len) are the start of tag (but not
+ * all of it): a tag that the next piece may complete. */
+static size_t tag_part_at_end(const char *text, size_t len, const char *tag) {
+    for (size_t k = strlen(tag) - 1; k > 0; k--)
+        if (k <= len && !memcmp(text + len - k, tag, k)) return k;
+    return 0;
+}
+
+size_t skip_space(const char *text, size_t at, size_t len) {
+    while (at < len &&
+           (text[at] == ' ' || text[at] == '\t' || text[at] == '\r' || text[at] == '\n'))
+        at++;
+    return at;
+}
+
 /* Looks for the stop strings in text that the last piece (from `from`) may
  * have completed. Returns where the earliest match starts, or -1; *hold gets
  * how many bytes at the end could still become one. */
@@ -170,13 +185,23 @@ static long find_stop(const serve_job *j, size_t from, size_t *hold) {
         const size_t start = from >= sl - 1 ? from - (sl - 1) : 0;
         const char *hit = memmem(j->text + start, j->len - start, j->stop[i], sl);
         if (hit && (first < 0 || hit - j->text < first)) first = hit - j->text;
-        for (size_t k = sl - 1; k > *hold; k--)
-            if (k <= j->len && !memcmp(j->text + j->len - k, j->stop[i], k)) {
-                *hold = k;
-                break;
-            }
+        const size_t part = tag_part_at_end(j->text, j->len, j->stop[i]);
+        if (part > *hold) *hold = part;
     }
     return first;
+}
+
+static const char think_open[] = "<think>", think_close[] = "</think>";
+
+void job_reasoning(const serve_job *j, size_t *r0, size_t *r1, size_t *c0) {
+    const char *text = j->text ? j->text : "";
+    *r0 = *r1 = *c0 = 0;
+    const size_t i = skip_space(text, 0, j->len), ol = sizeof(think_open) - 1;
+    if (!j->reasoning || j->len - i < ol || memcmp(text + i, think_open, ol)) return;
+    *r0 = i + ol;
+    const char *end = memmem(text + *r0, j->len - *r0, think_close, sizeof(think_close) - 1);
+    *r1 = end ? (size_t)(end - text) : j->len;
+    *c0 = end ? skip_space(text, *r1 + sizeof(think_close) - 1, j->len) : j->len;
 }
 
 /* Where the text may begin a tool call (held back from streams until the
@@ -188,38 +213,27 @@ static size_t call_start(const serve_job *j, bool more_may_come) {
     const chat_call_syntax *syntax = j->call_format ? chat_calls(j->call_format) : NULL;
     if (!syntax) return j->len;
     if (!syntax->open[0]) {
-        size_t i = 0;
-        while (i < j->len && (j->text[i] == ' ' || j->text[i] == '\t' || j->text[i] == '\r' ||
-                              j->text[i] == '\n'))
-            i++;
+        const size_t i = skip_space(j->text, 0, j->len);
         if (i == j->len) return more_may_come ? 0 : j->len;
         return j->text[i] == '{' ? 0 : j->len;
     }
-    const size_t tl = strlen(syntax->open);
-    const char *hit = memmem(j->text, j->len, syntax->open, tl);
+    const char *hit = memmem(j->text, j->len, syntax->open, strlen(syntax->open));
     if (hit) return (size_t)(hit - j->text);
-    for (size_t k = tl - 1; more_may_come && k > 0; k--)
-        if (k <= j->len && !memcmp(j->text + j->len - k, syntax->open, k)) return j->len - k;
-    return j->len;
+    return j->len - (more_may_come ? tag_part_at_end(j->text, j->len, syntax->open) : 0);
 }
 
 /* Where a thinking answer's text may still be a tag: from the start while
  * it is white space and a part of "<think>"; inside the reasoning, at a
  * part of "</think>" the text ends with. (While more may come.) */
 static size_t think_start(const serve_job *j, bool more_may_come) {
-    static const char open[] = "<think>", close[] = "</think>";
     if (!j->reasoning || !more_may_come) return j->len;
-    size_t i = 0;
-    while (i < j->len &&
-           (j->text[i] == ' ' || j->text[i] == '\t' || j->text[i] == '\r' || j->text[i] == '\n'))
-        i++;
-    const size_t rest = j->len - i;
-    if (rest < sizeof(open) - 1) return memcmp(j->text + i, open, rest) ? j->len : 0;
-    if (memcmp(j->text + i, open, sizeof(open) - 1)) return j->len;
-    if (memmem(j->text + i, rest, close, sizeof(close) - 1)) return j->len;
-    for (size_t k = sizeof(close) - 2; k > 0; k--)
-        if (k <= rest && !memcmp(j->text + j->len - k, close, k)) return j->len - k;
-    return j->len;
+    size_t r0, r1, c0;
+    job_reasoning(j, &r0, &r1, &c0);
+    if (!r0) { /* not opened: white space and a part of the tag? */
+        const size_t i = skip_space(j->text, 0, j->len), rest = j->len - i;
+        return rest < sizeof(think_open) - 1 && !memcmp(j->text + i, think_open, rest) ? 0 : j->len;
+    }
+    return r1 < j->len ? j->len : j->len - tag_part_at_end(j->text, j->len, think_close);
 }
 
 int job_add_text(serve_job *j, const char *piece, size_t n) {

@@ -122,6 +122,13 @@ int job_add_stop(serve_job *j, const char *s, size_t len);
  * was completed: the text then ends before it. 0 otherwise, -1 on out of
  * memory (the piece is lost). */
 int job_add_text(serve_job *j, const char *piece, size_t n);
+/* The first byte from `at` in text[0..len) that is not white space. */
+size_t skip_space(const char *text, size_t at, size_t len);
+/* A thinking answer's reasoning (job->reasoning; opened by <think> after
+ * white space): its text [*r0, *r1), closed by </think> or the end so far,
+ * and where the rest begins (*c0, white space skipped). All 0 when there
+ * is none. Under the job's lock. */
+void job_reasoning(const serve_job *j, size_t *r0, size_t *r1, size_t *c0);
 /* Sets how the job ended (error: why it failed, or NULL; whether it was
  * cancelled), and makes the text held back for stop strings final. */
 void job_settle(serve_job *j, const char *error);

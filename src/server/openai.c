@@ -907,13 +907,6 @@ static int is_tool(const serve_job *j, const char *name) {
     return 0;
 }
 
-static size_t skip_space(const char *text, size_t at, size_t len) {
-    while (at < len &&
-           (text[at] == ' ' || text[at] == '\t' || text[at] == '\r' || text[at] == '\n'))
-        at++;
-    return at;
-}
-
 /* One call as the format writes it ({"name": <a tool>, ARGS: {...}}) at the
  * start of text[0..len) (white space before it), as OpenAI's tool call;
  * *used: the bytes it took. NULL when it is not one. */
@@ -947,22 +940,6 @@ static cJSON *read_call(const serve_job *j, const chat_call_syntax *syntax, cons
     return call;
 }
 
-/* A thinking answer's reasoning (opened by <think> after white space):
- * its text [*r0, *r1), closed by </think> or the end so far, and where the
- * rest begins (*c0, white space skipped). All 0 when there is none. */
-static void reasoning_span(const serve_job *j, size_t *r0, size_t *r1, size_t *c0) {
-    static const char open[] = "<think>", close[] = "</think>";
-    const char *text = j->text ? j->text : "";
-    *r0 = *r1 = *c0 = 0;
-    const size_t i = skip_space(text, 0, j->len);
-    if (!j->reasoning || j->len - i < sizeof(open) - 1 || memcmp(text + i, open, sizeof(open) - 1))
-        return;
-    *r0 = i + sizeof(open) - 1;
-    const char *end = memmem(text + *r0, j->len - *r0, close, sizeof(close) - 1);
-    *r1 = end ? (size_t)(end - text) : j->len;
-    *c0 = end ? skip_space(text, *r1 + sizeof(close) - 1, j->len) : j->len;
-}
-
 /* The tool calls a job's answer makes (OpenAI's tool_calls; NULL: none, or
  * one that does not read as a call: then the whole answer is content), and
  * where its content ends (before the first call, white space trimmed). A
@@ -974,7 +951,7 @@ static cJSON *answer_calls(const serve_job *j, size_t *content_end) {
     const char *text = j->text ? j->text : "";
     const size_t len = j->len;
     size_t r0, r1, c0; /* (calls come after the reasoning) */
-    reasoning_span(j, &r0, &r1, &c0);
+    job_reasoning(j, &r0, &r1, &c0);
     *content_end = len;
     if (!syntax) return NULL;
     const size_t ol = strlen(syntax->open), cl = strlen(syntax->close);
@@ -1016,7 +993,7 @@ int api_next_piece(const serve_job *j, size_t sent, size_t *from, size_t *to) {
     /* (with tools, a finished answer's content ends before its calls) */
     const size_t ready = j->done && j->call_format ? api_content_end(j) : j->ready;
     size_t r0, r1, c0;
-    reasoning_span(j, &r0, &r1, &c0);
+    job_reasoning(j, &r0, &r1, &c0);
     if (r0) {
         if (sent < r0) sent = r0; /* (past the tag) */
         const size_t end = r1 < ready ? r1 : ready;
@@ -1047,7 +1024,7 @@ char *api_response(const api_shape *s, serve_job *const *jobs, int n, const char
         const serve_job *j = jobs[i];
         size_t content_end = j->len, r0, r1, c0;
         cJSON *calls = s->chat ? answer_calls(j, &content_end) : NULL;
-        reasoning_span(j, &r0, &r1, &c0);
+        job_reasoning(j, &r0, &r1, &c0);
         const char *all = j->text ? j->text : "";
         char *text = api_utf8_clean(all + c0, content_end > c0 ? content_end - c0 : 0);
         if (!text) {
