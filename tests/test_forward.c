@@ -1231,16 +1231,11 @@ static void test_json_mask(void **state) {
             printf("json mode: the mask inside a string took %.0f us\n", (cake_now_s() - t0) * 1e6);
         if (p == 4)
             printf("json mode: the mask before a value took %.0f us\n", (cake_now_s() - t0) * 1e6);
-        for (int id = 0; id < n; id++) {
-            size_t len;
-            const char *text = cake_token_text(t, id, &len);
-            cake_json_state st = want;
-            const bool ok =
-                id == eos ? cake_json_complete(&want) : len > 0 && cake_json_feed(&st, text, len);
-            if (ok != (logits[id] == 0))
-                fail_msg("after '%s': token %d ('%.*s') %s by the mask", prefixes[p], id, (int)len,
-                         text, ok ? "refused" : "allowed");
-        }
+        int allowed_here;
+        const int id = test_mask_mismatch(t, logits, n, eos, &want, &allowed_here);
+        if (id >= 0)
+            fail_msg("after '%s': token %d %s by the mask", prefixes[p], id,
+                     logits[id] == 0 ? "allowed" : "refused");
         cake_json_grammar_free(g);
     }
 

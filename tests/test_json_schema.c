@@ -331,18 +331,11 @@ static void check_mask(const cake_tokenizer *t, const char *vocab) {
         if (p == 8 || p == 19)
             printf("json schema: on %s the mask %s took %.0f us\n", vocab,
                    p == 8 ? "before a value" : "inside a string", (cake_now_s() - t0) * 1e6);
-        int allowed = 0;
-        for (int id = 0; id < n; id++) {
-            size_t len;
-            const char *text = cake_token_text(t, id, &len);
-            cake_json_state st = want;
-            const bool ok =
-                id == eos ? cake_json_complete(&want) : len > 0 && cake_json_feed(&st, text, len);
-            allowed += ok;
-            if (ok != (logits[id] == 0))
-                fail_msg("%s, after '%s': token %d ('%.*s') %s by the mask", vocab,
-                         states[p].prefix, id, (int)len, text, ok ? "refused" : "allowed");
-        }
+        int allowed;
+        const int id = test_mask_mismatch(t, logits, n, eos, &want, &allowed);
+        if (id >= 0)
+            fail_msg("%s, after '%s': token %d %s by the mask", vocab, states[p].prefix, id,
+                     logits[id] == 0 ? "allowed" : "refused");
         assert_true(allowed > 0);
         cake_json_grammar_free(g);
     }

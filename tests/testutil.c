@@ -626,3 +626,18 @@ bool test_sample_constrained(const cake_tokenizer *t, cake_json_grammar *g, cake
     free(logits);
     return ended;
 }
+
+int test_mask_mismatch(const cake_tokenizer *t, const float *logits, int n, cake_token end,
+                       const cake_json_state *want, int *allowed) {
+    *allowed = 0;
+    for (int id = 0; id < n; id++) {
+        size_t len;
+        const char *text = cake_token_text(t, id, &len);
+        cake_json_state st = *want;
+        const bool ok =
+            id == end ? cake_json_complete(want) : len > 0 && cake_json_feed(&st, text, len);
+        *allowed += ok;
+        if (ok != (logits[id] == 0)) return id;
+    }
+    return -1;
+}

@@ -102,6 +102,14 @@ bool test_sample_constrained(const cake_tokenizer *t, cake_json_grammar *g, cake
                              float temperature, uint64_t seed, float spread, float boost, int max,
                              char *out, size_t cap);
 
+/* A grammar's mask (logits[0..n): 0 allowed, -inf not) against the
+ * automaton in state `want`, token by token (a token is allowed when the
+ * automaton reads its text on; the end token when the value is whole): the
+ * first token they disagree on, or -1. *allowed: how many the automaton
+ * allows. */
+int test_mask_mismatch(const cake_tokenizer *t, const float *logits, int n, cake_token end,
+                       const cake_json_state *want, int *allowed);
+
 /* A staging allocator (the store's aligned buffers) that counts its calls. */
 extern const cake_staging_allocator test_counting_allocator;
 extern atomic_int test_counted_allocs, test_counted_releases;
