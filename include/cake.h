@@ -26,7 +26,8 @@ typedef struct cake_context cake_context;
 typedef struct cake_tokenizer cake_tokenizer;
 typedef struct cake_sampler cake_sampler;
 
-/* Architecture of a loaded model (GGUF `llama.*`, `qwen2.*` or `qwen3.*` keys). */
+/* Architecture of a loaded model (GGUF `llama.*`, `qwen2.*`, `qwen3.*` or
+ * `qwen3moe.*` keys). */
 typedef struct {
     int n_vocab;
     int n_ctx_train; /* context_length */
@@ -46,6 +47,12 @@ typedef struct {
     bool rope_neox;        /* RoPE turns pairs (i, i + head_dim/2) (qwen2), not (2i, 2i+1) */
     bool qkv_bias;         /* some layer adds a bias to q, k or v */
     bool qk_norm;          /* q and k are RMS-normed per head before RoPE (qwen3) */
+    /* Mixture of experts (qwen3moe; llama files with experts, as Mixtral):
+     * each token's FFN is the weighted sum of n_experts_used of n_experts
+     * FFNs of width ffn_dim, picked by a router. 0 experts: a dense FFN. */
+    int n_experts;
+    int n_experts_used;
+    bool experts_norm; /* the picked experts' weights are scaled to sum to 1 */
 } cake_hparams;
 
 /* ---- model ---- */

@@ -253,19 +253,25 @@ int test_write_variant(const char *src, const char *dst, const test_model_varian
     }
     uint32_t head_dim = dim / n_heads; /* or the file's key_length (mkmodel's tiny-wide) */
     (void)cake_gguf_get_u32(g, "llama.attention.key_length", &head_dim, err, errlen);
-    const char *arch = !v->qwen2 ? "llama" : v->qk_norm != 0 ? "qwen3" : "qwen2";
+    uint32_t n_experts = 0, ffn = 0;
+    (void)cake_gguf_get_u32(g, "llama.expert_count", &n_experts, err, errlen);
+    (void)cake_gguf_get_u32(g, "llama.feed_forward_length", &ffn, err, errlen);
+    const bool moe = v->qwen2 && v->qk_norm != 0 && n_experts > 0;
+    const char *arch = !v->qwen2 ? "llama" : moe ? "qwen3moe" : v->qk_norm != 0 ? "qwen3" : "qwen2";
     cake_gguf_writer *w = cake_gguf_writer_init();
     int rc = w ? 0 : cake_err(err, errlen, "out of memory");
     for (uint64_t i = 0; !rc && i < g->n_kv; i++) {
         const cake_gguf_kv *kv = &g->kv[i];
         const bool renamed = v->qwen2 && kv->key.len > 6 && !memcmp(kv->key.ptr, "llama.", 6);
-        char prefix[8];
+        char prefix[16];
         snprintf(prefix, sizeof(prefix), "%s.", arch);
         char *key = renamed ? str_copy(prefix, (cake_gguf_str){kv->key.ptr + 6, kv->key.len - 6})
                             : str_copy("", kv->key);
         const size_t kl = key ? strlen(key) : 0;
         if (key && v->context_length && kl > 15 && !strcmp(key + kl - 15, ".context_length"))
             cake_gguf_writer_add_u32(w, key, v->context_length);
+        else if (key && moe && !strcmp(key, "qwen3moe.feed_forward_length"))
+            cake_gguf_writer_add_u32(w, key, 6 * ffn); /* a dense width the experts do not use */
         else if (key && v->special_tokens &&
                  (!strcmp(key, "tokenizer.ggml.tokens") ||
                   !strcmp(key, "tokenizer.ggml.token_type")))
@@ -274,6 +280,8 @@ int test_write_variant(const char *src, const char *dst, const test_model_varian
             rc = cake_err(err, errlen, "%s: key %s could not be copied", src, key ? key : "?");
         free(key);
     }
+    if (!rc && moe) /* qwen3moe's experts' width */
+        cake_gguf_writer_add_u32(w, "qwen3moe.expert_feed_forward_length", ffn);
     if (!rc && v->chat_template)
         cake_gguf_writer_add_str(w, "tokenizer.chat_template", v->chat_template);
     if (!rc && v->linear > 0) {

@@ -44,8 +44,9 @@ typedef struct {
      * (llama row 2i + b is qwen2 row b * head_dim/2 + i). */
     bool qwen2;
     float bias; /* q/k/v biases of (j % 7 - 3) * bias at index j; 0: none */
-    /* with qwen2: a qwen3 copy, with per-head q/k norms of weights
-     * 1 + (j % 5 - 2) * qk_norm at index j; 0: none */
+    /* with qwen2: a qwen3 copy (qwen3moe where the source has experts), with
+     * per-head q/k norms of weights 1 + (j % 5 - 2) * qk_norm at index j;
+     * 0: none */
     float qk_norm;
     bool tied; /* without output.weight: the output is the token embedding */
     /* Q8_0 tensors written as F32 with their exact values d * q: the same

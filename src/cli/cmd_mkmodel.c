@@ -173,7 +173,7 @@ int cmd_mkmodel(int argc, char **argv) {
     cake_gguf_writer *w = cake_gguf_writer_init();
     const int head_dim = sh->head_dim ? sh->head_dim : sh->dim / sh->n_heads,
               q_dim = sh->n_heads * head_dim, kv_dim = sh->n_kv_heads * head_dim;
-    const int max_tensors = 3 + 9 * sh->n_layers;
+    const int max_tensors = 3 + 10 * sh->n_layers;
     int *is_norm = calloc((size_t)max_tensors, sizeof(int));
     int *dtypes = calloc((size_t)max_tensors, sizeof(int));
     int rc = CLI_FAIL;
@@ -203,6 +203,10 @@ int cmd_mkmodel(int argc, char **argv) {
         cake_gguf_writer_add_u32(w, "llama.attention.value_length", (uint32_t)head_dim);
     }
     cake_gguf_writer_add_u32(w, "llama.vocab_size", (uint32_t)sh->n_vocab);
+    if (sh->n_experts) {
+        cake_gguf_writer_add_u32(w, "llama.expert_count", (uint32_t)sh->n_experts);
+        cake_gguf_writer_add_u32(w, "llama.expert_used_count", (uint32_t)sh->n_experts_used);
+    }
     cake_gguf_writer_add_f32(w, "llama.rope.freq_base", sh->rope_theta);
     cake_gguf_writer_add_f32(w, "llama.attention.layer_norm_rms_epsilon", sh->rms_eps);
     cake_gguf_writer_add_str(w, "tokenizer.ggml.model", "llama");
@@ -216,14 +220,16 @@ int cmd_mkmodel(int argc, char **argv) {
     cake_gguf_writer_add_bool(w, "tokenizer.ggml.add_bos_token", true);
 
     int nt = 0;
-#define ADD(nm, norm, n_in, n_out)                                                                 \
+    /* a tensor of n_mats matrices (n_out, n_in); norms are vectors of n_in */
+#define ADD3(nm, norm, n_in, n_out, n_mats, type)                                                  \
     do {                                                                                           \
-        uint64_t ne_[2] = {(uint64_t)(n_in), (uint64_t)(n_out)};                                   \
-        dtypes[nt] = (norm) ? CAKE_DTYPE_F32 : dtype;                                              \
+        uint64_t ne_[3] = {(uint64_t)(n_in), (uint64_t)(n_out), (uint64_t)(n_mats)};               \
+        dtypes[nt] = (type);                                                                       \
         is_norm[nt] = (norm);                                                                      \
-        cake_gguf_writer_add_tensor(w, nm, dtypes[nt], (norm) ? 1 : 2, ne_);                       \
+        cake_gguf_writer_add_tensor(w, nm, dtypes[nt], (norm) ? 1 : (n_mats) > 1 ? 3 : 2, ne_);    \
         nt++;                                                                                      \
     } while (0)
+#define ADD(nm, norm, n_in, n_out) ADD3(nm, norm, n_in, n_out, 1, (norm) ? CAKE_DTYPE_F32 : dtype)
     ADD("token_embd.weight", 0, sh->dim, sh->n_vocab);
     for (int l = 0; l < sh->n_layers; l++) {
         static const char *const suffix[] = {"attn_norm", "attn_q",      "attn_k",
@@ -233,14 +239,25 @@ int cmd_mkmodel(int argc, char **argv) {
                             sh->dim, sh->dim, sh->dim, sh->ffn_dim};
         const int n_out[] = {1, q_dim,       kv_dim,      kv_dim, sh->dim,
                              1, sh->ffn_dim, sh->ffn_dim, sh->dim};
-        for (int k = 0; k < 9; k++) {
+        for (int k = 0; k < (sh->n_experts ? 6 : 9); k++) {
             snprintf(name, sizeof(name), "blk.%d.%s.weight", l, suffix[k]);
             ADD(name, n_out[k] == 1, n_in[k], n_out[k]);
+        }
+        if (!sh->n_experts) continue;
+        /* Mixtral's layout (llama.cpp's converter): the router in f32 (as
+         * llama-quantize leaves it), each FFN matrix for all experts in one
+         * tensor */
+        snprintf(name, sizeof(name), "blk.%d.ffn_gate_inp.weight", l);
+        ADD3(name, 0, sh->dim, sh->n_experts, 1, CAKE_DTYPE_F32);
+        for (int k = 6; k < 9; k++) {
+            snprintf(name, sizeof(name), "blk.%d.%s_exps.weight", l, suffix[k]);
+            ADD3(name, 0, n_in[k], n_out[k], sh->n_experts, dtype);
         }
     }
     ADD("output_norm.weight", 1, sh->dim, 1);
     ADD("output.weight", 0, sh->dim, sh->n_vocab);
 #undef ADD
+#undef ADD3
 
     /* Uniform weights with std ~ 1/sqrt(dim) keep activations O(1) through the layers. */
     fill_ctx fc = {is_norm, dtypes, seed, sqrtf(3.0f / (float)sh->dim)};

@@ -43,6 +43,13 @@ static void scratch_free(cake_scratch *s) {
     free(s->att);
     free(s->g);
     free(s->u);
+    free(s->router);
+    free(s->pick);
+    free(s->pick_w);
+    free(s->by_expert);
+    free(s->moe_in);
+    free(s->moe_out);
+    free(s->moe_sum);
 }
 
 void cake_context_free(cake_context *c) {
@@ -72,6 +79,11 @@ int cake_context_init(const cake_model *m, cake_context_params p, cake_context *
 
     if (p.backend == CAKE_BACKEND_CUDA && p.kv_type != CAKE_KV_F16)
         return cake_err(err, errlen, "the CUDA backend keeps its KV cache in f16 only");
+    if (p.backend == CAKE_BACKEND_CUDA && hp->n_experts)
+        return cake_err(err, errlen,
+                        "the CUDA backend has no mixture-of-experts layers (this model has %d "
+                        "experts): run it on the CPU backend",
+                        hp->n_experts);
 #ifndef CAKE_HAVE_CUDA
     if (p.backend == CAKE_BACKEND_CUDA)
         return cake_err(err, errlen, "this build has no CUDA backend (nvcc was not found)");
@@ -120,7 +132,20 @@ int cake_context_init(const cake_model *m, cake_context_params p, cake_context *
     s->att = malloc(T * q_dim * sizeof(float));
     s->g = malloc(T * ffn * sizeof(float));
     s->u = malloc(T * ffn * sizeof(float));
-    if (!s->x || !s->xb || !s->q || !s->k || !s->v || !s->att || !s->g || !s->u) {
+    bool no_mem = !s->x || !s->xb || !s->q || !s->k || !s->v || !s->att || !s->g || !s->u;
+    if (hp->n_experts) {
+        const size_t E = (size_t)hp->n_experts, K = (size_t)hp->n_experts_used;
+        s->router = malloc(T * E * sizeof(float));
+        s->pick = malloc(T * K * sizeof(int));
+        s->pick_w = malloc(T * K * sizeof(float));
+        s->by_expert = malloc(T * K * sizeof(int));
+        s->moe_in = malloc(T * dim * sizeof(float));
+        s->moe_out = malloc(T * dim * sizeof(float));
+        s->moe_sum = malloc(T * dim * sizeof(float));
+        no_mem = no_mem || !s->router || !s->pick || !s->pick_w || !s->by_expert || !s->moe_in ||
+                 !s->moe_out || !s->moe_sum;
+    }
+    if (no_mem) {
         cake_err(err, errlen, "out of memory for a batch of %zu tokens", T);
         goto fail;
     }

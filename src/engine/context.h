@@ -19,6 +19,14 @@ typedef struct {
     float *att; /* (T, dim) attention output */
     float *g;   /* (T, ffn) gate projection, then silu(g) * u */
     float *u;   /* (T, ffn) up projection */
+    /* experts only (hp.n_experts > 0; NULL otherwise) */
+    float *router;  /* (T, n_experts) router logits */
+    int *pick;      /* (T, n_experts_used) each token's experts */
+    float *pick_w;  /* (T, n_experts_used) and their weights */
+    int *by_expert; /* (T n_experts_used) token rows of expert 0, then 1, ... */
+    float *moe_in;  /* (T, dim) one expert's tokens' inputs, gathered */
+    float *moe_out; /* (T, dim) and its outputs */
+    float *moe_sum; /* (T, dim) each token's weighted sum of its experts' outputs */
 } cake_scratch;
 
 typedef int (*cake_route_fn)(void *route, const cake_token *tokens, int n, int pos0, float *logits,

@@ -246,10 +246,13 @@ int cake_mode_parse(const char *s, cake_mode *out) {
 
 double cake_chunk_flops(const cake_hparams *hp, int pos0, int n) {
     const double q = (double)hp->n_heads * hp->head_dim, kv = (double)hp->n_kv_heads * hp->head_dim;
-    /* Per token: the matmuls (q, k, v, o, gate, up, down), then attention
-     * (QK and PV) over the keys 0..p for the token at position p. */
-    const double per_token =
-        2.0 * hp->n_layers * (hp->dim * (2 * q + 2 * kv) + 3.0 * hp->dim * hp->ffn_dim);
+    /* Per token: the matmuls (q, k, v, o, gate, up, down; with experts the
+     * router and the picked experts' three), then attention (QK and PV) over
+     * the keys 0..p for the token at position p. */
+    const double ffns = hp->n_experts ? hp->n_experts_used : 1;
+    const double per_token = 2.0 * hp->n_layers *
+                             (hp->dim * (2 * q + 2 * kv) + 3.0 * hp->dim * hp->ffn_dim * ffns +
+                              (double)hp->dim * hp->n_experts);
     const double per_key = 4.0 * hp->n_layers * q;
     return n * per_token + per_key * ((double)n * pos0 + (double)n * (n + 1) / 2);
 }

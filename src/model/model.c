@@ -6,7 +6,9 @@
  * is the same block with biases on q, k and v and RoPE rotating the two
  * halves of a head (NeoX style) instead of adjacent pairs. llama.cpp's
  * converter permutes Llama's q/k rows so that adjacent pairs work, but not
- * Qwen2's. Optional q/k/v biases are taken on either, as llama.cpp does. */
+ * Qwen2's. Optional q/k/v biases are taken on either, as llama.cpp does.
+ * `qwen3` adds per-head q/k norms; `qwen3moe` is qwen3 with a mixture of
+ * experts in place of the FFN, which llama files may have too (Mixtral). */
 #include "model/model.h"
 
 #include <math.h>
@@ -88,6 +90,34 @@ static int find_weight(const cake_gguf *g, const char *name, int n_in, int n_out
     return 0;
 }
 
+/* The n_experts matrices of a 3-D tensor, ne = [n_in, n_out, n_experts]:
+ * expert e's into w[3 e] (w steps over the three matrices of an expert). */
+static int find_experts(const cake_gguf *g, const char *name, int n_in, int n_out, int n_experts,
+                        cake_weight *w, char *err, size_t errlen) {
+    const cake_gguf_tensor *t = cake_gguf_find_tensor(g, name);
+    if (!t) return cake_err(err, errlen, "tensor '%s' is missing", name);
+    if (!is_weight_dtype(t->type))
+        return cake_err(err, errlen,
+                        "tensor '%s': dtype %s is not supported for weights (" CAKE_WEIGHT_DTYPES
+                        " are)",
+                        name, cake_dtype_name(t->type));
+    if (t->n_dims != 3 || t->ne[0] != (uint64_t)n_in || t->ne[1] != (uint64_t)n_out ||
+        t->ne[2] != (uint64_t)n_experts)
+        return cake_err(err, errlen,
+                        "tensor '%s': shape [%llu, %llu, %llu] (%u dims), expected [%d, %d, %d]",
+                        name, (unsigned long long)t->ne[0], (unsigned long long)t->ne[1],
+                        (unsigned long long)t->ne[2], t->n_dims, n_in, n_out, n_experts);
+    /* rows are whole blocks (the GGUF reader checked), so a matrix is too */
+    const size_t bytes = (size_t)n_out * (size_t)n_in / cake_dtype_block_elems(t->type) *
+                         cake_dtype_block_bytes(t->type);
+    for (int e = 0; e < n_experts; e++)
+        w[3 * e] = (cake_weight){.data = (const char *)t->data + (size_t)e * bytes,
+                                 .dtype = (int)t->type,
+                                 .n_in = n_in,
+                                 .n_out = n_out};
+    return 0;
+}
+
 /* A norm vector of length n, returned as an f32 copy (it is tiny). */
 static float *load_norm(const cake_gguf *g, const char *name, int n, char *err, size_t errlen) {
     const cake_gguf_tensor *t = cake_gguf_find_tensor(g, name);
@@ -122,9 +152,11 @@ static int read_hparams(const cake_gguf *g, cake_hparams *hp, char *err, size_t 
     int rc = cake_gguf_get_str(g, "general.architecture", &arch, err, errlen);
     if (rc == -1) return cake_err(err, errlen, "missing metadata key 'general.architecture'");
     if (rc < 0) return -1;
-    if (!str_eq(arch, "llama") && !str_eq(arch, "qwen2") && !str_eq(arch, "qwen3"))
+    const bool moe_arch = str_eq(arch, "qwen3moe");
+    if (!str_eq(arch, "llama") && !str_eq(arch, "qwen2") && !str_eq(arch, "qwen3") && !moe_arch)
         return cake_err(err, errlen,
-                        "architecture '%.*s' is not supported ('llama', 'qwen2' and 'qwen3' are)",
+                        "architecture '%.*s' is not supported ('llama', 'qwen2', 'qwen3' and "
+                        "'qwen3moe' are)",
                         (int)(arch.len > 64 ? 64 : arch.len), arch.ptr);
     /* qwen2 and qwen3 files keep the NeoX pairing (llama.cpp's converter
      * permutes only llama's q/k rows); qwen3 adds per-head q/k norms, found
@@ -142,6 +174,19 @@ static int read_hparams(const cake_gguf *g, cake_hparams *hp, char *err, size_t 
         get_u32_in(g, KEY("feed_forward_length"), 1, 0, 1, 1 << 20, &hp->ffn_dim, err, errlen) ||
         get_u32_in(g, KEY("context_length"), 1, 0, 1, 1 << 24, &hp->n_ctx_train, err, errlen))
         return -1;
+    /* Experts: llama files may have them (Mixtral: feed_forward_length is
+     * an expert's width); qwen3moe always does, its experts' width under its
+     * own key. Both scale the picked experts' weights to sum to 1
+     * (llama.cpp's build_moe_ffn with norm_w, as Qwen3-MoE's norm_topk_prob). */
+    if (get_u32_in(g, KEY("expert_count"), moe_arch, 0, 0, 1024, &hp->n_experts, err, errlen) ||
+        get_u32_in(g, KEY("expert_used_count"), hp->n_experts > 0, 0, hp->n_experts ? 1 : 0,
+                   (uint32_t)hp->n_experts, &hp->n_experts_used, err, errlen) ||
+        get_u32_in(g, KEY("expert_feed_forward_length"), 0, (uint32_t)hp->ffn_dim, 1, 1 << 20,
+                   &hp->ffn_dim, err, errlen))
+        return -1;
+    if (moe_arch && !hp->n_experts)
+        return cake_err(err, errlen, "%s is 0: a qwen3moe model has experts", KEY("expert_count"));
+    hp->experts_norm = hp->n_experts > 0;
     if (hp->n_heads % hp->n_kv_heads)
         return cake_err(err, errlen, "head_count %d is not a multiple of head_count_kv %d",
                         hp->n_heads, hp->n_kv_heads);
@@ -234,17 +279,25 @@ static double *rope_frequencies(const cake_gguf *g, const cake_hparams *hp, char
     return f;
 }
 
-/* The matrices the matmul reads, i < n_matmul_weights(m): 7 per layer, then
- * the output. */
+/* The matrices the matmul reads, i < n_matmul_weights(m): per layer q, k,
+ * v, o, then gate, up and down, or the router and the experts' matrices;
+ * then the output. */
+static int layer_matmuls(const cake_hparams *hp) {
+    return 4 + (hp->n_experts ? 1 + 3 * hp->n_experts : 3);
+}
+
 static int n_matmul_weights(const cake_model *m) {
-    return m->hp.n_layers * 7 + 1;
+    return m->hp.n_layers * layer_matmuls(&m->hp) + 1;
 }
 
 static cake_weight *matmul_weight(cake_model *m, int i) {
-    if (i == m->hp.n_layers * 7) return &m->output;
-    cake_layer *L = &m->layers[i / 7];
+    const int per_layer = layer_matmuls(&m->hp);
+    if (i == m->hp.n_layers * per_layer) return &m->output;
+    cake_layer *L = &m->layers[i / per_layer];
+    i %= per_layer;
+    if (m->hp.n_experts && i >= 4) return i == 4 ? &L->router : &L->expert[i - 5];
     cake_weight *lw[] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->w_gate, &L->w_up, &L->w_down};
-    return lw[i % 7];
+    return lw[i];
 }
 
 typedef struct {
@@ -409,6 +462,7 @@ static void free_layers(cake_model *m) {
         free(m->layers[l].bv);
         free(m->layers[l].q_norm);
         free(m->layers[l].k_norm);
+        free(m->layers[l].expert);
     }
     free(m->layers);
     m->layers = NULL;
@@ -477,12 +531,28 @@ int cake_model_load(const char *path, cake_model **out, char *err, size_t errlen
             find_weight(g, LAYER_NAME("attn_k.weight"), dim, kv_dim, 0, &L->wk, why, sizeof(why)) ||
             find_weight(g, LAYER_NAME("attn_v.weight"), dim, kv_dim, 0, &L->wv, why, sizeof(why)) ||
             find_weight(g, LAYER_NAME("attn_output.weight"), q_dim, dim, 0, &L->wo, why,
-                        sizeof(why)) ||
-            find_weight(g, LAYER_NAME("ffn_gate.weight"), dim, ffn, 0, &L->w_gate, why,
-                        sizeof(why)) ||
-            find_weight(g, LAYER_NAME("ffn_up.weight"), dim, ffn, 0, &L->w_up, why, sizeof(why)) ||
-            find_weight(g, LAYER_NAME("ffn_down.weight"), ffn, dim, 0, &L->w_down, why,
                         sizeof(why)))
+            goto fail_why;
+        const int ne = hp->n_experts;
+        if (!ne &&
+            (find_weight(g, LAYER_NAME("ffn_gate.weight"), dim, ffn, 0, &L->w_gate, why,
+                         sizeof(why)) ||
+             find_weight(g, LAYER_NAME("ffn_up.weight"), dim, ffn, 0, &L->w_up, why, sizeof(why)) ||
+             find_weight(g, LAYER_NAME("ffn_down.weight"), ffn, dim, 0, &L->w_down, why,
+                         sizeof(why))))
+            goto fail_why;
+        if (ne && !(L->expert = calloc(3 * (size_t)ne, sizeof(cake_weight)))) {
+            snprintf(why, sizeof(why), "out of memory");
+            goto fail_why;
+        }
+        if (ne && (find_weight(g, LAYER_NAME("ffn_gate_inp.weight"), dim, ne, 0, &L->router, why,
+                               sizeof(why)) ||
+                   find_experts(g, LAYER_NAME("ffn_gate_exps.weight"), dim, ffn, ne, L->expert, why,
+                                sizeof(why)) ||
+                   find_experts(g, LAYER_NAME("ffn_up_exps.weight"), dim, ffn, ne, L->expert + 1,
+                                why, sizeof(why)) ||
+                   find_experts(g, LAYER_NAME("ffn_down_exps.weight"), ffn, dim, ne, L->expert + 2,
+                                why, sizeof(why))))
             goto fail_why;
         int failed = 0;
         L->bq = load_bias(g, LAYER_NAME("attn_q.bias"), q_dim, &failed, why, sizeof(why));
@@ -559,6 +629,11 @@ static void compute_fingerprint(void) {
     const int64_t arch[] = {hp->n_vocab,    hp->dim,      hp->n_layers, hp->n_heads,
                             hp->n_kv_heads, hp->head_dim, hp->ffn_dim,  hp->tied_output};
     for (size_t i = 0; i < sizeof(arch) / sizeof(arch[0]); i++) hash_u64(st, (uint64_t)arch[i]);
+    if (hp->n_experts) { /* hashed only when set: dense models keep their fingerprints */
+        hash_u64(st, (uint64_t)hp->n_experts);
+        hash_u64(st, (uint64_t)hp->n_experts_used);
+        hash_u64(st, hp->experts_norm);
+    }
     /* NeoX RoPE turns other pairs of the same weights; hashed only when set,
      * so that every llama model keeps the fingerprint (and store) it had. */
     if (hp->rope_neox) hash_u64(st, 0x6e656f78u);

@@ -34,9 +34,13 @@ typedef struct {
     float *q_norm,
         *k_norm;        /* (head_dim) each: per-head RMSNorm of q and k (qwen3); NULL when absent */
     float *ffn_norm;    /* (dim) */
-    cake_weight w_gate; /* (ffn, dim) */
+    cake_weight w_gate; /* (ffn, dim); data NULL in a layer of experts */
     cake_weight w_up;   /* (ffn, dim) */
     cake_weight w_down; /* (dim, ffn) */
+    /* hp.n_experts > 0: the router and each expert's FFN, views into the
+     * file's 3-D tensors (expert e is the e-th matrix of each) */
+    cake_weight router;  /* (n_experts, dim): a token's expert logits */
+    cake_weight *expert; /* (3 n_experts): expert e's gate, up and down at 3e, 3e+1, 3e+2 */
 } cake_layer;
 
 struct cake_model {

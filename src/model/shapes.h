@@ -9,6 +9,9 @@ typedef struct {
     float rope_theta, rms_eps;
     const char *about;
     int head_dim; /* 0: dim / n_heads; else written as attention.key_length */
+    /* 0: a dense FFN; else that many experts of width ffn_dim (Mixtral's
+     * layout), n_experts_used a token */
+    int n_experts, n_experts_used;
 } cake_shape;
 
 /* NULL-terminated by a zero entry. */

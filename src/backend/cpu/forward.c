@@ -6,6 +6,8 @@
  *       store k, v into the KV cache at positions [pos0, pos0 + n)
  *       x += attention(q, cache[0, pos0 + n)) Wo
  *       h = rmsnorm(x) ; x += (silu(h Wgate) * (h Wup)) Wdown
+ *           (or, with experts, the weighted sum of that FFN over the
+ *           experts the router picks for the token: moe_ffn)
  *   logits = rmsnorm(x[last]) Wout
  *
  * Every step computes each token's row independently of the other rows of the
@@ -14,6 +16,7 @@
  * tokens of several sequences (a server's batch): the matmuls run over all
  * their rows at once, while RoPE, the KV writes and attention run per
  * sequence, on its own positions and its own KV cache. */
+#include <math.h>
 #include <string.h>
 
 #include "backend/cpu/kernels.h"
@@ -157,6 +160,71 @@ static void run_rows(rows_job j) {
         cake_threadpool_run(j.c->pool, n_tasks, rows_task, &j);
 }
 
+/* A token's experts from its router logits: the softmax, its n_pick largest
+ * (ties to the lower expert), their probabilities as weights, scaled to
+ * sum to 1 when `norm` (llama.cpp's build_moe_ffn, softmax gating). */
+static void pick_experts(const float *logit, int n_experts, int n_pick, bool norm, int *pick,
+                         float *weight) {
+    float max = logit[0], sum = 0, picked = 0;
+    for (int e = 1; e < n_experts; e++) max = logit[e] > max ? logit[e] : max;
+    for (int e = 0; e < n_experts; e++) sum += expf(logit[e] - max);
+    for (int k = 0; k < n_pick; k++) {
+        int best = -1;
+        for (int e = 0; e < n_experts; e++) {
+            bool taken = false;
+            for (int j = 0; j < k; j++) taken |= pick[j] == e;
+            if (!taken && (best < 0 || logit[e] > logit[best])) best = e;
+        }
+        pick[k] = best;
+        picked += weight[k] = expf(logit[best] - max) / sum;
+    }
+    for (int k = 0; norm && k < n_pick; k++) weight[k] /= picked;
+}
+
+/* The FFN of a layer of experts over the n rows of xb, into xb. Tokens are
+ * grouped by expert, so each expert's matrices are read once for all the
+ * tokens that picked it; each token's sum adds its experts in expert order,
+ * so a token's bits do not depend on the other rows of the batch (the same
+ * promise as the dense FFN's). */
+static void moe_ffn(cake_context *c, const cake_layer *L, int n) {
+    const cake_hparams *hp = &c->model->hp;
+    const cake_scratch *s = &c->s;
+    const int E = hp->n_experts, K = hp->n_experts_used;
+    const size_t dim = (size_t)hp->dim;
+    matmul(s->router, s->xb, &L->router, n, c->pool);
+    int count[1025] = {0}; /* (E + 1): tokens per expert, then where each group starts */
+    for (int t = 0; t < n; t++) {
+        pick_experts(s->router + (size_t)t * E, E, K, hp->experts_norm, s->pick + t * K,
+                     s->pick_w + t * K);
+        for (int k = 0; k < K; k++) count[s->pick[t * K + k] + 1]++;
+    }
+    for (int e = 0; e < E; e++) count[e + 1] += count[e];
+    /* by_expert: the slots t K + k, grouped by expert, tokens in order */
+    int fill[1024];
+    memcpy(fill, count, (size_t)E * sizeof(int));
+    for (int t = 0; t < n; t++)
+        for (int k = 0; k < K; k++) s->by_expert[fill[s->pick[t * K + k]]++] = t * K + k;
+    memset(s->moe_sum, 0, (size_t)n * dim * sizeof(float));
+    for (int e = 0; e < E; e++) {
+        const int first = count[e], rows = count[e + 1] - first;
+        if (!rows) continue;
+        for (int r = 0; r < rows; r++)
+            memcpy(s->moe_in + r * dim, s->xb + (size_t)(s->by_expert[first + r] / K) * dim,
+                   dim * sizeof(float));
+        matmul(s->g, s->moe_in, &L->expert[3 * e], rows, c->pool);
+        matmul(s->u, s->moe_in, &L->expert[3 * e + 1], rows, c->pool);
+        run_rows((rows_job){.c = c, .n = rows, .step = ROWS_SWIGLU});
+        matmul(s->moe_out, s->g, &L->expert[3 * e + 2], rows, c->pool);
+        for (int r = 0; r < rows; r++) {
+            const int slot = s->by_expert[first + r];
+            const float w = s->pick_w[slot], *y = s->moe_out + r * dim;
+            float *sum = s->moe_sum + (size_t)(slot / K) * dim;
+            for (size_t i = 0; i < dim; i++) sum[i] += w * y[i];
+        }
+    }
+    memcpy(s->xb, s->moe_sum, (size_t)n * dim * sizeof(float));
+}
+
 void cake_cpu_forward(cake_context *c, const cake_batch_seq *seqs, int n_seqs, int n,
                       float *logit_rows) {
     const cake_model *m = c->model;
@@ -205,10 +273,14 @@ void cake_cpu_forward(cake_context *c, const cake_batch_seq *seqs, int n_seqs, i
         /* x += attention out; xb = rmsnorm(x) */
         run_rows((rows_job){.c = c, .n = n, .step = ROWS_ADD_NORM, .add = 1, .norm = L->ffn_norm});
 
-        matmul(s->g, s->xb, &L->w_gate, n, pool);
-        matmul(s->u, s->xb, &L->w_up, n, pool);
-        run_rows((rows_job){.c = c, .n = n, .step = ROWS_SWIGLU});
-        matmul(s->xb, s->g, &L->w_down, n, pool);
+        if (hp->n_experts) {
+            moe_ffn(c, L, n);
+        } else {
+            matmul(s->g, s->xb, &L->w_gate, n, pool);
+            matmul(s->u, s->xb, &L->w_up, n, pool);
+            run_rows((rows_job){.c = c, .n = n, .step = ROWS_SWIGLU});
+            matmul(s->xb, s->g, &L->w_down, n, pool);
+        }
         /* x += ffn out; xb = the next layer's rmsnorm(x) (none after the last) */
         const float *next_norm = l + 1 < hp->n_layers ? m->layers[l + 1].attn_norm : NULL;
         run_rows((rows_job){.c = c, .n = n, .step = ROWS_ADD_NORM, .add = 1, .norm = next_norm});
