@@ -486,6 +486,15 @@ static const float *f32_tensor(ref_tensors *r, int layer, const char *what) {
     return f;
 }
 
+/* Whether layer's tensor `what` is quantized (its inputs are rounded to 8
+ * bits: ref_linear). */
+static bool quantized(const cake_gguf *g, int layer, const char *what) {
+    char name[96];
+    snprintf(name, sizeof(name), "blk.%d.%s", layer, what);
+    const int t = (int)cake_gguf_find_tensor(g, name)->type;
+    return t != CAKE_DTYPE_F32 && t != CAKE_DTYPE_F16 && t != CAKE_DTYPE_BF16;
+}
+
 /* y = W x + b (W: n_out rows of n_in; b may be NULL), in double. With Q8_0
  * weights x is first rounded as llama.cpp rounds the activations it
  * multiplies them with: per block of 32, d = max |x| / 127, q = round(x / d)
@@ -649,12 +658,12 @@ static double *reference_logits(const char *path, const cake_token *prompt, int 
             for (uint32_t u = 0; u < n_used; u++) {
                 const size_t e = (size_t)pick[u];
                 ref_linear(gate, f32_tensor(&w, L, "ffn_gate_exps.weight") + e * mat, NULL, xn, dim,
-                           ffn, w.q8_0);
+                           ffn, quantized(g, L, "ffn_gate_exps.weight"));
                 ref_linear(up, f32_tensor(&w, L, "ffn_up_exps.weight") + e * mat, NULL, xn, dim,
-                           ffn, w.q8_0);
+                           ffn, quantized(g, L, "ffn_up_exps.weight"));
                 for (uint32_t i = 0; i < ffn; i++) gate[i] = gate[i] / (1 + exp(-gate[i])) * up[i];
                 ref_linear(tmp, f32_tensor(&w, L, "ffn_down_exps.weight") + e * mat, NULL, gate,
-                           ffn, dim, w.q8_0);
+                           ffn, dim, quantized(g, L, "ffn_down_exps.weight"));
                 for (uint32_t i = 0; i < dim; i++) xt[i] += prob[e] / picked * tmp[i];
             }
         }
@@ -987,6 +996,48 @@ static void test_other_quants(void **state) {
     free(f32);
     unlink(twin);
     unlink(mixed);
+    unlink(base);
+}
+
+/* Experts in k-quants, as llama-quantize's Q4_K_M makes them (gate Q4_K,
+ * up IQ4_XS: kept in their levels; down Q6_K: requantized to Q8_0, as for
+ * a dense layer): bit for bit the twin written as the CPU reads them, which
+ * the reference holds; chunk invariance; each expert has its layout. */
+static int quantize_experts(const char *name, int type) {
+    return strstr(name, "ffn_gate_exps")   ? CAKE_DTYPE_Q4_K
+           : strstr(name, "ffn_up_exps")   ? CAKE_DTYPE_IQ4_XS
+           : strstr(name, "ffn_down_exps") ? CAKE_DTYPE_Q6_K
+                                           : type;
+}
+
+static void test_experts_kquants(void **state) {
+    (void)state;
+    char base[64], quant[96], twin[96];
+    assert_int_equal(test_make_model("tiny-moe-256", "f32", base), 0);
+    snprintf(quant, sizeof(quant), "%s.quant", base);
+    snprintf(twin, sizeof(twin), "%s.twin", base);
+    write_variant(base, quant, &(test_model_variant){.retype = quantize_experts});
+    write_variant(quant, twin, &(test_model_variant){.retype = as_the_cpu_reads});
+    cake_hparams hp;
+    float *got = first_logits(quant, &hp);
+    float *want = check_vs_reference(twin, "experts in k-quants as the CPU reads them", &hp);
+    for (int i = 0; i < hp.n_vocab; i++)
+        if (memcmp(&got[i], &want[i], sizeof(float)))
+            fail_msg("logit %d: %.9g on the quantized model, %.9g on its twin", i, got[i], want[i]);
+    cake_model *m = NULL;
+    char err[512];
+    assert_int_equal(cake_model_load(quant, &m, err, sizeof(err)), 0);
+    check_chunk_invariance(m, 100, 4);
+    for (int e = 0; e < hp.n_experts; e++) {
+        assert_int_equal(m->layers[1].expert[3 * e].x16_dtype, CAKE_DTYPE_Q4_K_X16);
+        assert_int_equal(m->layers[1].expert[3 * e + 1].x16_dtype, CAKE_DTYPE_IQ4_XS_X16);
+        assert_int_equal(m->layers[1].expert[3 * e + 2].x16_dtype, CAKE_DTYPE_Q8_0_X16);
+    }
+    cake_model_free(m);
+    free(got);
+    free(want);
+    unlink(twin);
+    unlink(quant);
     unlink(base);
 }
 
@@ -1396,6 +1447,7 @@ int main(void) {
         cmocka_unit_test(test_qwen3_reference),
         cmocka_unit_test(test_wide_heads),
         cmocka_unit_test(test_experts),
+        cmocka_unit_test(test_experts_kquants),
         cmocka_unit_test(test_q8_0),
         cmocka_unit_test(test_other_quants),
         cmocka_unit_test(test_unsupported_weight_type),

@@ -91,7 +91,7 @@ static bool name_ends(cake_gguf_str name, const char *suffix) {
 /* The type tensor t has in the copy. */
 static int variant_type(const test_model_variant *v, const cake_gguf_tensor *t) {
     if (v->dequantize && t->type == CAKE_DTYPE_Q8_0) return CAKE_DTYPE_F32;
-    if (v->retype && t->n_dims == 2) {
+    if (v->retype && t->n_dims >= 2) {
         char name[128];
         snprintf(name, sizeof(name), "%.*s", (int)t->name.len, t->name.ptr);
         return v->retype(name, (int)t->type);

@@ -52,7 +52,7 @@ typedef struct {
     /* Q8_0 tensors written as F32 with their exact values d * q: the same
      * model in floats (not with qwen2) */
     bool dequantize;
-    /* NULL, or the type each matrix (2-D tensor) gets, from its name and
+    /* NULL, or the type each matrix (2-D or 3-D tensor) gets, from its name and
      * type: F32 or quantized sources only, converted through f32
      * (test_quantize_row; a type cake cannot compute with gets zero
      * blocks; not with qwen2) */

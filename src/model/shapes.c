@@ -18,6 +18,8 @@ const cake_shape cake_shapes[] = {
      "Llama-2-13B dims with MHA", 0, 0, 0},
     {"tiny-moe", 64, 2, 4, 2, 96, 4096, 32000, 10000.0f, 1e-5f, "8 experts, 2 a token, for tests",
      0, 8, 2},
+    {"tiny-moe-256", 256, 2, 4, 2, 256, 4096, 32000, 10000.0f, 1e-5f,
+     "tiny-moe with rows of 256 (k-quant blocks), for tests", 0, 8, 2},
     {"moe-1b", 1024, 16, 16, 4, 512, 8192, 32000, 500000.0f, 1e-5f,
      "32 experts, 4 a token: 0.9B parameters, 0.2B active", 0, 32, 4},
     {"mixtral-8x7b", 4096, 32, 32, 8, 14336, 32768, 32000, 1000000.0f, 1e-5f,
