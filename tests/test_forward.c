@@ -802,6 +802,16 @@ static void test_experts(void **state) {
     assert_true(hp.qk_norm && hp.rope_neox && hp.n_experts == 8 && hp.ffn_dim == 96);
     assert_memory_not_equal(plain, qwen_logits, 1000 * sizeof(float));
     free(check_vs_reference(q8, "tiny-moe q8_0", &hp));
+    /* the experts one tensor each (older Mixtral files): the same model */
+    char split[96];
+    snprintf(split, sizeof(split), "%s.split", q8);
+    write_variant(q8, split, &(test_model_variant){.split_experts = true});
+    float *q8_logits = first_logits(q8, NULL), *split_logits = first_logits(split, &hp);
+    assert_int_equal(hp.n_experts, 8);
+    assert_memory_equal(q8_logits, split_logits, (size_t)hp.n_vocab * sizeof(float));
+    free(q8_logits);
+    free(split_logits);
+    unlink(split);
     check_file_chunk_invariance(base, 100, 4);
     check_file_chunk_invariance(qwen, 100, 4);
     check_file_chunk_invariance(q8, 100, 4);

@@ -78,9 +78,10 @@ typedef struct {
     const cake_gguf *g;
     const test_model_variant *v;
     int head_dim;
-    const uint64_t *src; /* tensor i of the copy is the source's src[i] */
-    uint64_t n_src;      /* how many of the source's are copied */
-    uint64_t n_bias;     /* bias tensors after them (and rope_freqs.weight) */
+    const uint64_t *src;  /* tensor i of the copy is the source's src[i] */
+    const uint64_t *part; /* its part[i]-th matrix (split_experts), else 0 */
+    uint64_t n_src;       /* how many of the source's are copied */
+    uint64_t n_bias;      /* bias tensors after them (and rope_freqs.weight) */
 } variant_fill;
 
 static bool name_ends(cake_gguf_str name, const char *suffix) {
@@ -148,7 +149,7 @@ static int fill_variant(uint64_t i, void *buf, uint64_t nbytes, void *ctx) {
     if (type != (int)t->type) return convert_tensor(t, type, buf);
     if (!f->v->qwen2 ||
         !(name_ends(t->name, "attn_q.weight") || name_ends(t->name, "attn_k.weight"))) {
-        memcpy(buf, t->data, nbytes);
+        memcpy(buf, (const char *)t->data + f->part[i] * nbytes, nbytes);
         return 0;
     }
     const size_t row = nbytes / t->ne[1], half = (size_t)f->head_dim / 2;
@@ -291,11 +292,29 @@ int test_write_variant(const char *src, const char *dst, const test_model_varian
         snprintf(key, sizeof(key), "%s.rope.scaling.factor", arch);
         cake_gguf_writer_add_f32(w, key, v->linear);
     }
-    uint64_t *copied = calloc(g->n_tensors + 1, sizeof(*copied)), n_copied = 0;
-    if (!copied) rc = cake_err(err, errlen, "out of memory");
+    uint64_t n_out = g->n_tensors + 1; /* the copy's tensors, at most */
+    for (uint64_t i = 0; v->split_experts && i < g->n_tensors; i++)
+        if (g->tensors[i].n_dims == 3) n_out += g->tensors[i].ne[2];
+    uint64_t *copied = calloc(n_out, sizeof(*copied)), n_copied = 0;
+    uint64_t *part = calloc(n_out, sizeof(*part));
+    if (!copied || !part) rc = cake_err(err, errlen, "out of memory");
+    if (v->split_experts && (v->retype || v->dequantize || v->qwen2))
+        rc = cake_err(err, errlen, "split_experts copies the tensors as they are");
     for (uint64_t i = 0; !rc && i < g->n_tensors; i++) {
         const cake_gguf_tensor *t = &g->tensors[i];
         if (v->tied && name_ends(t->name, "output.weight") && t->name.len == 13) continue;
+        if (v->split_experts && t->n_dims == 3) { /* blk.L.ffn_X_exps -> blk.L.ffn_X.E */
+            const int stem = (int)t->name.len - (int)strlen("_exps.weight");
+            for (uint64_t e = 0; e < t->ne[2]; e++) {
+                char name[96];
+                snprintf(name, sizeof(name), "%.*s.%llu.weight", stem, t->name.ptr,
+                         (unsigned long long)e);
+                cake_gguf_writer_add_tensor(w, name, (int)t->type, 2, t->ne);
+                part[n_copied] = e;
+                copied[n_copied++] = i;
+            }
+            continue;
+        }
         char *name = str_copy("", t->name);
         if (!name)
             rc = cake_err(err, errlen, "out of memory");
@@ -325,9 +344,10 @@ int test_write_variant(const char *src, const char *dst, const test_model_varian
             cake_gguf_writer_add_tensor(w, name, CAKE_DTYPE_F32, 1, ne);
         }
     const uint64_t n_bias = v->bias != 0 ? 3 * (uint64_t)n_layers : 0;
-    variant_fill fill = {g, v, (int)head_dim, copied, n_copied, n_bias};
+    variant_fill fill = {g, v, (int)head_dim, copied, part, n_copied, n_bias};
     if (!rc) rc = cake_gguf_writer_write_file(w, dst, fill_variant, &fill, err, errlen);
     free(copied);
+    free(part);
     cake_gguf_writer_free(w);
     cake_gguf_close(g);
     if (rc) fprintf(stderr, "test_write_variant %s -> %s: %s\n", src, dst, err);

@@ -62,6 +62,9 @@ typedef struct {
      * tokens, of type control: a chat format's special tokens */
     const char *const *special_tokens;
     uint32_t context_length; /* <arch>.context_length; 0: the source's */
+    /* each expert's matrix as a tensor of its own (blk.L.ffn_gate.E.weight,
+     * as older Mixtral conversions have them), not with other changes */
+    bool split_experts;
 } test_model_variant;
 
 /* Copies the GGUF at src (a llama model with the key types `cake mkmodel`

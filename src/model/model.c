@@ -90,12 +90,27 @@ static int find_weight(const cake_gguf *g, const char *name, int n_in, int n_out
     return 0;
 }
 
-/* The n_experts matrices of a 3-D tensor, ne = [n_in, n_out, n_experts]:
- * expert e's into w[3 e] (w steps over the three matrices of an expert). */
-static int find_experts(const cake_gguf *g, const char *name, int n_in, int n_out, int n_experts,
-                        cake_weight *w, char *err, size_t errlen) {
+/* Layer l's n_experts matrices `which` (gate, up, down), expert e's into
+ * w[3 e] (w steps over the three matrices of an expert): from one 3-D
+ * tensor, ne = [n_in, n_out, n_experts] (llama.cpp's converter since
+ * 2024), or one tensor an expert, blk.L.ffn_WHICH.E.weight (older
+ * Mixtral conversions, still on the hubs). */
+static int find_experts(const cake_gguf *g, int l, const char *which, int n_in, int n_out,
+                        int n_experts, cake_weight *w, char *err, size_t errlen) {
+    char name[96];
+    snprintf(name, sizeof(name), "blk.%d.ffn_%s_exps.weight", l, which);
     const cake_gguf_tensor *t = cake_gguf_find_tensor(g, name);
-    if (!t) return cake_err(err, errlen, "tensor '%s' is missing", name);
+    if (!t) {
+        char one[96];
+        snprintf(one, sizeof(one), "blk.%d.ffn_%s.0.weight", l, which);
+        if (!cake_gguf_find_tensor(g, one))
+            return cake_err(err, errlen, "tensor '%s' is missing", name);
+        for (int e = 0; e < n_experts; e++) {
+            snprintf(one, sizeof(one), "blk.%d.ffn_%s.%d.weight", l, which, e);
+            if (find_weight(g, one, n_in, n_out, 0, &w[3 * e], err, errlen)) return -1;
+        }
+        return 0;
+    }
     if (!is_weight_dtype(t->type))
         return cake_err(err, errlen,
                         "tensor '%s': dtype %s is not supported for weights (" CAKE_WEIGHT_DTYPES
@@ -547,12 +562,9 @@ int cake_model_load(const char *path, cake_model **out, char *err, size_t errlen
         }
         if (ne && (find_weight(g, LAYER_NAME("ffn_gate_inp.weight"), dim, ne, 0, &L->router, why,
                                sizeof(why)) ||
-                   find_experts(g, LAYER_NAME("ffn_gate_exps.weight"), dim, ffn, ne, L->expert, why,
-                                sizeof(why)) ||
-                   find_experts(g, LAYER_NAME("ffn_up_exps.weight"), dim, ffn, ne, L->expert + 1,
-                                why, sizeof(why)) ||
-                   find_experts(g, LAYER_NAME("ffn_down_exps.weight"), ffn, dim, ne, L->expert + 2,
-                                why, sizeof(why))))
+                   find_experts(g, l, "gate", dim, ffn, ne, L->expert, why, sizeof(why)) ||
+                   find_experts(g, l, "up", dim, ffn, ne, L->expert + 1, why, sizeof(why)) ||
+                   find_experts(g, l, "down", ffn, dim, ne, L->expert + 2, why, sizeof(why))))
             goto fail_why;
         int failed = 0;
         L->bq = load_bias(g, LAYER_NAME("attn_q.bias"), q_dim, &failed, why, sizeof(why));
