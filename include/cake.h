@@ -26,8 +26,8 @@ typedef struct cake_context cake_context;
 typedef struct cake_tokenizer cake_tokenizer;
 typedef struct cake_sampler cake_sampler;
 
-/* Architecture of a loaded model (GGUF `llama.*`, `qwen2.*`, `qwen3.*` or
- * `qwen3moe.*` keys). */
+/* Architecture of a loaded model (GGUF `llama.*`, `qwen2.*`, `qwen3.*`,
+ * `qwen3moe.*` or `phi3.*` keys). */
 typedef struct {
     int n_vocab;
     int n_ctx_train; /* context_length */
@@ -42,6 +42,12 @@ typedef struct {
     float rms_eps;
     float rope_theta;
     float rope_freq_scale; /* 1 / linear scaling factor; 1 = none */
+    /* LongRoPE (Phi-3.5, Phi-3 128K): attention logits are scaled by its
+     * square (llama.cpp scales both q and k by it); 1 = none */
+    float rope_attn_factor;
+    /* Phi-3 4K models attend over a sliding window of this many positions;
+     * n_ctx_train is capped to it, where the window masks nothing. 0 = none */
+    int sliding_window;
     int weight_dtype;      /* dtype of the big matrices (cake_dtype numbering) */
     bool tied_output;      /* output.weight absent: token_embd is reused */
     bool rope_neox;        /* RoPE turns pairs (i, i + head_dim/2) (qwen2), not (2i, 2i+1) */

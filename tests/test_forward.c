@@ -553,6 +553,7 @@ static double *reference_logits(const char *path, const cake_token *prompt, int 
     cake_gguf_str arch;
     assert_int_equal(cake_gguf_get_str(g, "general.architecture", &arch, err, sizeof(err)), 0);
     const bool neox = arch.len >= 5 && !memcmp(arch.ptr, "qwen", 4); /* qwen2, qwen3(moe) */
+    float attn_factor = 1.0f; /* LongRoPE's: the scores scale by its square */
     ref_tensors w = {.g = g};
     const int wq_type = (int)cake_gguf_find_tensor(g, "blk.0.attn_q.weight")->type;
     w.q8_0 = wq_type == CAKE_DTYPE_Q8_0 || cake_kquant_x16_for(wq_type);
@@ -573,6 +574,7 @@ static double *reference_logits(const char *path, const cake_token *prompt, int 
     cake_gguf_get_u32(g, KEY("expert_count"), &n_exp, err, sizeof(err));
     cake_gguf_get_u32(g, KEY("expert_used_count"), &n_used, err, sizeof(err));
     cake_gguf_get_u32(g, KEY("expert_feed_forward_length"), &ffn, err, sizeof(err));
+    cake_gguf_get_f32(g, KEY("rope.scaling.attn_factor"), &attn_factor, err, sizeof(err));
 #undef KEY
     const int hd = (int)key_length, qd = (int)nh * hd, kvd = (int)nkv * hd,
               nv = (int)cake_gguf_find_tensor(g, "token_embd.weight")->ne[1];
@@ -614,7 +616,7 @@ static double *reference_logits(const char *path, const cake_token *prompt, int 
                     double d = 0;
                     for (int i = 0; i < hd; i++)
                         d += q[h * hd + i] * k[(size_t)j * kvd + kh * hd + i];
-                    sc[j] = d / sqrt(hd);
+                    sc[j] = d / sqrt(hd) * attn_factor * attn_factor;
                     if (sc[j] > mx) mx = sc[j];
                 }
                 for (int j = 0; j <= t; j++) sum += sc[j] = exp(sc[j] - mx);
@@ -830,6 +832,76 @@ static void test_experts(void **state) {
     free(qwen_logits);
     unlink(qwen);
     unlink(q8);
+    unlink(base);
+}
+
+/* phi3 (Phi-3, Phi-3.5, Phi-4): qwen2's layer without biases, q/k/v in one
+ * tensor (q's rows, k's, v's) and gate/up in one (gate's first). A phi3
+ * copy gives its qwen2 twin's logits bit for bit, so does one with
+ * LongRoPE's factors the twin with rope_freqs.weight holding the long ones
+ * (a context longer than original_context) or the short ones (not
+ * longer); attn_factor scales the scores by its square (the reference
+ * holds the twin with it); a sliding window shorter than the context caps
+ * the context, and a longer context is refused. */
+static void test_phi3(void **state) {
+    (void)state;
+    char base[64], twin[96], phi3[96];
+    assert_int_equal(test_make_model("tiny", "f32", base), 0);
+    snprintf(twin, sizeof(twin), "%s.qwen2", base);
+    snprintf(phi3, sizeof(phi3), "%s.phi3", base);
+    float longf[8], shortf[8]; /* tiny's heads are 16 wide: 8 pairs */
+    for (int i = 0; i < 8; i++) longf[i] = 1.0f + (float)i, shortf[i] = 1.0f + 0.25f * (float)i;
+    static const struct {
+        uint32_t original; /* 0: no LongRoPE */
+        int which;         /* the twin's factors: 0 none, 1 long, 2 short */
+        float attn_factor;
+    } cases[] = {{0, 0, 0}, {1024, 1, 0}, {4096, 2, 0}, {0, 0, 1.25f}};
+    for (size_t k = 0; k < sizeof(cases) / sizeof(cases[0]); k++) {
+        const float *twin_factors = cases[k].which == 1   ? longf
+                                    : cases[k].which == 2 ? shortf
+                                                          : NULL;
+        write_variant(base, twin,
+                      &(test_model_variant){.qwen2 = true,
+                                            .rope_factors = twin_factors,
+                                            .n_factors = 8,
+                                            .attn_factor = cases[k].attn_factor});
+        write_variant(base, phi3,
+                      &(test_model_variant){.qwen2 = true,
+                                            .phi3 = true,
+                                            .long_factors = cases[k].original ? longf : NULL,
+                                            .short_factors = shortf,
+                                            .n_factors = 8,
+                                            .original_context = cases[k].original,
+                                            .attn_factor = cases[k].attn_factor});
+        cake_hparams hp;
+        float *want = cases[k].attn_factor != 0
+                          ? check_vs_reference(twin, "qwen2, attn_factor", &hp)
+                          : first_logits(twin, &hp);
+        float *got = first_logits(phi3, &hp);
+        printf("phi3 case %zu: %s\n", k,
+               memcmp(got, want, (size_t)hp.n_vocab * sizeof(float)) ? "differs" : "the same");
+        assert_memory_equal(got, want, (size_t)hp.n_vocab * sizeof(float));
+        assert_true(hp.rope_neox && !hp.qkv_bias && hp.sliding_window == 0);
+        assert_int_equal(hp.n_ctx_train, 4096);
+        if (k == 0) check_file_chunk_invariance(phi3, 100, 4);
+        free(want);
+        free(got);
+    }
+    /* Phi-3's 4K window: the context is capped to it, a longer one refused */
+    write_variant(base, phi3,
+                  &(test_model_variant){.qwen2 = true, .phi3 = true, .sliding_window = 2047});
+    cake_model *m = NULL;
+    char err[256];
+    assert_int_equal(cake_model_load(phi3, &m, err, sizeof(err)), 0);
+    assert_int_equal(cake_model_hparams(m)->n_ctx_train, 2047);
+    assert_int_equal(cake_model_hparams(m)->sliding_window, 2047);
+    cake_context *c = test_context(m, 4096, 1, 64);
+    assert_null(c);
+    assert_non_null(c = test_context(m, 2047, 1, 64));
+    cake_context_free(c);
+    cake_model_free(m);
+    unlink(phi3);
+    unlink(twin);
     unlink(base);
 }
 
@@ -1457,6 +1529,7 @@ int main(void) {
         cmocka_unit_test(test_qwen3_reference),
         cmocka_unit_test(test_wide_heads),
         cmocka_unit_test(test_experts),
+        cmocka_unit_test(test_phi3),
         cmocka_unit_test(test_experts_kquants),
         cmocka_unit_test(test_q8_0),
         cmocka_unit_test(test_other_quants),

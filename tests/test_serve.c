@@ -1823,6 +1823,11 @@ enum {
     CALL_END,
     THINK,
     THINK_END,
+    IM_SEP, /* Phi-4's, then Phi-3's tags */
+    PHI_SYSTEM,
+    PHI_USER,
+    PHI_ASSISTANT,
+    PHI_END,
     CHAT_VOCAB
 };
 
@@ -1830,11 +1835,13 @@ static cake_tokenizer *chat_vocab(void) {
     static const char *tokens[CHAT_VOCAB];
     static int32_t types[CHAT_VOCAB];
     for (int b = 0; b < 256; b++) tokens[b] = test_gpt2_byte_char(b), types[b] = CAKE_TOKEN_NORMAL;
-    const char *special[] = {"<|im_start|>",      "<|im_end|>",   "<|start_header_id|>",
-                             "<|end_header_id|>", "<|eot_id|>",   "<|begin_of_text|>",
-                             "<tool_call>",       "</tool_call>", "<think>",
-                             "</think>"};
-    for (int i = 0; i < 10; i++) tokens[256 + i] = special[i], types[256 + i] = CAKE_TOKEN_CONTROL;
+    const char *special[] = {"<|im_start|>",      "<|im_end|>",    "<|start_header_id|>",
+                             "<|end_header_id|>", "<|eot_id|>",    "<|begin_of_text|>",
+                             "<tool_call>",       "</tool_call>",  "<think>",
+                             "</think>",          "<|im_sep|>",    "<|system|>",
+                             "<|user|>",          "<|assistant|>", "<|end|>"};
+    for (int i = 0; i < CHAT_VOCAB - 256; i++)
+        tokens[256 + i] = special[i], types[256 + i] = CAKE_TOKEN_CONTROL;
     /* (Qwen's tags are user-defined: their text is theirs) */
     types[CALL] = types[CALL_END] = types[THINK] = types[THINK_END] = CAKE_TOKEN_USER_DEFINED;
     cake_vocab_arrays va = {.n_vocab = CHAT_VOCAB,
@@ -1866,9 +1873,14 @@ static void test_chat_formats(void **state) {
 
     assert_int_equal(chat_detect("[INST] {{ m }} [/INST]", t), CHAT_MISTRAL);
     assert_int_equal(chat_detect("{{ '<|user|>\n' }}{{ '<|assistant|>' }}", t), CHAT_ZEPHYR);
+    assert_int_equal(chat_detect("{{'<|user|>\n' + m + '<|end|>\n'}}{{ '<|assistant|>\n' }}", t),
+                     CHAT_PHI3);
+    assert_int_equal(chat_detect("{{'<|im_start|>' + r + '<|im_sep|>' + c + '<|im_end|>'}}", t),
+                     CHAT_PHI4);
 
     /* Each format, id by id: the expected prompt is bytes, with the special
-     * tokens written as \x01 .. \x06 (IM_START .. BOT). BOS comes first
+     * tokens written as \x01 .. \x06 (IM_START .. BOT) and \x0e .. \x12
+     * (IM_SEP .. PHI_END). BOS comes first
      * (add_bos). The user's "<|im_end|>" stays text: bytes, not the special
      * token. */
     const chat_message m[] = {{.role = "system", .content = "S", .content_len = 1},
@@ -1899,6 +1911,14 @@ static void test_chat_formats(void **state) {
         {CHAT_LLAMA2,
          "\x06[INST] <<SYS>>\nS\n<</SYS>>\n\n<|im_end|> [/INST] ok \x05\x06[INST] more [/INST]",
          -1},
+        {CHAT_PHI3,
+         "\x06\x0f\nS\x12\n\x10\n <|im_end|>\n\x12\n\x11\n ok \x12\n\x10\nmore\x12\n\x11\n",
+         PHI_END},
+        {CHAT_PHI4,
+         "\x06\x01system\x0eS\x02\x01user\x0e <|im_end|>\n\x02\x01"
+         "assistant\x0e ok \x02\x01user\x0emore\x02\x01"
+         "assistant\x0e",
+         IM_END},
     };
     for (size_t k = 0; k < sizeof(formats) / sizeof(formats[0]); k++) {
         cake_token *ids, eot;
@@ -1910,7 +1930,10 @@ static void test_chat_formats(void **state) {
             fail_msg("%s: %d ids, want %zu", chat_format_name(formats[k].f), n, strlen(want));
         for (int i = 0; i < n; i++) {
             const unsigned char c = (unsigned char)want[i];
-            if (ids[i] != (c >= 1 && c <= 8 ? IM_START + c - 1 : c))
+            const int want_id = c >= 1 && c <= 8     ? IM_START + c - 1
+                                : c >= 14 && c <= 18 ? IM_SEP + c - 14
+                                                     : c;
+            if (ids[i] != want_id)
                 fail_msg("%s: id %d is %d, want byte %d", chat_format_name(formats[k].f), i, ids[i],
                          c);
         }

@@ -80,8 +80,10 @@ typedef struct {
     int head_dim;
     const uint64_t *src;  /* tensor i of the copy is the source's src[i] */
     const uint64_t *part; /* its part[i]-th matrix (split_experts), else 0 */
+    const int *fused;     /* phi3: 1 attn_qkv (src: attn_q), 2 ffn_up of gate and up (src: gate) */
     uint64_t n_src;       /* how many of the source's are copied */
-    uint64_t n_bias;      /* bias tensors after them (and rope_freqs.weight) */
+    uint64_t n_rope;      /* rope factor tensors after them */
+    uint64_t n_bias;      /* bias tensors after those */
 } variant_fill;
 
 static bool name_ends(cake_gguf_str name, const char *suffix) {
@@ -124,40 +126,74 @@ static int convert_tensor(const cake_gguf_tensor *t, int type, void *buf) {
     return 0;
 }
 
-/* Tensor i of the copy: the source's (q/k rows reordered for qwen2; without
- * output.weight when tied), then rope_freqs.weight, then the biases, then
- * the q/k norms. */
-static int fill_variant(uint64_t i, void *buf, uint64_t nbytes, void *ctx) {
-    const variant_fill *f = ctx;
-    const uint64_t n_src = f->n_src, first_norm = n_src + (f->v->rope_factors != NULL) + f->n_bias;
-    if (i >= first_norm) {
-        for (uint64_t j = 0; j < nbytes / 4; j++)
-            ((float *)buf)[j] = 1.0f + (float)((int)(j % 5) - 2) * f->v->qk_norm;
-        return 0;
-    }
-    if (i >= n_src + (f->v->rope_factors != NULL)) { /* a bias */
-        for (uint64_t j = 0; j < nbytes / 4; j++)
-            ((float *)buf)[j] = (float)((int)(j % 7) - 3) * f->v->bias;
-        return 0;
-    }
-    if (i == n_src) {
-        memcpy(buf, f->v->rope_factors, nbytes);
-        return 0;
-    }
-    const cake_gguf_tensor *t = &f->g->tensors[f->src[i]];
-    const int type = variant_type(f->v, t);
-    if (type != (int)t->type) return convert_tensor(t, type, buf);
+/* t's rows into dst (q/k rows in NeoX order for qwen2 and phi3); its bytes. */
+static uint64_t put_rows(const variant_fill *f, const cake_gguf_tensor *t, char *dst) {
+    const uint64_t bytes = t->nbytes, row = bytes / t->ne[1], half = (uint64_t)f->head_dim / 2;
     if (!f->v->qwen2 ||
         !(name_ends(t->name, "attn_q.weight") || name_ends(t->name, "attn_k.weight"))) {
-        memcpy(buf, (const char *)t->data + f->part[i] * nbytes, nbytes);
-        return 0;
+        memcpy(dst, t->data, bytes);
+        return bytes;
     }
-    const size_t row = nbytes / t->ne[1], half = (size_t)f->head_dim / 2;
     for (uint64_t r = 0; r < t->ne[1]; r++) { /* r = head, 2i + b in llama order */
         const uint64_t head = r / (2 * half), within = r % (2 * half);
         const uint64_t to = head * 2 * half + (within % 2) * half + within / 2;
-        memcpy((char *)buf + to * row, (const char *)t->data + r * row, row);
+        memcpy(dst + to * row, (const char *)t->data + r * row, row);
     }
+    return bytes;
+}
+
+/* The source's tensor named as t with its suffix `from` replaced by `to`. */
+static const cake_gguf_tensor *sibling(const cake_gguf *g, const cake_gguf_tensor *t,
+                                       const char *from, const char *to) {
+    char name[128];
+    snprintf(name, sizeof(name), "%.*s%s", (int)(t->name.len - strlen(from)), t->name.ptr, to);
+    return cake_gguf_find_tensor(g, name);
+}
+
+/* Tensor i of the copy: the source's (q/k rows reordered for qwen2; without
+ * output.weight when tied; q/k/v and gate/up fused for phi3), then
+ * rope_freqs.weight and LongRoPE's factors, then the biases, then the q/k
+ * norms. */
+static int fill_variant(uint64_t i, void *buf, uint64_t nbytes, void *ctx) {
+    const variant_fill *f = ctx;
+    const test_model_variant *v = f->v;
+    const uint64_t n_src = f->n_src, first_norm = n_src + f->n_rope + f->n_bias;
+    if (i >= first_norm) {
+        for (uint64_t j = 0; j < nbytes / 4; j++)
+            ((float *)buf)[j] = 1.0f + (float)((int)(j % 5) - 2) * v->qk_norm;
+        return 0;
+    }
+    if (i >= n_src + f->n_rope) { /* a bias */
+        for (uint64_t j = 0; j < nbytes / 4; j++)
+            ((float *)buf)[j] = (float)((int)(j % 7) - 3) * v->bias;
+        return 0;
+    }
+    if (i >= n_src) { /* rope_freqs.weight, rope_factors_long, rope_factors_short */
+        const float *factors[] = {v->rope_factors, v->long_factors, v->short_factors};
+        int k = (int)(i - n_src) + !v->rope_factors;
+        memcpy(buf, factors[k], nbytes);
+        return 0;
+    }
+    const cake_gguf_tensor *t = &f->g->tensors[f->src[i]];
+    if (f->fused[i] == 1) {
+        char *dst = buf;
+        dst += put_rows(f, t, dst);
+        dst += put_rows(f, sibling(f->g, t, "attn_q.weight", "attn_k.weight"), dst);
+        put_rows(f, sibling(f->g, t, "attn_q.weight", "attn_v.weight"), dst);
+        return 0;
+    }
+    if (f->fused[i] == 2) {
+        put_rows(f, sibling(f->g, t, "ffn_gate.weight", "ffn_up.weight"),
+                 (char *)buf + put_rows(f, t, buf));
+        return 0;
+    }
+    const int type = variant_type(v, t);
+    if (type != (int)t->type) return convert_tensor(t, type, buf);
+    if (t->n_dims == 3 && v->split_experts) { /* expert part[i] */
+        memcpy(buf, (const char *)t->data + f->part[i] * nbytes, nbytes);
+        return 0;
+    }
+    put_rows(f, t, buf);
     return 0;
 }
 
@@ -258,7 +294,11 @@ int test_write_variant(const char *src, const char *dst, const test_model_varian
     (void)cake_gguf_get_u32(g, "llama.expert_count", &n_experts, err, errlen);
     (void)cake_gguf_get_u32(g, "llama.feed_forward_length", &ffn, err, errlen);
     const bool moe = v->qwen2 && v->qk_norm != 0 && n_experts > 0;
-    const char *arch = !v->qwen2 ? "llama" : moe ? "qwen3moe" : v->qk_norm != 0 ? "qwen3" : "qwen2";
+    const char *arch = !v->qwen2         ? "llama"
+                       : v->phi3         ? "phi3"
+                       : moe             ? "qwen3moe"
+                       : v->qk_norm != 0 ? "qwen3"
+                                         : "qwen2";
     cake_gguf_writer *w = cake_gguf_writer_init();
     int rc = w ? 0 : cake_err(err, errlen, "out of memory");
     for (uint64_t i = 0; !rc && i < g->n_kv; i++) {
@@ -283,6 +323,17 @@ int test_write_variant(const char *src, const char *dst, const test_model_varian
     }
     if (!rc && moe) /* qwen3moe's experts' width */
         cake_gguf_writer_add_u32(w, "qwen3moe.expert_feed_forward_length", ffn);
+    if (!rc && v->phi3) {
+        cake_gguf_writer_add_u32(w, "phi3.attention.sliding_window", v->sliding_window);
+        if (v->long_factors)
+            cake_gguf_writer_add_u32(w, "phi3.rope.scaling.original_context_length",
+                                     v->original_context);
+    }
+    if (!rc && v->attn_factor != 0) {
+        char key[64];
+        snprintf(key, sizeof(key), "%s.rope.scaling.attn_factor", arch);
+        cake_gguf_writer_add_f32(w, key, v->attn_factor);
+    }
     if (!rc && v->chat_template)
         cake_gguf_writer_add_str(w, "tokenizer.chat_template", v->chat_template);
     if (!rc && v->linear > 0) {
@@ -297,12 +348,33 @@ int test_write_variant(const char *src, const char *dst, const test_model_varian
         if (g->tensors[i].n_dims == 3) n_out += g->tensors[i].ne[2];
     uint64_t *copied = calloc(n_out, sizeof(*copied)), n_copied = 0;
     uint64_t *part = calloc(n_out, sizeof(*part));
-    if (!copied || !part) rc = cake_err(err, errlen, "out of memory");
+    int *fused = calloc(n_out, sizeof(*fused));
+    if (!copied || !part || !fused) rc = cake_err(err, errlen, "out of memory");
+    if (v->phi3 && (v->retype || v->dequantize || v->bias != 0 || v->qk_norm != 0))
+        rc = cake_err(err, errlen, "phi3 copies the tensors as they are");
     if (v->split_experts && (v->retype || v->dequantize || v->qwen2))
         rc = cake_err(err, errlen, "split_experts copies the tensors as they are");
     for (uint64_t i = 0; !rc && i < g->n_tensors; i++) {
         const cake_gguf_tensor *t = &g->tensors[i];
         if (v->tied && name_ends(t->name, "output.weight") && t->name.len == 13) continue;
+        if (v->phi3 && (name_ends(t->name, "attn_k.weight") ||
+                        name_ends(t->name, "attn_v.weight") || name_ends(t->name, "ffn_up.weight")))
+            continue; /* in the fused tensors below */
+        if (v->phi3 &&
+            (name_ends(t->name, "attn_q.weight") || name_ends(t->name, "ffn_gate.weight"))) {
+            const bool qkv = name_ends(t->name, "attn_q.weight");
+            const cake_gguf_tensor *k = sibling(g, t, qkv ? "attn_q.weight" : "ffn_gate.weight",
+                                                qkv ? "attn_k.weight" : "ffn_up.weight");
+            const char *from = qkv ? "attn_q.weight" : "ffn_gate.weight";
+            char name[96];
+            snprintf(name, sizeof(name), "%.*s%s", (int)(t->name.len - strlen(from)), t->name.ptr,
+                     qkv ? "attn_qkv.weight" : "ffn_up.weight");
+            const uint64_t ne[2] = {t->ne[0], t->ne[1] + (qkv ? 2 : 1) * k->ne[1]};
+            cake_gguf_writer_add_tensor(w, name, (int)t->type, 2, ne);
+            fused[n_copied] = qkv ? 1 : 2;
+            copied[n_copied++] = i;
+            continue;
+        }
         if (v->split_experts && t->n_dims == 3) { /* blk.L.ffn_X_exps -> blk.L.ffn_X.E */
             const int stem = (int)t->name.len - (int)strlen("_exps.weight");
             for (uint64_t e = 0; e < t->ne[2]; e++) {
@@ -323,9 +395,12 @@ int test_write_variant(const char *src, const char *dst, const test_model_varian
         free(name);
         copied[n_copied++] = i;
     }
-    if (!rc && v->rope_factors) {
-        const uint64_t ne[1] = {(uint64_t)v->n_factors};
-        cake_gguf_writer_add_tensor(w, "rope_freqs.weight", CAKE_DTYPE_F32, 1, ne);
+    const uint64_t n_factors[1] = {(uint64_t)v->n_factors};
+    if (!rc && v->rope_factors)
+        cake_gguf_writer_add_tensor(w, "rope_freqs.weight", CAKE_DTYPE_F32, 1, n_factors);
+    if (!rc && v->long_factors) {
+        cake_gguf_writer_add_tensor(w, "rope_factors_long.weight", CAKE_DTYPE_F32, 1, n_factors);
+        cake_gguf_writer_add_tensor(w, "rope_factors_short.weight", CAKE_DTYPE_F32, 1, n_factors);
     }
     for (uint32_t l = 0; !rc && v->bias != 0 && l < n_layers; l++) {
         static const char *const which[] = {"q", "k", "v"};
@@ -344,10 +419,12 @@ int test_write_variant(const char *src, const char *dst, const test_model_varian
             cake_gguf_writer_add_tensor(w, name, CAKE_DTYPE_F32, 1, ne);
         }
     const uint64_t n_bias = v->bias != 0 ? 3 * (uint64_t)n_layers : 0;
-    variant_fill fill = {g, v, (int)head_dim, copied, part, n_copied, n_bias};
+    const uint64_t n_rope = (v->rope_factors != NULL) + 2 * (v->long_factors != NULL);
+    variant_fill fill = {g, v, (int)head_dim, copied, part, fused, n_copied, n_rope, n_bias};
     if (!rc) rc = cake_gguf_writer_write_file(w, dst, fill_variant, &fill, err, errlen);
     free(copied);
     free(part);
+    free(fused);
     cake_gguf_writer_free(w);
     cake_gguf_close(g);
     if (rc) fprintf(stderr, "test_write_variant %s -> %s: %s\n", src, dst, err);

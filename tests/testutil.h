@@ -62,6 +62,16 @@ typedef struct {
      * tokens, of type control: a chat format's special tokens */
     const char *const *special_tokens;
     uint32_t context_length; /* <arch>.context_length; 0: the source's */
+    /* with qwen2: a phi3 copy (q/k/v in one attn_qkv, gate and up in one
+     * ffn_up; no other changes but these), with the key
+     * attention.sliding_window, and with long_factors LongRoPE's
+     * rope_factors_long (long_factors) and _short (short_factors, both
+     * n_factors) and rope.scaling.original_context_length */
+    bool phi3;
+    int sliding_window;
+    const float *long_factors, *short_factors;
+    uint32_t original_context;
+    float attn_factor; /* <arch>.rope.scaling.attn_factor; 0: none */
     /* each expert's matrix as a tensor of its own (blk.L.ffn_gate.E.weight,
      * as older Mixtral conversions have them), not with other changes */
     bool split_experts;

@@ -133,6 +133,62 @@ static int find_experts(const cake_gguf *g, int l, const char *which, int n_in, 
     return 0;
 }
 
+/* Rows [r0, r0 + n) of w: a matrix of their own (rows are whole blocks). */
+static cake_weight weight_rows(cake_weight w, int r0, int n) {
+    const size_t row = (size_t)w.n_in / cake_dtype_block_elems((uint32_t)w.dtype) *
+                       cake_dtype_block_bytes((uint32_t)w.dtype);
+    w.data = (const char *)w.data + (size_t)r0 * row;
+    w.n_out = n;
+    return w;
+}
+
+/* Layer l's q, k and v: three tensors, or phi3's one (attn_qkv: q's rows,
+ * then k's, then v's). */
+static int find_qkv(const cake_gguf *g, int l, int dim, int q_dim, int kv_dim, cake_layer *L,
+                    char *err, size_t errlen) {
+    char name[96];
+    snprintf(name, sizeof(name), "blk.%d.attn_qkv.weight", l);
+    cake_weight qkv = {0};
+    const int rc = find_weight(g, name, dim, q_dim + 2 * kv_dim, 1, &qkv, err, errlen);
+    if (rc < 0) return -1;
+    if (rc == 0) {
+        L->wq = weight_rows(qkv, 0, q_dim);
+        L->wk = weight_rows(qkv, q_dim, kv_dim);
+        L->wv = weight_rows(qkv, q_dim + kv_dim, kv_dim);
+        return 0;
+    }
+    const char *which[] = {"q", "k", "v"};
+    cake_weight *w[] = {&L->wq, &L->wk, &L->wv};
+    for (int i = 0; i < 3; i++) {
+        snprintf(name, sizeof(name), "blk.%d.attn_%s.weight", l, which[i]);
+        if (find_weight(g, name, dim, i ? kv_dim : q_dim, 0, w[i], err, errlen)) return -1;
+    }
+    return 0;
+}
+
+/* Layer l's gate and up: two tensors, or phi3's ffn_up of both (the gate's
+ * rows first: llama.cpp's LLM_FFN_SWIGLU takes silu of the first half). */
+static int find_gate_up(const cake_gguf *g, int l, int dim, int ffn, cake_layer *L, char *err,
+                        size_t errlen) {
+    char gate[96], up[96];
+    snprintf(gate, sizeof(gate), "blk.%d.ffn_gate.weight", l);
+    snprintf(up, sizeof(up), "blk.%d.ffn_up.weight", l);
+    if (cake_gguf_find_tensor(g, gate))
+        return find_weight(g, gate, dim, ffn, 0, &L->w_gate, err, errlen) ||
+                       find_weight(g, up, dim, ffn, 0, &L->w_up, err, errlen)
+                   ? -1
+                   : 0;
+    cake_weight both = {0};
+    if (find_weight(g, up, dim, 2 * ffn, 0, &both, err, errlen)) {
+        cake_err(err, errlen, "tensor '%s' is missing (and '%s' is not gate and up in one)", gate,
+                 up);
+        return -1;
+    }
+    L->w_gate = weight_rows(both, 0, ffn);
+    L->w_up = weight_rows(both, ffn, ffn);
+    return 0;
+}
+
 /* A norm vector of length n, returned as an f32 copy (it is tiny). */
 static float *load_norm(const cake_gguf *g, const char *name, int n, char *err, size_t errlen) {
     const cake_gguf_tensor *t = cake_gguf_find_tensor(g, name);
@@ -162,20 +218,25 @@ static float *load_norm(const cake_gguf *g, const char *name, int n, char *err, 
     return v;
 }
 
-static int read_hparams(const cake_gguf *g, cake_hparams *hp, char *err, size_t errlen) {
+/* The hyperparameters into hp; *orig_ctx: the context LongRoPE's short
+ * factors are for (rope.scaling.original_context_length; n_ctx_train when
+ * absent). */
+static int read_hparams(const cake_gguf *g, cake_hparams *hp, int *orig_ctx, char *err,
+                        size_t errlen) {
     cake_gguf_str arch;
     int rc = cake_gguf_get_str(g, "general.architecture", &arch, err, errlen);
     if (rc == -1) return cake_err(err, errlen, "missing metadata key 'general.architecture'");
     if (rc < 0) return -1;
-    const bool moe_arch = str_eq(arch, "qwen3moe");
-    if (!str_eq(arch, "llama") && !str_eq(arch, "qwen2") && !str_eq(arch, "qwen3") && !moe_arch)
+    const bool moe_arch = str_eq(arch, "qwen3moe"), phi3 = str_eq(arch, "phi3");
+    if (!str_eq(arch, "llama") && !str_eq(arch, "qwen2") && !str_eq(arch, "qwen3") && !moe_arch &&
+        !phi3)
         return cake_err(err, errlen,
-                        "architecture '%.*s' is not supported ('llama', 'qwen2', 'qwen3' and "
-                        "'qwen3moe' are)",
+                        "architecture '%.*s' is not supported ('llama', 'qwen2', 'qwen3', "
+                        "'qwen3moe' and 'phi3' are)",
                         (int)(arch.len > 64 ? 64 : arch.len), arch.ptr);
-    /* qwen2 and qwen3 files keep the NeoX pairing (llama.cpp's converter
-     * permutes only llama's q/k rows); qwen3 adds per-head q/k norms, found
-     * by their tensors. */
+    /* qwen2, qwen3 and phi3 files keep the NeoX pairing (llama.cpp's
+     * converter permutes only llama's q/k rows); qwen3 adds per-head q/k
+     * norms, found by their tensors. */
     hp->rope_neox = !str_eq(arch, "llama");
     /* The keys are named after the architecture: llama.block_count, ... */
     char key[96];
@@ -236,6 +297,24 @@ static int read_hparams(const cake_gguf *g, cake_hparams *hp, char *err, size_t 
         return -1;
     if (hp->rms_eps <= 0 || hp->rope_theta <= 0)
         return cake_err(err, errlen, "rms epsilon and rope.freq_base must be positive");
+    if (get_f32_or(g, KEY("rope.scaling.attn_factor"), 1.0f, &hp->rope_attn_factor, err, errlen) ||
+        get_u32_in(g, KEY("rope.scaling.original_context_length"), 0, (uint32_t)hp->n_ctx_train, 1,
+                   1 << 24, orig_ctx, err, errlen))
+        return -1;
+    if (!(hp->rope_attn_factor > 0))
+        return cake_err(err, errlen, "%s %g must be positive", key, hp->rope_attn_factor);
+    /* Phi-3's 4K models attend over the last 2047 positions (llama.cpp
+     * takes that where older files lack the key; Phi-4 writes 0 for none).
+     * The kernels have no sliding window, so the context is capped where it
+     * masks nothing: a query at position p sees keys back to p - window + 1. */
+    if (phi3 &&
+        get_u32_in(g, KEY("attention.sliding_window"), 0, hp->n_ctx_train == 4096 ? 2047 : 0, 0,
+                   1u << 30, &hp->sliding_window, err, errlen))
+        return -1;
+    if (hp->sliding_window && hp->sliding_window < hp->n_ctx_train)
+        hp->n_ctx_train = hp->sliding_window;
+    else
+        hp->sliding_window = 0;
 
     /* RoPE scaling: none and linear are supported; anything else changes the
      * positions' meaning and is refused rather than silently ignored. */
@@ -268,19 +347,30 @@ static float *load_bias(const cake_gguf *g, const char *name, int n, int *failed
     return b;
 }
 
-/* Each RoPE pair's frequency (cake_model.rope_freqs), with Llama 3.1's per-pair
- * factors from rope_freqs.weight when the file has them (llama.cpp divides the
- * angle by them the same way). */
-static double *rope_frequencies(const cake_gguf *g, const cake_hparams *hp, char *err,
-                                size_t errlen) {
+/* Each RoPE pair's frequency (cake_model.rope_freqs), divided by per-pair
+ * factors where the file has them (as llama.cpp's freq_factors): Llama
+ * 3.1's rope_freqs.weight, or LongRoPE's (Phi-3.5, Phi-3 128K) pair of
+ * rope_factors_short/_long, long when the context is longer than the one
+ * the short ones are for (llama.cpp picks by the context in use, vLLM by the
+ * longest allowed; cake's contexts go up to n_ctx_train). *set: which pair
+ * (cake_model.rope_factor_set). */
+static double *rope_frequencies(const cake_gguf *g, const cake_hparams *hp, int orig_ctx, int *set,
+                                char *err, size_t errlen) {
     const int half = hp->head_dim / 2;
+    const char *name = "rope_freqs.weight";
+    *set = 0;
+    if (cake_gguf_find_tensor(g, "rope_factors_long.weight") ||
+        cake_gguf_find_tensor(g, "rope_factors_short.weight")) {
+        *set = hp->n_ctx_train > orig_ctx ? 2 : 1;
+        name = *set == 2 ? "rope_factors_long.weight" : "rope_factors_short.weight";
+    }
     float *factor = NULL;
-    if (cake_gguf_find_tensor(g, "rope_freqs.weight")) {
-        if (!(factor = load_norm(g, "rope_freqs.weight", half, err, errlen))) return NULL;
+    if (cake_gguf_find_tensor(g, name) || *set) {
+        if (!(factor = load_norm(g, name, half, err, errlen))) return NULL;
         for (int i = 0; i < half; i++)
             if (!(factor[i] > 0 && factor[i] < INFINITY)) {
-                cake_err(err, errlen, "tensor 'rope_freqs.weight': factor %d is %g, not positive",
-                         i, factor[i]);
+                cake_err(err, errlen, "tensor '%s': factor %d is %g, not positive", name, i,
+                         factor[i]);
                 free(factor);
                 return NULL;
             }
@@ -503,8 +593,9 @@ int cake_model_load(const char *path, cake_model **out, char *err, size_t errlen
     if (cake_gguf_open(path, &m->gguf, err, errlen)) goto fail; /* its message names the file */
     const cake_gguf *g = m->gguf;
     cake_hparams *hp = &m->hp;
-    if (read_hparams(g, hp, why, sizeof(why)) ||
-        !(m->rope_freqs = rope_frequencies(g, hp, why, sizeof(why))))
+    int orig_ctx = 0;
+    if (read_hparams(g, hp, &orig_ctx, why, sizeof(why)) ||
+        !(m->rope_freqs = rope_frequencies(g, hp, orig_ctx, &m->rope_factor_set, why, sizeof(why))))
         goto fail_why;
     if (cake_tokenizer_init(g, &m->tokenizer, why, sizeof(why))) goto fail_why;
 
@@ -542,19 +633,14 @@ int cake_model_load(const char *path, cake_model **out, char *err, size_t errlen
 #define LAYER_NAME(suffix) (snprintf(name, sizeof(name), "blk.%d." suffix, l), name)
         if (!(L->attn_norm = load_norm(g, LAYER_NAME("attn_norm.weight"), dim, why, sizeof(why))) ||
             !(L->ffn_norm = load_norm(g, LAYER_NAME("ffn_norm.weight"), dim, why, sizeof(why))) ||
-            find_weight(g, LAYER_NAME("attn_q.weight"), dim, q_dim, 0, &L->wq, why, sizeof(why)) ||
-            find_weight(g, LAYER_NAME("attn_k.weight"), dim, kv_dim, 0, &L->wk, why, sizeof(why)) ||
-            find_weight(g, LAYER_NAME("attn_v.weight"), dim, kv_dim, 0, &L->wv, why, sizeof(why)) ||
+            find_qkv(g, l, dim, q_dim, kv_dim, L, why, sizeof(why)) ||
             find_weight(g, LAYER_NAME("attn_output.weight"), q_dim, dim, 0, &L->wo, why,
                         sizeof(why)))
             goto fail_why;
         const int ne = hp->n_experts;
-        if (!ne &&
-            (find_weight(g, LAYER_NAME("ffn_gate.weight"), dim, ffn, 0, &L->w_gate, why,
-                         sizeof(why)) ||
-             find_weight(g, LAYER_NAME("ffn_up.weight"), dim, ffn, 0, &L->w_up, why, sizeof(why)) ||
-             find_weight(g, LAYER_NAME("ffn_down.weight"), ffn, dim, 0, &L->w_down, why,
-                         sizeof(why))))
+        if (!ne && (find_gate_up(g, l, dim, ffn, L, why, sizeof(why)) ||
+                    find_weight(g, LAYER_NAME("ffn_down.weight"), ffn, dim, 0, &L->w_down, why,
+                                sizeof(why))))
             goto fail_why;
         if (ne && !(L->expert = calloc(3 * (size_t)ne, sizeof(cake_weight)))) {
             snprintf(why, sizeof(why), "out of memory");
@@ -641,6 +727,10 @@ static void compute_fingerprint(void) {
     const int64_t arch[] = {hp->n_vocab,    hp->dim,      hp->n_layers, hp->n_heads,
                             hp->n_kv_heads, hp->head_dim, hp->ffn_dim,  hp->tied_output};
     for (size_t i = 0; i < sizeof(arch) / sizeof(arch[0]); i++) hash_u64(st, (uint64_t)arch[i]);
+    if (m->rope_factor_set || hp->rope_attn_factor != 1.0f) { /* LongRoPE: which factors */
+        hash_u64(st, (uint64_t)m->rope_factor_set);
+        hash_u64(st, cake_bits_from_f32(hp->rope_attn_factor));
+    }
     if (hp->n_experts) { /* hashed only when set: dense models keep their fingerprints */
         hash_u64(st, (uint64_t)hp->n_experts);
         hash_u64(st, (uint64_t)hp->n_experts_used);

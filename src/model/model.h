@@ -53,9 +53,12 @@ struct cake_model {
     cake_layer *layers;   /* (n_layers) */
     /* (head_dim / 2): the angle per position of RoPE pair i,
      * rope_theta^(-2i / head_dim) * rope_freq_scale / rope_freqs.weight[i]
-     * (the last factor is Llama 3.1's rope scaling; 1 when the tensor is
-     * absent). Both backends rotate by these. */
+     * (the last factor is Llama 3.1's rope scaling, or LongRoPE's; 1 when
+     * the file has none). Both backends rotate by these. */
     double *rope_freqs;
+    /* which factors divided them: 0 none or rope_freqs.weight, else
+     * LongRoPE's rope_factors_short (1) or _long (2) */
+    int rope_factor_set;
     bool quantized; /* some matrix the matmul reads is quantized (the CPU: as Q8_0) */
     void *packed;   /* their repacked copies (one mapping), or NULL */
     size_t packed_size;

@@ -205,17 +205,24 @@ static int32_t merge_rank(const cake_tokenizer *t, const char *l, size_t ln, con
  * (its llm_tokenizer_bpe), which spell out the case-insensitive contractions
  * of the originals in tokenizer.json. llama.cpp sets ignore_merges and a
  * default add_bos for the Llama 3 one only. */
+#define LLAMA3_PATTERN                                                                             \
+    "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|"     \
+    "\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
 static const struct {
     const char *names[4]; /* as tokenizer.ggml.pre spells them */
     const char *pattern;
     bool ignore_merges, add_bos;
 } k_pretokenizers[] = {
     {.names = {"llama3", "llama-v3", "llama-bpe", "falcon3"},
-     .pattern =
-         "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|"
-         "\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+",
+     .pattern = LLAMA3_PATTERN,
      .ignore_merges = true,
      .add_bos = true},
+    /* Llama 3's pattern with the merges applied (Phi-4's vocabulary is
+     * written as dbrx's) */
+    {.names = {"dbrx", "smaug-bpe"},
+     .pattern = LLAMA3_PATTERN,
+     .ignore_merges = false,
+     .add_bos = false},
     {.names = {"qwen2", "deepseek-r1-qwen"},
      .pattern =
          "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|"
@@ -238,7 +245,7 @@ static int find_pretokenizer(const char *name, size_t n) {
 static int unknown_pretokenizer(const char *name, size_t n, char *err, size_t errlen) {
     return cake_err(err, errlen,
                     "tokenizer.ggml.pre is '%.*s': the supported byte-level BPE pre-tokenizers "
-                    "are llama-bpe (Llama 3) and qwen2",
+                    "are llama-bpe (Llama 3), dbrx (Phi-4) and qwen2",
                     (int)(n < 64 ? n : 64), name);
 }
 

@@ -1,5 +1,6 @@
 #include "server/chat.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -7,10 +8,12 @@
 
 chat_format chat_detect(const char *tmpl, const cake_tokenizer *t) {
     if (tmpl) {
+        if (strstr(tmpl, "<|im_sep|>")) return CHAT_PHI4; /* before ChatML, whose tags it has */
         if (strstr(tmpl, "<|im_start|>")) return CHAT_CHATML;
         if (strstr(tmpl, "<|start_header_id|>") && strstr(tmpl, "<|end_header_id|>"))
             return CHAT_LLAMA3;
         if (strstr(tmpl, "[INST]")) return strstr(tmpl, "<<SYS>>") ? CHAT_LLAMA2 : CHAT_MISTRAL;
+        if (strstr(tmpl, "<|assistant|>") && strstr(tmpl, "<|end|>")) return CHAT_PHI3;
         if (strstr(tmpl, "<|user|>") && strstr(tmpl, "<|assistant|>")) return CHAT_ZEPHYR;
         return CHAT_NONE;
     }
@@ -24,7 +27,8 @@ chat_format chat_detect(const char *tmpl, const cake_tokenizer *t) {
 }
 
 const char *chat_format_name(chat_format f) {
-    static const char *names[] = {"none", "chatml", "llama3", "llama2", "mistral", "zephyr"};
+    static const char *names[] = {"none",    "chatml", "llama3", "llama2",
+                                  "mistral", "zephyr", "phi3",   "phi4"};
     return names[f];
 }
 
@@ -374,6 +378,35 @@ int chat_prompt(chat_format f, const cake_tokenizer *t, const chat_message *m, i
             put_str(&b, "\n");
         }
         put_str(&b, "<|assistant|>\n");
+        break;
+    case CHAT_PHI3:
+        /* each message <|role|>\n{content}<|end|>\n, the tags as tokens */
+        for (int i = 0; i < n; i++) {
+            char tag[32];
+            snprintf(tag, sizeof(tag), "<|%s|>", m[i].role);
+            put_special(&b, tag);
+            put_str(&b, "\n");
+            put_text(&b, m[i].content, m[i].content_len);
+            put_special(&b, "<|end|>");
+            put_str(&b, "\n");
+        }
+        put_special(&b, "<|assistant|>");
+        put_str(&b, "\n");
+        *end_of_turn = cake_tokenizer_find(t, "<|end|>", 7);
+        break;
+    case CHAT_PHI4:
+        /* ChatML with <|im_sep|> after the role and no newlines */
+        for (int i = 0; i < n; i++) {
+            put_special(&b, "<|im_start|>");
+            put_str(&b, m[i].role);
+            put_special(&b, "<|im_sep|>");
+            put_text(&b, m[i].content, m[i].content_len);
+            put_special(&b, "<|im_end|>");
+        }
+        put_special(&b, "<|im_start|>");
+        put_str(&b, "assistant");
+        put_special(&b, "<|im_sep|>");
+        *end_of_turn = cake_tokenizer_find(t, "<|im_end|>", 10);
         break;
     case CHAT_NONE:
         break;

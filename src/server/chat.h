@@ -21,6 +21,8 @@ typedef enum {
     CHAT_LLAMA2,  /* <s>[INST] <<SYS>>\n...\n<</SYS>>\n\n... [/INST] ... </s> */
     CHAT_MISTRAL, /* <s>[INST] ... [/INST]...</s>[INST] ... (Mistral Instruct) */
     CHAT_ZEPHYR,  /* <|user|>\n...</s>\n<|assistant|>\n (Zephyr, TinyLlama Chat) */
+    CHAT_PHI3,    /* <|user|>\n...<|end|>\n<|assistant|>\n (Phi-3, Phi-3.5) */
+    CHAT_PHI4,    /* <|im_start|>user<|im_sep|>...<|im_end|> (Phi-4) */
 } chat_format;
 
 /* A function call an assistant's message made (OpenAI's tool_calls). */

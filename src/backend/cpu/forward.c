@@ -134,6 +134,12 @@ static void rows_task(void *ctx, int task, int tid) {
             cake_rope(q, nt, hp->n_heads, hp->head_dim, j->pos0 + t0, freqs);
             cake_rope(k, nt, hp->n_kv_heads, hp->head_dim, j->pos0 + t0, freqs);
         }
+        /* LongRoPE's attention factor: llama.cpp turns q and k by cos and
+         * sin times it; here q takes both (the scores are the same) */
+        if (hp->rope_attn_factor != 1.0f) {
+            const float f2 = hp->rope_attn_factor * hp->rope_attn_factor;
+            for (size_t i = 0; i < (size_t)nt * q_dim; i++) q[i] *= f2;
+        }
         store_kv(j->kv, j->layer, k, v, nt, j->pos0 + t0);
         break;
     }
