@@ -778,6 +778,12 @@ static void test_bpe_llama3_words(void **state) {
     t = bpe_vocab("llama-bpe", extra2, 2, NULL, merges, 1);
     ASSERT_IDS(t, "12", 256); /* one word ("\p{N}{1,3}"): the rule applies */
     cake_tokenizer_free(t);
+    /* dbrx (Phi-4): Llama 3's words, but merges only (no ignore_merges) */
+    t = bpe_vocab("dbrx", extra2, 2, NULL, merges, 1);
+    ASSERT_IDS(t, "12", 256);
+    ASSERT_IDS(t, "xyz", 'x', 'y', 'z');
+    ASSERT_IDS(t, "12 x", 256, ' ', 'x');
+    cake_tokenizer_free(t);
 }
 
 /* Every byte is a character: valid UTF-8 of any bytes comes back exactly;
