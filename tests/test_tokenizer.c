@@ -778,6 +778,32 @@ static void test_bpe_llama3_words(void **state) {
     t = bpe_vocab("llama-bpe", extra2, 2, NULL, merges, 1);
     ASSERT_IDS(t, "12", 256); /* one word ("\p{N}{1,3}"): the rule applies */
     cake_tokenizer_free(t);
+    /* tekken (Mistral Nemo, Small 3): capitalised words apart, digits one
+     * by one, ignore_merges */
+    static const char *const tekken_extra[] = {"Hello", "World", "\xc4\xa0ok"};
+    t = bpe_vocab("tekken", tekken_extra, 3, NULL, NULL, 0);
+    ASSERT_IDS(t, "HelloWorld 12 ok", 256, 257, ' ', '1', '2', 258);
+    cake_tokenizer_free(t);
+    /* smollm (SmolLM, StarCoder): digits apart first, then GPT-2's words
+     * inside each piece ("ab12 cd": "ab" "1" "2" " cd"), merges only */
+    static const char *const gpt2_merges[] = {"a b", "\xc4\xa0 c",
+                                              "\xc4\xa0"
+                                              "c d",
+                                              "1 2"};
+    static const char *const gpt2_extra[] = {"ab",
+                                             "\xc4\xa0"
+                                             "c",
+                                             "\xc4\xa0"
+                                             "cd",
+                                             "12"};
+    t = bpe_vocab("smollm", gpt2_extra, 4, NULL, gpt2_merges, 4);
+    ASSERT_IDS(t, "ab12 cd", 256, '1', '2', 258);
+    ASSERT_IDS(t, "x  cd", 'x', ' ', 258); /* " " before " cd": \s+(?!\S) */
+    cake_tokenizer_free(t);
+    /* gpt-2: the same words without the digit split */
+    t = bpe_vocab("gpt-2", gpt2_extra, 4, NULL, gpt2_merges, 4);
+    ASSERT_IDS(t, "ab12 cd", 256, 259, 258);
+    cake_tokenizer_free(t);
     /* dbrx (Phi-4): Llama 3's words, but merges only (no ignore_merges) */
     t = bpe_vocab("dbrx", extra2, 2, NULL, merges, 1);
     ASSERT_IDS(t, "12", 256);
@@ -913,7 +939,7 @@ static void build_gpt2(cake_gguf_writer *w) { /* "Ġ" is ' ' */
 }
 static void build_gpt2_other_pre(cake_gguf_writer *w) {
     cake_gguf_writer_add_str(w, "tokenizer.ggml.model", "gpt2");
-    cake_gguf_writer_add_str(w, "tokenizer.ggml.pre", "starcoder");
+    cake_gguf_writer_add_str(w, "tokenizer.ggml.pre", "deepseek-llm");
     add_tokens(w);
     cake_gguf_writer_add_arr_str(w, "tokenizer.ggml.merges", k_merges, 1);
 }
@@ -1030,7 +1056,7 @@ static void test_gguf_keys(void **state) {
     } bad[] = {
         {build_t5, "tokenizer.ggml.model"},
         {build_gpt2_no_pre, "tokenizer.ggml.pre"},
-        {build_gpt2_other_pre, "starcoder"},
+        {build_gpt2_other_pre, "deepseek-llm"},
         {build_gpt2_no_merges, "tokenizer.ggml.merges"},
         {build_gpt2_merges_f32, "tokenizer.ggml.merges"},
         {build_no_model, "tokenizer.ggml.model"},

@@ -60,6 +60,8 @@
 
 #include "util/err.h"
 
+enum { MAX_PRE_PATTERNS = 2 }; /* the most patterns of a pre-tokenizer */
+
 /* One merge rule "left right" of a byte-level BPE vocabulary. */
 typedef struct {
     size_t left, right;       /* offsets into merge_text */
@@ -83,8 +85,9 @@ struct cake_tokenizer {
 
     /* Byte-level BPE only (bpe = true) */
     bool bpe;
-    bool ignore_merges;  /* a word that is a token is that token */
-    pcre2_code *pre;     /* the pre-tokenizer's word pattern */
+    bool ignore_merges;                /* a word that is a token is that token */
+    pcre2_code *pre[MAX_PRE_PATTERNS]; /* the pre-tokenizer's patterns, applied in turn */
+    int n_pre;
     char *merge_text;    /* merge pairs' texts back to back */
     bpe_merge *merges;   /* [n_merges], rank = index */
     int32_t *merge_hash; /* [merge_mask + 1] rank + 1, 0 = empty slot */
@@ -203,30 +206,49 @@ static int32_t merge_rank(const cake_tokenizer *t, const char *l, size_t ln, con
 
 /* The pre-tokenizers of tokenizer.ggml.pre that we know: llama.cpp's patterns
  * (its llm_tokenizer_bpe), which spell out the case-insensitive contractions
- * of the originals in tokenizer.json. llama.cpp sets ignore_merges and a
- * default add_bos for the Llama 3 one only. */
+ * of the originals in tokenizer.json. Where there are several, each splits
+ * the pieces the one before made (llama.cpp's unicode_regex_split). llama.cpp
+ * sets ignore_merges and a default add_bos for Llama 3's and tekken only. */
 #define LLAMA3_PATTERN                                                                             \
     "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|"     \
     "\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+#define GPT2_PATTERN "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)"
 static const struct {
-    const char *names[4]; /* as tokenizer.ggml.pre spells them */
-    const char *pattern;
+    const char *names[8]; /* as tokenizer.ggml.pre spells them */
+    const char *patterns[MAX_PRE_PATTERNS];
     bool ignore_merges, add_bos;
 } k_pretokenizers[] = {
     {.names = {"llama3", "llama-v3", "llama-bpe", "falcon3"},
-     .pattern = LLAMA3_PATTERN,
+     .patterns = {LLAMA3_PATTERN},
      .ignore_merges = true,
      .add_bos = true},
     /* Llama 3's pattern with the merges applied (Phi-4's vocabulary is
      * written as dbrx's) */
     {.names = {"dbrx", "smaug-bpe"},
-     .pattern = LLAMA3_PATTERN,
+     .patterns = {LLAMA3_PATTERN},
      .ignore_merges = false,
      .add_bos = false},
-    {.names = {"qwen2", "deepseek-r1-qwen"},
-     .pattern =
-         "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|"
-         "\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+",
+    /* Mistral Nemo, Small 3, Ministral: capitalised words apart, digits one
+     * by one */
+    {.names = {"tekken"},
+     .patterns =
+         {"[^\\r\\n\\p{L}\\p{N}]?((?=[\\p{L}])([^a-z]))*((?=[\\p{L}])([^A-Z]))+|[^\\r\\n\\p{L}"
+          "\\p{N}]?((?=[\\p{L}])([^a-z]))+((?=[\\p{L}])([^A-Z]))*|\\p{N}| ?[^\\s\\p{L}\\p{N}]+"
+          "[\\r\\n/]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"},
+     .ignore_merges = true,
+     .add_bos = true},
+    /* GPT-2's words, after digits one by one (SmolLM, StarCoder, ...) */
+    {.names = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"},
+     .patterns = {"\\p{N}", GPT2_PATTERN},
+     .ignore_merges = false,
+     .add_bos = false},
+    {.names = {"gpt-2", "phi-2", "mpt", "olmo", "jais", "roberta-bpe"},
+     .patterns = {GPT2_PATTERN},
+     .ignore_merges = false,
+     .add_bos = false},
+    {.names = {"qwen2", "deepseek-r1-qwen", "stablelm2", "megrez"},
+     .patterns = {"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\\r\\n\\p{L}\\p{N}]?"
+                  "\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"},
      .ignore_merges = false,
      .add_bos = false},
 };
@@ -235,7 +257,7 @@ enum { N_PRETOKENIZERS = sizeof(k_pretokenizers) / sizeof(k_pretokenizers[0]) };
 /* Index in k_pretokenizers of the one named name[0..n), or -1. */
 static int find_pretokenizer(const char *name, size_t n) {
     for (int i = 0; i < N_PRETOKENIZERS; i++)
-        for (int j = 0; j < 4 && k_pretokenizers[i].names[j]; j++)
+        for (int j = 0; j < 8 && k_pretokenizers[i].names[j]; j++)
             if (strlen(k_pretokenizers[i].names[j]) == n &&
                 memcmp(k_pretokenizers[i].names[j], name, n) == 0)
                 return i;
@@ -245,7 +267,8 @@ static int find_pretokenizer(const char *name, size_t n) {
 static int unknown_pretokenizer(const char *name, size_t n, char *err, size_t errlen) {
     return cake_err(err, errlen,
                     "tokenizer.ggml.pre is '%.*s': the supported byte-level BPE pre-tokenizers "
-                    "are llama-bpe (Llama 3), dbrx (Phi-4) and qwen2",
+                    "are llama-bpe (Llama 3), dbrx (Phi-4), tekken (Mistral), smollm, gpt-2 and "
+                    "qwen2 (and their aliases)",
                     (int)(n < 64 ? n : 64), name);
 }
 
@@ -293,17 +316,20 @@ static int build_merges(cake_tokenizer *t, const cake_gguf_str *rules, int32_t n
 
 /* Compiles pre-tokenizer `pre` (an index in k_pretokenizers) for t. */
 static int build_pretokenizer(cake_tokenizer *t, int pre, char *err, size_t errlen) {
-    int code;
-    PCRE2_SIZE at;
-    t->pre = pcre2_compile((PCRE2_SPTR)k_pretokenizers[pre].pattern, PCRE2_ZERO_TERMINATED,
-                           PCRE2_UTF | PCRE2_UCP, &code, &at, NULL);
-    if (!t->pre) {
-        PCRE2_UCHAR msg[128];
-        pcre2_get_error_message(code, msg, sizeof(msg));
-        return cake_err(err, errlen, "pre-tokenizer %s: %s at %zu", k_pretokenizers[pre].names[0],
-                        (const char *)msg, (size_t)at);
+    for (int k = 0; k < MAX_PRE_PATTERNS && k_pretokenizers[pre].patterns[k]; k++) {
+        int code;
+        PCRE2_SIZE at;
+        t->pre[k] = pcre2_compile((PCRE2_SPTR)k_pretokenizers[pre].patterns[k],
+                                  PCRE2_ZERO_TERMINATED, PCRE2_UTF | PCRE2_UCP, &code, &at, NULL);
+        if (!t->pre[k]) {
+            PCRE2_UCHAR msg[128];
+            pcre2_get_error_message(code, msg, sizeof(msg));
+            return cake_err(err, errlen, "pre-tokenizer %s: %s at %zu",
+                            k_pretokenizers[pre].names[0], (const char *)msg, (size_t)at);
+        }
+        t->n_pre = k + 1;
+        pcre2_jit_compile(t->pre[k], PCRE2_JIT_COMPLETE); /* where JIT is missing, it interprets */
     }
-    pcre2_jit_compile(t->pre, PCRE2_JIT_COMPLETE); /* where JIT is missing, it interprets */
     t->ignore_merges = k_pretokenizers[pre].ignore_merges;
     return 0;
 }
@@ -738,7 +764,7 @@ void cake_tokenizer_free(cake_tokenizer *t) {
     free(t->scores);
     free(t->types);
     free(t->hash);
-    pcre2_code_free(t->pre);
+    for (int k = 0; k < t->n_pre; k++) pcre2_code_free(t->pre[k]);
     free(t->merge_text);
     free(t->merges);
     free(t->merge_hash);
@@ -969,6 +995,32 @@ static int bpe_word(merge_session *s, const char *word, size_t n, cake_token *ou
     return 0;
 }
 
+/* The words of the n bytes at p under patterns k and after (step 2): pattern
+ * k's matches and the text between them, each split by the next pattern in
+ * turn, as a text of its own; the last ones go to bpe_word. */
+static int split_words(merge_session *s, const char *p, size_t n, int k, pcre2_match_data *md,
+                       cake_token *out, int64_t cap, int64_t *count) {
+    const cake_tokenizer *t = s->t;
+    if (k == t->n_pre) return bpe_word(s, p, n, out, cap, count);
+    const PCRE2_SIZE *ov = pcre2_get_ovector_pointer(md);
+    for (size_t at = 0; at < n;) {
+        size_t ms = n, me = n;
+        const int m = pcre2_match(t->pre[k], (PCRE2_SPTR)p, n, at,
+                                  PCRE2_NO_UTF_CHECK | PCRE2_NOTEMPTY, md, NULL);
+        if (m >= 0) { /* (0: a match, with too few pairs for its groups) */
+            ms = ov[0];
+            me = ov[1];
+        } else if (m != PCRE2_ERROR_NOMATCH) {
+            return -1; /* the matcher ran out of memory or hit its limits */
+        }
+        if ((ms > at && split_words(s, p + at, ms - at, k + 1, md, out, cap, count)) ||
+            (me > ms && split_words(s, p + ms, me - ms, k + 1, md, out, cap, count)))
+            return -1;
+        at = me;
+    }
+    return 0;
+}
+
 /* Byte-level BPE, steps 1-5 above, for len >= 1 bytes of text. */
 static int bpe_tokenize(const cake_tokenizer *t, const char *text, size_t len, cake_token *out,
                         int64_t cap, int64_t *count) {
@@ -976,7 +1028,7 @@ static int bpe_tokenize(const cake_tokenizer *t, const char *text, size_t len, c
     /* 1. valid UTF-8: each byte that is not part of a character becomes U+FFFD */
     char *clean = malloc(3 * len);
     merge_session s = {.t = t};
-    pcre2_match_data *md = pcre2_match_data_create_from_pattern(t->pre, NULL);
+    pcre2_match_data *md = pcre2_match_data_create(1, NULL);
     int rc = -1;
     if (!clean || !md) goto done;
     size_t n = 0;
@@ -987,23 +1039,8 @@ static int bpe_tokenize(const cake_tokenizer *t, const char *text, size_t len, c
         i += l ? l : 1;
     }
 
-    /* 2. words: the pattern's matches and the text between them */
-    const PCRE2_SIZE *ov = pcre2_get_ovector_pointer(md);
-    for (size_t at = 0; at < n;) {
-        size_t ms = n, me = n;
-        const int m = pcre2_match(t->pre, (PCRE2_SPTR)clean, n, at,
-                                  PCRE2_NO_UTF_CHECK | PCRE2_NOTEMPTY, md, NULL);
-        if (m >= 0) {
-            ms = ov[0];
-            me = ov[1];
-        } else if (m != PCRE2_ERROR_NOMATCH) {
-            goto done; /* the matcher ran out of memory or hit its limits */
-        }
-        if ((ms > at && bpe_word(&s, clean + at, ms - at, out, cap, count)) ||
-            (me > ms && bpe_word(&s, clean + ms, me - ms, out, cap, count)))
-            goto done;
-        at = me;
-    }
+    /* 2. words: the patterns' matches and the text between them */
+    if (split_words(&s, clean, n, 0, md, out, cap, count)) goto done;
     rc = 0;
 done:
     pcre2_match_data_free(md);
