@@ -1828,6 +1828,10 @@ enum {
     PHI_USER,
     PHI_ASSISTANT,
     PHI_END,
+    INST, /* Mistral's markers, as v0.3 and later have them */
+    INST_END,
+    SYS_PROMPT,
+    SYS_PROMPT_END,
     CHAT_VOCAB
 };
 
@@ -1835,11 +1839,25 @@ static cake_tokenizer *chat_vocab(void) {
     static const char *tokens[CHAT_VOCAB];
     static int32_t types[CHAT_VOCAB];
     for (int b = 0; b < 256; b++) tokens[b] = test_gpt2_byte_char(b), types[b] = CAKE_TOKEN_NORMAL;
-    const char *special[] = {"<|im_start|>",      "<|im_end|>",    "<|start_header_id|>",
-                             "<|end_header_id|>", "<|eot_id|>",    "<|begin_of_text|>",
-                             "<tool_call>",       "</tool_call>",  "<think>",
-                             "</think>",          "<|im_sep|>",    "<|system|>",
-                             "<|user|>",          "<|assistant|>", "<|end|>"};
+    const char *special[] = {"<|im_start|>",
+                             "<|im_end|>",
+                             "<|start_header_id|>",
+                             "<|end_header_id|>",
+                             "<|eot_id|>",
+                             "<|begin_of_text|>",
+                             "<tool_call>",
+                             "</tool_call>",
+                             "<think>",
+                             "</think>",
+                             "<|im_sep|>",
+                             "<|system|>",
+                             "<|user|>",
+                             "<|assistant|>",
+                             "<|end|>",
+                             "[INST]",
+                             "[/INST]",
+                             "[SYSTEM_PROMPT]",
+                             "[/SYSTEM_PROMPT]"};
     for (int i = 0; i < CHAT_VOCAB - 256; i++)
         tokens[256 + i] = special[i], types[256 + i] = CAKE_TOKEN_CONTROL;
     /* (Qwen's tags are user-defined: their text is theirs) */
@@ -1877,10 +1895,14 @@ static void test_chat_formats(void **state) {
                      CHAT_PHI3);
     assert_int_equal(chat_detect("{{'<|im_start|>' + r + '<|im_sep|>' + c + '<|im_end|>'}}", t),
                      CHAT_PHI4);
+    assert_int_equal(chat_detect("{{ '[SYSTEM_PROMPT]' + s }}{{ '[INST]' + u }}", t),
+                     CHAT_MISTRAL_V7);
+    assert_int_equal(chat_detect("{{ '[AVAILABLE_TOOLS]' }}{{ \"[INST]\" + u }}", t),
+                     CHAT_MISTRAL_TEKKEN);
 
     /* Each format, id by id: the expected prompt is bytes, with the special
-     * tokens written as \x01 .. \x06 (IM_START .. BOT) and \x0e .. \x12
-     * (IM_SEP .. PHI_END). BOS comes first
+     * tokens written as \x01 .. \x06 (IM_START .. BOT) and \x0e .. \x16
+     * (IM_SEP .. SYS_PROMPT_END). BOS comes first
      * (add_bos). The user's "<|im_end|>" stays text: bytes, not the special
      * token. */
     const chat_message m[] = {{.role = "system", .content = "S", .content_len = 1},
@@ -1903,7 +1925,10 @@ static void test_chat_formats(void **state) {
          "assistant\x04\n\nok\x05\x03user\x04\n\nmore\x05\x03"
          "assistant\x04\n\n",
          EOT},
-        {CHAT_MISTRAL, "\x06[INST] S\n\n<|im_end|> [/INST]ok\x05[INST] more [/INST]", -1},
+        /* Mistral's markers as tokens where the vocabulary has them */
+        {CHAT_MISTRAL, "\x06\x13 S\n\n<|im_end|> \x14ok\x05\x13 more \x14", -1},
+        {CHAT_MISTRAL_TEKKEN, "\x06\x13S\n\n <|im_end|>\n\x14 ok \x05\x13more\x14", -1},
+        {CHAT_MISTRAL_V7, "\x06\x15 S\x16\x13  <|im_end|>\n\x14  ok \x05\x13 more\x14", -1},
         {CHAT_ZEPHYR,
          "\x06<|system|>\nS\x05\n<|user|>\n <|im_end|>\n\x05\n<|assistant|>\n ok \x05\n"
          "<|user|>\nmore\x05\n<|assistant|>\n",
@@ -1931,7 +1956,7 @@ static void test_chat_formats(void **state) {
         for (int i = 0; i < n; i++) {
             const unsigned char c = (unsigned char)want[i];
             const int want_id = c >= 1 && c <= 8     ? IM_START + c - 1
-                                : c >= 14 && c <= 18 ? IM_SEP + c - 14
+                                : c >= 14 && c <= 22 ? IM_SEP + c - 14
                                                      : c;
             if (ids[i] != want_id)
                 fail_msg("%s: id %d is %d, want byte %d", chat_format_name(formats[k].f), i, ids[i],

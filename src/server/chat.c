@@ -12,6 +12,11 @@ chat_format chat_detect(const char *tmpl, const cake_tokenizer *t) {
         if (strstr(tmpl, "<|im_start|>")) return CHAT_CHATML;
         if (strstr(tmpl, "<|start_header_id|>") && strstr(tmpl, "<|end_header_id|>"))
             return CHAT_LLAMA3;
+        /* Mistral's versions as llama.cpp tells them apart: v7 by its system
+         * prompt tags, v3-tekken by "[INST]" quoted in its official template */
+        if (strstr(tmpl, "[INST]") && strstr(tmpl, "[SYSTEM_PROMPT]")) return CHAT_MISTRAL_V7;
+        if (strstr(tmpl, "[AVAILABLE_TOOLS]") && strstr(tmpl, "\"[INST]\""))
+            return CHAT_MISTRAL_TEKKEN;
         if (strstr(tmpl, "[INST]")) return strstr(tmpl, "<<SYS>>") ? CHAT_LLAMA2 : CHAT_MISTRAL;
         if (strstr(tmpl, "<|assistant|>") && strstr(tmpl, "<|end|>")) return CHAT_PHI3;
         if (strstr(tmpl, "<|user|>") && strstr(tmpl, "<|assistant|>")) return CHAT_ZEPHYR;
@@ -27,8 +32,8 @@ chat_format chat_detect(const char *tmpl, const cake_tokenizer *t) {
 }
 
 const char *chat_format_name(chat_format f) {
-    static const char *names[] = {"none",    "chatml", "llama3", "llama2",
-                                  "mistral", "zephyr", "phi3",   "phi4"};
+    static const char *names[] = {"none",   "chatml", "llama3",         "llama2",     "mistral",
+                                  "zephyr", "phi3",   "mistral-tekken", "mistral-v7", "phi4"};
     return names[f];
 }
 
@@ -107,6 +112,16 @@ static void put_text(builder *b, const char *s, size_t len) {
 
 static void put_str(builder *b, const char *s) {
     put_text(b, s, strlen(s));
+}
+
+/* A template's marker ([INST], ...): its token where the vocabulary has one
+ * (Mistral v0.3 and later), as llama.cpp reads special tokens in a rendered
+ * template; else text (Mistral v0.1, v0.2). */
+static void put_marker(builder *b, const char *s) {
+    if (cake_tokenizer_find(b->t, s, strlen(s)) >= 0)
+        put_special(b, s);
+    else
+        put_str(b, s);
 }
 
 /* A message's text with leading and trailing white space removed, as the
@@ -352,14 +367,16 @@ int chat_prompt(chat_format f, const cake_tokenizer *t, const chat_message *m, i
             if (!strcmp(m[i].role, "system")) {
                 sys = &m[i];
             } else if (!strcmp(m[i].role, "user")) {
-                put_str(&b, "[INST] ");
+                put_marker(&b, "[INST]");
+                put_str(&b, " ");
                 if (sys) {
                     put_text(&b, sys->content, sys->content_len);
                     put_str(&b, "\n\n");
                     sys = NULL;
                 }
                 put_trimmed(&b, &m[i]);
-                put_str(&b, " [/INST]");
+                put_str(&b, " ");
+                put_marker(&b, "[/INST]");
             } else {
                 put_trimmed(&b, &m[i]);
                 if (eos >= 0) put_id(&b, eos);
@@ -379,6 +396,39 @@ int chat_prompt(chat_format f, const cake_tokenizer *t, const chat_message *m, i
         }
         put_str(&b, "<|assistant|>\n");
         break;
+    case CHAT_MISTRAL_TEKKEN:
+    case CHAT_MISTRAL_V7: {
+        /* llama.cpp's v3-tekken: [INST]{system}\n\n{user}[/INST]{answer}</s>;
+         * v7: [SYSTEM_PROMPT] {system}[/SYSTEM_PROMPT][INST] {user}[/INST]
+         * {answer}</s> */
+        const bool v7 = f == CHAT_MISTRAL_V7;
+        const chat_message *sys = NULL;
+        for (int i = 0; i < n; i++) {
+            if (!strcmp(m[i].role, "system") && v7) {
+                put_marker(&b, "[SYSTEM_PROMPT]");
+                put_str(&b, " ");
+                put_text(&b, m[i].content, m[i].content_len);
+                put_marker(&b, "[/SYSTEM_PROMPT]");
+            } else if (!strcmp(m[i].role, "system")) {
+                sys = &m[i];
+            } else if (!strcmp(m[i].role, "user")) {
+                put_marker(&b, "[INST]");
+                if (v7) put_str(&b, " ");
+                if (sys) {
+                    put_text(&b, sys->content, sys->content_len);
+                    put_str(&b, "\n\n");
+                    sys = NULL;
+                }
+                put_text(&b, m[i].content, m[i].content_len);
+                put_marker(&b, "[/INST]");
+            } else {
+                if (v7) put_str(&b, " ");
+                put_text(&b, m[i].content, m[i].content_len);
+                if (eos >= 0) put_id(&b, eos);
+            }
+        }
+        break;
+    }
     case CHAT_PHI3:
         /* each message <|role|>\n{content}<|end|>\n, the tags as tokens */
         for (int i = 0; i < n; i++) {

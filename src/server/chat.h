@@ -16,13 +16,15 @@
 
 typedef enum {
     CHAT_NONE = 0,
-    CHAT_CHATML,  /* <|im_start|>role\n...<|im_end|>: Qwen */
-    CHAT_LLAMA3,  /* <|start_header_id|>role<|end_header_id|>\n\n...<|eot_id|> */
-    CHAT_LLAMA2,  /* <s>[INST] <<SYS>>\n...\n<</SYS>>\n\n... [/INST] ... </s> */
-    CHAT_MISTRAL, /* <s>[INST] ... [/INST]...</s>[INST] ... (Mistral Instruct) */
-    CHAT_ZEPHYR,  /* <|user|>\n...</s>\n<|assistant|>\n (Zephyr, TinyLlama Chat) */
-    CHAT_PHI3,    /* <|user|>\n...<|end|>\n<|assistant|>\n (Phi-3, Phi-3.5) */
-    CHAT_PHI4,    /* <|im_start|>user<|im_sep|>...<|im_end|> (Phi-4) */
+    CHAT_CHATML,         /* <|im_start|>role\n...<|im_end|>: Qwen */
+    CHAT_LLAMA3,         /* <|start_header_id|>role<|end_header_id|>\n\n...<|eot_id|> */
+    CHAT_LLAMA2,         /* <s>[INST] <<SYS>>\n...\n<</SYS>>\n\n... [/INST] ... </s> */
+    CHAT_MISTRAL,        /* <s>[INST] ... [/INST]...</s>[INST] ... (Mistral Instruct) */
+    CHAT_ZEPHYR,         /* <|user|>\n...</s>\n<|assistant|>\n (Zephyr, TinyLlama Chat) */
+    CHAT_PHI3,           /* <|user|>\n...<|end|>\n<|assistant|>\n (Phi-3, Phi-3.5) */
+    CHAT_MISTRAL_TEKKEN, /* [INST]...[/INST]...</s> (Mistral Nemo: v3-tekken) */
+    CHAT_MISTRAL_V7,     /* [SYSTEM_PROMPT] ...[/SYSTEM_PROMPT][INST] ...[/INST] (Small 3) */
+    CHAT_PHI4,           /* <|im_start|>user<|im_sep|>...<|im_end|> (Phi-4) */
 } chat_format;
 
 /* A function call an assistant's message made (OpenAI's tool_calls). */
