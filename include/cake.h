@@ -45,14 +45,15 @@ typedef struct {
     /* LongRoPE (Phi-3.5, Phi-3 128K): attention logits are scaled by its
      * square (llama.cpp scales both q and k by it); 1 = none */
     float rope_attn_factor;
-    /* Phi-3 4K models attend over a sliding window of this many positions;
-     * n_ctx_train is capped to it, where the window masks nothing. 0 = none */
+    /* Phi-3 4K models attend over a sliding window of this many positions
+     * (the CPU backend applies it; the CUDA backend takes contexts no longer
+     * than it, where it masks nothing). 0 = none */
     int sliding_window;
-    int weight_dtype;      /* dtype of the big matrices (cake_dtype numbering) */
-    bool tied_output;      /* output.weight absent: token_embd is reused */
-    bool rope_neox;        /* RoPE turns pairs (i, i + head_dim/2) (qwen2), not (2i, 2i+1) */
-    bool qkv_bias;         /* some layer adds a bias to q, k or v */
-    bool qk_norm;          /* q and k are RMS-normed per head before RoPE (qwen3) */
+    int weight_dtype; /* dtype of the big matrices (cake_dtype numbering) */
+    bool tied_output; /* output.weight absent: token_embd is reused */
+    bool rope_neox;   /* RoPE turns pairs (i, i + head_dim/2) (qwen2), not (2i, 2i+1) */
+    bool qkv_bias;    /* some layer adds a bias to q, k or v */
+    bool qk_norm;     /* q and k are RMS-normed per head before RoPE (qwen3) */
     /* Mixture of experts (qwen3moe; llama files with experts, as Mixtral):
      * each token's FFN is the weighted sum of n_experts_used of n_experts
      * FFNs of width ffn_dim, picked by a router. 0 experts: a dense FFN. */

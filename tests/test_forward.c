@@ -841,8 +841,7 @@ static void test_experts(void **state) {
  * LongRoPE's factors the twin with rope_freqs.weight holding the long ones
  * (a context longer than original_context) or the short ones (not
  * longer); attn_factor scales the scores by its square (the reference
- * holds the twin with it); a sliding window shorter than the context caps
- * the context, and a longer context is refused. */
+ * holds the twin with it); a sliding window applies. */
 static void test_phi3(void **state) {
     (void)state;
     char base[64], twin[96], phi3[96];
@@ -887,18 +886,41 @@ static void test_phi3(void **state) {
         free(want);
         free(got);
     }
-    /* Phi-3's 4K window: the context is capped to it, a longer one refused */
+    /* A sliding window (Phi-3 4K's is 2047 positions, 24 here), applied on
+     * the CPU: a token whose window starts after position 0 sees fewer keys
+     * than without it, one whose window reaches back to 0 the same; the CUDA
+     * backend refuses a context longer than the window */
     write_variant(base, phi3,
-                  &(test_model_variant){.qwen2 = true, .phi3 = true, .sliding_window = 2047});
+                  &(test_model_variant){.qwen2 = true, .phi3 = true, .sliding_window = 24});
     cake_model *m = NULL;
     char err[256];
     assert_int_equal(cake_model_load(phi3, &m, err, sizeof(err)), 0);
-    assert_int_equal(cake_model_hparams(m)->n_ctx_train, 2047);
-    assert_int_equal(cake_model_hparams(m)->sliding_window, 2047);
-    cake_context *c = test_context(m, 4096, 1, 64);
-    assert_null(c);
-    assert_non_null(c = test_context(m, 2047, 1, 64));
-    cake_context_free(c);
+    assert_int_equal(cake_model_hparams(m)->n_ctx_train, 4096);
+    assert_int_equal(cake_model_hparams(m)->sliding_window, 24);
+    write_variant(base, twin, &(test_model_variant){.qwen2 = true, .phi3 = true});
+    cake_model *plain = NULL; /* the same without the window */
+    assert_int_equal(cake_model_load(twin, &plain, err, sizeof(err)), 0);
+    cake_token prompt[40];
+    fixed_prompt(prompt);
+    for (int n = 24; n <= 40; n += 16) {
+        run_result w, p;
+        run_greedy(m, prompt, n, 1, 7, CAKE_KV_F32, 2, &w);
+        run_greedy(plain, prompt, n, 1, 7, CAKE_KV_F32, 2, &p);
+        const size_t bytes = (size_t)cake_model_hparams(m)->n_vocab * sizeof(float);
+        if (n == 24) /* position 23 sees keys 0..23 either way */
+            assert_memory_equal(w.logits, p.logits, bytes);
+        else
+            assert_memory_not_equal(w.logits, p.logits, bytes);
+        free(w.logits);
+        free(p.logits);
+    }
+    cake_model_free(plain);
+    check_chunk_invariance(m, 100, 4);
+    cake_context_params cp = cake_context_default_params();
+    cp.backend = CAKE_BACKEND_CUDA;
+    cake_context *c = NULL;
+    assert_int_equal(cake_context_init(m, cp, &c, err, sizeof(err)), -1);
+    assert_non_null(strstr(err, "window"));
     cake_model_free(m);
     unlink(phi3);
     unlink(twin);

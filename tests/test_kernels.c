@@ -742,11 +742,13 @@ typedef struct {
     float *q;       /* (n_ctx, n_heads, head_dim): the queries of every position */
     float *kf, *vf; /* the cache contents as f32 */
     void *k, *v;    /* the cache in its dtype, laid out as kv/kv_cache.h says */
+    int window;     /* the sliding window (0: none) */
 } attn_case;
 
 static attn_case make_case(int n_ctx, int n_heads, int n_kv_heads, int hd, int kv_f16) {
     const int head_ctx = (n_ctx + CAKE_KV_KBLOCK - 1) / CAKE_KV_KBLOCK * CAKE_KV_KBLOCK;
-    attn_case c = {n_ctx, n_heads, n_kv_heads, hd, kv_f16, head_ctx, NULL, NULL, NULL, NULL, NULL};
+    attn_case c = {n_ctx, n_heads, n_kv_heads, hd,   kv_f16, head_ctx,
+                   NULL,  NULL,    NULL,       NULL, NULL,   0};
     const size_t nq = (size_t)n_ctx * n_heads * hd, nkv = (size_t)head_ctx * n_kv_heads * hd;
     c.q = xmalloc(nq * 4);
     c.kf = xmalloc(nkv * 4);
@@ -789,6 +791,7 @@ static cake_attn_args case_args(const attn_case *c, int pos0, int n, const void 
                         .head_dim = c->head_dim,
                         .kv_f16 = c->kv_f16,
                         .kv_ctx = c->head_ctx,
+                        .window = c->window,
                         .q = c->q + (size_t)pos0 * c->n_heads * c->head_dim,
                         .k = k,
                         .v = v,
@@ -829,8 +832,11 @@ static void run_chunked(const attn_case *c, int chunk, cake_threadpool *pool, fl
     free(v);
 }
 
-static void check_attention_case(int n_ctx, int n_heads, int n_kv_heads, int hd, int kv_f16) {
+/* The checks below with a sliding window of `window` positions (0: none). */
+static void check_attention_window(int n_ctx, int n_heads, int n_kv_heads, int hd, int kv_f16,
+                                   int window) {
     attn_case c = make_case(n_ctx, n_heads, n_kv_heads, hd, kv_f16);
+    c.window = window;
     const size_t nout = (size_t)n_ctx * n_heads * hd;
     float *lanes = xmalloc(nout * 4), *ref = xmalloc(nout * 4), *out = guarded_alloc(nout * 4);
 
@@ -866,10 +872,39 @@ static void check_attention_case(int n_ctx, int n_heads, int n_kv_heads, int hd,
             fail_msg("attention n_ctx %d heads %d/%d hd %d f16 %d: chunks of %d differ", n_ctx,
                      n_heads, n_kv_heads, hd, kv_f16, chunks[ci]);
     }
+    if (window && window < n_ctx) { /* the window matters: the rows past it differ */
+        c.window = 0;
+        a = case_args(&c, 0, n_ctx, c.k, c.v, out);
+        cake_attention(&a, pools[1]);
+        const size_t row = (size_t)n_heads * hd;
+        assert_memory_equal(out, lanes, (size_t)window * row * 4);
+        assert_memory_not_equal(out + (size_t)window * row, lanes + (size_t)window * row,
+                                (size_t)(n_ctx - window) * row * 4);
+    }
     free(lanes);
     free(ref);
     guarded_free(out, nout * 4);
     free_case(&c);
+}
+
+static void check_attention_case(int n_ctx, int n_heads, int n_kv_heads, int hd, int kv_f16) {
+    check_attention_window(n_ctx, n_heads, n_kv_heads, hd, kv_f16, 0);
+}
+
+/* A sliding window (Phi-3 4K, Mistral, Gemma's local layers): windows inside
+ * a key block, across blocks, of one position, longer than the context; in
+ * prefill (rows in lanes, tasks whose rows start their windows in different
+ * blocks) and decode (keys in lanes), every chunking. */
+static void test_attention_window(void **state) {
+    (void)state;
+    check_attention_window(300, 4, 1, 64, 1, 100);
+    check_attention_window(300, 8, 2, 64, 1, 64);
+    check_attention_window(200, 4, 4, 64, 0, 1);
+    check_attention_window(600, 2, 2, 64, 1, 130);
+    check_attention_window(150, 8, 2, 128, 1, 37);
+    check_attention_window(70, 4, 4, 64, 1, 500);
+    check_attention_window(24, 2, 1, 272, 0, 5); /* the portable kernel */
+    check_attention_window(90, 5, 5, 64, 1, 20);
 }
 
 static void test_attention_gqa_and_head_dims(void **state) {
@@ -957,6 +992,7 @@ int main(void) {
         cmocka_unit_test(test_q8_0_quantize_row),
         cmocka_unit_test(test_attention_gqa_and_head_dims),
         cmocka_unit_test(test_attention_long_context),
+        cmocka_unit_test(test_attention_window),
         cmocka_unit_test(test_attention_large_head_dim),
         cmocka_unit_test(test_attention_decode_matches_prefill),
         cmocka_unit_test(test_attention_single_key),

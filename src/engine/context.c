@@ -79,11 +79,12 @@ int cake_context_init(const cake_model *m, cake_context_params p, cake_context *
 
     if (p.backend == CAKE_BACKEND_CUDA && p.kv_type != CAKE_KV_F16)
         return cake_err(err, errlen, "the CUDA backend keeps its KV cache in f16 only");
-    if (hp->sliding_window && p.n_ctx > hp->sliding_window)
+    if (p.backend == CAKE_BACKEND_CUDA && hp->sliding_window && p.n_ctx > hp->sliding_window)
         return cake_err(err, errlen,
-                        "a context of %d tokens is longer than the model's sliding window (%d), "
-                        "which cake does not apply",
-                        p.n_ctx, hp->sliding_window);
+                        "the CUDA backend has no sliding window: a context of %d tokens is longer "
+                        "than the model's window (%d): run it on the CPU backend, or in a "
+                        "context of at most %d",
+                        p.n_ctx, hp->sliding_window, hp->sliding_window);
     if (p.backend == CAKE_BACKEND_CUDA && hp->rope_attn_factor != 1.0f)
         return cake_err(err, errlen,
                         "the CUDA backend does not scale attention by LongRoPE's factor (%g): "

@@ -303,18 +303,15 @@ static int read_hparams(const cake_gguf *g, cake_hparams *hp, int *orig_ctx, cha
         return -1;
     if (!(hp->rope_attn_factor > 0))
         return cake_err(err, errlen, "%s %g must be positive", key, hp->rope_attn_factor);
-    /* Phi-3's 4K models attend over the last 2047 positions (llama.cpp
-     * takes that where older files lack the key; Phi-4 writes 0 for none).
-     * The kernels have no sliding window, so the context is capped where it
-     * masks nothing: a query at position p sees keys back to p - window + 1. */
+    /* Phi-3's 4K models attend over the last 2047 positions: a query at p
+     * sees keys p - 2046 .. p (llama.cpp takes 2047 where older files lack
+     * the key; Phi-4 writes 0 for none). A window as long as the context
+     * masks nothing. */
     if (phi3 &&
         get_u32_in(g, KEY("attention.sliding_window"), 0, hp->n_ctx_train == 4096 ? 2047 : 0, 0,
                    1u << 30, &hp->sliding_window, err, errlen))
         return -1;
-    if (hp->sliding_window && hp->sliding_window < hp->n_ctx_train)
-        hp->n_ctx_train = hp->sliding_window;
-    else
-        hp->sliding_window = 0;
+    if (hp->sliding_window >= hp->n_ctx_train) hp->sliding_window = 0;
 
     /* RoPE scaling: none and linear are supported; anything else changes the
      * positions' meaning and is refused rather than silently ignored. */

@@ -9,7 +9,8 @@
  *   q'[d] = q[d] * (1/sqrt(head_dim))
  *   s_j   = FMA chain over d = 0, 1, ..., head_dim-1 of q'[d] * k_j[d], from 0
  *   keys in blocks of 64 at absolute positions [64b, 64b + 64); per block,
- *   over the keys j <= the query's position only:
+ *   over the keys j <= the query's position only (and, with a sliding
+ *   window W, j > position - W; blocks before the window are not visited):
  *       m' = max(m, max_j s_j);  alpha = exp(m - m');  p_j = exp(s_j - m')
  *       l  = l * alpha, then l = l + p_j for j ascending
  *       o[d] = o[d] * alpha, then o[d] = fma(p_j, v_j[d], o[d]) for j ascending
@@ -87,7 +88,13 @@ static float v_at(const cake_attn_args *a, int pos, int kvh, int d) {
 static int args_ok(const cake_attn_args *a) {
     return a->n_tokens > 0 && a->pos0 >= 0 && a->n_heads > 0 && a->n_kv_heads > 0 &&
            a->head_dim > 0 && a->n_heads % a->n_kv_heads == 0 &&
-           (long long)a->pos0 + a->n_tokens <= a->kv_ctx && a->kv_ctx % ATT_BK == 0;
+           (long long)a->pos0 + a->n_tokens <= a->kv_ctx && a->kv_ctx % ATT_BK == 0 &&
+           a->window >= 0;
+}
+
+/* The first key the query at pos sees: 0, or the start of its window. */
+static inline int key_lo(const cake_attn_args *a, int pos) {
+    return a->window > 0 && pos - a->window + 1 > 0 ? pos - a->window + 1 : 0;
 }
 
 /* ===================== reference ===================== */
@@ -104,8 +111,9 @@ void cake_attention_ref(const cake_attn_args *a) {
             const int kvh = h / group;
             /* softmax(q.k / sqrt(hd)) . v in double, in two passes over the keys
              * (max, then sums) so no buffer of n_ctx scores is needed */
+            const int lo = key_lo(a, pos);
             double mx = -INFINITY;
-            for (int j = 0; j <= pos; j++) {
+            for (int j = lo; j <= pos; j++) {
                 double s = 0.0;
                 for (int d = 0; d < hd; d++) s += (double)q[d] * k_at(a, j, kvh, d);
                 if (s * scale > mx) mx = s * scale;
@@ -113,7 +121,7 @@ void cake_attention_ref(const cake_attn_args *a) {
             for (int d0 = 0; d0 < hd; d0 += 64) { /* 64 outputs at a time */
                 const int d1 = d0 + 64 < hd ? d0 + 64 : hd;
                 double acc[64] = {0}, sum = 0.0;
-                for (int j = 0; j <= pos; j++) {
+                for (int j = lo; j <= pos; j++) {
                     double s = 0.0;
                     for (int d = 0; d < hd; d++) s += (double)q[d] * k_at(a, j, kvh, d);
                     const double p = exp(s * scale - mx);
@@ -137,11 +145,14 @@ static void lanes_row(const cake_attn_args *a, int t, int h) {
     float *out = a->out + ((size_t)t * a->n_heads + h) * (size_t)hd;
     float m = -INFINITY, l = 0.0f;
     for (int d = 0; d < hd; d++) out[d] = 0.0f; /* o accumulates in place */
-    for (int kb0 = 0; kb0 <= pos; kb0 += ATT_BK) {
-        const int nv = pos - kb0 + 1 < ATT_BK ? pos - kb0 + 1 : ATT_BK;
+    const int lo = key_lo(a, pos);
+    for (int kb0 = lo / ATT_BK * ATT_BK; kb0 <= pos; kb0 += ATT_BK) {
+        /* the block's keys j0..nv-1 are in the query's window */
+        const int nv = pos - kb0 + 1 < ATT_BK ? pos - kb0 + 1 : ATT_BK,
+                  j0 = lo > kb0 ? lo - kb0 : 0;
         float s[ATT_BK], p[ATT_BK];
         float mb = -INFINITY;
-        for (int j = 0; j < nv; j++) {
+        for (int j = j0; j < nv; j++) {
             float acc = 0.0f;
             for (int d = 0; d < hd; d++) acc = fmaf(q[d] * scale, k_at(a, kb0 + j, kvh, d), acc);
             s[j] = acc;
@@ -150,13 +161,13 @@ static void lanes_row(const cake_attn_args *a, int t, int h) {
         const float mn = m > mb ? m : mb;
         const float alpha = cake_exp_lanes(m - mn);
         l = l * alpha;
-        for (int j = 0; j < nv; j++) {
+        for (int j = j0; j < nv; j++) {
             p[j] = cake_exp_lanes(s[j] - mn);
             l = l + p[j];
         }
         for (int d = 0; d < hd; d++) {
             float o = out[d] * alpha;
-            for (int j = 0; j < nv; j++) o = fmaf(p[j], v_at(a, kb0 + j, kvh, d), o);
+            for (int j = j0; j < nv; j++) o = fmaf(p[j], v_at(a, kb0 + j, kvh, d), o);
             out[d] = o;
         }
         m = mn;
@@ -354,6 +365,7 @@ CAKE_INLINE void rows_pv(float *oT, int ldr, const float *sT, const __mmask16 *m
 /* A task's working state with rows in lanes (task_rows_in_lanes lays it out). */
 typedef struct {
     int ldr, nrv, hd, ldv;
+    int window; /* the sliding window, 0 for none */
     float *Qt, *oT, *sT, *kf, *vf, *ms, *ls;
     int32_t *pos;
     __mmask16 *msk;
@@ -361,7 +373,10 @@ typedef struct {
 
 /* Row vectors [rv, rv + NRV) against the key block [kb0, kb0 + nk): their
  * scores for the nkv keys up to the last row's position, the online softmax
- * down the key axis, then P.V. FULL: every row real and after the block. */
+ * down the key axis, then P.V. FULL: every row real, after the block and
+ * with the whole block in its window. A row that sees no key of the block
+ * (before it, or before its window) keeps its state: alpha 1, masked
+ * updates. */
 CAKE_INLINE void rows_group(const rows_state *st, int rv, int kb0, int nkv, const int NRV,
                             const int FULL) {
     const int ldr = st->ldr;
@@ -371,20 +386,29 @@ CAKE_INLINE void rows_group(const rows_state *st, int rv, int kb0, int nkv, cons
         const int r0 = (rv + v) * 16;
         const __m512i lim =
             _mm512_sub_epi32(_mm512_loadu_si512(st->pos + r0), _mm512_set1_epi32(kb0));
+        /* key j of the block is in a row's window when j > lim - window */
+        const __m512i wlim = st->window ? _mm512_sub_epi32(lim, _mm512_set1_epi32(st->window))
+                                        : _mm512_set1_epi32(-1);
         __m512 mx = _mm512_set1_ps(-INFINITY);
+        __mmask16 seen = 0; /* rows with a key in the block */
         for (int j = 0; j < nkv; j++) {
             const __m512 sj = _mm512_load_ps(st->sT + (size_t)j * ldr + r0);
             if (FULL) {
                 mx = _mm512_max_ps(mx, sj);
             } else {
-                const __mmask16 mk = _mm512_cmpge_epi32_mask(lim, _mm512_set1_epi32(j));
+                const __m512i jv = _mm512_set1_epi32(j);
+                const __mmask16 mk =
+                    _mm512_cmpge_epi32_mask(lim, jv) & _mm512_cmpgt_epi32_mask(jv, wlim);
                 st->msk[(size_t)j * st->nrv + rv + v] = mk;
+                seen |= mk;
                 mx = _mm512_mask_max_ps(mx, mk, mx, sj);
             }
         }
         const __m512 mo = _mm512_load_ps(st->ms + r0);
         const __m512 mn = _mm512_max_ps(mo, mx);
         alpha[v] = cake_exp512(_mm512_sub_ps(mo, mn));
+        if (!FULL) /* (exp(-inf - -inf) would be NaN for a row yet to see a key) */
+            alpha[v] = _mm512_mask_blend_ps(seen, _mm512_set1_ps(1.0f), alpha[v]);
         __m512 l = _mm512_mul_ps(_mm512_load_ps(st->ls + r0), alpha[v]);
         for (int j = 0; j < nkv; j++) {
             float *sp = st->sT + (size_t)j * ldr + r0;
@@ -419,7 +443,7 @@ static void task_rows_in_lanes(const att_job *job, int kvh, int t0, int t1, floa
      * other. V and o get head_dim rounded up to 8 (zero columns), P.V's tile
      * width. */
     const int ldr = (nrv | 1) * 16, ldv = (hd + 7) / 8 * 8;
-    rows_state st = {.ldr = ldr, .nrv = nrv, .hd = hd, .ldv = ldv};
+    rows_state st = {.ldr = ldr, .nrv = nrv, .hd = hd, .ldv = ldv, .window = a->window};
     st.Qt = sc;                           /* [hd][ldr] */
     st.oT = st.Qt + (size_t)hd * ldr;     /* [ldv][ldr] */
     st.sT = st.oT + (size_t)ldv * ldr;    /* [64][ldr] scores, then p */
@@ -461,23 +485,27 @@ static void task_rows_in_lanes(const att_job *job, int kvh, int t0, int t1, floa
     }
 
     const int kv_end = a->pos0 + t1;
-    for (int kb0 = 0; kb0 < kv_end; kb0 += ATT_BK) {
+    for (int kb0 = key_lo(a, a->pos0 + t0) / ATT_BK * ATT_BK; kb0 < kv_end; kb0 += ATT_BK) {
         const int nk = kv_end - kb0 < ATT_BK ? kv_end - kb0 : ATT_BK;
         load_keys(st.kf, a, kvh, kb0, nk);
         load_rows(st.vf, ldv, a, a->v, kvh, kb0, nk);
         /* Rows are in position order. Vectors whose last row is before kb0 sit
-         * this block out; each group of vectors needs the keys up to its last
-         * row's position. (A row before kb0 inside a working vector gets only
-         * masked updates and alpha = exp(0) = 1: its state is unchanged.) */
-        int rv_first = 0;
+         * this block out, and so do those whose first row's window starts
+         * after it; each group of vectors needs the keys up to its last
+         * row's position. (A row inside a working vector that sees no key
+         * of the block keeps its state: rows_group.) */
+        int rv_first = 0, rv_end = nrv;
         while (pos[(rv_first * 16 + 15 < R ? rv_first * 16 + 15 : R - 1)] < kb0) rv_first++;
-        for (int rv = rv_first; rv < nrv; rv += ROWS_V) {
-            const int nv = nrv - rv < ROWS_V ? nrv - rv : ROWS_V;
+        while (rv_end > rv_first && key_lo(a, pos[(rv_end - 1) * 16]) > kb0 + nk - 1) rv_end--;
+        for (int rv = rv_first; rv < rv_end; rv += ROWS_V) {
+            const int nv = rv_end - rv < ROWS_V ? rv_end - rv : ROWS_V;
             const int last = pos[(rv + nv) * 16 - 1 < R ? (rv + nv) * 16 - 1 : R - 1];
             const int nkv = last - kb0 + 1 < nk ? last - kb0 + 1 : nk;
             /* full: every row of the vectors is real and sees every key of
-             * the block (all but the blocks on the diagonal): no masks */
-            const int full = (rv + nv) * 16 <= R && pos[rv * 16] >= kb0 + nk - 1;
+             * the block (all but the blocks on the diagonal and at the
+             * windows' starts): no masks */
+            const int full =
+                (rv + nv) * 16 <= R && pos[rv * 16] >= kb0 + nk - 1 && key_lo(a, last) <= kb0;
             switch (nv * 2 + full) { /* nv and full as constants in each copy */
             case 7:
                 rows_group(&st, rv, kb0, nkv, 3, 1);
@@ -524,13 +552,13 @@ static void task_rows_in_lanes(const att_job *job, int kvh, int t0, int t1, floa
 /* ---------- keys in lanes (decode, few rows) ---------- */
 
 /* P.V of NR rows for one group of 4 vectors of head_dim (ng of them real, cm
- * their masks): acc += p_j v_j for the nv keys in order, and, with SUM_L,
+ * their masks): acc += p_j v_j for keys j0..nv-1 in order, and, with SUM_L,
  * the rows' sums l += p_j. WHOLE: 4 real vectors with no tail, known at
  * compile time, so the loop has no per-key checks or masked loads. */
 CAKE_INLINE void keys_pv(__m512 acc[4][4], float l[4], const void *v, size_t vr0, size_t vstride,
-                         const float *pbuf, int nv, int ng, const __mmask16 cm[4], const int NR,
-                         const int SUM_L, const int WHOLE, const int F16) {
-    for (int j = 0; j < nv; j++) {
+                         const float *pbuf, int j0, int nv, int ng, const __mmask16 cm[4],
+                         const int NR, const int SUM_L, const int WHOLE, const int F16) {
+    for (int j = j0; j < nv; j++) {
         const size_t vr = vr0 + (size_t)j * vstride;
         __m512 vv[4];
         UNROLL for (int g = 0; g < 4; g++) {
@@ -561,7 +589,7 @@ CAKE_INLINE void keys_pv(__m512 acc[4][4], float l[4], const void *v, size_t vr0
  * the cache directly (F16: a constant, the cache's type). */
 CAKE_INLINE void keys_rows(const float *qs, int hd, const float *kt, const void *v, size_t vstride,
                            size_t vbase, int hdp, float *o, float *ms, float *ls, float *pbuf,
-                           int nv, const int NR, const int NC, const int F16) {
+                           int j0, int nv, const int NR, const int NC, const int F16) {
     const int ncv = NC ? NC : (nv + 15) / 16;
     __m512 s[4][4];
     UNROLL for (int i = 0; i < NR; i++) UNROLL for (int c = 0; c < 4; c++) s[i][c] =
@@ -584,7 +612,8 @@ CAKE_INLINE void keys_rows(const float *qs, int hd, const float *kt, const void 
         __m512 mx = _mm512_set1_ps(-INFINITY);
         UNROLL for (int c = 0; c < 4; c++) if (NC ? c < NC : c < ncv) {
             const int cnt = nv - c * 16 < 16 ? nv - c * 16 : 16;
-            mx = _mm512_mask_max_ps(mx, cake_tail_mask(cnt), mx, s[i][c]);
+            const int below = j0 - c * 16 < 0 ? 0 : j0 - c * 16 < 16 ? j0 - c * 16 : 16;
+            mx = _mm512_mask_max_ps(mx, cake_tail_mask(cnt) & ~cake_tail_mask(below), mx, s[i][c]);
         }
         const float mb = _mm512_reduce_max_ps(mx), mo = ms[i];
         const float mn = mo > mb ? mo : mb;
@@ -615,11 +644,11 @@ CAKE_INLINE void keys_rows(const float *qs, int hd, const float *kt, const void 
         const size_t vr0 = vbase + (size_t)ds * 16;
         if (ng == 4 && hd >= (ds + 4) * 16) { /* 4 whole vectors: no checks per key */
             if (ds == 0)
-                keys_pv(acc, l, v, vr0, vstride, pbuf, nv, 4, cm, NR, 1, 1, F16);
+                keys_pv(acc, l, v, vr0, vstride, pbuf, j0, nv, 4, cm, NR, 1, 1, F16);
             else
-                keys_pv(acc, l, v, vr0, vstride, pbuf, nv, 4, cm, NR, 0, 1, F16);
+                keys_pv(acc, l, v, vr0, vstride, pbuf, j0, nv, 4, cm, NR, 0, 1, F16);
         } else {
-            keys_pv(acc, l, v, vr0, vstride, pbuf, nv, ng, cm, NR, ds == 0, 0, F16);
+            keys_pv(acc, l, v, vr0, vstride, pbuf, j0, nv, ng, cm, NR, ds == 0, 0, F16);
         }
         UNROLL for (int i = 0; i < NR; i++) UNROLL for (int g = 0; g < 4; g++) if (g < ng)
             _mm512_store_ps(o + (size_t)i * hdp + (ds + g) * 16, acc[i][g]);
@@ -629,7 +658,7 @@ CAKE_INLINE void keys_rows(const float *qs, int hd, const float *kt, const void 
 
 #define KEYS_ROWS_F(R, NR, NC, F16)                                                                \
     keys_rows(qs + (size_t)(R)*hd, hd, kt, a->v, vstride, vbase, hdp, o + (size_t)(R)*hdp,         \
-              ms + (R), ls + (R), p, nv, NR, NC, F16)
+              ms + (R), ls + (R), p, j0, nv, NR, NC, F16)
 #define KEYS_ROWS(R, NR)                                                                           \
     do {                                                                                           \
         if (a->kv_f16) {                                                                           \
@@ -674,14 +703,16 @@ static void task_keys_in_lanes(const att_job *job, int h0, int h1, int t0, int t
     const int kv_end = a->pos0 + t1;
     const size_t vstride = (size_t)hd;
     for (int kvh = h0; kvh < h1; kvh++)
-        for (int kb0 = 0; kb0 < kv_end; kb0 += ATT_BK) {
+        for (int kb0 = key_lo(a, a->pos0 + t0) / ATT_BK * ATT_BK; kb0 < kv_end; kb0 += ATT_BK) {
             const int nk = kv_end - kb0 < ATT_BK ? kv_end - kb0 : ATT_BK;
             load_keys(kt, a, kvh, kb0, nk);
             const size_t vbase = v_row(a, kvh, kb0);
             for (int t = t0; t < t1; t++) {
-                const int pos = a->pos0 + t;
-                if (pos < kb0) continue;
-                const int nv = pos - kb0 + 1 < nk ? pos - kb0 + 1 : nk;
+                const int pos = a->pos0 + t, lo = key_lo(a, pos);
+                if (pos < kb0 || lo >= kb0 + nk) continue; /* the block is outside its window */
+                /* its keys j0..nv-1 of the block */
+                const int nv = pos - kb0 + 1 < nk ? pos - kb0 + 1 : nk,
+                          j0 = lo > kb0 ? lo - kb0 : 0;
                 /* the token's G rows, up to 4 at a time */
                 for (int hh = 0; hh < G; hh += 4) {
                     const int r = (kvh - h0) * Rh + (t - t0) * G + hh;

@@ -268,6 +268,7 @@ void cake_cpu_forward(cake_context *c, const cake_batch_seq *seqs, int n_seqs, i
                 .head_dim = hp->head_dim,
                 .kv_f16 = kv->type == CAKE_KV_F16,
                 .kv_ctx = kv->head_ctx,
+                .window = hp->sliding_window,
                 .q = s->q + (size_t)row * hp->q_dim,
                 .k = cake_kv_k(kv, l),
                 .v = cake_kv_v(kv, l),

@@ -46,7 +46,8 @@ void cake_swiglu_ref(float *h, const float *g, const float *u, size_t n);
 
 /* ---- Causal attention over a KV cache ----
  * Queries for positions [pos0, pos0 + n_tokens) against keys/values at
- * positions [0, pos0 + n_tokens): query t attends to keys 0..pos0+t.
+ * positions [0, pos0 + n_tokens): query t attends to keys 0..pos0+t, or
+ * with a sliding window W to the last W of them (pos0+t-W+1..pos0+t).
  *   q:   (n_tokens, n_heads, head_dim) f32
  *   k,v: (n_kv_heads, kv_ctx, head_dim), element type kv_f16 ? f16 : f32:
  *        one layer's cache, head-major (kv/kv_cache.h); kv_ctx >= pos0 + n_tokens
@@ -60,6 +61,7 @@ typedef struct {
     int n_heads, n_kv_heads, head_dim;
     int kv_f16; /* 1: k, v are cake_f16; 0: float */
     int kv_ctx; /* positions per KV head in k and v */
+    int window; /* > 0: a query sees the keys of its last `window` positions only */
     const float *q;
     const void *k, *v;
     float *out;
