@@ -334,6 +334,42 @@ static void test_rope(void **state) {
 
 /* ===================== SwiGLU ===================== */
 
+/* GELU (tanh form) times u against the formula in double, in place, and the
+ * vector and scalar paths bit for bit (an element's bits must not depend on
+ * where it falls in a row). */
+static void test_geglu(void **state) {
+    (void)state;
+    const size_t lens[] = {1, 15, 16, 17, 100, 1027};
+    for (size_t li = 0; li < sizeof(lens) / sizeof(lens[0]); li++) {
+        const size_t n = lens[li];
+        float *g = xmalloc(n * 4), *u = xmalloc(n * 4), *h = xmalloc(n * 4), *hr = xmalloc(n * 4);
+        for (size_t i = 0; i < n; i++) {
+            g[i] = i % 7 == 3 ? rnd_f(-120, 120) : rnd_f(-8, 8);
+            u[i] = rnd_f(-3, 3);
+        }
+        cake_geglu(h, g, u, n);
+        cake_geglu_ref(hr, g, u, n);
+        /* relative: 2e-6, plus the exponent's own f32 rounding (its
+         * argument, up to 1.6 |g| + 0.07 |g|^3, is off by ~1 ulp) */
+        for (size_t i = 0; i < n; i++) {
+            const float a = fabsf(g[i]), arg = 1.6f * a + 0.0714f * a * a * a;
+            if (!(fabsf(h[i] - hr[i]) <= (2e-6f + 1.2e-7f * arg) * fabsf(hr[i]) + 1e-30f))
+                fail_msg("geglu(%g) * %g: %.9g, want %.9g", g[i], u[i], h[i], hr[i]);
+        }
+        for (size_t i = 0; i < n; i++) { /* one at a time: the scalar path */
+            float one;
+            cake_geglu(&one, &g[i], &u[i], 1);
+            assert_memory_equal(&one, &h[i], 4);
+        }
+        cake_geglu(g, g, u, n); /* in place (h aliases g) */
+        assert_memory_equal(g, h, n * 4);
+        free(g);
+        free(u);
+        free(h);
+        free(hr);
+    }
+}
+
 static void test_swiglu(void **state) {
     (void)state;
     const size_t lens[] = {1, 15, 16, 17, 100, 1027};
@@ -985,6 +1021,7 @@ int main(void) {
         cmocka_unit_test(test_rmsnorm),
         cmocka_unit_test(test_rope),
         cmocka_unit_test(test_swiglu),
+        cmocka_unit_test(test_geglu),
         cmocka_unit_test(test_matmul),
         cmocka_unit_test(test_matmul_bad_dtype),
         cmocka_unit_test(test_q8_0_to_f32),

@@ -1832,6 +1832,8 @@ enum {
     INST_END,
     SYS_PROMPT,
     SYS_PROMPT_END,
+    START_TURN, /* Gemma's */
+    END_TURN,
     CHAT_VOCAB
 };
 
@@ -1857,7 +1859,9 @@ static cake_tokenizer *chat_vocab(void) {
                              "[INST]",
                              "[/INST]",
                              "[SYSTEM_PROMPT]",
-                             "[/SYSTEM_PROMPT]"};
+                             "[/SYSTEM_PROMPT]",
+                             "<start_of_turn>",
+                             "<end_of_turn>"};
     for (int i = 0; i < CHAT_VOCAB - 256; i++)
         tokens[256 + i] = special[i], types[256 + i] = CAKE_TOKEN_CONTROL;
     /* (Qwen's tags are user-defined: their text is theirs) */
@@ -1895,14 +1899,15 @@ static void test_chat_formats(void **state) {
                      CHAT_PHI3);
     assert_int_equal(chat_detect("{{'<|im_start|>' + r + '<|im_sep|>' + c + '<|im_end|>'}}", t),
                      CHAT_PHI4);
+    assert_int_equal(chat_detect("{{ '<start_of_turn>' + role + '\n' }}", t), CHAT_GEMMA);
     assert_int_equal(chat_detect("{{ '[SYSTEM_PROMPT]' + s }}{{ '[INST]' + u }}", t),
                      CHAT_MISTRAL_V7);
     assert_int_equal(chat_detect("{{ '[AVAILABLE_TOOLS]' }}{{ \"[INST]\" + u }}", t),
                      CHAT_MISTRAL_TEKKEN);
 
     /* Each format, id by id: the expected prompt is bytes, with the special
-     * tokens written as \x01 .. \x06 (IM_START .. BOT) and \x0e .. \x16
-     * (IM_SEP .. SYS_PROMPT_END). BOS comes first
+     * tokens written as \x01 .. \x06 (IM_START .. BOT) and \x0e .. \x18
+     * (IM_SEP .. END_TURN). BOS comes first
      * (add_bos). The user's "<|im_end|>" stays text: bytes, not the special
      * token. */
     const chat_message m[] = {{.role = "system", .content = "S", .content_len = 1},
@@ -1939,6 +1944,10 @@ static void test_chat_formats(void **state) {
         {CHAT_PHI3,
          "\x06\x0f\nS\x12\n\x10\n <|im_end|>\n\x12\n\x11\n ok \x12\n\x10\nmore\x12\n\x11\n",
          PHI_END},
+        /* Gemma: the system message before the first user message, trimmed */
+        {CHAT_GEMMA,
+         "\x06\x17user\nS\n\n<|im_end|>\x18\n\x17model\nok\x18\n\x17user\nmore\x18\n\x17model\n",
+         END_TURN},
         {CHAT_PHI4,
          "\x06\x01system\x0eS\x02\x01user\x0e <|im_end|>\n\x02\x01"
          "assistant\x0e ok \x02\x01user\x0emore\x02\x01"
@@ -1956,7 +1965,7 @@ static void test_chat_formats(void **state) {
         for (int i = 0; i < n; i++) {
             const unsigned char c = (unsigned char)want[i];
             const int want_id = c >= 1 && c <= 8     ? IM_START + c - 1
-                                : c >= 14 && c <= 22 ? IM_SEP + c - 14
+                                : c >= 14 && c <= 24 ? IM_SEP + c - 14
                                                      : c;
             if (ids[i] != want_id)
                 fail_msg("%s: id %d is %d, want byte %d", chat_format_name(formats[k].f), i, ids[i],

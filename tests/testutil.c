@@ -295,6 +295,7 @@ int test_write_variant(const char *src, const char *dst, const test_model_varian
     (void)cake_gguf_get_u32(g, "llama.feed_forward_length", &ffn, err, errlen);
     const bool moe = v->qwen2 && v->qk_norm != 0 && n_experts > 0;
     const char *arch = !v->qwen2         ? "llama"
+                       : v->gemma3       ? "gemma3"
                        : v->phi3         ? "phi3"
                        : moe             ? "qwen3moe"
                        : v->qk_norm != 0 ? "qwen3"
@@ -311,6 +312,8 @@ int test_write_variant(const char *src, const char *dst, const test_model_varian
         const size_t kl = key ? strlen(key) : 0;
         if (key && v->context_length && kl > 15 && !strcmp(key + kl - 15, ".context_length"))
             cake_gguf_writer_add_u32(w, key, v->context_length);
+        else if (key && v->rope_base != 0 && kl > 15 && !strcmp(key + kl - 15, ".rope.freq_base"))
+            cake_gguf_writer_add_f32(w, key, v->rope_base);
         else if (key && moe && !strcmp(key, "qwen3moe.feed_forward_length"))
             cake_gguf_writer_add_u32(w, key, 6 * ffn); /* a dense width the experts do not use */
         else if (key && v->special_tokens &&
@@ -329,6 +332,8 @@ int test_write_variant(const char *src, const char *dst, const test_model_varian
             cake_gguf_writer_add_u32(w, "phi3.rope.scaling.original_context_length",
                                      v->original_context);
     }
+    if (!rc && v->gemma3 && v->sliding_window)
+        cake_gguf_writer_add_u32(w, "gemma3.attention.sliding_window", v->sliding_window);
     if (!rc && v->attn_factor != 0) {
         char key[64];
         snprintf(key, sizeof(key), "%s.rope.scaling.attn_factor", arch);
@@ -416,6 +421,14 @@ int test_write_variant(const char *src, const char *dst, const test_model_varian
             char name[64];
             snprintf(name, sizeof(name), "blk.%u.attn_%s_norm.weight", l, k ? "k" : "q");
             const uint64_t ne[1] = {head_dim};
+            cake_gguf_writer_add_tensor(w, name, CAKE_DTYPE_F32, 1, ne);
+        }
+    for (uint32_t l = 0; !rc && v->gemma3 && l < n_layers; l++) /* (filled as norms) */
+        for (int k = 0; k < 2; k++) {
+            char name[64];
+            snprintf(name, sizeof(name), "blk.%u.%s.weight", l,
+                     k ? "post_ffw_norm" : "post_attention_norm");
+            const uint64_t ne[1] = {dim};
             cake_gguf_writer_add_tensor(w, name, CAKE_DTYPE_F32, 1, ne);
         }
     const uint64_t n_bias = v->bias != 0 ? 3 * (uint64_t)n_layers : 0;

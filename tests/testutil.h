@@ -72,6 +72,11 @@ typedef struct {
     const float *long_factors, *short_factors;
     uint32_t original_context;
     float attn_factor; /* <arch>.rope.scaling.attn_factor; 0: none */
+    /* with qwen2 and qk_norm: a gemma3 copy, with post-attention and
+     * post-FFN norms (valued as the q/k norms), the window sliding_window
+     * (0: none) and rope.freq_base rope_base (0: the source's) */
+    bool gemma3;
+    float rope_base;
     /* each expert's matrix as a tensor of its own (blk.L.ffn_gate.E.weight,
      * as older Mixtral conversions have them), not with other changes */
     bool split_experts;

@@ -227,12 +227,13 @@ static int read_hparams(const cake_gguf *g, cake_hparams *hp, int *orig_ctx, cha
     int rc = cake_gguf_get_str(g, "general.architecture", &arch, err, errlen);
     if (rc == -1) return cake_err(err, errlen, "missing metadata key 'general.architecture'");
     if (rc < 0) return -1;
-    const bool moe_arch = str_eq(arch, "qwen3moe"), phi3 = str_eq(arch, "phi3");
+    const bool moe_arch = str_eq(arch, "qwen3moe"), phi3 = str_eq(arch, "phi3"),
+               gemma3 = str_eq(arch, "gemma3");
     if (!str_eq(arch, "llama") && !str_eq(arch, "qwen2") && !str_eq(arch, "qwen3") && !moe_arch &&
-        !phi3)
+        !phi3 && !gemma3)
         return cake_err(err, errlen,
                         "architecture '%.*s' is not supported ('llama', 'qwen2', 'qwen3', "
-                        "'qwen3moe' and 'phi3' are)",
+                        "'qwen3moe', 'phi3' and 'gemma3' are)",
                         (int)(arch.len > 64 ? 64 : arch.len), arch.ptr);
     /* qwen2, qwen3 and phi3 files keep the NeoX pairing (llama.cpp's
      * converter permutes only llama's q/k rows); qwen3 adds per-head q/k
@@ -307,11 +308,22 @@ static int read_hparams(const cake_gguf *g, cake_hparams *hp, int *orig_ctx, cha
      * sees keys p - 2046 .. p (llama.cpp takes 2047 where older files lack
      * the key; Phi-4 writes 0 for none). A window as long as the context
      * masks nothing. */
-    if (phi3 &&
-        get_u32_in(g, KEY("attention.sliding_window"), 0, hp->n_ctx_train == 4096 ? 2047 : 0, 0,
-                   1u << 30, &hp->sliding_window, err, errlen))
+    if ((phi3 || gemma3) && get_u32_in(g, KEY("attention.sliding_window"), 0,
+                                       phi3 && hp->n_ctx_train == 4096 ? 2047 : 0, 0, 1u << 30,
+                                       &hp->sliding_window, err, errlen))
         return -1;
     if (hp->sliding_window >= hp->n_ctx_train) hp->sliding_window = 0;
+    /* Gemma 3 (llama.cpp's llm_build_gemma3): embeddings times sqrt(dim),
+     * GELU, norms after attention and FFN (found by their tensors), q/k
+     * norms; five windowed layers in six; scores scaled by
+     * 1/sqrt(dim / heads) in the 27B (62 layers), 1/sqrt(head_dim) in the
+     * others. (The norms' weights hold Gemma's 1 + w: the converter adds 1.) */
+    hp->embed_scale = gemma3 ? sqrtf((float)hp->dim) : 1.0f;
+    hp->gelu = gemma3;
+    hp->swa_pattern = gemma3 ? 6 : 0;
+    hp->q_scale = gemma3 && hp->n_layers == 62
+                      ? sqrtf((float)hp->head_dim / (float)(hp->dim / hp->n_heads))
+                      : 1.0f;
 
     /* RoPE scaling: none and linear are supported; anything else changes the
      * positions' meaning and is refused rather than silently ignored. */
@@ -378,6 +390,15 @@ static double *rope_frequencies(const cake_gguf *g, const cake_hparams *hp, int 
         f[i] = pow((double)hp->rope_theta, -2.0 * i / hp->head_dim) * (double)hp->rope_freq_scale /
                (factor ? (double)factor[i] : 1.0);
     free(factor);
+    return f;
+}
+
+/* Gemma 3's windowed layers turn RoPE at theta 10000, unscaled (llama.cpp's
+ * rope_freq_base_train_swa); the others take the file's base and scaling. */
+static double *local_rope_frequencies(const cake_hparams *hp) {
+    const int half = hp->head_dim / 2;
+    double *f = malloc((size_t)half * sizeof(*f));
+    for (int i = 0; f && i < half; i++) f[i] = pow(10000.0, -2.0 * i / hp->head_dim);
     return f;
 }
 
@@ -565,6 +586,8 @@ static void free_layers(cake_model *m) {
         free(m->layers[l].q_norm);
         free(m->layers[l].k_norm);
         free(m->layers[l].expert);
+        free(m->layers[l].post_attn_norm);
+        free(m->layers[l].post_ffn_norm);
     }
     free(m->layers);
     m->layers = NULL;
@@ -575,6 +598,7 @@ void cake_model_free(cake_model *m) {
     free_layers(m);
     free(m->output_norm);
     free(m->rope_freqs);
+    free(m->rope_freqs_local);
     if (m->packed) munmap(m->packed, m->packed_size);
     cake_tokenizer_free(m->tokenizer);
     cake_gguf_close(m->gguf);
@@ -665,6 +689,26 @@ int cake_model_load(const char *path, cake_model **out, char *err, size_t errlen
             goto fail_why;
         }
         if (L->q_norm) hp->qk_norm = true;
+        L->post_attn_norm =
+            load_bias(g, LAYER_NAME("post_attention_norm.weight"), dim, &failed, why, sizeof(why));
+        L->post_ffn_norm =
+            load_bias(g, LAYER_NAME("post_ffw_norm.weight"), dim, &failed, why, sizeof(why));
+        if (failed) goto fail_why;
+        if (!L->post_attn_norm != !L->post_ffn_norm ||
+            (l && !L->post_attn_norm != !hp->post_norms)) {
+            snprintf(why, sizeof(why), "layer %d lacks a post-attention or post-FFN norm", l);
+            goto fail_why;
+        }
+        hp->post_norms = L->post_attn_norm != NULL;
+        const bool windowed =
+            hp->sliding_window && (!hp->swa_pattern || l % hp->swa_pattern < hp->swa_pattern - 1);
+        L->window = windowed ? hp->sliding_window : 0;
+        if (windowed && hp->swa_pattern && !m->rope_freqs_local &&
+            !(m->rope_freqs_local = local_rope_frequencies(hp))) {
+            snprintf(why, sizeof(why), "out of memory");
+            goto fail_why;
+        }
+        L->rope_freqs = windowed && hp->swa_pattern ? m->rope_freqs_local : m->rope_freqs;
 #undef LAYER_NAME
     }
     hp->weight_dtype = m->layers[0].wq.dtype;
@@ -727,6 +771,15 @@ static void compute_fingerprint(void) {
     if (m->rope_factor_set || hp->rope_attn_factor != 1.0f) { /* LongRoPE: which factors */
         hash_u64(st, (uint64_t)m->rope_factor_set);
         hash_u64(st, cake_bits_from_f32(hp->rope_attn_factor));
+    }
+    if (hp->sliding_window) { /* the windowed layers' keys are not the same */
+        hash_u64(st, (uint64_t)hp->sliding_window);
+        hash_u64(st, (uint64_t)hp->swa_pattern);
+    }
+    if (hp->embed_scale != 1.0f || hp->gelu || hp->post_norms || hp->q_scale != 1.0f) {
+        hash_u64(st, cake_bits_from_f32(hp->embed_scale));
+        hash_u64(st, cake_bits_from_f32(hp->q_scale));
+        hash_u64(st, (uint64_t)hp->gelu << 1 | (uint64_t)hp->post_norms);
     }
     if (hp->n_experts) { /* hashed only when set: dense models keep their fingerprints */
         hash_u64(st, (uint64_t)hp->n_experts);

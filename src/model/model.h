@@ -41,6 +41,9 @@ typedef struct {
      * file's 3-D tensors (expert e is the e-th matrix of each) */
     cake_weight router;  /* (n_experts, dim): a token's expert logits */
     cake_weight *expert; /* (3 n_experts): expert e's gate, up and down at 3e, 3e+1, 3e+2 */
+    float *post_attn_norm, *post_ffn_norm; /* (dim) each, Gemma 3; NULL when absent */
+    int window;                            /* this layer's sliding window; 0 = none */
+    const double *rope_freqs;              /* the model's rope_freqs, or its local ones */
 } cake_layer;
 
 struct cake_model {
@@ -56,6 +59,7 @@ struct cake_model {
      * (the last factor is Llama 3.1's rope scaling, or LongRoPE's; 1 when
      * the file has none). Both backends rotate by these. */
     double *rope_freqs;
+    double *rope_freqs_local; /* Gemma 3's windowed layers' (theta 10000, no scaling), or NULL */
     /* which factors divided them: 0 none or rope_freqs.weight, else
      * LongRoPE's rope_factors_short (1) or _long (2) */
     int rope_factor_set;

@@ -9,6 +9,7 @@
 chat_format chat_detect(const char *tmpl, const cake_tokenizer *t) {
     if (tmpl) {
         if (strstr(tmpl, "<|im_sep|>")) return CHAT_PHI4; /* before ChatML, whose tags it has */
+        if (strstr(tmpl, "<start_of_turn>")) return CHAT_GEMMA;
         if (strstr(tmpl, "<|im_start|>")) return CHAT_CHATML;
         if (strstr(tmpl, "<|start_header_id|>") && strstr(tmpl, "<|end_header_id|>"))
             return CHAT_LLAMA3;
@@ -32,8 +33,9 @@ chat_format chat_detect(const char *tmpl, const cake_tokenizer *t) {
 }
 
 const char *chat_format_name(chat_format f) {
-    static const char *names[] = {"none",   "chatml", "llama3",         "llama2",     "mistral",
-                                  "zephyr", "phi3",   "mistral-tekken", "mistral-v7", "phi4"};
+    static const char *names[] = {"none",       "chatml", "llama3", "llama2",
+                                  "mistral",    "zephyr", "phi3",   "mistral-tekken",
+                                  "mistral-v7", "phi4",   "gemma"};
     return names[f];
 }
 
@@ -458,6 +460,32 @@ int chat_prompt(chat_format f, const cake_tokenizer *t, const chat_message *m, i
         put_special(&b, "<|im_sep|>");
         *end_of_turn = cake_tokenizer_find(t, "<|im_end|>", 10);
         break;
+    case CHAT_GEMMA: {
+        /* llama.cpp's: messages trimmed, "assistant" is "model", the system
+         * message goes before the first user message's text */
+        const chat_message *sys = NULL;
+        for (int i = 0; i < n; i++) {
+            if (!strcmp(m[i].role, "system")) {
+                sys = &m[i];
+                continue;
+            }
+            const bool model = !strcmp(m[i].role, "assistant");
+            put_special(&b, "<start_of_turn>");
+            put_str(&b, model ? "model\n" : "user\n");
+            if (sys && !model) {
+                put_trimmed(&b, sys);
+                put_str(&b, "\n\n");
+                sys = NULL;
+            }
+            put_trimmed(&b, &m[i]);
+            put_special(&b, "<end_of_turn>");
+            put_str(&b, "\n");
+        }
+        put_special(&b, "<start_of_turn>");
+        put_str(&b, "model\n");
+        *end_of_turn = cake_tokenizer_find(t, "<end_of_turn>", 13);
+        break;
+    }
     case CHAT_NONE:
         break;
     }

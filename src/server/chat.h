@@ -25,6 +25,7 @@ typedef enum {
     CHAT_MISTRAL_TEKKEN, /* [INST]...[/INST]...</s> (Mistral Nemo: v3-tekken) */
     CHAT_MISTRAL_V7,     /* [SYSTEM_PROMPT] ...[/SYSTEM_PROMPT][INST] ...[/INST] (Small 3) */
     CHAT_PHI4,           /* <|im_start|>user<|im_sep|>...<|im_end|> (Phi-4) */
+    CHAT_GEMMA,          /* <start_of_turn>user\n...<end_of_turn>\n<start_of_turn>model\n */
 } chat_format;
 
 /* A function call an assistant's message made (OpenAI's tool_calls). */

@@ -6,6 +6,8 @@
  *       store k, v into the KV cache at positions [pos0, pos0 + n)
  *       x += attention(q, cache[0, pos0 + n)) Wo
  *       h = rmsnorm(x) ; x += (silu(h Wgate) * (h Wup)) Wdown
+ *           (Gemma 3: embeddings times sqrt(dim), GELU for silu, and the
+ *           attention and FFN outputs RMS-normed before they are added)
  *           (or, with experts, the weighted sum of that FFN over the
  *           experts the router picks for the token: moe_ffn)
  *   logits = rmsnorm(x[last]) Wout
@@ -90,8 +92,9 @@ static void store_kv(const cake_kv_cache *kv, int layer, const float *k, const f
 
 typedef enum {
     ROWS_QKV,      /* biases, RoPE on q and k, k and v into the KV cache */
-    ROWS_ADD_NORM, /* x += xb (add), then xb = rmsnorm(x) * norm (norm != NULL) */
-    ROWS_SWIGLU,   /* g = silu(g) * u */
+    ROWS_ADD_NORM, /* xb = rmsnorm(xb) * post (post != NULL), x += xb (add), then
+                      xb = rmsnorm(x) * norm (norm != NULL) */
+    ROWS_SWIGLU,   /* g = silu(g) * u, or gelu(g) * u */
 } rows_step;
 
 typedef struct {
@@ -104,6 +107,7 @@ typedef struct {
     rows_step step;
     int add;           /* ROWS_ADD_NORM: add xb to x first */
     const float *norm; /* ROWS_ADD_NORM: the norm's weights, NULL for none */
+    const float *post; /* ROWS_ADD_NORM: xb's own norm before the add (Gemma 3), or NULL */
 } rows_job;
 
 static void rows_task(void *ctx, int task, int tid) {
@@ -126,7 +130,7 @@ static void rows_task(void *ctx, int task, int tid) {
             cake_rmsnorm(q, q, j->L->q_norm, nt * hp->n_heads, hp->head_dim, hp->rms_eps);
             cake_rmsnorm(k, k, j->L->k_norm, nt * hp->n_kv_heads, hp->head_dim, hp->rms_eps);
         }
-        const double *freqs = j->c->model->rope_freqs;
+        const double *freqs = j->L->rope_freqs;
         if (hp->rope_neox) {
             cake_rope_neox(q, nt, hp->n_heads, hp->head_dim, j->pos0 + t0, freqs);
             cake_rope_neox(k, nt, hp->n_kv_heads, hp->head_dim, j->pos0 + t0, freqs);
@@ -134,17 +138,18 @@ static void rows_task(void *ctx, int task, int tid) {
             cake_rope(q, nt, hp->n_heads, hp->head_dim, j->pos0 + t0, freqs);
             cake_rope(k, nt, hp->n_kv_heads, hp->head_dim, j->pos0 + t0, freqs);
         }
-        /* LongRoPE's attention factor: llama.cpp turns q and k by cos and
-         * sin times it; here q takes both (the scores are the same) */
-        if (hp->rope_attn_factor != 1.0f) {
-            const float f2 = hp->rope_attn_factor * hp->rope_attn_factor;
-            for (size_t i = 0; i < (size_t)nt * q_dim; i++) q[i] *= f2;
-        }
+        /* LongRoPE's attention factor (llama.cpp turns q and k by cos and
+         * sin times it; here q takes both: the scores are the same) and
+         * Gemma 3 27B's score scale, on q before the kernel's 1/sqrt(hd) */
+        const float qs = hp->rope_attn_factor * hp->rope_attn_factor * hp->q_scale;
+        if (qs != 1.0f)
+            for (size_t i = 0; i < (size_t)nt * q_dim; i++) q[i] *= qs;
         store_kv(j->kv, j->layer, k, v, nt, j->pos0 + t0);
         break;
     }
     case ROWS_ADD_NORM: {
         float *x = s->x + r0 * dim, *xb = s->xb + r0 * dim;
+        if (j->post) cake_rmsnorm(xb, xb, j->post, nt, (int)dim, hp->rms_eps);
         if (j->add)
             for (size_t i = 0; i < (size_t)nt * dim; i++) x[i] += xb[i];
         if (j->norm) cake_rmsnorm(xb, x, j->norm, nt, (int)dim, hp->rms_eps);
@@ -152,7 +157,10 @@ static void rows_task(void *ctx, int task, int tid) {
     }
     case ROWS_SWIGLU: {
         const size_t ffn = (size_t)hp->ffn_dim;
-        cake_swiglu(s->g + r0 * ffn, s->g + r0 * ffn, s->u + r0 * ffn, (size_t)nt * ffn);
+        if (hp->gelu)
+            cake_geglu(s->g + r0 * ffn, s->g + r0 * ffn, s->u + r0 * ffn, (size_t)nt * ffn);
+        else
+            cake_swiglu(s->g + r0 * ffn, s->g + r0 * ffn, s->u + r0 * ffn, (size_t)nt * ffn);
         break;
     }
     }
@@ -241,6 +249,8 @@ void cake_cpu_forward(cake_context *c, const cake_batch_seq *seqs, int n_seqs, i
 
     for (int i = 0, row = 0; i < n_seqs; row += seqs[i++].n)
         embed_rows(&m->tok_embd, seqs[i].tokens, seqs[i].n, s->x + (size_t)row * dim);
+    if (hp->embed_scale != 1.0f)
+        for (size_t i = 0; i < (size_t)n * dim; i++) s->x[i] *= hp->embed_scale;
     /* xb = rmsnorm(x) for layer 0 */
     run_rows((rows_job){.c = c, .n = n, .step = ROWS_ADD_NORM, .norm = m->layers[0].attn_norm});
 
@@ -268,7 +278,7 @@ void cake_cpu_forward(cake_context *c, const cake_batch_seq *seqs, int n_seqs, i
                 .head_dim = hp->head_dim,
                 .kv_f16 = kv->type == CAKE_KV_F16,
                 .kv_ctx = kv->head_ctx,
-                .window = hp->sliding_window,
+                .window = L->window,
                 .q = s->q + (size_t)row * hp->q_dim,
                 .k = cake_kv_k(kv, l),
                 .v = cake_kv_v(kv, l),
@@ -278,7 +288,12 @@ void cake_cpu_forward(cake_context *c, const cake_batch_seq *seqs, int n_seqs, i
         }
         matmul(s->xb, s->att, &L->wo, n, pool);
         /* x += attention out; xb = rmsnorm(x) */
-        run_rows((rows_job){.c = c, .n = n, .step = ROWS_ADD_NORM, .add = 1, .norm = L->ffn_norm});
+        run_rows((rows_job){.c = c,
+                            .n = n,
+                            .step = ROWS_ADD_NORM,
+                            .add = 1,
+                            .norm = L->ffn_norm,
+                            .post = L->post_attn_norm});
 
         if (hp->n_experts) {
             moe_ffn(c, L, n);
@@ -290,7 +305,12 @@ void cake_cpu_forward(cake_context *c, const cake_batch_seq *seqs, int n_seqs, i
         }
         /* x += ffn out; xb = the next layer's rmsnorm(x) (none after the last) */
         const float *next_norm = l + 1 < hp->n_layers ? m->layers[l + 1].attn_norm : NULL;
-        run_rows((rows_job){.c = c, .n = n, .step = ROWS_ADD_NORM, .add = 1, .norm = next_norm});
+        run_rows((rows_job){.c = c,
+                            .n = n,
+                            .step = ROWS_ADD_NORM,
+                            .add = 1,
+                            .norm = next_norm,
+                            .post = L->post_ffn_norm});
     }
 
     /* The output head over the last rows of the sequences that want logits,

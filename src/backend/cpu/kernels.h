@@ -43,6 +43,9 @@ void cake_add_bias(float *x, const float *b, int n_rows, int n);
 /* ---- SwiGLU: h[i] = silu(g[i]) * u[i], i < n; h may alias g. ---- */
 void cake_swiglu(float *h, const float *g, const float *u, size_t n);
 void cake_swiglu_ref(float *h, const float *g, const float *u, size_t n);
+/* h = gelu(g) * u, GELU's tanh form (Gemma); the same bits in both paths */
+void cake_geglu(float *h, const float *g, const float *u, size_t n);
+void cake_geglu_ref(float *h, const float *g, const float *u, size_t n);
 
 /* ---- Causal attention over a KV cache ----
  * Queries for positions [pos0, pos0 + n_tokens) against keys/values at
