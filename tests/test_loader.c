@@ -203,6 +203,29 @@ static void check_modes(fixture *f, const char *uri, int n, int chunk) {
  * overwritten, and its logits are those of a fresh context, bit for bit, in
  * every mode. Claiming one position more than is shared makes them differ:
  * the cached positions are not computed again. */
+/* The loader's compute model counts the keys each query sees: all before
+ * it, or its window's in the windowed layers (Gemma 3's five in six) -
+ * against a plain sum over the positions. */
+static void test_chunk_flops_window(void **state) {
+    (void)state;
+    cake_hparams hp = {
+        .dim = 64, .n_layers = 6, .n_heads = 4, .n_kv_heads = 2, .head_dim = 16, .ffn_dim = 192};
+    const double per_key = 4.0 * hp.n_heads * hp.head_dim;
+    const int cases[][3] = {{0, 100, 24}, {10, 7, 24}, {30, 64, 24}, {0, 1, 1}, {500, 256, 1024}};
+    for (size_t c = 0; c < sizeof(cases) / sizeof(cases[0]); c++) {
+        const int pos0 = cases[c][0], n = cases[c][1], w = cases[c][2];
+        hp.sliding_window = 0;
+        hp.swa_pattern = 0;
+        const double plain = cake_chunk_flops(&hp, pos0, n);
+        double all = 0, win = 0;
+        for (int p = pos0; p < pos0 + n; p++) all += p + 1, win += p + 1 < w ? p + 1 : w;
+        hp.sliding_window = w; /* every layer windowed */
+        assert_true(fabs(plain - cake_chunk_flops(&hp, pos0, n) - 6 * per_key * (all - win)) < 1);
+        hp.swa_pattern = 6; /* five of six */
+        assert_true(fabs(plain - cake_chunk_flops(&hp, pos0, n) - 5 * per_key * (all - win)) < 1);
+    }
+}
+
 static void test_cached_prefix(void **state) {
     (void)state;
     char path[64];
@@ -1031,11 +1054,17 @@ static void test_staging_reuse(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_cached_prefix),  cmocka_unit_test(test_busy_engine),
-        cmocka_unit_test(test_awaited_chunks), cmocka_unit_test(test_stories_modes),
-        cmocka_unit_test(test_mha160m_modes),  cmocka_unit_test(test_redis_faults),
-        cmocka_unit_test(test_stress),         cmocka_unit_test(test_claims),
-        cmocka_unit_test(test_staging_reuse),  cmocka_unit_test(test_batch_variant_boundary),
+        cmocka_unit_test(test_chunk_flops_window),
+        cmocka_unit_test(test_cached_prefix),
+        cmocka_unit_test(test_busy_engine),
+        cmocka_unit_test(test_awaited_chunks),
+        cmocka_unit_test(test_stories_modes),
+        cmocka_unit_test(test_mha160m_modes),
+        cmocka_unit_test(test_redis_faults),
+        cmocka_unit_test(test_stress),
+        cmocka_unit_test(test_claims),
+        cmocka_unit_test(test_staging_reuse),
+        cmocka_unit_test(test_batch_variant_boundary),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

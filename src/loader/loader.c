@@ -244,17 +244,32 @@ int cake_mode_parse(const char *s, cake_mode *out) {
     return 0;
 }
 
+/* The keys the queries at positions [pos0, pos0 + n) see: p + 1 each, or
+ * at most `window`. */
+static double keys_seen(int pos0, int n, int window) {
+    const double all = (double)n * pos0 + (double)n * (n + 1) / 2;
+    const int first = pos0 > window ? pos0 : window, last = pos0 + n - 1; /* p + 1 > window */
+    if (!window || first > last) return all;
+    const double m = last - first + 1;
+    return all - (m * (first + 1) + m * (m - 1) / 2 - (double)window * m);
+}
+
 double cake_chunk_flops(const cake_hparams *hp, int pos0, int n) {
     const double q = (double)hp->n_heads * hp->head_dim, kv = (double)hp->n_kv_heads * hp->head_dim;
     /* Per token: the matmuls (q, k, v, o, gate, up, down; with experts the
      * router and the picked experts' three), then attention (QK and PV) over
-     * the keys 0..p for the token at position p. */
+     * the keys 0..p for the token at position p (its window's, in the
+     * layers with one). */
     const double ffns = hp->n_experts ? hp->n_experts_used : 1;
     const double per_token = 2.0 * hp->n_layers *
                              (hp->dim * (2 * q + 2 * kv) + 3.0 * hp->dim * hp->ffn_dim * ffns +
                               (double)hp->dim * hp->n_experts);
-    const double per_key = 4.0 * hp->n_layers * q;
-    return n * per_token + per_key * ((double)n * pos0 + (double)n * (n + 1) / 2);
+    int windowed = 0;
+    for (int l = 0; hp->sliding_window && l < hp->n_layers; l++)
+        windowed += !hp->swa_pattern || l % hp->swa_pattern < hp->swa_pattern - 1;
+    return n * per_token + 4.0 * q *
+                               ((hp->n_layers - windowed) * keys_seen(pos0, n, 0) +
+                                windowed * keys_seen(pos0, n, hp->sliding_window));
 }
 
 static void speed_add(cake_compute_speed *s, double ns_per_flop) {
