@@ -334,11 +334,13 @@ static void test_rope(void **state) {
 
 /* ===================== SwiGLU ===================== */
 
-/* GELU (tanh form) times u against the formula in double, in place, and the
- * vector and scalar paths bit for bit (an element's bits must not depend on
- * where it falls in a row). */
-static void test_geglu(void **state) {
-    (void)state;
+/* A gated activation h = act(g) * u against its formula in double (within
+ * tol(g) relative), in place (h aliases g), and bit for bit one element at a
+ * time (the scalar path: an element's bits must not depend on where it
+ * falls in a row). */
+typedef void (*gated_fn)(float *h, const float *g, const float *u, size_t n);
+
+static void check_gated(const char *name, gated_fn fast, gated_fn ref, float (*tol)(float g)) {
     const size_t lens[] = {1, 15, 16, 17, 100, 1027};
     for (size_t li = 0; li < sizeof(lens) / sizeof(lens[0]); li++) {
         const size_t n = lens[li];
@@ -347,21 +349,17 @@ static void test_geglu(void **state) {
             g[i] = i % 7 == 3 ? rnd_f(-120, 120) : rnd_f(-8, 8);
             u[i] = rnd_f(-3, 3);
         }
-        cake_geglu(h, g, u, n);
-        cake_geglu_ref(hr, g, u, n);
-        /* relative: 2e-6, plus the exponent's own f32 rounding (its
-         * argument, up to 1.6 |g| + 0.07 |g|^3, is off by ~1 ulp) */
+        fast(h, g, u, n);
+        ref(hr, g, u, n);
+        for (size_t i = 0; i < n; i++)
+            if (!(fabsf(h[i] - hr[i]) <= tol(g[i]) * fabsf(hr[i]) + 1e-35f))
+                fail_msg("%s(%g) * %g: %.9g, want %.9g", name, g[i], u[i], h[i], hr[i]);
         for (size_t i = 0; i < n; i++) {
-            const float a = fabsf(g[i]), arg = 1.6f * a + 0.0714f * a * a * a;
-            if (!(fabsf(h[i] - hr[i]) <= (2e-6f + 1.2e-7f * arg) * fabsf(hr[i]) + 1e-30f))
-                fail_msg("geglu(%g) * %g: %.9g, want %.9g", g[i], u[i], h[i], hr[i]);
-        }
-        for (size_t i = 0; i < n; i++) { /* one at a time: the scalar path */
             float one;
-            cake_geglu(&one, &g[i], &u[i], 1);
+            fast(&one, &g[i], &u[i], 1);
             assert_memory_equal(&one, &h[i], 4);
         }
-        cake_geglu(g, g, u, n); /* in place (h aliases g) */
+        fast(g, g, u, n);
         assert_memory_equal(g, h, n * 4);
         free(g);
         free(u);
@@ -370,31 +368,29 @@ static void test_geglu(void **state) {
     }
 }
 
+/* 1e-6: the exp polynomial is within ~1.5 ulp of expf's result (itself <1
+ * ulp), then one add, one divide, one multiply; far from 0 the value is
+ * tiny and the absolute term covers it */
+static float swiglu_tol(float g) {
+    (void)g;
+    return 1e-6f;
+}
+
+/* GELU's exponent is c1 g + c2 g^3 (up to 1.6 |g| + 0.07 |g|^3), itself
+ * rounded to f32: ~1 ulp of it more */
+static float geglu_tol(float g) {
+    const float a = fabsf(g);
+    return 2e-6f + 1.2e-7f * (1.6f * a + 0.0714f * a * a * a);
+}
+
 static void test_swiglu(void **state) {
     (void)state;
-    const size_t lens[] = {1, 15, 16, 17, 100, 1027};
-    for (size_t li = 0; li < sizeof(lens) / sizeof(lens[0]); li++) {
-        const size_t n = lens[li];
-        float *g = xmalloc(n * 4), *u = xmalloc(n * 4), *h = xmalloc(n * 4), *hr = xmalloc(n * 4);
-        for (size_t i = 0; i < n; i++) {
-            g[i] = i % 7 == 3 ? rnd_f(-120, 120) : rnd_f(-8, 8);
-            u[i] = rnd_f(-3, 3);
-        }
-        cake_swiglu(h, g, u, n);
-        cake_swiglu_ref(hr, g, u, n);
-        /* 1e-6 relative: the exp polynomial is within ~1.5 ulp of expf's result
-         * (itself <1 ulp), then one add, one divide, one multiply; far from 0 the
-         * value is tiny and the absolute term covers it */
-        for (size_t i = 0; i < n; i++)
-            assert_true(fabsf(h[i] - hr[i]) <= 1e-6f * fabsf(hr[i]) + 1e-35f);
-        /* in place (h aliases g) */
-        cake_swiglu(g, g, u, n);
-        assert_memory_equal(g, h, n * 4);
-        free(g);
-        free(u);
-        free(h);
-        free(hr);
-    }
+    check_gated("swiglu", cake_swiglu, cake_swiglu_ref, swiglu_tol);
+}
+
+static void test_geglu(void **state) {
+    (void)state;
+    check_gated("geglu", cake_geglu, cake_geglu_ref, geglu_tol);
 }
 
 /* ===================== matmul ===================== */
