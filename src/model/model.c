@@ -711,6 +711,10 @@ int cake_model_load(const char *path, cake_model **out, char *err, size_t errlen
         L->rope_freqs = windowed && hp->swa_pattern ? m->rope_freqs_local : m->rope_freqs;
 #undef LAYER_NAME
     }
+    if (hp->gelu && (!hp->post_norms || !hp->qk_norm)) { /* gemma3's are not optional */
+        snprintf(why, sizeof(why), "a gemma3 model needs q/k norms and post-attention/FFN norms");
+        goto fail_why;
+    }
     hp->weight_dtype = m->layers[0].wq.dtype;
     m->quantized = has_quantized(m);
     m->pack_once = (pthread_once_t)PTHREAD_ONCE_INIT;
