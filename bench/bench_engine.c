@@ -85,11 +85,19 @@ int main(int argc, char **argv) {
 
     const int kv_elem = kv == CAKE_KV_F32 ? 4 : 2;
     const double kv_per_tok = 2.0 * hp->n_layers * hp->n_kv_heads * hp->head_dim * kv_elem;
-    printf("model %s: dim %d, %d layers, %d/%d heads, ffn %d, vocab %d, weights %s, kv %s, "
+    char extra[64] = ""; /* experts, a sliding window */
+    if (hp->n_experts)
+        snprintf(extra, sizeof(extra), " (%d experts, %d a token)", hp->n_experts,
+                 hp->n_experts_used);
+    if (hp->sliding_window)
+        snprintf(extra + strlen(extra), sizeof(extra) - strlen(extra), ", window %d",
+                 hp->sliding_window);
+    printf("model %s: dim %d, %d layers, %d/%d heads, ffn %d%s, vocab %d, weights %s, kv %s, "
            "%d threads, batch %d, backend %s\n",
-           path, hp->dim, hp->n_layers, hp->n_heads, hp->n_kv_heads, hp->ffn_dim, hp->n_vocab,
-           cake_dtype_name((uint32_t)hp->weight_dtype), kv == CAKE_KV_F32 ? "f32" : "f16", threads,
-           batch, backend == CAKE_BACKEND_CUDA ? "cuda" : "cpu");
+           path, hp->dim, hp->n_layers, hp->n_heads, hp->n_kv_heads, hp->ffn_dim, extra,
+           hp->n_vocab, cake_dtype_name((uint32_t)hp->weight_dtype),
+           kv == CAKE_KV_F32 ? "f32" : "f16", threads, batch,
+           backend == CAKE_BACKEND_CUDA ? "cuda" : "cpu");
     for (int i = 0; i < n_lens; i++) {
         double t0 = cake_now_s();
         if (cake_forward(c, tok, lens[i], 0, logits, err, sizeof(err)))
