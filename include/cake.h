@@ -27,7 +27,7 @@ typedef struct cake_tokenizer cake_tokenizer;
 typedef struct cake_sampler cake_sampler;
 
 /* Architecture of a loaded model (GGUF `llama.*`, `qwen2.*`, `qwen3.*`,
- * `qwen3moe.*`, `phi3.*` or `gemma3.*` keys). */
+ * `qwen3moe.*`, `phi3.*`, `gemma2.*` or `gemma3.*` keys). */
 typedef struct {
     int n_vocab;
     int n_ctx_train; /* context_length */
@@ -57,6 +57,10 @@ typedef struct {
     float q_scale;     /* the scores' scale over 1/sqrt(head_dim) (Gemma 3 27B); 1 = none */
     bool gelu;         /* the FFN gates with GELU (tanh form) instead of SiLU */
     bool post_norms;   /* the attention and FFN outputs are RMS-normed before the residual */
+    float rope_theta_local; /* the windowed layers' RoPE base (Gemma 3: 10000, unscaled); 0 = the
+                               model's */
+    float attn_softcap;     /* Gemma 2: scores become c tanh(s / c); 0 = none */
+    float logit_softcap;    /* Gemma 2: so do the output logits */
     int weight_dtype;  /* dtype of the big matrices (cake_dtype numbering) */
     bool tied_output;  /* output.weight absent: token_embd is reused */
     bool rope_neox;    /* RoPE turns pairs (i, i + head_dim/2) (qwen2), not (2i, 2i+1) */

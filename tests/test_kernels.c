@@ -775,12 +775,17 @@ typedef struct {
     float *kf, *vf; /* the cache contents as f32 */
     void *k, *v;    /* the cache in its dtype, laid out as kv/kv_cache.h says */
     int window;     /* the sliding window (0: none) */
+    float softcap;  /* the scores' soft cap (0: none) */
 } attn_case;
 
 static attn_case make_case(int n_ctx, int n_heads, int n_kv_heads, int hd, int kv_f16) {
     const int head_ctx = (n_ctx + CAKE_KV_KBLOCK - 1) / CAKE_KV_KBLOCK * CAKE_KV_KBLOCK;
-    attn_case c = {n_ctx, n_heads, n_kv_heads, hd,   kv_f16, head_ctx,
-                   NULL,  NULL,    NULL,       NULL, NULL,   0};
+    attn_case c = {.n_ctx = n_ctx,
+                   .n_heads = n_heads,
+                   .n_kv_heads = n_kv_heads,
+                   .head_dim = hd,
+                   .kv_f16 = kv_f16,
+                   .head_ctx = head_ctx};
     const size_t nq = (size_t)n_ctx * n_heads * hd, nkv = (size_t)head_ctx * n_kv_heads * hd;
     c.q = xmalloc(nq * 4);
     c.kf = xmalloc(nkv * 4);
@@ -824,6 +829,7 @@ static cake_attn_args case_args(const attn_case *c, int pos0, int n, const void 
                         .kv_f16 = c->kv_f16,
                         .kv_ctx = c->head_ctx,
                         .window = c->window,
+                        .softcap = c->softcap,
                         .q = c->q + (size_t)pos0 * c->n_heads * c->head_dim,
                         .k = k,
                         .v = v,
@@ -864,11 +870,15 @@ static void run_chunked(const attn_case *c, int chunk, cake_threadpool *pool, fl
     free(v);
 }
 
-/* The checks below with a sliding window of `window` positions (0: none). */
-static void check_attention_window(int n_ctx, int n_heads, int n_kv_heads, int hd, int kv_f16,
-                                   int window) {
+/* The checks below with a sliding window of `window` positions (0: none)
+ * and a soft cap on the scores (0: none). */
+static void check_attention_capped(int n_ctx, int n_heads, int n_kv_heads, int hd, int kv_f16,
+                                   int window, float softcap) {
     attn_case c = make_case(n_ctx, n_heads, n_kv_heads, hd, kv_f16);
     c.window = window;
+    c.softcap = softcap;
+    if (softcap > 0) /* scores of tens of units, which the cap bends */
+        for (size_t i = 0; i < (size_t)n_ctx * n_heads * hd; i++) c.q[i] *= 8.0f;
     const size_t nout = (size_t)n_ctx * n_heads * hd;
     float *lanes = xmalloc(nout * 4), *ref = xmalloc(nout * 4), *out = guarded_alloc(nout * 4);
 
@@ -904,6 +914,13 @@ static void check_attention_window(int n_ctx, int n_heads, int n_kv_heads, int h
             fail_msg("attention n_ctx %d heads %d/%d hd %d f16 %d: chunks of %d differ", n_ctx,
                      n_heads, n_kv_heads, hd, kv_f16, chunks[ci]);
     }
+    if (softcap > 0) { /* the cap matters */
+        c.softcap = 0;
+        a = case_args(&c, 0, n_ctx, c.k, c.v, out);
+        cake_attention(&a, pools[1]);
+        assert_memory_not_equal(out, lanes, nout * 4);
+        c.softcap = softcap;
+    }
     if (window && window < n_ctx) { /* the window matters: the rows past it differ */
         c.window = 0;
         a = case_args(&c, 0, n_ctx, c.k, c.v, out);
@@ -919,8 +936,24 @@ static void check_attention_window(int n_ctx, int n_heads, int n_kv_heads, int h
     free_case(&c);
 }
 
+static void check_attention_window(int n_ctx, int n_heads, int n_kv_heads, int hd, int kv_f16,
+                                   int window) {
+    check_attention_capped(n_ctx, n_heads, n_kv_heads, hd, kv_f16, window, 0);
+}
+
 static void check_attention_case(int n_ctx, int n_heads, int n_kv_heads, int hd, int kv_f16) {
     check_attention_window(n_ctx, n_heads, n_kv_heads, hd, kv_f16, 0);
+}
+
+/* Gemma 2's soft cap on the scores (50 there; 5 here, so that it bends the
+ * scores of this test's queries), alone and with a window, prefill and
+ * decode, the portable kernel too */
+static void test_attention_softcap(void **state) {
+    (void)state;
+    check_attention_capped(150, 8, 2, 64, 1, 0, 5.0f);
+    check_attention_capped(300, 4, 1, 64, 1, 100, 5.0f);
+    check_attention_capped(90, 5, 5, 64, 0, 0, 5.0f);
+    check_attention_capped(24, 2, 1, 272, 0, 5, 5.0f);
 }
 
 /* A sliding window (Phi-3 4K, Mistral, Gemma's local layers): windows inside
@@ -1026,6 +1059,7 @@ int main(void) {
         cmocka_unit_test(test_attention_gqa_and_head_dims),
         cmocka_unit_test(test_attention_long_context),
         cmocka_unit_test(test_attention_window),
+        cmocka_unit_test(test_attention_softcap),
         cmocka_unit_test(test_attention_large_head_dim),
         cmocka_unit_test(test_attention_decode_matches_prefill),
         cmocka_unit_test(test_attention_single_key),

@@ -10,7 +10,8 @@
  *   s_j   = FMA chain over d = 0, 1, ..., head_dim-1 of q'[d] * k_j[d], from 0
  *   keys in blocks of 64 at absolute positions [64b, 64b + 64); per block,
  *   over the keys j <= the query's position only (and, with a sliding
- *   window W, j > position - W; blocks before the window are not visited):
+ *   window W, j > position - W; blocks before the window are not visited;
+ *   with a soft cap c, s_j = c (1 - 2 / (1 + exp(2 s_j / c))), c tanh(s_j / c)):
  *       m' = max(m, max_j s_j);  alpha = exp(m - m');  p_j = exp(s_j - m')
  *       l  = l * alpha, then l = l + p_j for j ascending
  *       o[d] = o[d] * alpha, then o[d] = fma(p_j, v_j[d], o[d]) for j ascending
@@ -89,7 +90,14 @@ static int args_ok(const cake_attn_args *a) {
     return a->n_tokens > 0 && a->pos0 >= 0 && a->n_heads > 0 && a->n_kv_heads > 0 &&
            a->head_dim > 0 && a->n_heads % a->n_kv_heads == 0 &&
            (long long)a->pos0 + a->n_tokens <= a->kv_ctx && a->kv_ctx % ATT_BK == 0 &&
-           a->window >= 0;
+           a->window >= 0 && a->softcap >= 0;
+}
+
+/* Gemma 2's soft cap c tanh(s / c), as 1 - 2 / (1 + exp(2y)) with the exp
+ * polynomial: these steps in this order in every form (inv = 1 / c). */
+static inline float softcap_lanes(float s, float c, float inv) {
+    const float y = s * inv, e = cake_exp_lanes(y + y);
+    return c * (1.0f - 2.0f / (1.0f + e));
 }
 
 /* The first key the query at pos sees: 0, or the start of its window. */
@@ -113,10 +121,13 @@ void cake_attention_ref(const cake_attn_args *a) {
              * (max, then sums) so no buffer of n_ctx scores is needed */
             const int lo = key_lo(a, pos);
             double mx = -INFINITY;
+            const double cap = a->softcap;
             for (int j = lo; j <= pos; j++) {
                 double s = 0.0;
                 for (int d = 0; d < hd; d++) s += (double)q[d] * k_at(a, j, kvh, d);
-                if (s * scale > mx) mx = s * scale;
+                s *= scale;
+                if (cap > 0) s = cap * tanh(s / cap);
+                if (s > mx) mx = s;
             }
             for (int d0 = 0; d0 < hd; d0 += 64) { /* 64 outputs at a time */
                 const int d1 = d0 + 64 < hd ? d0 + 64 : hd;
@@ -124,7 +135,9 @@ void cake_attention_ref(const cake_attn_args *a) {
                 for (int j = lo; j <= pos; j++) {
                     double s = 0.0;
                     for (int d = 0; d < hd; d++) s += (double)q[d] * k_at(a, j, kvh, d);
-                    const double p = exp(s * scale - mx);
+                    s *= scale;
+                    if (cap > 0) s = cap * tanh(s / cap);
+                    const double p = exp(s - mx);
                     sum += p;
                     for (int d = d0; d < d1; d++) acc[d - d0] += p * v_at(a, j, kvh, d);
                 }
@@ -155,8 +168,8 @@ static void lanes_row(const cake_attn_args *a, int t, int h) {
         for (int j = j0; j < nv; j++) {
             float acc = 0.0f;
             for (int d = 0; d < hd; d++) acc = fmaf(q[d] * scale, k_at(a, kb0 + j, kvh, d), acc);
-            s[j] = acc;
-            mb = acc > mb ? acc : mb;
+            s[j] = a->softcap > 0 ? softcap_lanes(acc, a->softcap, 1.0f / a->softcap) : acc;
+            mb = s[j] > mb ? s[j] : mb;
         }
         const float mn = m > mb ? m : mb;
         const float alpha = cake_exp_lanes(m - mn);
@@ -207,6 +220,15 @@ static void lanes_task(void *ctx, int task, int tid) {
 
 #define UNROLL  _Pragma("GCC unroll 16")
 #define KEEP(v) __asm__("" : "+v"(v)) /* keep a vector in a register (see matmul.c) */
+
+/* softcap_lanes on 16 scores */
+CAKE_INLINE __m512 softcap512(__m512 s, float c, float inv) {
+    const __m512 y = _mm512_mul_ps(s, _mm512_set1_ps(inv)), one = _mm512_set1_ps(1.0f);
+    const __m512 e = cake_exp512(_mm512_add_ps(y, y));
+    return _mm512_mul_ps(
+        _mm512_set1_ps(c),
+        _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(one, e))));
+}
 
 /* 16 f32 values of a cache row from element d (masked past n: zeros). */
 CAKE_INLINE __m512 kv_load16(const cake_attn_args *a, const void *base, size_t off, int n) {
@@ -365,7 +387,8 @@ CAKE_INLINE void rows_pv(float *oT, int ldr, const float *sT, const __mmask16 *m
 /* A task's working state with rows in lanes (task_rows_in_lanes lays it out). */
 typedef struct {
     int ldr, nrv, hd, ldv;
-    int window; /* the sliding window, 0 for none */
+    int window;    /* the sliding window, 0 for none */
+    float softcap; /* the scores' soft cap, 0 for none */
     float *Qt, *oT, *sT, *kf, *vf, *ms, *ls;
     int32_t *pos;
     __mmask16 *msk;
@@ -381,6 +404,12 @@ CAKE_INLINE void rows_group(const rows_state *st, int rv, int kb0, int nkv, cons
                             const int FULL) {
     const int ldr = st->ldr;
     rows_scores(st->sT, ldr, st->Qt, st->kf, st->hd, rv, nkv, NRV);
+    if (st->softcap > 0)
+        for (int j = 0; j < nkv; j++) UNROLL for (int v = 0; v < NRV; v++) {
+                float *sp = st->sT + (size_t)j * ldr + (size_t)(rv + v) * 16;
+                _mm512_store_ps(sp,
+                                softcap512(_mm512_load_ps(sp), st->softcap, 1.0f / st->softcap));
+            }
     __m512 alpha[ROWS_V];
     UNROLL for (int v = 0; v < NRV; v++) {
         const int r0 = (rv + v) * 16;
@@ -443,7 +472,8 @@ static void task_rows_in_lanes(const att_job *job, int kvh, int t0, int t1, floa
      * other. V and o get head_dim rounded up to 8 (zero columns), P.V's tile
      * width. */
     const int ldr = (nrv | 1) * 16, ldv = (hd + 7) / 8 * 8;
-    rows_state st = {.ldr = ldr, .nrv = nrv, .hd = hd, .ldv = ldv, .window = a->window};
+    rows_state st = {
+        .ldr = ldr, .nrv = nrv, .hd = hd, .ldv = ldv, .window = a->window, .softcap = a->softcap};
     st.Qt = sc;                           /* [hd][ldr] */
     st.oT = st.Qt + (size_t)hd * ldr;     /* [ldv][ldr] */
     st.sT = st.oT + (size_t)ldv * ldr;    /* [64][ldr] scores, then p */
@@ -589,7 +619,7 @@ CAKE_INLINE void keys_pv(__m512 acc[4][4], float l[4], const void *v, size_t vr0
  * the cache directly (F16: a constant, the cache's type). */
 CAKE_INLINE void keys_rows(const float *qs, int hd, const float *kt, const void *v, size_t vstride,
                            size_t vbase, int hdp, float *o, float *ms, float *ls, float *pbuf,
-                           int j0, int nv, const int NR, const int NC, const int F16) {
+                           int j0, int nv, float cap, const int NR, const int NC, const int F16) {
     const int ncv = NC ? NC : (nv + 15) / 16;
     __m512 s[4][4];
     UNROLL for (int i = 0; i < NR; i++) UNROLL for (int c = 0; c < 4; c++) s[i][c] =
@@ -607,6 +637,10 @@ CAKE_INLINE void keys_rows(const float *qs, int hd, const float *kt, const void 
                 _mm512_fmadd_ps(qb, kv[c], s[i][c]);
         }
     }
+    if (cap > 0)
+        UNROLL for (int i = 0; i < NR; i++)
+            UNROLL for (int c = 0; c < 4; c++) if (NC ? c < NC : c < ncv) s[i][c] =
+                softcap512(s[i][c], cap, 1.0f / cap);
     float alpha[4], l[4];
     UNROLL for (int i = 0; i < NR; i++) {
         __m512 mx = _mm512_set1_ps(-INFINITY);
@@ -658,7 +692,7 @@ CAKE_INLINE void keys_rows(const float *qs, int hd, const float *kt, const void 
 
 #define KEYS_ROWS_F(R, NR, NC, F16)                                                                \
     keys_rows(qs + (size_t)(R)*hd, hd, kt, a->v, vstride, vbase, hdp, o + (size_t)(R)*hdp,         \
-              ms + (R), ls + (R), p, j0, nv, NR, NC, F16)
+              ms + (R), ls + (R), p, j0, nv, a->softcap, NR, NC, F16)
 #define KEYS_ROWS(R, NR)                                                                           \
     do {                                                                                           \
         if (a->kv_f16) {                                                                           \

@@ -65,6 +65,7 @@ typedef struct {
     int kv_f16; /* 1: k, v are cake_f16; 0: float */
     int kv_ctx; /* positions per KV head in k and v */
     int window; /* > 0: a query sees the keys of its last `window` positions only */
+    float softcap; /* > 0: each score s becomes softcap tanh(s / softcap) (Gemma 2) */
     const float *q;
     const void *k, *v;
     float *out;
