@@ -53,19 +53,19 @@ typedef struct {
                         (Gemma 3: 6, the others attend to everything, and the windowed
                         ones turn RoPE at theta 10000); 0 = every layer */
     /* Gemma 3 */
-    float embed_scale; /* token embeddings are multiplied by it (sqrt(dim)); 1 = none */
-    float q_scale;     /* the scores' scale over 1/sqrt(head_dim) (Gemma 3 27B); 1 = none */
-    bool gelu;         /* the FFN gates with GELU (tanh form) instead of SiLU */
-    bool post_norms;   /* the attention and FFN outputs are RMS-normed before the residual */
+    float embed_scale;      /* token embeddings are multiplied by it (sqrt(dim)); 1 = none */
+    float q_scale;          /* the scores' scale over 1/sqrt(head_dim) (Gemma 3 27B); 1 = none */
+    bool gelu;              /* the FFN gates with GELU (tanh form) instead of SiLU */
+    bool post_norms;        /* the attention and FFN outputs are RMS-normed before the residual */
     float rope_theta_local; /* the windowed layers' RoPE base (Gemma 3: 10000, unscaled); 0 = the
                                model's */
     float attn_softcap;     /* Gemma 2: scores become c tanh(s / c); 0 = none */
     float logit_softcap;    /* Gemma 2: so do the output logits */
-    int weight_dtype;  /* dtype of the big matrices (cake_dtype numbering) */
-    bool tied_output;  /* output.weight absent: token_embd is reused */
-    bool rope_neox;    /* RoPE turns pairs (i, i + head_dim/2) (qwen2), not (2i, 2i+1) */
-    bool qkv_bias;     /* some layer adds a bias to q, k or v */
-    bool qk_norm;      /* q and k are RMS-normed per head before RoPE (qwen3) */
+    int weight_dtype;       /* dtype of the big matrices (cake_dtype numbering) */
+    bool tied_output;       /* output.weight absent: token_embd is reused */
+    bool rope_neox;         /* RoPE turns pairs (i, i + head_dim/2) (qwen2), not (2i, 2i+1) */
+    bool qkv_bias;          /* some layer adds a bias to q, k or v */
+    bool qk_norm;           /* q and k are RMS-normed per head before RoPE (qwen3) */
     /* Mixture of experts (qwen3moe; llama files with experts, as Mixtral):
      * each token's FFN is the weighted sum of n_experts_used of n_experts
      * FFNs of width ffn_dim, picked by a router. 0 experts: a dense FFN. */

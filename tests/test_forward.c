@@ -552,9 +552,10 @@ static double *reference_logits(const char *path, const cake_token *prompt, int 
     assert_int_equal(cake_gguf_open(path, &g, err, sizeof(err)), 0);
     cake_gguf_str arch;
     assert_int_equal(cake_gguf_get_str(g, "general.architecture", &arch, err, sizeof(err)), 0);
-    const bool gemma3 = arch.len == 6 && !memcmp(arch.ptr, "gemma3", 6);
-    /* qwen2, qwen3(moe), gemma3 */
-    const bool neox = (arch.len >= 5 && !memcmp(arch.ptr, "qwen", 4)) || gemma3;
+    const bool gemma3 = arch.len == 6 && !memcmp(arch.ptr, "gemma3", 6),
+               gemma2 = arch.len == 6 && !memcmp(arch.ptr, "gemma2", 6), gemma = gemma2 || gemma3;
+    /* qwen2, qwen3(moe), gemma2, gemma3 */
+    const bool neox = (arch.len >= 5 && !memcmp(arch.ptr, "qwen", 4)) || gemma;
     float attn_factor = 1.0f; /* LongRoPE's: the scores scale by its square */
     ref_tensors w = {.g = g};
     const int wq_type = (int)cake_gguf_find_tensor(g, "blk.0.attn_q.weight")->type;
@@ -583,6 +584,10 @@ static double *reference_logits(const char *path, const cake_token *prompt, int 
     float linear = 1.0f;
     cake_gguf_get_u32(g, KEY("attention.sliding_window"), &window, err, sizeof(err));
     cake_gguf_get_f32(g, KEY("rope.scaling.factor"), &linear, err, sizeof(err));
+    /* Gemma 2: every even layer windowed, scores and logits soft-capped */
+    float attn_cap = 50.0f, logit_cap = 30.0f;
+    cake_gguf_get_f32(g, KEY("attn_logit_softcapping"), &attn_cap, err, sizeof(err));
+    cake_gguf_get_f32(g, KEY("final_logit_softcapping"), &logit_cap, err, sizeof(err));
 #undef KEY
     const int hd = (int)key_length, qd = (int)nh * hd, kvd = (int)nkv * hd,
               nv = (int)cake_gguf_find_tensor(g, "token_embd.weight")->ne[1];
@@ -598,12 +603,12 @@ static double *reference_logits(const char *path, const cake_token *prompt, int 
     for (int t = 0; t < n; t++)
         for (uint32_t i = 0; i < dim; i++)
             x[(size_t)t * dim + i] =
-                embd[(size_t)prompt[t] * dim + i] * (gemma3 ? sqrt((double)dim) : 1.0);
+                embd[(size_t)prompt[t] * dim + i] * (gemma ? sqrt((double)dim) : 1.0);
     for (uint32_t l = 0; l < n_layers; l++) {
         const int L = (int)l;
-        const bool local = gemma3 && window && l % 6 < 5;
-        const double l_theta = local ? 10000.0 : theta,
-                     l_scale = local || !gemma3 ? 1.0 : 1.0 / linear;
+        const bool local = window && ((gemma3 && l % 6 < 5) || (gemma2 && l % 2 == 0));
+        const double l_theta = local && gemma3 ? 10000.0 : theta,
+                     l_scale = (local && gemma3) || !gemma ? 1.0 : 1.0 / linear;
         for (int t = 0; t < n; t++) { /* keys and values of every position first */
             ref_rmsnorm(xn, x + (size_t)t * dim, f32_tensor(&w, L, "attn_norm.weight"), dim, eps);
             ref_linear(k + (size_t)t * kvd, f32_tensor(&w, L, "attn_k.weight"),
@@ -630,6 +635,7 @@ static double *reference_logits(const char *path, const cake_token *prompt, int 
                     for (int i = 0; i < hd; i++)
                         d += q[h * hd + i] * k[(size_t)j * kvd + kh * hd + i];
                     sc[j] = d / sqrt(hd) * attn_factor * attn_factor;
+                    if (gemma2) sc[j] = attn_cap * tanh(sc[j] / attn_cap);
                     if (sc[j] > mx) mx = sc[j];
                 }
                 for (int j = j0; j <= t; j++) sum += sc[j] = exp(sc[j] - mx);
@@ -651,11 +657,11 @@ static double *reference_logits(const char *path, const cake_token *prompt, int 
                 ref_linear(gate, f32_tensor(&w, L, "ffn_gate.weight"), NULL, xn, dim, ffn, w.q8_0);
                 ref_linear(up, f32_tensor(&w, L, "ffn_up.weight"), NULL, xn, dim, ffn, w.q8_0);
                 for (uint32_t i = 0; i < ffn; i++) /* GELU's tanh form for Gemma */
-                    gate[i] = gemma3 ? 0.5 * gate[i] *
-                                           (1 + tanh(sqrt(2 / M_PI) *
-                                                     (gate[i] + 0.044715 * pow(gate[i], 3)))) *
-                                           up[i]
-                                     : gate[i] / (1 + exp(-gate[i])) * up[i];
+                    gate[i] = gemma ? 0.5 * gate[i] *
+                                          (1 + tanh(sqrt(2 / M_PI) *
+                                                    (gate[i] + 0.044715 * pow(gate[i], 3)))) *
+                                          up[i]
+                                    : gate[i] / (1 + exp(-gate[i])) * up[i];
                 ref_linear(tmp, f32_tensor(&w, L, "ffn_down.weight"), NULL, gate, ffn, dim, w.q8_0);
                 const float *post = f32_tensor(&w, L, "post_ffw_norm.weight");
                 if (post) ref_rmsnorm(tmp, tmp, post, dim, eps);
@@ -696,6 +702,7 @@ static double *reference_logits(const char *path, const cake_token *prompt, int 
     double *logits = malloc((size_t)nv * sizeof(double));
     const float *out = f32_tensor(&w, -1, "output.weight");
     ref_linear(logits, out ? out : embd, NULL, xn, dim, nv, w.q8_0);
+    for (int i = 0; gemma2 && i < nv; i++) logits[i] = logit_cap * tanh(logits[i] / logit_cap);
     free(x);
     free(xn);
     free(q);
@@ -962,7 +969,7 @@ static void test_gemma3(void **state) {
     write_variant(base, gemma,
                   &(test_model_variant){.qwen2 = true,
                                         .qk_norm = 0.2f,
-                                        .gemma3 = true,
+                                        .gemma = 3,
                                         .sliding_window = 24,
                                         .rope_base = 1e6f,
                                         .linear = 8.0f});
@@ -987,6 +994,44 @@ static void test_gemma3(void **state) {
     assert_non_null(strstr(err, "Gemma"));
     cake_model_free(m);
     free(got);
+    unlink(gemma);
+    unlink(base);
+}
+
+/* gemma2 (Gemma 2): Gemma 3's layer without q/k norms, every even layer
+ * windowed (24 here) at the model's RoPE, scores and logits soft-capped (5
+ * and 3 here, where they bend tiny's values), against the reference on a
+ * 40-token prompt; the caps matter; chunked prefill. */
+static void test_gemma2(void **state) {
+    (void)state;
+    char base[64], gemma[96];
+    assert_int_equal(test_make_model("tiny-6", "f32", base), 0);
+    snprintf(gemma, sizeof(gemma), "%s.gemma2", base);
+    float *logits[2];
+    for (int capped = 0; capped < 2; capped++) {
+        write_variant(base, gemma,
+                      &(test_model_variant){.qwen2 = true,
+                                            .gemma = 2,
+                                            .sliding_window = 24,
+                                            .attn_softcap = capped ? 5.0f : 1e30f,
+                                            .logit_softcap = capped ? 3.0f : 1e30f});
+        cake_hparams hp;
+        logits[capped] = check_vs_reference(gemma, capped ? "gemma2" : "gemma2, caps far off", &hp);
+        assert_true(hp.gelu && hp.post_norms && !hp.qk_norm && hp.swa_pattern == 2);
+        assert_true(hp.attn_softcap == (capped ? 5.0f : 1e30f));
+    }
+    assert_memory_not_equal(logits[0], logits[1], 1000 * sizeof(float));
+    check_file_chunk_invariance(gemma, 100, 4);
+    cake_model *m = NULL;
+    char err[256];
+    assert_int_equal(cake_model_load(gemma, &m, err, sizeof(err)), 0);
+    for (int l = 0; l < 6; l++) {
+        assert_int_equal(m->layers[l].window, l % 2 ? 0 : 24);
+        assert_ptr_equal(m->layers[l].rope_freqs, m->rope_freqs);
+    }
+    cake_model_free(m);
+    free(logits[0]);
+    free(logits[1]);
     unlink(gemma);
     unlink(base);
 }
@@ -1617,6 +1662,7 @@ int main(void) {
         cmocka_unit_test(test_experts),
         cmocka_unit_test(test_phi3),
         cmocka_unit_test(test_gemma3),
+        cmocka_unit_test(test_gemma2),
         cmocka_unit_test(test_experts_kquants),
         cmocka_unit_test(test_q8_0),
         cmocka_unit_test(test_other_quants),

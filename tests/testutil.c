@@ -84,6 +84,7 @@ typedef struct {
     uint64_t n_src;       /* how many of the source's are copied */
     uint64_t n_rope;      /* rope factor tensors after them */
     uint64_t n_bias;      /* bias tensors after those */
+    uint64_t n_qk_norms;  /* q/k norm tensors after those (then Gemma's post norms) */
 } variant_fill;
 
 static bool name_ends(cake_gguf_str name, const char *suffix) {
@@ -158,9 +159,10 @@ static int fill_variant(uint64_t i, void *buf, uint64_t nbytes, void *ctx) {
     const variant_fill *f = ctx;
     const test_model_variant *v = f->v;
     const uint64_t n_src = f->n_src, first_norm = n_src + f->n_rope + f->n_bias;
-    if (i >= first_norm) {
+    if (i >= first_norm) { /* q/k norms, then Gemma's post norms */
+        const float spread = i >= first_norm + f->n_qk_norms ? 0.25f : v->qk_norm;
         for (uint64_t j = 0; j < nbytes / 4; j++)
-            ((float *)buf)[j] = 1.0f + (float)((int)(j % 5) - 2) * v->qk_norm;
+            ((float *)buf)[j] = 1.0f + (float)((int)(j % 5) - 2) * spread;
         return 0;
     }
     if (i >= n_src + f->n_rope) { /* a bias */
@@ -295,7 +297,7 @@ int test_write_variant(const char *src, const char *dst, const test_model_varian
     (void)cake_gguf_get_u32(g, "llama.feed_forward_length", &ffn, err, errlen);
     const bool moe = v->qwen2 && v->qk_norm != 0 && n_experts > 0;
     const char *arch = !v->qwen2         ? "llama"
-                       : v->gemma3       ? "gemma3"
+                       : v->gemma        ? (v->gemma == 2 ? "gemma2" : "gemma3")
                        : v->phi3         ? "phi3"
                        : moe             ? "qwen3moe"
                        : v->qk_norm != 0 ? "qwen3"
@@ -332,8 +334,15 @@ int test_write_variant(const char *src, const char *dst, const test_model_varian
             cake_gguf_writer_add_u32(w, "phi3.rope.scaling.original_context_length",
                                      v->original_context);
     }
-    if (!rc && v->gemma3 && v->sliding_window)
-        cake_gguf_writer_add_u32(w, "gemma3.attention.sliding_window", v->sliding_window);
+    if (!rc && v->gemma && v->sliding_window) {
+        char key[64];
+        snprintf(key, sizeof(key), "%s.attention.sliding_window", arch);
+        cake_gguf_writer_add_u32(w, key, v->sliding_window);
+    }
+    if (!rc && v->attn_softcap != 0) {
+        cake_gguf_writer_add_f32(w, "gemma2.attn_logit_softcapping", v->attn_softcap);
+        cake_gguf_writer_add_f32(w, "gemma2.final_logit_softcapping", v->logit_softcap);
+    }
     if (!rc && v->attn_factor != 0) {
         char key[64];
         snprintf(key, sizeof(key), "%s.rope.scaling.attn_factor", arch);
@@ -423,7 +432,7 @@ int test_write_variant(const char *src, const char *dst, const test_model_varian
             const uint64_t ne[1] = {head_dim};
             cake_gguf_writer_add_tensor(w, name, CAKE_DTYPE_F32, 1, ne);
         }
-    for (uint32_t l = 0; !rc && v->gemma3 && l < n_layers; l++) /* (filled as norms) */
+    for (uint32_t l = 0; !rc && v->gemma && l < n_layers; l++) /* (after the q/k norms) */
         for (int k = 0; k < 2; k++) {
             char name[64];
             snprintf(name, sizeof(name), "blk.%u.%s.weight", l,
@@ -433,7 +442,9 @@ int test_write_variant(const char *src, const char *dst, const test_model_varian
         }
     const uint64_t n_bias = v->bias != 0 ? 3 * (uint64_t)n_layers : 0;
     const uint64_t n_rope = (v->rope_factors != NULL) + 2 * (v->long_factors != NULL);
-    variant_fill fill = {g, v, (int)head_dim, copied, part, fused, n_copied, n_rope, n_bias};
+    const uint64_t n_qk_norms = v->qwen2 && v->qk_norm != 0 ? 2 * (uint64_t)n_layers : 0;
+    variant_fill fill = {g,     v,        (int)head_dim, copied, part,
+                         fused, n_copied, n_rope,        n_bias, n_qk_norms};
     if (!rc) rc = cake_gguf_writer_write_file(w, dst, fill_variant, &fill, err, errlen);
     free(copied);
     free(part);

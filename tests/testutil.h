@@ -72,11 +72,13 @@ typedef struct {
     const float *long_factors, *short_factors;
     uint32_t original_context;
     float attn_factor; /* <arch>.rope.scaling.attn_factor; 0: none */
-    /* with qwen2 and qk_norm: a gemma3 copy, with post-attention and
-     * post-FFN norms (valued as the q/k norms), the window sliding_window
-     * (0: none) and rope.freq_base rope_base (0: the source's) */
-    bool gemma3;
+    /* with qwen2: a gemma2 or gemma3 copy (gemma3 with qk_norm), with
+     * post-attention and post-FFN norms (weights 1 + (j % 5 - 2) / 4), the
+     * window sliding_window (0: none), rope.freq_base rope_base (0: the
+     * source's) and Gemma 2's soft caps (0: the key absent) */
+    int gemma;
     float rope_base;
+    float attn_softcap, logit_softcap;
     /* each expert's matrix as a tensor of its own (blk.L.ffn_gate.E.weight,
      * as older Mixtral conversions have them), not with other changes */
     bool split_experts;

@@ -82,8 +82,8 @@ int cake_context_init(const cake_model *m, cake_context_params p, cake_context *
     if (p.backend == CAKE_BACKEND_CUDA && (hp->embed_scale != 1.0f || hp->gelu || hp->post_norms ||
                                            hp->q_scale != 1.0f || hp->swa_pattern))
         return cake_err(err, errlen,
-                        "the CUDA backend does not run Gemma 3's layers (GELU, post-norms, "
-                        "local RoPE): run this model on the CPU backend");
+                        "the CUDA backend does not run Gemma's layers (GELU, post-norms, soft "
+                        "caps, local RoPE): run this model on the CPU backend");
     if (p.backend == CAKE_BACKEND_CUDA && hp->sliding_window && p.n_ctx > hp->sliding_window)
         return cake_err(err, errlen,
                         "the CUDA backend has no sliding window: a context of %d tokens is longer "

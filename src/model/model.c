@@ -228,12 +228,12 @@ static int read_hparams(const cake_gguf *g, cake_hparams *hp, int *orig_ctx, cha
     if (rc == -1) return cake_err(err, errlen, "missing metadata key 'general.architecture'");
     if (rc < 0) return -1;
     const bool moe_arch = str_eq(arch, "qwen3moe"), phi3 = str_eq(arch, "phi3"),
-               gemma3 = str_eq(arch, "gemma3");
+               gemma2 = str_eq(arch, "gemma2"), gemma3 = str_eq(arch, "gemma3");
     if (!str_eq(arch, "llama") && !str_eq(arch, "qwen2") && !str_eq(arch, "qwen3") && !moe_arch &&
-        !phi3 && !gemma3)
+        !phi3 && !gemma2 && !gemma3)
         return cake_err(err, errlen,
                         "architecture '%.*s' is not supported ('llama', 'qwen2', 'qwen3', "
-                        "'qwen3moe', 'phi3' and 'gemma3' are)",
+                        "'qwen3moe', 'phi3', 'gemma2' and 'gemma3' are)",
                         (int)(arch.len > 64 ? 64 : arch.len), arch.ptr);
     /* qwen2, qwen3 and phi3 files keep the NeoX pairing (llama.cpp's
      * converter permutes only llama's q/k rows); qwen3 adds per-head q/k
@@ -308,22 +308,35 @@ static int read_hparams(const cake_gguf *g, cake_hparams *hp, int *orig_ctx, cha
      * sees keys p - 2046 .. p (llama.cpp takes 2047 where older files lack
      * the key; Phi-4 writes 0 for none). A window as long as the context
      * masks nothing. */
-    if ((phi3 || gemma3) && get_u32_in(g, KEY("attention.sliding_window"), 0,
-                                       phi3 && hp->n_ctx_train == 4096 ? 2047 : 0, 0, 1u << 30,
-                                       &hp->sliding_window, err, errlen))
+    /* (llama.cpp's defaults where a file lacks the key: 2047 for Phi-3 4K,
+     * 4096 for Gemma 2) */
+    const uint32_t window = phi3 && hp->n_ctx_train == 4096 ? 2047 : gemma2 ? 4096 : 0;
+    if ((phi3 || gemma2 || gemma3) && get_u32_in(g, KEY("attention.sliding_window"), 0, window, 0,
+                                                 1u << 30, &hp->sliding_window, err, errlen))
         return -1;
     if (hp->sliding_window >= hp->n_ctx_train) hp->sliding_window = 0;
-    /* Gemma 3 (llama.cpp's llm_build_gemma3): embeddings times sqrt(dim),
-     * GELU, norms after attention and FFN (found by their tensors), q/k
-     * norms; five windowed layers in six; scores scaled by
-     * 1/sqrt(dim / heads) in the 27B (62 layers), 1/sqrt(head_dim) in the
-     * others. (The norms' weights hold Gemma's 1 + w: the converter adds 1.) */
-    hp->embed_scale = gemma3 ? sqrtf((float)hp->dim) : 1.0f;
-    hp->gelu = gemma3;
-    hp->swa_pattern = gemma3 ? 6 : 0;
-    hp->q_scale = gemma3 && hp->n_layers == 62
+    /* Gemma 2 and 3 (llama.cpp's llm_build_gemma2, _gemma3): embeddings
+     * times sqrt(dim), GELU, norms after attention and FFN (found by their
+     * tensors); scores scaled by 1/sqrt(dim / heads) in the 27Bs (46 and 62
+     * layers), 1/sqrt(head_dim) in the others. Gemma 2: every other layer
+     * windowed (the even ones), scores and logits soft-capped; Gemma 3: q/k
+     * norms, five windowed layers in six at RoPE base 10000 unscaled. (The
+     * norms' weights hold Gemma's 1 + w: the converter adds 1.) */
+    const bool gemma = gemma2 || gemma3;
+    hp->embed_scale = gemma ? sqrtf((float)hp->dim) : 1.0f;
+    hp->gelu = gemma;
+    hp->swa_pattern = gemma3 ? 6 : gemma2 ? 2 : 0;
+    hp->rope_theta_local = gemma3 ? 10000.0f : 0.0f;
+    hp->q_scale = (gemma2 && hp->n_layers == 46) || (gemma3 && hp->n_layers == 62)
                       ? sqrtf((float)hp->head_dim / (float)(hp->dim / hp->n_heads))
                       : 1.0f;
+    hp->attn_softcap = hp->logit_softcap = 0.0f;
+    if (gemma2 &&
+        (get_f32_or(g, KEY("attn_logit_softcapping"), 50.0f, &hp->attn_softcap, err, errlen) ||
+         get_f32_or(g, KEY("final_logit_softcapping"), 30.0f, &hp->logit_softcap, err, errlen)))
+        return -1;
+    if (hp->attn_softcap < 0 || hp->logit_softcap < 0)
+        return cake_err(err, errlen, "a soft cap must not be negative");
 
     /* RoPE scaling: none and linear are supported; anything else changes the
      * positions' meaning and is refused rather than silently ignored. */
@@ -393,12 +406,14 @@ static double *rope_frequencies(const cake_gguf *g, const cake_hparams *hp, int 
     return f;
 }
 
-/* Gemma 3's windowed layers turn RoPE at theta 10000, unscaled (llama.cpp's
- * rope_freq_base_train_swa); the others take the file's base and scaling. */
+/* Gemma 3's windowed layers turn RoPE at theta 10000 (rope_theta_local),
+ * unscaled (llama.cpp's rope_freq_base_train_swa); the others take the
+ * file's base and scaling. */
 static double *local_rope_frequencies(const cake_hparams *hp) {
     const int half = hp->head_dim / 2;
     double *f = malloc((size_t)half * sizeof(*f));
-    for (int i = 0; f && i < half; i++) f[i] = pow(10000.0, -2.0 * i / hp->head_dim);
+    for (int i = 0; f && i < half; i++)
+        f[i] = pow((double)hp->rope_theta_local, -2.0 * i / hp->head_dim);
     return f;
 }
 
@@ -703,16 +718,16 @@ int cake_model_load(const char *path, cake_model **out, char *err, size_t errlen
         const bool windowed =
             hp->sliding_window && (!hp->swa_pattern || l % hp->swa_pattern < hp->swa_pattern - 1);
         L->window = windowed ? hp->sliding_window : 0;
-        if (windowed && hp->swa_pattern && !m->rope_freqs_local &&
-            !(m->rope_freqs_local = local_rope_frequencies(hp))) {
+        const bool local = windowed && hp->rope_theta_local > 0;
+        if (local && !m->rope_freqs_local && !(m->rope_freqs_local = local_rope_frequencies(hp))) {
             snprintf(why, sizeof(why), "out of memory");
             goto fail_why;
         }
-        L->rope_freqs = windowed && hp->swa_pattern ? m->rope_freqs_local : m->rope_freqs;
+        L->rope_freqs = local ? m->rope_freqs_local : m->rope_freqs;
 #undef LAYER_NAME
     }
-    if (hp->gelu && (!hp->post_norms || !hp->qk_norm)) { /* gemma3's are not optional */
-        snprintf(why, sizeof(why), "a gemma3 model needs q/k norms and post-attention/FFN norms");
+    if (hp->gelu && !hp->post_norms) { /* Gemma's are not optional */
+        snprintf(why, sizeof(why), "a Gemma model needs post-attention and post-FFN norms");
         goto fail_why;
     }
     hp->weight_dtype = m->layers[0].wq.dtype;
@@ -784,6 +799,9 @@ static void compute_fingerprint(void) {
         hash_u64(st, cake_bits_from_f32(hp->embed_scale));
         hash_u64(st, cake_bits_from_f32(hp->q_scale));
         hash_u64(st, (uint64_t)hp->gelu << 1 | (uint64_t)hp->post_norms);
+        hash_u64(st, cake_bits_from_f32(hp->rope_theta_local));
+        hash_u64(st, cake_bits_from_f32(hp->attn_softcap));
+        hash_u64(st, cake_bits_from_f32(hp->logit_softcap));
     }
     if (hp->n_experts) { /* hashed only when set: dense models keep their fingerprints */
         hash_u64(st, (uint64_t)hp->n_experts);

@@ -6,8 +6,9 @@
  *       store k, v into the KV cache at positions [pos0, pos0 + n)
  *       x += attention(q, cache[0, pos0 + n)) Wo
  *       h = rmsnorm(x) ; x += (silu(h Wgate) * (h Wup)) Wdown
- *           (Gemma 3: embeddings times sqrt(dim), GELU for silu, and the
- *           attention and FFN outputs RMS-normed before they are added)
+ *           (Gemma: embeddings times sqrt(dim), GELU for silu, and the
+ *           attention and FFN outputs RMS-normed before they are added;
+ *           Gemma 2 soft-caps the scores and the logits)
  *           (or, with experts, the weighted sum of that FFN over the
  *           experts the router picks for the token: moe_ffn)
  *   logits = rmsnorm(x[last]) Wout
@@ -239,6 +240,11 @@ static void moe_ffn(cake_context *c, const cake_layer *L, int n) {
     memcpy(s->xb, s->moe_sum, (size_t)n * dim * sizeof(float));
 }
 
+/* Gemma 2's logits: c tanh(l / c) (cap 0: none). */
+static void softcap_logits(float *l, size_t n, float cap) {
+    for (size_t i = 0; cap > 0 && i < n; i++) l[i] = cap * tanhf(l[i] / cap);
+}
+
 void cake_cpu_forward(cake_context *c, const cake_batch_seq *seqs, int n_seqs, int n,
                       float *logit_rows) {
     const cake_model *m = c->model;
@@ -279,6 +285,7 @@ void cake_cpu_forward(cake_context *c, const cake_batch_seq *seqs, int n_seqs, i
                 .kv_f16 = kv->type == CAKE_KV_F16,
                 .kv_ctx = kv->head_ctx,
                 .window = L->window,
+                .softcap = hp->attn_softcap,
                 .q = s->q + (size_t)row * hp->q_dim,
                 .k = cake_kv_k(kv, l),
                 .v = cake_kv_v(kv, l),
@@ -325,10 +332,14 @@ void cake_cpu_forward(cake_context *c, const cake_batch_seq *seqs, int n_seqs, i
     const size_t n_vocab = (size_t)hp->n_vocab;
     if (n_out == 1) { /* straight into the caller's buffer */
         for (int i = 0; i < n_seqs; i++)
-            if (seqs[i].logits) matmul(seqs[i].logits, s->xb, &m->output, 1, pool);
+            if (seqs[i].logits) {
+                matmul(seqs[i].logits, s->xb, &m->output, 1, pool);
+                softcap_logits(seqs[i].logits, n_vocab, hp->logit_softcap);
+            }
         return;
     }
     matmul(logit_rows, s->xb, &m->output, n_out, pool);
+    softcap_logits(logit_rows, (size_t)n_out * n_vocab, hp->logit_softcap);
     for (int i = 0, k = 0; i < n_seqs; i++)
         if (seqs[i].logits)
             memcpy(seqs[i].logits, logit_rows + n_vocab * (size_t)k++, n_vocab * sizeof(float));
