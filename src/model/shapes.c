@@ -18,6 +18,8 @@ const cake_shape cake_shapes[] = {
      "Llama-2-13B dims with MHA", 0, 0, 0},
     {"tiny-6", 64, 6, 4, 2, 192, 4096, 32000, 10000.0f, 1e-5f,
      "tiny with 6 layers (Gemma 3's window pattern), for tests", 0, 0, 0},
+    {"tiny-26", 64, 26, 4, 2, 192, 4096, 32000, 10000.0f, 1e-5f,
+     "tiny with 26 layers (Gemma 2 2B's depth, which llama.cpp requires)", 0, 0, 0},
     {"tiny-moe", 64, 2, 4, 2, 96, 4096, 32000, 10000.0f, 1e-5f, "8 experts, 2 a token, for tests",
      0, 8, 2},
     {"tiny-moe-256", 256, 2, 4, 2, 256, 4096, 32000, 10000.0f, 1e-5f,
