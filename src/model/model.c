@@ -8,7 +8,10 @@
  * converter permutes Llama's q/k rows so that adjacent pairs work, but not
  * Qwen2's. Optional q/k/v biases are taken on either, as llama.cpp does.
  * `qwen3` adds per-head q/k norms; `qwen3moe` is qwen3 with a mixture of
- * experts in place of the FFN, which llama files may have too (Mixtral). */
+ * experts in place of the FFN, which llama files may have too (Mixtral).
+ * `phi3` keeps q/k/v and gate/up in one tensor each (read as row views),
+ * with LongRoPE and a sliding window; `gemma2` and `gemma3` add embedding
+ * scaling, GELU, post-norms, windowed layers and (Gemma 2) soft caps. */
 #include "model/model.h"
 
 #include <math.h>
