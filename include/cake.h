@@ -35,9 +35,11 @@ typedef struct {
     int n_layers;
     int n_heads;
     int n_kv_heads;
-    int head_dim; /* attention.key_length, else dim / n_heads */
-    int q_dim;    /* n_heads * head_dim: q's and the attention output's width; dim
-                     except where heads are wider (Qwen3 0.6B, 4B, 32B) */
+    int head_dim;  /* attention.key_length, else dim / n_heads */
+    int rope_dims; /* rope.dimension_count: RoPE turns each head's first rope_dims values;
+                      head_dim, or fewer (partial RoPE, Phi-4-mini; NeoX models only) */
+    int q_dim;     /* n_heads * head_dim: q's and the attention output's width; dim
+                      except where heads are wider (Qwen3 0.6B, 4B, 32B) */
     int ffn_dim;
     float rms_eps;
     float rope_theta;

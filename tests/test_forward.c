@@ -532,11 +532,12 @@ static void ref_head_norms(double *v, const float *w, int n_heads, int hd, doubl
 
 /* Turns each head of x by position pos: pairs (2i, 2i+1), or (i, i + hd/2)
  * when neox. */
-static void ref_rope(double *x, int n_heads, int hd, double pos, double theta, bool neox) {
+static void ref_rope(double *x, int n_heads, int hd, int n_rot, double pos, double theta,
+                     bool neox) {
     for (int h = 0; h < n_heads; h++)
-        for (int i = 0; i < hd / 2; i++) {
-            const double a = pos * pow(theta, -2.0 * i / hd);
-            double *p0 = x + h * hd + (neox ? i : 2 * i), *p1 = neox ? p0 + hd / 2 : p0 + 1;
+        for (int i = 0; i < n_rot / 2; i++) {
+            const double a = pos * pow(theta, -2.0 * i / n_rot);
+            double *p0 = x + h * hd + (neox ? i : 2 * i), *p1 = neox ? p0 + n_rot / 2 : p0 + 1;
             const double x0 = *p0, x1 = *p1;
             *p0 = x0 * cos(a) - x1 * sin(a);
             *p1 = x0 * sin(a) + x1 * cos(a);
@@ -573,6 +574,8 @@ static double *reference_logits(const char *path, const cake_token *prompt, int 
     cake_gguf_get_f32(g, KEY("rope.freq_base"), &theta, err, sizeof(err));
     uint32_t key_length = dim / nh; /* a head's width: the file's key_length, else dim / nh */
     cake_gguf_get_u32(g, KEY("attention.key_length"), &key_length, err, sizeof(err));
+    uint32_t rope_dims = key_length; /* partial RoPE: the first rope_dims of a head */
+    cake_gguf_get_u32(g, KEY("rope.dimension_count"), &rope_dims, err, sizeof(err));
     uint32_t n_exp = 0, n_used = 0; /* experts: their width may have a key of its own */
     cake_gguf_get_u32(g, KEY("expert_count"), &n_exp, err, sizeof(err));
     cake_gguf_get_u32(g, KEY("expert_used_count"), &n_used, err, sizeof(err));
@@ -589,7 +592,7 @@ static double *reference_logits(const char *path, const cake_token *prompt, int 
     cake_gguf_get_f32(g, KEY("attn_logit_softcapping"), &attn_cap, err, sizeof(err));
     cake_gguf_get_f32(g, KEY("final_logit_softcapping"), &logit_cap, err, sizeof(err));
 #undef KEY
-    const int hd = (int)key_length, qd = (int)nh * hd, kvd = (int)nkv * hd,
+    const int hd = (int)key_length, n_rot = (int)rope_dims, qd = (int)nh * hd, kvd = (int)nkv * hd,
               nv = (int)cake_gguf_find_tensor(g, "token_embd.weight")->ne[1];
     const double eps = 1e-5;
     double *x = calloc((size_t)n * dim, sizeof(double)), *xn = malloc(dim * sizeof(double));
@@ -617,7 +620,7 @@ static double *reference_logits(const char *path, const cake_token *prompt, int 
                        f32_tensor(&w, L, "attn_v.bias"), xn, dim, kvd, w.q8_0);
             ref_head_norms(k + (size_t)t * kvd, f32_tensor(&w, L, "attn_k_norm.weight"), (int)nkv,
                            hd, eps);
-            ref_rope(k + (size_t)t * kvd, (int)nkv, hd, t * l_scale, l_theta, neox);
+            ref_rope(k + (size_t)t * kvd, (int)nkv, hd, n_rot, t * l_scale, l_theta, neox);
         }
         for (int t = 0; t < n; t++) {
             double *xt = x + (size_t)t * dim;
@@ -625,7 +628,7 @@ static double *reference_logits(const char *path, const cake_token *prompt, int 
             ref_linear(q, f32_tensor(&w, L, "attn_q.weight"), f32_tensor(&w, L, "attn_q.bias"), xn,
                        dim, qd, w.q8_0);
             ref_head_norms(q, f32_tensor(&w, L, "attn_q_norm.weight"), (int)nh, hd, eps);
-            ref_rope(q, (int)nh, hd, t * l_scale, l_theta, neox);
+            ref_rope(q, (int)nh, hd, n_rot, t * l_scale, l_theta, neox);
             const int j0 = local && t - (int)window + 1 > 0 ? t - (int)window + 1 : 0;
             for (int h = 0; h < (int)nh; h++) {
                 const int kh = h / (int)(nh / nkv);
@@ -1034,6 +1037,41 @@ static void test_gemma2(void **state) {
     free(logits[0]);
     free(logits[1]);
     unlink(gemma);
+    unlink(base);
+}
+
+/* Partial RoPE (Phi-4-mini turns 96 of a head's 128 values): a qwen2 copy
+ * turning 8 of tiny's 16 against the reference; it differs from turning
+ * all; a llama file (interleaved pairs) with it is refused; the CUDA backend
+ * refuses it. */
+static void test_partial_rope(void **state) {
+    (void)state;
+    char base[64], part[96], llama[96];
+    assert_int_equal(test_make_model("tiny", "f32", base), 0);
+    snprintf(part, sizeof(part), "%s.partial", base);
+    snprintf(llama, sizeof(llama), "%s.llama", base);
+    write_variant(base, part, &(test_model_variant){.qwen2 = true, .rope_dims = 8});
+    cake_hparams hp;
+    float *got = check_vs_reference(part, "partial RoPE", &hp);
+    assert_int_equal(hp.rope_dims, 8);
+    assert_int_equal(hp.head_dim, 16);
+    write_variant(base, part, &(test_model_variant){.qwen2 = true});
+    float *whole = first_logits(part, &hp);
+    assert_int_equal(hp.rope_dims, 16);
+    assert_memory_not_equal(got, whole, 1000 * sizeof(float));
+    write_variant(base, llama, &(test_model_variant){.rope_dims = 8});
+    cake_model *m = NULL;
+    char err[256];
+    assert_int_equal(cake_model_load(llama, &m, err, sizeof(err)), -1);
+    assert_non_null(strstr(err, "NeoX"));
+    write_variant(base, part, &(test_model_variant){.qwen2 = true, .rope_dims = 8});
+    assert_int_equal(cake_model_load(part, &m, err, sizeof(err)), 0);
+    assert_cuda_refuses(m, "RoPE");
+    cake_model_free(m);
+    free(got);
+    free(whole);
+    unlink(llama);
+    unlink(part);
     unlink(base);
 }
 
@@ -1664,6 +1702,7 @@ int main(void) {
         cmocka_unit_test(test_phi3),
         cmocka_unit_test(test_gemma3),
         cmocka_unit_test(test_gemma2),
+        cmocka_unit_test(test_partial_rope),
         cmocka_unit_test(test_experts_kquants),
         cmocka_unit_test(test_q8_0),
         cmocka_unit_test(test_other_quants),

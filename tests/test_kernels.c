@@ -303,12 +303,29 @@ static void test_rope(void **state) {
                     c[r * hd + 2 * i + 1] = x[r * hd + hd / 2 + i];
                 }
             cake_rope(c, T, nh, hd, pos0, freqs);
-            cake_rope_neox(x, T, nh, hd, pos0, freqs);
+            cake_rope_neox(x, T, nh, hd, hd, pos0, freqs);
             for (size_t r = 0; r < n / hd; r++)
                 for (int i = 0; i < hd / 2; i++) {
                     assert_memory_equal(&x[r * hd + i], &c[r * hd + 2 * i], 4);
                     assert_memory_equal(&x[r * hd + hd / 2 + i], &c[r * hd + 2 * i + 1], 4);
                 }
+            /* partial (Phi-4-mini): the first nr values of each head turned
+             * as a head of nr, the rest as they were */
+            const int nr = hd / 4 * 2;
+            if (nr >= 2 && nr < hd) {
+                double *fr = rope_freqs(nr, 500000.0, 1.0);
+                float *part = xmalloc((size_t)T * nh * nr * 4);
+                for (size_t i = 0; i < n; i++) x[i] = c[i] = rnd_f(-3, 3);
+                for (size_t r = 0; r < n / hd; r++) memcpy(part + r * nr, x + r * hd, nr * 4);
+                cake_rope_neox(x, T, nh, hd, nr, pos0, fr);
+                cake_rope_neox(part, T, nh, nr, nr, pos0, fr);
+                for (size_t r = 0; r < n / hd; r++) {
+                    assert_memory_equal(x + r * hd, part + r * nr, nr * 4);
+                    assert_memory_equal(x + r * hd + nr, c + r * hd + nr, (hd - nr) * 4);
+                }
+                free(part);
+                free(fr);
+            }
             free(x);
             free(freqs);
             free(a);

@@ -314,6 +314,8 @@ int test_write_variant(const char *src, const char *dst, const test_model_varian
         const size_t kl = key ? strlen(key) : 0;
         if (key && v->context_length && kl > 15 && !strcmp(key + kl - 15, ".context_length"))
             cake_gguf_writer_add_u32(w, key, v->context_length);
+        else if (key && v->rope_dims && kl > 21 && !strcmp(key + kl - 21, ".rope.dimension_count"))
+            cake_gguf_writer_add_u32(w, key, (uint32_t)v->rope_dims);
         else if (key && v->rope_base != 0 && kl > 15 && !strcmp(key + kl - 15, ".rope.freq_base"))
             cake_gguf_writer_add_f32(w, key, v->rope_base);
         else if (key && moe && !strcmp(key, "qwen3moe.feed_forward_length"))

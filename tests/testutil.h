@@ -72,6 +72,7 @@ typedef struct {
     const float *long_factors, *short_factors;
     uint32_t original_context;
     float attn_factor; /* <arch>.rope.scaling.attn_factor; 0: none */
+    int rope_dims;     /* <arch>.rope.dimension_count (partial RoPE); 0: the source's */
     /* with qwen2: a gemma2 or gemma3 copy (gemma3 with qk_norm), with
      * post-attention and post-FFN norms (weights 1 + (j % 5 - 2) / 4), the
      * window sliding_window (0: none), rope.freq_base rope_base (0: the

@@ -90,6 +90,11 @@ int cake_context_init(const cake_model *m, cake_context_params p, cake_context *
                         "than the model's window (%d): run it on the CPU backend, or in a "
                         "context of at most %d",
                         p.n_ctx, hp->sliding_window, hp->sliding_window);
+    if (p.backend == CAKE_BACKEND_CUDA && hp->rope_dims != hp->head_dim)
+        return cake_err(err, errlen,
+                        "the CUDA backend turns whole heads by RoPE, this model %d of %d values: "
+                        "run it on the CPU backend",
+                        hp->rope_dims, hp->head_dim);
     if (p.backend == CAKE_BACKEND_CUDA && hp->rope_attn_factor != 1.0f)
         return cake_err(err, errlen,
                         "the CUDA backend does not scale attention by LongRoPE's factor (%g): "

@@ -289,13 +289,16 @@ static int read_hparams(const cake_gguf *g, cake_hparams *hp, int *orig_ctx, cha
     if (hp->head_dim % 2)
         return cake_err(err, errlen, "head dimension %d is odd (RoPE rotates pairs)", hp->head_dim);
 
-    int rope_dims;
-    if (get_u32_in(g, KEY("rope.dimension_count"), 0, (uint32_t)hp->head_dim, 0, 1 << 16,
-                   &rope_dims, err, errlen))
+    /* Partial RoPE (Phi-4-mini turns 96 of 128): NeoX pairs of the first
+     * rope_dims values; llama's interleaved pairs only whole heads */
+    if (get_u32_in(g, KEY("rope.dimension_count"), 0, (uint32_t)hp->head_dim, 2,
+                   (uint32_t)hp->head_dim, &hp->rope_dims, err, errlen))
         return -1;
-    if (rope_dims != hp->head_dim)
-        return cake_err(err, errlen, "%s %d != head dimension %d (partial RoPE is not supported)",
-                        KEY("rope.dimension_count"), rope_dims, hp->head_dim);
+    if (hp->rope_dims % 2 || (hp->rope_dims != hp->head_dim && !hp->rope_neox))
+        return cake_err(err, errlen,
+                        "%s %d: RoPE turns an even number of values, and a part of "
+                        "a head (head dimension %d) in NeoX models only",
+                        KEY("rope.dimension_count"), hp->rope_dims, hp->head_dim);
     if (get_f32_or(g, KEY("attention.layer_norm_rms_epsilon"), 1e-5f, &hp->rms_eps, err, errlen) ||
         get_f32_or(g, KEY("rope.freq_base"), 10000.0f, &hp->rope_theta, err, errlen))
         return -1;
@@ -381,7 +384,7 @@ static float *load_bias(const cake_gguf *g, const char *name, int n, int *failed
  * (cake_model.rope_factor_set). */
 static double *rope_frequencies(const cake_gguf *g, const cake_hparams *hp, int orig_ctx, int *set,
                                 char *err, size_t errlen) {
-    const int half = hp->head_dim / 2;
+    const int half = hp->rope_dims / 2;
     const char *name = "rope_freqs.weight";
     *set = 0;
     if (cake_gguf_find_tensor(g, "rope_factors_long.weight") ||
@@ -403,7 +406,7 @@ static double *rope_frequencies(const cake_gguf *g, const cake_hparams *hp, int 
     double *f = malloc((size_t)half * sizeof(*f));
     if (!f) cake_err(err, errlen, "out of memory");
     for (int i = 0; f && i < half; i++)
-        f[i] = pow((double)hp->rope_theta, -2.0 * i / hp->head_dim) * (double)hp->rope_freq_scale /
+        f[i] = pow((double)hp->rope_theta, -2.0 * i / hp->rope_dims) * (double)hp->rope_freq_scale /
                (factor ? (double)factor[i] : 1.0);
     free(factor);
     return f;
@@ -413,10 +416,10 @@ static double *rope_frequencies(const cake_gguf *g, const cake_hparams *hp, int 
  * unscaled (llama.cpp's rope_freq_base_train_swa); the others take the
  * file's base and scaling. */
 static double *local_rope_frequencies(const cake_hparams *hp) {
-    const int half = hp->head_dim / 2;
+    const int half = hp->rope_dims / 2;
     double *f = malloc((size_t)half * sizeof(*f));
     for (int i = 0; f && i < half; i++)
-        f[i] = pow((double)hp->rope_theta_local, -2.0 * i / hp->head_dim);
+        f[i] = pow((double)hp->rope_theta_local, -2.0 * i / hp->rope_dims);
     return f;
 }
 
@@ -790,6 +793,7 @@ static void compute_fingerprint(void) {
     const int64_t arch[] = {hp->n_vocab,    hp->dim,      hp->n_layers, hp->n_heads,
                             hp->n_kv_heads, hp->head_dim, hp->ffn_dim,  hp->tied_output};
     for (size_t i = 0; i < sizeof(arch) / sizeof(arch[0]); i++) hash_u64(st, (uint64_t)arch[i]);
+    if (hp->rope_dims != hp->head_dim) hash_u64(st, (uint64_t)hp->rope_dims); /* partial RoPE */
     if (m->rope_factor_set || hp->rope_attn_factor != 1.0f) { /* LongRoPE: which factors */
         hash_u64(st, (uint64_t)m->rope_factor_set);
         hash_u64(st, cake_bits_from_f32(hp->rope_attn_factor));

@@ -246,6 +246,15 @@ static const struct {
      .patterns = {GPT2_PATTERN},
      .ignore_merges = false,
      .add_bos = false},
+    /* GPT-4o's o200k words (Phi-4-mini): tokenizer.json's own pattern */
+    {.names = {"gpt-4o"},
+     .patterns = {"[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]*[\\p{Ll}\\p{Lm}"
+                  "\\p{Lo}\\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}"
+                  "\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]+[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]*(?i:'s|'t|'re|'ve|"
+                  "'m|'ll|'d)?|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n/]*|\\s*[\\r\\n]+|"
+                  "\\s+(?!\\S)|\\s+"},
+     .ignore_merges = false,
+     .add_bos = false},
     {.names = {"qwen2", "deepseek-r1-qwen", "stablelm2", "megrez"},
      .patterns = {"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\\r\\n\\p{L}\\p{N}]?"
                   "\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"},
@@ -267,8 +276,8 @@ static int find_pretokenizer(const char *name, size_t n) {
 static int unknown_pretokenizer(const char *name, size_t n, char *err, size_t errlen) {
     return cake_err(err, errlen,
                     "tokenizer.ggml.pre is '%.*s': the supported byte-level BPE pre-tokenizers "
-                    "are llama-bpe (Llama 3), dbrx (Phi-4), tekken (Mistral), smollm, gpt-2 and "
-                    "qwen2 (and their aliases)",
+                    "are llama-bpe (Llama 3), dbrx (Phi-4), gpt-4o (Phi-4-mini), tekken "
+                    "(Mistral), smollm, gpt-2 and qwen2 (and their aliases)",
                     (int)(n < 64 ? n : 64), name);
 }
 

@@ -133,8 +133,8 @@ static void rows_task(void *ctx, int task, int tid) {
         }
         const double *freqs = j->L->rope_freqs;
         if (hp->rope_neox) {
-            cake_rope_neox(q, nt, hp->n_heads, hp->head_dim, j->pos0 + t0, freqs);
-            cake_rope_neox(k, nt, hp->n_kv_heads, hp->head_dim, j->pos0 + t0, freqs);
+            cake_rope_neox(q, nt, hp->n_heads, hp->head_dim, hp->rope_dims, j->pos0 + t0, freqs);
+            cake_rope_neox(k, nt, hp->n_kv_heads, hp->head_dim, hp->rope_dims, j->pos0 + t0, freqs);
         } else {
             cake_rope(q, nt, hp->n_heads, hp->head_dim, j->pos0 + t0, freqs);
             cake_rope(k, nt, hp->n_kv_heads, hp->head_dim, j->pos0 + t0, freqs);

@@ -178,13 +178,13 @@ enum { ROPE_MAX_HALF = 512 }; /* head_dim up to 1024 */
 
 /* The plain rotation of each head's pairs: (2i, 2i + 1), or (i, i + half)
  * when neox. The reference, and the NeoX kernel. */
-static void rope_pairs(float *x, int n_tokens, int n_heads, int head_dim, int pos0,
+static void rope_pairs(float *x, int n_tokens, int n_heads, int head_dim, int n_rot, int pos0,
                        const double *freqs, bool neox) {
     float c[ROPE_MAX_HALF], s[ROPE_MAX_HALF];
-    const int half = head_dim / 2;
+    const int half = n_rot / 2;
     if (half > ROPE_MAX_HALF) return;
     for (int t = 0; t < n_tokens; t++) {
-        rope_cos_sin(pos0 + t, head_dim, freqs, c, s);
+        rope_cos_sin(pos0 + t, n_rot, freqs, c, s);
         for (int h = 0; h < n_heads; h++) {
             float *v = x + ((size_t)t * (size_t)n_heads + (size_t)h) * (size_t)head_dim;
             for (int i = 0; i < half; i++) {
@@ -199,7 +199,7 @@ static void rope_pairs(float *x, int n_tokens, int n_heads, int head_dim, int po
 
 void cake_rope_ref(float *x, int n_tokens, int n_heads, int head_dim, int pos0,
                    const double *freqs) {
-    rope_pairs(x, n_tokens, n_heads, head_dim, pos0, freqs, false);
+    rope_pairs(x, n_tokens, n_heads, head_dim, head_dim, pos0, freqs, false);
 }
 
 void cake_rope(float *x, int n_tokens, int n_heads, int head_dim, int pos0, const double *freqs) {
@@ -243,9 +243,9 @@ void cake_rope(float *x, int n_tokens, int n_heads, int head_dim, int pos0, cons
 /* NeoX style: the products and sums are those of the adjacent-pair kernel,
  * so a head whose halves are interleaved into pairs turns into the same
  * floats. */
-void cake_rope_neox(float *x, int n_tokens, int n_heads, int head_dim, int pos0,
+void cake_rope_neox(float *x, int n_tokens, int n_heads, int head_dim, int n_rot, int pos0,
                     const double *freqs) {
-    rope_pairs(x, n_tokens, n_heads, head_dim, pos0, freqs, true);
+    rope_pairs(x, n_tokens, n_heads, head_dim, n_rot, pos0, freqs, true);
 }
 
 void cake_add_bias(float *x, const float *b, int n_rows, int n) {

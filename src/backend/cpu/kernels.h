@@ -33,8 +33,10 @@ void cake_rmsnorm_ref(float *y, const float *x, const float *w, int n_tokens, in
 void cake_rope(float *x, int n_tokens, int n_heads, int head_dim, int pos0, const double *freqs);
 void cake_rope_ref(float *x, int n_tokens, int n_heads, int head_dim, int pos0,
                    const double *freqs);
-/* The same turning pairs (i, i + head_dim/2) instead (NeoX style, qwen2). */
-void cake_rope_neox(float *x, int n_tokens, int n_heads, int head_dim, int pos0,
+/* The same turning pairs (i, i + n_rot/2) of each head's first n_rot
+ * values instead (NeoX style, qwen2; n_rot < head_dim: partial RoPE, as
+ * Phi-4-mini's, the rest as they are). freqs: n_rot / 2 of them. */
+void cake_rope_neox(float *x, int n_tokens, int n_heads, int head_dim, int n_rot, int pos0,
                     const double *freqs);
 
 /* ---- bias: x[r][i] += b[i] for n_rows rows of n ---- */
@@ -62,9 +64,9 @@ void cake_geglu_ref(float *h, const float *g, const float *u, size_t n);
 typedef struct {
     int n_tokens, pos0;
     int n_heads, n_kv_heads, head_dim;
-    int kv_f16; /* 1: k, v are cake_f16; 0: float */
-    int kv_ctx; /* positions per KV head in k and v */
-    int window; /* > 0: a query sees the keys of its last `window` positions only */
+    int kv_f16;    /* 1: k, v are cake_f16; 0: float */
+    int kv_ctx;    /* positions per KV head in k and v */
+    int window;    /* > 0: a query sees the keys of its last `window` positions only */
     float softcap; /* > 0: each score s becomes softcap tanh(s / softcap) (Gemma 2) */
     const float *q;
     const void *k, *v;
