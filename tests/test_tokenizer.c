@@ -804,6 +804,17 @@ static void test_bpe_llama3_words(void **state) {
     t = bpe_vocab("gpt-2", gpt2_extra, 4, NULL, gpt2_merges, 4);
     ASSERT_IDS(t, "ab12 cd", 256, 259, 258);
     cake_tokenizer_free(t);
+    /* gpt-4o (Phi-4-mini, o200k): a capital starts a word ("sH" is two
+     * words, which Llama 3's pattern keeps as one) */
+    static const char *const case_merges[] = {"s H"};
+    static const char *const case_extra[] = {"sH"};
+    t = bpe_vocab("gpt-4o", case_extra, 1, NULL, case_merges, 1);
+    ASSERT_IDS(t, "sH", 's', 'H');
+    ASSERT_IDS(t, "12345", '1', '2', '3', '4', '5');
+    cake_tokenizer_free(t);
+    t = bpe_vocab("llama-bpe", case_extra, 1, NULL, case_merges, 1);
+    ASSERT_IDS(t, "sH", 256);
+    cake_tokenizer_free(t);
     /* dbrx (Phi-4): Llama 3's words, but merges only (no ignore_merges) */
     t = bpe_vocab("dbrx", extra2, 2, NULL, merges, 1);
     ASSERT_IDS(t, "12", 256);
