@@ -877,10 +877,10 @@ static void test_bpe_pieces(void **state) {
                            .unk = -1,
                            .merges = merges,
                            .n_merges = 1,
-                           .pre = "gpt-4o"};
+                           .pre = "deepseek-coder"};
     char err[256];
     assert_int_equal(cake_tokenizer_init_arrays(&v, &t, err, sizeof(err)), -1);
-    assert_non_null(strstr(err, "gpt-4o"));
+    assert_non_null(strstr(err, "deepseek-coder"));
 }
 
 /* ---- GGUF key handling ---- */
