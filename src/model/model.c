@@ -69,9 +69,12 @@ static int is_weight_dtype(int t) {
     return is_float_dtype(t) || cake_dequant_supported(t);
 }
 
-/* A 2-D weight with ne = [n_in, n_out] (GGUF lists the row length first). */
-static int find_weight(const cake_gguf *g, const char *name, int n_in, int n_out, int optional,
-                       cake_weight *w, char *err, size_t errlen) {
+/* The matrices (n_out, n_in) of tensor `name`: a 2-D one, ne = [n_in,
+ * n_out] (GGUF lists the row length first), when n_mats is 0; else a 3-D
+ * one of n_mats of them, ne = [n_in, n_out, n_mats] (experts). Matrix k
+ * into w[k * stride]. 1 when the tensor is absent and `optional`. */
+static int find_matrices(const cake_gguf *g, const char *name, int n_in, int n_out, int n_mats,
+                         int stride, int optional, cake_weight *w, char *err, size_t errlen) {
     const cake_gguf_tensor *t = cake_gguf_find_tensor(g, name);
     if (!t) {
         if (optional) return 1;
@@ -82,15 +85,31 @@ static int find_weight(const cake_gguf *g, const char *name, int n_in, int n_out
                         "tensor '%s': dtype %s is not supported for weights (" CAKE_WEIGHT_DTYPES
                         " are)",
                         name, cake_dtype_name(t->type));
-    if (t->n_dims != 2 || t->ne[0] != (uint64_t)n_in || t->ne[1] != (uint64_t)n_out)
+    if (!n_mats && (t->n_dims != 2 || t->ne[0] != (uint64_t)n_in || t->ne[1] != (uint64_t)n_out))
         return cake_err(err, errlen, "tensor '%s': shape [%llu, %llu] (%u dims), expected [%d, %d]",
                         name, (unsigned long long)t->ne[0], (unsigned long long)t->ne[1], t->n_dims,
                         n_in, n_out);
-    w->data = t->data;
-    w->dtype = (int)t->type;
-    w->n_in = n_in;
-    w->n_out = n_out;
+    if (n_mats && (t->n_dims != 3 || t->ne[0] != (uint64_t)n_in || t->ne[1] != (uint64_t)n_out ||
+                   t->ne[2] != (uint64_t)n_mats))
+        return cake_err(err, errlen,
+                        "tensor '%s': shape [%llu, %llu, %llu] (%u dims), expected [%d, %d, %d]",
+                        name, (unsigned long long)t->ne[0], (unsigned long long)t->ne[1],
+                        (unsigned long long)t->ne[2], t->n_dims, n_in, n_out, n_mats);
+    /* rows are whole blocks (the GGUF reader checked), so a matrix is too */
+    const size_t bytes = (size_t)n_out * (size_t)n_in / cake_dtype_block_elems(t->type) *
+                         cake_dtype_block_bytes(t->type);
+    for (int k = 0; k < (n_mats ? n_mats : 1); k++)
+        w[k * stride] = (cake_weight){.data = (const char *)t->data + (size_t)k * bytes,
+                                      .dtype = (int)t->type,
+                                      .n_in = n_in,
+                                      .n_out = n_out};
     return 0;
+}
+
+/* A 2-D weight (find_matrices). */
+static int find_weight(const cake_gguf *g, const char *name, int n_in, int n_out, int optional,
+                       cake_weight *w, char *err, size_t errlen) {
+    return find_matrices(g, name, n_in, n_out, 0, 1, optional, w, err, errlen);
 }
 
 /* Layer l's n_experts matrices `which` (gate, up, down), expert e's into
@@ -100,39 +119,15 @@ static int find_weight(const cake_gguf *g, const char *name, int n_in, int n_out
  * Mixtral conversions, still on the hubs). */
 static int find_experts(const cake_gguf *g, int l, const char *which, int n_in, int n_out,
                         int n_experts, cake_weight *w, char *err, size_t errlen) {
-    char name[96];
+    char name[96], one[96];
     snprintf(name, sizeof(name), "blk.%d.ffn_%s_exps.weight", l, which);
-    const cake_gguf_tensor *t = cake_gguf_find_tensor(g, name);
-    if (!t) {
-        char one[96];
-        snprintf(one, sizeof(one), "blk.%d.ffn_%s.0.weight", l, which);
-        if (!cake_gguf_find_tensor(g, one))
-            return cake_err(err, errlen, "tensor '%s' is missing", name);
-        for (int e = 0; e < n_experts; e++) {
-            snprintf(one, sizeof(one), "blk.%d.ffn_%s.%d.weight", l, which, e);
-            if (find_weight(g, one, n_in, n_out, 0, &w[3 * e], err, errlen)) return -1;
-        }
-        return 0;
+    snprintf(one, sizeof(one), "blk.%d.ffn_%s.0.weight", l, which);
+    if (cake_gguf_find_tensor(g, name) || !cake_gguf_find_tensor(g, one))
+        return find_matrices(g, name, n_in, n_out, n_experts, 3, 0, w, err, errlen);
+    for (int e = 0; e < n_experts; e++) {
+        snprintf(one, sizeof(one), "blk.%d.ffn_%s.%d.weight", l, which, e);
+        if (find_weight(g, one, n_in, n_out, 0, &w[3 * e], err, errlen)) return -1;
     }
-    if (!is_weight_dtype(t->type))
-        return cake_err(err, errlen,
-                        "tensor '%s': dtype %s is not supported for weights (" CAKE_WEIGHT_DTYPES
-                        " are)",
-                        name, cake_dtype_name(t->type));
-    if (t->n_dims != 3 || t->ne[0] != (uint64_t)n_in || t->ne[1] != (uint64_t)n_out ||
-        t->ne[2] != (uint64_t)n_experts)
-        return cake_err(err, errlen,
-                        "tensor '%s': shape [%llu, %llu, %llu] (%u dims), expected [%d, %d, %d]",
-                        name, (unsigned long long)t->ne[0], (unsigned long long)t->ne[1],
-                        (unsigned long long)t->ne[2], t->n_dims, n_in, n_out, n_experts);
-    /* rows are whole blocks (the GGUF reader checked), so a matrix is too */
-    const size_t bytes = (size_t)n_out * (size_t)n_in / cake_dtype_block_elems(t->type) *
-                         cake_dtype_block_bytes(t->type);
-    for (int e = 0; e < n_experts; e++)
-        w[3 * e] = (cake_weight){.data = (const char *)t->data + (size_t)e * bytes,
-                                 .dtype = (int)t->type,
-                                 .n_in = n_in,
-                                 .n_out = n_out};
     return 0;
 }
 
@@ -375,6 +370,15 @@ static float *load_bias(const cake_gguf *g, const char *name, int n, int *failed
     return b;
 }
 
+/* Pair i's frequency theta^(-2i / rope_dims) * scale / factor[i] (factor
+ * NULL: 1), for the rope_dims / 2 pairs; NULL when out of memory. */
+static double *pair_frequencies(int rope_dims, double theta, double scale, const float *factor) {
+    double *f = malloc((size_t)(rope_dims / 2) * sizeof(*f));
+    for (int i = 0; f && i < rope_dims / 2; i++)
+        f[i] = pow(theta, -2.0 * i / rope_dims) * scale / (factor ? (double)factor[i] : 1.0);
+    return f;
+}
+
 /* Each RoPE pair's frequency (cake_model.rope_freqs), divided by per-pair
  * factors where the file has them (as llama.cpp's freq_factors): Llama
  * 3.1's rope_freqs.weight, or LongRoPE's (Phi-3.5, Phi-3 128K) pair of
@@ -403,23 +407,9 @@ static double *rope_frequencies(const cake_gguf *g, const cake_hparams *hp, int 
                 return NULL;
             }
     }
-    double *f = malloc((size_t)half * sizeof(*f));
+    double *f = pair_frequencies(hp->rope_dims, hp->rope_theta, hp->rope_freq_scale, factor);
     if (!f) cake_err(err, errlen, "out of memory");
-    for (int i = 0; f && i < half; i++)
-        f[i] = pow((double)hp->rope_theta, -2.0 * i / hp->rope_dims) * (double)hp->rope_freq_scale /
-               (factor ? (double)factor[i] : 1.0);
     free(factor);
-    return f;
-}
-
-/* Gemma 3's windowed layers turn RoPE at theta 10000 (rope_theta_local),
- * unscaled (llama.cpp's rope_freq_base_train_swa); the others take the
- * file's base and scaling. */
-static double *local_rope_frequencies(const cake_hparams *hp) {
-    const int half = hp->rope_dims / 2;
-    double *f = malloc((size_t)half * sizeof(*f));
-    for (int i = 0; f && i < half; i++)
-        f[i] = pow((double)hp->rope_theta_local, -2.0 * i / hp->rope_dims);
     return f;
 }
 
@@ -725,7 +715,11 @@ int cake_model_load(const char *path, cake_model **out, char *err, size_t errlen
             hp->sliding_window && (!hp->swa_pattern || l % hp->swa_pattern < hp->swa_pattern - 1);
         L->window = windowed ? hp->sliding_window : 0;
         const bool local = windowed && hp->rope_theta_local > 0;
-        if (local && !m->rope_freqs_local && !(m->rope_freqs_local = local_rope_frequencies(hp))) {
+        /* Gemma 3's windowed layers turn RoPE at theta 10000, unscaled
+         * (llama.cpp's rope_freq_base_train_swa) */
+        if (local && !m->rope_freqs_local &&
+            !(m->rope_freqs_local =
+                  pair_frequencies(hp->rope_dims, hp->rope_theta_local, 1, NULL))) {
             snprintf(why, sizeof(why), "out of memory");
             goto fail_why;
         }
