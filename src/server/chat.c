@@ -288,6 +288,47 @@ static void llama3(builder *b, const chat_message *m, int n, const chat_tools *t
     llama3_header(b, "assistant");
 }
 
+/* Mistral's formats, the system message before the first user message:
+ * Instruct's <s>[INST] {system}\n\n{user} [/INST]{answer}</s> (messages
+ * trimmed); llama.cpp's v3-tekken [INST]{system}\n\n{user}[/INST]{answer}</s>;
+ * v7 [SYSTEM_PROMPT] {system}[/SYSTEM_PROMPT][INST] {user}[/INST] {answer}</s>. */
+static void mistral(builder *b, const chat_message *m, int n, chat_format f, cake_token eos) {
+    const bool plain = f == CHAT_MISTRAL, v7 = f == CHAT_MISTRAL_V7;
+    const chat_message *sys = NULL;
+    for (int i = 0; i < n; i++) {
+        if (!strcmp(m[i].role, "system") && v7) {
+            put_marker(b, "[SYSTEM_PROMPT]");
+            put_str(b, " ");
+            put_text(b, m[i].content, m[i].content_len);
+            put_marker(b, "[/SYSTEM_PROMPT]");
+        } else if (!strcmp(m[i].role, "system")) {
+            sys = &m[i];
+        } else if (!strcmp(m[i].role, "user")) {
+            put_marker(b, "[INST]");
+            if (plain || v7) put_str(b, " ");
+            if (sys) {
+                put_text(b, sys->content, sys->content_len);
+                put_str(b, "\n\n");
+                sys = NULL;
+            }
+            if (plain) {
+                put_trimmed(b, &m[i]);
+                put_str(b, " ");
+            } else {
+                put_text(b, m[i].content, m[i].content_len);
+            }
+            put_marker(b, "[/INST]");
+        } else {
+            if (v7) put_str(b, " ");
+            if (plain)
+                put_trimmed(b, &m[i]);
+            else
+                put_text(b, m[i].content, m[i].content_len);
+            if (eos >= 0) put_id(b, eos);
+        }
+    }
+}
+
 int chat_prompt(chat_format f, const cake_tokenizer *t, const chat_message *m, int n,
                 const chat_options *opt, cake_token **ids, int *n_ids, cake_token *end_of_turn,
                 char *err, size_t errlen) {
@@ -362,30 +403,11 @@ int chat_prompt(chat_format f, const cake_tokenizer *t, const chat_message *m, i
         }
         break;
     }
-    case CHAT_MISTRAL: {
-        /* Mistral Instruct's: <s>[INST] {system}\n\n{user} [/INST]{answer}</s>[INST] ... */
-        const chat_message *sys = NULL;
-        for (int i = 0; i < n; i++) {
-            if (!strcmp(m[i].role, "system")) {
-                sys = &m[i];
-            } else if (!strcmp(m[i].role, "user")) {
-                put_marker(&b, "[INST]");
-                put_str(&b, " ");
-                if (sys) {
-                    put_text(&b, sys->content, sys->content_len);
-                    put_str(&b, "\n\n");
-                    sys = NULL;
-                }
-                put_trimmed(&b, &m[i]);
-                put_str(&b, " ");
-                put_marker(&b, "[/INST]");
-            } else {
-                put_trimmed(&b, &m[i]);
-                if (eos >= 0) put_id(&b, eos);
-            }
-        }
+    case CHAT_MISTRAL:
+    case CHAT_MISTRAL_TEKKEN:
+    case CHAT_MISTRAL_V7:
+        mistral(&b, m, n, f, eos);
         break;
-    }
     case CHAT_ZEPHYR:
         /* <|system|>\n{system}</s>\n<|user|>\n{user}</s>\n<|assistant|>\n */
         for (int i = 0; i < n; i++) {
@@ -398,39 +420,6 @@ int chat_prompt(chat_format f, const cake_tokenizer *t, const chat_message *m, i
         }
         put_str(&b, "<|assistant|>\n");
         break;
-    case CHAT_MISTRAL_TEKKEN:
-    case CHAT_MISTRAL_V7: {
-        /* llama.cpp's v3-tekken: [INST]{system}\n\n{user}[/INST]{answer}</s>;
-         * v7: [SYSTEM_PROMPT] {system}[/SYSTEM_PROMPT][INST] {user}[/INST]
-         * {answer}</s> */
-        const bool v7 = f == CHAT_MISTRAL_V7;
-        const chat_message *sys = NULL;
-        for (int i = 0; i < n; i++) {
-            if (!strcmp(m[i].role, "system") && v7) {
-                put_marker(&b, "[SYSTEM_PROMPT]");
-                put_str(&b, " ");
-                put_text(&b, m[i].content, m[i].content_len);
-                put_marker(&b, "[/SYSTEM_PROMPT]");
-            } else if (!strcmp(m[i].role, "system")) {
-                sys = &m[i];
-            } else if (!strcmp(m[i].role, "user")) {
-                put_marker(&b, "[INST]");
-                if (v7) put_str(&b, " ");
-                if (sys) {
-                    put_text(&b, sys->content, sys->content_len);
-                    put_str(&b, "\n\n");
-                    sys = NULL;
-                }
-                put_text(&b, m[i].content, m[i].content_len);
-                put_marker(&b, "[/INST]");
-            } else {
-                if (v7) put_str(&b, " ");
-                put_text(&b, m[i].content, m[i].content_len);
-                if (eos >= 0) put_id(&b, eos);
-            }
-        }
-        break;
-    }
     case CHAT_PHI3:
         /* each message <|role|>\n{content}<|end|>\n, the tags as tokens */
         for (int i = 0; i < n; i++) {
