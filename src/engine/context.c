@@ -65,6 +65,38 @@ void cake_context_free(cake_context *c) {
     free(c);
 }
 
+/* What the CUDA backend has no layers for (they run on the CPU backend):
+ * -1 with the reason, or 0. */
+static int cuda_refuses(const cake_hparams *hp, int n_ctx, char *err, size_t errlen) {
+    if (hp->embed_scale != 1.0f || hp->gelu || hp->post_norms || hp->q_scale != 1.0f ||
+        hp->swa_pattern)
+        return cake_err(err, errlen,
+                        "the CUDA backend does not run Gemma's layers (GELU, post-norms, soft "
+                        "caps, local RoPE): run this model on the CPU backend");
+    if (hp->sliding_window && n_ctx > hp->sliding_window)
+        return cake_err(err, errlen,
+                        "the CUDA backend has no sliding window: a context of %d tokens is longer "
+                        "than the model's window (%d): run it on the CPU backend, or in a "
+                        "context of at most %d",
+                        n_ctx, hp->sliding_window, hp->sliding_window);
+    if (hp->rope_dims != hp->head_dim)
+        return cake_err(err, errlen,
+                        "the CUDA backend turns whole heads by RoPE, this model %d of %d values: "
+                        "run it on the CPU backend",
+                        hp->rope_dims, hp->head_dim);
+    if (hp->rope_attn_factor != 1.0f)
+        return cake_err(err, errlen,
+                        "the CUDA backend does not scale attention by LongRoPE's factor (%g): "
+                        "run this model on the CPU backend",
+                        hp->rope_attn_factor);
+    if (hp->n_experts)
+        return cake_err(err, errlen,
+                        "the CUDA backend has no mixture-of-experts layers (this model has %d "
+                        "experts): run it on the CPU backend",
+                        hp->n_experts);
+    return 0;
+}
+
 int cake_context_init(const cake_model *m, cake_context_params p, cake_context **out, char *err,
                       size_t errlen) {
     *out = NULL;
@@ -79,32 +111,7 @@ int cake_context_init(const cake_model *m, cake_context_params p, cake_context *
 
     if (p.backend == CAKE_BACKEND_CUDA && p.kv_type != CAKE_KV_F16)
         return cake_err(err, errlen, "the CUDA backend keeps its KV cache in f16 only");
-    if (p.backend == CAKE_BACKEND_CUDA && (hp->embed_scale != 1.0f || hp->gelu || hp->post_norms ||
-                                           hp->q_scale != 1.0f || hp->swa_pattern))
-        return cake_err(err, errlen,
-                        "the CUDA backend does not run Gemma's layers (GELU, post-norms, soft "
-                        "caps, local RoPE): run this model on the CPU backend");
-    if (p.backend == CAKE_BACKEND_CUDA && hp->sliding_window && p.n_ctx > hp->sliding_window)
-        return cake_err(err, errlen,
-                        "the CUDA backend has no sliding window: a context of %d tokens is longer "
-                        "than the model's window (%d): run it on the CPU backend, or in a "
-                        "context of at most %d",
-                        p.n_ctx, hp->sliding_window, hp->sliding_window);
-    if (p.backend == CAKE_BACKEND_CUDA && hp->rope_dims != hp->head_dim)
-        return cake_err(err, errlen,
-                        "the CUDA backend turns whole heads by RoPE, this model %d of %d values: "
-                        "run it on the CPU backend",
-                        hp->rope_dims, hp->head_dim);
-    if (p.backend == CAKE_BACKEND_CUDA && hp->rope_attn_factor != 1.0f)
-        return cake_err(err, errlen,
-                        "the CUDA backend does not scale attention by LongRoPE's factor (%g): "
-                        "run this model on the CPU backend",
-                        hp->rope_attn_factor);
-    if (p.backend == CAKE_BACKEND_CUDA && hp->n_experts)
-        return cake_err(err, errlen,
-                        "the CUDA backend has no mixture-of-experts layers (this model has %d "
-                        "experts): run it on the CPU backend",
-                        hp->n_experts);
+    if (p.backend == CAKE_BACKEND_CUDA && cuda_refuses(hp, p.n_ctx, err, errlen)) return -1;
 #ifndef CAKE_HAVE_CUDA
     if (p.backend == CAKE_BACKEND_CUDA)
         return cake_err(err, errlen, "this build has no CUDA backend (nvcc was not found)");
