@@ -172,6 +172,15 @@ typedef struct {
      * far: a token's logit loses frequency_penalty for each time it was
      * chosen, and presence_penalty once if it was at all. */
     float frequency_penalty, presence_penalty;
+    /* The repetition penalty (vLLM's repetition_penalty, llama.cpp's
+     * repeat_penalty; 1 or 0 = off), over the prompt and the tokens chosen
+     * so far, the last repeat_last_n of them (0 = all): a token among them
+     * has its logit divided by it when positive, multiplied when not
+     * (before the two above). prompt: n_prompt ids (copied by init). */
+    float repetition_penalty;
+    int repeat_last_n;
+    const cake_token *prompt;
+    int n_prompt;
     const cake_logit_bias *logit_bias; /* n_logit_bias of them (copied by init) */
     int n_logit_bias;
     /* Optional: a grammar (the server's JSON mode). constrain sets the

@@ -36,6 +36,8 @@ expect_exit 2 "run with bad -n" -- "$CAKE" run -m x.gguf -p hi -n -3
 expect_exit 2 "run with bad --kv-type" -- "$CAKE" run -m x.gguf -p hi --kv-type q4
 expect_exit 2 "run with bad --top-k" -- "$CAKE" run -m x.gguf -p hi --top-k -1
 expect_exit 2 "run with bad --presence-penalty" -- "$CAKE" run -m x.gguf -p hi --presence-penalty 3
+expect_exit 2 "run with bad --repeat-penalty" -- "$CAKE" run -m x.gguf -p hi --repeat-penalty 0
+expect_exit 2 "run with bad --repeat-last-n" -- "$CAKE" run -m x.gguf -p hi --repeat-last-n -2
 expect_exit 2 "mkmodel unknown shape" -- "$CAKE" mkmodel --shape huge -o "$tmp/x.gguf"
 expect_exit 0 "run --help" -- "$CAKE" run --help
 grep -q -- "--dump-logits" "$tmp/out" && pass "run --help lists options" || fail "run --help"
@@ -214,6 +216,14 @@ if "$CAKE" mkmodel --shape tiny -o "$tmp/tiny.gguf" 2>/dev/null; then
     [ -n "$pen" ] && [ "$(repeats "$pen")" -eq 0 ] && [ "$(repeats "$greedy")" -gt 0 ] &&
         pass "run --presence-penalty: no repeats ($(repeats "$greedy") without)" ||
         fail "run --presence-penalty: $pen"
+    # the repetition penalty counts the prompt too: at 100 over all tokens
+    # neither the prompt's nor any answer token comes again
+    rep=$("$CAKE" run -m "$tmp/tiny.gguf" -p "Once upon a time" -n 24 --temp 0 --repeat-penalty 100 \
+        --repeat-last-n -1 --json 2>/dev/null)
+    both=$(echo "$rep" | json_field prompt_ids /dev/stdin)$(echo "$rep" | json_field generated_ids /dev/stdin)
+    [ -n "$rep" ] && [ "$(repeats "${both//][/,}")" -eq 0 ] &&
+        pass "run --repeat-penalty: no token of prompt and answer twice" ||
+        fail "run --repeat-penalty: $both"
     # JSON mode: the answer is an object, then EOS (sampled; without it the
     # same run writes words)
     for mode in --json-mode ""; do

@@ -1341,6 +1341,50 @@ static void test_sampler_penalties(void **state) {
     cake_sampler_free(s);
 }
 
+/* The repetition penalty (vLLM's, llama.cpp's): greedy over fixed logits,
+ * with the prompt and the window given. */
+static void check_repetition(const float *logits, int n, float penalty, int last_n,
+                             const cake_token *prompt, int n_prompt, float frequency,
+                             const cake_token *want, int n_want) {
+    cake_token copy[8];
+    for (int i = 0; i < n_prompt; i++) copy[i] = prompt[i];
+    cake_sampler *s = cake_sampler_init((cake_sampler_params){.temperature = 0,
+                                                              .repetition_penalty = penalty,
+                                                              .repeat_last_n = last_n,
+                                                              .frequency_penalty = frequency,
+                                                              .prompt = copy,
+                                                              .n_prompt = n_prompt});
+    assert_non_null(s);
+    for (int i = 0; i < n_prompt; i++) copy[i] = -1; /* (copied at init) */
+    for (int i = 0; i < n_want; i++)
+        if (cake_sampler_sample(s, logits, n) != want[i])
+            fail_msg("penalty %g last %d: token %d is not %d", penalty, last_n, i, want[i]);
+    cake_sampler_free(s);
+}
+
+static void test_sampler_repetition(void **state) {
+    (void)state;
+    const float logits[4] = {3.0f, 2.5f, -5.0f, 1.0f};
+    const cake_token zero[3] = {0, 0, 0};
+    /* off at 1 */
+    check_repetition(logits, 4, 1, 0, zero, 1, 0, (const cake_token[]){0, 0}, 2);
+    /* the prompt counts: 0 falls to 2.0 < 2.5; once both were seen, 0 leads
+     * again (2.0 > 1.67) */
+    check_repetition(logits, 4, 1.5f, 0, zero, 1, 0, (const cake_token[]){1, 0, 0}, 3);
+    /* a window of one token: only the last is held back */
+    check_repetition(logits, 4, 1.5f, 1, zero, 1, 0, (const cake_token[]){1, 0, 1, 0}, 4);
+    /* a token three times in the window is penalized once (3 / 1.1 > 2.5;
+     * 3 / 1.1^3 would not be) */
+    check_repetition(logits, 4, 1.1f, 0, zero, 3, 0, (const cake_token[]){0}, 1);
+    /* negative logits are multiplied: -1.5 < -1.2 (divided, -0.67 would win) */
+    const float negative[2] = {-1.0f, -1.2f};
+    check_repetition(negative, 2, 1.5f, 0, zero, 1, 0, (const cake_token[]){1}, 1);
+    /* before the frequency penalty: 3 / 2 - 1 = 0.5 < 0.8 ((3 - 1) / 2 = 1
+     * would keep token 0) */
+    const float two[2] = {3.0f, 0.8f};
+    check_repetition(two, 2, 2, 0, NULL, 0, 1, (const cake_token[]){0, 1}, 2);
+}
+
 /* top_k and min_p keep only their tokens, and every one of them comes up:
  * 4000 draws each. */
 static void check_filter(cake_sampler_params p, const float *logits, int n, const int *allowed) {
@@ -1709,6 +1753,7 @@ int main(void) {
         cmocka_unit_test(test_unsupported_weight_type),
         cmocka_unit_test(test_tied_output),
         cmocka_unit_test(test_sampler_penalties),
+        cmocka_unit_test(test_sampler_repetition),
         cmocka_unit_test(test_sampler_filters),
         cmocka_unit_test(test_sampler_large),
         cmocka_unit_test(test_json_grammar),

@@ -460,8 +460,12 @@ static void test_bad_requests(void **state) {
         {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"suffix\":\"x\"}", 400, "not supported"},
         {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"top_k\":2.5}", 400, "'top_k'"},
         {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"min_p\":2}", 400, "'min_p'"},
-        {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"repetition_penalty\":1.1}", 400,
+        {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"repetition_penalty\":0}", 400,
          "'repetition_penalty'"},
+        {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"repeat_last_n\":-2}", 400,
+         "'repeat_last_n'"},
+        {"POST", "/v1/completions",
+         "{\"prompt\":\"hi\",\"repetition_penalty\":1.1,\"repeat_penalty\":1.1}", 400, "give one"},
         {"POST", "/v1/completions",
          "{\"prompt\":\"hi\",\"response_format\":{\"type\":\"json_schema\"}}", 400,
          "'response_format'"},
@@ -762,6 +766,51 @@ static void test_logprobs(void **state) {
     unlink(path);
 }
 
+static int has_id(const cJSON *ids, int from, int to, int id) {
+    for (int i = from; i < to; i++)
+        if (cJSON_GetArrayItem(ids, i)->valueint == id) return 1;
+    return 0;
+}
+
+/* The repetition penalty, vLLM's and llama.cpp's: at 1 (or a window of 0)
+ * the plain answer; at 100 over everything no token of the prompt or of
+ * the answer so far comes again; over the last token only, no token
+ * follows itself, but earlier ones come back. */
+static void check_repetition(int port, const cJSON *plain, int n) {
+#define ask                                                                                        \
+    "{\"prompt\":\"Once upon a time\",\"max_tokens\":%d,\"temperature\":0,\"ignore_eos\":true,%s}"
+    cJSON *one = post_ok(port, "/v1/completions", ask, n, "\"repetition_penalty\":1");
+    cJSON *none =
+        post_ok(port, "/v1/completions", ask, n, "\"repeat_penalty\":100,\"repeat_last_n\":0");
+    cJSON *all = post_ok(port, "/v1/completions", ask, n, "\"repetition_penalty\":100");
+    cJSON *last =
+        post_ok(port, "/v1/completions", ask, n, "\"repeat_penalty\":100,\"repeat_last_n\":1");
+#undef ask
+    cJSON *tok = post_ok(port, "/tokenize", "{\"prompt\":\"Once upon a time\"}");
+    const cJSON *pids = at(plain, "cake.generated_ids"), *prompt = at(tok, "tokens");
+    assert_same_ids(at(one, "cake.generated_ids"), pids);
+    assert_same_ids(at(none, "cake.generated_ids"), pids);
+    const cJSON *a = at(all, "cake.generated_ids"), *l = at(last, "cake.generated_ids");
+    const int np = cJSON_GetArraySize(prompt);
+    int returns = 0;
+    for (int i = 0; i < n; i++) {
+        const int ai = cJSON_GetArrayItem(a, i)->valueint, li = cJSON_GetArrayItem(l, i)->valueint;
+        assert_false(has_id(prompt, 0, np, ai) || has_id(a, 0, i, ai));
+        assert_int_not_equal(li, i ? cJSON_GetArrayItem(l, i - 1)->valueint
+                                   : cJSON_GetArrayItem(prompt, np - 1)->valueint);
+        returns += has_id(prompt, 0, np, li) || has_id(l, 0, i, li);
+    }
+    print_message("repetition penalty: %d of %d tokens seen before with a window of 1, 0 "
+                  "without\n",
+                  returns, n);
+    assert_true(returns > 0);
+    cJSON_Delete(one);
+    cJSON_Delete(none);
+    cJSON_Delete(all);
+    cJSON_Delete(last);
+    cJSON_Delete(tok);
+}
+
 /* A greedy answer with a presence penalty repeats no token (the tiny
  * model's logits lie within a few tenths of each other); the penalties
  * change nothing at 0; a logit bias of -100 bans a token, 100 forces one. */
@@ -822,6 +871,7 @@ static void test_penalties(void **state) {
     assert_same_ids(at(m1, "cake.generated_ids"), pids);
     cJSON_Delete(k1);
     cJSON_Delete(m1);
+    check_repetition(s.port, plain, N);
     cJSON_Delete(plain);
     cJSON_Delete(zero);
     cJSON_Delete(pen);

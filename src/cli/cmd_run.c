@@ -35,6 +35,10 @@ static const char *help =
     "      --min-p P         only tokens at least P times the likeliest's probability (0 = off)\n"
     "      --frequency-penalty F, --presence-penalty F\n"
     "                        OpenAI's penalties on tokens generated so far (-2..2; 0 = off)\n"
+    "      --repeat-penalty R  divide (multiply, when negative) the logits of the last\n"
+    "                        --repeat-last-n tokens, prompt and answer, by R (default 1 = off)\n"
+    "      --repeat-last-n N how many tokens --repeat-penalty looks at (default 64;\n"
+    "                        -1 = all, 0 = off)\n"
     "      --json-mode       the answer is one JSON object (OpenAI's JSON mode)\n"
     "      --json-schema FILE  the answer is a value of the JSON Schema in FILE\n"
     "                        (docs/SERVER.md \"Structured output\")\n"
@@ -60,8 +64,8 @@ typedef struct {
     const char *model, *prompt, *file, *tokens, *store, *dump_logits, *trace, *json_schema;
     cake_mode mode;
     long n_predict, threads, chunk, io_depth;
-    double temp, top_p, min_p, frequency_penalty, presence_penalty;
-    long top_k;
+    double temp, top_p, min_p, frequency_penalty, presence_penalty, repeat_penalty;
+    long top_k, repeat_last_n;
     unsigned long long seed;
     int seed_set, json, json_mode;
     enum cake_kv_type kv_type;
@@ -148,6 +152,8 @@ static int parse_args(int argc, char **argv, run_opts *o) {
                                          {"min-p", required_argument, 0, 'X'},
                                          {"frequency-penalty", required_argument, 0, 'F'},
                                          {"presence-penalty", required_argument, 0, 'E'},
+                                         {"repeat-penalty", required_argument, 0, 1000},
+                                         {"repeat-last-n", required_argument, 0, 1001},
                                          {"seed", required_argument, 0, 's'},
                                          {"threads", required_argument, 0, 'j'},
                                          {"chunk", required_argument, 0, 'c'},
@@ -166,6 +172,8 @@ static int parse_args(int argc, char **argv, run_opts *o) {
     *o = (run_opts){.n_predict = 128,
                     .temp = 0.8,
                     .top_p = 0.95,
+                    .repeat_penalty = 1,
+                    .repeat_last_n = 64,
                     .chunk = 256,
                     .io_depth = CAKE_DEFAULT_IO_DEPTH,
                     .mode = CAKE_MODE_CAKE};
@@ -216,6 +224,17 @@ static int parse_args(int argc, char **argv, run_opts *o) {
                 return cli_error(CLI_USAGE, "run",
                                  "--%s-penalty wants a number in [-2, 2], got '%s'",
                                  c == 'F' ? "frequency" : "presence", optarg);
+            break;
+        case 1000:
+            if (cli_parse_float(optarg, 0.01, 100, &o->repeat_penalty))
+                return cli_error(CLI_USAGE, "run",
+                                 "--repeat-penalty wants a number in [0.01, 100], got '%s'",
+                                 optarg);
+            break;
+        case 1001:
+            if (cli_parse_int(optarg, -1, 1 << 30, &o->repeat_last_n))
+                return cli_error(CLI_USAGE, "run", "--repeat-last-n wants a count >= -1, got '%s'",
+                                 optarg);
             break;
         case 's':
             if (cli_parse_u64(optarg, &o->seed))
@@ -458,7 +477,11 @@ int cmd_run(int argc, char **argv) {
                               .top_k = (int)o.top_k,
                               .min_p = (float)o.min_p,
                               .frequency_penalty = (float)o.frequency_penalty,
-                              .presence_penalty = (float)o.presence_penalty};
+                              .presence_penalty = (float)o.presence_penalty,
+                              .repetition_penalty = o.repeat_last_n ? (float)o.repeat_penalty : 1,
+                              .repeat_last_n = o.repeat_last_n > 0 ? (int)o.repeat_last_n : 0,
+                              .prompt = prompt,
+                              .n_prompt = n_prompt};
     if (o.json_mode || o.json_schema) {
         if (!(json_vocab = cake_json_vocab_new(tok)) ||
             !(grammar =

@@ -1,5 +1,6 @@
 /* Token sampling: greedy, temperature, top-p (nucleus), top-k and min-p,
- * with OpenAI's logit biases and frequency and presence penalties, a
+ * with OpenAI's logit biases and frequency and presence penalties, the
+ * repetition penalty of vLLM and llama.cpp, a
  * grammar's mask (constrain), and a seeded generator so that the same seed
  * and logits give the same tokens. */
 #include <math.h>
@@ -20,7 +21,31 @@ struct cake_sampler {
      * each). */
     int *count, *chosen, n_chosen;
     float *adjusted;
+    /* With a repetition penalty: the prompt and the tokens chosen since
+     * (n_history of cap_history), and per token the step that last
+     * penalized it (so that a token repeated in the window is penalized
+     * once). */
+    cake_token *history;
+    int n_history, cap_history;
+    unsigned *stamp, step;
 };
+
+static int repeats(const cake_sampler *s) {
+    return s->p.repetition_penalty > 0.0f && s->p.repetition_penalty != 1.0f;
+}
+
+/* Appends t to the history; 0 when there is no room for it. */
+static int remember(cake_sampler *s, cake_token t) {
+    if (s->n_history == s->cap_history) {
+        const int cap = s->cap_history ? 2 * s->cap_history : 64;
+        cake_token *h = realloc(s->history, (size_t)cap * sizeof(*h));
+        if (!h) return 0;
+        s->history = h;
+        s->cap_history = cap;
+    }
+    s->history[s->n_history++] = t;
+    return 1;
+}
 
 /* splitmix64: small, fast, good enough for sampling, identical everywhere. */
 static uint64_t next_u64(uint64_t *s) {
@@ -47,6 +72,19 @@ cake_sampler *cake_sampler_init(cake_sampler_params p) {
         for (int i = 0; i < p.n_logit_bias; i++) s->bias[i] = p.logit_bias[i];
     }
     s->p.logit_bias = s->bias;
+    if (repeats(s)) {
+        /* (only the window's worth of the prompt is ever looked at) */
+        int from = 0;
+        if (p.repeat_last_n > 0 && p.n_prompt > p.repeat_last_n)
+            from = p.n_prompt - p.repeat_last_n;
+        for (int i = from; i < p.n_prompt; i++)
+            if (!remember(s, p.prompt[i])) {
+                cake_sampler_free(s);
+                return NULL;
+            }
+    }
+    s->p.prompt = NULL;
+    s->p.n_prompt = 0;
     return s;
 }
 
@@ -58,6 +96,8 @@ void cake_sampler_free(cake_sampler *s) {
     free(s->chosen);
     free(s->adjusted);
     free(s->bias);
+    free(s->history);
+    free(s->stamp);
     free(s);
 }
 
@@ -219,27 +259,49 @@ static cake_token choose(cake_sampler *s, const float *logits, int n) {
  * memory for them (then they are not). */
 static const float *adjust(cake_sampler *s, const float *logits, int n) {
     const int penalties = s->p.frequency_penalty != 0.0f || s->p.presence_penalty != 0.0f;
-    if (!penalties && !s->p.n_logit_bias && !s->p.constrain) return NULL;
+    const int repeat = repeats(s);
+    if (!penalties && !repeat && !s->p.n_logit_bias && !s->p.constrain) return NULL;
     if (!s->adjusted) {
         s->adjusted = malloc((size_t)n * sizeof(*s->adjusted));
         if (penalties) {
             s->count = calloc((size_t)n, sizeof(*s->count));
             s->chosen = malloc((size_t)n * sizeof(*s->chosen));
         }
-        if (!s->adjusted || (penalties && (!s->count || !s->chosen))) {
+        if (repeat) s->stamp = calloc((size_t)n, sizeof(*s->stamp));
+        if (!s->adjusted || (penalties && (!s->count || !s->chosen)) || (repeat && !s->stamp)) {
             free(s->adjusted);
             free(s->count);
             free(s->chosen);
+            free(s->stamp);
             s->adjusted = NULL;
             s->count = s->chosen = NULL;
+            s->stamp = NULL;
             return NULL;
         }
     }
-    if (!s->p.n_logit_bias && !s->n_chosen && !s->p.constrain) return NULL;
+    if (!s->p.n_logit_bias && !s->n_chosen && !s->n_history && !s->p.constrain) return NULL;
     for (int i = 0; i < n; i++) s->adjusted[i] = logits[i];
     for (int k = 0; k < s->p.n_logit_bias; k++)
         if (s->p.logit_bias[k].id >= 0 && s->p.logit_bias[k].id < n)
             s->adjusted[s->p.logit_bias[k].id] += s->p.logit_bias[k].bias;
+    if (s->n_history) {
+        /* each token in the window once (a fresh stamp per step; the stamps
+         * start again from zero when the counter wraps) */
+        if (++s->step == 0) {
+            for (int i = 0; i < n; i++) s->stamp[i] = 0;
+            s->step = 1;
+        }
+        const float r = s->p.repetition_penalty;
+        int from = 0;
+        if (s->p.repeat_last_n > 0 && s->n_history > s->p.repeat_last_n)
+            from = s->n_history - s->p.repeat_last_n;
+        for (int k = from; k < s->n_history; k++) {
+            const int t = s->history[k];
+            if (t < 0 || t >= n || s->stamp[t] == s->step) continue;
+            s->stamp[t] = s->step;
+            s->adjusted[t] = s->adjusted[t] > 0.0f ? s->adjusted[t] / r : s->adjusted[t] * r;
+        }
+    }
     for (int k = 0; k < s->n_chosen; k++) {
         const int t = s->chosen[k];
         s->adjusted[t] -= (float)s->count[t] * s->p.frequency_penalty + s->p.presence_penalty;
@@ -252,6 +314,8 @@ cake_token cake_sampler_sample(cake_sampler *s, const float *logits, int n) {
     const float *p = adjust(s, logits, n);
     const cake_token t = choose(s, p ? p : logits, n);
     if (s->count && t >= 0 && t < n && s->count[t]++ == 0) s->chosen[s->n_chosen++] = t;
+    /* (out of memory: the token is left out of the window) */
+    if (repeats(s)) remember(s, t);
     if (s->p.accept) s->p.accept(s->p.constrain_ud, t);
     return t;
 }

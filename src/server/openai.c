@@ -88,11 +88,26 @@ static int unsupported(const cJSON *o, char *err, size_t errlen) {
             continue;
         return cake_err(err, errlen, "'%s' is not supported", keys[i]);
     }
-    const cJSON *rp = field(o, "repetition_penalty");
-    if (rp && !(cJSON_IsNumber(rp) && rp->valuedouble == 1))
+    return 0;
+}
+
+/* The repetition penalty, as vLLM's repetition_penalty (over the whole
+ * prompt and answer) or as llama.cpp's repeat_penalty (over the last
+ * repeat_last_n tokens of them: 64 unless told, -1 all, 0 off). */
+static int repetition_asked(const cJSON *o, float *penalty, int *last_n, char *err, size_t errlen) {
+    double vllm = 1, llama = 1, n = -2;
+    if (num_field(o, "repetition_penalty", 0.01, 100, &vllm, err, errlen) ||
+        num_field(o, "repeat_penalty", 0.01, 100, &llama, err, errlen) ||
+        int_field(o, "repeat_last_n", -1, 1 << 30, &n, err, errlen))
+        return -1;
+    const int llama_style = field(o, "repeat_penalty") != NULL;
+    if (llama_style && field(o, "repetition_penalty"))
         return cake_err(err, errlen,
-                        "'repetition_penalty' is not supported (use "
-                        "'frequency_penalty' or 'presence_penalty')");
+                        "'repetition_penalty' (vLLM's) and 'repeat_penalty' (llama.cpp's) are "
+                        "the same penalty: give one");
+    if (n == -2) n = llama_style ? 64 : -1;
+    *penalty = n == 0 ? 1.0f : (float)(llama_style ? llama : vllm);
+    *last_n = n < 0 ? 0 : (int)n;
     return 0;
 }
 
@@ -641,12 +656,14 @@ int api_parse(const char *body, size_t len, int chat, const api_model *m, serve_
     cake_token eot = -1;
     double max_tokens = -1, temperature = 1, top_p = 1, seed = -1, frequency = 0, presence = 0,
            top_k = 0, min_p = 0, choices = 1;
-    int rc = -1, ignore_eos = 0, top_logprobs = -1, json = 0;
+    int rc = -1, ignore_eos = 0, top_logprobs = -1, json = 0, repeat_last_n = 0;
+    float repetition = 1;
     json_schema *schema = NULL;
     request_tools rt = {0};
     if (unsupported(o, err, errlen) || tools_asked(o, chat, &rt, err, errlen) ||
         logprobs_asked(o, chat, &top_logprobs, err, errlen) ||
         json_asked(o, &json, &schema, err, errlen) ||
+        repetition_asked(o, &repetition, &repeat_last_n, err, errlen) ||
         bool_field(o, "stream", &shape->stream, err, errlen) ||
         bool_field(o, "ignore_eos", &ignore_eos, err, errlen) ||
         int_field(o, "max_tokens", 1, 1 << 30, &max_tokens, err, errlen) ||
@@ -698,7 +715,9 @@ int api_parse(const char *body, size_t len, int chat, const api_model *m, serve_
                                         .min_p = (float)min_p,
                                         .seed = seed >= 0 ? (uint64_t)seed : fresh_seed(),
                                         .frequency_penalty = (float)frequency,
-                                        .presence_penalty = (float)presence};
+                                        .presence_penalty = (float)presence,
+                                        .repetition_penalty = repetition,
+                                        .repeat_last_n = repeat_last_n};
     j->end_of_turn = eot;
     /* a thinking model's chat: its reasoning is read apart */
     j->reasoning = chat && cake_tokenizer_find(m->tok, "<think>", 7) >= 0 &&

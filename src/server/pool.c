@@ -302,6 +302,8 @@ static void run_job(slot *s, serve_job *j) {
     int max = j->max_tokens;
     if (max > p->n_ctx - j->n_prompt) max = p->n_ctx - j->n_prompt;
     cake_sampler_params sampling = j->sampling;
+    sampling.prompt = j->prompt; /* (for the repetition penalty) */
+    sampling.n_prompt = j->n_prompt;
     /* JSON output; or with tools (auto), each call from its tag on */
     const cake_json_node *root = j->schema ? json_schema_root(j->schema) : NULL;
     const chat_call_syntax *calls = j->call_format ? chat_calls(j->call_format) : NULL;
