@@ -74,6 +74,10 @@ typedef struct {
     int n_experts;
     int n_experts_used;
     bool experts_norm; /* the picked experts' weights are scaled to sum to 1 */
+    /* qwen2moe: a shared expert of this width that every token goes
+     * through besides its picked ones, its output scaled by a sigmoid
+     * gate; 0 = none */
+    int shared_ffn_dim;
 } cake_hparams;
 
 /* ---- model ---- */

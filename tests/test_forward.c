@@ -579,6 +579,11 @@ static double *reference_logits(const char *path, const cake_token *prompt, int 
     uint32_t n_exp = 0, n_used = 0; /* experts: their width may have a key of its own */
     cake_gguf_get_u32(g, KEY("expert_count"), &n_exp, err, sizeof(err));
     cake_gguf_get_u32(g, KEY("expert_used_count"), &n_used, err, sizeof(err));
+    uint32_t shared = 0; /* qwen2moe's shared expert (as wide as the dense FFN unless told) */
+    if (arch.len == 8 && !memcmp(arch.ptr, "qwen2moe", 8)) {
+        shared = ffn;
+        cake_gguf_get_u32(g, KEY("expert_shared_feed_forward_length"), &shared, err, sizeof(err));
+    }
     cake_gguf_get_u32(g, KEY("expert_feed_forward_length"), &ffn, err, sizeof(err));
     cake_gguf_get_f32(g, KEY("rope.scaling.attn_factor"), &attn_factor, err, sizeof(err));
     /* Gemma 3: a window on five layers in six, which turn RoPE at theta
@@ -599,8 +604,9 @@ static double *reference_logits(const char *path, const cake_token *prompt, int 
     double *q = malloc(qd * sizeof(double)), *o = malloc(qd * sizeof(double));
     double *k = malloc((size_t)n * kvd * sizeof(double)),
            *v = malloc((size_t)n * kvd * sizeof(double));
-    double *gate = malloc(ffn * sizeof(double)), *up = malloc(ffn * sizeof(double)),
-           *tmp = malloc((dim > ffn ? dim : ffn) * sizeof(double));
+    const uint32_t wide = ffn > shared ? ffn : shared;
+    double *gate = malloc(wide * sizeof(double)), *up = malloc(wide * sizeof(double)),
+           *tmp = malloc((dim > wide ? dim : wide) * sizeof(double));
     double *sc = malloc((size_t)n * sizeof(double));
     const float *embd = f32_tensor(&w, -1, "token_embd.weight");
     for (int t = 0; t < n; t++)
@@ -672,12 +678,14 @@ static double *reference_logits(const char *path, const cake_token *prompt, int 
                 continue;
             }
             /* experts (llama.cpp's build_moe_ffn, softmax gating, weights
-             * normalized): the router (f32) picks the n_used likeliest */
+             * normalized but in qwen2moe): the router (f32) picks the
+             * n_used likeliest */
             double prob[64], picked = 0;
             int pick[64];
             assert_true(n_exp <= 64);
             ref_linear(prob, f32_tensor(&w, L, "ffn_gate_inp.weight"), NULL, xn, dim, n_exp, false);
-            for (uint32_t e = 0; e < n_exp; e++) prob[e] = exp(prob[e]);
+            double sum_all = 0;
+            for (uint32_t e = 0; e < n_exp; e++) sum_all += prob[e] = exp(prob[e]);
             for (uint32_t u = 0; u < n_used; u++) {
                 pick[u] = -1;
                 for (int e = 0; e < (int)n_exp; e++) {
@@ -697,8 +705,22 @@ static double *reference_logits(const char *path, const cake_token *prompt, int 
                 for (uint32_t i = 0; i < ffn; i++) gate[i] = gate[i] / (1 + exp(-gate[i])) * up[i];
                 ref_linear(tmp, f32_tensor(&w, L, "ffn_down_exps.weight") + e * mat, NULL, gate,
                            ffn, dim, quantized(g, L, "ffn_down_exps.weight"));
-                for (uint32_t i = 0; i < dim; i++) xt[i] += prob[e] / picked * tmp[i];
+                for (uint32_t i = 0; i < dim; i++)
+                    xt[i] += prob[e] / (shared ? sum_all : picked) * tmp[i];
             }
+            if (!shared) continue;
+            /* qwen2moe's shared expert, times sigmoid(xn . gate_inp_shexp) */
+            const float *sg = f32_tensor(&w, L, "ffn_gate_inp_shexp.weight");
+            double s = 0;
+            for (uint32_t i = 0; i < dim; i++) s += xn[i] * sg[i];
+            s = 1 / (1 + exp(-s));
+            ref_linear(gate, f32_tensor(&w, L, "ffn_gate_shexp.weight"), NULL, xn, dim, shared,
+                       w.q8_0);
+            ref_linear(up, f32_tensor(&w, L, "ffn_up_shexp.weight"), NULL, xn, dim, shared, w.q8_0);
+            for (uint32_t i = 0; i < shared; i++) gate[i] = gate[i] / (1 + exp(-gate[i])) * up[i];
+            ref_linear(tmp, f32_tensor(&w, L, "ffn_down_shexp.weight"), NULL, gate, shared, dim,
+                       w.q8_0);
+            for (uint32_t i = 0; i < dim; i++) xt[i] += s * tmp[i];
         }
     }
     ref_rmsnorm(xn, x + (size_t)(n - 1) * dim, f32_tensor(&w, -1, "output_norm.weight"), dim, eps);
@@ -870,6 +892,47 @@ static void test_experts(void **state) {
     free(plain);
     free(qwen_logits);
     unlink(qwen);
+    unlink(q8);
+    unlink(base);
+}
+
+static int shared_q8_0(const char *name, int type) {
+    return strstr(name, "shexp") ? CAKE_DTYPE_Q8_0 : type;
+}
+
+/* qwen2moe (Qwen1.5-MoE, Qwen2-57B-A14B): qwen2's attention (biases, NeoX
+ * RoPE), experts whose weights are the router's probabilities as they are
+ * (not scaled to sum to 1), and a shared expert every token goes through,
+ * scaled by sigmoid(x . gate): copies of tiny-moe (f32, and Q8_0 with the
+ * shared expert Q8_0 too) against the reference; chunk invariance; the
+ * CUDA backend refuses. */
+static void test_qwen2moe(void **state) {
+    (void)state;
+    char base[64], q8[64], qwen[96], qwen_q8[96];
+    assert_int_equal(test_make_model("tiny-moe", "f32", base), 0);
+    assert_int_equal(test_make_model("tiny-moe", "q8_0", q8), 0);
+    snprintf(qwen, sizeof(qwen), "%s.qwen2moe", base);
+    snprintf(qwen_q8, sizeof(qwen_q8), "%s.qwen2moe", q8);
+    write_variant(base, qwen,
+                  &(test_model_variant){.qwen2 = true, .bias = 0.05f, .shared_expert = 160});
+    write_variant(q8, qwen_q8,
+                  &(test_model_variant){
+                      .qwen2 = true, .bias = 0.05f, .shared_expert = 64, .retype = shared_q8_0});
+    cake_hparams hp;
+    free(check_vs_reference(qwen, "qwen2moe", &hp));
+    assert_true(hp.n_experts == 8 && hp.ffn_dim == 96 && hp.shared_ffn_dim == 160);
+    assert_true(!hp.experts_norm && hp.rope_neox && hp.qkv_bias);
+    free(check_vs_reference(qwen_q8, "qwen2moe q8_0", &hp));
+    assert_int_equal(hp.shared_ffn_dim, 64);
+    check_file_chunk_invariance(qwen, 100, 4);
+    check_file_chunk_invariance(qwen_q8, 100, 4);
+    cake_model *m = NULL;
+    char err[256];
+    assert_int_equal(cake_model_load(qwen, &m, err, sizeof(err)), 0);
+    assert_cuda_refuses(m, "mixture-of-experts");
+    cake_model_free(m);
+    unlink(qwen);
+    unlink(qwen_q8);
     unlink(q8);
     unlink(base);
 }
@@ -1743,6 +1806,7 @@ int main(void) {
         cmocka_unit_test(test_qwen3_reference),
         cmocka_unit_test(test_wide_heads),
         cmocka_unit_test(test_experts),
+        cmocka_unit_test(test_qwen2moe),
         cmocka_unit_test(test_phi3),
         cmocka_unit_test(test_gemma3),
         cmocka_unit_test(test_gemma2),

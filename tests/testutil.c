@@ -78,13 +78,15 @@ typedef struct {
     const cake_gguf *g;
     const test_model_variant *v;
     int head_dim;
-    const uint64_t *src;  /* tensor i of the copy is the source's src[i] */
-    const uint64_t *part; /* its part[i]-th matrix (split_experts), else 0 */
-    const int *fused;     /* phi3: 1 attn_qkv (src: attn_q), 2 ffn_up of gate and up (src: gate) */
-    uint64_t n_src;       /* how many of the source's are copied */
-    uint64_t n_rope;      /* rope factor tensors after them */
-    uint64_t n_bias;      /* bias tensors after those */
-    uint64_t n_qk_norms;  /* q/k norm tensors after those (then Gemma's post norms) */
+    const uint64_t *src;   /* tensor i of the copy is the source's src[i] */
+    const uint64_t *part;  /* its part[i]-th matrix (split_experts), else 0 */
+    const int *fused;      /* phi3: 1 attn_qkv (src: attn_q), 2 ffn_up of gate and up (src: gate) */
+    uint64_t n_src;        /* how many of the source's are copied */
+    uint64_t n_rope;       /* rope factor tensors after them */
+    uint64_t n_bias;       /* bias tensors after those */
+    uint64_t n_qk_norms;   /* q/k norm tensors after those (then Gemma's post norms) */
+    uint64_t first_shared; /* the shared experts' tensors from here on (4 a layer) */
+    int dim, shared;       /* their sizes */
 } variant_fill;
 
 static bool name_ends(cake_gguf_str name, const char *suffix) {
@@ -151,6 +153,28 @@ static const cake_gguf_tensor *sibling(const cake_gguf *g, const cake_gguf_tenso
     return cake_gguf_find_tensor(g, name);
 }
 
+/* The shared expert's tensor i (gate_inp, gate, up, down a layer): values
+ * of a seeded generator, uniform in +-1/sqrt(n_in), into buf as F32 or as
+ * retype's type. */
+static int fill_shared(const variant_fill *f, uint64_t i, void *buf) {
+    const int k = (int)((i - f->first_shared) % 4);
+    const size_t n_in = (size_t)(k == 3 ? f->shared : f->dim);
+    const size_t n = k == 0 ? n_in : n_in * (size_t)(k == 3 ? f->dim : f->shared);
+    const int type = k && f->v->retype ? f->v->retype("ffn_shexp", CAKE_DTYPE_F32) : CAKE_DTYPE_F32;
+    float *x = type == CAKE_DTYPE_F32 ? buf : malloc(n * sizeof(float));
+    if (!x) return -1;
+    uint64_t s = 0x5eed0000u + i;
+    for (size_t j = 0; j < n; j++) {
+        s = s * 6364136223846793005ull + 1442695040888963407ull;
+        x[j] = ((float)(s >> 40) / 16777216.0f * 2 - 1) / sqrtf((float)n_in);
+    }
+    if (type != CAKE_DTYPE_F32) {
+        test_quantize_row(type, x, n, buf);
+        free(x);
+    }
+    return 0;
+}
+
 /* Tensor i of the copy: the source's (q/k rows reordered for qwen2; without
  * output.weight when tied; q/k/v and gate/up fused for phi3), then
  * rope_freqs.weight and LongRoPE's factors, then the biases, then the q/k
@@ -159,6 +183,7 @@ static int fill_variant(uint64_t i, void *buf, uint64_t nbytes, void *ctx) {
     const variant_fill *f = ctx;
     const test_model_variant *v = f->v;
     const uint64_t n_src = f->n_src, first_norm = n_src + f->n_rope + f->n_bias;
+    if (i >= f->first_shared) return fill_shared(f, i, buf);
     if (i >= first_norm) { /* q/k norms, then Gemma's post norms */
         const float spread = i >= first_norm + f->n_qk_norms ? 0.25f : v->qk_norm;
         for (uint64_t j = 0; j < nbytes / 4; j++)
@@ -296,10 +321,12 @@ int test_write_variant(const char *src, const char *dst, const test_model_varian
     (void)cake_gguf_get_u32(g, "llama.expert_count", &n_experts, err, errlen);
     (void)cake_gguf_get_u32(g, "llama.feed_forward_length", &ffn, err, errlen);
     const bool moe = v->qwen2 && v->qk_norm != 0 && n_experts > 0;
+    const bool qwen2moe = v->qwen2 && v->shared_expert > 0 && n_experts > 0 && !moe;
     const char *arch = !v->qwen2         ? "llama"
                        : v->gemma        ? (v->gemma == 2 ? "gemma2" : "gemma3")
                        : v->phi3         ? "phi3"
                        : moe             ? "qwen3moe"
+                       : qwen2moe        ? "qwen2moe"
                        : v->qk_norm != 0 ? "qwen3"
                                          : "qwen2";
     cake_gguf_writer *w = cake_gguf_writer_init();
@@ -318,7 +345,8 @@ int test_write_variant(const char *src, const char *dst, const test_model_varian
             cake_gguf_writer_add_u32(w, key, (uint32_t)v->rope_dims);
         else if (key && v->rope_base != 0 && kl > 15 && !strcmp(key + kl - 15, ".rope.freq_base"))
             cake_gguf_writer_add_f32(w, key, v->rope_base);
-        else if (key && moe && !strcmp(key, "qwen3moe.feed_forward_length"))
+        else if (key && (moe || qwen2moe) && kl > 20 &&
+                 !strcmp(key + kl - 20, ".feed_forward_length"))
             cake_gguf_writer_add_u32(w, key, 6 * ffn); /* a dense width the experts do not use */
         else if (key && v->special_tokens &&
                  (!strcmp(key, "tokenizer.ggml.tokens") ||
@@ -328,8 +356,14 @@ int test_write_variant(const char *src, const char *dst, const test_model_varian
             rc = cake_err(err, errlen, "%s: key %s could not be copied", src, key ? key : "?");
         free(key);
     }
-    if (!rc && moe) /* qwen3moe's experts' width */
-        cake_gguf_writer_add_u32(w, "qwen3moe.expert_feed_forward_length", ffn);
+    if (!rc && (moe || qwen2moe)) { /* the experts' width */
+        char key[64];
+        snprintf(key, sizeof(key), "%s.expert_feed_forward_length", arch);
+        cake_gguf_writer_add_u32(w, key, ffn);
+    }
+    if (!rc && qwen2moe)
+        cake_gguf_writer_add_u32(w, "qwen2moe.expert_shared_feed_forward_length",
+                                 (uint32_t)v->shared_expert);
     if (!rc && v->phi3) {
         cake_gguf_writer_add_u32(w, "phi3.attention.sliding_window", v->sliding_window);
         if (v->long_factors)
@@ -442,11 +476,34 @@ int test_write_variant(const char *src, const char *dst, const test_model_varian
             const uint64_t ne[1] = {dim};
             cake_gguf_writer_add_tensor(w, name, CAKE_DTYPE_F32, 1, ne);
         }
+    for (uint32_t l = 0; !rc && qwen2moe && l < n_layers; l++) {
+        static const char *const which[] = {"gate_inp", "gate", "up", "down"};
+        const uint64_t sh = (uint64_t)v->shared_expert;
+        for (int k = 0; k < 4; k++) {
+            char name[64];
+            snprintf(name, sizeof(name), "blk.%u.ffn_%s_shexp.weight", l, which[k]);
+            const uint64_t ne[2] = {k == 3 ? sh : dim, k == 0 ? 1 : k == 3 ? dim : sh};
+            const int type =
+                k && v->retype ? v->retype("ffn_shexp", CAKE_DTYPE_F32) : CAKE_DTYPE_F32;
+            cake_gguf_writer_add_tensor(w, name, type, 2, ne);
+        }
+    }
     const uint64_t n_bias = v->bias != 0 ? 3 * (uint64_t)n_layers : 0;
     const uint64_t n_rope = (v->rope_factors != NULL) + 2 * (v->long_factors != NULL);
     const uint64_t n_qk_norms = v->qwen2 && v->qk_norm != 0 ? 2 * (uint64_t)n_layers : 0;
-    variant_fill fill = {g,     v,        (int)head_dim, copied, part,
-                         fused, n_copied, n_rope,        n_bias, n_qk_norms};
+    variant_fill fill = {g,
+                         v,
+                         (int)head_dim,
+                         copied,
+                         part,
+                         fused,
+                         n_copied,
+                         n_rope,
+                         n_bias,
+                         n_qk_norms,
+                         qwen2moe ? n_copied + n_rope + n_bias + n_qk_norms : UINT64_MAX,
+                         (int)dim,
+                         v->shared_expert};
     if (!rc) rc = cake_gguf_writer_write_file(w, dst, fill_variant, &fill, err, errlen);
     free(copied);
     free(part);

@@ -83,6 +83,10 @@ typedef struct {
     /* each expert's matrix as a tensor of its own (blk.L.ffn_gate.E.weight,
      * as older Mixtral conversions have them), not with other changes */
     bool split_experts;
+    /* with qwen2 (not qk_norm) and a source with experts: a qwen2moe copy
+     * with a shared expert this wide (random F32 matrices, or retype's type;
+     * its gate a [dim, 1] F32 row) and the key expert_shared_feed_forward_length */
+    int shared_expert;
 } test_model_variant;
 
 /* Copies the GGUF at src (a llama model with the key types `cake mkmodel`

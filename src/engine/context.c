@@ -137,7 +137,9 @@ int cake_context_init(const cake_model *m, cake_context_params p, cake_context *
         goto fail;
     }
     const size_t T = (size_t)p.max_batch, dim = (size_t)hp->dim, q_dim = (size_t)hp->q_dim,
-                 kv_dim = (size_t)hp->n_kv_heads * (size_t)hp->head_dim, ffn = (size_t)hp->ffn_dim;
+                 kv_dim = (size_t)hp->n_kv_heads * (size_t)hp->head_dim,
+                 ffn =
+                     (size_t)(hp->shared_ffn_dim > hp->ffn_dim ? hp->shared_ffn_dim : hp->ffn_dim);
     if (cake_kv_cache_init(&c->kv, hp->n_layers, p.n_ctx, hp->n_kv_heads, hp->head_dim, p.kv_type,
                            err, errlen))
         goto fail;

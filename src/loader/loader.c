@@ -257,13 +257,15 @@ static double keys_seen(int pos0, int n, int window) {
 double cake_chunk_flops(const cake_hparams *hp, int pos0, int n) {
     const double q = (double)hp->n_heads * hp->head_dim, kv = (double)hp->n_kv_heads * hp->head_dim;
     /* Per token: the matmuls (q, k, v, o, gate, up, down; with experts the
-     * router and the picked experts' three), then attention (QK and PV) over
+     * router and the picked experts' three, and the shared expert's and its
+     * gate), then attention (QK and PV) over
      * the keys 0..p for the token at position p (its window's, in the
      * layers with one). */
     const double ffns = hp->n_experts ? hp->n_experts_used : 1;
     const double per_token = 2.0 * hp->n_layers *
                              (hp->dim * (2 * q + 2 * kv) + 3.0 * hp->dim * hp->ffn_dim * ffns +
-                              (double)hp->dim * hp->n_experts);
+                              (double)hp->dim * hp->n_experts +
+                              (3.0 * hp->shared_ffn_dim + 1) * hp->dim * (hp->shared_ffn_dim > 0));
     int windowed = 0;
     for (int l = 0; hp->sliding_window && l < hp->n_layers; l++)
         windowed += !hp->swa_pattern || l % hp->swa_pattern < hp->swa_pattern - 1;

@@ -8,7 +8,8 @@
  * converter permutes Llama's q/k rows so that adjacent pairs work, but not
  * Qwen2's. Optional q/k/v biases are taken on either, as llama.cpp does.
  * `qwen3` adds per-head q/k norms; `qwen3moe` is qwen3 with a mixture of
- * experts in place of the FFN, which llama files may have too (Mixtral).
+ * experts in place of the FFN, which llama files may have too (Mixtral);
+ * `qwen2moe` is qwen2 with experts and a gated shared expert.
  * `phi3` keeps q/k/v and gate/up in one tensor each (read as row views),
  * with LongRoPE and a sliding window; `gemma2` and `gemma3` add embedding
  * scaling, GELU, post-norms, windowed layers and (Gemma 2) soft caps. */
@@ -194,8 +195,13 @@ static float *load_norm(const cake_gguf *g, const char *name, int n, char *err, 
         cake_err(err, errlen, "tensor '%s' is missing", name);
         return NULL;
     }
-    if (t->n_dims != 1 || t->ne[0] != (uint64_t)n || !is_float_dtype(t->type)) {
-        cake_err(err, errlen, "tensor '%s': expected an F32/F16/BF16 vector of %d, got %s [%llu]",
+    /* (a vector may be a matrix of one row, as a linear layer to one
+     * output converts: qwen2moe's shared expert gate) */
+    const bool row = t->n_dims == 1 || (t->n_dims == 2 && t->ne[1] == 1);
+    if (!row || t->ne[0] != (uint64_t)n ||
+        !(is_float_dtype(t->type) || cake_dequant_supported(t->type))) {
+        cake_err(err, errlen,
+                 "tensor '%s': expected a vector of %d (" CAKE_WEIGHT_DTYPES "), got %s [%llu]",
                  name, n, cake_dtype_name(t->type), (unsigned long long)t->ne[0]);
         return NULL;
     }
@@ -203,6 +209,10 @@ static float *load_norm(const cake_gguf *g, const char *name, int n, char *err, 
     if (!v) {
         cake_err(err, errlen, "out of memory");
         return NULL;
+    }
+    if (cake_dequant_supported(t->type)) {
+        cake_dequant_to_f32(t->type, t->data, 0, v, (size_t)n);
+        return v;
     }
     for (int i = 0; i < n; i++) {
         if (t->type == CAKE_DTYPE_F32) {
@@ -225,13 +235,14 @@ static int read_hparams(const cake_gguf *g, cake_hparams *hp, int *orig_ctx, cha
     int rc = cake_gguf_get_str(g, "general.architecture", &arch, err, errlen);
     if (rc == -1) return cake_err(err, errlen, "missing metadata key 'general.architecture'");
     if (rc < 0) return -1;
-    const bool moe_arch = str_eq(arch, "qwen3moe"), phi3 = str_eq(arch, "phi3"),
-               gemma2 = str_eq(arch, "gemma2"), gemma3 = str_eq(arch, "gemma3");
+    const bool qwen2moe = str_eq(arch, "qwen2moe"), moe_arch = qwen2moe || str_eq(arch, "qwen3moe"),
+               phi3 = str_eq(arch, "phi3"), gemma2 = str_eq(arch, "gemma2"),
+               gemma3 = str_eq(arch, "gemma3");
     if (!str_eq(arch, "llama") && !str_eq(arch, "qwen2") && !str_eq(arch, "qwen3") && !moe_arch &&
         !phi3 && !gemma2 && !gemma3)
         return cake_err(err, errlen,
                         "architecture '%.*s' is not supported ('llama', 'qwen2', 'qwen3', "
-                        "'qwen3moe', 'phi3', 'gemma2' and 'gemma3' are)",
+                        "'qwen2moe', 'qwen3moe', 'phi3', 'gemma2' and 'gemma3' are)",
                         (int)(arch.len > 64 ? 64 : arch.len), arch.ptr);
     /* qwen2, qwen3 and phi3 files keep the NeoX pairing (llama.cpp's
      * converter permutes only llama's q/k rows); qwen3 adds per-head q/k
@@ -250,9 +261,13 @@ static int read_hparams(const cake_gguf *g, cake_hparams *hp, int *orig_ctx, cha
         get_u32_in(g, KEY("context_length"), 1, 0, 1, 1 << 24, &hp->n_ctx_train, err, errlen))
         return -1;
     /* Experts: llama files may have them (Mixtral: feed_forward_length is
-     * an expert's width); qwen3moe always does, its experts' width under its
-     * own key. Both scale the picked experts' weights to sum to 1
-     * (llama.cpp's build_moe_ffn with norm_w, as Qwen3-MoE's norm_topk_prob). */
+     * an expert's width); qwen2moe and qwen3moe always do, their experts'
+     * width under its own key. llama and qwen3moe scale the picked experts'
+     * weights to sum to 1 (llama.cpp's build_moe_ffn with norm_w, as
+     * Qwen3-MoE's norm_topk_prob), qwen2moe does not (Qwen1.5-MoE, Qwen2-57B-
+     * A14B: norm_topk_prob false), and adds a shared expert, as wide as the
+     * dense FFN unless its key says otherwise (as llama.cpp reads it). */
+    const int dense_ffn = hp->ffn_dim;
     if (get_u32_in(g, KEY("expert_count"), moe_arch, 0, 0, 1024, &hp->n_experts, err, errlen) ||
         get_u32_in(g, KEY("expert_used_count"), hp->n_experts > 0, 0, hp->n_experts ? 1 : 0,
                    (uint32_t)hp->n_experts, &hp->n_experts_used, err, errlen) ||
@@ -260,8 +275,12 @@ static int read_hparams(const cake_gguf *g, cake_hparams *hp, int *orig_ctx, cha
                    &hp->ffn_dim, err, errlen))
         return -1;
     if (moe_arch && !hp->n_experts)
-        return cake_err(err, errlen, "%s is 0: a qwen3moe model has experts", KEY("expert_count"));
-    hp->experts_norm = hp->n_experts > 0;
+        return cake_err(err, errlen, "%s is 0: a %.*s model has experts", KEY("expert_count"),
+                        (int)arch.len, arch.ptr);
+    hp->experts_norm = hp->n_experts > 0 && !qwen2moe;
+    if (qwen2moe && get_u32_in(g, KEY("expert_shared_feed_forward_length"), 0, (uint32_t)dense_ffn,
+                               1, 1 << 20, &hp->shared_ffn_dim, err, errlen))
+        return -1;
     if (hp->n_heads % hp->n_kv_heads)
         return cake_err(err, errlen, "head_count %d is not a multiple of head_count_kv %d",
                         hp->n_heads, hp->n_kv_heads);
@@ -417,7 +436,7 @@ static double *rope_frequencies(const cake_gguf *g, const cake_hparams *hp, int 
  * v, o, then gate, up and down, or the router and the experts' matrices;
  * then the output. */
 static int layer_matmuls(const cake_hparams *hp) {
-    return 4 + (hp->n_experts ? 1 + 3 * hp->n_experts : 3);
+    return 4 + (hp->n_experts ? 1 + 3 * hp->n_experts + (hp->shared_ffn_dim ? 3 : 0) : 3);
 }
 
 static int n_matmul_weights(const cake_model *m) {
@@ -429,7 +448,10 @@ static cake_weight *matmul_weight(cake_model *m, int i) {
     if (i == m->hp.n_layers * per_layer) return &m->output;
     cake_layer *L = &m->layers[i / per_layer];
     i %= per_layer;
-    if (m->hp.n_experts && i >= 4) return i == 4 ? &L->router : &L->expert[i - 5];
+    if (m->hp.n_experts && i >= 4)
+        return i == 4                        ? &L->router
+               : i - 5 < 3 * m->hp.n_experts ? &L->expert[i - 5]
+                                             : &L->shared[i - 5 - 3 * m->hp.n_experts];
     cake_weight *lw[] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->w_gate, &L->w_up, &L->w_down};
     return lw[i];
 }
@@ -597,6 +619,7 @@ static void free_layers(cake_model *m) {
         free(m->layers[l].q_norm);
         free(m->layers[l].k_norm);
         free(m->layers[l].expert);
+        free(m->layers[l].shared_gate);
         free(m->layers[l].post_attn_norm);
         free(m->layers[l].post_ffn_norm);
     }
@@ -683,6 +706,16 @@ int cake_model_load(const char *path, cake_model **out, char *err, size_t errlen
                    find_experts(g, l, "gate", dim, ffn, ne, L->expert, why, sizeof(why)) ||
                    find_experts(g, l, "up", dim, ffn, ne, L->expert + 1, why, sizeof(why)) ||
                    find_experts(g, l, "down", ffn, dim, ne, L->expert + 2, why, sizeof(why))))
+            goto fail_why;
+        const int sh = hp->shared_ffn_dim;
+        if (sh && (find_weight(g, LAYER_NAME("ffn_gate_shexp.weight"), dim, sh, 0, &L->shared[0],
+                               why, sizeof(why)) ||
+                   find_weight(g, LAYER_NAME("ffn_up_shexp.weight"), dim, sh, 0, &L->shared[1], why,
+                               sizeof(why)) ||
+                   find_weight(g, LAYER_NAME("ffn_down_shexp.weight"), sh, dim, 0, &L->shared[2],
+                               why, sizeof(why)) ||
+                   !(L->shared_gate = load_norm(g, LAYER_NAME("ffn_gate_inp_shexp.weight"), dim,
+                                                why, sizeof(why)))))
             goto fail_why;
         int failed = 0;
         L->bq = load_bias(g, LAYER_NAME("attn_q.bias"), q_dim, &failed, why, sizeof(why));
@@ -808,6 +841,7 @@ static void compute_fingerprint(void) {
         hash_u64(st, (uint64_t)hp->n_experts);
         hash_u64(st, (uint64_t)hp->n_experts_used);
         hash_u64(st, hp->experts_norm);
+        if (hp->shared_ffn_dim) hash_u64(st, (uint64_t)hp->shared_ffn_dim);
     }
     /* NeoX RoPE turns other pairs of the same weights; hashed only when set,
      * so that every llama model keeps the fingerprint (and store) it had. */

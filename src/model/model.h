@@ -41,6 +41,10 @@ typedef struct {
      * file's 3-D tensors (expert e is the e-th matrix of each) */
     cake_weight router;  /* (n_experts, dim): a token's expert logits */
     cake_weight *expert; /* (3 n_experts): expert e's gate, up and down at 3e, 3e+1, 3e+2 */
+    /* hp.shared_ffn_dim > 0: the shared expert's gate, up and down, and its
+     * gate's weights (dim): the output is scaled by sigmoid(x . shared_gate) */
+    cake_weight shared[3];
+    float *shared_gate;
     float *post_attn_norm, *post_ffn_norm; /* (dim) each, Gemma 3; NULL when absent */
     int window;                            /* this layer's sliding window; 0 = none */
     const double *rope_freqs;              /* the model's rope_freqs, or its local ones */

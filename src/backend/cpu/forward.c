@@ -10,7 +10,8 @@
  *           attention and FFN outputs RMS-normed before they are added;
  *           Gemma 2 soft-caps the scores and the logits)
  *           (or, with experts, the weighted sum of that FFN over the
- *           experts the router picks for the token: moe_ffn)
+ *           experts the router picks for the token, plus a gated shared
+ *           expert in qwen2moe: moe_ffn)
  *   logits = rmsnorm(x[last]) Wout
  *
  * Every step computes each token's row independently of the other rows of the
@@ -109,6 +110,7 @@ typedef struct {
     int add;           /* ROWS_ADD_NORM: add xb to x first */
     const float *norm; /* ROWS_ADD_NORM: the norm's weights, NULL for none */
     const float *post; /* ROWS_ADD_NORM: xb's own norm before the add (Gemma 3), or NULL */
+    int width;         /* ROWS_SWIGLU: the rows' width; 0 = ffn_dim */
 } rows_job;
 
 static void rows_task(void *ctx, int task, int tid) {
@@ -157,7 +159,7 @@ static void rows_task(void *ctx, int task, int tid) {
         break;
     }
     case ROWS_SWIGLU: {
-        const size_t ffn = (size_t)hp->ffn_dim;
+        const size_t ffn = (size_t)(j->width ? j->width : hp->ffn_dim);
         if (hp->gelu)
             cake_geglu(s->g + r0 * ffn, s->g + r0 * ffn, s->u + r0 * ffn, (size_t)nt * ffn);
         else
@@ -199,8 +201,9 @@ static void pick_experts(const float *logit, int n_experts, int n_pick, bool nor
 /* The FFN of a layer of experts over the n rows of xb, into xb. Tokens are
  * grouped by expert, so each expert's matrices are read once for all the
  * tokens that picked it; each token's sum adds its experts in expert order,
- * so a token's bits do not depend on the other rows of the batch (the same
- * promise as the dense FFN's). */
+ * then the shared expert (qwen2moe) times its gate, so a token's bits do not
+ * depend on the other rows of the batch (the same promise as the dense
+ * FFN's). */
 static void moe_ffn(cake_context *c, const cake_layer *L, int n) {
     const cake_hparams *hp = &c->model->hp;
     const cake_scratch *s = &c->s;
@@ -235,6 +238,19 @@ static void moe_ffn(cake_context *c, const cake_layer *L, int n) {
             const float w = s->pick_w[slot], *y = s->moe_out + r * dim;
             float *sum = s->moe_sum + (size_t)(slot / K) * dim;
             for (size_t i = 0; i < dim; i++) sum[i] += w * y[i];
+        }
+    }
+    if (hp->shared_ffn_dim) {
+        matmul(s->g, s->xb, &L->shared[0], n, c->pool);
+        matmul(s->u, s->xb, &L->shared[1], n, c->pool);
+        run_rows((rows_job){.c = c, .n = n, .step = ROWS_SWIGLU, .width = hp->shared_ffn_dim});
+        matmul(s->moe_out, s->g, &L->shared[2], n, c->pool);
+        for (int t = 0; t < n; t++) {
+            const float *x = s->xb + (size_t)t * dim, *y = s->moe_out + (size_t)t * dim;
+            float gate = 0, *sum = s->moe_sum + (size_t)t * dim;
+            for (size_t i = 0; i < dim; i++) gate += x[i] * L->shared_gate[i];
+            gate = 1.0f / (1.0f + expf(-gate));
+            for (size_t i = 0; i < dim; i++) sum[i] += gate * y[i];
         }
     }
     memcpy(s->xb, s->moe_sum, (size_t)n * dim * sizeof(float));
