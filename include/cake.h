@@ -57,6 +57,8 @@ typedef struct {
     /* Gemma 3 */
     float embed_scale;      /* token embeddings are multiplied by it (sqrt(dim)); 1 = none */
     float q_scale;          /* the scores' scale over 1/sqrt(head_dim) (Gemma 3 27B); 1 = none */
+    float residual_scale;   /* Granite: attention and FFN outputs times it before the add */
+    float logit_scale;      /* Granite: the logits are divided by it; 1 = none */
     bool gelu;              /* the FFN gates with GELU (tanh form) instead of SiLU */
     bool post_norms;        /* the attention and FFN outputs are RMS-normed before the residual */
     float rope_theta_local; /* the windowed layers' RoPE base (Gemma 3: 10000, unscaled); 0 = the

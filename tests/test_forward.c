@@ -596,6 +596,16 @@ static double *reference_logits(const char *path, const cake_token *prompt, int 
     float attn_cap = 50.0f, logit_cap = 30.0f;
     cake_gguf_get_f32(g, KEY("attn_logit_softcapping"), &attn_cap, err, sizeof(err));
     cake_gguf_get_f32(g, KEY("final_logit_softcapping"), &logit_cap, err, sizeof(err));
+    /* Granite: embeddings, scores (in place of 1/sqrt(hd)), the residual
+     * branches and (divided) the logits scaled */
+    float emb_scale = gemma ? sqrtf((float)dim) : 1.0f, attn_scale = 0, res_scale = 1,
+          logit_scale = 1;
+    if (arch.len >= 7 && !memcmp(arch.ptr, "granite", 7)) {
+        cake_gguf_get_f32(g, KEY("embedding_scale"), &emb_scale, err, sizeof(err));
+        cake_gguf_get_f32(g, KEY("attention.scale"), &attn_scale, err, sizeof(err));
+        cake_gguf_get_f32(g, KEY("residual_scale"), &res_scale, err, sizeof(err));
+        cake_gguf_get_f32(g, KEY("logit_scale"), &logit_scale, err, sizeof(err));
+    }
 #undef KEY
     const int hd = (int)key_length, n_rot = (int)rope_dims, qd = (int)nh * hd, kvd = (int)nkv * hd,
               nv = (int)cake_gguf_find_tensor(g, "token_embd.weight")->ne[1];
@@ -612,7 +622,7 @@ static double *reference_logits(const char *path, const cake_token *prompt, int 
     for (int t = 0; t < n; t++)
         for (uint32_t i = 0; i < dim; i++)
             x[(size_t)t * dim + i] =
-                embd[(size_t)prompt[t] * dim + i] * (gemma ? sqrt((double)dim) : 1.0);
+                embd[(size_t)prompt[t] * dim + i] * (gemma ? sqrt((double)dim) : emb_scale);
     for (uint32_t l = 0; l < n_layers; l++) {
         const int L = (int)l;
         const bool local = window && ((gemma3 && l % 6 < 5) || (gemma2 && l % 2 == 0));
@@ -643,7 +653,8 @@ static double *reference_logits(const char *path, const cake_token *prompt, int 
                     double d = 0;
                     for (int i = 0; i < hd; i++)
                         d += q[h * hd + i] * k[(size_t)j * kvd + kh * hd + i];
-                    sc[j] = d / sqrt(hd) * attn_factor * attn_factor;
+                    sc[j] =
+                        (attn_scale ? d * attn_scale : d / sqrt(hd)) * attn_factor * attn_factor;
                     if (gemma2) sc[j] = attn_cap * tanh(sc[j] / attn_cap);
                     if (sc[j] > mx) mx = sc[j];
                 }
@@ -657,7 +668,7 @@ static double *reference_logits(const char *path, const cake_token *prompt, int 
             ref_linear(tmp, f32_tensor(&w, L, "attn_output.weight"), NULL, o, qd, dim, w.q8_0);
             const float *post = f32_tensor(&w, L, "post_attention_norm.weight");
             if (post) ref_rmsnorm(tmp, tmp, post, dim, eps);
-            for (uint32_t i = 0; i < dim; i++) xt[i] += tmp[i];
+            for (uint32_t i = 0; i < dim; i++) xt[i] += res_scale * tmp[i];
         }
         for (int t = 0; t < n; t++) {
             double *xt = x + (size_t)t * dim;
@@ -674,7 +685,7 @@ static double *reference_logits(const char *path, const cake_token *prompt, int 
                 ref_linear(tmp, f32_tensor(&w, L, "ffn_down.weight"), NULL, gate, ffn, dim, w.q8_0);
                 const float *post = f32_tensor(&w, L, "post_ffw_norm.weight");
                 if (post) ref_rmsnorm(tmp, tmp, post, dim, eps);
-                for (uint32_t i = 0; i < dim; i++) xt[i] += tmp[i];
+                for (uint32_t i = 0; i < dim; i++) xt[i] += res_scale * tmp[i];
                 continue;
             }
             /* experts (llama.cpp's build_moe_ffn, softmax gating, weights
@@ -706,7 +717,7 @@ static double *reference_logits(const char *path, const cake_token *prompt, int 
                 ref_linear(tmp, f32_tensor(&w, L, "ffn_down_exps.weight") + e * mat, NULL, gate,
                            ffn, dim, quantized(g, L, "ffn_down_exps.weight"));
                 for (uint32_t i = 0; i < dim; i++)
-                    xt[i] += prob[e] / (shared ? sum_all : picked) * tmp[i];
+                    xt[i] += res_scale * prob[e] / (shared ? sum_all : picked) * tmp[i];
             }
             if (!shared) continue;
             /* qwen2moe's shared expert, times sigmoid(xn . gate_inp_shexp) */
@@ -727,6 +738,7 @@ static double *reference_logits(const char *path, const cake_token *prompt, int 
     double *logits = malloc((size_t)nv * sizeof(double));
     const float *out = f32_tensor(&w, -1, "output.weight");
     ref_linear(logits, out ? out : embd, NULL, xn, dim, nv, w.q8_0);
+    for (int i = 0; i < nv; i++) logits[i] /= logit_scale;
     for (int i = 0; gemma2 && i < nv; i++) logits[i] = logit_cap * tanh(logits[i] / logit_cap);
     free(x);
     free(xn);
@@ -935,6 +947,73 @@ static void test_qwen2moe(void **state) {
     unlink(qwen_q8);
     unlink(q8);
     unlink(base);
+}
+
+/* granite and granitemoe (IBM Granite 3): llama's layers (and experts)
+ * with the embeddings, the scores (in place of 1/sqrt(head_dim)), the
+ * residual branches and the logits scaled: copies of tiny (f32, Q8_0) and
+ * tiny-moe with Granite 3 8B's scales but the score's against the
+ * reference; each scale matters; chunk invariance; the CUDA backend
+ * refuses. */
+static void test_granite(void **state) {
+    (void)state;
+    char base[64], q8[64], moe[64];
+    assert_int_equal(test_make_model("tiny", "f32", base), 0);
+    assert_int_equal(test_make_model("tiny", "q8_0", q8), 0);
+    assert_int_equal(test_make_model("tiny-moe", "f32", moe), 0);
+    const test_model_variant granite = {.granite = true,
+                                        .embedding_scale = 12.0f,
+                                        .attention_scale = 0.125f,
+                                        .residual_scale = 0.22f,
+                                        .logit_scale = 16.0f};
+    const char *src[] = {base, q8, moe};
+    char path[3][96];
+    float *got[3];
+    cake_hparams hp;
+    for (int k = 0; k < 3; k++) {
+        snprintf(path[k], sizeof(path[k]), "%s.granite", src[k]);
+        write_variant(src[k], path[k], &granite);
+        got[k] = check_vs_reference(path[k],
+                                    k == 0   ? "granite"
+                                    : k == 1 ? "granite q8_0"
+                                             : "granitemoe",
+                                    &hp);
+        assert_true(hp.embed_scale == 12.0f && hp.residual_scale == 0.22f &&
+                    hp.logit_scale == 16.0f && !hp.rope_neox);
+        assert_float_equal(hp.q_scale, 0.125f * 4.0f, 1e-7); /* tiny's heads are 16 wide */
+        assert_int_equal(hp.n_experts, k == 2 ? 8 : 0);
+        check_file_chunk_invariance(path[k], 100, 4);
+    }
+    assert_true(hp.experts_norm);
+    /* each scale matters: the plain model, and one scale at a time back to 1 */
+    float *plain = first_logits(base, &hp);
+    assert_true(max_rel_diff(plain, got[0], hp.n_vocab) > 0.01);
+    for (int k = 0; k < 4; k++) {
+        test_model_variant one = granite;
+        float *scale[] = {&one.embedding_scale, &one.attention_scale, &one.residual_scale,
+                          &one.logit_scale};
+        *scale[k] = k == 1 ? 0.25f : 1.0f; /* (1/sqrt(16): the default score scale) */
+        char other[112];
+        snprintf(other, sizeof(other), "%s.one", path[0]);
+        write_variant(base, other, &one);
+        float *l = first_logits(other, &hp);
+        const double d = max_rel_diff(l, got[0], hp.n_vocab);
+        printf("granite: scale %d left out: %.3g\n", k, d);
+        assert_true(d > 0.01);
+        free(l);
+        unlink(other);
+    }
+    cake_model *m = NULL;
+    char err[256];
+    assert_int_equal(cake_model_load(path[0], &m, err, sizeof(err)), 0);
+    assert_cuda_refuses(m, "Granite");
+    cake_model_free(m);
+    free(plain);
+    for (int k = 0; k < 3; k++) {
+        free(got[k]);
+        unlink(path[k]);
+        unlink(src[k]);
+    }
 }
 
 /* phi3 (Phi-3, Phi-3.5, Phi-4): qwen2's layer without biases, q/k/v in one
@@ -1807,6 +1886,7 @@ int main(void) {
         cmocka_unit_test(test_wide_heads),
         cmocka_unit_test(test_experts),
         cmocka_unit_test(test_qwen2moe),
+        cmocka_unit_test(test_granite),
         cmocka_unit_test(test_phi3),
         cmocka_unit_test(test_gemma3),
         cmocka_unit_test(test_gemma2),

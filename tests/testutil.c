@@ -322,7 +322,8 @@ int test_write_variant(const char *src, const char *dst, const test_model_varian
     (void)cake_gguf_get_u32(g, "llama.feed_forward_length", &ffn, err, errlen);
     const bool moe = v->qwen2 && v->qk_norm != 0 && n_experts > 0;
     const bool qwen2moe = v->qwen2 && v->shared_expert > 0 && n_experts > 0 && !moe;
-    const char *arch = !v->qwen2         ? "llama"
+    const char *arch = v->granite        ? (n_experts ? "granitemoe" : "granite")
+                       : !v->qwen2       ? "llama"
                        : v->gemma        ? (v->gemma == 2 ? "gemma2" : "gemma3")
                        : v->phi3         ? "phi3"
                        : moe             ? "qwen3moe"
@@ -333,7 +334,8 @@ int test_write_variant(const char *src, const char *dst, const test_model_varian
     int rc = w ? 0 : cake_err(err, errlen, "out of memory");
     for (uint64_t i = 0; !rc && i < g->n_kv; i++) {
         const cake_gguf_kv *kv = &g->kv[i];
-        const bool renamed = v->qwen2 && kv->key.len > 6 && !memcmp(kv->key.ptr, "llama.", 6);
+        const bool renamed =
+            (v->qwen2 || v->granite) && kv->key.len > 6 && !memcmp(kv->key.ptr, "llama.", 6);
         char prefix[16];
         snprintf(prefix, sizeof(prefix), "%s.", arch);
         char *key = renamed ? str_copy(prefix, (cake_gguf_str){kv->key.ptr + 6, kv->key.len - 6})
@@ -384,6 +386,19 @@ int test_write_variant(const char *src, const char *dst, const test_model_varian
         snprintf(key, sizeof(key), "%s.rope.scaling.attn_factor", arch);
         cake_gguf_writer_add_f32(w, key, v->attn_factor);
     }
+    const struct {
+        const char *key;
+        float value;
+    } scales[] = {{"embedding_scale", v->embedding_scale},
+                  {"attention.scale", v->attention_scale},
+                  {"residual_scale", v->residual_scale},
+                  {"logit_scale", v->logit_scale}};
+    for (int k = 0; !rc && v->granite && k < 4; k++)
+        if (scales[k].value != 0) {
+            char key[64];
+            snprintf(key, sizeof(key), "%s.%s", arch, scales[k].key);
+            cake_gguf_writer_add_f32(w, key, scales[k].value);
+        }
     if (!rc && v->chat_template)
         cake_gguf_writer_add_str(w, "tokenizer.chat_template", v->chat_template);
     if (!rc && v->linear > 0) {

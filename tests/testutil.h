@@ -87,6 +87,12 @@ typedef struct {
      * with a shared expert this wide (random F32 matrices, or retype's type;
      * its gate a [dim, 1] F32 row) and the key expert_shared_feed_forward_length */
     int shared_expert;
+    /* not with qwen2: a granite copy (granitemoe where the source has
+     * experts; keys renamed, nothing else changed) with the keys
+     * embedding_scale, attention.scale, residual_scale and logit_scale
+     * (each where not 0) */
+    bool granite;
+    float embedding_scale, attention_scale, residual_scale, logit_scale;
 } test_model_variant;
 
 /* Copies the GGUF at src (a llama model with the key types `cake mkmodel`

@@ -68,6 +68,10 @@ void cake_context_free(cake_context *c) {
 /* What the CUDA backend has no layers for (they run on the CPU backend):
  * -1 with the reason, or 0. */
 static int cuda_refuses(const cake_hparams *hp, int n_ctx, char *err, size_t errlen) {
+    if (hp->residual_scale != 1.0f || hp->logit_scale != 1.0f)
+        return cake_err(err, errlen,
+                        "the CUDA backend does not run Granite's scaled layers: run this model "
+                        "on the CPU backend");
     if (hp->embed_scale != 1.0f || hp->gelu || hp->post_norms || hp->q_scale != 1.0f ||
         hp->swa_pattern)
         return cake_err(err, errlen,

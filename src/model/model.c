@@ -9,7 +9,9 @@
  * Qwen2's. Optional q/k/v biases are taken on either, as llama.cpp does.
  * `qwen3` adds per-head q/k norms; `qwen3moe` is qwen3 with a mixture of
  * experts in place of the FFN, which llama files may have too (Mixtral);
- * `qwen2moe` is qwen2 with experts and a gated shared expert.
+ * `qwen2moe` is qwen2 with experts and a gated shared expert; `granite`
+ * and `granitemoe` are llama and its experts with scales on the
+ * embeddings, scores, residual branches and logits.
  * `phi3` keeps q/k/v and gate/up in one tensor each (read as row views),
  * with LongRoPE and a sliding window; `gemma2` and `gemma3` add embedding
  * scaling, GELU, post-norms, windowed layers and (Gemma 2) soft caps. */
@@ -235,19 +237,21 @@ static int read_hparams(const cake_gguf *g, cake_hparams *hp, int *orig_ctx, cha
     int rc = cake_gguf_get_str(g, "general.architecture", &arch, err, errlen);
     if (rc == -1) return cake_err(err, errlen, "missing metadata key 'general.architecture'");
     if (rc < 0) return -1;
-    const bool qwen2moe = str_eq(arch, "qwen2moe"), moe_arch = qwen2moe || str_eq(arch, "qwen3moe"),
-               phi3 = str_eq(arch, "phi3"), gemma2 = str_eq(arch, "gemma2"),
-               gemma3 = str_eq(arch, "gemma3");
+    const bool qwen2moe = str_eq(arch, "qwen2moe"), granitemoe = str_eq(arch, "granitemoe"),
+               moe_arch = qwen2moe || granitemoe || str_eq(arch, "qwen3moe"),
+               granite = granitemoe || str_eq(arch, "granite"), phi3 = str_eq(arch, "phi3"),
+               gemma2 = str_eq(arch, "gemma2"), gemma3 = str_eq(arch, "gemma3");
     if (!str_eq(arch, "llama") && !str_eq(arch, "qwen2") && !str_eq(arch, "qwen3") && !moe_arch &&
-        !phi3 && !gemma2 && !gemma3)
+        !granite && !phi3 && !gemma2 && !gemma3)
         return cake_err(err, errlen,
                         "architecture '%.*s' is not supported ('llama', 'qwen2', 'qwen3', "
-                        "'qwen2moe', 'qwen3moe', 'phi3', 'gemma2' and 'gemma3' are)",
+                        "'qwen2moe', 'qwen3moe', 'granite', 'granitemoe', 'phi3', 'gemma2' and "
+                        "'gemma3' are)",
                         (int)(arch.len > 64 ? 64 : arch.len), arch.ptr);
     /* qwen2, qwen3 and phi3 files keep the NeoX pairing (llama.cpp's
      * converter permutes only llama's q/k rows); qwen3 adds per-head q/k
      * norms, found by their tensors. */
-    hp->rope_neox = !str_eq(arch, "llama");
+    hp->rope_neox = !str_eq(arch, "llama") && !granite; /* (Granite's are permuted as llama's) */
     /* The keys are named after the architecture: llama.block_count, ... */
     char key[96];
 #define KEY(suffix) (snprintf(key, sizeof(key), "%.*s." suffix, (int)arch.len, arch.ptr), key)
@@ -350,6 +354,20 @@ static int read_hparams(const cake_gguf *g, cake_hparams *hp, int *orig_ctx, cha
     hp->q_scale = (gemma2 && hp->n_layers == 46) || (gemma3 && hp->n_layers == 62)
                       ? sqrtf((float)hp->head_dim / (float)(hp->dim / hp->n_heads))
                       : 1.0f;
+    /* Granite (llama.cpp's build_llama with its four scales): scores
+     * scaled by attention.scale instead of 1/sqrt(head_dim) (here q is, by
+     * the ratio), the attention and FFN outputs by residual_scale before
+     * they are added, the logits divided by logit_scale. */
+    float attention_scale = 0.0f;
+    hp->residual_scale = hp->logit_scale = 1.0f;
+    if (granite && (get_f32_or(g, KEY("embedding_scale"), 1.0f, &hp->embed_scale, err, errlen) ||
+                    get_f32_or(g, KEY("attention.scale"), 0.0f, &attention_scale, err, errlen) ||
+                    get_f32_or(g, KEY("residual_scale"), 1.0f, &hp->residual_scale, err, errlen) ||
+                    get_f32_or(g, KEY("logit_scale"), 1.0f, &hp->logit_scale, err, errlen)))
+        return -1;
+    if (attention_scale != 0.0f) hp->q_scale = attention_scale * sqrtf((float)hp->head_dim);
+    if (!(hp->embed_scale > 0 && hp->q_scale > 0 && hp->residual_scale > 0 && hp->logit_scale > 0))
+        return cake_err(err, errlen, "Granite's scales must be positive");
     hp->attn_softcap = hp->logit_softcap = 0.0f;
     if (gemma2 &&
         (get_f32_or(g, KEY("attn_logit_softcapping"), 50.0f, &hp->attn_softcap, err, errlen) ||
@@ -717,6 +735,17 @@ int cake_model_load(const char *path, cake_model **out, char *err, size_t errlen
                    !(L->shared_gate = load_norm(g, LAYER_NAME("ffn_gate_inp_shexp.weight"), dim,
                                                 why, sizeof(why)))))
             goto fail_why;
+        /* (biases llama.cpp takes where files have them, cake does not: such
+         * a file is refused, not read without them) */
+        static const char *const unread[] = {"attn_output.bias", "ffn_gate.bias", "ffn_up.bias",
+                                             "ffn_down.bias"};
+        for (size_t k = 0; k < sizeof(unread) / sizeof(unread[0]); k++) {
+            snprintf(name, sizeof(name), "blk.%d.%s", l, unread[k]);
+            if (cake_gguf_find_tensor(g, name)) {
+                snprintf(why, sizeof(why), "tensor '%s': such biases are not supported", name);
+                goto fail_why;
+            }
+        }
         int failed = 0;
         L->bq = load_bias(g, LAYER_NAME("attn_q.bias"), q_dim, &failed, why, sizeof(why));
         L->bk = load_bias(g, LAYER_NAME("attn_k.bias"), kv_dim, &failed, why, sizeof(why));
@@ -842,6 +871,12 @@ static void compute_fingerprint(void) {
         hash_u64(st, (uint64_t)hp->n_experts_used);
         hash_u64(st, hp->experts_norm);
         if (hp->shared_ffn_dim) hash_u64(st, (uint64_t)hp->shared_ffn_dim);
+    }
+    if (hp->residual_scale != 1.0f || hp->logit_scale != 1.0f) { /* Granite's (and the two above) */
+        hash_u64(st, cake_bits_from_f32(hp->residual_scale));
+        hash_u64(st, cake_bits_from_f32(hp->logit_scale));
+        hash_u64(st, cake_bits_from_f32(hp->embed_scale));
+        hash_u64(st, cake_bits_from_f32(hp->q_scale));
     }
     /* NeoX RoPE turns other pairs of the same weights; hashed only when set,
      * so that every llama model keeps the fingerprint (and store) it had. */

@@ -8,7 +8,9 @@
  *       h = rmsnorm(x) ; x += (silu(h Wgate) * (h Wup)) Wdown
  *           (Gemma: embeddings times sqrt(dim), GELU for silu, and the
  *           attention and FFN outputs RMS-normed before they are added;
- *           Gemma 2 soft-caps the scores and the logits)
+ *           Gemma 2 soft-caps the scores and the logits; Granite scales
+ *           the embeddings, the scores, the two residual branches and the
+ *           logits)
  *           (or, with experts, the weighted sum of that FFN over the
  *           experts the router picks for the token, plus a gated shared
  *           expert in qwen2moe: moe_ffn)
@@ -153,7 +155,10 @@ static void rows_task(void *ctx, int task, int tid) {
     case ROWS_ADD_NORM: {
         float *x = s->x + r0 * dim, *xb = s->xb + r0 * dim;
         if (j->post) cake_rmsnorm(xb, xb, j->post, nt, (int)dim, hp->rms_eps);
-        if (j->add)
+        const float rs = hp->residual_scale; /* (Granite's) */
+        if (j->add && rs != 1.0f)
+            for (size_t i = 0; i < (size_t)nt * dim; i++) x[i] += rs * xb[i];
+        else if (j->add)
             for (size_t i = 0; i < (size_t)nt * dim; i++) x[i] += xb[i];
         if (j->norm) cake_rmsnorm(xb, x, j->norm, nt, (int)dim, hp->rms_eps);
         break;
@@ -256,8 +261,11 @@ static void moe_ffn(cake_context *c, const cake_layer *L, int n) {
     memcpy(s->xb, s->moe_sum, (size_t)n * dim * sizeof(float));
 }
 
-/* Gemma 2's logits: c tanh(l / c) (cap 0: none). */
-static void softcap_logits(float *l, size_t n, float cap) {
+/* Granite's logits: l / scale, as a product by 1 / scale (llama.cpp's);
+ * Gemma 2's: c tanh(l / c) (cap 0: none). */
+static void finish_logits(float *l, size_t n, const cake_hparams *hp) {
+    const float inv = 1.0f / hp->logit_scale, cap = hp->logit_softcap;
+    for (size_t i = 0; inv != 1.0f && i < n; i++) l[i] *= inv;
     for (size_t i = 0; cap > 0 && i < n; i++) l[i] = cap * tanhf(l[i] / cap);
 }
 
@@ -350,12 +358,12 @@ void cake_cpu_forward(cake_context *c, const cake_batch_seq *seqs, int n_seqs, i
         for (int i = 0; i < n_seqs; i++)
             if (seqs[i].logits) {
                 matmul(seqs[i].logits, s->xb, &m->output, 1, pool);
-                softcap_logits(seqs[i].logits, n_vocab, hp->logit_softcap);
+                finish_logits(seqs[i].logits, n_vocab, hp);
             }
         return;
     }
     matmul(logit_rows, s->xb, &m->output, n_out, pool);
-    softcap_logits(logit_rows, (size_t)n_out * n_vocab, hp->logit_softcap);
+    finish_logits(logit_rows, (size_t)n_out * n_vocab, hp);
     for (int i = 0, k = 0; i < n_seqs; i++)
         if (seqs[i].logits)
             memcpy(seqs[i].logits, logit_rows + n_vocab * (size_t)k++, n_vocab * sizeof(float));
