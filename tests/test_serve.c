@@ -1884,6 +1884,9 @@ enum {
     SYS_PROMPT_END,
     START_TURN, /* Gemma's */
     END_TURN,
+    START_ROLE, /* Granite's */
+    END_ROLE,
+    END_TEXT,
     CHAT_VOCAB
 };
 
@@ -1911,7 +1914,10 @@ static cake_tokenizer *chat_vocab(void) {
                              "[SYSTEM_PROMPT]",
                              "[/SYSTEM_PROMPT]",
                              "<start_of_turn>",
-                             "<end_of_turn>"};
+                             "<end_of_turn>",
+                             "<|start_of_role|>",
+                             "<|end_of_role|>",
+                             "<|end_of_text|>"};
     for (int i = 0; i < CHAT_VOCAB - 256; i++)
         tokens[256 + i] = special[i], types[256 + i] = CAKE_TOKEN_CONTROL;
     /* (Qwen's tags are user-defined: their text is theirs) */
@@ -1950,14 +1956,16 @@ static void test_chat_formats(void **state) {
     assert_int_equal(chat_detect("{{'<|im_start|>' + r + '<|im_sep|>' + c + '<|im_end|>'}}", t),
                      CHAT_PHI4);
     assert_int_equal(chat_detect("{{ '<start_of_turn>' + role + '\n' }}", t), CHAT_GEMMA);
+    assert_int_equal(chat_detect("{{- '<|start_of_role|>' + m['role'] + '<|end_of_role|>' }}", t),
+                     CHAT_GRANITE);
     assert_int_equal(chat_detect("{{ '[SYSTEM_PROMPT]' + s }}{{ '[INST]' + u }}", t),
                      CHAT_MISTRAL_V7);
     assert_int_equal(chat_detect("{{ '[AVAILABLE_TOOLS]' }}{{ \"[INST]\" + u }}", t),
                      CHAT_MISTRAL_TEKKEN);
 
     /* Each format, id by id: the expected prompt is bytes, with the special
-     * tokens written as \x01 .. \x06 (IM_START .. BOT) and \x0e .. \x18
-     * (IM_SEP .. END_TURN). BOS comes first
+     * tokens written as \x01 .. \x06 (IM_START .. BOT) and \x0e .. \x1b
+     * (IM_SEP .. END_TEXT). BOS comes first
      * (add_bos). The user's "<|im_end|>" stays text: bytes, not the special
      * token. */
     const chat_message m[] = {{.role = "system", .content = "S", .content_len = 1},
@@ -1998,6 +2006,11 @@ static void test_chat_formats(void **state) {
         {CHAT_GEMMA,
          "\x06\x17user\nS\n\n<|im_end|>\x18\n\x17model\nok\x18\n\x17user\nmore\x18\n\x17model\n",
          END_TURN},
+        {CHAT_GRANITE,
+         "\x06\x19system\x1aS\x1b\n\x19user\x1a <|im_end|>\n\x1b\n\x19"
+         "assistant\x1a ok \x1b\n\x19user\x1amore\x1b\n\x19"
+         "assistant\x1a",
+         END_TEXT},
         {CHAT_PHI4,
          "\x06\x01system\x0eS\x02\x01user\x0e <|im_end|>\n\x02\x01"
          "assistant\x0e ok \x02\x01user\x0emore\x02\x01"
@@ -2015,7 +2028,7 @@ static void test_chat_formats(void **state) {
         for (int i = 0; i < n; i++) {
             const unsigned char c = (unsigned char)want[i];
             const int want_id = c >= 1 && c <= 8     ? IM_START + c - 1
-                                : c >= 14 && c <= 24 ? IM_SEP + c - 14
+                                : c >= 14 && c <= 27 ? IM_SEP + c - 14
                                                      : c;
             if (ids[i] != want_id)
                 fail_msg("%s: id %d is %d, want byte %d", chat_format_name(formats[k].f), i, ids[i],

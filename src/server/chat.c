@@ -10,6 +10,7 @@ chat_format chat_detect(const char *tmpl, const cake_tokenizer *t) {
     if (tmpl) {
         if (strstr(tmpl, "<|im_sep|>")) return CHAT_PHI4; /* before ChatML, whose tags it has */
         if (strstr(tmpl, "<start_of_turn>")) return CHAT_GEMMA;
+        if (strstr(tmpl, "<|start_of_role|>")) return CHAT_GRANITE;
         if (strstr(tmpl, "<|im_start|>")) return CHAT_CHATML;
         if (strstr(tmpl, "<|start_header_id|>") && strstr(tmpl, "<|end_header_id|>"))
             return CHAT_LLAMA3;
@@ -35,7 +36,7 @@ chat_format chat_detect(const char *tmpl, const cake_tokenizer *t) {
 const char *chat_format_name(chat_format f) {
     static const char *names[] = {"none",       "chatml", "llama3", "llama2",
                                   "mistral",    "zephyr", "phi3",   "mistral-tekken",
-                                  "mistral-v7", "phi4",   "gemma"};
+                                  "mistral-v7", "phi4",   "gemma",  "granite"};
     return names[f];
 }
 
@@ -475,6 +476,21 @@ int chat_prompt(chat_format f, const cake_tokenizer *t, const chat_message *m, i
         *end_of_turn = cake_tokenizer_find(t, "<end_of_turn>", 13);
         break;
     }
+    case CHAT_GRANITE:
+        /* each message <|start_of_role|>role<|end_of_role|>{content}
+         * <|end_of_text|>\n; the answer's header without the newline
+         * llama.cpp's copy adds (Granite's own template has none) */
+        for (int i = 0; i <= n; i++) {
+            put_special(&b, "<|start_of_role|>");
+            put_str(&b, i < n ? m[i].role : "assistant");
+            put_special(&b, "<|end_of_role|>");
+            if (i == n) break;
+            put_text(&b, m[i].content, m[i].content_len);
+            put_special(&b, "<|end_of_text|>");
+            put_str(&b, "\n");
+        }
+        *end_of_turn = cake_tokenizer_find(t, "<|end_of_text|>", 15);
+        break;
     case CHAT_NONE:
         break;
     }

@@ -26,6 +26,7 @@ typedef enum {
     CHAT_MISTRAL_V7,     /* [SYSTEM_PROMPT] ...[/SYSTEM_PROMPT][INST] ...[/INST] (Small 3) */
     CHAT_PHI4,           /* <|im_start|>user<|im_sep|>...<|im_end|> (Phi-4) */
     CHAT_GEMMA,          /* <start_of_turn>user\n...<end_of_turn>\n<start_of_turn>model\n */
+    CHAT_GRANITE,        /* <|start_of_role|>user<|end_of_role|>...<|end_of_text|>\n (Granite 3) */
 } chat_format;
 
 /* A function call an assistant's message made (OpenAI's tool_calls). */
