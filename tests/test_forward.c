@@ -1008,6 +1008,17 @@ static void test_granite(void **state) {
     assert_int_equal(cake_model_load(path[0], &m, err, sizeof(err)), 0);
     assert_cuda_refuses(m, "Granite");
     cake_model_free(m);
+    /* an attention output bias (llama.cpp takes one where a file has it):
+     * refused, not left out */
+    char biased[112];
+    snprintf(biased, sizeof(biased), "%s.bias", path[0]);
+    test_model_variant with_bias = granite;
+    with_bias.extra_vector = "blk.1.attn_output.bias";
+    write_variant(base, biased, &with_bias);
+    assert_int_equal(cake_model_load(biased, &m, err, sizeof(err)), -1);
+    printf("granite with an output bias: %s\n", err);
+    assert_non_null(strstr(err, "blk.1.attn_output.bias"));
+    unlink(biased);
     free(plain);
     for (int k = 0; k < 3; k++) {
         free(got[k]);

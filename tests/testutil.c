@@ -86,6 +86,7 @@ typedef struct {
     uint64_t n_bias;       /* bias tensors after those */
     uint64_t n_qk_norms;   /* q/k norm tensors after those (then Gemma's post norms) */
     uint64_t first_shared; /* the shared experts' tensors from here on (4 a layer) */
+    uint64_t extra;        /* the extra vector's index */
     int dim, shared;       /* their sizes */
 } variant_fill;
 
@@ -183,6 +184,10 @@ static int fill_variant(uint64_t i, void *buf, uint64_t nbytes, void *ctx) {
     const variant_fill *f = ctx;
     const test_model_variant *v = f->v;
     const uint64_t n_src = f->n_src, first_norm = n_src + f->n_rope + f->n_bias;
+    if (i == f->extra) {
+        memset(buf, 0, nbytes);
+        return 0;
+    }
     if (i >= f->first_shared) return fill_shared(f, i, buf);
     if (i >= first_norm) { /* q/k norms, then Gemma's post norms */
         const float spread = i >= first_norm + f->n_qk_norms ? 0.25f : v->qk_norm;
@@ -503,6 +508,10 @@ int test_write_variant(const char *src, const char *dst, const test_model_varian
             cake_gguf_writer_add_tensor(w, name, type, 2, ne);
         }
     }
+    if (!rc && v->extra_vector) {
+        const uint64_t ne[1] = {dim};
+        cake_gguf_writer_add_tensor(w, v->extra_vector, CAKE_DTYPE_F32, 1, ne);
+    }
     const uint64_t n_bias = v->bias != 0 ? 3 * (uint64_t)n_layers : 0;
     const uint64_t n_rope = (v->rope_factors != NULL) + 2 * (v->long_factors != NULL);
     const uint64_t n_qk_norms = v->qwen2 && v->qk_norm != 0 ? 2 * (uint64_t)n_layers : 0;
@@ -517,6 +526,9 @@ int test_write_variant(const char *src, const char *dst, const test_model_varian
                          n_bias,
                          n_qk_norms,
                          qwen2moe ? n_copied + n_rope + n_bias + n_qk_norms : UINT64_MAX,
+                         v->extra_vector ? n_copied + n_rope + n_bias + n_qk_norms +
+                                               (qwen2moe ? 4 * (uint64_t)n_layers : 0)
+                                         : UINT64_MAX,
                          (int)dim,
                          v->shared_expert};
     if (!rc) rc = cake_gguf_writer_write_file(w, dst, fill_variant, &fill, err, errlen);

@@ -93,6 +93,7 @@ typedef struct {
      * (each where not 0) */
     bool granite;
     float embedding_scale, attention_scale, residual_scale, logit_scale;
+    const char *extra_vector; /* NULL, or one more tensor of this name: [dim] F32 zeros */
 } test_model_variant;
 
 /* Copies the GGUF at src (a llama model with the key types `cake mkmodel`
