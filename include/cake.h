@@ -138,7 +138,8 @@ typedef struct {
     const cake_token *tokens;
     int n; /* >= 1 */
     cake_pos pos0;
-    float *logits; /* NULL, or where the n_vocab logits of its last token go */
+    float *logits;   /* NULL, or where the n_vocab logits of its last token go */
+    bool all_logits; /* logits gets every token's, n rows of n_vocab (CPU backend) */
 } cake_batch_seq;
 
 /* One forward pass over the tokens of several sequences (a server's batch),

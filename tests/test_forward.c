@@ -259,8 +259,12 @@ static void test_forward_batch(void **state) {
         int nb = 0;
         for (int i = 0; i < 3; i++)
             if (steps[k].n[i])
-                b[nb++] = (cake_batch_seq){seq[i], tokens[i] + pos[i], steps[k].n[i], pos[i],
-                                           steps[k].want_logits[i] ? got + i * n_vocab : NULL};
+                b[nb++] = (cake_batch_seq){seq[i],
+                                           tokens[i] + pos[i],
+                                           steps[k].n[i],
+                                           pos[i],
+                                           steps[k].want_logits[i] ? got + i * n_vocab : NULL,
+                                           false};
         assert_int_equal(cake_forward_batch(engine, b, nb, err, sizeof(err)), 0);
         for (int i = 0; i < 3; i++) {
             if (!steps[k].n[i]) continue;
@@ -283,7 +287,8 @@ static void test_forward_batch(void **state) {
     /* Refused, each with a reason: more tokens than the engine's batch, a
      * sequence twice, a bad token id, positions past the context, another
      * model's context. */
-    cake_batch_seq bad[2] = {{seq[1], tokens[1], 40, 0, NULL}, {seq[2], tokens[2], 40, 0, NULL}};
+    cake_batch_seq bad[2] = {{seq[1], tokens[1], 40, 0, NULL, false},
+                             {seq[2], tokens[2], 40, 0, NULL, false}};
     assert_int_equal(cake_forward_batch(engine, bad, 2, err, sizeof(err)), -1);
     assert_non_null(strstr(err, "exceed the batch"));
     bad[1].seq = seq[1];
@@ -291,16 +296,16 @@ static void test_forward_batch(void **state) {
     assert_int_equal(cake_forward_batch(engine, bad, 2, err, sizeof(err)), -1);
     assert_non_null(strstr(err, "twice"));
     const cake_token out_of_range = (cake_token)n_vocab;
-    bad[1] = (cake_batch_seq){seq[2], &out_of_range, 1, 0, NULL};
+    bad[1] = (cake_batch_seq){seq[2], &out_of_range, 1, 0, NULL, false};
     assert_int_equal(cake_forward_batch(engine, bad, 2, err, sizeof(err)), -1);
     assert_non_null(strstr(err, "token id"));
-    bad[1] = (cake_batch_seq){seq[2], tokens[2], 1, 128, NULL};
+    bad[1] = (cake_batch_seq){seq[2], tokens[2], 1, 128, NULL, false};
     assert_int_equal(cake_forward_batch(engine, bad, 2, err, sizeof(err)), -1);
     assert_non_null(strstr(err, "exceed the context"));
     cake_model *other = NULL;
     assert_int_equal(cake_model_load(path, &other, err, sizeof(err)), 0);
     cake_context *foreign = batch_test_context(other, 1, 1);
-    bad[1] = (cake_batch_seq){foreign, tokens[2], 1, 0, NULL};
+    bad[1] = (cake_batch_seq){foreign, tokens[2], 1, 0, NULL, false};
     assert_int_equal(cake_forward_batch(engine, bad, 2, err, sizeof(err)), -1);
     assert_non_null(strstr(err, "not of the engine's model"));
 
@@ -313,6 +318,48 @@ static void test_forward_batch(void **state) {
     cake_context_free(engine);
     free(got);
     free(want);
+    cake_model_free(m);
+    unlink(path);
+}
+
+/* Every token's logits (a prompt's scoring): a sequence asking for them in
+ * a batch beside another that wants its last token's gets, row by row, the
+ * bits one-token passes give at each position; the other its own. */
+static void test_all_logits(void **state) {
+    (void)state;
+    const char *path = make_tiny();
+    cake_model *m = NULL;
+    char err[256];
+    assert_int_equal(cake_model_load(path, &m, err, sizeof(err)), 0);
+    const int n_vocab = cake_model_hparams(m)->n_vocab;
+    enum { N = 40, PIECE = 16 };
+    cake_context *engine = batch_test_context(m, 2, 64), *other = batch_test_context(m, 1, 1),
+                 *ref = batch_test_context(m, 2, 64);
+    cake_token prompt[N], other_tokens[N];
+    for (int t = 0; t < N; t++)
+        prompt[t] = 3 + (cake_token)(t * 7919 % 900), other_tokens[t] = 5 + (cake_token)(t * 31);
+    float *rows = malloc((size_t)N * n_vocab * sizeof(float));
+    float *last = malloc((size_t)n_vocab * sizeof(float)), *want = malloc((size_t)n_vocab * 4);
+    for (int pos = 0; pos < N; pos += PIECE) {
+        const int n = N - pos < PIECE ? N - pos : PIECE;
+        const cake_batch_seq b[2] = {
+            {engine, prompt + pos, n, pos, rows + (size_t)pos * n_vocab, true},
+            {other, other_tokens + pos, n, pos, last, false}};
+        assert_int_equal(cake_forward_batch(engine, b, 2, err, sizeof(err)), 0);
+    }
+    for (int t = 0; t < N; t++) {
+        assert_int_equal(cake_forward(ref, prompt + t, 1, t, want, err, sizeof(err)), 0);
+        if (memcmp(rows + (size_t)t * n_vocab, want, (size_t)n_vocab * sizeof(float)))
+            fail_msg("row %d of the scored prompt differs from its one-token pass", t);
+    }
+    assert_int_equal(cake_forward(ref, other_tokens, N, 0, want, err, sizeof(err)), 0);
+    assert_memory_equal(last, want, (size_t)n_vocab * sizeof(float));
+    free(rows);
+    free(last);
+    free(want);
+    cake_context_free(ref);
+    cake_context_free(other);
+    cake_context_free(engine);
     cake_model_free(m);
     unlink(path);
 }
@@ -1896,6 +1943,7 @@ int main(void) {
         cmocka_unit_test(test_qwen3_reference),
         cmocka_unit_test(test_wide_heads),
         cmocka_unit_test(test_experts),
+        cmocka_unit_test(test_all_logits),
         cmocka_unit_test(test_qwen2moe),
         cmocka_unit_test(test_granite),
         cmocka_unit_test(test_phi3),

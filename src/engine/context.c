@@ -239,7 +239,7 @@ int cake_forward(cake_context *c, const cake_token *tokens, int n, cake_pos pos0
             continue;
         }
 #endif
-        const cake_batch_seq one = {c, tokens + done, b, pos0 + done, out};
+        const cake_batch_seq one = {c, tokens + done, b, pos0 + done, out, false};
         cake_cpu_forward(c, &one, 1, b, NULL);
         done += b;
     }
@@ -262,7 +262,11 @@ int cake_forward_batch(cake_context *engine, const cake_batch_seq *seqs, int n_s
             if (seqs[k].seq == q) return cake_err(err, errlen, "forward: sequence %d twice", i);
         if (check_tokens(q, seqs[i].tokens, seqs[i].n, seqs[i].pos0, err, errlen)) return -1;
         n += seqs[i].n;
-        n_logits += seqs[i].logits != NULL;
+        n_logits += seqs[i].logits && !seqs[i].all_logits;
+        if (seqs[i].all_logits && engine->params.backend != CAKE_BACKEND_CPU)
+            return cake_err(err, errlen,
+                            "forward: the CUDA backend gives the last token's logits only "
+                            "(every token's, as scoring a prompt needs: the CPU backend)");
     }
     if (n > engine->params.max_batch)
         return cake_err(err, errlen, "forward: %d tokens exceed the batch of %d", n,

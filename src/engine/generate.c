@@ -38,6 +38,46 @@ static int routed_turn(void *route, int n, uint64_t timeout_ns) {
     return x->r->forward_turn(x->r->forward_ud, x->c, n, timeout_ns);
 }
 
+/* The prompt scored (r->on_prompt_logits): computed from position 0 in
+ * passes of at most SCORE_ROWS tokens, each giving every token's logits;
+ * the last row's into logits (the first token's). */
+#define SCORE_ROWS 64
+
+static int score_prompt(cake_context *c, const cake_request *r, int n_vocab, float *logits,
+                        cake_prefill_stats *st, char *err, size_t errlen) {
+    int rows = SCORE_ROWS < cake_context_max_batch(c) ? SCORE_ROWS : cake_context_max_batch(c);
+    float *out = malloc((size_t)rows * (size_t)n_vocab * sizeof(float));
+    if (!out) return cake_err(err, errlen, "out of memory for %d rows of logits", rows);
+    *st = (cake_prefill_stats){.mode = CAKE_MODE_COMPUTE,
+                               .chunk = r->chunk,
+                               .chunks_total = (r->n_prompt + r->chunk - 1) / r->chunk,
+                               .chunks_computed = (r->n_prompt + r->chunk - 1) / r->chunk,
+                               .tokens_computed = r->n_prompt,
+                               .meet_chunk = -1};
+    const double t0 = now_ms();
+    int rc = 0;
+    for (int pos = 0; !rc && pos < r->n_prompt; pos += rows) {
+        const int n = r->n_prompt - pos < rows ? r->n_prompt - pos : rows;
+        rc = r->forward ? r->forward(r->forward_ud, c, CAKE_PASS_SCORE, r->prompt + pos, n, pos,
+                                     out, err, errlen)
+                        : cake_forward_batch(c,
+                                             &(cake_batch_seq){.seq = c,
+                                                               .tokens = r->prompt + pos,
+                                                               .n = n,
+                                                               .pos0 = pos,
+                                                               .logits = out,
+                                                               .all_logits = true},
+                                             1, err, errlen);
+        if (rc) break;
+        r->on_prompt_logits(out, n, pos, n_vocab, r->ud);
+        if (pos + n == r->n_prompt)
+            for (int i = 0; i < n_vocab; i++) logits[i] = out[(size_t)(n - 1) * n_vocab + i];
+    }
+    st->compute_ms = now_ms() - t0;
+    free(out);
+    return rc;
+}
+
 int cake_request_run(cake_context *c, const cake_request *r, cake_token *generated,
                      cake_request_stats *st, char *err, size_t errlen) {
     *st = (cake_request_stats){0};
@@ -61,8 +101,9 @@ int cake_request_run(cake_context *c, const cake_request *r, cake_token *generat
     cake_prefill_job *pending = NULL;
 
     const double t0 = now_ms();
-    int rc = cake_prefill(&engine, r->prompt, r->n_prompt, &pp, logits, &st->prefill, &pending, err,
-                          errlen);
+    int rc = r->on_prompt_logits ? score_prompt(c, r, n_vocab, logits, &st->prefill, err, errlen)
+                                 : cake_prefill(&engine, r->prompt, r->n_prompt, &pp, logits,
+                                                &st->prefill, &pending, err, errlen);
     if (rc) goto done;
     if (r->first_logits)
         for (int i = 0; i < n_vocab; i++) r->first_logits[i] = logits[i];

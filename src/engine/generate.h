@@ -13,6 +13,8 @@ typedef enum {
     CAKE_PASS_PREFILL, /* a chunk of a prompt the store has no chunk of, or a prompt's last
                           pass (its tail, after the loads) */
     CAKE_PASS_CAKE,    /* the compute side of a prompt whose cached chunks are loading */
+    CAKE_PASS_SCORE,   /* a prompt's pass whose every token's logits are wanted (n rows of
+                          logits; on_prompt_logits): a prefill otherwise */
 } cake_pass_kind;
 
 typedef struct {
@@ -34,6 +36,11 @@ typedef struct {
     /* optional: called with the n_vocab logits each generated token was
      * chosen from, just before on_token gets that token (log-probabilities) */
     void (*on_logits)(const float *logits, int n_vocab, cake_token id, void *ud);
+    /* optional: the prompt is scored: computed from position 0 (nothing
+     * loaded, cached or written back) in passes that give every token's
+     * logits, called with rows [pos0, pos0 + n) of them (row i: the logits
+     * after prompt[0..i], which token i + 1 was drawn from). CPU backend. */
+    void (*on_prompt_logits)(const float *rows, int n, int pos0, int n_vocab, void *ud);
     void *ud;
     /* optional: runs each forward pass in place of cake_forward(c, ...), with
      * the same results: a server's batch scheduler (server/sched.h) */

@@ -29,6 +29,7 @@ typedef struct pass {
     int n, done; /* tokens in all; computed so far (earlier steps) */
     cake_pos pos0;
     float *logits;
+    bool all_logits; /* logits gets every token's (CAKE_PASS_SCORE) */
     int finished, rc;
     char *err;
     size_t errlen;
@@ -38,6 +39,7 @@ typedef struct pass {
 struct sched {
     cake_context *engine;
     int budget;
+    size_t n_vocab; /* (a scored pass's pieces write their rows of logits) */
     sched_policy policy;
     pthread_t thread;
     pthread_mutex_t mu;
@@ -110,8 +112,11 @@ static int pick_step(sched *s, int *granted) {
                 *granted = 1;
                 continue;
             }
+            float *logits = p->all_logits            ? p->logits + (size_t)p->done * s->n_vocab
+                            : p->done + take == p->n ? p->logits
+                                                     : NULL;
             s->pieces[nb] = (cake_batch_seq){p->seq, p->tokens + p->done, take, p->pos0 + p->done,
-                                             p->done + take == p->n ? p->logits : NULL};
+                                             logits, p->all_logits};
             s->picked[nb++] = p;
         }
     return nb;
@@ -190,6 +195,7 @@ int sched_create(cake_context *engine, sched_policy policy, sched **out, char *e
     s->engine = engine;
     s->policy = policy;
     s->budget = cake_context_max_batch(engine);
+    s->n_vocab = (size_t)cake_model_hparams(cake_context_model(engine))->n_vocab;
     s->picked = malloc((size_t)s->budget * sizeof(*s->picked));
     s->pieces = malloc((size_t)s->budget * sizeof(*s->pieces));
     s->owed = malloc((size_t)s->budget * sizeof(*s->owed));
@@ -244,9 +250,11 @@ int sched_forward(sched *s, cake_context *seq, uint64_t order, cake_pass_kind ki
                   const cake_token *tokens, int n, cake_pos pos0, float *logits, char *err,
                   size_t errlen) {
     if (n < 1) return cake_err(err, errlen, "forward: no tokens");
+    const bool all_logits = kind == CAKE_PASS_SCORE; /* (queued as a prefill) */
     if ((unsigned)kind >= N_KINDS) kind = CAKE_PASS_PREFILL;
     pass p = {.seq = seq,
               .kind = kind,
+              .all_logits = all_logits,
               .order = order,
               .tokens = tokens,
               .n = n,

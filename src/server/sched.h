@@ -37,7 +37,8 @@ int sched_create(cake_context *engine, sched_policy policy, sched **out, char *e
 int sched_policy_parse(const char *s, sched_policy *out); /* 0 ok, -1 unknown */
 /* Computes positions [pos0, pos0 + n) of sequence seq (a context of the
  * engine's model, engine itself included) in the coming steps and returns
- * when they are done: cake_forward's contract and results. order: when its
+ * when they are done: cake_forward's contract and results (kind
+ * CAKE_PASS_SCORE: a prefill whose logits are every token's, n rows). order: when its
  * request arrived (earlier requests go first, within a kind under the
  * priority policy, overall under FCFS). Thread-safe; a sequence has one
  * pass at a time. */

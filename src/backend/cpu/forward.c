@@ -344,19 +344,28 @@ void cake_cpu_forward(cake_context *c, const cake_batch_seq *seqs, int n_seqs, i
                             .post = L->post_ffn_norm});
     }
 
-    /* The output head over the last rows of the sequences that want logits,
-     * gathered (normed) into xb: one matmul for all of them. */
+    /* A sequence that wants every row's logits (a prompt's scoring) gets
+     * them straight into its buffer, one matmul of its rows; */
+    const size_t n_vocab = (size_t)hp->n_vocab;
+    for (int i = 0, row = 0; i < n_seqs; row += seqs[i++].n)
+        if (seqs[i].logits && seqs[i].all_logits) {
+            cake_rmsnorm(s->xb, s->x + (size_t)row * dim, m->output_norm, seqs[i].n, dim,
+                         hp->rms_eps);
+            matmul(seqs[i].logits, s->xb, &m->output, seqs[i].n, pool);
+            finish_logits(seqs[i].logits, (size_t)seqs[i].n * n_vocab, hp);
+        }
+    /* the others the output head over their last rows, gathered (normed)
+     * into xb: one matmul for all of them. */
     int n_out = 0;
     for (int i = 0, row = 0; i < n_seqs; row += seqs[i++].n)
-        if (seqs[i].logits) {
+        if (seqs[i].logits && !seqs[i].all_logits) {
             const float *last = s->x + (size_t)(row + seqs[i].n - 1) * dim;
             cake_rmsnorm(s->xb + (size_t)n_out++ * dim, last, m->output_norm, 1, dim, hp->rms_eps);
         }
     if (!n_out) return;
-    const size_t n_vocab = (size_t)hp->n_vocab;
     if (n_out == 1) { /* straight into the caller's buffer */
         for (int i = 0; i < n_seqs; i++)
-            if (seqs[i].logits) {
+            if (seqs[i].logits && !seqs[i].all_logits) {
                 matmul(seqs[i].logits, s->xb, &m->output, 1, pool);
                 finish_logits(seqs[i].logits, n_vocab, hp);
             }
@@ -365,6 +374,6 @@ void cake_cpu_forward(cake_context *c, const cake_batch_seq *seqs, int n_seqs, i
     matmul(logit_rows, s->xb, &m->output, n_out, pool);
     finish_logits(logit_rows, (size_t)n_out * n_vocab, hp);
     for (int i = 0, k = 0; i < n_seqs; i++)
-        if (seqs[i].logits)
+        if (seqs[i].logits && !seqs[i].all_logits)
             memcpy(seqs[i].logits, logit_rows + n_vocab * (size_t)k++, n_vocab * sizeof(float));
 }
