@@ -448,7 +448,11 @@ static void test_bad_requests(void **state) {
          "needs 'logprobs'"},
         {"POST", "/v1/chat/completions", "{\"messages\":[],\"logprobs\":true,\"top_logprobs\":21}",
          400, "'top_logprobs'"},
-        {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"echo\":true}", 400, "not supported"},
+        {"POST", "/v1/chat/completions", "{\"messages\":[],\"echo\":true}", 400,
+         "'echo' is for /v1/completions"},
+        {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"echo\":true,\"stream\":true}", 400,
+         "'echo' with 'stream'"},
+        {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"echo\":1}", 400, "'echo'"},
         {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"presence_penalty\":3}", 400,
          "'presence_penalty'"},
         {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"frequency_penalty\":\"1\"}", 400,
@@ -809,6 +813,91 @@ static void check_repetition(int port, const cJSON *plain, int n) {
     cJSON_Delete(all);
     cJSON_Delete(last);
     cJSON_Delete(tok);
+}
+
+/* A completion's echo: the prompt's text before the answer's; with
+ * logprobs (as lm-eval's loglikelihood asks: the prompt as token ids,
+ * max_tokens 1, logprobs 1) every prompt token's log-probability after the
+ * tokens before it, the first null: each the bits a request for that token
+ * alone after its prefix gives (forced by a logit bias, which log-
+ * probabilities do not see); text offsets into the echoed text; with
+ * max_tokens 0 the prompt alone. */
+static void test_echo(void **state) {
+    (void)state;
+    t_server s;
+    assert_int_equal(serve_start(&s, g_tiny, "--store", "none", NULL), 0);
+    const char *text = "Once upon a time there was a";
+    cJSON *plain = post_ok(s.port, "/v1/completions",
+                           "{\"prompt\":\"%s\",\"max_tokens\":5,\"temperature\":0}", text);
+    cJSON *echo =
+        post_ok(s.port, "/v1/completions",
+                "{\"prompt\":\"%s\",\"max_tokens\":5,\"temperature\":0,\"echo\":true}", text);
+    char want[256];
+    snprintf(want, sizeof(want), "%s%s", text, str_at(plain, "choices.0.text"));
+    assert_string_equal(str_at(echo, "choices.0.text"), want);
+    assert_true(cJSON_IsNull(at(echo, "choices.0.logprobs")));
+
+    cJSON *tok = post_ok(s.port, "/tokenize", "{\"prompt\":\"%s\"}", text);
+    const cJSON *ids = at(tok, "tokens");
+    const int n = cJSON_GetArraySize(ids);
+    char list[512] = "";
+    for (int i = 0; i < n; i++)
+        snprintf(list + strlen(list), sizeof(list) - strlen(list), "%s%d", i ? "," : "",
+                 cJSON_GetArrayItem(ids, i)->valueint);
+    cJSON *scored = post_ok(s.port, "/v1/completions",
+                            "{\"prompt\":[[%s]],\"max_tokens\":1,\"temperature\":0,"
+                            "\"logprobs\":1,\"echo\":true}",
+                            list);
+    const cJSON *lps = at(scored, "choices.0.logprobs.token_logprobs"),
+                *tops = at(scored, "choices.0.logprobs.top_logprobs"),
+                *offsets = at(scored, "choices.0.logprobs.text_offset"),
+                *tokens = at(scored, "choices.0.logprobs.tokens");
+    assert_int_equal(cJSON_GetArraySize(lps), n + 1);
+    assert_true(cJSON_IsNull(cJSON_GetArrayItem(lps, 0)) &&
+                cJSON_IsNull(cJSON_GetArrayItem(tops, 0)));
+    size_t offset = 0;
+    for (int k = 0; k <= n; k++) {
+        assert_int_equal(cJSON_GetArrayItem(offsets, k)->valueint, (int)offset);
+        offset += strlen(cJSON_GetArrayItem(tokens, k)->valuestring);
+        if (!k) continue;
+        const double lp = cJSON_GetArrayItem(lps, k)->valuedouble;
+        const cJSON *top = cJSON_GetArrayItem(tops, k);
+        assert_int_equal(cJSON_GetArraySize(top), 1); /* and the token's own at most that */
+        assert_true(lp <= top->child->valuedouble);
+        if (k == n) break; /* (the answer's token) */
+        /* the same token forced after its prefix */
+        char prefix[512] = "";
+        for (int i = 0; i < k; i++)
+            snprintf(prefix + strlen(prefix), sizeof(prefix) - strlen(prefix), "%s%d", i ? "," : "",
+                     cJSON_GetArrayItem(ids, i)->valueint);
+        const int id = cJSON_GetArrayItem(ids, k)->valueint;
+        cJSON *one = post_ok(s.port, "/v1/completions",
+                             "{\"prompt\":[%s],\"max_tokens\":1,\"temperature\":0,"
+                             "\"logprobs\":0,\"logit_bias\":{\"%d\":100}}",
+                             prefix, id);
+        assert_int_equal(num_at(one, "cake.generated_ids.0"), id);
+        if (num_at(one, "choices.0.logprobs.token_logprobs.0") != lp)
+            fail_msg("prompt token %d: %.9g scored, %.9g forced", k, lp,
+                     num_at(one, "choices.0.logprobs.token_logprobs.0"));
+        cJSON_Delete(one);
+    }
+    /* the echoed text is the prompt's (the BOS prints nothing), then the answer's */
+    assert_int_equal(strncmp(str_at(scored, "choices.0.text"), text, strlen(text)), 0);
+    /* max_tokens 0: the prompt alone, scored */
+    cJSON *only =
+        post_ok(s.port, "/v1/completions",
+                "{\"prompt\":\"%s\",\"max_tokens\":0,\"logprobs\":2,\"echo\":true}", text);
+    assert_string_equal(str_at(only, "choices.0.text"), text);
+    assert_int_equal(cJSON_GetArraySize(at(only, "choices.0.logprobs.token_logprobs")), n);
+    assert_int_equal(cJSON_GetArraySize(at(only, "choices.0.logprobs.top_logprobs.1")), 2);
+    assert_string_equal(str_at(only, "choices.0.finish_reason"), "length");
+    print_message("echo: %d prompt tokens scored, each as its forced request gives it\n", n - 1);
+    cJSON_Delete(only);
+    cJSON_Delete(scored);
+    cJSON_Delete(tok);
+    cJSON_Delete(echo);
+    cJSON_Delete(plain);
+    assert_int_equal(serve_stop(&s), 0);
 }
 
 /* A greedy answer with a presence penalty repeats no token (the tiny
@@ -2585,6 +2674,7 @@ int main(void) {
         cmocka_unit_test(test_logprobs),
         cmocka_unit_test(test_tokenize),
         cmocka_unit_test(test_penalties),
+        cmocka_unit_test(test_echo),
         cmocka_unit_test(test_json_mode),
         cmocka_unit_test(test_json_schema),
         cmocka_unit_test(test_choices),

@@ -36,6 +36,7 @@ serve_job *job_clone(const serve_job *j, int choice) {
     c->n_stop_ids = j->n_stop_ids;
     c->ignore_eos = j->ignore_eos;
     c->top_logprobs = j->top_logprobs;
+    c->echo = j->echo;
     c->json = j->json;
     c->call_format = j->call_format;
     c->reasoning = j->reasoning;
@@ -71,6 +72,7 @@ void job_release(serve_job *j) {
     free(j->text);
     free(j->ids);
     free(j->logprobs);
+    free(j->prompt_logprobs);
     free(j->logit_bias);
     json_schema_release(j->schema);
     free(j->tool_names);

@@ -54,6 +54,10 @@ struct serve_job {
     int n_stop_ids;
     int ignore_eos;   /* EOS and the end of turn do not stop it (benchmarks) */
     int top_logprobs; /* -1: no log-probabilities; else alternatives per token */
+    /* A completion's echo: the answer's text and log-probabilities begin
+     * with the prompt's. With log-probabilities the prompt is scored
+     * (computed whole: every token's logits; nothing loaded or cached). */
+    int echo;
     /* Structured output (engine/json_grammar.h): the answer is JSON, one
      * value of schema (owned: one reference), or with schema NULL one object.
      * With tools and not json: a call is a value of schema from its tag on
@@ -82,10 +86,13 @@ struct serve_job {
     cake_token *ids; /* generated ids (max_tokens of room) */
     int n_ids;
     job_logprob *logprobs; /* one per generated id, when asked (top_logprobs >= 0) */
-    int done;              /* the job ended (finished, failed or cancelled) */
-    int stopped;           /* it ended at EOS, the end of turn or a stop string */
-    int cancelled;         /* cancel was set before it ended */
-    char error[256];       /* why it failed; "" when it did not */
+    /* with echo and log-probabilities: one per prompt token (text_end where
+     * its piece ends in the prompt's text; the first has no log-probability) */
+    job_logprob *prompt_logprobs;
+    int done;        /* the job ended (finished, failed or cancelled) */
+    int stopped;     /* it ended at EOS, the end of turn or a stop string */
+    int cancelled;   /* cancel was set before it ended */
+    char error[256]; /* why it failed; "" when it did not */
     cake_request_stats stats;
     atomic_int cancel; /* set by the HTTP side: stop at the next token */
     job_waker *waker;  /* also signalled on every change (a reference); NULL: none */

@@ -78,8 +78,8 @@ static int bool_field(const cJSON *o, const char *key, int *out, char *err, size
 /* Fields that would change the answer in ways cake does not do: refused
  * rather than ignored. Their "off" values (null, false, 0, []) pass. */
 static int unsupported(const cJSON *o, char *err, size_t errlen) {
-    static const char *keys[] = {"echo",    "suffix",       "functions",     "best_of",
-                                 "grammar", "guided_regex", "guided_choice", "guided_grammar"};
+    static const char *keys[] = {"suffix",       "functions",     "best_of",       "grammar",
+                                 "guided_regex", "guided_choice", "guided_grammar"};
     for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++) {
         const cJSON *v = field(o, keys[i]);
         if (!v || cJSON_IsFalse(v) || (cJSON_IsNumber(v) && v->valuedouble == 0) ||
@@ -88,6 +88,16 @@ static int unsupported(const cJSON *o, char *err, size_t errlen) {
             continue;
         return cake_err(err, errlen, "'%s' is not supported", keys[i]);
     }
+    return 0;
+}
+
+/* A completion's echo (the prompt's text, and with logprobs its tokens'
+ * log-probabilities, before the answer's); not in streams, nor in chats
+ * (vLLM's chat echo repeats the last message: not done). */
+static int echo_asked(const cJSON *o, int chat, int stream, int *echo, char *err, size_t errlen) {
+    if (bool_field(o, "echo", echo, err, errlen)) return -1;
+    if (*echo && chat) return cake_err(err, errlen, "'echo' is for /v1/completions");
+    if (*echo && stream) return cake_err(err, errlen, "'echo' with 'stream' is not supported");
     return 0;
 }
 
@@ -267,8 +277,9 @@ static int tokenize_text(const api_model *m, const char *s, size_t len, cake_tok
 static int completion_prompt(const cJSON *o, const api_model *m, cake_token **ids, int *n,
                              char *err, size_t errlen) {
     const cJSON *p = field(o, "prompt");
+    /* (a list of one prompt: a string, or token ids as lm-eval sends them) */
     if (p && cJSON_IsArray(p) && cJSON_GetArraySize(p) == 1 &&
-        cJSON_IsString(cJSON_GetArrayItem(p, 0)))
+        (cJSON_IsString(cJSON_GetArrayItem(p, 0)) || cJSON_IsArray(cJSON_GetArrayItem(p, 0))))
         p = cJSON_GetArrayItem(p, 0);
     if (p && cJSON_IsString(p))
         return tokenize_text(m, p->valuestring, strlen(p->valuestring), ids, n, err, errlen);
@@ -656,7 +667,7 @@ int api_parse(const char *body, size_t len, int chat, const api_model *m, serve_
     cake_token eot = -1;
     double max_tokens = -1, temperature = 1, top_p = 1, seed = -1, frequency = 0, presence = 0,
            top_k = 0, min_p = 0, choices = 1;
-    int rc = -1, ignore_eos = 0, top_logprobs = -1, json = 0, repeat_last_n = 0;
+    int rc = -1, ignore_eos = 0, top_logprobs = -1, json = 0, repeat_last_n = 0, echo = 0;
     float repetition = 1;
     json_schema *schema = NULL;
     request_tools rt = {0};
@@ -666,8 +677,9 @@ int api_parse(const char *body, size_t len, int chat, const api_model *m, serve_
         repetition_asked(o, &repetition, &repeat_last_n, err, errlen) ||
         bool_field(o, "stream", &shape->stream, err, errlen) ||
         bool_field(o, "ignore_eos", &ignore_eos, err, errlen) ||
-        int_field(o, "max_tokens", 1, 1 << 30, &max_tokens, err, errlen) ||
-        int_field(o, "max_completion_tokens", 1, 1 << 30, &max_tokens, err, errlen) ||
+        echo_asked(o, chat, shape->stream, &echo, err, errlen) ||
+        int_field(o, "max_tokens", echo ? 0 : 1, 1 << 30, &max_tokens, err, errlen) ||
+        int_field(o, "max_completion_tokens", echo ? 0 : 1, 1 << 30, &max_tokens, err, errlen) ||
         num_field(o, "temperature", 0, 2, &temperature, err, errlen) ||
         num_field(o, "top_p", 1e-6, 1, &top_p, err, errlen) ||
         int_field(o, "top_k", -1, 1 << 30, &top_k, err, errlen) ||
@@ -707,7 +719,7 @@ int api_parse(const char *body, size_t len, int chat, const api_model *m, serve_
     if (add_stops(o, j, err, errlen) || add_stop_ids(o, m, j, err, errlen)) goto done;
     /* Completions default to 16 tokens as OpenAI's do; chat runs to the end
      * of the turn (or of the context). */
-    j->max_tokens = max_tokens > 0 ? (int)max_tokens : chat ? m->n_ctx - n : 16;
+    j->max_tokens = max_tokens >= 0 ? (int)max_tokens : chat ? m->n_ctx - n : 16;
     if (j->max_tokens > m->n_ctx - n) j->max_tokens = m->n_ctx - n;
     j->sampling = (cake_sampler_params){.temperature = (float)temperature,
                                         .top_p = (float)top_p,
@@ -724,6 +736,7 @@ int api_parse(const char *body, size_t len, int chat, const api_model *m, serve_
                    cake_tokenizer_find(m->tok, "</think>", 8) >= 0;
     j->ignore_eos = ignore_eos;
     j->top_logprobs = top_logprobs;
+    j->echo = echo;
     if (rt.choice != TOOLS_NONE) {
         j->call_format = m->chat;
         if (!(j->tool_names = tool_names(&rt))) {
@@ -858,36 +871,95 @@ static cJSON *chat_token(const char *piece, int len, float logprob) {
     return t;
 }
 
+/* An echoed prompt's text: its tokens' pieces one after another (which
+ * give back a prompt sent as text); malloc'd, *len bytes, NULL when out of
+ * memory. With the prompt's log-probabilities, each one's text_end is set. */
+static char *prompt_text(const api_shape *s, const serve_job *j, size_t *len) {
+    size_t cap = 64, n = 0;
+    char *text = malloc(cap);
+    for (int i = 0; text && i < j->n_prompt; i++) {
+        int plen;
+        char *piece = piece_of(s->tok, i ? j->prompt[i - 1] : -1, j->prompt[i], &plen);
+        if (piece && n + (size_t)plen + 1 > cap) {
+            char *t = realloc(text, cap = 2 * (n + (size_t)plen + 1));
+            if (!t) free(text);
+            text = t;
+        }
+        if (!piece || !text) {
+            free(piece);
+            free(text);
+            return NULL;
+        }
+        memcpy(text + n, piece, (size_t)plen);
+        n += (size_t)plen;
+        free(piece);
+        if (j->prompt_logprobs) j->prompt_logprobs[i].text_end = n;
+    }
+    if (text) text[n] = '\0';
+    *len = n;
+    return text;
+}
+
+/* The alternatives of lp after token prev: a completion's {text: logprob}
+ * (the likelier of two with the same text), a chat's list. */
+static cJSON *top_json(const api_shape *s, const job_logprob *lp, cake_token prev) {
+    cJSON *top = s->chat ? cJSON_CreateArray() : cJSON_CreateObject();
+    for (int k = 0; k < lp->n_top; k++) {
+        int alen;
+        char *alt = piece_of(s->tok, prev, lp->top_id[k], &alen);
+        if (!alt) break;
+        if (s->chat) {
+            cJSON_AddItemToArray(top, chat_token(alt, alen, lp->top_logprob[k]));
+        } else {
+            char *clean = api_utf8_clean(alt, (size_t)alen);
+            if (clean && !cJSON_GetObjectItemCaseSensitive(top, clean)) /* (first: likelier) */
+                cJSON_AddNumberToObject(top, clean, lp->top_logprob[k]);
+            free(clean);
+        }
+        free(alt);
+    }
+    return top;
+}
+
+/* An echoed prompt's part of a completion's four arrays (its first token
+ * has no log-probability: null, as OpenAI's and vLLM's; text_end as
+ * prompt_text set them). */
+static void add_prompt_logprobs(const api_shape *s, const serve_job *j, cJSON *tokens, cJSON *lps,
+                                cJSON *tops, cJSON *offsets) {
+    for (int i = 0; i < j->n_prompt; i++) {
+        const job_logprob *lp = &j->prompt_logprobs[i];
+        const size_t start = i ? j->prompt_logprobs[i - 1].text_end : 0;
+        int len;
+        char *p = piece_of(s->tok, i ? j->prompt[i - 1] : -1, j->prompt[i], &len);
+        if (!p) break;
+        cJSON_AddItemToArray(tokens, clean_string(p, len));
+        free(p);
+        cJSON_AddItemToArray(lps, i ? cJSON_CreateNumber(lp->logprob) : cJSON_CreateNull());
+        cJSON_AddItemToArray(tops, i ? top_json(s, lp, j->prompt[i - 1]) : cJSON_CreateNull());
+        cJSON_AddItemToArray(offsets, cJSON_CreateNumber((double)start));
+    }
+}
+
 /* The log-probabilities of the job's tokens [from, to): a chat's `content`
- * list, or a completion's four arrays. */
-static cJSON *logprobs_json(const api_shape *s, const serve_job *j, int from, int to) {
+ * list, or a completion's four arrays (an echoed prompt's first, from 0;
+ * then the answer's offsets follow the prompt's text, echo_len bytes). */
+static cJSON *logprobs_json(const api_shape *s, const serve_job *j, int from, int to,
+                            size_t echo_len) {
     cJSON *r = cJSON_CreateObject();
     cJSON *content = s->chat ? cJSON_AddArrayToObject(r, "content") : NULL;
     cJSON *tokens = s->chat ? NULL : cJSON_AddArrayToObject(r, "tokens"),
           *lps = s->chat ? NULL : cJSON_AddArrayToObject(r, "token_logprobs"),
           *tops = s->chat ? NULL : cJSON_AddArrayToObject(r, "top_logprobs"),
           *offsets = s->chat ? NULL : cJSON_AddArrayToObject(r, "text_offset");
+    if (!s->chat && j->echo && j->prompt_logprobs && from == 0)
+        add_prompt_logprobs(s, j, tokens, lps, tops, offsets);
     for (int i = from; i < to; i++) {
         const job_logprob *lp = &j->logprobs[i];
         const cake_token prev = i ? j->ids[i - 1] : j->prompt[j->n_prompt - 1];
         int len;
         char *piece = piece_of(s->tok, prev, j->ids[i], &len);
         if (!piece) break;
-        cJSON *top = s->chat ? cJSON_CreateArray() : cJSON_CreateObject();
-        for (int k = 0; k < lp->n_top; k++) {
-            int alen;
-            char *alt = piece_of(s->tok, prev, lp->top_id[k], &alen);
-            if (!alt) break;
-            if (s->chat) {
-                cJSON_AddItemToArray(top, chat_token(alt, alen, lp->top_logprob[k]));
-            } else {
-                char *clean = api_utf8_clean(alt, (size_t)alen);
-                if (clean && !cJSON_GetObjectItemCaseSensitive(top, clean)) /* (first: likelier) */
-                    cJSON_AddNumberToObject(top, clean, lp->top_logprob[k]);
-                free(clean);
-            }
-            free(alt);
-        }
+        cJSON *top = top_json(s, lp, prev);
         if (s->chat) {
             cJSON *t = chat_token(piece, len, lp->logprob);
             cJSON_AddItemToObject(t, "top_logprobs", top);
@@ -897,7 +969,8 @@ static cJSON *logprobs_json(const api_shape *s, const serve_job *j, int from, in
             cJSON_AddItemToArray(lps, cJSON_CreateNumber(lp->logprob));
             cJSON_AddItemToArray(tops, top);
             cJSON_AddItemToArray(offsets,
-                                 cJSON_CreateNumber(i ? (double)j->logprobs[i - 1].text_end : 0));
+                                 cJSON_CreateNumber((double)echo_len +
+                                                    (i ? (double)j->logprobs[i - 1].text_end : 0)));
         }
         free(piece);
     }
@@ -905,9 +978,10 @@ static cJSON *logprobs_json(const api_shape *s, const serve_job *j, int from, in
 }
 
 /* A choice's `logprobs`: null unless the job asked for them. */
-static void add_logprobs(cJSON *choice, const api_shape *s, const serve_job *j, int from, int to) {
+static void add_logprobs(cJSON *choice, const api_shape *s, const serve_job *j, int from, int to,
+                         size_t echo_len) {
     if (j->top_logprobs >= 0 && j->logprobs)
-        cJSON_AddItemToObject(choice, "logprobs", logprobs_json(s, j, from, to));
+        cJSON_AddItemToObject(choice, "logprobs", logprobs_json(s, j, from, to, echo_len));
     else
         cJSON_AddNullToObject(choice, "logprobs");
 }
@@ -1045,7 +1119,21 @@ char *api_response(const api_shape *s, serve_job *const *jobs, int n, const char
         cJSON *calls = s->chat ? answer_calls(j, &content_end) : NULL;
         job_reasoning(j, &r0, &r1, &c0);
         const char *all = j->text ? j->text : "";
-        char *text = api_utf8_clean(all + c0, content_end > c0 ? content_end - c0 : 0);
+        /* an echo: the prompt's text, then the answer's */
+        size_t echo_len = 0;
+        char *echoed = j->echo && !s->chat ? prompt_text(s, j, &echo_len) : NULL;
+        char *joined = echoed ? realloc(echoed, echo_len + content_end + 1) : NULL;
+        if (joined) {
+            memcpy(joined + echo_len, all, content_end);
+            all = joined;
+            content_end += echo_len;
+        } else {
+            free(echoed);
+        }
+        char *text = (j->echo && !s->chat && !joined)
+                         ? NULL
+                         : api_utf8_clean(all + c0, content_end > c0 ? content_end - c0 : 0);
+        free(joined);
         if (!text) {
             cJSON_Delete(calls);
             cJSON_Delete(r);
@@ -1069,7 +1157,7 @@ char *api_response(const api_shape *s, serve_job *const *jobs, int n, const char
         } else {
             cJSON_AddStringToObject(choice, "text", text);
         }
-        add_logprobs(choice, s, j, 0, api_answer_tokens(j, j->len));
+        add_logprobs(choice, s, j, 0, api_answer_tokens(j, j->len), echo_len);
         cJSON_AddStringToObject(choice, "finish_reason", finish_reason(j));
         cJSON_AddItemToArray(choices, choice);
         free(text);
@@ -1117,7 +1205,7 @@ char *api_stream_event(const api_shape *s, api_chunk_kind kind, int index, const
     if (kind == CHUNK_FIRST || kind == CHUNK_CALLS)
         cJSON_AddNullToObject(choice, "logprobs");
     else
-        add_logprobs(choice, s, j, tok_from, tok_to);
+        add_logprobs(choice, s, j, tok_from, tok_to, 0);
     if (kind == CHUNK_FINISH)
         cJSON_AddStringToObject(choice, "finish_reason", finish_reason(j));
     else

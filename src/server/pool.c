@@ -34,18 +34,14 @@ static void histogram_merge(pool_histogram *into, const pool_histogram *h) {
     for (int b = 0; b < POOL_N_BUCKETS; b++) into->le[b] += h->le[b];
 }
 
-/* The chosen token's log-probability and the k most likely, from the
+/* Token id's log-probability and the k most likely (k <= 20), from the
  * logits' log softmax (before temperature and top_p, as vLLM's default). */
-static void on_logits(const float *logits, int n_vocab, cake_token id, void *ud) {
-    token_sink *s = ud;
-    const int k = s->job->top_logprobs;
-    if (k < 0) return;
+static void logprob_of(const float *logits, int n_vocab, cake_token id, int k, job_logprob *lp) {
     float max = logits[0];
     for (int i = 1; i < n_vocab; i++) max = logits[i] > max ? logits[i] : max;
     double sum = 0;
     for (int i = 0; i < n_vocab; i++) sum += exp((double)logits[i] - max);
     const double lse = max + log(sum);
-    job_logprob *lp = &s->next;
     lp->logprob = (float)(logits[id] - lse);
     lp->n_top = 0;
     for (int i = 0; i < n_vocab; i++) { /* insertion into the k best, highest first */
@@ -61,6 +57,19 @@ static void on_logits(const float *logits, int n_vocab, cake_token id, void *ud)
         lp->top_logprob[at] = logits[i]; /* (made log-probabilities below) */
     }
     for (int m = 0; m < lp->n_top; m++) lp->top_logprob[m] = (float)(lp->top_logprob[m] - lse);
+}
+
+static void on_logits(const float *logits, int n_vocab, cake_token id, void *ud) {
+    token_sink *s = ud;
+    if (s->job->top_logprobs >= 0) logprob_of(logits, n_vocab, id, s->job->top_logprobs, &s->next);
+}
+
+/* A scored prompt's rows: row r gives prompt token pos0 + r + 1's. */
+static void on_prompt_logits(const float *rows, int n, int pos0, int n_vocab, void *ud) {
+    const serve_job *j = ((token_sink *)ud)->job;
+    for (int r = 0; r < n && pos0 + r + 1 < j->n_prompt; r++)
+        logprob_of(rows + (size_t)r * n_vocab, n_vocab, j->prompt[pos0 + r + 1], j->top_logprobs,
+                   &j->prompt_logprobs[pos0 + r + 1]);
 }
 
 static int on_token(cake_token id, void *ud) {
@@ -320,9 +329,12 @@ static void run_job(slot *s, serve_job *j) {
     j->ids = malloc((size_t)(max > 0 ? max : 1) * sizeof(*j->ids));
     if (j->top_logprobs >= 0)
         j->logprobs = malloc((size_t)(max > 0 ? max : 1) * sizeof(job_logprob));
+    const int score = j->echo && j->top_logprobs >= 0;
+    if (score) j->prompt_logprobs = calloc((size_t)j->n_prompt, sizeof(job_logprob));
     j->prev = j->prompt[j->n_prompt - 1];
     cake_token *ids = j->ids;
-    const int no_logprobs = j->top_logprobs >= 0 && !j->logprobs;
+    const int no_logprobs =
+        j->top_logprobs >= 0 && (!j->logprobs || (score && !j->prompt_logprobs));
     pthread_mutex_unlock(&j->mu);
     if (!sampler || !ids || no_logprobs || ((j->json || lazy) && !grammar)) {
         cake_sampler_free(sampler);
@@ -351,6 +363,7 @@ static void run_job(slot *s, serve_job *j) {
         .sampler = sampler,
         .on_token = on_token,
         .on_logits = on_logits,
+        .on_prompt_logits = score ? on_prompt_logits : NULL,
         .ud = &sink,
         .forward = scheduled_forward,
         .forward_ud = &ticket,
