@@ -38,6 +38,8 @@ expect_exit 2 "run with bad --top-k" -- "$CAKE" run -m x.gguf -p hi --top-k -1
 expect_exit 2 "run with bad --presence-penalty" -- "$CAKE" run -m x.gguf -p hi --presence-penalty 3
 expect_exit 2 "run with bad --repeat-penalty" -- "$CAKE" run -m x.gguf -p hi --repeat-penalty 0
 expect_exit 2 "run with bad --repeat-last-n" -- "$CAKE" run -m x.gguf -p hi --repeat-last-n -2
+expect_exit 2 "perplexity without -f" -- "$CAKE" perplexity -m x.gguf
+expect_exit 2 "perplexity with bad --ctx" -- "$CAKE" perplexity -m x.gguf -f x --ctx 2
 expect_exit 2 "mkmodel unknown shape" -- "$CAKE" mkmodel --shape huge -o "$tmp/x.gguf"
 expect_exit 0 "run --help" -- "$CAKE" run --help
 grep -q -- "--dump-logits" "$tmp/out" && pass "run --help lists options" || fail "run --help"
@@ -191,6 +193,20 @@ if [ -f "$MODELS/stories260K.gguf" ] && [ -f "$MODELS/golden/stories260K-greedy.
     grep -q "there was a little girl named Lily" "$tmp/text" && pass "stories260K text" || fail "text: $(cat "$tmp/text")"
     expect_exit 0 "tokenize command" -- "$CAKE" tokenize -m "$MODELS/stories260K.gguf" -p "Once upon a time"
     [ "$(cat "$tmp/out")" = "1 403 407 261 378" ] && pass "tokenize ids" || fail "tokenize: $(cat "$tmp/out")"
+    # perplexity: the model's own greedy text is likely to it, the same words
+    # backwards are not (a token scored against the wrong row of logits
+    # would make the first high too)
+    "$CAKE" run -m "$MODELS/stories260K.gguf" -p "Once upon a time" -n 400 --temp 0 2>/dev/null >"$tmp/story"
+    tr ' ' '\n' <"$tmp/story" | awk '{w[NR] = $0} END {for (i = NR; i > 0; i--) printf "%s ", w[i]}' >"$tmp/backwards"
+    expect_exit 0 "perplexity" -- "$CAKE" perplexity -m "$MODELS/stories260K.gguf" -f "$tmp/story" -c 64
+    ppl=$(sed -n 's/^Final estimate: PPL = \([0-9.]*\) .*/\1/p' "$tmp/out")
+    chunks=$(head -1 "$tmp/out" | tr ',' '\n' | grep -c '^\[')
+    "$CAKE" perplexity -m "$MODELS/stories260K.gguf" -f "$tmp/backwards" -c 64 2>/dev/null >"$tmp/out2"
+    ppl_back=$(sed -n 's/^Final estimate: PPL = \([0-9.]*\) .*/\1/p' "$tmp/out2")
+    awk -v a="$ppl" -v b="$ppl_back" 'BEGIN {exit !(a > 1 && a < 3 && b > 10 * a)}' && [ "$chunks" -ge 4 ] &&
+        pass "perplexity: greedy text $ppl, backwards $ppl_back ($chunks chunks)" ||
+        fail "perplexity: greedy text '$ppl', backwards '$ppl_back', $chunks chunks"
+    expect_exit 1 "perplexity on too short a text" -- "$CAKE" perplexity -m "$MODELS/stories260K.gguf" -f "$tmp/story" -c 4096
 else
     echo "skip: stories260K.gguf or its golden file not in $MODELS"
 fi

@@ -11,6 +11,7 @@ static const char *usage =
     "  run        run one request on a GGUF model (prefill + generation)\n"
     "  mkmodel    write a GGUF model with random weights and a real architecture\n"
     "  tokenize   print the token ids of a text\n"
+    "  perplexity a model's perplexity on a text (as llama.cpp's llama-perplexity)\n"
     "  bench      benchmarks: `cake bench ttft` (compute vs load vs Cake, with the oracle)\n"
     "  store      inspect and maintain a KV chunk store (ls, stat, verify, rm, gc)\n"
     "  serve      an OpenAI-compatible HTTP server on a model\n"
@@ -30,6 +31,7 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "run")) return cmd_run(argc - 1, argv + 1);
     if (!strcmp(cmd, "mkmodel")) return cmd_mkmodel(argc - 1, argv + 1);
     if (!strcmp(cmd, "tokenize")) return cmd_tokenize(argc - 1, argv + 1);
+    if (!strcmp(cmd, "perplexity")) return cmd_perplexity(argc - 1, argv + 1);
     if (!strcmp(cmd, "bench")) return cmd_bench(argc - 1, argv + 1);
     if (!strcmp(cmd, "store")) return cmd_store(argc - 1, argv + 1);
 #ifdef CAKE_HAVE_SERVER
