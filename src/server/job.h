@@ -86,8 +86,8 @@ struct serve_job {
     cake_token *ids; /* generated ids (max_tokens of room) */
     int n_ids;
     job_logprob *logprobs; /* one per generated id, when asked (top_logprobs >= 0) */
-    /* with echo and log-probabilities: one per prompt token (text_end where
-     * its piece ends in the prompt's text; the first has no log-probability) */
+    /* with echo and log-probabilities: one per prompt token (the first has
+     * no log-probability; text_end is not used) */
     job_logprob *prompt_logprobs;
     int done;        /* the job ended (finished, failed or cancelled) */
     int stopped;     /* it ended at EOS, the end of turn or a stop string */

@@ -873,7 +873,7 @@ static cJSON *chat_token(const char *piece, int len, float logprob) {
 
 /* An echoed prompt's text: its tokens' pieces one after another (which
  * give back a prompt sent as text); malloc'd, *len bytes, NULL when out of
- * memory. With the prompt's log-probabilities, each one's text_end is set. */
+ * memory. */
 static char *prompt_text(const api_shape *s, const serve_job *j, size_t *len) {
     size_t cap = 64, n = 0;
     char *text = malloc(cap);
@@ -893,7 +893,6 @@ static char *prompt_text(const api_shape *s, const serve_job *j, size_t *len) {
         memcpy(text + n, piece, (size_t)plen);
         n += (size_t)plen;
         free(piece);
-        if (j->prompt_logprobs) j->prompt_logprobs[i].text_end = n;
     }
     if (text) text[n] = '\0';
     *len = n;
@@ -922,13 +921,13 @@ static cJSON *top_json(const api_shape *s, const job_logprob *lp, cake_token pre
 }
 
 /* An echoed prompt's part of a completion's four arrays (its first token
- * has no log-probability: null, as OpenAI's and vLLM's; text_end as
- * prompt_text set them). */
+ * has no log-probability: null, as OpenAI's and vLLM's; the offsets are
+ * into prompt_text's text). */
 static void add_prompt_logprobs(const api_shape *s, const serve_job *j, cJSON *tokens, cJSON *lps,
                                 cJSON *tops, cJSON *offsets) {
+    size_t start = 0;
     for (int i = 0; i < j->n_prompt; i++) {
         const job_logprob *lp = &j->prompt_logprobs[i];
-        const size_t start = i ? j->prompt_logprobs[i - 1].text_end : 0;
         int len;
         char *p = piece_of(s->tok, i ? j->prompt[i - 1] : -1, j->prompt[i], &len);
         if (!p) break;
@@ -937,6 +936,7 @@ static void add_prompt_logprobs(const api_shape *s, const serve_job *j, cJSON *t
         cJSON_AddItemToArray(lps, i ? cJSON_CreateNumber(lp->logprob) : cJSON_CreateNull());
         cJSON_AddItemToArray(tops, i ? top_json(s, lp, j->prompt[i - 1]) : cJSON_CreateNull());
         cJSON_AddItemToArray(offsets, cJSON_CreateNumber((double)start));
+        start += (size_t)len;
     }
 }
 
