@@ -126,19 +126,27 @@ static void fuzz_parse(const uint8_t *data, size_t size) {
     else
         CHECK(err[0] && !out);
     err[0] = '\0';
-    serve_job *j = (serve_job *)1;
+    serve_job *jobs[API_MAX_JOBS] = {(serve_job *)1};
     api_shape shape;
     const int rc =
-        api_parse((const char *)data + 2, size - 2, chat, &m, &j, &shape, err, sizeof(err));
+        api_parse((const char *)data + 2, size - 2, chat, &m, jobs, &shape, err, sizeof(err));
     if (rc) {
-        CHECK(rc == -1 && err[0] && !j);
+        CHECK(rc == -1 && err[0] && !jobs[0]);
         check_json(api_error(400, err));
         return;
     }
-    CHECK(j && j->n_prompt >= 1 && j->n_prompt < m.n_ctx);
-    for (int i = 0; i < j->n_prompt; i++) CHECK(j->prompt[i] >= 0 && j->prompt[i] < m.n_vocab);
-    CHECK(j->max_tokens >= 1 && j->max_tokens <= m.n_ctx - j->n_prompt);
-    CHECK(shape.n >= 1 && shape.n <= API_MAX_CHOICES);
+    CHECK(shape.n >= 1 && shape.n <= API_MAX_CHOICES && shape.n_prompts >= 1 &&
+          shape.n_prompts * shape.n <= API_MAX_JOBS && (!chat || shape.n_prompts == 1));
+    for (int k = 0; k < shape.n_prompts; k++) { /* each prompt's job */
+        const serve_job *p = jobs[k];
+        CHECK(p && p->n_prompt >= 1 && p->n_prompt < m.n_ctx);
+        for (int i = 0; i < p->n_prompt; i++) CHECK(p->prompt[i] >= 0 && p->prompt[i] < m.n_vocab);
+        /* (an echo may ask for no tokens: the prompt alone) */
+        CHECK(p->max_tokens >= !p->echo && p->max_tokens <= m.n_ctx - p->n_prompt);
+        CHECK(p->sampling.seed == jobs[0]->sampling.seed && p->echo == jobs[0]->echo);
+    }
+    for (int k = 1; k < shape.n_prompts; k++) job_release(jobs[k]);
+    serve_job *j = jobs[0];
     CHECK(j->n_stop_ids >= 0 && j->n_stop_ids <= JOB_MAX_STOP_IDS);
     for (int i = 0; i < j->n_stop_ids; i++)
         CHECK(j->stop_ids[i] >= 0 && j->stop_ids[i] < m.n_vocab);

@@ -419,7 +419,10 @@ static void test_bad_requests(void **state) {
         {"POST", "/v1/completions", "{\"prompt\":[]}", 400, "empty"},
         {"POST", "/v1/completions", "{\"prompt\":[1,99999]}", 400, "not a token id"},
         {"POST", "/v1/completions", "{\"prompt\":[1,2.5]}", 400, "not a token id"},
-        {"POST", "/v1/completions", "{\"prompt\":[\"a\",\"b\"]}", 400, "not a token id"},
+        {"POST", "/v1/completions", "{\"prompt\":[\"a\",5]}", 400, "a list of prompts holds"},
+        {"POST", "/v1/completions", "{\"prompt\":[[1,2],[1,99999]]}", 400, "not a token id"},
+        {"POST", "/v1/completions", "{\"prompt\":[\"a\",\"b\",\"c\",\"d\",\"e\"],\"n\":16}", 400,
+         "at most 64 answers"},
         {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"max_tokens\":0}", 400, "'max_tokens'"},
         {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"max_tokens\":\"5\"}", 400,
          "'max_tokens'"},
@@ -1025,6 +1028,63 @@ static void test_choices(void **state) {
     cJSON_Delete(all);
     assert_int_equal(serve_stop(&s), 0);
 #undef CHOICES_REQUEST
+}
+
+/* A completion's list of prompts (strings, or lists of token ids): choice
+ * k of prompt p at index p n + k, each the answer of that prompt alone (its
+ * seed moved by k); the usage counts each prompt once; a stream carries
+ * them all, then the usage. */
+static void test_prompt_list(void **state) {
+    (void)state;
+    enum { N = 2, MAX = 5 };
+    t_server s;
+    assert_int_equal(serve_start(&s, g_tiny, "--store", "none", "--slots", "2", NULL), 0);
+    const char *prompts[] = {"\"Once upon a time\"", "[1,300,301,302,303]", "\"The cat sat\""};
+#define LIST_REQUEST                                                                               \
+    "{\"prompt\":%s,\"max_tokens\":%d,\"temperature\":1,\"seed\":7,\"ignore_eos\":true,"           \
+    "\"n\":%d%s}"
+    cJSON *all = post_ok(s.port, "/v1/completions", LIST_REQUEST,
+                         "[\"Once upon a time\",[1,300,301,302,303],\"The cat sat\"]", MAX, N, "");
+    assert_int_equal(cJSON_GetArraySize(at(all, "choices")), 3 * N);
+    int prompt_tokens = 0;
+    for (int p = 0; p < 3; p++) {
+        cJSON *one = post_ok(s.port, "/v1/completions", LIST_REQUEST, prompts[p], MAX, N, "");
+        prompt_tokens += (int)num_at(one, "usage.prompt_tokens");
+        for (int k = 0; k < N; k++) {
+            char path[64], alone[64];
+            snprintf(path, sizeof(path), "choices.%d.index", p * N + k);
+            assert_int_equal(num_at(all, path), p * N + k);
+            snprintf(path, sizeof(path), "choices.%d.text", p * N + k);
+            snprintf(alone, sizeof(alone), "choices.%d.text", k);
+            assert_string_equal(str_at(all, path), str_at(one, alone));
+        }
+        cJSON_Delete(one);
+    }
+    assert_int_equal(num_at(all, "usage.prompt_tokens"), prompt_tokens);
+    assert_int_equal(num_at(all, "usage.completion_tokens"), 3 * N * MAX);
+
+    char body[512];
+    snprintf(body, sizeof(body), LIST_REQUEST, "[\"Once upon a time\",\"The cat sat\"]", MAX, 1,
+             ",\"stream\":true,\"stream_options\":{\"include_usage\":true}");
+    t_resp r = http(s.port, "POST", "/v1/completions", body);
+    assert_int_equal(r.status, 200);
+    cJSON *ev[200];
+    int done, n_ev = parse_events(r.body, ev, 200, &done);
+    assert_true(done);
+    char text[2][256] = {{0}};
+    for (int e = 0; e < n_ev - 1; e++) {
+        const int i = (int)num_at(ev[e], "choices.0.index");
+        assert_true(i == 0 || i == 1);
+        strcat(text[i], str_at(ev[e], "choices.0.text"));
+    }
+    assert_string_equal(text[0], str_at(all, "choices.0.text"));
+    assert_string_equal(text[1], str_at(all, "choices.4.text"));
+    assert_int_equal(num_at(ev[n_ev - 1], "usage.completion_tokens"), 2 * MAX);
+    for (int e = 0; e < n_ev; e++) cJSON_Delete(ev[e]);
+    resp_free(&r);
+    cJSON_Delete(all);
+    assert_int_equal(serve_stop(&s), 0);
+#undef LIST_REQUEST
 }
 
 /* stop_token_ids end the answer where the first of them is chosen, as EOS
@@ -2678,6 +2738,7 @@ int main(void) {
         cmocka_unit_test(test_json_mode),
         cmocka_unit_test(test_json_schema),
         cmocka_unit_test(test_choices),
+        cmocka_unit_test(test_prompt_list),
         cmocka_unit_test(test_stop_ids),
         cmocka_unit_test(test_cancel_prefill),
     };

@@ -146,8 +146,8 @@ typedef struct {
 typedef struct {
     serve_server *server;
     struct MHD_Connection *conn;
-    serve_job *jobs[API_MAX_CHOICES]; /* one per choice */
-    stream_choice choice[API_MAX_CHOICES];
+    serve_job *jobs[API_MAX_JOBS]; /* one per choice (of each prompt) */
+    stream_choice choice[API_MAX_JOBS];
     int n, turn; /* choices; the one to look at first (round robin) */
     int failed;  /* a choice failed: no usage chunk */
     int ending;  /* after the choices: 0 the usage chunk, 1 [DONE], 2 over */
@@ -326,16 +326,19 @@ static int wait_jobs(struct MHD_Connection *c, serve_job *const *jobs, int n) {
 static enum MHD_Result answer(serve_server *s, struct MHD_Connection *c, const request_state *rq,
                               int chat) {
     char err[512];
-    serve_job *jobs[API_MAX_CHOICES] = {0};
+    serve_job *jobs[API_MAX_JOBS] = {0}, *prompts[API_MAX_JOBS];
     api_shape shape;
-    if (api_parse(rq->body ? rq->body : "", rq->len, chat, &s->model, &jobs[0], &shape, err,
+    if (api_parse(rq->body ? rq->body : "", rq->len, chat, &s->model, prompts, &shape, err,
                   sizeof(err)))
         return reply_error(s, c, MHD_HTTP_BAD_REQUEST, "%s", err);
-    const int n = shape.n; /* choices: one job each */
+    /* choices: one job each, a prompt's together (choice k of prompt p at
+     * p n + k, its index in the answer) */
+    const int n = shape.n * shape.n_prompts;
+    for (int p = 0; p < shape.n_prompts; p++) jobs[p * shape.n] = prompts[p];
     /* a stream of several choices waits on all their jobs at once */
     job_waker *waker = NULL;
     for (int i = 1; i < n; i++)
-        if (!(jobs[i] = job_clone(jobs[0], i)) ||
+        if ((i % shape.n && !(jobs[i] = job_clone(jobs[i - i % shape.n], i % shape.n))) ||
             (shape.stream && !waker && !(waker = job_waker_new()))) {
             job_waker_release(waker);
             cancel_jobs(jobs, n);

@@ -25,7 +25,11 @@ serve_job *job_clone(const serve_job *j, int choice) {
     cake_token *prompt = malloc((size_t)j->n_prompt * sizeof(*prompt));
     if (!prompt) return NULL;
     memcpy(prompt, j->prompt, (size_t)j->n_prompt * sizeof(*prompt));
-    serve_job *c = job_create(prompt, j->n_prompt);
+    return job_clone_prompt(j, choice, prompt, j->n_prompt);
+}
+
+serve_job *job_clone_prompt(const serve_job *j, int choice, cake_token *prompt, int n) {
+    serve_job *c = job_create(prompt, n);
     if (!c) return NULL;
     int ok = 1;
     c->max_tokens = j->max_tokens;

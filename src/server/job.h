@@ -112,6 +112,10 @@ serve_job *job_create(cake_token *prompt, int n);
  * its sampler's seed moved by `choice` so that the answers differ. NULL on
  * out of memory. */
 serve_job *job_clone(const serve_job *j, int choice);
+/* The same for another prompt of the request (a completion's list of
+ * prompts): prompt[0..n) taken over as job_create takes it; max_tokens is
+ * j's (the caller caps it to the context). */
+serve_job *job_clone_prompt(const serve_job *j, int choice, cake_token *prompt, int n);
 /* Drops a reference; the last one frees the job. Accepts NULL. */
 void job_release(serve_job *j);
 /* A waker with one reference (NULL on out of memory), one more, one less. */

@@ -273,14 +273,9 @@ static int tokenize_text(const api_model *m, const char *s, size_t len, cake_tok
     return 0;
 }
 
-/* "prompt": a string, an array of token ids, or an array of one string. */
-static int completion_prompt(const cJSON *o, const api_model *m, cake_token **ids, int *n,
+/* One prompt: a string, or an array of token ids. */
+static int completion_prompt(const cJSON *p, const api_model *m, cake_token **ids, int *n,
                              char *err, size_t errlen) {
-    const cJSON *p = field(o, "prompt");
-    /* (a list of one prompt: a string, or token ids as lm-eval sends them) */
-    if (p && cJSON_IsArray(p) && cJSON_GetArraySize(p) == 1 &&
-        (cJSON_IsString(cJSON_GetArrayItem(p, 0)) || cJSON_IsArray(cJSON_GetArrayItem(p, 0))))
-        p = cJSON_GetArrayItem(p, 0);
     if (p && cJSON_IsString(p))
         return tokenize_text(m, p->valuestring, strlen(p->valuestring), ids, n, err, errlen);
     if (!p || !cJSON_IsArray(p))
@@ -296,13 +291,49 @@ static int completion_prompt(const cJSON *o, const api_model *m, cake_token **id
             free(*ids);
             *ids = NULL;
             return cake_err(err, errlen,
-                            "'prompt' item %d is not a token id of this model (0..%d); one "
-                            "prompt per request",
+                            "'prompt' item %d is not a token id of this model (0..%d); several "
+                            "prompts are a list of strings or of lists of token ids",
                             i, m->n_vocab - 1);
         }
         (*ids)[i++] = (cake_token)v->valuedouble;
     }
     *n = count;
+    return 0;
+}
+
+/* A completion's prompts: one (a string, or token ids) or a list of them
+ * (strings, or lists of token ids, as lm-eval sends them), each fitting
+ * the context; their ids into ids[0 .. *count) (malloc'd), at most
+ * API_MAX_JOBS. On an error none are left. */
+static int completion_prompts(const cJSON *o, const api_model *m, cake_token **ids, int *ns,
+                              int *count, char *err, size_t errlen) {
+    const cJSON *p = field(o, "prompt");
+    const int list =
+        p && cJSON_IsArray(p) && p->child && (cJSON_IsString(p->child) || cJSON_IsArray(p->child));
+    const int total = list ? cJSON_GetArraySize(p) : 1;
+    if (total > API_MAX_JOBS)
+        return cake_err(err, errlen, "%d prompts: at most %d a request", total, API_MAX_JOBS);
+    *count = 0;
+    for (const cJSON *one = list ? p->child : p; *count < total; one = one->next) {
+        ids[*count] = NULL;
+        int bad;
+        if (list && !cJSON_IsString(one) && !cJSON_IsArray(one))
+            bad = cake_err(err, errlen,
+                           "'prompt' %d: a list of prompts holds strings or lists of ids", *count);
+        else
+            bad = completion_prompt(one, m, &ids[*count], &ns[*count], err, errlen) ||
+                  (ns[*count] >= m->n_ctx &&
+                   cake_err(err, errlen,
+                            "the prompt has %d tokens; the context holds %d (prompt and "
+                            "completion)",
+                            ns[*count], m->n_ctx));
+        if (bad) {
+            free(ids[*count]);
+            while (*count > 0) free(ids[--*count]);
+            return -1;
+        }
+        (*count)++;
+    }
     return 0;
 }
 
@@ -657,11 +688,13 @@ static cJSON *body_object(const char *body, size_t len, char *err, size_t errlen
 
 int api_parse(const char *body, size_t len, int chat, const api_model *m, serve_job **out,
               api_shape *shape, char *err, size_t errlen) {
-    *out = NULL;
-    *shape = (api_shape){.chat = chat, .tok = m->tok};
+    *shape = (api_shape){.chat = chat, .tok = m->tok, .n_prompts = 1};
+    out[0] = NULL;
     cJSON *o = body_object(body, len, err, errlen);
     if (!o) return -1;
     serve_job *j = NULL;
+    cake_token *prompts[API_MAX_JOBS] = {0}; /* a completion's prompts, after the first */
+    int lens[API_MAX_JOBS], n_prompts = 1;
     cake_token *ids = NULL;
     int n = 0;
     cake_token eot = -1;
@@ -703,8 +736,18 @@ int api_parse(const char *body, size_t len, int chat, const api_model *m, serve_
         goto done;
     }
     if (chat ? chat_prompt_of(o, m, &rt, &ids, &n, &eot, err, errlen)
-             : completion_prompt(o, m, &ids, &n, err, errlen))
+             : completion_prompts(o, m, prompts, lens, &n_prompts, err, errlen))
         goto done;
+    if (!chat) { /* the first prompt's job is made here, the others' from it */
+        ids = prompts[0];
+        n = lens[0];
+        prompts[0] = NULL;
+    }
+    if (n_prompts * shape->n > API_MAX_JOBS) {
+        cake_err(err, errlen, "%d prompts x n %d: at most %d answers a request", n_prompts,
+                 shape->n, API_MAX_JOBS);
+        goto done;
+    }
     if (n >= m->n_ctx) {
         cake_err(err, errlen,
                  "the prompt has %d tokens; the context holds %d (prompt and completion)", n,
@@ -719,8 +762,8 @@ int api_parse(const char *body, size_t len, int chat, const api_model *m, serve_
     if (add_stops(o, j, err, errlen) || add_stop_ids(o, m, j, err, errlen)) goto done;
     /* Completions default to 16 tokens as OpenAI's do; chat runs to the end
      * of the turn (or of the context). */
-    j->max_tokens = max_tokens >= 0 ? (int)max_tokens : chat ? m->n_ctx - n : 16;
-    if (j->max_tokens > m->n_ctx - n) j->max_tokens = m->n_ctx - n;
+    const int want = max_tokens >= 0 ? (int)max_tokens : chat ? m->n_ctx : 16;
+    j->max_tokens = want > m->n_ctx - n ? m->n_ctx - n : want;
     j->sampling = (cake_sampler_params){.temperature = (float)temperature,
                                         .top_p = (float)top_p,
                                         .top_k = top_k > 0 ? (int)top_k : 0,
@@ -752,12 +795,25 @@ int api_parse(const char *body, size_t len, int chat, const api_model *m, serve_
     j->schema = schema;
     schema = NULL;
     if (add_logit_bias(o, m, j, err, errlen)) goto done;
-    *out = j;
+    /* the other prompts: the same request (choice 0 each) */
+    for (int k = 1; k < n_prompts; k++) {
+        if (!(out[k] = job_clone_prompt(j, 0, prompts[k], lens[k]))) {
+            prompts[k] = NULL; /* (freed) */
+            while (--k > 0) job_release(out[k]);
+            cake_err(err, errlen, "out of memory");
+            goto done;
+        }
+        prompts[k] = NULL;
+        out[k]->max_tokens = want > m->n_ctx - lens[k] ? m->n_ctx - lens[k] : want;
+    }
+    out[0] = j;
     j = NULL;
+    shape->n_prompts = n_prompts;
     rc = 0;
 done:
     free(ids);
 done_ids_freed:
+    for (int k = 0; k < n_prompts; k++) free(prompts[k]);
     json_schema_release(schema);
     tools_free(&rt);
     job_release(j);
@@ -779,18 +835,22 @@ static cJSON *response_head(const api_shape *s, const char *id, long created, co
     return r;
 }
 
-/* The usage of a request's n choices: its prompt once, all their tokens. */
-static void add_usage(cJSON *r, serve_job *const *jobs, int n) {
-    int completion = 0;
-    for (int i = 0; i < n; i++) completion += jobs[i]->n_ids;
-    const int prompt = jobs[0]->n_prompt;
+/* The usage of a request's n jobs: each prompt once (its first choice's
+ * job), all their tokens. */
+static void add_usage(cJSON *r, const api_shape *s, serve_job *const *jobs, int n) {
+    int completion = 0, prompt = 0, computed = 0;
+    for (int i = 0; i < n; i++) {
+        completion += jobs[i]->n_ids;
+        if (i % s->n) continue;
+        prompt += jobs[i]->n_prompt;
+        computed += jobs[i]->stats.prefill.tokens_computed;
+    }
     cJSON *u = cJSON_AddObjectToObject(r, "usage");
     cJSON_AddNumberToObject(u, "prompt_tokens", prompt);
     cJSON_AddNumberToObject(u, "completion_tokens", completion);
     cJSON_AddNumberToObject(u, "total_tokens", prompt + completion);
     /* OpenAI's (and vLLM's): prompt tokens whose KV was not computed for
      * the (first) choice, whether the slot held it or the store gave it. */
-    const int computed = jobs[0]->stats.prefill.tokens_computed;
     cJSON *d = cJSON_AddObjectToObject(u, "prompt_tokens_details");
     cJSON_AddNumberToObject(d, "cached_tokens", prompt - computed);
 }
@@ -1162,7 +1222,7 @@ char *api_response(const api_shape *s, serve_job *const *jobs, int n, const char
         cJSON_AddItemToArray(choices, choice);
         free(text);
     }
-    add_usage(r, jobs, n);
+    add_usage(r, s, jobs, n);
     add_cake(r, jobs[0]);
     return print_free(r);
 }
@@ -1171,7 +1231,7 @@ char *api_stream_usage(const api_shape *s, serve_job *const *jobs, int n, const 
                        long created, const char *model) {
     cJSON *r = response_head(s, id, created, model, 1);
     cJSON_AddArrayToObject(r, "choices");
-    add_usage(r, jobs, n);
+    add_usage(r, s, jobs, n);
     return api_sse_event(print_free(r));
 }
 

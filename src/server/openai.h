@@ -24,17 +24,22 @@ typedef struct {
     int stream;                /* server-sent events */
     int include_usage;         /* stream_options.include_usage: a last chunk with usage */
     const cake_tokenizer *tok; /* the tokens' text, for log-probabilities */
-    int n;                     /* choices: the request's job and n - 1 clones (job_clone) */
+    int n;                     /* choices a prompt: its job and n - 1 clones (job_clone) */
+    int n_prompts;             /* prompts (a completion's list; else 1) */
 } api_shape;
 
-#define API_MAX_CHOICES 16
+#define API_MAX_CHOICES 16 /* n */
+#define API_MAX_JOBS    64 /* n x prompts */
 
-/* Parses a request body into a new job (*out; the caller releases it) and
- * how to answer. 0, or -1 with a message for a 400 response in err. */
+/* Parses a request body into a new job for each of its prompts (out[0 ..
+ * shape->n_prompts): room for API_MAX_JOBS, though a chat, or a completion
+ * of one prompt, makes one; the caller releases them) and how to answer.
+ * 0, or -1 (out[0] NULL) with a message for a 400 response in err. */
 int api_parse(const char *body, size_t len, int chat, const api_model *m, serve_job **out,
               api_shape *shape, char *err, size_t errlen);
 
-/* The JSON of a whole response: the finished jobs of its n choices, in
+/* The JSON of a whole response: the finished jobs of its n choices (in
+ * all: n x prompts, a prompt's choices together, index their place), in
  * order. id: "cmpl-..." or "chatcmpl-..."; created: Unix seconds.
  * malloc'd; NULL on out of memory. */
 char *api_response(const api_shape *s, serve_job *const *jobs, int n, const char *id, long created,
