@@ -203,12 +203,64 @@ static void pick_experts(const float *logit, int n_experts, int n_pick, bool nor
     for (int k = 0; norm && k < n_pick; k++) weight[k] /= picked;
 }
 
+/* Expert e's FFN over its rows (slots by_expert[first ..][0 .. rows)):
+ * their x into rows at.. of moe_in, the expert's output into rows at.. of
+ * moe_out (g and u likewise). pool NULL: all on the calling thread. */
+static void expert_ffn(cake_context *c, const cake_layer *L, int e, int first, int rows, int at,
+                       cake_threadpool *pool) {
+    const cake_hparams *hp = &c->model->hp;
+    const cake_scratch *s = &c->s;
+    const size_t dim = (size_t)hp->dim, ffn = (size_t)hp->ffn_dim;
+    float *in = s->moe_in + (size_t)at * dim, *g = s->g + (size_t)at * ffn,
+          *u = s->u + (size_t)at * ffn;
+    for (int r = 0; r < rows; r++)
+        memcpy(in + r * dim, s->xb + (size_t)(s->by_expert[first + r] / hp->n_experts_used) * dim,
+               dim * sizeof(float));
+    matmul(g, in, &L->expert[3 * e], rows, pool);
+    matmul(u, in, &L->expert[3 * e + 1], rows, pool);
+    if (pool)
+        run_rows((rows_job){.c = c, .n = rows, .row0 = at, .step = ROWS_SWIGLU});
+    else if (hp->gelu) /* (the same elementwise steps run_rows takes) */
+        cake_geglu(g, g, u, (size_t)rows * ffn);
+    else
+        cake_swiglu(g, g, u, (size_t)rows * ffn);
+    matmul(s->moe_out + (size_t)at * dim, g, &L->expert[3 * e + 2], rows, pool);
+}
+
+/* Adds expert e's outputs (rows at.. of moe_out) into its tokens' sums,
+ * each times the token's weight for it. */
+static void add_expert(const cake_scratch *s, size_t dim, int K, int first, int rows, int at) {
+    for (int r = 0; r < rows; r++) {
+        const int slot = s->by_expert[first + r];
+        const float w = s->pick_w[slot], *y = s->moe_out + (size_t)(at + r) * dim;
+        float *sum = s->moe_sum + (size_t)(slot / K) * dim;
+        for (size_t i = 0; i < dim; i++) sum[i] += w * y[i];
+    }
+}
+
+typedef struct {
+    cake_context *c;
+    const cake_layer *L;
+    const int *active, *count; /* the experts with rows; where each one's rows start */
+} experts_job;
+
+static void experts_task(void *ctx, int task, int tid) {
+    (void)tid;
+    const experts_job *j = ctx;
+    const int e = j->active[task], first = j->count[e];
+    expert_ffn(j->c, j->L, e, first, j->count[e + 1] - first, first, NULL);
+}
+
 /* The FFN of a layer of experts over the n rows of xb, into xb. Tokens are
  * grouped by expert, so each expert's matrices are read once for all the
- * tokens that picked it; each token's sum adds its experts in expert order,
- * then the shared expert (qwen2moe) times its gate, so a token's bits do not
- * depend on the other rows of the batch (the same promise as the dense
- * FFN's). */
+ * tokens that picked it. A few tokens (decode) with at least as many
+ * experts picked as threads: the experts run side by side, each on one
+ * thread (a thread streams whole matrices, and a layer waits on the pool
+ * once, not three times an expert); otherwise one after another, each
+ * matmul over the pool. Either way each token's sum adds its experts in
+ * expert order, then the shared expert (qwen2moe) times its gate, so a
+ * token's bits do not depend on the other rows of the batch or on the
+ * threads (the same promise as the dense FFN's). */
 static void moe_ffn(cake_context *c, const cake_layer *L, int n) {
     const cake_hparams *hp = &c->model->hp;
     const cake_scratch *s = &c->s;
@@ -223,26 +275,27 @@ static void moe_ffn(cake_context *c, const cake_layer *L, int n) {
     }
     for (int e = 0; e < E; e++) count[e + 1] += count[e];
     /* by_expert: the slots t K + k, grouped by expert, tokens in order */
-    int fill[1024];
+    int fill[1024], active[1024], n_active = 0;
     memcpy(fill, count, (size_t)E * sizeof(int));
     for (int t = 0; t < n; t++)
         for (int k = 0; k < K; k++) s->by_expert[fill[s->pick[t * K + k]]++] = t * K + k;
+    for (int e = 0; e < E; e++)
+        if (count[e + 1] > count[e]) active[n_active++] = e;
     memset(s->moe_sum, 0, (size_t)n * dim * sizeof(float));
-    for (int e = 0; e < E; e++) {
-        const int first = count[e], rows = count[e + 1] - first;
-        if (!rows) continue;
-        for (int r = 0; r < rows; r++)
-            memcpy(s->moe_in + r * dim, s->xb + (size_t)(s->by_expert[first + r] / K) * dim,
-                   dim * sizeof(float));
-        matmul(s->g, s->moe_in, &L->expert[3 * e], rows, c->pool);
-        matmul(s->u, s->moe_in, &L->expert[3 * e + 1], rows, c->pool);
-        run_rows((rows_job){.c = c, .n = rows, .step = ROWS_SWIGLU});
-        matmul(s->moe_out, s->g, &L->expert[3 * e + 2], rows, c->pool);
-        for (int r = 0; r < rows; r++) {
-            const int slot = s->by_expert[first + r];
-            const float w = s->pick_w[slot], *y = s->moe_out + r * dim;
-            float *sum = s->moe_sum + (size_t)(slot / K) * dim;
-            for (size_t i = 0; i < dim; i++) sum[i] += w * y[i];
+    /* side by side: every expert's rows in the scratch at once (n K rows) */
+    if (n <= 16 && n_active >= cake_threadpool_size(c->pool) && n_active > 1 &&
+        n * K <= c->params.max_batch) {
+        cake_threadpool_run(c->pool, n_active, experts_task,
+                            &(experts_job){.c = c, .L = L, .active = active, .count = count});
+        for (int a = 0; a < n_active; a++) {
+            const int e = active[a];
+            add_expert(s, dim, K, count[e], count[e + 1] - count[e], count[e]);
+        }
+    } else {
+        for (int a = 0; a < n_active; a++) {
+            const int e = active[a];
+            expert_ffn(c, L, e, count[e], count[e + 1] - count[e], 0, c->pool);
+            add_expert(s, dim, K, count[e], count[e + 1] - count[e], 0);
         }
     }
     if (hp->shared_ffn_dim) {
