@@ -188,6 +188,13 @@ typedef struct {
     int repeat_last_n;
     const cake_token *prompt;
     int n_prompt;
+    /* vLLM's min_tokens: the first min_tokens tokens are never one of
+     * end_ids[0..n_end_ids) (EOS, the end of turn, stop ids; at most 64;
+     * copied by init), which get -inf after everything else (unless nothing
+     * else is left). */
+    int min_tokens;
+    const cake_token *end_ids;
+    int n_end_ids;
     const cake_logit_bias *logit_bias; /* n_logit_bias of them (copied by init) */
     int n_logit_bias;
     /* Optional: a grammar (the server's JSON mode). constrain sets the

@@ -1585,6 +1585,32 @@ static void test_sampler_repetition(void **state) {
     check_repetition(two, 2, 2, 0, NULL, 0, 1, (const cake_token[]){0, 1}, 2);
 }
 
+/* vLLM's min_tokens: the end ids may not come before it; after, they
+ * may; a grammar that leaves only an end id still gets it. */
+static void test_sampler_min_tokens(void **state) {
+    (void)state;
+    const float logits[3] = {3.0f, 2.5f, -5.0f};
+    const cake_token ends[2] = {0, 7};
+    cake_token copy[2] = {0, 7};
+    cake_sampler *s = cake_sampler_init(
+        (cake_sampler_params){.temperature = 0, .min_tokens = 2, .end_ids = copy, .n_end_ids = 2});
+    copy[0] = 1; /* (copied at init) */
+    assert_int_equal(cake_sampler_sample(s, logits, 3), 1);
+    assert_int_equal(cake_sampler_sample(s, logits, 3), 1);
+    assert_int_equal(cake_sampler_sample(s, logits, 3), 0);
+    cake_sampler_free(s);
+    /* sampled: never an end id among the first 50 draws of 100 tokens */
+    s = cake_sampler_init((cake_sampler_params){
+        .temperature = 1, .seed = 3, .min_tokens = 50, .end_ids = ends, .n_end_ids = 1});
+    for (int i = 0; i < 50; i++) assert_int_not_equal(cake_sampler_sample(s, logits, 3), 0);
+    cake_sampler_free(s);
+    const float only_end[3] = {1.0f, -INFINITY, -INFINITY};
+    s = cake_sampler_init(
+        (cake_sampler_params){.temperature = 1, .min_tokens = 5, .end_ids = ends, .n_end_ids = 1});
+    assert_int_equal(cake_sampler_sample(s, only_end, 3), 0);
+    cake_sampler_free(s);
+}
+
 /* top_k and min_p keep only their tokens, and every one of them comes up:
  * 4000 draws each. */
 static void check_filter(cake_sampler_params p, const float *logits, int n, const int *allowed) {
@@ -1957,6 +1983,7 @@ int main(void) {
         cmocka_unit_test(test_tied_output),
         cmocka_unit_test(test_sampler_penalties),
         cmocka_unit_test(test_sampler_repetition),
+        cmocka_unit_test(test_sampler_min_tokens),
         cmocka_unit_test(test_sampler_filters),
         cmocka_unit_test(test_sampler_large),
         cmocka_unit_test(test_json_grammar),

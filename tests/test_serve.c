@@ -466,6 +466,11 @@ static void test_bad_requests(void **state) {
          "'logit_bias'"},
         {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"suffix\":\"x\"}", 400, "not supported"},
         {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"top_k\":2.5}", 400, "'top_k'"},
+        {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"typical_p\":0.5}", 400, "'typical_p'"},
+        {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"mirostat\":2}", 400, "neutral value"},
+        {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"max_tokens\":4,\"min_tokens\":5}", 400,
+         "'min_tokens'"},
+        {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"min_tokens\":-1}", 400, "'min_tokens'"},
         {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"min_p\":2}", 400, "'min_p'"},
         {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"repetition_penalty\":0}", 400,
          "'repetition_penalty'"},
@@ -1109,6 +1114,32 @@ static void test_stop_ids(void **state) {
     assert_int_equal(cJSON_GetArraySize(c), first + 1);
     for (int i = 0; i <= first; i++)
         assert_int_equal(cJSON_GetArrayItem(c, i)->valueint, cJSON_GetArrayItem(g, i)->valueint);
+    /* min_tokens: the stop id may not come among the first first + 3
+     * tokens, and stop strings do not cut them */
+    cJSON *held = post_ok(s.port, "/v1/completions",
+                          "{\"prompt\":\"Once upon a time\",\"max_tokens\":20,\"temperature\":0,"
+                          "\"stop_token_ids\":[%d],\"min_tokens\":%d}",
+                          stop, first + 3);
+    const cJSON *h = at(held, "cake.generated_ids");
+    assert_true(cJSON_GetArraySize(h) >= first + 3);
+    for (int i = 0; i < first + 3; i++)
+        assert_int_not_equal(cJSON_GetArrayItem(h, i)->valueint, stop);
+    const char *text = str_at(plain, "choices.0.text");
+    char stop_text[8] = "";
+    memcpy(stop_text, text + 1, 2); /* (two bytes of the answer's start) */
+    cJSON *strings = post_ok(s.port, "/v1/completions",
+                             "{\"prompt\":\"Once upon a time\",\"max_tokens\":8,\"temperature\":0,"
+                             "\"ignore_eos\":true,\"stop\":\"%s\",\"min_tokens\":8}",
+                             stop_text);
+    assert_int_equal(cJSON_GetArraySize(at(strings, "cake.generated_ids")), 8);
+    cJSON *cut_early = post_ok(s.port, "/v1/completions",
+                               "{\"prompt\":\"Once upon a time\",\"max_tokens\":8,"
+                               "\"temperature\":0,\"ignore_eos\":true,\"stop\":\"%s\"}",
+                               stop_text);
+    assert_true(cJSON_GetArraySize(at(cut_early, "cake.generated_ids")) < 8);
+    cJSON_Delete(cut_early);
+    cJSON_Delete(strings);
+    cJSON_Delete(held);
     cJSON_Delete(cut);
     cJSON_Delete(plain);
     assert_int_equal(serve_stop(&s), 0);

@@ -28,6 +28,8 @@ struct cake_sampler {
     cake_token *history;
     int n_history, cap_history;
     unsigned *stamp, step;
+    cake_token *end_ids; /* the params' own copy (min_tokens) */
+    int n_sampled;       /* tokens chosen so far */
 };
 
 static int repeats(const cake_sampler *s) {
@@ -85,6 +87,15 @@ cake_sampler *cake_sampler_init(cake_sampler_params p) {
     }
     s->p.prompt = NULL;
     s->p.n_prompt = 0;
+    if (p.min_tokens > 0 && p.n_end_ids > 0) {
+        if (!(s->end_ids = malloc((size_t)p.n_end_ids * sizeof(*s->end_ids)))) {
+            cake_sampler_free(s);
+            return NULL;
+        }
+        for (int i = 0; i < p.n_end_ids; i++) s->end_ids[i] = p.end_ids[i];
+    }
+    s->p.end_ids = s->end_ids;
+    if (!s->end_ids) s->p.n_end_ids = 0;
     return s;
 }
 
@@ -98,6 +109,7 @@ void cake_sampler_free(cake_sampler *s) {
     free(s->bias);
     free(s->history);
     free(s->stamp);
+    free(s->end_ids);
     free(s);
 }
 
@@ -254,13 +266,29 @@ static cake_token choose(cake_sampler *s, const float *logits, int n) {
     return s->idx[m - 1];
 }
 
+/* min_tokens: the end ids' adjusted logits to -inf, unless nothing else
+ * is left (a grammar that allows only the end: it ends). */
+static void ban_ends(cake_sampler *s, int n) {
+    float saved[64];
+    int k = 0;
+    for (; k < s->p.n_end_ids && k < 64; k++) {
+        const cake_token t = s->p.end_ids[k];
+        saved[k] = t >= 0 && t < n ? s->adjusted[t] : 0;
+        if (t >= 0 && t < n) s->adjusted[t] = -INFINITY;
+    }
+    for (int i = 0; i < n; i++)
+        if (s->adjusted[i] > -INFINITY) return;
+    while (k-- > 0) /* (in reverse: an id twice gets its first value back) */
+        if (s->p.end_ids[k] >= 0 && s->p.end_ids[k] < n) s->adjusted[s->p.end_ids[k]] = saved[k];
+}
+
 /* The logits with the biases and the penalties of the tokens chosen so
  * far, and the grammar's mask; NULL when there are none to apply, or no
  * memory for them (then they are not). */
 static const float *adjust(cake_sampler *s, const float *logits, int n) {
     const int penalties = s->p.frequency_penalty != 0.0f || s->p.presence_penalty != 0.0f;
-    const int repeat = repeats(s);
-    if (!penalties && !repeat && !s->p.n_logit_bias && !s->p.constrain) return NULL;
+    const int repeat = repeats(s), too_soon = s->n_sampled < s->p.min_tokens && s->p.n_end_ids;
+    if (!penalties && !repeat && !too_soon && !s->p.n_logit_bias && !s->p.constrain) return NULL;
     if (!s->adjusted) {
         s->adjusted = malloc((size_t)n * sizeof(*s->adjusted));
         if (penalties) {
@@ -279,7 +307,8 @@ static const float *adjust(cake_sampler *s, const float *logits, int n) {
             return NULL;
         }
     }
-    if (!s->p.n_logit_bias && !s->n_chosen && !s->n_history && !s->p.constrain) return NULL;
+    if (!s->p.n_logit_bias && !s->n_chosen && !s->n_history && !too_soon && !s->p.constrain)
+        return NULL;
     for (int i = 0; i < n; i++) s->adjusted[i] = logits[i];
     for (int k = 0; k < s->p.n_logit_bias; k++)
         if (s->p.logit_bias[k].id >= 0 && s->p.logit_bias[k].id < n)
@@ -307,6 +336,7 @@ static const float *adjust(cake_sampler *s, const float *logits, int n) {
         s->adjusted[t] -= (float)s->count[t] * s->p.frequency_penalty + s->p.presence_penalty;
     }
     if (s->p.constrain) s->p.constrain(s->p.constrain_ud, s->adjusted, n);
+    if (too_soon) ban_ends(s, n);
     return s->adjusted;
 }
 
@@ -316,6 +346,7 @@ cake_token cake_sampler_sample(cake_sampler *s, const float *logits, int n) {
     if (s->count && t >= 0 && t < n && s->count[t]++ == 0) s->chosen[s->n_chosen++] = t;
     /* (out of memory: the token is left out of the window) */
     if (repeats(s)) remember(s, t);
+    s->n_sampled++;
     if (s->p.accept) s->p.accept(s->p.constrain_ud, t);
     return t;
 }

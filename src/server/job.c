@@ -39,6 +39,7 @@ serve_job *job_clone_prompt(const serve_job *j, int choice, cake_token *prompt, 
     memcpy(c->stop_ids, j->stop_ids, sizeof(c->stop_ids));
     c->n_stop_ids = j->n_stop_ids;
     c->ignore_eos = j->ignore_eos;
+    c->min_tokens = j->min_tokens;
     c->top_logprobs = j->top_logprobs;
     c->echo = j->echo;
     c->json = j->json;
@@ -245,8 +246,8 @@ static size_t think_start(const serve_job *j, bool more_may_come) {
 int job_add_text(serve_job *j, const char *piece, size_t n) {
     const size_t from = j->len;
     if (text_append(j, piece, n)) return -1;
-    size_t hold;
-    const long at = find_stop(j, from, &hold);
+    size_t hold = 0;
+    const long at = j->n_ids > j->min_tokens ? find_stop(j, from, &hold) : -1;
     if (at >= 0) {
         j->len = (size_t)at; /* the stop string is not part of the text */
         j->text[j->len] = '\0';

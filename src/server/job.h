@@ -52,7 +52,10 @@ struct serve_job {
     cake_token end_of_turn; /* stops like EOS (a chat format's end of turn); -1: none */
     cake_token stop_ids[JOB_MAX_STOP_IDS]; /* stop like EOS too (vLLM's stop_token_ids) */
     int n_stop_ids;
-    int ignore_eos;   /* EOS and the end of turn do not stop it (benchmarks) */
+    int ignore_eos; /* EOS and the end of turn do not stop it (benchmarks) */
+    /* vLLM's min_tokens: neither EOS, the end of turn, stop ids nor stop
+     * strings end the answer before it has this many tokens */
+    int min_tokens;
     int top_logprobs; /* -1: no log-probabilities; else alternatives per token */
     /* A completion's echo: the answer's text and log-probabilities begin
      * with the prompt's. With log-probabilities the prompt is scored

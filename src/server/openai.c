@@ -88,6 +88,20 @@ static int unsupported(const cJSON *o, char *err, size_t errlen) {
             continue;
         return cake_err(err, errlen, "'%s' is not supported", keys[i]);
     }
+    /* llama.cpp's other samplers: sent by some clients at their neutral
+     * values, which pass */
+    static const struct {
+        const char *key;
+        double neutral;
+    } samplers[] = {{"typical_p", 1},       {"tfs_z", 1},          {"top_a", 0},
+                    {"mirostat", 0},        {"mirostat_mode", 0},  {"dry_multiplier", 0},
+                    {"xtc_probability", 0}, {"dynatemp_range", 0}, {"smoothing_factor", 0}};
+    for (size_t i = 0; i < sizeof(samplers) / sizeof(samplers[0]); i++) {
+        const cJSON *v = field(o, samplers[i].key);
+        if (v && !(cJSON_IsNumber(v) && v->valuedouble == samplers[i].neutral))
+            return cake_err(err, errlen, "'%s' is not supported (only its neutral value %g)",
+                            samplers[i].key, samplers[i].neutral);
+    }
     return 0;
 }
 
@@ -699,7 +713,7 @@ int api_parse(const char *body, size_t len, int chat, const api_model *m, serve_
     int n = 0;
     cake_token eot = -1;
     double max_tokens = -1, temperature = 1, top_p = 1, seed = -1, frequency = 0, presence = 0,
-           top_k = 0, min_p = 0, choices = 1;
+           top_k = 0, min_p = 0, choices = 1, min_tokens = 0;
     int rc = -1, ignore_eos = 0, top_logprobs = -1, json = 0, repeat_last_n = 0, echo = 0;
     float repetition = 1;
     json_schema *schema = NULL;
@@ -720,9 +734,15 @@ int api_parse(const char *body, size_t len, int chat, const api_model *m, serve_
         num_field(o, "frequency_penalty", -2, 2, &frequency, err, errlen) ||
         num_field(o, "presence_penalty", -2, 2, &presence, err, errlen) ||
         int_field(o, "seed", 0, 9007199254740991.0, &seed, err, errlen) ||
+        int_field(o, "min_tokens", 0, 1 << 30, &min_tokens, err, errlen) ||
         int_field(o, "n", 1, API_MAX_CHOICES, &choices, err, errlen))
         goto done;
     shape->n = (int)choices;
+    if (max_tokens >= 0 && min_tokens > max_tokens) {
+        cake_err(err, errlen, "'min_tokens' (%.0f) is more than 'max_tokens' (%.0f)", min_tokens,
+                 max_tokens);
+        goto done;
+    }
     const cJSON *so = field(o, "stream_options");
     if (so && (!cJSON_IsObject(so) ||
                bool_field(so, "include_usage", &shape->include_usage, err, errlen))) {
@@ -778,6 +798,7 @@ int api_parse(const char *body, size_t len, int chat, const api_model *m, serve_
     j->reasoning = chat && cake_tokenizer_find(m->tok, "<think>", 7) >= 0 &&
                    cake_tokenizer_find(m->tok, "</think>", 8) >= 0;
     j->ignore_eos = ignore_eos;
+    j->min_tokens = (int)min_tokens;
     j->top_logprobs = top_logprobs;
     j->echo = echo;
     if (rt.choice != TOOLS_NONE) {

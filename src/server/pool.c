@@ -86,7 +86,7 @@ static int on_token(cake_token id, void *ud) {
     int stop = 0, n = 0;
     int stop_id = id == s->eos || id == j->end_of_turn;
     for (int k = 0; k < j->n_stop_ids; k++) stop_id |= id == j->stop_ids[k];
-    if (!j->ignore_eos && stop_id) {
+    if (!j->ignore_eos && stop_id && j->n_ids > j->min_tokens) {
         j->stopped = 1;
         stop = 1; /* (EOS ends the loop itself; its text is empty) */
     } else {
@@ -313,6 +313,16 @@ static void run_job(slot *s, serve_job *j) {
     cake_sampler_params sampling = j->sampling;
     sampling.prompt = j->prompt; /* (for the repetition penalty) */
     sampling.n_prompt = j->n_prompt;
+    cake_token ends[2 + JOB_MAX_STOP_IDS]; /* what may not come before min_tokens */
+    int n_ends = 0;
+    if (!j->ignore_eos) { /* (with it nothing of these ends the answer anyway) */
+        ends[n_ends++] = cake_tokenizer_eos(tok);
+        if (j->end_of_turn >= 0) ends[n_ends++] = j->end_of_turn;
+        for (int k = 0; k < j->n_stop_ids; k++) ends[n_ends++] = j->stop_ids[k];
+    }
+    sampling.min_tokens = j->min_tokens;
+    sampling.end_ids = ends;
+    sampling.n_end_ids = n_ends;
     /* JSON output; or with tools (auto), each call from its tag on */
     const cake_json_node *root = j->schema ? json_schema_root(j->schema) : NULL;
     const chat_call_syntax *calls = j->call_format ? chat_calls(j->call_format) : NULL;
