@@ -464,7 +464,10 @@ static void test_bad_requests(void **state) {
          "not a token id"},
         {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"logit_bias\":{\"5\":101}}", 400,
          "'logit_bias'"},
-        {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"suffix\":\"x\"}", 400, "not supported"},
+        {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"suffix\":\"x\"}", 400,
+         "no prefix, suffix and middle tokens"},
+        {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"suffix\":5}", 400, "'suffix'"},
+        {"POST", "/v1/chat/completions", "{\"messages\":[],\"suffix\":\"x\"}", 400, "'suffix'"},
         {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"top_k\":2.5}", 400, "'top_k'"},
         {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"typical_p\":0.5}", 400, "'typical_p'"},
         {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"mirostat\":2}", 400, "neutral value"},
@@ -2597,6 +2600,63 @@ static void test_tools(void **state) {
 #undef TOOLS
 }
 
+/* Fill in the middle (a completion's suffix, as code editors send it), on
+ * the tiny model given Qwen2.5-Coder's FIM tokens: the answer is the one
+ * of the prompt [BOS] <|fim_prefix|> prefix <|fim_suffix|> suffix
+ * <|fim_middle|> sent as token ids, as llama.cpp's infill builds it; a
+ * model without them answers 400. */
+static void test_fill_in_middle(void **state) {
+    (void)state;
+    static const char *const specials[] = {"<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>",
+                                           "<|fim_pad|>", NULL};
+    char path[64];
+    tiny_variant(&(test_model_variant){.special_tokens = specials}, path);
+    t_server s;
+    assert_int_equal(serve_start(&s, path, "--store", "none", NULL), 0);
+    cJSON *fim = post_ok(s.port, "/v1/completions",
+                         "{\"prompt\":\"def area(r):\",\"suffix\":\"return a\",\"max_tokens\":8,"
+                         "\"temperature\":0,\"ignore_eos\":true}");
+    cJSON *pre = post_ok(s.port, "/tokenize", "{\"prompt\":\"def area(r):\"}"),
+          *suf = post_ok(s.port, "/tokenize", "{\"prompt\":\"return a\"}");
+    const int n_vocab = 32000; /* (the specials are the vocabulary's last tokens) */
+    char ids[1024];
+    const cJSON *p = at(pre, "tokens"), *q = at(suf, "tokens");
+    /* BOS, prefix, then the suffix (its own BOS left out) */
+    int len = snprintf(ids, sizeof(ids), "%d,%d", cJSON_GetArrayItem(p, 0)->valueint, n_vocab - 4);
+    for (int i = 1; i < cJSON_GetArraySize(p); i++)
+        len += snprintf(ids + len, sizeof(ids) - (size_t)len, ",%d",
+                        cJSON_GetArrayItem(p, i)->valueint);
+    len += snprintf(ids + len, sizeof(ids) - (size_t)len, ",%d", n_vocab - 3);
+    for (int i = 1; i < cJSON_GetArraySize(q); i++)
+        len += snprintf(ids + len, sizeof(ids) - (size_t)len, ",%d",
+                        cJSON_GetArrayItem(q, i)->valueint);
+    snprintf(ids + len, sizeof(ids) - (size_t)len, ",%d", n_vocab - 2);
+    cJSON *same =
+        post_ok(s.port, "/v1/completions",
+                "{\"prompt\":[%s],\"max_tokens\":8,\"temperature\":0,\"ignore_eos\":true}", ids);
+    assert_same_ids(at(fim, "cake.generated_ids"), at(same, "cake.generated_ids"));
+    assert_int_equal(num_at(fim, "usage.prompt_tokens"), num_at(same, "usage.prompt_tokens"));
+    assert_string_equal(str_at(fim, "choices.0.text"), str_at(same, "choices.0.text"));
+    t_resp r = http(s.port, "POST", "/v1/completions",
+                    "{\"prompt\":[1,2],\"suffix\":\"x\",\"max_tokens\":2}");
+    assert_int_equal(r.status, 400);
+    assert_non_null(strstr(r.body, "one 'prompt' string"));
+    resp_free(&r);
+    cJSON_Delete(same);
+    cJSON_Delete(pre);
+    cJSON_Delete(suf);
+    cJSON_Delete(fim);
+    assert_int_equal(serve_stop(&s), 0);
+    unlink(path);
+    /* the plain tiny model has no FIM tokens */
+    assert_int_equal(serve_start(&s, g_tiny, "--store", "none", NULL), 0);
+    r = http(s.port, "POST", "/v1/completions", "{\"prompt\":\"a\",\"suffix\":\"b\"}");
+    assert_int_equal(r.status, 400);
+    assert_non_null(strstr(r.body, "no prefix, suffix and middle tokens"));
+    resp_free(&r);
+    assert_int_equal(serve_stop(&s), 0);
+}
+
 /* Tools through the real server, on the tiny model made ChatML (two of
  * its tokens become <|im_start|> and <|im_end|>): a named tool_choice's
  * sampled answers that end are calls of the function, whole and streamed. */
@@ -2770,6 +2830,7 @@ int main(void) {
         cmocka_unit_test(test_json_schema),
         cmocka_unit_test(test_choices),
         cmocka_unit_test(test_prompt_list),
+        cmocka_unit_test(test_fill_in_middle),
         cmocka_unit_test(test_stop_ids),
         cmocka_unit_test(test_cancel_prefill),
     };

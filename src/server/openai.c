@@ -78,7 +78,7 @@ static int bool_field(const cJSON *o, const char *key, int *out, char *err, size
 /* Fields that would change the answer in ways cake does not do: refused
  * rather than ignored. Their "off" values (null, false, 0, []) pass. */
 static int unsupported(const cJSON *o, char *err, size_t errlen) {
-    static const char *keys[] = {"suffix",       "functions",     "best_of",       "grammar",
+    static const char *keys[] = {"functions",    "best_of",       "grammar",
                                  "guided_regex", "guided_choice", "guided_grammar"};
     for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++) {
         const cJSON *v = field(o, keys[i]);
@@ -348,6 +348,72 @@ static int completion_prompts(const cJSON *o, const api_model *m, cake_token **i
         }
         (*count)++;
     }
+    return 0;
+}
+
+/* Fill in the middle (a completion's `suffix`, as code editors send it):
+ * the vocabulary's prefix, suffix and middle tokens, found by their texts
+ * as llama.cpp finds them (Qwen2.5-Coder, StarCoder, CodeLlama, DeepSeek
+ * Coder), and the tokens that end a middle besides EOS. */
+static const char *const fim_texts[][3] = {
+    {"<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"},
+    {"<fim_prefix>", "<fim_suffix>", "<fim_middle>"},
+    {"<fim-prefix>", "<fim-suffix>", "<fim-middle>"},
+    {"\xe2\x96\x81<PRE>", "\xe2\x96\x81<SUF>", "\xe2\x96\x81<MID>"}, /* ▁<PRE> ... */
+    {"<PRE>", "<SUF>", "<MID>"},
+    {"<\xef\xbd\x9c"
+     "fim\xe2\x96\x81"
+     "begin\xef\xbd\x9c>", /* <｜fim▁begin｜> ... */
+     "<\xef\xbd\x9c"
+     "fim\xe2\x96\x81"
+     "hole\xef\xbd\x9c>",
+     "<\xef\xbd\x9c"
+     "fim\xe2\x96\x81"
+     "end\xef\xbd\x9c>"}};
+static const char *const fim_enders[] = {"<|fim_pad|>",  "<fim_pad>",     "<fim-pad>",
+                                         "<|file_sep|>", "<|endoftext|>", "\xe2\x96\x81<EOT>",
+                                         "<EOT>"};
+
+/* The prompt of prefix and suffix: [BOS] PRE prefix SUF suffix MID (as
+ * llama.cpp's infill builds it), into *ids (malloc'd); *enders: the end
+ * tokens the vocabulary has (up to 4). */
+static int fim_prompt(const api_model *m, const char *prefix, const char *suffix, cake_token **ids,
+                      int *n, cake_token *enders, int *n_enders, char *err, size_t errlen) {
+    cake_token f[3] = {-1, -1, -1};
+    for (size_t k = 0; k < sizeof(fim_texts) / sizeof(fim_texts[0]) && f[2] < 0; k++)
+        for (int i = 0; i < 3; i++) {
+            f[i] = cake_tokenizer_find(m->tok, fim_texts[k][i], strlen(fim_texts[k][i]));
+            if (f[i] < 0) {
+                f[2] = -1;
+                break;
+            }
+        }
+    if (f[2] < 0)
+        return cake_err(err, errlen,
+                        "'suffix' (fill in the middle): this model's vocabulary has no prefix, "
+                        "suffix and middle tokens");
+    *n_enders = 0;
+    for (size_t k = 0; k < sizeof(fim_enders) / sizeof(fim_enders[0]) && *n_enders < 4; k++) {
+        const cake_token t = cake_tokenizer_find(m->tok, fim_enders[k], strlen(fim_enders[k]));
+        if (t >= 0) enders[(*n_enders)++] = t;
+    }
+    const bool bos = cake_tokenizer_add_bos(m->tok) && cake_tokenizer_bos(m->tok) >= 0;
+    const int64_t np = cake_tokenize(m->tok, prefix, strlen(prefix), false, NULL, 0),
+                  ns = cake_tokenize(m->tok, suffix, strlen(suffix), false, NULL, 0);
+    if (np < 0 || ns < 0 || np + ns > INT32_MAX / 2)
+        return cake_err(err, errlen, "tokenization failed");
+    const int64_t total = bos + 3 + np + ns;
+    cake_token *p = malloc((size_t)total * sizeof(*p));
+    if (!p) return cake_err(err, errlen, "out of memory");
+    int at = 0;
+    if (bos) p[at++] = cake_tokenizer_bos(m->tok);
+    p[at++] = f[0];
+    at += (int)cake_tokenize(m->tok, prefix, strlen(prefix), false, p + at, np);
+    p[at++] = f[1];
+    at += (int)cake_tokenize(m->tok, suffix, strlen(suffix), false, p + at, ns);
+    p[at++] = f[2];
+    *ids = p;
+    *n = at;
     return 0;
 }
 
@@ -755,9 +821,26 @@ int api_parse(const char *body, size_t len, int chat, const api_model *m, serve_
                  "or 'tool_choice' \"none\"");
         goto done;
     }
-    if (chat ? chat_prompt_of(o, m, &rt, &ids, &n, &eot, err, errlen)
-             : completion_prompts(o, m, prompts, lens, &n_prompts, err, errlen))
+    const cJSON *suffix = field(o, "suffix"), *prompt = field(o, "prompt");
+    cake_token enders[4];
+    int n_enders = 0;
+    if (suffix) { /* fill in the middle */
+        if (chat || !cJSON_IsString(suffix) || !prompt || !cJSON_IsString(prompt) || echo) {
+            cake_err(err, errlen,
+                     chat                      ? "'suffix' is for /v1/completions"
+                     : !cJSON_IsString(suffix) ? "'suffix' must be a string"
+                     : echo                    ? "'suffix' with 'echo' is not supported"
+                                               : "'suffix' needs one 'prompt' string (the text "
+                                                 "before the middle)");
+            goto done;
+        }
+        if (fim_prompt(m, prompt->valuestring, suffix->valuestring, &prompts[0], &lens[0], enders,
+                       &n_enders, err, errlen))
+            goto done;
+    } else if (chat ? chat_prompt_of(o, m, &rt, &ids, &n, &eot, err, errlen)
+                    : completion_prompts(o, m, prompts, lens, &n_prompts, err, errlen)) {
         goto done;
+    }
     if (!chat) { /* the first prompt's job is made here, the others' from it */
         ids = prompts[0];
         n = lens[0];
@@ -780,6 +863,8 @@ int api_parse(const char *body, size_t len, int chat, const api_model *m, serve_
     }
     ids = NULL;
     if (add_stops(o, j, err, errlen) || add_stop_ids(o, m, j, err, errlen)) goto done;
+    for (int k = 0; k < n_enders && j->n_stop_ids < JOB_MAX_STOP_IDS; k++)
+        j->stop_ids[j->n_stop_ids++] = enders[k]; /* (a middle ends at them too) */
     /* Completions default to 16 tokens as OpenAI's do; chat runs to the end
      * of the turn (or of the context). */
     const int want = max_tokens >= 0 ? (int)max_tokens : chat ? m->n_ctx : 16;
