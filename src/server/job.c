@@ -246,8 +246,9 @@ static size_t think_start(const serve_job *j, bool more_may_come) {
 int job_add_text(serve_job *j, const char *piece, size_t n) {
     const size_t from = j->len;
     if (text_append(j, piece, n)) return -1;
-    size_t hold = 0;
-    const long at = j->n_ids > j->min_tokens ? find_stop(j, from, &hold) : -1;
+    size_t hold; /* (held back even before min_tokens: a stop string may end after it) */
+    long at = find_stop(j, from, &hold);
+    if (j->n_ids <= j->min_tokens) at = -1; /* (vLLM's min_tokens: not read yet) */
     if (at >= 0) {
         j->len = (size_t)at; /* the stop string is not part of the text */
         j->text[j->len] = '\0';

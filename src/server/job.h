@@ -14,7 +14,7 @@
 #include "server/chat.h"
 #include "server/json_schema.h"
 
-#define JOB_MAX_STOP         4
+#define JOB_MAX_STOP         16 /* (OpenAI's 4; vLLM and llama.cpp take more) */
 #define JOB_MAX_STOP_IDS     16
 #define JOB_MAX_TOP_LOGPROBS 20
 
