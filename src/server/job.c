@@ -248,7 +248,7 @@ int job_add_text(serve_job *j, const char *piece, size_t n) {
     if (text_append(j, piece, n)) return -1;
     size_t hold; /* (held back even before min_tokens: a stop string may end after it) */
     long at = find_stop(j, from, &hold);
-    if (j->n_ids <= j->min_tokens) at = -1; /* (vLLM's min_tokens: not read yet) */
+    if (j->min_tokens > 0 && j->n_ids <= j->min_tokens) at = -1; /* (vLLM's: not read yet) */
     if (at >= 0) {
         j->len = (size_t)at; /* the stop string is not part of the text */
         j->text[j->len] = '\0';
