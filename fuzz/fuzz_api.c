@@ -223,6 +223,18 @@ static long first_stop(const serve_job *j, const char *s, size_t n) {
     return first;
 }
 
+/* Where the first stop string that ends in s[from..n) starts, or -1 (the
+ * stops read after min_tokens: those that end in a later token's text). */
+static long stop_ending_after(const serve_job *j, const char *s, size_t n, size_t from) {
+    long first = -1;
+    for (int i = 0; i < j->n_stop; i++) {
+        const size_t sl = strlen(j->stop[i]), start = from >= sl - 1 ? from - (sl - 1) : 0;
+        const char *hit = memmem(s + start, n - start, j->stop[i], sl);
+        if (hit && (first < 0 || hit - s < first)) first = hit - s;
+    }
+    return first;
+}
+
 /* s (of *len bytes) followed by text[0..n) made valid UTF-8. */
 static char *append_clean(char *s, size_t *len, const char *text, size_t n) {
     char *clean = api_utf8_clean(text, n);
@@ -247,6 +259,9 @@ static void fuzz_text(const uint8_t *data, size_t size) {
     const chat_format calls[] = {CHAT_NONE, CHAT_CHATML, CHAT_LLAMA3, CHAT_NONE};
     j->call_format = calls[data[0] >> 2 & 3];
     j->reasoning = data[0] >> 4 & 1; /* bit 4: <think> and its end held back */
+    /* bit 5: min_tokens 1..4 (bits 6-7): stop strings not read in the
+     * first pieces (each piece is a token, counted as the pool counts) */
+    j->min_tokens = data[0] >> 5 & 1 ? (data[0] >> 6) + 1 : 0;
     const int n_stop = at < size ? data[at++] % (JOB_MAX_STOP + 1) : 0;
     for (int i = 0; i < n_stop && at < size; i++) {
         size_t len = data[at++] % 6 + 1;
@@ -266,11 +281,15 @@ static void fuzz_text(const uint8_t *data, size_t size) {
         memcpy(all + all_len, data + at, len);
         all_len += len;
         pthread_mutex_lock(&j->mu);
+        j->n_ids++;
         stopped = job_add_text(j, (const char *)data + at, len);
         pthread_mutex_unlock(&j->mu);
         at += len;
         CHECK(stopped == 0 || stopped == 1);
-        const long stop_at = first_stop(j, all, all_len);
+        const long stop_at = !j->min_tokens ? first_stop(j, all, all_len)
+                             : j->n_ids <= j->min_tokens
+                                 ? -1
+                                 : stop_ending_after(j, all, all_len, all_len - len);
         CHECK(stopped == (stop_at >= 0));
         CHECK(j->len == (stopped ? (size_t)stop_at : all_len));
         CHECK(!memcmp(j->text, all, j->len));
