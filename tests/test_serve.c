@@ -459,6 +459,10 @@ static void test_bad_requests(void **state) {
         {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"echo\":true,\"stream\":true}", 400,
          "'echo' with 'stream'"},
         {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"echo\":1}", 400, "'echo'"},
+        {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"prompt_logprobs\":21}", 400,
+         "'prompt_logprobs'"},
+        {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"prompt_logprobs\":1,\"stream\":true}",
+         400, "'prompt_logprobs' with 'stream'"},
         {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"presence_penalty\":3}", 400,
          "'presence_penalty'"},
         {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"frequency_penalty\":\"1\"}", 400,
@@ -835,7 +839,8 @@ static void check_repetition(int port, const cJSON *plain, int n) {
  * tokens before it, the first null: each the bits a request for that token
  * alone after its prefix gives (forced by a logit bias, which log-
  * probabilities do not see); text offsets into the echoed text; with
- * max_tokens 0 the prompt alone. */
+ * max_tokens 0 the prompt alone. vLLM's prompt_logprobs: the same values
+ * by token id, with ranks; a chat's, of its whole prompt. */
 static void test_echo(void **state) {
     (void)state;
     t_server s;
@@ -905,6 +910,26 @@ static void test_echo(void **state) {
     assert_int_equal(cJSON_GetArraySize(at(only, "choices.0.logprobs.token_logprobs")), n);
     assert_int_equal(cJSON_GetArraySize(at(only, "choices.0.logprobs.top_logprobs.1")), 2);
     assert_string_equal(str_at(only, "choices.0.finish_reason"), "length");
+    /* vLLM's prompt_logprobs: each prompt token's entry by id, the same
+     * log-probability, its rank, and the alternatives asked */
+    cJSON *vllm = post_ok(s.port, "/v1/completions",
+                          "{\"prompt\":[%s],\"max_tokens\":1,\"temperature\":0,"
+                          "\"prompt_logprobs\":2}",
+                          list);
+    const cJSON *pl = at(vllm, "choices.0.prompt_logprobs");
+    assert_int_equal(cJSON_GetArraySize(pl), n);
+    assert_true(cJSON_IsNull(cJSON_GetArrayItem(pl, 0)));
+    for (int k = 1; k < n; k++) {
+        char key[16];
+        snprintf(key, sizeof(key), "%d", cJSON_GetArrayItem(ids, k)->valueint);
+        const cJSON *d = cJSON_GetArrayItem(pl, k), *e = cJSON_GetObjectItemCaseSensitive(d, key);
+        assert_non_null(e);
+        assert_true(num_at(e, "logprob") == cJSON_GetArrayItem(lps, k)->valuedouble);
+        const int rank = (int)num_at(e, "rank");
+        const int size = cJSON_GetArraySize(d);
+        assert_true(rank >= 1 && (size == 2 || size == 3) && (rank <= 2) == (size == 2));
+    }
+    cJSON_Delete(vllm);
     print_message("echo: %d prompt tokens scored, each as its forced request gives it\n", n - 1);
     cJSON_Delete(only);
     cJSON_Delete(scored);
@@ -912,6 +937,21 @@ static void test_echo(void **state) {
     cJSON_Delete(echo);
     cJSON_Delete(plain);
     assert_int_equal(serve_stop(&s), 0);
+    /* a chat's (its prompt, template and all), on the tiny model made ChatML */
+    static const char *const specials[] = {"<|im_start|>", "<|im_end|>", NULL};
+    char path[64];
+    tiny_variant(&(test_model_variant){.chat_template = "{{ '<|im_start|>' + role }}",
+                                       .special_tokens = specials},
+                 path);
+    assert_int_equal(serve_start(&s, path, "--store", "none", NULL), 0);
+    cJSON *chat = post_ok(s.port, "/v1/chat/completions",
+                          "{\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],"
+                          "\"max_tokens\":1,\"prompt_logprobs\":0}");
+    assert_int_equal(cJSON_GetArraySize(at(chat, "prompt_logprobs")),
+                     num_at(chat, "usage.prompt_tokens"));
+    cJSON_Delete(chat);
+    assert_int_equal(serve_stop(&s), 0);
+    unlink(path);
 }
 
 /* A greedy answer with a presence penalty repeats no token (the tiny

@@ -17,6 +17,7 @@ serve_job *job_create(cake_token *prompt, int n) {
     j->n_prompt = n;
     j->end_of_turn = -1;
     j->top_logprobs = -1;
+    j->prompt_top = -1;
     j->refs = 1;
     return j;
 }
@@ -42,6 +43,7 @@ serve_job *job_clone_prompt(const serve_job *j, int choice, cake_token *prompt, 
     c->min_tokens = j->min_tokens;
     c->top_logprobs = j->top_logprobs;
     c->echo = j->echo;
+    c->prompt_top = j->prompt_top;
     c->json = j->json;
     c->call_format = j->call_format;
     c->reasoning = j->reasoning;

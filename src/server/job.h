@@ -24,6 +24,7 @@
  * the text shorter). */
 typedef struct {
     float logprob;
+    int rank; /* 1 + the tokens likelier than it */
     size_t text_end;
     int n_top;
     cake_token top_id[JOB_MAX_TOP_LOGPROBS];
@@ -61,6 +62,11 @@ struct serve_job {
      * with the prompt's. With log-probabilities the prompt is scored
      * (computed whole: every token's logits; nothing loaded or cached). */
     int echo;
+    /* The prompt's tokens' log-probabilities, each with this many
+     * alternatives (vLLM's prompt_logprobs, or echo's with logprobs); -1:
+     * none. The prompt is then scored (computed whole, every token's
+     * logits; nothing loaded or cached). */
+    int prompt_top;
     /* Structured output (engine/json_grammar.h): the answer is JSON, one
      * value of schema (owned: one reference), or with schema NULL one object.
      * With tools and not json: a call is a value of schema from its tag on

@@ -115,6 +115,17 @@ static int echo_asked(const cJSON *o, int chat, int stream, int *echo, char *err
     return 0;
 }
 
+/* vLLM's prompt_logprobs: k alternatives for each prompt token (0-20); not
+ * in streams. */
+static int prompt_logprobs_asked(const cJSON *o, int stream, int *k, char *err, size_t errlen) {
+    double v = -1;
+    if (int_field(o, "prompt_logprobs", 0, JOB_MAX_TOP_LOGPROBS, &v, err, errlen)) return -1;
+    if (v >= 0 && stream)
+        return cake_err(err, errlen, "'prompt_logprobs' with 'stream' is not supported");
+    *k = (int)v;
+    return 0;
+}
+
 /* The repetition penalty, as vLLM's repetition_penalty (over the whole
  * prompt and answer) or as llama.cpp's repeat_penalty (over the last
  * repeat_last_n tokens of them: 64 unless told, -1 all, 0 off). */
@@ -780,7 +791,8 @@ int api_parse(const char *body, size_t len, int chat, const api_model *m, serve_
     cake_token eot = -1;
     double max_tokens = -1, temperature = 1, top_p = 1, seed = -1, frequency = 0, presence = 0,
            top_k = 0, min_p = 0, choices = 1, min_tokens = 0;
-    int rc = -1, ignore_eos = 0, top_logprobs = -1, json = 0, repeat_last_n = 0, echo = 0;
+    int rc = -1, ignore_eos = 0, top_logprobs = -1, json = 0, repeat_last_n = 0, echo = 0,
+        prompt_top = -1;
     float repetition = 1;
     json_schema *schema = NULL;
     request_tools rt = {0};
@@ -791,6 +803,7 @@ int api_parse(const char *body, size_t len, int chat, const api_model *m, serve_
         bool_field(o, "stream", &shape->stream, err, errlen) ||
         bool_field(o, "ignore_eos", &ignore_eos, err, errlen) ||
         echo_asked(o, chat, shape->stream, &echo, err, errlen) ||
+        prompt_logprobs_asked(o, shape->stream, &prompt_top, err, errlen) ||
         int_field(o, "max_tokens", echo ? 0 : 1, 1 << 30, &max_tokens, err, errlen) ||
         int_field(o, "max_completion_tokens", echo ? 0 : 1, 1 << 30, &max_tokens, err, errlen) ||
         num_field(o, "temperature", 0, 2, &temperature, err, errlen) ||
@@ -804,6 +817,7 @@ int api_parse(const char *body, size_t len, int chat, const api_model *m, serve_
         int_field(o, "n", 1, API_MAX_CHOICES, &choices, err, errlen))
         goto done;
     shape->n = (int)choices;
+    shape->prompt_logprobs = prompt_top >= 0;
     if (max_tokens >= 0 && min_tokens > max_tokens) {
         cake_err(err, errlen, "'min_tokens' (%.0f) is more than 'max_tokens' (%.0f)", min_tokens,
                  max_tokens);
@@ -886,6 +900,8 @@ int api_parse(const char *body, size_t len, int chat, const api_model *m, serve_
     j->min_tokens = (int)min_tokens;
     j->top_logprobs = top_logprobs;
     j->echo = echo;
+    /* (echo's arrays take the top_logprobs first of them) */
+    j->prompt_top = echo && top_logprobs > prompt_top ? top_logprobs : prompt_top;
     if (rt.choice != TOOLS_NONE) {
         j->call_format = m->chat;
         if (!(j->tool_names = tool_names(&rt))) {
@@ -1093,14 +1109,15 @@ static void add_prompt_logprobs(const api_shape *s, const serve_job *j, cJSON *t
                                 cJSON *tops, cJSON *offsets) {
     size_t start = 0;
     for (int i = 0; i < j->n_prompt; i++) {
-        const job_logprob *lp = &j->prompt_logprobs[i];
+        job_logprob lp = j->prompt_logprobs[i];
+        if (lp.n_top > j->top_logprobs) lp.n_top = j->top_logprobs; /* (prompt_logprobs' more) */
         int len;
         char *p = piece_of(s->tok, i ? j->prompt[i - 1] : -1, j->prompt[i], &len);
         if (!p) break;
         cJSON_AddItemToArray(tokens, clean_string(p, len));
         free(p);
-        cJSON_AddItemToArray(lps, i ? cJSON_CreateNumber(lp->logprob) : cJSON_CreateNull());
-        cJSON_AddItemToArray(tops, i ? top_json(s, lp, j->prompt[i - 1]) : cJSON_CreateNull());
+        cJSON_AddItemToArray(lps, i ? cJSON_CreateNumber(lp.logprob) : cJSON_CreateNull());
+        cJSON_AddItemToArray(tops, i ? top_json(s, &lp, j->prompt[i - 1]) : cJSON_CreateNull());
         cJSON_AddItemToArray(offsets, cJSON_CreateNumber((double)start));
         start += (size_t)len;
     }
@@ -1141,6 +1158,44 @@ static cJSON *logprobs_json(const api_shape *s, const serve_job *j, int from, in
         free(piece);
     }
     return r;
+}
+
+/* {"id": {"logprob", "rank", "decoded_token"}} for token id after prev. */
+static void add_ranked(cJSON *d, const api_shape *s, cake_token prev, cake_token id, float logprob,
+                       int rank) {
+    char key[16];
+    int len;
+    snprintf(key, sizeof(key), "%d", id);
+    char *piece = piece_of(s->tok, prev, id, &len);
+    if (!piece || cJSON_GetObjectItemCaseSensitive(d, key)) {
+        free(piece);
+        return;
+    }
+    cJSON *e = cJSON_AddObjectToObject(d, key);
+    cJSON_AddNumberToObject(e, "logprob", logprob);
+    cJSON_AddNumberToObject(e, "rank", rank);
+    cJSON_AddItemToObject(e, "decoded_token", clean_string(piece, len));
+    free(piece);
+}
+
+/* vLLM's prompt_logprobs: null for the first token, then for each token
+ * its entry and its alternatives', by token id. */
+static cJSON *prompt_logprobs_json(const api_shape *s, const serve_job *j) {
+    if (!j->prompt_logprobs) return cJSON_CreateNull();
+    cJSON *a = cJSON_CreateArray();
+    for (int i = 0; i < j->n_prompt; i++) {
+        if (!i) {
+            cJSON_AddItemToArray(a, cJSON_CreateNull());
+            continue;
+        }
+        const job_logprob *lp = &j->prompt_logprobs[i];
+        cJSON *d = cJSON_CreateObject();
+        add_ranked(d, s, j->prompt[i - 1], j->prompt[i], lp->logprob, lp->rank);
+        for (int k = 0; k < lp->n_top; k++)
+            add_ranked(d, s, j->prompt[i - 1], lp->top_id[k], lp->top_logprob[k], k + 1);
+        cJSON_AddItemToArray(a, d);
+    }
+    return a;
 }
 
 /* A choice's `logprobs`: null unless the job asked for them. */
@@ -1324,11 +1379,16 @@ char *api_response(const api_shape *s, serve_job *const *jobs, int n, const char
             cJSON_AddStringToObject(choice, "text", text);
         }
         add_logprobs(choice, s, j, 0, api_answer_tokens(j, j->len), echo_len);
+        /* vLLM's: a completion's choices each their prompt's, a chat's once */
+        if (s->prompt_logprobs && !s->chat)
+            cJSON_AddItemToObject(choice, "prompt_logprobs", prompt_logprobs_json(s, j));
         cJSON_AddStringToObject(choice, "finish_reason", finish_reason(j));
         cJSON_AddItemToArray(choices, choice);
         free(text);
     }
     add_usage(r, s, jobs, n);
+    if (s->prompt_logprobs && s->chat)
+        cJSON_AddItemToObject(r, "prompt_logprobs", prompt_logprobs_json(s, jobs[0]));
     add_cake(r, jobs[0]);
     return print_free(r);
 }

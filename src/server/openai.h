@@ -26,6 +26,7 @@ typedef struct {
     const cake_tokenizer *tok; /* the tokens' text, for log-probabilities */
     int n;                     /* choices a prompt: its job and n - 1 clones (job_clone) */
     int n_prompts;             /* prompts (a completion's list; else 1) */
+    int prompt_logprobs;       /* vLLM's prompt_logprobs asked: answered with them */
 } api_shape;
 
 #define API_MAX_CHOICES 16 /* n */

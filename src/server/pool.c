@@ -43,6 +43,8 @@ static void logprob_of(const float *logits, int n_vocab, cake_token id, int k, j
     for (int i = 0; i < n_vocab; i++) sum += exp((double)logits[i] - max);
     const double lse = max + log(sum);
     lp->logprob = (float)(logits[id] - lse);
+    lp->rank = 1;
+    for (int i = 0; i < n_vocab; i++) lp->rank += logits[i] > logits[id];
     lp->n_top = 0;
     for (int i = 0; i < n_vocab; i++) { /* insertion into the k best, highest first */
         int at = lp->n_top;
@@ -68,7 +70,7 @@ static void on_logits(const float *logits, int n_vocab, cake_token id, void *ud)
 static void on_prompt_logits(const float *rows, int n, int pos0, int n_vocab, void *ud) {
     const serve_job *j = ((token_sink *)ud)->job;
     for (int r = 0; r < n && pos0 + r + 1 < j->n_prompt; r++)
-        logprob_of(rows + (size_t)r * n_vocab, n_vocab, j->prompt[pos0 + r + 1], j->top_logprobs,
+        logprob_of(rows + (size_t)r * n_vocab, n_vocab, j->prompt[pos0 + r + 1], j->prompt_top,
                    &j->prompt_logprobs[pos0 + r + 1]);
 }
 
@@ -339,12 +341,12 @@ static void run_job(slot *s, serve_job *j) {
     j->ids = malloc((size_t)(max > 0 ? max : 1) * sizeof(*j->ids));
     if (j->top_logprobs >= 0)
         j->logprobs = malloc((size_t)(max > 0 ? max : 1) * sizeof(job_logprob));
-    const int score = j->echo && j->top_logprobs >= 0;
+    const int score = j->prompt_top >= 0;
     if (score) j->prompt_logprobs = calloc((size_t)j->n_prompt, sizeof(job_logprob));
     j->prev = j->prompt[j->n_prompt - 1];
     cake_token *ids = j->ids;
     const int no_logprobs =
-        j->top_logprobs >= 0 && (!j->logprobs || (score && !j->prompt_logprobs));
+        (j->top_logprobs >= 0 && !j->logprobs) || (score && !j->prompt_logprobs);
     pthread_mutex_unlock(&j->mu);
     if (!sampler || !ids || no_logprobs || ((j->json || lazy) && !grammar)) {
         cake_sampler_free(sampler);
