@@ -115,6 +115,14 @@ typedef struct {
     int width;         /* ROWS_SWIGLU: the rows' width; 0 = ffn_dim */
 } rows_job;
 
+/* h = act(g) * u over n values: GELU (Gemma) or SiLU. */
+static void gated(const cake_hparams *hp, float *g, const float *u, size_t n) {
+    if (hp->gelu)
+        cake_geglu(g, g, u, n);
+    else
+        cake_swiglu(g, g, u, n);
+}
+
 static void rows_task(void *ctx, int task, int tid) {
     (void)tid;
     const rows_job *j = ctx;
@@ -165,10 +173,7 @@ static void rows_task(void *ctx, int task, int tid) {
     }
     case ROWS_SWIGLU: {
         const size_t ffn = (size_t)(j->width ? j->width : hp->ffn_dim);
-        if (hp->gelu)
-            cake_geglu(s->g + r0 * ffn, s->g + r0 * ffn, s->u + r0 * ffn, (size_t)nt * ffn);
-        else
-            cake_swiglu(s->g + r0 * ffn, s->g + r0 * ffn, s->u + r0 * ffn, (size_t)nt * ffn);
+        gated(hp, s->g + r0 * ffn, s->u + r0 * ffn, (size_t)nt * ffn);
         break;
     }
     }
@@ -220,10 +225,8 @@ static void expert_ffn(cake_context *c, const cake_layer *L, int e, int first, i
     matmul(u, in, &L->expert[3 * e + 1], rows, pool);
     if (pool)
         run_rows((rows_job){.c = c, .n = rows, .row0 = at, .step = ROWS_SWIGLU});
-    else if (hp->gelu) /* (the same elementwise steps run_rows takes) */
-        cake_geglu(g, g, u, (size_t)rows * ffn);
     else
-        cake_swiglu(g, g, u, (size_t)rows * ffn);
+        gated(hp, g, u, (size_t)rows * ffn);
     matmul(s->moe_out + (size_t)at * dim, g, &L->expert[3 * e + 2], rows, pool);
 }
 
