@@ -44,9 +44,9 @@ static void logprob_of(const float *logits, int n_vocab, cake_token id, int k, j
     const double lse = max + log(sum);
     lp->logprob = (float)(logits[id] - lse);
     lp->rank = 1;
-    for (int i = 0; i < n_vocab; i++) lp->rank += logits[i] > logits[id];
     lp->n_top = 0;
     for (int i = 0; i < n_vocab; i++) { /* insertion into the k best, highest first */
+        lp->rank += logits[i] > logits[id];
         int at = lp->n_top;
         while (at > 0 && logits[i] > lp->top_logprob[at - 1]) at--;
         if (at >= k) continue;
