@@ -390,16 +390,16 @@ static const char *const fim_enders[] = {"<|fim_pad|>",  "<fim_pad>",     "<fim-
  * tokens the vocabulary has (up to 4). */
 static int fim_prompt(const api_model *m, const char *prefix, const char *suffix, cake_token **ids,
                       int *n, cake_token *enders, int *n_enders, char *err, size_t errlen) {
-    cake_token f[3] = {-1, -1, -1};
-    for (size_t k = 0; k < sizeof(fim_texts) / sizeof(fim_texts[0]) && f[2] < 0; k++)
+    cake_token f[3];
+    bool found = false; /* the first set the vocabulary has whole */
+    for (size_t k = 0; k < sizeof(fim_texts) / sizeof(fim_texts[0]) && !found; k++) {
+        found = true;
         for (int i = 0; i < 3; i++) {
             f[i] = cake_tokenizer_find(m->tok, fim_texts[k][i], strlen(fim_texts[k][i]));
-            if (f[i] < 0) {
-                f[2] = -1;
-                break;
-            }
+            found &= f[i] >= 0;
         }
-    if (f[2] < 0)
+    }
+    if (!found)
         return cake_err(err, errlen,
                         "'suffix' (fill in the middle): this model's vocabulary has no prefix, "
                         "suffix and middle tokens");
