@@ -833,6 +833,16 @@ static void check_repetition(int port, const cJSON *plain, int n) {
     cJSON_Delete(tok);
 }
 
+/* Appends ids[from..to) (a JSON array of token ids) to the comma-separated
+ * list in buf. */
+static void add_ids(char *buf, size_t cap, const cJSON *ids, int from, int to) {
+    for (int i = from; i < to; i++) {
+        const size_t len = strlen(buf);
+        snprintf(buf + len, cap - len, "%s%d", len ? "," : "",
+                 cJSON_GetArrayItem(ids, i)->valueint);
+    }
+}
+
 /* A completion's echo: the prompt's text before the answer's; with
  * logprobs (as lm-eval's loglikelihood asks: the prompt as token ids,
  * max_tokens 1, logprobs 1) every prompt token's log-probability after the
@@ -860,9 +870,7 @@ static void test_echo(void **state) {
     const cJSON *ids = at(tok, "tokens");
     const int n = cJSON_GetArraySize(ids);
     char list[512] = "";
-    for (int i = 0; i < n; i++)
-        snprintf(list + strlen(list), sizeof(list) - strlen(list), "%s%d", i ? "," : "",
-                 cJSON_GetArrayItem(ids, i)->valueint);
+    add_ids(list, sizeof(list), ids, 0, n);
     cJSON *scored = post_ok(s.port, "/v1/completions",
                             "{\"prompt\":[[%s]],\"max_tokens\":1,\"temperature\":0,"
                             "\"logprobs\":1,\"echo\":true}",
@@ -886,9 +894,7 @@ static void test_echo(void **state) {
         if (k == n) break; /* (the answer's token) */
         /* the same token forced after its prefix */
         char prefix[512] = "";
-        for (int i = 0; i < k; i++)
-            snprintf(prefix + strlen(prefix), sizeof(prefix) - strlen(prefix), "%s%d", i ? "," : "",
-                     cJSON_GetArrayItem(ids, i)->valueint);
+        add_ids(prefix, sizeof(prefix), ids, 0, k);
         const int id = cJSON_GetArrayItem(ids, k)->valueint;
         cJSON *one = post_ok(s.port, "/v1/completions",
                              "{\"prompt\":[%s],\"max_tokens\":1,\"temperature\":0,"
@@ -2662,18 +2668,15 @@ static void test_fill_in_middle(void **state) {
     cJSON *pre = post_ok(s.port, "/tokenize", "{\"prompt\":\"def area(r):\"}"),
           *suf = post_ok(s.port, "/tokenize", "{\"prompt\":\"return a\"}");
     const int n_vocab = 32000; /* (the specials are the vocabulary's last tokens) */
-    char ids[1024];
+    char ids[1024] = "";
     const cJSON *p = at(pre, "tokens"), *q = at(suf, "tokens");
     /* BOS, prefix, then the suffix (its own BOS left out) */
-    int len = snprintf(ids, sizeof(ids), "%d,%d", cJSON_GetArrayItem(p, 0)->valueint, n_vocab - 4);
-    for (int i = 1; i < cJSON_GetArraySize(p); i++)
-        len += snprintf(ids + len, sizeof(ids) - (size_t)len, ",%d",
-                        cJSON_GetArrayItem(p, i)->valueint);
-    len += snprintf(ids + len, sizeof(ids) - (size_t)len, ",%d", n_vocab - 3);
-    for (int i = 1; i < cJSON_GetArraySize(q); i++)
-        len += snprintf(ids + len, sizeof(ids) - (size_t)len, ",%d",
-                        cJSON_GetArrayItem(q, i)->valueint);
-    snprintf(ids + len, sizeof(ids) - (size_t)len, ",%d", n_vocab - 2);
+    add_ids(ids, sizeof(ids), p, 0, 1);
+    snprintf(ids + strlen(ids), sizeof(ids) - strlen(ids), ",%d", n_vocab - 4);
+    add_ids(ids, sizeof(ids), p, 1, cJSON_GetArraySize(p));
+    snprintf(ids + strlen(ids), sizeof(ids) - strlen(ids), ",%d", n_vocab - 3);
+    add_ids(ids, sizeof(ids), q, 1, cJSON_GetArraySize(q));
+    snprintf(ids + strlen(ids), sizeof(ids) - strlen(ids), ",%d", n_vocab - 2);
     cJSON *same =
         post_ok(s.port, "/v1/completions",
                 "{\"prompt\":[%s],\"max_tokens\":8,\"temperature\":0,\"ignore_eos\":true}", ids);
