@@ -224,17 +224,30 @@ static double cold_time(bench_fn fn, void *ctx, const float *evict, size_t n_evi
     return best;
 }
 
+/* An f16 cache, or a Q8_0 one (int8 elements, an f16 scale per 32: the
+ * bytes read per element are 34 / 32 instead of 2). */
 static void bench_attention_shape(const char *name, int n_heads, int n_kv_heads, int n_layers,
-                                  cake_threadpool *pool, int quick) {
-    const int hd = 64, n_max = 2048;
+                                  enum cake_kv_type kv_type, cake_threadpool *pool, int quick) {
+    const int hd = 64, n_max = 2048, q8 = kv_type == CAKE_KV_Q8_0;
     const size_t nq = (size_t)n_max * n_heads * hd, nkv = (size_t)n_max * n_kv_heads * hd;
     float *q = xmalloc(nq * 4), *out = xmalloc(nq * 4);
-    cake_f16 *k = xmalloc(nkv * 2), *v = xmalloc(nkv * 2);
+    void *k = xmalloc(nkv * 2), *v = xmalloc(nkv * 2);
+    cake_f16 *ks = xmalloc(nkv / 32 * 2), *vs = xmalloc(nkv / 32 * 2);
     for (size_t i = 0; i < nq; i++) q[i] = rnd();
     for (size_t i = 0; i < nkv; i++) {
-        k[i] = cake_f32_to_f16(rnd());
-        v[i] = cake_f32_to_f16(rnd());
+        if (q8) {
+            ((int8_t *)k)[i] = (int8_t)(rnd() * 127);
+            ((int8_t *)v)[i] = (int8_t)(rnd() * 127);
+        } else {
+            ((cake_f16 *)k)[i] = cake_f32_to_f16(rnd());
+            ((cake_f16 *)v)[i] = cake_f32_to_f16(rnd());
+        }
     }
+    for (size_t i = 0; i < nkv / 32; i++) {
+        ks[i] = cake_f32_to_f16(1.0f / 127);
+        vs[i] = cake_f32_to_f16(1.0f / 127);
+    }
+    const double kv_bytes = q8 ? 34.0 / 32 : 2.0;  /* per element read */
     const size_t n_evict = (size_t)128 << 20 >> 2; /* 128 MiB of floats */
     float *evict = xmalloc(n_evict * 4);
     for (size_t i = 0; i < n_evict; i++) evict[i] = (float)(i & 7);
@@ -246,11 +259,13 @@ static void bench_attention_shape(const char *name, int n_heads, int n_kv_heads,
                       .n_heads = n_heads,
                       .n_kv_heads = n_kv_heads,
                       .head_dim = hd,
-                      .kv_f16 = 1,
+                      .kv_type = kv_type,
                       .kv_ctx = n_max,
                       .q = q,
                       .k = k,
                       .v = v,
+                      .k_scales = q8 ? ks : NULL,
+                      .v_scales = q8 ? vs : NULL,
                       .out = out},
                      pool,
                      0};
@@ -273,17 +288,19 @@ static void bench_attention_shape(const char *name, int n_heads, int n_kv_heads,
         t = best_time(run_attention, &d, 0.3, 5);
         printf("%-9s decode at context %4d: %8.1f us/layer, KV read %5.1f GB/s  (x%d layers: %.2f "
                "ms)\n",
-               name, N, t * 1e6, 2.0 * N * n_kv_heads * hd * 2 / t * 1e-9, n_layers,
+               name, N, t * 1e6, 2.0 * N * n_kv_heads * hd * kv_bytes / t * 1e-9, n_layers,
                t * n_layers * 1e3);
         t = cold_time(run_attention, &d, evict, n_evict, 30);
         printf("%-9s decode at context %4d, KV from memory: %6.1f us/layer, KV read %5.1f GB/s\n",
-               name, N, t * 1e6, 2.0 * N * n_kv_heads * hd * 2 / t * 1e-9);
+               name, N, t * 1e6, 2.0 * N * n_kv_heads * hd * kv_bytes / t * 1e-9);
         fflush(stdout);
     }
     free(q);
     free(out);
     free(k);
     free(v);
+    free(ks);
+    free(vs);
     free(evict);
 }
 
@@ -383,8 +400,11 @@ int main(int argc, char **argv) {
     if (!only || !strcmp(only, "misc")) bench_misc(pool);
     if (!only || !strcmp(only, "attention")) {
         printf("== attention (f16 KV, head_dim 64, %d threads) ==\n", n_threads);
-        bench_attention_shape("llama-1b", 32, 8, 16, pool, quick);
-        bench_attention_shape("mha-160m", 12, 12, 12, pool, quick);
+        bench_attention_shape("llama-1b", 32, 8, 16, CAKE_KV_F16, pool, quick);
+        bench_attention_shape("mha-160m", 12, 12, 12, CAKE_KV_F16, pool, quick);
+        printf("== attention (q8_0 KV, head_dim 64, %d threads) ==\n", n_threads);
+        bench_attention_shape("llama-1b", 32, 8, 16, CAKE_KV_Q8_0, pool, quick);
+        bench_attention_shape("mha-160m", 12, 12, 12, CAKE_KV_Q8_0, pool, quick);
     }
     if (!only || !strcmp(only, "matmul")) bench_matmul(pool, n_threads, quick);
     cake_threadpool_free(pool);

@@ -785,15 +785,48 @@ static void test_matmul_bad_dtype(void **state) {
 
 /* ===================== attention ===================== */
 
+/* The cache's element type in these cases: kv_f16's 0 (f32) and 1 (f16),
+ * or KV_Q8 (Q8_0). */
+#define KV_Q8 2
+
 typedef struct {
     int n_ctx, n_heads, n_kv_heads, head_dim, kv_f16;
-    int head_ctx;   /* positions per head in k, v: n_ctx rounded up to a key block */
-    float *q;       /* (n_ctx, n_heads, head_dim): the queries of every position */
-    float *kf, *vf; /* the cache contents as f32 */
-    void *k, *v;    /* the cache in its dtype, laid out as kv/kv_cache.h says */
-    int window;     /* the sliding window (0: none) */
-    float softcap;  /* the scores' soft cap (0: none) */
+    int head_ctx;      /* positions per head in k, v: n_ctx rounded up to a key block */
+    float *q;          /* (n_ctx, n_heads, head_dim): the queries of every position */
+    float *kf, *vf;    /* the cache contents as f32 */
+    void *k, *v;       /* the cache in its dtype, laid out as kv/kv_cache.h says */
+    cake_f16 *ks, *vs; /* KV_Q8: the scales, laid out as kv/kv_cache.h says */
+    int window;        /* the sliding window (0: none) */
+    float softcap;     /* the scores' soft cap (0: none) */
 } attn_case;
+
+static enum cake_kv_type case_type(int kv_f16) {
+    return kv_f16 == KV_Q8 ? CAKE_KV_Q8_0 : kv_f16 ? CAKE_KV_F16 : CAKE_KV_F32;
+}
+
+/* Q8_0 cases: random int8 and scales (f16) that make values of about the
+ * f32 cases' size; each element is int8 * scale. */
+static void fill_q8(attn_case *c) {
+    const int hd = c->head_dim, hc = c->head_ctx;
+    for (int h = 0; h < c->n_kv_heads; h++)
+        for (int p = 0; p < hc; p++)
+            for (int g = 0; g < hd / 32; g++) {
+                const size_t ksi = cake_kv_k_scale_index(hc, hd, h, p, g),
+                             vsi = cake_kv_v_scale_index(hc, hd, h, p, g);
+                c->ks[ksi] = cake_f32_to_f16(rnd_f(1.0f, 1.5f) / 127);
+                c->vs[vsi] = cake_f32_to_f16(rnd_f(0.5f, 1.0f) / 127);
+                for (int d = 32 * g; d < 32 * g + 32; d++) {
+                    const size_t ki = cake_kv_k_index(hc, hd, h, p, d),
+                                 vi = cake_kv_v_index(hc, hd, h, p, d);
+                    const int8_t kq = (int8_t)(rnd_u32() % 255 - 127),
+                                 vq = (int8_t)(rnd_u32() % 255 - 127);
+                    ((int8_t *)c->k)[ki] = kq;
+                    ((int8_t *)c->v)[vi] = vq;
+                    c->kf[ki] = (float)kq * cake_f16_to_f32(c->ks[ksi]);
+                    c->vf[vi] = (float)vq * cake_f16_to_f32(c->vs[vsi]);
+                }
+            }
+}
 
 static attn_case make_case(int n_ctx, int n_heads, int n_kv_heads, int hd, int kv_f16) {
     const int head_ctx = (n_ctx + CAKE_KV_KBLOCK - 1) / CAKE_KV_KBLOCK * CAKE_KV_KBLOCK;
@@ -809,8 +842,14 @@ static attn_case make_case(int n_ctx, int n_heads, int n_kv_heads, int hd, int k
     c.vf = xmalloc(nkv * 4);
     c.k = xmalloc(nkv * 4);
     c.v = xmalloc(nkv * 4);
+    c.ks = xmalloc(nkv / 32 * 2 + 2);
+    c.vs = xmalloc(nkv / 32 * 2 + 2);
     /* scores of a few units, so the softmax is neither flat nor one-hot */
     for (size_t i = 0; i < nq; i++) c.q[i] = rnd_f(-1.5f, 1.5f);
+    if (kv_f16 == KV_Q8) {
+        fill_q8(&c);
+        return c;
+    }
     for (size_t i = 0; i < nkv; i++) {
         float kv = rnd_f(-1.5f, 1.5f), vv = rnd_f(-1, 1);
         if (kv_f16) {
@@ -834,22 +873,27 @@ static void free_case(attn_case *c) {
     free(c->vf);
     free(c->k);
     free(c->v);
+    free(c->ks);
+    free(c->vs);
 }
 
 static cake_attn_args case_args(const attn_case *c, int pos0, int n, const void *k, const void *v,
-                                float *out) {
+                                const cake_f16 *ks, const cake_f16 *vs, float *out) {
+    const int q8 = c->kv_f16 == KV_Q8;
     cake_attn_args a = {.n_tokens = n,
                         .pos0 = pos0,
                         .n_heads = c->n_heads,
                         .n_kv_heads = c->n_kv_heads,
                         .head_dim = c->head_dim,
-                        .kv_f16 = c->kv_f16,
+                        .kv_type = case_type(c->kv_f16),
                         .kv_ctx = c->head_ctx,
                         .window = c->window,
                         .softcap = c->softcap,
                         .q = c->q + (size_t)pos0 * c->n_heads * c->head_dim,
                         .k = k,
                         .v = v,
+                        .k_scales = q8 ? ks : NULL,
+                        .v_scales = q8 ? vs : NULL,
                         .out = out};
     return a;
 }
@@ -860,12 +904,16 @@ static cake_attn_args case_args(const attn_case *c, int pos0, int n, const void 
  * block more per head than the case uses (a model's holds its whole context),
  * so a head found by the wrong stride shows too. */
 static void run_chunked(const attn_case *c, int chunk, cake_threadpool *pool, float *out) {
-    const size_t es = c->kv_f16 ? 2 : 4;
+    const size_t es = c->kv_f16 == KV_Q8 ? 1 : c->kv_f16 ? 2 : 4;
     const int cap = c->head_ctx + CAKE_KV_KBLOCK, hd = c->head_dim;
     const size_t all = (size_t)c->n_kv_heads * (size_t)cap * (size_t)hd * es;
+    const size_t all_s = (size_t)c->n_kv_heads * (size_t)cap * (size_t)(hd / 32) * 2 + 2;
     uint8_t *k = xmalloc(all), *v = xmalloc(all);
+    cake_f16 *kscale = xmalloc(all_s), *vscale = xmalloc(all_s);
     memset(k, 0xff, all); /* 0xffff.. is a NaN in f16 and f32 */
     memset(v, 0xff, all);
+    memset(kscale, 0xff, all_s); /* and Q8_0's scales */
+    memset(vscale, 0xff, all_s);
     const size_t orow = (size_t)c->n_heads * c->head_dim;
     for (int p0 = 0; p0 < c->n_ctx; p0 += chunk) {
         const int n = c->n_ctx - p0 < chunk ? c->n_ctx - p0 : chunk;
@@ -878,13 +926,21 @@ static void run_chunked(const attn_case *c, int chunk, cake_threadpool *pool, fl
                     const size_t vs = cake_kv_v_index(c->head_ctx, hd, h, p, d) * es;
                     memcpy(k + kd, (const uint8_t *)c->k + ks, es);
                     memcpy(v + vd, (const uint8_t *)c->v + vs, es);
+                    if (c->kv_f16 == KV_Q8 && d % 32 == 0) {
+                        kscale[cake_kv_k_scale_index(cap, hd, h, p, d / 32)] =
+                            c->ks[cake_kv_k_scale_index(c->head_ctx, hd, h, p, d / 32)];
+                        vscale[cake_kv_v_scale_index(cap, hd, h, p, d / 32)] =
+                            c->vs[cake_kv_v_scale_index(c->head_ctx, hd, h, p, d / 32)];
+                    }
                 }
-        cake_attn_args a = case_args(c, p0, n, k, v, out + (size_t)p0 * orow);
+        cake_attn_args a = case_args(c, p0, n, k, v, kscale, vscale, out + (size_t)p0 * orow);
         a.kv_ctx = cap;
         cake_attention(&a, pool);
     }
     free(k);
     free(v);
+    free(kscale);
+    free(vscale);
 }
 
 /* The checks below with a sliding window of `window` positions (0: none)
@@ -899,7 +955,7 @@ static void check_attention_capped(int n_ctx, int n_heads, int n_kv_heads, int h
     const size_t nout = (size_t)n_ctx * n_heads * hd;
     float *lanes = xmalloc(nout * 4), *ref = xmalloc(nout * 4), *out = guarded_alloc(nout * 4);
 
-    cake_attn_args a = case_args(&c, 0, n_ctx, c.k, c.v, lanes);
+    cake_attn_args a = case_args(&c, 0, n_ctx, c.k, c.v, c.ks, c.vs, lanes);
     cake_attention_lanes(&a);
     a.out = ref;
     cake_attention_ref(&a);
@@ -922,6 +978,17 @@ static void check_attention_capped(int n_ctx, int n_heads, int n_kv_heads, int h
             fail_msg("attention n_ctx %d heads %d/%d hd %d f16 %d threads %d: differs from lanes",
                      n_ctx, n_heads, n_kv_heads, hd, kv_f16, p);
     }
+    /* Q8_0: int8 times its scale is exact in f32, so the kernel equals the
+     * f32 kernel on the dequantized values, bit for bit */
+    if (kv_f16 == KV_Q8) {
+        attn_case f = c;
+        f.kv_f16 = 0;
+        cake_attn_args af = case_args(&f, 0, n_ctx, c.kf, c.vf, NULL, NULL, out);
+        cake_attention(&af, pools[2]);
+        if (memcmp(out, lanes, nout * 4))
+            fail_msg("attention n_ctx %d heads %d/%d hd %d q8_0: differs from f32 on its values",
+                     n_ctx, n_heads, n_kv_heads, hd);
+    }
     /* ... and whatever the chunking (progressively filled cache) */
     const int chunks[] = {1, 7, 64};
     for (size_t ci = 0; ci < 3; ci++) {
@@ -933,14 +1000,14 @@ static void check_attention_capped(int n_ctx, int n_heads, int n_kv_heads, int h
     }
     if (softcap > 0) { /* the cap matters */
         c.softcap = 0;
-        a = case_args(&c, 0, n_ctx, c.k, c.v, out);
+        a = case_args(&c, 0, n_ctx, c.k, c.v, c.ks, c.vs, out);
         cake_attention(&a, pools[1]);
         assert_memory_not_equal(out, lanes, nout * 4);
         c.softcap = softcap;
     }
     if (window && window < n_ctx) { /* the window matters: the rows past it differ */
         c.window = 0;
-        a = case_args(&c, 0, n_ctx, c.k, c.v, out);
+        a = case_args(&c, 0, n_ctx, c.k, c.v, c.ks, c.vs, out);
         cake_attention(&a, pools[1]);
         const size_t row = (size_t)n_heads * hd;
         assert_memory_equal(out, lanes, (size_t)window * row * 4);
@@ -1016,6 +1083,25 @@ static void test_attention_long_context(void **state) {
     check_attention_case(600, 2, 2, 64, 1);
 }
 
+/* A Q8_0 cache (int8 and a scale per 32 dims, kv/kv_cache.h): prefill and
+ * decode, GQA and MHA, head dims 32 to 256 and the portable kernel's 288,
+ * a window, a soft cap, several key blocks; each equal to the f32 kernel on
+ * the dequantized values and to itself whatever the threads and chunks. */
+static void test_attention_q8_0(void **state) {
+    (void)state;
+    check_attention_case(70, 4, 4, 64, KV_Q8);
+    check_attention_case(150, 8, 2, 64, KV_Q8);
+    check_attention_case(131, 8, 2, 128, KV_Q8);
+    check_attention_case(67, 3, 3, 32, KV_Q8);
+    check_attention_case(40, 4, 2, 96, KV_Q8);
+    check_attention_case(24, 2, 1, 256, KV_Q8);
+    check_attention_case(18, 2, 2, 288, KV_Q8); /* the portable kernel */
+    check_attention_case(600, 2, 2, 64, KV_Q8);
+    check_attention_case(90, 5, 5, 64, KV_Q8);
+    check_attention_window(300, 8, 2, 64, KV_Q8, 100);
+    check_attention_capped(150, 8, 2, 64, KV_Q8, 0, 5.0f);
+}
+
 static void test_attention_large_head_dim(void **state) {
     (void)state;
     /* 256 is the fast kernel's largest; 272 goes to the portable kernel */
@@ -1030,11 +1116,11 @@ static void test_attention_decode_matches_prefill(void **state) {
     attn_case c = make_case(200, 8, 2, 64, 1);
     const size_t orow = (size_t)c.n_heads * c.head_dim;
     float *all = xmalloc((size_t)c.n_ctx * orow * 4), *one = xmalloc(orow * 4);
-    cake_attn_args a = case_args(&c, 0, c.n_ctx, c.k, c.v, all);
+    cake_attn_args a = case_args(&c, 0, c.n_ctx, c.k, c.v, c.ks, c.vs, all);
     cake_attention(&a, pools[2]);
     const int ps[] = {0, 1, 62, 63, 64, 65, 127, 128, 199};
     for (size_t i = 0; i < sizeof(ps) / sizeof(ps[0]); i++) {
-        cake_attn_args d = case_args(&c, ps[i], 1, c.k, c.v, one);
+        cake_attn_args d = case_args(&c, ps[i], 1, c.k, c.v, c.ks, c.vs, one);
         cake_attention(&d, pools[1 + i % 3]);
         assert_memory_equal(one, all + (size_t)ps[i] * orow, orow * 4);
     }
@@ -1049,7 +1135,7 @@ static void test_attention_single_key(void **state) {
      * reads KV head h / 2) */
     attn_case c = make_case(3, 4, 2, 64, 0);
     float out[4 * 64];
-    cake_attn_args a = case_args(&c, 0, 1, c.k, c.v, out);
+    cake_attn_args a = case_args(&c, 0, 1, c.k, c.v, c.ks, c.vs, out);
     cake_attention(&a, pools[2]);
     for (int h = 0; h < 4; h++)
         for (int d = 0; d < 64; d++)
@@ -1078,6 +1164,7 @@ int main(void) {
         cmocka_unit_test(test_attention_window),
         cmocka_unit_test(test_attention_softcap),
         cmocka_unit_test(test_attention_large_head_dim),
+        cmocka_unit_test(test_attention_q8_0),
         cmocka_unit_test(test_attention_decode_matches_prefill),
         cmocka_unit_test(test_attention_single_key),
     };

@@ -30,7 +30,7 @@ typedef struct {
     int n_vocab;
 } fixture;
 
-static int fixture_init(fixture *f, const char *path, int n_ctx) {
+static int fixture_init_kv(fixture *f, const char *path, int n_ctx, enum cake_kv_type kv_type) {
     char err[512];
     memset(f, 0, sizeof(*f));
     if (cake_model_load(path, &f->m, err, sizeof(err))) {
@@ -40,12 +40,17 @@ static int fixture_init(fixture *f, const char *path, int n_ctx) {
     cake_context_params cp = cake_context_default_params();
     cp.n_ctx = n_ctx;
     cp.n_threads = 2;
+    cp.kv_type = kv_type;
     if (cake_context_init(f->m, cp, &f->c, err, sizeof(err))) {
         fprintf(stderr, "%s\n", err);
         return -1;
     }
     f->n_vocab = cake_model_hparams(f->m)->n_vocab;
     return 0;
+}
+
+static int fixture_init(fixture *f, const char *path, int n_ctx) {
+    return fixture_init_kv(f, path, n_ctx, CAKE_KV_F16);
 }
 
 static void fixture_free(fixture *f) {
@@ -111,7 +116,7 @@ static cake_store *open_store(const char *uri) {
 static void prompt_keys(fixture *f, const cake_token *p, int n, int chunk, cake_chunk_key *keys) {
     uint8_t fp[16];
     cake_model_fingerprint(f->m, fp);
-    cake_key_chain(fp, (uint32_t)chunk, CAKE_KV_F16, p, (size_t)n, keys);
+    cake_key_chain(fp, (uint32_t)chunk, cake_context_kv_type(f->c), p, (size_t)n, keys);
 }
 
 static void assert_same(const float *a, const float *b, int n, const char *what) {
@@ -298,6 +303,34 @@ static void test_stories_modes(void **state) {
     t_rm_rf(dir);
     free(dir);
     fixture_free(&f);
+}
+
+/* A Q8_0 KV cache (tiny-256: head_dim 64): the same bits in every mode, a
+ * hole and a corrupt chunk, in a RAM and a file store; and its chunks are
+ * 34/64 of f16's bytes. */
+static void test_q8_0_modes(void **state) {
+    (void)state;
+    char path[64];
+    assert_int_equal(test_make_model("tiny-256", "f16", path), 0);
+    fixture f;
+    assert_int_equal(fixture_init_kv(&f, path, 512, CAKE_KV_Q8_0), 0);
+    check_modes(&f, "mem:", 470, 32);
+    check_modes(&f, "mem:", 448, 32);
+    char *dir = t_mkdtemp(), uri[512];
+    snprintf(uri, sizeof(uri), "file:%s", dir);
+    check_modes(&f, uri, 470, 32);
+    t_rm_rf(dir);
+    free(dir);
+    const cake_hparams *hp = cake_model_hparams(f.m);
+    const uint64_t q8 =
+                       cake_chunk_payload_size(32, (uint32_t)hp->n_layers, (uint32_t)hp->n_kv_heads,
+                                               (uint32_t)hp->head_dim, CAKE_KV_Q8_0),
+                   f16 =
+                       cake_chunk_payload_size(32, (uint32_t)hp->n_layers, (uint32_t)hp->n_kv_heads,
+                                               (uint32_t)hp->head_dim, CAKE_KV_F16);
+    assert_true(q8 * 64 == f16 * 34);
+    fixture_free(&f);
+    unlink(path);
 }
 
 /* The mha-160m shape (MHA, 12 layers) with a 4096-token prompt and chunk 256
@@ -1060,6 +1093,7 @@ int main(void) {
         cmocka_unit_test(test_awaited_chunks),
         cmocka_unit_test(test_stories_modes),
         cmocka_unit_test(test_mha160m_modes),
+        cmocka_unit_test(test_q8_0_modes),
         cmocka_unit_test(test_redis_faults),
         cmocka_unit_test(test_stress),
         cmocka_unit_test(test_claims),

@@ -35,7 +35,8 @@ int cli_parse_int(const char *s, long lo, long hi, long *out);
 int cli_parse_float(const char *s, double lo, double hi, double *out);
 int cli_parse_u64(const char *s, unsigned long long *out);
 /* "f16" / "f32", and "cpu" / "cuda". 0 ok, -1 otherwise. */
-int cli_parse_kv_type(const char *s, enum cake_kv_type *out);
+int cli_parse_kv_type(const char *s, enum cake_kv_type *out); /* f16, f32, q8_0 */
+const char *cli_kv_type_name(enum cake_kv_type t);
 int cli_parse_backend(const char *s, enum cake_backend_kind *out);
 
 /* Writes s[0..len) as a JSON string literal (with quotes); bytes that are not

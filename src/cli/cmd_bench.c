@@ -52,6 +52,7 @@ static const char *help =
     "  --io-depth N      loads in flight (default 4)\n"
     "  --threads N       CPU threads (default: all)\n"
     "  --backend B       cpu (default) or cuda\n"
+    "  --kv-type TYPE    KV cache and chunk element type: f16 (default), f32, q8_0\n"
     "  --store-dir DIR   where the file store lives (default: a temporary folder under\n"
     "                    --out, removed afterwards)\n"
     "  --store URI       use this store instead (file:PATH, redis://..., mem:); each\n"
@@ -550,26 +551,20 @@ static void write_plots(const char *out, const double *ctxs, int n_ctx) {
 }
 
 static int bench_ttft(int argc, char **argv) {
-    static const struct option opts[] = {{"model", required_argument, 0, 'm'},
-                                         {"ctx", required_argument, 0, 'c'},
-                                         {"bw", required_argument, 0, 'b'},
-                                         {"modes", required_argument, 0, 'M'},
-                                         {"share", required_argument, 0, 's'},
-                                         {"chunk", required_argument, 0, 'C'},
-                                         {"repeat", required_argument, 0, 'r'},
-                                         {"io-depth", required_argument, 0, 'I'},
-                                         {"threads", required_argument, 0, 't'},
-                                         {"store-dir", required_argument, 0, 'S'},
-                                         {"out", required_argument, 0, 'o'},
-                                         {"help", no_argument, 0, 'h'},
-                                         {"backend", required_argument, 0, 'B'},
-                                         {"store", required_argument, 0, 'U'},
-                                         {"trace", no_argument, 0, 'T'},
-                                         {"min-cell-time", required_argument, 0, 'L'},
-                                         {0, 0, 0, 0}};
+    static const struct option opts[] = {
+        {"model", required_argument, 0, 'm'},   {"ctx", required_argument, 0, 'c'},
+        {"bw", required_argument, 0, 'b'},      {"modes", required_argument, 0, 'M'},
+        {"share", required_argument, 0, 's'},   {"chunk", required_argument, 0, 'C'},
+        {"repeat", required_argument, 0, 'r'},  {"io-depth", required_argument, 0, 'I'},
+        {"threads", required_argument, 0, 't'}, {"store-dir", required_argument, 0, 'S'},
+        {"out", required_argument, 0, 'o'},     {"help", no_argument, 0, 'h'},
+        {"backend", required_argument, 0, 'B'}, {"store", required_argument, 0, 'U'},
+        {"trace", no_argument, 0, 'T'},         {"min-cell-time", required_argument, 0, 'L'},
+        {"kv-type", required_argument, 0, 'k'}, {0, 0, 0, 0}};
     const char *model = NULL, *modes = "compute,load,cake", *out = "out/bench-ttft",
                *store_dir = NULL, *store_uri = NULL;
     enum cake_backend_kind backend = CAKE_BACKEND_CPU;
+    enum cake_kv_type kv_type = CAKE_KV_F16;
     double ctxs[MAX_LIST] = {1024, 2048, 4096}, bws[MAX_LIST] = {0.05, 0.1, 0.2, 0.5, 1, 2},
            shares[MAX_LIST] = {1};
     int n_ctx = 3, n_bw = 6, n_share = 1, c, trace = 0;
@@ -626,6 +621,11 @@ static int bench_ttft(int argc, char **argv) {
             break;
         case 'o':
             out = optarg;
+            break;
+        case 'k':
+            if (cli_parse_kv_type(optarg, &kv_type))
+                return cli_error(CLI_USAGE, "bench", "--kv-type is f16, f32 or q8_0, got '%s'",
+                                 optarg);
             break;
         case 'L':
             if (cli_parse_float(optarg, 0, 3600, &min_cell_s))
@@ -688,6 +688,7 @@ static int bench_ttft(int argc, char **argv) {
     cp.n_ctx = max_ctx;
     cp.n_threads = (int)threads;
     cp.backend = backend;
+    cp.kv_type = kv_type;
     if (max_ctx > hp->n_ctx_train) {
         cli_error(CLI_USAGE, "bench", "--ctx %d exceeds the model's context %d", max_ctx,
                   hp->n_ctx_train);
@@ -731,10 +732,10 @@ static int bench_ttft(int argc, char **argv) {
     char reps[64];
     snprintf(reps, sizeof(reps), min_cell_s > 0 ? "%ld+ (until %g s a cell)" : "%ld", repeat,
              min_cell_s);
-    printf("model %s, chunk %ld, io depth %ld, repeat %s\n\n%s", model, chunk, io_depth, reps,
-           head);
-    fprintf(md, "model %s, chunk %ld, io depth %ld, repeat %s (medians)\n\n%s", model, chunk,
-            io_depth, reps, head);
+    printf("model %s, KV %s, chunk %ld, io depth %ld, repeat %s\n\n%s", model,
+           cli_kv_type_name(kv_type), chunk, io_depth, reps, head);
+    fprintf(md, "model %s, KV %s, chunk %ld, io depth %ld, repeat %s (medians)\n\n%s", model,
+            cli_kv_type_name(kv_type), chunk, io_depth, reps, head);
 
     const int total_cells = n_ctx * n_share * n_bw;
     int cell = 0;

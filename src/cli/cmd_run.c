@@ -45,7 +45,7 @@ static const char *help =
     "      --seed S          random seed (default: from the clock; printed in the summary)\n"
     "      --threads N       CPU threads (default: all online CPUs)\n"
     "      --chunk TOKENS    prefill chunk size = the store's chunk size (default 256)\n"
-    "      --kv-type TYPE    KV cache element type: f16 (default) or f32\n"
+    "      --kv-type TYPE    KV cache element type: f16 (default), f32 or q8_0\n"
     "      --backend B       cpu (default) or cuda (one NVIDIA GPU; f16 KV only)\n"
     "      --store URI       KV chunk store: file:PATH, redis://HOST:PORT[/DB] or mem:\n"
     "                        (?bw=25Gbit&lat=1 emulate a link). Cached chunks are\n"
@@ -253,7 +253,8 @@ static int parse_args(int argc, char **argv, run_opts *o) {
             break;
         case 'k':
             if (cli_parse_kv_type(optarg, &o->kv_type))
-                return cli_error(CLI_USAGE, "run", "--kv-type is f16 or f32, got '%s'", optarg);
+                return cli_error(CLI_USAGE, "run", "--kv-type is f16, f32 or q8_0, got '%s'",
+                                 optarg);
             break;
         case 'S':
             o->store = optarg;
@@ -558,7 +559,7 @@ int cmd_run(int argc, char **argv) {
                ps->compute_wait_ms, ps->load_ms, ps->writeback_queued,
                ps->writeback_dropped + wb_dropped, (unsigned long long)wbc.written,
                (unsigned long long)wbc.failed, ps->knew_speed ? "true" : "false",
-               ps->knew_rate ? "true" : "false", o.kv_type == CAKE_KV_F32 ? "f32" : "f16",
+               ps->knew_rate ? "true" : "false", cli_kv_type_name(o.kv_type),
                cake_context_n_threads(ctx), o.seed);
         json_error(stdout, "store_error", ps->store_error);
         putchar(',');

@@ -32,7 +32,7 @@ static const char *help =
     "  gc [--size SIZE]            remove leftovers of interrupted writes, then evict\n"
     "                              least recently used chunks down to SIZE (default: the\n"
     "                              URI's capacity=, if any)\n"
-    "  keys --fingerprint HEX --chunk N [--kv-type f16|f32] --tokens \"IDS\"\n"
+    "  keys --fingerprint HEX --chunk N [--kv-type f16|f32|q8_0] --tokens \"IDS\"\n"
     "                              print the key of every full chunk of a token sequence\n"
     "                              (and whether the store has it, with --store)\n";
 
@@ -139,7 +139,7 @@ static int list_all(cake_store *s, item_list *l, int headers, char *err, size_t 
 }
 
 static const char *dtype_name(uint32_t d) {
-    return d == CAKE_KV_F16 ? "f16" : d == CAKE_KV_F32 ? "f32" : "?";
+    return cli_kv_type_name((enum cake_kv_type)d);
 }
 
 static int do_ls(cake_store *s, const store_opts *o) {
@@ -469,7 +469,8 @@ int cmd_store(int argc, char **argv) {
             break;
         case 'k':
             if (cli_parse_kv_type(optarg, &o.kv_type))
-                return cli_error(CLI_USAGE, "store", "bad --kv-type '%s' (f16 or f32)", optarg);
+                return cli_error(CLI_USAGE, "store", "bad --kv-type '%s' (f16, f32 or q8_0)",
+                                 optarg);
             break;
         case 'h':
             fputs(help, stdout);

@@ -6,6 +6,19 @@
 #include <sys/mman.h>
 
 #include "util/err.h"
+#include "util/q8_0.h"
+
+size_t cake_kv_row_bytes(enum cake_kv_type type, int head_dim, int kv_dim) {
+    switch (type) {
+    case CAKE_KV_F16:
+        return (size_t)kv_dim * 2;
+    case CAKE_KV_F32:
+        return (size_t)kv_dim * 4;
+    case CAKE_KV_Q8_0:
+        return head_dim % CAKE_Q8_0_BLOCK ? 0 : (size_t)kv_dim / CAKE_Q8_0_BLOCK * CAKE_Q8_0_BYTES;
+    }
+    return 0;
+}
 
 int cake_kv_cache_init(cake_kv_cache *kv, int n_layers, int n_ctx, int n_kv_heads, int head_dim,
                        enum cake_kv_type type, char *err, size_t errlen) {
@@ -21,8 +34,21 @@ int cake_kv_cache_init(cake_kv_cache *kv, int n_layers, int n_ctx, int n_kv_head
     kv->kv_dim = n_kv_heads * head_dim;
     kv->head_ctx = (n_ctx + CAKE_KV_KBLOCK - 1) / CAKE_KV_KBLOCK * CAKE_KV_KBLOCK;
     kv->type = type;
-    kv->elem_size = type == CAKE_KV_F32 ? 4 : 2;
-    kv->layer_bytes = (size_t)kv->head_ctx * (size_t)kv->kv_dim * kv->elem_size;
+    kv->row_bytes = cake_kv_row_bytes(type, head_dim, kv->kv_dim);
+    if (!kv->row_bytes)
+        return type == CAKE_KV_Q8_0
+                   ? cake_err(err, errlen,
+                              "KV cache: q8_0 needs a head dimension that is a multiple of %d "
+                              "(this model's is %d); use --kv-type f16",
+                              CAKE_Q8_0_BLOCK, head_dim)
+                   : cake_err(err, errlen, "KV cache: unknown type %d", (int)type);
+    kv->elem_size = type == CAKE_KV_F32 ? 4 : type == CAKE_KV_Q8_0 ? 1 : 2;
+    const size_t elements = (size_t)kv->head_ctx * (size_t)kv->kv_dim;
+    kv->layer_bytes = elements * kv->elem_size;
+    if (type == CAKE_KV_Q8_0) { /* the scales after the int8 elements */
+        kv->scales_offset = kv->layer_bytes;
+        kv->layer_bytes += elements / CAKE_Q8_0_BLOCK * sizeof(cake_f16);
+    }
     kv->map_bytes = kv->layer_bytes * 2 * (size_t)n_layers;
     kv->base =
         mmap(NULL, kv->map_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -180,13 +206,71 @@ static void move_keys(const cake_kv_cache *kv, int layer, int pos0, int n, void 
     copy_keys(kv, layer, pos0, t1, n, k, put);
 }
 
+/* One Q8_0 block (34 bytes: f16 scale, 32 int8) of a key and of a value
+ * (head h, position p, dims [32 g, 32 g + 32)) in (put) or out: the scales
+ * to their places, the value's int8 to its run, the key's to dims 64 apart
+ * in its transposed block. */
+static void move_q8_0_block(const cake_kv_cache *kv, int layer, int h, int p, int g, uint8_t *kb,
+                            uint8_t *vb, int put) {
+    const int hd = kv->head_dim, hc = kv->head_ctx;
+    uint8_t *ks = (uint8_t *)(cake_kv_k_scales(kv, layer) + cake_kv_k_scale_index(hc, hd, h, p, g));
+    uint8_t *vs = (uint8_t *)(cake_kv_v_scales(kv, layer) + cake_kv_v_scale_index(hc, hd, h, p, g));
+    uint8_t *kc = (uint8_t *)cake_kv_k(kv, layer) + cake_kv_k_index(hc, hd, h, p, 32 * g);
+    uint8_t *vc = (uint8_t *)cake_kv_v(kv, layer) + cake_kv_v_index(hc, hd, h, p, 32 * g);
+    if (put) {
+        memcpy(ks, kb, 2);
+        memcpy(vs, vb, 2);
+        memcpy(vc, vb + 2, CAKE_Q8_0_BLOCK);
+        for (int i = 0; i < CAKE_Q8_0_BLOCK; i++) kc[(size_t)i * CAKE_KV_KBLOCK] = kb[2 + i];
+    } else {
+        memcpy(kb, ks, 2);
+        memcpy(vb, vs, 2);
+        memcpy(vb + 2, vc, CAKE_Q8_0_BLOCK);
+        for (int i = 0; i < CAKE_Q8_0_BLOCK; i++) kb[2 + i] = kc[(size_t)i * CAKE_KV_KBLOCK];
+    }
+}
+
+/* Q8_0 rows (block_q8_0 runs) in (put) or out, a block at a time. */
+static void move_q8_0(const cake_kv_cache *kv, int layer, int pos0, int n, uint8_t *k, uint8_t *v,
+                      int put) {
+    const int ng = kv->head_dim / CAKE_Q8_0_BLOCK;
+    for (int t = 0; t < n; t++)
+        for (int h = 0; h < kv->n_kv_heads; h++)
+            for (int g = 0; g < ng; g++) {
+                const size_t b = (size_t)t * kv->row_bytes + ((size_t)h * ng + g) * CAKE_Q8_0_BYTES;
+                move_q8_0_block(kv, layer, h, pos0 + t, g, k + b, v + b, put);
+            }
+}
+
 void cake_kv_put(const cake_kv_cache *kv, int layer, int pos0, int n, const void *k,
                  const void *v) {
+    if (kv->type == CAKE_KV_Q8_0) {
+        move_q8_0(kv, layer, pos0, n, (uint8_t *)k, (uint8_t *)v, 1);
+        return;
+    }
     copy_values(kv, layer, pos0, n, (void *)v, 1);
     move_keys(kv, layer, pos0, n, (void *)k, 1);
 }
 
 void cake_kv_get(const cake_kv_cache *kv, int layer, int pos0, int n, void *k, void *v) {
+    if (kv->type == CAKE_KV_Q8_0) {
+        move_q8_0(kv, layer, pos0, n, k, v, 0);
+        return;
+    }
     copy_values(kv, layer, pos0, n, v, 0);
     move_keys(kv, layer, pos0, n, k, 0);
+}
+
+void cake_kv_quantize_put(const cake_kv_cache *kv, int layer, int pos0, int n, const float *k,
+                          const float *v) {
+    const int hd = kv->head_dim, ng = hd / CAKE_Q8_0_BLOCK;
+    uint8_t kb[CAKE_Q8_0_BYTES], vb[CAKE_Q8_0_BYTES];
+    for (int t = 0; t < n; t++)
+        for (int h = 0; h < kv->n_kv_heads; h++)
+            for (int g = 0; g < ng; g++) {
+                const size_t e = (size_t)t * kv->kv_dim + (size_t)h * hd + (size_t)g * 32;
+                cake_q8_0_quantize_block(k + e, kb);
+                cake_q8_0_quantize_block(v + e, vb);
+                move_q8_0_block(kv, layer, h, pos0 + t, g, kb, vb, 1);
+            }
 }

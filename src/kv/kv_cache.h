@@ -20,6 +20,17 @@
  * are position-major, (n, n_kv_heads * head_dim): cake_kv_put and
  * cake_kv_get (and the CPU forward pass's store of new rows) convert.
  *
+ * Q8_0 (CAKE_KV_Q8_0; head_dim a multiple of 32): the elements are int8 at
+ * the same indices, and each 32 dims of a position (a group g = d / 32) have
+ * an f16 scale; the value is int8 * scale. K_l and V_l each hold their int8
+ * elements, then, from scales_offset bytes on, their scales:
+ *   K scales: (n_kv_heads, head_ctx / 64, head_dim / 32, 64): a key block's
+ *        64 positions' scales of one group are consecutive, as its keys are,
+ *        so 16 keys and their 16 scales are one vector each;
+ *   V scales: (n_kv_heads, head_ctx, head_dim / 32).
+ * Rows outside the cache are ggml's block_q8_0 runs: per position, kv_dim /
+ * 32 blocks of (f16 scale, 32 int8), a head's blocks one after another.
+ *
  * Memory comes from an anonymous mapping, so pages are only committed for the
  * positions actually written, unless cake_kv_cache_prefault commits them all
  * up front (the CPU backend's contexts, sized to the request). */
@@ -29,6 +40,7 @@
 #include <stddef.h>
 
 #include "cake.h"
+#include "util/f16.h"
 
 #define CAKE_KV_KBLOCK 64 /* positions per transposed key block */
 
@@ -37,11 +49,18 @@ typedef struct {
     int kv_dim;   /* n_kv_heads * head_dim: one position's row outside the cache */
     int head_ctx; /* positions per head: n_ctx rounded up to CAKE_KV_KBLOCK */
     enum cake_kv_type type;
-    size_t elem_size;   /* 2 or 4 bytes */
-    size_t layer_bytes; /* bytes of one K_l (= one V_l) */
-    void *base;         /* n_layers * 2 * layer_bytes: K_0, V_0, K_1, V_1, ... */
+    size_t elem_size;     /* 2 or 4 bytes; 1 (the int8) for Q8_0 */
+    size_t row_bytes;     /* one position's K (= V) row outside the cache */
+    size_t scales_offset; /* Q8_0: where the scales start in K_l and V_l; else 0 */
+    size_t layer_bytes;   /* bytes of one K_l (= one V_l) */
+    void *base;           /* n_layers * 2 * layer_bytes: K_0, V_0, K_1, V_1, ... */
     size_t map_bytes;
 } cake_kv_cache;
+
+/* Bytes of one position's K (= V) row of kv_dim elements outside the cache
+ * (a chunk's runs), 0 for a type or a head_dim (Q8_0: a multiple of 32) that
+ * cannot be. */
+size_t cake_kv_row_bytes(enum cake_kv_type type, int head_dim, int kv_dim);
 
 int cake_kv_cache_init(cake_kv_cache *kv, int n_layers, int n_ctx, int n_kv_heads, int head_dim,
                        enum cake_kv_type type, char *err, size_t errlen);
@@ -69,10 +88,31 @@ static inline size_t cake_kv_v_index(int head_ctx, int head_dim, int h, int p, i
     return ((size_t)h * (size_t)head_ctx + (size_t)p) * (size_t)head_dim + (size_t)d;
 }
 
+/* Q8_0: a layer's key and value scales, and the index of (head h, position
+ * p, group g) in them. */
+static inline cake_f16 *cake_kv_k_scales(const cake_kv_cache *kv, int layer) {
+    return (cake_f16 *)((char *)cake_kv_k(kv, layer) + kv->scales_offset);
+}
+static inline cake_f16 *cake_kv_v_scales(const cake_kv_cache *kv, int layer) {
+    return (cake_f16 *)((char *)cake_kv_v(kv, layer) + kv->scales_offset);
+}
+static inline size_t cake_kv_k_scale_index(int head_ctx, int head_dim, int h, int p, int g) {
+    const int j = p % CAKE_KV_KBLOCK;
+    return ((size_t)h * (size_t)head_ctx + (size_t)(p - j)) * (size_t)(head_dim / 32) +
+           (size_t)g * CAKE_KV_KBLOCK + (size_t)j;
+}
+static inline size_t cake_kv_v_scale_index(int head_ctx, int head_dim, int h, int p, int g) {
+    return ((size_t)h * (size_t)head_ctx + (size_t)p) * (size_t)(head_dim / 32) + (size_t)g;
+}
+
 /* n position-major rows already in the cache's element type (a stored chunk's
  * runs) into layer `layer` at [pos0, pos0 + n), and back out. The caller has
  * checked the range. */
 void cake_kv_put(const cake_kv_cache *kv, int layer, int pos0, int n, const void *k, const void *v);
 void cake_kv_get(const cake_kv_cache *kv, int layer, int pos0, int n, void *k, void *v);
+/* Q8_0: n position-major f32 rows, each block quantized as llama.cpp's
+ * quantize_row_q8_0 does (cake_q8_0_quantize_block), into the cache. */
+void cake_kv_quantize_put(const cake_kv_cache *kv, int layer, int pos0, int n, const float *k,
+                          const float *v);
 
 #endif

@@ -48,10 +48,6 @@ static uint64_t get64(const uint8_t *p) {
     return (uint64_t)get32(p) | (uint64_t)get32(p + 4) << 32;
 }
 
-static size_t elem_size(uint32_t dtype) {
-    return dtype == CAKE_KV_F16 ? 2 : dtype == CAKE_KV_F32 ? 4 : 0;
-}
-
 cake_chunk_header cake_chunk_header_for(const uint8_t fingerprint[16], const cake_chunk_key *key,
                                         uint32_t index, uint32_t n_tokens, const cake_hparams *hp,
                                         enum cake_kv_type kv_type) {
@@ -70,11 +66,14 @@ cake_chunk_header cake_chunk_header_for(const uint8_t fingerprint[16], const cak
 
 uint64_t cake_chunk_payload_size(uint32_t n_tokens, uint32_t n_layers, uint32_t n_kv_heads,
                                  uint32_t head_dim, uint32_t dtype) {
-    uint64_t es = elem_size(dtype), n = 2 * es;
-    if (!es || !n_tokens || !n_layers || !n_kv_heads || !head_dim) return 0;
-    const uint32_t f[4] = {n_tokens, n_layers, n_kv_heads, head_dim};
-    for (int i = 0; i < 4; i++)
-        if (__builtin_mul_overflow(n, (uint64_t)f[i], &n) || n >= (1ull << 48)) return 0;
+    const uint64_t kv_dim = (uint64_t)n_kv_heads * head_dim;
+    if (!n_tokens || !n_layers || !kv_dim || kv_dim > (1u << 30) || dtype > CAKE_KV_Q8_0) return 0;
+    /* K and V rows of every token and layer */
+    uint64_t n = cake_kv_row_bytes((enum cake_kv_type)dtype, (int)head_dim, (int)kv_dim),
+             f[3] = {2, n_tokens, n_layers};
+    if (!n) return 0;
+    for (int i = 0; i < 3; i++)
+        if (__builtin_mul_overflow(n, f[i], &n) || n >= (1ull << 48)) return 0;
     return n;
 }
 
@@ -162,7 +161,7 @@ int cake_chunk_encode(cake_chunk_header *h, const cake_kv_cache *kv, int pos0, v
     if (cap < need)
         return cake_err(err, errlen, "%s: blob needs %zu bytes, buffer has %zu",
                         chunk_name(h, name, sizeof(name)), need, cap);
-    size_t run = (size_t)h->n_tokens * (size_t)kv->kv_dim * kv->elem_size;
+    size_t run = (size_t)h->n_tokens * kv->row_bytes;
     uint8_t *p = (uint8_t *)out + CAKE_CHUNK_HEADER_SIZE;
     for (int l = 0; l < kv->n_layers; l++) {
         cake_kv_get(kv, l, pos0, (int)h->n_tokens, p, p + run);
@@ -297,7 +296,7 @@ int cake_chunk_verify_fed(const void *blob, size_t len, const cake_chunk_header 
 int cake_chunk_copy_into(const void *blob, const cake_chunk_header *h, cake_kv_cache *kv, int pos0,
                          char *err, size_t errlen) {
     if (check_kv_fit(h, kv, pos0, "has", err, errlen)) return -1;
-    size_t run = (size_t)h->n_tokens * (size_t)kv->kv_dim * kv->elem_size;
+    size_t run = (size_t)h->n_tokens * kv->row_bytes;
     const uint8_t *p = (const uint8_t *)blob + CAKE_CHUNK_HEADER_SIZE;
     for (int l = 0; l < kv->n_layers; l++) {
         cake_kv_put(kv, l, pos0, (int)h->n_tokens, p, p + run);

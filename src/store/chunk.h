@@ -14,7 +14,7 @@
  *      56    4 layer count
  *      60    4 KV heads
  *      64    4 head dim
- *      68    4 dtype (0 = f16, 1 = f32: enum cake_kv_type)
+ *      68    4 dtype (0 = f16, 1 = f32, 2 = q8_0: enum cake_kv_type)
  *      72    8 payload length in bytes
  *      80    8 XXH3-64 of the payload
  *      88    8 creation time (unix seconds; informational, for `cake store ls`)
@@ -26,7 +26,8 @@
  *
  * Payload, for layer l = 0 .. n_layers-1: the K rows of the chunk's positions
  * (n_tokens x kv_dim elements, kv_dim = n_kv_heads * head_dim, position-major),
- * then the V rows. Loading is a copy, not a transform: the CUDA cache is
+ * then the V rows (q8_0: each row kv_dim / 32 blocks of an f16 scale and 32
+ * int8, ggml's block_q8_0). Loading is a copy, not a transform: the CUDA cache is
  * position-major and takes each run as it is; the CPU cache keeps each head's
  * positions together (kv_cache.h), so each row's head pieces go to their runs. Elements are stored
  * in the host's byte order, which must be little-endian (x86-64, aarch64).

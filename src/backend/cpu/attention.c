@@ -76,21 +76,39 @@ static inline size_t v_row(const cake_attn_args *a, int kvh, int pos) {
     return cake_kv_v_index(a->kv_ctx, a->head_dim, kvh, pos, 0);
 }
 
-static float elem(const cake_attn_args *a, const void *base, size_t i) {
-    return a->kv_f16 ? cake_f16_to_f32(((const cake_f16 *)base)[i]) : ((const float *)base)[i];
+/* Element i of a cache array as f32. Q8_0: int8 times its f16 scale, a
+ * product that is exact in f32 (8 + 11 significant bits), so every kernel
+ * that dequantizes this way gets the same values. */
+static float elem(const cake_attn_args *a, const void *base, size_t i, const cake_f16 *scale) {
+    switch (a->kv_type) {
+    case CAKE_KV_F16:
+        return cake_f16_to_f32(((const cake_f16 *)base)[i]);
+    case CAKE_KV_Q8_0:
+        return (float)((const int8_t *)base)[i] * cake_f16_to_f32(*scale);
+    default:
+        return ((const float *)base)[i];
+    }
 }
 static float k_at(const cake_attn_args *a, int pos, int kvh, int d) {
-    return elem(a, a->k, cake_kv_k_index(a->kv_ctx, a->head_dim, kvh, pos, d));
+    const cake_f16 *s =
+        a->k_scales +
+        (a->k_scales ? cake_kv_k_scale_index(a->kv_ctx, a->head_dim, kvh, pos, d / 32) : 0);
+    return elem(a, a->k, cake_kv_k_index(a->kv_ctx, a->head_dim, kvh, pos, d), s);
 }
 static float v_at(const cake_attn_args *a, int pos, int kvh, int d) {
-    return elem(a, a->v, v_row(a, kvh, pos) + (size_t)d);
+    const cake_f16 *s =
+        a->v_scales +
+        (a->v_scales ? cake_kv_v_scale_index(a->kv_ctx, a->head_dim, kvh, pos, d / 32) : 0);
+    return elem(a, a->v, v_row(a, kvh, pos) + (size_t)d, s);
 }
 
 static int args_ok(const cake_attn_args *a) {
+    const int q8 = a->kv_type == CAKE_KV_Q8_0;
     return a->n_tokens > 0 && a->pos0 >= 0 && a->n_heads > 0 && a->n_kv_heads > 0 &&
            a->head_dim > 0 && a->n_heads % a->n_kv_heads == 0 &&
            (long long)a->pos0 + a->n_tokens <= a->kv_ctx && a->kv_ctx % ATT_BK == 0 &&
-           a->window >= 0 && a->softcap >= 0;
+           a->window >= 0 && a->softcap >= 0 &&
+           (!q8 || (a->head_dim % 32 == 0 && a->k_scales && a->v_scales));
 }
 
 /* Gemma 2's soft cap c tanh(s / c), y = s / c (inv = 1 / c): tanh as
@@ -246,32 +264,40 @@ CAKE_INLINE __m512 softcap512(__m512 s, float c, float inv) {
     return _mm512_mul_ps(_mm512_set1_ps(c), _mm512_mask_blend_ps(small, far, near));
 }
 
-/* 16 f32 values of a cache row from element d (masked past n: zeros). */
-CAKE_INLINE __m512 kv_load16(const cake_attn_args *a, const void *base, size_t off, int n) {
-    const __mmask16 m = cake_tail_mask(n < 16 ? n : 16);
-    if (a->kv_f16) return cake_maskload_f16((const cake_f16 *)base + off, m);
-    return _mm512_maskz_loadu_ps(m, (const float *)base + off);
+/* 16 int8 as f32, times their scales: Q8_0's exact dequantization. */
+CAKE_INLINE __m512 q8_load16(const int8_t *p, __m512 scale) {
+    const __m128i b = _mm_loadu_si128((const __m128i *)p);
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), scale);
 }
 
-/* Keys/values [kb0, kb0 + nk) of KV head kvh as f32 rows dst[64][ld] (ld >=
+/* Values [kb0, kb0 + nk) of KV head kvh as f32 rows dst[64][ld] (ld >=
  * head_dim; columns past head_dim and rows past nk are zero). */
-static void load_rows(float *dst, int ld, const cake_attn_args *a, const void *base, int kvh,
-                      int kb0, int nk) {
+static void load_values(float *dst, int ld, const cake_attn_args *a, int kvh, int kb0, int nk) {
     const int hd = a->head_dim, dfull = hd & ~15;
     for (int r = 0; r < ATT_BK; r++) {
         float *o = dst + (size_t)r * ld;
         int d = 0;
         if (r < nk) {
             const size_t off = v_row(a, kvh, kb0 + r);
-            if (a->kv_f16) {
-                const cake_f16 *src = (const cake_f16 *)base + off;
+            if (a->kv_type == CAKE_KV_F16) {
+                const cake_f16 *src = (const cake_f16 *)a->v + off;
                 for (; d < dfull; d += 16) _mm512_storeu_ps(o + d, cake_load_f16(src + d));
+            } else if (a->kv_type == CAKE_KV_Q8_0) { /* head_dim is whole groups of 32 */
+                const int8_t *src = (const int8_t *)a->v + off;
+                const cake_f16 *sc =
+                    a->v_scales + cake_kv_v_scale_index(a->kv_ctx, hd, kvh, kb0 + r, 0);
+                for (; d < hd; d += 16)
+                    _mm512_storeu_ps(
+                        o + d, q8_load16(src + d, _mm512_set1_ps(cake_f16_to_f32(sc[d / 32]))));
             } else {
-                const float *src = (const float *)base + off;
+                const float *src = (const float *)a->v + off;
                 for (; d < dfull; d += 16) _mm512_storeu_ps(o + d, _mm512_loadu_ps(src + d));
             }
-            if (d < hd) {
-                const __m512 v = kv_load16(a, base, off + (size_t)d, hd - d);
+            if (d < hd) { /* f16 or f32: the last dims */
+                const __mmask16 m = cake_tail_mask(hd - d);
+                const __m512 v = a->kv_type == CAKE_KV_F16
+                                     ? cake_maskload_f16((const cake_f16 *)a->v + off + d, m)
+                                     : _mm512_maskz_loadu_ps(m, (const float *)a->v + off + d);
                 _mm512_mask_storeu_ps(o + d, cake_tail_mask(ld - d < 16 ? ld - d : 16), v);
                 d += 16;
             }
@@ -322,7 +348,15 @@ static void load_keys(float *dst, const cake_attn_args *a, int kvh, int kb0, int
     for (int d = 0; d < a->head_dim; d++) {
         const size_t off = base + (size_t)d * ATT_BK;
         float *o = dst + (size_t)d * ATT_BK;
-        if (a->kv_f16) {
+        if (a->kv_type == CAKE_KV_Q8_0) {
+            /* the block's 64 scales of this dim's group, as the keys lie */
+            const cake_f16 *sc =
+                a->k_scales + cake_kv_k_scale_index(a->kv_ctx, a->head_dim, kvh, kb0, d / 32);
+            const int8_t *src = (const int8_t *)a->k + off;
+            UNROLL for (int c = 0; c < 4; c++) _mm512_store_ps(
+                o + 16 * c,
+                _mm512_maskz_mov_ps(m[c], q8_load16(src + 16 * c, cake_load_f16(sc + 16 * c))));
+        } else if (a->kv_type == CAKE_KV_F16) {
             const cake_f16 *src = (const cake_f16 *)a->k + off;
             if (nk == ATT_BK) {
                 UNROLL for (int c = 0; c < 4; c++)
@@ -534,7 +568,7 @@ static void task_rows_in_lanes(const att_job *job, int kvh, int t0, int t1, floa
     for (int kb0 = key_lo(a, a->pos0 + t0) / ATT_BK * ATT_BK; kb0 < kv_end; kb0 += ATT_BK) {
         const int nk = kv_end - kb0 < ATT_BK ? kv_end - kb0 : ATT_BK;
         load_keys(st.kf, a, kvh, kb0, nk);
-        load_rows(st.vf, ldv, a, a->v, kvh, kb0, nk);
+        load_values(st.vf, ldv, a, kvh, kb0, nk);
         /* Rows are in position order. Vectors whose last row is before kb0 sit
          * this block out, and so do those whose first row's window starts
          * after it; each group of vectors needs the keys up to its last
@@ -707,11 +741,11 @@ CAKE_INLINE void keys_rows(const float *qs, int hd, const float *kt, const void 
 }
 
 #define KEYS_ROWS_F(R, NR, NC, F16)                                                                \
-    keys_rows(qs + (size_t)(R)*hd, hd, kt, a->v, vstride, vbase, hdp, o + (size_t)(R)*hdp,         \
+    keys_rows(qs + (size_t)(R)*hd, hd, kt, vsrc, vstride, vbase, hdp, o + (size_t)(R)*hdp,         \
               ms + (R), ls + (R), p, j0, nv, a->softcap, NR, NC, F16)
 #define KEYS_ROWS(R, NR)                                                                           \
     do {                                                                                           \
-        if (a->kv_f16) {                                                                           \
+        if (vsrc_f16) {                                                                            \
             if (nv == ATT_BK)                                                                      \
                 KEYS_ROWS_F(R, NR, 4, 1);                                                          \
             else                                                                                   \
@@ -735,7 +769,8 @@ static void task_keys_in_lanes(const att_job *job, int h0, int h1, int t0, int t
     float *o = qs + ((size_t)R * hd + 15) / 16 * 16;  /* [R][hdp] */
     float *kt = o + (size_t)R * hdp;                  /* [hd][64] */
     float *p = kt + (size_t)hd * ATT_BK;              /* [4][64] */
-    float *ms = p + 4 * ATT_BK;                       /* [R] */
+    float *vq = p + 4 * ATT_BK;                       /* [64][hdp]: Q8_0 values as f32 */
+    float *ms = vq + (size_t)ATT_BK * hdp;            /* [R] */
     float *ls = ms + R;                               /* [R] */
     /* every region starts 64-byte aligned (sizes are multiples of 16 floats);
      * head kvh's rows are (kvh - h0) * Rh + (t - t0) * G + hh */
@@ -751,12 +786,21 @@ static void task_keys_in_lanes(const att_job *job, int h0, int h1, int t0, int t
     }
 
     const int kv_end = a->pos0 + t1;
-    const size_t vstride = (size_t)hd;
     for (int kvh = h0; kvh < h1; kvh++)
         for (int kb0 = key_lo(a, a->pos0 + t0) / ATT_BK * ATT_BK; kb0 < kv_end; kb0 += ATT_BK) {
             const int nk = kv_end - kb0 < ATT_BK ? kv_end - kb0 : ATT_BK;
             load_keys(kt, a, kvh, kb0, nk);
-            const size_t vbase = v_row(a, kvh, kb0);
+            /* P.V reads f16 or f32 values from the cache itself, Q8_0 ones
+             * dequantized into vq once for all the task's rows */
+            const void *vsrc = a->v;
+            size_t vbase = v_row(a, kvh, kb0), vstride = (size_t)hd;
+            const int vsrc_f16 = a->kv_type == CAKE_KV_F16;
+            if (a->kv_type == CAKE_KV_Q8_0) {
+                load_values(vq, hdp, a, kvh, kb0, nk);
+                vsrc = vq;
+                vbase = 0;
+                vstride = (size_t)hdp;
+            }
             for (int t = t0; t < t1; t++) {
                 const int pos = a->pos0 + t, lo = key_lo(a, pos);
                 if (pos < kb0 || lo >= kb0 + nk) continue; /* the block is outside its window */
@@ -827,9 +871,9 @@ static size_t scratch_floats(int R, int hd) {
     const size_t ldv = (size_t)(hd + 7) / 8 * 8, ldr = (Rp / 16 | 1) * 16;
     const size_t rows_b =
         (hd + ldv + ATT_BK) * ldr + ATT_BK * (hd + ldv) + 3 * Rp + (ATT_BK * (Rp / 16) + 1) / 2;
-    /* keys in lanes: qs (padded), o, kt, p, ms, ls (see task_keys_in_lanes) */
+    /* keys in lanes: qs (padded), o, kt, p, vq, ms, ls (see task_keys_in_lanes) */
     const size_t keys_a = ((size_t)R * hd + 15) / 16 * 16 + (size_t)R * hdp + (size_t)hd * ATT_BK +
-                          4 * ATT_BK + 2 * (size_t)R;
+                          4 * ATT_BK + ATT_BK * hdp + 2 * (size_t)R;
     const size_t n = rows_b > keys_a ? rows_b : keys_a;
     return (n + 15) / 16 * 16 + 16;
 }

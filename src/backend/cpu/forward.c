@@ -63,13 +63,17 @@ static void matmul(float *y, const float *x, const cake_weight *w, int n, cake_t
 
 /* Writes n position-major rows of new keys/values (f32) into the cache at
  * position pos0 (layout: kv_cache.h). An f32 cache takes them as they are
- * (cake_kv_put); for f16 each value row is converted into its run and a key
- * row converted whole, then scattered into its transposed block (no f16
- * copy of the rows in between). */
+ * (cake_kv_put), a Q8_0 one quantized block by block; for f16 each value
+ * row is converted into its run and a key row converted whole, then
+ * scattered into its transposed block (no f16 copy of the rows in between). */
 static void store_kv(const cake_kv_cache *kv, int layer, const float *k, const float *v, int n,
                      cake_pos pos0) {
-    if (kv->type != CAKE_KV_F16) {
+    if (kv->type == CAKE_KV_F32) {
         cake_kv_put(kv, layer, pos0, n, k, v);
+        return;
+    }
+    if (kv->type == CAKE_KV_Q8_0) {
+        cake_kv_quantize_put(kv, layer, pos0, n, k, v);
         return;
     }
     const int hd = kv->head_dim, hc = kv->head_ctx;
@@ -362,13 +366,15 @@ void cake_cpu_forward(cake_context *c, const cake_batch_seq *seqs, int n_seqs, i
                 .n_heads = hp->n_heads,
                 .n_kv_heads = hp->n_kv_heads,
                 .head_dim = hp->head_dim,
-                .kv_f16 = kv->type == CAKE_KV_F16,
+                .kv_type = kv->type,
                 .kv_ctx = kv->head_ctx,
                 .window = L->window,
                 .softcap = hp->attn_softcap,
                 .q = s->q + (size_t)row * hp->q_dim,
                 .k = cake_kv_k(kv, l),
                 .v = cake_kv_v(kv, l),
+                .k_scales = kv->type == CAKE_KV_Q8_0 ? cake_kv_k_scales(kv, l) : NULL,
+                .v_scales = kv->type == CAKE_KV_Q8_0 ? cake_kv_v_scales(kv, l) : NULL,
                 .out = s->att + (size_t)row * hp->q_dim,
             };
             cake_attention(&a, pool);

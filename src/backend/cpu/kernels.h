@@ -12,6 +12,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "cake.h"
 #include "util/f16.h"
 #include "util/q8_0.h"
 #include "util/threadpool.h"
@@ -54,8 +55,9 @@ void cake_geglu_ref(float *h, const float *g, const float *u, size_t n);
  * positions [0, pos0 + n_tokens): query t attends to keys 0..pos0+t, or
  * with a sliding window W to the last W of them (pos0+t-W+1..pos0+t).
  *   q:   (n_tokens, n_heads, head_dim) f32
- *   k,v: (n_kv_heads, kv_ctx, head_dim), element type kv_f16 ? f16 : f32:
- *        one layer's cache, head-major (kv/kv_cache.h); kv_ctx >= pos0 + n_tokens
+ *   k,v: (n_kv_heads, kv_ctx, head_dim), elements of kv_type (f16, f32, or
+ *        Q8_0's int8 with k_scales, v_scales): one layer's cache, head-major
+ *        (kv/kv_cache.h); kv_ctx >= pos0 + n_tokens
  *   out: (n_tokens, n_heads, head_dim) f32
  * Head h uses KV head h / (n_heads / n_kv_heads) (grouped-query attention).
  * Scores are scaled by 1/sqrt(head_dim); softmax in f32.
@@ -64,12 +66,13 @@ void cake_geglu_ref(float *h, const float *g, const float *u, size_t n);
 typedef struct {
     int n_tokens, pos0;
     int n_heads, n_kv_heads, head_dim;
-    int kv_f16;    /* 1: k, v are cake_f16; 0: float */
+    enum cake_kv_type kv_type;
     int kv_ctx;    /* positions per KV head in k and v */
     int window;    /* > 0: a query sees the keys of its last `window` positions only */
     float softcap; /* > 0: each score s becomes softcap tanh(s / softcap) (Gemma 2) */
     const float *q;
     const void *k, *v;
+    const cake_f16 *k_scales, *v_scales; /* Q8_0: the layer's scales (kv_cache.h) */
     float *out;
 } cake_attn_args;
 
