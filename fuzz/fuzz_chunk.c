@@ -7,7 +7,7 @@
  * too), so that the checks behind them are reached. Bit 1 checks against the expected header of
  * the cache's shape (else against none), bits 2-3 pick where in the cache
  * the chunk goes (the last choice runs past its end), bit 4 picks an f32
- * cache (else f16).
+ * cache, bit 6 a q8_0 one with head_dim 32 (else f16).
  *
  * Each blob must be accepted or refused with a message; a refused blob must
  * leave the cache as it was, an accepted one must land there exactly (read
@@ -24,7 +24,7 @@
 #include "store/chunk.h"
 #include "fuzz_check.h"
 
-enum { N_LAYERS = 2, N_KV_HEADS = 2, HEAD_DIM = 8, N_CTX = 16, CHUNK_TOKENS = 4 };
+enum { N_LAYERS = 2, N_KV_HEADS = 2, N_CTX = 16, CHUNK_TOKENS = 4 };
 
 static void put64(uint8_t *p, uint64_t v) {
     for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i));
@@ -45,13 +45,16 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                   XXH3_64bits(blob + CAKE_CHUNK_HEADER_SIZE, len - CAKE_CHUNK_HEADER_SIZE));
         put64(blob + 120, XXH3_64bits(blob, 120));
     }
-    const enum cake_kv_type type = mode & 0x10 ? CAKE_KV_F32 : CAKE_KV_F16;
+    const enum cake_kv_type type = mode & 0x40   ? CAKE_KV_Q8_0
+                                   : mode & 0x10 ? CAKE_KV_F32
+                                                 : CAKE_KV_F16;
+    const int head_dim = type == CAKE_KV_Q8_0 ? 32 : 8;
     static const int k_pos0[] = {0, CHUNK_TOKENS, N_CTX - CHUNK_TOKENS, N_CTX - 1};
     const int pos0 = k_pos0[(mode >> 2) & 3];
 
     cake_kv_cache kv;
     char err[512];
-    CHECK(cake_kv_cache_init(&kv, N_LAYERS, N_CTX, N_KV_HEADS, HEAD_DIM, type, err, sizeof(err)) ==
+    CHECK(cake_kv_cache_init(&kv, N_LAYERS, N_CTX, N_KV_HEADS, head_dim, type, err, sizeof(err)) ==
           0);
     const size_t cache_bytes = (size_t)N_LAYERS * 2 * kv.layer_bytes;
     for (size_t i = 0; i < cache_bytes; i++) ((uint8_t *)kv.base)[i] = (uint8_t)(i * 7 + 1);
@@ -59,7 +62,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     CHECK(before);
     memcpy(before, kv.base, cache_bytes);
 
-    const cake_hparams hp = {.n_layers = N_LAYERS, .n_kv_heads = N_KV_HEADS, .head_dim = HEAD_DIM};
+    const cake_hparams hp = {.n_layers = N_LAYERS, .n_kv_heads = N_KV_HEADS, .head_dim = head_dim};
     uint8_t fingerprint[16] = {0};
     cake_chunk_key key;
     memset(&key, 0, sizeof(key));
@@ -103,7 +106,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         CHECK(memcmp(before, kv.base, cache_bytes) == 0);
     } else {
         CHECK(whole == 0);
-        const size_t run = (size_t)h.n_tokens * (size_t)kv.kv_dim * kv.elem_size;
+        const size_t run = (size_t)h.n_tokens * kv.row_bytes;
         uint8_t *k = malloc(run), *v = malloc(run);
         CHECK(k && v);
         const uint8_t *p = blob + CAKE_CHUNK_HEADER_SIZE;

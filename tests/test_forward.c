@@ -1361,6 +1361,65 @@ static int one_iq2_xxs(const char *name, int type) {
 /* A matrix in a type cake does not compute with (IQ2_XXS): the file still
  * opens, and its vocabulary works (`cake tokenize`); loading the model says
  * which tensor and which type. */
+/* A Q8_0 KV cache (tiny-256, head_dim 64; 300 prompt tokens, so that
+ * attention spans several key blocks): its first token's logits near the f32
+ * cache's (a stated tolerance), yet not f16's bits (the cache is quantized); the same logits and
+ * tokens whatever the chunking and threads (a row's quantization is its own); and a head_dim that
+ * is not a multiple of 32 (tiny's 16) refused by name. */
+static void test_kv_q8_0(void **state) {
+    (void)state;
+    char path[64];
+    assert_int_equal(test_make_model("tiny-256", "f32", path), 0);
+    cake_model *m = NULL;
+    char err[512];
+    assert_int_equal(cake_model_load(path, &m, err, sizeof(err)), 0);
+    const int n_vocab = cake_model_hparams(m)->n_vocab, n = 300;
+    cake_token prompt[300];
+    prompt[0] = 1;
+    for (int i = 1; i < n; i++) prompt[i] = 3 + (cake_token)((i * 7919u) % (uint32_t)(n_vocab - 3));
+    run_result f32, f16, q8;
+    run_greedy(m, prompt, n, 8, n, CAKE_KV_F32, 2, &f32);
+    run_greedy(m, prompt, n, 8, n, CAKE_KV_F16, 2, &f16);
+    run_greedy(m, prompt, n, 8, n, CAKE_KV_Q8_0, 2, &q8);
+    const float d16 = max_rel_diff(f32.logits, f16.logits, n_vocab),
+                d8 = max_rel_diff(f32.logits, q8.logits, n_vocab);
+    printf("first-token logits against an f32 cache: f16 %.3g, q8_0 %.3g (relative)\n", d16, d8);
+    /* measured 1.2e-2 (f16: 3.6e-4); the difference is Q8_0's rounding alone
+     * (test_kernels: the kernel equals f32 on the dequantized values) */
+    assert_true(d8 <= 2e-2f);
+    assert_true(d8 > d16); /* quantized: further off than f16 */
+    assert_memory_not_equal(q8.logits, f16.logits, (size_t)n_vocab * sizeof(float));
+    const int chunks[] = {1, 7, 64};
+    for (int k = 0; k < 3; k++) {
+        run_result r;
+        run_greedy(m, prompt, n, 8, chunks[k], CAKE_KV_Q8_0, 1 + 2 * (k % 2), &r);
+        const float d = max_rel_diff(q8.logits, r.logits, n_vocab);
+        printf("q8_0 chunk %d: logits rel diff %.3g\n", chunks[k], d);
+        assert_true(d <= 1e-5f);
+        assert_int_equal(r.n, q8.n);
+        assert_memory_equal(r.ids, q8.ids, (size_t)r.n * sizeof(cake_token));
+        free(r.logits);
+    }
+    free(f32.logits);
+    free(f16.logits);
+    free(q8.logits);
+    cake_model_free(m);
+    unlink(path);
+
+    assert_int_equal(test_make_model("tiny", "f32", path), 0);
+    assert_int_equal(cake_model_load(path, &m, err, sizeof(err)), 0);
+    cake_context_params cp = cake_context_default_params();
+    cp.n_ctx = 64;
+    cp.kv_type = CAKE_KV_Q8_0;
+    cake_context *c = NULL;
+    assert_int_not_equal(cake_context_init(m, cp, &c, err, sizeof(err)), 0);
+    assert_null(c);
+    printf("tiny with q8_0: %s\n", err);
+    assert_non_null(strstr(err, "multiple of 32"));
+    cake_model_free(m);
+    unlink(path);
+}
+
 static void test_unsupported_weight_type(void **state) {
     (void)state;
     char base[64], path[96], err[512];
@@ -1980,6 +2039,7 @@ int main(void) {
         cmocka_unit_test(test_q8_0),
         cmocka_unit_test(test_other_quants),
         cmocka_unit_test(test_unsupported_weight_type),
+        cmocka_unit_test(test_kv_q8_0),
         cmocka_unit_test(test_tied_output),
         cmocka_unit_test(test_sampler_penalties),
         cmocka_unit_test(test_sampler_repetition),

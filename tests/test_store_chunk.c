@@ -11,6 +11,7 @@
 #include <xxhash.h>
 
 #include "test_store_common.h"
+#include "util/q8_0.h"
 
 /* ---- keys ---- */
 
@@ -274,6 +275,86 @@ static void roundtrip(enum cake_kv_type type) {
  * ranges that start and end inside 16-position tiles and cross key blocks,
  * in both element types: every element lands where cake_kv_*_index says, and
  * nothing outside the range is touched. */
+/* The same for Q8_0 rows (block_q8_0 runs): each block's int8 and scale
+ * land where cake_kv_*_index and cake_kv_*_scale_index say, nothing outside
+ * the range is touched, get gives the rows back; and cake_kv_quantize_put
+ * of f32 rows is llama.cpp's quantization of them, put. */
+static void test_kv_put_get_q8_0(void **state) {
+    (void)state;
+    const int hds[] = {64, 96}, ranges[][2] = {{11, 37}, {0, 64}, {48, 100}, {130, 3}};
+    for (size_t hi = 0; hi < 2; hi++)
+        for (size_t ri = 0; ri < 4; ri++) {
+            const int hd = hds[hi], heads = 3, pos0 = ranges[ri][0], n = ranges[ri][1];
+            const int ng = hd / 32, kv_dim = heads * hd;
+            const size_t rowb = (size_t)kv_dim / 32 * 34;
+            cake_kv_cache kv;
+            char err[256];
+            assert_int_equal(
+                cake_kv_cache_init(&kv, 2, 150, heads, hd, CAKE_KV_Q8_0, err, sizeof(err)), 0);
+            assert_int_equal(kv.row_bytes, rowb);
+            memset(kv.base, 0x5a, kv.map_bytes);
+            float *kf = malloc((size_t)n * kv_dim * 4), *vf = malloc((size_t)n * kv_dim * 4);
+            uint8_t *k = malloc((size_t)n * rowb), *v = malloc((size_t)n * rowb);
+            uint8_t *k2 = malloc((size_t)n * rowb), *v2 = malloc((size_t)n * rowb);
+            assert_non_null(v2);
+            for (size_t e = 0; e < (size_t)n * kv_dim; e++) {
+                kf[e] = (float)(t_pattern(1, 0, pos0, (int)e, 9) % 2001) / 1000.0f - 1.0f;
+                vf[e] = (float)(t_pattern(1, 1, pos0, (int)e, 9) % 2001) / 500.0f - 2.0f;
+            }
+            for (size_t b = 0; b < (size_t)n * kv_dim / 32; b++) {
+                cake_q8_0_quantize_block(kf + 32 * b, k + 34 * b);
+                cake_q8_0_quantize_block(vf + 32 * b, v + 34 * b);
+            }
+            cake_kv_put(&kv, 1, pos0, n, k, v);
+            uint8_t *mine = calloc(kv.map_bytes, 1); /* bytes the range owns */
+            assert_non_null(mine);
+            const uint8_t *base = kv.base, *kl = cake_kv_k(&kv, 1), *vl = cake_kv_v(&kv, 1);
+            const uint8_t *ksl = (const uint8_t *)cake_kv_k_scales(&kv, 1),
+                          *vsl = (const uint8_t *)cake_kv_v_scales(&kv, 1);
+            for (int h = 0; h < heads; h++)
+                for (int p = pos0; p < pos0 + n; p++)
+                    for (int g = 0; g < ng; g++) {
+                        const size_t b = (size_t)(p - pos0) * rowb + ((size_t)h * ng + g) * 34;
+                        const uint8_t *ks =
+                                          ksl + 2 * cake_kv_k_scale_index(kv.head_ctx, hd, h, p, g),
+                                      *vs =
+                                          vsl + 2 * cake_kv_v_scale_index(kv.head_ctx, hd, h, p, g);
+                        if (memcmp(ks, k + b, 2) || memcmp(vs, v + b, 2))
+                            fail_msg("hd %d: head %d position %d group %d: scale", hd, h, p, g);
+                        memset(mine + (ks - base), 1, 2);
+                        memset(mine + (vs - base), 1, 2);
+                        for (int i = 0; i < 32; i++) {
+                            const int d = 32 * g + i;
+                            const uint8_t *kc = kl + cake_kv_k_index(kv.head_ctx, hd, h, p, d),
+                                          *vc = vl + cake_kv_v_index(kv.head_ctx, hd, h, p, d);
+                            if (*kc != k[b + 2 + i] || *vc != v[b + 2 + i])
+                                fail_msg("hd %d: head %d position %d dim %d", hd, h, p, d);
+                            mine[kc - base] = mine[vc - base] = 1;
+                        }
+                    }
+            for (size_t i = 0; i < kv.map_bytes; i++)
+                if (!mine[i] && base[i] != 0x5a)
+                    fail_msg("hd %d [%d, %d): byte %zu outside the range written", hd, pos0,
+                             pos0 + n, i);
+            free(mine);
+            cake_kv_get(&kv, 1, pos0, n, k2, v2);
+            assert_memory_equal(k2, k, (size_t)n * rowb);
+            assert_memory_equal(v2, v, (size_t)n * rowb);
+            memset(kv.base, 0, kv.map_bytes);
+            cake_kv_quantize_put(&kv, 1, pos0, n, kf, vf);
+            cake_kv_get(&kv, 1, pos0, n, k2, v2);
+            assert_memory_equal(k2, k, (size_t)n * rowb);
+            assert_memory_equal(v2, v, (size_t)n * rowb);
+            free(kf);
+            free(vf);
+            free(k);
+            free(v);
+            free(k2);
+            free(v2);
+            cake_kv_cache_free(&kv);
+        }
+}
+
 static void test_kv_put_get_layout(void **state) {
     (void)state;
     const int hds[] = {64, 96, 40}, ranges[][2] = {{11, 37}, {0, 64}, {48, 100}, {130, 3}};
@@ -584,6 +665,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_chunk_roundtrip_f16),
         cmocka_unit_test(test_chunk_roundtrip_f32),
         cmocka_unit_test(test_kv_put_get_layout),
+        cmocka_unit_test(test_kv_put_get_q8_0),
         cmocka_unit_test_setup_teardown(test_chunk_flip_header_bytes, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_chunk_flip_payload, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_chunk_verify_fed, fx_setup, fx_teardown),
