@@ -270,6 +270,16 @@ CAKE_INLINE __m512 q8_load16(const int8_t *p, __m512 scale) {
     return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), scale);
 }
 
+/* Q8_0: the scales of values [kb0, kb0 + nk) of KV head kvh as f32,
+ * dst[nk][head_dim / 32] (consecutive in the cache). */
+static void load_value_scales(float *dst, const cake_attn_args *a, int kvh, int kb0, int nk) {
+    const int n = nk * (a->head_dim / 32);
+    const cake_f16 *src = a->v_scales + cake_kv_v_scale_index(a->kv_ctx, a->head_dim, kvh, kb0, 0);
+    for (int i = 0; i < n; i += 16)
+        _mm512_storeu_ps(dst + i,
+                         cake_maskload_f16(src + i, cake_tail_mask(n - i < 16 ? n - i : 16)));
+}
+
 /* Values [kb0, kb0 + nk) of KV head kvh as f32 rows dst[64][ld] (ld >=
  * head_dim; columns past head_dim and rows past nk are zero). */
 static void load_values(float *dst, int ld, const cake_attn_args *a, int kvh, int kb0, int nk) {
@@ -345,17 +355,25 @@ static void load_keys(float *dst, const cake_attn_args *a, int kvh, int kb0, int
     __mmask16 m[4];
     for (int c = 0; c < 4; c++)
         m[c] = cake_tail_mask(nk - 16 * c < 0 ? 0 : nk - 16 * c < 16 ? nk - 16 * c : 16);
+    __m512 ksc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                     _mm512_setzero_ps()}; /* Q8_0: the scales of the current group */
     for (int d = 0; d < a->head_dim; d++) {
         const size_t off = base + (size_t)d * ATT_BK;
         float *o = dst + (size_t)d * ATT_BK;
         if (a->kv_type == CAKE_KV_Q8_0) {
-            /* the block's 64 scales of this dim's group, as the keys lie */
-            const cake_f16 *sc =
-                a->k_scales + cake_kv_k_scale_index(a->kv_ctx, a->head_dim, kvh, kb0, d / 32);
+            if (d % 32 == 0) { /* the block's 64 scales of this group, as the keys lie */
+                const cake_f16 *sc =
+                    a->k_scales + cake_kv_k_scale_index(a->kv_ctx, a->head_dim, kvh, kb0, d / 32);
+                UNROLL for (int c = 0; c < 4; c++) ksc[c] = cake_load_f16(sc + 16 * c);
+            }
             const int8_t *src = (const int8_t *)a->k + off;
-            UNROLL for (int c = 0; c < 4; c++) _mm512_store_ps(
-                o + 16 * c,
-                _mm512_maskz_mov_ps(m[c], q8_load16(src + 16 * c, cake_load_f16(sc + 16 * c))));
+            if (nk == ATT_BK) {
+                UNROLL for (int c = 0; c < 4; c++)
+                    _mm512_store_ps(o + 16 * c, q8_load16(src + 16 * c, ksc[c]));
+            } else {
+                UNROLL for (int c = 0; c < 4; c++) _mm512_store_ps(
+                    o + 16 * c, _mm512_maskz_mov_ps(m[c], q8_load16(src + 16 * c, ksc[c])));
+            }
         } else if (a->kv_type == CAKE_KV_F16) {
             const cake_f16 *src = (const cake_f16 *)a->k + off;
             if (nk == ATT_BK) {
@@ -637,14 +655,18 @@ static void task_rows_in_lanes(const att_job *job, int kvh, int t0, int t1, floa
  * compile time, so the loop has no per-key checks or masked loads. */
 CAKE_INLINE void keys_pv(__m512 acc[4][4], float l[4], const void *v, size_t vr0, size_t vstride,
                          const float *pbuf, int j0, int nv, int ng, const __mmask16 cm[4],
-                         const int NR, const int SUM_L, const int WHOLE, const int F16) {
+                         const float *vsc, int vsc_stride, const int NR, const int SUM_L,
+                         const int WHOLE, const int KT) {
     for (int j = j0; j < nv; j++) {
         const size_t vr = vr0 + (size_t)j * vstride;
         __m512 vv[4];
         UNROLL for (int g = 0; g < 4; g++) {
             if (!WHOLE && g >= ng)
                 vv[g] = _mm512_setzero_ps();
-            else if (F16)
+            else if (KT == CAKE_KV_Q8_0) /* whole vectors: head_dim is groups of 32 */
+                vv[g] = q8_load16((const int8_t *)v + vr + g * 16,
+                                  _mm512_set1_ps(vsc[(size_t)j * vsc_stride + g / 2]));
+            else if (KT == CAKE_KV_F16)
                 vv[g] = WHOLE ? cake_load_f16((const cake_f16 *)v + vr + g * 16)
                               : cake_maskload_f16((const cake_f16 *)v + vr + g * 16, cm[g]);
             else
@@ -666,10 +688,12 @@ CAKE_INLINE void keys_pv(__m512 acc[4][4], float l[4], const void *v, size_t vr0
  * the block) against the block: scores with the keys in lanes (NC vectors of
  * 16 keys, a constant, or 0 for "ncv, at run time"), softmax, P.V with o for
  * the NR rows in registers, 4 vectors of head_dim at a time, reading V from
- * the cache directly (F16: a constant, the cache's type). */
+ * the cache directly (KT: a constant, the cache's type; Q8_0's scales of the
+ * block's values from vsc, [key][head_dim / 32] as f32). */
 CAKE_INLINE void keys_rows(const float *qs, int hd, const float *kt, const void *v, size_t vstride,
-                           size_t vbase, int hdp, float *o, float *ms, float *ls, float *pbuf,
-                           int j0, int nv, float cap, const int NR, const int NC, const int F16) {
+                           size_t vbase, const float *vsc, int hdp, float *o, float *ms, float *ls,
+                           float *pbuf, int j0, int nv, float cap, const int NR, const int NC,
+                           const int KT) {
     const int ncv = NC ? NC : (nv + 15) / 16;
     __m512 s[4][4];
     UNROLL for (int i = 0; i < NR; i++) UNROLL for (int c = 0; c < 4; c++) s[i][c] =
@@ -726,13 +750,14 @@ CAKE_INLINE void keys_rows(const float *qs, int hd, const float *kt, const void 
                        : _mm512_setzero_ps();
         }
         const size_t vr0 = vbase + (size_t)ds * 16;
+        const float *vg = vsc + ds / 2;       /* Q8_0: the scales' group of dim 16 ds */
         if (ng == 4 && hd >= (ds + 4) * 16) { /* 4 whole vectors: no checks per key */
             if (ds == 0)
-                keys_pv(acc, l, v, vr0, vstride, pbuf, j0, nv, 4, cm, NR, 1, 1, F16);
+                keys_pv(acc, l, v, vr0, vstride, pbuf, j0, nv, 4, cm, vg, hd / 32, NR, 1, 1, KT);
             else
-                keys_pv(acc, l, v, vr0, vstride, pbuf, j0, nv, 4, cm, NR, 0, 1, F16);
+                keys_pv(acc, l, v, vr0, vstride, pbuf, j0, nv, 4, cm, vg, hd / 32, NR, 0, 1, KT);
         } else {
-            keys_pv(acc, l, v, vr0, vstride, pbuf, j0, nv, ng, cm, NR, ds == 0, 0, F16);
+            keys_pv(acc, l, v, vr0, vstride, pbuf, j0, nv, ng, cm, vg, hd / 32, NR, ds == 0, 0, KT);
         }
         UNROLL for (int i = 0; i < NR; i++) UNROLL for (int g = 0; g < 4; g++) if (g < ng)
             _mm512_store_ps(o + (size_t)i * hdp + (ds + g) * 16, acc[i][g]);
@@ -740,22 +765,24 @@ CAKE_INLINE void keys_rows(const float *qs, int hd, const float *kt, const void 
     UNROLL for (int i = 0; i < NR; i++) ls[i] = l[i];
 }
 
-#define KEYS_ROWS_F(R, NR, NC, F16)                                                                \
-    keys_rows(qs + (size_t)(R)*hd, hd, kt, vsrc, vstride, vbase, hdp, o + (size_t)(R)*hdp,         \
-              ms + (R), ls + (R), p, j0, nv, a->softcap, NR, NC, F16)
+#define KEYS_ROWS_F(R, NR, NC, KT)                                                                 \
+    keys_rows(qs + (size_t)(R)*hd, hd, kt, a->v, (size_t)hd, vbase, vsc, hdp, o + (size_t)(R)*hdp, \
+              ms + (R), ls + (R), p, j0, nv, a->softcap, NR, NC, KT)
+#define KEYS_ROWS_T(R, NR, KT)                                                                     \
+    do {                                                                                           \
+        if (nv == ATT_BK)                                                                          \
+            KEYS_ROWS_F(R, NR, 4, KT);                                                             \
+        else                                                                                       \
+            KEYS_ROWS_F(R, NR, 0, KT);                                                             \
+    } while (0)
 #define KEYS_ROWS(R, NR)                                                                           \
     do {                                                                                           \
-        if (vsrc_f16) {                                                                            \
-            if (nv == ATT_BK)                                                                      \
-                KEYS_ROWS_F(R, NR, 4, 1);                                                          \
-            else                                                                                   \
-                KEYS_ROWS_F(R, NR, 0, 1);                                                          \
-        } else {                                                                                   \
-            if (nv == ATT_BK)                                                                      \
-                KEYS_ROWS_F(R, NR, 4, 0);                                                          \
-            else                                                                                   \
-                KEYS_ROWS_F(R, NR, 0, 0);                                                          \
-        }                                                                                          \
+        if (a->kv_type == CAKE_KV_F16)                                                             \
+            KEYS_ROWS_T(R, NR, CAKE_KV_F16);                                                       \
+        else if (a->kv_type == CAKE_KV_Q8_0)                                                       \
+            KEYS_ROWS_T(R, NR, CAKE_KV_Q8_0);                                                      \
+        else                                                                                       \
+            KEYS_ROWS_T(R, NR, CAKE_KV_F32);                                                       \
     } while (0)
 
 /* Tokens [t0, t1) of KV heads [h0, h1): one head after another, its rows
@@ -769,8 +796,8 @@ static void task_keys_in_lanes(const att_job *job, int h0, int h1, int t0, int t
     float *o = qs + ((size_t)R * hd + 15) / 16 * 16;  /* [R][hdp] */
     float *kt = o + (size_t)R * hdp;                  /* [hd][64] */
     float *p = kt + (size_t)hd * ATT_BK;              /* [4][64] */
-    float *vq = p + 4 * ATT_BK;                       /* [64][hdp]: Q8_0 values as f32 */
-    float *ms = vq + (size_t)ATT_BK * hdp;            /* [R] */
+    float *vsc = p + 4 * ATT_BK;                      /* [64][hd / 32]: Q8_0 value scales */
+    float *ms = vsc + (size_t)ATT_BK * hdp / 16;      /* [R] */
     float *ls = ms + R;                               /* [R] */
     /* every region starts 64-byte aligned (sizes are multiples of 16 floats);
      * head kvh's rows are (kvh - h0) * Rh + (t - t0) * G + hh */
@@ -790,17 +817,10 @@ static void task_keys_in_lanes(const att_job *job, int h0, int h1, int t0, int t
         for (int kb0 = key_lo(a, a->pos0 + t0) / ATT_BK * ATT_BK; kb0 < kv_end; kb0 += ATT_BK) {
             const int nk = kv_end - kb0 < ATT_BK ? kv_end - kb0 : ATT_BK;
             load_keys(kt, a, kvh, kb0, nk);
-            /* P.V reads f16 or f32 values from the cache itself, Q8_0 ones
-             * dequantized into vq once for all the task's rows */
-            const void *vsrc = a->v;
-            size_t vbase = v_row(a, kvh, kb0), vstride = (size_t)hd;
-            const int vsrc_f16 = a->kv_type == CAKE_KV_F16;
-            if (a->kv_type == CAKE_KV_Q8_0) {
-                load_values(vq, hdp, a, kvh, kb0, nk);
-                vsrc = vq;
-                vbase = 0;
-                vstride = (size_t)hdp;
-            }
+            /* P.V reads the values from the cache itself; Q8_0's scales
+             * as f32 once for all the task's rows */
+            const size_t vbase = v_row(a, kvh, kb0);
+            if (a->kv_type == CAKE_KV_Q8_0) load_value_scales(vsc, a, kvh, kb0, nk);
             for (int t = t0; t < t1; t++) {
                 const int pos = a->pos0 + t, lo = key_lo(a, pos);
                 if (pos < kb0 || lo >= kb0 + nk) continue; /* the block is outside its window */
@@ -871,9 +891,9 @@ static size_t scratch_floats(int R, int hd) {
     const size_t ldv = (size_t)(hd + 7) / 8 * 8, ldr = (Rp / 16 | 1) * 16;
     const size_t rows_b =
         (hd + ldv + ATT_BK) * ldr + ATT_BK * (hd + ldv) + 3 * Rp + (ATT_BK * (Rp / 16) + 1) / 2;
-    /* keys in lanes: qs (padded), o, kt, p, vq, ms, ls (see task_keys_in_lanes) */
+    /* keys in lanes: qs (padded), o, kt, p, vsc, ms, ls (see task_keys_in_lanes) */
     const size_t keys_a = ((size_t)R * hd + 15) / 16 * 16 + (size_t)R * hdp + (size_t)hd * ATT_BK +
-                          4 * ATT_BK + ATT_BK * hdp + 2 * (size_t)R;
+                          4 * ATT_BK + ATT_BK * hdp / 16 + 2 * (size_t)R;
     const size_t n = rows_b > keys_a ? rows_b : keys_a;
     return (n + 15) / 16 * 16 + 16;
 }
