@@ -1556,6 +1556,40 @@ static void test_store_reuse(void **state) {
     assert_int_equal(system(cmd), 0);
 }
 
+/* `--kv-type q8_0` (tiny-256: head_dim 64) on one slot and the default RAM
+ * store: a prompt computed, another taking the slot, then the first again
+ * loads its chunks and answers as it did; each loaded chunk is at most 0.6
+ * of what an f16 server's is (34/64 of the payload, plus the header). */
+static void test_kv_q8_0_served(void **state) {
+    (void)state;
+    char model[64];
+    assert_int_equal(test_make_model("tiny-256", "f16", model), 0);
+    double per_chunk[2];
+    for (int q8 = 0; q8 < 2; q8++) {
+        t_server s;
+        assert_int_equal(serve_start(&s, model, "--slots", "1", "--chunk", "16", "--kv-type",
+                                     q8 ? "q8_0" : "f16", NULL),
+                         0);
+        cJSON *cold = post_ok(s.port, "/v1/completions", LONG_REQUEST, LONG_PROMPT);
+        assert_int_equal(num_at(cold, "cake.chunks_loaded"), 0);
+        const int total = (int)num_at(cold, "cake.chunks_total");
+        assert_true(total >= 5);
+        cJSON_Delete(post_ok(s.port, "/v1/completions", "{\"prompt\":\"Hi\",\"max_tokens\":1}"));
+        cJSON *warm = post_ok(s.port, "/v1/completions", LONG_REQUEST, LONG_PROMPT);
+        const double loaded = num_at(warm, "cake.chunks_loaded");
+        assert_true(loaded >= 1);
+        assert_int_equal(num_at(warm, "cake.chunks_cached"), 0);
+        assert_same_ids(at(warm, "cake.generated_ids"), at(cold, "cake.generated_ids"));
+        per_chunk[q8] = num_at(warm, "cake.bytes_loaded") / loaded;
+        cJSON_Delete(cold);
+        cJSON_Delete(warm);
+        assert_int_equal(serve_stop(&s), 0);
+    }
+    print_message("bytes per loaded chunk: f16 %.0f, q8_0 %.0f\n", per_chunk[0], per_chunk[1]);
+    assert_true(per_chunk[1] > 0 && per_chunk[1] <= 0.6 * per_chunk[0]);
+    unlink(model);
+}
+
 /* A prompt that extends the one before (a chat's next turn) starts where
  * the slot's KV cache stops sharing it, down to the token, and answers as
  * `cake run` does from scratch; one that differs after BOS reuses only BOS.
@@ -2862,6 +2896,7 @@ int main(void) {
         cmocka_unit_test(test_slow_first_token),
         cmocka_unit_test(test_slot_prefix),
         cmocka_unit_test(test_answer_stored),
+        cmocka_unit_test(test_kv_q8_0_served),
         cmocka_unit_test(test_prefetch),
         cmocka_unit_test(test_cancel_and_queue),
         cmocka_unit_test(test_chat_llama2),
