@@ -416,6 +416,8 @@ static void test_bad_requests(void **state) {
         {"POST", "/v1/completions", "{\"prompt\":", 400, "JSON object"},
         {"POST", "/v1/completions", "[1,2]", 400, "JSON object"},
         {"POST", "/v1/completions", "{}", 400, "'prompt'"},
+        {"POST", "/v1/completions", "{\"prompt\":\"Hi\",\"cache_salt\":\"\"}", 400, "'cache_salt'"},
+        {"POST", "/v1/completions", "{\"prompt\":\"Hi\",\"cache_salt\":5}", 400, "'cache_salt'"},
         {"POST", "/v1/completions", "{\"prompt\":[]}", 400, "empty"},
         {"POST", "/v1/completions", "{\"prompt\":[1,99999]}", 400, "not a token id"},
         {"POST", "/v1/completions", "{\"prompt\":[1,2.5]}", 400, "not a token id"},
@@ -1554,6 +1556,47 @@ static void test_store_reuse(void **state) {
     char cmd[160];
     snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
     assert_int_equal(system(cmd), 0);
+}
+
+/* vLLM's cache_salt on one slot and the default RAM store: a prompt with
+ * salt "a" computed; the same prompt with salt "b" computed again (neither
+ * the store's chunks nor the slot's KV cache, which holds it, are another
+ * salt's), then with "a" loaded from the store (the slot holds "b"'s), then
+ * without a salt computed again; the same answer each time. (An empty or
+ * non-string salt: test_bad_requests.) */
+static void test_cache_salt(void **state) {
+    (void)state;
+    t_server s;
+    assert_int_equal(serve_start(&s, g_tiny, "--slots", "1", "--chunk", "16", NULL), 0);
+#define SALTED "{\"prompt\":\"%s\",\"max_tokens\":6,\"temperature\":0%s}"
+    cJSON *a = post_ok(s.port, "/v1/completions", SALTED, LONG_PROMPT, ",\"cache_salt\":\"a\"");
+    const double total = num_at(a, "cake.chunks_total");
+    assert_true(total >= 5);
+    assert_int_equal(num_at(a, "cake.chunks_computed"), total);
+    const char *salts[] = {",\"cache_salt\":\"b\"", ",\"cache_salt\":\"a\"", ""};
+    for (int i = 0; i < 3; i++) {
+        cJSON *r = post_ok(s.port, "/v1/completions", SALTED, LONG_PROMPT, salts[i]);
+        print_message("salt [%s]: %.0f computed, %.0f loaded, %.0f cached\n", salts[i],
+                      num_at(r, "cake.chunks_computed"), num_at(r, "cake.chunks_loaded"),
+                      num_at(r, "cake.chunks_cached"));
+        assert_int_equal(num_at(r, "cake.chunks_cached"), 0);
+        if (i == 1) {
+            assert_true(num_at(r, "cake.chunks_loaded") >= total - 1);
+            assert_true(num_at(r, "usage.prompt_tokens_details.cached_tokens") >= 16 * (total - 1));
+        } else {
+            assert_int_equal(num_at(r, "cake.chunks_computed"), total);
+            assert_int_equal(num_at(r, "usage.prompt_tokens_details.cached_tokens"), 0);
+        }
+        assert_same_ids(at(r, "cake.generated_ids"), at(a, "cake.generated_ids"));
+        cJSON_Delete(r);
+    }
+    /* the same salt again: the slot's KV cache holds it */
+    cJSON *again = post_ok(s.port, "/v1/completions", SALTED, LONG_PROMPT, "");
+    assert_true(num_at(again, "cake.chunks_cached") >= total - 1);
+    cJSON_Delete(again);
+    cJSON_Delete(a);
+#undef SALTED
+    assert_int_equal(serve_stop(&s), 0);
 }
 
 /* `--kv-type q8_0` (tiny-256: head_dim 64) on one slot and the default RAM
@@ -2897,6 +2940,7 @@ int main(void) {
         cmocka_unit_test(test_slot_prefix),
         cmocka_unit_test(test_answer_stored),
         cmocka_unit_test(test_kv_q8_0_served),
+        cmocka_unit_test(test_cache_salt),
         cmocka_unit_test(test_prefetch),
         cmocka_unit_test(test_cancel_and_queue),
         cmocka_unit_test(test_chat_llama2),

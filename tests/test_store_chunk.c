@@ -67,6 +67,28 @@ static void test_backend_fingerprint(void **state) {
     assert_memory_equal(other, want, 16);
 }
 
+/* A cache salt's fingerprint: H(fingerprint || "cache_salt:" || salt), the
+ * same in place; another for another salt, and neither the model's nor a
+ * backend's. */
+static void test_salted_fingerprint(void **state) {
+    (void)state;
+    uint8_t in[16 + 11 + 6], want[16], got[16], other[16];
+    memcpy(in, T_FP, 16);
+    memcpy(in + 16, "cache_salt:", 11);
+    memcpy(in + 27, "tenant", 6);
+    hash128(in, sizeof(in), want);
+    cake_key_salted_fingerprint(T_FP, "tenant", got);
+    assert_memory_equal(got, want, 16);
+    assert_memory_not_equal(got, T_FP, 16);
+    cake_key_salted_fingerprint(T_FP, "tenant2", other);
+    assert_memory_not_equal(got, other, 16);
+    cake_key_backend_fingerprint(T_FP, "cuda", other);
+    assert_memory_not_equal(got, other, 16);
+    memcpy(other, T_FP, 16);
+    cake_key_salted_fingerprint(other, "tenant", other);
+    assert_memory_equal(other, want, 16);
+}
+
 /* Keys are part of the on-disk contract: a pinned value catches an accidental
  * change of the scheme (XXH3 itself is a fixed, specified function). */
 static void test_key_pinned(void **state) {
@@ -659,6 +681,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_key_layout),
         cmocka_unit_test(test_key_pinned),
         cmocka_unit_test(test_backend_fingerprint),
+        cmocka_unit_test(test_salted_fingerprint),
         cmocka_unit_test(test_key_chain_change),
         cmocka_unit_test(test_key_hex),
         cmocka_unit_test(test_key_two_processes),

@@ -98,6 +98,7 @@ int cake_request_run(cake_context *c, const cake_request *r, cake_token *generat
         cake_context_route(c, routed_compute, r->forward_turn ? routed_turn : NULL, &routed);
     cake_loader_engine engine;
     cake_context_loader_engine(c, use_store, &engine); /* outside TTFT: done once per model */
+    if (use_store) cake_loader_engine_salt(&engine, pp.cache_salt);
     cake_prefill_job *pending = NULL;
 
     const double t0 = now_ms();

@@ -802,6 +802,10 @@ void cake_prefill_finish(cake_prefill_job *job) {
     if (job) job_finish(job);
 }
 
+void cake_loader_engine_salt(cake_loader_engine *e, const char *salt) {
+    if (salt) cake_key_salted_fingerprint(e->fingerprint, salt, e->fingerprint);
+}
+
 int cake_prefill_loadable_chunks(int n_prompt, int chunk) {
     return n_prompt % chunk == 0 ? n_prompt / chunk : (n_prompt - 1) / chunk;
 }

@@ -67,6 +67,9 @@ typedef struct {
  * in the model fingerprint, needed for store keys (the first call hashes
  * every weight; later calls reuse it). */
 void cake_context_loader_engine(cake_context *c, int with_fingerprint, cake_loader_engine *out);
+/* e's fingerprint salted (cake_key_salted_fingerprint) when salt is not
+ * NULL: the keys and headers of that salt's chunks. */
+void cake_loader_engine_salt(cake_loader_engine *e, const char *salt);
 
 typedef struct cake_writeback cake_writeback;
 
@@ -104,6 +107,9 @@ typedef struct {
      * prefix): they are neither computed nor loaded (on a batch-variant
      * engine: the full chunks among them), but for the prompt's last token. */
     int n_cached;
+    /* NULL or a request's cache salt (key.h): only requests with the same
+     * salt share chunks; cake_request_run salts the engine's fingerprint. */
+    const char *cache_salt;
 } cake_prefill_params;
 
 #define CAKE_DEFAULT_IO_DEPTH 4

@@ -47,6 +47,7 @@ serve_job *job_clone_prompt(const serve_job *j, int choice, cake_token *prompt, 
     c->json = j->json;
     c->call_format = j->call_format;
     c->reasoning = j->reasoning;
+    if (j->cache_salt) ok &= (c->cache_salt = strdup(j->cache_salt)) != NULL;
     if (j->tool_names) {
         size_t len = 0;
         while (j->tool_names[len]) len += strlen(j->tool_names + len) + 1;
@@ -83,6 +84,7 @@ void job_release(serve_job *j) {
     free(j->logit_bias);
     json_schema_release(j->schema);
     free(j->tool_names);
+    free(j->cache_salt);
     job_waker_release(j->waker);
     pthread_cond_destroy(&j->cv);
     pthread_mutex_destroy(&j->mu);

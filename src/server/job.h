@@ -83,6 +83,10 @@ struct serve_job {
      * opens with <think>...</think> gives that as reasoning_content; the tag
      * and what may be its start are held back from streams. */
     int reasoning;
+    /* vLLM's cache_salt (owned; NULL: none): the prompt's KV is shared, in
+     * the store and in the slots' caches, only with requests of the same
+     * salt (store/key.h). */
+    char *cache_salt;
 
     /* Progress, under mu; cv is signalled on every change. */
     pthread_mutex_t mu;

@@ -768,6 +768,18 @@ static uint64_t fresh_seed(void) {
            (atomic_fetch_add(&counter, 1) << 40);
 }
 
+/* vLLM's cache_salt: a non-empty string of at most API_MAX_SALT bytes. */
+#define API_MAX_SALT 1024
+static int add_cache_salt(const cJSON *o, serve_job *j, char *err, size_t errlen) {
+    const cJSON *s = field(o, "cache_salt");
+    if (!s) return 0;
+    if (!cJSON_IsString(s) || !s->valuestring[0] || strlen(s->valuestring) > API_MAX_SALT)
+        return cake_err(err, errlen, "'cache_salt' must be a non-empty string of at most %d bytes",
+                        API_MAX_SALT);
+    if (!(j->cache_salt = strdup(s->valuestring))) return cake_err(err, errlen, "out of memory");
+    return 0;
+}
+
 /* The body as a JSON object, or NULL with err. */
 static cJSON *body_object(const char *body, size_t len, char *err, size_t errlen) {
     cJSON *o = cJSON_ParseWithLength(body, len);
@@ -916,7 +928,7 @@ int api_parse(const char *body, size_t len, int chat, const api_model *m, serve_
     j->json = json;
     j->schema = schema;
     schema = NULL;
-    if (add_logit_bias(o, m, j, err, errlen)) goto done;
+    if (add_logit_bias(o, m, j, err, errlen) || add_cache_salt(o, j, err, errlen)) goto done;
     /* the other prompts: the same request (choice 0 each) */
     for (int k = 1; k < n_prompts; k++) {
         if (!(out[k] = job_clone_prompt(j, 0, prompts[k], lens[k]))) {

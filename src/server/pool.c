@@ -125,6 +125,7 @@ typedef struct {
      * shares a prefix with them starts after it. */
     cake_token *kv_ids;
     int n_kv, kv_cap;
+    char *kv_salt; /* the last request's cache salt (owned; NULL: none) */
     /* Under pool->mu: */
     serve_job *current;  /* the job handed to the slot, until it is answered */
     int ready;           /* waiting for a job */
@@ -160,10 +161,13 @@ struct serve_pool {
                                    prefetcher must not read a context a slot uses) */
 };
 
-/* How many of prompt's first tokens s's KV cache holds already. */
-static int cached_prefix(const slot *s, const cake_token *prompt, int n) {
+/* How many of j's prompt's first tokens s's KV cache holds already: none
+ * for another cache salt than the one it was computed under. */
+static int cached_prefix(const slot *s, const serve_job *j) {
+    const int same_salt = s->kv_salt && j->cache_salt ? !strcmp(s->kv_salt, j->cache_salt)
+                                                      : !s->kv_salt && !j->cache_salt;
     int k = 0;
-    while (k < s->n_kv && k < n && s->kv_ids[k] == prompt[k]) k++;
+    while (same_salt && k < s->n_kv && k < j->n_prompt && s->kv_ids[k] == j->prompt[k]) k++;
     return k;
 }
 
@@ -179,7 +183,7 @@ static void dispatch(serve_pool *p) {
         for (int i = 0; i < p->cfg.n_slots; i++) {
             slot *s = &p->slots[i];
             if (!s->ready) continue;
-            const int len = cached_prefix(s, p->head->prompt, p->head->n_prompt);
+            const int len = cached_prefix(s, p->head);
             if (len > best_len || (len == best_len && s->idle_since < best->idle_since)) {
                 best = s;
                 best_len = len;
@@ -252,7 +256,9 @@ static void log_job(const serve_job *j, uint64_t number) {
  * failure. */
 static void remember_kv(slot *s, const serve_job *j) {
     s->n_kv = 0;
-    if (j->error[0]) return;
+    free(s->kv_salt);
+    s->kv_salt = NULL;
+    if (j->error[0] || (j->cache_salt && !(s->kv_salt = strdup(j->cache_salt)))) return;
     const int fed = j->n_ids > 0 ? j->n_ids - 1 : 0;
     const int n = j->n_prompt + fed;
     if (n > s->kv_cap) {
@@ -274,6 +280,7 @@ static void store_answer(slot *s, const serve_job *j) {
     if (!s->wb || !s->n_kv || s->pool->cfg.prompts_only_writeback) return;
     cake_loader_engine e;
     cake_context_loader_engine(s->ctx, 1, &e);
+    cake_loader_engine_salt(&e, j->cache_salt);
     const int chunk = s->pool->cfg.chunk;
     cake_writeback_tokens(s->wb, &e, s->kv_ids, s->n_kv, chunk, j->n_prompt / chunk);
 }
@@ -362,7 +369,8 @@ static void run_job(slot *s, serve_job *j) {
                               .io_depth = p->cfg.io_depth,
                               .n_cached = p->cfg.whole_chunk_reuse
                                               ? s->n_cached / p->cfg.chunk * p->cfg.chunk
-                                              : s->n_cached};
+                                              : s->n_cached,
+                              .cache_salt = j->cache_salt};
     token_sink sink = {.job = j, .tok = tok, .eos = cake_tokenizer_eos(tok)};
     sched_ticket ticket = {p->sched, s->order, &j->cancel};
     cake_request req = {
@@ -404,7 +412,8 @@ static void run_job(slot *s, serve_job *j) {
  * from), so that their loads come from RAM when they run. Stops at a job's
  * start on a slot. */
 static void prefetch_job(serve_pool *p, const serve_job *j) {
-    const cake_loader_engine e = p->keys_of;
+    cake_loader_engine e = p->keys_of;
+    cake_loader_engine_salt(&e, j->cache_salt);
     const int C = p->cfg.chunk, n = cake_prefill_loadable_chunks(j->n_prompt, C);
     cake_chunk_key *keys = n > 0 ? malloc((size_t)n * sizeof(*keys)) : NULL;
     if (!keys) return;
@@ -668,6 +677,7 @@ void pool_free(serve_pool *p) {
         cake_writeback_free(p->slots[i].wb); /* before its context: it reads the KV */
         cake_context_free(p->slots[i].ctx);
         free(p->slots[i].kv_ids);
+        free(p->slots[i].kv_salt);
     }
     cake_inflight_free(p->inflight); /* after the write-backs: they release promises */
     cake_json_vocab_free(p->json_vocab);

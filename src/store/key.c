@@ -28,6 +28,18 @@ void cake_key_backend_fingerprint(const uint8_t model_fp[16], const char *tag, u
     memcpy(out, k.b, 16);
 }
 
+void cake_key_salted_fingerprint(const uint8_t fp[16], const char *salt, uint8_t out[16]) {
+    static const char tag[] = "cache_salt:";
+    XXH3_state_t st;
+    XXH3_128bits_reset(&st);
+    XXH3_128bits_update(&st, fp, 16);
+    XXH3_128bits_update(&st, tag, sizeof(tag) - 1);
+    XXH3_128bits_update(&st, salt, strlen(salt));
+    cake_chunk_key k;
+    key_from_hash(XXH3_128bits_digest(&st), &k);
+    memcpy(out, k.b, 16);
+}
+
 void cake_key_root(const uint8_t fingerprint[16], uint32_t chunk_size, uint32_t kv_dtype,
                    cake_chunk_key *out) {
     uint8_t in[28];

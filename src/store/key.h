@@ -35,6 +35,13 @@ typedef struct {
  * and GPU servers keeps their chunks apart. */
 void cake_key_backend_fingerprint(const uint8_t model_fp[16], const char *tag, uint8_t out[16]);
 
+/* The fingerprint the chunks of requests with a cache salt (vLLM's
+ * `cache_salt`: a tenant's or a user's) carry in place of fp: H(fp ||
+ * "cache_salt:" || salt). Their keys and headers are their own, so a store
+ * shared by tenants never hands one's KV to another, nor tells by a fast
+ * first token that another sent a prompt. */
+void cake_key_salted_fingerprint(const uint8_t fp[16], const char *salt, uint8_t out[16]);
+
 /* k_{-1} of a model + chunk size + KV dtype (enum cake_kv_type numbering). */
 void cake_key_root(const uint8_t fingerprint[16], uint32_t chunk_size, uint32_t kv_dtype,
                    cake_chunk_key *out);
