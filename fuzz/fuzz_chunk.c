@@ -7,7 +7,7 @@
  * too), so that the checks behind them are reached. Bit 1 checks against the expected header of
  * the cache's shape (else against none), bits 2-3 pick where in the cache
  * the chunk goes (the last choice runs past its end), bit 4 picks an f32
- * cache, bit 6 a q8_0 one with head_dim 32 (else f16).
+ * cache, bit 6 a q8_0 one and bit 7 a q4_0 one, with head_dim 32 (else f16).
  *
  * Each blob must be accepted or refused with a message; a refused blob must
  * leave the cache as it was, an accepted one must land there exactly (read
@@ -45,10 +45,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                   XXH3_64bits(blob + CAKE_CHUNK_HEADER_SIZE, len - CAKE_CHUNK_HEADER_SIZE));
         put64(blob + 120, XXH3_64bits(blob, 120));
     }
-    const enum cake_kv_type type = mode & 0x40   ? CAKE_KV_Q8_0
+    const enum cake_kv_type type = mode & 0x80   ? CAKE_KV_Q4_0
+                                   : mode & 0x40 ? CAKE_KV_Q8_0
                                    : mode & 0x10 ? CAKE_KV_F32
                                                  : CAKE_KV_F16;
-    const int head_dim = type == CAKE_KV_Q8_0 ? 32 : 8;
+    const int head_dim = cake_kv_quantized(type) ? 32 : 8;
     static const int k_pos0[] = {0, CHUNK_TOKENS, N_CTX - CHUNK_TOKENS, N_CTX - 1};
     const int pos0 = k_pos0[(mode >> 2) & 3];
 

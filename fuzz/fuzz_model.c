@@ -310,6 +310,7 @@ static int write_model(input *in, cake_token *tokens, int *n_tokens, int *chunk,
     p->n_threads = 1 + (int)(run & 1);
     p->kv_type = run & 2                         ? CAKE_KV_F32
                  : run & 4 && head_dim % 32 == 0 ? CAKE_KV_Q8_0
+                 : run & 8 && head_dim % 32 == 0 ? CAKE_KV_Q4_0
                                                  : CAKE_KV_F16;
     *n_tokens = 1 + (int)next_byte(in) % MAX_TOKENS;
     p->max_batch = 1 + (int)next_byte(in) % *n_tokens; /* splits inside each call */

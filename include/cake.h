@@ -104,9 +104,9 @@ void cake_model_fingerprint(const cake_model *m, uint8_t out[16]);
 
 /* Q8_0: each 32 dims of a position's key or value as 32 int8 and an f16
  * scale (ggml's block_q8_0, llama.cpp's --cache-type-k/v q8_0): 53% of the
- * f16 bytes to store, load and read; needs a head_dim that is a multiple of
- * 32. */
-enum cake_kv_type { CAKE_KV_F16 = 0, CAKE_KV_F32 = 1, CAKE_KV_Q8_0 = 2 };
+ * f16 bytes to store, load and read. Q4_0: as 32 4-bit values and an f16
+ * scale (block_q4_0): 28%. Both need a head_dim that is a multiple of 32. */
+enum cake_kv_type { CAKE_KV_F16 = 0, CAKE_KV_F32 = 1, CAKE_KV_Q8_0 = 2, CAKE_KV_Q4_0 = 3 };
 enum cake_backend_kind { CAKE_BACKEND_CPU = 0, CAKE_BACKEND_CUDA = 1 };
 
 typedef struct {

@@ -179,10 +179,10 @@ CAKE_HINTS= XDG_CACHE_HOME="$tmp/xdg" run_store cake
 [ ! -e "$tmp/xdg" ] && [ "$(json_field knew_rate "$tmp/out")" = false ] && pass "CAKE_HINTS= turns hints off" ||
     fail "CAKE_HINTS=: $(fields) $(ls -R "$tmp/xdg" 2>&1)"
 
-# --kv-type q8_0 (tiny-256: head_dim 64): computed and loaded, the same logits
-# bit for bit; the store's chunks are q8_0's, 34/64 of f16's bytes
+# --kv-type q8_0 and q4_0 (tiny-256: head_dim 64): computed and loaded, the
+# same logits bit for bit; the store's q8_0 chunks are 34/64 of f16's bytes
 "$CAKE" mkmodel --shape tiny-256 -o "$tmp/t256.gguf" 2>/dev/null
-for kv in q8_0 f16; do
+for kv in q8_0 q4_0 f16; do
     for m in compute load; do
         "$CAKE" run -m "$tmp/t256.gguf" --tokens "$ids" -n 6 --temp 0 --chunk 16 --kv-type $kv \
             --store "file:$tmp/kv-$kv" --mode $m --json --dump-logits "$tmp/$kv-$m.f32" >"$tmp/$kv-$m" 2>"$tmp/err"
@@ -193,6 +193,10 @@ cmp -s "$tmp/q8_0-compute.f32" "$tmp/q8_0-load.f32" && ! cmp -s "$tmp/q8_0-load.
     [ "$(json_field generated_ids "$tmp/q8_0-load")" = "$(json_field generated_ids "$tmp/q8_0-compute")" ] &&
     pass "q8_0 KV: loaded chunks give the computed logits, bit for bit" ||
     fail "q8_0 KV: $(cat "$tmp/q8_0-load") $(cat "$tmp/err")"
+cmp -s "$tmp/q4_0-compute.f32" "$tmp/q4_0-load.f32" && ! cmp -s "$tmp/q4_0-load.f32" "$tmp/q8_0-load.f32" &&
+    [ "$(json_field chunks_loaded "$tmp/q4_0-load")" = 6 ] && [ "$(json_field kv_type "$tmp/q4_0-load")" = '"q4_0"' ] &&
+    pass "q4_0 KV: loaded chunks give the computed logits, bit for bit" ||
+    fail "q4_0 KV: $(cat "$tmp/q4_0-load")"
 q8_bytes=$("$CAKE" store stat --store "file:$tmp/kv-q8_0" | sed -n 's/^bytes .*(\([0-9]*\))$/\1/p')
 f16_bytes=$("$CAKE" store stat --store "file:$tmp/kv-f16" | sed -n 's/^bytes .*(\([0-9]*\))$/\1/p')
 "$CAKE" store stat --store "file:$tmp/kv-q8_0" | grep -q "64, q8_0$" && [ -n "$q8_bytes" ] &&

@@ -1361,12 +1361,13 @@ static int one_iq2_xxs(const char *name, int type) {
 /* A matrix in a type cake does not compute with (IQ2_XXS): the file still
  * opens, and its vocabulary works (`cake tokenize`); loading the model says
  * which tensor and which type. */
-/* A Q8_0 KV cache (tiny-256, head_dim 64; 300 prompt tokens, so that
- * attention spans several key blocks): its first token's logits near the f32
- * cache's (a stated tolerance), yet not f16's bits (the cache is quantized); the same logits and
- * tokens whatever the chunking and threads (a row's quantization is its own); and a head_dim that
- * is not a multiple of 32 (tiny's 16) refused by name. */
-static void test_kv_q8_0(void **state) {
+/* A Q8_0 and a Q4_0 KV cache (tiny-256, head_dim 64; 300 prompt tokens, so
+ * that attention spans several key blocks): the first token's logits near
+ * the f32 cache's (stated tolerances), yet not f16's bits (the cache is
+ * quantized); the same logits and tokens whatever the chunking and threads
+ * (a row's quantization is its own); and a head_dim that is not a multiple
+ * of 32 (tiny's 16) refused by name. */
+static void test_kv_quantized(void **state) {
     (void)state;
     char path[64];
     assert_int_equal(test_make_model("tiny-256", "f32", path), 0);
@@ -1377,32 +1378,40 @@ static void test_kv_q8_0(void **state) {
     cake_token prompt[300];
     prompt[0] = 1;
     for (int i = 1; i < n; i++) prompt[i] = 3 + (cake_token)((i * 7919u) % (uint32_t)(n_vocab - 3));
-    run_result f32, f16, q8;
+    run_result f32, f16, q8, q4;
     run_greedy(m, prompt, n, 8, n, CAKE_KV_F32, 2, &f32);
     run_greedy(m, prompt, n, 8, n, CAKE_KV_F16, 2, &f16);
     run_greedy(m, prompt, n, 8, n, CAKE_KV_Q8_0, 2, &q8);
+    run_greedy(m, prompt, n, 8, n, CAKE_KV_Q4_0, 2, &q4);
     const float d16 = max_rel_diff(f32.logits, f16.logits, n_vocab),
-                d8 = max_rel_diff(f32.logits, q8.logits, n_vocab);
-    printf("first-token logits against an f32 cache: f16 %.3g, q8_0 %.3g (relative)\n", d16, d8);
+                d8 = max_rel_diff(f32.logits, q8.logits, n_vocab),
+                d4 = max_rel_diff(f32.logits, q4.logits, n_vocab);
+    printf("first-token logits against an f32 cache: f16 %.3g, q8_0 %.3g, q4_0 %.3g (relative)\n",
+           d16, d8, d4);
     /* measured 1.2e-2 (f16: 3.6e-4); the difference is Q8_0's rounding alone
      * (test_kernels: the kernel equals f32 on the dequantized values) */
     assert_true(d8 <= 2e-2f);
     assert_true(d8 > d16); /* quantized: further off than f16 */
     assert_memory_not_equal(q8.logits, f16.logits, (size_t)n_vocab * sizeof(float));
+    assert_true(d4 <= 0.25f); /* measured 0.15: 16x Q8_0's rounding step */
+    assert_true(d4 > d8);
     const int chunks[] = {1, 7, 64};
-    for (int k = 0; k < 3; k++) {
+    for (int k = 0; k < 6; k++) {
+        const run_result *whole = k < 3 ? &q8 : &q4;
         run_result r;
-        run_greedy(m, prompt, n, 8, chunks[k], CAKE_KV_Q8_0, 1 + 2 * (k % 2), &r);
-        const float d = max_rel_diff(q8.logits, r.logits, n_vocab);
-        printf("q8_0 chunk %d: logits rel diff %.3g\n", chunks[k], d);
+        run_greedy(m, prompt, n, 8, chunks[k % 3], k < 3 ? CAKE_KV_Q8_0 : CAKE_KV_Q4_0,
+                   1 + 2 * (k % 2), &r);
+        const float d = max_rel_diff(whole->logits, r.logits, n_vocab);
+        printf("%s chunk %d: logits rel diff %.3g\n", k < 3 ? "q8_0" : "q4_0", chunks[k % 3], d);
         assert_true(d <= 1e-5f);
-        assert_int_equal(r.n, q8.n);
-        assert_memory_equal(r.ids, q8.ids, (size_t)r.n * sizeof(cake_token));
+        assert_int_equal(r.n, whole->n);
+        assert_memory_equal(r.ids, whole->ids, (size_t)r.n * sizeof(cake_token));
         free(r.logits);
     }
     free(f32.logits);
     free(f16.logits);
     free(q8.logits);
+    free(q4.logits);
     cake_model_free(m);
     unlink(path);
 
@@ -2039,7 +2048,7 @@ int main(void) {
         cmocka_unit_test(test_q8_0),
         cmocka_unit_test(test_other_quants),
         cmocka_unit_test(test_unsupported_weight_type),
-        cmocka_unit_test(test_kv_q8_0),
+        cmocka_unit_test(test_kv_quantized),
         cmocka_unit_test(test_tied_output),
         cmocka_unit_test(test_sampler_penalties),
         cmocka_unit_test(test_sampler_repetition),

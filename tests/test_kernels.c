@@ -786,8 +786,9 @@ static void test_matmul_bad_dtype(void **state) {
 /* ===================== attention ===================== */
 
 /* The cache's element type in these cases: kv_f16's 0 (f32) and 1 (f16),
- * or KV_Q8 (Q8_0). */
+ * KV_Q8 (Q8_0) or KV_Q4 (Q4_0). */
 #define KV_Q8 2
+#define KV_Q4 3
 
 typedef struct {
     int n_ctx, n_heads, n_kv_heads, head_dim, kv_f16;
@@ -801,7 +802,37 @@ typedef struct {
 } attn_case;
 
 static enum cake_kv_type case_type(int kv_f16) {
-    return kv_f16 == KV_Q8 ? CAKE_KV_Q8_0 : kv_f16 ? CAKE_KV_F16 : CAKE_KV_F32;
+    return kv_f16 == KV_Q8   ? CAKE_KV_Q8_0
+           : kv_f16 == KV_Q4 ? CAKE_KV_Q4_0
+           : kv_f16          ? CAKE_KV_F16
+                             : CAKE_KV_F32;
+}
+
+/* Q4_0 cases: random 4-bit values and scales; each element is (q - 8) *
+ * scale, q in its nibble (kv/kv_cache.h). */
+static void fill_q4(attn_case *c) {
+    const int hd = c->head_dim, hc = c->head_ctx;
+    memset(c->k, 0, (size_t)hc * c->n_kv_heads * hd / 2);
+    memset(c->v, 0, (size_t)hc * c->n_kv_heads * hd / 2);
+    for (int h = 0; h < c->n_kv_heads; h++)
+        for (int p = 0; p < hc; p++)
+            for (int g = 0; g < hd / 32; g++) {
+                const size_t ksi = cake_kv_k_scale_index(hc, hd, h, p, g),
+                             vsi = cake_kv_v_scale_index(hc, hd, h, p, g);
+                c->ks[ksi] = cake_f32_to_f16(rnd_f(1.0f, 1.5f) / 8);
+                c->vs[vsi] = cake_f32_to_f16(rnd_f(0.5f, 1.0f) / 8);
+                for (int d = 32 * g; d < 32 * g + 32; d++) {
+                    const int kq = (int)(rnd_u32() % 16), vq = (int)(rnd_u32() % 16);
+                    ((uint8_t *)c->k)[cake_kv_k4_byte(hc, hd, h, p, d)] |=
+                        (uint8_t)(kq << cake_kv_k4_shift(d));
+                    ((uint8_t *)c->v)[cake_kv_v4_byte(hc, hd, h, p, d)] |=
+                        (uint8_t)(vq << cake_kv_v4_shift(d));
+                    c->kf[cake_kv_k_index(hc, hd, h, p, d)] =
+                        (float)(kq - 8) * cake_f16_to_f32(c->ks[ksi]);
+                    c->vf[cake_kv_v_index(hc, hd, h, p, d)] =
+                        (float)(vq - 8) * cake_f16_to_f32(c->vs[vsi]);
+                }
+            }
 }
 
 /* Q8_0 cases: random int8 and scales (f16) that make values of about the
@@ -846,8 +877,8 @@ static attn_case make_case(int n_ctx, int n_heads, int n_kv_heads, int hd, int k
     c.vs = xmalloc(nkv / 32 * 2 + 2);
     /* scores of a few units, so the softmax is neither flat nor one-hot */
     for (size_t i = 0; i < nq; i++) c.q[i] = rnd_f(-1.5f, 1.5f);
-    if (kv_f16 == KV_Q8) {
-        fill_q8(&c);
+    if (kv_f16 == KV_Q8 || kv_f16 == KV_Q4) {
+        (kv_f16 == KV_Q8 ? fill_q8 : fill_q4)(&c);
         return c;
     }
     for (size_t i = 0; i < nkv; i++) {
@@ -879,7 +910,7 @@ static void free_case(attn_case *c) {
 
 static cake_attn_args case_args(const attn_case *c, int pos0, int n, const void *k, const void *v,
                                 const cake_f16 *ks, const cake_f16 *vs, float *out) {
-    const int q8 = c->kv_f16 == KV_Q8;
+    const int q8 = c->kv_f16 == KV_Q8 || c->kv_f16 == KV_Q4;
     cake_attn_args a = {.n_tokens = n,
                         .pos0 = pos0,
                         .n_heads = c->n_heads,
@@ -904,8 +935,10 @@ static cake_attn_args case_args(const attn_case *c, int pos0, int n, const void 
  * block more per head than the case uses (a model's holds its whole context),
  * so a head found by the wrong stride shows too. */
 static void run_chunked(const attn_case *c, int chunk, cake_threadpool *pool, float *out) {
-    const size_t es = c->kv_f16 == KV_Q8 ? 1 : c->kv_f16 ? 2 : 4;
+    /* (Q4_0's bytes lie as the elements of a cache of half the head_dim) */
+    const size_t es = c->kv_f16 >= KV_Q8 ? 1 : c->kv_f16 ? 2 : 4;
     const int cap = c->head_ctx + CAKE_KV_KBLOCK, hd = c->head_dim;
+    const int ed = c->kv_f16 == KV_Q4 ? hd / 2 : hd; /* elements (bytes) a head */
     const size_t all = (size_t)c->n_kv_heads * (size_t)cap * (size_t)hd * es;
     const size_t all_s = (size_t)c->n_kv_heads * (size_t)cap * (size_t)(hd / 32) * 2 + 2;
     uint8_t *k = xmalloc(all), *v = xmalloc(all);
@@ -919,18 +952,18 @@ static void run_chunked(const attn_case *c, int chunk, cake_threadpool *pool, fl
         const int n = c->n_ctx - p0 < chunk ? c->n_ctx - p0 : chunk;
         for (int h = 0; h < c->n_kv_heads; h++)
             for (int p = p0; p < p0 + n; p++)
-                for (int d = 0; d < hd; d++) {
-                    const size_t kd = cake_kv_k_index(cap, hd, h, p, d) * es;
-                    const size_t ks = cake_kv_k_index(c->head_ctx, hd, h, p, d) * es;
-                    const size_t vd = cake_kv_v_index(cap, hd, h, p, d) * es;
-                    const size_t vs = cake_kv_v_index(c->head_ctx, hd, h, p, d) * es;
+                for (int d = 0; d < ed; d++) {
+                    const size_t kd = cake_kv_k_index(cap, ed, h, p, d) * es;
+                    const size_t ks = cake_kv_k_index(c->head_ctx, ed, h, p, d) * es;
+                    const size_t vd = cake_kv_v_index(cap, ed, h, p, d) * es;
+                    const size_t vs = cake_kv_v_index(c->head_ctx, ed, h, p, d) * es;
                     memcpy(k + kd, (const uint8_t *)c->k + ks, es);
                     memcpy(v + vd, (const uint8_t *)c->v + vs, es);
-                    if (c->kv_f16 == KV_Q8 && d % 32 == 0) {
-                        kscale[cake_kv_k_scale_index(cap, hd, h, p, d / 32)] =
-                            c->ks[cake_kv_k_scale_index(c->head_ctx, hd, h, p, d / 32)];
-                        vscale[cake_kv_v_scale_index(cap, hd, h, p, d / 32)] =
-                            c->vs[cake_kv_v_scale_index(c->head_ctx, hd, h, p, d / 32)];
+                    if (c->kv_f16 >= KV_Q8 && d < hd / 32) {
+                        kscale[cake_kv_k_scale_index(cap, hd, h, p, d)] =
+                            c->ks[cake_kv_k_scale_index(c->head_ctx, hd, h, p, d)];
+                        vscale[cake_kv_v_scale_index(cap, hd, h, p, d)] =
+                            c->vs[cake_kv_v_scale_index(c->head_ctx, hd, h, p, d)];
                     }
                 }
         cake_attn_args a = case_args(c, p0, n, k, v, kscale, vscale, out + (size_t)p0 * orow);
@@ -980,14 +1013,14 @@ static void check_attention_capped(int n_ctx, int n_heads, int n_kv_heads, int h
     }
     /* Q8_0: int8 times its scale is exact in f32, so the kernel equals the
      * f32 kernel on the dequantized values, bit for bit */
-    if (kv_f16 == KV_Q8) {
+    if (kv_f16 >= KV_Q8) {
         attn_case f = c;
         f.kv_f16 = 0;
         cake_attn_args af = case_args(&f, 0, n_ctx, c.kf, c.vf, NULL, NULL, out);
         cake_attention(&af, pools[2]);
         if (memcmp(out, lanes, nout * 4))
-            fail_msg("attention n_ctx %d heads %d/%d hd %d q8_0: differs from f32 on its values",
-                     n_ctx, n_heads, n_kv_heads, hd);
+            fail_msg("attention n_ctx %d heads %d/%d hd %d type %d: differs from f32 on its values",
+                     n_ctx, n_heads, n_kv_heads, hd, kv_f16);
     }
     /* ... and whatever the chunking (progressively filled cache) */
     const int chunks[] = {1, 7, 64};
@@ -1102,6 +1135,22 @@ static void test_attention_q8_0(void **state) {
     check_attention_capped(150, 8, 2, 64, KV_Q8, 0, 5.0f);
 }
 
+/* The same for Q4_0 (two 4-bit values a byte, kv/kv_cache.h). */
+static void test_attention_q4_0(void **state) {
+    (void)state;
+    check_attention_case(70, 4, 4, 64, KV_Q4);
+    check_attention_case(150, 8, 2, 64, KV_Q4);
+    check_attention_case(131, 8, 2, 128, KV_Q4);
+    check_attention_case(67, 3, 3, 32, KV_Q4);
+    check_attention_case(40, 4, 2, 96, KV_Q4);
+    check_attention_case(24, 2, 1, 256, KV_Q4);
+    check_attention_case(18, 2, 2, 288, KV_Q4); /* the portable kernel */
+    check_attention_case(600, 2, 2, 64, KV_Q4);
+    check_attention_case(90, 5, 5, 64, KV_Q4);
+    check_attention_window(300, 8, 2, 64, KV_Q4, 100);
+    check_attention_capped(150, 8, 2, 64, KV_Q4, 0, 5.0f);
+}
+
 static void test_attention_large_head_dim(void **state) {
     (void)state;
     /* 256 is the fast kernel's largest; 272 goes to the portable kernel */
@@ -1165,6 +1214,7 @@ int main(void) {
         cmocka_unit_test(test_attention_softcap),
         cmocka_unit_test(test_attention_large_head_dim),
         cmocka_unit_test(test_attention_q8_0),
+        cmocka_unit_test(test_attention_q4_0),
         cmocka_unit_test(test_attention_decode_matches_prefill),
         cmocka_unit_test(test_attention_single_key),
     };

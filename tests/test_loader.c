@@ -305,31 +305,32 @@ static void test_stories_modes(void **state) {
     fixture_free(&f);
 }
 
-/* A Q8_0 KV cache (tiny-256: head_dim 64): the same bits in every mode, a
- * hole and a corrupt chunk, in a RAM and a file store; and its chunks are
- * 34/64 of f16's bytes. */
-static void test_q8_0_modes(void **state) {
+/* Q8_0 and Q4_0 KV caches (tiny-256: head_dim 64): the same bits in every
+ * mode, a hole and a corrupt chunk, in a RAM and a file store (Q4_0 once
+ * with chunks of 16 tokens, installed side by side into key blocks of 64
+ * positions); and their chunks are 34/64 and 18/64 of f16's bytes. */
+static void test_quantized_modes(void **state) {
     (void)state;
     char path[64];
     assert_int_equal(test_make_model("tiny-256", "f16", path), 0);
-    fixture f;
-    assert_int_equal(fixture_init_kv(&f, path, 512, CAKE_KV_Q8_0), 0);
-    check_modes(&f, "mem:", 470, 32);
-    check_modes(&f, "mem:", 448, 32);
-    char *dir = t_mkdtemp(), uri[512];
-    snprintf(uri, sizeof(uri), "file:%s", dir);
-    check_modes(&f, uri, 470, 32);
-    t_rm_rf(dir);
-    free(dir);
-    const cake_hparams *hp = cake_model_hparams(f.m);
-    const uint64_t q8 =
-                       cake_chunk_payload_size(32, (uint32_t)hp->n_layers, (uint32_t)hp->n_kv_heads,
-                                               (uint32_t)hp->head_dim, CAKE_KV_Q8_0),
-                   f16 =
-                       cake_chunk_payload_size(32, (uint32_t)hp->n_layers, (uint32_t)hp->n_kv_heads,
-                                               (uint32_t)hp->head_dim, CAKE_KV_F16);
-    assert_true(q8 * 64 == f16 * 34);
-    fixture_free(&f);
+    for (int q4 = 0; q4 < 2; q4++) {
+        const enum cake_kv_type type = q4 ? CAKE_KV_Q4_0 : CAKE_KV_Q8_0;
+        fixture f;
+        assert_int_equal(fixture_init_kv(&f, path, 512, type), 0);
+        check_modes(&f, "mem:", 470, q4 ? 16 : 32);
+        check_modes(&f, "mem:", 448, 32);
+        char *dir = t_mkdtemp(), uri[512];
+        snprintf(uri, sizeof(uri), "file:%s", dir);
+        check_modes(&f, uri, 470, 32);
+        t_rm_rf(dir);
+        free(dir);
+        const cake_hparams *hp = cake_model_hparams(f.m);
+        const uint32_t L = (uint32_t)hp->n_layers, H = (uint32_t)hp->n_kv_heads,
+                       D = (uint32_t)hp->head_dim;
+        assert_true(cake_chunk_payload_size(32, L, H, D, type) * 64 ==
+                    cake_chunk_payload_size(32, L, H, D, CAKE_KV_F16) * (q4 ? 18 : 34));
+        fixture_free(&f);
+    }
     unlink(path);
 }
 
@@ -1093,7 +1094,7 @@ int main(void) {
         cmocka_unit_test(test_awaited_chunks),
         cmocka_unit_test(test_stories_modes),
         cmocka_unit_test(test_mha160m_modes),
-        cmocka_unit_test(test_q8_0_modes),
+        cmocka_unit_test(test_quantized_modes),
         cmocka_unit_test(test_redis_faults),
         cmocka_unit_test(test_stress),
         cmocka_unit_test(test_claims),

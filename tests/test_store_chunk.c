@@ -1,6 +1,7 @@
 /* Chunk keys and the chunk blob format: layout, determinism, and every way a
  * blob can be wrong (each must be rejected, naming the failed check, with the
  * KV cache untouched). */
+#include <math.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <setjmp.h>
@@ -297,84 +298,117 @@ static void roundtrip(enum cake_kv_type type) {
  * ranges that start and end inside 16-position tiles and cross key blocks,
  * in both element types: every element lands where cake_kv_*_index says, and
  * nothing outside the range is touched. */
-/* The same for Q8_0 rows (block_q8_0 runs): each block's int8 and scale
- * land where cake_kv_*_index and cake_kv_*_scale_index say, nothing outside
- * the range is touched, get gives the rows back; and cake_kv_quantize_put
- * of f32 rows is llama.cpp's quantization of them, put. */
-static void test_kv_put_get_q8_0(void **state) {
+/* llama.cpp's quantize_row_q4_0_ref, for one block of 32 (finite values). */
+static void ref_q4_0_block(const float *x, uint8_t *dst) {
+    float amax = 0.0f, max = 0.0f;
+    for (int j = 0; j < 32; j++)
+        if (amax < fabsf(x[j])) {
+            amax = fabsf(x[j]);
+            max = x[j];
+        }
+    const float d = max / -8, id = d ? 1.0f / d : 0.0f;
+    const cake_f16 h = cake_f32_to_f16(d);
+    memcpy(dst, &h, 2);
+    for (int j = 0; j < 16; j++) {
+        const int q0 = (int8_t)(x[j] * id + 8.5f), q1 = (int8_t)(x[16 + j] * id + 8.5f);
+        dst[2 + j] = (uint8_t)((q0 < 15 ? q0 : 15) | (q1 < 15 ? q1 : 15) << 4);
+    }
+}
+
+/* Value i (0..31) of a Q8_0 or Q4_0 block. */
+static int block_value(const uint8_t *b, int q4, int i) {
+    return q4 ? (i < 16 ? b[2 + i] & 15 : b[2 + i - 16] >> 4) : (int)(int8_t)b[2 + i];
+}
+
+/* The same for Q8_0 and Q4_0 rows (block runs): each block's values and
+ * scale land where cake_kv_*_index (Q4_0: cake_kv_*4_byte and the nibble's
+ * shift) and cake_kv_*_scale_index say, nothing outside the range is
+ * touched, get gives the rows back; and cake_kv_quantize_put of f32 rows is
+ * llama.cpp's quantization of them (quantize_row_q8_0_ref, _q4_0_ref), put. */
+static void test_kv_put_get_quantized(void **state) {
     (void)state;
     const int hds[] = {64, 96}, ranges[][2] = {{11, 37}, {0, 64}, {48, 100}, {130, 3}};
-    for (size_t hi = 0; hi < 2; hi++)
-        for (size_t ri = 0; ri < 4; ri++) {
-            const int hd = hds[hi], heads = 3, pos0 = ranges[ri][0], n = ranges[ri][1];
-            const int ng = hd / 32, kv_dim = heads * hd;
-            const size_t rowb = (size_t)kv_dim / 32 * 34;
-            cake_kv_cache kv;
-            char err[256];
-            assert_int_equal(
-                cake_kv_cache_init(&kv, 2, 150, heads, hd, CAKE_KV_Q8_0, err, sizeof(err)), 0);
-            assert_int_equal(kv.row_bytes, rowb);
-            memset(kv.base, 0x5a, kv.map_bytes);
-            float *kf = malloc((size_t)n * kv_dim * 4), *vf = malloc((size_t)n * kv_dim * 4);
-            uint8_t *k = malloc((size_t)n * rowb), *v = malloc((size_t)n * rowb);
-            uint8_t *k2 = malloc((size_t)n * rowb), *v2 = malloc((size_t)n * rowb);
-            assert_non_null(v2);
-            for (size_t e = 0; e < (size_t)n * kv_dim; e++) {
-                kf[e] = (float)(t_pattern(1, 0, pos0, (int)e, 9) % 2001) / 1000.0f - 1.0f;
-                vf[e] = (float)(t_pattern(1, 1, pos0, (int)e, 9) % 2001) / 500.0f - 2.0f;
-            }
-            for (size_t b = 0; b < (size_t)n * kv_dim / 32; b++) {
-                cake_q8_0_quantize_block(kf + 32 * b, k + 34 * b);
-                cake_q8_0_quantize_block(vf + 32 * b, v + 34 * b);
-            }
-            cake_kv_put(&kv, 1, pos0, n, k, v);
-            uint8_t *mine = calloc(kv.map_bytes, 1); /* bytes the range owns */
-            assert_non_null(mine);
-            const uint8_t *base = kv.base, *kl = cake_kv_k(&kv, 1), *vl = cake_kv_v(&kv, 1);
-            const uint8_t *ksl = (const uint8_t *)cake_kv_k_scales(&kv, 1),
-                          *vsl = (const uint8_t *)cake_kv_v_scales(&kv, 1);
-            for (int h = 0; h < heads; h++)
-                for (int p = pos0; p < pos0 + n; p++)
-                    for (int g = 0; g < ng; g++) {
-                        const size_t b = (size_t)(p - pos0) * rowb + ((size_t)h * ng + g) * 34;
-                        const uint8_t *ks =
-                                          ksl + 2 * cake_kv_k_scale_index(kv.head_ctx, hd, h, p, g),
-                                      *vs =
-                                          vsl + 2 * cake_kv_v_scale_index(kv.head_ctx, hd, h, p, g);
-                        if (memcmp(ks, k + b, 2) || memcmp(vs, v + b, 2))
-                            fail_msg("hd %d: head %d position %d group %d: scale", hd, h, p, g);
-                        memset(mine + (ks - base), 1, 2);
-                        memset(mine + (vs - base), 1, 2);
-                        for (int i = 0; i < 32; i++) {
-                            const int d = 32 * g + i;
-                            const uint8_t *kc = kl + cake_kv_k_index(kv.head_ctx, hd, h, p, d),
-                                          *vc = vl + cake_kv_v_index(kv.head_ctx, hd, h, p, d);
-                            if (*kc != k[b + 2 + i] || *vc != v[b + 2 + i])
-                                fail_msg("hd %d: head %d position %d dim %d", hd, h, p, d);
-                            mine[kc - base] = mine[vc - base] = 1;
+    for (int q4 = 0; q4 < 2; q4++)
+        for (size_t hi = 0; hi < 2; hi++)
+            for (size_t ri = 0; ri < 4; ri++) {
+                const int hd = hds[hi], heads = 3, pos0 = ranges[ri][0], n = ranges[ri][1];
+                const int ng = hd / 32, kv_dim = heads * hd, bb = q4 ? 18 : 34;
+                const size_t rowb = (size_t)kv_dim / 32 * (size_t)bb;
+                const enum cake_kv_type type = q4 ? CAKE_KV_Q4_0 : CAKE_KV_Q8_0;
+                cake_kv_cache kv;
+                char err[256];
+                assert_int_equal(cake_kv_cache_init(&kv, 2, 150, heads, hd, type, err, sizeof(err)),
+                                 0);
+                assert_int_equal(kv.row_bytes, rowb);
+                memset(kv.base, 0x5a, kv.map_bytes);
+                float *kf = malloc((size_t)n * kv_dim * 4), *vf = malloc((size_t)n * kv_dim * 4);
+                uint8_t *k = malloc((size_t)n * rowb), *v = malloc((size_t)n * rowb);
+                uint8_t *k2 = malloc((size_t)n * rowb), *v2 = malloc((size_t)n * rowb);
+                assert_non_null(v2);
+                for (size_t e = 0; e < (size_t)n * kv_dim; e++) {
+                    kf[e] = (float)(t_pattern(1, 0, pos0, (int)e, 9) % 2001) / 1000.0f - 1.0f;
+                    vf[e] = (float)(t_pattern(1, 1, pos0, (int)e, 9) % 2001) / 500.0f - 2.0f;
+                }
+                for (size_t b = 0; b < (size_t)n * kv_dim / 32; b++) {
+                    (q4 ? ref_q4_0_block : cake_q8_0_quantize_block)(kf + 32 * b, k + bb * b);
+                    (q4 ? ref_q4_0_block : cake_q8_0_quantize_block)(vf + 32 * b, v + bb * b);
+                }
+                cake_kv_put(&kv, 1, pos0, n, k, v);
+                uint8_t *mine = calloc(kv.map_bytes, 1); /* bytes the range owns */
+                assert_non_null(mine);
+                const uint8_t *base = kv.base, *kl = cake_kv_k(&kv, 1), *vl = cake_kv_v(&kv, 1);
+                const uint8_t *ksl = (const uint8_t *)cake_kv_k_scales(&kv, 1),
+                              *vsl = (const uint8_t *)cake_kv_v_scales(&kv, 1);
+                const int hc = kv.head_ctx;
+                for (int h = 0; h < heads; h++)
+                    for (int p = pos0; p < pos0 + n; p++)
+                        for (int g = 0; g < ng; g++) {
+                            const size_t b = (size_t)(p - pos0) * rowb + ((size_t)h * ng + g) * bb;
+                            const uint8_t *ks = ksl + 2 * cake_kv_k_scale_index(hc, hd, h, p, g),
+                                          *vs = vsl + 2 * cake_kv_v_scale_index(hc, hd, h, p, g);
+                            if (memcmp(ks, k + b, 2) || memcmp(vs, v + b, 2))
+                                fail_msg("%s hd %d: head %d position %d group %d: scale",
+                                         q4 ? "q4_0" : "q8_0", hd, h, p, g);
+                            memset(mine + (ks - base), 1, 2);
+                            memset(mine + (vs - base), 1, 2);
+                            for (int i = 0; i < 32; i++) {
+                                const int d = 32 * g + i;
+                                const uint8_t *kc = kl + (q4 ? cake_kv_k4_byte(hc, hd, h, p, d)
+                                                             : cake_kv_k_index(hc, hd, h, p, d));
+                                const uint8_t *vc = vl + (q4 ? cake_kv_v4_byte(hc, hd, h, p, d)
+                                                             : cake_kv_v_index(hc, hd, h, p, d));
+                                const int kq = q4 ? *kc >> cake_kv_k4_shift(d) & 15
+                                                  : (int)(int8_t)*kc,
+                                          vq = q4 ? *vc >> cake_kv_v4_shift(d) & 15
+                                                  : (int)(int8_t)*vc;
+                                if (kq != block_value(k + b, q4, i) ||
+                                    vq != block_value(v + b, q4, i))
+                                    fail_msg("%s hd %d: head %d position %d dim %d",
+                                             q4 ? "q4_0" : "q8_0", hd, h, p, d);
+                                mine[kc - base] = mine[vc - base] = 1;
+                            }
                         }
-                    }
-            for (size_t i = 0; i < kv.map_bytes; i++)
-                if (!mine[i] && base[i] != 0x5a)
-                    fail_msg("hd %d [%d, %d): byte %zu outside the range written", hd, pos0,
-                             pos0 + n, i);
-            free(mine);
-            cake_kv_get(&kv, 1, pos0, n, k2, v2);
-            assert_memory_equal(k2, k, (size_t)n * rowb);
-            assert_memory_equal(v2, v, (size_t)n * rowb);
-            memset(kv.base, 0, kv.map_bytes);
-            cake_kv_quantize_put(&kv, 1, pos0, n, kf, vf);
-            cake_kv_get(&kv, 1, pos0, n, k2, v2);
-            assert_memory_equal(k2, k, (size_t)n * rowb);
-            assert_memory_equal(v2, v, (size_t)n * rowb);
-            free(kf);
-            free(vf);
-            free(k);
-            free(v);
-            free(k2);
-            free(v2);
-            cake_kv_cache_free(&kv);
-        }
+                for (size_t i = 0; i < kv.map_bytes; i++)
+                    if (!mine[i] && base[i] != 0x5a)
+                        fail_msg("%s hd %d [%d, %d): byte %zu outside the range written",
+                                 q4 ? "q4_0" : "q8_0", hd, pos0, pos0 + n, i);
+                free(mine);
+                cake_kv_get(&kv, 1, pos0, n, k2, v2);
+                assert_memory_equal(k2, k, (size_t)n * rowb);
+                assert_memory_equal(v2, v, (size_t)n * rowb);
+                memset(kv.base, 0, kv.map_bytes);
+                cake_kv_quantize_put(&kv, 1, pos0, n, kf, vf);
+                cake_kv_get(&kv, 1, pos0, n, k2, v2);
+                assert_memory_equal(k2, k, (size_t)n * rowb);
+                assert_memory_equal(v2, v, (size_t)n * rowb);
+                free(kf);
+                free(vf);
+                free(k);
+                free(v);
+                free(k2);
+                free(v2);
+                cake_kv_cache_free(&kv);
+            }
 }
 
 static void test_kv_put_get_layout(void **state) {
@@ -688,7 +722,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_chunk_roundtrip_f16),
         cmocka_unit_test(test_chunk_roundtrip_f32),
         cmocka_unit_test(test_kv_put_get_layout),
-        cmocka_unit_test(test_kv_put_get_q8_0),
+        cmocka_unit_test(test_kv_put_get_quantized),
         cmocka_unit_test_setup_teardown(test_chunk_flip_header_bytes, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_chunk_flip_payload, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_chunk_verify_fed, fx_setup, fx_teardown),

@@ -35,7 +35,7 @@ int cli_parse_int(const char *s, long lo, long hi, long *out);
 int cli_parse_float(const char *s, double lo, double hi, double *out);
 int cli_parse_u64(const char *s, unsigned long long *out);
 /* "f16" / "f32", and "cpu" / "cuda". 0 ok, -1 otherwise. */
-int cli_parse_kv_type(const char *s, enum cake_kv_type *out); /* f16, f32, q8_0 */
+int cli_parse_kv_type(const char *s, enum cake_kv_type *out); /* f16, f32, q8_0, q4_0 */
 const char *cli_kv_type_name(enum cake_kv_type t);
 int cli_parse_backend(const char *s, enum cake_backend_kind *out);
 

@@ -139,11 +139,16 @@ int cli_parse_kv_type(const char *s, enum cake_kv_type *out) {
     if (!strcmp(s, "f16")) return *out = CAKE_KV_F16, 0;
     if (!strcmp(s, "f32")) return *out = CAKE_KV_F32, 0;
     if (!strcmp(s, "q8_0")) return *out = CAKE_KV_Q8_0, 0;
+    if (!strcmp(s, "q4_0")) return *out = CAKE_KV_Q4_0, 0;
     return -1;
 }
 
 const char *cli_kv_type_name(enum cake_kv_type t) {
-    return t == CAKE_KV_F16 ? "f16" : t == CAKE_KV_F32 ? "f32" : t == CAKE_KV_Q8_0 ? "q8_0" : "?";
+    return t == CAKE_KV_F16    ? "f16"
+           : t == CAKE_KV_F32  ? "f32"
+           : t == CAKE_KV_Q8_0 ? "q8_0"
+           : t == CAKE_KV_Q4_0 ? "q4_0"
+                               : "?";
 }
 
 int cli_parse_backend(const char *s, enum cake_backend_kind *out) {

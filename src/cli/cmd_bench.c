@@ -52,7 +52,7 @@ static const char *help =
     "  --io-depth N      loads in flight (default 4)\n"
     "  --threads N       CPU threads (default: all)\n"
     "  --backend B       cpu (default) or cuda\n"
-    "  --kv-type TYPE    KV cache and chunk element type: f16 (default), f32, q8_0\n"
+    "  --kv-type TYPE    KV cache and chunk element type: f16 (default), f32, q8_0, q4_0\n"
     "  --store-dir DIR   where the file store lives (default: a temporary folder under\n"
     "                    --out, removed afterwards)\n"
     "  --store URI       use this store instead (file:PATH, redis://..., mem:); each\n"
@@ -624,8 +624,8 @@ static int bench_ttft(int argc, char **argv) {
             break;
         case 'k':
             if (cli_parse_kv_type(optarg, &kv_type))
-                return cli_error(CLI_USAGE, "bench", "--kv-type is f16, f32 or q8_0, got '%s'",
-                                 optarg);
+                return cli_error(CLI_USAGE, "bench",
+                                 "--kv-type is f16, f32, q8_0 or q4_0, got '%s'", optarg);
             break;
         case 'L':
             if (cli_parse_float(optarg, 0, 3600, &min_cell_s))

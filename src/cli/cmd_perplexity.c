@@ -31,7 +31,7 @@ static const char *help =
     "  -c, --ctx N           tokens a chunk (default 512)\n"
     "      --chunks N        score at most N chunks (default: all)\n"
     "      --threads N       CPU threads (default: all online CPUs)\n"
-    "      --kv-type TYPE    KV cache element type: f16 (default), f32 or q8_0\n";
+    "      --kv-type TYPE    KV cache element type: f16 (default), f32, q8_0, q4_0\n";
 
 /* -log softmax(logits)[tok], in double (llama.cpp's log_softmax). */
 static double nll_of(const float *logits, int n_vocab, cake_token tok) {
@@ -78,8 +78,8 @@ int cmd_perplexity(int argc, char **argv) {
             break;
         case 'k':
             if (cli_parse_kv_type(optarg, &kv_type))
-                return cli_error(CLI_USAGE, "perplexity", "--kv-type is f16, f32 or q8_0, not '%s'",
-                                 optarg);
+                return cli_error(CLI_USAGE, "perplexity",
+                                 "--kv-type is f16, f32, q8_0 or q4_0, not '%s'", optarg);
             break;
         case 'h':
             fputs(help, stdout);

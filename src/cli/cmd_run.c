@@ -45,7 +45,7 @@ static const char *help =
     "      --seed S          random seed (default: from the clock; printed in the summary)\n"
     "      --threads N       CPU threads (default: all online CPUs)\n"
     "      --chunk TOKENS    prefill chunk size = the store's chunk size (default 256)\n"
-    "      --kv-type TYPE    KV cache element type: f16 (default), f32 or q8_0\n"
+    "      --kv-type TYPE    KV cache element type: f16 (default), f32, q8_0, q4_0\n"
     "      --backend B       cpu (default) or cuda (one NVIDIA GPU; f16 KV only)\n"
     "      --store URI       KV chunk store: file:PATH, redis://HOST:PORT[/DB] or mem:\n"
     "                        (?bw=25Gbit&lat=1 emulate a link). Cached chunks are\n"
@@ -253,7 +253,7 @@ static int parse_args(int argc, char **argv, run_opts *o) {
             break;
         case 'k':
             if (cli_parse_kv_type(optarg, &o->kv_type))
-                return cli_error(CLI_USAGE, "run", "--kv-type is f16, f32 or q8_0, got '%s'",
+                return cli_error(CLI_USAGE, "run", "--kv-type is f16, f32, q8_0 or q4_0, got '%s'",
                                  optarg);
             break;
         case 'S':

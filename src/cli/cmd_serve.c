@@ -45,7 +45,7 @@ static const char *help =
     "      --ctx N           KV cache of a slot in tokens: prompt + completion\n"
     "                        (default: the model's context)\n"
     "      --threads N       CPU threads of the engine (default: online CPUs)\n"
-    "      --kv-type TYPE    f16 (default), f32 or q8_0 (53% of f16's bytes)\n"
+    "      --kv-type TYPE    f16 (default), f32, q8_0 or q4_0 (53%, 28% of f16's bytes)\n"
     "      --backend B       cpu (default) or cuda (one slot)\n"
     "      --name NAME       the model's id in responses (default: the file name)\n"
     "      --max-body BYTES  largest request body (default 8388608); more get 413\n"
@@ -155,7 +155,8 @@ static int parse_args(int argc, char **argv, serve_opts *o) {
             if (cake_mode_parse(optarg, &o->mode)) what = "--mode is cake, load or compute";
             break;
         case 'k':
-            if (cli_parse_kv_type(optarg, &o->kv_type)) what = "--kv-type is f16, f32 or q8_0";
+            if (cli_parse_kv_type(optarg, &o->kv_type))
+                what = "--kv-type is f16, f32, q8_0 or q4_0";
             break;
         case 'B':
             if (cli_parse_backend(optarg, &o->backend)) what = "--backend is cpu or cuda";

@@ -32,7 +32,7 @@ static const char *help =
     "  gc [--size SIZE]            remove leftovers of interrupted writes, then evict\n"
     "                              least recently used chunks down to SIZE (default: the\n"
     "                              URI's capacity=, if any)\n"
-    "  keys --fingerprint HEX --chunk N [--kv-type f16|f32|q8_0] --tokens \"IDS\"\n"
+    "  keys --fingerprint HEX --chunk N [--kv-type f16|f32|q8_0|q4_0] --tokens \"IDS\"\n"
     "                              print the key of every full chunk of a token sequence\n"
     "                              (and whether the store has it, with --store)\n";
 
@@ -469,7 +469,7 @@ int cmd_store(int argc, char **argv) {
             break;
         case 'k':
             if (cli_parse_kv_type(optarg, &o.kv_type))
-                return cli_error(CLI_USAGE, "store", "bad --kv-type '%s' (f16, f32 or q8_0)",
+                return cli_error(CLI_USAGE, "store", "bad --kv-type '%s' (f16, f32, q8_0 or q4_0)",
                                  optarg);
             break;
         case 'h':

@@ -110,7 +110,8 @@ int cake_context_init(const cake_model *m, cake_context_params p, cake_context *
     if (p.n_threads <= 0) p.n_threads = (int)sysconf(_SC_NPROCESSORS_ONLN);
     if (p.n_threads <= 0) p.n_threads = 1;
     if (p.max_batch <= 0) p.max_batch = 512;
-    if (p.kv_type != CAKE_KV_F16 && p.kv_type != CAKE_KV_F32 && p.kv_type != CAKE_KV_Q8_0)
+    if (p.kv_type != CAKE_KV_F16 && p.kv_type != CAKE_KV_F32 && p.kv_type != CAKE_KV_Q8_0 &&
+        p.kv_type != CAKE_KV_Q4_0)
         return cake_err(err, errlen, "unknown KV cache type %d", (int)p.kv_type);
 
     if (p.backend == CAKE_BACKEND_CUDA && p.kv_type != CAKE_KV_F16)

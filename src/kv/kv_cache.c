@@ -1,12 +1,17 @@
 #include "kv/kv_cache.h"
 
 #include <errno.h>
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/mman.h>
 
 #include "util/err.h"
 #include "util/q8_0.h"
+
+/* ggml's block_q4_0: an f16 scale, then 16 bytes; value i of the block is
+ * the low nibble of byte i (i < 16) or the high one of byte i - 16. */
+enum { Q4_0_BLOCK = 32, Q4_0_BYTES = 18 };
 
 size_t cake_kv_row_bytes(enum cake_kv_type type, int head_dim, int kv_dim) {
     switch (type) {
@@ -16,6 +21,8 @@ size_t cake_kv_row_bytes(enum cake_kv_type type, int head_dim, int kv_dim) {
         return (size_t)kv_dim * 4;
     case CAKE_KV_Q8_0:
         return head_dim % CAKE_Q8_0_BLOCK ? 0 : (size_t)kv_dim / CAKE_Q8_0_BLOCK * CAKE_Q8_0_BYTES;
+    case CAKE_KV_Q4_0:
+        return head_dim % Q4_0_BLOCK ? 0 : (size_t)kv_dim / Q4_0_BLOCK * Q4_0_BYTES;
     }
     return 0;
 }
@@ -36,16 +43,19 @@ int cake_kv_cache_init(cake_kv_cache *kv, int n_layers, int n_ctx, int n_kv_head
     kv->type = type;
     kv->row_bytes = cake_kv_row_bytes(type, head_dim, kv->kv_dim);
     if (!kv->row_bytes)
-        return type == CAKE_KV_Q8_0
+        return cake_kv_quantized(type)
                    ? cake_err(err, errlen,
-                              "KV cache: q8_0 needs a head dimension that is a multiple of %d "
+                              "KV cache: %s needs a head dimension that is a multiple of 32 "
                               "(this model's is %d); use --kv-type f16",
-                              CAKE_Q8_0_BLOCK, head_dim)
+                              type == CAKE_KV_Q8_0 ? "q8_0" : "q4_0", head_dim)
                    : cake_err(err, errlen, "KV cache: unknown type %d", (int)type);
-    kv->elem_size = type == CAKE_KV_F32 ? 4 : type == CAKE_KV_Q8_0 ? 1 : 2;
+    kv->elem_size = type == CAKE_KV_F32    ? 4
+                    : type == CAKE_KV_Q8_0 ? 1
+                    : type == CAKE_KV_Q4_0 ? 0
+                                           : 2;
     const size_t elements = (size_t)kv->head_ctx * (size_t)kv->kv_dim;
-    kv->layer_bytes = elements * kv->elem_size;
-    if (type == CAKE_KV_Q8_0) { /* the scales after the int8 elements */
+    kv->layer_bytes = type == CAKE_KV_Q4_0 ? elements / 2 : elements * kv->elem_size;
+    if (cake_kv_quantized(type)) { /* the scales after the elements */
         kv->scales_offset = kv->layer_bytes;
         kv->layer_bytes += elements / CAKE_Q8_0_BLOCK * sizeof(cake_f16);
     }
@@ -230,22 +240,58 @@ static void move_q8_0_block(const cake_kv_cache *kv, int layer, int h, int p, in
     }
 }
 
-/* Q8_0 rows (block_q8_0 runs) in (put) or out, a block at a time. */
-static void move_q8_0(const cake_kv_cache *kv, int layer, int pos0, int n, uint8_t *k, uint8_t *v,
-                      int put) {
-    const int ng = kv->head_dim / CAKE_Q8_0_BLOCK;
+/* The same for a Q4_0 block (18 bytes: f16 scale, 16 bytes of nibbles):
+ * the value's 16 bytes are its run's as they are; the key's values go in
+ * pairs of dims to one byte each (kv_cache.h). */
+static void move_q4_0_block(const cake_kv_cache *kv, int layer, int h, int p, int g, uint8_t *kb,
+                            uint8_t *vb, int put) {
+    const int hd = kv->head_dim, hc = kv->head_ctx;
+    uint8_t *ks = (uint8_t *)(cake_kv_k_scales(kv, layer) + cake_kv_k_scale_index(hc, hd, h, p, g));
+    uint8_t *vs = (uint8_t *)(cake_kv_v_scales(kv, layer) + cake_kv_v_scale_index(hc, hd, h, p, g));
+    uint8_t *kc = (uint8_t *)cake_kv_k(kv, layer);
+    uint8_t *vc = (uint8_t *)cake_kv_v(kv, layer) + cake_kv_v4_byte(hc, hd, h, p, 32 * g);
+    memcpy(put ? ks : kb, put ? kb : ks, 2);
+    memcpy(put ? vs : vb, put ? vb : vs, 2);
+    memcpy(put ? vc : vb + 2, put ? vb + 2 : vc, 16);
+    uint8_t q[32]; /* the key's values in dim order */
+    if (put)
+        for (int i = 0; i < 16; i++) {
+            q[i] = kb[2 + i] & 15;
+            q[16 + i] = kb[2 + i] >> 4;
+        }
+    for (int i = 0; i < 32; i += 2) {
+        uint8_t *c = kc + cake_kv_k4_byte(hc, hd, h, p, 32 * g + i);
+        if (put) {
+            *c = (uint8_t)(q[i] | q[i + 1] << 4);
+        } else {
+            q[i] = *c & 15;
+            q[i + 1] = *c >> 4;
+        }
+    }
+    if (!put)
+        for (int i = 0; i < 16; i++) kb[2 + i] = (uint8_t)(q[i] | q[16 + i] << 4);
+}
+
+/* Q8_0 or Q4_0 rows (block runs) in (put) or out, a block at a time. */
+static void move_blocks(const cake_kv_cache *kv, int layer, int pos0, int n, uint8_t *k, uint8_t *v,
+                        int put) {
+    const int ng = kv->head_dim / 32;
+    const size_t bb = kv->type == CAKE_KV_Q8_0 ? CAKE_Q8_0_BYTES : Q4_0_BYTES;
     for (int t = 0; t < n; t++)
         for (int h = 0; h < kv->n_kv_heads; h++)
             for (int g = 0; g < ng; g++) {
-                const size_t b = (size_t)t * kv->row_bytes + ((size_t)h * ng + g) * CAKE_Q8_0_BYTES;
-                move_q8_0_block(kv, layer, h, pos0 + t, g, k + b, v + b, put);
+                const size_t b = (size_t)t * kv->row_bytes + ((size_t)h * ng + g) * bb;
+                if (kv->type == CAKE_KV_Q8_0)
+                    move_q8_0_block(kv, layer, h, pos0 + t, g, k + b, v + b, put);
+                else
+                    move_q4_0_block(kv, layer, h, pos0 + t, g, k + b, v + b, put);
             }
 }
 
 void cake_kv_put(const cake_kv_cache *kv, int layer, int pos0, int n, const void *k,
                  const void *v) {
-    if (kv->type == CAKE_KV_Q8_0) {
-        move_q8_0(kv, layer, pos0, n, (uint8_t *)k, (uint8_t *)v, 1);
+    if (cake_kv_quantized(kv->type)) {
+        move_blocks(kv, layer, pos0, n, (uint8_t *)k, (uint8_t *)v, 1);
         return;
     }
     copy_values(kv, layer, pos0, n, (void *)v, 1);
@@ -253,24 +299,51 @@ void cake_kv_put(const cake_kv_cache *kv, int layer, int pos0, int n, const void
 }
 
 void cake_kv_get(const cake_kv_cache *kv, int layer, int pos0, int n, void *k, void *v) {
-    if (kv->type == CAKE_KV_Q8_0) {
-        move_q8_0(kv, layer, pos0, n, k, v, 0);
+    if (cake_kv_quantized(kv->type)) {
+        move_blocks(kv, layer, pos0, n, k, v, 0);
         return;
     }
     copy_values(kv, layer, pos0, n, v, 0);
     move_keys(kv, layer, pos0, n, k, 0);
 }
 
+/* 32 values into a block_q4_0 as llama.cpp's quantize_row_q4_0_ref does:
+ * d = the value of largest magnitude / -8, q = min(15, trunc(x / d + 8.5))
+ * (a NaN, which it leaves undefined, gives 0). */
+static void q4_0_quantize_block(const float *x, uint8_t *dst) {
+    float amax = 0.0f, max = 0.0f;
+    for (int j = 0; j < 32; j++)
+        if (amax < fabsf(x[j])) {
+            amax = fabsf(x[j]);
+            max = x[j];
+        }
+    const float d = max / -8, id = d != 0.0f ? 1.0f / d : 0.0f;
+    const cake_f16 h = cake_f32_to_f16(d);
+    memcpy(dst, &h, 2);
+    uint8_t q[32];
+    for (int j = 0; j < 32; j++) {
+        const float t = x[j] * id + 8.5f;
+        q[j] = t >= 15.0f ? 15 : t >= 0.0f ? (uint8_t)t : 0;
+    }
+    for (int j = 0; j < 16; j++) dst[2 + j] = (uint8_t)(q[j] | q[16 + j] << 4);
+}
+
 void cake_kv_quantize_put(const cake_kv_cache *kv, int layer, int pos0, int n, const float *k,
                           const float *v) {
-    const int hd = kv->head_dim, ng = hd / CAKE_Q8_0_BLOCK;
+    const int hd = kv->head_dim, ng = hd / 32, q8 = kv->type == CAKE_KV_Q8_0;
     uint8_t kb[CAKE_Q8_0_BYTES], vb[CAKE_Q8_0_BYTES];
     for (int t = 0; t < n; t++)
         for (int h = 0; h < kv->n_kv_heads; h++)
             for (int g = 0; g < ng; g++) {
                 const size_t e = (size_t)t * kv->kv_dim + (size_t)h * hd + (size_t)g * 32;
-                cake_q8_0_quantize_block(k + e, kb);
-                cake_q8_0_quantize_block(v + e, vb);
-                move_q8_0_block(kv, layer, h, pos0 + t, g, kb, vb, 1);
+                if (q8) {
+                    cake_q8_0_quantize_block(k + e, kb);
+                    cake_q8_0_quantize_block(v + e, vb);
+                    move_q8_0_block(kv, layer, h, pos0 + t, g, kb, vb, 1);
+                } else {
+                    q4_0_quantize_block(k + e, kb);
+                    q4_0_quantize_block(v + e, vb);
+                    move_q4_0_block(kv, layer, h, pos0 + t, g, kb, vb, 1);
+                }
             }
 }

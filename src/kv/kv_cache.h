@@ -31,6 +31,17 @@
  * Rows outside the cache are ggml's block_q8_0 runs: per position, kv_dim /
  * 32 blocks of (f16 scale, 32 int8), a head's blocks one after another.
  *
+ * Q4_0 (CAKE_KV_Q4_0): 4-bit values q (the value is (q - 8) * scale), two to
+ * a byte, and the scales as Q8_0's. A byte holds two dims of one position
+ * (so positions never share a byte: chunks are installed side by side):
+ *   K: the f16 layout with head_dim / 2 "dims" of one byte: byte
+ *      cake_kv_k_index(head_ctx, head_dim / 2, h, p, d / 2), dim d in its
+ *      low (d even) or high nibble;
+ *   V: each position's run of head_dim / 2 bytes is its groups' 16 bytes as
+ *      ggml's block_q4_0 keeps them: dim 32 g + i in byte 16 g + i % 16,
+ *      low nibble for i < 16, high for i >= 16.
+ * Rows outside the cache are block_q4_0 runs (f16 scale, 16 bytes).
+ *
  * Memory comes from an anonymous mapping, so pages are only committed for the
  * positions actually written, unless cake_kv_cache_prefault commits them all
  * up front (the CPU backend's contexts, sized to the request). */
@@ -49,7 +60,7 @@ typedef struct {
     int kv_dim;   /* n_kv_heads * head_dim: one position's row outside the cache */
     int head_ctx; /* positions per head: n_ctx rounded up to CAKE_KV_KBLOCK */
     enum cake_kv_type type;
-    size_t elem_size;     /* 2 or 4 bytes; 1 (the int8) for Q8_0 */
+    size_t elem_size;     /* 2 or 4 bytes; 1 (the int8) for Q8_0; 0 for Q4_0 */
     size_t row_bytes;     /* one position's K (= V) row outside the cache */
     size_t scales_offset; /* Q8_0: where the scales start in K_l and V_l; else 0 */
     size_t layer_bytes;   /* bytes of one K_l (= one V_l) */
@@ -88,8 +99,12 @@ static inline size_t cake_kv_v_index(int head_ctx, int head_dim, int h, int p, i
     return ((size_t)h * (size_t)head_ctx + (size_t)p) * (size_t)head_dim + (size_t)d;
 }
 
-/* Q8_0: a layer's key and value scales, and the index of (head h, position
- * p, group g) in them. */
+static inline int cake_kv_quantized(enum cake_kv_type t) {
+    return t == CAKE_KV_Q8_0 || t == CAKE_KV_Q4_0;
+}
+
+/* Q8_0 and Q4_0: a layer's key and value scales, and the index of (head h,
+ * position p, group g) in them. */
 static inline cake_f16 *cake_kv_k_scales(const cake_kv_cache *kv, int layer) {
     return (cake_f16 *)((char *)cake_kv_k(kv, layer) + kv->scales_offset);
 }
@@ -105,13 +120,29 @@ static inline size_t cake_kv_v_scale_index(int head_ctx, int head_dim, int h, in
     return ((size_t)h * (size_t)head_ctx + (size_t)p) * (size_t)(head_dim / 32) + (size_t)g;
 }
 
+/* Q4_0: the byte of (head h, position p, dim d) in a layer's K and V, and
+ * the nibble's shift (0 low, 4 high). */
+static inline size_t cake_kv_k4_byte(int head_ctx, int head_dim, int h, int p, int d) {
+    return cake_kv_k_index(head_ctx, head_dim / 2, h, p, d / 2);
+}
+static inline int cake_kv_k4_shift(int d) {
+    return d % 2 * 4;
+}
+static inline size_t cake_kv_v4_byte(int head_ctx, int head_dim, int h, int p, int d) {
+    return cake_kv_v_index(head_ctx, head_dim / 2, h, p, 0) + (size_t)(d / 32 * 16 + d % 16);
+}
+static inline int cake_kv_v4_shift(int d) {
+    return d % 32 / 16 * 4;
+}
+
 /* n position-major rows already in the cache's element type (a stored chunk's
  * runs) into layer `layer` at [pos0, pos0 + n), and back out. The caller has
  * checked the range. */
 void cake_kv_put(const cake_kv_cache *kv, int layer, int pos0, int n, const void *k, const void *v);
 void cake_kv_get(const cake_kv_cache *kv, int layer, int pos0, int n, void *k, void *v);
-/* Q8_0: n position-major f32 rows, each block quantized as llama.cpp's
- * quantize_row_q8_0 does (cake_q8_0_quantize_block), into the cache. */
+/* Q8_0 or Q4_0: n position-major f32 rows, each block quantized as
+ * llama.cpp's quantize_row_q8_0_ref / quantize_row_q4_0_ref do, into the
+ * cache. */
 void cake_kv_quantize_put(const cake_kv_cache *kv, int layer, int pos0, int n, const float *k,
                           const float *v);
 

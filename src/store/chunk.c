@@ -67,7 +67,7 @@ cake_chunk_header cake_chunk_header_for(const uint8_t fingerprint[16], const cak
 uint64_t cake_chunk_payload_size(uint32_t n_tokens, uint32_t n_layers, uint32_t n_kv_heads,
                                  uint32_t head_dim, uint32_t dtype) {
     const uint64_t kv_dim = (uint64_t)n_kv_heads * head_dim;
-    if (!n_tokens || !n_layers || !kv_dim || kv_dim > (1u << 30) || dtype > CAKE_KV_Q8_0) return 0;
+    if (!n_tokens || !n_layers || !kv_dim || kv_dim > (1u << 30) || dtype > CAKE_KV_Q4_0) return 0;
     /* K and V rows of every token and layer */
     uint64_t n = cake_kv_row_bytes((enum cake_kv_type)dtype, (int)head_dim, (int)kv_dim),
              f[3] = {2, n_tokens, n_layers};

@@ -76,34 +76,51 @@ static inline size_t v_row(const cake_attn_args *a, int kvh, int pos) {
     return cake_kv_v_index(a->kv_ctx, a->head_dim, kvh, pos, 0);
 }
 
-/* Element i of a cache array as f32. Q8_0: int8 times its f16 scale, a
- * product that is exact in f32 (8 + 11 significant bits), so every kernel
- * that dequantizes this way gets the same values. */
-static float elem(const cake_attn_args *a, const void *base, size_t i, const cake_f16 *scale) {
-    switch (a->kv_type) {
-    case CAKE_KV_F16:
-        return cake_f16_to_f32(((const cake_f16 *)base)[i]);
-    case CAKE_KV_Q8_0:
-        return (float)((const int8_t *)base)[i] * cake_f16_to_f32(*scale);
-    default:
-        return ((const float *)base)[i];
-    }
+/* The cache's elements as f32. Q8_0: int8 times its f16 scale; Q4_0: (q -
+ * 8) times it; products that are exact in f32 (8 or 5 + 11 significant
+ * bits), so every kernel that dequantizes this way gets the same values. */
+static float scale_at(const cake_f16 *scales, size_t i) {
+    return cake_f16_to_f32(scales[i]);
 }
 static float k_at(const cake_attn_args *a, int pos, int kvh, int d) {
-    const cake_f16 *s =
-        a->k_scales +
-        (a->k_scales ? cake_kv_k_scale_index(a->kv_ctx, a->head_dim, kvh, pos, d / 32) : 0);
-    return elem(a, a->k, cake_kv_k_index(a->kv_ctx, a->head_dim, kvh, pos, d), s);
+    const int hc = a->kv_ctx, hd = a->head_dim;
+    const size_t i = cake_kv_k_index(hc, hd, kvh, pos, d);
+    switch (a->kv_type) {
+    case CAKE_KV_F16:
+        return cake_f16_to_f32(((const cake_f16 *)a->k)[i]);
+    case CAKE_KV_Q8_0:
+        return (float)((const int8_t *)a->k)[i] *
+               scale_at(a->k_scales, cake_kv_k_scale_index(hc, hd, kvh, pos, d / 32));
+    case CAKE_KV_Q4_0: {
+        const uint8_t b = ((const uint8_t *)a->k)[cake_kv_k4_byte(hc, hd, kvh, pos, d)];
+        return (float)((b >> cake_kv_k4_shift(d) & 15) - 8) *
+               scale_at(a->k_scales, cake_kv_k_scale_index(hc, hd, kvh, pos, d / 32));
+    }
+    default:
+        return ((const float *)a->k)[i];
+    }
 }
 static float v_at(const cake_attn_args *a, int pos, int kvh, int d) {
-    const cake_f16 *s =
-        a->v_scales +
-        (a->v_scales ? cake_kv_v_scale_index(a->kv_ctx, a->head_dim, kvh, pos, d / 32) : 0);
-    return elem(a, a->v, v_row(a, kvh, pos) + (size_t)d, s);
+    const int hc = a->kv_ctx, hd = a->head_dim;
+    const size_t i = v_row(a, kvh, pos) + (size_t)d;
+    switch (a->kv_type) {
+    case CAKE_KV_F16:
+        return cake_f16_to_f32(((const cake_f16 *)a->v)[i]);
+    case CAKE_KV_Q8_0:
+        return (float)((const int8_t *)a->v)[i] *
+               scale_at(a->v_scales, cake_kv_v_scale_index(hc, hd, kvh, pos, d / 32));
+    case CAKE_KV_Q4_0: {
+        const uint8_t b = ((const uint8_t *)a->v)[cake_kv_v4_byte(hc, hd, kvh, pos, d)];
+        return (float)((b >> cake_kv_v4_shift(d) & 15) - 8) *
+               scale_at(a->v_scales, cake_kv_v_scale_index(hc, hd, kvh, pos, d / 32));
+    }
+    default:
+        return ((const float *)a->v)[i];
+    }
 }
 
 static int args_ok(const cake_attn_args *a) {
-    const int q8 = a->kv_type == CAKE_KV_Q8_0;
+    const int q8 = cake_kv_quantized(a->kv_type);
     return a->n_tokens > 0 && a->pos0 >= 0 && a->n_heads > 0 && a->n_kv_heads > 0 &&
            a->head_dim > 0 && a->n_heads % a->n_kv_heads == 0 &&
            (long long)a->pos0 + a->n_tokens <= a->kv_ctx && a->kv_ctx % ATT_BK == 0 &&
@@ -264,13 +281,27 @@ CAKE_INLINE __m512 softcap512(__m512 s, float c, float inv) {
     return _mm512_mul_ps(_mm512_set1_ps(c), _mm512_mask_blend_ps(small, far, near));
 }
 
-/* 16 int8 as f32, times their scales: Q8_0's exact dequantization. */
+/* 16 int8 as f32, times their scales: Q8_0's exact dequantization. The
+ * masked form reads only the bytes of m (a key block's last keys may be
+ * an I/O worker's to install meanwhile: not even read). */
 CAKE_INLINE __m512 q8_load16(const int8_t *p, __m512 scale) {
     const __m128i b = _mm_loadu_si128((const __m128i *)p);
     return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), scale);
 }
+CAKE_INLINE __m512 q8_maskload16(const int8_t *p, __mmask16 m, __m512 scale) {
+    const __m128i b = _mm_maskz_loadu_epi8(m, p);
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), scale);
+}
 
-/* Q8_0: the scales of values [kb0, kb0 + nk) of KV head kvh as f32,
+/* 16 Q4_0 values, the low (hi 0) or high nibbles of 16 bytes (those of m),
+ * minus 8, times their scales: exact as Q8_0's. */
+CAKE_INLINE __m512 q4_load16(const uint8_t *p, __mmask16 m, const int hi, __m512 scale) {
+    __m512i b = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, p));
+    b = hi ? _mm512_srli_epi32(b, 4) : _mm512_and_si512(b, _mm512_set1_epi32(15));
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(b, _mm512_set1_epi32(8))), scale);
+}
+
+/* Q8_0, Q4_0: the scales of values [kb0, kb0 + nk) of KV head kvh as f32,
  * dst[nk][head_dim / 32] (consecutive in the cache). */
 static void load_value_scales(float *dst, const cake_attn_args *a, int kvh, int kb0, int nk) {
     const int n = nk * (a->head_dim / 32);
@@ -292,6 +323,15 @@ static void load_values(float *dst, int ld, const cake_attn_args *a, int kvh, in
             if (a->kv_type == CAKE_KV_F16) {
                 const cake_f16 *src = (const cake_f16 *)a->v + off;
                 for (; d < dfull; d += 16) _mm512_storeu_ps(o + d, cake_load_f16(src + d));
+            } else if (a->kv_type == CAKE_KV_Q4_0) { /* dims 32 g + [0, 16), + [16, 32) */
+                const uint8_t *src = (const uint8_t *)a->v + v_row(a, kvh, kb0 + r) / 2;
+                const cake_f16 *sc =
+                    a->v_scales + cake_kv_v_scale_index(a->kv_ctx, hd, kvh, kb0 + r, 0);
+                for (; d < hd; d += 32) {
+                    const __m512 s = _mm512_set1_ps(cake_f16_to_f32(sc[d / 32]));
+                    _mm512_storeu_ps(o + d, q4_load16(src + d / 2, 0xffff, 0, s));
+                    _mm512_storeu_ps(o + d + 16, q4_load16(src + d / 2, 0xffff, 1, s));
+                }
             } else if (a->kv_type == CAKE_KV_Q8_0) { /* head_dim is whole groups of 32 */
                 const int8_t *src = (const int8_t *)a->v + off;
                 const cake_f16 *sc =
@@ -360,20 +400,29 @@ static void load_keys(float *dst, const cake_attn_args *a, int kvh, int kb0, int
     for (int d = 0; d < a->head_dim; d++) {
         const size_t off = base + (size_t)d * ATT_BK;
         float *o = dst + (size_t)d * ATT_BK;
-        if (a->kv_type == CAKE_KV_Q8_0) {
+        if (cake_kv_quantized(a->kv_type)) {
             if (d % 32 == 0) { /* the block's 64 scales of this group, as the keys lie */
                 const cake_f16 *sc =
                     a->k_scales + cake_kv_k_scale_index(a->kv_ctx, a->head_dim, kvh, kb0, d / 32);
-                UNROLL for (int c = 0; c < 4; c++) ksc[c] = cake_load_f16(sc + 16 * c);
+                UNROLL for (int c = 0; c < 4; c++) ksc[c] = cake_maskload_f16(sc + 16 * c, m[c]);
             }
-            const int8_t *src = (const int8_t *)a->k + off;
-            if (nk == ATT_BK) {
-                UNROLL for (int c = 0; c < 4; c++)
-                    _mm512_store_ps(o + 16 * c, q8_load16(src + 16 * c, ksc[c]));
-            } else {
-                UNROLL for (int c = 0; c < 4; c++) _mm512_store_ps(
-                    o + 16 * c, _mm512_maskz_mov_ps(m[c], q8_load16(src + 16 * c, ksc[c])));
+            __m512 kq[4];
+            if (a->kv_type == CAKE_KV_Q8_0) {
+                const int8_t *src = (const int8_t *)a->k + off;
+                UNROLL for (int c = 0; c < 4; c++) kq[c] =
+                    q8_maskload16(src + 16 * c, m[c], ksc[c]);
+            } else { /* the dim's 64 keys' bytes, shared with its even or odd twin */
+                const uint8_t *src =
+                    (const uint8_t *)a->k + cake_kv_k4_byte(a->kv_ctx, a->head_dim, kvh, kb0, d);
+                if (d % 2)
+                    UNROLL for (int c = 0; c < 4; c++) kq[c] =
+                        q4_load16(src + 16 * c, m[c], 1, ksc[c]);
+                else
+                    UNROLL for (int c = 0; c < 4; c++) kq[c] =
+                        q4_load16(src + 16 * c, m[c], 0, ksc[c]);
             }
+            UNROLL for (int c = 0; c < 4; c++) _mm512_store_ps(
+                o + 16 * c, nk == ATT_BK ? kq[c] : _mm512_maskz_mov_ps(m[c], kq[c]));
         } else if (a->kv_type == CAKE_KV_F16) {
             const cake_f16 *src = (const cake_f16 *)a->k + off;
             if (nk == ATT_BK) {
@@ -666,6 +715,9 @@ CAKE_INLINE void keys_pv(__m512 acc[4][4], float l[4], const void *v, size_t vr0
             else if (KT == CAKE_KV_Q8_0) /* whole vectors: head_dim is groups of 32 */
                 vv[g] = q8_load16((const int8_t *)v + vr + g * 16,
                                   _mm512_set1_ps(vsc[(size_t)j * vsc_stride + g / 2]));
+            else if (KT == CAKE_KV_Q4_0) /* vr: a multiple of 64 elements */
+                vv[g] = q4_load16((const uint8_t *)v + vr / 2 + g / 2 * 16, 0xffff, g % 2,
+                                  _mm512_set1_ps(vsc[(size_t)j * vsc_stride + g / 2]));
             else if (KT == CAKE_KV_F16)
                 vv[g] = WHOLE ? cake_load_f16((const cake_f16 *)v + vr + g * 16)
                               : cake_maskload_f16((const cake_f16 *)v + vr + g * 16, cm[g]);
@@ -781,6 +833,8 @@ CAKE_INLINE void keys_rows(const float *qs, int hd, const float *kt, const void 
             KEYS_ROWS_T(R, NR, CAKE_KV_F16);                                                       \
         else if (a->kv_type == CAKE_KV_Q8_0)                                                       \
             KEYS_ROWS_T(R, NR, CAKE_KV_Q8_0);                                                      \
+        else if (a->kv_type == CAKE_KV_Q4_0)                                                       \
+            KEYS_ROWS_T(R, NR, CAKE_KV_Q4_0);                                                      \
         else                                                                                       \
             KEYS_ROWS_T(R, NR, CAKE_KV_F32);                                                       \
     } while (0)
@@ -820,7 +874,7 @@ static void task_keys_in_lanes(const att_job *job, int h0, int h1, int t0, int t
             /* P.V reads the values from the cache itself; Q8_0's scales
              * as f32 once for all the task's rows */
             const size_t vbase = v_row(a, kvh, kb0);
-            if (a->kv_type == CAKE_KV_Q8_0) load_value_scales(vsc, a, kvh, kb0, nk);
+            if (cake_kv_quantized(a->kv_type)) load_value_scales(vsc, a, kvh, kb0, nk);
             for (int t = t0; t < t1; t++) {
                 const int pos = a->pos0 + t, lo = key_lo(a, pos);
                 if (pos < kb0 || lo >= kb0 + nk) continue; /* the block is outside its window */

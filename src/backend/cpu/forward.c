@@ -63,7 +63,7 @@ static void matmul(float *y, const float *x, const cake_weight *w, int n, cake_t
 
 /* Writes n position-major rows of new keys/values (f32) into the cache at
  * position pos0 (layout: kv_cache.h). An f32 cache takes them as they are
- * (cake_kv_put), a Q8_0 one quantized block by block; for f16 each value
+ * (cake_kv_put), a Q8_0 or Q4_0 one quantized block by block; for f16 each value
  * row is converted into its run and a key row converted whole, then
  * scattered into its transposed block (no f16 copy of the rows in between). */
 static void store_kv(const cake_kv_cache *kv, int layer, const float *k, const float *v, int n,
@@ -72,7 +72,7 @@ static void store_kv(const cake_kv_cache *kv, int layer, const float *k, const f
         cake_kv_put(kv, layer, pos0, n, k, v);
         return;
     }
-    if (kv->type == CAKE_KV_Q8_0) {
+    if (cake_kv_quantized(kv->type)) {
         cake_kv_quantize_put(kv, layer, pos0, n, k, v);
         return;
     }
@@ -373,8 +373,8 @@ void cake_cpu_forward(cake_context *c, const cake_batch_seq *seqs, int n_seqs, i
                 .q = s->q + (size_t)row * hp->q_dim,
                 .k = cake_kv_k(kv, l),
                 .v = cake_kv_v(kv, l),
-                .k_scales = kv->type == CAKE_KV_Q8_0 ? cake_kv_k_scales(kv, l) : NULL,
-                .v_scales = kv->type == CAKE_KV_Q8_0 ? cake_kv_v_scales(kv, l) : NULL,
+                .k_scales = cake_kv_quantized(kv->type) ? cake_kv_k_scales(kv, l) : NULL,
+                .v_scales = cake_kv_quantized(kv->type) ? cake_kv_v_scales(kv, l) : NULL,
                 .out = s->att + (size_t)row * hp->q_dim,
             };
             cake_attention(&a, pool);
