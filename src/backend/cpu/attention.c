@@ -120,12 +120,12 @@ static float v_at(const cake_attn_args *a, int pos, int kvh, int d) {
 }
 
 static int args_ok(const cake_attn_args *a) {
-    const int q8 = cake_kv_quantized(a->kv_type);
+    const int quantized = cake_kv_quantized(a->kv_type);
     return a->n_tokens > 0 && a->pos0 >= 0 && a->n_heads > 0 && a->n_kv_heads > 0 &&
            a->head_dim > 0 && a->n_heads % a->n_kv_heads == 0 &&
            (long long)a->pos0 + a->n_tokens <= a->kv_ctx && a->kv_ctx % ATT_BK == 0 &&
            a->window >= 0 && a->softcap >= 0 &&
-           (!q8 || (a->head_dim % 32 == 0 && a->k_scales && a->v_scales));
+           (!quantized || (a->head_dim % 32 == 0 && a->k_scales && a->v_scales));
 }
 
 /* Gemma 2's soft cap c tanh(s / c), y = s / c (inv = 1 / c): tanh as
@@ -871,8 +871,8 @@ static void task_keys_in_lanes(const att_job *job, int h0, int h1, int t0, int t
         for (int kb0 = key_lo(a, a->pos0 + t0) / ATT_BK * ATT_BK; kb0 < kv_end; kb0 += ATT_BK) {
             const int nk = kv_end - kb0 < ATT_BK ? kv_end - kb0 : ATT_BK;
             load_keys(kt, a, kvh, kb0, nk);
-            /* P.V reads the values from the cache itself; Q8_0's scales
-             * as f32 once for all the task's rows */
+            /* P.V reads the values from the cache itself; Q8_0's and
+             * Q4_0's scales as f32 once for all the task's rows */
             const size_t vbase = v_row(a, kvh, kb0);
             if (cake_kv_quantized(a->kv_type)) load_value_scales(vsc, a, kvh, kb0, nk);
             for (int t = t0; t < t1; t++) {
