@@ -225,17 +225,17 @@ static double cold_time(bench_fn fn, void *ctx, const float *evict, size_t n_evi
 }
 
 /* An f16 cache, or a Q8_0 one (int8 elements, an f16 scale per 32: the
- * bytes read per element are 34 / 32 instead of 2). */
+ * bytes read per element are 34 / 32 instead of 2), or a Q4_0 one (18 / 32). */
 static void bench_attention_shape(const char *name, int n_heads, int n_kv_heads, int n_layers,
                                   enum cake_kv_type kv_type, cake_threadpool *pool, int quick) {
-    const int hd = 64, n_max = 2048, q8 = kv_type == CAKE_KV_Q8_0;
+    const int hd = 64, n_max = 2048, q8 = kv_type == CAKE_KV_Q8_0, q4 = kv_type == CAKE_KV_Q4_0;
     const size_t nq = (size_t)n_max * n_heads * hd, nkv = (size_t)n_max * n_kv_heads * hd;
     float *q = xmalloc(nq * 4), *out = xmalloc(nq * 4);
     void *k = xmalloc(nkv * 2), *v = xmalloc(nkv * 2);
     cake_f16 *ks = xmalloc(nkv / 32 * 2), *vs = xmalloc(nkv / 32 * 2);
     for (size_t i = 0; i < nq; i++) q[i] = rnd();
     for (size_t i = 0; i < nkv; i++) {
-        if (q8) {
+        if (q8 || q4) { /* (Q4_0: any bytes are two values) */
             ((int8_t *)k)[i] = (int8_t)(rnd() * 127);
             ((int8_t *)v)[i] = (int8_t)(rnd() * 127);
         } else {
@@ -247,8 +247,8 @@ static void bench_attention_shape(const char *name, int n_heads, int n_kv_heads,
         ks[i] = cake_f32_to_f16(1.0f / 127);
         vs[i] = cake_f32_to_f16(1.0f / 127);
     }
-    const double kv_bytes = q8 ? 34.0 / 32 : 2.0;  /* per element read */
-    const size_t n_evict = (size_t)128 << 20 >> 2; /* 128 MiB of floats */
+    const double kv_bytes = q8 ? 34.0 / 32 : q4 ? 18.0 / 32 : 2.0; /* per element read */
+    const size_t n_evict = (size_t)128 << 20 >> 2;                 /* 128 MiB of floats */
     float *evict = xmalloc(n_evict * 4);
     for (size_t i = 0; i < n_evict; i++) evict[i] = (float)(i & 7);
     const int Ns[] = {512, 2048};
@@ -264,8 +264,8 @@ static void bench_attention_shape(const char *name, int n_heads, int n_kv_heads,
                       .q = q,
                       .k = k,
                       .v = v,
-                      .k_scales = q8 ? ks : NULL,
-                      .v_scales = q8 ? vs : NULL,
+                      .k_scales = q8 || q4 ? ks : NULL,
+                      .v_scales = q8 || q4 ? vs : NULL,
                       .out = out},
                      pool,
                      0};
@@ -405,6 +405,9 @@ int main(int argc, char **argv) {
         printf("== attention (q8_0 KV, head_dim 64, %d threads) ==\n", n_threads);
         bench_attention_shape("llama-1b", 32, 8, 16, CAKE_KV_Q8_0, pool, quick);
         bench_attention_shape("mha-160m", 12, 12, 12, CAKE_KV_Q8_0, pool, quick);
+        printf("== attention (q4_0 KV, head_dim 64, %d threads) ==\n", n_threads);
+        bench_attention_shape("llama-1b", 32, 8, 16, CAKE_KV_Q4_0, pool, quick);
+        bench_attention_shape("mha-160m", 12, 12, 12, CAKE_KV_Q4_0, pool, quick);
     }
     if (!only || !strcmp(only, "matmul")) bench_matmul(pool, n_threads, quick);
     cake_threadpool_free(pool);

@@ -1116,39 +1116,26 @@ static void test_attention_long_context(void **state) {
     check_attention_case(600, 2, 2, 64, 1);
 }
 
-/* A Q8_0 cache (int8 and a scale per 32 dims, kv/kv_cache.h): prefill and
- * decode, GQA and MHA, head dims 32 to 256 and the portable kernel's 288,
- * a window, a soft cap, several key blocks; each equal to the f32 kernel on
- * the dequantized values and to itself whatever the threads and chunks. */
-static void test_attention_q8_0(void **state) {
+/* A Q8_0 cache (int8 and a scale per 32 dims, kv/kv_cache.h) and a Q4_0
+ * one (two 4-bit values a byte): prefill and decode, GQA and MHA, head dims
+ * 32 to 256 and the portable kernel's 288, a window, a soft cap, several
+ * key blocks; each equal to the f32 kernel on the dequantized values and to
+ * itself whatever the threads and chunks. */
+static void test_attention_quantized(void **state) {
     (void)state;
-    check_attention_case(70, 4, 4, 64, KV_Q8);
-    check_attention_case(150, 8, 2, 64, KV_Q8);
-    check_attention_case(131, 8, 2, 128, KV_Q8);
-    check_attention_case(67, 3, 3, 32, KV_Q8);
-    check_attention_case(40, 4, 2, 96, KV_Q8);
-    check_attention_case(24, 2, 1, 256, KV_Q8);
-    check_attention_case(18, 2, 2, 288, KV_Q8); /* the portable kernel */
-    check_attention_case(600, 2, 2, 64, KV_Q8);
-    check_attention_case(90, 5, 5, 64, KV_Q8);
-    check_attention_window(300, 8, 2, 64, KV_Q8, 100);
-    check_attention_capped(150, 8, 2, 64, KV_Q8, 0, 5.0f);
-}
-
-/* The same for Q4_0 (two 4-bit values a byte, kv/kv_cache.h). */
-static void test_attention_q4_0(void **state) {
-    (void)state;
-    check_attention_case(70, 4, 4, 64, KV_Q4);
-    check_attention_case(150, 8, 2, 64, KV_Q4);
-    check_attention_case(131, 8, 2, 128, KV_Q4);
-    check_attention_case(67, 3, 3, 32, KV_Q4);
-    check_attention_case(40, 4, 2, 96, KV_Q4);
-    check_attention_case(24, 2, 1, 256, KV_Q4);
-    check_attention_case(18, 2, 2, 288, KV_Q4); /* the portable kernel */
-    check_attention_case(600, 2, 2, 64, KV_Q4);
-    check_attention_case(90, 5, 5, 64, KV_Q4);
-    check_attention_window(300, 8, 2, 64, KV_Q4, 100);
-    check_attention_capped(150, 8, 2, 64, KV_Q4, 0, 5.0f);
+    for (int type = KV_Q8; type <= KV_Q4; type++) {
+        check_attention_case(70, 4, 4, 64, type);
+        check_attention_case(150, 8, 2, 64, type);
+        check_attention_case(131, 8, 2, 128, type);
+        check_attention_case(67, 3, 3, 32, type);
+        check_attention_case(40, 4, 2, 96, type);
+        check_attention_case(24, 2, 1, 256, type);
+        check_attention_case(18, 2, 2, 288, type); /* the portable kernel */
+        check_attention_case(600, 2, 2, 64, type);
+        check_attention_case(90, 5, 5, 64, type);
+        check_attention_window(300, 8, 2, 64, type, 100);
+        check_attention_capped(150, 8, 2, 64, type, 0, 5.0f);
+    }
 }
 
 static void test_attention_large_head_dim(void **state) {
@@ -1213,8 +1200,7 @@ int main(void) {
         cmocka_unit_test(test_attention_window),
         cmocka_unit_test(test_attention_softcap),
         cmocka_unit_test(test_attention_large_head_dim),
-        cmocka_unit_test(test_attention_q8_0),
-        cmocka_unit_test(test_attention_q4_0),
+        cmocka_unit_test(test_attention_quantized),
         cmocka_unit_test(test_attention_decode_matches_prefill),
         cmocka_unit_test(test_attention_single_key),
     };
