@@ -231,6 +231,38 @@ static void test_chunk_flops_window(void **state) {
     }
 }
 
+/* A prompt of one token in chunks of one (fuzz_model found it): nothing is
+ * cached, so load mode loads its chunk (then computes the token again) and
+ * says so, rather than counting it as held by the KV cache. */
+static void test_one_token_prompt(void **state) {
+    (void)state;
+    char path[64];
+    assert_int_equal(test_make_model("tiny", "f16", path), 0);
+    fixture f;
+    assert_int_equal(fixture_init(&f, path, 64), 0);
+    float *base = malloc((size_t)f.n_vocab * sizeof(float));
+    float *got = malloc((size_t)f.n_vocab * sizeof(float));
+    const cake_token p[1] = {1};
+    cake_token t0, t;
+    cake_store *s = open_store("mem:");
+    char err[256];
+    cake_writeback *wb = cake_writeback_create(s, 4, err, sizeof(err));
+    assert_non_null(wb);
+    cake_prefill_stats st = run(&f, p, 1, 1, s, wb, CAKE_MODE_COMPUTE, base, &t0);
+    assert_int_equal(st.chunks_cached, 0);
+    st = run(&f, p, 1, 1, s, NULL, CAKE_MODE_LOAD, got, &t);
+    assert_int_equal(st.chunks_loaded, 1);
+    assert_int_equal(st.chunks_cached, 0);
+    assert_same(base, got, f.n_vocab, "one token, loaded");
+    assert_int_equal(t, t0);
+    cake_writeback_free(wb);
+    cake_store_close(s);
+    free(base);
+    free(got);
+    fixture_free(&f);
+    unlink(path);
+}
+
 static void test_cached_prefix(void **state) {
     (void)state;
     char path[64];
@@ -1094,6 +1126,7 @@ int main(void) {
         cmocka_unit_test(test_awaited_chunks),
         cmocka_unit_test(test_stories_modes),
         cmocka_unit_test(test_mha160m_modes),
+        cmocka_unit_test(test_one_token_prompt),
         cmocka_unit_test(test_quantized_modes),
         cmocka_unit_test(test_redis_faults),
         cmocka_unit_test(test_stress),

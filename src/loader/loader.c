@@ -887,8 +887,9 @@ int cake_prefill(const cake_loader_engine *e, const cake_token *prompt, int n_pr
         start = n_prompt - 1;
     j->compute_from = start;
     /* (all of them when only the last token is left: loading the chunk it
-     * ends would still leave that token to compute) */
-    j->n_cached = start >= n_prompt - 1 ? j->n_loadable : start / C;
+     * ends would still leave that token to compute; but none when none is
+     * held, as for a prompt of one token) */
+    j->n_cached = start > 0 && start >= n_prompt - 1 ? j->n_loadable : start / C;
     if (j->n_cached > j->n_loadable) j->n_cached = j->n_loadable;
     st->chunks_cached = j->n_cached;
 

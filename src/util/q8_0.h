@@ -72,7 +72,10 @@ static inline float cake_round_half_away(float v) {
 
 /* Quantizes 32 values into one block as llama.cpp's quantize_row_q8_0_ref
  * does: d = max |x| / 127, q = round(x / d). (The max is fmaxf's, NaNs
- * skipped, written as a compare that GCC keeps inline.) */
+ * skipped, written as a compare that GCC keeps inline. Where llama.cpp's
+ * float-to-int8 conversion is undefined, a NaN gives 0 and a value past
+ * +-127 is clamped: the KV rows of a model with broken weights hold NaNs
+ * and infinities.) */
 static inline void cake_q8_0_quantize_block(const float *x, uint8_t *dst) {
     float m[4] = {0.0f, 0.0f, 0.0f, 0.0f}; /* four chains: a max is exact in any order */
     for (int j = 0; j < CAKE_Q8_0_BLOCK; j++) {
@@ -84,8 +87,13 @@ static inline void cake_q8_0_quantize_block(const float *x, uint8_t *dst) {
     const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
     const cake_f16 h = cake_f32_to_f16(d);
     memcpy(dst, &h, 2);
-    for (int j = 0; j < CAKE_Q8_0_BLOCK; j++)
-        dst[2 + j] = (uint8_t)(int8_t)cake_round_half_away(x[j] * id);
+    for (int j = 0; j < CAKE_Q8_0_BLOCK; j++) {
+        const float r = cake_round_half_away(x[j] * id);
+        dst[2 + j] = (uint8_t)(int8_t)(r >= 127.0f    ? 127.0f
+                                       : r <= -127.0f ? -127.0f
+                                       : r == r       ? r
+                                                      : 0.0f);
+    }
 }
 
 #endif
