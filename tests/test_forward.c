@@ -1361,8 +1361,8 @@ static int one_iq2_xxs(const char *name, int type) {
 /* A matrix in a type cake does not compute with (IQ2_XXS): the file still
  * opens, and its vocabulary works (`cake tokenize`); loading the model says
  * which tensor and which type. */
-/* A Q8_0 and a Q4_0 KV cache (tiny-256, head_dim 64; 300 prompt tokens, so
- * that attention spans several key blocks): the first token's logits near
+/* A Q8_0 and a Q4_0 KV cache (tiny-256, head_dim 64; 150 prompt tokens, so
+ * that attention spans three key blocks): the first token's logits near
  * the f32 cache's (stated tolerances), yet not f16's bits (the cache is
  * quantized); the same logits and tokens whatever the chunking and threads
  * (a row's quantization is its own); and a head_dim that is not a multiple
@@ -1374,8 +1374,8 @@ static void test_kv_quantized(void **state) {
     cake_model *m = NULL;
     char err[512];
     assert_int_equal(cake_model_load(path, &m, err, sizeof(err)), 0);
-    const int n_vocab = cake_model_hparams(m)->n_vocab, n = 300;
-    cake_token prompt[300];
+    const int n_vocab = cake_model_hparams(m)->n_vocab, n = 150;
+    cake_token prompt[150];
     prompt[0] = 1;
     for (int i = 1; i < n; i++) prompt[i] = 3 + (cake_token)((i * 7919u) % (uint32_t)(n_vocab - 3));
     run_result f32, f16, q8, q4;
@@ -1388,12 +1388,12 @@ static void test_kv_quantized(void **state) {
                 d4 = max_rel_diff(f32.logits, q4.logits, n_vocab);
     printf("first-token logits against an f32 cache: f16 %.3g, q8_0 %.3g, q4_0 %.3g (relative)\n",
            d16, d8, d4);
-    /* measured 1.2e-2 (f16: 3.6e-4); the difference is Q8_0's rounding alone
+    /* measured 1.7e-2 (f16: 6.4e-4); the difference is Q8_0's rounding alone
      * (test_kernels: the kernel equals f32 on the dequantized values) */
-    assert_true(d8 <= 2e-2f);
+    assert_true(d8 <= 3e-2f);
     assert_true(d8 > d16); /* quantized: further off than f16 */
     assert_memory_not_equal(q8.logits, f16.logits, (size_t)n_vocab * sizeof(float));
-    assert_true(d4 <= 0.25f); /* measured 0.15: 16x Q8_0's rounding step */
+    assert_true(d4 <= 0.35f); /* measured 0.22: 16x Q8_0's rounding step */
     assert_true(d4 > d8);
     const int chunks[] = {1, 7, 64};
     for (int k = 0; k < 6; k++) {
