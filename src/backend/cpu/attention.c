@@ -827,6 +827,11 @@ CAKE_INLINE void keys_rows(const float *qs, int hd, const float *kt, const void 
         else                                                                                       \
             KEYS_ROWS_F(R, NR, 0, KT);                                                             \
     } while (0)
+#ifdef CAKE_SANITIZED
+/* Sanitizer builds take the cache's type at run time: one copy of the
+ * kernel, not four (the same bits; ASan took ~2 minutes to compile them) */
+#define KEYS_ROWS(R, NR) KEYS_ROWS_T(R, NR, a->kv_type)
+#else
 #define KEYS_ROWS(R, NR)                                                                           \
     do {                                                                                           \
         if (a->kv_type == CAKE_KV_F16)                                                             \
@@ -838,6 +843,7 @@ CAKE_INLINE void keys_rows(const float *qs, int hd, const float *kt, const void 
         else                                                                                       \
             KEYS_ROWS_T(R, NR, CAKE_KV_F32);                                                       \
     } while (0)
+#endif
 
 /* Tokens [t0, t1) of KV heads [h0, h1): one head after another, its rows
  * against its keys block by block, so that the task reads one sequential
