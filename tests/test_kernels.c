@@ -813,51 +813,39 @@ static enum cake_kv_type case_type(int kv_f16) {
                              : CAKE_KV_F32;
 }
 
-/* Q4_0 cases: random 4-bit values and scales; each element is (q - 8) *
- * scale, q in its nibble (kv/kv_cache.h). */
-static void fill_q4(attn_case *c) {
+/* Q8_0 and Q4_0 cases: random values and scales (f16) that make values of
+ * about the f32 cases' size; each element is int8 * scale, or (q - 8) *
+ * scale with q in its nibble (kv/kv_cache.h). */
+static void fill_quantized(attn_case *c, int q4) {
     const int hd = c->head_dim, hc = c->head_ctx;
-    memset(c->k, 0, (size_t)hc * c->n_kv_heads * hd / 2);
-    memset(c->v, 0, (size_t)hc * c->n_kv_heads * hd / 2);
+    const float top = q4 ? 8.0f : 127.0f; /* the largest |value| a scale multiplies */
+    memset(c->k, 0, (size_t)hc * c->n_kv_heads * hd);
+    memset(c->v, 0, (size_t)hc * c->n_kv_heads * hd);
     for (int h = 0; h < c->n_kv_heads; h++)
         for (int p = 0; p < hc; p++)
             for (int g = 0; g < hd / 32; g++) {
                 const size_t ksi = cake_kv_k_scale_index(hc, hd, h, p, g),
                              vsi = cake_kv_v_scale_index(hc, hd, h, p, g);
-                c->ks[ksi] = cake_f32_to_f16(rnd_f(1.0f, 1.5f) / 8);
-                c->vs[vsi] = cake_f32_to_f16(rnd_f(0.5f, 1.0f) / 8);
-                for (int d = 32 * g; d < 32 * g + 32; d++) {
-                    const int kq = (int)(rnd_u32() % 16), vq = (int)(rnd_u32() % 16);
-                    ((uint8_t *)c->k)[cake_kv_k4_byte(hc, hd, h, p, d)] |=
-                        (uint8_t)(kq << cake_kv_k4_shift(d));
-                    ((uint8_t *)c->v)[cake_kv_v4_byte(hc, hd, h, p, d)] |=
-                        (uint8_t)(vq << cake_kv_v4_shift(d));
-                    c->kf[cake_kv_k_index(hc, hd, h, p, d)] =
-                        (float)(kq - 8) * cake_f16_to_f32(c->ks[ksi]);
-                    c->vf[cake_kv_v_index(hc, hd, h, p, d)] =
-                        (float)(vq - 8) * cake_f16_to_f32(c->vs[vsi]);
-                }
-            }
-}
-
-/* Q8_0 cases: random int8 and scales (f16) that make values of about the
- * f32 cases' size; each element is int8 * scale. */
-static void fill_q8(attn_case *c) {
-    const int hd = c->head_dim, hc = c->head_ctx;
-    for (int h = 0; h < c->n_kv_heads; h++)
-        for (int p = 0; p < hc; p++)
-            for (int g = 0; g < hd / 32; g++) {
-                const size_t ksi = cake_kv_k_scale_index(hc, hd, h, p, g),
-                             vsi = cake_kv_v_scale_index(hc, hd, h, p, g);
-                c->ks[ksi] = cake_f32_to_f16(rnd_f(1.0f, 1.5f) / 127);
-                c->vs[vsi] = cake_f32_to_f16(rnd_f(0.5f, 1.0f) / 127);
+                c->ks[ksi] = cake_f32_to_f16(rnd_f(1.0f, 1.5f) / top);
+                c->vs[vsi] = cake_f32_to_f16(rnd_f(0.5f, 1.0f) / top);
                 for (int d = 32 * g; d < 32 * g + 32; d++) {
                     const size_t ki = cake_kv_k_index(hc, hd, h, p, d),
                                  vi = cake_kv_v_index(hc, hd, h, p, d);
-                    const int8_t kq = (int8_t)(rnd_u32() % 255 - 127),
-                                 vq = (int8_t)(rnd_u32() % 255 - 127);
-                    ((int8_t *)c->k)[ki] = kq;
-                    ((int8_t *)c->v)[vi] = vq;
+                    int kq, vq; /* the values the scales multiply */
+                    if (q4) {
+                        const int kn = (int)(rnd_u32() % 16), vn = (int)(rnd_u32() % 16);
+                        ((uint8_t *)c->k)[cake_kv_k4_byte(hc, hd, h, p, d)] |=
+                            (uint8_t)(kn << cake_kv_k4_shift(d));
+                        ((uint8_t *)c->v)[cake_kv_v4_byte(hc, hd, h, p, d)] |=
+                            (uint8_t)(vn << cake_kv_v4_shift(d));
+                        kq = kn - 8;
+                        vq = vn - 8;
+                    } else {
+                        kq = (int)(rnd_u32() % 255) - 127;
+                        vq = (int)(rnd_u32() % 255) - 127;
+                        ((int8_t *)c->k)[ki] = (int8_t)kq;
+                        ((int8_t *)c->v)[vi] = (int8_t)vq;
+                    }
                     c->kf[ki] = (float)kq * cake_f16_to_f32(c->ks[ksi]);
                     c->vf[vi] = (float)vq * cake_f16_to_f32(c->vs[vsi]);
                 }
@@ -883,7 +871,7 @@ static attn_case make_case(int n_ctx, int n_heads, int n_kv_heads, int hd, int k
     /* scores of a few units, so the softmax is neither flat nor one-hot */
     for (size_t i = 0; i < nq; i++) c.q[i] = rnd_f(-1.5f, 1.5f);
     if (kv_f16 == KV_Q8 || kv_f16 == KV_Q4) {
-        (kv_f16 == KV_Q8 ? fill_q8 : fill_q4)(&c);
+        fill_quantized(&c, kv_f16 == KV_Q4);
         return c;
     }
     for (size_t i = 0; i < nkv; i++) {

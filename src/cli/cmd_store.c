@@ -138,10 +138,6 @@ static int list_all(cake_store *s, item_list *l, int headers, char *err, size_t 
     return 0;
 }
 
-static const char *dtype_name(uint32_t d) {
-    return cli_kv_type_name((enum cake_kv_type)d);
-}
-
 static int do_ls(cake_store *s, const store_opts *o) {
     item_list l;
     char err[512], a[33], b[33], sz[32], age[24], idle[24];
@@ -163,7 +159,8 @@ static int do_ls(cake_store *s, const store_opts *o) {
                        ",\"layers\":%" PRIu32 ",\"kv_heads\":%" PRIu32 ",\"head_dim\":%" PRIu32
                        ",\"dtype\":\"%s\",\"age_s\":%" PRId64 "}\n",
                        cake_hex16(it->h.fingerprint, b), it->h.index, it->h.n_tokens,
-                       it->h.n_layers, it->h.n_kv_heads, it->h.head_dim, dtype_name(it->h.dtype),
+                       it->h.n_layers, it->h.n_kv_heads, it->h.head_dim,
+                       cli_kv_type_name((enum cake_kv_type)it->h.dtype),
                        now - (int64_t)it->h.created);
             else {
                 printf(",\"error\":");
@@ -238,12 +235,12 @@ static int do_stat(cake_store *s, const store_opts *o) {
                    ",\"layers\":%" PRIu32 ",\"kv_heads\":%" PRIu32 ",\"head_dim\":%" PRIu32
                    ",\"dtype\":\"%s\"}",
                    first ? "" : ",", fp, j - i, bytes, h->n_tokens, h->n_layers, h->n_kv_heads,
-                   h->head_dim, dtype_name(h->dtype));
+                   h->head_dim, cli_kv_type_name((enum cake_kv_type)h->dtype));
         else
             printf("  %s  %zu chunks, %s, %" PRIu32 " tokens/chunk, %" PRIu32 " layers x %" PRIu32
                    " KV heads x %" PRIu32 ", %s\n",
                    fp, j - i, human(bytes, sz, sizeof(sz)), h->n_tokens, h->n_layers, h->n_kv_heads,
-                   h->head_dim, dtype_name(h->dtype));
+                   h->head_dim, cli_kv_type_name((enum cake_kv_type)h->dtype));
         first = 0;
         i = j;
     }
