@@ -135,20 +135,17 @@ void cli_json_string(FILE *f, const char *s, size_t len) {
     fputc('"', f);
 }
 
+/* The KV types' names, by enum cake_kv_type (llama.cpp's cache type names) */
+static const char *const kv_type_names[] = {"f16", "f32", "q8_0", "q4_0"};
+
 int cli_parse_kv_type(const char *s, enum cake_kv_type *out) {
-    if (!strcmp(s, "f16")) return *out = CAKE_KV_F16, 0;
-    if (!strcmp(s, "f32")) return *out = CAKE_KV_F32, 0;
-    if (!strcmp(s, "q8_0")) return *out = CAKE_KV_Q8_0, 0;
-    if (!strcmp(s, "q4_0")) return *out = CAKE_KV_Q4_0, 0;
+    for (size_t i = 0; i < sizeof(kv_type_names) / sizeof(kv_type_names[0]); i++)
+        if (!strcmp(s, kv_type_names[i])) return *out = (enum cake_kv_type)i, 0;
     return -1;
 }
 
 const char *cli_kv_type_name(enum cake_kv_type t) {
-    return t == CAKE_KV_F16    ? "f16"
-           : t == CAKE_KV_F32  ? "f32"
-           : t == CAKE_KV_Q8_0 ? "q8_0"
-           : t == CAKE_KV_Q4_0 ? "q4_0"
-                               : "?";
+    return (size_t)t < sizeof(kv_type_names) / sizeof(kv_type_names[0]) ? kv_type_names[t] : "?";
 }
 
 int cli_parse_backend(const char *s, enum cake_backend_kind *out) {
