@@ -10,7 +10,8 @@
  *          over disjoint ranges). Goal: ratio >= 0.9.
  *   redis  gets from a redis-server on loopback (started here), vs
  *          `redis-benchmark -t set,get -d <blob size> -c <in flight>`'s GET
- *          rate times the value size. Goal: ratio >= 0.8.
+ *          rate times the value size. Goal: ratio >= 0.8. And the same
+ *          gets by the server's unix socket (redis+unix://): unix/tcp.
  *   bw=    gets through the emulated link (mem store, and file store) at set
  *          rates: achieved / set rate, goal within 5%; and the per-stream
  *          share (about bw/N).
@@ -232,25 +233,29 @@ static int free_port(void) {
 }
 
 static pid_t redis_pid;
+static char redis_socket[64]; /* the server's unix socket too */
 
 static void stop_redis(void) {
     if (redis_pid > 0) {
         kill(redis_pid, SIGTERM);
         waitpid(redis_pid, NULL, 0);
         redis_pid = 0;
+        unlink(redis_socket);
     }
 }
 
 static int start_redis(int port) {
     char p[16];
     snprintf(p, sizeof(p), "%d", port);
+    snprintf(redis_socket, sizeof(redis_socket), "/tmp/bench-store-%d.sock", (int)getpid());
     redis_pid = fork();
     if (redis_pid == 0) {
         int dn = open("/dev/null", O_WRONLY);
         dup2(dn, 1);
         dup2(dn, 2);
         execlp("redis-server", "redis-server", "--port", p, "--bind", "127.0.0.1", "--save", "",
-               "--appendonly", "no", "--protected-mode", "no", (char *)NULL);
+               "--appendonly", "no", "--protected-mode", "no", "--unixsocket", redis_socket,
+               "--unixsocketperm", "700", (char *)NULL);
         _exit(127);
     }
     atexit(stop_redis);
@@ -461,27 +466,33 @@ int main(int argc, char **argv) {
                 if (start_redis(port)) die("redis-server", "did not start");
                 make_chunks(&cs, sh, 16);
                 snprintf(uri, sizeof(uri), "redis://127.0.0.1:%d", port);
-                cake_store *s;
+                cake_store *s, *su; /* over TCP, and over the unix socket */
                 if (cake_store_open(uri, &s, err, sizeof(err))) die("open", err);
+                char unix_uri[128];
+                snprintf(unix_uri, sizeof(unix_uri), "redis+unix://%s", redis_socket);
+                if (cake_store_open(unix_uri, &su, err, sizeof(err))) die("open", err);
                 put_all(s, &cs);
-                printf("redis store %s: %d chunks on loopback\n", uri, cs.n);
-                printf("  %-9s %12s %12s %14s %8s\n", "in flight", "store MB/s", "+verify MB/s",
-                       "r-bench MB/s", "ratio");
+                printf("redis store %s: %d chunks on loopback; also by %s\n", uri, cs.n, unix_uri);
+                printf("  %-9s %12s %12s %14s %8s %12s %10s\n", "in flight", "store MB/s",
+                       "+verify MB/s", "r-bench MB/s", "ratio", "unix MB/s", "unix/tcp");
                 for (size_t t = 0; t < 3; t++) {
                     int T = INFLIGHT[t];
-                    double got[9], ver[9], rb[9];
+                    double got[9], ver[9], rb[9], un[9];
                     for (int r = 0; r < rounds; r++) {
                         got[r] = run_loads(s, &cs, T, 0, seconds, NULL);
                         ver[r] = run_loads(s, &cs, T, 1, seconds, NULL);
+                        un[r] = run_loads(su, &cs, T, 0, seconds, NULL);
                         /* about `seconds` of GETs at the rate we just saw */
                         int nreq = (int)(got[r] * seconds / blob);
                         if (nreq < 20 * T) nreq = 20 * T;
                         rb[r] = redis_benchmark_get(port, blob, T, nreq) * blob;
                     }
-                    double g = median(got, rounds), v = median(ver, rounds), b = median(rb, rounds);
-                    printf("  %-9d %12.0f %12.0f %14.0f %8.2f\n", T, g / 1e6, v / 1e6, b / 1e6,
-                           b > 0 ? g / b : 0);
+                    double g = median(got, rounds), v = median(ver, rounds), b = median(rb, rounds),
+                           u = median(un, rounds);
+                    printf("  %-9d %12.0f %12.0f %14.0f %8.2f %12.0f %10.2f\n", T, g / 1e6, v / 1e6,
+                           b / 1e6, b > 0 ? g / b : 0, u / 1e6, g > 0 ? u / g : 0);
                 }
+                cake_store_close(su);
                 cake_store_close(s);
                 stop_redis();
                 free_chunks(&cs);

@@ -158,12 +158,14 @@ run_store load
     pass "a corrupt chunk: same ids, store_error names it" ||
     fail "corrupt chunk: $(fields) store_error=$(json_field store_error "$tmp/out") $(cat "$tmp/err")"
 "$CAKE" run -m "$tmp/tiny-f16.gguf" --tokens "$ids" -n 6 --temp 0 --chunk 16 \
-    --store "redis://127.0.0.1:1?timeout=200" --json >"$tmp/out" 2>"$tmp/err"
+    --store "redis://cake:hunter2@127.0.0.1:1?timeout=200" --json >"$tmp/out" 2>"$tmp/err"
 [ "$(json_field generated_ids "$tmp/out")" = "$cold" ] &&
     json_field store_error "$tmp/out" | grep -q '^"lookup: .*unreachable' &&
     json_field writeback_error "$tmp/out" | grep -q '^"chunk 0: .*unreachable' &&
-    grep -q "(computed instead)$" "$tmp/err" && grep -q "write-back chunk 0: .*(not stored)$" "$tmp/err" &&
-    pass "Redis down: same ids, the lookup and write-back errors said" ||
+    grep -q "^cake run: store redis://cake:\*\*\*@127.0.0.1:1?timeout=200: .*(computed instead)$" "$tmp/err" &&
+    grep -q "write-back chunk 0: .*(not stored)$" "$tmp/err" &&
+    ! grep -q hunter2 "$tmp/out" "$tmp/err" "$CAKE_HINTS" &&
+    pass "Redis down: same ids, the lookup and write-back errors said, the password never" ||
     fail "Redis down: $(fields) $(cat "$tmp/out") $(cat "$tmp/err")"
 [ "$(grep -c "^speed [0-9a-f]\{32\}/cpu/[0-9]*t/16 [1-9][0-9]* " "$CAKE_HINTS")" = 1 ] &&
     [ "$(grep -c "^rate $st [0-9.e+-]*$" "$CAKE_HINTS")" = 1 ] && pass "hints file" ||

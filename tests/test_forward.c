@@ -827,6 +827,7 @@ static float *check_vs_reference(const char *path, const char *what, cake_hparam
 /* The engine against the reference: the llama model (checks the reference),
  * and its qwen2 copy with q/k/v biases. */
 static void test_qwen2_reference(void **state) {
+    SKIP_UNDER_TSAN();
     (void)state;
     char base[64];
     assert_int_equal(test_make_model("tiny", "f32", base), 0);
@@ -874,6 +875,7 @@ static void check_qwen3(const char *shape) {
 }
 
 static void test_qwen3_reference(void **state) {
+    SKIP_UNDER_TSAN();
     (void)state;
     check_qwen3("tiny");
     check_qwen3("tiny-wide");
@@ -966,6 +968,7 @@ static int shared_q8_0(const char *name, int type) {
  * shared expert Q8_0 too) against the reference; chunk invariance; the
  * CUDA backend refuses. */
 static void test_qwen2moe(void **state) {
+    SKIP_UNDER_TSAN();
     (void)state;
     char base[64], q8[64], qwen[96], qwen_q8[96];
     assert_int_equal(test_make_model("tiny-moe", "f32", base), 0);
@@ -1003,6 +1006,7 @@ static void test_qwen2moe(void **state) {
  * reference; each scale matters; chunk invariance; the CUDA backend
  * refuses. */
 static void test_granite(void **state) {
+    SKIP_UNDER_TSAN();
     (void)state;
     char base[64], q8[64], moe[64];
     assert_int_equal(test_make_model("tiny", "f32", base), 0);
@@ -1082,6 +1086,7 @@ static void test_granite(void **state) {
  * longer); attn_factor scales the scores by its square (the reference
  * holds the twin with it); a sliding window applies. */
 static void test_phi3(void **state) {
+    SKIP_UNDER_TSAN();
     (void)state;
     char base[64], twin[96], phi3[96];
     assert_int_equal(test_make_model("tiny", "f32", base), 0);
@@ -1168,6 +1173,7 @@ static void test_phi3(void **state) {
  * against the reference on a 40-token prompt; chunked prefill; the CUDA
  * backend refuses it. */
 static void test_gemma3(void **state) {
+    SKIP_UNDER_TSAN();
     (void)state;
     char base[64], gemma[96];
     assert_int_equal(test_make_model("tiny-6", "f32", base), 0);
@@ -1206,6 +1212,7 @@ static void test_gemma3(void **state) {
  * 40-token prompt; the caps matter; chunked prefill; the CUDA backend
  * refuses it. */
 static void test_gemma2(void **state) {
+    SKIP_UNDER_TSAN();
     (void)state;
     char base[64], gemma[96];
     assert_int_equal(test_make_model("tiny-6", "f32", base), 0);
@@ -1245,6 +1252,7 @@ static void test_gemma2(void **state) {
  * all; a llama file (interleaved pairs) with it is refused; the CUDA backend
  * refuses it. */
 static void test_partial_rope(void **state) {
+    SKIP_UNDER_TSAN();
     (void)state;
     char base[64], part[96], llama[96];
     assert_int_equal(test_make_model("tiny", "f32", base), 0);
@@ -1430,6 +1438,7 @@ static void test_kv_quantized(void **state) {
 }
 
 static void test_unsupported_weight_type(void **state) {
+    SKIP_UNDER_TSAN();
     (void)state;
     char base[64], path[96], err[512];
     assert_int_equal(test_make_model("tiny-256", "f32", base), 0);
@@ -1465,6 +1474,7 @@ static void test_unsupported_weight_type(void **state) {
  * inputs 5e-7 from a tie: the check failed by 0.01 while the kernels
  * matched the decoder exactly.) */
 static void test_other_quants(void **state) {
+    SKIP_UNDER_TSAN();
     (void)state;
     char base[64], mixed[96], twin[96];
     assert_int_equal(test_make_model("tiny-256", "f32", base), 0);
@@ -1531,6 +1541,7 @@ static int quantize_experts(const char *name, int type) {
 }
 
 static void test_experts_kquants(void **state) {
+    SKIP_UNDER_TSAN();
     (void)state;
     char base[64], quant[96], twin[96];
     assert_int_equal(test_make_model("tiny-moe-256", "f32", base), 0);
@@ -1730,6 +1741,7 @@ static int by_rank(const void *a, const void *b, void *ctx) {
 }
 
 static void test_sampler_large(void **state) {
+    SKIP_UNDER_TSAN();
     (void)state;
     enum { N = 3000 };
     static float logits[32000];
@@ -1895,6 +1907,7 @@ static void test_json_grammar(void **state) {
  * object (after whitespace); no end token until it is closed, then only
  * those. Sampling under it from random logits, however hot, gives JSON. */
 static void test_json_mask(void **state) {
+    SKIP_UNDER_TSAN();
     (void)state;
     char path[64];
     assert_int_equal(test_make_model("tiny", "f16", path), 0);

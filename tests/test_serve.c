@@ -1486,21 +1486,38 @@ static const char *LONG_PROMPT =
 /* A prompt's chunks stored by one server are loaded by the next on the same
  * store, with the same answer; the same prompt again finds them in the
  * slot's KV cache; after Redis died the answer is computed, the same. In
- * load mode: in cake mode the tiny model computes faster than it loads. */
+ * load mode: in cake mode the tiny model computes faster than it loads. The
+ * Redis wants a password (a wrong one is a warning at start). */
 static void test_store_reuse(void **state) {
     (void)state;
     char dir[] = "/tmp/cake-test-serve-store-XXXXXX", uri[128];
     assert_non_null(mkdtemp(dir));
     snprintf(uri, sizeof(uri), "file:%s", dir);
     t_redis redis = {0};
-    const int have_redis = t_redis_available() && t_redis_start(&redis, 0) == 0;
+    const char *const password[] = {"--requirepass", "s3cret pw", NULL};
+    const int have_redis = t_redis_available() && t_redis_start_with(&redis, 0, password) == 0;
     if (!have_redis) print_message("skip: the Redis half (no redis-server)\n");
     char redis_uri[160];
-    snprintf(redis_uri, sizeof(redis_uri), "%s?timeout=300", redis.uri);
+    snprintf(redis_uri, sizeof(redis_uri), "redis://:s3cret%%20pw@127.0.0.1:%d?timeout=300",
+             redis.port);
 
     for (int which = 0; which < 1 + have_redis; which++) {
         const char *store = which ? redis_uri : uri;
         t_server s;
+        if (which) { /* a wrong password: the server says so at start (and not the password) */
+            char wrong[160];
+            snprintf(wrong, sizeof(wrong), "redis://:bad-pw@127.0.0.1:%d?timeout=300", redis.port);
+            assert_int_equal(serve_start(&s, g_tiny, "--store", wrong, NULL), 0);
+            char log[4096] = "";
+            FILE *f = fopen(s.log, "r");
+            assert_non_null(f);
+            log[fread(log, 1, sizeof(log) - 1, f)] = '\0';
+            fclose(f);
+            if (!strstr(log, "warning: store redis://:***@127.0.0.1:") ||
+                !strstr(log, "WRONGPASS") || strstr(log, "bad-pw"))
+                fail_msg("the server's start-up log: %s", log);
+            assert_int_equal(serve_stop(&s), 0);
+        }
         assert_int_equal(
             serve_start(&s, g_tiny, "--store", store, "--chunk", "16", "--mode", "load", NULL), 0);
 #define LONG_REQUEST "{\"prompt\":\"%s\",\"max_tokens\":12,\"temperature\":0}"

@@ -195,7 +195,7 @@ static inline int t_port_answers(int port) {
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
         char buf[16] = {0};
         ok = write(fd, "PING\r\n", 6) == 6 && read(fd, buf, sizeof(buf) - 1) > 0 &&
-             !strncmp(buf, "+PONG", 5);
+             (!strncmp(buf, "+PONG", 5) || !strncmp(buf, "-NOAUTH", 7)); /* up, wants AUTH */
     }
     if (fd >= 0) close(fd);
     return ok;
@@ -205,8 +205,9 @@ static inline int t_redis_available(void) {
     return system("command -v redis-server >/dev/null 2>&1") == 0;
 }
 
-/* Starts redis-server on port (0 = a free one). 0 ok. */
-static inline int t_redis_start(t_redis *r, int port) {
+/* Starts redis-server on port (0 = a free one), with extra arguments (NULL
+ * or NULL-ended) after the usual ones. 0 ok. */
+static inline int t_redis_start_with(t_redis *r, int port, const char *const *extra) {
     for (int attempt = 0; attempt < 5; attempt++) {
         r->port = port ? port : t_free_port();
         if (r->port <= 0) return -1;
@@ -220,9 +221,14 @@ static inline int t_redis_start(t_redis *r, int port) {
                 dup2(devnull, 1);
                 dup2(devnull, 2);
             }
-            execlp("redis-server", "redis-server", "--port", portstr, "--bind", "127.0.0.1",
-                   "--save", "", "--appendonly", "no", "--daemonize", "no", "--dir", "/tmp",
-                   "--protected-mode", "no", (char *)NULL);
+            const char *argv[64] = {"redis-server", "--port",           portstr, "--bind",
+                                    "127.0.0.1",    "--save",           "",      "--appendonly",
+                                    "no",           "--daemonize",      "no",    "--dir",
+                                    "/tmp",         "--protected-mode", "no"};
+            int n = 15;
+            for (int i = 0; extra && extra[i] && n < 63; i++) argv[n++] = extra[i];
+            argv[n] = NULL;
+            execvp("redis-server", (char *const *)argv);
             _exit(127);
         }
         for (int i = 0; i < 500; i++) { /* up to 5 s */
@@ -240,6 +246,10 @@ static inline int t_redis_start(t_redis *r, int port) {
         if (port) return -1;
     }
     return -1;
+}
+
+static inline int t_redis_start(t_redis *r, int port) {
+    return t_redis_start_with(r, port, NULL);
 }
 
 static inline void t_redis_stop(t_redis *r) {

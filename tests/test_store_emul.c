@@ -119,6 +119,59 @@ static void test_parse_uri(void **state) {
     assert_string_equal(p.kind, "mem");
     assert_int_equal(p.capacity, 1000000000ull);
 
+    /* Redis users and passwords, percent-decoded; unix sockets; IPv6 */
+    unsetenv("CAKE_REDIS_PASSWORD");
+    assert_int_equal(cake_store_parse_uri("redis://al%69ce:s%40cr%2Ft%20x@10.0.0.5:6380/2", &p, err,
+                                          sizeof(err)),
+                     0);
+    assert_string_equal(p.user, "alice");
+    assert_string_equal(p.password, "s@cr/t x");
+    assert_string_equal(p.host, "10.0.0.5");
+    assert_int_equal(p.port, 6380);
+    assert_int_equal(p.db, 2);
+    /* unescaped '@' and '/' in a password: the userinfo ends at the last '@' */
+    assert_int_equal(cake_store_parse_uri("redis://:p@ss/w@h:1/4", &p, err, sizeof(err)), 0);
+    assert_string_equal(p.user, "");
+    assert_string_equal(p.password, "p@ss/w");
+    assert_string_equal(p.host, "h");
+    assert_int_equal(p.port, 1);
+    assert_int_equal(p.db, 4);
+    assert_int_equal(cake_store_parse_uri("redis://[::1]:6390?db=5", &p, err, sizeof(err)), 0);
+    assert_string_equal(p.host, "::1");
+    assert_int_equal(p.port, 6390);
+    assert_int_equal(p.db, 5);
+    assert_string_equal(p.password, "");
+    assert_int_equal(cake_store_parse_uri("redis://[fe80::2]", &p, err, sizeof(err)), 0);
+    assert_string_equal(p.host, "fe80::2");
+    assert_int_equal(p.port, 6379);
+    assert_int_equal(
+        cake_store_parse_uri("redis+unix://:pw@/run/redis/redis.sock?db=3", &p, err, sizeof(err)),
+        0);
+    assert_string_equal(p.kind, "redis");
+    assert_string_equal(p.socket, "/run/redis/redis.sock");
+    assert_string_equal(p.password, "pw");
+    assert_int_equal(p.db, 3);
+    /* a password from the environment, unless the URI has one */
+    setenv("CAKE_REDIS_PASSWORD", "from env", 1);
+    assert_int_equal(cake_store_parse_uri("redis://cake@h", &p, err, sizeof(err)), 0);
+    assert_string_equal(p.user, "cake");
+    assert_string_equal(p.password, "from env");
+    assert_int_equal(cake_store_parse_uri("redis://:mine@h", &p, err, sizeof(err)), 0);
+    assert_string_equal(p.password, "mine");
+    unsetenv("CAKE_REDIS_PASSWORD");
+    /* what messages show */
+    char shown[256];
+    assert_string_equal(
+        cake_store_redact_uri("redis://alice:s3cret@h:1/2?timeout=5", shown, sizeof(shown)),
+        "redis://alice:***@h:1/2?timeout=5");
+    assert_string_equal(cake_store_redact_uri("redis://:p@ss/w@h", shown, sizeof(shown)),
+                        "redis://:***@h");
+    assert_string_equal(cake_store_redact_uri("redis+unix://:pw@/run/r.sock", shown, sizeof(shown)),
+                        "redis+unix://:***@/run/r.sock");
+    assert_string_equal(cake_store_redact_uri("redis://h:1?bw=1Gbit", shown, sizeof(shown)),
+                        "redis://h:1?bw=1Gbit");
+    assert_string_equal(cake_store_redact_uri("file:/a:b@c", shown, sizeof(shown)), "file:/a:b@c");
+
     struct {
         const char *uri, *want;
     } bad[] = {
@@ -137,7 +190,16 @@ static void test_parse_uri(void **state) {
         {"redis://h:0", "bad port"},
         {"redis://h:99999", "bad port"},
         {"redis://h:12x", "bad port"},
-        {"redis://:6379", "HOST:PORT"},
+        {"redis://:6379", "HOST[:PORT]"},
+        {"redis://alice@h", "without a password"},
+        {"redis://:bad%zzsecret@h", "bad password"},
+        {"redis://:secret@h:99999", "redis://:***@h:99999: bad port"},
+        {"redis://:secret@h?db=x", "redis://:***@h?db=x: bad db=x"},
+        {"redis://[::1:6379", "[IPV6]"},
+        {"redis://[::1]x", "[IPV6]"},
+        {"redis+unix://h/x.sock", "redis+unix:///PATH"},
+        {"redis+unix://", "redis+unix:///PATH"},
+        {"file:/x?db=1", "only for redis"},
         {"redis://h:6379/x", "database"},
         {"redis://h:6379?timeout=0", "timeout=0"},
         {"file:/x?readers=0", "readers=0"},
@@ -152,6 +214,8 @@ static void test_parse_uri(void **state) {
             fail_msg("URI '%s' accepted", bad[i].uri);
         if (!strstr(err, bad[i].want))
             fail_msg("URI '%s': error should mention '%s': %s", bad[i].uri, bad[i].want, err);
+        if (strstr(err, "secret"))
+            fail_msg("URI '%s': the password in the error: %s", bad[i].uri, err);
     }
     cake_store *s;
     assert_int_equal(cake_store_open("file:/x?zap=1", &s, err, sizeof(err)), -1);

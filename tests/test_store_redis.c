@@ -3,7 +3,8 @@
  * listings, databases, concurrent threads, and the failures: Redis killed
  * between exists and get, Redis down from the start, Redis hung (SIGSTOP),
  * Redis restarted (the store reconnects), a chunk over the server's size
- * limit, a big chunk read straight into the buffer, whole or corrupt. A failure is a miss within
+ * limit, a big chunk read straight into the buffer, whole or corrupt,
+ * passwords and the unix socket. A failure is a miss within
  * the timeout, never a hang, a crash or wrong data. Skipped (with a message) when redis-server is
  * not installed. */
 #include <stdarg.h>
@@ -658,6 +659,100 @@ static void test_redis_bad_replies(void **state) {
     }
 }
 
+/* Put chunk i, read it back whole, count it, delete it: 0, or -1 with err. */
+static int auth_roundtrip(cake_store *s, fx *f, int i, char *err, size_t errlen) {
+    size_t len = 0;
+    cake_store_usage u;
+    if (cake_store_put(s, &f->h[i].key, f->blob[i], f->len, err, errlen) ||
+        cake_store_get_verified(s, &f->h[i], f->buf, f->cap, &len, err, errlen) ||
+        cake_store_usage_get(s, &u, err, errlen))
+        return -1;
+    if (len != f->len || memcmp(f->buf, f->blob[i], len) || u.n_chunks != 1) {
+        snprintf(err, errlen, "read back %zu bytes, listed %llu chunks", len,
+                 (unsigned long long)u.n_chunks);
+        return -1;
+    }
+    return cake_store_del(s, &f->h[i].key, err, errlen) == 0 ? 0 : -1;
+}
+
+/* A Redis that wants passwords: the default user's (requirepass, with a
+ * space) and an ACL user's with '@' and '/' (percent-escaped in the URIs),
+ * who may only touch cake:* keys with the store's commands (no CONFIG: the
+ * size limit is then taken as Redis's default). The right passwords work
+ * over TCP and the unix socket, in a database, and from
+ * $CAKE_REDIS_PASSWORD; a wrong or missing one fails the check, makes every
+ * call a quick miss or failure that says why, and is never shown. */
+static void test_redis_auth(void **state) {
+    NEED_REDIS();
+    fx *f = *state;
+    char sock[64], err[512], uri[512];
+    snprintf(sock, sizeof(sock), "/tmp/cake-test-redis-%d.sock", (int)getpid());
+    const char *extra[] = {"--requirepass",
+                           "pw one",
+                           "--unixsocket",
+                           sock,
+                           "--unixsocketperm",
+                           "700",
+                           "--user",
+                           "cake",
+                           "on",
+                           ">c@ke/pw",
+                           "~cake:*",
+                           "+get",
+                           "+set",
+                           "+exists",
+                           "+del",
+                           "+scan",
+                           "+strlen",
+                           "+getrange",
+                           "+object|idletime",
+                           "+select",
+                           NULL};
+    t_redis r = {0};
+    if (t_redis_start_with(&r, 0, extra)) fail_msg("cannot start redis-server with passwords");
+    for (int i = 0; i < 4; i++) {
+        if (i == 0) snprintf(uri, sizeof(uri), "redis://:pw%%20one@127.0.0.1:%d", r.port);
+        if (i == 1) snprintf(uri, sizeof(uri), "redis://cake:c%%40ke%%2Fpw@127.0.0.1:%d/1", r.port);
+        if (i == 2) snprintf(uri, sizeof(uri), "redis+unix://:pw%%20one@%s", sock);
+        if (i == 3) snprintf(uri, sizeof(uri), "redis://127.0.0.1:%d", r.port);
+        if (i == 3) setenv("CAKE_REDIS_PASSWORD", "pw one", 1);
+        cake_store *s;
+        err[0] = '\0';
+        const int rc = cake_store_open(uri, &s, err, sizeof(err));
+        unsetenv("CAKE_REDIS_PASSWORD");
+        if (rc) fail_msg("%s: %s", uri, err);
+        if (cake_store_check(s, err, sizeof(err)) || auth_roundtrip(s, f, i, err, sizeof(err)))
+            fail_msg("%s: %s", uri, err);
+        if (strstr(cake_store_uri(s), "pw") || (i < 3 && !strstr(cake_store_uri(s), ":***@")))
+            fail_msg("%s shown as %s", uri, cake_store_uri(s));
+        cake_store_close(s);
+    }
+
+    struct {
+        const char *userinfo, *why;
+    } bad[] = {{":wrong-pw@", "WRONGPASS"}, {"cake:wrong-pw@", "WRONGPASS"}, {"", "NOAUTH"}};
+    for (int i = 0; i < 3; i++) {
+        snprintf(uri, sizeof(uri), "redis://%s127.0.0.1:%d?timeout=300", bad[i].userinfo, r.port);
+        cake_store *s;
+        assert_int_equal(cake_store_open(uri, &s, err, sizeof(err)), 0);
+        if (!cake_store_check(s, err, sizeof(err)) || !strstr(err, bad[i].why))
+            fail_msg("%s: check: '%s', want %s", uri, err, bad[i].why);
+        if (i == 2 && !strstr(err, "CAKE_REDIS_PASSWORD"))
+            fail_msg("%s: the NOAUTH message does not say how to give a password: %s", uri, err);
+        size_t len = 0;
+        const double t0 = t_now();
+        assert_int_equal(cake_store_put(s, &f->h[0].key, f->blob[0], f->len, err, sizeof(err)), -1);
+        assert_int_equal(
+            cake_store_get_verified(s, &f->h[0], f->buf, f->cap, &len, err, sizeof(err)), 1);
+        if (t_now() - t0 > 2.0) fail_msg("%s: %.1f s to fail", uri, t_now() - t0);
+        if (strstr(err, "wrong-pw") || strstr(cake_store_uri(s), "wrong-pw"))
+            fail_msg("%s: the password shown: %s / %s", uri, err, cake_store_uri(s));
+        cake_store_close(s);
+    }
+    t_redis_stop(&r);
+    unlink(sock);
+}
+
 int main(void) {
     if (!t_redis_available()) fprintf(stderr, "skip: redis-server not installed\n");
 #define T(fn) cmocka_unit_test_setup_teardown(fn, setup, teardown)
@@ -673,6 +768,7 @@ int main(void) {
         T(test_redis_chunk_over_max_bulk),
         T(test_redis_big_chunk),
         T(test_redis_bad_replies),
+        T(test_redis_auth),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }

@@ -15,6 +15,21 @@
  * Latin-1 bytes stand for themselves, the other 68 for U+0100 upwards. */
 const char *test_gpt2_byte_char(int b);
 
+/* ThreadSanitizer (scripts/test.sh runs the threaded tests under it, ~10x
+ * slower) looks for races, which depend on how work is split over threads,
+ * not on the arithmetic. A test whose threads split the work as another
+ * test's do (a model variant, a weight type, the sampler) starts with this:
+ * TSan skips it, every other build runs it. */
+#ifdef __SANITIZE_THREAD__
+#define SKIP_UNDER_TSAN()                                                                          \
+    do {                                                                                           \
+        print_message("skip under TSan: its threads work as another test's\n");                    \
+        skip();                                                                                    \
+    } while (0)
+#else
+#define SKIP_UNDER_TSAN() ((void)0)
+#endif
+
 /* Directory of the shared test models (env CAKE_TEST_MODELS, else the build's
  * default ../shared/models). */
 const char *test_models_dir(void);

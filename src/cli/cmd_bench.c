@@ -657,7 +657,7 @@ static int bench_ttft(int argc, char **argv) {
         return cli_error(CLI_FAIL, "bench", "cannot create %s: %s", out, strerror(errno));
     int own_dir = !store_dir && !store_uri;
     if (store_uri) {
-        snprintf(dir, sizeof(dir), "%s", store_uri); /* named in messages */
+        cake_store_redact_uri(store_uri, dir, sizeof(dir)); /* named in messages */
     } else if (own_dir) {
         snprintf(dir, sizeof(dir), "%s/store-XXXXXX", out);
         if (!mkdtemp(dir)) return cli_error(CLI_FAIL, "bench", "cannot create a store folder");
@@ -757,7 +757,7 @@ static int bench_ttft(int argc, char **argv) {
         /* Cold run: fills the store (and warms up every weight page). */
         cake_store *plain = NULL;
         if (cake_store_open(base, &plain, err, sizeof(err))) {
-            cli_error(CLI_FAIL, "bench", "%s: %s", base, err);
+            cli_error(CLI_FAIL, "bench", "%s: %s", dir, err);
             goto done;
         }
         cake_writeback *wb = cake_writeback_create(plain, 4096, err, sizeof(err));
@@ -799,12 +799,12 @@ static int bench_ttft(int argc, char **argv) {
                 snprintf(uri, sizeof(uri), "%s%cbw=%.6gGbit", base, strchr(base, '?') ? '&' : '?',
                          bws[bi]);
                 if (cake_store_open(uri, &s, err, sizeof(err))) {
-                    cli_error(CLI_FAIL, "bench", "%s: %s", uri, err);
+                    cli_error(CLI_FAIL, "bench", "%s: %s", dir, err);
                     goto done;
                 }
                 if (master && copy_store(master, s, err, sizeof(err))) {
                     cake_store_close(s);
-                    cli_error(CLI_FAIL, "bench", "copying the store into %s: %s", uri, err);
+                    cli_error(CLI_FAIL, "bench", "copying the store into %s: %s", dir, err);
                     goto done;
                 }
                 /* Load-only always runs: it is also the standalone Load curve. */

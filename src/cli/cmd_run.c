@@ -403,7 +403,9 @@ int cmd_run(int argc, char **argv) {
     }
     if (o.store) {
         if (cake_store_open(o.store, &store, err, sizeof(err))) {
-            cli_error(CLI_FAIL, "run", "--store %s: %s", o.store, err);
+            char shown[1024];
+            cli_error(CLI_FAIL, "run", "--store %s: %s",
+                      cake_store_redact_uri(o.store, shown, sizeof(shown)), err);
             goto done;
         }
         if (!(wb = cake_writeback_create(store, 1024, err, sizeof(err)))) {
@@ -469,7 +471,7 @@ int cmd_run(int argc, char **argv) {
         cli_hints_speed_key(speed_key, sizeof(speed_key), ctx,
                             o.backend == CAKE_BACKEND_CUDA ? "cuda" : "cpu", o.chunk);
         speed = le.speed;
-        cli_hints_load(speed_key, speed, o.store, store);
+        cli_hints_load(speed_key, speed, cake_store_uri(store), store);
     }
     if (!o.seed_set) o.seed = (unsigned long long)time(NULL);
     cake_sampler_params sp = {.temperature = (float)o.temp,
@@ -525,7 +527,7 @@ int cmd_run(int argc, char **argv) {
     }
     /* The next run should find this one's chunks: wait (bounded) for the writes. */
     int wb_dropped = wb ? cake_writeback_drain(wb, 60000) : 0;
-    if (store) cli_hints_save(speed_key, speed, o.store, store);
+    if (store) cli_hints_save(speed_key, speed, cake_store_uri(store), store);
     cake_writeback_counters wbc = {0};
     if (wb) cake_writeback_counters_get(wb, &wbc);
     if (o.dump_logits && write_logits(o.dump_logits, first_logits, hp->n_vocab, err, sizeof(err))) {
@@ -585,9 +587,10 @@ int cmd_run(int argc, char **argv) {
                 (unsigned long long)wbc.failed, ps->writeback_dropped + wb_dropped);
     /* The output never depends on the store; still, say why it did not help. */
     if (ps->store_error[0])
-        fprintf(stderr, "cake run: store %s: %s (computed instead)\n", o.store, ps->store_error);
+        fprintf(stderr, "cake run: store %s: %s (computed instead)\n", cake_store_uri(store),
+                ps->store_error);
     if (wbc.first_error[0])
-        fprintf(stderr, "cake run: store %s: write-back %s (not stored)\n", o.store,
+        fprintf(stderr, "cake run: store %s: write-back %s (not stored)\n", cake_store_uri(store),
                 wbc.first_error);
     rc = CLI_OK;
 done:

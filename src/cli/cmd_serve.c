@@ -217,9 +217,16 @@ int cmd_serve(int argc, char **argv) {
     char speed_key[96] = "";
     rc = CLI_FAIL;
     if (o.store && cake_store_open(o.store, &store, err, sizeof(err))) {
-        cli_error(CLI_FAIL, "serve", "--store %s: %s", o.store, err);
+        char shown[1024];
+        cli_error(CLI_FAIL, "serve", "--store %s: %s",
+                  cake_store_redact_uri(o.store, shown, sizeof(shown)), err);
         goto done;
     }
+    /* A Redis that is down or refuses the password is not fatal (requests
+     * compute, and load once it answers), but the operator should know. */
+    if (store && cake_store_check(store, err, sizeof(err)))
+        fprintf(stderr, "cake serve: warning: store %s: %s (lookups miss until it answers)\n",
+                cake_store_uri(store), err);
     if (cake_model_load(o.model, &model, err, sizeof(err))) {
         cli_error(CLI_FAIL, "serve", "%s", err);
         goto done;
@@ -248,7 +255,7 @@ int cmd_serve(int argc, char **argv) {
         cli_hints_speed_key(speed_key, sizeof(speed_key), pool_engine(pool),
                             o.backend == CAKE_BACKEND_CUDA ? "cuda" : "cpu", o.chunk);
         cake_compute_speed speed = {0};
-        cli_hints_load(speed_key, &speed, o.store, store);
+        cli_hints_load(speed_key, &speed, cake_store_uri(store), store);
         pool_speed_set(pool, &speed);
     }
     if (!(name = strdup(o.name ? o.name : o.model))) goto done;
@@ -270,7 +277,7 @@ int cmd_serve(int argc, char **argv) {
     fprintf(stderr,
             "cake serve: %s, context %d, chat format %s; store %s (mode %s, chunk %ld); %ld "
             "slot(s) batched %ld tokens a step, queue %ld%s\n",
-            am.name, am.n_ctx, chat_format_name(am.chat), o.store ? o.store : "none",
+            am.name, am.n_ctx, chat_format_name(am.chat), store ? cake_store_uri(store) : "none",
             cake_mode_name(pc.mode), o.chunk, o.slots, o.batch, o.queue,
             o.api_key ? "; API key required" : "");
     fprintf(stderr, "cake serve: listening on http://%s:%d\n", o.host, server_port(server));
@@ -285,7 +292,7 @@ done:
     if (pool && store && rc == CLI_OK) {
         cake_compute_speed speed;
         pool_speed_get(pool, &speed);
-        cli_hints_save(speed_key, &speed, o.store, store);
+        cli_hints_save(speed_key, &speed, store ? cake_store_uri(store) : NULL, store);
     }
     pool_free(pool); /* write-backs drained */
     cake_model_free(model);

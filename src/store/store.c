@@ -245,6 +245,140 @@ static int parse_bool(const char *v, int *out) {
     return 0;
 }
 
+/* ---- URIs ---- */
+
+/* Where a Redis URI's "USER:PASSWORD@" ends (the last '@' before the query),
+ * or NULL; *auth is where it starts. Other URIs have none. */
+static const char *redis_userinfo_end(const char *uri, const char **auth) {
+    const size_t skip = !strncmp(uri, "redis://", 8)         ? 8
+                        : !strncmp(uri, "redis+unix://", 13) ? 13
+                                                             : 0;
+    if (!skip) return NULL;
+    *auth = uri + skip;
+    const char *q = strchr(*auth, '?'), *at = NULL;
+    for (const char *x = *auth; *x && (!q || x < q); x++)
+        if (*x == '@') at = x;
+    return at;
+}
+
+const char *cake_store_redact_uri(const char *uri, char *out, size_t n) {
+    const char *auth, *at = redis_userinfo_end(uri, &auth);
+    const char *colon = at ? memchr(auth, ':', (size_t)(at - auth)) : NULL;
+    if (!colon)
+        snprintf(out, n, "%s", uri);
+    else
+        snprintf(out, n, "%.*s***%s", (int)(colon + 1 - uri), uri, at);
+    return out;
+}
+
+static int hex_digit(int c) {
+    if (c >= '0' && c <= '9') return c - '0';
+    c |= 0x20;
+    return c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+}
+
+/* s[0..n) with its %XX escapes decoded into out (cap bytes, NUL-ended); -1 on
+ * a bad escape, an escaped NUL or no room. */
+static int percent_decode(const char *s, size_t n, char *out, size_t cap) {
+    size_t o = 0;
+    for (size_t i = 0; i < n; i++) {
+        int c = (unsigned char)s[i];
+        if (c == '%') {
+            if (i + 2 >= n) return -1;
+            const int a = hex_digit(s[i + 1]), b = hex_digit(s[i + 2]);
+            if (a < 0 || b < 0 || !(c = a * 16 + b)) return -1;
+            i += 2;
+        }
+        if (o + 1 >= cap) return -1;
+        out[o++] = (char)c;
+    }
+    out[o] = '\0';
+    return 0;
+}
+
+/* A Redis database number (Redis has 16 unless configured otherwise). */
+static int parse_db(const char *s, cake_store_params *p) {
+    char *end;
+    const long db = strtol(s, &end, 10);
+    if (end == s || *end || db < 0 || db > 1000000) return -1;
+    p->db = (int)db;
+    return 0;
+}
+
+/* redis://[[USER]:PASSWORD@]HOST[:PORT][/DB] and
+ * redis+unix://[[USER]:PASSWORD@]/PATH (base: the URI without its query). */
+static int parse_redis(const char *base, const char *shown, cake_store_params *p, char *err,
+                       size_t errlen) {
+    const int is_unix = !strncmp(base, "redis+unix://", 13);
+    const char *auth, *at = redis_userinfo_end(base, &auth), *h = at ? at + 1 : auth;
+    if (at) {
+        const char *colon = memchr(auth, ':', (size_t)(at - auth));
+        const size_t ulen = (size_t)((colon ? colon : at) - auth);
+        if (percent_decode(auth, ulen, p->user, sizeof(p->user)))
+            return cake_err(err, errlen, "store %s: bad user name (escape '%%' as %%25)", shown);
+        if (colon &&
+            percent_decode(colon + 1, (size_t)(at - colon - 1), p->password, sizeof(p->password)))
+            return cake_err(err, errlen,
+                            "store %s: bad password (at most %zu bytes; escape '%%' as %%25)",
+                            shown, sizeof(p->password) - 1);
+    }
+    if (!p->password[0]) { /* kept off the command line */
+        const char *env = getenv("CAKE_REDIS_PASSWORD");
+        if (env && strlen(env) < sizeof(p->password)) strcpy(p->password, env);
+    }
+    if (p->user[0] && !p->password[0])
+        return cake_err(err, errlen,
+                        "store %s: user '%s' without a password (give "
+                        "USER:PASSWORD@, or the password in CAKE_REDIS_PASSWORD)",
+                        shown, p->user);
+
+    if (is_unix) {
+        if (h[0] != '/' || !h[1])
+            return cake_err(err, errlen, "store %s: expected redis+unix:///PATH/TO/SOCKET", shown);
+        if (strlen(h) >= sizeof(p->socket))
+            return cake_err(err, errlen, "store %s: socket path over %zu bytes", shown,
+                            sizeof(p->socket) - 1);
+        strcpy(p->socket, h);
+        return 0;
+    }
+
+    const char *slash = strchr(h, '/'), *end = slash ? slash : h + strlen(h), *port = NULL;
+    const char *host = h, *host_end;
+    if (*h == '[') { /* [IPv6] */
+        host = h + 1;
+        host_end = memchr(host, ']', (size_t)(end - host));
+        if (!host_end || (host_end + 1 < end && host_end[1] != ':'))
+            return cake_err(err, errlen, "store %s: expected redis://[IPV6]:PORT", shown);
+        if (host_end + 1 < end) port = host_end + 2;
+    } else {
+        host_end = memchr(h, ':', (size_t)(end - h));
+        if (host_end)
+            port = host_end + 1;
+        else
+            host_end = end;
+    }
+    const size_t host_len = (size_t)(host_end - host);
+    if (!host_len || host_len >= sizeof(p->host))
+        return cake_err(err, errlen, "store %s: expected redis://HOST[:PORT][/DB]", shown);
+    memcpy(p->host, host, host_len);
+    p->host[host_len] = '\0';
+    if (port) {
+        char num[16];
+        const size_t plen = (size_t)(end - port);
+        char *e;
+        if (!plen || plen >= sizeof(num)) return cake_err(err, errlen, "store %s: bad port", shown);
+        memcpy(num, port, plen);
+        num[plen] = '\0';
+        const long v = strtol(num, &e, 10);
+        if (*e || v < 1 || v > 65535)
+            return cake_err(err, errlen, "store %s: bad port '%s'", shown, num);
+        p->port = (int)v;
+    }
+    if (slash && slash[1] && parse_db(slash + 1, p))
+        return cake_err(err, errlen, "store %s: bad database number '%s'", shown, slash + 1);
+    return 0;
+}
+
 static int parse_param(cake_store_params *p, const char *name, const char *val, const char *uri,
                        char *err, size_t errlen) {
     int is_file = !strcmp(p->kind, "file"), is_redis = !strcmp(p->kind, "redis");
@@ -291,6 +425,10 @@ static int parse_param(cake_store_params *p, const char *name, const char *val, 
         if (cake_parse_size(val, &p->ram) || !p->ram)
             return cake_err(err, errlen, "store %s: bad ram=%s (a size such as 2GiB, 512MiB)", uri,
                             val);
+    } else if (!strcmp(name, "db")) {
+        if (!is_redis) return cake_err(err, errlen, "store %s: db= is only for redis stores", uri);
+        if (parse_db(val, p))
+            return cake_err(err, errlen, "store %s: bad db=%s (a database number)", uri, val);
     } else if (!strcmp(name, "timeout")) {
         if (!is_redis)
             return cake_err(err, errlen, "store %s: timeout= is only for redis stores", uri);
@@ -301,7 +439,7 @@ static int parse_param(cake_store_params *p, const char *name, const char *val, 
     } else {
         return cake_err(err, errlen,
                         "store %s: unknown parameter '%s' (known: bw, lat, capacity, "
-                        "direct, cache, fsync, readers, timeout, ram)",
+                        "direct, cache, fsync, readers, timeout, db, ram)",
                         uri, name);
     }
     return 0;
@@ -317,6 +455,8 @@ int cake_store_parse_uri(const char *uri, cake_store_params *p, char *err, size_
     const char *q = strchr(uri, '?');
     size_t blen = q ? (size_t)(q - uri) : strlen(uri);
     if (blen >= sizeof(base)) return cake_err(err, errlen, "store URI too long");
+    char shown_buf[4352];
+    const char *shown = cake_store_redact_uri(uri, shown_buf, sizeof(shown_buf));
     memcpy(base, uri, blen);
     base[blen] = '\0';
 
@@ -330,59 +470,33 @@ int cake_store_parse_uri(const char *uri, cake_store_params *p, char *err, size_
                             "nor HOME is set)",
                             uri);
         if (strlen(path) >= sizeof(p->path))
-            return cake_err(err, errlen, "store %s: path too long", uri);
+            return cake_err(err, errlen, "store %s: path too long", shown);
         if (path != p->path) strcpy(p->path, path);
-    } else if (!strncmp(base, "redis://", 8)) {
+    } else if (!strncmp(base, "redis://", 8) || !strncmp(base, "redis+unix://", 13)) {
         strcpy(p->kind, "redis");
-        const char *h = base + 8, *slash = strchr(h, '/'), *colon;
-        size_t hlen = slash ? (size_t)(slash - h) : strlen(h);
-        colon = memchr(h, ':', hlen);
-        size_t host_len = colon ? (size_t)(colon - h) : hlen;
-        if (!host_len || host_len >= sizeof(p->host))
-            return cake_err(err, errlen, "store %s: expected redis://HOST:PORT[/DB]", uri);
-        memcpy(p->host, h, host_len);
-        p->host[host_len] = '\0';
-        char num[16];
-        if (colon) {
-            size_t plen = hlen - host_len - 1;
-            char *end;
-            if (!plen || plen >= sizeof(num))
-                return cake_err(err, errlen, "store %s: bad port", uri);
-            memcpy(num, colon + 1, plen);
-            num[plen] = '\0';
-            long port = strtol(num, &end, 10);
-            if (*end || port < 1 || port > 65535)
-                return cake_err(err, errlen, "store %s: bad port '%s'", uri, num);
-            p->port = (int)port;
-        }
-        if (slash && slash[1]) {
-            char *end;
-            long db = strtol(slash + 1, &end, 10);
-            if (*end || db < 0 || db > 1000000 || end == slash + 1)
-                return cake_err(err, errlen, "store %s: bad database number '%s'", uri, slash + 1);
-            p->db = (int)db;
-        }
+        if (parse_redis(base, shown, p, err, errlen)) return -1;
     } else if (!strcmp(base, "mem:")) {
         strcpy(p->kind, "mem");
     } else {
         return cake_err(err, errlen,
                         "store '%s': unknown kind (use file:PATH, "
-                        "redis://HOST:PORT[/DB] or mem:)",
+                        "redis://[[USER]:PASSWORD@]HOST[:PORT][/DB], redis+unix:///PATH or mem:)",
                         uri);
     }
 
     if (q) {
         char params[1024];
         if (strlen(q + 1) >= sizeof(params))
-            return cake_err(err, errlen, "store %s: parameters too long", uri);
+            return cake_err(err, errlen, "store %s: parameters too long", shown);
         strcpy(params, q + 1);
         char *save = NULL;
         for (char *kv = strtok_r(params, "&", &save); kv; kv = strtok_r(NULL, "&", &save)) {
             char *eq = strchr(kv, '=');
             if (!eq || eq == kv)
-                return cake_err(err, errlen, "store %s: parameter '%s' is not NAME=VALUE", uri, kv);
+                return cake_err(err, errlen, "store %s: parameter '%s' is not NAME=VALUE", shown,
+                                kv);
             *eq = '\0';
-            if (parse_param(p, kv, eq + 1, uri, err, errlen)) return -1;
+            if (parse_param(p, kv, eq + 1, shown, err, errlen)) return -1;
         }
     }
     return 0;
@@ -399,6 +513,8 @@ int cake_store_open(const char *uri, cake_store **out, char *err, size_t errlen)
     *out = NULL;
     cake_store_params p;
     if (cake_store_parse_uri(uri, &p, err, errlen)) return -1;
+    char shown[4352];
+    uri = cake_store_redact_uri(uri, shown, sizeof(shown)); /* the password stays in p */
     cake_store *s = calloc(1, sizeof(*s));
     if (!s || !(s->uri = strdup(uri))) {
         free(s);
@@ -424,6 +540,7 @@ int cake_store_open(const char *uri, cake_store **out, char *err, size_t errlen)
         s->ops = &cake_store_mem_ops;
         rc = cake_store_mem_open(&p, &s->ctr, &s->b, err, errlen);
     }
+    explicit_bzero(p.password, sizeof(p.password)); /* the backend has its copy */
     if (!rc && p.ram) {
         cake_store_params rp = {.capacity = p.ram};
         rc = cake_store_mem_open(&rp, &s->ram_ctr, &s->ram, err, errlen);
@@ -453,6 +570,10 @@ const char *cake_store_kind(const cake_store *s) {
 
 const char *cake_store_uri(const cake_store *s) {
     return s->uri;
+}
+
+int cake_store_check(cake_store *s, char *err, size_t errlen) {
+    return s->ops->check ? s->ops->check(s->b, err, errlen) : 0;
 }
 
 /* ---- buffers ---- */

@@ -4,8 +4,20 @@
  *
  *     file:PATH                one file per chunk under PATH (file: alone =
  *                              $XDG_CACHE_HOME/cake or ~/.cache/cake)
- *     redis://HOST:PORT[/DB]   a Redis server, shareable between machines
+ *     redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]
+ *                              a Redis server, shareable between machines
+ *                              (port 6379, database 0 by default; an IPv6
+ *                              host in brackets, [::1]:6379)
+ *     redis+unix://[[USER]:PASSWORD@]/PATH
+ *                              a Redis server on this machine, by its unix
+ *                              socket (db=N for a database)
  *     mem:                     in-process RAM
+ *
+ * Redis passwords: USER and PASSWORD are percent-decoded (%40 for '@'); a
+ * URI without a password takes the one in $CAKE_REDIS_PASSWORD, if set (so
+ * that it is not on the command line). With PASSWORD the store sends AUTH
+ * [USER] PASSWORD on every connection. Messages and cake_store_uri show the
+ * URI with its password as "***".
  *
  * Query parameters (any backend unless noted), e.g. file:/data/kv?bw=25Gbit&lat=0.2:
  *     bw=RATE        emulate a link of RATE: every transfer (get and put, each
@@ -26,6 +38,7 @@
  *     fsync=0|1      (file) fsync each chunk before publishing it (default 0).
  *     timeout=MS     (redis) read/write timeout, default 1000; connect
  *                    timeout is min(200, MS).
+ *     db=N           (redis) the database, as /DB does.
  *     ram=SIZE       (file, redis) a RAM tier in front: the chunks this
  *                    process read or wrote lately (LRU, up to SIZE) are
  *                    read from RAM, outside bw= and lat= (a repeated prefix
@@ -94,7 +107,13 @@ typedef struct {
 int cake_store_open(const char *uri, cake_store **out, char *err, size_t errlen);
 void cake_store_close(cake_store *s);             /* accepts NULL */
 const char *cake_store_kind(const cake_store *s); /* "file", "redis" or "mem" */
-const char *cake_store_uri(const cake_store *s);
+const char *cake_store_uri(const cake_store *s);  /* redacted: no password */
+/* uri with its password (if any) replaced by "***", for messages. */
+const char *cake_store_redact_uri(const char *uri, char *out, size_t n);
+/* 0 when the store answers now; -1 with the reason when it does not (a Redis
+ * store that is down, or refuses the password): its lookups miss until it
+ * answers. For a server's start-up message. */
+int cake_store_check(cake_store *s, char *err, size_t errlen);
 
 /* Buffers for gets. The file backend reads straight into the caller's buffer
  * with O_DIRECT only when it is 4096-aligned and has room for the blob rounded

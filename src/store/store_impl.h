@@ -28,23 +28,26 @@ typedef struct {
 
 /* Everything parsed from a URI. */
 typedef struct {
-    char kind[8];      /* "file", "redis", "mem" */
-    char path[4096];   /* file: root directory */
-    char host[256];    /* redis */
-    int port;          /* redis */
-    int db;            /* redis */
-    uint64_t capacity; /* file, mem: 0 = unlimited */
-    int direct;        /* file: O_DIRECT reads */
-    int cache;         /* file, direct reads: what the page cache holds first */
-    int fsync;         /* file: fsync before rename */
-    int readers;       /* file: threads reading one big blob; 0 = CPUs per get, at most 4 */
-    int timeout_ms;    /* redis: read/write timeout */
-    double bw;         /* bytes per second, 0 = no emulation */
-    double lat_ms;     /* per request */
-    uint64_t ram;      /* file, redis: bytes of the RAM tier; 0 = none */
+    char kind[8];       /* "file", "redis", "mem" */
+    char path[4096];    /* file: root directory */
+    char host[256];     /* redis: TCP */
+    int port;           /* redis: TCP */
+    char socket[108];   /* redis+unix: the socket's path (sun_path's size) */
+    int db;             /* redis */
+    char user[128];     /* redis: ACL user, "" = the default user */
+    char password[512]; /* redis: "" = no AUTH */
+    uint64_t capacity;  /* file, mem: 0 = unlimited */
+    int direct;         /* file: O_DIRECT reads */
+    int cache;          /* file, direct reads: what the page cache holds first */
+    int fsync;          /* file: fsync before rename */
+    int readers;        /* file: threads reading one big blob; 0 = CPUs per get, at most 4 */
+    int timeout_ms;     /* redis: read/write timeout */
+    double bw;          /* bytes per second, 0 = no emulation */
+    double lat_ms;      /* per request */
+    uint64_t ram;       /* file, redis: bytes of the RAM tier; 0 = none */
 } cake_store_params;
 
-/* Parses a URI (see store.h). */
+/* Parses a URI (see store.h). Error messages show it redacted. */
 int cake_store_parse_uri(const char *uri, cake_store_params *p, char *err, size_t errlen);
 
 typedef struct {
@@ -69,6 +72,9 @@ typedef struct {
     int (*gc)(void *b, uint64_t target, uint64_t *n_evicted, uint64_t *bytes_freed, char *err,
               size_t errlen);
     void (*close)(void *b);
+    /* Optional (NULL: always answers): 0 when the backend answers now, -1
+     * with the reason when it does not. */
+    int (*check)(void *b, char *err, size_t errlen);
 } cake_store_ops;
 
 /* Each backend's constructor. ctr outlives the backend (evictions are counted there). */

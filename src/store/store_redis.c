@@ -1,4 +1,5 @@
-/* redis://HOST:PORT[/DB]: chunks as Redis strings under "cake:<32 hex>", so
+/* redis://[[USER]:PASSWORD@]HOST[:PORT][/DB] or redis+unix://.../PATH:
+ * chunks as Redis strings under "cake:<32 hex>", so
  * that several servers share one cache (Redis does the serving, replication
  * and eviction: set its maxmemory and an LRU policy for a bounded cache).
  *
@@ -41,7 +42,8 @@
 #define DEFAULT_MAX_BULK (512ull << 20) /* Redis's default proto-max-bulk-len */
 
 typedef struct {
-    char host[256];
+    char name[320]; /* HOST:PORT or the socket's path, for messages */
+    char host[256], socket[108], user[128], password[512];
     int port, db;
     struct timeval conn_tv, io_tv;
     uint64_t io_ns;
@@ -50,7 +52,7 @@ typedef struct {
     int n_idle;
     uint64_t down_until; /* monotonic ns; under mu */
     uint64_t max_bulk;   /* the server's proto-max-bulk-len, 0 = not asked yet; under mu */
-    char down_reason[160];
+    char down_reason[256];
     cake_store_atomic_counters *ctr;
 } redis_store;
 
@@ -69,67 +71,95 @@ static void mark_down(redis_store *r, const char *why) {
     r->n_idle = 0;
 }
 
-/* The server's proto-max-bulk-len. A server that refuses CONFIG (renamed,
- * ACLs, a managed service) is taken to have the default. 0: the connection
- * broke. */
-static uint64_t ask_max_bulk(redisContext *c) {
+/* Whether a reply to `what` failed; why says how. Frees the reply. */
+static int reply_failed(redisContext *c, redisReply *rep, const char *what, char *why, size_t n) {
+    if (!rep) {
+        snprintf(why, n, "%s: %s", what, c->errstr);
+        return 1;
+    }
+    const int failed = rep->type == REDIS_REPLY_ERROR;
+    if (failed && !strncmp(rep->str, "NOAUTH", 6))
+        snprintf(why, n,
+                 "%s: %s (give the password: redis://[USER]:PASSWORD@HOST or "
+                 "CAKE_REDIS_PASSWORD)",
+                 what, rep->str);
+    else if (failed)
+        snprintf(why, n, "%s: %s", what, rep->str);
+    freeReplyObject(rep);
+    return failed;
+}
+
+/* The server's proto-max-bulk-len, into *v. A server that refuses CONFIG
+ * (renamed, ACLs, a managed service) is taken to have the default; but one
+ * that wants a password is a failure, as is a broken connection. */
+static int ask_max_bulk(redisContext *c, uint64_t *v, char *why, size_t n) {
     redisReply *rep = redisCommand(c, "CONFIG GET proto-max-bulk-len");
-    if (!rep) return 0;
-    uint64_t v = DEFAULT_MAX_BULK;
+    *v = DEFAULT_MAX_BULK;
+    if (!rep || (rep->type == REDIS_REPLY_ERROR && !strncmp(rep->str, "NOAUTH", 6)))
+        return reply_failed(c, rep, "CONFIG GET", why, n);
     if (rep->type == REDIS_REPLY_ARRAY && rep->elements == 2 &&
         rep->element[1]->type == REDIS_REPLY_STRING) {
         char *end;
         unsigned long long x = strtoull(rep->element[1]->str, &end, 10);
-        if (end != rep->element[1]->str && !*end && x > 0) v = x;
+        if (end != rep->element[1]->str && !*end && x > 0) *v = x;
     }
     freeReplyObject(rep);
-    return v;
+    return 0;
+}
+
+/* A new connection's set-up: timeouts, AUTH, SELECT, and on the store's
+ * first connection the size limit. 0 ok; else why says what failed. */
+static int conn_setup(redis_store *r, redisContext *c, char *why, size_t n) {
+    if (redisSetTimeout(c, r->io_tv) != REDIS_OK) {
+        snprintf(why, n, "set timeout: %s", c->errstr);
+        return -1;
+    }
+    if (r->password[0] &&
+        reply_failed(c,
+                     r->user[0] ? redisCommand(c, "AUTH %s %s", r->user, r->password)
+                                : redisCommand(c, "AUTH %s", r->password),
+                     "AUTH", why, n))
+        return -1;
+    if (r->db) {
+        char what[32];
+        snprintf(what, sizeof(what), "SELECT %d", r->db);
+        if (reply_failed(c, redisCommand(c, "SELECT %d", r->db), what, why, n)) return -1;
+    }
+    pthread_mutex_lock(&r->mu);
+    const int known = r->max_bulk != 0;
+    pthread_mutex_unlock(&r->mu);
+    uint64_t max_bulk;
+    if (known) return 0;
+    if (ask_max_bulk(c, &max_bulk, why, n)) return -1;
+    pthread_mutex_lock(&r->mu);
+    r->max_bulk = max_bulk;
+    pthread_mutex_unlock(&r->mu);
+    return 0;
 }
 
 static redisContext *connect_new(redis_store *r, char *err, size_t errlen) {
     pthread_mutex_lock(&r->mu);
     uint64_t now = cake_now_ns();
     if (now < r->down_until) {
-        cake_err(err, errlen, "redis %s:%d unreachable (%s); next try in %llu ms", r->host, r->port,
+        cake_err(err, errlen, "redis %s unreachable (%s); next try in %llu ms", r->name,
                  r->down_reason, (unsigned long long)((r->down_until - now) / 1000000 + 1));
         pthread_mutex_unlock(&r->mu);
         return NULL;
     }
     pthread_mutex_unlock(&r->mu);
 
-    char why[160] = "";
-    redisContext *c = redisConnectWithTimeout(r->host, r->port, r->conn_tv);
-    if (!c || c->err) {
+    char why[256] = "";
+    redisContext *c = r->socket[0] ? redisConnectUnixWithTimeout(r->socket, r->conn_tv)
+                                   : redisConnectWithTimeout(r->host, r->port, r->conn_tv);
+    if (!c || c->err)
         snprintf(why, sizeof(why), "connect: %s", c ? c->errstr : "out of memory");
-    } else if (redisSetTimeout(c, r->io_tv) != REDIS_OK) {
-        snprintf(why, sizeof(why), "set timeout: %s", c->errstr);
-    } else if (r->db) {
-        redisReply *rep = redisCommand(c, "SELECT %d", r->db);
-        if (!rep || rep->type == REDIS_REPLY_ERROR)
-            snprintf(why, sizeof(why), "SELECT %d: %s", r->db, rep ? rep->str : c->errstr);
-        if (rep) freeReplyObject(rep);
-    }
-    if (!why[0]) {
-        pthread_mutex_lock(&r->mu);
-        const int known = r->max_bulk != 0;
-        pthread_mutex_unlock(&r->mu);
-        const uint64_t max_bulk = known ? 0 : ask_max_bulk(c);
-        if (!known && !max_bulk) {
-            snprintf(why, sizeof(why), "CONFIG GET: %s", c->errstr);
-        } else {
-            if (!known) {
-                pthread_mutex_lock(&r->mu);
-                r->max_bulk = max_bulk;
-                pthread_mutex_unlock(&r->mu);
-            }
-            return c;
-        }
-    }
+    else if (!conn_setup(r, c, why, sizeof(why)))
+        return c;
     if (c) redisFree(c);
     pthread_mutex_lock(&r->mu);
     mark_down(r, why);
     pthread_mutex_unlock(&r->mu);
-    cake_err(err, errlen, "redis %s:%d: %s", r->host, r->port, why);
+    cake_err(err, errlen, "redis %s: %s", r->name, why);
     return NULL;
 }
 
@@ -156,7 +186,7 @@ static void conn_give(redis_store *r, redisContext *c) {
 /* After a transport error on c: drop it; say so. */
 static void conn_broken(redis_store *r, redisContext *c, const char *what, char *err,
                         size_t errlen) {
-    cake_err(err, errlen, "redis %s:%d: %s: %s", r->host, r->port, what,
+    cake_err(err, errlen, "redis %s: %s: %s", r->name, what,
              c->errstr[0] ? c->errstr : "connection lost");
     redisFree(c);
 }
@@ -667,11 +697,20 @@ static int redis_gc(void *st, uint64_t target, uint64_t *n_evicted, uint64_t *by
     return rc;
 }
 
+static int redis_check(void *st, char *err, size_t errlen) {
+    int reused;
+    redisContext *c = conn_take(st, &reused, err, errlen);
+    if (!c) return -1;
+    conn_give(st, c);
+    return 0;
+}
+
 static void redis_close(void *st) {
     redis_store *r = st;
     if (!r) return;
     for (int i = 0; i < r->n_idle; i++) redisFree(r->idle[i]);
     pthread_mutex_destroy(&r->mu);
+    explicit_bzero(r->password, sizeof(r->password));
     free(r);
 }
 
@@ -680,7 +719,16 @@ int cake_store_redis_open(const cake_store_params *p, cake_store_atomic_counters
     redis_store *r = calloc(1, sizeof(*r));
     if (!r) return cake_err(err, errlen, "redis store: out of memory");
     snprintf(r->host, sizeof(r->host), "%s", p->host);
+    snprintf(r->socket, sizeof(r->socket), "%s", p->socket);
+    snprintf(r->user, sizeof(r->user), "%s", p->user);
+    snprintf(r->password, sizeof(r->password), "%s", p->password);
     r->port = p->port;
+    if (r->socket[0])
+        snprintf(r->name, sizeof(r->name), "%s", r->socket);
+    else if (strchr(r->host, ':')) /* IPv6 */
+        snprintf(r->name, sizeof(r->name), "[%s]:%d", r->host, r->port);
+    else
+        snprintf(r->name, sizeof(r->name), "%s:%d", r->host, r->port);
     r->db = p->db;
     int conn_ms = p->timeout_ms < 200 ? p->timeout_ms : 200;
     r->conn_tv = (struct timeval){conn_ms / 1000, (conn_ms % 1000) * 1000};
@@ -709,4 +757,5 @@ const cake_store_ops cake_store_redis_ops = {
     .usage = redis_usage,
     .gc = redis_gc,
     .close = redis_close,
+    .check = redis_check,
 };
