@@ -1,7 +1,8 @@
 /* Micro-benchmark of the CPU kernels on llama-1b shapes (dim 2048, ffn 8192,
- * vocab 32000, 32 heads / 8 KV heads, head_dim 64), plus mha-160m attention.
+ * vocab 32000, 32 heads / 8 KV heads, head_dim 64), plus mha-160m attention
+ * and a loaded chunk's install into the KV cache.
  *
- *   bench_kernels [--threads N] [--quick] [--only matmul|attention|misc]
+ *   bench_kernels [--threads N] [--quick] [--only matmul|attention|misc|install]
  *
  * Each figure is the best of several runs (the machine is shared; the best run
  * is the one least disturbed). Matmul: GFLOP/s = 2*T*n_out*n_in / time, and the
@@ -18,6 +19,7 @@
 #include <time.h>
 
 #include "backend/cpu/kernels.h"
+#include "kv/kv_cache.h"
 #include "model/gguf.h"
 #include "util/clock.h"
 #include "util/q8_0.h"
@@ -375,6 +377,60 @@ static void bench_misc(cake_threadpool *pool) {
     free(w);
 }
 
+/* ===================== chunk install ===================== */
+
+typedef struct {
+    cake_kv_cache kv;
+    uint8_t *k, *v; /* position-major rows of every layer, as in a stored chunk */
+    int pos0, n;
+} install_ctx;
+
+static void run_put(void *p) {
+    install_ctx *c = p;
+    const size_t layer = (size_t)c->n * c->kv.row_bytes;
+    for (int l = 0; l < c->kv.n_layers; l++)
+        cake_kv_put(&c->kv, l, c->pos0, c->n, c->k + l * layer, c->v + l * layer);
+}
+
+static void run_get(void *p) {
+    install_ctx *c = p;
+    const size_t layer = (size_t)c->n * c->kv.row_bytes;
+    for (int l = 0; l < c->kv.n_layers; l++)
+        cake_kv_get(&c->kv, l, c->pos0, c->n, c->k + l * layer, c->v + l * layer);
+}
+
+/* A loaded chunk of mha-160m (512 tokens, 12 layers x 12 KV heads x 64) into
+ * the KV cache (cake_kv_put, what an I/O worker does after a load) and back
+ * out (cake_kv_get, a write-back), per KV type; GB/s of the chunk's bytes. */
+static void bench_install(void) {
+    printf("== chunk install: mha-160m, 512 tokens at position 512, one thread ==\n");
+    const enum cake_kv_type types[] = {CAKE_KV_F16, CAKE_KV_Q8_0, CAKE_KV_Q4_0};
+    const char *names[] = {"f16", "q8_0", "q4_0"};
+    for (int i = 0; i < 3; i++) {
+        install_ctx c = {.pos0 = 512, .n = 512};
+        char err[256];
+        if (cake_kv_cache_init(&c.kv, 12, 2048, 12, 64, types[i], err, sizeof(err))) {
+            fprintf(stderr, "bench_kernels: %s\n", err);
+            exit(1);
+        }
+        cake_kv_cache_prefault(&c.kv);
+        const size_t bytes = (size_t)c.kv.n_layers * c.n * c.kv.row_bytes;
+        c.k = xmalloc(bytes);
+        c.v = xmalloc(bytes);
+        for (size_t j = 0; j < bytes; j++) { /* any bytes: put and get only move them */
+            c.k[j] = (uint8_t)(rng = rng * 6364136223846793005ull + 1, rng >> 59);
+            c.v[j] = (uint8_t)(rng >> 51);
+        }
+        const double put = best_time(run_put, &c, 0.5, 5), get = best_time(run_get, &c, 0.5, 5);
+        printf("%-5s %5.1f MB: put %6.2f ms (%5.2f GB/s), get %6.2f ms (%5.2f GB/s)\n", names[i],
+               2.0 * bytes / 1e6, put * 1e3, 2.0 * bytes / put / 1e9, get * 1e3,
+               2.0 * bytes / get / 1e9);
+        free(c.k);
+        free(c.v);
+        cake_kv_cache_free(&c.kv);
+    }
+}
+
 int main(int argc, char **argv) {
     int n_threads = 2, quick = 0;
     const char *only = NULL;
@@ -386,7 +442,8 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--only") && i + 1 < argc)
             only = argv[++i];
         else {
-            fprintf(stderr, "usage: %s [--threads N] [--quick] [--only matmul|attention|misc]\n",
+            fprintf(stderr,
+                    "usage: %s [--threads N] [--quick] [--only matmul|attention|misc|install]\n",
                     argv[0]);
             return 2;
         }
@@ -398,6 +455,7 @@ int main(int argc, char **argv) {
         return 1;
     }
     if (!only || !strcmp(only, "misc")) bench_misc(pool);
+    if (!only || !strcmp(only, "install")) bench_install();
     if (!only || !strcmp(only, "attention")) {
         printf("== attention (f16 KV, head_dim 64, %d threads) ==\n", n_threads);
         bench_attention_shape("llama-1b", 32, 8, 16, CAKE_KV_F16, pool, quick);

@@ -130,6 +130,23 @@ static void transpose_16x32(uint16_t *dst, size_t dst_stride, const uint16_t *sr
     }
 }
 #define HAVE_TRANSPOSE_16X32 1
+
+/* 32 rows of 32 bytes (row i at rows[i]) transposed into 32 rows of 32 bytes,
+ * dst_stride bytes apart: pairs of rows interleaved byte by byte are 16 rows
+ * of 32 16-bit elements, which transpose_16x32 turns into the 32 rows (each
+ * element a pair of consecutive bytes of one of them). */
+static void transpose_bytes_32x32(uint8_t *dst, size_t dst_stride, const uint8_t *const rows[32]) {
+    uint16_t pairs[16 * 32];
+    for (int i = 0; i < 16; i++) {
+        const __m256i a = _mm256_loadu_si256((const __m256i *)rows[2 * i]),
+                      b = _mm256_loadu_si256((const __m256i *)rows[2 * i + 1]);
+        const __m256i lo = _mm256_unpacklo_epi8(a, b), hi = _mm256_unpackhi_epi8(a, b);
+        _mm256_storeu_si256((__m256i *)(pairs + 32 * i), _mm256_permute2x128_si256(lo, hi, 0x20));
+        _mm256_storeu_si256((__m256i *)(pairs + 32 * i + 16),
+                            _mm256_permute2x128_si256(lo, hi, 0x31));
+    }
+    transpose_16x32((uint16_t *)dst, dst_stride / 2, pairs, 32);
+}
 #endif
 
 /* Values of n position-major rows (v holds rows from pos0) in (put) or out
@@ -221,7 +238,7 @@ static void move_keys(const cake_kv_cache *kv, int layer, int pos0, int n, void 
  * to their places, the value's int8 to its run, the key's to dims 64 apart
  * in its transposed block. */
 static void move_q8_0_block(const cake_kv_cache *kv, int layer, int h, int p, int g, uint8_t *kb,
-                            uint8_t *vb, int put) {
+                            uint8_t *vb, int put, int keys) {
     const int hd = kv->head_dim, hc = kv->head_ctx;
     uint8_t *ks = (uint8_t *)(cake_kv_k_scales(kv, layer) + cake_kv_k_scale_index(hc, hd, h, p, g));
     uint8_t *vs = (uint8_t *)(cake_kv_v_scales(kv, layer) + cake_kv_v_scale_index(hc, hd, h, p, g));
@@ -231,7 +248,8 @@ static void move_q8_0_block(const cake_kv_cache *kv, int layer, int h, int p, in
         memcpy(ks, kb, 2);
         memcpy(vs, vb, 2);
         memcpy(vc, vb + 2, CAKE_Q8_0_BLOCK);
-        for (int i = 0; i < CAKE_Q8_0_BLOCK; i++) kc[(size_t)i * CAKE_KV_KBLOCK] = kb[2 + i];
+        for (int i = 0; keys && i < CAKE_Q8_0_BLOCK; i++)
+            kc[(size_t)i * CAKE_KV_KBLOCK] = kb[2 + i];
     } else {
         memcpy(kb, ks, 2);
         memcpy(vb, vs, 2);
@@ -244,7 +262,7 @@ static void move_q8_0_block(const cake_kv_cache *kv, int layer, int h, int p, in
  * the value's 16 bytes are its run's as they are; the key's values go in
  * pairs of dims to one byte each (kv_cache.h). */
 static void move_q4_0_block(const cake_kv_cache *kv, int layer, int h, int p, int g, uint8_t *kb,
-                            uint8_t *vb, int put) {
+                            uint8_t *vb, int put, int keys) {
     const int hd = kv->head_dim, hc = kv->head_ctx;
     uint8_t *ks = (uint8_t *)(cake_kv_k_scales(kv, layer) + cake_kv_k_scale_index(hc, hd, h, p, g));
     uint8_t *vs = (uint8_t *)(cake_kv_v_scales(kv, layer) + cake_kv_v_scale_index(hc, hd, h, p, g));
@@ -253,6 +271,7 @@ static void move_q4_0_block(const cake_kv_cache *kv, int layer, int h, int p, in
     memcpy(put ? ks : kb, put ? kb : ks, 2);
     memcpy(put ? vs : vb, put ? vb : vs, 2);
     memcpy(put ? vc : vb + 2, put ? vb + 2 : vc, 16);
+    if (!keys) return;
     uint8_t q[32]; /* the key's values in dim order */
     if (put)
         for (int i = 0; i < 16; i++) {
@@ -272,19 +291,73 @@ static void move_q4_0_block(const cake_kv_cache *kv, int layer, int h, int p, in
         for (int i = 0; i < 16; i++) kb[2 + i] = (uint8_t)(q[i] | q[16 + i] << 4);
 }
 
-/* Q8_0 or Q4_0 rows (block runs) in (put) or out, a block at a time. */
+/* A Q4_0 block's 16 bytes (block_q4_0's order: byte i holds dims i and
+ * i + 16) in the cache's order (byte m holds dims 2m and 2m + 1). */
+static void q4_0_pair_dims(const uint8_t *b, uint8_t *out) {
+    for (int m = 0; m < 8; m++) {
+        out[m] = (uint8_t)((b[2 * m] & 15) | (b[2 * m + 1] & 15) << 4);
+        out[8 + m] = (uint8_t)(b[2 * m] >> 4 | (b[2 * m + 1] & 0xf0));
+    }
+}
+
+#ifdef HAVE_TRANSPOSE_16X32
+/* Q8_0 or Q4_0 keys of the rows [t0, t1) (whole aligned runs of 32
+ * positions) into the cache, 32 positions x 32 key bytes of a head at a
+ * time: a byte transpose, where a block at a time writes each byte 64 apart
+ * from the last (~2x the rate). Q4_0 rows are first put in the cache's
+ * order of dims. Needs the head's key bytes (head_dim or head_dim / 2) to
+ * be a multiple of 32. */
+static void put_key_tiles(const cake_kv_cache *kv, int layer, int pos0, int t0, int t1,
+                          const uint8_t *k) {
+    const int hd = kv->head_dim, hc = kv->head_ctx, ng = hd / 32, q4 = kv->type == CAKE_KV_Q4_0;
+    const size_t bb = q4 ? Q4_0_BYTES : CAKE_Q8_0_BYTES;
+    const int head_bytes = q4 ? hd / 2 : hd;
+    uint8_t *kc = cake_kv_k(kv, layer), paired[32][128]; /* q4: a head's bytes (head_dim <= 256) */
+    for (int t = t0; t < t1; t += 32)
+        for (int h = 0; h < kv->n_kv_heads; h++) {
+            const uint8_t *rows[32];
+            if (q4)
+                for (int i = 0; i < 32; i++)
+                    for (int g = 0; g < ng; g++)
+                        q4_0_pair_dims(k + (size_t)(t + i) * kv->row_bytes +
+                                           ((size_t)h * ng + g) * bb + 2,
+                                       paired[i] + 16 * g);
+            for (int c = 0; c < head_bytes; c += 32) {
+                for (int i = 0; i < 32; i++)
+                    rows[i] = q4 ? paired[i] + c
+                                 : k + (size_t)(t + i) * kv->row_bytes +
+                                       ((size_t)h * ng + c / 32) * bb + 2;
+                uint8_t *dst = kc + (q4 ? cake_kv_k4_byte(hc, hd, h, pos0 + t, 2 * c)
+                                        : cake_kv_k_index(hc, hd, h, pos0 + t, c));
+                transpose_bytes_32x32(dst, CAKE_KV_KBLOCK, rows);
+            }
+        }
+}
+#endif
+
+/* Q8_0 or Q4_0 rows (block runs) in (put) or out, a block at a time; a put's
+ * keys of whole runs of 32 positions by put_key_tiles. */
 static void move_blocks(const cake_kv_cache *kv, int layer, int pos0, int n, uint8_t *k, uint8_t *v,
                         int put) {
     const int ng = kv->head_dim / 32;
     const size_t bb = kv->type == CAKE_KV_Q8_0 ? CAKE_Q8_0_BYTES : Q4_0_BYTES;
+    int t0 = n, t1 = n; /* rows whose keys go in tiles */
+#ifdef HAVE_TRANSPOSE_16X32
+    const int head_bytes = kv->type == CAKE_KV_Q4_0 ? kv->head_dim / 2 : kv->head_dim;
+    if (put && head_bytes % 32 == 0 && kv->head_dim <= 256) {
+        aligned_rows(pos0, n, 32, &t0, &t1);
+        put_key_tiles(kv, layer, pos0, t0, t1, k);
+    }
+#endif
     for (int t = 0; t < n; t++)
         for (int h = 0; h < kv->n_kv_heads; h++)
             for (int g = 0; g < ng; g++) {
                 const size_t b = (size_t)t * kv->row_bytes + ((size_t)h * ng + g) * bb;
+                const int keys = t < t0 || t >= t1;
                 if (kv->type == CAKE_KV_Q8_0)
-                    move_q8_0_block(kv, layer, h, pos0 + t, g, k + b, v + b, put);
+                    move_q8_0_block(kv, layer, h, pos0 + t, g, k + b, v + b, put, keys);
                 else
-                    move_q4_0_block(kv, layer, h, pos0 + t, g, k + b, v + b, put);
+                    move_q4_0_block(kv, layer, h, pos0 + t, g, k + b, v + b, put, keys);
             }
 }
 
@@ -339,11 +412,11 @@ void cake_kv_quantize_put(const cake_kv_cache *kv, int layer, int pos0, int n, c
                 if (q8) {
                     cake_q8_0_quantize_block(k + e, kb);
                     cake_q8_0_quantize_block(v + e, vb);
-                    move_q8_0_block(kv, layer, h, pos0 + t, g, kb, vb, 1);
+                    move_q8_0_block(kv, layer, h, pos0 + t, g, kb, vb, 1, 1);
                 } else {
                     q4_0_quantize_block(k + e, kb);
                     q4_0_quantize_block(v + e, vb);
-                    move_q4_0_block(kv, layer, h, pos0 + t, g, kb, vb, 1);
+                    move_q4_0_block(kv, layer, h, pos0 + t, g, kb, vb, 1, 1);
                 }
             }
 }
