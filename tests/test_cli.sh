@@ -181,6 +181,21 @@ CAKE_HINTS= XDG_CACHE_HOME="$tmp/xdg" run_store cake
 [ ! -e "$tmp/xdg" ] && [ "$(json_field knew_rate "$tmp/out")" = false ] && pass "CAKE_HINTS= turns hints off" ||
     fail "CAKE_HINTS=: $(fields) $(ls -R "$tmp/xdg" 2>&1)"
 
+# --cache-salt: a salted run's chunks are found by the same salt only
+salted() { # SALT (or "" for none) MODE: one run on a fresh store, JSON in $tmp/out
+    "$CAKE" run -m "$tmp/tiny-f16.gguf" --tokens "$ids" -n 6 --temp 0 --chunk 16 \
+        --store "file:$tmp/kv-salt" --mode "$2" ${1:+--cache-salt "$1"} --json >"$tmp/out" 2>"$tmp/err"
+}
+salted tenant-a cake && salted tenant-a load && a=$(json_field chunks_loaded "$tmp/out")
+salted tenant-b load && b=$(json_field chunks_loaded "$tmp/out") && b_ids=$(json_field generated_ids "$tmp/out")
+salted "" load && none=$(json_field chunks_loaded "$tmp/out")
+[ "${a:-}" = 6 ] && [ "${b:-}" = 0 ] && [ "${none:-}" = 0 ] && [ "${b_ids:-}" = "$cold" ] &&
+    pass "--cache-salt: 6 chunks loaded by the same salt, none by another or none" ||
+    fail "--cache-salt: loaded $a / $b / $none, ids $b_ids want $cold; $(cat "$tmp/err")"
+"$CAKE" run -m "$tmp/tiny-f16.gguf" --tokens "$ids" -n 1 --cache-salt x >/dev/null 2>"$tmp/err"
+[ $? = 2 ] && grep -q -- "--cache-salt needs --store" "$tmp/err" && pass "--cache-salt without a store: usage error" ||
+    fail "--cache-salt without a store: $(cat "$tmp/err")"
+
 # --kv-type q8_0 and q4_0 (tiny-256: head_dim 64): computed and loaded, the
 # same logits bit for bit; the store's q8_0 chunks are 34/64 of f16's bytes
 "$CAKE" mkmodel --shape tiny-256 -o "$tmp/t256.gguf" 2>/dev/null

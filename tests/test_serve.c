@@ -1621,7 +1621,9 @@ static void test_cache_salt(void **state) {
 /* `--kv-type q8_0` (tiny-256: head_dim 64) on one slot and the default RAM
  * store: a prompt computed, another taking the slot, then the first again
  * loads its chunks and answers as it did; each loaded chunk is at most 0.6
- * of what an f16 server's is (34/64 of the payload, plus the header). */
+ * of what an f16 server's is (34/64 of the payload, plus the header). In
+ * load mode: in cake mode the tiny model may compute every chunk before a
+ * load lands (a CI run did). */
 static void test_kv_q8_0_served(void **state) {
     (void)state;
     char model[64];
@@ -1630,7 +1632,7 @@ static void test_kv_q8_0_served(void **state) {
     for (int q8 = 0; q8 < 2; q8++) {
         t_server s;
         assert_int_equal(serve_start(&s, model, "--slots", "1", "--chunk", "16", "--kv-type",
-                                     q8 ? "q8_0" : "f16", NULL),
+                                     q8 ? "q8_0" : "f16", "--mode", "load", NULL),
                          0);
         cJSON *cold = post_ok(s.port, "/v1/completions", LONG_REQUEST, LONG_PROMPT);
         assert_int_equal(num_at(cold, "cake.chunks_loaded"), 0);
@@ -1639,7 +1641,7 @@ static void test_kv_q8_0_served(void **state) {
         cJSON_Delete(post_ok(s.port, "/v1/completions", "{\"prompt\":\"Hi\",\"max_tokens\":1}"));
         cJSON *warm = post_ok(s.port, "/v1/completions", LONG_REQUEST, LONG_PROMPT);
         const double loaded = num_at(warm, "cake.chunks_loaded");
-        assert_true(loaded >= 1);
+        assert_true(loaded >= total - 1);
         assert_int_equal(num_at(warm, "cake.chunks_cached"), 0);
         assert_same_ids(at(warm, "cake.generated_ids"), at(cold, "cake.generated_ids"));
         per_chunk[q8] = num_at(warm, "cake.bytes_loaded") / loaded;

@@ -47,9 +47,13 @@ static const char *help =
     "      --chunk TOKENS    prefill chunk size = the store's chunk size (default 256)\n"
     "      --kv-type TYPE    KV cache element type: f16 (default), f32, q8_0, q4_0\n"
     "      --backend B       cpu (default) or cuda (one NVIDIA GPU; f16 KV only)\n"
-    "      --store URI       KV chunk store: file:PATH, redis://HOST:PORT[/DB] or mem:\n"
-    "                        (?bw=25Gbit&lat=1 emulate a link). Cached chunks are\n"
-    "                        loaded, newly computed full chunks written back\n"
+    "      --store URI       KV chunk store: file:PATH, "
+    "redis://[[USER]:PASSWORD@]HOST[:PORT][/DB],\n"
+    "                        redis+unix:///PATH or mem: (?bw=25Gbit&lat=1 emulate a\n"
+    "                        link). Cached chunks are loaded, newly computed full chunks\n"
+    "                        written back\n"
+    "      --cache-salt TEXT the prompt's chunks are stored and found under this salt\n"
+    "                        only (vLLM's cache_salt: a tenant's own prefixes)\n"
     "      --mode MODE       cake (default with --store): compute from the front while\n"
     "                        loading from the back; load: load every cached chunk,\n"
     "                        then compute the rest; compute: ignore cached chunks\n"
@@ -61,7 +65,8 @@ static const char *help =
     "      --json            print one JSON object on stdout instead of the text\n";
 
 typedef struct {
-    const char *model, *prompt, *file, *tokens, *store, *dump_logits, *trace, *json_schema;
+    const char *model, *prompt, *file, *tokens, *store, *dump_logits, *trace, *json_schema,
+        *cache_salt;
     cake_mode mode;
     long n_predict, threads, chunk, io_depth;
     double temp, top_p, min_p, frequency_penalty, presence_penalty, repeat_penalty;
@@ -160,6 +165,7 @@ static int parse_args(int argc, char **argv, run_opts *o) {
                                          {"kv-type", required_argument, 0, 'k'},
                                          {"store", required_argument, 0, 'S'},
                                          {"mode", required_argument, 0, 'M'},
+                                         {"cache-salt", required_argument, 0, 1002},
                                          {"dump-logits", required_argument, 0, 'D'},
                                          {"json", no_argument, 0, 'J'},
                                          {"json-mode", no_argument, 0, 'O'},
@@ -276,6 +282,11 @@ static int parse_args(int argc, char **argv, run_opts *o) {
         case 'R':
             o->trace = optarg;
             break;
+        case 1002:
+            if (!*optarg || strlen(optarg) > 1024)
+                return cli_error(CLI_USAGE, "run", "--cache-salt wants 1 to 1024 bytes");
+            o->cache_salt = optarg;
+            break;
         case 'D':
             o->dump_logits = optarg;
             break;
@@ -302,6 +313,8 @@ static int parse_args(int argc, char **argv, run_opts *o) {
         return cli_error(CLI_USAGE, "run", "give exactly one of -p TEXT, -f FILE, --tokens IDS");
     if (mode_set && o->mode != CAKE_MODE_COMPUTE && !o->store)
         return cli_error(CLI_USAGE, "run", "--mode %s needs --store", cake_mode_name(o->mode));
+    if (o->cache_salt && !o->store)
+        return cli_error(CLI_USAGE, "run", "--cache-salt needs --store");
     if (!o->store) o->mode = CAKE_MODE_COMPUTE;
     return 0;
 }
@@ -507,7 +520,8 @@ int cmd_run(int argc, char **argv) {
                               .writeback = wb,
                               .mode = o.mode,
                               .io_depth = (int)o.io_depth,
-                              .trace_path = o.trace};
+                              .trace_path = o.trace,
+                              .cache_salt = o.cache_salt};
     cake_request req = {
         .loader = &lp,
         .prompt = prompt,

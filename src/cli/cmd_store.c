@@ -18,8 +18,9 @@
 
 static const char *help =
     "usage: cake store COMMAND [--store URI] [options]\n"
-    "Inspects and maintains a KV chunk store. URI: file:PATH, redis://HOST:PORT[/DB] or\n"
-    "mem: (default: file:, the user cache directory).\n"
+    "Inspects and maintains a KV chunk store. URI: file:PATH,\n"
+    "redis://[[USER]:PASSWORD@]HOST[:PORT][/DB], redis+unix:///PATH or mem: (default:\n"
+    "file:, the user cache directory).\n"
     "\n"
     "commands:\n"
     "  ls [--model HEX] [--json]   list chunks: key, model, index, tokens, size, age\n"
