@@ -107,13 +107,13 @@ static void test_parse_uri(void **state) {
         cake_store_parse_uri("redis://10.0.0.5:6380/3?timeout=250&bw=25Gbit", &p, err, sizeof(err)),
         0);
     assert_string_equal(p.kind, "redis");
-    assert_string_equal(p.host, "10.0.0.5");
-    assert_int_equal(p.port, 6380);
+    assert_string_equal(p.host[0], "10.0.0.5");
+    assert_int_equal(p.port[0], 6380);
     assert_int_equal(p.db, 3);
     assert_int_equal(p.timeout_ms, 250);
     assert_int_equal(cake_store_parse_uri("redis://cachehost", &p, err, sizeof(err)), 0);
-    assert_string_equal(p.host, "cachehost");
-    assert_int_equal(p.port, 6379);
+    assert_string_equal(p.host[0], "cachehost");
+    assert_int_equal(p.port[0], 6379);
     assert_int_equal(p.db, 0);
     assert_int_equal(cake_store_parse_uri("mem:?capacity=1G&lat=2", &p, err, sizeof(err)), 0);
     assert_string_equal(p.kind, "mem");
@@ -126,24 +126,24 @@ static void test_parse_uri(void **state) {
                      0);
     assert_string_equal(p.user, "alice");
     assert_string_equal(p.password, "s@cr/t x");
-    assert_string_equal(p.host, "10.0.0.5");
-    assert_int_equal(p.port, 6380);
+    assert_string_equal(p.host[0], "10.0.0.5");
+    assert_int_equal(p.port[0], 6380);
     assert_int_equal(p.db, 2);
     /* unescaped '@' and '/' in a password: the userinfo ends at the last '@' */
     assert_int_equal(cake_store_parse_uri("redis://:p@ss/w@h:1/4", &p, err, sizeof(err)), 0);
     assert_string_equal(p.user, "");
     assert_string_equal(p.password, "p@ss/w");
-    assert_string_equal(p.host, "h");
-    assert_int_equal(p.port, 1);
+    assert_string_equal(p.host[0], "h");
+    assert_int_equal(p.port[0], 1);
     assert_int_equal(p.db, 4);
     assert_int_equal(cake_store_parse_uri("redis://[::1]:6390?db=5", &p, err, sizeof(err)), 0);
-    assert_string_equal(p.host, "::1");
-    assert_int_equal(p.port, 6390);
+    assert_string_equal(p.host[0], "::1");
+    assert_int_equal(p.port[0], 6390);
     assert_int_equal(p.db, 5);
     assert_string_equal(p.password, "");
     assert_int_equal(cake_store_parse_uri("redis://[fe80::2]", &p, err, sizeof(err)), 0);
-    assert_string_equal(p.host, "fe80::2");
-    assert_int_equal(p.port, 6379);
+    assert_string_equal(p.host[0], "fe80::2");
+    assert_int_equal(p.port[0], 6379);
     assert_int_equal(
         cake_store_parse_uri("redis+unix://:pw@/run/redis/redis.sock?db=3", &p, err, sizeof(err)),
         0);
@@ -151,6 +151,18 @@ static void test_parse_uri(void **state) {
     assert_string_equal(p.socket, "/run/redis/redis.sock");
     assert_string_equal(p.password, "pw");
     assert_int_equal(p.db, 3);
+    /* several servers */
+    assert_int_equal(
+        cake_store_parse_uri("redis://:pw@a:1,[::1]:2,b/3?timeout=9", &p, err, sizeof(err)), 0);
+    assert_int_equal(p.n_servers, 3);
+    assert_string_equal(p.host[0], "a");
+    assert_string_equal(p.host[1], "::1");
+    assert_string_equal(p.host[2], "b");
+    assert_int_equal(p.port[0], 1);
+    assert_int_equal(p.port[1], 2);
+    assert_int_equal(p.port[2], 6379);
+    assert_int_equal(p.db, 3);
+    assert_string_equal(p.password, "pw");
     /* a password from the environment, unless the URI has one */
     setenv("CAKE_REDIS_PASSWORD", "from env", 1);
     assert_int_equal(cake_store_parse_uri("redis://cake@h", &p, err, sizeof(err)), 0);
@@ -195,8 +207,13 @@ static void test_parse_uri(void **state) {
         {"redis://:bad%zzsecret@h", "bad password"},
         {"redis://:secret@h:99999", "redis://:***@h:99999: bad port"},
         {"redis://:secret@h?db=x", "redis://:***@h?db=x: bad db=x"},
-        {"redis://[::1:6379", "[IPV6]"},
-        {"redis://[::1]x", "[IPV6]"},
+        {"redis://[::1:6379", "IPv6"},
+        {"redis://[::1]x", "IPv6"},
+        {"redis://a:1,a:1", "a:1 listed twice"},
+        {"redis://a,,b", "at ''"},
+        {"redis://a,", "at ''"},
+        {"redis://a,b:0", "bad port in 'b:0'"},
+        {"redis://h1,h2,h3,h4,h5,h6,h7,h8,h9,h10,h11,h12,h13,h14,h15,h16,h17", "more than 16"},
         {"redis+unix://h/x.sock", "redis+unix:///PATH"},
         {"redis+unix://", "redis+unix:///PATH"},
         {"file:/x?db=1", "only for redis"},

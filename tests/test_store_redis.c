@@ -4,7 +4,7 @@
  * between exists and get, Redis down from the start, Redis hung (SIGSTOP),
  * Redis restarted (the store reconnects), a chunk over the server's size
  * limit, a big chunk read straight into the buffer, whole or corrupt,
- * passwords and the unix socket. A failure is a miss within
+ * passwords and the unix socket, chunks spread over two servers. A failure is a miss within
  * the timeout, never a hang, a crash or wrong data. Skipped (with a message) when redis-server is
  * not installed. */
 #include <stdarg.h>
@@ -103,6 +103,17 @@ static void put_ok(fx *f, int i) {
 static int get(fx *f, int i, char *err, size_t errlen) {
     size_t len = 0;
     int rc = cake_store_get_verified(f->s, &f->h[i], f->buf, f->cap, &len, err, errlen);
+    if (rc == 0) {
+        assert_int_equal(len, f->len);
+        assert_memory_equal(f->buf, f->blob[i], f->len);
+    }
+    return rc;
+}
+
+/* get(), from another store than the fixture's. */
+static int get_from(cake_store *s, fx *f, int i, char *err, size_t errlen) {
+    size_t len = 0;
+    int rc = cake_store_get_verified(s, &f->h[i], f->buf, f->cap, &len, err, errlen);
     if (rc == 0) {
         assert_int_equal(len, f->len);
         assert_memory_equal(f->buf, f->blob[i], f->len);
@@ -753,6 +764,100 @@ static void test_redis_auth(void **state) {
     unlink(sock);
 }
 
+/* A store of server r alone. */
+static cake_store *open_one(const t_redis *r) {
+    char uri[128], err[256];
+    snprintf(uri, sizeof(uri), "redis://127.0.0.1:%d?timeout=300", r->port);
+    cake_store *s = NULL;
+    if (cake_store_open(uri, &s, err, sizeof(err))) fail_msg("%s: %s", uri, err);
+    return s;
+}
+
+/* A store over two Redis servers: 72 chunks (the 8 of the fixture and 64
+ * more keys) spread over both, none twice; every get, pipelined get and
+ * lookup finds them, and so does a store that lists the servers the other
+ * way round (rendezvous hashing: the order does not matter). With one
+ * server dead, its chunks are holes and the other's still load: the lookup
+ * finds exactly the live server's (and fails, naming the dead one), gets of
+ * the dead one's miss quickly. */
+static void test_redis_servers(void **state) {
+    NEED_REDIS();
+    fx *f = *state;
+    t_redis r[2] = {{0}, {0}};
+    assert_int_equal(t_redis_start(&r[0], 0), 0);
+    assert_int_equal(t_redis_start(&r[1], 0), 0);
+    char uri[2][160], err[512];
+    for (int o = 0; o < 2; o++)
+        snprintf(uri[o], sizeof(uri[o]), "redis://127.0.0.1:%d,127.0.0.1:%d?timeout=300", r[o].port,
+                 r[1 - o].port);
+    enum { MORE = 64 };
+    cake_chunk_key keys[8 + MORE];
+    for (int i = 0; i < 8 + MORE; i++) {
+        keys[i] = f->h[i < 8 ? i : 0].key;
+        if (i >= 8) keys[i].b[15] ^= (uint8_t)i, keys[i].b[14] ^= 0x5a;
+    }
+    cake_store *s;
+    assert_int_equal(cake_store_open(uri[0], &s, err, sizeof(err)), 0);
+    assert_int_equal(cake_store_check(s, err, sizeof(err)), 0);
+    for (int i = 0; i < 8 + MORE; i++)
+        if (cake_store_put(s, &keys[i], f->blob[i < 8 ? i : 0], f->len, err, sizeof(err)))
+            fail_msg("put %d: %s", i, err);
+    cake_store_usage u, u0, u1;
+    cake_store *one[2] = {open_one(&r[0]), open_one(&r[1])};
+    assert_int_equal(cake_store_usage_get(s, &u, err, sizeof(err)), 0);
+    assert_int_equal(cake_store_usage_get(one[0], &u0, err, sizeof(err)), 0);
+    assert_int_equal(cake_store_usage_get(one[1], &u1, err, sizeof(err)), 0);
+    print_message("%d chunks over two servers: %d and %d\n", 8 + MORE, (int)u0.n_chunks,
+                  (int)u1.n_chunks);
+    assert_int_equal(u.n_chunks, 8 + MORE);
+    assert_true(u0.n_chunks > 0 && u1.n_chunks > 0 && u0.n_chunks + u1.n_chunks == 8 + MORE);
+    uint8_t on0[8], present[8];
+    assert_int_equal(cake_store_exists(one[0], keys, 8, on0, err, sizeof(err)), 0);
+    cake_store_close(one[0]);
+    cake_store_close(one[1]);
+    cake_store_close(s);
+
+    void *bufs[8];
+    size_t lens[8];
+    int rc[8], n_on0 = 0;
+    for (int i = 0; i < 8; i++) bufs[i] = cake_store_alloc_buffer(f->cap), n_on0 += on0[i];
+    for (int o = 0; o < 2; o++) { /* either order */
+        assert_int_equal(cake_store_open(uri[o], &s, err, sizeof(err)), 0);
+        assert_int_equal(cake_store_exists(s, keys, 8, present, err, sizeof(err)), 0);
+        for (int i = 0; i < 8; i++) assert_int_equal(present[i], 1);
+        for (int i = 0; i < 8; i++) assert_int_equal(get_from(s, f, i, err, sizeof(err)), 0);
+        assert_int_equal(
+            cake_store_get_many_verified(s, f->h, 8, bufs, f->cap, lens, rc, err, sizeof(err)), 8);
+        for (int i = 0; i < 8; i++) assert_memory_equal(bufs[i], f->blob[i], f->len);
+        cake_store_close(s);
+    }
+
+    /* the second server dies: its chunks are holes */
+    t_redis_stop(&r[1]);
+    for (int i = 0; i < 8; i++) memset(bufs[i], 0, f->cap);
+    assert_int_equal(cake_store_open(uri[0], &s, err, sizeof(err)), 0);
+    assert_int_equal(cake_store_check(s, err, sizeof(err)), -1);
+    char dead[64];
+    snprintf(dead, sizeof(dead), "127.0.0.1:%d", r[1].port);
+    assert_non_null(strstr(err, dead));
+    const double t0 = t_now();
+    assert_int_equal(cake_store_exists(s, keys, 8, present, err, sizeof(err)), -1);
+    assert_int_equal(
+        cake_store_get_many_verified(s, f->h, 8, bufs, f->cap, lens, rc, err, sizeof(err)), n_on0);
+    for (int i = 0; i < 8; i++) {
+        assert_int_equal(present[i], on0[i]);
+        assert_int_equal(rc[i] == 0, on0[i]);
+        assert_int_equal(get_from(s, f, i, err, sizeof(err)) == 0, on0[i]);
+    }
+    const double dt = t_now() - t0;
+    print_message("one of two servers dead: %d of 8 chunks present and loaded, in %.0f ms\n", n_on0,
+                  dt * 1e3);
+    assert_true(dt < 2.0);
+    cake_store_close(s);
+    for (int i = 0; i < 8; i++) cake_store_free_buffer(bufs[i]);
+    t_redis_stop(&r[0]);
+}
+
 int main(void) {
     if (!t_redis_available()) fprintf(stderr, "skip: redis-server not installed\n");
 #define T(fn) cmocka_unit_test_setup_teardown(fn, setup, teardown)
@@ -769,6 +874,7 @@ int main(void) {
         T(test_redis_big_chunk),
         T(test_redis_bad_replies),
         T(test_redis_auth),
+        T(test_redis_servers),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }

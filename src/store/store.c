@@ -305,7 +305,39 @@ static int parse_db(const char *s, cake_store_params *p) {
     return 0;
 }
 
-/* redis://[[USER]:PASSWORD@]HOST[:PORT][/DB] and
+/* HOST[:PORT] or [IPV6][:PORT] in [s, end): 0, -1 when malformed, -2 for a
+ * bad port. */
+static int parse_host_port(const char *s, const char *end, char host[256], int *port) {
+    const char *h = s, *h_end, *num = NULL;
+    if (*s == '[') { /* [IPv6] */
+        h = s + 1;
+        h_end = memchr(h, ']', (size_t)(end - h));
+        if (!h_end || (h_end + 1 < end && h_end[1] != ':')) return -1;
+        if (h_end + 1 < end) num = h_end + 2;
+    } else {
+        h_end = memchr(s, ':', (size_t)(end - s));
+        if (h_end)
+            num = h_end + 1;
+        else
+            h_end = end;
+    }
+    if (h_end == h || h_end - h >= 256) return -1;
+    memcpy(host, h, (size_t)(h_end - h));
+    host[h_end - h] = '\0';
+    *port = 6379;
+    if (num) {
+        char digits[8], *e;
+        if (end == num || end - num >= (long)sizeof(digits)) return -2;
+        memcpy(digits, num, (size_t)(end - num));
+        digits[end - num] = '\0';
+        const long v = strtol(digits, &e, 10);
+        if (*e || v < 1 || v > 65535) return -2;
+        *port = (int)v;
+    }
+    return 0;
+}
+
+/* redis://[[USER]:PASSWORD@]HOST[:PORT][,HOST[:PORT]...][/DB] and
  * redis+unix://[[USER]:PASSWORD@]/PATH (base: the URI without its query). */
 static int parse_redis(const char *base, const char *shown, cake_store_params *p, char *err,
                        size_t errlen) {
@@ -342,37 +374,29 @@ static int parse_redis(const char *base, const char *shown, cake_store_params *p
         return 0;
     }
 
-    const char *slash = strchr(h, '/'), *end = slash ? slash : h + strlen(h), *port = NULL;
-    const char *host = h, *host_end;
-    if (*h == '[') { /* [IPv6] */
-        host = h + 1;
-        host_end = memchr(host, ']', (size_t)(end - host));
-        if (!host_end || (host_end + 1 < end && host_end[1] != ':'))
-            return cake_err(err, errlen, "store %s: expected redis://[IPV6]:PORT", shown);
-        if (host_end + 1 < end) port = host_end + 2;
-    } else {
-        host_end = memchr(h, ':', (size_t)(end - h));
-        if (host_end)
-            port = host_end + 1;
-        else
-            host_end = end;
-    }
-    const size_t host_len = (size_t)(host_end - host);
-    if (!host_len || host_len >= sizeof(p->host))
-        return cake_err(err, errlen, "store %s: expected redis://HOST[:PORT][/DB]", shown);
-    memcpy(p->host, host, host_len);
-    p->host[host_len] = '\0';
-    if (port) {
-        char num[16];
-        const size_t plen = (size_t)(end - port);
-        char *e;
-        if (!plen || plen >= sizeof(num)) return cake_err(err, errlen, "store %s: bad port", shown);
-        memcpy(num, port, plen);
-        num[plen] = '\0';
-        const long v = strtol(num, &e, 10);
-        if (*e || v < 1 || v > 65535)
-            return cake_err(err, errlen, "store %s: bad port '%s'", shown, num);
-        p->port = (int)v;
+    const char *slash = strchr(h, '/'), *end = slash ? slash : h + strlen(h);
+    for (const char *item = h; item <= end; item++) { /* HOST[:PORT], comma-separated */
+        const char *item_end = memchr(item, ',', (size_t)(end - item));
+        if (!item_end) item_end = end;
+        if (p->n_servers == CAKE_REDIS_SERVERS_MAX)
+            return cake_err(err, errlen, "store %s: more than %d servers", shown,
+                            CAKE_REDIS_SERVERS_MAX);
+        const int bad =
+            parse_host_port(item, item_end, p->host[p->n_servers], &p->port[p->n_servers]);
+        if (bad == -2)
+            return cake_err(err, errlen, "store %s: bad port in '%.*s'", shown,
+                            (int)(item_end - item), item);
+        if (bad)
+            return cake_err(err, errlen,
+                            "store %s: expected redis://HOST[:PORT][,HOST[:PORT]...][/DB] (an "
+                            "IPv6 host in brackets) at '%.*s'",
+                            shown, (int)(item_end - item), item);
+        for (int i = 0; i < p->n_servers; i++)
+            if (!strcmp(p->host[i], p->host[p->n_servers]) && p->port[i] == p->port[p->n_servers])
+                return cake_err(err, errlen, "store %s: server %s:%d listed twice", shown,
+                                p->host[i], p->port[i]);
+        p->n_servers++;
+        item = item_end;
     }
     if (slash && slash[1] && parse_db(slash + 1, p))
         return cake_err(err, errlen, "store %s: bad database number '%s'", shown, slash + 1);
@@ -450,7 +474,6 @@ int cake_store_parse_uri(const char *uri, cake_store_params *p, char *err, size_
     p->direct = 1;
     p->cache = 1;
     p->timeout_ms = 1000;
-    p->port = 6379;
     char base[4352];
     const char *q = strchr(uri, '?');
     size_t blen = q ? (size_t)(q - uri) : strlen(uri);
@@ -836,10 +859,9 @@ int cake_store_exists(cake_store *s, const cake_chunk_key *keys, size_t n, uint8
     int rc = 0;
     if (n_ram < n) {
         request_latency(s);
-        if ((rc = s->ops->exists(s->b, keys, n, present, err, errlen))) {
-            memset(present, 0, n);
-            add(&s->ctr.errors, 1);
-        }
+        /* A failing backend leaves present[] as far as it could tell (a
+         * sharded Redis: the servers that answered), the rest absent. */
+        if ((rc = s->ops->exists(s->b, keys, n, present, err, errlen))) add(&s->ctr.errors, 1);
     }
     for (size_t i = 0; in_ram && i < n; i++) present[i] |= in_ram[i];
     free(in_ram);

@@ -4,10 +4,15 @@
  *
  *     file:PATH                one file per chunk under PATH (file: alone =
  *                              $XDG_CACHE_HOME/cake or ~/.cache/cake)
- *     redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]
+ *     redis://[[USER]:PASSWORD@]HOST[:PORT][,HOST[:PORT]...][/DB]
  *                              a Redis server, shareable between machines
  *                              (port 6379, database 0 by default; an IPv6
- *                              host in brackets, [::1]:6379)
+ *                              host in brackets, [::1]:6379); several: the
+ *                              chunks spread over them by rendezvous
+ *                              hashing of their keys (the same servers,
+ *                              written the same way, in any order, on every
+ *                              machine), and one that is down only leaves
+ *                              holes
  *     redis+unix://[[USER]:PASSWORD@]/PATH
  *                              a Redis server on this machine, by its unix
  *                              socket (db=N for a database)
@@ -179,9 +184,11 @@ void cake_store_in_ram(cake_store *s, const cake_chunk_key *keys, size_t n, uint
 
 /* present[i] = 1 when keys[i] is in the store, for i < n, in one round trip
  * where the backend allows (pipelined on Redis; none when the RAM tier holds
- * them all). present is always filled: on a backend failure every entry but
- * those in the RAM tier is 0 and the call returns -1 with err, so callers
- * may simply treat the result as misses. */
+ * them all). present is always filled: on a backend failure the call
+ * returns -1 with err, and present holds what the backend could still tell
+ * (the RAM tier's; a Redis store over several servers: the ones that
+ * answered), the rest 0, so callers may simply treat the result as
+ * misses. */
 int cake_store_exists(cake_store *s, const cake_chunk_key *keys, size_t n, uint8_t *present,
                       char *err, size_t errlen);
 

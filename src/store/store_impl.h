@@ -26,12 +26,16 @@ typedef struct {
 /* At most this many threads read one blob (readers=). */
 #define CAKE_STORE_READERS_MAX 16
 
+/* At most this many Redis servers in one store (redis://H1,H2,...). */
+#define CAKE_REDIS_SERVERS_MAX 16
+
 /* Everything parsed from a URI. */
 typedef struct {
-    char kind[8];       /* "file", "redis", "mem" */
-    char path[4096];    /* file: root directory */
-    char host[256];     /* redis: TCP */
-    int port;           /* redis: TCP */
+    char kind[8];    /* "file", "redis", "mem" */
+    char path[4096]; /* file: root directory */
+    int n_servers;   /* redis: TCP servers, the chunks spread over them (0: a socket) */
+    char host[CAKE_REDIS_SERVERS_MAX][256];
+    int port[CAKE_REDIS_SERVERS_MAX];
     char socket[108];   /* redis+unix: the socket's path (sun_path's size) */
     int db;             /* redis */
     char user[128];     /* redis: ACL user, "" = the default user */

@@ -1,7 +1,13 @@
-/* redis://[[USER]:PASSWORD@]HOST[:PORT][/DB] or redis+unix://.../PATH:
- * chunks as Redis strings under "cake:<32 hex>", so
+/* redis://[[USER]:PASSWORD@]HOST[:PORT][,HOST[:PORT]...][/DB] or
+ * redis+unix://.../PATH: chunks as Redis strings under "cake:<32 hex>", so
  * that several servers share one cache (Redis does the serving, replication
  * and eviction: set its maxmemory and an LRU policy for a bounded cache).
+ *
+ * Several Redis servers: each chunk lives on one, chosen by rendezvous
+ * hashing of its key (server_of), so their bandwidth and memory add up.
+ * Each server has its own connections and its own down state: a dead one
+ * costs only its chunks (holes, which the loader computes), and a lookup
+ * over many keys asks each server for its own in one round trip.
  *
  * Connections: a small pool. A caller takes an idle connection (or opens a new
  * one), owns it for the whole command, and gives it back; so concurrent loader
@@ -22,6 +28,7 @@
  * chunk fails with an error that says so, without touching the connection. */
 #include <errno.h>
 #include <hiredis/hiredis.h>
+#include <xxhash.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -41,6 +48,7 @@
 #define BATCH            256            /* commands per pipelined round trip */
 #define DEFAULT_MAX_BULK (512ull << 20) /* Redis's default proto-max-bulk-len */
 
+/* One Redis server: its address, connections and state. */
 typedef struct {
     char name[320]; /* HOST:PORT or the socket's path, for messages */
     char host[256], socket[108], user[128], password[512];
@@ -53,8 +61,30 @@ typedef struct {
     uint64_t down_until; /* monotonic ns; under mu */
     uint64_t max_bulk;   /* the server's proto-max-bulk-len, 0 = not asked yet; under mu */
     char down_reason[256];
-    cake_store_atomic_counters *ctr;
+    uint64_t seed; /* XXH3 of the name: server_of */
+} redis_server;
+
+/* The store: one server, or several that each hold the chunks rendezvous
+ * hashing gives them. */
+typedef struct {
+    int n;
+    redis_server *servers;
 } redis_store;
+
+/* The server of a chunk: the one whose seed gives the key the highest hash
+ * (rendezvous hashing). Every process that lists the same servers, in any
+ * order, puts a chunk on the same one; and a server added or removed moves
+ * only the chunks it gains or held, not a share of all of them as a modulo
+ * would. */
+static redis_server *server_of(const redis_store *st, const cake_chunk_key *k) {
+    int best = 0;
+    uint64_t top = 0;
+    for (int i = 0; i < st->n; i++) {
+        const uint64_t h = XXH3_64bits_withSeed(k->b, sizeof(k->b), st->servers[i].seed);
+        if (i == 0 || h > top) best = i, top = h;
+    }
+    return &st->servers[best];
+}
 
 static void key_name(const cake_chunk_key *k, char out[KEY_LEN + 1]) {
     char hex[33];
@@ -64,7 +94,7 @@ static void key_name(const cake_chunk_key *k, char out[KEY_LEN + 1]) {
 
 /* Marks the server down and drops the idle connections (they are most likely
  * dead too). Under r->mu. */
-static void mark_down(redis_store *r, const char *why) {
+static void mark_down(redis_server *r, const char *why) {
     r->down_until = cake_now_ns() + RETRY_MS * 1000000ull;
     snprintf(r->down_reason, sizeof(r->down_reason), "%s", why);
     for (int i = 0; i < r->n_idle; i++) redisFree(r->idle[i]);
@@ -109,7 +139,7 @@ static int ask_max_bulk(redisContext *c, uint64_t *v, char *why, size_t n) {
 
 /* A new connection's set-up: timeouts, AUTH, SELECT, and on the store's
  * first connection the size limit. 0 ok; else why says what failed. */
-static int conn_setup(redis_store *r, redisContext *c, char *why, size_t n) {
+static int conn_setup(redis_server *r, redisContext *c, char *why, size_t n) {
     if (redisSetTimeout(c, r->io_tv) != REDIS_OK) {
         snprintf(why, n, "set timeout: %s", c->errstr);
         return -1;
@@ -137,7 +167,7 @@ static int conn_setup(redis_store *r, redisContext *c, char *why, size_t n) {
     return 0;
 }
 
-static redisContext *connect_new(redis_store *r, char *err, size_t errlen) {
+static redisContext *connect_new(redis_server *r, char *err, size_t errlen) {
     pthread_mutex_lock(&r->mu);
     uint64_t now = cake_now_ns();
     if (now < r->down_until) {
@@ -164,7 +194,7 @@ static redisContext *connect_new(redis_store *r, char *err, size_t errlen) {
 }
 
 /* A connection for one command; *reused says whether it came from the pool. */
-static redisContext *conn_take(redis_store *r, int *reused, char *err, size_t errlen) {
+static redisContext *conn_take(redis_server *r, int *reused, char *err, size_t errlen) {
     pthread_mutex_lock(&r->mu);
     redisContext *c = r->n_idle ? r->idle[--r->n_idle] : NULL;
     pthread_mutex_unlock(&r->mu);
@@ -172,7 +202,7 @@ static redisContext *conn_take(redis_store *r, int *reused, char *err, size_t er
     return c ? c : connect_new(r, err, errlen);
 }
 
-static void conn_give(redis_store *r, redisContext *c) {
+static void conn_give(redis_server *r, redisContext *c) {
     pthread_mutex_lock(&r->mu);
     if (c->err || r->n_idle == POOL_MAX) {
         pthread_mutex_unlock(&r->mu);
@@ -184,7 +214,7 @@ static void conn_give(redis_store *r, redisContext *c) {
 }
 
 /* After a transport error on c: drop it; say so. */
-static void conn_broken(redis_store *r, redisContext *c, const char *what, char *err,
+static void conn_broken(redis_server *r, redisContext *c, const char *what, char *err,
                         size_t errlen) {
     cake_err(err, errlen, "redis %s: %s: %s", r->name, what,
              c->errstr[0] ? c->errstr : "connection lost");
@@ -196,7 +226,7 @@ static void conn_broken(redis_store *r, redisContext *c, const char *what, char 
  * retrying once on a fresh connection when a reused one turns out dead. */
 typedef int (*redis_cmd_fn)(redisContext *c, void *ctx, char *err, size_t errlen);
 
-static int run_cmd(redis_store *r, const char *what, redis_cmd_fn fn, void *ctx, char *err,
+static int run_cmd(redis_server *r, const char *what, redis_cmd_fn fn, void *ctx, char *err,
                    size_t errlen) {
     char e[256] = "";
     int rc = 1;
@@ -362,7 +392,7 @@ static int cmd_get(redisContext *c, void *ctx_, char *err, size_t errlen) {
 static int redis_get(void *st, const cake_chunk_key *k, void *buf, size_t cap, size_t *len,
                      cake_payload_hash *hash, char *err, size_t errlen) {
     get_ctx g = {k, buf, cap, len, hash, 0};
-    int rc = run_cmd(st, "GET", cmd_get, &g, err, errlen);
+    int rc = run_cmd(server_of(st, k), "GET", cmd_get, &g, err, errlen);
     if (g.found < 0) return -1;                /* does not fit */
     if (rc != 0) return CAKE_STORE_GET_FAILED; /* down, lost, or a server error */
     return g.found ? 0 : 1;
@@ -412,11 +442,42 @@ static int cmd_get_many(redisContext *c, void *ctx_, char *err, size_t errlen) {
     return 0;
 }
 
-static int redis_get_many(void *st, const cake_chunk_key *keys, size_t n, void *const *bufs,
+/* The positions in keys[0..n) of server s's keys, into at; how many. */
+static size_t keys_of(const redis_store *st, int s, const cake_chunk_key *keys, size_t n,
+                      size_t *at) {
+    size_t m = 0;
+    for (size_t i = 0; i < n; i++)
+        if (server_of(st, &keys[i]) == &st->servers[s]) at[m++] = i;
+    return m;
+}
+
+static int redis_get_many(void *st_, const cake_chunk_key *keys, size_t n, void *const *bufs,
                           size_t cap, size_t *lens, int *rc, char *err, size_t errlen) {
-    get_many_ctx g = {keys, n, bufs, cap, lens, rc};
+    redis_store *st = st_;
     for (size_t i = 0; i < n; i++) rc[i] = CAKE_STORE_GET_FAILED; /* if it never runs */
-    return run_cmd(st, "GET", cmd_get_many, &g, err, errlen) ? -1 : 0;
+    if (st->n == 1) {
+        get_many_ctx g = {keys, n, bufs, cap, lens, rc};
+        return run_cmd(&st->servers[0], "GET", cmd_get_many, &g, err, errlen) ? -1 : 0;
+    }
+    size_t *at = malloc(n * sizeof(*at)), *l = calloc(n, sizeof(*l));
+    cake_chunk_key *k = malloc(n * sizeof(*k));
+    void **b = malloc(n * sizeof(*b));
+    int *r = malloc(n * sizeof(*r)), failed = 0;
+    if (!at || !l || !k || !b || !r) failed = cake_err(err, errlen, "redis: out of memory");
+    for (int s = 0; s < st->n && !failed; s++) {
+        const size_t m = keys_of(st, s, keys, n, at);
+        for (size_t j = 0; j < m; j++) /* failed, unless the server says otherwise */
+            k[j] = keys[at[j]], b[j] = bufs[at[j]], r[j] = CAKE_STORE_GET_FAILED, l[j] = 0;
+        get_many_ctx g = {k, m, b, cap, l, r};
+        if (m && run_cmd(&st->servers[s], "GET", cmd_get_many, &g, err, errlen)) failed = -1;
+        for (size_t j = 0; j < m; j++) rc[at[j]] = r[j], lens[at[j]] = l[j];
+    }
+    free(at);
+    free(l);
+    free(k);
+    free(b);
+    free(r);
+    return failed ? -1 : 0;
 }
 
 /* ---- GETRANGE + STRLEN (headers for listings) ---- */
@@ -461,7 +522,7 @@ static int cmd_head(redisContext *c, void *ctx_, char *err, size_t errlen) {
 static int redis_head(void *st, const cake_chunk_key *k, void *buf, size_t n, size_t *len,
                       uint64_t *total, char *err, size_t errlen) {
     head_ctx h = {k, buf, n, len, total};
-    int rc = run_cmd(st, "GETRANGE", cmd_head, &h, err, errlen);
+    int rc = run_cmd(server_of(st, k), "GETRANGE", cmd_head, &h, err, errlen);
     if (rc) return -1;
     return *total ? 0 : 1; /* a missing key has length 0; no chunk is empty */
 }
@@ -469,7 +530,7 @@ static int redis_head(void *st, const cake_chunk_key *k, void *buf, size_t n, si
 /* ---- SET ---- */
 
 typedef struct {
-    redis_store *r;
+    redis_server *r;
     const cake_chunk_key *key;
     const void *blob;
     size_t len;
@@ -530,8 +591,8 @@ static int cmd_put(redisContext *c, void *ctx_, char *err, size_t errlen) {
 
 static int redis_put(void *st, const cake_chunk_key *k, const void *blob, size_t len, char *err,
                      size_t errlen) {
-    put_ctx p = {st, k, blob, len};
-    return run_cmd(st, "SET", cmd_put, &p, err, errlen) ? -1 : 0;
+    put_ctx p = {server_of(st, k), k, blob, len};
+    return run_cmd(p.r, "SET", cmd_put, &p, err, errlen) ? -1 : 0;
 }
 
 /* ---- EXISTS, pipelined ---- */
@@ -567,10 +628,30 @@ static int cmd_exists(redisContext *c, void *ctx_, char *err, size_t errlen) {
     return 0;
 }
 
-static int redis_exists(void *st, const cake_chunk_key *keys, size_t n, uint8_t *present, char *err,
-                        size_t errlen) {
-    exists_ctx e = {keys, n, present};
-    return run_cmd(st, "EXISTS", cmd_exists, &e, err, errlen) ? -1 : 0;
+/* Several servers: each asked for its keys; one that fails leaves its keys
+ * absent (holes, for the loader) and the call -1, the others' answers kept. */
+static int redis_exists(void *st_, const cake_chunk_key *keys, size_t n, uint8_t *present,
+                        char *err, size_t errlen) {
+    redis_store *st = st_;
+    if (st->n == 1) {
+        exists_ctx e = {keys, n, present};
+        return run_cmd(&st->servers[0], "EXISTS", cmd_exists, &e, err, errlen) ? -1 : 0;
+    }
+    size_t *at = malloc(n * sizeof(*at));
+    cake_chunk_key *k = malloc(n * sizeof(*k));
+    uint8_t *pr = malloc(n);
+    int failed = !at || !k || !pr ? cake_err(err, errlen, "redis: out of memory") : 0;
+    for (int s = 0; s < st->n && at && k && pr; s++) {
+        const size_t m = keys_of(st, s, keys, n, at);
+        for (size_t j = 0; j < m; j++) k[j] = keys[at[j]], pr[j] = 0;
+        exists_ctx e = {k, m, pr};
+        if (m && run_cmd(&st->servers[s], "EXISTS", cmd_exists, &e, err, errlen)) failed = -1;
+        for (size_t j = 0; j < m; j++) present[at[j]] = pr[j];
+    }
+    free(at);
+    free(k);
+    free(pr);
+    return failed ? -1 : 0;
 }
 
 /* ---- DEL ---- */
@@ -598,7 +679,7 @@ static int cmd_del(redisContext *c, void *ctx_, char *err, size_t errlen) {
 
 static int redis_del(void *st, const cake_chunk_key *k, char *err, size_t errlen) {
     del_ctx d = {k, 0};
-    if (run_cmd(st, "DEL", cmd_del, &d, err, errlen)) return -1;
+    if (run_cmd(server_of(st, k), "DEL", cmd_del, &d, err, errlen)) return -1;
     return d.removed > 0 ? 0 : 1;
 }
 
@@ -607,6 +688,7 @@ static int redis_del(void *st, const cake_chunk_key *k, char *err, size_t errlen
 typedef struct {
     cake_store_iter_fn fn;
     void *ctx;
+    int stopped; /* fn asked to stop */
 } scan_ctx;
 
 /* One SCAN page plus STRLEN and OBJECT IDLETIME of its keys, pipelined. */
@@ -657,14 +739,20 @@ static int cmd_scan(redisContext *c, void *ctx_, char *err, size_t errlen) {
             freeReplyObject(b);
         }
         freeReplyObject(rep);
-        if (stop) return 0;
+        if (stop) {
+            s->stopped = 1;
+            return 0;
+        }
     } while (strcmp(cursor, "0") != 0);
     return 0;
 }
 
-static int redis_iterate(void *st, cake_store_iter_fn fn, void *ctx, char *err, size_t errlen) {
-    scan_ctx s = {fn, ctx};
-    return run_cmd(st, "SCAN", cmd_scan, &s, err, errlen) ? -1 : 0;
+static int redis_iterate(void *st_, cake_store_iter_fn fn, void *ctx, char *err, size_t errlen) {
+    redis_store *st = st_;
+    scan_ctx s = {fn, ctx, 0};
+    for (int i = 0; i < st->n && !s.stopped; i++)
+        if (run_cmd(&st->servers[i], "SCAN", cmd_scan, &s, err, errlen)) return -1;
+    return 0;
 }
 
 static int redis_usage(void *st, cake_store_usage *u, char *err, size_t errlen) {
@@ -697,51 +785,68 @@ static int redis_gc(void *st, uint64_t target, uint64_t *n_evicted, uint64_t *by
     return rc;
 }
 
-static int redis_check(void *st, char *err, size_t errlen) {
-    int reused;
-    redisContext *c = conn_take(st, &reused, err, errlen);
-    if (!c) return -1;
-    conn_give(st, c);
+/* Whether every server answers; the first that does not says why. */
+static int redis_check(void *st_, char *err, size_t errlen) {
+    redis_store *st = st_;
+    for (int i = 0; i < st->n; i++) {
+        int reused;
+        redisContext *c = conn_take(&st->servers[i], &reused, err, errlen);
+        if (!c) return -1;
+        conn_give(&st->servers[i], c);
+    }
     return 0;
 }
 
-static void redis_close(void *st) {
-    redis_store *r = st;
-    if (!r) return;
-    for (int i = 0; i < r->n_idle; i++) redisFree(r->idle[i]);
-    pthread_mutex_destroy(&r->mu);
-    explicit_bzero(r->password, sizeof(r->password));
-    free(r);
+static void redis_close(void *st_) {
+    redis_store *st = st_;
+    if (!st) return;
+    for (int s = 0; s < st->n; s++) {
+        redis_server *r = &st->servers[s];
+        for (int i = 0; i < r->n_idle; i++) redisFree(r->idle[i]);
+        pthread_mutex_destroy(&r->mu);
+        explicit_bzero(r->password, sizeof(r->password));
+    }
+    free(st->servers);
+    free(st);
 }
 
 int cake_store_redis_open(const cake_store_params *p, cake_store_atomic_counters *ctr, void **out,
                           char *err, size_t errlen) {
-    redis_store *r = calloc(1, sizeof(*r));
-    if (!r) return cake_err(err, errlen, "redis store: out of memory");
-    snprintf(r->host, sizeof(r->host), "%s", p->host);
-    snprintf(r->socket, sizeof(r->socket), "%s", p->socket);
-    snprintf(r->user, sizeof(r->user), "%s", p->user);
-    snprintf(r->password, sizeof(r->password), "%s", p->password);
-    r->port = p->port;
-    if (r->socket[0])
-        snprintf(r->name, sizeof(r->name), "%s", r->socket);
-    else if (strchr(r->host, ':')) /* IPv6 */
-        snprintf(r->name, sizeof(r->name), "[%s]:%d", r->host, r->port);
-    else
-        snprintf(r->name, sizeof(r->name), "%s:%d", r->host, r->port);
-    r->db = p->db;
-    int conn_ms = p->timeout_ms < 200 ? p->timeout_ms : 200;
-    r->conn_tv = (struct timeval){conn_ms / 1000, (conn_ms % 1000) * 1000};
-    r->io_tv = (struct timeval){p->timeout_ms / 1000, (p->timeout_ms % 1000) * 1000};
-    r->io_ns = (uint64_t)p->timeout_ms * 1000000ull;
-    r->ctr = ctr;
-    pthread_mutex_init(&r->mu, NULL);
-    /* Connect now so the first lookup is warm; a server that is down is not
-     * an error here: lookups miss until it is back. */
-    char e2[256];
-    redisContext *c = connect_new(r, e2, sizeof(e2));
-    if (c) conn_give(r, c);
-    *out = r;
+    (void)ctr;
+    redis_store *st = calloc(1, sizeof(*st));
+    const int n = p->socket[0] ? 1 : p->n_servers;
+    if (!st || !(st->servers = calloc((size_t)n, sizeof(*st->servers)))) {
+        free(st);
+        return cake_err(err, errlen, "redis store: out of memory");
+    }
+    st->n = n;
+    const int conn_ms = p->timeout_ms < 200 ? p->timeout_ms : 200;
+    for (int i = 0; i < st->n; i++) {
+        redis_server *r = &st->servers[i];
+        if (p->socket[0]) {
+            snprintf(r->socket, sizeof(r->socket), "%s", p->socket);
+            snprintf(r->name, sizeof(r->name), "%s", r->socket);
+        } else {
+            snprintf(r->host, sizeof(r->host), "%s", p->host[i]);
+            r->port = p->port[i];
+            snprintf(r->name, sizeof(r->name), strchr(r->host, ':') ? "[%s]:%d" : "%s:%d", r->host,
+                     r->port); /* IPv6 in brackets */
+        }
+        r->seed = XXH3_64bits(r->name, strlen(r->name));
+        snprintf(r->user, sizeof(r->user), "%s", p->user);
+        snprintf(r->password, sizeof(r->password), "%s", p->password);
+        r->db = p->db;
+        r->conn_tv = (struct timeval){conn_ms / 1000, (conn_ms % 1000) * 1000};
+        r->io_tv = (struct timeval){p->timeout_ms / 1000, (p->timeout_ms % 1000) * 1000};
+        r->io_ns = (uint64_t)p->timeout_ms * 1000000ull;
+        pthread_mutex_init(&r->mu, NULL);
+        /* Connect now so the first lookup is warm; a server that is down is
+         * not an error here: its lookups miss until it is back. */
+        char e2[256];
+        redisContext *c = connect_new(r, e2, sizeof(e2));
+        if (c) conn_give(r, c);
+    }
+    *out = st;
     return 0;
 }
 
