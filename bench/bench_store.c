@@ -11,7 +11,8 @@
  *   redis  gets from a redis-server on loopback (started here), vs
  *          `redis-benchmark -t set,get -d <blob size> -c <in flight>`'s GET
  *          rate times the value size. Goal: ratio >= 0.8. And the same
- *          gets by the server's unix socket (redis+unix://): unix/tcp.
+ *          gets by the server's unix socket (redis+unix://): unix/tcp; and
+ *          from a store over two servers (redis://A,B): 2 srv/1.
  *   bw=    gets through the emulated link (mem store, and file store) at set
  *          rates: achieved / set rate, goal within 5%; and the per-stream
  *          share (about bw/N).
@@ -232,34 +233,37 @@ static int free_port(void) {
     return ntohs(a.sin_port);
 }
 
-static pid_t redis_pid;
-static char redis_socket[64]; /* the server's unix socket too */
+static pid_t redis_pid[2];       /* a second server for a store over two */
+static char redis_socket[2][64]; /* each server's unix socket too */
 
 static void stop_redis(void) {
-    if (redis_pid > 0) {
-        kill(redis_pid, SIGTERM);
-        waitpid(redis_pid, NULL, 0);
-        redis_pid = 0;
-        unlink(redis_socket);
-    }
+    for (int i = 0; i < 2; i++)
+        if (redis_pid[i] > 0) {
+            kill(redis_pid[i], SIGTERM);
+            waitpid(redis_pid[i], NULL, 0);
+            redis_pid[i] = 0;
+            unlink(redis_socket[i]);
+        }
 }
 
-static int start_redis(int port) {
+/* Starts server i (0 or 1) on port. */
+static int start_redis(int i, int port) {
     char p[16];
     snprintf(p, sizeof(p), "%d", port);
-    snprintf(redis_socket, sizeof(redis_socket), "/tmp/bench-store-%d.sock", (int)getpid());
-    redis_pid = fork();
-    if (redis_pid == 0) {
+    snprintf(redis_socket[i], sizeof(redis_socket[i]), "/tmp/bench-store-%d-%d.sock", (int)getpid(),
+             i);
+    redis_pid[i] = fork();
+    if (redis_pid[i] == 0) {
         int dn = open("/dev/null", O_WRONLY);
         dup2(dn, 1);
         dup2(dn, 2);
         execlp("redis-server", "redis-server", "--port", p, "--bind", "127.0.0.1", "--save", "",
-               "--appendonly", "no", "--protected-mode", "no", "--unixsocket", redis_socket,
+               "--appendonly", "no", "--protected-mode", "no", "--unixsocket", redis_socket[i],
                "--unixsocketperm", "700", (char *)NULL);
         _exit(127);
     }
-    atexit(stop_redis);
-    for (int i = 0; i < 300; i++) {
+    if (i == 0) atexit(stop_redis);
+    for (int t = 0; t < 300; t++) {
         char uri[64], err[256];
         snprintf(uri, sizeof(uri), "redis://127.0.0.1:%d", port);
         cake_store *s;
@@ -462,36 +466,48 @@ int main(int argc, char **argv) {
                        ">/dev/null")) {
                 printf("redis: skipped (redis-server or redis-benchmark not installed)\n");
             } else {
-                int port = free_port();
-                if (start_redis(port)) die("redis-server", "did not start");
+                int port = free_port(), port2 = free_port();
+                if (start_redis(0, port) || start_redis(1, port2))
+                    die("redis-server", "did not start");
                 make_chunks(&cs, sh, 16);
                 snprintf(uri, sizeof(uri), "redis://127.0.0.1:%d", port);
-                cake_store *s, *su; /* over TCP, and over the unix socket */
+                /* over TCP, over the unix socket, and over two servers */
+                cake_store *s, *su, *s2;
                 if (cake_store_open(uri, &s, err, sizeof(err))) die("open", err);
-                char unix_uri[128];
-                snprintf(unix_uri, sizeof(unix_uri), "redis+unix://%s", redis_socket);
-                if (cake_store_open(unix_uri, &su, err, sizeof(err))) die("open", err);
+                char unix_uri[128], two_uri[128];
+                snprintf(unix_uri, sizeof(unix_uri), "redis+unix://%s", redis_socket[0]);
+                snprintf(two_uri, sizeof(two_uri), "redis://127.0.0.1:%d,127.0.0.1:%d", port,
+                         port2);
+                if (cake_store_open(unix_uri, &su, err, sizeof(err)) ||
+                    cake_store_open(two_uri, &s2, err, sizeof(err)))
+                    die("open", err);
                 put_all(s, &cs);
-                printf("redis store %s: %d chunks on loopback; also by %s\n", uri, cs.n, unix_uri);
-                printf("  %-9s %12s %12s %14s %8s %12s %10s\n", "in flight", "store MB/s",
-                       "+verify MB/s", "r-bench MB/s", "ratio", "unix MB/s", "unix/tcp");
+                put_all(s2, &cs);
+                printf("redis store %s: %d chunks on loopback; also by %s, and over %s\n", uri,
+                       cs.n, unix_uri, two_uri);
+                printf("  %-9s %12s %12s %14s %8s %12s %10s %12s %9s\n", "in flight", "store MB/s",
+                       "+verify MB/s", "r-bench MB/s", "ratio", "unix MB/s", "unix/tcp",
+                       "2 srv MB/s", "2 srv/1");
                 for (size_t t = 0; t < 3; t++) {
                     int T = INFLIGHT[t];
-                    double got[9], ver[9], rb[9], un[9];
+                    double got[9], ver[9], rb[9], un[9], two[9];
                     for (int r = 0; r < rounds; r++) {
                         got[r] = run_loads(s, &cs, T, 0, seconds, NULL);
                         ver[r] = run_loads(s, &cs, T, 1, seconds, NULL);
                         un[r] = run_loads(su, &cs, T, 0, seconds, NULL);
+                        two[r] = run_loads(s2, &cs, T, 0, seconds, NULL);
                         /* about `seconds` of GETs at the rate we just saw */
                         int nreq = (int)(got[r] * seconds / blob);
                         if (nreq < 20 * T) nreq = 20 * T;
                         rb[r] = redis_benchmark_get(port, blob, T, nreq) * blob;
                     }
                     double g = median(got, rounds), v = median(ver, rounds), b = median(rb, rounds),
-                           u = median(un, rounds);
-                    printf("  %-9d %12.0f %12.0f %14.0f %8.2f %12.0f %10.2f\n", T, g / 1e6, v / 1e6,
-                           b / 1e6, b > 0 ? g / b : 0, u / 1e6, g > 0 ? u / g : 0);
+                           u = median(un, rounds), w = median(two, rounds);
+                    printf("  %-9d %12.0f %12.0f %14.0f %8.2f %12.0f %10.2f %12.0f %9.2f\n", T,
+                           g / 1e6, v / 1e6, b / 1e6, b > 0 ? g / b : 0, u / 1e6, g > 0 ? u / g : 0,
+                           w / 1e6, g > 0 ? w / g : 0);
                 }
+                cake_store_close(s2);
                 cake_store_close(su);
                 cake_store_close(s);
                 stop_redis();

@@ -137,8 +137,8 @@ static int ask_max_bulk(redisContext *c, uint64_t *v, char *why, size_t n) {
     return 0;
 }
 
-/* A new connection's set-up: timeouts, AUTH, SELECT, and on the store's
- * first connection the size limit. 0 ok; else why says what failed. */
+/* A new connection's set-up: timeouts, AUTH, SELECT, and on the server's
+ * first connection its size limit. 0 ok; else why says what failed. */
 static int conn_setup(redis_server *r, redisContext *c, char *why, size_t n) {
     if (redisSetTimeout(c, r->io_tv) != REDIS_OK) {
         snprintf(why, n, "set timeout: %s", c->errstr);
