@@ -183,6 +183,10 @@ static void test_parse_uri(void **state) {
     assert_string_equal(cake_store_redact_uri("redis://h:1?bw=1Gbit", shown, sizeof(shown)),
                         "redis://h:1?bw=1Gbit");
     assert_string_equal(cake_store_redact_uri("file:/a:b@c", shown, sizeof(shown)), "file:/a:b@c");
+    assert_string_equal(cake_store_redact_uri("file:///a:b@c", shown, sizeof(shown)),
+                        "file:///a:b@c");
+    assert_string_equal(cake_store_redact_uri("rediss://u:pw@h", shown, sizeof(shown)),
+                        "rediss://u:***@h");
 
     struct {
         const char *uri, *want;
@@ -213,6 +217,7 @@ static void test_parse_uri(void **state) {
         {"redis://a,,b", "at ''"},
         {"redis://a,", "at ''"},
         {"redis://a,b:0", "bad port in 'b:0'"},
+        {"rediss://:secret@h", "unknown kind"},
         {"redis://h1,h2,h3,h4,h5,h6,h7,h8,h9,h10,h11,h12,h13,h14,h15,h16,h17", "more than 16"},
         {"redis+unix://h/x.sock", "redis+unix:///PATH"},
         {"redis+unix://", "redis+unix:///PATH"},

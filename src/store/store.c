@@ -247,14 +247,13 @@ static int parse_bool(const char *v, int *out) {
 
 /* ---- URIs ---- */
 
-/* Where a Redis URI's "USER:PASSWORD@" ends (the last '@' before the query),
- * or NULL; *auth is where it starts. Other URIs have none. */
-static const char *redis_userinfo_end(const char *uri, const char **auth) {
-    const size_t skip = !strncmp(uri, "redis://", 8)         ? 8
-                        : !strncmp(uri, "redis+unix://", 13) ? 13
-                                                             : 0;
-    if (!skip) return NULL;
-    *auth = uri + skip;
+/* Where a URI's "USER:PASSWORD@" ends (the last '@' before the query), or
+ * NULL; *auth is where it starts: after "SCHEME://" (any scheme, so that a
+ * mistyped one is redacted too), unless a path starts there. */
+static const char *userinfo_end(const char *uri, const char **auth) {
+    const char *scheme_end = strstr(uri, "://");
+    if (!scheme_end || scheme_end[3] == '/') return NULL;
+    *auth = scheme_end + 3;
     const char *q = strchr(*auth, '?'), *at = NULL;
     for (const char *x = *auth; *x && (!q || x < q); x++)
         if (*x == '@') at = x;
@@ -262,7 +261,7 @@ static const char *redis_userinfo_end(const char *uri, const char **auth) {
 }
 
 const char *cake_store_redact_uri(const char *uri, char *out, size_t n) {
-    const char *auth, *at = redis_userinfo_end(uri, &auth);
+    const char *auth, *at = userinfo_end(uri, &auth);
     const char *colon = at ? memchr(auth, ':', (size_t)(at - auth)) : NULL;
     if (!colon)
         snprintf(out, n, "%s", uri);
@@ -342,7 +341,8 @@ static int parse_host_port(const char *s, const char *end, char host[256], int *
 static int parse_redis(const char *base, const char *shown, cake_store_params *p, char *err,
                        size_t errlen) {
     const int is_unix = !strncmp(base, "redis+unix://", 13);
-    const char *auth, *at = redis_userinfo_end(base, &auth), *h = at ? at + 1 : auth;
+    const char *auth = base + (is_unix ? 13 : 8), *at = userinfo_end(base, &auth);
+    const char *h = at ? at + 1 : auth;
     if (at) {
         const char *colon = memchr(auth, ':', (size_t)(at - auth));
         const size_t ulen = (size_t)((colon ? colon : at) - auth);
@@ -504,7 +504,7 @@ int cake_store_parse_uri(const char *uri, cake_store_params *p, char *err, size_
         return cake_err(err, errlen,
                         "store '%s': unknown kind (use file:PATH, "
                         "redis://[[USER]:PASSWORD@]HOST[:PORT][/DB], redis+unix:///PATH or mem:)",
-                        uri);
+                        shown);
     }
 
     if (q) {
