@@ -1525,6 +1525,7 @@ static void test_store_reuse(void **state) {
         assert_int_equal(num_at(cold, "cake.chunks_loaded"), 0);
         const int total = (int)num_at(cold, "cake.chunks_total");
         assert_true(total >= 5);
+        assert_int_equal(metric(s.port, "cake_store_up"), 1);
         /* the slot drains its write-backs before it takes the next request */
         cJSON_Delete(post_ok(s.port, "/v1/completions", "{\"prompt\":\"Hi\",\"max_tokens\":1}"));
         assert_true(metric(s.port, "cake_store_writeback_chunks_total{result=\"written\"}") >=
@@ -1558,6 +1559,7 @@ static void test_store_reuse(void **state) {
             cJSON_Delete(
                 post_ok(s.port, "/v1/completions", "{\"prompt\":\"Hi\",\"max_tokens\":1}"));
             t_redis_stop(&redis);
+            assert_int_equal(metric(s.port, "cake_store_up"), 0);
             cJSON *dead = post_ok(s.port, "/v1/completions", LONG_REQUEST, LONG_PROMPT);
             assert_int_equal(num_at(dead, "cake.chunks_loaded"), 0);
             assert_int_equal(num_at(dead, "cake.chunks_cached"), 0);

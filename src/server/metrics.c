@@ -126,6 +126,11 @@ char *server_metrics_text(const pool_counters *pc, const unsigned long long *sta
         "cake_store_writeback_chunks_total{result=\"failed\"} %llu\n",
         (unsigned long long)pc->writeback_written, (unsigned long long)pc->writeback_dropped,
         (unsigned long long)pc->writeback_failed);
+    if (pc->store_up >= 0)
+        gauge(&t, "cake_store_up",
+              "1 when the KV store answers (every Redis server: a PING), 0 when it does not "
+              "(requests compute meanwhile).",
+              pc->store_up);
     const sched_counters *st = &pc->steps;
     counter(&t, "cake_engine_steps_total", "Batched forward passes the engine ran.",
             (unsigned long long)st->steps);

@@ -640,7 +640,10 @@ void pool_counters_get(serve_pool *p, pool_counters *out) {
     *out = p->totals;
     pthread_mutex_unlock(&p->mu);
     sched_counters_get(p->sched, &out->steps);
+    out->store_up = -1;
     if (p->cfg.store) {
+        char err[256];
+        out->store_up = cake_store_check(p->cfg.store, err, sizeof(err)) == 0;
         cake_store_counters sc;
         cake_store_counters_get(p->cfg.store, &sc);
         out->ram_hits = sc.ram_hits;

@@ -74,6 +74,7 @@ typedef struct {
      * from arrival to the answer; between a request's tokens. */
     pool_histogram queue_time, ttft, request_time, token_gap;
     int running, queued;
+    int store_up; /* the store answers now (cake_store_check): 1, 0; -1 without a store */
     sched_counters steps;
 } pool_counters;
 

@@ -785,15 +785,24 @@ static int redis_gc(void *st, uint64_t target, uint64_t *n_evicted, uint64_t *by
     return rc;
 }
 
-/* Whether every server answers; the first that does not says why. */
+/* Any reply will do: an ACL user may not be allowed PING (NOPERM), and a
+ * password refused fails earlier, on the connection. */
+static int cmd_ping(redisContext *c, void *ctx, char *err, size_t errlen) {
+    (void)ctx;
+    (void)err;
+    (void)errlen;
+    redisReply *rep = redisCommand(c, "PING");
+    if (!rep) return 1;
+    freeReplyObject(rep);
+    return 0;
+}
+
+/* Whether every server answers a PING (one round trip each; at once while
+ * a server is marked down); the first that does not says why. */
 static int redis_check(void *st_, char *err, size_t errlen) {
     redis_store *st = st_;
-    for (int i = 0; i < st->n; i++) {
-        int reused;
-        redisContext *c = conn_take(&st->servers[i], &reused, err, errlen);
-        if (!c) return -1;
-        conn_give(&st->servers[i], c);
-    }
+    for (int i = 0; i < st->n; i++)
+        if (run_cmd(&st->servers[i], "PING", cmd_ping, NULL, err, errlen)) return -1;
     return 0;
 }
 
