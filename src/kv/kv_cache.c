@@ -254,7 +254,8 @@ static void move_q8_0_block(const cake_kv_cache *kv, int layer, int h, int p, in
         memcpy(kb, ks, 2);
         memcpy(vb, vs, 2);
         memcpy(vb + 2, vc, CAKE_Q8_0_BLOCK);
-        for (int i = 0; i < CAKE_Q8_0_BLOCK; i++) kb[2 + i] = kc[(size_t)i * CAKE_KV_KBLOCK];
+        for (int i = 0; keys && i < CAKE_Q8_0_BLOCK; i++)
+            kb[2 + i] = kc[(size_t)i * CAKE_KV_KBLOCK];
     }
 }
 
@@ -292,51 +293,66 @@ static void move_q4_0_block(const cake_kv_cache *kv, int layer, int h, int p, in
 }
 
 /* A Q4_0 block's 16 bytes (block_q4_0's order: byte i holds dims i and
- * i + 16) in the cache's order (byte m holds dims 2m and 2m + 1). */
+ * i + 16) in the cache's order (byte m holds dims 2m and 2m + 1), and back. */
 static void q4_0_pair_dims(const uint8_t *b, uint8_t *out) {
     for (int m = 0; m < 8; m++) {
         out[m] = (uint8_t)((b[2 * m] & 15) | (b[2 * m + 1] & 15) << 4);
         out[8 + m] = (uint8_t)(b[2 * m] >> 4 | (b[2 * m + 1] & 0xf0));
     }
 }
+static void q4_0_unpair_dims(const uint8_t *paired, uint8_t *b) {
+    for (int m = 0; m < 8; m++) {
+        b[2 * m] = (uint8_t)((paired[m] & 15) | paired[8 + m] << 4);
+        b[2 * m + 1] = (uint8_t)(paired[m] >> 4 | (paired[8 + m] & 0xf0));
+    }
+}
 
 #ifdef HAVE_TRANSPOSE_16X32
 /* Q8_0 or Q4_0 keys of the rows [t0, t1) (whole aligned runs of 32
- * positions) into the cache, 32 positions x 32 key bytes of a head at a
- * time: a byte transpose, where a block at a time writes each byte 64 apart
- * from the last (~2x the rate). Q4_0 rows are first put in the cache's
- * order of dims. Needs the head's key bytes (head_dim or head_dim / 2) to
- * be a multiple of 32. */
-static void put_key_tiles(const cake_kv_cache *kv, int layer, int pos0, int t0, int t1,
-                          const uint8_t *k) {
+ * positions) in (put) or out of the cache, 32 positions x 32 key bytes of a
+ * head at a time: a byte transpose, where a block at a time moves each byte
+ * 64 apart from the last (~2x the rate). Q4_0 rows go through the cache's
+ * order of dims (`paired`). Needs the head's key bytes (head_dim or
+ * head_dim / 2) to be a multiple of 32. */
+static void move_key_tiles(const cake_kv_cache *kv, int layer, int pos0, int t0, int t1, uint8_t *k,
+                           int put) {
     const int hd = kv->head_dim, hc = kv->head_ctx, ng = hd / 32, q4 = kv->type == CAKE_KV_Q4_0;
     const size_t bb = q4 ? Q4_0_BYTES : CAKE_Q8_0_BYTES;
     const int head_bytes = q4 ? hd / 2 : hd;
     uint8_t *kc = cake_kv_k(kv, layer), paired[32][128]; /* q4: a head's bytes (head_dim <= 256) */
     for (int t = t0; t < t1; t += 32)
         for (int h = 0; h < kv->n_kv_heads; h++) {
-            const uint8_t *rows[32];
-            if (q4)
+            /* row i's key bytes of this head in a chunk row, group g */
+#define ROW_BLOCK(i, g) (k + (size_t)(t + (i)) * kv->row_bytes + ((size_t)h * ng + (g)) * bb + 2)
+            if (q4 && put)
                 for (int i = 0; i < 32; i++)
                     for (int g = 0; g < ng; g++)
-                        q4_0_pair_dims(k + (size_t)(t + i) * kv->row_bytes +
-                                           ((size_t)h * ng + g) * bb + 2,
-                                       paired[i] + 16 * g);
+                        q4_0_pair_dims(ROW_BLOCK(i, g), paired[i] + 16 * g);
             for (int c = 0; c < head_bytes; c += 32) {
+                uint8_t *cache = kc + (q4 ? cake_kv_k4_byte(hc, hd, h, pos0 + t, 2 * c)
+                                          : cake_kv_k_index(hc, hd, h, pos0 + t, c));
+                const uint8_t *rows[32];
                 for (int i = 0; i < 32; i++)
-                    rows[i] = q4 ? paired[i] + c
-                                 : k + (size_t)(t + i) * kv->row_bytes +
-                                       ((size_t)h * ng + c / 32) * bb + 2;
-                uint8_t *dst = kc + (q4 ? cake_kv_k4_byte(hc, hd, h, pos0 + t, 2 * c)
-                                        : cake_kv_k_index(hc, hd, h, pos0 + t, c));
-                transpose_bytes_32x32(dst, CAKE_KV_KBLOCK, rows);
+                    rows[i] = put ? (q4 ? paired[i] + c : ROW_BLOCK(i, c / 32))
+                                  : cache + (size_t)i * CAKE_KV_KBLOCK; /* key byte c + i */
+                if (put)
+                    transpose_bytes_32x32(cache, CAKE_KV_KBLOCK, rows);
+                else if (q4)
+                    transpose_bytes_32x32(paired[0] + c, sizeof(paired[0]), rows);
+                else
+                    transpose_bytes_32x32(ROW_BLOCK(0, c / 32), kv->row_bytes, rows);
             }
+            if (q4 && !put)
+                for (int i = 0; i < 32; i++)
+                    for (int g = 0; g < ng; g++)
+                        q4_0_unpair_dims(paired[i] + 16 * g, ROW_BLOCK(i, g));
+#undef ROW_BLOCK
         }
 }
 #endif
 
-/* Q8_0 or Q4_0 rows (block runs) in (put) or out, a block at a time; a put's
- * keys of whole runs of 32 positions by put_key_tiles. */
+/* Q8_0 or Q4_0 rows (block runs) in (put) or out, a block at a time; the
+ * keys of whole runs of 32 positions by move_key_tiles. */
 static void move_blocks(const cake_kv_cache *kv, int layer, int pos0, int n, uint8_t *k, uint8_t *v,
                         int put) {
     const int ng = kv->head_dim / 32;
@@ -344,9 +360,9 @@ static void move_blocks(const cake_kv_cache *kv, int layer, int pos0, int n, uin
     int t0 = n, t1 = n; /* rows whose keys go in tiles */
 #ifdef HAVE_TRANSPOSE_16X32
     const int head_bytes = kv->type == CAKE_KV_Q4_0 ? kv->head_dim / 2 : kv->head_dim;
-    if (put && head_bytes % 32 == 0 && kv->head_dim <= 256) {
+    if (head_bytes % 32 == 0 && kv->head_dim <= 256) {
         aligned_rows(pos0, n, 32, &t0, &t1);
-        put_key_tiles(kv, layer, pos0, t0, t1, k);
+        move_key_tiles(kv, layer, pos0, t0, t1, k, put);
     }
 #endif
     for (int t = 0; t < n; t++)
