@@ -20,9 +20,15 @@
 #include "test_store_common.h"
 
 static t_redis g_redis; /* killed by the group teardown and at exit */
+/* The servers of tests that start their own: killed at exit too (a failing
+ * test jumps out before it stops them). */
+static t_redis g_auth_redis, g_two_redis[2];
 
 static void kill_redis_at_exit(void) {
     t_redis_stop(&g_redis);
+    t_redis_stop(&g_auth_redis);
+    t_redis_stop(&g_two_redis[0]);
+    t_redis_stop(&g_two_redis[1]);
 }
 
 static int group_setup(void **state) {
@@ -719,13 +725,14 @@ static void test_redis_auth(void **state) {
                            "+object|idletime",
                            "+select",
                            NULL};
-    t_redis r = {0};
-    if (t_redis_start_with(&r, 0, extra)) fail_msg("cannot start redis-server with passwords");
+    t_redis *const r = &g_auth_redis;
+    if (t_redis_start_with(r, 0, extra)) fail_msg("cannot start redis-server with passwords");
     for (int i = 0; i < 4; i++) {
-        if (i == 0) snprintf(uri, sizeof(uri), "redis://:pw%%20one@127.0.0.1:%d", r.port);
-        if (i == 1) snprintf(uri, sizeof(uri), "redis://cake:c%%40ke%%2Fpw@127.0.0.1:%d/1", r.port);
+        if (i == 0) snprintf(uri, sizeof(uri), "redis://:pw%%20one@127.0.0.1:%d", r->port);
+        if (i == 1)
+            snprintf(uri, sizeof(uri), "redis://cake:c%%40ke%%2Fpw@127.0.0.1:%d/1", r->port);
         if (i == 2) snprintf(uri, sizeof(uri), "redis+unix://:pw%%20one@%s", sock);
-        if (i == 3) snprintf(uri, sizeof(uri), "redis://127.0.0.1:%d", r.port);
+        if (i == 3) snprintf(uri, sizeof(uri), "redis://127.0.0.1:%d", r->port);
         if (i == 3) setenv("CAKE_REDIS_PASSWORD", "pw one", 1);
         cake_store *s;
         err[0] = '\0';
@@ -743,7 +750,7 @@ static void test_redis_auth(void **state) {
         const char *userinfo, *why;
     } bad[] = {{":wrong-pw@", "WRONGPASS"}, {"cake:wrong-pw@", "WRONGPASS"}, {"", "NOAUTH"}};
     for (int i = 0; i < 3; i++) {
-        snprintf(uri, sizeof(uri), "redis://%s127.0.0.1:%d?timeout=300", bad[i].userinfo, r.port);
+        snprintf(uri, sizeof(uri), "redis://%s127.0.0.1:%d?timeout=300", bad[i].userinfo, r->port);
         cake_store *s;
         assert_int_equal(cake_store_open(uri, &s, err, sizeof(err)), 0);
         if (!cake_store_check(s, err, sizeof(err)) || !strstr(err, bad[i].why))
@@ -760,7 +767,7 @@ static void test_redis_auth(void **state) {
             fail_msg("%s: the password shown: %s / %s", uri, err, cake_store_uri(s));
         cake_store_close(s);
     }
-    t_redis_stop(&r);
+    t_redis_stop(r);
     unlink(sock);
 }
 
@@ -783,7 +790,7 @@ static cake_store *open_one(const t_redis *r) {
 static void test_redis_servers(void **state) {
     NEED_REDIS();
     fx *f = *state;
-    t_redis r[2] = {{0}, {0}};
+    t_redis *const r = g_two_redis;
     assert_int_equal(t_redis_start(&r[0], 0), 0);
     assert_int_equal(t_redis_start(&r[1], 0), 0);
     char uri[2][160], err[512];
