@@ -259,6 +259,21 @@ static void move_q8_0_block(const cake_kv_cache *kv, int layer, int h, int p, in
     }
 }
 
+/* A Q4_0 block's 16 bytes (block_q4_0's order: byte i holds dims i and
+ * i + 16) in the cache's order (byte m holds dims 2m and 2m + 1), and back. */
+static void q4_0_pair_dims(const uint8_t *b, uint8_t *out) {
+    for (int m = 0; m < 8; m++) {
+        out[m] = (uint8_t)((b[2 * m] & 15) | (b[2 * m + 1] & 15) << 4);
+        out[8 + m] = (uint8_t)(b[2 * m] >> 4 | (b[2 * m + 1] & 0xf0));
+    }
+}
+static void q4_0_unpair_dims(const uint8_t *paired, uint8_t *b) {
+    for (int m = 0; m < 8; m++) {
+        b[2 * m] = (uint8_t)((paired[m] & 15) | paired[8 + m] << 4);
+        b[2 * m + 1] = (uint8_t)(paired[m] >> 4 | (paired[8 + m] & 0xf0));
+    }
+}
+
 /* The same for a Q4_0 block (18 bytes: f16 scale, 16 bytes of nibbles):
  * the value's 16 bytes are its run's as they are; the key's values go in
  * pairs of dims to one byte each (kv_cache.h). */
@@ -273,38 +288,16 @@ static void move_q4_0_block(const cake_kv_cache *kv, int layer, int h, int p, in
     memcpy(put ? vs : vb, put ? vb : vs, 2);
     memcpy(put ? vc : vb + 2, put ? vb + 2 : vc, 16);
     if (!keys) return;
-    uint8_t q[32]; /* the key's values in dim order */
-    if (put)
-        for (int i = 0; i < 16; i++) {
-            q[i] = kb[2 + i] & 15;
-            q[16 + i] = kb[2 + i] >> 4;
-        }
-    for (int i = 0; i < 32; i += 2) {
-        uint8_t *c = kc + cake_kv_k4_byte(hc, hd, h, p, 32 * g + i);
-        if (put) {
-            *c = (uint8_t)(q[i] | q[i + 1] << 4);
-        } else {
-            q[i] = *c & 15;
-            q[i + 1] = *c >> 4;
-        }
+    uint8_t paired[16]; /* the key's bytes in the cache's order */
+    if (put) q4_0_pair_dims(kb + 2, paired);
+    for (int m = 0; m < 16; m++) {
+        uint8_t *c = kc + cake_kv_k4_byte(hc, hd, h, p, 32 * g + 2 * m);
+        if (put)
+            *c = paired[m];
+        else
+            paired[m] = *c;
     }
-    if (!put)
-        for (int i = 0; i < 16; i++) kb[2 + i] = (uint8_t)(q[i] | q[16 + i] << 4);
-}
-
-/* A Q4_0 block's 16 bytes (block_q4_0's order: byte i holds dims i and
- * i + 16) in the cache's order (byte m holds dims 2m and 2m + 1), and back. */
-static void q4_0_pair_dims(const uint8_t *b, uint8_t *out) {
-    for (int m = 0; m < 8; m++) {
-        out[m] = (uint8_t)((b[2 * m] & 15) | (b[2 * m + 1] & 15) << 4);
-        out[8 + m] = (uint8_t)(b[2 * m] >> 4 | (b[2 * m + 1] & 0xf0));
-    }
-}
-static void q4_0_unpair_dims(const uint8_t *paired, uint8_t *b) {
-    for (int m = 0; m < 8; m++) {
-        b[2 * m] = (uint8_t)((paired[m] & 15) | paired[8 + m] << 4);
-        b[2 * m + 1] = (uint8_t)(paired[m] >> 4 | (paired[8 + m] & 0xf0));
-    }
+    if (!put) q4_0_unpair_dims(paired, kb + 2);
 }
 
 #ifdef HAVE_TRANSPOSE_16X32
