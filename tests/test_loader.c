@@ -339,9 +339,9 @@ static void test_stories_modes(void **state) {
 
 /* Q8_0 and Q4_0 KV caches (tiny-256: head_dim 64): the same bits in every
  * mode, a hole and a corrupt chunk, in a RAM and (but under the sanitizers)
- * a file store (Q4_0 once
- * with chunks of 16 tokens, installed side by side into key blocks of 64
- * positions); and their chunks are 34/64 and 18/64 of f16's bytes. */
+ * a file store (Q4_0 once with chunks of 16 tokens, installed side by side
+ * into key blocks of 64 positions); and their chunks are 34/64 and 18/64 of
+ * f16's bytes. */
 static void test_quantized_modes(void **state) {
     (void)state;
     char path[64];

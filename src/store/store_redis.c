@@ -77,6 +77,7 @@ typedef struct {
  * only the chunks it gains or held, not a share of all of them as a modulo
  * would. */
 static redis_server *server_of(const redis_store *st, const cake_chunk_key *k) {
+    if (st->n == 1) return &st->servers[0];
     int best = 0;
     uint64_t top = 0;
     for (int i = 0; i < st->n; i++) {
@@ -398,11 +399,46 @@ static int redis_get(void *st, const cake_chunk_key *k, void *buf, size_t cap, s
     return g.found ? 0 : 1;
 }
 
+/* ---- commands over many keys ---- */
+
+/* The first member of a many-key command's context: the positions (in the
+ * caller's arrays) of the keys one server holds. */
+typedef struct {
+    const size_t *at;
+    size_t n;
+} server_keys;
+
+/* The positions in keys[0..n) of server s's keys, into at; how many. */
+static size_t keys_of(const redis_store *st, int s, const cake_chunk_key *keys, size_t n,
+                      size_t *at) {
+    size_t m = 0;
+    for (size_t i = 0; i < n; i++)
+        if (server_of(st, &keys[i]) == &st->servers[s]) at[m++] = i;
+    return m;
+}
+
+/* Runs fn on each server that holds some of keys[0..n), with ctx's
+ * server_keys set to them: one round trip per server. A server that fails
+ * leaves its keys' results as the caller set them (misses, absent); -1 then,
+ * the others' results kept. */
+static int for_each_server(redis_store *st, const char *what, const cake_chunk_key *keys, size_t n,
+                           redis_cmd_fn fn, server_keys *ctx, char *err, size_t errlen) {
+    size_t *at = malloc((n ? n : 1) * sizeof(*at));
+    if (!at) return cake_err(err, errlen, "redis: out of memory");
+    int failed = 0;
+    for (int s = 0; s < st->n; s++) {
+        *ctx = (server_keys){at, keys_of(st, s, keys, n, at)};
+        if (ctx->n && run_cmd(&st->servers[s], what, fn, ctx, err, errlen)) failed = -1;
+    }
+    free(at);
+    return failed;
+}
+
 /* ---- GET, pipelined ---- */
 
 typedef struct {
+    server_keys sk; /* first */
     const cake_chunk_key *keys;
-    size_t n;
     void *const *bufs;
     size_t cap, *lens;
     int *rc;
@@ -410,17 +446,18 @@ typedef struct {
 
 static int cmd_get_many(redisContext *c, void *ctx_, char *err, size_t errlen) {
     get_many_ctx *g = ctx_;
-    for (size_t i = 0; i < g->n; i++) g->rc[i] = CAKE_STORE_GET_FAILED;
+    const size_t *at = g->sk.at, n = g->sk.n;
+    for (size_t i = 0; i < n; i++) g->rc[at[i]] = CAKE_STORE_GET_FAILED; /* (a retry) */
     enum { GET_BATCH = 16 }; /* replies are megabytes: bound what is in flight */
-    for (size_t i0 = 0; i0 < g->n; i0 += GET_BATCH) {
-        size_t m = g->n - i0 < GET_BATCH ? g->n - i0 : GET_BATCH;
+    for (size_t i0 = 0; i0 < n; i0 += GET_BATCH) {
+        size_t m = n - i0 < GET_BATCH ? n - i0 : GET_BATCH;
         for (size_t i = 0; i < m; i++) {
             char key[KEY_LEN + 1];
-            key_name(&g->keys[i0 + i], key);
+            key_name(&g->keys[at[i0 + i]], key);
             redisAppendCommand(c, "GET %b", key, (size_t)KEY_LEN);
         }
         for (size_t i = 0; i < m; i++) {
-            size_t k = i0 + i;
+            const size_t k = at[i0 + i];
             redisReply *rep;
             if (redisGetReply(c, (void **)&rep) != REDIS_OK) return 1;
             if (rep->type == REDIS_REPLY_NIL) {
@@ -442,42 +479,11 @@ static int cmd_get_many(redisContext *c, void *ctx_, char *err, size_t errlen) {
     return 0;
 }
 
-/* The positions in keys[0..n) of server s's keys, into at; how many. */
-static size_t keys_of(const redis_store *st, int s, const cake_chunk_key *keys, size_t n,
-                      size_t *at) {
-    size_t m = 0;
-    for (size_t i = 0; i < n; i++)
-        if (server_of(st, &keys[i]) == &st->servers[s]) at[m++] = i;
-    return m;
-}
-
-static int redis_get_many(void *st_, const cake_chunk_key *keys, size_t n, void *const *bufs,
+static int redis_get_many(void *st, const cake_chunk_key *keys, size_t n, void *const *bufs,
                           size_t cap, size_t *lens, int *rc, char *err, size_t errlen) {
-    redis_store *st = st_;
     for (size_t i = 0; i < n; i++) rc[i] = CAKE_STORE_GET_FAILED; /* if it never runs */
-    if (st->n == 1) {
-        get_many_ctx g = {keys, n, bufs, cap, lens, rc};
-        return run_cmd(&st->servers[0], "GET", cmd_get_many, &g, err, errlen) ? -1 : 0;
-    }
-    size_t *at = malloc(n * sizeof(*at)), *l = calloc(n, sizeof(*l));
-    cake_chunk_key *k = malloc(n * sizeof(*k));
-    void **b = malloc(n * sizeof(*b));
-    int *r = malloc(n * sizeof(*r)), failed = 0;
-    if (!at || !l || !k || !b || !r) failed = cake_err(err, errlen, "redis: out of memory");
-    for (int s = 0; s < st->n && !failed; s++) {
-        const size_t m = keys_of(st, s, keys, n, at);
-        for (size_t j = 0; j < m; j++) /* failed, unless the server says otherwise */
-            k[j] = keys[at[j]], b[j] = bufs[at[j]], r[j] = CAKE_STORE_GET_FAILED, l[j] = 0;
-        get_many_ctx g = {k, m, b, cap, l, r};
-        if (m && run_cmd(&st->servers[s], "GET", cmd_get_many, &g, err, errlen)) failed = -1;
-        for (size_t j = 0; j < m; j++) rc[at[j]] = r[j], lens[at[j]] = l[j];
-    }
-    free(at);
-    free(l);
-    free(k);
-    free(b);
-    free(r);
-    return failed ? -1 : 0;
+    get_many_ctx g = {{NULL, 0}, keys, bufs, cap, lens, rc};
+    return for_each_server(st, "GET", keys, n, cmd_get_many, &g.sk, err, errlen);
 }
 
 /* ---- GETRANGE + STRLEN (headers for listings) ---- */
@@ -598,18 +604,19 @@ static int redis_put(void *st, const cake_chunk_key *k, const void *blob, size_t
 /* ---- EXISTS, pipelined ---- */
 
 typedef struct {
+    server_keys sk; /* first */
     const cake_chunk_key *keys;
-    size_t n;
     uint8_t *present;
 } exists_ctx;
 
 static int cmd_exists(redisContext *c, void *ctx_, char *err, size_t errlen) {
     exists_ctx *e = ctx_;
-    for (size_t i0 = 0; i0 < e->n; i0 += BATCH) {
-        size_t m = e->n - i0 < BATCH ? e->n - i0 : BATCH;
+    const size_t *at = e->sk.at, n = e->sk.n;
+    for (size_t i0 = 0; i0 < n; i0 += BATCH) {
+        size_t m = n - i0 < BATCH ? n - i0 : BATCH;
         for (size_t i = 0; i < m; i++) {
             char key[KEY_LEN + 1];
-            key_name(&e->keys[i0 + i], key);
+            key_name(&e->keys[at[i0 + i]], key);
             redisAppendCommand(c, "EXISTS %b", key, (size_t)KEY_LEN);
         }
         int rc = 0;
@@ -617,7 +624,7 @@ static int cmd_exists(redisContext *c, void *ctx_, char *err, size_t errlen) {
             redisReply *rep;
             if (redisGetReply(c, (void **)&rep) != REDIS_OK) return 1;
             if (rep->type == REDIS_REPLY_INTEGER)
-                e->present[i0 + i] = rep->integer > 0;
+                e->present[at[i0 + i]] = rep->integer > 0;
             else if (!rc)
                 rc = cake_err(err, errlen, "redis: EXISTS: %s",
                               rep->type == REDIS_REPLY_ERROR ? rep->str : "unexpected reply");
@@ -628,30 +635,11 @@ static int cmd_exists(redisContext *c, void *ctx_, char *err, size_t errlen) {
     return 0;
 }
 
-/* Several servers: each asked for its keys; one that fails leaves its keys
- * absent (holes, for the loader) and the call -1, the others' answers kept. */
-static int redis_exists(void *st_, const cake_chunk_key *keys, size_t n, uint8_t *present,
-                        char *err, size_t errlen) {
-    redis_store *st = st_;
-    if (st->n == 1) {
-        exists_ctx e = {keys, n, present};
-        return run_cmd(&st->servers[0], "EXISTS", cmd_exists, &e, err, errlen) ? -1 : 0;
-    }
-    size_t *at = malloc(n * sizeof(*at));
-    cake_chunk_key *k = malloc(n * sizeof(*k));
-    uint8_t *pr = malloc(n);
-    int failed = !at || !k || !pr ? cake_err(err, errlen, "redis: out of memory") : 0;
-    for (int s = 0; s < st->n && at && k && pr; s++) {
-        const size_t m = keys_of(st, s, keys, n, at);
-        for (size_t j = 0; j < m; j++) k[j] = keys[at[j]], pr[j] = 0;
-        exists_ctx e = {k, m, pr};
-        if (m && run_cmd(&st->servers[s], "EXISTS", cmd_exists, &e, err, errlen)) failed = -1;
-        for (size_t j = 0; j < m; j++) present[at[j]] = pr[j];
-    }
-    free(at);
-    free(k);
-    free(pr);
-    return failed ? -1 : 0;
+/* A failing server's keys stay absent (holes, for the loader). */
+static int redis_exists(void *st, const cake_chunk_key *keys, size_t n, uint8_t *present, char *err,
+                        size_t errlen) {
+    exists_ctx e = {{NULL, 0}, keys, present};
+    return for_each_server(st, "EXISTS", keys, n, cmd_exists, &e.sk, err, errlen);
 }
 
 /* ---- DEL ---- */
