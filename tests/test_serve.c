@@ -2549,9 +2549,23 @@ static void test_tools(void **state) {
     }
     job_release(g);
 
-    /* Llama 3: the call is the whole answer, "parameters" its arguments */
+    /* Llama 3: the call is the whole answer, "parameters" its arguments;
+     * the functions listed as Llama 3.1's template writes them,
+     * tojson(indent=4) (the text is Python's json.dumps(t, indent=4)) */
     m.chat = CHAT_LLAMA3;
     j = answered(body, &m, &shape, " {\"name\": \"get_time\", \"parameters\": {}}");
+    p = prompt_text(j, t);
+    assert_non_null(strstr(
+        p, "Do not use variables.\n\n"
+           "{\n    \"type\": \"function\",\n    \"function\": {\n        \"name\": "
+           "\"get_weather\",\n        \"description\": \"Weather now\",\n        "
+           "\"parameters\": {\n            \"type\": \"object\",\n            \"properties\": "
+           "{\n                \"city\": {\n                    \"type\": \"string\",\n       "
+           "             \"maxLength\": 12\n                }\n            },\n            "
+           "\"required\": [\n                \"city\"\n            ]\n        }\n    }\n}\n\n"
+           "{\n    \"type\": \"function\",\n    \"function\": {\n        \"name\": "
+           "\"get_time\"\n    }\n}\n\nParis?"));
+    free(p);
     r = api_response(&shape, &j, 1, "chatcmpl-1", 1, "t");
     o = cJSON_Parse(r);
     assert_true(cJSON_IsNull(at(o, "choices.0.message.content")));

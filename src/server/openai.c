@@ -469,42 +469,51 @@ static int message_text(const cJSON *c, int i, chat_message *out, char **buf, ch
 
 /* ---- tools (OpenAI's function calling) ---- */
 
-/* v as JSON with Python's separators (", " and ": "), as chat templates'
- * tojson writes it. malloc'd; NULL on out of memory. */
-static char *py_json(const cJSON *v) {
-    char *c = cJSON_PrintUnformatted(v);
-    if (!c) return NULL;
-    size_t extra = 0;
-    int in_string = 0;
-    for (const char *p = c; *p; p++) {
-        if (in_string) {
-            if (*p == '\\')
-                p++;
-            else if (*p == '"')
-                in_string = 0;
-        } else if (*p == '"') {
-            in_string = 1;
-        } else {
-            extra += *p == ',' || *p == ':';
-        }
+/* v as JSON the way Python's json.dumps writes it, which chat templates'
+ * tojson is: ", " and ": " between items (indent 0; Qwen's), or each item
+ * on a line of its own, `indent` spaces deeper a level, items ending ","
+ * (Llama 3.1's tojson(indent=4)). The scalars as cJSON writes them. */
+static void py_json_write(FILE *f, const cJSON *v, int indent, int depth, int *failed) {
+    if (!cJSON_IsArray(v) && !cJSON_IsObject(v)) {
+        char *s = cJSON_PrintUnformatted(v);
+        if (s) fputs(s, f);
+        *failed |= !s;
+        cJSON_free(s);
+        return;
     }
-    char *out = malloc(strlen(c) + extra + 1), *o = out;
-    in_string = 0;
-    for (const char *p = c; out && *p; p++) {
-        *o++ = *p;
-        if (in_string) {
-            if (*p == '\\')
-                *o++ = *++p;
-            else if (*p == '"')
-                in_string = 0;
-        } else if (*p == '"') {
-            in_string = 1;
-        } else if (*p == ',' || *p == ':') {
-            *o++ = ' ';
+    const int object = cJSON_IsObject(v);
+    fputc(object ? '{' : '[', f);
+    const cJSON *c;
+    int first = 1;
+    cJSON_ArrayForEach(c, v) {
+        if (!first) fputs(indent ? "," : ", ", f);
+        if (indent) fprintf(f, "\n%*s", indent * (depth + 1), "");
+        if (object) {
+            cJSON *key = cJSON_CreateStringReference(c->string);
+            py_json_write(f, key, indent, depth + 1, failed);
+            cJSON_Delete(key);
+            fputs(": ", f);
         }
+        py_json_write(f, c, indent, depth + 1, failed);
+        first = 0;
     }
-    if (out) *o = '\0';
-    cJSON_free(c);
+    if (indent && !first) fprintf(f, "\n%*s", indent * depth, "");
+    fputc(object ? '}' : ']', f);
+}
+
+/* py_json_write's text, malloc'd; NULL on out of memory. */
+static char *py_json(const cJSON *v, int indent) {
+    char *out = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&out, &len);
+    if (!f) return NULL;
+    int failed = 0;
+    py_json_write(f, v, indent, 0, &failed);
+    failed |= fclose(f) != 0;
+    if (failed) {
+        free(out);
+        return NULL;
+    }
     return out;
 }
 
@@ -553,8 +562,6 @@ static int tools_asked(const cJSON *o, int chat, request_tools *rt, char *err, s
     rt->list = tools;
     rt->n = tools ? cJSON_GetArraySize(tools) : 0;
     if (rt->n && !chat) return cake_err(err, errlen, "'tools' are for /v1/chat/completions");
-    if (rt->n && !(rt->json = calloc((size_t)rt->n, sizeof(*rt->json))))
-        return cake_err(err, errlen, "out of memory");
     for (int i = 0; i < rt->n; i++) {
         const cJSON *t = cJSON_GetArrayItem(tools, i), *type = field(t, "type");
         const cJSON *f = field(t, "function"), *name = field(f, "name");
@@ -569,7 +576,6 @@ static int tools_asked(const cJSON *o, int chat, request_tools *rt, char *err, s
         for (int k = 0; k < i; k++)
             if (!strcmp(tool_name(rt, k), name->valuestring))
                 return cake_err(err, errlen, "two tools are named '%s'", name->valuestring);
-        if (!(rt->json[i] = py_json(t))) return cake_err(err, errlen, "out of memory");
     }
     rt->choice = rt->n ? TOOLS_AUTO : TOOLS_NONE;
     if (!choice || cJSON_IsNull(choice)) return 0;
@@ -697,7 +703,7 @@ static int message_calls(const cJSON *calls, int i, chat_message *out, char ***t
             return cake_err(err, errlen,
                             "message %d: tool call %d's 'arguments' is not a JSON object", i, k);
         }
-        (*texts)[k] = py_json(parsed);
+        (*texts)[k] = py_json(parsed, 0);
         cJSON_Delete(parsed);
         if (!(*texts)[k]) return cake_err(err, errlen, "out of memory");
         c[k] = (chat_tool_call){name->valuestring, (*texts)[k]};
@@ -706,9 +712,8 @@ static int message_calls(const cJSON *calls, int i, chat_message *out, char ***t
     return 0;
 }
 
-static int chat_prompt_of(const cJSON *o, const api_model *m, const request_tools *rt,
-                          cake_token **ids, int *n, cake_token *end_of_turn, char *err,
-                          size_t errlen) {
+static int chat_prompt_of(const cJSON *o, const api_model *m, request_tools *rt, cake_token **ids,
+                          int *n, cake_token *end_of_turn, char *err, size_t errlen) {
     if (m->chat == CHAT_NONE)
         return cake_err(err, errlen,
                         "this model has no chat template cake knows (ChatML, Llama 3, Llama 2, "
@@ -738,6 +743,20 @@ static int chat_prompt_of(const cJSON *o, const api_model *m, const request_tool
             message_calls(field(msg, "tool_calls"), i, &cm[i], &call_texts[i], err, errlen))
             goto done;
         i++;
+    }
+    /* The functions as the format's template lists them: Llama 3.1's
+     * indented by 4, Qwen's on one line */
+    if (rt->n && !rt->json && !(rt->json = calloc((size_t)rt->n, sizeof(*rt->json)))) {
+        cake_err(err, errlen, "out of memory");
+        goto done;
+    }
+    for (int k = 0; k < rt->n; k++) {
+        if (rt->json[k]) continue;
+        if (!(rt->json[k] =
+                  py_json(cJSON_GetArrayItem(rt->list, k), m->chat == CHAT_LLAMA3 ? 4 : 0))) {
+            cake_err(err, errlen, "out of memory");
+            goto done;
+        }
     }
     const chat_tools tools = {(const char *const *)rt->json, rt->n};
     /* chat_template_kwargs (vLLM's): Qwen 3's enable_thinking */
