@@ -1403,6 +1403,26 @@ static void test_tokenize(void **state) {
     assert_int_equal(r.status, 405);
     resp_free(&r);
     assert_int_equal(serve_stop(&s), 0);
+
+    /* A ChatML template's own system message, read from the GGUF by cake
+     * serve, opens a chat without one (test_chat_default_system) */
+    static const char *const specials[] = {"<|im_start|>", "<|im_end|>", NULL};
+    char path[64];
+    tiny_variant(&(test_model_variant){.chat_template = "{{ '<|im_start|>system\\nBe kind."
+                                                        "<|im_end|>\\n' }}{{ '<|im_start|>' "
+                                                        "+ role }}",
+                                       .special_tokens = specials},
+                 path);
+    assert_int_equal(serve_start(&s, path, "--store", "none", NULL), 0);
+    t = post_ok(s.port, "/tokenize", "{\"messages\":[{\"role\":\"user\",\"content\":\"Hi\"}]}");
+    list = cJSON_PrintUnformatted(at(t, "tokens"));
+    d = post_ok(s.port, "/detokenize", "{\"tokens\":%s}", list);
+    const char *text = str_at(d, "prompt"), *kind = strstr(text, "Be kind.");
+    assert_true(kind && strstr(text, "system") < kind && kind < strstr(text, "user"));
+    free(list);
+    cJSON_Delete(t);
+    cJSON_Delete(d);
+    assert_int_equal(serve_stop(&s), 0);
 }
 
 /* A stop string ends the answer before it, whole or streamed, even when it
@@ -2474,6 +2494,77 @@ static char *prompt_text(const serve_job *j, const cake_tokenizer *t) {
     return out;
 }
 
+/* A ChatML template's own system message (Qwen2, Qwen2.5) goes into a chat
+ * without one, as the template writes it (read from its string literal);
+ * a chat with one, and templates without such a literal (Qwen3's), get
+ * none. Through api_parse on chat_vocab(). */
+static void test_chat_default_system(void **state) {
+    (void)state;
+    /* Qwen2.5's template, the parts that write the system turn */
+    static const char qwen25[] =
+        "{%- if tools %}\n    {{- '<|im_start|>system\\n' }}\n    {%- if messages[0]['role'] == "
+        "'system' %}\n        {{- messages[0]['content'] }}\n    {%- else %}\n        {{- 'You "
+        "are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}\n    {%- endif "
+        "%}\n{%- else %}\n    {%- if messages[0]['role'] == 'system' %}\n        {{- "
+        "'<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}\n    {%- else "
+        "%}\n        {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are "
+        "a helpful assistant.<|im_end|>\\n' }}\n    {%- endif %}\n{%- endif %}";
+    char *sys = chat_default_system(qwen25);
+    assert_string_equal(sys,
+                        "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.");
+    free(sys);
+    /* Qwen2's, with escapes in its text; a newline written as one */
+    sys = chat_default_system("{% if loop.first and messages[0]['role'] != 'system' %}{{ "
+                              "\"<|im_start|>system\\nBe \\\"brief\\\"\\tand it\\'s "
+                              "fine<|im_end|>\\n\" }}{% endif %}");
+    assert_string_equal(sys, "Be \"brief\"\tand it's fine");
+    free(sys);
+    sys = chat_default_system("{{ '<|im_start|>system\nHi.<|im_end|>' }}");
+    assert_string_equal(sys, "Hi.");
+    free(sys);
+    /* none: Qwen3's (the content is a variable), no template, an empty
+     * text, a literal that ends before <|im_end|>, a dangling escape */
+    assert_null(chat_default_system("{{- '<|im_start|>system\\n' + messages[0].content + "
+                                    "'<|im_end|>\\n\\n' }}"));
+    assert_null(chat_default_system(NULL));
+    assert_null(chat_default_system("{{ '<|im_start|>system\\n<|im_end|>' }}"));
+    assert_null(chat_default_system("{{ '<|im_start|>system\\nA' + b + '<|im_end|>' }}"));
+    assert_null(chat_default_system("{{ '<|im_start|>system\\nA\\<|im_end|>' }}"));
+
+    cake_tokenizer *t = chat_vocab();
+    api_model m = {.tok = t,
+                   .n_vocab = CHAT_VOCAB,
+                   .n_ctx = 8192,
+                   .chat = CHAT_CHATML,
+                   .name = "t",
+                   .default_system = "Be brief."};
+    static const struct {
+        const char *body, *want; /* (the special tokens print nothing) */
+    } cases[] = {
+        {"{\"messages\":[{\"role\":\"user\",\"content\":\"Hi\"}]}",
+         "system\nBe brief.\nuser\nHi\nassistant\n"},
+        {"{\"messages\":[{\"role\":\"system\",\"content\":\"S\"},{\"role\":\"user\","
+         "\"content\":\"Hi\"}]}",
+         "system\nS\nuser\nHi\nassistant\n"},
+        {"{\"messages\":[{\"role\":\"user\",\"content\":\"Hi\"}],\"tools\":[{\"type\":"
+         "\"function\",\"function\":{\"name\":\"f\"}}]}",
+         "system\nBe brief.\n\n# Tools\n\nYou may call"},
+    };
+    for (size_t k = 0; k < sizeof(cases) / sizeof(cases[0]); k++) {
+        api_shape shape;
+        serve_job *j;
+        char err[256];
+        if (api_parse(cases[k].body, strlen(cases[k].body), 1, &m, &j, &shape, err, sizeof(err)))
+            fail_msg("refused %s: %s", cases[k].body, err);
+        char *p = prompt_text(j, t);
+        if (strncmp(p, cases[k].want, strlen(cases[k].want)))
+            fail_msg("case %zu: prompt '%s', want it to begin '%s'", k, p, cases[k].want);
+        free(p);
+        job_release(j);
+    }
+    cake_tokenizer_free(t);
+}
+
 /* Tools (OpenAI's function calling), on chat_vocab() through the API
  * functions: the prompt lists the functions; an answer's calls come back
  * as tool_calls (whole and streamed), with finish_reason tool_calls, the
@@ -2960,8 +3051,10 @@ static void test_reasoning(void **state) {
 }
 
 int main(void) {
+    /* clang-format off */
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_chat_formats),
+        cmocka_unit_test(test_chat_default_system),
         cmocka_unit_test(test_tools),
         cmocka_unit_test(test_tools_served),
         cmocka_unit_test(test_reasoning),
@@ -2996,5 +3089,6 @@ int main(void) {
         cmocka_unit_test(test_stop_ids),
         cmocka_unit_test(test_cancel_prefill),
     };
+    /* clang-format on */
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -184,13 +184,16 @@ static int parse_args(int argc, char **argv, serve_opts *o) {
     return 0;
 }
 
-/* The model's chat format: its template's, else its vocabulary's. */
-static chat_format model_chat_format(const cake_model *m) {
+/* The model's chat format: its template's, else its vocabulary's; and the
+ * system message a ChatML template writes when a chat has none (*system,
+ * malloc'd; NULL: none). */
+static chat_format model_chat_format(const cake_model *m, char **system) {
     cake_gguf_str s;
     char *tmpl = NULL;
     if (cake_gguf_get_str(m->gguf, "tokenizer.chat_template", &s, NULL, 0) == 0)
         tmpl = strndup(s.ptr, s.len);
     const chat_format f = chat_detect(tmpl, cake_model_tokenizer(m));
+    *system = f == CHAT_CHATML ? chat_default_system(tmpl) : NULL;
     free(tmpl);
     return f;
 }
@@ -215,7 +218,7 @@ int cmd_serve(int argc, char **argv) {
     cake_store *store = NULL;
     serve_pool *pool = NULL;
     serve_server *server = NULL;
-    char *name = NULL;
+    char *name = NULL, *default_system = NULL;
     char speed_key[96] = "";
     rc = CLI_FAIL;
     if (o.store && cake_store_open(o.store, &store, err, sizeof(err))) {
@@ -264,8 +267,9 @@ int cmd_serve(int argc, char **argv) {
     api_model am = {.tok = cake_model_tokenizer(model),
                     .n_vocab = hp->n_vocab,
                     .n_ctx = pool_n_ctx(pool),
-                    .chat = model_chat_format(model),
+                    .chat = model_chat_format(model, &default_system),
                     .name = o.name ? name : basename(name)};
+    am.default_system = default_system;
     http_config hc = {.host = o.host,
                       .port = (int)o.port,
                       .max_body = (size_t)o.max_body,
@@ -300,5 +304,6 @@ done:
     cake_model_free(model);
     cake_store_close(store);
     free(name);
+    free(default_system);
     return rc;
 }

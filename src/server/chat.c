@@ -33,6 +33,42 @@ chat_format chat_detect(const char *tmpl, const cake_tokenizer *t) {
     return CHAT_NONE;
 }
 
+/* The template's text after `head` up to <|im_end|> where both are in one
+ * string literal; NULL: there is none. */
+static char *system_literal(const char *tmpl, const char *head) {
+    for (const char *p = strstr(tmpl, head); p; p = strstr(p + 1, head)) {
+        const char quote = p > tmpl ? p[-1] : 0;
+        if (quote != '\'' && quote != '"') continue;
+        const char *text = p + strlen(head), *end = strstr(text, "<|im_end|>");
+        if (!end) return NULL;
+        char *out = malloc((size_t)(end - text) + 1), *o = out;
+        if (!out) return NULL;
+        const char *c = text;
+        for (; c < end && *c != quote; c++) { /* (a quote: the literal ends before it) */
+            if (*c != '\\') {
+                *o++ = *c;
+                continue;
+            }
+            if (++c == end) { /* (a dangling escape: no literal) */
+                c = NULL;
+                break;
+            }
+            *o++ = *c == 'n' ? '\n' : *c == 't' ? '\t' : *c; /* \' \" \\ are themselves */
+        }
+        *o = '\0';
+        if (c == end && o > out) return out;
+        free(out);
+    }
+    return NULL;
+}
+
+char *chat_default_system(const char *tmpl) {
+    if (!tmpl) return NULL;
+    /* (the newline as the Jinja source escapes it, or as a newline) */
+    char *s = system_literal(tmpl, "<|im_start|>system\\n");
+    return s ? s : system_literal(tmpl, "<|im_start|>system\n");
+}
+
 const char *chat_format_name(chat_format f) {
     static const char *names[] = {"none",       "chatml", "llama3", "llama2",
                                   "mistral",    "zephyr", "phi3",   "mistral-tekken",
@@ -200,15 +236,20 @@ static void put_call(builder *b, const chat_tool_call *c, const chat_call_syntax
 /* ChatML with Qwen's tool prompt (its template's words): the functions in
  * the system turn, calls in <tool_call> tags, results in <tool_response>
  * tags in a user turn. */
-static void chatml(builder *b, const chat_message *m, int n, const chat_tools *tools) {
+static void chatml(builder *b, const chat_message *m, int n, const chat_tools *tools,
+                   const char *default_system) {
     int i = 0;
+    const bool has_system = n && !strcmp(m[0].role, "system");
     if (tools) {
         put_special(b, "<|im_start|>");
         put_str(b, "system\n");
-        if (n && !strcmp(m[0].role, "system")) {
-            put_text(b, m[0].content, m[0].content_len);
+        if (has_system || default_system) {
+            if (has_system)
+                put_text(b, m[0].content, m[0].content_len);
+            else
+                put_str(b, default_system);
             put_str(b, "\n\n");
-            i = 1;
+            i = has_system;
         }
         put_str(b, "# Tools\n\nYou may call one or more functions to assist with the user "
                    "query.\n\nYou are provided with function signatures within <tools></tools> "
@@ -221,6 +262,12 @@ static void chatml(builder *b, const chat_message *m, int n, const chat_tools *t
                    "\n</tools>\n\nFor each function call, return a json object with function "
                    "name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
                    "{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call>");
+        put_special(b, "<|im_end|>");
+        put_str(b, "\n");
+    } else if (!has_system && default_system) {
+        put_special(b, "<|im_start|>");
+        put_str(b, "system\n");
+        put_str(b, default_system);
         put_special(b, "<|im_end|>");
         put_str(b, "\n");
     }
@@ -368,7 +415,7 @@ int chat_prompt(chat_format f, const cake_tokenizer *t, const chat_message *m, i
     *end_of_turn = -1;
     switch (f) {
     case CHAT_CHATML:
-        chatml(&b, m, n, tools);
+        chatml(&b, m, n, tools, opt ? opt->default_system : NULL);
         if (opt && opt->no_thinking && cake_tokenizer_find(t, "<think>", 7) >= 0)
             put_tagged(&b, "<think>\n\n</think>\n\n");
         *end_of_turn = cake_tokenizer_find(t, "<|im_end|>", 10);

@@ -57,6 +57,9 @@ typedef struct {
      * 3's enable_thinking false): ChatML opens its answer with an empty
      * <think></think>, as Qwen 3's template does. */
     int no_thinking;
+    /* ChatML: the system message when the messages have none, as the
+     * template writes one (chat_default_system; NULL: none) */
+    const char *default_system;
 } chat_options;
 
 /* How a format's model writes a function call: a JSON object {"name": ...,
@@ -71,6 +74,13 @@ const chat_call_syntax *chat_calls(chat_format f);
  * vocabulary's special tokens decide). CHAT_NONE when neither tells. */
 chat_format chat_detect(const char *template_text, const cake_tokenizer *t);
 const char *chat_format_name(chat_format f);
+
+/* The system message a ChatML template writes when the messages have none
+ * (Qwen2's "You are a helpful assistant.", Qwen2.5's "You are Qwen, created
+ * by Alibaba Cloud. ...", SmolLM2's): the text of a string literal
+ * '<|im_start|>system\n...<|im_end|>' in it, unescaped. malloc'd; NULL:
+ * none (or out of memory). */
+char *chat_default_system(const char *template_text);
 
 /* The prompt of messages m[0..n) in format f, with opt (NULL: none; tools
  * in ChatML and Llama 3 formats only), ending with the header of the

@@ -763,7 +763,8 @@ static int chat_prompt_of(const cJSON *o, const api_model *m, request_tools *rt,
     int thinking = 1;
     const cJSON *kwargs = field(o, "chat_template_kwargs");
     if (kwargs && bool_field(kwargs, "enable_thinking", &thinking, err, errlen)) goto done;
-    const chat_options opt = {rt->choice != TOOLS_NONE ? &tools : NULL, !thinking};
+    const chat_options opt = {rt->choice != TOOLS_NONE ? &tools : NULL, !thinking,
+                              m->default_system};
     rc = chat_prompt(m->chat, m->tok, cm, count, &opt, ids, n, end_of_turn, err, errlen);
 done:
     for (int k = 0; k < count; k++) {

@@ -14,9 +14,10 @@
 typedef struct {
     const cake_tokenizer *tok;
     int n_vocab;
-    int n_ctx;        /* a slot's context: prompt + generation must fit */
-    chat_format chat; /* CHAT_NONE: chat requests are refused */
-    const char *name; /* the model's id in responses */
+    int n_ctx;                  /* a slot's context: prompt + generation must fit */
+    chat_format chat;           /* CHAT_NONE: chat requests are refused */
+    const char *name;           /* the model's id in responses */
+    const char *default_system; /* ChatML: the template's system message (NULL: none) */
 } api_model;
 
 typedef struct {
