@@ -2625,19 +2625,36 @@ static void test_tools(void **state) {
     free(r);
     job_release(j);
 
-    /* held back while generated: from the tag, or a part of it */
+    /* held back while generated: from the tag, or a part of it, and the
+     * white space before it (the content ends before it, trimmed); still
+     * when the answer is settled, until it is finished and read whole (a
+     * stream that read it in between sent the call as content) */
     serve_job *g;
     char err[256];
     assert_int_equal(api_parse(body, strlen(body), 1, &m, &g, &shape, err, sizeof(err)), 0);
     static const struct {
         const char *piece;
         size_t ready;
-    } steps[] = {{"Sure", 4}, {" <tool", 5}, {"_cal", 5}, {"x", 15}, {" <tool_call>{", 16}};
+    } steps[] = {{"Sure", 4},
+                 {" <tool", 4},
+                 {"_cal", 4},
+                 {"x", 15},
+                 {" \n", 15},
+                 {"<tool_call>{", 15},
+                 {"\"name\": \"get_time\", \"arguments\": {}}", 15}};
     for (size_t k = 0; k < sizeof(steps) / sizeof(steps[0]); k++) {
         job_add_text(g, steps[k].piece, strlen(steps[k].piece));
         if (g->ready != steps[k].ready)
             fail_msg("after '%s': ready %zu, want %zu", steps[k].piece, g->ready, steps[k].ready);
     }
+    g->stopped = 1;
+    job_settle(g, NULL);
+    size_t from, to;
+    assert_int_equal(g->ready, 15);
+    assert_int_equal(api_next_piece(g, 15, &from, &to), 0);
+    job_finish(g);
+    assert_int_equal(api_content_end(g), 15);
+    assert_int_equal(api_next_piece(g, 15, &from, &to), 0);
     job_release(g);
 
     /* Llama 3: the call is the whole answer, "parameters" its arguments;

@@ -97,10 +97,14 @@ int job_add_stop(serve_job *j, const char *s, size_t len) {
     return 0;
 }
 
+static size_t ready_before_calls(const serve_job *j, size_t ready, bool more_may_come);
+
 void job_settle(serve_job *j, const char *error) {
     pthread_mutex_lock(&j->mu);
     if (error) snprintf(j->error, sizeof(j->error), "%s", error);
-    j->ready = j->len; /* what was held back for a stop string is final now */
+    /* What was held back for a stop string is final now; a tool call's
+     * text stays back until job_finish (then the answer is read whole) */
+    j->ready = ready_before_calls(j, j->len, false);
     j->cancelled = atomic_load(&j->cancel);
     pthread_mutex_unlock(&j->mu);
 }
@@ -247,6 +251,18 @@ static size_t think_start(const serve_job *j, bool more_may_come) {
     return r1 < j->len ? j->len : j->len - tag_part_at_end(j->text, j->len, think_close);
 }
 
+/* `ready` held back from where a tool call may begin, and, with tools,
+ * from the white space before that: a finished answer's content ends
+ * before its calls, white space trimmed (answer_calls). */
+static size_t ready_before_calls(const serve_job *j, size_t ready, bool more_may_come) {
+    if (!j->text) return 0; /* (no text yet) */
+    const size_t call = call_start(j, more_may_come);
+    if (ready > call) ready = call;
+    while (j->call_format && ready && strchr(" \t\r\n", j->text[ready - 1]) && j->text[ready - 1])
+        ready--;
+    return ready;
+}
+
 int job_add_text(serve_job *j, const char *piece, size_t n) {
     const size_t from = j->len;
     if (text_append(j, piece, n)) return -1;
@@ -257,9 +273,8 @@ int job_add_text(serve_job *j, const char *piece, size_t n) {
         j->len = (size_t)at; /* the stop string is not part of the text */
         j->text[j->len] = '\0';
     }
-    j->ready = utf8_whole(j->text, j->len - (at >= 0 ? 0 : hold));
-    const size_t call = call_start(j, at < 0); /* (a stop string ends the text) */
-    if (j->ready > call) j->ready = call;
+    /* (a stop string ends the text) */
+    j->ready = ready_before_calls(j, utf8_whole(j->text, j->len - (at >= 0 ? 0 : hold)), at < 0);
     const size_t think = think_start(j, at < 0);
     if (j->ready > think) j->ready = think;
     return at >= 0;
