@@ -415,6 +415,19 @@ static void test_bad_requests(void **state) {
         {"POST", "/v1/completions", "", 400, "JSON object"},
         {"POST", "/v1/completions", "{\"prompt\":", 400, "JSON object"},
         {"POST", "/v1/completions", "[1,2]", 400, "JSON object"},
+        {"POST", "/v1/completions", "{\"prompt\":\"Hi\",\"max_tokens\":1} x", 400, "JSON object"},
+        {"POST", "/v1/completions", "{\"prompt\":\"Hi\"}{\"max_tokens\":\"bad\"}", 400,
+         "JSON object"},
+        {"POST", "/v1/completions", "{\"prompt\":\"Hi\",\"stop\":\"girl\\u0000XYZ\"}", 400, "NUL"},
+        {"POST", "/v1/completions", "{\"prompt\":\"Once\\u0000 zebra\"}", 400, "NUL"},
+        {"POST", "/tokenize", "{\"prompt\":\"a\\\\\\u0000\"}", 400, "NUL"},
+        {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"min_tokens\":17}", 400, "the default"},
+        {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"stream_options\":{}}", 400,
+         "'stream_options' is for"},
+        {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"logit_bias\":{\" 5\":1}}", 400,
+         "not a token id"},
+        {"POST", "/v1/completions", "{\"prompt\":\"hi\",\"logit_bias\":{\"+5\":1}}", 400,
+         "not a token id"},
         {"POST", "/v1/completions", "{}", 400, "'prompt'"},
         {"POST", "/v1/completions", "{\"prompt\":\"Hi\",\"cache_salt\":\"\"}", 400, "'cache_salt'"},
         {"POST", "/v1/completions", "{\"prompt\":\"Hi\",\"cache_salt\":5}", 400, "'cache_salt'"},
@@ -521,6 +534,11 @@ static void test_bad_requests(void **state) {
         cJSON_Delete(j);
         resp_free(&r);
     }
+
+    /* (an escaped backslash before "u0000" is text, not a NUL) */
+    r = http(s.port, "POST", "/tokenize", "{\"prompt\":\"a\\\\u0000\"}");
+    assert_int_equal(r.status, 200);
+    resp_free(&r);
 
     /* Bodies over the limit: with a length up front, and sent in chunks. */
     char big[6000];
@@ -2562,6 +2580,14 @@ static void test_chat_default_system(void **state) {
         free(p);
         job_release(j);
     }
+    /* (and chat_template_kwargs must be an object) */
+    const char *kwargs = "{\"messages\":[{\"role\":\"user\",\"content\":\"Hi\"}],"
+                         "\"chat_template_kwargs\":5}";
+    api_shape shape;
+    serve_job *j;
+    char err[256];
+    assert_int_equal(api_parse(kwargs, strlen(kwargs), 1, &m, &j, &shape, err, sizeof(err)), -1);
+    assert_non_null(strstr(err, "'chat_template_kwargs'"));
     cake_tokenizer_free(t);
 }
 

@@ -228,7 +228,7 @@ static int add_logit_bias(const cJSON *o, const api_model *m, serve_job *j, char
     cJSON_ArrayForEach(b, v) {
         char *end;
         const long id = strtol(b->string, &end, 10);
-        if (!b->string[0] || *end || id < 0 || id >= m->n_vocab)
+        if (b->string[0] < '0' || b->string[0] > '9' || *end || id < 0 || id >= m->n_vocab)
             return cake_err(err, errlen, "'logit_bias': '%.40s' is not a token id (0..%d)",
                             b->string, m->n_vocab - 1);
         if (!cJSON_IsNumber(b) || !(b->valuedouble >= -100 && b->valuedouble <= 100))
@@ -762,6 +762,10 @@ static int chat_prompt_of(const cJSON *o, const api_model *m, request_tools *rt,
     /* chat_template_kwargs (vLLM's): Qwen 3's enable_thinking */
     int thinking = 1;
     const cJSON *kwargs = field(o, "chat_template_kwargs");
+    if (kwargs && !cJSON_IsNull(kwargs) && !cJSON_IsObject(kwargs)) {
+        cake_err(err, errlen, "'chat_template_kwargs' must be an object");
+        goto done;
+    }
     if (kwargs && bool_field(kwargs, "enable_thinking", &thinking, err, errlen)) goto done;
     const chat_options opt = {rt->choice != TOOLS_NONE ? &tools : NULL, !thinking,
                               m->default_system};
@@ -801,11 +805,30 @@ static int add_cache_salt(const cJSON *o, serve_job *j, char *err, size_t errlen
 }
 
 /* The body as a JSON object, or NULL with err. */
+/* Whether the body holds a NUL, as a byte or as \u0000 in a string: the
+ * parsed string would end there, silently cutting a prompt or a stop
+ * string short. */
+static int has_nul(const char *body, size_t len) {
+    if (memchr(body, '\0', len)) return 1;
+    for (const char *p = body; (p = memmem(p, len - (size_t)(p - body), "\\u0000", 6)); p += 6) {
+        size_t escapes = 0; /* (an even run of them before it: an escaped backslash each) */
+        while (p - escapes > body && p[-1 - (long)escapes] == '\\') escapes++;
+        if (escapes % 2 == 0) return 1;
+    }
+    return 0;
+}
+
 static cJSON *body_object(const char *body, size_t len, char *err, size_t errlen) {
-    cJSON *o = cJSON_ParseWithLength(body, len);
-    if (o && cJSON_IsObject(o)) return o;
+    const char *end = NULL;
+    cJSON *o = cJSON_ParseWithLengthOpts(body, len, &end, false);
+    if (o && cJSON_IsObject(o) && skip_space(body, (size_t)(end - body), len) == len) {
+        if (!has_nul(body, len)) return o;
+        cJSON_Delete(o);
+        cake_err(err, errlen, "strings must not hold NUL (\\u0000)");
+        return NULL;
+    }
     cJSON_Delete(o);
-    cake_err(err, errlen, "the body must be a JSON object");
+    cake_err(err, errlen, "the body must be a JSON object (and nothing after it)");
     return NULL;
 }
 
@@ -850,15 +873,21 @@ int api_parse(const char *body, size_t len, int chat, const api_model *m, serve_
         goto done;
     shape->n = (int)choices;
     shape->prompt_logprobs = prompt_top >= 0;
-    if (max_tokens >= 0 && min_tokens > max_tokens) {
-        cake_err(err, errlen, "'min_tokens' (%.0f) is more than 'max_tokens' (%.0f)", min_tokens,
-                 max_tokens);
+    /* (a completion's max_tokens is 16 unless given) */
+    const double most = max_tokens >= 0 ? max_tokens : chat ? -1 : 16;
+    if (most >= 0 && min_tokens > most) {
+        cake_err(err, errlen, "'min_tokens' (%.0f) is more than 'max_tokens' (%.0f%s)", min_tokens,
+                 most, max_tokens >= 0 ? "" : ", the default");
         goto done;
     }
     const cJSON *so = field(o, "stream_options");
-    if (so && (!cJSON_IsObject(so) ||
+    if (so && cJSON_IsNull(so)) so = NULL;
+    if (so && (!cJSON_IsObject(so) || !shape->stream ||
                bool_field(so, "include_usage", &shape->include_usage, err, errlen))) {
-        if (!cJSON_IsObject(so)) cake_err(err, errlen, "'stream_options' must be an object");
+        if (!cJSON_IsObject(so))
+            cake_err(err, errlen, "'stream_options' must be an object");
+        else if (!shape->stream)
+            cake_err(err, errlen, "'stream_options' is for \"stream\": true");
         goto done;
     }
     if (json && rt.choice != TOOLS_NONE) { /* (a call is not the format's JSON) */
