@@ -357,6 +357,7 @@ static void test_api_key(void **state) {
         {"/v1/completions", "Authorization: Bearer s3cret!\r\n", 401},
         {"/v1/completions", "Authorization: s3cret\r\n", 401},
         {"/v1/completions", "Authorization: Bearer s3cret\r\n", 200},
+        {"/v1/completions", "Authorization: bearer s3cret\r\n", 200}, /* (any case) */
         {"/v1/models", "", 401},
         {"/v1/models", "Authorization: Bearer s3cret\r\n", 200},
         {"/tokenize", "", 401},
@@ -374,8 +375,11 @@ static void test_api_key(void **state) {
         if (r.status != cases[i].status)
             fail_msg("%s with '%s': %d %s", cases[i].path, cases[i].auth, r.status, r.body);
         if (r.status == 401) assert_non_null(strstr(r.body, "API key"));
+        if (r.status == 401) assert_non_null(strstr(r.head, "WWW-Authenticate: Bearer"));
         resp_free(&r);
     }
+    /* (the 401s are counted with the other statuses) */
+    assert_int_equal(metric(s.port, "cake_http_responses_total{code=\"401\"}"), 6);
     assert_int_equal(serve_stop(&s), 0);
 
     /* the same key as an option */
@@ -530,11 +534,17 @@ static void test_bad_requests(void **state) {
             fail_msg("%s %s %s: %d %s, want %d '%s'", cases[i].method, cases[i].path,
                      cases[i].body ? cases[i].body : "", r.status, r.body, cases[i].status,
                      cases[i].says);
-        if (r.status == 405) assert_non_null(strstr(r.head, "Allow: GET, POST"));
+        if (r.status == 405) /* (the methods the path takes) */
+            assert_non_null(strstr(r.head, strcmp(cases[i].path, "/health") ? "Allow: POST"
+                                                                            : "Allow: GET, HEAD"));
         cJSON_Delete(j);
         resp_free(&r);
     }
 
+    /* HEAD where GET is taken: the head alone */
+    r = http(s.port, "HEAD", "/health", NULL);
+    assert_int_equal(r.status, 200);
+    resp_free(&r);
     /* (an escaped backslash before "u0000" is text, not a NUL) */
     r = http(s.port, "POST", "/tokenize", "{\"prompt\":\"a\\\\u0000\"}");
     assert_int_equal(r.status, 200);

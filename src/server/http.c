@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/socket.h>
 #include <time.h>
 
@@ -48,9 +49,10 @@ static enum MHD_Result out_of_memory(void) {
     return MHD_NO;
 }
 
-/* Queues body (malloc'd; taken over) with status and content type. */
-static enum MHD_Result reply(serve_server *s, struct MHD_Connection *c, unsigned status, char *body,
-                             const char *type) {
+/* Queues body (malloc'd; taken over) with status and content type (and,
+ * for a 405, the methods the path takes). */
+static enum MHD_Result reply_allow(serve_server *s, struct MHD_Connection *c, unsigned status,
+                                   char *body, const char *type, const char *allow) {
     if (!body) {
         status = MHD_HTTP_INTERNAL_SERVER_ERROR;
         body = strdup("{\"error\":{\"message\":\"out of memory\",\"type\":\"server_error\"}}");
@@ -64,12 +66,18 @@ static enum MHD_Result reply(serve_server *s, struct MHD_Connection *c, unsigned
     }
     MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE, type);
     if (status == MHD_HTTP_SERVICE_UNAVAILABLE) MHD_add_response_header(r, "Retry-After", "1");
-    if (status == MHD_HTTP_METHOD_NOT_ALLOWED)
-        MHD_add_response_header(r, MHD_HTTP_HEADER_ALLOW, "GET, POST");
+    if (status == MHD_HTTP_UNAUTHORIZED)
+        MHD_add_response_header(r, MHD_HTTP_HEADER_WWW_AUTHENTICATE, "Bearer");
+    if (allow) MHD_add_response_header(r, MHD_HTTP_HEADER_ALLOW, allow);
     const enum MHD_Result rc = MHD_queue_response(c, status, r);
     MHD_destroy_response(r);
     count_status(s, status);
     return rc;
+}
+
+static enum MHD_Result reply(serve_server *s, struct MHD_Connection *c, unsigned status, char *body,
+                             const char *type) {
+    return reply_allow(s, c, status, body, type, NULL);
 }
 
 static enum MHD_Result reply_json(serve_server *s, struct MHD_Connection *c, unsigned status,
@@ -450,7 +458,7 @@ static enum MHD_Result metrics(serve_server *s, struct MHD_Connection *c) {
 static int authorized(const serve_server *s, struct MHD_Connection *c) {
     if (!s->cfg.api_key) return 1;
     const char *h = MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION);
-    if (!h || strncmp(h, "Bearer ", 7)) return 0;
+    if (!h || strncasecmp(h, "Bearer ", 7)) return 0; /* (the scheme in any case: RFC 7235) */
     h += 7;
     const size_t n = strlen(s->cfg.api_key);
     if (strlen(h) != n) return 0;
@@ -474,9 +482,14 @@ static enum MHD_Result route(serve_server *s, struct MHD_Connection *c, const ch
     if (i <= 4 && !authorized(s, c)) /* the API; /health and /metrics stay open */
         return reply_error(s, c, MHD_HTTP_UNAUTHORIZED,
                            "this server wants an API key: Authorization: Bearer KEY");
-    if (strcmp(method, routes[i].method))
-        return reply_error(s, c, MHD_HTTP_METHOD_NOT_ALLOWED, "%s wants %s, not %.20s",
-                           routes[i].path, routes[i].method, method);
+    const int get = !strcmp(routes[i].method, "GET");
+    if (strcmp(method, routes[i].method) && !(get && !strcmp(method, "HEAD"))) {
+        char msg[128];
+        snprintf(msg, sizeof(msg), "%s wants %s, not %.20s", routes[i].path, routes[i].method,
+                 method);
+        return reply_allow(s, c, MHD_HTTP_METHOD_NOT_ALLOWED, api_error(405, msg),
+                           "application/json", get ? "GET, HEAD" : "POST");
+    }
     switch (i) {
     case 0:
     case 1:

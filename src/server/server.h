@@ -51,7 +51,7 @@ char *server_metrics_text(const pool_counters *pc, const unsigned long long *sta
 
 /* The statuses counted, in the order of status_counts. */
 #define SERVER_STATUSES                                                                            \
-    { 200, 400, 404, 405, 413, 500, 503 }
-#define SERVER_N_STATUSES 7
+    { 200, 400, 401, 404, 405, 413, 500, 503 }
+#define SERVER_N_STATUSES 8
 
 #endif
