@@ -2005,7 +2005,9 @@ static void test_cancel_and_queue(void **state) {
     wait_metric(s.port, "cake_requests_queued", 0);
     wait_metric(s.port, "cake_requests_running", 0);
     assert_int_equal(metric(s.port, "cake_requests_cancelled_total"), 2);
-    assert_int_equal(metric(s.port, "cake_requests_finished_total"), 1); /* the stream ran */
+    /* (cancelled requests are finished ones, when they were cancelled: in
+     * the queue, or the stream while it generated) */
+    assert_int_equal(metric(s.port, "cake_requests_finished_total"), 2);
     assert_true(metric(s.port, "cake_generation_tokens_total") < 1000000);
     assert_int_equal(metric(s.port, "cake_prompt_tokens_total"), 2); /* BOS Hello, not Hi's */
 
@@ -2062,6 +2064,8 @@ static void test_cancel_prefill(void **state) {
     close(fd);
     wait_metric(s.port, "cake_requests_running", 0);
     assert_int_equal(metric(s.port, "cake_requests_cancelled_total"), 1);
+    assert_int_equal(metric(s.port, "cake_requests_finished_total"), 1);
+    assert_int_equal(metric(s.port, "cake_requests_failed_total"), 0);
     const double computed = metric(s.port, "cake_engine_tokens_total{kind=\"prefill\"}");
     print_message("prefill stopped after %.0f of %d tokens\n", computed, N);
     assert_true(computed > 0 && computed < N);

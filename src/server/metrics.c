@@ -62,7 +62,8 @@ char *server_metrics_text(const pool_counters *pc, const unsigned long long *sta
         put(&t, "cake_http_responses_total{code=\"%u\"} %llu\n", statuses[i], status_counts[i]);
     gauge(&t, "cake_requests_running", "Requests being computed.", pc->running);
     gauge(&t, "cake_requests_queued", "Requests waiting for a slot.", pc->queued);
-    counter(&t, "cake_requests_finished_total", "Requests that ran to their end or were cancelled.",
+    counter(&t, "cake_requests_finished_total",
+            "Requests that ran to their end or were cancelled (at any point).",
             (unsigned long long)pc->jobs_done);
     counter(&t, "cake_requests_cancelled_total", "Requests whose client went away.",
             (unsigned long long)pc->jobs_cancelled);

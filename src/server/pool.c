@@ -208,12 +208,12 @@ static void account(serve_pool *p, const serve_job *j) {
     static const double bounds[] = POOL_REQUEST_BUCKETS;
     pool_counters *t = &p->totals;
     const cake_prefill_stats *ps = &j->stats.prefill;
-    if (j->cancelled) t->jobs_cancelled++;
-    if (j->error[0]) {
-        t->jobs_failed += !j->cancelled;
-        return;
-    }
-    t->jobs_done++;
+    /* Each job is finished (cancelled ones too, whenever they were) or
+     * failed; only answers add to the sums. */
+    t->jobs_cancelled += j->cancelled;
+    t->jobs_failed += j->error[0] && !j->cancelled;
+    t->jobs_done += !j->error[0] || j->cancelled;
+    if (j->error[0]) return;
     t->prompt_tokens += (uint64_t)j->n_prompt;
     t->generated_tokens += (uint64_t)j->n_ids;
     t->prompt_tokens_computed += (uint64_t)ps->tokens_computed;
