@@ -2025,6 +2025,12 @@ static void test_cancel_and_queue(void **state) {
     /* The slot is free again. */
     cJSON *j = post_ok(s.port, "/v1/completions", "{\"prompt\":\"Hi\",\"max_tokens\":2}");
     cJSON_Delete(j);
+    /* More answers than a slot and the queue take at once: never, so 400
+     * rather than a 503 that says to retry */
+    r = http(s.port, "POST", "/v1/completions", "{\"prompt\":\"Hi\",\"max_tokens\":2,\"n\":3}");
+    assert_int_equal(r.status, 400);
+    assert_non_null(strstr(r.body, "more than this server takes at once: 2"));
+    resp_free(&r);
 
     /* SIGTERM with a stream open and a whole answer awaited: the stream
      * ends, the other gets 503, the server exits 0. */

@@ -343,6 +343,13 @@ static enum MHD_Result answer(serve_server *s, struct MHD_Connection *c, const r
      * p n + k, its index in the answer) */
     const int n = shape.n * shape.n_prompts;
     for (int p = 0; p < shape.n_prompts; p++) jobs[p * shape.n] = prompts[p];
+    if (n > pool_capacity(s->pool)) { /* (a 503 would say to retry, which never helps) */
+        cancel_jobs(jobs, n);
+        return reply_error(s, c, MHD_HTTP_BAD_REQUEST,
+                           "%d answers (n x prompts) are more than this server takes at once: "
+                           "%d (--slots + --queue)",
+                           n, pool_capacity(s->pool));
+    }
     /* a stream of several choices waits on all their jobs at once */
     job_waker *waker = NULL;
     for (int i = 1; i < n; i++)

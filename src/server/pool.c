@@ -615,6 +615,10 @@ int pool_submit(serve_pool *p, serve_job *j) {
     return 0;
 }
 
+int pool_capacity(const serve_pool *p) {
+    return p->cfg.n_slots + p->cfg.queue_max;
+}
+
 int pool_n_ctx(const serve_pool *p) {
     return p->n_ctx;
 }

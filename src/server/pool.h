@@ -85,6 +85,8 @@ int pool_create(const cake_model *m, const pool_config *cfg, serve_pool **out, c
 /* Queues j (the pool takes its own reference). 0; -1 when the queue is full
  * or the pool is shutting down (j is untouched). */
 int pool_submit(serve_pool *p, serve_job *j);
+/* The most jobs the pool takes at once: its slots and its queue. */
+int pool_capacity(const serve_pool *p);
 int pool_n_ctx(const serve_pool *p);
 /* The engine: the context whose threads and scratch run every step. */
 cake_context *pool_engine(serve_pool *p);
