@@ -2951,6 +2951,16 @@ static void test_fill_in_middle(void **state) {
     assert_same_ids(at(fim, "cake.generated_ids"), at(same, "cake.generated_ids"));
     assert_int_equal(num_at(fim, "usage.prompt_tokens"), num_at(same, "usage.prompt_tokens"));
     assert_string_equal(str_at(fim, "choices.0.text"), str_at(same, "choices.0.text"));
+    /* <|fim_pad|> ends a middle, also with a request's 16 stop_token_ids
+     * (made the likeliest token by a bias) */
+    cJSON *pad = post_ok(s.port, "/v1/completions",
+                         "{\"prompt\":\"def\",\"suffix\":\"x\",\"max_tokens\":4,"
+                         "\"logit_bias\":{\"%d\":100},\"stop_token_ids\":[3,4,5,6,7,8,9,10,11,"
+                         "12,13,14,15,16,17,18]}",
+                         n_vocab - 1);
+    assert_string_equal(str_at(pad, "choices.0.finish_reason"), "stop");
+    assert_int_equal(cJSON_GetArraySize(at(pad, "cake.generated_ids")), 1);
+    cJSON_Delete(pad);
     t_resp r = http(s.port, "POST", "/v1/completions",
                     "{\"prompt\":[1,2],\"suffix\":\"x\",\"max_tokens\":2}");
     assert_int_equal(r.status, 400);

@@ -14,8 +14,9 @@
 #include "server/chat.h"
 #include "server/json_schema.h"
 
-#define JOB_MAX_STOP         16 /* (OpenAI's 4; vLLM and llama.cpp take more) */
-#define JOB_MAX_STOP_IDS     16
+#define JOB_MAX_STOP         16                     /* (OpenAI's 4; vLLM and llama.cpp take more) */
+#define JOB_MAX_STOP_IDS     16                     /* a request's stop_token_ids */
+#define JOB_STOP_ID_ROOM     (JOB_MAX_STOP_IDS + 4) /* and a fill in the middle's end tokens */
 #define JOB_MAX_TOP_LOGPROBS 20
 
 /* A generated token's log-probability under the model (its logits' log
@@ -51,7 +52,7 @@ struct serve_job {
     char *stop[JOB_MAX_STOP];    /* stop strings (owned), n_stop of them */
     int n_stop;
     cake_token end_of_turn; /* stops like EOS (a chat format's end of turn); -1: none */
-    cake_token stop_ids[JOB_MAX_STOP_IDS]; /* stop like EOS too (vLLM's stop_token_ids) */
+    cake_token stop_ids[JOB_STOP_ID_ROOM]; /* stop like EOS too (vLLM's stop_token_ids) */
     int n_stop_ids;
     int ignore_eos; /* EOS and the end of turn do not stop it (benchmarks) */
     /* vLLM's min_tokens: neither EOS, the end of turn, stop ids nor stop

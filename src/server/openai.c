@@ -938,8 +938,8 @@ int api_parse(const char *body, size_t len, int chat, const api_model *m, serve_
     }
     ids = NULL;
     if (add_stops(o, j, err, errlen) || add_stop_ids(o, m, j, err, errlen)) goto done;
-    for (int k = 0; k < n_enders && j->n_stop_ids < JOB_MAX_STOP_IDS; k++)
-        j->stop_ids[j->n_stop_ids++] = enders[k]; /* (a middle ends at them too) */
+    /* a middle ends at them too (JOB_STOP_ID_ROOM has room for them) */
+    for (int k = 0; k < n_enders; k++) j->stop_ids[j->n_stop_ids++] = enders[k];
     /* Completions default to 16 tokens as OpenAI's do; chat runs to the end
      * of the turn (or of the context). */
     const int want = max_tokens >= 0 ? (int)max_tokens : chat ? m->n_ctx : 16;

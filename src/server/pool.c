@@ -322,7 +322,7 @@ static void run_job(slot *s, serve_job *j) {
     cake_sampler_params sampling = j->sampling;
     sampling.prompt = j->prompt; /* (for the repetition penalty) */
     sampling.n_prompt = j->n_prompt;
-    cake_token ends[2 + JOB_MAX_STOP_IDS]; /* what may not come before min_tokens */
+    cake_token ends[2 + JOB_STOP_ID_ROOM]; /* what may not come before min_tokens */
     int n_ends = 0;
     if (!j->ignore_eos) { /* (with it nothing of these ends the answer anyway) */
         ends[n_ends++] = cake_tokenizer_eos(tok);
