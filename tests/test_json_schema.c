@@ -212,6 +212,11 @@ static void test_schema_refused(void **state) {
         {"{\"oneOf\":[{},{\"type\":\"null\"}]}", "'oneOf'"},
         {"{\"allOf\":[{},{}]}", "'allOf'"},
         {"{\"$ref\":\"#/$defs/none\"}", "points to nothing"},
+        {"{\"$defs\":{\"a\":{\"$ref\":\"#/$defs/a\"}},\"$ref\":\"#/$defs/a\"}", "cycle"},
+        {"{\"$defs\":{\"a\":{\"$ref\":\"#/$defs/b\"},\"b\":{\"$ref\":\"#/$defs/a\"}},"
+         "\"$ref\":\"#/$defs/a\"}",
+         "cycle"},
+        {"{\"$ref\":\"#\"}", "cycle"},
         {"{\"$ref\":\"http://example.com/s.json\"}", "only references"},
         {"{\"$ref\":\"#\",\"type\":\"object\"}", "'type' beside '$ref'"},
         {"{\"enum\":[]}", "allows no value"},

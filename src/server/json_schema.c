@@ -721,6 +721,10 @@ static cake_json_node *compile_ref(compiler *c, const cJSON *ref, int depth) {
     c->refs[slot].busy = 1;
     const cake_json_node *body = compile(c, target, depth + 1);
     if (!body) return NULL;
+    if (is_busy(c, body)) /* ($refs all the way round: no schema says what the value is) */
+        return cake_err(c->err, c->errlen, "'$ref' %.60s: a cycle of references alone",
+                        ref->valuestring),
+               NULL;
     *n = *body;
     c->refs[slot].busy = 0;
     return n;
