@@ -16,6 +16,7 @@
 #include <sys/mman.h>
 #include <sys/mount.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 
 #include "store/store_impl.h"
 #include "test_store_common.h"
@@ -330,6 +331,20 @@ static void test_fault_deleted_between_exists_and_get(void **state) {
     expect_miss(f, 3, NULL);
     put_ok(f, 3);
     expect_hit(f, 3);
+    /* a FIFO put where the chunk was (a read of it would wait forever): a
+     * miss that says why, at once; the same for a head (cake store ls) */
+    chunk_path(f, &f->h[3].key, path, sizeof(path));
+    assert_int_equal(unlink(path), 0);
+    assert_int_equal(mkfifo(path, 0644), 0);
+    expect_miss(f, 3, "not a regular file");
+    uint8_t head[64];
+    size_t len;
+    uint64_t total;
+    assert_int_equal(
+        cake_store_head(f->s, &f->h[3].key, head, sizeof(head), &len, &total, err, sizeof(err)),
+        -1);
+    assert_non_null(strstr(err, "not a regular file"));
+    unlink(path);
 }
 
 static void test_fault_file_size_limit(void **state) {

@@ -380,11 +380,13 @@ static int file_get(void *st_, const cake_chunk_key *k, void *buf, size_t cap, s
         return cake_err(err, errlen, "file store: path too long");
     int direct =
         atomic_load_explicit(&f->direct, memory_order_relaxed) && ((uintptr_t)buf % ALIGN) == 0;
-    int fd = open(path, O_RDONLY | O_CLOEXEC | (direct ? O_DIRECT : 0));
+    /* (O_NONBLOCK: a FIFO put where a chunk was would block the open; on a
+     * regular file it changes nothing) */
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | (direct ? O_DIRECT : 0));
     if (fd < 0 && direct && errno == EINVAL) { /* filesystem without O_DIRECT */
         atomic_store(&f->direct, 0);
         direct = 0;
-        fd = open(path, O_RDONLY | O_CLOEXEC);
+        fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     }
     if (fd < 0) {
         if (errno == ENOENT || errno == ENOTDIR) return 1;
@@ -395,6 +397,11 @@ static int file_get(void *st_, const cake_chunk_key *k, void *buf, size_t cap, s
     int rc = 0;
     if (fstat(fd, &st) != 0) {
         cake_err(err, errlen, "file store: stat %s: %s", path, strerror(errno));
+        rc = CAKE_STORE_GET_FAILED;
+        goto done;
+    }
+    if (!S_ISREG(st.st_mode)) { /* (a read of a FIFO or a device could wait forever) */
+        cake_err(err, errlen, "file store: %s is not a regular file", path);
         rc = CAKE_STORE_GET_FAILED;
         goto done;
     }
@@ -441,19 +448,26 @@ static int file_head(void *st_, const cake_chunk_key *k, void *buf, size_t n, si
     char path[4400];
     if (path_of(f, k, path, sizeof(path)))
         return cake_err(err, errlen, "file store: path too long");
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK); /* (as file_get) */
     if (fd < 0) {
         if (errno == ENOENT || errno == ENOTDIR) return 1;
         return cake_err(err, errlen, "file store: open %s: %s", path, strerror(errno));
     }
     struct stat st;
-    ssize_t got = 0;
-    if (fstat(fd, &st) == 0) {
-        *total = (uint64_t)st.st_size;
-        do got = pread(fd, buf, n, 0);
-        while (got < 0 && errno == EINTR);
+    if (fstat(fd, &st) != 0) {
+        const int e = errno;
+        close(fd);
+        return cake_err(err, errlen, "file store: stat %s: %s", path, strerror(e));
     }
-    int e = errno;
+    if (!S_ISREG(st.st_mode)) {
+        close(fd);
+        return cake_err(err, errlen, "file store: %s is not a regular file", path);
+    }
+    *total = (uint64_t)st.st_size;
+    ssize_t got;
+    do got = pread(fd, buf, n, 0);
+    while (got < 0 && errno == EINTR);
+    const int e = errno;
     close(fd);
     if (got < 0) return cake_err(err, errlen, "file store: read %s: %s", path, strerror(e));
     *len = (size_t)got;
