@@ -362,6 +362,17 @@ if "$CAKE" mkmodel --shape tiny -o "$tmp/tiny.gguf" 2>/dev/null; then
         --chunk 16 --store mem: --out "$tmp/bench-mem"
     grep -q "copied 6 chunks into mem:?bw=5Gbit" "$tmp/err" && pass "bench copies a mem: store per cell" ||
         fail "bench on mem: $(grep -i copied "$tmp/err")"
+    # a store that does not give back what the cold run wrote: no table of
+    # meaningless load numbers, but exit 1 and why (a store that refuses the
+    # writes; one that keeps 2 of the 6 chunks)
+    expect_exit 1 "bench ttft with a dead store" -- "$CAKE" bench ttft -m "$tmp/tiny.gguf" \
+        --ctx 97 --bw 5 --chunk 16 --store "redis://127.0.0.1:1" --out "$tmp/bench-dead"
+    grep -q "could not fill the store redis://127.0.0.1:1: chunk 0: .*unreachable" "$tmp/err" &&
+        pass "bench says why it could not fill the store" || fail "bench, dead store: $(cat "$tmp/err")"
+    expect_exit 1 "bench ttft with a store too small" -- "$CAKE" bench ttft -m "$tmp/tiny.gguf" \
+        --ctx 97 --bw 5 --chunk 16 --store "mem:?capacity=10KiB" --out "$tmp/bench-small"
+    grep -q "2 of its 6 chunks loaded back" "$tmp/err" &&
+        pass "bench checks the store gives the chunks back" || fail "bench, small store: $(cat "$tmp/err")"
 fi
 
 # --- no masked VEXTRACT to memory in the binary: this VM's Zen 4 CPU faults

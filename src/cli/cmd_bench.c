@@ -766,18 +766,31 @@ static int bench_ttft(int argc, char **argv) {
         fprintf(stderr, "[ctx %d] filling the store...\n", n);
         double cold = wb ? one_request(&b, prompt, n, plain, wb, CAKE_MODE_COMPUTE, &st) : -1;
         int dropped = wb ? cake_writeback_drain(wb, 600000) : 1;
+        cake_writeback_counters wc = {0};
+        if (wb) cake_writeback_counters_get(wb, &wc);
         cake_writeback_free(wb);
         /* One untimed load: the engine's staging buffers (pinned on a GPU)
-         * are then allocated, as on a server that has served a request. */
-        if (cold >= 0 && !dropped) one_request(&b, prompt, n, plain, NULL, CAKE_MODE_LOAD, &st);
+         * are then allocated, as on a server that has served a request. It
+         * also checks that the store gives back every chunk: a store that
+         * took no write (a wrong password, a full disk) would make every
+         * load-side number below meaningless. */
+        const int loadable = cake_prefill_loadable_chunks(n, b.chunk);
+        char why[400] = "";
+        if (wc.failed) snprintf(why, sizeof(why), ": %s", wc.first_error);
+        if (cold >= 0 && !dropped && !wc.failed) {
+            one_request(&b, prompt, n, plain, NULL, CAKE_MODE_LOAD, &st);
+            if (st.chunks_loaded < loadable)
+                snprintf(why, sizeof(why), ": %d of its %d chunks loaded back%s%s",
+                         st.chunks_loaded, loadable, st.store_error[0] ? ": " : "", st.store_error);
+        }
         cake_store_close(master);
         master = NULL;
         if (!strcmp(cake_store_kind(plain), "mem"))
             master = plain;
         else
             cake_store_close(plain);
-        if (cold < 0 || dropped) {
-            cli_error(CLI_FAIL, "bench", "could not fill the store in %s", dir);
+        if (cold < 0 || dropped || why[0]) {
+            cli_error(CLI_FAIL, "bench", "could not fill the store %s%s", dir, why);
             goto done;
         }
         for (int si = 0; si < n_share; si++) {
