@@ -153,8 +153,8 @@ blob=$(find "$tmp/kv" -name '*.chunk' | head -1)
 printf '\377' | dd of="$blob" bs=1 seek=200 conv=notrunc status=none
 run_store load
 [ "$(json_field generated_ids "$tmp/out")" = "$cold" ] &&
-    json_field store_error "$tmp/out" | grep -q '^"chunk [0-9]*: .*checksum' &&
-    grep -q "^cake run: store $st: chunk [0-9]*: .*(computed instead)$" "$tmp/err" &&
+    json_field store_error "$tmp/out" | grep -q '^"chunk [0-9]* (key [0-9a-f]*): .*checksum' &&
+    grep -q "^cake run: store $st: chunk [0-9]* (key [0-9a-f]*): .*(computed instead)$" "$tmp/err" &&
     pass "a corrupt chunk: same ids, store_error names it" ||
     fail "corrupt chunk: $(fields) store_error=$(json_field store_error "$tmp/out") $(cat "$tmp/err")"
 "$CAKE" run -m "$tmp/tiny-f16.gguf" --tokens "$ids" -n 6 --temp 0 --chunk 16 \

@@ -182,8 +182,15 @@ static void check_modes(fixture *f, const char *uri, int n, int chunk) {
     assert_int_equal(st.chunks_corrupt, 1);
     assert_int_equal(st.chunks_loaded, n_loadable - 2);
     char want[32];
-    snprintf(want, sizeof(want), "chunk %d: ", bad);
-    assert_non_null(strstr(st.store_error, want)); /* the reason is kept */
+    snprintf(want, sizeof(want), "chunk %d (key ", bad);
+    assert_non_null(strstr(st.store_error, want)); /* the reason is kept, the chunk named once */
+    assert_null(strstr(st.store_error + 1, "chunk "));
+    /* (a get that missed without a reason: the chunk went since the lookup) */
+    char why[64];
+    cake_chunk_error(why, sizeof(why), 3, "");
+    assert_string_equal(why, "chunk 3: gone since the lookup");
+    cake_chunk_error(why, sizeof(why), 3, "redis down");
+    assert_string_equal(why, "chunk 3: redis down");
     /* The corrupt chunk was removed by the store; put a hole and a corrupt one again for cake. */
     const int bad2 = n_loadable - 1 != bad ? n_loadable - 1 : 0;
     assert_int_equal(cake_store_get(s, &keys[bad2], blob, cap, &len, err, sizeof(err)), 0);

@@ -446,6 +446,15 @@ static int claim_for_load(prefill_job *j) {
     return j->n_promised ? -2 : -1;
 }
 
+void cake_chunk_error(char *out, size_t n, int index, const char *why) {
+    if (!why[0])
+        snprintf(out, n, "chunk %d: gone since the lookup", index);
+    else if (!strncmp(why, "chunk ", 6))
+        snprintf(out, n, "%s", why);
+    else
+        snprintf(out, n, "chunk %d: %s", index, why);
+}
+
 static void *io_worker_main(void *arg) {
     io_worker *w = arg;
     prefill_job *j = w->j;
@@ -483,8 +492,7 @@ static void *io_worker_main(void *arg) {
             j->state[i] = ABSENT; /* compute covers it */
             j->st->chunks_corrupt++;
             if (!j->st->store_error[0])
-                snprintf(j->st->store_error, sizeof(j->st->store_error), "chunk %d: %.140s", i,
-                         err);
+                cake_chunk_error(j->st->store_error, sizeof(j->st->store_error), i, err);
             pthread_cond_broadcast(&j->cv);
             continue;
         }

@@ -148,7 +148,7 @@ typedef struct {
     /* The request's first store failure (the lookup, or a load: a store
      * that is down, a corrupt chunk); "" when there was none. The chunks it
      * kept from loading were computed instead. */
-    char store_error[160];
+    char store_error[320];
 } cake_prefill_stats;
 
 typedef struct prefill_job cake_prefill_job;
@@ -198,9 +198,14 @@ void cake_writeback_free(cake_writeback *w); /* drains without a limit; accepts 
 
 typedef struct {
     uint64_t queued, written, dropped_full, dropped_timeout, already_present, failed;
-    char first_error[160]; /* why the first failed chunk failed; "" when none did */
+    char first_error[320]; /* why the first failed chunk failed; "" when none did */
 } cake_writeback_counters;
 void cake_writeback_counters_get(cake_writeback *w, cake_writeback_counters *out);
+
+/* Internal to the loader: "chunk I: why" into out, or why alone where it
+ * names the chunk already (the store's verification does); "gone since the
+ * lookup" for a chunk a get missed without a reason (evicted, deleted). */
+void cake_chunk_error(char *out, size_t n, int index, const char *why);
 
 /* Internal to the loader: queue a chunk. known_absent = 1: known absent from
  * the store; 0: unknown (the writer checks first). promise: the registry in

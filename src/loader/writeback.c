@@ -76,8 +76,7 @@ static void *writer_main(void *arg) {
         else if (outcome == 1)
             w->ctr.already_present++;
         else if (w->ctr.failed++ == 0)
-            snprintf(w->ctr.first_error, sizeof(w->ctr.first_error), "chunk %u: %.140s", en.h.index,
-                     err);
+            cake_chunk_error(w->ctr.first_error, sizeof(w->ctr.first_error), (int)en.h.index, err);
         w->busy = 0;
         if (en.promise) cake_inflight_release(en.promise, &en.h.key);
         if (!w->count) pthread_cond_broadcast(&w->idle_cv);
