@@ -41,6 +41,10 @@ expect_exit 2 "run with bad --repeat-last-n" -- "$CAKE" run -m x.gguf -p hi --re
 expect_exit 2 "perplexity without -f" -- "$CAKE" perplexity -m x.gguf
 expect_exit 2 "perplexity with bad --ctx" -- "$CAKE" perplexity -m x.gguf -f x --ctx 2
 expect_exit 2 "mkmodel unknown shape" -- "$CAKE" mkmodel --shape huge -o "$tmp/x.gguf"
+# a malformed --store URI is a usage error (an unreachable store a failure)
+expect_exit 2 "run with a bad --store" -- "$CAKE" run -m x.gguf -p hi --store bogus:
+expect_exit 2 "bench with a bad --store" -- "$CAKE" bench ttft -m x.gguf --store "file:/x?foo=1"
+expect_exit 2 "serve with a bad --store" -- "$CAKE" serve -m x.gguf --store "mem:?bw=0"
 expect_exit 0 "run --help" -- "$CAKE" run --help
 grep -q -- "--dump-logits" "$tmp/out" && pass "run --help lists options" || fail "run --help"
 

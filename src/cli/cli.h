@@ -39,6 +39,10 @@ int cli_parse_kv_type(const char *s, enum cake_kv_type *out); /* f16, f32, q8_0,
 const char *cli_kv_type_name(enum cake_kv_type t);
 int cli_parse_backend(const char *s, enum cake_backend_kind *out);
 
+/* A --store URI that does not parse is a usage error: prints why and returns
+ * CLI_USAGE; CLI_OK when it parses (opening it may still fail). */
+int cli_check_store_uri(const char *cmd, const char *uri);
+
 /* Writes s[0..len) as a JSON string literal (with quotes); bytes that are not
  * valid UTF-8 come out as U+FFFD, so that the output is valid JSON. */
 void cli_json_string(FILE *f, const char *s, size_t len);

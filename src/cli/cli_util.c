@@ -6,6 +6,7 @@
 #include <sys/stat.h>
 
 #include "cli/cli.h"
+#include "store/store_impl.h"
 #include "util/utf8.h"
 
 int cli_error(int code, const char *cmd, const char *fmt, ...) {
@@ -152,4 +153,11 @@ int cli_parse_backend(const char *s, enum cake_backend_kind *out) {
     if (!strcmp(s, "cpu")) return *out = CAKE_BACKEND_CPU, 0;
     if (!strcmp(s, "cuda")) return *out = CAKE_BACKEND_CUDA, 0;
     return -1;
+}
+
+int cli_check_store_uri(const char *cmd, const char *uri) {
+    cake_store_params p;
+    char err[512];
+    if (!cake_store_parse_uri(uri, &p, err, sizeof(err))) return CLI_OK;
+    return cli_error(CLI_USAGE, cmd, "%s", err);
 }

@@ -645,6 +645,7 @@ static int bench_ttft(int argc, char **argv) {
     if (!model) return cli_error(CLI_USAGE, "bench", "-m MODEL is required");
     if (store_dir && store_uri)
         return cli_error(CLI_USAGE, "bench", "give --store-dir or --store, not both");
+    if (store_uri && cli_check_store_uri("bench", store_uri)) return CLI_USAGE;
     int max_ctx = 0;
     for (int i = 0; i < n_ctx; i++) {
         if (ctxs[i] < 2 || ctxs[i] != floor(ctxs[i]))

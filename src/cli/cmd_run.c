@@ -315,6 +315,7 @@ static int parse_args(int argc, char **argv, run_opts *o) {
         return cli_error(CLI_USAGE, "run", "--mode %s needs --store", cake_mode_name(o->mode));
     if (o->cache_salt && !o->store)
         return cli_error(CLI_USAGE, "run", "--cache-salt needs --store");
+    if (o->store && cli_check_store_uri("run", o->store)) return CLI_USAGE;
     if (!o->store) o->mode = CAKE_MODE_COMPUTE;
     return 0;
 }

@@ -179,6 +179,7 @@ static int parse_args(int argc, char **argv, serve_opts *o) {
     if (o->backend == CAKE_BACKEND_CUDA && o->slots != 1)
         return cli_error(CLI_USAGE, "serve", "--backend cuda serves with one slot");
     if (!strcmp(o->store, "none")) o->store = NULL;
+    if (o->store && cli_check_store_uri("serve", o->store)) return CLI_USAGE;
     if (!o->api_key) o->api_key = getenv("CAKE_API_KEY");
     if (o->api_key && !o->api_key[0]) o->api_key = NULL;
     return 0;

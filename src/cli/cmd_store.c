@@ -504,11 +504,8 @@ int cmd_store(int argc, char **argv) {
 
     cake_store *s = NULL;
     char err[512];
-    if (o.store) { /* a malformed URI is a usage error, an unreachable store a failure */
-        cake_store_params p;
-        if (cake_store_parse_uri(o.store, &p, err, sizeof(err)))
-            return cli_error(CLI_USAGE, "store", "%s", err);
-    }
+    /* a malformed URI is a usage error, an unreachable store a failure */
+    if (o.store && cli_check_store_uri("store", o.store)) return CLI_USAGE;
     if (which != 5 || o.store) {
         if (cake_store_open(o.store ? o.store : "file:", &s, err, sizeof(err)))
             return cli_error(CLI_FAIL, "store", "%s", err);
