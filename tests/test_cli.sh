@@ -43,6 +43,7 @@ expect_exit 2 "perplexity with bad --ctx" -- "$CAKE" perplexity -m x.gguf -f x -
 expect_exit 2 "mkmodel unknown shape" -- "$CAKE" mkmodel --shape huge -o "$tmp/x.gguf"
 # a malformed --store URI is a usage error (an unreachable store a failure)
 expect_exit 2 "run with a bad --store" -- "$CAKE" run -m x.gguf -p hi --store bogus:
+expect_exit 2 "bench with a bad --modes" -- "$CAKE" bench ttft -m x.gguf --modes compute,pancake
 expect_exit 2 "bench with a bad --store" -- "$CAKE" bench ttft -m x.gguf --store "file:/x?foo=1"
 expect_exit 2 "serve with a bad --store" -- "$CAKE" serve -m x.gguf --store "mem:?bw=0"
 expect_exit 0 "run --help" -- "$CAKE" run --help

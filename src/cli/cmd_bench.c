@@ -494,8 +494,19 @@ static int measure_compute(bench *b, const cake_token *prompt, int n, timing *t,
     return 0;
 }
 
+/* Whether the comma-separated list names m; -1 when it names anything but
+ * the three modes. */
 static int has_mode(const char *modes, const char *m) {
-    return strstr(modes, m) != NULL;
+    int found = 0;
+    for (const char *p = modes;;) {
+        const size_t n = strcspn(p, ",");
+        if (!(n == 7 && !strncmp(p, "compute", 7)) && !(n == 4 && !strncmp(p, "load", 4)) &&
+            !(n == 4 && !strncmp(p, "cake", 4)))
+            return -1;
+        found |= n == strlen(m) && !strncmp(p, m, n);
+        if (!p[n]) return found;
+        p += n + 1;
+    }
 }
 
 static void write_plots(const char *out, const double *ctxs, int n_ctx) {
@@ -643,6 +654,9 @@ static int bench_ttft(int argc, char **argv) {
         }
     }
     if (!model) return cli_error(CLI_USAGE, "bench", "-m MODEL is required");
+    if (has_mode(modes, "cake") < 0)
+        return cli_error(CLI_USAGE, "bench", "--modes takes compute, load and cake, not '%s'",
+                         modes);
     if (store_dir && store_uri)
         return cli_error(CLI_USAGE, "bench", "give --store-dir or --store, not both");
     if (store_uri && cli_check_store_uri("bench", store_uri)) return CLI_USAGE;
