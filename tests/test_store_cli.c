@@ -218,6 +218,14 @@ static void test_cli_keys(void **state) {
     assert_non_null(strstr(g_out, " absent\n"));
     expect(cake("keys", "--fingerprint", "0001", "--chunk", "4", "--tokens", toks, NULL), 2,
            "keys with a short fingerprint");
+    expect(cake("keys", "--fingerprint", "000102030405060708090a0b0c0d0e0f", "--chunk", "4",
+                "--tokens", "1 2 -3", NULL),
+           2, "keys with a negative token id");
+    /* a store that does not answer: the keys, without presence, and exit 1 */
+    expect(cake("keys", "--store", "redis://127.0.0.1:1?timeout=100", "--fingerprint",
+                "000102030405060708090a0b0c0d0e0f", "--chunk", "4", "--tokens", toks, NULL),
+           1, "keys --store with the store down");
+    assert_non_null(strstr(g_out, line));
 }
 
 static void test_cli_errors(void **state) {

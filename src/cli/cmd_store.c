@@ -386,7 +386,7 @@ static int do_keys(cake_store *s, const store_opts *o) {
         if (!*p) break;
         char *end;
         long v = strtol(p, &end, 10);
-        if (end == p || v < INT32_MIN || v > INT32_MAX) {
+        if (end == p || v < 0 || v > INT32_MAX) { /* (token ids, as cake run takes them) */
             free(t);
             return cli_error(CLI_USAGE, "store", "keys: bad token id near '%.20s'", p);
         }
@@ -414,7 +414,8 @@ static int do_keys(cake_store *s, const store_opts *o) {
         printf("%zu %s%s\n", i, cake_key_hex(&k[i], hex),
                have ? (present[i] ? " present" : " absent") : "");
     free(t), free(k), free(present);
-    return CLI_OK;
+    /* (the keys are printed even so: they need no store) */
+    return s && !have ? CLI_FAIL : CLI_OK;
 }
 
 int cmd_store(int argc, char **argv) {
