@@ -665,6 +665,43 @@ static void test_capacity_across_seconds(void **state) {
     }
 }
 
+/* gc where the chunks cannot be removed (the store's folder mounted read
+ * only, in a private mount namespace; skipped when not root): it says why,
+ * and counts nothing as evicted. */
+static void test_gc_cannot_remove(void **state) {
+    fx *f = *state;
+    for (int i = 0; i < 3; i++) put_ok(f, i);
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        char dir[4200], uri[4300], err[512];
+        snprintf(dir, sizeof(dir), "%s/store", f->dir);
+        if (unshare(CLONE_NEWNS) != 0 || mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) != 0 ||
+            mount(dir, dir, NULL, MS_BIND, NULL) != 0 ||
+            mount(NULL, dir, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY, NULL) != 0)
+            _exit(77);
+        snprintf(uri, sizeof(uri), "file:%s", dir);
+        cake_store *s;
+        if (cake_store_open(uri, &s, err, sizeof(err))) _exit(10);
+        uint64_t n = 9, b = 9;
+        if (cake_store_gc(s, 0, &n, &b, err, sizeof(err)) != -1) _exit(11);
+        if (n != 0 || b != 0) _exit(12);
+        if (!strstr(err, "cannot remove") || !strstr(err, "Read-only") || !strstr(err, "2 more"))
+            _exit(13);
+        cake_store_close(s);
+        _exit(0);
+    }
+    int st;
+    waitpid(pid, &st, 0);
+    assert_true(WIFEXITED(st));
+    if (WEXITSTATUS(st) == 77) {
+        print_message("skip: cannot mount read-only here (not root?)\n");
+        skip();
+    }
+    assert_int_equal(WEXITSTATUS(st), 0);
+    for (int i = 0; i < 3; i++) expect_hit(f, i); /* (nothing was removed) */
+}
+
 static void test_gc(void **state) {
     fx *f = *state;
     char err[512], tmpdir[4200], p[4400];
@@ -1004,6 +1041,7 @@ int main(void) {
         T(test_capacity_lru),
         T(test_capacity_across_seconds),
         T(test_gc),
+        T(test_gc_cannot_remove),
         T(test_threads),
         T(test_open_errors),
         T(test_big_blob_pieces),

@@ -362,14 +362,14 @@ static int do_gc(cake_store *s, const store_opts *o) {
     } else if (u.capacity) {
         target = u.capacity;
     }
-    uint64_t n, freed;
-    if (cake_store_gc(s, target, &n, &freed, err, sizeof(err)))
-        return cli_error(CLI_FAIL, "store", "%s", err);
+    uint64_t n = 0, freed = 0;
+    char why[512] = ""; /* (chunks it could not remove: said after what it did) */
+    const int failed = cake_store_gc(s, target, &n, &freed, why, sizeof(why)) != 0;
     if (cake_store_usage_get(s, &u, err, sizeof(err)))
-        return cli_error(CLI_FAIL, "store", "%s", err);
+        return cli_error(CLI_FAIL, "store", "%s", failed ? why : err);
     printf("evicted %" PRIu64 " chunks (%s); the store holds %" PRIu64 " chunks, %s\n", n,
            human(freed, a, sizeof(a)), u.n_chunks, human(u.bytes, b, sizeof(b)));
-    return CLI_OK;
+    return failed ? cli_error(CLI_FAIL, "store", "gc: %s", why) : CLI_OK;
 }
 
 static int do_keys(cake_store *s, const store_opts *o) {

@@ -214,7 +214,8 @@ int cake_store_usage_get(cake_store *s, cake_store_usage *u, char *err, size_t e
 
 /* Maintenance: removes leftovers of interrupted writes (file), then evicts
  * least recently used chunks until at most target bytes remain (UINT64_MAX =
- * evict nothing). Counts what it evicted. */
+ * evict nothing). Counts what it evicted; -1 when some could not be removed
+ * (err says why; the counts hold what was). */
 int cake_store_gc(cake_store *s, uint64_t target, uint64_t *n_evicted, uint64_t *bytes_freed,
                   char *err, size_t errlen);
 

@@ -612,6 +612,7 @@ static int file_gc(void *st_, uint64_t target, uint64_t *n_evicted, uint64_t *by
     size_t n;
     uint64_t bytes;
     if (cake_store_backend_by_age(&cake_store_file_ops, f, &e, &n, &bytes, err, errlen)) return -1;
+    size_t failed = 0; /* (the first one's reason in err) */
     for (size_t i = 0; i < n && bytes > target; i++) {
         char path[4400];
         path_of(f, &e[i].key, path, sizeof(path));
@@ -619,11 +620,17 @@ static int file_gc(void *st_, uint64_t target, uint64_t *n_evicted, uint64_t *by
         if (unlink(path) == 0) {
             (*n_evicted)++;
             *bytes_freed += e[i].size;
+        } else if (errno != ENOENT && !failed++) { /* (gone meanwhile: as good as removed) */
+            cake_err(err, errlen, "file store: cannot remove %s: %s", path, strerror(errno));
         }
         bytes -= e[i].size;
     }
     free(e);
-    return 0;
+    if (failed > 1) {
+        const size_t len = strlen(err);
+        snprintf(err + len, errlen - len, " (and %zu more)", failed - 1);
+    }
+    return failed ? -1 : 0;
 }
 
 static void file_close(void *st_) {
