@@ -8,6 +8,8 @@
 #include <cmocka.h>
 
 #include <pthread.h>
+#include <stdatomic.h>
+#include <unistd.h>
 
 #include "store/store_impl.h"
 #include "test_store_common.h"
@@ -429,6 +431,47 @@ static void test_lat(void **state) {
     cake_store_close(s);
 }
 
+static void *give_up_soon(void *flag) {
+    usleep(50000);
+    atomic_store((atomic_int *)flag, 1);
+    return NULL;
+}
+
+/* A get whose caller gives up (the loader's, for a chunk compute overtook,
+ * at the request's end) leaves the emulated latency and link at once, as a
+ * miss: 2 s of lat= and a 1.6 s transfer end 50 ms in. */
+static void test_give_up(void **state) {
+    (void)state;
+    static const char *const uris[] = {"mem:?lat=2000", "mem:?bw=1Mbit"};
+    for (int u = 0; u < 2; u++) {
+        cake_chunk_key key;
+        cake_store *s = open_with_blob(uris[u], &key);
+        cake_chunk_header h = {.key = key,
+                               .n_tokens = 1,
+                               .n_layers = 1,
+                               .n_kv_heads = 1,
+                               .head_dim = 64,
+                               .dtype = CAKE_KV_F16};
+        void *buf = malloc(2 * BLOB);
+        atomic_int give_up = 0;
+        pthread_t t;
+        pthread_create(&t, NULL, give_up_soon, &give_up);
+        char err[256];
+        size_t len = 1;
+        const double t0 = t_now();
+        const int rc =
+            cake_store_get_verified_until(s, &h, buf, 2 * BLOB, &len, &give_up, err, sizeof(err));
+        const double took = t_now() - t0;
+        pthread_join(t, NULL);
+        print_message("%s: given up after %.0f ms\n", uris[u], took * 1e3);
+        assert_int_equal(rc, 1);
+        assert_int_equal(len, 0);
+        assert_true(took >= 0.045 && took < 1.0);
+        free(buf);
+        cake_store_close(s);
+    }
+}
+
 static void test_bw_put(void **state) {
     (void)state;
     cake_store *s;
@@ -453,6 +496,7 @@ int main(void) {
         cmocka_unit_test(test_parse_uri),  cmocka_unit_test(test_bw_alone),
         cmocka_unit_test(test_bw_shared),  cmocka_unit_test(test_lat),
         cmocka_unit_test(test_bw_put),     cmocka_unit_test(test_bw_get_many),
+        cmocka_unit_test(test_give_up),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

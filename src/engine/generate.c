@@ -115,8 +115,8 @@ int cake_request_run(cake_context *c, const cake_request *r, cake_token *generat
     cake_token tok = cake_sampler_sample(r->sampler, logits, n_vocab);
     st->ttft_ms = now_ms() - t0;
     if (r->on_logits) r->on_logits(logits, n_vocab, tok, r->ud);
-    cake_prefill_finish(pending); /* loads that compute overtook: joined after the first token */
-    pending = NULL;
+    /* (loads that compute overtook are joined at the end, pending: the
+     * tokens go out meanwhile, the first of them at once) */
     const double t1 = now_ms();
     routed.decoding = 1;
     for (int i = 0;; i++) {

@@ -136,6 +136,7 @@
 #include <errno.h>
 #include <math.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -196,11 +197,12 @@ typedef struct prefill_job {
     pthread_mutex_t mu;
     pthread_cond_t cv; /* a load finished or failed */
     enum chunk_state *state;
-    uint8_t *promise; /* enum chunk_promise per chunk */
-    uint8_t *near;    /* the store's RAM tier held the chunk at lookup: its load is a
-                         copy, off the link (and worth taking at once) */
-    int n_promised;   /* chunks still PROMISED */
-    int stop;         /* set when the compute side no longer needs loads */
+    uint8_t *promise;   /* enum chunk_promise per chunk */
+    uint8_t *near;      /* the store's RAM tier held the chunk at lookup: its load is a
+                           copy, off the link (and worth taking at once) */
+    int n_promised;     /* chunks still PROMISED */
+    int stop;           /* set when the compute side no longer needs loads */
+    atomic_int give_up; /* set at the end: transfers still in flight leave the emulated link */
     uint64_t t_start, first_claim, last_load;
     size_t blob_size, buf_size;
     double rate_hint; /* bytes/ns the store delivered in earlier requests; 0 = unknown */
@@ -476,8 +478,8 @@ static void *io_worker_main(void *arg) {
         pthread_mutex_unlock(&j->mu);
 
         size_t len = 0;
-        int rc = cake_store_get_verified(j->p->store, &j->expect[i], w->buf, j->buf_size, &len, err,
-                                         sizeof(err));
+        int rc = cake_store_get_verified_until(j->p->store, &j->expect[i], w->buf, j->buf_size,
+                                               &len, &j->give_up, err, sizeof(err));
         const uint64_t t1 = cake_now_ns();
 
         pthread_mutex_lock(&j->mu);
@@ -784,6 +786,9 @@ static void job_finish(prefill_job *j) {
     j->stop = 1;
     pthread_cond_broadcast(&j->cv);
     pthread_mutex_unlock(&j->mu);
+    /* Loads that compute overtook are discarded: their emulated transfers
+     * need not run out their time (a real one runs to its end) */
+    atomic_store(&j->give_up, 1);
     for (int w = 0; w < j->n_started; w++) pthread_join(j->threads[w], NULL);
     for (int w = 0; w < j->n_started; w++) release_buffer(j, j->workers[w].buf);
     cake_prefill_stats *st = j->st;

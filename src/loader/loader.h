@@ -166,11 +166,13 @@ int cake_prefill_loadable_chunks(int n_prompt, int chunk);
 /* Prefill of prompt[0..n_prompt) into e's KV cache; writes the last position's
  * logits. Any chunk that fails to load is computed instead: the result never
  * depends on the store. 0 ok; -1 with err only for engine failures.
- * I/O workers may still be finishing transfers that compute overtook: with
- * pending == NULL they are joined before returning; otherwise *pending gets
- * the job, and the caller calls cake_prefill_finish(*pending) once the first
- * token is out (st, e and p->store must stay valid until then; st's
- * load_ms, load_gbit_s and chunks_discarded are final only after it). */
+ * I/O workers may still be finishing transfers that compute overtook (they
+ * no longer touch the KV cache): with pending == NULL they are joined before
+ * returning; otherwise *pending gets the job, and the caller calls
+ * cake_prefill_finish(*pending) later, once its tokens are out (st, e and
+ * p->store must stay valid until then; st's load_ms, load_gbit_s and
+ * chunks_discarded are final only after it). The finish ends the emulated
+ * link's waits of those transfers at once. */
 int cake_prefill(const cake_loader_engine *e, const cake_token *prompt, int n_prompt,
                  const cake_prefill_params *p, float *logits, cake_prefill_stats *st,
                  cake_prefill_job **pending, char *err, size_t errlen);

@@ -35,6 +35,22 @@ static void sleep_ns(uint64_t ns) {
     }
 }
 
+/* How often an emulated wait looks at its caller's give-up flag. */
+#define GIVE_UP_CHECK_NS 10000000ull
+
+static int gave_up(const atomic_int *give_up) {
+    return give_up && atomic_load_explicit(give_up, memory_order_relaxed);
+}
+
+/* sleep_ns, ending early once *give_up (may be NULL) is set. */
+static void sleep_ns_or_give_up(uint64_t ns, const atomic_int *give_up) {
+    for (const uint64_t end = cake_now_ns() + ns; !gave_up(give_up);) {
+        const uint64_t now = cake_now_ns();
+        if (now >= end) return;
+        sleep_ns(!give_up || end - now < GIVE_UP_CHECK_NS ? end - now : GIVE_UP_CHECK_NS);
+    }
+}
+
 /* ---- the emulated link ---- */
 
 typedef struct {
@@ -97,10 +113,12 @@ static double link_join(emu_link *l) {
 }
 
 /* Waits until the transfer that joined at v0 has been carried (bytes may be
- * 0: it then just leaves), then leaves the link. */
-static void link_finish(emu_link *l, double v0, uint64_t bytes) {
+ * 0: it then just leaves), then leaves the link; or leaves it at once when
+ * *give_up (may be NULL) is set: its caller no longer wants it. */
+static void link_finish(emu_link *l, double v0, uint64_t bytes, const atomic_int *give_up) {
     double done = v0 + (double)bytes, pv;
     uint64_t pt;
+    int left_early = 0;
     pthread_mutex_lock(&l->mu);
     for (;;) {
         uint64_t now = cake_now_ns();
@@ -108,17 +126,19 @@ static void link_finish(emu_link *l, double v0, uint64_t bytes) {
         pt = l->t_last;
         link_advance(l, now);
         if (l->vclock >= done) break;
+        if ((left_early = gave_up(give_up))) break;
         /* When it would finish if nobody joins or leaves; a leaver wakes us
          * early (broadcast), a joiner makes us wake early and wait again. */
         double wait = (done - l->vclock) * l->n_active / l->bytes_per_ns;
         uint64_t until = now + (uint64_t)ceil(wait);
+        if (give_up && until > now + GIVE_UP_CHECK_NS) until = now + GIVE_UP_CHECK_NS;
         const struct timespec ts = cake_timespec_ns(until);
         pthread_cond_timedwait(&l->cv, &l->mu, &ts);
     }
     /* We woke late. When the clock crossed `done` within its last step, leave
      * at that exact moment: the others get the larger share from then on,
      * and the link's idle time starts then. */
-    if (pv <= done && l->vclock > pv) {
+    if (!left_early && pv <= done && l->vclock > pv) {
         double f = (done - pv) / (l->vclock - pv);
         l->t_last = pt + (uint64_t)(f * (double)(l->t_last - pt));
         l->vclock = done;
@@ -628,8 +648,8 @@ static void add(_Atomic uint64_t *c, uint64_t v) {
     atomic_fetch_add_explicit(c, v, memory_order_relaxed);
 }
 
-static void request_latency(cake_store *s) {
-    if (s->lat_ns) sleep_ns(s->lat_ns);
+static void request_latency(cake_store *s, const atomic_int *give_up) {
+    if (s->lat_ns) sleep_ns_or_give_up(s->lat_ns, give_up);
 }
 
 /* The RAM tier's copy of key into buf: 0 when it had one (counted). */
@@ -648,15 +668,21 @@ static void ram_put(cake_store *s, const cake_chunk_key *key, const void *blob, 
 }
 
 /* The backend get, inside the emulated link, after the RAM tier (which the
- * link does not slow). hash: see cake_store_ops.get. Counts only RAM hits. */
+ * link does not slow). hash: see cake_store_ops.get. Counts only RAM hits.
+ * give_up (may be NULL): once set, the emulated waits end at once. */
 static int emulated_get(cake_store *s, const cake_chunk_key *key, cake_payload_hash *hash,
-                        void *buf, size_t cap, size_t *len, char *err, size_t errlen) {
+                        void *buf, size_t cap, size_t *len, const atomic_int *give_up, char *err,
+                        size_t errlen) {
     *len = 0;
     if (ram_get(s, key, buf, cap, len) == 0) return 0;
-    request_latency(s);
+    request_latency(s, give_up);
     double v0 = s->emulate ? link_join(&s->rd) : 0;
     int rc = s->ops->get(s->b, key, buf, cap, len, hash, err, errlen);
-    if (s->emulate) link_finish(&s->rd, v0, rc == 0 ? *len : 0);
+    if (s->emulate) link_finish(&s->rd, v0, rc == 0 ? *len : 0, give_up);
+    if (gave_up(give_up)) { /* (not carried in full: not kept in RAM either, a miss) */
+        *len = 0;
+        return 1;
+    }
     if (rc == 0) ram_put(s, key, buf, *len);
     return rc;
 }
@@ -665,7 +691,7 @@ int cake_store_get(cake_store *s, const cake_chunk_key *key, void *buf, size_t c
                    char *err, size_t errlen) {
     uint64_t t0 = cake_now_ns();
     if (err && errlen) err[0] = '\0';
-    int rc = emulated_get(s, key, NULL, buf, cap, len, err, errlen);
+    int rc = emulated_get(s, key, NULL, buf, cap, len, NULL, err, errlen);
     if (rc == 0) {
         add(&s->ctr.hits, 1);
         add(&s->ctr.bytes_read, *len);
@@ -718,12 +744,18 @@ static int check_room(const cake_chunk_header *expect, size_t cap, char *err, si
 
 int cake_store_get_verified(cake_store *s, const cake_chunk_header *expect, void *buf, size_t cap,
                             size_t *len, char *err, size_t errlen) {
+    return cake_store_get_verified_until(s, expect, buf, cap, len, NULL, err, errlen);
+}
+
+int cake_store_get_verified_until(cake_store *s, const cake_chunk_header *expect, void *buf,
+                                  size_t cap, size_t *len, const atomic_int *give_up, char *err,
+                                  size_t errlen) {
     uint64_t t0 = cake_now_ns();
     if (err && errlen) err[0] = '\0';
     if (check_room(expect, cap, err, errlen)) return -1;
     cake_payload_hash hash;
     cake_payload_hash_init(&hash);
-    int rc = emulated_get(s, &expect->key, &hash, buf, cap, len, err, errlen);
+    int rc = emulated_get(s, &expect->key, &hash, buf, cap, len, give_up, err, errlen);
     rc = settle_verified(s, expect, &hash, buf, rc, len, err, errlen);
     add(&s->ctr.read_ns, cake_now_ns() - t0);
     return rc;
@@ -766,7 +798,7 @@ int cake_store_get_many_verified(cake_store *s, const cake_chunk_header *expect,
         } else {
             for (size_t i = 0, k = 0; i < n; i++)
                 if (results[i]) far[k++] = bufs[i];
-            request_latency(s); /* one round trip for all */
+            request_latency(s, NULL); /* one round trip for all */
             if (s->emulate)
                 for (size_t k = 0; k < n_far; k++) v0[k] = link_join(&s->rd);
             if (s->ops->get_many) {
@@ -778,7 +810,7 @@ int cake_store_get_many_verified(cake_store *s, const cake_chunk_header *expect,
             }
             if (s->emulate)
                 for (size_t k = 0; k < n_far; k++)
-                    link_finish(&s->rd, v0[k], far_rc[k] == 0 ? far_len[k] : 0);
+                    link_finish(&s->rd, v0[k], far_rc[k] == 0 ? far_len[k] : 0, NULL);
             for (size_t i = 0, k = 0; i < n; i++) {
                 if (!results[i]) continue;
                 results[i] = far_rc[k];
@@ -822,10 +854,10 @@ int cake_store_load(cake_store *s, const cake_chunk_header *expect, void *buf, s
 
 int cake_store_put(cake_store *s, const cake_chunk_key *key, const void *blob, size_t len,
                    char *err, size_t errlen) {
-    request_latency(s);
+    request_latency(s, NULL);
     double v0 = s->emulate ? link_join(&s->wr) : 0;
     int rc = s->ops->put(s->b, key, blob, len, err, errlen);
-    if (s->emulate) link_finish(&s->wr, v0, rc == 0 ? len : 0);
+    if (s->emulate) link_finish(&s->wr, v0, rc == 0 ? len : 0, NULL);
     if (rc == 0) {
         /* Only a chunk the backend took: one held in RAM alone would look
          * present to lookups here, and so never be put again, while the
@@ -858,7 +890,7 @@ int cake_store_exists(cake_store *s, const cake_chunk_key *keys, size_t n, uint8
         for (size_t i = 0; i < n; i++) n_ram += in_ram[i];
     int rc = 0;
     if (n_ram < n) {
-        request_latency(s);
+        request_latency(s, NULL);
         /* A failing backend leaves present[] as far as it could tell (a
          * sharded Redis: the servers that answered), the rest absent. */
         if ((rc = s->ops->exists(s->b, keys, n, present, err, errlen))) add(&s->ctr.errors, 1);
@@ -871,7 +903,7 @@ int cake_store_exists(cake_store *s, const cake_chunk_key *keys, size_t n, uint8
 int cake_store_del(cake_store *s, const cake_chunk_key *key, char *err, size_t errlen) {
     char e[64];
     const int in_ram = s->ram && cake_store_mem_ops.del(s->ram, key, e, sizeof(e)) == 0;
-    request_latency(s);
+    request_latency(s, NULL);
     int rc = s->ops->del(s->b, key, err, errlen);
     if (rc < 0) add(&s->ctr.errors, 1);
     return rc == 1 && in_ram ? 0 : rc;
@@ -888,7 +920,7 @@ int cake_store_prefetch(cake_store *s, const cake_chunk_key *keys, size_t n, siz
         for (size_t i = 0; i < n && !(stop && atomic_load(stop)); i++) {
             size_t len;
             if (in_ram[i] || emulated_get(s, &keys[i], NULL, buf, cake_store_buffer_size(blob_size),
-                                          &len, e, sizeof(e)) != 0)
+                                          &len, NULL, e, sizeof(e)) != 0)
                 continue;
             add(&s->ctr.prefetched, 1);
             fetched++;

@@ -144,6 +144,12 @@ int cake_store_get(cake_store *s, const cake_chunk_key *key, void *buf, size_t c
  * plain absence). -1: cap is smaller than the blob expect describes. */
 int cake_store_get_verified(cake_store *s, const cake_chunk_header *expect, void *buf, size_t cap,
                             size_t *len, char *err, size_t errlen);
+/* The same, for a caller that may stop wanting the chunk: once *give_up is
+ * set, the emulated link's waits (lat=, bw=) end at once and the get is a
+ * miss (a real backend's transfer runs to its end first). */
+int cake_store_get_verified_until(cake_store *s, const cake_chunk_header *expect, void *buf,
+                                  size_t cap, size_t *len, const atomic_int *give_up, char *err,
+                                  size_t errlen);
 
 /* n cake_store_get_verified in one round trip where the backend allows it
  * (pipelined GETs on Redis; one after the other elsewhere): chunk i goes to
