@@ -606,7 +606,7 @@ static int bench_ttft(int argc, char **argv) {
             break;
         case 'C':
             if (cli_parse_int(optarg, 1, 1 << 16, &chunk))
-                return cli_error(CLI_USAGE, "bench", "--chunk wants a token count");
+                return cli_error(CLI_USAGE, "bench", "--chunk wants a token count in 1..65536");
             break;
         case 'r':
             if (cli_parse_int(optarg, 1, 64, &repeat))

@@ -254,8 +254,8 @@ static int parse_args(int argc, char **argv, run_opts *o) {
             break;
         case 'c':
             if (cli_parse_int(optarg, 1, 1 << 20, &o->chunk))
-                return cli_error(CLI_USAGE, "run", "--chunk wants a token count >= 1, got '%s'",
-                                 optarg);
+                return cli_error(CLI_USAGE, "run",
+                                 "--chunk wants a token count in 1..1048576, got '%s'", optarg);
             break;
         case 'k':
             if (cli_parse_kv_type(optarg, &o->kv_type))
@@ -567,7 +567,8 @@ int cmd_run(int argc, char **argv) {
                "\"bytes_loaded\":%llu,\"load_gbit_s\":%.3f,\"lookup_ms\":%.3f,"
                "\"compute_ms\":%.3f,\"compute_wait_ms\":%.3f,\"load_ms\":%.3f,"
                "\"writeback_queued\":%d,\"writeback_dropped\":%d,\"writeback_written\":%llu,"
-               "\"writeback_failed\":%llu,\"knew_speed\":%s,\"knew_rate\":%s,"
+               "\"writeback_already_stored\":%llu,\"writeback_failed\":%llu,\"knew_speed\":%s,"
+               "\"knew_rate\":%s,"
                "\"kv_type\":\"%s\",\"threads\":%d,\"seed\":%llu,",
                st.ttft_ms, prefill_tps, decode_tps, cake_mode_name(ps->mode), o.chunk, ps->io_depth,
                ps->chunks_total, ps->chunks_computed, ps->chunks_loaded, ps->chunks_missing,
@@ -575,9 +576,9 @@ int cmd_run(int argc, char **argv) {
                (unsigned long long)ps->bytes_loaded, ps->load_gbit_s, ps->lookup_ms, ps->compute_ms,
                ps->compute_wait_ms, ps->load_ms, ps->writeback_queued,
                ps->writeback_dropped + wb_dropped, (unsigned long long)wbc.written,
-               (unsigned long long)wbc.failed, ps->knew_speed ? "true" : "false",
-               ps->knew_rate ? "true" : "false", cli_kv_type_name(o.kv_type),
-               cake_context_n_threads(ctx), o.seed);
+               (unsigned long long)wbc.already_present, (unsigned long long)wbc.failed,
+               ps->knew_speed ? "true" : "false", ps->knew_rate ? "true" : "false",
+               cli_kv_type_name(o.kv_type), cake_context_n_threads(ctx), o.seed);
         json_error(stdout, "store_error", ps->store_error);
         putchar(',');
         json_error(stdout, "writeback_error", wbc.first_error);
@@ -594,12 +595,14 @@ int cmd_run(int argc, char **argv) {
         fprintf(stderr,
                 "cake run: mode %s, %d chunks of %ld: %d computed, %d loaded (%.1f MB at %.2f "
                 "Gbit/s), %d missing, %d corrupt; meet at chunk %d; compute %.1f ms, waited "
-                "%.1f ms; write-back %llu written, %llu failed, %d dropped\n",
+                "%.1f ms; write-back %llu written, %llu already stored, %llu failed, %d "
+                "dropped\n",
                 cake_mode_name(ps->mode), ps->chunks_total, o.chunk, ps->chunks_computed,
                 ps->chunks_loaded, (double)ps->bytes_loaded / 1e6, ps->load_gbit_s,
                 ps->chunks_missing, ps->chunks_corrupt, ps->meet_chunk, ps->compute_ms,
                 ps->compute_wait_ms, (unsigned long long)wbc.written,
-                (unsigned long long)wbc.failed, ps->writeback_dropped + wb_dropped);
+                (unsigned long long)wbc.already_present, (unsigned long long)wbc.failed,
+                ps->writeback_dropped + wb_dropped);
     /* The output never depends on the store; still, say why it did not help. */
     if (ps->store_error[0])
         fprintf(stderr, "cake run: store %s: %s (computed instead)\n", cake_store_uri(store),

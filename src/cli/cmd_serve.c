@@ -123,7 +123,8 @@ static int parse_args(int argc, char **argv, serve_opts *o) {
             if (cli_parse_int(optarg, 0, 65535, &o->port)) what = "--port wants 0..65535";
             break;
         case 'c':
-            if (cli_parse_int(optarg, 1, 1 << 20, &o->chunk)) what = "--chunk wants a count >= 1";
+            if (cli_parse_int(optarg, 1, 1 << 20, &o->chunk))
+                what = "--chunk wants a count in 1..1048576";
             break;
         case 'I':
             if (cli_parse_int(optarg, 1, 64, &o->io_depth)) what = "--io-depth wants 1..64";
@@ -132,7 +133,8 @@ static int parse_args(int argc, char **argv, serve_opts *o) {
             if (cli_parse_int(optarg, 1, 256, &o->slots)) what = "--slots wants 1..256";
             break;
         case 'q':
-            if (cli_parse_int(optarg, 0, 1 << 20, &o->queue)) what = "--queue wants a count >= 0";
+            if (cli_parse_int(optarg, 0, 1 << 20, &o->queue))
+                what = "--queue wants a count in 0..1048576";
             break;
         case 'x':
             if (cli_parse_int(optarg, 1, 1 << 24, &o->ctx)) what = "--ctx wants a count >= 1";

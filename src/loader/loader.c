@@ -926,7 +926,8 @@ int cake_prefill(const cake_loader_engine *e, const cake_token *prompt, int n_pr
     for (int i = 0; i < j->n_loadable; i++) {
         j->state[i] = i < j->n_cached ? LOADED : present[i] ? PRESENT : ABSENT;
         n_present += j->state[i] == PRESENT;
-        st->chunks_missing += j->state[i] == ABSENT;
+        /* (compute-only looks nothing up: nothing is known missing) */
+        st->chunks_missing += j->state[i] == ABSENT && st->mode != CAKE_MODE_COMPUTE;
     }
     st->chunks_found = n_present;
     /* Chunks the store lacks: promised here when computed here, or awaited
