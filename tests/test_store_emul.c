@@ -197,6 +197,8 @@ static void test_parse_uri(void **state) {
         {"s3://bucket", "unknown kind"},
         {"mem:x", "unknown kind"},
         {"file:/x?color=blue", "unknown parameter 'color'"},
+        {"file://tmp/x", "names a host"},
+        {"mem:?bw=1Gbit&bw=2Gbit", "bw= is given twice"},
         {"file:/x?bw", "NAME=VALUE"},
         {"file:/x?bw=fast", "bw=fast"},
         {"file:/x?lat=-1", "lat=-1"},

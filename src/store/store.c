@@ -506,7 +506,14 @@ int cake_store_parse_uri(const char *uri, cake_store_params *p, char *err, size_
     if (!strncmp(base, "file:", 5)) {
         strcpy(p->kind, "file");
         const char *path = base + 5;
-        if (!strncmp(path, "//", 2)) path += 2; /* file:///abs/path */
+        if (!strncmp(path, "//", 2)) { /* file:///abs/path */
+            path += 2;
+            if (*path && *path != '/')
+                return cake_err(err, errlen,
+                                "store %s: file://%s names a host; give file:PATH or "
+                                "file:///ABSOLUTE/PATH",
+                                shown, path);
+        }
         if (!*path && !(path = default_dir(p->path, sizeof(p->path))))
             return cake_err(err, errlen,
                             "store %s: no default directory (neither XDG_CACHE_HOME "
@@ -533,13 +540,19 @@ int cake_store_parse_uri(const char *uri, cake_store_params *p, char *err, size_
             return cake_err(err, errlen, "store %s: parameters too long", shown);
         strcpy(params, q + 1);
         char *save = NULL;
+        const char *seen[32]; /* (a parameter given twice is a mistake, not the last wins) */
+        int n_seen = 0;
         for (char *kv = strtok_r(params, "&", &save); kv; kv = strtok_r(NULL, "&", &save)) {
             char *eq = strchr(kv, '=');
             if (!eq || eq == kv)
                 return cake_err(err, errlen, "store %s: parameter '%s' is not NAME=VALUE", shown,
                                 kv);
             *eq = '\0';
+            for (int i = 0; i < n_seen; i++)
+                if (!strcmp(seen[i], kv))
+                    return cake_err(err, errlen, "store %s: %s= is given twice", shown, kv);
             if (parse_param(p, kv, eq + 1, shown, err, errlen)) return -1;
+            if (n_seen < 32) seen[n_seen++] = kv;
         }
     }
     return 0;
