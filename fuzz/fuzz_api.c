@@ -303,7 +303,10 @@ static void fuzz_text(const uint8_t *data, size_t size) {
      * string starts: no stop ever started inside what was final) */
     job_settle(j, NULL);
     job_finish(j);
-    CHECK(j->ready == j->len && j->done);
+    /* (with tools, a call's text and the white space before it stay back:
+     * a finished answer's content ends at api_content_end) */
+    CHECK(j->ready >= ready && j->ready <= j->len && j->done);
+    CHECK(j->call_format || j->ready == j->len);
     /* The stream's parts add up to the whole answer: no cut split a
      * character that the whole text has. */
     const char *text = j->text ? j->text : ""; /* NULL: no piece came */

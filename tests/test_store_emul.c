@@ -199,6 +199,7 @@ static void test_parse_uri(void **state) {
         {"file:/x?color=blue", "unknown parameter 'color'"},
         {"file://tmp/x", "names a host"},
         {"mem:?bw=1Gbit&bw=2Gbit", "bw= is given twice"},
+        {"mem:?bw=0.0000001bit", "at least 1Kbit"},
         {"file:/x?bw", "NAME=VALUE"},
         {"file:/x?bw=fast", "bw=fast"},
         {"file:/x?lat=-1", "lat=-1"},

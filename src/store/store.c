@@ -428,10 +428,10 @@ static int parse_param(cake_store_params *p, const char *name, const char *val, 
     int is_file = !strcmp(p->kind, "file"), is_redis = !strcmp(p->kind, "redis");
     char *end;
     if (!strcmp(name, "bw")) {
-        if (cake_parse_rate(val, &p->bw))
+        if (cake_parse_rate(val, &p->bw) || p->bw < 125) /* (a slower link never ends) */
             return cake_err(err, errlen,
                             "store %s: bad bw=%s (a rate such as 25Gbit, 500Mbit, "
-                            "1.6GB)",
+                            "1.6GB; at least 1Kbit)",
                             uri, val);
     } else if (!strcmp(name, "lat")) {
         errno = 0;

@@ -102,10 +102,16 @@ static void mark_down(redis_server *r, const char *why) {
     r->n_idle = 0;
 }
 
+/* c's transport error in words: hiredis words a timeout as EAGAIN's text. */
+static const char *io_error(const redisContext *c) {
+    if (!c->errstr[0]) return "connection lost";
+    return c->err == REDIS_ERR_IO && !strcmp(c->errstr, strerror(EAGAIN)) ? "timed out" : c->errstr;
+}
+
 /* Whether a reply to `what` failed; why says how. Frees the reply. */
 static int reply_failed(redisContext *c, redisReply *rep, const char *what, char *why, size_t n) {
     if (!rep) {
-        snprintf(why, n, "%s: %s", what, c->errstr);
+        snprintf(why, n, "%s: %s", what, io_error(c));
         return 1;
     }
     const int failed = rep->type == REDIS_REPLY_ERROR;
@@ -217,8 +223,7 @@ static void conn_give(redis_server *r, redisContext *c) {
 /* After a transport error on c: drop it; say so. */
 static void conn_broken(redis_server *r, redisContext *c, const char *what, char *err,
                         size_t errlen) {
-    cake_err(err, errlen, "redis %s: %s: %s", r->name, what,
-             c->errstr[0] ? c->errstr : "connection lost");
+    cake_err(err, errlen, "redis %s: %s: %s", r->name, what, io_error(c));
     redisFree(c);
 }
 
