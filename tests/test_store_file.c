@@ -378,6 +378,20 @@ static void test_fault_file_size_limit(void **state) {
 
 /* A full filesystem: a 1 MiB tmpfs in a private mount namespace (needs root
  * or CAP_SYS_ADMIN; skipped otherwise). Runs in a child process. */
+/* Waits for a child that checks in a private mount namespace: it exits 0
+ * when the check holds, 77 when it cannot mount here (then the test is
+ * skipped, saying why), else the number of the failed step. */
+static void expect_child_ok(pid_t pid, const char *why_skipped) {
+    int st;
+    waitpid(pid, &st, 0);
+    assert_true(WIFEXITED(st));
+    if (WEXITSTATUS(st) == 77) {
+        print_message("skip: %s\n", why_skipped);
+        skip();
+    }
+    assert_int_equal(WEXITSTATUS(st), 0);
+}
+
 static void test_fault_no_space(void **state) {
     fx *f = *state;
     pid_t pid = fork();
@@ -445,14 +459,7 @@ static void test_fault_no_space(void **state) {
         cake_store_close(s);
         _exit(0);
     }
-    int st;
-    waitpid(pid, &st, 0);
-    assert_true(WIFEXITED(st));
-    if (WEXITSTATUS(st) == 77) {
-        print_message("skip: cannot mount a small tmpfs here (not root?)\n");
-        skip();
-    }
-    assert_int_equal(WEXITSTATUS(st), 0);
+    expect_child_ok(pid, "cannot mount a small tmpfs here (not root?)");
 }
 
 /* Two processes write the same key (different, valid blobs) as fast as they
@@ -691,14 +698,7 @@ static void test_gc_cannot_remove(void **state) {
         cake_store_close(s);
         _exit(0);
     }
-    int st;
-    waitpid(pid, &st, 0);
-    assert_true(WIFEXITED(st));
-    if (WEXITSTATUS(st) == 77) {
-        print_message("skip: cannot mount read-only here (not root?)\n");
-        skip();
-    }
-    assert_int_equal(WEXITSTATUS(st), 0);
+    expect_child_ok(pid, "cannot mount read-only here (not root?)");
     for (int i = 0; i < 3; i++) expect_hit(f, i); /* (nothing was removed) */
 }
 
