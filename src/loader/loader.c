@@ -485,7 +485,9 @@ static void *io_worker_main(void *arg) {
         pthread_mutex_lock(&j->mu);
         if (!near) link_end(j, w, t1, rc == 0 ? len : 0);
         trace_add(j, w->tid, i, rc == 0 ? "load" : "load failed", t0, t1);
-        if (j->state[i] != FETCHING) { /* the compute side took it over meanwhile */
+        /* the compute side took it over meanwhile (or the request ended:
+         * gave up) */
+        if (j->state[i] != FETCHING || atomic_load(&j->give_up)) {
             j->st->chunks_discarded++;
             pthread_cond_broadcast(&j->cv);
             continue;
