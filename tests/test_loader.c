@@ -270,6 +270,61 @@ static void test_one_token_prompt(void **state) {
     unlink(path);
 }
 
+/* A store whose lookups take longer than a chunk's compute (lat=): Cake
+ * computes chunks from the front while the lookup runs, instead of waiting
+ * for it, and the logits stay those of compute-only; chunks computed so
+ * that the store lacks are written back (all of them here: the tiny
+ * model computes the whole prompt within one lookup, which is then not
+ * waited for). A store that answers at once: nothing is computed during
+ * the lookup. */
+static void test_compute_during_lookup(void **state) {
+    (void)state;
+    char path[64];
+    assert_int_equal(test_make_model("tiny", "f16", path), 0);
+    fixture f;
+    assert_int_equal(fixture_init(&f, path, 256), 0);
+    enum { N = 200, C = 32, LOADABLE = 6 };
+    float *base = malloc((size_t)f.n_vocab * sizeof(float));
+    float *got = malloc((size_t)f.n_vocab * sizeof(float));
+    cake_token p[N], q[N], t0, t;
+    random_prompt(p, N, f.n_vocab, 77);
+    random_prompt(q, N, f.n_vocab, 78);
+    char err[256];
+    for (int slow = 1; slow >= 0; slow--) {
+        cake_store *s = open_store(slow ? "mem:?lat=100" : "mem:");
+        cake_writeback *wb = cake_writeback_create(s, 16, err, sizeof(err));
+        assert_non_null(wb);
+        /* compute-only fills the store (the engine's speed is known from
+         * then on), a Cake run learns the store's lookup time */
+        run(&f, p, N, C, s, wb, CAKE_MODE_COMPUTE, base, &t0);
+        cake_prefill_stats st = run(&f, p, N, C, s, wb, CAKE_MODE_CAKE, got, &t);
+        assert_same(base, got, f.n_vocab, "cake, first run");
+        assert_true(slow ? cake_store_lookup_ns(s) >= 100000000u : cake_store_lookup_ns(s) > 0);
+        st = run(&f, p, N, C, s, wb, CAKE_MODE_CAKE, got, &t);
+        assert_same(base, got, f.n_vocab, "cake, chunks computed during the lookup");
+        assert_int_equal(t, t0);
+        if (slow ? st.chunks_during_lookup < 1 : st.chunks_during_lookup != 0)
+            fail_msg("%s store: %d chunks computed during the lookup", slow ? "slow" : "fast",
+                     st.chunks_during_lookup);
+        assert_int_equal(st.chunks_computed + st.chunks_loaded, LOADABLE + 1);
+        /* a prompt the store lacks: what is computed during the lookup goes
+         * to the store as any computed chunk */
+        run(&f, q, N, C, s, NULL, CAKE_MODE_COMPUTE, base, &t0);
+        st = run(&f, q, N, C, s, wb, CAKE_MODE_CAKE, got, &t);
+        assert_same(base, got, f.n_vocab, "cake, a new prompt");
+        assert_true(slow ? st.chunks_during_lookup >= 1 : st.chunks_during_lookup == 0);
+        st = run(&f, q, N, C, s, NULL, CAKE_MODE_LOAD, got, &t);
+        assert_int_equal(st.chunks_loaded, LOADABLE);
+        assert_same(base, got, f.n_vocab, "load, what the cake run wrote");
+        cake_writeback_free(wb);
+        cake_store_close(s);
+    }
+    free(base);
+    free(got);
+    fixture_free(&f);
+    unlink(path);
+}
+
 static void test_cached_prefix(void **state) {
     (void)state;
     char path[64];
@@ -637,13 +692,16 @@ static void test_busy_engine(void **state) {
     assert_true(b.turns >= 1 && b.timeout_ns > 0);
     assert_true(st.turn_wait_ms > 0);
 
-    /* always room: chunks computed before the meet are the Cake class */
+    /* always room: chunks computed before the meet are the Cake class, but
+     * those computed while the lookup ran (lat=20 is longer than a chunk's
+     * compute), which were a plain prefill then */
     b = (busy_engine){.grant = 1};
     st = run_busy(&f, p, N, s, &b, got);
     assert_same(base, got, f.n_vocab, "always a turn");
     assert_int_equal(b.tokens[CAKE_PASS_CAKE] + b.tokens[CAKE_PASS_PREFILL] + C * st.chunks_loaded,
                      N);
-    assert_int_equal(b.tokens[CAKE_PASS_CAKE], C * (st.chunks_computed - 1));
+    assert_int_equal(b.tokens[CAKE_PASS_CAKE],
+                     C * (st.chunks_computed - 1 - st.chunks_during_lookup));
     assert_true(b.turns >= st.chunks_computed - 1);
 
     cake_store_close(s);
@@ -1137,6 +1195,7 @@ int main(void) {
         cmocka_unit_test(test_stories_modes),
         cmocka_unit_test(test_mha160m_modes),
         cmocka_unit_test(test_one_token_prompt),
+        cmocka_unit_test(test_compute_during_lookup),
         cmocka_unit_test(test_quantized_modes),
         cmocka_unit_test(test_redis_faults),
         cmocka_unit_test(test_stress),

@@ -565,6 +565,7 @@ int cmd_run(int argc, char **argv) {
                "\"chunks_computed\":%d,\"chunks_loaded\":%d,\"chunks_missing\":%d,"
                "\"chunks_corrupt\":%d,\"chunks_discarded\":%d,\"meet_chunk\":%d,"
                "\"bytes_loaded\":%llu,\"load_gbit_s\":%.3f,\"lookup_ms\":%.3f,"
+               "\"chunks_during_lookup\":%d,"
                "\"compute_ms\":%.3f,\"compute_wait_ms\":%.3f,\"load_ms\":%.3f,"
                "\"writeback_queued\":%d,\"writeback_dropped\":%d,\"writeback_written\":%llu,"
                "\"writeback_already_stored\":%llu,\"writeback_failed\":%llu,\"knew_speed\":%s,"
@@ -573,12 +574,13 @@ int cmd_run(int argc, char **argv) {
                st.ttft_ms, prefill_tps, decode_tps, cake_mode_name(ps->mode), o.chunk, ps->io_depth,
                ps->chunks_total, ps->chunks_computed, ps->chunks_loaded, ps->chunks_missing,
                ps->chunks_corrupt, ps->chunks_discarded, ps->meet_chunk,
-               (unsigned long long)ps->bytes_loaded, ps->load_gbit_s, ps->lookup_ms, ps->compute_ms,
-               ps->compute_wait_ms, ps->load_ms, ps->writeback_queued,
-               ps->writeback_dropped + wb_dropped, (unsigned long long)wbc.written,
-               (unsigned long long)wbc.already_present, (unsigned long long)wbc.failed,
-               ps->knew_speed ? "true" : "false", ps->knew_rate ? "true" : "false",
-               cli_kv_type_name(o.kv_type), cake_context_n_threads(ctx), o.seed);
+               (unsigned long long)ps->bytes_loaded, ps->load_gbit_s, ps->lookup_ms,
+               ps->chunks_during_lookup, ps->compute_ms, ps->compute_wait_ms, ps->load_ms,
+               ps->writeback_queued, ps->writeback_dropped + wb_dropped,
+               (unsigned long long)wbc.written, (unsigned long long)wbc.already_present,
+               (unsigned long long)wbc.failed, ps->knew_speed ? "true" : "false",
+               ps->knew_rate ? "true" : "false", cli_kv_type_name(o.kv_type),
+               cake_context_n_threads(ctx), o.seed);
         json_error(stdout, "store_error", ps->store_error);
         putchar(',');
         json_error(stdout, "writeback_error", wbc.first_error);

@@ -23,6 +23,14 @@
  * chunk's bits (those of the store) are saved before it and put back after
  * it, and the last chunk's write-back waits until they are back.
  *
+ * The lookup. Which chunks the store holds is asked first, once. A store
+ * whose lookups take longer than a chunk's compute (a remote Redis, lat=)
+ * is asked on a thread of its own (lookup_call) while the compute side
+ * computes chunks from the front, until it answers; the plan then starts
+ * from there. When every loadable chunk is computed first, the answer is
+ * not waited for: the thread is joined at the finish, and the chunks go to
+ * the write-back unknown (the writer checks the store).
+ *
  * Threads and ownership. The calling thread is the compute side. A request
  * starts io_depth I/O workers (threads) that live for the prefill; each owns
  * one staging buffer (aligned for O_DIRECT) into which it fetches a blob,
@@ -184,8 +192,10 @@ typedef struct prefill_job {
     const cake_prefill_params *p;
     const cake_token *prompt;
     int n_loadable;
-    int n_cached;           /* chunks [0, n_cached) were in the KV cache already (LOADED) */
-    int compute_from;       /* the first position the compute side computes (see the top) */
+    int n_cached; /* chunks [0, n_cached) were in the KV cache already (LOADED) */
+    int n_early;  /* chunks [n_cached, n_cached + n_early) computed while the lookup ran */
+    struct lookup_call *lookup; /* the lookup on a thread of its own (see the top); NULL: none */
+    int compute_from;           /* the first position the compute side computes (see the top) */
     float *last_logits;     /* where the last loadable chunk's compute puts its logits when it ends
                                the prompt (batch-invariant engines); NULL otherwise */
     int last_token_alone;   /* the prompt ends on a chunk boundary and the engine is not
@@ -627,6 +637,111 @@ static void await_promise(prefill_job *j, int i, uint64_t est_compute) {
     trace_add(j, 0, i, "wait for another request", t0, t1);
 }
 
+/* A store lookup: on a thread of its own while the compute side computes
+ * (a slow store's), or inline. It owns its arrays: the request may end
+ * before it does. */
+typedef struct lookup_call {
+    cake_store *store;
+    cake_chunk_key *keys;
+    size_t n;
+    uint8_t *present, *near;
+    int failed;
+    char why[256];
+    atomic_int done;
+    pthread_t thread;
+    int joined;
+} lookup_call;
+
+static void *lookup_run(void *arg) {
+    lookup_call *l = arg;
+    l->failed = cake_store_exists(l->store, l->keys, l->n, l->present, l->why, sizeof(l->why));
+    cake_store_in_ram(l->store, l->keys, l->n, l->near);
+    atomic_store(&l->done, 1);
+    return NULL;
+}
+
+static void lookup_free(lookup_call *l) {
+    if (!l) return;
+    if (!l->joined) pthread_join(l->thread, NULL);
+    free(l->keys);
+    free(l->present);
+    free(l->near);
+    free(l);
+}
+
+/* Whether the compute side computes while the lookup runs: where the
+ * store's lookups take at least the first uncached chunk's compute time
+ * (the engine's speed known), it would otherwise only wait for the plan.
+ * A chunk computed meanwhile is not lost time, even where loading every
+ * chunk would win: that takes the lookup and more. */
+static int compute_during_lookup(const prefill_job *j) {
+    return j->p->mode == CAKE_MODE_CAKE && j->n_cached < j->n_loadable && j->ns_per_flop > 0 &&
+           (double)cake_store_lookup_ns(j->p->store) >= est_compute_ns(j, j->n_cached);
+}
+
+/* Computes chunk i (its state COMPUTING) and counts it. Under the mutex,
+ * which it leaves while it computes. 0, or -1 on an engine failure. */
+static int compute_chunk(prefill_job *j, int i, char *err, size_t errlen) {
+    const int C = j->p->chunk;
+    const uint64_t t0 = cake_now_ns();
+    j->front_t0 = t0;
+    pthread_mutex_unlock(&j->mu);
+
+    float *logits = i == j->n_loadable - 1 ? j->last_logits : NULL;
+    const int from = chunk_start(j, i), n = (i + 1) * C - from;
+    const int rc = j->e->compute(j->e->self, j->prompt + from, n, from, logits, err, errlen);
+    const uint64_t t1 = cake_now_ns();
+    const double ns_per_flop = (double)(t1 - t0) / cake_chunk_flops(j->e->hp, from, n);
+    speed_add(j->speed, ns_per_flop); /* also for the next request's first meet */
+
+    pthread_mutex_lock(&j->mu);
+    trace_add(j, 0, i, j->lookup && !j->lookup->joined ? "compute during the lookup" : "compute",
+              t0, t1);
+    j->st->compute_ms += (double)(t1 - t0) / 1e6;
+    if (rc) return rc;
+    j->state[i] = COMPUTED;
+    j->front = i + 1;
+    j->front_t0 = t1;
+    j->ns_per_flop = speed_typical(j->speed);
+    pthread_cond_broadcast(&j->cv); /* workers holding back re-decide */
+    j->st->chunks_computed++;
+    j->st->tokens_computed += n;
+    return 0;
+}
+
+/* The compute side while the lookup runs: chunks from the front until the
+ * lookup is done or none is left; on a shared engine, each when it gets a
+ * turn (asked for until the lookup is done: then the plan decides, and the
+ * loads may go first). Under the mutex. */
+static int compute_while_looking_up(prefill_job *j, char *err, size_t errlen) {
+    for (int i = j->n_cached; i < j->n_loadable && !atomic_load(&j->lookup->done); i++) {
+        if (j->e->wait_turn) {
+            pthread_mutex_unlock(&j->mu);
+            const int n = (i + 1) * j->p->chunk - chunk_start(j, i);
+            int granted = 0;
+            while (!granted && !atomic_load(&j->lookup->done))
+                granted = j->e->wait_turn(j->e->self, n, TURN_POLL_NS);
+            pthread_mutex_lock(&j->mu);
+            if (!granted) break;
+        }
+        j->state[i] = COMPUTING;
+        if (compute_chunk(j, i, err, errlen)) return -1;
+        j->n_early++;
+        j->st->chunks_during_lookup++;
+    }
+    return 0;
+}
+
+/* A computed chunk goes back to the store when the store lacks it (known:
+ * the lookup said so; else the writer checks first). The last one waits
+ * while the last token's pass rewrites its KV (last_token_alone). */
+static void write_back_computed(prefill_job *j, int i, int known_absent) {
+    if (j->last_token_alone && i == j->n_loadable - 1)
+        j->deferred_writeback = known_absent + 1;
+    else
+        queue_writeback(j, i, known_absent);
+}
+
 /* The compute side over the loadable chunks. Returns 0, or -1 on an engine failure. */
 static int compute_side(prefill_job *j, char *err, size_t errlen) {
     const int C = j->p->chunk;
@@ -646,7 +761,8 @@ static int compute_side(prefill_job *j, char *err, size_t errlen) {
         if (t1 > t0) trace_add(j, 0, -1, "wait for loads", t0, t1);
     }
     for (int i = j->n_cached; i < j->n_loadable; i++) {
-        uint64_t waited = 0, turn = 0; /* in all, and of it for a turn */
+        if (i < j->n_cached + j->n_early) continue; /* (computed while the lookup ran) */
+        uint64_t waited = 0, turn = 0;              /* in all, and of it for a turn */
         /* Compute time of chunk i, at the engine's recent speed. */
         const uint64_t est_compute = (uint64_t)est_compute_ns(j, i);
         j->front = i;
@@ -703,40 +819,13 @@ static int compute_side(prefill_job *j, char *err, size_t errlen) {
         }
         const int was_absent = j->state[i] == ABSENT;
         j->state[i] = COMPUTING; /* from ABSENT, PRESENT or a taken-over FETCHING */
-        const uint64_t t0 = cake_now_ns();
-        j->front_t0 = t0;
-        pthread_mutex_unlock(&j->mu);
-
-        float *logits = i == j->n_loadable - 1 ? j->last_logits : NULL;
-        const int from = chunk_start(j, i), n = (i + 1) * C - from;
-        rc = j->e->compute(j->e->self, j->prompt + from, n, from, logits, err, errlen);
-        const uint64_t t1 = cake_now_ns();
-        const double ns_per_flop = (double)(t1 - t0) / cake_chunk_flops(j->e->hp, from, n);
-        speed_add(j->speed, ns_per_flop); /* also for the next request's first meet */
-
-        pthread_mutex_lock(&j->mu);
-        trace_add(j, 0, i, "compute", t0, t1);
-        j->st->compute_ms += (double)(t1 - t0) / 1e6;
-        if (rc) break;
-        j->state[i] = COMPUTED;
-        j->front = i + 1;
-        j->front_t0 = t1;
-        j->ns_per_flop = speed_typical(j->speed);
-        pthread_cond_broadcast(&j->cv); /* workers holding back re-decide */
-        j->st->chunks_computed++;
-        j->st->tokens_computed += n;
+        if ((rc = compute_chunk(j, i, err, errlen))) break;
         settle_promises(j, i + 1); /* the workers fetch what other requests finished */
         /* Chunks the lookup did not find, or that failed to load, go back to
-         * the store (compute mode did not look). The last one waits while the
-         * last token's pass rewrites its KV (last_token_alone). */
-        if (was_absent || j->p->mode == CAKE_MODE_COMPUTE) {
-            /* (a chunk whose promiser was late may be in the store by now) */
-            const int known_absent = j->p->mode != CAKE_MODE_COMPUTE && j->promise[i] != AWAITED;
-            if (j->last_token_alone && i == j->n_loadable - 1)
-                j->deferred_writeback = known_absent + 1;
-            else
-                queue_writeback(j, i, known_absent);
-        }
+         * the store (compute mode did not look); a chunk whose promiser was
+         * late may be in the store by now. */
+        if (was_absent || j->p->mode == CAKE_MODE_COMPUTE)
+            write_back_computed(j, i, j->p->mode != CAKE_MODE_COMPUTE && j->promise[i] != AWAITED);
     }
     j->stop = 1; /* nothing below the front is claimable; stop the workers early */
     pthread_cond_broadcast(&j->cv); /* workers holding back wake up and leave */
@@ -792,6 +881,7 @@ static void job_finish(prefill_job *j) {
      * need not run out their time (a real one runs to its end) */
     atomic_store(&j->give_up, 1);
     for (int w = 0; w < j->n_started; w++) pthread_join(j->threads[w], NULL);
+    lookup_free(j->lookup); /* (a lookup that every chunk's compute overtook ends here) */
     for (int w = 0; w < j->n_started; w++) release_buffer(j, j->workers[w].buf);
     cake_prefill_stats *st = j->st;
     if (j->rate_time > 0) cake_store_set_rate_hint(j->p->store, link_rate(j));
@@ -916,27 +1006,66 @@ int cake_prefill(const cake_loader_engine *e, const cake_token *prompt, int n_pr
             j->expect[i] = cake_chunk_header_for(e->fingerprint, &keys[i], (uint32_t)i, (uint32_t)C,
                                                  e->hp, e->kv_type);
         if (st->mode != CAKE_MODE_COMPUTE && n_full > j->n_cached) {
-            char why[256];
-            if (cake_store_exists(p->store, keys + j->n_cached, (size_t)(n_full - j->n_cached),
-                                  present + j->n_cached, why, sizeof(why)))
-                snprintf(st->store_error, sizeof(st->store_error), "lookup: %.150s", why);
-            cake_store_in_ram(p->store, keys + j->n_cached, (size_t)(n_full - j->n_cached),
-                              j->near + j->n_cached);
+            const size_t n_look = (size_t)(n_full - j->n_cached);
+            lookup_call *l = calloc(1, sizeof(*l));
+            if (!l || !(l->keys = malloc(n_look * sizeof(*keys))) ||
+                !(l->present = calloc(n_look, 1)) || !(l->near = calloc(n_look, 1))) {
+                if (l) l->joined = 1;
+                lookup_free(l);
+                cake_err(err, errlen, "prefill: out of memory");
+                goto done;
+            }
+            l->store = p->store;
+            memcpy(l->keys, keys + j->n_cached, n_look * sizeof(*keys));
+            l->n = n_look;
+            if (compute_during_lookup(j) && !pthread_create(&l->thread, NULL, lookup_run, l)) {
+                j->lookup = l; /* (joined below, or at the finish) */
+                pthread_mutex_lock(&j->mu);
+                const int crc = compute_while_looking_up(j, err, errlen);
+                pthread_mutex_unlock(&j->mu);
+                if (crc) goto done;
+                /* Every chunk computed before the lookup answered: it is
+                 * not waited for (the write-backs check the store). */
+                if (j->n_cached + j->n_early < j->n_loadable) {
+                    pthread_join(l->thread, NULL);
+                    l->joined = 1;
+                }
+            } else {
+                l->joined = 1; /* (no thread) */
+                lookup_run(l);
+                j->lookup = l;
+            }
+            if (l->joined) {
+                memcpy(present + j->n_cached, l->present, n_look);
+                memcpy(j->near + j->n_cached, l->near, n_look);
+                if (l->failed)
+                    snprintf(st->store_error, sizeof(st->store_error), "lookup: %.150s", l->why);
+            }
         }
     }
+    /* (whether the lookup's answer is in: not when every chunk was computed
+     * while it ran) */
+    const int looked_up = st->mode != CAKE_MODE_COMPUTE && (!j->lookup || j->lookup->joined);
     int n_present = 0;
     for (int i = 0; i < j->n_loadable; i++) {
-        j->state[i] = i < j->n_cached ? LOADED : present[i] ? PRESENT : ABSENT;
+        j->state[i] = i < j->n_cached                ? LOADED
+                      : i < j->n_cached + j->n_early ? COMPUTED
+                      : present[i]                   ? PRESENT
+                                                     : ABSENT;
         n_present += j->state[i] == PRESENT;
         /* (compute-only looks nothing up: nothing is known missing) */
-        st->chunks_missing += j->state[i] == ABSENT && st->mode != CAKE_MODE_COMPUTE;
+        st->chunks_missing += i >= j->n_cached && !present[i] && looked_up;
     }
+    /* The chunks computed while the lookup ran go to the store where it
+     * lacks them, as any computed chunk (present[] is reused below). */
+    for (int i = j->n_cached; i < j->n_cached + j->n_early; i++)
+        if (!looked_up || !present[i]) write_back_computed(j, i, looked_up && !st->store_error[0]);
     st->chunks_found = n_present;
     /* Chunks the store lacks: promised here when computed here, or awaited
      * when another request running now has promised them (see the top).
      * Not when the lookup failed: a failing store would neither keep nor
      * give them. */
-    if (st->mode == CAKE_MODE_CAKE && p->inflight && !st->store_error[0]) {
+    if (st->mode == CAKE_MODE_CAKE && p->inflight && looked_up && !st->store_error[0]) {
         /* (keys and present are free now: the missing chunks' keys, then
          * what the registry says of each) */
         int n_absent = 0;

@@ -120,12 +120,13 @@ typedef struct {
     int chunks_total;    /* ceil(n_prompt / chunk) */
     int chunks_computed; /* including the partial tail (not a last token computed again) */
     int chunks_loaded;
-    int chunks_cached;    /* already in the KV cache (n_cached), neither computed nor loaded */
-    int tokens_computed;  /* prompt positions computed (n_prompt - tokens_computed were cached
-                             or loaded) */
-    int chunks_found;     /* loadable chunks the lookup found in the store (known before
-                             the first compute call) */
-    int chunks_missing;   /* loadable chunks the store did not have */
+    int chunks_cached;        /* already in the KV cache (n_cached), neither computed nor loaded */
+    int tokens_computed;      /* prompt positions computed (n_prompt - tokens_computed were cached
+                                 or loaded) */
+    int chunks_found;         /* loadable chunks the lookup found in the store (known before
+                                 the first compute call) */
+    int chunks_during_lookup; /* computed while the lookup ran (a slow store's: 0 or 1) */
+    int chunks_missing;       /* loadable chunks the store did not have */
     int chunks_corrupt;   /* present at lookup but failed to load (corrupt, vanished, store down) */
     int chunks_discarded; /* loads finished or cancelled after compute had taken the chunk */
     int chunks_awaited;   /* of the missing: another request was computing them; waited for

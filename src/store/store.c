@@ -164,7 +164,8 @@ struct cake_store {
     uint64_t lat_ns;
     emu_link rd, wr;
     cake_store_atomic_counters ctr;
-    _Atomic double rate_hint; /* bytes/ns; see cake_store_rate_hint */
+    _Atomic double rate_hint;   /* bytes/ns; see cake_store_rate_hint */
+    _Atomic uint64_t exists_ns; /* see cake_store_lookup_ns */
 };
 
 static const char *default_dir(char *buf, size_t n) {
@@ -903,10 +904,14 @@ int cake_store_exists(cake_store *s, const cake_chunk_key *keys, size_t n, uint8
         for (size_t i = 0; i < n; i++) n_ram += in_ram[i];
     int rc = 0;
     if (n_ram < n) {
+        const uint64_t t0 = cake_now_ns();
         request_latency(s, NULL);
         /* A failing backend leaves present[] as far as it could tell (a
          * sharded Redis: the servers that answered), the rest absent. */
         if ((rc = s->ops->exists(s->b, keys, n, present, err, errlen))) add(&s->ctr.errors, 1);
+        /* (a running mean of the last few: one slow answer moves it a quarter) */
+        const uint64_t took = cake_now_ns() - t0, was = atomic_load(&s->exists_ns);
+        atomic_store(&s->exists_ns, was ? (3 * was + took) / 4 : took);
     }
     for (size_t i = 0; in_ram && i < n; i++) present[i] |= in_ram[i];
     free(in_ram);
@@ -1053,6 +1058,10 @@ int cake_store_gc(cake_store *s, uint64_t target, uint64_t *n_evicted, uint64_t 
     if (n_evicted) *n_evicted = n;
     if (bytes_freed) *bytes_freed = b;
     return rc;
+}
+
+uint64_t cake_store_lookup_ns(const cake_store *s) {
+    return atomic_load(&((cake_store *)s)->exists_ns);
 }
 
 double cake_store_rate_hint(const cake_store *s) {

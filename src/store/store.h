@@ -227,6 +227,11 @@ int cake_store_gc(cake_store *s, uint64_t target, uint64_t *n_evicted, uint64_t 
 
 void cake_store_counters_get(const cake_store *s, cake_store_counters *out);
 
+/* How long the store's lookups (cake_store_exists that reached the backend)
+ * took lately, in ns; 0 = none yet. The loader computes while a lookup that
+ * takes longer than a chunk's compute runs. */
+uint64_t cake_store_lookup_ns(const cake_store *s);
+
 /* The aggregate read rate (bytes/ns) the loader measured on this store in its
  * last request, for the next request's first estimates; 0 = none yet. */
 double cake_store_rate_hint(const cake_store *s);
