@@ -173,13 +173,15 @@ run_store load
     pass "Redis down: same ids, the lookup and write-back errors said, the password never" ||
     fail "Redis down: $(fields) $(cat "$tmp/out") $(cat "$tmp/err")"
 [ "$(grep -c "^speed [0-9a-f]\{32\}/cpu/[0-9]*t/16 [1-9][0-9]* " "$CAKE_HINTS")" = 1 ] &&
-    [ "$(grep -c "^rate $st [0-9.e+-]*$" "$CAKE_HINTS")" = 1 ] && pass "hints file" ||
+    [ "$(grep -c "^rate $st [0-9.e+-]*$" "$CAKE_HINTS")" = 1 ] &&
+    [ "$(grep -c "^lookup $st [1-9][0-9]*$" "$CAKE_HINTS")" = 1 ] && pass "hints file" ||
     fail "hints file: $(cat "$CAKE_HINTS")"
 # a damaged hints file is ignored, and the next run writes a good one
-printf 'rate %s -5\nspeed %s\n\001\002 junk\nrate %s nan\n' "$st" "$st" "$st" >"$CAKE_HINTS"
+printf 'rate %s -5\nspeed %s\n\001\002 junk\nrate %s nan\nlookup %s -1\n' "$st" "$st" "$st" "$st" >"$CAKE_HINTS"
 run_store load
 [ "$(json_field generated_ids "$tmp/out")" = "$cold" ] && [ "$(json_field knew_rate "$tmp/out")" = false ] &&
-    [ "$(grep -c "^rate $st [0-9.e+-]*$" "$CAKE_HINTS")" = 1 ] && [ "$(wc -l <"$CAKE_HINTS")" = 1 ] &&
+    [ "$(grep -c "^rate $st [0-9.e+-]*$" "$CAKE_HINTS")" = 1 ] &&
+    [ "$(grep -c "^lookup $st [1-9][0-9]*$" "$CAKE_HINTS")" = 1 ] && [ "$(wc -l <"$CAKE_HINTS")" = 2 ] &&
     pass "a damaged hints file is ignored and replaced" || fail "damaged hints: $(fields) $(cat -v "$CAKE_HINTS")"
 # CAKE_HINTS set and empty: no hints file anywhere
 CAKE_HINTS= XDG_CACHE_HOME="$tmp/xdg" run_store cake

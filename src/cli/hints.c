@@ -1,5 +1,5 @@
-/* Hints kept across runs of `cake run`: the loader's compute speed and the
- * store's load rate.
+/* Hints kept across runs of `cake run`: the loader's compute speed, the
+ * store's load rate and how long its lookups take.
  *
  * A process's first request knows neither. The loader then computes the
  * first chunk whatever the store's speed, and sends one transfer alone until
@@ -11,6 +11,7 @@
  *
  *     speed <model fingerprint>/<backend>/<threads>t/<chunk> <count> <ns/FLOP> x5
  *     rate <store URI> <bytes/ns>
+ *     lookup <store URI> <ns>
  *
  * newest first, at most MAX_LINES. The file is $CAKE_HINTS, else
  * $XDG_CACHE_HOME/cake/hints, else $HOME/.cache/cake/hints; CAKE_HINTS set
@@ -70,8 +71,10 @@ static int key_ok(const char *key) {
 static int parse_line(const char *line, char kind[8], char key[1024], cake_compute_speed *speed,
                       double *rate) {
     if (!strchr(line, '\n') || sscanf(line, "%7s %1023s", kind, key) != 2) return 0;
-    if (!strcmp(kind, "rate"))
+    if (!strcmp(kind, "rate")) /* (and the lookup's ns, in *rate too) */
         return sscanf(line, "%*s %*s %lf", rate) == 1 && *rate > 0 && *rate < 1e6;
+    if (!strcmp(kind, "lookup"))
+        return sscanf(line, "%*s %*s %lf", rate) == 1 && *rate > 0 && *rate < 1e12;
     unsigned count;
     cake_compute_speed s = {0};
     if (strcmp(kind, "speed") ||
@@ -92,7 +95,7 @@ void cli_hints_load(const char *speed_key, cake_compute_speed *speed, const char
     if (hints_path(path, sizeof(path))) return;
     FILE *f = fopen(path, "r");
     if (!f) return;
-    int have_speed = 0, have_rate = 0;
+    int have_speed = 0, have_rate = 0, have_lookup = 0;
     cake_compute_speed s;
     double rate;
     while (fgets(line, sizeof(line), f)) {
@@ -104,6 +107,10 @@ void cli_hints_load(const char *speed_key, cake_compute_speed *speed, const char
                    !strcmp(key, rate_key)) {
             cake_store_set_rate_hint(store, rate);
             have_rate = 1;
+        } else if (!have_lookup && !strcmp(kind, "lookup") && store && key_ok(rate_key) &&
+                   !strcmp(key, rate_key)) {
+            cake_store_set_lookup_ns(store, (uint64_t)rate);
+            have_lookup = 1;
         }
     }
     fclose(f);
@@ -116,7 +123,9 @@ void cli_hints_save(const char *speed_key, const cake_compute_speed *speed, cons
     const int put_speed = key_ok(speed_key) && speed && speed->count > 0;
     const double rate = store ? cake_store_rate_hint(store) : 0;
     const int put_rate = key_ok(rate_key) && rate > 0;
-    if (!put_speed && !put_rate) return;
+    const uint64_t lookup = store ? cake_store_lookup_ns(store) : 0;
+    const int put_lookup = key_ok(rate_key) && lookup > 0;
+    if (!put_speed && !put_rate && !put_lookup) return;
     make_parents(path);
     snprintf(tmp, sizeof(tmp), "%s.%ld.tmp", path, (long)getpid());
     FILE *out = fopen(tmp, "w");
@@ -132,13 +141,18 @@ void cli_hints_save(const char *speed_key, const cake_compute_speed *speed, cons
         fprintf(out, "rate %s %.9g\n", rate_key, rate);
         n++;
     }
+    if (put_lookup) {
+        fprintf(out, "lookup %s %llu\n", rate_key, (unsigned long long)lookup);
+        n++;
+    }
     FILE *in = fopen(path, "r");
     cake_compute_speed s;
     double r;
     while (in && n < MAX_LINES && fgets(line, sizeof(line), in)) {
         if (!parse_line(line, kind, key, &s, &r)) continue; /* damaged: dropped */
         if ((put_speed && !strcmp(kind, "speed") && !strcmp(key, speed_key)) ||
-            (put_rate && !strcmp(kind, "rate") && !strcmp(key, rate_key)))
+            (put_rate && !strcmp(kind, "rate") && !strcmp(key, rate_key)) ||
+            (put_lookup && !strcmp(kind, "lookup") && !strcmp(key, rate_key)))
             continue; /* replaced above */
         fputs(line, out);
         n++;

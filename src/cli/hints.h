@@ -13,13 +13,15 @@
 void cli_hints_speed_key(char *out, size_t n, cake_context *engine, const char *backend,
                          long chunk);
 
-/* Fills *speed from the hint under speed_key, and sets store's rate hint from
- * the one under rate_key (the store URI), where the file has them. */
+/* Fills *speed from the hint under speed_key, and sets store's rate hint and
+ * lookup time from those under rate_key (the store URI), where the file has
+ * them. */
 void cli_hints_load(const char *speed_key, cake_compute_speed *speed, const char *rate_key,
                     cake_store *store);
 
-/* Records *speed under speed_key and store's rate hint (when it has one)
- * under rate_key, newest first. Failures are silent: hints are optional. */
+/* Records *speed under speed_key and store's rate hint and lookup time
+ * (those it has) under rate_key, newest first. Failures are silent: hints
+ * are optional. */
 void cli_hints_save(const char *speed_key, const cake_compute_speed *speed, const char *rate_key,
                     const cake_store *store);
 

@@ -1064,6 +1064,10 @@ uint64_t cake_store_lookup_ns(const cake_store *s) {
     return atomic_load(&((cake_store *)s)->exists_ns);
 }
 
+void cake_store_set_lookup_ns(cake_store *s, uint64_t ns) {
+    atomic_store(&s->exists_ns, ns);
+}
+
 double cake_store_rate_hint(const cake_store *s) {
     return atomic_load(&((cake_store *)s)->rate_hint);
 }

@@ -231,6 +231,7 @@ void cake_store_counters_get(const cake_store *s, cake_store_counters *out);
  * took lately, in ns; 0 = none yet. The loader computes while a lookup that
  * takes longer than a chunk's compute runs. */
 uint64_t cake_store_lookup_ns(const cake_store *s);
+void cake_store_set_lookup_ns(cake_store *s, uint64_t ns); /* (a hint from an earlier run) */
 
 /* The aggregate read rate (bytes/ns) the loader measured on this store in its
  * last request, for the next request's first estimates; 0 = none yet. */
