@@ -133,7 +133,8 @@ typedef struct {
                              and found in the store (then loaded, or computed by the meet rule) */
     int meet_chunk; /* first chunk index of the loaded region where compute stopped; -1: none */
     uint64_t bytes_loaded;
-    double lookup_ms;       /* key hashing + exists */
+    double lookup_ms;       /* key hashing + exists (with chunks computed meanwhile: until
+                               the plan, or the last of them when it was not waited for) */
     double compute_ms;      /* time in forward passes */
     double tail_ms;         /* of them, the pass after the loadable chunks (0: none) */
     double compute_wait_ms; /* time the compute side waited for loads */
