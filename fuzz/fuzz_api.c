@@ -3,7 +3,8 @@
  *
  * Even: the rest is a request body for api_parse, completions or chat (bit
  * 1), on a model whose context (bits 2-7) and chat format (the second byte)
- * vary. A refused body must come with a message and no job; an accepted one
+ * vary; with bit 3 of the second byte, the body is read as a chat template
+ * too, for the system message a ChatML template writes (chat_default_system). A refused body must come with a message and no job; an accepted one
  * must give a job the engine can run as it is: 1 <= prompt < context, every
  * id in the vocabulary, 1 <= max_tokens <= what the context leaves, sampling
  * in range, non-empty stop strings. Its answers (whole, each stream event,
@@ -109,12 +110,19 @@ static void check_event(char *ev) {
 static void fuzz_parse(const uint8_t *data, size_t size) {
     if (size < 2) return;
     const int chat = data[0] >> 1 & 1;
+    /* The body read as a chat template too (bit 3 of the second byte): the
+     * system message a ChatML template writes, if it holds one, is a
+     * non-empty string found in it, and the chats get it. */
+    char *tmpl = data[1] & 8 ? strndup((const char *)data + 2, size - 2) : NULL;
+    char *system = chat_default_system(tmpl);
+    CHECK(!system || (system[0] && strlen(system) < size));
     const api_model m = {.tok = g_tok,
                          .n_vocab = cake_tokenizer_n_vocab(g_tok),
                          /* (63: room for a prompt listing tools) */
                          .n_ctx = data[0] >> 2 == 63 ? 8192 : 1 + (data[0] >> 2) * 4,
                          .chat = (chat_format)(data[1] % 6),
-                         .name = "fuzz"};
+                         .name = "fuzz",
+                         .default_system = system};
     /* /tokenize and /detokenize of the same body */
     char *out = NULL, err[256] = "";
     if (api_tokenize((const char *)data + 2, size - 2, &m, &out, err, sizeof(err)) == 0)
@@ -133,6 +141,8 @@ static void fuzz_parse(const uint8_t *data, size_t size) {
     if (rc) {
         CHECK(rc == -1 && err[0] && !jobs[0]);
         check_json(api_error(400, err));
+        free(system);
+        free(tmpl);
         return;
     }
     CHECK(shape.n >= 1 && shape.n <= API_MAX_CHOICES && shape.n_prompts >= 1 &&
@@ -211,6 +221,8 @@ static void fuzz_parse(const uint8_t *data, size_t size) {
     if (api_content_end(j) < j->len) /* (calls were read) */
         check_event(api_stream_event(&shape, CHUNK_CALLS, 0, "", 0, 0, 0, j, "cmpl-1", 1, m.name));
     job_release(j);
+    free(system);
+    free(tmpl);
 }
 
 /* Where the first of the stop strings starts in s[0..n), or -1. */
