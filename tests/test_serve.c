@@ -1574,6 +1574,10 @@ static void test_store_reuse(void **state) {
         const int total = (int)num_at(cold, "cake.chunks_total");
         assert_true(total >= 5);
         assert_int_equal(metric(s.port, "cake_store_up"), 1);
+        /* (the lookup took some time; nothing was computed during it in
+         * load mode) */
+        assert_true(metric(s.port, "cake_store_lookup_seconds") > 0);
+        assert_int_equal(metric(s.port, "cake_prefill_chunks_during_lookup_total"), 0);
         /* the slot drains its write-backs before it takes the next request */
         cJSON_Delete(post_ok(s.port, "/v1/completions", "{\"prompt\":\"Hi\",\"max_tokens\":1}"));
         assert_true(metric(s.port, "cake_store_writeback_chunks_total{result=\"written\"}") >=

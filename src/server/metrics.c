@@ -109,6 +109,9 @@ char *server_metrics_text(const pool_counters *pc, const unsigned long long *sta
     counter(&t, "cake_store_chunks_awaited_total",
             "Missing chunks another request was computing: waited for and found in the store.",
             (unsigned long long)pc->chunks_awaited);
+    counter(&t, "cake_prefill_chunks_during_lookup_total",
+            "Chunks computed while a slow store's lookup ran (counted as computed too).",
+            (unsigned long long)pc->chunks_during_lookup);
     counter(&t, "cake_store_ram_hits_total",
             "Chunk loads the store's RAM tier (ram=) gave, outside the link.",
             (unsigned long long)pc->ram_hits);
@@ -127,6 +130,12 @@ char *server_metrics_text(const pool_counters *pc, const unsigned long long *sta
         "cake_store_writeback_chunks_total{result=\"failed\"} %llu\n",
         (unsigned long long)pc->writeback_written, (unsigned long long)pc->writeback_dropped,
         (unsigned long long)pc->writeback_failed);
+    if (pc->store_lookup_s >= 0)
+        put(&t,
+            "# HELP cake_store_lookup_seconds How long the store's lookups took lately (a "
+            "running mean; Cake computes during those longer than a chunk's compute).\n"
+            "# TYPE cake_store_lookup_seconds gauge\ncake_store_lookup_seconds %.6f\n",
+            pc->store_lookup_s);
     if (pc->store_up >= 0)
         gauge(&t, "cake_store_up",
               "1 when the KV store answers (every Redis server: a PING), 0 when it does not "

@@ -223,6 +223,7 @@ static void account(serve_pool *p, const serve_job *j) {
     t->chunks_missing += (uint64_t)ps->chunks_missing;
     t->chunks_corrupt += (uint64_t)ps->chunks_corrupt;
     t->chunks_awaited += (uint64_t)ps->chunks_awaited;
+    t->chunks_during_lookup += (uint64_t)ps->chunks_during_lookup;
     t->bytes_loaded += ps->bytes_loaded;
     t->store_errors += ps->store_error[0] != 0;
     pool_histogram_add(&t->ttft, bounds, j->stats.ttft_ms / 1e3);
@@ -645,7 +646,9 @@ void pool_counters_get(serve_pool *p, pool_counters *out) {
     pthread_mutex_unlock(&p->mu);
     sched_counters_get(p->sched, &out->steps);
     out->store_up = -1;
+    out->store_lookup_s = -1;
     if (p->cfg.store) {
+        out->store_lookup_s = (double)cake_store_lookup_ns(p->cfg.store) / 1e9;
         char err[256];
         out->store_up = cake_store_check(p->cfg.store, err, sizeof(err)) == 0;
         cake_store_counters sc;

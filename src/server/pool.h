@@ -65,7 +65,8 @@ typedef struct {
     uint64_t prompt_tokens, generated_tokens;
     uint64_t prompt_tokens_computed; /* the rest were cached or loaded */
     uint64_t chunks_computed, chunks_loaded, chunks_cached, chunks_missing, chunks_corrupt;
-    uint64_t chunks_awaited; /* of the missing: another request computed them meanwhile */
+    uint64_t chunks_awaited;       /* of the missing: another request computed them meanwhile */
+    uint64_t chunks_during_lookup; /* of the computed: while a slow store's lookup ran */
     uint64_t bytes_loaded, store_errors;
     uint64_t ram_hits, prefetched; /* the store's RAM tier (ram=): loads it gave; chunks
                                       brought into it for queued requests */
@@ -74,7 +75,8 @@ typedef struct {
      * from arrival to the answer; between a request's tokens. */
     pool_histogram queue_time, ttft, request_time, token_gap;
     int running, queued;
-    int store_up; /* the store answers now (cake_store_check): 1, 0; -1 without a store */
+    int store_up;          /* the store answers now (cake_store_check): 1, 0; -1 without a store */
+    double store_lookup_s; /* the store's lookups lately (cake_store_lookup_ns); -1 without one */
     sched_counters steps;
 } pool_counters;
 
