@@ -4,11 +4,12 @@
  * Even: the rest is a request body for api_parse, completions or chat (bit
  * 1), on a model whose context (bits 2-7) and chat format (the second byte)
  * vary; with bit 3 of the second byte, the body is read as a chat template
- * too, for the system message a ChatML template writes (chat_default_system). A refused body must come with a message and no job; an accepted one
- * must give a job the engine can run as it is: 1 <= prompt < context, every
- * id in the vocabulary, 1 <= max_tokens <= what the context leaves, sampling
- * in range, non-empty stop strings. Its answers (whole, each stream event,
- * an error) must be valid JSON, whatever bytes its text holds.
+ * too, for the system message a ChatML template writes (chat_default_system).
+ * A refused body must come with a message and no job; an accepted one must
+ * give a job the engine can run as it is: 1 <= prompt < context, every id
+ * in the vocabulary, 1 <= max_tokens <= what the context leaves, sampling in
+ * range, non-empty stop strings. Its answers (whole, each stream event, an
+ * error) must be valid JSON, whatever bytes its text holds.
  *
  * 3 mod 8: bytes for JSON mode's automaton (engine/json_grammar.h). Where
  * it takes them all and calls the object closed, cJSON must read one object

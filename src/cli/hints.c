@@ -67,14 +67,14 @@ static int key_ok(const char *key) {
     return key && *key && strlen(key) < 1024 && !strpbrk(key, " \t\r\n");
 }
 
-/* One line of the file: 1 and its parts when it is a well-formed hint. */
+/* One line of the file: 1 and its parts when it is a well-formed hint (a
+ * speed in *speed, a rate or lookup time in *value). */
 static int parse_line(const char *line, char kind[8], char key[1024], cake_compute_speed *speed,
-                      double *rate) {
+                      double *value) {
     if (!strchr(line, '\n') || sscanf(line, "%7s %1023s", kind, key) != 2) return 0;
-    if (!strcmp(kind, "rate")) /* (and the lookup's ns, in *rate too) */
-        return sscanf(line, "%*s %*s %lf", rate) == 1 && *rate > 0 && *rate < 1e6;
-    if (!strcmp(kind, "lookup"))
-        return sscanf(line, "%*s %*s %lf", rate) == 1 && *rate > 0 && *rate < 1e12;
+    if (!strcmp(kind, "rate") || !strcmp(kind, "lookup")) /* bytes/ns; ns */
+        return sscanf(line, "%*s %*s %lf", value) == 1 && *value > 0 &&
+               *value < (kind[0] == 'r' ? 1e6 : 1e12);
     unsigned count;
     cake_compute_speed s = {0};
     if (strcmp(kind, "speed") ||
@@ -97,19 +97,19 @@ void cli_hints_load(const char *speed_key, cake_compute_speed *speed, const char
     if (!f) return;
     int have_speed = 0, have_rate = 0, have_lookup = 0;
     cake_compute_speed s;
-    double rate;
+    double value;
     while (fgets(line, sizeof(line), f)) {
-        if (!parse_line(line, kind, key, &s, &rate)) continue;
+        if (!parse_line(line, kind, key, &s, &value)) continue;
         if (!have_speed && !strcmp(kind, "speed") && key_ok(speed_key) && !strcmp(key, speed_key)) {
             *speed = s;
             have_speed = 1;
         } else if (!have_rate && !strcmp(kind, "rate") && store && key_ok(rate_key) &&
                    !strcmp(key, rate_key)) {
-            cake_store_set_rate_hint(store, rate);
+            cake_store_set_rate_hint(store, value);
             have_rate = 1;
         } else if (!have_lookup && !strcmp(kind, "lookup") && store && key_ok(rate_key) &&
                    !strcmp(key, rate_key)) {
-            cake_store_set_lookup_ns(store, (uint64_t)rate);
+            cake_store_set_lookup_ns(store, (uint64_t)value);
             have_lookup = 1;
         }
     }

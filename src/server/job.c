@@ -189,6 +189,13 @@ size_t skip_space(const char *text, size_t at, size_t len) {
     return at;
 }
 
+size_t trim_space_back(const char *text, size_t end) {
+    while (end && (text[end - 1] == ' ' || text[end - 1] == '\t' || text[end - 1] == '\r' ||
+                   text[end - 1] == '\n'))
+        end--;
+    return end;
+}
+
 /* Looks for the stop strings in text that the last piece (from `from`) may
  * have completed. Returns where the earliest match starts, or -1; *hold gets
  * how many bytes at the end could still become one. */
@@ -258,9 +265,7 @@ static size_t ready_before_calls(const serve_job *j, size_t ready, bool more_may
     if (!j->text) return 0; /* (no text yet) */
     const size_t call = call_start(j, more_may_come);
     if (ready > call) ready = call;
-    while (j->call_format && ready && strchr(" \t\r\n", j->text[ready - 1]) && j->text[ready - 1])
-        ready--;
-    return ready;
+    return j->call_format ? trim_space_back(j->text, ready) : ready;
 }
 
 int job_add_text(serve_job *j, const char *piece, size_t n) {

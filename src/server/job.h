@@ -149,6 +149,8 @@ int job_add_stop(serve_job *j, const char *s, size_t len);
 int job_add_text(serve_job *j, const char *piece, size_t n);
 /* The first byte from `at` in text[0..len) that is not white space. */
 size_t skip_space(const char *text, size_t at, size_t len);
+/* The end of text[0..end) with the white space it ends with left out. */
+size_t trim_space_back(const char *text, size_t end);
 /* A thinking answer's reasoning (job->reasoning; opened by <think> after
  * white space): its text [*r0, *r1), closed by </think> or the end so far,
  * and where the rest begins (*c0, white space skipped). All 0 when there

@@ -1352,9 +1352,7 @@ static cJSON *answer_calls(const serve_job *j, size_t *content_end) {
         cJSON_Delete(calls);
         return NULL;
     }
-    size_t end = first;
-    while (end && strchr(" \t\r\n", text[end - 1]) && text[end - 1]) end--;
-    *content_end = end;
+    *content_end = trim_space_back(text, first);
     return calls;
 }
 
