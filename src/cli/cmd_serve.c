@@ -252,6 +252,9 @@ int cmd_serve(int argc, char **argv) {
                       .queue_max = (int)o.queue,
                       .kv_type = o.kv_type,
                       .backend = o.backend};
+    const chat_format chat = model_chat_format(model, &default_system);
+    const chat_call_syntax *calls = chat_calls(chat);
+    pc.call_tag = calls && calls->open[0] ? calls->open : NULL;
     if (pool_create(model, &pc, &pool, err, sizeof(err))) {
         cli_error(CLI_FAIL, "serve", "%s", err);
         goto done;
@@ -270,7 +273,7 @@ int cmd_serve(int argc, char **argv) {
     api_model am = {.tok = cake_model_tokenizer(model),
                     .n_vocab = hp->n_vocab,
                     .n_ctx = pool_n_ctx(pool),
-                    .chat = model_chat_format(model, &default_system),
+                    .chat = chat,
                     .name = o.name ? name : basename(name)};
     am.default_system = default_system;
     http_config hc = {.host = o.host,

@@ -525,8 +525,19 @@ struct cake_json_vocab {
     cake_token *sorted; /* the tokens with text, by text */
     int *shared;        /* bytes sorted[i]'s text shares with sorted[i - 1]'s */
     int n_sorted;
-    size_t longest; /* bytes of the longest text */
+    size_t longest;  /* bytes of the longest text */
+    cake_token kept; /* a control token read as kept_text (-1: none) */
+    const char *kept_text;
 };
+
+/* A token's text as the grammar reads it. */
+static const char *vocab_text(const cake_json_vocab *v, cake_token id, size_t *len) {
+    if (id == v->kept) {
+        *len = strlen(v->kept_text);
+        return v->kept_text;
+    }
+    return cake_token_text(v->t, id, len);
+}
 
 typedef struct {
     const char *text;
@@ -541,6 +552,11 @@ static int by_bytes(const void *a, const void *b) {
 }
 
 cake_json_vocab *cake_json_vocab_new(const cake_tokenizer *t) {
+    return cake_json_vocab_new_keeping(t, -1, NULL);
+}
+
+cake_json_vocab *cake_json_vocab_new_keeping(const cake_tokenizer *t, cake_token kept,
+                                             const char *kept_text) {
     const int n = cake_tokenizer_n_vocab(t);
     cake_json_vocab *v = calloc(1, sizeof(*v));
     token_text *all = malloc((size_t)n * sizeof(*all));
@@ -556,10 +572,12 @@ cake_json_vocab *cake_json_vocab_new(const cake_tokenizer *t) {
     }
     v->t = t;
     v->n = n;
+    v->kept = kept_text ? kept : -1;
+    v->kept_text = kept_text;
     int k = 0;
     for (int id = 0; id < n; id++) {
         size_t len;
-        const unsigned char *text = (const unsigned char *)cake_token_text(t, id, &len);
+        const unsigned char *text = (const unsigned char *)vocab_text(v, id, &len);
         cake_json_state s = {.mode = M_STRING, .node = &any_string};
         v->plain[id] = len > 0;
         for (size_t i = 0; i < len && v->plain[id]; i++)
@@ -634,7 +652,7 @@ cake_json_grammar *cake_json_grammar_new_lazy(const cake_json_vocab *v, const ca
     const char last = trigger[0] ? trigger[strlen(trigger) - 1] : '{';
     for (int id = 0; id < v->n; id++) {
         size_t len;
-        const char *text = cake_token_text(v->t, id, &len);
+        const char *text = vocab_text(v, id, &len);
         if (len && memchr(text, last, len)) g->cands[g->n_cands++] = id;
     }
     return g;
@@ -670,7 +688,7 @@ static void read_tokens(cake_json_grammar *g) {
         }
         dead = SIZE_MAX;
         size_t len;
-        const char *text = cake_token_text(v->t, id, &len);
+        const char *text = vocab_text(v, id, &len);
         size_t d = valid < shared ? valid : shared;
         for (; d < len; d++) {
             copy_state(&g->after[d + 1], &g->after[d]);
@@ -710,7 +728,7 @@ static void free_mask(const cake_json_grammar *g, float *logits, int n_vocab) {
     for (int i = 0; i < g->n_cands && !g->free_for_good; i++) {
         const cake_token id = g->cands[i];
         size_t len;
-        const char *text = cake_token_text(g->v->t, id, &len);
+        const char *text = vocab_text(g->v, id, &len);
         const long rest = after_trigger(g, text, len);
         cake_json_state s;
         cake_json_start(&s, g->root);
@@ -740,7 +758,7 @@ void cake_json_grammar_mask(void *ud, float *logits, int n_vocab) {
         cake_json_state s;
         for (int id = 0; id < v->n; id++) {
             size_t len;
-            const char *text = v->plain[id] ? NULL : cake_token_text(v->t, id, &len);
+            const char *text = v->plain[id] ? NULL : vocab_text(v, id, &len);
             if (text) copy_state(&s, now);
             g->ok[id] = v->plain[id] || (len > 0 && cake_json_feed(&s, text, len));
         }
@@ -773,7 +791,7 @@ void cake_json_grammar_accept(void *ud, cake_token id) {
     cake_json_grammar *g = ud;
     if (is_end(g, id)) return;
     size_t len;
-    const char *text = cake_token_text(g->v->t, id, &len);
+    const char *text = vocab_text(g->v, id, &len);
     if (g->trigger && !g->active) { /* free text: does it start the value? */
         const long rest = g->free_for_good ? -1 : after_trigger(g, text, len);
         if (rest < 0) {

@@ -122,6 +122,12 @@ bool cake_json_complete(const cake_json_state *s);
  * only. NULL on out of memory. */
 typedef struct cake_json_vocab cake_json_vocab;
 cake_json_vocab *cake_json_vocab_new(const cake_tokenizer *t);
+/* The same, with token `kept` read as kept_text (not copied; it outlives
+ * the vocabulary) rather than as the nothing a control token prints: a
+ * tool call's tag that is one (Mistral's [TOOL_CALLS]), for the grammars
+ * of requests whose answers print it. */
+cake_json_vocab *cake_json_vocab_new_keeping(const cake_tokenizer *t, cake_token kept,
+                                             const char *kept_text);
 void cake_json_vocab_free(cake_json_vocab *v); /* accepts NULL */
 
 /* A request's constraint: the state, and room for the mask's work. */

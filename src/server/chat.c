@@ -19,6 +19,9 @@ chat_format chat_detect(const char *tmpl, const cake_tokenizer *t) {
         if (strstr(tmpl, "[INST]") && strstr(tmpl, "[SYSTEM_PROMPT]")) return CHAT_MISTRAL_V7;
         if (strstr(tmpl, "[AVAILABLE_TOOLS]") && strstr(tmpl, "\"[INST]\""))
             return CHAT_MISTRAL_TEKKEN;
+        /* v3 (7B v0.3): tools, and no space before its "[INST] " */
+        if (strstr(tmpl, "[INST]") && strstr(tmpl, "[AVAILABLE_TOOLS]") && !strstr(tmpl, " [INST]"))
+            return CHAT_MISTRAL_V3;
         if (strstr(tmpl, "[INST]")) return strstr(tmpl, "<<SYS>>") ? CHAT_LLAMA2 : CHAT_MISTRAL;
         if (strstr(tmpl, "<|assistant|>") && strstr(tmpl, "<|end|>")) return CHAT_PHI3;
         if (strstr(tmpl, "<|user|>") && strstr(tmpl, "<|assistant|>")) return CHAT_ZEPHYR;
@@ -70,9 +73,9 @@ char *chat_default_system(const char *tmpl) {
 }
 
 const char *chat_format_name(chat_format f) {
-    static const char *names[] = {"none",       "chatml", "llama3", "llama2",
-                                  "mistral",    "zephyr", "phi3",   "mistral-tekken",
-                                  "mistral-v7", "phi4",   "gemma",  "granite"};
+    static const char *names[] = {"none",   "chatml",  "llama3",         "llama2",     "mistral",
+                                  "zephyr", "phi3",    "mistral-tekken", "mistral-v7", "phi4",
+                                  "gemma",  "granite", "mistral-v3"};
     return names[f];
 }
 
@@ -205,11 +208,20 @@ static int known_role(const char *r) {
            !strcmp(r, "tool");
 }
 
+static bool mistral_tools(chat_format f) {
+    return f == CHAT_MISTRAL_V3 || f == CHAT_MISTRAL_TEKKEN;
+}
+
 const chat_call_syntax *chat_calls(chat_format f) {
-    /* Qwen 2.5 and 3 (Hermes), and Llama 3.1's JSON tool calls */
-    static const chat_call_syntax hermes = {"<tool_call>", "</tool_call>", "arguments"};
-    static const chat_call_syntax llama3 = {"", "", "parameters"};
-    return f == CHAT_CHATML ? &hermes : f == CHAT_LLAMA3 ? &llama3 : NULL;
+    /* Qwen 2.5 and 3 (Hermes), Llama 3.1's JSON tool calls, and Mistral's
+     * [TOOL_CALLS] with a list (7B v0.3, Nemo) */
+    static const chat_call_syntax hermes = {"<tool_call>", "</tool_call>", "arguments", 0};
+    static const chat_call_syntax llama3 = {"", "", "parameters", 0};
+    static const chat_call_syntax mistral = {"[TOOL_CALLS]", "", "arguments", 1};
+    return f == CHAT_CHATML   ? &hermes
+           : f == CHAT_LLAMA3 ? &llama3
+           : mistral_tools(f) ? &mistral
+                              : NULL;
 }
 
 /* A call as the format writes it, {"name": ..., ARGS: {...}}, between its
@@ -336,15 +348,69 @@ static void llama3(builder *b, const chat_message *m, int n, const chat_tools *t
     llama3_header(b, "assistant");
 }
 
-/* Mistral's formats, the system message before the first user message:
- * Instruct's <s>[INST] {system}\n\n{user} [/INST]{answer}</s> (messages
- * trimmed); llama.cpp's v3-tekken [INST]{system}\n\n{user}[/INST]{answer}</s>;
- * v7 [SYSTEM_PROMPT] {system}[/SYSTEM_PROMPT][INST] {user}[/INST] {answer}</s>. */
-static void mistral(builder *b, const chat_message *m, int n, chat_format f, cake_token eos) {
-    const bool plain = f == CHAT_MISTRAL, v7 = f == CHAT_MISTRAL_V7;
+/* Mistral's tool prompt, as 7B v0.3's and Nemo's templates write it (v3
+ * with a space after the markers, tekken without): the functions before
+ * the last user message, an assistant's calls as [TOOL_CALLS] and a JSON
+ * list of them with their ids, a result as [TOOL_RESULTS] {"content": ...,
+ * "call_id": ...}[/TOOL_RESULTS] (its content as text, unquoted). */
+static void mistral_functions(builder *b, const chat_tools *tools, bool spaced) {
+    put_marker(b, "[AVAILABLE_TOOLS]");
+    put_str(b, spaced ? " [" : "[");
+    for (int k = 0; k < tools->n; k++) {
+        if (k) put_str(b, ", ");
+        put_str(b, tools->json[k]);
+    }
+    put_str(b, "]");
+    put_marker(b, "[/AVAILABLE_TOOLS]");
+}
+
+static void mistral_calls(builder *b, const chat_message *m, bool spaced, cake_token eos) {
+    put_marker(b, "[TOOL_CALLS]");
+    put_str(b, spaced ? " [" : "[");
+    for (int k = 0; k < m->n_calls; k++) {
+        if (k) put_str(b, ", ");
+        put_str(b, "{\"name\": \"");
+        put_str(b, m->calls[k].name);
+        put_str(b, "\", \"arguments\": ");
+        put_str(b, m->calls[k].arguments);
+        put_str(b, ", \"id\": \"");
+        put_str(b, m->calls[k].id);
+        put_str(b, "\"}");
+    }
+    put_str(b, "]");
+    if (eos >= 0) put_id(b, eos);
+}
+
+static void mistral_result(builder *b, const chat_message *m, bool spaced) {
+    put_marker(b, "[TOOL_RESULTS]");
+    put_str(b, spaced ? " {\"content\": " : "{\"content\": ");
+    put_text(b, m->content, m->content_len);
+    put_str(b, ", \"call_id\": \"");
+    put_str(b, m->call_id);
+    put_str(b, "\"}");
+    put_marker(b, "[/TOOL_RESULTS]");
+}
+
+/* Mistral's formats, the system message before the first user message (as
+ * llama.cpp's: a prefix that stays put from turn to turn): Instruct's
+ * <s>[INST] {system}\n\n{user} [/INST]{answer}</s> (messages trimmed);
+ * v3 [INST] {system}\n\n{user}[/INST] {answer}</s> (answers trimmed);
+ * llama.cpp's v3-tekken [INST]{system}\n\n{user}[/INST]{answer}</s>;
+ * v7 [SYSTEM_PROMPT] {system}[/SYSTEM_PROMPT][INST] {user}[/INST] {answer}</s>.
+ * With tools (v3, tekken), mistral_functions' prompt. */
+static void mistral(builder *b, const chat_message *m, int n, chat_format f,
+                    const chat_tools *tools, cake_token eos) {
+    const bool plain = f == CHAT_MISTRAL, v7 = f == CHAT_MISTRAL_V7, v3 = f == CHAT_MISTRAL_V3;
     const chat_message *sys = NULL;
+    int last_user = -1;
+    for (int i = 0; i < n; i++)
+        if (!strcmp(m[i].role, "user")) last_user = i;
     for (int i = 0; i < n; i++) {
-        if (!strcmp(m[i].role, "system") && v7) {
+        if (m[i].n_calls && mistral_tools(f)) {
+            mistral_calls(b, &m[i], v3, eos);
+        } else if (!strcmp(m[i].role, "tool")) {
+            mistral_result(b, &m[i], v3);
+        } else if (!strcmp(m[i].role, "system") && v7) {
             put_marker(b, "[SYSTEM_PROMPT]");
             put_str(b, " ");
             put_text(b, m[i].content, m[i].content_len);
@@ -352,8 +418,9 @@ static void mistral(builder *b, const chat_message *m, int n, chat_format f, cak
         } else if (!strcmp(m[i].role, "system")) {
             sys = &m[i];
         } else if (!strcmp(m[i].role, "user")) {
+            if (tools && i == last_user) mistral_functions(b, tools, v3);
             put_marker(b, "[INST]");
-            if (plain || v7) put_str(b, " ");
+            if (plain || v7 || v3) put_str(b, " ");
             if (sys) {
                 put_text(b, sys->content, sys->content_len);
                 put_str(b, "\n\n");
@@ -367,8 +434,8 @@ static void mistral(builder *b, const chat_message *m, int n, chat_format f, cak
             }
             put_marker(b, "[/INST]");
         } else {
-            if (v7) put_str(b, " ");
-            if (plain)
+            if (v7 || v3) put_str(b, " ");
+            if (plain || v3)
                 put_trimmed(b, &m[i]);
             else
                 put_text(b, m[i].content, m[i].content_len);
@@ -391,19 +458,32 @@ int chat_prompt(chat_format f, const cake_tokenizer *t, const chat_message *m, i
         if (!with_tools && (m[i].n_calls || !strcmp(m[i].role, "tool")))
             return cake_err(err, errlen,
                             "message %d: tool calls and results need a chat format with tools "
-                            "(ChatML, Llama 3), not %s",
+                            "(ChatML, Llama 3, Mistral v3 or tekken), not %s",
                             i, chat_format_name(f));
         if (f == CHAT_LLAMA3 && m[i].n_calls > 1)
             return cake_err(err, errlen, "message %d: Llama 3 takes one tool call a message", i);
+        for (int k = 0; mistral_tools(f) && k < m[i].n_calls; k++)
+            if (!m[i].calls[k].id)
+                return cake_err(err, errlen,
+                                "message %d: Mistral's tool calls need their 'id' (9 letters or "
+                                "digits, or the last 9 of a longer one)",
+                                i);
+        if (mistral_tools(f) && !strcmp(m[i].role, "tool") && !m[i].call_id)
+            return cake_err(err, errlen,
+                            "message %d: Mistral's tool results need their call's "
+                            "'tool_call_id'",
+                            i);
     }
     if (tools && !with_tools)
         return cake_err(err, errlen,
-                        "'tools' need a chat format with tools (ChatML, Llama 3), not %s",
+                        "'tools' need a chat format with tools (ChatML, Llama 3, Mistral v3 or "
+                        "tekken), not %s",
                         chat_format_name(f));
     int has_user = 0;
     for (int i = 0; i < n; i++) has_user |= !strcmp(m[i].role, "user");
-    if (tools && f == CHAT_LLAMA3 && !has_user)
-        return cake_err(err, errlen, "Llama 3 lists the tools in a user message: there is none");
+    if (tools && (f == CHAT_LLAMA3 || mistral_tools(f)) && !has_user)
+        return cake_err(err, errlen, "%s lists the tools with a user message: there is none",
+                        f == CHAT_LLAMA3 ? "Llama 3" : "Mistral");
     const cake_token bos = cake_tokenizer_bos(t);
     const cake_token eos = cake_tokenizer_eos(t);
     if (f == CHAT_LLAMA2 && bos < 0)
@@ -454,7 +534,8 @@ int chat_prompt(chat_format f, const cake_tokenizer *t, const chat_message *m, i
     case CHAT_MISTRAL:
     case CHAT_MISTRAL_TEKKEN:
     case CHAT_MISTRAL_V7:
-        mistral(&b, m, n, f, eos);
+    case CHAT_MISTRAL_V3:
+        mistral(&b, m, n, f, tools, eos);
         break;
     case CHAT_ZEPHYR:
         /* <|system|>\n{system}</s>\n<|user|>\n{user}</s>\n<|assistant|>\n */

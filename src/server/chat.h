@@ -27,12 +27,14 @@ typedef enum {
     CHAT_PHI4,           /* <|im_start|>user<|im_sep|>...<|im_end|> (Phi-4) */
     CHAT_GEMMA,          /* <start_of_turn>user\n...<end_of_turn>\n<start_of_turn>model\n */
     CHAT_GRANITE,        /* <|start_of_role|>user<|end_of_role|>...<|end_of_text|>\n (Granite 3) */
+    CHAT_MISTRAL_V3,     /* [INST] ...[/INST] ...</s> (Mistral 7B Instruct v0.3) */
 } chat_format;
 
 /* A function call an assistant's message made (OpenAI's tool_calls). */
 typedef struct {
     const char *name;
     const char *arguments; /* a JSON object, as the prompt writes it */
+    const char *id;        /* Mistral's: 9 letters or digits (NULL: none given) */
 } chat_tool_call;
 
 typedef struct {
@@ -41,6 +43,7 @@ typedef struct {
     size_t content_len;
     const chat_tool_call *calls; /* an assistant's, n_calls of them */
     int n_calls;
+    const char *call_id; /* a tool result's call (as chat_tool_call.id; NULL: none) */
 } chat_message;
 
 /* The functions a request offers (OpenAI's tools), each as the JSON text
@@ -63,10 +66,12 @@ typedef struct {
 } chat_options;
 
 /* How a format's model writes a function call: a JSON object {"name": ...,
- * args: {...}} between open and close, or (both "") as the whole answer.
+ * args: {...}} between open and close, or (both "") as the whole answer;
+ * with list, a JSON array of them after open (Mistral's [TOOL_CALLS]).
  * NULL for a format without tools. */
 typedef struct {
     const char *open, *close, *args;
+    int list;
 } chat_call_syntax;
 const chat_call_syntax *chat_calls(chat_format f);
 
@@ -83,7 +88,7 @@ const char *chat_format_name(chat_format f);
 char *chat_default_system(const char *template_text);
 
 /* The prompt of messages m[0..n) in format f, with opt (NULL: none; tools
- * in ChatML and Llama 3 formats only), ending with the header of the
+ * in the formats chat_calls knows), ending with the header of the
  * assistant's turn, into a malloc'd *ids. *end_of_turn gets the token that
  * ends the assistant's turn besides EOS (-1: EOS only). 0, or -1 with a
  * reason in err (a role other than the three, a special token missing from

@@ -517,6 +517,37 @@ static char *py_json(const cJSON *v, int indent) {
     return out;
 }
 
+/* A function f as Mistral's templates (7B v0.3, Nemo) list it: {"type":
+ * "function", "function": {...}} with f's members in their order but
+ * "return", strings between quotes as they are (not escaped: the templates
+ * write '"' + val + '"'), other values as tojson. malloc'd; NULL on out of
+ * memory. */
+static char *mistral_tool_json(const cJSON *f) {
+    char *out = NULL;
+    size_t len = 0;
+    FILE *mem = open_memstream(&out, &len);
+    if (!mem) return NULL;
+    int failed = 0, first = 1;
+    fputs("{\"type\": \"function\", \"function\": {", mem);
+    const cJSON *c;
+    cJSON_ArrayForEach(c, f) {
+        if (!strcmp(c->string, "return")) continue;
+        fprintf(mem, "%s\"%s\": ", first ? "" : ", ", c->string);
+        if (cJSON_IsString(c))
+            fprintf(mem, "\"%s\"", c->valuestring);
+        else
+            py_json_write(mem, c, 0, 0, &failed);
+        first = 0;
+    }
+    fputs("}}", mem);
+    failed |= fclose(mem) != 0;
+    if (failed) {
+        free(out);
+        return NULL;
+    }
+    return out;
+}
+
 enum { TOOLS_NONE, TOOLS_AUTO, TOOLS_REQUIRED, TOOLS_NAMED };
 
 /* A request's tools and tool_choice. */
@@ -647,6 +678,14 @@ static json_schema *call_schema(const request_tools *rt, const chat_call_syntax 
             sch = cJSON_CreateObject();
             cJSON_AddItemToObject(sch, "anyOf", calls);
         }
+        if (syntax->list) { /* a list of calls: one when the answer must be a call */
+            cJSON *list = cJSON_CreateObject();
+            cJSON_AddStringToObject(list, "type", "array");
+            cJSON_AddItemToObject(list, "items", sch);
+            cJSON_AddNumberToObject(list, "minItems", 1);
+            if (with_open) cJSON_AddNumberToObject(list, "maxItems", 1);
+            sch = list;
+        }
         char why[200];
         out = json_schema_compile(sch, why, sizeof(why));
         cJSON_Delete(sch);
@@ -677,6 +716,14 @@ static char *tool_names(const request_tools *rt) {
     return names;
 }
 
+/* A tool call's id as Mistral's prompt takes it: its last 9 characters
+ * (vLLM's; cake's own are 9); NULL when it has fewer or is not a string. */
+static const char *call_id_of(const cJSON *id) {
+    if (!cJSON_IsString(id)) return NULL;
+    const size_t len = strlen(id->valuestring);
+    return len >= 9 ? id->valuestring + len - 9 : NULL;
+}
+
 /* An assistant message's tool_calls, for the prompt. */
 static int message_calls(const cJSON *calls, int i, chat_message *out, char ***texts, char *err,
                          size_t errlen) {
@@ -690,7 +737,7 @@ static int message_calls(const cJSON *calls, int i, chat_message *out, char ***t
     out->calls = c;
     if (!c || !*texts) return cake_err(err, errlen, "out of memory");
     for (int k = 0; k < n; k++) {
-        const cJSON *f = field(cJSON_GetArrayItem(calls, k), "function");
+        const cJSON *call = cJSON_GetArrayItem(calls, k), *f = field(call, "function");
         const cJSON *name = field(f, "name"), *args = field(f, "arguments");
         if (!cJSON_IsString(name) || !cJSON_IsString(args))
             return cake_err(err, errlen,
@@ -706,7 +753,7 @@ static int message_calls(const cJSON *calls, int i, chat_message *out, char ***t
         (*texts)[k] = py_json(parsed, 0);
         cJSON_Delete(parsed);
         if (!(*texts)[k]) return cake_err(err, errlen, "out of memory");
-        c[k] = (chat_tool_call){name->valuestring, (*texts)[k]};
+        c[k] = (chat_tool_call){name->valuestring, (*texts)[k], call_id_of(field(call, "id"))};
         out->n_calls = k + 1;
     }
     return 0;
@@ -739,21 +786,24 @@ static int chat_prompt_of(const cJSON *o, const api_model *m, request_tools *rt,
             goto done;
         }
         cm[i].role = role->valuestring;
+        cm[i].call_id = call_id_of(field(msg, "tool_call_id"));
         if (message_text(field(msg, "content"), i, &cm[i], &bufs[i], err, errlen) ||
             message_calls(field(msg, "tool_calls"), i, &cm[i], &call_texts[i], err, errlen))
             goto done;
         i++;
     }
     /* The functions as the format's template lists them: Llama 3.1's
-     * indented by 4, Qwen's on one line */
+     * indented by 4, Qwen's on one line, Mistral's its own way */
     if (rt->n && !rt->json && !(rt->json = calloc((size_t)rt->n, sizeof(*rt->json)))) {
         cake_err(err, errlen, "out of memory");
         goto done;
     }
+    const chat_call_syntax *syntax = chat_calls(m->chat);
     for (int k = 0; k < rt->n; k++) {
         if (rt->json[k]) continue;
-        if (!(rt->json[k] =
-                  py_json(cJSON_GetArrayItem(rt->list, k), m->chat == CHAT_LLAMA3 ? 4 : 0))) {
+        if (!(rt->json[k] = syntax && syntax->list ? mistral_tool_json(tool_function(rt, k))
+                                                   : py_json(cJSON_GetArrayItem(rt->list, k),
+                                                             m->chat == CHAT_LLAMA3 ? 4 : 0))) {
             cake_err(err, errlen, "out of memory");
             goto done;
         }
@@ -1282,14 +1332,25 @@ static int is_tool(const serve_job *j, const char *name) {
     return 0;
 }
 
-/* One call as the format writes it ({"name": <a tool>, ARGS: {...}}) at the
- * start of text[0..len) (white space before it), as OpenAI's tool call;
- * *used: the bytes it took. NULL when it is not one. */
-static cJSON *read_call(const serve_job *j, const chat_call_syntax *syntax, const char *text,
-                        size_t len, size_t *used) {
-    const char *end = NULL;
-    const size_t at = skip_space(text, 0, len);
-    cJSON *v = cJSON_ParseWithLengthOpts(text + at, len - at, &end, false);
+/* A new call id: "call_" and 16 hex digits, or for Mistral's prompt (which
+ * takes 9 letters or digits: mistral_ids) 9 of those. */
+static void new_call_id(char *id, size_t cap, int mistral_ids) {
+    static atomic_uint_fast64_t counter;
+    uint64_t r = fresh_seed() ^ atomic_fetch_add(&counter, 1) << 32;
+    if (!mistral_ids) {
+        snprintf(id, cap, "call_%016llx", (unsigned long long)r);
+        return;
+    }
+    static const char digits[] = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
+    r *= 0x9e3779b97f4a7c15ull; /* (the counter's bits into all of them) */
+    for (int k = 0; k < 9 && (size_t)k + 1 < cap; k++, r /= 62) id[k] = digits[r % 62];
+    id[cap > 9 ? 9 : cap - 1] = '\0';
+}
+
+/* v as OpenAI's tool call, added to calls, when it is one as the format
+ * writes it ({"name": <a tool>, ARGS: {...}}); 0 when it is not. */
+static int add_call(const serve_job *j, const chat_call_syntax *syntax, const cJSON *v,
+                    cJSON *calls) {
     const cJSON *name = field(v, "name"), *args = field(v, syntax->args);
     if (!args) args = field(v, "arguments"); /* (as some models write it) */
     cJSON *call = NULL;
@@ -1297,22 +1358,40 @@ static cJSON *read_call(const serve_job *j, const chat_call_syntax *syntax, cons
     if (cJSON_IsObject(v) && cJSON_IsString(name) && is_tool(j, name->valuestring) &&
         cJSON_IsObject(args) && (printed = cJSON_PrintUnformatted(args)) &&
         (clean = api_utf8_clean(printed, strlen(printed)))) {
-        static atomic_uint_fast64_t counter;
         char id[40];
-        snprintf(id, sizeof(id), "call_%016llx",
-                 (unsigned long long)(fresh_seed() ^ atomic_fetch_add(&counter, 1) << 32));
+        new_call_id(id, sizeof(id), syntax->list);
         call = cJSON_CreateObject();
         cJSON_AddStringToObject(call, "id", id);
         cJSON_AddStringToObject(call, "type", "function");
         cJSON *f = cJSON_AddObjectToObject(call, "function");
         cJSON_AddStringToObject(f, "name", name->valuestring);
         cJSON_AddStringToObject(f, "arguments", clean);
-        *used = (size_t)(end - text);
+        cJSON_AddItemToArray(calls, call);
     }
     cJSON_free(printed);
     free(clean);
+    return call != NULL;
+}
+
+/* The call at the start of text[0..len) (white space before it), or with
+ * the format's list, the calls of a non-empty JSON array there, added to
+ * calls; *used: the bytes they took. 0 when they are not all calls. */
+static int read_calls(const serve_job *j, const chat_call_syntax *syntax, const char *text,
+                      size_t len, cJSON *calls, size_t *used) {
+    const char *end = NULL;
+    const size_t at = skip_space(text, 0, len);
+    cJSON *v = cJSON_ParseWithLengthOpts(text + at, len - at, &end, false);
+    int ok = v != NULL;
+    if (syntax->list) {
+        ok = cJSON_IsArray(v) && cJSON_GetArraySize(v) > 0;
+        const cJSON *item;
+        cJSON_ArrayForEach(item, v) ok = ok && add_call(j, syntax, item, calls);
+    } else {
+        ok = ok && add_call(j, syntax, v, calls);
+    }
+    if (ok) *used = (size_t)(end - text);
     cJSON_Delete(v);
-    return call;
+    return ok;
 }
 
 /* The tool calls a job's answer makes (OpenAI's tool_calls; NULL: none, or
@@ -1336,16 +1415,14 @@ static cJSON *answer_calls(const serve_job *j, size_t *content_end) {
     while (p) {
         const size_t body = (size_t)(p - text) + ol;
         size_t used = 0;
-        cJSON *c = read_call(j, syntax, text + body, len - body, &used);
-        size_t after = c ? skip_space(text, body + used, len) : 0;
-        if (c && cl && len - after >= cl && !memcmp(text + after, syntax->close, cl))
+        const int ok = read_calls(j, syntax, text + body, len - body, calls, &used);
+        size_t after = ok ? skip_space(text, body + used, len) : 0;
+        if (ok && cl && len - after >= cl && !memcmp(text + after, syntax->close, cl))
             after = skip_space(text, after + cl, len);
-        if (!c || (!ol && after < len)) { /* (a whole-answer call is all of it) */
-            cJSON_Delete(c);
+        if (!ok || (!ol && after < len)) { /* (a whole-answer call is all of it) */
             cJSON_Delete(calls);
             return NULL;
         }
-        cJSON_AddItemToArray(calls, c);
         p = ol && after < len ? memmem(text + after, len - after, syntax->open, ol) : NULL;
     }
     if (!cJSON_GetArraySize(calls)) {

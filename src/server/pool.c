@@ -17,6 +17,8 @@ typedef struct {
     serve_job *job;
     const cake_tokenizer *tok;
     cake_token eos;
+    cake_token call_token; /* printed as call_tag (pool_config's; -1: none) */
+    const char *call_tag;
     job_logprob next; /* the next token's, when the job asks (on_logits, then on_token) */
     uint64_t last_token_ns;
     pool_histogram gaps; /* between its tokens, for /metrics */
@@ -93,7 +95,10 @@ static int on_token(cake_token id, void *ud) {
         stop = 1; /* (EOS ends the loop itself; its text is empty) */
     } else {
         char buf[256], *piece = buf;
-        n = cake_token_to_piece(s->tok, j->prev, id, buf, sizeof(buf));
+        if (id == s->call_token)
+            n = snprintf(buf, sizeof(buf), "%s", s->call_tag);
+        else
+            n = cake_token_to_piece(s->tok, j->prev, id, buf, sizeof(buf));
         if (n > (int)sizeof(buf) && (piece = malloc((size_t)n)))
             cake_token_to_piece(s->tok, j->prev, id, piece, (size_t)n);
         if (n > 0 && piece && job_add_text(j, piece, (size_t)n) == 1) {
@@ -141,7 +146,11 @@ struct serve_pool {
     slot *slots; /* slot 0's context is the engine: its threads and scratch run every step */
     cake_inflight *inflight;     /* prompt chunks the slots are computing now (with a store) */
     cake_json_vocab *json_vocab; /* the tokens as structured output's mask reads them */
-    cake_compute_speed speed;    /* under mu: the last that a slot's request ended with */
+    /* cfg.call_tag's control token (-1: none), and json_vocab with it read
+     * as the tag: for tool requests, whose answers print it */
+    cake_token call_token;
+    cake_json_vocab *call_vocab;
+    cake_compute_speed speed; /* under mu: the last that a slot's request ended with */
     sched *sched;
     pthread_mutex_t mu;
     pthread_cond_t cv;
@@ -337,12 +346,12 @@ static void run_job(slot *s, serve_job *j) {
     const cake_json_node *root = j->schema ? json_schema_root(j->schema) : NULL;
     const chat_call_syntax *calls = j->call_format ? chat_calls(j->call_format) : NULL;
     const int lazy = !j->json && root && calls;
+    const cake_json_vocab *vocab = calls && p->call_vocab ? p->call_vocab : p->json_vocab;
     cake_json_grammar *grammar =
-        j->json
-            ? cake_json_grammar_new(p->json_vocab, root, cake_tokenizer_eos(tok), j->end_of_turn)
-        : lazy ? cake_json_grammar_new_lazy(p->json_vocab, root, calls->open,
-                                            cake_tokenizer_eos(tok), j->end_of_turn)
-               : NULL;
+        j->json ? cake_json_grammar_new(vocab, root, cake_tokenizer_eos(tok), j->end_of_turn)
+        : lazy  ? cake_json_grammar_new_lazy(vocab, root, calls->open, cake_tokenizer_eos(tok),
+                                             j->end_of_turn)
+                : NULL;
     if (grammar) cake_json_grammar_constrain(grammar, &sampling);
     cake_sampler *sampler = cake_sampler_init(sampling);
     pthread_mutex_lock(&j->mu);
@@ -372,7 +381,11 @@ static void run_job(slot *s, serve_job *j) {
                                               ? s->n_cached / p->cfg.chunk * p->cfg.chunk
                                               : s->n_cached,
                               .cache_salt = j->cache_salt};
-    token_sink sink = {.job = j, .tok = tok, .eos = cake_tokenizer_eos(tok)};
+    token_sink sink = {.job = j,
+                       .tok = tok,
+                       .eos = cake_tokenizer_eos(tok),
+                       .call_token = j->call_format ? p->call_token : -1,
+                       .call_tag = p->cfg.call_tag};
     sched_ticket ticket = {p->sched, s->order, &j->cancel};
     cake_request req = {
         .prompt = j->prompt,
@@ -536,7 +549,18 @@ int pool_create(const cake_model *m, const pool_config *cfg, serve_pool **out, c
     p->model = m;
     pthread_mutex_init(&p->mu, NULL);
     pthread_cond_init(&p->cv, NULL);
-    if (!(p->json_vocab = cake_json_vocab_new(cake_model_tokenizer(m)))) {
+    const cake_tokenizer *tok = cake_model_tokenizer(m);
+    if (!(p->json_vocab = cake_json_vocab_new(tok))) {
+        cake_err(err, errlen, "out of memory");
+        goto fail;
+    }
+    /* (a tag that prints as itself needs neither) */
+    p->call_token =
+        cfg->call_tag ? cake_tokenizer_find(tok, cfg->call_tag, strlen(cfg->call_tag)) : -1;
+    if (p->call_token >= 0 && cake_token_to_piece(tok, -1, p->call_token, NULL, 0) != 0)
+        p->call_token = -1;
+    if (p->call_token >= 0 &&
+        !(p->call_vocab = cake_json_vocab_new_keeping(tok, p->call_token, cfg->call_tag))) {
         cake_err(err, errlen, "out of memory");
         goto fail;
     }
@@ -691,6 +715,7 @@ void pool_free(serve_pool *p) {
     }
     cake_inflight_free(p->inflight); /* after the write-backs: they release promises */
     cake_json_vocab_free(p->json_vocab);
+    cake_json_vocab_free(p->call_vocab);
     pthread_cond_destroy(&p->cv);
     pthread_mutex_destroy(&p->mu);
     free(p->slots);

@@ -41,6 +41,10 @@ typedef struct {
     int queue_max; /* jobs waiting beyond the running ones */
     enum cake_kv_type kv_type;
     enum cake_backend_kind backend;
+    /* A tool call's opening tag (chat_calls' open; NULL: none): where it is
+     * a control token, which prints nothing (Mistral's [TOOL_CALLS]), tool
+     * requests print it as this text and their grammars read it so. */
+    const char *call_tag;
 } pool_config;
 
 /* A Prometheus histogram of durations: counts at or below each bound. */
