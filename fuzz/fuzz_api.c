@@ -121,7 +121,8 @@ static void fuzz_parse(const uint8_t *data, size_t size) {
                          .n_vocab = cake_tokenizer_n_vocab(g_tok),
                          /* (63: room for a prompt listing tools) */
                          .n_ctx = data[0] >> 2 == 63 ? 8192 : 1 + (data[0] >> 2) * 4,
-                         .chat = (chat_format)(data[1] % 6),
+                         /* (0xf8 and up: Mistral v3's tools) */
+                         .chat = data[1] >= 0xf8 ? CHAT_MISTRAL_V3 : (chat_format)(data[1] % 6),
                          .name = "fuzz",
                          .default_system = system};
     /* /tokenize and /detokenize of the same body */
@@ -269,7 +270,7 @@ static void fuzz_text(const uint8_t *data, size_t size) {
     serve_job *j = job_create(prompt, 1);
     CHECK(j);
     /* bits 2-3: the text may hold tool calls (held back while generated) */
-    const chat_format calls[] = {CHAT_NONE, CHAT_CHATML, CHAT_LLAMA3, CHAT_NONE};
+    const chat_format calls[] = {CHAT_NONE, CHAT_CHATML, CHAT_LLAMA3, CHAT_MISTRAL_V3};
     j->call_format = calls[data[0] >> 2 & 3];
     j->reasoning = data[0] >> 4 & 1; /* bit 4: <think> and its end held back */
     /* bit 5: min_tokens 1..4 (bits 6-7): stop strings not read in the

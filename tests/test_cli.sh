@@ -94,6 +94,9 @@ for off in 0 3 4 8 16 23 24 40 100 1000 10000 100000 300000 $((size / 2)) $((siz
     fi
 done
 pass "truncated models give exit 1 and one error line ($(cat "$tmp/err"))"
+# a FIFO as the model: refused at once (opening it waited for a writer forever)
+mkfifo "$tmp/fifo.gguf"
+expect_exit 1 "run on a FIFO model" -- timeout 20 "$CAKE" run -m "$tmp/fifo.gguf" -p hi -n 1
 
 # -n 0: prefill only, logits still dumped
 expect_exit 0 "run -n 0 with --dump-logits" -- "$CAKE" run -m "$tmp/tiny-f16.gguf" -p "Hello" -n 0 --json --dump-logits "$tmp/l0.f32"
@@ -118,6 +121,13 @@ printf 'Hello world' | "$CAKE" run -m "$tmp/tiny-f16.gguf" -f - -n 6 --temp 0 --
 [ "$(json_field generated_ids "$tmp/a")" = "$(json_field generated_ids "$tmp/c")" ] &&
     pass "run -f - reads the prompt from standard input" || fail "run -f -: $(cat "$tmp/c")"
 expect_exit 1 "run -f on a directory" -- "$CAKE" run -m "$tmp/tiny-f16.gguf" -f "$tmp" -n 1
+# files the run writes at its end are tried before it: nothing generated
+expect_exit 1 "run --dump-logits to a directory" -- "$CAKE" run -m "$tmp/tiny-f16.gguf" -p hi -n 4 \
+    --dump-logits "$tmp"
+[ -s "$tmp/out" ] && fail "run --dump-logits to a directory generated: $(cat "$tmp/out")" ||
+    pass "run --dump-logits to a directory: refused before the run"
+expect_exit 1 "run --trace into a missing folder" -- "$CAKE" run -m "$tmp/tiny-f16.gguf" -p hi -n 1 \
+    --trace "$tmp/none/t.json"
 
 # sampling: same seed, same tokens
 "$CAKE" run -m "$tmp/tiny-f16.gguf" -p "Hello" -n 12 --temp 1.0 --seed 7 --json >"$tmp/s1" 2>/dev/null
@@ -318,6 +328,15 @@ if "$CAKE" mkmodel --shape tiny -o "$tmp/tiny.gguf" 2>/dev/null; then
     expect_exit 2 "run --json-schema and --json-mode" -- "$CAKE" run -m "$tmp/tiny.gguf" -p x \
         --json-mode --json-schema "$tmp/schema.json"
     expect_exit 2 "bench with --share 0" -- "$CAKE" bench ttft -m "$tmp/tiny.gguf" --share 0
+    expect_exit 2 "bench with a --ctx past int" -- "$CAKE" bench ttft -m "$tmp/tiny.gguf" --ctx 1e10
+    expect_exit 2 "bench with an extra argument" -- "$CAKE" bench ttft -m "$tmp/tiny.gguf" extra
+    # --out is a path, never shell text: its store folder is removed without a
+    # shell (a quote in it once removed another folder), and its plots are
+    # made in it
+    mkdir -p "$tmp/victim" && touch "$tmp/victim/keep"
+    (cd "$tmp" && "$CAKE" bench ttft -m missing.gguf --out "zz' 'victim' '" >/dev/null 2>&1)
+    [ -e "$tmp/victim/keep" ] && pass "bench --out with quotes removes only its own folder" ||
+        fail "bench --out with quotes removed $tmp/victim"
     expect_exit 0 "bench ttft" -- "$CAKE" bench ttft -m "$tmp/tiny.gguf" --ctx 97 --bw 0.0003,5 \
         --share 1,0.5 --chunk 16 --repeat 3 --min-cell-time 3 --out "$tmp/bench" --trace
     csv="$tmp/bench/ttft.csv"

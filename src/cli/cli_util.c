@@ -19,6 +19,10 @@ int cli_error(int code, const char *cmd, const char *fmt, ...) {
     return code;
 }
 
+/* Prompts and texts read whole: far more than any context, and a bound on
+ * what a file that never ends takes. */
+#define CLI_MAX_FILE ((size_t)1 << 30)
+
 char *cli_read_file(const char *path, size_t *len, char *err, size_t errlen) {
     const int from_stdin = strcmp(path, "-") == 0;
     FILE *f = from_stdin ? stdin : fopen(path, "rb");
@@ -42,6 +46,13 @@ char *cli_read_file(const char *path, size_t *len, char *err, size_t errlen) {
         if (n < cap - 1) break; /* the end, or an error */
         const int c = getc(f);  /* full: is there more? */
         if (c == EOF) break;
+        if (cap > CLI_MAX_FILE) { /* (/dev/zero, a runaway pipe) */
+            snprintf(err, errlen, "%s is larger than %d MiB", from_stdin ? "standard input" : path,
+                     (int)(CLI_MAX_FILE >> 20));
+            free(buf);
+            if (!from_stdin) fclose(f);
+            return NULL;
+        }
         char *grown = realloc(buf, cap * 2);
         if (!grown) {
             free(buf);

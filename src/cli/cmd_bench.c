@@ -17,11 +17,13 @@
  * 1/s. Loads are not affected (the paper's I/O side keeps running
  * regardless). */
 #include <errno.h>
+#include <fcntl.h>
 #include <getopt.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -30,6 +32,7 @@
 #include "loader/loader.h"
 #include "store/store.h"
 #include "util/clock.h"
+#include "util/fs.h"
 
 #define MAX_LIST 16
 
@@ -41,7 +44,7 @@ static const char *help =
     "  --bw LIST         link bandwidths in Gbit/s (default 0.05,0.1,0.2,0.5,1,2)\n"
     "  --modes LIST      of compute,load,cake (default all three); compute and load\n"
     "                    always run, as they give the curves T* comes from\n"
-    "  --share LIST      compute shares in (0, 1] (default 1)\n"
+    "  --share LIST      compute shares in [0.01, 1] (default 1)\n"
     "  --chunk N         chunk size in tokens (default 256)\n"
     "  --repeat R        repeats per cell (compute-only, load-only and Cake runs);\n"
     "                    medians are reported (default 1)\n"
@@ -181,12 +184,13 @@ static int copy_store(cake_store *from, cake_store *to, char *err, size_t errlen
 }
 
 /* Parses "a,b,c" into doubles; -1 on a bad entry. */
-static int parse_list(const char *s, double *out, int *n) {
+/* A comma-separated list of numbers in [lo, hi]. */
+static int parse_list(const char *s, double lo, double hi, double *out, int *n) {
     *n = 0;
     char *copy = strdup(s), *save = NULL;
     if (!copy) return -1;
     for (char *tok = strtok_r(copy, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
-        if (*n == MAX_LIST || cli_parse_float(tok, 1e-9, 1e12, &out[*n])) {
+        if (*n == MAX_LIST || cli_parse_float(tok, lo, hi, &out[*n])) {
             free(copy);
             return -1;
         }
@@ -509,11 +513,26 @@ static int has_mode(const char *modes, const char *m) {
     }
 }
 
-static void write_plots(const char *out, const double *ctxs, int n_ctx) {
-    if (system("command -v gnuplot >/dev/null 2>&1") != 0) {
-        fprintf(stderr, "cake bench: gnuplot not found; no plots (apt-get install gnuplot-nox)\n");
-        return;
+/* gnuplot on plots.gp, run in the folder `out` (so that no path is in the
+ * script or a shell's command line), its errors into gnuplot.log there. */
+static void run_gnuplot(const char *out) {
+    const pid_t pid = fork();
+    if (pid == 0) {
+        const int log = chdir(out) ? -1 : open("gnuplot.log", O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        if (log < 0 || dup2(log, 2) < 0) _exit(126);
+        execlp("gnuplot", "gnuplot", "plots.gp", (char *)NULL);
+        _exit(errno == ENOENT ? 127 : 126);
     }
+    int status = 0;
+    if (pid < 0 || waitpid(pid, &status, 0) != pid || !WIFEXITED(status))
+        fprintf(stderr, "cake bench: gnuplot did not run; no plots\n");
+    else if (WEXITSTATUS(status) == 127)
+        fprintf(stderr, "cake bench: gnuplot not found; no plots (apt-get install gnuplot-nox)\n");
+    else if (WEXITSTATUS(status) != 0)
+        fprintf(stderr, "cake bench: gnuplot failed (see %s/gnuplot.log)\n", out);
+}
+
+static void write_plots(const char *out, const double *ctxs, int n_ctx) {
     char path[1024];
     snprintf(path, sizeof(path), "%s/plots.gp", out);
     FILE *f = fopen(path, "w");
@@ -527,38 +546,35 @@ static void write_plots(const char *out, const double *ctxs, int n_ctx) {
             int ctx = (int)ctxs[c];
             fprintf(
                 f,
-                "set output '%s/ttft-ctx%d.%s'\nset ylabel 'TTFT (ms)'\n"
+                "set output 'ttft-ctx%d.%s'\nset ylabel 'TTFT (ms)'\n"
                 "set title 'TTFT vs bandwidth, %d-token prompt (median)'\n"
-                "plot for [s in system(\"awk -F, 'NR>1{print $3}' %s/ttft.csv | sort -u\")] "
-                "'%s/ttft.csv' using ($1==%d && $3==s+0 ? $2 : 1/0):4 with linespoints "
+                "plot for [s in system(\"awk -F, 'NR>1{print $3}' ttft.csv | sort -u\")] "
+                "'ttft.csv' using ($1==%d && $3==s+0 ? $2 : 1/0):4 with linespoints "
                 "title 'compute, share '.s, "
-                "for [s in system(\"awk -F, 'NR>1{print $3}' %s/ttft.csv | sort -u\")] '' "
+                "for [s in system(\"awk -F, 'NR>1{print $3}' ttft.csv | sort -u\")] '' "
                 "using ($1==%d && $3==s+0 ? $2 : 1/0):5 with linespoints title 'load, share '.s, "
-                "for [s in system(\"awk -F, 'NR>1{print $3}' %s/ttft.csv | sort -u\")] '' "
+                "for [s in system(\"awk -F, 'NR>1{print $3}' ttft.csv | sort -u\")] '' "
                 "using ($1==%d && $3==s+0 ? $2 : 1/0):6 with linespoints title 'cake, share '.s, "
-                "for [s in system(\"awk -F, 'NR>1{print $3}' %s/ttft.csv | sort -u\")] '' "
+                "for [s in system(\"awk -F, 'NR>1{print $3}' ttft.csv | sort -u\")] '' "
                 "using ($1==%d && $3==s+0 ? $2 : 1/0):7 with lines dashtype 2 title 'T*, share "
                 "'.s\n",
-                out, ctx, term[t][1], ctx, out, out, ctx, out, ctx, out, ctx, out, ctx);
+                ctx, term[t][1], ctx, ctx, ctx, ctx, ctx);
         }
         fprintf(f,
-                "set output '%s/efficiency.%s'\nset ylabel 'efficiency T*/T_cake'\n"
+                "set output 'efficiency.%s'\nset ylabel 'efficiency T*/T_cake'\n"
                 "set yrange [0.5:1.2]\nset title 'Cake efficiency per cell (goal >= 0.95)'\n"
-                "plot for [c in system(\"awk -F, 'NR>1{print $1}' %s/ttft.csv | sort -un\")] "
-                "for [s in system(\"awk -F, 'NR>1{print $3}' %s/ttft.csv | sort -u\")] "
-                "'%s/ttft.csv' using ($1==c+0 && $3==s+0 ? $2 : 1/0):8 with linespoints "
+                "plot for [c in system(\"awk -F, 'NR>1{print $1}' ttft.csv | sort -un\")] "
+                "for [s in system(\"awk -F, 'NR>1{print $3}' ttft.csv | sort -u\")] "
+                "'ttft.csv' using ($1==c+0 && $3==s+0 ? $2 : 1/0):8 with linespoints "
                 "title 'ctx '.c.', share '.s.' (medians)', "
-                "for [c in system(\"awk -F, 'NR>1{print $1}' %s/ttft.csv | sort -un\")] "
-                "for [s in system(\"awk -F, 'NR>1{print $3}' %s/ttft.csv | sort -u\")] "
+                "for [c in system(\"awk -F, 'NR>1{print $1}' ttft.csv | sort -un\")] "
+                "for [s in system(\"awk -F, 'NR>1{print $3}' ttft.csv | sort -u\")] "
                 "'' using ($1==c+0 && $3==s+0 ? $2 : 1/0):23 with linespoints dashtype 3 "
                 "title 'ctx '.c.', share '.s.' (best runs)', "
                 "0.95 with lines dashtype 2 title 'goal'\nunset yrange\n",
-                out, term[t][1], out, out, out, out, out);
+                term[t][1]);
     }
-    fclose(f);
-    char cmd[1200];
-    snprintf(cmd, sizeof(cmd), "gnuplot %s/plots.gp 2>%s/gnuplot.log", out, out);
-    if (system(cmd) != 0) fprintf(stderr, "cake bench: gnuplot failed (see %s/gnuplot.log)\n", out);
+    if (fclose(f) == 0) run_gnuplot(out);
 }
 
 static int bench_ttft(int argc, char **argv) {
@@ -588,18 +604,20 @@ static int bench_ttft(int argc, char **argv) {
             model = optarg;
             break;
         case 'c':
-            if (parse_list(optarg, ctxs, &n_ctx))
-                return cli_error(CLI_USAGE, "bench", "--ctx wants a list of token counts");
+            if (parse_list(optarg, 2, 1 << 24, ctxs, &n_ctx))
+                return cli_error(CLI_USAGE, "bench",
+                                 "--ctx wants a list of token counts (2..16777216)");
             break;
         case 'b':
-            if (parse_list(optarg, bws, &n_bw))
-                return cli_error(CLI_USAGE, "bench", "--bw wants a list of Gbit/s values");
+            if (parse_list(optarg, 1e-6, 1e6, bws, &n_bw)) /* (bw= takes 1 Kbit/s and up) */
+                return cli_error(CLI_USAGE, "bench",
+                                 "--bw wants a list of Gbit/s values (0.000001..1000000)");
             break;
         case 's':
-            if (parse_list(optarg, shares, &n_share))
-                return cli_error(CLI_USAGE, "bench", "--share wants a list of fractions");
-            for (int i = 0; i < n_share; i++)
-                if (shares[i] > 1) return cli_error(CLI_USAGE, "bench", "--share values are <= 1");
+            /* (a share s makes compute 1/s times slower: 0.01 is 100x) */
+            if (parse_list(optarg, 0.01, 1, shares, &n_share))
+                return cli_error(CLI_USAGE, "bench",
+                                 "--share wants a list of fractions in 0.01..1");
             break;
         case 'M':
             modes = optarg;
@@ -654,6 +672,8 @@ static int bench_ttft(int argc, char **argv) {
         }
     }
     if (!model) return cli_error(CLI_USAGE, "bench", "-m MODEL is required");
+    if (optind < argc)
+        return cli_error(CLI_USAGE, "bench", "unexpected argument '%s'", argv[optind]);
     if (has_mode(modes, "cake") < 0)
         return cli_error(CLI_USAGE, "bench", "--modes takes compute, load and cake, not '%s'",
                          modes);
@@ -908,11 +928,8 @@ done:
     cake_store_close(master);
     if (csv) fclose(csv);
     if (md) fclose(md);
-    if (own_dir) {
-        char cmd[1200];
-        snprintf(cmd, sizeof(cmd), "rm -rf '%s'", dir);
-        if (system(cmd) != 0) fprintf(stderr, "cake bench: could not remove %s\n", dir);
-    }
+    if (own_dir && cake_remove_tree(dir) != 0)
+        fprintf(stderr, "cake bench: could not remove %s: %s\n", dir, strerror(errno));
     free(prompt);
     free(cv.med);
     free(cv.min);

@@ -109,6 +109,12 @@ int cmd_perplexity(int argc, char **argv) {
     }
     const cake_tokenizer *tok = cake_model_tokenizer(model);
     const int n_vocab = cake_model_hparams(model)->n_vocab;
+    const int n_train = cake_model_hparams(model)->n_ctx_train;
+    if (n_ctx > n_train) /* (as llama-perplexity: it runs, positions past training and all) */
+        fprintf(stderr,
+                "cake perplexity: warning: a context of %ld is more than the model's %d; "
+                "its perplexity is of positions it was not trained on\n",
+                n_ctx, n_train);
     const bool bos = cake_tokenizer_add_bos(tok) && cake_tokenizer_bos(tok) >= 0;
     const int64_t n = cake_tokenize(tok, text, len, bos, NULL, 0);
     if (n < 0 || !(ids = malloc((size_t)(n ? n : 1) * sizeof(*ids))) ||

@@ -1,4 +1,5 @@
 /* cake run: one request on a model, compute only until the chunk store lands. */
+#include <errno.h>
 #include <getopt.h>
 #include <stdlib.h>
 #include <string.h>
@@ -335,13 +336,26 @@ static void json_ids(FILE *f, const char *name, const cake_token *ids, int n) {
     fputs("],", f);
 }
 
-static int write_logits(const char *path, const float *logits, int n, char *err, size_t errlen) {
-    FILE *f = fopen(path, "wb");
-    if (!f) return snprintf(err, errlen, "cannot write %s", path), -1;
+/* Into f, opened before the run (so that a path it cannot write fails at
+ * once, not after the prefill); closes f. */
+static int write_logits(FILE *f, const char *path, const float *logits, int n, char *err,
+                        size_t errlen) {
     /* Raw little-endian float32: this engine only builds for little-endian hosts. */
-    size_t w = fwrite(logits, sizeof(float), (size_t)n, f);
-    if (fclose(f) != 0 || w != (size_t)n) return snprintf(err, errlen, "cannot write %s", path), -1;
+    const size_t w = fwrite(logits, sizeof(float), (size_t)n, f);
+    const int bad = w != (size_t)n || fflush(f) != 0;
+    const int e = errno;
+    if (fclose(f) != 0 || bad) {
+        snprintf(err, errlen, "cannot write %s: %s", path, strerror(bad ? e : errno));
+        return -1;
+    }
     return 0;
+}
+
+/* A file the run writes at its end (--dump-logits, --trace), tried now. */
+static FILE *open_output(const char *option, const char *path) {
+    FILE *f = fopen(path, "wb");
+    if (!f) cli_error(CLI_FAIL, "run", "%s %s: %s", option, path, strerror(errno));
+    return f;
 }
 
 /* --json-schema FILE compiled: its root node, *owner holding it (for
@@ -396,7 +410,13 @@ int cmd_run(int argc, char **argv) {
     char *text = NULL;
     text_sink sink = {0};
     int n_prompt = 0;
+    FILE *logits_out = NULL, *trace_out = NULL;
     rc = CLI_FAIL;
+
+    if ((o.dump_logits && !(logits_out = open_output("--dump-logits", o.dump_logits))) ||
+        (o.trace && !(trace_out = open_output("--trace", o.trace))))
+        goto done;
+    if (trace_out) fclose(trace_out); /* (the loader writes it) */
 
     if (o.tokens && parse_token_list(o.tokens, &prompt, &n_prompt)) {
         rc = cli_error(CLI_USAGE, "run", "--tokens wants space-separated ids, got '%s'", o.tokens);
@@ -545,9 +565,13 @@ int cmd_run(int argc, char **argv) {
     if (store) cli_hints_save(speed_key, speed, cake_store_uri(store), store);
     cake_writeback_counters wbc = {0};
     if (wb) cake_writeback_counters_get(wb, &wbc);
-    if (o.dump_logits && write_logits(o.dump_logits, first_logits, hp->n_vocab, err, sizeof(err))) {
-        cli_error(CLI_FAIL, "run", "%s", err);
-        goto done;
+    if (logits_out) {
+        FILE *f = logits_out;
+        logits_out = NULL; /* (closed by write_logits) */
+        if (write_logits(f, o.dump_logits, first_logits, hp->n_vocab, err, sizeof(err))) {
+            cli_error(CLI_FAIL, "run", "%s", err);
+            goto done;
+        }
     }
 
     const double decode_tps =
@@ -614,6 +638,7 @@ int cmd_run(int argc, char **argv) {
                 wbc.first_error);
     rc = CLI_OK;
 done:
+    if (logits_out) fclose(logits_out);
     free(sink.text);
     free(first_logits);
     free(generated);

@@ -546,7 +546,9 @@ int cake_gguf_parse(const void *data, size_t size, cake_gguf **out, char *err, s
 
 int cake_gguf_open(const char *path, cake_gguf **out, char *err, size_t errlen) {
     *out = NULL;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    /* (O_NONBLOCK: a FIFO would block the open until a writer came; it
+     * is refused below, and a regular file's reads ignore the flag) */
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) return cake_err(err, errlen, "cannot open '%s': %s", path, strerror(errno));
     struct stat st;
     if (fstat(fd, &st) != 0) {

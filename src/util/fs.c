@@ -2,6 +2,8 @@
 #include "util/fs.h"
 
 #include <errno.h>
+#include <ftw.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/stat.h>
 
@@ -21,4 +23,14 @@ int cake_mkdir_p(const char *path) {
     }
     if (mkdir(tmp, 0755) != 0 && errno != EEXIST) return -1;
     return 0;
+}
+
+static int remove_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw) {
+    (void)st, (void)flag, (void)ftw;
+    return remove(path) ? -1 : 0;
+}
+
+int cake_remove_tree(const char *path) {
+    /* depth first (a folder after what it holds), links not followed */
+    return nftw(path, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
 }

@@ -5,4 +5,9 @@
  * errno set. */
 int cake_mkdir_p(const char *path);
 
+/* rm -rf without a shell: removes path and what is under it (symbolic links
+ * as links, never followed). 0, or -1 with errno set (what it could remove
+ * is gone). */
+int cake_remove_tree(const char *path);
+
 #endif
