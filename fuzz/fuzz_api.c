@@ -117,6 +117,8 @@ static void fuzz_parse(const uint8_t *data, size_t size) {
     char *tmpl = data[1] & 8 ? strndup((const char *)data + 2, size - 2) : NULL;
     char *system = chat_default_system(tmpl);
     CHECK(!system || (system[0] && strlen(system) < size));
+    char *date = chat_llama3_date(tmpl); /* (Llama 3.1's; "" the day's) */
+    CHECK(!date || (tmpl && strlen(date) < 32));
     const api_model m = {.tok = g_tok,
                          .n_vocab = cake_tokenizer_n_vocab(g_tok),
                          /* (63: room for a prompt listing tools) */
@@ -124,7 +126,8 @@ static void fuzz_parse(const uint8_t *data, size_t size) {
                          /* (0xf8 and up: Mistral v3's tools) */
                          .chat = data[1] >= 0xf8 ? CHAT_MISTRAL_V3 : (chat_format)(data[1] % 6),
                          .name = "fuzz",
-                         .default_system = system};
+                         .default_system = system,
+                         .llama3_date = date};
     /* /tokenize and /detokenize of the same body */
     char *out = NULL, err[256] = "";
     if (api_tokenize((const char *)data + 2, size - 2, &m, &out, err, sizeof(err)) == 0)
@@ -144,6 +147,7 @@ static void fuzz_parse(const uint8_t *data, size_t size) {
         CHECK(rc == -1 && err[0] && !jobs[0]);
         check_json(api_error(400, err));
         free(system);
+        free(date);
         free(tmpl);
         return;
     }
@@ -224,6 +228,7 @@ static void fuzz_parse(const uint8_t *data, size_t size) {
         check_event(api_stream_event(&shape, CHUNK_CALLS, 0, "", 0, 0, 0, j, "cmpl-1", 1, m.name));
     job_release(j);
     free(system);
+    free(date);
     free(tmpl);
 }
 

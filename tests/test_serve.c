@@ -2683,6 +2683,49 @@ static void test_chat_default_system(void **state) {
     char err[256];
     assert_int_equal(api_parse(kwargs, strlen(kwargs), 1, &m, &j, &shape, err, sizeof(err)), -1);
     assert_non_null(strstr(err, "'chat_template_kwargs'"));
+
+    /* Llama 3.1 and later write a system turn in every chat, with the
+     * knowledge cutoff and a date: 3.1's own ("26 Jul 2024"), 3.2's and
+     * 3.3's the day's (strftime_now); 3.0's template has none */
+    static const char llama31[] =
+        "{%- if not date_string is defined %}\n    {%- set date_string = \"26 Jul 2024\" %}\n"
+        "{%- endif %}\n{{- \"Cutting Knowledge Date: December 2023\\n\" }}\n{{- \"Today Date: "
+        "\" + date_string + \"\\n\\n\" }}";
+    static const char llama32[] =
+        "{%- if strftime_now is defined %}\n        {%- set date_string = strftime_now(\"%d %b "
+        "%Y\") %}\n    {%- else %}\n        {%- set date_string = \"26 Jul 2024\" %}\n"
+        "{{- \"Cutting Knowledge Date: December 2023\\n\" }}";
+    char *date = chat_llama3_date(llama31);
+    assert_string_equal(date, "26 Jul 2024");
+    free(date);
+    date = chat_llama3_date(llama32);
+    assert_string_equal(date, "");
+    free(date);
+    assert_null(chat_llama3_date("{{ '<|start_header_id|>' + message['role'] }}"));
+    assert_null(chat_llama3_date(NULL));
+    m.chat = CHAT_LLAMA3;
+    m.default_system = NULL;
+    m.llama3_date = "";
+    char today[32];
+    const time_t now = time(NULL);
+    struct tm tm;
+    strftime(today, sizeof(today), "%d %b %Y", localtime_r(&now, &tm));
+    char want[128];
+    snprintf(want, sizeof(want),
+             "system\n\nCutting Knowledge Date: December 2023\nToday Date: %s\n\nuser\n\nHi",
+             today);
+    const char *hi = "{\"messages\":[{\"role\":\"user\",\"content\":\"Hi\"}]}";
+    assert_int_equal(api_parse(hi, strlen(hi), 1, &m, &j, &shape, err, sizeof(err)), 0);
+    char *p = prompt_text(j, t);
+    if (strncmp(p, want, strlen(want))) fail_msg("Llama 3.2: '%s', want '%s'", p, want);
+    free(p);
+    job_release(j);
+    m.llama3_date = NULL; /* (Llama 3.0: the messages alone) */
+    assert_int_equal(api_parse(hi, strlen(hi), 1, &m, &j, &shape, err, sizeof(err)), 0);
+    p = prompt_text(j, t);
+    assert_string_equal(p, "user\n\nHiassistant\n\n");
+    free(p);
+    job_release(j);
     cake_tokenizer_free(t);
 }
 

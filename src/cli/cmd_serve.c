@@ -187,16 +187,18 @@ static int parse_args(int argc, char **argv, serve_opts *o) {
     return 0;
 }
 
-/* The model's chat format: its template's, else its vocabulary's; and the
- * system message a ChatML template writes when a chat has none (*system,
- * malloc'd; NULL: none). */
-static chat_format model_chat_format(const cake_model *m, char **system) {
+/* The model's chat format: its template's, else its vocabulary's; the
+ * system message a ChatML template writes when a chat has none (*system),
+ * and the date a Llama 3.1+ template's system turn writes (*date); both
+ * malloc'd, NULL: none. */
+static chat_format model_chat_format(const cake_model *m, char **system, char **date) {
     cake_gguf_str s;
     char *tmpl = NULL;
     if (cake_gguf_get_str(m->gguf, "tokenizer.chat_template", &s, NULL, 0) == 0)
         tmpl = strndup(s.ptr, s.len);
     const chat_format f = chat_detect(tmpl, cake_model_tokenizer(m));
     *system = f == CHAT_CHATML ? chat_default_system(tmpl) : NULL;
+    *date = f == CHAT_LLAMA3 ? chat_llama3_date(tmpl) : NULL;
     free(tmpl);
     return f;
 }
@@ -221,7 +223,7 @@ int cmd_serve(int argc, char **argv) {
     cake_store *store = NULL;
     serve_pool *pool = NULL;
     serve_server *server = NULL;
-    char *name = NULL, *default_system = NULL;
+    char *name = NULL, *default_system = NULL, *llama3_date = NULL;
     char speed_key[96] = "";
     rc = CLI_FAIL;
     if (o.store && cake_store_open(o.store, &store, err, sizeof(err))) {
@@ -252,7 +254,7 @@ int cmd_serve(int argc, char **argv) {
                       .queue_max = (int)o.queue,
                       .kv_type = o.kv_type,
                       .backend = o.backend};
-    const chat_format chat = model_chat_format(model, &default_system);
+    const chat_format chat = model_chat_format(model, &default_system, &llama3_date);
     const chat_call_syntax *calls = chat_calls(chat);
     pc.call_tag = calls && calls->open[0] ? calls->open : NULL;
     if (pool_create(model, &pc, &pool, err, sizeof(err))) {
@@ -276,6 +278,7 @@ int cmd_serve(int argc, char **argv) {
                     .chat = chat,
                     .name = o.name ? name : basename(name)};
     am.default_system = default_system;
+    am.llama3_date = llama3_date;
     http_config hc = {.host = o.host,
                       .port = (int)o.port,
                       .max_body = (size_t)o.max_body,
@@ -311,5 +314,6 @@ done:
     cake_store_close(store);
     free(name);
     free(default_system);
+    free(llama3_date);
     return rc;
 }

@@ -72,6 +72,17 @@ char *chat_default_system(const char *tmpl) {
     return s ? s : system_literal(tmpl, "<|im_start|>system\n");
 }
 
+char *chat_llama3_date(const char *tmpl) {
+    if (!tmpl || !strstr(tmpl, "Cutting Knowledge Date")) return NULL;
+    if (strstr(tmpl, "strftime_now")) return strdup("");
+    /* the template's own: {%- set date_string = "26 Jul 2024" %} */
+    static const char set[] = "set date_string = \"";
+    const char *at = strstr(tmpl, set), *end;
+    if (at && (end = strchr(at += sizeof(set) - 1, '"')) && end - at < 32)
+        return strndup(at, (size_t)(end - at));
+    return strdup("26 Jul 2024");
+}
+
 const char *chat_format_name(chat_format f) {
     static const char *names[] = {"none",   "chatml",  "llama3",         "llama2",     "mistral",
                                   "zephyr", "phi3",    "mistral-tekken", "mistral-v7", "phi4",
@@ -318,13 +329,19 @@ static void llama3_header(builder *b, const char *role) {
 
 /* Llama 3, with Llama 3.1's tool prompt (its template's words, its default
  * date): the functions before the first user message, a call as the
- * answer's JSON, results in ipython turns. */
-static void llama3(builder *b, const chat_message *m, int n, const chat_tools *tools) {
+ * answer's JSON, results in ipython turns. With a date (Llama 3.1 and
+ * later), or with tools, the system turn its template writes in every chat:
+ * the knowledge cutoff and the date, then the system message. */
+static void llama3(builder *b, const chat_message *m, int n, const chat_tools *tools,
+                   const char *date) {
     int i = 0, listed = 0;
-    if (tools) {
+    if (tools && !date) date = "26 Jul 2024";
+    if (date) {
         llama3_header(b, "system");
-        put_str(b, "Environment: ipython\nCutting Knowledge Date: December 2023\nToday Date: 26 "
-                   "Jul 2024\n\n");
+        if (tools) put_str(b, "Environment: ipython\n");
+        put_str(b, "Cutting Knowledge Date: December 2023\nToday Date: ");
+        put_str(b, date);
+        put_str(b, "\n\n");
         if (n && !strcmp(m[0].role, "system")) put_trimmed(b, &m[i++]);
         put_special(b, "<|eot_id|>");
     }
@@ -501,7 +518,7 @@ int chat_prompt(chat_format f, const cake_tokenizer *t, const chat_message *m, i
         *end_of_turn = cake_tokenizer_find(t, "<|im_end|>", 10);
         break;
     case CHAT_LLAMA3:
-        llama3(&b, m, n, tools);
+        llama3(&b, m, n, tools, opt ? opt->date : NULL);
         *end_of_turn = cake_tokenizer_find(t, "<|eot_id|>", 10);
         break;
     case CHAT_LLAMA2: {

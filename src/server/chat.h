@@ -63,6 +63,9 @@ typedef struct {
     /* ChatML: the system message when the messages have none, as the
      * template writes one (chat_default_system; NULL: none) */
     const char *default_system;
+    /* Llama 3.1 and later: the date of the system turn their templates
+     * always write (chat_llama3_date; NULL: none, as Llama 3.0's) */
+    const char *date;
 } chat_options;
 
 /* How a format's model writes a function call: a JSON object {"name": ...,
@@ -86,6 +89,13 @@ const char *chat_format_name(chat_format f);
  * '<|im_start|>system\n...<|im_end|>' in it, unescaped. malloc'd; NULL:
  * none (or out of memory). */
 char *chat_default_system(const char *template_text);
+
+/* Whether a Llama 3 template writes a system turn with its knowledge cutoff
+ * and a date in every chat (Llama 3.1, 3.2, 3.3): the date it writes, "26
+ * Jul 2024" as 3.1's does, or "" for the day's date (3.2's and 3.3's
+ * strftime_now, as vLLM and llama.cpp render it). malloc'd; NULL: it does
+ * not (Llama 3.0), or out of memory. */
+char *chat_llama3_date(const char *template_text);
 
 /* The prompt of messages m[0..n) in format f, with opt (NULL: none; tools
  * in the formats chat_calls knows), ending with the header of the

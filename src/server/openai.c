@@ -817,8 +817,15 @@ static int chat_prompt_of(const cJSON *o, const api_model *m, request_tools *rt,
         goto done;
     }
     if (kwargs && bool_field(kwargs, "enable_thinking", &thinking, err, errlen)) goto done;
+    /* (the day's date as strftime_now writes it: "%d %b %Y", local time) */
+    char today[32] = "";
+    const time_t now = time(NULL);
+    struct tm tm;
+    if (m->llama3_date && !m->llama3_date[0] && localtime_r(&now, &tm))
+        strftime(today, sizeof(today), "%d %b %Y", &tm);
     const chat_options opt = {rt->choice != TOOLS_NONE ? &tools : NULL, !thinking,
-                              m->default_system};
+                              m->default_system,
+                              m->llama3_date && !m->llama3_date[0] ? today : m->llama3_date};
     rc = chat_prompt(m->chat, m->tok, cm, count, &opt, ids, n, end_of_turn, err, errlen);
 done:
     for (int k = 0; k < count; k++) {

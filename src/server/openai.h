@@ -18,6 +18,9 @@ typedef struct {
     chat_format chat;           /* CHAT_NONE: chat requests are refused */
     const char *name;           /* the model's id in responses */
     const char *default_system; /* ChatML: the template's system message (NULL: none) */
+    /* Llama 3.1 and later: the date their system turn writes (chat_llama3_date;
+     * "": the day's; NULL: no such turn) */
+    const char *llama3_date;
 } api_model;
 
 typedef struct {
