@@ -20,6 +20,7 @@
 #include "server/chat.h"
 #include "server/openai.h"
 #include "engine/json_grammar.h"
+#include "util/clock.h"
 
 /* ---- the server process ---- */
 
@@ -1791,6 +1792,44 @@ static void test_slow_first_token(void **state) {
     assert_int_equal(serve_stop(&s), 0);
 }
 
+/* Connections that send half a request, or none, are closed after
+ * --request-timeout (not the idle --timeout of 120 s), so that they cannot
+ * hold every connection the server takes (--slots 1 --queue 0: 17) for two
+ * minutes; a stream whose first token takes longer than that still gets
+ * it (a lookup with 1.5 s of latency). */
+static void test_request_timeout(void **state) {
+    (void)state;
+    t_server s;
+    assert_int_equal(serve_start(&s, g_tiny, "--store", "mem:?lat=1500", "--mode", "load",
+                                 "--chunk", "16", "--slots", "1", "--queue", "0",
+                                 "--request-timeout", "1", NULL),
+                     0);
+    t_resp r = http(s.port, "POST", "/v1/completions",
+                    "{\"prompt\":\"The quick brown fox jumps over the lazy dog, and the cat "
+                    "sleeps on\",\"max_tokens\":1,\"stream\":true}");
+    assert_int_equal(r.status, 200);
+    cJSON *ev[8];
+    int done, n_ev = parse_events(r.body, ev, 8, &done);
+    assert_true(done && n_ev >= 1);
+    assert_true(num_at(ev[n_ev - 1], "cake.ttft_ms") > 1500);
+    for (int i = 0; i < n_ev; i++) cJSON_Delete(ev[i]);
+    resp_free(&r);
+    int idle[17];
+    for (int i = 0; i < 17; i++) {
+        idle[i] = connect_to(s.port);
+        if (i % 2) send_all(idle[i], "GET /health HTTP/1.1\r\nHost: x\r\n", 32);
+    }
+    const uint64_t t0 = cake_now_ns();
+    r = http(s.port, "GET", "/health", NULL);
+    const double waited = (double)(cake_now_ns() - t0) / 1e9;
+    printf("request timeout: /health answered %.1f s after 17 idle connections\n", waited);
+    assert_int_equal(r.status, 200);
+    assert_true(waited < 10);
+    resp_free(&r);
+    for (int i = 0; i < 17; i++) close(idle[i]);
+    assert_int_equal(serve_stop(&s), 0);
+}
+
 /* ---- continuous batching ---- */
 
 /* Sends a greedy completion of prompt (max_tokens, then `extra` JSON
@@ -3440,6 +3479,7 @@ int main(void) {
         cmocka_unit_test(test_seeded_sampling),
         cmocka_unit_test(test_store_reuse),
         cmocka_unit_test(test_slow_first_token),
+        cmocka_unit_test(test_request_timeout),
         cmocka_unit_test(test_slot_prefix),
         cmocka_unit_test(test_answer_stored),
         cmocka_unit_test(test_kv_q8_0_served),

@@ -54,12 +54,16 @@ static const char *help =
     "      --timeout SECONDS close a connection idle this long (default 120); a\n"
     "                        stream waiting for its first token sends a keep-alive\n"
     "                        comment every quarter of it\n"
+    "      --request-timeout SECONDS  close a connection that waits this long\n"
+    "                        without a byte of its request, its first or the next\n"
+    "                        on a kept-alive connection (default 15)\n"
     "      --api-key KEY     the API (/v1/...) wants \"Authorization: Bearer KEY\"\n"
     "                        (default: $CAKE_API_KEY when set, else none)\n";
 
 typedef struct {
     const char *model, *host, *store, *name, *api_key;
-    long port, chunk, io_depth, slots, batch, queue, ctx, threads, max_body, timeout;
+    long port, chunk, io_depth, slots, batch, queue, ctx, threads, max_body, timeout,
+        request_timeout;
     cake_mode mode;
     sched_policy policy;
     enum cake_kv_type kv_type;
@@ -67,27 +71,18 @@ typedef struct {
 } serve_opts;
 
 static int parse_args(int argc, char **argv, serve_opts *o) {
-    static const struct option opts[] = {{"model", required_argument, 0, 'm'},
-                                         {"host", required_argument, 0, 'H'},
-                                         {"port", required_argument, 0, 'p'},
-                                         {"store", required_argument, 0, 'S'},
-                                         {"mode", required_argument, 0, 'M'},
-                                         {"chunk", required_argument, 0, 'c'},
-                                         {"io-depth", required_argument, 0, 'I'},
-                                         {"slots", required_argument, 0, 's'},
-                                         {"queue", required_argument, 0, 'q'},
-                                         {"ctx", required_argument, 0, 'x'},
-                                         {"threads", required_argument, 0, 'j'},
-                                         {"batch", required_argument, 0, 'T'},
-                                         {"schedule", required_argument, 0, 'P'},
-                                         {"kv-type", required_argument, 0, 'k'},
-                                         {"backend", required_argument, 0, 'B'},
-                                         {"name", required_argument, 0, 'N'},
-                                         {"max-body", required_argument, 0, 'b'},
-                                         {"api-key", required_argument, 0, 'K'},
-                                         {"timeout", required_argument, 0, 'O'},
-                                         {"help", no_argument, 0, 'h'},
-                                         {0, 0, 0, 0}};
+    static const struct option opts[] = {
+        {"model", required_argument, 0, 'm'},    {"host", required_argument, 0, 'H'},
+        {"port", required_argument, 0, 'p'},     {"store", required_argument, 0, 'S'},
+        {"mode", required_argument, 0, 'M'},     {"chunk", required_argument, 0, 'c'},
+        {"io-depth", required_argument, 0, 'I'}, {"slots", required_argument, 0, 's'},
+        {"queue", required_argument, 0, 'q'},    {"ctx", required_argument, 0, 'x'},
+        {"threads", required_argument, 0, 'j'},  {"batch", required_argument, 0, 'T'},
+        {"schedule", required_argument, 0, 'P'}, {"kv-type", required_argument, 0, 'k'},
+        {"backend", required_argument, 0, 'B'},  {"name", required_argument, 0, 'N'},
+        {"max-body", required_argument, 0, 'b'}, {"api-key", required_argument, 0, 'K'},
+        {"timeout", required_argument, 0, 'O'},  {"request-timeout", required_argument, 0, 'W'},
+        {"help", no_argument, 0, 'h'},           {0, 0, 0, 0}};
     *o = (serve_opts){.host = "127.0.0.1",
                       .store = DEFAULT_STORE,
                       .port = 8080,
@@ -98,6 +93,7 @@ static int parse_args(int argc, char **argv, serve_opts *o) {
                       .queue = 64,
                       .max_body = 8 << 20,
                       .timeout = 120,
+                      .request_timeout = 15,
                       .mode = CAKE_MODE_CAKE};
     int c;
     optind = 1;
@@ -154,6 +150,10 @@ static int parse_args(int argc, char **argv, serve_opts *o) {
             break;
         case 'O':
             if (cli_parse_int(optarg, 1, 86400, &o->timeout)) what = "--timeout wants 1..86400";
+            break;
+        case 'W':
+            if (cli_parse_int(optarg, 1, 86400, &o->request_timeout))
+                what = "--request-timeout wants 1..86400";
             break;
         case 'M':
             if (cake_mode_parse(optarg, &o->mode)) what = "--mode is cake, load or compute";
@@ -284,7 +284,8 @@ int cmd_serve(int argc, char **argv) {
                       .max_body = (size_t)o.max_body,
                       .max_connections = (int)(o.slots + o.queue + 16),
                       .api_key = o.api_key,
-                      .idle_timeout_s = (int)o.timeout};
+                      .idle_timeout_s = (int)o.timeout,
+                      .request_timeout_s = (int)o.request_timeout};
     if (server_start(pool, &am, &hc, &server, err, sizeof(err))) {
         cli_error(CLI_FAIL, "serve", "%s", err);
         goto done;

@@ -551,17 +551,34 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
     if (rq->too_large)
         return reply_error(s, c, MHD_HTTP_CONTENT_TOO_LARGE,
                            "the body is over the limit of %zu bytes", s->cfg.max_body);
+    /* The request is in: from now the answer's timeout (a stream may wait
+     * long for its first token, with keep-alive comments at a quarter of it) */
+    MHD_set_connection_option(c, MHD_CONNECTION_OPTION_TIMEOUT, (unsigned)s->cfg.idle_timeout_s);
     return route(s, c, url, method, rq);
+}
+
+/* The timeout while a connection waits for a request. */
+static void wait_for_request(const serve_server *s, struct MHD_Connection *c) {
+    const int t = s->cfg.request_timeout_s;
+    if (t > 0 && t < s->cfg.idle_timeout_s)
+        MHD_set_connection_option(c, MHD_CONNECTION_OPTION_TIMEOUT, (unsigned)t);
 }
 
 static void on_completed(void *cls, struct MHD_Connection *c, void **state,
                          enum MHD_RequestTerminationCode toe) {
-    (void)cls, (void)c, (void)toe;
+    (void)toe;
     request_state *rq = *state;
+    if (c) wait_for_request(cls, c); /* (kept alive: the next request) */
     if (!rq) return;
     free(rq->body);
     free(rq);
     *state = NULL;
+}
+
+static void on_connection(void *cls, struct MHD_Connection *c, void **socket_state,
+                          enum MHD_ConnectionNotificationCode code) {
+    (void)socket_state;
+    if (code == MHD_CONNECTION_NOTIFY_STARTED) wait_for_request(cls, c);
 }
 
 /* ---- the daemon ---- */
@@ -588,13 +605,13 @@ int server_start(serve_pool *pool, const api_model *model, const http_config *cf
     unsigned flags =
         MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_THREAD_PER_CONNECTION | MHD_USE_ERROR_LOG;
     if (ai->ai_family == AF_INET6) flags |= MHD_USE_IPv6;
-    s->daemon = MHD_start_daemon(flags, (uint16_t)cfg->port, NULL, NULL, on_request, s,
-                                 MHD_OPTION_EXTERNAL_LOGGER, log_http,
-                                 NULL, /* (first: it covers the other options) */
-                                 MHD_OPTION_SOCK_ADDR, ai->ai_addr, MHD_OPTION_CONNECTION_LIMIT,
-                                 (unsigned)cfg->max_connections, MHD_OPTION_CONNECTION_TIMEOUT,
-                                 (unsigned)cfg->idle_timeout_s, MHD_OPTION_NOTIFY_COMPLETED,
-                                 on_completed, NULL, MHD_OPTION_END);
+    s->daemon = MHD_start_daemon(
+        flags, (uint16_t)cfg->port, NULL, NULL, on_request, s, MHD_OPTION_EXTERNAL_LOGGER, log_http,
+        NULL, /* (first: it covers the other options) */
+        MHD_OPTION_SOCK_ADDR, ai->ai_addr, MHD_OPTION_CONNECTION_LIMIT,
+        (unsigned)cfg->max_connections, MHD_OPTION_CONNECTION_TIMEOUT,
+        (unsigned)cfg->idle_timeout_s, MHD_OPTION_NOTIFY_COMPLETED, on_completed, s,
+        MHD_OPTION_NOTIFY_CONNECTION, on_connection, s, MHD_OPTION_END);
     freeaddrinfo(ai);
     if (!s->daemon) {
         free(s);

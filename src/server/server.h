@@ -26,8 +26,13 @@ typedef struct {
     int port;         /* 0: any free port (server_port tells which) */
     size_t max_body;  /* larger request bodies get 413 */
     int max_connections;
-    int idle_timeout_s;  /* a connection idle this long is closed; streams that
-                            wait send a keep-alive comment every quarter of it */
+    int idle_timeout_s; /* a connection idle this long is closed; streams that
+                           wait send a keep-alive comment every quarter of it */
+    /* A connection waiting for a request (its first, or the next on a kept
+     * alive one) is closed after this long without a byte (at most
+     * idle_timeout_s): idle or half-sent requests do not hold the
+     * connection limit for the whole idle timeout. */
+    int request_timeout_s;
     const char *api_key; /* NULL: none; else /v1/ wants "Authorization: Bearer KEY" */
 } http_config;
 
