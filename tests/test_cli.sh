@@ -46,6 +46,7 @@ expect_exit 2 "run with a bad --store" -- "$CAKE" run -m x.gguf -p hi --store bo
 expect_exit 2 "bench with a bad --modes" -- "$CAKE" bench ttft -m x.gguf --modes compute,pancake
 expect_exit 2 "bench with a bad --store" -- "$CAKE" bench ttft -m x.gguf --store "file:/x?foo=1"
 expect_exit 2 "serve with a bad --store" -- "$CAKE" serve -m x.gguf --store "mem:?bw=0"
+expect_exit 2 "serve with a bad --request-timeout" -- "$CAKE" serve -m x.gguf --request-timeout 0
 expect_exit 0 "run --help" -- "$CAKE" run --help
 grep -q -- "--dump-logits" "$tmp/out" && pass "run --help lists options" || fail "run --help"
 
