@@ -2326,16 +2326,20 @@ enum {
     AVAILABLE_TOOLS_END,
     TOOL_RESULTS,
     TOOL_RESULTS_END,
+    DS_USER, /* DeepSeek-R1's */
+    DS_ASSISTANT,
     CHAT_VOCAB
 };
 
 /* A prompt's expected id for byte c of the tests' strings: \x01 .. \x08
  * are IM_START .. CALL_END, \x0e .. \x1f IM_SEP .. TOOL_RESULTS, \x7f
- * TOOL_RESULTS_END; other bytes are themselves. */
+ * TOOL_RESULTS_END, and \x80 + k any special token IM_START + k; other
+ * bytes are themselves. */
 static int chat_test_id(unsigned char c) {
     return c >= 1 && c <= 8     ? IM_START + c - 1
            : c >= 14 && c <= 31 ? IM_SEP + c - 14
            : c == 0x7f          ? TOOL_RESULTS_END
+           : c >= 0x80          ? IM_START + c - 0x80
                                 : c;
 }
 
@@ -2371,7 +2375,9 @@ static cake_tokenizer *chat_vocab(void) {
                              "[AVAILABLE_TOOLS]",
                              "[/AVAILABLE_TOOLS]",
                              "[TOOL_RESULTS]",
-                             "[/TOOL_RESULTS]"};
+                             "[/TOOL_RESULTS]",
+                             "<｜User｜>",
+                             "<｜Assistant｜>"};
     for (int i = 0; i < CHAT_VOCAB - 256; i++)
         tokens[256 + i] = special[i], types[256 + i] = CAKE_TOKEN_CONTROL;
     /* (Qwen's tags are user-defined: their text is theirs) */
@@ -2416,6 +2422,12 @@ static void test_chat_formats(void **state) {
                      CHAT_MISTRAL_V7);
     assert_int_equal(chat_detect("{{ '[AVAILABLE_TOOLS]' }}{{ \"[INST]\" + u }}", t),
                      CHAT_MISTRAL_TEKKEN);
+    assert_int_equal(chat_detect("{{'<｜User｜>' + c}}{{'<｜Assistant｜><think>\\n'}}", t),
+                     CHAT_DEEPSEEK);
+    assert_true(chat_opens_thinking("{{'<｜Assistant｜><think>\\n'}}"));
+    assert_true(chat_opens_thinking("{{- '<|im_start|>assistant\\n<think>\\n' }}")); /* QwQ */
+    assert_false(chat_opens_thinking("{{'<｜Assistant｜>'}}"));
+    assert_false(chat_opens_thinking(NULL));
     /* 7B v0.3's: tools, "[INST] " without a space before it */
     assert_int_equal(
         chat_detect("{{- \"[AVAILABLE_TOOLS] [\" }}{{- \"[INST] \" + m + \"[/INST]\" }}", t),
@@ -2451,6 +2463,8 @@ static void test_chat_formats(void **state) {
         {CHAT_MISTRAL_TEKKEN, "\x06\x13S\n\n <|im_end|>\n\x14 ok \x05\x13more\x14", -1},
         {CHAT_MISTRAL_V7, "\x06\x15 S\x16\x13  <|im_end|>\n\x14  ok \x05\x13 more\x14", -1},
         {CHAT_MISTRAL_V3, "\x06\x13 S\n\n <|im_end|>\n\x14 ok\x05\x13 more\x14", -1},
+        /* DeepSeek-R1's: \x9d <｜User｜>, \x9e <｜Assistant｜> */
+        {CHAT_DEEPSEEK, "\x06S\x9d <|im_end|>\n\x9e ok \x05\x9dmore\x9e", -1},
         {CHAT_ZEPHYR,
          "\x06<|system|>\nS\x05\n<|user|>\n <|im_end|>\n\x05\n<|assistant|>\n ok \x05\n"
          "<|user|>\nmore\x05\n<|assistant|>\n",
@@ -3458,6 +3472,62 @@ static void test_reasoning(void **state) {
     const int k = (int)(sizeof(tail) / sizeof(tail[0]));
     assert_true(j->n_prompt > k);
     assert_memory_equal(j->prompt + j->n_prompt - k, tail, sizeof(tail));
+    job_release(j);
+
+    /* A template that opens the answer's <think> (DeepSeek-R1's distills,
+     * QwQ): the prompt ends "<think>\n" and the answer begins inside the
+     * reasoning, whole and streamed; one cut before </think> is all
+     * reasoning; an earlier answer's reasoning is left out of the prompt */
+    m.chat = CHAT_DEEPSEEK;
+    m.open_thinking = 1;
+    const char *conv = "{\"messages\":[{\"role\":\"user\",\"content\":\"Hi\"},{\"role\":"
+                       "\"assistant\",\"content\":\"<think>x</think>Hello.\"},{\"role\":\"user\","
+                       "\"content\":\"Weather?\"}]}";
+    j = answered(conv, &m, &shape, "It is Paris.\n</think>\n\nSunny.");
+    assert_int_equal(j->reasoning, JOB_THINKING);
+    const cake_token opened[] = {DS_USER, 'H', 'i', DS_ASSISTANT, 'H',          'e',   'l', 'l',
+                                 'o',     '.', EOT, DS_USER,      'W',          'e',   'a', 't',
+                                 'h',     'e', 'r', '?',          DS_ASSISTANT, THINK, '\n'};
+    const int n_opened = (int)(sizeof(opened) / sizeof(opened[0]));
+    assert_int_equal(j->n_prompt, n_opened + 1); /* (BOS first) */
+    assert_memory_equal(j->prompt + 1, opened, sizeof(opened));
+    r = api_response(&shape, &j, 1, "chatcmpl-1", 1, "t");
+    o = cJSON_Parse(r);
+    assert_string_equal(str_at(o, "choices.0.message.reasoning_content"), "It is Paris.");
+    assert_string_equal(str_at(o, "choices.0.message.content"), "Sunny.");
+    cJSON_Delete(o);
+    free(r);
+    job_release(j);
+    j = answered(conv, &m, &shape, "Still thinking");
+    r = api_response(&shape, &j, 1, "chatcmpl-1", 1, "t");
+    o = cJSON_Parse(r);
+    assert_string_equal(str_at(o, "choices.0.message.reasoning_content"), "Still thinking");
+    assert_string_equal(str_at(o, "choices.0.message.content"), "");
+    cJSON_Delete(o);
+    free(r);
+    job_release(j);
+    static const char *opened_pieces[] = {"It is", " Paris.\n</th", "ink>\n\nSun", "ny."};
+    reasoning[0] = content[0] = '\0';
+    assert_int_equal(api_parse(conv, strlen(conv), 1, &m, &j, &shape, err, sizeof(err)), 0);
+    sent = 0;
+    for (size_t p = 0; p <= sizeof(opened_pieces) / sizeof(opened_pieces[0]); p++) {
+        if (p < sizeof(opened_pieces) / sizeof(opened_pieces[0])) {
+            job_add_text(j, opened_pieces[p], strlen(opened_pieces[p]));
+        } else {
+            job_settle(j, NULL);
+            job_finish(j);
+        }
+        for (int kind; (kind = api_next_piece(j, sent, &from, &to)); sent = to)
+            strncat(kind == 1 ? reasoning : content, j->text + from, to - from);
+    }
+    assert_string_equal(reasoning, "It is Paris.\n");
+    assert_string_equal(content, "Sunny.");
+    job_release(j);
+    /* without the template's opening: the model opens it, as before */
+    m.open_thinking = 0;
+    assert_int_equal(api_parse(conv, strlen(conv), 1, &m, &j, &shape, err, sizeof(err)), 0);
+    assert_int_equal(j->reasoning, 1);
+    assert_int_equal(j->prompt[j->n_prompt - 1], DS_ASSISTANT);
     job_release(j);
     cake_tokenizer_free(t);
 }

@@ -191,7 +191,8 @@ static int parse_args(int argc, char **argv, serve_opts *o) {
  * system message a ChatML template writes when a chat has none (*system),
  * and the date a Llama 3.1+ template's system turn writes (*date); both
  * malloc'd, NULL: none. */
-static chat_format model_chat_format(const cake_model *m, char **system, char **date) {
+static chat_format model_chat_format(const cake_model *m, char **system, char **date,
+                                     int *open_thinking) {
     cake_gguf_str s;
     char *tmpl = NULL;
     if (cake_gguf_get_str(m->gguf, "tokenizer.chat_template", &s, NULL, 0) == 0)
@@ -199,6 +200,7 @@ static chat_format model_chat_format(const cake_model *m, char **system, char **
     const chat_format f = chat_detect(tmpl, cake_model_tokenizer(m));
     *system = f == CHAT_CHATML ? chat_default_system(tmpl) : NULL;
     *date = f == CHAT_LLAMA3 ? chat_llama3_date(tmpl) : NULL;
+    *open_thinking = (f == CHAT_CHATML || f == CHAT_DEEPSEEK) && chat_opens_thinking(tmpl);
     free(tmpl);
     return f;
 }
@@ -254,7 +256,9 @@ int cmd_serve(int argc, char **argv) {
                       .queue_max = (int)o.queue,
                       .kv_type = o.kv_type,
                       .backend = o.backend};
-    const chat_format chat = model_chat_format(model, &default_system, &llama3_date);
+    int open_thinking = 0;
+    const chat_format chat =
+        model_chat_format(model, &default_system, &llama3_date, &open_thinking);
     const chat_call_syntax *calls = chat_calls(chat);
     pc.call_tag = calls && calls->open[0] ? calls->open : NULL;
     if (pool_create(model, &pc, &pool, err, sizeof(err))) {
@@ -279,6 +283,7 @@ int cmd_serve(int argc, char **argv) {
                     .name = o.name ? name : basename(name)};
     am.default_system = default_system;
     am.llama3_date = llama3_date;
+    am.open_thinking = open_thinking;
     http_config hc = {.host = o.host,
                       .port = (int)o.port,
                       .max_body = (size_t)o.max_body,

@@ -24,6 +24,7 @@ chat_format chat_detect(const char *tmpl, const cake_tokenizer *t) {
             return CHAT_MISTRAL_V3;
         if (strstr(tmpl, "[INST]")) return strstr(tmpl, "<<SYS>>") ? CHAT_LLAMA2 : CHAT_MISTRAL;
         if (strstr(tmpl, "<|assistant|>") && strstr(tmpl, "<|end|>")) return CHAT_PHI3;
+        if (strstr(tmpl, "<｜User｜>") && strstr(tmpl, "<｜Assistant｜>")) return CHAT_DEEPSEEK;
         if (strstr(tmpl, "<|user|>") && strstr(tmpl, "<|assistant|>")) return CHAT_ZEPHYR;
         return CHAT_NONE;
     }
@@ -72,6 +73,15 @@ char *chat_default_system(const char *tmpl) {
     return s ? s : system_literal(tmpl, "<|im_start|>system\n");
 }
 
+int chat_opens_thinking(const char *tmpl) {
+    /* (the newline as the Jinja source escapes it, or as a newline) */
+    static const char *const opens[] = {"<｜Assistant｜><think>\\n", "<｜Assistant｜><think>\n",
+                                        "assistant\\n<think>\\n", "assistant\n<think>\n"};
+    for (size_t k = 0; tmpl && k < sizeof(opens) / sizeof(opens[0]); k++)
+        if (strstr(tmpl, opens[k])) return 1;
+    return 0;
+}
+
 char *chat_llama3_date(const char *tmpl) {
     if (!tmpl || !strstr(tmpl, "Cutting Knowledge Date")) return NULL;
     if (strstr(tmpl, "strftime_now")) return strdup("");
@@ -86,7 +96,7 @@ char *chat_llama3_date(const char *tmpl) {
 const char *chat_format_name(chat_format f) {
     static const char *names[] = {"none",   "chatml",  "llama3",         "llama2",     "mistral",
                                   "zephyr", "phi3",    "mistral-tekken", "mistral-v7", "phi4",
-                                  "gemma",  "granite", "mistral-v3"};
+                                  "gemma",  "granite", "mistral-v3",     "deepseek"};
     return names[f];
 }
 
@@ -461,6 +471,32 @@ static void mistral(builder *b, const chat_message *m, int n, chat_format f,
     }
 }
 
+/* DeepSeek-R1's distills (their template's): the system messages first,
+ * joined by blank lines, then <｜User｜>{user} and <｜Assistant｜>{answer}EOS,
+ * an answer's reasoning (up to its last </think>) left out, as the template
+ * does; then <｜Assistant｜>. */
+static void deepseek(builder *b, const chat_message *m, int n, cake_token eos) {
+    int systems = 0;
+    for (int i = 0; i < n; i++) {
+        if (strcmp(m[i].role, "system")) continue;
+        if (systems++) put_str(b, "\n\n");
+        put_text(b, m[i].content, m[i].content_len);
+    }
+    for (int i = 0; i < n; i++) {
+        if (!strcmp(m[i].role, "user")) {
+            put_special(b, "<｜User｜>");
+            put_text(b, m[i].content, m[i].content_len);
+        } else if (!strcmp(m[i].role, "assistant")) {
+            const char *s = m[i].content, *end = s + m[i].content_len;
+            for (const char *c; (c = memmem(s, (size_t)(end - s), "</think>", 8));) s = c + 8;
+            put_special(b, "<｜Assistant｜>");
+            put_text(b, s, (size_t)(end - s));
+            if (eos >= 0) put_id(b, eos);
+        }
+    }
+    put_special(b, "<｜Assistant｜>");
+}
+
 int chat_prompt(chat_format f, const cake_tokenizer *t, const chat_message *m, int n,
                 const chat_options *opt, cake_token **ids, int *n_ids, cake_token *end_of_turn,
                 char *err, size_t errlen) {
@@ -515,7 +551,13 @@ int chat_prompt(chat_format f, const cake_tokenizer *t, const chat_message *m, i
         chatml(&b, m, n, tools, opt ? opt->default_system : NULL);
         if (opt && opt->no_thinking && cake_tokenizer_find(t, "<think>", 7) >= 0)
             put_tagged(&b, "<think>\n\n</think>\n\n");
+        else if (opt && opt->open_thinking)
+            put_tagged(&b, "<think>\n");
         *end_of_turn = cake_tokenizer_find(t, "<|im_end|>", 10);
+        break;
+    case CHAT_DEEPSEEK:
+        deepseek(&b, m, n, eos);
+        if (opt && opt->open_thinking) put_tagged(&b, "<think>\n");
         break;
     case CHAT_LLAMA3:
         llama3(&b, m, n, tools, opt ? opt->date : NULL);

@@ -28,6 +28,7 @@ typedef enum {
     CHAT_GEMMA,          /* <start_of_turn>user\n...<end_of_turn>\n<start_of_turn>model\n */
     CHAT_GRANITE,        /* <|start_of_role|>user<|end_of_role|>...<|end_of_text|>\n (Granite 3) */
     CHAT_MISTRAL_V3,     /* [INST] ...[/INST] ...</s> (Mistral 7B Instruct v0.3) */
+    CHAT_DEEPSEEK, /* {system}<｜User｜>...<｜Assistant｜>...EOS (DeepSeek-R1's distills) */
 } chat_format;
 
 /* A function call an assistant's message made (OpenAI's tool_calls). */
@@ -66,6 +67,10 @@ typedef struct {
     /* Llama 3.1 and later: the date of the system turn their templates
      * always write (chat_llama3_date; NULL: none, as Llama 3.0's) */
     const char *date;
+    /* The template opens the answer's reasoning, "<think>\n" after the
+     * answer's header (chat_opens_thinking: DeepSeek-R1's distills, QwQ;
+     * ChatML and DeepSeek formats) */
+    int open_thinking;
 } chat_options;
 
 /* How a format's model writes a function call: a JSON object {"name": ...,
@@ -89,6 +94,11 @@ const char *chat_format_name(chat_format f);
  * '<|im_start|>system\n...<|im_end|>' in it, unescaped. malloc'd; NULL:
  * none (or out of memory). */
 char *chat_default_system(const char *template_text);
+
+/* Whether a template writes "<think>\n" after the header of the answer
+ * it asks for (DeepSeek-R1's distills, QwQ): the model's answer then
+ * begins inside its reasoning. */
+int chat_opens_thinking(const char *template_text);
 
 /* Whether a Llama 3 template writes a system turn with its knowledge cutoff
  * and a date in every chat (Llama 3.1, 3.2, 3.3): the date it writes, "26

@@ -215,15 +215,20 @@ static long find_stop(const serve_job *j, size_t from, size_t *hold) {
 
 static const char think_open[] = "<think>", think_close[] = "</think>";
 
-void job_reasoning(const serve_job *j, size_t *r0, size_t *r1, size_t *c0) {
+bool job_reasoning(const serve_job *j, size_t *r0, size_t *r1, size_t *c0) {
     const char *text = j->text ? j->text : "";
     *r0 = *r1 = *c0 = 0;
     const size_t i = skip_space(text, 0, j->len), ol = sizeof(think_open) - 1;
-    if (!j->reasoning || j->len - i < ol || memcmp(text + i, think_open, ol)) return;
-    *r0 = i + ol;
+    if (j->reasoning == JOB_THINKING)
+        *r0 = 0; /* (opened by the prompt) */
+    else if (!j->reasoning || j->len - i < ol || memcmp(text + i, think_open, ol))
+        return false;
+    else
+        *r0 = i + ol;
     const char *end = memmem(text + *r0, j->len - *r0, think_close, sizeof(think_close) - 1);
     *r1 = end ? (size_t)(end - text) : j->len;
     *c0 = end ? skip_space(text, *r1 + sizeof(think_close) - 1, j->len) : j->len;
+    return true;
 }
 
 /* Where the text may begin a tool call (held back from streams until the
@@ -250,8 +255,7 @@ static size_t call_start(const serve_job *j, bool more_may_come) {
 static size_t think_start(const serve_job *j, bool more_may_come) {
     if (!j->reasoning || !more_may_come) return j->len;
     size_t r0, r1, c0;
-    job_reasoning(j, &r0, &r1, &c0);
-    if (!r0) { /* not opened: white space and a part of the tag? */
+    if (!job_reasoning(j, &r0, &r1, &c0)) { /* not opened: white space and a part of the tag? */
         const size_t i = skip_space(j->text, 0, j->len), rest = j->len - i;
         return rest < sizeof(think_open) - 1 && !memcmp(j->text + i, think_open, rest) ? 0 : j->len;
     }

@@ -18,6 +18,7 @@
 #define JOB_MAX_STOP_IDS     16                     /* a request's stop_token_ids */
 #define JOB_STOP_ID_ROOM     (JOB_MAX_STOP_IDS + 4) /* and a fill in the middle's end tokens */
 #define JOB_MAX_TOP_LOGPROBS 20
+#define JOB_THINKING         2 /* serve_job.reasoning: the prompt opened <think> */
 
 /* A generated token's log-probability under the model (its logits' log
  * softmax: before temperature and top_p), its most likely alternatives,
@@ -82,7 +83,9 @@ struct serve_job {
     char *tool_names;
     /* A thinking model's chat (its vocabulary has <think>): an answer that
      * opens with <think>...</think> gives that as reasoning_content; the tag
-     * and what may be its start are held back from streams. */
+     * and what may be its start are held back from streams. JOB_THINKING:
+     * the prompt opened <think> (DeepSeek-R1's and QwQ's templates), so the
+     * answer begins inside it. */
     int reasoning;
     /* vLLM's cache_salt (owned; NULL: none): the prompt's KV is shared, in
      * the store and in the slots' caches, only with requests of the same
@@ -152,10 +155,10 @@ size_t skip_space(const char *text, size_t at, size_t len);
 /* The end of text[0..end) with the white space it ends with left out. */
 size_t trim_space_back(const char *text, size_t end);
 /* A thinking answer's reasoning (job->reasoning; opened by <think> after
- * white space): its text [*r0, *r1), closed by </think> or the end so far,
- * and where the rest begins (*c0, white space skipped). All 0 when there
- * is none. Under the job's lock. */
-void job_reasoning(const serve_job *j, size_t *r0, size_t *r1, size_t *c0);
+ * white space, or by the prompt): its text [*r0, *r1), closed by </think>
+ * or the end so far, and where the rest begins (*c0, white space skipped).
+ * false (all 0) when there is none. Under the job's lock. */
+bool job_reasoning(const serve_job *j, size_t *r0, size_t *r1, size_t *c0);
 /* Sets how the job ended (error: why it failed, or NULL; whether it was
  * cancelled), and makes the text held back for stop strings final. */
 void job_settle(serve_job *j, const char *error);

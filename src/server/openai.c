@@ -823,9 +823,9 @@ static int chat_prompt_of(const cJSON *o, const api_model *m, request_tools *rt,
     struct tm tm;
     if (m->llama3_date && !m->llama3_date[0] && localtime_r(&now, &tm))
         strftime(today, sizeof(today), "%d %b %Y", &tm);
-    const chat_options opt = {rt->choice != TOOLS_NONE ? &tools : NULL, !thinking,
-                              m->default_system,
-                              m->llama3_date && !m->llama3_date[0] ? today : m->llama3_date};
+    const chat_options opt = {
+        rt->choice != TOOLS_NONE ? &tools : NULL, !thinking, m->default_system,
+        m->llama3_date && !m->llama3_date[0] ? today : m->llama3_date, m->open_thinking};
     rc = chat_prompt(m->chat, m->tok, cm, count, &opt, ids, n, end_of_turn, err, errlen);
 done:
     for (int k = 0; k < count; k++) {
@@ -839,6 +839,22 @@ done:
     free(call_texts);
     free(cm);
     return rc;
+}
+
+/* Whether a prompt ends with <think> and white space: the template opened
+ * the answer's reasoning (chat_opens_thinking). */
+static bool opens_thinking(const cake_tokenizer *t, const cake_token *ids, int n,
+                           cake_token think) {
+    for (int i = n - 1; i >= 0 && i >= n - 4; i--) {
+        if (ids[i] == think) return true;
+        char piece[16];
+        const int len =
+            cake_token_to_piece(t, ids[i - 1 >= 0 ? i - 1 : 0], ids[i], piece, sizeof(piece));
+        if (len < 0 || len > (int)sizeof(piece)) return false;
+        for (int k = 0; k < len; k++)
+            if (!strchr(" \t\r\n", piece[k])) return false;
+    }
+    return false;
 }
 
 static uint64_t fresh_seed(void) {
@@ -1012,8 +1028,10 @@ int api_parse(const char *body, size_t len, int chat, const api_model *m, serve_
                                         .repeat_last_n = repeat_last_n};
     j->end_of_turn = eot;
     /* a thinking model's chat: its reasoning is read apart */
-    j->reasoning = chat && cake_tokenizer_find(m->tok, "<think>", 7) >= 0 &&
-                   cake_tokenizer_find(m->tok, "</think>", 8) >= 0;
+    const cake_token think = cake_tokenizer_find(m->tok, "<think>", 7);
+    j->reasoning = chat && think >= 0 && cake_tokenizer_find(m->tok, "</think>", 8) >= 0;
+    if (j->reasoning && opens_thinking(m->tok, j->prompt, j->n_prompt, think))
+        j->reasoning = JOB_THINKING; /* (the answer begins inside it) */
     j->ignore_eos = ignore_eos;
     j->min_tokens = (int)min_tokens;
     j->top_logprobs = top_logprobs;
@@ -1450,8 +1468,7 @@ int api_next_piece(const serve_job *j, size_t sent, size_t *from, size_t *to) {
     /* (with tools, a finished answer's content ends before its calls) */
     const size_t ready = j->done && j->call_format ? api_content_end(j) : j->ready;
     size_t r0, r1, c0;
-    job_reasoning(j, &r0, &r1, &c0);
-    if (r0) {
+    if (job_reasoning(j, &r0, &r1, &c0)) {
         if (sent < r0) sent = r0; /* (past the tag) */
         const size_t end = r1 < ready ? r1 : ready;
         if (sent < end) {
@@ -1513,7 +1530,7 @@ char *api_response(const api_shape *s, serve_job *const *jobs, int n, const char
             else
                 cJSON_AddStringToObject(msg, "content", text);
             while (r1 > r0 && strchr(" \t\r\n", all[r1 - 1])) r1--;
-            r0 = r0 ? skip_space(all, r0, r1) : 0;
+            r0 = skip_space(all, r0, r1); /* (0 when there is none: r1 is 0) */
             if (r1 > r0)
                 cJSON_AddItemToObject(msg, "reasoning_content",
                                       clean_string(all + r0, (int)(r1 - r0)));
