@@ -277,7 +277,8 @@ static void fuzz_text(const uint8_t *data, size_t size) {
     /* bits 2-3: the text may hold tool calls (held back while generated) */
     const chat_format calls[] = {CHAT_NONE, CHAT_CHATML, CHAT_LLAMA3, CHAT_MISTRAL_V3};
     j->call_format = calls[data[0] >> 2 & 3];
-    j->reasoning = data[0] >> 4 & 1; /* bit 4: <think> and its end held back */
+    /* bit 4: <think> and its end held back (with bit 7: opened by the prompt) */
+    j->reasoning = data[0] >> 4 & 1 ? (data[0] >> 7 ? JOB_THINKING : 1) : 0;
     /* bit 5: min_tokens 1..4 (bits 6-7): stop strings not read in the
      * first pieces (each piece is a token, counted as the pool counts) */
     j->min_tokens = data[0] >> 5 & 1 ? (data[0] >> 6) + 1 : 0;
@@ -329,6 +330,8 @@ static void fuzz_text(const uint8_t *data, size_t size) {
     /* The stream's parts add up to the whole answer: no cut split a
      * character that the whole text has. */
     const char *text = j->text ? j->text : ""; /* NULL: no piece came */
+    size_t r0, r1, c0;
+    if (job_reasoning(j, &r0, &r1, &c0)) CHECK(r0 <= r1 && r1 <= c0 && c0 <= j->len);
     streamed = append_clean(streamed, &streamed_len, text + sent, j->len - sent);
     char *whole = api_utf8_clean(text, j->len);
     CHECK(whole && strlen(whole) == streamed_len && !memcmp(whole, streamed, streamed_len));
