@@ -20,6 +20,7 @@
 
 #include "store/store_impl.h"
 #include "test_store_common.h"
+#include "util/fs.h"
 
 typedef struct {
     char *dir;
@@ -106,6 +107,24 @@ static int count_files(const char *dir) {
     struct dirent *e;
     while ((e = readdir(d)))
         if (e->d_name[0] != '.') n++;
+    closedir(d);
+    return n;
+}
+
+/* The chunk folders (root/ab/cd) of the store: every folder under the
+ * root but tmp/, at both levels. */
+static int count_chunk_folders(const fx *f) {
+    char root[4200], sub[4500];
+    snprintf(root, sizeof(root), "%s/store", f->dir);
+    DIR *d = opendir(root);
+    if (!d) return -1;
+    int n = 0;
+    for (struct dirent *e; (e = readdir(d));) {
+        if (e->d_name[0] == '.' || !strcmp(e->d_name, "tmp")) continue;
+        snprintf(sub, sizeof(sub), "%s/%s", root, e->d_name);
+        const int in = count_files(sub);
+        if (in >= 0) n += 1 + in;
+    }
     closedir(d);
     return n;
 }
@@ -222,11 +241,21 @@ static void test_iterate_and_head(void **state) {
         cake_store_head(f->s, &f->h[7].key, hdr, sizeof(hdr), &len, &total, err, sizeof(err)), 1);
 }
 
+/* A chunk's file to write by hand, its folders made first: a store removes
+ * them as they empty (a corrupt chunk it dropped). */
+static FILE *create_chunk_file(const char *path) {
+    char dir[4400];
+    snprintf(dir, sizeof(dir), "%s", path);
+    *strrchr(dir, '/') = '\0';
+    assert_int_equal(cake_mkdir_p(dir), 0);
+    return fopen(path, "wb");
+}
+
 /* Rewrites the file of chunk i with bytes. */
 static void write_file(fx *f, int i, const void *bytes, size_t n) {
     char path[4400];
     chunk_path(f, &f->h[i].key, path, sizeof(path));
-    FILE *fp = fopen(path, "wb");
+    FILE *fp = create_chunk_file(path);
     assert_non_null(fp);
     assert_int_equal(fwrite(bytes, 1, n, fp), n);
     fclose(fp);
@@ -610,6 +639,8 @@ static void test_capacity_lru(void **state) {
     expect_hit(f, 0); /* 0 is now more recent than 1 */
     put_ok(f, 3);     /* evicts 1 */
     expect_miss(f, 1, NULL);
+    /* and its folders (two levels each; the keys share none here) */
+    assert_int_equal(count_chunk_folders(f), 2 * 3);
     expect_hit(f, 0);
     expect_hit(f, 2);
     expect_hit(f, 3);
@@ -731,9 +762,13 @@ static void test_gc(void **state) {
     assert_int_equal(b, 3 * f->len);
     for (int i = 0; i < 3; i++) expect_miss(f, i, NULL);
     for (int i = 3; i < 6; i++) expect_hit(f, i);
+    assert_int_equal(count_chunk_folders(f), 2 * 3); /* (emptied ones removed) */
     cake_store_counters c;
     cake_store_counters_get(f->s, &c);
     assert_int_equal(c.evictions, 3);
+    char err2[256];
+    assert_int_equal(cake_store_del(f->s, &f->h[3].key, err2, sizeof(err2)), 0);
+    assert_int_equal(count_chunk_folders(f), 2 * 2);
 }
 
 /* Several threads reading and writing overlapping chunks through one store
@@ -840,7 +875,7 @@ static void test_big_blob_pieces(void **state) {
         /* cut inside the first, the third and the last piece */
         const size_t cuts[] = {1000, (32u << 20) + 4096 + 17, len - 1};
         for (size_t c = 0; c < sizeof(cuts) / sizeof(cuts[0]); c++) {
-            FILE *fp = fopen(path, "wb");
+            FILE *fp = create_chunk_file(path);
             assert_non_null(fp);
             assert_int_equal(fwrite(blob, 1, cuts[c], fp), cuts[c]);
             fclose(fp);
@@ -853,7 +888,7 @@ static void test_big_blob_pieces(void **state) {
         const size_t flips[] = {1000, (32u << 20) + 7, len - 5};
         for (size_t b = 0; b < sizeof(flips) / sizeof(flips[0]); b++) {
             blob[flips[b]] ^= 1;
-            FILE *fp = fopen(path, "wb");
+            FILE *fp = create_chunk_file(path);
             assert_non_null(fp);
             assert_int_equal(fwrite(blob, 1, len, fp), len);
             fclose(fp);

@@ -80,6 +80,19 @@ static int path_of(const file_store *f, const cake_chunk_key *k, char *buf, size
     return w > 0 && (size_t)w < n ? 0 : -1;
 }
 
+/* After a chunk at path (root/ab/cd/<key>.chunk) is removed: its folders
+ * too, when that left them empty (else a store that evicts keeps up to
+ * 65,536 empty folders, ~270 MB on ext4, whatever its capacity). A put
+ * that raced us into a folder removed here makes it again (file_put). */
+static void remove_empty_folders(char *path) {
+    for (int level = 0; level < 2; level++) {
+        char *slash = strrchr(path, '/');
+        if (!slash) return;
+        *slash = '\0';
+        if (rmdir(path) != 0) return; /* (not empty, mostly) */
+    }
+}
+
 /* Unix seconds, from the clock that file times come from. time() reads a
  * coarse clock that can be a second behind the mtime of a file written just
  * before (Linux's fine-grained file times): a chunk we had just written then
@@ -218,7 +231,10 @@ static int evict_one(file_store *f, const cake_chunk_key *keep) {
             cake_lru_touch(&f->lru, v);
             continue;
         }
-        if (unlink(path) == 0) atomic_fetch_add(&f->ctr->evictions, 1);
+        if (unlink(path) == 0) {
+            atomic_fetch_add(&f->ctr->evictions, 1);
+            remove_empty_folders(path);
+        }
         cake_lru_remove(&f->lru, v);
         return 1;
     }
@@ -540,11 +556,13 @@ static int file_put(void *st_, const cake_chunk_key *k, const void *blob, size_t
     fd = -1;
     if (c != 0) goto fail;
     what = "rename";
-    if (rename(tmp, path) != 0) {
-        if (errno != ENOENT) goto fail;
+    /* Its folder made where missing; a few times, as an eviction may remove
+     * it again as it empties (remove_empty_folders) */
+    for (int tries = 0; rename(tmp, path) != 0; tries++) {
+        if (errno != ENOENT || tries == 8) goto fail;
         char dir[4400];
         snprintf(dir, sizeof(dir), "%s/%.2s/%.2s", f->root, hex, hex + 2);
-        if (cake_mkdir_p(dir) != 0 || rename(tmp, path) != 0) goto fail;
+        cake_mkdir_p(dir); /* (its parent may go as it is made: the rename tells) */
     }
     if (f->fsync) { /* make the rename itself durable */
         char dir[4400];
@@ -592,7 +610,10 @@ static int file_del(void *st_, const cake_chunk_key *k, char *err, size_t errlen
     if (path_of(f, k, path, sizeof(path)))
         return cake_err(err, errlen, "file store: path too long");
     index_forget(f, k);
-    if (unlink(path) == 0) return 0;
+    if (unlink(path) == 0) {
+        remove_empty_folders(path);
+        return 0;
+    }
     if (errno == ENOENT || errno == ENOTDIR) return 1;
     return cake_err(err, errlen, "file store: remove %s: %s", path, strerror(errno));
 }
@@ -620,6 +641,7 @@ static int file_gc(void *st_, uint64_t target, uint64_t *n_evicted, uint64_t *by
         if (unlink(path) == 0) {
             (*n_evicted)++;
             *bytes_freed += e[i].size;
+            remove_empty_folders(path);
         } else if (errno != ENOENT && !failed++) { /* (gone meanwhile: as good as removed) */
             cake_err(err, errlen, "file store: cannot remove %s: %s", path, strerror(errno));
         }
