@@ -582,10 +582,12 @@ fail:;
                   strerror(e));
 out:
     if (f->capacity) {
+        /* (noted before it leaves pending: counted twice for a moment, never
+         * in neither, or another put could skip an eviction it needed) */
+        if (rc == 0) index_note(f, k, len, wall_seconds());
         pthread_mutex_lock(&f->mu);
         f->pending -= len;
         pthread_mutex_unlock(&f->mu);
-        if (rc == 0) index_note(f, k, len, wall_seconds());
     }
     return rc;
 }
