@@ -2418,8 +2418,13 @@ static void test_chat_formats(void **state) {
     assert_int_equal(chat_detect("{{ '<start_of_turn>' + role + '\n' }}", t), CHAT_GEMMA);
     assert_int_equal(chat_detect("{{- '<|start_of_role|>' + m['role'] + '<|end_of_role|>' }}", t),
                      CHAT_GRANITE);
-    assert_int_equal(chat_detect("{{ '[SYSTEM_PROMPT]' + s }}{{ '[INST]' + u }}", t),
+    assert_int_equal(chat_detect("{{ '[SYSTEM_PROMPT] ' + s }}{{ '[INST] ' + u }}", t),
                      CHAT_MISTRAL_V7);
+    /* Small 3's, without the spaces */
+    assert_int_equal(chat_detect("{{- '[SYSTEM_PROMPT]' + s + '[/SYSTEM_PROMPT]' }}{{- '[INST]' + "
+                                 "m['content'] + '[/INST]' }}",
+                                 t),
+                     CHAT_MISTRAL_V7_TEKKEN);
     assert_int_equal(chat_detect("{{ '[AVAILABLE_TOOLS]' }}{{ \"[INST]\" + u }}", t),
                      CHAT_MISTRAL_TEKKEN);
     assert_int_equal(chat_detect("{{'<｜User｜>' + c}}{{'<｜Assistant｜><think>\\n'}}", t),
@@ -2462,6 +2467,7 @@ static void test_chat_formats(void **state) {
         {CHAT_MISTRAL, "\x06\x13 S\n\n<|im_end|> \x14ok\x05\x13 more \x14", -1},
         {CHAT_MISTRAL_TEKKEN, "\x06\x13S\n\n <|im_end|>\n\x14 ok \x05\x13more\x14", -1},
         {CHAT_MISTRAL_V7, "\x06\x15 S\x16\x13  <|im_end|>\n\x14  ok \x05\x13 more\x14", -1},
+        {CHAT_MISTRAL_V7_TEKKEN, "\x06\x15S\x16\x13 <|im_end|>\n\x14 ok \x05\x13more\x14", -1},
         {CHAT_MISTRAL_V3, "\x06\x13 S\n\n <|im_end|>\n\x14 ok\x05\x13 more\x14", -1},
         /* DeepSeek-R1's: \x9d <｜User｜>, \x9e <｜Assistant｜> */
         {CHAT_DEEPSEEK, "\x06S\x9d <|im_end|>\n\x9e ok \x05\x9dmore\x9e", -1},

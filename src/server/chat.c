@@ -16,7 +16,10 @@ chat_format chat_detect(const char *tmpl, const cake_tokenizer *t) {
             return CHAT_LLAMA3;
         /* Mistral's versions as llama.cpp tells them apart: v7 by its system
          * prompt tags, v3-tekken by "[INST]" quoted in its official template */
-        if (strstr(tmpl, "[INST]") && strstr(tmpl, "[SYSTEM_PROMPT]")) return CHAT_MISTRAL_V7;
+        /* v7 with spaces after its markers (Large 2411), v7-tekken without
+         * (Small 3, 3.1, 3.2: '[INST]' + message['content'] + '[/INST]') */
+        if (strstr(tmpl, "[INST]") && strstr(tmpl, "[SYSTEM_PROMPT]"))
+            return strstr(tmpl, "[INST] ") ? CHAT_MISTRAL_V7 : CHAT_MISTRAL_V7_TEKKEN;
         if (strstr(tmpl, "[AVAILABLE_TOOLS]") && strstr(tmpl, "\"[INST]\""))
             return CHAT_MISTRAL_TEKKEN;
         /* v3 (7B v0.3): tools, and no space before its "[INST] " */
@@ -94,9 +97,10 @@ char *chat_llama3_date(const char *tmpl) {
 }
 
 const char *chat_format_name(chat_format f) {
-    static const char *names[] = {"none",   "chatml",  "llama3",         "llama2",     "mistral",
-                                  "zephyr", "phi3",    "mistral-tekken", "mistral-v7", "phi4",
-                                  "gemma",  "granite", "mistral-v3",     "deepseek"};
+    static const char *names[] = {
+        "none",   "chatml",  "llama3",         "llama2",     "mistral",
+        "zephyr", "phi3",    "mistral-tekken", "mistral-v7", "phi4",
+        "gemma",  "granite", "mistral-v3",     "deepseek",   "mistral-v7-tekken"};
     return names[f];
 }
 
@@ -423,11 +427,13 @@ static void mistral_result(builder *b, const chat_message *m, bool spaced) {
  * <s>[INST] {system}\n\n{user} [/INST]{answer}</s> (messages trimmed);
  * v3 [INST] {system}\n\n{user}[/INST] {answer}</s> (answers trimmed);
  * llama.cpp's v3-tekken [INST]{system}\n\n{user}[/INST]{answer}</s>;
- * v7 [SYSTEM_PROMPT] {system}[/SYSTEM_PROMPT][INST] {user}[/INST] {answer}</s>.
+ * v7 [SYSTEM_PROMPT] {system}[/SYSTEM_PROMPT][INST] {user}[/INST] {answer}</s>,
+ * v7-tekken the same without the spaces.
  * With tools (v3, tekken), mistral_functions' prompt. */
 static void mistral(builder *b, const chat_message *m, int n, chat_format f,
                     const chat_tools *tools, cake_token eos) {
     const bool plain = f == CHAT_MISTRAL, v7 = f == CHAT_MISTRAL_V7, v3 = f == CHAT_MISTRAL_V3;
+    const bool system_prompt = v7 || f == CHAT_MISTRAL_V7_TEKKEN; /* ([SYSTEM_PROMPT]) */
     const chat_message *sys = NULL;
     int last_user = -1;
     for (int i = 0; i < n; i++)
@@ -437,9 +443,9 @@ static void mistral(builder *b, const chat_message *m, int n, chat_format f,
             mistral_calls(b, &m[i], v3, eos);
         } else if (!strcmp(m[i].role, "tool")) {
             mistral_result(b, &m[i], v3);
-        } else if (!strcmp(m[i].role, "system") && v7) {
+        } else if (!strcmp(m[i].role, "system") && system_prompt) {
             put_marker(b, "[SYSTEM_PROMPT]");
-            put_str(b, " ");
+            if (v7) put_str(b, " ");
             put_text(b, m[i].content, m[i].content_len);
             put_marker(b, "[/SYSTEM_PROMPT]");
         } else if (!strcmp(m[i].role, "system")) {
@@ -594,6 +600,7 @@ int chat_prompt(chat_format f, const cake_tokenizer *t, const chat_message *m, i
     case CHAT_MISTRAL_TEKKEN:
     case CHAT_MISTRAL_V7:
     case CHAT_MISTRAL_V3:
+    case CHAT_MISTRAL_V7_TEKKEN:
         mistral(&b, m, n, f, tools, eos);
         break;
     case CHAT_ZEPHYR:

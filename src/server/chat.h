@@ -29,6 +29,8 @@ typedef enum {
     CHAT_GRANITE,        /* <|start_of_role|>user<|end_of_role|>...<|end_of_text|>\n (Granite 3) */
     CHAT_MISTRAL_V3,     /* [INST] ...[/INST] ...</s> (Mistral 7B Instruct v0.3) */
     CHAT_DEEPSEEK, /* {system}<｜User｜>...<｜Assistant｜>...EOS (DeepSeek-R1's distills) */
+    CHAT_MISTRAL_V7_TEKKEN, /* [SYSTEM_PROMPT]...[/SYSTEM_PROMPT][INST]...[/INST]...</s> (Small 3)
+                             */
 } chat_format;
 
 /* A function call an assistant's message made (OpenAI's tool_calls). */
