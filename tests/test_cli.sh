@@ -194,6 +194,16 @@ run_store load
     [ "$(grep -c "^rate $st [0-9.e+-]*$" "$CAKE_HINTS")" = 1 ] &&
     [ "$(grep -c "^lookup $st [1-9][0-9]*$" "$CAKE_HINTS")" = 1 ] && [ "$(wc -l <"$CAKE_HINTS")" = 2 ] &&
     pass "a damaged hints file is ignored and replaced" || fail "damaged hints: $(fields) $(cat -v "$CAKE_HINTS")"
+# a store in a folder with a space in its name has hints too (the key's
+# blanks written as %20)
+sp="file:$tmp/kv space"
+for m in cake load cake; do
+    "$CAKE" run -m "$tmp/tiny-f16.gguf" --tokens "$ids" -n 6 --temp 0 --chunk 16 \
+        --store "$sp" --mode $m --json >"$tmp/out" 2>"$tmp/err"
+done
+[ "$(json_field knew_rate "$tmp/out")" = true ] && grep -q "^rate file:$tmp/kv%20space " "$CAKE_HINTS" &&
+    pass "a store path with a space keeps its hints" ||
+    fail "store path with a space: $(fields) $(cat "$CAKE_HINTS")"
 # CAKE_HINTS set and empty: no hints file anywhere
 CAKE_HINTS= XDG_CACHE_HOME="$tmp/xdg" run_store cake
 [ ! -e "$tmp/xdg" ] && [ "$(json_field knew_rate "$tmp/out")" = false ] && pass "CAKE_HINTS= turns hints off" ||

@@ -67,6 +67,23 @@ static int key_ok(const char *key) {
     return key && *key && strlen(key) < 1024 && !strpbrk(key, " \t\r\n");
 }
 
+/* A key as the file writes it: blanks and '%' as %XX, so that a store in a
+ * folder with a space in its name (file:/srv/my cache) has its hints too.
+ * NULL (no hint for it) when it does not fit. */
+static const char *field_of(const char *key, char out[1024]) {
+    if (!key) return NULL;
+    size_t o = 0;
+    for (const char *c = key; *c; c++) {
+        if (o + 4 > 1024) return NULL;
+        if (strchr(" \t\r\n%", *c))
+            o += (size_t)snprintf(out + o, 4, "%%%02X", (unsigned char)*c);
+        else
+            out[o++] = *c;
+    }
+    out[o] = '\0';
+    return out;
+}
+
 /* One line of the file: 1 and its parts when it is a well-formed hint (a
  * speed in *speed, a rate or lookup time in *value). */
 static int parse_line(const char *line, char kind[8], char key[1024], cake_compute_speed *speed,
@@ -89,9 +106,11 @@ static int parse_line(const char *line, char kind[8], char key[1024], cake_compu
     return 1;
 }
 
-void cli_hints_load(const char *speed_key, cake_compute_speed *speed, const char *rate_key,
+void cli_hints_load(const char *speed_key_, cake_compute_speed *speed, const char *rate_key_,
                     cake_store *store) {
-    char path[1024], line[LINE_MAX_], kind[8], key[1024];
+    char path[1024], line[LINE_MAX_], kind[8], key[1024], speed_field[1024], rate_field[1024];
+    const char *speed_key = field_of(speed_key_, speed_field);
+    const char *rate_key = field_of(rate_key_, rate_field);
     if (hints_path(path, sizeof(path))) return;
     FILE *f = fopen(path, "r");
     if (!f) return;
@@ -116,9 +135,12 @@ void cli_hints_load(const char *speed_key, cake_compute_speed *speed, const char
     fclose(f);
 }
 
-void cli_hints_save(const char *speed_key, const cake_compute_speed *speed, const char *rate_key,
-                    const cake_store *store) {
-    char path[1024], tmp[1100], line[LINE_MAX_], kind[8], key[1024];
+void cli_hints_save(const char *speed_key_, const cake_compute_speed *speed,
+                    const char *rate_key_, const cake_store *store) {
+    char path[1024], tmp[1100], line[LINE_MAX_], kind[8], key[1024], speed_field[1024],
+        rate_field[1024];
+    const char *speed_key = field_of(speed_key_, speed_field);
+    const char *rate_key = field_of(rate_key_, rate_field);
     if (hints_path(path, sizeof(path))) return;
     const int put_speed = key_ok(speed_key) && speed && speed->count > 0;
     const double rate = store ? cake_store_rate_hint(store) : 0;
