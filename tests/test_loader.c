@@ -270,6 +270,66 @@ static void test_one_token_prompt(void **state) {
     unlink(path);
 }
 
+typedef struct {
+    fixture *f;
+    const cake_token *prompt;
+    int n, chunk;
+    cake_prefill_params lp;
+    float *logits;
+    cake_prefill_stats st;
+} lookup_run;
+
+static void *lookup_run_main(void *arg) {
+    lookup_run *r = arg;
+    cake_token first;
+    r->st = run_with(r->f, r->prompt, r->n, r->chunk, r->lp, r->logits, &first);
+    return NULL;
+}
+
+/* Chunks computed while a slow lookup runs, with other requests about
+ * (cake_inflight): each is promised while computed, so that a request
+ * with the same prefix waits for it rather than computing it too; one that
+ * another request is computing stops the overlap (the plan awaits it).
+ * Prompt p (of n) is in the store (s, with a lookup slower than a chunk). */
+static void check_promised_early(fixture *f, const cake_token *p, int n, int chunk, cake_store *s,
+                                 cake_writeback *wb, const float *base) {
+    float *got = malloc((size_t)f->n_vocab * sizeof(float));
+    cake_inflight *reg = cake_inflight_create();
+    cake_chunk_key keys[16];
+    prompt_keys(f, p, n, chunk, keys);
+    const cake_prefill_params lp = {
+        .store = s, .writeback = wb, .mode = CAKE_MODE_CAKE, .io_depth = 3, .inflight = reg};
+    /* chunk 0 promised by another: nothing computed during the lookup; the
+     * promise ends, and the chunk (in the store) is loaded */
+    int8_t r;
+    cake_inflight_promise(reg, &keys[0], 1, &r);
+    assert_int_equal(r, 1);
+    lookup_run run = {.f = f, .prompt = p, .n = n, .chunk = chunk, .lp = lp, .logits = got};
+    pthread_t th;
+    assert_int_equal(pthread_create(&th, NULL, lookup_run_main, &run), 0);
+    usleep(20000);
+    cake_inflight_release(reg, &keys[0]);
+    pthread_join(th, NULL);
+    assert_same(base, got, f->n_vocab, "chunk 0 promised by another");
+    assert_int_equal(run.st.chunks_during_lookup, 0);
+    /* alone: its chunks computed during the lookup are promised meanwhile
+     * (seen from here), and no promise is left after it */
+    int seen = 0;
+    run = (lookup_run){.f = f, .prompt = p, .n = n, .chunk = chunk, .lp = lp, .logits = got};
+    assert_int_equal(pthread_create(&th, NULL, lookup_run_main, &run), 0);
+    for (int k = 0; k < 200 && !seen; k++) {
+        seen = cake_inflight_pending(reg, &keys[0]);
+        usleep(1000);
+    }
+    pthread_join(th, NULL);
+    assert_same(base, got, f->n_vocab, "chunks promised while computed during the lookup");
+    assert_true(run.st.chunks_during_lookup >= 1);
+    assert_true(seen);
+    for (int i = 0; i < 6; i++) assert_int_equal(cake_inflight_pending(reg, &keys[i]), 0);
+    cake_inflight_free(reg);
+    free(got);
+}
+
 /* A store whose lookups take longer than a chunk's compute (lat=): Cake
  * computes chunks from the front while the lookup runs, instead of waiting
  * for it, and the logits stay those of compute-only; chunks computed so
@@ -316,6 +376,7 @@ static void test_compute_during_lookup(void **state) {
         st = run(&f, q, N, C, s, NULL, CAKE_MODE_LOAD, got, &t);
         assert_int_equal(st.chunks_loaded, LOADABLE);
         assert_same(base, got, f.n_vocab, "load, what the cake run wrote");
+        if (slow) check_promised_early(&f, q, N, C, s, wb, base);
         cake_writeback_free(wb);
         cake_store_close(s);
     }

@@ -709,12 +709,29 @@ static int compute_chunk(prefill_job *j, int i, char *err, size_t errlen) {
     return 0;
 }
 
+/* Whether chunk i may be computed while the lookup runs: not when another
+ * request is computing it (then the plan awaits it); else it is promised
+ * here first, so that a request with the same prefix that comes meanwhile
+ * waits for it rather than computing it too (as after a lookup). */
+static bool promise_early(prefill_job *j, int i, bool take) {
+    const cake_prefill_params *p = j->p;
+    if (!p->inflight || p->mode != CAKE_MODE_CAKE) return true;
+    if (!take || !p->writeback) /* (a request that cannot write back promises nothing) */
+        return !cake_inflight_pending(p->inflight, &j->expect[i].key);
+    int8_t r;
+    cake_inflight_promise(p->inflight, &j->expect[i].key, 1, &r);
+    if (r == 1) j->promise[i] = OWN_PROMISE;
+    return r != 0;
+}
+
 /* The compute side while the lookup runs: chunks from the front until the
- * lookup is done or none is left; on a shared engine, each when it gets a
- * turn (asked for until the lookup is done: then the plan decides, and the
- * loads may go first). Under the mutex. */
+ * lookup is done, none is left, or another request is computing the next;
+ * on a shared engine, each when it gets a turn (asked for until the lookup
+ * is done: then the plan decides, and the loads may go first). Under the
+ * mutex. */
 static int compute_while_looking_up(prefill_job *j, char *err, size_t errlen) {
     for (int i = j->n_cached; i < j->n_loadable && !atomic_load(&j->lookup->done); i++) {
+        if (!promise_early(j, i, false)) break;
         if (j->e->wait_turn) {
             pthread_mutex_unlock(&j->mu);
             const int n = (i + 1) * j->p->chunk - chunk_start(j, i);
@@ -724,6 +741,7 @@ static int compute_while_looking_up(prefill_job *j, char *err, size_t errlen) {
             pthread_mutex_lock(&j->mu);
             if (!granted) break;
         }
+        if (!promise_early(j, i, true)) break;
         j->state[i] = COMPUTING;
         if (compute_chunk(j, i, err, errlen)) return -1;
         j->n_early++;
@@ -1058,8 +1076,14 @@ int cake_prefill(const cake_loader_engine *e, const cake_token *prompt, int n_pr
     }
     /* The chunks computed while the lookup ran go to the store where it
      * lacks them, as any computed chunk (present[] is reused below). */
-    for (int i = j->n_cached; i < j->n_cached + j->n_early; i++)
-        if (!looked_up || !present[i]) write_back_computed(j, i, looked_up && !st->store_error[0]);
+    for (int i = j->n_cached; i < j->n_cached + j->n_early; i++) {
+        if (!looked_up || !present[i]) {
+            write_back_computed(j, i, looked_up && !st->store_error[0]);
+        } else if (j->promise[i] == OWN_PROMISE) { /* (the store had it: nothing to wait for) */
+            cake_inflight_release(p->inflight, &j->expect[i].key);
+            j->promise[i] = NO_PROMISE;
+        }
+    }
     st->chunks_found = n_present;
     /* Chunks the store lacks: promised here when computed here, or awaited
      * when another request running now has promised them (see the top).
