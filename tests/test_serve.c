@@ -2398,6 +2398,23 @@ static cake_tokenizer *chat_vocab(void) {
     return t;
 }
 
+/* The prompt of messages m[0..n) in format f is `want` (chat_test_id's
+ * bytes), id by id. */
+static void expect_prompt(const cake_tokenizer *t, chat_format f, const chat_message *m, int n,
+                          const chat_options *opt, const char *want) {
+    cake_token *ids, eot;
+    int n_ids;
+    char err[256];
+    if (chat_prompt(f, t, m, n, opt, &ids, &n_ids, &eot, err, sizeof(err)))
+        fail_msg("%s: %s", chat_format_name(f), err);
+    for (int i = 0; i < n_ids && i < (int)strlen(want); i++)
+        if (ids[i] != chat_test_id((unsigned char)want[i]))
+            fail_msg("%s: id %d is %d, want byte %d", chat_format_name(f), i, ids[i], want[i]);
+    if (n_ids != (int)strlen(want))
+        fail_msg("%s: %d ids, want %zu", chat_format_name(f), n_ids, strlen(want));
+    free(ids);
+}
+
 /* Every chat format's prompt, id by id, on chat_vocab(). */
 static void test_chat_formats(void **state) {
     (void)state;
@@ -2410,6 +2427,9 @@ static void test_chat_formats(void **state) {
     assert_int_equal(chat_detect(NULL, t), CHAT_CHATML); /* from the vocabulary */
 
     assert_int_equal(chat_detect("[INST] {{ m }} [/INST]", t), CHAT_MISTRAL);
+    /* 7B v0.2's later template */
+    assert_int_equal(chat_detect("{{- ' [INST] ' + system_message + '\\n\\n' }}", t),
+                     CHAT_MISTRAL_V1);
     assert_int_equal(chat_detect("{{ '<|user|>\n' }}{{ '<|assistant|>' }}", t), CHAT_ZEPHYR);
     assert_int_equal(chat_detect("{{'<|user|>\n' + m + '<|end|>\n'}}{{ '<|assistant|>\n' }}", t),
                      CHAT_PHI3);
@@ -2464,7 +2484,9 @@ static void test_chat_formats(void **state) {
          "assistant\x04\n\n",
          EOT},
         /* Mistral's markers as tokens where the vocabulary has them */
-        {CHAT_MISTRAL, "\x06\x13 S\n\n<|im_end|> \x14ok\x05\x13 more \x14", -1},
+        /* (v0.1's and v1's templates do not trim the messages) */
+        {CHAT_MISTRAL, "\x06\x13 S\n\n <|im_end|>\n \x14 ok \x05\x13 more \x14", -1},
+        {CHAT_MISTRAL_V1, "\x06 \x13 S\n\n <|im_end|>\n \x14  ok \x05 \x13 more \x14", -1},
         {CHAT_MISTRAL_TEKKEN, "\x06\x13S\n\n <|im_end|>\n\x14 ok \x05\x13more\x14", -1},
         {CHAT_MISTRAL_V7, "\x06\x15 S\x16\x13  <|im_end|>\n\x14  ok \x05\x13 more\x14", -1},
         {CHAT_MISTRAL_V7_TEKKEN, "\x06\x15S\x16\x13 <|im_end|>\n\x14 ok \x05\x13more\x14", -1},
@@ -2554,7 +2576,7 @@ static void test_chat_formats(void **state) {
          "\"function\": {\"name\": \"f\"}}\n\n<tool_call>\x05"
          "\x03"
          "assistant\x04\n\n{\"name\": \"f\", \"parameters\": {\"a\": 1}}\x05"
-         "\x03ipython\x04\n\nR\x05\x03ipython\x04\n\nR2\x05"
+         "\x03ipython\x04\n\n\"R\"\x05\x03ipython\x04\n\n\"R2\"\x05"
          "\x03"
          "assistant\x04\n\n"},
     };
@@ -2614,6 +2636,39 @@ static void test_chat_formats(void **state) {
         assert_int_equal(n, (int)strlen(want));
         free(ids);
     }
+    /* As the templates do: Qwen 3's drops an earlier answer's reasoning (not
+     * an answer after the last user message's); Mistral's system messages
+     * (several: joined) before the first user message after them;
+     * DeepSeek-R1's distills keep the last system message; Llama 3.1's
+     * writes a tool's result as tojson */
+    assert_true(chat_strips_reasoning("{%- set content = content.split('</think>')[-1] %}"));
+    assert_false(chat_strips_reasoning("{{ '<|im_start|>' + role }}"));
+    const chat_message thought[] = {
+        {.role = "user", .content = "Hi", .content_len = 2},
+        {.role = "assistant", .content = "<think>\nr\n</think>\n\nHello!", .content_len = 26},
+        {.role = "user", .content = "Again", .content_len = 5},
+        {.role = "assistant", .content = "<think>x</think>", .content_len = 16}};
+    expect_prompt(t, CHAT_CHATML, thought, 3, &(chat_options){.strip_reasoning = 1},
+                  "\x06\x01user\nHi\x02\n\x01"
+                  "assistant\nHello!\x02\n\x01user\nAgain\x02\n\x01"
+                  "assistant\n");
+    expect_prompt(t, CHAT_CHATML, thought + 2, 2, &(chat_options){.strip_reasoning = 1},
+                  "\x06\x01user\nAgain\x02\n\x01"
+                  "assistant\n<think>x</think>\x02\n\x01"
+                  "assistant\n");
+    const chat_message systems[] = {{.role = "system", .content = "A", .content_len = 1},
+                                    {.role = "system", .content = "B", .content_len = 1},
+                                    {.role = "user", .content = "u", .content_len = 1}};
+    expect_prompt(t, CHAT_MISTRAL, systems, 3, NULL, "\x06\x13 A\n\nB\n\nu \x14");
+    expect_prompt(t, CHAT_DEEPSEEK, systems, 3, NULL, "\x06" "B\x9du\x9e");
+    const chat_message result[] = {
+        {.role = "user", .content = "q", .content_len = 1},
+        {.role = "tool", .content = "say \"hi\"\n\x01", .content_len = 10}};
+    expect_prompt(t, CHAT_LLAMA3, result, 2, NULL,
+                  "\x06\x03user\x04\n\nq\x05\x03ipython\x04\n\n\"say \\\"hi\\\"\\n\\u0001\"\x05"
+                  "\x03"
+                  "assistant\x04\n\n");
+
     /* Mistral's prompt needs the ids */
     cake_token *ids, eot;
     int n;

@@ -192,7 +192,7 @@ static int parse_args(int argc, char **argv, serve_opts *o) {
  * and the date a Llama 3.1+ template's system turn writes (*date); both
  * malloc'd, NULL: none. */
 static chat_format model_chat_format(const cake_model *m, char **system, char **date,
-                                     int *open_thinking) {
+                                     int *open_thinking, int *strip_reasoning) {
     cake_gguf_str s;
     char *tmpl = NULL;
     if (cake_gguf_get_str(m->gguf, "tokenizer.chat_template", &s, NULL, 0) == 0)
@@ -201,6 +201,7 @@ static chat_format model_chat_format(const cake_model *m, char **system, char **
     *system = f == CHAT_CHATML ? chat_default_system(tmpl) : NULL;
     *date = f == CHAT_LLAMA3 ? chat_llama3_date(tmpl) : NULL;
     *open_thinking = (f == CHAT_CHATML || f == CHAT_DEEPSEEK) && chat_opens_thinking(tmpl);
+    *strip_reasoning = f == CHAT_CHATML && chat_strips_reasoning(tmpl);
     free(tmpl);
     return f;
 }
@@ -256,9 +257,9 @@ int cmd_serve(int argc, char **argv) {
                       .queue_max = (int)o.queue,
                       .kv_type = o.kv_type,
                       .backend = o.backend};
-    int open_thinking = 0;
-    const chat_format chat =
-        model_chat_format(model, &default_system, &llama3_date, &open_thinking);
+    int open_thinking = 0, strip_reasoning = 0;
+    const chat_format chat = model_chat_format(model, &default_system, &llama3_date,
+                                               &open_thinking, &strip_reasoning);
     const chat_call_syntax *calls = chat_calls(chat);
     pc.call_tag = calls && calls->open[0] ? calls->open : NULL;
     if (pool_create(model, &pc, &pool, err, sizeof(err))) {
@@ -284,6 +285,7 @@ int cmd_serve(int argc, char **argv) {
     am.default_system = default_system;
     am.llama3_date = llama3_date;
     am.open_thinking = open_thinking;
+    am.strip_reasoning = strip_reasoning;
     http_config hc = {.host = o.host,
                       .port = (int)o.port,
                       .max_body = (size_t)o.max_body,

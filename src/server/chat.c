@@ -25,7 +25,10 @@ chat_format chat_detect(const char *tmpl, const cake_tokenizer *t) {
         /* v3 (7B v0.3): tools, and no space before its "[INST] " */
         if (strstr(tmpl, "[INST]") && strstr(tmpl, "[AVAILABLE_TOOLS]") && !strstr(tmpl, " [INST]"))
             return CHAT_MISTRAL_V3;
-        if (strstr(tmpl, "[INST]")) return strstr(tmpl, "<<SYS>>") ? CHAT_LLAMA2 : CHAT_MISTRAL;
+        if (strstr(tmpl, "[INST]") && strstr(tmpl, "<<SYS>>")) return CHAT_LLAMA2;
+        /* v0.2's later template: ' [INST] ' + system_message */
+        if (strstr(tmpl, "[INST]"))
+            return strstr(tmpl, " [INST] ") ? CHAT_MISTRAL_V1 : CHAT_MISTRAL;
         if (strstr(tmpl, "<|assistant|>") && strstr(tmpl, "<|end|>")) return CHAT_PHI3;
         if (strstr(tmpl, "<｜User｜>") && strstr(tmpl, "<｜Assistant｜>")) return CHAT_DEEPSEEK;
         if (strstr(tmpl, "<|user|>") && strstr(tmpl, "<|assistant|>")) return CHAT_ZEPHYR;
@@ -76,6 +79,10 @@ char *chat_default_system(const char *tmpl) {
     return s ? s : system_literal(tmpl, "<|im_start|>system\n");
 }
 
+int chat_strips_reasoning(const char *tmpl) {
+    return tmpl && (strstr(tmpl, "split('</think>')") || strstr(tmpl, "split(\"</think>\")"));
+}
+
 int chat_opens_thinking(const char *tmpl) {
     /* (the newline as the Jinja source escapes it, or as a newline) */
     static const char *const opens[] = {"<｜Assistant｜><think>\\n", "<｜Assistant｜><think>\n",
@@ -98,9 +105,10 @@ char *chat_llama3_date(const char *tmpl) {
 
 const char *chat_format_name(chat_format f) {
     static const char *names[] = {
-        "none",   "chatml",  "llama3",         "llama2",     "mistral",
-        "zephyr", "phi3",    "mistral-tekken", "mistral-v7", "phi4",
-        "gemma",  "granite", "mistral-v3",     "deepseek",   "mistral-v7-tekken"};
+        "none",      "chatml",  "llama3",         "llama2",     "mistral",
+        "zephyr",    "phi3",    "mistral-tekken", "mistral-v7", "phi4",
+        "gemma",     "granite", "mistral-v3",     "deepseek",   "mistral-v7-tekken",
+        "mistral-v1"};
     return names[f];
 }
 
@@ -201,6 +209,33 @@ static void put_trimmed(builder *b, const chat_message *m) {
     put_text(b, s, len);
 }
 
+/* s[0..len) as a JSON string, as Python's json.dumps(ensure_ascii=False)
+ * writes it (templates' tojson): quotes, backslashes and control bytes
+ * escaped, the rest as it is. */
+static void put_json_string(builder *b, const char *s, size_t len) {
+    put_str(b, "\"");
+    size_t plain = 0; /* (the bytes from here on are written as they are) */
+    for (size_t i = 0; i < len; i++) {
+        const unsigned char c = (unsigned char)s[i];
+        if (c >= 0x20 && c != '"' && c != '\\') continue;
+        put_text(b, s + plain, i - plain);
+        plain = i + 1;
+        char esc[8];
+        const char *named = c == '"'    ? "\\\""
+                            : c == '\\' ? "\\\\"
+                            : c == '\n' ? "\\n"
+                            : c == '\r' ? "\\r"
+                            : c == '\t' ? "\\t"
+                            : c == '\b' ? "\\b"
+                            : c == '\f' ? "\\f"
+                                        : NULL;
+        if (!named) snprintf(esc, sizeof(esc), "\\u%04x", c);
+        put_str(b, named ? named : esc);
+    }
+    put_text(b, s + plain, len - plain);
+    put_str(b, "\"");
+}
+
 /* Template text with a tool call's tags: each tag as its own token where
  * the vocabulary has one (Qwen's <tool_call>), else as text. (Never used on
  * the messages' own text.) */
@@ -270,12 +305,23 @@ static void put_call(builder *b, const chat_tool_call *c, const chat_call_syntax
     }
 }
 
+/* An answer's text after its reasoning: after its last </think>, if any
+ * (as templates that drop an earlier answer's reasoning cut it). */
+static void after_reasoning(const char **text, size_t *len) {
+    const char *s = *text, *end = s + *len;
+    for (const char *c; (c = memmem(s, (size_t)(end - s), "</think>", 8));) s = c + 8;
+    *text = s;
+    *len = (size_t)(end - s);
+}
+
 /* ChatML with Qwen's tool prompt (its template's words): the functions in
  * the system turn, calls in <tool_call> tags, results in <tool_response>
  * tags in a user turn. */
 static void chatml(builder *b, const chat_message *m, int n, const chat_tools *tools,
-                   const char *default_system) {
-    int i = 0;
+                   const char *default_system, bool strip_reasoning) {
+    int i = 0, last_user = -1;
+    for (int k = 0; k < n; k++)
+        if (!strcmp(m[k].role, "user")) last_user = k;
     const bool has_system = n && !strcmp(m[0].role, "system");
     if (tools) {
         put_special(b, "<|im_start|>");
@@ -322,10 +368,16 @@ static void chatml(builder *b, const chat_message *m, int n, const chat_tools *t
             put_str(b, "\n");
             continue;
         }
+        const char *text = m[i].content;
+        size_t len = m[i].content_len;
+        if (strip_reasoning && i < last_user && !strcmp(m[i].role, "assistant")) {
+            after_reasoning(&text, &len); /* (Qwen 3's: .split('</think>')[-1].lstrip('\n')) */
+            while (len && *text == '\n') text++, len--;
+        }
         put_special(b, "<|im_start|>");
         put_str(b, m[i].role);
-        if (!m[i].n_calls || m[i].content_len) put_str(b, "\n");
-        put_text(b, m[i].content, m[i].content_len);
+        if (!m[i].n_calls || len) put_str(b, "\n");
+        put_text(b, text, len);
         for (int k = 0; k < m[i].n_calls; k++) put_call(b, &m[i].calls[k], chat_calls(CHAT_CHATML));
         put_special(b, "<|im_end|>");
         put_str(b, "\n");
@@ -372,7 +424,10 @@ static void llama3(builder *b, const chat_message *m, int n, const chat_tools *t
                 put_str(b, "\n\n");
             }
         }
-        put_trimmed(b, &m[i]);
+        if (!strcmp(m[i].role, "tool")) /* (3.1's template: a result's text as tojson) */
+            put_json_string(b, m[i].content, m[i].content_len);
+        else
+            put_trimmed(b, &m[i]);
         for (int k = 0; k < m[i].n_calls; k++) put_call(b, &m[i].calls[k], chat_calls(CHAT_LLAMA3));
         put_special(b, "<|eot_id|>");
     }
@@ -422,9 +477,11 @@ static void mistral_result(builder *b, const chat_message *m, bool spaced) {
     put_marker(b, "[/TOOL_RESULTS]");
 }
 
-/* Mistral's formats, the system message before the first user message (as
- * llama.cpp's: a prefix that stays put from turn to turn): Instruct's
- * <s>[INST] {system}\n\n{user} [/INST]{answer}</s> (messages trimmed);
+/* Mistral's formats, as their templates write them but with the system
+ * messages before the first user message after them (as llama.cpp's: a
+ * prefix that stays put from turn to turn; several joined by blank lines):
+ * v0.1's <s>[INST] {system}\n\n{user} [/INST]{answer}</s>;
+ * v1 (v0.2's later template) <s> [INST] {system}\n\n{user} [/INST] {answer}</s>;
  * v3 [INST] {system}\n\n{user}[/INST] {answer}</s> (answers trimmed);
  * llama.cpp's v3-tekken [INST]{system}\n\n{user}[/INST]{answer}</s>;
  * v7 [SYSTEM_PROMPT] {system}[/SYSTEM_PROMPT][INST] {user}[/INST] {answer}</s>,
@@ -432,10 +489,10 @@ static void mistral_result(builder *b, const chat_message *m, bool spaced) {
  * With tools (v3, tekken), mistral_functions' prompt. */
 static void mistral(builder *b, const chat_message *m, int n, chat_format f,
                     const chat_tools *tools, cake_token eos) {
-    const bool plain = f == CHAT_MISTRAL, v7 = f == CHAT_MISTRAL_V7, v3 = f == CHAT_MISTRAL_V3;
+    const bool plain = f == CHAT_MISTRAL, v1 = f == CHAT_MISTRAL_V1, v7 = f == CHAT_MISTRAL_V7,
+               v3 = f == CHAT_MISTRAL_V3;
     const bool system_prompt = v7 || f == CHAT_MISTRAL_V7_TEKKEN; /* ([SYSTEM_PROMPT]) */
-    const chat_message *sys = NULL;
-    int last_user = -1;
+    int last_user = -1, systems_from = 0; /* (the system messages not yet written) */
     for (int i = 0; i < n; i++)
         if (!strcmp(m[i].role, "user")) last_user = i;
     for (int i = 0; i < n; i++) {
@@ -448,27 +505,23 @@ static void mistral(builder *b, const chat_message *m, int n, chat_format f,
             if (v7) put_str(b, " ");
             put_text(b, m[i].content, m[i].content_len);
             put_marker(b, "[/SYSTEM_PROMPT]");
-        } else if (!strcmp(m[i].role, "system")) {
-            sys = &m[i];
         } else if (!strcmp(m[i].role, "user")) {
             if (tools && i == last_user) mistral_functions(b, tools, v3);
+            if (v1) put_str(b, " ");
             put_marker(b, "[INST]");
-            if (plain || v7 || v3) put_str(b, " ");
-            if (sys) {
-                put_text(b, sys->content, sys->content_len);
+            if (plain || v1 || v7 || v3) put_str(b, " ");
+            for (int k = system_prompt ? i : systems_from; k < i; k++) {
+                if (strcmp(m[k].role, "system")) continue;
+                put_text(b, m[k].content, m[k].content_len);
                 put_str(b, "\n\n");
-                sys = NULL;
             }
-            if (plain) {
-                put_trimmed(b, &m[i]);
-                put_str(b, " ");
-            } else {
-                put_text(b, m[i].content, m[i].content_len);
-            }
+            systems_from = i + 1;
+            put_text(b, m[i].content, m[i].content_len);
+            if (plain || v1) put_str(b, " ");
             put_marker(b, "[/INST]");
-        } else {
-            if (v7 || v3) put_str(b, " ");
-            if (plain || v3)
+        } else if (!strcmp(m[i].role, "assistant")) {
+            if (v1 || v7 || v3) put_str(b, " ");
+            if (v3)
                 put_trimmed(b, &m[i]);
             else
                 put_text(b, m[i].content, m[i].content_len);
@@ -477,26 +530,26 @@ static void mistral(builder *b, const chat_message *m, int n, chat_format f,
     }
 }
 
-/* DeepSeek-R1's distills (their template's): the system messages first,
- * joined by blank lines, then <｜User｜>{user} and <｜Assistant｜>{answer}EOS,
- * an answer's reasoning (up to its last </think>) left out, as the template
- * does; then <｜Assistant｜>. */
+/* DeepSeek-R1's distills (their template's): the last system message
+ * first, then <｜User｜>{user} and <｜Assistant｜>{answer}EOS, an answer's
+ * reasoning (up to its last </think>) left out, as the template does; then
+ * <｜Assistant｜>. */
 static void deepseek(builder *b, const chat_message *m, int n, cake_token eos) {
-    int systems = 0;
-    for (int i = 0; i < n; i++) {
-        if (strcmp(m[i].role, "system")) continue;
-        if (systems++) put_str(b, "\n\n");
-        put_text(b, m[i].content, m[i].content_len);
-    }
+    for (int i = n - 1; i >= 0; i--)
+        if (!strcmp(m[i].role, "system")) {
+            put_text(b, m[i].content, m[i].content_len);
+            break;
+        }
     for (int i = 0; i < n; i++) {
         if (!strcmp(m[i].role, "user")) {
             put_special(b, "<｜User｜>");
             put_text(b, m[i].content, m[i].content_len);
         } else if (!strcmp(m[i].role, "assistant")) {
-            const char *s = m[i].content, *end = s + m[i].content_len;
-            for (const char *c; (c = memmem(s, (size_t)(end - s), "</think>", 8));) s = c + 8;
+            const char *s = m[i].content;
+            size_t len = m[i].content_len;
+            after_reasoning(&s, &len);
             put_special(b, "<｜Assistant｜>");
-            put_text(b, s, (size_t)(end - s));
+            put_text(b, s, len);
             if (eos >= 0) put_id(b, eos);
         }
     }
@@ -554,7 +607,7 @@ int chat_prompt(chat_format f, const cake_tokenizer *t, const chat_message *m, i
     *end_of_turn = -1;
     switch (f) {
     case CHAT_CHATML:
-        chatml(&b, m, n, tools, opt ? opt->default_system : NULL);
+        chatml(&b, m, n, tools, opt ? opt->default_system : NULL, opt && opt->strip_reasoning);
         if (opt && opt->no_thinking && cake_tokenizer_find(t, "<think>", 7) >= 0)
             put_tagged(&b, "<think>\n\n</think>\n\n");
         else if (opt && opt->open_thinking)
@@ -601,6 +654,7 @@ int chat_prompt(chat_format f, const cake_tokenizer *t, const chat_message *m, i
     case CHAT_MISTRAL_V7:
     case CHAT_MISTRAL_V3:
     case CHAT_MISTRAL_V7_TEKKEN:
+    case CHAT_MISTRAL_V1:
         mistral(&b, m, n, f, tools, eos);
         break;
     case CHAT_ZEPHYR:
@@ -657,7 +711,7 @@ int chat_prompt(chat_format f, const cake_tokenizer *t, const chat_message *m, i
             put_special(&b, "<start_of_turn>");
             put_str(&b, model ? "model\n" : "user\n");
             if (sys && !model) {
-                put_trimmed(&b, sys);
+                put_text(&b, sys->content, sys->content_len); /* (not trimmed) */
                 put_str(&b, "\n\n");
                 sys = NULL;
             }

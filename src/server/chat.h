@@ -19,18 +19,18 @@ typedef enum {
     CHAT_CHATML,         /* <|im_start|>role\n...<|im_end|>: Qwen */
     CHAT_LLAMA3,         /* <|start_header_id|>role<|end_header_id|>\n\n...<|eot_id|> */
     CHAT_LLAMA2,         /* <s>[INST] <<SYS>>\n...\n<</SYS>>\n\n... [/INST] ... </s> */
-    CHAT_MISTRAL,        /* <s>[INST] ... [/INST]...</s>[INST] ... (Mistral Instruct) */
+    CHAT_MISTRAL,        /* <s>[INST] ... [/INST]...</s>[INST] ... (Mistral 7B v0.1) */
     CHAT_ZEPHYR,         /* <|user|>\n...</s>\n<|assistant|>\n (Zephyr, TinyLlama Chat) */
     CHAT_PHI3,           /* <|user|>\n...<|end|>\n<|assistant|>\n (Phi-3, Phi-3.5) */
     CHAT_MISTRAL_TEKKEN, /* [INST]...[/INST]...</s> (Mistral Nemo: v3-tekken) */
-    CHAT_MISTRAL_V7,     /* [SYSTEM_PROMPT] ...[/SYSTEM_PROMPT][INST] ...[/INST] (Small 3) */
+    CHAT_MISTRAL_V7,     /* [SYSTEM_PROMPT] ...[/SYSTEM_PROMPT][INST] ...[/INST] (Large 2411) */
     CHAT_PHI4,           /* <|im_start|>user<|im_sep|>...<|im_end|> (Phi-4) */
     CHAT_GEMMA,          /* <start_of_turn>user\n...<end_of_turn>\n<start_of_turn>model\n */
     CHAT_GRANITE,        /* <|start_of_role|>user<|end_of_role|>...<|end_of_text|>\n (Granite 3) */
     CHAT_MISTRAL_V3,     /* [INST] ...[/INST] ...</s> (Mistral 7B Instruct v0.3) */
-    CHAT_DEEPSEEK, /* {system}<｜User｜>...<｜Assistant｜>...EOS (DeepSeek-R1's distills) */
-    CHAT_MISTRAL_V7_TEKKEN, /* [SYSTEM_PROMPT]...[/SYSTEM_PROMPT][INST]...[/INST]...</s> (Small 3)
-                             */
+    CHAT_DEEPSEEK,       /* {system}<｜User｜>...<｜Assistant｜>...EOS (DeepSeek-R1's distills) */
+    CHAT_MISTRAL_V7_TEKKEN, /* [SYSTEM_PROMPT]...[INST]...[/INST]...</s> (Small 3) */
+    CHAT_MISTRAL_V1,        /* <s> [INST] ... [/INST] ...</s> (7B v0.2's later template) */
 } chat_format;
 
 /* A function call an assistant's message made (OpenAI's tool_calls). */
@@ -73,6 +73,9 @@ typedef struct {
      * answer's header (chat_opens_thinking: DeepSeek-R1's distills, QwQ;
      * ChatML and DeepSeek formats) */
     int open_thinking;
+    /* ChatML: the answers before the last user message without their
+     * reasoning (chat_strips_reasoning: Qwen 3's, QwQ's) */
+    int strip_reasoning;
 } chat_options;
 
 /* How a format's model writes a function call: a JSON object {"name": ...,
@@ -101,6 +104,9 @@ char *chat_default_system(const char *template_text);
  * it asks for (DeepSeek-R1's distills, QwQ): the model's answer then
  * begins inside its reasoning. */
 int chat_opens_thinking(const char *template_text);
+/* Whether a template cuts an earlier answer's reasoning out of the prompt
+ * (.split('</think>'): Qwen 3's, QwQ's, DeepSeek-R1's). */
+int chat_strips_reasoning(const char *template_text);
 
 /* Whether a Llama 3 template writes a system turn with its knowledge cutoff
  * and a date in every chat (Llama 3.1, 3.2, 3.3): the date it writes, "26

@@ -825,7 +825,8 @@ static int chat_prompt_of(const cJSON *o, const api_model *m, request_tools *rt,
         strftime(today, sizeof(today), "%d %b %Y", &tm);
     const chat_options opt = {
         rt->choice != TOOLS_NONE ? &tools : NULL, !thinking, m->default_system,
-        m->llama3_date && !m->llama3_date[0] ? today : m->llama3_date, m->open_thinking};
+        m->llama3_date && !m->llama3_date[0] ? today : m->llama3_date, m->open_thinking,
+        m->strip_reasoning};
     rc = chat_prompt(m->chat, m->tok, cm, count, &opt, ids, n, end_of_turn, err, errlen);
 done:
     for (int k = 0; k < count; k++) {

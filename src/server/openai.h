@@ -21,7 +21,8 @@ typedef struct {
     /* Llama 3.1 and later: the date their system turn writes (chat_llama3_date;
      * "": the day's; NULL: no such turn) */
     const char *llama3_date;
-    int open_thinking; /* the template opens the answer's <think> (chat_opens_thinking) */
+    int open_thinking;   /* the template opens the answer's <think> (chat_opens_thinking) */
+    int strip_reasoning; /* it cuts earlier answers' reasoning (chat_strips_reasoning) */
 } api_model;
 
 typedef struct {
