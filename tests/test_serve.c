@@ -2660,7 +2660,9 @@ static void test_chat_formats(void **state) {
                                     {.role = "system", .content = "B", .content_len = 1},
                                     {.role = "user", .content = "u", .content_len = 1}};
     expect_prompt(t, CHAT_MISTRAL, systems, 3, NULL, "\x06\x13 A\n\nB\n\nu \x14");
-    expect_prompt(t, CHAT_DEEPSEEK, systems, 3, NULL, "\x06" "B\x9du\x9e");
+    expect_prompt(t, CHAT_DEEPSEEK, systems, 3, NULL,
+                  "\x06"
+                  "B\x9du\x9e");
     const chat_message result[] = {
         {.role = "user", .content = "q", .content_len = 1},
         {.role = "tool", .content = "say \"hi\"\n\x01", .content_len = 10}};
@@ -3464,6 +3466,24 @@ static void test_tools_served(void **state) {
 #undef TOOL_REQUEST
 }
 
+/* A stream of job j's answer, made of pieces (NULL-ended) then finished:
+ * what api_next_piece sends as reasoning and as content (128 bytes each). */
+static void stream_pieces(serve_job *j, const char *const *pieces, char *reasoning, char *content) {
+    reasoning[0] = content[0] = '\0';
+    size_t sent = 0, from, to;
+    for (size_t k = 0;; k++) {
+        if (pieces[k]) {
+            job_add_text(j, pieces[k], strlen(pieces[k]));
+        } else {
+            job_settle(j, NULL);
+            job_finish(j);
+        }
+        for (int kind; (kind = api_next_piece(j, sent, &from, &to)); sent = to)
+            strncat(kind == 1 ? reasoning : content, j->text + from, to - from);
+        if (!pieces[k]) break;
+    }
+}
+
 /* A thinking model's chat (its vocabulary has <think>): the reasoning an
  * answer opens with comes back as reasoning_content, whole and streamed
  * (the tags never), before the content and the tool calls. */
@@ -3506,20 +3526,11 @@ static void test_reasoning(void **state) {
     free(r);
     job_release(j);
     /* streamed, piece by piece: the tags held back and skipped */
-    static const char *pieces[] = {"<thi", "nk>\nIt is", " Paris.\n</th", "ink>\n\nSun", "ny."};
-    char err[256], reasoning[128] = "", content[128] = "";
+    static const char *pieces[] = {"<thi",        "nk>\nIt is", " Paris.\n</th",
+                                   "ink>\n\nSun", "ny.",        NULL};
+    char err[256], reasoning[128], content[128];
     assert_int_equal(api_parse(body, strlen(body), 1, &m, &j, &shape, err, sizeof(err)), 0);
-    size_t sent = 0, from, to;
-    for (size_t k = 0; k <= sizeof(pieces) / sizeof(pieces[0]); k++) {
-        if (k < sizeof(pieces) / sizeof(pieces[0])) {
-            job_add_text(j, pieces[k], strlen(pieces[k]));
-        } else {
-            job_settle(j, NULL);
-            job_finish(j);
-        }
-        for (int kind; (kind = api_next_piece(j, sent, &from, &to)); sent = to)
-            strncat(kind == 1 ? reasoning : content, j->text + from, to - from);
-    }
+    stream_pieces(j, pieces, reasoning, content);
     assert_string_equal(reasoning, "\nIt is Paris.\n");
     assert_string_equal(content, "Sunny.");
     job_release(j);
@@ -3567,20 +3578,9 @@ static void test_reasoning(void **state) {
     cJSON_Delete(o);
     free(r);
     job_release(j);
-    static const char *opened_pieces[] = {"It is", " Paris.\n</th", "ink>\n\nSun", "ny."};
-    reasoning[0] = content[0] = '\0';
+    static const char *opened_pieces[] = {"It is", " Paris.\n</th", "ink>\n\nSun", "ny.", NULL};
     assert_int_equal(api_parse(conv, strlen(conv), 1, &m, &j, &shape, err, sizeof(err)), 0);
-    sent = 0;
-    for (size_t p = 0; p <= sizeof(opened_pieces) / sizeof(opened_pieces[0]); p++) {
-        if (p < sizeof(opened_pieces) / sizeof(opened_pieces[0])) {
-            job_add_text(j, opened_pieces[p], strlen(opened_pieces[p]));
-        } else {
-            job_settle(j, NULL);
-            job_finish(j);
-        }
-        for (int kind; (kind = api_next_piece(j, sent, &from, &to)); sent = to)
-            strncat(kind == 1 ? reasoning : content, j->text + from, to - from);
-    }
+    stream_pieces(j, opened_pieces, reasoning, content);
     assert_string_equal(reasoning, "It is Paris.\n");
     assert_string_equal(content, "Sunny.");
     job_release(j);

@@ -187,23 +187,22 @@ static int parse_args(int argc, char **argv, serve_opts *o) {
     return 0;
 }
 
-/* The model's chat format: its template's, else its vocabulary's; the
- * system message a ChatML template writes when a chat has none (*system),
- * and the date a Llama 3.1+ template's system turn writes (*date); both
- * malloc'd, NULL: none. */
-static chat_format model_chat_format(const cake_model *m, char **system, char **date,
-                                     int *open_thinking, int *strip_reasoning) {
+/* What the model's chat template says (else its vocabulary): the format,
+ * and what its prompts take from the template (am's chat, default_system,
+ * llama3_date, open_thinking, strip_reasoning; the strings malloc'd, the
+ * caller's to free). */
+static void read_chat_template(const cake_model *m, api_model *am) {
     cake_gguf_str s;
     char *tmpl = NULL;
     if (cake_gguf_get_str(m->gguf, "tokenizer.chat_template", &s, NULL, 0) == 0)
         tmpl = strndup(s.ptr, s.len);
     const chat_format f = chat_detect(tmpl, cake_model_tokenizer(m));
-    *system = f == CHAT_CHATML ? chat_default_system(tmpl) : NULL;
-    *date = f == CHAT_LLAMA3 ? chat_llama3_date(tmpl) : NULL;
-    *open_thinking = (f == CHAT_CHATML || f == CHAT_DEEPSEEK) && chat_opens_thinking(tmpl);
-    *strip_reasoning = f == CHAT_CHATML && chat_strips_reasoning(tmpl);
+    am->chat = f;
+    am->default_system = f == CHAT_CHATML ? chat_default_system(tmpl) : NULL;
+    am->llama3_date = f == CHAT_LLAMA3 ? chat_llama3_date(tmpl) : NULL;
+    am->open_thinking = (f == CHAT_CHATML || f == CHAT_DEEPSEEK) && chat_opens_thinking(tmpl);
+    am->strip_reasoning = f == CHAT_CHATML && chat_strips_reasoning(tmpl);
     free(tmpl);
-    return f;
 }
 
 int cmd_serve(int argc, char **argv) {
@@ -226,7 +225,8 @@ int cmd_serve(int argc, char **argv) {
     cake_store *store = NULL;
     serve_pool *pool = NULL;
     serve_server *server = NULL;
-    char *name = NULL, *default_system = NULL, *llama3_date = NULL;
+    char *name = NULL;
+    api_model am = {0};
     char speed_key[96] = "";
     rc = CLI_FAIL;
     if (o.store && cake_store_open(o.store, &store, err, sizeof(err))) {
@@ -257,10 +257,8 @@ int cmd_serve(int argc, char **argv) {
                       .queue_max = (int)o.queue,
                       .kv_type = o.kv_type,
                       .backend = o.backend};
-    int open_thinking = 0, strip_reasoning = 0;
-    const chat_format chat = model_chat_format(model, &default_system, &llama3_date,
-                                               &open_thinking, &strip_reasoning);
-    const chat_call_syntax *calls = chat_calls(chat);
+    read_chat_template(model, &am);
+    const chat_call_syntax *calls = chat_calls(am.chat);
     pc.call_tag = calls && calls->open[0] ? calls->open : NULL;
     if (pool_create(model, &pc, &pool, err, sizeof(err))) {
         cli_error(CLI_FAIL, "serve", "%s", err);
@@ -277,15 +275,10 @@ int cmd_serve(int argc, char **argv) {
         pool_speed_set(pool, &speed);
     }
     if (!(name = strdup(o.name ? o.name : o.model))) goto done;
-    api_model am = {.tok = cake_model_tokenizer(model),
-                    .n_vocab = hp->n_vocab,
-                    .n_ctx = pool_n_ctx(pool),
-                    .chat = chat,
-                    .name = o.name ? name : basename(name)};
-    am.default_system = default_system;
-    am.llama3_date = llama3_date;
-    am.open_thinking = open_thinking;
-    am.strip_reasoning = strip_reasoning;
+    am.tok = cake_model_tokenizer(model);
+    am.n_vocab = hp->n_vocab;
+    am.n_ctx = pool_n_ctx(pool);
+    am.name = o.name ? name : basename(name);
     http_config hc = {.host = o.host,
                       .port = (int)o.port,
                       .max_body = (size_t)o.max_body,
@@ -321,7 +314,7 @@ done:
     cake_model_free(model);
     cake_store_close(store);
     free(name);
-    free(default_system);
-    free(llama3_date);
+    free((char *)am.default_system);
+    free((char *)am.llama3_date);
     return rc;
 }
