@@ -2819,6 +2819,38 @@ static void test_chat_default_system(void **state) {
     free(date);
     assert_null(chat_llama3_date("{{ '<|start_header_id|>' + message['role'] }}"));
     assert_null(chat_llama3_date(NULL));
+    /* Mistral Small 3's, with the day in it: its default system message as
+     * the template writes it (the template's escapes as a Jinja source has
+     * them, or expanded to line breaks), in [SYSTEM_PROMPT] when a chat has
+     * no system message */
+    static const char small31[] =
+        "{%- set today = strftime_now(\"%Y-%m-%d\") %}\n{%- set default_system_message = \"You "
+        "are Mistral Small 3.\\nThe current date is \" + today + \".\\n\\nAsk \\\"where?\\\"\" "
+        "%}\n{{- bos_token }}";
+    const time_t day = 1796000000; /* (2026-11-29 at 22:13 UTC) */
+    struct tm day_tm;
+    char day_text[16], want_small[128];
+    strftime(day_text, sizeof(day_text), "%Y-%m-%d", localtime_r(&day, &day_tm));
+    snprintf(want_small, sizeof(want_small),
+             "You are Mistral Small 3.\nThe current date is %s.\n\nAsk \"where?\"", day_text);
+    sys = chat_dated_default_system(small31, day);
+    assert_non_null(sys);
+    assert_string_equal(sys, want_small);
+    free(sys);
+    sys = chat_dated_default_system("{%- set default_system_message = \"A\\\nB\" %}", day);
+    assert_string_equal(sys, "A\nB");
+    free(sys);
+    assert_null(chat_dated_default_system("{%- set default_system_message = x + 'a' %}", day));
+    assert_null(chat_dated_default_system("{{ '[INST]' + m }}", day));
+    const chat_message user_only[] = {{.role = "user", .content = "u", .content_len = 1}};
+    expect_prompt(t, CHAT_MISTRAL_V7_TEKKEN, user_only, 1, &(chat_options){.default_system = "D"},
+                  "\x06\x15"
+                  "D\x16\x13u\x14");
+    const chat_message with_system[] = {{.role = "system", .content = "S", .content_len = 1},
+                                        {.role = "user", .content = "u", .content_len = 1}};
+    expect_prompt(t, CHAT_MISTRAL_V7_TEKKEN, with_system, 2, &(chat_options){.default_system = "D"},
+                  "\x06\x15S\x16\x13u\x14");
+
     m.chat = CHAT_LLAMA3;
     m.default_system = NULL;
     m.llama3_date = "";

@@ -189,8 +189,8 @@ static int parse_args(int argc, char **argv, serve_opts *o) {
 
 /* What the model's chat template says (else its vocabulary): the format,
  * and what its prompts take from the template (am's chat, default_system,
- * llama3_date, open_thinking, strip_reasoning; the strings malloc'd, the
- * caller's to free). */
+ * llama3_date, open_thinking, strip_reasoning, dated_system_template; the
+ * strings malloc'd, the caller's to free). */
 static void read_chat_template(const cake_model *m, api_model *am) {
     cake_gguf_str s;
     char *tmpl = NULL;
@@ -202,6 +202,16 @@ static void read_chat_template(const cake_model *m, api_model *am) {
     am->llama3_date = f == CHAT_LLAMA3 ? chat_llama3_date(tmpl) : NULL;
     am->open_thinking = (f == CHAT_CHATML || f == CHAT_DEEPSEEK) && chat_opens_thinking(tmpl);
     am->strip_reasoning = f == CHAT_CHATML && chat_strips_reasoning(tmpl);
+    /* (kept whole: its default system message is rendered per request, with
+     * the day's date) */
+    char *probe = f == CHAT_MISTRAL_V7 || f == CHAT_MISTRAL_V7_TEKKEN
+                      ? chat_dated_default_system(tmpl, time(NULL))
+                      : NULL;
+    if (probe) {
+        am->dated_system_template = tmpl;
+        tmpl = NULL;
+    }
+    free(probe);
     free(tmpl);
 }
 
@@ -316,5 +326,6 @@ done:
     free(name);
     free((char *)am.default_system);
     free((char *)am.llama3_date);
+    free((char *)am.dated_system_template);
     return rc;
 }

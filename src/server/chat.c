@@ -72,6 +72,75 @@ static char *system_literal(const char *tmpl, const char *head) {
     return NULL;
 }
 
+/* A Jinja string literal at *p ('...' or "..."), unescaped onto out
+ * (\n, \t, \" and the like; a backslash before a line break is a break, as
+ * copies of templates written out with their escapes expanded have it);
+ * *p moves past it. false when it is not one. */
+static bool read_literal(const char **p, char *out, size_t cap, size_t *len) {
+    const char quote = **p;
+    if (quote != '\'' && quote != '"') return false;
+    const char *c = *p + 1;
+    for (; *c && *c != quote; c++) {
+        char ch = *c;
+        if (ch == '\\' && c[1]) {
+            ch = *++c == 'n' ? '\n' : *c == 't' ? '\t' : *c; /* (\<newline>: the newline) */
+        }
+        if (*len + 1 >= cap) return false;
+        out[(*len)++] = ch;
+    }
+    if (*c != quote) return false;
+    *p = c + 1;
+    return true;
+}
+
+char *chat_dated_default_system(const char *tmpl, time_t now) {
+    const char *at = tmpl ? strstr(tmpl, "set default_system_message") : NULL;
+    if (!at || !(at = strchr(at, '='))) return NULL;
+    size_t cap = 8192, len = 0;
+    char *out = malloc(cap);
+    if (!out) return NULL;
+    for (const char *p = at + 1;;) {
+        while (*p == ' ' || *p == '\n' || *p == '\t') p++;
+        if (*p == '\'' || *p == '"') {
+            if (!read_literal(&p, out, cap, &len)) break;
+        } else { /* a variable: one the template sets to strftime_now("FMT") */
+            char name[64], set[96], fmt[64] = "";
+            size_t n = strspn(p, "abcdefghijklmnopqrstuvwxyz_0123456789");
+            if (!n || n >= sizeof(name)) break;
+            memcpy(name, p, n);
+            name[n] = '\0';
+            p += n;
+            snprintf(set, sizeof(set), "set %s = strftime_now(", name);
+            const char *f = strstr(tmpl, set);
+            size_t fl = 0;
+            if (!f || !read_literal((f += strlen(set), &f), fmt, sizeof(fmt), &fl)) break;
+            fmt[fl] = '\0';
+            struct tm tm;
+            char day[64];
+            /* (the template's format: strftime reads no arguments past tm) */
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wformat-nonliteral"
+            const size_t dl = localtime_r(&now, &tm) ? strftime(day, sizeof(day), fmt, &tm) : 0;
+#pragma GCC diagnostic pop
+            if (!dl || len + dl >= cap) break;
+            memcpy(out + len, day, dl);
+            len += dl;
+        }
+        while (*p == ' ' || *p == '\n' || *p == '\t') p++;
+        if (*p == '+') {
+            p++;
+            continue;
+        }
+        if (len && (!strncmp(p, "%}", 2) || !strncmp(p, "-%}", 3))) {
+            out[len] = '\0';
+            return out;
+        }
+        break;
+    }
+    free(out);
+    return NULL;
+}
+
 char *chat_default_system(const char *tmpl) {
     if (!tmpl) return NULL;
     /* (the newline as the Jinja source escapes it, or as a newline) */
@@ -488,13 +557,21 @@ static void mistral_result(builder *b, const chat_message *m, bool spaced) {
  * v7-tekken the same without the spaces.
  * With tools (v3, tekken), mistral_functions' prompt. */
 static void mistral(builder *b, const chat_message *m, int n, chat_format f,
-                    const chat_tools *tools, cake_token eos) {
+                    const chat_tools *tools, const char *default_system, cake_token eos) {
     const bool plain = f == CHAT_MISTRAL, v1 = f == CHAT_MISTRAL_V1, v7 = f == CHAT_MISTRAL_V7,
                v3 = f == CHAT_MISTRAL_V3;
     const bool system_prompt = v7 || f == CHAT_MISTRAL_V7_TEKKEN; /* ([SYSTEM_PROMPT]) */
-    int last_user = -1, systems_from = 0; /* (the system messages not yet written) */
-    for (int i = 0; i < n; i++)
+    int last_user = -1, systems_from = 0, has_system = 0;         /* (those not yet written from) */
+    for (int i = 0; i < n; i++) {
         if (!strcmp(m[i].role, "user")) last_user = i;
+        has_system |= !strcmp(m[i].role, "system");
+    }
+    if (system_prompt && !has_system && default_system) { /* (Small 3's, with its date) */
+        put_marker(b, "[SYSTEM_PROMPT]");
+        if (v7) put_str(b, " ");
+        put_str(b, default_system);
+        put_marker(b, "[/SYSTEM_PROMPT]");
+    }
     for (int i = 0; i < n; i++) {
         if (m[i].n_calls && mistral_tools(f)) {
             mistral_calls(b, &m[i], v3, eos);
@@ -655,7 +732,7 @@ int chat_prompt(chat_format f, const cake_tokenizer *t, const chat_message *m, i
     case CHAT_MISTRAL_V3:
     case CHAT_MISTRAL_V7_TEKKEN:
     case CHAT_MISTRAL_V1:
-        mistral(&b, m, n, f, tools, eos);
+        mistral(&b, m, n, f, tools, opt ? opt->default_system : NULL, eos);
         break;
     case CHAT_ZEPHYR:
         /* <|system|>\n{system}</s>\n<|user|>\n{user}</s>\n<|assistant|>\n */

@@ -11,6 +11,7 @@
 #define CAKE_SERVER_CHAT_H
 
 #include <stddef.h>
+#include <time.h>
 
 #include "model/tokenizer.h"
 
@@ -63,8 +64,9 @@ typedef struct {
      * 3's enable_thinking false): ChatML opens its answer with an empty
      * <think></think>, as Qwen 3's template does. */
     int no_thinking;
-    /* ChatML: the system message when the messages have none, as the
-     * template writes one (chat_default_system; NULL: none) */
+    /* ChatML and Mistral v7: the system message when the messages have none,
+     * as the template writes one (chat_default_system,
+     * chat_dated_default_system; NULL: none) */
     const char *default_system;
     /* Llama 3.1 and later: the date of the system turn their templates
      * always write (chat_llama3_date; NULL: none, as Llama 3.0's) */
@@ -99,6 +101,13 @@ const char *chat_format_name(chat_format f);
  * '<|im_start|>system\n...<|im_end|>' in it, unescaped. malloc'd; NULL:
  * none (or out of memory). */
 char *chat_default_system(const char *template_text);
+
+/* The system message a Mistral v7 template (Small 3's) writes when a chat
+ * has none: {%- set default_system_message = "..." + today + "..." %}, its
+ * variables days as the template sets them (today = strftime_now(
+ * "%Y-%m-%d")), rendered for the day of `now` (local time). malloc'd;
+ * NULL: none (or not one cake can read). */
+char *chat_dated_default_system(const char *template_text, time_t now);
 
 /* Whether a template writes "<think>\n" after the header of the answer
  * it asks for (DeepSeek-R1's distills, QwQ): the model's answer then

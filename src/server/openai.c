@@ -823,11 +823,15 @@ static int chat_prompt_of(const cJSON *o, const api_model *m, request_tools *rt,
     struct tm tm;
     if (m->llama3_date && !m->llama3_date[0] && localtime_r(&now, &tm))
         strftime(today, sizeof(today), "%d %b %Y", &tm);
-    const chat_options opt = {
-        rt->choice != TOOLS_NONE ? &tools : NULL, !thinking, m->default_system,
-        m->llama3_date && !m->llama3_date[0] ? today : m->llama3_date, m->open_thinking,
-        m->strip_reasoning};
+    char *dated = chat_dated_default_system(m->dated_system_template, now);
+    const chat_options opt = {rt->choice != TOOLS_NONE ? &tools : NULL,
+                              !thinking,
+                              dated ? dated : m->default_system,
+                              m->llama3_date && !m->llama3_date[0] ? today : m->llama3_date,
+                              m->open_thinking,
+                              m->strip_reasoning};
     rc = chat_prompt(m->chat, m->tok, cm, count, &opt, ids, n, end_of_turn, err, errlen);
+    free(dated);
 done:
     for (int k = 0; k < count; k++) {
         if (bufs) free(bufs[k]);

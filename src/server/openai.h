@@ -23,6 +23,9 @@ typedef struct {
     const char *llama3_date;
     int open_thinking;   /* the template opens the answer's <think> (chat_opens_thinking) */
     int strip_reasoning; /* it cuts earlier answers' reasoning (chat_strips_reasoning) */
+    /* Mistral v7: the template, whose system message for chats without one
+     * has the day's date (chat_dated_default_system; NULL: none) */
+    const char *dated_system_template;
 } api_model;
 
 typedef struct {
