@@ -135,8 +135,8 @@ void cli_hints_load(const char *speed_key_, cake_compute_speed *speed, const cha
     fclose(f);
 }
 
-void cli_hints_save(const char *speed_key_, const cake_compute_speed *speed,
-                    const char *rate_key_, const cake_store *store) {
+void cli_hints_save(const char *speed_key_, const cake_compute_speed *speed, const char *rate_key_,
+                    const cake_store *store) {
     char path[1024], tmp[1100], line[LINE_MAX_], kind[8], key[1024], speed_field[1024],
         rate_field[1024];
     const char *speed_key = field_of(speed_key_, speed_field);

@@ -29,7 +29,7 @@ typedef enum {
     CHAT_GEMMA,          /* <start_of_turn>user\n...<end_of_turn>\n<start_of_turn>model\n */
     CHAT_GRANITE,        /* <|start_of_role|>user<|end_of_role|>...<|end_of_text|>\n (Granite 3) */
     CHAT_MISTRAL_V3,     /* [INST] ...[/INST] ...</s> (Mistral 7B Instruct v0.3) */
-    CHAT_DEEPSEEK,       /* {system}<｜User｜>...<｜Assistant｜>...EOS (DeepSeek-R1's distills) */
+    CHAT_DEEPSEEK, /* {system}<｜User｜>...<｜Assistant｜>...EOS (DeepSeek-R1's distills) */
     CHAT_MISTRAL_V7_TEKKEN, /* [SYSTEM_PROMPT]...[INST]...[/INST]...</s> (Small 3) */
     CHAT_MISTRAL_V1,        /* <s> [INST] ... [/INST] ...</s> (7B v0.2's later template) */
 } chat_format;
