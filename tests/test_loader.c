@@ -270,19 +270,20 @@ static void test_one_token_prompt(void **state) {
     unlink(path);
 }
 
+/* A request run on a thread of its own (as another slot's). */
 typedef struct {
     fixture *f;
     const cake_token *prompt;
     int n, chunk;
     cake_prefill_params lp;
     float *logits;
-    cake_prefill_stats st;
-} lookup_run;
-
-static void *lookup_run_main(void *arg) {
-    lookup_run *r = arg;
     cake_token first;
-    r->st = run_with(r->f, r->prompt, r->n, r->chunk, r->lp, r->logits, &first);
+    cake_prefill_stats st;
+} follower;
+
+static void *follower_main(void *arg) {
+    follower *w = arg;
+    w->st = run_with(w->f, w->prompt, w->n, w->chunk, w->lp, w->logits, &w->first);
     return NULL;
 }
 
@@ -304,9 +305,9 @@ static void check_promised_early(fixture *f, const cake_token *p, int n, int chu
     int8_t r;
     cake_inflight_promise(reg, &keys[0], 1, &r);
     assert_int_equal(r, 1);
-    lookup_run run = {.f = f, .prompt = p, .n = n, .chunk = chunk, .lp = lp, .logits = got};
+    follower run = {.f = f, .prompt = p, .n = n, .chunk = chunk, .lp = lp, .logits = got};
     pthread_t th;
-    assert_int_equal(pthread_create(&th, NULL, lookup_run_main, &run), 0);
+    assert_int_equal(pthread_create(&th, NULL, follower_main, &run), 0);
     usleep(20000);
     cake_inflight_release(reg, &keys[0]);
     pthread_join(th, NULL);
@@ -315,8 +316,8 @@ static void check_promised_early(fixture *f, const cake_token *p, int n, int chu
     /* alone: its chunks computed during the lookup are promised meanwhile
      * (seen from here), and no promise is left after it */
     int seen = 0;
-    run = (lookup_run){.f = f, .prompt = p, .n = n, .chunk = chunk, .lp = lp, .logits = got};
-    assert_int_equal(pthread_create(&th, NULL, lookup_run_main, &run), 0);
+    run = (follower){.f = f, .prompt = p, .n = n, .chunk = chunk, .lp = lp, .logits = got};
+    assert_int_equal(pthread_create(&th, NULL, follower_main, &run), 0);
     for (int k = 0; k < 200 && !seen; k++) {
         seen = cake_inflight_pending(reg, &keys[0]);
         usleep(1000);
@@ -774,22 +775,6 @@ static void test_busy_engine(void **state) {
 
 /* ---- chunks another request is computing (cake_inflight) ---- */
 
-typedef struct {
-    fixture *f;
-    const cake_token *prompt;
-    int n;
-    cake_prefill_params lp;
-    float *logits;
-    cake_token first;
-    cake_prefill_stats st;
-} follower;
-
-static void *follower_main(void *arg) {
-    follower *w = arg;
-    w->st = run_with(w->f, w->prompt, w->n, 16, w->lp, w->logits, &w->first);
-    return NULL;
-}
-
 static void promise_all(cake_inflight *reg, const cake_chunk_key *keys, int n) {
     int8_t got[16];
     cake_inflight_promise(reg, keys, n, got);
@@ -837,7 +822,7 @@ static void test_awaited_chunks(void **state) {
         .store = s, .mode = CAKE_MODE_CAKE, .io_depth = 2, .inflight = reg};
 
     /* the chunks come, one by one, after the request has looked them up */
-    follower w = {.f = &f, .prompt = p, .n = N, .lp = lp, .logits = got};
+    follower w = {.f = &f, .prompt = p, .n = N, .chunk = C, .lp = lp, .logits = got};
     pthread_t th;
     assert_int_equal(pthread_create(&th, NULL, follower_main, &w), 0);
     usleep(30000);
@@ -861,7 +846,7 @@ static void test_awaited_chunks(void **state) {
     run(&other, p, N, C, NULL, NULL, CAKE_MODE_COMPUTE, base, &t0);
     prompt_keys(&f, p, N, C, keys);
     promise_all(reg, keys, L);
-    w = (follower){.f = &f, .prompt = p, .n = N, .lp = lp, .logits = got};
+    w = (follower){.f = &f, .prompt = p, .n = N, .chunk = C, .lp = lp, .logits = got};
     assert_int_equal(pthread_create(&th, NULL, follower_main, &w), 0);
     usleep(20000);
     for (int i = 0; i < L; i++) cake_inflight_release(reg, &keys[i]);
@@ -904,8 +889,8 @@ static void test_awaited_chunks(void **state) {
     float *got_b = malloc((size_t)f.n_vocab * sizeof(float));
     cake_writeback *wa = cake_writeback_create(s, 64, err, sizeof(err));
     cake_writeback *wbb = cake_writeback_create(s, 64, err, sizeof(err));
-    follower a = {.f = &fa, .prompt = p, .n = N, .lp = lp, .logits = got};
-    follower b = {.f = &fb, .prompt = p, .n = N, .lp = lp, .logits = got_b};
+    follower a = {.f = &fa, .prompt = p, .n = N, .chunk = C, .lp = lp, .logits = got};
+    follower b = {.f = &fb, .prompt = p, .n = N, .chunk = C, .lp = lp, .logits = got_b};
     a.lp.writeback = wa;
     b.lp.writeback = wbb;
     pthread_t tb;

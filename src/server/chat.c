@@ -1,5 +1,6 @@
 #include "server/chat.h"
 
+#include <cjson/cJSON.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -279,30 +280,19 @@ static void put_trimmed(builder *b, const chat_message *m) {
 }
 
 /* s[0..len) as a JSON string, as Python's json.dumps(ensure_ascii=False)
- * writes it (templates' tojson): quotes, backslashes and control bytes
- * escaped, the rest as it is. */
+ * writes it (templates' tojson), which is how cJSON prints one: quotes,
+ * backslashes and control bytes escaped, the rest as it is. */
 static void put_json_string(builder *b, const char *s, size_t len) {
-    put_str(b, "\"");
-    size_t plain = 0; /* (the bytes from here on are written as they are) */
-    for (size_t i = 0; i < len; i++) {
-        const unsigned char c = (unsigned char)s[i];
-        if (c >= 0x20 && c != '"' && c != '\\') continue;
-        put_text(b, s + plain, i - plain);
-        plain = i + 1;
-        char esc[8];
-        const char *named = c == '"'    ? "\\\""
-                            : c == '\\' ? "\\\\"
-                            : c == '\n' ? "\\n"
-                            : c == '\r' ? "\\r"
-                            : c == '\t' ? "\\t"
-                            : c == '\b' ? "\\b"
-                            : c == '\f' ? "\\f"
-                                        : NULL;
-        if (!named) snprintf(esc, sizeof(esc), "\\u%04x", c);
-        put_str(b, named ? named : esc);
-    }
-    put_text(b, s + plain, len - plain);
-    put_str(b, "\"");
+    char *text = strndup(s, len);
+    cJSON *str = text ? cJSON_CreateStringReference(text) : NULL;
+    char *json = str ? cJSON_PrintUnformatted(str) : NULL;
+    if (json)
+        put_str(b, json);
+    else
+        oom(b);
+    cJSON_free(json);
+    cJSON_Delete(str);
+    free(text);
 }
 
 /* Template text with a tool call's tags: each tag as its own token where
