@@ -108,6 +108,15 @@ static void check_event(char *ev) {
     free(ev);
 }
 
+/* A chat format for fuzz_parse's second byte: Mistral's with tools for
+ * 0xf0 and up (v3 from 0xf8, with bit 3: the body read as a template too;
+ * else v7-tekken, v11, v13), else one of the first six. */
+static chat_format mistral_or(uint8_t b) {
+    static const chat_format later[] = {CHAT_MISTRAL_V7_TEKKEN, CHAT_MISTRAL_V11, CHAT_MISTRAL_V13,
+                                        CHAT_MISTRAL_V13};
+    return b >= 0xf8 ? CHAT_MISTRAL_V3 : b >= 0xf0 ? later[b & 3] : (chat_format)(b % 6);
+}
+
 static void fuzz_parse(const uint8_t *data, size_t size) {
     if (size < 2) return;
     const int chat = data[0] >> 1 & 1;
@@ -126,8 +135,7 @@ static void fuzz_parse(const uint8_t *data, size_t size) {
                          .n_vocab = cake_tokenizer_n_vocab(g_tok),
                          /* (63: room for a prompt listing tools) */
                          .n_ctx = data[0] >> 2 == 63 ? 8192 : 1 + (data[0] >> 2) * 4,
-                         /* (0xf8 and up: Mistral v3's tools) */
-                         .chat = data[1] >= 0xf8 ? CHAT_MISTRAL_V3 : (chat_format)(data[1] % 6),
+                         .chat = mistral_or(data[1]),
                          .name = "fuzz",
                          .default_system = system,
                          .llama3_date = date};
@@ -280,6 +288,8 @@ static void fuzz_text(const uint8_t *data, size_t size) {
     /* bits 2-3: the text may hold tool calls (held back while generated) */
     const chat_format calls[] = {CHAT_NONE, CHAT_CHATML, CHAT_LLAMA3, CHAT_MISTRAL_V3};
     j->call_format = calls[data[0] >> 2 & 3];
+    /* (Mistral's with bit 6: v11's name[CALL_ID]id[ARGS]{...} instead) */
+    if (j->call_format == CHAT_MISTRAL_V3 && data[0] >> 6 & 1) j->call_format = CHAT_MISTRAL_V11;
     /* bit 4: <think> and its end held back (with bit 7: opened by the prompt) */
     j->reasoning = data[0] >> 4 & 1 ? (data[0] >> 7 ? JOB_THINKING : 1) : 0;
     /* bit 5: min_tokens 1..4 (bits 6-7): stop strings not read in the

@@ -2328,6 +2328,9 @@ enum {
     TOOL_RESULTS_END,
     DS_USER, /* DeepSeek-R1's */
     DS_ASSISTANT,
+    ARGS, /* Mistral's later tool markers (v7, v11, v13) */
+    CALL_ID,
+    TOOL_CONTENT,
     CHAT_VOCAB
 };
 
@@ -2377,7 +2380,10 @@ static cake_tokenizer *chat_vocab(void) {
                              "[TOOL_RESULTS]",
                              "[/TOOL_RESULTS]",
                              "<｜User｜>",
-                             "<｜Assistant｜>"};
+                             "<｜Assistant｜>",
+                             "[ARGS]",
+                             "[CALL_ID]",
+                             "[TOOL_CONTENT]"};
     for (int i = 0; i < CHAT_VOCAB - 256; i++)
         tokens[256 + i] = special[i], types[256 + i] = CAKE_TOKEN_CONTROL;
     /* (Qwen's tags are user-defined: their text is theirs) */
@@ -2445,6 +2451,15 @@ static void test_chat_formats(void **state) {
                                  "m['content'] + '[/INST]' }}",
                                  t),
                      CHAT_MISTRAL_V7_TEKKEN);
+    /* and with the later calls: Small 3.2's (v11), Ministral 3's (v13) */
+    assert_int_equal(chat_detect("{{- '[SYSTEM_PROMPT]' + s }}{{- '[INST]' + u + '[/INST]' }}{{- "
+                                 "name + '[CALL_ID]' + id + '[ARGS]' + arguments }}",
+                                 t),
+                     CHAT_MISTRAL_V11);
+    assert_int_equal(chat_detect("{{- '[SYSTEM_PROMPT]' + s }}{{- '[INST]' + u + '[/INST]' }}{{- "
+                                 "'[TOOL_CALLS]' + name + '[ARGS]' + arguments }}",
+                                 t),
+                     CHAT_MISTRAL_V13);
     assert_int_equal(chat_detect("{{ '[AVAILABLE_TOOLS]' }}{{ \"[INST]\" + u }}", t),
                      CHAT_MISTRAL_TEKKEN);
     assert_int_equal(chat_detect("{{'<｜User｜>' + c}}{{'<｜Assistant｜><think>\\n'}}", t),
@@ -2612,6 +2627,66 @@ static void test_chat_formats(void **state) {
     for (size_t k = 0; k < sizeof(mistral_tools) / sizeof(mistral_tools[0]); k++)
         expect_prompt(t, mistral_tools[k].f, mm, 6, &(chat_options){.tools = &tools},
                       mistral_tools[k].want);
+    /* mistral-common's v7 and later (Small 3 on): the answer's text before
+     * its calls; v7's a list, v11's and v13's name[ARGS]{...} each, v11's
+     * with [CALL_ID] and the id; results with the id and [TOOL_CONTENT]
+     * (v13: without); the functions before the last user message (v13:
+     * after the first system message). \x9f [ARGS], \xa0 [CALL_ID], \xa1
+     * [TOOL_CONTENT] */
+    const chat_tool_call two_calls[] = {{"f", "{\"a\": 1}", "abcDEF123"}, {"g", "{}", "XYZ987654"}};
+    chat_message later[6];
+    memcpy(later, mm, sizeof(later));
+    later[4] = (chat_message){.role = "assistant",
+                              .content = "On it.",
+                              .content_len = 6,
+                              .calls = two_calls,
+                              .n_calls = 2};
+    static const struct {
+        chat_format f;
+        const char *want;
+    } later_tools[] = {
+        {CHAT_MISTRAL_V7_TEKKEN,
+         "\x06\x15S\x16\x13Q1\x14 A1 \x05\x1d[{\"type\": \"function\", \"function\": {\"name\": "
+         "\"f\"}}]\x1e\x13Q2\x14On it.\x1c[{\"name\": \"f\", \"arguments\": {\"a\": 1}, \"id\": "
+         "\"abcDEF123\"}, {\"name\": \"g\", \"arguments\": {}, \"id\": \"XYZ987654\"}]\x05\x1f"
+         "abcDEF123\xa1R\x7f"},
+        {CHAT_MISTRAL_V11,
+         "\x06\x15S\x16\x13Q1\x14 A1 \x05\x1d[{\"type\": \"function\", \"function\": {\"name\": "
+         "\"f\"}}]\x1e\x13Q2\x14On it.\x1c"
+         "f\xa0"
+         "abcDEF123\x9f{\"a\": 1}\x1cg\xa0XYZ987654\x9f{}\x05\x1f"
+         "abcDEF123\xa1R\x7f"},
+        {CHAT_MISTRAL_V13,
+         "\x06\x15S\x16\x1d[{\"type\": \"function\", \"function\": {\"name\": \"f\"}}]\x1e"
+         "\x13Q1\x14 A1 \x05\x13Q2\x14On it.\x1c"
+         "f\x9f{\"a\": 1}\x1cg\x9f{}\x05\x1fR\x7f"},
+    };
+    for (size_t k = 0; k < sizeof(later_tools) / sizeof(later_tools[0]); k++)
+        expect_prompt(t, later_tools[k].f, later, 6, &(chat_options){.tools = &tools},
+                      later_tools[k].want);
+    /* v13 without a system message: the functions first (after the
+     * template's default system message, where it has one); v13 needs no
+     * ids, v7 and v11 do */
+    expect_prompt(t, CHAT_MISTRAL_V13, later + 1, 1,
+                  &(chat_options){.tools = &tools, .default_system = "D"},
+                  "\x06\x15"
+                  "D\x16\x1d[{\"type\": \"function\", \"function\": {\"name\": \"f\"}}]\x1e"
+                  "\x13Q1\x14");
+    const chat_message no_ids[] = {
+        {.role = "user", .content = "Q", .content_len = 1},
+        {.role = "assistant", .content = "", .calls = &call, .n_calls = 1},
+        {.role = "tool", .content = "R", .content_len = 1}};
+    expect_prompt(t, CHAT_MISTRAL_V13, no_ids, 3, NULL,
+                  "\x06\x13Q\x14\x1c"
+                  "f\x9f{\"a\": 1}\x05\x1fR\x7f");
+    cake_token *ids, eot;
+    int n;
+    const chat_format need_ids[] = {CHAT_MISTRAL_V7_TEKKEN, CHAT_MISTRAL_V11};
+    for (size_t k = 0; k < 2; k++) {
+        assert_int_equal(
+            chat_prompt(need_ids[k], t, no_ids, 3, NULL, &ids, &n, &eot, err, sizeof(err)), -1);
+        assert_non_null(strstr(err, "'id'"));
+    }
     /* As the templates do: Qwen 3's drops an earlier answer's reasoning (not
      * an answer after the last user message's); Mistral's system messages
      * (several: joined) before the first user message after them;
@@ -2648,8 +2723,6 @@ static void test_chat_formats(void **state) {
                   "assistant\x04\n\n");
 
     /* Mistral's prompt needs the ids */
-    cake_token *ids, eot;
-    int n;
     assert_int_equal(chat_prompt(CHAT_MISTRAL_V3, t, tm, 5, &(chat_options){.tools = &tools}, &ids,
                                  &n, &eot, err, sizeof(err)),
                      -1);
@@ -2815,6 +2888,20 @@ static void test_chat_default_system(void **state) {
     free(sys);
     sys = chat_dated_default_system("{%- set default_system_message = \"A\\\nB\" %}", day);
     assert_string_equal(sys, "A\nB");
+    free(sys);
+    /* Ministral 3's: {today} and {yesterday} in one literal */
+    sys = chat_dated_default_system("{%- set default_system_message = 'You are Ministral.\\nThe "
+                                    "current date is {today}.\\n(\"yesterday\" is {yesterday}), "
+                                    "don\\'t {x}.' %}",
+                                    day);
+    char yesterday[16];
+    const time_t before = day - 86400;
+    strftime(yesterday, sizeof(yesterday), "%Y-%m-%d", localtime_r(&before, &day_tm));
+    snprintf(want_small, sizeof(want_small),
+             "You are Ministral.\nThe current date is %s.\n(\"yesterday\" is %s), don't {x}.",
+             day_text, yesterday);
+    assert_non_null(sys);
+    assert_string_equal(sys, want_small);
     free(sys);
     assert_null(chat_dated_default_system("{%- set default_system_message = x + 'a' %}", day));
     assert_null(chat_dated_default_system("{{ '[INST]' + m }}", day));
@@ -3027,6 +3114,57 @@ static void test_tools(void **state) {
                               "\"call_id\": \"123456789\"}"));
     free(p);
     job_release(j);
+    /* Mistral v11 (Small 3.2) and v13 (Ministral 3): the functions listed
+     * as their templates' tojson writes them; [TOOL_CALLS]name[ARGS]{...}
+     * each, after the answer's text, with v11's [CALL_ID] and the model's
+     * id where it writes one (cake gives its own, of 9 letters or digits);
+     * a call of no tool is all content; v11's conversation sends the ids
+     * back, v13's does not */
+    const chat_format later_formats[] = {CHAT_MISTRAL_V11, CHAT_MISTRAL_V13};
+    for (int f = 0; f < 2; f++) {
+        m.chat = later_formats[f];
+        j = answered(body, &m, &shape,
+                     f ? "Let me check. [TOOL_CALLS]get_weather[ARGS]{\"city\": \"Paris\"} "
+                         "[TOOL_CALLS]get_time[ARGS] {}"
+                       : "Let me check. [TOOL_CALLS]get_weather[ARGS]{\"city\": \"Paris\"} "
+                         "[TOOL_CALLS]get_time[CALL_ID]a1B2c3D4e[ARGS] {}");
+        p = prompt_text(j, t);
+        assert_non_null(strstr(
+            p, "[{\"type\": \"function\", \"function\": {\"name\": \"get_weather\", "
+               "\"description\": \"Weather now\", \"parameters\": {\"type\": \"object\", "
+               "\"properties\": {\"city\": {\"type\": \"string\", \"maxLength\": 12}}, "
+               "\"required\": [\"city\"]}}}, {\"type\": \"function\", \"function\": {\"name\": "
+               "\"get_time\"}}]"));
+        free(p);
+        r = api_response(&shape, &j, 1, "chatcmpl-1", 1, "t");
+        o = cJSON_Parse(r);
+        assert_string_equal(str_at(o, "choices.0.message.content"), "Let me check.");
+        assert_string_equal(str_at(o, "choices.0.message.tool_calls.0.function.name"),
+                            "get_weather");
+        assert_string_equal(str_at(o, "choices.0.message.tool_calls.0.function.arguments"),
+                            "{\"city\":\"Paris\"}");
+        assert_string_equal(str_at(o, "choices.0.message.tool_calls.1.function.name"), "get_time");
+        assert_string_equal(str_at(o, "choices.0.message.tool_calls.1.function.arguments"), "{}");
+        assert_int_equal(strlen(str_at(o, "choices.0.message.tool_calls.1.id")), 9);
+        assert_string_equal(str_at(o, "choices.0.finish_reason"), "tool_calls");
+        cJSON_Delete(o);
+        free(r);
+        job_release(j);
+        j = answered(body, &m, &shape, "[TOOL_CALLS]get_date[ARGS]{}");
+        r = api_response(&shape, &j, 1, "chatcmpl-1", 1, "t");
+        o = cJSON_Parse(r);
+        assert_string_equal(str_at(o, "choices.0.message.content"), "[TOOL_CALLS]get_date[ARGS]{}");
+        cJSON_Delete(o);
+        free(r);
+        job_release(j);
+        j = answered(mistral_conv, &m, &shape, "It is sunny.");
+        p = prompt_text(j, t);
+        assert_non_null(strstr(p, f ? "Paris?get_weather{\"city\": \"Paris\"}sunny"
+                                    : "Paris?get_weather123456789{\"city\": \"Paris\"}"
+                                      "123456789sunny"));
+        free(p);
+        job_release(j);
+    }
     m.chat = CHAT_CHATML;
 
     /* a named tool_choice, and required: sampled hot under the constraint,
@@ -3142,7 +3280,9 @@ static void test_tools(void **state) {
      * builds it for tool requests): required, the answer opens with it,
      * then a list of one call, then EOS; the plain vocabulary cannot */
     m.chat = CHAT_MISTRAL_V3;
-    cake_json_vocab *kept = cake_json_vocab_new_keeping(t, TOOL_CALLS, "[TOOL_CALLS]");
+    const cake_token kept_id = TOOL_CALLS;
+    const char *const kept_text = "[TOOL_CALLS]";
+    cake_json_vocab *kept = cake_json_vocab_new_keeping(t, &kept_id, &kept_text, 1);
     assert_int_equal(api_parse(required, strlen(required), 1, &m, &g, &shape, err, sizeof(err)), 0);
     assert_true(g->json && g->schema);
     lazy = cake_json_grammar_new(v, json_schema_root(g->schema), EOT, -1);
@@ -3178,6 +3318,65 @@ static void test_tools(void **state) {
     FEED("]");
     MASK();
     assert_int_equal(allowed, CHAT_VOCAB);
+    cake_json_grammar_free(lazy);
+    job_release(g);
+    cake_json_vocab_free(kept);
+    /* Ministral 3's (v13) [TOOL_CALLS]name[ARGS]{...}, both tags control
+     * tokens read as their text: required opens with the tag, then a
+     * function's name, [ARGS], and that function's arguments (a city of at
+     * most 12 characters for get_weather), then the end */
+    m.chat = CHAT_MISTRAL_V13;
+    const cake_token tag_ids[] = {TOOL_CALLS, ARGS};
+    const char *const tag_texts[] = {"[TOOL_CALLS]", "[ARGS]"};
+    kept = cake_json_vocab_new_keeping(t, tag_ids, tag_texts, 2);
+    assert_int_equal(api_parse(required, strlen(required), 1, &m, &g, &shape, err, sizeof(err)), 0);
+    lazy = cake_json_grammar_new(kept, json_schema_root(g->schema), EOT, -1);
+    MASK();
+    assert_true(logits[TOOL_CALLS] == 0 && isinf(logits[ARGS]) && isinf(logits['{']));
+    cake_json_grammar_accept(lazy, TOOL_CALLS);
+    MASK();
+    assert_true(logits['g'] == 0 && isinf(logits['{']) && isinf(logits[ARGS]) &&
+                isinf(logits[EOT]));
+    FEED("get_");
+    MASK();
+    assert_true(logits['w'] == 0 && logits['t'] == 0 && isinf(logits['x']));
+    FEED("weather");
+    MASK();
+    assert_true(logits[ARGS] == 0 && isinf(logits['{']) && isinf(logits[EOT]));
+    cake_json_grammar_accept(lazy, ARGS);
+    MASK();
+    assert_true(logits['{'] == 0 && isinf(logits[TOOL_CALLS]) && isinf(logits[EOT]));
+    FEED("{\"city\": \"Saint-Etienne");
+    MASK(); /* (12 characters) */
+    assert_true(logits['"'] == 0 && isinf(logits['x']));
+    FEED("\"}");
+    MASK();
+    assert_true(logits[EOT] == 0 && allowed == 1);
+    cake_json_grammar_free(lazy);
+    lazy = cake_json_grammar_new(kept, json_schema_root(g->schema), EOT, -1);
+    cake_json_grammar_accept(lazy, TOOL_CALLS);
+    FEED("get_time");
+    cake_json_grammar_accept(lazy, ARGS);
+    FEED("{}");
+    MASK(); /* (a function without parameters: any object) */
+    assert_true(logits[EOT] == 0 && allowed == 1);
+    cake_json_grammar_free(lazy);
+    job_release(g);
+    /* auto: free text, then after each tag a call, then free text again */
+    assert_int_equal(api_parse(body, strlen(body), 1, &m, &g, &shape, err, sizeof(err)), 0);
+    lazy = cake_json_grammar_new_lazy(kept, json_schema_root(g->schema), "[TOOL_CALLS]", EOT, -1);
+    FEED("Let me see.");
+    MASK();
+    assert_int_equal(allowed, CHAT_VOCAB);
+    cake_json_grammar_accept(lazy, TOOL_CALLS);
+    MASK();
+    assert_true(isinf(logits[EOT]) && isinf(logits['{']) && logits['g'] == 0);
+    FEED("get_time[ARGS]{}");
+    MASK();
+    assert_int_equal(allowed, CHAT_VOCAB);
+    cake_json_grammar_accept(lazy, TOOL_CALLS);
+    MASK();
+    assert_true(isinf(logits[EOT]) && logits['g'] == 0);
     cake_json_grammar_free(lazy);
     job_release(g);
     cake_json_vocab_free(kept);
@@ -3324,6 +3523,85 @@ static void test_fill_in_middle(void **state) {
     assert_int_equal(serve_stop(&s), 0);
 }
 
+/* A Mistral format's tool calls through the real server, on the tiny model
+ * given template tmpl and specials (control tokens: the last ids;
+ * specials[tool_calls_at] is [TOOL_CALLS]): a tool request's answer prints
+ * its tags, and its grammar reads them as that text, so that an answer that
+ * opens with [TOOL_CALLS] (a logit bias makes sure) shows it, and when it
+ * ends reads as a call, with an id of 9 letters or digits that the
+ * conversation's next turn takes back. */
+static void served_mistral_calls(const char *name, const char *tmpl, const char *const *specials,
+                                 int tool_calls_at) {
+    char path[64];
+    t_server s;
+    tiny_variant(&(test_model_variant){.chat_template = tmpl, .special_tokens = specials}, path);
+    assert_int_equal(serve_start(&s, path, "--store", "none", NULL), 0);
+    int n_specials = 0;
+    while (specials[n_specials]) n_specials++;
+    const int tool_calls_id = 32000 - n_specials + tool_calls_at;
+#define NOW_TOOL                                                                                   \
+    "\"tools\":[{\"type\":\"function\",\"function\":{\"name\":\"now\",\"parameters\":{\"type\":"   \
+    "\"object\",\"properties\":{},\"additionalProperties\":false}}}]"
+    int mistral_calls = 0;
+    for (int seed = 0; seed < 6; seed++) {
+        const int stream = seed == 5;
+        char body[1024];
+        snprintf(body, sizeof(body),
+                 "{\"messages\":[{\"role\":\"user\",\"content\":\"Hi\"}]," NOW_TOOL
+                 ",\"tool_choice\":\"required\",\"logit_bias\":{\"%d\":100},\"max_tokens\":200,"
+                 "\"seed\":%d,\"stream\":%s}",
+                 tool_calls_id, seed, stream ? "true" : "false");
+        t_resp r = http(s.port, "POST", "/v1/chat/completions", body);
+        assert_int_equal(r.status, 200);
+        cJSON *ev[512];
+        const int n_ev = answer_objects(&r, stream, ev, 512);
+        const char *id = NULL, *fin = NULL, *content = NULL;
+        for (int e = 0; e < n_ev; e++) {
+            const char *where = stream ? "choices.0.delta" : "choices.0.message";
+            char path_of[64];
+            snprintf(path_of, sizeof(path_of), "%s.tool_calls.0", where);
+            const cJSON *call = maybe_at(ev[e], path_of);
+            if (call) {
+                assert_string_equal(str_at(call, "function.name"), "now");
+                assert_string_equal(str_at(call, "function.arguments"), "{}");
+                id = str_at(call, "id");
+            }
+            snprintf(path_of, sizeof(path_of), "%s.content", where);
+            const cJSON *text = maybe_at(ev[e], path_of);
+            if (!content && cJSON_IsString(text) && text->valuestring[0])
+                content = text->valuestring;
+            const cJSON *fr = maybe_at(ev[e], "choices.0.finish_reason");
+            if (cJSON_IsString(fr)) fin = fr->valuestring;
+        }
+        assert_non_null(fin);
+        if (!strcmp(fin, "tool_calls")) {
+            assert_non_null(id);
+            assert_int_equal(strlen(id), 9);
+            mistral_calls++;
+            char next[1024];
+            snprintf(next, sizeof(next),
+                     "{\"messages\":[{\"role\":\"user\",\"content\":\"Hi\"},{\"role\":"
+                     "\"assistant\",\"tool_calls\":[{\"id\":\"%s\",\"type\":\"function\","
+                     "\"function\":{\"name\":\"now\",\"arguments\":\"{}\"}}]},{\"role\":"
+                     "\"tool\",\"tool_call_id\":\"%s\",\"content\":\"noon\"}]," NOW_TOOL
+                     ",\"max_tokens\":4}",
+                     id, id);
+            cJSON_Delete(post_ok(s.port, "/v1/chat/completions", "%s", next));
+        } else if (!content || strncmp(content, "[TOOL_CALLS]", 12)) { /* (cut short) */
+            fail_msg("seed %d: %s without the tag: %s", seed, fin, r.body);
+        }
+        for (int e = 0; e < n_ev; e++) cJSON_Delete(ev[e]);
+        resp_free(&r);
+    }
+    printf("tools served (Mistral %s): %d of 6 sampled answers under tool_choice required were "
+           "calls\n",
+           name, mistral_calls);
+    assert_true(mistral_calls > 0);
+#undef NOW_TOOL
+    assert_int_equal(serve_stop(&s), 0);
+    unlink(path);
+}
+
 /* Tools through the real server, on the tiny model made ChatML (two of
  * its tokens become <|im_start|> and <|im_end|>): a named tool_choice's
  * sampled answers that end are calls of the function, whole and streamed. */
@@ -3393,9 +3671,7 @@ static void test_tools_served(void **state) {
 
     /* Mistral 7B v0.3's format, its markers control tokens (which print
      * nothing): a tool request's answer prints [TOOL_CALLS] and its grammar
-     * reads it as that text, so that an answer that opens with the token
-     * (a logit bias makes sure) shows it, and when it ends reads as a call,
-     * with an id that the conversation's next turn takes back */
+     * reads it as that text */
     static const char *const mistral[] = {"[INST]",
                                           "[/INST]",
                                           "[TOOL_CALLS]",
@@ -3404,73 +3680,18 @@ static void test_tools_served(void **state) {
                                           "[TOOL_RESULTS]",
                                           "[/TOOL_RESULTS]",
                                           NULL};
-    tiny_variant(&(test_model_variant){.chat_template = "{{- \"[AVAILABLE_TOOLS] [\" }}{{- "
-                                                        "\"[INST] \" + m + \"[/INST]\" }}",
-                                       .special_tokens = mistral},
-                 path);
-    assert_int_equal(serve_start(&s, path, "--store", "none", NULL), 0);
-    const int tool_calls_id = 32000 - 7 + 2;
-#define NOW_TOOL                                                                                   \
-    "\"tools\":[{\"type\":\"function\",\"function\":{\"name\":\"now\",\"parameters\":{\"type\":"   \
-    "\"object\",\"properties\":{},\"additionalProperties\":false}}}]"
-    int mistral_calls = 0;
-    for (int seed = 0; seed < 6; seed++) {
-        const int stream = seed == 5;
-        char body[1024];
-        snprintf(body, sizeof(body),
-                 "{\"messages\":[{\"role\":\"user\",\"content\":\"Hi\"}]," NOW_TOOL
-                 ",\"tool_choice\":\"required\",\"logit_bias\":{\"%d\":100},\"max_tokens\":200,"
-                 "\"seed\":%d,\"stream\":%s}",
-                 tool_calls_id, seed, stream ? "true" : "false");
-        t_resp r = http(s.port, "POST", "/v1/chat/completions", body);
-        assert_int_equal(r.status, 200);
-        cJSON *ev[512];
-        const int n_ev = answer_objects(&r, stream, ev, 512);
-        const char *id = NULL, *fin = NULL, *content = NULL;
-        for (int e = 0; e < n_ev; e++) {
-            const char *where = stream ? "choices.0.delta" : "choices.0.message";
-            char path_of[64];
-            snprintf(path_of, sizeof(path_of), "%s.tool_calls.0", where);
-            const cJSON *call = maybe_at(ev[e], path_of);
-            if (call) {
-                assert_string_equal(str_at(call, "function.name"), "now");
-                assert_string_equal(str_at(call, "function.arguments"), "{}");
-                id = str_at(call, "id");
-            }
-            snprintf(path_of, sizeof(path_of), "%s.content", where);
-            const cJSON *text = maybe_at(ev[e], path_of);
-            if (!content && cJSON_IsString(text) && text->valuestring[0])
-                content = text->valuestring;
-            const cJSON *fr = maybe_at(ev[e], "choices.0.finish_reason");
-            if (cJSON_IsString(fr)) fin = fr->valuestring;
-        }
-        assert_non_null(fin);
-        if (!strcmp(fin, "tool_calls")) {
-            assert_non_null(id);
-            assert_int_equal(strlen(id), 9);
-            mistral_calls++;
-            char next[1024];
-            snprintf(next, sizeof(next),
-                     "{\"messages\":[{\"role\":\"user\",\"content\":\"Hi\"},{\"role\":"
-                     "\"assistant\",\"tool_calls\":[{\"id\":\"%s\",\"type\":\"function\","
-                     "\"function\":{\"name\":\"now\",\"arguments\":\"{}\"}}]},{\"role\":"
-                     "\"tool\",\"tool_call_id\":\"%s\",\"content\":\"noon\"}]," NOW_TOOL
-                     ",\"max_tokens\":4}",
-                     id, id);
-            cJSON_Delete(post_ok(s.port, "/v1/chat/completions", "%s", next));
-        } else if (!content || strncmp(content, "[TOOL_CALLS]", 12)) { /* (cut short) */
-            fail_msg("seed %d: %s without the tag: %s", seed, fin, r.body);
-        }
-        for (int e = 0; e < n_ev; e++) cJSON_Delete(ev[e]);
-        resp_free(&r);
-    }
-    printf("tools served (Mistral): %d of 6 sampled answers under tool_choice required were "
-           "calls\n",
-           mistral_calls);
-    assert_true(mistral_calls > 0);
-#undef NOW_TOOL
-    assert_int_equal(serve_stop(&s), 0);
-    unlink(path);
+    served_mistral_calls(
+        "v0.3", "{{- \"[AVAILABLE_TOOLS] [\" }}{{- \"[INST] \" + m + \"[/INST]\" }}", mistral, 2);
+    /* Ministral 3's (v13): [TOOL_CALLS]name[ARGS]{...}, [ARGS] a control
+     * token too */
+    static const char *const v13[] = {
+        "[INST]", "[/INST]",           "[SYSTEM_PROMPT]",    "[/SYSTEM_PROMPT]", "[TOOL_CALLS]",
+        "[ARGS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]",   "[/TOOL_RESULTS]",
+        NULL};
+    served_mistral_calls("v13",
+                         "{{- '[SYSTEM_PROMPT]' + s }}{{- '[INST]' + u + '[/INST]' }}{{- "
+                         "'[TOOL_CALLS]' + name + '[ARGS]' + arguments }}",
+                         v13, 4);
 #undef TOOL_REQUEST
 }
 

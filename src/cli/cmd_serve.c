@@ -204,9 +204,9 @@ static void read_chat_template(const cake_model *m, api_model *am) {
     am->strip_reasoning = f == CHAT_CHATML && chat_strips_reasoning(tmpl);
     /* (kept whole: its default system message is rendered per request, with
      * the day's date) */
-    char *probe = f == CHAT_MISTRAL_V7 || f == CHAT_MISTRAL_V7_TEKKEN
-                      ? chat_dated_default_system(tmpl, time(NULL))
-                      : NULL;
+    const bool v7_on = f == CHAT_MISTRAL_V7 || f == CHAT_MISTRAL_V7_TEKKEN ||
+                       f == CHAT_MISTRAL_V11 || f == CHAT_MISTRAL_V13;
+    char *probe = v7_on ? chat_dated_default_system(tmpl, time(NULL)) : NULL;
     if (probe) {
         am->dated_system_template = tmpl;
         tmpl = NULL;
@@ -269,7 +269,11 @@ int cmd_serve(int argc, char **argv) {
                       .backend = o.backend};
     read_chat_template(model, &am);
     const chat_call_syntax *calls = chat_calls(am.chat);
-    pc.call_tag = calls && calls->open[0] ? calls->open : NULL;
+    if (calls) {
+        pc.call_tags[0] = calls->open[0] ? calls->open : NULL;
+        pc.call_tags[1] = calls->args_tag;
+        pc.call_tags[2] = calls->id_tag;
+    }
     if (pool_create(model, &pc, &pool, err, sizeof(err))) {
         cli_error(CLI_FAIL, "serve", "%s", err);
         goto done;

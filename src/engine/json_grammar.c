@@ -117,10 +117,20 @@ static const cake_json_node *value_node(const cake_json_node *n, unsigned char c
     }
 }
 
+/* Whether s reads a sequence's tag whose value picks what follows it. */
+static bool in_tag(const cake_json_state *s) {
+    const cake_json_node *part = s->root->kind == CAKE_JSON_SEQUENCE ? s->root->sub[s->part] : NULL;
+    return part && part->kind == CAKE_JSON_ENUM && part->sub && s->node == part;
+}
+
 /* A value ended: the container's next, or the end. */
 static bool end_value(cake_json_state *s) {
     s->mode = s->depth ? M_AFTER : M_DONE;
-    if (s->mode == M_DONE && s->root->kind == CAKE_JSON_SEQUENCE && s->part + 1 < s->root->n) {
+    if (s->mode == M_DONE && in_tag(s)) { /* (the value its tag names) */
+        s->node = s->node->sub[s->lo];
+        s->mode = M_VALUE;
+    } else if (s->mode == M_DONE && s->root->kind == CAKE_JSON_SEQUENCE &&
+               s->part + 1 < s->root->n) {
         s->node = s->root->sub[++s->part];
         s->mode = M_VALUE;
     }
@@ -493,7 +503,7 @@ bool cake_json_complete(const cake_json_state *s) {
     case M_EXP_DIGITS:
         return true;
     case M_MATCH:
-        return match_whole(s);
+        return match_whole(s) && !in_tag(s);
     default:
         return false;
     }
@@ -525,17 +535,20 @@ struct cake_json_vocab {
     cake_token *sorted; /* the tokens with text, by text */
     int *shared;        /* bytes sorted[i]'s text shares with sorted[i - 1]'s */
     int n_sorted;
-    size_t longest;  /* bytes of the longest text */
-    cake_token kept; /* a control token read as kept_text (-1: none) */
-    const char *kept_text;
+    size_t longest; /* bytes of the longest text */
+    /* control tokens read as their kept_text */
+    cake_token kept[CAKE_JSON_MAX_KEPT];
+    const char *kept_text[CAKE_JSON_MAX_KEPT];
+    int n_kept;
 };
 
 /* A token's text as the grammar reads it. */
 static const char *vocab_text(const cake_json_vocab *v, cake_token id, size_t *len) {
-    if (id == v->kept) {
-        *len = strlen(v->kept_text);
-        return v->kept_text;
-    }
+    for (int k = 0; k < v->n_kept; k++)
+        if (id == v->kept[k]) {
+            *len = strlen(v->kept_text[k]);
+            return v->kept_text[k];
+        }
     return cake_token_text(v->t, id, len);
 }
 
@@ -552,11 +565,12 @@ static int by_bytes(const void *a, const void *b) {
 }
 
 cake_json_vocab *cake_json_vocab_new(const cake_tokenizer *t) {
-    return cake_json_vocab_new_keeping(t, -1, NULL);
+    return cake_json_vocab_new_keeping(t, NULL, NULL, 0);
 }
 
-cake_json_vocab *cake_json_vocab_new_keeping(const cake_tokenizer *t, cake_token kept,
-                                             const char *kept_text) {
+cake_json_vocab *cake_json_vocab_new_keeping(const cake_tokenizer *t, const cake_token *kept,
+                                             const char *const *kept_text, int n_kept) {
+    if (n_kept > CAKE_JSON_MAX_KEPT) return NULL;
     const int n = cake_tokenizer_n_vocab(t);
     cake_json_vocab *v = calloc(1, sizeof(*v));
     token_text *all = malloc((size_t)n * sizeof(*all));
@@ -572,8 +586,11 @@ cake_json_vocab *cake_json_vocab_new_keeping(const cake_tokenizer *t, cake_token
     }
     v->t = t;
     v->n = n;
-    v->kept = kept_text ? kept : -1;
-    v->kept_text = kept_text;
+    for (int k = 0; k < n_kept; k++) {
+        v->kept[k] = kept[k];
+        v->kept_text[k] = kept_text[k];
+    }
+    v->n_kept = n_kept;
     int k = 0;
     for (int id = 0; id < n; id++) {
         size_t len;

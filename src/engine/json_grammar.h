@@ -31,7 +31,9 @@ typedef enum {
     CAKE_JSON_STRING,  /* min/max: how many characters (an escape is one) */
     CAKE_JSON_NUMBER,  /* any JSON number */
     CAKE_JSON_INTEGER, /* a number without fraction or exponent; bounded: in [minimum, maximum] */
-    CAKE_JSON_ENUM,    /* names: the values, as compact JSON (true/false/null too) */
+    CAKE_JSON_ENUM,    /* names: the values, as compact JSON (true/false/null too); a part
+                          of a sequence with sub: a tag, names[i] followed by a value of
+                          sub[i] (Mistral's [TOOL_CALLS]name[ARGS]{...}) */
     CAKE_JSON_UNION,   /* sub: alternatives that differ in their first byte */
     CAKE_JSON_SEQUENCE /* the root only: sub, one after the other (a literal is an enum of
                           one: text around a value, as a tool call's tags) */
@@ -122,12 +124,14 @@ bool cake_json_complete(const cake_json_state *s);
  * only. NULL on out of memory. */
 typedef struct cake_json_vocab cake_json_vocab;
 cake_json_vocab *cake_json_vocab_new(const cake_tokenizer *t);
-/* The same, with token `kept` read as kept_text (not copied; it outlives
- * the vocabulary) rather than as the nothing a control token prints: a
- * tool call's tag that is one (Mistral's [TOOL_CALLS]), for the grammars
- * of requests whose answers print it. */
-cake_json_vocab *cake_json_vocab_new_keeping(const cake_tokenizer *t, cake_token kept,
-                                             const char *kept_text);
+/* The same, with tokens kept[0..n_kept) read as kept_text[k] (not copied;
+ * they outlive the vocabulary) rather than as the nothing a control token
+ * prints: a tool call's tags that are such tokens (Mistral's [TOOL_CALLS],
+ * [ARGS]), for the grammars of requests whose answers print them. At most
+ * CAKE_JSON_MAX_KEPT. */
+#define CAKE_JSON_MAX_KEPT 4
+cake_json_vocab *cake_json_vocab_new_keeping(const cake_tokenizer *t, const cake_token *kept,
+                                             const char *const *kept_text, int n_kept);
 void cake_json_vocab_free(cake_json_vocab *v); /* accepts NULL */
 
 /* A request's constraint: the state, and room for the mask's work. */

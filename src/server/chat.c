@@ -19,8 +19,12 @@ chat_format chat_detect(const char *tmpl, const cake_tokenizer *t) {
          * prompt tags, v3-tekken by "[INST]" quoted in its official template */
         /* v7 with spaces after its markers (Large 2411), v7-tekken without
          * (Small 3, 3.1, 3.2: '[INST]' + message['content'] + '[/INST]') */
-        if (strstr(tmpl, "[INST]") && strstr(tmpl, "[SYSTEM_PROMPT]"))
-            return strstr(tmpl, "[INST] ") ? CHAT_MISTRAL_V7 : CHAT_MISTRAL_V7_TEKKEN;
+        /* (and the later tool calls, name[ARGS]{...}, with [CALL_ID] in v11) */
+        if (strstr(tmpl, "[INST]") && strstr(tmpl, "[SYSTEM_PROMPT]")) {
+            if (strstr(tmpl, "[INST] ")) return CHAT_MISTRAL_V7;
+            if (!strstr(tmpl, "[ARGS]")) return CHAT_MISTRAL_V7_TEKKEN;
+            return strstr(tmpl, "[CALL_ID]") ? CHAT_MISTRAL_V11 : CHAT_MISTRAL_V13;
+        }
         if (strstr(tmpl, "[AVAILABLE_TOOLS]") && strstr(tmpl, "\"[INST]\""))
             return CHAT_MISTRAL_TEKKEN;
         /* v3 (7B v0.3): tools, and no space before its "[INST] " */
@@ -94,6 +98,38 @@ static bool read_literal(const char **p, char *out, size_t cap, size_t *len) {
     return true;
 }
 
+/* text with {today} and {yesterday} as the days of `now` (local time),
+ * YYYY-MM-DD. malloc'd; NULL on out of memory. */
+static char *fill_days(const char *text, time_t now) {
+    char days[2][16] = {"", ""};
+    struct tm tm;
+    for (int k = 0; k < 2; k++) {
+        const time_t t = now - k * 86400;
+        if (localtime_r(&t, &tm)) strftime(days[k], sizeof(days[k]), "%Y-%m-%d", &tm);
+    }
+    static const char *const names[] = {"{today}", "{yesterday}"};
+    char *out = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&out, &len);
+    if (!f) return NULL;
+    for (const char *p = text; *p;) {
+        int hit = -1;
+        for (int k = 0; k < 2 && hit < 0; k++)
+            if (!strncmp(p, names[k], strlen(names[k]))) hit = k;
+        if (hit < 0) {
+            fputc(*p++, f);
+            continue;
+        }
+        fputs(days[hit], f);
+        p += strlen(names[hit]);
+    }
+    if (fclose(f)) {
+        free(out);
+        return NULL;
+    }
+    return out;
+}
+
 char *chat_dated_default_system(const char *tmpl, time_t now) {
     const char *at = tmpl ? strstr(tmpl, "set default_system_message") : NULL;
     if (!at || !(at = strchr(at, '='))) return NULL;
@@ -134,7 +170,9 @@ char *chat_dated_default_system(const char *tmpl, time_t now) {
         }
         if (len && (!strncmp(p, "%}", 2) || !strncmp(p, "-%}", 3))) {
             out[len] = '\0';
-            return out;
+            char *filled = fill_days(out, now);
+            free(out);
+            return filled;
         }
         break;
     }
@@ -175,10 +213,10 @@ char *chat_llama3_date(const char *tmpl) {
 
 const char *chat_format_name(chat_format f) {
     static const char *names[] = {
-        "none",      "chatml",  "llama3",         "llama2",     "mistral",
-        "zephyr",    "phi3",    "mistral-tekken", "mistral-v7", "phi4",
-        "gemma",     "granite", "mistral-v3",     "deepseek",   "mistral-v7-tekken",
-        "mistral-v1"};
+        "none",       "chatml",      "llama3",         "llama2",     "mistral",
+        "zephyr",     "phi3",        "mistral-tekken", "mistral-v7", "phi4",
+        "gemma",      "granite",     "mistral-v3",     "deepseek",   "mistral-v7-tekken",
+        "mistral-v1", "mistral-v11", "mistral-v13"};
     return names[f];
 }
 
@@ -327,20 +365,35 @@ static int known_role(const char *r) {
            !strcmp(r, "tool");
 }
 
+/* The Mistral formats with tools: 7B v0.3's and Nemo's templates (v3), and
+ * those of mistral-common's v7 and later (Small 3 on) */
 static bool mistral_tools(chat_format f) {
-    return f == CHAT_MISTRAL_V3 || f == CHAT_MISTRAL_TEKKEN;
+    return f == CHAT_MISTRAL_V3 || f == CHAT_MISTRAL_TEKKEN || f == CHAT_MISTRAL_V7_TEKKEN ||
+           f == CHAT_MISTRAL_V11 || f == CHAT_MISTRAL_V13;
+}
+
+/* Those whose calls and results carry the call's id (all but v13's) */
+static bool mistral_ids(chat_format f) {
+    return mistral_tools(f) && f != CHAT_MISTRAL_V13;
 }
 
 const chat_call_syntax *chat_calls(chat_format f) {
-    /* Qwen 2.5 and 3 (Hermes), Llama 3.1's JSON tool calls, and Mistral's
-     * [TOOL_CALLS] with a list (7B v0.3, Nemo) */
-    static const chat_call_syntax hermes = {"<tool_call>", "</tool_call>", "arguments", 0};
-    static const chat_call_syntax llama3 = {"", "", "parameters", 0};
-    static const chat_call_syntax mistral = {"[TOOL_CALLS]", "", "arguments", 1};
-    return f == CHAT_CHATML   ? &hermes
-           : f == CHAT_LLAMA3 ? &llama3
-           : mistral_tools(f) ? &mistral
-                              : NULL;
+    /* Qwen 2.5 and 3 (Hermes), Llama 3.1's JSON tool calls, Mistral's
+     * [TOOL_CALLS] with a list (7B v0.3, Nemo, Small 3, 3.1), and its
+     * name[ARGS]{...} (v11, with [CALL_ID] where the model writes one;
+     * v13) */
+    static const chat_call_syntax hermes = {"<tool_call>", "</tool_call>", "arguments", 0, NULL,
+                                            NULL};
+    static const chat_call_syntax llama3 = {"", "", "parameters", 0, NULL, NULL};
+    static const chat_call_syntax mistral = {"[TOOL_CALLS]", "", "arguments", 1, NULL, NULL};
+    static const chat_call_syntax v11 = {"[TOOL_CALLS]", "", "arguments", 0, "[ARGS]", "[CALL_ID]"};
+    static const chat_call_syntax v13 = {"[TOOL_CALLS]", "", "arguments", 0, "[ARGS]", NULL};
+    return f == CHAT_CHATML        ? &hermes
+           : f == CHAT_LLAMA3      ? &llama3
+           : f == CHAT_MISTRAL_V11 ? &v11
+           : f == CHAT_MISTRAL_V13 ? &v13
+           : mistral_tools(f)      ? &mistral
+                                   : NULL;
 }
 
 /* A call as the format writes it, {"name": ..., ARGS: {...}}, between its
@@ -509,7 +562,23 @@ static void mistral_functions(builder *b, const chat_tools *tools, bool spaced) 
     put_marker(b, "[/AVAILABLE_TOOLS]");
 }
 
-static void mistral_calls(builder *b, const chat_message *m, bool spaced, cake_token eos) {
+/* An assistant's calls: v11's [TOOL_CALLS]name[CALL_ID]id[ARGS]{...} and
+ * v13's [TOOL_CALLS]name[ARGS]{...} for each; else one [TOOL_CALLS] and
+ * the list. */
+static void mistral_calls(builder *b, const chat_message *m, chat_format f, bool spaced) {
+    if (f == CHAT_MISTRAL_V11 || f == CHAT_MISTRAL_V13) {
+        for (int k = 0; k < m->n_calls; k++) {
+            put_marker(b, "[TOOL_CALLS]");
+            put_str(b, m->calls[k].name);
+            if (f == CHAT_MISTRAL_V11) {
+                put_marker(b, "[CALL_ID]");
+                put_str(b, m->calls[k].id);
+            }
+            put_marker(b, "[ARGS]");
+            put_str(b, m->calls[k].arguments);
+        }
+        return;
+    }
     put_marker(b, "[TOOL_CALLS]");
     put_str(b, spaced ? " [" : "[");
     for (int k = 0; k < m->n_calls; k++) {
@@ -523,16 +592,26 @@ static void mistral_calls(builder *b, const chat_message *m, bool spaced, cake_t
         put_str(b, "\"}");
     }
     put_str(b, "]");
-    if (eos >= 0) put_id(b, eos);
 }
 
-static void mistral_result(builder *b, const chat_message *m, bool spaced) {
+/* A tool's result: v3's [TOOL_RESULTS] {"content": ..., "call_id":
+ * ...}[/TOOL_RESULTS], v7's and v11's [TOOL_RESULTS]id[TOOL_CONTENT]...,
+ * v13's [TOOL_RESULTS]...[/TOOL_RESULTS]. */
+static void mistral_result(builder *b, const chat_message *m, chat_format f, bool spaced) {
     put_marker(b, "[TOOL_RESULTS]");
-    put_str(b, spaced ? " {\"content\": " : "{\"content\": ");
-    put_text(b, m->content, m->content_len);
-    put_str(b, ", \"call_id\": \"");
-    put_str(b, m->call_id);
-    put_str(b, "\"}");
+    if (f == CHAT_MISTRAL_V7_TEKKEN || f == CHAT_MISTRAL_V11) {
+        put_str(b, m->call_id);
+        put_marker(b, "[TOOL_CONTENT]");
+        put_text(b, m->content, m->content_len);
+    } else if (f == CHAT_MISTRAL_V13) {
+        put_text(b, m->content, m->content_len);
+    } else {
+        put_str(b, spaced ? " {\"content\": " : "{\"content\": ");
+        put_text(b, m->content, m->content_len);
+        put_str(b, ", \"call_id\": \"");
+        put_str(b, m->call_id);
+        put_str(b, "\"}");
+    }
     put_marker(b, "[/TOOL_RESULTS]");
 }
 
@@ -544,18 +623,26 @@ static void mistral_result(builder *b, const chat_message *m, bool spaced) {
  * v3 [INST] {system}\n\n{user}[/INST] {answer}</s> (answers trimmed);
  * llama.cpp's v3-tekken [INST]{system}\n\n{user}[/INST]{answer}</s>;
  * v7 [SYSTEM_PROMPT] {system}[/SYSTEM_PROMPT][INST] {user}[/INST] {answer}</s>,
- * v7-tekken the same without the spaces.
- * With tools (v3, tekken), mistral_functions' prompt. */
+ * v7-tekken, v11 and v13 the same without the spaces.
+ * With tools, mistral_functions' prompt: before the last user message, or
+ * v13's after the first system message (mistral-common's templates); v3's
+ * (and Nemo's) calls stand for the answer's text, the later ones follow
+ * it. */
 static void mistral(builder *b, const chat_message *m, int n, chat_format f,
                     const chat_tools *tools, const char *default_system, cake_token eos) {
     const bool plain = f == CHAT_MISTRAL, v1 = f == CHAT_MISTRAL_V1, v7 = f == CHAT_MISTRAL_V7,
                v3 = f == CHAT_MISTRAL_V3;
-    const bool system_prompt = v7 || f == CHAT_MISTRAL_V7_TEKKEN; /* ([SYSTEM_PROMPT]) */
-    int last_user = -1, systems_from = 0, has_system = 0;         /* (those not yet written from) */
+    const bool later = f == CHAT_MISTRAL_V7_TEKKEN || f == CHAT_MISTRAL_V11 ||
+                       f == CHAT_MISTRAL_V13; /* (v7 and on: mistral-common's tekken ones) */
+    const bool system_prompt = v7 || later;   /* ([SYSTEM_PROMPT]) */
+    int last_user = -1, systems_from = 0, has_system = 0; /* (those not yet written from) */
     for (int i = 0; i < n; i++) {
         if (!strcmp(m[i].role, "user")) last_user = i;
         has_system |= !strcmp(m[i].role, "system");
     }
+    const int tools_at = !tools                  ? -1
+                         : f == CHAT_MISTRAL_V13 ? n && !strcmp(m[0].role, "system")
+                                                 : last_user;
     if (system_prompt && !has_system && default_system) { /* (Small 3's, with its date) */
         put_marker(b, "[SYSTEM_PROMPT]");
         if (v7) put_str(b, " ");
@@ -563,17 +650,18 @@ static void mistral(builder *b, const chat_message *m, int n, chat_format f,
         put_marker(b, "[/SYSTEM_PROMPT]");
     }
     for (int i = 0; i < n; i++) {
-        if (m[i].n_calls && mistral_tools(f)) {
-            mistral_calls(b, &m[i], v3, eos);
+        if (i == tools_at) mistral_functions(b, tools, v3);
+        if (m[i].n_calls && !later && mistral_tools(f)) {
+            mistral_calls(b, &m[i], f, v3);
+            if (eos >= 0) put_id(b, eos);
         } else if (!strcmp(m[i].role, "tool")) {
-            mistral_result(b, &m[i], v3);
+            mistral_result(b, &m[i], f, v3);
         } else if (!strcmp(m[i].role, "system") && system_prompt) {
             put_marker(b, "[SYSTEM_PROMPT]");
             if (v7) put_str(b, " ");
             put_text(b, m[i].content, m[i].content_len);
             put_marker(b, "[/SYSTEM_PROMPT]");
         } else if (!strcmp(m[i].role, "user")) {
-            if (tools && i == last_user) mistral_functions(b, tools, v3);
             if (v1) put_str(b, " ");
             put_marker(b, "[INST]");
             if (plain || v1 || v7 || v3) put_str(b, " ");
@@ -592,6 +680,7 @@ static void mistral(builder *b, const chat_message *m, int n, chat_format f,
                 put_trimmed(b, &m[i]);
             else
                 put_text(b, m[i].content, m[i].content_len);
+            if (m[i].n_calls) mistral_calls(b, &m[i], f, false);
             if (eos >= 0) put_id(b, eos);
         }
     }
@@ -637,17 +726,18 @@ int chat_prompt(chat_format f, const cake_tokenizer *t, const chat_message *m, i
         if (!with_tools && (m[i].n_calls || !strcmp(m[i].role, "tool")))
             return cake_err(err, errlen,
                             "message %d: tool calls and results need a chat format with tools "
-                            "(ChatML, Llama 3, Mistral v3 or tekken), not %s",
+                            "(ChatML, Llama 3, Mistral v3, tekken, v7-tekken, v11 or v13), not "
+                            "%s",
                             i, chat_format_name(f));
         if (f == CHAT_LLAMA3 && m[i].n_calls > 1)
             return cake_err(err, errlen, "message %d: Llama 3 takes one tool call a message", i);
-        for (int k = 0; mistral_tools(f) && k < m[i].n_calls; k++)
+        for (int k = 0; mistral_ids(f) && k < m[i].n_calls; k++)
             if (!m[i].calls[k].id)
                 return cake_err(err, errlen,
                                 "message %d: Mistral's tool calls need their 'id' (9 letters or "
                                 "digits, or the last 9 of a longer one)",
                                 i);
-        if (mistral_tools(f) && !strcmp(m[i].role, "tool") && !m[i].call_id)
+        if (mistral_ids(f) && !strcmp(m[i].role, "tool") && !m[i].call_id)
             return cake_err(err, errlen,
                             "message %d: Mistral's tool results need their call's "
                             "'tool_call_id'",
@@ -655,8 +745,8 @@ int chat_prompt(chat_format f, const cake_tokenizer *t, const chat_message *m, i
     }
     if (tools && !with_tools)
         return cake_err(err, errlen,
-                        "'tools' need a chat format with tools (ChatML, Llama 3, Mistral v3 or "
-                        "tekken), not %s",
+                        "'tools' need a chat format with tools (ChatML, Llama 3, Mistral v3, "
+                        "tekken, v7-tekken, v11 or v13), not %s",
                         chat_format_name(f));
     int has_user = 0;
     for (int i = 0; i < n; i++) has_user |= !strcmp(m[i].role, "user");
@@ -722,6 +812,8 @@ int chat_prompt(chat_format f, const cake_tokenizer *t, const chat_message *m, i
     case CHAT_MISTRAL_V3:
     case CHAT_MISTRAL_V7_TEKKEN:
     case CHAT_MISTRAL_V1:
+    case CHAT_MISTRAL_V11:
+    case CHAT_MISTRAL_V13:
         mistral(&b, m, n, f, tools, opt ? opt->default_system : NULL, eos);
         break;
     case CHAT_ZEPHYR:

@@ -32,6 +32,11 @@ typedef enum {
     CHAT_DEEPSEEK, /* {system}<｜User｜>...<｜Assistant｜>...EOS (DeepSeek-R1's distills) */
     CHAT_MISTRAL_V7_TEKKEN, /* [SYSTEM_PROMPT]...[INST]...[/INST]...</s> (Small 3) */
     CHAT_MISTRAL_V1,        /* <s> [INST] ... [/INST] ...</s> (7B v0.2's later template) */
+    /* v7-tekken's messages with later tool calls: [TOOL_CALLS]name[CALL_ID]id[ARGS]{...}
+     * (v11: Small 3.2, Magistral, Devstral Small 1.x), [TOOL_CALLS]name[ARGS]{...}
+     * (v13: Ministral 3, Devstral 2) */
+    CHAT_MISTRAL_V11,
+    CHAT_MISTRAL_V13,
 } chat_format;
 
 /* A function call an assistant's message made (OpenAI's tool_calls). */
@@ -82,11 +87,15 @@ typedef struct {
 
 /* How a format's model writes a function call: a JSON object {"name": ...,
  * args: {...}} between open and close, or (both "") as the whole answer;
- * with list, a JSON array of them after open (Mistral's [TOOL_CALLS]).
- * NULL for a format without tools. */
+ * with list, a JSON array of them after open (Mistral's [TOOL_CALLS]);
+ * with args_tag, open, the name, args_tag and the arguments' object, with
+ * id_tag and an id before args_tag where the model writes one (Mistral
+ * v11's [TOOL_CALLS]name[CALL_ID]id[ARGS]{...}). NULL for a format without
+ * tools. */
 typedef struct {
     const char *open, *close, *args;
     int list;
+    const char *args_tag, *id_tag; /* NULL: none */
 } chat_call_syntax;
 const chat_call_syntax *chat_calls(chat_format f);
 
@@ -105,8 +114,10 @@ char *chat_default_system(const char *template_text);
 /* The system message a Mistral v7 template (Small 3's) writes when a chat
  * has none: {%- set default_system_message = "..." + today + "..." %}, its
  * variables days as the template sets them (today = strftime_now(
- * "%Y-%m-%d")), rendered for the day of `now` (local time). malloc'd;
- * NULL: none (or not one cake can read). */
+ * "%Y-%m-%d")), rendered for the day of `now` (local time); {today} and
+ * {yesterday} in its text (Ministral 3's, which Mistral's docs fill in
+ * before use) as YYYY-MM-DD. malloc'd; NULL: none (or not one cake can
+ * read). */
 char *chat_dated_default_system(const char *template_text, time_t now);
 
 /* Whether a template writes "<think>\n" after the header of the answer

@@ -831,6 +831,42 @@ int json_schema_between(json_schema *s, const char *before, const char *after) {
     return 0;
 }
 
+int json_schema_tagged(json_schema *s, const char *const *tags, int n) {
+    const cake_json_node *tuple = s->root;
+    if (tuple->kind != CAKE_JSON_ARRAY || tuple->n != n || n < 1) return -1;
+    char err[64];
+    compiler c = {.out = s, .err = err, .errlen = sizeof(err)};
+    const char **names = alloc(&c, (size_t)n * sizeof(*names));
+    const cake_json_node **values = alloc(&c, (size_t)n * sizeof(*values));
+    const cake_json_node **parts = alloc(&c, sizeof(*parts));
+    cake_json_node *tag = new_node(&c, CAKE_JSON_ENUM), *seq = new_node(&c, CAKE_JSON_SEQUENCE);
+    if (!names || !values || !parts || !tag || !seq) return -1;
+    for (int i = 0; i < n; i++) { /* (sorted, as the mask reads names, each with its value) */
+        int at = i;
+        while (at && strcmp(names[at - 1], tags[i]) > 0) {
+            names[at] = names[at - 1];
+            values[at] = values[at - 1];
+            at--;
+        }
+        if (at && !strcmp(names[at - 1], tags[i])) return -1;
+        names[at] = tags[i];
+        values[at] = tuple->sub[i];
+    }
+    for (int i = 0; i < n; i++) {
+        char *copy = alloc(&c, strlen(names[i]) + 1);
+        if (!copy) return -1;
+        names[i] = strcpy(copy, names[i]);
+    }
+    tag->n = n;
+    tag->names = names;
+    tag->sub = values;
+    parts[0] = tag;
+    seq->n = 1;
+    seq->sub = parts;
+    s->root = seq;
+    return 0;
+}
+
 const cake_json_node *json_schema_root(const json_schema *s) {
     return s->root;
 }

@@ -651,6 +651,48 @@ static cJSON *call_object(const char *name, const char *args, const cJSON *param
     return o;
 }
 
+/* Mistral v11's and v13's calls: the opening tag (with_open), a function's
+ * name, the args tag, then its arguments, of its parameters as call_schema
+ * takes them. */
+static json_schema *tagged_call_schema(const request_tools *rt, const chat_call_syntax *syntax,
+                                       int with_open, char *err, size_t errlen) {
+    json_schema *out = NULL;
+    const char *tags[128];
+    int n = 0;
+    for (int exact = 1; exact >= 0 && !out; exact--) {
+        cJSON *tuple = cJSON_CreateObject(), *items = cJSON_AddArrayToObject(tuple, "prefixItems");
+        int strict = 0;
+        for (int i = 0; i < rt->n; i++) {
+            if (rt->choice == TOOLS_NAMED && i != rt->named) continue;
+            const cJSON *f = tool_function(rt, i), *params = field(f, "parameters");
+            strict |= cJSON_IsTrue(field(f, "strict"));
+            cJSON *any = cJSON_CreateObject();
+            cJSON_AddStringToObject(any, "type", "object");
+            cJSON_AddItemToArray(items, exact && params ? cJSON_Duplicate(params, 1) : any);
+            if (exact && params) cJSON_Delete(any);
+        }
+        char why[200];
+        out = json_schema_compile(tuple, why, sizeof(why));
+        cJSON_Delete(tuple);
+        if (!out && (!exact || strict)) return cake_err(err, errlen, "'tools': %s", why), NULL;
+    }
+    int failed = 0;
+    for (int i = 0; i < rt->n; i++) {
+        if (rt->choice == TOOLS_NAMED && i != rt->named) continue;
+        char *tag = NULL;
+        failed |= asprintf(&tag, "%s%s%s", with_open ? syntax->open : "", tool_name(rt, i),
+                           syntax->args_tag) < 0;
+        tags[n++] = failed ? NULL : tag;
+    }
+    if (failed || json_schema_tagged(out, tags, n)) {
+        json_schema_release(out);
+        out = NULL;
+        cake_err(err, errlen, "out of memory");
+    }
+    for (int i = 0; i < n; i++) free((char *)tags[i]);
+    return out;
+}
+
 /* What a call must be: between the format's tags (with_open: the opening
  * one too; else it has been written, tool_choice auto), {"name": ...,
  * ARGS: {...}}, its arguments of the function's parameters (an anyOf of the
@@ -659,6 +701,7 @@ static cJSON *call_object(const char *name, const char *args, const cJSON *param
  * strict (then NULL with err). */
 static json_schema *call_schema(const request_tools *rt, const chat_call_syntax *syntax,
                                 int with_open, char *err, size_t errlen) {
+    if (syntax->args_tag) return tagged_call_schema(rt, syntax, with_open, err, errlen);
     json_schema *out = NULL;
     for (int exact = 1; exact >= 0 && !out; exact--) {
         cJSON *calls = cJSON_CreateArray();
@@ -793,17 +836,18 @@ static int chat_prompt_of(const cJSON *o, const api_model *m, request_tools *rt,
         i++;
     }
     /* The functions as the format's template lists them: Llama 3.1's
-     * indented by 4, Qwen's on one line, Mistral's its own way */
+     * indented by 4, Qwen's and Mistral v7's and later on one line (tojson),
+     * Mistral v3's (7B v0.3, Nemo) its own way */
     if (rt->n && !rt->json && !(rt->json = calloc((size_t)rt->n, sizeof(*rt->json)))) {
         cake_err(err, errlen, "out of memory");
         goto done;
     }
-    const chat_call_syntax *syntax = chat_calls(m->chat);
+    const int by_hand = m->chat == CHAT_MISTRAL_V3 || m->chat == CHAT_MISTRAL_TEKKEN;
     for (int k = 0; k < rt->n; k++) {
         if (rt->json[k]) continue;
-        if (!(rt->json[k] = syntax && syntax->list ? mistral_tool_json(tool_function(rt, k))
-                                                   : py_json(cJSON_GetArrayItem(rt->list, k),
-                                                             m->chat == CHAT_LLAMA3 ? 4 : 0))) {
+        if (!(rt->json[k] = by_hand ? mistral_tool_json(tool_function(rt, k))
+                                    : py_json(cJSON_GetArrayItem(rt->list, k),
+                                              m->chat == CHAT_LLAMA3 ? 4 : 0))) {
             cake_err(err, errlen, "out of memory");
             goto done;
         }
@@ -1389,7 +1433,7 @@ static int add_call(const serve_job *j, const chat_call_syntax *syntax, const cJ
         cJSON_IsObject(args) && (printed = cJSON_PrintUnformatted(args)) &&
         (clean = api_utf8_clean(printed, strlen(printed)))) {
         char id[40];
-        new_call_id(id, sizeof(id), syntax->list);
+        new_call_id(id, sizeof(id), syntax->list || syntax->args_tag);
         call = cJSON_CreateObject();
         cJSON_AddStringToObject(call, "id", id);
         cJSON_AddStringToObject(call, "type", "function");
@@ -1403,11 +1447,37 @@ static int add_call(const serve_job *j, const chat_call_syntax *syntax, const cJ
     return call != NULL;
 }
 
+/* Mistral v11's and v13's call after its opening tag: the name, the id tag
+ * and an id where the model writes one (cake gives its own), the args tag,
+ * the arguments' object. As read_calls. */
+static int read_tagged_call(const serve_job *j, const chat_call_syntax *syntax, const char *text,
+                            size_t len, cJSON *calls, size_t *used) {
+    const size_t at = skip_space(text, 0, len), tl = strlen(syntax->args_tag);
+    const char *tag = memmem(text + at, len - at, syntax->args_tag, tl), *end = NULL;
+    if (!tag) return 0;
+    const char *id = syntax->id_tag ? memmem(text + at, (size_t)(tag - text) - at, syntax->id_tag,
+                                             strlen(syntax->id_tag))
+                                    : NULL;
+    const size_t name_len = (size_t)((id ? id : tag) - (text + at));
+    char *name = strndup(text + at, name_len);
+    const char *args = tag + tl;
+    cJSON *v = cJSON_CreateObject();
+    cJSON *parsed = cJSON_ParseWithLengthOpts(args, len - (size_t)(args - text), &end, false);
+    if (name) cJSON_AddStringToObject(v, "name", name);
+    if (parsed && !cJSON_AddItemToObject(v, syntax->args, parsed)) cJSON_Delete(parsed);
+    const int ok = name && parsed && add_call(j, syntax, v, calls);
+    if (ok) *used = (size_t)(end - text);
+    cJSON_Delete(v);
+    free(name);
+    return ok;
+}
+
 /* The call at the start of text[0..len) (white space before it), or with
  * the format's list, the calls of a non-empty JSON array there, added to
  * calls; *used: the bytes they took. 0 when they are not all calls. */
 static int read_calls(const serve_job *j, const chat_call_syntax *syntax, const char *text,
                       size_t len, cJSON *calls, size_t *used) {
+    if (syntax->args_tag) return read_tagged_call(j, syntax, text, len, calls, used);
     const char *end = NULL;
     const size_t at = skip_space(text, 0, len);
     cJSON *v = cJSON_ParseWithLengthOpts(text + at, len - at, &end, false);

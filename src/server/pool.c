@@ -17,8 +17,8 @@ typedef struct {
     serve_job *job;
     const cake_tokenizer *tok;
     cake_token eos;
-    cake_token call_token; /* printed as call_tag (pool_config's; -1: none) */
-    const char *call_tag;
+    const cake_token *call_tokens; /* printed as call_tags[k] (pool_config's; NULL: none) */
+    const char *const *call_tags;
     job_logprob next; /* the next token's, when the job asks (on_logits, then on_token) */
     uint64_t last_token_ns;
     pool_histogram gaps; /* between its tokens, for /metrics */
@@ -95,8 +95,11 @@ static int on_token(cake_token id, void *ud) {
         stop = 1; /* (EOS ends the loop itself; its text is empty) */
     } else {
         char buf[256], *piece = buf;
-        if (id == s->call_token)
-            n = snprintf(buf, sizeof(buf), "%s", s->call_tag);
+        const char *tag = NULL;
+        for (int k = 0; s->call_tokens && k < POOL_CALL_TAGS; k++)
+            if (id == s->call_tokens[k]) tag = s->call_tags[k];
+        if (tag)
+            n = snprintf(buf, sizeof(buf), "%s", tag);
         else
             n = cake_token_to_piece(s->tok, j->prev, id, buf, sizeof(buf));
         if (n > (int)sizeof(buf) && (piece = malloc((size_t)n)))
@@ -146,9 +149,9 @@ struct serve_pool {
     slot *slots; /* slot 0's context is the engine: its threads and scratch run every step */
     cake_inflight *inflight;     /* prompt chunks the slots are computing now (with a store) */
     cake_json_vocab *json_vocab; /* the tokens as structured output's mask reads them */
-    /* cfg.call_tag's control token (-1: none), and json_vocab with it read
-     * as the tag: for tool requests, whose answers print it */
-    cake_token call_token;
+    /* cfg.call_tags' control tokens (-1: none), and json_vocab with them
+     * read as the tags: for tool requests, whose answers print them */
+    cake_token call_tokens[POOL_CALL_TAGS];
     cake_json_vocab *call_vocab;
     cake_compute_speed speed; /* under mu: the last that a slot's request ended with */
     sched *sched;
@@ -384,8 +387,8 @@ static void run_job(slot *s, serve_job *j) {
     token_sink sink = {.job = j,
                        .tok = tok,
                        .eos = cake_tokenizer_eos(tok),
-                       .call_token = j->call_format ? p->call_token : -1,
-                       .call_tag = p->cfg.call_tag};
+                       .call_tokens = j->call_format ? p->call_tokens : NULL,
+                       .call_tags = p->cfg.call_tags};
     sched_ticket ticket = {p->sched, s->order, &j->cancel};
     cake_request req = {
         .prompt = j->prompt,
@@ -555,12 +558,17 @@ int pool_create(const cake_model *m, const pool_config *cfg, serve_pool **out, c
         goto fail;
     }
     /* (a tag that prints as itself needs neither) */
-    p->call_token =
-        cfg->call_tag ? cake_tokenizer_find(tok, cfg->call_tag, strlen(cfg->call_tag)) : -1;
-    if (p->call_token >= 0 && cake_token_to_piece(tok, -1, p->call_token, NULL, 0) != 0)
-        p->call_token = -1;
-    if (p->call_token >= 0 &&
-        !(p->call_vocab = cake_json_vocab_new_keeping(tok, p->call_token, cfg->call_tag))) {
+    cake_token kept[POOL_CALL_TAGS];
+    const char *kept_text[POOL_CALL_TAGS];
+    int n_kept = 0;
+    for (int k = 0; k < POOL_CALL_TAGS; k++) {
+        const char *tag = cfg->call_tags[k];
+        cake_token id = tag ? cake_tokenizer_find(tok, tag, strlen(tag)) : -1;
+        if (id >= 0 && cake_token_to_piece(tok, -1, id, NULL, 0) != 0) id = -1;
+        p->call_tokens[k] = id;
+        if (id >= 0) kept[n_kept] = id, kept_text[n_kept++] = tag;
+    }
+    if (n_kept && !(p->call_vocab = cake_json_vocab_new_keeping(tok, kept, kept_text, n_kept))) {
         cake_err(err, errlen, "out of memory");
         goto fail;
     }

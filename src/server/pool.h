@@ -20,6 +20,8 @@
 #include "server/sched.h"
 #include "store/store.h"
 
+#define POOL_CALL_TAGS 3
+
 typedef struct {
     cake_store *store; /* NULL: compute only (borrowed; outlives the pool) */
     cake_mode mode;
@@ -41,10 +43,11 @@ typedef struct {
     int queue_max; /* jobs waiting beyond the running ones */
     enum cake_kv_type kv_type;
     enum cake_backend_kind backend;
-    /* A tool call's opening tag (chat_calls' open; NULL: none): where it is
-     * a control token, which prints nothing (Mistral's [TOOL_CALLS]), tool
-     * requests print it as this text and their grammars read it so. */
-    const char *call_tag;
+    /* A tool call's tags (chat_calls' open, args_tag, id_tag; NULL: none):
+     * those that are control tokens, which print nothing (Mistral's
+     * [TOOL_CALLS], [ARGS], [CALL_ID]), tool requests print as this text,
+     * and their grammars read so. */
+    const char *call_tags[POOL_CALL_TAGS];
 } pool_config;
 
 /* A Prometheus histogram of durations: counts at or below each bound. */
