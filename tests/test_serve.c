@@ -3549,13 +3549,18 @@ static void served_mistral_calls(const char *name, const char *tmpl, const char 
         snprintf(body, sizeof(body),
                  "{\"messages\":[{\"role\":\"user\",\"content\":\"Hi\"}]," NOW_TOOL
                  ",\"tool_choice\":\"required\",\"logit_bias\":{\"%d\":100},\"max_tokens\":200,"
-                 "\"seed\":%d,\"stream\":%s}",
-                 tool_calls_id, seed, stream ? "true" : "false");
+                 "\"seed\":%d,\"stream\":%s,\"logprobs\":%s}",
+                 tool_calls_id, seed, stream ? "true" : "false", seed ? "false" : "true");
         t_resp r = http(s.port, "POST", "/v1/chat/completions", body);
         assert_int_equal(r.status, 200);
         cJSON *ev[512];
         const int n_ev = answer_objects(&r, stream, ev, 512);
         const char *id = NULL, *fin = NULL, *content = NULL;
+        if (!seed) { /* (the tag as the answer prints it, not "") */
+            cJSON *o = cJSON_Parse(r.body);
+            assert_string_equal(str_at(o, "choices.0.logprobs.content.0.token"), "[TOOL_CALLS]");
+            cJSON_Delete(o);
+        }
         for (int e = 0; e < n_ev; e++) {
             const char *where = stream ? "choices.0.delta" : "choices.0.message";
             char path_of[64];

@@ -268,12 +268,7 @@ int cmd_serve(int argc, char **argv) {
                       .kv_type = o.kv_type,
                       .backend = o.backend};
     read_chat_template(model, &am);
-    const chat_call_syntax *calls = chat_calls(am.chat);
-    if (calls) {
-        pc.call_tags[0] = calls->open[0] ? calls->open : NULL;
-        pc.call_tags[1] = calls->args_tag;
-        pc.call_tags[2] = calls->id_tag;
-    }
+    pc.calls = chat_calls(am.chat);
     if (pool_create(model, &pc, &pool, err, sizeof(err))) {
         cli_error(CLI_FAIL, "serve", "%s", err);
         goto done;

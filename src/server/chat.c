@@ -396,6 +396,19 @@ const chat_call_syntax *chat_calls(chat_format f) {
                                    : NULL;
 }
 
+int chat_silent_tags(const chat_call_syntax *c, const cake_tokenizer *t, cake_token *ids,
+                     const char **texts) {
+    const char *tags[CHAT_CALL_TAGS] = {c ? c->open : NULL, c ? c->args_tag : NULL,
+                                        c ? c->id_tag : NULL};
+    int n = 0;
+    for (int k = 0; k < CHAT_CALL_TAGS; k++) {
+        const cake_token id = tags[k] ? cake_tokenizer_find(t, tags[k], strlen(tags[k])) : -1;
+        if (id >= 0 && cake_token_to_piece(t, -1, id, NULL, 0) == 0)
+            ids[n] = id, texts[n++] = tags[k];
+    }
+    return n;
+}
+
 /* A call as the format writes it, {"name": ..., ARGS: {...}}, between its
  * tags (on lines of their own) where it has them. */
 static void put_call(builder *b, const chat_tool_call *c, const chat_call_syntax *syntax) {

@@ -99,6 +99,14 @@ typedef struct {
 } chat_call_syntax;
 const chat_call_syntax *chat_calls(chat_format f);
 
+/* The tags of c (open, args_tag, id_tag) that are control tokens of t,
+ * which print nothing (Mistral's [TOOL_CALLS], [ARGS], [CALL_ID]): their
+ * ids and texts, at most CHAT_CALL_TAGS; how many. A tool request's answer
+ * prints them as their text, and its grammar reads them so. */
+#define CHAT_CALL_TAGS 3
+int chat_silent_tags(const chat_call_syntax *c, const cake_tokenizer *t, cake_token *ids,
+                     const char **texts);
+
 /* The format of a chat template's text (NULL: the model has none; then the
  * vocabulary's special tokens decide). CHAT_NONE when neither tells. */
 chat_format chat_detect(const char *template_text, const cake_tokenizer *t);

@@ -1219,6 +1219,22 @@ static char *piece_of(const cake_tokenizer *tok, cake_token prev, cake_token id,
     return p;
 }
 
+/* An answer's token id as the job printed it (pool.c): a tool request's
+ * silent call tags (Mistral's [TOOL_CALLS]) as their text, else piece_of. */
+static char *answer_piece(const api_shape *s, const serve_job *j, cake_token prev, cake_token id,
+                          int *len) {
+    cake_token ids[CHAT_CALL_TAGS];
+    const char *texts[CHAT_CALL_TAGS];
+    const int n =
+        j->call_format ? chat_silent_tags(chat_calls(j->call_format), s->tok, ids, texts) : 0;
+    for (int k = 0; k < n; k++)
+        if (id == ids[k]) {
+            *len = (int)strlen(texts[k]);
+            return strdup(texts[k]);
+        }
+    return piece_of(s->tok, prev, id, len);
+}
+
 /* A JSON string of piece's text, made valid UTF-8 ("" when out of memory). */
 static cJSON *clean_string(const char *piece, int len) {
     char *clean = api_utf8_clean(piece, (size_t)len);
@@ -1266,13 +1282,16 @@ static char *prompt_text(const api_shape *s, const serve_job *j, size_t *len) {
     return text;
 }
 
-/* The alternatives of lp after token prev: a completion's {text: logprob}
- * (the likelier of two with the same text), a chat's list. */
-static cJSON *top_json(const api_shape *s, const job_logprob *lp, cake_token prev) {
+/* The alternatives of lp after token prev (of job j's answer; NULL: its
+ * prompt): a completion's {text: logprob} (the likelier of two with the
+ * same text), a chat's list. */
+static cJSON *top_json(const api_shape *s, const serve_job *j, const job_logprob *lp,
+                       cake_token prev) {
     cJSON *top = s->chat ? cJSON_CreateArray() : cJSON_CreateObject();
     for (int k = 0; k < lp->n_top; k++) {
         int alen;
-        char *alt = piece_of(s->tok, prev, lp->top_id[k], &alen);
+        char *alt = j ? answer_piece(s, j, prev, lp->top_id[k], &alen)
+                      : piece_of(s->tok, prev, lp->top_id[k], &alen);
         if (!alt) break;
         if (s->chat) {
             cJSON_AddItemToArray(top, chat_token(alt, alen, lp->top_logprob[k]));
@@ -1302,7 +1321,8 @@ static void add_prompt_logprobs(const api_shape *s, const serve_job *j, cJSON *t
         cJSON_AddItemToArray(tokens, clean_string(p, len));
         free(p);
         cJSON_AddItemToArray(lps, i ? cJSON_CreateNumber(lp.logprob) : cJSON_CreateNull());
-        cJSON_AddItemToArray(tops, i ? top_json(s, &lp, j->prompt[i - 1]) : cJSON_CreateNull());
+        cJSON_AddItemToArray(tops,
+                             i ? top_json(s, NULL, &lp, j->prompt[i - 1]) : cJSON_CreateNull());
         cJSON_AddItemToArray(offsets, cJSON_CreateNumber((double)start));
         start += (size_t)len;
     }
@@ -1325,9 +1345,9 @@ static cJSON *logprobs_json(const api_shape *s, const serve_job *j, int from, in
         const job_logprob *lp = &j->logprobs[i];
         const cake_token prev = i ? j->ids[i - 1] : j->prompt[j->n_prompt - 1];
         int len;
-        char *piece = piece_of(s->tok, prev, j->ids[i], &len);
+        char *piece = answer_piece(s, j, prev, j->ids[i], &len);
         if (!piece) break;
-        cJSON *top = top_json(s, lp, prev);
+        cJSON *top = top_json(s, j, lp, prev);
         if (s->chat) {
             cJSON *t = chat_token(piece, len, lp->logprob);
             cJSON_AddItemToObject(t, "top_logprobs", top);

@@ -17,8 +17,10 @@ typedef struct {
     serve_job *job;
     const cake_tokenizer *tok;
     cake_token eos;
-    const cake_token *call_tokens; /* printed as call_tags[k] (pool_config's; NULL: none) */
+    /* printed as call_tags[k] (chat_silent_tags of pool_config's calls) */
+    const cake_token *call_tokens;
     const char *const *call_tags;
+    int n_call_tags;
     job_logprob next; /* the next token's, when the job asks (on_logits, then on_token) */
     uint64_t last_token_ns;
     pool_histogram gaps; /* between its tokens, for /metrics */
@@ -96,7 +98,7 @@ static int on_token(cake_token id, void *ud) {
     } else {
         char buf[256], *piece = buf;
         const char *tag = NULL;
-        for (int k = 0; s->call_tokens && k < POOL_CALL_TAGS; k++)
+        for (int k = 0; k < s->n_call_tags; k++)
             if (id == s->call_tokens[k]) tag = s->call_tags[k];
         if (tag)
             n = snprintf(buf, sizeof(buf), "%s", tag);
@@ -149,9 +151,11 @@ struct serve_pool {
     slot *slots; /* slot 0's context is the engine: its threads and scratch run every step */
     cake_inflight *inflight;     /* prompt chunks the slots are computing now (with a store) */
     cake_json_vocab *json_vocab; /* the tokens as structured output's mask reads them */
-    /* cfg.call_tags' control tokens (-1: none), and json_vocab with them
+    /* cfg.calls' tags that are control tokens, and json_vocab with them
      * read as the tags: for tool requests, whose answers print them */
-    cake_token call_tokens[POOL_CALL_TAGS];
+    cake_token call_tokens[CHAT_CALL_TAGS];
+    const char *call_tags[CHAT_CALL_TAGS];
+    int n_call_tags;
     cake_json_vocab *call_vocab;
     cake_compute_speed speed; /* under mu: the last that a slot's request ended with */
     sched *sched;
@@ -387,8 +391,9 @@ static void run_job(slot *s, serve_job *j) {
     token_sink sink = {.job = j,
                        .tok = tok,
                        .eos = cake_tokenizer_eos(tok),
-                       .call_tokens = j->call_format ? p->call_tokens : NULL,
-                       .call_tags = p->cfg.call_tags};
+                       .call_tokens = p->call_tokens,
+                       .call_tags = p->call_tags,
+                       .n_call_tags = j->call_format ? p->n_call_tags : 0};
     sched_ticket ticket = {p->sched, s->order, &j->cancel};
     cake_request req = {
         .prompt = j->prompt,
@@ -558,17 +563,9 @@ int pool_create(const cake_model *m, const pool_config *cfg, serve_pool **out, c
         goto fail;
     }
     /* (a tag that prints as itself needs neither) */
-    cake_token kept[POOL_CALL_TAGS];
-    const char *kept_text[POOL_CALL_TAGS];
-    int n_kept = 0;
-    for (int k = 0; k < POOL_CALL_TAGS; k++) {
-        const char *tag = cfg->call_tags[k];
-        cake_token id = tag ? cake_tokenizer_find(tok, tag, strlen(tag)) : -1;
-        if (id >= 0 && cake_token_to_piece(tok, -1, id, NULL, 0) != 0) id = -1;
-        p->call_tokens[k] = id;
-        if (id >= 0) kept[n_kept] = id, kept_text[n_kept++] = tag;
-    }
-    if (n_kept && !(p->call_vocab = cake_json_vocab_new_keeping(tok, kept, kept_text, n_kept))) {
+    p->n_call_tags = chat_silent_tags(cfg->calls, tok, p->call_tokens, p->call_tags);
+    if (p->n_call_tags && !(p->call_vocab = cake_json_vocab_new_keeping(
+                                tok, p->call_tokens, p->call_tags, p->n_call_tags))) {
         cake_err(err, errlen, "out of memory");
         goto fail;
     }

@@ -16,11 +16,10 @@
 
 #include "cake.h"
 #include "loader/loader.h"
+#include "server/chat.h"
 #include "server/job.h"
 #include "server/sched.h"
 #include "store/store.h"
-
-#define POOL_CALL_TAGS 3
 
 typedef struct {
     cake_store *store; /* NULL: compute only (borrowed; outlives the pool) */
@@ -43,11 +42,10 @@ typedef struct {
     int queue_max; /* jobs waiting beyond the running ones */
     enum cake_kv_type kv_type;
     enum cake_backend_kind backend;
-    /* A tool call's tags (chat_calls' open, args_tag, id_tag; NULL: none):
-     * those that are control tokens, which print nothing (Mistral's
-     * [TOOL_CALLS], [ARGS], [CALL_ID]), tool requests print as this text,
-     * and their grammars read so. */
-    const char *call_tags[POOL_CALL_TAGS];
+    /* How the model's chat format writes tool calls (chat_calls; NULL:
+     * none): tool requests print its tags that are control tokens as their
+     * text, and their grammars read them so (chat_silent_tags). */
+    const chat_call_syntax *calls;
 } pool_config;
 
 /* A Prometheus histogram of durations: counts at or below each bound. */
