@@ -61,11 +61,24 @@ static void matmul(float *y, const float *x, const cake_weight *w, int n, cake_t
         (void)cake_matmul(y, x, w->data, w->dtype, n, w->n_in, w->n_out, pool);
 }
 
-/* Writes n position-major rows of new keys/values (f32) into the cache at
- * position pos0 (layout: kv_cache.h). An f32 cache takes them as they are
- * (cake_kv_put), a Q8_0 or Q4_0 one quantized block by block; for f16 each value
- * row is converted into its run and a key row converted whole, then
- * scattered into its transposed block (no f16 copy of the rows in between). */
+/* The per-token steps between the matmuls run over the thread pool in tasks
+ * of token rows: each token's arithmetic is the same whatever the split, so
+ * the bits are too. (Left on one thread they were ~3% of a two-thread
+ * prefill's CPU time, which would cost 16 threads ~30% of their speed.) */
+#define ROWS_PER_TASK 8
+/* ROWS_QKV's tasks: the positions of an f16 key block's cache line (64
+ * bytes), aligned, so that no two threads write one line (which moved it
+ * from core to core for each task's every write: ~1.5% of a prefill). */
+#define QKV_ROWS 32
+
+/* Writes n (at most QKV_ROWS) position-major rows of new keys/values
+ * (f32) into the cache at position pos0 (layout: kv_cache.h). An f32 cache
+ * takes them as they are (cake_kv_put), a Q8_0 or Q4_0 one quantized block
+ * by block; for f16 each value row is converted into its run, and a head's
+ * key rows are converted and transposed in L1, then written dim by dim: the
+ * rows' values of a dim sit side by side in the transposed block, a cache
+ * line's worth of them written at once (written a value at a time, row by
+ * row, the fresh lines' misses stalled the stores: 4-6% of a prefill). */
 static void store_kv(const cake_kv_cache *kv, int layer, const float *k, const float *v, int n,
                      cake_pos pos0) {
     if (kv->type == CAKE_KV_F32) {
@@ -77,26 +90,38 @@ static void store_kv(const cake_kv_cache *kv, int layer, const float *k, const f
         return;
     }
     const int hd = kv->head_dim, hc = kv->head_ctx;
-    for (int t = 0; t < n; t++)
-        for (int h = 0; h < kv->n_kv_heads; h++) {
-            const size_t src = (size_t)t * (size_t)kv->kv_dim + (size_t)h * hd;
+    const size_t row = (size_t)kv->kv_dim;
+    cake_f16 kh[QKV_ROWS][16], kt[16][QKV_ROWS] __attribute__((aligned(64)));
+    for (int h = 0; h < kv->n_kv_heads; h++) {
+        for (int t = 0; t < n; t++) {
             const size_t vo = cake_kv_v_index(hc, hd, h, pos0 + t, 0);
-            const size_t ko = cake_kv_k_index(hc, hd, h, pos0 + t, 0); /* dim d: + 64 d */
-            cake_f32_to_f16_row(v + src, (cake_f16 *)cake_kv_v(kv, layer) + vo, hd);
-            cake_f16 *kc = (cake_f16 *)cake_kv_k(kv, layer) + ko, kh[16];
+            cake_f32_to_f16_row(v + t * row + (size_t)h * hd, (cake_f16 *)cake_kv_v(kv, layer) + vo,
+                                hd);
+        }
+        for (int t0 = 0; t0 < n;) { /* (a run of positions within one key block) */
+            const int j = (pos0 + t0) % CAKE_KV_KBLOCK;
+            const int run = n - t0 < CAKE_KV_KBLOCK - j ? n - t0 : CAKE_KV_KBLOCK - j;
+            cake_f16 *kc =
+                (cake_f16 *)cake_kv_k(kv, layer) + cake_kv_k_index(hc, hd, h, pos0 + t0, 0);
             for (int d0 = 0; d0 < hd; d0 += 16) {
                 const int nd = hd - d0 < 16 ? hd - d0 : 16;
-                cake_f32_to_f16_row(k + src + d0, kh, (size_t)nd);
-                for (int d = 0; d < nd; d++) kc[(size_t)(d0 + d) * CAKE_KV_KBLOCK] = kh[d];
+                for (int t = 0; t < run; t++)
+                    cake_f32_to_f16_row(k + (size_t)(t0 + t) * row + (size_t)h * hd + d0, kh[t],
+                                        (size_t)nd);
+                for (int d = 0; d < nd; d++) /* (transposed in L1, then a line at a store) */
+                    for (int t = 0; t < run; t++) kt[d][t] = kh[t][d];
+                for (int d = 0; d < nd; d++) {
+                    cake_f16 *line = kc + (size_t)(d0 + d) * CAKE_KV_KBLOCK;
+                    if (run == QKV_ROWS)
+                        memcpy(line, kt[d], sizeof(kt[d]));
+                    else
+                        memcpy(line, kt[d], (size_t)run * sizeof(cake_f16));
+                }
             }
+            t0 += run;
         }
+    }
 }
-
-/* The per-token steps between the matmuls run over the thread pool in tasks
- * of token rows: each token's arithmetic is the same whatever the split, so
- * the bits are too. (Left on one thread they were ~3% of a two-thread
- * prefill's CPU time, which would cost 16 threads ~30% of their speed.) */
-#define ROWS_PER_TASK 8
 
 typedef enum {
     ROWS_QKV,      /* biases, RoPE on q and k, k and v into the KV cache */
@@ -127,12 +152,24 @@ static void gated(const cake_hparams *hp, float *g, const float *u, size_t n) {
         cake_swiglu(g, g, u, n);
 }
 
+/* The rows of a job's task: [*t0, *t0 + *nt), ROWS_PER_TASK of them, or for
+ * ROWS_QKV those of a run of QKV_ROWS aligned positions. How many tasks. */
+static int task_rows(const rows_job *j, int task, int *t0, int *nt) {
+    const int size = j->step == ROWS_QKV ? QKV_ROWS : ROWS_PER_TASK;
+    const int first = j->step == ROWS_QKV ? QKV_ROWS - (int)(j->pos0 % QKV_ROWS) : size;
+    const int start = task ? first + (task - 1) * size : 0, end = first + task * size;
+    *t0 = start;
+    *nt = (end < j->n ? end : j->n) - start;
+    return j->n <= first ? 1 : 1 + (j->n - first + size - 1) / size;
+}
+
 static void rows_task(void *ctx, int task, int tid) {
     (void)tid;
     const rows_job *j = ctx;
     const cake_hparams *hp = &j->c->model->hp;
     const cake_scratch *s = &j->c->s;
-    const int t0 = task * ROWS_PER_TASK, nt = j->n - t0 < ROWS_PER_TASK ? j->n - t0 : ROWS_PER_TASK;
+    int t0, nt;
+    task_rows(j, task, &t0, &nt);
     const int r0 = j->row0 + t0; /* the first row in the scratch */
     const size_t dim = (size_t)hp->dim, kv_dim = (size_t)hp->n_kv_heads * hp->head_dim;
     switch (j->step) {
@@ -184,7 +221,8 @@ static void rows_task(void *ctx, int task, int tid) {
 }
 
 static void run_rows(rows_job j) {
-    const int n_tasks = (j.n + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
+    int t0, nt;
+    const int n_tasks = task_rows(&j, 0, &t0, &nt);
     if (n_tasks == 1)
         rows_task(&j, 0, 0); /* decode: not worth waking the pool */
     else
