@@ -2681,6 +2681,32 @@ static void test_chat_formats(void **state) {
                   "f\x9f{\"a\": 1}\x05\x1fR\x7f");
     cake_token *ids, eot;
     int n;
+    /* as mistral-common's templates: a run of user messages, or of answers,
+     * is one message (blank lines between; the answers' text, then their
+     * calls), so the functions go before the run; v13's before the first
+     * user message, after every system message before it */
+    const chat_message runs[] = {
+        {.role = "system", .content = "S", .content_len = 1},
+        {.role = "system", .content = "T", .content_len = 1},
+        {.role = "user", .content = "a", .content_len = 1},
+        {.role = "assistant", .content = "", .calls = &mistral_call, .n_calls = 1},
+        {.role = "assistant", .content = "x", .content_len = 1},
+        {.role = "user", .content = "b", .content_len = 1},
+        {.role = "user", .content = "c", .content_len = 1}};
+    expect_prompt(
+        t, CHAT_MISTRAL_V11, runs, 7, &(chat_options){.tools = &tools},
+        "\x06\x15S\x16\x15T\x16\x13"
+        "a\x14x\x1c"
+        "f\xa0"
+        "abcDEF123\x9f{\"a\": 1}\x05\x1d[{\"type\": \"function\", \"function\": {\"name\": "
+        "\"f\"}}]\x1e\x13"
+        "b\n\nc\x14");
+    expect_prompt(t, CHAT_MISTRAL_V13, runs, 7, &(chat_options){.tools = &tools},
+                  "\x06\x15S\x16\x15T\x16\x1d[{\"type\": \"function\", \"function\": {\"name\": "
+                  "\"f\"}}]\x1e\x13"
+                  "a\x14x\x1c"
+                  "f\x9f{\"a\": 1}\x05\x13"
+                  "b\n\nc\x14");
     const chat_format need_ids[] = {CHAT_MISTRAL_V7_TEKKEN, CHAT_MISTRAL_V11};
     for (size_t k = 0; k < 2; k++) {
         assert_int_equal(
@@ -3162,6 +3188,18 @@ static void test_tools(void **state) {
         assert_non_null(strstr(p, f ? "Paris?get_weather{\"city\": \"Paris\"}sunny"
                                     : "Paris?get_weather123456789{\"city\": \"Paris\"}"
                                       "123456789sunny"));
+        free(p);
+        job_release(j);
+        /* a message's text parts joined by blank lines, and a call's empty
+         * arguments as {}, as their templates write them */
+        const char *parts = "{\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":\"text\","
+                            "\"text\":\"a\"},{\"type\":\"text\",\"text\":\"b\"}]},{\"role\":"
+                            "\"assistant\",\"tool_calls\":[{\"id\":\"abcDEF123\",\"type\":"
+                            "\"function\",\"function\":{\"name\":\"get_time\",\"arguments\":\"\"}}"
+                            "]}]}";
+        j = answered(parts, &m, &shape, "");
+        p = prompt_text(j, t);
+        assert_non_null(strstr(p, f ? "a\n\nbget_time{}" : "a\n\nbget_timeabcDEF123{}"));
         free(p);
         job_release(j);
     }

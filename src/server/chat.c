@@ -396,6 +396,11 @@ const chat_call_syntax *chat_calls(chat_format f) {
                                    : NULL;
 }
 
+const char *chat_parts_separator(chat_format f) {
+    return f == CHAT_MISTRAL_V7_TEKKEN || f == CHAT_MISTRAL_V11 || f == CHAT_MISTRAL_V13 ? "\n\n"
+                                                                                         : "";
+}
+
 int chat_silent_tags(const chat_call_syntax *c, const cake_tokenizer *t, cake_token *ids,
                      const char **texts) {
     const char *tags[CHAT_CALL_TAGS] = {c ? c->open : NULL, c ? c->args_tag : NULL,
@@ -636,11 +641,12 @@ static void mistral_result(builder *b, const chat_message *m, chat_format f, boo
  * v3 [INST] {system}\n\n{user}[/INST] {answer}</s> (answers trimmed);
  * llama.cpp's v3-tekken [INST]{system}\n\n{user}[/INST]{answer}</s>;
  * v7 [SYSTEM_PROMPT] {system}[/SYSTEM_PROMPT][INST] {user}[/INST] {answer}</s>,
- * v7-tekken, v11 and v13 the same without the spaces.
+ * v7-tekken, v11 and v13 the same without the spaces, and (as
+ * mistral-common's) a run of user messages, or of answers, joined into one
+ * by blank lines (the answers' text, then their calls).
  * With tools, mistral_functions' prompt: before the last user message, or
- * v13's after the first system message (mistral-common's templates); v3's
- * (and Nemo's) calls stand for the answer's text, the later ones follow
- * it. */
+ * v13's before the first (mistral-common's templates); v3's (and Nemo's)
+ * calls stand for the answer's text, the later ones follow it. */
 static void mistral(builder *b, const chat_message *m, int n, chat_format f,
                     const chat_tools *tools, const char *default_system, cake_token eos) {
     const bool plain = f == CHAT_MISTRAL, v1 = f == CHAT_MISTRAL_V1, v7 = f == CHAT_MISTRAL_V7,
@@ -648,14 +654,16 @@ static void mistral(builder *b, const chat_message *m, int n, chat_format f,
     const bool later = f == CHAT_MISTRAL_V7_TEKKEN || f == CHAT_MISTRAL_V11 ||
                        f == CHAT_MISTRAL_V13; /* (v7 and on: mistral-common's tekken ones) */
     const bool system_prompt = v7 || later;   /* ([SYSTEM_PROMPT]) */
-    int last_user = -1, systems_from = 0, has_system = 0; /* (those not yet written from) */
+    /* the last user message (the later formats': the first of the last run
+     * of them, which they join), and the first */
+    int last_user = -1, first_user = -1, systems_from = 0, has_system = 0;
     for (int i = 0; i < n; i++) {
-        if (!strcmp(m[i].role, "user")) last_user = i;
+        const bool user = !strcmp(m[i].role, "user");
+        if (user && (!later || !i || strcmp(m[i - 1].role, "user"))) last_user = i;
+        if (user && first_user < 0) first_user = i;
         has_system |= !strcmp(m[i].role, "system");
     }
-    const int tools_at = !tools                  ? -1
-                         : f == CHAT_MISTRAL_V13 ? n && !strcmp(m[0].role, "system")
-                                                 : last_user;
+    const int tools_at = !tools ? -1 : f == CHAT_MISTRAL_V13 ? first_user : last_user;
     if (system_prompt && !has_system && default_system) { /* (Small 3's, with its date) */
         put_marker(b, "[SYSTEM_PROMPT]");
         if (v7) put_str(b, " ");
@@ -685,6 +693,10 @@ static void mistral(builder *b, const chat_message *m, int n, chat_format f,
             }
             systems_from = i + 1;
             put_text(b, m[i].content, m[i].content_len);
+            for (; later && i + 1 < n && !strcmp(m[i + 1].role, "user"); i++) {
+                put_str(b, "\n\n");
+                put_text(b, m[i + 1].content, m[i + 1].content_len);
+            }
             if (plain || v1) put_str(b, " ");
             put_marker(b, "[/INST]");
         } else if (!strcmp(m[i].role, "assistant")) {
@@ -693,7 +705,17 @@ static void mistral(builder *b, const chat_message *m, int n, chat_format f,
                 put_trimmed(b, &m[i]);
             else
                 put_text(b, m[i].content, m[i].content_len);
-            if (m[i].n_calls) mistral_calls(b, &m[i], f, false);
+            int end = i + 1; /* (the later formats: a run of answers is one) */
+            for (bool text = m[i].content_len;
+                 later && end < n && !strcmp(m[end].role, "assistant"); end++) {
+                if (!m[end].content_len) continue;
+                if (text) put_str(b, "\n\n");
+                put_text(b, m[end].content, m[end].content_len);
+                text = true;
+            }
+            for (; i < end; i++)
+                if (m[i].n_calls) mistral_calls(b, &m[i], f, false);
+            i--;
             if (eos >= 0) put_id(b, eos);
         }
     }

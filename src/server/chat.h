@@ -107,6 +107,11 @@ const chat_call_syntax *chat_calls(chat_format f);
 int chat_silent_tags(const chat_call_syntax *c, const cake_tokenizer *t, cake_token *ids,
                      const char **texts);
 
+/* What joins a message's text parts (OpenAI's content as a list): "\n\n"
+ * in Mistral's later formats (v7-tekken, v11, v13: mistral-common's
+ * templates), else nothing. */
+const char *chat_parts_separator(chat_format f);
+
 /* The format of a chat template's text (NULL: the model has none; then the
  * vocabulary's special tokens decide). CHAT_NONE when neither tells. */
 chat_format chat_detect(const char *template_text, const cake_tokenizer *t);

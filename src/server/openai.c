@@ -429,9 +429,9 @@ static int fim_prompt(const api_model *m, const char *prefix, const char *suffix
 }
 
 /* A message's content: a string, or an array of {"type":"text","text":...}
- * parts, joined. *buf holds what had to be joined. */
-static int message_text(const cJSON *c, int i, chat_message *out, char **buf, char *err,
-                        size_t errlen) {
+ * parts, joined by sep. *buf holds what had to be joined. */
+static int message_text(const cJSON *c, int i, const char *sep, chat_message *out, char **buf,
+                        char *err, size_t errlen) {
     if (!c) {
         out->content = "";
         out->content_len = 0;
@@ -452,12 +452,16 @@ static int message_text(const cJSON *c, int i, chat_message *out, char **buf, ch
         if (!cJSON_IsObject(part) || !cJSON_IsString(type) || strcmp(type->valuestring, "text") ||
             !cJSON_IsString(text))
             return cake_err(err, errlen, "message %d: only text parts are supported", i);
-        total += strlen(text->valuestring);
+        total += strlen(text->valuestring) + strlen(sep);
     }
     if (!(*buf = malloc(total + 1))) return cake_err(err, errlen, "out of memory");
     size_t o = 0;
     cJSON_ArrayForEach(part, c) {
         const char *t = field(part, "text")->valuestring;
+        if (part != c->child) {
+            memcpy(*buf + o, sep, strlen(sep));
+            o += strlen(sep);
+        }
         memcpy(*buf + o, t, strlen(t));
         o += strlen(t);
     }
@@ -787,7 +791,8 @@ static int message_calls(const cJSON *calls, int i, chat_message *out, char ***t
                             "message %d: tool call %d needs a function's 'name' and "
                             "'arguments' (a string)",
                             i, k);
-        cJSON *parsed = cJSON_Parse(args->valuestring);
+        /* ("" as {}, as Mistral's templates write it) */
+        cJSON *parsed = cJSON_Parse(args->valuestring[0] ? args->valuestring : "{}");
         if (!cJSON_IsObject(parsed)) {
             cJSON_Delete(parsed);
             return cake_err(err, errlen,
@@ -830,7 +835,8 @@ static int chat_prompt_of(const cJSON *o, const api_model *m, request_tools *rt,
         }
         cm[i].role = role->valuestring;
         cm[i].call_id = call_id_of(field(msg, "tool_call_id"));
-        if (message_text(field(msg, "content"), i, &cm[i], &bufs[i], err, errlen) ||
+        if (message_text(field(msg, "content"), i, chat_parts_separator(m->chat), &cm[i], &bufs[i],
+                         err, errlen) ||
             message_calls(field(msg, "tool_calls"), i, &cm[i], &call_texts[i], err, errlen))
             goto done;
         i++;
