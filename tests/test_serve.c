@@ -342,6 +342,66 @@ static void test_usage_errors(void **state) {
     assert_int_equal(serve_stop(&s), 0);
 }
 
+/* --chat-template NAME and --chat-template-file FILE: a chat format for a
+ * model whose template cake does not know (the tiny model has none), or
+ * instead of its own; one its vocabulary cannot write (no such special
+ * token) or a file that is no template cake knows stops the start, with
+ * the reason. */
+static void test_chat_template_option(void **state) {
+    (void)state;
+    const char *chat = "{\"messages\":[{\"role\":\"user\",\"content\":\"Hi\"}],\"max_tokens\":2}";
+    t_server s;
+    assert_int_equal(serve_start(&s, g_tiny, "--store", "none", NULL), 0);
+    t_resp r = http(s.port, "POST", "/v1/chat/completions", chat);
+    assert_int_equal(r.status, 400); /* (no template) */
+    resp_free(&r);
+    assert_int_equal(serve_stop(&s), 0);
+    char path[] = "/tmp/cake-test-template-XXXXXX";
+    const int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    const char tmpl[] = "{% for m in messages %}{{ ' [INST] ' + m['content'] + ' [/INST]' }}"
+                        "{% endfor %}";
+    assert_int_equal(write(fd, tmpl, sizeof(tmpl) - 1), (ssize_t)sizeof(tmpl) - 1);
+    close(fd);
+    const char *const starts[][2] = {{"--chat-template", "mistral"},
+                                     {"--chat-template-file", path}};
+    for (int k = 0; k < 2; k++) {
+        assert_int_equal(
+            serve_start(&s, g_tiny, "--store", "none", starts[k][0], starts[k][1], NULL), 0);
+        r = http(s.port, "POST", "/v1/chat/completions", chat);
+        assert_int_equal(r.status, 200);
+        resp_free(&r);
+        FILE *f = fopen(s.log, "r");
+        char text[4096] = "";
+        text[fread(text, 1, sizeof(text) - 1, f)] = '\0';
+        fclose(f);
+        assert_non_null(strstr(text, k ? "chat format mistral-v1" : "chat format mistral;"));
+        assert_int_equal(serve_stop(&s), 0);
+    }
+    char cmd[1024];
+    snprintf(
+        cmd, sizeof(cmd),
+        "%s serve -m %s --port 0 --chat-template chatml 2>&1 | grep -q 'no <|im_start|> token'",
+        CAKE_BIN, g_tiny);
+    assert_int_equal(WEXITSTATUS(system(cmd)), 0);
+    snprintf(cmd, sizeof(cmd), "%s serve -m %s --port 0 --chat-template chatml 2>/dev/null",
+             CAKE_BIN, g_tiny);
+    assert_int_equal(WEXITSTATUS(system(cmd)), 1);
+    snprintf(cmd, sizeof(cmd),
+             "%s serve -m %s --port 0 --chat-template-file %s 2>&1 | grep -q "
+             "'not a template cake knows'",
+             CAKE_BIN, g_tiny, CAKE_BIN);
+    assert_int_equal(WEXITSTATUS(system(cmd)), 0);
+    snprintf(cmd, sizeof(cmd), "%s serve -m %s --chat-template jinja 2>/dev/null", CAKE_BIN,
+             g_tiny);
+    assert_int_equal(WEXITSTATUS(system(cmd)), 2);
+    snprintf(cmd, sizeof(cmd),
+             "%s serve -m %s --chat-template chatml --chat-template-file %s 2>/dev/null", CAKE_BIN,
+             g_tiny, path);
+    assert_int_equal(WEXITSTATUS(system(cmd)), 2);
+    unlink(path);
+}
+
 /* --api-key (or CAKE_API_KEY): the API wants it, /health and /metrics not. */
 static void test_api_key(void **state) {
     (void)state;
@@ -3874,6 +3934,7 @@ int main(void) {
         cmocka_unit_test(test_tools_served),
         cmocka_unit_test(test_reasoning),
         cmocka_unit_test(test_usage_errors),
+        cmocka_unit_test(test_chat_template_option),
         cmocka_unit_test(test_api_key),
         cmocka_unit_test(test_bad_requests),
         cmocka_unit_test(test_answers_tiny),

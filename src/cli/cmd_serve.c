@@ -11,6 +11,7 @@
 #include "cli/hints.h"
 #include "model/model.h"
 #include "server/server.h"
+#include "util/err.h"
 
 #define DEFAULT_STORE "mem:?capacity=2GiB"
 
@@ -50,6 +51,12 @@ static const char *help =
     "      --kv-type TYPE    f16 (default), f32, q8_0 or q4_0 (53%, 28% of f16's bytes)\n"
     "      --backend B       cpu (default) or cuda (one slot)\n"
     "      --name NAME       the model's id in responses (default: the file name)\n"
+    "      --chat-template NAME  the chat format instead of the model's template's:\n"
+    "                        chatml, llama3, llama2, mistral, mistral-v1, mistral-v3,\n"
+    "                        mistral-tekken, mistral-v7, mistral-v7-tekken, mistral-v11,\n"
+    "                        mistral-v13, zephyr, phi3, phi4, gemma, granite, deepseek\n"
+    "      --chat-template-file FILE  a Jinja chat template to read instead of the\n"
+    "                        model's (its format told by its markers, as the model's)\n"
     "      --max-body BYTES  largest request body (default 8388608); more get 413\n"
     "      --timeout SECONDS close a connection idle this long (default 120); a\n"
     "                        stream waiting for its first token sends a keep-alive\n"
@@ -62,6 +69,8 @@ static const char *help =
 
 typedef struct {
     const char *model, *host, *store, *name, *api_key;
+    const char *chat_template_file; /* NULL: the model's */
+    chat_format chat;               /* CHAT_NONE: as its template says */
     long port, chunk, io_depth, slots, batch, queue, ctx, threads, max_body, timeout,
         request_timeout;
     cake_mode mode;
@@ -71,18 +80,30 @@ typedef struct {
 } serve_opts;
 
 static int parse_args(int argc, char **argv, serve_opts *o) {
-    static const struct option opts[] = {
-        {"model", required_argument, 0, 'm'},    {"host", required_argument, 0, 'H'},
-        {"port", required_argument, 0, 'p'},     {"store", required_argument, 0, 'S'},
-        {"mode", required_argument, 0, 'M'},     {"chunk", required_argument, 0, 'c'},
-        {"io-depth", required_argument, 0, 'I'}, {"slots", required_argument, 0, 's'},
-        {"queue", required_argument, 0, 'q'},    {"ctx", required_argument, 0, 'x'},
-        {"threads", required_argument, 0, 'j'},  {"batch", required_argument, 0, 'T'},
-        {"schedule", required_argument, 0, 'P'}, {"kv-type", required_argument, 0, 'k'},
-        {"backend", required_argument, 0, 'B'},  {"name", required_argument, 0, 'N'},
-        {"max-body", required_argument, 0, 'b'}, {"api-key", required_argument, 0, 'K'},
-        {"timeout", required_argument, 0, 'O'},  {"request-timeout", required_argument, 0, 'W'},
-        {"help", no_argument, 0, 'h'},           {0, 0, 0, 0}};
+    static const struct option opts[] = {{"model", required_argument, 0, 'm'},
+                                         {"host", required_argument, 0, 'H'},
+                                         {"port", required_argument, 0, 'p'},
+                                         {"store", required_argument, 0, 'S'},
+                                         {"mode", required_argument, 0, 'M'},
+                                         {"chunk", required_argument, 0, 'c'},
+                                         {"io-depth", required_argument, 0, 'I'},
+                                         {"slots", required_argument, 0, 's'},
+                                         {"queue", required_argument, 0, 'q'},
+                                         {"ctx", required_argument, 0, 'x'},
+                                         {"threads", required_argument, 0, 'j'},
+                                         {"batch", required_argument, 0, 'T'},
+                                         {"schedule", required_argument, 0, 'P'},
+                                         {"kv-type", required_argument, 0, 'k'},
+                                         {"backend", required_argument, 0, 'B'},
+                                         {"name", required_argument, 0, 'N'},
+                                         {"max-body", required_argument, 0, 'b'},
+                                         {"api-key", required_argument, 0, 'K'},
+                                         {"timeout", required_argument, 0, 'O'},
+                                         {"request-timeout", required_argument, 0, 'W'},
+                                         {"chat-template", required_argument, 0, 'C'},
+                                         {"chat-template-file", required_argument, 0, 'F'},
+                                         {"help", no_argument, 0, 'h'},
+                                         {0, 0, 0, 0}};
     *o = (serve_opts){.host = "127.0.0.1",
                       .store = DEFAULT_STORE,
                       .port = 8080,
@@ -114,6 +135,13 @@ static int parse_args(int argc, char **argv, serve_opts *o) {
             break;
         case 'K':
             o->api_key = optarg;
+            break;
+        case 'C':
+            if (chat_format_parse(optarg, &o->chat))
+                what = "--chat-template is a format's name (cake serve --help)";
+            break;
+        case 'F':
+            o->chat_template_file = optarg;
             break;
         case 'p':
             if (cli_parse_int(optarg, 0, 65535, &o->port)) what = "--port wants 0..65535";
@@ -177,6 +205,9 @@ static int parse_args(int argc, char **argv, serve_opts *o) {
     if (optind < argc)
         return cli_error(CLI_USAGE, "serve", "unexpected argument '%s'", argv[optind]);
     if (!o->model) return cli_error(CLI_USAGE, "serve", "-m MODEL is required");
+    if (o->chat && o->chat_template_file)
+        return cli_error(CLI_USAGE, "serve",
+                         "--chat-template and --chat-template-file: one of them");
     if (!o->slots) o->slots = o->backend == CAKE_BACKEND_CUDA ? 1 : 4;
     if (o->backend == CAKE_BACKEND_CUDA && o->slots != 1)
         return cli_error(CLI_USAGE, "serve", "--backend cuda serves with one slot");
@@ -187,16 +218,47 @@ static int parse_args(int argc, char **argv, serve_opts *o) {
     return 0;
 }
 
-/* What the model's chat template says (else its vocabulary): the format,
- * and what its prompts take from the template (am's chat, default_system,
- * llama3_date, open_thinking, strip_reasoning, dated_system_template; the
- * strings malloc'd, the caller's to free). */
-static void read_chat_template(const cake_model *m, api_model *am) {
+/* What the model's chat template says (else its vocabulary), or the one
+ * o names or reads from a file: the format, and what its prompts take from
+ * the template (am's chat, default_system, llama3_date, open_thinking,
+ * strip_reasoning, dated_system_template; the strings malloc'd, the
+ * caller's to free). A format that cannot write a prompt with the model's
+ * vocabulary (a special token it lacks) is refused when o asks for it;
+ * the model's own gets a warning (its chats answer 400). 0, or -1 with
+ * the reason in err. */
+static int read_chat_template(const cake_model *m, const serve_opts *o, api_model *am, char *err,
+                              size_t errlen) {
     cake_gguf_str s;
     char *tmpl = NULL;
-    if (cake_gguf_get_str(m->gguf, "tokenizer.chat_template", &s, NULL, 0) == 0)
+    size_t len;
+    if (o->chat_template_file) {
+        if (!(tmpl = cli_read_file(o->chat_template_file, &len, err, errlen))) return -1;
+    } else if (!o->chat &&
+               cake_gguf_get_str(m->gguf, "tokenizer.chat_template", &s, NULL, 0) == 0) {
         tmpl = strndup(s.ptr, s.len);
-    const chat_format f = chat_detect(tmpl, cake_model_tokenizer(m));
+    }
+    const cake_tokenizer *tok = cake_model_tokenizer(m);
+    const chat_format f = o->chat ? o->chat : chat_detect(tmpl, tok);
+    if (o->chat_template_file && !f) {
+        free(tmpl);
+        return cake_err(err, errlen,
+                        "--chat-template-file %s: not a template cake knows (its markers: "
+                        "docs/SERVER.md \"Chat formats\"; or name one with --chat-template)",
+                        o->chat_template_file);
+    }
+    const chat_message hi = {.role = "user", .content = "Hi", .content_len = 2};
+    cake_token *ids = NULL, end;
+    int n_ids;
+    char why[256];
+    if (f && chat_prompt(f, tok, &hi, 1, NULL, &ids, &n_ids, &end, why, sizeof(why))) {
+        if (o->chat || o->chat_template_file) {
+            free(tmpl);
+            return cake_err(err, errlen, "chat format %s: %s", chat_format_name(f), why);
+        }
+        fprintf(stderr, "cake serve: warning: chat format %s: %s (chats answer 400)\n",
+                chat_format_name(f), why);
+    }
+    free(ids);
     am->chat = f;
     am->default_system = f == CHAT_CHATML ? chat_default_system(tmpl) : NULL;
     am->llama3_date = f == CHAT_LLAMA3 ? chat_llama3_date(tmpl) : NULL;
@@ -213,6 +275,7 @@ static void read_chat_template(const cake_model *m, api_model *am) {
     }
     free(probe);
     free(tmpl);
+    return 0;
 }
 
 int cmd_serve(int argc, char **argv) {
@@ -267,7 +330,10 @@ int cmd_serve(int argc, char **argv) {
                       .queue_max = (int)o.queue,
                       .kv_type = o.kv_type,
                       .backend = o.backend};
-    read_chat_template(model, &am);
+    if (read_chat_template(model, &o, &am, err, sizeof(err))) {
+        cli_error(CLI_FAIL, "serve", "%s", err);
+        goto done;
+    }
     pc.calls = chat_calls(am.chat);
     if (pool_create(model, &pc, &pool, err, sizeof(err))) {
         cli_error(CLI_FAIL, "serve", "%s", err);

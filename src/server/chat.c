@@ -211,13 +211,23 @@ char *chat_llama3_date(const char *tmpl) {
     return strdup("26 Jul 2024");
 }
 
-const char *chat_format_name(chat_format f) {
-    static const char *names[] = {
+static const char *const format_names[] = {
         "none",       "chatml",      "llama3",         "llama2",     "mistral",
         "zephyr",     "phi3",        "mistral-tekken", "mistral-v7", "phi4",
         "gemma",      "granite",     "mistral-v3",     "deepseek",   "mistral-v7-tekken",
         "mistral-v1", "mistral-v11", "mistral-v13"};
-    return names[f];
+
+const char *chat_format_name(chat_format f) {
+    return format_names[f];
+}
+
+int chat_format_parse(const char *name, chat_format *out) {
+    for (size_t f = 1; f < sizeof(format_names) / sizeof(format_names[0]); f++)
+        if (!strcmp(name, format_names[f])) {
+            *out = (chat_format)f;
+            return 0;
+        }
+    return -1;
 }
 
 /* The prompt as it grows: text is collected until the next special token

@@ -116,6 +116,9 @@ const char *chat_parts_separator(chat_format f);
  * vocabulary's special tokens decide). CHAT_NONE when neither tells. */
 chat_format chat_detect(const char *template_text, const cake_tokenizer *t);
 const char *chat_format_name(chat_format f);
+/* The format named name (as chat_format_name writes it, "none" not one).
+ * 0, or -1 for a name that is not one. */
+int chat_format_parse(const char *name, chat_format *out);
 
 /* The system message a ChatML template writes when the messages have none
  * (Qwen2's "You are a helpful assistant.", Qwen2.5's "You are Qwen, created
