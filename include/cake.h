@@ -26,8 +26,8 @@ typedef struct cake_context cake_context;
 typedef struct cake_tokenizer cake_tokenizer;
 typedef struct cake_sampler cake_sampler;
 
-/* Architecture of a loaded model (GGUF `llama.*`, `qwen2.*`, `qwen3.*`,
- * `qwen3moe.*`, `phi3.*`, `gemma2.*` or `gemma3.*` keys). */
+/* Architecture of a loaded model (GGUF `llama.*`, `mistral3.*`, `qwen2.*`,
+ * `qwen3.*`, `qwen3moe.*`, `phi3.*`, `gemma2.*` or `gemma3.*` keys). */
 typedef struct {
     int n_vocab;
     int n_ctx_train; /* context_length */
@@ -44,9 +44,21 @@ typedef struct {
     float rms_eps;
     float rope_theta;
     float rope_freq_scale; /* 1 / linear scaling factor; 1 = none */
-    /* LongRoPE (Phi-3.5, Phi-3 128K): attention logits are scaled by its
-     * square (llama.cpp scales both q and k by it); 1 = none */
+    /* YaRN (rope.scaling.type yarn: Ministral 3, Qwen's long-context
+     * files): the factor, the original context and the betas that place
+     * the ramp between the pairs kept and those interpolated; factor 0 =
+     * none */
+    float rope_yarn_factor, rope_yarn_beta_fast, rope_yarn_beta_slow;
+    int rope_yarn_orig_ctx;
+    /* LongRoPE (Phi-3.5, Phi-3 128K), and YaRN's magnitude: attention
+     * logits are scaled by its square (llama.cpp scales both q and k by
+     * it); 1 = none */
     float rope_attn_factor;
+    /* Llama 4's attention temperature (Ministral 3): after RoPE, q at
+     * position p is scaled by 1 + attn_temp_scale ln(1 + floor(p /
+     * attn_temp_length)); 0 = none */
+    float attn_temp_scale;
+    int attn_temp_length;
     /* Phi-3 4K models attend over a sliding window of this many positions
      * (the CPU backend applies it; the CUDA backend takes contexts no longer
      * than it, where it masks nothing). 0 = none */

@@ -577,13 +577,33 @@ static void ref_head_norms(double *v, const float *w, int n_heads, int hd, doubl
     for (int h = 0; w && h < n_heads; h++) ref_rmsnorm(v + h * hd, v + h * hd, w, hd, eps);
 }
 
+/* YaRN's parameters (factor 0: none). */
+typedef struct {
+    double factor, orig, beta_fast, beta_slow;
+} ref_yarn;
+
+/* ggml's rope_yarn_corr_dim: the dimension whose pair turns `turns` times
+ * over the original context. */
+static double ref_corr_dim(int n_rot, double orig, double turns, double base) {
+    return n_rot * log(orig / (turns * 2 * M_PI)) / (2 * log(base));
+}
+
 /* Turns each head of x by position pos: pairs (2i, 2i+1), or (i, i + hd/2)
- * when neox. */
-static void ref_rope(double *x, int n_heads, int hd, int n_rot, double pos, double theta,
-                     bool neox) {
+ * when neox; with YaRN, ggml's rope_yarn's angle (the interpolated and the
+ * extrapolated angle mixed by its ramp over the corrected dimensions). */
+static void ref_rope(double *x, int n_heads, int hd, int n_rot, double pos, double theta, bool neox,
+                     const ref_yarn *y) {
     for (int h = 0; h < n_heads; h++)
         for (int i = 0; i < n_rot / 2; i++) {
-            const double a = pos * pow(theta, -2.0 * i / n_rot);
+            double a = pos * pow(theta, -2.0 * i / n_rot);
+            if (y && y->factor) {
+                const double low =
+                    fmax(0, floor(ref_corr_dim(n_rot, y->orig, y->beta_fast, theta)));
+                const double high =
+                    fmin(n_rot - 1, ceil(ref_corr_dim(n_rot, y->orig, y->beta_slow, theta)));
+                const double mix = 1 - fmin(1, fmax(0, (i - low) / fmax(0.001, high - low)));
+                a = a / y->factor * (1 - mix) + a * mix;
+            }
             double *p0 = x + h * hd + (neox ? i : 2 * i), *p1 = neox ? p0 + n_rot / 2 : p0 + 1;
             const double x0 = *p0, x1 = *p1;
             *p0 = x0 * cos(a) - x1 * sin(a);
@@ -633,6 +653,27 @@ static double *reference_logits(const char *path, const cake_token *prompt, int 
     }
     cake_gguf_get_u32(g, KEY("expert_feed_forward_length"), &ffn, err, sizeof(err));
     cake_gguf_get_f32(g, KEY("rope.scaling.attn_factor"), &attn_factor, err, sizeof(err));
+    /* YaRN (transformers' formulas): its ramp in ref_rope, its magnitude on
+     * the scores as LongRoPE's attn_factor; Ministral 3's temperature */
+    ref_yarn yarn = {0, 0, 32, 1};
+    cake_gguf_str scaling = {0};
+    float yarn_factor = 0, log_mul = 0, temperature = 0;
+    uint32_t orig = 0;
+    if (cake_gguf_get_str(g, KEY("rope.scaling.type"), &scaling, err, sizeof(err)) == 0 &&
+        scaling.len == 4 && !memcmp(scaling.ptr, "yarn", 4)) {
+        assert_int_equal(
+            cake_gguf_get_f32(g, KEY("rope.scaling.factor"), &yarn_factor, err, sizeof(err)), 0);
+        assert_int_equal(cake_gguf_get_u32(g, KEY("rope.scaling.original_context_length"), &orig,
+                                           err, sizeof(err)),
+                         0);
+        cake_gguf_get_f32(g, KEY("rope.scaling.yarn_log_multiplier"), &log_mul, err, sizeof(err));
+        yarn.factor = yarn_factor;
+        yarn.orig = orig;
+        const double mscale = 0.1 * log(yarn_factor) + 1;
+        attn_factor = (float)(log_mul ? mscale / (0.1 * log_mul * log(yarn_factor) + 1) : mscale);
+    }
+    cake_gguf_get_f32(g, KEY("attention.temperature_scale"), &temperature, err, sizeof(err));
+    const double temperature_length = orig;
     /* Gemma 3: a window on five layers in six, which turn RoPE at theta
      * 10000 unscaled; the others at the file's base, linearly scaled */
     uint32_t window = 0;
@@ -683,7 +724,7 @@ static double *reference_logits(const char *path, const cake_token *prompt, int 
                        f32_tensor(&w, L, "attn_v.bias"), xn, dim, kvd, w.q8_0);
             ref_head_norms(k + (size_t)t * kvd, f32_tensor(&w, L, "attn_k_norm.weight"), (int)nkv,
                            hd, eps);
-            ref_rope(k + (size_t)t * kvd, (int)nkv, hd, n_rot, t * l_scale, l_theta, neox);
+            ref_rope(k + (size_t)t * kvd, (int)nkv, hd, n_rot, t * l_scale, l_theta, neox, &yarn);
         }
         for (int t = 0; t < n; t++) {
             double *xt = x + (size_t)t * dim;
@@ -691,7 +732,11 @@ static double *reference_logits(const char *path, const cake_token *prompt, int 
             ref_linear(q, f32_tensor(&w, L, "attn_q.weight"), f32_tensor(&w, L, "attn_q.bias"), xn,
                        dim, qd, w.q8_0);
             ref_head_norms(q, f32_tensor(&w, L, "attn_q_norm.weight"), (int)nh, hd, eps);
-            ref_rope(q, (int)nh, hd, n_rot, t * l_scale, l_theta, neox);
+            ref_rope(q, (int)nh, hd, n_rot, t * l_scale, l_theta, neox, &yarn);
+            /* Ministral 3's temperature, after RoPE */
+            const double ts =
+                temperature ? 1 + temperature * log(1 + floor((double)t / temperature_length)) : 1;
+            for (int i = 0; i < qd; i++) q[i] *= ts;
             const int j0 = local && t - (int)window + 1 > 0 ? t - (int)window + 1 : 0;
             for (int h = 0; h < (int)nh; h++) {
                 const int kh = h / (int)(nh / nkv);
@@ -1085,6 +1130,92 @@ static void test_granite(void **state) {
  * (a context longer than original_context) or the short ones (not
  * longer); attn_factor scales the scores by its square (the reference
  * holds the twin with it); a sliding window applies. */
+static void test_phi3(void **state);
+
+/* Ministral 3 (mistral3): llama's layers with YaRN and Llama 4's attention
+ * temperature. A plain mistral3 copy is the llama model; with YaRN and the
+ * temperature (over a context of 32 and from position 32: the fixed
+ * prompt's last positions are scaled) the engine matches the reference,
+ * whose YaRN is written as ggml's rope_yarn (the engine's as
+ * transformers'), with the magnitude 1 (yarn_log_multiplier 1, as
+ * llama.cpp's Ministral 3 files) and without (get_mscale(factor), the plain
+ * YaRN of Qwen's files); each part changes the logits; chunked prefill
+ * gives the same bits. YaRN's frequencies for Ministral 3's own parameters
+ * (theta 1e6, factor 16 over 16384, betas 32 and 1) at a head of 16 are
+ * transformers' formula's, computed apart (Python, float64: low 2, high
+ * 5). */
+static void test_mistral3(void **state) {
+    (void)state;
+    const char *base = make_tiny();
+    char path[96];
+    snprintf(path, sizeof(path), "%s.mistral3", base);
+    cake_hparams hp;
+    cake_model *m = NULL;
+    char err[512];
+    float *plain = first_logits(base, &hp);
+    const size_t bytes = (size_t)hp.n_vocab * sizeof(float);
+    write_variant(base, path, &(test_model_variant){.mistral3 = true});
+    float *same = first_logits(path, &hp);
+    assert_memory_equal(same, plain, bytes);
+    assert_false(hp.rope_neox);
+    const test_model_variant both = {.mistral3 = true,
+                                     .yarn = 4,
+                                     .original_context = 32,
+                                     .yarn_log_mul = 1,
+                                     .temperature = 0.5f};
+    write_variant(base, path, &both);
+    float *full = check_vs_reference(path, "mistral3, YaRN and temperature", &hp);
+    assert_true(hp.rope_yarn_factor == 4 && hp.rope_yarn_orig_ctx == 32);
+    assert_true(hp.rope_attn_factor == 1.0f && hp.attn_temp_scale == 0.5f);
+    assert_int_equal(hp.attn_temp_length, 32);
+    check_file_chunk_invariance(path, 100, 4);
+    test_model_variant v = both;
+    v.temperature = 0;
+    write_variant(base, path, &v);
+    float *yarn_only = check_vs_reference(path, "mistral3, YaRN", &hp);
+    v.yarn_log_mul = 0;
+    write_variant(base, path, &v);
+    float *magnitude = check_vs_reference(path, "mistral3, YaRN's magnitude", &hp);
+    assert_true(fabsf(hp.rope_attn_factor - (float)(0.1 * log(4.0) + 1)) < 1e-6f);
+    assert_int_equal(cake_model_load(path, &m, err, sizeof(err)), 0);
+    assert_cuda_refuses(m, "RoPE scaling's factor");
+    cake_model_free(m);
+    write_variant(base, path, &both);
+    assert_int_equal(cake_model_load(path, &m, err, sizeof(err)), 0);
+    assert_cuda_refuses(m, "attention temperature");
+    cake_model_free(m);
+    assert_memory_not_equal(full, yarn_only, bytes);
+    assert_memory_not_equal(yarn_only, plain, bytes);
+    assert_memory_not_equal(magnitude, yarn_only, bytes);
+
+    static const double want[8] = {1,
+                                   0.17782794100389226,
+                                   0.031622776601683791,
+                                   0.0038660966106836502,
+                                   0.00037500000000000006,
+                                   1.1114246312743267e-05,
+                                   1.9764235376052372e-06,
+                                   3.514633282439682e-07};
+    write_variant(base, path,
+                  &(test_model_variant){.mistral3 = true,
+                                        .yarn = 16,
+                                        .original_context = 16384,
+                                        .yarn_log_mul = 1,
+                                        .rope_base = 1e6f});
+    assert_int_equal(cake_model_load(path, &m, err, sizeof(err)), 0);
+    assert_int_equal(m->hp.rope_dims, 16);
+    for (int i = 0; i < 8; i++)
+        if (fabs(m->rope_freqs[i] - want[i]) > 1e-12 * want[i])
+            fail_msg("pair %d: %.17g, want %.17g", i, m->rope_freqs[i], want[i]);
+    cake_model_free(m);
+    free(plain);
+    free(same);
+    free(full);
+    free(yarn_only);
+    free(magnitude);
+    unlink(path);
+}
+
 static void test_phi3(void **state) {
     SKIP_UNDER_TSAN();
     (void)state;
@@ -2054,6 +2185,7 @@ int main(void) {
         cmocka_unit_test(test_qwen2moe),
         cmocka_unit_test(test_granite),
         cmocka_unit_test(test_phi3),
+        cmocka_unit_test(test_mistral3),
         cmocka_unit_test(test_gemma3),
         cmocka_unit_test(test_gemma2),
         cmocka_unit_test(test_partial_rope),

@@ -328,6 +328,7 @@ int test_write_variant(const char *src, const char *dst, const test_model_varian
     const bool moe = v->qwen2 && v->qk_norm != 0 && n_experts > 0;
     const bool qwen2moe = v->qwen2 && v->shared_expert > 0 && n_experts > 0 && !moe;
     const char *arch = v->granite        ? (n_experts ? "granitemoe" : "granite")
+                       : v->mistral3     ? "mistral3"
                        : !v->qwen2       ? "llama"
                        : v->gemma        ? (v->gemma == 2 ? "gemma2" : "gemma3")
                        : v->phi3         ? "phi3"
@@ -339,8 +340,8 @@ int test_write_variant(const char *src, const char *dst, const test_model_varian
     int rc = w ? 0 : cake_err(err, errlen, "out of memory");
     for (uint64_t i = 0; !rc && i < g->n_kv; i++) {
         const cake_gguf_kv *kv = &g->kv[i];
-        const bool renamed =
-            (v->qwen2 || v->granite) && kv->key.len > 6 && !memcmp(kv->key.ptr, "llama.", 6);
+        const bool renamed = (v->qwen2 || v->granite || v->mistral3) && kv->key.len > 6 &&
+                             !memcmp(kv->key.ptr, "llama.", 6);
         char prefix[16];
         snprintf(prefix, sizeof(prefix), "%s.", arch);
         char *key = renamed ? str_copy(prefix, (cake_gguf_str){kv->key.ptr + 6, kv->key.len - 6})
@@ -406,6 +407,22 @@ int test_write_variant(const char *src, const char *dst, const test_model_varian
         }
     if (!rc && v->chat_template)
         cake_gguf_writer_add_str(w, "tokenizer.chat_template", v->chat_template);
+    if (!rc && v->yarn > 0) {
+        char key[64];
+        snprintf(key, sizeof(key), "%s.rope.scaling.type", arch);
+        cake_gguf_writer_add_str(w, key, "yarn");
+        snprintf(key, sizeof(key), "%s.rope.scaling.factor", arch);
+        cake_gguf_writer_add_f32(w, key, v->yarn);
+        snprintf(key, sizeof(key), "%s.rope.scaling.original_context_length", arch);
+        cake_gguf_writer_add_u32(w, key, v->original_context);
+        snprintf(key, sizeof(key), "%s.rope.scaling.yarn_log_multiplier", arch);
+        if (v->yarn_log_mul > 0) cake_gguf_writer_add_f32(w, key, v->yarn_log_mul);
+    }
+    if (!rc && v->temperature > 0) {
+        char key[64];
+        snprintf(key, sizeof(key), "%s.attention.temperature_scale", arch);
+        cake_gguf_writer_add_f32(w, key, v->temperature);
+    }
     if (!rc && v->linear > 0) {
         char key[64];
         snprintf(key, sizeof(key), "%s.rope.scaling.type", arch);

@@ -109,6 +109,12 @@ typedef struct {
     bool granite;
     float embedding_scale, attention_scale, residual_scale, logit_scale;
     const char *extra_vector; /* NULL, or one more tensor of this name: [dim] F32 zeros */
+    /* not with qwen2: a mistral3 copy (Ministral 3; keys renamed, nothing
+     * else changed), with YaRN of factor yarn (0: none) over the context
+     * original_context and rope.scaling.yarn_log_multiplier yarn_log_mul
+     * (0: absent), and attention.temperature_scale temperature (0: absent) */
+    bool mistral3;
+    float yarn, yarn_log_mul, temperature;
 } test_model_variant;
 
 /* Copies the GGUF at src (a llama model with the key types `cake mkmodel`

@@ -90,9 +90,15 @@ static int cuda_refuses(const cake_hparams *hp, int n_ctx, char *err, size_t err
                         hp->rope_dims, hp->head_dim);
     if (hp->rope_attn_factor != 1.0f)
         return cake_err(err, errlen,
-                        "the CUDA backend does not scale attention by LongRoPE's factor (%g): "
-                        "run this model on the CPU backend",
+                        "the CUDA backend does not scale attention by a RoPE scaling's factor "
+                        "(LongRoPE's, YaRN's: %g): run this model on the CPU backend",
                         hp->rope_attn_factor);
+    if (hp->attn_temp_scale != 0 && n_ctx > hp->attn_temp_length)
+        return cake_err(err, errlen,
+                        "the CUDA backend has no attention temperature: a context of %d tokens "
+                        "is longer than the %d it leaves alone: run the model on the CPU backend, "
+                        "or in a context of at most %d",
+                        n_ctx, hp->attn_temp_length, hp->attn_temp_length);
     if (hp->n_experts)
         return cake_err(err, errlen,
                         "the CUDA backend has no mixture-of-experts layers (this model has %d "

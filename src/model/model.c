@@ -228,6 +228,57 @@ static float *load_norm(const cake_gguf *g, const char *name, int n, char *err, 
     return v;
 }
 
+/* get_mscale of transformers' YaRN: the magnitude that a context `scale`
+ * times longer takes, with its mscale. */
+static double yarn_mscale(double scale, double mscale) {
+    return scale <= 1 ? 1.0 : 0.1 * mscale * log(scale) + 1.0;
+}
+
+/* YaRN's keys (rope.scaling.type yarn) into hp, with factor and the
+ * original context read: the betas (32 and 1 where absent, as
+ * transformers' and llama.cpp's), and the magnitude on the scores
+ * (transformers' attention_factor; as rope_attn_factor): the file's
+ * rope.scaling.yarn_attn_factor, or rope.scaling.attn_factor
+ * (attn_factor_given), else get_mscale(factor, 1) / get_mscale(factor,
+ * mscale_all_dim), the latter as llama.cpp's Ministral 3 files keep it in
+ * rope.scaling.yarn_log_multiplier (1: no scaling), else get_mscale(factor)
+ * (the plain YaRN of Qwen's files). */
+static int read_yarn(const cake_gguf *g, cake_gguf_str arch, float factor, int orig_ctx,
+                     bool attn_factor_given, cake_hparams *hp, char *err, size_t errlen) {
+    char key[96];
+#define KEY(suffix) (snprintf(key, sizeof(key), "%.*s." suffix, (int)arch.len, arch.ptr), key)
+    float ext = 1.0f, log_mul = 0.0f, attn = 0.0f;
+    hp->rope_yarn_factor = factor;
+    hp->rope_yarn_orig_ctx = orig_ctx;
+    if (get_f32_or(g, KEY("rope.scaling.yarn_beta_fast"), 32.0f, &hp->rope_yarn_beta_fast, err,
+                   errlen) ||
+        get_f32_or(g, KEY("rope.scaling.yarn_beta_slow"), 1.0f, &hp->rope_yarn_beta_slow, err,
+                   errlen) ||
+        get_f32_or(g, KEY("rope.scaling.yarn_ext_factor"), 1.0f, &ext, err, errlen) ||
+        get_f32_or(g, KEY("rope.scaling.yarn_log_multiplier"), 0.0f, &log_mul, err, errlen) ||
+        get_f32_or(g, KEY("rope.scaling.yarn_attn_factor"), 0.0f, &attn, err, errlen))
+        return -1;
+    if (!(hp->rope_yarn_beta_fast > 0 && hp->rope_yarn_beta_slow > 0 &&
+          hp->rope_yarn_beta_fast < 1e6f && hp->rope_yarn_beta_slow < 1e6f))
+        return cake_err(err, errlen, "YaRN's betas (%g, %g) must be positive",
+                        hp->rope_yarn_beta_fast, hp->rope_yarn_beta_slow);
+    if (ext != 1.0f) /* (transformers' YaRN has none; llama.cpp's run-time knob) */
+        return cake_err(err, errlen, "YaRN's ext_factor %g is not supported (1 is)", ext);
+    if (!(log_mul >= 0 && log_mul < 100 && attn >= 0 && attn < 100))
+        return cake_err(err, errlen,
+                        "YaRN's log multiplier %g or attention factor %g is out of "
+                        "range",
+                        log_mul, attn);
+#undef KEY
+    if (attn > 0)
+        hp->rope_attn_factor = attn;
+    else if (!attn_factor_given)
+        hp->rope_attn_factor =
+            (float)(log_mul > 0 ? yarn_mscale(factor, 1) / yarn_mscale(factor, log_mul)
+                                : yarn_mscale(factor, 1));
+    return 0;
+}
+
 /* The hyperparameters into hp; *orig_ctx: the context LongRoPE's short
  * factors are for (rope.scaling.original_context_length; n_ctx_train when
  * absent). */
@@ -240,18 +291,21 @@ static int read_hparams(const cake_gguf *g, cake_hparams *hp, int *orig_ctx, cha
     const bool qwen2moe = str_eq(arch, "qwen2moe"), granitemoe = str_eq(arch, "granitemoe"),
                moe_arch = qwen2moe || granitemoe || str_eq(arch, "qwen3moe"),
                granite = granitemoe || str_eq(arch, "granite"), phi3 = str_eq(arch, "phi3"),
-               gemma2 = str_eq(arch, "gemma2"), gemma3 = str_eq(arch, "gemma3");
-    if (!str_eq(arch, "llama") && !str_eq(arch, "qwen2") && !str_eq(arch, "qwen3") && !moe_arch &&
-        !granite && !phi3 && !gemma2 && !gemma3)
+               gemma2 = str_eq(arch, "gemma2"), gemma3 = str_eq(arch, "gemma3"),
+               mistral3 = str_eq(arch, "mistral3"), llama = str_eq(arch, "llama") || mistral3;
+    if (!llama && !str_eq(arch, "qwen2") && !str_eq(arch, "qwen3") && !moe_arch && !granite &&
+        !phi3 && !gemma2 && !gemma3)
         return cake_err(err, errlen,
-                        "architecture '%.*s' is not supported ('llama', 'qwen2', 'qwen3', "
-                        "'qwen2moe', 'qwen3moe', 'granite', 'granitemoe', 'phi3', 'gemma2' and "
-                        "'gemma3' are)",
+                        "architecture '%.*s' is not supported ('llama', 'mistral3', 'qwen2', "
+                        "'qwen3', 'qwen2moe', 'qwen3moe', 'granite', 'granitemoe', 'phi3', "
+                        "'gemma2' and 'gemma3' are)",
                         (int)(arch.len > 64 ? 64 : arch.len), arch.ptr);
     /* qwen2, qwen3 and phi3 files keep the NeoX pairing (llama.cpp's
      * converter permutes only llama's q/k rows); qwen3 adds per-head q/k
      * norms, found by their tensors. */
-    hp->rope_neox = !str_eq(arch, "llama") && !granite; /* (Granite's are permuted as llama's) */
+    /* (Granite's and Ministral 3's (mistral3: llama's layers, with YaRN and
+     * Llama 4's attention temperature) are permuted as llama's) */
+    hp->rope_neox = !llama && !granite;
     /* The keys are named after the architecture: llama.block_count, ... */
     char key[96];
 #define KEY(suffix) (snprintf(key, sizeof(key), "%.*s." suffix, (int)arch.len, arch.ptr), key)
@@ -328,6 +382,18 @@ static int read_hparams(const cake_gguf *g, cake_hparams *hp, int *orig_ctx, cha
         return -1;
     if (!(hp->rope_attn_factor > 0))
         return cake_err(err, errlen, "%s %g must be positive", key, hp->rope_attn_factor);
+    const bool attn_factor_given = cake_gguf_find_kv(g, KEY("rope.scaling.attn_factor")) != NULL;
+    /* Ministral 3's temperature: its length is YaRN's original context
+     * unless the file says (llama.cpp's n_attn_temp_floor_scale) */
+    hp->attn_temp_scale = 0.0f;
+    hp->attn_temp_length = *orig_ctx;
+    if (mistral3 && (get_f32_or(g, KEY("attention.temperature_scale"), 0.0f, &hp->attn_temp_scale,
+                                err, errlen) ||
+                     get_u32_in(g, KEY("attention.temperature_length"), 0, (uint32_t)*orig_ctx, 1,
+                                1u << 30, &hp->attn_temp_length, err, errlen)))
+        return -1;
+    if (!(hp->attn_temp_scale >= 0 && hp->attn_temp_scale < 100))
+        return cake_err(err, errlen, "%s %g must be in [0, 100)", key, hp->attn_temp_scale);
     /* Phi-3's 4K models attend over the last 2047 positions: a query at p
      * sees keys p - 2046 .. p (llama.cpp takes 2047 where older files lack
      * the key; Phi-4 writes 0 for none). A window as long as the context
@@ -376,21 +442,28 @@ static int read_hparams(const cake_gguf *g, cake_hparams *hp, int *orig_ctx, cha
     if (hp->attn_softcap < 0 || hp->logit_softcap < 0)
         return cake_err(err, errlen, "a soft cap must not be negative");
 
-    /* RoPE scaling: none and linear are supported; anything else changes the
-     * positions' meaning and is refused rather than silently ignored. */
+    /* RoPE scaling: none, linear and YaRN are supported; anything else
+     * changes the positions' meaning and is refused rather than silently
+     * ignored. */
     hp->rope_freq_scale = 1.0f;
+    hp->rope_yarn_factor = 0.0f;
     cake_gguf_str scaling;
     rc = cake_gguf_get_str(g, KEY("rope.scaling.type"), &scaling, err, errlen);
     if (rc == -2) return -1;
     if (rc == 0 && !str_eq(scaling, "none")) {
-        if (!str_eq(scaling, "linear"))
+        const bool yarn = str_eq(scaling, "yarn");
+        if (!str_eq(scaling, "linear") && !yarn)
             return cake_err(err, errlen,
-                            "rope scaling type '%.*s' is not supported (none and linear are)",
+                            "rope scaling type '%.*s' is not supported (none, linear and yarn "
+                            "are)",
                             (int)(scaling.len > 32 ? 32 : scaling.len), scaling.ptr);
         float factor = 1.0f;
         if (get_f32_or(g, KEY("rope.scaling.factor"), 1.0f, &factor, err, errlen)) return -1;
-        if (factor < 1.0f) return cake_err(err, errlen, "%s %g must be >= 1", key, factor);
-        hp->rope_freq_scale = 1.0f / factor;
+        if (!(factor >= 1.0f && factor <= 1e6f))
+            return cake_err(err, errlen, "%s %g must be in [1, 1e6]", key, factor);
+        if (yarn && read_yarn(g, arch, factor, *orig_ctx, attn_factor_given, hp, err, errlen))
+            return -1;
+        if (!yarn) hp->rope_freq_scale = 1.0f / factor;
     }
 #undef KEY
     return 0;
@@ -416,6 +489,29 @@ static double *pair_frequencies(int rope_dims, double theta, double scale, const
     return f;
 }
 
+/* YaRN's pair frequencies (transformers' _compute_yarn_parameters): pair
+ * i's theta^(-2i / d) (extrapolated: the fast pairs, which turn more than
+ * beta_fast times over the original context, keep it) blended by a ramp
+ * with it / factor (interpolated: the slow ones, under beta_slow turns);
+ * the ramp's ends floored and ceiled. NULL when out of memory. */
+static double *yarn_frequencies(const cake_hparams *hp) {
+    const int d = hp->rope_dims;
+    const double base = hp->rope_theta, orig = hp->rope_yarn_orig_ctx;
+    /* the pair index that turns `turns` times over the original context */
+    const double lo = floor(d * log(orig / (hp->rope_yarn_beta_fast * 2 * M_PI)) / (2 * log(base)));
+    const double hi = ceil(d * log(orig / (hp->rope_yarn_beta_slow * 2 * M_PI)) / (2 * log(base)));
+    const double low = lo > 0 ? lo : 0, high0 = hi < d - 1 ? hi : d - 1;
+    const double high = high0 == low ? high0 + 0.001 : high0;
+    double *f = malloc((size_t)(d / 2) * sizeof(*f));
+    for (int i = 0; f && i < d / 2; i++) {
+        double ramp = (i - low) / (high - low);
+        ramp = ramp < 0 ? 0 : ramp > 1 ? 1 : ramp;
+        const double extrapolated = pow(base, -2.0 * i / d);
+        f[i] = extrapolated / hp->rope_yarn_factor * ramp + extrapolated * (1 - ramp);
+    }
+    return f;
+}
+
 /* Each RoPE pair's frequency (cake_model.rope_freqs), divided by per-pair
  * factors where the file has them (as llama.cpp's freq_factors): Llama
  * 3.1's rope_freqs.weight, or LongRoPE's (Phi-3.5, Phi-3 128K) pair of
@@ -432,6 +528,13 @@ static double *rope_frequencies(const cake_gguf *g, const cake_hparams *hp, int 
         cake_gguf_find_tensor(g, "rope_factors_short.weight")) {
         *set = hp->n_ctx_train > orig_ctx ? 2 : 1;
         name = *set == 2 ? "rope_factors_long.weight" : "rope_factors_short.weight";
+    }
+    if (hp->rope_yarn_factor) {
+        if (cake_gguf_find_tensor(g, name) || *set)
+            return cake_err(err, errlen, "YaRN and per-pair factors (%s) together", name), NULL;
+        double *f = yarn_frequencies(hp);
+        if (!f) cake_err(err, errlen, "out of memory");
+        return f;
     }
     float *factor = NULL;
     if (cake_gguf_find_tensor(g, name) || *set) {
@@ -853,6 +956,12 @@ static void compute_fingerprint(void) {
     if (m->rope_factor_set || hp->rope_attn_factor != 1.0f) { /* LongRoPE: which factors */
         hash_u64(st, (uint64_t)m->rope_factor_set);
         hash_u64(st, cake_bits_from_f32(hp->rope_attn_factor));
+    }
+    if (hp->rope_yarn_factor) { /* YaRN's frequencies */
+        hash_u64(st, cake_bits_from_f32(hp->rope_yarn_factor));
+        hash_u64(st, (uint64_t)hp->rope_yarn_orig_ctx);
+        hash_u64(st, cake_bits_from_f32(hp->rope_yarn_beta_fast));
+        hash_u64(st, cake_bits_from_f32(hp->rope_yarn_beta_slow));
     }
     if (hp->sliding_window) { /* the windowed layers' keys are not the same */
         hash_u64(st, (uint64_t)hp->sliding_window);

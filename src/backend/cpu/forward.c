@@ -198,6 +198,12 @@ static void rows_task(void *ctx, int task, int tid) {
         const float qs = hp->rope_attn_factor * hp->rope_attn_factor * hp->q_scale;
         if (qs != 1.0f)
             for (size_t i = 0; i < (size_t)nt * q_dim; i++) q[i] *= qs;
+        /* Llama 4's attention temperature (Ministral 3), 1 below its length */
+        for (int t = 0; hp->attn_temp_scale != 0 && t < nt; t++) {
+            const double p = j->pos0 + t0 + t, steps = floor(p / hp->attn_temp_length);
+            const float ts = (float)(log(steps + 1.0) * hp->attn_temp_scale + 1.0);
+            for (size_t i = 0; ts != 1.0f && i < q_dim; i++) q[(size_t)t * q_dim + i] *= ts;
+        }
         store_kv(j->kv, j->layer, k, v, nt, j->pos0 + t0);
         break;
     }
