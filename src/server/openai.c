@@ -684,9 +684,10 @@ static json_schema *tagged_call_schema(const request_tools *rt, const chat_call_
     for (int i = 0; i < rt->n; i++) {
         if (rt->choice == TOOLS_NAMED && i != rt->named) continue;
         char *tag = NULL;
-        failed |= asprintf(&tag, "%s%s%s", with_open ? syntax->open : "", tool_name(rt, i),
-                           syntax->args_tag) < 0;
-        tags[n++] = failed ? NULL : tag;
+        if (asprintf(&tag, "%s%s%s", with_open ? syntax->open : "", tool_name(rt, i),
+                     syntax->args_tag) < 0)
+            tag = NULL, failed = 1;
+        tags[n++] = tag;
     }
     if (failed || json_schema_tagged(out, tags, n)) {
         json_schema_release(out);
