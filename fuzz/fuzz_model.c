@@ -3,7 +3,8 @@
  *
  * Each input describes a tiny model: architecture, layers, heads, KV heads,
  * head size, widths, each tensor's dtype, one tensor's shape or presence
- * spoiled or not, optional biases, q/k norms, RoPE factors and scaling, and
+ * spoiled or not, optional biases, q/k norms, RoPE factors and scaling
+ * (linear, YaRN), Ministral 3's attention temperature, and
  * whether the weights are sane values or any bits (NaN and infinity
  * included), and a prompt. The target writes that model as a GGUF file and loads it. A
  * model the loader refuses must come with a message. A model it accepts must
@@ -199,9 +200,9 @@ static void add_vocab(cake_gguf_writer *w, int n) {
  * reader's own fuzz target covers such files). */
 static int write_model(input *in, cake_token *tokens, int *n_tokens, int *chunk,
                        cake_context_params *p) {
-    static const char *const arch_names[] = {"llama", "qwen2", "qwen3"};
+    static const char *const arch_names[] = {"llama", "qwen2", "qwen3", "mistral3"};
     const unsigned flags = next_byte(in);
-    const char *arch = arch_names[flags % 3];
+    const char *arch = arch_names[flags % 4];
     const bool tied = flags & 0x04, bias = flags & 0x08, rope_factors = flags & 0x10,
                linear = flags & 0x20, qwen3_norms = flags & 0x40, mixed = flags & 0x80;
     const int n_layers = 1 + (int)next_byte(in) % 2;
@@ -287,9 +288,22 @@ static int write_model(input *in, cake_token *tokens, int *n_tokens, int *chunk,
     cake_gguf_writer_add_u32(w, KEY("rope.dimension_count"), (uint32_t)head_dim);
     cake_gguf_writer_add_f32(w, KEY("rope.freq_base"), values & 1 ? 1e6f : 1e4f);
     cake_gguf_writer_add_f32(w, KEY("attention.layer_norm_rms_epsilon"), 1e-5f);
-    if (linear) {
-        cake_gguf_writer_add_str(w, KEY("rope.scaling.type"), "linear");
+    if (linear) { /* (or YaRN, over a short original context, with or without its magnitude) */
+        const bool yarn = values & 2;
+        cake_gguf_writer_add_str(w, KEY("rope.scaling.type"), yarn ? "yarn" : "linear");
         cake_gguf_writer_add_f32(w, KEY("rope.scaling.factor"), 1.0f + (float)(values % 8));
+        if (yarn)
+            cake_gguf_writer_add_u32(w, KEY("rope.scaling.original_context_length"),
+                                     1 + values % 64);
+        if (yarn && values & 4)
+            cake_gguf_writer_add_f32(w, KEY("rope.scaling.yarn_log_multiplier"),
+                                     0.5f * (float)(values >> 3 & 3));
+    }
+    if (!strcmp(arch, "mistral3") &&
+        values & 8) { /* Ministral 3's temperature, from position 1-3 */
+        cake_gguf_writer_add_f32(w, KEY("attention.temperature_scale"),
+                                 0.1f * (float)(1 + values % 4));
+        cake_gguf_writer_add_u32(w, KEY("attention.temperature_length"), 1 + values % 3);
     }
 #undef KEY
     add_vocab(w, n_vocab);
