@@ -3925,6 +3925,61 @@ static void test_reasoning(void **state) {
     cake_tokenizer_free(t);
 }
 
+/* Mistral's reasoning tags (Magistral, Ministral 3 Reasoning): [THINK] and
+ * [/THINK], control tokens (the tiny model's last two, its template
+ * Mistral's), read as <think> is, whole and streamed; served, the answer
+ * prints them as their text (a logit bias opens it with [THINK]: the answer
+ * [THINK][THINK] is all reasoning), and so do its logprobs. */
+static void test_reasoning_brackets(void **state) {
+    (void)state;
+    static const char *const specials[] = {"[INST]", "[/INST]", "[THINK]", "[/THINK]", NULL};
+    char path[64];
+    tiny_variant(&(test_model_variant){.chat_template = "{{ '[INST] ' + m + ' [/INST]' }}",
+                                       .special_tokens = specials},
+                 path);
+    cake_model *model = NULL;
+    char err[256];
+    assert_int_equal(cake_model_load(path, &model, err, sizeof(err)), 0);
+    api_model m = {.tok = cake_model_tokenizer(model),
+                   .n_vocab = cake_model_hparams(model)->n_vocab,
+                   .n_ctx = 4096,
+                   .chat = CHAT_MISTRAL_V1,
+                   .name = "t"};
+    const char *body = "{\"messages\":[{\"role\":\"user\",\"content\":\"Weather?\"}]}";
+    api_shape shape;
+    serve_job *j = answered(body, &m, &shape, "[THINK]It is Paris.[/THINK]\nSunny.");
+    assert_true(j->reasoning && j->think_brackets);
+    char *r = api_response(&shape, &j, 1, "chatcmpl-1", 1, "t");
+    cJSON *o = cJSON_Parse(r);
+    assert_string_equal(str_at(o, "choices.0.message.reasoning_content"), "It is Paris.");
+    assert_string_equal(str_at(o, "choices.0.message.content"), "Sunny.");
+    cJSON_Delete(o);
+    free(r);
+    job_release(j);
+    static const char *pieces[] = {"[TH", "INK]It is", " Paris.[/TH", "INK]Sun", "ny.", NULL};
+    char reasoning[128], content[128];
+    assert_int_equal(api_parse(body, strlen(body), 1, &m, &j, &shape, err, sizeof(err)), 0);
+    stream_pieces(j, pieces, reasoning, content);
+    assert_string_equal(reasoning, "It is Paris.");
+    assert_string_equal(content, "Sunny.");
+    job_release(j);
+    cake_model_free(model);
+
+    t_server s;
+    assert_int_equal(serve_start(&s, path, "--store", "none", NULL), 0);
+    char req[512];
+    snprintf(req, sizeof(req),
+             "{\"messages\":[{\"role\":\"user\",\"content\":\"Hi\"}],\"logit_bias\":{\"%d\":100},"
+             "\"max_tokens\":2,\"logprobs\":true}",
+             32000 - 4 + 2);
+    o = post_ok(s.port, "/v1/chat/completions", "%s", req);
+    assert_string_equal(str_at(o, "choices.0.message.reasoning_content"), "[THINK]");
+    assert_string_equal(str_at(o, "choices.0.logprobs.content.0.token"), "[THINK]");
+    cJSON_Delete(o);
+    assert_int_equal(serve_stop(&s), 0);
+    unlink(path);
+}
+
 int main(void) {
     /* clang-format off */
     const struct CMUnitTest tests[] = {
@@ -3933,6 +3988,7 @@ int main(void) {
         cmocka_unit_test(test_tools),
         cmocka_unit_test(test_tools_served),
         cmocka_unit_test(test_reasoning),
+        cmocka_unit_test(test_reasoning_brackets),
         cmocka_unit_test(test_usage_errors),
         cmocka_unit_test(test_chat_template_option),
         cmocka_unit_test(test_api_key),

@@ -212,10 +212,10 @@ char *chat_llama3_date(const char *tmpl) {
 }
 
 static const char *const format_names[] = {
-        "none",       "chatml",      "llama3",         "llama2",     "mistral",
-        "zephyr",     "phi3",        "mistral-tekken", "mistral-v7", "phi4",
-        "gemma",      "granite",     "mistral-v3",     "deepseek",   "mistral-v7-tekken",
-        "mistral-v1", "mistral-v11", "mistral-v13"};
+    "none",       "chatml",      "llama3",         "llama2",     "mistral",
+    "zephyr",     "phi3",        "mistral-tekken", "mistral-v7", "phi4",
+    "gemma",      "granite",     "mistral-v3",     "deepseek",   "mistral-v7-tekken",
+    "mistral-v1", "mistral-v11", "mistral-v13"};
 
 const char *chat_format_name(chat_format f) {
     return format_names[f];
@@ -411,17 +411,22 @@ const char *chat_parts_separator(chat_format f) {
                                                                                          : "";
 }
 
+int chat_silent_tokens(const cake_tokenizer *t, const char *const *texts, int n, cake_token *ids,
+                       const char **out) {
+    int k = 0;
+    for (int i = 0; i < n; i++) {
+        const cake_token id = texts[i] ? cake_tokenizer_find(t, texts[i], strlen(texts[i])) : -1;
+        if (id >= 0 && cake_token_to_piece(t, -1, id, NULL, 0) == 0)
+            ids[k] = id, out[k++] = texts[i];
+    }
+    return k;
+}
+
 int chat_silent_tags(const chat_call_syntax *c, const cake_tokenizer *t, cake_token *ids,
                      const char **texts) {
-    const char *tags[CHAT_CALL_TAGS] = {c ? c->open : NULL, c ? c->args_tag : NULL,
-                                        c ? c->id_tag : NULL};
-    int n = 0;
-    for (int k = 0; k < CHAT_CALL_TAGS; k++) {
-        const cake_token id = tags[k] ? cake_tokenizer_find(t, tags[k], strlen(tags[k])) : -1;
-        if (id >= 0 && cake_token_to_piece(t, -1, id, NULL, 0) == 0)
-            ids[n] = id, texts[n++] = tags[k];
-    }
-    return n;
+    const char *const tags[CHAT_CALL_TAGS] = {c ? c->open : NULL, c ? c->args_tag : NULL,
+                                              c ? c->id_tag : NULL};
+    return chat_silent_tokens(t, tags, CHAT_CALL_TAGS, ids, texts);
 }
 
 /* A call as the format writes it, {"name": ..., ARGS: {...}}, between its

@@ -106,6 +106,10 @@ const chat_call_syntax *chat_calls(chat_format f);
 #define CHAT_CALL_TAGS 3
 int chat_silent_tags(const chat_call_syntax *c, const cake_tokenizer *t, cake_token *ids,
                      const char **texts);
+/* Of texts[0..n) (NULL ones skipped), those that are control tokens of t,
+ * which print nothing: their ids and texts; how many. */
+int chat_silent_tokens(const cake_tokenizer *t, const char *const *texts, int n, cake_token *ids,
+                       const char **out);
 
 /* What joins a message's text parts (OpenAI's content as a list): "\n\n"
  * in Mistral's later formats (v7-tekken, v11, v13: mistral-common's

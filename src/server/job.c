@@ -47,6 +47,7 @@ serve_job *job_clone_prompt(const serve_job *j, int choice, cake_token *prompt, 
     c->json = j->json;
     c->call_format = j->call_format;
     c->reasoning = j->reasoning;
+    c->think_brackets = j->think_brackets;
     if (j->cache_salt) ok &= (c->cache_salt = strdup(j->cache_salt)) != NULL;
     if (j->tool_names) {
         size_t len = 0;
@@ -213,22 +214,38 @@ static long find_stop(const serve_job *j, size_t from, size_t *hold) {
     return first;
 }
 
-static const char think_open[] = "<think>", think_close[] = "</think>";
+/* The reasoning's tags of j. */
+static const char *think_open(const serve_job *j) {
+    return j->think_brackets ? "[THINK]" : "<think>";
+}
+
+static const char *think_close(const serve_job *j) {
+    return j->think_brackets ? "[/THINK]" : "</think>";
+}
 
 bool job_reasoning(const serve_job *j, size_t *r0, size_t *r1, size_t *c0) {
-    const char *text = j->text ? j->text : "";
+    const char *text = j->text ? j->text : "", *open = think_open(j), *close = think_close(j);
     *r0 = *r1 = *c0 = 0;
-    const size_t i = skip_space(text, 0, j->len), ol = sizeof(think_open) - 1;
+    const size_t i = skip_space(text, 0, j->len), ol = strlen(open), cl = strlen(close);
     if (j->reasoning == JOB_THINKING)
         *r0 = 0; /* (opened by the prompt) */
-    else if (!j->reasoning || j->len - i < ol || memcmp(text + i, think_open, ol))
+    else if (!j->reasoning || j->len - i < ol || memcmp(text + i, open, ol))
         return false;
     else
         *r0 = i + ol;
-    const char *end = memmem(text + *r0, j->len - *r0, think_close, sizeof(think_close) - 1);
+    const char *end = memmem(text + *r0, j->len - *r0, close, cl);
     *r1 = end ? (size_t)(end - text) : j->len;
-    *c0 = end ? skip_space(text, *r1 + sizeof(think_close) - 1, j->len) : j->len;
+    *c0 = end ? skip_space(text, *r1 + cl, j->len) : j->len;
     return true;
+}
+
+int job_printed_tags(const serve_job *j, const cake_tokenizer *t, cake_token *ids,
+                     const char **texts) {
+    const chat_call_syntax *c = j->call_format ? chat_calls(j->call_format) : NULL;
+    const char *const tags[JOB_PRINTED_TAGS] = {
+        c ? c->open : NULL, c ? c->args_tag : NULL, c ? c->id_tag : NULL,
+        j->reasoning ? think_open(j) : NULL, j->reasoning ? think_close(j) : NULL};
+    return chat_silent_tokens(t, tags, JOB_PRINTED_TAGS, ids, texts);
 }
 
 /* Where the text may begin a tool call (held back from streams until the
@@ -257,9 +274,10 @@ static size_t think_start(const serve_job *j, bool more_may_come) {
     size_t r0, r1, c0;
     if (!job_reasoning(j, &r0, &r1, &c0)) { /* not opened: white space and a part of the tag? */
         const size_t i = skip_space(j->text, 0, j->len), rest = j->len - i;
-        return rest < sizeof(think_open) - 1 && !memcmp(j->text + i, think_open, rest) ? 0 : j->len;
+        const char *open = think_open(j);
+        return rest < strlen(open) && !memcmp(j->text + i, open, rest) ? 0 : j->len;
     }
-    return r1 < j->len ? j->len : j->len - tag_part_at_end(j->text, j->len, think_close);
+    return r1 < j->len ? j->len : j->len - tag_part_at_end(j->text, j->len, think_close(j));
 }
 
 /* `ready` held back from where a tool call may begin, and, with tools,

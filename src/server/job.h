@@ -85,8 +85,11 @@ struct serve_job {
      * opens with <think>...</think> gives that as reasoning_content; the tag
      * and what may be its start are held back from streams. JOB_THINKING:
      * the prompt opened <think> (DeepSeek-R1's and QwQ's templates), so the
-     * answer begins inside it. */
+     * answer begins inside it. think_brackets: the tags are Mistral's
+     * [THINK] and [/THINK] (Magistral, Ministral 3 Reasoning), control
+     * tokens that the answer prints as their text. */
     int reasoning;
+    bool think_brackets;
     /* vLLM's cache_salt (owned; NULL: none): the prompt's KV is shared, in
      * the store and in the slots' caches, only with requests of the same
      * salt (store/key.h). */
@@ -159,6 +162,14 @@ size_t trim_space_back(const char *text, size_t end);
  * or the end so far, and where the rest begins (*c0, white space skipped).
  * false (all 0) when there is none. Under the job's lock. */
 bool job_reasoning(const serve_job *j, size_t *r0, size_t *r1, size_t *c0);
+
+/* The tags j's answer prints as their text where they are control tokens
+ * of t, which print nothing (chat_silent_tokens): its tool calls' (Mistral's
+ * [TOOL_CALLS], [ARGS]), its reasoning's ([THINK], [/THINK]). Their ids
+ * and texts, at most JOB_PRINTED_TAGS; how many. */
+#define JOB_PRINTED_TAGS 5
+int job_printed_tags(const serve_job *j, const cake_tokenizer *t, cake_token *ids,
+                     const char **texts);
 /* Sets how the job ended (error: why it failed, or NULL; whether it was
  * cancelled), and makes the text held back for stop strings final. */
 void job_settle(serve_job *j, const char *error);

@@ -1083,9 +1083,13 @@ int api_parse(const char *body, size_t len, int chat, const api_model *m, serve_
                                         .repetition_penalty = repetition,
                                         .repeat_last_n = repeat_last_n};
     j->end_of_turn = eot;
-    /* a thinking model's chat: its reasoning is read apart */
-    const cake_token think = cake_tokenizer_find(m->tok, "<think>", 7);
+    /* a thinking model's chat: its reasoning is read apart (<think>, or
+     * Mistral's [THINK]) */
+    cake_token think = cake_tokenizer_find(m->tok, "<think>", 7);
     j->reasoning = chat && think >= 0 && cake_tokenizer_find(m->tok, "</think>", 8) >= 0;
+    if (chat && !j->reasoning && (think = cake_tokenizer_find(m->tok, "[THINK]", 7)) >= 0 &&
+        cake_tokenizer_find(m->tok, "[/THINK]", 8) >= 0)
+        j->reasoning = j->think_brackets = true;
     if (j->reasoning && opens_thinking(m->tok, j->prompt, j->n_prompt, think))
         j->reasoning = JOB_THINKING; /* (the answer begins inside it) */
     j->ignore_eos = ignore_eos;
@@ -1226,14 +1230,14 @@ static char *piece_of(const cake_tokenizer *tok, cake_token prev, cake_token id,
     return p;
 }
 
-/* An answer's token id as the job printed it (pool.c): a tool request's
- * silent call tags (Mistral's [TOOL_CALLS]) as their text, else piece_of. */
+/* An answer's token id as the job printed it (pool.c): the silent tags of
+ * its calls and reasoning (Mistral's [TOOL_CALLS], [THINK]) as their text,
+ * else piece_of. */
 static char *answer_piece(const api_shape *s, const serve_job *j, cake_token prev, cake_token id,
                           int *len) {
-    cake_token ids[CHAT_CALL_TAGS];
-    const char *texts[CHAT_CALL_TAGS];
-    const int n =
-        j->call_format ? chat_silent_tags(chat_calls(j->call_format), s->tok, ids, texts) : 0;
+    cake_token ids[JOB_PRINTED_TAGS];
+    const char *texts[JOB_PRINTED_TAGS];
+    const int n = job_printed_tags(j, s->tok, ids, texts);
     for (int k = 0; k < n; k++)
         if (id == ids[k]) {
             *len = (int)strlen(texts[k]);

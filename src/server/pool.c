@@ -17,10 +17,10 @@ typedef struct {
     serve_job *job;
     const cake_tokenizer *tok;
     cake_token eos;
-    /* printed as call_tags[k] (chat_silent_tags of pool_config's calls) */
-    const cake_token *call_tokens;
-    const char *const *call_tags;
-    int n_call_tags;
+    /* printed as tags[k] (job_printed_tags) */
+    cake_token tag_ids[JOB_PRINTED_TAGS];
+    const char *tags[JOB_PRINTED_TAGS];
+    int n_tags;
     job_logprob next; /* the next token's, when the job asks (on_logits, then on_token) */
     uint64_t last_token_ns;
     pool_histogram gaps; /* between its tokens, for /metrics */
@@ -98,8 +98,8 @@ static int on_token(cake_token id, void *ud) {
     } else {
         char buf[256], *piece = buf;
         const char *tag = NULL;
-        for (int k = 0; k < s->n_call_tags; k++)
-            if (id == s->call_tokens[k]) tag = s->call_tags[k];
+        for (int k = 0; k < s->n_tags; k++)
+            if (id == s->tag_ids[k]) tag = s->tags[k];
         if (tag)
             n = snprintf(buf, sizeof(buf), "%s", tag);
         else
@@ -388,12 +388,8 @@ static void run_job(slot *s, serve_job *j) {
                                               ? s->n_cached / p->cfg.chunk * p->cfg.chunk
                                               : s->n_cached,
                               .cache_salt = j->cache_salt};
-    token_sink sink = {.job = j,
-                       .tok = tok,
-                       .eos = cake_tokenizer_eos(tok),
-                       .call_tokens = p->call_tokens,
-                       .call_tags = p->call_tags,
-                       .n_call_tags = j->call_format ? p->n_call_tags : 0};
+    token_sink sink = {.job = j, .tok = tok, .eos = cake_tokenizer_eos(tok), .n_tags = 0};
+    sink.n_tags = job_printed_tags(j, tok, sink.tag_ids, sink.tags);
     sched_ticket ticket = {p->sched, s->order, &j->cancel};
     cake_request req = {
         .prompt = j->prompt,
