@@ -292,6 +292,8 @@ static void fuzz_text(const uint8_t *data, size_t size) {
     if (j->call_format == CHAT_MISTRAL_V3 && data[0] >> 6 & 1) j->call_format = CHAT_MISTRAL_V11;
     /* bit 4: <think> and its end held back (with bit 7: opened by the prompt) */
     j->reasoning = data[0] >> 4 & 1 ? (data[0] >> 7 ? JOB_THINKING : 1) : 0;
+    /* (with v11's calls, Magistral's [THINK] tags) */
+    j->think_brackets = j->reasoning && j->call_format == CHAT_MISTRAL_V11;
     /* bit 5: min_tokens 1..4 (bits 6-7): stop strings not read in the
      * first pieces (each piece is a token, counted as the pool counts) */
     j->min_tokens = data[0] >> 5 & 1 ? (data[0] >> 6) + 1 : 0;

@@ -393,7 +393,8 @@ static int read_hparams(const cake_gguf *g, cake_hparams *hp, int *orig_ctx, cha
                                 1u << 30, &hp->attn_temp_length, err, errlen)))
         return -1;
     if (!(hp->attn_temp_scale >= 0 && hp->attn_temp_scale < 100))
-        return cake_err(err, errlen, "%s %g must be in [0, 100)", key, hp->attn_temp_scale);
+        return cake_err(err, errlen, "attention.temperature_scale %g must be in [0, 100)",
+                        hp->attn_temp_scale);
     /* Phi-3's 4K models attend over the last 2047 positions: a query at p
      * sees keys p - 2046 .. p (llama.cpp takes 2047 where older files lack
      * the key; Phi-4 writes 0 for none). A window as long as the context
