@@ -1208,6 +1208,10 @@ static void test_mistral3(void **state) {
         if (fabs(m->rope_freqs[i] - want[i]) > 1e-12 * want[i])
             fail_msg("pair %d: %.17g, want %.17g", i, m->rope_freqs[i], want[i]);
     cake_model_free(m);
+    /* a magnitude that would overflow q: refused, by its key's name */
+    write_variant(base, path, &(test_model_variant){.mistral3 = true, .attn_factor = 1e30f});
+    assert_int_equal(cake_model_load(path, &m, err, sizeof(err)), -1);
+    assert_non_null(strstr(err, "rope.scaling.attn_factor"));
     free(plain);
     free(same);
     free(full);

@@ -2975,6 +2975,16 @@ static void test_chat_default_system(void **state) {
     sys = chat_dated_default_system("{%- set default_system_message = \"A\\\nB\" %}", day);
     assert_string_equal(sys, "A\nB");
     free(sys);
+    /* a long one (templates' literals are not capped) */
+    char *long_tmpl = malloc(9100), *long_sys;
+    static const char head[] = "{%- set default_system_message = \"";
+    strcpy(long_tmpl, head);
+    memset(long_tmpl + sizeof(head) - 1, 'A', 9000);
+    strcpy(long_tmpl + sizeof(head) - 1 + 9000, "\" %}");
+    assert_non_null(long_sys = chat_dated_default_system(long_tmpl, day));
+    assert_int_equal(strlen(long_sys), 9000);
+    free(long_sys);
+    free(long_tmpl);
     /* Ministral 3's: {today} and {yesterday} in one literal */
     sys = chat_dated_default_system("{%- set default_system_message = 'You are Ministral.\\nThe "
                                     "current date is {today}.\\n(\"yesterday\" is {yesterday}), "

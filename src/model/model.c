@@ -380,8 +380,9 @@ static int read_hparams(const cake_gguf *g, cake_hparams *hp, int *orig_ctx, cha
         get_u32_in(g, KEY("rope.scaling.original_context_length"), 0, (uint32_t)hp->n_ctx_train, 1,
                    1 << 24, orig_ctx, err, errlen))
         return -1;
-    if (!(hp->rope_attn_factor > 0))
-        return cake_err(err, errlen, "%s %g must be positive", key, hp->rope_attn_factor);
+    if (!(hp->rope_attn_factor > 0 && hp->rope_attn_factor < 100)) /* (squared onto q) */
+        return cake_err(err, errlen, "rope.scaling.attn_factor %g must be in (0, 100)",
+                        hp->rope_attn_factor);
     const bool attn_factor_given = cake_gguf_find_kv(g, KEY("rope.scaling.attn_factor")) != NULL;
     /* Ministral 3's temperature: its length is YaRN's original context
      * unless the file says (llama.cpp's n_attn_temp_floor_scale) */

@@ -133,7 +133,8 @@ static char *fill_days(const char *text, time_t now) {
 char *chat_dated_default_system(const char *tmpl, time_t now) {
     const char *at = tmpl ? strstr(tmpl, "set default_system_message") : NULL;
     if (!at || !(at = strchr(at, '='))) return NULL;
-    size_t cap = 8192, len = 0;
+    /* (the literals are the template's text; the days a few bytes each) */
+    size_t cap = strlen(tmpl) + 4096, len = 0;
     char *out = malloc(cap);
     if (!out) return NULL;
     for (const char *p = at + 1;;) {
