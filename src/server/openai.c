@@ -639,48 +639,77 @@ static int tools_asked(const cJSON *o, int chat, request_tools *rt, char *err, s
     return 0;
 }
 
+/* A function's parameters as a schema: a copy, or for NULL any object. */
+static cJSON *params_schema(const cJSON *params) {
+    if (params) return cJSON_Duplicate(params, 1);
+    cJSON *any = cJSON_CreateObject();
+    cJSON_AddStringToObject(any, "type", "object");
+    return any;
+}
+
 /* {"name": <name>, ARGS: <params>} as a schema (params NULL: any object). */
 static cJSON *call_object(const char *name, const char *args, const cJSON *params) {
     cJSON *o = cJSON_CreateObject(), *props;
     cJSON_AddStringToObject(o, "type", "object");
     props = cJSON_AddObjectToObject(o, "properties");
     cJSON_AddStringToObject(cJSON_AddObjectToObject(props, "name"), "const", name);
-    if (params)
-        cJSON_AddItemToObject(props, args, cJSON_Duplicate(params, 1));
-    else
-        cJSON_AddStringToObject(cJSON_AddObjectToObject(props, args), "type", "object");
+    cJSON_AddItemToObject(props, args, params_schema(params));
     cJSON *req = cJSON_AddArrayToObject(o, "required");
     cJSON_AddItemToArray(req, cJSON_CreateString("name"));
     cJSON_AddItemToArray(req, cJSON_CreateString(args));
     return o;
 }
 
-/* Mistral v11's and v13's calls: the opening tag (with_open), a function's
- * name, the args tag, then its arguments, of its parameters as call_schema
- * takes them. */
-static json_schema *tagged_call_schema(const request_tools *rt, const chat_call_syntax *syntax,
-                                       int with_open, char *err, size_t errlen) {
-    json_schema *out = NULL;
-    const char *tags[128];
-    int n = 0;
-    for (int exact = 1; exact >= 0 && !out; exact--) {
-        cJSON *tuple = cJSON_CreateObject(), *items = cJSON_AddArrayToObject(tuple, "prefixItems");
-        int strict = 0;
-        for (int i = 0; i < rt->n; i++) {
-            if (rt->choice == TOOLS_NAMED && i != rt->named) continue;
-            const cJSON *f = tool_function(rt, i), *params = field(f, "parameters");
-            strict |= cJSON_IsTrue(field(f, "strict"));
-            cJSON *any = cJSON_CreateObject();
-            cJSON_AddStringToObject(any, "type", "object");
-            cJSON_AddItemToArray(items, exact && params ? cJSON_Duplicate(params, 1) : any);
-            if (exact && params) cJSON_Delete(any);
-        }
-        char why[200];
-        out = json_schema_compile(tuple, why, sizeof(why));
-        cJSON_Delete(tuple);
-        if (!out && (!exact || strict)) return cake_err(err, errlen, "'tools': %s", why), NULL;
+/* The schema of a call as the format writes it (call_schema): {"name":
+ * ..., ARGS: {...}} (an anyOf of the functions' calls, told apart by their
+ * name, unless one is named; the format's list of them), or for Mistral
+ * v11's and v13's name[ARGS]{...} a tuple of the functions' arguments
+ * (json_schema_tagged's input); the arguments of the functions' parameters
+ * where exact, else any object. *strict: a function is strict. */
+static cJSON *calls_json(const request_tools *rt, const chat_call_syntax *syntax, int with_open,
+                         int exact, int *strict) {
+    cJSON *calls = cJSON_CreateArray();
+    *strict = 0;
+    for (int i = 0; i < rt->n; i++) {
+        if (rt->choice == TOOLS_NAMED && i != rt->named) continue;
+        const cJSON *f = tool_function(rt, i), *params = exact ? field(f, "parameters") : NULL;
+        *strict |= cJSON_IsTrue(field(f, "strict"));
+        cJSON_AddItemToArray(calls, syntax->args_tag
+                                        ? params_schema(params)
+                                        : call_object(tool_name(rt, i), syntax->args, params));
     }
-    int failed = 0;
+    cJSON *sch;
+    if (syntax->args_tag) {
+        sch = cJSON_CreateObject();
+        cJSON_AddItemToObject(sch, "prefixItems", calls);
+    } else if (cJSON_GetArraySize(calls) == 1) {
+        sch = cJSON_DetachItemFromArray(calls, 0);
+        cJSON_Delete(calls);
+    } else {
+        sch = cJSON_CreateObject();
+        cJSON_AddItemToObject(sch, "anyOf", calls);
+    }
+    if (syntax->list) { /* a list of calls: one when the answer must be a call */
+        cJSON *list = cJSON_CreateObject();
+        cJSON_AddStringToObject(list, "type", "array");
+        cJSON_AddItemToObject(list, "items", sch);
+        cJSON_AddNumberToObject(list, "minItems", 1);
+        if (with_open) cJSON_AddNumberToObject(list, "maxItems", 1);
+        sch = list;
+    }
+    return sch;
+}
+
+/* s, compiled from calls_json, with the format's tags: between them (the
+ * opening one only with_open; the newlines around the JSON are white space
+ * to it), or each function's arguments after its name and args tag
+ * (Mistral v11, v13). 0, or -1 on out of memory. */
+static int add_call_tags(json_schema *s, const request_tools *rt, const chat_call_syntax *syntax,
+                         int with_open) {
+    if (!syntax->args_tag)
+        return json_schema_between(s, with_open ? syntax->open : "", syntax->close);
+    const char *tags[128];
+    int n = 0, failed = 0;
     for (int i = 0; i < rt->n; i++) {
         if (rt->choice == TOOLS_NAMED && i != rt->named) continue;
         char *tag = NULL;
@@ -689,61 +718,27 @@ static json_schema *tagged_call_schema(const request_tools *rt, const chat_call_
             tag = NULL, failed = 1;
         tags[n++] = tag;
     }
-    if (failed || json_schema_tagged(out, tags, n)) {
-        json_schema_release(out);
-        out = NULL;
-        cake_err(err, errlen, "out of memory");
-    }
+    failed = failed || json_schema_tagged(s, tags, n);
     for (int i = 0; i < n; i++) free((char *)tags[i]);
-    return out;
+    return failed ? -1 : 0;
 }
 
-/* What a call must be: between the format's tags (with_open: the opening
- * one too; else it has been written, tool_choice auto), {"name": ...,
- * ARGS: {...}}, its arguments of the function's parameters (an anyOf of the
- * functions' calls, told apart by their name, unless one is named). Where cake cannot enforce some
- * parameters' schema, the arguments are any object, unless a function is
- * strict (then NULL with err). */
+/* What a call must be: calls_json between the format's tags (with_open: the
+ * opening one too; else it has been written, tool_choice auto). Where cake
+ * cannot enforce some parameters' schema, the arguments are any object,
+ * unless a function is strict (then NULL with err). */
 static json_schema *call_schema(const request_tools *rt, const chat_call_syntax *syntax,
                                 int with_open, char *err, size_t errlen) {
-    if (syntax->args_tag) return tagged_call_schema(rt, syntax, with_open, err, errlen);
     json_schema *out = NULL;
     for (int exact = 1; exact >= 0 && !out; exact--) {
-        cJSON *calls = cJSON_CreateArray();
-        int strict = 0;
-        for (int i = 0; i < rt->n; i++) {
-            if (rt->choice == TOOLS_NAMED && i != rt->named) continue;
-            const cJSON *f = tool_function(rt, i);
-            strict |= cJSON_IsTrue(field(f, "strict"));
-            cJSON_AddItemToArray(calls, call_object(tool_name(rt, i), syntax->args,
-                                                    exact ? field(f, "parameters") : NULL));
-        }
-        cJSON *sch = calls;
-        if (cJSON_GetArraySize(calls) == 1) {
-            sch = cJSON_DetachItemFromArray(calls, 0);
-            cJSON_Delete(calls);
-        } else {
-            sch = cJSON_CreateObject();
-            cJSON_AddItemToObject(sch, "anyOf", calls);
-        }
-        if (syntax->list) { /* a list of calls: one when the answer must be a call */
-            cJSON *list = cJSON_CreateObject();
-            cJSON_AddStringToObject(list, "type", "array");
-            cJSON_AddItemToObject(list, "items", sch);
-            cJSON_AddNumberToObject(list, "minItems", 1);
-            if (with_open) cJSON_AddNumberToObject(list, "maxItems", 1);
-            sch = list;
-        }
+        int strict;
+        cJSON *sch = calls_json(rt, syntax, with_open, exact, &strict);
         char why[200];
         out = json_schema_compile(sch, why, sizeof(why));
         cJSON_Delete(sch);
-        if (!out && (!exact || strict)) {
-            cake_err(err, errlen, "'tools': %s", why);
-            break;
-        }
+        if (!out && (!exact || strict)) return cake_err(err, errlen, "'tools': %s", why), NULL;
     }
-    /* (the tags alone: the newlines around the JSON are white space to it) */
-    if (out && json_schema_between(out, with_open ? syntax->open : "", syntax->close)) {
+    if (out && add_call_tags(out, rt, syntax, with_open)) {
         json_schema_release(out);
         out = NULL;
         cake_err(err, errlen, "out of memory");
@@ -1230,18 +1225,21 @@ static char *piece_of(const cake_tokenizer *tok, cake_token prev, cake_token id,
     return p;
 }
 
-/* An answer's token id as the job printed it (pool.c): the silent tags of
- * its calls and reasoning (Mistral's [TOOL_CALLS], [THINK]) as their text,
- * else piece_of. */
-static char *answer_piece(const api_shape *s, const serve_job *j, cake_token prev, cake_token id,
-                          int *len) {
+/* The tags a job's answer prints as their text (job_printed_tags). */
+typedef struct {
     cake_token ids[JOB_PRINTED_TAGS];
     const char *texts[JOB_PRINTED_TAGS];
-    const int n = job_printed_tags(j, s->tok, ids, texts);
-    for (int k = 0; k < n; k++)
-        if (id == ids[k]) {
-            *len = (int)strlen(texts[k]);
-            return strdup(texts[k]);
+    int n;
+} printed_tags;
+
+/* Token id as an answer printed it (pool.c): its tags (Mistral's
+ * [TOOL_CALLS], [THINK]) as their text, else piece_of. tags NULL: none. */
+static char *answer_piece(const api_shape *s, const printed_tags *tags, cake_token prev,
+                          cake_token id, int *len) {
+    for (int k = 0; tags && k < tags->n; k++)
+        if (id == tags->ids[k]) {
+            *len = (int)strlen(tags->texts[k]);
+            return strdup(tags->texts[k]);
         }
     return piece_of(s->tok, prev, id, len);
 }
@@ -1293,16 +1291,15 @@ static char *prompt_text(const api_shape *s, const serve_job *j, size_t *len) {
     return text;
 }
 
-/* The alternatives of lp after token prev (of job j's answer; NULL: its
- * prompt): a completion's {text: logprob} (the likelier of two with the
- * same text), a chat's list. */
-static cJSON *top_json(const api_shape *s, const serve_job *j, const job_logprob *lp,
+/* The alternatives of lp after token prev (of an answer printing tags;
+ * NULL: a prompt's): a completion's {text: logprob} (the likelier of two
+ * with the same text), a chat's list. */
+static cJSON *top_json(const api_shape *s, const printed_tags *tags, const job_logprob *lp,
                        cake_token prev) {
     cJSON *top = s->chat ? cJSON_CreateArray() : cJSON_CreateObject();
     for (int k = 0; k < lp->n_top; k++) {
         int alen;
-        char *alt = j ? answer_piece(s, j, prev, lp->top_id[k], &alen)
-                      : piece_of(s->tok, prev, lp->top_id[k], &alen);
+        char *alt = answer_piece(s, tags, prev, lp->top_id[k], &alen);
         if (!alt) break;
         if (s->chat) {
             cJSON_AddItemToArray(top, chat_token(alt, alen, lp->top_logprob[k]));
@@ -1352,13 +1349,15 @@ static cJSON *logprobs_json(const api_shape *s, const serve_job *j, int from, in
           *offsets = s->chat ? NULL : cJSON_AddArrayToObject(r, "text_offset");
     if (!s->chat && j->echo && j->prompt_logprobs && from == 0)
         add_prompt_logprobs(s, j, tokens, lps, tops, offsets);
+    printed_tags tags;
+    tags.n = job_printed_tags(j, s->tok, tags.ids, tags.texts);
     for (int i = from; i < to; i++) {
         const job_logprob *lp = &j->logprobs[i];
         const cake_token prev = i ? j->ids[i - 1] : j->prompt[j->n_prompt - 1];
         int len;
-        char *piece = answer_piece(s, j, prev, j->ids[i], &len);
+        char *piece = answer_piece(s, &tags, prev, j->ids[i], &len);
         if (!piece) break;
-        cJSON *top = top_json(s, j, lp, prev);
+        cJSON *top = top_json(s, &tags, lp, prev);
         if (s->chat) {
             cJSON *t = chat_token(piece, len, lp->logprob);
             cJSON_AddItemToObject(t, "top_logprobs", top);

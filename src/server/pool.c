@@ -151,11 +151,8 @@ struct serve_pool {
     slot *slots; /* slot 0's context is the engine: its threads and scratch run every step */
     cake_inflight *inflight;     /* prompt chunks the slots are computing now (with a store) */
     cake_json_vocab *json_vocab; /* the tokens as structured output's mask reads them */
-    /* cfg.calls' tags that are control tokens, and json_vocab with them
-     * read as the tags: for tool requests, whose answers print them */
-    cake_token call_tokens[CHAT_CALL_TAGS];
-    const char *call_tags[CHAT_CALL_TAGS];
-    int n_call_tags;
+    /* json_vocab with cfg.calls' tags that are control tokens read as the
+     * tags: for tool requests, whose answers print them */
     cake_json_vocab *call_vocab;
     cake_compute_speed speed; /* under mu: the last that a slot's request ended with */
     sched *sched;
@@ -559,9 +556,11 @@ int pool_create(const cake_model *m, const pool_config *cfg, serve_pool **out, c
         goto fail;
     }
     /* (a tag that prints as itself needs neither) */
-    p->n_call_tags = chat_silent_tags(cfg->calls, tok, p->call_tokens, p->call_tags);
-    if (p->n_call_tags && !(p->call_vocab = cake_json_vocab_new_keeping(
-                                tok, p->call_tokens, p->call_tags, p->n_call_tags))) {
+    cake_token call_tokens[CHAT_CALL_TAGS];
+    const char *call_tags[CHAT_CALL_TAGS];
+    const int n_call_tags = chat_silent_tags(cfg->calls, tok, call_tokens, call_tags);
+    if (n_call_tags &&
+        !(p->call_vocab = cake_json_vocab_new_keeping(tok, call_tokens, call_tags, n_call_tags))) {
         cake_err(err, errlen, "out of memory");
         goto fail;
     }
